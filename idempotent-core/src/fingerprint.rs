@@ -1,1 +1,1249 @@
-//! placeholder
+//! Request fingerprints.
+//!
+//! A [`Fingerprint`] is a SHA-256 digest over the endpoint identity and the
+//! canonical encoding of the handler's typed, extracted inputs. It tells a
+//! retry of the same request apart from a different request that reuses an
+//! `Idempotency-Key`, which must be rejected with `422 Unprocessable Content`.
+//!
+//! # Canonical encoding
+//!
+//! Inputs are fed to a custom [`serde::Serializer`] that streams a
+//! self-delimiting byte encoding straight into the hasher; no JSON text is
+//! built. Every value starts with a one-byte type tag, so values of different
+//! types never share an encoding, and every variable-sized part is either
+//! length-prefixed or terminated, so nested shapes cannot run into each other.
+//! Lengths are `u64` big-endian.
+//!
+//! | tag    | value                         | followed by                                                       |
+//! |--------|-------------------------------|-------------------------------------------------------------------|
+//! | `0x00` | unit, unit struct             | nothing                                                           |
+//! | `0x01` | `None`                        | nothing                                                           |
+//! | `0x02` | `Some`                        | the inner value                                                   |
+//! | `0x03` | `bool`                        | `0x00` or `0x01`                                                  |
+//! | `0x04` | any integer, `i8` to `u128`   | sign byte (`0x01` if negative), then the 16-byte big-endian magnitude |
+//! | `0x05` | `f32`, `f64`                  | the 8 big-endian bytes of the value as `f64`                      |
+//! | `0x06` | `str`, `String`, `char`       | length, UTF-8 bytes                                               |
+//! | `0x07` | bytes (`serialize_bytes`)     | length, raw bytes                                                 |
+//! | `0x08` | sequence, tuple, tuple struct | each element, then the end marker `0xFF`                          |
+//! | `0x09` | map, struct                   | entry count, then the entries sorted (see below)                  |
+//! | `0x0A` | enum variant                  | the variant name as a string (`0x06`), then its content           |
+//!
+//! Choices worth knowing:
+//!
+//! - **Integers** of every width encode alike for equal values, so `1u8` and
+//!   `1i64` match, as they do in JSON. **Floats** have their own tag, so `1.0`
+//!   is not `1`; `-0.0` is folded into `0.0` and every NaN into one NaN.
+//! - **Maps and structs** share one encoding: a struct is the map from its
+//!   field names to its field values. Each entry is the key's canonical
+//!   encoding followed by the SHA-256 of the value's encoding; entries are
+//!   sorted by key encoding (then value digest) so iteration order does not
+//!   matter. Only keys are buffered; values stream into their own digests.
+//!   A field left out by `skip_serializing_if` is absent, which differs from a
+//!   field present as `None`. Keys are not stringified: an integer key `1`
+//!   differs from a string key `"1"`.
+//! - **`Some(x)`** is tagged rather than transparent, so `None` and
+//!   `Some(None)` of an `Option<Option<T>>` stay distinct. Unlike JSON, a
+//!   struct field `Some(1)` therefore differs from a bare `1`.
+//! - **Sequences** are terminated instead of length-prefixed so that they
+//!   stream even when serde does not know the length up front; the end marker
+//!   is never a value tag, so the encoding stays unambiguous.
+//! - **Enum variants** encode their name, not their index, so reordering
+//!   variants keeps fingerprints stable. The content is unit for a unit
+//!   variant, the inner value for a newtype variant, a sequence for a tuple
+//!   variant and a map for a struct variant. The enum's type name is not
+//!   included, in line with externally tagged JSON.
+//! - **Newtype structs** are transparent, like in `serde_json`. **Tuples** and
+//!   tuple structs encode as sequences, **`char`** as a one-character string.
+//! - **Bytes** passed to `serialize_bytes` (such as [`bytes::Bytes`] bodies)
+//!   get their own tag and differ from a sequence of integers.
+//!
+//! The fingerprint itself is `SHA-256(VERSION ‖ len(endpoint) ‖ endpoint ‖
+//! SHA-256(input₁) ‖ SHA-256(input₂) ‖ …)`, where `VERSION` names this
+//! encoding so a future change cannot collide with stored fingerprints.
+
+use std::fmt;
+
+use serde::Serialize;
+use serde::ser::{self, Serializer};
+use sha2::{Digest, Sha256};
+
+/// Names the encoding; bump it whenever the encoding changes.
+const VERSION: &[u8] = b"idempotent-core/fingerprint/v1";
+
+const UNIT: u8 = 0x00;
+const NONE: u8 = 0x01;
+const SOME: u8 = 0x02;
+const BOOL: u8 = 0x03;
+const INT: u8 = 0x04;
+const FLOAT: u8 = 0x05;
+const STRING: u8 = 0x06;
+const BYTES: u8 = 0x07;
+const SEQ: u8 = 0x08;
+const MAP: u8 = 0x09;
+const VARIANT: u8 = 0x0A;
+/// Closes a sequence; distinct from every value tag.
+const SEQ_END: u8 = 0xFF;
+
+/// A 32-byte SHA-256 request fingerprint.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Fingerprint([u8; 32]);
+
+impl Fingerprint {
+    /// Wraps raw digest bytes, e.g. as read back from a store.
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The raw digest bytes.
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// The digest as 64 lowercase hexadecimal characters.
+    pub fn to_hex(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    /// Shows a short prefix: enough to tell fingerprints apart in logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Fingerprint(")?;
+        write_hex(f, &self.0[..4])?;
+        f.write_str("…)")
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    /// Writes the full digest in lowercase hexadecimal.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_hex(f, &self.0)
+    }
+}
+
+fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
+    bytes.iter().try_for_each(|byte| write!(f, "{byte:02x}"))
+}
+
+/// Why a fingerprint could not be computed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FingerprintError {
+    /// An input's `Serialize` implementation failed; holds its message.
+    #[error("failed to serialize a fingerprint input: {0}")]
+    Serialize(String),
+}
+
+impl ser::Error for FingerprintError {
+    fn custom<T: fmt::Display>(msg: T) -> Self {
+        Self::Serialize(msg.to_string())
+    }
+}
+
+/// Incremental fingerprint builder, domain-separated by endpoint identity.
+///
+/// Each [`input`](Self::input) is encoded and hashed on its own, and its
+/// digest is appended, so the boundaries between inputs are part of the
+/// fingerprint: inputs `("a", "b")` differ from `("ab")`, and order matters.
+#[derive(Clone)]
+pub struct Fingerprinter {
+    hasher: Sha256,
+}
+
+impl Fingerprinter {
+    /// Starts a fingerprint for `endpoint`, e.g. `"POST /orders"` or the
+    /// handler's path; requests to different endpoints never match.
+    pub fn new(endpoint: &str) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(VERSION);
+        hasher.update(len_bytes(endpoint.len()));
+        hasher.update(endpoint.as_bytes());
+        Self { hasher }
+    }
+
+    /// Adds one input in its canonical encoding.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`FingerprintError::Serialize`] if the value's `Serialize`
+    /// implementation fails. The builder is then left as it was before the
+    /// call, because the input is hashed apart and appended only on success.
+    pub fn input<T: Serialize + ?Sized>(
+        &mut self,
+        value: &T,
+    ) -> Result<&mut Self, FingerprintError> {
+        let digest = digest_of(value)?;
+        self.hasher.update(digest);
+        Ok(self)
+    }
+
+    /// Completes the fingerprint.
+    pub fn finish(self) -> Fingerprint {
+        Fingerprint(self.hasher.finalize().into())
+    }
+}
+
+impl fmt::Debug for Fingerprinter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Fingerprinter").finish_non_exhaustive()
+    }
+}
+
+/// Fingerprints a single input for `endpoint`.
+///
+/// # Errors
+///
+/// Returns [`FingerprintError::Serialize`] if the value's `Serialize`
+/// implementation fails.
+pub fn fingerprint<T: Serialize + ?Sized>(
+    endpoint: &str,
+    value: &T,
+) -> Result<Fingerprint, FingerprintError> {
+    let mut fingerprinter = Fingerprinter::new(endpoint);
+    fingerprinter.input(value)?;
+    Ok(fingerprinter.finish())
+}
+
+/// What a handler argument contributes to the request fingerprint.
+///
+/// Implemented for axum's body and URL extractors, so `Json<T>` contributes
+/// its `T`. Implement it for your own extractors, usually by forwarding a
+/// `Serialize` view of them to [`Fingerprinter::input`].
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be part of the request fingerprint",
+    label = "this argument is fingerprinted",
+    note = "implement `idempotent_core::FingerprintInput` for it (forward to `Fingerprinter::input` with a `Serialize` value), or leave it out with `#[idempotent(skip(<argument>))]`"
+)]
+pub trait FingerprintInput {
+    /// Feeds this argument into `fingerprinter`.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`FingerprintError`] if the argument cannot be encoded.
+    fn fingerprint_into(&self, fingerprinter: &mut Fingerprinter) -> Result<(), FingerprintError>;
+}
+
+/// Forwards the extractor's inner value, which is the typed input.
+macro_rules! forward_inner {
+    ($($extractor:path),+ $(,)?) => {$(
+        impl<T: Serialize> FingerprintInput for $extractor {
+            fn fingerprint_into(
+                &self,
+                fingerprinter: &mut Fingerprinter,
+            ) -> Result<(), FingerprintError> {
+                fingerprinter.input(&self.0).map(drop)
+            }
+        }
+    )+};
+}
+
+forward_inner!(
+    axum::Json<T>,
+    axum::Form<T>,
+    axum::extract::Query<T>,
+    axum::extract::Path<T>,
+);
+
+impl FingerprintInput for String {
+    fn fingerprint_into(&self, fingerprinter: &mut Fingerprinter) -> Result<(), FingerprintError> {
+        fingerprinter.input(self.as_str()).map(drop)
+    }
+}
+
+impl FingerprintInput for bytes::Bytes {
+    fn fingerprint_into(&self, fingerprinter: &mut Fingerprinter) -> Result<(), FingerprintError> {
+        fingerprinter.input(&RawBytes(self)).map(drop)
+    }
+}
+
+impl<T: FingerprintInput> FingerprintInput for Option<T> {
+    fn fingerprint_into(&self, fingerprinter: &mut Fingerprinter) -> Result<(), FingerprintError> {
+        // A presence flag first: otherwise `None` could match a `Some` whose
+        // inner input happens to encode as none.
+        fingerprinter.input(&self.is_some())?;
+        match self {
+            Some(inner) => inner.fingerprint_into(fingerprinter),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Serializes as bytes, not as a sequence of integers as `[u8]` would.
+struct RawBytes<'a>(&'a [u8]);
+
+impl Serialize for RawBytes<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(self.0)
+    }
+}
+
+/// SHA-256 of a value's canonical encoding.
+fn digest_of<T: Serialize + ?Sized>(value: &T) -> Result<[u8; 32], FingerprintError> {
+    let mut encoder = Encoder(Sha256::new());
+    value.serialize(&mut encoder)?;
+    Ok(encoder.0.finalize().into())
+}
+
+/// A value's canonical encoding, kept as bytes so map keys can be sorted.
+fn encoding_of<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, FingerprintError> {
+    let mut encoder = Encoder(Vec::new());
+    value.serialize(&mut encoder)?;
+    Ok(encoder.0)
+}
+
+fn len_bytes(len: usize) -> [u8; 8] {
+    // `usize` is at most 64 bits on every supported target.
+    (len as u64).to_be_bytes()
+}
+
+/// Maps every float to the `f64` bits that represent its value, so equal
+/// values (including `-0.0 == 0.0`, and NaNs) share one encoding.
+fn canonical_f64_bits(value: f64) -> u64 {
+    const CANONICAL_NAN: u64 = 0x7ff8_0000_0000_0000;
+    if value.is_nan() {
+        CANONICAL_NAN
+    } else if value == 0.0 {
+        0
+    } else {
+        value.to_bits()
+    }
+}
+
+/// Where the canonical encoding goes: a hasher, or a buffer for map keys.
+trait Sink {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl Sink for Sha256 {
+    fn put(&mut self, bytes: &[u8]) {
+        self.update(bytes);
+    }
+}
+
+impl Sink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+/// The canonical-encoding serializer.
+struct Encoder<W>(W);
+
+impl<W: Sink> Encoder<W> {
+    fn tag(&mut self, tag: u8) {
+        self.0.put(&[tag]);
+    }
+
+    fn length_prefixed(&mut self, tag: u8, bytes: &[u8]) {
+        self.tag(tag);
+        self.0.put(&len_bytes(bytes.len()));
+        self.0.put(bytes);
+    }
+
+    fn integer(&mut self, negative: bool, magnitude: u128) {
+        self.0.put(&[INT, u8::from(negative)]);
+        self.0.put(&magnitude.to_be_bytes());
+    }
+
+    fn variant(&mut self, name: &str) {
+        self.tag(VARIANT);
+        self.length_prefixed(STRING, name.as_bytes());
+    }
+}
+
+impl<'a, W: Sink> Serializer for &'a mut Encoder<W> {
+    type Ok = ();
+    type Error = FingerprintError;
+    type SerializeSeq = Self;
+    type SerializeTuple = Self;
+    type SerializeTupleStruct = Self;
+    type SerializeTupleVariant = Self;
+    type SerializeMap = MapEncoder<'a, W>;
+    type SerializeStruct = MapEncoder<'a, W>;
+    type SerializeStructVariant = MapEncoder<'a, W>;
+
+    fn serialize_bool(self, v: bool) -> Result<(), FingerprintError> {
+        self.0.put(&[BOOL, u8::from(v)]);
+        Ok(())
+    }
+
+    fn serialize_i8(self, v: i8) -> Result<(), FingerprintError> {
+        self.serialize_i128(v.into())
+    }
+
+    fn serialize_i16(self, v: i16) -> Result<(), FingerprintError> {
+        self.serialize_i128(v.into())
+    }
+
+    fn serialize_i32(self, v: i32) -> Result<(), FingerprintError> {
+        self.serialize_i128(v.into())
+    }
+
+    fn serialize_i64(self, v: i64) -> Result<(), FingerprintError> {
+        self.serialize_i128(v.into())
+    }
+
+    fn serialize_i128(self, v: i128) -> Result<(), FingerprintError> {
+        self.integer(v < 0, v.unsigned_abs());
+        Ok(())
+    }
+
+    fn serialize_u8(self, v: u8) -> Result<(), FingerprintError> {
+        self.serialize_u128(v.into())
+    }
+
+    fn serialize_u16(self, v: u16) -> Result<(), FingerprintError> {
+        self.serialize_u128(v.into())
+    }
+
+    fn serialize_u32(self, v: u32) -> Result<(), FingerprintError> {
+        self.serialize_u128(v.into())
+    }
+
+    fn serialize_u64(self, v: u64) -> Result<(), FingerprintError> {
+        self.serialize_u128(v.into())
+    }
+
+    fn serialize_u128(self, v: u128) -> Result<(), FingerprintError> {
+        self.integer(false, v);
+        Ok(())
+    }
+
+    fn serialize_f32(self, v: f32) -> Result<(), FingerprintError> {
+        // Widening is exact, so an `f32` matches the `f64` of the same value.
+        self.serialize_f64(v.into())
+    }
+
+    fn serialize_f64(self, v: f64) -> Result<(), FingerprintError> {
+        self.tag(FLOAT);
+        self.0.put(&canonical_f64_bits(v).to_be_bytes());
+        Ok(())
+    }
+
+    fn serialize_char(self, v: char) -> Result<(), FingerprintError> {
+        self.serialize_str(v.encode_utf8(&mut [0; 4]))
+    }
+
+    fn serialize_str(self, v: &str) -> Result<(), FingerprintError> {
+        self.length_prefixed(STRING, v.as_bytes());
+        Ok(())
+    }
+
+    fn serialize_bytes(self, v: &[u8]) -> Result<(), FingerprintError> {
+        self.length_prefixed(BYTES, v);
+        Ok(())
+    }
+
+    fn serialize_none(self) -> Result<(), FingerprintError> {
+        self.tag(NONE);
+        Ok(())
+    }
+
+    fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result<(), FingerprintError> {
+        self.tag(SOME);
+        value.serialize(self)
+    }
+
+    fn serialize_unit(self) -> Result<(), FingerprintError> {
+        self.tag(UNIT);
+        Ok(())
+    }
+
+    fn serialize_unit_struct(self, _name: &'static str) -> Result<(), FingerprintError> {
+        self.serialize_unit()
+    }
+
+    fn serialize_unit_variant(
+        self,
+        _name: &'static str,
+        _variant_index: u32,
+        variant: &'static str,
+    ) -> Result<(), FingerprintError> {
+        self.variant(variant);
+        self.serialize_unit()
+    }
+
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(
+        self,
+        _name: &'static str,
+        value: &T,
+    ) -> Result<(), FingerprintError> {
+        value.serialize(self)
+    }
+
+    fn serialize_newtype_variant<T: Serialize + ?Sized>(
+        self,
+        _name: &'static str,
+        _variant_index: u32,
+        variant: &'static str,
+        value: &T,
+    ) -> Result<(), FingerprintError> {
+        self.variant(variant);
+        value.serialize(self)
+    }
+
+    fn serialize_seq(self, _len: Option<usize>) -> Result<Self, FingerprintError> {
+        self.tag(SEQ);
+        Ok(self)
+    }
+
+    fn serialize_tuple(self, _len: usize) -> Result<Self, FingerprintError> {
+        self.serialize_seq(None)
+    }
+
+    fn serialize_tuple_struct(
+        self,
+        _name: &'static str,
+        _len: usize,
+    ) -> Result<Self, FingerprintError> {
+        self.serialize_seq(None)
+    }
+
+    fn serialize_tuple_variant(
+        self,
+        _name: &'static str,
+        _variant_index: u32,
+        variant: &'static str,
+        _len: usize,
+    ) -> Result<Self, FingerprintError> {
+        self.variant(variant);
+        self.serialize_seq(None)
+    }
+
+    fn serialize_map(self, _len: Option<usize>) -> Result<MapEncoder<'a, W>, FingerprintError> {
+        Ok(MapEncoder::new(self))
+    }
+
+    fn serialize_struct(
+        self,
+        _name: &'static str,
+        _len: usize,
+    ) -> Result<MapEncoder<'a, W>, FingerprintError> {
+        Ok(MapEncoder::new(self))
+    }
+
+    fn serialize_struct_variant(
+        self,
+        _name: &'static str,
+        _variant_index: u32,
+        variant: &'static str,
+        _len: usize,
+    ) -> Result<MapEncoder<'a, W>, FingerprintError> {
+        self.variant(variant);
+        Ok(MapEncoder::new(self))
+    }
+}
+
+/// Sequence-like compounds: elements stream inline, then the end marker.
+macro_rules! sequence_like {
+    ($($trait:ident :: $method:ident),+ $(,)?) => {$(
+        impl<W: Sink> ser::$trait for &mut Encoder<W> {
+            type Ok = ();
+            type Error = FingerprintError;
+
+            fn $method<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), FingerprintError> {
+                value.serialize(&mut **self)
+            }
+
+            fn end(self) -> Result<(), FingerprintError> {
+                self.tag(SEQ_END);
+                Ok(())
+            }
+        }
+    )+};
+}
+
+sequence_like!(
+    SerializeSeq::serialize_element,
+    SerializeTuple::serialize_element,
+    SerializeTupleStruct::serialize_field,
+    SerializeTupleVariant::serialize_field,
+);
+
+/// One map entry: the key's encoding and the digest of the value's encoding.
+/// Field order matters: entries sort by key first.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Entry {
+    key: Vec<u8>,
+    value: [u8; 32],
+}
+
+/// Collects map or struct entries, then writes them sorted.
+struct MapEncoder<'a, W> {
+    parent: &'a mut Encoder<W>,
+    entries: Vec<Entry>,
+    pending_key: Option<Vec<u8>>,
+}
+
+impl<'a, W: Sink> MapEncoder<'a, W> {
+    fn new(parent: &'a mut Encoder<W>) -> Self {
+        Self {
+            parent,
+            entries: Vec::new(),
+            pending_key: None,
+        }
+    }
+
+    fn key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), FingerprintError> {
+        if self.pending_key.is_some() {
+            return Err(misuse("map key serialized twice without a value"));
+        }
+        self.pending_key = Some(encoding_of(key)?);
+        Ok(())
+    }
+
+    fn value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), FingerprintError> {
+        let key = self
+            .pending_key
+            .take()
+            .ok_or_else(|| misuse("map value serialized without a key"))?;
+        let value = digest_of(value)?;
+        self.entries.push(Entry { key, value });
+        Ok(())
+    }
+
+    fn finish(self) -> Result<(), FingerprintError> {
+        if self.pending_key.is_some() {
+            return Err(misuse("map key serialized without a value"));
+        }
+        let Self {
+            parent,
+            mut entries,
+            ..
+        } = self;
+        entries.sort_unstable();
+        parent.tag(MAP);
+        parent.0.put(&len_bytes(entries.len()));
+        for entry in &entries {
+            parent.0.put(&entry.key);
+            parent.0.put(&entry.value);
+        }
+        Ok(())
+    }
+}
+
+/// A `Serialize` implementation broke the serde call protocol.
+fn misuse(what: &str) -> FingerprintError {
+    FingerprintError::Serialize(what.to_owned())
+}
+
+impl<W: Sink> ser::SerializeMap for MapEncoder<'_, W> {
+    type Ok = ();
+    type Error = FingerprintError;
+
+    fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), FingerprintError> {
+        self.key(key)
+    }
+
+    fn serialize_value<T: Serialize + ?Sized>(
+        &mut self,
+        value: &T,
+    ) -> Result<(), FingerprintError> {
+        self.value(value)
+    }
+
+    fn end(self) -> Result<(), FingerprintError> {
+        self.finish()
+    }
+}
+
+/// Structs encode as maps keyed by field name.
+macro_rules! struct_like {
+    ($($trait:ident),+ $(,)?) => {$(
+        impl<W: Sink> ser::$trait for MapEncoder<'_, W> {
+            type Ok = ();
+            type Error = FingerprintError;
+
+            fn serialize_field<T: Serialize + ?Sized>(
+                &mut self,
+                key: &'static str,
+                value: &T,
+            ) -> Result<(), FingerprintError> {
+                self.key(key)?;
+                self.value(value)
+            }
+
+            fn end(self) -> Result<(), FingerprintError> {
+                self.finish()
+            }
+        }
+    )+};
+}
+
+struct_like!(SerializeStruct, SerializeStructVariant);
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+
+    use proptest::prelude::*;
+    use serde::ser::{Error as _, SerializeMap as _};
+    use serde_json::{Map, Value, json};
+
+    use super::*;
+
+    fn fp<T: Serialize + ?Sized>(value: &T) -> Fingerprint {
+        fingerprint("POST /test", value).expect("value serializes")
+    }
+
+    fn from_json(text: &str) -> Fingerprint {
+        fp(&serde_json::from_str::<Value>(text).expect("valid JSON"))
+    }
+
+    /// Asserts that no two of `fingerprints` are equal.
+    fn assert_all_distinct(fingerprints: &[Fingerprint]) {
+        for (i, a) in fingerprints.iter().enumerate() {
+            for (j, b) in fingerprints.iter().enumerate().skip(i + 1) {
+                assert_ne!(a, b, "inputs {i} and {j} collide");
+            }
+        }
+    }
+
+    // ----- Fingerprint type -----
+
+    #[test]
+    fn hex_display_and_debug() {
+        let mut bytes = [0u8; 32];
+        bytes[0] = 0xAB;
+        bytes[1] = 0x01;
+        bytes[31] = 0xFF;
+        let fingerprint = Fingerprint::from_bytes(bytes);
+        let hex = fingerprint.to_hex();
+        assert_eq!(hex.len(), 64);
+        assert!(hex.starts_with("ab01"));
+        assert!(hex.ends_with("ff"));
+        assert_eq!(hex, hex.to_lowercase());
+        assert_eq!(fingerprint.to_string(), hex);
+        assert_eq!(format!("{fingerprint:?}"), "Fingerprint(ab010000…)");
+        assert_eq!(fingerprint.as_bytes(), &bytes);
+    }
+
+    #[test]
+    fn encoding_is_pinned() {
+        // Fingerprints are persisted, so the encoding must not drift silently;
+        // if this fails on purpose, bump `VERSION`. The expected value was
+        // derived independently from the encoding documented above.
+        let fingerprint = fingerprint("POST /orders", &json!({"sku": "A-1", "qty": 2})).unwrap();
+        assert_eq!(
+            fingerprint.to_hex(),
+            "df45890d306ae0b44ea664429316c2fd544d58f60f40710341ebe4f98ba0d9cc"
+        );
+    }
+
+    // ----- equality -----
+
+    #[test]
+    fn json_field_order_and_whitespace_do_not_matter() {
+        let compact = from_json(r#"{"b":2,"a":1,"c":{"y":[1,2],"x":null}}"#);
+        let spaced =
+            from_json("{\n  \"a\" : 1,\n\t\"c\": { \"x\": null, \"y\": [ 1, 2 ] },  \"b\":2 }");
+        assert_eq!(compact, spaced);
+    }
+
+    #[derive(Serialize)]
+    struct Ab {
+        a: i32,
+        b: u64,
+    }
+
+    #[derive(Serialize)]
+    struct Ba {
+        b: i8,
+        a: i128,
+    }
+
+    #[test]
+    fn struct_map_and_json_object_agree() {
+        let expected = fp(&Ab { a: 1, b: 2 });
+        assert_eq!(fp(&Ba { b: 2, a: 1 }), expected);
+        assert_eq!(fp(&BTreeMap::from([("a", 1), ("b", 2)])), expected);
+        assert_eq!(fp(&HashMap::from([("b", 2u8), ("a", 1u8)])), expected);
+        assert_eq!(from_json(r#"{"b":2,"a":1}"#), expected);
+    }
+
+    #[test]
+    fn hash_map_iteration_order_does_not_matter() {
+        let keys: Vec<String> = (0..500).map(|i| format!("key-{i}")).collect();
+        let forward: HashMap<&str, usize> = keys.iter().map(|k| (k.as_str(), k.len())).collect();
+        let mut backward = HashMap::with_capacity(4096);
+        for key in keys.iter().rev() {
+            backward.insert(key.as_str(), key.len());
+        }
+        let mut interleaved = HashMap::new();
+        for key in keys.iter().step_by(2).chain(keys.iter().skip(1).step_by(2)) {
+            interleaved.insert(key.as_str(), key.len());
+        }
+        let sorted: BTreeMap<&str, usize> = forward.iter().map(|(k, v)| (*k, *v)).collect();
+        let expected = fp(&sorted);
+        assert_eq!(fp(&forward), expected);
+        assert_eq!(fp(&backward), expected);
+        assert_eq!(fp(&interleaved), expected);
+    }
+
+    #[test]
+    fn integer_widths_agree() {
+        let one = fp(&1u8);
+        for other in [
+            fp(&1i8),
+            fp(&1u16),
+            fp(&1i16),
+            fp(&1u32),
+            fp(&1i32),
+            fp(&1u64),
+            fp(&1i64),
+            fp(&1u128),
+            fp(&1i128),
+            from_json("1"),
+        ] {
+            assert_eq!(other, one);
+        }
+        assert_eq!(fp(&-7i8), fp(&-7i128));
+        assert_eq!(fp(&-7i16), from_json("-7"));
+        assert_eq!(fp(&u64::MAX), fp(&u128::from(u64::MAX)));
+        assert_eq!(fp(&i64::MIN), fp(&i128::from(i64::MIN)));
+    }
+
+    #[test]
+    fn integer_extremes_are_distinct() {
+        assert_all_distinct(&[
+            fp(&0u8),
+            fp(&1u8),
+            fp(&-1i8),
+            fp(&i128::MIN),
+            fp(&i128::MAX),
+            fp(&u128::MAX),
+            fp(&(i128::MAX as u128 + 1)),
+        ]);
+    }
+
+    #[test]
+    fn floats_are_normalised() {
+        assert_eq!(fp(&-0.0f64), fp(&0.0f64));
+        assert_eq!(fp(&f64::NAN), fp(&-f64::NAN));
+        assert_eq!(fp(&f64::NAN), fp(&f64::from_bits(0x7ff0_0000_0000_0001)));
+        assert_eq!(fp(&f32::NAN), fp(&f64::NAN));
+        assert_eq!(fp(&1.5f32), fp(&1.5f64));
+        assert_eq!(fp(&2.5f64), from_json("2.5"));
+        assert_all_distinct(&[
+            fp(&0.0f64),
+            fp(&f64::NAN),
+            fp(&f64::INFINITY),
+            fp(&f64::NEG_INFINITY),
+            fp(&1.0f64),
+            fp(&f64::MIN_POSITIVE),
+        ]);
+    }
+
+    #[derive(Serialize)]
+    struct Meters(u32);
+
+    #[derive(Serialize)]
+    struct Marker;
+
+    #[derive(Serialize)]
+    struct Pair(i32, String);
+
+    #[test]
+    fn newtype_unit_and_tuple_structs_follow_serde_json() {
+        assert_eq!(fp(&Meters(5)), fp(&5u32));
+        assert_eq!(fp(&Marker), fp(&()));
+        assert_eq!(fp(&Pair(1, "a".into())), from_json(r#"[1,"a"]"#));
+        assert_eq!(fp(&(1, "a")), from_json(r#"[1,"a"]"#));
+        assert_eq!(fp(&[1, 2, 3]), fp(&vec![1u64, 2, 3]));
+        assert_eq!(fp(&'é'), fp("é"));
+        assert_eq!(fp(&String::from("x")), fp("x"));
+    }
+
+    // ----- non-collision -----
+
+    #[test]
+    fn string_is_not_number() {
+        assert_ne!(fp("1"), fp(&1));
+        assert_ne!(from_json(r#""1""#), from_json("1"));
+    }
+
+    #[test]
+    fn nesting_is_not_flattened() {
+        assert_ne!(from_json("[1,2]"), from_json("[[1],2]"));
+        assert_ne!(from_json("[[1,2]]"), from_json("[[1],[2]]"));
+        assert_ne!(from_json("[[],[]]"), from_json("[[[]]]"));
+        assert_ne!(from_json(r#"{"a":{"b":1}}"#), from_json(r#"{"a":1,"b":1}"#));
+    }
+
+    #[test]
+    fn strings_are_length_prefixed() {
+        assert_ne!(fp(&["ab"]), fp(&["a", "b"]));
+        assert_ne!(fp(&["a", ""]), fp(&["", "a"]));
+        assert_ne!(fp(&("ab", "c")), fp(&("a", "bc")));
+        assert_ne!(from_json(r#"{"ab":"c"}"#), from_json(r#"{"a":"bc"}"#));
+    }
+
+    #[derive(Serialize)]
+    struct WithOptional {
+        id: u32,
+        note: Option<String>,
+    }
+
+    #[derive(Serialize)]
+    struct Skipping {
+        id: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        note: Option<String>,
+    }
+
+    #[test]
+    fn none_differs_from_absent_field() {
+        let present_none = fp(&WithOptional { id: 1, note: None });
+        let absent = fp(&Skipping { id: 1, note: None });
+        assert_ne!(present_none, absent);
+        assert_eq!(absent, from_json(r#"{"id":1}"#));
+    }
+
+    #[test]
+    fn empty_shapes_are_distinct() {
+        assert_all_distinct(&[
+            from_json("[]"),
+            from_json("{}"),
+            from_json("null"),
+            from_json(r#""""#),
+            fp(&None::<()>),
+            fp(&Some(())),
+            fp(&RawBytes(&[])),
+            from_json("0"),
+            from_json("false"),
+        ]);
+    }
+
+    #[test]
+    fn unit_none_and_some_are_distinct() {
+        assert_ne!(fp(&()), fp(&None::<()>));
+        assert_ne!(fp(&None::<Option<u8>>), fp(&Some(None::<u8>)));
+        // `Some` is tagged; see the module docs.
+        assert_ne!(fp(&Some(1)), fp(&1));
+    }
+
+    #[test]
+    fn bool_is_not_integer() {
+        assert_ne!(fp(&true), fp(&1));
+        assert_ne!(fp(&false), fp(&0));
+        assert_ne!(fp(&true), fp(&false));
+    }
+
+    #[test]
+    fn float_is_not_integer() {
+        assert_ne!(fp(&1.0f64), fp(&1));
+        assert_ne!(fp(&0.0f64), fp(&0));
+        assert_ne!(from_json("1.0"), from_json("1"));
+    }
+
+    #[test]
+    fn bytes_differ_from_integer_sequence_and_string() {
+        assert_ne!(fp(&RawBytes(&[1, 2])), fp(&[1u8, 2]));
+        assert_ne!(fp(&RawBytes(b"ab")), fp("ab"));
+    }
+
+    #[test]
+    fn integer_keys_are_not_stringified() {
+        assert_ne!(
+            fp(&BTreeMap::from([(1, true)])),
+            fp(&BTreeMap::from([("1", true)]))
+        );
+    }
+
+    #[derive(Serialize)]
+    enum Shape {
+        Dot,
+        Circle(u32),
+        Rect(u32, u32),
+        Sized { w: u32, h: u32 },
+    }
+
+    #[derive(Serialize)]
+    enum Other {
+        Dot,
+    }
+
+    #[test]
+    fn enum_variants_are_distinct_from_each_other_and_from_plain_values() {
+        assert_all_distinct(&[
+            fp(&Shape::Dot),
+            fp(&Shape::Circle(1)),
+            fp(&Shape::Circle(2)),
+            fp(&Shape::Rect(1, 2)),
+            fp(&Shape::Sized { w: 1, h: 2 }),
+            fp("Dot"),
+            fp(&1u32),
+            fp(&[1u32, 2]),
+            from_json(r#"{"w":1,"h":2}"#),
+            from_json(r#"{"Sized":{"w":1,"h":2}}"#),
+        ]);
+    }
+
+    #[test]
+    fn enum_encoding_uses_variant_name_only() {
+        // The variant name, not the index or the enum's name, identifies it.
+        assert_eq!(fp(&Shape::Dot), fp(&Other::Dot));
+    }
+
+    // ----- errors -----
+
+    struct Failing;
+
+    impl Serialize for Failing {
+        fn serialize<S: Serializer>(&self, _serializer: S) -> Result<S::Ok, S::Error> {
+            Err(S::Error::custom("card number is not serializable"))
+        }
+    }
+
+    #[derive(Serialize)]
+    struct Holder {
+        ok: u8,
+        bad: Vec<Failing>,
+    }
+
+    fn assert_fails_with_message<T: Serialize + ?Sized>(value: &T) {
+        match fingerprint("POST /pay", value) {
+            Err(FingerprintError::Serialize(msg)) => {
+                assert_eq!(msg, "card number is not serializable");
+            }
+            Ok(fingerprint) => panic!("expected an error, got {fingerprint:?}"),
+        }
+    }
+
+    #[test]
+    fn serialize_errors_surface_with_their_message() {
+        assert_fails_with_message(&Failing);
+        assert_fails_with_message(&Holder {
+            ok: 1,
+            bad: vec![Failing],
+        });
+        assert_fails_with_message(&[Some(Failing)]);
+    }
+
+    struct FailingKey;
+
+    impl Serialize for FailingKey {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            let mut map = serializer.serialize_map(Some(1))?;
+            map.serialize_entry(&Failing, &1)?;
+            map.end()
+        }
+    }
+
+    #[test]
+    fn failing_map_key_surfaces_its_message() {
+        assert_fails_with_message(&FailingKey);
+    }
+
+    struct ValueWithoutKey;
+
+    impl Serialize for ValueWithoutKey {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            let mut map = serializer.serialize_map(None)?;
+            map.serialize_value(&1)?;
+            map.end()
+        }
+    }
+
+    struct KeyWithoutValue;
+
+    impl Serialize for KeyWithoutValue {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            let mut map = serializer.serialize_map(None)?;
+            map.serialize_key("k")?;
+            map.end()
+        }
+    }
+
+    #[test]
+    fn map_protocol_misuse_is_an_error_not_a_panic() {
+        assert!(matches!(
+            fingerprint("e", &ValueWithoutKey),
+            Err(FingerprintError::Serialize(_))
+        ));
+        assert!(matches!(
+            fingerprint("e", &KeyWithoutValue),
+            Err(FingerprintError::Serialize(_))
+        ));
+    }
+
+    #[test]
+    fn failed_input_leaves_the_builder_unchanged() {
+        let mut builder = Fingerprinter::new("e");
+        builder.input(&1).unwrap();
+        assert!(builder.input(&Failing).is_err());
+        builder.input(&2).unwrap();
+        let mut clean = Fingerprinter::new("e");
+        clean.input(&1).unwrap().input(&2).unwrap();
+        assert_eq!(builder.finish(), clean.finish());
+    }
+
+    // ----- builder framing -----
+
+    fn inputs(endpoint: &str, values: &[&str]) -> Fingerprint {
+        let mut builder = Fingerprinter::new(endpoint);
+        for value in values {
+            builder.input(*value).unwrap();
+        }
+        builder.finish()
+    }
+
+    #[test]
+    fn inputs_are_framed_and_ordered() {
+        assert_all_distinct(&[
+            inputs("e", &["a", "b"]),
+            inputs("e", &["ab"]),
+            inputs("e", &["b", "a"]),
+            inputs("e", &["a", "b", ""]),
+            inputs("e", &[]),
+            inputs("ea", &[]),
+        ]);
+    }
+
+    #[test]
+    fn one_shot_matches_builder() {
+        let mut builder = Fingerprinter::new("e");
+        builder.input(&json!({"a": 1})).unwrap();
+        assert_eq!(
+            builder.finish(),
+            fingerprint("e", &json!({"a": 1})).unwrap()
+        );
+    }
+
+    #[test]
+    fn endpoint_name_separates_domains() {
+        assert_ne!(
+            fingerprint("POST /a", &1).unwrap(),
+            fingerprint("POST /b", &1).unwrap()
+        );
+        assert_ne!(inputs("a", &["b"]), inputs("ab", &[]));
+    }
+
+    // ----- FingerprintInput -----
+
+    fn contribution<T: FingerprintInput>(argument: &T) -> Fingerprint {
+        let mut builder = Fingerprinter::new("e");
+        argument.fingerprint_into(&mut builder).unwrap();
+        builder.finish()
+    }
+
+    #[test]
+    fn extractors_contribute_their_inner_value() {
+        let body = json!({"qty": 2});
+        let expected = fingerprint("e", &body).unwrap();
+        assert_eq!(contribution(&axum::Json(body.clone())), expected);
+        assert_eq!(contribution(&axum::Form(body.clone())), expected);
+        assert_eq!(contribution(&axum::extract::Query(body.clone())), expected);
+        assert_eq!(contribution(&axum::extract::Path(body)), expected);
+    }
+
+    #[test]
+    fn string_and_bytes_inputs() {
+        let text = contribution(&String::from("hello"));
+        assert_eq!(text, fingerprint("e", "hello").unwrap());
+        let raw = contribution(&bytes::Bytes::from_static(b"hello"));
+        assert_eq!(raw, fingerprint("e", &RawBytes(b"hello")).unwrap());
+        assert_ne!(text, raw);
+    }
+
+    #[test]
+    fn optional_inputs_keep_none_and_some_apart() {
+        assert_all_distinct(&[
+            contribution(&None::<axum::Json<Option<u8>>>),
+            contribution(&Some(axum::Json(None::<u8>))),
+            contribution(&Some(axum::Json(Some(0u8)))),
+            contribution(&axum::Json(None::<u8>)),
+        ]);
+    }
+
+    // ----- properties -----
+
+    /// JSON trees with the given leaves, bounded in depth and size.
+    fn json_tree(leaf: BoxedStrategy<Value>, key: &'static str) -> impl Strategy<Value = Value> {
+        leaf.prop_recursive(4, 48, 6, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(key, inner, 0..6)
+                    .prop_map(|entries| Value::Object(entries.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            ".{0,8}".prop_map(Value::String),
+        ];
+        json_tree(leaf.boxed(), ".{0,6}")
+    }
+
+    /// Few distinct leaves and keys, so equal and near-equal pairs are common.
+    fn small_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            (-2i64..=2).prop_map(Value::from),
+            "[ab]{0,2}".prop_map(Value::String),
+        ];
+        json_tree(leaf.boxed(), "[ab]{0,2}")
+    }
+
+    /// A copy whose objects were filled in reverse key order.
+    fn reinserted_in_reverse(value: &Value) -> Value {
+        match value {
+            Value::Array(items) => Value::Array(items.iter().map(reinserted_in_reverse).collect()),
+            Value::Object(entries) => {
+                let mut copy = Map::new();
+                for (key, item) in entries.iter().rev() {
+                    copy.insert(key.clone(), reinserted_in_reverse(item));
+                }
+                Value::Object(copy)
+            }
+            other => other.clone(),
+        }
+    }
+
+    /// Serializes objects in reverse key order, whatever order `Map` keeps.
+    struct Reversed<'a>(&'a Value);
+
+    impl Serialize for Reversed<'_> {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            match self.0 {
+                Value::Array(items) => serializer.collect_seq(items.iter().map(Reversed)),
+                Value::Object(entries) => {
+                    serializer.collect_map(entries.iter().rev().map(|(k, v)| (k, Reversed(v))))
+                }
+                other => other.serialize(serializer),
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn equal_json_gives_equal_fingerprints(value in any_json()) {
+            let expected = fp(&value);
+            let pretty = serde_json::to_string_pretty(&value).unwrap();
+            let reparsed: Value = serde_json::from_str(&pretty).unwrap();
+            prop_assert_eq!(fp(&reparsed), expected);
+            prop_assert_eq!(fp(&reinserted_in_reverse(&value)), expected);
+            prop_assert_eq!(fp(&Reversed(&value)), expected);
+        }
+
+        #[test]
+        fn fingerprints_are_equal_exactly_when_values_are(a in small_json(), b in small_json()) {
+            prop_assert_eq!(a == b, fp(&a) == fp(&b));
+        }
+
+        #[test]
+        fn distinct_endpoints_give_distinct_fingerprints(
+            value in any_json(),
+            first in ".{0,12}",
+            second in ".{0,12}",
+        ) {
+            prop_assume!(first != second);
+            prop_assert_ne!(fingerprint(&first, &value).unwrap(), fingerprint(&second, &value).unwrap());
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! Per-endpoint policy: how long results live, whose key it is, which
+//! responses are final.
+
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::fingerprint::{FingerprintError, Fingerprinter};
+use crate::scope::Scope;
+
+/// A range of statuses, inclusive at both ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusRange {
+    first: u16,
+    last: u16,
+}
+
+impl StatusRange {
+    /// One status.
+    #[must_use]
+    pub const fn one(status: u16) -> Self {
+        Self {
+            first: status,
+            last: status,
+        }
+    }
+
+    /// `first..=last`.
+    #[must_use]
+    pub const fn new(first: u16, last: u16) -> Self {
+        Self { first, last }
+    }
+
+    const fn contains(self, status: u16) -> bool {
+        self.first <= status && status <= self.last
+    }
+}
+
+/// Which responses are final (stored and replayed) rather than released so a
+/// retry runs the handler again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum FinalStatuses {
+    /// Everything below 500 except 408, 409, 423, 425 and 429, which say
+    /// "try again later" and so must let a retry run.
+    #[default]
+    Default,
+    /// Exactly the listed statuses.
+    Only(&'static [StatusRange]),
+}
+
+/// Statuses under 500 that ask the client to retry.
+const TRANSIENT: [u16; 5] = [408, 409, 423, 425, 429];
+
+impl FinalStatuses {
+    /// Whether a response with `status` is stored.
+    #[must_use]
+    pub fn is_final(self, status: StatusCode) -> bool {
+        let status = status.as_u16();
+        match self {
+            Self::Default => status < 500 && !TRANSIENT.contains(&status),
+            Self::Only(ranges) => ranges.iter().any(|range| range.contains(status)),
+        }
+    }
+}
+
+/// The idempotency policy of one endpoint. Built in a `const`, which is
+/// what `#[idempotent]` expands to.
+///
+/// ```
+/// use std::time::Duration;
+/// use idempotent_core::{Endpoint, Scope};
+///
+/// const CREATE_PAYMENT: Endpoint = Endpoint::new("create_payment")
+///     .ttl(Duration::from_secs(24 * 3600))
+///     .scope(Scope::ApiKey);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub struct Endpoint {
+    name: &'static str,
+    ttl: Duration,
+    lease: Duration,
+    scope: Scope,
+    optional: bool,
+    wait: Option<Duration>,
+    final_statuses: FinalStatuses,
+}
+
+impl Endpoint {
+    /// Result TTL unless set: 24 hours.
+    pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+    /// In-flight lease unless set: 60 seconds, renewed while the handler runs.
+    pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
+
+    /// An endpoint named `name`. The name is part of every fingerprint, so
+    /// keep it stable across renames of the Rust function.
+    pub const fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            ttl: Self::DEFAULT_TTL,
+            lease: Self::DEFAULT_LEASE,
+            scope: Scope::ApiKey,
+            optional: false,
+            wait: None,
+            final_statuses: FinalStatuses::Default,
+        }
+    }
+
+    /// How long a finished response is replayed.
+    pub const fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How long a claim holds without renewal. The engine renews it every
+    /// third of this while the handler runs; a crashed process's claim is
+    /// taken over after it lapses.
+    pub const fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Whose key it is (default [`Scope::ApiKey`]).
+    pub const fn scope(mut self, scope: Scope) -> Self {
+        self.scope = scope;
+        self
+    }
+
+    /// When `true`, a request without a key runs the handler without
+    /// idempotency instead of getting 400.
+    pub const fn optional(mut self, optional: bool) -> Self {
+        self.optional = optional;
+        self
+    }
+
+    /// A duplicate that arrives while the first request runs waits up to
+    /// `wait` for it and replays its response, instead of getting 409.
+    pub const fn wait(mut self, wait: Duration) -> Self {
+        self.wait = Some(wait);
+        self
+    }
+
+    /// Which statuses are stored (default [`FinalStatuses::Default`]).
+    pub const fn final_statuses(mut self, final_statuses: FinalStatuses) -> Self {
+        self.final_statuses = final_statuses;
+        self
+    }
+
+    /// The endpoint's name.
+    #[must_use]
+    pub const fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The result TTL.
+    #[must_use]
+    pub const fn result_ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// The lease.
+    #[must_use]
+    pub const fn lease_duration(&self) -> Duration {
+        self.lease
+    }
+
+    /// The scope.
+    #[must_use]
+    pub const fn scope_kind(&self) -> Scope {
+        self.scope
+    }
+
+    /// Whether the key is optional.
+    #[must_use]
+    pub const fn is_optional(&self) -> bool {
+        self.optional
+    }
+
+    /// How long duplicates wait, if they do.
+    #[must_use]
+    pub const fn wait_duration(&self) -> Option<Duration> {
+        self.wait
+    }
+
+    /// The final-status policy.
+    #[must_use]
+    pub const fn final_status_policy(&self) -> FinalStatuses {
+        self.final_statuses
+    }
+
+    /// A fingerprinter seeded with this endpoint's identity.
+    #[must_use]
+    pub fn fingerprinter(&self) -> Fingerprinter {
+        Fingerprinter::new(self.name)
+    }
+
+    /// The fingerprint of `inputs` at this endpoint.
+    ///
+    /// # Errors
+    /// The inputs' `Serialize` impl failed.
+    pub fn fingerprint<T: serde::Serialize + ?Sized>(
+        &self,
+        inputs: &T,
+    ) -> Result<crate::fingerprint::Fingerprint, FingerprintError> {
+        crate::fingerprint::fingerprint(self.name, inputs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_policy_stores_success_and_client_errors() {
+        let policy = FinalStatuses::Default;
+        for status in [200, 201, 204, 303, 400, 404, 422] {
+            assert!(
+                policy.is_final(StatusCode::from_u16(status).unwrap()),
+                "{status}"
+            );
+        }
+    }
+
+    #[test]
+    fn default_policy_releases_server_errors_and_retryable_client_errors() {
+        let policy = FinalStatuses::Default;
+        for status in [408, 409, 423, 425, 429, 500, 502, 503, 504] {
+            assert!(
+                !policy.is_final(StatusCode::from_u16(status).unwrap()),
+                "{status}"
+            );
+        }
+    }
+
+    #[test]
+    fn custom_policy_stores_exactly_what_it_lists() {
+        const RANGES: &[StatusRange] = &[StatusRange::new(200, 299), StatusRange::one(503)];
+        let policy = FinalStatuses::Only(RANGES);
+        assert!(policy.is_final(StatusCode::CREATED));
+        assert!(policy.is_final(StatusCode::SERVICE_UNAVAILABLE));
+        assert!(!policy.is_final(StatusCode::BAD_REQUEST));
+    }
+}

@@ -1,0 +1,354 @@
+//! The one code path every idempotent request takes:
+//! claim -> run -> settle -> reply.
+
+use std::any::Any;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::endpoint::Endpoint;
+use crate::fingerprint::{Fingerprint, FingerprintError};
+use crate::idempotency::Settings;
+use crate::key::KeyError;
+use crate::problem::{Problem, ProblemKind};
+use crate::record::{Claim, Completed, LeaseToken, RecordKey, StoredResponse};
+use crate::replay::{Collected, collect, replay, replayable_headers};
+use crate::request::IdempotentRequest;
+use crate::scope::{self, ScopeDigest};
+use crate::store::StoreError;
+
+/// The user's handler, already turned into a response.
+pub(crate) type Handler = Pin<Box<dyn Future<Output = Response> + Send>>;
+type Panic = Box<dyn Any + Send>;
+type Pipeline = Pin<Box<dyn Future<Output = Result<Response, Panic>> + Send>>;
+
+/// First and longest pause between claims while waiting for a duplicate.
+const WAIT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_millis(200));
+/// `Retry-After` on 409 and 503: the first attempt usually finishes, or the
+/// store recovers, within a second or so.
+const RETRY_AFTER_SECS: u64 = 1;
+
+pub(crate) async fn run(
+    request: IdempotentRequest,
+    endpoint: Endpoint,
+    fingerprint: Result<Fingerprint, FingerprintError>,
+    handler: Handler,
+) -> Response {
+    let settings = request.idempotency.inner.clone();
+    let Some(key) = request.key else {
+        if endpoint.is_optional() {
+            return handler.await;
+        }
+        return Problem::from(KeyError::Missing).into_response();
+    };
+    let scope = match resolve_scope(&settings, &endpoint, &request.headers, request.custom_scope) {
+        Ok(scope) => scope,
+        Err(problem) => return problem.into_response(),
+    };
+    let fingerprint = match fingerprint {
+        Ok(fingerprint) => fingerprint,
+        Err(error) => return fingerprint_failed(&error).into_response(),
+    };
+    let record_key = RecordKey::new(scope, key);
+    let span =
+        tracing::debug_span!("idempotent", endpoint = endpoint.name(), key = %record_key.log_id());
+    let engine = Engine {
+        settings,
+        endpoint,
+        key: record_key,
+        fingerprint,
+    };
+    engine.claim_and_run(handler).instrument(span).await
+}
+
+fn resolve_scope(
+    settings: &Settings,
+    endpoint: &Endpoint,
+    headers: &http::HeaderMap,
+    custom: Option<ScopeDigest>,
+) -> Result<ScopeDigest, Problem> {
+    if let Some(custom) = custom {
+        return Ok(custom);
+    }
+    match scope::resolve(endpoint.scope_kind(), headers, &settings.api_key_header) {
+        Ok(Some(scope)) => Ok(scope),
+        Ok(None) => Err(Problem::new(
+            ProblemKind::NotConfigured,
+            format!(
+                "endpoint `{}` uses a custom scope but no principal was given: call `IdempotentRequest::scoped_by` before `run`",
+                endpoint.name()
+            ),
+        )),
+        Err(missing) => Err(Problem::new(ProblemKind::MissingCredentials, missing.0)),
+    }
+}
+
+fn fingerprint_failed(error: &FingerprintError) -> Problem {
+    tracing::error!(%error, "could not fingerprint the request inputs");
+    Problem::new(
+        ProblemKind::FingerprintFailed,
+        "the request inputs could not be serialized to compute the idempotency fingerprint",
+    )
+}
+
+/// Everything a claimed request needs, owned, so the run can outlive the
+/// client's connection.
+struct Engine {
+    settings: Arc<Settings>,
+    endpoint: Endpoint,
+    key: RecordKey,
+    fingerprint: Fingerprint,
+}
+
+impl Engine {
+    async fn claim_and_run(self, handler: Handler) -> Response {
+        let deadline = self
+            .endpoint
+            .wait_duration()
+            .map(|wait| Instant::now() + wait);
+        let mut backoff = WAIT_BACKOFF.0;
+        loop {
+            let lease = self.endpoint.lease_duration();
+            let claim = self.timed(
+                self.settings
+                    .store
+                    .claim(&self.key, self.fingerprint, lease),
+            );
+            match claim.await {
+                Err(error) => return self.store_failed(&error, handler).await,
+                Ok(Claim::Acquired(token)) => return self.execute(token, handler).await,
+                Ok(Claim::Completed(record)) => return self.replay(&record),
+                Ok(Claim::InFlight { fingerprint, .. }) if fingerprint != self.fingerprint => {
+                    return self.mismatch();
+                }
+                Ok(Claim::InFlight { .. }) => match deadline {
+                    Some(deadline) if Instant::now() < deadline => {
+                        tokio::time::sleep_until(deadline.min(Instant::now() + backoff)).await;
+                        backoff = (backoff * 2).min(WAIT_BACKOFF.1);
+                    }
+                    _ => return self.in_progress(),
+                },
+            }
+        }
+    }
+
+    async fn timed<T>(
+        &self,
+        operation: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let timeout = self.settings.store_timeout;
+        match tokio::time::timeout(timeout, operation).await {
+            Ok(result) => result,
+            Err(_elapsed) => Err(StoreError::Timeout(timeout)),
+        }
+    }
+
+    async fn store_failed(&self, error: &StoreError, handler: Handler) -> Response {
+        if self.settings.fail_open {
+            tracing::warn!(%error, outcome = "store_error", "store failed; running without idempotency (fail_open)");
+            return handler.await;
+        }
+        tracing::error!(%error, outcome = "store_error", "store failed; request refused, nothing executed");
+        Problem::new(
+            ProblemKind::StoreUnavailable,
+            "the idempotency store is unavailable, so the request was not executed; retry with the same key",
+        )
+        .retry_after(RETRY_AFTER_SECS)
+        .into_response()
+    }
+
+    fn replay(&self, record: &Completed) -> Response {
+        if record.fingerprint != self.fingerprint {
+            return self.mismatch();
+        }
+        tracing::debug!(
+            outcome = "replayed",
+            status = record.response.status.as_u16()
+        );
+        replay(&record.response)
+    }
+
+    fn mismatch(&self) -> Response {
+        tracing::info!(
+            outcome = "mismatch",
+            "idempotency key reused with a different request"
+        );
+        Problem::new(
+            ProblemKind::KeyReused,
+            format!(
+                "this idempotency key was already used at `{}` with a different request (body or parameters); send a new key for a new request",
+                self.endpoint.name()
+            ),
+        )
+        .into_response()
+    }
+
+    fn in_progress(&self) -> Response {
+        tracing::info!(
+            outcome = "conflict",
+            "a request with this key is still in flight"
+        );
+        Problem::new(
+            ProblemKind::RequestInProgress,
+            "the first request with this idempotency key is still being processed; retry after it completes",
+        )
+        .retry_after(RETRY_AFTER_SECS)
+        .into_response()
+    }
+
+    /// Runs the claimed request so that dropping this future (the client
+    /// went away) does not cancel it: the rest moves onto a task.
+    async fn execute(self, token: LeaseToken, handler: Handler) -> Response {
+        let pipeline: Pipeline = Box::pin(self.run_claimed(token, handler).in_current_span());
+        match (Detachable {
+            pipeline: Some(pipeline),
+        })
+        .await
+        {
+            Ok(response) => response,
+            // The claim is already released; let the panic reach the server
+            // as it would have without idempotency.
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+
+    async fn run_claimed(self, token: LeaseToken, handler: Handler) -> Result<Response, Panic> {
+        let running = AssertUnwindSafe(self.renewing(token, handler)).catch_unwind();
+        match running.await {
+            Ok(response) => Ok(self.settle(token, response).await),
+            Err(panic) => {
+                self.release(token, "handler panicked").await;
+                Err(panic)
+            }
+        }
+    }
+
+    /// Polls the handler while renewing the lease every third of it.
+    async fn renewing(&self, token: LeaseToken, handler: Handler) -> Response {
+        let period = self.endpoint.lease_duration() / 3;
+        if period.is_zero() {
+            return handler.await;
+        }
+        let mut handler = handler;
+        let renewals = pin!(self.renew_until_lost(token, period));
+        tokio::select! {
+            biased;
+            response = &mut handler => return response,
+            () = renewals => {}
+        }
+        handler.await
+    }
+
+    async fn renew_until_lost(&self, token: LeaseToken, period: Duration) {
+        let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
+        loop {
+            ticker.tick().await;
+            let lease = self.endpoint.lease_duration();
+            match self
+                .timed(self.settings.store.renew(&self.key, token, lease))
+                .await
+            {
+                Ok(()) => {}
+                Err(StoreError::LeaseLost) => {
+                    tracing::error!(
+                        outcome = "lease_lost",
+                        "lease taken over while the handler runs; its result will not be stored"
+                    );
+                    return;
+                }
+                Err(error) => tracing::warn!(%error, "could not renew the lease; retrying"),
+            }
+        }
+    }
+
+    /// Stores a final response, or releases the key for anything else.
+    async fn settle(&self, token: LeaseToken, response: Response) -> Response {
+        let status = response.status();
+        if !self.endpoint.final_status_policy().is_final(status) {
+            self.release(token, "status is not final").await;
+            return response;
+        }
+        let (parts, body) = response.into_parts();
+        let (stored_body, body) = match collect(body, self.settings.max_body_bytes).await {
+            Collected::Complete(bytes) => (Some(bytes.clone()), Body::from(bytes)),
+            Collected::Partial(body) => (None, body),
+        };
+        let headers = replayable_headers(&parts);
+        let stored = StoredResponse {
+            status,
+            headers,
+            body: stored_body,
+        };
+        let ttl = self.endpoint.result_ttl();
+        match self
+            .timed(self.settings.store.complete(&self.key, token, stored, ttl))
+            .await
+        {
+            Ok(()) => tracing::debug!(outcome = "executed", status = status.as_u16()),
+            Err(error) => {
+                tracing::error!(%error, outcome = "store_error", "the response could not be stored; a retry after the lease lapses runs again")
+            }
+        }
+        Response::from_parts(parts, body)
+    }
+
+    async fn release(&self, token: LeaseToken, reason: &'static str) {
+        match self
+            .timed(self.settings.store.release(&self.key, token))
+            .await
+        {
+            Ok(()) => tracing::info!(outcome = "released", reason),
+            Err(error) => {
+                tracing::error!(%error, outcome = "store_error", reason, "could not release the key; it frees when the lease lapses")
+            }
+        }
+    }
+}
+
+/// Polls a pipeline in place and, if dropped before it finishes, spawns the
+/// rest so the handler's outcome is still recorded. Spawning only on drop
+/// keeps the common path free of a task hop.
+struct Detachable {
+    pipeline: Option<Pipeline>,
+}
+
+impl Future for Detachable {
+    type Output = Result<Response, Panic>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(pipeline) = self.pipeline.as_mut() else {
+            return Poll::Pending;
+        };
+        let output = std::task::ready!(pipeline.as_mut().poll(cx));
+        self.pipeline = None;
+        Poll::Ready(output)
+    }
+}
+
+impl Drop for Detachable {
+    fn drop(&mut self) {
+        // While unwinding, the pipeline itself panicked: it must not be
+        // polled again.
+        if std::thread::panicking() {
+            return;
+        }
+        let Some(pipeline) = self.pipeline.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(async move { drop(pipeline.await) })),
+            Err(_) => tracing::error!(
+                "request dropped outside a tokio runtime; its outcome is lost until the lease lapses"
+            ),
+        }
+    }
+}

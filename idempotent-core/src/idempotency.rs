@@ -1,0 +1,149 @@
+//! The service-wide handle: which store, and how to treat it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Extension;
+use axum::middleware::AddExtension;
+use http::HeaderName;
+use tower_layer::Layer;
+
+use crate::store::{DynStore, SharedStore, Store};
+
+/// Idempotency for a router: the store plus service-wide settings.
+///
+/// Add it to the router as a layer; `#[idempotent]` handlers (and
+/// [`IdempotentRequest`](crate::IdempotentRequest)) find it there.
+///
+/// ```
+/// use axum::{Router, routing::post};
+/// use idempotent_core::{Idempotency, store::MemoryStore};
+///
+/// # async fn create_payment() {}
+/// let app: Router = Router::new()
+///     .route("/payments", post(create_payment))
+///     .layer(Idempotency::new(MemoryStore::new()));
+/// ```
+#[derive(Clone)]
+pub struct Idempotency {
+    pub(crate) inner: Arc<Settings>,
+}
+
+pub(crate) struct Settings {
+    pub(crate) store: SharedStore,
+    pub(crate) store_timeout: Duration,
+    pub(crate) fail_open: bool,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) api_key_header: HeaderName,
+}
+
+impl std::fmt::Debug for Idempotency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let settings = &self.inner;
+        f.debug_struct("Idempotency")
+            .field("store_timeout", &settings.store_timeout)
+            .field("fail_open", &settings.fail_open)
+            .field("max_body_bytes", &settings.max_body_bytes)
+            .field("api_key_header", &settings.api_key_header)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Idempotency {
+    /// Idempotency on `store` with default settings.
+    pub fn new(store: impl Store) -> Self {
+        Self::builder(store).build()
+    }
+
+    /// Starts building, with `store`.
+    pub fn builder(store: impl Store) -> IdempotencyBuilder {
+        IdempotencyBuilder::new(Arc::new(store))
+    }
+
+    /// Idempotency on an already shared store.
+    pub fn from_shared(store: SharedStore) -> IdempotencyBuilder {
+        IdempotencyBuilder::new(store)
+    }
+
+    /// The store.
+    #[must_use]
+    pub fn store(&self) -> &dyn DynStore {
+        self.inner.store.as_ref()
+    }
+}
+
+/// Builds an [`Idempotency`].
+#[must_use]
+pub struct IdempotencyBuilder {
+    settings: Settings,
+}
+
+impl std::fmt::Debug for IdempotencyBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotencyBuilder").finish_non_exhaustive()
+    }
+}
+
+impl IdempotencyBuilder {
+    /// Default store timeout: 2 seconds.
+    pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(2);
+    /// Default limit on a stored response body: 1 MiB.
+    pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+
+    fn new(store: SharedStore) -> Self {
+        Self {
+            settings: Settings {
+                store,
+                store_timeout: Self::DEFAULT_STORE_TIMEOUT,
+                fail_open: false,
+                max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
+                api_key_header: HeaderName::from_static("x-api-key"),
+            },
+        }
+    }
+
+    /// How long any one store call may take before the request is answered
+    /// 503 (default 2 s).
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.store_timeout = timeout;
+        self
+    }
+
+    /// When the store fails, run handlers without idempotency instead of
+    /// answering 503. Off by default: with it on, a store outage can let a
+    /// retry run a side effect twice. Each such request logs a warning.
+    pub fn fail_open(mut self, fail_open: bool) -> Self {
+        self.settings.fail_open = fail_open;
+        self
+    }
+
+    /// Responses with larger bodies are sent in full but stored without
+    /// their body; retries then get a `response-not-stored` problem (410)
+    /// and never run the handler again (default 1 MiB).
+    pub fn max_body_bytes(mut self, limit: usize) -> Self {
+        self.settings.max_body_bytes = limit;
+        self
+    }
+
+    /// The header that carries the API key for [`Scope::ApiKey`](crate::Scope::ApiKey)
+    /// (default `x-api-key`; `Authorization: Bearer` is always accepted too).
+    pub fn api_key_header(mut self, name: HeaderName) -> Self {
+        self.settings.api_key_header = name;
+        self
+    }
+
+    /// Builds the handle.
+    pub fn build(self) -> Idempotency {
+        Idempotency {
+            inner: Arc::new(self.settings),
+        }
+    }
+}
+
+impl<S> Layer<S> for Idempotency {
+    type Service = AddExtension<S, Idempotency>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Extension(self.clone()).layer(inner)
+    }
+}

@@ -1,0 +1,324 @@
+//! The `Idempotency-Key` request header.
+//!
+//! The header carries one key, either as an RFC 8941 string (`"abc"`) or as a
+//! bare token (`abc`); both forms name the same key. A key is 1 to 255
+//! printable ASCII characters. The bare form may not contain whitespace, `"`
+//! or `,` (a comma would make one field look like a list of two); the quoted
+//! form may carry anything printable, with `\"` and `\\` as its only escapes.
+
+use std::fmt;
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, OptionalFromRequestParts};
+use http::request::Parts;
+use http::{HeaderMap, HeaderName};
+
+use crate::problem::Problem;
+
+/// The request header that carries the key.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// The longest key accepted, in characters.
+pub const MAX_KEY_LEN: usize = 255;
+
+/// A validated idempotency key.
+///
+/// It is also an extractor, so a handler can take the key as an argument (the
+/// `#[idempotent]` attribute never fingerprints it), for example to derive
+/// keys for calls it makes to other idempotent services.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IdempotencyKey(Arc<str>);
+
+impl IdempotencyKey {
+    /// Parses one header field value.
+    ///
+    /// # Errors
+    /// [`KeyError`] says exactly what is wrong with the value.
+    pub fn parse(field: &[u8]) -> Result<Self, KeyError> {
+        let field = trim_ows(field);
+        let key = match field.first() {
+            Some(b'"') => parse_sf_string(field)?,
+            Some(_) => parse_bare(field)?,
+            None => return Err(KeyError::Empty),
+        };
+        if key.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        if key.len() > MAX_KEY_LEN {
+            return Err(KeyError::TooLong { len: key.len() });
+        }
+        Ok(Self(key.into()))
+    }
+
+    /// Reads the key from request headers: `Ok(None)` when there is none.
+    ///
+    /// # Errors
+    /// More than one `Idempotency-Key` field, or an invalid value.
+    pub fn from_headers(headers: &HeaderMap) -> Result<Option<Self>, KeyError> {
+        let mut fields = headers.get_all(IDEMPOTENCY_KEY).iter();
+        let Some(first) = fields.next() else {
+            return Ok(None);
+        };
+        if fields.next().is_some() {
+            return Err(KeyError::MultipleFields);
+        }
+        Self::parse(first.as_bytes()).map(Some)
+    }
+
+    /// The key itself.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A key for a downstream call made on behalf of this request:
+    /// `"<key>:<purpose>"`. Retries of this request derive the same key, so
+    /// the downstream service deduplicates them too.
+    ///
+    /// ```
+    /// # use idempotent_core::IdempotencyKey;
+    /// let key = IdempotencyKey::parse(b"order-7").unwrap();
+    /// assert_eq!(key.derive("ledger"), "order-7:ledger");
+    /// ```
+    #[must_use]
+    pub fn derive(&self, purpose: &str) -> String {
+        format!("{}:{purpose}", self.0)
+    }
+}
+
+impl fmt::Display for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for IdempotencyKey {
+    // Keys can be guessable identifiers of a customer's operation; debug
+    // output (and so logs) shows only a digest.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "IdempotencyKey({})",
+            crate::digest::short_hex(self.0.as_bytes())
+        )
+    }
+}
+
+/// Why an `Idempotency-Key` header was rejected. Each maps to a 400 response.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The request has no `Idempotency-Key` header.
+    #[error(
+        "the request has no Idempotency-Key header; send one unique key per operation, e.g. a UUID"
+    )]
+    Missing,
+    /// The header appears more than once.
+    #[error("the Idempotency-Key header appears more than once; send exactly one")]
+    MultipleFields,
+    /// The key is empty.
+    #[error("the Idempotency-Key header is empty; a key has 1 to 255 characters")]
+    Empty,
+    /// The key is longer than [`MAX_KEY_LEN`].
+    #[error("the idempotency key has {len} characters; at most 255 are allowed")]
+    TooLong {
+        /// Its length.
+        len: usize,
+    },
+    /// A character outside printable ASCII, or one the bare form does not allow.
+    #[error(
+        "the idempotency key has a character that is not allowed at position {position} (byte 0x{byte:02x}); keys are printable ASCII, and a bare key may not contain spaces, '\"' or ','"
+    )]
+    InvalidCharacter {
+        /// Zero-based byte offset in the header value.
+        position: usize,
+        /// The offending byte.
+        byte: u8,
+    },
+    /// A quoted key without its closing quote, or with text after it.
+    #[error("the quoted idempotency key is malformed: {0}")]
+    MalformedString(&'static str),
+}
+
+fn trim_ows(field: &[u8]) -> &[u8] {
+    field.trim_ascii()
+}
+
+fn parse_bare(field: &[u8]) -> Result<String, KeyError> {
+    for (position, &byte) in field.iter().enumerate() {
+        let allowed = byte.is_ascii_graphic() && byte != b'"' && byte != b',';
+        if !allowed {
+            return Err(KeyError::InvalidCharacter { position, byte });
+        }
+    }
+    // Every byte is ASCII, so this cannot fail; map rather than unwrap.
+    String::from_utf8(field.to_vec()).map_err(|_| KeyError::MalformedString("not ASCII"))
+}
+
+/// RFC 8941 section 4.2.5: `"` chars `"`, with `\"` and `\\` escapes.
+fn parse_sf_string(field: &[u8]) -> Result<String, KeyError> {
+    let mut key = String::with_capacity(field.len());
+    let mut bytes = field.iter().copied().enumerate().skip(1);
+    while let Some((position, byte)) = bytes.next() {
+        match byte {
+            b'\\' => match bytes.next() {
+                Some((_, escaped @ (b'"' | b'\\'))) => key.push(char::from(escaped)),
+                Some(_) => {
+                    return Err(KeyError::MalformedString(
+                        "only \\\" and \\\\ may be escaped",
+                    ));
+                }
+                None => return Err(KeyError::MalformedString("it ends inside an escape")),
+            },
+            b'"' if position + 1 == field.len() => return Ok(key),
+            b'"' => {
+                return Err(KeyError::MalformedString(
+                    "there is text after the closing quote",
+                ));
+            }
+            b' '..=b'~' => key.push(char::from(byte)),
+            _ => return Err(KeyError::InvalidCharacter { position, byte }),
+        }
+    }
+    Err(KeyError::MalformedString("the closing quote is missing"))
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        match Self::from_headers(&parts.headers) {
+            Ok(Some(key)) => Ok(key),
+            Ok(None) => Err(Problem::from(KeyError::Missing)),
+            Err(error) => Err(Problem::from(error)),
+        }
+    }
+}
+
+impl<S: Send + Sync> OptionalFromRequestParts<S> for IdempotencyKey {
+    type Rejection = Problem;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        _state: &S,
+    ) -> Result<Option<Self>, Self::Rejection> {
+        Self::from_headers(&parts.headers).map_err(Problem::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(s: &str) -> Result<String, KeyError> {
+        IdempotencyKey::parse(s.as_bytes()).map(|k| k.as_str().to_owned())
+    }
+
+    #[test]
+    fn bare_and_quoted_forms_name_the_same_key() {
+        assert_eq!(key("abc-123").unwrap(), "abc-123");
+        assert_eq!(key("\"abc-123\"").unwrap(), "abc-123");
+        assert_eq!(key("  abc  ").unwrap(), "abc");
+    }
+
+    #[test]
+    fn uuid_is_a_valid_bare_key() {
+        assert_eq!(
+            key("550e8400-e29b-41d4-a716-446655440000").unwrap(),
+            "550e8400-e29b-41d4-a716-446655440000"
+        );
+    }
+
+    #[test]
+    fn quoted_form_allows_spaces_and_escapes() {
+        assert_eq!(key(r#""a b \"c\" \\ d""#).unwrap(), r#"a b "c" \ d"#);
+    }
+
+    #[test]
+    fn empty_keys_are_rejected() {
+        assert_eq!(key(""), Err(KeyError::Empty));
+        assert_eq!(key("   "), Err(KeyError::Empty));
+        assert_eq!(key("\"\""), Err(KeyError::Empty));
+    }
+
+    #[test]
+    fn length_limit_is_255() {
+        assert!(key(&"a".repeat(255)).is_ok());
+        assert_eq!(key(&"a".repeat(256)), Err(KeyError::TooLong { len: 256 }));
+        let quoted = format!("\"{}\"", "b".repeat(256));
+        assert_eq!(key(&quoted), Err(KeyError::TooLong { len: 256 }));
+    }
+
+    #[test]
+    fn control_and_non_ascii_characters_are_rejected() {
+        assert_eq!(
+            IdempotencyKey::parse(b"ab\x01c"),
+            Err(KeyError::InvalidCharacter {
+                position: 2,
+                byte: 1
+            })
+        );
+        assert_eq!(
+            IdempotencyKey::parse("caf\u{e9}".as_bytes()),
+            Err(KeyError::InvalidCharacter {
+                position: 3,
+                byte: 0xc3
+            })
+        );
+        assert!(matches!(
+            IdempotencyKey::parse(b"\"ab\x7f\""),
+            Err(KeyError::InvalidCharacter {
+                position: 3,
+                byte: 0x7f
+            })
+        ));
+    }
+
+    #[test]
+    fn bare_keys_reject_separators() {
+        assert!(matches!(
+            key("a b"),
+            Err(KeyError::InvalidCharacter { position: 1, .. })
+        ));
+        assert!(matches!(
+            key("a,b"),
+            Err(KeyError::InvalidCharacter { position: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn malformed_quoted_strings_are_rejected() {
+        assert!(matches!(key("\"abc"), Err(KeyError::MalformedString(_))));
+        assert!(matches!(
+            key("\"abc\"def"),
+            Err(KeyError::MalformedString(_))
+        ));
+        assert!(matches!(
+            key(r#""a\nb""#),
+            Err(KeyError::MalformedString(_))
+        ));
+        assert!(matches!(key("\"abc\\"), Err(KeyError::MalformedString(_))));
+    }
+
+    #[test]
+    fn more_than_one_field_is_rejected() {
+        let mut headers = HeaderMap::new();
+        headers.append(IDEMPOTENCY_KEY, "a".parse().unwrap());
+        headers.append(IDEMPOTENCY_KEY, "b".parse().unwrap());
+        assert_eq!(
+            IdempotencyKey::from_headers(&headers),
+            Err(KeyError::MultipleFields)
+        );
+    }
+
+    #[test]
+    fn no_header_is_none() {
+        assert_eq!(IdempotencyKey::from_headers(&HeaderMap::new()), Ok(None));
+    }
+
+    #[test]
+    fn debug_output_hides_the_key() {
+        let k = IdempotencyKey::parse(b"secret-order-42").unwrap();
+        assert!(!format!("{k:?}").contains("secret"));
+    }
+}

@@ -1,0 +1,186 @@
+//! RFC 9457 `application/problem+json` responses for every error the
+//! engine itself produces.
+//!
+//! Each case has a stable `type` URI, so clients can branch on it rather
+//! than on prose:
+//!
+//! | `type` | status | when |
+//! |---|---|---|
+//! | `urn:idempotent:missing-key` | 400 | no `Idempotency-Key` on an endpoint that requires one |
+//! | `urn:idempotent:invalid-key` | 400 | the key is empty, too long, repeated or has bad characters |
+//! | `urn:idempotent:missing-credentials` | 401 | the endpoint's scope needs a credential the request lacks |
+//! | `urn:idempotent:request-in-progress` | 409 | the first request with this key is still running (`Retry-After` set) |
+//! | `urn:idempotent:response-not-stored` | 410 | the key's request completed but its response was too large to keep |
+//! | `urn:idempotent:key-reused` | 422 | the key was used before with a different request |
+//! | `urn:idempotent:fingerprint-failed` | 500 | serializing the handler's inputs failed |
+//! | `urn:idempotent:not-configured` | 500 | no [`Idempotency`](crate::Idempotency) layer on the router |
+//! | `urn:idempotent:store-unavailable` | 503 | the store failed or timed out; nothing was executed (`Retry-After` set) |
+
+use axum::response::{IntoResponse, Response};
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, StatusCode};
+use serde::Serialize;
+
+/// The kinds of problem the engine reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProblemKind {
+    /// 400: no key on an endpoint that requires one.
+    MissingKey,
+    /// 400: a malformed key.
+    InvalidKey,
+    /// 401: no credential for the endpoint's scope.
+    MissingCredentials,
+    /// 409: the first request with this key is still running.
+    RequestInProgress,
+    /// 410: the response was too large to store, so it cannot be replayed.
+    ResponseNotStored,
+    /// 422: the key was used with a different request.
+    KeyReused,
+    /// 500: the handler's inputs could not be serialized.
+    FingerprintFailed,
+    /// 500: the router has no `Idempotency` layer.
+    NotConfigured,
+    /// 503: the store failed or timed out.
+    StoreUnavailable,
+}
+
+impl ProblemKind {
+    /// The stable `type` URI.
+    #[must_use]
+    pub const fn type_uri(self) -> &'static str {
+        match self {
+            Self::MissingKey => "urn:idempotent:missing-key",
+            Self::InvalidKey => "urn:idempotent:invalid-key",
+            Self::MissingCredentials => "urn:idempotent:missing-credentials",
+            Self::RequestInProgress => "urn:idempotent:request-in-progress",
+            Self::ResponseNotStored => "urn:idempotent:response-not-stored",
+            Self::KeyReused => "urn:idempotent:key-reused",
+            Self::FingerprintFailed => "urn:idempotent:fingerprint-failed",
+            Self::NotConfigured => "urn:idempotent:not-configured",
+            Self::StoreUnavailable => "urn:idempotent:store-unavailable",
+        }
+    }
+
+    /// The HTTP status.
+    #[must_use]
+    pub const fn status(self) -> StatusCode {
+        match self {
+            Self::MissingKey | Self::InvalidKey => StatusCode::BAD_REQUEST,
+            Self::MissingCredentials => StatusCode::UNAUTHORIZED,
+            Self::RequestInProgress => StatusCode::CONFLICT,
+            Self::ResponseNotStored => StatusCode::GONE,
+            Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::FingerprintFailed | Self::NotConfigured => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// A short, fixed summary.
+    #[must_use]
+    pub const fn title(self) -> &'static str {
+        match self {
+            Self::MissingKey => "Idempotency-Key header required",
+            Self::InvalidKey => "Invalid Idempotency-Key header",
+            Self::MissingCredentials => "Credentials required to scope the idempotency key",
+            Self::RequestInProgress => "A request with this idempotency key is in progress",
+            Self::ResponseNotStored => "The response to this idempotency key was not stored",
+            Self::KeyReused => "Idempotency key reused with a different request",
+            Self::FingerprintFailed => "Request inputs could not be fingerprinted",
+            Self::NotConfigured => "Idempotency is not configured on this router",
+            Self::StoreUnavailable => "Idempotency store unavailable",
+        }
+    }
+}
+
+/// An RFC 9457 problem produced by the engine. Renders as
+/// `application/problem+json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    kind: ProblemKind,
+    detail: String,
+    retry_after_secs: Option<u64>,
+}
+
+impl Problem {
+    /// A problem of `kind` with a human-readable `detail`.
+    #[must_use]
+    pub fn new(kind: ProblemKind, detail: impl Into<String>) -> Self {
+        Self {
+            kind,
+            detail: detail.into(),
+            retry_after_secs: None,
+        }
+    }
+
+    /// Adds a `Retry-After` header.
+    #[must_use]
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_secs = Some(secs);
+        self
+    }
+
+    /// Its kind.
+    #[must_use]
+    pub fn kind(&self) -> ProblemKind {
+        self.kind
+    }
+
+    /// The detail text.
+    #[must_use]
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind.title(), self.detail)
+    }
+}
+
+impl std::error::Error for Problem {}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    #[serde(rename = "type")]
+    type_uri: &'static str,
+    title: &'static str,
+    status: u16,
+    detail: &'a str,
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let status = self.kind.status();
+        let body = Body {
+            type_uri: self.kind.type_uri(),
+            title: self.kind.title(),
+            status: status.as_u16(),
+            detail: &self.detail,
+        };
+        // Serializing four plain fields cannot fail; fall back to an empty
+        // object rather than panic if it somehow does.
+        let json = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
+        let mut response = (status, json).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(secs) = self.retry_after_secs {
+            headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+impl From<crate::key::KeyError> for Problem {
+    fn from(error: crate::key::KeyError) -> Self {
+        let kind = match error {
+            crate::key::KeyError::Missing => ProblemKind::MissingKey,
+            _ => ProblemKind::InvalidKey,
+        };
+        Self::new(kind, error.to_string())
+    }
+}

@@ -1,0 +1,169 @@
+//! What a store keeps for each `(scope, key)`.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, StatusCode};
+
+use crate::digest::{hex, sha256_framed};
+use crate::fingerprint::Fingerprint;
+use crate::key::IdempotencyKey;
+use crate::scope::ScopeDigest;
+
+/// The address of a record: whose key, and the key.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct RecordKey {
+    /// Digest of the caller's scope.
+    pub scope: ScopeDigest,
+    /// The client's idempotency key.
+    pub key: IdempotencyKey,
+}
+
+impl RecordKey {
+    /// Pairs a scope with a key.
+    #[must_use]
+    pub fn new(scope: ScopeDigest, key: IdempotencyKey) -> Self {
+        Self { scope, key }
+    }
+
+    /// SHA-256 over scope and key: a fixed-size storage key that reveals
+    /// neither (used by stores that address records by one opaque string).
+    #[must_use]
+    pub fn digest(&self) -> [u8; 32] {
+        sha256_framed(&[self.scope.as_bytes(), self.key.as_str().as_bytes()])
+    }
+
+    /// A short digest for logs and spans; never the raw key.
+    #[must_use]
+    pub fn log_id(&self) -> String {
+        hex(&self.digest()[..8])
+    }
+}
+
+impl fmt::Debug for RecordKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RecordKey({})", self.log_id())
+    }
+}
+
+/// Proof of holding a claim. Only the current holder's token may renew,
+/// complete or release a record (fencing), so a holder whose lease expired
+/// and was taken over cannot overwrite the new holder's result.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LeaseToken(u128);
+
+impl LeaseToken {
+    /// A fresh random token.
+    #[must_use]
+    pub fn random() -> Self {
+        Self(rand::random())
+    }
+
+    /// Rebuilds a token read back from a store.
+    #[must_use]
+    pub const fn from_u128(value: u128) -> Self {
+        Self(value)
+    }
+
+    /// The token as an integer, for storage.
+    #[must_use]
+    pub const fn as_u128(self) -> u128 {
+        self.0
+    }
+
+    /// The token as 16 big-endian bytes, for storage.
+    #[must_use]
+    pub const fn to_bytes(self) -> [u8; 16] {
+        self.0.to_be_bytes()
+    }
+
+    /// Rebuilds a token from [`LeaseToken::to_bytes`].
+    #[must_use]
+    pub const fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(u128::from_be_bytes(bytes))
+    }
+}
+
+impl fmt::Debug for LeaseToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LeaseToken({:08x}…)", self.0 >> 96)
+    }
+}
+
+/// A response as stored for replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    /// The original status.
+    pub status: StatusCode,
+    /// Headers kept for replay, in order, repeated names included.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The body; `None` when it was larger than the endpoint's limit and so
+    /// was not kept (retries then get a `response-not-stored` problem).
+    pub body: Option<Bytes>,
+}
+
+impl StoredResponse {
+    /// Bytes this response occupies in memory, roughly: body plus headers.
+    #[must_use]
+    pub fn size_bytes(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len())
+            .sum();
+        headers + self.body.as_ref().map_or(0, Bytes::len)
+    }
+}
+
+/// A claim that is being worked on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InFlight {
+    /// Fingerprint of the request that claimed the key.
+    pub fingerprint: Fingerprint,
+    /// The holder's token.
+    pub lease_token: LeaseToken,
+    /// When the lease lapses unless renewed (Unix ms). After that, a new
+    /// claim takes the record over.
+    pub lease_expires_at: u64,
+}
+
+/// A finished request whose response is replayed to retries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completed {
+    /// Fingerprint of the request that produced the response.
+    pub fingerprint: Fingerprint,
+    /// The response.
+    pub response: StoredResponse,
+    /// When the record expires (Unix ms); after that the key is new again.
+    pub expires_at: u64,
+}
+
+/// A stored record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// Claimed; the handler is running.
+    InFlight(InFlight),
+    /// Done; replayed to retries.
+    Completed(Arc<Completed>),
+}
+
+/// What [`Store::claim`](crate::store::Store::claim) found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The caller now holds the key and must run the request, then
+    /// complete or release.
+    Acquired(LeaseToken),
+    /// Another request holds a live lease on the key.
+    InFlight {
+        /// Fingerprint of the request holding it.
+        fingerprint: Fingerprint,
+        /// When its lease lapses (Unix ms).
+        lease_expires_at: u64,
+    },
+    /// The key has a stored response.
+    Completed(Arc<Completed>),
+}
+
+mod codec;
+pub use codec::CodecError;

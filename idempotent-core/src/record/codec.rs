@@ -1,0 +1,187 @@
+//! A compact binary encoding of [`Completed`] for stores that keep a record
+//! as one value (Redis, SQLite, caches).
+//!
+//! Layout, all integers big-endian:
+//! `version u8 | fingerprint [32] | expires_at u64 | status u16 |
+//!  header_count u16 | (name_len u16, name, value_len u32, value)* |
+//!  body_flag u8 | [body_len u32, body]`
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{HeaderName, HeaderValue, StatusCode};
+
+use super::{Completed, StoredResponse};
+use crate::fingerprint::Fingerprint;
+
+const VERSION: u8 = 1;
+
+/// A stored record could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("stored idempotency record is corrupt: {0}")]
+pub struct CodecError(&'static str);
+
+impl Completed {
+    /// Encodes the record in the binary layout described in this module.
+    #[must_use]
+    pub fn encode(&self) -> Bytes {
+        let response = &self.response;
+        let mut out = BytesMut::with_capacity(64 + response.size_bytes());
+        out.put_u8(VERSION);
+        out.put_slice(self.fingerprint.as_bytes());
+        out.put_u64(self.expires_at);
+        out.put_u16(response.status.as_u16());
+        let count = u16::try_from(response.headers.len()).unwrap_or(u16::MAX);
+        out.put_u16(count);
+        for (name, value) in response.headers.iter().take(usize::from(count)) {
+            put_slice_u16(&mut out, name.as_str().as_bytes());
+            put_slice_u32(&mut out, value.as_bytes());
+        }
+        match &response.body {
+            Some(body) => {
+                out.put_u8(1);
+                put_slice_u32(&mut out, body);
+            }
+            None => out.put_u8(0),
+        }
+        out.freeze()
+    }
+
+    /// Decodes [`Completed::encode`] output.
+    ///
+    /// # Errors
+    /// Truncated, unknown-version or otherwise invalid input.
+    pub fn decode(mut input: Bytes) -> Result<Self, CodecError> {
+        if take_u8(&mut input)? != VERSION {
+            return Err(CodecError("unknown record version"));
+        }
+        let fingerprint = Fingerprint::from_bytes(take_array(&mut input)?);
+        let expires_at = take_u64(&mut input)?;
+        let status = StatusCode::from_u16(take_u16(&mut input)?)
+            .map_err(|_| CodecError("invalid status"))?;
+        let headers = (0..take_u16(&mut input)?)
+            .map(|_| take_header(&mut input))
+            .collect::<Result<_, _>>()?;
+        let body = match take_u8(&mut input)? {
+            0 => None,
+            _ => Some(take_len_u32(&mut input)?),
+        };
+        let response = StoredResponse {
+            status,
+            headers,
+            body,
+        };
+        Ok(Self {
+            fingerprint,
+            response,
+            expires_at,
+        })
+    }
+}
+
+fn put_slice_u16(out: &mut BytesMut, bytes: &[u8]) {
+    out.put_u16(u16::try_from(bytes.len()).unwrap_or(u16::MAX));
+    out.put_slice(&bytes[..bytes.len().min(usize::from(u16::MAX))]);
+}
+
+fn put_slice_u32(out: &mut BytesMut, bytes: &[u8]) {
+    let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+    out.put_u32(len);
+    out.put_slice(&bytes[..len as usize]);
+}
+
+fn take_header(input: &mut Bytes) -> Result<(HeaderName, HeaderValue), CodecError> {
+    let len = usize::from(take_u16(input)?);
+    let name = take_bytes(input, len)?;
+    let name = HeaderName::from_bytes(&name).map_err(|_| CodecError("invalid header name"))?;
+    let value = take_len_u32(input)?;
+    let value =
+        HeaderValue::from_maybe_shared(value).map_err(|_| CodecError("invalid header value"))?;
+    Ok((name, value))
+}
+
+fn take_len_u32(input: &mut Bytes) -> Result<Bytes, CodecError> {
+    let len = take_u32(input)? as usize;
+    take_bytes(input, len)
+}
+
+fn take_bytes(input: &mut Bytes, len: usize) -> Result<Bytes, CodecError> {
+    if input.remaining() < len {
+        return Err(CodecError("truncated"));
+    }
+    Ok(input.split_to(len))
+}
+
+fn take_array<const N: usize>(input: &mut Bytes) -> Result<[u8; N], CodecError> {
+    let bytes = take_bytes(input, N)?;
+    let mut array = [0; N];
+    array.copy_from_slice(&bytes);
+    Ok(array)
+}
+
+fn take_u8(input: &mut Bytes) -> Result<u8, CodecError> {
+    take_array::<1>(input).map(u8::from_be_bytes)
+}
+
+fn take_u16(input: &mut Bytes) -> Result<u16, CodecError> {
+    take_array(input).map(u16::from_be_bytes)
+}
+
+fn take_u32(input: &mut Bytes) -> Result<u32, CodecError> {
+    take_array(input).map(u32::from_be_bytes)
+}
+
+fn take_u64(input: &mut Bytes) -> Result<u64, CodecError> {
+    take_array(input).map(u64::from_be_bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(body: Option<&'static [u8]>) -> Completed {
+        Completed {
+            fingerprint: Fingerprint::from_bytes([7; 32]),
+            expires_at: 1_700_000_000_000,
+            response: StoredResponse {
+                status: StatusCode::CREATED,
+                headers: vec![
+                    (
+                        HeaderName::from_static("location"),
+                        HeaderValue::from_static("/p/1"),
+                    ),
+                    (
+                        HeaderName::from_static("x-a"),
+                        HeaderValue::from_static("1"),
+                    ),
+                    (
+                        HeaderName::from_static("x-a"),
+                        HeaderValue::from_static("2"),
+                    ),
+                ],
+                body: body.map(Bytes::from_static),
+            },
+        }
+    }
+
+    #[test]
+    fn round_trips_binary_bodies_and_repeated_headers() {
+        let record = sample(Some(&[0, 159, 146, 150, 255]));
+        assert_eq!(Completed::decode(record.encode()), Ok(record));
+    }
+
+    #[test]
+    fn round_trips_an_omitted_body() {
+        let record = sample(None);
+        assert_eq!(Completed::decode(record.encode()), Ok(record));
+    }
+
+    #[test]
+    fn truncated_input_is_an_error_not_a_panic() {
+        let encoded = sample(Some(b"hello")).encode();
+        for len in 0..encoded.len() {
+            assert!(
+                Completed::decode(encoded.slice(..len)).is_err(),
+                "prefix {len}"
+            );
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! Turning a handler's response into a stored one and back.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use http::header::{
+    AUTHORIZATION, CONNECTION, CONTENT_LENGTH, DATE, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION,
+    SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
+use http::response::Parts;
+use http::{HeaderName, HeaderValue};
+use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
+
+use crate::problem::{Problem, ProblemKind};
+use crate::record::StoredResponse;
+
+/// The header that marks a replayed response.
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// Headers never stored: credentials and cookies belong to the first
+/// caller's session, `Date` must be fresh, hop-by-hop headers describe one
+/// connection, and `Content-Length` is recomputed from the stored body.
+const NEVER_REPLAYED: [HeaderName; 11] = [
+    SET_COOKIE,
+    AUTHORIZATION,
+    DATE,
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
+];
+
+fn is_replayable(name: &HeaderName) -> bool {
+    name != CONTENT_LENGTH && !NEVER_REPLAYED.contains(name)
+}
+
+/// The headers of `parts` that a replay may carry.
+pub(crate) fn replayable_headers(parts: &Parts) -> Vec<(HeaderName, HeaderValue)> {
+    parts
+        .headers
+        .iter()
+        .filter(|(name, _)| is_replayable(name))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect()
+}
+
+/// Rebuilds a stored response, marked as a replay.
+pub(crate) fn replay(stored: &StoredResponse) -> Response {
+    let Some(body) = stored.body.clone() else {
+        return not_stored(stored).into_response();
+    };
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = stored.status;
+    let headers = response.headers_mut();
+    for (name, value) in &stored.headers {
+        headers.append(name.clone(), value.clone());
+    }
+    headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    response
+}
+
+fn not_stored(stored: &StoredResponse) -> Problem {
+    Problem::new(
+        ProblemKind::ResponseNotStored,
+        format!(
+            "the request with this idempotency key already completed with status {}, but its response body was larger than the configured limit and was not kept; it will not be executed again",
+            stored.status.as_u16()
+        ),
+    )
+}
+
+/// A response body read for storing.
+pub(crate) enum Collected {
+    /// The whole body, within the limit.
+    Complete(Bytes),
+    /// The body did not fit (or failed mid-way). The response still carries
+    /// every byte it would have without us, so nothing is lost for this
+    /// caller; the record is stored without a body.
+    Partial(Body),
+}
+
+/// Reads `body` up to `limit` bytes.
+pub(crate) async fn collect(mut body: Body, limit: usize) -> Collected {
+    let mut buffer = BytesMut::new();
+    loop {
+        match body.frame().await {
+            None => return Collected::Complete(buffer.freeze()),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if buffer.len() + data.len() <= limit => buffer.extend_from_slice(&data),
+                Ok(data) => {
+                    buffer.extend_from_slice(&data);
+                    return Collected::Partial(prefixed(buffer.freeze(), Ok(body)));
+                }
+                // Trailers: a stored replay cannot reproduce them.
+                Err(_trailers) => return Collected::Partial(prefixed(buffer.freeze(), Ok(body))),
+            },
+            Some(Err(error)) => {
+                return Collected::Partial(prefixed(buffer.freeze(), Err(Some(error))));
+            }
+        }
+    }
+}
+
+fn prefixed(prefix: Bytes, rest: Result<Body, Option<axum::Error>>) -> Body {
+    Body::new(Prefixed {
+        prefix: Some(prefix),
+        rest,
+    })
+}
+
+/// Bytes already read, then the rest of the body (or the error that cut
+/// it short).
+struct Prefixed {
+    prefix: Option<Bytes>,
+    rest: Result<Body, Option<axum::Error>>,
+}
+
+impl http_body::Body for Prefixed {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        if let Some(prefix) = self.prefix.take().filter(|p| !p.is_empty()) {
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
+        match &mut self.rest {
+            Ok(body) => Pin::new(body).poll_frame(cx),
+            Err(error) => Poll::Ready(error.take().map(Err)),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let prefix = self.prefix.as_ref().map_or(0, Bytes::len) as u64;
+        let mut hint = match &self.rest {
+            Ok(body) => http_body::Body::size_hint(body),
+            Err(_) => SizeHint::with_exact(0),
+        };
+        hint.set_lower(hint.lower() + prefix);
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper + prefix);
+        }
+        hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+
+    #[tokio::test]
+    async fn collects_a_small_body_whole() {
+        match collect(Body::from("hello"), 10).await {
+            Collected::Complete(bytes) => assert_eq!(bytes, "hello"),
+            Collected::Partial(_) => panic!("a 5-byte body fits in 10"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_oversized_body_is_passed_through_intact() {
+        let Collected::Partial(body) = collect(Body::from("hello world"), 4).await else {
+            panic!("an 11-byte body does not fit in 4");
+        };
+        let bytes = body.collect().await.unwrap().to_bytes();
+        assert_eq!(bytes, "hello world");
+    }
+
+    #[test]
+    fn replay_drops_nothing_it_stored_and_marks_itself() {
+        let stored = StoredResponse {
+            status: StatusCode::CREATED,
+            headers: vec![
+                (
+                    HeaderName::from_static("x-a"),
+                    HeaderValue::from_static("1"),
+                ),
+                (
+                    HeaderName::from_static("x-a"),
+                    HeaderValue::from_static("2"),
+                ),
+            ],
+            body: Some(Bytes::from_static(b"{}")),
+        };
+        let response = replay(&stored);
+        assert_eq!(response.status(), StatusCode::CREATED);
+        assert_eq!(response.headers().get_all("x-a").iter().count(), 2);
+        assert_eq!(response.headers()[IDEMPOTENT_REPLAYED], "true");
+    }
+
+    #[test]
+    fn session_and_connection_headers_are_not_stored() {
+        let (mut parts, ()) = Response::new(()).into_parts();
+        for name in [
+            "set-cookie",
+            "authorization",
+            "date",
+            "connection",
+            "transfer-encoding",
+        ] {
+            parts
+                .headers
+                .insert(HeaderName::from_static(name), HeaderValue::from_static("x"));
+        }
+        parts
+            .headers
+            .insert("location", HeaderValue::from_static("/p/1"));
+        let kept = replayable_headers(&parts);
+        assert_eq!(
+            kept,
+            vec![(
+                HeaderName::from_static("location"),
+                HeaderValue::from_static("/p/1")
+            )]
+        );
+    }
+}

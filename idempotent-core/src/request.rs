@@ -1,0 +1,114 @@
+//! The extractor that carries a request into the engine: the way to use
+//! idempotency without the attribute, and what `#[idempotent]` expands to.
+
+use std::future::Future;
+
+use axum::extract::FromRequestParts;
+use axum::response::{IntoResponse, Response};
+use http::HeaderMap;
+use http::request::Parts;
+
+use crate::endpoint::Endpoint;
+use crate::fingerprint::{Fingerprint, FingerprintError};
+use crate::idempotency::Idempotency;
+use crate::key::IdempotencyKey;
+use crate::problem::{Problem, ProblemKind};
+use crate::scope::{IdempotencyScope, ScopeDigest};
+
+/// A request's idempotency context: its key, the headers its scope is
+/// read from, and the router's [`Idempotency`].
+///
+/// Extracting it fails with a 400 problem when the `Idempotency-Key`
+/// header is malformed, and with a 500 problem when the router has no
+/// [`Idempotency`] layer. A missing key is decided by [`run`](Self::run),
+/// since it depends on whether the endpoint makes keys optional.
+///
+/// ```
+/// use axum::{Json, response::Response};
+/// use idempotent_core::{Endpoint, IdempotentRequest};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct NewPayment { amount: i64 }
+///
+/// const CREATE_PAYMENT: Endpoint = Endpoint::new("create_payment");
+///
+/// async fn create_payment(idem: IdempotentRequest, Json(req): Json<NewPayment>) -> Response {
+///     let fingerprint = CREATE_PAYMENT.fingerprint(&req);
+///     idem.run(&CREATE_PAYMENT, fingerprint, async move {
+///         // charge the card once
+///         Json(req.amount)
+///     })
+///     .await
+/// }
+/// ```
+#[derive(Debug)]
+pub struct IdempotentRequest {
+    pub(crate) idempotency: Idempotency,
+    pub(crate) key: Option<IdempotencyKey>,
+    pub(crate) headers: HeaderMap,
+    pub(crate) custom_scope: Option<ScopeDigest>,
+}
+
+impl IdempotentRequest {
+    /// The request's key, if it sent one.
+    #[must_use]
+    pub fn key(&self) -> Option<&IdempotencyKey> {
+        self.key.as_ref()
+    }
+
+    /// Scopes the key by a principal the handler extracted, for endpoints
+    /// with [`Scope::Custom`](crate::Scope::Custom).
+    #[must_use]
+    pub fn scoped_by(mut self, principal: &impl IdempotencyScope) -> Self {
+        self.custom_scope = Some(ScopeDigest::custom(principal));
+        self
+    }
+
+    /// Runs `handler` at most once per (scope, key) at `endpoint`, and
+    /// answers every retry with the stored response.
+    ///
+    /// `handler` runs on until it finishes even if the client disconnects,
+    /// so its outcome is always recorded. It is only polled after the key
+    /// was claimed.
+    pub async fn run<F>(
+        self,
+        endpoint: &Endpoint,
+        fingerprint: Result<Fingerprint, FingerprintError>,
+        handler: F,
+    ) -> Response
+    where
+        F: Future + Send + 'static,
+        F::Output: IntoResponse,
+    {
+        let handler = Box::pin(async move { handler.await.into_response() });
+        crate::engine::run(self, *endpoint, fingerprint, handler).await
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotentRequest {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let idempotency = parts
+            .extensions
+            .get::<Idempotency>()
+            .cloned()
+            .ok_or_else(not_configured)?;
+        let key = IdempotencyKey::from_headers(&parts.headers)?;
+        let headers = parts.headers.clone();
+        Ok(Self {
+            idempotency,
+            key,
+            headers,
+            custom_scope: None,
+        })
+    }
+}
+
+fn not_configured() -> Problem {
+    Problem::new(
+        ProblemKind::NotConfigured,
+        "this endpoint is idempotent but the router has no store: add `.layer(idempotent_core::Idempotency::new(store))` to the Router (for example with `idempotent_core::store::MemoryStore::new()`)",
+    )
+}

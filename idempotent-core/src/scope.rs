@@ -1,0 +1,215 @@
+//! Whose key it is.
+//!
+//! Two callers who happen to pick the same `Idempotency-Key` must not see each
+//! other's responses, so every record is addressed by a scope as well as the
+//! key. Only a SHA-256 digest of the credential that names the scope is ever
+//! stored or logged.
+
+use std::fmt;
+
+use http::HeaderMap;
+use http::header::AUTHORIZATION;
+
+use crate::digest::{hex, sha256_framed};
+
+/// How an endpoint tells callers apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Scope {
+    /// The caller's API key: the configured API-key header (`X-Api-Key` by
+    /// default) or else an `Authorization: Bearer` token. A request with
+    /// neither is answered 401.
+    ApiKey,
+    /// One key space for every caller. Only for endpoints whose callers are
+    /// trusted to pick unique keys.
+    Global,
+    /// The value of the named header (lowercase), e.g. a tenant id set by a
+    /// gateway. A request without it is answered 401.
+    Header(&'static str),
+    /// A value the handler supplies: an extracted principal implementing
+    /// [`IdempotencyScope`].
+    Custom,
+}
+
+/// A caller identity the handler extracts itself, typically the
+/// authenticated principal.
+///
+/// ```
+/// use idempotent_core::IdempotencyScope;
+///
+/// struct Tenant { id: u64 }
+///
+/// impl IdempotencyScope for Tenant {
+///     fn scope_id(&self) -> impl AsRef<[u8]> {
+///         self.id.to_be_bytes()
+///     }
+/// }
+/// ```
+pub trait IdempotencyScope {
+    /// Bytes that identify the caller. Equal bytes share one key space.
+    fn scope_id(&self) -> impl AsRef<[u8]>;
+}
+
+/// The SHA-256 of a scope's credential: what stores keep instead of it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ScopeDigest([u8; 32]);
+
+impl ScopeDigest {
+    /// Wraps a digest read back from a store.
+    #[must_use]
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The digest bytes.
+    #[must_use]
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// The scope shared by every caller.
+    #[must_use]
+    pub fn global() -> Self {
+        Self(sha256_framed(&[b"global"]))
+    }
+
+    /// The scope of an API key or bearer token.
+    #[must_use]
+    pub fn api_key(credential: &[u8]) -> Self {
+        Self(sha256_framed(&[b"api_key", credential]))
+    }
+
+    /// The scope named by a header's value.
+    #[must_use]
+    pub fn header(name: &str, value: &[u8]) -> Self {
+        Self(sha256_framed(&[b"header", name.as_bytes(), value]))
+    }
+
+    /// The scope of a user-supplied principal.
+    #[must_use]
+    pub fn custom(principal: &impl IdempotencyScope) -> Self {
+        Self(sha256_framed(&[b"custom", principal.scope_id().as_ref()]))
+    }
+}
+
+impl fmt::Debug for ScopeDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ScopeDigest({})", hex(&self.0[..8]))
+    }
+}
+
+/// The request has no credential for its endpoint's scope (answered 401).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct MissingCredential(pub(crate) String);
+
+/// Resolves a built-in scope from request headers. `Ok(None)` for
+/// [`Scope::Custom`], which the handler resolves.
+pub(crate) fn resolve(
+    scope: Scope,
+    headers: &HeaderMap,
+    api_key_header: &http::HeaderName,
+) -> Result<Option<ScopeDigest>, MissingCredential> {
+    match scope {
+        Scope::Global => Ok(Some(ScopeDigest::global())),
+        Scope::ApiKey => api_key(headers, api_key_header).map(Some),
+        Scope::Header(name) => headers
+            .get(name)
+            .filter(|value| !value.is_empty())
+            .map(|value| Some(ScopeDigest::header(name, value.as_bytes())))
+            .ok_or_else(|| {
+                MissingCredential(format!(
+                    "this endpoint scopes idempotency keys by the `{name}` header, and the request has none"
+                ))
+            }),
+        Scope::Custom => Ok(None),
+    }
+}
+
+fn api_key(
+    headers: &HeaderMap,
+    api_key_header: &http::HeaderName,
+) -> Result<ScopeDigest, MissingCredential> {
+    if let Some(value) = headers.get(api_key_header).filter(|v| !v.is_empty()) {
+        return Ok(ScopeDigest::api_key(value.as_bytes()));
+    }
+    headers
+        .get(AUTHORIZATION)
+        .and_then(|value| bearer_token(value.as_bytes()))
+        .map(ScopeDigest::api_key)
+        .ok_or_else(|| {
+            MissingCredential(format!(
+                "this endpoint scopes idempotency keys by API key: send it in the `{api_key_header}` header or as `Authorization: Bearer <token>`"
+            ))
+        })
+}
+
+fn bearer_token(authorization: &[u8]) -> Option<&[u8]> {
+    let (scheme, token) = authorization.split_at_checked(7)?;
+    let token = token.trim_ascii();
+    (scheme.eq_ignore_ascii_case(b"bearer ") && !token.is_empty()).then_some(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderName;
+
+    const API: HeaderName = HeaderName::from_static("x-api-key");
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| (HeaderName::from_static(k), v.parse().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn api_key_header_and_bearer_token_name_the_same_caller() {
+        let by_header = resolve(Scope::ApiKey, &headers(&[("x-api-key", "k1")]), &API);
+        let by_bearer = resolve(
+            Scope::ApiKey,
+            &headers(&[("authorization", "Bearer k1")]),
+            &API,
+        );
+        assert_eq!(by_header, by_bearer);
+        assert!(by_header.unwrap().is_some());
+    }
+
+    #[test]
+    fn different_api_keys_are_different_scopes() {
+        let a = resolve(Scope::ApiKey, &headers(&[("x-api-key", "k1")]), &API);
+        let b = resolve(Scope::ApiKey, &headers(&[("x-api-key", "k2")]), &API);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn missing_or_non_bearer_credentials_are_refused() {
+        assert!(resolve(Scope::ApiKey, &HeaderMap::new(), &API).is_err());
+        let basic = headers(&[("authorization", "Basic dXNlcjpwYXNz")]);
+        assert!(resolve(Scope::ApiKey, &basic, &API).is_err());
+        let empty_bearer = headers(&[("authorization", "Bearer ")]);
+        assert!(resolve(Scope::ApiKey, &empty_bearer, &API).is_err());
+    }
+
+    #[test]
+    fn header_scope_needs_its_header() {
+        let tenant = Scope::Header("x-tenant");
+        assert!(resolve(tenant, &HeaderMap::new(), &API).is_err());
+        let a = resolve(tenant, &headers(&[("x-tenant", "a")]), &API).unwrap();
+        assert!(a.is_some());
+    }
+
+    #[test]
+    fn scope_kinds_do_not_collide() {
+        let key = ScopeDigest::api_key(b"x");
+        assert_ne!(key, ScopeDigest::header("x-api-key", b"x"));
+        assert_ne!(ScopeDigest::global(), ScopeDigest::api_key(b""));
+    }
+
+    #[test]
+    fn digest_debug_does_not_print_the_credential() {
+        let digest = ScopeDigest::api_key(b"sk_live_secret");
+        assert!(!format!("{digest:?}").contains("secret"));
+    }
+}

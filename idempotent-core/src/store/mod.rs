@@ -1,0 +1,184 @@
+//! Where records live.
+//!
+//! A [`Store`] keeps one [`Record`] per [`RecordKey`] and makes `claim`
+//! atomic: of many concurrent claims on a new key exactly one is
+//! [`Claim::Acquired`]. Every backend passes the same contract suite
+//! (`idempotent_core::testing::contract`, feature `test-util`).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::fingerprint::Fingerprint;
+use crate::record::{Claim, LeaseToken, Record, RecordKey, StoredResponse};
+
+mod memory;
+pub use memory::{MemoryStore, MemoryStoreBuilder};
+
+/// A boxed error from a store backend.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The token does not hold the record's current lease: the lease expired
+    /// and another request took the key over, or the record is gone.
+    #[error("the lease on this idempotency record is no longer held by this request")]
+    LeaseLost,
+    /// The store did not answer within the configured timeout.
+    #[error("the idempotency store did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The backend failed (connection, query, protocol...).
+    #[error("the idempotency store failed: {0}")]
+    Backend(#[source] BoxError),
+    /// A stored record could not be decoded.
+    #[error(transparent)]
+    Codec(#[from] crate::record::CodecError),
+}
+
+impl StoreError {
+    /// Wraps any backend error.
+    pub fn backend(error: impl Into<BoxError>) -> Self {
+        Self::Backend(error.into())
+    }
+}
+
+/// A backend for idempotency records.
+///
+/// Times come from the store's own [`Clock`](crate::clock::Clock), so tests
+/// can move them without sleeping. Leases (`lease`) and result TTLs (`ttl`)
+/// are separate: a lease is short and renewed while the handler runs; the
+/// TTL is how long a finished response is replayed.
+pub trait Store: Send + Sync + 'static {
+    /// Atomically claims `key` for a request with `fingerprint`:
+    /// - no record, or an expired one: insert `InFlight` -> [`Claim::Acquired`];
+    /// - `InFlight` whose lease has lapsed: take it over with a new token ->
+    ///   [`Claim::Acquired`];
+    /// - live `InFlight` -> [`Claim::InFlight`];
+    /// - live `Completed` -> [`Claim::Completed`].
+    ///
+    /// The fingerprint is not compared here; the engine does that.
+    fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
+
+    /// Extends the lease held by `token` to `now + lease`.
+    ///
+    /// # Errors
+    /// [`StoreError::LeaseLost`] when `token` no longer holds the record.
+    fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Replaces the lease held by `token` with a `Completed` record kept for
+    /// `ttl`.
+    ///
+    /// # Errors
+    /// [`StoreError::LeaseLost`] when `token` no longer holds the record.
+    fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Deletes the record held by `token`, so the next claim runs again.
+    ///
+    /// # Errors
+    /// [`StoreError::LeaseLost`] when `token` no longer holds the record.
+    fn release(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Reads the live record for `key`, if any (for inspection and waiting).
+    fn get(
+        &self,
+        key: &RecordKey,
+    ) -> impl Future<Output = Result<Option<Record>, StoreError>> + Send;
+}
+
+/// A boxed future, as [`DynStore`] returns.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The object-safe form of [`Store`], implemented for every `Store`, so the
+/// engine can hold any backend behind one `Arc<dyn DynStore>`.
+#[allow(missing_docs)]
+pub trait DynStore: Send + Sync + 'static {
+    fn claim<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>>;
+    fn renew<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn complete<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        token: LeaseToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn release<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        token: LeaseToken,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn get<'a>(&'a self, key: &'a RecordKey) -> BoxFuture<'a, Result<Option<Record>, StoreError>>;
+}
+
+impl<S: Store> DynStore for S {
+    fn claim<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        Box::pin(Store::claim(self, key, fingerprint, lease))
+    }
+    fn renew<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(Store::renew(self, key, token, lease))
+    }
+    fn complete<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        token: LeaseToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(Store::complete(self, key, token, response, ttl))
+    }
+    fn release<'a>(
+        &'a self,
+        key: &'a RecordKey,
+        token: LeaseToken,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(Store::release(self, key, token))
+    }
+    fn get<'a>(&'a self, key: &'a RecordKey) -> BoxFuture<'a, Result<Option<Record>, StoreError>> {
+        Box::pin(Store::get(self, key))
+    }
+}
+
+/// A shared, type-erased store.
+pub type SharedStore = Arc<dyn DynStore>;

@@ -1,0 +1,2 @@
+//! Test utilities (feature `test-util`): a mock store for handler unit
+//! tests and the contract suite every store passes.
