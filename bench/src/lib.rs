@@ -1,0 +1,1 @@
+//! Benchmarks for idempotent: see BENCHMARKS.md.
