@@ -210,6 +210,23 @@ fn option_inner(ty: &Type) -> Option<&Type> {
 
 // ===== expansion =====
 
+/// `ident` as if written at `span`: a compiler error about the expression
+/// it names is then reported at the user's token.
+fn respan(ident: &Ident, span: Span) -> Ident {
+    let mut ident = ident.clone();
+    ident.set_span(span);
+    ident
+}
+
+/// `tokens` with every token spanned at `span`.
+fn respan_tokens(tokens: &TokenStream, span: Span) -> TokenStream {
+    let respan = |mut token: proc_macro2::TokenTree| {
+        token.set_span(span);
+        token
+    };
+    tokens.clone().into_iter().map(respan).collect()
+}
+
 /// A generated binding. The `__idempotent_` prefix keeps it apart from user
 /// names; it is resolved at the call site so that code spanned at the user's
 /// tokens (the type checks) can refer to it.
@@ -239,8 +256,9 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
     let generics = &sig.generics;
     let where_clause = &generics.where_clause;
     let block = &func.block;
+    let run_path = respan_tokens(&quote!(#private::run), name.span());
     let run = quote_spanned! {name.span()=>
-        #private::run(#request, &__IDEMPOTENT_ENDPOINT, __idempotent_fingerprint, __idempotent_future).await
+        #run_path(#request, &__IDEMPOTENT_ENDPOINT, __idempotent_fingerprint, __idempotent_future).await
     };
     quote! {
         #(#outer_attrs)*
@@ -343,8 +361,11 @@ fn fingerprint(handler: &Handler<'_>, params: &[Ident], private: &TokenStream) -
         .zip(params)
         .filter(|(argument, _)| matches!(argument.role, Role::Fingerprinted))
         .map(|(argument, param)| {
-            quote_spanned! {argument.ty.span()=>
-                #private::fingerprint_input(#fingerprinter, &#param)?;
+            let span = argument.ty.span();
+            let param = respan(param, span);
+            let call = respan_tokens(&quote!(#private::fingerprint_input), span);
+            quote_spanned! {span=>
+                #call(#fingerprinter, &#param)?;
             }
         });
     quote! {
@@ -374,8 +395,10 @@ fn principal(
             (Some(quote!(#value: #path,)), value)
         }
     };
+    let value = respan(&value, path.span());
+    let call = respan_tokens(&quote!(#private::scoped_by), path.span());
     let scoped = quote_spanned! {path.span()=>
-        let #request = #private::scoped_by(#request, &#value);
+        let #request = #call(#request, &#value);
     };
     (extra, Some(scoped))
 }
@@ -401,8 +424,12 @@ fn future(func: &ItemFn, params: &[Ident], private: &TokenStream) -> TokenStream
         ReturnType::Type(_, ty) => ty.span(),
         ReturnType::Default => name.span(),
     };
+    let call = respan_tokens(&quote!(#private::into_response), output_span);
+    let name = respan(name, output_span);
     let into_response = quote_spanned! {output_span=>
-        #private::into_response(#name #turbofish(#(#params),*).await)
+        #call(#name #turbofish(#(#params),*).await)
     };
-    quote!(async move { #into_response })
+    // Spanned at the name, as the `run` call: a future that is not `Send`
+    // is reported there.
+    quote_spanned!(name.span()=> async move { #into_response })
 }
