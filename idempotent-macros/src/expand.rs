@@ -52,9 +52,9 @@ pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
 
 /// The original item plus every error: the function still exists, so the
 /// rest of the crate and IDE completion keep working.
-fn fallback(item: TokenStream, errors: Errors) -> TokenStream {
-    let errors = errors.into_error().map(|error| error.to_compile_error());
-    quote!(#item #errors)
+fn fallback(mut item: TokenStream, errors: Errors) -> TokenStream {
+    item.extend(errors.into_error().map(|error| error.to_compile_error()));
+    item
 }
 
 // ===== analysis =====
