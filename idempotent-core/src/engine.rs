@@ -307,7 +307,7 @@ impl Engine {
         {
             Ok(()) => tracing::info!(outcome = "released", reason),
             Err(error) => {
-                tracing::error!(%error, outcome = "store_error", reason, message = NOT_RELEASED)
+                tracing::error!(%error, outcome = "store_error", reason, message = NOT_RELEASED);
             }
         }
     }
