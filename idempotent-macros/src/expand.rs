@@ -267,6 +267,9 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
             #principal_param
             #(#params: #types),*
         ) -> #private::axum::response::Response #where_clause {
+            // The attribute requires `async fn`, so "remove `async`" is not
+            // advice the handler can take.
+            #[allow(clippy::unused_async)]
             #(#inner_attrs)*
             #sig #block
 

@@ -34,9 +34,15 @@ impl<S: Send + Sync> FromRequestParts<S> for Tenant {
     type Rejection = StatusCode;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let tenant = parts.headers.get("x-tenant").ok_or(StatusCode::UNAUTHORIZED)?;
+        let tenant = parts
+            .headers
+            .get("x-tenant")
+            .ok_or(StatusCode::UNAUTHORIZED)?;
         let tenant = tenant.to_str().map_err(|_| StatusCode::BAD_REQUEST)?;
-        tenant.parse().map(Self).map_err(|_| StatusCode::BAD_REQUEST)
+        tenant
+            .parse()
+            .map(Self)
+            .map_err(|_| StatusCode::BAD_REQUEST)
     }
 }
 

@@ -304,13 +304,20 @@ impl MockStore {
     }
 
     fn count_where(&self, predicate: impl Fn(&Operation) -> bool) -> usize {
-        self.state().operations.iter().filter(|op| predicate(op)).count()
+        self.state()
+            .operations
+            .iter()
+            .filter(|op| predicate(op))
+            .count()
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
         // Every critical section is a single push or read: a panic while
         // holding the lock cannot leave the state half-updated.
-        self.inner.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn record(&self, operation: Operation) {
@@ -351,7 +358,9 @@ impl MockStore {
 }
 
 fn take_fault(queue: &mut VecDeque<Option<OpKind>>, kind: OpKind) -> bool {
-    let position = queue.iter().position(|fault| fault.is_none_or(|k| k == kind));
+    let position = queue
+        .iter()
+        .position(|fault| fault.is_none_or(|k| k == kind));
     position.and_then(|index| queue.remove(index)).is_some()
 }
 
@@ -397,7 +406,9 @@ impl Store for MockStore {
         self.before(OpKind::Complete).await?;
         let status = response.status;
         let result = Store::complete(&self.inner.store, key, token, response, ttl).await;
-        self.logged(OpKind::Complete, result, |()| Operation::Complete { status })
+        self.logged(OpKind::Complete, result, |()| Operation::Complete {
+            status,
+        })
     }
 
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
