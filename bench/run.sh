@@ -21,7 +21,9 @@ CONNECTIONS=${CONNECTIONS:-32}
 STORES=${STORES:-memory}
 PEERS=${PEERS:-idempotent axum-idempotent}
 ONLY=${ONLY:-}
-PORT=${PORT:-39100}
+# Below the kernel's ephemeral range (32768-60999), so no client socket
+# can hold the port a fresh server binds.
+PORT=${PORT:-21000}
 OUT=${OUT:-$ROOT/bench/results}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 TSV=$OUT/$STAMP.tsv
@@ -77,7 +79,12 @@ run_one() { # round name kind arg path workload
     "$PEER_SERVER" --peer "$arg" --addr "$addr" --max-seconds "$limit" 2>/dev/null &
   fi
   pid=$!
-  wait_for_port "$PORT"
+  if ! wait_for_port "$PORT"; then
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    printf 'round %s  %-28s server did not start; run skipped\n' "$round" "$name" >&2
+    return 0
+  fi
   if [ "$arg" = axum-idempotent ]; then
     # The layer only caches for requests that already carry a session.
     cookie=$(curl -s -o /dev/null -D - "http://$addr/login" | sed -n 's/^[Ss]et-[Cc]ookie: \([^;]*\).*/\1/p' | head -1)

@@ -3,27 +3,21 @@
 
 use axum::Json;
 use axum::Router;
-use axum::response::Response;
+use axum::http::StatusCode;
 use axum::routing::post;
-use idempotent_core::{Endpoint, Idempotency, IdempotentRequest};
+use idempotent_core::{Endpoint, Idempotency, idempotent};
 
-use crate::handler::{self, NewPayment};
+use crate::handler::{self, NewPayment, Payment};
 
-/// The benchmarked endpoint: default policy (24 h TTL, 60 s lease, scoped by
-/// API key).
+/// The endpoint policy `#[idempotent]` gives `idempotent_payment` (the
+/// defaults: 24 h TTL, 60 s lease, scoped by API key), for the
+/// micro-benchmarks that fingerprint the same input.
 pub const CREATE_PAYMENT: Endpoint = Endpoint::new("create_payment");
 
-/// The bare handler run through the engine exactly as `#[idempotent]`
-/// expands it.
-pub async fn idempotent_payment(
-    idem: IdempotentRequest,
-    Json(request): Json<NewPayment>,
-) -> Response {
-    let fingerprint = CREATE_PAYMENT.fingerprint(&request);
-    idem.run(&CREATE_PAYMENT, fingerprint, async move {
-        handler::create_payment(request)
-    })
-    .await
+/// The bare handler, made idempotent by the attribute.
+#[idempotent(name = "create_payment")]
+pub async fn idempotent_payment(Json(request): Json<NewPayment>) -> (StatusCode, Json<Payment>) {
+    handler::create_payment(request)
 }
 
 /// Routes (all `POST`):
