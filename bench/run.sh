@@ -4,6 +4,9 @@
 #   bench/run.sh                      # everything, 5 rounds of 8 s runs
 #   RUNS=3 DURATION=5 bench/run.sh    # shorter
 #   ONLY='ours' bench/run.sh          # only configurations whose name matches
+#   VARIANTS='exp=/tmp/bench-server' bench/run.sh
+#                                     # also other builds of bench-server,
+#                                     # e.g. of an experimental core
 #
 # Every run starts a fresh server on 127.0.0.1, drives it with
 # wrk -t$THREADS -c$CONNECTIONS -d$DURATION, and stops it. Rounds interleave
@@ -19,8 +22,10 @@ DURATION=${DURATION:-8}
 THREADS=${THREADS:-2}
 CONNECTIONS=${CONNECTIONS:-32}
 STORES=${STORES:-memory}
-PEERS=${PEERS:-idempotent axum-idempotent}
+PEERS=${PEERS-idempotent axum-idempotent}
 ONLY=${ONLY:-}
+VARIANTS=${VARIANTS:-}
+WORKLOADS=${WORKLOADS:-new replay mix dup}
 # Below the kernel's ephemeral range (32768-60999), so no client socket
 # can hold the port a fresh server binds.
 PORT=${PORT:-21000}
@@ -43,18 +48,24 @@ if [ -n "$PEERS" ]; then
   PEER_SERVER=$ROOT/bench/peers/target/release/peer-server
 fi
 
-# name | server kind | server argument | path | workload
+# name | server kind (ours, peer or a bench-server path) | server argument | path | workload
 CONFIGS=()
 CONFIGS+=("bare|ours|memory|/bare|new")
 CONFIGS+=("bare-nokey|ours|memory|/bare|nokey")
 CONFIGS+=("ours-plain-nokey|ours|memory|/plain|nokey")
 for store in $STORES; do
-  for workload in new replay mix dup; do
+  for workload in $WORKLOADS; do
     CONFIGS+=("ours-$store-$workload|ours|$store|/idem|$workload")
   done
 done
+for variant in $VARIANTS; do
+  for workload in $WORKLOADS; do
+    CONFIGS+=("ours-${variant%%=*}-$workload|${variant#*=}|memory|/idem|$workload")
+  done
+  CONFIGS+=("ours-${variant%%=*}-plain-nokey|${variant#*=}|memory|/plain|nokey")
+done
 for peer in $PEERS; do
-  for workload in new replay mix dup; do
+  for workload in $WORKLOADS; do
     CONFIGS+=("$peer-$workload|peer|$peer|/idem|$workload")
   done
   CONFIGS+=("$peer-plain-nokey|peer|$peer|/plain|nokey")
@@ -75,6 +86,8 @@ run_one() { # round name kind arg path workload
   local addr=127.0.0.1:$PORT limit=$((DURATION + 30)) pid cookie="" line
   if [ "$kind" = ours ]; then
     "$SERVER" --addr "$addr" --store "$arg" --max-seconds "$limit" 2>/dev/null &
+  elif [ "$kind" != peer ]; then
+    "$kind" --addr "$addr" --store "$arg" --max-seconds "$limit" 2>/dev/null &
   else
     "$PEER_SERVER" --peer "$arg" --addr "$addr" --max-seconds "$limit" 2>/dev/null &
   fi
@@ -91,9 +104,14 @@ run_one() { # round name kind arg path workload
   fi
   line=$(COOKIE=$cookie WORKLOAD=$workload timeout $((DURATION + 20)) \
     wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" -s "$LUA" "http://$addr$path" | grep '^RESULT' || true)
+  # The server's own CPU time (user + system) over the whole run: steadier
+  # than req/s when other work shares the machine.
+  local ticks
+  ticks=$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)
   kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
-  if [ -z "$line" ]; then line="RESULT requests=0 seconds=0 rps=0 p50_us=0 p99_us=0 non2xx=0 socket_errors=0"; fi
+  if [ -n "$line" ]; then line="$line cpu_s=$(awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.2f", t / hz}')"; fi
+  if [ -z "$line" ]; then line="RESULT requests=0 seconds=0 rps=0 p50_us=0 p99_us=0 non2xx=0 socket_errors=0 cpu_s=0"; fi
   printf '%s\t%s\t%s\n' "$round" "$name" "$(echo "$line" | sed 's/^RESULT //; s/ /\t/g')" >>"$TSV"
   printf 'round %s  %-28s %s\n' "$round" "$name" "${line#RESULT }" >&2
 }

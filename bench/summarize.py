@@ -43,6 +43,24 @@ def ratio_stats(rows, name, other):
     return median(ratios), min(ratios), max(ratios)
 
 
+def cpu_us(run):
+    """Server CPU time per request, in microseconds."""
+    return 1e6 * run.get("cpu_s", 0) / run["requests"] if run["requests"] else 0
+
+
+def cpu_ratio_stats(rows, name, other):
+    """Per round, bare's CPU per request over this one's: the throughput ratio
+    a CPU-bound server would reach alone on the machine."""
+    ratios = [
+        cpu_us(rows[other][round_]) / cpu_us(r)
+        for round_, r in rows[name].items()
+        if round_ in rows.get(other, {}) and cpu_us(r) > 0
+    ]
+    if not ratios:
+        return None
+    return median(ratios), min(ratios), max(ratios)
+
+
 def fmt_ratio(stats):
     if stats is None:
         return "-"
@@ -54,8 +72,11 @@ def main(path):
     header, order, rows = load(path)
     for line in header:
         print(f"<!-- {line} -->")
-    print("| configuration | req/s | p50 ms | p99 ms | vs bare (range) | non-2xx/run | runs |")
-    print("|---|---:|---:|---:|---|---:|---:|")
+    print(
+        "| configuration | req/s | p50 ms | p99 ms | req/s vs bare (range) "
+        "| server CPU µs/req | CPU vs bare (range) | non-2xx/run | runs |"
+    )
+    print("|---|---:|---:|---:|---|---:|---|---:|---:|")
     for name in order:
         runs = list(rows[name].values())
         rps = median(r["rps"] for r in runs)
@@ -64,19 +85,24 @@ def main(path):
         non2xx = median(r["non2xx"] for r in runs)
         base = baseline(name)
         stats = None if name == base else ratio_stats(rows, name, base)
+        cpu_stats = None if name == base else cpu_ratio_stats(rows, name, base)
+        cpu = median(cpu_us(r) for r in runs)
         print(
             f"| {name} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {fmt_ratio(stats)} "
-            f"| {non2xx:,.0f} | {len(runs)} |"
+            f"| {cpu:.1f} | {fmt_ratio(cpu_stats)} | {non2xx:,.0f} | {len(runs)} |"
         )
     ours = [n for n in order if n.startswith("ours-") and n.endswith("-new")]
     peers = [n for n in order if not n.startswith(("ours-", "bare")) and n.endswith("-new")]
     if ours and peers:
         print()
-        print("| ours vs peer, all-new keys | ratio per round, median (range) |")
-        print("|---|---|")
+        print("| ours vs peer, all-new keys | req/s ratio per round (range) | CPU per request ratio (range) |")
+        print("|---|---|---|")
         for mine in ours:
             for peer in peers:
-                print(f"| {mine} / {peer} | {fmt_ratio(ratio_stats(rows, mine, peer))} |")
+                print(
+                    f"| {mine} / {peer} | {fmt_ratio(ratio_stats(rows, mine, peer))} "
+                    f"| {fmt_ratio(cpu_ratio_stats(rows, mine, peer))} |"
+                )
 
 
 if __name__ == "__main__":
