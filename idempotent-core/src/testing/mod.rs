@@ -1,2 +1,4 @@
 //! Test utilities (feature `test-util`): a mock store for handler unit
 //! tests and the contract suite every store passes.
+
+pub mod contract;
