@@ -222,3 +222,67 @@ async fn in_flight_claims_always_reach_the_durable_tier() {
     assert_eq!(durable_claims.load(Ordering::SeqCst), 4);
     assert_eq!(store.cached_len(), 0, "nothing in flight is cached");
 }
+
+// ===== the contract catches broken stores =====
+
+/// Lets anyone release a record, token or not.
+struct UnfencedRelease(MemoryStore);
+
+impl Store for UnfencedRelease {
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.0.claim(key, fingerprint, lease).await
+    }
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.0.renew(key, token, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.0.complete(key, token, response, ttl).await
+    }
+    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        match self.0.release(key, token).await {
+            Err(StoreError::LeaseLost) => Ok(()),
+            other => other,
+        }
+    }
+    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        self.0.get(key).await
+    }
+}
+
+async fn panics(check: impl std::future::Future<Output = ()> + Send + 'static) -> bool {
+    tokio::spawn(check)
+        .await
+        .is_err_and(|error| error.is_panic())
+}
+
+#[tokio::test]
+async fn the_contract_catches_a_store_without_fencing() {
+    let clock = ManualClock::starting_now();
+    let store = Arc::new(UnfencedRelease(
+        MemoryStore::builder().clock(clock.clone()).build(),
+    ));
+    assert!(panics(contract::fencing(store, clock)).await);
+}
+
+#[tokio::test]
+async fn the_contract_catches_a_store_that_ignores_its_clock() {
+    // Built on the system clock, so the check's clock moves nothing.
+    let store = Arc::new(MemoryStore::new());
+    assert!(panics(contract::ttl_expiry(store, ManualClock::starting_now())).await);
+}

@@ -24,12 +24,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, StatusCode};
 use sqlx::Row;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 
-use super::sql::{
-    self, DEFAULT_TABLE, InvalidTableName, ResponseColumns, from_sql_millis, to_sql_millis,
-};
+use super::sql::{self, DEFAULT_TABLE, InvalidTableName, from_sql_millis, to_sql_millis};
 use super::{Store, StoreError};
 use crate::clock::{Clock, SharedClock, SystemClock, millis};
 use crate::fingerprint::Fingerprint;
@@ -215,7 +215,7 @@ impl PostgresStore {
                 match store.purge_expired().await {
                     Ok(purged) => tracing::debug!(purged, "purged expired idempotency records"),
                     Err(error) => {
-                        tracing::warn!(%error, "could not purge expired idempotency records")
+                        tracing::warn!(%error, "could not purge expired idempotency records");
                     }
                 }
             }
@@ -472,7 +472,7 @@ fn completed_from_row(
     let body = column(row, "body")?;
     Ok(Some(Completed {
         fingerprint,
-        response: sql::response_from(status, names, values, body)?,
+        response: response_from(status, names, values, body)?,
         expires_at,
     }))
 }
@@ -482,4 +482,61 @@ where
     T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
 {
     row.try_get(name).map_err(StoreError::backend)
+}
+
+/// Rebuilds a response from its columns: status, parallel header name and
+/// value lists, and the body (`None` when it was not stored).
+pub(crate) fn response_from(
+    status: i16,
+    names: Vec<String>,
+    values: Vec<Vec<u8>>,
+    body: Option<Vec<u8>>,
+) -> Result<StoredResponse, StoreError> {
+    let status = u16::try_from(status)
+        .ok()
+        .and_then(|status| StatusCode::from_u16(status).ok())
+        .ok_or_else(|| sql::corrupt("status"))?;
+    if names.len() != values.len() {
+        return Err(sql::corrupt("header names and values differ in count"));
+    }
+    let headers = names
+        .into_iter()
+        .zip(values)
+        .map(|(name, value)| {
+            let name =
+                HeaderName::from_bytes(name.as_bytes()).map_err(|_| sql::corrupt("header"))?;
+            let value = HeaderValue::from_bytes(&value).map_err(|_| sql::corrupt("header"))?;
+            Ok((name, value))
+        })
+        .collect::<Result<_, StoreError>>()?;
+    Ok(StoredResponse {
+        status,
+        headers,
+        body: body.map(Bytes::from),
+    })
+}
+
+/// A response split into columns, as [`response_from`] reads them back.
+pub(crate) struct ResponseColumns {
+    pub(crate) status: i16,
+    pub(crate) names: Vec<String>,
+    pub(crate) values: Vec<Vec<u8>>,
+    pub(crate) body: Option<Vec<u8>>,
+}
+
+impl ResponseColumns {
+    pub(crate) fn new(response: &StoredResponse) -> Self {
+        let (names, values) = response
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
+            .unzip();
+        Self {
+            // Valid status codes are 100..=999, well inside i16.
+            status: i16::try_from(response.status.as_u16()).unwrap_or(i16::MAX),
+            names,
+            values,
+            body: response.body.as_ref().map(|body| body.to_vec()),
+        }
+    }
 }

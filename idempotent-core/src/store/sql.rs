@@ -1,12 +1,9 @@
 //! What the SQL stores (PostgreSQL, SQLite) share: table-name checks, time
-//! conversion and turning stored columns back into a response.
-
-use bytes::Bytes;
-use http::{HeaderName, HeaderValue, StatusCode};
+//! conversion and reading stored ids back.
 
 use super::StoreError;
 use crate::fingerprint::Fingerprint;
-use crate::record::{LeaseToken, StoredResponse};
+use crate::record::LeaseToken;
 
 /// The table stores create when none is named.
 pub(crate) const DEFAULT_TABLE: &str = "idempotency_records";
@@ -70,62 +67,6 @@ pub(crate) fn fingerprint_from(bytes: &[u8]) -> Result<Fingerprint, StoreError> 
 pub(crate) fn token_from(bytes: &[u8]) -> Result<LeaseToken, StoreError> {
     let bytes = bytes.try_into().map_err(|_| corrupt("lease token"))?;
     Ok(LeaseToken::from_bytes(bytes))
-}
-
-/// Rebuilds a response from its columns: status, parallel header name and
-/// value lists, and the body (`None` when it was not stored).
-pub(crate) fn response_from(
-    status: i16,
-    names: Vec<String>,
-    values: Vec<Vec<u8>>,
-    body: Option<Vec<u8>>,
-) -> Result<StoredResponse, StoreError> {
-    let status = u16::try_from(status)
-        .ok()
-        .and_then(|status| StatusCode::from_u16(status).ok())
-        .ok_or_else(|| corrupt("status"))?;
-    if names.len() != values.len() {
-        return Err(corrupt("header names and values differ in count"));
-    }
-    let headers = names
-        .into_iter()
-        .zip(values)
-        .map(|(name, value)| {
-            let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| corrupt("header"))?;
-            let value = HeaderValue::from_bytes(&value).map_err(|_| corrupt("header"))?;
-            Ok((name, value))
-        })
-        .collect::<Result<_, StoreError>>()?;
-    Ok(StoredResponse {
-        status,
-        headers,
-        body: body.map(Bytes::from),
-    })
-}
-
-/// A response split into columns, as [`response_from`] reads them back.
-pub(crate) struct ResponseColumns {
-    pub(crate) status: i16,
-    pub(crate) names: Vec<String>,
-    pub(crate) values: Vec<Vec<u8>>,
-    pub(crate) body: Option<Vec<u8>>,
-}
-
-impl ResponseColumns {
-    pub(crate) fn new(response: &StoredResponse) -> Self {
-        let (names, values) = response
-            .headers
-            .iter()
-            .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
-            .unzip();
-        Self {
-            // Valid status codes are 100..=999, well inside i16.
-            status: i16::try_from(response.status.as_u16()).unwrap_or(i16::MAX),
-            names,
-            values,
-            body: response.body.as_ref().map(|body| body.to_vec()),
-        }
-    }
 }
 
 #[cfg(test)]
