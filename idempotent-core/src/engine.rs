@@ -36,6 +36,9 @@ const WAIT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::
 /// `Retry-After` on 409 and 503: the first attempt usually finishes, or the
 /// store recovers, within a second or so.
 const RETRY_AFTER_SECS: u64 = 1;
+const NOT_STORED: &str =
+    "the response could not be stored; a retry after the lease lapses runs again";
+const NOT_RELEASED: &str = "could not release the key; it frees when the lease lapses";
 
 pub(crate) async fn run(
     request: IdempotentRequest,
@@ -289,14 +292,10 @@ impl Engine {
             body: stored_body,
         };
         let ttl = self.endpoint.result_ttl();
-        match self
-            .timed(self.settings.store.complete(&self.key, token, stored, ttl))
-            .await
-        {
+        let completing = self.settings.store.complete(&self.key, token, stored, ttl);
+        match self.timed(completing).await {
             Ok(()) => tracing::debug!(outcome = "executed", status = status.as_u16()),
-            Err(error) => {
-                tracing::error!(%error, outcome = "store_error", "the response could not be stored; a retry after the lease lapses runs again")
-            }
+            Err(error) => tracing::error!(%error, outcome = "store_error", message = NOT_STORED),
         }
         Response::from_parts(parts, body)
     }
@@ -308,7 +307,7 @@ impl Engine {
         {
             Ok(()) => tracing::info!(outcome = "released", reason),
             Err(error) => {
-                tracing::error!(%error, outcome = "store_error", reason, "could not release the key; it frees when the lease lapses")
+                tracing::error!(%error, outcome = "store_error", reason, message = NOT_RELEASED);
             }
         }
     }

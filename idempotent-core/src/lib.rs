@@ -15,6 +15,7 @@
 //! - [`Idempotency`]: the router-wide handle and layer;
 //! - [`IdempotentRequest`]: the extractor that runs a handler through the
 //!   engine, without the attribute;
+//! - [`layer`]: the same engine as a tower middleware over raw requests;
 //! - [`problem`]: the RFC 9457 errors the engine answers with.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -26,6 +27,7 @@ mod engine;
 pub mod fingerprint;
 mod idempotency;
 pub mod key;
+pub mod layer;
 pub mod problem;
 pub mod record;
 mod replay;
@@ -41,6 +43,7 @@ pub use endpoint::{Endpoint, FinalStatuses, StatusRange};
 pub use fingerprint::{Fingerprint, FingerprintError, FingerprintInput, Fingerprinter};
 pub use idempotency::{Idempotency, IdempotencyBuilder};
 pub use key::IdempotencyKey;
+pub use layer::IdempotentLayer;
 pub use problem::{Problem, ProblemKind};
 pub use replay::IDEMPOTENT_REPLAYED;
 pub use request::IdempotentRequest;

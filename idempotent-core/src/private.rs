@@ -36,6 +36,37 @@ pub fn fingerprint_input<T: FingerprintInput + ?Sized>(
     input.fingerprint_into(fingerprinter)
 }
 
+/// The fingerprint of one request: the endpoint's identity, then each
+/// fingerprinted argument in order.
+///
+/// # Errors
+/// An argument's `Serialize` impl failed.
+pub fn fingerprint<F>(endpoint: &Endpoint, inputs: F) -> Result<Fingerprint, FingerprintError>
+where
+    F: FnOnce(&mut Fingerprinter) -> Result<(), FingerprintError>,
+{
+    let mut fingerprinter = endpoint.fingerprinter();
+    inputs(&mut fingerprinter)?;
+    Ok(fingerprinter.finish())
+}
+
+/// Scopes the request by the principal of an endpoint with a custom scope.
+/// Spanned at the scope type, so a type that does not implement
+/// [`IdempotencyScope`] is reported there.
+#[must_use]
+pub fn scoped_by<P: IdempotencyScope>(
+    request: IdempotentRequest,
+    principal: &P,
+) -> IdempotentRequest {
+    request.scoped_by(principal)
+}
+
+/// The handler's output as a response. Spanned at the return type, so a
+/// return type that is not `IntoResponse` is reported there.
+pub fn into_response<R: IntoResponse>(output: R) -> Response {
+    output.into_response()
+}
+
 /// The single runtime entry of the expansion.
 pub async fn run<F>(
     request: IdempotentRequest,

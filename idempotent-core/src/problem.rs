@@ -11,6 +11,7 @@
 //! | `urn:idempotent:missing-credentials` | 401 | the endpoint's scope needs a credential the request lacks |
 //! | `urn:idempotent:request-in-progress` | 409 | the first request with this key is still running (`Retry-After` set) |
 //! | `urn:idempotent:response-not-stored` | 410 | the key's request completed but its response was too large to keep |
+//! | `urn:idempotent:request-too-large` | 413 | [`IdempotentLayer`](crate::IdempotentLayer) would have to buffer a body over its limit |
 //! | `urn:idempotent:key-reused` | 422 | the key was used before with a different request |
 //! | `urn:idempotent:fingerprint-failed` | 500 | serializing the handler's inputs failed |
 //! | `urn:idempotent:not-configured` | 500 | no [`Idempotency`](crate::Idempotency) layer on the router |
@@ -35,6 +36,8 @@ pub enum ProblemKind {
     RequestInProgress,
     /// 410: the response was too large to store, so it cannot be replayed.
     ResponseNotStored,
+    /// 413: a body too large for [`IdempotentLayer`](crate::IdempotentLayer) to buffer.
+    RequestTooLarge,
     /// 422: the key was used with a different request.
     KeyReused,
     /// 500: the handler's inputs could not be serialized.
@@ -55,6 +58,7 @@ impl ProblemKind {
             Self::MissingCredentials => "urn:idempotent:missing-credentials",
             Self::RequestInProgress => "urn:idempotent:request-in-progress",
             Self::ResponseNotStored => "urn:idempotent:response-not-stored",
+            Self::RequestTooLarge => "urn:idempotent:request-too-large",
             Self::KeyReused => "urn:idempotent:key-reused",
             Self::FingerprintFailed => "urn:idempotent:fingerprint-failed",
             Self::NotConfigured => "urn:idempotent:not-configured",
@@ -70,6 +74,7 @@ impl ProblemKind {
             Self::MissingCredentials => StatusCode::UNAUTHORIZED,
             Self::RequestInProgress => StatusCode::CONFLICT,
             Self::ResponseNotStored => StatusCode::GONE,
+            Self::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::FingerprintFailed | Self::NotConfigured => StatusCode::INTERNAL_SERVER_ERROR,
             Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -85,6 +90,7 @@ impl ProblemKind {
             Self::MissingCredentials => "Credentials required to scope the idempotency key",
             Self::RequestInProgress => "A request with this idempotency key is in progress",
             Self::ResponseNotStored => "The response to this idempotency key was not stored",
+            Self::RequestTooLarge => "Request body too large to fingerprint",
             Self::KeyReused => "Idempotency key reused with a different request",
             Self::FingerprintFailed => "Request inputs could not be fingerprinted",
             Self::NotConfigured => "Idempotency is not configured on this router",

@@ -142,14 +142,16 @@ impl http_body::Body for Prefixed {
 
     fn size_hint(&self) -> SizeHint {
         let prefix = self.prefix.as_ref().map_or(0, Bytes::len) as u64;
-        let mut hint = match &self.rest {
+        let rest = match &self.rest {
             Ok(body) => http_body::Body::size_hint(body),
             Err(_) => SizeHint::with_exact(0),
         };
-        hint.set_lower(hint.lower() + prefix);
-        if let Some(upper) = hint.upper() {
+        // Raise the upper bound first: `set_lower` asserts lower <= upper.
+        let mut hint = SizeHint::new();
+        if let Some(upper) = rest.upper() {
             hint.set_upper(upper + prefix);
         }
+        hint.set_lower(rest.lower() + prefix);
         hint
     }
 }

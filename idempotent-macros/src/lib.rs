@@ -1,8 +1,14 @@
-//! The `#[idempotent]` attribute. Depend on `idempotent-core`, which re-exports it.
+//! The `#[idempotent]` attribute. Depend on `idempotent-core`, which
+//! re-exports it as `idempotent_core::idempotent`.
+#![forbid(unsafe_code)]
+
+mod args;
+mod expand;
+
 use proc_macro::TokenStream;
 
-/// Makes an axum handler idempotent. See `idempotent_core::idempotent`.
+#[doc = include_str!("../doc/idempotent.md")]
 #[proc_macro_attribute]
-pub fn idempotent(_args: TokenStream, item: TokenStream) -> TokenStream {
-    item
+pub fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
+    expand::idempotent(args.into(), item.into()).into()
 }

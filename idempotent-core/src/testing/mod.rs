@@ -2,3 +2,6 @@
 //! tests and the contract suite every store passes.
 
 pub mod contract;
+mod mock;
+
+pub use mock::{ClaimOutcome, MockStore, OpKind, Operation};

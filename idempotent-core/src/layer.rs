@@ -1,0 +1,160 @@
+//! A tower middleware that runs the same engine as `#[idempotent]`, for
+//! routes whose handlers you cannot or do not want to annotate.
+//!
+//! Without typed inputs to hash, it fingerprints the raw request: method,
+//! path, query and body bytes. Two JSON bodies that differ only in field
+//! order or whitespace therefore count as different payloads here (422),
+//! unlike with the attribute. The body is buffered, up to a limit.
+
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::extract::{FromRequestParts, Request};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::endpoint::Endpoint;
+use crate::fingerprint::{Fingerprint, FingerprintError};
+use crate::problem::{Problem, ProblemKind};
+use crate::request::IdempotentRequest;
+
+/// Default limit on a buffered request body: 1 MiB.
+const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// Applies an [`Endpoint`] policy to a route, fingerprinting raw requests.
+///
+/// The router still needs the [`Idempotency`](crate::Idempotency) layer,
+/// which this one finds in the request extensions.
+///
+/// ```
+/// use axum::{Router, routing::post};
+/// use idempotent_core::{Endpoint, Idempotency, IdempotentLayer, store::MemoryStore};
+///
+/// # async fn create_order() {}
+/// let app: Router = Router::new()
+///     .route("/orders", post(create_order).layer(IdempotentLayer::new(Endpoint::new("create_order"))))
+///     .layer(Idempotency::new(MemoryStore::new()));
+/// ```
+#[derive(Debug, Clone, Copy)]
+#[must_use]
+pub struct IdempotentLayer {
+    endpoint: Endpoint,
+    max_request_bytes: usize,
+}
+
+impl IdempotentLayer {
+    /// A layer applying `endpoint`'s policy.
+    pub const fn new(endpoint: Endpoint) -> Self {
+        Self {
+            endpoint,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+        }
+    }
+
+    /// Requests with larger bodies are refused with 413 (default 1 MiB).
+    pub const fn max_request_bytes(mut self, limit: usize) -> Self {
+        self.max_request_bytes = limit;
+        self
+    }
+}
+
+impl<S> Layer<S> for IdempotentLayer {
+    type Service = IdempotentService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        IdempotentService {
+            inner,
+            config: *self,
+        }
+    }
+}
+
+/// The service [`IdempotentLayer`] produces.
+#[derive(Debug, Clone)]
+pub struct IdempotentService<S> {
+    inner: S,
+    config: IdempotentLayer,
+}
+
+impl<S> IdempotentService<S> {
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S> Service<Request> for IdempotentService<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        // The clone that was driven to readiness serves this request.
+        let ready = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, ready);
+        let config = self.config;
+        Box::pin(async move { Ok(handle(inner, config, request).await) })
+    }
+}
+
+async fn handle<S>(mut inner: S, config: IdempotentLayer, request: Request) -> Response
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let (mut parts, body) = request.into_parts();
+    let idempotent = match IdempotentRequest::from_request_parts(&mut parts, &()).await {
+        Ok(idempotent) => idempotent,
+        Err(problem) => return problem.into_response(),
+    };
+    let Ok(body) = axum::body::to_bytes(body, config.max_request_bytes).await else {
+        return too_large(config.max_request_bytes).into_response();
+    };
+    let fingerprint = raw_fingerprint(&config.endpoint, &parts, &body);
+    let request = Request::from_parts(parts, Body::from(body));
+    let handler = async move {
+        match inner.call(request).await {
+            Ok(response) => response,
+            Err(infallible) => match infallible {},
+        }
+    };
+    idempotent.run(&config.endpoint, fingerprint, handler).await
+}
+
+fn raw_fingerprint(
+    endpoint: &Endpoint,
+    parts: &http::request::Parts,
+    body: &Bytes,
+) -> Result<Fingerprint, FingerprintError> {
+    let mut fingerprinter = endpoint.fingerprinter();
+    fingerprinter
+        .input(parts.method.as_str())?
+        .input(parts.uri.path())?
+        .input(&parts.uri.query())?
+        .input(body)?;
+    Ok(fingerprinter.finish())
+}
+
+fn too_large(limit: usize) -> Problem {
+    Problem::new(
+        ProblemKind::RequestTooLarge,
+        format!("the request body is larger than the {limit} bytes this idempotent route buffers"),
+    )
+}

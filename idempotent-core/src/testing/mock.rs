@@ -1,0 +1,427 @@
+//! A store for unit tests of idempotent handlers: time that moves only when
+//! told to, a log of what the engine asked, and failures on demand.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::Idempotency;
+use crate::clock::ManualClock;
+use crate::fingerprint::Fingerprint;
+use crate::record::{Claim, LeaseToken, Record, RecordKey, StoredResponse};
+use crate::store::{MemoryStore, Store, StoreError};
+
+/// Where the mock's clock starts: 2025-01-01T00:00:00Z, so records carry
+/// realistic timestamps.
+const EPOCH_2025_MILLIS: u64 = 1_735_689_600_000;
+
+/// An in-memory [`Store`] for handler tests (feature `test-util`).
+///
+/// - Time comes from a [`ManualClock`]: [`advance`](Self::advance) it past a
+///   TTL or a lease instead of sleeping.
+/// - Every call the engine makes is logged as an [`Operation`]; assert on
+///   them with [`operations`](Self::operations), [`count`](Self::count) or
+///   [`assert_executed_once`](Self::assert_executed_once).
+/// - Faults are injected with [`fail_next`](Self::fail_next),
+///   [`fail_next_call`](Self::fail_next_call), [`fail_all`](Self::fail_all)
+///   and slowed down with [`set_delay`](Self::set_delay).
+///
+/// Clones share everything, so a test keeps one handle while the router
+/// owns another.
+///
+/// ```
+/// use std::time::Duration;
+///
+/// use axum::{Json, Router, body::Body, http::{Request, StatusCode}, routing::post};
+/// use idempotent_core::idempotent;
+/// use idempotent_core::testing::{MockStore, OpKind};
+/// use tower::ServiceExt;
+///
+/// #[idempotent(ttl = "1h", scope = "global")]
+/// async fn charge(Json(amount): Json<u64>) -> (StatusCode, Json<u64>) {
+///     (StatusCode::CREATED, Json(amount))
+/// }
+///
+/// async fn send(app: &Router, key: &str, body: &str) -> StatusCode {
+///     let request = Request::post("/charges")
+///         .header("idempotency-key", key)
+///         .header("content-type", "application/json")
+///         .body(Body::from(body.to_owned()))
+///         .unwrap();
+///     app.clone().oneshot(request).await.unwrap().status()
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let store = MockStore::new();
+/// let app = Router::new().route("/charges", post(charge)).layer(store.layer());
+///
+/// assert_eq!(send(&app, "k1", "100").await, StatusCode::CREATED); // executes
+/// assert_eq!(send(&app, "k1", "100").await, StatusCode::CREATED); // replays
+/// assert_eq!(send(&app, "k1", "250").await, StatusCode::UNPROCESSABLE_ENTITY);
+/// store.assert_executed_once();
+///
+/// store.advance(Duration::from_secs(3601)); // past the TTL: the key is new
+/// assert_eq!(send(&app, "k1", "250").await, StatusCode::CREATED);
+/// assert_eq!(store.executions(), 2);
+///
+/// store.fail_next(OpKind::Claim); // the store is down: 503, nothing runs
+/// assert_eq!(send(&app, "k2", "100").await, StatusCode::SERVICE_UNAVAILABLE);
+/// assert_eq!(store.executions(), 2);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct MockStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: MemoryStore,
+    clock: ManualClock,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    operations: Vec<Operation>,
+    /// One-shot faults in order; `None` fails whatever call comes next.
+    fail_next: VecDeque<Option<OpKind>>,
+    fail_all: bool,
+    delay: Option<Duration>,
+}
+
+/// The kinds of store call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum OpKind {
+    /// [`Store::claim`].
+    Claim,
+    /// [`Store::renew`].
+    Renew,
+    /// [`Store::complete`].
+    Complete,
+    /// [`Store::release`].
+    Release,
+    /// [`Store::get`].
+    Get,
+}
+
+/// What a claim found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClaimOutcome {
+    /// The key was free: the handler runs.
+    Acquired,
+    /// Another request holds the key.
+    InFlight,
+    /// A response was stored (replayed, or 422 for another payload).
+    Completed,
+}
+
+/// One store call the engine made, as the mock answered it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Operation {
+    /// A claim, and what it found.
+    Claim {
+        /// What the claim found.
+        outcome: ClaimOutcome,
+    },
+    /// A lease renewal.
+    Renew,
+    /// A response stored for replay.
+    Complete {
+        /// The stored response's status.
+        status: StatusCode,
+    },
+    /// A claim given back, so a retry runs again.
+    Release,
+    /// A read.
+    Get {
+        /// Whether a live record was there.
+        found: bool,
+    },
+    /// A call that failed: an injected fault, or a lost lease.
+    Failed {
+        /// Which call.
+        op: OpKind,
+    },
+}
+
+impl Operation {
+    /// The kind of call.
+    #[must_use]
+    pub fn kind(&self) -> OpKind {
+        match self {
+            Self::Claim { .. } => OpKind::Claim,
+            Self::Renew => OpKind::Renew,
+            Self::Complete { .. } => OpKind::Complete,
+            Self::Release => OpKind::Release,
+            Self::Get { .. } => OpKind::Get,
+            Self::Failed { op } => *op,
+        }
+    }
+}
+
+impl Default for MockStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for MockStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MockStore")
+            .field("clock", &self.inner.clock)
+            .field("operations", &self.state().operations)
+            .finish_non_exhaustive()
+    }
+}
+
+// ===== setup and time =====
+
+impl MockStore {
+    /// An empty store whose clock reads 2025-01-01T00:00:00Z.
+    #[must_use]
+    pub fn new() -> Self {
+        let clock = ManualClock::new(EPOCH_2025_MILLIS);
+        let store = MemoryStore::builder().clock(clock.clone()).build();
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                clock,
+                state: Mutex::default(),
+            }),
+        }
+    }
+
+    /// An [`Idempotency`] layer on this store (a shared handle), for
+    /// `Router::layer`.
+    #[must_use]
+    pub fn layer(&self) -> Idempotency {
+        Idempotency::new(self.clone())
+    }
+
+    /// The store's clock; clones share its time.
+    #[must_use]
+    pub fn clock(&self) -> ManualClock {
+        self.inner.clock.clone()
+    }
+
+    /// Moves the store's time forward, e.g. past a TTL or a lease.
+    pub fn advance(&self, by: Duration) {
+        self.inner.clock.advance(by);
+    }
+
+    /// The memory store underneath, to inspect what is held.
+    #[must_use]
+    pub fn memory(&self) -> &MemoryStore {
+        &self.inner.store
+    }
+}
+
+// ===== faults =====
+
+impl MockStore {
+    /// Fails the next call of `kind` (and only that one) with a backend
+    /// error. Calls queue up: `fail_next` twice fails two calls.
+    pub fn fail_next(&self, kind: OpKind) {
+        self.state().fail_next.push_back(Some(kind));
+    }
+
+    /// Fails the next call, whatever it is.
+    pub fn fail_next_call(&self) {
+        self.state().fail_next.push_back(None);
+    }
+
+    /// Fails every call while `fail` is `true` (a store outage).
+    pub fn fail_all(&self, fail: bool) {
+        self.state().fail_all = fail;
+    }
+
+    /// Makes every call take `delay` (on tokio's clock) before it answers,
+    /// e.g. to exceed the store timeout. `Duration::ZERO` removes it.
+    pub fn set_delay(&self, delay: Duration) {
+        self.state().delay = (!delay.is_zero()).then_some(delay);
+    }
+}
+
+// ===== the log =====
+
+impl MockStore {
+    /// Every call so far, in order.
+    #[must_use]
+    pub fn operations(&self) -> Vec<Operation> {
+        self.state().operations.clone()
+    }
+
+    /// Forgets the calls so far (records and faults stay).
+    pub fn clear_operations(&self) {
+        self.state().operations.clear();
+    }
+
+    /// How many calls of `kind` succeeded.
+    #[must_use]
+    pub fn count(&self, kind: OpKind) -> usize {
+        self.count_where(|op| op.kind() == kind && !matches!(op, Operation::Failed { .. }))
+    }
+
+    /// How many claims found `outcome`.
+    #[must_use]
+    pub fn claims(&self, outcome: ClaimOutcome) -> usize {
+        self.count_where(|op| *op == Operation::Claim { outcome })
+    }
+
+    /// How many times a handler was let run: claims that acquired the key.
+    #[must_use]
+    pub fn executions(&self) -> usize {
+        self.claims(ClaimOutcome::Acquired)
+    }
+
+    /// How many calls failed (injected faults and lost leases).
+    #[must_use]
+    pub fn failures(&self) -> usize {
+        self.count_where(|op| matches!(op, Operation::Failed { .. }))
+    }
+
+    /// Panics unless exactly one handler run was let through.
+    #[track_caller]
+    pub fn assert_executed_once(&self) {
+        self.assert_executed(1);
+    }
+
+    /// Panics unless exactly `times` handler runs were let through.
+    #[track_caller]
+    pub fn assert_executed(&self, times: usize) {
+        let executions = self.executions();
+        assert!(
+            executions == times,
+            "expected the handler to run {times} time(s) but the store let it run {executions} time(s); operations: {:?}",
+            self.operations()
+        );
+    }
+
+    fn count_where(&self, predicate: impl Fn(&Operation) -> bool) -> usize {
+        self.state()
+            .operations
+            .iter()
+            .filter(|op| predicate(op))
+            .count()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Every critical section is a single push or read: a panic while
+        // holding the lock cannot leave the state half-updated.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn record(&self, operation: Operation) {
+        self.state().operations.push(operation);
+    }
+
+    /// Waits the configured delay, then answers with an injected fault if
+    /// one applies to `kind`.
+    async fn before(&self, kind: OpKind) -> Result<(), StoreError> {
+        let delay = self.state().delay;
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
+        let mut state = self.state();
+        let injected = state.fail_all || take_fault(&mut state.fail_next, kind);
+        if injected {
+            state.operations.push(Operation::Failed { op: kind });
+            return Err(StoreError::backend(format!(
+                "injected fault: the mock store failed this {kind:?} call"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Logs a call's result: `success` for what it answered, or a failure.
+    fn logged<T>(
+        &self,
+        kind: OpKind,
+        result: Result<T, StoreError>,
+        success: impl FnOnce(&T) -> Operation,
+    ) -> Result<T, StoreError> {
+        self.record(match &result {
+            Ok(value) => success(value),
+            Err(_) => Operation::Failed { op: kind },
+        });
+        result
+    }
+}
+
+fn take_fault(queue: &mut VecDeque<Option<OpKind>>, kind: OpKind) -> bool {
+    let position = queue
+        .iter()
+        .position(|fault| fault.is_none_or(|k| k == kind));
+    position.and_then(|index| queue.remove(index)).is_some()
+}
+
+fn claim_outcome(claim: &Claim) -> Operation {
+    let outcome = match claim {
+        Claim::Acquired(_) => ClaimOutcome::Acquired,
+        Claim::InFlight { .. } => ClaimOutcome::InFlight,
+        Claim::Completed(_) => ClaimOutcome::Completed,
+    };
+    Operation::Claim { outcome }
+}
+
+impl Store for MockStore {
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.before(OpKind::Claim).await?;
+        let result = Store::claim(&self.inner.store, key, fingerprint, lease).await;
+        self.logged(OpKind::Claim, result, claim_outcome)
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.before(OpKind::Renew).await?;
+        let result = Store::renew(&self.inner.store, key, token, lease).await;
+        self.logged(OpKind::Renew, result, |()| Operation::Renew)
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.before(OpKind::Complete).await?;
+        let status = response.status;
+        let result = Store::complete(&self.inner.store, key, token, response, ttl).await;
+        self.logged(OpKind::Complete, result, |()| Operation::Complete {
+            status,
+        })
+    }
+
+    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        self.before(OpKind::Release).await?;
+        let result = Store::release(&self.inner.store, key, token).await;
+        self.logged(OpKind::Release, result, |()| Operation::Release)
+    }
+
+    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        self.before(OpKind::Get).await?;
+        let result = Store::get(&self.inner.store, key).await;
+        self.logged(OpKind::Get, result, |record| Operation::Get {
+            found: record.is_some(),
+        })
+    }
+}

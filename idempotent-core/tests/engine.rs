@@ -1,0 +1,740 @@
+//! The engine through real axum Routers, driven with `ServiceExt::oneshot`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use http_body_util::BodyExt;
+use idempotent_core::clock::ManualClock;
+use idempotent_core::record::{Claim, Record, RecordKey, StoredResponse};
+use idempotent_core::store::{MemoryStore, Store, StoreError};
+use idempotent_core::{Endpoint, Fingerprint, Idempotency, IdempotentRequest, Scope};
+use serde_json::{Value, json};
+use tokio::sync::{Notify, Semaphore};
+use tower::ServiceExt;
+
+/// What a test handler does when it runs.
+#[derive(Clone, Default)]
+struct Handler {
+    runs: Arc<AtomicUsize>,
+    /// When set, the handler waits for a permit before answering.
+    gate: Option<Arc<Semaphore>>,
+    started: Arc<Notify>,
+    status: Option<StatusCode>,
+    panic: bool,
+    body_len: usize,
+}
+
+impl Handler {
+    fn runs(&self) -> usize {
+        self.runs.load(Ordering::SeqCst)
+    }
+}
+
+async fn respond(handler: Handler, input: Value) -> Response {
+    let run = handler.runs.fetch_add(1, Ordering::SeqCst) + 1;
+    handler.started.notify_one();
+    if let Some(gate) = &handler.gate {
+        let _permit = gate.acquire().await.expect("gate open");
+    }
+    assert!(!handler.panic, "handler panicked on purpose");
+    let status = handler.status.unwrap_or(StatusCode::CREATED);
+    let body = json!({ "run": run, "input": input, "pad": "x".repeat(handler.body_len) });
+    let cookie = [("set-cookie", "session=first-caller"), ("x-run", "yes")];
+    (status, cookie, Json(body)).into_response()
+}
+
+async fn endpoint_handler(
+    State((handler, endpoint)): State<(Handler, Endpoint)>,
+    idem: IdempotentRequest,
+    Json(input): Json<Value>,
+) -> Response {
+    let fingerprint = endpoint.fingerprint(&input);
+    idem.run(&endpoint, fingerprint, respond(handler, input))
+        .await
+}
+
+fn app_with(idempotency: Idempotency, handler: &Handler, endpoint: Endpoint) -> Router {
+    Router::new()
+        .route("/pay", post(endpoint_handler))
+        .with_state((handler.clone(), endpoint))
+        .layer(idempotency)
+}
+
+fn app(store: impl Store, handler: &Handler) -> Router {
+    app_with(Idempotency::new(store), handler, Endpoint::new("pay"))
+}
+
+fn request(key: Option<&str>, body: &Value) -> Request<Body> {
+    let mut builder = Request::post("/pay")
+        .header("content-type", "application/json")
+        .header("x-api-key", "caller-1");
+    if let Some(key) = key {
+        builder = builder.header("idempotency-key", key);
+    }
+    builder.body(Body::from(body.to_string())).unwrap()
+}
+
+async fn send(app: &Router, request: Request<Body>) -> (StatusCode, http::HeaderMap, Value) {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (parts.status, parts.headers, json)
+}
+
+fn replayed(headers: &http::HeaderMap) -> bool {
+    headers
+        .get("idempotent-replayed")
+        .is_some_and(|v| v == "true")
+}
+
+#[tokio::test]
+async fn first_request_executes_and_retries_replay_it() {
+    let handler = Handler::default();
+    let app = app(MemoryStore::new(), &handler);
+    let body = json!({"amount": 10});
+
+    let (status, headers, first) = send(&app, request(Some("k1"), &body)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(!replayed(&headers));
+
+    let (status, headers, again) = send(&app, request(Some("\"k1\""), &body)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(replayed(&headers));
+    assert_eq!(again, first);
+    assert_eq!(headers["x-run"], "yes");
+    assert!(
+        headers.get("set-cookie").is_none(),
+        "cookies of the first caller are never replayed"
+    );
+    assert_eq!(handler.runs(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_concurrent_duplicates_execute_once() {
+    let gate = Arc::new(Semaphore::new(0));
+    let handler = Handler {
+        gate: Some(gate.clone()),
+        ..Handler::default()
+    };
+    let app = app(MemoryStore::new(), &handler);
+    let body = json!({"amount": 10});
+
+    let requests: Vec<_> = (0..100)
+        .map(|_| {
+            tokio::spawn({
+                let app = app.clone();
+                let body = body.clone();
+                async move { send(&app, request(Some("same"), &body)).await }
+            })
+        })
+        .collect();
+    handler.started.notified().await;
+    // Let the in-flight duplicates come back 409 before the first finishes.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    gate.add_permits(1);
+
+    let mut created = 0;
+    for task in requests {
+        let (status, headers, _) = task.await.unwrap();
+        match status {
+            StatusCode::CREATED => created += 1,
+            StatusCode::CONFLICT => assert_eq!(headers["retry-after"], "1"),
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(handler.runs(), 1);
+    assert!(created >= 1);
+    let (status, headers, _) = send(&app, request(Some("same"), &body)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(replayed(&headers));
+}
+
+#[tokio::test]
+async fn in_flight_duplicate_gets_409_problem() {
+    let gate = Arc::new(Semaphore::new(0));
+    let handler = Handler {
+        gate: Some(gate.clone()),
+        ..Handler::default()
+    };
+    let app = app(MemoryStore::new(), &handler);
+    let body = json!({"amount": 1});
+    let first = tokio::spawn({
+        let app = app.clone();
+        let body = body.clone();
+        async move { send(&app, request(Some("k"), &body)).await }
+    });
+    handler.started.notified().await;
+
+    let (status, headers, problem) = send(&app, request(Some("k"), &body)).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(headers["content-type"], "application/problem+json");
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(problem["type"], "urn:idempotent:request-in-progress");
+    gate.add_permits(1);
+    assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn waiting_duplicate_replays_the_first_response() {
+    let gate = Arc::new(Semaphore::new(0));
+    let handler = Handler {
+        gate: Some(gate.clone()),
+        ..Handler::default()
+    };
+    let endpoint = Endpoint::new("pay").wait(Duration::from_secs(5));
+    let app = app_with(Idempotency::new(MemoryStore::new()), &handler, endpoint);
+    let body = json!({"amount": 1});
+    let first = tokio::spawn({
+        let app = app.clone();
+        let body = body.clone();
+        async move { send(&app, request(Some("k"), &body)).await }
+    });
+    handler.started.notified().await;
+    let duplicate = tokio::spawn({
+        let app = app.clone();
+        let body = body.clone();
+        async move { send(&app, request(Some("k"), &body)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    gate.add_permits(1);
+
+    let (status, headers, replay) = duplicate.await.unwrap();
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(replayed(&headers));
+    assert_eq!(replay, first.await.unwrap().2);
+    assert_eq!(handler.runs(), 1);
+}
+
+#[tokio::test]
+async fn same_key_with_a_different_payload_is_422() {
+    let handler = Handler::default();
+    let app = app(MemoryStore::new(), &handler);
+    send(&app, request(Some("k"), &json!({"amount": 10}))).await;
+
+    let (status, headers, problem) = send(&app, request(Some("k"), &json!({"amount": 11}))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(headers["content-type"], "application/problem+json");
+    assert_eq!(problem["type"], "urn:idempotent:key-reused");
+    assert_eq!(problem["status"], 422);
+    assert_eq!(handler.runs(), 1);
+}
+
+#[tokio::test]
+async fn field_order_and_whitespace_do_not_change_the_fingerprint() {
+    let handler = Handler::default();
+    let app = app(MemoryStore::new(), &handler);
+    let first = Request::post("/pay")
+        .header("content-type", "application/json")
+        .header("x-api-key", "caller-1")
+        .header("idempotency-key", "k")
+        .body(Body::from(r#"{"a":1,"b":[1,2]}"#))
+        .unwrap();
+    let second = Request::post("/pay")
+        .header("content-type", "application/json")
+        .header("x-api-key", "caller-1")
+        .header("idempotency-key", "k")
+        .body(Body::from("{ \"b\" : [1, 2],\n \"a\" : 1 }"))
+        .unwrap();
+    send(&app, first).await;
+    let (status, headers, _) = send(&app, second).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(replayed(&headers));
+}
+
+#[tokio::test]
+async fn keys_of_different_callers_do_not_meet() {
+    let handler = Handler::default();
+    let app = app(MemoryStore::new(), &handler);
+    let body = json!({"amount": 1});
+    send(&app, request(Some("k"), &body)).await;
+    let mut other = request(Some("k"), &body);
+    other
+        .headers_mut()
+        .insert("x-api-key", "caller-2".parse().unwrap());
+    let (status, headers, _) = send(&app, other).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(!replayed(&headers));
+    assert_eq!(handler.runs(), 2);
+}
+
+#[tokio::test]
+async fn server_errors_are_released_and_the_retry_runs() {
+    let handler = Handler {
+        status: Some(StatusCode::INTERNAL_SERVER_ERROR),
+        ..Handler::default()
+    };
+    let app = app(MemoryStore::new(), &handler);
+    let body = json!({"amount": 1});
+    for _ in 0..2 {
+        let (status, headers, _) = send(&app, request(Some("k"), &body)).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!replayed(&headers));
+    }
+    assert_eq!(handler.runs(), 2);
+}
+
+#[tokio::test]
+async fn client_errors_are_stored_and_replayed() {
+    let handler = Handler {
+        status: Some(StatusCode::BAD_REQUEST),
+        ..Handler::default()
+    };
+    let app = app(MemoryStore::new(), &handler);
+    let body = json!({"amount": -1});
+    send(&app, request(Some("k"), &body)).await;
+    let (status, headers, _) = send(&app, request(Some("k"), &body)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(replayed(&headers));
+    assert_eq!(handler.runs(), 1);
+}
+
+#[tokio::test]
+async fn retryable_client_errors_are_released() {
+    let handler = Handler {
+        status: Some(StatusCode::TOO_MANY_REQUESTS),
+        ..Handler::default()
+    };
+    let app = app(MemoryStore::new(), &handler);
+    let body = json!({});
+    send(&app, request(Some("k"), &body)).await;
+    send(&app, request(Some("k"), &body)).await;
+    assert_eq!(handler.runs(), 2);
+}
+
+#[tokio::test]
+async fn a_panicking_handler_releases_the_key_and_the_retry_runs() {
+    let panicking = Handler {
+        panic: true,
+        ..Handler::default()
+    };
+    let store = MemoryStore::new();
+    let app = app(store.clone(), &panicking);
+    let body = json!({"amount": 1});
+    let outcome = tokio::spawn({
+        let app = app.clone();
+        let body = body.clone();
+        async move { send(&app, request(Some("k"), &body)).await }
+    })
+    .await;
+    assert!(
+        outcome.unwrap_err().is_panic(),
+        "the panic reaches the server as before"
+    );
+    assert_eq!(store.in_flight_len(), 0);
+
+    let healthy = Handler {
+        runs: panicking.runs.clone(),
+        ..Handler::default()
+    };
+    let app = app_with(Idempotency::new(store), &healthy, Endpoint::new("pay"));
+    let (status, headers, _) = send(&app, request(Some("k"), &body)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(!replayed(&headers));
+    assert_eq!(healthy.runs(), 2);
+}
+
+#[tokio::test]
+async fn a_dropped_client_still_gets_its_outcome_stored() {
+    let gate = Arc::new(Semaphore::new(0));
+    let handler = Handler {
+        gate: Some(gate.clone()),
+        ..Handler::default()
+    };
+    let store = MemoryStore::new();
+    let app = app(store.clone(), &handler);
+    let body = json!({"amount": 5});
+    let client = tokio::spawn({
+        let app = app.clone();
+        let body = body.clone();
+        async move { send(&app, request(Some("k"), &body)).await }
+    });
+    handler.started.notified().await;
+    client.abort();
+    assert!(client.await.unwrap_err().is_cancelled());
+
+    gate.add_permits(1);
+    for _ in 0..100 {
+        if store.completed_len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (status, headers, replay) = send(&app, request(Some("k"), &body)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(replayed(&headers), "the abandoned run completed the record");
+    assert_eq!(replay["run"], 1);
+    assert_eq!(handler.runs(), 1);
+}
+
+#[tokio::test]
+async fn records_expire_by_the_store_clock() {
+    let clock = ManualClock::new(1_000_000);
+    let store = MemoryStore::builder().clock(clock.clone()).build();
+    let handler = Handler::default();
+    let endpoint = Endpoint::new("pay").ttl(Duration::from_secs(60));
+    let app = app_with(Idempotency::new(store), &handler, endpoint);
+    let body = json!({"amount": 1});
+
+    send(&app, request(Some("k"), &body)).await;
+    clock.advance(Duration::from_secs(59));
+    let (_, headers, _) = send(&app, request(Some("k"), &body)).await;
+    assert!(replayed(&headers));
+    clock.advance(Duration::from_secs(2));
+    let (status, headers, _) = send(&app, request(Some("k"), &body)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(!replayed(&headers), "after the TTL the key is new again");
+    assert_eq!(handler.runs(), 2);
+}
+
+#[tokio::test]
+async fn a_stale_lease_holder_cannot_overwrite_the_new_holders_result() {
+    let clock = ManualClock::new(1_000_000);
+    let store = MemoryStore::builder().clock(clock.clone()).build();
+    let gate = Arc::new(Semaphore::new(0));
+    let slow = Handler {
+        gate: Some(gate.clone()),
+        ..Handler::default()
+    };
+    let endpoint = Endpoint::new("pay").lease(Duration::from_secs(30));
+    let idempotency = Idempotency::new(store.clone());
+    let slow_app = app_with(idempotency.clone(), &slow, endpoint);
+    let body = json!({"amount": 1});
+    let stale = tokio::spawn({
+        let body = body.clone();
+        async move { send(&slow_app, request(Some("k"), &body)).await }
+    });
+    slow.started.notified().await;
+
+    // The first holder's lease lapses (as if its process hung); a retry
+    // takes the key over and completes.
+    clock.advance(Duration::from_secs(31));
+    let fast = Handler {
+        runs: slow.runs.clone(),
+        ..Handler::default()
+    };
+    let fast_app = app_with(idempotency, &fast, endpoint);
+    let (status, _, taken_over) = send(&fast_app, request(Some("k"), &body)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(taken_over["run"], 2);
+
+    gate.add_permits(1);
+    let (status, _, stale_body) = stale.await.unwrap();
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "the stale holder still answers its own client"
+    );
+    assert_eq!(stale_body["run"], 1);
+    let (_, headers, replay) = send(&fast_app, request(Some("k"), &body)).await;
+    assert!(replayed(&headers));
+    assert_eq!(replay["run"], 2, "the stored result is the new holder's");
+}
+
+#[tokio::test]
+async fn fencing_at_the_store_level() {
+    let clock = ManualClock::new(0);
+    let store = MemoryStore::builder().clock(clock.clone()).build();
+    let key = record_key("k");
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    let lease = Duration::from_secs(10);
+    let Claim::Acquired(old) = store.claim(&key, fingerprint, lease).await.unwrap() else {
+        panic!("first claim acquires");
+    };
+    clock.advance(Duration::from_secs(11));
+    let Claim::Acquired(new) = store.claim(&key, fingerprint, lease).await.unwrap() else {
+        panic!("a lapsed lease is taken over");
+    };
+    assert_ne!(old, new);
+    let response = stored(StatusCode::OK);
+    let ttl = Duration::from_secs(60);
+    assert!(matches!(
+        store.renew(&key, old, lease).await,
+        Err(StoreError::LeaseLost)
+    ));
+    assert!(matches!(
+        store.complete(&key, old, response.clone(), ttl).await,
+        Err(StoreError::LeaseLost)
+    ));
+    assert!(matches!(
+        store.release(&key, old).await,
+        Err(StoreError::LeaseLost)
+    ));
+    store.complete(&key, new, response, ttl).await.unwrap();
+    assert!(matches!(
+        store.get(&key).await.unwrap(),
+        Some(Record::Completed(_))
+    ));
+}
+
+#[tokio::test]
+async fn capacity_pressure_never_evicts_an_in_flight_claim() {
+    let store = MemoryStore::builder().max_bytes(16 * 1024).build();
+    let held = record_key("held");
+    let fingerprint = Fingerprint::from_bytes([2; 32]);
+    let lease = Duration::from_secs(60);
+    assert!(matches!(
+        store.claim(&held, fingerprint, lease).await.unwrap(),
+        Claim::Acquired(_)
+    ));
+
+    let mut response = stored(StatusCode::OK);
+    response.body = Some(vec![7; 1024].into());
+    for i in 0..1_000 {
+        let key = record_key(&format!("filler-{i}"));
+        let Claim::Acquired(token) = store.claim(&key, fingerprint, lease).await.unwrap() else {
+            panic!("new key");
+        };
+        store
+            .complete(&key, token, response.clone(), Duration::from_secs(600))
+            .await
+            .unwrap();
+    }
+    assert!(
+        store.completed_bytes() <= 16 * 1024,
+        "completed records are bounded"
+    );
+    assert!(
+        store.completed_len() < 1_000,
+        "older completed records were evicted"
+    );
+    let again = store.claim(&held, fingerprint, lease).await.unwrap();
+    assert!(
+        matches!(again, Claim::InFlight { .. }),
+        "the in-flight claim survived: {again:?}"
+    );
+}
+
+#[tokio::test]
+async fn missing_key_is_400_unless_optional() {
+    let handler = Handler::default();
+    let app = app(MemoryStore::new(), &handler);
+    let (status, headers, problem) = send(&app, request(None, &json!({}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(headers["content-type"], "application/problem+json");
+    assert_eq!(problem["type"], "urn:idempotent:missing-key");
+    assert_eq!(handler.runs(), 0);
+
+    let optional = Endpoint::new("pay").optional(true);
+    let app = app_with(Idempotency::new(MemoryStore::new()), &handler, optional);
+    for _ in 0..2 {
+        let (status, headers, _) = send(&app, request(None, &json!({}))).await;
+        assert_eq!(status, StatusCode::CREATED);
+        assert!(!replayed(&headers));
+    }
+    assert_eq!(handler.runs(), 2);
+}
+
+#[tokio::test]
+async fn invalid_keys_are_400_with_the_reason() {
+    let handler = Handler::default();
+    let app = app(MemoryStore::new(), &handler);
+    let long = "a".repeat(256);
+    for (key, needle) in [
+        ("a b", "position 1"),
+        (long.as_str(), "256 characters"),
+        ("\"open", "closing quote"),
+    ] {
+        let (status, _, problem) = send(&app, request(Some(key), &json!({}))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{key}");
+        assert_eq!(problem["type"], "urn:idempotent:invalid-key");
+        assert!(
+            problem["detail"].as_str().unwrap().contains(needle),
+            "{problem}"
+        );
+    }
+    let mut twice = request(Some("a"), &json!({}));
+    twice
+        .headers_mut()
+        .append("idempotency-key", "b".parse().unwrap());
+    let (status, _, problem) = send(&app, twice).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("more than once")
+    );
+    assert_eq!(handler.runs(), 0);
+}
+
+#[tokio::test]
+async fn a_request_without_its_scope_credential_is_401() {
+    let handler = Handler::default();
+    let app = app(MemoryStore::new(), &handler);
+    let mut anonymous = request(Some("k"), &json!({}));
+    anonymous.headers_mut().remove("x-api-key");
+    let (status, _, problem) = send(&app, anonymous).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(problem["type"], "urn:idempotent:missing-credentials");
+    assert_eq!(handler.runs(), 0);
+
+    let mut bearer = request(Some("k"), &json!({}));
+    bearer.headers_mut().remove("x-api-key");
+    bearer
+        .headers_mut()
+        .insert("authorization", "Bearer caller-1".parse().unwrap());
+    let (status, _, _) = send(&app, bearer).await;
+    assert_eq!(status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn header_and_global_scopes() {
+    let handler = Handler::default();
+    let tenant = Endpoint::new("pay").scope(Scope::Header("x-tenant"));
+    let app = app_with(Idempotency::new(MemoryStore::new()), &handler, tenant);
+    let (status, _, _) = send(&app, request(Some("k"), &json!({}))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let mut with_tenant = request(Some("k"), &json!({}));
+    with_tenant
+        .headers_mut()
+        .insert("x-tenant", "t1".parse().unwrap());
+    assert_eq!(send(&app, with_tenant).await.0, StatusCode::CREATED);
+
+    let global = Endpoint::new("pay").scope(Scope::Global);
+    let app = app_with(Idempotency::new(MemoryStore::new()), &handler, global);
+    let mut anonymous = request(Some("g"), &json!({}));
+    anonymous.headers_mut().remove("x-api-key");
+    send(&app, anonymous).await;
+    let (_, headers, _) = send(&app, request(Some("g"), &json!({}))).await;
+    assert!(replayed(&headers), "a global key is shared by every caller");
+}
+
+#[tokio::test]
+async fn a_router_without_the_layer_gets_a_500_that_says_what_to_add() {
+    let handler = Handler::default();
+    let app = Router::new()
+        .route("/pay", post(endpoint_handler))
+        .with_state((handler.clone(), Endpoint::new("pay")));
+    let (status, _, problem) = send(&app, request(Some("k"), &json!({}))).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(problem["type"], "urn:idempotent:not-configured");
+    assert!(problem["detail"].as_str().unwrap().contains(".layer("));
+    assert_eq!(handler.runs(), 0);
+}
+
+#[tokio::test]
+async fn an_oversized_response_is_sent_whole_but_never_executed_twice() {
+    let handler = Handler {
+        body_len: 4096,
+        ..Handler::default()
+    };
+    let idempotency = Idempotency::builder(MemoryStore::new())
+        .max_body_bytes(1024)
+        .build();
+    let app = app_with(idempotency, &handler, Endpoint::new("pay"));
+    let body = json!({"amount": 1});
+    let (status, _, first) = send(&app, request(Some("k"), &body)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(first["pad"].as_str().unwrap().len(), 4096);
+
+    let (status, headers, problem) = send(&app, request(Some("k"), &body)).await;
+    assert_eq!(status, StatusCode::GONE);
+    assert_eq!(headers["content-type"], "application/problem+json");
+    assert_eq!(problem["type"], "urn:idempotent:response-not-stored");
+    assert!(problem["detail"].as_str().unwrap().contains("201"));
+    assert_eq!(handler.runs(), 1);
+}
+
+/// A store whose every call fails, or hangs.
+struct BrokenStore {
+    hang: bool,
+}
+
+impl BrokenStore {
+    async fn fail<T>(&self) -> Result<T, StoreError> {
+        if self.hang {
+            std::future::pending::<()>().await;
+        }
+        Err(StoreError::backend("connection refused"))
+    }
+}
+
+impl Store for BrokenStore {
+    async fn claim(&self, _: &RecordKey, _: Fingerprint, _: Duration) -> Result<Claim, StoreError> {
+        self.fail().await
+    }
+    async fn renew(
+        &self,
+        _: &RecordKey,
+        _: idempotent_core::record::LeaseToken,
+        _: Duration,
+    ) -> Result<(), StoreError> {
+        self.fail().await
+    }
+    async fn complete(
+        &self,
+        _: &RecordKey,
+        _: idempotent_core::record::LeaseToken,
+        _: StoredResponse,
+        _: Duration,
+    ) -> Result<(), StoreError> {
+        self.fail().await
+    }
+    async fn release(
+        &self,
+        _: &RecordKey,
+        _: idempotent_core::record::LeaseToken,
+    ) -> Result<(), StoreError> {
+        self.fail().await
+    }
+    async fn get(&self, _: &RecordKey) -> Result<Option<Record>, StoreError> {
+        self.fail().await
+    }
+}
+
+#[tokio::test]
+async fn a_failing_store_gives_503_and_runs_nothing() {
+    let handler = Handler::default();
+    let app = app(BrokenStore { hang: false }, &handler);
+    let (status, headers, problem) = send(&app, request(Some("k"), &json!({}))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(problem["type"], "urn:idempotent:store-unavailable");
+    assert_eq!(handler.runs(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hanging_store_times_out_into_503() {
+    let handler = Handler::default();
+    let idempotency = Idempotency::builder(BrokenStore { hang: true })
+        .store_timeout(Duration::from_millis(200))
+        .build();
+    let app = app_with(idempotency, &handler, Endpoint::new("pay"));
+    let (status, _, problem) = send(&app, request(Some("k"), &json!({}))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(problem["type"], "urn:idempotent:store-unavailable");
+    assert_eq!(handler.runs(), 0);
+}
+
+#[tokio::test]
+async fn fail_open_runs_the_handler_when_the_store_fails() {
+    let handler = Handler::default();
+    let idempotency = Idempotency::builder(BrokenStore { hang: false })
+        .fail_open(true)
+        .build();
+    let app = app_with(idempotency, &handler, Endpoint::new("pay"));
+    let (status, _, _) = send(&app, request(Some("k"), &json!({}))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(handler.runs(), 1);
+}
+
+fn record_key(key: &str) -> RecordKey {
+    let key = idempotent_core::IdempotencyKey::parse(key.as_bytes()).unwrap();
+    RecordKey::new(idempotent_core::scope::ScopeDigest::global(), key)
+}
+
+fn stored(status: StatusCode) -> StoredResponse {
+    StoredResponse {
+        status,
+        headers: Vec::new(),
+        body: Some("ok".into()),
+    }
+}

@@ -1,0 +1,117 @@
+//! `IdempotentLayer`: the engine as tower middleware over raw requests.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::routing::post;
+use axum::{Extension, Router};
+use http_body_util::BodyExt;
+use idempotent_core::store::MemoryStore;
+use idempotent_core::{Endpoint, Idempotency, IdempotentLayer};
+use serde_json::Value;
+use tower::ServiceExt;
+
+async fn create_order(
+    Extension(runs): Extension<Arc<AtomicUsize>>,
+    body: String,
+) -> (StatusCode, String) {
+    let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+    (StatusCode::CREATED, format!("order {run}: {body}"))
+}
+
+fn app(runs: &Arc<AtomicUsize>, layer: IdempotentLayer) -> Router {
+    Router::new()
+        .route("/orders", post(create_order).layer(layer))
+        .route("/plain", post(create_order))
+        .layer(Extension(runs.clone()))
+        .layer(Idempotency::new(MemoryStore::new()))
+}
+
+fn order(uri: &str, key: &str, body: &'static str) -> Request<Body> {
+    Request::post(uri)
+        .header("x-api-key", "caller")
+        .header("idempotency-key", key)
+        .body(Body::from(body))
+        .unwrap()
+}
+
+async fn send(app: &Router, request: Request<Body>) -> (StatusCode, http::HeaderMap, String) {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+fn layer() -> IdempotentLayer {
+    IdempotentLayer::new(Endpoint::new("create_order"))
+}
+
+#[tokio::test]
+async fn the_layer_runs_once_and_replays() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = app(&runs, layer());
+    let (status, _, first) = send(&app, order("/orders", "k", r#"{"sku":"a"}"#)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, headers, again) = send(&app, order("/orders", "k", r#"{"sku":"a"}"#)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(headers["idempotent-replayed"], "true");
+    assert_eq!(again, first);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn raw_fingerprints_see_every_byte_and_the_query() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = app(&runs, layer());
+    send(&app, order("/orders", "k", r#"{"sku":"a"}"#)).await;
+    let (status, _, problem) = send(&app, order("/orders", "k", r#"{ "sku":"a"}"#)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let problem: Value = serde_json::from_str(&problem).unwrap();
+    assert_eq!(problem["type"], "urn:idempotent:key-reused");
+    let (status, _, _) = send(&app, order("/orders?x=1", "k", r#"{"sku":"a"}"#)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn routes_without_the_layer_are_untouched() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = app(&runs, layer());
+    for _ in 0..2 {
+        let (status, headers, _) = send(&app, order("/plain", "k", "{}")).await;
+        assert_eq!(status, StatusCode::CREATED);
+        assert!(headers.get("idempotent-replayed").is_none());
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_are_413_and_not_run() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = app(&runs, layer().max_request_bytes(4));
+    let (status, headers, problem) = send(&app, order("/orders", "k", "0123456789")).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(headers["content-type"], "application/problem+json");
+    assert!(problem.contains("urn:idempotent:request-too-large"));
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn the_layer_reports_a_missing_key() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = app(&runs, layer());
+    let request = Request::post("/orders")
+        .header("x-api-key", "c")
+        .body(Body::from("{}"))
+        .unwrap();
+    let (status, _, problem) = send(&app, request).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(problem.contains("urn:idempotent:missing-key"));
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}

@@ -1,0 +1,438 @@
+//! Rewrites the handler: the user's function is kept verbatim as an inner
+//! `async fn`, and an outer function with the same name, attributes and
+//! visibility extracts the request's idempotency context and hands the inner
+//! future to `__private::run`. Nothing here decides anything at run time.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{ToTokens, format_ident, quote, quote_spanned};
+use syn::ext::IdentExt;
+use syn::spanned::Spanned;
+use syn::{
+    Attribute, FnArg, GenericArgument, GenericParam, Ident, ItemFn, LitStr, Pat, Path,
+    PathArguments, ReturnType, Type,
+};
+
+use crate::args::{Args, Errors, Scope};
+
+/// Extractors that are never fingerprinted: they carry server state,
+/// connection details, the key itself or request metadata, not the
+/// request's payload.
+const NOT_FINGERPRINTED: &[&str] = &[
+    "State",
+    "Extension",
+    "HeaderMap",
+    "ConnectInfo",
+    "IdempotencyKey",
+    "Parts",
+    "Method",
+    "Uri",
+    "OriginalUri",
+    "MatchedPath",
+    "Version",
+    "TypedHeader",
+];
+
+pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
+    let mut errors = Errors::default();
+    let args = Args::parse(args, &mut errors);
+    let Ok(func) = syn::parse2::<ItemFn>(item.clone()) else {
+        errors.push(syn::Error::new(
+            Span::call_site(),
+            "`#[idempotent]` goes on an `async fn` axum handler",
+        ));
+        return fallback(item, errors);
+    };
+    let handler = Handler::analyze(&func, &args, &mut errors);
+    if errors.is_empty() {
+        expand(&func, &args, &handler)
+    } else {
+        fallback(func.into_token_stream(), errors)
+    }
+}
+
+/// The original item plus every error: the function still exists, so the
+/// rest of the crate and IDE completion keep working.
+fn fallback(mut item: TokenStream, errors: Errors) -> TokenStream {
+    item.extend(errors.into_error().map(|error| error.to_compile_error()));
+    item
+}
+
+// ===== analysis =====
+
+enum Role {
+    Fingerprinted,
+    NotFingerprinted,
+    /// The custom scope's principal, taken from the handler's own argument.
+    Principal,
+}
+
+struct Argument<'a> {
+    ty: &'a Type,
+    name: Option<Ident>,
+    role: Role,
+}
+
+struct Handler<'a> {
+    arguments: Vec<Argument<'a>>,
+}
+
+impl<'a> Handler<'a> {
+    fn analyze(func: &'a ItemFn, args: &Args, errors: &mut Errors) -> Self {
+        let sig = &func.sig;
+        if sig.asyncness.is_none() {
+            errors.spanned(sig.fn_token, "`#[idempotent]` handlers must be `async fn`");
+        }
+        let principal = match &args.scope {
+            Some(Scope::Custom(path)) => last_ident(path),
+            _ => None,
+        };
+        let mut arguments = Vec::new();
+        for input in &sig.inputs {
+            match input {
+                FnArg::Receiver(receiver) => errors.spanned(
+                    receiver,
+                    "`#[idempotent]` handlers cannot take `self`: axum handlers are free functions",
+                ),
+                FnArg::Typed(typed) => {
+                    let taken = arguments
+                        .iter()
+                        .any(|a: &Argument<'_>| matches!(a.role, Role::Principal));
+                    let is_principal =
+                        !taken && principal.is_some() && type_ident(&typed.ty) == principal;
+                    arguments.push(Argument::new(
+                        &typed.pat,
+                        &typed.ty,
+                        is_principal,
+                        &args.skip,
+                    ));
+                }
+            }
+        }
+        check_skipped_names(&arguments, &args.skip, errors);
+        Self { arguments }
+    }
+
+    fn principal(&self) -> Option<usize> {
+        self.arguments
+            .iter()
+            .position(|argument| matches!(argument.role, Role::Principal))
+    }
+}
+
+impl<'a> Argument<'a> {
+    fn new(pat: &Pat, ty: &'a Type, is_principal: bool, skip: &[Ident]) -> Self {
+        let name = binding(pat);
+        let skipped = name.as_ref().is_some_and(|name| skip.contains(name));
+        let role = if is_principal {
+            Role::Principal
+        } else if skipped || !is_fingerprinted_by_default(ty) {
+            Role::NotFingerprinted
+        } else {
+            Role::Fingerprinted
+        };
+        Self { ty, name, role }
+    }
+}
+
+fn check_skipped_names(arguments: &[Argument<'_>], skip: &[Ident], errors: &mut Errors) {
+    let names: Vec<String> = arguments
+        .iter()
+        .filter_map(|argument| argument.name.as_ref().map(|name| format!("`{name}`")))
+        .collect();
+    for skipped in skip {
+        if !arguments.iter().any(|a| a.name.as_ref() == Some(skipped)) {
+            let known = if names.is_empty() {
+                "the handler has no named arguments".to_owned()
+            } else {
+                format!("the arguments are {}", names.join(", "))
+            };
+            errors.spanned(
+                skipped,
+                format!("`skip` names no argument `{skipped}`; {known}"),
+            );
+        }
+    }
+}
+
+/// The name an argument is known by: `payment` in `payment: Json<T>` and in
+/// `Json(payment): Json<T>`.
+fn binding(pat: &Pat) -> Option<Ident> {
+    match pat {
+        Pat::Ident(ident) => Some(ident.ident.clone()),
+        Pat::TupleStruct(tuple) if tuple.elems.len() == 1 => binding(&tuple.elems[0]),
+        Pat::Reference(reference) => binding(&reference.pat),
+        Pat::Paren(paren) => binding(&paren.pat),
+        _ => None,
+    }
+}
+
+fn last_ident(path: &Path) -> Option<&Ident> {
+    path.segments.last().map(|segment| &segment.ident)
+}
+
+fn type_path(ty: &Type) -> Option<&Path> {
+    match ty {
+        Type::Path(path) if path.qself.is_none() => Some(&path.path),
+        Type::Paren(paren) => type_path(&paren.elem),
+        Type::Group(group) => type_path(&group.elem),
+        _ => None,
+    }
+}
+
+fn type_ident(ty: &Type) -> Option<&Ident> {
+    type_path(ty).and_then(last_ident)
+}
+
+fn is_fingerprinted_by_default(ty: &Type) -> bool {
+    let Some(ident) = type_ident(ty) else {
+        return true;
+    };
+    if NOT_FINGERPRINTED.iter().any(|name| ident == name) {
+        return false;
+    }
+    // `Option<IdempotencyKey>` is the key too.
+    ident != "Option"
+        || option_inner(ty)
+            .and_then(type_ident)
+            .is_none_or(|inner| inner != "IdempotencyKey")
+}
+
+fn option_inner(ty: &Type) -> Option<&Type> {
+    let segment = type_path(ty)?.segments.last()?;
+    let PathArguments::AngleBracketed(generic) = &segment.arguments else {
+        return None;
+    };
+    match generic.args.first()? {
+        GenericArgument::Type(inner) => Some(inner),
+        _ => None,
+    }
+}
+
+// ===== expansion =====
+
+/// `ident` as if written at `span`: a compiler error about the expression
+/// it names is then reported at the user's token.
+fn respan(ident: &Ident, span: Span) -> Ident {
+    let mut ident = ident.clone();
+    ident.set_span(span);
+    ident
+}
+
+/// `tokens` with every token spanned at `span`.
+fn respan_tokens(tokens: &TokenStream, span: Span) -> TokenStream {
+    let respan = |mut token: proc_macro2::TokenTree| {
+        token.set_span(span);
+        token
+    };
+    tokens.clone().into_iter().map(respan).collect()
+}
+
+/// A generated binding. The `__idempotent_` prefix keeps it apart from user
+/// names; it is resolved at the call site so that code spanned at the user's
+/// tokens (the type checks) can refer to it.
+fn local(name: &str) -> Ident {
+    Ident::new(name, Span::call_site())
+}
+
+fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
+    let krate = args
+        .krate
+        .clone()
+        .unwrap_or_else(|| syn::parse_quote!(::idempotent_core));
+    let private = quote!(#krate::__private);
+    let sig = &func.sig;
+    let name = &sig.ident;
+    let (outer_attrs, inner_attrs) = split_attributes(&func.attrs);
+    let params: Vec<Ident> = (0..handler.arguments.len())
+        .map(|index| format_ident!("__idempotent_arg{}", index))
+        .collect();
+    let types = handler.arguments.iter().map(|argument| argument.ty);
+    let request = local("__idempotent_request");
+    let (principal_param, principal) = principal(args, handler, &params, &private);
+    let endpoint = endpoint_const(args, name, &private);
+    let fingerprint = fingerprint(handler, &params, &private);
+    let future = future(func, &params, &private);
+    let vis = &func.vis;
+    let generics = &sig.generics;
+    let where_clause = &generics.where_clause;
+    let block = &func.block;
+    let run_path = respan_tokens(&quote!(#private::run), name.span());
+    let run = quote_spanned! {name.span()=>
+        #run_path(#request, &__IDEMPOTENT_ENDPOINT, __idempotent_fingerprint, __idempotent_future).await
+    };
+    quote! {
+        #(#outer_attrs)*
+        #vis async fn #name #generics (
+            #request: #private::IdempotentRequest,
+            #principal_param
+            #(#params: #types),*
+        ) -> #private::axum::response::Response #where_clause {
+            // The attribute requires `async fn`, so "remove `async`" is not
+            // advice the handler can take.
+            #[allow(clippy::unused_async)]
+            #(#inner_attrs)*
+            #sig #block
+
+            #endpoint
+            let __idempotent_fingerprint = #fingerprint;
+            #principal
+            let __idempotent_future = #future;
+            #run
+        }
+    }
+}
+
+/// Doc comments, `cfg` and lint levels describe the handler as routed, so
+/// they go on the outer function; everything else (`#[tracing::instrument]`,
+/// `#[expect]`, ...) applies to the user's code, so it stays on the inner one.
+/// Lint levels go on both.
+fn split_attributes(attrs: &[Attribute]) -> (Vec<&Attribute>, Vec<&Attribute>) {
+    let is = |attr: &Attribute, names: &[&str]| names.iter().any(|name| attr.path().is_ident(name));
+    let outer = attrs
+        .iter()
+        .filter(|attr| {
+            is(
+                attr,
+                &[
+                    "doc",
+                    "cfg",
+                    "deprecated",
+                    "allow",
+                    "warn",
+                    "deny",
+                    "forbid",
+                ],
+            )
+        })
+        .collect();
+    let inner = attrs
+        .iter()
+        .filter(|attr| !is(attr, &["doc", "cfg", "deprecated"]))
+        .collect();
+    (outer, inner)
+}
+
+fn endpoint_const(args: &Args, name: &Ident, private: &TokenStream) -> TokenStream {
+    let endpoint_name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| LitStr::new(&name.unraw().to_string(), name.span()));
+    let ttl = args.ttl.map(|ms| quote!(.ttl(#private::millis(#ms))));
+    let lease = args.lease.map(|ms| quote!(.lease(#private::millis(#ms))));
+    let wait = args.wait.map(|ms| quote!(.wait(#private::millis(#ms))));
+    let optional = args.optional.then(|| quote!(.optional(true)));
+    let scope = args.scope.as_ref().map(|scope| {
+        let scope = match scope {
+            Scope::ApiKey => quote!(ApiKey),
+            Scope::Global => quote!(Global),
+            Scope::Header(header) => quote!(Header(#header)),
+            Scope::Custom(_) => quote!(Custom),
+        };
+        quote!(.scope(#private::Scope::#scope))
+    });
+    let (statuses, final_statuses) = match &args.final_statuses {
+        Some(ranges) => {
+            let ranges = ranges
+                .iter()
+                .map(|(first, last)| quote!(#private::StatusRange::new(#first, #last)));
+            (
+                Some(quote! {
+                    const __IDEMPOTENT_FINAL_STATUSES: &[#private::StatusRange] = &[#(#ranges),*];
+                }),
+                Some(
+                    quote!(.final_statuses(#private::FinalStatuses::Only(__IDEMPOTENT_FINAL_STATUSES))),
+                ),
+            )
+        }
+        None => (None, None),
+    };
+    quote! {
+        #statuses
+        const __IDEMPOTENT_ENDPOINT: #private::Endpoint = #private::Endpoint::new(#endpoint_name)
+            #ttl #lease #scope #optional #wait #final_statuses;
+    }
+}
+
+/// `Result<Fingerprint, FingerprintError>` over the fingerprinted arguments,
+/// each call spanned at the argument's type so a type that cannot be
+/// fingerprinted is reported there.
+fn fingerprint(handler: &Handler<'_>, params: &[Ident], private: &TokenStream) -> TokenStream {
+    let fingerprinter = local("__idempotent_fingerprinter");
+    let inputs = handler
+        .arguments
+        .iter()
+        .zip(params)
+        .filter(|(argument, _)| matches!(argument.role, Role::Fingerprinted))
+        .map(|(argument, param)| {
+            let span = argument.ty.span();
+            let param = respan(param, span);
+            let call = respan_tokens(&quote!(#private::fingerprint_input), span);
+            quote_spanned! {span=>
+                #call(#fingerprinter, &#param)?;
+            }
+        });
+    quote! {
+        #private::fingerprint(&__IDEMPOTENT_ENDPOINT, |#fingerprinter| {
+            #(#inputs)*
+            ::core::result::Result::Ok(())
+        })
+    }
+}
+
+/// For a custom scope: the extra extractor argument (unless the handler
+/// already takes the principal) and the statement that scopes the request.
+fn principal(
+    args: &Args,
+    handler: &Handler<'_>,
+    params: &[Ident],
+    private: &TokenStream,
+) -> (Option<TokenStream>, Option<TokenStream>) {
+    let Some(Scope::Custom(path)) = &args.scope else {
+        return (None, None);
+    };
+    let request = local("__idempotent_request");
+    let (extra, value) = match handler.principal() {
+        Some(index) => (None, params[index].clone()),
+        None => {
+            let value = local("__idempotent_scope");
+            (Some(quote!(#value: #path,)), value)
+        }
+    };
+    let value = respan(&value, path.span());
+    let call = respan_tokens(&quote!(#private::scoped_by), path.span());
+    let scoped = quote_spanned! {path.span()=>
+        let #request = #call(#request, &#value);
+    };
+    (extra, Some(scoped))
+}
+
+/// The inner handler's future, turned into a `Response` by a call spanned at
+/// the return type, so a return type that is not `IntoResponse` is
+/// reported there.
+fn future(func: &ItemFn, params: &[Ident], private: &TokenStream) -> TokenStream {
+    let sig = &func.sig;
+    let name = &sig.ident;
+    let generic_args: Vec<TokenStream> = sig
+        .generics
+        .params
+        .iter()
+        .filter_map(|param| match param {
+            GenericParam::Type(ty) => Some(ty.ident.to_token_stream()),
+            GenericParam::Const(constant) => Some(constant.ident.to_token_stream()),
+            GenericParam::Lifetime(_) => None,
+        })
+        .collect();
+    let turbofish = (!generic_args.is_empty()).then(|| quote!(::<#(#generic_args),*>));
+    let output_span = match &sig.output {
+        ReturnType::Type(_, ty) => ty.span(),
+        ReturnType::Default => name.span(),
+    };
+    let call = respan_tokens(&quote!(#private::into_response), output_span);
+    let name = respan(name, output_span);
+    let into_response = quote_spanned! {output_span=>
+        #call(#name #turbofish(#(#params),*).await)
+    };
+    // Spanned at the name, as the `run` call: a future that is not `Send`
+    // is reported there.
+    quote_spanned!(name.span()=> async move { #into_response })
+}

@@ -1,0 +1,111 @@
+//! The expansion stays clean in crates with strict lints: this file denies
+//! warnings, `unused_qualifications` and `clippy::pedantic`, and
+//! `cargo clippy --all-targets` checks it.
+#![deny(
+    warnings,
+    rust_2018_idioms,
+    unused_qualifications,
+    unreachable_pub,
+    clippy::all,
+    clippy::pedantic
+)]
+
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::IntoResponse;
+use axum::routing::post;
+use axum::{Json, Router};
+use idempotent_core::store::MemoryStore;
+use idempotent_core::{Idempotency, IdempotencyKey, IdempotencyScope, idempotent};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone)]
+struct Db;
+
+#[derive(Serialize, Deserialize)]
+struct Payment {
+    amount: i64,
+}
+
+struct Tenant(u64);
+
+impl<S: Send + Sync> FromRequestParts<S> for Tenant {
+    type Rejection = StatusCode;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let tenant = parts
+            .headers
+            .get("x-tenant")
+            .ok_or(StatusCode::UNAUTHORIZED)?;
+        let tenant = tenant.to_str().map_err(|_| StatusCode::BAD_REQUEST)?;
+        tenant
+            .parse()
+            .map(Self)
+            .map_err(|_| StatusCode::BAD_REQUEST)
+    }
+}
+
+impl IdempotencyScope for Tenant {
+    fn scope_id(&self) -> impl AsRef<[u8]> {
+        self.0.to_be_bytes()
+    }
+}
+
+/// Every option at once.
+#[idempotent(
+    ttl = "7d",
+    lease = "30s",
+    wait = "2s",
+    scope = "header:x-tenant",
+    optional,
+    skip(id),
+    name = "payments.create",
+    final_statuses = "2xx, 404",
+    crate = "::idempotent_core"
+)]
+async fn create(
+    State(_db): State<Db>,
+    key: Option<IdempotencyKey>,
+    Path(id): Path<u64>,
+    Json(payment): Json<Payment>,
+) -> Result<(StatusCode, Json<Payment>), StatusCode> {
+    let _ = (key, id);
+    if payment.amount <= 0 {
+        return Err(StatusCode::BAD_REQUEST);
+    }
+    Ok((StatusCode::CREATED, Json(payment)))
+}
+
+/// A custom scope taken from the handler's own argument.
+#[idempotent(scope = Tenant)]
+async fn scoped(tenant: Tenant, body: String) -> impl IntoResponse {
+    format!("{}:{body}", tenant.0)
+}
+
+/// A custom scope the macro extracts itself.
+#[idempotent(scope = Tenant)]
+async fn scoped_extra(Json(payment): Json<Payment>) -> Json<i64> {
+    Json(payment.amount)
+}
+
+/// No arguments at all.
+#[idempotent]
+async fn no_arguments() -> StatusCode {
+    StatusCode::NO_CONTENT
+}
+
+fn app() -> Router {
+    Router::new()
+        .route("/payments/{id}", post(create))
+        .route("/scoped", post(scoped))
+        .route("/scoped-extra", post(scoped_extra))
+        .route("/none", post(no_arguments))
+        .with_state(Db)
+        .layer(Idempotency::new(MemoryStore::new()))
+}
+
+#[test]
+fn strictly_linted_handlers_build_a_router() {
+    let _app = app();
+}

@@ -1,0 +1,181 @@
+//! `#[idempotent]` handlers end to end, through a `Router`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use http_body_util::BodyExt;
+use idempotent_core::store::MemoryStore;
+use idempotent_core::{IDEMPOTENT_REPLAYED, Idempotency, IdempotencyKey, idempotent};
+use serde::{Deserialize, Serialize};
+use tower::ServiceExt;
+
+#[derive(Clone, Default)]
+struct Counter(Arc<AtomicUsize>);
+
+impl Counter {
+    fn bump(&self) -> usize {
+        self.0.fetch_add(1, Ordering::SeqCst) + 1
+    }
+    fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Order {
+    item: String,
+    quantity: u32,
+}
+
+/// Creates an order.
+#[idempotent(ttl = "1h", scope = "api_key")]
+async fn create_order(
+    State(counter): State<Counter>,
+    Json(order): Json<Order>,
+) -> (StatusCode, Json<serde_json::Value>) {
+    let n = counter.bump();
+    (
+        StatusCode::CREATED,
+        Json(serde_json::json!({"order": n, "item": order.item, "quantity": order.quantity})),
+    )
+}
+
+fn app(counter: &Counter) -> Router {
+    Router::new()
+        .route("/orders", post(create_order))
+        .with_state(counter.clone())
+        .layer(Idempotency::new(MemoryStore::new()))
+}
+
+fn post_json(uri: &str, key: Option<&str>, body: &str) -> Request<Body> {
+    let mut request = Request::post(uri)
+        .header("content-type", "application/json")
+        .header("x-api-key", "caller-1");
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    request.body(Body::from(body.to_owned())).unwrap()
+}
+
+async fn send(app: &Router, request: Request<Body>) -> (StatusCode, bool, String) {
+    let response: Response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let replayed = response.headers().contains_key(IDEMPOTENT_REPLAYED);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, replayed, String::from_utf8(body.to_vec()).unwrap())
+}
+
+#[tokio::test]
+async fn a_retry_replays_the_first_response_without_running_the_handler() {
+    let counter = Counter::default();
+    let app = app(&counter);
+    let body = r#"{"item":"book","quantity":2}"#;
+    let first = send(&app, post_json("/orders", Some("k1"), body)).await;
+    let retry = send(&app, post_json("/orders", Some("k1"), body)).await;
+    assert_eq!(first.0, StatusCode::CREATED);
+    assert!(!first.1);
+    assert_eq!(retry.0, StatusCode::CREATED);
+    assert!(retry.1, "the retry is marked as replayed");
+    assert_eq!(first.2, retry.2);
+    assert_eq!(counter.get(), 1);
+}
+
+#[tokio::test]
+async fn the_same_payload_in_another_field_order_is_the_same_request() {
+    let counter = Counter::default();
+    let app = app(&counter);
+    send(
+        &app,
+        post_json("/orders", Some("k1"), r#"{"item":"book","quantity":2}"#),
+    )
+    .await;
+    let retry = send(
+        &app,
+        post_json(
+            "/orders",
+            Some("k1"),
+            r#"{ "quantity": 2, "item": "book" }"#,
+        ),
+    )
+    .await;
+    assert!(retry.1);
+    assert_eq!(counter.get(), 1);
+}
+
+#[tokio::test]
+async fn a_different_payload_with_the_same_key_is_refused_with_422() {
+    let counter = Counter::default();
+    let app = app(&counter);
+    send(
+        &app,
+        post_json("/orders", Some("k1"), r#"{"item":"book","quantity":2}"#),
+    )
+    .await;
+    let other = send(
+        &app,
+        post_json("/orders", Some("k1"), r#"{"item":"book","quantity":3}"#),
+    )
+    .await;
+    assert_eq!(other.0, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(other.2.contains("create_order"), "{}", other.2);
+    assert_eq!(counter.get(), 1);
+}
+
+#[tokio::test]
+async fn a_missing_key_is_refused_with_400_and_runs_nothing() {
+    let counter = Counter::default();
+    let app = app(&counter);
+    let response = send(
+        &app,
+        post_json("/orders", None, r#"{"item":"book","quantity":2}"#),
+    )
+    .await;
+    assert_eq!(response.0, StatusCode::BAD_REQUEST);
+    assert_eq!(counter.get(), 0);
+}
+
+#[idempotent]
+async fn echo_key(key: IdempotencyKey) -> String {
+    key.derive("ledger")
+}
+
+#[tokio::test]
+async fn the_handler_can_take_the_key_and_derive_downstream_keys() {
+    let app = Router::new()
+        .route("/echo", post(echo_key))
+        .layer(Idempotency::new(MemoryStore::new()));
+    let response = send(&app, post_json("/echo", Some("abc"), "")).await;
+    assert_eq!(response.0, StatusCode::OK);
+    assert_eq!(response.2, "abc:ledger");
+}
+
+#[idempotent(scope = "global")]
+async fn fallible(Json(order): Json<Order>) -> Result<impl IntoResponse, StatusCode> {
+    let quantity = u8::try_from(order.quantity).map_err(|_| StatusCode::BAD_REQUEST)?;
+    Ok(Json(quantity))
+}
+
+#[tokio::test]
+async fn question_mark_and_impl_into_response_work_in_the_body() {
+    let app = Router::new()
+        .route("/fallible", post(fallible))
+        .layer(Idempotency::new(MemoryStore::new()));
+    let ok = send(
+        &app,
+        post_json("/fallible", Some("a"), r#"{"item":"x","quantity":7}"#),
+    )
+    .await;
+    assert_eq!((ok.0, ok.2.as_str()), (StatusCode::OK, "7"));
+    let bad = send(
+        &app,
+        post_json("/fallible", Some("b"), r#"{"item":"x","quantity":700}"#),
+    )
+    .await;
+    assert_eq!(bad.0, StatusCode::BAD_REQUEST);
+}

@@ -1,0 +1,6 @@
+use idempotent_core::idempotent;
+
+#[idempotent(ttl = "24x")]
+async fn handler() {}
+
+fn main() {}

@@ -1,0 +1,6 @@
+use idempotent_core::idempotent;
+
+#[idempotent]
+struct Handler;
+
+fn main() {}

@@ -1,0 +1,10 @@
+use idempotent_core::idempotent;
+
+struct Service;
+
+impl Service {
+    #[idempotent]
+    async fn handler(&self) {}
+}
+
+fn main() {}

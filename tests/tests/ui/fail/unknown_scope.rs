@@ -1,0 +1,6 @@
+use idempotent_core::idempotent;
+
+#[idempotent(scope = "apikey")]
+async fn handler() {}
+
+fn main() {}

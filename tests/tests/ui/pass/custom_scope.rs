@@ -1,0 +1,50 @@
+use axum::extract::FromRequestParts;
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::routing::post;
+use axum::{Json, Router};
+use idempotent_core::store::MemoryStore;
+use idempotent_core::{Idempotency, IdempotencyScope, idempotent};
+
+mod auth {
+    /// The authenticated caller.
+    pub struct User {
+        pub id: u64,
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for auth::User {
+    type Rejection = StatusCode;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let id = parts.headers.get("x-user").ok_or(StatusCode::UNAUTHORIZED)?;
+        let id = id.to_str().ok().and_then(|id| id.parse().ok());
+        id.map(|id| Self { id }).ok_or(StatusCode::UNAUTHORIZED)
+    }
+}
+
+impl IdempotencyScope for auth::User {
+    fn scope_id(&self) -> impl AsRef<[u8]> {
+        self.id.to_be_bytes()
+    }
+}
+
+// The handler does not take the principal: the macro extracts it.
+#[idempotent(scope = auth::User)]
+async fn scoped_by_extra_extractor(Json(amount): Json<u64>) -> Json<u64> {
+    Json(amount)
+}
+
+// The handler takes the principal: the macro scopes by that argument and
+// does not fingerprint it.
+#[idempotent(scope = auth::User)]
+async fn scoped_by_argument(user: auth::User, Json(amount): Json<u64>) -> Json<u64> {
+    Json(user.id + amount)
+}
+
+fn main() {
+    let _app: Router = Router::new()
+        .route("/a", post(scoped_by_extra_extractor))
+        .route("/b", post(scoped_by_argument))
+        .layer(Idempotency::new(MemoryStore::new()));
+}

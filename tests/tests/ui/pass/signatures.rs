@@ -1,0 +1,68 @@
+//! Signatures the attribute keeps intact: docs, attributes, visibility,
+//! generics, `impl IntoResponse`, `?`, raw identifiers, patterns.
+
+use axum::extract::Request;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::post;
+use axum::{Json, Router};
+use idempotent_core::store::MemoryStore;
+use idempotent_core::{Idempotency, idempotent};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub mod handlers {
+    use super::*;
+
+    /// Documented, public, returning `impl IntoResponse`.
+    #[idempotent]
+    #[allow(clippy::unused_async)]
+    pub async fn public(Json(n): Json<i32>) -> impl IntoResponse {
+        (StatusCode::CREATED, Json(n))
+    }
+}
+
+#[idempotent]
+async fn generic<T>(Json(value): Json<T>) -> Json<T>
+where
+    T: Serialize + DeserializeOwned + Send + 'static,
+{
+    Json(value)
+}
+
+#[idempotent]
+async fn r#type(Json(n): Json<u8>) -> Result<String, StatusCode> {
+    let n = n.checked_add(1).ok_or(StatusCode::BAD_REQUEST)?;
+    Ok(n.to_string())
+}
+
+#[idempotent]
+async fn mutable(mut body: String) -> String {
+    body.push('!');
+    body
+}
+
+// The whole request cannot be fingerprinted: skipping it is explicit.
+#[idempotent(skip(request))]
+async fn whole_request(request: Request) -> String {
+    request.uri().to_string()
+}
+
+#[idempotent]
+async fn early_return(Json(n): Json<i32>) -> StatusCode {
+    if n < 0 {
+        return StatusCode::BAD_REQUEST;
+    }
+    StatusCode::NO_CONTENT
+}
+
+fn main() {
+    let _app: Router = Router::new()
+        .route("/public", post(handlers::public))
+        .route("/generic", post(generic::<Vec<u8>>))
+        .route("/type", post(r#type))
+        .route("/mutable", post(mutable))
+        .route("/request", post(whole_request))
+        .route("/early", post(early_return))
+        .layer(Idempotency::new(MemoryStore::new()));
+}
