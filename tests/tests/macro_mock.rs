@@ -54,10 +54,16 @@ async fn the_documented_lifecycle() {
     let app = app(&store);
 
     // First call executes.
-    assert_eq!(post_charge(&app, "/charges", "k1", 100).await, StatusCode::CREATED);
+    assert_eq!(
+        post_charge(&app, "/charges", "k1", 100).await,
+        StatusCode::CREATED
+    );
     store.assert_executed_once();
     // A retry replays without running the handler.
-    assert_eq!(post_charge(&app, "/charges", "k1", 100).await, StatusCode::CREATED);
+    assert_eq!(
+        post_charge(&app, "/charges", "k1", 100).await,
+        StatusCode::CREATED
+    );
     store.assert_executed_once();
     assert_eq!(store.claims(ClaimOutcome::Completed), 1);
     // A different payload under the same key is refused.
@@ -66,7 +72,10 @@ async fn the_documented_lifecycle() {
     store.assert_executed_once();
     // After the TTL the key is new again: no sleeping, the clock moves.
     store.advance(Duration::from_secs(24 * 3600 + 1));
-    assert_eq!(post_charge(&app, "/charges", "k1", 250).await, StatusCode::CREATED);
+    assert_eq!(
+        post_charge(&app, "/charges", "k1", 250).await,
+        StatusCode::CREATED
+    );
     store.assert_executed(2);
     // A store failure answers 503 and runs nothing.
     store.fail_next(OpKind::Claim);
@@ -74,7 +83,10 @@ async fn the_documented_lifecycle() {
     assert_eq!(outage, StatusCode::SERVICE_UNAVAILABLE);
     store.assert_executed(2);
     // The retry after the outage runs.
-    assert_eq!(post_charge(&app, "/charges", "k2", 100).await, StatusCode::CREATED);
+    assert_eq!(
+        post_charge(&app, "/charges", "k2", 100).await,
+        StatusCode::CREATED
+    );
     store.assert_executed(3);
 }
 
@@ -106,7 +118,10 @@ async fn the_log_shows_each_call_in_order() {
 async fn a_server_error_is_released_and_the_retry_runs_again() {
     let store = MockStore::new();
     let app = app(&store);
-    assert_eq!(post_charge(&app, "/flaky", "k", 0).await, StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        post_charge(&app, "/flaky", "k", 0).await,
+        StatusCode::BAD_GATEWAY
+    );
     assert_eq!(store.count(OpKind::Release), 1);
     assert_eq!(store.count(OpKind::Complete), 0);
     post_charge(&app, "/flaky", "k", 0).await;
@@ -125,7 +140,10 @@ async fn an_outage_refuses_everything_until_it_ends() {
     assert_eq!(store.failures(), 3);
     store.assert_executed(0);
     store.fail_all(false);
-    assert_eq!(post_charge(&app, "/charges", "a", 1).await, StatusCode::CREATED);
+    assert_eq!(
+        post_charge(&app, "/charges", "a", 1).await,
+        StatusCode::CREATED
+    );
 }
 
 #[tokio::test]
@@ -134,7 +152,10 @@ async fn a_lost_complete_holds_the_key_until_the_lease_lapses() {
     let app = app(&store);
     // The handler runs but its response cannot be stored.
     store.fail_next(OpKind::Complete);
-    assert_eq!(post_charge(&app, "/charges", "k", 5).await, StatusCode::CREATED);
+    assert_eq!(
+        post_charge(&app, "/charges", "k", 5).await,
+        StatusCode::CREATED
+    );
     assert_eq!(
         store.operations().last(),
         Some(&Operation::Failed {
@@ -142,11 +163,17 @@ async fn a_lost_complete_holds_the_key_until_the_lease_lapses() {
         })
     );
     // The claim is still held, so a retry is told to come back later...
-    assert_eq!(post_charge(&app, "/charges", "k", 5).await, StatusCode::CONFLICT);
+    assert_eq!(
+        post_charge(&app, "/charges", "k", 5).await,
+        StatusCode::CONFLICT
+    );
     store.assert_executed_once();
     // ...and after the lease lapses it runs again.
     store.advance(Duration::from_secs(61));
-    assert_eq!(post_charge(&app, "/charges", "k", 5).await, StatusCode::CREATED);
+    assert_eq!(
+        post_charge(&app, "/charges", "k", 5).await,
+        StatusCode::CREATED
+    );
     store.assert_executed(2);
 }
 
@@ -155,8 +182,14 @@ async fn fail_next_call_fails_whatever_comes_next_once() {
     let store = MockStore::new();
     let app = app(&store);
     store.fail_next_call();
-    assert_eq!(post_charge(&app, "/charges", "k", 5).await, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(post_charge(&app, "/charges", "k", 5).await, StatusCode::CREATED);
+    assert_eq!(
+        post_charge(&app, "/charges", "k", 5).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        post_charge(&app, "/charges", "k", 5).await,
+        StatusCode::CREATED
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -172,11 +205,16 @@ async fn a_store_slower_than_the_timeout_is_an_outage() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     store.assert_executed(0);
     store.set_delay(Duration::ZERO);
-    assert_eq!(post_charge(&app, "/charges", "k", 5).await, StatusCode::CREATED);
+    assert_eq!(
+        post_charge(&app, "/charges", "k", 5).await,
+        StatusCode::CREATED
+    );
 }
 
 #[tokio::test]
-#[should_panic(expected = "expected the handler to run 1 time(s) but the store let it run 2 time(s)")]
+#[should_panic(
+    expected = "expected the handler to run 1 time(s) but the store let it run 2 time(s)"
+)]
 async fn assert_executed_once_fails_when_the_handler_ran_twice() {
     let store = MockStore::new();
     let app = app(&store);

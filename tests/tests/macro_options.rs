@@ -151,11 +151,17 @@ async fn with_wait_a_duplicate_waits_for_the_first_and_replays_it() {
         async move { send(&app, request("/waited", Some("k"), &[], "7")).await }
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(!duplicate.is_finished(), "the duplicate waits instead of getting 409");
+    assert!(
+        !duplicate.is_finished(),
+        "the duplicate waits instead of getting 409"
+    );
     gate.release.notify_one();
     let (first, duplicate) = (first.await.unwrap(), duplicate.await.unwrap());
     assert_eq!((first.status, first.replayed), (StatusCode::CREATED, false));
-    assert_eq!((duplicate.status, duplicate.replayed), (StatusCode::CREATED, true));
+    assert_eq!(
+        (duplicate.status, duplicate.replayed),
+        (StatusCode::CREATED, true)
+    );
     assert_eq!(duplicate.body, "7");
     assert_eq!(gate.runs.get(), 1);
 }
@@ -173,7 +179,10 @@ async fn optional_runs_keyless_requests_every_time_and_keyed_ones_once() {
     let app = router(Router::new().route("/o", post(optional_key)), &runs);
     assert_eq!(send(&app, request("/o", None, &[], "")).await.body, "1");
     assert_eq!(send(&app, request("/o", None, &[], "")).await.body, "2");
-    assert_eq!(send(&app, request("/o", Some("k"), &[], "")).await.body, "3");
+    assert_eq!(
+        send(&app, request("/o", Some("k"), &[], "")).await.body,
+        "3"
+    );
     let retry = send(&app, request("/o", Some("k"), &[], "")).await;
     assert_eq!((retry.body.as_str(), retry.replayed), ("3", true));
 }
@@ -210,9 +219,18 @@ async fn api_key_scope_keeps_callers_apart_and_needs_a_credential() {
     let app = router(Router::new().route("/a", post(by_api_key)), &runs);
     let alice = [("x-api-key", "alice")];
     let bob = [("authorization", "Bearer bob")];
-    assert_eq!(send(&app, request("/a", Some("k"), &alice, "")).await.body, "1");
-    assert_eq!(send(&app, request("/a", Some("k"), &bob, "")).await.body, "2");
-    assert_eq!(send(&app, request("/a", Some("k"), &alice, "")).await.body, "1");
+    assert_eq!(
+        send(&app, request("/a", Some("k"), &alice, "")).await.body,
+        "1"
+    );
+    assert_eq!(
+        send(&app, request("/a", Some("k"), &bob, "")).await.body,
+        "2"
+    );
+    assert_eq!(
+        send(&app, request("/a", Some("k"), &alice, "")).await.body,
+        "1"
+    );
     let anonymous = send(&app, request("/a", Some("k"), &[], "")).await;
     assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
     assert_eq!(runs.get(), 2);
@@ -224,9 +242,19 @@ async fn header_scope_keeps_tenants_apart_and_needs_the_header() {
     let app = router(Router::new().route("/h", post(by_header)), &runs);
     let one = [("x-tenant", "one")];
     let two = [("X-Tenant", "two")];
-    assert_eq!(send(&app, request("/h", Some("k"), &one, "")).await.body, "1");
-    assert_eq!(send(&app, request("/h", Some("k"), &two, "")).await.body, "2");
-    assert!(send(&app, request("/h", Some("k"), &two, "")).await.replayed);
+    assert_eq!(
+        send(&app, request("/h", Some("k"), &one, "")).await.body,
+        "1"
+    );
+    assert_eq!(
+        send(&app, request("/h", Some("k"), &two, "")).await.body,
+        "2"
+    );
+    assert!(
+        send(&app, request("/h", Some("k"), &two, ""))
+            .await
+            .replayed
+    );
     let missing = send(&app, request("/h", Some("k"), &[], "")).await;
     assert_eq!(missing.status, StatusCode::UNAUTHORIZED);
     assert!(missing.body.contains("x-tenant"), "{}", missing.body);
@@ -240,7 +268,9 @@ impl<S: Send + Sync> FromRequestParts<S> for User {
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         let user = parts.headers.get("x-user").ok_or(StatusCode::FORBIDDEN)?;
-        Ok(Self(user.to_str().map_err(|_| StatusCode::FORBIDDEN)?.to_owned()))
+        Ok(Self(
+            user.to_str().map_err(|_| StatusCode::FORBIDDEN)?.to_owned(),
+        ))
     }
 }
 
@@ -266,8 +296,14 @@ async fn custom_scope_from_the_handlers_own_argument() {
     let app = router(Router::new().route("/u", post(by_user_argument)), &runs);
     let ann = [("x-user", "ann")];
     let ben = [("x-user", "ben")];
-    assert_eq!(send(&app, request("/u", Some("k"), &ann, "5")).await.body, "ann:1:5");
-    assert_eq!(send(&app, request("/u", Some("k"), &ben, "5")).await.body, "ben:2:5");
+    assert_eq!(
+        send(&app, request("/u", Some("k"), &ann, "5")).await.body,
+        "ann:1:5"
+    );
+    assert_eq!(
+        send(&app, request("/u", Some("k"), &ben, "5")).await.body,
+        "ben:2:5"
+    );
     let retry = send(&app, request("/u", Some("k"), &ann, "5")).await;
     assert_eq!((retry.body.as_str(), retry.replayed), ("ann:1:5", true));
     // The principal is the scope, not part of the payload: another payload
@@ -282,9 +318,19 @@ async fn custom_scope_extracted_by_the_macro() {
     let app = router(Router::new().route("/x", post(by_user_extracted)), &runs);
     let ann = [("x-user", "ann")];
     let ben = [("x-user", "ben")];
-    assert_eq!(send(&app, request("/x", Some("k"), &ann, "5")).await.body, "1:5");
-    assert_eq!(send(&app, request("/x", Some("k"), &ben, "5")).await.body, "2:5");
-    assert!(send(&app, request("/x", Some("k"), &ben, "5")).await.replayed);
+    assert_eq!(
+        send(&app, request("/x", Some("k"), &ann, "5")).await.body,
+        "1:5"
+    );
+    assert_eq!(
+        send(&app, request("/x", Some("k"), &ben, "5")).await.body,
+        "2:5"
+    );
+    assert!(
+        send(&app, request("/x", Some("k"), &ben, "5"))
+            .await
+            .replayed
+    );
     // The principal's own rejection answers a request without it.
     let anonymous = send(&app, request("/x", Some("k"), &[], "5")).await;
     assert_eq!(anonymous.status, StatusCode::FORBIDDEN);
@@ -299,11 +345,7 @@ struct Trace {
 }
 
 #[idempotent(scope = "global", skip(trace))]
-async fn skips_query(
-    State(runs): State<Runs>,
-    trace: Query<Trace>,
-    Json(n): Json<u32>,
-) -> String {
+async fn skips_query(State(runs): State<Runs>, trace: Query<Trace>, Json(n): Json<u32>) -> String {
     format!("{}:{n}:{}", runs.bump(), trace.trace)
 }
 
@@ -366,13 +408,20 @@ async fn the_name_not_the_function_identifies_the_endpoint() {
             .route("/unnamed", post(create_order_unnamed)),
         &runs,
     );
-    assert_eq!(send(&app, request("/v1", Some("k"), &[], "3")).await.body, "v1:1:3");
+    assert_eq!(
+        send(&app, request("/v1", Some("k"), &[], "3")).await.body,
+        "v1:1:3"
+    );
     let renamed = send(&app, request("/v2", Some("k"), &[], "3")).await;
     assert_eq!((renamed.body.as_str(), renamed.replayed), ("v1:1:3", true));
     // Without `name`, the function's name is the identity.
     let unnamed = send(&app, request("/unnamed", Some("k"), &[], "3")).await;
     assert_eq!(unnamed.status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(unnamed.body.contains("create_order_unnamed"), "{}", unnamed.body);
+    assert!(
+        unnamed.body.contains("create_order_unnamed"),
+        "{}",
+        unnamed.body
+    );
 }
 
 // ===== final_statuses =====
@@ -404,15 +453,25 @@ async fn final_statuses_decide_what_is_stored() {
     );
     // By default a 404 is final: the retry replays it.
     send(&app, request("/default", Some("a"), &[], "")).await;
-    assert!(send(&app, request("/default", Some("a"), &[], "")).await.replayed);
+    assert!(
+        send(&app, request("/default", Some("a"), &[], ""))
+            .await
+            .replayed
+    );
     // With "2xx" it is not: the retry runs again.
-    assert_eq!(send(&app, request("/2xx", Some("b"), &[], "")).await.body, "2");
+    assert_eq!(
+        send(&app, request("/2xx", Some("b"), &[], "")).await.body,
+        "2"
+    );
     let rerun = send(&app, request("/2xx", Some("b"), &[], "")).await;
     assert_eq!((rerun.body.as_str(), rerun.replayed), ("3", false));
     // A listed 503 is stored.
     send(&app, request("/503", Some("c"), &[], "")).await;
     let replayed = send(&app, request("/503", Some("c"), &[], "")).await;
-    assert_eq!((replayed.status, replayed.replayed), (StatusCode::SERVICE_UNAVAILABLE, true));
+    assert_eq!(
+        (replayed.status, replayed.replayed),
+        (StatusCode::SERVICE_UNAVAILABLE, true)
+    );
 }
 
 // ===== crate =====
@@ -425,7 +484,10 @@ async fn through_renamed_crate(State(runs): State<Runs>) -> String {
 #[tokio::test]
 async fn crate_override_expands_to_the_renamed_crate() {
     let runs = Runs::default();
-    let app = router(Router::new().route("/c", post(through_renamed_crate)), &runs);
+    let app = router(
+        Router::new().route("/c", post(through_renamed_crate)),
+        &runs,
+    );
     send(&app, request("/c", Some("k"), &[], "")).await;
     let retry = send(&app, request("/c", Some("k"), &[], "")).await;
     assert!(retry.replayed);
