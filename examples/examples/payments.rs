@@ -9,7 +9,8 @@
 //!
 //! Environment:
 //! - `IDEMPOTENT_ADDR`: where to listen (default `127.0.0.1:3000`);
-//! - `IDEMPOTENT_STORE`: which store keeps the records (default `memory`);
+//! - `IDEMPOTENT_STORE`: which store keeps the records: `memory` (the
+//!   default), `postgres://...`, `redis://...` or `sqlite://<path>`;
 //! - `PAYMENTS_DELAY_MS`: how long each charge takes (default 0), to watch
 //!   concurrent duplicates get 409.
 
@@ -24,7 +25,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use idempotent_core::store::MemoryStore;
+use idempotent_core::store::{MemoryStore, PostgresStore, Reaper, RedisStore, SqliteStore};
 use idempotent_core::{Idempotency, idempotent};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -164,17 +165,34 @@ async fn stats(State(ledger): State<Ledger>) -> Json<serde_json::Value> {
     }))
 }
 
-/// The idempotency store named by `IDEMPOTENT_STORE`.
-fn idempotency_from_env() -> Result<Idempotency, String> {
-    idempotency_for(std::env::var("IDEMPOTENT_STORE").ok().as_deref())
+/// The idempotency store named by `IDEMPOTENT_STORE`, and the PostgreSQL
+/// reaper when there is one (it runs until dropped).
+async fn idempotency_from_env() -> Result<(Idempotency, Option<Reaper>), String> {
+    idempotency_for(std::env::var("IDEMPOTENT_STORE").ok().as_deref()).await
 }
 
 /// The idempotency store called `name` (`None`: the default).
-fn idempotency_for(name: Option<&str>) -> Result<Idempotency, String> {
+async fn idempotency_for(name: Option<&str>) -> Result<(Idempotency, Option<Reaper>), String> {
+    let unreachable = |error| format!("IDEMPOTENT_STORE: cannot open the store: {error}");
     match name {
-        None | Some("" | "memory") => Ok(Idempotency::new(MemoryStore::new())),
+        None | Some("" | "memory") => Ok((Idempotency::new(MemoryStore::new()), None)),
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            let store = PostgresStore::connect(url).await.map_err(unreachable)?;
+            store.migrate().await.map_err(unreachable)?;
+            let reaper = store.spawn_reaper(Duration::from_secs(60));
+            Ok((Idempotency::new(store), Some(reaper)))
+        }
+        Some(url) if url.starts_with("redis://") => {
+            let store = RedisStore::connect(url).await.map_err(unreachable)?;
+            Ok((Idempotency::new(store), None))
+        }
+        Some(url) if url.starts_with("sqlite://") => {
+            let store = SqliteStore::connect(url).await.map_err(unreachable)?;
+            store.migrate().await.map_err(unreachable)?;
+            Ok((Idempotency::new(store), None))
+        }
         Some(other) => Err(format!(
-            "IDEMPOTENT_STORE=`{other}` is not a store this example knows; valid values: `memory` (the default)"
+            "IDEMPOTENT_STORE=`{other}` is not a store this example knows; valid values: `memory` (the default), `postgres://...`, `redis://...`, `sqlite://<path>`"
         )),
     }
 }
@@ -200,7 +218,7 @@ fn app(ledger: Ledger, idempotency: Idempotency) -> Router {
 async fn serve() -> Result<(), String> {
     let addr: SocketAddr = env_or("IDEMPOTENT_ADDR", SocketAddr::from(([127, 0, 0, 1], 3000)))?;
     let delay_ms: u64 = env_or("PAYMENTS_DELAY_MS", 0)?;
-    let idempotency = idempotency_from_env()?;
+    let (idempotency, _reaper) = idempotency_from_env().await?;
     let ledger = Ledger {
         charge_delay: Duration::from_millis(delay_ms),
         ..Ledger::default()
@@ -296,12 +314,51 @@ mod tests {
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     }
 
-    #[test]
-    fn an_unknown_store_is_an_error_naming_the_valid_ones() {
-        let message = idempotency_for(Some("redis-cluster")).unwrap_err();
+    #[tokio::test]
+    async fn an_unknown_store_is_an_error_naming_the_valid_ones() {
+        let message = idempotency_for(Some("redis-cluster")).await.unwrap_err();
         assert!(message.contains("`redis-cluster`"), "{message}");
-        assert!(message.contains("`memory`"), "{message}");
-        assert!(idempotency_for(None).is_ok());
-        assert!(idempotency_for(Some("memory")).is_ok());
+        for valid in [
+            "`memory`",
+            "`postgres://...`",
+            "`redis://...`",
+            "`sqlite://<path>`",
+        ] {
+            assert!(message.contains(valid), "{message}");
+        }
+        assert!(idempotency_for(None).await.is_ok());
+        assert!(idempotency_for(Some("memory")).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_store_is_an_error_not_a_panic() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("redis://127.0.0.1:{port}");
+        let message = idempotency_for(Some(&url)).await.unwrap_err();
+        assert!(message.contains("cannot open the store"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn a_sqlite_store_keeps_payments_across_restarts() {
+        let path = std::env::temp_dir().join(format!("payments-{}.db", std::process::id()));
+        let url = format!("sqlite://{}", path.display());
+        let body = r#"{"amount": 700, "currency": "SEK"}"#;
+        let (idempotency, _) = idempotency_for(Some(&url)).await.unwrap();
+        let (status, _, first) = call(&app(Ledger::default(), idempotency), pay("k", body)).await;
+        assert_eq!(status, StatusCode::CREATED);
+        // A new process: fresh ledger, same file.
+        let (idempotency, _) = idempotency_for(Some(&url)).await.unwrap();
+        let restarted = app(Ledger::default(), idempotency);
+        let (_, replayed, again) = call(&restarted, pay("k", body)).await;
+        assert!(replayed);
+        assert_eq!(first, again);
+        assert_eq!(stats_of(&restarted).await["payments"], 0);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
     }
 }

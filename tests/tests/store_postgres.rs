@@ -261,3 +261,59 @@ async fn table_names_that_are_not_identifiers_are_refused() {
         .expect_err("refused");
     assert!(error.to_string().contains("invalid table name"), "{error}");
 }
+
+// ===== an unreachable database: no server needed =====
+
+/// An app whose store points at `url` without connecting first.
+fn app_on_lazy_pool(url: &str, ledger: &Ledger) -> axum::Router {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_lazy(url)
+        .expect("valid URL");
+    let store = PostgresStore::builder(pool)
+        .build()
+        .expect("valid table name");
+    payments_app(store, ledger, Duration::from_millis(300))
+}
+
+#[tokio::test]
+async fn a_refused_connection_gives_503_and_runs_nothing() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ledger = Ledger::default();
+    let app = app_on_lazy_pool(
+        &format!("postgres://postgres@127.0.0.1:{port}/test"),
+        &ledger,
+    );
+    let reply = pay(&app, "refused", 1).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.content_type(), Some("application/problem+json"));
+    assert_eq!(ledger.executions(), 0);
+}
+
+#[tokio::test]
+async fn a_database_that_never_answers_is_cut_by_the_store_timeout() {
+    // Accepts connections and never says a word.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let ledger = Ledger::default();
+    let app = app_on_lazy_pool(
+        &format!("postgres://postgres@127.0.0.1:{port}/test"),
+        &ledger,
+    );
+    let reply = tokio::time::timeout(Duration::from_secs(10), pay(&app, "silent", 1))
+        .await
+        .expect("the store timeout answers long before the pool's own 30 s");
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ledger.executions(), 0);
+    silent.abort();
+}

@@ -269,17 +269,26 @@ struct Statements {
 impl Statements {
     fn new(table: &str) -> Self {
         Self {
-            // One statement. The INSERT either creates the row, takes over a
-            // row whose deadline passed, or (ON CONFLICT ... WHERE false)
-            // leaves a live row alone; in that case the second branch reads
-            // that row. Both branches share the statement's snapshot, so if
-            // the live row was committed by a concurrent claim after the
-            // snapshot was taken, neither branch returns a row: the caller
-            // then runs the statement again, which sees it.
+            // One statement, in three parts sharing one snapshot:
+            // - `live` reads a live record, if there is one;
+            // - only if there is none, `claimed` inserts the claim, or takes
+            //   over a row whose deadline passed (ON CONFLICT ... WHERE);
+            // - the result is either the claim or the live record.
+            // Replays and in-flight duplicates are thus plain reads that take
+            // no lock and write nothing. If a concurrent claim committed its
+            // row after the snapshot was taken, the insert finds it live and
+            // leaves it alone while `live` cannot see it: no row comes back,
+            // and the caller runs the statement again, which sees it.
             claim: format!(
-                "WITH claimed AS (
+                "WITH live AS (
+                    SELECT fingerprint, expires_at, status, header_names, header_values, body
+                    FROM {table}
+                    WHERE scope = $1 AND key = $2 AND expires_at > $6
+                ),
+                claimed AS (
                     INSERT INTO {table} AS r (scope, key, fingerprint, lease_token, expires_at)
-                    VALUES ($1, $2, $3, $4, $5)
+                    SELECT $1, $2, $3, $4, $5
+                    WHERE NOT EXISTS (SELECT 1 FROM live)
                     ON CONFLICT (scope, key) DO UPDATE
                     SET fingerprint = EXCLUDED.fingerprint, lease_token = EXCLUDED.lease_token,
                         expires_at = EXCLUDED.expires_at, status = NULL,
@@ -293,9 +302,7 @@ impl Statements {
                 FROM claimed
                 UNION ALL
                 SELECT FALSE, fingerprint, expires_at, status, header_names, header_values, body
-                FROM {table}
-                WHERE scope = $1 AND key = $2 AND expires_at > $6
-                  AND NOT EXISTS (SELECT 1 FROM claimed)"
+                FROM live"
             ),
             renew: format!(
                 "UPDATE {table} SET expires_at = $4
