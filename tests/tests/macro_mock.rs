@@ -222,3 +222,30 @@ async fn assert_executed_once_fails_when_the_handler_ran_twice() {
     post_charge(&app, "/charges", "b", 1).await;
     store.assert_executed_once();
 }
+
+#[idempotent(scope = "global", lease = "5s")]
+async fn short_lease(Json(charge): Json<Charge>) -> (StatusCode, Json<u64>) {
+    (StatusCode::CREATED, Json(charge.amount))
+}
+
+#[tokio::test]
+async fn the_lease_option_sets_how_long_an_orphaned_claim_holds() {
+    let store = MockStore::new();
+    let app = Router::new()
+        .route("/charges", post(short_lease))
+        .layer(store.layer());
+    // The outcome is lost, as if the process died before storing it.
+    store.fail_next(OpKind::Complete);
+    post_charge(&app, "/charges", "k", 5).await;
+    store.advance(Duration::from_secs(4));
+    assert_eq!(
+        post_charge(&app, "/charges", "k", 5).await,
+        StatusCode::CONFLICT
+    );
+    store.advance(Duration::from_secs(2));
+    assert_eq!(
+        post_charge(&app, "/charges", "k", 5).await,
+        StatusCode::CREATED
+    );
+    store.assert_executed(2);
+}
