@@ -240,33 +240,20 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
         .clone()
         .unwrap_or_else(|| syn::parse_quote!(::idempotent_core));
     let private = quote!(#krate::__private);
-    let sig = &func.sig;
-    let name = &sig.ident;
-    let (outer_attrs, inner_attrs) = split_attributes(&func.attrs);
     let params: Vec<Ident> = (0..handler.arguments.len())
         .map(|index| format_ident!("__idempotent_arg{}", index))
         .collect();
-    let types = handler.arguments.iter().map(|argument| argument.ty);
-    let request = local("__idempotent_request");
+    let (outer_attrs, inner_attrs) = split_attributes(&func.attrs);
     let (principal_param, principal) = principal(args, handler, &params, &private);
-    let endpoint = endpoint_const(args, name, &private);
+    let signature = outer_signature(func, handler, &params, principal_param.as_ref(), &private);
+    let endpoint = endpoint_const(args, &func.sig.ident, &private);
     let fingerprint = fingerprint(handler, &params, &private);
     let future = future(func, &params, &private);
-    let vis = &func.vis;
-    let generics = &sig.generics;
-    let where_clause = &generics.where_clause;
-    let block = &func.block;
-    let run_path = respan_tokens(&quote!(#private::run), name.span());
-    let run = quote_spanned! {name.span()=>
-        #run_path(#request, &__IDEMPOTENT_ENDPOINT, __idempotent_fingerprint, __idempotent_future).await
-    };
+    let run = run(&func.sig.ident, &private);
+    let ItemFn { sig, block, .. } = func;
     quote! {
         #(#outer_attrs)*
-        #vis async fn #name #generics (
-            #request: #private::IdempotentRequest,
-            #principal_param
-            #(#params: #types),*
-        ) -> #private::axum::response::Response #where_clause {
+        #signature {
             // The attribute requires `async fn`, so "remove `async`" is not
             // advice the handler can take.
             #[allow(clippy::unused_async)]
@@ -279,6 +266,42 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
             let __idempotent_future = #future;
             #run
         }
+    }
+}
+
+/// The routed function's signature: the user's name, visibility and
+/// generics; the request's idempotency context, then the principal of a
+/// custom scope if the macro extracts it, then one plain argument per
+/// user argument (patterns move to the inner function).
+fn outer_signature(
+    func: &ItemFn,
+    handler: &Handler<'_>,
+    params: &[Ident],
+    principal_param: Option<&TokenStream>,
+    private: &TokenStream,
+) -> TokenStream {
+    let vis = &func.vis;
+    let name = &func.sig.ident;
+    let generics = &func.sig.generics;
+    let where_clause = &generics.where_clause;
+    let request = local("__idempotent_request");
+    let types = handler.arguments.iter().map(|argument| argument.ty);
+    quote! {
+        #vis async fn #name #generics (
+            #request: #private::IdempotentRequest,
+            #principal_param
+            #(#params: #types),*
+        ) -> #private::axum::response::Response #where_clause
+    }
+}
+
+/// The call into the engine, spanned at the handler's name so that a future
+/// that is not `Send` is reported there.
+fn run(name: &Ident, private: &TokenStream) -> TokenStream {
+    let request = local("__idempotent_request");
+    let run = respan_tokens(&quote!(#private::run), name.span());
+    quote_spanned! {name.span()=>
+        #run(#request, &__IDEMPOTENT_ENDPOINT, __idempotent_fingerprint, __idempotent_future).await
     }
 }
 

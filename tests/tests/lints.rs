@@ -3,6 +3,7 @@
 //! `cargo clippy --all-targets` checks it.
 #![deny(
     warnings,
+    missing_docs,
     rust_2018_idioms,
     unused_qualifications,
     unreachable_pub,
@@ -95,12 +96,24 @@ async fn no_arguments() -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
+/// A public API module: the routed function keeps its documentation.
+pub mod api {
+    use idempotent_core::idempotent;
+
+    /// Echoes the body (`missing_docs` fails if the expansion drops this).
+    #[idempotent(scope = "global")]
+    pub async fn public_handler(body: String) -> String {
+        body
+    }
+}
+
 fn app() -> Router {
     Router::new()
         .route("/payments/{id}", post(create))
         .route("/scoped", post(scoped))
         .route("/scoped-extra", post(scoped_extra))
         .route("/none", post(no_arguments))
+        .route("/public", post(api::public_handler))
         .with_state(Db)
         .layer(Idempotency::new(MemoryStore::new()))
 }

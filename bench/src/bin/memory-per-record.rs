@@ -86,8 +86,15 @@ fn store_only(records: usize) {
     let scope = ScopeDigest::api_key(API_KEY.as_bytes());
     let body = [b'x'; 101];
     let complete = |n: usize| {
-        let key = RecordKey::new(scope, IdempotencyKey::parse(key(n).as_bytes()).expect("key"));
-        let claim = store.claim(&key, Fingerprint::from_bytes([7; 32]), Duration::from_secs(60));
+        let key = RecordKey::new(
+            scope,
+            IdempotencyKey::parse(key(n).as_bytes()).expect("key"),
+        );
+        let claim = store.claim(
+            &key,
+            Fingerprint::from_bytes([7; 32]),
+            Duration::from_secs(60),
+        );
         let Ok(Claim::Acquired(token)) = futures_now(claim) else {
             panic!("a new key is acquired");
         };
@@ -114,10 +121,17 @@ fn store_only(records: usize) {
     // and shrinkage of reallocations.
     let heap = change.bytes_allocated as i64 - change.bytes_deallocated as i64;
     let per_record = heap as f64 / records as f64;
-    println!("sizes: Completed {} B, header pair {} B, StoredResponse {} B", std::mem::size_of::<idempotent_core::record::Completed>(), std::mem::size_of::<(HeaderName, HeaderValue)>(), std::mem::size_of::<StoredResponse>());
-    println!("store only: {per_record:.0} B per record requested, {:.0} B beyond the 101-byte body and 28 header bytes; {:.2} live allocations per record",
+    println!(
+        "sizes: Completed {} B, header pair {} B, StoredResponse {} B",
+        std::mem::size_of::<idempotent_core::record::Completed>(),
+        std::mem::size_of::<(HeaderName, HeaderValue)>(),
+        std::mem::size_of::<StoredResponse>()
+    );
+    println!(
+        "store only: {per_record:.0} B per record requested, {:.0} B beyond the 101-byte body and 28 header bytes; {:.2} live allocations per record",
         per_record - 129.0,
-        (change.allocations as f64 - change.deallocations as f64) / records as f64);
+        (change.allocations as f64 - change.deallocations as f64) / records as f64
+    );
 }
 
 /// Memory store futures are ready at once.

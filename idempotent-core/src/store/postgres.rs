@@ -1,0 +1,549 @@
+//! A PostgreSQL store (feature `postgres`), on sqlx.
+//!
+//! Every instance of a service that points at the same table shares one
+//! set of records, and each operation is a single statement, atomic on the
+//! server.
+//!
+//! # Schema
+//!
+//! [`PostgresStore::migrate`] creates it (idempotently, under an advisory
+//! lock so that instances starting together do not race); shown here with
+//! the default table name:
+//!
+//! ```sql
+#![doc = include_str!("postgres/schema.sql")]
+//! ```
+//!
+//! `expires_at` is the one deadline that matters for a row: the lease
+//! deadline while in flight, the end of replay once completed. A row whose
+//! `expires_at` has passed is free to be claimed again, and is what
+//! [`PostgresStore::purge_expired`] deletes. Times are Unix milliseconds
+//! from the store's [`Clock`], passed as parameters, so the database's own
+//! clock is never consulted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, StatusCode};
+use sqlx::Row;
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+
+use super::sql::{self, DEFAULT_TABLE, InvalidTableName, from_sql_millis, to_sql_millis};
+use super::{Store, StoreError};
+use crate::clock::{Clock, SharedClock, SystemClock, millis};
+use crate::fingerprint::Fingerprint;
+use crate::record::{Claim, Completed, InFlight, LeaseToken, Record, RecordKey, StoredResponse};
+
+const SCHEMA: &str = include_str!("postgres/schema.sql");
+/// How often a claim that lost a race to a concurrent insert re-reads the
+/// winner (see [`Statements::claim`]).
+const CLAIM_ATTEMPTS: usize = 8;
+/// Rows deleted per statement by [`PostgresStore::purge_expired`], so a
+/// large backlog never holds many row locks at once.
+const PURGE_BATCH: i64 = 1000;
+
+/// A [`Store`] on a PostgreSQL table.
+///
+/// ```no_run
+/// use idempotent_core::{Idempotency, store::PostgresStore};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = PostgresStore::connect("postgres://app@db/app").await?;
+/// store.migrate().await?;
+/// let _reaper = store.spawn_reaper(std::time::Duration::from_secs(60));
+/// let idempotency = Idempotency::new(store);
+/// # let _ = idempotency;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    clock: SharedClock,
+    table: String,
+    sql: Statements,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("table", &self.inner.table)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`PostgresStore`] on an existing pool.
+#[derive(Debug)]
+#[must_use]
+pub struct PostgresStoreBuilder {
+    pool: PgPool,
+    table: String,
+    clock: SharedClock,
+}
+
+impl PostgresStoreBuilder {
+    /// The table to keep records in (default `idempotency_records`); may be
+    /// schema-qualified, `schema.table`.
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// The clock that decides leases and expiry (default: the system
+    /// clock). Every instance sharing a table should use the same time.
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Builds the store. No query runs until the store is used; call
+    /// [`PostgresStore::migrate`] to create the table.
+    ///
+    /// # Errors
+    /// The table name is not a plain SQL identifier.
+    pub fn build(self) -> Result<PostgresStore, InvalidTableName> {
+        sql::check_table_name(&self.table)?;
+        let sql = Statements::new(&self.table);
+        Ok(PostgresStore {
+            inner: Arc::new(Inner {
+                pool: self.pool,
+                clock: self.clock,
+                table: self.table,
+                sql,
+            }),
+        })
+    }
+}
+
+impl PostgresStore {
+    /// Connects a pool to `url` with settings suited to short idempotency
+    /// queries, on the default table.
+    ///
+    /// Connections are not pinged before use: after a database restart,
+    /// each pooled connection fails one query (answered 503, retryable)
+    /// before the pool replaces it.
+    ///
+    /// # Errors
+    /// The URL is invalid or the first connection fails.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(5))
+            .test_before_acquire(false)
+            .connect(url)
+            .await
+            .map_err(StoreError::backend)?;
+        Self::builder(pool).build().map_err(StoreError::backend)
+    }
+
+    /// Starts building a store on `pool`.
+    pub fn builder(pool: PgPool) -> PostgresStoreBuilder {
+        PostgresStoreBuilder {
+            pool,
+            table: DEFAULT_TABLE.to_owned(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// Creates the table and its index if they do not exist. Safe to run on
+    /// every start, from many instances at once.
+    ///
+    /// # Errors
+    /// The database refused (for example, no `CREATE` privilege).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        // The index name contains the default table name: swap it out first.
+        let schema = SCHEMA
+            .replace(&index_name(DEFAULT_TABLE), "\u{0}")
+            .replace(DEFAULT_TABLE, &inner.table)
+            .replace('\u{0}', &index_name(&inner.table));
+        // Concurrent `CREATE TABLE IF NOT EXISTS` can still collide in the
+        // catalog, so an advisory lock per table name serializes them. A
+        // multi-statement simple query runs as one transaction, which holds
+        // the lock to the end. The name is a checked identifier, safe to
+        // quote.
+        let script = format!(
+            "SELECT pg_advisory_xact_lock(hashtext('idempotent:{table}'));\n{schema}",
+            table = inner.table
+        );
+        sqlx::raw_sql(&script)
+            .execute(&inner.pool)
+            .await
+            .map(drop)
+            .map_err(StoreError::backend)
+    }
+
+    /// Deletes every record whose deadline has passed; returns how many.
+    /// Claims already treat such rows as absent, so this only frees space.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub async fn purge_expired(&self) -> Result<u64, StoreError> {
+        let now = to_sql_millis(self.inner.clock.now_millis());
+        let mut purged = 0;
+        loop {
+            let deleted = sqlx::query(&self.inner.sql.purge)
+                .bind(now)
+                .bind(PURGE_BATCH)
+                .execute(&self.inner.pool)
+                .await
+                .map_err(StoreError::backend)?
+                .rows_affected();
+            purged += deleted;
+            if deleted < PURGE_BATCH.unsigned_abs() {
+                return Ok(purged);
+            }
+        }
+    }
+
+    /// Runs [`purge_expired`](Self::purge_expired) every `period` on a
+    /// background task until the returned [`Reaper`] is dropped. Failures
+    /// are logged and retried on the next tick.
+    #[must_use = "the reaper stops when dropped"]
+    pub fn spawn_reaper(&self, period: Duration) -> Reaper {
+        let store = self.clone();
+        let task = tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(period);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                match store.purge_expired().await {
+                    Ok(purged) => tracing::debug!(purged, "purged expired idempotency records"),
+                    Err(error) => {
+                        tracing::warn!(%error, "could not purge expired idempotency records");
+                    }
+                }
+            }
+        });
+        Reaper { task }
+    }
+
+    /// The connection pool.
+    #[must_use]
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// The table records live in.
+    #[must_use]
+    pub fn table(&self) -> &str {
+        &self.inner.table
+    }
+
+    fn now(&self) -> u64 {
+        self.inner.clock.now_millis()
+    }
+}
+
+/// A background task purging expired records; stops when dropped.
+#[derive(Debug)]
+pub struct Reaper {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn index_name(table: &str) -> String {
+    format!("{}_expires_at_idx", sql::base_name(table))
+}
+
+/// The statements, with the table name spliced in once.
+struct Statements {
+    claim: String,
+    renew: String,
+    complete: String,
+    release: String,
+    get: String,
+    purge: String,
+}
+
+impl Statements {
+    fn new(table: &str) -> Self {
+        Self {
+            // One statement, in three parts sharing one snapshot:
+            // - `live` reads a live record, if there is one;
+            // - only if there is none, `claimed` inserts the claim, or takes
+            //   over a row whose deadline passed (ON CONFLICT ... WHERE);
+            // - the result is either the claim or the live record.
+            // Replays and in-flight duplicates are thus plain reads that take
+            // no lock and write nothing. If a concurrent claim committed its
+            // row after the snapshot was taken, the insert finds it live and
+            // leaves it alone while `live` cannot see it: no row comes back,
+            // and the caller runs the statement again, which sees it.
+            claim: format!(
+                "WITH live AS (
+                    SELECT fingerprint, expires_at, status, header_names, header_values, body
+                    FROM {table}
+                    WHERE scope = $1 AND key = $2 AND expires_at > $6
+                ),
+                claimed AS (
+                    INSERT INTO {table} AS r (scope, key, fingerprint, lease_token, expires_at)
+                    SELECT $1, $2, $3, $4, $5
+                    WHERE NOT EXISTS (SELECT 1 FROM live)
+                    ON CONFLICT (scope, key) DO UPDATE
+                    SET fingerprint = EXCLUDED.fingerprint, lease_token = EXCLUDED.lease_token,
+                        expires_at = EXCLUDED.expires_at, status = NULL,
+                        header_names = NULL, header_values = NULL, body = NULL
+                    WHERE r.expires_at <= $6
+                    RETURNING 1
+                )
+                SELECT TRUE AS acquired, NULL::bytea AS fingerprint, NULL::bigint AS expires_at,
+                       NULL::smallint AS status, NULL::text[] AS header_names,
+                       NULL::bytea[] AS header_values, NULL::bytea AS body
+                FROM claimed
+                UNION ALL
+                SELECT FALSE, fingerprint, expires_at, status, header_names, header_values, body
+                FROM live"
+            ),
+            renew: format!(
+                "UPDATE {table} SET expires_at = $4
+                 WHERE scope = $1 AND key = $2 AND lease_token = $3"
+            ),
+            complete: format!(
+                "UPDATE {table}
+                 SET lease_token = NULL, expires_at = $4, status = $5,
+                     header_names = $6, header_values = $7, body = $8
+                 WHERE scope = $1 AND key = $2 AND lease_token = $3"
+            ),
+            release: format!(
+                "DELETE FROM {table} WHERE scope = $1 AND key = $2 AND lease_token = $3"
+            ),
+            get: format!(
+                "SELECT fingerprint, lease_token, expires_at, status, header_names, header_values, body
+                 FROM {table} WHERE scope = $1 AND key = $2 AND expires_at > $3"
+            ),
+            // The outer `expires_at <= $1` is re-checked against a row that a
+            // concurrent claim just took over, so a fresh claim is never
+            // purged.
+            purge: format!(
+                "DELETE FROM {table}
+                 WHERE (scope, key) IN (SELECT scope, key FROM {table} WHERE expires_at <= $1 LIMIT $2)
+                   AND expires_at <= $1"
+            ),
+        }
+    }
+}
+
+impl Store for PostgresStore {
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let token = LeaseToken::random();
+        for _ in 0..CLAIM_ATTEMPTS {
+            let now = self.now();
+            let row = sqlx::query(&self.inner.sql.claim)
+                .bind(key.scope.as_bytes().as_slice())
+                .bind(key.key.as_str())
+                .bind(fingerprint.as_bytes().as_slice())
+                .bind(token.to_bytes().as_slice())
+                .bind(to_sql_millis(now.saturating_add(millis(lease))))
+                .bind(to_sql_millis(now))
+                .fetch_optional(&self.inner.pool)
+                .await
+                .map_err(StoreError::backend)?;
+            if let Some(row) = row {
+                return claim_from_row(&row, token);
+            }
+        }
+        Err(sql::corrupt(
+            "the record kept changing while it was being claimed",
+        ))
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let expires_at = to_sql_millis(self.now().saturating_add(millis(lease)));
+        let updated = sqlx::query(&self.inner.sql.renew)
+            .bind(key.scope.as_bytes().as_slice())
+            .bind(key.key.as_str())
+            .bind(token.to_bytes().as_slice())
+            .bind(expires_at)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        held(updated.rows_affected())
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let expires_at = to_sql_millis(self.now().saturating_add(millis(ttl)));
+        let columns = ResponseColumns::new(&response);
+        let updated = sqlx::query(&self.inner.sql.complete)
+            .bind(key.scope.as_bytes().as_slice())
+            .bind(key.key.as_str())
+            .bind(token.to_bytes().as_slice())
+            .bind(expires_at)
+            .bind(columns.status)
+            .bind(columns.names)
+            .bind(columns.values)
+            .bind(columns.body)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        held(updated.rows_affected())
+    }
+
+    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        let deleted = sqlx::query(&self.inner.sql.release)
+            .bind(key.scope.as_bytes().as_slice())
+            .bind(key.key.as_str())
+            .bind(token.to_bytes().as_slice())
+            .execute(&self.inner.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        held(deleted.rows_affected())
+    }
+
+    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        let row = sqlx::query(&self.inner.sql.get)
+            .bind(key.scope.as_bytes().as_slice())
+            .bind(key.key.as_str())
+            .bind(to_sql_millis(self.now()))
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        row.map(|row| record_from_row(&row)).transpose()
+    }
+}
+
+fn held(rows: u64) -> Result<(), StoreError> {
+    if rows == 0 {
+        Err(StoreError::LeaseLost)
+    } else {
+        Ok(())
+    }
+}
+
+fn claim_from_row(row: &PgRow, token: LeaseToken) -> Result<Claim, StoreError> {
+    if column::<bool>(row, "acquired")? {
+        return Ok(Claim::Acquired(token));
+    }
+    let fingerprint = sql::fingerprint_from(&column::<Vec<u8>>(row, "fingerprint")?)?;
+    let expires_at = from_sql_millis(column(row, "expires_at")?);
+    match completed_from_row(row, fingerprint, expires_at)? {
+        Some(completed) => Ok(Claim::Completed(Arc::new(completed))),
+        None => Ok(Claim::InFlight {
+            fingerprint,
+            lease_expires_at: expires_at,
+        }),
+    }
+}
+
+fn record_from_row(row: &PgRow) -> Result<Record, StoreError> {
+    let fingerprint = sql::fingerprint_from(&column::<Vec<u8>>(row, "fingerprint")?)?;
+    let expires_at = from_sql_millis(column(row, "expires_at")?);
+    if let Some(completed) = completed_from_row(row, fingerprint, expires_at)? {
+        return Ok(Record::Completed(Arc::new(completed)));
+    }
+    let token = column::<Option<Vec<u8>>>(row, "lease_token")?
+        .ok_or_else(|| sql::corrupt("an in-flight row has no lease token"))?;
+    Ok(Record::InFlight(InFlight {
+        fingerprint,
+        lease_token: sql::token_from(&token)?,
+        lease_expires_at: expires_at,
+    }))
+}
+
+/// The completed record in `row`, or `None` for an in-flight row (no status).
+fn completed_from_row(
+    row: &PgRow,
+    fingerprint: Fingerprint,
+    expires_at: u64,
+) -> Result<Option<Completed>, StoreError> {
+    let Some(status) = column::<Option<i16>>(row, "status")? else {
+        return Ok(None);
+    };
+    let names = column::<Option<Vec<String>>>(row, "header_names")?.unwrap_or_default();
+    let values = column::<Option<Vec<Vec<u8>>>>(row, "header_values")?.unwrap_or_default();
+    let body = column(row, "body")?;
+    Ok(Some(Completed {
+        fingerprint,
+        response: response_from(status, names, values, body)?,
+        expires_at,
+    }))
+}
+
+fn column<'r, T>(row: &'r PgRow, name: &str) -> Result<T, StoreError>
+where
+    T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    row.try_get(name).map_err(StoreError::backend)
+}
+
+/// Rebuilds a response from its columns: status, parallel header name and
+/// value lists, and the body (`None` when it was not stored).
+pub(crate) fn response_from(
+    status: i16,
+    names: Vec<String>,
+    values: Vec<Vec<u8>>,
+    body: Option<Vec<u8>>,
+) -> Result<StoredResponse, StoreError> {
+    let status = u16::try_from(status)
+        .ok()
+        .and_then(|status| StatusCode::from_u16(status).ok())
+        .ok_or_else(|| sql::corrupt("status"))?;
+    if names.len() != values.len() {
+        return Err(sql::corrupt("header names and values differ in count"));
+    }
+    let headers = names
+        .into_iter()
+        .zip(values)
+        .map(|(name, value)| {
+            let name =
+                HeaderName::from_bytes(name.as_bytes()).map_err(|_| sql::corrupt("header"))?;
+            let value = HeaderValue::from_bytes(&value).map_err(|_| sql::corrupt("header"))?;
+            Ok((name, value))
+        })
+        .collect::<Result<_, StoreError>>()?;
+    Ok(StoredResponse {
+        status,
+        headers,
+        body: body.map(Bytes::from),
+    })
+}
+
+/// A response split into columns, as [`response_from`] reads them back.
+pub(crate) struct ResponseColumns {
+    pub(crate) status: i16,
+    pub(crate) names: Vec<String>,
+    pub(crate) values: Vec<Vec<u8>>,
+    pub(crate) body: Option<Vec<u8>>,
+}
+
+impl ResponseColumns {
+    pub(crate) fn new(response: &StoredResponse) -> Self {
+        let (names, values) = response
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
+            .unzip();
+        Self {
+            // Valid status codes are 100..=999, well inside i16.
+            status: i16::try_from(response.status.as_u16()).unwrap_or(i16::MAX),
+            names,
+            values,
+            body: response.body.as_ref().map(|body| body.to_vec()),
+        }
+    }
+}

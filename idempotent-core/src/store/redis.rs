@@ -1,0 +1,443 @@
+//! A Redis store (feature `redis`), on the `redis` crate.
+//!
+//! Each record is one Redis string under its own key,
+//! `<prefix><hex SHA-256 of scope and key>`, and every operation is one Lua
+//! script that touches only that key: one round trip each, atomic on the
+//! server, and unchanged on Redis Cluster (pass a cluster connection to
+//! [`RedisStore::builder`]).
+//!
+//! # Encoding
+//!
+//! A completed record is [`Completed::encode`]'s compact binary layout. An
+//! in-flight record shares its first 41 bytes' shape, so the scripts find
+//! the deadline at the same offset in both:
+//!
+//! | bytes  | completed                    | in flight              |
+//! |--------|------------------------------|------------------------|
+//! | 0      | codec version (`1`)          | `0x80`                 |
+//! | 1..33  | fingerprint                  | fingerprint            |
+//! | 33..41 | expires at (Unix ms, BE)     | lease deadline (Unix ms, BE) |
+//! | 41..   | status, headers, body        | lease token (16 bytes) |
+//!
+//! # Time
+//!
+//! Deadlines are checked inside the scripts against a `now` the store reads
+//! from its [`Clock`], never against the server's clock. Redis expiry
+//! (`PX`) only bounds memory: it is set a minute past the deadline, so
+//! application servers and Redis may disagree by up to a minute without a
+//! record vanishing early.
+
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use redis::Script;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+
+use super::{Store, StoreError};
+use crate::clock::{Clock, SharedClock, SystemClock, millis};
+use crate::digest::hex;
+use crate::fingerprint::Fingerprint;
+use crate::record::{Claim, Completed, InFlight, LeaseToken, Record, RecordKey, StoredResponse};
+
+/// The key prefix when none is configured.
+const DEFAULT_PREFIX: &str = "idempotent:";
+/// First byte of an in-flight value; never a codec version.
+const IN_FLIGHT_TAG: u8 = 0x80;
+const IN_FLIGHT_LEN: usize = 1 + 32 + 8 + 16;
+/// How long Redis keeps a key past its deadline: the tolerated clock skew.
+const EXPIRY_GRACE: Duration = Duration::from_secs(60);
+/// Redis rejects expiries that overflow its clock; a century is plenty.
+const MAX_PX: u64 = 100 * 365 * 24 * 60 * 60 * 1000;
+
+/// Shared Lua helpers. Offsets are 1-based: the deadline is bytes 34..=41,
+/// an in-flight token bytes 42..=57.
+const LUA_PRELUDE: &str = r"
+local function deadline(value)
+    local ms = 0
+    for i = 34, 41 do ms = ms * 256 + string.byte(value, i) end
+    return ms
+end
+local function holds(value, token)
+    return value and string.byte(value, 1) == 128 and string.sub(value, 42, 57) == token
+end
+";
+
+/// ARGV: now, in-flight value, PX. Returns the live record, or nil after
+/// claiming.
+static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    lua(r"
+local held = redis.call('GET', KEYS[1])
+if held and deadline(held) > tonumber(ARGV[1]) then return held end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return false
+")
+});
+
+/// ARGV: token, new deadline (8 bytes), PX. Returns 1 if held.
+static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    lua(r"
+local held = redis.call('GET', KEYS[1])
+if not holds(held, ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], string.sub(held, 1, 33) .. ARGV[2] .. string.sub(held, 42), 'PX', ARGV[3])
+return 1
+")
+});
+
+/// ARGV: token, encoded completed record (fingerprint left blank), PX. The
+/// holder's fingerprint is spliced in from the in-flight value. Returns 1
+/// if held.
+static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
+    lua(r"
+local held = redis.call('GET', KEYS[1])
+if not holds(held, ARGV[1]) then return 0 end
+local record = string.sub(ARGV[2], 1, 1) .. string.sub(held, 2, 33) .. string.sub(ARGV[2], 34)
+redis.call('SET', KEYS[1], record, 'PX', ARGV[3])
+return 1
+")
+});
+
+/// ARGV: token. Returns 1 if held.
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    lua(r"
+if not holds(redis.call('GET', KEYS[1]), ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+")
+});
+
+fn lua(body: &str) -> Script {
+    Script::new(&format!("{LUA_PRELUDE}{body}"))
+}
+
+/// A [`Store`] on Redis. `C` is the connection: a [`ConnectionManager`]
+/// (which reconnects by itself) by default, or any async connection such as
+/// a Redis Cluster connection.
+///
+/// ```no_run
+/// use idempotent_core::{Idempotency, store::RedisStore};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = RedisStore::connect("redis://127.0.0.1:6379").await?;
+/// let idempotency = Idempotency::new(store);
+/// # let _ = idempotency;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore<C = ConnectionManager> {
+    connection: C,
+    clock: SharedClock,
+    prefix: Arc<str>,
+}
+
+impl<C> std::fmt::Debug for RedisStore<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`RedisStore`] on an existing connection.
+#[must_use]
+pub struct RedisStoreBuilder<C> {
+    connection: C,
+    clock: SharedClock,
+    prefix: String,
+}
+
+impl<C> std::fmt::Debug for RedisStoreBuilder<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStoreBuilder")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C> RedisStoreBuilder<C> {
+    /// Prepended to every key (default `idempotent:`). On Redis Cluster,
+    /// keep `{` and `}` out of it, or every record hashes to one slot.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The clock that decides leases and expiry (default: the system
+    /// clock). Every instance sharing a Redis should use the same time.
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Builds the store.
+    pub fn build(self) -> RedisStore<C> {
+        RedisStore {
+            connection: self.connection,
+            clock: self.clock,
+            prefix: self.prefix.into(),
+        }
+    }
+}
+
+impl RedisStore {
+    /// Connects a [`ConnectionManager`] to `url`.
+    ///
+    /// The manager reconnects in the background after the server goes
+    /// away; until it is back, operations fail (and requests get 503)
+    /// instead of waiting. A single attempt to connect or answer is cut
+    /// after one second.
+    ///
+    /// # Errors
+    /// The URL is invalid or the server cannot be reached now.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(StoreError::backend)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(1)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let manager = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(Self::builder(manager).build())
+    }
+}
+
+impl<C> RedisStore<C> {
+    /// Starts building a store on `connection`.
+    pub fn builder(connection: C) -> RedisStoreBuilder<C> {
+        RedisStoreBuilder {
+            connection,
+            clock: Arc::new(SystemClock),
+            prefix: DEFAULT_PREFIX.to_owned(),
+        }
+    }
+
+    /// The key prefix.
+    #[must_use]
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The Redis key holding `key`'s record.
+    #[must_use]
+    pub fn redis_key(&self, key: &RecordKey) -> String {
+        format!("{}{}", self.prefix, hex(&key.digest()))
+    }
+
+    fn now(&self) -> u64 {
+        self.clock.now_millis()
+    }
+}
+
+impl<C> RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// Runs a fenced script; `1` means the token held the record.
+    async fn fenced(&self, invocation: redis::ScriptInvocation<'_>) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        let held: i64 = invocation
+            .invoke_async(&mut connection)
+            .await
+            .map_err(StoreError::backend)?;
+        if held == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::LeaseLost)
+        }
+    }
+}
+
+impl<C> Store for RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let now = self.now();
+        let token = LeaseToken::random();
+        let held = InFlight {
+            fingerprint,
+            lease_token: token,
+            lease_expires_at: now.saturating_add(millis(lease)),
+        };
+        let mut connection = self.connection.clone();
+        let found: Option<Vec<u8>> = CLAIM
+            .key(self.redis_key(key))
+            .arg(now)
+            .arg(encode_in_flight(&held).as_ref())
+            .arg(px(lease))
+            .invoke_async(&mut connection)
+            .await
+            .map_err(StoreError::backend)?;
+        let Some(found) = found else {
+            return Ok(Claim::Acquired(token));
+        };
+        Ok(match decode(Bytes::from(found))? {
+            Record::InFlight(held) => Claim::InFlight {
+                fingerprint: held.fingerprint,
+                lease_expires_at: held.lease_expires_at,
+            },
+            Record::Completed(completed) => Claim::Completed(completed),
+        })
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let deadline = self.now().saturating_add(millis(lease));
+        let mut invocation = RENEW.key(self.redis_key(key));
+        invocation
+            .arg(token.to_bytes().as_slice())
+            .arg(deadline.to_be_bytes().as_slice())
+            .arg(px(lease));
+        self.fenced(invocation).await
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        // The script copies the holder's fingerprint over this blank one.
+        let record = Completed {
+            fingerprint: Fingerprint::from_bytes([0; 32]),
+            response,
+            expires_at: self.now().saturating_add(millis(ttl)),
+        };
+        let mut invocation = COMPLETE.key(self.redis_key(key));
+        invocation
+            .arg(token.to_bytes().as_slice())
+            .arg(record.encode().as_ref())
+            .arg(px(ttl));
+        self.fenced(invocation).await
+    }
+
+    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        let mut invocation = RELEASE.key(self.redis_key(key));
+        invocation.arg(token.to_bytes().as_slice());
+        self.fenced(invocation).await
+    }
+
+    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        let mut connection = self.connection.clone();
+        let found: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(self.redis_key(key))
+            .query_async(&mut connection)
+            .await
+            .map_err(StoreError::backend)?;
+        let Some(found) = found else {
+            return Ok(None);
+        };
+        let record = decode(Bytes::from(found))?;
+        let deadline = match &record {
+            Record::InFlight(held) => held.lease_expires_at,
+            Record::Completed(completed) => completed.expires_at,
+        };
+        Ok((deadline > self.now()).then_some(record))
+    }
+}
+
+/// Redis expiry for a record whose deadline is `duration` away.
+fn px(duration: Duration) -> u64 {
+    millis(duration)
+        .saturating_add(millis(EXPIRY_GRACE))
+        .min(MAX_PX)
+}
+
+fn encode_in_flight(held: &InFlight) -> Bytes {
+    let mut out = BytesMut::with_capacity(IN_FLIGHT_LEN);
+    out.put_u8(IN_FLIGHT_TAG);
+    out.put_slice(held.fingerprint.as_bytes());
+    out.put_u64(held.lease_expires_at);
+    out.put_slice(&held.lease_token.to_bytes());
+    out.freeze()
+}
+
+fn decode(value: Bytes) -> Result<Record, StoreError> {
+    if value.first() != Some(&IN_FLIGHT_TAG) {
+        return Ok(Record::Completed(Arc::new(Completed::decode(value)?)));
+    }
+    if value.len() != IN_FLIGHT_LEN {
+        return Err(StoreError::backend(CorruptInFlight));
+    }
+    let array = |range: std::ops::Range<usize>| value[range].to_vec();
+    let fingerprint: [u8; 32] = array(1..33).try_into().map_err(|_| CorruptInFlight)?;
+    let deadline: [u8; 8] = array(33..41).try_into().map_err(|_| CorruptInFlight)?;
+    let token: [u8; 16] = array(41..57).try_into().map_err(|_| CorruptInFlight)?;
+    Ok(Record::InFlight(InFlight {
+        fingerprint: Fingerprint::from_bytes(fingerprint),
+        lease_expires_at: u64::from_be_bytes(deadline),
+        lease_token: LeaseToken::from_bytes(token),
+    }))
+}
+
+/// An in-flight value of the wrong length.
+#[derive(Debug, thiserror::Error)]
+#[error("stored idempotency record is corrupt: in-flight value has the wrong length")]
+struct CorruptInFlight;
+
+impl From<CorruptInFlight> for StoreError {
+    fn from(error: CorruptInFlight) -> Self {
+        Self::backend(error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::StatusCode;
+
+    use super::*;
+
+    /// The scripts read the deadline at bytes 33..41 of either kind of
+    /// value and splice the fingerprint at 1..33: pin the codec to that.
+    #[test]
+    fn completed_encoding_keeps_fingerprint_and_deadline_where_the_scripts_look() {
+        let record = Completed {
+            fingerprint: Fingerprint::from_bytes([9; 32]),
+            response: StoredResponse {
+                status: StatusCode::OK,
+                headers: Vec::new(),
+                body: Some(Bytes::from_static(b"x")),
+            },
+            expires_at: 0x0102_0304_0506_0708,
+        };
+        let encoded = record.encode();
+        assert_ne!(encoded[0], IN_FLIGHT_TAG);
+        assert_eq!(&encoded[1..33], &[9; 32]);
+        assert_eq!(&encoded[33..41], &0x0102_0304_0506_0708_u64.to_be_bytes());
+    }
+
+    #[test]
+    fn in_flight_values_round_trip() {
+        let held = InFlight {
+            fingerprint: Fingerprint::from_bytes([3; 32]),
+            lease_token: LeaseToken::random(),
+            lease_expires_at: 1_700_000_000_123,
+        };
+        let decoded = decode(encode_in_flight(&held)).expect("decodes");
+        assert_eq!(decoded, Record::InFlight(held));
+    }
+
+    #[test]
+    fn a_truncated_in_flight_value_is_an_error() {
+        let held = InFlight {
+            fingerprint: Fingerprint::from_bytes([3; 32]),
+            lease_token: LeaseToken::random(),
+            lease_expires_at: 1,
+        };
+        let encoded = encode_in_flight(&held);
+        assert!(decode(encoded.slice(..40)).is_err());
+    }
+}

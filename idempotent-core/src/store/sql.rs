@@ -1,0 +1,105 @@
+//! What the SQL stores (PostgreSQL, SQLite) share: table-name checks, time
+//! conversion and reading stored ids back.
+
+use super::StoreError;
+use crate::fingerprint::Fingerprint;
+use crate::record::LeaseToken;
+
+/// The table stores create when none is named.
+pub(crate) const DEFAULT_TABLE: &str = "idempotency_records";
+
+/// A table name that cannot be used safely inside SQL text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid table name `{0}`: use 1 to 63 ASCII letters, digits or underscores, not starting with a digit, optionally prefixed by a schema name and a dot"
+)]
+pub struct InvalidTableName(pub(crate) String);
+
+/// Table names are spliced into SQL text (they cannot be bound as
+/// parameters), so only plain identifiers are accepted.
+pub(crate) fn check_table_name(name: &str) -> Result<(), InvalidTableName> {
+    let parts: Vec<&str> = name.split('.').collect();
+    let valid = parts.len() <= 2 && parts.iter().all(|part| is_identifier(part));
+    if valid {
+        Ok(())
+    } else {
+        Err(InvalidTableName(name.to_owned()))
+    }
+}
+
+fn is_identifier(part: &str) -> bool {
+    let mut chars = part.chars();
+    let starts_well = chars
+        .next()
+        .is_some_and(|first| first.is_ascii_alphabetic() || first == '_');
+    starts_well && part.len() <= 63 && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// The unqualified part of a table name, for naming its index.
+pub(crate) fn base_name(table: &str) -> &str {
+    table.rsplit('.').next().unwrap_or(table)
+}
+
+/// Unix milliseconds as SQL `bigint`; far-future times saturate.
+pub(crate) fn to_sql_millis(millis: u64) -> i64 {
+    i64::try_from(millis).unwrap_or(i64::MAX)
+}
+
+/// SQL `bigint` back to Unix milliseconds.
+pub(crate) fn from_sql_millis(millis: i64) -> u64 {
+    u64::try_from(millis).unwrap_or(0)
+}
+
+/// A row that does not hold a valid record.
+#[derive(Debug, thiserror::Error)]
+#[error("stored idempotency record is corrupt: {0}")]
+pub(crate) struct CorruptRow(pub(crate) &'static str);
+
+pub(crate) fn corrupt(reason: &'static str) -> StoreError {
+    StoreError::backend(CorruptRow(reason))
+}
+
+pub(crate) fn fingerprint_from(bytes: &[u8]) -> Result<Fingerprint, StoreError> {
+    let bytes = bytes.try_into().map_err(|_| corrupt("fingerprint"))?;
+    Ok(Fingerprint::from_bytes(bytes))
+}
+
+pub(crate) fn token_from(bytes: &[u8]) -> Result<LeaseToken, StoreError> {
+    let bytes = bytes.try_into().map_err(|_| corrupt("lease token"))?;
+    Ok(LeaseToken::from_bytes(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_plain_and_schema_qualified_names() {
+        for name in ["idempotency_records", "_t1", "app.records", "A.b_2"] {
+            assert_eq!(check_table_name(name), Ok(()), "{name}");
+        }
+    }
+
+    #[test]
+    fn rejects_names_that_could_inject_sql() {
+        let long = "a".repeat(64);
+        for name in [
+            "",
+            "1abc",
+            "records; DROP TABLE x",
+            "a.b.c",
+            "\"quoted\"",
+            "a-b",
+            ".a",
+            long.as_str(),
+        ] {
+            assert!(check_table_name(name).is_err(), "{name}");
+        }
+    }
+
+    #[test]
+    fn base_name_drops_the_schema() {
+        assert_eq!(base_name("app.records"), "records");
+        assert_eq!(base_name("records"), "records");
+    }
+}

@@ -1,0 +1,412 @@
+//! A SQLite store (feature `sqlite`), on sqlx: durable records for a
+//! service that runs on one machine, in one file (WAL mode).
+//!
+//! # Schema
+//!
+//! [`SqliteStore::migrate`] creates it; shown with the default table name:
+//!
+//! ```sql
+#![doc = include_str!("sqlite/schema.sql")]
+//! ```
+//!
+//! As in the PostgreSQL store, `expires_at` is the lease deadline while in
+//! flight and the end of replay once completed; a row past it is free to be
+//! claimed again. The completed response is kept as one blob in the
+//! compact binary layout of [`Completed::encode`]. Several processes may
+//! share the file: SQLite serializes writers. A claim first reads the key
+//! (replays and in-flight duplicates stop there, without a lock); only a key
+//! with no live record is claimed, in an `IMMEDIATE` transaction.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use sqlx::Row;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+
+use super::sql::{self, DEFAULT_TABLE, InvalidTableName, from_sql_millis, to_sql_millis};
+use super::{Store, StoreError};
+use crate::clock::{Clock, SharedClock, SystemClock, millis};
+use crate::fingerprint::Fingerprint;
+use crate::record::{Claim, Completed, InFlight, LeaseToken, Record, RecordKey, StoredResponse};
+
+const SCHEMA: &str = include_str!("sqlite/schema.sql");
+/// How long a writer waits for another to finish before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A [`Store`] in a SQLite database file.
+///
+/// ```no_run
+/// use idempotent_core::{Idempotency, store::SqliteStore};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = SqliteStore::open("idempotency.db").await?;
+/// store.migrate().await?;
+/// let idempotency = Idempotency::new(store);
+/// # let _ = idempotency;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: SqlitePool,
+    clock: SharedClock,
+    table: String,
+    sql: Statements,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("table", &self.inner.table)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`SqliteStore`] on an existing pool.
+#[derive(Debug)]
+#[must_use]
+pub struct SqliteStoreBuilder {
+    pool: SqlitePool,
+    table: String,
+    clock: SharedClock,
+}
+
+impl SqliteStoreBuilder {
+    /// The table to keep records in (default `idempotency_records`).
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// The clock that decides leases and expiry (default: the system clock).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Builds the store; call [`SqliteStore::migrate`] to create the table.
+    ///
+    /// # Errors
+    /// The table name is not a plain SQL identifier.
+    pub fn build(self) -> Result<SqliteStore, InvalidTableName> {
+        sql::check_table_name(&self.table)?;
+        let sql = Statements::new(&self.table);
+        Ok(SqliteStore {
+            inner: Arc::new(Inner {
+                pool: self.pool,
+                clock: self.clock,
+                table: self.table,
+                sql,
+            }),
+        })
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path`, in WAL mode.
+    ///
+    /// # Errors
+    /// The file cannot be opened or created.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::with_options(SqliteConnectOptions::new().filename(path)).await
+    }
+
+    /// Opens a database by URL, `sqlite://<path>`, in WAL mode.
+    ///
+    /// # Errors
+    /// The URL is invalid or the file cannot be opened or created.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url).map_err(StoreError::backend)?;
+        Self::with_options(options).await
+    }
+
+    async fn with_options(options: SqliteConnectOptions) -> Result<Self, StoreError> {
+        let options = options
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(StoreError::backend)?;
+        Self::builder(pool).build().map_err(StoreError::backend)
+    }
+
+    /// Starts building a store on `pool`.
+    pub fn builder(pool: SqlitePool) -> SqliteStoreBuilder {
+        SqliteStoreBuilder {
+            pool,
+            table: DEFAULT_TABLE.to_owned(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// Creates the table and its index if they do not exist. Safe to run on
+    /// every start.
+    ///
+    /// # Errors
+    /// The database refused.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let table = &self.inner.table;
+        let index = format!("{}_expires_at_idx", sql::base_name(table));
+        // The index name contains the default table name: swap it out first.
+        let schema = SCHEMA
+            .replace("idempotency_records_expires_at_idx", "\u{0}")
+            .replace(DEFAULT_TABLE, table)
+            .replace('\u{0}', &index);
+        sqlx::raw_sql(&schema)
+            .execute(&self.inner.pool)
+            .await
+            .map(drop)
+            .map_err(StoreError::backend)
+    }
+
+    /// Deletes every record whose deadline has passed; returns how many.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub async fn purge_expired(&self) -> Result<u64, StoreError> {
+        let now = to_sql_millis(self.inner.clock.now_millis());
+        let deleted = sqlx::query(&self.inner.sql.purge)
+            .bind(now)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(deleted.rows_affected())
+    }
+
+    /// The connection pool.
+    #[must_use]
+    pub fn pool(&self) -> &SqlitePool {
+        &self.inner.pool
+    }
+
+    fn now(&self) -> u64 {
+        self.inner.clock.now_millis()
+    }
+
+    async fn claim_in_transaction(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let sql = &self.inner.sql;
+        let now = self.now();
+        let token = LeaseToken::random();
+        // IMMEDIATE takes the write lock up front, so the read below sees
+        // exactly the row the insert left alone.
+        let mut tx = self
+            .inner
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(StoreError::backend)?;
+        let inserted = sqlx::query(&sql.claim)
+            .bind(key.scope.as_bytes().as_slice())
+            .bind(key.key.as_str())
+            .bind(fingerprint.as_bytes().as_slice())
+            .bind(token.to_bytes().as_slice())
+            .bind(to_sql_millis(now.saturating_add(millis(lease))))
+            .bind(to_sql_millis(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::backend)?
+            .rows_affected();
+        if inserted > 0 {
+            tx.commit().await.map_err(StoreError::backend)?;
+            return Ok(Claim::Acquired(token));
+        }
+        let found = sqlx::query(&sql.get)
+            .bind(key.scope.as_bytes().as_slice())
+            .bind(key.key.as_str())
+            .bind(to_sql_millis(now))
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(StoreError::backend)?;
+        tx.commit().await.map_err(StoreError::backend)?;
+        // The insert left the row alone because it is live; in the same
+        // write transaction it cannot have changed since.
+        let row = found.ok_or_else(|| sql::corrupt("a live row vanished during a claim"))?;
+        record_from_row(&row).map(claim_from)
+    }
+}
+
+fn claim_from(record: Record) -> Claim {
+    match record {
+        Record::InFlight(held) => Claim::InFlight {
+            fingerprint: held.fingerprint,
+            lease_expires_at: held.lease_expires_at,
+        },
+        Record::Completed(completed) => Claim::Completed(completed),
+    }
+}
+
+/// The statements, with the table name spliced in once.
+struct Statements {
+    claim: String,
+    renew: String,
+    complete: String,
+    release: String,
+    get: String,
+    purge: String,
+}
+
+impl Statements {
+    fn new(table: &str) -> Self {
+        Self {
+            claim: format!(
+                "INSERT INTO {table} (scope, key, fingerprint, lease_token, expires_at, record)
+                 VALUES (?1, ?2, ?3, ?4, ?5, NULL)
+                 ON CONFLICT (scope, key) DO UPDATE
+                 SET fingerprint = excluded.fingerprint, lease_token = excluded.lease_token,
+                     expires_at = excluded.expires_at, record = NULL
+                 WHERE expires_at <= ?6"
+            ),
+            renew: format!(
+                "UPDATE {table} SET expires_at = ?4
+                 WHERE scope = ?1 AND key = ?2 AND lease_token = ?3"
+            ),
+            complete: format!(
+                "UPDATE {table} SET lease_token = NULL, expires_at = ?4, record = ?5
+                 WHERE scope = ?1 AND key = ?2 AND lease_token = ?3"
+            ),
+            release: format!(
+                "DELETE FROM {table} WHERE scope = ?1 AND key = ?2 AND lease_token = ?3"
+            ),
+            get: format!(
+                "SELECT fingerprint, lease_token, expires_at, record FROM {table}
+                 WHERE scope = ?1 AND key = ?2 AND expires_at > ?3"
+            ),
+            purge: format!("DELETE FROM {table} WHERE expires_at <= ?1"),
+        }
+    }
+}
+
+impl Store for SqliteStore {
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        // Replays and in-flight duplicates only read, concurrently with
+        // other readers (WAL); only a key with no live record takes the
+        // write lock.
+        if let Some(record) = Store::get(self, key).await? {
+            return Ok(claim_from(record));
+        }
+        self.claim_in_transaction(key, fingerprint, lease).await
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let expires_at = to_sql_millis(self.now().saturating_add(millis(lease)));
+        let updated = sqlx::query(&self.inner.sql.renew)
+            .bind(key.scope.as_bytes().as_slice())
+            .bind(key.key.as_str())
+            .bind(token.to_bytes().as_slice())
+            .bind(expires_at)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        held(updated.rows_affected())
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let expires_at = self.now().saturating_add(millis(ttl));
+        // The fingerprint column is authoritative; the blob's copy is blank.
+        let record = Completed {
+            fingerprint: Fingerprint::from_bytes([0; 32]),
+            response,
+            expires_at,
+        };
+        let updated = sqlx::query(&self.inner.sql.complete)
+            .bind(key.scope.as_bytes().as_slice())
+            .bind(key.key.as_str())
+            .bind(token.to_bytes().as_slice())
+            .bind(to_sql_millis(expires_at))
+            .bind(record.encode().as_ref())
+            .execute(&self.inner.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        held(updated.rows_affected())
+    }
+
+    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        let deleted = sqlx::query(&self.inner.sql.release)
+            .bind(key.scope.as_bytes().as_slice())
+            .bind(key.key.as_str())
+            .bind(token.to_bytes().as_slice())
+            .execute(&self.inner.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        held(deleted.rows_affected())
+    }
+
+    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        let row = sqlx::query(&self.inner.sql.get)
+            .bind(key.scope.as_bytes().as_slice())
+            .bind(key.key.as_str())
+            .bind(to_sql_millis(self.now()))
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        row.map(|row| record_from_row(&row)).transpose()
+    }
+}
+
+fn held(rows: u64) -> Result<(), StoreError> {
+    if rows == 0 {
+        Err(StoreError::LeaseLost)
+    } else {
+        Ok(())
+    }
+}
+
+fn record_from_row(row: &SqliteRow) -> Result<Record, StoreError> {
+    let fingerprint = sql::fingerprint_from(&column::<Vec<u8>>(row, "fingerprint")?)?;
+    let expires_at = from_sql_millis(column(row, "expires_at")?);
+    if let Some(blob) = column::<Option<Vec<u8>>>(row, "record")? {
+        let mut completed = Completed::decode(Bytes::from(blob))?;
+        completed.fingerprint = fingerprint;
+        completed.expires_at = expires_at;
+        return Ok(Record::Completed(Arc::new(completed)));
+    }
+    let token = column::<Option<Vec<u8>>>(row, "lease_token")?
+        .ok_or_else(|| sql::corrupt("an in-flight row has no lease token"))?;
+    Ok(Record::InFlight(InFlight {
+        fingerprint,
+        lease_token: sql::token_from(&token)?,
+        lease_expires_at: expires_at,
+    }))
+}
+
+fn column<'r, T>(row: &'r SqliteRow, name: &str) -> Result<T, StoreError>
+where
+    T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+{
+    row.try_get(name).map_err(StoreError::backend)
+}

@@ -1,0 +1,579 @@
+//! The contract every [`Store`] passes.
+//!
+//! Run it against your own store from a test; each check builds a fresh
+//! store from `make`, driven by a [`ManualClock`] the check moves:
+//!
+//! ```
+//! use idempotent_core::store::MemoryStore;
+//! use idempotent_core::testing::contract;
+//!
+//! #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+//! async fn memory_store_passes_the_contract() {
+//!     contract::run_all(|clock| async move { MemoryStore::builder().clock(clock).build() })
+//!         .await;
+//! }
+//! ```
+//!
+//! Every check uses keys under a fresh random scope, so stores built by
+//! `make` may share one database, table or key prefix, and the suite may
+//! run against a store that holds other data. A failed check panics with
+//! the check's name and what it saw. The checks can also be called one by
+//! one; each takes the store and the clock it was built with.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, StatusCode};
+use tokio::sync::Barrier;
+use tokio::task::JoinSet;
+
+use crate::clock::{Clock, ManualClock};
+use crate::fingerprint::Fingerprint;
+use crate::key::IdempotencyKey;
+use crate::record::{Claim, Completed, LeaseToken, Record, RecordKey, StoredResponse};
+use crate::scope::ScopeDigest;
+use crate::store::{Store, StoreError};
+
+const LEASE: Duration = Duration::from_secs(10);
+const TTL: Duration = Duration::from_secs(60);
+const RACERS: usize = 32;
+const MANY: usize = 1000;
+/// Printable ASCII that a bare-token key may contain.
+const KEY_CHARS: &[u8] =
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~!#$%&'*+^`|:/";
+
+/// Runs every check, each on a fresh store from `make`.
+///
+/// The stores must take their time from the clock they are given.
+/// Call it from a multi-threaded runtime so the claim race really races.
+///
+/// # Panics
+/// When the store breaks the contract, naming the check.
+pub async fn run_all<S, F, Fut>(mut make: F)
+where
+    S: Store,
+    F: FnMut(ManualClock) -> Fut,
+    Fut: Future<Output = S>,
+{
+    macro_rules! check {
+        ($($name:ident),* $(,)?) => {$({
+            let clock = ManualClock::starting_now();
+            let store = Arc::new(make(clock.clone()).await);
+            $name(store, clock).await;
+        })*};
+    }
+    check!(
+        claim_race,
+        fencing,
+        lease_takeover,
+        ttl_expiry,
+        mismatch_visibility,
+        binary_bodies,
+        repeated_headers,
+        long_keys,
+        many_records,
+        get_reflects_state,
+        release_frees_the_key,
+        unknown_records_are_not_held,
+        scopes_are_separate,
+    );
+}
+
+/// Many tasks claim one new key at once: exactly one acquires, and every
+/// other sees the winner's claim in flight with the winner's fingerprint.
+pub async fn claim_race<S: Store>(store: Arc<S>, _clock: ManualClock) {
+    let key = new_key("race");
+    let barrier = Arc::new(Barrier::new(RACERS));
+    let mut racers = JoinSet::new();
+    for racer in 0..RACERS {
+        let (store, key, barrier) = (store.clone(), key.clone(), barrier.clone());
+        racers.spawn(async move {
+            let fingerprint = fingerprint(racer);
+            barrier.wait().await;
+            (fingerprint, store.claim(&key, fingerprint, LEASE).await)
+        });
+    }
+    let mut winners = Vec::new();
+    let mut seen = Vec::new();
+    while let Some(joined) = racers.join_next().await {
+        let (fingerprint, claim) = joined.expect("a claim task panicked");
+        match claim {
+            Ok(Claim::Acquired(token)) => winners.push((fingerprint, token)),
+            Ok(Claim::InFlight { fingerprint, .. }) => seen.push(fingerprint),
+            other => panic!("claim_race: unexpected claim result {other:?}"),
+        }
+    }
+    assert_eq!(
+        winners.len(),
+        1,
+        "claim_race: exactly one of {RACERS} concurrent claims must acquire"
+    );
+    let (winner, token) = winners[0];
+    assert!(
+        seen.iter().all(|fingerprint| *fingerprint == winner),
+        "claim_race: losers must see the winner's fingerprint"
+    );
+    let held = in_flight(&*store, &key, "claim_race").await;
+    assert_eq!(
+        (held.0, held.1),
+        (winner, token),
+        "claim_race: get() must show the winner"
+    );
+}
+
+/// After a lease lapses and another request takes the key over, the old
+/// token can neither renew, complete nor release; the new holder can.
+pub async fn fencing<S: Store>(store: Arc<S>, clock: ManualClock) {
+    let key = new_key("fencing");
+    let stale = acquire(&*store, &key, fingerprint(1), "fencing").await;
+    clock.advance(LEASE);
+    let fresh = acquire(&*store, &key, fingerprint(2), "fencing").await;
+    assert_ne!(stale, fresh, "fencing: a takeover must issue a new token");
+    expect_lease_lost(&*store, &key, stale, "fencing: stale token after takeover").await;
+    let held = in_flight(&*store, &key, "fencing").await;
+    assert_eq!(
+        (held.0, held.1),
+        (fingerprint(2), fresh),
+        "fencing: the stale token must not have changed the record"
+    );
+    let response = response(StatusCode::CREATED, b"fresh");
+    complete(&*store, &key, fresh, response.clone(), "fencing").await;
+    expect_lease_lost(&*store, &key, fresh, "fencing: token after completion").await;
+    let record = completed(&*store, &key, fingerprint(3), "fencing").await;
+    assert_eq!(
+        record.fingerprint,
+        fingerprint(2),
+        "fencing: holder's fingerprint"
+    );
+    assert_eq!(record.response, response, "fencing: holder's response");
+}
+
+/// A live lease blocks claims; renewing extends it; once it lapses the
+/// next claim takes the key over.
+pub async fn lease_takeover<S: Store>(store: Arc<S>, clock: ManualClock) {
+    let key = new_key("takeover");
+    let start = clock.now_millis();
+    let token = acquire(&*store, &key, fingerprint(1), "lease_takeover").await;
+    clock.advance(LEASE - Duration::from_millis(1));
+    let claim = claim(&*store, &key, fingerprint(1), "lease_takeover").await;
+    assert_eq!(
+        claim,
+        Claim::InFlight {
+            fingerprint: fingerprint(1),
+            lease_expires_at: start + millis(LEASE),
+        },
+        "lease_takeover: a live lease must block a claim and report its deadline"
+    );
+    store
+        .renew(&key, token, LEASE)
+        .await
+        .expect("lease_takeover: the holder must be able to renew");
+    let renewed_until = clock.now_millis() + millis(LEASE);
+    clock.set(renewed_until - 1);
+    let claim = claim_again(&*store, &key, "lease_takeover").await;
+    assert!(
+        matches!(claim, Claim::InFlight { lease_expires_at, .. } if lease_expires_at == renewed_until),
+        "lease_takeover: a renewed lease must block claims until its new deadline, got {claim:?}"
+    );
+    clock.set(renewed_until);
+    let taken = acquire(&*store, &key, fingerprint(2), "lease_takeover").await;
+    assert_ne!(
+        taken, token,
+        "lease_takeover: a takeover issues a new token"
+    );
+}
+
+/// A completed record replays until its TTL ends, then the key is new.
+pub async fn ttl_expiry<S: Store>(store: Arc<S>, clock: ManualClock) {
+    let key = new_key("ttl");
+    let token = acquire(&*store, &key, fingerprint(1), "ttl_expiry").await;
+    let done_at = clock.now_millis();
+    let response = response(StatusCode::OK, b"done");
+    complete(&*store, &key, token, response, "ttl_expiry").await;
+    clock.set(done_at + millis(TTL) - 1);
+    let record = completed(&*store, &key, fingerprint(1), "ttl_expiry").await;
+    assert_eq!(
+        record.expires_at,
+        done_at + millis(TTL),
+        "ttl_expiry: expires_at is completion time plus TTL"
+    );
+    assert!(
+        matches!(get(&*store, &key).await, Some(Record::Completed(_))),
+        "ttl_expiry: get() must show the record before it expires"
+    );
+    clock.set(done_at + millis(TTL));
+    assert_eq!(
+        get(&*store, &key).await,
+        None,
+        "ttl_expiry: get() must not show an expired record"
+    );
+    acquire(&*store, &key, fingerprint(2), "ttl_expiry: after expiry").await;
+    let held = in_flight(&*store, &key, "ttl_expiry").await;
+    assert_eq!(
+        held.0,
+        fingerprint(2),
+        "ttl_expiry: the new claim's fingerprint"
+    );
+}
+
+/// A claim with another fingerprint sees the holder's fingerprint, both
+/// while in flight and once completed, so the engine can answer 422.
+pub async fn mismatch_visibility<S: Store>(store: Arc<S>, _clock: ManualClock) {
+    let key = new_key("mismatch");
+    let token = acquire(&*store, &key, fingerprint(1), "mismatch_visibility").await;
+    let claim = claim(&*store, &key, fingerprint(2), "mismatch_visibility").await;
+    assert!(
+        matches!(claim, Claim::InFlight { fingerprint: seen, .. } if seen == fingerprint(1)),
+        "mismatch_visibility: in flight must show the holder's fingerprint, got {claim:?}"
+    );
+    let response = response(StatusCode::OK, b"first");
+    complete(&*store, &key, token, response, "mismatch_visibility").await;
+    let record = completed(&*store, &key, fingerprint(2), "mismatch_visibility").await;
+    assert_eq!(
+        record.fingerprint,
+        fingerprint(1),
+        "mismatch_visibility: completed must show the holder's fingerprint"
+    );
+}
+
+/// Bodies come back byte for byte: every byte value, empty, and absent.
+pub async fn binary_bodies<S: Store>(store: Arc<S>, _clock: ManualClock) {
+    let every_byte: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
+    let bodies = [Some(Bytes::from(every_byte)), Some(Bytes::new()), None];
+    for (index, body) in bodies.into_iter().enumerate() {
+        let key = new_key("binary");
+        let response = StoredResponse {
+            status: StatusCode::OK,
+            headers: Vec::new(),
+            body,
+        };
+        round_trip(&*store, &key, index, response, "binary_bodies").await;
+    }
+}
+
+/// Headers come back in order with repeated names and opaque bytes kept.
+pub async fn repeated_headers<S: Store>(store: Arc<S>, _clock: ManualClock) {
+    let header = |name: &'static str, value: &[u8]| {
+        (
+            HeaderName::from_static(name),
+            HeaderValue::from_bytes(value).expect("valid header value"),
+        )
+    };
+    let response = StoredResponse {
+        status: StatusCode::CREATED,
+        headers: vec![
+            header("x-a", b"1"),
+            header("location", b"/payments/1"),
+            header("x-a", b"2"),
+            header("x-opaque", &[b'a', 0x80, 0xff, b'\t', b'z']),
+            header("x-empty", b""),
+        ],
+        body: Some(Bytes::from_static(b"{}")),
+    };
+    let key = new_key("headers");
+    round_trip(&*store, &key, 1, response, "repeated_headers").await;
+}
+
+/// The longest keys work, and keys that differ only in their last
+/// character are separate records.
+pub async fn long_keys<S: Store>(store: Arc<S>, _clock: ManualClock) {
+    let scope = ScopeDigest::from_bytes(rand::random());
+    let stem: String = (0..254)
+        .map(|i| {
+            char::from(KEY_CHARS[(i * 7 + usize::from(rand::random::<u8>())) % KEY_CHARS.len()])
+        })
+        .collect();
+    for (index, last) in ["a", "b"].into_iter().enumerate() {
+        let key = RecordKey::new(scope, parse_key(&format!("{stem}{last}")));
+        assert_eq!(
+            key.key.as_str().len(),
+            255,
+            "long_keys: the key is 255 characters"
+        );
+        let body = format!("record {last}");
+        let response = response(StatusCode::OK, body.as_bytes());
+        round_trip(&*store, &key, index, response, "long_keys").await;
+    }
+}
+
+/// A thousand records, each replaying its own response.
+pub async fn many_records<S: Store>(store: Arc<S>, _clock: ManualClock) {
+    const TASKS: usize = 10;
+    let scope = ScopeDigest::from_bytes(rand::random());
+    let key = move |index: usize| RecordKey::new(scope, parse_key(&format!("many-{index}")));
+    let mut tasks = JoinSet::new();
+    for task in 0..TASKS {
+        let store = store.clone();
+        tasks.spawn(async move {
+            for index in (task..MANY).step_by(TASKS) {
+                let key = key(index);
+                let token = acquire(&*store, &key, fingerprint(index), "many_records").await;
+                let body = index.to_string();
+                let response = response(StatusCode::OK, body.as_bytes());
+                complete(&*store, &key, token, response, "many_records").await;
+            }
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined.expect("many_records: a writer panicked");
+    }
+    for index in 0..MANY {
+        let record = completed(&*store, &key(index), fingerprint(index), "many_records").await;
+        assert_eq!(
+            record.fingerprint,
+            fingerprint(index),
+            "many_records: record {index} has its own fingerprint"
+        );
+        assert_eq!(
+            record.response.body,
+            Some(Bytes::from(index.to_string())),
+            "many_records: record {index} has its own body"
+        );
+    }
+}
+
+/// `get` shows nothing, then the lease (token, deadline, renewals), then
+/// the completed record.
+pub async fn get_reflects_state<S: Store>(store: Arc<S>, clock: ManualClock) {
+    let key = new_key("get");
+    assert_eq!(
+        get(&*store, &key).await,
+        None,
+        "get_reflects_state: new key"
+    );
+    let start = clock.now_millis();
+    let token = acquire(&*store, &key, fingerprint(1), "get_reflects_state").await;
+    let held = in_flight(&*store, &key, "get_reflects_state").await;
+    assert_eq!(
+        held,
+        (fingerprint(1), token, start + millis(LEASE)),
+        "get_reflects_state: in flight"
+    );
+    clock.advance(Duration::from_secs(1));
+    store
+        .renew(&key, token, LEASE)
+        .await
+        .expect("get_reflects_state: renew");
+    let held = in_flight(&*store, &key, "get_reflects_state").await;
+    assert_eq!(
+        held.2,
+        start + 1000 + millis(LEASE),
+        "get_reflects_state: renewed deadline"
+    );
+    let response = response(StatusCode::ACCEPTED, b"accepted");
+    complete(&*store, &key, token, response.clone(), "get_reflects_state").await;
+    let expected = Completed {
+        fingerprint: fingerprint(1),
+        response,
+        expires_at: start + 1000 + millis(TTL),
+    };
+    assert_eq!(
+        get(&*store, &key).await,
+        Some(Record::Completed(Arc::new(expected))),
+        "get_reflects_state: completed"
+    );
+}
+
+/// Releasing frees the key for the next claim; the released token is dead.
+pub async fn release_frees_the_key<S: Store>(store: Arc<S>, _clock: ManualClock) {
+    let key = new_key("release");
+    let first = acquire(&*store, &key, fingerprint(1), "release_frees_the_key").await;
+    store
+        .release(&key, first)
+        .await
+        .expect("release_frees_the_key: the holder must be able to release");
+    assert_eq!(
+        get(&*store, &key).await,
+        None,
+        "release_frees_the_key: get() after release"
+    );
+    let second = acquire(&*store, &key, fingerprint(2), "release_frees_the_key").await;
+    assert_ne!(first, second, "release_frees_the_key: a new token");
+    expect_lease_lost(
+        &*store,
+        &key,
+        first,
+        "release_frees_the_key: released token",
+    )
+    .await;
+    let response = response(StatusCode::OK, b"second");
+    complete(&*store, &key, second, response, "release_frees_the_key").await;
+}
+
+/// Nobody holds a key that was never claimed.
+pub async fn unknown_records_are_not_held<S: Store>(store: Arc<S>, _clock: ManualClock) {
+    let key = new_key("unknown");
+    expect_lease_lost(
+        &*store,
+        &key,
+        LeaseToken::random(),
+        "unknown_records_are_not_held",
+    )
+    .await;
+    assert_eq!(
+        get(&*store, &key).await,
+        None,
+        "unknown_records_are_not_held: nothing was created"
+    );
+}
+
+/// One key in two scopes is two records.
+pub async fn scopes_are_separate<S: Store>(store: Arc<S>, _clock: ManualClock) {
+    let key = parse_key("shared-key");
+    let first = RecordKey::new(ScopeDigest::from_bytes(rand::random()), key.clone());
+    let second = RecordKey::new(ScopeDigest::from_bytes(rand::random()), key);
+    acquire(&*store, &first, fingerprint(1), "scopes_are_separate").await;
+    acquire(&*store, &second, fingerprint(2), "scopes_are_separate").await;
+}
+
+// ===== helpers =====
+
+fn new_key(tag: &str) -> RecordKey {
+    let scope = ScopeDigest::from_bytes(rand::random());
+    RecordKey::new(
+        scope,
+        parse_key(&format!("{tag}-{:016x}", rand::random::<u64>())),
+    )
+}
+
+fn parse_key(key: &str) -> IdempotencyKey {
+    IdempotencyKey::parse(key.as_bytes()).expect("test keys are valid")
+}
+
+fn fingerprint(seed: usize) -> Fingerprint {
+    let mut bytes = [0xA5; 32];
+    bytes[..8].copy_from_slice(&(seed as u64).to_be_bytes());
+    Fingerprint::from_bytes(bytes)
+}
+
+fn response(status: StatusCode, body: &[u8]) -> StoredResponse {
+    StoredResponse {
+        status,
+        headers: vec![(
+            HeaderName::from_static("content-type"),
+            HeaderValue::from_static("text/plain"),
+        )],
+        body: Some(Bytes::copy_from_slice(body)),
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).expect("test durations are short")
+}
+
+async fn claim<S: Store>(
+    store: &S,
+    key: &RecordKey,
+    fingerprint: Fingerprint,
+    check: &str,
+) -> Claim {
+    match store.claim(key, fingerprint, LEASE).await {
+        Ok(claim) => claim,
+        Err(error) => panic!("{check}: claim failed: {error}"),
+    }
+}
+
+async fn claim_again<S: Store>(store: &S, key: &RecordKey, check: &str) -> Claim {
+    claim(store, key, fingerprint(usize::MAX), check).await
+}
+
+async fn acquire<S: Store>(
+    store: &S,
+    key: &RecordKey,
+    fingerprint: Fingerprint,
+    check: &str,
+) -> LeaseToken {
+    match claim(store, key, fingerprint, check).await {
+        Claim::Acquired(token) => token,
+        other => panic!("{check}: expected to acquire the key, got {other:?}"),
+    }
+}
+
+async fn completed<S: Store>(
+    store: &S,
+    key: &RecordKey,
+    fingerprint: Fingerprint,
+    check: &str,
+) -> Arc<Completed> {
+    match claim(store, key, fingerprint, check).await {
+        Claim::Completed(record) => record,
+        other => panic!("{check}: expected a completed record, got {other:?}"),
+    }
+}
+
+async fn complete<S: Store>(
+    store: &S,
+    key: &RecordKey,
+    token: LeaseToken,
+    response: StoredResponse,
+    check: &str,
+) {
+    if let Err(error) = store.complete(key, token, response, TTL).await {
+        panic!("{check}: the holder could not complete: {error}");
+    }
+}
+
+async fn get<S: Store>(store: &S, key: &RecordKey) -> Option<Record> {
+    match store.get(key).await {
+        Ok(record) => record,
+        Err(error) => panic!("get failed: {error}"),
+    }
+}
+
+/// The live in-flight record: fingerprint, token, deadline.
+async fn in_flight<S: Store>(
+    store: &S,
+    key: &RecordKey,
+    check: &str,
+) -> (Fingerprint, LeaseToken, u64) {
+    match get(store, key).await {
+        Some(Record::InFlight(held)) => (held.fingerprint, held.lease_token, held.lease_expires_at),
+        other => panic!("{check}: expected get() to show a claim in flight, got {other:?}"),
+    }
+}
+
+/// Claims, completes with `response`, then expects claim and get to give
+/// back exactly that response.
+async fn round_trip<S: Store>(
+    store: &S,
+    key: &RecordKey,
+    seed: usize,
+    response: StoredResponse,
+    check: &str,
+) {
+    let token = acquire(store, key, fingerprint(seed), check).await;
+    complete(store, key, token, response.clone(), check).await;
+    let record = completed(store, key, fingerprint(seed), check).await;
+    assert_eq!(
+        record.response, response,
+        "{check}: claim replays the response"
+    );
+    let Some(Record::Completed(read)) = get(store, key).await else {
+        panic!("{check}: get() must show the completed record");
+    };
+    assert_eq!(
+        read.response, response,
+        "{check}: get() returns the response"
+    );
+}
+
+async fn expect_lease_lost<S: Store>(store: &S, key: &RecordKey, token: LeaseToken, check: &str) {
+    let renewed = store.renew(key, token, LEASE).await;
+    assert!(
+        matches!(renewed, Err(StoreError::LeaseLost)),
+        "{check}: renew must fail with LeaseLost, got {renewed:?}"
+    );
+    let response = response(StatusCode::OK, b"stale");
+    let completed = store.complete(key, token, response, TTL).await;
+    assert!(
+        matches!(completed, Err(StoreError::LeaseLost)),
+        "{check}: complete must fail with LeaseLost, got {completed:?}"
+    );
+    let released = store.release(key, token).await;
+    assert!(
+        matches!(released, Err(StoreError::LeaseLost)),
+        "{check}: release must fail with LeaseLost, got {released:?}"
+    );
+}

@@ -1,0 +1,251 @@
+//! Unit-testing an `#[idempotent]` handler with `MockStore`: no sleeping,
+//! no real backend, and the store's view of what happened.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::routing::post;
+use axum::{Json, Router};
+use idempotent_core::idempotent;
+use idempotent_core::testing::{ClaimOutcome, MockStore, OpKind, Operation};
+use serde::{Deserialize, Serialize};
+use tower::ServiceExt;
+
+#[derive(Serialize, Deserialize)]
+struct Charge {
+    amount: u64,
+}
+
+#[idempotent(ttl = "24h", scope = "api_key")]
+async fn charge(Json(charge): Json<Charge>) -> (StatusCode, Json<u64>) {
+    (StatusCode::CREATED, Json(charge.amount))
+}
+
+#[idempotent(ttl = "24h", scope = "api_key")]
+async fn flaky(Json(charge): Json<Charge>) -> StatusCode {
+    if charge.amount == 0 {
+        StatusCode::BAD_GATEWAY
+    } else {
+        StatusCode::CREATED
+    }
+}
+
+fn app(store: &MockStore) -> Router {
+    Router::new()
+        .route("/charges", post(charge))
+        .route("/flaky", post(flaky))
+        .layer(store.layer())
+}
+
+async fn post_charge(app: &Router, uri: &str, key: &str, amount: u64) -> StatusCode {
+    let request = Request::post(uri)
+        .header("idempotency-key", key)
+        .header("x-api-key", "test-caller")
+        .header("content-type", "application/json")
+        .body(Body::from(format!(r#"{{"amount":{amount}}}"#)))
+        .unwrap();
+    app.clone().oneshot(request).await.unwrap().status()
+}
+
+#[tokio::test]
+async fn the_documented_lifecycle() {
+    let store = MockStore::new();
+    let app = app(&store);
+
+    // First call executes.
+    assert_eq!(
+        post_charge(&app, "/charges", "k1", 100).await,
+        StatusCode::CREATED
+    );
+    store.assert_executed_once();
+    // A retry replays without running the handler.
+    assert_eq!(
+        post_charge(&app, "/charges", "k1", 100).await,
+        StatusCode::CREATED
+    );
+    store.assert_executed_once();
+    assert_eq!(store.claims(ClaimOutcome::Completed), 1);
+    // A different payload under the same key is refused.
+    let conflict = post_charge(&app, "/charges", "k1", 250).await;
+    assert_eq!(conflict, StatusCode::UNPROCESSABLE_ENTITY);
+    store.assert_executed_once();
+    // After the TTL the key is new again: no sleeping, the clock moves.
+    store.advance(Duration::from_secs(24 * 3600 + 1));
+    assert_eq!(
+        post_charge(&app, "/charges", "k1", 250).await,
+        StatusCode::CREATED
+    );
+    store.assert_executed(2);
+    // A store failure answers 503 and runs nothing.
+    store.fail_next(OpKind::Claim);
+    let outage = post_charge(&app, "/charges", "k2", 100).await;
+    assert_eq!(outage, StatusCode::SERVICE_UNAVAILABLE);
+    store.assert_executed(2);
+    // The retry after the outage runs.
+    assert_eq!(
+        post_charge(&app, "/charges", "k2", 100).await,
+        StatusCode::CREATED
+    );
+    store.assert_executed(3);
+}
+
+#[tokio::test]
+async fn the_log_shows_each_call_in_order() {
+    let store = MockStore::new();
+    let app = app(&store);
+    post_charge(&app, "/charges", "k", 1).await;
+    post_charge(&app, "/charges", "k", 1).await;
+    assert_eq!(
+        store.operations(),
+        [
+            Operation::Claim {
+                outcome: ClaimOutcome::Acquired
+            },
+            Operation::Complete {
+                status: StatusCode::CREATED
+            },
+            Operation::Claim {
+                outcome: ClaimOutcome::Completed
+            },
+        ]
+    );
+    store.clear_operations();
+    assert!(store.operations().is_empty());
+}
+
+#[tokio::test]
+async fn a_server_error_is_released_and_the_retry_runs_again() {
+    let store = MockStore::new();
+    let app = app(&store);
+    assert_eq!(
+        post_charge(&app, "/flaky", "k", 0).await,
+        StatusCode::BAD_GATEWAY
+    );
+    assert_eq!(store.count(OpKind::Release), 1);
+    assert_eq!(store.count(OpKind::Complete), 0);
+    post_charge(&app, "/flaky", "k", 0).await;
+    store.assert_executed(2);
+}
+
+#[tokio::test]
+async fn an_outage_refuses_everything_until_it_ends() {
+    let store = MockStore::new();
+    let app = app(&store);
+    store.fail_all(true);
+    for key in ["a", "b", "c"] {
+        let status = post_charge(&app, "/charges", key, 1).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    assert_eq!(store.failures(), 3);
+    store.assert_executed(0);
+    store.fail_all(false);
+    assert_eq!(
+        post_charge(&app, "/charges", "a", 1).await,
+        StatusCode::CREATED
+    );
+}
+
+#[tokio::test]
+async fn a_lost_complete_holds_the_key_until_the_lease_lapses() {
+    let store = MockStore::new();
+    let app = app(&store);
+    // The handler runs but its response cannot be stored.
+    store.fail_next(OpKind::Complete);
+    assert_eq!(
+        post_charge(&app, "/charges", "k", 5).await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        store.operations().last(),
+        Some(&Operation::Failed {
+            op: OpKind::Complete
+        })
+    );
+    // The claim is still held, so a retry is told to come back later...
+    assert_eq!(
+        post_charge(&app, "/charges", "k", 5).await,
+        StatusCode::CONFLICT
+    );
+    store.assert_executed_once();
+    // ...and after the lease lapses it runs again.
+    store.advance(Duration::from_secs(61));
+    assert_eq!(
+        post_charge(&app, "/charges", "k", 5).await,
+        StatusCode::CREATED
+    );
+    store.assert_executed(2);
+}
+
+#[tokio::test]
+async fn fail_next_call_fails_whatever_comes_next_once() {
+    let store = MockStore::new();
+    let app = app(&store);
+    store.fail_next_call();
+    assert_eq!(
+        post_charge(&app, "/charges", "k", 5).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        post_charge(&app, "/charges", "k", 5).await,
+        StatusCode::CREATED
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_slower_than_the_timeout_is_an_outage() {
+    let store = MockStore::new();
+    let app = Router::new().route("/charges", post(charge)).layer(
+        idempotent_core::Idempotency::builder(store.clone())
+            .store_timeout(Duration::from_millis(100))
+            .build(),
+    );
+    store.set_delay(Duration::from_secs(1));
+    let status = post_charge(&app, "/charges", "k", 5).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    store.assert_executed(0);
+    store.set_delay(Duration::ZERO);
+    assert_eq!(
+        post_charge(&app, "/charges", "k", 5).await,
+        StatusCode::CREATED
+    );
+}
+
+#[tokio::test]
+#[should_panic(
+    expected = "expected the handler to run 1 time(s) but the store let it run 2 time(s)"
+)]
+async fn assert_executed_once_fails_when_the_handler_ran_twice() {
+    let store = MockStore::new();
+    let app = app(&store);
+    post_charge(&app, "/charges", "a", 1).await;
+    post_charge(&app, "/charges", "b", 1).await;
+    store.assert_executed_once();
+}
+
+#[idempotent(scope = "global", lease = "5s")]
+async fn short_lease(Json(charge): Json<Charge>) -> (StatusCode, Json<u64>) {
+    (StatusCode::CREATED, Json(charge.amount))
+}
+
+#[tokio::test]
+async fn the_lease_option_sets_how_long_an_orphaned_claim_holds() {
+    let store = MockStore::new();
+    let app = Router::new()
+        .route("/charges", post(short_lease))
+        .layer(store.layer());
+    // The outcome is lost, as if the process died before storing it.
+    store.fail_next(OpKind::Complete);
+    post_charge(&app, "/charges", "k", 5).await;
+    store.advance(Duration::from_secs(4));
+    assert_eq!(
+        post_charge(&app, "/charges", "k", 5).await,
+        StatusCode::CONFLICT
+    );
+    store.advance(Duration::from_secs(2));
+    assert_eq!(
+        post_charge(&app, "/charges", "k", 5).await,
+        StatusCode::CREATED
+    );
+    store.assert_executed(2);
+}

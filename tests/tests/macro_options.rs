@@ -1,0 +1,495 @@
+//! Each `#[idempotent]` option, observed through a `Router`.
+
+// A crate may depend on idempotent-core under another name; `crate = "..."`
+// points the expansion at it.
+extern crate idempotent_core as idem;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{FromRequestParts, Query, State};
+use axum::http::request::Parts;
+use axum::http::{Request, StatusCode};
+use axum::routing::post;
+use axum::{Json, Router};
+use http_body_util::BodyExt;
+use idempotent_core::store::MemoryStore;
+use idempotent_core::{IDEMPOTENT_REPLAYED, Idempotency, IdempotencyScope, idempotent};
+use serde::Deserialize;
+use tokio::sync::Notify;
+use tower::ServiceExt;
+
+#[derive(Clone, Default)]
+struct Runs(Arc<AtomicUsize>);
+
+impl Runs {
+    fn bump(&self) -> usize {
+        self.0.fetch_add(1, Ordering::SeqCst) + 1
+    }
+    fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+struct Reply {
+    status: StatusCode,
+    replayed: bool,
+    retry_after: Option<String>,
+    body: String,
+}
+
+fn request(uri: &str, key: Option<&str>, headers: &[(&str, &str)], body: &str) -> Request<Body> {
+    let mut builder = Request::post(uri).header("content-type", "application/json");
+    if let Some(key) = key {
+        builder = builder.header("idempotency-key", key);
+    }
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    builder.body(Body::from(body.to_owned())).unwrap()
+}
+
+async fn send(app: &Router, request: Request<Body>) -> Reply {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let replayed = response.headers().contains_key(IDEMPOTENT_REPLAYED);
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|value| value.to_str().unwrap().to_owned());
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8(body.to_vec()).unwrap();
+    Reply {
+        status,
+        replayed,
+        retry_after,
+        body,
+    }
+}
+
+fn router(routes: Router<Runs>, runs: &Runs) -> Router {
+    routes
+        .with_state(runs.clone())
+        .layer(Idempotency::new(MemoryStore::new()))
+}
+
+// ===== in flight: 409, or `wait` =====
+
+#[derive(Clone)]
+struct Gate {
+    runs: Runs,
+    entered: Arc<Notify>,
+    release: Arc<Notify>,
+}
+
+impl Gate {
+    fn new() -> Self {
+        Self {
+            runs: Runs::default(),
+            entered: Arc::new(Notify::new()),
+            release: Arc::new(Notify::new()),
+        }
+    }
+}
+
+#[idempotent(scope = "global")]
+async fn slow(State(gate): State<Gate>, Json(n): Json<u32>) -> (StatusCode, Json<u32>) {
+    slow_body(&gate, n).await
+}
+
+#[idempotent(scope = "global", wait = "10s")]
+async fn slow_waited(State(gate): State<Gate>, Json(n): Json<u32>) -> (StatusCode, Json<u32>) {
+    slow_body(&gate, n).await
+}
+
+/// Counts the run, says it started, then waits to be let go.
+async fn slow_body(gate: &Gate, n: u32) -> (StatusCode, Json<u32>) {
+    gate.runs.bump();
+    gate.entered.notify_one();
+    gate.release.notified().await;
+    (StatusCode::CREATED, Json(n))
+}
+
+fn gated_app(gate: &Gate) -> Router {
+    Router::new()
+        .route("/slow", post(slow))
+        .route("/waited", post(slow_waited))
+        .with_state(gate.clone())
+        .layer(Idempotency::new(MemoryStore::new()))
+}
+
+#[tokio::test]
+async fn a_duplicate_while_the_first_runs_gets_409_with_retry_after() {
+    let gate = Gate::new();
+    let app = gated_app(&gate);
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request("/slow", Some("k"), &[], "1")).await }
+    });
+    gate.entered.notified().await;
+    let duplicate = send(&app, request("/slow", Some("k"), &[], "1")).await;
+    assert_eq!(duplicate.status, StatusCode::CONFLICT);
+    assert_eq!(duplicate.retry_after.as_deref(), Some("1"));
+    gate.release.notify_one();
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+    assert_eq!(gate.runs.get(), 1);
+}
+
+#[tokio::test]
+async fn with_wait_a_duplicate_waits_for_the_first_and_replays_it() {
+    let gate = Gate::new();
+    let app = gated_app(&gate);
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request("/waited", Some("k"), &[], "7")).await }
+    });
+    gate.entered.notified().await;
+    let duplicate = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request("/waited", Some("k"), &[], "7")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        !duplicate.is_finished(),
+        "the duplicate waits instead of getting 409"
+    );
+    gate.release.notify_one();
+    let (first, duplicate) = (first.await.unwrap(), duplicate.await.unwrap());
+    assert_eq!((first.status, first.replayed), (StatusCode::CREATED, false));
+    assert_eq!(
+        (duplicate.status, duplicate.replayed),
+        (StatusCode::CREATED, true)
+    );
+    assert_eq!(duplicate.body, "7");
+    assert_eq!(gate.runs.get(), 1);
+}
+
+// ===== optional =====
+
+#[idempotent(scope = "global", optional)]
+async fn optional_key(State(runs): State<Runs>) -> String {
+    runs.bump().to_string()
+}
+
+#[tokio::test]
+async fn optional_runs_keyless_requests_every_time_and_keyed_ones_once() {
+    let runs = Runs::default();
+    let app = router(Router::new().route("/o", post(optional_key)), &runs);
+    assert_eq!(send(&app, request("/o", None, &[], "")).await.body, "1");
+    assert_eq!(send(&app, request("/o", None, &[], "")).await.body, "2");
+    assert_eq!(
+        send(&app, request("/o", Some("k"), &[], "")).await.body,
+        "3"
+    );
+    let retry = send(&app, request("/o", Some("k"), &[], "")).await;
+    assert_eq!((retry.body.as_str(), retry.replayed), ("3", true));
+}
+
+#[idempotent(scope = "global")]
+async fn required_key(State(runs): State<Runs>) -> String {
+    runs.bump().to_string()
+}
+
+#[tokio::test]
+async fn without_optional_a_keyless_request_gets_400_and_runs_nothing() {
+    let runs = Runs::default();
+    let app = router(Router::new().route("/r", post(required_key)), &runs);
+    let reply = send(&app, request("/r", None, &[], "")).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(runs.get(), 0);
+}
+
+// ===== scopes =====
+
+#[idempotent(scope = "api_key")]
+async fn by_api_key(State(runs): State<Runs>) -> String {
+    runs.bump().to_string()
+}
+
+#[idempotent(scope = "header:X-Tenant")]
+async fn by_header(State(runs): State<Runs>) -> String {
+    runs.bump().to_string()
+}
+
+#[tokio::test]
+async fn api_key_scope_keeps_callers_apart_and_needs_a_credential() {
+    let runs = Runs::default();
+    let app = router(Router::new().route("/a", post(by_api_key)), &runs);
+    let alice = [("x-api-key", "alice")];
+    let bob = [("authorization", "Bearer bob")];
+    assert_eq!(
+        send(&app, request("/a", Some("k"), &alice, "")).await.body,
+        "1"
+    );
+    assert_eq!(
+        send(&app, request("/a", Some("k"), &bob, "")).await.body,
+        "2"
+    );
+    assert_eq!(
+        send(&app, request("/a", Some("k"), &alice, "")).await.body,
+        "1"
+    );
+    let anonymous = send(&app, request("/a", Some("k"), &[], "")).await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(runs.get(), 2);
+}
+
+#[tokio::test]
+async fn header_scope_keeps_tenants_apart_and_needs_the_header() {
+    let runs = Runs::default();
+    let app = router(Router::new().route("/h", post(by_header)), &runs);
+    let one = [("x-tenant", "one")];
+    let two = [("X-Tenant", "two")];
+    assert_eq!(
+        send(&app, request("/h", Some("k"), &one, "")).await.body,
+        "1"
+    );
+    assert_eq!(
+        send(&app, request("/h", Some("k"), &two, "")).await.body,
+        "2"
+    );
+    assert!(
+        send(&app, request("/h", Some("k"), &two, ""))
+            .await
+            .replayed
+    );
+    let missing = send(&app, request("/h", Some("k"), &[], "")).await;
+    assert_eq!(missing.status, StatusCode::UNAUTHORIZED);
+    assert!(missing.body.contains("x-tenant"), "{}", missing.body);
+}
+
+/// The authenticated caller, from `X-User`.
+struct User(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for User {
+    type Rejection = StatusCode;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let user = parts.headers.get("x-user").ok_or(StatusCode::FORBIDDEN)?;
+        Ok(Self(
+            user.to_str().map_err(|_| StatusCode::FORBIDDEN)?.to_owned(),
+        ))
+    }
+}
+
+impl IdempotencyScope for User {
+    fn scope_id(&self) -> impl AsRef<[u8]> {
+        self.0.clone()
+    }
+}
+
+#[idempotent(scope = User)]
+async fn by_user_argument(user: User, State(runs): State<Runs>, Json(n): Json<u32>) -> String {
+    format!("{}:{}:{n}", user.0, runs.bump())
+}
+
+#[idempotent(scope = User)]
+async fn by_user_extracted(State(runs): State<Runs>, Json(n): Json<u32>) -> String {
+    format!("{}:{n}", runs.bump())
+}
+
+#[tokio::test]
+async fn custom_scope_from_the_handlers_own_argument() {
+    let runs = Runs::default();
+    let app = router(Router::new().route("/u", post(by_user_argument)), &runs);
+    let ann = [("x-user", "ann")];
+    let ben = [("x-user", "ben")];
+    assert_eq!(
+        send(&app, request("/u", Some("k"), &ann, "5")).await.body,
+        "ann:1:5"
+    );
+    assert_eq!(
+        send(&app, request("/u", Some("k"), &ben, "5")).await.body,
+        "ben:2:5"
+    );
+    let retry = send(&app, request("/u", Some("k"), &ann, "5")).await;
+    assert_eq!((retry.body.as_str(), retry.replayed), ("ann:1:5", true));
+    // The principal is the scope, not part of the payload: another payload
+    // from the same caller is a conflict.
+    let other = send(&app, request("/u", Some("k"), &ann, "6")).await;
+    assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+#[tokio::test]
+async fn custom_scope_extracted_by_the_macro() {
+    let runs = Runs::default();
+    let app = router(Router::new().route("/x", post(by_user_extracted)), &runs);
+    let ann = [("x-user", "ann")];
+    let ben = [("x-user", "ben")];
+    assert_eq!(
+        send(&app, request("/x", Some("k"), &ann, "5")).await.body,
+        "1:5"
+    );
+    assert_eq!(
+        send(&app, request("/x", Some("k"), &ben, "5")).await.body,
+        "2:5"
+    );
+    assert!(
+        send(&app, request("/x", Some("k"), &ben, "5"))
+            .await
+            .replayed
+    );
+    // The principal's own rejection answers a request without it.
+    let anonymous = send(&app, request("/x", Some("k"), &[], "5")).await;
+    assert_eq!(anonymous.status, StatusCode::FORBIDDEN);
+    assert_eq!(runs.get(), 2);
+}
+
+// ===== skip =====
+
+#[derive(Deserialize, serde::Serialize)]
+struct Trace {
+    trace: String,
+}
+
+#[idempotent(scope = "global", skip(trace))]
+async fn skips_query(State(runs): State<Runs>, trace: Query<Trace>, Json(n): Json<u32>) -> String {
+    format!("{}:{n}:{}", runs.bump(), trace.trace)
+}
+
+#[idempotent(scope = "global")]
+async fn fingerprints_query(
+    State(runs): State<Runs>,
+    trace: Query<Trace>,
+    Json(n): Json<u32>,
+) -> String {
+    format!("{}:{n}:{}", runs.bump(), trace.trace)
+}
+
+#[tokio::test]
+async fn a_skipped_argument_does_not_change_the_fingerprint() {
+    let runs = Runs::default();
+    let app = router(
+        Router::new()
+            .route("/skip", post(skips_query))
+            .route("/keep", post(fingerprints_query)),
+        &runs,
+    );
+    send(&app, request("/skip?trace=a", Some("k1"), &[], "1")).await;
+    let skipped = send(&app, request("/skip?trace=b", Some("k1"), &[], "1")).await;
+    assert_eq!((skipped.status, skipped.replayed), (StatusCode::OK, true));
+    assert_eq!(skipped.body, "1:1:a");
+    // The body is still fingerprinted.
+    let other_body = send(&app, request("/skip?trace=a", Some("k1"), &[], "2")).await;
+    assert_eq!(other_body.status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    send(&app, request("/keep?trace=a", Some("k2"), &[], "1")).await;
+    let kept = send(&app, request("/keep?trace=b", Some("k2"), &[], "1")).await;
+    assert_eq!(kept.status, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+// ===== name =====
+
+#[idempotent(scope = "global", name = "orders.create")]
+async fn create_order_v1(State(runs): State<Runs>, Json(n): Json<u32>) -> String {
+    format!("v1:{}:{n}", runs.bump())
+}
+
+#[idempotent(scope = "global", name = "orders.create")]
+async fn create_order_v2(State(runs): State<Runs>, Json(n): Json<u32>) -> String {
+    format!("v2:{}:{n}", runs.bump())
+}
+
+#[idempotent(scope = "global")]
+async fn create_order_unnamed(State(runs): State<Runs>, Json(n): Json<u32>) -> String {
+    format!("unnamed:{}:{n}", runs.bump())
+}
+
+#[tokio::test]
+async fn the_name_not_the_function_identifies_the_endpoint() {
+    let runs = Runs::default();
+    // The same store behind both routes, as before and after a rename.
+    let app = router(
+        Router::new()
+            .route("/v1", post(create_order_v1))
+            .route("/v2", post(create_order_v2))
+            .route("/unnamed", post(create_order_unnamed)),
+        &runs,
+    );
+    assert_eq!(
+        send(&app, request("/v1", Some("k"), &[], "3")).await.body,
+        "v1:1:3"
+    );
+    let renamed = send(&app, request("/v2", Some("k"), &[], "3")).await;
+    assert_eq!((renamed.body.as_str(), renamed.replayed), ("v1:1:3", true));
+    // Without `name`, the function's name is the identity.
+    let unnamed = send(&app, request("/unnamed", Some("k"), &[], "3")).await;
+    assert_eq!(unnamed.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        unnamed.body.contains("create_order_unnamed"),
+        "{}",
+        unnamed.body
+    );
+}
+
+// ===== final_statuses =====
+
+#[idempotent(scope = "global")]
+async fn not_found_default(State(runs): State<Runs>) -> (StatusCode, String) {
+    (StatusCode::NOT_FOUND, runs.bump().to_string())
+}
+
+#[idempotent(scope = "global", final_statuses = "2xx")]
+async fn not_found_not_final(State(runs): State<Runs>) -> (StatusCode, String) {
+    (StatusCode::NOT_FOUND, runs.bump().to_string())
+}
+
+#[idempotent(scope = "global", final_statuses = "200-299, 503")]
+async fn unavailable_final(State(runs): State<Runs>) -> (StatusCode, String) {
+    (StatusCode::SERVICE_UNAVAILABLE, runs.bump().to_string())
+}
+
+#[tokio::test]
+async fn final_statuses_decide_what_is_stored() {
+    let runs = Runs::default();
+    let app = router(
+        Router::new()
+            .route("/default", post(not_found_default))
+            .route("/2xx", post(not_found_not_final))
+            .route("/503", post(unavailable_final)),
+        &runs,
+    );
+    // By default a 404 is final: the retry replays it.
+    send(&app, request("/default", Some("a"), &[], "")).await;
+    assert!(
+        send(&app, request("/default", Some("a"), &[], ""))
+            .await
+            .replayed
+    );
+    // With "2xx" it is not: the retry runs again.
+    assert_eq!(
+        send(&app, request("/2xx", Some("b"), &[], "")).await.body,
+        "2"
+    );
+    let rerun = send(&app, request("/2xx", Some("b"), &[], "")).await;
+    assert_eq!((rerun.body.as_str(), rerun.replayed), ("3", false));
+    // A listed 503 is stored.
+    send(&app, request("/503", Some("c"), &[], "")).await;
+    let replayed = send(&app, request("/503", Some("c"), &[], "")).await;
+    assert_eq!(
+        (replayed.status, replayed.replayed),
+        (StatusCode::SERVICE_UNAVAILABLE, true)
+    );
+}
+
+// ===== crate =====
+
+#[idem::idempotent(crate = "idem", scope = "global")]
+async fn through_renamed_crate(State(runs): State<Runs>) -> String {
+    runs.bump().to_string()
+}
+
+#[tokio::test]
+async fn crate_override_expands_to_the_renamed_crate() {
+    let runs = Runs::default();
+    let app = router(
+        Router::new().route("/c", post(through_renamed_crate)),
+        &runs,
+    );
+    send(&app, request("/c", Some("k"), &[], "")).await;
+    let retry = send(&app, request("/c", Some("k"), &[], "")).await;
+    assert!(retry.replayed);
+    assert_eq!(runs.get(), 1);
+}

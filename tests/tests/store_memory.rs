@@ -1,0 +1,288 @@
+//! The store contract on the in-process stores, and what the tiered cache
+//! adds: replays without a durable round trip, never past the durable
+//! record's expiry.
+
+mod store_support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode};
+use idempotent_core::clock::ManualClock;
+use idempotent_core::fingerprint::Fingerprint;
+use idempotent_core::key::IdempotencyKey;
+use idempotent_core::record::{Claim, LeaseToken, Record, RecordKey, StoredResponse};
+use idempotent_core::scope::ScopeDigest;
+use idempotent_core::store::{MemoryStore, Store, StoreError, Tiered};
+use idempotent_core::testing::contract;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_store_passes_the_contract() {
+    contract::run_all(|clock| async move { MemoryStore::builder().clock(clock).build() }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tiered_store_passes_the_contract() {
+    contract::run_all(|clock| async move {
+        let durable = MemoryStore::builder().clock(clock.clone()).build();
+        Tiered::builder(durable).clock(clock).build()
+    })
+    .await;
+}
+
+/// Counts the claims that reach the durable tier.
+#[derive(Clone)]
+struct CountingStore {
+    inner: MemoryStore,
+    claims: Arc<AtomicUsize>,
+}
+
+impl Store for CountingStore {
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.claims.fetch_add(1, Ordering::SeqCst);
+        self.inner.claim(key, fingerprint, lease).await
+    }
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.renew(key, token, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.complete(key, token, response, ttl).await
+    }
+    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        self.inner.release(key, token).await
+    }
+    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        self.inner.get(key).await
+    }
+}
+
+fn record_key(key: &str) -> RecordKey {
+    RecordKey::new(
+        ScopeDigest::global(),
+        IdempotencyKey::parse(key.as_bytes()).unwrap(),
+    )
+}
+
+fn ok_response() -> StoredResponse {
+    StoredResponse {
+        status: StatusCode::OK,
+        headers: vec![("x-a".parse().unwrap(), HeaderValue::from_static("1"))],
+        body: Some("paid".into()),
+    }
+}
+
+fn tiered(clock: &ManualClock) -> (Tiered<CountingStore>, Arc<AtomicUsize>) {
+    let claims = Arc::new(AtomicUsize::new(0));
+    let durable = CountingStore {
+        inner: MemoryStore::builder().clock(clock.clone()).build(),
+        claims: claims.clone(),
+    };
+    (
+        Tiered::builder(durable).clock(clock.clone()).build(),
+        claims,
+    )
+}
+
+#[tokio::test]
+async fn completed_records_replay_from_memory() {
+    let clock = ManualClock::starting_now();
+    let (store, durable_claims) = tiered(&clock);
+    let key = record_key("cached");
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    let lease = Duration::from_secs(10);
+    let Claim::Acquired(token) = store.claim(&key, fingerprint, lease).await.unwrap() else {
+        panic!("a new key is acquired");
+    };
+    store
+        .complete(&key, token, ok_response(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(durable_claims.load(Ordering::SeqCst), 1);
+    for _ in 0..5 {
+        let claim = store.claim(&key, fingerprint, lease).await.unwrap();
+        assert!(matches!(claim, Claim::Completed(record) if record.response == ok_response()));
+    }
+    assert_eq!(
+        durable_claims.load(Ordering::SeqCst),
+        1,
+        "replays never reached the durable tier"
+    );
+    assert_eq!(store.cached_len(), 1);
+}
+
+#[tokio::test]
+async fn records_completed_elsewhere_are_cached_on_first_sight() {
+    let clock = ManualClock::starting_now();
+    let (store, durable_claims) = tiered(&clock);
+    let key = record_key("elsewhere");
+    let fingerprint = Fingerprint::from_bytes([2; 32]);
+    let lease = Duration::from_secs(10);
+    // Another instance completes through the durable tier directly.
+    let Claim::Acquired(token) = store
+        .durable()
+        .claim(&key, fingerprint, lease)
+        .await
+        .unwrap()
+    else {
+        panic!("a new key is acquired");
+    };
+    store
+        .durable()
+        .complete(&key, token, ok_response(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let before = durable_claims.load(Ordering::SeqCst);
+    assert!(matches!(
+        store.claim(&key, fingerprint, lease).await.unwrap(),
+        Claim::Completed(_)
+    ));
+    assert!(matches!(
+        store.claim(&key, fingerprint, lease).await.unwrap(),
+        Claim::Completed(_)
+    ));
+    assert_eq!(
+        durable_claims.load(Ordering::SeqCst),
+        before + 1,
+        "only the first replay reads the durable tier"
+    );
+}
+
+#[tokio::test]
+async fn a_cached_record_expires_with_the_durable_one() {
+    let clock = ManualClock::starting_now();
+    let (store, durable_claims) = tiered(&clock);
+    let key = record_key("expiring");
+    let fingerprint = Fingerprint::from_bytes([3; 32]);
+    let lease = Duration::from_secs(10);
+    let Claim::Acquired(token) = store.claim(&key, fingerprint, lease).await.unwrap() else {
+        panic!("a new key is acquired");
+    };
+    store
+        .complete(&key, token, ok_response(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let Some(Record::Completed(durable)) = store.durable().get(&key).await.unwrap() else {
+        panic!("the durable tier holds the record");
+    };
+    let Claim::Completed(cached) = store.claim(&key, fingerprint, lease).await.unwrap() else {
+        panic!("replayed");
+    };
+    assert!(
+        cached.expires_at <= durable.expires_at,
+        "the cache never outlives the durable record"
+    );
+    clock.advance(Duration::from_secs(60));
+    let claims_before = durable_claims.load(Ordering::SeqCst);
+    let claim = store.claim(&key, fingerprint, lease).await.unwrap();
+    assert!(
+        matches!(claim, Claim::Acquired(_)),
+        "after expiry the key is new, got {claim:?}"
+    );
+    assert_eq!(
+        durable_claims.load(Ordering::SeqCst),
+        claims_before + 1,
+        "the claim went to the durable tier"
+    );
+}
+
+#[tokio::test]
+async fn in_flight_claims_always_reach_the_durable_tier() {
+    let clock = ManualClock::starting_now();
+    let (store, durable_claims) = tiered(&clock);
+    let key = record_key("in-flight");
+    let fingerprint = Fingerprint::from_bytes([4; 32]);
+    let lease = Duration::from_secs(10);
+    assert!(matches!(
+        store.claim(&key, fingerprint, lease).await.unwrap(),
+        Claim::Acquired(_)
+    ));
+    for _ in 0..3 {
+        assert!(matches!(
+            store.claim(&key, fingerprint, lease).await.unwrap(),
+            Claim::InFlight { .. }
+        ));
+    }
+    assert_eq!(durable_claims.load(Ordering::SeqCst), 4);
+    assert_eq!(store.cached_len(), 0, "nothing in flight is cached");
+}
+
+// ===== the contract catches broken stores =====
+
+/// Lets anyone release a record, token or not.
+struct UnfencedRelease(MemoryStore);
+
+impl Store for UnfencedRelease {
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.0.claim(key, fingerprint, lease).await
+    }
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.0.renew(key, token, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.0.complete(key, token, response, ttl).await
+    }
+    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        match self.0.release(key, token).await {
+            Err(StoreError::LeaseLost) => Ok(()),
+            other => other,
+        }
+    }
+    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        self.0.get(key).await
+    }
+}
+
+async fn panics(check: impl std::future::Future<Output = ()> + Send + 'static) -> bool {
+    tokio::spawn(check)
+        .await
+        .is_err_and(|error| error.is_panic())
+}
+
+#[tokio::test]
+async fn the_contract_catches_a_store_without_fencing() {
+    let clock = ManualClock::starting_now();
+    let store = Arc::new(UnfencedRelease(
+        MemoryStore::builder().clock(clock.clone()).build(),
+    ));
+    assert!(panics(contract::fencing(store, clock)).await);
+}
+
+#[tokio::test]
+async fn the_contract_catches_a_store_that_ignores_its_clock() {
+    // Built on the system clock, so the check's clock moves nothing.
+    let store = Arc::new(MemoryStore::new());
+    assert!(panics(contract::ttl_expiry(store, ManualClock::starting_now())).await);
+}

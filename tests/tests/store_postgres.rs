@@ -1,0 +1,319 @@
+//! `PostgresStore` against a real server (`IDEMPOTENT_TEST_POSTGRES_URL`).
+//! Each test works in its own table, so tests run in parallel and reruns
+//! start clean.
+
+mod store_support;
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use idempotent_core::clock::ManualClock;
+use idempotent_core::fingerprint::Fingerprint;
+use idempotent_core::key::IdempotencyKey;
+use idempotent_core::record::{Claim, RecordKey, StoredResponse};
+use idempotent_core::scope::ScopeDigest;
+use idempotent_core::store::{PostgresStore, Store, Tiered};
+use idempotent_core::testing::contract;
+use store_support::{
+    Ledger, backend_url, duplicates_across_instances, pay, payments_app, unique_name,
+};
+
+const URL: &str = "IDEMPOTENT_TEST_POSTGRES_URL";
+const STORE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A migrated store on a fresh table.
+async fn fresh_store(url: &str) -> PostgresStore {
+    let connected = PostgresStore::connect(url)
+        .await
+        .expect("connect to the test database");
+    let table = unique_name("idem_test");
+    let store = PostgresStore::builder(connected.pool().clone())
+        .table(table)
+        .build()
+        .expect("valid table name");
+    store.migrate().await.expect("migrate");
+    store
+}
+
+async fn drop_table(store: &PostgresStore) {
+    sqlx::query(&format!("DROP TABLE IF EXISTS {}", store.table()))
+        .execute(store.pool())
+        .await
+        .expect("drop the test table");
+}
+
+fn with_clock(store: &PostgresStore, clock: ManualClock) -> PostgresStore {
+    PostgresStore::builder(store.pool().clone())
+        .table(store.table())
+        .clock(clock)
+        .build()
+        .expect("valid table name")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_store_passes_the_contract() {
+    let Some(url) = backend_url(URL) else { return };
+    let store = fresh_store(&url).await;
+    contract::run_all(|clock| {
+        let store = with_clock(&store, clock);
+        async move { store }
+    })
+    .await;
+    drop_table(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tiered_postgres_store_passes_the_contract() {
+    let Some(url) = backend_url(URL) else { return };
+    let store = fresh_store(&url).await;
+    contract::run_all(|clock| {
+        let durable = with_clock(&store, clock.clone());
+        async move { Tiered::builder(durable).clock(clock).build() }
+    })
+    .await;
+    drop_table(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_share_one_database() {
+    let Some(url) = backend_url(URL) else { return };
+    let first = fresh_store(&url).await;
+    // The second instance has its own pool, as another process would.
+    let second = PostgresStore::connect(&url).await.expect("connect");
+    let second = PostgresStore::builder(second.pool().clone())
+        .table(first.table())
+        .build()
+        .expect("valid table name");
+    let ledger = Ledger::default();
+    let apps = [
+        payments_app(first.clone(), &ledger, STORE_TIMEOUT),
+        payments_app(second, &ledger, STORE_TIMEOUT),
+    ];
+    duplicates_across_instances(&apps, &ledger, 100).await;
+    drop_table(&first).await;
+}
+
+#[tokio::test]
+async fn a_completed_record_survives_a_restart() {
+    let Some(url) = backend_url(URL) else { return };
+    let store = fresh_store(&url).await;
+    let table = store.table().to_owned();
+    let ledger = Ledger::default();
+    let app = payments_app(store.clone(), &ledger, STORE_TIMEOUT);
+    let original = pay(&app, "restart-1", 100).await;
+    assert_eq!(original.status, StatusCode::CREATED);
+    drop(app);
+    store.pool().close().await;
+    drop(store);
+
+    let restarted = PostgresStore::connect(&url).await.expect("reconnect");
+    let restarted = PostgresStore::builder(restarted.pool().clone())
+        .table(table)
+        .build()
+        .expect("valid table name");
+    restarted
+        .migrate()
+        .await
+        .expect("migrating again is harmless");
+    let app = payments_app(restarted.clone(), &ledger, STORE_TIMEOUT);
+    let replay = pay(&app, "restart-1", 100).await;
+    assert!(replay.replayed());
+    assert_eq!(
+        (replay.status, &replay.body),
+        (original.status, &original.body)
+    );
+    assert_eq!(replay.content_type(), original.content_type());
+    assert_eq!(ledger.executions(), 1);
+    let mismatch = pay(&app, "restart-1", 999).await;
+    assert_eq!(mismatch.status, StatusCode::UNPROCESSABLE_ENTITY);
+    drop_table(&restarted).await;
+}
+
+#[tokio::test]
+async fn concurrent_migrations_are_harmless() {
+    let Some(url) = backend_url(URL) else { return };
+    let store = PostgresStore::connect(&url).await.expect("connect");
+    let store = PostgresStore::builder(store.pool().clone())
+        .table(unique_name("idem_test"))
+        .build()
+        .expect("valid table name");
+    let migrations: Vec<_> = (0..4)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.migrate().await })
+        })
+        .collect();
+    for migration in migrations {
+        migration.await.expect("task").expect("migrate");
+    }
+    drop_table(&store).await;
+}
+
+#[tokio::test]
+async fn purging_deletes_only_expired_rows() {
+    let Some(url) = backend_url(URL) else { return };
+    let base = fresh_store(&url).await;
+    let clock = ManualClock::starting_now();
+    let store = with_clock(&base, clock.clone());
+    let key = |name: &str| {
+        RecordKey::new(
+            ScopeDigest::global(),
+            IdempotencyKey::parse(name.as_bytes()).unwrap(),
+        )
+    };
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    let lease = Duration::from_secs(10);
+    let response = StoredResponse {
+        status: StatusCode::OK,
+        headers: Vec::new(),
+        body: None,
+    };
+    for (name, ttl) in [("short", 5), ("long", 500)] {
+        let Claim::Acquired(token) = store.claim(&key(name), fingerprint, lease).await.unwrap()
+        else {
+            panic!("acquire {name}");
+        };
+        store
+            .complete(
+                &key(name),
+                token,
+                response.clone(),
+                Duration::from_secs(ttl),
+            )
+            .await
+            .unwrap();
+    }
+    store
+        .claim(&key("abandoned"), fingerprint, lease)
+        .await
+        .unwrap();
+    store
+        .claim(&key("running"), fingerprint, Duration::from_secs(100))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.purge_expired().await.unwrap(),
+        0,
+        "nothing has expired yet"
+    );
+    clock.advance(Duration::from_secs(20));
+    assert_eq!(
+        store.purge_expired().await.unwrap(),
+        2,
+        "the short record and the abandoned lease"
+    );
+    assert!(store.get(&key("long")).await.unwrap().is_some());
+    assert!(store.get(&key("running")).await.unwrap().is_some());
+    let rows: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}", store.table()))
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(rows, 2);
+    drop_table(&base).await;
+}
+
+#[tokio::test]
+async fn the_reaper_purges_in_the_background() {
+    let Some(url) = backend_url(URL) else { return };
+    let base = fresh_store(&url).await;
+    let clock = ManualClock::starting_now();
+    let store = with_clock(&base, clock.clone());
+    let key = RecordKey::new(
+        ScopeDigest::global(),
+        IdempotencyKey::parse(b"reaped").unwrap(),
+    );
+    store
+        .claim(
+            &key,
+            Fingerprint::from_bytes([1; 32]),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(2));
+    let reaper = store.spawn_reaper(Duration::from_millis(20));
+    let count = || async {
+        sqlx::query_scalar::<_, i64>(&format!("SELECT count(*) FROM {}", store.table()))
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+    };
+    let mut remaining = count().await;
+    for _ in 0..100 {
+        if remaining == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        remaining = count().await;
+    }
+    assert_eq!(remaining, 0, "the reaper deleted the expired row");
+    drop(reaper);
+    drop_table(&base).await;
+}
+
+#[tokio::test]
+async fn table_names_that_are_not_identifiers_are_refused() {
+    let Some(url) = backend_url(URL) else { return };
+    let store = PostgresStore::connect(&url).await.expect("connect");
+    let error = PostgresStore::builder(store.pool().clone())
+        .table("records; DROP TABLE users")
+        .build()
+        .expect_err("refused");
+    assert!(error.to_string().contains("invalid table name"), "{error}");
+}
+
+// ===== an unreachable database: no server needed =====
+
+/// An app whose store points at `url` without connecting first.
+fn app_on_lazy_pool(url: &str, ledger: &Ledger) -> axum::Router {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_lazy(url)
+        .expect("valid URL");
+    let store = PostgresStore::builder(pool)
+        .build()
+        .expect("valid table name");
+    payments_app(store, ledger, Duration::from_millis(300))
+}
+
+#[tokio::test]
+async fn a_refused_connection_gives_503_and_runs_nothing() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ledger = Ledger::default();
+    let app = app_on_lazy_pool(
+        &format!("postgres://postgres@127.0.0.1:{port}/test"),
+        &ledger,
+    );
+    let reply = pay(&app, "refused", 1).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.content_type(), Some("application/problem+json"));
+    assert_eq!(ledger.executions(), 0);
+}
+
+#[tokio::test]
+async fn a_database_that_never_answers_is_cut_by_the_store_timeout() {
+    // Accepts connections and never says a word.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let ledger = Ledger::default();
+    let app = app_on_lazy_pool(
+        &format!("postgres://postgres@127.0.0.1:{port}/test"),
+        &ledger,
+    );
+    let reply = tokio::time::timeout(Duration::from_secs(10), pay(&app, "silent", 1))
+        .await
+        .expect("the store timeout answers long before the pool's own 30 s");
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ledger.executions(), 0);
+    silent.abort();
+}

@@ -1,0 +1,217 @@
+//! `RedisStore` against a real server (`IDEMPOTENT_TEST_REDIS_URL`), and
+//! against a Redis this test starts and stops itself. Each test uses its
+//! own key prefix, so tests run in parallel and reruns start clean.
+
+mod store_support;
+
+use std::net::TcpListener;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use idempotent_core::Endpoint;
+use idempotent_core::key::IdempotencyKey;
+use idempotent_core::record::RecordKey;
+use idempotent_core::scope::ScopeDigest;
+use idempotent_core::store::{RedisStore, Tiered};
+use idempotent_core::testing::contract;
+use redis::aio::ConnectionManager;
+use store_support::{
+    Ledger, backend_url, duplicates_across_instances, pay, payments_app, unique_name,
+};
+use tokio::process::{Child, Command};
+
+const URL: &str = "IDEMPOTENT_TEST_REDIS_URL";
+const STORE_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn manager(url: &str) -> ConnectionManager {
+    let client = redis::Client::open(url).expect("valid URL");
+    ConnectionManager::new(client)
+        .await
+        .expect("connect to the test Redis")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_store_passes_the_contract() {
+    let Some(url) = backend_url(URL) else { return };
+    let connection = manager(&url).await;
+    let prefix = unique_name("idem_test") + ":";
+    contract::run_all(|clock| {
+        let store = RedisStore::builder(connection.clone())
+            .prefix(prefix.clone())
+            .clock(clock)
+            .build();
+        async move { store }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tiered_redis_store_passes_the_contract() {
+    let Some(url) = backend_url(URL) else { return };
+    let connection = manager(&url).await;
+    let prefix = unique_name("idem_test") + ":";
+    contract::run_all(|clock| {
+        let durable = RedisStore::builder(connection.clone())
+            .prefix(prefix.clone())
+            .clock(clock.clone())
+            .build();
+        async move { Tiered::builder(durable).clock(clock).build() }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_share_one_redis() {
+    let Some(url) = backend_url(URL) else { return };
+    let prefix = unique_name("idem_test") + ":";
+    let ledger = Ledger::default();
+    let mut apps = Vec::new();
+    for _ in 0..2 {
+        // Each instance connects on its own, as another process would.
+        let store = RedisStore::builder(manager(&url).await)
+            .prefix(prefix.clone())
+            .build();
+        apps.push(payments_app(store, &ledger, STORE_TIMEOUT));
+    }
+    duplicates_across_instances(&apps, &ledger, 100).await;
+}
+
+#[tokio::test]
+async fn completed_records_carry_a_redis_expiry_past_their_ttl() {
+    let Some(url) = backend_url(URL) else { return };
+    let prefix = unique_name("idem_test") + ":";
+    let store = RedisStore::builder(manager(&url).await)
+        .prefix(prefix)
+        .build();
+    let ledger = Ledger::default();
+    let app = payments_app(store.clone(), &ledger, STORE_TIMEOUT);
+    assert_eq!(pay(&app, "expiring", 1).await.status, StatusCode::CREATED);
+    let key = RecordKey::new(
+        ScopeDigest::global(),
+        IdempotencyKey::parse(b"expiring").unwrap(),
+    );
+    let redis_key = store.redis_key(&key);
+    assert!(redis_key.starts_with(store.prefix()));
+    let mut connection = manager(&url).await;
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(&redis_key)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let ttl = i64::try_from(Endpoint::DEFAULT_TTL.as_millis()).unwrap();
+    // Redis keeps the key a minute past the record's own deadline.
+    assert!(pttl > ttl && pttl <= ttl + 60_000, "PTTL {pttl} ms");
+}
+
+/// A `redis-server` this test owns, on a port of its own.
+struct OwnRedis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    async fn start(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start redis-server (is it installed?)");
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return Self {
+                    port,
+                    child: Some(child),
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("redis-server did not start on port {port}");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.expect("stop redis-server");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_redis_gives_503_and_the_service_recovers() {
+    // Needs the Redis test environment (it starts its own server binary).
+    if backend_url(URL).is_none() {
+        return;
+    }
+    let port = OwnRedis::free_port();
+    let mut redis = OwnRedis::start(port).await;
+    let store = RedisStore::connect(&redis.url()).await.expect("connect");
+    let ledger = Ledger::default();
+    let app = payments_app(store, &ledger, Duration::from_millis(500));
+    assert_eq!(pay(&app, "before", 1).await.status, StatusCode::CREATED);
+    assert_eq!(ledger.executions(), 1);
+
+    redis.stop().await;
+    for attempt in 0..5 {
+        let started = Instant::now();
+        let reply = pay(&app, &format!("during-{attempt}"), 1).await;
+        eprintln!(
+            "outage: attempt {attempt} answered {} in {:?}",
+            reply.status,
+            started.elapsed()
+        );
+        assert_eq!(
+            reply.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "attempt {attempt}"
+        );
+        assert_eq!(reply.content_type(), Some("application/problem+json"));
+        assert!(reply.headers.contains_key("retry-after"));
+    }
+    assert_eq!(
+        ledger.executions(),
+        1,
+        "nothing executes while the store is down"
+    );
+    // Outlast the connection manager's own reconnect attempts: recovery
+    // must not depend on the server coming back quickly.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let _redis = OwnRedis::start(port).await;
+    let back = Instant::now();
+    let mut recovered = None;
+    for _ in 0..100 {
+        let reply = pay(&app, "after", 1).await;
+        if reply.status != StatusCode::SERVICE_UNAVAILABLE {
+            recovered = Some(reply);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reply = recovered.expect("the store recovers by itself once Redis is back");
+    eprintln!(
+        "outage: recovered {:?} after the server returned",
+        back.elapsed()
+    );
+    assert_eq!(reply.status, StatusCode::CREATED);
+    assert_eq!(ledger.executions(), 2);
+    let replay = pay(&app, "after", 1).await;
+    assert!(replay.replayed());
+    assert_eq!(ledger.executions(), 2);
+}

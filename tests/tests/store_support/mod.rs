@@ -1,0 +1,167 @@
+//! What the `store_*` tests share: finding the test servers, unique names,
+//! and a small payments app to run two instances of.
+#![allow(dead_code, unreachable_pub)] // each test file uses a different part
+
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Json, State};
+use axum::http::{HeaderMap, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use http_body_util::BodyExt;
+use idempotent_core::store::Store;
+use idempotent_core::{Endpoint, Idempotency, IdempotentRequest, Scope};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+/// The URL of a test server from `var`, or `None` after saying the test is
+/// skipped. With `IDEMPOTENT_REQUIRE_BACKENDS=1` a missing URL fails.
+pub fn backend_url(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var("IDEMPOTENT_REQUIRE_BACKENDS").as_deref() != Ok("1"),
+                "{var} is not set, but IDEMPOTENT_REQUIRE_BACKENDS=1 requires the backend tests to run"
+            );
+            // Straight to stderr, past the test harness's output capture,
+            // so the skip shows in a normal `cargo test` run.
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipped: set {var} to run this test against a real server"
+            );
+            None
+        }
+    }
+}
+
+/// A name no other test run uses: `prefix_<random hex>`.
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}_{:016x}", rand::random::<u64>())
+}
+
+/// Executions of the payment side effect, shared by every app instance
+/// (it stands for the bank both instances charge).
+#[derive(Clone, Default)]
+pub struct Ledger(Arc<AtomicUsize>);
+
+impl Ledger {
+    pub fn executions(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Duplicates wait for the first request instead of getting 409, so every
+/// duplicate ends with the same answer.
+const CREATE_PAYMENT: Endpoint = Endpoint::new("create_payment")
+    .scope(Scope::Global)
+    .lease(Duration::from_secs(10))
+    .wait(Duration::from_secs(20));
+
+async fn create_payment(
+    State(ledger): State<Ledger>,
+    idempotency: IdempotentRequest,
+    Json(request): Json<Value>,
+) -> Response {
+    let fingerprint = CREATE_PAYMENT.fingerprint(&request);
+    idempotency
+        .run(&CREATE_PAYMENT, fingerprint, async move {
+            ledger.0.fetch_add(1, Ordering::SeqCst);
+            // Long enough that concurrent duplicates overlap the first run.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let payment = json!({ "id": rand::random::<u64>(), "amount": request["amount"] });
+            (StatusCode::CREATED, Json(payment)).into_response()
+        })
+        .await
+}
+
+/// One app instance on its own store client.
+pub fn payments_app(store: impl Store, ledger: &Ledger, store_timeout: Duration) -> Router {
+    Router::new()
+        .route("/payments", post(create_payment))
+        .with_state(ledger.clone())
+        .layer(
+            Idempotency::builder(store)
+                .store_timeout(store_timeout)
+                .build(),
+        )
+}
+
+/// What a client saw.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn replayed(&self) -> bool {
+        self.headers
+            .get("idempotent-replayed")
+            .is_some_and(|value| value == "true")
+    }
+
+    pub fn content_type(&self) -> Option<&str> {
+        self.headers
+            .get("content-type")
+            .and_then(|value| value.to_str().ok())
+    }
+}
+
+/// POSTs a payment of `amount` with `key` to `app`.
+pub async fn pay(app: &Router, key: &str, amount: u64) -> Reply {
+    let request = Request::post("/payments")
+        .header("idempotency-key", key)
+        .header("content-type", "application/json")
+        .body(Body::from(json!({ "amount": amount }).to_string()))
+        .expect("valid request");
+    let response = app.clone().oneshot(request).await.expect("infallible");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// Sends `count` concurrent duplicates of one payment, alternating between
+/// `apps`, and checks that exactly one ran and all got the same answer.
+pub async fn duplicates_across_instances(apps: &[Router], ledger: &Ledger, count: usize) {
+    let key = unique_name("dup");
+    let mut clients = tokio::task::JoinSet::new();
+    for index in 0..count {
+        let (app, key) = (apps[index % apps.len()].clone(), key.clone());
+        clients.spawn(async move { pay(&app, &key, 4200).await });
+    }
+    let mut replies = Vec::new();
+    while let Some(reply) = clients.join_next().await {
+        replies.push(reply.expect("client task"));
+    }
+    assert_eq!(ledger.executions(), 1, "exactly one duplicate executes");
+    let first = &replies[0];
+    for reply in &replies {
+        assert_eq!(reply.status, StatusCode::CREATED, "body: {:?}", reply.body);
+        assert_eq!(
+            reply.body, first.body,
+            "every duplicate gets the same answer"
+        );
+    }
+    let replayed = replies.iter().filter(|reply| reply.replayed()).count();
+    assert_eq!(replayed, count - 1, "all but the first are replays");
+    for app in apps {
+        let again = pay(app, &key, 4200).await;
+        assert!(again.replayed(), "each instance replays afterwards");
+        assert_eq!(
+            again.body, first.body,
+            "each instance replays the same answer"
+        );
+    }
+    assert_eq!(ledger.executions(), 1, "replays do not execute");
+}
