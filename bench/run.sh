@@ -4,6 +4,8 @@
 #   bench/run.sh                      # everything, 5 rounds of 8 s runs
 #   RUNS=3 DURATION=5 bench/run.sh    # shorter
 #   ONLY='ours' bench/run.sh          # only configurations whose name matches
+#   STORES='memory redis tiered-redis postgres tiered-postgres sqlite' bench/run.sh
+#                                     # durable stores need Redis / PostgreSQL on loopback
 #   VARIANTS='exp=/tmp/bench-server' bench/run.sh
 #                                     # also other builds of bench-server,
 #                                     # e.g. of an experimental core
@@ -80,10 +82,22 @@ wait_for_port() {
   return 1
 }
 
+# Durable stores start every run empty (their own Redis database, table and
+# file: see bench-server.rs).
+reset_store() {
+  case "$1" in
+    *redis) redis-cli -h 127.0.0.1 -n 15 flushdb >/dev/null ;;
+    *postgres) psql -q -h 127.0.0.1 -U postgres -d test \
+      -c 'DROP TABLE IF EXISTS idempotent_bench' >/dev/null 2>&1 || true ;;
+    sqlite) rm -f /tmp/idempotent-bench.sqlite /tmp/idempotent-bench.sqlite-wal /tmp/idempotent-bench.sqlite-shm ;;
+  esac
+}
+
 run_one() { # round name kind arg path workload
   local round=$1 name=$2 kind=$3 arg=$4 path=$5 workload=$6
   PORT=$((PORT + 1))
   local addr=127.0.0.1:$PORT limit=$((DURATION + 30)) pid cookie="" line
+  [ "$kind" = peer ] || reset_store "$arg"
   if [ "$kind" = ours ]; then
     "$SERVER" --addr "$addr" --store "$arg" --max-seconds "$limit" 2>/dev/null &
   elif [ "$kind" != peer ]; then

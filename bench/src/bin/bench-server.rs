@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! bench-server [--addr 127.0.0.1:3000] [--store memory] [--max-seconds 120]
+//! stores: memory, redis, tiered-redis, postgres, tiered-postgres, sqlite
 //! ```
 //!
 //! Routes (all `POST`, body `{"amount":..,"currency":..,"reference":..}`):
@@ -18,7 +19,9 @@ use std::time::Duration;
 
 use idempotent_bench::app;
 use idempotent_core::Idempotency;
-use idempotent_core::store::MemoryStore;
+use idempotent_core::store::{
+    MemoryStore, PostgresStore, RedisStore, SqliteStore, StoreError, Tiered,
+};
 
 struct Args {
     addr: SocketAddr,
@@ -49,13 +52,46 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
+/// Where durable stores keep the benchmark's records, apart from anything
+/// else on the same servers: Redis database 15, PostgreSQL table
+/// `idempotent_bench` in database `test`, SQLite file under /tmp.
+/// `bench/run.sh` empties them after each run.
+const REDIS_URL: &str = "redis://127.0.0.1:6379/15";
+const POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+const POSTGRES_TABLE: &str = "idempotent_bench";
+const SQLITE_PATH: &str = "/tmp/idempotent-bench.sqlite";
+
 async fn idempotency(store: &str) -> Result<Idempotency, String> {
-    match store {
-        "memory" => Ok(Idempotency::new(MemoryStore::new())),
-        other => Err(format!(
-            "unknown store `{other}` (this build knows: memory)"
+    let failed = |error: StoreError| format!("store `{store}`: {error}");
+    Ok(match store {
+        "memory" => Idempotency::new(MemoryStore::new()),
+        "redis" => Idempotency::new(RedisStore::connect(REDIS_URL).await.map_err(failed)?),
+        "tiered-redis" => Idempotency::new(Tiered::new(
+            RedisStore::connect(REDIS_URL).await.map_err(failed)?,
         )),
-    }
+        "postgres" => Idempotency::new(postgres().await.map_err(failed)?),
+        "tiered-postgres" => Idempotency::new(Tiered::new(postgres().await.map_err(failed)?)),
+        "sqlite" => {
+            let sqlite = SqliteStore::open(SQLITE_PATH).await.map_err(failed)?;
+            sqlite.migrate().await.map_err(failed)?;
+            Idempotency::new(sqlite)
+        }
+        other => {
+            return Err(format!(
+                "unknown store `{other}` (memory, redis, tiered-redis, postgres, tiered-postgres, sqlite)"
+            ));
+        }
+    })
+}
+
+async fn postgres() -> Result<PostgresStore, StoreError> {
+    let pool = PostgresStore::connect(POSTGRES_URL).await?.pool().clone();
+    let store = PostgresStore::builder(pool)
+        .table(POSTGRES_TABLE)
+        .build()
+        .map_err(StoreError::backend)?;
+    store.migrate().await?;
+    Ok(store)
 }
 
 #[tokio::main]
