@@ -202,43 +202,57 @@ fn request(path: &str, key: Option<String>) -> Request<Body> {
 }
 
 /// One request through the whole router, in-process: the CPU the engine
-/// adds per request, without sockets or HTTP parsing.
+/// adds per request, without sockets or HTTP parsing. Each benchmark gets a
+/// fresh router and store, so records left by one do not weigh on the next.
 fn router(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let router: Router = app::router(Idempotency::new(MemoryStore::new()));
-    let call = |request: Request<Body>| {
+    let fresh = || -> Router { app::router(Idempotency::new(MemoryStore::new())) };
+    let call = |router: &Router, request: Request<Body>| {
         let response = runtime
             .block_on(router.clone().oneshot(request))
             .expect("infallible");
         assert!(response.status().is_success());
         response
     };
-    call(request("/idem", Some("replayed".to_owned())));
-    let next = AtomicU64::new(0);
     let mut group = c.benchmark_group("router, in-process");
+    let router = fresh();
     group.bench_function("bare", |b| {
-        b.iter_batched(|| request("/bare", None), call, BatchSize::SmallInput);
+        b.iter_batched(
+            || request("/bare", None),
+            |r| call(&router, r),
+            BatchSize::SmallInput,
+        );
     });
+    let router = fresh();
     group.bench_function("plain route under the layer, no key", |b| {
-        b.iter_batched(|| request("/plain", None), call, BatchSize::SmallInput);
+        b.iter_batched(
+            || request("/plain", None),
+            |r| call(&router, r),
+            BatchSize::SmallInput,
+        );
     });
+    let router = fresh();
+    let next = AtomicU64::new(0);
     group.bench_function("idempotent, new key", |b| {
         b.iter_batched(
             || {
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 request("/idem", Some(format!("{n:036}")))
             },
-            call,
+            |r| call(&router, r),
             BatchSize::SmallInput,
         );
     });
+    drop(router);
+    let router = fresh();
+    call(&router, request("/idem", Some("replayed".to_owned())));
     group.bench_function("idempotent, replay", |b| {
         b.iter_batched(
             || request("/idem", Some("replayed".to_owned())),
-            call,
+            |r| call(&router, r),
             BatchSize::SmallInput,
         );
     });
