@@ -13,8 +13,9 @@
 //! flight and the end of replay once completed; a row past it is free to be
 //! claimed again. The completed response is kept as one blob in the
 //! compact binary layout of [`Completed::encode`]. Several processes may
-//! share the file: SQLite serializes writers, and each claim runs in an
-//! `IMMEDIATE` transaction.
+//! share the file: SQLite serializes writers. A claim first reads the key
+//! (replays and in-flight duplicates stop there, without a lock); only a key
+//! with no live record is claimed, in an `IMMEDIATE` transaction.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -301,6 +302,12 @@ impl Store for SqliteStore {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
+        // Replays and in-flight duplicates only read, concurrently with
+        // other readers (WAL); only a key with no live record takes the
+        // write lock.
+        if let Some(record) = Store::get(self, key).await? {
+            return Ok(claim_from(record));
+        }
         self.claim_in_transaction(key, fingerprint, lease).await
     }
 

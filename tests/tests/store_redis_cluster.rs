@@ -1,0 +1,169 @@
+//! `RedisStore` on a Redis Cluster this test starts itself: three primaries
+//! on free ports. Every script touches one key, so the store runs on a
+//! cluster connection unchanged. Runs where the Redis test environment is
+//! set up (`IDEMPOTENT_TEST_REDIS_URL`), since it needs `redis-server` and
+//! `redis-cli`.
+
+mod store_support;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use idempotent_core::store::{RedisStore, Tiered};
+use idempotent_core::testing::contract;
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use store_support::{Ledger, backend_url, duplicates_across_instances, payments_app, unique_name};
+use tokio::process::{Child, Command};
+
+const NODES: usize = 3;
+
+/// Three cluster-mode `redis-server`s, stopped and cleaned up on drop.
+struct Cluster {
+    ports: Vec<u16>,
+    dir: PathBuf,
+    _nodes: Vec<Child>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        let dir = std::env::temp_dir().join(unique_name("idempotent-cluster"));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Cluster nodes also listen on port + 10000 for their bus.
+        let ports: Vec<u16> = std::iter::repeat_with(free_port)
+            .filter(|port| *port < 55_000)
+            .take(NODES)
+            .collect();
+        let nodes = ports.iter().map(|port| start_node(*port, &dir)).collect();
+        for port in &ports {
+            wait_for_port(*port).await;
+        }
+        let addresses: Vec<String> = ports
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .status()
+            .await
+            .expect("run redis-cli --cluster create");
+        assert!(created.success(), "redis-cli could not create the cluster");
+        let cluster = Self {
+            ports,
+            dir,
+            _nodes: nodes,
+        };
+        cluster.wait_until_ready().await;
+        cluster
+    }
+
+    async fn wait_until_ready(&self) {
+        for _ in 0..100 {
+            let info = Command::new("redis-cli")
+                .args(["-p", &self.ports[0].to_string(), "cluster", "info"])
+                .output()
+                .await
+                .expect("run redis-cli");
+            if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the cluster never became ready");
+    }
+
+    async fn connection(&self) -> ClusterConnection {
+        let urls: Vec<String> = self
+            .ports
+            .iter()
+            .map(|port| format!("redis://127.0.0.1:{port}"))
+            .collect();
+        ClusterClient::new(urls)
+            .expect("valid cluster URLs")
+            .get_async_connection()
+            .await
+            .expect("connect to the cluster")
+    }
+}
+
+fn start_node(port: u16, dir: &std::path::Path) -> Child {
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--cluster-enabled", "yes"])
+        .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+        .args(["--dir", dir.to_str().expect("UTF-8 temp dir")])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start redis-server")
+}
+
+async fn wait_for_port(port: u16) {
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("redis-server did not start on port {port}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_store_works_unchanged_on_a_cluster() {
+    if backend_url("IDEMPOTENT_TEST_REDIS_URL").is_none() {
+        return;
+    }
+    let cluster = Cluster::start().await;
+    let connection = cluster.connection().await;
+    contract::run_all(|clock| {
+        let store = RedisStore::builder(connection.clone()).clock(clock).build();
+        async move { store }
+    })
+    .await;
+    contract::run_all(|clock| {
+        let durable = RedisStore::builder(connection.clone())
+            .clock(clock.clone())
+            .build();
+        async move { Tiered::builder(durable).clock(clock).build() }
+    })
+    .await;
+
+    // Two instances, each with its own cluster connection.
+    let ledger = Ledger::default();
+    let apps = [
+        payments_app(
+            RedisStore::builder(cluster.connection().await).build(),
+            &ledger,
+            Duration::from_secs(5),
+        ),
+        payments_app(
+            RedisStore::builder(cluster.connection().await).build(),
+            &ledger,
+            Duration::from_secs(5),
+        ),
+    ];
+    duplicates_across_instances(&apps, &ledger, 100).await;
+}
