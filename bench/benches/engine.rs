@@ -1,0 +1,249 @@
+//! Micro-benchmarks: fingerprinting, the memory store's claim / complete /
+//! replay, contention on one key, and one request through the router
+//! in-process (no sockets). Run: `cargo bench -p idempotent-bench`.
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use bytes::Bytes;
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use futures_util::FutureExt;
+use http::{HeaderName, HeaderValue, Request, StatusCode};
+use idempotent_bench::app::{self, API_KEY, BODY, CREATE_PAYMENT};
+use idempotent_bench::handler::NewPayment;
+use idempotent_core::record::{Claim, RecordKey, StoredResponse};
+use idempotent_core::scope::ScopeDigest;
+use idempotent_core::store::{MemoryStore, Store};
+use idempotent_core::{Fingerprint, Idempotency, IdempotencyKey};
+use serde::Serialize;
+use tower::ServiceExt;
+
+const LEASE: Duration = Duration::from_secs(60);
+const TTL: Duration = Duration::from_secs(24 * 3600);
+
+fn payment() -> NewPayment {
+    serde_json::from_str(BODY).expect("benchmark body")
+}
+
+#[derive(Serialize)]
+struct LineItem {
+    sku: String,
+    quantity: u32,
+    unit_price: i64,
+    tags: Vec<&'static str>,
+}
+
+/// A ~64 KiB order: 500 line items.
+#[derive(Serialize)]
+struct LargeOrder {
+    customer: String,
+    items: Vec<LineItem>,
+}
+
+fn large_order() -> LargeOrder {
+    LargeOrder {
+        customer: "cus_0123456789".to_owned(),
+        items: (0..500)
+            .map(|i| LineItem {
+                sku: format!("sku-{i:08}-abcdefghijklmnop"),
+                quantity: i % 7 + 1,
+                unit_price: 1999 + i64::from(i),
+                tags: vec!["gift", "express", "fragile"],
+            })
+            .collect(),
+    }
+}
+
+fn fingerprinting(c: &mut Criterion) {
+    let small = payment();
+    let large = large_order();
+    let large_json = serde_json::to_vec(&large).expect("serializes");
+    let mut group = c.benchmark_group("fingerprint");
+    group.bench_function(format!("small {} B json", BODY.len()), |b| {
+        b.iter(|| CREATE_PAYMENT.fingerprint(black_box(&small)));
+    });
+    group.bench_function(format!("large {} B json", large_json.len()), |b| {
+        b.iter(|| CREATE_PAYMENT.fingerprint(black_box(&large)));
+    });
+    // For scale: what serde_json alone takes to write the same value.
+    group.bench_function("large, serde_json::to_vec only", |b| {
+        b.iter(|| serde_json::to_vec(black_box(&large)));
+    });
+    group.finish();
+}
+
+fn record_key(n: u64) -> RecordKey {
+    let key = IdempotencyKey::parse(format!("{n:036}").as_bytes()).expect("valid key");
+    RecordKey::new(ScopeDigest::api_key(API_KEY.as_bytes()), key)
+}
+
+fn stored_response() -> StoredResponse {
+    StoredResponse {
+        status: StatusCode::CREATED,
+        headers: vec![(
+            HeaderName::from_static("content-type"),
+            HeaderValue::from_static("application/json"),
+        )],
+        body: Some(Bytes::from_static(
+            br#"{"id":1,"amount":1999,"currency":"EUR","reference":"order-2026-11-22-000123","status":"created"}"#,
+        )),
+    }
+}
+
+fn fingerprint() -> Fingerprint {
+    CREATE_PAYMENT.fingerprint(&payment()).expect("fingerprint")
+}
+
+/// Store futures of the memory store are ready at once; no runtime needed.
+fn ready<T>(future: impl Future<Output = T>) -> T {
+    future
+        .now_or_never()
+        .expect("memory store futures are ready")
+}
+
+fn claim_and_complete(store: &MemoryStore, key: &RecordKey, fingerprint: Fingerprint) {
+    let Claim::Acquired(token) = ready(store.claim(key, fingerprint, LEASE)).expect("claim") else {
+        panic!("a new key is acquired");
+    };
+    ready(store.complete(key, token, stored_response(), TTL)).expect("complete");
+}
+
+fn memory_store(c: &mut Criterion) {
+    let fingerprint = fingerprint();
+    let mut group = c.benchmark_group("memory_store");
+    let store = MemoryStore::new();
+    let next = AtomicU64::new(0);
+    group.bench_function("claim+complete, new key", |b| {
+        b.iter_batched(
+            || record_key(next.fetch_add(1, Ordering::Relaxed)),
+            |key| claim_and_complete(&store, &key, fingerprint),
+            BatchSize::SmallInput,
+        );
+    });
+    let store = MemoryStore::new();
+    let replayed = record_key(u64::MAX);
+    claim_and_complete(&store, &replayed, fingerprint);
+    group.bench_function("claim, replay of a completed key", |b| {
+        b.iter(|| {
+            let claim = ready(store.claim(black_box(&replayed), fingerprint, LEASE));
+            assert!(matches!(claim, Ok(Claim::Completed(_))));
+        });
+    });
+    group.bench_function("record key: parse 36-char key + api-key scope", |b| {
+        b.iter(|| record_key(black_box(7)));
+    });
+    group.finish();
+}
+
+/// Two threads (the machine's two cores) claiming at once: on one key, on
+/// a completed key, and on distinct keys for comparison.
+fn contention(c: &mut Criterion) {
+    let fingerprint = fingerprint();
+    let mut group = c.benchmark_group("contention, 2 threads");
+    let store = MemoryStore::new();
+    let completed = record_key(u64::MAX);
+    claim_and_complete(&store, &completed, fingerprint);
+    group.bench_function("replay claims on one completed key", |b| {
+        b.iter_custom(|iters| {
+            on_two_threads(iters, |_| {
+                black_box(ready(store.claim(&completed, fingerprint, LEASE)).expect("claim"));
+            })
+        });
+    });
+    let in_flight = record_key(u64::MAX - 1);
+    drop(ready(store.claim(&in_flight, fingerprint, LEASE)));
+    group.bench_function("claims on one in-flight key (409 path)", |b| {
+        b.iter_custom(|iters| {
+            on_two_threads(iters, |_| {
+                black_box(ready(store.claim(&in_flight, fingerprint, LEASE)).expect("claim"));
+            })
+        });
+    });
+    let next = AtomicU64::new(0);
+    group.bench_function("claim+complete on distinct keys", |b| {
+        b.iter_custom(|iters| {
+            on_two_threads(iters, |_| {
+                let key = record_key(next.fetch_add(1, Ordering::Relaxed));
+                claim_and_complete(&store, &key, fingerprint);
+            })
+        });
+    });
+    group.finish();
+}
+
+/// Runs `iters` operations split over two threads; the time per operation
+/// is the wall time over `iters`.
+fn on_two_threads(iters: u64, op: impl Fn(u64) + Sync) -> Duration {
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for thread in 0..2 {
+            let op = &op;
+            scope.spawn(move || {
+                for i in (thread..iters).step_by(2) {
+                    op(i);
+                }
+            });
+        }
+    });
+    start.elapsed()
+}
+
+fn request(path: &str, key: Option<String>) -> Request<Body> {
+    let mut builder = Request::post(path)
+        .header("content-type", "application/json")
+        .header("x-api-key", API_KEY);
+    if let Some(key) = key {
+        builder = builder.header("idempotency-key", key);
+    }
+    builder.body(Body::from(BODY)).expect("request")
+}
+
+/// One request through the whole router, in-process: the CPU the engine
+/// adds per request, without sockets or HTTP parsing.
+fn router(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let router: Router = app::router(Idempotency::new(MemoryStore::new()));
+    let call = |request: Request<Body>| {
+        let response = runtime
+            .block_on(router.clone().oneshot(request))
+            .expect("infallible");
+        assert!(response.status().is_success());
+        response
+    };
+    call(request("/idem", Some("replayed".to_owned())));
+    let next = AtomicU64::new(0);
+    let mut group = c.benchmark_group("router, in-process");
+    group.bench_function("bare", |b| {
+        b.iter_batched(|| request("/bare", None), call, BatchSize::SmallInput);
+    });
+    group.bench_function("plain route under the layer, no key", |b| {
+        b.iter_batched(|| request("/plain", None), call, BatchSize::SmallInput);
+    });
+    group.bench_function("idempotent, new key", |b| {
+        b.iter_batched(
+            || {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                request("/idem", Some(format!("{n:036}")))
+            },
+            call,
+            BatchSize::SmallInput,
+        );
+    });
+    group.bench_function("idempotent, replay", |b| {
+        b.iter_batched(
+            || request("/idem", Some("replayed".to_owned())),
+            call,
+            BatchSize::SmallInput,
+        );
+    });
+    group.finish();
+}
+
+criterion_group!(benches, fingerprinting, memory_store, contention, router);
+criterion_main!(benches);
