@@ -148,6 +148,11 @@ impl Engine {
         &self,
         operation: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
+        let mut operation = pin!(operation);
+        // A store that answers at once (the in-memory one) needs no timer.
+        if let Poll::Ready(result) = poll_once(&mut operation).await {
+            return result;
+        }
         let timeout = self.settings.store_timeout;
         match tokio::time::timeout(timeout, operation).await {
             Ok(result) => result,
@@ -242,6 +247,10 @@ impl Engine {
             return handler.await;
         }
         let mut handler = handler;
+        // A handler that finishes on its first poll needs no renewal timer.
+        if let Poll::Ready(response) = poll_once(&mut handler).await {
+            return response;
+        }
         let renewals = pin!(self.renew_until_lost(token, period));
         tokio::select! {
             biased;
@@ -311,6 +320,11 @@ impl Engine {
             }
         }
     }
+}
+
+/// Polls `future` once, without waiting.
+async fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *future).poll(cx))).await
 }
 
 /// Polls a pipeline in place and, if dropped before it finishes, spawns the

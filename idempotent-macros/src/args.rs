@@ -6,8 +6,17 @@ use proc_macro2::TokenStream;
 use syn::punctuated::Punctuated;
 use syn::{Expr, ExprLit, Ident, Lit, LitStr, Meta, MetaNameValue, Path, Token};
 
-const OPTIONS: &str =
-    "`ttl`, `lease`, `wait`, `scope`, `optional`, `skip`, `name`, `final_statuses`, `crate`";
+const OPTIONS: [&str; 9] = [
+    "ttl",
+    "lease",
+    "wait",
+    "scope",
+    "optional",
+    "skip",
+    "name",
+    "final_statuses",
+    "crate",
+];
 
 /// Collects errors so the expansion can report every one of them.
 #[derive(Default)]
@@ -102,15 +111,39 @@ impl Args {
                 self.final_statuses = Some(status_ranges(&string_value(meta)?)?);
             }
             "crate" => self.krate = Some(crate_path(name_value(meta)?)?),
-            _ => {
-                return Err(syn::Error::new_spanned(
-                    meta.path(),
-                    format!("unknown option `{key}`; the options are {OPTIONS}"),
-                ));
-            }
+            _ => return Err(syn::Error::new_spanned(meta.path(), unknown_option(key))),
         }
         Ok(())
     }
+}
+
+fn unknown_option(key: &str) -> String {
+    let options: Vec<String> = OPTIONS.iter().map(|option| format!("`{option}`")).collect();
+    let hint = OPTIONS
+        .iter()
+        .find(|option| edit_distance(key, option) <= 2)
+        .map(|option| format!("did you mean `{option}`? "))
+        .unwrap_or_default();
+    format!(
+        "unknown option `{key}`; {hint}the options are {}",
+        options.join(", ")
+    )
+}
+
+/// Levenshtein distance, for "did you mean" hints.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
 }
 
 fn option_name(path: &Path) -> String {
@@ -367,6 +400,14 @@ mod tests {
         assert!(status_range("299-200").is_err());
         assert!(status_range("600").is_err());
         assert!(status_range("").is_err());
+    }
+
+    #[test]
+    fn unknown_options_get_a_hint_when_close() {
+        assert!(unknown_option("scopes").contains("did you mean `scope`?"));
+        assert!(unknown_option("optinal").contains("did you mean `optional`?"));
+        assert!(!unknown_option("retries").contains("did you mean"));
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 
     #[test]

@@ -451,9 +451,9 @@ fn future(func: &ItemFn, params: &[Ident], private: &TokenStream) -> TokenStream
         ReturnType::Default => name.span(),
     };
     let call = respan_tokens(&quote!(#private::into_response), output_span);
-    let name = respan(name, output_span);
+    let inner = respan(name, output_span);
     let into_response = quote_spanned! {output_span=>
-        #call(#name #turbofish(#(#params),*).await)
+        #call(#inner #turbofish(#(#params),*).await)
     };
     // Spanned at the name, as the `run` call: a future that is not `Send`
     // is reported there.

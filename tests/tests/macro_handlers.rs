@@ -179,3 +179,42 @@ async fn question_mark_and_impl_into_response_work_in_the_body() {
     .await;
     assert_eq!(bad.0, StatusCode::BAD_REQUEST);
 }
+
+#[idempotent(optional)]
+async fn maybe_key(key: Option<IdempotencyKey>) -> String {
+    key.map_or_else(|| "no key".to_owned(), |key| key.as_str().to_owned())
+}
+
+#[tokio::test]
+async fn an_optional_endpoint_can_take_the_key_as_an_option() {
+    let app = Router::new()
+        .route("/maybe", post(maybe_key))
+        .layer(Idempotency::new(MemoryStore::new()));
+    assert_eq!(send(&app, post_json("/maybe", None, "")).await.2, "no key");
+    let keyed = send(&app, post_json("/maybe", Some("k-7"), "")).await;
+    assert_eq!((keyed.0, keyed.2.as_str()), (StatusCode::OK, "k-7"));
+    assert!(send(&app, post_json("/maybe", Some("k-7"), "")).await.1);
+}
+
+#[idempotent]
+async fn update_item(
+    axum::extract::Path(id): axum::extract::Path<u32>,
+    Json(order): Json<Order>,
+) -> String {
+    format!("{id}:{}", order.quantity)
+}
+
+#[tokio::test]
+async fn path_parameters_are_part_of_the_fingerprint() {
+    let app = Router::new()
+        .route("/items/{id}", post(update_item))
+        .layer(Idempotency::new(MemoryStore::new()));
+    let body = r#"{"item":"book","quantity":1}"#;
+    assert_eq!(
+        send(&app, post_json("/items/1", Some("k"), body)).await.2,
+        "1:1"
+    );
+    let other_item = send(&app, post_json("/items/2", Some("k"), body)).await;
+    assert_eq!(other_item.0, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(send(&app, post_json("/items/1", Some("k"), body)).await.1);
+}

@@ -286,3 +286,14 @@ async fn the_contract_catches_a_store_that_ignores_its_clock() {
     let store = Arc::new(MemoryStore::new());
     assert!(panics(contract::ttl_expiry(store, ManualClock::starting_now())).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mock_store_passes_the_contract() {
+    use idempotent_core::testing::MockStore;
+    contract::run_all_with_own_clock(|| async {
+        let store = MockStore::new();
+        let clock = store.clock();
+        (store, clock)
+    })
+    .await;
+}

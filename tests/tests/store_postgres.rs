@@ -317,3 +317,126 @@ async fn a_database_that_never_answers_is_cut_by_the_store_timeout() {
     assert_eq!(ledger.executions(), 0);
     silent.abort();
 }
+
+// ===== the database going away and coming back =====
+
+/// A TCP relay to the database on a port of its own: stopping it cuts
+/// every connection and refuses new ones, as a database restart or a
+/// network failure would.
+struct Relay {
+    port: u16,
+    upstream: (String, u16),
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Relay {
+    async fn start(port: u16, upstream: (String, u16)) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind the relay port");
+        let target = upstream.clone();
+        let task = tokio::spawn(async move {
+            // Dropped with this task, which aborts every relayed connection.
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                connections.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            upstream,
+            task: Some(task),
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_going_away_gives_503_and_the_service_recovers() {
+    use std::str::FromStr;
+    use std::time::Instant;
+
+    let Some(url) = backend_url(URL) else { return };
+    let direct = sqlx::postgres::PgConnectOptions::from_str(&url).expect("valid URL");
+    let upstream = (direct.get_host().to_owned(), direct.get_port());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut relay = Relay::start(port, upstream).await;
+    let options = direct.clone().host("127.0.0.1").port(relay.port);
+    let store = PostgresStore::connect_with(options)
+        .await
+        .expect("connect through the relay");
+    let store = PostgresStore::builder(store.pool().clone())
+        .table(unique_name("idem_test"))
+        .build()
+        .expect("valid table name");
+    store.migrate().await.expect("migrate");
+    let ledger = Ledger::default();
+    let app = payments_app(store.clone(), &ledger, Duration::from_millis(500));
+    assert_eq!(pay(&app, "before", 1).await.status, StatusCode::CREATED);
+
+    relay.stop();
+    for attempt in 0..3 {
+        let reply = pay(&app, &format!("during-{attempt}"), 1).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "attempt {attempt}"
+        );
+        assert_eq!(reply.content_type(), Some("application/problem+json"));
+    }
+    assert_eq!(
+        ledger.executions(),
+        1,
+        "nothing executes while the database is away"
+    );
+
+    let relay = Relay::start(relay.port, relay.upstream.clone()).await;
+    let back = Instant::now();
+    let mut recovered = None;
+    for _ in 0..100 {
+        let reply = pay(&app, "after", 1).await;
+        if reply.status != StatusCode::SERVICE_UNAVAILABLE {
+            recovered = Some(reply);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reply = recovered.expect("the pool recovers by itself once the database is back");
+    eprintln!(
+        "database outage: recovered {:?} after it returned",
+        back.elapsed()
+    );
+    assert_eq!(reply.status, StatusCode::CREATED);
+    let replay = pay(&app, "before", 1).await;
+    assert!(
+        replay.replayed(),
+        "records written before the outage are still there"
+    );
+    assert_eq!(ledger.executions(), 2);
+    drop(relay);
+    let cleanup = PostgresStore::connect(&url).await.expect("connect");
+    sqlx::query(&format!("DROP TABLE IF EXISTS {}", store.table()))
+        .execute(cleanup.pool())
+        .await
+        .expect("drop the test table");
+}

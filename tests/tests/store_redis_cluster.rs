@@ -46,10 +46,13 @@ impl Cluster {
         let dir = std::env::temp_dir().join(unique_name("idempotent-cluster"));
         std::fs::create_dir_all(&dir).unwrap();
         // Cluster nodes also listen on port + 10000 for their bus.
-        let ports: Vec<u16> = std::iter::repeat_with(free_port)
-            .filter(|port| *port < 55_000)
-            .take(NODES)
-            .collect();
+        let mut ports: Vec<u16> = Vec::new();
+        while ports.len() < NODES {
+            let port = free_port();
+            if port < 55_000 && !ports.contains(&port) {
+                ports.push(port);
+            }
+        }
         let nodes = ports.iter().map(|port| start_node(*port, &dir)).collect();
         for port in &ports {
             wait_for_port(*port).await;

@@ -1,32 +1,38 @@
-//! The embedded default store, on moka.
+//! The embedded default store: sharded hash tables in process memory.
 //!
-//! Completed records live in a moka cache bounded by bytes, each expiring at
-//! its own deadline. In-flight claims live apart, in sharded maps that no
-//! capacity bound touches: evicting a claim under memory pressure would let a
-//! duplicate run the side effect a second time. Each shard's lock is held for
-//! a few map operations and never across an `.await`, so claims on different
-//! keys rarely contend and no global lock sits on the hot path.
+//! Each shard is a hash table behind its own mutex, holding both in-flight
+//! claims and completed records, so `claim` and `complete` are each one
+//! short critical section and never hold a lock across an `.await`.
+//! Completed records are kept in their compact binary encoding (one
+//! allocation for status, headers and body) and bounded by bytes: when a
+//! shard is over its share of the budget, its oldest completed records go
+//! first. In-flight claims are never dropped for space, since evicting one
+//! would let a duplicate run the side effect a second time.
+//!
+//! Expiry is checked against the store's [`Clock`](crate::clock::Clock) on
+//! every read; expired records are also purged from the front of each
+//! shard's completion queue as new records complete.
 
-use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use moka::Expiry;
-use moka::sync::Cache;
+use bytes::Bytes;
+use hashbrown::HashTable;
 
 use super::{Store, StoreError};
 use crate::clock::{SharedClock, SystemClock, millis};
 use crate::fingerprint::Fingerprint;
 use crate::record::{Claim, Completed, InFlight, LeaseToken, Record, RecordKey, StoredResponse};
 
-const SHARDS: usize = 64;
 const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
-/// What a completed entry costs beyond its body and headers: the key, the
-/// record and moka's own bookkeeping, rounded up.
-const ENTRY_OVERHEAD_BYTES: usize = 256;
-
-type InFlightShard = Mutex<HashMap<RecordKey, InFlight>>;
+/// The most shards, and the budget below which a shard is added.
+const MAX_SHARDS: u64 = 64;
+const MIN_SHARD_BYTES: u64 = 1024 * 1024;
+/// What a completed record costs beyond its encoding: its table slot, its
+/// key and its queue entry, rounded up.
+const ENTRY_OVERHEAD_BYTES: usize = 160;
 
 /// An in-memory [`Store`]: one process, lost on restart.
 ///
@@ -42,17 +48,43 @@ pub struct MemoryStore {
 }
 
 struct Inner {
-    in_flight: Box<[InFlightShard]>,
+    shards: Box<[Mutex<Shard>]>,
     hasher: RandomState,
-    completed: Cache<RecordKey, Arc<Completed>>,
+    shard_budget: usize,
     clock: SharedClock,
+}
+
+#[derive(Default)]
+struct Shard {
+    table: HashTable<Slot>,
+    /// Completed records in completion order, for eviction and purging.
+    queue: VecDeque<Queued>,
+    /// Bytes of completed records, by [`weight`].
+    bytes: usize,
+}
+
+struct Slot {
+    key: RecordKey,
+    state: State,
+}
+
+enum State {
+    InFlight(InFlight),
+    Completed { expires_at: u64, encoded: Bytes },
+}
+
+/// A queue entry names its record by hash and deadline; one that no longer
+/// matches a completed record (it expired and the key was reused) is skipped.
+struct Queued {
+    hash: u64,
+    expires_at: u64,
 }
 
 impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryStore")
-            .field("completed_entries", &self.inner.completed.entry_count())
-            .field("completed_bytes", &self.inner.completed.weighted_size())
+            .field("shards", &self.inner.shards.len())
+            .field("shard_budget", &self.inner.shard_budget)
             .finish_non_exhaustive()
     }
 }
@@ -67,8 +99,9 @@ pub struct MemoryStoreBuilder {
 
 impl MemoryStoreBuilder {
     /// Caps the memory completed records may take (default 256 MiB). When
-    /// full, the least useful completed records are dropped; in-flight claims
-    /// are never dropped.
+    /// full, the oldest completed records are dropped (a retry of one of
+    /// those runs again, as after its TTL); in-flight claims are never
+    /// dropped.
     pub fn max_bytes(mut self, max_bytes: u64) -> Self {
         self.max_bytes = max_bytes;
         self
@@ -82,23 +115,18 @@ impl MemoryStoreBuilder {
 
     /// Builds the store.
     pub fn build(self) -> MemoryStore {
-        let clock = self.clock;
-        let completed = Cache::builder()
-            .max_capacity(self.max_bytes)
-            .weigher(|_key: &RecordKey, record: &Arc<Completed>| weight(record))
-            .expire_after(ExpireAtDeadline {
-                clock: clock.clone(),
-            })
-            .build();
-        let in_flight = (0..SHARDS).map(|_| Mutex::default()).collect();
-        let hasher = RandomState::new();
+        // Small budgets get few shards, so one record never exceeds a
+        // shard's share.
+        let shards = (self.max_bytes / MIN_SHARD_BYTES).clamp(1, MAX_SHARDS);
+        let shard_budget = usize::try_from(self.max_bytes / shards).unwrap_or(usize::MAX);
+        let inner = Inner {
+            shards: (0..shards).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+            shard_budget,
+            clock: self.clock,
+        };
         MemoryStore {
-            inner: Arc::new(Inner {
-                in_flight,
-                hasher,
-                completed,
-                clock,
-            }),
+            inner: Arc::new(inner),
         }
     }
 }
@@ -124,101 +152,195 @@ impl MemoryStore {
         }
     }
 
-    /// Completed records currently held (after pending evictions run).
+    /// Completed records currently held (expired ones not yet purged
+    /// included).
     #[must_use]
     pub fn completed_len(&self) -> u64 {
-        self.inner.completed.run_pending_tasks();
-        self.inner.completed.entry_count()
+        self.count(|state| matches!(state, State::Completed { .. })) as u64
     }
 
     /// Claims currently in flight.
     #[must_use]
     pub fn in_flight_len(&self) -> usize {
+        self.count(|state| matches!(state, State::InFlight(_)))
+    }
+
+    /// Bytes of completed records currently held, by the store's own
+    /// weighing (encoding plus a fixed per-record overhead).
+    #[must_use]
+    pub fn completed_bytes(&self) -> u64 {
         self.inner
-            .in_flight
+            .shards
             .iter()
-            .map(|shard| lock(shard).len())
+            .map(|shard| lock(shard).bytes as u64)
             .sum()
     }
 
-    /// Bytes of completed records currently held, by the store's own weighing.
-    #[must_use]
-    pub fn completed_bytes(&self) -> u64 {
-        self.inner.completed.run_pending_tasks();
-        self.inner.completed.weighted_size()
+    fn count(&self, matching: impl Fn(&State) -> bool) -> usize {
+        let shards = self.inner.shards.iter();
+        shards
+            .map(|shard| {
+                lock(shard)
+                    .table
+                    .iter()
+                    .filter(|slot| matching(&slot.state))
+                    .count()
+            })
+            .sum()
     }
 }
 
 impl Inner {
-    fn shard(&self, key: &RecordKey) -> MutexGuard<'_, HashMap<RecordKey, InFlight>> {
-        let index = self.hasher.hash_one(key) as usize % self.in_flight.len();
-        lock(&self.in_flight[index])
+    fn locate(&self, key: &RecordKey) -> (u64, MutexGuard<'_, Shard>) {
+        let hash = self.hasher.hash_one(key);
+        // The table uses the low bits of the hash; pick shards by the high ones.
+        let index = (hash >> 40) as usize % self.shards.len();
+        (hash, lock(&self.shards[index]))
+    }
+
+    fn hash_of(&self, slot: &Slot) -> u64 {
+        self.hasher.hash_one(&slot.key)
     }
 
     fn now(&self) -> u64 {
         self.clock.now_millis()
     }
 
-    fn live_completed(&self, key: &RecordKey, now: u64) -> Option<Arc<Completed>> {
-        let record = self.completed.get(key)?;
-        if record.expires_at > now {
-            return Some(record);
-        }
-        self.completed.invalidate(key);
-        None
-    }
-
-    fn claim(&self, key: &RecordKey, fingerprint: Fingerprint, lease: Duration) -> Claim {
+    fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
         let now = self.now();
-        let mut shard = self.shard(key);
-        if let Some(held) = shard.get(key).filter(|held| held.lease_expires_at > now) {
-            return Claim::InFlight {
+        let (hash, mut shard) = self.locate(key);
+        let lease_token = LeaseToken::random();
+        let in_flight = InFlight {
+            fingerprint,
+            lease_token,
+            lease_expires_at: now.saturating_add(millis(lease)),
+        };
+        let Some(slot) = shard.table.find_mut(hash, |slot| &slot.key == key) else {
+            let slot = Slot {
+                key: key.clone(),
+                state: State::InFlight(in_flight),
+            };
+            shard
+                .table
+                .insert_unique(hash, slot, |slot| self.hash_of(slot));
+            return Ok(Claim::Acquired(lease_token));
+        };
+        match &slot.state {
+            State::InFlight(held) if held.lease_expires_at > now => Ok(Claim::InFlight {
                 fingerprint: held.fingerprint,
                 lease_expires_at: held.lease_expires_at,
-            };
+            }),
+            State::Completed {
+                expires_at,
+                encoded,
+            } if *expires_at > now => Ok(Claim::Completed(Arc::new(Completed::decode(
+                encoded.clone(),
+            )?))),
+            // A lapsed lease or an expired record: take the key over.
+            previous => {
+                let freed = match previous {
+                    State::Completed { encoded, .. } => weight(encoded),
+                    State::InFlight(_) => 0,
+                };
+                slot.state = State::InFlight(in_flight);
+                shard.bytes -= freed;
+                Ok(Claim::Acquired(lease_token))
+            }
         }
-        if let Some(completed) = self.live_completed(key, now) {
-            return Claim::Completed(completed);
-        }
-        let lease_token = LeaseToken::random();
-        let lease_expires_at = now.saturating_add(millis(lease));
-        shard.insert(
-            key.clone(),
-            InFlight {
-                fingerprint,
-                lease_token,
-                lease_expires_at,
-            },
-        );
-        Claim::Acquired(lease_token)
     }
 
-    /// Runs `update` on the in-flight entry held by `token`, under its
-    /// shard's lock.
+    /// Runs `update` on the in-flight record held by `token`.
     fn with_lease<T>(
         &self,
         key: &RecordKey,
         token: LeaseToken,
-        update: impl FnOnce(&mut HashMap<RecordKey, InFlight>) -> T,
+        update: impl FnOnce(&mut Shard, u64) -> T,
     ) -> Result<T, StoreError> {
-        let mut shard = self.shard(key);
-        match shard.get(key) {
-            Some(held) if held.lease_token == token => Ok(update(&mut shard)),
-            _ => Err(StoreError::LeaseLost),
+        let (hash, mut shard) = self.locate(key);
+        let held = shard.table.find(hash, |slot| &slot.key == key).is_some_and(
+            |slot| matches!(&slot.state, State::InFlight(held) if held.lease_token == token),
+        );
+        if !held {
+            return Err(StoreError::LeaseLost);
+        }
+        Ok(update(&mut shard, hash))
+    }
+
+    fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let now = self.now();
+        let expires_at = now.saturating_add(millis(ttl));
+        self.with_lease(key, token, |shard, hash| {
+            let Some(slot) = shard.table.find_mut(hash, |slot| &slot.key == key) else {
+                return;
+            };
+            let State::InFlight(held) = &slot.state else {
+                return;
+            };
+            let record = Completed {
+                fingerprint: held.fingerprint,
+                response,
+                expires_at,
+            };
+            let encoded = record.encode();
+            shard.bytes += weight(&encoded);
+            slot.state = State::Completed {
+                expires_at,
+                encoded,
+            };
+            shard.queue.push_back(Queued { hash, expires_at });
+            self.evict(shard, now);
+        })
+    }
+
+    /// Drops completed records from the front of the queue while the shard
+    /// is over budget or the front has expired.
+    fn evict(&self, shard: &mut Shard, now: u64) {
+        while let Some(front) = shard.queue.front() {
+            if shard.bytes <= self.shard_budget && front.expires_at > now {
+                return;
+            }
+            let Queued { hash, expires_at } = *front;
+            shard.queue.pop_front();
+            let queued = |slot: &Slot| matches!(slot.state, State::Completed { expires_at: e, .. } if e == expires_at);
+            if let Ok(entry) = shard.table.find_entry(hash, queued) {
+                let (slot, _) = entry.remove();
+                if let State::Completed { encoded, .. } = slot.state {
+                    shard.bytes -= weight(&encoded);
+                }
+            }
         }
     }
-}
 
-fn lock(shard: &InFlightShard) -> MutexGuard<'_, HashMap<RecordKey, InFlight>> {
-    // A panic while holding a shard lock cannot leave a map half-updated
-    // (each critical section is a single insert or remove), so a poisoned
-    // lock is still safe to use.
-    shard.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn weight(record: &Completed) -> u32 {
-    let bytes = record.response.size_bytes() + ENTRY_OVERHEAD_BYTES;
-    u32::try_from(bytes).unwrap_or(u32::MAX)
+    fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        let now = self.now();
+        let (hash, shard) = self.locate(key);
+        let Some(slot) = shard.table.find(hash, |slot| &slot.key == key) else {
+            return Ok(None);
+        };
+        match &slot.state {
+            State::InFlight(held) if held.lease_expires_at > now => {
+                Ok(Some(Record::InFlight(held.clone())))
+            }
+            State::Completed {
+                expires_at,
+                encoded,
+            } if *expires_at > now => Ok(Some(Record::Completed(Arc::new(Completed::decode(
+                encoded.clone(),
+            )?)))),
+            _ => Ok(None),
+        }
+    }
 }
 
 impl Store for MemoryStore {
@@ -228,7 +350,7 @@ impl Store for MemoryStore {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        Ok(self.inner.claim(key, fingerprint, lease))
+        self.inner.claim(key, fingerprint, lease)
     }
 
     async fn renew(
@@ -238,8 +360,12 @@ impl Store for MemoryStore {
         lease: Duration,
     ) -> Result<(), StoreError> {
         let expires = self.inner.now().saturating_add(millis(lease));
-        self.inner.with_lease(key, token, |shard| {
-            if let Some(held) = shard.get_mut(key) {
+        self.inner.with_lease(key, token, |shard, hash| {
+            if let Some(Slot {
+                state: State::InFlight(held),
+                ..
+            }) = shard.table.find_mut(hash, |slot| &slot.key == key)
+            {
                 held.lease_expires_at = expires;
             }
         })
@@ -252,65 +378,127 @@ impl Store for MemoryStore {
         response: StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let inner = &self.inner;
-        let expires_at = inner.now().saturating_add(millis(ttl));
-        inner.with_lease(key, token, |shard| {
-            let Some(held) = shard.remove(key) else {
-                return;
-            };
-            let fingerprint = held.fingerprint;
-            // Inserted while the shard lock is held: a concurrent claim sees
-            // either the lease or the completed record, never neither.
-            let record = Completed {
-                fingerprint,
-                response,
-                expires_at,
-            };
-            inner.completed.insert(key.clone(), Arc::new(record));
-        })
+        self.inner.complete(key, token, response, ttl)
     }
 
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-        self.inner.with_lease(key, token, |shard| {
-            shard.remove(key);
+        self.inner.with_lease(key, token, |shard, hash| {
+            if let Ok(entry) = shard.table.find_entry(hash, |slot| &slot.key == key) {
+                entry.remove();
+            }
         })
     }
 
     async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        let now = self.inner.now();
-        let shard = self.inner.shard(key);
-        if let Some(held) = shard.get(key).filter(|held| held.lease_expires_at > now) {
-            return Ok(Some(Record::InFlight(held.clone())));
+        self.inner.get(key)
+    }
+}
+
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    // Every critical section leaves the shard consistent before anything
+    // that could panic, so a poisoned lock is still safe to use.
+    shard.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn weight(encoded: &Bytes) -> usize {
+    encoded.len() + ENTRY_OVERHEAD_BYTES
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::key::IdempotencyKey;
+    use crate::scope::ScopeDigest;
+    use http::StatusCode;
+
+    const LEASE: Duration = Duration::from_secs(60);
+    const FINGERPRINT: Fingerprint = Fingerprint::from_bytes([9; 32]);
+
+    fn key(name: &str) -> RecordKey {
+        RecordKey::new(
+            ScopeDigest::global(),
+            IdempotencyKey::parse(name.as_bytes()).unwrap(),
+        )
+    }
+
+    fn response(body_len: usize) -> StoredResponse {
+        StoredResponse {
+            status: StatusCode::OK,
+            headers: Vec::new(),
+            body: Some(vec![1; body_len].into()),
         }
-        Ok(self.inner.live_completed(key, now).map(Record::Completed))
-    }
-}
-
-/// Expires each completed record at its own deadline. moka measures with
-/// its own monotonic clock, so this only bounds memory; [`Inner::live_completed`]
-/// checks the deadline against the store's clock on every read.
-struct ExpireAtDeadline {
-    clock: SharedClock,
-}
-
-impl Expiry<RecordKey, Arc<Completed>> for ExpireAtDeadline {
-    fn expire_after_create(
-        &self,
-        _key: &RecordKey,
-        record: &Arc<Completed>,
-        _created_at: Instant,
-    ) -> Option<Duration> {
-        let remaining = record.expires_at.saturating_sub(self.clock.now_millis());
-        Some(Duration::from_millis(remaining))
     }
 
-    fn expire_after_update(
-        &self,
-        key: &RecordKey,
-        record: &Arc<Completed>,
-        updated_at: Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        self.expire_after_create(key, record, updated_at)
+    fn complete(store: &MemoryStore, name: &str, body_len: usize, ttl: Duration) {
+        let key = key(name);
+        let Ok(Claim::Acquired(token)) = store.inner.claim(&key, FINGERPRINT, LEASE) else {
+            panic!("{name} is new");
+        };
+        store
+            .inner
+            .complete(&key, token, response(body_len), ttl)
+            .unwrap();
+    }
+
+    fn is_completed(store: &MemoryStore, name: &str) -> bool {
+        matches!(store.inner.get(&key(name)), Ok(Some(Record::Completed(_))))
+    }
+
+    #[test]
+    fn the_oldest_completed_records_are_evicted_first() {
+        let store = MemoryStore::builder().max_bytes(4 * 1024).build();
+        for i in 0..10 {
+            complete(&store, &format!("k{i}"), 600, Duration::from_secs(600));
+        }
+        assert!(store.completed_bytes() <= 4 * 1024);
+        assert!(!is_completed(&store, "k0"));
+        assert!(is_completed(&store, "k9"));
+    }
+
+    #[test]
+    fn expired_records_are_purged_as_new_ones_complete() {
+        let clock = ManualClock::new(0);
+        // One shard: purging is per shard.
+        let store = MemoryStore::builder()
+            .clock(clock.clone())
+            .max_bytes(512 * 1024)
+            .build();
+        complete(&store, "short", 10, Duration::from_secs(1));
+        clock.advance(Duration::from_secs(2));
+        complete(&store, "later", 10, Duration::from_secs(600));
+        assert_eq!(store.completed_len(), 1);
+    }
+
+    #[test]
+    fn a_stale_queue_entry_does_not_evict_the_keys_new_record() {
+        let clock = ManualClock::new(0);
+        let store = MemoryStore::builder()
+            .clock(clock.clone())
+            .max_bytes(512 * 1024)
+            .build();
+        complete(&store, "reused", 10, Duration::from_secs(1));
+        clock.advance(Duration::from_secs(2));
+        complete(&store, "reused", 10, Duration::from_secs(600));
+        complete(&store, "other", 10, Duration::from_secs(600));
+        assert!(
+            is_completed(&store, "reused"),
+            "the record completed after expiry stays"
+        );
+        assert_eq!(store.completed_len(), 2);
+    }
+
+    #[test]
+    fn takeover_of_an_expired_record_returns_its_bytes() {
+        let clock = ManualClock::new(0);
+        let store = MemoryStore::builder().clock(clock.clone()).build();
+        complete(&store, "k", 100, Duration::from_secs(1));
+        assert!(store.completed_bytes() > 100);
+        clock.advance(Duration::from_secs(2));
+        assert!(matches!(
+            store.inner.claim(&key("k"), FINGERPRINT, LEASE),
+            Ok(Claim::Acquired(_))
+        ));
+        assert_eq!(store.completed_bytes(), 0);
     }
 }

@@ -21,13 +21,14 @@
 //! from the store's [`Clock`], passed as parameters, so the database's own
 //! clock is never consulted.
 
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 use sqlx::Row;
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 
 use super::sql::{self, DEFAULT_TABLE, InvalidTableName, from_sql_millis, to_sql_millis};
 use super::{Store, StoreError};
@@ -131,11 +132,21 @@ impl PostgresStore {
     /// # Errors
     /// The URL is invalid or the first connection fails.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url).map_err(StoreError::backend)?;
+        Self::connect_with(options).await
+    }
+
+    /// Like [`connect`](Self::connect), with connection options built in
+    /// code (TLS, application name, ...).
+    ///
+    /// # Errors
+    /// The first connection fails.
+    pub async fn connect_with(options: PgConnectOptions) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(5))
             .test_before_acquire(false)
-            .connect(url)
+            .connect_with(options)
             .await
             .map_err(StoreError::backend)?;
         Self::builder(pool).build().map_err(StoreError::backend)
@@ -357,9 +368,7 @@ impl Store for PostgresStore {
                 return claim_from_row(&row, token);
             }
         }
-        Err(sql::corrupt(
-            "the record kept changing while it was being claimed",
-        ))
+        Err(StoreError::backend(Contended))
     }
 
     async fn renew(
@@ -426,6 +435,11 @@ impl Store for PostgresStore {
         row.map(|row| record_from_row(&row)).transpose()
     }
 }
+
+/// A claim kept losing races to concurrent changes of its record.
+#[derive(Debug, thiserror::Error)]
+#[error("the idempotency record kept changing while it was being claimed")]
+struct Contended;
 
 fn held(rows: u64) -> Result<(), StoreError> {
     if rows == 0 {

@@ -57,11 +57,30 @@ where
     F: FnMut(ManualClock) -> Fut,
     Fut: Future<Output = S>,
 {
+    run_all_with_own_clock(|| {
+        let clock = ManualClock::starting_now();
+        let store = make(clock.clone());
+        async move { (store.await, clock) }
+    })
+    .await;
+}
+
+/// Runs every check on stores that come with their own clock, such as
+/// [`MockStore`](super::MockStore): `make` returns a fresh store and the
+/// clock it reads.
+///
+/// # Panics
+/// When the store breaks the contract, naming the check.
+pub async fn run_all_with_own_clock<S, F, Fut>(mut make: F)
+where
+    S: Store,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = (S, ManualClock)>,
+{
     macro_rules! check {
         ($($name:ident),* $(,)?) => {$({
-            let clock = ManualClock::starting_now();
-            let store = Arc::new(make(clock.clone()).await);
-            $name(store, clock).await;
+            let (store, clock) = make().await;
+            $name(Arc::new(store), clock).await;
         })*};
     }
     check!(

@@ -242,7 +242,9 @@ impl MockStore {
     }
 
     /// Makes every call take `delay` (on tokio's clock) before it answers,
-    /// e.g. to exceed the store timeout. `Duration::ZERO` removes it.
+    /// e.g. to exceed the store timeout. `Duration::ZERO` removes it. A call
+    /// the engine abandons at its timeout never reaches the store, so it is
+    /// not logged.
     pub fn set_delay(&self, delay: Duration) {
         self.state().delay = (!delay.is_zero()).then_some(delay);
     }

@@ -2,7 +2,7 @@
 //! errors for what does not. The expected compiler output lives next to each
 //! failing case in `ui/fail/*.stderr`; after an intended change to a message
 //! (or a new toolchain), regenerate it with
-//! `TRYBUILD=overwrite cargo test -p idempotent-tests --test ui` and review
+//! `TRYBUILD=overwrite cargo test -p idempotent-tests-build --test ui` and review
 //! the diff.
 
 #[test]

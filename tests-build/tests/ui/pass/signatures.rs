@@ -56,6 +56,12 @@ async fn early_return(Json(n): Json<i32>) -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
+// The handler's name may be one of its own bindings.
+#[idempotent]
+async fn body(body: String) -> String {
+    body
+}
+
 fn main() {
     let _app: Router = Router::new()
         .route("/public", post(handlers::public))
@@ -64,5 +70,6 @@ fn main() {
         .route("/mutable", post(mutable))
         .route("/request", post(whole_request))
         .route("/early", post(early_return))
+        .route("/body", post(body))
         .layer(Idempotency::new(MemoryStore::new()));
 }

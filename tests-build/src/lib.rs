@@ -1,0 +1,1 @@
+//! Compile-time tests of `#[idempotent]` live in `tests/ui`.

@@ -1,0 +1,6 @@
+use idempotent_core::idempotent;
+
+#[idempotent(scopes = "global")]
+async fn handler() {}
+
+fn main() {}
