@@ -30,9 +30,9 @@ const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
 /// The most shards, and the budget below which a shard is added.
 const MAX_SHARDS: u64 = 64;
 const MIN_SHARD_BYTES: u64 = 1024 * 1024;
-/// What a completed record costs beyond its encoding: its table slot, its
-/// key and its queue entry, rounded up.
-const ENTRY_OVERHEAD_BYTES: usize = 160;
+/// What a completed record costs beyond its encoding: its table slot and
+/// its queue entry, rounded up.
+const ENTRY_OVERHEAD_BYTES: usize = 128;
 
 /// An in-memory [`Store`]: one process, lost on restart.
 ///
@@ -49,7 +49,7 @@ pub struct MemoryStore {
 
 struct Inner {
     shards: Box<[Mutex<Shard>]>,
-    hasher: RandomState,
+    hashers: (RandomState, RandomState),
     shard_budget: usize,
     clock: SharedClock,
 }
@@ -63,8 +63,11 @@ struct Shard {
     bytes: usize,
 }
 
+/// A slot names its record by a 128-bit keyed hash of (scope, key) rather
+/// than the key itself: two independent SipHash keys drawn at start-up make
+/// a collision as unlikely as guessing both, and the slot stays small.
 struct Slot {
-    key: RecordKey,
+    id: u128,
     state: State,
 }
 
@@ -121,7 +124,7 @@ impl MemoryStoreBuilder {
         let shard_budget = usize::try_from(self.max_bytes / shards).unwrap_or(usize::MAX);
         let inner = Inner {
             shards: (0..shards).map(|_| Mutex::default()).collect(),
-            hasher: RandomState::new(),
+            hashers: (RandomState::new(), RandomState::new()),
             shard_budget,
             clock: self.clock,
         };
@@ -191,15 +194,13 @@ impl MemoryStore {
 }
 
 impl Inner {
-    fn locate(&self, key: &RecordKey) -> (u64, MutexGuard<'_, Shard>) {
-        let hash = self.hasher.hash_one(key);
+    /// The record's id, the table hash (its high half) and its shard.
+    fn locate(&self, key: &RecordKey) -> (u128, u64, MutexGuard<'_, Shard>) {
+        let high = self.hashers.0.hash_one(key);
+        let id = (u128::from(high) << 64) | u128::from(self.hashers.1.hash_one(key));
         // The table uses the low bits of the hash; pick shards by the high ones.
-        let index = (hash >> 40) as usize % self.shards.len();
-        (hash, lock(&self.shards[index]))
-    }
-
-    fn hash_of(&self, slot: &Slot) -> u64 {
-        self.hasher.hash_one(&slot.key)
+        let index = (high >> 40) as usize % self.shards.len();
+        (id, high, lock(&self.shards[index]))
     }
 
     fn now(&self) -> u64 {
@@ -213,21 +214,21 @@ impl Inner {
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let now = self.now();
-        let (hash, mut shard) = self.locate(key);
+        let (id, hash, mut shard) = self.locate(key);
         let lease_token = LeaseToken::random();
         let in_flight = InFlight {
             fingerprint,
             lease_token,
             lease_expires_at: now.saturating_add(millis(lease)),
         };
-        let Some(slot) = shard.table.find_mut(hash, |slot| &slot.key == key) else {
+        let Some(slot) = shard.table.find_mut(hash, |slot| slot.id == id) else {
             let slot = Slot {
-                key: key.clone(),
+                id,
                 state: State::InFlight(in_flight),
             };
             shard
                 .table
-                .insert_unique(hash, slot, |slot| self.hash_of(slot));
+                .insert_unique(hash, slot, |slot| (slot.id >> 64) as u64);
             return Ok(Claim::Acquired(lease_token));
         };
         match &slot.state {
@@ -259,16 +260,16 @@ impl Inner {
         &self,
         key: &RecordKey,
         token: LeaseToken,
-        update: impl FnOnce(&mut Shard, u64) -> T,
+        update: impl FnOnce(&mut Shard, u64, u128) -> T,
     ) -> Result<T, StoreError> {
-        let (hash, mut shard) = self.locate(key);
-        let held = shard.table.find(hash, |slot| &slot.key == key).is_some_and(
+        let (id, hash, mut shard) = self.locate(key);
+        let held = shard.table.find(hash, |slot| slot.id == id).is_some_and(
             |slot| matches!(&slot.state, State::InFlight(held) if held.lease_token == token),
         );
         if !held {
             return Err(StoreError::LeaseLost);
         }
-        Ok(update(&mut shard, hash))
+        Ok(update(&mut shard, hash, id))
     }
 
     fn complete(
@@ -280,8 +281,8 @@ impl Inner {
     ) -> Result<(), StoreError> {
         let now = self.now();
         let expires_at = now.saturating_add(millis(ttl));
-        self.with_lease(key, token, |shard, hash| {
-            let Some(slot) = shard.table.find_mut(hash, |slot| &slot.key == key) else {
+        self.with_lease(key, token, |shard, hash, id| {
+            let Some(slot) = shard.table.find_mut(hash, |slot| slot.id == id) else {
                 return;
             };
             let State::InFlight(held) = &slot.state else {
@@ -324,8 +325,8 @@ impl Inner {
 
     fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
         let now = self.now();
-        let (hash, shard) = self.locate(key);
-        let Some(slot) = shard.table.find(hash, |slot| &slot.key == key) else {
+        let (id, hash, shard) = self.locate(key);
+        let Some(slot) = shard.table.find(hash, |slot| slot.id == id) else {
             return Ok(None);
         };
         match &slot.state {
@@ -360,11 +361,11 @@ impl Store for MemoryStore {
         lease: Duration,
     ) -> Result<(), StoreError> {
         let expires = self.inner.now().saturating_add(millis(lease));
-        self.inner.with_lease(key, token, |shard, hash| {
+        self.inner.with_lease(key, token, |shard, hash, id| {
             if let Some(Slot {
                 state: State::InFlight(held),
                 ..
-            }) = shard.table.find_mut(hash, |slot| &slot.key == key)
+            }) = shard.table.find_mut(hash, |slot| slot.id == id)
             {
                 held.lease_expires_at = expires;
             }
@@ -382,8 +383,8 @@ impl Store for MemoryStore {
     }
 
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-        self.inner.with_lease(key, token, |shard, hash| {
-            if let Ok(entry) = shard.table.find_entry(hash, |slot| &slot.key == key) {
+        self.inner.with_lease(key, token, |shard, hash, id| {
+            if let Ok(entry) = shard.table.find_entry(hash, |slot| slot.id == id) {
                 entry.remove();
             }
         })
