@@ -34,10 +34,28 @@ impl RecordKey {
         sha256_framed(&[self.scope.as_bytes(), self.key.as_str().as_bytes()])
     }
 
-    /// A short digest for logs and spans; never the raw key.
+    /// A short digest for logs and spans; never the raw key. It is
+    /// computed only when formatted, so a span that nobody records (or that
+    /// the `log` compatibility layer builds eagerly) costs no hashing.
     #[must_use]
-    pub fn log_id(&self) -> String {
-        hex(&self.digest()[..8])
+    pub fn log_id(&self) -> LogId<'_> {
+        LogId(self)
+    }
+}
+
+/// [`RecordKey::log_id`]: the first 8 bytes of the record key's digest, in hex.
+#[derive(Clone, Copy)]
+pub struct LogId<'a>(&'a RecordKey);
+
+impl fmt::Display for LogId<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex(&self.0.digest()[..8]))
+    }
+}
+
+impl fmt::Debug for LogId<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }
 
