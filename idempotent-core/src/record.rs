@@ -185,3 +185,19 @@ pub enum Claim {
 
 mod codec;
 pub use codec::CodecError;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_id_is_a_short_digest_that_hides_the_key() {
+        let key = IdempotencyKey::parse(b"order-secret-42").unwrap();
+        let record = RecordKey::new(ScopeDigest::global(), key);
+        let id = record.log_id().to_string();
+        assert_eq!(id.len(), 16);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(!format!("{record:?}").contains("secret"));
+        assert_eq!(id, hex(&record.digest()[..8]));
+    }
+}
