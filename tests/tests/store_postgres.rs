@@ -15,7 +15,8 @@ use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{PostgresStore, Store, Tiered};
 use idempotent_core::testing::contract;
 use store_support::{
-    Ledger, backend_url, duplicates_across_instances, pay, payments_app, unique_name,
+    Ledger, backend_url, duplicates_across_instances, pay, pay_until_available, payments_app,
+    unique_name,
 };
 
 const URL: &str = "IDEMPOTENT_TEST_POSTGRES_URL";
@@ -412,16 +413,9 @@ async fn the_database_going_away_gives_503_and_the_service_recovers() {
 
     let relay = Relay::start(relay.port, relay.upstream.clone()).await;
     let back = Instant::now();
-    let mut recovered = None;
-    for _ in 0..100 {
-        let reply = pay(&app, "after", 1).await;
-        if reply.status != StatusCode::SERVICE_UNAVAILABLE {
-            recovered = Some(reply);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let reply = recovered.expect("the pool recovers by itself once the database is back");
+    let reply = pay_until_available(&app, "after", 1)
+        .await
+        .expect("the pool recovers by itself once the database is back");
     eprintln!(
         "database outage: recovered {:?} after it returned",
         back.elapsed()

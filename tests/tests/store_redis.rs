@@ -17,7 +17,8 @@ use idempotent_core::store::{RedisStore, Tiered};
 use idempotent_core::testing::contract;
 use redis::aio::ConnectionManager;
 use store_support::{
-    Ledger, backend_url, duplicates_across_instances, pay, payments_app, unique_name,
+    Ledger, backend_url, duplicates_across_instances, pay, pay_until_available, payments_app,
+    unique_name,
 };
 use tokio::process::{Child, Command};
 
@@ -195,16 +196,9 @@ async fn a_dead_redis_gives_503_and_the_service_recovers() {
 
     let _redis = OwnRedis::start(port).await;
     let back = Instant::now();
-    let mut recovered = None;
-    for _ in 0..100 {
-        let reply = pay(&app, "after", 1).await;
-        if reply.status != StatusCode::SERVICE_UNAVAILABLE {
-            recovered = Some(reply);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let reply = recovered.expect("the store recovers by itself once Redis is back");
+    let reply = pay_until_available(&app, "after", 1)
+        .await
+        .expect("the store recovers by itself once Redis is back");
     eprintln!(
         "outage: recovered {:?} after the server returned",
         back.elapsed()

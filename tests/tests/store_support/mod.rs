@@ -131,6 +131,19 @@ pub async fn pay(app: &Router, key: &str, amount: u64) -> Reply {
     }
 }
 
+/// Retries [`pay`] every 100 ms, for up to 10 s, until the store answers
+/// with something other than 503; `None` if it never does.
+pub async fn pay_until_available(app: &Router, key: &str, amount: u64) -> Option<Reply> {
+    for _ in 0..100 {
+        let reply = pay(app, key, amount).await;
+        if reply.status != StatusCode::SERVICE_UNAVAILABLE {
+            return Some(reply);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
 /// Sends `count` concurrent duplicates of one payment, alternating between
 /// `apps`, and checks that exactly one ran and all got the same answer.
 pub async fn duplicates_across_instances(apps: &[Router], ledger: &Ledger, count: usize) {
