@@ -89,6 +89,18 @@ async fn send(app: &Router, request: Request<Body>) -> (StatusCode, http::Header
     (parts.status, parts.headers, json)
 }
 
+/// Sends a request with `key` and `body` on its own task, as a separate
+/// client would.
+fn spawn_send(
+    app: &Router,
+    key: &'static str,
+    body: &Value,
+) -> tokio::task::JoinHandle<(StatusCode, http::HeaderMap, Value)> {
+    let app = app.clone();
+    let request = request(Some(key), body);
+    tokio::spawn(async move { send(&app, request).await })
+}
+
 fn replayed(headers: &http::HeaderMap) -> bool {
     headers
         .get("idempotent-replayed")
@@ -127,15 +139,7 @@ async fn a_hundred_concurrent_duplicates_execute_once() {
     let app = app(MemoryStore::new(), &handler);
     let body = json!({"amount": 10});
 
-    let requests: Vec<_> = (0..100)
-        .map(|_| {
-            tokio::spawn({
-                let app = app.clone();
-                let body = body.clone();
-                async move { send(&app, request(Some("same"), &body)).await }
-            })
-        })
-        .collect();
+    let requests: Vec<_> = (0..100).map(|_| spawn_send(&app, "same", &body)).collect();
     handler.started.notified().await;
     // Let the in-flight duplicates come back 409 before the first finishes.
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -166,11 +170,7 @@ async fn in_flight_duplicate_gets_409_problem() {
     };
     let app = app(MemoryStore::new(), &handler);
     let body = json!({"amount": 1});
-    let first = tokio::spawn({
-        let app = app.clone();
-        let body = body.clone();
-        async move { send(&app, request(Some("k"), &body)).await }
-    });
+    let first = spawn_send(&app, "k", &body);
     handler.started.notified().await;
 
     let (status, headers, problem) = send(&app, request(Some("k"), &body)).await;
@@ -192,17 +192,9 @@ async fn waiting_duplicate_replays_the_first_response() {
     let endpoint = Endpoint::new("pay").wait(Duration::from_secs(5));
     let app = app_with(Idempotency::new(MemoryStore::new()), &handler, endpoint);
     let body = json!({"amount": 1});
-    let first = tokio::spawn({
-        let app = app.clone();
-        let body = body.clone();
-        async move { send(&app, request(Some("k"), &body)).await }
-    });
+    let first = spawn_send(&app, "k", &body);
     handler.started.notified().await;
-    let duplicate = tokio::spawn({
-        let app = app.clone();
-        let body = body.clone();
-        async move { send(&app, request(Some("k"), &body)).await }
-    });
+    let duplicate = spawn_send(&app, "k", &body);
     tokio::time::sleep(Duration::from_millis(30)).await;
     gate.add_permits(1);
 
@@ -318,12 +310,7 @@ async fn a_panicking_handler_releases_the_key_and_the_retry_runs() {
     let store = MemoryStore::new();
     let app = app(store.clone(), &panicking);
     let body = json!({"amount": 1});
-    let outcome = tokio::spawn({
-        let app = app.clone();
-        let body = body.clone();
-        async move { send(&app, request(Some("k"), &body)).await }
-    })
-    .await;
+    let outcome = spawn_send(&app, "k", &body).await;
     assert!(
         outcome.unwrap_err().is_panic(),
         "the panic reaches the server as before"
@@ -351,11 +338,7 @@ async fn a_dropped_client_still_gets_its_outcome_stored() {
     let store = MemoryStore::new();
     let app = app(store.clone(), &handler);
     let body = json!({"amount": 5});
-    let client = tokio::spawn({
-        let app = app.clone();
-        let body = body.clone();
-        async move { send(&app, request(Some("k"), &body)).await }
-    });
+    let client = spawn_send(&app, "k", &body);
     handler.started.notified().await;
     client.abort();
     assert!(client.await.unwrap_err().is_cancelled());
@@ -407,10 +390,7 @@ async fn a_stale_lease_holder_cannot_overwrite_the_new_holders_result() {
     let idempotency = Idempotency::new(store.clone());
     let slow_app = app_with(idempotency.clone(), &slow, endpoint);
     let body = json!({"amount": 1});
-    let stale = tokio::spawn({
-        let body = body.clone();
-        async move { send(&slow_app, request(Some("k"), &body)).await }
-    });
+    let stale = spawn_send(&slow_app, "k", &body);
     slow.started.notified().await;
 
     // The first holder's lease lapses (as if its process hung); a retry
