@@ -46,7 +46,7 @@ pub(crate) async fn run(
     fingerprint: Result<Fingerprint, FingerprintError>,
     handler: Handler,
 ) -> Response {
-    let settings = request.idempotency.inner.clone();
+    let settings = request.idempotency.inner;
     let Some(key) = request.key else {
         if endpoint.is_optional() {
             return handler.await;

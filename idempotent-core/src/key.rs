@@ -35,7 +35,7 @@ impl IdempotencyKey {
     /// # Errors
     /// [`KeyError`] says exactly what is wrong with the value.
     pub fn parse(field: &[u8]) -> Result<Self, KeyError> {
-        let field = trim_ows(field);
+        let field = field.trim_ascii();
         let key = match field.first() {
             Some(b'"') => parse_sf_string(field)?,
             Some(_) => parse_bare(field)?,
@@ -138,10 +138,6 @@ pub enum KeyError {
     /// A quoted key without its closing quote, or with text after it.
     #[error("the quoted idempotency key is malformed: {0}")]
     MalformedString(&'static str),
-}
-
-fn trim_ows(field: &[u8]) -> &[u8] {
-    field.trim_ascii()
 }
 
 fn parse_bare(field: &[u8]) -> Result<String, KeyError> {
