@@ -12,6 +12,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
+use futures_util::future::Either;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -40,37 +41,65 @@ const NOT_STORED: &str =
     "the response could not be stored; a retry after the lease lapses runs again";
 const NOT_RELEASED: &str = "could not release the key; it frees when the lease lapses";
 
-pub(crate) async fn run(
+/// Everything up to the store is decided here, synchronously, so the
+/// returned future holds only what the rest needs: the handler alone, a
+/// ready answer, or the engine (async wrappers would keep a second copy
+/// of every argument in the future for their whole life).
+pub(crate) fn run(
     request: IdempotentRequest,
-    endpoint: Endpoint,
+    endpoint: &Endpoint,
     fingerprint: Result<Fingerprint, FingerprintError>,
     handler: Handler,
-) -> Response {
+) -> impl Future<Output = Response> + Send + use<> {
+    match prepare(request, endpoint, fingerprint) {
+        Prepared::Unkeyed => Either::Left(Either::Left(handler)),
+        Prepared::Refused(problem) => {
+            Either::Left(Either::Right(std::future::ready(problem.into_response())))
+        }
+        Prepared::Engine(engine) => {
+            let span = tracing::debug_span!(
+                "idempotent",
+                endpoint = engine.endpoint.name(),
+                key = %engine.key.log_id()
+            );
+            Either::Right(engine.claim_and_run(handler).instrument(span))
+        }
+    }
+}
+
+enum Prepared {
+    /// No key on an endpoint where keys are optional: the handler runs as is.
+    Unkeyed,
+    Refused(Problem),
+    Engine(Engine),
+}
+
+fn prepare(
+    request: IdempotentRequest,
+    endpoint: &Endpoint,
+    fingerprint: Result<Fingerprint, FingerprintError>,
+) -> Prepared {
     let settings = request.idempotency.inner;
     let Some(key) = request.key else {
         if endpoint.is_optional() {
-            return handler.await;
+            return Prepared::Unkeyed;
         }
-        return Problem::from(KeyError::Missing).into_response();
+        return Prepared::Refused(Problem::from(KeyError::Missing));
     };
-    let scope = match resolve_scope(&settings, &endpoint, &request.headers, request.custom_scope) {
+    let scope = match resolve_scope(&settings, endpoint, &request.headers, request.custom_scope) {
         Ok(scope) => scope,
-        Err(problem) => return problem.into_response(),
+        Err(problem) => return Prepared::Refused(problem),
     };
     let fingerprint = match fingerprint {
         Ok(fingerprint) => fingerprint,
-        Err(error) => return fingerprint_failed(&error).into_response(),
+        Err(error) => return Prepared::Refused(fingerprint_failed(&error)),
     };
-    let record_key = RecordKey::new(scope, key);
-    let span =
-        tracing::debug_span!("idempotent", endpoint = endpoint.name(), key = %record_key.log_id());
-    let engine = Engine {
+    Prepared::Engine(Engine {
         settings,
-        endpoint,
-        key: record_key,
+        endpoint: *endpoint,
+        key: RecordKey::new(scope, key),
         fingerprint,
-    };
-    engine.claim_and_run(handler).instrument(span).await
+    })
 }
 
 fn resolve_scope(
@@ -113,33 +142,39 @@ struct Engine {
 }
 
 impl Engine {
-    async fn claim_and_run(self, handler: Handler) -> Response {
-        let deadline = self
-            .endpoint
-            .wait_duration()
-            .map(|wait| Instant::now() + wait);
-        let mut backoff = WAIT_BACKOFF.0;
-        loop {
-            let lease = self.endpoint.lease_duration();
-            let claim = self.timed(
-                self.settings
-                    .store
-                    .claim(&self.key, self.fingerprint, lease),
-            );
-            match claim.await {
-                Err(error) => return self.store_failed(&error, handler).await,
-                Ok(Claim::Acquired(token)) => return self.execute(token, handler).await,
-                Ok(Claim::Completed(record)) => return self.replay(&record),
-                Ok(Claim::InFlight { fingerprint, .. }) if fingerprint != self.fingerprint => {
-                    return self.mismatch();
-                }
-                Ok(Claim::InFlight { .. }) => match deadline {
-                    Some(deadline) if Instant::now() < deadline => {
-                        tokio::time::sleep_until(deadline.min(Instant::now() + backoff)).await;
-                        backoff = (backoff * 2).min(WAIT_BACKOFF.1);
+    // The async methods that own the engine or a response are `fn`s
+    // returning `async move` blocks: an `async fn` keeps a second copy of
+    // its arguments in its future, and these futures are on every request.
+    #[expect(clippy::manual_async_fn, reason = "halves the future's size")]
+    fn claim_and_run(self, handler: Handler) -> impl Future<Output = Response> + Send {
+        async move {
+            let deadline = self
+                .endpoint
+                .wait_duration()
+                .map(|wait| Instant::now() + wait);
+            let mut backoff = WAIT_BACKOFF.0;
+            loop {
+                let lease = self.endpoint.lease_duration();
+                let claim = self.timed(self.settings.store.claim(
+                    &self.key,
+                    self.fingerprint,
+                    lease,
+                ));
+                match claim.await {
+                    Err(error) => return self.store_failed(&error, handler).await,
+                    Ok(Claim::Acquired(token)) => return self.execute(token, handler).await,
+                    Ok(Claim::Completed(record)) => return self.replay(&record),
+                    Ok(Claim::InFlight { fingerprint, .. }) if fingerprint != self.fingerprint => {
+                        return self.mismatch();
                     }
-                    _ => return self.in_progress(),
-                },
+                    Ok(Claim::InFlight { .. }) => match deadline {
+                        Some(deadline) if Instant::now() < deadline => {
+                            tokio::time::sleep_until(deadline.min(Instant::now() + backoff)).await;
+                            backoff = (backoff * 2).min(WAIT_BACKOFF.1);
+                        }
+                        _ => return self.in_progress(),
+                    },
+                }
             }
         }
     }
@@ -229,13 +264,20 @@ impl Engine {
         }
     }
 
-    async fn run_claimed(self, token: LeaseToken, handler: Handler) -> Result<Response, Panic> {
-        let running = AssertUnwindSafe(self.renewing(token, handler)).catch_unwind();
-        match running.await {
-            Ok(response) => Ok(self.settle(token, response).await),
-            Err(panic) => {
-                self.release(token, "handler panicked").await;
-                Err(panic)
+    #[expect(clippy::manual_async_fn, reason = "halves the future's size")]
+    fn run_claimed(
+        self,
+        token: LeaseToken,
+        handler: Handler,
+    ) -> impl Future<Output = Result<Response, Panic>> + Send {
+        async move {
+            let running = AssertUnwindSafe(self.renewing(token, handler)).catch_unwind();
+            match running.await {
+                Ok(response) => Ok(self.settle(token, response).await),
+                Err(panic) => {
+                    self.release(token, "handler panicked").await;
+                    Err(panic)
+                }
             }
         }
     }
@@ -283,30 +325,39 @@ impl Engine {
     }
 
     /// Stores a final response, or releases the key for anything else.
-    async fn settle(&self, token: LeaseToken, response: Response) -> Response {
-        let status = response.status();
-        if !self.endpoint.final_status_policy().is_final(status) {
-            self.release(token, "status is not final").await;
-            return response;
+    #[expect(clippy::manual_async_fn, reason = "halves the future's size")]
+    fn settle(
+        &self,
+        token: LeaseToken,
+        response: Response,
+    ) -> impl Future<Output = Response> + Send + '_ {
+        async move {
+            let status = response.status();
+            if !self.endpoint.final_status_policy().is_final(status) {
+                self.release(token, "status is not final").await;
+                return response;
+            }
+            let (parts, body) = response.into_parts();
+            let (stored_body, body) = match collect(body, self.settings.max_body_bytes).await {
+                Collected::Complete(bytes) => (Some(bytes.clone()), Body::from(bytes)),
+                Collected::Partial(body) => (None, body),
+            };
+            let headers = replayable_headers(&parts);
+            let stored = StoredResponse {
+                status,
+                headers,
+                body: stored_body,
+            };
+            let ttl = self.endpoint.result_ttl();
+            let completing = self.settings.store.complete(&self.key, token, stored, ttl);
+            match self.timed(completing).await {
+                Ok(()) => tracing::debug!(outcome = "executed", status = status.as_u16()),
+                Err(error) => {
+                    tracing::error!(%error, outcome = "store_error", message = NOT_STORED);
+                }
+            }
+            Response::from_parts(parts, body)
         }
-        let (parts, body) = response.into_parts();
-        let (stored_body, body) = match collect(body, self.settings.max_body_bytes).await {
-            Collected::Complete(bytes) => (Some(bytes.clone()), Body::from(bytes)),
-            Collected::Partial(body) => (None, body),
-        };
-        let headers = replayable_headers(&parts);
-        let stored = StoredResponse {
-            status,
-            headers,
-            body: stored_body,
-        };
-        let ttl = self.endpoint.result_ttl();
-        let completing = self.settings.store.complete(&self.key, token, stored, ttl);
-        match self.timed(completing).await {
-            Ok(()) => tracing::debug!(outcome = "executed", status = status.as_u16()),
-            Err(error) => tracing::error!(%error, outcome = "store_error", message = NOT_STORED),
-        }
-        Response::from_parts(parts, body)
     }
 
     async fn release(&self, token: LeaseToken, reason: &'static str) {

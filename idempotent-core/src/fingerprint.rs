@@ -169,13 +169,17 @@ impl Fingerprinter {
     ///
     /// Returns [`FingerprintError::Serialize`] if the value's `Serialize`
     /// implementation fails. The builder is then left as it was before the
-    /// call, because the input is encoded apart and appended only on success.
+    /// call: the encoding streams into the hash, which is restored from a
+    /// checkpoint if the value fails half-way.
     pub fn input<T: Serialize + ?Sized>(
         &mut self,
         value: &T,
     ) -> Result<&mut Self, FingerprintError> {
-        let encoding = encoding_of(value)?;
-        self.hasher.update(encoding);
+        let checkpoint = self.hasher.clone();
+        if let Err(error) = value.serialize(&mut Encoder(&mut self.hasher)) {
+            self.hasher = checkpoint;
+            return Err(error);
+        }
         Ok(self)
     }
 
@@ -279,14 +283,6 @@ impl Serialize for RawBytes<'_> {
     }
 }
 
-/// A value's canonical encoding, kept as bytes so map entries can be sorted
-/// (and a failed input leaves the fingerprint untouched).
-fn encoding_of<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, FingerprintError> {
-    let mut encoder = Encoder(Vec::with_capacity(256));
-    value.serialize(&mut encoder)?;
-    Ok(encoder.0)
-}
-
 fn len_bytes(len: usize) -> [u8; 8] {
     // `usize` is at most 64 bits on every supported target.
     (len as u64).to_be_bytes()
@@ -313,6 +309,12 @@ trait Sink {
 impl Sink for Vec<u8> {
     fn put(&mut self, bytes: &[u8]) {
         self.extend_from_slice(bytes);
+    }
+}
+
+impl Sink for &mut Sha256 {
+    fn put(&mut self, bytes: &[u8]) {
+        self.update(bytes);
     }
 }
 

@@ -6,6 +6,7 @@
 //! or `,` (a comma would make one field look like a list of two); the quoted
 //! form may carry anything printable, with `\"` and `\\` as its only escapes.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -36,9 +37,9 @@ impl IdempotencyKey {
     /// [`KeyError`] says exactly what is wrong with the value.
     pub fn parse(field: &[u8]) -> Result<Self, KeyError> {
         let field = field.trim_ascii();
-        let key = match field.first() {
-            Some(b'"') => parse_sf_string(field)?,
-            Some(_) => parse_bare(field)?,
+        let key: Cow<'_, str> = match field.first() {
+            Some(b'"') => Cow::Owned(parse_sf_string(field)?),
+            Some(_) => Cow::Borrowed(parse_bare(field)?),
             None => return Err(KeyError::Empty),
         };
         if key.is_empty() {
@@ -47,7 +48,8 @@ impl IdempotencyKey {
         if key.len() > MAX_KEY_LEN {
             return Err(KeyError::TooLong { len: key.len() });
         }
-        Ok(Self(key.into()))
+        // One allocation: the `Arc` is built straight from the header bytes.
+        Ok(Self(Arc::from(&*key)))
     }
 
     /// Reads the key from request headers: `Ok(None)` when there is none.
@@ -140,7 +142,7 @@ pub enum KeyError {
     MalformedString(&'static str),
 }
 
-fn parse_bare(field: &[u8]) -> Result<String, KeyError> {
+fn parse_bare(field: &[u8]) -> Result<&str, KeyError> {
     for (position, &byte) in field.iter().enumerate() {
         let allowed = byte.is_ascii_graphic() && byte != b'"' && byte != b',';
         if !allowed {
@@ -148,7 +150,7 @@ fn parse_bare(field: &[u8]) -> Result<String, KeyError> {
         }
     }
     // Every byte is ASCII, so this cannot fail; map rather than unwrap.
-    String::from_utf8(field.to_vec()).map_err(|_| KeyError::MalformedString("not ASCII"))
+    std::str::from_utf8(field).map_err(|_| KeyError::MalformedString("not ASCII"))
 }
 
 /// RFC 8941 section 4.2.5: `"` chars `"`, with `\"` and `\\` escapes.

@@ -73,14 +73,14 @@ pub fn into_response<R: IntoResponse>(output: R) -> Response {
 
 /// The single runtime entry of the expansion. Spanned at the handler's
 /// name, so a future that is not `Send` is reported there.
-pub async fn run<F>(
+pub fn run<F>(
     request: IdempotentRequest,
     endpoint: &Endpoint,
     fingerprint: Result<Fingerprint, FingerprintError>,
     handler: F,
-) -> Response
+) -> impl Future<Output = Response> + Send + use<F>
 where
     F: Future<Output = Response> + Send + 'static,
 {
-    request.run(endpoint, fingerprint, handler).await
+    request.run(endpoint, fingerprint, handler)
 }

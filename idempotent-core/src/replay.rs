@@ -12,7 +12,7 @@ use http::header::{
 };
 use http::response::Parts;
 use http::{HeaderName, HeaderValue};
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 
 use crate::problem::{Problem, ProblemKind};
@@ -94,6 +94,11 @@ pub(crate) async fn collect(mut body: Body, limit: usize) -> Collected {
         match body.frame().await {
             None => return Collected::Complete(buffer.freeze()),
             Some(Ok(frame)) => match frame.into_data() {
+                // The whole body in one frame, as `Json`, `String` and
+                // `Bytes` responses come: kept as it is, without a copy.
+                Ok(data) if buffer.is_empty() && data.len() <= limit && body.is_end_stream() => {
+                    return Collected::Complete(data);
+                }
                 Ok(data) if buffer.len() + data.len() <= limit => buffer.extend_from_slice(&data),
                 Ok(data) => {
                     buffer.extend_from_slice(&data);
@@ -167,6 +172,29 @@ mod tests {
             Collected::Complete(bytes) => assert_eq!(bytes, "hello"),
             Collected::Partial(_) => panic!("a 5-byte body fits in 10"),
         }
+    }
+
+    /// "hello world" in three frames.
+    fn streamed_body() -> Body {
+        let chunks = ["hel", "lo ", "world"].map(Ok::<_, std::io::Error>);
+        Body::from_stream(futures_util::stream::iter(chunks))
+    }
+
+    #[tokio::test]
+    async fn collects_a_streamed_body_whole() {
+        match collect(streamed_body(), 11).await {
+            Collected::Complete(bytes) => assert_eq!(bytes, "hello world"),
+            Collected::Partial(_) => panic!("an 11-byte body fits in 11"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_oversized_streamed_body_is_passed_through_intact() {
+        let Collected::Partial(body) = collect(streamed_body(), 5).await else {
+            panic!("an 11-byte body does not fit in 5");
+        };
+        let bytes = body.collect().await.unwrap().to_bytes();
+        assert_eq!(bytes, "hello world");
     }
 
     #[tokio::test]

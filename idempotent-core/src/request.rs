@@ -71,18 +71,18 @@ impl IdempotentRequest {
     /// `handler` runs on until it finishes even if the client disconnects,
     /// so its outcome is always recorded. It is only polled after the key
     /// was claimed.
-    pub async fn run<F>(
+    pub fn run<F>(
         self,
         endpoint: &Endpoint,
         fingerprint: Result<Fingerprint, FingerprintError>,
         handler: F,
-    ) -> Response
+    ) -> impl Future<Output = Response> + Send + use<F>
     where
         F: Future + Send + 'static,
         F::Output: IntoResponse,
     {
         let handler = Box::pin(async move { handler.await.into_response() });
-        crate::engine::run(self, *endpoint, fingerprint, handler).await
+        crate::engine::run(self, endpoint, fingerprint, handler)
     }
 }
 

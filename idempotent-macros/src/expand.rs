@@ -272,7 +272,10 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
 /// The routed function's signature: the user's name, visibility and
 /// generics; the request's idempotency context, then the principal of a
 /// custom scope if the macro extracts it, then one plain argument per
-/// user argument (patterns move to the inner function).
+/// user argument (patterns move to the inner function). It is a plain `fn`
+/// returning the engine's future: the fingerprint and the scope are
+/// computed when it is called, and the future holds the arguments once,
+/// inside the handler's own future.
 fn outer_signature(
     func: &ItemFn,
     handler: &Handler<'_>,
@@ -287,11 +290,11 @@ fn outer_signature(
     let request = local("__idempotent_request");
     let types = handler.arguments.iter().map(|argument| argument.ty);
     quote! {
-        #vis async fn #name #generics (
+        #vis fn #name #generics (
             #request: #private::IdempotentRequest,
             #principal_param
             #(#params: #types),*
-        ) -> #private::axum::response::Response #where_clause
+        ) -> impl ::core::future::Future<Output = #private::axum::response::Response> #where_clause
     }
 }
 
@@ -301,7 +304,7 @@ fn run(name: &Ident, private: &TokenStream) -> TokenStream {
     let request = local("__idempotent_request");
     let run = respan_tokens(&quote!(#private::run), name.span());
     quote_spanned! {name.span()=>
-        #run(#request, &__IDEMPOTENT_ENDPOINT, __idempotent_fingerprint, __idempotent_future).await
+        #run(#request, &__IDEMPOTENT_ENDPOINT, __idempotent_fingerprint, __idempotent_future)
     }
 }
 

@@ -215,44 +215,49 @@ impl Inner {
     ) -> Result<Claim, StoreError> {
         let now = self.now();
         let (id, hash, mut shard) = self.locate(key);
-        let lease_token = LeaseToken::random();
-        let in_flight = InFlight {
-            fingerprint,
-            lease_token,
-            lease_expires_at: now.saturating_add(millis(lease)),
+        let acquire = || {
+            let lease_token = LeaseToken::random();
+            let held = InFlight {
+                fingerprint,
+                lease_token,
+                lease_expires_at: now.saturating_add(millis(lease)),
+            };
+            (State::InFlight(held), lease_token)
         };
         let Some(slot) = shard.table.find_mut(hash, |slot| slot.id == id) else {
-            let slot = Slot {
-                id,
-                state: State::InFlight(in_flight),
-            };
+            let (state, lease_token) = acquire();
+            let slot = Slot { id, state };
             shard
                 .table
                 .insert_unique(hash, slot, |slot| (slot.id >> 64) as u64);
             return Ok(Claim::Acquired(lease_token));
         };
-        match &slot.state {
-            State::InFlight(held) if held.lease_expires_at > now => Ok(Claim::InFlight {
-                fingerprint: held.fingerprint,
-                lease_expires_at: held.lease_expires_at,
-            }),
+        let encoded = match &slot.state {
+            State::InFlight(held) if held.lease_expires_at > now => {
+                return Ok(Claim::InFlight {
+                    fingerprint: held.fingerprint,
+                    lease_expires_at: held.lease_expires_at,
+                });
+            }
             State::Completed {
                 expires_at,
                 encoded,
-            } if *expires_at > now => Ok(Claim::Completed(Arc::new(Completed::decode(
-                encoded.clone(),
-            )?))),
+            } if *expires_at > now => encoded.clone(),
             // A lapsed lease or an expired record: take the key over.
             previous => {
                 let freed = match previous {
                     State::Completed { encoded, .. } => weight(encoded),
                     State::InFlight(_) => 0,
                 };
-                slot.state = State::InFlight(in_flight);
+                let (state, lease_token) = acquire();
+                slot.state = state;
                 shard.bytes -= freed;
-                Ok(Claim::Acquired(lease_token))
+                return Ok(Claim::Acquired(lease_token));
             }
-        }
+        };
+        // Decoding needs no lock: the encoding is immutable and shared.
+        drop(shard);
+        Ok(Claim::Completed(Arc::new(Completed::decode(encoded)?)))
     }
 
     /// Runs `update` on the in-flight record held by `token`.
