@@ -1,10 +1,15 @@
-//! A Redis store (feature `redis`), on the `redis` crate.
+//! A Redis store (feature `redis`), on the `redis` crate. It needs Redis
+//! 7.0 or later (or Valkey).
 //!
 //! Each record is one Redis string under its own key,
-//! `<prefix><hex SHA-256 of scope and key>`, and every operation is one Lua
-//! script that touches only that key: one round trip each, atomic on the
-//! server, and unchanged on Redis Cluster (pass a cluster connection to
-//! [`RedisStore::builder`]).
+//! `<prefix><hex SHA-256 of scope and key>`, and every operation is one
+//! round trip that touches only that key, atomic on the server, and
+//! unchanged on Redis Cluster (pass a cluster connection to
+//! [`RedisStore::builder`]). A claim is a plain `SET NX GET`, which sets a
+//! free key or returns the record that holds it; only taking over a lapsed
+//! lease needs a second round trip. Completing, renewing and releasing are
+//! Lua scripts, since each must first check that the caller still holds
+//! the lease.
 //!
 //! # Encoding
 //!
@@ -267,25 +272,43 @@ where
             lease_token: token,
             lease_expires_at: now.saturating_add(millis(lease)),
         };
+        let redis_key = self.redis_key(key);
+        let value = encode_in_flight(&held);
         let mut connection = self.connection.clone();
-        let found: Option<Vec<u8>> = CLAIM
-            .key(self.redis_key(key))
-            .arg(now)
-            .arg(encode_in_flight(&held).as_ref())
+        // A free key is claimed by one plain command, no script: `SET NX
+        // GET` sets the value only if the key is absent, and otherwise
+        // returns what holds it.
+        let found: Option<Vec<u8>> = redis::cmd("SET")
+            .arg(&redis_key)
+            .arg(value.as_ref())
+            .arg("NX")
+            .arg("GET")
+            .arg("PX")
             .arg(px(lease))
-            .invoke_async(&mut connection)
+            .query_async(&mut connection)
             .await
             .map_err(StoreError::backend)?;
         let Some(found) = found else {
             return Ok(Claim::Acquired(token));
         };
-        Ok(match decode(Bytes::from(found))? {
-            Record::InFlight(held) => Claim::InFlight {
-                fingerprint: held.fingerprint,
-                lease_expires_at: held.lease_expires_at,
-            },
-            Record::Completed(completed) => Claim::Completed(completed),
-        })
+        let record = decode(Bytes::from(found))?;
+        if deadline(&record) > now {
+            return Ok(claim_of(record));
+        }
+        // A lapsed lease, or a record past its TTL that Redis keeps for the
+        // clock-skew grace: the script re-checks and takes it over atomically.
+        let found: Option<Vec<u8>> = CLAIM
+            .key(redis_key)
+            .arg(now)
+            .arg(value.as_ref())
+            .arg(px(lease))
+            .invoke_async(&mut connection)
+            .await
+            .map_err(StoreError::backend)?;
+        match found {
+            None => Ok(Claim::Acquired(token)),
+            Some(found) => Ok(claim_of(decode(Bytes::from(found))?)),
+        }
     }
 
     async fn renew(
@@ -341,11 +364,26 @@ where
             return Ok(None);
         };
         let record = decode(Bytes::from(found))?;
-        let deadline = match &record {
-            Record::InFlight(held) => held.lease_expires_at,
-            Record::Completed(completed) => completed.expires_at,
-        };
-        Ok((deadline > self.now()).then_some(record))
+        Ok((deadline(&record) > self.now()).then_some(record))
+    }
+}
+
+/// When a record stops counting: its lease or its TTL.
+fn deadline(record: &Record) -> u64 {
+    match record {
+        Record::InFlight(held) => held.lease_expires_at,
+        Record::Completed(completed) => completed.expires_at,
+    }
+}
+
+/// What a claim finds in a live record.
+fn claim_of(record: Record) -> Claim {
+    match record {
+        Record::InFlight(held) => Claim::InFlight {
+            fingerprint: held.fingerprint,
+            lease_expires_at: held.lease_expires_at,
+        },
+        Record::Completed(completed) => Claim::Completed(completed),
     }
 }
 
