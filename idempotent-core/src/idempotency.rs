@@ -3,10 +3,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Extension;
-use axum::middleware::AddExtension;
+use std::task::{Context, Poll};
+
 use http::HeaderName;
+use tokio::task::futures::TaskLocalFuture;
 use tower_layer::Layer;
+use tower_service::Service;
 
 use crate::store::{DynStore, SharedStore, Store};
 
@@ -140,10 +142,58 @@ impl IdempotencyBuilder {
     }
 }
 
+tokio::task_local! {
+    /// The handle of the [`Idempotency`] layer the request being served
+    /// passed through.
+    static CURRENT: Idempotency;
+}
+
+impl Idempotency {
+    /// The handle of the layer serving the current request: set while the
+    /// layer's inner service runs, so extractors find it without a lookup
+    /// in (or an allocation for) the request's extensions.
+    pub(crate) fn current() -> Option<Self> {
+        CURRENT.try_with(Self::clone).ok()
+    }
+}
+
 impl<S> Layer<S> for Idempotency {
-    type Service = AddExtension<S, Idempotency>;
+    type Service = IdempotencyService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Extension(self.clone()).layer(inner)
+        IdempotencyService {
+            inner,
+            idempotency: self.clone(),
+        }
+    }
+}
+
+/// The service an [`Idempotency`] layer wraps routes in. It makes the
+/// handle reachable from the handlers it runs, and adds nothing else to
+/// the request or the response.
+///
+/// A request can also carry the handle as an extension
+/// (`request.extensions_mut().insert(idempotency)`), for handlers called
+/// without the layer, as in some tests.
+#[derive(Clone, Debug)]
+pub struct IdempotencyService<S> {
+    inner: S,
+    idempotency: Idempotency,
+}
+
+impl<S, R> Service<R> for IdempotencyService<S>
+where
+    S: Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = TaskLocalFuture<Idempotency, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: R) -> Self::Future {
+        CURRENT.scope(self.idempotency.clone(), self.inner.call(request))
     }
 }

@@ -28,7 +28,7 @@ const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
 /// Applies an [`Endpoint`] policy to a route, fingerprinting raw requests.
 ///
 /// The router still needs the [`Idempotency`](crate::Idempotency) layer,
-/// which this one finds in the request extensions.
+/// which must wrap this one (add it to the router after the route).
 ///
 /// ```
 /// use axum::{Router, routing::post};

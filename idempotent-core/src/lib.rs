@@ -41,7 +41,7 @@ pub mod __private;
 
 pub use endpoint::{Endpoint, FinalStatuses, StatusRange};
 pub use fingerprint::{Fingerprint, FingerprintError, FingerprintInput, Fingerprinter};
-pub use idempotency::{Idempotency, IdempotencyBuilder};
+pub use idempotency::{Idempotency, IdempotencyBuilder, IdempotencyService};
 pub use key::IdempotencyKey;
 pub use layer::IdempotentLayer;
 pub use problem::{Problem, ProblemKind};

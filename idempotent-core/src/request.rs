@@ -90,10 +90,8 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotentRequest {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let idempotency = parts
-            .extensions
-            .get::<Idempotency>()
-            .cloned()
+        let idempotency = Idempotency::current()
+            .or_else(|| parts.extensions.get::<Idempotency>().cloned())
             .ok_or_else(not_configured)?;
         let key = IdempotencyKey::from_headers(&parts.headers)?;
         let headers = parts.headers.clone();

@@ -601,6 +601,40 @@ async fn a_router_without_the_layer_gets_a_500_that_says_what_to_add() {
 }
 
 #[tokio::test]
+async fn a_handle_carried_as_a_request_extension_works_without_the_layer() {
+    let handler = Handler::default();
+    let app = Router::new()
+        .route("/pay", post(endpoint_handler))
+        .with_state((handler.clone(), Endpoint::new("pay")));
+    let idempotency = Idempotency::new(MemoryStore::new());
+    let with_handle = || {
+        let mut request = request(Some("k"), &json!({"amount": 1}));
+        request.extensions_mut().insert(idempotency.clone());
+        request
+    };
+    let (first, _, _) = send(&app, with_handle()).await;
+    let (second, headers, _) = send(&app, with_handle()).await;
+    assert_eq!((first, second), (StatusCode::CREATED, StatusCode::CREATED));
+    assert!(replayed(&headers), "the retry is answered from the store");
+    assert_eq!(handler.runs(), 1);
+}
+
+#[tokio::test]
+async fn the_innermost_layer_serves_a_route_wrapped_twice() {
+    let handler = Handler::default();
+    let inner = MemoryStore::new();
+    let outer = MemoryStore::new();
+    let app = app_with(
+        Idempotency::new(inner.clone()),
+        &handler,
+        Endpoint::new("pay"),
+    )
+    .layer(Idempotency::new(outer.clone()));
+    send(&app, request(Some("k"), &json!({}))).await;
+    assert_eq!((inner.completed_len(), outer.completed_len()), (1, 0));
+}
+
+#[tokio::test]
 async fn an_oversized_response_is_sent_whole_but_never_executed_twice() {
     let handler = Handler {
         body_len: 4096,
