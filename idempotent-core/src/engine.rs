@@ -52,11 +52,10 @@ pub(crate) fn run(
     handler: Handler,
 ) -> impl Future<Output = Response> + Send + use<> {
     match prepare(request, endpoint, fingerprint) {
-        Prepared::Unkeyed => Either::Left(Either::Left(handler)),
-        Prepared::Refused(problem) => {
-            Either::Left(Either::Right(std::future::ready(problem.into_response())))
-        }
-        Prepared::Engine(engine) => {
+        // No key on an endpoint where keys are optional: the handler runs as is.
+        Ok(None) => Either::Left(Either::Left(handler)),
+        Err(problem) => Either::Left(Either::Right(std::future::ready(problem.into_response()))),
+        Ok(Some(engine)) => {
             let span = tracing::debug_span!(
                 "idempotent",
                 endpoint = engine.endpoint.name(),
@@ -67,39 +66,29 @@ pub(crate) fn run(
     }
 }
 
-enum Prepared {
-    /// No key on an endpoint where keys are optional: the handler runs as is.
-    Unkeyed,
-    Refused(Problem),
-    Engine(Engine),
-}
-
+/// The engine for a keyed request, `None` for an unkeyed one the endpoint
+/// allows, or the problem that refuses the request.
 fn prepare(
     request: IdempotentRequest,
     endpoint: &Endpoint,
     fingerprint: Result<Fingerprint, FingerprintError>,
-) -> Prepared {
+) -> Result<Option<Engine>, Problem> {
     let settings = request.idempotency.inner;
     let Some(key) = request.key else {
         if endpoint.is_optional() {
-            return Prepared::Unkeyed;
+            return Ok(None);
         }
-        return Prepared::Refused(Problem::from(KeyError::Missing));
+        return Err(Problem::from(KeyError::Missing));
     };
-    let scope = match resolve_scope(&settings, endpoint, &request.headers, request.custom_scope) {
-        Ok(scope) => scope,
-        Err(problem) => return Prepared::Refused(problem),
-    };
-    let fingerprint = match fingerprint {
-        Ok(fingerprint) => fingerprint,
-        Err(error) => return Prepared::Refused(fingerprint_failed(&error)),
-    };
-    Prepared::Engine(Engine {
+    let scope = resolve_scope(&settings, endpoint, &request.headers, request.custom_scope)?;
+    let fingerprint = fingerprint.map_err(|error| fingerprint_failed(&error))?;
+    Ok(Some(Engine {
         settings,
         endpoint: *endpoint,
         key: RecordKey::new(scope, key),
         fingerprint,
-    })
+        _request_headers: request.headers,
+    }))
 }
 
 fn resolve_scope(
@@ -139,6 +128,13 @@ struct Engine {
     endpoint: Endpoint,
     key: RecordKey,
     fingerprint: Fingerprint,
+    /// The request's headers, no longer read but freed only with the
+    /// engine, after the record is stored. Freeing them before the handler
+    /// runs made first executions about 1 µs slower under glibc malloc
+    /// (13.8 against 15.0 µs of server CPU per request in alternating
+    /// `bench/` runs), presumably because the stored record, which outlives
+    /// the request, was then carved from their freed blocks.
+    _request_headers: http::HeaderMap,
 }
 
 impl Engine {
