@@ -1,9 +1,8 @@
 //! The service-wide handle: which store, and how to treat it.
 
 use std::sync::Arc;
-use std::time::Duration;
-
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::HeaderName;
 use tokio::task::futures::TaskLocalFuture;

@@ -274,6 +274,7 @@ where
         };
         let redis_key = self.redis_key(key);
         let value = encode_in_flight(&held);
+        let expiry = px(lease);
         let mut connection = self.connection.clone();
         // A free key is claimed by one plain command, no script: `SET NX
         // GET` sets the value only if the key is absent, and otherwise
@@ -284,7 +285,7 @@ where
             .arg("NX")
             .arg("GET")
             .arg("PX")
-            .arg(px(lease))
+            .arg(expiry)
             .query_async(&mut connection)
             .await
             .map_err(StoreError::backend)?;
@@ -301,7 +302,7 @@ where
             .key(redis_key)
             .arg(now)
             .arg(value.as_ref())
-            .arg(px(lease))
+            .arg(expiry)
             .invoke_async(&mut connection)
             .await
             .map_err(StoreError::backend)?;
