@@ -166,6 +166,31 @@ pub enum Record {
     Completed(Arc<Completed>),
 }
 
+impl Record {
+    /// When the record stops counting (Unix ms): its lease's end while in
+    /// flight, its TTL's once completed.
+    #[must_use]
+    pub fn deadline(&self) -> u64 {
+        match self {
+            Self::InFlight(held) => held.lease_expires_at,
+            Self::Completed(completed) => completed.expires_at,
+        }
+    }
+}
+
+/// What a claim answers when it finds this record live.
+impl From<Record> for Claim {
+    fn from(record: Record) -> Self {
+        match record {
+            Record::InFlight(held) => Self::InFlight {
+                fingerprint: held.fingerprint,
+                lease_expires_at: held.lease_expires_at,
+            },
+            Record::Completed(completed) => Self::Completed(completed),
+        }
+    }
+}
+
 /// What [`Store::claim`](crate::store::Store::claim) found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {

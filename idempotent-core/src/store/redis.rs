@@ -293,8 +293,8 @@ where
             return Ok(Claim::Acquired(token));
         };
         let record = decode(Bytes::from(found))?;
-        if deadline(&record) > now {
-            return Ok(claim_of(record));
+        if record.deadline() > now {
+            return Ok(record.into());
         }
         // A lapsed lease, or a record past its TTL that Redis keeps for the
         // clock-skew grace: the script re-checks and takes it over atomically.
@@ -308,7 +308,7 @@ where
             .map_err(StoreError::backend)?;
         match found {
             None => Ok(Claim::Acquired(token)),
-            Some(found) => Ok(claim_of(decode(Bytes::from(found))?)),
+            Some(found) => Ok(decode(Bytes::from(found))?.into()),
         }
     }
 
@@ -365,26 +365,7 @@ where
             return Ok(None);
         };
         let record = decode(Bytes::from(found))?;
-        Ok((deadline(&record) > self.now()).then_some(record))
-    }
-}
-
-/// When a record stops counting: its lease or its TTL.
-fn deadline(record: &Record) -> u64 {
-    match record {
-        Record::InFlight(held) => held.lease_expires_at,
-        Record::Completed(completed) => completed.expires_at,
-    }
-}
-
-/// What a claim finds in a live record.
-fn claim_of(record: Record) -> Claim {
-    match record {
-        Record::InFlight(held) => Claim::InFlight {
-            fingerprint: held.fingerprint,
-            lease_expires_at: held.lease_expires_at,
-        },
-        Record::Completed(completed) => Claim::Completed(completed),
+        Ok((record.deadline() > self.now()).then_some(record))
     }
 }
 

@@ -240,17 +240,7 @@ impl SqliteStore {
         // The insert left the row alone because it is live; in the same
         // write transaction it cannot have changed since.
         let row = found.ok_or_else(|| sql::corrupt("a live row vanished during a claim"))?;
-        record_from_row(&row).map(claim_from)
-    }
-}
-
-fn claim_from(record: Record) -> Claim {
-    match record {
-        Record::InFlight(held) => Claim::InFlight {
-            fingerprint: held.fingerprint,
-            lease_expires_at: held.lease_expires_at,
-        },
-        Record::Completed(completed) => Claim::Completed(completed),
+        record_from_row(&row).map(Claim::from)
     }
 }
 
@@ -306,7 +296,7 @@ impl Store for SqliteStore {
         // other readers (WAL); only a key with no live record takes the
         // write lock.
         if let Some(record) = Store::get(self, key).await? {
-            return Ok(claim_from(record));
+            return Ok(record.into());
         }
         self.claim_in_transaction(key, fingerprint, lease).await
     }
