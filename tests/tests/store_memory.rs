@@ -88,6 +88,22 @@ fn ok_response() -> StoredResponse {
     }
 }
 
+/// The lease and TTL of the records these tests make.
+const LEASE: Duration = Duration::from_secs(10);
+const TTL: Duration = Duration::from_secs(60);
+
+/// Claims `key`, which must be new to `store`, and completes it with
+/// [`ok_response`].
+async fn complete_new(store: &impl Store, key: &RecordKey, fingerprint: Fingerprint) {
+    let Claim::Acquired(token) = store.claim(key, fingerprint, LEASE).await.unwrap() else {
+        panic!("a new key is acquired");
+    };
+    store
+        .complete(key, token, ok_response(), TTL)
+        .await
+        .unwrap();
+}
+
 fn tiered(clock: &ManualClock) -> (Tiered<CountingStore>, Arc<AtomicUsize>) {
     let claims = Arc::new(AtomicUsize::new(0));
     let durable = CountingStore {
@@ -106,17 +122,10 @@ async fn completed_records_replay_from_memory() {
     let (store, durable_claims) = tiered(&clock);
     let key = record_key("cached");
     let fingerprint = Fingerprint::from_bytes([1; 32]);
-    let lease = Duration::from_secs(10);
-    let Claim::Acquired(token) = store.claim(&key, fingerprint, lease).await.unwrap() else {
-        panic!("a new key is acquired");
-    };
-    store
-        .complete(&key, token, ok_response(), Duration::from_secs(60))
-        .await
-        .unwrap();
+    complete_new(&store, &key, fingerprint).await;
     assert_eq!(durable_claims.load(Ordering::SeqCst), 1);
     for _ in 0..5 {
-        let claim = store.claim(&key, fingerprint, lease).await.unwrap();
+        let claim = store.claim(&key, fingerprint, LEASE).await.unwrap();
         assert!(matches!(claim, Claim::Completed(record) if record.response == ok_response()));
     }
     assert_eq!(
@@ -133,28 +142,15 @@ async fn records_completed_elsewhere_are_cached_on_first_sight() {
     let (store, durable_claims) = tiered(&clock);
     let key = record_key("elsewhere");
     let fingerprint = Fingerprint::from_bytes([2; 32]);
-    let lease = Duration::from_secs(10);
     // Another instance completes through the durable tier directly.
-    let Claim::Acquired(token) = store
-        .durable()
-        .claim(&key, fingerprint, lease)
-        .await
-        .unwrap()
-    else {
-        panic!("a new key is acquired");
-    };
-    store
-        .durable()
-        .complete(&key, token, ok_response(), Duration::from_secs(60))
-        .await
-        .unwrap();
+    complete_new(store.durable(), &key, fingerprint).await;
     let before = durable_claims.load(Ordering::SeqCst);
     assert!(matches!(
-        store.claim(&key, fingerprint, lease).await.unwrap(),
+        store.claim(&key, fingerprint, LEASE).await.unwrap(),
         Claim::Completed(_)
     ));
     assert!(matches!(
-        store.claim(&key, fingerprint, lease).await.unwrap(),
+        store.claim(&key, fingerprint, LEASE).await.unwrap(),
         Claim::Completed(_)
     ));
     assert_eq!(
@@ -170,27 +166,20 @@ async fn a_cached_record_expires_with_the_durable_one() {
     let (store, durable_claims) = tiered(&clock);
     let key = record_key("expiring");
     let fingerprint = Fingerprint::from_bytes([3; 32]);
-    let lease = Duration::from_secs(10);
-    let Claim::Acquired(token) = store.claim(&key, fingerprint, lease).await.unwrap() else {
-        panic!("a new key is acquired");
-    };
-    store
-        .complete(&key, token, ok_response(), Duration::from_secs(60))
-        .await
-        .unwrap();
+    complete_new(&store, &key, fingerprint).await;
     let Some(Record::Completed(durable)) = store.durable().get(&key).await.unwrap() else {
         panic!("the durable tier holds the record");
     };
-    let Claim::Completed(cached) = store.claim(&key, fingerprint, lease).await.unwrap() else {
+    let Claim::Completed(cached) = store.claim(&key, fingerprint, LEASE).await.unwrap() else {
         panic!("replayed");
     };
     assert!(
         cached.expires_at <= durable.expires_at,
         "the cache never outlives the durable record"
     );
-    clock.advance(Duration::from_secs(60));
+    clock.advance(TTL);
     let claims_before = durable_claims.load(Ordering::SeqCst);
-    let claim = store.claim(&key, fingerprint, lease).await.unwrap();
+    let claim = store.claim(&key, fingerprint, LEASE).await.unwrap();
     assert!(
         matches!(claim, Claim::Acquired(_)),
         "after expiry the key is new, got {claim:?}"
@@ -208,14 +197,13 @@ async fn in_flight_claims_always_reach_the_durable_tier() {
     let (store, durable_claims) = tiered(&clock);
     let key = record_key("in-flight");
     let fingerprint = Fingerprint::from_bytes([4; 32]);
-    let lease = Duration::from_secs(10);
     assert!(matches!(
-        store.claim(&key, fingerprint, lease).await.unwrap(),
+        store.claim(&key, fingerprint, LEASE).await.unwrap(),
         Claim::Acquired(_)
     ));
     for _ in 0..3 {
         assert!(matches!(
-            store.claim(&key, fingerprint, lease).await.unwrap(),
+            store.claim(&key, fingerprint, LEASE).await.unwrap(),
             Claim::InFlight { .. }
         ));
     }
