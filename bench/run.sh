@@ -8,7 +8,8 @@
 #                                     # durable stores need Redis / PostgreSQL on loopback
 #   VARIANTS='exp=/tmp/bench-server' bench/run.sh
 #                                     # also other builds of bench-server,
-#                                     # e.g. of an experimental core
+#                                     # e.g. of an experimental core, on
+#                                     # each of STORES
 #
 # Every run starts a fresh server on 127.0.0.1, drives it with
 # wrk -t$THREADS -c$CONNECTIONS -d$DURATION, and stops it. Rounds interleave
@@ -61,8 +62,12 @@ for store in $STORES; do
   done
 done
 for variant in $VARIANTS; do
-  for workload in $WORKLOADS; do
-    CONFIGS+=("ours-${variant%%=*}-$workload|${variant#*=}|memory|/idem|$workload")
+  for store in $STORES; do
+    for workload in $WORKLOADS; do
+      # Variants on the memory store keep their short names.
+      label=${variant%%=*}-$store; [ "$store" = memory ] && label=${variant%%=*}
+      CONFIGS+=("ours-$label-$workload|${variant#*=}|$store|/idem|$workload")
+    done
   done
   CONFIGS+=("ours-${variant%%=*}-plain-nokey|${variant#*=}|memory|/plain|nokey")
 done

@@ -1,5 +1,5 @@
 //! Micro-benchmarks: fingerprinting, the memory store's claim / complete /
-//! replay, contention on one key, and one request through the router
+//! replay, what the tiered store's cache adds to them, contention on one key, and one request through the router
 //! in-process (no sockets). Run: `cargo bench -p idempotent-bench`.
 
 use std::hint::black_box;
@@ -16,7 +16,7 @@ use idempotent_bench::app::{self, API_KEY, BODY, CREATE_PAYMENT};
 use idempotent_bench::handler::NewPayment;
 use idempotent_core::record::{Claim, RecordKey, StoredResponse};
 use idempotent_core::scope::ScopeDigest;
-use idempotent_core::store::{MemoryStore, Store};
+use idempotent_core::store::{MemoryStore, Store, Tiered};
 use idempotent_core::{Fingerprint, Idempotency, IdempotencyKey};
 use serde::Serialize;
 use tower::ServiceExt;
@@ -97,14 +97,15 @@ fn fingerprint() -> Fingerprint {
     CREATE_PAYMENT.fingerprint(&payment()).expect("fingerprint")
 }
 
-/// Store futures of the memory store are ready at once; no runtime needed.
+/// Store futures of the memory store (alone or as a tiered store's durable
+/// tier) are ready at once; no runtime needed.
 fn ready<T>(future: impl Future<Output = T>) -> T {
     future
         .now_or_never()
         .expect("memory store futures are ready")
 }
 
-fn claim_and_complete(store: &MemoryStore, key: &RecordKey, fingerprint: Fingerprint) {
+fn claim_and_complete(store: &impl Store, key: &RecordKey, fingerprint: Fingerprint) {
     let Claim::Acquired(token) = ready(store.claim(key, fingerprint, LEASE)).expect("claim") else {
         panic!("a new key is acquired");
     };
@@ -134,6 +135,33 @@ fn memory_store(c: &mut Criterion) {
     });
     group.bench_function("record key: parse 36-char key + api-key scope", |b| {
         b.iter(|| record_key(black_box(7)));
+    });
+    group.finish();
+}
+
+/// What the tiered store's memory tier adds to its durable tier's own work:
+/// the durable tier here is a `MemoryStore`, which is cheap and answers at
+/// once, so the difference from `memory_store` is the cache's bookkeeping.
+fn tiered_store(c: &mut Criterion) {
+    let fingerprint = fingerprint();
+    let mut group = c.benchmark_group("tiered_store over a memory store");
+    let store = Tiered::new(MemoryStore::new());
+    let next = AtomicU64::new(0);
+    group.bench_function("claim+complete, new key", |b| {
+        b.iter_batched(
+            || record_key(next.fetch_add(1, Ordering::Relaxed)),
+            |key| claim_and_complete(&store, &key, fingerprint),
+            BatchSize::SmallInput,
+        );
+    });
+    let store = Tiered::new(MemoryStore::new());
+    let replayed = record_key(u64::MAX);
+    claim_and_complete(&store, &replayed, fingerprint);
+    group.bench_function("claim, replay from the cache", |b| {
+        b.iter(|| {
+            let claim = ready(store.claim(black_box(&replayed), fingerprint, LEASE));
+            assert!(matches!(claim, Ok(Claim::Completed(_))));
+        });
     });
     group.finish();
 }
@@ -259,5 +287,12 @@ fn router(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, fingerprinting, memory_store, contention, router);
+criterion_group!(
+    benches,
+    fingerprinting,
+    memory_store,
+    tiered_store,
+    contention,
+    router
+);
 criterion_main!(benches);

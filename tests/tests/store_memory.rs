@@ -211,6 +211,64 @@ async fn in_flight_claims_always_reach_the_durable_tier() {
     assert_eq!(store.cached_len(), 0, "nothing in flight is cached");
 }
 
+#[tokio::test]
+async fn a_completion_the_durable_tier_refuses_is_not_cached() {
+    let clock = ManualClock::starting_now();
+    let (store, _) = tiered(&clock);
+    let key = record_key("lost-lease");
+    let fingerprint = Fingerprint::from_bytes([5; 32]);
+    let Claim::Acquired(stale) = store.claim(&key, fingerprint, LEASE).await.unwrap() else {
+        panic!("a new key is acquired");
+    };
+    // The lease lapses and another instance takes the key over.
+    clock.advance(LEASE);
+    let Claim::Acquired(_) = store
+        .durable()
+        .claim(&key, fingerprint, LEASE)
+        .await
+        .unwrap()
+    else {
+        panic!("a lapsed lease is taken over");
+    };
+    let refused = store.complete(&key, stale, ok_response(), TTL).await;
+    assert!(
+        matches!(refused, Err(StoreError::LeaseLost)),
+        "got {refused:?}"
+    );
+    assert_eq!(store.cached_len(), 0, "the refused response is not cached");
+    assert!(matches!(
+        store.claim(&key, fingerprint, LEASE).await.unwrap(),
+        Claim::InFlight { .. }
+    ));
+}
+
+#[tokio::test]
+async fn the_cache_keeps_to_its_byte_budget() {
+    let clock = ManualClock::starting_now();
+    let durable = MemoryStore::builder().clock(clock.clone()).build();
+    let store = Tiered::builder(durable)
+        .clock(clock.clone())
+        .max_bytes(4 * 1024)
+        .build();
+    for i in 0..100 {
+        let key = record_key(&format!("budget-{i}"));
+        complete_new(&store, &key, Fingerprint::from_bytes([6; 32])).await;
+    }
+    let cached = store.cached_len();
+    assert!(
+        (1..100).contains(&cached),
+        "the oldest records left the cache, the newest stayed: {cached} cached"
+    );
+    let newest = record_key("budget-99");
+    assert!(matches!(
+        store
+            .claim(&newest, Fingerprint::from_bytes([6; 32]), LEASE)
+            .await
+            .unwrap(),
+        Claim::Completed(_)
+    ));
+}
+
 // ===== the contract catches broken stores =====
 
 /// Lets anyone release a record, token or not.

@@ -47,7 +47,7 @@ pub struct MemoryStore {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(super) struct Inner {
     shards: Box<[Mutex<Shard>]>,
     hashers: (RandomState, RandomState),
     shard_budget: usize,
@@ -116,6 +116,12 @@ impl MemoryStoreBuilder {
         self
     }
 
+    /// Shares a clock already wrapped for sharing.
+    pub(super) fn shared_clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
     /// Builds the store.
     pub fn build(self) -> MemoryStore {
         // Small budgets get few shards, so one record never exceeds a
@@ -177,6 +183,11 @@ impl MemoryStore {
             .iter()
             .map(|shard| lock(shard).bytes as u64)
             .sum()
+    }
+
+    /// The tables themselves, for [`Tiered`](super::Tiered)'s cache.
+    pub(super) fn inner(&self) -> &Inner {
+        &self.inner
     }
 
     fn count(&self, matching: impl Fn(&State) -> bool) -> usize {
@@ -277,15 +288,15 @@ impl Inner {
         Ok(update(&mut shard, hash, id))
     }
 
-    fn complete(
+    /// Completes the in-flight record held by `token`, to expire at
+    /// `expires_at` (Unix ms).
+    pub(super) fn complete(
         &self,
         key: &RecordKey,
         token: LeaseToken,
         response: StoredResponse,
-        ttl: Duration,
+        expires_at: u64,
     ) -> Result<(), StoreError> {
-        let now = self.now();
-        let expires_at = now.saturating_add(millis(ttl));
         self.with_lease(key, token, |shard, hash, id| {
             let Some(slot) = shard.table.find_mut(hash, |slot| slot.id == id) else {
                 return;
@@ -299,14 +310,73 @@ impl Inner {
                 expires_at,
             };
             let encoded = record.encode();
-            shard.bytes += weight(&encoded);
             slot.state = State::Completed {
                 expires_at,
-                encoded,
+                encoded: encoded.clone(),
             };
-            shard.queue.push_back(Queued { hash, expires_at });
-            self.evict(shard, now);
+            self.account_completed(shard, hash, &encoded, expires_at);
         })
+    }
+
+    /// Books a record that just became completed in `shard`: its bytes,
+    /// its queue entry, and the evictions it makes due.
+    fn account_completed(&self, shard: &mut Shard, hash: u64, encoded: &Bytes, expires_at: u64) {
+        shard.bytes += weight(encoded);
+        shard.queue.push_back(Queued { hash, expires_at });
+        self.evict(shard, self.now());
+    }
+
+    /// Sets the record of `key` to `state`, whatever it held before.
+    fn put(&self, key: &RecordKey, state: State) {
+        let (id, hash, mut shard) = self.locate(key);
+        let completed = match &state {
+            State::Completed {
+                expires_at,
+                encoded,
+            } => Some((*expires_at, encoded.clone())),
+            State::InFlight(_) => None,
+        };
+        let slot = Slot { id, state };
+        let previous = match shard.table.find_mut(hash, |slot| slot.id == id) {
+            Some(existing) => Some(std::mem::replace(existing, slot)),
+            None => {
+                shard
+                    .table
+                    .insert_unique(hash, slot, |slot| (slot.id >> 64) as u64);
+                None
+            }
+        };
+        if let Some(Slot {
+            state: State::Completed { encoded, .. },
+            ..
+        }) = previous
+        {
+            shard.bytes -= weight(&encoded);
+        }
+        if let Some((expires_at, encoded)) = completed {
+            self.account_completed(&mut shard, hash, &encoded, expires_at);
+        }
+    }
+
+    /// Records that this process holds `key` under `token`, as decided
+    /// elsewhere, so that [`complete`](Self::complete) can keep its result.
+    pub(super) fn hold(&self, key: &RecordKey, token: LeaseToken, fingerprint: Fingerprint) {
+        let held = InFlight {
+            fingerprint,
+            lease_token: token,
+            // The durable store decides when the lease lapses.
+            lease_expires_at: u64::MAX,
+        };
+        self.put(key, State::InFlight(held));
+    }
+
+    /// Keeps a completed record decided elsewhere, until its own deadline.
+    pub(super) fn remember(&self, key: &RecordKey, record: &Completed) {
+        let state = State::Completed {
+            expires_at: record.expires_at,
+            encoded: record.encode(),
+        };
+        self.put(key, state);
     }
 
     /// Drops completed records from the front of the queue while the shard
@@ -328,7 +398,16 @@ impl Inner {
         }
     }
 
-    fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+    /// Frees the in-flight record held by `token`.
+    pub(super) fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        self.with_lease(key, token, |shard, hash, id| {
+            if let Ok(entry) = shard.table.find_entry(hash, |slot| slot.id == id) {
+                entry.remove();
+            }
+        })
+    }
+
+    pub(super) fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
         let now = self.now();
         let (id, hash, shard) = self.locate(key);
         let Some(slot) = shard.table.find(hash, |slot| slot.id == id) else {
@@ -384,15 +463,12 @@ impl Store for MemoryStore {
         response: StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        self.inner.complete(key, token, response, ttl)
+        let expires_at = self.inner.now().saturating_add(millis(ttl));
+        self.inner.complete(key, token, response, expires_at)
     }
 
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-        self.inner.with_lease(key, token, |shard, hash, id| {
-            if let Ok(entry) = shard.table.find_entry(hash, |slot| slot.id == id) {
-                entry.remove();
-            }
-        })
+        self.inner.release(key, token)
     }
 
     async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
@@ -441,9 +517,10 @@ mod tests {
         let Ok(Claim::Acquired(token)) = store.inner.claim(&key, FINGERPRINT, LEASE) else {
             panic!("{name} is new");
         };
+        let expires_at = store.inner.now() + millis(ttl);
         store
             .inner
-            .complete(&key, token, response(body_len), ttl)
+            .complete(&key, token, response(body_len), expires_at)
             .unwrap();
     }
 

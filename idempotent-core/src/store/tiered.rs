@@ -9,27 +9,22 @@
 //! the durable store has already forgotten.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use moka::Expiry;
-use moka::sync::Cache;
-
+use super::memory::MemoryStore;
 use super::{Store, StoreError};
 use crate::clock::{Clock, SharedClock, SystemClock, millis};
 use crate::fingerprint::Fingerprint;
 use crate::record::{Claim, Completed, LeaseToken, Record, RecordKey, StoredResponse};
 
 const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
-/// What a cached entry costs beyond its body and headers, rounded up.
-const ENTRY_OVERHEAD_BYTES: usize = 256;
-/// Claims this process holds, remembered so that a completion can be cached
-/// right away. Bounded: a forgotten claim only means the first replay of its
-/// record reads the durable store.
-const MAX_HELD_CLAIMS: u64 = 100_000;
-const HELD_CLAIM_IDLE: Duration = Duration::from_secs(3600);
 
 /// A [`Store`] that replays completed records from memory and defers
 /// everything else to `durable`.
+///
+/// The memory tier is a [`MemoryStore`]'s tables: completed records, bounded
+/// by bytes and each expiring at the durable copy's deadline, and the claims
+/// this process holds, so that a completion can be cached right away.
 ///
 /// ```
 /// use idempotent_core::store::{MemoryStore, Tiered};
@@ -40,8 +35,7 @@ const HELD_CLAIM_IDLE: Duration = Duration::from_secs(3600);
 /// ```
 pub struct Tiered<D> {
     durable: D,
-    completed: Cache<RecordKey, Arc<Completed>>,
-    held: Cache<RecordKey, (LeaseToken, Fingerprint)>,
+    cache: MemoryStore,
     clock: SharedClock,
 }
 
@@ -49,7 +43,7 @@ impl<D: std::fmt::Debug> std::fmt::Debug for Tiered<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tiered")
             .field("durable", &self.durable)
-            .field("cached_entries", &self.completed.entry_count())
+            .field("cache", &self.cache)
             .finish_non_exhaustive()
     }
 }
@@ -64,7 +58,8 @@ pub struct TieredBuilder<D> {
 }
 
 impl<D: Store> TieredBuilder<D> {
-    /// Caps the memory the cache may take (default 64 MiB).
+    /// Caps the memory cached records may take (default 64 MiB); the oldest
+    /// go first when it is full.
     pub fn max_bytes(mut self, max_bytes: u64) -> Self {
         self.max_bytes = max_bytes;
         self
@@ -79,21 +74,13 @@ impl<D: Store> TieredBuilder<D> {
 
     /// Builds the store.
     pub fn build(self) -> Tiered<D> {
-        let completed = Cache::builder()
-            .max_capacity(self.max_bytes)
-            .weigher(|_key: &RecordKey, record: &Arc<Completed>| weight(record))
-            .expire_after(UntilExpiry {
-                clock: self.clock.clone(),
-            })
-            .build();
-        let held = Cache::builder()
-            .max_capacity(MAX_HELD_CLAIMS)
-            .time_to_idle(HELD_CLAIM_IDLE)
+        let cache = MemoryStore::builder()
+            .max_bytes(self.max_bytes)
+            .shared_clock(self.clock.clone())
             .build();
         Tiered {
             durable: self.durable,
-            completed,
-            held,
+            cache,
             clock: self.clock,
         }
     }
@@ -119,24 +106,21 @@ impl<D: Store> Tiered<D> {
         &self.durable
     }
 
-    /// Completed records currently cached (after pending evictions run).
+    /// Completed records currently cached (expired ones not yet purged
+    /// included).
     #[must_use]
     pub fn cached_len(&self) -> u64 {
-        self.completed.run_pending_tasks();
-        self.completed.entry_count()
+        self.cache.completed_len()
     }
 
+    /// The cached record of `key`, if it has one that has not expired. A
+    /// record the cache cannot decode is treated as absent: the durable
+    /// tier still has it.
     fn cached(&self, key: &RecordKey) -> Option<Arc<Completed>> {
-        let record = self.completed.get(key)?;
-        if record.expires_at > self.clock.now_millis() {
-            return Some(record);
+        match self.cache.inner().get(key) {
+            Ok(Some(Record::Completed(record))) => Some(record),
+            _ => None,
         }
-        self.completed.invalidate(key);
-        None
-    }
-
-    fn remember(&self, key: &RecordKey, record: &Arc<Completed>) {
-        self.completed.insert(key.clone(), Arc::clone(record));
     }
 }
 
@@ -152,8 +136,8 @@ impl<D: Store> Store for Tiered<D> {
         }
         let claim = self.durable.claim(key, fingerprint, lease).await?;
         match &claim {
-            Claim::Completed(record) => self.remember(key, record),
-            Claim::Acquired(token) => self.held.insert(key.clone(), (*token, fingerprint)),
+            Claim::Completed(record) => self.cache.inner().remember(key, record),
+            Claim::Acquired(token) => self.cache.inner().hold(key, *token, fingerprint),
             Claim::InFlight { .. } => {}
         }
         Ok(claim)
@@ -178,24 +162,22 @@ impl<D: Store> Store for Tiered<D> {
         // Read before the durable write, so the cached deadline is never
         // later than the one the durable store computes.
         let expires_at = self.clock.now_millis().saturating_add(millis(ttl));
-        let cached = self
-            .held
-            .remove(key)
-            .filter(|(held, _)| *held == token)
-            .map(|(_, fingerprint)| Completed {
-                fingerprint,
-                response: response.clone(),
-                expires_at,
-            });
-        self.durable.complete(key, token, response, ttl).await?;
-        if let Some(record) = cached {
-            self.remember(key, &Arc::new(record));
-        }
-        Ok(())
+        let completed = self
+            .durable
+            .complete(key, token, response.clone(), ttl)
+            .await;
+        let cache = self.cache.inner();
+        // A claim this process no longer holds (`LeaseLost`) is simply not
+        // cached; the durable store's answer is the one that counts.
+        let _ = match completed {
+            Ok(()) => cache.complete(key, token, response, expires_at),
+            Err(_) => cache.release(key, token),
+        };
+        completed
     }
 
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-        self.held.remove(key);
+        let _ = self.cache.inner().release(key, token);
         self.durable.release(key, token).await
     }
 
@@ -205,42 +187,8 @@ impl<D: Store> Store for Tiered<D> {
         }
         let record = self.durable.get(key).await?;
         if let Some(Record::Completed(completed)) = &record {
-            self.remember(key, completed);
+            self.cache.inner().remember(key, completed);
         }
         Ok(record)
-    }
-}
-
-fn weight(record: &Completed) -> u32 {
-    let bytes = record.response.size_bytes() + ENTRY_OVERHEAD_BYTES;
-    u32::try_from(bytes).unwrap_or(u32::MAX)
-}
-
-/// Evicts each cached record when its own deadline passes. moka keeps its
-/// own monotonic time, so [`Tiered::cached`] also checks the deadline
-/// against the store's clock on every read.
-struct UntilExpiry {
-    clock: SharedClock,
-}
-
-impl Expiry<RecordKey, Arc<Completed>> for UntilExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &RecordKey,
-        record: &Arc<Completed>,
-        _created_at: Instant,
-    ) -> Option<Duration> {
-        let remaining = record.expires_at.saturating_sub(self.clock.now_millis());
-        Some(Duration::from_millis(remaining))
-    }
-
-    fn expire_after_update(
-        &self,
-        key: &RecordKey,
-        record: &Arc<Completed>,
-        updated_at: Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        self.expire_after_create(key, record, updated_at)
     }
 }
