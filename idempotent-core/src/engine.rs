@@ -23,8 +23,8 @@ use crate::key::KeyError;
 use crate::problem::{Problem, ProblemKind};
 use crate::record::{Claim, Completed, LeaseToken, RecordKey, StoredResponse};
 use crate::replay::{Collected, collect, replay, replayable_headers};
-use crate::request::IdempotentRequest;
-use crate::scope::{self, ScopeDigest};
+use crate::request::{IdempotentRequest, ScopeSource};
+use crate::scope::{self, MissingCredential, ScopeDigest};
 use crate::store::StoreError;
 
 /// The user's handler, already turned into a response.
@@ -80,14 +80,19 @@ fn prepare(
         }
         return Err(Problem::from(KeyError::Missing));
     };
-    let scope = resolve_scope(&settings, endpoint, &request.headers, request.custom_scope)?;
+    let (scope, request_headers) = match request.scope {
+        ScopeSource::Resolved(scope) => (scope.map_err(missing_credentials)?, None),
+        ScopeSource::Headers(headers) => {
+            (resolve_scope(&settings, endpoint, &headers)?, Some(headers))
+        }
+    };
     let fingerprint = fingerprint.map_err(|error| fingerprint_failed(&error))?;
     Ok(Some(Engine {
         settings,
         endpoint: *endpoint,
         key: RecordKey::new(scope, key),
         fingerprint,
-        _request_headers: request.headers,
+        _request_headers: request_headers,
     }))
 }
 
@@ -95,11 +100,7 @@ fn resolve_scope(
     settings: &Settings,
     endpoint: &Endpoint,
     headers: &http::HeaderMap,
-    custom: Option<ScopeDigest>,
 ) -> Result<ScopeDigest, Problem> {
-    if let Some(custom) = custom {
-        return Ok(custom);
-    }
     match scope::resolve(endpoint.scope_kind(), headers, &settings.api_key_header) {
         Ok(Some(scope)) => Ok(scope),
         Ok(None) => Err(Problem::new(
@@ -109,8 +110,12 @@ fn resolve_scope(
                 endpoint.name()
             ),
         )),
-        Err(missing) => Err(Problem::new(ProblemKind::MissingCredentials, missing.0)),
+        Err(missing) => Err(missing_credentials(missing)),
     }
+}
+
+fn missing_credentials(missing: MissingCredential) -> Problem {
+    Problem::new(ProblemKind::MissingCredentials, missing.0)
 }
 
 fn fingerprint_failed(error: &FingerprintError) -> Problem {
@@ -128,13 +133,14 @@ struct Engine {
     endpoint: Endpoint,
     key: RecordKey,
     fingerprint: Fingerprint,
-    /// The request's headers, no longer read but freed only with the
-    /// engine, after the record is stored. Freeing them before the handler
-    /// runs made first executions about 1 µs slower under glibc malloc
-    /// (13.8 against 15.0 µs of server CPU per request in alternating
-    /// `bench/` runs), presumably because the stored record, which outlives
-    /// the request, was then carved from their freed blocks.
-    _request_headers: http::HeaderMap,
+    /// The request's headers when the scope was resolved from a copy of
+    /// them: no longer read, but freed only with the engine, after the
+    /// record is stored. Freeing them before the handler runs made first
+    /// executions about 1 µs slower under glibc malloc (13.8 against 15.0 µs
+    /// of server CPU per request in alternating `bench/` runs), presumably
+    /// because the stored record, which outlives the request, was then
+    /// carved from their freed blocks.
+    _request_headers: Option<http::HeaderMap>,
 }
 
 impl Engine {

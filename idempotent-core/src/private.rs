@@ -17,10 +17,52 @@ pub use crate::scope::Scope;
 use std::future::Future;
 use std::time::Duration;
 
+use axum::extract::FromRequestParts;
 use axum::response::{IntoResponse, Response};
+use http::HeaderMap;
+use http::request::Parts;
 
 use crate::fingerprint::{Fingerprint, FingerprintError, FingerprintInput, Fingerprinter};
-use crate::scope::IdempotencyScope;
+use crate::problem::Problem;
+use crate::request::ScopeSource;
+use crate::scope::{self, IdempotencyScope, ScopeDigest};
+
+/// [`ScopedRequest`] for an endpoint scoped by API key.
+pub const API_KEY: u8 = 0;
+/// [`ScopedRequest`] for an endpoint with one global key space.
+pub const GLOBAL: u8 = 1;
+/// [`ScopedRequest`] for an endpoint scoped by the handler's principal.
+pub const CUSTOM: u8 = 2;
+
+/// The request's idempotency context for an endpoint whose scope kind the
+/// attribute knows (`SCOPE`, one of the constants above): the scope is
+/// resolved during extraction, so the request's headers are not copied.
+/// Endpoints scoped by a named header extract [`IdempotentRequest`].
+#[derive(Debug)]
+pub struct ScopedRequest<const SCOPE: u8>(IdempotentRequest);
+
+impl<S: Send + Sync, const SCOPE: u8> FromRequestParts<S> for ScopedRequest<SCOPE> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let request = IdempotentRequest::extract(parts, |idempotency, headers| match SCOPE {
+            API_KEY => {
+                let header = &idempotency.inner.api_key_header;
+                ScopeSource::Resolved(scope::api_key(headers, header))
+            }
+            GLOBAL => ScopeSource::Resolved(Ok(ScopeDigest::global())),
+            // Scoped by the principal later; an empty map does not allocate.
+            _ => ScopeSource::Headers(HeaderMap::new()),
+        })?;
+        Ok(Self(request))
+    }
+}
+
+impl<const SCOPE: u8> From<ScopedRequest<SCOPE>> for IdempotentRequest {
+    fn from(request: ScopedRequest<SCOPE>) -> Self {
+        request.0
+    }
+}
 
 /// A duration from whole milliseconds, for `const` endpoint definitions.
 #[must_use]
@@ -59,10 +101,10 @@ pub fn fingerprint_input<T: FingerprintInput + ?Sized>(
 /// [`IdempotencyScope`] is reported there.
 #[must_use]
 pub fn scoped_by<P: IdempotencyScope>(
-    request: IdempotentRequest,
+    request: impl Into<IdempotentRequest>,
     principal: &P,
 ) -> IdempotentRequest {
-    request.scoped_by(principal)
+    request.into().scoped_by(principal)
 }
 
 /// The handler's output as a response. Spanned at the return type, so a
@@ -73,14 +115,15 @@ pub fn into_response<R: IntoResponse>(output: R) -> Response {
 
 /// The single runtime entry of the expansion. Spanned at the handler's
 /// name, so a future that is not `Send` is reported there.
-pub fn run<F>(
-    request: IdempotentRequest,
+pub fn run<R, F>(
+    request: R,
     endpoint: &Endpoint,
     fingerprint: Result<Fingerprint, FingerprintError>,
     handler: F,
-) -> impl Future<Output = Response> + Send + use<F>
+) -> impl Future<Output = Response> + Send + use<R, F>
 where
+    R: Into<IdempotentRequest>,
     F: Future<Output = Response> + Send + 'static,
 {
-    request.run(endpoint, fingerprint, handler)
+    request.into().run(endpoint, fingerprint, handler)
 }

@@ -13,7 +13,7 @@ use crate::fingerprint::{Fingerprint, FingerprintError};
 use crate::idempotency::Idempotency;
 use crate::key::IdempotencyKey;
 use crate::problem::{Problem, ProblemKind};
-use crate::scope::{IdempotencyScope, ScopeDigest};
+use crate::scope::{IdempotencyScope, MissingCredential, ScopeDigest};
 
 /// A request's idempotency context: its key, the headers its scope is
 /// read from, and the router's [`Idempotency`].
@@ -46,8 +46,17 @@ use crate::scope::{IdempotencyScope, ScopeDigest};
 pub struct IdempotentRequest {
     pub(crate) idempotency: Idempotency,
     pub(crate) key: Option<IdempotencyKey>,
-    pub(crate) headers: HeaderMap,
-    pub(crate) custom_scope: Option<ScopeDigest>,
+    pub(crate) scope: ScopeSource,
+}
+
+/// Where the request's scope comes from.
+#[derive(Debug)]
+pub(crate) enum ScopeSource {
+    /// The request's headers, resolved once the endpoint's scope is known.
+    Headers(HeaderMap),
+    /// Resolved already: by a principal the handler supplied, or at
+    /// extraction for an endpoint whose scope the attribute knows.
+    Resolved(Result<ScopeDigest, MissingCredential>),
 }
 
 impl IdempotentRequest {
@@ -61,7 +70,7 @@ impl IdempotentRequest {
     /// with [`Scope::Custom`](crate::Scope::Custom).
     #[must_use]
     pub fn scoped_by(mut self, principal: &impl IdempotencyScope) -> Self {
-        self.custom_scope = Some(ScopeDigest::custom(principal));
+        self.scope = ScopeSource::Resolved(Ok(ScopeDigest::custom(principal)));
         self
     }
 
@@ -90,16 +99,27 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotentRequest {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        // The endpoint, and so its scope, is only known at `run`.
+        Self::extract(parts, |_, headers| ScopeSource::Headers(headers.clone()))
+    }
+}
+
+impl IdempotentRequest {
+    /// The layer's handle and the request's key, with the scope `scope`
+    /// takes from the headers.
+    pub(crate) fn extract(
+        parts: &Parts,
+        scope: impl FnOnce(&Idempotency, &HeaderMap) -> ScopeSource,
+    ) -> Result<Self, Problem> {
         let idempotency = Idempotency::current()
             .or_else(|| parts.extensions.get::<Idempotency>().cloned())
             .ok_or_else(not_configured)?;
         let key = IdempotencyKey::from_headers(&parts.headers)?;
-        let headers = parts.headers.clone();
+        let scope = scope(&idempotency, &parts.headers);
         Ok(Self {
             idempotency,
             key,
-            headers,
-            custom_scope: None,
+            scope,
         })
     }
 }

@@ -126,7 +126,8 @@ pub(crate) fn resolve(
     }
 }
 
-fn api_key(
+/// The scope of the request's API key or bearer token.
+pub(crate) fn api_key(
     headers: &HeaderMap,
     api_key_header: &http::HeaderName,
 ) -> Result<ScopeDigest, MissingCredential> {

@@ -245,7 +245,14 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
         .collect();
     let (outer_attrs, inner_attrs) = split_attributes(&func.attrs);
     let (principal_param, principal) = principal(args, handler, &params, &private);
-    let signature = outer_signature(func, handler, &params, principal_param.as_ref(), &private);
+    let signature = outer_signature(
+        func,
+        handler,
+        &params,
+        principal_param.as_ref(),
+        &request_type(args, &private),
+        &private,
+    );
     let endpoint = endpoint_const(args, &func.sig.ident, &private);
     let fingerprint = fingerprint(handler, &params, &private);
     let future = future(func, &params, &private);
@@ -281,6 +288,7 @@ fn outer_signature(
     handler: &Handler<'_>,
     params: &[Ident],
     principal_param: Option<&TokenStream>,
+    request_type: &TokenStream,
     private: &TokenStream,
 ) -> TokenStream {
     let vis = &func.vis;
@@ -291,11 +299,25 @@ fn outer_signature(
     let types = handler.arguments.iter().map(|argument| argument.ty);
     quote! {
         #vis fn #name #generics (
-            #request: #private::IdempotentRequest,
+            #request: #request_type,
             #principal_param
             #(#params: #types),*
         ) -> impl ::core::future::Future<Output = #private::axum::response::Response> #where_clause
     }
+}
+
+/// The extractor of the request's idempotency context. Where the scope
+/// kind alone says which headers it reads, the scope is resolved while
+/// extracting, so the request's headers are not copied; an endpoint scoped
+/// by a named header takes the general extractor, which copies them.
+fn request_type(args: &Args, private: &TokenStream) -> TokenStream {
+    let kind = match &args.scope {
+        None | Some(Scope::ApiKey) => quote!(API_KEY),
+        Some(Scope::Global) => quote!(GLOBAL),
+        Some(Scope::Custom(_)) => quote!(CUSTOM),
+        Some(Scope::Header(_)) => return quote!(#private::IdempotentRequest),
+    };
+    quote!(#private::ScopedRequest<{ #private::#kind }>)
 }
 
 /// The call into the engine, spanned at the handler's name so that a future

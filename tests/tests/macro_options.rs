@@ -187,6 +187,29 @@ async fn optional_runs_keyless_requests_every_time_and_keyed_ones_once() {
     assert_eq!((retry.body.as_str(), retry.replayed), ("3", true));
 }
 
+#[idempotent(optional)]
+async fn optional_key_by_api_key(State(runs): State<Runs>) -> String {
+    runs.bump().to_string()
+}
+
+#[tokio::test]
+async fn an_optional_keyless_request_needs_no_credential_but_a_keyed_one_does() {
+    let runs = Runs::default();
+    let app = router(
+        Router::new().route("/oa", post(optional_key_by_api_key)),
+        &runs,
+    );
+    let keyless = send(&app, request("/oa", None, &[], "")).await;
+    assert_eq!(
+        (keyless.status, keyless.body.as_str()),
+        (StatusCode::OK, "1")
+    );
+    let keyed = send(&app, request("/oa", Some("k"), &[], "")).await;
+    assert_eq!(keyed.status, StatusCode::UNAUTHORIZED);
+    assert!(keyed.body.contains("x-api-key"), "{}", keyed.body);
+    assert_eq!(runs.get(), 1);
+}
+
 #[idempotent(scope = "global")]
 async fn required_key(State(runs): State<Runs>) -> String {
     runs.bump().to_string()
