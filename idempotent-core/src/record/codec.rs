@@ -23,26 +23,46 @@ impl Completed {
     /// Encodes the record in the binary layout described in this module.
     #[must_use]
     pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(self.encoded_len());
+        self.encode_into(&mut out);
+        out.freeze()
+    }
+
+    /// Appends [`encode`](Self::encode)'s output to `out`, which grows if
+    /// it has less than [`encoded_len`](Self::encoded_len) bytes to spare.
+    pub(crate) fn encode_into(&self, out: &mut BytesMut) {
         let response = &self.response;
-        let mut out = BytesMut::with_capacity(64 + response.size_bytes());
         out.put_u8(VERSION);
         out.put_slice(self.fingerprint.as_bytes());
         out.put_u64(self.expires_at);
         out.put_u16(response.status.as_u16());
-        let count = u16::try_from(response.headers.len()).unwrap_or(u16::MAX);
-        out.put_u16(count);
-        for (name, value) in response.headers.iter().take(usize::from(count)) {
-            put_slice_u16(&mut out, name.as_str().as_bytes());
-            put_slice_u32(&mut out, value.as_bytes());
+        out.put_u16(header_count(response));
+        for (name, value) in stored_headers(response) {
+            put_slice_u16(out, name.as_str().as_bytes());
+            put_slice_u32(out, value.as_bytes());
         }
         match &response.body {
             Some(body) => {
                 out.put_u8(1);
-                put_slice_u32(&mut out, body);
+                put_slice_u32(out, body);
             }
             None => out.put_u8(0),
         }
-        out.freeze()
+    }
+
+    /// The exact length of [`encode`](Self::encode)'s output.
+    pub(crate) fn encoded_len(&self) -> usize {
+        let response = &self.response;
+        let headers: usize = stored_headers(response)
+            .map(|(name, value)| {
+                2 + name.as_str().len().min(usize::from(u16::MAX)) + 4 + clamp_u32(value.len())
+            })
+            .sum();
+        let body = response
+            .body
+            .as_ref()
+            .map_or(0, |body| 4 + clamp_u32(body.len()));
+        1 + 32 + 8 + 2 + 2 + headers + 1 + body
     }
 
     /// Decodes [`Completed::encode`] output.
@@ -75,6 +95,20 @@ impl Completed {
             expires_at,
         })
     }
+}
+
+/// How many headers are stored: the count field has 16 bits.
+fn header_count(response: &StoredResponse) -> u16 {
+    u16::try_from(response.headers.len()).unwrap_or(u16::MAX)
+}
+
+fn stored_headers(response: &StoredResponse) -> impl Iterator<Item = &(HeaderName, HeaderValue)> {
+    let count = usize::from(header_count(response));
+    response.headers.iter().take(count)
+}
+
+fn clamp_u32(len: usize) -> usize {
+    len.min(u32::MAX as usize)
 }
 
 fn put_slice_u16(out: &mut BytesMut, bytes: &[u8]) {
@@ -166,6 +200,13 @@ mod tests {
     fn round_trips_binary_bodies_and_repeated_headers() {
         let record = sample(Some(&[0, 159, 146, 150, 255]));
         assert_eq!(Completed::decode(record.encode()), Ok(record));
+    }
+
+    #[test]
+    fn encoded_len_is_exact() {
+        for record in [sample(Some(b"hello")), sample(None)] {
+            assert_eq!(record.encoded_len(), record.encode().len());
+        }
     }
 
     #[test]
