@@ -70,8 +70,10 @@ struct Shard {
     /// the request that stores it; carving records from a few large blocks,
     /// rather than one heap allocation each among the request's short-lived
     /// ones, made first executions faster under glibc malloc (see
-    /// BENCHMARKS.md). Records die roughly in the order they were made
-    /// (oldest first), and a block is freed with its last record.
+    /// BENCHMARKS.md). Records leave a shard in completion order, from the
+    /// front of `queue`, or earlier when their key is taken over, so a
+    /// block is freed soon after the records around it; it is freed with
+    /// its last record.
     arena: BytesMut,
 }
 
