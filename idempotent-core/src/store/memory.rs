@@ -85,6 +85,13 @@ struct Slot {
     state: State,
 }
 
+impl Slot {
+    /// The hash the table files a slot under: the high half of its id.
+    fn table_hash(&self) -> u64 {
+        (self.id >> 64) as u64
+    }
+}
+
 enum State {
     InFlight(InFlight),
     Completed { expires_at: u64, encoded: Bytes },
@@ -253,9 +260,7 @@ impl Inner {
         let Some(slot) = shard.table.find_mut(hash, |slot| slot.id == id) else {
             let (state, lease_token) = acquire();
             let slot = Slot { id, state };
-            shard
-                .table
-                .insert_unique(hash, slot, |slot| (slot.id >> 64) as u64);
+            shard.table.insert_unique(hash, slot, Slot::table_hash);
             return Ok(Claim::Acquired(lease_token));
         };
         let encoded = match &slot.state {
@@ -304,12 +309,14 @@ impl Inner {
     }
 
     /// Completes the in-flight record held by `token`, to expire at
-    /// `expires_at` (Unix ms).
+    /// `expires_at`; `now` is the time the caller read that deadline from
+    /// (both Unix ms), against which older records are evicted.
     pub(super) fn complete(
         &self,
         key: &RecordKey,
         token: LeaseToken,
         response: StoredResponse,
+        now: u64,
         expires_at: u64,
     ) -> Result<(), StoreError> {
         self.with_lease(key, token, |shard, hash, id| {
@@ -330,16 +337,23 @@ impl Inner {
                 expires_at,
                 encoded,
             };
-            self.account_completed(shard, hash, weight, expires_at);
+            self.account_completed(shard, hash, weight, expires_at, now);
         })
     }
 
     /// Books a record that just became completed in `shard`: its weight,
-    /// its queue entry, and the evictions it makes due.
-    fn account_completed(&self, shard: &mut Shard, hash: u64, weight: usize, expires_at: u64) {
+    /// its queue entry, and the evictions it makes due at `now`.
+    fn account_completed(
+        &self,
+        shard: &mut Shard,
+        hash: u64,
+        weight: usize,
+        expires_at: u64,
+        now: u64,
+    ) {
         shard.bytes += weight;
         shard.queue.push_back(Queued { hash, expires_at });
-        self.evict(shard, self.now());
+        self.evict(shard, now);
     }
 
     /// Sets the record of `key` to what `state` makes, whatever it held
@@ -358,9 +372,7 @@ impl Inner {
         let previous = match shard.table.find_mut(hash, |slot| slot.id == id) {
             Some(existing) => Some(std::mem::replace(existing, slot)),
             None => {
-                shard
-                    .table
-                    .insert_unique(hash, slot, |slot| (slot.id >> 64) as u64);
+                shard.table.insert_unique(hash, slot, Slot::table_hash);
                 None
             }
         };
@@ -372,7 +384,7 @@ impl Inner {
             shard.bytes -= weight(&encoded);
         }
         if let Some((expires_at, weight)) = completed {
-            self.account_completed(&mut shard, hash, weight, expires_at);
+            self.account_completed(&mut shard, hash, weight, expires_at, self.now());
         }
     }
 
@@ -480,8 +492,9 @@ impl Store for MemoryStore {
         response: StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let expires_at = self.inner.now().saturating_add(millis(ttl));
-        self.inner.complete(key, token, response, expires_at)
+        let now = self.inner.now();
+        let expires_at = now.saturating_add(millis(ttl));
+        self.inner.complete(key, token, response, now, expires_at)
     }
 
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
@@ -548,10 +561,10 @@ mod tests {
         let Ok(Claim::Acquired(token)) = store.inner.claim(&key, FINGERPRINT, LEASE) else {
             panic!("{name} is new");
         };
-        let expires_at = store.inner.now() + millis(ttl);
+        let now = store.inner.now();
         store
             .inner
-            .complete(&key, token, response(body_len), expires_at)
+            .complete(&key, token, response(body_len), now, now + millis(ttl))
             .unwrap();
     }
 

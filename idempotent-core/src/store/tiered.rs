@@ -161,7 +161,8 @@ impl<D: Store> Store for Tiered<D> {
     ) -> Result<(), StoreError> {
         // Read before the durable write, so the cached deadline is never
         // later than the one the durable store computes.
-        let expires_at = self.clock.now_millis().saturating_add(millis(ttl));
+        let now = self.clock.now_millis();
+        let expires_at = now.saturating_add(millis(ttl));
         let completed = self
             .durable
             .complete(key, token, response.clone(), ttl)
@@ -170,7 +171,7 @@ impl<D: Store> Store for Tiered<D> {
         // A claim this process no longer holds (`LeaseLost`) is simply not
         // cached; the durable store's answer is the one that counts.
         let _ = match completed {
-            Ok(()) => cache.complete(key, token, response, expires_at),
+            Ok(()) => cache.complete(key, token, response, now, expires_at),
             Err(_) => cache.release(key, token),
         };
         completed
