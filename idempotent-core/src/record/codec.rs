@@ -54,9 +54,7 @@ impl Completed {
     pub(crate) fn encoded_len(&self) -> usize {
         let response = &self.response;
         let headers: usize = stored_headers(response)
-            .map(|(name, value)| {
-                2 + name.as_str().len().min(usize::from(u16::MAX)) + 4 + clamp_u32(value.len())
-            })
+            .map(|(name, value)| 2 + clamp_u16(name.as_str().len()) + 4 + clamp_u32(value.len()))
             .sum();
         let body = response
             .body
@@ -107,19 +105,27 @@ fn stored_headers(response: &StoredResponse) -> impl Iterator<Item = &(HeaderNam
     response.headers.iter().take(count)
 }
 
+/// How much of a slice its 16-bit length prefix can cover; longer ones are
+/// cut there, by `encode` and `encoded_len` alike.
+fn clamp_u16(len: usize) -> usize {
+    len.min(usize::from(u16::MAX))
+}
+
+/// As [`clamp_u16`], for a 32-bit length prefix.
 fn clamp_u32(len: usize) -> usize {
     len.min(u32::MAX as usize)
 }
 
 fn put_slice_u16(out: &mut BytesMut, bytes: &[u8]) {
+    let bytes = &bytes[..clamp_u16(bytes.len())];
     out.put_u16(u16::try_from(bytes.len()).unwrap_or(u16::MAX));
-    out.put_slice(&bytes[..bytes.len().min(usize::from(u16::MAX))]);
+    out.put_slice(bytes);
 }
 
 fn put_slice_u32(out: &mut BytesMut, bytes: &[u8]) {
-    let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-    out.put_u32(len);
-    out.put_slice(&bytes[..len as usize]);
+    let bytes = &bytes[..clamp_u32(bytes.len())];
+    out.put_u32(u32::try_from(bytes.len()).unwrap_or(u32::MAX));
+    out.put_slice(bytes);
 }
 
 fn take_header(input: &mut Bytes) -> Result<(HeaderName, HeaderValue), CodecError> {
