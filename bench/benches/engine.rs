@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Body;
 use bytes::Bytes;
-use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{BatchSize, BenchmarkGroup, Criterion, criterion_group, criterion_main};
 use futures_util::FutureExt;
 use http::{HeaderName, HeaderValue, Request, StatusCode};
 use idempotent_bench::app::{self, API_KEY, BODY, CREATE_PAYMENT};
@@ -112,10 +113,15 @@ fn claim_and_complete(store: &impl Store, key: &RecordKey, fingerprint: Fingerpr
     ready(store.complete(key, token, stored_response(), TTL)).expect("complete");
 }
 
-fn memory_store(c: &mut Criterion) {
+/// A store's claim + complete of new keys and its claim of a completed key,
+/// each on a fresh store from `fresh`.
+fn claim_benchmarks<S: Store>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    fresh: impl Fn() -> S,
+    replay_name: &str,
+) {
     let fingerprint = fingerprint();
-    let mut group = c.benchmark_group("memory_store");
-    let store = MemoryStore::new();
+    let store = fresh();
     let next = AtomicU64::new(0);
     group.bench_function("claim+complete, new key", |b| {
         b.iter_batched(
@@ -124,15 +130,24 @@ fn memory_store(c: &mut Criterion) {
             BatchSize::SmallInput,
         );
     });
-    let store = MemoryStore::new();
+    let store = fresh();
     let replayed = record_key(u64::MAX);
     claim_and_complete(&store, &replayed, fingerprint);
-    group.bench_function("claim, replay of a completed key", |b| {
+    group.bench_function(replay_name, |b| {
         b.iter(|| {
             let claim = ready(store.claim(black_box(&replayed), fingerprint, LEASE));
             assert!(matches!(claim, Ok(Claim::Completed(_))));
         });
     });
+}
+
+fn memory_store(c: &mut Criterion) {
+    let mut group = c.benchmark_group("memory_store");
+    claim_benchmarks(
+        &mut group,
+        MemoryStore::new,
+        "claim, replay of a completed key",
+    );
     group.bench_function("record key: parse 36-char key + api-key scope", |b| {
         b.iter(|| record_key(black_box(7)));
     });
@@ -143,26 +158,9 @@ fn memory_store(c: &mut Criterion) {
 /// the durable tier here is a `MemoryStore`, which is cheap and answers at
 /// once, so the difference from `memory_store` is the cache's bookkeeping.
 fn tiered_store(c: &mut Criterion) {
-    let fingerprint = fingerprint();
     let mut group = c.benchmark_group("tiered_store over a memory store");
-    let store = Tiered::new(MemoryStore::new());
-    let next = AtomicU64::new(0);
-    group.bench_function("claim+complete, new key", |b| {
-        b.iter_batched(
-            || record_key(next.fetch_add(1, Ordering::Relaxed)),
-            |key| claim_and_complete(&store, &key, fingerprint),
-            BatchSize::SmallInput,
-        );
-    });
-    let store = Tiered::new(MemoryStore::new());
-    let replayed = record_key(u64::MAX);
-    claim_and_complete(&store, &replayed, fingerprint);
-    group.bench_function("claim, replay from the cache", |b| {
-        b.iter(|| {
-            let claim = ready(store.claim(black_box(&replayed), fingerprint, LEASE));
-            assert!(matches!(claim, Ok(Claim::Completed(_))));
-        });
-    });
+    let fresh = || Tiered::new(MemoryStore::new());
+    claim_benchmarks(&mut group, fresh, "claim, replay from the cache");
     group.finish();
 }
 
