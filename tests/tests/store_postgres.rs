@@ -434,3 +434,169 @@ async fn the_database_going_away_gives_503_and_the_service_recovers() {
         .await
         .expect("drop the test table");
 }
+
+// ===== connections kept between statements =====
+
+fn record_key(name: &str) -> RecordKey {
+    RecordKey::new(
+        ScopeDigest::global(),
+        IdempotencyKey::parse(name.as_bytes()).expect("valid key"),
+    )
+}
+
+/// A store on a pool of its own (16 connections), migrated, keeping up to
+/// `hold` of them.
+async fn store_on_own_pool(url: &str, hold: u32) -> PostgresStore {
+    let connected = PostgresStore::connect(url).await.expect("connect");
+    let store = PostgresStore::builder(connected.pool().clone())
+        .table(unique_name("idem_test"))
+        .hold_connections(hold)
+        .build()
+        .expect("valid table name");
+    store.migrate().await.expect("migrate");
+    store
+}
+
+/// Waits up to five seconds for the pool to have `idle` idle connections.
+async fn pool_reaches_idle(store: &PostgresStore, idle: usize) -> bool {
+    for _ in 0..100 {
+        if store.pool().num_idle() == idle {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_kept_connection_goes_back_to_the_pool_once_idle() {
+    let Some(url) = backend_url(URL) else { return };
+    let store = store_on_own_pool(&url, 4).await;
+    assert!(
+        pool_reaches_idle(&store, 1).await,
+        "migrate returned its connection"
+    );
+    store
+        .claim(
+            &record_key("kept"),
+            Fingerprint::from_bytes([1; 32]),
+            STORE_TIMEOUT,
+        )
+        .await
+        .expect("claim");
+    assert_eq!(
+        store.pool().num_idle(),
+        0,
+        "the store keeps the connection for its next statement"
+    );
+    assert!(
+        pool_reaches_idle(&store, 1).await,
+        "an idle kept connection returns to the pool within seconds"
+    );
+    drop_table(&store).await;
+}
+
+#[tokio::test]
+async fn without_holding_each_connection_goes_back_after_its_statement() {
+    let Some(url) = backend_url(URL) else { return };
+    let store = store_on_own_pool(&url, 0).await;
+    store
+        .claim(
+            &record_key("not-kept"),
+            Fingerprint::from_bytes([1; 32]),
+            STORE_TIMEOUT,
+        )
+        .await
+        .expect("claim");
+    // sqlx pings it on the way back, so it is idle again a moment later.
+    for _ in 0..40 {
+        if store.pool().num_idle() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(store.pool().num_idle(), 1);
+    drop_table(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_keeps_no_more_connections_than_it_was_given() {
+    let Some(url) = backend_url(URL) else { return };
+    let store = store_on_own_pool(&url, 2).await;
+    let mut claims = tokio::task::JoinSet::new();
+    for index in 0..24 {
+        let store = store.clone();
+        claims.spawn(async move {
+            let key = record_key(&format!("busy-{index}"));
+            store
+                .claim(&key, Fingerprint::from_bytes([1; 32]), STORE_TIMEOUT)
+                .await
+        });
+    }
+    while let Some(claim) = claims.join_next().await {
+        assert!(matches!(claim.unwrap(), Ok(Claim::Acquired(_))));
+    }
+    let pool = store.pool();
+    let checked_out = pool.size() - u32::try_from(pool.num_idle()).unwrap();
+    assert!(
+        checked_out <= 2,
+        "24 concurrent claims kept {checked_out} connections"
+    );
+    drop_table(&store).await;
+}
+
+#[tokio::test]
+async fn closing_the_pool_is_not_held_up_by_kept_connections() {
+    let Some(url) = backend_url(URL) else { return };
+    let store = store_on_own_pool(&url, 4).await;
+    store
+        .claim(
+            &record_key("closing"),
+            Fingerprint::from_bytes([1; 32]),
+            STORE_TIMEOUT,
+        )
+        .await
+        .expect("claim");
+    drop_table(&store).await;
+    tokio::time::timeout(Duration::from_secs(5), store.pool().close())
+        .await
+        .expect("the pool closes although the store is still alive");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_cut_off_midway_leave_no_answer_behind_for_the_next() {
+    let Some(url) = backend_url(URL) else { return };
+    let store = store_on_own_pool(&url, 4).await;
+    // Cut claims off at every stage, from before the query is sent to
+    // after its answer arrived: none of these connections may be reused
+    // with an answer still unread.
+    for micros in 0..60 {
+        let key = record_key(&format!("cut-{micros}"));
+        let claim = store.claim(&key, Fingerprint::from_bytes([1; 32]), STORE_TIMEOUT);
+        let _ = tokio::time::timeout(Duration::from_micros(micros * 20), claim).await;
+    }
+    // Every statement now reads its own answer: each fresh key is acquired,
+    // and its duplicate sees that key's fingerprint.
+    for round in 0..40 {
+        let key = record_key(&format!("after-{round}"));
+        let fingerprint = Fingerprint::from_bytes([u8::try_from(round).unwrap(); 32]);
+        let first = store.claim(&key, fingerprint, STORE_TIMEOUT).await.unwrap();
+        assert!(
+            matches!(first, Claim::Acquired(_)),
+            "round {round}: {first:?}"
+        );
+        let duplicate = store
+            .claim(&key, Fingerprint::from_bytes([255; 32]), STORE_TIMEOUT)
+            .await
+            .unwrap();
+        match duplicate {
+            Claim::InFlight {
+                fingerprint: seen, ..
+            } => {
+                assert_eq!(seen, fingerprint, "round {round}");
+            }
+            other => panic!("round {round}: {other:?}"),
+        }
+    }
+    drop_table(&store).await;
+}

@@ -30,11 +30,15 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 
+use self::connections::Connections;
+
 use super::sql::{self, DEFAULT_TABLE, InvalidTableName, from_sql_millis, to_sql_millis};
 use super::{Store, StoreError};
 use crate::clock::{Clock, SharedClock, SystemClock, millis};
 use crate::fingerprint::Fingerprint;
 use crate::record::{Claim, Completed, InFlight, LeaseToken, Record, RecordKey, StoredResponse};
+
+mod connections;
 
 const SCHEMA: &str = include_str!("postgres/schema.sql");
 /// How often a claim that lost a race to a concurrent insert re-reads the
@@ -64,7 +68,7 @@ pub struct PostgresStore {
 }
 
 struct Inner {
-    pool: PgPool,
+    connections: Connections,
     clock: SharedClock,
     table: String,
     sql: Statements,
@@ -85,6 +89,7 @@ pub struct PostgresStoreBuilder {
     pool: PgPool,
     table: String,
     clock: SharedClock,
+    hold_connections: Option<u32>,
 }
 
 impl PostgresStoreBuilder {
@@ -102,6 +107,25 @@ impl PostgresStoreBuilder {
         self
     }
 
+    /// How many of the pool's connections the store keeps checked out
+    /// for its statements (default: half the pool's `max_connections`, at
+    /// least one; [`PostgresStore::connect`] makes a pool of 16 and keeps
+    /// 15). Capped at the pool's size.
+    ///
+    /// sqlx pings every connection returned to its pool, one more round
+    /// trip per statement; a kept connection goes from one statement
+    /// straight to the next. The store's statements then run on at most
+    /// `connections` connections, waiting their turn in order, and the
+    /// rest of the pool stays free for the application, migrations and
+    /// purges. Kept connections go back to the pool after a second unused
+    /// or a minute in all, after any error, and at once when the pool is
+    /// closed. `0` runs every statement on a connection taken from the
+    /// pool and returned after it.
+    pub fn hold_connections(mut self, connections: u32) -> Self {
+        self.hold_connections = Some(connections);
+        self
+    }
+
     /// Builds the store. No query runs until the store is used; call
     /// [`PostgresStore::migrate`] to create the table.
     ///
@@ -112,7 +136,7 @@ impl PostgresStoreBuilder {
         let sql = Statements::new(&self.table);
         Ok(PostgresStore {
             inner: Arc::new(Inner {
-                pool: self.pool,
+                connections: Connections::new(self.pool, self.hold_connections),
                 clock: self.clock,
                 table: self.table,
                 sql,
@@ -149,7 +173,13 @@ impl PostgresStore {
             .connect_with(options)
             .await
             .map_err(StoreError::backend)?;
-        Self::builder(pool).build().map_err(StoreError::backend)
+        // The pool is the store's own: keep all of it but one connection,
+        // which stays free for migrations and purges.
+        let keep = pool.options().get_max_connections().saturating_sub(1);
+        Self::builder(pool)
+            .hold_connections(keep)
+            .build()
+            .map_err(StoreError::backend)
     }
 
     /// Starts building a store on `pool`.
@@ -158,6 +188,7 @@ impl PostgresStore {
             pool,
             table: DEFAULT_TABLE.to_owned(),
             clock: Arc::new(SystemClock),
+            hold_connections: None,
         }
     }
 
@@ -183,7 +214,7 @@ impl PostgresStore {
             table = inner.table
         );
         sqlx::raw_sql(&script)
-            .execute(&inner.pool)
+            .execute(inner.connections.pool())
             .await
             .map(drop)
             .map_err(StoreError::backend)
@@ -201,7 +232,7 @@ impl PostgresStore {
             let deleted = sqlx::query(&self.inner.sql.purge)
                 .bind(now)
                 .bind(PURGE_BATCH)
-                .execute(&self.inner.pool)
+                .execute(self.pool())
                 .await
                 .map_err(StoreError::backend)?
                 .rows_affected();
@@ -237,7 +268,7 @@ impl PostgresStore {
     /// The connection pool.
     #[must_use]
     pub fn pool(&self) -> &PgPool {
-        &self.inner.pool
+        self.inner.connections.pool()
     }
 
     /// The table records live in.
@@ -354,6 +385,7 @@ impl Store for PostgresStore {
         let token = LeaseToken::random();
         for _ in 0..CLAIM_ATTEMPTS {
             let now = self.now();
+            let mut db = self.inner.connections.lease().await?;
             let row = sqlx::query(&self.inner.sql.claim)
                 .bind(key.scope.as_bytes().as_slice())
                 .bind(key.key.as_str())
@@ -361,10 +393,9 @@ impl Store for PostgresStore {
                 .bind(token.to_bytes().as_slice())
                 .bind(to_sql_millis(now.saturating_add(millis(lease))))
                 .bind(to_sql_millis(now))
-                .fetch_optional(&self.inner.pool)
-                .await
-                .map_err(StoreError::backend)?;
-            if let Some(row) = row {
+                .fetch_optional(db.connection())
+                .await;
+            if let Some(row) = db.finish(row)? {
                 return claim_from_row(&row, token);
             }
         }
@@ -378,14 +409,15 @@ impl Store for PostgresStore {
         lease: Duration,
     ) -> Result<(), StoreError> {
         let expires_at = to_sql_millis(self.now().saturating_add(millis(lease)));
+        let mut db = self.inner.connections.lease().await?;
         let updated = sqlx::query(&self.inner.sql.renew)
             .bind(key.scope.as_bytes().as_slice())
             .bind(key.key.as_str())
             .bind(token.to_bytes().as_slice())
             .bind(expires_at)
-            .execute(&self.inner.pool)
-            .await
-            .map_err(StoreError::backend)?;
+            .execute(db.connection())
+            .await;
+        let updated = db.finish(updated)?;
         held(updated.rows_affected())
     }
 
@@ -398,6 +430,7 @@ impl Store for PostgresStore {
     ) -> Result<(), StoreError> {
         let expires_at = to_sql_millis(self.now().saturating_add(millis(ttl)));
         let columns = ResponseColumns::new(&response);
+        let mut db = self.inner.connections.lease().await?;
         let updated = sqlx::query(&self.inner.sql.complete)
             .bind(key.scope.as_bytes().as_slice())
             .bind(key.key.as_str())
@@ -407,31 +440,33 @@ impl Store for PostgresStore {
             .bind(columns.names)
             .bind(columns.values)
             .bind(columns.body)
-            .execute(&self.inner.pool)
-            .await
-            .map_err(StoreError::backend)?;
+            .execute(db.connection())
+            .await;
+        let updated = db.finish(updated)?;
         held(updated.rows_affected())
     }
 
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        let mut db = self.inner.connections.lease().await?;
         let deleted = sqlx::query(&self.inner.sql.release)
             .bind(key.scope.as_bytes().as_slice())
             .bind(key.key.as_str())
             .bind(token.to_bytes().as_slice())
-            .execute(&self.inner.pool)
-            .await
-            .map_err(StoreError::backend)?;
+            .execute(db.connection())
+            .await;
+        let deleted = db.finish(deleted)?;
         held(deleted.rows_affected())
     }
 
     async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        let mut db = self.inner.connections.lease().await?;
         let row = sqlx::query(&self.inner.sql.get)
             .bind(key.scope.as_bytes().as_slice())
             .bind(key.key.as_str())
             .bind(to_sql_millis(self.now()))
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(StoreError::backend)?;
+            .fetch_optional(db.connection())
+            .await;
+        let row = db.finish(row)?;
         row.map(|row| record_from_row(&row)).transpose()
     }
 }

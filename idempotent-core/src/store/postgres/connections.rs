@@ -1,0 +1,223 @@
+//! Connections the store keeps checked out of its pool between statements.
+//!
+//! sqlx pings every connection that goes back to its pool (a Sync /
+//! ReadyForQuery round trip, whatever `test_before_acquire` says), so a
+//! first execution, two statements, would cost four round trips instead of
+//! two. Against the same SQL driven by pgbench, that ping cost the store a
+//! quarter of its throughput (see BENCHMARKS.md). The store therefore keeps
+//! some of the connections it took from the pool in a small pool of its
+//! own (deadpool; its statements wait their turn there, in order) and
+//! hands a connection that finished its statement cleanly straight to the
+//! next statement. The rest of the sqlx pool stays free for everything
+//! else.
+//!
+//! Only a clean finish keeps a connection: one whose statement failed, or
+//! whose future was dropped mid-statement (a timeout, a client gone), goes
+//! back to the sqlx pool, whose ping drains or discards it. Kept
+//! connections also go back once idle for [`IDLE_RETURN`] or out for
+//! [`MAX_HOLD`], so a pool shared with the application gets them back after
+//! a burst and still sees every connection regularly (its lifetime limits
+//! apply), and all of them at once when the sqlx pool is closed.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use deadpool::managed::{self, Metrics, Object, RecycleError, RecycleResult};
+use sqlx::pool::{CloseEvent, PoolConnection};
+use sqlx::postgres::{PgConnection, PgPool, Postgres};
+
+use crate::store::StoreError;
+
+/// How long a kept connection may sit unused before it goes back to the
+/// sqlx pool.
+const IDLE_RETURN: Duration = Duration::from_secs(1);
+/// How long a connection may stay out of the sqlx pool in all, however
+/// busy.
+const MAX_HOLD: Duration = Duration::from_secs(60);
+
+/// The store's connections: kept ones, or straight from the sqlx pool.
+pub(super) struct Connections {
+    pool: PgPool,
+    /// `None` when connections are not kept (or deadpool refused its
+    /// settings, which cannot happen without timeouts).
+    kept: Option<Arc<Kept>>,
+}
+
+/// Connections checked out of the sqlx pool and kept between statements.
+struct Kept {
+    pool: managed::Pool<Checkout>,
+    /// Whether the task returning idle connections runs; it is started by
+    /// the first statement, inside the runtime that runs the store.
+    sweeping: AtomicBool,
+}
+
+/// deadpool's manager: its objects are connections checked out of the
+/// sqlx pool.
+struct Checkout {
+    pool: PgPool,
+}
+
+/// A checked-out connection, and whether its last statement finished.
+struct Checked {
+    connection: PoolConnection<Postgres>,
+    clean: bool,
+}
+
+/// A connection lent to one statement; see [`Lease::finish`].
+pub(super) struct Lease(Leased);
+
+enum Leased {
+    Kept(Object<Checkout>),
+    Pooled(PoolConnection<Postgres>),
+}
+
+impl Connections {
+    /// Connections from `pool`, keeping up to `hold` of them (default:
+    /// half the pool); `0` returns each one to the pool after its
+    /// statement, as sqlx does by itself.
+    pub(super) fn new(pool: PgPool, hold: Option<u32>) -> Self {
+        let size = pool.options().get_max_connections();
+        let hold = hold.unwrap_or((size / 2).max(1)).min(size);
+        let kept = (hold > 0)
+            .then(|| {
+                managed::Pool::builder(Checkout { pool: pool.clone() })
+                    .max_size(usize::try_from(hold).unwrap_or(usize::MAX))
+                    .build()
+                    .ok()
+            })
+            .flatten()
+            .map(|kept| {
+                Arc::new(Kept {
+                    pool: kept,
+                    sweeping: AtomicBool::new(false),
+                })
+            });
+        Self { pool, kept }
+    }
+
+    pub(super) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// A connection for one statement: a kept one if any is free.
+    pub(super) async fn lease(&self) -> Result<Lease, StoreError> {
+        let Some(kept) = &self.kept else {
+            let connection = self.pool.acquire().await.map_err(StoreError::backend)?;
+            return Ok(Lease(Leased::Pooled(connection)));
+        };
+        Kept::start_sweeping(kept, &self.pool);
+        let mut object = kept.pool.get().await.map_err(|error| match error {
+            managed::PoolError::Backend(error) => StoreError::backend(error),
+            other => StoreError::backend(other.to_string()),
+        })?;
+        // Set back by `finish`: a lease dropped before then is not reused.
+        object.clean = false;
+        Ok(Lease(Leased::Kept(object)))
+    }
+}
+
+impl Kept {
+    fn start_sweeping(this: &Arc<Self>, pool: &PgPool) {
+        if this.sweeping.load(Ordering::Relaxed) || this.sweeping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let running = SweepingFlag(Arc::downgrade(this));
+        let closed = pool.close_event();
+        tokio::spawn(async move {
+            sweep(&running.0, closed).await;
+            drop(running);
+        });
+    }
+}
+
+/// Clears the sweeping flag when the sweeper ends, also when its runtime
+/// shuts down, so the next statement starts another.
+struct SweepingFlag(Weak<Kept>);
+
+impl Drop for SweepingFlag {
+    fn drop(&mut self) {
+        if let Some(kept) = self.0.upgrade() {
+            kept.sweeping.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// Every [`IDLE_RETURN`], returns idle connections to the sqlx pool; when
+/// that pool closes, returns all of them; ends with the store.
+async fn sweep(kept: &Weak<Kept>, closed: CloseEvent) {
+    let mut ticker = tokio::time::interval(IDLE_RETURN);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(closed);
+    loop {
+        let pool_closed = tokio::select! {
+            () = &mut closed => true,
+            _ = ticker.tick() => false,
+        };
+        let Some(kept) = kept.upgrade() else { return };
+        if pool_closed {
+            kept.pool.close();
+            return;
+        }
+        kept.pool
+            .retain(|_, metrics| metrics.last_used() < IDLE_RETURN);
+    }
+}
+
+impl managed::Manager for Checkout {
+    type Type = Checked;
+    type Error = sqlx::Error;
+
+    async fn create(&self) -> Result<Checked, sqlx::Error> {
+        Ok(Checked {
+            connection: self.pool.acquire().await?,
+            clean: true,
+        })
+    }
+
+    async fn recycle(
+        &self,
+        checked: &mut Checked,
+        metrics: &Metrics,
+    ) -> RecycleResult<sqlx::Error> {
+        // Refused connections are dropped, which returns them to the sqlx
+        // pool: it drains or discards an unfinished one.
+        if !checked.clean {
+            return Err(RecycleError::message("its last statement did not finish"));
+        }
+        if metrics.age() >= MAX_HOLD {
+            return Err(RecycleError::message("held long enough"));
+        }
+        Ok(())
+    }
+}
+
+impl Lease {
+    /// The connection, for one statement.
+    pub(super) fn connection(&mut self) -> &mut PgConnection {
+        match &mut self.0 {
+            Leased::Kept(object) => &mut object.connection,
+            Leased::Pooled(connection) => connection,
+        }
+    }
+
+    /// Ends the lease with the statement's outcome: a success keeps the
+    /// connection for the next statement, a failure returns it to the sqlx
+    /// pool.
+    pub(super) fn finish<T>(self, outcome: Result<T, sqlx::Error>) -> Result<T, StoreError> {
+        match (self.0, outcome) {
+            (Leased::Kept(mut object), Ok(value)) => {
+                object.clean = true;
+                Ok(value)
+            }
+            (Leased::Pooled(_), Ok(value)) => Ok(value),
+            (Leased::Kept(object), Err(error)) => {
+                // Out of the kept ones at once; dropping it returns it to
+                // the sqlx pool.
+                drop(Object::take(object));
+                Err(StoreError::backend(error))
+            }
+            (Leased::Pooled(_), Err(error)) => Err(StoreError::backend(error)),
+        }
+    }
+}
