@@ -14,12 +14,13 @@
 //! shard's completion queue as new records complete.
 
 use std::collections::VecDeque;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use hashbrown::HashTable;
+use siphasher::sip128::{Hasher128, SipHasher13};
 
 use super::{Store, StoreError};
 use crate::clock::{SharedClock, SystemClock, millis};
@@ -52,7 +53,8 @@ pub struct MemoryStore {
 
 pub(super) struct Inner {
     shards: Box<[Mutex<Shard>]>,
-    hashers: (RandomState, RandomState),
+    /// The SipHash keys of slot ids, drawn at start-up.
+    id_keys: (u64, u64),
     shard_budget: usize,
     /// Size of a shard's arena blocks.
     block_bytes: usize,
@@ -78,8 +80,8 @@ struct Shard {
 }
 
 /// A slot names its record by a 128-bit keyed hash of (scope, key) rather
-/// than the key itself: two independent SipHash keys drawn at start-up make
-/// a collision as unlikely as guessing both, and the slot stays small.
+/// than the key itself: SipHash with a 128-bit key drawn at start-up makes
+/// a collision as unlikely as guessing the key, and the slot stays small.
 struct Slot {
     id: u128,
     state: State,
@@ -151,7 +153,7 @@ impl MemoryStoreBuilder {
         let shard_budget = usize::try_from(self.max_bytes / shards).unwrap_or(usize::MAX);
         let inner = Inner {
             shards: (0..shards).map(|_| Mutex::default()).collect(),
-            hashers: (RandomState::new(), RandomState::new()),
+            id_keys: rand::random(),
             shard_budget,
             block_bytes: (shard_budget / 64).clamp(MIN_BLOCK_BYTES, MAX_BLOCK_BYTES),
             clock: self.clock,
@@ -229,8 +231,12 @@ impl MemoryStore {
 impl Inner {
     /// The record's id, the table hash (its high half) and its shard.
     fn locate(&self, key: &RecordKey) -> (u128, u64, MutexGuard<'_, Shard>) {
-        let high = self.hashers.0.hash_one(key);
-        let id = (u128::from(high) << 64) | u128::from(self.hashers.1.hash_one(key));
+        // One pass of 128-bit SipHash-1-3, half the work of two 64-bit
+        // hashes with independent keys.
+        let mut hasher = SipHasher13::new_with_keys(self.id_keys.0, self.id_keys.1);
+        key.hash(&mut hasher);
+        let id = hasher.finish128().as_u128();
+        let high = (id >> 64) as u64;
         // The table uses the low bits of the hash; pick shards by the high ones.
         let index = (high >> 40) as usize % self.shards.len();
         (id, high, lock(&self.shards[index]))
