@@ -146,12 +146,14 @@ impl PostgresStoreBuilder {
 }
 
 impl PostgresStore {
-    /// Connects a pool to `url` with settings suited to short idempotency
-    /// queries, on the default table.
+    /// Connects a pool of 16 connections to `url` with settings suited to
+    /// short idempotency queries, on the default table. The store keeps 15
+    /// of them for its statements (see
+    /// [`hold_connections`](PostgresStoreBuilder::hold_connections)).
     ///
     /// Connections are not pinged before use: after a database restart,
-    /// each pooled connection fails one query (answered 503, retryable)
-    /// before the pool replaces it.
+    /// each connection fails one query (answered 503, retryable) before it
+    /// is replaced.
     ///
     /// # Errors
     /// The URL is invalid or the first connection fails.
