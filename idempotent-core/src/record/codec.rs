@@ -130,8 +130,13 @@ fn put_slice_u32(out: &mut BytesMut, bytes: &[u8]) {
 
 fn take_header(input: &mut Bytes) -> Result<(HeaderName, HeaderValue), CodecError> {
     let len = usize::from(take_u16(input)?);
-    let name = take_bytes(input, len)?;
-    let name = HeaderName::from_bytes(&name).map_err(|_| CodecError("invalid header name"))?;
+    if input.remaining() < len {
+        return Err(CodecError("truncated"));
+    }
+    // Parsed in place; `advance` after, so the name never takes a reference.
+    let name =
+        HeaderName::from_bytes(&input[..len]).map_err(|_| CodecError("invalid header name"))?;
+    input.advance(len);
     let value = take_len_u32(input)?;
     let value =
         HeaderValue::from_maybe_shared(value).map_err(|_| CodecError("invalid header value"))?;
@@ -150,10 +155,14 @@ fn take_bytes(input: &mut Bytes, len: usize) -> Result<Bytes, CodecError> {
     Ok(input.split_to(len))
 }
 
+/// Fixed-size fields are copied out rather than split off: a split takes
+/// and drops a reference to the shared buffer, each one an atomic update.
 fn take_array<const N: usize>(input: &mut Bytes) -> Result<[u8; N], CodecError> {
-    let bytes = take_bytes(input, N)?;
+    if input.remaining() < N {
+        return Err(CodecError("truncated"));
+    }
     let mut array = [0; N];
-    array.copy_from_slice(&bytes);
+    input.copy_to_slice(&mut array);
     Ok(array)
 }
 
