@@ -119,7 +119,12 @@ impl Connections {
 
 impl Kept {
     fn start_sweeping(this: &Arc<Self>, pool: &PgPool) {
-        if this.sweeping.load(Ordering::Relaxed) || this.sweeping.swap(true, Ordering::AcqRel) {
+        // Once the pool is closed the sweeper has returned everything, and
+        // every statement fails: no new sweeper.
+        if pool.is_closed()
+            || this.sweeping.load(Ordering::Relaxed)
+            || this.sweeping.swap(true, Ordering::AcqRel)
+        {
             return;
         }
         let running = SweepingFlag(Arc::downgrade(this));
