@@ -130,9 +130,7 @@ fn put_slice_u32(out: &mut BytesMut, bytes: &[u8]) {
 
 fn take_header(input: &mut Bytes) -> Result<(HeaderName, HeaderValue), CodecError> {
     let len = usize::from(take_u16(input)?);
-    if input.remaining() < len {
-        return Err(CodecError("truncated"));
-    }
+    ensure_remaining(input, len)?;
     // Parsed in place; `advance` after, so the name never takes a reference.
     let name =
         HeaderName::from_bytes(&input[..len]).map_err(|_| CodecError("invalid header name"))?;
@@ -149,21 +147,25 @@ fn take_len_u32(input: &mut Bytes) -> Result<Bytes, CodecError> {
 }
 
 fn take_bytes(input: &mut Bytes, len: usize) -> Result<Bytes, CodecError> {
-    if input.remaining() < len {
-        return Err(CodecError("truncated"));
-    }
+    ensure_remaining(input, len)?;
     Ok(input.split_to(len))
 }
 
 /// Fixed-size fields are copied out rather than split off: a split takes
 /// and drops a reference to the shared buffer, each one an atomic update.
 fn take_array<const N: usize>(input: &mut Bytes) -> Result<[u8; N], CodecError> {
-    if input.remaining() < N {
-        return Err(CodecError("truncated"));
-    }
+    ensure_remaining(input, N)?;
     let mut array = [0; N];
     input.copy_to_slice(&mut array);
     Ok(array)
+}
+
+/// `Bytes` panics when read past its end; every read checks first.
+fn ensure_remaining(input: &Bytes, len: usize) -> Result<(), CodecError> {
+    if input.remaining() < len {
+        return Err(CodecError("truncated"));
+    }
+    Ok(())
 }
 
 fn take_u8(input: &mut Bytes) -> Result<u8, CodecError> {
