@@ -51,6 +51,13 @@ fn with_clock(store: &PostgresStore, clock: ManualClock) -> PostgresStore {
         .expect("valid table name")
 }
 
+fn record_key(name: &str) -> RecordKey {
+    RecordKey::new(
+        ScopeDigest::global(),
+        IdempotencyKey::parse(name.as_bytes()).expect("valid key"),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_store_passes_the_contract() {
     let Some(url) = backend_url(URL) else { return };
@@ -156,12 +163,6 @@ async fn purging_deletes_only_expired_rows() {
     let base = fresh_store(&url).await;
     let clock = ManualClock::starting_now();
     let store = with_clock(&base, clock.clone());
-    let key = |name: &str| {
-        RecordKey::new(
-            ScopeDigest::global(),
-            IdempotencyKey::parse(name.as_bytes()).unwrap(),
-        )
-    };
     let fingerprint = Fingerprint::from_bytes([1; 32]);
     let lease = Duration::from_secs(10);
     let response = StoredResponse {
@@ -170,13 +171,16 @@ async fn purging_deletes_only_expired_rows() {
         body: None,
     };
     for (name, ttl) in [("short", 5), ("long", 500)] {
-        let Claim::Acquired(token) = store.claim(&key(name), fingerprint, lease).await.unwrap()
+        let Claim::Acquired(token) = store
+            .claim(&record_key(name), fingerprint, lease)
+            .await
+            .unwrap()
         else {
             panic!("acquire {name}");
         };
         store
             .complete(
-                &key(name),
+                &record_key(name),
                 token,
                 response.clone(),
                 Duration::from_secs(ttl),
@@ -185,11 +189,15 @@ async fn purging_deletes_only_expired_rows() {
             .unwrap();
     }
     store
-        .claim(&key("abandoned"), fingerprint, lease)
+        .claim(&record_key("abandoned"), fingerprint, lease)
         .await
         .unwrap();
     store
-        .claim(&key("running"), fingerprint, Duration::from_secs(100))
+        .claim(
+            &record_key("running"),
+            fingerprint,
+            Duration::from_secs(100),
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -203,8 +211,8 @@ async fn purging_deletes_only_expired_rows() {
         2,
         "the short record and the abandoned lease"
     );
-    assert!(store.get(&key("long")).await.unwrap().is_some());
-    assert!(store.get(&key("running")).await.unwrap().is_some());
+    assert!(store.get(&record_key("long")).await.unwrap().is_some());
+    assert!(store.get(&record_key("running")).await.unwrap().is_some());
     let rows: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}", store.table()))
         .fetch_one(store.pool())
         .await
@@ -437,13 +445,6 @@ async fn the_database_going_away_gives_503_and_the_service_recovers() {
 
 // ===== connections kept between statements =====
 
-fn record_key(name: &str) -> RecordKey {
-    RecordKey::new(
-        ScopeDigest::global(),
-        IdempotencyKey::parse(name.as_bytes()).expect("valid key"),
-    )
-}
-
 /// A store on a pool of its own (16 connections), migrated, keeping up to
 /// `hold` of them.
 async fn store_on_own_pool(url: &str, hold: u32) -> PostgresStore {
@@ -457,15 +458,28 @@ async fn store_on_own_pool(url: &str, hold: u32) -> PostgresStore {
     store
 }
 
-/// Waits up to five seconds for the pool to have `idle` idle connections.
-async fn pool_reaches_idle(store: &PostgresStore, idle: usize) -> bool {
-    for _ in 0..100 {
-        if store.pool().num_idle() == idle {
-            return true;
+/// Waits up to `within` for the pool to have `idle` idle connections.
+async fn pool_reaches_idle(store: &PostgresStore, idle: usize, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while store.pool().num_idle() != idle {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    false
+    true
+}
+
+/// Claims `name` on `store`, which must succeed.
+async fn claim(store: &PostgresStore, name: &str) -> Claim {
+    store
+        .claim(
+            &record_key(name),
+            Fingerprint::from_bytes([1; 32]),
+            STORE_TIMEOUT,
+        )
+        .await
+        .expect("claim")
 }
 
 #[tokio::test]
@@ -473,24 +487,17 @@ async fn a_kept_connection_goes_back_to_the_pool_once_idle() {
     let Some(url) = backend_url(URL) else { return };
     let store = store_on_own_pool(&url, 4).await;
     assert!(
-        pool_reaches_idle(&store, 1).await,
+        pool_reaches_idle(&store, 1, Duration::from_secs(5)).await,
         "migrate returned its connection"
     );
-    store
-        .claim(
-            &record_key("kept"),
-            Fingerprint::from_bytes([1; 32]),
-            STORE_TIMEOUT,
-        )
-        .await
-        .expect("claim");
+    claim(&store, "kept").await;
     assert_eq!(
         store.pool().num_idle(),
         0,
         "the store keeps the connection for its next statement"
     );
     assert!(
-        pool_reaches_idle(&store, 1).await,
+        pool_reaches_idle(&store, 1, Duration::from_secs(5)).await,
         "an idle kept connection returns to the pool within seconds"
     );
     drop_table(&store).await;
@@ -500,22 +507,9 @@ async fn a_kept_connection_goes_back_to_the_pool_once_idle() {
 async fn without_holding_each_connection_goes_back_after_its_statement() {
     let Some(url) = backend_url(URL) else { return };
     let store = store_on_own_pool(&url, 0).await;
-    store
-        .claim(
-            &record_key("not-kept"),
-            Fingerprint::from_bytes([1; 32]),
-            STORE_TIMEOUT,
-        )
-        .await
-        .expect("claim");
+    claim(&store, "not-kept").await;
     // sqlx pings it on the way back, so it is idle again a moment later.
-    for _ in 0..40 {
-        if store.pool().num_idle() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(store.pool().num_idle(), 1);
+    assert!(pool_reaches_idle(&store, 1, Duration::from_millis(200)).await);
     drop_table(&store).await;
 }
 
@@ -526,15 +520,10 @@ async fn the_store_keeps_no_more_connections_than_it_was_given() {
     let mut claims = tokio::task::JoinSet::new();
     for index in 0..24 {
         let store = store.clone();
-        claims.spawn(async move {
-            let key = record_key(&format!("busy-{index}"));
-            store
-                .claim(&key, Fingerprint::from_bytes([1; 32]), STORE_TIMEOUT)
-                .await
-        });
+        claims.spawn(async move { claim(&store, &format!("busy-{index}")).await });
     }
-    while let Some(claim) = claims.join_next().await {
-        assert!(matches!(claim.unwrap(), Ok(Claim::Acquired(_))));
+    while let Some(claimed) = claims.join_next().await {
+        assert!(matches!(claimed.unwrap(), Claim::Acquired(_)));
     }
     let pool = store.pool();
     let checked_out = pool.size() - u32::try_from(pool.num_idle()).unwrap();
@@ -549,14 +538,7 @@ async fn the_store_keeps_no_more_connections_than_it_was_given() {
 async fn closing_the_pool_is_not_held_up_by_kept_connections() {
     let Some(url) = backend_url(URL) else { return };
     let store = store_on_own_pool(&url, 4).await;
-    store
-        .claim(
-            &record_key("closing"),
-            Fingerprint::from_bytes([1; 32]),
-            STORE_TIMEOUT,
-        )
-        .await
-        .expect("claim");
+    claim(&store, "closing").await;
     drop_table(&store).await;
     tokio::time::timeout(Duration::from_secs(5), store.pool().close())
         .await
