@@ -79,20 +79,7 @@ impl Connections {
     pub(super) fn new(pool: PgPool, hold: Option<u32>) -> Self {
         let size = pool.options().get_max_connections();
         let hold = hold.unwrap_or((size / 2).max(1)).min(size);
-        let kept = (hold > 0)
-            .then(|| {
-                managed::Pool::builder(Checkout { pool: pool.clone() })
-                    .max_size(usize::try_from(hold).unwrap_or(usize::MAX))
-                    .build()
-                    .ok()
-            })
-            .flatten()
-            .map(|kept| {
-                Arc::new(Kept {
-                    pool: kept,
-                    sweeping: AtomicBool::new(false),
-                })
-            });
+        let kept = Kept::new(&pool, hold).map(Arc::new);
         Self { pool, kept }
     }
 
@@ -118,6 +105,21 @@ impl Connections {
 }
 
 impl Kept {
+    /// Up to `hold` connections of `pool`; `None` for none.
+    fn new(pool: &PgPool, hold: u32) -> Option<Self> {
+        if hold == 0 {
+            return None;
+        }
+        let kept = managed::Pool::builder(Checkout { pool: pool.clone() })
+            .max_size(usize::try_from(hold).unwrap_or(usize::MAX))
+            .build()
+            .ok()?;
+        Some(Self {
+            pool: kept,
+            sweeping: AtomicBool::new(false),
+        })
+    }
+
     fn start_sweeping(this: &Arc<Self>, pool: &PgPool) {
         // Once the pool is closed the sweeper has returned everything, and
         // every statement fails: no new sweeper.
