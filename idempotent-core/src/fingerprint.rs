@@ -63,6 +63,7 @@
 //! enc(input₁) ‖ enc(input₂) ‖ …)`, where `VERSION` names this
 //! encoding so a future change cannot collide with stored fingerprints.
 
+use std::cell::Cell;
 use std::fmt;
 
 use serde::Serialize;
@@ -570,12 +571,65 @@ struct MapEncoder<'a, W> {
     pending_key: Option<usize>,
 }
 
+/// A map's buffers, kept per thread for the next map: nearly every request
+/// fingerprints a struct, and reusing the buffers saves two allocations
+/// each time.
+struct Scratch {
+    bytes: Vec<u8>,
+    entries: Vec<Entry>,
+}
+
+thread_local! {
+    static SCRATCH: Cell<Vec<Scratch>> = const { Cell::new(Vec::new()) };
+}
+
+/// Buffers kept per thread: one per nesting level in use at once.
+const SCRATCH_KEPT: usize = 4;
+/// Buffers that grew past this are freed rather than kept, so one large
+/// input does not pin its memory to the thread.
+const SCRATCH_MAX_BYTES: usize = 16 * 1024;
+
+impl Scratch {
+    fn take() -> Self {
+        let reused = SCRATCH
+            .try_with(|pool| {
+                let mut kept = pool.take();
+                let scratch = kept.pop();
+                pool.set(kept);
+                scratch
+            })
+            .ok()
+            .flatten();
+        reused.unwrap_or_else(|| Self {
+            bytes: Vec::with_capacity(128),
+            entries: Vec::new(),
+        })
+    }
+
+    fn give_back(mut self) {
+        if self.bytes.capacity() > SCRATCH_MAX_BYTES {
+            return;
+        }
+        self.bytes.clear();
+        self.entries.clear();
+        // Fails only while the thread is shutting down; then it is dropped.
+        let _ = SCRATCH.try_with(|pool| {
+            let mut kept = pool.take();
+            if kept.len() < SCRATCH_KEPT {
+                kept.push(self);
+            }
+            pool.set(kept);
+        });
+    }
+}
+
 impl<'a, W: Sink> MapEncoder<'a, W> {
     fn new(parent: &'a mut Encoder<W>) -> Self {
+        let Scratch { bytes, entries } = Scratch::take();
         Self {
             parent,
-            buffer: Encoder(Vec::with_capacity(128)),
-            entries: Vec::new(),
+            buffer: Encoder(bytes),
+            entries,
             pending_key: None,
         }
     }
@@ -606,25 +660,30 @@ impl<'a, W: Sink> MapEncoder<'a, W> {
         Ok(())
     }
 
-    fn finish(self) -> Result<(), FingerprintError> {
+    fn finish(mut self) -> Result<(), FingerprintError> {
         if self.pending_key.is_some() {
             return Err(misuse("map key serialized without a value"));
         }
-        let Self {
-            parent,
-            buffer,
-            mut entries,
-            ..
-        } = self;
-        let bytes = &buffer.0;
+        let bytes = &self.buffer.0;
         let sort_key = |e: &Entry| (&bytes[e.key..e.value], &bytes[e.value..e.end]);
-        entries.sort_unstable_by(|a, b| sort_key(a).cmp(&sort_key(b)));
-        parent.tag(MAP);
-        parent.0.put(&len_bytes(entries.len()));
-        for entry in &entries {
-            parent.0.put(&bytes[entry.key..entry.end]);
+        self.entries
+            .sort_unstable_by(|a, b| sort_key(a).cmp(&sort_key(b)));
+        self.parent.tag(MAP);
+        self.parent.0.put(&len_bytes(self.entries.len()));
+        for entry in &self.entries {
+            self.parent.0.put(&bytes[entry.key..entry.end]);
         }
         Ok(())
+    }
+}
+
+impl<W> Drop for MapEncoder<'_, W> {
+    fn drop(&mut self) {
+        Scratch {
+            bytes: std::mem::take(&mut self.buffer.0),
+            entries: std::mem::take(&mut self.entries),
+        }
+        .give_back();
     }
 }
 
@@ -1024,6 +1083,26 @@ mod tests {
             bad: vec![Failing],
         });
         assert_fails_with_message(&[Some(Failing)]);
+    }
+
+    /// Map buffers are kept per thread and reused: a map that failed
+    /// half-way, on this thread, must leave nothing in them for the next.
+    #[test]
+    fn reused_map_buffers_start_empty() {
+        let value = json!({"outer": {"b": [1, 2], "a": {"c": null}}, "z": "last"});
+        let fresh = std::thread::spawn({
+            let value = value.clone();
+            move || fp(&value)
+        })
+        .join()
+        .expect("the fingerprinting thread");
+        assert_fails_with_message(&Holder {
+            ok: 1,
+            bad: vec![Failing],
+        });
+        assert_fails_with_message(&FailingKey);
+        assert_eq!(fp(&value), fresh);
+        assert_eq!(fp(&value), fresh);
     }
 
     struct FailingKey;

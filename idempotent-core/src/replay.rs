@@ -44,12 +44,11 @@ fn is_replayable(name: &HeaderName) -> bool {
 
 /// The headers of `parts` that a replay may carry.
 pub(crate) fn replayable_headers(parts: &Parts) -> Vec<(HeaderName, HeaderValue)> {
-    parts
-        .headers
-        .iter()
-        .filter(|(name, _)| is_replayable(name))
-        .map(|(name, value)| (name.clone(), value.clone()))
-        .collect()
+    let replayable = || parts.headers.iter().filter(|(name, _)| is_replayable(name));
+    // Counted first: a filtered iterator would reserve room for four.
+    let mut headers = Vec::with_capacity(replayable().count());
+    headers.extend(replayable().map(|(name, value)| (name.clone(), value.clone())));
+    headers
 }
 
 /// Rebuilds a stored response, marked as a replay.

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use hashbrown::HashTable;
+use hashbrown::hash_table::Entry;
 use siphasher::sip128::{Hasher128, SipHasher13};
 
 use super::{Store, StoreError};
@@ -263,11 +264,17 @@ impl Inner {
             };
             (State::InFlight(held), lease_token)
         };
-        let Some(slot) = shard.table.find_mut(hash, |slot| slot.id == id) else {
-            let (state, lease_token) = acquire();
-            let slot = Slot { id, state };
-            shard.table.insert_unique(hash, slot, Slot::table_hash);
-            return Ok(Claim::Acquired(lease_token));
+        // One probe finds the slot or where a new one goes.
+        let slot = match shard
+            .table
+            .entry(hash, |slot| slot.id == id, Slot::table_hash)
+        {
+            Entry::Occupied(occupied) => occupied.into_mut(),
+            Entry::Vacant(vacant) => {
+                let (state, lease_token) = acquire();
+                vacant.insert(Slot { id, state });
+                return Ok(Claim::Acquired(lease_token));
+            }
         };
         let encoded = match &slot.state {
             State::InFlight(held) if held.lease_expires_at > now => {
