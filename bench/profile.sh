@@ -6,6 +6,7 @@
 #
 #   bench/profile.sh                                   # /idem new and replay
 #   PROFILES='idem:new plain:nokey' DURATION=10 bench/profile.sh
+#   PIN=1 bench/profile.sh                             # server on CPU 0, wrk on CPU 1
 #
 # Each profile is ROUTE:WORKLOAD (routes bare, idem, plain; workloads as in
 # bench/wrk/workload.lua); the baselines bare:new and bare:nokey are always
@@ -22,6 +23,13 @@ FREQUENCY=${FREQUENCY:-2999}
 STORE=${STORE:-memory}
 PORT=${PORT:-24000}
 OUT=${OUT:-$(mktemp -d /tmp/idempotent-profile.XXXXXX)}
+PIN=${PIN:-}
+SERVER_CPUS=()
+CLIENT_CPUS=()
+if [ -n "$PIN" ]; then
+  SERVER_CPUS=(taskset -c 0)
+  CLIENT_CPUS=(taskset -c 1)
+fi
 
 for tool in perf wrk python3; do
   command -v "$tool" >/dev/null || { echo "$tool not found" >&2; exit 1; }
@@ -35,13 +43,13 @@ SERVER=$ROOT/target/profiling/release/bench-server
 profile_one() { # route workload
   local route=$1 workload=$2 name="$1-$2" pid recorder line
   PORT=$((PORT + 1))
-  "$SERVER" --addr "127.0.0.1:$PORT" --store "$STORE" --max-seconds $((DURATION + 30)) 2>/dev/null &
+  "${SERVER_CPUS[@]}" "$SERVER" --addr "127.0.0.1:$PORT" --store "$STORE" --max-seconds $((DURATION + 30)) 2>/dev/null &
   pid=$!
   for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.05; done
   perf record -q -e cpu-clock -F "$FREQUENCY" --call-graph fp -p "$pid" -o "$OUT/$name.data" \
     -- sleep "$DURATION" >/dev/null 2>&1 &
   recorder=$!
-  line=$(WORKLOAD=$workload timeout $((DURATION + 20)) wrk -t2 -c32 -d"${DURATION}s" \
+  line=$(WORKLOAD=$workload timeout $((DURATION + 20)) "${CLIENT_CPUS[@]}" wrk -t2 -c32 -d"${DURATION}s" \
     -s bench/wrk/workload.lua "http://127.0.0.1:$PORT/$route" | grep '^RESULT')
   wait "$recorder" || true
   kill "$pid" 2>/dev/null || true

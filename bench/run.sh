@@ -6,6 +6,8 @@
 #   ONLY='ours' bench/run.sh          # only configurations whose name matches
 #   STORES='memory redis tiered-redis postgres tiered-postgres sqlite' bench/run.sh
 #                                     # durable stores need Redis / PostgreSQL on loopback
+#   PIN=1 bench/run.sh                # server on CPU 0, wrk on CPU 1: each
+#                                     # on a core of its own (taskset)
 #   VARIANTS='exp=/tmp/bench-server' bench/run.sh
 #                                     # also other builds of bench-server,
 #                                     # e.g. of an experimental core, on
@@ -32,6 +34,15 @@ WORKLOADS=${WORKLOADS:-new replay mix dup}
 # Below the kernel's ephemeral range (32768-60999), so no client socket
 # can hold the port a fresh server binds.
 PORT=${PORT:-21000}
+# With PIN=1 the server runs on CPU 0 alone and wrk on CPU 1, so neither
+# preempts the other; by default both share every core.
+PIN=${PIN:-}
+SERVER_CPUS=()
+CLIENT_CPUS=()
+if [ -n "$PIN" ]; then
+  SERVER_CPUS=(taskset -c 0)
+  CLIENT_CPUS=(taskset -c 1)
+fi
 OUT=${OUT:-$ROOT/bench/results}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 TSV=$OUT/$STAMP.tsv
@@ -104,11 +115,11 @@ run_one() { # round name kind arg path workload
   local addr=127.0.0.1:$PORT limit=$((DURATION + 30)) pid cookie="" line
   [ "$kind" = peer ] || reset_store "$arg"
   if [ "$kind" = ours ]; then
-    "$SERVER" --addr "$addr" --store "$arg" --max-seconds "$limit" 2>/dev/null &
+    "${SERVER_CPUS[@]}" "$SERVER" --addr "$addr" --store "$arg" --max-seconds "$limit" 2>/dev/null &
   elif [ "$kind" != peer ]; then
-    "$kind" --addr "$addr" --store "$arg" --max-seconds "$limit" 2>/dev/null &
+    "${SERVER_CPUS[@]}" "$kind" --addr "$addr" --store "$arg" --max-seconds "$limit" 2>/dev/null &
   else
-    "$PEER_SERVER" --peer "$arg" --addr "$addr" --max-seconds "$limit" 2>/dev/null &
+    "${SERVER_CPUS[@]}" "$PEER_SERVER" --peer "$arg" --addr "$addr" --max-seconds "$limit" 2>/dev/null &
   fi
   pid=$!
   if ! wait_for_port "$PORT"; then
@@ -122,7 +133,7 @@ run_one() { # round name kind arg path workload
     cookie=$(curl -s -o /dev/null -D - "http://$addr/login" | sed -n 's/^[Ss]et-[Cc]ookie: \([^;]*\).*/\1/p' | head -1)
   fi
   line=$(COOKIE=$cookie WORKLOAD=$workload timeout $((DURATION + 20)) \
-    wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" -s "$LUA" "http://$addr$path" | grep '^RESULT' || true)
+    "${CLIENT_CPUS[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" -s "$LUA" "http://$addr$path" | grep '^RESULT' || true)
   # The server's own CPU time (user + system) over the whole run: steadier
   # than req/s when other work shares the machine.
   local ticks
@@ -136,7 +147,7 @@ run_one() { # round name kind arg path workload
 }
 
 {
-  echo "# $(date -u) $(uname -r) $(nproc) cores; wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s; load: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "# $(date -u) $(uname -r) $(nproc) cores; wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s${PIN:+; server on CPU 0, wrk on CPU 1}; load: $(cut -d' ' -f1-3 /proc/loadavg)"
 } >"$TSV"
 for round in $(seq 1 "$RUNS"); do
   for config in "${CONFIGS[@]}"; do
