@@ -23,13 +23,8 @@ FREQUENCY=${FREQUENCY:-2999}
 STORE=${STORE:-memory}
 PORT=${PORT:-24000}
 OUT=${OUT:-$(mktemp -d /tmp/idempotent-profile.XXXXXX)}
-PIN=${PIN:-}
-SERVER_CPUS=()
-CLIENT_CPUS=()
-if [ -n "$PIN" ]; then
-  SERVER_CPUS=(taskset -c 0)
-  CLIENT_CPUS=(taskset -c 1)
-fi
+# shellcheck source=bench/pin.sh
+. "$ROOT/bench/pin.sh"
 
 for tool in perf wrk python3; do
   command -v "$tool" >/dev/null || { echo "$tool not found" >&2; exit 1; }

@@ -34,15 +34,8 @@ WORKLOADS=${WORKLOADS:-new replay mix dup}
 # Below the kernel's ephemeral range (32768-60999), so no client socket
 # can hold the port a fresh server binds.
 PORT=${PORT:-21000}
-# With PIN=1 the server runs on CPU 0 alone and wrk on CPU 1, so neither
-# preempts the other; by default both share every core.
-PIN=${PIN:-}
-SERVER_CPUS=()
-CLIENT_CPUS=()
-if [ -n "$PIN" ]; then
-  SERVER_CPUS=(taskset -c 0)
-  CLIENT_CPUS=(taskset -c 1)
-fi
+# shellcheck source=bench/pin.sh
+. "$ROOT/bench/pin.sh"
 OUT=${OUT:-$ROOT/bench/results}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 TSV=$OUT/$STAMP.tsv
