@@ -6,6 +6,10 @@
 #   ONLY='ours' bench/run.sh          # only configurations whose name matches
 #   STORES='memory redis tiered-redis postgres tiered-postgres sqlite' bench/run.sh
 #                                     # durable stores need Redis / PostgreSQL on loopback
+#   LAYER=router bench/run.sh         # our servers with the idempotency layer
+#                                     # around the whole router instead of
+#                                     # on each route (the bare baseline
+#                                     # keeps its own router)
 #   PIN=1 bench/run.sh                # server on CPU 0, wrk on CPU 1: each
 #                                     # on a core of its own (taskset)
 #   VARIANTS='exp=/tmp/bench-server' bench/run.sh
@@ -34,6 +38,7 @@ WORKLOADS=${WORKLOADS:-new replay mix dup}
 # Below the kernel's ephemeral range (32768-60999), so no client socket
 # can hold the port a fresh server binds.
 PORT=${PORT:-21000}
+LAYER=${LAYER:-}
 # shellcheck source=bench/pin.sh
 . "$ROOT/bench/pin.sh"
 OUT=${OUT:-$ROOT/bench/results}
@@ -107,10 +112,12 @@ run_one() { # round name kind arg path workload
   PORT=$((PORT + 1))
   local addr=127.0.0.1:$PORT limit=$((DURATION + 30)) pid cookie="" line
   [ "$kind" = peer ] || reset_store "$arg"
+  local layer=()
+  if [ -n "$LAYER" ] && [ "$path" != /bare ]; then layer=(--layer "$LAYER"); fi
   if [ "$kind" = ours ]; then
-    "${SERVER_CPUS[@]}" "$SERVER" --addr "$addr" --store "$arg" --max-seconds "$limit" 2>/dev/null &
+    "${SERVER_CPUS[@]}" "$SERVER" --addr "$addr" --store "$arg" "${layer[@]}" --max-seconds "$limit" 2>/dev/null &
   elif [ "$kind" != peer ]; then
-    "${SERVER_CPUS[@]}" "$kind" --addr "$addr" --store "$arg" --max-seconds "$limit" 2>/dev/null &
+    "${SERVER_CPUS[@]}" "$kind" --addr "$addr" --store "$arg" "${layer[@]}" --max-seconds "$limit" 2>/dev/null &
   else
     "${SERVER_CPUS[@]}" "$PEER_SERVER" --peer "$arg" --addr "$addr" --max-seconds "$limit" 2>/dev/null &
   fi
@@ -140,7 +147,7 @@ run_one() { # round name kind arg path workload
 }
 
 {
-  echo "# $(date -u) $(uname -r) $(nproc) cores; wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s${PIN:+; server on CPU 0, wrk on CPU 1}; load: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "# $(date -u) $(uname -r) $(nproc) cores; wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s${PIN:+; server on CPU 0, wrk on CPU 1}${LAYER:+; layer on $LAYER}; load: $(cut -d' ' -f1-3 /proc/loadavg)"
 } >"$TSV"
 for round in $(seq 1 "$RUNS"); do
   for config in "${CONFIGS[@]}"; do

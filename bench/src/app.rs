@@ -5,7 +5,8 @@ use axum::Json;
 use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::post;
-use idempotent_core::{Endpoint, Idempotency, idempotent};
+use idempotent_core::{Endpoint, Idempotency, IdempotencyService, idempotent};
+use tower::Layer;
 
 use crate::handler::{self, NewPayment, Payment};
 
@@ -25,13 +26,22 @@ pub async fn idempotent_payment(Json(request): Json<NewPayment>) -> (StatusCode,
 /// - `/idem`: the same handler through the engine;
 /// - `/plain`: the bare handler on the router that carries the layer.
 pub fn router(idempotency: Idempotency) -> Router {
-    let layered = Router::new()
-        .route("/idem", post(idempotent_payment))
-        .route("/plain", post(handler::bare))
-        .layer(idempotency);
     Router::new()
         .route("/bare", post(handler::bare))
-        .merge(layered)
+        .merge(layered_routes().layer(idempotency))
+}
+
+/// The same routes with the layer around the whole router instead of on
+/// each route (`/bare` then passes through it too, so the bare baseline is
+/// measured on [`router`]).
+pub fn wrapped_router(idempotency: &Idempotency) -> IdempotencyService<Router> {
+    idempotency.layer(layered_routes().route("/bare", post(handler::bare)))
+}
+
+fn layered_routes() -> Router {
+    Router::new()
+        .route("/idem", post(idempotent_payment))
+        .route("/plain", post(handler::bare))
 }
 
 /// The request body every benchmark sends (70 bytes).

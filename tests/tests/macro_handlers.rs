@@ -218,3 +218,24 @@ async fn path_parameters_are_part_of_the_fingerprint() {
     assert_eq!(other_item.0, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(send(&app, post_json("/items/1", Some("k"), body)).await.1);
 }
+
+/// The layer can also wrap the whole router once, instead of each route
+/// (`Router::layer`): handlers find it all the same.
+#[tokio::test]
+async fn a_layer_around_the_whole_router_serves_the_handlers() {
+    let counter = Counter::default();
+    let routes = Router::new()
+        .route("/orders", post(create_order))
+        .with_state(counter.clone());
+    let app = tower::Layer::layer(&Idempotency::new(MemoryStore::new()), routes);
+    let body = r#"{"item":"pen","quantity":1}"#;
+    let mut replayed = Vec::new();
+    for _ in 0..2 {
+        let request = post_json("/orders", Some("k-outer"), body);
+        let response = app.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        replayed.push(response.headers().contains_key(IDEMPOTENT_REPLAYED));
+    }
+    assert_eq!(replayed, [false, true]);
+    assert_eq!(counter.get(), 1);
+}

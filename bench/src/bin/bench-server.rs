@@ -2,8 +2,9 @@
 //! without idempotency on the same router as the idempotent one.
 //!
 //! ```text
-//! bench-server [--addr 127.0.0.1:3000] [--store memory] [--max-seconds 120]
+//! bench-server [--addr 127.0.0.1:3000] [--store memory] [--layer routes] [--max-seconds 120]
 //! stores: memory, redis, tiered-redis, postgres, tiered-postgres, sqlite
+//! layer: routes (`Router::layer`, on each route), router (around the whole router)
 //! ```
 //!
 //! Routes (all `POST`, body `{"amount":..,"currency":..,"reference":..}`):
@@ -17,6 +18,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use axum::ServiceExt;
+use axum::extract::Request;
 use idempotent_bench::app;
 use idempotent_core::Idempotency;
 use idempotent_core::store::{
@@ -26,6 +29,8 @@ use idempotent_core::store::{
 struct Args {
     addr: SocketAddr,
     store: String,
+    /// Where the idempotency layer goes: `routes` or `router`.
+    layer: String,
     max_seconds: u64,
 }
 
@@ -33,6 +38,7 @@ fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         addr: SocketAddr::from(([127, 0, 0, 1], 3000)),
         store: "memory".to_owned(),
+        layer: "routes".to_owned(),
         max_seconds: 120,
     };
     let mut words = std::env::args().skip(1);
@@ -43,6 +49,7 @@ fn parse_args() -> Result<Args, String> {
         match flag.as_str() {
             "--addr" => args.addr = value.parse().map_err(|e| format!("--addr: {e}"))?,
             "--store" => args.store = value,
+            "--layer" => args.layer = value,
             "--max-seconds" => {
                 args.max_seconds = value.parse().map_err(|e| format!("--max-seconds: {e}"))?;
             }
@@ -97,13 +104,28 @@ async fn postgres() -> Result<PostgresStore, StoreError> {
 #[tokio::main]
 async fn main() -> Result<(), String> {
     let args = parse_args()?;
-    let app = app::router(idempotency(&args.store).await?);
+    let idempotency = idempotency(&args.store).await?;
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
         .map_err(|e| format!("bind {}: {e}", args.addr))?;
-    eprintln!("bench-server: store {} on http://{}", args.store, args.addr);
-    let serve = axum::serve(listener, app);
-    match tokio::time::timeout(Duration::from_secs(args.max_seconds), serve).await {
+    eprintln!(
+        "bench-server: store {}, layer on {}, on http://{}",
+        args.store, args.layer, args.addr
+    );
+    let limit = Duration::from_secs(args.max_seconds);
+    let served = match args.layer.as_str() {
+        "routes" => {
+            let serve = axum::serve(listener, app::router(idempotency));
+            tokio::time::timeout(limit, serve.into_future()).await
+        }
+        "router" => {
+            let app = app::wrapped_router(&idempotency);
+            let app = ServiceExt::<Request>::into_make_service(app);
+            tokio::time::timeout(limit, axum::serve(listener, app).into_future()).await
+        }
+        other => return Err(format!("unknown layer `{other}` (routes, router)")),
+    };
+    match served {
         Ok(result) => result.map_err(|e| e.to_string()),
         Err(_elapsed) => Ok(()),
     }

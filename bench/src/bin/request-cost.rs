@@ -5,6 +5,8 @@
 //! ```text
 //! request-cost <route> <workload> <requests>
 //! routes: bare, idem, plain; workloads: new, replay, nokey
+//! LAYER=router: the idempotency layer around the whole router instead of
+//! on each route
 //! ```
 //!
 //! Instructions per request: run twice with different request counts and
@@ -13,16 +15,18 @@
 //! allocations per request, counted after a warm-up of 1000 requests.
 
 use std::alloc::System;
+use std::convert::Infallible;
 
-use axum::Router;
 use axum::body::Body;
+use axum::response::Response;
 use http::Request;
 use http_body_util::BodyExt;
 use idempotent_bench::app;
 use idempotent_core::Idempotency;
 use idempotent_core::store::MemoryStore;
-use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
-use tower::ServiceExt;
+use stats_alloc::{INSTRUMENTED_SYSTEM, Region, Stats, StatsAlloc};
+use tokio::runtime::Runtime;
+use tower::{Service, ServiceExt};
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
@@ -50,12 +54,15 @@ fn key(workload: &str, n: u64) -> Result<Option<String>, String> {
     }
 }
 
-async fn drive(
-    router: &Router,
+async fn drive<S>(
+    router: &S,
     route: &str,
     workload: &str,
     requests: std::ops::Range<u64>,
-) -> Result<(), String> {
+) -> Result<(), String>
+where
+    S: Service<Request<Body>, Response = Response, Error = Infallible> + Clone,
+{
     for n in requests {
         let response = router
             .clone()
@@ -74,6 +81,30 @@ async fn drive(
     Ok(())
 }
 
+/// One measurement: a warm-up, then the allocations of `requests` requests.
+struct Run<'a> {
+    runtime: &'a Runtime,
+    route: &'a str,
+    workload: &'a str,
+    requests: u64,
+}
+
+impl Run<'_> {
+    fn measure<S>(&self, router: &S) -> Result<Stats, String>
+    where
+        S: Service<Request<Body>, Response = Response, Error = Infallible> + Clone,
+    {
+        let (route, workload) = (self.route, self.workload);
+        self.runtime
+            .block_on(drive(router, route, workload, 0..WARM_UP))?;
+        let region = Region::new(GLOBAL);
+        let measured = WARM_UP..WARM_UP + self.requests;
+        self.runtime
+            .block_on(drive(router, route, workload, measured))?;
+        Ok(region.change())
+    }
+}
+
 fn main() -> Result<(), String> {
     let words: Vec<String> = std::env::args().skip(1).collect();
     let [route, workload, requests] = words.as_slice() else {
@@ -84,12 +115,17 @@ fn main() -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let router = app::router(Idempotency::new(MemoryStore::new()));
-    runtime.block_on(drive(&router, route, workload, 0..WARM_UP))?;
-    let region = Region::new(GLOBAL);
-    let measured = WARM_UP..WARM_UP + requests;
-    runtime.block_on(drive(&router, route, workload, measured))?;
-    let change = region.change();
+    let idempotency = Idempotency::new(MemoryStore::new());
+    let run = Run {
+        runtime: &runtime,
+        route,
+        workload,
+        requests,
+    };
+    let change = match std::env::var("LAYER").as_deref() {
+        Ok("router") => run.measure(&app::wrapped_router(&idempotency))?,
+        _ => run.measure(&app::router(idempotency))?,
+    };
     #[allow(clippy::cast_precision_loss)]
     let per_request = |count: usize| count as f64 / requests.max(1) as f64;
     println!(
