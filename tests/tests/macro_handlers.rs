@@ -46,11 +46,14 @@ async fn create_order(
     )
 }
 
-fn app(counter: &Counter) -> Router {
+fn routes(counter: &Counter) -> Router {
     Router::new()
         .route("/orders", post(create_order))
         .with_state(counter.clone())
-        .layer(Idempotency::new(MemoryStore::new()))
+}
+
+fn app(counter: &Counter) -> Router {
+    routes(counter).layer(Idempotency::new(MemoryStore::new()))
 }
 
 fn post_json(uri: &str, key: Option<&str>, body: &str) -> Request<Body> {
@@ -224,10 +227,7 @@ async fn path_parameters_are_part_of_the_fingerprint() {
 #[tokio::test]
 async fn a_layer_around_the_whole_router_serves_the_handlers() {
     let counter = Counter::default();
-    let routes = Router::new()
-        .route("/orders", post(create_order))
-        .with_state(counter.clone());
-    let app = tower::Layer::layer(&Idempotency::new(MemoryStore::new()), routes);
+    let app = tower::Layer::layer(&Idempotency::new(MemoryStore::new()), routes(&counter));
     let body = r#"{"item":"pen","quantity":1}"#;
     let mut replayed = Vec::new();
     for _ in 0..2 {
