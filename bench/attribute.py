@@ -70,21 +70,28 @@ def main():
     args = parser.parse_args()
     names = [profile.replace(":", "-") for profile in dict.fromkeys(args.profiles)]
     loaded = {name: load(args.directory, name, args.frequency) for name in names}
-    compared = [name for name in names if not name.startswith("bare-")]
+    # Each profile against its baseline.
+    pairs = [
+        ("bare-nokey" if name.endswith("-nokey") else "bare-new", name)
+        for name in names
+        if not name.startswith("bare-")
+    ]
     order = [name for name, _ in COMPONENTS] + ["other"]
 
+    def cost(name, key):
+        costs = loaded[name][0]
+        return sum(costs.values()) if key == "total" else costs.get(key, 0.0)
+
     header = ["component"]
-    for name in compared:
-        base = "bare-nokey" if name.endswith("-nokey") else "bare-new"
+    for base, name in pairs:
         header += [base, name, "Δ"]
     print("| " + " | ".join(header) + " |")
     print("|---" + "|---:" * (len(header) - 1) + "|")
     for key in order + ["total"]:
         row = [key]
-        for name in compared:
-            base = "bare-nokey" if name.endswith("-nokey") else "bare-new"
-            cost = lambda n: sum(loaded[n][0].values()) if key == "total" else loaded[n][0].get(key, 0.0)
-            row += [f"{cost(base):.2f}", f"{cost(name):.2f}", f"{cost(name) - cost(base):+.2f}"]
+        for base, name in pairs:
+            before, after = cost(base, key), cost(name, key)
+            row += [f"{before:.2f}", f"{after:.2f}", f"{after - before:+.2f}"]
         print("| " + " | ".join(row) + " |")
     served = ", ".join(f"{name} {loaded[name][1]:,}" for name in names)
     print(f"\nµs of server CPU per request under perf (self time); requests served: {served}")

@@ -23,8 +23,9 @@ FREQUENCY=${FREQUENCY:-2999}
 STORE=${STORE:-memory}
 PORT=${PORT:-24000}
 OUT=${OUT:-$(mktemp -d /tmp/idempotent-profile.XXXXXX)}
-# shellcheck source=bench/pin.sh
-. "$ROOT/bench/pin.sh"
+mkdir -p "$OUT"
+# shellcheck source=bench/common.sh
+. "$ROOT/bench/common.sh"
 
 for tool in perf wrk python3; do
   command -v "$tool" >/dev/null || { echo "$tool not found" >&2; exit 1; }
@@ -40,7 +41,7 @@ profile_one() { # route workload
   PORT=$((PORT + 1))
   "${SERVER_CPUS[@]}" "$SERVER" --addr "127.0.0.1:$PORT" --store "$STORE" --max-seconds $((DURATION + 30)) 2>/dev/null &
   pid=$!
-  for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.05; done
+  wait_for_port "$PORT"
   perf record -q -e cpu-clock -F "$FREQUENCY" --call-graph fp -p "$pid" -o "$OUT/$name.data" \
     -- sleep "$DURATION" >/dev/null 2>&1 &
   recorder=$!

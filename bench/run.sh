@@ -39,8 +39,8 @@ WORKLOADS=${WORKLOADS:-new replay mix dup}
 # can hold the port a fresh server binds.
 PORT=${PORT:-21000}
 LAYER=${LAYER:-}
-# shellcheck source=bench/pin.sh
-. "$ROOT/bench/pin.sh"
+# shellcheck source=bench/common.sh
+. "$ROOT/bench/common.sh"
 OUT=${OUT:-$ROOT/bench/results}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 TSV=$OUT/$STAMP.tsv
@@ -86,15 +86,6 @@ for peer in $PEERS; do
   done
   CONFIGS+=("$peer-plain-nokey|peer|$peer|/plain|nokey")
 done
-
-wait_for_port() {
-  for _ in $(seq 1 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.05
-  done
-  echo "server on port $1 did not start" >&2
-  return 1
-}
 
 # Durable stores start every run empty (their own Redis database, table and
 # file: see bench-server.rs).

@@ -10,6 +10,8 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/../.."
+# shellcheck source=bench/common.sh
+. bench/common.sh
 ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-8}
 CLIENTS=${CLIENTS:-32}
@@ -30,7 +32,7 @@ store_run() {
   psql -q -h 127.0.0.1 -U postgres -d test -c 'DROP TABLE IF EXISTS idempotent_bench' >/dev/null 2>&1
   "$bin" --addr "127.0.0.1:$port" --store postgres --max-seconds $((DURATION + 30)) 2>/dev/null &
   pid=$!
-  for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
+  wait_for_port "$port" || true
   line=$(WORKLOAD=new wrk -t2 -c"$CLIENTS" -d"${DURATION}s" -s bench/wrk/workload.lua \
     "http://127.0.0.1:$port/idem" | grep '^RESULT')
   ticks=$(awk '{print $14 + $15}' "/proc/$pid/stat")
