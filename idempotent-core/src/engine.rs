@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::endpoint::Endpoint;
+use crate::exact::ExactRequest;
 use crate::fingerprint::{Fingerprint, FingerprintError};
 use crate::idempotency::Settings;
 use crate::key::KeyError;
@@ -51,6 +52,7 @@ pub(crate) fn run(
     fingerprint: Result<Fingerprint, FingerprintError>,
     handler: Handler,
 ) -> impl Future<Output = Response> + Send + use<> {
+    let exact = request.exact;
     match prepare(request, endpoint, fingerprint) {
         // No key on an endpoint where keys are optional: the handler runs as is.
         Ok(None) => Either::Left(Either::Left(handler)),
@@ -61,7 +63,7 @@ pub(crate) fn run(
                 endpoint = engine.endpoint.name(),
                 key = %engine.key.log_id()
             );
-            Either::Right(engine.claim_and_run(handler).instrument(span))
+            Either::Right(engine.claim_and_run(handler, exact).instrument(span))
         }
     }
 }
@@ -148,7 +150,11 @@ impl Engine {
     // returning `async move` blocks: an `async fn` keeps a second copy of
     // its arguments in its future, and these futures are on every request.
     #[expect(clippy::manual_async_fn, reason = "halves the future's size")]
-    fn claim_and_run(self, handler: Handler) -> impl Future<Output = Response> + Send {
+    fn claim_and_run(
+        self,
+        handler: Handler,
+        exact: Option<ExactRequest>,
+    ) -> impl Future<Output = Response> + Send {
         async move {
             let deadline = self
                 .endpoint
@@ -165,7 +171,7 @@ impl Engine {
                 match claim.await {
                     Err(error) => return self.store_failed(&error, handler).await,
                     Ok(Claim::Acquired(token)) => return self.execute(token, handler).await,
-                    Ok(Claim::Completed(record)) => return self.replay(&record),
+                    Ok(Claim::Completed(record)) => return self.replay(&record, exact),
                     Ok(Claim::InFlight { fingerprint, .. }) if fingerprint != self.fingerprint => {
                         return self.mismatch();
                     }
@@ -183,23 +189,11 @@ impl Engine {
         }
     }
 
-    async fn timed<T>(
+    fn timed<T>(
         &self,
         operation: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        let mut operation = pin!(operation);
-        // A store that answers at once (the in-memory one) needs no timer.
-        if let Poll::Ready(result) = poll_once(&mut operation).await {
-            return result;
-        }
-        let timeout = self.settings.store_timeout;
-        // Boxed: only a store that did not answer at once needs the timer,
-        // and inline it would add its size to every request's future and
-        // pipeline (see `execute`).
-        match Box::pin(tokio::time::timeout(timeout, operation)).await {
-            Ok(result) => result,
-            Err(_elapsed) => Err(StoreError::Timeout(timeout)),
-        }
+    ) -> impl Future<Output = Result<T, StoreError>> {
+        within(self.settings.store_timeout, operation)
     }
 
     async fn store_failed(&self, error: &StoreError, handler: Handler) -> Response {
@@ -216,9 +210,15 @@ impl Engine {
         .into_response()
     }
 
-    fn replay(&self, record: &Completed) -> Response {
+    fn replay(&self, record: &Completed, exact: Option<ExactRequest>) -> Response {
         if record.fingerprint != self.fingerprint {
             return self.mismatch();
+        }
+        if let Some(ExactRequest(request)) = exact {
+            // Its next exact repeat is answered before the body is parsed.
+            self.settings
+                .exact
+                .remember(&self.key, request, self.fingerprint);
         }
         tracing::debug!(
             outcome = "replayed",
@@ -387,6 +387,25 @@ impl Engine {
 }
 
 /// Polls `future` once, without waiting.
+/// `operation`, cut after `timeout`.
+pub(crate) async fn within<T>(
+    timeout: Duration,
+    operation: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let mut operation = pin!(operation);
+    // A store that answers at once (the in-memory one) needs no timer.
+    if let Poll::Ready(result) = poll_once(&mut operation).await {
+        return result;
+    }
+    // Boxed: only a store that did not answer at once needs the timer,
+    // and inline it would add its size to every request's future and
+    // pipeline (see `Engine::execute`).
+    match Box::pin(tokio::time::timeout(timeout, operation)).await {
+        Ok(result) => result,
+        Err(_elapsed) => Err(StoreError::Timeout(timeout)),
+    }
+}
+
 async fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
     std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *future).poll(cx))).await
 }

@@ -9,6 +9,7 @@ use tokio::task::futures::TaskLocalFuture;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::exact::ExactReplays;
 use crate::store::{DynStore, SharedStore, Store};
 
 /// Idempotency for a router: the store plus service-wide settings.
@@ -56,6 +57,7 @@ pub(crate) struct Settings {
     pub(crate) fail_open: bool,
     pub(crate) max_body_bytes: usize,
     pub(crate) api_key_header: HeaderName,
+    pub(crate) exact: ExactReplays,
 }
 
 impl std::fmt::Debug for Idempotency {
@@ -119,6 +121,7 @@ impl IdempotencyBuilder {
                 fail_open: false,
                 max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
                 api_key_header: HeaderName::from_static("x-api-key"),
+                exact: ExactReplays::new(),
             },
         }
     }

@@ -24,6 +24,7 @@ pub mod clock;
 mod digest;
 mod endpoint;
 mod engine;
+mod exact;
 pub mod fingerprint;
 mod idempotency;
 pub mod key;

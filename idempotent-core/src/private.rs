@@ -17,7 +17,7 @@ pub use crate::scope::Scope;
 use std::future::Future;
 use std::time::Duration;
 
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::response::{IntoResponse, Response};
 use http::HeaderMap;
 use http::request::Parts;
@@ -61,6 +61,45 @@ impl<S: Send + Sync, const SCOPE: u8> FromRequestParts<S> for ScopedRequest<SCOP
 impl<const SCOPE: u8> From<ScopedRequest<SCOPE>> for IdempotentRequest {
     fn from(request: ScopedRequest<SCOPE>) -> Self {
         request.0
+    }
+}
+
+/// The last argument of a handler whose fingerprinted arguments all come
+/// from the request's URI, path parameters and body: extracts the
+/// request's idempotency context (`SCOPE` as for [`ScopedRequest`]), then
+/// the handler's body extractor `T`. It runs after every other extractor,
+/// and answers an exact repeat of a replayed request from the store before
+/// `T` parses anything (see the `exact` module). `ENDPOINT` is the
+/// attribute's id of the endpoint.
+#[derive(Debug)]
+pub struct ExactBody<const SCOPE: u8, const ENDPOINT: u64, T>(IdempotentRequest, T);
+
+impl<const SCOPE: u8, const ENDPOINT: u64, T> ExactBody<SCOPE, ENDPOINT, T> {
+    /// The idempotency context and the handler's argument.
+    pub fn into_parts(self) -> (IdempotentRequest, T) {
+        (self.0, self.1)
+    }
+}
+
+impl<S, T, const SCOPE: u8, const ENDPOINT: u64> FromRequest<S> for ExactBody<SCOPE, ENDPOINT, T>
+where
+    S: Send + Sync,
+    T: FromRequest<S>,
+{
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let (mut parts, body) = request.into_parts();
+        let ScopedRequest(mut idempotent) =
+            ScopedRequest::<SCOPE>::from_request_parts(&mut parts, state)
+                .await
+                .map_err(IntoResponse::into_response)?;
+        let body =
+            crate::exact::answer_exact_repeat(&mut idempotent, ENDPOINT, &mut parts, body).await?;
+        let inner = T::from_request(Request::from_parts(parts, body), state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Ok(Self(idempotent, inner))
     }
 }
 

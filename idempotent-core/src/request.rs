@@ -9,6 +9,7 @@ use http::HeaderMap;
 use http::request::Parts;
 
 use crate::endpoint::Endpoint;
+use crate::exact::ExactRequest;
 use crate::fingerprint::{Fingerprint, FingerprintError};
 use crate::idempotency::Idempotency;
 use crate::key::IdempotencyKey;
@@ -47,6 +48,9 @@ pub struct IdempotentRequest {
     pub(crate) idempotency: Idempotency,
     pub(crate) key: Option<IdempotencyKey>,
     pub(crate) scope: ScopeSource,
+    /// Set when the request came through an eligible handler's exact-replay
+    /// check ([`crate::exact`]).
+    pub(crate) exact: Option<ExactRequest>,
 }
 
 /// Where the request's scope comes from.
@@ -120,6 +124,7 @@ impl IdempotentRequest {
             idempotency,
             key,
             scope,
+            exact: None,
         })
     }
 }

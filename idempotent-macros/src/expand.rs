@@ -32,6 +32,12 @@ const NOT_FINGERPRINTED: &[&str] = &[
     "TypedHeader",
 ];
 
+/// Body extractors whose value depends on the body and its content type
+/// alone.
+const BODY_EXTRACTORS: &[&str] = &["Json", "Form", "Bytes", "String"];
+/// Extractors whose value depends on the URI and its path parameters alone.
+const URI_EXTRACTORS: &[&str] = &["Path", "Query", "RawQuery"];
+
 pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
     let args = Args::parse(args, &mut errors);
@@ -110,6 +116,28 @@ impl<'a> Handler<'a> {
         }
         check_skipped_names(&arguments, &args.skip, errors);
         Self { arguments }
+    }
+
+    /// Whether a retry with the same bytes is bound to fingerprint the same:
+    /// the last argument is a body extractor, every fingerprinted argument
+    /// reads only the URI or the body, and the scope is resolved from the
+    /// request's headers while extracting. The body is then extracted
+    /// through `ExactBody`, which answers exact repeats of a replay early.
+    fn answers_exact_repeats(&self, args: &Args) -> bool {
+        let known_scope = matches!(args.scope, None | Some(Scope::ApiKey | Scope::Global));
+        let is = |argument: &Argument<'_>, names: &[&str]| {
+            type_ident(argument.ty).is_some_and(|ident| names.iter().any(|name| ident == name))
+        };
+        let body_last = self
+            .arguments
+            .last()
+            .is_some_and(|last| is(last, BODY_EXTRACTORS));
+        let pure = self
+            .arguments
+            .iter()
+            .filter(|argument| matches!(argument.role, Role::Fingerprinted))
+            .all(|argument| is(argument, BODY_EXTRACTORS) || is(argument, URI_EXTRACTORS));
+        known_scope && body_last && pure
     }
 
     fn principal(&self) -> Option<usize> {
@@ -245,14 +273,22 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
         .collect();
     let (outer_attrs, inner_attrs) = split_attributes(&func.attrs);
     let (principal_param, principal) = principal(args, handler, &params, &private);
+    let exact_body = handler.answers_exact_repeats(args);
     let signature = outer_signature(
         func,
         handler,
         &params,
         principal_param.as_ref(),
         &request_type(args, &private),
+        exact_body.then(|| {
+            (
+                scope_kind(args, &private),
+                endpoint_id(args, &func.sig.ident),
+            )
+        }),
         &private,
     );
+    let unpack = exact_body.then(|| unpack_exact_body(&params));
     let endpoint = endpoint_const(args, &func.sig.ident, &private);
     let fingerprint = fingerprint(handler, &params, &private);
     let future = future(func, &params, &private);
@@ -267,6 +303,7 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
             #(#inner_attrs)*
             #sig #block
 
+            #unpack
             #endpoint
             let __idempotent_fingerprint = #fingerprint;
             #principal
@@ -283,12 +320,16 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
 /// returning the engine's future: the fingerprint and the scope are
 /// computed when it is called, and the future holds the arguments once,
 /// inside the handler's own future.
+///
+/// With `exact_body` (the scope kind and the endpoint's id), the context comes with the last
+/// argument instead, which `ExactBody` wraps.
 fn outer_signature(
     func: &ItemFn,
     handler: &Handler<'_>,
     params: &[Ident],
     principal_param: Option<&TokenStream>,
     request_type: &TokenStream,
+    exact_body: Option<(TokenStream, u64)>,
     private: &TokenStream,
 ) -> TokenStream {
     let vis = &func.vis;
@@ -296,14 +337,52 @@ fn outer_signature(
     let generics = &func.sig.generics;
     let where_clause = &generics.where_clause;
     let request = local("__idempotent_request");
-    let types = handler.arguments.iter().map(|argument| argument.ty);
+    let mut types: Vec<TokenStream> = handler
+        .arguments
+        .iter()
+        .map(|argument| argument.ty.to_token_stream())
+        .collect();
+    let request_param = match (exact_body, types.last_mut()) {
+        (Some((scope, id)), Some(last)) => {
+            let id = proc_macro2::Literal::u64_suffixed(id);
+            *last = quote!(#private::ExactBody<#scope, #id, #last>);
+            None
+        }
+        _ => Some(quote!(#request: #request_type,)),
+    };
     quote! {
         #vis fn #name #generics (
-            #request: #request_type,
+            #request_param
             #principal_param
             #(#params: #types),*
         ) -> impl ::core::future::Future<Output = #private::axum::response::Response> #where_clause
     }
+}
+
+/// Splits the `ExactBody` last argument into the request's context and the
+/// handler's own argument.
+fn unpack_exact_body(params: &[Ident]) -> TokenStream {
+    let request = local("__idempotent_request");
+    let last = params.last();
+    quote!(let (#request, #last) = #last.into_parts();)
+}
+
+/// The endpoint's name.
+fn endpoint_name(args: &Args, name: &Ident) -> LitStr {
+    args.name
+        .clone()
+        .unwrap_or_else(|| LitStr::new(&name.unraw().to_string(), name.span()))
+}
+
+/// A 64-bit FNV-1a hash of the endpoint's name: `ExactBody` carries it as a
+/// const parameter, so an exact repeat is only answered by its own endpoint.
+fn endpoint_id(args: &Args, name: &Ident) -> u64 {
+    endpoint_name(args, name)
+        .value()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        })
 }
 
 /// The extractor of the request's idempotency context. Where the scope
@@ -311,13 +390,21 @@ fn outer_signature(
 /// extracting, so the request's headers are not copied; an endpoint scoped
 /// by a named header takes the general extractor, which copies them.
 fn request_type(args: &Args, private: &TokenStream) -> TokenStream {
+    if let Some(Scope::Header(_)) = &args.scope {
+        return quote!(#private::IdempotentRequest);
+    }
+    let kind = scope_kind(args, private);
+    quote!(#private::ScopedRequest<#kind>)
+}
+
+/// The scope kind `ScopedRequest` and `ExactBody` take.
+fn scope_kind(args: &Args, private: &TokenStream) -> TokenStream {
     let kind = match &args.scope {
-        None | Some(Scope::ApiKey) => quote!(API_KEY),
         Some(Scope::Global) => quote!(GLOBAL),
         Some(Scope::Custom(_)) => quote!(CUSTOM),
-        Some(Scope::Header(_)) => return quote!(#private::IdempotentRequest),
+        _ => quote!(API_KEY),
     };
-    quote!(#private::ScopedRequest<{ #private::#kind }>)
+    quote!({ #private::#kind })
 }
 
 /// The call into the engine, spanned at the handler's name so that a future
@@ -361,10 +448,7 @@ fn split_attributes(attrs: &[Attribute]) -> (Vec<&Attribute>, Vec<&Attribute>) {
 }
 
 fn endpoint_const(args: &Args, name: &Ident, private: &TokenStream) -> TokenStream {
-    let endpoint_name = args
-        .name
-        .clone()
-        .unwrap_or_else(|| LitStr::new(&name.unraw().to_string(), name.span()));
+    let endpoint_name = endpoint_name(args, name);
     let ttl = args.ttl.map(|ms| quote!(.ttl(#private::millis(#ms))));
     let lease = args.lease.map(|ms| quote!(.lease(#private::millis(#ms))));
     let wait = args.wait.map(|ms| quote!(.wait(#private::millis(#ms))));

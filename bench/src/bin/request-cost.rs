@@ -36,6 +36,7 @@ const WARM_UP: u64 = 1000;
 fn request(route: &str, key: Option<String>) -> Request<Body> {
     let mut builder = Request::post(format!("/{route}"))
         .header("content-type", "application/json")
+        .header("content-length", app::BODY.len())
         .header("x-api-key", app::API_KEY);
     if let Some(key) = key {
         builder = builder.header("idempotency-key", key);

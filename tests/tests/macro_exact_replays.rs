@@ -1,0 +1,389 @@
+//! Exact repeats of a replayed request are answered before the body is
+//! parsed, and never differently from the full path.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{Request, StatusCode};
+use axum::routing::post;
+use axum::{Json, Router};
+use http_body_util::BodyExt;
+use idempotent_core::testing::{MockStore, OpKind};
+use idempotent_core::{
+    FingerprintError, FingerprintInput, Fingerprinter, IDEMPOTENT_REPLAYED, idempotent,
+};
+use serde::{Deserialize, Deserializer, Serialize};
+use tower::ServiceExt;
+
+/// A payload whose every deserialization is counted. Each test uses its own
+/// `tag`, so tests running in parallel count only their own parses.
+#[derive(Serialize, Debug)]
+struct Charge {
+    tag: String,
+    amount: u64,
+}
+
+impl<'de> Deserialize<'de> for Charge {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Plain {
+            tag: String,
+            amount: u64,
+        }
+        let plain = Plain::deserialize(deserializer)?;
+        parsed(&plain.tag).fetch_add(1, Ordering::SeqCst);
+        Ok(Self {
+            tag: plain.tag,
+            amount: plain.amount,
+        })
+    }
+}
+
+/// How many times bodies tagged `tag` were deserialized.
+fn parsed(tag: &str) -> &'static AtomicUsize {
+    static COUNTERS: std::sync::Mutex<Vec<(String, &'static AtomicUsize)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut counters = COUNTERS.lock().unwrap();
+    if let Some((_, counter)) = counters.iter().find(|(name, _)| name == tag) {
+        return counter;
+    }
+    let counter: &'static AtomicUsize = Box::leak(Box::new(AtomicUsize::new(0)));
+    counters.push((tag.to_owned(), counter));
+    counter
+}
+
+#[derive(Clone, Default)]
+struct Runs(Arc<AtomicUsize>);
+
+#[idempotent(ttl = "1h")]
+async fn charge(State(runs): State<Runs>, Json(charge): Json<Charge>) -> (StatusCode, String) {
+    let run = runs.0.fetch_add(1, Ordering::SeqCst) + 1;
+    (
+        StatusCode::CREATED,
+        format!("charge {run}: {} {}", charge.tag, charge.amount),
+    )
+}
+
+fn app(store: &MockStore, runs: &Runs) -> Router {
+    Router::new()
+        .route("/charges", post(charge))
+        .with_state(runs.clone())
+        .layer(store.layer())
+}
+
+/// A request as an HTTP/1.1 client sends it: with its `Content-Length`.
+fn post_json(uri: &str, key: &str, body: &str) -> Request<Body> {
+    Request::post(uri)
+        .header("content-type", "application/json")
+        .header("content-length", body.len())
+        .header("x-api-key", "caller-1")
+        .header("idempotency-key", key)
+        .body(Body::from(body.to_owned()))
+        .unwrap()
+}
+
+struct Answer {
+    status: StatusCode,
+    replayed: bool,
+    body: String,
+}
+
+async fn send(app: &Router, request: Request<Body>) -> Answer {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let replayed = response.headers().contains_key(IDEMPOTENT_REPLAYED);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        status,
+        replayed,
+        body: String::from_utf8(body.to_vec()).unwrap(),
+    }
+}
+
+/// Sends `body` under `key` `times` times; returns the answers.
+async fn repeat(app: &Router, key: &str, body: &str, times: usize) -> Vec<Answer> {
+    let mut answers = Vec::new();
+    for _ in 0..times {
+        answers.push(send(app, post_json("/charges", key, body)).await);
+    }
+    answers
+}
+
+#[tokio::test]
+async fn exact_repeats_of_a_replay_are_answered_without_parsing_the_body() {
+    let (store, runs) = (MockStore::new(), Runs::default());
+    let app = app(&store, &runs);
+    let body = r#"{"tag":"exact","amount":100}"#;
+
+    let answers = repeat(&app, "k1", body, 6).await;
+
+    for answer in &answers {
+        assert_eq!(answer.status, StatusCode::CREATED);
+        assert_eq!(answer.body, "charge 1: exact 100");
+    }
+    let replayed: Vec<bool> = answers.iter().map(|answer| answer.replayed).collect();
+    assert_eq!(replayed, [false, true, true, true, true, true]);
+    store.assert_executed_once();
+    // The first execution and the first two replays parse the body (the
+    // second one records the request's digest); the last three do not.
+    assert_eq!(parsed("exact").load(Ordering::SeqCst), 3);
+    // They read the stored record instead of claiming the key.
+    assert_eq!(store.count(OpKind::Claim), 3);
+    assert_eq!(store.count(OpKind::Get), 3);
+}
+
+#[tokio::test]
+async fn the_same_payload_in_other_bytes_still_replays_through_the_full_path() {
+    let (store, runs) = (MockStore::new(), Runs::default());
+    let app = app(&store, &runs);
+    repeat(&app, "k1", r#"{"tag":"reordered","amount":100}"#, 4).await;
+    let before = parsed("reordered").load(Ordering::SeqCst);
+
+    let answer = send(
+        &app,
+        post_json("/charges", "k1", r#"{ "amount": 100, "tag": "reordered" }"#),
+    )
+    .await;
+
+    assert_eq!(answer.status, StatusCode::CREATED);
+    assert!(answer.replayed);
+    assert_eq!(answer.body, "charge 1: reordered 100");
+    assert_eq!(parsed("reordered").load(Ordering::SeqCst), before + 1);
+    store.assert_executed_once();
+}
+
+#[tokio::test]
+async fn a_different_payload_is_refused_with_422_after_exact_replays() {
+    let (store, runs) = (MockStore::new(), Runs::default());
+    let app = app(&store, &runs);
+    repeat(&app, "k1", r#"{"tag":"changed","amount":100}"#, 4).await;
+
+    let answer = send(
+        &app,
+        post_json("/charges", "k1", r#"{"tag":"changed","amount":999}"#),
+    )
+    .await;
+
+    assert_eq!(answer.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(answer.body.contains("urn:idempotent:key-reused"));
+    store.assert_executed_once();
+}
+
+#[tokio::test]
+async fn once_the_record_expires_an_exact_repeat_runs_the_handler_again() {
+    let (store, runs) = (MockStore::new(), Runs::default());
+    let app = app(&store, &runs);
+    let body = r#"{"tag":"expired","amount":100}"#;
+    repeat(&app, "k1", body, 4).await;
+
+    store.advance(Duration::from_secs(3601));
+    let answer = send(&app, post_json("/charges", "k1", body)).await;
+
+    assert_eq!(answer.status, StatusCode::CREATED);
+    assert!(!answer.replayed);
+    assert_eq!(answer.body, "charge 2: expired 100");
+    assert_eq!(store.executions(), 2);
+}
+
+#[tokio::test]
+async fn a_key_reused_after_expiry_is_never_answered_with_the_old_payloads_replay() {
+    let (store, runs) = (MockStore::new(), Runs::default());
+    let app = app(&store, &runs);
+    let first = r#"{"tag":"reused","amount":100}"#;
+    repeat(&app, "k1", first, 4).await;
+    store.advance(Duration::from_secs(3601));
+    let second = send(
+        &app,
+        post_json("/charges", "k1", r#"{"tag":"reused","amount":7}"#),
+    )
+    .await;
+    assert_eq!(second.body, "charge 2: reused 7");
+
+    // The table still knows the first payload's bytes under this key, but
+    // the record there now holds the second payload.
+    let answer = send(&app, post_json("/charges", "k1", first)).await;
+
+    assert_eq!(answer.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(store.executions(), 2);
+}
+
+#[tokio::test]
+async fn a_body_without_a_declared_length_takes_the_full_path() {
+    let (store, runs) = (MockStore::new(), Runs::default());
+    let app = app(&store, &runs);
+    let body = r#"{"tag":"chunked","amount":100}"#;
+    repeat(&app, "k1", body, 4).await;
+    let before = parsed("chunked").load(Ordering::SeqCst);
+
+    let mut request = post_json("/charges", "k1", body);
+    request.headers_mut().remove("content-length");
+    let answer = send(&app, request).await;
+
+    assert_eq!(answer.status, StatusCode::CREATED);
+    assert!(answer.replayed);
+    assert_eq!(parsed("chunked").load(Ordering::SeqCst), before + 1);
+}
+
+// ===== path parameters, including a nested router's prefix =====
+
+#[idempotent(ttl = "1h")]
+async fn tenant_charge(Path(tenant): Path<String>, Json(charge): Json<Charge>) -> String {
+    format!("{tenant}: {}", charge.amount)
+}
+
+#[tokio::test]
+async fn a_nested_prefix_parameter_keeps_tenants_apart() {
+    let store = MockStore::new();
+    let tenant = Router::new().route("/charges", post(tenant_charge));
+    let app = Router::new().nest("/{tenant}", tenant).layer(store.layer());
+    let body = r#"{"tag":"nested","amount":100}"#;
+    for _ in 0..4 {
+        let answer = send(&app, post_json("/acme/charges", "k1", body)).await;
+        assert_eq!(answer.body, "acme: 100");
+    }
+
+    // The nested router sees the same `/charges` for both tenants; the
+    // fingerprint differs by the `tenant` parameter, and so must the answer.
+    let answer = send(&app, post_json("/globex/charges", "k1", body)).await;
+
+    assert_eq!(answer.status, StatusCode::UNPROCESSABLE_ENTITY);
+    store.assert_executed_once();
+}
+
+// ===== extractors before the body still run =====
+
+/// A caller identified by its `authorization` header; refuses without one.
+struct Caller;
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = StatusCode;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, StatusCode> {
+        if parts.headers.contains_key("authorization") {
+            Ok(Self)
+        } else {
+            Err(StatusCode::UNAUTHORIZED)
+        }
+    }
+}
+
+#[idempotent(ttl = "1h", skip(caller))]
+async fn guarded_charge(caller: Caller, Json(charge): Json<Charge>) -> String {
+    let Caller = caller;
+    format!("guarded: {}", charge.amount)
+}
+
+#[tokio::test]
+async fn an_exact_repeat_is_still_refused_by_an_earlier_extractor() {
+    let store = MockStore::new();
+    let app = Router::new()
+        .route("/charges", post(guarded_charge))
+        .layer(store.layer());
+    let body = r#"{"tag":"guarded","amount":100}"#;
+    let authorized = || {
+        let mut request = post_json("/charges", "k1", body);
+        request
+            .headers_mut()
+            .insert("authorization", "Bearer t".parse().unwrap());
+        request
+    };
+    for _ in 0..4 {
+        assert_eq!(send(&app, authorized()).await.status, StatusCode::OK);
+    }
+    assert_eq!(
+        store.count(OpKind::Get),
+        1,
+        "the fourth was an exact repeat"
+    );
+
+    let answer = send(&app, post_json("/charges", "k1", body)).await;
+
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    assert!(!answer.replayed);
+}
+
+// ===== handlers whose fingerprint reads more than URI and body =====
+
+/// A fingerprinted input taken from a header: equal bytes in the URI and
+/// body no longer mean an equal fingerprint.
+struct Region(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Region {
+    type Rejection = StatusCode;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, StatusCode> {
+        let region = parts
+            .headers
+            .get("x-region")
+            .ok_or(StatusCode::BAD_REQUEST)?;
+        Ok(Self(
+            region
+                .to_str()
+                .map_err(|_| StatusCode::BAD_REQUEST)?
+                .to_owned(),
+        ))
+    }
+}
+
+impl FingerprintInput for Region {
+    fn fingerprint_into(&self, fingerprinter: &mut Fingerprinter) -> Result<(), FingerprintError> {
+        fingerprinter.input(&self.0).map(|_| ())
+    }
+}
+
+#[idempotent(ttl = "1h")]
+async fn regional_charge(region: Region, Json(charge): Json<Charge>) -> String {
+    format!("{}: {}", region.0, charge.amount)
+}
+
+#[tokio::test]
+async fn a_handler_fingerprinting_a_header_input_never_answers_exact_repeats() {
+    let store = MockStore::new();
+    let app = Router::new()
+        .route("/charges", post(regional_charge))
+        .layer(store.layer());
+    let body = r#"{"tag":"regional","amount":100}"#;
+    let in_region = |region: &str| {
+        let mut request = post_json("/charges", "k1", body);
+        request
+            .headers_mut()
+            .insert("x-region", region.parse().unwrap());
+        request
+    };
+    for _ in 0..4 {
+        assert_eq!(send(&app, in_region("eu")).await.body, "eu: 100");
+    }
+
+    let answer = send(&app, in_region("us")).await;
+
+    assert_eq!(answer.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(store.count(OpKind::Get), 0);
+}
+
+#[tokio::test]
+async fn a_repeat_with_another_content_type_or_query_takes_the_full_path() {
+    let (store, runs) = (MockStore::new(), Runs::default());
+    let app = app(&store, &runs);
+    let body = r#"{"tag":"variants","amount":100}"#;
+    repeat(&app, "k1", body, 4).await;
+    let before = parsed("variants").load(Ordering::SeqCst);
+
+    let mut charset = post_json("/charges", "k1", body);
+    charset.headers_mut().insert(
+        "content-type",
+        "application/json; charset=utf-8".parse().unwrap(),
+    );
+    let query = post_json("/charges?source=retry", "k1", body);
+    for request in [charset, query] {
+        let answer = send(&app, request).await;
+        assert_eq!(answer.status, StatusCode::CREATED);
+        assert!(answer.replayed);
+    }
+
+    assert_eq!(parsed("variants").load(Ordering::SeqCst), before + 2);
+    store.assert_executed_once();
+}
