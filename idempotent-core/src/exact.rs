@@ -22,13 +22,15 @@
 //! the same fingerprint), so the table can only make a replay cheaper,
 //! never change an answer.
 
-use std::hash::Hasher;
-use std::sync::Mutex;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use axum::body::Body;
-use axum::extract::{FromRequestParts, RawPathParams};
+use axum::extract::{FromRequestParts, RawPathParams, Request};
 use axum::response::Response;
 use bytes::Bytes;
+use hashbrown::DefaultHashBuilder;
+use http::HeaderMap;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::request::Parts;
 use http_body_util::{BodyExt, Limited};
@@ -42,8 +44,10 @@ use crate::replay::replay;
 use crate::request::{IdempotentRequest, ScopeSource};
 use crate::scope::ScopeDigest;
 
-/// Table size: a power of two. Each slot holds one key, about 80 bytes.
-const SLOTS: usize = 1024;
+/// Table size: sets of two slots, a power of two of them. Each slot holds
+/// one key, about 70 bytes. Two ways per set keep hot keys that hash
+/// alike from evicting one another.
+const SETS: usize = 512;
 /// Only bodies of a declared length up to this are buffered to be
 /// compared; larger or chunked ones take the full path.
 const MAX_BODY: u64 = 64 * 1024;
@@ -54,37 +58,47 @@ const MAX_BODY: u64 = 64 * 1024;
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ExactRequest(pub(crate) Option<RequestDigest>);
 
-/// Answers `request` from the store when it exactly repeats a recorded
-/// replay (`Err` holds the replay). Otherwise hands back the body for the
-/// handler's extractor, buffered if its digest was taken, and marks the
-/// request for the engine.
+/// Marks `idempotent` for the engine, and returns what the table
+/// remembers of its key if `request` may be an exact repeat worth
+/// checking with [`answer_exact_repeat`]. Synchronous: a first execution
+/// pays only this lookup.
+pub(crate) fn recall(idempotent: &mut IdempotentRequest, request: &Request) -> Option<Recalled> {
+    idempotent.exact = Some(ExactRequest(None));
+    let (Some(key), ScopeSource::Resolved(Ok(scope))) = (&idempotent.key, &idempotent.scope) else {
+        return None;
+    };
+    let recalled = idempotent.idempotency.inner.exact.recall(scope, key)?;
+    let length = declared_length(request.headers())?;
+    (length <= MAX_BODY).then_some(recalled)
+}
+
+/// Answers `request` from the store when it exactly repeats the recalled
+/// replay (`Err` holds the replay). Otherwise hands the request back for
+/// the handler's extractor, its body buffered, and gives the engine its
+/// digest.
 pub(crate) async fn answer_exact_repeat(
-    request: &mut IdempotentRequest,
+    idempotent: &mut IdempotentRequest,
+    recalled: Recalled,
     endpoint: u64,
-    parts: &mut Parts,
-    body: Body,
-) -> Result<Body, Response> {
-    request.exact = Some(ExactRequest(None));
-    let (Some(key), ScopeSource::Resolved(Ok(scope))) = (&request.key, &request.scope) else {
-        return Ok(body);
+    request: Request,
+) -> Result<Request, Response> {
+    let (Some(key), ScopeSource::Resolved(Ok(scope))) = (&idempotent.key, &idempotent.scope) else {
+        return Ok(request);
     };
-    let settings = &request.idempotency.inner;
-    let Some(recalled) = settings.exact.recall(scope, key) else {
-        return Ok(body);
-    };
-    if declared_length(parts).is_none_or(|length| length > MAX_BODY) {
-        return Ok(body);
-    }
+    let settings = &idempotent.idempotency.inner;
+    let (mut parts, body) = request.into_parts();
     let bytes = match Limited::new(body, usize::try_from(MAX_BODY).unwrap_or(usize::MAX))
         .collect()
         .await
     {
         Ok(collected) => collected.to_bytes(),
         // The handler's extractor reports the failure as it would have.
-        Err(error) => return Ok(failed_body(error)),
+        Err(error) => return Ok(Request::from_parts(parts, failed_body(error))),
     };
-    let Some(digest) = RequestDigest::of(settings.exact.keys, endpoint, parts, &bytes).await else {
-        return Ok(Body::from(bytes));
+    let digest = RequestDigest::of(settings.exact.keys, endpoint, &mut parts, &bytes).await;
+    let request = Request::from_parts(parts, Body::from(bytes));
+    let Some(digest) = digest else {
+        return Ok(request);
     };
     if recalled.request == Some(digest) {
         let record_key = RecordKey::new(*scope, key.clone());
@@ -92,18 +106,12 @@ pub(crate) async fn answer_exact_repeat(
             return Err(replay);
         }
     }
-    request.exact = Some(ExactRequest(Some(digest)));
-    Ok(Body::from(bytes))
+    idempotent.exact = Some(ExactRequest(Some(digest)));
+    Ok(request)
 }
 
-fn declared_length(parts: &Parts) -> Option<u64> {
-    parts
-        .headers
-        .get(CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
 /// A body that fails as the original did.
@@ -170,50 +178,79 @@ struct Entry {
     recalled: Recalled,
 }
 
+/// Two slots; a new key replaces the one written longer ago.
+#[derive(Default)]
+struct Set {
+    slots: [Option<Entry>; 2],
+    /// The slot written last.
+    newest: usize,
+}
+
+impl Set {
+    fn find(&self, tag: u64) -> Option<usize> {
+        self.slots
+            .iter()
+            .position(|slot| slot.is_some_and(|entry| entry.tag == tag))
+    }
+
+    fn put(&mut self, entry: Entry) {
+        let slot = self
+            .find(entry.tag)
+            .or_else(|| self.slots.iter().position(Option::is_none))
+            .unwrap_or(1 - self.newest);
+        self.slots[slot] = Some(entry);
+        self.newest = slot;
+    }
+}
+
 /// The table of replayed requests, one per [`Idempotency`](crate::Idempotency).
 pub(crate) struct ExactReplays {
+    /// Finds a key's slot. Every request looks its key up, so a fast hash;
+    /// two keys that share a slot and tag at most compare digests, and a
+    /// hit still serves only the request's own record.
+    slot_hasher: DefaultHashBuilder,
+    /// The digests' key.
     keys: (u64, u64),
-    slots: Box<[Mutex<Option<Entry>>]>,
+    sets: Box<[Mutex<Set>]>,
 }
 
 impl ExactReplays {
     pub(crate) fn new() -> Self {
         Self {
-            // Keyed, so callers cannot aim their keys at one another's slots.
+            slot_hasher: DefaultHashBuilder::default(),
             keys: rand::random(),
-            slots: (0..SLOTS).map(|_| Mutex::new(None)).collect(),
+            sets: (0..SETS).map(|_| Mutex::default()).collect(),
         }
     }
 
     fn tag(&self, scope: &ScopeDigest, key: &IdempotencyKey) -> u64 {
-        let mut hasher = SipHasher13::new_with_keys(self.keys.0, self.keys.1);
-        hasher.write(scope.as_bytes());
-        hasher.write(key.as_str().as_bytes());
-        hasher.finish128().h1
+        // The scope is a SHA-256 already: eight of its bytes tell scopes apart.
+        let (scope, _) = scope
+            .as_bytes()
+            .split_first_chunk::<8>()
+            .unwrap_or((&[0; 8], &[]));
+        self.slot_hasher.hash_one(key.as_str()) ^ u64::from_le_bytes(*scope)
     }
 
-    fn slot(&self, tag: u64) -> &Mutex<Option<Entry>> {
-        // The low bits of a keyed hash are as good as any.
+    fn set(&self, tag: u64) -> MutexGuard<'_, Set> {
         #[expect(
             clippy::cast_possible_truncation,
             reason = "masked to the table's size"
         )]
-        &self.slots[tag as usize & (SLOTS - 1)]
+        let set = &self.sets[tag as usize & (SETS - 1)];
+        set.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// What is remembered of `key` (with `scope`), if anything.
     pub(crate) fn recall(&self, scope: &ScopeDigest, key: &IdempotencyKey) -> Option<Recalled> {
         let tag = self.tag(scope, key);
-        let slot = self
-            .slot(tag)
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        slot.filter(|entry| entry.tag == tag)
-            .map(|entry| entry.recalled)
+        let set = self.set(tag);
+        let slot = set.find(tag)?;
+        set.slots[slot].map(|entry| entry.recalled)
     }
 
     /// Records that `key` was replayed under `fingerprint`, for the exact
-    /// `request` if its digest is known. The newest key takes the slot.
+    /// `request` if its digest is known.
     pub(crate) fn remember(
         &self,
         key: &RecordKey,
@@ -228,17 +265,14 @@ impl ExactReplays {
                 fingerprint,
             },
         };
-        *self
-            .slot(tag)
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(entry);
+        self.set(tag).put(entry);
     }
 }
 
 impl std::fmt::Debug for ExactReplays {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ExactReplays")
-            .field("slots", &self.slots.len())
+            .field("sets", &self.sets.len())
             .finish_non_exhaustive()
     }
 }
@@ -304,6 +338,31 @@ mod tests {
         let recalled = recall(&table, &key("k1")).expect("remembered");
         assert_eq!(recalled.request, Some(request));
         assert_eq!(recalled.fingerprint, Fingerprint::from_bytes([2; 32]));
+    }
+
+    fn entry(tag: u64) -> Entry {
+        Entry {
+            tag,
+            recalled: Recalled {
+                request: None,
+                fingerprint: Fingerprint::from_bytes([0; 32]),
+            },
+        }
+    }
+
+    #[test]
+    fn a_set_keeps_two_keys_and_replaces_the_one_written_longer_ago() {
+        let mut set = Set::default();
+        set.put(entry(1));
+        set.put(entry(2));
+        assert!(set.find(1).is_some() && set.find(2).is_some());
+
+        set.put(entry(1)); // rewritten: now the newer of the two
+        set.put(entry(3));
+
+        assert!(set.find(1).is_some());
+        assert!(set.find(2).is_none());
+        assert!(set.find(3).is_some());
     }
 
     #[test]

@@ -19,9 +19,10 @@ use std::time::Duration;
 
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::response::{IntoResponse, Response};
-use http::HeaderMap;
 use http::request::Parts;
+use http::{Extensions, HeaderMap};
 
+use crate::exact;
 use crate::fingerprint::{Fingerprint, FingerprintError, FingerprintInput, Fingerprinter};
 use crate::problem::Problem;
 use crate::request::ScopeSource;
@@ -45,15 +46,22 @@ impl<S: Send + Sync, const SCOPE: u8> FromRequestParts<S> for ScopedRequest<SCOP
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let request = IdempotentRequest::extract(parts, |idempotency, headers| match SCOPE {
-            API_KEY => {
-                let header = &idempotency.inner.api_key_header;
-                ScopeSource::Resolved(scope::api_key(headers, header))
-            }
-            GLOBAL => ScopeSource::Resolved(Ok(ScopeDigest::global())),
-            // Scoped by the principal later; an empty map does not allocate.
-            _ => ScopeSource::Headers(HeaderMap::new()),
-        })?;
+        Self::extract(&parts.headers, &parts.extensions)
+    }
+}
+
+impl<const SCOPE: u8> ScopedRequest<SCOPE> {
+    fn extract(headers: &HeaderMap, extensions: &Extensions) -> Result<Self, Problem> {
+        let request =
+            IdempotentRequest::extract(headers, extensions, |idempotency, headers| match SCOPE {
+                API_KEY => {
+                    let header = &idempotency.inner.api_key_header;
+                    ScopeSource::Resolved(scope::api_key(headers, header))
+                }
+                GLOBAL => ScopeSource::Resolved(Ok(ScopeDigest::global())),
+                // Scoped by the principal later; an empty map does not allocate.
+                _ => ScopeSource::Headers(HeaderMap::new()),
+            })?;
         Ok(Self(request))
     }
 }
@@ -89,14 +97,16 @@ where
     type Rejection = Response;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let (mut parts, body) = request.into_parts();
         let ScopedRequest(mut idempotent) =
-            ScopedRequest::<SCOPE>::from_request_parts(&mut parts, state)
-                .await
+            ScopedRequest::<SCOPE>::extract(request.headers(), request.extensions())
                 .map_err(IntoResponse::into_response)?;
-        let body =
-            crate::exact::answer_exact_repeat(&mut idempotent, ENDPOINT, &mut parts, body).await?;
-        let inner = T::from_request(Request::from_parts(parts, body), state)
+        let request = match exact::recall(&mut idempotent, &request) {
+            None => request,
+            Some(recalled) => {
+                exact::answer_exact_repeat(&mut idempotent, recalled, ENDPOINT, request).await?
+            }
+        };
+        let inner = T::from_request(request, state)
             .await
             .map_err(IntoResponse::into_response)?;
         Ok(Self(idempotent, inner))

@@ -5,8 +5,8 @@ use std::future::Future;
 
 use axum::extract::FromRequestParts;
 use axum::response::{IntoResponse, Response};
-use http::HeaderMap;
 use http::request::Parts;
+use http::{Extensions, HeaderMap};
 
 use crate::endpoint::Endpoint;
 use crate::exact::ExactRequest;
@@ -104,7 +104,9 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotentRequest {
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         // The endpoint, and so its scope, is only known at `run`.
-        Self::extract(parts, |_, headers| ScopeSource::Headers(headers.clone()))
+        Self::extract(&parts.headers, &parts.extensions, |_, headers| {
+            ScopeSource::Headers(headers.clone())
+        })
     }
 }
 
@@ -112,14 +114,15 @@ impl IdempotentRequest {
     /// The layer's handle and the request's key, with the scope `scope`
     /// takes from the headers.
     pub(crate) fn extract(
-        parts: &Parts,
+        headers: &HeaderMap,
+        extensions: &Extensions,
         scope: impl FnOnce(&Idempotency, &HeaderMap) -> ScopeSource,
     ) -> Result<Self, Problem> {
         let idempotency = Idempotency::current()
-            .or_else(|| parts.extensions.get::<Idempotency>().cloned())
+            .or_else(|| extensions.get::<Idempotency>().cloned())
             .ok_or_else(not_configured)?;
-        let key = IdempotencyKey::from_headers(&parts.headers)?;
-        let scope = scope(&idempotency, &parts.headers);
+        let key = IdempotencyKey::from_headers(headers)?;
+        let scope = scope(&idempotency, headers);
         Ok(Self {
             idempotency,
             key,
