@@ -386,7 +386,6 @@ impl Engine {
     }
 }
 
-/// Polls `future` once, without waiting.
 /// `operation`, cut after `timeout`.
 pub(crate) async fn within<T>(
     timeout: Duration,
@@ -406,6 +405,7 @@ pub(crate) async fn within<T>(
     }
 }
 
+/// Polls `future` once, without waiting.
 async fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
     std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *future).poll(cx))).await
 }

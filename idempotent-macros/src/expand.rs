@@ -321,8 +321,8 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
 /// computed when it is called, and the future holds the arguments once,
 /// inside the handler's own future.
 ///
-/// With `exact_body` (the scope kind and the endpoint's id), the context comes with the last
-/// argument instead, which `ExactBody` wraps.
+/// With `exact_body` (the scope kind and the endpoint's id), the context
+/// comes with the last argument instead, which `ExactBody` wraps.
 fn outer_signature(
     func: &ItemFn,
     handler: &Handler<'_>,
