@@ -6,7 +6,7 @@ use proc_macro2::TokenStream;
 use syn::punctuated::Punctuated;
 use syn::{Expr, ExprLit, Ident, Lit, LitStr, Meta, MetaNameValue, Path, Token};
 
-const OPTIONS: [&str; 9] = [
+const OPTIONS: [&str; 10] = [
     "ttl",
     "lease",
     "wait",
@@ -15,6 +15,7 @@ const OPTIONS: [&str; 9] = [
     "skip",
     "name",
     "final_statuses",
+    "exact_repeats",
     "crate",
 ];
 
@@ -68,6 +69,8 @@ pub(crate) struct Args {
     pub(crate) skip: Vec<Ident>,
     pub(crate) name: Option<LitStr>,
     pub(crate) final_statuses: Option<Vec<(u16, u16)>>,
+    /// `exact_repeats` as written, with the option's path for errors.
+    pub(crate) exact_repeats: Option<(bool, Path)>,
     pub(crate) krate: Option<Path>,
 }
 
@@ -110,6 +113,7 @@ impl Args {
             "final_statuses" => {
                 self.final_statuses = Some(status_ranges(&string_value(meta)?)?);
             }
+            "exact_repeats" => self.exact_repeats = Some((flag(meta)?, meta.path().clone())),
             "crate" => self.krate = Some(crate_path(name_value(meta)?)?),
             _ => return Err(syn::Error::new_spanned(meta.path(), unknown_option(key))),
         }
@@ -184,10 +188,13 @@ fn flag(meta: &Meta) -> syn::Result<bool> {
                 }),
             ..
         }) => Ok(value.value),
-        _ => Err(syn::Error::new_spanned(
-            meta,
-            "expected `optional` or `optional = true | false`",
-        )),
+        _ => {
+            let name = option_name(meta.path());
+            Err(syn::Error::new_spanned(
+                meta,
+                format!("expected `{name}` or `{name} = true | false`"),
+            ))
+        }
     }
 }
 

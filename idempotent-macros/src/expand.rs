@@ -80,6 +80,8 @@ struct Argument<'a> {
 
 struct Handler<'a> {
     arguments: Vec<Argument<'a>>,
+    /// Whether the body is extracted through `ExactBody`.
+    exact_repeats: bool,
 }
 
 impl<'a> Handler<'a> {
@@ -115,29 +117,24 @@ impl<'a> Handler<'a> {
             }
         }
         check_skipped_names(&arguments, &args.skip, errors);
-        Self { arguments }
-    }
-
-    /// Whether a retry with the same bytes is bound to fingerprint the same:
-    /// the last argument is a body extractor, every fingerprinted argument
-    /// reads only the URI or the body, and the scope is resolved from the
-    /// request's headers while extracting. The body is then extracted
-    /// through `ExactBody`, which answers exact repeats of a replay early.
-    fn answers_exact_repeats(&self, args: &Args) -> bool {
-        let known_scope = matches!(args.scope, None | Some(Scope::ApiKey | Scope::Global));
-        let is = |argument: &Argument<'_>, names: &[&str]| {
-            type_ident(argument.ty).is_some_and(|ident| names.iter().any(|name| ident == name))
+        let blocker = exact_repeats_blocker(&arguments, args);
+        let exact_repeats = match (&args.exact_repeats, blocker) {
+            (Some((false, _)), _) => false,
+            (Some((true, option)), Some(blocker)) => {
+                errors.spanned(
+                    option,
+                    format!(
+                        "`exact_repeats` needs a handler whose fingerprint reads only the URI and the body: {blocker}"
+                    ),
+                );
+                false
+            }
+            (_, blocker) => blocker.is_none(),
         };
-        let body_last = self
-            .arguments
-            .last()
-            .is_some_and(|last| is(last, BODY_EXTRACTORS));
-        let pure = self
-            .arguments
-            .iter()
-            .filter(|argument| matches!(argument.role, Role::Fingerprinted))
-            .all(|argument| is(argument, BODY_EXTRACTORS) || is(argument, URI_EXTRACTORS));
-        known_scope && body_last && pure
+        Self {
+            arguments,
+            exact_repeats,
+        }
     }
 
     fn principal(&self) -> Option<usize> {
@@ -160,6 +157,44 @@ impl<'a> Argument<'a> {
         };
         Self { ty, name, role }
     }
+}
+
+/// Why a retry with the same bytes might not fingerprint the same, if it
+/// might: exact repeats need the last argument to be a body extractor,
+/// every fingerprinted argument to read only the URI or the body, and the
+/// scope to be resolved from the request's headers while extracting.
+fn exact_repeats_blocker(arguments: &[Argument<'_>], args: &Args) -> Option<String> {
+    let is = |argument: &Argument<'_>, names: &[&str]| {
+        type_ident(argument.ty).is_some_and(|ident| names.iter().any(|name| ident == name))
+    };
+    let list = |names: &[&str]| {
+        let names: Vec<String> = names.iter().map(|name| format!("`{name}`")).collect();
+        names.join(", ")
+    };
+    if !matches!(args.scope, None | Some(Scope::ApiKey | Scope::Global)) {
+        return Some("its scope is not `\"api_key\"` or `\"global\"`".to_owned());
+    }
+    if !arguments
+        .last()
+        .is_some_and(|last| is(last, BODY_EXTRACTORS))
+    {
+        return Some(format!(
+            "its last argument is not one of {}",
+            list(BODY_EXTRACTORS)
+        ));
+    }
+    let other = arguments.iter().find(|argument| {
+        matches!(argument.role, Role::Fingerprinted)
+            && !is(argument, BODY_EXTRACTORS)
+            && !is(argument, URI_EXTRACTORS)
+    })?;
+    let ty = other.ty;
+    Some(format!(
+        "the fingerprinted argument `{}` is not one of {}, {} (leave it out with `skip`)",
+        quote!(#ty).to_string().replace(' ', ""),
+        list(BODY_EXTRACTORS),
+        list(URI_EXTRACTORS)
+    ))
 }
 
 fn check_skipped_names(arguments: &[Argument<'_>], skip: &[Ident], errors: &mut Errors) {
@@ -273,7 +308,7 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
         .collect();
     let (outer_attrs, inner_attrs) = split_attributes(&func.attrs);
     let (principal_param, principal) = principal(args, handler, &params, &private);
-    let exact_body = handler.answers_exact_repeats(args);
+    let exact_body = handler.exact_repeats;
     let signature = outer_signature(
         func,
         handler,

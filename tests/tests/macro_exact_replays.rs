@@ -212,6 +212,25 @@ async fn a_key_reused_after_expiry_is_never_answered_with_the_old_payloads_repla
     assert_eq!(store.executions(), 2);
 }
 
+#[idempotent(ttl = "1h", exact_repeats = false)]
+async fn parsed_every_time(Json(charge): Json<Charge>) -> String {
+    format!("{}", charge.amount)
+}
+
+#[tokio::test]
+async fn exact_repeats_off_replays_through_the_full_path_every_time() {
+    let store = MockStore::new();
+    let app = Router::new()
+        .route("/charges", post(parsed_every_time))
+        .layer(store.layer());
+
+    let answers = repeat(&app, "k1", r#"{"tag":"off","amount":100}"#, 6).await;
+
+    assert!(answers.iter().skip(1).all(|answer| answer.replayed));
+    assert_eq!(parsed("off").load(Ordering::SeqCst), 6);
+    assert_eq!(store.count(OpKind::Get), 0);
+}
+
 // ===== path parameters, including a nested router's prefix =====
 
 #[idempotent(ttl = "1h")]

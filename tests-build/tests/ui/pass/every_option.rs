@@ -50,11 +50,23 @@ async fn text(body: String) -> String {
     body
 }
 
+#[idempotent(exact_repeats = false)]
+async fn plain_replays(Json(body): Json<Transfer>) -> Json<u64> {
+    Json(body.cents)
+}
+
+#[idempotent(exact_repeats, scope = "global")]
+async fn exact(Path(account): Path<u64>, Json(body): Json<Transfer>) -> Json<u64> {
+    Json(account + body.cents)
+}
+
 fn main() {
     let _app: Router = Router::new()
         .route("/accounts/{account}/transfers", post(transfer))
         .route("/global", post(global))
         .route("/text", post(text))
+        .route("/plain", post(plain_replays))
+        .route("/exact/{account}", post(exact))
         .layer(Extension(7_u8))
         .with_state(Db)
         .layer(Idempotency::new(MemoryStore::new()));

@@ -1,0 +1,25 @@
+use axum::extract::Query;
+use idempotent_core::idempotent;
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize)]
+struct Page {
+    size: u32,
+}
+
+#[idempotent(scope = "header:x-tenant-id", exact_repeats)]
+async fn by_tenant(body: String) -> String {
+    body
+}
+
+#[idempotent(exact_repeats = true)]
+async fn no_body(Query(page): Query<Page>) -> String {
+    page.size.to_string()
+}
+
+#[idempotent(exact_repeats)]
+async fn maybe_paged(page: Option<Query<Page>>, body: String) -> String {
+    format!("{} {body}", page.map_or(0, |Query(page)| page.size))
+}
+
+fn main() {}
