@@ -6,7 +6,7 @@
 //! encoding before the engine can tell a replay from a first execution.
 //! When every fingerprinted argument is a function of the request's URI,
 //! path parameters and body (`Json`, `Form`, `Bytes`, `String`, `Path`,
-//! `Query`, `RawQuery`), equal bytes mean an equal fingerprint, so an
+//! `Query`), equal bytes mean an equal fingerprint, so an
 //! exact repeat of a replayed request needs neither. The attribute then
 //! extracts the body through
 //! [`ExactBody`](crate::__private::ExactBody), which runs after every
@@ -25,6 +25,7 @@
 use std::hash::{BuildHasher, Hasher};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use axum::RequestExt;
 use axum::body::Body;
 use axum::extract::{FromRequestParts, RawPathParams, Request};
 use axum::response::Response;
@@ -33,7 +34,9 @@ use hashbrown::DefaultHashBuilder;
 use http::HeaderMap;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::request::Parts;
-use http_body_util::{BodyExt, Limited};
+use http::uri::PathAndQuery;
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
 use siphasher::sip128::{Hasher128, SipHasher13};
 
 use crate::fingerprint::Fingerprint;
@@ -86,14 +89,12 @@ pub(crate) async fn answer_exact_repeat(
         return Ok(request);
     };
     let settings = &idempotent.idempotency.inner;
-    let (mut parts, body) = request.into_parts();
-    let bytes = match Limited::new(body, usize::try_from(MAX_BODY).unwrap_or(usize::MAX))
-        .collect()
-        .await
-    {
+    // Read under the route's `DefaultBodyLimit`, as the extractor would.
+    let (mut parts, body) = request.with_limited_body().into_parts();
+    let bytes = match body.collect().await {
         Ok(collected) => collected.to_bytes(),
         // The handler's extractor reports the failure as it would have.
-        Err(error) => return Ok(Request::from_parts(parts, failed_body(error))),
+        Err(error) => return Ok(Request::from_parts(parts, failed_body(error.into_inner()))),
     };
     let digest = RequestDigest::of(settings.exact.keys, endpoint, &mut parts, &bytes).await;
     let request = Request::from_parts(parts, Body::from(bytes));
@@ -114,15 +115,20 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
-/// A body that fails as the original did.
+/// A body that fails as the original did. axum's extractors look through
+/// two layers of axum's error type for the cause (a body over the limit is
+/// 413, any other failure 400): `Body::new` adds one and the extractor's
+/// own limit the other, so the cause goes in unwrapped, and through
+/// `http_body_util`'s stream body, which adds none.
 fn failed_body(error: axum::BoxError) -> Body {
-    let failed = futures_util::stream::once(std::future::ready(Err::<Bytes, _>(error)));
-    Body::from_stream(failed)
+    let failed = futures_util::stream::once(std::future::ready(Err::<Frame<Bytes>, _>(error)));
+    Body::new(StreamBody::new(failed))
 }
 
 /// A keyed 128-bit hash of everything an eligible handler's fingerprint
-/// can depend on: the endpoint, the method, the URI, the path parameters
-/// (a nested router's prefix included), the content type and the body.
+/// can depend on: the endpoint, the method, the path and query, the path
+/// parameters (a nested router's prefix's included), the content type and
+/// the body.
 /// The key is the table's own random one, so no client can aim two
 /// different requests at one digest. The record key is left out: a hit
 /// only serves the record stored under the request's own key, and only
@@ -132,15 +138,21 @@ pub(crate) struct RequestDigest(u128);
 
 impl RequestDigest {
     /// The digest of a request to `endpoint` (the attribute's id of it),
-    /// or `None` when its path parameters cannot be read (the full path
-    /// then decides).
+    /// or `None` outside a router, where the path parameters are not known
+    /// (the full path then decides).
+    ///
+    /// Inside a nested router the URI has lost the router's prefix, but a
+    /// prefix's parameters are among the path parameters, and a static
+    /// prefix changes nothing a fingerprint sees: the endpoint's identity
+    /// already tells handlers apart, and the body is read under the
+    /// route's own limit.
     async fn of(keys: (u64, u64), endpoint: u64, parts: &mut Parts, body: &[u8]) -> Option<Self> {
         let params = RawPathParams::from_request_parts(parts, &()).await.ok()?;
+        let path_and_query = parts.uri.path_and_query().map_or("", PathAndQuery::as_str);
         let mut hasher = Framed(SipHasher13::new_with_keys(keys.0, keys.1));
         hasher.0.write_u64(endpoint);
         hasher.part(parts.method.as_str().as_bytes());
-        hasher.part(parts.uri.path().as_bytes());
-        hasher.part(parts.uri.query().unwrap_or_default().as_bytes());
+        hasher.part(path_and_query.as_bytes());
         for (name, value) in &params {
             hasher.part(name.as_bytes());
             hasher.part(value.as_bytes());

@@ -113,6 +113,20 @@ where
     }
 }
 
+/// A 64-bit FNV-1a hash of an endpoint's identity (the handler's path and
+/// the endpoint's name), for [`ExactBody`]'s `ENDPOINT`.
+#[must_use]
+pub const fn endpoint_id(identity: &str) -> u64 {
+    let bytes = identity.as_bytes();
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut index = 0;
+    while index < bytes.len() {
+        hash = (hash ^ bytes[index] as u64).wrapping_mul(0x0100_0000_01b3);
+        index += 1;
+    }
+    hash
+}
+
 /// A duration from whole milliseconds, for `const` endpoint definitions.
 #[must_use]
 pub const fn millis(millis: u64) -> Duration {

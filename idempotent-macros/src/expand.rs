@@ -36,7 +36,7 @@ const NOT_FINGERPRINTED: &[&str] = &[
 /// alone.
 const BODY_EXTRACTORS: &[&str] = &["Json", "Form", "Bytes", "String"];
 /// Extractors whose value depends on the URI and its path parameters alone.
-const URI_EXTRACTORS: &[&str] = &["Path", "Query", "RawQuery"];
+const URI_EXTRACTORS: &[&str] = &["Path", "Query"];
 
 pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
@@ -117,7 +117,7 @@ impl<'a> Handler<'a> {
             }
         }
         check_skipped_names(&arguments, &args.skip, errors);
-        let blocker = exact_repeats_blocker(&arguments, args);
+        let blocker = exact_repeats_blocker(&arguments, &sig.generics, args);
         let exact_repeats = match (&args.exact_repeats, blocker) {
             (Some((false, _)), _) => false,
             (Some((true, option)), Some(blocker)) => {
@@ -163,7 +163,11 @@ impl<'a> Argument<'a> {
 /// might: exact repeats need the last argument to be a body extractor,
 /// every fingerprinted argument to read only the URI or the body, and the
 /// scope to be resolved from the request's headers while extracting.
-fn exact_repeats_blocker(arguments: &[Argument<'_>], args: &Args) -> Option<String> {
+fn exact_repeats_blocker(
+    arguments: &[Argument<'_>],
+    generics: &syn::Generics,
+    args: &Args,
+) -> Option<String> {
     let is = |argument: &Argument<'_>, names: &[&str]| {
         type_ident(argument.ty).is_some_and(|ident| names.iter().any(|name| ident == name))
     };
@@ -171,6 +175,10 @@ fn exact_repeats_blocker(arguments: &[Argument<'_>], args: &Args) -> Option<Stri
         let names: Vec<String> = names.iter().map(|name| format!("`{name}`")).collect();
         names.join(", ")
     };
+    if !generics.params.is_empty() {
+        // Instances of one generic handler share its name and path.
+        return Some("it is generic".to_owned());
+    }
     if !matches!(args.scope, None | Some(Scope::ApiKey | Scope::Global)) {
         return Some("its scope is not `\"api_key\"` or `\"global\"`".to_owned());
     }
@@ -318,7 +326,7 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
         exact_body.then(|| {
             (
                 scope_kind(args, &private),
-                endpoint_id(args, &func.sig.ident),
+                endpoint_id(args, &func.sig.ident, &private),
             )
         }),
         &private,
@@ -364,7 +372,7 @@ fn outer_signature(
     params: &[Ident],
     principal_param: Option<&TokenStream>,
     request_type: &TokenStream,
-    exact_body: Option<(TokenStream, u64)>,
+    exact_body: Option<(TokenStream, TokenStream)>,
     private: &TokenStream,
 ) -> TokenStream {
     let vis = &func.vis;
@@ -379,7 +387,6 @@ fn outer_signature(
         .collect();
     let request_param = match (exact_body, types.last_mut()) {
         (Some((scope, id)), Some(last)) => {
-            let id = proc_macro2::Literal::u64_suffixed(id);
             *last = quote!(#private::ExactBody<#scope, #id, #last>);
             None
         }
@@ -409,15 +416,15 @@ fn endpoint_name(args: &Args, name: &Ident) -> LitStr {
         .unwrap_or_else(|| LitStr::new(&name.unraw().to_string(), name.span()))
 }
 
-/// A 64-bit FNV-1a hash of the endpoint's name: `ExactBody` carries it as a
-/// const parameter, so an exact repeat is only answered by its own endpoint.
-fn endpoint_id(args: &Args, name: &Ident) -> u64 {
-    endpoint_name(args, name)
-        .value()
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-        })
+/// The const parameter `ExactBody` carries, so that an exact repeat is only
+/// answered by its own endpoint: a hash of the function's path and the
+/// endpoint's name, computed at compile time.
+fn endpoint_id(args: &Args, name: &Ident, private: &TokenStream) -> TokenStream {
+    let function = LitStr::new(&name.unraw().to_string(), name.span());
+    let endpoint = endpoint_name(args, name);
+    quote! {
+        { #private::endpoint_id(::core::concat!(::core::module_path!(), "::", #function, " ", #endpoint)) }
+    }
 }
 
 /// The extractor of the request's idempotency context. Where the scope

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::{Request, StatusCode};
 use axum::routing::post;
@@ -248,6 +248,11 @@ async fn a_nested_prefix_parameter_keeps_tenants_apart() {
         let answer = send(&app, post_json("/acme/charges", "k1", body)).await;
         assert_eq!(answer.body, "acme: 100");
     }
+    assert_eq!(
+        store.count(OpKind::Get),
+        1,
+        "the fourth was an exact repeat"
+    );
 
     // The nested router sees the same `/charges` for both tenants; the
     // fingerprint differs by the `tenant` parameter, and so must the answer.
@@ -255,6 +260,129 @@ async fn a_nested_prefix_parameter_keeps_tenants_apart() {
 
     assert_eq!(answer.status, StatusCode::UNPROCESSABLE_ENTITY);
     store.assert_executed_once();
+}
+
+/// Two versions of one endpoint, each in its own module under its own
+/// static prefix: the nested routers see the same `/orders`.
+mod v1 {
+    use super::{Charge, Json, idempotent};
+
+    #[idempotent(ttl = "1h")]
+    pub(super) async fn create(Json(charge): Json<Charge>) -> String {
+        format!("v1: {}", charge.amount)
+    }
+}
+
+mod v2 {
+    use super::{Json, idempotent};
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Serialize, Deserialize)]
+    pub(super) struct Order {
+        amount: u64,
+        #[serde(default)]
+        currency: Option<String>,
+    }
+
+    #[idempotent(ttl = "1h")]
+    pub(super) async fn create(Json(order): Json<Order>) -> String {
+        format!("v2: {} {:?}", order.amount, order.currency)
+    }
+}
+
+#[tokio::test]
+async fn same_named_handlers_under_static_prefixes_stay_apart() {
+    let store = MockStore::new();
+    let app = Router::new()
+        .nest("/v1", Router::new().route("/orders", post(v1::create)))
+        .nest("/v2", Router::new().route("/orders", post(v2::create)))
+        .layer(store.layer());
+    let body = r#"{"tag":"versions","amount":5}"#;
+    for _ in 0..4 {
+        assert_eq!(
+            send(&app, post_json("/v1/orders", "k1", body)).await.body,
+            "v1: 5"
+        );
+    }
+    assert_eq!(
+        store.count(OpKind::Get),
+        1,
+        "the fourth was an exact repeat"
+    );
+
+    // Same key, same bytes, the other version: its fingerprint differs.
+    let answer = send(&app, post_json("/v2/orders", "k1", body)).await;
+
+    assert_eq!(answer.status, StatusCode::UNPROCESSABLE_ENTITY);
+    store.assert_executed_once();
+}
+
+#[tokio::test]
+async fn one_handler_under_two_limits_keeps_each_routes_limit() {
+    let store = MockStore::new();
+    let notes = || Router::new().route("/notes", post(limited_note));
+    let app = Router::new()
+        .nest("/big", notes())
+        .nest("/small", notes().layer(DefaultBodyLimit::max(10)))
+        .layer(store.layer());
+    let body = "a".repeat(100);
+    for _ in 0..4 {
+        let answer = send(&app, post_json("/big/notes", "k1", &body)).await;
+        assert_eq!(answer.body, "noted 100 bytes");
+    }
+    assert_eq!(
+        store.count(OpKind::Get),
+        1,
+        "the fourth was an exact repeat"
+    );
+
+    // Both nested routers see `/notes`; the smaller limit still applies.
+    let answer = send(&app, post_json("/small/notes", "k1", &body)).await;
+
+    assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test]
+async fn another_caller_with_the_same_key_and_bytes_runs_its_own_request() {
+    let (store, app) = after_exact_repeats(r#"{"tag":"callers","amount":100}"#).await;
+
+    let mut request = post_json("/charges", "k1", r#"{"tag":"callers","amount":100}"#);
+    request
+        .headers_mut()
+        .insert("x-api-key", "caller-2".parse().unwrap());
+    let answer = send(&app, request).await;
+
+    assert_eq!(answer.status, StatusCode::CREATED);
+    assert!(!answer.replayed);
+    assert_eq!(store.executions(), 2);
+}
+
+#[idempotent(ttl = "1h")]
+async fn limited_note(body: String) -> String {
+    format!("noted {} bytes", body.len())
+}
+
+#[tokio::test]
+async fn a_body_over_the_routes_limit_is_refused_as_without_exact_repeats() {
+    let store = MockStore::new();
+    let app = Router::new()
+        .route("/notes", post(limited_note))
+        .layer(DefaultBodyLimit::max(64))
+        .layer(store.layer());
+    let short = "a".repeat(40);
+    for _ in 0..4 {
+        let answer = send(&app, post_json("/notes", "k1", &short)).await;
+        assert_eq!(answer.body, "noted 40 bytes");
+    }
+    assert_eq!(
+        store.count(OpKind::Get),
+        1,
+        "a plain String body is answered early too"
+    );
+
+    let answer = send(&app, post_json("/notes", "k1", &"a".repeat(100))).await;
+
+    assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
 }
 
 // ===== extractors before the body still run =====

@@ -335,6 +335,7 @@ async fn a_database_that_never_answers_is_cut_by_the_store_timeout() {
 struct Relay {
     port: u16,
     upstream: (String, u16),
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -344,10 +345,17 @@ impl Relay {
             .await
             .expect("bind the relay port");
         let target = upstream.clone();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            // Dropped with this task, which aborts every relayed connection.
             let mut connections = tokio::task::JoinSet::new();
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    _ = &mut stopped => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(_) => break,
+                    },
+                };
                 let target = target.clone();
                 connections.spawn(async move {
                     if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
@@ -355,24 +363,35 @@ impl Relay {
                     }
                 });
             }
+            // Every relayed connection is closed before `stop` returns.
+            connections.shutdown().await;
         });
         Self {
             port,
             upstream,
+            stop: Some(stop),
             task: Some(task),
         }
     }
 
-    fn stop(&mut self) {
+    /// Returns once the listener and every relayed connection are closed:
+    /// aborting the relay's task alone lets a connection forward a little
+    /// longer on another worker thread.
+    async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
         if let Some(task) = self.task.take() {
-            task.abort();
+            let _ = task.await;
         }
     }
 }
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        self.stop();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
     }
 }
 
@@ -403,7 +422,7 @@ async fn the_database_going_away_gives_503_and_the_service_recovers() {
     let app = payments_app(store.clone(), &ledger, Duration::from_millis(500));
     assert_eq!(pay(&app, "before", 1).await.status, StatusCode::CREATED);
 
-    relay.stop();
+    relay.stop().await;
     for attempt in 0..3 {
         let reply = pay(&app, &format!("during-{attempt}"), 1).await;
         assert_eq!(

@@ -123,7 +123,10 @@ pub trait Store: Send + Sync + 'static {
         token: LeaseToken,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Reads the live record for `key`, if any (for inspection and waiting).
+    /// Reads the live record for `key`, if any: never one past its
+    /// deadline. Besides inspection, the engine reads with it to answer an
+    /// exact repeat of a replayed request, so a record returned here is
+    /// replayed.
     fn get(
         &self,
         key: &RecordKey,

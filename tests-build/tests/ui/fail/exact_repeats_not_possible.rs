@@ -22,4 +22,10 @@ async fn maybe_paged(page: Option<Query<Page>>, body: String) -> String {
     format!("{} {body}", page.map_or(0, |Query(page)| page.size))
 }
 
+#[idempotent(exact_repeats)]
+async fn generic<T: Serialize + 'static>(axum::Json(body): axum::Json<T>) -> String {
+    let _ = body;
+    String::new()
+}
+
 fn main() {}
