@@ -300,9 +300,11 @@ async fn replay_from_store(
     let found = crate::engine::within(settings.store_timeout, settings.store.get(key)).await;
     match found {
         Ok(Some(Record::Completed(record))) if record.fingerprint == fingerprint => {
+            // Outside the engine's `idempotent` span, so the key goes here.
             tracing::debug!(
                 outcome = "replayed",
                 exact = true,
+                key = %key.log_id(),
                 status = record.response.status.as_u16()
             );
             Some(replay(&record.response))
