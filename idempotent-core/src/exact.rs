@@ -270,14 +270,21 @@ impl ExactReplays {
         fingerprint: Fingerprint,
     ) {
         let tag = self.tag(&key.scope, &key.key);
-        let entry = Entry {
+        let mut set = self.set(tag);
+        // A replay whose digest was not taken (say, a chunked body) keeps
+        // the digest already known for the same record.
+        let known = set
+            .find(tag)
+            .and_then(|slot| set.slots[slot])
+            .filter(|entry| entry.recalled.fingerprint == fingerprint)
+            .and_then(|entry| entry.recalled.request);
+        set.put(Entry {
             tag,
             recalled: Recalled {
-                request,
+                request: request.or(known),
                 fingerprint,
             },
-        };
-        self.set(tag).put(entry);
+        });
     }
 }
 
@@ -377,6 +384,26 @@ mod tests {
         assert!(set.find(1).is_some());
         assert!(set.find(2).is_none());
         assert!(set.find(3).is_some());
+    }
+
+    #[test]
+    fn a_replay_without_a_digest_keeps_the_one_known_for_that_record() {
+        let table = ExactReplays::new();
+        let fingerprint = Fingerprint::from_bytes([1; 32]);
+        table.remember(&key("k1"), Some(RequestDigest(42)), fingerprint);
+
+        table.remember(&key("k1"), None, fingerprint);
+        assert_eq!(
+            recall(&table, &key("k1")).map(|recalled| recalled.request),
+            Some(Some(RequestDigest(42)))
+        );
+
+        // A record with another fingerprint is another request.
+        table.remember(&key("k1"), None, Fingerprint::from_bytes([2; 32]));
+        assert_eq!(
+            recall(&table, &key("k1")).map(|recalled| recalled.request),
+            Some(None)
+        );
     }
 
     #[test]
