@@ -77,8 +77,8 @@ impl<const SCOPE: u8> From<ScopedRequest<SCOPE>> for IdempotentRequest {
 /// request's idempotency context (`SCOPE` as for [`ScopedRequest`]), then
 /// the handler's body extractor `T`. It runs after every other extractor,
 /// and answers an exact repeat of a replayed request from the store before
-/// `T` parses anything (see the `exact` module). `ENDPOINT` is the
-/// attribute's id of the endpoint.
+/// `T` parses anything (see the `exact` module). `ENDPOINT` is
+/// [`endpoint_id`] of the handler's module path, name and endpoint name.
 #[derive(Debug)]
 pub struct ExactBody<const SCOPE: u8, const ENDPOINT: u64, T>(IdempotentRequest, T);
 
