@@ -122,6 +122,38 @@ async fn after_exact_repeats(body: &str) -> (MockStore, Router) {
     (store, app)
 }
 
+/// `handler` alone at `/charges`, on a store of its own.
+fn on_charges<H, T>(handler: H) -> (MockStore, Router)
+where
+    H: axum::handler::Handler<T, ()>,
+    T: 'static,
+{
+    let store = MockStore::new();
+    let app = Router::new()
+        .route("/charges", post(handler))
+        .layer(store.layer());
+    (store, app)
+}
+
+/// Sends `body` to `uri` under `k1` four times, each answered with
+/// `expected`; the fourth must have been answered as an exact repeat.
+async fn until_an_exact_repeat(
+    app: &Router,
+    store: &MockStore,
+    uri: &str,
+    body: &str,
+    expected: &str,
+) {
+    for _ in 0..4 {
+        assert_eq!(send(app, post_json(uri, "k1", body)).await.body, expected);
+    }
+    assert_eq!(
+        store.count(OpKind::Get),
+        1,
+        "the fourth was an exact repeat"
+    );
+}
+
 #[tokio::test]
 async fn exact_repeats_of_a_replay_are_answered_without_parsing_the_body() {
     let (store, runs) = (MockStore::new(), Runs::default());
@@ -219,10 +251,7 @@ async fn parsed_every_time(Json(charge): Json<Charge>) -> String {
 
 #[tokio::test]
 async fn exact_repeats_off_replays_through_the_full_path_every_time() {
-    let store = MockStore::new();
-    let app = Router::new()
-        .route("/charges", post(parsed_every_time))
-        .layer(store.layer());
+    let (store, app) = on_charges(parsed_every_time);
 
     let answers = repeat(&app, "k1", r#"{"tag":"off","amount":100}"#, 6).await;
 
@@ -244,15 +273,7 @@ async fn a_nested_prefix_parameter_keeps_tenants_apart() {
     let tenant = Router::new().route("/charges", post(tenant_charge));
     let app = Router::new().nest("/{tenant}", tenant).layer(store.layer());
     let body = r#"{"tag":"nested","amount":100}"#;
-    for _ in 0..4 {
-        let answer = send(&app, post_json("/acme/charges", "k1", body)).await;
-        assert_eq!(answer.body, "acme: 100");
-    }
-    assert_eq!(
-        store.count(OpKind::Get),
-        1,
-        "the fourth was an exact repeat"
-    );
+    until_an_exact_repeat(&app, &store, "/acme/charges", body, "acme: 100").await;
 
     // The nested router sees the same `/charges` for both tenants; the
     // fingerprint differs by the `tenant` parameter, and so must the answer.
@@ -298,17 +319,7 @@ async fn same_named_handlers_under_static_prefixes_stay_apart() {
         .nest("/v2", Router::new().route("/orders", post(v2::create)))
         .layer(store.layer());
     let body = r#"{"tag":"versions","amount":5}"#;
-    for _ in 0..4 {
-        assert_eq!(
-            send(&app, post_json("/v1/orders", "k1", body)).await.body,
-            "v1: 5"
-        );
-    }
-    assert_eq!(
-        store.count(OpKind::Get),
-        1,
-        "the fourth was an exact repeat"
-    );
+    until_an_exact_repeat(&app, &store, "/v1/orders", body, "v1: 5").await;
 
     // Same key, same bytes, the other version: its fingerprint differs.
     let answer = send(&app, post_json("/v2/orders", "k1", body)).await;
@@ -326,15 +337,7 @@ async fn one_handler_under_two_limits_keeps_each_routes_limit() {
         .nest("/small", notes().layer(DefaultBodyLimit::max(10)))
         .layer(store.layer());
     let body = "a".repeat(100);
-    for _ in 0..4 {
-        let answer = send(&app, post_json("/big/notes", "k1", &body)).await;
-        assert_eq!(answer.body, "noted 100 bytes");
-    }
-    assert_eq!(
-        store.count(OpKind::Get),
-        1,
-        "the fourth was an exact repeat"
-    );
+    until_an_exact_repeat(&app, &store, "/big/notes", &body, "noted 100 bytes").await;
 
     // Both nested routers see `/notes`; the smaller limit still applies.
     let answer = send(&app, post_json("/small/notes", "k1", &body)).await;
@@ -370,15 +373,8 @@ async fn a_body_over_the_routes_limit_is_refused_as_without_exact_repeats() {
         .layer(DefaultBodyLimit::max(64))
         .layer(store.layer());
     let short = "a".repeat(40);
-    for _ in 0..4 {
-        let answer = send(&app, post_json("/notes", "k1", &short)).await;
-        assert_eq!(answer.body, "noted 40 bytes");
-    }
-    assert_eq!(
-        store.count(OpKind::Get),
-        1,
-        "a plain String body is answered early too"
-    );
+    // A plain `String` body is answered early too.
+    until_an_exact_repeat(&app, &store, "/notes", &short, "noted 40 bytes").await;
 
     let answer = send(&app, post_json("/notes", "k1", &"a".repeat(100))).await;
 
@@ -410,10 +406,7 @@ async fn guarded_charge(caller: Caller, Json(charge): Json<Charge>) -> String {
 
 #[tokio::test]
 async fn an_exact_repeat_is_still_refused_by_an_earlier_extractor() {
-    let store = MockStore::new();
-    let app = Router::new()
-        .route("/charges", post(guarded_charge))
-        .layer(store.layer());
+    let (store, app) = on_charges(guarded_charge);
     let body = r#"{"tag":"guarded","amount":100}"#;
     let authorized = || {
         let mut request = post_json("/charges", "k1", body);
@@ -473,10 +466,7 @@ async fn regional_charge(region: Region, Json(charge): Json<Charge>) -> String {
 
 #[tokio::test]
 async fn a_handler_fingerprinting_a_header_input_never_answers_exact_repeats() {
-    let store = MockStore::new();
-    let app = Router::new()
-        .route("/charges", post(regional_charge))
-        .layer(store.layer());
+    let (store, app) = on_charges(regional_charge);
     let body = r#"{"tag":"regional","amount":100}"#;
     let in_region = |region: &str| {
         let mut request = post_json("/charges", "k1", body);
