@@ -205,6 +205,10 @@ impl Set {
             .position(|slot| slot.is_some_and(|entry| entry.tag == tag))
     }
 
+    fn get(&self, tag: u64) -> Option<Recalled> {
+        self.slots[self.find(tag)?].map(|entry| entry.recalled)
+    }
+
     fn put(&mut self, entry: Entry) {
         let slot = self
             .find(entry.tag)
@@ -256,9 +260,7 @@ impl ExactReplays {
     /// What is remembered of `key` (with `scope`), if anything.
     pub(crate) fn recall(&self, scope: &ScopeDigest, key: &IdempotencyKey) -> Option<Recalled> {
         let tag = self.tag(scope, key);
-        let set = self.set(tag);
-        let slot = set.find(tag)?;
-        set.slots[slot].map(|entry| entry.recalled)
+        self.set(tag).get(tag)
     }
 
     /// Records that `key` was replayed under `fingerprint`, for the exact
@@ -274,10 +276,9 @@ impl ExactReplays {
         // A replay whose digest was not taken (say, a chunked body) keeps
         // the digest already known for the same record.
         let known = set
-            .find(tag)
-            .and_then(|slot| set.slots[slot])
-            .filter(|entry| entry.recalled.fingerprint == fingerprint)
-            .and_then(|entry| entry.recalled.request);
+            .get(tag)
+            .filter(|known| known.fingerprint == fingerprint)
+            .and_then(|known| known.request);
         set.put(Entry {
             tag,
             recalled: Recalled {

@@ -168,9 +168,7 @@ fn exact_repeats_blocker(
     generics: &syn::Generics,
     args: &Args,
 ) -> Option<String> {
-    let is = |argument: &Argument<'_>, names: &[&str]| {
-        type_ident(argument.ty).is_some_and(|ident| names.iter().any(|name| ident == name))
-    };
+    let is = |argument: &Argument<'_>, names: &[&str]| is_named(argument.ty, names);
     let list = |names: &[&str]| {
         let names: Vec<String> = names.iter().map(|name| format!("`{name}`")).collect();
         names.join(", ")
@@ -254,18 +252,18 @@ fn type_ident(ty: &Type) -> Option<&Ident> {
     type_path(ty).and_then(last_ident)
 }
 
+/// Whether `ty`'s name (the last segment of its path) is one of `names`.
+fn is_named(ty: &Type, names: &[&str]) -> bool {
+    type_ident(ty).is_some_and(|ident| names.iter().any(|name| ident == name))
+}
+
 fn is_fingerprinted_by_default(ty: &Type) -> bool {
-    let Some(ident) = type_ident(ty) else {
-        return true;
-    };
-    if NOT_FINGERPRINTED.iter().any(|name| ident == name) {
+    if is_named(ty, NOT_FINGERPRINTED) {
         return false;
     }
     // `Option<IdempotencyKey>` is the key too.
-    ident != "Option"
-        || option_inner(ty)
-            .and_then(type_ident)
-            .is_none_or(|inner| inner != "IdempotencyKey")
+    !is_named(ty, &["Option"])
+        || option_inner(ty).is_none_or(|inner| !is_named(inner, &["IdempotencyKey"]))
 }
 
 fn option_inner(ty: &Type) -> Option<&Type> {
