@@ -13,6 +13,8 @@ use super::{Completed, StoredResponse};
 use crate::fingerprint::Fingerprint;
 
 const VERSION: u8 = 1;
+/// Offset of `expires_at`: after the version and the fingerprint.
+const EXPIRES_AT: usize = 1 + 32;
 
 /// A stored record could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,6 +50,16 @@ impl Completed {
             }
             None => out.put_u8(0),
         }
+    }
+
+    /// The deadline of an encoded record, read in place; 0 (long past) if
+    /// the encoding is too short to hold one, so a corrupt record is never
+    /// served.
+    pub(crate) fn encoded_expires_at(encoded: &[u8]) -> u64 {
+        encoded
+            .get(EXPIRES_AT..EXPIRES_AT + 8)
+            .and_then(|bytes| bytes.try_into().ok())
+            .map_or(0, u64::from_be_bytes)
     }
 
     /// The exact length of [`encode`](Self::encode)'s output.
@@ -224,6 +236,16 @@ mod tests {
         for record in [sample(Some(b"hello")), sample(None)] {
             assert_eq!(record.encoded_len(), record.encode().len());
         }
+    }
+
+    #[test]
+    fn the_deadline_is_read_in_place() {
+        let record = sample(Some(b"{}"));
+        assert_eq!(
+            Completed::encoded_expires_at(&record.encode()),
+            record.expires_at
+        );
+        assert_eq!(Completed::encoded_expires_at(&[1; 40]), 0);
     }
 
     #[test]

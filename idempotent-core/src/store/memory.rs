@@ -83,21 +83,49 @@ struct Shard {
 /// A slot names its record by a 128-bit keyed hash of (scope, key) rather
 /// than the key itself: SipHash with a 128-bit key drawn at start-up makes
 /// a collision as unlikely as guessing the key, and the slot stays small.
+/// 48 bytes: a first execution writes a slot at a random place in a table
+/// that grows with every record kept, so each line it spans is a likely
+/// cache miss (see BENCHMARKS.md).
 struct Slot {
-    id: u128,
+    /// The id's two halves; `u128` would align the slot to 16 bytes.
+    id: [u64; 2],
     state: State,
 }
 
 impl Slot {
     /// The hash the table files a slot under: the high half of its id.
     fn table_hash(&self) -> u64 {
-        (self.id >> 64) as u64
+        self.id[0]
     }
 }
 
+/// A record's state. An in-flight claim is boxed: it lives only while its
+/// handler runs, and inline it would double every slot. A completed
+/// record's deadline is read from its encoding.
 enum State {
-    InFlight(InFlight),
-    Completed { expires_at: u64, encoded: Bytes },
+    InFlight(Box<InFlight>),
+    Completed(Bytes),
+}
+
+impl State {
+    /// A live record's state, `None` once `now` is past its deadline.
+    fn live(&self, now: u64) -> Option<&Self> {
+        let deadline = match self {
+            Self::InFlight(held) => held.lease_expires_at,
+            Self::Completed(encoded) => Completed::encoded_expires_at(encoded),
+        };
+        (deadline > now).then_some(self)
+    }
+}
+
+/// The id of `key` under `keys`, as [`Slot::id`].
+fn slot_id(keys: (u64, u64), key: &RecordKey) -> [u64; 2] {
+    // One pass of 128-bit SipHash-1-3, half the work of two 64-bit
+    // hashes with independent keys.
+    let mut hasher = SipHasher13::new_with_keys(keys.0, keys.1);
+    key.hash(&mut hasher);
+    let id = hasher.finish128();
+    [id.h2, id.h1]
 }
 
 /// A queue entry names its record by hash and deadline; one that no longer
@@ -190,7 +218,7 @@ impl MemoryStore {
     /// included).
     #[must_use]
     pub fn completed_len(&self) -> u64 {
-        self.count(|state| matches!(state, State::Completed { .. })) as u64
+        self.count(|state| matches!(state, State::Completed(_))) as u64
     }
 
     /// Claims currently in flight.
@@ -230,17 +258,12 @@ impl MemoryStore {
 }
 
 impl Inner {
-    /// The record's id, the table hash (its high half) and its shard.
-    fn locate(&self, key: &RecordKey) -> (u128, u64, MutexGuard<'_, Shard>) {
-        // One pass of 128-bit SipHash-1-3, half the work of two 64-bit
-        // hashes with independent keys.
-        let mut hasher = SipHasher13::new_with_keys(self.id_keys.0, self.id_keys.1);
-        key.hash(&mut hasher);
-        let id = hasher.finish128().as_u128();
-        let high = (id >> 64) as u64;
+    /// The record's id and its shard.
+    fn locate(&self, key: &RecordKey) -> ([u64; 2], MutexGuard<'_, Shard>) {
+        let id = slot_id(self.id_keys, key);
         // The table uses the low bits of the hash; pick shards by the high ones.
-        let index = (high >> 40) as usize % self.shards.len();
-        (id, high, lock(&self.shards[index]))
+        let index = (id[0] >> 40) as usize % self.shards.len();
+        (id, lock(&self.shards[index]))
     }
 
     fn now(&self) -> u64 {
@@ -254,7 +277,7 @@ impl Inner {
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let now = self.now();
-        let (id, hash, mut shard) = self.locate(key);
+        let (id, mut shard) = self.locate(key);
         let acquire = || {
             let lease_token = LeaseToken::random();
             let held = InFlight {
@@ -262,12 +285,12 @@ impl Inner {
                 lease_token,
                 lease_expires_at: now.saturating_add(millis(lease)),
             };
-            (State::InFlight(held), lease_token)
+            (State::InFlight(Box::new(held)), lease_token)
         };
         // One probe finds the slot or where a new one goes.
         let slot = match shard
             .table
-            .entry(hash, |slot| slot.id == id, Slot::table_hash)
+            .entry(id[0], |slot| slot.id == id, Slot::table_hash)
         {
             Entry::Occupied(occupied) => occupied.into_mut(),
             Entry::Vacant(vacant) => {
@@ -276,26 +299,21 @@ impl Inner {
                 return Ok(Claim::Acquired(lease_token));
             }
         };
-        let encoded = match &slot.state {
-            State::InFlight(held) if held.lease_expires_at > now => {
+        let encoded = match slot.state.live(now) {
+            Some(State::InFlight(held)) => {
                 return Ok(Claim::InFlight {
                     fingerprint: held.fingerprint,
                     lease_expires_at: held.lease_expires_at,
                 });
             }
-            State::Completed {
-                expires_at,
-                encoded,
-            } if *expires_at > now => encoded.clone(),
+            Some(State::Completed(encoded)) => encoded.clone(),
             // A lapsed lease or an expired record: take the key over.
-            previous => {
-                let freed = match previous {
-                    State::Completed { encoded, .. } => weight(encoded),
-                    State::InFlight(_) => 0,
-                };
+            None => {
                 let (state, lease_token) = acquire();
-                slot.state = state;
-                shard.bytes -= freed;
+                let previous = std::mem::replace(&mut slot.state, state);
+                if let State::Completed(encoded) = previous {
+                    shard.bytes -= weight(&encoded);
+                }
                 return Ok(Claim::Acquired(lease_token));
             }
         };
@@ -304,21 +322,21 @@ impl Inner {
         Ok(Claim::Completed(Arc::new(Completed::decode(encoded)?)))
     }
 
-    /// Runs `update` on the in-flight record held by `token`.
+    /// Runs `update` on the slot of the in-flight record held by `token`.
     fn with_lease<T>(
         &self,
         key: &RecordKey,
         token: LeaseToken,
-        update: impl FnOnce(&mut Shard, u64, u128) -> T,
+        update: impl FnOnce(&mut Shard, [u64; 2]) -> T,
     ) -> Result<T, StoreError> {
-        let (id, hash, mut shard) = self.locate(key);
-        let held = shard.table.find(hash, |slot| slot.id == id).is_some_and(
+        let (id, mut shard) = self.locate(key);
+        let held = shard.table.find(id[0], |slot| slot.id == id).is_some_and(
             |slot| matches!(&slot.state, State::InFlight(held) if held.lease_token == token),
         );
         if !held {
             return Err(StoreError::LeaseLost);
         }
-        Ok(update(&mut shard, hash, id))
+        Ok(update(&mut shard, id))
     }
 
     /// Completes the in-flight record held by `token`, to expire at
@@ -332,8 +350,8 @@ impl Inner {
         now: u64,
         expires_at: u64,
     ) -> Result<(), StoreError> {
-        self.with_lease(key, token, |shard, hash, id| {
-            let Some(slot) = shard.table.find_mut(hash, |slot| slot.id == id) else {
+        self.with_lease(key, token, |shard, id| {
+            let Some(slot) = shard.table.find_mut(id[0], |slot| slot.id == id) else {
                 return;
             };
             let State::InFlight(held) = &slot.state else {
@@ -346,11 +364,8 @@ impl Inner {
             };
             let encoded = encode_in(&mut shard.arena, &record, self.block_bytes);
             let weight = weight(&encoded);
-            slot.state = State::Completed {
-                expires_at,
-                encoded,
-            };
-            self.account_completed(shard, hash, weight, expires_at, now);
+            slot.state = State::Completed(encoded);
+            self.account_completed(shard, id[0], weight, expires_at, now);
         })
     }
 
@@ -369,35 +384,33 @@ impl Inner {
         self.evict(shard, now);
     }
 
-    /// Sets the record of `key` to what `state` makes, whatever it held
-    /// before.
+    /// Sets the record of `key` to `state`, whatever it held before.
     fn put(&self, key: &RecordKey, state: impl FnOnce(&mut Shard) -> State) {
-        let (id, hash, mut shard) = self.locate(key);
+        let (id, mut shard) = self.locate(key);
         let state = state(&mut shard);
         let completed = match &state {
-            State::Completed {
-                expires_at,
-                encoded,
-            } => Some((*expires_at, weight(encoded))),
+            State::Completed(encoded) => {
+                Some((Completed::encoded_expires_at(encoded), weight(encoded)))
+            }
             State::InFlight(_) => None,
         };
         let slot = Slot { id, state };
-        let previous = match shard.table.find_mut(hash, |slot| slot.id == id) {
+        let previous = match shard.table.find_mut(id[0], |slot| slot.id == id) {
             Some(existing) => Some(std::mem::replace(existing, slot)),
             None => {
-                shard.table.insert_unique(hash, slot, Slot::table_hash);
+                shard.table.insert_unique(id[0], slot, Slot::table_hash);
                 None
             }
         };
         if let Some(Slot {
-            state: State::Completed { encoded, .. },
+            state: State::Completed(encoded),
             ..
         }) = previous
         {
             shard.bytes -= weight(&encoded);
         }
         if let Some((expires_at, weight)) = completed {
-            self.account_completed(&mut shard, hash, weight, expires_at, self.now());
+            self.account_completed(&mut shard, id[0], weight, expires_at, self.now());
         }
     }
 
@@ -410,14 +423,13 @@ impl Inner {
             // The durable store decides when the lease lapses.
             lease_expires_at: u64::MAX,
         };
-        self.put(key, |_| State::InFlight(held));
+        self.put(key, |_| State::InFlight(Box::new(held)));
     }
 
     /// Keeps a completed record decided elsewhere, until its own deadline.
     pub(super) fn remember(&self, key: &RecordKey, record: &Completed) {
-        self.put(key, |shard| State::Completed {
-            expires_at: record.expires_at,
-            encoded: encode_in(&mut shard.arena, record, self.block_bytes),
+        self.put(key, |shard| {
+            State::Completed(encode_in(&mut shard.arena, record, self.block_bytes))
         });
     }
 
@@ -430,10 +442,13 @@ impl Inner {
             }
             let Queued { hash, expires_at } = *front;
             shard.queue.pop_front();
-            let queued = |slot: &Slot| matches!(slot.state, State::Completed { expires_at: e, .. } if e == expires_at);
+            let queued = |slot: &Slot| {
+                matches!(&slot.state, State::Completed(encoded)
+                    if Completed::encoded_expires_at(encoded) == expires_at)
+            };
             if let Ok(entry) = shard.table.find_entry(hash, queued) {
                 let (slot, _) = entry.remove();
-                if let State::Completed { encoded, .. } = slot.state {
+                if let State::Completed(encoded) = slot.state {
                     shard.bytes -= weight(&encoded);
                 }
             }
@@ -442,8 +457,8 @@ impl Inner {
 
     /// Frees the in-flight record held by `token`.
     pub(super) fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-        self.with_lease(key, token, |shard, hash, id| {
-            if let Ok(entry) = shard.table.find_entry(hash, |slot| slot.id == id) {
+        self.with_lease(key, token, |shard, id| {
+            if let Ok(entry) = shard.table.find_entry(id[0], |slot| slot.id == id) {
                 entry.remove();
             }
         })
@@ -451,21 +466,20 @@ impl Inner {
 
     pub(super) fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
         let now = self.now();
-        let (id, hash, shard) = self.locate(key);
-        let Some(slot) = shard.table.find(hash, |slot| slot.id == id) else {
+        let (id, shard) = self.locate(key);
+        let Some(slot) = shard.table.find(id[0], |slot| slot.id == id) else {
             return Ok(None);
         };
-        match &slot.state {
-            State::InFlight(held) if held.lease_expires_at > now => {
-                Ok(Some(Record::InFlight(held.clone())))
+        match slot.state.live(now) {
+            Some(State::InFlight(held)) => Ok(Some(Record::InFlight(InFlight::clone(held)))),
+            Some(State::Completed(encoded)) => {
+                let encoded = encoded.clone();
+                drop(shard);
+                Ok(Some(Record::Completed(Arc::new(Completed::decode(
+                    encoded,
+                )?))))
             }
-            State::Completed {
-                expires_at,
-                encoded,
-            } if *expires_at > now => Ok(Some(Record::Completed(Arc::new(Completed::decode(
-                encoded.clone(),
-            )?)))),
-            _ => Ok(None),
+            None => Ok(None),
         }
     }
 }
@@ -487,11 +501,11 @@ impl Store for MemoryStore {
         lease: Duration,
     ) -> Result<(), StoreError> {
         let expires = self.inner.now().saturating_add(millis(lease));
-        self.inner.with_lease(key, token, |shard, hash, id| {
+        self.inner.with_lease(key, token, |shard, id| {
             if let Some(Slot {
                 state: State::InFlight(held),
                 ..
-            }) = shard.table.find_mut(hash, |slot| slot.id == id)
+            }) = shard.table.find_mut(id[0], |slot| slot.id == id)
             {
                 held.lease_expires_at = expires;
             }
@@ -583,6 +597,22 @@ mod tests {
 
     fn is_completed(store: &MemoryStore, name: &str) -> bool {
         matches!(store.inner.get(&key(name)), Ok(Some(Record::Completed(_))))
+    }
+
+    #[test]
+    fn a_slot_takes_48_bytes() {
+        assert_eq!(std::mem::size_of::<Slot>(), 48);
+    }
+
+    #[test]
+    fn a_completed_records_deadline_is_read_from_its_encoding() {
+        let clock = ManualClock::new(1_000);
+        let store = MemoryStore::builder().clock(clock.clone()).build();
+        complete(&store, "k", 10, Duration::from_secs(5));
+        clock.advance(Duration::from_millis(4_999));
+        assert!(is_completed(&store, "k"));
+        clock.advance(Duration::from_millis(1));
+        assert!(!is_completed(&store, "k"));
     }
 
     #[test]
