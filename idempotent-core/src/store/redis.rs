@@ -41,7 +41,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 
 use super::{Store, StoreError};
 use crate::clock::{Clock, SharedClock, SystemClock, millis};
-use crate::digest::hex;
+use crate::digest::push_hex;
 use crate::fingerprint::Fingerprint;
 use crate::record::{Claim, Completed, InFlight, LeaseToken, Record, RecordKey, StoredResponse};
 
@@ -228,7 +228,10 @@ impl<C> RedisStore<C> {
     /// The Redis key holding `key`'s record.
     #[must_use]
     pub fn redis_key(&self, key: &RecordKey) -> String {
-        format!("{}{}", self.prefix, hex(&key.digest()))
+        let mut redis_key = String::with_capacity(self.prefix.len() + 64);
+        redis_key.push_str(&self.prefix);
+        push_hex(&mut redis_key, &key.digest());
+        redis_key
     }
 
     fn now(&self) -> u64 {
