@@ -201,13 +201,7 @@ impl Engine {
             tracing::warn!(%error, outcome = "store_error", "store failed; running without idempotency (fail_open)");
             return handler.await;
         }
-        tracing::error!(%error, outcome = "store_error", "store failed; request refused, nothing executed");
-        Problem::new(
-            ProblemKind::StoreUnavailable,
-            "the idempotency store is unavailable, so the request was not executed; retry with the same key",
-        )
-        .retry_after(RETRY_AFTER_SECS)
-        .into_response()
+        refused_for(error)
     }
 
     fn replay(&self, record: &Completed, exact: Option<ExactRequest>) -> Response {
@@ -384,6 +378,17 @@ impl Engine {
             }
         }
     }
+}
+
+/// The answer to a request refused because the store failed: nothing ran.
+pub(crate) fn refused_for(error: &StoreError) -> Response {
+    tracing::error!(%error, outcome = "store_error", "store failed; request refused, nothing executed");
+    Problem::new(
+        ProblemKind::StoreUnavailable,
+        "the idempotency store is unavailable, so the request was not executed; retry with the same key",
+    )
+    .retry_after(RETRY_AFTER_SECS)
+    .into_response()
 }
 
 /// `operation`, cut after `timeout`.

@@ -321,8 +321,10 @@ impl std::fmt::Debug for ExactReplays {
 }
 
 /// The stored response for `key`, if the store still holds it completed
-/// under `fingerprint`; `None` sends the request down the full path, which
-/// also reports any store failure.
+/// under `fingerprint`; `None` sends the request down the full path.
+/// A store that fails the read answers 503 at once, as the full path's
+/// claim would after a second wait, unless the endpoints fail open: the
+/// full path then decides.
 async fn replay_from_store(
     settings: &Settings,
     key: &RecordKey,
@@ -339,6 +341,11 @@ async fn replay_from_store(
                 status = record.response.status.as_u16()
             );
             Some(replay(&record.response))
+        }
+        Err(error) if !settings.fail_open => {
+            let _key =
+                tracing::debug_span!("idempotent", key = %key.log_id(), exact = true).entered();
+            Some(crate::engine::refused_for(&error))
         }
         _ => None,
     }

@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use http_body_util::BodyExt;
 use idempotent_core::testing::{MockStore, OpKind};
 use idempotent_core::{
-    FingerprintError, FingerprintInput, Fingerprinter, IDEMPOTENT_REPLAYED, idempotent,
+    FingerprintError, FingerprintInput, Fingerprinter, IDEMPOTENT_REPLAYED, Idempotency, idempotent,
 };
 use serde::{Deserialize, Deserializer, Serialize};
 use tower::ServiceExt;
@@ -506,5 +506,47 @@ async fn a_near_repeat_or_one_without_a_declared_length_takes_the_full_path() {
     }
 
     assert_eq!(parsed("variants").load(Ordering::SeqCst), before + 3);
+    store.assert_executed_once();
+}
+
+#[tokio::test]
+async fn a_failed_read_of_an_exact_repeat_is_refused_at_once_without_a_claim() {
+    let body = r#"{"tag":"outage","amount":5}"#;
+    let (store, app) = after_exact_repeats(body).await;
+    let claims = store.count(OpKind::Claim);
+
+    store.fail_next(OpKind::Get);
+    let refused = send(&app, post_json("/charges", "k1", body)).await;
+
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        refused.body.contains("store-unavailable"),
+        "{}",
+        refused.body
+    );
+    assert_eq!(store.count(OpKind::Claim), claims, "no second store call");
+    store.assert_executed_once();
+    // The store is back: the next exact repeat is replayed.
+    let replayed = send(&app, post_json("/charges", "k1", body)).await;
+    assert!(replayed.replayed);
+    assert_eq!(replayed.body, "charge 1: outage 5");
+}
+
+#[tokio::test]
+async fn with_fail_open_a_failed_read_of_an_exact_repeat_takes_the_full_path() {
+    let (store, runs) = (MockStore::new(), Runs::default());
+    let layer = Idempotency::builder(store.clone()).fail_open(true).build();
+    let app = Router::new()
+        .route("/charges", post(charge))
+        .with_state(runs)
+        .layer(layer);
+    let body = r#"{"tag":"open","amount":6}"#;
+    repeat(&app, "k1", body, 4).await;
+
+    store.fail_next(OpKind::Get);
+    let answer = send(&app, post_json("/charges", "k1", body)).await;
+
+    assert!(answer.replayed, "the full path's claim finds the record");
+    assert_eq!(answer.body, "charge 1: open 6");
     store.assert_executed_once();
 }
