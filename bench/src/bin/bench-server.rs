@@ -3,8 +3,12 @@
 //!
 //! ```text
 //! bench-server [--addr 127.0.0.1:3000] [--store memory] [--layer routes] [--max-seconds 120]
+//!              [--pg-connections 15]
 //! stores: memory, redis, tiered-redis, postgres, tiered-postgres, sqlite
 //! layer: routes (`Router::layer`, on each route), router (around the whole router)
+//! pg-connections: the connections the PostgreSQL store keeps for its
+//! statements, in a pool of one more (the default is what
+//! `PostgresStore::connect` sets up)
 //! ```
 //!
 //! Routes (all `POST`, body `{"amount":..,"currency":..,"reference":..}`):
@@ -25,6 +29,7 @@ use idempotent_core::Idempotency;
 use idempotent_core::store::{
     MemoryStore, PostgresStore, RedisStore, SqliteStore, StoreError, Tiered,
 };
+use sqlx::postgres::PgPoolOptions;
 
 struct Args {
     addr: SocketAddr,
@@ -32,6 +37,7 @@ struct Args {
     /// Where the idempotency layer goes: `routes` or `router`.
     layer: String,
     max_seconds: u64,
+    pg_connections: u32,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -40,6 +46,7 @@ fn parse_args() -> Result<Args, String> {
         store: "memory".to_owned(),
         layer: "routes".to_owned(),
         max_seconds: 120,
+        pg_connections: 15,
     };
     let mut words = std::env::args().skip(1);
     while let Some(flag) = words.next() {
@@ -52,6 +59,11 @@ fn parse_args() -> Result<Args, String> {
             "--layer" => args.layer = value,
             "--max-seconds" => {
                 args.max_seconds = value.parse().map_err(|e| format!("--max-seconds: {e}"))?;
+            }
+            "--pg-connections" => {
+                args.pg_connections = value
+                    .parse()
+                    .map_err(|e| format!("--pg-connections: {e}"))?;
             }
             other => return Err(format!("unknown flag `{other}`")),
         }
@@ -68,7 +80,7 @@ const POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 const POSTGRES_TABLE: &str = "idempotent_bench";
 const SQLITE_PATH: &str = "/tmp/idempotent-bench.sqlite";
 
-async fn idempotency(store: &str) -> Result<Idempotency, String> {
+async fn idempotency(store: &str, pg_connections: u32) -> Result<Idempotency, String> {
     let failed = |error: StoreError| format!("store `{store}`: {error}");
     Ok(match store {
         "memory" => Idempotency::new(MemoryStore::new()),
@@ -76,8 +88,10 @@ async fn idempotency(store: &str) -> Result<Idempotency, String> {
         "tiered-redis" => Idempotency::new(Tiered::new(
             RedisStore::connect(REDIS_URL).await.map_err(failed)?,
         )),
-        "postgres" => Idempotency::new(postgres().await.map_err(failed)?),
-        "tiered-postgres" => Idempotency::new(Tiered::new(postgres().await.map_err(failed)?)),
+        "postgres" => Idempotency::new(postgres(pg_connections).await.map_err(failed)?),
+        "tiered-postgres" => {
+            Idempotency::new(Tiered::new(postgres(pg_connections).await.map_err(failed)?))
+        }
         "sqlite" => {
             let sqlite = SqliteStore::open(SQLITE_PATH).await.map_err(failed)?;
             sqlite.migrate().await.map_err(failed)?;
@@ -91,10 +105,19 @@ async fn idempotency(store: &str) -> Result<Idempotency, String> {
     })
 }
 
-async fn postgres() -> Result<PostgresStore, StoreError> {
-    let pool = PostgresStore::connect(POSTGRES_URL).await?.pool().clone();
+/// A store on a pool of `connections + 1`, keeping `connections`: the
+/// settings of `PostgresStore::connect`, sized as asked.
+async fn postgres(connections: u32) -> Result<PostgresStore, StoreError> {
+    let pool = PgPoolOptions::new()
+        .max_connections(connections + 1)
+        .acquire_timeout(Duration::from_secs(5))
+        .test_before_acquire(false)
+        .connect(POSTGRES_URL)
+        .await
+        .map_err(StoreError::backend)?;
     let store = PostgresStore::builder(pool)
         .table(POSTGRES_TABLE)
+        .hold_connections(connections)
         .build()
         .map_err(StoreError::backend)?;
     store.migrate().await?;
@@ -104,7 +127,7 @@ async fn postgres() -> Result<PostgresStore, StoreError> {
 #[tokio::main]
 async fn main() -> Result<(), String> {
     let args = parse_args()?;
-    let idempotency = idempotency(&args.store).await?;
+    let idempotency = idempotency(&args.store, args.pg_connections).await?;
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
         .map_err(|e| format!("bind {}: {e}", args.addr))?;
