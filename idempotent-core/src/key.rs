@@ -143,11 +143,16 @@ pub enum KeyError {
 }
 
 fn parse_bare(field: &[u8]) -> Result<&str, KeyError> {
-    for (position, &byte) in field.iter().enumerate() {
-        let allowed = byte.is_ascii_graphic() && byte != b'"' && byte != b',';
-        if !allowed {
-            return Err(KeyError::InvalidCharacter { position, byte });
-        }
+    let allowed = |byte: u8| byte.is_ascii_graphic() && byte != b'"' && byte != b',';
+    // Every request checks its key: one pass without early exit, which
+    // the compiler vectorizes; the position is looked for only on error.
+    let valid = field
+        .iter()
+        .fold(true, |valid, &byte| valid & allowed(byte));
+    if !valid {
+        let position = field.iter().position(|&byte| !allowed(byte)).unwrap_or(0);
+        let byte = field.get(position).copied().unwrap_or(0);
+        return Err(KeyError::InvalidCharacter { position, byte });
     }
     // Every byte is ASCII, so this cannot fail; map rather than unwrap.
     std::str::from_utf8(field).map_err(|_| KeyError::MalformedString("not ASCII"))
