@@ -23,6 +23,7 @@ DURATION=${DURATION:-8}
 CLIENTS=${CLIENTS:-32}
 PORT=${PORT:-23000}
 KEPT=${KEPT:-$CLIENTS}
+read -r first_kept _ <<<"$KEPT"
 if [ -z "${BUILDS:-}" ]; then
   cargo build --release -q -p idempotent-bench --bin bench-server
   BUILDS="main=$PWD/target/release/bench-server"
@@ -52,7 +53,7 @@ store_run() {
 
 # The table pgbench writes to exists once a bench-server has migrated it.
 first_build=${BUILDS%% *}
-store_run "${first_build#*=}" "$PORT" "${KEPT%% *}" >/dev/null
+store_run "${first_build#*=}" "$PORT" "$first_kept" >/dev/null
 for round in $(seq 1 "$ROUNDS"); do
   before=$(pgbench_tps)
   results=()

@@ -47,6 +47,7 @@ use crate::record::{Record, RecordKey};
 use crate::replay::replay;
 use crate::request::{IdempotentRequest, ScopeSource};
 use crate::scope::ScopeDigest;
+use crate::store::StoreError;
 
 /// Table size: sets of two slots, a power of two of them. Each slot holds
 /// one key in 80 bytes, so a table takes 96 KiB. Two ways per set keep
@@ -322,9 +323,10 @@ impl std::fmt::Debug for ExactReplays {
 
 /// The stored response for `key`, if the store still holds it completed
 /// under `fingerprint`; `None` sends the request down the full path.
-/// A store that fails the read answers 503 at once, as the full path's
-/// claim would after a second wait, unless the endpoints fail open: the
-/// full path then decides.
+/// A read that timed out is answered 503 at once, as the full path's
+/// claim would most likely be after a second wait, unless the endpoints
+/// fail open; any other failure (a connection that died with a restart,
+/// a record the read cannot decode) leaves the decision to the claim.
 async fn replay_from_store(
     settings: &Settings,
     key: &RecordKey,
@@ -342,7 +344,7 @@ async fn replay_from_store(
             );
             Some(replay(&record.response))
         }
-        Err(error) if !settings.fail_open => {
+        Err(error @ StoreError::Timeout(_)) if !settings.fail_open => {
             let _key =
                 tracing::debug_span!("idempotent", key = %key.log_id(), exact = true).entered();
             Some(crate::engine::refused_for(&error))

@@ -14,7 +14,8 @@ use axum::{Json, Router};
 use http_body_util::BodyExt;
 use idempotent_core::testing::{MockStore, OpKind};
 use idempotent_core::{
-    FingerprintError, FingerprintInput, Fingerprinter, IDEMPOTENT_REPLAYED, Idempotency, idempotent,
+    FingerprintError, FingerprintInput, Fingerprinter, IDEMPOTENT_REPLAYED, Idempotency,
+    IdempotencyBuilder, idempotent,
 };
 use serde::{Deserialize, Deserializer, Serialize};
 use tower::ServiceExt;
@@ -509,14 +510,35 @@ async fn a_near_repeat_or_one_without_a_declared_length_takes_the_full_path() {
     store.assert_executed_once();
 }
 
-#[tokio::test]
-async fn a_failed_read_of_an_exact_repeat_is_refused_at_once_without_a_claim() {
-    let body = r#"{"tag":"outage","amount":5}"#;
+/// Sends an exact repeat of `body` under `k1` whose store read outlasts
+/// the store timeout, while the calls after it answer at once; returns
+/// the answer and how long it took on tokio's (paused) clock.
+async fn exact_repeat_with_a_slow_read(
+    store: &MockStore,
+    app: &Router,
+    body: &str,
+) -> (Answer, Duration) {
+    store.set_delay(Duration::from_secs(60));
+    let started = tokio::time::Instant::now();
+    let request = tokio::spawn({
+        let app = app.clone();
+        let request = post_json("/charges", "k1", body);
+        async move { send(&app, request).await }
+    });
+    // The read has started under the delay; later calls take none.
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    store.set_delay(Duration::ZERO);
+    let answer = request.await.unwrap();
+    (answer, started.elapsed())
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_exact_repeat_whose_read_times_out_is_refused_after_one_store_timeout() {
+    let body = r#"{"tag":"slow","amount":5}"#;
     let (store, app) = after_exact_repeats(body).await;
     let claims = store.count(OpKind::Claim);
 
-    store.fail_next(OpKind::Get);
-    let refused = send(&app, post_json("/charges", "k1", body)).await;
+    let (refused, took) = exact_repeat_with_a_slow_read(&store, &app, body).await;
 
     assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(
@@ -524,16 +546,21 @@ async fn a_failed_read_of_an_exact_repeat_is_refused_at_once_without_a_claim() {
         "{}",
         refused.body
     );
-    assert_eq!(store.count(OpKind::Claim), claims, "no second store call");
+    assert_eq!(
+        took,
+        IdempotencyBuilder::DEFAULT_STORE_TIMEOUT,
+        "one timeout, not two"
+    );
+    assert_eq!(
+        store.count(OpKind::Claim),
+        claims,
+        "no claim after the read"
+    );
     store.assert_executed_once();
-    // The store is back: the next exact repeat is replayed.
-    let replayed = send(&app, post_json("/charges", "k1", body)).await;
-    assert!(replayed.replayed);
-    assert_eq!(replayed.body, "charge 1: outage 5");
 }
 
-#[tokio::test]
-async fn with_fail_open_a_failed_read_of_an_exact_repeat_takes_the_full_path() {
+#[tokio::test(start_paused = true)]
+async fn with_fail_open_an_exact_repeat_whose_read_times_out_takes_the_full_path() {
     let (store, runs) = (MockStore::new(), Runs::default());
     let layer = Idempotency::builder(store.clone()).fail_open(true).build();
     let app = Router::new()
@@ -543,10 +570,24 @@ async fn with_fail_open_a_failed_read_of_an_exact_repeat_takes_the_full_path() {
     let body = r#"{"tag":"open","amount":6}"#;
     repeat(&app, "k1", body, 4).await;
 
-    store.fail_next(OpKind::Get);
-    let answer = send(&app, post_json("/charges", "k1", body)).await;
+    let (answer, _) = exact_repeat_with_a_slow_read(&store, &app, body).await;
 
     assert!(answer.replayed, "the full path's claim finds the record");
     assert_eq!(answer.body, "charge 1: open 6");
+    store.assert_executed_once();
+}
+
+#[tokio::test]
+async fn an_exact_repeat_whose_read_fails_otherwise_takes_the_full_path() {
+    let body = r#"{"tag":"reset","amount":7}"#;
+    let (store, app) = after_exact_repeats(body).await;
+    let claims = store.count(OpKind::Claim);
+
+    store.fail_next(OpKind::Get);
+    let answer = send(&app, post_json("/charges", "k1", body)).await;
+
+    assert!(answer.replayed, "the claim decides");
+    assert_eq!(answer.body, "charge 1: reset 7");
+    assert_eq!(store.count(OpKind::Claim), claims + 1);
     store.assert_executed_once();
 }

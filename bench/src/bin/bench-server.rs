@@ -109,7 +109,7 @@ async fn idempotency(store: &str, pg_connections: u32) -> Result<Idempotency, St
 /// settings of `PostgresStore::connect`, sized as asked.
 async fn postgres(connections: u32) -> Result<PostgresStore, StoreError> {
     let pool = PgPoolOptions::new()
-        .max_connections(connections + 1)
+        .max_connections(connections.saturating_add(1))
         .acquire_timeout(Duration::from_secs(5))
         .test_before_acquire(false)
         .connect(POSTGRES_URL)
