@@ -3,12 +3,15 @@
 //!
 //! ```text
 //! bench-server [--addr 127.0.0.1:3000] [--store memory] [--layer routes] [--max-seconds 120]
-//!              [--pg-connections 15]
+//!              [--pg-connections 15] [--memory-max-bytes 268435456]
 //! stores: memory, redis, tiered-redis, postgres, tiered-postgres, sqlite
 //! layer: routes (`Router::layer`, on each route), router (around the whole router)
 //! pg-connections: the connections the PostgreSQL store keeps for its
 //! statements, in a pool of one more (the default is what
 //! `PostgresStore::connect` sets up)
+//! memory-max-bytes: the memory store's budget (the default's), e.g. small
+//! enough that a run reaches the steady state where old records go as new
+//! ones come
 //! ```
 //!
 //! Routes (all `POST`, body `{"amount":..,"currency":..,"reference":..}`):
@@ -38,6 +41,7 @@ struct Args {
     layer: String,
     max_seconds: u64,
     pg_connections: u32,
+    memory_max_bytes: Option<u64>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -47,6 +51,7 @@ fn parse_args() -> Result<Args, String> {
         layer: "routes".to_owned(),
         max_seconds: 120,
         pg_connections: 15,
+        memory_max_bytes: None,
     };
     let mut words = std::env::args().skip(1);
     while let Some(flag) = words.next() {
@@ -59,6 +64,12 @@ fn parse_args() -> Result<Args, String> {
             "--layer" => args.layer = value,
             "--max-seconds" => {
                 args.max_seconds = value.parse().map_err(|e| format!("--max-seconds: {e}"))?;
+            }
+            "--memory-max-bytes" => {
+                let bytes = value
+                    .parse()
+                    .map_err(|e| format!("--memory-max-bytes: {e}"))?;
+                args.memory_max_bytes = Some(bytes);
             }
             "--pg-connections" => {
                 args.pg_connections = value
@@ -80,10 +91,17 @@ const POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 const POSTGRES_TABLE: &str = "idempotent_bench";
 const SQLITE_PATH: &str = "/tmp/idempotent-bench.sqlite";
 
-async fn idempotency(store: &str, pg_connections: u32) -> Result<Idempotency, String> {
+async fn idempotency(args: &Args) -> Result<Idempotency, String> {
+    let (store, pg_connections) = (args.store.as_str(), args.pg_connections);
     let failed = |error: StoreError| format!("store `{store}`: {error}");
     Ok(match store {
-        "memory" => Idempotency::new(MemoryStore::new()),
+        "memory" => {
+            let mut memory = MemoryStore::builder();
+            if let Some(bytes) = args.memory_max_bytes {
+                memory = memory.max_bytes(bytes);
+            }
+            Idempotency::new(memory.build())
+        }
         "redis" => Idempotency::new(RedisStore::connect(REDIS_URL).await.map_err(failed)?),
         "tiered-redis" => Idempotency::new(Tiered::new(
             RedisStore::connect(REDIS_URL).await.map_err(failed)?,
@@ -127,7 +145,7 @@ async fn postgres(connections: u32) -> Result<PostgresStore, StoreError> {
 #[tokio::main]
 async fn main() -> Result<(), String> {
     let args = parse_args()?;
-    let idempotency = idempotency(&args.store, args.pg_connections).await?;
+    let idempotency = idempotency(&args).await?;
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
         .map_err(|e| format!("bind {}: {e}", args.addr))?;
