@@ -116,6 +116,14 @@ impl State {
         };
         (deadline > now).then_some(self)
     }
+
+    /// The in-flight claim `token` holds, if this is it.
+    fn held_by(&mut self, token: LeaseToken) -> Option<&mut InFlight> {
+        match self {
+            Self::InFlight(held) if held.lease_token == token => Some(held),
+            _ => None,
+        }
+    }
 }
 
 /// The id of `key` under `keys`, as [`Slot::id`].
@@ -322,23 +330,6 @@ impl Inner {
         Ok(Claim::Completed(Arc::new(Completed::decode(encoded)?)))
     }
 
-    /// Runs `update` on the slot of the in-flight record held by `token`.
-    fn with_lease<T>(
-        &self,
-        key: &RecordKey,
-        token: LeaseToken,
-        update: impl FnOnce(&mut Shard, [u64; 2]) -> T,
-    ) -> Result<T, StoreError> {
-        let (id, mut shard) = self.locate(key);
-        let held = shard.table.find(id[0], |slot| slot.id == id).is_some_and(
-            |slot| matches!(&slot.state, State::InFlight(held) if held.lease_token == token),
-        );
-        if !held {
-            return Err(StoreError::LeaseLost);
-        }
-        Ok(update(&mut shard, id))
-    }
-
     /// Completes the in-flight record held by `token`, to expire at
     /// `expires_at`; `now` is the time the caller read that deadline from
     /// (both Unix ms), against which older records are evicted.
@@ -350,23 +341,21 @@ impl Inner {
         now: u64,
         expires_at: u64,
     ) -> Result<(), StoreError> {
-        self.with_lease(key, token, |shard, id| {
-            let Some(slot) = shard.table.find_mut(id[0], |slot| slot.id == id) else {
-                return;
-            };
-            let State::InFlight(held) = &slot.state else {
-                return;
-            };
-            let record = Completed {
-                fingerprint: held.fingerprint,
-                response,
-                expires_at,
-            };
-            let encoded = encode_in(&mut shard.arena, &record, self.block_bytes);
-            let weight = weight(&encoded);
-            slot.state = State::Completed(encoded);
-            self.account_completed(shard, id[0], weight, expires_at, now);
-        })
+        let (id, mut shard) = self.locate(key);
+        let shard = &mut *shard;
+        let slot = shard.table.find_mut(id[0], |slot| slot.id == id);
+        let slot = slot.ok_or(StoreError::LeaseLost)?;
+        let held = slot.state.held_by(token).ok_or(StoreError::LeaseLost)?;
+        let record = Completed {
+            fingerprint: held.fingerprint,
+            response,
+            expires_at,
+        };
+        let encoded = encode_in(&mut shard.arena, &record, self.block_bytes);
+        let weight = weight(&encoded);
+        slot.state = State::Completed(encoded);
+        self.account_completed(shard, id[0], weight, expires_at, now);
+        Ok(())
     }
 
     /// Books a record that just became completed in `shard`: its weight,
@@ -457,11 +446,16 @@ impl Inner {
 
     /// Frees the in-flight record held by `token`.
     pub(super) fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-        self.with_lease(key, token, |shard, id| {
-            if let Ok(entry) = shard.table.find_entry(id[0], |slot| slot.id == id) {
-                entry.remove();
-            }
-        })
+        let (id, mut shard) = self.locate(key);
+        let entry = shard.table.find_entry(id[0], |slot| slot.id == id);
+        let mut entry = entry.map_err(|_| StoreError::LeaseLost)?;
+        entry
+            .get_mut()
+            .state
+            .held_by(token)
+            .ok_or(StoreError::LeaseLost)?;
+        entry.remove();
+        Ok(())
     }
 
     pub(super) fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
@@ -501,15 +495,14 @@ impl Store for MemoryStore {
         lease: Duration,
     ) -> Result<(), StoreError> {
         let expires = self.inner.now().saturating_add(millis(lease));
-        self.inner.with_lease(key, token, |shard, id| {
-            if let Some(Slot {
-                state: State::InFlight(held),
-                ..
-            }) = shard.table.find_mut(id[0], |slot| slot.id == id)
-            {
-                held.lease_expires_at = expires;
-            }
-        })
+        let (id, mut shard) = self.inner.locate(key);
+        let slot = shard.table.find_mut(id[0], |slot| slot.id == id);
+        let slot = slot.ok_or(StoreError::LeaseLost)?;
+        slot.state
+            .held_by(token)
+            .ok_or(StoreError::LeaseLost)?
+            .lease_expires_at = expires;
+        Ok(())
     }
 
     async fn complete(
