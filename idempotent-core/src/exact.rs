@@ -63,18 +63,28 @@ const MAX_BODY: u64 = 64 * 1024;
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ExactRequest(pub(crate) Option<RequestDigest>);
 
+/// A key the table remembers, for a request that may exactly repeat its
+/// replay.
+pub(crate) struct Hit {
+    key: RecordKey,
+    recalled: Recalled,
+}
+
 /// Marks `idempotent` for the engine, and returns what the table
 /// remembers of its key if `request` may be an exact repeat worth
 /// checking with [`answer_exact_repeat`]. Synchronous: a first execution
 /// pays only this lookup.
-pub(crate) fn recall(idempotent: &mut IdempotentRequest, request: &Request) -> Option<Recalled> {
+pub(crate) fn recall(idempotent: &mut IdempotentRequest, request: &Request) -> Option<Hit> {
     idempotent.exact = Some(ExactRequest(None));
     let (Some(key), ScopeSource::Resolved(Ok(scope))) = (&idempotent.key, &idempotent.scope) else {
         return None;
     };
     let recalled = idempotent.idempotency.inner.exact.recall(scope, key)?;
     let length = declared_length(request.headers())?;
-    (length <= MAX_BODY).then_some(recalled)
+    (length <= MAX_BODY).then(|| Hit {
+        key: RecordKey::new(*scope, key.clone()),
+        recalled,
+    })
 }
 
 /// Answers `request` from the store when it exactly repeats the recalled
@@ -83,13 +93,11 @@ pub(crate) fn recall(idempotent: &mut IdempotentRequest, request: &Request) -> O
 /// digest.
 pub(crate) async fn answer_exact_repeat(
     idempotent: &mut IdempotentRequest,
-    recalled: Recalled,
+    hit: Hit,
     endpoint: u64,
     request: Request,
 ) -> Result<Request, Response> {
-    let (Some(key), ScopeSource::Resolved(Ok(scope))) = (&idempotent.key, &idempotent.scope) else {
-        return Ok(request);
-    };
+    let Hit { key, recalled } = hit;
     let settings = &idempotent.idempotency.inner;
     // Read under the route's `DefaultBodyLimit`, as the extractor would.
     let (mut parts, body) = request.with_limited_body().into_parts();
@@ -103,11 +111,10 @@ pub(crate) async fn answer_exact_repeat(
     let Some(digest) = digest else {
         return Ok(request);
     };
-    if recalled.request == Some(digest) {
-        let record_key = RecordKey::new(*scope, key.clone());
-        if let Some(replay) = replay_from_store(settings, &record_key, recalled.fingerprint).await {
-            return Err(replay);
-        }
+    if recalled.request == Some(digest)
+        && let Some(replay) = replay_from_store(settings, &key, recalled.fingerprint).await
+    {
+        return Err(replay);
     }
     idempotent.exact = Some(ExactRequest(Some(digest)));
     Ok(request)

@@ -102,8 +102,8 @@ where
                 .map_err(IntoResponse::into_response)?;
         let request = match exact::recall(&mut idempotent, &request) {
             None => request,
-            Some(recalled) => {
-                exact::answer_exact_repeat(&mut idempotent, recalled, ENDPOINT, request).await?
+            Some(hit) => {
+                exact::answer_exact_repeat(&mut idempotent, hit, ENDPOINT, request).await?
             }
         };
         let inner = T::from_request(request, state)
