@@ -32,7 +32,6 @@ use idempotent_core::Idempotency;
 use idempotent_core::store::{
     MemoryStore, PostgresStore, RedisStore, SqliteStore, StoreError, Tiered,
 };
-use sqlx::postgres::PgPoolOptions;
 
 struct Args {
     addr: SocketAddr,
@@ -126,10 +125,8 @@ async fn idempotency(args: &Args) -> Result<Idempotency, String> {
 /// A store on a pool of `connections + 1`, keeping `connections`: the
 /// settings of `PostgresStore::connect`, sized as asked.
 async fn postgres(connections: u32) -> Result<PostgresStore, StoreError> {
-    let pool = PgPoolOptions::new()
+    let pool = PostgresStore::pool_options()
         .max_connections(connections.saturating_add(1))
-        .acquire_timeout(Duration::from_secs(5))
-        .test_before_acquire(false)
         .connect(POSTGRES_URL)
         .await
         .map_err(StoreError::backend)?;

@@ -168,10 +168,8 @@ impl PostgresStore {
     /// # Errors
     /// The first connection fails.
     pub async fn connect_with(options: PgConnectOptions) -> Result<Self, StoreError> {
-        let pool = PgPoolOptions::new()
+        let pool = Self::pool_options()
             .max_connections(16)
-            .acquire_timeout(Duration::from_secs(5))
-            .test_before_acquire(false)
             .connect_with(options)
             .await
             .map_err(StoreError::backend)?;
@@ -182,6 +180,32 @@ impl PostgresStore {
             .hold_connections(keep)
             .build()
             .map_err(StoreError::backend)
+    }
+
+    /// The pool settings [`connect`](Self::connect) uses, for a pool of
+    /// your own sized for the store (see
+    /// [`hold_connections`](PostgresStoreBuilder::hold_connections)):
+    /// connections are not pinged before use, and waiting for one is cut
+    /// after five seconds.
+    ///
+    /// ```no_run
+    /// use idempotent_core::store::PostgresStore;
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = PostgresStore::pool_options()
+    ///     .max_connections(33)
+    ///     .connect("postgres://app@db/app")
+    ///     .await?;
+    /// let store = PostgresStore::builder(pool).hold_connections(32).build()?;
+    /// # let _ = store;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn pool_options() -> PgPoolOptions {
+        PgPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(5))
+            .test_before_acquire(false)
     }
 
     /// Starts building a store on `pool`.
