@@ -384,10 +384,14 @@ impl Inner {
             State::InFlight(_) => None,
         };
         let slot = Slot { id, state };
-        let previous = match shard.table.find_mut(id[0], |slot| slot.id == id) {
-            Some(existing) => Some(std::mem::replace(existing, slot)),
-            None => {
-                shard.table.insert_unique(id[0], slot, Slot::table_hash);
+        // One probe finds the slot or where a new one goes, as in a claim.
+        let previous = match shard
+            .table
+            .entry(id[0], |slot| slot.id == id, Slot::table_hash)
+        {
+            Entry::Occupied(mut existing) => Some(std::mem::replace(existing.get_mut(), slot)),
+            Entry::Vacant(vacant) => {
+                vacant.insert(slot);
                 None
             }
         };
