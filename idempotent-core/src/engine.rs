@@ -85,7 +85,10 @@ fn prepare(
     let (scope, request_headers) = match request.scope {
         ScopeSource::Resolved(scope) => (scope.map_err(missing_credentials)?, None),
         ScopeSource::Headers(headers) => {
-            (resolve_scope(&settings, endpoint, &headers)?, Some(headers))
+            let scope = resolve_scope(&settings, endpoint, &headers)?;
+            // Boxed: most endpoints keep none, and inline they would add a
+            // map's size to every claimed request's futures.
+            (scope, (!headers.is_empty()).then(|| Box::new(headers)))
         }
     };
     let fingerprint = fingerprint.map_err(|error| fingerprint_failed(&error))?;
@@ -142,7 +145,7 @@ struct Engine {
     /// of server CPU per request in alternating `bench/` runs), presumably
     /// because the stored record, which outlives the request, was then
     /// carved from their freed blocks.
-    _request_headers: Option<http::HeaderMap>,
+    _request_headers: Option<Box<http::HeaderMap>>,
 }
 
 impl Engine {
@@ -259,9 +262,10 @@ impl Engine {
     /// execution took malloc's slower large-block path, about 1,200
     /// instructions more per request (`bench/src/bin/request-cost.rs`).
     fn execute(self, token: LeaseToken, handler: Handler) -> impl Future<Output = Response> + Send {
-        let pipeline: Pipeline = Box::pin(self.run_claimed(token, handler).in_current_span());
+        let pipeline: Pipeline = Box::pin(self.run_claimed(token, handler));
         let detachable = Detachable {
             pipeline: Some(pipeline),
+            span: tracing::Span::current(),
         };
         detachable.map(|outcome| match outcome {
             Ok(response) => response,
@@ -420,6 +424,9 @@ async fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
 /// keeps the common path free of a task hop.
 struct Detachable {
     pipeline: Option<Pipeline>,
+    /// The request's span, which the request's future enters around every
+    /// poll; only a spawned rest needs to enter it itself.
+    span: tracing::Span,
 }
 
 impl Future for Detachable {
@@ -446,7 +453,11 @@ impl Drop for Detachable {
             return;
         };
         match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn(async move { drop(pipeline.await) })),
+            Ok(runtime) => {
+                let rest =
+                    pipeline.instrument(std::mem::replace(&mut self.span, tracing::Span::none()));
+                drop(runtime.spawn(async move { drop(rest.await) }));
+            }
             Err(_) => tracing::error!(
                 "request dropped outside a tokio runtime; its outcome is lost until the lease lapses"
             ),

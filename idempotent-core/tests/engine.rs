@@ -357,6 +357,102 @@ async fn a_dropped_client_still_gets_its_outcome_stored() {
     assert_eq!(handler.runs(), 1);
 }
 
+/// Records which spans each event was emitted in (on the current thread,
+/// which runs every task of a `#[tokio::test]`).
+#[derive(Default)]
+struct SpanRecorder {
+    spans: std::sync::Mutex<Vec<&'static tracing::Metadata<'static>>>,
+    entered: std::sync::Mutex<Vec<u64>>,
+    /// Each event's `outcome` field, with the names of the spans it was in.
+    outcomes: std::sync::Mutex<Vec<(String, Vec<&'static str>)>>,
+}
+
+struct Outcome(Option<String>);
+
+impl tracing::field::Visit for Outcome {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "outcome" {
+            self.0 = Some(value.to_owned());
+        }
+    }
+
+    fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+}
+
+impl tracing::Subscriber for SpanRecorder {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn new_span(&self, span: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        let mut spans = self.spans.lock().unwrap();
+        spans.push(span.metadata());
+        tracing::span::Id::from_u64(spans.len() as u64)
+    }
+
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut outcome = Outcome(None);
+        event.record(&mut outcome);
+        if let Some(outcome) = outcome.0 {
+            let metadata = self.spans.lock().unwrap();
+            let entered = self.entered.lock().unwrap();
+            let spans = entered.iter().map(|id| metadata[*id as usize - 1].name());
+            let spans = spans.collect();
+            self.outcomes.lock().unwrap().push((outcome, spans));
+        }
+    }
+
+    fn enter(&self, span: &tracing::span::Id) {
+        self.entered.lock().unwrap().push(span.into_u64());
+    }
+
+    fn exit(&self, span: &tracing::span::Id) {
+        let mut entered = self.entered.lock().unwrap();
+        let last = entered.iter().rposition(|id| *id == span.into_u64());
+        entered.remove(last.expect("exits a span it entered"));
+    }
+
+    fn current_span(&self) -> tracing_core::span::Current {
+        let Some(&id) = self.entered.lock().unwrap().last() else {
+            return tracing_core::span::Current::none();
+        };
+        let metadata = self.spans.lock().unwrap()[id as usize - 1];
+        tracing_core::span::Current::new(tracing::span::Id::from_u64(id), metadata)
+    }
+}
+
+#[tokio::test]
+async fn a_dropped_clients_run_still_logs_in_the_requests_span() {
+    let recorder = Arc::new(SpanRecorder::default());
+    let _default = tracing::subscriber::set_default(recorder.clone());
+    let gate = Arc::new(Semaphore::new(0));
+    let handler = Handler {
+        gate: Some(gate.clone()),
+        ..Handler::default()
+    };
+    let store = MemoryStore::new();
+    let app = app(store.clone(), &handler);
+    let client = spawn_send(&app, "k", &json!({"amount": 5}));
+    handler.started.notified().await;
+    client.abort();
+    assert!(client.await.unwrap_err().is_cancelled());
+
+    gate.add_permits(1);
+    while store.completed_len() == 0 {
+        tokio::task::yield_now().await;
+    }
+    let outcomes = recorder.outcomes.lock().unwrap().clone();
+    assert_eq!(
+        outcomes,
+        [("executed".to_owned(), vec!["idempotent"])],
+        "the rest of the run, on its own task, logs in the request's span"
+    );
+}
+
 #[tokio::test]
 async fn records_expire_by_the_store_clock() {
     let clock = ManualClock::new(1_000_000);
