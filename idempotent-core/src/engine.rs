@@ -13,6 +13,7 @@ use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
 use futures_util::future::Either;
+use http::HeaderMap;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -85,11 +86,9 @@ fn prepare(
     let (scope, request_headers) = match request.scope {
         ScopeSource::Resolved(scope) => (scope.map_err(missing_credentials)?, None),
         ScopeSource::Headers(headers) => {
-            let scope = resolve_scope(&settings, endpoint, &headers)?;
-            // Boxed: most endpoints keep none, and inline they would add a
-            // map's size to every claimed request's futures.
-            (scope, (!headers.is_empty()).then(|| Box::new(headers)))
+            (resolve_scope(&settings, endpoint, &headers)?, Some(headers))
         }
+        ScopeSource::Principal => (resolve_scope(&settings, endpoint, &HeaderMap::new())?, None),
     };
     let fingerprint = fingerprint.map_err(|error| fingerprint_failed(&error))?;
     Ok(Some(Engine {
@@ -104,7 +103,7 @@ fn prepare(
 fn resolve_scope(
     settings: &Settings,
     endpoint: &Endpoint,
-    headers: &http::HeaderMap,
+    headers: &HeaderMap,
 ) -> Result<ScopeDigest, Problem> {
     match scope::resolve(endpoint.scope_kind(), headers, &settings.api_key_header) {
         Ok(Some(scope)) => Ok(scope),
@@ -145,7 +144,7 @@ struct Engine {
     /// of server CPU per request in alternating `bench/` runs), presumably
     /// because the stored record, which outlives the request, was then
     /// carved from their freed blocks.
-    _request_headers: Option<Box<http::HeaderMap>>,
+    _request_headers: Option<Box<HeaderMap>>,
 }
 
 impl Engine {

@@ -59,8 +59,7 @@ impl<const SCOPE: u8> ScopedRequest<SCOPE> {
                     ScopeSource::Resolved(scope::api_key(headers, header))
                 }
                 GLOBAL => ScopeSource::Resolved(Ok(ScopeDigest::global())),
-                // Scoped by the principal later; an empty map does not allocate.
-                _ => ScopeSource::Headers(HeaderMap::new()),
+                _ => ScopeSource::Principal,
             })?;
         Ok(Self(request))
     }

@@ -57,7 +57,11 @@ pub struct IdempotentRequest {
 #[derive(Debug)]
 pub(crate) enum ScopeSource {
     /// The request's headers, resolved once the endpoint's scope is known.
-    Headers(HeaderMap),
+    /// Boxed: inline, a map would add its size to every request's futures.
+    Headers(Box<HeaderMap>),
+    /// The handler's principal, which it has not given yet
+    /// ([`IdempotentRequest::scoped_by`]).
+    Principal,
     /// Resolved already: by a principal the handler supplied, or at
     /// extraction for an endpoint whose scope the attribute knows.
     Resolved(Result<ScopeDigest, MissingCredential>),
@@ -105,7 +109,7 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotentRequest {
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         // The endpoint, and so its scope, is only known at `run`.
         Self::extract(&parts.headers, &parts.extensions, |_, headers| {
-            ScopeSource::Headers(headers.clone())
+            ScopeSource::Headers(Box::new(headers.clone()))
         })
     }
 }
