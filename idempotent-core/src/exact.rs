@@ -107,17 +107,16 @@ pub(crate) async fn answer_exact_repeat(
         Err(error) => return Ok(Request::from_parts(parts, failed_body(error.into_inner()))),
     };
     let digest = RequestDigest::of(settings.exact.keys, endpoint, &mut parts, &bytes).await;
-    let request = Request::from_parts(parts, Body::from(bytes));
-    let Some(digest) = digest else {
-        return Ok(request);
-    };
-    if recalled.request == Some(digest)
+    if let Some(digest) = digest
+        && recalled.request == Some(digest)
         && let Some(replay) = replay_from_store(settings, &key, recalled.fingerprint).await
     {
         return Err(replay);
     }
-    idempotent.exact = Some(ExactRequest(Some(digest)));
-    Ok(request)
+    // Rebuilt only for the handler's extractor: an answered repeat drops
+    // the request without boxing its body again.
+    idempotent.exact = Some(ExactRequest(digest));
+    Ok(Request::from_parts(parts, Body::from(bytes)))
 }
 
 fn declared_length(headers: &HeaderMap) -> Option<u64> {
