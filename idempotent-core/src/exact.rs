@@ -91,32 +91,38 @@ pub(crate) fn recall(idempotent: &mut IdempotentRequest, request: &Request) -> O
 /// replay (`Err` holds the replay). Otherwise hands the request back for
 /// the handler's extractor, its body buffered, and gives the engine its
 /// digest.
-pub(crate) async fn answer_exact_repeat(
+///
+/// Not an `async fn`: the request is split before the future starts, so
+/// the future holds its parts once rather than beside the whole request
+/// (it lives inside every eligible handler's future).
+pub(crate) fn answer_exact_repeat(
     idempotent: &mut IdempotentRequest,
     hit: Hit,
     endpoint: u64,
     request: Request,
-) -> Result<Request, Response> {
+) -> impl Future<Output = Result<Request, Response>> + Send + '_ {
     let Hit { key, recalled } = hit;
-    let settings = &idempotent.idempotency.inner;
     // Read under the route's `DefaultBodyLimit`, as the extractor would.
     let (mut parts, body) = request.with_limited_body().into_parts();
-    let bytes = match body.collect().await {
-        Ok(collected) => collected.to_bytes(),
-        // The handler's extractor reports the failure as it would have.
-        Err(error) => return Ok(Request::from_parts(parts, failed_body(error.into_inner()))),
-    };
-    let digest = RequestDigest::of(settings.exact.keys, endpoint, &mut parts, &bytes).await;
-    if let Some(digest) = digest
-        && recalled.request == Some(digest)
-        && let Some(replay) = replay_from_store(settings, &key, recalled.fingerprint).await
-    {
-        return Err(replay);
+    async move {
+        let settings = &idempotent.idempotency.inner;
+        let bytes = match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            // The handler's extractor reports the failure as it would have.
+            Err(error) => return Ok(Request::from_parts(parts, failed_body(error.into_inner()))),
+        };
+        let digest = RequestDigest::of(settings.exact.keys, endpoint, &mut parts, &bytes).await;
+        if let Some(digest) = digest
+            && recalled.request == Some(digest)
+            && let Some(replay) = replay_from_store(settings, &key, recalled.fingerprint).await
+        {
+            return Err(replay);
+        }
+        // Rebuilt only for the handler's extractor: an answered repeat
+        // drops the request without boxing its body again.
+        idempotent.exact = Some(ExactRequest(digest));
+        Ok(Request::from_parts(parts, Body::from(bytes)))
     }
-    // Rebuilt only for the handler's extractor: an answered repeat drops
-    // the request without boxing its body again.
-    idempotent.exact = Some(ExactRequest(digest));
-    Ok(Request::from_parts(parts, Body::from(bytes)))
 }
 
 fn declared_length(headers: &HeaderMap) -> Option<u64> {
