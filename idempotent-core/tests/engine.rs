@@ -442,14 +442,39 @@ async fn a_dropped_clients_run_still_logs_in_the_requests_span() {
     assert!(client.await.unwrap_err().is_cancelled());
 
     gate.add_permits(1);
-    while store.completed_len() == 0 {
-        tokio::task::yield_now().await;
+    for _ in 0..100 {
+        if store.completed_len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let outcomes = recorder.outcomes.lock().unwrap().clone();
     assert_eq!(
         outcomes,
         [("executed".to_owned(), vec!["idempotent"])],
         "the rest of the run, on its own task, logs in the request's span"
+    );
+}
+
+#[tokio::test]
+async fn a_request_logs_its_outcomes_once_inside_its_span() {
+    let recorder = Arc::new(SpanRecorder::default());
+    let _default = tracing::subscriber::set_default(recorder.clone());
+    let handler = Handler::default();
+    let app = app(MemoryStore::new(), &handler);
+    let body = json!({"amount": 5});
+    for _ in 0..2 {
+        let (status, _, _) = send(&app, request(Some("k"), &body)).await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let outcomes = recorder.outcomes.lock().unwrap().clone();
+    assert_eq!(
+        outcomes,
+        [
+            ("executed".to_owned(), vec!["idempotent"]),
+            ("replayed".to_owned(), vec!["idempotent"]),
+        ],
+        "each outcome is logged in the request's span, entered once"
     );
 }
 
