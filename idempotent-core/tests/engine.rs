@@ -328,8 +328,11 @@ async fn a_panicking_handler_releases_the_key_and_the_retry_runs() {
     assert_eq!(healthy.runs(), 2);
 }
 
-#[tokio::test]
-async fn a_dropped_client_still_gets_its_outcome_stored() {
+/// Sends `body` under key `k` from a client that goes away once the
+/// handler has started, then lets the handler finish and waits (half a
+/// second at most) for its record to be stored. Returns the app and its
+/// handler.
+async fn abandoned_run(body: &Value) -> (Router, Handler) {
     let gate = Arc::new(Semaphore::new(0));
     let handler = Handler {
         gate: Some(gate.clone()),
@@ -337,8 +340,7 @@ async fn a_dropped_client_still_gets_its_outcome_stored() {
     };
     let store = MemoryStore::new();
     let app = app(store.clone(), &handler);
-    let body = json!({"amount": 5});
-    let client = spawn_send(&app, "k", &body);
+    let client = spawn_send(&app, "k", body);
     handler.started.notified().await;
     client.abort();
     assert!(client.await.unwrap_err().is_cancelled());
@@ -350,6 +352,13 @@ async fn a_dropped_client_still_gets_its_outcome_stored() {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    (app, handler)
+}
+
+#[tokio::test]
+async fn a_dropped_client_still_gets_its_outcome_stored() {
+    let body = json!({"amount": 5});
+    let (app, handler) = abandoned_run(&body).await;
     let (status, headers, replay) = send(&app, request(Some("k"), &body)).await;
     assert_eq!(status, StatusCode::CREATED);
     assert!(replayed(&headers), "the abandoned run completed the record");
@@ -457,25 +466,7 @@ async fn request_then_replay_log_in_the_span(recorder: &SpanRecorder) {
 }
 
 async fn a_dropped_clients_run_logs_in_the_span(recorder: &SpanRecorder) {
-    let gate = Arc::new(Semaphore::new(0));
-    let handler = Handler {
-        gate: Some(gate.clone()),
-        ..Handler::default()
-    };
-    let store = MemoryStore::new();
-    let app = app(store.clone(), &handler);
-    let client = spawn_send(&app, "k", &json!({"amount": 5}));
-    handler.started.notified().await;
-    client.abort();
-    assert!(client.await.unwrap_err().is_cancelled());
-
-    gate.add_permits(1);
-    for _ in 0..100 {
-        if store.completed_len() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let _run = abandoned_run(&json!({"amount": 5})).await;
     let outcomes = recorder.outcomes.lock().unwrap().clone();
     assert_eq!(
         outcomes,
