@@ -12,6 +12,16 @@ if [ -n "$PIN" ]; then
   CLIENT_CPUS=(taskset -c 1)
 fi
 
+# With PRELOAD=/path/to/lib.so every server (the bare baseline, ours and
+# the peers alike) runs with that library preloaded, e.g. another malloc:
+# PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 (Debian's libjemalloc2).
+# wrk is left as it is.
+PRELOAD=${PRELOAD:-}
+if [ -n "$PRELOAD" ]; then
+  [ -r "$PRELOAD" ] || { echo "PRELOAD: $PRELOAD not found" >&2; exit 1; }
+  SERVER_CPUS=(env "LD_PRELOAD=$PRELOAD" "${SERVER_CPUS[@]}")
+fi
+
 # Waits up to 5 s for a server to accept connections on 127.0.0.1:$1.
 wait_for_port() {
   for _ in $(seq 1 100); do

@@ -12,6 +12,9 @@
 #                                     # keeps its own router)
 #   PIN=1 bench/run.sh                # server on CPU 0, wrk on CPU 1: each
 #                                     # on a core of its own (taskset)
+#   PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 bench/run.sh
+#                                     # every server (bare, ours, peers)
+#                                     # with that library preloaded
 #   VARIANTS='exp=/tmp/bench-server' bench/run.sh
 #                                     # also other builds of bench-server,
 #                                     # e.g. of an experimental core, on
@@ -138,7 +141,7 @@ run_one() { # round name kind arg path workload
 }
 
 {
-  echo "# $(date -u) $(uname -r) $(nproc) cores; wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s${PIN:+; server on CPU 0, wrk on CPU 1}${LAYER:+; layer on $LAYER}; load: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "# $(date -u) $(uname -r) $(nproc) cores; wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s${PIN:+; server on CPU 0, wrk on CPU 1}${LAYER:+; layer on $LAYER}${PRELOAD:+; servers with $PRELOAD preloaded}; load: $(cut -d' ' -f1-3 /proc/loadavg)"
 } >"$TSV"
 for round in $(seq 1 "$RUNS"); do
   for config in "${CONFIGS[@]}"; do
