@@ -8,26 +8,20 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use bytes::Bytes;
 use criterion::measurement::WallTime;
 use criterion::{BatchSize, BenchmarkGroup, Criterion, criterion_group, criterion_main};
 use futures_util::FutureExt;
-use http::{HeaderName, HeaderValue, Request, StatusCode};
+use http::Request;
 use idempotent_bench::app::{self, API_KEY, BODY, CREATE_PAYMENT};
-use idempotent_bench::handler::NewPayment;
-use idempotent_core::record::{Claim, RecordKey, StoredResponse};
-use idempotent_core::scope::ScopeDigest;
+use idempotent_bench::fixtures::{fingerprint, payment, record_key, stored_response};
+use idempotent_core::record::{Claim, RecordKey};
 use idempotent_core::store::{MemoryStore, Store, Tiered};
-use idempotent_core::{Fingerprint, Idempotency, IdempotencyKey};
+use idempotent_core::{Fingerprint, Idempotency};
 use serde::Serialize;
 use tower::ServiceExt;
 
 const LEASE: Duration = Duration::from_secs(60);
 const TTL: Duration = Duration::from_secs(24 * 3600);
-
-fn payment() -> NewPayment {
-    serde_json::from_str(BODY).expect("benchmark body")
-}
 
 #[derive(Serialize)]
 struct LineItem {
@@ -76,28 +70,6 @@ fn fingerprinting(c: &mut Criterion) {
     group.finish();
 }
 
-fn record_key(n: u64) -> RecordKey {
-    let key = IdempotencyKey::parse(format!("{n:036}").as_bytes()).expect("valid key");
-    RecordKey::new(ScopeDigest::api_key(API_KEY.as_bytes()), key)
-}
-
-fn stored_response() -> StoredResponse {
-    StoredResponse {
-        status: StatusCode::CREATED,
-        headers: vec![(
-            HeaderName::from_static("content-type"),
-            HeaderValue::from_static("application/json"),
-        )],
-        body: Some(Bytes::from_static(
-            br#"{"id":1,"amount":1999,"currency":"EUR","reference":"order-2026-11-22-000123","status":"created"}"#,
-        )),
-    }
-}
-
-fn fingerprint() -> Fingerprint {
-    CREATE_PAYMENT.fingerprint(&payment()).expect("fingerprint")
-}
-
 /// Store futures of the memory store (alone or as a tiered store's durable
 /// tier) are ready at once; no runtime needed.
 fn ready<T>(future: impl Future<Output = T>) -> T {
@@ -125,13 +97,13 @@ fn claim_benchmarks<S: Store>(
     let next = AtomicU64::new(0);
     group.bench_function("claim+complete, new key", |b| {
         b.iter_batched(
-            || record_key(next.fetch_add(1, Ordering::Relaxed)),
+            || record_key(0, next.fetch_add(1, Ordering::Relaxed)),
             |key| claim_and_complete(&store, &key, fingerprint),
             BatchSize::SmallInput,
         );
     });
     let store = fresh();
-    let replayed = record_key(u64::MAX);
+    let replayed = record_key(0, u64::MAX);
     claim_and_complete(&store, &replayed, fingerprint);
     group.bench_function(replay_name, |b| {
         b.iter(|| {
@@ -149,7 +121,7 @@ fn memory_store(c: &mut Criterion) {
         "claim, replay of a completed key",
     );
     group.bench_function("record key: parse 36-char key + api-key scope", |b| {
-        b.iter(|| record_key(black_box(7)));
+        b.iter(|| record_key(0, black_box(7)));
     });
     group.finish();
 }
@@ -170,7 +142,7 @@ fn contention(c: &mut Criterion) {
     let fingerprint = fingerprint();
     let mut group = c.benchmark_group("contention, 2 threads");
     let store = MemoryStore::new();
-    let completed = record_key(u64::MAX);
+    let completed = record_key(0, u64::MAX);
     claim_and_complete(&store, &completed, fingerprint);
     group.bench_function("replay claims on one completed key", |b| {
         b.iter_custom(|iters| {
@@ -179,7 +151,7 @@ fn contention(c: &mut Criterion) {
             })
         });
     });
-    let in_flight = record_key(u64::MAX - 1);
+    let in_flight = record_key(0, u64::MAX - 1);
     drop(ready(store.claim(&in_flight, fingerprint, LEASE)));
     group.bench_function("claims on one in-flight key (409 path)", |b| {
         b.iter_custom(|iters| {
@@ -192,7 +164,7 @@ fn contention(c: &mut Criterion) {
     group.bench_function("claim+complete on distinct keys", |b| {
         b.iter_custom(|iters| {
             on_two_threads(iters, |_| {
-                let key = record_key(next.fetch_add(1, Ordering::Relaxed));
+                let key = record_key(0, next.fetch_add(1, Ordering::Relaxed));
                 claim_and_complete(&store, &key, fingerprint);
             })
         });

@@ -4,4 +4,5 @@
 //! exactly the same handler and routes.
 
 pub mod app;
+pub mod fixtures;
 pub mod handler;
