@@ -327,6 +327,7 @@ fn index_name(table: &str) -> String {
 /// The statements, with the table name spliced in once.
 struct Statements {
     claim: String,
+    take_over: String,
     renew: String,
     complete: String,
     release: String,
@@ -339,14 +340,19 @@ impl Statements {
         Self {
             // One statement, in three parts sharing one snapshot:
             // - `live` reads a live record, if there is one;
-            // - only if there is none, `claimed` inserts the claim, or takes
-            //   over a row whose deadline passed (ON CONFLICT ... WHERE);
+            // - only if there is none, `claimed` inserts the claim;
             // - the result is either the claim or the live record.
             // Replays and in-flight duplicates are thus plain reads that take
-            // no lock and write nothing. If a concurrent claim committed its
-            // row after the snapshot was taken, the insert finds it live and
-            // leaves it alone while `live` cannot see it: no row comes back,
-            // and the caller runs the statement again, which sees it.
+            // no lock and write nothing. No row comes back when the insert
+            // met a row `live` did not return: one whose deadline passed,
+            // which `take_over` then claims, or one a concurrent claim
+            // committed after the snapshot was taken, which the next attempt
+            // sees. The insert does nothing on a conflict, rather than
+            // update under a condition, because a conditional update locks
+            // the row even when the condition fails: every duplicate of a
+            // burst would lock it and commit in turn, each waiting for the
+            // one before (32 claims of one new key took 6.3 ms against
+            // 2.8 ms without; `cargo bench -p idempotent-bench --bench stores`).
             claim: format!(
                 "WITH live AS (
                     SELECT fingerprint, expires_at, status, header_names, header_values, body
@@ -354,14 +360,10 @@ impl Statements {
                     WHERE scope = $1 AND key = $2 AND expires_at > $6
                 ),
                 claimed AS (
-                    INSERT INTO {table} AS r (scope, key, fingerprint, lease_token, expires_at)
+                    INSERT INTO {table} (scope, key, fingerprint, lease_token, expires_at)
                     SELECT $1, $2, $3, $4, $5
                     WHERE NOT EXISTS (SELECT 1 FROM live)
-                    ON CONFLICT (scope, key) DO UPDATE
-                    SET fingerprint = EXCLUDED.fingerprint, lease_token = EXCLUDED.lease_token,
-                        expires_at = EXCLUDED.expires_at, status = NULL,
-                        header_names = NULL, header_values = NULL, body = NULL
-                    WHERE r.expires_at <= $6
+                    ON CONFLICT (scope, key) DO NOTHING
                     RETURNING 1
                 )
                 SELECT TRUE AS acquired, NULL::bytea AS fingerprint, NULL::bigint AS expires_at,
@@ -371,6 +373,15 @@ impl Statements {
                 UNION ALL
                 SELECT FALSE, fingerprint, expires_at, status, header_names, header_values, body
                 FROM live"
+            ),
+            // Claims a row whose deadline passed. Of two claims taking over
+            // one row, the second waits for the first and then finds the row
+            // live: it updates nothing.
+            take_over: format!(
+                "UPDATE {table}
+                 SET fingerprint = $3, lease_token = $4, expires_at = $5, status = NULL,
+                     header_names = NULL, header_values = NULL, body = NULL
+                 WHERE scope = $1 AND key = $2 AND expires_at <= $6"
             ),
             renew: format!(
                 "UPDATE {table} SET expires_at = $4
@@ -409,20 +420,31 @@ impl Store for PostgresStore {
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let token = LeaseToken::random();
+        let token_bytes = token.to_bytes();
         for _ in 0..CLAIM_ATTEMPTS {
             let now = self.now();
+            let claim = |statement| {
+                sqlx::query(statement)
+                    .bind(key.scope.as_bytes().as_slice())
+                    .bind(key.key.as_str())
+                    .bind(fingerprint.as_bytes().as_slice())
+                    .bind(token_bytes.as_slice())
+                    .bind(to_sql_millis(now.saturating_add(millis(lease))))
+                    .bind(to_sql_millis(now))
+            };
             let mut db = self.inner.connections.lease().await?;
-            let row = sqlx::query(&self.inner.sql.claim)
-                .bind(key.scope.as_bytes().as_slice())
-                .bind(key.key.as_str())
-                .bind(fingerprint.as_bytes().as_slice())
-                .bind(token.to_bytes().as_slice())
-                .bind(to_sql_millis(now.saturating_add(millis(lease))))
-                .bind(to_sql_millis(now))
+            let row = claim(&self.inner.sql.claim)
                 .fetch_optional(db.connection())
                 .await;
             if let Some(row) = db.finish(row)? {
                 return claim_from_row(&row, token);
+            }
+            let mut db = self.inner.connections.lease().await?;
+            let taken = claim(&self.inner.sql.take_over)
+                .execute(db.connection())
+                .await;
+            if db.finish(taken)?.rows_affected() > 0 {
+                return Ok(Claim::Acquired(token));
             }
         }
         Err(StoreError::backend(Contended))
