@@ -1,6 +1,7 @@
 //! Micro-benchmarks: fingerprinting, the memory store's claim / complete /
 //! replay, what the tiered store's cache adds to them, contention on one key, and one request through the router
-//! in-process (no sockets). Run: `cargo bench -p idempotent-bench`.
+//! in-process (no sockets). Run: `cargo bench -p idempotent-bench --bench engine`
+//! (the durable stores: `--bench stores`).
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
