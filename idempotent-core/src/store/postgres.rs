@@ -41,9 +41,6 @@ use crate::record::{Claim, Completed, InFlight, LeaseToken, Record, RecordKey, S
 mod connections;
 
 const SCHEMA: &str = include_str!("postgres/schema.sql");
-/// How often a claim that lost a race to a concurrent insert re-reads the
-/// winner (see [`Statements::claim`]).
-const CLAIM_ATTEMPTS: usize = 8;
 /// Rows deleted per statement by [`PostgresStore::purge_expired`], so a
 /// large backlog never holds many row locks at once.
 const PURGE_BATCH: i64 = 1000;
@@ -421,7 +418,7 @@ impl Store for PostgresStore {
     ) -> Result<Claim, StoreError> {
         let token = LeaseToken::random();
         let token_bytes = token.to_bytes();
-        for _ in 0..CLAIM_ATTEMPTS {
+        for _ in 0..sql::CLAIM_ATTEMPTS {
             let now = self.now();
             let claim = |statement| {
                 sqlx::query(statement)
@@ -447,7 +444,7 @@ impl Store for PostgresStore {
                 return Ok(Claim::Acquired(token));
             }
         }
-        Err(StoreError::backend(Contended))
+        Err(StoreError::backend(sql::Contended))
     }
 
     async fn renew(
@@ -518,11 +515,6 @@ impl Store for PostgresStore {
         row.map(|row| record_from_row(&row)).transpose()
     }
 }
-
-/// A claim kept losing races to concurrent changes of its record.
-#[derive(Debug, thiserror::Error)]
-#[error("the idempotency record kept changing while it was being claimed")]
-struct Contended;
 
 fn held(rows: u64) -> Result<(), StoreError> {
     if rows == 0 {

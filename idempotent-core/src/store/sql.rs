@@ -8,6 +8,16 @@ use crate::record::LeaseToken;
 /// The table stores create when none is named.
 pub(crate) const DEFAULT_TABLE: &str = "idempotency_records";
 
+/// How often a claim that lost a race to a concurrent change of its
+/// record (a claim committed after it looked, a record released or
+/// expired in between) looks again before giving up.
+pub(crate) const CLAIM_ATTEMPTS: usize = 8;
+
+/// A claim kept losing races to concurrent changes of its record.
+#[derive(Debug, thiserror::Error)]
+#[error("the idempotency record kept changing while it was being claimed")]
+pub(crate) struct Contended;
+
 /// A table name that cannot be used safely inside SQL text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(

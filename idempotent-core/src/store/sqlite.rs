@@ -15,7 +15,9 @@
 //! compact binary layout of [`Completed::encode`]. Several processes may
 //! share the file: SQLite serializes writers. A claim first reads the key
 //! (replays and in-flight duplicates stop there, without a lock); only a key
-//! with no live record is claimed, in an `IMMEDIATE` transaction.
+//! with no live record is claimed, by one `INSERT ... ON CONFLICT DO UPDATE
+//! ... WHERE` the row's deadline passed, so that SQLite's write lock is held
+//! for that statement alone.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -197,50 +199,29 @@ impl SqliteStore {
         self.inner.clock.now_millis()
     }
 
-    async fn claim_in_transaction(
+    /// Inserts the claim, or takes over a row whose deadline passed:
+    /// `false` when the key has a live record. One statement, so SQLite's
+    /// write lock is held only while it runs, not across the round trips
+    /// of a transaction; a live row is read afterwards, without the lock.
+    async fn try_acquire(
         &self,
         key: &RecordKey,
         fingerprint: Fingerprint,
         lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        let sql = &self.inner.sql;
+        token: LeaseToken,
+    ) -> Result<bool, StoreError> {
         let now = self.now();
-        let token = LeaseToken::random();
-        // IMMEDIATE takes the write lock up front, so the read below sees
-        // exactly the row the insert left alone.
-        let mut tx = self
-            .inner
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(StoreError::backend)?;
-        let inserted = sqlx::query(&sql.claim)
+        let written = sqlx::query(&self.inner.sql.claim)
             .bind(key.scope.as_bytes().as_slice())
             .bind(key.key.as_str())
             .bind(fingerprint.as_bytes().as_slice())
             .bind(token.to_bytes().as_slice())
             .bind(to_sql_millis(now.saturating_add(millis(lease))))
             .bind(to_sql_millis(now))
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::backend)?
-            .rows_affected();
-        if inserted > 0 {
-            tx.commit().await.map_err(StoreError::backend)?;
-            return Ok(Claim::Acquired(token));
-        }
-        let found = sqlx::query(&sql.get)
-            .bind(key.scope.as_bytes().as_slice())
-            .bind(key.key.as_str())
-            .bind(to_sql_millis(now))
-            .fetch_optional(&mut *tx)
+            .execute(&self.inner.pool)
             .await
             .map_err(StoreError::backend)?;
-        tx.commit().await.map_err(StoreError::backend)?;
-        // The insert left the row alone because it is live; in the same
-        // write transaction it cannot have changed since.
-        let row = found.ok_or_else(|| sql::corrupt("a live row vanished during a claim"))?;
-        record_from_row(&row).map(Claim::from)
+        Ok(written.rows_affected() > 0)
     }
 }
 
@@ -292,13 +273,20 @@ impl Store for SqliteStore {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        // Replays and in-flight duplicates only read, concurrently with
-        // other readers (WAL); only a key with no live record takes the
-        // write lock.
-        if let Some(record) = Store::get(self, key).await? {
-            return Ok(record.into());
+        let token = LeaseToken::random();
+        for _ in 0..sql::CLAIM_ATTEMPTS {
+            // Replays and in-flight duplicates only read, concurrently with
+            // other readers (WAL); only a key with no live record takes the
+            // write lock. A live record the insert met is read on the next
+            // turn; one that went away in between is claimed then.
+            if let Some(record) = Store::get(self, key).await? {
+                return Ok(record.into());
+            }
+            if self.try_acquire(key, fingerprint, lease, token).await? {
+                return Ok(Claim::Acquired(token));
+            }
         }
-        self.claim_in_transaction(key, fingerprint, lease).await
+        Err(StoreError::backend(sql::Contended))
     }
 
     async fn renew(
