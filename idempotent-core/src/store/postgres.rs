@@ -420,7 +420,8 @@ impl Store for PostgresStore {
         let token_bytes = token.to_bytes();
         for _ in 0..sql::CLAIM_ATTEMPTS {
             let now = self.now();
-            let claim = |statement| {
+            // Both statements take the claim's six parameters.
+            let query = |statement| {
                 sqlx::query(statement)
                     .bind(key.scope.as_bytes().as_slice())
                     .bind(key.key.as_str())
@@ -430,14 +431,14 @@ impl Store for PostgresStore {
                     .bind(to_sql_millis(now))
             };
             let mut db = self.inner.connections.lease().await?;
-            let row = claim(&self.inner.sql.claim)
+            let row = query(&self.inner.sql.claim)
                 .fetch_optional(db.connection())
                 .await;
             if let Some(row) = db.finish(row)? {
                 return claim_from_row(&row, token);
             }
             let mut db = self.inner.connections.lease().await?;
-            let taken = claim(&self.inner.sql.take_over)
+            let taken = query(&self.inner.sql.take_over)
                 .execute(db.connection())
                 .await;
             if db.finish(taken)?.rows_affected() > 0 {
