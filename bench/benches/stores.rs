@@ -251,9 +251,6 @@ fn store_benchmarks<S: Store>(c: &mut Criterion, runtime: &Runtime, name: &str, 
 
 fn durable_stores(c: &mut Criterion) {
     let runtime = runtime();
-    // The SQL stores' pools return connections through the runtime, also
-    // when a store is dropped after its benchmarks.
-    let _context = runtime.enter();
     if let Some(store) = connect(&runtime, "redis", redis()) {
         store_benchmarks(c, &runtime, "redis", &store);
     }

@@ -522,6 +522,52 @@ async fn a_kept_connection_goes_back_to_the_pool_once_idle() {
     drop_table(&store).await;
 }
 
+/// A store used in one runtime and dropped outside it, as when `main`
+/// builds a runtime, serves with `block_on` and returns: its kept
+/// connections go back without a panic, before or after the runtime
+/// itself is dropped. (sqlx returns a connection on a task of the current
+/// runtime and panics where there is none.)
+#[test]
+fn a_store_dropped_outside_its_runtime_gives_its_connections_back() {
+    let Some(url) = backend_url(URL) else { return };
+    for runtime_first in [false, true] {
+        let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+        let store = runtime.block_on(async {
+            let store = store_on_own_pool(&url, 4).await;
+            let settled = pool_reaches_idle(&store, 1, Duration::from_secs(5)).await;
+            assert!(settled, "migrate returned its connection");
+            claim(&store, "outside").await;
+            assert_eq!(store.pool().num_idle(), 0, "the store keeps a connection");
+            store
+        });
+        let pool = store.pool().clone();
+        let drop_table = format!("DROP TABLE IF EXISTS {}", store.table());
+        if runtime_first {
+            drop(runtime);
+            drop(store);
+        } else {
+            drop(store);
+            let returned = runtime.block_on(async {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                while pool.num_idle() != 1 && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                pool.num_idle() == 1
+            });
+            assert!(returned, "the kept connection went back to the pool");
+        }
+        // On a connection of its own: the pool's may belong to a runtime
+        // that is gone.
+        let cleanup = tokio::runtime::Runtime::new().expect("a runtime");
+        cleanup.block_on(async {
+            let connecting = <sqlx::PgConnection as sqlx::Connection>::connect(&url);
+            let mut connection = connecting.await.expect("connect");
+            let dropped = sqlx::query(&drop_table).execute(&mut connection).await;
+            dropped.expect("drop the test table");
+        });
+    }
+}
+
 #[tokio::test]
 async fn without_holding_each_connection_goes_back_after_its_statement() {
     let Some(url) = backend_url(URL) else { return };

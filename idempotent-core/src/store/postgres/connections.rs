@@ -20,12 +20,13 @@
 //! apply), and all of them at once when the sqlx pool is closed.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use deadpool::managed::{self, Metrics, Object, RecycleError, RecycleResult};
 use sqlx::pool::{CloseEvent, PoolConnection};
 use sqlx::postgres::{PgConnection, PgPool, Postgres};
+use tokio::runtime::Handle;
 
 use crate::store::StoreError;
 
@@ -50,6 +51,9 @@ struct Kept {
     /// Whether the task returning idle connections runs; it is started by
     /// the first statement, inside the runtime that runs the store.
     sweeping: AtomicBool,
+    /// That runtime, where kept connections go back to the sqlx pool when
+    /// the store is dropped outside any runtime (see `Connections`' drop).
+    runtime: OnceLock<Handle>,
 }
 
 /// deadpool's manager: its objects are connections checked out of the
@@ -117,6 +121,7 @@ impl Kept {
         Some(Self {
             pool: kept,
             sweeping: AtomicBool::new(false),
+            runtime: OnceLock::new(),
         })
     }
 
@@ -129,12 +134,33 @@ impl Kept {
         {
             return;
         }
+        this.runtime.get_or_init(Handle::current);
         let running = SweepingFlag(Arc::downgrade(this));
         let closed = pool.close_event();
         tokio::spawn(async move {
             sweep(&running.0, closed).await;
             drop(running);
         });
+    }
+}
+
+impl Drop for Connections {
+    /// sqlx gives a connection back to its pool on a task of the current
+    /// runtime, and panics where there is none. A store can outlive the
+    /// `block_on` that used it (a `main` that builds its runtime by hand
+    /// drops its locals outside it), so kept connections then go back on
+    /// the runtime they were kept in; if that runtime is gone too, the
+    /// task never runs and they are closed.
+    fn drop(&mut self) {
+        if Handle::try_current().is_ok() {
+            return;
+        }
+        let Some(kept) = self.kept.take() else { return };
+        let Some(runtime) = kept.runtime.get().cloned() else {
+            return;
+        };
+        let _context = runtime.enter();
+        drop(kept);
     }
 }
 
