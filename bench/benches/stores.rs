@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use idempotent_bench::fixtures::{fingerprint, record_key, stored_response};
+use idempotent_bench::fixtures::{fingerprint, postgres_store, record_key, stored_response};
 use idempotent_core::Fingerprint;
 use idempotent_core::record::{Claim, Record, RecordKey};
 use idempotent_core::store::{PostgresStore, RedisStore, SqliteStore, Store, StoreError, Tiered};
@@ -79,17 +79,7 @@ async fn redis() -> Result<RedisStore, StoreError> {
 /// one more, like `bench-server --pg-connections 32`.
 async fn postgres() -> Result<PostgresStore, StoreError> {
     let connections = u32::try_from(CONCURRENCY).unwrap_or(u32::MAX);
-    let pool = PostgresStore::pool_options()
-        .max_connections(connections + 1)
-        .connect(&postgres_url())
-        .await
-        .map_err(StoreError::backend)?;
-    let store = PostgresStore::builder(pool)
-        .table(POSTGRES_TABLE)
-        .hold_connections(connections)
-        .build()
-        .map_err(StoreError::backend)?;
-    store.migrate().await?;
+    let store = postgres_store(&postgres_url(), POSTGRES_TABLE, connections).await?;
     store.purge_expired().await?;
     Ok(store)
 }

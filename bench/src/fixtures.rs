@@ -1,10 +1,12 @@
-//! What the criterion benchmarks hand to stores: record keys, the
-//! fingerprint and the stored response of the benchmark's payment.
+//! What the benchmarks hand to stores (record keys, the fingerprint and
+//! the stored response of the benchmark's payment), and the PostgreSQL
+//! store they run on.
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 use idempotent_core::record::{RecordKey, StoredResponse};
 use idempotent_core::scope::ScopeDigest;
+use idempotent_core::store::{PostgresStore, StoreError};
 use idempotent_core::{Fingerprint, IdempotencyKey};
 
 use crate::app::{API_KEY, BODY, CREATE_PAYMENT};
@@ -47,4 +49,29 @@ pub fn fingerprint() -> Fingerprint {
     CREATE_PAYMENT
         .fingerprint(&payment())
         .expect("the payment serializes")
+}
+
+/// A PostgreSQL store at `url` on `table`, migrated, on a pool of
+/// `connections + 1` with the settings of `PostgresStore::connect`,
+/// keeping `connections` of them between statements.
+///
+/// # Errors
+/// The server cannot be reached, or refuses the table.
+pub async fn postgres_store(
+    url: &str,
+    table: &str,
+    connections: u32,
+) -> Result<PostgresStore, StoreError> {
+    let pool = PostgresStore::pool_options()
+        .max_connections(connections.saturating_add(1))
+        .connect(url)
+        .await
+        .map_err(StoreError::backend)?;
+    let store = PostgresStore::builder(pool)
+        .table(table)
+        .hold_connections(connections)
+        .build()
+        .map_err(StoreError::backend)?;
+    store.migrate().await?;
+    Ok(store)
 }

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use axum::ServiceExt;
 use axum::extract::Request;
-use idempotent_bench::app;
+use idempotent_bench::{app, fixtures};
 use idempotent_core::Idempotency;
 use idempotent_core::store::{
     MemoryStore, PostgresStore, RedisStore, SqliteStore, StoreError, Tiered,
@@ -122,21 +122,9 @@ async fn idempotency(args: &Args) -> Result<Idempotency, String> {
     })
 }
 
-/// A store on a pool of `connections + 1`, keeping `connections`: the
-/// settings of `PostgresStore::connect`, sized as asked.
+/// The benchmark's PostgreSQL store, keeping `connections`.
 async fn postgres(connections: u32) -> Result<PostgresStore, StoreError> {
-    let pool = PostgresStore::pool_options()
-        .max_connections(connections.saturating_add(1))
-        .connect(POSTGRES_URL)
-        .await
-        .map_err(StoreError::backend)?;
-    let store = PostgresStore::builder(pool)
-        .table(POSTGRES_TABLE)
-        .hold_connections(connections)
-        .build()
-        .map_err(StoreError::backend)?;
-    store.migrate().await?;
-    Ok(store)
+    fixtures::postgres_store(POSTGRES_URL, POSTGRES_TABLE, connections).await
 }
 
 #[tokio::main]
