@@ -336,40 +336,44 @@ impl Statements {
     fn new(table: &str) -> Self {
         Self {
             // One statement, in three parts sharing one snapshot:
-            // - `live` reads a live record, if there is one;
+            // - `found` reads the key's row, if there is one, and whether
+            //   it is live;
             // - only if there is none, `claimed` inserts the claim;
-            // - the result is either the claim or the live record.
+            // - the result is either the claim or the row.
             // Replays and in-flight duplicates are thus plain reads that take
-            // no lock and write nothing. No row comes back when the insert
-            // met a row `live` did not return: one whose deadline passed,
-            // which `take_over` then claims, or one a concurrent claim
-            // committed after the snapshot was taken, which the next attempt
-            // sees. The insert does nothing on a conflict, rather than
-            // update under a condition, because a conditional update locks
-            // the row even when the condition fails: every duplicate of a
-            // burst would lock it and commit in turn, each waiting for the
-            // one before (32 claims of one new key took 6.3 ms against
-            // 2.8 ms without; `cargo bench -p idempotent-bench --bench stores`).
+            // no lock and write nothing. A row whose deadline passed comes
+            // back marked not live, and `take_over` claims it. No row comes
+            // back when a concurrent claim committed its row after the
+            // snapshot was taken: the insert met it and did nothing, and the
+            // next attempt sees it. The insert does nothing on a conflict,
+            // rather than update under a condition, because a conditional
+            // update locks the row even when the condition fails: every
+            // duplicate of a burst would lock it and commit in turn, each
+            // waiting for the one before (32 claims of one new key took
+            // 6.3 ms against 2.8 ms without; `cargo bench -p
+            // idempotent-bench --bench stores`).
             claim: format!(
-                "WITH live AS (
-                    SELECT fingerprint, expires_at, status, header_names, header_values, body
+                "WITH found AS (
+                    SELECT expires_at > $6 AS live, fingerprint, expires_at, status,
+                           header_names, header_values, body
                     FROM {table}
-                    WHERE scope = $1 AND key = $2 AND expires_at > $6
+                    WHERE scope = $1 AND key = $2
                 ),
                 claimed AS (
                     INSERT INTO {table} (scope, key, fingerprint, lease_token, expires_at)
                     SELECT $1, $2, $3, $4, $5
-                    WHERE NOT EXISTS (SELECT 1 FROM live)
+                    WHERE NOT EXISTS (SELECT 1 FROM found)
                     ON CONFLICT (scope, key) DO NOTHING
                     RETURNING 1
                 )
-                SELECT TRUE AS acquired, NULL::bytea AS fingerprint, NULL::bigint AS expires_at,
-                       NULL::smallint AS status, NULL::text[] AS header_names,
-                       NULL::bytea[] AS header_values, NULL::bytea AS body
+                SELECT TRUE AS acquired, TRUE AS live, NULL::bytea AS fingerprint,
+                       NULL::bigint AS expires_at, NULL::smallint AS status,
+                       NULL::text[] AS header_names, NULL::bytea[] AS header_values,
+                       NULL::bytea AS body
                 FROM claimed
                 UNION ALL
-                SELECT FALSE, fingerprint, expires_at, status, header_names, header_values, body
-                FROM live"
+                SELECT FALSE, live, fingerprint, expires_at, status, header_names, header_values, body
+                FROM found"
             ),
             // Claims a row whose deadline passed. Of two claims taking over
             // one row, the second waits for the first and then finds the row
@@ -434,7 +438,9 @@ impl Store for PostgresStore {
             let row = query(&self.inner.sql.claim)
                 .fetch_optional(db.connection())
                 .await;
-            if let Some(row) = db.finish(row)? {
+            // No row: a claim committed after the snapshot; look again.
+            let Some(row) = db.finish(row)? else { continue };
+            if column::<bool>(&row, "live")? {
                 return claim_from_row(&row, token);
             }
             let mut db = self.inner.connections.lease().await?;
