@@ -14,6 +14,7 @@ use idempotent_core::record::{Claim, RecordKey, StoredResponse};
 use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{PostgresStore, Store, Tiered};
 use idempotent_core::testing::contract;
+use sqlx::PgPool;
 use store_support::{
     Ledger, backend_url, duplicates_across_instances, pay, pay_until_available, payments_app,
     unique_name,
@@ -477,10 +478,10 @@ async fn store_on_own_pool(url: &str, hold: u32) -> PostgresStore {
     store
 }
 
-/// Waits up to `within` for the pool to have `idle` idle connections.
-async fn pool_reaches_idle(store: &PostgresStore, idle: usize, within: Duration) -> bool {
+/// Waits up to `within` for `pool` to have `idle` idle connections.
+async fn pool_reaches_idle(pool: &PgPool, idle: usize, within: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + within;
-    while store.pool().num_idle() != idle {
+    while pool.num_idle() != idle {
         if tokio::time::Instant::now() >= deadline {
             return false;
         }
@@ -506,7 +507,7 @@ async fn a_kept_connection_goes_back_to_the_pool_once_idle() {
     let Some(url) = backend_url(URL) else { return };
     let store = store_on_own_pool(&url, 4).await;
     assert!(
-        pool_reaches_idle(&store, 1, Duration::from_secs(5)).await,
+        pool_reaches_idle(store.pool(), 1, Duration::from_secs(5)).await,
         "migrate returned its connection"
     );
     claim(&store, "kept").await;
@@ -516,7 +517,7 @@ async fn a_kept_connection_goes_back_to_the_pool_once_idle() {
         "the store keeps the connection for its next statement"
     );
     assert!(
-        pool_reaches_idle(&store, 1, Duration::from_secs(5)).await,
+        pool_reaches_idle(store.pool(), 1, Duration::from_secs(5)).await,
         "an idle kept connection returns to the pool within seconds"
     );
     drop_table(&store).await;
@@ -534,7 +535,7 @@ fn a_store_dropped_outside_its_runtime_gives_its_connections_back() {
         let runtime = tokio::runtime::Runtime::new().expect("a runtime");
         let store = runtime.block_on(async {
             let store = store_on_own_pool(&url, 4).await;
-            let settled = pool_reaches_idle(&store, 1, Duration::from_secs(5)).await;
+            let settled = pool_reaches_idle(store.pool(), 1, Duration::from_secs(5)).await;
             assert!(settled, "migrate returned its connection");
             claim(&store, "outside").await;
             assert_eq!(store.pool().num_idle(), 0, "the store keeps a connection");
@@ -547,13 +548,7 @@ fn a_store_dropped_outside_its_runtime_gives_its_connections_back() {
             drop(store);
         } else {
             drop(store);
-            let returned = runtime.block_on(async {
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-                while pool.num_idle() != 1 && tokio::time::Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                pool.num_idle() == 1
-            });
+            let returned = runtime.block_on(pool_reaches_idle(&pool, 1, Duration::from_secs(5)));
             assert!(returned, "the kept connection went back to the pool");
         }
         // On a connection of its own: the pool's may belong to a runtime
@@ -574,7 +569,7 @@ async fn without_holding_each_connection_goes_back_after_its_statement() {
     let store = store_on_own_pool(&url, 0).await;
     claim(&store, "not-kept").await;
     // sqlx pings it on the way back, so it is idle again a moment later.
-    assert!(pool_reaches_idle(&store, 1, Duration::from_millis(200)).await);
+    assert!(pool_reaches_idle(store.pool(), 1, Duration::from_millis(200)).await);
     drop_table(&store).await;
 }
 
