@@ -25,7 +25,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use idempotent_bench::fixtures::{fingerprint, postgres_store, record_key, stored_response};
+use idempotent_bench::fixtures::{
+    POSTGRES_URL, REDIS_URL, fingerprint, postgres_store, record_key, stored_response,
+};
 use idempotent_core::Fingerprint;
 use idempotent_core::record::{Claim, Record, RecordKey};
 use idempotent_core::store::{PostgresStore, RedisStore, SqliteStore, Store, StoreError, Tiered};
@@ -39,13 +41,11 @@ const CONCURRENCY: usize = 32;
 const POSTGRES_TABLE: &str = "idempotent_bench_criterion";
 
 fn redis_url() -> String {
-    std::env::var("IDEMPOTENT_BENCH_REDIS_URL")
-        .unwrap_or_else(|_| "redis://127.0.0.1:6379/15".to_owned())
+    std::env::var("IDEMPOTENT_BENCH_REDIS_URL").unwrap_or_else(|_| REDIS_URL.to_owned())
 }
 
 fn postgres_url() -> String {
-    std::env::var("IDEMPOTENT_BENCH_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+    std::env::var("IDEMPOTENT_BENCH_POSTGRES_URL").unwrap_or_else(|_| POSTGRES_URL.to_owned())
 }
 
 /// The benchmarks' runtime: a worker per core, as a server has.

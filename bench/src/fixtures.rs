@@ -12,6 +12,12 @@ use idempotent_core::{Fingerprint, IdempotencyKey};
 use crate::app::{API_KEY, BODY, CREATE_PAYMENT};
 use crate::handler::NewPayment;
 
+/// The Redis the benchmarks use: database 15, apart from anything else on
+/// the server.
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379/15";
+/// The PostgreSQL database the benchmarks use.
+pub const POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
 /// The record key of the `n`th 36-character key of `run`, scoped by the
 /// benchmark's API key. Runs against a durable store use a run of their
 /// own, so that records left by an earlier run are never claimed again.

@@ -82,11 +82,10 @@ fn parse_args() -> Result<Args, String> {
 }
 
 /// Where durable stores keep the benchmark's records, apart from anything
-/// else on the same servers: Redis database 15, PostgreSQL table
-/// `idempotent_bench` in database `test`, SQLite file under /tmp.
+/// else on the same servers: Redis database 15
+/// ([`fixtures::REDIS_URL`]), PostgreSQL table `idempotent_bench` in
+/// database `test` ([`fixtures::POSTGRES_URL`]), SQLite file under /tmp.
 /// `bench/run.sh` empties them after each run.
-const REDIS_URL: &str = "redis://127.0.0.1:6379/15";
-const POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 const POSTGRES_TABLE: &str = "idempotent_bench";
 const SQLITE_PATH: &str = "/tmp/idempotent-bench.sqlite";
 
@@ -101,9 +100,15 @@ async fn idempotency(args: &Args) -> Result<Idempotency, String> {
             }
             Idempotency::new(memory.build())
         }
-        "redis" => Idempotency::new(RedisStore::connect(REDIS_URL).await.map_err(failed)?),
+        "redis" => Idempotency::new(
+            RedisStore::connect(fixtures::REDIS_URL)
+                .await
+                .map_err(failed)?,
+        ),
         "tiered-redis" => Idempotency::new(Tiered::new(
-            RedisStore::connect(REDIS_URL).await.map_err(failed)?,
+            RedisStore::connect(fixtures::REDIS_URL)
+                .await
+                .map_err(failed)?,
         )),
         "postgres" => Idempotency::new(postgres(pg_connections).await.map_err(failed)?),
         "tiered-postgres" => {
@@ -124,7 +129,7 @@ async fn idempotency(args: &Args) -> Result<Idempotency, String> {
 
 /// The benchmark's PostgreSQL store, keeping `connections`.
 async fn postgres(connections: u32) -> Result<PostgresStore, StoreError> {
-    fixtures::postgres_store(POSTGRES_URL, POSTGRES_TABLE, connections).await
+    fixtures::postgres_store(fixtures::POSTGRES_URL, POSTGRES_TABLE, connections).await
 }
 
 #[tokio::main]
