@@ -29,9 +29,11 @@ use crate::fingerprint::Fingerprint;
 use crate::record::{Claim, Completed, InFlight, LeaseToken, Record, RecordKey, StoredResponse};
 
 const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
-/// The most shards, and the budget below which a shard is added.
+/// The most shards, and the budget below which a shard is added: each
+/// shard holds at least sixteen records of the default 1 MiB body limit,
+/// since a shard's oldest records go first when it is full.
 const MAX_SHARDS: u64 = 64;
-const MIN_SHARD_BYTES: u64 = 1024 * 1024;
+const MIN_SHARD_BYTES: u64 = 16 * 1024 * 1024;
 /// Bounds of a shard's arena blocks: a sixty-fourth of its budget.
 const MIN_BLOCK_BYTES: usize = 4 * 1024;
 const MAX_BLOCK_BYTES: usize = 64 * 1024;
@@ -184,8 +186,8 @@ impl MemoryStoreBuilder {
 
     /// Builds the store.
     pub fn build(self) -> MemoryStore {
-        // Small budgets get few shards, so one record never exceeds a
-        // shard's share.
+        // Small budgets get few shards, so a shard's share stays large
+        // against one record (a larger one is kept, see `evict`).
         let shards = (self.max_bytes / MIN_SHARD_BYTES).clamp(1, MAX_SHARDS);
         let shard_budget = usize::try_from(self.max_bytes / shards).unwrap_or(usize::MAX);
         let inner = Inner {
@@ -427,17 +429,25 @@ impl Inner {
     }
 
     /// Drops completed records from the front of the queue while the shard
-    /// is over budget or the front has expired.
+    /// is over budget or the front has expired. The newest record is never
+    /// dropped for space: one larger than the whole budget is kept until the
+    /// next record completes, rather than lost as soon as it is stored.
     fn evict(&self, shard: &mut Shard, now: u64) {
         while let Some(front) = shard.queue.front() {
-            if shard.bytes <= self.shard_budget && front.expires_at > now {
+            let over_budget = shard.bytes > self.shard_budget && shard.queue.len() > 1;
+            if !over_budget && front.expires_at > now {
                 return;
             }
             let Queued { hash, expires_at } = *front;
             shard.queue.pop_front();
+            // The table calls this for every slot whose hash shares a few
+            // bits with `hash`, so the slot's own hash must be compared too:
+            // a neighbour completed in the same millisecond would otherwise
+            // go in this record's place, and this one stay for good.
             let queued = |slot: &Slot| {
-                matches!(&slot.state, State::Completed(encoded)
-                    if Completed::encoded_expires_at(encoded) == expires_at)
+                slot.table_hash() == hash
+                    && matches!(&slot.state, State::Completed(encoded)
+                        if Completed::encoded_expires_at(encoded) == expires_at)
             };
             if let Ok(entry) = shard.table.find_entry(hash, queued) {
                 let (slot, _) = entry.remove();
@@ -621,6 +631,69 @@ mod tests {
         assert!(store.completed_bytes() <= 4 * 1024);
         assert!(!is_completed(&store, "k0"));
         assert!(is_completed(&store, "k9"));
+    }
+
+    #[test]
+    fn a_record_larger_than_the_budget_is_kept_until_the_next_one_completes() {
+        let store = MemoryStore::builder().max_bytes(64 * 1024).build();
+        complete(&store, "large", 100 * 1024, Duration::from_secs(600));
+        assert!(is_completed(&store, "large"));
+        complete(&store, "next", 10, Duration::from_secs(600));
+        assert!(is_completed(&store, "next"));
+        assert!(!is_completed(&store, "large"));
+        assert!(store.completed_bytes() <= 64 * 1024);
+    }
+
+    #[test]
+    fn a_store_keeps_records_at_the_default_body_limit_while_it_has_room() {
+        let store = MemoryStore::builder().max_bytes(16 * 1024 * 1024).build();
+        for i in 0..8 {
+            complete(
+                &store,
+                &format!("k{i}"),
+                1024 * 1024,
+                Duration::from_secs(600),
+            );
+        }
+        for i in 0..8 {
+            assert!(is_completed(&store, &format!("k{i}")), "k{i} was evicted");
+        }
+    }
+
+    #[test]
+    fn eviction_takes_the_queued_record_not_a_neighbour_with_its_deadline() {
+        let store = MemoryStore::new();
+        let inner = &store.inner;
+        let mut shard = lock(&inner.shards[0]);
+        shard.table.reserve(1024, Slot::table_hash);
+        // `queued` hashes to the place `blocker` holds, so it is filed
+        // after `neighbour`, whose hash shares the top seven bits the
+        // table compares before asking whether a slot is the one sought.
+        let tag = 0x5a << 57;
+        let neighbour = [tag | 5, 1];
+        let blocker = [1 << 57 | 4, 2];
+        let queued = [tag | 4, 3];
+        for id in [neighbour, blocker, queued] {
+            let record = Completed {
+                fingerprint: FINGERPRINT,
+                response: response(10),
+                expires_at: 1_000,
+            };
+            let encoded = encode_in(&mut shard.arena, &record, inner.block_bytes);
+            shard.bytes += weight(&encoded);
+            let state = State::Completed(encoded);
+            shard
+                .table
+                .insert_unique(id[0], Slot { id, state }, Slot::table_hash);
+        }
+        shard.queue.push_back(Queued {
+            hash: queued[0],
+            expires_at: 1_000,
+        });
+        inner.evict(&mut shard, 2_000);
+        let present = |id: [u64; 2]| shard.table.find(id[0], |slot| slot.id == id).is_some();
+        assert!(!present(queued), "the queued record stays");
+        assert!(present(neighbour), "its neighbour went in its place");
     }
 
     #[test]
