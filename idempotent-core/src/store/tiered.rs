@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::memory::MemoryStore;
+use super::memory::{Inner, MemoryStore};
 use super::{Store, StoreError};
 use crate::clock::{Clock, SharedClock, SystemClock, millis};
 use crate::fingerprint::Fingerprint;
@@ -124,6 +124,33 @@ impl<D: Store> Tiered<D> {
     }
 }
 
+/// The cache's hold on a key this process claimed. Dropped without
+/// [`keep`](Self::keep), because the durable store refused the record or
+/// the call was cut short (the engine's store timeout), it releases the
+/// key: nothing else would, since the hold never lapses by itself.
+struct Hold<'a> {
+    cache: Option<&'a Inner>,
+    key: &'a RecordKey,
+    token: LeaseToken,
+}
+
+impl Hold<'_> {
+    /// Caches the record the durable store kept.
+    fn keep(mut self, response: StoredResponse, now: u64, expires_at: u64) {
+        if let Some(cache) = self.cache.take() {
+            let _ = cache.complete(self.key, self.token, response, now, expires_at);
+        }
+    }
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        if let Some(cache) = self.cache.take() {
+            let _ = cache.release(self.key, self.token);
+        }
+    }
+}
+
 impl<D: Store> Store for Tiered<D> {
     async fn claim(
         &self,
@@ -163,17 +190,20 @@ impl<D: Store> Store for Tiered<D> {
         // later than the one the durable store computes.
         let now = self.clock.now_millis();
         let expires_at = now.saturating_add(millis(ttl));
+        let hold = Hold {
+            cache: Some(self.cache.inner()),
+            key,
+            token,
+        };
         let completed = self
             .durable
             .complete(key, token, response.clone(), ttl)
             .await;
-        let cache = self.cache.inner();
         // A claim this process no longer holds (`LeaseLost`) is simply not
         // cached; the durable store's answer is the one that counts.
-        let _ = match completed {
-            Ok(()) => cache.complete(key, token, response, now, expires_at),
-            Err(_) => cache.release(key, token),
-        };
+        if completed.is_ok() {
+            hold.keep(response, now, expires_at);
+        }
         completed
     }
 
@@ -191,5 +221,70 @@ impl<D: Store> Store for Tiered<D> {
             self.cache.inner().remember(key, completed);
         }
         Ok(record)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::IdempotencyKey;
+    use crate::scope::ScopeDigest;
+
+    /// A memory store whose completions never answer.
+    struct HangingCompletions(MemoryStore);
+
+    impl Store for HangingCompletions {
+        async fn claim(
+            &self,
+            key: &RecordKey,
+            fingerprint: Fingerprint,
+            lease: Duration,
+        ) -> Result<Claim, StoreError> {
+            self.0.claim(key, fingerprint, lease).await
+        }
+        async fn renew(
+            &self,
+            key: &RecordKey,
+            token: LeaseToken,
+            lease: Duration,
+        ) -> Result<(), StoreError> {
+            self.0.renew(key, token, lease).await
+        }
+        async fn complete(
+            &self,
+            _: &RecordKey,
+            _: LeaseToken,
+            _: StoredResponse,
+            _: Duration,
+        ) -> Result<(), StoreError> {
+            std::future::pending().await
+        }
+        async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+            self.0.release(key, token).await
+        }
+        async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+            self.0.get(key).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_completion_cut_short_lets_go_of_the_cached_hold() {
+        let store = Tiered::builder(HangingCompletions(MemoryStore::new())).build();
+        let key = RecordKey::new(ScopeDigest::global(), IdempotencyKey::parse(b"k").unwrap());
+        let fingerprint = Fingerprint::from_bytes([1; 32]);
+        let lease = Duration::from_secs(60);
+        let Ok(Claim::Acquired(token)) = store.claim(&key, fingerprint, lease).await else {
+            panic!("a new key is acquired");
+        };
+        assert_eq!(store.cache.in_flight_len(), 1);
+        let response = StoredResponse {
+            status: http::StatusCode::OK,
+            headers: Vec::new(),
+            body: Some(bytes::Bytes::from_static(b"{}")),
+        };
+        let completing = store.complete(&key, token, response, Duration::from_secs(60));
+        let cut_short = tokio::time::timeout(Duration::from_millis(10), completing).await;
+        assert!(cut_short.is_err(), "the durable write never answers");
+        assert_eq!(store.cache.in_flight_len(), 0, "the hold outlived its call");
     }
 }
