@@ -6,6 +6,7 @@
 //! stored or logged.
 
 use std::fmt;
+use std::sync::LazyLock;
 
 use http::HeaderMap;
 use http::header::AUTHORIZATION;
@@ -70,7 +71,10 @@ impl ScopeDigest {
     /// The scope shared by every caller.
     #[must_use]
     pub fn global() -> Self {
-        Self(sha256_framed(&[b"global"]))
+        // Hashed once: a global-scope endpoint asks for it on every request.
+        static GLOBAL: LazyLock<ScopeDigest> =
+            LazyLock::new(|| ScopeDigest(sha256_framed(&[b"global"])));
+        *GLOBAL
     }
 
     /// The scope of an API key or bearer token.
