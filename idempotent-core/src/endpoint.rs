@@ -87,6 +87,18 @@ pub struct Endpoint {
     final_statuses: FinalStatuses,
 }
 
+/// The longest TTL, lease or wait: a century. Longer ones would overflow
+/// the clocks deadlines are computed on.
+const LONGEST: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+const fn at_most_a_century(duration: Duration) -> Duration {
+    if duration.as_secs() >= LONGEST.as_secs() {
+        LONGEST
+    } else {
+        duration
+    }
+}
+
 impl Endpoint {
     /// Result TTL unless set: 24 hours.
     pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -107,9 +119,11 @@ impl Endpoint {
         }
     }
 
-    /// How long a finished response is replayed.
+    /// How long a finished response is replayed. Durations are kept to a
+    /// century, which is what `Duration::MAX` ("for good") comes to, here
+    /// and in [`lease`](Self::lease) and [`wait`](Self::wait).
     pub const fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl;
+        self.ttl = at_most_a_century(ttl);
         self
     }
 
@@ -117,7 +131,7 @@ impl Endpoint {
     /// third of this while the handler runs; a crashed process's claim is
     /// taken over after it lapses.
     pub const fn lease(mut self, lease: Duration) -> Self {
-        self.lease = lease;
+        self.lease = at_most_a_century(lease);
         self
     }
 
@@ -137,7 +151,7 @@ impl Endpoint {
     /// A duplicate that arrives while the first request runs waits up to
     /// `wait` for it and replays its response, instead of getting 409.
     pub const fn wait(mut self, wait: Duration) -> Self {
-        self.wait = Some(wait);
+        self.wait = Some(at_most_a_century(wait));
         self
     }
 

@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
 use futures_util::future::Either;
 use http::HeaderMap;
+use http::response::Parts;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -33,6 +34,14 @@ use crate::store::StoreError;
 pub(crate) type Handler = Pin<Box<dyn Future<Output = Response> + Send>>;
 type Panic = Box<dyn Any + Send>;
 type Pipeline = Pin<Box<dyn Future<Output = Result<Response, Panic>> + Send>>;
+
+/// What a claimed request's handler produced.
+enum Produced {
+    /// A response to store: its head, and its body as read for storing.
+    Final(Parts, Collected),
+    /// A response whose status lets the key be used again.
+    NotFinal(Response),
+}
 
 /// First and longest pause between claims while waiting for a duplicate.
 const WAIT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_millis(200));
@@ -283,9 +292,20 @@ impl Engine {
         handler: Handler,
     ) -> impl Future<Output = Result<Response, Panic>> + Send {
         async move {
-            let running = AssertUnwindSafe(self.renewing(token, handler)).catch_unwind();
-            match running.await {
-                Ok(response) => Ok(self.settle(token, response).await),
+            // The response body is read under the lease as well: a streamed
+            // body can take longer than the handler that returned it. Scoped
+            // so the pipeline does not keep room for it while storing.
+            let produced = {
+                let producing = pin!(self.produce(handler));
+                let running = AssertUnwindSafe(self.renewing(token, producing));
+                running.catch_unwind().await
+            };
+            match produced {
+                Ok(Produced::Final(parts, body)) => Ok(self.keep(token, parts, body).await),
+                Ok(Produced::NotFinal(response)) => {
+                    self.release(token, "status is not final").await;
+                    Ok(response)
+                }
                 Err(panic) => {
                     self.release(token, "handler panicked").await;
                     Err(panic)
@@ -294,24 +314,43 @@ impl Engine {
         }
     }
 
-    /// Polls the handler while renewing the lease every third of it.
-    async fn renewing(&self, token: LeaseToken, handler: Handler) -> Response {
+    /// Runs the handler and, for a final status, reads the body to store.
+    async fn produce(&self, handler: Handler) -> Produced {
+        let response = handler.await;
+        if !self
+            .endpoint
+            .final_status_policy()
+            .is_final(response.status())
+        {
+            return Produced::NotFinal(response);
+        }
+        let (parts, body) = response.into_parts();
+        Produced::Final(parts, collect(body, self.settings.max_body_bytes).await)
+    }
+
+    /// Polls `work` while renewing the lease every third of it.
+    async fn renewing<T>(
+        &self,
+        token: LeaseToken,
+        mut work: Pin<&mut impl Future<Output = T>>,
+    ) -> T {
         let period = self.endpoint.lease_duration() / 3;
         if period.is_zero() {
-            return handler.await;
+            return work.await;
         }
-        let mut handler = handler;
-        // A handler that finishes on its first poll needs no renewal timer.
-        if let Poll::Ready(response) = poll_once(&mut handler).await {
-            return response;
+        // Work that finishes on its first poll needs no renewal timer.
+        if let Poll::Ready(output) = poll_once(&mut work).await {
+            return output;
         }
-        let renewals = pin!(self.renew_until_lost(token, period));
+        // Boxed: only work that outlasts its first poll renews, and inline
+        // the renewals would add their size to every request's pipeline.
+        let renewals = Box::pin(self.renew_until_lost(token, period));
         tokio::select! {
             biased;
-            response = &mut handler => return response,
+            output = &mut work => return output,
             () = renewals => {}
         }
-        handler.await
+        work.await
     }
 
     async fn renew_until_lost(&self, token: LeaseToken, period: Duration) {
@@ -336,34 +375,28 @@ impl Engine {
         }
     }
 
-    /// Stores a final response, or releases the key for anything else.
+    /// Stores a final response and hands it on.
     #[expect(clippy::manual_async_fn, reason = "halves the future's size")]
-    fn settle(
+    fn keep(
         &self,
         token: LeaseToken,
-        response: Response,
+        parts: Parts,
+        body: Collected,
     ) -> impl Future<Output = Response> + Send + '_ {
         async move {
-            let status = response.status();
-            if !self.endpoint.final_status_policy().is_final(status) {
-                self.release(token, "status is not final").await;
-                return response;
-            }
-            let (parts, body) = response.into_parts();
-            let (stored_body, body) = match collect(body, self.settings.max_body_bytes).await {
+            let (stored_body, body) = match body {
                 Collected::Complete(bytes) => (Some(bytes.clone()), Body::from(bytes)),
                 Collected::Partial(body) => (None, body),
             };
-            let headers = replayable_headers(&parts);
             let stored = StoredResponse {
-                status,
-                headers,
+                status: parts.status,
+                headers: replayable_headers(&parts),
                 body: stored_body,
             };
             let ttl = self.endpoint.result_ttl();
             let completing = self.settings.store.complete(&self.key, token, stored, ttl);
             match self.timed(completing).await {
-                Ok(()) => tracing::debug!(outcome = "executed", status = status.as_u16()),
+                Ok(()) => tracing::debug!(outcome = "executed", status = parts.status.as_u16()),
                 Err(error) => {
                     tracing::error!(%error, outcome = "store_error", message = NOT_STORED);
                 }

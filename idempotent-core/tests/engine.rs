@@ -184,12 +184,29 @@ async fn in_flight_duplicate_gets_409_problem() {
 
 #[tokio::test]
 async fn waiting_duplicate_replays_the_first_response() {
+    waiting_duplicate_replays(Endpoint::new("pay").wait(Duration::from_secs(5))).await;
+}
+
+#[tokio::test]
+async fn durations_too_long_for_the_clock_mean_as_long_as_it_takes() {
+    let endpoint = Endpoint::new("pay")
+        .wait(Duration::MAX)
+        .lease(Duration::MAX)
+        .ttl(Duration::MAX);
+    // Before they were capped, every request here panicked before its
+    // handler started, which the helper would wait for forever.
+    let replays = waiting_duplicate_replays(endpoint);
+    tokio::time::timeout(Duration::from_secs(10), replays)
+        .await
+        .expect("the first request reached its handler");
+}
+
+async fn waiting_duplicate_replays(endpoint: Endpoint) {
     let gate = Arc::new(Semaphore::new(0));
     let handler = Handler {
         gate: Some(gate.clone()),
         ..Handler::default()
     };
-    let endpoint = Endpoint::new("pay").wait(Duration::from_secs(5));
     let app = app_with(Idempotency::new(MemoryStore::new()), &handler, endpoint);
     let body = json!({"amount": 1});
     let first = spawn_send(&app, "k", &body);
@@ -773,6 +790,101 @@ async fn an_oversized_response_is_sent_whole_but_never_executed_twice() {
     assert_eq!(problem["type"], "urn:idempotent:response-not-stored");
     assert!(problem["detail"].as_str().unwrap().contains("201"));
     assert_eq!(handler.runs(), 1);
+}
+
+/// How the first run's response body comes: after `gate` opens, or with
+/// a panic.
+#[derive(Clone)]
+enum FirstBody {
+    Gated(Arc<Semaphore>),
+    Panics,
+}
+
+/// Answers 201 at once; the first run's body streams as `first` says,
+/// later runs' bodies come whole.
+async fn streaming_handler(
+    State((runs, first, endpoint)): State<(Arc<AtomicUsize>, FirstBody, Endpoint)>,
+    idem: IdempotentRequest,
+    Json(input): Json<Value>,
+) -> Response {
+    let fingerprint = endpoint.fingerprint(&input);
+    let handler = async move {
+        let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+        let chunk = async move {
+            match first {
+                _ if run > 1 => {}
+                FirstBody::Gated(gate) => drop(gate.acquire().await.expect("gate open")),
+                FirstBody::Panics => panic!("the body stream panicked on purpose"),
+            }
+            let json = json!({ "run": run }).to_string();
+            Ok::<_, std::convert::Infallible>(bytes::Bytes::from(json))
+        };
+        let body = Body::from_stream(futures_util::stream::once(chunk));
+        (StatusCode::CREATED, body).into_response()
+    };
+    idem.run(&endpoint, fingerprint, handler).await
+}
+
+fn streaming_app(store: MemoryStore, runs: &Arc<AtomicUsize>, first: FirstBody) -> Router {
+    let endpoint = Endpoint::new("pay").lease(Duration::from_secs(30));
+    Router::new()
+        .route("/pay", post(streaming_handler))
+        .with_state((runs.clone(), first, endpoint))
+        .layer(Idempotency::new(store))
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_lease_is_renewed_while_the_response_body_streams() {
+    let clock = ManualClock::new(1_000_000);
+    let store = MemoryStore::builder().clock(clock.clone()).build();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Semaphore::new(0));
+    let app = streaming_app(store, &runs, FirstBody::Gated(gate.clone()));
+    let body = json!({"amount": 1});
+    let first = spawn_send(&app, "k", &body);
+
+    // Twice the 30 s lease passes, a renewal period at a time, while the
+    // first response's body is still coming.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(10_001)).await;
+        clock.advance(Duration::from_secs(10));
+    }
+    let (status, _, _) = send(&app, request(Some("k"), &body)).await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "the first run still holds the key"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    gate.add_permits(1);
+    let (status, _, streamed) = first.await.unwrap();
+    assert_eq!(
+        (status, streamed["run"].as_u64()),
+        (StatusCode::CREATED, Some(1))
+    );
+    let (_, headers, replay) = send(&app, request(Some("k"), &body)).await;
+    assert!(replayed(&headers));
+    assert_eq!(replay["run"], 1);
+}
+
+#[tokio::test]
+async fn a_response_body_that_panics_releases_the_key() {
+    let store = MemoryStore::new();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = streaming_app(store.clone(), &runs, FirstBody::Panics);
+    let body = json!({"amount": 1});
+    let outcome = spawn_send(&app, "k", &body).await;
+    assert!(
+        outcome.unwrap_err().is_panic(),
+        "the panic reaches the server"
+    );
+    assert_eq!(store.in_flight_len(), 0);
+
+    let (status, headers, retried) = send(&app, request(Some("k"), &body)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(!replayed(&headers));
+    assert_eq!(retried["run"], 2);
 }
 
 /// A store whose every call fails, or hangs.
