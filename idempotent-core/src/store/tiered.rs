@@ -224,52 +224,17 @@ impl<D: Store> Store for Tiered<D> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "test-util"))]
 mod tests {
     use super::*;
     use crate::key::IdempotencyKey;
     use crate::scope::ScopeDigest;
+    use crate::testing::MockStore;
 
-    /// A memory store whose completions never answer.
-    struct HangingCompletions(MemoryStore);
-
-    impl Store for HangingCompletions {
-        async fn claim(
-            &self,
-            key: &RecordKey,
-            fingerprint: Fingerprint,
-            lease: Duration,
-        ) -> Result<Claim, StoreError> {
-            self.0.claim(key, fingerprint, lease).await
-        }
-        async fn renew(
-            &self,
-            key: &RecordKey,
-            token: LeaseToken,
-            lease: Duration,
-        ) -> Result<(), StoreError> {
-            self.0.renew(key, token, lease).await
-        }
-        async fn complete(
-            &self,
-            _: &RecordKey,
-            _: LeaseToken,
-            _: StoredResponse,
-            _: Duration,
-        ) -> Result<(), StoreError> {
-            std::future::pending().await
-        }
-        async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-            self.0.release(key, token).await
-        }
-        async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-            self.0.get(key).await
-        }
-    }
-
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_completion_cut_short_lets_go_of_the_cached_hold() {
-        let store = Tiered::builder(HangingCompletions(MemoryStore::new())).build();
+        let durable = MockStore::new();
+        let store = Tiered::new(durable.clone());
         let key = RecordKey::new(ScopeDigest::global(), IdempotencyKey::parse(b"k").unwrap());
         let fingerprint = Fingerprint::from_bytes([1; 32]);
         let lease = Duration::from_secs(60);
@@ -282,9 +247,13 @@ mod tests {
             headers: Vec::new(),
             body: Some(bytes::Bytes::from_static(b"{}")),
         };
+        durable.set_delay(Duration::from_secs(3600));
         let completing = store.complete(&key, token, response, Duration::from_secs(60));
-        let cut_short = tokio::time::timeout(Duration::from_millis(10), completing).await;
-        assert!(cut_short.is_err(), "the durable write never answers");
+        let cut_short = tokio::time::timeout(Duration::from_secs(2), completing).await;
+        assert!(
+            cut_short.is_err(),
+            "the durable write answers after the timeout"
+        );
         assert_eq!(store.cache.in_flight_len(), 0, "the hold outlived its call");
     }
 }
