@@ -224,6 +224,15 @@ async fn purging_deletes_only_expired_rows() {
 
 #[tokio::test]
 async fn the_reaper_purges_in_the_background() {
+    reaper_purges_in_the_background(Duration::from_millis(20)).await;
+}
+
+#[tokio::test]
+async fn a_reaper_with_a_zero_period_still_purges() {
+    reaper_purges_in_the_background(Duration::ZERO).await;
+}
+
+async fn reaper_purges_in_the_background(period: Duration) {
     let Some(url) = backend_url(URL) else { return };
     let base = fresh_store(&url).await;
     let clock = ManualClock::starting_now();
@@ -241,7 +250,7 @@ async fn the_reaper_purges_in_the_background() {
         .await
         .unwrap();
     clock.advance(Duration::from_secs(2));
-    let reaper = store.spawn_reaper(Duration::from_millis(20));
+    let reaper = store.spawn_reaper(period);
     let count = || async {
         sqlx::query_scalar::<_, i64>(&format!("SELECT count(*) FROM {}", store.table()))
             .fetch_one(store.pool())

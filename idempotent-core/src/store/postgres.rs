@@ -266,12 +266,16 @@ impl PostgresStore {
         }
     }
 
-    /// Runs [`purge_expired`](Self::purge_expired) every `period` on a
-    /// background task until the returned [`Reaper`] is dropped. Failures
-    /// are logged and retried on the next tick.
+    /// Runs [`purge_expired`](Self::purge_expired) every `period` (at
+    /// least a millisecond) on a background task until the returned
+    /// [`Reaper`] is dropped. Failures are logged and retried on the next
+    /// tick.
     #[must_use = "the reaper stops when dropped"]
     pub fn spawn_reaper(&self, period: Duration) -> Reaper {
         let store = self.clone();
+        // A zero period would panic the ticker inside the task, leaving a
+        // reaper that looks alive and never purges.
+        let period = period.max(Duration::from_millis(1));
         let task = tokio::spawn(async move {
             let mut ticker = tokio::time::interval(period);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
