@@ -139,3 +139,26 @@ async fn purging_deletes_expired_rows() {
     assert_eq!(store.purge_expired().await.unwrap(), 1);
     assert!(store.get(&key("long")).await.unwrap().is_some());
 }
+
+#[tokio::test]
+async fn a_schema_qualified_table_is_migrated_and_used() {
+    let db = TempDb::new();
+    let plain = db.open().await;
+    let store = SqliteStore::builder(plain.pool().clone())
+        .table("main.payments_records")
+        .build()
+        .expect("valid table name");
+    store
+        .migrate()
+        .await
+        .expect("migrate a schema-qualified table");
+    let ledger = Ledger::default();
+    let app = payments_app(store, &ledger, STORE_TIMEOUT);
+    assert_eq!(pay(&app, "k", 100).await.status, StatusCode::CREATED);
+    let retry = pay(&app, "k", 100).await;
+    assert_eq!(
+        (retry.status, retry.replayed()),
+        (StatusCode::CREATED, true)
+    );
+    assert_eq!(ledger.executions(), 1);
+}

@@ -162,12 +162,17 @@ impl SqliteStore {
     /// The database refused.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let table = &self.inner.table;
-        let index = format!("{}_expires_at_idx", sql::base_name(table));
-        // The index name contains the default table name: swap it out first.
+        // SQLite names a schema on the index, never on the table it indexes.
+        let base = sql::base_name(table);
+        let qualifier = &table[..table.len() - base.len()];
+        let index = format!("{qualifier}{base}_expires_at_idx");
+        // The index's names contain the default table name: swap them out first.
         let schema = SCHEMA
             .replace("idempotency_records_expires_at_idx", "\u{0}")
+            .replace("ON idempotency_records", "ON \u{1}")
             .replace(DEFAULT_TABLE, table)
-            .replace('\u{0}', &index);
+            .replace('\u{0}', &index)
+            .replace('\u{1}', base);
         sqlx::raw_sql(&schema)
             .execute(&self.inner.pool)
             .await
