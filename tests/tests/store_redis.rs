@@ -105,6 +105,43 @@ async fn completed_records_carry_a_redis_expiry_past_their_ttl() {
     assert!(pttl > ttl && pttl <= ttl + 60_000, "PTTL {pttl} ms");
 }
 
+#[tokio::test]
+async fn an_expired_value_this_build_cannot_decode_is_taken_over() {
+    let Some(url) = backend_url(URL) else { return };
+    let prefix = unique_name("idem_test") + ":";
+    let store = RedisStore::builder(manager(&url).await)
+        .prefix(prefix)
+        .build();
+    let key = RecordKey::new(
+        ScopeDigest::global(),
+        IdempotencyKey::parse(b"undecodable").unwrap(),
+    );
+    // A record of a codec version this build does not know, a second past
+    // its deadline: what another release leaves for the clock-skew grace.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let deadline = u64::try_from(now.as_millis()).unwrap() - 1_000;
+    let mut value = vec![0x7f];
+    value.extend([0; 32]);
+    value.extend(deadline.to_be_bytes());
+    value.extend(b"a later version's response");
+    let mut connection = manager(&url).await;
+    let () = redis::cmd("SET")
+        .arg(store.redis_key(&key))
+        .arg(value)
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let app = payments_app(store, &Ledger::default(), STORE_TIMEOUT);
+    assert_eq!(
+        pay(&app, "undecodable", 1).await.status,
+        StatusCode::CREATED
+    );
+}
+
 /// A `redis-server` this test owns, on a port of its own.
 struct OwnRedis {
     port: u16,

@@ -295,9 +295,12 @@ where
         let Some(found) = found else {
             return Ok(Claim::Acquired(token));
         };
-        let record = decode(Bytes::from(found))?;
-        if record.deadline() > now {
-            return Ok(record.into());
+        // The deadline is read in place (both layouts keep it at the same
+        // offset): an expired value this build cannot decode, another
+        // version's or a corrupt one, is taken over instead of refusing
+        // every claim of its key until Redis drops it.
+        if Completed::encoded_expires_at(&found) > now {
+            return Ok(decode(Bytes::from(found))?.into());
         }
         // A lapsed lease, or a record past its TTL that Redis keeps for the
         // clock-skew grace: the script re-checks and takes it over atomically.
@@ -449,7 +452,12 @@ mod tests {
             lease_token: LeaseToken::random(),
             lease_expires_at: 1_700_000_000_123,
         };
-        let decoded = decode(encode_in_flight(&held)).expect("decodes");
+        let encoded = encode_in_flight(&held);
+        assert_eq!(
+            Completed::encoded_expires_at(&encoded),
+            held.lease_expires_at
+        );
+        let decoded = decode(encoded).expect("decodes");
         assert_eq!(decoded, Record::InFlight(held));
     }
 
