@@ -107,6 +107,9 @@ impl std::fmt::Debug for IdempotencyBuilder {
     }
 }
 
+/// The largest body a stored record holds: its length is a `u32`.
+const MAX_STORED_BODY: usize = u32::MAX as usize;
+
 impl IdempotencyBuilder {
     /// Default store timeout: 2 seconds.
     pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -143,9 +146,12 @@ impl IdempotencyBuilder {
 
     /// Responses with larger bodies are sent in full but stored without
     /// their body; retries then get a `response-not-stored` problem (410)
-    /// and never run the handler again (default 1 MiB).
+    /// and never run the handler again (default 1 MiB; at most 4 GiB less
+    /// a byte, the most a stored record can hold).
     pub fn max_body_bytes(mut self, limit: usize) -> Self {
-        self.settings.max_body_bytes = limit;
+        // Over the record format's limit a body would be cut short in the
+        // store and replayed that way.
+        self.settings.max_body_bytes = limit.min(MAX_STORED_BODY);
         self
     }
 
@@ -217,5 +223,19 @@ where
 
     fn call(&mut self, request: R) -> Self::Future {
         CURRENT.scope(self.idempotency.clone(), self.inner.call(request))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    #[test]
+    fn a_body_limit_past_what_a_record_holds_is_capped() {
+        let idempotency = Idempotency::builder(MemoryStore::new())
+            .max_body_bytes(usize::MAX)
+            .build();
+        assert_eq!(idempotency.inner.max_body_bytes, MAX_STORED_BODY);
     }
 }
