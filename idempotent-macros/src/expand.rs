@@ -407,21 +407,30 @@ fn unpack_exact_body(params: &[Ident]) -> TokenStream {
     quote!(let (#request, #last) = #last.into_parts();)
 }
 
-/// The endpoint's name.
-fn endpoint_name(args: &Args, name: &Ident) -> LitStr {
-    args.name
-        .clone()
-        .unwrap_or_else(|| LitStr::new(&name.unraw().to_string(), name.span()))
+/// The endpoint's name: the one given, or the function's path, so that
+/// handlers of one name in two modules are two endpoints.
+fn endpoint_name(args: &Args, name: &Ident) -> TokenStream {
+    match &args.name {
+        Some(given) => given.to_token_stream(),
+        None => {
+            let function = LitStr::new(&name.unraw().to_string(), name.span());
+            quote!(::core::concat!(::core::module_path!(), "::", #function))
+        }
+    }
 }
 
 /// The const parameter `ExactBody` carries, so that an exact repeat is only
-/// answered by its own endpoint: a hash of the function's path and the
-/// endpoint's name, computed at compile time.
+/// answered by its own endpoint: a hash of the endpoint's name and where
+/// the attribute stands, computed at compile time. The place tells apart
+/// handlers that share a name and a module (associated functions of two
+/// types, functions local to two others); the table lives only as long as
+/// the process, so its ids need not survive a change of the source.
 fn endpoint_id(args: &Args, name: &Ident, private: &TokenStream) -> TokenStream {
-    let function = LitStr::new(&name.unraw().to_string(), name.span());
     let endpoint = endpoint_name(args, name);
     quote! {
-        { #private::endpoint_id(::core::concat!(::core::module_path!(), "::", #function, " ", #endpoint)) }
+        { #private::endpoint_id(::core::concat!(
+            #endpoint, " ", ::core::file!(), ":", ::core::line!(), ":", ::core::column!()
+        )) }
     }
 }
 

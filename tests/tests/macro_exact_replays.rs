@@ -591,3 +591,91 @@ async fn an_exact_repeat_whose_read_fails_otherwise_takes_the_full_path() {
     assert_eq!(store.count(OpKind::Claim), claims + 1);
     store.assert_executed_once();
 }
+
+/// Two handlers named alike in two modules, taking the same body.
+mod orders {
+    use super::*;
+
+    #[idempotent(ttl = "1h")]
+    pub async fn create(Json(amount): Json<u64>) -> (StatusCode, String) {
+        (StatusCode::CREATED, format!("order {amount}"))
+    }
+}
+
+mod refunds {
+    use super::*;
+
+    #[idempotent(ttl = "1h")]
+    pub async fn create(Json(amount): Json<u64>) -> (StatusCode, String) {
+        (StatusCode::CREATED, format!("refund {amount}"))
+    }
+}
+
+#[tokio::test]
+async fn handlers_of_one_name_in_two_modules_are_two_endpoints() {
+    let store = MockStore::new();
+    let app = Router::new()
+        .route("/orders", post(orders::create))
+        .route("/refunds", post(refunds::create))
+        .layer(store.layer());
+    assert_eq!(
+        send(&app, post_json("/orders", "k1", "5")).await.body,
+        "order 5"
+    );
+    let refund = send(&app, post_json("/refunds", "k1", "5")).await;
+    assert_eq!(
+        (refund.status, refund.replayed),
+        (StatusCode::UNPROCESSABLE_ENTITY, false),
+        "the order's answer reached the refund: {}",
+        refund.body
+    );
+}
+
+/// Two versions of an endpoint whose handlers share a module and a name:
+/// associated functions of two types, each at `/orders` of its own prefix.
+struct V1;
+struct V2;
+
+#[derive(Deserialize, Serialize)]
+struct OrderV1 {
+    amount: u64,
+}
+
+#[derive(Deserialize, Serialize)]
+struct OrderV2 {
+    amount: u64,
+    #[serde(default)]
+    currency: Option<String>,
+}
+
+impl V1 {
+    #[idempotent(ttl = "1h")]
+    async fn create(Json(order): Json<OrderV1>) -> (StatusCode, String) {
+        (StatusCode::CREATED, format!("v1: {}", order.amount))
+    }
+}
+
+impl V2 {
+    #[idempotent(ttl = "1h")]
+    async fn create(Json(order): Json<OrderV2>) -> (StatusCode, String) {
+        (StatusCode::CREATED, format!("v2: {}", order.amount))
+    }
+}
+
+#[tokio::test]
+async fn an_exact_repeat_is_answered_only_by_the_handler_it_repeats() {
+    let store = MockStore::new();
+    let app = Router::new()
+        .nest("/v1", Router::new().route("/orders", post(V1::create)))
+        .nest("/v2", Router::new().route("/orders", post(V2::create)))
+        .layer(store.layer());
+    let body = r#"{"amount":5}"#;
+    until_an_exact_repeat(&app, &store, "/v1/orders", body, "v1: 5").await;
+    let other = send(&app, post_json("/v2/orders", "k1", body)).await;
+    assert_eq!(
+        (other.status, other.replayed),
+        (StatusCode::UNPROCESSABLE_ENTITY, false),
+        "v1's answer reached v2: {}",
+        other.body
+    );
+}

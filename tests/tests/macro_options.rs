@@ -437,11 +437,11 @@ async fn the_name_not_the_function_identifies_the_endpoint() {
     );
     let renamed = send(&app, request("/v2", Some("k"), &[], "3")).await;
     assert_eq!((renamed.body.as_str(), renamed.replayed), ("v1:1:3", true));
-    // Without `name`, the function's name is the identity.
+    // Without `name`, the function's path is the identity.
     let unnamed = send(&app, request("/unnamed", Some("k"), &[], "3")).await;
     assert_eq!(unnamed.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(
-        unnamed.body.contains("create_order_unnamed"),
+        unnamed.body.contains("macro_options::create_order_unnamed"),
         "{}",
         unnamed.body
     );
