@@ -312,13 +312,26 @@ mod v2 {
     }
 }
 
-#[tokio::test]
-async fn same_named_handlers_under_static_prefixes_stay_apart() {
+/// `v1` and `v2`, each at `/orders` nested under `/v1` and `/v2`, on a
+/// store of their own.
+fn versioned<H1, T1, H2, T2>(v1: H1, v2: H2) -> (MockStore, Router)
+where
+    H1: axum::handler::Handler<T1, ()>,
+    H2: axum::handler::Handler<T2, ()>,
+    T1: 'static,
+    T2: 'static,
+{
     let store = MockStore::new();
     let app = Router::new()
-        .nest("/v1", Router::new().route("/orders", post(v1::create)))
-        .nest("/v2", Router::new().route("/orders", post(v2::create)))
+        .nest("/v1", Router::new().route("/orders", post(v1)))
+        .nest("/v2", Router::new().route("/orders", post(v2)))
         .layer(store.layer());
+    (store, app)
+}
+
+#[tokio::test]
+async fn same_named_handlers_under_static_prefixes_stay_apart() {
+    let (store, app) = versioned(v1::create, v2::create);
     let body = r#"{"tag":"versions","amount":5}"#;
     until_an_exact_repeat(&app, &store, "/v1/orders", body, "v1: 5").await;
 
@@ -664,11 +677,7 @@ impl V2 {
 
 #[tokio::test]
 async fn an_exact_repeat_is_answered_only_by_the_handler_it_repeats() {
-    let store = MockStore::new();
-    let app = Router::new()
-        .nest("/v1", Router::new().route("/orders", post(V1::create)))
-        .nest("/v2", Router::new().route("/orders", post(V2::create)))
-        .layer(store.layer());
+    let (store, app) = versioned(V1::create, V2::create);
     let body = r#"{"amount":5}"#;
     until_an_exact_repeat(&app, &store, "/v1/orders", body, "v1: 5").await;
     let other = send(&app, post_json("/v2/orders", "k1", body)).await;
