@@ -28,7 +28,10 @@ const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
 /// Applies an [`Endpoint`] policy to a route, fingerprinting raw requests.
 ///
 /// The router still needs the [`Idempotency`](crate::Idempotency) layer,
-/// which must wrap this one (add it to the router after the route).
+/// which must wrap this one (add it to the router after the route). Add it
+/// with `route_layer`: `layer` on a method router also wraps axum's answer
+/// to other methods, so a `GET` with a key would store its 405 under that
+/// key, and the `POST` that follows would be refused as a reused key.
 ///
 /// ```
 /// use axum::{Router, routing::post};
@@ -36,7 +39,7 @@ const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
 ///
 /// # async fn create_order() {}
 /// let app: Router = Router::new()
-///     .route("/orders", post(create_order).layer(IdempotentLayer::new(Endpoint::new("create_order"))))
+///     .route("/orders", post(create_order).route_layer(IdempotentLayer::new(Endpoint::new("create_order"))))
 ///     .layer(Idempotency::new(MemoryStore::new()));
 /// ```
 #[derive(Debug, Clone, Copy)]

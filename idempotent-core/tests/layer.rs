@@ -23,7 +23,7 @@ async fn create_order(
 
 fn app(runs: &Arc<AtomicUsize>, layer: IdempotentLayer) -> Router {
     Router::new()
-        .route("/orders", post(create_order).layer(layer))
+        .route("/orders", post(create_order).route_layer(layer))
         .route("/plain", post(create_order))
         .layer(Extension(runs.clone()))
         .layer(Idempotency::new(MemoryStore::new()))
@@ -114,4 +114,23 @@ async fn the_layer_reports_a_missing_key() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(problem.contains("urn:idempotent:missing-key"));
     assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_request_with_another_method_does_not_use_up_the_key() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = app(&runs, layer());
+    let wrong_method = Request::get("/orders")
+        .header("x-api-key", "caller")
+        .header("idempotency-key", "k")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(
+        send(&app, wrong_method).await.0,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    let (status, headers, _) = send(&app, order("/orders", "k", r#"{"sku":"a"}"#)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(!headers.contains_key("idempotent-replayed"));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
