@@ -41,8 +41,9 @@ impl StatusRange {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum FinalStatuses {
-    /// Everything below 500 except 408, 409, 423, 425 and 429, which say
-    /// "try again later" and so must let a retry run.
+    /// 2xx to 4xx except 408, 409, 423, 425 and 429, which say "try again
+    /// later" and so must let a retry run. An informational 1xx (a protocol
+    /// switch) is not an outcome to replay.
     #[default]
     Default,
     /// Exactly the listed statuses.
@@ -58,7 +59,7 @@ impl FinalStatuses {
     pub fn is_final(self, status: StatusCode) -> bool {
         let status = status.as_u16();
         match self {
-            Self::Default => status < 500 && !TRANSIENT.contains(&status),
+            Self::Default => (200..500).contains(&status) && !TRANSIENT.contains(&status),
             Self::Only(ranges) => ranges.iter().any(|range| range.contains(status)),
         }
     }
@@ -237,9 +238,9 @@ mod tests {
     }
 
     #[test]
-    fn default_policy_releases_server_errors_and_retryable_client_errors() {
+    fn default_policy_releases_server_errors_retryable_client_errors_and_1xx() {
         let policy = FinalStatuses::Default;
-        for status in [408, 409, 423, 425, 429, 500, 502, 503, 504] {
+        for status in [101, 408, 409, 423, 425, 429, 500, 502, 503, 504] {
             assert!(
                 !policy.is_final(StatusCode::from_u16(status).unwrap()),
                 "{status}"
