@@ -386,7 +386,13 @@ impl Engine {
         async move {
             let (stored_body, body) = match body {
                 Collected::Complete(bytes) => (Some(bytes.clone()), Body::from(bytes)),
-                Collected::Partial(body) => (None, body),
+                Collected::Partial(body, not_kept) => {
+                    tracing::warn!(
+                        reason = not_kept.reason(),
+                        "response body not stored; retries with this key get 410 response-not-stored"
+                    );
+                    (None, body)
+                }
             };
             let stored = StoredResponse {
                 status: parts.status,

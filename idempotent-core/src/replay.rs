@@ -68,7 +68,7 @@ fn not_stored(stored: &StoredResponse) -> Problem {
     Problem::new(
         ProblemKind::ResponseNotStored,
         format!(
-            "the request with this idempotency key already completed with status {}, but its response body was larger than the configured limit and was not kept; it will not be executed again",
+            "the request with this idempotency key already completed with status {}, but its response body was not kept (it was larger than the configured limit, failed while being sent, or ended with trailers); it will not be executed again",
             stored.status.as_u16()
         ),
     )
@@ -78,10 +78,28 @@ fn not_stored(stored: &StoredResponse) -> Problem {
 pub(crate) enum Collected {
     /// The whole body, within the limit.
     Complete(Bytes),
-    /// The body did not fit (or failed mid-way). The response still carries
-    /// every byte it would have without us, so nothing is lost for this
-    /// caller; the record is stored without a body.
-    Partial(Body),
+    /// The body was not kept, for the reason given. The response still
+    /// carries every byte it would have without us, so nothing is lost for
+    /// this caller; the record is stored without a body.
+    Partial(Body, NotKept),
+}
+
+/// Why a response body was not kept for replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NotKept {
+    TooLarge,
+    Failed,
+    Trailers,
+}
+
+impl NotKept {
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Self::TooLarge => "larger than max_body_bytes",
+            Self::Failed => "the body failed while being read",
+            Self::Trailers => "the body ended with trailers, which a replay cannot carry",
+        }
+    }
 }
 
 /// Reads `body` up to `limit` bytes.
@@ -99,13 +117,17 @@ pub(crate) async fn collect(mut body: Body, limit: usize) -> Collected {
                 Ok(data) if buffer.len() + data.len() <= limit => buffer.extend_from_slice(&data),
                 Ok(data) => {
                     buffer.extend_from_slice(&data);
-                    return Collected::Partial(prefixed(buffer.freeze(), Ok(body)));
+                    let body = prefixed(buffer.freeze(), Ok(body));
+                    return Collected::Partial(body, NotKept::TooLarge);
                 }
-                // Trailers: a stored replay cannot reproduce them.
-                Err(_trailers) => return Collected::Partial(prefixed(buffer.freeze(), Ok(body))),
+                Err(_trailers) => {
+                    let body = prefixed(buffer.freeze(), Ok(body));
+                    return Collected::Partial(body, NotKept::Trailers);
+                }
             },
             Some(Err(error)) => {
-                return Collected::Partial(prefixed(buffer.freeze(), Err(Some(error))));
+                let body = prefixed(buffer.freeze(), Err(Some(error)));
+                return Collected::Partial(body, NotKept::Failed);
             }
         }
     }
@@ -167,7 +189,7 @@ mod tests {
     async fn collects_a_small_body_whole() {
         match collect(Body::from("hello"), 10).await {
             Collected::Complete(bytes) => assert_eq!(bytes, "hello"),
-            Collected::Partial(_) => panic!("a 5-byte body fits in 10"),
+            Collected::Partial(..) => panic!("a 5-byte body fits in 10"),
         }
     }
 
@@ -181,13 +203,13 @@ mod tests {
     async fn collects_a_streamed_body_whole() {
         match collect(streamed_body(), 11).await {
             Collected::Complete(bytes) => assert_eq!(bytes, "hello world"),
-            Collected::Partial(_) => panic!("an 11-byte body fits in 11"),
+            Collected::Partial(..) => panic!("an 11-byte body fits in 11"),
         }
     }
 
     #[tokio::test]
     async fn an_oversized_streamed_body_is_passed_through_intact() {
-        let Collected::Partial(body) = collect(streamed_body(), 5).await else {
+        let Collected::Partial(body, NotKept::TooLarge) = collect(streamed_body(), 5).await else {
             panic!("an 11-byte body does not fit in 5");
         };
         let bytes = body.collect().await.unwrap().to_bytes();
@@ -196,7 +218,9 @@ mod tests {
 
     #[tokio::test]
     async fn an_oversized_body_is_passed_through_intact() {
-        let Collected::Partial(body) = collect(Body::from("hello world"), 4).await else {
+        let Collected::Partial(body, NotKept::TooLarge) =
+            collect(Body::from("hello world"), 4).await
+        else {
             panic!("an 11-byte body does not fit in 4");
         };
         let bytes = body.collect().await.unwrap().to_bytes();

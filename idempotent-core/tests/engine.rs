@@ -798,6 +798,8 @@ async fn an_oversized_response_is_sent_whole_but_never_executed_twice() {
 enum FirstBody {
     Gated(Arc<Semaphore>),
     Panics,
+    /// One chunk, then an error.
+    FailsMidway,
 }
 
 /// Answers 201 at once; the first run's body streams as `first` says,
@@ -810,16 +812,24 @@ async fn streaming_handler(
     let fingerprint = endpoint.fingerprint(&input);
     let handler = async move {
         let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+        let fails_midway = matches!(first, FirstBody::FailsMidway);
         let chunk = async move {
             match first {
                 _ if run > 1 => {}
                 FirstBody::Gated(gate) => drop(gate.acquire().await.expect("gate open")),
                 FirstBody::Panics => panic!("the body stream panicked on purpose"),
+                FirstBody::FailsMidway => {}
             }
             let json = json!({ "run": run }).to_string();
             Ok::<_, std::convert::Infallible>(bytes::Bytes::from(json))
         };
-        let body = Body::from_stream(futures_util::stream::once(chunk));
+        let body = if run == 1 && fails_midway {
+            let failure = std::io::Error::other("the cursor died");
+            let chunks = [Ok(bytes::Bytes::from_static(b"{\"run\":")), Err(failure)];
+            Body::from_stream(futures_util::stream::iter(chunks))
+        } else {
+            Body::from_stream(futures_util::stream::once(chunk))
+        };
         (StatusCode::CREATED, body).into_response()
     };
     idem.run(&endpoint, fingerprint, handler).await
@@ -866,6 +876,30 @@ async fn the_lease_is_renewed_while_the_response_body_streams() {
     let (_, headers, replay) = send(&app, request(Some("k"), &body)).await;
     assert!(replayed(&headers));
     assert_eq!(replay["run"], 1);
+}
+
+#[tokio::test]
+async fn a_response_body_that_fails_midway_is_never_run_again_and_says_why() {
+    let store = MemoryStore::new();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = streaming_app(store, &runs, FirstBody::FailsMidway);
+    let body = json!({"amount": 1});
+    let first = app
+        .clone()
+        .oneshot(request(Some("k"), &body))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    assert!(
+        first.into_body().collect().await.is_err(),
+        "the caller sees the failure"
+    );
+
+    let (status, _, problem) = send(&app, request(Some("k"), &body)).await;
+    assert_eq!(status, StatusCode::GONE);
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("failed while being sent"), "{detail}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
