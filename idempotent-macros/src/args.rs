@@ -104,7 +104,7 @@ impl Args {
     fn apply(&mut self, key: &str, meta: &Meta) -> syn::Result<()> {
         match key {
             "ttl" => self.ttl = Some(duration_millis(&string_value(meta)?)?),
-            "lease" => self.lease = Some(duration_millis(&string_value(meta)?)?),
+            "lease" => self.lease = Some(lease_millis(&string_value(meta)?)?),
             "wait" => self.wait = Some(duration_millis(&string_value(meta)?)?),
             "scope" => self.scope = Some(scope(name_value(meta)?)?),
             "optional" => self.optional = flag(meta)?,
@@ -296,6 +296,23 @@ pub(crate) fn duration_millis(lit: &LitStr) -> syn::Result<u64> {
     let millis = parse_duration(&lit.value()).map_err(fail)?;
     if millis == 0 {
         return Err(fail("the duration must be greater than zero".into()));
+    }
+    Ok(millis)
+}
+
+/// The shortest lease taken, in milliseconds. The engine renews a lease
+/// every third of it; with a durable store's round trips taking
+/// milliseconds, a shorter one can lapse under a handler still running and
+/// let a duplicate run it again.
+const MIN_LEASE_MILLIS: u64 = 1_000;
+
+fn lease_millis(lit: &LitStr) -> syn::Result<u64> {
+    let millis = duration_millis(lit)?;
+    if millis < MIN_LEASE_MILLIS {
+        return Err(syn::Error::new(
+            lit.span(),
+            "the lease must be at least \"1s\": it is renewed every third of it while the handler runs, and a shorter one can lapse between renewals and let a duplicate run the handler again",
+        ));
     }
     Ok(millis)
 }

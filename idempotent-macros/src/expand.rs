@@ -117,6 +117,9 @@ impl<'a> Handler<'a> {
             }
         }
         check_skipped_names(&arguments, &args.skip, errors);
+        if args.optional {
+            check_key_is_optional(&sig.inputs, errors);
+        }
         let blocker = exact_repeats_blocker(&arguments, &sig.generics, args);
         let exact_repeats = match (&args.exact_repeats, blocker) {
             (Some((false, _)), _) => false,
@@ -201,6 +204,24 @@ fn exact_repeats_blocker(
         list(BODY_EXTRACTORS),
         list(URI_EXTRACTORS)
     ))
+}
+
+/// An `optional` endpoint runs requests that carry no key, which a
+/// required `IdempotencyKey` argument would refuse with 400.
+fn check_key_is_optional(
+    inputs: &syn::punctuated::Punctuated<FnArg, syn::token::Comma>,
+    errors: &mut Errors,
+) {
+    for input in inputs {
+        if let FnArg::Typed(typed) = input
+            && is_named(&typed.ty, &["IdempotencyKey"])
+        {
+            errors.spanned(
+                &typed.ty,
+                "an `optional` endpoint also runs requests without a key, which a required `IdempotencyKey` refuses with 400: take `Option<IdempotencyKey>`",
+            );
+        }
+    }
 }
 
 fn check_skipped_names(arguments: &[Argument<'_>], skip: &[Ident], errors: &mut Errors) {
