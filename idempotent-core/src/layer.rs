@@ -19,6 +19,7 @@ use tower_service::Service;
 
 use crate::endpoint::Endpoint;
 use crate::fingerprint::{Fingerprint, FingerprintError};
+use crate::key::KeyError;
 use crate::problem::{Problem, ProblemKind};
 use crate::request::IdempotentRequest;
 
@@ -117,7 +118,7 @@ where
     }
 }
 
-async fn handle<S>(mut inner: S, config: IdempotentLayer, request: Request) -> Response
+async fn handle<S>(inner: S, config: IdempotentLayer, request: Request) -> Response
 where
     S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
@@ -127,18 +128,33 @@ where
         Ok(idempotent) => idempotent,
         Err(problem) => return problem.into_response(),
     };
-    let Ok(body) = axum::body::to_bytes(body, config.max_request_bytes).await else {
-        return too_large(config.max_request_bytes).into_response();
+    // Without a key there is nothing to fingerprint: the request is refused
+    // before its body is read, or runs as it came.
+    if idempotent.key.is_none() {
+        if !config.endpoint.is_optional() {
+            return Problem::from(KeyError::Missing).into_response();
+        }
+        return call(inner, Request::from_parts(parts, body)).await;
+    }
+    let body = match axum::body::to_bytes(body, config.max_request_bytes).await {
+        Ok(body) => body,
+        Err(error) => return unread(&error, config.max_request_bytes).into_response(),
     };
     let fingerprint = raw_fingerprint(&config.endpoint, &parts, &body);
     let request = Request::from_parts(parts, Body::from(body));
-    let handler = async move {
-        match inner.call(request).await {
-            Ok(response) => response,
-            Err(infallible) => match infallible {},
-        }
-    };
-    idempotent.run(&config.endpoint, fingerprint, handler).await
+    idempotent
+        .run(&config.endpoint, fingerprint, call(inner, request))
+        .await
+}
+
+async fn call<S>(mut inner: S, request: Request) -> Response
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    match inner.call(request).await {
+        Ok(response) => response,
+        Err(infallible) => match infallible {},
+    }
 }
 
 fn raw_fingerprint(
@@ -155,9 +171,29 @@ fn raw_fingerprint(
     Ok(fingerprinter.finish())
 }
 
-fn too_large(limit: usize) -> Problem {
+/// Why a body could not be buffered: over the limit, or cut short.
+fn unread(error: &axum::Error, limit: usize) -> Problem {
+    if is_over_limit(error) {
+        return Problem::new(
+            ProblemKind::RequestTooLarge,
+            format!(
+                "the request body is larger than the {limit} bytes this idempotent route buffers"
+            ),
+        );
+    }
     Problem::new(
-        ProblemKind::RequestTooLarge,
-        format!("the request body is larger than the {limit} bytes this idempotent route buffers"),
+        ProblemKind::UnreadableBody,
+        format!("the request body could not be read to its end ({error}); nothing was executed"),
     )
+}
+
+fn is_over_limit(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = source {
+        if error.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }

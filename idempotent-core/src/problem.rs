@@ -38,6 +38,10 @@ pub enum ProblemKind {
     ResponseNotStored,
     /// 413: a body too large for [`IdempotentLayer`](crate::IdempotentLayer) to buffer.
     RequestTooLarge,
+    /// 400: a body [`IdempotentLayer`](crate::IdempotentLayer) could not
+    /// read to the end (the client sent less than it announced, or the
+    /// connection broke).
+    UnreadableBody,
     /// 422: the key was used with a different request.
     KeyReused,
     /// 500: the handler's inputs could not be serialized.
@@ -59,6 +63,7 @@ impl ProblemKind {
             Self::RequestInProgress => "urn:idempotent:request-in-progress",
             Self::ResponseNotStored => "urn:idempotent:response-not-stored",
             Self::RequestTooLarge => "urn:idempotent:request-too-large",
+            Self::UnreadableBody => "urn:idempotent:unreadable-body",
             Self::KeyReused => "urn:idempotent:key-reused",
             Self::FingerprintFailed => "urn:idempotent:fingerprint-failed",
             Self::NotConfigured => "urn:idempotent:not-configured",
@@ -75,6 +80,7 @@ impl ProblemKind {
             Self::RequestInProgress => StatusCode::CONFLICT,
             Self::ResponseNotStored => StatusCode::GONE,
             Self::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnreadableBody => StatusCode::BAD_REQUEST,
             Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::FingerprintFailed | Self::NotConfigured => StatusCode::INTERNAL_SERVER_ERROR,
             Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -91,6 +97,7 @@ impl ProblemKind {
             Self::RequestInProgress => "A request with this idempotency key is in progress",
             Self::ResponseNotStored => "The response to this idempotency key was not stored",
             Self::RequestTooLarge => "Request body too large to fingerprint",
+            Self::UnreadableBody => "Request body could not be read",
             Self::KeyReused => "Idempotency key reused with a different request",
             Self::FingerprintFailed => "Request inputs could not be fingerprinted",
             Self::NotConfigured => "Idempotency is not configured on this router",

@@ -134,3 +134,55 @@ async fn a_request_with_another_method_does_not_use_up_the_key() {
     assert!(!headers.contains_key("idempotent-replayed"));
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn a_request_without_a_key_is_refused_before_its_body_is_read() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = app(&runs, layer().max_request_bytes(4));
+    let request = Request::post("/orders")
+        .header("x-api-key", "c")
+        .body(Body::from("0123456789"))
+        .unwrap();
+    let (status, _, problem) = send(&app, request).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(problem.contains("urn:idempotent:missing-key"), "{problem}");
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn an_optional_route_runs_a_keyless_request_as_it_came() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let optional = IdempotentLayer::new(Endpoint::new("create_order").optional(true));
+    let app = app(&runs, optional.max_request_bytes(4));
+    let request = Request::post("/orders")
+        .header("x-api-key", "c")
+        .body(Body::from("0123456789"))
+        .unwrap();
+    let (status, _, body) = send(&app, request).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::CREATED, "order 1: 0123456789")
+    );
+}
+
+#[tokio::test]
+async fn a_body_cut_short_is_400_and_not_run() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = app(&runs, layer());
+    let chunks = [
+        Ok(bytes::Bytes::from_static(b"{\"sku\"")),
+        Err(std::io::Error::other("connection reset")),
+    ];
+    let request = Request::post("/orders")
+        .header("x-api-key", "c")
+        .header("idempotency-key", "k")
+        .body(Body::from_stream(futures_util::stream::iter(chunks)))
+        .unwrap();
+    let (status, _, problem) = send(&app, request).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        problem.contains("urn:idempotent:unreadable-body"),
+        "{problem}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
