@@ -130,7 +130,12 @@ fn resolve_scope(
 }
 
 fn missing_credentials(missing: MissingCredential) -> Problem {
-    Problem::new(ProblemKind::MissingCredentials, missing.0)
+    let problem = Problem::new(ProblemKind::MissingCredentials, missing.detail);
+    if missing.bearer {
+        problem.challenge("Bearer")
+    } else {
+        problem
+    }
 }
 
 fn fingerprint_failed(error: &FingerprintError) -> Problem {

@@ -18,7 +18,7 @@
 //! | `urn:idempotent:store-unavailable` | 503 | the store failed or timed out; nothing was executed (`Retry-After` set) |
 
 use axum::response::{IntoResponse, Response};
-use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::header::{CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, StatusCode};
 use serde::Serialize;
 
@@ -113,6 +113,7 @@ pub struct Problem {
     kind: ProblemKind,
     detail: String,
     retry_after_secs: Option<u64>,
+    challenge: Option<&'static str>,
 }
 
 impl Problem {
@@ -123,6 +124,7 @@ impl Problem {
             kind,
             detail: detail.into(),
             retry_after_secs: None,
+            challenge: None,
         }
     }
 
@@ -130,6 +132,14 @@ impl Problem {
     #[must_use]
     pub fn retry_after(mut self, secs: u64) -> Self {
         self.retry_after_secs = Some(secs);
+        self
+    }
+
+    /// Adds a `WWW-Authenticate` challenge, e.g. `"Bearer"`, as a 401 must
+    /// carry.
+    #[must_use]
+    pub(crate) fn challenge(mut self, challenge: &'static str) -> Self {
+        self.challenge = Some(challenge);
         self
     }
 
@@ -183,6 +193,9 @@ impl IntoResponse for Problem {
         );
         if let Some(secs) = self.retry_after_secs {
             headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Some(challenge) = self.challenge {
+            headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
         }
         response
     }

@@ -104,8 +104,13 @@ impl fmt::Debug for ScopeDigest {
 
 /// The request has no credential for its endpoint's scope (answered 401).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct MissingCredential(pub(crate) String);
+#[error("{detail}")]
+pub struct MissingCredential {
+    pub(crate) detail: String,
+    /// Whether an `Authorization: Bearer` token would have done: the 401
+    /// then challenges for one.
+    pub(crate) bearer: bool,
+}
 
 /// Resolves a built-in scope from request headers. `Ok(None)` for
 /// [`Scope::Custom`], which the handler resolves.
@@ -121,10 +126,11 @@ pub(crate) fn resolve(
             .get(name)
             .filter(|value| !value.is_empty())
             .map(|value| Some(ScopeDigest::header(name, value.as_bytes())))
-            .ok_or_else(|| {
-                MissingCredential(format!(
+            .ok_or_else(|| MissingCredential {
+                detail: format!(
                     "this endpoint scopes idempotency keys by the `{name}` header, and the request has none"
-                ))
+                ),
+                bearer: false,
             }),
         Scope::Custom => Ok(None),
     }
@@ -142,10 +148,11 @@ pub(crate) fn api_key(
         .get(AUTHORIZATION)
         .and_then(|value| bearer_token(value.as_bytes()))
         .map(ScopeDigest::api_key)
-        .ok_or_else(|| {
-            MissingCredential(format!(
+        .ok_or_else(|| MissingCredential {
+            detail: format!(
                 "this endpoint scopes idempotency keys by API key: send it in the `{api_key_header}` header or as `Authorization: Bearer <token>`"
-            ))
+            ),
+            bearer: true,
         })
 }
 

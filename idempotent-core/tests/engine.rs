@@ -686,9 +686,13 @@ async fn a_request_without_its_scope_credential_is_401() {
     let app = app(MemoryStore::new(), &handler);
     let mut anonymous = request(Some("k"), &json!({}));
     anonymous.headers_mut().remove("x-api-key");
-    let (status, _, problem) = send(&app, anonymous).await;
+    let (status, headers, problem) = send(&app, anonymous).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(problem["type"], "urn:idempotent:missing-credentials");
+    assert_eq!(
+        headers["www-authenticate"], "Bearer",
+        "a 401 carries a challenge"
+    );
     assert_eq!(handler.runs(), 0);
 
     let mut bearer = request(Some("k"), &json!({}));
