@@ -48,6 +48,14 @@ async fn send(app: &Router, request: Request<Body>) -> (StatusCode, http::Header
     )
 }
 
+/// An order without an `Idempotency-Key`.
+fn keyless(body: &'static str) -> Request<Body> {
+    Request::post("/orders")
+        .header("x-api-key", "c")
+        .body(Body::from(body))
+        .unwrap()
+}
+
 fn layer() -> IdempotentLayer {
     IdempotentLayer::new(Endpoint::new("create_order"))
 }
@@ -106,10 +114,7 @@ async fn bodies_over_the_limit_are_413_and_not_run() {
 async fn the_layer_reports_a_missing_key() {
     let runs = Arc::new(AtomicUsize::new(0));
     let app = app(&runs, layer());
-    let request = Request::post("/orders")
-        .header("x-api-key", "c")
-        .body(Body::from("{}"))
-        .unwrap();
+    let request = keyless("{}");
     let (status, _, problem) = send(&app, request).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(problem.contains("urn:idempotent:missing-key"));
@@ -139,10 +144,7 @@ async fn a_request_with_another_method_does_not_use_up_the_key() {
 async fn a_request_without_a_key_is_refused_before_its_body_is_read() {
     let runs = Arc::new(AtomicUsize::new(0));
     let app = app(&runs, layer().max_request_bytes(4));
-    let request = Request::post("/orders")
-        .header("x-api-key", "c")
-        .body(Body::from("0123456789"))
-        .unwrap();
+    let request = keyless("0123456789");
     let (status, _, problem) = send(&app, request).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(problem.contains("urn:idempotent:missing-key"), "{problem}");
@@ -154,10 +156,7 @@ async fn an_optional_route_runs_a_keyless_request_as_it_came() {
     let runs = Arc::new(AtomicUsize::new(0));
     let optional = IdempotentLayer::new(Endpoint::new("create_order").optional(true));
     let app = app(&runs, optional.max_request_bytes(4));
-    let request = Request::post("/orders")
-        .header("x-api-key", "c")
-        .body(Body::from("0123456789"))
-        .unwrap();
+    let request = keyless("0123456789");
     let (status, _, body) = send(&app, request).await;
     assert_eq!(
         (status, body.as_str()),
