@@ -58,9 +58,16 @@ impl ManualClock {
         Self::new(SystemClock.now_millis())
     }
 
-    /// Moves the clock forward by `by`.
+    /// Moves the clock forward by `by`, stopping at the end of time
+    /// rather than wrapping round to its start.
     pub fn advance(&self, by: Duration) {
-        self.now.fetch_add(millis(by), Ordering::SeqCst);
+        let by = millis(by);
+        // The closure always returns `Some`, so this cannot fail.
+        let _ = self
+            .now
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |now| {
+                Some(now.saturating_add(by))
+            });
     }
 
     /// Sets the clock to `millis` since the Unix epoch.

@@ -36,8 +36,9 @@ use crate::record::{Claim, Completed, LeaseToken, Record, RecordKey, StoredRespo
 use crate::scope::ScopeDigest;
 use crate::store::{Store, StoreError};
 
-const LEASE: Duration = Duration::from_secs(10);
-const TTL: Duration = Duration::from_secs(60);
+// Not whole seconds, so a store that keeps durations in seconds fails.
+const LEASE: Duration = Duration::from_millis(10_250);
+const TTL: Duration = Duration::from_millis(60_500);
 const RACERS: usize = 32;
 const MANY: usize = 1000;
 /// Printable ASCII that a bare-token key may contain.
@@ -85,6 +86,8 @@ where
     }
     check!(
         claim_race,
+        takeover_race,
+        stale_completion_race,
         fencing,
         lease_takeover,
         ttl_expiry,
@@ -92,6 +95,7 @@ where
         binary_bodies,
         repeated_headers,
         long_keys,
+        keys_are_case_sensitive,
         many_records,
         get_reflects_state,
         release_frees_the_key,
@@ -142,6 +146,74 @@ pub async fn claim_race<S: Store>(store: Arc<S>, _clock: ManualClock) {
     );
 }
 
+/// Many tasks claim a key whose lease has lapsed at once, as after a crash
+/// several retries arrive together: exactly one takes it over, round after
+/// round.
+pub async fn takeover_race<S: Store>(store: Arc<S>, clock: ManualClock) {
+    const ROUNDS: usize = 20;
+    for round in 0..ROUNDS {
+        let key = new_key("takeover-race");
+        acquire(&*store, &key, fingerprint(0), "takeover_race").await;
+        clock.advance(LEASE);
+        let barrier = Arc::new(Barrier::new(RACERS));
+        let mut racers = JoinSet::new();
+        for racer in 1..=RACERS {
+            let (store, key, barrier) = (store.clone(), key.clone(), barrier.clone());
+            racers.spawn(async move {
+                barrier.wait().await;
+                store.claim(&key, fingerprint(racer), LEASE).await
+            });
+        }
+        let mut winners = 0;
+        while let Some(joined) = racers.join_next().await {
+            match joined.expect("a claim task panicked") {
+                Ok(Claim::Acquired(_)) => winners += 1,
+                Ok(Claim::InFlight { .. }) => {}
+                other => panic!("takeover_race: unexpected claim result {other:?}"),
+            }
+        }
+        assert_eq!(
+            winners, 1,
+            "takeover_race: round {round}: exactly one of {RACERS} concurrent claims of a lapsed lease must acquire"
+        );
+    }
+}
+
+/// A holder whose lease lapsed completes at the moment another request
+/// takes the key over: both must not succeed, or the handler ran twice and
+/// the stale result may overwrite the new one.
+pub async fn stale_completion_race<S: Store>(store: Arc<S>, clock: ManualClock) {
+    const ROUNDS: usize = 20;
+    for round in 0..ROUNDS {
+        let key = new_key("stale-race");
+        let stale = acquire(&*store, &key, fingerprint(1), "stale_completion_race").await;
+        clock.advance(LEASE);
+        let barrier = Arc::new(Barrier::new(2));
+        let completing = {
+            let (store, key, barrier) = (store.clone(), key.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let response = response(StatusCode::OK, b"stale");
+                store.complete(&key, stale, response, TTL).await
+            })
+        };
+        let claiming = {
+            let (store, key) = (store.clone(), key.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store.claim(&key, fingerprint(2), LEASE).await
+            })
+        };
+        let completed = completing.await.expect("the completing task panicked");
+        let claimed = claiming.await.expect("the claiming task panicked");
+        let both = matches!((&completed, &claimed), (Ok(()), Ok(Claim::Acquired(_))));
+        assert!(
+            !both,
+            "stale_completion_race: round {round}: the stale holder completed and a new claim acquired"
+        );
+    }
+}
+
 /// After a lease lapses and another request takes the key over, the old
 /// token can neither renew, complete nor release; the new holder can.
 pub async fn fencing<S: Store>(store: Arc<S>, clock: ManualClock) {
@@ -149,13 +221,16 @@ pub async fn fencing<S: Store>(store: Arc<S>, clock: ManualClock) {
     let stale = acquire(&*store, &key, fingerprint(1), "fencing").await;
     clock.advance(LEASE);
     let fresh = acquire(&*store, &key, fingerprint(2), "fencing").await;
+    let fresh_deadline = clock.now_millis() + millis(LEASE);
     assert_ne!(stale, fresh, "fencing: a takeover must issue a new token");
+    // Later, so a stale renewal would move the deadline.
+    clock.advance(Duration::from_secs(1));
     expect_lease_lost(&*store, &key, stale, "fencing: stale token after takeover").await;
     let held = in_flight(&*store, &key, "fencing").await;
     assert_eq!(
-        (held.0, held.1),
-        (fingerprint(2), fresh),
-        "fencing: the stale token must not have changed the record"
+        held,
+        (fingerprint(2), fresh, fresh_deadline),
+        "fencing: the stale token must not have changed the record or its deadline"
     );
     let response = response(StatusCode::CREATED, b"fresh");
     complete(&*store, &key, fresh, response.clone(), "fencing").await;
@@ -197,6 +272,11 @@ pub async fn lease_takeover<S: Store>(store: Arc<S>, clock: ManualClock) {
         "lease_takeover: a renewed lease must block claims until its new deadline, got {claim:?}"
     );
     clock.set(renewed_until);
+    assert_eq!(
+        get(&*store, &key).await,
+        None,
+        "lease_takeover: get() must not show a lapsed lease"
+    );
     let taken = acquire(&*store, &key, fingerprint(2), "lease_takeover").await;
     assert_ne!(
         taken, token,
@@ -257,10 +337,18 @@ pub async fn mismatch_visibility<S: Store>(store: Arc<S>, _clock: ManualClock) {
     );
 }
 
-/// Bodies come back byte for byte: every byte value, empty, and absent.
+/// Bodies come back byte for byte: every byte value, 1 MiB, empty, and
+/// absent.
 pub async fn binary_bodies<S: Store>(store: Arc<S>, _clock: ManualClock) {
     let every_byte: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
-    let bodies = [Some(Bytes::from(every_byte)), Some(Bytes::new()), None];
+    // The engine's default `max_body_bytes`: the largest body it stores.
+    let largest: Vec<u8> = (0..=255u8).rev().cycle().take(1024 * 1024).collect();
+    let bodies = [
+        Some(Bytes::from(every_byte)),
+        Some(Bytes::from(largest)),
+        Some(Bytes::new()),
+        None,
+    ];
     for (index, body) in bodies.into_iter().enumerate() {
         let key = new_key("binary");
         let response = StoredResponse {
@@ -314,6 +402,18 @@ pub async fn long_keys<S: Store>(store: Arc<S>, _clock: ManualClock) {
         let body = format!("record {last}");
         let response = response(StatusCode::OK, body.as_bytes());
         round_trip(&*store, &key, index, response, "long_keys").await;
+    }
+}
+
+/// Keys that differ only in case are separate records, as the key is an
+/// opaque string (a case-insensitive column or collation would merge them).
+pub async fn keys_are_case_sensitive<S: Store>(store: Arc<S>, _clock: ManualClock) {
+    let scope = ScopeDigest::from_bytes(rand::random());
+    for (index, key) in ["order-1", "Order-1", "ORDER-1"].into_iter().enumerate() {
+        let key = RecordKey::new(scope, parse_key(key));
+        let body = format!("record {index}");
+        let response = response(StatusCode::OK, body.as_bytes());
+        round_trip(&*store, &key, index, response, "keys_are_case_sensitive").await;
     }
 }
 

@@ -1,0 +1,271 @@
+//! The store contract fails stores that break it: each fault below is one
+//! a real backend could have, and the check named beside it catches it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use idempotent_core::clock::{Clock, ManualClock};
+use idempotent_core::fingerprint::Fingerprint;
+use idempotent_core::record::{
+    Claim, Completed, InFlight, LeaseToken, Record, RecordKey, StoredResponse,
+};
+use idempotent_core::scope::ScopeDigest;
+use idempotent_core::store::{Store, StoreError};
+use idempotent_core::testing::contract;
+
+/// What a [`Faulty`] store gets wrong.
+#[derive(Clone, Copy, Default)]
+struct Faults {
+    /// Takes over a lapsed lease in two steps, read then write, as an
+    /// `UPDATE` without its `WHERE expires_at <= now` guard would.
+    racy_takeover: bool,
+    /// Completes in two steps: checks the token, then writes.
+    racy_complete: bool,
+    /// Compares keys ignoring case, as a case-insensitive column would.
+    fold_case: bool,
+    /// Cuts bodies at this many bytes, as a 64 KiB `BLOB` would.
+    truncate_body: Option<usize>,
+    /// Keeps durations in whole seconds.
+    whole_seconds: bool,
+    /// Moves the deadline before comparing the renewing token.
+    stale_renew_extends: bool,
+    /// `get` shows a lapsed lease as if it were live.
+    get_ignores_lease: bool,
+}
+
+/// A map of records with one fault or another.
+struct Faulty {
+    records: Mutex<HashMap<(ScopeDigest, String), Record>>,
+    clock: ManualClock,
+    faults: Faults,
+}
+
+impl Faulty {
+    fn new(clock: ManualClock, faults: Faults) -> Self {
+        Self {
+            records: Mutex::default(),
+            clock,
+            faults,
+        }
+    }
+
+    fn records(&self) -> MutexGuard<'_, HashMap<(ScopeDigest, String), Record>> {
+        self.records.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn id(&self, key: &RecordKey) -> (ScopeDigest, String) {
+        let key_text = key.key.as_str();
+        let key_text = if self.faults.fold_case {
+            key_text.to_ascii_lowercase()
+        } else {
+            key_text.to_owned()
+        };
+        (key.scope, key_text)
+    }
+
+    fn deadline(&self, after: Duration) -> u64 {
+        let millis = if self.faults.whole_seconds {
+            after.as_secs() * 1000
+        } else {
+            u64::try_from(after.as_millis()).unwrap_or(u64::MAX)
+        };
+        self.clock.now_millis().saturating_add(millis)
+    }
+
+    fn held(&self, fingerprint: Fingerprint, lease: Duration) -> (Record, LeaseToken) {
+        let token = LeaseToken::random();
+        let held = InFlight {
+            fingerprint,
+            lease_token: token,
+            lease_expires_at: self.deadline(lease),
+        };
+        (Record::InFlight(held), token)
+    }
+
+    fn holds(&self, id: &(ScopeDigest, String), token: LeaseToken) -> Option<Fingerprint> {
+        match self.records().get(id) {
+            Some(Record::InFlight(held)) if held.lease_token == token => Some(held.fingerprint),
+            _ => None,
+        }
+    }
+}
+
+impl Store for Faulty {
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let id = self.id(key);
+        {
+            let mut records = self.records();
+            match records.get(&id) {
+                Some(live) if live.deadline() > self.clock.now_millis() => {
+                    return Ok(live.clone().into());
+                }
+                Some(_) if self.faults.racy_takeover => {}
+                _ => {
+                    let (held, token) = self.held(fingerprint, lease);
+                    records.insert(id, held);
+                    return Ok(Claim::Acquired(token));
+                }
+            }
+        }
+        // The second statement, which no longer checks the deadline.
+        tokio::task::yield_now().await;
+        let (held, token) = self.held(fingerprint, lease);
+        self.records().insert(id, held);
+        Ok(Claim::Acquired(token))
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let until = self.deadline(lease);
+        let mut records = self.records();
+        match records.get_mut(&self.id(key)) {
+            Some(Record::InFlight(held)) if held.lease_token == token => {
+                held.lease_expires_at = until;
+                Ok(())
+            }
+            Some(Record::InFlight(held)) if self.faults.stale_renew_extends => {
+                held.lease_expires_at = until;
+                Err(StoreError::LeaseLost)
+            }
+            _ => Err(StoreError::LeaseLost),
+        }
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        mut response: StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let id = self.id(key);
+        if let (Some(limit), Some(body)) = (self.faults.truncate_body, response.body.as_mut()) {
+            *body = body.slice(..body.len().min(limit));
+        }
+        let fingerprint = self.holds(&id, token).ok_or(StoreError::LeaseLost)?;
+        if self.faults.racy_complete {
+            // Checked, then written in a second step.
+            tokio::task::yield_now().await;
+        } else if self.holds(&id, token).is_none() {
+            return Err(StoreError::LeaseLost);
+        }
+        let expires_at = self.deadline(ttl);
+        let completed = Completed {
+            fingerprint,
+            response,
+            expires_at,
+        };
+        self.records()
+            .insert(id, Record::Completed(Arc::new(completed)));
+        Ok(())
+    }
+
+    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        let id = self.id(key);
+        self.holds(&id, token).ok_or(StoreError::LeaseLost)?;
+        self.records().remove(&id);
+        Ok(())
+    }
+
+    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        let now = self.clock.now_millis();
+        let shown = |record: &&Record| {
+            record.deadline() > now
+                || (self.faults.get_ignores_lease && matches!(record, Record::InFlight(_)))
+        };
+        Ok(self.records().get(&self.id(key)).filter(shown).cloned())
+    }
+}
+
+/// Runs `check` on a fresh faulty store; whether it panicked.
+async fn fails<C, Fut>(faults: Faults, check: C) -> bool
+where
+    C: FnOnce(Arc<Faulty>, ManualClock) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let clock = ManualClock::starting_now();
+    let store = Arc::new(Faulty::new(clock.clone(), faults));
+    tokio::spawn(check(store, clock))
+        .await
+        .is_err_and(|error| error.is_panic())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_without_any_fault_passes() {
+    contract::run_all(|clock| async move { Faulty::new(clock, Faults::default()) }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_racy_takeover_fails_takeover_race() {
+    let faults = Faults {
+        racy_takeover: true,
+        ..Faults::default()
+    };
+    assert!(fails(faults, contract::takeover_race).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_racy_completion_fails_stale_completion_race() {
+    let faults = Faults {
+        racy_complete: true,
+        ..Faults::default()
+    };
+    assert!(fails(faults, contract::stale_completion_race).await);
+}
+
+#[tokio::test]
+async fn case_folded_keys_fail_keys_are_case_sensitive() {
+    let faults = Faults {
+        fold_case: true,
+        ..Faults::default()
+    };
+    assert!(fails(faults, contract::keys_are_case_sensitive).await);
+}
+
+#[tokio::test]
+async fn a_truncated_body_fails_binary_bodies() {
+    let faults = Faults {
+        truncate_body: Some(64 * 1024),
+        ..Faults::default()
+    };
+    assert!(fails(faults, contract::binary_bodies).await);
+}
+
+#[tokio::test]
+async fn durations_in_whole_seconds_fail_ttl_expiry_and_lease_takeover() {
+    let faults = Faults {
+        whole_seconds: true,
+        ..Faults::default()
+    };
+    assert!(fails(faults, contract::ttl_expiry).await);
+    assert!(fails(faults, contract::lease_takeover).await);
+}
+
+#[tokio::test]
+async fn a_stale_renewal_that_moves_the_deadline_fails_fencing() {
+    let faults = Faults {
+        stale_renew_extends: true,
+        ..Faults::default()
+    };
+    assert!(fails(faults, contract::fencing).await);
+}
+
+#[tokio::test]
+async fn a_lapsed_lease_shown_by_get_fails_lease_takeover() {
+    let faults = Faults {
+        get_ignores_lease: true,
+        ..Faults::default()
+    };
+    assert!(fails(faults, contract::lease_takeover).await);
+}
