@@ -89,3 +89,17 @@ pub type SharedClock = Arc<dyn Clock>;
 pub(crate) fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_manual_clock_stops_at_the_end_of_time() {
+        let clock = ManualClock::new(1_000);
+        clock.advance(Duration::from_millis(500));
+        assert_eq!(clock.now_millis(), 1_500);
+        clock.advance(Duration::MAX);
+        assert_eq!(clock.now_millis(), u64::MAX, "it wrapped round");
+    }
+}
