@@ -6,6 +6,7 @@ use std::task::{Context, Poll};
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
+use http::header::CONNECTION;
 use http::response::Parts;
 use http::{HeaderName, HeaderValue};
 use http_body::{Body as _, Frame, SizeHint};
@@ -40,9 +41,27 @@ fn is_replayable(name: &HeaderName) -> bool {
     )
 }
 
-/// The headers of `parts` that a replay may carry.
+/// The headers of `parts` that a replay may carry: not those above, nor
+/// those the response's `Connection` header marks as describing this
+/// connection alone (RFC 9110, 7.6.1).
 pub(crate) fn replayable_headers(parts: &Parts) -> Vec<(HeaderName, HeaderValue)> {
-    let replayable = || parts.headers.iter().filter(|(name, _)| is_replayable(name));
+    // Empty, and so never allocated, unless the response names some.
+    let per_connection: Vec<&str> = parts
+        .headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .collect();
+    let kept = |name: &HeaderName| {
+        is_replayable(name)
+            && !per_connection
+                .iter()
+                .any(|listed| name.as_str().eq_ignore_ascii_case(listed))
+    };
+    let replayable = || parts.headers.iter().filter(|(name, _)| kept(name));
     // Counted first: a filtered iterator would reserve room for four.
     let mut headers = Vec::with_capacity(replayable().count());
     headers.extend(replayable().map(|(name, value)| (name.clone(), value.clone())));
@@ -279,6 +298,23 @@ mod tests {
             vec![(
                 HeaderName::from_static("location"),
                 HeaderValue::from_static("/p/1")
+            )]
+        );
+    }
+
+    #[test]
+    fn headers_the_response_names_in_connection_are_not_stored() {
+        let (mut parts, ()) = Response::new(()).into_parts();
+        let headers = &mut parts.headers;
+        headers.insert("connection", HeaderValue::from_static("X-Hop, close"));
+        headers.insert("x-hop", HeaderValue::from_static("1"));
+        headers.insert("x-kept", HeaderValue::from_static("2"));
+        let kept = replayable_headers(&parts);
+        assert_eq!(
+            kept,
+            vec![(
+                HeaderName::from_static("x-kept"),
+                HeaderValue::from_static("2")
             )]
         );
     }
