@@ -206,66 +206,30 @@ async fn a_store_without_any_fault_passes() {
     contract::run_all(|clock| async move { Faulty::new(clock, Faults::default()) }).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_racy_takeover_fails_takeover_race() {
-    let faults = Faults {
-        racy_takeover: true,
-        ..Faults::default()
-    };
-    assert!(fails(faults, contract::takeover_race).await);
+/// One test per fault: a store with it must fail each check named.
+macro_rules! caught {
+    ($($test:ident: $fault:ident = $value:expr => $($check:ident),+;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $test() {
+            let faults = Faults {
+                $fault: $value,
+                ..Faults::default()
+            };
+            $(assert!(
+                fails(faults, contract::$check).await,
+                concat!("contract::", stringify!($check), " let the fault pass")
+            );)+
+        }
+    )*};
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_racy_completion_fails_stale_completion_race() {
-    let faults = Faults {
-        racy_complete: true,
-        ..Faults::default()
-    };
-    assert!(fails(faults, contract::stale_completion_race).await);
-}
-
-#[tokio::test]
-async fn case_folded_keys_fail_keys_are_case_sensitive() {
-    let faults = Faults {
-        fold_case: true,
-        ..Faults::default()
-    };
-    assert!(fails(faults, contract::keys_are_case_sensitive).await);
-}
-
-#[tokio::test]
-async fn a_truncated_body_fails_binary_bodies() {
-    let faults = Faults {
-        truncate_body: Some(64 * 1024),
-        ..Faults::default()
-    };
-    assert!(fails(faults, contract::binary_bodies).await);
-}
-
-#[tokio::test]
-async fn durations_in_whole_seconds_fail_ttl_expiry_and_lease_takeover() {
-    let faults = Faults {
-        whole_seconds: true,
-        ..Faults::default()
-    };
-    assert!(fails(faults, contract::ttl_expiry).await);
-    assert!(fails(faults, contract::lease_takeover).await);
-}
-
-#[tokio::test]
-async fn a_stale_renewal_that_moves_the_deadline_fails_fencing() {
-    let faults = Faults {
-        stale_renew_extends: true,
-        ..Faults::default()
-    };
-    assert!(fails(faults, contract::fencing).await);
-}
-
-#[tokio::test]
-async fn a_lapsed_lease_shown_by_get_fails_lease_takeover() {
-    let faults = Faults {
-        get_ignores_lease: true,
-        ..Faults::default()
-    };
-    assert!(fails(faults, contract::lease_takeover).await);
+caught! {
+    a_racy_takeover_fails_takeover_race: racy_takeover = true => takeover_race;
+    a_racy_completion_fails_stale_completion_race: racy_complete = true => stale_completion_race;
+    case_folded_keys_fail_keys_are_case_sensitive: fold_case = true => keys_are_case_sensitive;
+    a_truncated_body_fails_binary_bodies: truncate_body = Some(64 * 1024) => binary_bodies;
+    durations_in_whole_seconds_fail_ttl_expiry_and_lease_takeover:
+        whole_seconds = true => ttl_expiry, lease_takeover;
+    a_stale_renewal_that_moves_the_deadline_fails_fencing: stale_renew_extends = true => fencing;
+    a_lapsed_lease_shown_by_get_fails_lease_takeover: get_ignores_lease = true => lease_takeover;
 }
