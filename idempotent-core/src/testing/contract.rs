@@ -108,26 +108,7 @@ where
 /// other sees the winner's claim in flight with the winner's fingerprint.
 pub async fn claim_race<S: Store>(store: Arc<S>, _clock: ManualClock) {
     let key = new_key("race");
-    let barrier = Arc::new(Barrier::new(RACERS));
-    let mut racers = JoinSet::new();
-    for racer in 0..RACERS {
-        let (store, key, barrier) = (store.clone(), key.clone(), barrier.clone());
-        racers.spawn(async move {
-            let fingerprint = fingerprint(racer);
-            barrier.wait().await;
-            (fingerprint, store.claim(&key, fingerprint, LEASE).await)
-        });
-    }
-    let mut winners = Vec::new();
-    let mut seen = Vec::new();
-    while let Some(joined) = racers.join_next().await {
-        let (fingerprint, claim) = joined.expect("a claim task panicked");
-        match claim {
-            Ok(Claim::Acquired(token)) => winners.push((fingerprint, token)),
-            Ok(Claim::InFlight { fingerprint, .. }) => seen.push(fingerprint),
-            other => panic!("claim_race: unexpected claim result {other:?}"),
-        }
-    }
+    let (winners, seen) = race_claims(&store, &key, 0, "claim_race").await;
     assert_eq!(
         winners.len(),
         1,
@@ -155,25 +136,10 @@ pub async fn takeover_race<S: Store>(store: Arc<S>, clock: ManualClock) {
         let key = new_key("takeover-race");
         acquire(&*store, &key, fingerprint(0), "takeover_race").await;
         clock.advance(LEASE);
-        let barrier = Arc::new(Barrier::new(RACERS));
-        let mut racers = JoinSet::new();
-        for racer in 1..=RACERS {
-            let (store, key, barrier) = (store.clone(), key.clone(), barrier.clone());
-            racers.spawn(async move {
-                barrier.wait().await;
-                store.claim(&key, fingerprint(racer), LEASE).await
-            });
-        }
-        let mut winners = 0;
-        while let Some(joined) = racers.join_next().await {
-            match joined.expect("a claim task panicked") {
-                Ok(Claim::Acquired(_)) => winners += 1,
-                Ok(Claim::InFlight { .. }) => {}
-                other => panic!("takeover_race: unexpected claim result {other:?}"),
-            }
-        }
+        let (winners, _) = race_claims(&store, &key, 1, "takeover_race").await;
         assert_eq!(
-            winners, 1,
+            winners.len(),
+            1,
             "takeover_race: round {round}: exactly one of {RACERS} concurrent claims of a lapsed lease must acquire"
         );
     }
@@ -639,6 +605,38 @@ async fn get<S: Store>(store: &S, key: &RecordKey) -> Option<Record> {
         Ok(record) => record,
         Err(error) => panic!("get failed: {error}"),
     }
+}
+
+/// `RACERS` tasks claim `key` at once, with the fingerprints of seeds
+/// from `first_seed` on: the winners with their tokens, and the
+/// fingerprints the others saw in flight.
+async fn race_claims<S: Store>(
+    store: &Arc<S>,
+    key: &RecordKey,
+    first_seed: usize,
+    check: &str,
+) -> (Vec<(Fingerprint, LeaseToken)>, Vec<Fingerprint>) {
+    let barrier = Arc::new(Barrier::new(RACERS));
+    let mut racers = JoinSet::new();
+    for racer in first_seed..first_seed + RACERS {
+        let (store, key, barrier) = (store.clone(), key.clone(), barrier.clone());
+        racers.spawn(async move {
+            let fingerprint = fingerprint(racer);
+            barrier.wait().await;
+            (fingerprint, store.claim(&key, fingerprint, LEASE).await)
+        });
+    }
+    let mut winners = Vec::new();
+    let mut seen = Vec::new();
+    while let Some(joined) = racers.join_next().await {
+        let (fingerprint, claim) = joined.expect("a claim task panicked");
+        match claim {
+            Ok(Claim::Acquired(token)) => winners.push((fingerprint, token)),
+            Ok(Claim::InFlight { fingerprint, .. }) => seen.push(fingerprint),
+            other => panic!("{check}: unexpected claim result {other:?}"),
+        }
+    }
+    (winners, seen)
 }
 
 /// The live in-flight record: fingerprint, token, deadline.
