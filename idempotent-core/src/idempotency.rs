@@ -10,6 +10,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::exact::ExactReplays;
+use crate::record::MAX_STORED_BODY;
 use crate::store::{DynStore, SharedStore, Store};
 
 /// Idempotency for a router: the store plus service-wide settings.
@@ -106,9 +107,6 @@ impl std::fmt::Debug for IdempotencyBuilder {
         f.debug_struct("IdempotencyBuilder").finish_non_exhaustive()
     }
 }
-
-/// The largest body a stored record holds: its length is a `u32`.
-const MAX_STORED_BODY: usize = u32::MAX as usize;
 
 impl IdempotencyBuilder {
     /// Default store timeout: 2 seconds.

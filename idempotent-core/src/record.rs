@@ -210,6 +210,7 @@ pub enum Claim {
 
 mod codec;
 pub use codec::CodecError;
+pub(crate) use codec::MAX_U32_PREFIXED as MAX_STORED_BODY;
 
 #[cfg(test)]
 mod tests {

@@ -123,9 +123,12 @@ fn clamp_u16(len: usize) -> usize {
     len.min(usize::from(u16::MAX))
 }
 
+/// The longest slice a 32-bit length prefix covers, a body's among them.
+pub(crate) const MAX_U32_PREFIXED: usize = u32::MAX as usize;
+
 /// As [`clamp_u16`], for a 32-bit length prefix.
 fn clamp_u32(len: usize) -> usize {
-    len.min(u32::MAX as usize)
+    len.min(MAX_U32_PREFIXED)
 }
 
 fn put_slice_u16(out: &mut BytesMut, bytes: &[u8]) {
