@@ -8,9 +8,10 @@
 //! |---|---|---|
 //! | `urn:idempotent:missing-key` | 400 | no `Idempotency-Key` on an endpoint that requires one |
 //! | `urn:idempotent:invalid-key` | 400 | the key is empty, too long, repeated or has bad characters |
-//! | `urn:idempotent:missing-credentials` | 401 | the endpoint's scope needs a credential the request lacks |
+//! | `urn:idempotent:missing-credentials` | 401 | the endpoint's scope needs a credential the request lacks (`WWW-Authenticate: Bearer` for the API-key scope) |
 //! | `urn:idempotent:request-in-progress` | 409 | the first request with this key is still running (`Retry-After` set) |
-//! | `urn:idempotent:response-not-stored` | 410 | the key's request completed but its response was too large to keep |
+//! | `urn:idempotent:response-not-stored` | 410 | the key's request completed but its response body was not kept (too large, failed, or with trailers) |
+//! | `urn:idempotent:unreadable-body` | 400 | [`IdempotentLayer`](crate::IdempotentLayer) could not read the request body to its end |
 //! | `urn:idempotent:request-too-large` | 413 | [`IdempotentLayer`](crate::IdempotentLayer) would have to buffer a body over its limit |
 //! | `urn:idempotent:key-reused` | 422 | the key was used before with a different request |
 //! | `urn:idempotent:fingerprint-failed` | 500 | serializing the handler's inputs failed |
