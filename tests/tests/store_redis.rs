@@ -32,6 +32,13 @@ async fn manager(url: &str) -> ConnectionManager {
         .expect("connect to the test Redis")
 }
 
+/// A store on the test Redis under a key prefix of its own.
+async fn store_of_its_own(url: &str) -> RedisStore {
+    RedisStore::builder(manager(url).await)
+        .prefix(unique_name("idem_test") + ":")
+        .build()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_store_passes_the_contract() {
     let Some(url) = backend_url(URL) else { return };
@@ -81,10 +88,7 @@ async fn two_instances_share_one_redis() {
 #[tokio::test]
 async fn completed_records_carry_a_redis_expiry_past_their_ttl() {
     let Some(url) = backend_url(URL) else { return };
-    let prefix = unique_name("idem_test") + ":";
-    let store = RedisStore::builder(manager(&url).await)
-        .prefix(prefix)
-        .build();
+    let store = store_of_its_own(&url).await;
     let ledger = Ledger::default();
     let app = payments_app(store.clone(), &ledger, STORE_TIMEOUT);
     assert_eq!(pay(&app, "expiring", 1).await.status, StatusCode::CREATED);
@@ -108,10 +112,7 @@ async fn completed_records_carry_a_redis_expiry_past_their_ttl() {
 #[tokio::test]
 async fn an_expired_value_this_build_cannot_decode_is_taken_over() {
     let Some(url) = backend_url(URL) else { return };
-    let prefix = unique_name("idem_test") + ":";
-    let store = RedisStore::builder(manager(&url).await)
-        .prefix(prefix)
-        .build();
+    let store = store_of_its_own(&url).await;
     let key = RecordKey::new(
         ScopeDigest::global(),
         IdempotencyKey::parse(b"undecodable").unwrap(),
