@@ -5,15 +5,17 @@
 //! short critical section and never hold a lock across an `.await`.
 //! Completed records are kept in their compact binary encoding (one
 //! allocation for status, headers and body) and bounded by bytes: when a
-//! shard is over its share of the budget, its oldest completed records go
-//! first. In-flight claims are never dropped for space, since evicting one
-//! would let a duplicate run the side effect a second time.
+//! shard is over its share of the budget, the completed records closest to
+//! their deadline go first (with one TTL, the oldest). In-flight claims are
+//! never dropped for space, since evicting one would let a duplicate run the
+//! side effect a second time.
 //!
 //! Expiry is checked against the store's [`Clock`](crate::clock::Clock) on
-//! every read; expired records are also purged from the front of each
-//! shard's completion queue as new records complete.
+//! every read; expired records are also purged, soonest deadline first, as
+//! new records complete.
 
-use std::collections::VecDeque;
+mod expiries;
+
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -23,6 +25,7 @@ use hashbrown::HashTable;
 use hashbrown::hash_table::Entry;
 use siphasher::sip128::{Hasher128, SipHasher13};
 
+use self::expiries::{Expiries, Expiry};
 use super::{Store, StoreError};
 use crate::clock::{SharedClock, SystemClock, millis};
 use crate::fingerprint::Fingerprint;
@@ -31,14 +34,14 @@ use crate::record::{Claim, Completed, InFlight, LeaseToken, Record, RecordKey, S
 const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
 /// The most shards, and the budget below which a shard is added: each
 /// shard holds at least sixteen records of the default 1 MiB body limit,
-/// since a shard's oldest records go first when it is full.
+/// since a full shard makes room by dropping its own records.
 const MAX_SHARDS: u64 = 64;
 const MIN_SHARD_BYTES: u64 = 16 * 1024 * 1024;
 /// Bounds of a shard's arena blocks: a sixty-fourth of its budget.
 const MIN_BLOCK_BYTES: usize = 4 * 1024;
 const MAX_BLOCK_BYTES: usize = 64 * 1024;
 /// What a completed record costs beyond its encoding: its table slot and
-/// its queue entry, rounded up.
+/// its entry in the shard's expiries, rounded up.
 const ENTRY_OVERHEAD_BYTES: usize = 128;
 
 /// An in-memory [`Store`]: one process, lost on restart.
@@ -67,18 +70,18 @@ pub(super) struct Inner {
 #[derive(Default)]
 struct Shard {
     table: HashTable<Slot>,
-    /// Completed records in completion order, for eviction and purging.
-    queue: VecDeque<Queued>,
+    /// Completed records by deadline, for eviction and purging.
+    expiries: Expiries,
     /// Bytes of completed records, by [`weight`].
     bytes: usize,
     /// Spare room that new records are encoded into. A record outlives
     /// the request that stores it; carving records from a few large blocks,
     /// rather than one heap allocation each among the request's short-lived
     /// ones, made first executions faster under glibc malloc (see
-    /// BENCHMARKS.md). Records leave a shard in completion order, from the
-    /// front of `queue`, or earlier when their key is taken over, so a
-    /// block is freed soon after the records around it; it is freed with
-    /// its last record.
+    /// BENCHMARKS.md). Records of one TTL leave a shard in completion order
+    /// (by deadline), or earlier when their key is taken over, so a block is
+    /// freed soon after the records around it; it is freed with its last
+    /// record.
     arena: BytesMut,
 }
 
@@ -138,13 +141,6 @@ fn slot_id(keys: (u64, u64), key: &RecordKey) -> [u64; 2] {
     [id.h2, id.h1]
 }
 
-/// A queue entry names its record by hash and deadline; one that no longer
-/// matches a completed record (it expired and the key was reused) is skipped.
-struct Queued {
-    hash: u64,
-    expires_at: u64,
-}
-
 impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryStore")
@@ -164,9 +160,9 @@ pub struct MemoryStoreBuilder {
 
 impl MemoryStoreBuilder {
     /// Caps the memory completed records may take (default 256 MiB). When
-    /// full, the oldest completed records are dropped (a retry of one of
-    /// those runs again, as after its TTL); in-flight claims are never
-    /// dropped.
+    /// full, expired records go first, then the records closest to their
+    /// deadline (with one TTL, the oldest; a retry of one of those runs
+    /// again, as after its TTL); in-flight claims are never dropped.
     pub fn max_bytes(mut self, max_bytes: u64) -> Self {
         self.max_bytes = max_bytes;
         self
@@ -361,7 +357,7 @@ impl Inner {
     }
 
     /// Books a record that just became completed in `shard`: its weight,
-    /// its queue entry, and the evictions it makes due at `now`.
+    /// its deadline, and the evictions it makes due at `now`.
     fn account_completed(
         &self,
         shard: &mut Shard,
@@ -371,7 +367,7 @@ impl Inner {
         now: u64,
     ) {
         shard.bytes += weight;
-        shard.queue.push_back(Queued { hash, expires_at });
+        shard.expiries.push(Expiry { expires_at, hash });
         self.evict(shard, now);
     }
 
@@ -428,28 +424,28 @@ impl Inner {
         });
     }
 
-    /// Drops completed records from the front of the queue while the shard
-    /// is over budget or the front has expired. The newest record is never
+    /// Drops completed records, soonest deadline first, while the shard is
+    /// over budget or the soonest has expired. The last record is never
     /// dropped for space: one larger than the whole budget is kept until the
     /// next record completes, rather than lost as soon as it is stored.
     fn evict(&self, shard: &mut Shard, now: u64) {
-        while let Some(front) = shard.queue.front() {
-            let over_budget = shard.bytes > self.shard_budget && shard.queue.len() > 1;
-            if !over_budget && front.expires_at > now {
+        while let Some(first) = shard.expiries.first() {
+            let over_budget = shard.bytes > self.shard_budget && shard.expiries.len() > 1;
+            if !over_budget && first.expires_at > now {
                 return;
             }
-            let Queued { hash, expires_at } = *front;
-            shard.queue.pop_front();
+            shard.expiries.pop_first();
+            let Expiry { expires_at, hash } = first;
             // The table calls this for every slot whose hash shares a few
             // bits with `hash`, so the slot's own hash must be compared too:
             // a neighbour completed in the same millisecond would otherwise
             // go in this record's place, and this one stay for good.
-            let queued = |slot: &Slot| {
+            let listed = |slot: &Slot| {
                 slot.table_hash() == hash
                     && matches!(&slot.state, State::Completed(encoded)
                         if Completed::encoded_expires_at(encoded) == expires_at)
             };
-            if let Ok(entry) = shard.table.find_entry(hash, queued) {
+            if let Ok(entry) = shard.table.find_entry(hash, listed) {
                 let (slot, _) = entry.remove();
                 if let State::Completed(encoded) = slot.state {
                     shard.bytes -= weight(&encoded);
@@ -623,7 +619,7 @@ mod tests {
     }
 
     #[test]
-    fn the_oldest_completed_records_are_evicted_first() {
+    fn with_one_ttl_the_oldest_completed_records_are_evicted_first() {
         let store = MemoryStore::builder().max_bytes(4 * 1024).build();
         for i in 0..10 {
             complete(&store, &format!("k{i}"), 600, Duration::from_secs(600));
@@ -686,9 +682,9 @@ mod tests {
                 .table
                 .insert_unique(id[0], Slot { id, state }, Slot::table_hash);
         }
-        shard.queue.push_back(Queued {
-            hash: queued[0],
+        shard.expiries.push(Expiry {
             expires_at: 1_000,
+            hash: queued[0],
         });
         inner.evict(&mut shard, 2_000);
         let present = |id: [u64; 2]| shard.table.find(id[0], |slot| slot.id == id).is_some();
@@ -711,7 +707,41 @@ mod tests {
     }
 
     #[test]
-    fn a_stale_queue_entry_does_not_evict_the_keys_new_record() {
+    fn expired_records_go_before_a_live_one_that_completed_earlier() {
+        let clock = ManualClock::new(0);
+        // One shard with room for five of these records.
+        let store = MemoryStore::builder()
+            .clock(clock.clone())
+            .max_bytes(4 * 1024)
+            .build();
+        complete(&store, "long", 600, Duration::from_secs(600));
+        for i in 0..3 {
+            complete(&store, &format!("short{i}"), 600, Duration::from_secs(1));
+        }
+        clock.advance(Duration::from_secs(2));
+        for i in 0..3 {
+            complete(&store, &format!("new{i}"), 600, Duration::from_secs(600));
+        }
+        assert!(is_completed(&store, "long"), "the live record was evicted");
+        assert_eq!(store.completed_len(), 4, "the expired records stay");
+    }
+
+    #[test]
+    fn space_is_taken_from_the_records_closest_to_their_deadline() {
+        let store = MemoryStore::builder().max_bytes(4 * 1024).build();
+        complete(&store, "day", 600, Duration::from_secs(86_400));
+        complete(&store, "hour", 600, Duration::from_secs(3_600));
+        for i in 0..4 {
+            complete(&store, &format!("minute{i}"), 600, Duration::from_secs(60));
+        }
+        assert!(is_completed(&store, "day"));
+        assert!(is_completed(&store, "hour"));
+        assert!(!is_completed(&store, "minute0"));
+        assert!(store.completed_bytes() <= 4 * 1024);
+    }
+
+    #[test]
+    fn a_stale_expiry_does_not_evict_the_keys_new_record() {
         let clock = ManualClock::new(0);
         let store = MemoryStore::builder()
             .clock(clock.clone())

@@ -58,8 +58,8 @@ pub struct TieredBuilder<D> {
 }
 
 impl<D: Store> TieredBuilder<D> {
-    /// Caps the memory cached records may take (default 64 MiB); the oldest
-    /// go first when it is full.
+    /// Caps the memory cached records may take (default 64 MiB); the ones
+    /// closest to their deadline go first when it is full.
     pub fn max_bytes(mut self, max_bytes: u64) -> Self {
         self.max_bytes = max_bytes;
         self
