@@ -117,6 +117,7 @@ impl<'a> Handler<'a> {
             }
         }
         check_skipped_names(&arguments, &args.skip, errors);
+        check_no_self_type(func, errors);
         if args.optional {
             check_key_is_optional(&sig.inputs, errors);
         }
@@ -222,6 +223,52 @@ fn check_key_is_optional(
             );
         }
     }
+}
+
+/// The handler's body moves into a function nested in the routed one,
+/// where `Self` does not reach (rustc's E0401 "can't use `Self` from outer
+/// item" would name an item the user never wrote).
+fn check_no_self_type(func: &ItemFn, errors: &mut Errors) {
+    let sig = &func.sig;
+    let signature = [
+        sig.generics.to_token_stream(),
+        sig.inputs.to_token_stream(),
+        sig.output.to_token_stream(),
+        sig.generics.where_clause.to_token_stream(),
+    ];
+    let body = func.block.to_token_stream();
+    let found = signature.iter().chain([&body]).find_map(first_self_type);
+    if let Some(span) = found {
+        errors.push(syn::Error::new(
+            span,
+            "`Self` is not in scope in an `#[idempotent]` handler: the attribute moves the handler into a function of its own; name the type instead",
+        ));
+    }
+}
+
+/// Where `tokens` first name `Self`, outside the braces of a nested `impl`
+/// or `trait`, whose `Self` is their own.
+fn first_self_type(tokens: &TokenStream) -> Option<Span> {
+    let mut in_own_item = false;
+    for token in tokens.clone() {
+        match token {
+            proc_macro2::TokenTree::Ident(ident) if ident == "Self" => return Some(ident.span()),
+            proc_macro2::TokenTree::Ident(ident) if ident == "impl" || ident == "trait" => {
+                in_own_item = true;
+            }
+            proc_macro2::TokenTree::Group(group) => {
+                let own = in_own_item && group.delimiter() == proc_macro2::Delimiter::Brace;
+                if own {
+                    in_own_item = false;
+                } else if let Some(span) = first_self_type(&group.stream()) {
+                    return Some(span);
+                }
+            }
+            proc_macro2::TokenTree::Punct(punct) if punct.as_char() == ';' => in_own_item = false,
+            _ => {}
+        }
+    }
+    None
 }
 
 fn check_skipped_names(arguments: &[Argument<'_>], skip: &[Ident], errors: &mut Errors) {
