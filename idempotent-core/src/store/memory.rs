@@ -728,10 +728,17 @@ mod tests {
 
     #[test]
     fn space_is_taken_from_the_records_closest_to_their_deadline() {
-        let store = MemoryStore::builder().max_bytes(4 * 1024).build();
+        let clock = ManualClock::new(0);
+        let store = MemoryStore::builder()
+            .clock(clock.clone())
+            .max_bytes(4 * 1024)
+            .build();
         complete(&store, "day", 600, Duration::from_secs(86_400));
         complete(&store, "hour", 600, Duration::from_secs(3_600));
         for i in 0..4 {
+            // Deadlines a second apart: records of one millisecond go in
+            // no particular order.
+            clock.advance(Duration::from_secs(1));
             complete(&store, &format!("minute{i}"), 600, Duration::from_secs(60));
         }
         assert!(is_completed(&store, "day"));
