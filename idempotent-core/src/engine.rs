@@ -140,10 +140,14 @@ fn missing_credentials(missing: MissingCredential) -> Problem {
 
 fn fingerprint_failed(error: &FingerprintError) -> Problem {
     tracing::error!(%error, "could not fingerprint the request inputs");
-    Problem::new(
-        ProblemKind::FingerprintFailed,
-        "the request inputs could not be serialized to compute the idempotency fingerprint",
-    )
+    // The places in the source stay in the log.
+    let detail = match error {
+        FingerprintError::SharedEndpointName { .. } => {
+            "this endpoint shares its name with another handler's, so its fingerprints could not tell the two apart; the server's configuration must be fixed"
+        }
+        _ => "the request inputs could not be serialized to compute the idempotency fingerprint",
+    };
+    Problem::new(ProblemKind::FingerprintFailed, detail)
 }
 
 /// Everything a claimed request needs, owned, so the run can outlive the

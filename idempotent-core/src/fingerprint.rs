@@ -135,6 +135,19 @@ pub enum FingerprintError {
     /// An input's `Serialize` implementation failed; holds its message.
     #[error("failed to serialize a fingerprint input: {0}")]
     Serialize(String),
+    /// Two handlers, whose attributes stand at `places`, share the default
+    /// endpoint name `name`, so their fingerprints could not tell them
+    /// apart.
+    #[error(
+        "the handlers of the `#[idempotent]` attributes at {} and {} share the endpoint name `{name}`, so a key reused at one could replay the other's response; give one of them its own `#[idempotent(name = \"...\")]`",
+        places[0], places[1]
+    )]
+    SharedEndpointName {
+        /// The shared name.
+        name: &'static str,
+        /// Where the two attributes stand, as `file:line:column`.
+        places: [&'static str; 2],
+    },
 }
 
 impl ser::Error for FingerprintError {
@@ -1071,7 +1084,7 @@ mod tests {
             Err(FingerprintError::Serialize(msg)) => {
                 assert_eq!(msg, "card number is not serializable");
             }
-            Ok(fingerprint) => panic!("expected an error, got {fingerprint:?}"),
+            other => panic!("expected a serialization error, got {other:?}"),
         }
     }
 

@@ -29,6 +29,7 @@ pub mod fingerprint;
 mod idempotency;
 pub mod key;
 pub mod layer;
+mod names;
 pub mod problem;
 pub mod record;
 mod replay;

@@ -11,6 +11,7 @@
 pub use axum;
 
 pub use crate::endpoint::{Endpoint, FinalStatuses, StatusRange};
+pub use crate::names::DefaultName;
 pub use crate::request::IdempotentRequest;
 pub use crate::scope::Scope;
 

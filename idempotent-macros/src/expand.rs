@@ -399,7 +399,7 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
     );
     let unpack = exact_body.then(|| unpack_exact_body(&params));
     let endpoint = endpoint_const(args, &func.sig.ident, &private);
-    let fingerprint = fingerprint(handler, &params, &private);
+    let fingerprint = checked_name(args, fingerprint(handler, &params, &private), &private);
     let future = future(func, &params, &private);
     let run = run(&func.sig.ident, &private);
     let ItemFn { sig, block, .. } = func;
@@ -600,6 +600,24 @@ fn endpoint_const(args: &Args, name: &Ident, private: &TokenStream) -> TokenStre
         const __IDEMPOTENT_ENDPOINT: #private::Endpoint = #private::Endpoint::new(#endpoint_name)
             #ttl #lease #scope #optional #wait #final_statuses;
     }
+}
+
+/// `fingerprint`, after checking that no handler at another place shares
+/// the endpoint's default name (an explicit `name` may be shared on
+/// purpose).
+fn checked_name(args: &Args, fingerprint: TokenStream, private: &TokenStream) -> TokenStream {
+    if args.name.is_some() {
+        return fingerprint;
+    }
+    quote! {{
+        static __IDEMPOTENT_DEFAULT_NAME: #private::DefaultName = #private::DefaultName::new(
+            ::core::concat!(::core::file!(), ":", ::core::line!(), ":", ::core::column!())
+        );
+        match __IDEMPOTENT_DEFAULT_NAME.check(__IDEMPOTENT_ENDPOINT.name()) {
+            ::core::result::Result::Ok(()) => #fingerprint,
+            ::core::result::Result::Err(error) => ::core::result::Result::Err(error),
+        }
+    }}
 }
 
 /// `Result<Fingerprint, FingerprintError>` over the fingerprinted arguments,

@@ -644,8 +644,9 @@ async fn handlers_of_one_name_in_two_modules_are_two_endpoints() {
     );
 }
 
-/// Two versions of an endpoint whose handlers share a module and a name:
-/// associated functions of two types, each at `/orders` of its own prefix.
+/// Two versions of an endpoint whose handlers share a module, a function
+/// name and, on purpose, an endpoint name: associated functions of two
+/// types, each at `/orders` of its own prefix.
 struct V1;
 struct V2;
 
@@ -662,14 +663,14 @@ struct OrderV2 {
 }
 
 impl V1 {
-    #[idempotent(ttl = "1h")]
+    #[idempotent(ttl = "1h", name = "orders.create")]
     async fn create(Json(order): Json<OrderV1>) -> (StatusCode, String) {
         (StatusCode::CREATED, format!("v1: {}", order.amount))
     }
 }
 
 impl V2 {
-    #[idempotent(ttl = "1h")]
+    #[idempotent(ttl = "1h", name = "orders.create")]
     async fn create(Json(order): Json<OrderV2>) -> (StatusCode, String) {
         (StatusCode::CREATED, format!("v2: {}", order.amount))
     }

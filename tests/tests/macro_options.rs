@@ -447,6 +447,55 @@ async fn the_name_not_the_function_identifies_the_endpoint() {
     );
 }
 
+/// Handlers the default name cannot tell apart: associated functions of
+/// one name on two types of one module.
+struct Orders;
+struct Refunds;
+
+impl Orders {
+    #[idempotent(scope = "global")]
+    async fn create(State(runs): State<Runs>, Json(n): Json<u32>) -> String {
+        format!("order:{}:{n}", runs.bump())
+    }
+}
+
+impl Refunds {
+    #[idempotent(scope = "global")]
+    async fn create(State(runs): State<Runs>, Json(n): Json<u32>) -> String {
+        format!("refund:{}:{n}", runs.bump())
+    }
+}
+
+#[tokio::test]
+async fn handlers_that_share_a_default_name_are_refused_and_say_why() {
+    let runs = Runs::default();
+    let app = router(
+        Router::new()
+            .route("/orders", post(Orders::create))
+            .route("/refunds", post(Refunds::create)),
+        &runs,
+    );
+    let order = send(&app, request("/orders", Some("k"), &[], "5")).await;
+    assert_eq!(order.body, "order:1:5");
+    // Without the check: the order's answer, replayed to the refund.
+    let refund = send(&app, request("/refunds", Some("k"), &[], "5")).await;
+    assert_eq!(
+        (refund.status, refund.replayed),
+        (StatusCode::INTERNAL_SERVER_ERROR, false),
+        "{}",
+        refund.body
+    );
+    assert!(
+        refund.body.contains("shares its name with another handler"),
+        "{}",
+        refund.body
+    );
+    // Both places are refused from then on, the first one included.
+    let order = send(&app, request("/orders", Some("k2"), &[], "6")).await;
+    assert_eq!(order.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(runs.get(), 1);
+}
+
 // ===== final_statuses =====
 
 #[idempotent(scope = "global")]

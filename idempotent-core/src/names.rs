@@ -1,0 +1,112 @@
+//! Handlers that share a default endpoint name.
+//!
+//! The endpoint's name is its identity in every fingerprint, and the
+//! attribute's default is the function's path, `module_path!()::function`.
+//! Two handlers the attribute cannot tell apart by path (associated
+//! functions of two types in one module, local functions of one name in
+//! two functions) would share it, and a key reused from one at the other
+//! with an equal payload would be answered with the other's stored
+//! response. Where the attribute stands tells them apart, so each handler
+//! named by default registers its place on its first request; once two
+//! places have registered one name, both handlers answer 500 and the log
+//! names the two places, until one of them is given a `name`.
+//!
+//! An explicit `name` is never checked: giving two handlers one name on
+//! purpose (an old and a new version of one endpoint) makes them one
+//! endpoint.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{LazyLock, Mutex, OnceLock, PoisonError};
+
+use crate::fingerprint::FingerprintError;
+
+/// Which place first registered each default name, and the names two
+/// places registered.
+#[derive(Default)]
+struct Registry {
+    first_place: HashMap<&'static str, &'static str>,
+    shared: HashMap<&'static str, [&'static str; 2]>,
+}
+
+static REGISTRY: LazyLock<Mutex<Registry>> = LazyLock::new(Mutex::default);
+/// Set once any name is shared, so that every other request pays one
+/// relaxed load and no lock.
+static ANY_SHARED: AtomicBool = AtomicBool::new(false);
+
+/// A handler's default endpoint name and the place of its attribute
+/// (`file:line:column`).
+#[derive(Debug)]
+pub struct DefaultName {
+    place: &'static str,
+    registered: OnceLock<()>,
+}
+
+impl DefaultName {
+    /// The name registered by the attribute at `place`.
+    #[must_use]
+    pub const fn new(place: &'static str) -> Self {
+        Self {
+            place,
+            registered: OnceLock::new(),
+        }
+    }
+
+    /// `Ok` unless another handler's attribute, at another place, has
+    /// registered `name` too.
+    ///
+    /// # Errors
+    /// [`FingerprintError::SharedEndpointName`] with both places.
+    pub fn check(&self, name: &'static str) -> Result<(), FingerprintError> {
+        self.registered.get_or_init(|| register(name, self.place));
+        if !ANY_SHARED.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let registry = REGISTRY.lock().unwrap_or_else(PoisonError::into_inner);
+        match registry.shared.get(name) {
+            Some(&places) => Err(FingerprintError::SharedEndpointName { name, places }),
+            None => Ok(()),
+        }
+    }
+}
+
+fn register(name: &'static str, place: &'static str) {
+    let mut registry = REGISTRY.lock().unwrap_or_else(PoisonError::into_inner);
+    let first = *registry.first_place.entry(name).or_insert(place);
+    if first != place {
+        registry.shared.insert(name, [first, place]);
+        ANY_SHARED.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_place_may_register_its_name_any_number_of_times() {
+        let first = DefaultName::new("src/orders.rs:10:5");
+        let again = DefaultName::new("src/orders.rs:10:5");
+        assert!(first.check("app::orders::create").is_ok());
+        assert!(again.check("app::orders::create").is_ok());
+        assert!(first.check("app::orders::create").is_ok());
+    }
+
+    #[test]
+    fn a_name_registered_at_two_places_is_refused_at_both() {
+        let orders = DefaultName::new("src/api.rs:10:5");
+        let refunds = DefaultName::new("src/api.rs:20:5");
+        let name = "app::api::create";
+        assert!(orders.check(name).is_ok());
+        let Err(FingerprintError::SharedEndpointName { places, .. }) = refunds.check(name) else {
+            panic!("the second place was accepted");
+        };
+        assert_eq!(places, ["src/api.rs:10:5", "src/api.rs:20:5"]);
+        assert!(orders.check(name).is_err(), "the first place still serves");
+        assert!(
+            DefaultName::new("src/api.rs:30:5")
+                .check("app::api::other")
+                .is_ok()
+        );
+    }
+}
