@@ -73,18 +73,36 @@ impl IdempotencyKey {
         &self.0
     }
 
-    /// A key for a downstream call made on behalf of this request:
-    /// `"<key>:<purpose>"`. Retries of this request derive the same key, so
-    /// the downstream service deduplicates them too.
+    /// A key for a downstream call made on behalf of this request: 64 hex
+    /// digits of a SHA-256 over this key and `purpose`, each framed by its
+    /// length. Retries of this request derive the same key, so the
+    /// downstream service deduplicates them too; another key or another
+    /// purpose never derives it (`"a:b"` with `"c"` and `"a"` with `"b:c"`
+    /// differ), and it is always a valid key.
+    ///
+    /// Keys are unique per caller, not across callers, and the downstream
+    /// service usually knows only this service as its caller: where two of
+    /// your callers may send the same key, put what tells them apart into
+    /// the purpose.
     ///
     /// ```
     /// # use idempotent_core::IdempotencyKey;
     /// let key = IdempotencyKey::parse(b"order-7").unwrap();
-    /// assert_eq!(key.derive("ledger"), "order-7:ledger");
+    /// let ledger = key.derive("ledger");
+    /// assert_eq!(ledger.len(), 64);
+    /// assert_ne!(ledger, key.derive("email"));
+    /// assert!(IdempotencyKey::parse(ledger.as_bytes()).is_ok());
+    /// # let tenant = 42;
+    /// let per_tenant = key.derive(&format!("tenant {tenant}: ledger"));
+    /// # assert_ne!(per_tenant, ledger);
     /// ```
     #[must_use]
     pub fn derive(&self, purpose: &str) -> String {
-        format!("{}:{purpose}", self.0)
+        crate::digest::hex(&crate::digest::sha256_framed(&[
+            b"idempotent derived key",
+            self.0.as_bytes(),
+            purpose.as_bytes(),
+        ]))
     }
 }
 
@@ -212,6 +230,21 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for IdempotencyKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn derived_keys_are_valid_and_never_shared_by_another_key_or_purpose() {
+        let key = |text: &[u8]| IdempotencyKey::parse(text).unwrap();
+        assert_ne!(key(b"a:b").derive("c"), key(b"a").derive("b:c"));
+        assert_eq!(key(b"k").derive("ledger"), key(b"k").derive("ledger"));
+        let long = format!("\"{}\"", "x ".repeat(127));
+        for source in [key(b"\"order 7\""), key(long.as_bytes())] {
+            let derived = source.derive("ledger, then email");
+            assert!(
+                IdempotencyKey::parse(derived.as_bytes()).is_ok(),
+                "{derived}"
+            );
+        }
+    }
 
     fn key(s: &str) -> Result<String, KeyError> {
         IdempotencyKey::parse(s.as_bytes()).map(|k| k.as_str().to_owned())
