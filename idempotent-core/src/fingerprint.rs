@@ -48,7 +48,10 @@
 //!   struct field `Some(1)` therefore differs from a bare `1`.
 //! - **Sequences** are terminated instead of length-prefixed so that they
 //!   stream even when serde does not know the length up front; the end marker
-//!   is never a value tag, so the encoding stays unambiguous.
+//!   is never a value tag, so the encoding stays unambiguous. They keep their
+//!   order, and serde cannot tell a set from a list: a `HashSet` is written in
+//!   hash order, which differs between two parses of one body, so a retry
+//!   would not match. Fingerprinted types hold sets as `BTreeSet`.
 //! - **Enum variants** encode their name, not their index, so reordering
 //!   variants keeps fingerprints stable. The content is unit for a unit
 //!   variant, the inner value for a newtype variant, a sequence for a tuple
