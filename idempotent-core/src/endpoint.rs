@@ -42,16 +42,20 @@ impl StatusRange {
 #[non_exhaustive]
 pub enum FinalStatuses {
     /// 2xx to 4xx except 408, 409, 423, 425 and 429, which say "try again
-    /// later" and so must let a retry run. An informational 1xx (a protocol
-    /// switch) is not an outcome to replay.
+    /// later" and so must let a retry run, and 413 and 415, which refuse the
+    /// request's size or format before anything runs (`axum`'s extractors
+    /// answer them), so that a retry that fixes the request is not answered
+    /// with them. An informational 1xx (a protocol switch) is not an outcome
+    /// to replay.
     #[default]
     Default,
     /// Exactly the listed statuses.
     Only(&'static [StatusRange]),
 }
 
-/// Statuses under 500 that ask the client to retry.
-const TRANSIENT: [u16; 5] = [408, 409, 423, 425, 429];
+/// Statuses under 500 that ask the client to retry, or refuse the
+/// request's size or format before anything runs.
+const NOT_FINAL: [u16; 7] = [408, 409, 413, 415, 423, 425, 429];
 
 impl FinalStatuses {
     /// Whether a response with `status` is stored.
@@ -59,7 +63,7 @@ impl FinalStatuses {
     pub fn is_final(self, status: StatusCode) -> bool {
         let status = status.as_u16();
         match self {
-            Self::Default => (200..500).contains(&status) && !TRANSIENT.contains(&status),
+            Self::Default => (200..500).contains(&status) && !NOT_FINAL.contains(&status),
             Self::Only(ranges) => ranges.iter().any(|range| range.contains(status)),
         }
     }
@@ -92,6 +96,17 @@ pub struct Endpoint {
 /// the clocks deadlines are computed on.
 const LONGEST: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
+/// The shortest TTL or lease.
+const SHORTEST: Duration = Duration::from_secs(1);
+
+const fn at_least_a_second(duration: Duration) -> Duration {
+    if duration.as_secs() < SHORTEST.as_secs() {
+        SHORTEST
+    } else {
+        duration
+    }
+}
+
 const fn at_most_a_century(duration: Duration) -> Duration {
     if duration.as_secs() >= LONGEST.as_secs() {
         LONGEST
@@ -120,19 +135,24 @@ impl Endpoint {
         }
     }
 
-    /// How long a finished response is replayed. Durations are kept to a
-    /// century, which is what `Duration::MAX` ("for good") comes to, here
-    /// and in [`lease`](Self::lease) and [`wait`](Self::wait).
+    /// How long a finished response is replayed, at least a second (a
+    /// zero TTL would replay nothing, and every retry would run the handler
+    /// again). Durations are kept to a century, which is what
+    /// `Duration::MAX` ("for good") comes to, here and in
+    /// [`lease`](Self::lease) and [`wait`](Self::wait).
     pub const fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = at_most_a_century(ttl);
+        self.ttl = at_least_a_second(at_most_a_century(ttl));
         self
     }
 
-    /// How long a claim holds without renewal. The engine renews it every
-    /// third of this while the handler runs; a crashed process's claim is
-    /// taken over after it lapses.
+    /// How long a claim holds without renewal, at least a second (the
+    /// attribute refuses less at compile time): the engine renews it every
+    /// third of this while the handler runs, and a shorter lease lapses
+    /// between renewals, or within a durable store's round trip, so a
+    /// duplicate would take the key over and run the handler a second
+    /// time. A crashed process's claim is taken over after it lapses.
     pub const fn lease(mut self, lease: Duration) -> Self {
-        self.lease = at_most_a_century(lease);
+        self.lease = at_least_a_second(at_most_a_century(lease));
         self
     }
 
@@ -240,12 +260,23 @@ mod tests {
     #[test]
     fn default_policy_releases_server_errors_retryable_client_errors_and_1xx() {
         let policy = FinalStatuses::Default;
-        for status in [101, 408, 409, 423, 425, 429, 500, 502, 503, 504] {
+        for status in [101, 408, 409, 413, 415, 423, 425, 429, 500, 502, 503, 504] {
             assert!(
                 !policy.is_final(StatusCode::from_u16(status).unwrap()),
                 "{status}"
             );
         }
+    }
+
+    #[test]
+    fn a_lease_or_ttl_under_a_second_is_raised_to_one() {
+        let endpoint = Endpoint::new("e")
+            .lease(Duration::ZERO)
+            .ttl(Duration::from_millis(999));
+        assert_eq!(endpoint.lease_duration(), Duration::from_secs(1));
+        assert_eq!(endpoint.result_ttl(), Duration::from_secs(1));
+        let endpoint = Endpoint::new("e").lease(Duration::from_millis(1_500));
+        assert_eq!(endpoint.lease_duration(), Duration::from_millis(1_500));
     }
 
     #[test]

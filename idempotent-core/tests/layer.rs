@@ -174,3 +174,33 @@ async fn a_body_cut_short_is_400_and_not_run() {
     );
     assert_eq!(runs.load(Ordering::SeqCst), 0);
 }
+
+async fn create_from_json(
+    Extension(runs): Extension<Arc<AtomicUsize>>,
+    axum::Json(order): axum::Json<Value>,
+) -> (StatusCode, String) {
+    let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+    (StatusCode::CREATED, format!("order {run}: {order}"))
+}
+
+#[tokio::test]
+async fn a_retry_that_adds_the_missing_content_type_runs_the_handler() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = Router::new()
+        .route("/orders", post(create_from_json).route_layer(layer()))
+        .layer(Extension(runs.clone()))
+        .layer(Idempotency::new(MemoryStore::new()));
+    let (status, _, _) = send(&app, order("/orders", "k", r#"{"sku":"a"}"#)).await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let mut fixed = order("/orders", "k", r#"{"sku":"a"}"#);
+    fixed
+        .headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    let (status, headers, body) = send(&app, fixed).await;
+    assert_eq!(
+        (status, headers.contains_key("idempotent-replayed")),
+        (StatusCode::CREATED, false),
+        "{body}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
