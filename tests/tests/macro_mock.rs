@@ -249,3 +249,32 @@ async fn the_lease_option_sets_how_long_an_orphaned_claim_holds() {
     );
     store.assert_executed(2);
 }
+
+#[tokio::test]
+async fn an_injected_claim_failure_also_fails_an_exact_repeat() {
+    let store = MockStore::new();
+    let app = app(&store);
+    // With `Content-Length`, as clients send it, a key's third replay
+    // onwards is an exact repeat, read with `get` instead of claimed.
+    let send = |key: &'static str| {
+        let body = r#"{"amount":100}"#;
+        let request = Request::post("/charges")
+            .header("idempotency-key", key)
+            .header("x-api-key", "test-caller")
+            .header("content-type", "application/json")
+            .header("content-length", body.len())
+            .body(Body::from(body))
+            .unwrap();
+        let app = app.clone();
+        async move { app.oneshot(request).await.unwrap().status() }
+    };
+    for _ in 0..4 {
+        assert_eq!(send("k1").await, StatusCode::CREATED);
+    }
+    assert_eq!(store.count(OpKind::Get), 1, "{:?}", store.operations());
+    store.fail_next(OpKind::Claim);
+    assert_eq!(send("k1").await, StatusCode::SERVICE_UNAVAILABLE);
+    // The fault is spent: the next new key runs.
+    assert_eq!(send("k2").await, StatusCode::CREATED);
+    assert_eq!(store.executions(), 2);
+}

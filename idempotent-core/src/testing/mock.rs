@@ -227,6 +227,13 @@ impl MockStore {
 impl MockStore {
     /// Fails the next call of `kind` (and only that one) with a backend
     /// error. Calls queue up: `fail_next` twice fails two calls.
+    ///
+    /// A request's first call is a claim, or, for an exact repeat of a
+    /// replayed request (which clients that send `Content-Length` make), a
+    /// [`get`](Store::get) before it: a queued `Claim` fault fails that
+    /// `get` too, and stays queued for the claim the request then falls
+    /// back to, so that "the store is down for the next request" holds for
+    /// both.
     pub fn fail_next(&self, kind: OpKind) {
         self.state().fail_next.push_back(Some(kind));
     }
@@ -334,7 +341,9 @@ impl MockStore {
             tokio::time::sleep(delay).await;
         }
         let mut state = self.state();
-        let injected = state.fail_all || take_fault(&mut state.fail_next, kind);
+        let injected = state.fail_all
+            || take_fault(&mut state.fail_next, kind)
+            || (kind == OpKind::Get && state.fail_next.contains(&Some(OpKind::Claim)));
         if injected {
             state.operations.push(Operation::Failed { op: kind });
             return Err(StoreError::backend(format!(
