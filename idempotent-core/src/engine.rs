@@ -121,7 +121,7 @@ fn resolve_scope(
         Ok(None) => Err(Problem::new(
             ProblemKind::NotConfigured,
             format!(
-                "endpoint `{}` uses a custom scope but no principal was given: call `IdempotentRequest::scoped_by` before `run`",
+                "endpoint `{}` uses a custom scope but no principal was given: with `IdempotentRequest`, call `scoped_by` before `run`; `IdempotentLayer` cannot resolve a custom scope (it sees no extractor), so give it `Scope::ApiKey`, `Scope::Header` or `Scope::Global`, or use the attribute with `scope = YourPrincipal`",
                 endpoint.name()
             ),
         )),

@@ -51,7 +51,10 @@ pub struct IdempotentLayer {
 }
 
 impl IdempotentLayer {
-    /// A layer applying `endpoint`'s policy.
+    /// A layer applying `endpoint`'s policy. Its scope is resolved from the
+    /// request's headers, so `Scope::Custom`, whose principal comes from the
+    /// handler's own extractor, is not available here: such a layer answers
+    /// every keyed request 500 (`not-configured`).
     pub const fn new(endpoint: Endpoint) -> Self {
         Self {
             endpoint,

@@ -139,8 +139,13 @@ pub(crate) async fn collect(mut body: Body, limit: usize) -> Collected {
                     let body = prefixed(buffer.freeze(), Ok(body));
                     return Collected::Partial(body, NotKept::TooLarge);
                 }
-                Err(_trailers) => {
-                    let body = prefixed(buffer.freeze(), Ok(body));
+                Err(trailers) => {
+                    // The first caller still gets the trailers.
+                    let body = Body::new(Prefixed {
+                        prefix: Some(buffer.freeze()),
+                        trailers: trailers.into_trailers().ok(),
+                        rest: Ok(body),
+                    });
                     return Collected::Partial(body, NotKept::Trailers);
                 }
             },
@@ -155,14 +160,16 @@ pub(crate) async fn collect(mut body: Body, limit: usize) -> Collected {
 fn prefixed(prefix: Bytes, rest: Result<Body, Option<axum::Error>>) -> Body {
     Body::new(Prefixed {
         prefix: Some(prefix),
+        trailers: None,
         rest,
     })
 }
 
-/// Bytes already read, then the rest of the body (or the error that cut
-/// it short).
+/// Bytes already read, the trailers read after them if any, then the rest
+/// of the body (or the error that cut it short).
 struct Prefixed {
     prefix: Option<Bytes>,
+    trailers: Option<http::HeaderMap>,
     rest: Result<Body, Option<axum::Error>>,
 }
 
@@ -176,6 +183,9 @@ impl http_body::Body for Prefixed {
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         if let Some(prefix) = self.prefix.take().filter(|p| !p.is_empty()) {
             return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
+        if let Some(trailers) = self.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
         }
         match &mut self.rest {
             Ok(body) => Pin::new(body).poll_frame(cx),
@@ -203,6 +213,28 @@ impl http_body::Body for Prefixed {
 mod tests {
     use super::*;
     use http::StatusCode;
+
+    #[tokio::test]
+    async fn a_body_with_trailers_is_not_kept_but_still_carries_them() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let frames: Vec<Result<Frame<Bytes>, axum::Error>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"hello"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let body = Body::new(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )));
+        let Collected::Partial(body, NotKept::Trailers) = collect(body, 100).await else {
+            panic!("a body with trailers is not kept");
+        };
+        let collected = body.collect().await.unwrap();
+        assert_eq!(
+            collected.trailers().map(|t| t["grpc-status"].clone()),
+            Some(HeaderValue::from_static("0"))
+        );
+        assert_eq!(collected.to_bytes(), "hello");
+    }
 
     #[tokio::test]
     async fn collects_a_small_body_whole() {

@@ -204,3 +204,17 @@ async fn a_retry_that_adds_the_missing_content_type_runs_the_handler() {
     );
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn a_custom_scope_on_the_layer_is_refused_with_what_to_use_instead() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let endpoint = Endpoint::new("create_order").scope(idempotent_core::Scope::Custom);
+    let app = app(&runs, IdempotentLayer::new(endpoint));
+    let (status, _, body) = send(&app, order("/orders", "k", "{}")).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(
+        body.contains("`IdempotentLayer` cannot resolve a custom scope"),
+        "{body}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
