@@ -155,7 +155,9 @@ async fn the_handler_can_take_the_key_and_derive_downstream_keys() {
         .layer(Idempotency::new(MemoryStore::new()));
     let response = send(&app, post_json("/echo", Some("abc"), "")).await;
     assert_eq!(response.0, StatusCode::OK);
-    assert_eq!(response.2, "abc:ledger");
+    let key = IdempotencyKey::parse(b"abc").unwrap();
+    assert_eq!(response.2, key.derive("ledger"));
+    assert_ne!(response.2, key.derive("email"));
 }
 
 #[idempotent(scope = "global")]
