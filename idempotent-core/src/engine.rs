@@ -129,12 +129,14 @@ fn resolve_scope(
     }
 }
 
+/// A missing API key is a 401 that challenges for a bearer token; a scope
+/// header that is missing or repeated has no scheme to challenge for (a
+/// 401 must name one), so it is the request's own error, 400.
 fn missing_credentials(missing: MissingCredential) -> Problem {
-    let problem = Problem::new(ProblemKind::MissingCredentials, missing.detail);
     if missing.bearer {
-        problem.challenge("Bearer")
+        Problem::new(ProblemKind::MissingCredentials, missing.detail).challenge("Bearer")
     } else {
-        problem
+        Problem::new(ProblemKind::InvalidScope, missing.detail)
     }
 }
 

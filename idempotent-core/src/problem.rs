@@ -8,7 +8,8 @@
 //! |---|---|---|
 //! | `urn:idempotent:missing-key` | 400 | no `Idempotency-Key` on an endpoint that requires one |
 //! | `urn:idempotent:invalid-key` | 400 | the key is empty, too long, repeated or has bad characters |
-//! | `urn:idempotent:missing-credentials` | 401 | the endpoint's scope needs a credential the request lacks (`WWW-Authenticate: Bearer` for the API-key scope) |
+//! | `urn:idempotent:missing-credentials` | 401 | the endpoint is scoped by API key and the request has none (`WWW-Authenticate: Bearer`) |
+//! | `urn:idempotent:invalid-scope` | 400 | the header that scopes the endpoint's keys is missing, or one of the scope's headers was sent more than once |
 //! | `urn:idempotent:request-in-progress` | 409 | the first request with this key is still running (`Retry-After` set) |
 //! | `urn:idempotent:response-not-stored` | 410 | the key's request completed but its response body was not kept (too large, failed, or with trailers) |
 //! | `urn:idempotent:unreadable-body` | 400 | [`IdempotentLayer`](crate::IdempotentLayer) could not read the request body to its end |
@@ -31,11 +32,15 @@ pub enum ProblemKind {
     MissingKey,
     /// 400: a malformed key.
     InvalidKey,
-    /// 401: no credential for the endpoint's scope.
+    /// 401: no API key for an endpoint scoped by API key.
     MissingCredentials,
+    /// 400: the header that scopes the endpoint's keys is missing, or a
+    /// scope header was sent more than once.
+    InvalidScope,
     /// 409: the first request with this key is still running.
     RequestInProgress,
-    /// 410: the response was too large to store, so it cannot be replayed.
+    /// 410: the response's body was not stored (too large, failed while
+    /// read, or ended with trailers), so it cannot be replayed.
     ResponseNotStored,
     /// 413: a body too large for [`IdempotentLayer`](crate::IdempotentLayer) to buffer.
     RequestTooLarge,
@@ -61,6 +66,7 @@ impl ProblemKind {
             Self::MissingKey => "urn:idempotent:missing-key",
             Self::InvalidKey => "urn:idempotent:invalid-key",
             Self::MissingCredentials => "urn:idempotent:missing-credentials",
+            Self::InvalidScope => "urn:idempotent:invalid-scope",
             Self::RequestInProgress => "urn:idempotent:request-in-progress",
             Self::ResponseNotStored => "urn:idempotent:response-not-stored",
             Self::RequestTooLarge => "urn:idempotent:request-too-large",
@@ -76,7 +82,7 @@ impl ProblemKind {
     #[must_use]
     pub const fn status(self) -> StatusCode {
         match self {
-            Self::MissingKey | Self::InvalidKey => StatusCode::BAD_REQUEST,
+            Self::MissingKey | Self::InvalidKey | Self::InvalidScope => StatusCode::BAD_REQUEST,
             Self::MissingCredentials => StatusCode::UNAUTHORIZED,
             Self::RequestInProgress => StatusCode::CONFLICT,
             Self::ResponseNotStored => StatusCode::GONE,
@@ -95,6 +101,9 @@ impl ProblemKind {
             Self::MissingKey => "Idempotency-Key header required",
             Self::InvalidKey => "Invalid Idempotency-Key header",
             Self::MissingCredentials => "Credentials required to scope the idempotency key",
+            Self::InvalidScope => {
+                "The header that scopes the idempotency key is missing or repeated"
+            }
             Self::RequestInProgress => "A request with this idempotency key is in progress",
             Self::ResponseNotStored => "The response to this idempotency key was not stored",
             Self::RequestTooLarge => "Request body too large to fingerprint",

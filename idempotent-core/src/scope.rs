@@ -102,14 +102,37 @@ impl fmt::Debug for ScopeDigest {
     }
 }
 
-/// The request has no credential for its endpoint's scope (answered 401).
+/// The request's headers do not name one scope for its endpoint: the
+/// credential is missing (401, with a `Bearer` challenge, for the API-key
+/// scope), or the scope's header is missing or sent more than once (400).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{detail}")]
 pub struct MissingCredential {
     pub(crate) detail: String,
     /// Whether an `Authorization: Bearer` token would have done: the 401
-    /// then challenges for one.
+    /// then challenges for one. Otherwise the header that names the scope
+    /// is missing or repeated, which is the request's fault alone (400).
     pub(crate) bearer: bool,
+}
+
+/// The one value of `name` in `headers`: `Ok(None)` when there is none or
+/// it is empty, an error when there are several, since two values would
+/// let a client that adds its own beside a gateway's choose the scope.
+fn single<N>(headers: &HeaderMap, name: N) -> Result<Option<&http::HeaderValue>, MissingCredential>
+where
+    N: http::header::AsHeaderName + Copy + fmt::Display,
+{
+    let mut values = headers.get_all(name).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(MissingCredential {
+            detail: format!(
+                "the `{name}` header, which scopes idempotency keys, was sent more than once: send it once"
+            ),
+            bearer: false,
+        });
+    }
+    Ok(first.filter(|value| !value.is_empty()))
 }
 
 /// Resolves a built-in scope from request headers. `Ok(None)` for
@@ -122,9 +145,7 @@ pub(crate) fn resolve(
     match scope {
         Scope::Global => Ok(Some(ScopeDigest::global())),
         Scope::ApiKey => api_key(headers, api_key_header).map(Some),
-        Scope::Header(name) => headers
-            .get(name)
-            .filter(|value| !value.is_empty())
+        Scope::Header(name) => single(headers, name)?
             .map(|value| Some(ScopeDigest::header(name, value.as_bytes())))
             .ok_or_else(|| MissingCredential {
                 detail: format!(
@@ -141,11 +162,10 @@ pub(crate) fn api_key(
     headers: &HeaderMap,
     api_key_header: &http::HeaderName,
 ) -> Result<ScopeDigest, MissingCredential> {
-    if let Some(value) = headers.get(api_key_header).filter(|v| !v.is_empty()) {
+    if let Some(value) = single(headers, api_key_header)? {
         return Ok(ScopeDigest::api_key(value.as_bytes()));
     }
-    headers
-        .get(AUTHORIZATION)
+    single(headers, &AUTHORIZATION)?
         .and_then(|value| bearer_token(value.as_bytes()))
         .map(ScopeDigest::api_key)
         .ok_or_else(|| MissingCredential {
@@ -210,6 +230,18 @@ mod tests {
         assert!(resolve(tenant, &HeaderMap::new(), &API).is_err());
         let a = resolve(tenant, &headers(&[("x-tenant", "a")]), &API).unwrap();
         assert!(a.is_some());
+    }
+
+    #[test]
+    fn a_scope_header_sent_twice_is_refused() {
+        let tenant = Scope::Header("x-tenant");
+        let twice = headers(&[("x-tenant", "gateway's"), ("x-tenant", "client's")]);
+        let refused = resolve(tenant, &twice, &API).unwrap_err();
+        assert!(!refused.bearer && refused.detail.contains("more than once"));
+        let keys = headers(&[("x-api-key", "a"), ("x-api-key", "b")]);
+        assert!(resolve(Scope::ApiKey, &keys, &API).is_err());
+        let tokens = headers(&[("authorization", "Bearer a"), ("authorization", "Bearer b")]);
+        assert!(resolve(Scope::ApiKey, &tokens, &API).is_err());
     }
 
     #[test]

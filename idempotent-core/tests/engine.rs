@@ -710,7 +710,7 @@ async fn header_and_global_scopes() {
     let tenant = Endpoint::new("pay").scope(Scope::Header("x-tenant"));
     let app = app_with(Idempotency::new(MemoryStore::new()), &handler, tenant);
     let (status, _, _) = send(&app, request(Some("k"), &json!({}))).await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
     let mut with_tenant = request(Some("k"), &json!({}));
     with_tenant
         .headers_mut()

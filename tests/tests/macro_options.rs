@@ -278,9 +278,16 @@ async fn header_scope_keeps_tenants_apart_and_needs_the_header() {
             .await
             .replayed
     );
+    // No scheme to challenge for, so not a 401: the request's own error.
     let missing = send(&app, request("/h", Some("k"), &[], "")).await;
-    assert_eq!(missing.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(missing.status, StatusCode::BAD_REQUEST);
     assert!(missing.body.contains("x-tenant"), "{}", missing.body);
+    assert!(missing.body.contains("invalid-scope"), "{}", missing.body);
+    // A client's value beside the gateway's cannot choose the scope.
+    let twice = [("x-tenant", "two"), ("x-tenant", "one")];
+    let refused = send(&app, request("/h", Some("k"), &twice, "")).await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.body);
+    assert_eq!(runs.get(), 2);
 }
 
 /// The authenticated caller, from `X-User`.
