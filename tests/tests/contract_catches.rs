@@ -25,6 +25,9 @@ struct Faults {
     racy_complete: bool,
     /// Compares keys ignoring case, as a case-insensitive column would.
     fold_case: bool,
+    /// Makes keys safe for a path or a pattern by replacing what is not
+    /// alphanumeric with `_`, as a hand-rolled escaping might.
+    replace_specials: bool,
     /// Cuts bodies at this many bytes, as a 64 KiB `BLOB` would.
     truncate_body: Option<usize>,
     /// Keeps durations in whole seconds.
@@ -59,6 +62,11 @@ impl Faulty {
         let key_text = key.key.as_str();
         let key_text = if self.faults.fold_case {
             key_text.to_ascii_lowercase()
+        } else if self.faults.replace_specials {
+            key_text
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect()
         } else {
             key_text.to_owned()
         };
@@ -227,6 +235,8 @@ caught! {
     a_racy_takeover_fails_takeover_race: racy_takeover = true => takeover_race;
     a_racy_completion_fails_stale_completion_race: racy_complete = true => stale_completion_race;
     case_folded_keys_fail_keys_are_case_sensitive: fold_case = true => keys_are_case_sensitive;
+    keys_escaped_into_one_fail_keys_with_any_printable_character:
+        replace_specials = true => keys_with_any_printable_character;
     a_truncated_body_fails_binary_bodies: truncate_body = Some(64 * 1024) => binary_bodies;
     durations_in_whole_seconds_fail_ttl_expiry_and_lease_takeover:
         whole_seconds = true => ttl_expiry, lease_takeover;

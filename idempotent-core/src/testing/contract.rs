@@ -96,6 +96,7 @@ where
         repeated_headers,
         long_keys,
         keys_are_case_sensitive,
+        keys_with_any_printable_character,
         many_records,
         get_reflects_state,
         release_frees_the_key,
@@ -380,6 +381,32 @@ pub async fn keys_are_case_sensitive<S: Store>(store: Arc<S>, _clock: ManualCloc
         let body = format!("record {index}");
         let response = response(StatusCode::OK, body.as_bytes());
         round_trip(&*store, &key, index, response, "keys_are_case_sensitive").await;
+    }
+}
+
+/// A key may hold any printable ASCII (the header's quoted form carries
+/// spaces, quotes and backslashes): each of these is its own record, so a
+/// store that escapes, trims or pattern-matches keys (SQL `LIKE`, Redis
+/// globs, a separator in a composite key) must still keep them apart.
+pub async fn keys_with_any_printable_character<S: Store>(store: Arc<S>, _clock: ManualClock) {
+    let scope = ScopeDigest::from_bytes(rand::random());
+    let keys = [
+        "a b", "a_b", "a%b", "a%20b", "a\"b", "a\\b", "a'b", "a;b", "a,b", "{a}", "a*", "a?",
+        "[a]", "a:b", " a", "a ",
+    ];
+    for (index, key) in keys.into_iter().enumerate() {
+        let quoted = format!("\"{}\"", key.replace('\\', "\\\\").replace('"', "\\\""));
+        let key = RecordKey::new(scope, parse_key(&quoted));
+        let body = format!("record {index}");
+        let response = response(StatusCode::OK, body.as_bytes());
+        round_trip(
+            &*store,
+            &key,
+            index,
+            response,
+            "keys_with_any_printable_character",
+        )
+        .await;
     }
 }
 
