@@ -598,6 +598,18 @@ mod tests {
             .unwrap();
     }
 
+    /// A store of `max_bytes` on a manual clock at zero (one shard below
+    /// 16 MiB, so purging and eviction, which are per shard, see every
+    /// record).
+    fn clocked(max_bytes: u64) -> (ManualClock, MemoryStore) {
+        let clock = ManualClock::new(0);
+        let store = MemoryStore::builder()
+            .clock(clock.clone())
+            .max_bytes(max_bytes)
+            .build();
+        (clock, store)
+    }
+
     fn is_completed(store: &MemoryStore, name: &str) -> bool {
         matches!(store.inner.get(&key(name)), Ok(Some(Record::Completed(_))))
     }
@@ -694,12 +706,7 @@ mod tests {
 
     #[test]
     fn expired_records_are_purged_as_new_ones_complete() {
-        let clock = ManualClock::new(0);
-        // One shard: purging is per shard.
-        let store = MemoryStore::builder()
-            .clock(clock.clone())
-            .max_bytes(512 * 1024)
-            .build();
+        let (clock, store) = clocked(512 * 1024);
         complete(&store, "short", 10, Duration::from_secs(1));
         clock.advance(Duration::from_secs(2));
         complete(&store, "later", 10, Duration::from_secs(600));
@@ -708,12 +715,8 @@ mod tests {
 
     #[test]
     fn expired_records_go_before_a_live_one_that_completed_earlier() {
-        let clock = ManualClock::new(0);
-        // One shard with room for five of these records.
-        let store = MemoryStore::builder()
-            .clock(clock.clone())
-            .max_bytes(4 * 1024)
-            .build();
+        // Room for five of these records.
+        let (clock, store) = clocked(4 * 1024);
         complete(&store, "long", 600, Duration::from_secs(600));
         for i in 0..3 {
             complete(&store, &format!("short{i}"), 600, Duration::from_secs(1));
@@ -728,11 +731,7 @@ mod tests {
 
     #[test]
     fn space_is_taken_from_the_records_closest_to_their_deadline() {
-        let clock = ManualClock::new(0);
-        let store = MemoryStore::builder()
-            .clock(clock.clone())
-            .max_bytes(4 * 1024)
-            .build();
+        let (clock, store) = clocked(4 * 1024);
         complete(&store, "day", 600, Duration::from_secs(86_400));
         complete(&store, "hour", 600, Duration::from_secs(3_600));
         for i in 0..4 {
@@ -749,11 +748,7 @@ mod tests {
 
     #[test]
     fn a_stale_expiry_does_not_evict_the_keys_new_record() {
-        let clock = ManualClock::new(0);
-        let store = MemoryStore::builder()
-            .clock(clock.clone())
-            .max_bytes(512 * 1024)
-            .build();
+        let (clock, store) = clocked(512 * 1024);
         complete(&store, "reused", 10, Duration::from_secs(1));
         clock.advance(Duration::from_secs(2));
         complete(&store, "reused", 10, Duration::from_secs(600));
