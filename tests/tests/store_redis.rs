@@ -13,7 +13,7 @@ use idempotent_core::Endpoint;
 use idempotent_core::key::IdempotencyKey;
 use idempotent_core::record::RecordKey;
 use idempotent_core::scope::ScopeDigest;
-use idempotent_core::store::{RedisStore, Tiered};
+use idempotent_core::store::{RedisStore, Store, Tiered};
 use idempotent_core::testing::contract;
 use redis::aio::ConnectionManager;
 use store_support::{
@@ -112,35 +112,46 @@ async fn completed_records_carry_a_redis_expiry_past_their_ttl() {
 #[tokio::test]
 async fn an_expired_value_this_build_cannot_decode_is_taken_over() {
     let Some(url) = backend_url(URL) else { return };
-    let store = store_of_its_own(&url).await;
-    let key = RecordKey::new(
-        ScopeDigest::global(),
-        IdempotencyKey::parse(b"undecodable").unwrap(),
-    );
     // A record of a codec version this build does not know, a second past
     // its deadline: what another release leaves for the clock-skew grace.
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap();
     let deadline = u64::try_from(now.as_millis()).unwrap() - 1_000;
-    let mut value = vec![0x7f];
-    value.extend([0; 32]);
-    value.extend(deadline.to_be_bytes());
-    value.extend(b"a later version's response");
-    let mut connection = manager(&url).await;
-    let () = redis::cmd("SET")
-        .arg(store.redis_key(&key))
-        .arg(value)
-        .arg("PX")
-        .arg(60_000)
-        .query_async(&mut connection)
-        .await
-        .unwrap();
-    let app = payments_app(store, &Ledger::default(), STORE_TIMEOUT);
-    assert_eq!(
-        pay(&app, "undecodable", 1).await.status,
-        StatusCode::CREATED
-    );
+    let mut later_version = vec![0x7f];
+    later_version.extend([0; 32]);
+    later_version.extend(deadline.to_be_bytes());
+    later_version.extend(b"a later version's response");
+    // And values too short to hold a deadline at all (corrupt).
+    for (name, value) in [
+        ("later-version", later_version),
+        ("empty", Vec::new()),
+        ("one-byte", vec![1]),
+        ("forty-bytes", vec![2; 40]),
+    ] {
+        let store = store_of_its_own(&url).await;
+        let key = RecordKey::new(
+            ScopeDigest::global(),
+            IdempotencyKey::parse(name.as_bytes()).unwrap(),
+        );
+        let mut connection = manager(&url).await;
+        let () = redis::cmd("SET")
+            .arg(store.redis_key(&key))
+            .arg(value)
+            .arg("PX")
+            .arg(60_000)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        let read = Store::get(&store, &key).await;
+        assert!(matches!(read, Ok(None)), "{name}: get read {read:?}");
+        let app = payments_app(store, &Ledger::default(), STORE_TIMEOUT);
+        assert_eq!(
+            pay(&app, name, 1).await.status,
+            StatusCode::CREATED,
+            "{name}"
+        );
+    }
 }
 
 /// A `redis-server` this test owns, on a port of its own.

@@ -56,9 +56,12 @@ const EXPIRY_GRACE: Duration = Duration::from_secs(60);
 const MAX_PX: u64 = 100 * 365 * 24 * 60 * 60 * 1000;
 
 /// Shared Lua helpers. Offsets are 1-based: the deadline is bytes 34..=41,
-/// an in-flight token bytes 42..=57.
+/// an in-flight token bytes 42..=57. A value too short to hold a deadline
+/// (corrupt) reads as expired, as `Completed::encoded_expires_at` reads it,
+/// so that it is taken over rather than failing every claim of its key.
 const LUA_PRELUDE: &str = r"
 local function deadline(value)
+    if #value < 41 then return 0 end
     local ms = 0
     for i = 34, 41 do ms = ms * 256 + string.byte(value, i) end
     return ms
@@ -370,6 +373,10 @@ where
         let Some(found) = found else {
             return Ok(None);
         };
+        // An expired value is gone, whether or not this build can decode it.
+        if Completed::encoded_expires_at(&found) <= self.now() {
+            return Ok(None);
+        }
         let record = decode(Bytes::from(found))?;
         Ok((record.deadline() > self.now()).then_some(record))
     }
