@@ -24,8 +24,8 @@ use crate::fingerprint::{Fingerprint, FingerprintError};
 use crate::idempotency::Settings;
 use crate::key::KeyError;
 use crate::problem::{Problem, ProblemKind};
-use crate::record::{Claim, Completed, LeaseToken, RecordKey, StoredResponse};
-use crate::replay::{Collected, collect, replay, replayable_headers};
+use crate::record::{Claim, Completed, LeaseToken, MAX_STORED_HEADERS, RecordKey, StoredResponse};
+use crate::replay::{Collected, NotKept, collect, replay, replayable_headers};
 use crate::request::{IdempotentRequest, ScopeSource};
 use crate::scope::{self, MissingCredential, ScopeDigest};
 use crate::store::StoreError;
@@ -395,19 +395,21 @@ impl Engine {
         body: Collected,
     ) -> impl Future<Output = Response> + Send + '_ {
         async move {
+            let headers = replayable_headers(&parts);
             let (stored_body, body) = match body {
+                Collected::Complete(bytes) if headers.len() > MAX_STORED_HEADERS => {
+                    not_stored(NotKept::TooManyHeaders);
+                    (None, Body::from(bytes))
+                }
                 Collected::Complete(bytes) => (Some(bytes.clone()), Body::from(bytes)),
                 Collected::Partial(body, not_kept) => {
-                    tracing::warn!(
-                        reason = not_kept.reason(),
-                        "response body not stored; retries with this key get 410 response-not-stored"
-                    );
+                    not_stored(not_kept);
                     (None, body)
                 }
             };
             let stored = StoredResponse {
                 status: parts.status,
-                headers: replayable_headers(&parts),
+                headers,
                 body: stored_body,
             };
             let ttl = self.endpoint.result_ttl();
@@ -433,6 +435,13 @@ impl Engine {
             }
         }
     }
+}
+
+fn not_stored(not_kept: NotKept) {
+    tracing::warn!(
+        reason = not_kept.reason(),
+        "response body not stored; retries with this key get 410 response-not-stored"
+    );
 }
 
 /// The answer to a request refused because the store failed: nothing ran.

@@ -11,7 +11,7 @@
 //! | `urn:idempotent:missing-credentials` | 401 | the endpoint is scoped by API key and the request has none (`WWW-Authenticate: Bearer`) |
 //! | `urn:idempotent:invalid-scope` | 400 | the header that scopes the endpoint's keys is missing, or one of the scope's headers was sent more than once |
 //! | `urn:idempotent:request-in-progress` | 409 | the first request with this key is still running (`Retry-After` set) |
-//! | `urn:idempotent:response-not-stored` | 410 | the key's request completed but its response body was not kept (too large, failed, or with trailers) |
+//! | `urn:idempotent:response-not-stored` | 410 | the key's request completed but its response body was not kept (too large, failed, with trailers, or with more headers than a record holds) |
 //! | `urn:idempotent:unreadable-body` | 400 | [`IdempotentLayer`](crate::IdempotentLayer) could not read the request body to its end |
 //! | `urn:idempotent:request-too-large` | 413 | [`IdempotentLayer`](crate::IdempotentLayer) would have to buffer a body over its limit |
 //! | `urn:idempotent:key-reused` | 422 | the key was used before with a different request |
@@ -40,7 +40,8 @@ pub enum ProblemKind {
     /// 409: the first request with this key is still running.
     RequestInProgress,
     /// 410: the response's body was not stored (too large, failed while
-    /// read, or ended with trailers), so it cannot be replayed.
+    /// read, ended with trailers, or came with more headers than a record
+    /// holds), so it cannot be replayed.
     ResponseNotStored,
     /// 413: a body too large for [`IdempotentLayer`](crate::IdempotentLayer) to buffer.
     RequestTooLarge,

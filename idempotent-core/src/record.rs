@@ -210,7 +210,7 @@ pub enum Claim {
 
 mod codec;
 pub use codec::CodecError;
-pub(crate) use codec::MAX_U32_PREFIXED as MAX_STORED_BODY;
+pub(crate) use codec::{MAX_HEADERS as MAX_STORED_HEADERS, MAX_U32_PREFIXED as MAX_STORED_BODY};
 
 #[cfg(test)]
 mod tests {

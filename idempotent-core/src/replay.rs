@@ -87,7 +87,7 @@ fn not_stored(stored: &StoredResponse) -> Problem {
     Problem::new(
         ProblemKind::ResponseNotStored,
         format!(
-            "the request with this idempotency key already completed with status {}, but its response body was not kept (it was larger than the configured limit, failed while being sent, or ended with trailers); it will not be executed again",
+            "the request with this idempotency key already completed with status {}, but its response body was not kept (it was larger than the configured limit, failed while being sent, ended with trailers, or had more than 65,535 headers); it will not be executed again",
             stored.status.as_u16()
         ),
     )
@@ -109,6 +109,7 @@ pub(crate) enum NotKept {
     TooLarge,
     Failed,
     Trailers,
+    TooManyHeaders,
 }
 
 impl NotKept {
@@ -117,6 +118,7 @@ impl NotKept {
             Self::TooLarge => "larger than max_body_bytes",
             Self::Failed => "the body failed while being read",
             Self::Trailers => "the body ended with trailers, which a replay cannot carry",
+            Self::TooManyHeaders => "the response has more headers than a record holds (65,535)",
         }
     }
 }

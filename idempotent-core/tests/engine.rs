@@ -14,7 +14,9 @@ use http_body_util::BodyExt;
 use idempotent_core::clock::ManualClock;
 use idempotent_core::record::{Claim, Record, RecordKey, StoredResponse};
 use idempotent_core::store::{MemoryStore, Store, StoreError};
-use idempotent_core::{Endpoint, Fingerprint, Idempotency, IdempotentRequest, Scope};
+use idempotent_core::{
+    Endpoint, Fingerprint, Idempotency, IdempotentLayer, IdempotentRequest, Scope,
+};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, Semaphore};
 use tower::ServiceExt;
@@ -904,6 +906,35 @@ async fn a_response_body_that_fails_midway_is_never_run_again_and_says_why() {
     let detail = problem["detail"].as_str().unwrap();
     assert!(detail.contains("failed while being sent"), "{detail}");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+async fn many_headers() -> impl IntoResponse {
+    let mut headers = http::HeaderMap::new();
+    for _ in 0..=u16::MAX {
+        headers.append("x-a", http::HeaderValue::from_static("1"));
+    }
+    (StatusCode::CREATED, headers, "made")
+}
+
+#[tokio::test]
+async fn a_response_with_more_headers_than_a_record_holds_is_never_replayed_short() {
+    let app = Router::new()
+        .route("/many", post(many_headers))
+        .route_layer(IdempotentLayer::new(Endpoint::new("many")))
+        .layer(Idempotency::new(MemoryStore::new()));
+    let many = || {
+        Request::post("/many")
+            .header("x-api-key", "caller")
+            .header("idempotency-key", "k")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let first = app.clone().oneshot(many()).await.unwrap();
+    assert_eq!(first.headers().get_all("x-a").iter().count(), 65_536);
+    let (status, _, problem) = send(&app, many()).await;
+    assert_eq!(status, StatusCode::GONE, "{problem}");
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("65,535 headers"), "{detail}");
 }
 
 #[tokio::test]

@@ -107,7 +107,12 @@ impl Completed {
     }
 }
 
-/// How many headers are stored: the count field has 16 bits.
+/// The most headers a record holds: the count field has 16 bits. The
+/// engine stores a response with more without its body, so that it is
+/// never replayed with headers missing.
+pub(crate) const MAX_HEADERS: usize = u16::MAX as usize;
+
+/// How many headers are stored.
 fn header_count(response: &StoredResponse) -> u16 {
     u16::try_from(response.headers.len()).unwrap_or(u16::MAX)
 }
