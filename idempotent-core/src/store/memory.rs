@@ -367,8 +367,9 @@ impl Inner {
         now: u64,
     ) {
         shard.bytes += weight;
-        shard.expiries.push(Expiry { expires_at, hash });
-        self.evict(shard, now);
+        let newest = Expiry { expires_at, hash };
+        shard.expiries.push(newest);
+        self.evict(shard, now, newest);
     }
 
     /// Sets the record of `key` to `state`, whatever it held before.
@@ -425,16 +426,23 @@ impl Inner {
     }
 
     /// Drops completed records, soonest deadline first, while the shard is
-    /// over budget or the soonest has expired. The last record is never
-    /// dropped for space: one larger than the whole budget is kept until the
-    /// next record completes, rather than lost as soon as it is stored.
-    fn evict(&self, shard: &mut Shard, now: u64) {
+    /// over budget or the soonest has expired. The `newest` record, just
+    /// completed, is never dropped for space, even when its deadline is the
+    /// soonest: its retries are the likeliest to come, and one larger than
+    /// the whole budget is kept until the next record completes, rather
+    /// than lost as soon as it is stored.
+    fn evict(&self, shard: &mut Shard, now: u64, newest: Expiry) {
+        let mut set_aside = None;
         while let Some(first) = shard.expiries.first() {
-            let over_budget = shard.bytes > self.shard_budget && shard.expiries.len() > 1;
+            let over_budget = shard.bytes > self.shard_budget;
             if !over_budget && first.expires_at > now {
-                return;
+                break;
             }
             shard.expiries.pop_first();
+            if first == newest && first.expires_at > now {
+                set_aside = Some(first);
+                continue;
+            }
             let Expiry { expires_at, hash } = first;
             // The table calls this for every slot whose hash shares a few
             // bits with `hash`, so the slot's own hash must be compared too:
@@ -451,6 +459,9 @@ impl Inner {
                     shard.bytes -= weight(&encoded);
                 }
             }
+        }
+        if let Some(newest) = set_aside {
+            shard.expiries.push(newest);
         }
     }
 
@@ -653,6 +664,19 @@ mod tests {
     }
 
     #[test]
+    fn the_record_just_completed_stays_even_when_its_deadline_is_the_soonest() {
+        let store = MemoryStore::builder().max_bytes(4 * 1024).build();
+        complete(&store, "day", 2_000, Duration::from_secs(86_400));
+        complete(&store, "hour", 2_000, Duration::from_secs(3_600));
+        assert!(
+            is_completed(&store, "hour"),
+            "the newest record was evicted"
+        );
+        assert!(!is_completed(&store, "day"));
+        assert!(store.completed_bytes() <= 4 * 1024);
+    }
+
+    #[test]
     fn a_store_keeps_records_at_the_default_body_limit_while_it_has_room() {
         let store = MemoryStore::builder().max_bytes(16 * 1024 * 1024).build();
         for i in 0..8 {
@@ -698,7 +722,11 @@ mod tests {
             expires_at: 1_000,
             hash: queued[0],
         });
-        inner.evict(&mut shard, 2_000);
+        let no_newest = Expiry {
+            expires_at: u64::MAX,
+            hash: 0,
+        };
+        inner.evict(&mut shard, 2_000, no_newest);
         let present = |id: [u64; 2]| shard.table.find(id[0], |slot| slot.id == id).is_some();
         assert!(!present(queued), "the queued record stays");
         assert!(present(neighbour), "its neighbour went in its place");
