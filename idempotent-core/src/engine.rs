@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::Either;
 use http::HeaderMap;
@@ -50,6 +51,14 @@ const WAIT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::
 const RETRY_AFTER_SECS: u64 = 1;
 const NOT_STORED: &str =
     "the response could not be stored; a retry after the lease lapses runs again";
+/// Pauses before storing a response again after a store error: a
+/// connection that broke is usually back within them, and the first
+/// caller's response waits for them.
+const STORE_RETRY_PAUSES: [Duration; 3] = [
+    Duration::from_millis(50),
+    Duration::from_millis(200),
+    Duration::from_millis(800),
+];
 const NOT_RELEASED: &str = "could not release the key; it frees when the lease lapses";
 
 /// Everything up to the store is decided here, synchronously, so the
@@ -395,9 +404,8 @@ impl Engine {
         body: Collected,
     ) -> impl Future<Output = Response> + Send + '_ {
         async move {
-            let headers = replayable_headers(&parts);
             let (stored_body, body) = match body {
-                Collected::Complete(bytes) if headers.len() > MAX_STORED_HEADERS => {
+                Collected::Complete(bytes) if parts.headers.len() > MAX_STORED_HEADERS => {
                     not_stored(NotKept::TooManyHeaders);
                     (None, Body::from(bytes))
                 }
@@ -407,20 +415,49 @@ impl Engine {
                     (None, body)
                 }
             };
+            // Under the lease too: a slow store must not let it lapse while
+            // the record is on its way, or a duplicate would run again.
+            {
+                let storing = pin!(self.store(token, &parts, stored_body));
+                self.renewing(token, storing).await;
+            }
+            Response::from_parts(parts, body)
+        }
+    }
+
+    /// Completes the record with the response, trying again after a store
+    /// error: until the record is stored, a retry that comes after the
+    /// lease lapses runs the handler again.
+    async fn store(&self, token: LeaseToken, parts: &Parts, body: Option<Bytes>) {
+        let mut pauses = STORE_RETRY_PAUSES.iter();
+        loop {
+            // Rebuilt for each attempt from what the caller gets, so the
+            // first one costs no copy.
             let stored = StoredResponse {
                 status: parts.status,
-                headers,
-                body: stored_body,
+                headers: replayable_headers(parts),
+                body: body.clone(),
             };
             let ttl = self.endpoint.result_ttl();
             let completing = self.settings.store.complete(&self.key, token, stored, ttl);
-            match self.timed(completing).await {
-                Ok(()) => tracing::debug!(outcome = "executed", status = parts.status.as_u16()),
-                Err(error) => {
+            let error = match self.timed(completing).await {
+                Ok(()) => {
+                    tracing::debug!(outcome = "executed", status = parts.status.as_u16());
+                    return;
+                }
+                Err(error) => error,
+            };
+            match pauses.next() {
+                Some(pause) if !matches!(error, StoreError::LeaseLost) => {
+                    tracing::warn!(%error, "could not store the response; trying again");
+                    // Boxed: only a failed attempt pays for the timer.
+                    Box::pin(tokio::time::sleep(*pause)).await;
+                }
+                _ => {
                     tracing::error!(%error, outcome = "store_error", message = NOT_STORED);
+                    return;
                 }
             }
-            Response::from_parts(parts, body)
         }
     }
 

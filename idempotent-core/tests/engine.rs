@@ -12,7 +12,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use http_body_util::BodyExt;
 use idempotent_core::clock::ManualClock;
-use idempotent_core::record::{Claim, Record, RecordKey, StoredResponse};
+use idempotent_core::record::{Claim, LeaseToken, Record, RecordKey, StoredResponse};
 use idempotent_core::store::{MemoryStore, Store, StoreError};
 use idempotent_core::{
     Endpoint, Fingerprint, Idempotency, IdempotentLayer, IdempotentRequest, Scope,
@@ -954,6 +954,121 @@ async fn a_response_body_that_panics_releases_the_key() {
     assert_eq!(status, StatusCode::CREATED);
     assert!(!replayed(&headers));
     assert_eq!(retried["run"], 2);
+}
+
+#[cfg(feature = "test-util")]
+#[tokio::test]
+async fn a_completion_that_fails_once_is_tried_again_so_a_later_retry_replays() {
+    use idempotent_core::testing::{MockStore, OpKind};
+    let store = MockStore::new();
+    let handler = Handler::default();
+    let app = app(store.clone(), &handler);
+    let body = json!({"amount": 10});
+    store.fail_next(OpKind::Complete);
+    let (status, _, first) = send(&app, request(Some("k"), &body)).await;
+    assert_eq!(
+        (status, first["run"].as_u64()),
+        (StatusCode::CREATED, Some(1))
+    );
+    // Past the lease: had the record stayed in flight, this would run again.
+    store.advance(Duration::from_secs(61));
+    let (status, headers, again) = send(&app, request(Some("k"), &body)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(replayed(&headers), "the handler ran again: {again}");
+    assert_eq!(handler.runs(), 1);
+}
+
+/// A clock that follows tokio's paused clock, as the system clock follows
+/// real time.
+#[derive(Debug, Clone)]
+struct TokioClock(tokio::time::Instant);
+
+impl idempotent_core::clock::Clock for TokioClock {
+    fn now_millis(&self) -> u64 {
+        1_000_000 + u64::try_from(self.0.elapsed().as_millis()).unwrap()
+    }
+}
+
+/// A memory store whose `complete` takes `delay` before it applies, as
+/// over a slow network.
+struct SlowCompletion {
+    inner: MemoryStore,
+    delay: Duration,
+}
+
+impl Store for SlowCompletion {
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.inner.claim(key, fingerprint, lease).await
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.renew(key, token, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.complete(key, token, response, ttl).await
+    }
+
+    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        self.inner.release(key, token).await
+    }
+
+    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        self.inner.get(key).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_lease_is_renewed_while_the_response_is_being_stored() {
+    let memory = MemoryStore::builder()
+        .clock(TokioClock(tokio::time::Instant::now()))
+        .build();
+    // Within the 2 s store timeout, but most of a 2 s lease.
+    let store = SlowCompletion {
+        inner: memory,
+        delay: Duration::from_millis(1_900),
+    };
+    let gate = Arc::new(Semaphore::new(0));
+    let handler = Handler {
+        gate: Some(gate.clone()),
+        ..Handler::default()
+    };
+    let endpoint = Endpoint::new("pay").lease(Duration::from_secs(2));
+    let app = app_with(Idempotency::new(store), &handler, endpoint);
+    let body = json!({"amount": 10});
+    let first = spawn_send(&app, "k", &body);
+    handler.started.notified().await;
+    tokio::time::sleep(Duration::from_millis(5_000)).await;
+    gate.add_permits(1);
+    // The response is on its way to the store when the duplicate comes.
+    tokio::time::sleep(Duration::from_millis(1_750)).await;
+    let (status, _, _) = send(&app, request(Some("k"), &body)).await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "the lease lapsed while storing"
+    );
+    gate.add_permits(1);
+    let (status, _, _) = first.await.unwrap();
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(handler.runs(), 1);
 }
 
 /// A store whose every call fails, or hangs.

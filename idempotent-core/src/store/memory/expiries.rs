@@ -61,7 +61,8 @@ impl Expiries {
         }
     }
 
-    pub(super) fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.in_order.len() + self.out_of_order.len()
     }
 }
