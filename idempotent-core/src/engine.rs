@@ -390,7 +390,12 @@ impl Engine {
                     );
                     return;
                 }
-                Err(error) => tracing::warn!(%error, "could not renew the lease; retrying"),
+                Err(error) => {
+                    tracing::warn!(%error, "could not renew the lease; retrying");
+                    // Soon, not a whole period later: two failures a period
+                    // apart would let the lease lapse under a running handler.
+                    ticker.reset_after(period / 8);
+                }
             }
         }
     }

@@ -989,14 +989,29 @@ impl idempotent_core::clock::Clock for TokioClock {
     }
 }
 
-/// A memory store whose `complete` takes `delay` before it applies, as
-/// over a slow network.
-struct SlowCompletion {
+/// A memory store on tokio's clock whose `complete` takes
+/// `completion_delay` before it applies, as over a slow network, and whose
+/// next `failing_renewals` renewals fail.
+struct Unreliable {
     inner: MemoryStore,
-    delay: Duration,
+    completion_delay: Duration,
+    failing_renewals: AtomicUsize,
 }
 
-impl Store for SlowCompletion {
+impl Unreliable {
+    fn new(completion_delay: Duration, failing_renewals: usize) -> Self {
+        let inner = MemoryStore::builder()
+            .clock(TokioClock(tokio::time::Instant::now()))
+            .build();
+        Self {
+            inner,
+            completion_delay,
+            failing_renewals: AtomicUsize::new(failing_renewals),
+        }
+    }
+}
+
+impl Store for Unreliable {
     async fn claim(
         &self,
         key: &RecordKey,
@@ -1012,6 +1027,12 @@ impl Store for SlowCompletion {
         token: LeaseToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
+        let failing = self
+            .failing_renewals
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            return Err(StoreError::backend("injected renewal failure"));
+        }
         self.inner.renew(key, token, lease).await
     }
 
@@ -1022,7 +1043,7 @@ impl Store for SlowCompletion {
         response: StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        tokio::time::sleep(self.delay).await;
+        tokio::time::sleep(self.completion_delay).await;
         self.inner.complete(key, token, response, ttl).await
     }
 
@@ -1037,14 +1058,8 @@ impl Store for SlowCompletion {
 
 #[tokio::test(start_paused = true)]
 async fn the_lease_is_renewed_while_the_response_is_being_stored() {
-    let memory = MemoryStore::builder()
-        .clock(TokioClock(tokio::time::Instant::now()))
-        .build();
     // Within the 2 s store timeout, but most of a 2 s lease.
-    let store = SlowCompletion {
-        inner: memory,
-        delay: Duration::from_millis(1_900),
-    };
+    let store = Unreliable::new(Duration::from_millis(1_900), 0);
     let gate = Arc::new(Semaphore::new(0));
     let handler = Handler {
         gate: Some(gate.clone()),
@@ -1068,6 +1083,36 @@ async fn the_lease_is_renewed_while_the_response_is_being_stored() {
     gate.add_permits(1);
     let (status, _, _) = first.await.unwrap();
     assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(handler.runs(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_renewal_is_tried_again_before_the_lease_lapses() {
+    // A 3 s lease is renewed every second; three renewals in a row fail.
+    let store = Unreliable::new(Duration::ZERO, 3);
+    let gate = Arc::new(Semaphore::new(0));
+    let handler = Handler {
+        gate: Some(gate.clone()),
+        ..Handler::default()
+    };
+    let endpoint = Endpoint::new("pay").lease(Duration::from_secs(3));
+    let app = app_with(Idempotency::new(store), &handler, endpoint);
+    let body = json!({"amount": 10});
+    let first = spawn_send(&app, "k", &body);
+    handler.started.notified().await;
+    // Waiting a whole period after each failure, the lease would lapse at
+    // 3 s with the third failure.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    // A duplicate that took the key over would wait at the gate too.
+    let duplicate = send(&app, request(Some("k"), &body));
+    let answer = tokio::time::timeout(Duration::from_secs(1), duplicate).await;
+    assert_eq!(
+        answer.map(|(status, _, _)| status).ok(),
+        Some(StatusCode::CONFLICT),
+        "the lease lapsed and the duplicate ran the handler"
+    );
+    gate.add_permits(1);
+    assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
     assert_eq!(handler.runs(), 1);
 }
 
