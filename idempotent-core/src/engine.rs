@@ -25,7 +25,9 @@ use crate::fingerprint::{Fingerprint, FingerprintError};
 use crate::idempotency::Settings;
 use crate::key::KeyError;
 use crate::problem::{Problem, ProblemKind};
-use crate::record::{Claim, Completed, LeaseToken, MAX_STORED_HEADERS, RecordKey, StoredResponse};
+use crate::record::{
+    Claim, Completed, LeaseToken, MAX_STORED_HEADERS, Record, RecordKey, StoredResponse,
+};
 use crate::replay::{Collected, NotKept, collect, replay, replayable_headers};
 use crate::request::{IdempotentRequest, ScopeSource};
 use crate::scope::{self, MissingCredential, ScopeDigest};
@@ -434,36 +436,66 @@ impl Engine {
     /// error: until the record is stored, a retry that comes after the
     /// lease lapses runs the handler again.
     async fn store(&self, token: LeaseToken, parts: &Parts, body: Option<Bytes>) {
-        let mut pauses = STORE_RETRY_PAUSES.iter();
-        loop {
-            // Rebuilt for each attempt from what the caller gets, so the
-            // first one costs no copy.
-            let stored = StoredResponse {
-                status: parts.status,
-                headers: replayable_headers(parts),
-                body: body.clone(),
-            };
-            let ttl = self.endpoint.result_ttl();
-            let completing = self.settings.store.complete(&self.key, token, stored, ttl);
-            let error = match self.timed(completing).await {
+        match self.complete(token, parts, body.clone()).await {
+            Ok(()) => tracing::debug!(outcome = "executed", status = parts.status.as_u16()),
+            // Boxed: only a failed attempt pays for the retries.
+            Err(error) => Box::pin(self.store_again(token, parts, body, error)).await,
+        }
+    }
+
+    async fn store_again(
+        &self,
+        token: LeaseToken,
+        parts: &Parts,
+        body: Option<Bytes>,
+        mut error: StoreError,
+    ) {
+        let mut retried = false;
+        for pause in STORE_RETRY_PAUSES {
+            if matches!(error, StoreError::LeaseLost) {
+                break;
+            }
+            tracing::warn!(%error, "could not store the response; trying again");
+            tokio::time::sleep(pause).await;
+            retried = true;
+            match self.complete(token, parts, body.clone()).await {
                 Ok(()) => {
                     tracing::debug!(outcome = "executed", status = parts.status.as_u16());
                     return;
                 }
-                Err(error) => error,
-            };
-            match pauses.next() {
-                Some(pause) if !matches!(error, StoreError::LeaseLost) => {
-                    tracing::warn!(%error, "could not store the response; trying again");
-                    // Boxed: only a failed attempt pays for the timer.
-                    Box::pin(tokio::time::sleep(*pause)).await;
-                }
-                _ => {
-                    tracing::error!(%error, outcome = "store_error", message = NOT_STORED);
-                    return;
-                }
+                Err(again) => error = again,
             }
         }
+        // An attempt that timed out may have been applied, and then the
+        // lease is gone because the record is stored.
+        if retried && self.stored_already().await {
+            tracing::debug!(outcome = "executed", status = parts.status.as_u16());
+            return;
+        }
+        tracing::error!(%error, outcome = "store_error", message = NOT_STORED);
+    }
+
+    /// One attempt at completing the record, the stored response rebuilt
+    /// from what the caller gets so that the first attempt costs no copy.
+    fn complete(
+        &self,
+        token: LeaseToken,
+        parts: &Parts,
+        body: Option<Bytes>,
+    ) -> impl Future<Output = Result<(), StoreError>> {
+        let stored = StoredResponse {
+            status: parts.status,
+            headers: replayable_headers(parts),
+            body,
+        };
+        let ttl = self.endpoint.result_ttl();
+        self.timed(self.settings.store.complete(&self.key, token, stored, ttl))
+    }
+
+    /// Whether the store holds this request's completed record.
+    async fn stored_already(&self) -> bool {
+        let read = self.timed(self.settings.store.get(&self.key)).await;
+        matches!(read, Ok(Some(Record::Completed(record))) if record.fingerprint == self.fingerprint)
     }
 
     async fn release(&self, token: LeaseToken, reason: &'static str) {

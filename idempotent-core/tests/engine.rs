@@ -463,6 +463,8 @@ async fn outcomes_are_logged_once_inside_the_requests_span() {
     request_then_replay_log_in_the_span(&recorder).await;
     recorder.outcomes.lock().unwrap().clear();
     a_dropped_clients_run_logs_in_the_span(&recorder).await;
+    recorder.outcomes.lock().unwrap().clear();
+    a_completion_applied_but_timed_out_logs_executed(&recorder).await;
 }
 
 async fn request_then_replay_log_in_the_span(recorder: &SpanRecorder) {
@@ -492,6 +494,31 @@ async fn a_dropped_clients_run_logs_in_the_span(recorder: &SpanRecorder) {
         [("executed".to_owned(), vec!["idempotent"])],
         "the rest of the run, on its own task, logs in the request's span"
     );
+}
+
+async fn a_completion_applied_but_timed_out_logs_executed(recorder: &SpanRecorder) {
+    let store = Unreliable::new(Duration::ZERO, 0);
+    store.lost_completion_replies.store(1, Ordering::SeqCst);
+    let handler = Handler::default();
+    let app = app(store, &handler);
+    let body = json!({"amount": 5});
+    for _ in 0..2 {
+        let (status, _, _) = send(&app, request(Some("k"), &body)).await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let outcomes: Vec<String> = recorder
+        .outcomes
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(outcome, _)| outcome.clone())
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["executed", "replayed"],
+        "the second attempt's LeaseLost is the record already stored, not a store error"
+    );
+    assert_eq!(handler.runs(), 1);
 }
 
 #[tokio::test]
@@ -990,12 +1017,21 @@ impl idempotent_core::clock::Clock for TokioClock {
 }
 
 /// A memory store on tokio's clock whose `complete` takes
-/// `completion_delay` before it applies, as over a slow network, and whose
-/// next `failing_renewals` renewals fail.
+/// `completion_delay` before it applies, as over a slow network, whose
+/// next `failing_renewals` renewals fail, and whose next
+/// `lost_completion_replies` completions apply but answer a timeout.
 struct Unreliable {
     inner: MemoryStore,
     completion_delay: Duration,
     failing_renewals: AtomicUsize,
+    lost_completion_replies: AtomicUsize,
+}
+
+/// Takes one from `counter` if it is above zero.
+fn take_one(counter: &AtomicUsize) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 impl Unreliable {
@@ -1007,6 +1043,7 @@ impl Unreliable {
             inner,
             completion_delay,
             failing_renewals: AtomicUsize::new(failing_renewals),
+            lost_completion_replies: AtomicUsize::new(0),
         }
     }
 }
@@ -1027,10 +1064,7 @@ impl Store for Unreliable {
         token: LeaseToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        let failing = self
-            .failing_renewals
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-        if failing.is_ok() {
+        if take_one(&self.failing_renewals) {
             return Err(StoreError::backend("injected renewal failure"));
         }
         self.inner.renew(key, token, lease).await
@@ -1044,7 +1078,11 @@ impl Store for Unreliable {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         tokio::time::sleep(self.completion_delay).await;
-        self.inner.complete(key, token, response, ttl).await
+        self.inner.complete(key, token, response, ttl).await?;
+        if take_one(&self.lost_completion_replies) {
+            return Err(StoreError::Timeout(Duration::from_secs(2)));
+        }
+        Ok(())
     }
 
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
