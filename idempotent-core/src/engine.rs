@@ -298,6 +298,7 @@ impl Engine {
         let detachable = Detachable {
             pipeline: Some(pipeline),
             span: tracing::Span::current(),
+            polling: false,
         };
         detachable.map(|outcome| match outcome {
             Ok(response) => response,
@@ -561,26 +562,33 @@ struct Detachable {
     /// The request's span, which the request's future enters around every
     /// poll; only a spawned rest needs to enter it itself.
     span: tracing::Span,
+    /// Set while the pipeline is polled: still set when it is dropped, the
+    /// pipeline itself panicked.
+    polling: bool,
 }
 
 impl Future for Detachable {
     type Output = Result<Response, Panic>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let Some(pipeline) = self.pipeline.as_mut() else {
+        let this = &mut *self;
+        let Some(pipeline) = this.pipeline.as_mut() else {
             return Poll::Pending;
         };
-        let output = std::task::ready!(pipeline.as_mut().poll(cx));
-        self.pipeline = None;
+        this.polling = true;
+        let polled = pipeline.as_mut().poll(cx);
+        this.polling = false;
+        let output = std::task::ready!(polled);
+        this.pipeline = None;
         Poll::Ready(output)
     }
 }
 
 impl Drop for Detachable {
     fn drop(&mut self) {
-        // While unwinding, the pipeline itself panicked: it must not be
-        // polled again.
-        if std::thread::panicking() {
+        // The pipeline itself panicked: it must not be polled again. A
+        // request dropped during some other unwind still finishes.
+        if self.polling {
             return;
         }
         let Some(pipeline) = self.pipeline.take() else {

@@ -385,6 +385,41 @@ async fn a_dropped_client_still_gets_its_outcome_stored() {
     assert_eq!(handler.runs(), 1);
 }
 
+#[tokio::test]
+async fn a_request_dropped_while_its_task_unwinds_from_another_panic_still_finishes() {
+    let gate = Arc::new(Semaphore::new(0));
+    let handler = Handler {
+        gate: Some(gate.clone()),
+        ..Handler::default()
+    };
+    let store = MemoryStore::new();
+    let app = app(store.clone(), &handler);
+    let body = json!({"amount": 5});
+    let first = request(Some("k"), &body);
+    let (outer, started) = (app.clone(), handler.started.clone());
+    let task = tokio::spawn(async move {
+        let mut response = std::pin::pin!(outer.oneshot(first));
+        tokio::select! {
+            _ = &mut response => unreachable!("the handler waits at the gate"),
+            () = started.notified() => {}
+        }
+        // Something else in this task panics while the request is held.
+        panic!("an unrelated failure");
+    });
+    assert!(task.await.unwrap_err().is_panic());
+
+    gate.add_permits(1);
+    for _ in 0..100 {
+        if store.completed_len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (status, headers, replay) = send(&app, request(Some("k"), &body)).await;
+    assert_eq!((status, replayed(&headers)), (StatusCode::CREATED, true));
+    assert_eq!(replay["run"], 1);
+}
+
 /// Records which spans each event was emitted in (on the current thread,
 /// which runs every task of a `#[tokio::test]`).
 #[derive(Default)]
