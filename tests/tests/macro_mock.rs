@@ -146,22 +146,50 @@ async fn an_outage_refuses_everything_until_it_ends() {
     );
 }
 
-#[tokio::test]
-async fn a_lost_complete_holds_the_key_until_the_lease_lapses() {
+/// Storing is tried four times (after 50, 200 and 800 ms pauses, paused
+/// time here), so a store that fails them all loses the outcome.
+fn fail_every_completion_attempt(store: &MockStore) {
+    for _ in 0..4 {
+        store.fail_next(OpKind::Complete);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_complete_that_fails_once_is_tried_again() {
     let store = MockStore::new();
     let app = app(&store);
-    // The handler runs but its response cannot be stored.
     store.fail_next(OpKind::Complete);
     assert_eq!(
         post_charge(&app, "/charges", "k", 5).await,
         StatusCode::CREATED
     );
+    assert_eq!(store.failures(), 1);
     assert_eq!(
         store.operations().last(),
-        Some(&Operation::Failed {
-            op: OpKind::Complete
+        Some(&Operation::Complete {
+            status: StatusCode::CREATED
         })
     );
+    store.advance(Duration::from_secs(61));
+    assert_eq!(
+        post_charge(&app, "/charges", "k", 5).await,
+        StatusCode::CREATED
+    );
+    store.assert_executed_once();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_complete_holds_the_key_until_the_lease_lapses() {
+    let store = MockStore::new();
+    let app = app(&store);
+    // The handler runs but its response cannot be stored, however often
+    // it is tried.
+    fail_every_completion_attempt(&store);
+    assert_eq!(
+        post_charge(&app, "/charges", "k", 5).await,
+        StatusCode::CREATED
+    );
+    assert_eq!(store.failures(), 4);
     // The claim is still held, so a retry is told to come back later...
     assert_eq!(
         post_charge(&app, "/charges", "k", 5).await,
@@ -228,14 +256,14 @@ async fn short_lease(Json(charge): Json<Charge>) -> (StatusCode, Json<u64>) {
     (StatusCode::CREATED, Json(charge.amount))
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn the_lease_option_sets_how_long_an_orphaned_claim_holds() {
     let store = MockStore::new();
     let app = Router::new()
         .route("/charges", post(short_lease))
         .layer(store.layer());
     // The outcome is lost, as if the process died before storing it.
-    store.fail_next(OpKind::Complete);
+    fail_every_completion_attempt(&store);
     post_charge(&app, "/charges", "k", 5).await;
     store.advance(Duration::from_secs(4));
     assert_eq!(
