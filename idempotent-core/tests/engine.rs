@@ -1129,20 +1129,36 @@ impl Store for Unreliable {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn the_lease_is_renewed_while_the_response_is_being_stored() {
-    // Within the 2 s store timeout, but most of a 2 s lease.
-    let store = Unreliable::new(Duration::from_millis(1_900), 0);
+/// A first request under `k` to a handler held at a gate, on `store` with
+/// a lease of `lease_secs`, once the handler has started.
+async fn running_behind_a_gate(
+    store: impl Store,
+    lease_secs: u64,
+    body: &Value,
+) -> (
+    Router,
+    Handler,
+    Arc<Semaphore>,
+    tokio::task::JoinHandle<(StatusCode, http::HeaderMap, Value)>,
+) {
     let gate = Arc::new(Semaphore::new(0));
     let handler = Handler {
         gate: Some(gate.clone()),
         ..Handler::default()
     };
-    let endpoint = Endpoint::new("pay").lease(Duration::from_secs(2));
+    let endpoint = Endpoint::new("pay").lease(Duration::from_secs(lease_secs));
     let app = app_with(Idempotency::new(store), &handler, endpoint);
-    let body = json!({"amount": 10});
-    let first = spawn_send(&app, "k", &body);
+    let first = spawn_send(&app, "k", body);
     handler.started.notified().await;
+    (app, handler, gate, first)
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_lease_is_renewed_while_the_response_is_being_stored() {
+    // Within the 2 s store timeout, but most of a 2 s lease.
+    let store = Unreliable::new(Duration::from_millis(1_900), 0);
+    let body = json!({"amount": 10});
+    let (app, handler, gate, first) = running_behind_a_gate(store, 2, &body).await;
     tokio::time::sleep(Duration::from_millis(5_000)).await;
     gate.add_permits(1);
     // The response is on its way to the store when the duplicate comes.
@@ -1163,16 +1179,8 @@ async fn the_lease_is_renewed_while_the_response_is_being_stored() {
 async fn a_failed_renewal_is_tried_again_before_the_lease_lapses() {
     // A 3 s lease is renewed every second; three renewals in a row fail.
     let store = Unreliable::new(Duration::ZERO, 3);
-    let gate = Arc::new(Semaphore::new(0));
-    let handler = Handler {
-        gate: Some(gate.clone()),
-        ..Handler::default()
-    };
-    let endpoint = Endpoint::new("pay").lease(Duration::from_secs(3));
-    let app = app_with(Idempotency::new(store), &handler, endpoint);
     let body = json!({"amount": 10});
-    let first = spawn_send(&app, "k", &body);
-    handler.started.notified().await;
+    let (app, handler, gate, first) = running_behind_a_gate(store, 3, &body).await;
     // Waiting a whole period after each failure, the lease would lapse at
     // 3 s with the third failure.
     tokio::time::sleep(Duration::from_millis(3_500)).await;
