@@ -293,6 +293,7 @@ impl Engine {
     /// glibc's per-thread cache hands out: at 1,072 bytes each first
     /// execution took malloc's slower large-block path, about 1,200
     /// instructions more per request (`bench/src/bin/request-cost.rs`).
+    /// A test checks the budget in release builds (CI runs it).
     fn execute(self, token: LeaseToken, handler: Handler) -> impl Future<Output = Response> + Send {
         let pipeline: Pipeline = Box::pin(self.run_claimed(token, handler));
         let detachable = Detachable {
@@ -604,5 +605,39 @@ impl Drop for Detachable {
                 "request dropped outside a tokio runtime; its outcome is lost until the lease lapses"
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Idempotency;
+    use crate::key::IdempotencyKey;
+    use crate::store::MemoryStore;
+
+    /// The budget `Engine::execute` keeps the boxed pipeline under. Release
+    /// builds only (`cargo test --release -p idempotent-core --lib
+    /// pipeline`, which CI runs): debug builds lay futures out larger, and
+    /// release is what servers run.
+    #[test]
+    #[cfg_attr(
+        debug_assertions,
+        ignore = "futures are laid out larger in debug builds; run with --release"
+    )]
+    fn the_boxed_pipeline_fits_a_block_of_glibcs_per_thread_cache() {
+        let engine = Engine {
+            settings: Idempotency::new(MemoryStore::new()).inner,
+            endpoint: Endpoint::new("pay"),
+            key: RecordKey::new(
+                ScopeDigest::global(),
+                IdempotencyKey::parse(b"k").expect("a valid key"),
+            ),
+            fingerprint: Fingerprint::from_bytes([0; 32]),
+            _request_headers: None,
+        };
+        let handler: Handler = Box::pin(async { Response::new(Body::empty()) });
+        let pipeline = engine.run_claimed(LeaseToken::random(), handler);
+        let size = std::mem::size_of_val(&pipeline);
+        assert!(size < 1_032, "the pipeline takes {size} bytes");
     }
 }
