@@ -438,43 +438,44 @@ impl Engine {
     /// error: until the record is stored, a retry that comes after the
     /// lease lapses runs the handler again.
     async fn store(&self, token: LeaseToken, parts: &Parts, body: Option<Bytes>) {
-        match self.complete(token, parts, body.clone()).await {
-            Ok(()) => tracing::debug!(outcome = "executed", status = parts.status.as_u16()),
+        let stored = match self.complete(token, parts, body.clone()).await {
+            Ok(()) => Ok(()),
             // Boxed: only a failed attempt pays for the retries.
             Err(error) => Box::pin(self.store_again(token, parts, body, error)).await,
+        };
+        match stored {
+            Ok(()) => tracing::debug!(outcome = "executed", status = parts.status.as_u16()),
+            Err(error) => tracing::error!(%error, outcome = "store_error", message = NOT_STORED),
         }
     }
 
+    /// The attempts after a first one failed with `error`.
     async fn store_again(
         &self,
         token: LeaseToken,
         parts: &Parts,
         body: Option<Bytes>,
         mut error: StoreError,
-    ) {
-        let mut retried = false;
+    ) -> Result<(), StoreError> {
+        // A lost lease is final: another request holds the key.
+        let retried = !matches!(error, StoreError::LeaseLost);
         for pause in STORE_RETRY_PAUSES {
             if matches!(error, StoreError::LeaseLost) {
                 break;
             }
             tracing::warn!(%error, "could not store the response; trying again");
             tokio::time::sleep(pause).await;
-            retried = true;
             match self.complete(token, parts, body.clone()).await {
-                Ok(()) => {
-                    tracing::debug!(outcome = "executed", status = parts.status.as_u16());
-                    return;
-                }
+                Ok(()) => return Ok(()),
                 Err(again) => error = again,
             }
         }
         // An attempt that timed out may have been applied, and then the
         // lease is gone because the record is stored.
         if retried && self.stored_already().await {
-            tracing::debug!(outcome = "executed", status = parts.status.as_u16());
-            return;
+            return Ok(());
         }
-        tracing::error!(%error, outcome = "store_error", message = NOT_STORED);
+        Err(error)
     }
 
     /// One attempt at completing the record, the stored response rebuilt
