@@ -14,6 +14,7 @@ use axum::extract::{FromRequestParts, OptionalFromRequestParts};
 use http::request::Parts;
 use http::{HeaderMap, HeaderName};
 
+use crate::field::{Repeated, at_most_once};
 use crate::problem::Problem;
 
 /// The request header that carries the key.
@@ -57,14 +58,9 @@ impl IdempotencyKey {
     /// # Errors
     /// More than one `Idempotency-Key` field, or an invalid value.
     pub fn from_headers(headers: &HeaderMap) -> Result<Option<Self>, KeyError> {
-        let mut fields = headers.get_all(IDEMPOTENCY_KEY).iter();
-        let Some(first) = fields.next() else {
-            return Ok(None);
-        };
-        if fields.next().is_some() {
-            return Err(KeyError::MultipleFields);
-        }
-        Self::parse(first.as_bytes()).map(Some)
+        let field =
+            at_most_once(headers, IDEMPOTENCY_KEY).map_err(|Repeated| KeyError::MultipleFields)?;
+        field.map(|value| Self::parse(value.as_bytes())).transpose()
     }
 
     /// The key itself.

@@ -25,6 +25,7 @@ mod digest;
 mod endpoint;
 mod engine;
 mod exact;
+mod field;
 pub mod fingerprint;
 mod idempotency;
 pub mod key;

@@ -12,6 +12,7 @@ use http::HeaderMap;
 use http::header::AUTHORIZATION;
 
 use crate::digest::{hex, sha256_framed};
+use crate::field::{Repeated, at_most_once};
 
 /// How an endpoint tells callers apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,17 +123,13 @@ fn single<N>(headers: &HeaderMap, name: N) -> Result<Option<&http::HeaderValue>,
 where
     N: http::header::AsHeaderName + Copy + fmt::Display,
 {
-    let mut values = headers.get_all(name).iter();
-    let first = values.next();
-    if values.next().is_some() {
-        return Err(MissingCredential {
-            detail: format!(
-                "the `{name}` header, which scopes idempotency keys, was sent more than once: send it once"
-            ),
-            bearer: false,
-        });
-    }
-    Ok(first.filter(|value| !value.is_empty()))
+    let value = at_most_once(headers, name).map_err(|Repeated| MissingCredential {
+        detail: format!(
+            "the `{name}` header, which scopes idempotency keys, was sent more than once: send it once"
+        ),
+        bearer: false,
+    })?;
+    Ok(value.filter(|value| !value.is_empty()))
 }
 
 /// Resolves a built-in scope from request headers. `Ok(None)` for
