@@ -495,11 +495,21 @@ fn endpoint_name(args: &Args, name: &Ident) -> TokenStream {
 /// the process, so its ids need not survive a change of the source.
 fn endpoint_id(args: &Args, name: &Ident, private: &TokenStream) -> TokenStream {
     let endpoint = endpoint_name(args, name);
+    let place = place();
     quote! {
-        { #private::endpoint_id(::core::concat!(
-            #endpoint, " ", ::core::file!(), ":", ::core::line!(), ":", ::core::column!()
-        )) }
+        { #private::endpoint_id(::core::concat!(#endpoint, " ", #place)) }
     }
+}
+
+/// Where the attribute stands, `file:line:column`, as a string literal.
+fn place() -> TokenStream {
+    quote!(::core::concat!(
+        ::core::file!(),
+        ":",
+        ::core::line!(),
+        ":",
+        ::core::column!()
+    ))
 }
 
 /// The extractor of the request's idempotency context. Where the scope
@@ -609,10 +619,10 @@ fn checked_name(args: &Args, fingerprint: TokenStream, private: &TokenStream) ->
     if args.name.is_some() {
         return fingerprint;
     }
+    let place = place();
     quote! {{
-        static __IDEMPOTENT_DEFAULT_NAME: #private::DefaultName = #private::DefaultName::new(
-            ::core::concat!(::core::file!(), ":", ::core::line!(), ":", ::core::column!())
-        );
+        static __IDEMPOTENT_DEFAULT_NAME: #private::DefaultName =
+            #private::DefaultName::new(#place);
         match __IDEMPOTENT_DEFAULT_NAME.check(__IDEMPOTENT_ENDPOINT.name()) {
             ::core::result::Result::Ok(()) => #fingerprint,
             ::core::result::Result::Err(error) => ::core::result::Result::Err(error),
