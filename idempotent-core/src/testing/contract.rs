@@ -375,13 +375,8 @@ pub async fn long_keys<S: Store>(store: Arc<S>, _clock: ManualClock) {
 /// Keys that differ only in case are separate records, as the key is an
 /// opaque string (a case-insensitive column or collation would merge them).
 pub async fn keys_are_case_sensitive<S: Store>(store: Arc<S>, _clock: ManualClock) {
-    let scope = ScopeDigest::from_bytes(rand::random());
-    for (index, key) in ["order-1", "Order-1", "ORDER-1"].into_iter().enumerate() {
-        let key = RecordKey::new(scope, parse_key(key));
-        let body = format!("record {index}");
-        let response = response(StatusCode::OK, body.as_bytes());
-        round_trip(&*store, &key, index, response, "keys_are_case_sensitive").await;
-    }
+    let keys = ["order-1", "Order-1", "ORDER-1"].map(parse_key);
+    each_its_own_record(&*store, keys, "keys_are_case_sensitive").await;
 }
 
 /// A key may hold any printable ASCII (the header's quoted form carries
@@ -389,24 +384,31 @@ pub async fn keys_are_case_sensitive<S: Store>(store: Arc<S>, _clock: ManualCloc
 /// store that escapes, trims or pattern-matches keys (SQL `LIKE`, Redis
 /// globs, a separator in a composite key) must still keep them apart.
 pub async fn keys_with_any_printable_character<S: Store>(store: Arc<S>, _clock: ManualClock) {
-    let scope = ScopeDigest::from_bytes(rand::random());
     let keys = [
         "a b", "a_b", "a%b", "a%20b", "a\"b", "a\\b", "a'b", "a;b", "a,b", "{a}", "a*", "a?",
         "[a]", "a:b", " a", "a ",
-    ];
+    ]
+    .map(|key| {
+        parse_key(&format!(
+            "\"{}\"",
+            key.replace('\\', "\\\\").replace('"', "\\\"")
+        ))
+    });
+    each_its_own_record(&*store, keys, "keys_with_any_printable_character").await;
+}
+
+/// Each of `keys`, in one scope, stores and replays a response of its own.
+async fn each_its_own_record<S: Store>(
+    store: &S,
+    keys: impl IntoIterator<Item = IdempotencyKey>,
+    check: &str,
+) {
+    let scope = ScopeDigest::from_bytes(rand::random());
     for (index, key) in keys.into_iter().enumerate() {
-        let quoted = format!("\"{}\"", key.replace('\\', "\\\\").replace('"', "\\\""));
-        let key = RecordKey::new(scope, parse_key(&quoted));
+        let key = RecordKey::new(scope, key);
         let body = format!("record {index}");
         let response = response(StatusCode::OK, body.as_bytes());
-        round_trip(
-            &*store,
-            &key,
-            index,
-            response,
-            "keys_with_any_printable_character",
-        )
-        .await;
+        round_trip(store, &key, index, response, check).await;
     }
 }
 
