@@ -34,6 +34,16 @@ struct Handler {
 }
 
 impl Handler {
+    /// A handler that waits for a permit of the gate it comes with.
+    fn gated() -> (Self, Arc<Semaphore>) {
+        let gate = Arc::new(Semaphore::new(0));
+        let handler = Self {
+            gate: Some(gate.clone()),
+            ..Self::default()
+        };
+        (handler, gate)
+    }
+
     fn runs(&self) -> usize {
         self.runs.load(Ordering::SeqCst)
     }
@@ -133,11 +143,7 @@ async fn first_request_executes_and_retries_replay_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hundred_concurrent_duplicates_execute_once() {
-    let gate = Arc::new(Semaphore::new(0));
-    let handler = Handler {
-        gate: Some(gate.clone()),
-        ..Handler::default()
-    };
+    let (handler, gate) = Handler::gated();
     let app = app(MemoryStore::new(), &handler);
     let body = json!({"amount": 10});
 
@@ -165,11 +171,7 @@ async fn a_hundred_concurrent_duplicates_execute_once() {
 
 #[tokio::test]
 async fn in_flight_duplicate_gets_409_problem() {
-    let gate = Arc::new(Semaphore::new(0));
-    let handler = Handler {
-        gate: Some(gate.clone()),
-        ..Handler::default()
-    };
+    let (handler, gate) = Handler::gated();
     let app = app(MemoryStore::new(), &handler);
     let body = json!({"amount": 1});
     let first = spawn_send(&app, "k", &body);
@@ -204,11 +206,7 @@ async fn durations_too_long_for_the_clock_mean_as_long_as_it_takes() {
 }
 
 async fn waiting_duplicate_replays(endpoint: Endpoint) {
-    let gate = Arc::new(Semaphore::new(0));
-    let handler = Handler {
-        gate: Some(gate.clone()),
-        ..Handler::default()
-    };
+    let (handler, gate) = Handler::gated();
     let app = app_with(Idempotency::new(MemoryStore::new()), &handler, endpoint);
     let body = json!({"amount": 1});
     let first = spawn_send(&app, "k", &body);
@@ -347,16 +345,21 @@ async fn a_panicking_handler_releases_the_key_and_the_retry_runs() {
     assert_eq!(healthy.runs(), 2);
 }
 
+/// Waits, half a second at most, for `store` to hold one completed record.
+async fn until_stored(store: &MemoryStore) {
+    for _ in 0..100 {
+        if store.completed_len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Sends `body` under key `k` from a client that goes away once the
-/// handler has started, then lets the handler finish and waits (half a
-/// second at most) for its record to be stored. Returns the app and its
-/// handler.
+/// handler has started, then lets the handler finish and waits for its
+/// record to be stored. Returns the app and its handler.
 async fn abandoned_run(body: &Value) -> (Router, Handler) {
-    let gate = Arc::new(Semaphore::new(0));
-    let handler = Handler {
-        gate: Some(gate.clone()),
-        ..Handler::default()
-    };
+    let (handler, gate) = Handler::gated();
     let store = MemoryStore::new();
     let app = app(store.clone(), &handler);
     let client = spawn_send(&app, "k", body);
@@ -365,12 +368,7 @@ async fn abandoned_run(body: &Value) -> (Router, Handler) {
     assert!(client.await.unwrap_err().is_cancelled());
 
     gate.add_permits(1);
-    for _ in 0..100 {
-        if store.completed_len() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_stored(&store).await;
     (app, handler)
 }
 
@@ -387,11 +385,7 @@ async fn a_dropped_client_still_gets_its_outcome_stored() {
 
 #[tokio::test]
 async fn a_request_dropped_while_its_task_unwinds_from_another_panic_still_finishes() {
-    let gate = Arc::new(Semaphore::new(0));
-    let handler = Handler {
-        gate: Some(gate.clone()),
-        ..Handler::default()
-    };
+    let (handler, gate) = Handler::gated();
     let store = MemoryStore::new();
     let app = app(store.clone(), &handler);
     let body = json!({"amount": 5});
@@ -409,12 +403,7 @@ async fn a_request_dropped_while_its_task_unwinds_from_another_panic_still_finis
     assert!(task.await.unwrap_err().is_panic());
 
     gate.add_permits(1);
-    for _ in 0..100 {
-        if store.completed_len() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_stored(&store).await;
     let (status, headers, replay) = send(&app, request(Some("k"), &body)).await;
     assert_eq!((status, replayed(&headers)), (StatusCode::CREATED, true));
     assert_eq!(replay["run"], 1);
@@ -580,11 +569,7 @@ async fn records_expire_by_the_store_clock() {
 async fn a_stale_lease_holder_cannot_overwrite_the_new_holders_result() {
     let clock = ManualClock::new(1_000_000);
     let store = MemoryStore::builder().clock(clock.clone()).build();
-    let gate = Arc::new(Semaphore::new(0));
-    let slow = Handler {
-        gate: Some(gate.clone()),
-        ..Handler::default()
-    };
+    let (slow, gate) = Handler::gated();
     let endpoint = Endpoint::new("pay").lease(Duration::from_secs(30));
     let idempotency = Idempotency::new(store.clone());
     let slow_app = app_with(idempotency.clone(), &slow, endpoint);
@@ -1141,11 +1126,7 @@ async fn running_behind_a_gate(
     Arc<Semaphore>,
     tokio::task::JoinHandle<(StatusCode, http::HeaderMap, Value)>,
 ) {
-    let gate = Arc::new(Semaphore::new(0));
-    let handler = Handler {
-        gate: Some(gate.clone()),
-        ..Handler::default()
-    };
+    let (handler, gate) = Handler::gated();
     let endpoint = Endpoint::new("pay").lease(Duration::from_secs(lease_secs));
     let app = app_with(Idempotency::new(store), &handler, endpoint);
     let first = spawn_send(&app, "k", body);
