@@ -92,8 +92,14 @@ impl Completed {
             .collect::<Result<_, _>>()?;
         let body = match take_u8(&mut input)? {
             0 => None,
-            _ => Some(take_len_u32(&mut input)?),
+            1 => Some(take_len_u32(&mut input)?),
+            _ => return Err(CodecError("invalid body flag")),
         };
+        // A well-formed record ends with its body: bytes after it mean the
+        // value was written by something else, or cut and spliced.
+        if input.has_remaining() {
+            return Err(CodecError("trailing bytes after the body"));
+        }
         let response = StoredResponse {
             status,
             headers,
@@ -260,6 +266,30 @@ mod tests {
     fn round_trips_an_omitted_body() {
         let record = sample(None);
         assert_eq!(Completed::decode(record.encode()), Ok(record));
+    }
+
+    #[test]
+    fn bytes_after_the_body_are_an_error() {
+        for record in [sample(Some(b"hello")), sample(None)] {
+            let mut extended = BytesMut::from(&record.encode()[..]);
+            extended.put_u8(0);
+            assert_eq!(
+                Completed::decode(extended.freeze()),
+                Err(CodecError("trailing bytes after the body"))
+            );
+        }
+    }
+
+    #[test]
+    fn a_body_flag_other_than_0_or_1_is_an_error() {
+        let encoded = sample(None).encode();
+        let mut flagged = BytesMut::from(&encoded[..]);
+        let flag = flagged.len() - 1;
+        flagged[flag] = 2;
+        assert_eq!(
+            Completed::decode(flagged.freeze()),
+            Err(CodecError("invalid body flag"))
+        );
     }
 
     #[test]

@@ -1,17 +1,18 @@
 //! The contract every [`Store`] passes.
 //!
-//! Run it against your own store from a test; each check builds a fresh
-//! store from `make`, driven by a [`ManualClock`] the check moves:
+//! Run it against your own store from a test, in a multi-threaded runtime
+//! (`#[tokio::test(flavor = "multi_thread")]`) so that the claim race
+//! really races; each check builds a fresh store from `make`, driven by a
+//! [`ManualClock`] the check moves:
 //!
 //! ```
 //! use idempotent_core::store::MemoryStore;
 //! use idempotent_core::testing::contract;
 //!
-//! #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-//! async fn memory_store_passes_the_contract() {
-//!     contract::run_all(|clock| async move { MemoryStore::builder().clock(clock).build() })
-//!         .await;
-//! }
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 4)]
+//! # async fn main() {
+//! contract::run_all(|clock| async move { MemoryStore::builder().clock(clock).build() }).await;
+//! # }
 //! ```
 //!
 //! Every check uses keys under a fresh random scope, so stores built by
