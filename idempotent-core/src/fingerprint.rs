@@ -291,6 +291,19 @@ impl<T: FingerprintInput> FingerprintInput for Option<T> {
     }
 }
 
+/// A fallible extractor, as axum's `Result<Json<T>, JsonRejection>`: the
+/// extracted value when there is one, and only the fact of the rejection
+/// otherwise (rejections are errors, not payloads).
+impl<T: FingerprintInput, E> FingerprintInput for Result<T, E> {
+    fn fingerprint_into(&self, fingerprinter: &mut Fingerprinter) -> Result<(), FingerprintError> {
+        fingerprinter.input(&self.is_ok())?;
+        match self {
+            Ok(inner) => inner.fingerprint_into(fingerprinter),
+            Err(_) => Ok(()),
+        }
+    }
+}
+
 /// Serializes as bytes, not as a sequence of integers as `[u8]` would.
 struct RawBytes<'a>(&'a [u8]);
 

@@ -159,6 +159,30 @@ pub fn fingerprint_input<T: FingerprintInput + ?Sized>(
     input.fingerprint_into(fingerprinter)
 }
 
+/// Adds a generic handler's type argument to the fingerprint, by its name:
+/// the one identity a type has that outlives the process. The name can
+/// change with the compiler, so a retry across such an upgrade finds a
+/// different fingerprint (422), never another instance's response.
+///
+/// # Errors
+/// None in practice: a string always encodes.
+pub fn fingerprint_type<T: ?Sized>(
+    fingerprinter: &mut Fingerprinter,
+) -> Result<(), FingerprintError> {
+    fingerprinter.input(std::any::type_name::<T>()).map(drop)
+}
+
+/// Adds a generic handler's const argument to the fingerprint.
+///
+/// # Errors
+/// None in practice: const arguments are integers, `bool` or `char`.
+pub fn fingerprint_const<T: serde::Serialize>(
+    fingerprinter: &mut Fingerprinter,
+    value: &T,
+) -> Result<(), FingerprintError> {
+    fingerprinter.input(value).map(drop)
+}
+
 /// Scopes the request by the principal of an endpoint with a custom scope.
 /// Spanned at the scope type, so a type that does not implement
 /// [`IdempotencyScope`] is reported there.

@@ -26,7 +26,8 @@ pub enum Scope {
     /// trusted to pick unique keys.
     Global,
     /// The value of the named header (lowercase), e.g. a tenant id set by a
-    /// gateway. A request without it is answered 401.
+    /// gateway. A request without it, or with it more than once, is
+    /// answered 400.
     Header(&'static str),
     /// A value the handler supplies: an extracted principal implementing
     /// [`IdempotencyScope`].
@@ -50,6 +51,15 @@ pub enum Scope {
 pub trait IdempotencyScope {
     /// Bytes that identify the caller. Equal bytes share one key space.
     fn scope_id(&self) -> impl AsRef<[u8]>;
+}
+
+/// A principal an auth middleware left in the request's extensions:
+/// `scope = User` takes an `Extension<User>` argument as the principal,
+/// and `scope = Extension<User>` extracts one.
+impl<P: IdempotencyScope> IdempotencyScope for axum::Extension<P> {
+    fn scope_id(&self) -> impl AsRef<[u8]> {
+        self.0.scope_id()
+    }
 }
 
 /// The SHA-256 of a scope's credential: what stores keep instead of it.

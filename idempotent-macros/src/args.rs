@@ -3,8 +3,10 @@
 //! error so that all of them are reported at once.
 
 use proc_macro2::TokenStream;
+use quote::ToTokens;
+use syn::parse::{Parse, ParseStream};
 use syn::punctuated::Punctuated;
-use syn::{Expr, ExprLit, Ident, Lit, LitStr, Meta, MetaNameValue, Path, Token};
+use syn::{Expr, ExprLit, Ident, Lit, LitStr, Meta, MetaNameValue, Path, Token, Type};
 
 const OPTIONS: [&str; 10] = [
     "ttl",
@@ -77,9 +79,9 @@ pub(crate) struct Args {
 impl Args {
     /// Parses the attribute's arguments, recording every error in `errors`.
     pub(crate) fn parse(tokens: TokenStream, errors: &mut Errors) -> Self {
-        let parser = Punctuated::<Meta, Token![,]>::parse_terminated;
+        let parser = Punctuated::<AttrOption, Token![,]>::parse_terminated;
         let metas = match syn::parse::Parser::parse2(parser, tokens) {
-            Ok(metas) => metas,
+            Ok(options) => options.into_iter().map(|option| option.0),
             Err(error) => {
                 errors.push(error);
                 return Self::default();
@@ -103,7 +105,7 @@ impl Args {
 
     fn apply(&mut self, key: &str, meta: &Meta) -> syn::Result<()> {
         match key {
-            "ttl" => self.ttl = Some(duration_millis(&string_value(meta)?)?),
+            "ttl" => self.ttl = Some(ttl_millis(&string_value(meta)?)?),
             "lease" => self.lease = Some(lease_millis(&string_value(meta)?)?),
             "wait" => self.wait = Some(duration_millis(&string_value(meta)?)?),
             "scope" => self.scope = Some(scope(name_value(meta)?)?),
@@ -118,6 +120,34 @@ impl Args {
             _ => return Err(syn::Error::new_spanned(meta.path(), unknown_option(key))),
         }
         Ok(())
+    }
+}
+
+/// One option, as a `Meta`. A type is not an expression (`Extension<User>`
+/// would read as two comparisons), so `scope = <type>` is parsed as a type
+/// and carried verbatim for [`scope`] to read back.
+struct AttrOption(Meta);
+
+impl Parse for AttrOption {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        if input.peek(Ident) && input.peek2(Token![=]) && !input.peek3(Lit) {
+            let fork = input.fork();
+            let path: Path = fork.parse()?;
+            let eq_token: Token![=] = fork.parse()?;
+            if path.is_ident("scope")
+                && let Ok(ty) = fork.parse::<Type>()
+                && (fork.is_empty() || fork.peek(Token![,]))
+            {
+                syn::parse::discouraged::Speculative::advance_to(input, &fork);
+                let value = Expr::Verbatim(ty.into_token_stream());
+                return Ok(Self(Meta::NameValue(MetaNameValue {
+                    path,
+                    eq_token,
+                    value,
+                })));
+            }
+        }
+        input.parse().map(Self)
     }
 }
 
@@ -242,6 +272,13 @@ fn scope(value: &Expr) -> syn::Result<Scope> {
             lit: Lit::Str(lit), ..
         }) => named_scope(lit),
         Expr::Path(path) if path.qself.is_none() => Ok(Scope::Custom(path.path.clone())),
+        Expr::Verbatim(tokens) => match syn::parse2::<Type>(tokens.clone()) {
+            Ok(Type::Path(path)) if path.qself.is_none() => Ok(Scope::Custom(path.path)),
+            _ => Err(syn::Error::new_spanned(
+                tokens,
+                "expected `\"api_key\"`, `\"global\"`, `\"header:<name>\"` or the path of a type implementing `IdempotencyScope`",
+            )),
+        },
         other => Err(syn::Error::new_spanned(
             other,
             "expected `\"api_key\"`, `\"global\"`, `\"header:<name>\"` or the path of a type implementing `IdempotencyScope`",
@@ -312,6 +349,21 @@ fn lease_millis(lit: &LitStr) -> syn::Result<u64> {
         return Err(syn::Error::new(
             lit.span(),
             "the lease must be at least \"1s\": it is renewed every third of it while the handler runs, and a shorter one can lapse between renewals and let a duplicate run the handler again",
+        ));
+    }
+    Ok(millis)
+}
+
+/// The shortest TTL taken, in milliseconds: the engine raises a shorter
+/// one to a second, so it is refused here rather than silently changed.
+const MIN_TTL_MILLIS: u64 = 1_000;
+
+fn ttl_millis(lit: &LitStr) -> syn::Result<u64> {
+    let millis = duration_millis(lit)?;
+    if millis < MIN_TTL_MILLIS {
+        return Err(syn::Error::new(
+            lit.span(),
+            "the ttl must be at least \"1s\": it is how long a finished response is replayed, and a shorter one would be raised to a second",
         ));
     }
     Ok(millis)

@@ -91,7 +91,7 @@ impl<'a> Handler<'a> {
             errors.spanned(sig.fn_token, "`#[idempotent]` handlers must be `async fn`");
         }
         let principal = match &args.scope {
-            Some(Scope::Custom(path)) => last_ident(path),
+            Some(Scope::Custom(path)) => path.segments.last(),
             _ => None,
         };
         let mut arguments = Vec::new();
@@ -106,7 +106,7 @@ impl<'a> Handler<'a> {
                         .iter()
                         .any(|a: &Argument<'_>| matches!(a.role, Role::Principal));
                     let is_principal =
-                        !taken && principal.is_some() && type_ident(&typed.ty) == principal;
+                        !taken && principal.is_some_and(|p| takes_principal(&typed.ty, p));
                     arguments.push(Argument::new(
                         &typed.pat,
                         &typed.ty,
@@ -303,6 +303,25 @@ fn binding(pat: &Pat) -> Option<Ident> {
     }
 }
 
+/// Whether an argument of type `ty` is the custom scope's principal: the
+/// principal's type itself (compared by its last segment, so `User` and
+/// `auth::User` match), or an `Extension` of it, as an auth middleware
+/// leaves it.
+fn takes_principal(ty: &Type, principal: &syn::PathSegment) -> bool {
+    let Some(segment) = type_path(ty).and_then(|path| path.segments.last()) else {
+        return false;
+    };
+    let same = |segment: &syn::PathSegment| {
+        segment.to_token_stream().to_string() == principal.to_token_stream().to_string()
+    };
+    same(segment)
+        || (segment.ident == "Extension"
+            && principal.ident != "Extension"
+            && first_type_argument(ty)
+                .and_then(|inner| type_path(inner)?.segments.last())
+                .is_some_and(same))
+}
+
 fn last_ident(path: &Path) -> Option<&Ident> {
     path.segments.last().map(|segment| &segment.ident)
 }
@@ -331,10 +350,11 @@ fn is_fingerprinted_by_default(ty: &Type) -> bool {
     }
     // `Option<IdempotencyKey>` is the key too.
     !is_named(ty, &["Option"])
-        || option_inner(ty).is_none_or(|inner| !is_named(inner, &["IdempotencyKey"]))
+        || first_type_argument(ty).is_none_or(|inner| !is_named(inner, &["IdempotencyKey"]))
 }
 
-fn option_inner(ty: &Type) -> Option<&Type> {
+/// `T` in `Wrapper<T, ..>`.
+fn first_type_argument(ty: &Type) -> Option<&Type> {
     let segment = type_path(ty)?.segments.last()?;
     let PathArguments::AngleBracketed(generic) = &segment.arguments else {
         return None;
@@ -399,7 +419,8 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
     );
     let unpack = exact_body.then(|| unpack_exact_body(&params));
     let endpoint = endpoint_const(args, &func.sig.ident, &private);
-    let fingerprint = checked_name(args, fingerprint(handler, &params, &private), &private);
+    let fingerprint = fingerprint(handler, &func.sig.generics, &params, &private);
+    let fingerprint = checked_name(args, fingerprint, &private);
     let future = future(func, &params, &private);
     let run = run(&func.sig.ident, &private);
     let ItemFn { sig, block, .. } = func;
@@ -630,11 +651,17 @@ fn checked_name(args: &Args, fingerprint: TokenStream, private: &TokenStream) ->
     }}
 }
 
-/// `Result<Fingerprint, FingerprintError>` over the fingerprinted arguments,
-/// each call spanned at the argument's type so a type that cannot be
-/// fingerprinted is reported there.
-fn fingerprint(handler: &Handler<'_>, params: &[Ident], private: &TokenStream) -> TokenStream {
+/// `Result<Fingerprint, FingerprintError>` over the generic handler's
+/// instance and the fingerprinted arguments, each argument's call spanned
+/// at its type so a type that cannot be fingerprinted is reported there.
+fn fingerprint(
+    handler: &Handler<'_>,
+    generics: &syn::Generics,
+    params: &[Ident],
+    private: &TokenStream,
+) -> TokenStream {
     let fingerprinter = local("__idempotent_fingerprinter");
+    let instance = instance_inputs(generics, &fingerprinter, private);
     let inputs = handler
         .arguments
         .iter()
@@ -650,10 +677,32 @@ fn fingerprint(handler: &Handler<'_>, params: &[Ident], private: &TokenStream) -
         });
     quote! {
         #private::fingerprint(&__IDEMPOTENT_ENDPOINT, |#fingerprinter| {
+            #(#instance)*
             #(#inputs)*
             ::core::result::Result::Ok(())
         })
     }
+}
+
+/// The type and const arguments of a generic handler's instance: each
+/// instance routed on its own path shares the endpoint's name and place,
+/// and would otherwise replay another instance's response to the same key.
+fn instance_inputs<'a>(
+    generics: &'a syn::Generics,
+    fingerprinter: &'a Ident,
+    private: &'a TokenStream,
+) -> impl Iterator<Item = TokenStream> + 'a {
+    generics.params.iter().filter_map(move |param| match param {
+        GenericParam::Type(ty) => {
+            let ty = &ty.ident;
+            Some(quote!(#private::fingerprint_type::<#ty>(#fingerprinter)?;))
+        }
+        GenericParam::Const(constant) => {
+            let constant = &constant.ident;
+            Some(quote!(#private::fingerprint_const(#fingerprinter, &#constant)?;))
+        }
+        GenericParam::Lifetime(_) => None,
+    })
 }
 
 /// For a custom scope: the extra extractor argument (unless the handler

@@ -9,11 +9,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequestParts, Query, State};
 use axum::http::request::Parts;
 use axum::http::{Request, StatusCode};
+use axum::middleware::Next;
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use http_body_util::BodyExt;
 use idempotent_core::store::MemoryStore;
 use idempotent_core::{IDEMPOTENT_REPLAYED, Idempotency, IdempotencyScope, idempotent};
@@ -365,6 +367,158 @@ async fn custom_scope_extracted_by_the_macro() {
     let anonymous = send(&app, request("/x", Some("k"), &[], "5")).await;
     assert_eq!(anonymous.status, StatusCode::FORBIDDEN);
     assert_eq!(runs.get(), 2);
+}
+
+/// A principal an auth middleware puts in the request's extensions; it is
+/// not an extractor of its own.
+#[derive(Clone)]
+struct Member(String);
+
+impl IdempotencyScope for Member {
+    fn scope_id(&self) -> impl AsRef<[u8]> {
+        self.0.clone()
+    }
+}
+
+#[idempotent(scope = Member)]
+async fn by_member_extension(
+    Extension(member): Extension<Member>,
+    State(runs): State<Runs>,
+    Json(n): Json<u32>,
+) -> String {
+    format!("{}:{}:{n}", member.0, runs.bump())
+}
+
+#[idempotent(scope = Extension<Member>)]
+async fn by_member_extracted(State(runs): State<Runs>, Json(n): Json<u32>) -> String {
+    format!("{}:{n}", runs.bump())
+}
+
+/// What an auth middleware does: the caller's identity into an extension.
+async fn authenticate(mut request: Request<Body>, next: Next) -> axum::response::Response {
+    if let Some(member) = request.headers().get("x-user").cloned() {
+        let member = Member(member.to_str().unwrap().to_owned());
+        request.extensions_mut().insert(member);
+    }
+    next.run(request).await
+}
+
+#[tokio::test]
+async fn custom_scope_from_an_extension_the_auth_middleware_left() {
+    for (uri, handler) in [
+        ("/arg", post(by_member_extension)),
+        ("/extracted", post(by_member_extracted)),
+    ] {
+        let runs = Runs::default();
+        let routes = Router::new()
+            .route(uri, handler)
+            .layer(axum::middleware::from_fn(authenticate));
+        let app = router(routes, &runs);
+        let ann = [("x-user", "ann")];
+        let ben = [("x-user", "ben")];
+        let first = send(&app, request(uri, Some("k"), &ann, "5")).await;
+        let other_caller = send(&app, request(uri, Some("k"), &ben, "5")).await;
+        let retry = send(&app, request(uri, Some("k"), &ann, "5")).await;
+        assert_eq!(first.status, StatusCode::OK, "{uri}: {}", first.body);
+        assert!(
+            !other_caller.replayed,
+            "{uri}: another member, another key space"
+        );
+        assert_eq!((retry.body, retry.replayed), (first.body, true), "{uri}");
+        assert_eq!(runs.get(), 2, "{uri}");
+    }
+}
+
+// ===== generic handlers =====
+
+trait Kind: Send + 'static {
+    const NAME: &'static str;
+}
+
+struct Widgets;
+struct Gadgets;
+
+impl Kind for Widgets {
+    const NAME: &'static str = "widget";
+}
+
+impl Kind for Gadgets {
+    const NAME: &'static str = "gadget";
+}
+
+#[idempotent(scope = "global")]
+async fn create_kind<K: Kind>(State(runs): State<Runs>, Json(n): Json<u32>) -> String {
+    format!("{} {n} run {}", K::NAME, runs.bump())
+}
+
+#[idempotent(scope = "global")]
+async fn create_sized<const N: usize>(State(runs): State<Runs>, Json(n): Json<u32>) -> String {
+    format!("{N} {n} run {}", runs.bump())
+}
+
+/// Two instances of one generic handler share its name and its place in
+/// the source; the instance is part of the fingerprint, so a key used on
+/// one route is refused on the other instead of replaying its response.
+#[tokio::test]
+async fn instances_of_a_generic_handler_never_replay_each_others_responses() {
+    let runs = Runs::default();
+    let routes = Router::new()
+        .route("/widgets", post(create_kind::<Widgets>))
+        .route("/gadgets", post(create_kind::<Gadgets>))
+        .route("/one", post(create_sized::<1>))
+        .route("/two", post(create_sized::<2>));
+    let app = router(routes, &runs);
+    for (first, second) in [("/widgets", "/gadgets"), ("/one", "/two")] {
+        let key = Some(first);
+        let stored = send(&app, request(first, key, &[], "1")).await;
+        let other = send(&app, request(second, key, &[], "1")).await;
+        let retry = send(&app, request(first, key, &[], "1")).await;
+        assert_eq!(stored.status, StatusCode::OK);
+        assert_eq!(
+            other.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{}",
+            other.body
+        );
+        assert_eq!((retry.body, retry.replayed), (stored.body, true));
+    }
+    assert_eq!(runs.get(), 2);
+}
+
+// ===== fallible extractors =====
+
+#[idempotent(scope = "global")]
+async fn with_own_rejection(
+    State(runs): State<Runs>,
+    payload: Result<Json<u32>, JsonRejection>,
+) -> (StatusCode, String) {
+    match payload {
+        Ok(Json(n)) => (StatusCode::CREATED, format!("{n} run {}", runs.bump())),
+        Err(rejection) => (StatusCode::BAD_REQUEST, rejection.body_text()),
+    }
+}
+
+/// axum's way to answer a rejection itself, `Result<Json<T>, _>`, is
+/// fingerprinted by the value it extracted.
+#[tokio::test]
+async fn a_result_extractor_is_fingerprinted_by_its_value() {
+    let runs = Runs::default();
+    let app = router(Router::new().route("/r", post(with_own_rejection)), &runs);
+    let first = send(&app, request("/r", Some("k"), &[], "5")).await;
+    let retry = send(&app, request("/r", Some("k"), &[], "5")).await;
+    let other = send(&app, request("/r", Some("k"), &[], "6")).await;
+    let rejected = send(&app, request("/r", Some("bad"), &[], "not json")).await;
+    assert_eq!((first.status, retry.replayed), (StatusCode::CREATED, true));
+    assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        rejected.status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        rejected.body
+    );
+    let corrected = send(&app, request("/r", Some("bad"), &[], "5")).await;
+    assert_eq!(corrected.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(runs.get(), 1);
 }
 
 // ===== skip =====

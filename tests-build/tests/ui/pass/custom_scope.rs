@@ -2,12 +2,13 @@ use axum::extract::FromRequestParts;
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use idempotent_core::store::MemoryStore;
 use idempotent_core::{Idempotency, IdempotencyScope, idempotent};
 
 mod auth {
     /// The authenticated caller.
+    #[derive(Clone)]
     pub struct User {
         pub id: u64,
     }
@@ -42,9 +43,23 @@ async fn scoped_by_argument(user: auth::User, Json(amount): Json<u64>) -> Json<u
     Json(user.id + amount)
 }
 
+// An auth middleware left the principal in the request's extensions: the
+// handler's `Extension` of it is the principal, or the macro extracts one.
+#[idempotent(scope = auth::User)]
+async fn scoped_by_extension(Extension(user): Extension<auth::User>, Json(n): Json<u64>) -> Json<u64> {
+    Json(user.id + n)
+}
+
+#[idempotent(scope = Extension<auth::User>)]
+async fn scoped_by_extracted_extension(Json(amount): Json<u64>) -> Json<u64> {
+    Json(amount)
+}
+
 fn main() {
     let _app: Router = Router::new()
         .route("/a", post(scoped_by_extra_extractor))
         .route("/b", post(scoped_by_argument))
+        .route("/c", post(scoped_by_extension))
+        .route("/d", post(scoped_by_extracted_extension))
         .layer(Idempotency::new(MemoryStore::new()));
 }

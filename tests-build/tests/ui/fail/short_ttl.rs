@@ -1,0 +1,6 @@
+use idempotent_core::idempotent;
+
+#[idempotent(ttl = "500ms")]
+async fn handler() {}
+
+fn main() {}
