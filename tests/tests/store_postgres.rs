@@ -651,3 +651,202 @@ async fn statements_cut_off_midway_leave_no_answer_behind_for_the_next() {
     }
     drop_table(&store).await;
 }
+
+// ===== connections that broke while a handler ran =====
+
+/// A payment handler held at a gate until the test opens it, on a 2 s
+/// lease, counting its executions.
+mod gated {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use axum::Router;
+    use axum::extract::{Json, State};
+    use axum::http::StatusCode;
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::post;
+    use idempotent_core::store::Store;
+    use idempotent_core::{Endpoint, Idempotency, IdempotentRequest, Scope};
+    use serde_json::Value;
+    use tokio::sync::Notify;
+
+    pub(super) const LEASE: Duration = Duration::from_secs(2);
+    const ENDPOINT: Endpoint = Endpoint::new("gated_payment")
+        .scope(Scope::Global)
+        .lease(LEASE);
+
+    #[derive(Clone, Default)]
+    pub(super) struct Gate {
+        pub(super) executions: Arc<AtomicUsize>,
+        pub(super) entered: Arc<Notify>,
+        pub(super) open: Arc<Notify>,
+    }
+
+    async fn handler(
+        State(gate): State<Gate>,
+        idempotency: IdempotentRequest,
+        Json(request): Json<Value>,
+    ) -> Response {
+        let fingerprint = ENDPOINT.fingerprint(&request);
+        idempotency
+            .run(&ENDPOINT, fingerprint, async move {
+                gate.executions.fetch_add(1, Ordering::SeqCst);
+                gate.entered.notify_one();
+                gate.open.notified().await;
+                (StatusCode::CREATED, Json(request)).into_response()
+            })
+            .await
+    }
+
+    pub(super) fn app(store: impl Store, gate: &Gate) -> Router {
+        Router::new()
+            .route("/payments", post(handler))
+            .with_state(gate.clone())
+            .layer(
+                Idempotency::builder(store)
+                    .store_timeout(Duration::from_secs(5))
+                    .build(),
+            )
+    }
+}
+
+/// Leaves a dozen connections idle in the store's pool (or kept), as any
+/// busy service has.
+async fn warm_up(store: &PostgresStore) {
+    let mut burst = tokio::task::JoinSet::new();
+    for index in 0..12 {
+        let store = store.clone();
+        burst.spawn(async move { store.get(&record_key(&format!("warm-{index}"))).await });
+    }
+    while let Some(done) = burst.join_next().await {
+        done.expect("task").expect("get");
+    }
+}
+
+/// Runs one payment whose handler is held while `break_connections` runs,
+/// then retries it after its lease would have lapsed: the response must
+/// have been stored on the connections that were left, and replayed,
+/// although every connection the store had used is broken.
+async fn a_payment_survives(
+    store: &PostgresStore,
+    break_connections: impl std::future::Future<Output = ()>,
+) {
+    use std::sync::atomic::Ordering;
+
+    warm_up(store).await;
+    let gate = gated::Gate::default();
+    let app = gated::app(store.clone(), &gate);
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { pay(&app, "broken-connections", 7).await }
+    });
+    gate.entered.notified().await;
+    break_connections.await;
+    gate.open.notify_one();
+    assert_eq!(first.await.expect("task").status, StatusCode::CREATED);
+    tokio::time::sleep(gated::LEASE + Duration::from_millis(200)).await;
+    gate.open.notify_one(); // in case the retry runs again
+    let retry = pay_until_available(&app, "broken-connections", 7)
+        .await
+        .expect("the store answers");
+    assert!(
+        retry.replayed(),
+        "the retry was not a replay: {} {:?}",
+        retry.status,
+        retry.body
+    );
+    assert_eq!(
+        gate.executions.load(Ordering::SeqCst),
+        1,
+        "the payment ran twice"
+    );
+}
+
+/// A store whose connections go through a relay (see [`Relay`]) that the
+/// test can cut.
+async fn store_behind_a_relay(url: &str, hold: u32) -> (PostgresStore, Relay) {
+    use std::str::FromStr;
+
+    let direct = sqlx::postgres::PgConnectOptions::from_str(url).expect("valid URL");
+    let upstream = (direct.get_host().to_owned(), direct.get_port());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let relay = Relay::start(port, upstream).await;
+    let pool = PostgresStore::pool_options()
+        .max_connections(16)
+        .connect_with(direct.host("127.0.0.1").port(port))
+        .await
+        .expect("connect through the relay");
+    let store = PostgresStore::builder(pool)
+        .table(unique_name("idem_test"))
+        .hold_connections(hold)
+        .build()
+        .expect("valid table name");
+    store.migrate().await.expect("migrate");
+    (store, relay)
+}
+
+/// The database restarts (every connection is cut, and it is back at once)
+/// while a handler runs, with connections kept between statements and
+/// without.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_finished_after_a_database_restart_is_stored() {
+    let Some(url) = backend_url(URL) else { return };
+    for hold in [0, 15] {
+        let (store, mut relay) = store_behind_a_relay(&url, hold).await;
+        let mut restarted = None;
+        a_payment_survives(&store, async {
+            relay.stop().await;
+            restarted = Some(Relay::start(relay.port, relay.upstream.clone()).await);
+        })
+        .await;
+        drop(restarted);
+        let cleanup = PostgresStore::connect(&url).await.expect("connect");
+        sqlx::query(&format!("DROP TABLE IF EXISTS {}", store.table()))
+            .execute(cleanup.pool())
+            .await
+            .expect("drop the test table");
+    }
+}
+
+/// The same with no outage at all: the database ends the store's sessions
+/// (`pg_terminate_backend`, as an administrator, a pooler or
+/// `idle_session_timeout` would).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_finished_after_the_sessions_were_ended_is_stored() {
+    use std::str::FromStr;
+
+    let Some(url) = backend_url(URL) else { return };
+    let name = unique_name("idem_sessions");
+    let options = sqlx::postgres::PgConnectOptions::from_str(&url)
+        .expect("valid URL")
+        .application_name(&name);
+    let connected = PostgresStore::connect_with(options).await.expect("connect");
+    // Keeping what `connect` keeps: 15 of its 16 connections.
+    let store = PostgresStore::builder(connected.pool().clone())
+        .table(unique_name("idem_test"))
+        .hold_connections(15)
+        .build()
+        .expect("valid table name");
+    store.migrate().await.expect("migrate");
+    let admin = PostgresStore::connect(&url).await.expect("connect");
+    a_payment_survives(&store, async {
+        let ended: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+        )
+        .bind(&name)
+        .fetch_all(admin.pool())
+        .await
+        .expect("end the sessions");
+        assert!(ended.len() > 1, "ended {} sessions", ended.len());
+    })
+    .await;
+    sqlx::query(&format!("DROP TABLE IF EXISTS {}", store.table()))
+        .execute(admin.pool())
+        .await
+        .expect("drop the test table");
+}

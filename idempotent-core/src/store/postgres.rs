@@ -44,6 +44,59 @@ const SCHEMA: &str = include_str!("postgres/schema.sql");
 /// Rows deleted per statement by [`PostgresStore::purge_expired`], so a
 /// large backlog never holds many row locks at once.
 const PURGE_BATCH: i64 = 1000;
+/// How many more connections a statement is tried on when the one it ran
+/// on turns out broken. A database restart, a failover or ended sessions
+/// break every pooled connection at once, and none is checked before use
+/// (a check would cost a round trip per statement), so the statement
+/// goes on to the next until it meets a live one, or a new one.
+const BROKEN_CONNECTION_RETRIES: usize = 40;
+
+/// Whether `error` says the connection broke, rather than that the
+/// statement failed on a live one.
+fn is_broken_connection(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
+        // Class 08: connection exception; 57P01-57P03: the server shut
+        // the session down (`pg_terminate_backend`, a restart, a failover).
+        sqlx::Error::Database(error) => error
+            .code()
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+        _ => false,
+    }
+}
+
+/// Runs `$statement` on a leased connection, and again on another while
+/// the one it ran on turns out broken. Every statement here is safe to
+/// run twice: claims and take-overs carry the claim's token (a claim that
+/// finds its own token acquired the key), and the rest are fenced by it
+/// or only read. Evaluates to the outcome and, if a connection broke on
+/// the way, that first error: a write that then finds its token gone may
+/// have been applied before the break.
+macro_rules! on_live_connection {
+    ($store:expr, |$connection:ident| $statement:expr) => {{
+        let mut broke: Option<StoreError> = None;
+        let mut retries = 0;
+        loop {
+            let mut lease = $store.inner.connections.lease().await?;
+            let outcome = {
+                let $connection = lease.connection();
+                $statement.await
+            };
+            match outcome {
+                Err(error) if retries < BROKEN_CONNECTION_RETRIES && is_broken_connection(&error) => {
+                    retries += 1;
+                    tracing::debug!(%error, "a PostgreSQL connection broke; trying another");
+                    // Returned to the sqlx pool, which discards it.
+                    let failed = lease.finish(Err::<(), _>(error));
+                    if broke.is_none() {
+                        broke = failed.err();
+                    }
+                }
+                outcome => break (lease.finish(outcome), broke),
+            }
+        }
+    }};
+}
 
 /// A [`Store`] on a PostgreSQL table.
 ///
@@ -358,7 +411,8 @@ impl Statements {
             // idempotent-bench --bench stores`).
             claim: format!(
                 "WITH found AS (
-                    SELECT expires_at > $6 AS live, fingerprint, expires_at, status,
+                    SELECT expires_at > $6 AS live, lease_token = $4 AS ours,
+                           fingerprint, expires_at, status,
                            header_names, header_values, body
                     FROM {table}
                     WHERE scope = $1 AND key = $2
@@ -376,7 +430,8 @@ impl Statements {
                        NULL::bytea AS body
                 FROM claimed
                 UNION ALL
-                SELECT FALSE, live, fingerprint, expires_at, status, header_names, header_values, body
+                SELECT COALESCE(ours AND live, FALSE), live, fingerprint, expires_at, status,
+                       header_names, header_values, body
                 FROM found"
             ),
             // Claims a row whose deadline passed. Of two claims taking over
@@ -438,20 +493,19 @@ impl Store for PostgresStore {
                     .bind(to_sql_millis(now.saturating_add(millis(lease))))
                     .bind(to_sql_millis(now))
             };
-            let mut db = self.inner.connections.lease().await?;
-            let row = query(&self.inner.sql.claim)
-                .fetch_optional(db.connection())
-                .await;
+            let (row, _) = on_live_connection!(self, |connection| query(&self.inner.sql.claim)
+                .fetch_optional(connection));
             // No row: a claim committed after the snapshot; look again.
-            let Some(row) = db.finish(row)? else { continue };
+            let Some(row) = row? else { continue };
             if column::<bool>(&row, "live")? {
                 return claim_from_row(&row, token);
             }
-            let mut db = self.inner.connections.lease().await?;
-            let taken = query(&self.inner.sql.take_over)
-                .execute(db.connection())
-                .await;
-            if db.finish(taken)?.rows_affected() > 0 {
+            let (taken, _) =
+                on_live_connection!(self, |connection| query(&self.inner.sql.take_over)
+                    .execute(connection));
+            // Nothing taken after a break may be a take-over that was
+            // applied: the next claim finds its own token then.
+            if taken?.rows_affected() > 0 {
                 return Ok(Claim::Acquired(token));
             }
         }
@@ -465,16 +519,16 @@ impl Store for PostgresStore {
         lease: Duration,
     ) -> Result<(), StoreError> {
         let expires_at = to_sql_millis(self.now().saturating_add(millis(lease)));
-        let mut db = self.inner.connections.lease().await?;
-        let updated = sqlx::query(&self.inner.sql.renew)
-            .bind(key.scope.as_bytes().as_slice())
-            .bind(key.key.as_str())
-            .bind(token.to_bytes().as_slice())
-            .bind(expires_at)
-            .execute(db.connection())
-            .await;
-        let updated = db.finish(updated)?;
-        held(updated.rows_affected())
+        // Renewing twice sets the same deadline: a renewal applied before
+        // a break still matches the token.
+        let (updated, _) =
+            on_live_connection!(self, |connection| sqlx::query(&self.inner.sql.renew)
+                .bind(key.scope.as_bytes().as_slice())
+                .bind(key.key.as_str())
+                .bind(token.to_bytes().as_slice())
+                .bind(expires_at)
+                .execute(connection));
+        held(updated?.rows_affected(), None)
     }
 
     async fn complete(
@@ -486,52 +540,49 @@ impl Store for PostgresStore {
     ) -> Result<(), StoreError> {
         let expires_at = to_sql_millis(self.now().saturating_add(millis(ttl)));
         let columns = ResponseColumns::new(&response);
-        let mut db = self.inner.connections.lease().await?;
-        let updated = sqlx::query(&self.inner.sql.complete)
-            .bind(key.scope.as_bytes().as_slice())
-            .bind(key.key.as_str())
-            .bind(token.to_bytes().as_slice())
-            .bind(expires_at)
-            .bind(columns.status)
-            .bind(columns.names)
-            .bind(columns.values)
-            .bind(columns.body)
-            .execute(db.connection())
-            .await;
-        let updated = db.finish(updated)?;
-        held(updated.rows_affected())
+        let (updated, broke) =
+            on_live_connection!(self, |connection| sqlx::query(&self.inner.sql.complete)
+                .bind(key.scope.as_bytes().as_slice())
+                .bind(key.key.as_str())
+                .bind(token.to_bytes().as_slice())
+                .bind(expires_at)
+                .bind(columns.status)
+                .bind(columns.names.as_slice())
+                .bind(columns.values.as_slice())
+                .bind(columns.body.as_deref())
+                .execute(connection));
+        held(updated?.rows_affected(), broke)
     }
 
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-        let mut db = self.inner.connections.lease().await?;
-        let deleted = sqlx::query(&self.inner.sql.release)
-            .bind(key.scope.as_bytes().as_slice())
-            .bind(key.key.as_str())
-            .bind(token.to_bytes().as_slice())
-            .execute(db.connection())
-            .await;
-        let deleted = db.finish(deleted)?;
-        held(deleted.rows_affected())
+        let (deleted, broke) =
+            on_live_connection!(self, |connection| sqlx::query(&self.inner.sql.release)
+                .bind(key.scope.as_bytes().as_slice())
+                .bind(key.key.as_str())
+                .bind(token.to_bytes().as_slice())
+                .execute(connection));
+        held(deleted?.rows_affected(), broke)
     }
 
     async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        let mut db = self.inner.connections.lease().await?;
-        let row = sqlx::query(&self.inner.sql.get)
+        let (row, _) = on_live_connection!(self, |connection| sqlx::query(&self.inner.sql.get)
             .bind(key.scope.as_bytes().as_slice())
             .bind(key.key.as_str())
             .bind(to_sql_millis(self.now()))
-            .fetch_optional(db.connection())
-            .await;
-        let row = db.finish(row)?;
-        row.map(|row| record_from_row(&row)).transpose()
+            .fetch_optional(connection));
+        row?.map(|row| record_from_row(&row)).transpose()
     }
 }
 
-fn held(rows: u64) -> Result<(), StoreError> {
-    if rows == 0 {
-        Err(StoreError::LeaseLost)
-    } else {
-        Ok(())
+/// A fenced write's outcome: the token no longer holds the key, unless a
+/// connection broke first, when the write may have been applied just
+/// before the break: that error then stands, so that the caller looks at
+/// the record instead of taking the lease for lost.
+fn held(rows: u64, broke: Option<StoreError>) -> Result<(), StoreError> {
+    match (rows, broke) {
+        (0, Some(broke)) => Err(broke),
+        (0, None) => Err(StoreError::LeaseLost),
+        _ => Ok(()),
     }
 }
 
