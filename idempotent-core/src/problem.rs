@@ -16,6 +16,7 @@
 //! | `urn:idempotent:request-too-large` | 413 | [`IdempotentLayer`](crate::IdempotentLayer) would have to buffer a body over its limit |
 //! | `urn:idempotent:key-reused` | 422 | the key was used before with a different request |
 //! | `urn:idempotent:fingerprint-failed` | 500 | serializing the handler's inputs failed |
+//! | `urn:idempotent:record-corrupt` | 500 | the key's stored record cannot be read or replayed; the handler is not run again |
 //! | `urn:idempotent:not-configured` | 500 | no [`Idempotency`](crate::Idempotency) layer on the router |
 //! | `urn:idempotent:store-unavailable` | 503 | the store failed or timed out; nothing was executed (`Retry-After` set) |
 
@@ -55,6 +56,10 @@ pub enum ProblemKind {
     FingerprintFailed,
     /// 500: the router has no `Idempotency` layer.
     NotConfigured,
+    /// 500: the key's stored record cannot be read or replayed (written by
+    /// something else, or damaged), so its request is neither replayed
+    /// nor run again.
+    RecordCorrupt,
     /// 503: the store failed or timed out.
     StoreUnavailable,
 }
@@ -75,6 +80,7 @@ impl ProblemKind {
             Self::KeyReused => "urn:idempotent:key-reused",
             Self::FingerprintFailed => "urn:idempotent:fingerprint-failed",
             Self::NotConfigured => "urn:idempotent:not-configured",
+            Self::RecordCorrupt => "urn:idempotent:record-corrupt",
             Self::StoreUnavailable => "urn:idempotent:store-unavailable",
         }
     }
@@ -90,7 +96,9 @@ impl ProblemKind {
             Self::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnreadableBody => StatusCode::BAD_REQUEST,
             Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::FingerprintFailed | Self::NotConfigured => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::FingerprintFailed | Self::NotConfigured | Self::RecordCorrupt => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -112,6 +120,7 @@ impl ProblemKind {
             Self::KeyReused => "Idempotency key reused with a different request",
             Self::FingerprintFailed => "Request inputs could not be fingerprinted",
             Self::NotConfigured => "Idempotency is not configured on this router",
+            Self::RecordCorrupt => "The stored record of this idempotency key is corrupt",
             Self::StoreUnavailable => "Idempotency store unavailable",
         }
     }

@@ -76,11 +76,30 @@ pub(crate) fn replay(stored: &StoredResponse) -> Response {
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = stored.status;
     let headers = response.headers_mut();
+    // A `HeaderMap` holds at most 24,576 distinct names, and panics past
+    // them; a record read back from a store may hold more.
     for (name, value) in &stored.headers {
-        headers.append(name.clone(), value.clone());
+        if headers.try_append(name.clone(), value.clone()).is_err() {
+            return too_many_header_names(stored).into_response();
+        }
     }
-    headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    if headers
+        .try_insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"))
+        .is_err()
+    {
+        return too_many_header_names(stored).into_response();
+    }
     response
+}
+
+fn too_many_header_names(stored: &StoredResponse) -> Problem {
+    Problem::new(
+        ProblemKind::RecordCorrupt,
+        format!(
+            "the request with this idempotency key already completed with status {}, but its stored response has more distinct header names than an HTTP response can carry, so it cannot be replayed; it will not be executed again",
+            stored.status.as_u16()
+        ),
+    )
 }
 
 fn not_stored(stored: &StoredResponse) -> Problem {
@@ -236,6 +255,34 @@ mod tests {
             Some(HeaderValue::from_static("0"))
         );
         assert_eq!(collected.to_bytes(), "hello");
+    }
+
+    #[test]
+    fn a_record_with_more_header_names_than_http_carries_is_a_problem_not_a_panic() {
+        // 24,576 distinct names is what a `HeaderMap` holds; the replay
+        // adds one more of its own.
+        for count in [24_576, 30_000] {
+            let stored = StoredResponse {
+                status: StatusCode::CREATED,
+                headers: (0..count)
+                    .map(|i| {
+                        let name = HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap();
+                        (name, HeaderValue::from_static("v"))
+                    })
+                    .collect(),
+                body: Some(Bytes::from_static(b"{}")),
+            };
+            let response = replay(&stored);
+            assert_eq!(
+                response.status(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "{count}"
+            );
+            assert_eq!(
+                response.headers()[http::header::CONTENT_TYPE],
+                "application/problem+json"
+            );
+        }
     }
 
     #[tokio::test]
