@@ -850,3 +850,41 @@ async fn a_response_finished_after_the_sessions_were_ended_is_stored() {
         .await
         .expect("drop the test table");
 }
+
+/// A row that does not hold a valid record is a codec error ("a stored
+/// record could not be decoded"), as an undecodable value is in the other
+/// stores, not a failure of the database.
+#[tokio::test]
+async fn a_corrupt_row_is_a_codec_error() {
+    use idempotent_core::store::StoreError;
+
+    let Some(url) = backend_url(URL) else { return };
+    let store = fresh_store(&url).await;
+    let key = record_key("corrupt");
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    let Claim::Acquired(token) = store.claim(&key, fingerprint, STORE_TIMEOUT).await.unwrap()
+    else {
+        panic!("a new key is acquired")
+    };
+    let response = StoredResponse {
+        status: StatusCode::OK,
+        headers: Vec::new(),
+        body: Some(axum::body::Bytes::from_static(b"{}")),
+    };
+    store
+        .complete(&key, token, response, STORE_TIMEOUT)
+        .await
+        .unwrap();
+    sqlx::query(&format!("UPDATE {} SET status = 1000", store.table()))
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let read = store.get(&key).await;
+    let claimed = store.claim(&key, fingerprint, STORE_TIMEOUT).await;
+    drop_table(&store).await;
+    assert!(matches!(read, Err(StoreError::Codec(_))), "get: {read:?}");
+    assert!(
+        matches!(claimed, Err(StoreError::Codec(_))),
+        "claim: {claimed:?}"
+    );
+}

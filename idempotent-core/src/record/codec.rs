@@ -21,6 +21,13 @@ const EXPIRES_AT: usize = 1 + 32;
 #[error("stored idempotency record is corrupt: {0}")]
 pub struct CodecError(&'static str);
 
+impl CodecError {
+    /// A record, or a store's row, that is corrupt for `reason`.
+    pub(crate) const fn new(reason: &'static str) -> Self {
+        Self(reason)
+    }
+}
+
 impl Completed {
     /// Encodes the record in the binary layout described in this module.
     #[must_use]
@@ -81,24 +88,24 @@ impl Completed {
     /// Truncated, unknown-version or otherwise invalid input.
     pub fn decode(mut input: Bytes) -> Result<Self, CodecError> {
         if take_u8(&mut input)? != VERSION {
-            return Err(CodecError("unknown record version"));
+            return Err(CodecError::new("unknown record version"));
         }
         let fingerprint = Fingerprint::from_bytes(take_array(&mut input)?);
         let expires_at = take_u64(&mut input)?;
         let status = StatusCode::from_u16(take_u16(&mut input)?)
-            .map_err(|_| CodecError("invalid status"))?;
+            .map_err(|_| CodecError::new("invalid status"))?;
         let headers = (0..take_u16(&mut input)?)
             .map(|_| take_header(&mut input))
             .collect::<Result<_, _>>()?;
         let body = match take_u8(&mut input)? {
             0 => None,
             1 => Some(take_len_u32(&mut input)?),
-            _ => return Err(CodecError("invalid body flag")),
+            _ => return Err(CodecError::new("invalid body flag")),
         };
         // A well-formed record ends with its body: bytes after it mean the
         // value was written by something else, or cut and spliced.
         if input.has_remaining() {
-            return Err(CodecError("trailing bytes after the body"));
+            return Err(CodecError::new("trailing bytes after the body"));
         }
         let response = StoredResponse {
             status,
@@ -158,12 +165,12 @@ fn take_header(input: &mut Bytes) -> Result<(HeaderName, HeaderValue), CodecErro
     let len = usize::from(take_u16(input)?);
     ensure_remaining(input, len)?;
     // Parsed in place; `advance` after, so the name never takes a reference.
-    let name =
-        HeaderName::from_bytes(&input[..len]).map_err(|_| CodecError("invalid header name"))?;
+    let name = HeaderName::from_bytes(&input[..len])
+        .map_err(|_| CodecError::new("invalid header name"))?;
     input.advance(len);
     let value = take_len_u32(input)?;
-    let value =
-        HeaderValue::from_maybe_shared(value).map_err(|_| CodecError("invalid header value"))?;
+    let value = HeaderValue::from_maybe_shared(value)
+        .map_err(|_| CodecError::new("invalid header value"))?;
     Ok((name, value))
 }
 
@@ -189,7 +196,7 @@ fn take_array<const N: usize>(input: &mut Bytes) -> Result<[u8; N], CodecError> 
 /// `Bytes` panics when read past its end; every read checks first.
 fn ensure_remaining(input: &Bytes, len: usize) -> Result<(), CodecError> {
     if input.remaining() < len {
-        return Err(CodecError("truncated"));
+        return Err(CodecError::new("truncated"));
     }
     Ok(())
 }

@@ -43,7 +43,9 @@ use super::{Store, StoreError};
 use crate::clock::{Clock, SharedClock, SystemClock, millis};
 use crate::digest::push_hex;
 use crate::fingerprint::Fingerprint;
-use crate::record::{Claim, Completed, InFlight, LeaseToken, Record, RecordKey, StoredResponse};
+use crate::record::{
+    Claim, CodecError, Completed, InFlight, LeaseToken, Record, RecordKey, StoredResponse,
+};
 
 /// The key prefix when none is configured.
 const DEFAULT_PREFIX: &str = "idempotent:";
@@ -403,7 +405,7 @@ fn decode(value: Bytes) -> Result<Record, StoreError> {
         return Ok(Record::Completed(Arc::new(Completed::decode(value)?)));
     }
     if value.len() != IN_FLIGHT_LEN {
-        return Err(StoreError::backend(CorruptInFlight));
+        return Err(CorruptInFlight.into());
     }
     let array = |range: std::ops::Range<usize>| value[range].to_vec();
     let fingerprint: [u8; 32] = array(1..33).try_into().map_err(|_| CorruptInFlight)?;
@@ -417,13 +419,11 @@ fn decode(value: Bytes) -> Result<Record, StoreError> {
 }
 
 /// An in-flight value of the wrong length.
-#[derive(Debug, thiserror::Error)]
-#[error("stored idempotency record is corrupt: in-flight value has the wrong length")]
 struct CorruptInFlight;
 
 impl From<CorruptInFlight> for StoreError {
-    fn from(error: CorruptInFlight) -> Self {
-        Self::backend(error)
+    fn from(CorruptInFlight: CorruptInFlight) -> Self {
+        Self::Codec(CodecError::new("in-flight value has the wrong length"))
     }
 }
 

@@ -3,7 +3,7 @@
 
 use super::StoreError;
 use crate::fingerprint::Fingerprint;
-use crate::record::LeaseToken;
+use crate::record::{CodecError, LeaseToken};
 
 /// The table stores create when none is named.
 pub(crate) const DEFAULT_TABLE: &str = "idempotency_records";
@@ -60,13 +60,10 @@ pub(crate) fn from_sql_millis(millis: i64) -> u64 {
     u64::try_from(millis).unwrap_or(0)
 }
 
-/// A row that does not hold a valid record.
-#[derive(Debug, thiserror::Error)]
-#[error("stored idempotency record is corrupt: {0}")]
-pub(crate) struct CorruptRow(pub(crate) &'static str);
-
+/// A row that does not hold a valid record: a codec error, like a value
+/// that does not decode, not a failure of the database.
 pub(crate) fn corrupt(reason: &'static str) -> StoreError {
-    StoreError::backend(CorruptRow(reason))
+    StoreError::Codec(CodecError::new(reason))
 }
 
 pub(crate) fn fingerprint_from(bytes: &[u8]) -> Result<Fingerprint, StoreError> {
