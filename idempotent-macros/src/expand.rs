@@ -116,6 +116,7 @@ impl<'a> Handler<'a> {
                 }
             }
         }
+        check_body_extractor_is_last(&arguments, errors);
         check_skipped_names(&arguments, &args.skip, errors);
         check_no_self_type(func, errors);
         if args.optional {
@@ -205,6 +206,33 @@ fn exact_repeats_blocker(
         list(BODY_EXTRACTORS),
         list(URI_EXTRACTORS)
     ))
+}
+
+/// Extractors that consume the request's body, which axum accepts only as
+/// a handler's last argument.
+const CONSUMES_BODY: &[&str] = &["Json", "Form", "Bytes", "String", "Request", "Multipart"];
+
+/// axum's own error for a body extractor before the last argument names
+/// the whole handler type, with the attribute's hidden arguments in it;
+/// this one names the argument.
+fn check_body_extractor_is_last(arguments: &[Argument<'_>], errors: &mut Errors) {
+    let Some((_, before_last)) = arguments.split_last() else {
+        return;
+    };
+    for argument in before_last {
+        let ty = match first_type_argument(argument.ty) {
+            Some(inner) if is_named(argument.ty, &["Option", "Result"]) => inner,
+            _ => argument.ty,
+        };
+        if let Some(name) = type_ident(ty).filter(|_| is_named(ty, CONSUMES_BODY)) {
+            errors.spanned(
+                argument.ty,
+                format!(
+                    "`{name}` reads the request body, so it must be the handler's last argument"
+                ),
+            );
+        }
+    }
 }
 
 /// An `optional` endpoint runs requests that carry no key, which a

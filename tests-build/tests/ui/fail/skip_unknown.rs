@@ -1,9 +1,10 @@
 use axum::Json;
+use axum::http::HeaderMap;
 use idempotent_core::idempotent;
 
 #[idempotent(skip(bdy))]
-async fn handler(Json(body): Json<u32>, query: String) -> String {
-    format!("{body}{query}")
+async fn handler(headers: HeaderMap, Json(body): Json<u32>) -> String {
+    format!("{body}{}", headers.len())
 }
 
 fn main() {}
