@@ -111,6 +111,7 @@ fn prepare(
         // Only a custom-scope endpoint waits for a principal; without one,
         // resolving answers that the handler must call `scoped_by`.
         ScopeSource::Principal => (resolve_scope(&settings, endpoint, &HeaderMap::new())?, None),
+        ScopeSource::InsideLayer(layer) => return Err(inside_layer(layer, endpoint)),
     };
     let fingerprint = fingerprint.map_err(|error| fingerprint_failed(&error))?;
     Ok(Some(Engine {
@@ -138,6 +139,26 @@ fn resolve_scope(
         )),
         Err(missing) => Err(missing_credentials(missing)),
     }
+}
+
+/// A handler made idempotent beneath an `IdempotentLayer`, which claimed
+/// the key with its raw-request fingerprint: claiming it again would find
+/// that claim in flight and answer 422, which the layer would store,
+/// burning the key. A 500 is not stored, so the key stays usable once the
+/// route is fixed.
+fn inside_layer(layer: &'static str, endpoint: &Endpoint) -> Problem {
+    let endpoint = endpoint.name();
+    tracing::error!(
+        layer,
+        endpoint,
+        "an idempotent handler runs inside an IdempotentLayer; request refused, nothing executed"
+    );
+    Problem::new(
+        ProblemKind::NotConfigured,
+        format!(
+            "endpoint `{endpoint}` is made idempotent twice: the `IdempotentLayer` of endpoint `{layer}` wraps its handler and already claimed this key; use either the layer or `#[idempotent]` (or `IdempotentRequest`) on this route, not both"
+        ),
+    )
 }
 
 /// A missing API key is a 401 that challenges for a bearer token; a scope
@@ -232,7 +253,9 @@ impl Engine {
     }
 
     async fn store_failed(&self, error: &StoreError, handler: Handler) -> Response {
-        if self.settings.fail_open {
+        // A corrupt record is there: its request ran, and failing open
+        // would run it again.
+        if self.settings.fail_open && !matches!(error, StoreError::Codec(_)) {
             tracing::warn!(%error, outcome = "store_error", "store failed; running without idempotency (fail_open)");
             return handler.await;
         }
@@ -257,16 +280,18 @@ impl Engine {
     }
 
     fn mismatch(&self) -> Response {
+        // The endpoint goes to the log only: the record does not say where
+        // the key was first used, and the name (by default the handler's
+        // module path) is no business of the client's. On the event itself
+        // because the request's span is at debug level.
         tracing::info!(
             outcome = "mismatch",
+            endpoint = self.endpoint.name(),
             "idempotency key reused with a different request"
         );
         Problem::new(
             ProblemKind::KeyReused,
-            format!(
-                "this idempotency key was already used at `{}` with a different request (body or parameters); send a new key for a new request",
-                self.endpoint.name()
-            ),
+            "this idempotency key was already used with a different request (body or parameters, at this endpoint or another one); send a new key for a new request",
         )
         .into_response()
     }
@@ -522,7 +547,17 @@ fn not_stored(not_kept: NotKept) {
 }
 
 /// The answer to a request refused because the store failed: nothing ran.
+/// A record that does not decode is no outage: retrying soon finds it
+/// the same, so it is a 500 without `Retry-After`.
 pub(crate) fn refused_for(error: &StoreError) -> Response {
+    if let StoreError::Codec(error) = error {
+        tracing::error!(%error, outcome = "store_error", "stored record is corrupt; request refused, nothing executed");
+        return Problem::new(
+            ProblemKind::RecordCorrupt,
+            "the stored record of this idempotency key cannot be read, so the request was neither replayed nor executed again",
+        )
+        .into_response();
+    }
     tracing::error!(%error, outcome = "store_error", "store failed; request refused, nothing executed");
     Problem::new(
         ProblemKind::StoreUnavailable,

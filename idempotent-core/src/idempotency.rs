@@ -195,12 +195,16 @@ impl<S> Layer<S> for Idempotency {
 }
 
 /// The service an [`Idempotency`] layer wraps routes in. It makes the
-/// handle reachable from the handlers it runs, and adds nothing else to
-/// the request or the response.
+/// handle reachable from the handlers it runs, and adds nothing to the
+/// request or the response: the handle is set in a task-local while the
+/// inner service's future runs, not inserted into the request's
+/// extensions, which would cost an allocation on every request.
 ///
-/// A request can also carry the handle as an extension
-/// (`request.extensions_mut().insert(idempotency)`), for handlers called
-/// without the layer, as in some tests.
+/// A middleware inside the layer that runs the rest of the request on a
+/// task it spawns leaves that task-local behind. Handlers also look for
+/// the handle in the request's extensions, so such a middleware can carry
+/// it there itself (`request.extensions_mut().insert(idempotency.clone())`,
+/// before spawning), as can tests that call handlers without the layer.
 #[derive(Clone, Debug)]
 pub struct IdempotencyService<S> {
     inner: S,

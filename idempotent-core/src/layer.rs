@@ -26,7 +26,19 @@ use crate::request::IdempotentRequest;
 /// Default limit on a buffered request body: 1 MiB.
 const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
+/// Marks a request whose key an [`IdempotentLayer`] claims, with the
+/// layer's endpoint name. An idempotent handler beneath the layer would
+/// claim the same key again under its own fingerprint, find the layer's
+/// claim in flight and answer 422, which the layer would store: the engine
+/// refuses such a handler with a 500 that names both endpoints instead.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Claimed(pub(crate) &'static str);
+
 /// Applies an [`Endpoint`] policy to a route, fingerprinting raw requests.
+///
+/// Use it or `#[idempotent]` (or [`IdempotentRequest`]) on a route, not
+/// both: a handler made idempotent beneath this layer is answered 500
+/// (`not-configured`).
 ///
 /// The router still needs the [`Idempotency`](crate::Idempotency) layer,
 /// which must wrap this one (add it to the router after the route). Add it
@@ -144,6 +156,7 @@ where
         Err(error) => return unread(&error, config.max_request_bytes).into_response(),
     };
     let fingerprint = raw_fingerprint(&config.endpoint, &parts, &body);
+    parts.extensions.insert(Claimed(config.endpoint.name()));
     let request = Request::from_parts(parts, Body::from(body));
     idempotent
         .run(&config.endpoint, fingerprint, call(inner, request))

@@ -17,7 +17,7 @@
 //! | `urn:idempotent:key-reused` | 422 | the key was used before with a different request |
 //! | `urn:idempotent:fingerprint-failed` | 500 | serializing the handler's inputs failed |
 //! | `urn:idempotent:record-corrupt` | 500 | the key's stored record cannot be read or replayed; the handler is not run again |
-//! | `urn:idempotent:not-configured` | 500 | no [`Idempotency`](crate::Idempotency) layer on the router |
+//! | `urn:idempotent:not-configured` | 500 | no [`Idempotency`](crate::Idempotency) layer served the request, a custom scope got no principal, or an [`IdempotentLayer`](crate::IdempotentLayer) wraps a handler that is idempotent itself |
 //! | `urn:idempotent:store-unavailable` | 503 | the store failed or timed out; nothing was executed (`Retry-After` set) |
 
 use axum::response::{IntoResponse, Response};
@@ -54,7 +54,9 @@ pub enum ProblemKind {
     KeyReused,
     /// 500: the handler's inputs could not be serialized.
     FingerprintFailed,
-    /// 500: the router has no `Idempotency` layer.
+    /// 500: no `Idempotency` layer served the request, a custom scope got
+    /// no principal, or an `IdempotentLayer` wraps a handler that is
+    /// idempotent itself.
     NotConfigured,
     /// 500: the key's stored record cannot be read or replayed (written by
     /// something else, or damaged), so its request is neither replayed

@@ -13,6 +13,7 @@ use crate::exact::ExactRequest;
 use crate::fingerprint::{Fingerprint, FingerprintError};
 use crate::idempotency::Idempotency;
 use crate::key::IdempotencyKey;
+use crate::layer::Claimed;
 use crate::problem::{Problem, ProblemKind};
 use crate::scope::{IdempotencyScope, MissingCredential, ScopeDigest};
 
@@ -66,6 +67,11 @@ pub(crate) enum ScopeSource {
     /// Resolved already: by a principal the handler supplied, or at
     /// extraction for an endpoint whose scope the attribute knows.
     Resolved(Result<ScopeDigest, MissingCredential>),
+    /// None: an [`IdempotentLayer`](crate::IdempotentLayer) for the
+    /// endpoint named here claimed the key around this handler, so `run`
+    /// refuses the request. Kept here rather than in a field of its own,
+    /// which would grow every request's future.
+    InsideLayer(&'static str),
 }
 
 impl IdempotentRequest {
@@ -79,7 +85,10 @@ impl IdempotentRequest {
     /// with [`Scope::Custom`](crate::Scope::Custom).
     #[must_use]
     pub fn scoped_by(mut self, principal: &impl IdempotencyScope) -> Self {
-        self.scope = ScopeSource::Resolved(Ok(ScopeDigest::custom(principal)));
+        // A request refused for running inside a layer stays refused.
+        if !matches!(self.scope, ScopeSource::InsideLayer(_)) {
+            self.scope = ScopeSource::Resolved(Ok(ScopeDigest::custom(principal)));
+        }
         self
     }
 
@@ -89,6 +98,10 @@ impl IdempotentRequest {
     /// `handler` runs on until it finishes even if the client disconnects,
     /// so its outcome is always recorded. It is only polled after the key
     /// was claimed.
+    ///
+    /// Beneath an [`IdempotentLayer`](crate::IdempotentLayer), which claimed
+    /// the key already, a keyed request is answered 500 (`not-configured`):
+    /// a route takes one or the other.
     pub fn run<F>(
         self,
         endpoint: &Endpoint,
@@ -127,7 +140,10 @@ impl IdempotentRequest {
             .or_else(|| extensions.get::<Idempotency>().cloned())
             .ok_or_else(not_configured)?;
         let key = IdempotencyKey::from_headers(headers)?;
-        let scope = scope(&idempotency, headers);
+        let scope = match claiming_layer(key.as_ref(), extensions) {
+            Some(layer) => ScopeSource::InsideLayer(layer),
+            None => scope(&idempotency, headers),
+        };
         Ok(Self {
             idempotency,
             key,
@@ -137,9 +153,21 @@ impl IdempotentRequest {
     }
 }
 
+/// The endpoint of the [`IdempotentLayer`](crate::IdempotentLayer) that
+/// claimed this request's key, if one did. Only a keyed request is looked
+/// up: a layer claims nothing without a key, and an unkeyed request pays
+/// for no lookup.
+fn claiming_layer(key: Option<&IdempotencyKey>, extensions: &Extensions) -> Option<&'static str> {
+    key?;
+    extensions.get::<Claimed>().map(|claimed| claimed.0)
+}
+
+/// The handle travels in a task-local (see `Idempotency::current`), so
+/// besides a missing layer the detail covers the two ways a present one
+/// is missed: added before the route, or left behind by a spawned task.
 fn not_configured() -> Problem {
     Problem::new(
         ProblemKind::NotConfigured,
-        "this endpoint is idempotent but the router has no store: add `.layer(idempotent_core::Idempotency::new(store))` to the Router (for example with `idempotent_core::store::MemoryStore::new()`)",
+        "this endpoint is idempotent but no `Idempotency` layer served the request: add `.layer(idempotent_core::Idempotency::new(store))` to the Router (for example with `idempotent_core::store::MemoryStore::new()`) after the `.route(...)` calls it must cover, since `Router::layer` wraps only the routes added before it; if a middleware inside that layer runs the handler on a spawned task, which does not carry the layer's handle, insert the handle into the request's extensions before spawning (`request.extensions_mut().insert(idempotency.clone())`) or move that middleware outside the layer",
     )
 }

@@ -237,6 +237,26 @@ async fn same_key_with_a_different_payload_is_422() {
 }
 
 #[tokio::test]
+async fn a_reused_keys_detail_names_no_endpoint() {
+    let handler = Handler::default();
+    let endpoint = Endpoint::new("payments::create_payment");
+    let app = app_with(Idempotency::new(MemoryStore::new()), &handler, endpoint);
+    send(&app, request(Some("k"), &json!({"amount": 10}))).await;
+
+    let (_, _, problem) = send(&app, request(Some("k"), &json!({"amount": 11}))).await;
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(!detail.contains("create_payment"), "{detail}");
+    assert!(
+        detail.contains("at this endpoint or another one"),
+        "{detail}"
+    );
+    assert!(
+        detail.ends_with("send a new key for a new request"),
+        "{detail}"
+    );
+}
+
+#[tokio::test]
 async fn field_order_and_whitespace_do_not_change_the_fingerprint() {
     let handler = Handler::default();
     let app = app(MemoryStore::new(), &handler);
@@ -417,14 +437,22 @@ struct SpanRecorder {
     entered: std::sync::Mutex<Vec<u64>>,
     /// Each event's `outcome` field, with the names of the spans it was in.
     outcomes: std::sync::Mutex<Vec<(String, Vec<&'static str>)>>,
+    /// Each event's `outcome` and `endpoint` fields, when it has both.
+    endpoints: std::sync::Mutex<Vec<(String, String)>>,
 }
 
-struct Outcome(Option<String>);
+#[derive(Default)]
+struct Outcome {
+    outcome: Option<String>,
+    endpoint: Option<String>,
+}
 
 impl tracing::field::Visit for Outcome {
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        if field.name() == "outcome" {
-            self.0 = Some(value.to_owned());
+        match field.name() {
+            "outcome" => self.outcome = Some(value.to_owned()),
+            "endpoint" => self.endpoint = Some(value.to_owned()),
+            _ => {}
         }
     }
 
@@ -447,9 +475,13 @@ impl tracing::Subscriber for SpanRecorder {
     fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
 
     fn event(&self, event: &tracing::Event<'_>) {
-        let mut outcome = Outcome(None);
-        event.record(&mut outcome);
-        if let Some(outcome) = outcome.0 {
+        let mut fields = Outcome::default();
+        event.record(&mut fields);
+        if let (Some(outcome), Some(endpoint)) = (&fields.outcome, fields.endpoint) {
+            let logged = (outcome.clone(), endpoint);
+            self.endpoints.lock().unwrap().push(logged);
+        }
+        if let Some(outcome) = fields.outcome {
             let metadata = self.spans.lock().unwrap();
             let entered = self.entered.lock().unwrap();
             let spans = entered.iter().map(|id| metadata[*id as usize - 1].name());
@@ -482,6 +514,12 @@ impl tracing::Subscriber for SpanRecorder {
 /// subscribers on parallel threads can make either miss events.
 #[tokio::test]
 async fn outcomes_are_logged_once_inside_the_requests_span() {
+    // While a single dispatcher is registered, tracing caches the interest
+    // of a callsite reached for the first time from that thread's default
+    // alone: reached first by another test, whose thread has no
+    // subscriber, an event would stay disabled for the recorder too. A
+    // second registered dispatcher makes every callsite ask them all.
+    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
     let recorder = Arc::new(SpanRecorder::default());
     let _default = tracing::subscriber::set_default(recorder.clone());
     request_then_replay_log_in_the_span(&recorder).await;
@@ -489,6 +527,21 @@ async fn outcomes_are_logged_once_inside_the_requests_span() {
     a_dropped_clients_run_logs_in_the_span(&recorder).await;
     recorder.outcomes.lock().unwrap().clear();
     a_completion_applied_but_timed_out_logs_executed(&recorder).await;
+    a_mismatch_logs_the_endpoint_the_client_is_not_told(&recorder).await;
+}
+
+async fn a_mismatch_logs_the_endpoint_the_client_is_not_told(recorder: &SpanRecorder) {
+    let handler = Handler::default();
+    let app = app(MemoryStore::new(), &handler);
+    send(&app, request(Some("k"), &json!({"amount": 10}))).await;
+    let (status, _, _) = send(&app, request(Some("k"), &json!({"amount": 11}))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let endpoints = recorder.endpoints.lock().unwrap().clone();
+    assert_eq!(
+        endpoints,
+        [("mismatch".to_owned(), "pay".to_owned())],
+        "the event names the endpoint itself: the request's span is at debug level"
+    );
 }
 
 async fn request_then_replay_log_in_the_span(recorder: &SpanRecorder) {
@@ -786,6 +839,61 @@ async fn a_router_without_the_layer_gets_a_500_that_says_what_to_add() {
     assert_eq!(problem["type"], "urn:idempotent:not-configured");
     assert!(problem["detail"].as_str().unwrap().contains(".layer("));
     assert_eq!(handler.runs(), 0);
+}
+
+#[tokio::test]
+async fn a_layer_added_before_the_route_gets_a_500_that_says_so() {
+    let handler = Handler::default();
+    let app = Router::new()
+        .layer(Idempotency::new(MemoryStore::new()))
+        .route("/pay", post(endpoint_handler))
+        .with_state((handler.clone(), Endpoint::new("pay")));
+    let (status, _, problem) = send(&app, request(Some("k"), &json!({}))).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("`Router::layer` wraps only the routes added before it"),
+        "{detail}"
+    );
+    assert_eq!(handler.runs(), 0);
+}
+
+/// Runs the rest of the request on a task of its own, as some middleware
+/// does; `carry` is what it puts in the request's extensions first.
+async fn spawning(
+    carry: Option<Idempotency>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(idempotency) = carry {
+        request.extensions_mut().insert(idempotency);
+    }
+    tokio::spawn(next.run(request)).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_handler_on_a_spawned_task_finds_the_handle_only_in_the_extensions() {
+    let handler = Handler::default();
+    let idempotency = Idempotency::new(MemoryStore::new());
+    let app_carrying = |carry: Option<Idempotency>| {
+        let middleware = move |request, next| spawning(carry.clone(), request, next);
+        Router::new()
+            .route("/pay", post(endpoint_handler))
+            .with_state((handler.clone(), Endpoint::new("pay")))
+            .layer(axum::middleware::from_fn(middleware))
+            .layer(idempotency.clone())
+    };
+    let (status, _, problem) = send(&app_carrying(None), request(Some("k"), &json!({}))).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("spawned task"), "{detail}");
+    assert!(detail.contains("extensions_mut().insert("), "{detail}");
+    assert_eq!(handler.runs(), 0);
+
+    let carrying = app_carrying(Some(idempotency.clone()));
+    let (status, _, _) = send(&carrying, request(Some("k"), &json!({}))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(handler.runs(), 1);
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use axum::routing::post;
 use axum::{Extension, Router};
 use http_body_util::BodyExt;
 use idempotent_core::store::MemoryStore;
-use idempotent_core::{Endpoint, Idempotency, IdempotentLayer};
+use idempotent_core::{Endpoint, Idempotency, IdempotentLayer, Scope};
 use serde_json::Value;
 use tower::ServiceExt;
 
@@ -217,4 +217,52 @@ async fn a_custom_scope_on_the_layer_is_refused_with_what_to_use_instead() {
         "{body}"
     );
     assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
+/// The same handler as `create_order`, made idempotent by the attribute.
+#[idempotent_core::idempotent(scope = "global")]
+async fn create_order_by_attribute(
+    Extension(runs): Extension<Arc<AtomicUsize>>,
+    body: String,
+) -> (StatusCode, String) {
+    let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+    (StatusCode::CREATED, format!("order {run}: {body}"))
+}
+
+#[tokio::test]
+async fn a_layer_over_an_idempotent_handler_is_refused_without_burning_the_key() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let idempotency = Idempotency::new(MemoryStore::new());
+    let legacy = IdempotentLayer::new(Endpoint::new("legacy").scope(Scope::Global));
+    let both = Router::new()
+        .route(
+            "/orders",
+            post(create_order_by_attribute).route_layer(legacy),
+        )
+        .layer(Extension(runs.clone()))
+        .layer(idempotency.clone());
+    for _ in 0..2 {
+        let (status, _, body) = send(&both, order("/orders", "k1", "{}")).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+        let problem: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(problem["type"], "urn:idempotent:not-configured");
+        let detail = problem["detail"].as_str().unwrap();
+        assert!(detail.contains("`legacy`"), "{detail}");
+        assert!(detail.contains("create_order_by_attribute`"), "{detail}");
+        assert!(
+            detail.contains("either the layer or `#[idempotent]`"),
+            "{detail}"
+        );
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+
+    // Once the route keeps only the attribute, the key is still free.
+    let fixed = Router::new()
+        .route("/orders", post(create_order_by_attribute))
+        .layer(Extension(runs.clone()))
+        .layer(idempotency);
+    let (status, headers, _) = send(&fixed, order("/orders", "k1", "{}")).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(!headers.contains_key("idempotent-replayed"));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
 }

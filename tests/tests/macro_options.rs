@@ -601,11 +601,6 @@ async fn the_name_not_the_function_identifies_the_endpoint() {
     // Without `name`, the function's path is the identity.
     let unnamed = send(&app, request("/unnamed", Some("k"), &[], "3")).await;
     assert_eq!(unnamed.status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(
-        unnamed.body.contains("macro_options::create_order_unnamed"),
-        "{}",
-        unnamed.body
-    );
 }
 
 /// Handlers the default name cannot tell apart: associated functions of

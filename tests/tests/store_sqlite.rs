@@ -162,3 +162,34 @@ async fn a_schema_qualified_table_is_migrated_and_used() {
     );
     assert_eq!(ledger.executions(), 1);
 }
+
+/// A record that no longer decodes is answered 500 `record-corrupt`, with
+/// no `Retry-After` (retrying soon finds it the same), and the payment is
+/// not made again, even by an app that fails open when the store is down.
+#[tokio::test]
+async fn a_corrupt_record_is_a_500_and_runs_nothing_again() {
+    let db = TempDb::new();
+    let store = db.open().await;
+    let ledger = Ledger::default();
+    let app = payments_app(store.clone(), &ledger, STORE_TIMEOUT);
+    assert_eq!(pay(&app, "corrupt", 1).await.status, StatusCode::CREATED);
+    sqlx::query("UPDATE idempotency_records SET record = x'00'")
+        .execute(store.pool())
+        .await
+        .expect("damage the record");
+    let failing_open = store_support::payments_app_on(
+        idempotent_core::Idempotency::builder(store.clone())
+            .fail_open(true)
+            .build(),
+        &ledger,
+    );
+    for app in [app, failing_open] {
+        let retry = pay(&app, "corrupt", 1).await;
+        assert_eq!(retry.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(retry.content_type(), Some("application/problem+json"));
+        let body = String::from_utf8_lossy(&retry.body);
+        assert!(body.contains("urn:idempotent:record-corrupt"), "{body}");
+        assert!(!retry.headers.contains_key("retry-after"));
+    }
+    assert_eq!(ledger.executions(), 1);
+}

@@ -82,14 +82,20 @@ async fn create_payment(
 
 /// One app instance on its own store client.
 pub fn payments_app(store: impl Store, ledger: &Ledger, store_timeout: Duration) -> Router {
+    payments_app_on(
+        Idempotency::builder(store)
+            .store_timeout(store_timeout)
+            .build(),
+        ledger,
+    )
+}
+
+/// The payments app behind an `Idempotency` layer configured by the test.
+pub fn payments_app_on(idempotency: Idempotency, ledger: &Ledger) -> Router {
     Router::new()
         .route("/payments", post(create_payment))
         .with_state(ledger.clone())
-        .layer(
-            Idempotency::builder(store)
-                .store_timeout(store_timeout)
-                .build(),
-        )
+        .layer(idempotency)
 }
 
 /// What a client saw.
