@@ -18,8 +18,9 @@ use crate::record::StoredResponse;
 /// The header that marks a replayed response.
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
-/// Whether a response header is stored. Never: credentials and cookies
-/// belong to the first caller's session, `Date` must be fresh, hop-by-hop
+/// Whether a response header is stored. Never: credentials, cookies and
+/// authentication parameters (RFC 9110 11.6.3, 11.7.3) belong to the
+/// first caller's session, `Date` must be fresh, hop-by-hop
 /// headers describe one connection, and `Content-Length` is recomputed
 /// from the stored body. Matched by name: an array of `HeaderName`
 /// constants would be built and dropped at every call.
@@ -28,6 +29,8 @@ fn is_replayable(name: &HeaderName) -> bool {
         name.as_str(),
         "set-cookie"
             | "authorization"
+            | "authentication-info"
+            | "proxy-authentication-info"
             | "date"
             | "connection"
             | "keep-alive"
@@ -355,6 +358,8 @@ mod tests {
         for name in [
             "set-cookie",
             "authorization",
+            "authentication-info",
+            "proxy-authentication-info",
             "date",
             "connection",
             "keep-alive",

@@ -141,17 +141,24 @@ async fn a_completed_record_survives_a_restart() {
 #[tokio::test]
 async fn concurrent_migrations_are_harmless() {
     let Some(url) = backend_url(URL) else { return };
-    let store = PostgresStore::connect(&url).await.expect("connect");
-    let store = PostgresStore::builder(store.pool().clone())
-        .table(unique_name("idem_test"))
-        .build()
-        .expect("valid table name");
-    let migrations: Vec<_> = (0..4)
-        .map(|_| {
-            let store = store.clone();
+    let connected = PostgresStore::connect(&url).await.expect("connect");
+    let table = unique_name("idem_test");
+    // Unquoted names fold to lower case: `Idem_Test_..` is the same table,
+    // and its migration must wait for the same lock.
+    let spellings = [table.clone(), table.to_ascii_uppercase()];
+    let store = |name: &str| {
+        PostgresStore::builder(connected.pool().clone())
+            .table(name)
+            .build()
+            .expect("valid table name")
+    };
+    let migrations: Vec<_> = (0..8)
+        .map(|index| {
+            let store = store(&spellings[index % 2]);
             tokio::spawn(async move { store.migrate().await })
         })
         .collect();
+    let store = store(&table);
     for migration in migrations {
         migration.await.expect("task").expect("migrate");
     }

@@ -284,10 +284,11 @@ impl PostgresStore {
         // catalog, so an advisory lock per table name serializes them. A
         // multi-statement simple query runs as one transaction, which holds
         // the lock to the end. The name is a checked identifier, safe to
-        // quote.
+        // quote. Unquoted, it folds to lower case in SQL, and so in the
+        // lock's name: two spellings of one table share the lock.
         let script = format!(
             "SELECT pg_advisory_xact_lock(hashtext('idempotent:{table}'));\n{schema}",
-            table = inner.table
+            table = inner.table.to_ascii_lowercase()
         );
         sqlx::raw_sql(&script)
             .execute(inner.connections.pool())
