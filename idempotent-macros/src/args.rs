@@ -105,8 +105,10 @@ impl Args {
 
     fn apply(&mut self, key: &str, meta: &Meta) -> syn::Result<()> {
         match key {
-            "ttl" => self.ttl = Some(ttl_millis(&string_value(meta)?)?),
-            "lease" => self.lease = Some(lease_millis(&string_value(meta)?)?),
+            "ttl" => self.ttl = Some(at_least_a_second(&string_value(meta)?, TTL_TOO_SHORT)?),
+            "lease" => {
+                self.lease = Some(at_least_a_second(&string_value(meta)?, LEASE_TOO_SHORT)?);
+            }
             "wait" => self.wait = Some(duration_millis(&string_value(meta)?)?),
             "scope" => self.scope = Some(scope(name_value(meta)?)?),
             "optional" => self.optional = flag(meta)?,
@@ -337,34 +339,21 @@ pub(crate) fn duration_millis(lit: &LitStr) -> syn::Result<u64> {
     Ok(millis)
 }
 
-/// The shortest lease taken, in milliseconds. The engine renews a lease
-/// every third of it; with a durable store's round trips taking
-/// milliseconds, a shorter one can lapse under a handler still running and
-/// let a duplicate run it again.
-const MIN_LEASE_MILLIS: u64 = 1_000;
+/// Why a lease under a second is refused. The engine renews a lease every
+/// third of it; with a durable store's round trips taking milliseconds, a
+/// shorter one can lapse under a handler still running and let a duplicate
+/// run it again.
+const LEASE_TOO_SHORT: &str = "the lease must be at least \"1s\": it is renewed every third of it while the handler runs, and a shorter one can lapse between renewals and let a duplicate run the handler again";
+/// Why a TTL under a second is refused: the engine would raise it to a
+/// second, and a silent change is worse than an error.
+const TTL_TOO_SHORT: &str = "the ttl must be at least \"1s\": it is how long a finished response is replayed, and a shorter one would be raised to a second";
 
-fn lease_millis(lit: &LitStr) -> syn::Result<u64> {
+/// The duration in `lit`, in milliseconds, refused with `why` under a
+/// second (the shortest TTL or lease an `Endpoint` takes).
+fn at_least_a_second(lit: &LitStr, why: &str) -> syn::Result<u64> {
     let millis = duration_millis(lit)?;
-    if millis < MIN_LEASE_MILLIS {
-        return Err(syn::Error::new(
-            lit.span(),
-            "the lease must be at least \"1s\": it is renewed every third of it while the handler runs, and a shorter one can lapse between renewals and let a duplicate run the handler again",
-        ));
-    }
-    Ok(millis)
-}
-
-/// The shortest TTL taken, in milliseconds: the engine raises a shorter
-/// one to a second, so it is refused here rather than silently changed.
-const MIN_TTL_MILLIS: u64 = 1_000;
-
-fn ttl_millis(lit: &LitStr) -> syn::Result<u64> {
-    let millis = duration_millis(lit)?;
-    if millis < MIN_TTL_MILLIS {
-        return Err(syn::Error::new(
-            lit.span(),
-            "the ttl must be at least \"1s\": it is how long a finished response is replayed, and a shorter one would be raised to a second",
-        ));
+    if millis < 1_000 {
+        return Err(syn::Error::new(lit.span(), why));
     }
     Ok(millis)
 }

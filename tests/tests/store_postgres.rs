@@ -404,6 +404,22 @@ impl Relay {
     }
 }
 
+/// A relay to the database at `url` on a free port, and the options that
+/// connect through it.
+async fn relay_to_the_database(url: &str) -> (sqlx::postgres::PgConnectOptions, Relay) {
+    use std::str::FromStr;
+
+    let direct = sqlx::postgres::PgConnectOptions::from_str(url).expect("valid URL");
+    let upstream = (direct.get_host().to_owned(), direct.get_port());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let relay = Relay::start(port, upstream).await;
+    (direct.host("127.0.0.1").port(port), relay)
+}
+
 impl Drop for Relay {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {
@@ -414,19 +430,10 @@ impl Drop for Relay {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_going_away_gives_503_and_the_service_recovers() {
-    use std::str::FromStr;
     use std::time::Instant;
 
     let Some(url) = backend_url(URL) else { return };
-    let direct = sqlx::postgres::PgConnectOptions::from_str(&url).expect("valid URL");
-    let upstream = (direct.get_host().to_owned(), direct.get_port());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut relay = Relay::start(port, upstream).await;
-    let options = direct.clone().host("127.0.0.1").port(relay.port);
+    let (options, mut relay) = relay_to_the_database(&url).await;
     let store = PostgresStore::connect_with(options)
         .await
         .expect("connect through the relay");
@@ -773,19 +780,10 @@ async fn a_payment_survives(
 /// A store whose connections go through a relay (see [`Relay`]) that the
 /// test can cut.
 async fn store_behind_a_relay(url: &str, hold: u32) -> (PostgresStore, Relay) {
-    use std::str::FromStr;
-
-    let direct = sqlx::postgres::PgConnectOptions::from_str(url).expect("valid URL");
-    let upstream = (direct.get_host().to_owned(), direct.get_port());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let relay = Relay::start(port, upstream).await;
+    let (options, relay) = relay_to_the_database(url).await;
     let pool = PostgresStore::pool_options()
         .max_connections(16)
-        .connect_with(direct.host("127.0.0.1").port(port))
+        .connect_with(options)
         .await
         .expect("connect through the relay");
     let store = PostgresStore::builder(pool)
