@@ -91,7 +91,7 @@ impl<'a> Handler<'a> {
             errors.spanned(sig.fn_token, "`#[idempotent]` handlers must be `async fn`");
         }
         let principal = match &args.scope {
-            Some(Scope::Custom(path)) => path.segments.last(),
+            Some(Scope::Custom(path)) => Some(path),
             _ => None,
         };
         let mut arguments = Vec::new();
@@ -209,8 +209,11 @@ fn exact_repeats_blocker(
 }
 
 /// Extractors that consume the request's body, which axum accepts only as
-/// a handler's last argument.
-const CONSUMES_BODY: &[&str] = &["Json", "Form", "Bytes", "String", "Request", "Multipart"];
+/// a handler's last argument. `Request` is left out: an application's own
+/// parts extractor may be called that.
+const CONSUMES_BODY: &[&str] = &["Json", "Form", "Bytes", "String", "Multipart"];
+/// Where those come from, when the path is written out.
+const BODY_EXTRACTOR_CRATES: &[&str] = &["axum", "axum_extra", "bytes", "std", "alloc"];
 
 /// axum's own error for a body extractor before the last argument names
 /// the whole handler type, with the attribute's hidden arguments in it;
@@ -224,7 +227,7 @@ fn check_body_extractor_is_last(arguments: &[Argument<'_>], errors: &mut Errors)
             Some(inner) if is_named(argument.ty, &["Option", "Result"]) => inner,
             _ => argument.ty,
         };
-        if let Some(name) = type_ident(ty).filter(|_| is_named(ty, CONSUMES_BODY)) {
+        if let Some(name) = type_ident(ty).filter(|_| is_body_extractor(ty)) {
             errors.spanned(
                 argument.ty,
                 format!(
@@ -233,6 +236,20 @@ fn check_body_extractor_is_last(arguments: &[Argument<'_>], errors: &mut Errors)
             );
         }
     }
+}
+
+/// Whether `ty` is one of [`CONSUMES_BODY`], by a bare name or a path from
+/// one of [`BODY_EXTRACTOR_CRATES`]: `crate::Form` is an application's own
+/// type.
+fn is_body_extractor(ty: &Type) -> bool {
+    let Some(path) = type_path(ty) else {
+        return false;
+    };
+    let from_known_crate = path.segments.len() == 1
+        || BODY_EXTRACTOR_CRATES
+            .iter()
+            .any(|krate| path.segments[0].ident == krate);
+    from_known_crate && is_named(ty, CONSUMES_BODY)
 }
 
 /// An `optional` endpoint runs requests that carry no key, which a
@@ -332,22 +349,45 @@ fn binding(pat: &Pat) -> Option<Ident> {
 }
 
 /// Whether an argument of type `ty` is the custom scope's principal: the
-/// principal's type itself (compared by its last segment, so `User` and
-/// `auth::User` match), or an `Extension` of it, as an auth middleware
-/// leaves it.
-fn takes_principal(ty: &Type, principal: &syn::PathSegment) -> bool {
-    let Some(segment) = type_path(ty).and_then(|path| path.segments.last()) else {
+/// type the scope names, spelled as the scope spells it, or an `Extension`
+/// of it, as an auth middleware leaves it. A spelling that differs
+/// (`User` for `auth::User`) is not taken: the attribute then extracts the
+/// principal itself, so another type of the same name can never stand in
+/// for the caller.
+fn takes_principal(ty: &Type, principal: &Path) -> bool {
+    let Some(path) = type_path(ty) else {
         return false;
     };
-    let same = |segment: &syn::PathSegment| {
-        segment.to_token_stream().to_string() == principal.to_token_stream().to_string()
-    };
-    same(segment)
-        || (segment.ident == "Extension"
-            && principal.ident != "Extension"
+    let in_extension = || {
+        last_ident(path).is_some_and(|ident| ident == "Extension")
+            && last_ident(principal).is_some_and(|ident| ident != "Extension")
             && first_type_argument(ty)
-                .and_then(|inner| type_path(inner)?.segments.last())
-                .is_some_and(same))
+                .and_then(type_path)
+                .is_some_and(|inner| names_principal(inner, principal))
+    };
+    names_principal(path, principal) || in_extension()
+}
+
+/// Whether `path` names the same type as the scope's `principal`: the
+/// same segments, and the same generic arguments where the scope gives
+/// any (`scope = Claims` takes a `Claims<Admin>` argument; a turbofish is
+/// the same as angle brackets).
+fn names_principal(path: &Path, principal: &Path) -> bool {
+    let arguments = |arguments: &PathArguments| match arguments {
+        PathArguments::AngleBracketed(generic) => Some(generic.args.to_token_stream().to_string()),
+        _ => None,
+    };
+    path.leading_colon.is_some() == principal.leading_colon.is_some()
+        && path.segments.len() == principal.segments.len()
+        && path
+            .segments
+            .iter()
+            .zip(&principal.segments)
+            .all(|(ours, theirs)| {
+                ours.ident == theirs.ident
+                    && (theirs.arguments.is_none()
+                        || arguments(&ours.arguments) == arguments(&theirs.arguments))
+            })
 }
 
 fn last_ident(path: &Path) -> Option<&Ident> {

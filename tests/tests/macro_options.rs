@@ -429,6 +429,46 @@ async fn custom_scope_from_an_extension_the_auth_middleware_left() {
     }
 }
 
+/// Another type called `User`: an account record a middleware attaches,
+/// not the caller.
+mod crm {
+    #[derive(Clone)]
+    pub(super) struct User(pub(super) u64);
+
+    impl idempotent_core::IdempotencyScope for User {
+        fn scope_id(&self) -> impl AsRef<[u8]> {
+            self.0.to_be_bytes()
+        }
+    }
+}
+
+#[idempotent(scope = User)]
+async fn by_user_beside_an_account(
+    Extension(account): Extension<crm::User>,
+    State(runs): State<Runs>,
+    Json(n): Json<u32>,
+) -> String {
+    format!("{}:{}:{n}", account.0, runs.bump())
+}
+
+/// The principal is taken from an argument only when the argument names
+/// the scope's type as the scope does: an `Extension` of another type
+/// called `User` leaves the caller to be extracted, so two callers never
+/// share a key space through it.
+#[tokio::test]
+async fn an_extension_of_another_type_of_the_same_name_is_not_the_principal() {
+    let runs = Runs::default();
+    let routes = Router::new()
+        .route("/t", post(by_user_beside_an_account))
+        .layer(Extension(crm::User(42)));
+    let app = router(routes, &runs);
+    let ann = send(&app, request("/t", Some("k"), &[("x-user", "ann")], "5")).await;
+    let ben = send(&app, request("/t", Some("k"), &[("x-user", "ben")], "5")).await;
+    assert_eq!(ann.status, StatusCode::OK, "{}", ann.body);
+    assert!(!ben.replayed, "ben got ann's response: {}", ben.body);
+    assert_eq!(runs.get(), 2);
+}
+
 // ===== generic handlers =====
 
 trait Kind: Send + 'static {

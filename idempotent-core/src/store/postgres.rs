@@ -483,9 +483,11 @@ impl Store for PostgresStore {
         let token = LeaseToken::random();
         let token_bytes = token.to_bytes();
         for _ in 0..sql::CLAIM_ATTEMPTS {
-            let now = self.now();
-            // Both statements take the claim's six parameters.
+            // Both statements take the claim's six parameters; the time is
+            // read for each run, so one rerun after a broken connection
+            // does not claim with a lease already partly spent.
             let query = |statement| {
+                let now = self.now();
                 sqlx::query(statement)
                     .bind(key.scope.as_bytes().as_slice())
                     .bind(key.key.as_str())

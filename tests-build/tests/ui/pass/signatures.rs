@@ -62,6 +62,31 @@ async fn body(body: String) -> String {
     body
 }
 
+/// An application's own parts extractor that happens to share a body
+/// extractor's name may come before the body.
+mod meta {
+    use axum::extract::FromRequestParts;
+    use axum::http::request::Parts;
+    use std::convert::Infallible;
+
+    pub struct Form {
+        pub trace: String,
+    }
+
+    impl<S: Send + Sync> FromRequestParts<S> for Form {
+        type Rejection = Infallible;
+
+        async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+            Ok(Self { trace: parts.uri.to_string() })
+        }
+    }
+}
+
+#[idempotent(skip(form))]
+async fn own_extractor_named_like_a_body(form: meta::Form, Json(n): Json<u8>) -> String {
+    format!("{} {n}", form.trace)
+}
+
 fn main() {
     let _app: Router = Router::new()
         .route("/public", post(handlers::public))
@@ -71,5 +96,6 @@ fn main() {
         .route("/request", post(whole_request))
         .route("/early", post(early_return))
         .route("/body", post(body))
+        .route("/own", post(own_extractor_named_like_a_body))
         .layer(Idempotency::new(MemoryStore::new()));
 }
