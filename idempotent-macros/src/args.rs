@@ -268,23 +268,22 @@ fn crate_path(value: &Expr) -> syn::Result<Path> {
 
 // ===== scope =====
 
+/// What `scope` takes, for its errors.
+const SCOPE_FORMS: &str = "expected `\"api_key\"`, `\"global\"`, `\"header:<name>\"` or the path of a type implementing `IdempotencyScope`";
+
+/// A scope's value: a string literal, or a type path that [`AttrOption`]
+/// carried verbatim (a path alone parses as a type there too).
 fn scope(value: &Expr) -> syn::Result<Scope> {
-    match value {
+    let custom = match value {
         Expr::Lit(ExprLit {
             lit: Lit::Str(lit), ..
-        }) => named_scope(lit),
-        Expr::Path(path) if path.qself.is_none() => Ok(Scope::Custom(path.path.clone())),
-        Expr::Verbatim(tokens) => match syn::parse2::<Type>(tokens.clone()) {
-            Ok(Type::Path(path)) if path.qself.is_none() => Ok(Scope::Custom(path.path)),
-            _ => Err(syn::Error::new_spanned(
-                tokens,
-                "expected `\"api_key\"`, `\"global\"`, `\"header:<name>\"` or the path of a type implementing `IdempotencyScope`",
-            )),
-        },
-        other => Err(syn::Error::new_spanned(
-            other,
-            "expected `\"api_key\"`, `\"global\"`, `\"header:<name>\"` or the path of a type implementing `IdempotencyScope`",
-        )),
+        }) => return named_scope(lit),
+        Expr::Verbatim(tokens) => syn::parse2::<Type>(tokens.clone()).ok(),
+        _ => None,
+    };
+    match custom {
+        Some(Type::Path(path)) if path.qself.is_none() => Ok(Scope::Custom(path.path)),
+        _ => Err(syn::Error::new_spanned(value, SCOPE_FORMS)),
     }
 }
 
@@ -302,9 +301,7 @@ fn named_scope(lit: &LitStr) -> syn::Result<Scope> {
             }),
             None => Err(syn::Error::new(
                 lit.span(),
-                format!(
-                    "unknown scope `{value}`; expected `\"api_key\"`, `\"global\"`, `\"header:<name>\"` or the path of a type implementing `IdempotencyScope`"
-                ),
+                format!("unknown scope `{value}`; {SCOPE_FORMS}"),
             )),
         },
     }

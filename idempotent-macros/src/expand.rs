@@ -760,15 +760,22 @@ fn instance_inputs<'a>(
     fingerprinter: &'a Ident,
     private: &'a TokenStream,
 ) -> impl Iterator<Item = TokenStream> + 'a {
-    generics.params.iter().filter_map(move |param| match param {
-        GenericParam::Type(ty) => {
-            let ty = &ty.ident;
-            Some(quote!(#private::fingerprint_type::<#ty>(#fingerprinter)?;))
+    instance_arguments(generics).map(move |(argument, is_const)| {
+        if is_const {
+            quote!(#private::fingerprint_const(#fingerprinter, &#argument)?;)
+        } else {
+            quote!(#private::fingerprint_type::<#argument>(#fingerprinter)?;)
         }
-        GenericParam::Const(constant) => {
-            let constant = &constant.ident;
-            Some(quote!(#private::fingerprint_const(#fingerprinter, &#constant)?;))
-        }
+    })
+}
+
+/// The handler's type and const parameters, in order, each with whether
+/// it is a const: what names one instance of a generic handler (lifetimes
+/// are erased).
+fn instance_arguments(generics: &syn::Generics) -> impl Iterator<Item = (&Ident, bool)> {
+    generics.params.iter().filter_map(|param| match param {
+        GenericParam::Type(ty) => Some((&ty.ident, false)),
+        GenericParam::Const(constant) => Some((&constant.ident, true)),
         GenericParam::Lifetime(_) => None,
     })
 }
@@ -806,15 +813,8 @@ fn principal(
 fn future(func: &ItemFn, params: &[Ident], private: &TokenStream) -> TokenStream {
     let sig = &func.sig;
     let name = &sig.ident;
-    let generic_args: Vec<TokenStream> = sig
-        .generics
-        .params
-        .iter()
-        .filter_map(|param| match param {
-            GenericParam::Type(ty) => Some(ty.ident.to_token_stream()),
-            GenericParam::Const(constant) => Some(constant.ident.to_token_stream()),
-            GenericParam::Lifetime(_) => None,
-        })
+    let generic_args: Vec<&Ident> = instance_arguments(&sig.generics)
+        .map(|(argument, _)| argument)
         .collect();
     let turbofish = (!generic_args.is_empty()).then(|| quote!(::<#(#generic_args),*>));
     let output_span = match &sig.output {
