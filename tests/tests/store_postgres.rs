@@ -38,8 +38,14 @@ async fn fresh_store(url: &str) -> PostgresStore {
 }
 
 async fn drop_table(store: &PostgresStore) {
-    sqlx::query(&format!("DROP TABLE IF EXISTS {}", store.table()))
-        .execute(store.pool())
+    drop_table_on(store.pool(), store.table()).await;
+}
+
+/// Drops `table` through `pool`: for a store whose own connections the
+/// test has broken.
+async fn drop_table_on(pool: &PgPool, table: &str) {
+    sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
+        .execute(pool)
         .await
         .expect("drop the test table");
 }
@@ -480,10 +486,7 @@ async fn the_database_going_away_gives_503_and_the_service_recovers() {
     assert_eq!(ledger.executions(), 2);
     drop(relay);
     let cleanup = PostgresStore::connect(&url).await.expect("connect");
-    sqlx::query(&format!("DROP TABLE IF EXISTS {}", store.table()))
-        .execute(cleanup.pool())
-        .await
-        .expect("drop the test table");
+    drop_table_on(cleanup.pool(), store.table()).await;
 }
 
 // ===== connections kept between statements =====
@@ -811,10 +814,7 @@ async fn a_response_finished_after_a_database_restart_is_stored() {
         .await;
         drop(restarted);
         let cleanup = PostgresStore::connect(&url).await.expect("connect");
-        sqlx::query(&format!("DROP TABLE IF EXISTS {}", store.table()))
-            .execute(cleanup.pool())
-            .await
-            .expect("drop the test table");
+        drop_table_on(cleanup.pool(), store.table()).await;
     }
 }
 
@@ -850,10 +850,7 @@ async fn a_response_finished_after_the_sessions_were_ended_is_stored() {
         assert!(ended.len() > 1, "ended {} sessions", ended.len());
     })
     .await;
-    sqlx::query(&format!("DROP TABLE IF EXISTS {}", store.table()))
-        .execute(admin.pool())
-        .await
-        .expect("drop the test table");
+    drop_table_on(admin.pool(), store.table()).await;
 }
 
 /// A row that does not hold a valid record is a codec error ("a stored
