@@ -28,6 +28,7 @@ use crate::problem::{Problem, ProblemKind};
 use crate::record::{
     Claim, Completed, LeaseToken, MAX_STORED_HEADERS, Record, RecordKey, StoredResponse,
 };
+use crate::renewal::Renewals;
 use crate::replay::{Collected, NotKept, collect, replay, replayable_headers};
 use crate::request::{IdempotentRequest, ScopeSource};
 use crate::scope::{self, MissingCredential, ScopeDigest};
@@ -217,6 +218,7 @@ impl Engine {
                 .wait_duration()
                 .map(|wait| Instant::now() + wait);
             let mut backoff = WAIT_BACKOFF.0;
+            let mut waited = false;
             loop {
                 let lease = self.endpoint.lease_duration();
                 let claim = self.timed(self.settings.store.claim(
@@ -225,6 +227,9 @@ impl Engine {
                     lease,
                 ));
                 match claim.await {
+                    // The key was seen in flight: failing open would run
+                    // the handler beside the first request.
+                    Err(error) if waited => return refused_for(&error),
                     Err(error) => return self.store_failed(&error, handler).await,
                     Ok(Claim::Acquired(token)) => return self.execute(token, handler).await,
                     Ok(Claim::Completed(record)) => return self.replay(&record, exact),
@@ -234,6 +239,7 @@ impl Engine {
                     Ok(Claim::InFlight { .. }) => match deadline {
                         Some(deadline) if Instant::now() < deadline => {
                             // Boxed: only endpoints that wait ever sleep here.
+                            waited = true;
                             let pause = deadline.min(Instant::now() + backoff);
                             Box::pin(tokio::time::sleep_until(pause)).await;
                             backoff = (backoff * 2).min(WAIT_BACKOFF.1);
@@ -341,21 +347,26 @@ impl Engine {
         handler: Handler,
     ) -> impl Future<Output = Result<Response, Panic>> + Send {
         async move {
-            // The response body is read under the lease as well: a streamed
-            // body can take longer than the handler that returned it. Scoped
-            // so the pipeline does not keep room for it while storing.
-            let produced = {
-                let producing = pin!(self.produce(handler));
-                let running = AssertUnwindSafe(self.renewing(token, producing));
-                running.catch_unwind().await
-            };
+            // Renewed from before the handler starts until the record is
+            // stored or released: a streamed body can take longer than the
+            // handler that returned it, and a slow store must not let the
+            // lease lapse while the record is on its way.
+            let lease = self.endpoint.lease_duration();
+            let renewals = Renewals::start(&self.settings, &self.key, lease, token);
+            let produced = AssertUnwindSafe(self.produce(handler)).catch_unwind().await;
             match produced {
-                Ok(Produced::Final(parts, body)) => Ok(self.keep(token, parts, body).await),
+                Ok(Produced::Final(parts, body)) => {
+                    let response = self.keep(token, parts, body).await;
+                    drop(renewals);
+                    Ok(response)
+                }
                 Ok(Produced::NotFinal(response)) => {
+                    drop(renewals);
                     self.release(token, "status is not final").await;
                     Ok(response)
                 }
                 Err(panic) => {
+                    drop(renewals);
                     self.release(token, "handler panicked").await;
                     Err(panic)
                 }
@@ -375,58 +386,6 @@ impl Engine {
         }
         let (parts, body) = response.into_parts();
         Produced::Final(parts, collect(body, self.settings.max_body_bytes).await)
-    }
-
-    /// Polls `work` while renewing the lease every third of it.
-    async fn renewing<T>(
-        &self,
-        token: LeaseToken,
-        mut work: Pin<&mut impl Future<Output = T>>,
-    ) -> T {
-        let period = self.endpoint.lease_duration() / 3;
-        if period.is_zero() {
-            return work.await;
-        }
-        // Work that finishes on its first poll needs no renewal timer.
-        if let Poll::Ready(output) = poll_once(&mut work).await {
-            return output;
-        }
-        // Boxed: only work that outlasts its first poll renews, and inline
-        // the renewals would add their size to every request's pipeline.
-        let renewals = Box::pin(self.renew_until_lost(token, period));
-        tokio::select! {
-            biased;
-            output = &mut work => return output,
-            () = renewals => {}
-        }
-        work.await
-    }
-
-    async fn renew_until_lost(&self, token: LeaseToken, period: Duration) {
-        let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
-        loop {
-            ticker.tick().await;
-            let lease = self.endpoint.lease_duration();
-            match self
-                .timed(self.settings.store.renew(&self.key, token, lease))
-                .await
-            {
-                Ok(()) => {}
-                Err(StoreError::LeaseLost) => {
-                    tracing::error!(
-                        outcome = "lease_lost",
-                        "lease taken over while the handler runs; its result will not be stored"
-                    );
-                    return;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "could not renew the lease; retrying");
-                    // Soon, not a whole period later: two failures a period
-                    // apart would let the lease lapse under a running handler.
-                    ticker.reset_after(period / 8);
-                }
-            }
-        }
     }
 
     /// Stores a final response and hands it on.
@@ -449,12 +408,7 @@ impl Engine {
                     (None, body)
                 }
             };
-            // Under the lease too: a slow store must not let it lapse while
-            // the record is on its way, or a duplicate would run again.
-            {
-                let storing = pin!(self.store(token, &parts, stored_body));
-                self.renewing(token, storing).await;
-            }
+            self.store(token, &parts, stored_body).await;
             Response::from_parts(parts, body)
         }
     }

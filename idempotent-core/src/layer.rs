@@ -2,15 +2,17 @@
 //! routes whose handlers you cannot or do not want to annotate.
 //!
 //! Without typed inputs to hash, it fingerprints the raw request: method,
-//! path, query and body bytes. Two JSON bodies that differ only in field
-//! order or whitespace therefore count as different payloads here (422),
-//! unlike with the attribute. The body is buffered, up to a limit.
+//! path, path parameters (a nested router's prefix is no longer in the
+//! path, but its parameters are), query and body bytes. Two JSON bodies
+//! that differ only in field order or whitespace therefore count as
+//! different payloads here (422), unlike with the attribute. The body is
+//! buffered, up to a limit.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
 
 use axum::body::Body;
-use axum::extract::{FromRequestParts, Request};
+use axum::extract::{FromRequestParts, RawPathParams, Request};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -155,7 +157,12 @@ where
         Ok(body) => body,
         Err(error) => return unread(&error, config.max_request_bytes).into_response(),
     };
-    let fingerprint = raw_fingerprint(&config.endpoint, &parts, &body);
+    // A nested router's prefix is gone from the URI, but not from the
+    // path parameters the handler reads.
+    let params = RawPathParams::from_request_parts(&mut parts, &())
+        .await
+        .ok();
+    let fingerprint = raw_fingerprint(&config.endpoint, &parts, params.as_ref(), &body);
     parts.extensions.insert(Claimed(config.endpoint.name()));
     let request = Request::from_parts(parts, Body::from(body));
     idempotent
@@ -176,14 +183,21 @@ where
 fn raw_fingerprint(
     endpoint: &Endpoint,
     parts: &http::request::Parts,
+    params: Option<&RawPathParams>,
     body: &Bytes,
 ) -> Result<Fingerprint, FingerprintError> {
     let mut fingerprinter = endpoint.fingerprinter();
     fingerprinter
         .input(parts.method.as_str())?
         .input(parts.uri.path())?
-        .input(&parts.uri.query())?
-        .input(body)?;
+        .input(&parts.uri.query())?;
+    // Only routes with parameters take them in, so the fingerprints of
+    // routes without any stay as they were.
+    let params: Vec<(&str, &str)> = params.into_iter().flatten().collect();
+    if !params.is_empty() {
+        fingerprinter.input(&params)?;
+    }
+    fingerprinter.input(body)?;
     Ok(fingerprinter.finish())
 }
 

@@ -33,6 +33,7 @@ pub mod layer;
 mod names;
 pub mod problem;
 pub mod record;
+mod renewal;
 mod replay;
 mod request;
 pub mod scope;

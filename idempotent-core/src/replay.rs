@@ -221,7 +221,11 @@ impl http_body::Body for Prefixed {
         let prefix = self.prefix.as_ref().map_or(0, Bytes::len) as u64;
         let rest = match &self.rest {
             Ok(body) => http_body::Body::size_hint(body),
-            Err(_) => SizeHint::with_exact(0),
+            // An error still to come: announcing the prefix's length would
+            // let a server frame the response by it and end it cleanly
+            // before the error, a truncated body the client takes as whole.
+            Err(Some(_)) => SizeHint::new(),
+            Err(None) => SizeHint::with_exact(0),
         };
         // Raise the upper bound first: `set_lower` asserts lower <= upper.
         let mut hint = SizeHint::new();

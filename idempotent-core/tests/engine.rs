@@ -1381,3 +1381,229 @@ fn stored(status: StatusCode) -> StoredResponse {
         body: Some("ok".into()),
     }
 }
+
+/// Answers 201 with a streamed body whose first chunk comes and whose
+/// second fails, as a database cursor that dies midway would.
+fn failing_body() -> Response {
+    let failure = std::io::Error::other("the cursor died");
+    let chunks = [
+        Ok(bytes::Bytes::from_static(b"{\"rows\":[1,")),
+        Err(failure),
+    ];
+    let body = Body::from_stream(futures_util::stream::iter(chunks));
+    (StatusCode::CREATED, body).into_response()
+}
+
+async fn failing_body_handler(
+    State(endpoint): State<Endpoint>,
+    idem: IdempotentRequest,
+    Json(input): Json<Value>,
+) -> Response {
+    let fingerprint = endpoint.fingerprint(&input);
+    idem.run(&endpoint, fingerprint, async { failing_body() })
+        .await
+}
+
+/// Answers 201 with a streamed body that fails before its first byte.
+async fn failing_at_once_handler(
+    State(endpoint): State<Endpoint>,
+    idem: IdempotentRequest,
+    Json(input): Json<Value>,
+) -> Response {
+    let fingerprint = endpoint.fingerprint(&input);
+    idem.run(&endpoint, fingerprint, async {
+        let failure = std::io::Error::other("the cursor died");
+        let chunks = [Err::<bytes::Bytes, _>(failure)];
+        let body = Body::from_stream(futures_util::stream::iter(chunks));
+        (StatusCode::CREATED, body).into_response()
+    })
+    .await
+}
+
+fn failing_body_app() -> Router {
+    Router::new()
+        .route("/pay", post(failing_body_handler))
+        .route("/at-once", post(failing_at_once_handler))
+        .route("/plain", post(|| async { failing_body() }))
+        .with_state(Endpoint::new("pay"))
+        .layer(Idempotency::new(MemoryStore::new()))
+}
+
+#[tokio::test]
+async fn a_body_that_fails_midway_does_not_announce_the_length_of_what_came_before() {
+    let response = failing_body_app()
+        .oneshot(request(Some("k"), &json!({"amount": 1})))
+        .await
+        .unwrap();
+    let hint = http_body::Body::size_hint(response.body());
+    assert_eq!(
+        hint.exact(),
+        None,
+        "a server frames the response with this length and ends it cleanly before the error"
+    );
+}
+
+/// Sends one raw HTTP/1.1 request to `path` and reads until the server
+/// closes the connection or goes quiet for a second: the bytes received,
+/// and whether the connection was closed.
+async fn raw_exchange(addr: std::net::SocketAddr, path: &str) -> (String, bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = r#"{"amount":1}"#;
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\nx-api-key: caller-1\r\nidempotency-key: key-{path}\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut received = Vec::new();
+    let mut buffer = [0; 4096];
+    let closed = loop {
+        let read = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buffer)).await;
+        match read {
+            Ok(Ok(0) | Err(_)) => break true,
+            Ok(Ok(n)) => received.extend_from_slice(&buffer[..n]),
+            Err(_quiet) => break false,
+        }
+    };
+    (
+        String::from_utf8_lossy(&received).to_ascii_lowercase(),
+        closed,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http1_a_body_that_fails_midway_is_cut_off_as_without_the_library() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, failing_body_app()).await });
+
+    // Without idempotency: no length is announced and the connection is
+    // cut at the error, so the client knows the response is incomplete.
+    let (plain, closed) = raw_exchange(addr, "/plain").await;
+    assert!(!plain.contains("content-length") && closed, "{plain}");
+
+    // With it: a body failing after its first chunk, and one failing
+    // before any byte.
+    let (midway, midway_closed) = raw_exchange(addr, "/pay").await;
+    let (at_once, at_once_closed) = raw_exchange(addr, "/at-once").await;
+    let cut_off = |response: &str, closed| !response.contains("content-length") && closed;
+    assert!(
+        cut_off(&midway, midway_closed) && cut_off(&at_once, at_once_closed),
+        "the first callers got complete-looking responses (connections kept open: {}, {}):\n{midway}\n---\n{at_once}",
+        !midway_closed,
+        !at_once_closed
+    );
+}
+
+/// The first run blocks its worker thread (`block_in_place`, as around a
+/// synchronous payment SDK) for 3.5 s; later runs answer at once.
+async fn blocking_handler(
+    State((runs, endpoint)): State<(Arc<AtomicUsize>, Endpoint)>,
+    idem: IdempotentRequest,
+    Json(input): Json<Value>,
+) -> Response {
+    let fingerprint = endpoint.fingerprint(&input);
+    idem.run(&endpoint, fingerprint, async move {
+        let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+        if run == 1 {
+            tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(3_500)));
+        }
+        (StatusCode::CREATED, Json(json!({ "run": run })))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handler_that_blocks_its_thread_past_the_lease_still_holds_the_key() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let endpoint = Endpoint::new("pay").lease(Duration::from_secs(2));
+    let app = Router::new()
+        .route("/pay", post(blocking_handler))
+        .with_state((runs.clone(), endpoint))
+        .layer(Idempotency::new(MemoryStore::new()));
+    let body = json!({"amount": 1});
+    let first = spawn_send(&app, "k", &body);
+
+    // The first run is still charging, 2.6 s into a 2 s lease.
+    tokio::time::sleep(Duration::from_millis(2_600)).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    let (status, _, duplicate) = send(&app, request(Some("k"), &body)).await;
+    assert_eq!(
+        (status, runs.load(Ordering::SeqCst)),
+        (StatusCode::CONFLICT, 1),
+        "the duplicate took the key over and ran the handler again: {duplicate}"
+    );
+    assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
+}
+
+/// A memory store whose `fail_at`th claim fails, as in a one-request blip.
+struct ClaimBlip {
+    inner: MemoryStore,
+    claims: AtomicUsize,
+    fail_at: usize,
+}
+
+impl Store for ClaimBlip {
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        if self.claims.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_at {
+            return Err(StoreError::backend("connection reset"));
+        }
+        self.inner.claim(key, fingerprint, lease).await
+    }
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.renew(key, token, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.complete(key, token, response, ttl).await
+    }
+    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        self.inner.release(key, token).await
+    }
+    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        self.inner.get(key).await
+    }
+}
+
+#[tokio::test]
+async fn with_fail_open_a_waiting_duplicate_does_not_run_the_handler_beside_the_first() {
+    // Claims: the first request's (acquired), the duplicate's first
+    // (in flight: it waits), the duplicate's second (a blip).
+    let store = ClaimBlip {
+        inner: MemoryStore::new(),
+        claims: AtomicUsize::new(0),
+        fail_at: 3,
+    };
+    let (handler, gate) = Handler::gated();
+    let idempotency = Idempotency::builder(store).fail_open(true).build();
+    let endpoint = Endpoint::new("pay").wait(Duration::from_secs(5));
+    let app = app_with(idempotency, &handler, endpoint);
+    let body = json!({"amount": 1});
+    let first = spawn_send(&app, "k", &body);
+    handler.started.notified().await;
+    let duplicate = spawn_send(&app, "k", &body);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let concurrent_runs = handler.runs();
+    gate.add_permits(2);
+    let (first, duplicate) = (first.await.unwrap(), duplicate.await.unwrap());
+    assert_eq!(
+        concurrent_runs, 1,
+        "the duplicate, known to be in flight, ran beside the first (answers {} and {})",
+        first.0, duplicate.0
+    );
+}

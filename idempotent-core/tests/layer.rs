@@ -266,3 +266,43 @@ async fn a_layer_over_an_idempotent_handler_is_refused_without_burning_the_key()
     assert!(!headers.contains_key("idempotent-replayed"));
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+/// Creates an order for the tenant its path names.
+async fn create_for_tenant(
+    axum::extract::Path(tenant): axum::extract::Path<String>,
+    Extension(runs): Extension<Arc<AtomicUsize>>,
+    body: String,
+) -> (StatusCode, String) {
+    let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+    (
+        StatusCode::CREATED,
+        format!("order {run} for tenant {tenant}: {body}"),
+    )
+}
+
+#[tokio::test]
+async fn requests_that_differ_in_a_nested_routers_path_parameter_are_different_requests() {
+    // One orders router, nested per tenant: axum strips the prefix from
+    // the URI the route layer sees, but the handler reads the tenant.
+    let runs = Arc::new(AtomicUsize::new(0));
+    let orders = Router::new().route("/orders", post(create_for_tenant).route_layer(layer()));
+    let app = Router::new()
+        .nest("/tenants/{tenant}", orders)
+        .layer(Extension(runs.clone()))
+        .layer(Idempotency::new(MemoryStore::new()));
+
+    let (status, _, first) = send(&app, order("/tenants/1/orders", "k", "{}")).await;
+    assert_eq!(
+        (status, first.as_str()),
+        (StatusCode::CREATED, "order 1 for tenant 1: {}")
+    );
+
+    // The same key and body for another tenant: another request.
+    let (status, headers, second) = send(&app, order("/tenants/2/orders", "k", "{}")).await;
+    assert!(
+        !headers.contains_key("idempotent-replayed"),
+        "tenant 2's request was answered with tenant 1's order: {status} {second:?}"
+    );
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{second}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
