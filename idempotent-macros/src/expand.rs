@@ -102,11 +102,25 @@ impl<'a> Handler<'a> {
                     "`#[idempotent]` handlers cannot take `self`: axum handlers are free functions",
                 ),
                 FnArg::Typed(typed) => {
+                    check_no_cfg(&typed.attrs, errors);
                     let taken = arguments
                         .iter()
                         .any(|a: &Argument<'_>| matches!(a.role, Role::Principal));
                     let is_principal =
                         !taken && principal.is_some_and(|p| takes_principal(&typed.ty, p));
+                    let skipped = binding(&typed.pat).is_some_and(|name| args.skip.contains(&name));
+                    if let Some(path) = principal
+                        && !skipped
+                        && misspells_principal(&typed.ty, path)
+                    {
+                        errors.spanned(
+                            &typed.ty,
+                            format!(
+                                "this argument is not taken as the scope's principal, which `scope` spells `{}`: write its type as `scope` does (the attribute compares spellings), or `skip` it",
+                                path.to_token_stream().to_string().replace(' ', "")
+                            ),
+                        );
+                    }
                     arguments.push(Argument::new(
                         &typed.pat,
                         &typed.ty,
@@ -136,10 +150,19 @@ impl<'a> Handler<'a> {
             }
             (_, blocker) => blocker.is_none(),
         };
-        Self {
+        let handler = Self {
             arguments,
             exact_repeats,
-        }
+        };
+        check_axum_arity(&handler, principal.is_some(), &sig.inputs, errors);
+        handler
+    }
+
+    /// How many arguments the routed function takes beyond the user's:
+    /// the request's idempotency context (unless `ExactBody` carries it)
+    /// and a custom scope's principal that the attribute extracts itself.
+    fn added_arguments(&self, custom_scope: bool) -> usize {
+        usize::from(!self.exact_repeats) + usize::from(custom_scope && self.principal().is_none())
     }
 
     fn principal(&self) -> Option<usize> {
@@ -152,7 +175,11 @@ impl<'a> Handler<'a> {
 impl<'a> Argument<'a> {
     fn new(pat: &Pat, ty: &'a Type, is_principal: bool, skip: &[Ident]) -> Self {
         let name = binding(pat);
-        let skipped = name.as_ref().is_some_and(|name| skip.contains(name));
+        // An argument bound to `_` (a guard such as `_: RequireAdmin`) is
+        // never read by the handler, so no response depends on it; it has
+        // no name for `skip` either.
+        let skipped =
+            matches!(pat, Pat::Wild(_)) || name.as_ref().is_some_and(|name| skip.contains(name));
         let role = if is_principal {
             Role::Principal
         } else if skipped || !is_fingerprinted_by_default(ty) {
@@ -206,6 +233,43 @@ fn exact_repeats_blocker(
         list(BODY_EXTRACTORS),
         list(URI_EXTRACTORS)
     ))
+}
+
+/// A `#[cfg]` on an argument would leave the routed function, which the
+/// attribute writes before `cfg` is evaluated, taking it regardless, and
+/// rustc's error counts arguments the user never wrote.
+fn check_no_cfg(attrs: &[Attribute], errors: &mut Errors) {
+    for attr in attrs {
+        if attr.path().is_ident("cfg") || attr.path().is_ident("cfg_attr") {
+            errors.spanned(
+                attr,
+                "`#[idempotent]` does not support `#[cfg]` on a handler argument: put the `#[cfg]` on two versions of the handler instead",
+            );
+        }
+    }
+}
+
+/// The most arguments an axum handler takes.
+const AXUM_MAX_ARGUMENTS: usize = 16;
+
+/// axum's own error for a handler over its limit names the whole handler
+/// type; this one says what the attribute added and what to do.
+fn check_axum_arity(
+    handler: &Handler<'_>,
+    custom_scope: bool,
+    inputs: &syn::punctuated::Punctuated<FnArg, syn::token::Comma>,
+    errors: &mut Errors,
+) {
+    let added = handler.added_arguments(custom_scope);
+    let written = handler.arguments.len();
+    if written + added > AXUM_MAX_ARGUMENTS {
+        errors.spanned(
+            inputs,
+            format!(
+                "axum handlers take at most {AXUM_MAX_ARGUMENTS} arguments, and `#[idempotent]` adds {added} to the {written} here: group some extractors into one tuple argument (`meta: (Method, Uri)`, with `skip(meta)` if it carries no payload)"
+            ),
+        );
+    }
 }
 
 /// Extractors that consume the request's body, which axum accepts only as
@@ -368,6 +432,16 @@ fn takes_principal(ty: &Type, principal: &Path) -> bool {
     names_principal(path, principal) || in_extension()
 }
 
+/// Whether `ty` has the principal's name but another spelling (`User` for
+/// `scope = auth::User`): almost surely the principal, which the attribute
+/// then does not take as one but fingerprints. (An `Extension` of another
+/// type of that name is not fingerprinted and may well be another type.)
+fn misspells_principal(ty: &Type, principal: &Path) -> bool {
+    type_path(ty).is_some_and(|path| {
+        last_ident(path) == last_ident(principal) && !names_principal(path, principal)
+    })
+}
+
 /// Whether `path` names the same type as the scope's `principal`: the
 /// same segments, and the same generic arguments where the scope gives
 /// any (`scope = Claims` takes a `Claims<Admin>` argument; a turbofish is
@@ -470,6 +544,14 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
         .collect();
     let (outer_attrs, inner_attrs) = split_attributes(&func.attrs);
     let (principal_param, principal) = principal(args, handler, &params, &private);
+    // The routed function takes more arguments than the one written; where
+    // that alone would pass clippy's default limit (7), the lint is the
+    // attribute's doing, not the handler's.
+    let custom_scope = matches!(args.scope, Some(Scope::Custom(_)));
+    let written = handler.arguments.len();
+    let too_many = (written <= CLIPPY_MAX_ARGUMENTS
+        && written + handler.added_arguments(custom_scope) > CLIPPY_MAX_ARGUMENTS)
+        .then(|| quote!(#[allow(clippy::too_many_arguments)]));
     let exact_body = handler.exact_repeats;
     let signature = outer_signature(
         func,
@@ -494,6 +576,7 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
     let ItemFn { sig, block, .. } = func;
     quote! {
         #(#outer_attrs)*
+        #too_many
         #signature {
             // The attribute requires `async fn`, so "remove `async`" is not
             // advice the handler can take.
@@ -510,6 +593,9 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
         }
     }
 }
+
+/// `clippy::too_many_arguments`' default threshold.
+const CLIPPY_MAX_ARGUMENTS: usize = 7;
 
 /// The routed function's signature: the user's name, visibility and
 /// generics; the request's idempotency context, then the principal of a
@@ -628,8 +714,12 @@ fn scope_kind(args: &Args, private: &TokenStream) -> TokenStream {
 fn run(name: &Ident, private: &TokenStream) -> TokenStream {
     let request = local("__idempotent_request");
     let run = respan_tokens(&quote!(#private::run), name.span());
+    // Bindings resolved where they are defined, not at the name: a name
+    // that a `macro_rules!` passed in does not see the attribute's locals.
+    let fingerprint = local("__idempotent_fingerprint");
+    let future = local("__idempotent_future");
     quote_spanned! {name.span()=>
-        #run(#request, &__IDEMPOTENT_ENDPOINT, __idempotent_fingerprint, __idempotent_future)
+        #run(#request, &__IDEMPOTENT_ENDPOINT, #fingerprint, #future)
     }
 }
 
@@ -736,11 +826,15 @@ fn fingerprint(
         .zip(params)
         .filter(|(argument, _)| matches!(argument.role, Role::Fingerprinted))
         .map(|(argument, param)| {
-            let span = argument.ty.span();
-            let param = respan(param, span);
+            // The type is named in the call, so a type that cannot be
+            // fingerprinted is reported at it; the argument itself keeps
+            // the attribute's hygiene, which a `macro_rules!` that passes
+            // the type in does not share.
+            let ty = argument.ty;
+            let span = ty.span();
             let call = respan_tokens(&quote!(#private::fingerprint_input), span);
             quote_spanned! {span=>
-                #call(#fingerprinter, &#param)?;
+                #call::<#ty>(#fingerprinter, &#param)?;
             }
         });
     quote! {

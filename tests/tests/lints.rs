@@ -12,8 +12,8 @@
 )]
 
 use axum::extract::{FromRequestParts, Path, State};
-use axum::http::StatusCode;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, StatusCode, Uri, Version};
 use axum::response::IntoResponse;
 use axum::routing::post;
 use axum::{Json, Router};
@@ -90,6 +90,27 @@ async fn scoped_extra(Json(payment): Json<Payment>) -> Json<i64> {
     Json(payment.amount)
 }
 
+/// Seven arguments, clippy's limit: the routed function takes one more
+/// (the request's idempotency context), which must not make it warn.
+#[idempotent(scope = "header:x-tenant")]
+async fn seven(
+    _headers: HeaderMap,
+    _method: Method,
+    _uri: Uri,
+    _version: Version,
+    State(_db): State<Db>,
+    Path(id): Path<u64>,
+    body: String,
+) -> String {
+    format!("{id} {body}")
+}
+
+/// A guard bound to `_` is not fingerprinted.
+#[idempotent]
+async fn guarded(_: Tenant, body: String) -> String {
+    body
+}
+
 /// No arguments at all.
 #[idempotent]
 async fn no_arguments() -> StatusCode {
@@ -113,6 +134,8 @@ fn app() -> Router {
         .route("/scoped", post(scoped))
         .route("/scoped-extra", post(scoped_extra))
         .route("/none", post(no_arguments))
+        .route("/seven/{id}", post(seven))
+        .route("/guarded", post(guarded))
         .route("/public", post(api::public_handler))
         .with_state(Db)
         .layer(Idempotency::new(MemoryStore::new()))

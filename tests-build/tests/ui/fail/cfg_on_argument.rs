@@ -1,0 +1,8 @@
+use idempotent_core::idempotent;
+
+#[idempotent]
+async fn handler(#[cfg(any())] headers: axum::http::HeaderMap, body: String) -> String {
+    body
+}
+
+fn main() {}

@@ -1,0 +1,70 @@
+//! Handlers written by an application's own `macro_rules!`: names and
+//! types passed in carry that macro's hygiene, not the attribute's.
+use axum::extract::FromRequestParts;
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::routing::post;
+use axum::{Json, Router};
+use idempotent_core::store::MemoryStore;
+use idempotent_core::{Idempotency, IdempotencyScope, idempotent};
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize)]
+struct Widget {
+    n: u32,
+}
+
+struct User(u64);
+
+impl<S: Send + Sync> FromRequestParts<S> for User {
+    type Rejection = StatusCode;
+
+    async fn from_request_parts(_: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(1))
+    }
+}
+
+impl IdempotencyScope for User {
+    fn scope_id(&self) -> impl AsRef<[u8]> {
+        self.0.to_be_bytes()
+    }
+}
+
+macro_rules! create {
+    ($name:ident, $ty:ty) => {
+        #[idempotent]
+        async fn $name(Json(body): Json<$ty>) -> Json<$ty> {
+            Json(body)
+        }
+    };
+}
+
+macro_rules! echo {
+    ($name:ident, $ty:ident) => {
+        #[idempotent(scope = "header:x-tenant")]
+        async fn $name(body: $ty) -> $ty {
+            body
+        }
+    };
+}
+
+macro_rules! per_user {
+    ($name:ident, $user:ident) => {
+        #[idempotent(scope = User)]
+        async fn $name(user: $user, body: String) -> String {
+            format!("{} {body}", user.0)
+        }
+    };
+}
+
+create!(create_widget, Widget);
+echo!(echo_text, String);
+per_user!(for_user, User);
+
+fn main() {
+    let _app: Router = Router::new()
+        .route("/widgets", post(create_widget))
+        .route("/echo", post(echo_text))
+        .route("/user", post(for_user))
+        .layer(Idempotency::new(MemoryStore::new()));
+}
