@@ -145,7 +145,9 @@ impl IdempotencyBuilder {
     /// Responses with larger bodies are sent in full but stored without
     /// their body; retries then get a `response-not-stored` problem (410)
     /// and never run the handler again (default 1 MiB; at most 4 GiB less
-    /// a byte, the most a stored record can hold).
+    /// a byte, the most a stored record can hold). Stores hold less: a
+    /// record over 1 GB (SQLite, PostgreSQL) or 512 MiB (Redis) is kept
+    /// without its body too.
     pub fn max_body_bytes(mut self, limit: usize) -> Self {
         // Over the record format's limit a body would be cut short in the
         // store and replayed that way.

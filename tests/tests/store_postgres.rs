@@ -14,7 +14,7 @@ use idempotent_core::record::{Claim, RecordKey, StoredResponse};
 use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{PostgresStore, Store, Tiered};
 use idempotent_core::testing::contract;
-use sqlx::PgPool;
+use sqlx::{Connection, PgPool};
 use store_support::{
     Ledger, backend_url, duplicates_across_instances, pay, pay_until_available, payments_app,
     unique_name,
@@ -889,4 +889,76 @@ async fn a_corrupt_row_is_a_codec_error() {
         matches!(claimed, Err(StoreError::Codec(_))),
         "claim: {claimed:?}"
     );
+}
+
+/// Another session holds a write lock on the table (a migration, a bulk
+/// purge, a `VACUUM FULL`) for longer than the engine's store timeout: the
+/// claim is cut short and the engine answers 503 without running anything.
+/// But PostgreSQL runs the statement it was sent once the lock frees, and
+/// the key is then held by a lease nobody has, until it lapses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_cut_short_by_the_store_timeout_leaves_no_lease_behind() {
+    let Some(url) = backend_url(URL) else { return };
+    let store = fresh_store(&url).await;
+    let mut locker = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query(&format!("LOCK TABLE {} IN EXCLUSIVE MODE", store.table()))
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let key = record_key(&unique_name("cut-short"));
+    let fingerprint = Fingerprint::from_bytes([7; 32]);
+    let cut = tokio::time::timeout(
+        Duration::from_millis(500),
+        store.claim(&key, fingerprint, Duration::from_secs(60)),
+    )
+    .await;
+    assert!(cut.is_err(), "the claim waits for the lock: {cut:?}");
+    sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let left = store.get(&key).await.unwrap();
+    drop_table(&store).await;
+    assert_eq!(
+        left, None,
+        "a claim that answered nobody must not hold the key"
+    );
+}
+
+/// `max_body_bytes` goes up to 4 GiB less a byte ("the most a stored
+/// record can hold"), but PostgreSQL keeps at most 1 GB in a `bytea` and
+/// in one protocol message: completing fails every time, the engine gives
+/// up and the lease lapses, so a retry runs the handler again.
+#[tokio::test]
+async fn a_body_over_postgres_value_limit_is_still_completed() {
+    use idempotent_core::record::Record;
+
+    let Some(url) = backend_url(URL) else { return };
+    let store = fresh_store(&url).await;
+    let key = record_key("huge");
+    let Claim::Acquired(token) = store
+        .claim(
+            &key,
+            Fingerprint::from_bytes([1; 32]),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("a new key is acquired");
+    };
+    let response = StoredResponse {
+        status: StatusCode::OK,
+        headers: Vec::new(),
+        body: Some(axum::body::Bytes::from(vec![b'x'; 1_100_000_000])),
+    };
+    let completed = store
+        .complete(&key, token, response, Duration::from_secs(60))
+        .await;
+    let record = store.get(&key).await;
+    drop_table(&store).await;
+    assert!(
+        completed.is_ok(),
+        "the handler ran; its record must be kept (without its body if need be): {completed:?}"
+    );
+    assert!(matches!(record, Ok(Some(Record::Completed(_)))));
 }

@@ -258,3 +258,104 @@ async fn a_dead_redis_gives_503_and_the_service_recovers() {
     assert!(replay.replayed());
     assert_eq!(ledger.executions(), 2);
 }
+
+/// `max_body_bytes` goes up to 4 GiB less a byte ("the most a stored
+/// record can hold"), but Redis refuses an argument over
+/// `proto-max-bulk-len` (512 MiB by default): completing fails every time,
+/// the engine gives up and the lease lapses, so a retry runs the handler
+/// again.
+#[tokio::test]
+async fn a_body_over_redis_bulk_limit_is_still_completed() {
+    use idempotent_core::fingerprint::Fingerprint;
+    use idempotent_core::record::{Claim, Record, StoredResponse};
+
+    let Some(url) = backend_url(URL) else { return };
+    let store = store_of_its_own(&url).await;
+    let key = RecordKey::new(
+        ScopeDigest::global(),
+        IdempotencyKey::parse(b"huge").unwrap(),
+    );
+    let Claim::Acquired(token) = store
+        .claim(
+            &key,
+            Fingerprint::from_bytes([1; 32]),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("a new key is acquired");
+    };
+    let response = idempotent_core::record::StoredResponse {
+        status: StatusCode::OK,
+        headers: Vec::new(),
+        body: Some(axum::body::Bytes::from(vec![b'x'; 600 * 1024 * 1024])),
+    };
+    let _: &StoredResponse = &response;
+    let completed = store
+        .complete(&key, token, response, Duration::from_secs(60))
+        .await;
+    assert!(
+        completed.is_ok(),
+        "the handler ran; its record must be kept (without its body if need be): {completed:?}"
+    );
+    assert!(matches!(
+        store.get(&key).await.unwrap(),
+        Some(Record::Completed(_))
+    ));
+}
+
+/// Redis stalls (a slow script, a fork for a snapshot, `DEBUG SLEEP`)
+/// for longer than the engine's store timeout: the claim is cut short and
+/// the engine answers 503 without running anything. But the `SET NX` was
+/// sent and runs once Redis answers again, so the key is held by a lease
+/// nobody has: retries get 409 until it lapses, though nothing runs.
+/// The stall runs on a server of the test's own, so that it holds up no
+/// other test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_cut_short_by_the_store_timeout_leaves_no_lease_behind() {
+    use idempotent_core::fingerprint::Fingerprint;
+
+    // Needs the Redis test environment (it starts its own server binary).
+    if backend_url(URL).is_none() {
+        return;
+    }
+    let redis = OwnRedis::start(OwnRedis::free_port()).await;
+    let url = redis.url();
+    let store = store_of_its_own(&url).await;
+    let key = RecordKey::new(
+        ScopeDigest::from_bytes(rand::random()),
+        IdempotencyKey::parse(b"cut-short").unwrap(),
+    );
+    let fingerprint = Fingerprint::from_bytes([7; 32]);
+    let mut stalling = manager(&url).await;
+    let stall = tokio::spawn(async move {
+        // A script that runs for 1.5 s blocks every other client.
+        let script = "local t = redis.call('TIME') local stop = t[1] * 1000000 + t[2] + 1500000 \
+                      repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] >= stop return 0";
+        let stalled: Result<i64, _> = redis::cmd("EVAL")
+            .arg(script)
+            .arg(0)
+            .query_async(&mut stalling)
+            .await;
+        let _ = stalled;
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let cut = tokio::time::timeout(
+        Duration::from_millis(500),
+        store.claim(&key, fingerprint, Duration::from_secs(60)),
+    )
+    .await;
+    // Cut by the engine's timeout or by the connection's own: no answer.
+    assert!(
+        !matches!(cut, Ok(Ok(_))),
+        "the claim waits for Redis: {cut:?}"
+    );
+    stall.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let left = store.get(&key).await.unwrap();
+    assert_eq!(
+        left, None,
+        "a claim that answered nobody must not hold the key"
+    );
+}

@@ -193,3 +193,285 @@ async fn a_corrupt_record_is_a_500_and_runs_nothing_again() {
     }
     assert_eq!(ledger.executions(), 1);
 }
+
+fn record_key(name: &str) -> idempotent_core::record::RecordKey {
+    idempotent_core::record::RecordKey::new(
+        idempotent_core::scope::ScopeDigest::from_bytes(rand::random()),
+        idempotent_core::key::IdempotencyKey::parse(name.as_bytes()).unwrap(),
+    )
+}
+
+/// Another process holds the file's write lock (a long write, a backup, a
+/// checkpoint) for longer than the engine's store timeout: the claim is
+/// cut short, and the engine answers 503 without running anything. But
+/// SQLite still commits the claim's insert once the lock frees, so the key
+/// is then held by a lease nobody has: retries get 409 (or wait) until it
+/// lapses, the default 60 s, though nothing is running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_cut_short_by_the_store_timeout_leaves_no_lease_behind() {
+    use idempotent_core::fingerprint::Fingerprint;
+    use idempotent_core::store::Store;
+
+    let db = TempDb::new();
+    let store = db.open().await;
+    let other_process = db.open().await;
+    let mut writer = other_process.pool().acquire().await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    let key = record_key("cut-short");
+    let fingerprint = Fingerprint::from_bytes([7; 32]);
+    let cut = tokio::time::timeout(
+        Duration::from_millis(500),
+        store.claim(&key, fingerprint, Duration::from_secs(60)),
+    )
+    .await;
+    assert!(cut.is_err(), "the claim waits for the lock: {cut:?}");
+    sqlx::query("COMMIT").execute(&mut *writer).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let left = store.get(&key).await.unwrap();
+    assert_eq!(
+        left, None,
+        "a claim that answered nobody must not hold the key"
+    );
+    let retry = store
+        .claim(&key, fingerprint, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(
+        matches!(retry, idempotent_core::record::Claim::Acquired(_)),
+        "the client's retry runs the request: {retry:?}"
+    );
+}
+
+/// Several processes start at once on a new file: each opens it (switching
+/// it to WAL) and migrates. None may fail with `database is locked`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn processes_starting_together_all_open_the_file() {
+    let db = TempDb::new();
+    let mut opening = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let path = db.0.clone();
+        opening.spawn(async move {
+            let store = SqliteStore::open(&path).await?;
+            store.migrate().await?;
+            Ok::<_, idempotent_core::store::StoreError>(store)
+        });
+    }
+    let mut failures = Vec::new();
+    while let Some(opened) = opening.join_next().await {
+        if let Err(error) = opened.unwrap() {
+            failures.push(error.to_string());
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
+/// What a client sees of the claim above: a 503 while the file is locked,
+/// then, though nothing ran, 409 "still being processed" for the whole
+/// lease (60 s by default) instead of the payment being made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_503_on_a_locked_file_the_retry_runs_rather_than_409() {
+    use axum::Json;
+    use axum::extract::State;
+    use axum::response::{IntoResponse, Response};
+    use idempotent_core::{Endpoint, Idempotency, IdempotentRequest, Scope};
+
+    const NO_WAIT: Endpoint = Endpoint::new("no_wait").scope(Scope::Global);
+    async fn handler(
+        State(ledger): State<Ledger>,
+        idempotency: IdempotentRequest,
+        Json(request): Json<serde_json::Value>,
+    ) -> Response {
+        let fingerprint = NO_WAIT.fingerprint(&request);
+        idempotency
+            .run(&NO_WAIT, fingerprint, async move {
+                ledger.count();
+                StatusCode::CREATED.into_response()
+            })
+            .await
+    }
+
+    let db = TempDb::new();
+    let store = db.open().await;
+    let ledger = Ledger::default();
+    let app = axum::Router::new()
+        .route("/payments", axum::routing::post(handler))
+        .with_state(ledger.clone())
+        .layer(
+            Idempotency::builder(store)
+                .store_timeout(Duration::from_millis(500))
+                .build(),
+        );
+    let other_process = db.open().await;
+    let mut writer = other_process.pool().acquire().await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    let first = pay(&app, "locked", 1).await;
+    assert_eq!(first.status, StatusCode::SERVICE_UNAVAILABLE);
+    sqlx::query("COMMIT").execute(&mut *writer).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let retry = pay(&app, "locked", 1).await;
+    assert_eq!(
+        retry.status,
+        StatusCode::CREATED,
+        "nothing ran, yet the retry got: {:?}",
+        String::from_utf8_lossy(&retry.body)
+    );
+    assert_eq!(ledger.executions(), 1);
+}
+
+/// `max_body_bytes` is documented to go up to 4 GiB less a byte, "the
+/// most a stored record can hold", but SQLite refuses a value over 1e9
+/// bytes (SQLITE_MAX_LENGTH): completing fails every time, the engine
+/// gives up and the lease lapses, so a retry runs the handler again.
+#[tokio::test]
+async fn a_body_over_sqlites_blob_limit_is_still_completed() {
+    use idempotent_core::fingerprint::Fingerprint;
+    use idempotent_core::record::{Claim, Record, StoredResponse};
+    use idempotent_core::store::Store;
+
+    let db = TempDb::new();
+    let store = db.open().await;
+    let key = record_key("huge");
+    let Claim::Acquired(token) = store
+        .claim(
+            &key,
+            Fingerprint::from_bytes([1; 32]),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("a new key is acquired");
+    };
+    let response = StoredResponse {
+        status: StatusCode::OK,
+        headers: Vec::new(),
+        body: Some(axum::body::Bytes::from(vec![b'x'; 1_000_000_000])),
+    };
+    let completed = store
+        .complete(&key, token, response, Duration::from_secs(60))
+        .await;
+    assert!(
+        completed.is_ok(),
+        "the handler ran; its record must be kept (without its body if need be): {completed:?}"
+    );
+    assert!(matches!(
+        store.get(&key).await.unwrap(),
+        Some(Record::Completed(_))
+    ));
+}
+
+/// A completed row damaged in another column than the response blob
+/// (SQLite keeps whatever type it is given: here a deadline moved by hand
+/// with a fractional number of ms) is a decode failure like a damaged blob.
+/// It must be answered 500 `record-corrupt` and run nothing again; as a
+/// "backend" error it is a 503, and an app that fails open pays again.
+#[tokio::test]
+async fn a_row_with_a_column_of_the_wrong_type_runs_nothing_again() {
+    let db = TempDb::new();
+    let store = db.open().await;
+    let ledger = Ledger::default();
+    let app = payments_app(store.clone(), &ledger, STORE_TIMEOUT);
+    assert_eq!(pay(&app, "damaged", 1).await.status, StatusCode::CREATED);
+    sqlx::query("UPDATE idempotency_records SET expires_at = expires_at + 0.5")
+        .execute(store.pool())
+        .await
+        .expect("damage the row");
+    let failing_open = store_support::payments_app_on(
+        idempotent_core::Idempotency::builder(store.clone())
+            .fail_open(true)
+            .build(),
+        &ledger,
+    );
+    let retry = pay(&failing_open, "damaged", 1).await;
+    assert_eq!(ledger.executions(), 1, "the payment ran again: {retry:?}");
+    assert_eq!(retry.status, StatusCode::INTERNAL_SERVER_ERROR);
+}
+
+/// Two `Tiered` instances on one file, one clock: a completion on one is
+/// replayed by the other; a holder whose lease lapsed and was taken over
+/// by the other instance neither completes nor keeps replaying its own
+/// view; both memory tiers forget a record when the file does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_tiered_instances_agree_with_the_file() {
+    use idempotent_core::clock::{Clock, ManualClock};
+    use idempotent_core::fingerprint::Fingerprint;
+    use idempotent_core::record::{Claim, Record, StoredResponse};
+    use idempotent_core::store::{Store, StoreError};
+
+    let db = TempDb::new();
+    let clock = ManualClock::starting_now();
+    let tiered = |store: SqliteStore| {
+        Tiered::builder(with_clock(&store, clock.clone()))
+            .clock(clock.clone())
+            .build()
+    };
+    let (a, b) = (tiered(db.open().await), tiered(db.open().await));
+    let lease = Duration::from_secs(10);
+    let ttl = Duration::from_secs(60);
+    let fingerprint = Fingerprint::from_bytes([3; 32]);
+    let body = |text: &'static str| StoredResponse {
+        status: StatusCode::CREATED,
+        headers: Vec::new(),
+        body: Some(axum::body::Bytes::from_static(text.as_bytes())),
+    };
+    let body_of = |claim: Claim| match claim {
+        Claim::Completed(record) => record.response.body.clone(),
+        other => panic!("expected a completed record, got {other:?}"),
+    };
+
+    // A lease lost to the other instance.
+    let key = record_key("lost");
+    let Claim::Acquired(stale) = a.claim(&key, fingerprint, lease).await.unwrap() else {
+        panic!("new key");
+    };
+    clock.advance(lease);
+    let Claim::Acquired(fresh) = b.claim(&key, fingerprint, lease).await.unwrap() else {
+        panic!("lapsed lease is taken over");
+    };
+    assert!(matches!(
+        a.claim(&key, fingerprint, lease).await.unwrap(),
+        Claim::InFlight { .. }
+    ));
+    b.complete(&key, fresh, body("from b"), ttl).await.unwrap();
+    assert!(matches!(
+        a.complete(&key, stale, body("from a"), ttl).await,
+        Err(StoreError::LeaseLost)
+    ));
+    let b_body = Some(axum::body::Bytes::from_static(b"from b"));
+    assert_eq!(
+        body_of(a.claim(&key, fingerprint, lease).await.unwrap()),
+        b_body
+    );
+    assert_eq!(
+        body_of(b.claim(&key, fingerprint, lease).await.unwrap()),
+        b_body
+    );
+
+    // Expiry lines up in both memory tiers and the file.
+    let done = clock.now_millis();
+    clock.set(done + 60_000 - 1);
+    assert!(matches!(
+        a.get(&key).await.unwrap(),
+        Some(Record::Completed(_))
+    ));
+    assert!(matches!(
+        b.get(&key).await.unwrap(),
+        Some(Record::Completed(_))
+    ));
+    clock.set(done + 60_000);
+    assert_eq!(a.get(&key).await.unwrap(), None);
+    assert!(matches!(
+        b.claim(&key, fingerprint, lease).await.unwrap(),
+        Claim::Acquired(_)
+    ));
+    assert!(matches!(
+        a.claim(&key, fingerprint, lease).await.unwrap(),
+        Claim::InFlight { .. }
+    ));
+}

@@ -44,6 +44,9 @@ const SCHEMA: &str = include_str!("postgres/schema.sql");
 /// Rows deleted per statement by [`PostgresStore::purge_expired`], so a
 /// large backlog never holds many row locks at once.
 const PURGE_BATCH: i64 = 1000;
+/// Room for a completion's values in one protocol message, which the
+/// server caps at 1 GiB, less a margin for the rest of the statement.
+const MAX_MESSAGE_BYTES: usize = (1 << 30) - (1 << 20);
 /// How many more connections a statement is tried on when the one it ran
 /// on turns out broken. A database restart, a failover or ended sessions
 /// break every pooled connection at once, and none is checked before use
@@ -542,7 +545,17 @@ impl Store for PostgresStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let expires_at = to_sql_millis(self.now().saturating_add(millis(ttl)));
-        let columns = ResponseColumns::new(&response);
+        let mut columns = ResponseColumns::new(&response);
+        // PostgreSQL refuses a larger statement: keep the record without
+        // its body, as the engine does past `max_body_bytes`, so that
+        // retries get 410 rather than run the handler again once the
+        // lease lapses.
+        let headers: usize = columns.names.iter().map(String::len).sum::<usize>()
+            + columns.values.iter().map(Vec::len).sum::<usize>();
+        let body = columns.body.as_ref().map_or(0, Vec::len);
+        if headers.saturating_add(body) > MAX_MESSAGE_BYTES {
+            columns.body = None;
+        }
         let (updated, broke) =
             on_live_connection!(self, |connection| sqlx::query(&self.inner.sql.complete)
                 .bind(key.scope.as_bytes().as_slice())

@@ -54,6 +54,8 @@ const IN_FLIGHT_TAG: u8 = 0x80;
 const IN_FLIGHT_LEN: usize = 1 + 32 + 8 + 16;
 /// How long Redis keeps a key past its deadline: the tolerated clock skew.
 const EXPIRY_GRACE: Duration = Duration::from_secs(60);
+/// The largest argument Redis accepts by default (`proto-max-bulk-len`).
+const MAX_VALUE_BYTES: usize = 512 * 1024 * 1024;
 /// Redis rejects expiries that overflow its clock; a century is plenty.
 const MAX_PX: u64 = 100 * 365 * 24 * 60 * 60 * 1000;
 
@@ -108,13 +110,12 @@ return 1
 });
 
 /// ARGV: token. Returns 1 if held.
-static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    lua(r"
+static RELEASE: LazyLock<Script> = LazyLock::new(|| lua(RELEASE_BODY));
+const RELEASE_BODY: &str = r"
 if not holds(redis.call('GET', KEYS[1]), ARGV[1]) then return 0 end
 redis.call('DEL', KEYS[1])
 return 1
-")
-});
+";
 
 fn lua(body: &str) -> Script {
     Script::new(&format!("{LUA_PRELUDE}{body}"))
@@ -263,6 +264,46 @@ where
     }
 }
 
+/// A claim sent to Redis whose answer its caller never read: cut short by
+/// the engine's store timeout or by the connection's, it may still be
+/// applied, and would hold the key under a lease nobody has until it
+/// lapses. Dropped before its answer was read, it releases the claim; the
+/// release follows it on the same connection, so Redis runs it after.
+struct Unanswered<'a, C: ConnectionLike + Clone + Send + Sync + 'static> {
+    store: &'a RedisStore<C>,
+    redis_key: &'a str,
+    token: LeaseToken,
+    armed: bool,
+}
+
+impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drop for Unanswered<'_, C> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let redis_key = self.redis_key.to_owned();
+        let mut connection = self.store.connection.clone();
+        let token = self.token.to_bytes();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            // `EVAL` with the script's text, not `EVALSHA`: if Redis has
+            // lost its script cache (a restart), the fallback that loads
+            // the script would come after the client stopped waiting,
+            // behind the stall that cut the claim short.
+            let script = format!("{LUA_PRELUDE}{RELEASE_BODY}");
+            runtime.spawn(async move {
+                let released: Result<i64, _> = redis::cmd("EVAL")
+                    .arg(script)
+                    .arg(1)
+                    .arg(redis_key)
+                    .arg(token.as_slice())
+                    .query_async(&mut connection)
+                    .await;
+                drop(released);
+            });
+        }
+    }
+}
+
 impl<C> Store for RedisStore<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
@@ -284,6 +325,12 @@ where
         let value = encode_in_flight(&held);
         let expiry = px(lease);
         let mut connection = self.connection.clone();
+        let mut unanswered = Unanswered {
+            store: self,
+            redis_key: &redis_key,
+            token,
+            armed: true,
+        };
         // A free key is claimed by one plain command, no script: `SET NX
         // GET` sets the value only if the key is absent, and otherwise
         // returns what holds it.
@@ -297,6 +344,7 @@ where
             .query_async(&mut connection)
             .await
             .map_err(StoreError::backend)?;
+        unanswered.armed = false;
         let Some(found) = found else {
             return Ok(Claim::Acquired(token));
         };
@@ -309,14 +357,16 @@ where
         }
         // A lapsed lease, or a record past its TTL that Redis keeps for the
         // clock-skew grace: the script re-checks and takes it over atomically.
+        unanswered.armed = true;
         let found: Option<Vec<u8>> = CLAIM
-            .key(redis_key)
+            .key(&redis_key)
             .arg(now)
             .arg(value.as_ref())
             .arg(expiry)
             .invoke_async(&mut connection)
             .await
             .map_err(StoreError::backend)?;
+        unanswered.armed = false;
         match found {
             None => Ok(Claim::Acquired(token)),
             Some(found) => Ok(decode(Bytes::from(found))?.into()),
@@ -346,11 +396,17 @@ where
         ttl: Duration,
     ) -> Result<(), StoreError> {
         // The script copies the holder's fingerprint over this blank one.
-        let record = Completed {
+        let mut record = Completed {
             fingerprint: Fingerprint::from_bytes([0; 32]),
             response,
             expires_at: self.now().saturating_add(millis(ttl)),
         };
+        // Redis refuses a larger argument: keep the record without its
+        // body, as the engine does past `max_body_bytes`, so that retries
+        // get 410 rather than run the handler again once the lease lapses.
+        if record.encoded_len() > MAX_VALUE_BYTES {
+            record.response.body = None;
+        }
         let mut invocation = COMPLETE.key(self.redis_key(key));
         invocation
             .arg(token.to_bytes().as_slice())

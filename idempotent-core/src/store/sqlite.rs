@@ -38,6 +38,9 @@ use crate::fingerprint::Fingerprint;
 use crate::record::{Claim, Completed, InFlight, LeaseToken, Record, RecordKey, StoredResponse};
 
 const SCHEMA: &str = include_str!("sqlite/schema.sql");
+/// The largest string or blob SQLite keeps (`SQLITE_MAX_LENGTH` as sqlx
+/// builds it).
+const MAX_VALUE_BYTES: usize = 1_000_000_000;
 /// How long a writer waits for another to finish before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -230,6 +233,65 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// [`try_acquire`](Self::try_acquire) on a task of its own: SQLite
+    /// commits an insert that was waiting for the write lock even after its
+    /// caller stopped waiting for it (the engine's store timeout), and the
+    /// key would then be held by a lease nobody has until it lapses. A
+    /// claim nobody waits for any more is released instead.
+    async fn acquire_detached(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+        token: LeaseToken,
+    ) -> Result<bool, StoreError> {
+        let (store, owned) = (self.clone(), key.clone());
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let acquired = store.try_acquire(&owned, fingerprint, lease, token).await;
+            if let Err(Ok(true)) = sender.send(acquired) {
+                let _ = Store::release(&store, &owned, token).await;
+            }
+        });
+        let mut waiting = Waiting {
+            receiver,
+            store: self,
+            key,
+            token,
+            answered: false,
+        };
+        let acquired = (&mut waiting.receiver).await;
+        waiting.answered = true;
+        acquired.map_err(StoreError::backend)?
+    }
+}
+
+/// The caller's side of [`SqliteStore::acquire_detached`]; dropped before
+/// its answer was read, it releases a claim the answer says was made.
+struct Waiting<'a> {
+    receiver: tokio::sync::oneshot::Receiver<Result<bool, StoreError>>,
+    store: &'a SqliteStore,
+    key: &'a RecordKey,
+    token: LeaseToken,
+    answered: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        self.receiver.close();
+        if let Ok(Ok(true)) = self.receiver.try_recv() {
+            let (store, key, token) = (self.store.clone(), self.key.clone(), self.token);
+            tokio::spawn(async move {
+                let _ = Store::release(&store, &key, token).await;
+            });
+        }
+    }
+}
+
 /// The statements, with the table name spliced in once.
 struct Statements {
     claim: String,
@@ -287,7 +349,10 @@ impl Store for SqliteStore {
             if let Some(record) = Store::get(self, key).await? {
                 return Ok(record.into());
             }
-            if self.try_acquire(key, fingerprint, lease, token).await? {
+            if self
+                .acquire_detached(key, fingerprint, lease, token)
+                .await?
+            {
                 return Ok(Claim::Acquired(token));
             }
         }
@@ -321,11 +386,17 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let expires_at = self.now().saturating_add(millis(ttl));
         // The fingerprint column is authoritative; the blob's copy is blank.
-        let record = Completed {
+        let mut record = Completed {
             fingerprint: Fingerprint::from_bytes([0; 32]),
             response,
             expires_at,
         };
+        // SQLite refuses a larger value: keep the record without its body,
+        // as the engine does past `max_body_bytes`, so that retries get 410
+        // rather than run the handler again once the lease lapses.
+        if record.encoded_len() > MAX_VALUE_BYTES {
+            record.response.body = None;
+        }
         let updated = sqlx::query(&self.inner.sql.complete)
             .bind(key.scope.as_bytes().as_slice())
             .bind(key.key.as_str())
@@ -391,5 +462,12 @@ fn column<'r, T>(row: &'r SqliteRow, name: &str) -> Result<T, StoreError>
 where
     T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
 {
-    row.try_get(name).map_err(StoreError::backend)
+    // SQLite keeps a value of any type in any column: one of the wrong type
+    // is a corrupt row, not a failure of the database.
+    row.try_get(name).map_err(|error| match error {
+        sqlx::Error::ColumnDecode { .. } => {
+            sql::corrupt("a column holds a value of the wrong type")
+        }
+        error => StoreError::backend(error),
+    })
 }
