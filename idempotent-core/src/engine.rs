@@ -114,7 +114,10 @@ fn prepare(
         ScopeSource::Principal => (resolve_scope(&settings, endpoint, &HeaderMap::new())?, None),
         ScopeSource::InsideLayer(layer) => return Err(inside_layer(layer, endpoint)),
     };
-    let fingerprint = fingerprint.map_err(|error| fingerprint_failed(&error))?;
+    let mut fingerprint = fingerprint.map_err(|error| fingerprint_failed(&error))?;
+    if let Some(params) = request.route {
+        fingerprint = fingerprint.on_route(&*params);
+    }
     Ok(Some(Engine {
         settings,
         endpoint: *endpoint,

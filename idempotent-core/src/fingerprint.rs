@@ -109,6 +109,21 @@ impl Fingerprint {
     pub fn to_hex(&self) -> String {
         self.to_string()
     }
+
+    /// This fingerprint bound to the path parameters of the route that
+    /// matched, names and values in order: the same inputs on another
+    /// resource (`/orgs/2/...` for `/orgs/1/...`) are another request,
+    /// even when the handler learns the resource from somewhere other than
+    /// its own arguments (a middleware's `Extension`, a nested router's
+    /// prefix).
+    pub(crate) fn on_route<'a>(self, params: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        let mut parts: Vec<&[u8]> = vec![b"idempotent route", &self.0];
+        for (name, value) in params {
+            parts.push(name.as_bytes());
+            parts.push(value.as_bytes());
+        }
+        Self(crate::digest::sha256_framed(&parts))
+    }
 }
 
 impl fmt::Debug for Fingerprint {

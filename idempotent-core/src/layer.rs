@@ -12,7 +12,7 @@ use std::convert::Infallible;
 use std::task::{Context, Poll};
 
 use axum::body::Body;
-use axum::extract::{FromRequestParts, RawPathParams, Request};
+use axum::extract::{FromRequestParts, Request};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -157,12 +157,9 @@ where
         Ok(body) => body,
         Err(error) => return unread(&error, config.max_request_bytes).into_response(),
     };
-    // A nested router's prefix is gone from the URI, but not from the
-    // path parameters the handler reads.
-    let params = RawPathParams::from_request_parts(&mut parts, &())
-        .await
-        .ok();
-    let fingerprint = raw_fingerprint(&config.endpoint, &parts, params.as_ref(), &body);
+    // The route's path parameters, which a nested router's prefix keeps
+    // although its URI lost it, are bound to the fingerprint at `run`.
+    let fingerprint = raw_fingerprint(&config.endpoint, &parts, &body);
     parts.extensions.insert(Claimed(config.endpoint.name()));
     let request = Request::from_parts(parts, Body::from(body));
     idempotent
@@ -183,21 +180,14 @@ where
 fn raw_fingerprint(
     endpoint: &Endpoint,
     parts: &http::request::Parts,
-    params: Option<&RawPathParams>,
     body: &Bytes,
 ) -> Result<Fingerprint, FingerprintError> {
     let mut fingerprinter = endpoint.fingerprinter();
     fingerprinter
         .input(parts.method.as_str())?
         .input(parts.uri.path())?
-        .input(&parts.uri.query())?;
-    // Only routes with parameters take them in, so the fingerprints of
-    // routes without any stay as they were.
-    let params: Vec<(&str, &str)> = params.into_iter().flatten().collect();
-    if !params.is_empty() {
-        fingerprinter.input(&params)?;
-    }
-    fingerprinter.input(body)?;
+        .input(&parts.uri.query())?
+        .input(body)?;
     Ok(fingerprinter.finish())
 }
 

@@ -26,7 +26,7 @@ use http::{Extensions, HeaderMap};
 use crate::exact;
 use crate::fingerprint::{Fingerprint, FingerprintError, FingerprintInput, Fingerprinter};
 use crate::problem::Problem;
-use crate::request::ScopeSource;
+use crate::request::{ScopeSource, route_params};
 use crate::scope::{self, IdempotencyScope, ScopeDigest};
 
 /// [`ScopedRequest`] for an endpoint scoped by API key.
@@ -47,7 +47,9 @@ impl<S: Send + Sync, const SCOPE: u8> FromRequestParts<S> for ScopedRequest<SCOP
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        Self::extract(&parts.headers, &parts.extensions)
+        let Self(mut request) = Self::extract(&parts.headers, &parts.extensions)?;
+        request.route = route_params(parts);
+        Ok(Self(request))
     }
 }
 
@@ -96,10 +98,11 @@ where
 {
     type Rejection = Response;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(mut request: Request, state: &S) -> Result<Self, Self::Rejection> {
         let ScopedRequest(mut idempotent) =
             ScopedRequest::<SCOPE>::extract(request.headers(), request.extensions())
                 .map_err(IntoResponse::into_response)?;
+        note_route_params(&mut idempotent, &mut request);
         let request = match exact::recall(&mut idempotent, &request) {
             None => request,
             Some(hit) => {
@@ -111,6 +114,17 @@ where
             .map_err(IntoResponse::into_response)?;
         Ok(Self(idempotent, inner))
     }
+}
+
+/// Notes `request`'s route path parameters in `idempotent`. axum reads
+/// them from the extensions alone, which are lent to empty parts for it:
+/// taking the request apart and back would move it twice, and give it a
+/// second place in the extracting future.
+fn note_route_params(idempotent: &mut IdempotentRequest, request: &mut Request) {
+    let (mut parts, ()) = Request::new(()).into_parts();
+    std::mem::swap(&mut parts.extensions, request.extensions_mut());
+    idempotent.route = route_params(&mut parts);
+    std::mem::swap(&mut parts.extensions, request.extensions_mut());
 }
 
 /// A 64-bit FNV-1a hash of an endpoint's identity (the handler's path and

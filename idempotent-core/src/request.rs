@@ -3,8 +3,9 @@
 
 use std::future::Future;
 
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRequestParts, RawPathParams};
 use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt;
 use http::request::Parts;
 use http::{Extensions, HeaderMap};
 
@@ -52,6 +53,10 @@ pub struct IdempotentRequest {
     /// Set when the request came through an eligible handler's exact-replay
     /// check ([`crate::exact`]).
     pub(crate) exact: Option<ExactRequest>,
+    /// The matched route's path parameters, when it has any: `run` binds
+    /// the fingerprint to them ([`route_params`]). Boxed: most routes have
+    /// none, and every request's future holds this.
+    pub(crate) route: Option<Box<RawPathParams>>,
 }
 
 /// Where the request's scope comes from.
@@ -122,9 +127,11 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotentRequest {
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         // The endpoint, and so its scope, is only known at `run`.
-        Self::extract(&parts.headers, &parts.extensions, |_, headers| {
+        let mut request = Self::extract(&parts.headers, &parts.extensions, |_, headers| {
             ScopeSource::Headers(Box::new(headers.clone()))
-        })
+        })?;
+        request.route = route_params(parts);
+        Ok(request)
     }
 }
 
@@ -149,8 +156,21 @@ impl IdempotentRequest {
             key,
             scope,
             exact: None,
+            route: None,
         })
     }
+}
+
+/// The path parameters of the route that matched `parts`, if it has any
+/// (none outside a router). A nested router's prefix is gone from the
+/// URI by the time its routes see the request, but its parameters are
+/// among these. axum's extractor is ready at once: polled in place, it
+/// adds no await point, and so no state, to the extracting futures.
+pub(crate) fn route_params(parts: &mut Parts) -> Option<Box<RawPathParams>> {
+    let params = RawPathParams::from_request_parts(parts, &())
+        .now_or_never()?
+        .ok()?;
+    params.iter().next().is_some().then(|| Box::new(params))
 }
 
 /// The endpoint of the [`IdempotentLayer`](crate::IdempotentLayer) that

@@ -226,6 +226,56 @@ async fn path_parameters_are_part_of_the_fingerprint() {
     assert!(send(&app, post_json("/items/1", Some("k"), body)).await.1);
 }
 
+/// The organization a middleware resolved from the path.
+#[derive(Clone)]
+struct Org(u32);
+
+async fn resolve_org(
+    axum::extract::Path(org): axum::extract::Path<u32>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    request.extensions_mut().insert(Org(org));
+    next.run(request).await
+}
+
+/// Learns its organization from the middleware, not from its arguments.
+#[idempotent]
+async fn create_invoice(
+    axum::Extension(org): axum::Extension<Org>,
+    Json(order): Json<Order>,
+) -> (StatusCode, String) {
+    (
+        StatusCode::CREATED,
+        format!("invoice of org {} for {}", org.0, order.quantity),
+    )
+}
+
+#[tokio::test]
+async fn the_same_inputs_on_another_resource_are_another_request() {
+    let invoices = Router::new()
+        .route("/invoices", post(create_invoice))
+        .route_layer(axum::middleware::from_fn(resolve_org));
+    let app = Router::new()
+        .nest("/orgs/{org}", invoices)
+        .layer(Idempotency::new(MemoryStore::new()));
+    let body = r#"{"item":"book","quantity":1}"#;
+    let first = send(&app, post_json("/orgs/1/invoices", Some("k"), body)).await;
+    assert_eq!(first.2, "invoice of org 1 for 1");
+    let other_org = send(&app, post_json("/orgs/2/invoices", Some("k"), body)).await;
+    assert_eq!(
+        (other_org.0, other_org.1),
+        (StatusCode::UNPROCESSABLE_ENTITY, false),
+        "org 2's request was answered with: {}",
+        other_org.2
+    );
+    let retry = send(&app, post_json("/orgs/1/invoices", Some("k"), body)).await;
+    assert_eq!(
+        (retry.1, retry.2.as_str()),
+        (true, "invoice of org 1 for 1")
+    );
+}
+
 /// The layer can also wrap the whole router once, instead of each route
 /// (`Router::layer`): handlers find it all the same.
 #[tokio::test]
