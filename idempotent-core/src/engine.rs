@@ -17,6 +17,7 @@ use futures_util::future::Either;
 use http::HeaderMap;
 use http::response::Parts;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::endpoint::Endpoint;
@@ -329,9 +330,11 @@ impl Engine {
     /// instructions more per request (`bench/src/bin/request-cost.rs`).
     /// A test checks the budget in release builds (CI runs it).
     fn execute(self, token: LeaseToken, handler: Handler) -> impl Future<Output = Response> + Send {
+        let detached = self.settings.detached.clone();
         let pipeline: Pipeline = Box::pin(self.run_claimed(token, handler));
         let detachable = Detachable {
             pipeline: Some(pipeline),
+            detached,
             span: tracing::Span::current(),
             polling: false,
         };
@@ -556,6 +559,8 @@ struct Detachable {
     /// The request's span, which the request's future enters around every
     /// poll; only a spawned rest needs to enter it itself.
     span: tracing::Span,
+    /// Where a spawned rest is tracked, for [`Idempotency::drain`](crate::Idempotency::drain).
+    detached: TaskTracker,
     /// Set while the pipeline is polled: still set when it is dropped, the
     /// pipeline itself panicked.
     polling: bool,
@@ -592,7 +597,8 @@ impl Drop for Detachable {
             Ok(runtime) => {
                 let rest =
                     pipeline.instrument(std::mem::replace(&mut self.span, tracing::Span::none()));
-                drop(runtime.spawn(async move { drop(rest.await) }));
+                let rest = async move { drop(rest.await) };
+                drop(self.detached.spawn_on(rest, &runtime));
             }
             Err(_) => tracing::error!(
                 "request dropped outside a tokio runtime; its outcome is lost until the lease lapses"

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use http::HeaderName;
 use tokio::task::futures::TaskLocalFuture;
+use tokio_util::task::TaskTracker;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -59,6 +60,8 @@ pub(crate) struct Settings {
     pub(crate) max_body_bytes: usize,
     pub(crate) api_key_header: HeaderName,
     pub(crate) exact: ExactReplays,
+    /// The runs that outlived their request, for [`Idempotency::drain`].
+    pub(crate) detached: TaskTracker,
 }
 
 impl std::fmt::Debug for Idempotency {
@@ -94,6 +97,35 @@ impl Idempotency {
     pub fn store(&self) -> &dyn DynStore {
         self.inner.store.as_ref()
     }
+
+    /// Waits for the runs that outlived their request to finish and store
+    /// their outcome. A handler whose client went away runs on, on a task
+    /// of its own, which a server's graceful shutdown does not wait for:
+    /// await this after it, before the runtime stops, or a deploy cuts
+    /// such a handler short like a crash (its key then stays claimed
+    /// until the lease lapses, and a retry after that runs it again).
+    ///
+    /// ```no_run
+    /// # use axum::Router;
+    /// # use idempotent_core::{Idempotency, store::MemoryStore};
+    /// # async fn run(listener: tokio::net::TcpListener, routes: Router) -> std::io::Result<()> {
+    /// let idempotency = Idempotency::new(MemoryStore::new());
+    /// let app = routes.layer(idempotency.clone());
+    /// axum::serve(listener, app)
+    ///     .with_graceful_shutdown(async { tokio::signal::ctrl_c().await.ok(); })
+    ///     .await?;
+    /// idempotency.drain().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// Runs that outlive their request after this was called are still
+    /// waited for, until none is left.
+    pub async fn drain(&self) {
+        let detached = &self.inner.detached;
+        detached.close();
+        detached.wait().await;
+    }
 }
 
 /// Builds an [`Idempotency`].
@@ -123,6 +155,7 @@ impl IdempotencyBuilder {
                 max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
                 api_key_header: HeaderName::from_static("x-api-key"),
                 exact: ExactReplays::new(),
+                detached: TaskTracker::new(),
             },
         }
     }

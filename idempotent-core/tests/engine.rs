@@ -404,6 +404,45 @@ async fn a_dropped_client_still_gets_its_outcome_stored() {
 }
 
 #[tokio::test]
+async fn drain_waits_for_a_run_whose_client_went_away() {
+    let (handler, gate) = Handler::gated();
+    let store = MemoryStore::new();
+    let idempotency = Idempotency::new(store.clone());
+    let app = app_with(idempotency.clone(), &handler, Endpoint::new("pay"));
+    let client = spawn_send(&app, "k", &json!({"amount": 5}));
+    handler.started.notified().await;
+    client.abort();
+    assert!(client.await.unwrap_err().is_cancelled());
+
+    // The server has stopped; the abandoned run is still charging.
+    let drained = tokio::spawn(async move { idempotency.drain().await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!drained.is_finished(), "drained before the run finished");
+    gate.add_permits(1);
+    tokio::time::timeout(Duration::from_secs(5), drained)
+        .await
+        .expect("drained once the run finished")
+        .unwrap();
+    assert_eq!(
+        store.completed_len(),
+        1,
+        "the run's outcome is stored by the time drain returns"
+    );
+}
+
+#[tokio::test]
+async fn drain_returns_at_once_when_nothing_outlived_its_request() {
+    let handler = Handler::default();
+    let idempotency = Idempotency::new(MemoryStore::new());
+    let app = app_with(idempotency.clone(), &handler, Endpoint::new("pay"));
+    let (status, _, _) = send(&app, request(Some("k"), &json!({"amount": 5}))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    tokio::time::timeout(Duration::from_secs(1), idempotency.drain())
+        .await
+        .expect("nothing to wait for");
+}
+
+#[tokio::test]
 async fn a_request_dropped_while_its_task_unwinds_from_another_panic_still_finishes() {
     let (handler, gate) = Handler::gated();
     let store = MemoryStore::new();
