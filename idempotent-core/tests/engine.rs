@@ -1575,67 +1575,25 @@ async fn a_handler_that_blocks_its_thread_past_the_lease_still_holds_the_key() {
     assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
 }
 
-/// A memory store whose `fail_at`th claim fails, as in a one-request blip.
-struct ClaimBlip {
-    inner: MemoryStore,
-    claims: AtomicUsize,
-    fail_at: usize,
-}
-
-impl Store for ClaimBlip {
-    async fn claim(
-        &self,
-        key: &RecordKey,
-        fingerprint: Fingerprint,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        if self.claims.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_at {
-            return Err(StoreError::backend("connection reset"));
-        }
-        self.inner.claim(key, fingerprint, lease).await
-    }
-    async fn renew(
-        &self,
-        key: &RecordKey,
-        token: LeaseToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        self.inner.renew(key, token, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &RecordKey,
-        token: LeaseToken,
-        response: StoredResponse,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.inner.complete(key, token, response, ttl).await
-    }
-    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-        self.inner.release(key, token).await
-    }
-    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        self.inner.get(key).await
-    }
-}
-
+#[cfg(feature = "test-util")]
 #[tokio::test]
 async fn with_fail_open_a_waiting_duplicate_does_not_run_the_handler_beside_the_first() {
-    // Claims: the first request's (acquired), the duplicate's first
-    // (in flight: it waits), the duplicate's second (a blip).
-    let store = ClaimBlip {
-        inner: MemoryStore::new(),
-        claims: AtomicUsize::new(0),
-        fail_at: 3,
-    };
+    use idempotent_core::testing::{ClaimOutcome, MockStore, OpKind};
+    let store = MockStore::new();
     let (handler, gate) = Handler::gated();
-    let idempotency = Idempotency::builder(store).fail_open(true).build();
+    let idempotency = Idempotency::builder(store.clone()).fail_open(true).build();
     let endpoint = Endpoint::new("pay").wait(Duration::from_secs(5));
     let app = app_with(idempotency, &handler, endpoint);
     let body = json!({"amount": 1});
     let first = spawn_send(&app, "k", &body);
     handler.started.notified().await;
     let duplicate = spawn_send(&app, "k", &body);
+    // Once the duplicate has seen the key in flight and waits, one of its
+    // claims fails (a blip).
+    while store.claims(ClaimOutcome::InFlight) == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    store.fail_next(OpKind::Claim);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let concurrent_runs = handler.runs();
     gate.add_permits(2);

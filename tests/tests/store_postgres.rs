@@ -16,8 +16,8 @@ use idempotent_core::store::{PostgresStore, Store, Tiered};
 use idempotent_core::testing::contract;
 use sqlx::{Connection, PgPool};
 use store_support::{
-    Ledger, backend_url, duplicates_across_instances, pay, pay_until_available, payments_app,
-    unique_name,
+    Ledger, assert_kept, backend_url, complete_with_a_body_of, duplicates_across_instances, pay,
+    pay_until_available, payments_app, unique_name,
 };
 
 const URL: &str = "IDEMPOTENT_TEST_POSTGRES_URL";
@@ -930,35 +930,9 @@ async fn a_claim_cut_short_by_the_store_timeout_leaves_no_lease_behind() {
 /// up and the lease lapses, so a retry runs the handler again.
 #[tokio::test]
 async fn a_body_over_postgres_value_limit_is_still_completed() {
-    use idempotent_core::record::Record;
-
     let Some(url) = backend_url(URL) else { return };
     let store = fresh_store(&url).await;
-    let key = record_key("huge");
-    let Claim::Acquired(token) = store
-        .claim(
-            &key,
-            Fingerprint::from_bytes([1; 32]),
-            Duration::from_secs(60),
-        )
-        .await
-        .unwrap()
-    else {
-        panic!("a new key is acquired");
-    };
-    let response = StoredResponse {
-        status: StatusCode::OK,
-        headers: Vec::new(),
-        body: Some(axum::body::Bytes::from(vec![b'x'; 1_100_000_000])),
-    };
-    let completed = store
-        .complete(&key, token, response, Duration::from_secs(60))
-        .await;
-    let record = store.get(&key).await;
+    let completion = complete_with_a_body_of(&store, 1_100_000_000).await;
     drop_table(&store).await;
-    assert!(
-        completed.is_ok(),
-        "the handler ran; its record must be kept (without its body if need be): {completed:?}"
-    );
-    assert!(matches!(record, Ok(Some(Record::Completed(_)))));
+    assert_kept(&completion);
 }

@@ -9,7 +9,10 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use idempotent_core::store::{SqliteStore, Tiered};
 use idempotent_core::testing::contract;
-use store_support::{Ledger, duplicates_across_instances, pay, payments_app, unique_name};
+use store_support::{
+    Ledger, assert_kept, complete_with_a_body_of, duplicates_across_instances, pay, payments_app,
+    unique_name,
+};
 
 const STORE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -330,40 +333,9 @@ async fn after_a_503_on_a_locked_file_the_retry_runs_rather_than_409() {
 /// gives up and the lease lapses, so a retry runs the handler again.
 #[tokio::test]
 async fn a_body_over_sqlites_blob_limit_is_still_completed() {
-    use idempotent_core::fingerprint::Fingerprint;
-    use idempotent_core::record::{Claim, Record, StoredResponse};
-    use idempotent_core::store::Store;
-
     let db = TempDb::new();
     let store = db.open().await;
-    let key = record_key("huge");
-    let Claim::Acquired(token) = store
-        .claim(
-            &key,
-            Fingerprint::from_bytes([1; 32]),
-            Duration::from_secs(60),
-        )
-        .await
-        .unwrap()
-    else {
-        panic!("a new key is acquired");
-    };
-    let response = StoredResponse {
-        status: StatusCode::OK,
-        headers: Vec::new(),
-        body: Some(axum::body::Bytes::from(vec![b'x'; 1_000_000_000])),
-    };
-    let completed = store
-        .complete(&key, token, response, Duration::from_secs(60))
-        .await;
-    assert!(
-        completed.is_ok(),
-        "the handler ran; its record must be kept (without its body if need be): {completed:?}"
-    );
-    assert!(matches!(
-        store.get(&key).await.unwrap(),
-        Some(Record::Completed(_))
-    ));
+    assert_kept(&complete_with_a_body_of(&store, 1_000_000_000).await);
 }
 
 /// A completed row damaged in another column than the response blob

@@ -231,9 +231,7 @@ impl SqliteStore {
             .map_err(StoreError::backend)?;
         Ok(written.rows_affected() > 0)
     }
-}
 
-impl SqliteStore {
     /// [`try_acquire`](Self::try_acquire) on a task of its own: SQLite
     /// commits an insert that was waiting for the write lock even after its
     /// caller stopped waiting for it (the engine's store timeout), and the

@@ -14,7 +14,11 @@ use axum::http::{HeaderMap, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use http_body_util::BodyExt;
-use idempotent_core::store::Store;
+use idempotent_core::fingerprint::Fingerprint;
+use idempotent_core::key::IdempotencyKey;
+use idempotent_core::record::{Claim, Record, RecordKey, StoredResponse};
+use idempotent_core::scope::ScopeDigest;
+use idempotent_core::store::{Store, StoreError};
 use idempotent_core::{Endpoint, Idempotency, IdempotentRequest, Scope};
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -188,4 +192,42 @@ pub async fn duplicates_across_instances(apps: &[Router], ledger: &Ledger, count
         );
     }
     assert_eq!(ledger.executions(), 1, "replays do not execute");
+}
+
+/// What [`complete_with_a_body_of`] saw: the completion, then a read back.
+pub type Completion = (Result<(), StoreError>, Result<Option<Record>, StoreError>);
+
+/// Claims a fresh key, completes it with a response whose body has `len`
+/// bytes, and reads the record back: past a store's own limit on one value
+/// the record must still be kept (without its body), or the lease lapses
+/// with nothing stored and a retry runs the handler again.
+pub async fn complete_with_a_body_of(store: &impl Store, len: usize) -> Completion {
+    let key = RecordKey::new(
+        ScopeDigest::from_bytes(rand::random()),
+        IdempotencyKey::parse(b"huge").unwrap(),
+    );
+    let lease = Duration::from_secs(60);
+    let claim = store.claim(&key, Fingerprint::from_bytes([1; 32]), lease);
+    let Claim::Acquired(token) = claim.await.unwrap() else {
+        panic!("a new key is acquired");
+    };
+    let response = StoredResponse {
+        status: StatusCode::OK,
+        headers: Vec::new(),
+        body: Some(Bytes::from(vec![b'x'; len])),
+    };
+    let completed = store.complete(&key, token, response, lease).await;
+    (completed, store.get(&key).await)
+}
+
+/// Asserts that a [`Completion`] kept the record.
+pub fn assert_kept((completed, record): &Completion) {
+    assert!(
+        completed.is_ok(),
+        "the handler ran; its record must be kept (without its body if need be): {completed:?}"
+    );
+    assert!(
+        matches!(record, Ok(Some(Record::Completed(_)))),
+        "{record:?}"
+    );
 }
