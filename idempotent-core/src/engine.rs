@@ -358,7 +358,8 @@ impl Engine {
             // handler that returned it, and a slow store must not let the
             // lease lapse while the record is on its way.
             let lease = self.endpoint.lease_duration();
-            let renewals = Renewals::start(&self.settings, &self.key, lease, token);
+            let held = (token, self.fingerprint);
+            let renewals = Renewals::start(&self.settings, &self.key, lease, held);
             let produced = AssertUnwindSafe(self.produce(handler)).catch_unwind().await;
             match produced {
                 Ok(Produced::Final(parts, body)) => {

@@ -8,8 +8,9 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::engine::within;
+use crate::fingerprint::Fingerprint;
 use crate::idempotency::Settings;
-use crate::record::{LeaseToken, RecordKey};
+use crate::record::{LeaseToken, Record, RecordKey};
 use crate::store::StoreError;
 
 /// Renews a claim's lease every third of it, on a task of its own, until
@@ -28,14 +29,14 @@ impl Renewals {
         settings: &Arc<Settings>,
         key: &RecordKey,
         lease: Duration,
-        token: LeaseToken,
+        held: (LeaseToken, Fingerprint),
     ) -> Self {
         let period = lease / 3;
         let runtime = tokio::runtime::Handle::try_current();
         let (false, Ok(runtime)) = (period.is_zero(), runtime) else {
             return Self(None);
         };
-        let renewals = renew_until_lost(Arc::clone(settings), key.clone(), lease, token, period);
+        let renewals = renew_until_lost(Arc::clone(settings), key.clone(), lease, held, period);
         Self(Some(runtime.spawn(renewals.in_current_span())))
     }
 }
@@ -48,11 +49,28 @@ impl Drop for Renewals {
     }
 }
 
+/// Says that the lease was lost, unless the renewal only met the record
+/// its own run had just stored: an abort does not stop a renewal that is
+/// already under way when the record is stored.
+async fn lease_lost(settings: &Settings, key: &RecordKey, fingerprint: Fingerprint) {
+    let stored = within(settings.store_timeout, settings.store.get(key)).await;
+    if let Ok(Some(Record::Completed(record))) = stored
+        && record.fingerprint == fingerprint
+    {
+        tracing::debug!("a renewal met the record its run had stored");
+        return;
+    }
+    tracing::error!(
+        outcome = "lease_lost",
+        "lease taken over while the handler runs; its result will not be stored"
+    );
+}
+
 async fn renew_until_lost(
     settings: Arc<Settings>,
     key: RecordKey,
     lease: Duration,
-    token: LeaseToken,
+    (token, fingerprint): (LeaseToken, Fingerprint),
     period: Duration,
 ) {
     let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
@@ -61,13 +79,7 @@ async fn renew_until_lost(
         let renewed = settings.store.renew(&key, token, lease);
         match within(settings.store_timeout, renewed).await {
             Ok(()) => {}
-            Err(StoreError::LeaseLost) => {
-                tracing::error!(
-                    outcome = "lease_lost",
-                    "lease taken over while the handler runs; its result will not be stored"
-                );
-                return;
-            }
+            Err(StoreError::LeaseLost) => return lease_lost(&settings, &key, fingerprint).await,
             Err(error) => {
                 tracing::warn!(%error, "could not renew the lease; retrying");
                 // Soon, not a whole period later: two failures a period

@@ -109,8 +109,13 @@ impl<'a> Handler<'a> {
                     let is_principal =
                         !taken && principal.is_some_and(|p| takes_principal(&typed.ty, p));
                     let skipped = binding(&typed.pat).is_some_and(|name| args.skip.contains(&name));
+                    // A guard bound to `_` is never fingerprinted, and once
+                    // the principal is taken another type may share its name.
+                    let wild = matches!(&*typed.pat, Pat::Wild(_));
                     if let Some(path) = principal
                         && !skipped
+                        && !wild
+                        && !taken
                         && misspells_principal(&typed.ty, path)
                     {
                         errors.spanned(
@@ -240,13 +245,25 @@ fn exact_repeats_blocker(
 /// rustc's error counts arguments the user never wrote.
 fn check_no_cfg(attrs: &[Attribute], errors: &mut Errors) {
     for attr in attrs {
-        if attr.path().is_ident("cfg") || attr.path().is_ident("cfg_attr") {
+        if attr.path().is_ident("cfg") || cfg_attr_adds_cfg(attr) {
             errors.spanned(
                 attr,
                 "`#[idempotent]` does not support `#[cfg]` on a handler argument: put the `#[cfg]` on two versions of the handler instead",
             );
         }
     }
+}
+
+/// Whether `attr` is a `#[cfg_attr(predicate, ...)]` that may add a `cfg`;
+/// one that adds only lint levels or other attributes is fine.
+fn cfg_attr_adds_cfg(attr: &Attribute) -> bool {
+    if !attr.path().is_ident("cfg_attr") {
+        return false;
+    }
+    let parsed = attr.parse_args_with(
+        syn::punctuated::Punctuated::<syn::Meta, syn::Token![,]>::parse_terminated,
+    );
+    parsed.is_ok_and(|metas| metas.iter().skip(1).any(|meta| meta.path().is_ident("cfg")))
 }
 
 /// The most arguments an axum handler takes.

@@ -30,10 +30,18 @@ async fn old(body: String) -> String {
     body
 }
 
+/// A lint level on an argument, through `cfg_attr` (a `cfg` through it is
+/// refused: see `fail/cfg_on_argument.rs`).
+#[idempotent]
+async fn lint_on_argument(#[cfg_attr(all(), allow(unused_variables))] body: String) -> String {
+    String::new()
+}
+
 #[allow(deprecated)]
 fn main() {
     let _app: Router = Router::new()
         .route("/expected", post(expected))
+        .route("/lint", post(lint_on_argument))
         .route("/old", post(old))
         .layer(Idempotency::new(MemoryStore::new()));
 }

@@ -6,7 +6,7 @@ use axum::http::request::Parts;
 use axum::routing::post;
 use axum::{Json, Router};
 use idempotent_core::store::MemoryStore;
-use idempotent_core::{Idempotency, idempotent};
+use idempotent_core::{Idempotency, IdempotencyScope, idempotent};
 
 struct RequireAdmin;
 
@@ -32,9 +32,50 @@ async fn admin_only_by_tenant(_: RequireAdmin, body: String) -> String {
     body
 }
 
+mod auth {
+    pub struct User {
+        pub id: u64,
+    }
+}
+
+mod admin {
+    /// A guard named like the principal: rejects non-admins, carries nothing.
+    pub struct User;
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for auth::User {
+    type Rejection = StatusCode;
+
+    async fn from_request_parts(_: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self { id: 1 })
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for admin::User {
+    type Rejection = StatusCode;
+
+    async fn from_request_parts(_: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self)
+    }
+}
+
+impl IdempotencyScope for auth::User {
+    fn scope_id(&self) -> impl AsRef<[u8]> {
+        self.id.to_be_bytes()
+    }
+}
+
+// The principal is taken; a guard of another type of the same name is not
+// a misspelled principal.
+#[idempotent(scope = auth::User)]
+async fn transfer(user: auth::User, _: admin::User, body: String) -> String {
+    format!("{} {body}", user.id)
+}
+
 fn main() {
     let _app: Router = Router::new()
         .route("/a", post(admin_only))
         .route("/b", post(admin_only_by_tenant))
+        .route("/c", post(transfer))
         .layer(Idempotency::new(MemoryStore::new()));
 }

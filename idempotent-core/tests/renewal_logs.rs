@@ -1,0 +1,144 @@
+//! The lease's renewals run on a task of their own, aborted once the
+//! record is stored; a renewal already under way then meets the stored
+//! record. A process of its own: the subscriber that records the events is
+//! global, since the renewal task logs from whichever worker runs it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use idempotent_core::record::{Claim, LeaseToken, Record, RecordKey, StoredResponse};
+use idempotent_core::store::{MemoryStore, Store, StoreError};
+use idempotent_core::{Endpoint, Fingerprint, Idempotency, IdempotentRequest};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+/// A memory store whose renewals hold their thread for 400 ms, as a
+/// renewal whose reply is on its way while the record is stored.
+#[derive(Clone, Default)]
+struct SlowRenewals {
+    inner: MemoryStore,
+    renewals: Arc<AtomicUsize>,
+}
+
+impl Store for SlowRenewals {
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.inner.claim(key, fingerprint, lease).await
+    }
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.renewals.fetch_add(1, Ordering::SeqCst);
+        tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(400)));
+        self.inner.renew(key, token, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.complete(key, token, response, ttl).await
+    }
+    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        self.inner.release(key, token).await
+    }
+    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        self.inner.get(key).await
+    }
+}
+
+/// The `outcome` of every event.
+#[derive(Default)]
+struct Outcomes(Mutex<Vec<String>>);
+
+struct OutcomeField(Option<String>);
+
+impl tracing::field::Visit for OutcomeField {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "outcome" {
+            self.0 = Some(value.to_owned());
+        }
+    }
+
+    fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+}
+
+impl tracing::Subscriber for Outcomes {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut field = OutcomeField(None);
+        event.record(&mut field);
+        if let Some(outcome) = field.0 {
+            self.0.lock().unwrap().push(outcome);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// Answers after 600 ms, while the first renewal (due at 500 ms of a
+/// 1.5 s lease) holds its thread until 900 ms.
+async fn pay(
+    State(endpoint): State<Endpoint>,
+    idem: IdempotentRequest,
+    Json(input): Json<Value>,
+) -> Response {
+    let fingerprint = endpoint.fingerprint(&input);
+    idem.run(&endpoint, fingerprint, async {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        (StatusCode::CREATED, Json(json!({"paid": true}))).into_response()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_renewal_that_meets_its_own_stored_record_reports_no_lost_lease() {
+    let outcomes = Arc::new(Outcomes::default());
+    tracing::subscriber::set_global_default(outcomes.clone()).expect("the only subscriber");
+    let store = SlowRenewals::default();
+    let renewals = store.renewals.clone();
+    let endpoint = Endpoint::new("pay").lease(Duration::from_millis(1_500));
+    let app = Router::new()
+        .route("/pay", post(pay))
+        .with_state(endpoint)
+        .layer(Idempotency::new(store));
+    let request = Request::post("/pay")
+        .header("content-type", "application/json")
+        .header("x-api-key", "caller-1")
+        .header("idempotency-key", "k")
+        .body(Body::from(json!({"amount": 1}).to_string()))
+        .unwrap();
+    let response = app.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    // The renewal under way when the record was stored finishes.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(renewals.load(Ordering::SeqCst), 1, "one renewal overlapped");
+    let outcomes = outcomes.0.lock().unwrap().clone();
+    assert!(
+        !outcomes.iter().any(|outcome| outcome == "lease_lost"),
+        "a stored record was reported as a lost lease: {outcomes:?}"
+    );
+}
