@@ -38,9 +38,10 @@ use crate::fingerprint::Fingerprint;
 use crate::record::{Claim, Completed, InFlight, LeaseToken, Record, RecordKey, StoredResponse};
 
 const SCHEMA: &str = include_str!("sqlite/schema.sql");
-/// The largest string or blob SQLite keeps (`SQLITE_MAX_LENGTH` as sqlx
-/// builds it).
-const MAX_VALUE_BYTES: usize = 1_000_000_000;
+/// The largest record blob kept: SQLite refuses a string, a blob or a
+/// whole row over `SQLITE_MAX_LENGTH` (1e9 bytes as sqlx builds it), so
+/// room is left for the row's other columns.
+const MAX_VALUE_BYTES: usize = 1_000_000_000 - (1 << 20);
 /// How long a writer waits for another to finish before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -141,11 +142,12 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(BUSY_TIMEOUT);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await
-            .map_err(StoreError::backend)?;
+        let connect = || {
+            SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(options.clone())
+        };
+        let pool = while_busy(connect).await.map_err(StoreError::backend)?;
         Self::builder(pool).build().map_err(StoreError::backend)
     }
 
@@ -176,8 +178,7 @@ impl SqliteStore {
             .replace(DEFAULT_TABLE, table)
             .replace('\u{0}', &index)
             .replace('\u{1}', base);
-        sqlx::raw_sql(&schema)
-            .execute(&self.inner.pool)
+        while_busy(|| sqlx::raw_sql(&schema).execute(&self.inner.pool))
             .await
             .map(drop)
             .map_err(StoreError::backend)
@@ -281,13 +282,43 @@ impl Drop for Waiting<'_> {
             return;
         }
         self.receiver.close();
-        if let Ok(Ok(true)) = self.receiver.try_recv() {
+        if let Ok(Ok(true)) = self.receiver.try_recv()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
             let (store, key, token) = (self.store.clone(), self.key.clone(), self.token);
-            tokio::spawn(async move {
+            runtime.spawn(async move {
                 let _ = Store::release(&store, &key, token).await;
             });
         }
     }
+}
+
+/// Runs `operation` again while SQLite answers "database is locked" at
+/// once, for up to [`BUSY_TIMEOUT`]: processes that open a new file
+/// together switch it to WAL and create its table at the same moment,
+/// and SQLite does not wait on its busy timeout for every such lock.
+async fn while_busy<T, F>(mut operation: impl FnMut() -> F) -> Result<T, sqlx::Error>
+where
+    F: Future<Output = Result<T, sqlx::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match operation().await {
+            Err(error) if is_busy(&error) && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+/// Whether SQLite answered `SQLITE_BUSY` (or one of its extended codes).
+fn is_busy(error: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(error) = error else {
+        return false;
+    };
+    let code = error.code().and_then(|code| code.parse::<i32>().ok());
+    code.is_some_and(|code| code & 0xff == 5)
 }
 
 /// The statements, with the table name spliced in once.
