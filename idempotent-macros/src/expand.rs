@@ -82,6 +82,8 @@ struct Handler<'a> {
     arguments: Vec<Argument<'a>>,
     /// Whether the body is extracted through `ExactBody`.
     exact_repeats: bool,
+    /// Whether `scope` names a principal type.
+    custom_scope: bool,
 }
 
 impl<'a> Handler<'a> {
@@ -108,13 +110,11 @@ impl<'a> Handler<'a> {
                         .any(|a: &Argument<'_>| matches!(a.role, Role::Principal));
                     let is_principal =
                         !taken && principal.is_some_and(|p| takes_principal(&typed.ty, p));
-                    let skipped = binding(&typed.pat).is_some_and(|name| args.skip.contains(&name));
-                    // A guard bound to `_` is never fingerprinted, and once
+                    let skipped = is_skipped(&typed.pat, &args.skip);
+                    // A skipped argument is never fingerprinted, and once
                     // the principal is taken another type may share its name.
-                    let wild = matches!(&*typed.pat, Pat::Wild(_));
                     if let Some(path) = principal
                         && !skipped
-                        && !wild
                         && !taken
                         && misspells_principal(&typed.ty, path)
                     {
@@ -126,12 +126,7 @@ impl<'a> Handler<'a> {
                             ),
                         );
                     }
-                    arguments.push(Argument::new(
-                        &typed.pat,
-                        &typed.ty,
-                        is_principal,
-                        &args.skip,
-                    ));
+                    arguments.push(Argument::new(&typed.pat, &typed.ty, is_principal, skipped));
                 }
             }
         }
@@ -158,16 +153,18 @@ impl<'a> Handler<'a> {
         let handler = Self {
             arguments,
             exact_repeats,
+            custom_scope: principal.is_some(),
         };
-        check_axum_arity(&handler, principal.is_some(), &sig.inputs, errors);
+        check_axum_arity(&handler, &sig.inputs, errors);
         handler
     }
 
     /// How many arguments the routed function takes beyond the user's:
     /// the request's idempotency context (unless `ExactBody` carries it)
     /// and a custom scope's principal that the attribute extracts itself.
-    fn added_arguments(&self, custom_scope: bool) -> usize {
-        usize::from(!self.exact_repeats) + usize::from(custom_scope && self.principal().is_none())
+    fn added_arguments(&self) -> usize {
+        usize::from(!self.exact_repeats)
+            + usize::from(self.custom_scope && self.principal().is_none())
     }
 
     fn principal(&self) -> Option<usize> {
@@ -178,13 +175,8 @@ impl<'a> Handler<'a> {
 }
 
 impl<'a> Argument<'a> {
-    fn new(pat: &Pat, ty: &'a Type, is_principal: bool, skip: &[Ident]) -> Self {
+    fn new(pat: &Pat, ty: &'a Type, is_principal: bool, skipped: bool) -> Self {
         let name = binding(pat);
-        // An argument bound to `_` (a guard such as `_: RequireAdmin`) is
-        // never read by the handler, so no response depends on it; it has
-        // no name for `skip` either.
-        let skipped =
-            matches!(pat, Pat::Wild(_)) || name.as_ref().is_some_and(|name| skip.contains(name));
         let role = if is_principal {
             Role::Principal
         } else if skipped || !is_fingerprinted_by_default(ty) {
@@ -240,6 +232,14 @@ fn exact_repeats_blocker(
     ))
 }
 
+/// Whether the argument bound by `pat` is left out of the fingerprint:
+/// named in `skip`, or bound to `_` (a guard such as `_: RequireAdmin`,
+/// never read by the handler, so no response depends on it; it has no
+/// name for `skip` either).
+fn is_skipped(pat: &Pat, skip: &[Ident]) -> bool {
+    matches!(pat, Pat::Wild(_)) || binding(pat).is_some_and(|name| skip.contains(&name))
+}
+
 /// A `#[cfg]` on an argument would leave the routed function, which the
 /// attribute writes before `cfg` is evaluated, taking it regardless, and
 /// rustc's error counts arguments the user never wrote.
@@ -273,11 +273,10 @@ const AXUM_MAX_ARGUMENTS: usize = 16;
 /// type; this one says what the attribute added and what to do.
 fn check_axum_arity(
     handler: &Handler<'_>,
-    custom_scope: bool,
     inputs: &syn::punctuated::Punctuated<FnArg, syn::token::Comma>,
     errors: &mut Errors,
 ) {
-    let added = handler.added_arguments(custom_scope);
+    let added = handler.added_arguments();
     let written = handler.arguments.len();
     if written + added > AXUM_MAX_ARGUMENTS {
         errors.spanned(
@@ -564,10 +563,9 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
     // The routed function takes more arguments than the one written; where
     // that alone would pass clippy's default limit (7), the lint is the
     // attribute's doing, not the handler's.
-    let custom_scope = matches!(args.scope, Some(Scope::Custom(_)));
     let written = handler.arguments.len();
     let too_many = (written <= CLIPPY_MAX_ARGUMENTS
-        && written + handler.added_arguments(custom_scope) > CLIPPY_MAX_ARGUMENTS)
+        && written + handler.added_arguments() > CLIPPY_MAX_ARGUMENTS)
         .then(|| quote!(#[allow(clippy::too_many_arguments)]));
     let exact_body = handler.exact_repeats;
     let signature = outer_signature(
