@@ -82,6 +82,18 @@ impl Completed {
         1 + 32 + 8 + 2 + 2 + headers + 1 + body
     }
 
+    /// Drops the body if the encoded record would take more than
+    /// `max_bytes`, the most a store keeps in one value: the record is then
+    /// kept without it, as the engine keeps one past `max_body_bytes`, so
+    /// retries get 410 rather than run the handler again once the lease
+    /// lapses.
+    #[cfg(any(feature = "redis", feature = "sqlite"))]
+    pub(crate) fn fit(&mut self, max_bytes: usize) {
+        if self.encoded_len() > max_bytes {
+            self.response.body = None;
+        }
+    }
+
     /// Decodes [`Completed::encode`] output.
     ///
     /// # Errors

@@ -401,12 +401,7 @@ where
             response,
             expires_at: self.now().saturating_add(millis(ttl)),
         };
-        // Redis refuses a larger argument: keep the record without its
-        // body, as the engine does past `max_body_bytes`, so that retries
-        // get 410 rather than run the handler again once the lease lapses.
-        if record.encoded_len() > MAX_VALUE_BYTES {
-            record.response.body = None;
-        }
+        record.fit(MAX_VALUE_BYTES);
         let mut invocation = COMPLETE.key(self.redis_key(key));
         invocation
             .arg(token.to_bytes().as_slice())

@@ -420,12 +420,7 @@ impl Store for SqliteStore {
             response,
             expires_at,
         };
-        // SQLite refuses a larger value: keep the record without its body,
-        // as the engine does past `max_body_bytes`, so that retries get 410
-        // rather than run the handler again once the lease lapses.
-        if record.encoded_len() > MAX_VALUE_BYTES {
-            record.response.body = None;
-        }
+        record.fit(MAX_VALUE_BYTES);
         let updated = sqlx::query(&self.inner.sql.complete)
             .bind(key.scope.as_bytes().as_slice())
             .bind(key.key.as_str())
