@@ -166,26 +166,51 @@ async fn a_schema_qualified_table_is_migrated_and_used() {
     assert_eq!(ledger.executions(), 1);
 }
 
+/// A payment made under `key`, then its row damaged by `damage`, with the
+/// payments app on the file and one that fails open when the store is down.
+struct Damaged {
+    ledger: Ledger,
+    app: axum::Router,
+    failing_open: axum::Router,
+}
+
+impl Damaged {
+    async fn paid_then(db: &TempDb, key: &str, damage: &str) -> Self {
+        let store = db.open().await;
+        let ledger = Ledger::default();
+        let app = payments_app(store.clone(), &ledger, STORE_TIMEOUT);
+        assert_eq!(pay(&app, key, 1).await.status, StatusCode::CREATED);
+        sqlx::query(damage)
+            .execute(store.pool())
+            .await
+            .expect("damage the row");
+        let failing_open = idempotent_core::Idempotency::builder(store).fail_open(true);
+        let failing_open = store_support::payments_app_on(failing_open.build(), &ledger);
+        Self {
+            ledger,
+            app,
+            failing_open,
+        }
+    }
+}
+
 /// A record that no longer decodes is answered 500 `record-corrupt`, with
 /// no `Retry-After` (retrying soon finds it the same), and the payment is
 /// not made again, even by an app that fails open when the store is down.
 #[tokio::test]
 async fn a_corrupt_record_is_a_500_and_runs_nothing_again() {
     let db = TempDb::new();
-    let store = db.open().await;
-    let ledger = Ledger::default();
-    let app = payments_app(store.clone(), &ledger, STORE_TIMEOUT);
-    assert_eq!(pay(&app, "corrupt", 1).await.status, StatusCode::CREATED);
-    sqlx::query("UPDATE idempotency_records SET record = x'00'")
-        .execute(store.pool())
-        .await
-        .expect("damage the record");
-    let failing_open = store_support::payments_app_on(
-        idempotent_core::Idempotency::builder(store.clone())
-            .fail_open(true)
-            .build(),
-        &ledger,
-    );
+    let damaged = Damaged::paid_then(
+        &db,
+        "corrupt",
+        "UPDATE idempotency_records SET record = x'00'",
+    )
+    .await;
+    let Damaged {
+        ledger,
+        app,
+        failing_open,
+    } = damaged;
     for app in [app, failing_open] {
         let retry = pay(&app, "corrupt", 1).await;
         assert_eq!(retry.status, StatusCode::INTERNAL_SERVER_ERROR);
@@ -346,20 +371,12 @@ async fn a_body_over_sqlites_blob_limit_is_still_completed() {
 #[tokio::test]
 async fn a_row_with_a_column_of_the_wrong_type_runs_nothing_again() {
     let db = TempDb::new();
-    let store = db.open().await;
-    let ledger = Ledger::default();
-    let app = payments_app(store.clone(), &ledger, STORE_TIMEOUT);
-    assert_eq!(pay(&app, "damaged", 1).await.status, StatusCode::CREATED);
-    sqlx::query("UPDATE idempotency_records SET expires_at = expires_at + 0.5")
-        .execute(store.pool())
-        .await
-        .expect("damage the row");
-    let failing_open = store_support::payments_app_on(
-        idempotent_core::Idempotency::builder(store.clone())
-            .fail_open(true)
-            .build(),
-        &ledger,
-    );
+    let damage = "UPDATE idempotency_records SET expires_at = expires_at + 0.5";
+    let Damaged {
+        ledger,
+        failing_open,
+        ..
+    } = Damaged::paid_then(&db, "damaged", damage).await;
     let retry = pay(&failing_open, "damaged", 1).await;
     assert_eq!(ledger.executions(), 1, "the payment ran again: {retry:?}");
     assert_eq!(retry.status, StatusCode::INTERNAL_SERVER_ERROR);
