@@ -12,6 +12,7 @@ use tower_service::Service;
 
 use crate::exact::ExactReplays;
 use crate::record::MAX_STORED_BODY;
+use crate::renewal::Renewer;
 use crate::store::{DynStore, SharedStore, Store};
 
 /// Idempotency for a router: the store plus service-wide settings.
@@ -62,6 +63,9 @@ pub(crate) struct Settings {
     pub(crate) exact: ExactReplays,
     /// The runs that outlived their request, for [`Idempotency::drain`].
     pub(crate) detached: TaskTracker,
+    /// The claims whose requests are running, kept alive past a third of
+    /// their lease.
+    pub(crate) renewer: Renewer,
 }
 
 impl std::fmt::Debug for Idempotency {
@@ -156,6 +160,7 @@ impl IdempotencyBuilder {
                 api_key_header: HeaderName::from_static("x-api-key"),
                 exact: ExactReplays::new(),
                 detached: TaskTracker::new(),
+                renewer: Renewer::default(),
             },
         }
     }

@@ -1,8 +1,25 @@
 //! Keeping a claim's lease alive while its request runs.
+//!
+//! Almost every request finishes long before a third of its lease, and a
+//! task of its own per claim (spawned, then aborted) would cost every
+//! first execution a task's allocation and two trips through the
+//! scheduler for renewals that never happen. So a claim is only noted in
+//! a table, and one watcher task per runtime looks at the table every half
+//! renewal period: a claim that has lived for most of a third of its lease
+//! gets a renewal task then, which renews it at once and every third of
+//! the lease after, until the claim is settled.
+//!
+//! The renewals cannot run on the handler's own task: a handler that holds
+//! its thread without yielding (`block_in_place` around a synchronous
+//! payment SDK, a long computation) would hold them back, the lease would
+//! lapse under it, and a duplicate would run it again.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
+use slab::Slab;
+use tokio::runtime::{self, Handle};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -13,38 +30,216 @@ use crate::idempotency::Settings;
 use crate::record::{LeaseToken, Record, RecordKey};
 use crate::store::StoreError;
 
-/// Renews a claim's lease every third of it, on a task of its own, until
-/// dropped. The handler's own task cannot do it: a handler that holds
-/// its thread without yielding (`block_in_place` around a synchronous
-/// payment SDK, a long computation) would hold the renewals back, the
-/// lease would lapse under it, and a duplicate would run it again.
-#[must_use = "renewals stop when dropped"]
-pub(crate) struct Renewals(Option<JoinHandle<()>>);
+/// The claims held by one [`Idempotency`](crate::Idempotency)'s requests,
+/// and the tasks that watch them, one per runtime.
+#[derive(Default)]
+pub(crate) struct Renewer {
+    table: Mutex<Table>,
+}
 
-impl Renewals {
-    /// Starts renewing `token`'s lease on `key`, the first time a third of
-    /// `lease` from now. Outside a tokio runtime nothing can renew (nor
-    /// run the handler's timers), and nothing is started.
+#[derive(Default)]
+struct Table {
+    claims: Slab<HeldClaim>,
+    watchers: Vec<Watcher>,
+}
+
+/// A claim whose request is still running.
+struct HeldClaim {
+    runtime: runtime::Id,
+    /// When the first renewal is due: a third of the lease after the claim.
+    due: Instant,
+    lease: Duration,
+    key: RecordKey,
+    held: (LeaseToken, Fingerprint),
+    /// The request's span, for what the renewals log.
+    span: tracing::Span,
+    renewing: Option<JoinHandle<()>>,
+}
+
+/// The task that watches one runtime's claims.
+struct Watcher {
+    runtime: runtime::Id,
+    /// How often it looks: half the shortest renewal period it has seen.
+    every: Duration,
+    /// It found no claim left to watch and waits to be woken.
+    idle: bool,
+    wake: Arc<Notify>,
+}
+
+/// What a newly held claim asks of its runtime's watcher.
+enum Nudge {
+    None,
+    Wake(Arc<Notify>),
+    Start(Arc<Notify>),
+}
+
+impl Renewer {
+    fn table(&self) -> MutexGuard<'_, Table> {
+        // Nothing panics while the table is locked but an allocation; the
+        // table is consistent between any two statements.
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Notes `claim` and says what its runtime's watcher must be told:
+    /// nothing while it looks often enough anyway.
+    fn hold(&self, claim: HeldClaim, every: Duration) -> (usize, Nudge) {
+        let runtime = claim.runtime;
+        let mut table = self.table();
+        let id = table.claims.insert(claim);
+        let position = table.watchers.iter().position(|w| w.runtime == runtime);
+        let Some(watcher) = position.map(|at| &mut table.watchers[at]) else {
+            let wake = Arc::new(Notify::new());
+            let watcher = Watcher {
+                runtime,
+                every,
+                idle: false,
+                wake: Arc::clone(&wake),
+            };
+            table.watchers.push(watcher);
+            return (id, Nudge::Start(wake));
+        };
+        let sooner = every < watcher.every;
+        if !(sooner || watcher.idle) {
+            return (id, Nudge::None);
+        }
+        watcher.every = watcher.every.min(every);
+        watcher.idle = false;
+        (id, Nudge::Wake(Arc::clone(&watcher.wake)))
+    }
+
+    /// Starts renewing this runtime's claims whose first renewal falls due
+    /// before the watcher looks again, and says when to look again: `None`
+    /// once no claim is left unrenewed, until a new claim wakes it.
+    fn start_due(&self, settings: &Arc<Settings>, runtime: runtime::Id) -> Option<Duration> {
+        let mut table = self.table();
+        let Table { claims, watchers } = &mut *table;
+        let watcher = watchers.iter_mut().find(|w| w.runtime == runtime)?;
+        let horizon = Instant::now() + watcher.every;
+        let mut waiting = false;
+        for (_, claim) in claims.iter_mut() {
+            if claim.runtime != runtime || claim.renewing.is_some() {
+                continue;
+            }
+            if claim.due > horizon {
+                waiting = true;
+                continue;
+            }
+            let renewals = renew_until_lost(Arc::clone(settings), claim);
+            claim.renewing = Some(tokio::spawn(renewals.instrument(claim.span.clone())));
+        }
+        watcher.idle = !waiting;
+        waiting.then_some(watcher.every)
+    }
+
+    fn forget_watcher(&self, runtime: runtime::Id) {
+        self.table().watchers.retain(|w| w.runtime != runtime);
+    }
+}
+
+impl Drop for Renewer {
+    fn drop(&mut self) {
+        // Watchers waiting to be woken would otherwise wait for ever.
+        for watcher in &self.table().watchers {
+            watcher.wake.notify_one();
+        }
+    }
+}
+
+/// Keeps a claim's lease alive until dropped.
+#[must_use = "renewals stop when dropped"]
+pub(crate) struct Renewals<'a> {
+    renewer: &'a Renewer,
+    claim: Option<usize>,
+}
+
+impl<'a> Renewals<'a> {
+    /// Keeps `token`'s lease on `key` alive, renewing it every third of
+    /// `lease` once a third of it has passed. Outside a tokio runtime
+    /// nothing can renew (nor run the handler's timers), and nothing is
+    /// started.
     pub(crate) fn start(
-        settings: &Arc<Settings>,
+        settings: &'a Arc<Settings>,
         key: &RecordKey,
         lease: Duration,
         held: (LeaseToken, Fingerprint),
     ) -> Self {
+        let renewer = &settings.renewer;
         let period = lease / 3;
-        let runtime = tokio::runtime::Handle::try_current();
+        let runtime = Handle::try_current();
         let (false, Ok(runtime)) = (period.is_zero(), runtime) else {
-            return Self(None);
+            return Self {
+                renewer,
+                claim: None,
+            };
         };
-        let renewals = renew_until_lost(Arc::clone(settings), key.clone(), lease, held, period);
-        Self(Some(runtime.spawn(renewals.in_current_span())))
+        let claim = HeldClaim {
+            runtime: runtime.id(),
+            due: Instant::now() + period,
+            lease,
+            key: key.clone(),
+            held,
+            span: tracing::Span::current(),
+            renewing: None,
+        };
+        let (id, nudge) = renewer.hold(claim, period / 2);
+        match nudge {
+            Nudge::None => {}
+            Nudge::Wake(wake) => wake.notify_one(),
+            Nudge::Start(wake) => {
+                let watch = watch(Arc::downgrade(settings), runtime.id(), wake);
+                drop(runtime.spawn(watch));
+            }
+        }
+        Self {
+            renewer,
+            claim: Some(id),
+        }
     }
 }
 
-impl Drop for Renewals {
+impl Drop for Renewals<'_> {
     fn drop(&mut self) {
-        if let Some(task) = &self.0 {
+        let Some(id) = self.claim else {
+            return;
+        };
+        let settled = self.renewer.table().claims.remove(id);
+        if let Some(task) = settled.renewing {
             task.abort();
+        }
+    }
+}
+
+/// Watches one runtime's claims for as long as the runtime and the
+/// [`Idempotency`](crate::Idempotency) both live.
+async fn watch(settings: Weak<Settings>, runtime: runtime::Id, wake: Arc<Notify>) {
+    let _forget = ForgetWatcher {
+        settings: settings.clone(),
+        runtime,
+    };
+    loop {
+        let Some(live) = settings.upgrade() else {
+            return;
+        };
+        let again = live.renewer.start_due(&live, runtime);
+        drop(live);
+        match again {
+            Some(after) => tokio::time::sleep(after).await,
+            None => wake.notified().await,
+        }
+    }
+}
+
+/// Lets the next claim on the runtime start a new watcher once this one
+/// is gone (its runtime shut down, or it was dropped before it ran).
+struct ForgetWatcher {
+    settings: Weak<Settings>,
+    runtime: runtime::Id,
+}
+
+impl Drop for ForgetWatcher {
+    fn drop(&mut self) {
+        if let Some(settings) = self.settings.upgrade() {
+            settings.renewer.forget_watcher(self.runtime);
         }
     }
 }
@@ -66,25 +261,30 @@ async fn lease_lost(settings: &Settings, key: &RecordKey, fingerprint: Fingerpri
     );
 }
 
-async fn renew_until_lost(
+/// Renews `claim`'s lease now and every third of it after, until the lease
+/// is lost or the task is aborted.
+fn renew_until_lost(
     settings: Arc<Settings>,
-    key: RecordKey,
-    lease: Duration,
-    (token, fingerprint): (LeaseToken, Fingerprint),
-    period: Duration,
-) {
-    let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
-    loop {
-        ticker.tick().await;
-        let renewed = settings.store.renew(&key, token, lease);
-        match within(settings.store_timeout, renewed).await {
-            Ok(()) => {}
-            Err(StoreError::LeaseLost) => return lease_lost(&settings, &key, fingerprint).await,
-            Err(error) => {
-                tracing::warn!(%error, "could not renew the lease; retrying");
-                // Soon, not a whole period later: two failures a period
-                // apart would let the lease lapse under a running handler.
-                ticker.reset_after(period / 8);
+    claim: &HeldClaim,
+) -> impl Future<Output = ()> + Send + 'static {
+    let (key, lease, (token, fingerprint)) = (claim.key.clone(), claim.lease, claim.held);
+    let period = lease / 3;
+    async move {
+        let mut ticker = tokio::time::interval(period);
+        loop {
+            ticker.tick().await;
+            let renewed = settings.store.renew(&key, token, lease);
+            match within(settings.store_timeout, renewed).await {
+                Ok(()) => {}
+                Err(StoreError::LeaseLost) => {
+                    return lease_lost(&settings, &key, fingerprint).await;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "could not renew the lease; retrying");
+                    // Soon, not a whole period later: two failures a period
+                    // apart would let the lease lapse under a running handler.
+                    ticker.reset_after(period / 8);
+                }
             }
         }
     }

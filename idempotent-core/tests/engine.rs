@@ -1325,6 +1325,79 @@ async fn a_failed_renewal_is_tried_again_before_the_lease_lapses() {
     assert_eq!(handler.runs(), 1);
 }
 
+/// A handler that outlives three leases keeps its claim, on a runtime
+/// started after the runtime that ran the service's first claim ended: a
+/// runtime's renewals run on that runtime.
+#[test]
+fn claims_are_renewed_on_a_runtime_that_came_after_another_ended() {
+    let (handler, gate) = Handler::gated();
+    let endpoint = Endpoint::new("pay").lease(Duration::from_secs(3));
+    let idempotency = Idempotency::new(Unreliable::new(Duration::ZERO, 0));
+    let app = app_with(idempotency.clone(), &handler, endpoint);
+    let body = json!({"amount": 10});
+
+    let earlier = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    earlier.block_on(async {
+        let ungated = app_with(idempotency, &Handler::default(), endpoint);
+        let (status, _, _) = send(&ungated, request(Some("earlier"), &body)).await;
+        assert_eq!(status, StatusCode::CREATED);
+        // The request's renewals have started watching this runtime.
+        tokio::task::yield_now().await;
+    });
+    drop(earlier);
+
+    let later = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    later.block_on(async {
+        let first = spawn_send(&app, "k", &body);
+        handler.started.notified().await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        // A duplicate that took the key over would wait at the gate too.
+        let duplicate = send(&app, request(Some("k"), &body));
+        let answer = tokio::time::timeout(Duration::from_secs(1), duplicate).await;
+        assert_eq!(
+            answer.map(|(status, _, _)| status).ok(),
+            Some(StatusCode::CONFLICT),
+            "the lease lapsed and the duplicate ran the handler"
+        );
+        gate.add_permits(1);
+        assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
+    });
+    assert_eq!(handler.runs(), 1);
+}
+
+/// What watches a runtime's claims for renewal ends with the service.
+#[tokio::test]
+async fn nothing_keeps_running_once_the_service_is_dropped() {
+    let alive = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let before = alive();
+    let app = app(MemoryStore::new(), &Handler::default());
+    let (status, _, _) = send(&app, request(Some("k"), &json!({}))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    // Whatever the request started gets to run and wait.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    drop(app);
+    for _ in 0..100 {
+        if alive() == before {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(alive(), before, "a task outlived the service");
+}
+
 /// A store whose every call fails, or hangs.
 struct BrokenStore {
     hang: bool,
