@@ -9,6 +9,13 @@
 //! gets a renewal task then, which renews it at once and every third of
 //! the lease after, until the claim is settled.
 //!
+//! The watcher keeps looking on its timer even when it finds nothing to
+//! renew, rather than waiting for the next claim to wake it: a wake sent
+//! from a request's task queues the watcher on that task's own worker,
+//! in the slot no other worker may take from, so a handler that then held
+//! its thread would hold back every claim's renewals on the runtime. Only
+//! a claim with a shorter lease than any before it wakes it early.
+//!
 //! The renewals cannot run on the handler's own task: a handler that holds
 //! its thread without yielding (`block_in_place` around a synchronous
 //! payment SDK, a long computation) would hold them back, the lease would
@@ -61,8 +68,6 @@ struct Watcher {
     runtime: runtime::Id,
     /// How often it looks: half the shortest renewal period it has seen.
     every: Duration,
-    /// It found no claim left to watch and waits to be woken.
-    idle: bool,
     wake: Arc<Notify>,
 }
 
@@ -92,43 +97,34 @@ impl Renewer {
             let watcher = Watcher {
                 runtime,
                 every,
-                idle: false,
                 wake: Arc::clone(&wake),
             };
             table.watchers.push(watcher);
             return (id, Nudge::Start(wake));
         };
-        let sooner = every < watcher.every;
-        if !(sooner || watcher.idle) {
+        if every >= watcher.every {
             return (id, Nudge::None);
         }
-        watcher.every = watcher.every.min(every);
-        watcher.idle = false;
+        watcher.every = every;
         (id, Nudge::Wake(Arc::clone(&watcher.wake)))
     }
 
     /// Starts renewing this runtime's claims whose first renewal falls due
     /// before the watcher looks again, and says when to look again: `None`
-    /// once no claim is left unrenewed, until a new claim wakes it.
+    /// if the watcher is no longer in the table.
     fn start_due(&self, settings: &Arc<Settings>, runtime: runtime::Id) -> Option<Duration> {
         let mut table = self.table();
         let Table { claims, watchers } = &mut *table;
         let watcher = watchers.iter_mut().find(|w| w.runtime == runtime)?;
         let horizon = Instant::now() + watcher.every;
-        let mut waiting = false;
         for (_, claim) in claims.iter_mut() {
-            if claim.runtime != runtime || claim.renewing.is_some() {
-                continue;
-            }
-            if claim.due > horizon {
-                waiting = true;
+            if claim.runtime != runtime || claim.renewing.is_some() || claim.due > horizon {
                 continue;
             }
             let renewals = renew_until_lost(Arc::clone(settings), claim);
             claim.renewing = Some(tokio::spawn(renewals.instrument(claim.span.clone())));
         }
-        watcher.idle = !waiting;
-        waiting.then_some(watcher.every)
+        Some(watcher.every)
     }
 
     fn forget_watcher(&self, runtime: runtime::Id) {
@@ -138,7 +134,8 @@ impl Renewer {
 
 impl Drop for Renewer {
     fn drop(&mut self) {
-        // Watchers waiting to be woken would otherwise wait for ever.
+        // Watchers would otherwise wait out their interval first: up to a
+        // sixth of the longest lease.
         for watcher in &self.table().watchers {
             watcher.wake.notify_one();
         }
@@ -211,20 +208,31 @@ impl Drop for Renewals<'_> {
 
 /// Watches one runtime's claims for as long as the runtime and the
 /// [`Idempotency`](crate::Idempotency) both live.
-async fn watch(settings: Weak<Settings>, runtime: runtime::Id, wake: Arc<Notify>) {
-    let _forget = ForgetWatcher {
+fn watch(
+    settings: Weak<Settings>,
+    runtime: runtime::Id,
+    wake: Arc<Notify>,
+) -> impl Future<Output = ()> + Send + 'static {
+    // Made before the first poll, so that a watcher dropped before it ever
+    // ran (its runtime ended first) is forgotten too.
+    let forget = ForgetWatcher {
         settings: settings.clone(),
         runtime,
     };
-    loop {
-        let Some(live) = settings.upgrade() else {
-            return;
-        };
-        let again = live.renewer.start_due(&live, runtime);
-        drop(live);
-        match again {
-            Some(after) => tokio::time::sleep(after).await,
-            None => wake.notified().await,
+    async move {
+        let _forget = forget;
+        loop {
+            let Some(live) = settings.upgrade() else {
+                return;
+            };
+            let again = live.renewer.start_due(&live, runtime);
+            drop(live);
+            let Some(after) = again else {
+                return;
+            };
+            // Woken early by a claim with a shorter lease than any before,
+            // or by the end of the service.
+            drop(tokio::time::timeout(after, wake.notified()).await);
         }
     }
 }
@@ -287,5 +295,47 @@ fn renew_until_lost(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Idempotency;
+    use crate::key::IdempotencyKey;
+    use crate::scope::ScopeDigest;
+    use crate::store::MemoryStore;
+
+    /// A runtime whose first claim settles before its watcher ever runs,
+    /// and which then ends, leaves nothing behind in the table: otherwise
+    /// every such runtime adds a watcher that every later claim walks past,
+    /// and a later runtime given the same id (tokio allows it once the
+    /// first has ended) would find a watcher that is not there.
+    #[test]
+    fn a_watcher_that_never_ran_is_forgotten_when_its_runtime_ends() {
+        let settings = Idempotency::new(MemoryStore::new()).inner;
+        let key = RecordKey::new(
+            ScopeDigest::global(),
+            IdempotencyKey::parse(b"k").expect("a valid key"),
+        );
+        for _ in 0..3 {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async {
+                let held = (LeaseToken::random(), Fingerprint::from_bytes([0; 32]));
+                let renewals = Renewals::start(&settings, &key, Duration::from_secs(60), held);
+                drop(renewals);
+            });
+            drop(runtime);
+        }
+        let table = settings.renewer.table();
+        assert_eq!(table.claims.len(), 0);
+        assert_eq!(
+            table.watchers.len(),
+            0,
+            "watchers of ended runtimes are kept"
+        );
     }
 }

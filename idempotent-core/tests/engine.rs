@@ -1398,6 +1398,149 @@ async fn nothing_keeps_running_once_the_service_is_dropped() {
     assert_eq!(alive(), before, "a task outlived the service");
 }
 
+/// A claim with a short lease, made while the runtime's watcher waits out
+/// the longer look interval of an earlier claim with a long lease, is
+/// renewed before its own lease lapses.
+#[tokio::test(start_paused = true)]
+async fn a_short_lease_claimed_while_a_long_one_is_watched_does_not_lapse() {
+    let idempotency = Idempotency::new(Unreliable::new(Duration::ZERO, 0));
+    let (long_handler, long_gate) = Handler::gated();
+    let long_app = app_with(
+        idempotency.clone(),
+        &long_handler,
+        Endpoint::new("pay").lease(Duration::from_secs(60)),
+    );
+    let (short_handler, short_gate) = Handler::gated();
+    let short_app = app_with(
+        idempotency,
+        &short_handler,
+        Endpoint::new("pay").lease(Duration::from_secs(3)),
+    );
+    let body = json!({"amount": 10});
+
+    let long = spawn_send(&long_app, "long", &body);
+    long_handler.started.notified().await;
+    // The watcher has looked once and waits as long as the 60 s lease allows.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    let short = spawn_send(&short_app, "short", &body);
+    short_handler.started.notified().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    // A duplicate that took the key over would wait at the gate too.
+    let duplicate = send(&short_app, request(Some("short"), &body));
+    let answer = tokio::time::timeout(Duration::from_secs(1), duplicate).await;
+    assert_eq!(
+        answer.map(|(status, _, _)| status).ok(),
+        Some(StatusCode::CONFLICT),
+        "the 3 s lease lapsed and the duplicate ran the handler"
+    );
+    short_gate.add_permits(2);
+    long_gate.add_permits(1);
+    assert_eq!(short.await.unwrap().0, StatusCode::CREATED);
+    assert_eq!(long.await.unwrap().0, StatusCode::CREATED);
+    assert_eq!(short_handler.runs(), 1);
+}
+
+/// What watches a runtime's claims ends with the service even while it
+/// waits to look at a claim again (a claim that was still running when it
+/// last looked).
+#[tokio::test]
+async fn nothing_keeps_running_once_the_service_is_dropped_after_a_long_request() {
+    let alive = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let before = alive();
+    let (handler, gate) = Handler::gated();
+    let app = app(MemoryStore::new(), &handler);
+    let first = spawn_send(&app, "k", &json!({}));
+    handler.started.notified().await;
+    // The watcher looks, finds the claim not yet due, and waits a sixth of
+    // the 60 s lease before looking again.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    gate.add_permits(1);
+    let (status, _, _) = tokio::time::timeout(Duration::from_secs(5), first)
+        .await
+        .expect("the request finishes")
+        .unwrap();
+    assert_eq!(status, StatusCode::CREATED);
+    drop(app);
+    for _ in 0..100 {
+        if alive() == before {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(alive(), before, "a task outlived the service");
+}
+
+/// A handler that holds its worker thread for five seconds from its first
+/// poll, as a synchronous SDK called without `block_in_place` does.
+async fn thread_holding_handler(
+    State(started): State<Arc<Notify>>,
+    idem: IdempotentRequest,
+    Json(input): Json<Value>,
+) -> Response {
+    let endpoint = Endpoint::new("hold").lease(Duration::from_secs(60));
+    let fingerprint = endpoint.fingerprint(&input);
+    let handler = async move {
+        started.notify_one();
+        std::thread::sleep(Duration::from_secs(5));
+        StatusCode::CREATED
+    };
+    idem.run(&endpoint, fingerprint, handler).await
+}
+
+/// One handler that holds its thread does not hold back the renewals of
+/// the other requests running on the runtime's other threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_holding_its_thread_does_not_let_other_claims_lapse() {
+    let idempotency = Idempotency::new(MemoryStore::new());
+    let endpoint = Endpoint::new("pay").lease(Duration::from_secs(3));
+    let (handler, gate) = Handler::gated();
+    let app = app_with(idempotency.clone(), &handler, endpoint);
+    let started = Arc::new(Notify::new());
+    let holding = Router::new()
+        .route("/pay", post(thread_holding_handler))
+        .with_state(Arc::clone(&started))
+        .layer(idempotency.clone());
+    let body = json!({"amount": 10});
+
+    // A first request starts the runtime's watcher, which then finds
+    // nothing left to watch.
+    let ungated = app_with(idempotency, &Handler::default(), endpoint);
+    let (status, _, _) = send(&ungated, request(Some("first"), &body)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let held = {
+        let request = request(Some("holds"), &body);
+        tokio::spawn(async move { send(&holding, request).await })
+    };
+    started.notified().await;
+    let first = spawn_send(&app, "k", &body);
+    handler.started.notified().await;
+    tokio::time::sleep(Duration::from_millis(4_000)).await;
+
+    // A duplicate that took the key over would wait at the gate too.
+    let duplicate = send(&app, request(Some("k"), &body));
+    let answer = tokio::time::timeout(Duration::from_secs(1), duplicate).await;
+    gate.add_permits(2);
+    assert_eq!(
+        answer.map(|(status, _, _)| status).ok(),
+        Some(StatusCode::CONFLICT),
+        "the lease lapsed and the duplicate ran the handler"
+    );
+    assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
+    assert_eq!(held.await.unwrap().0, StatusCode::CREATED);
+    assert_eq!(handler.runs(), 1);
+}
+
 /// A store whose every call fails, or hangs.
 struct BrokenStore {
     hang: bool,
