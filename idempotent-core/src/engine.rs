@@ -128,7 +128,7 @@ fn prepare(
     }))
 }
 
-fn resolve_scope(
+pub(crate) fn resolve_scope(
     settings: &Settings,
     endpoint: &Endpoint,
     headers: &HeaderMap,
@@ -169,7 +169,7 @@ fn inside_layer(layer: &'static str, endpoint: &Endpoint) -> Problem {
 /// A missing API key is a 401 that challenges for a bearer token; a scope
 /// header that is missing or repeated has no scheme to challenge for (a
 /// 401 must name one), so it is the request's own error, 400.
-fn missing_credentials(missing: MissingCredential) -> Problem {
+pub(crate) fn missing_credentials(missing: MissingCredential) -> Problem {
     if missing.bearer {
         Problem::new(ProblemKind::MissingCredentials, missing.detail).challenge("Bearer")
     } else {

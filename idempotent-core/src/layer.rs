@@ -20,10 +20,11 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::endpoint::Endpoint;
+use crate::engine::resolve_scope;
 use crate::fingerprint::{Fingerprint, FingerprintError};
 use crate::key::KeyError;
 use crate::problem::{Problem, ProblemKind};
-use crate::request::IdempotentRequest;
+use crate::request::{IdempotentRequest, ScopeSource};
 
 /// Default limit on a buffered request body: 1 MiB.
 const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
@@ -153,6 +154,22 @@ where
         }
         return call(inner, Request::from_parts(parts, body)).await;
     }
+    // A missing credential (or a custom scope, which the layer cannot
+    // resolve) is refused before the body is read, as the engine would
+    // refuse it after. The engine resolves the scope again: it keeps the
+    // headers until the record is stored (see `Engine`).
+    if let ScopeSource::Headers(headers) = &idempotent.scope
+        && let Err(problem) =
+            resolve_scope(&idempotent.idempotency.inner, &config.endpoint, headers)
+    {
+        return problem.into_response();
+    }
+    // A body that announces more than the limit is refused unread: with
+    // `Expect: 100-continue`, reading it is what asks the client to send it.
+    let limit = u64::try_from(config.max_request_bytes).unwrap_or(u64::MAX);
+    if http_body::Body::size_hint(&body).lower() > limit {
+        return too_large(config.max_request_bytes).into_response();
+    }
     let body = match axum::body::to_bytes(body, config.max_request_bytes).await {
         Ok(body) => body,
         Err(error) => return unread(&error, config.max_request_bytes).into_response(),
@@ -194,16 +211,18 @@ fn raw_fingerprint(
 /// Why a body could not be buffered: over the limit, or cut short.
 fn unread(error: &axum::Error, limit: usize) -> Problem {
     if is_over_limit(error) {
-        return Problem::new(
-            ProblemKind::RequestTooLarge,
-            format!(
-                "the request body is larger than the {limit} bytes this idempotent route buffers"
-            ),
-        );
+        return too_large(limit);
     }
     Problem::new(
         ProblemKind::UnreadableBody,
         format!("the request body could not be read to its end ({error}); nothing was executed"),
+    )
+}
+
+fn too_large(limit: usize) -> Problem {
+    Problem::new(
+        ProblemKind::RequestTooLarge,
+        format!("the request body is larger than the {limit} bytes this idempotent route buffers"),
     )
 }
 

@@ -25,6 +25,7 @@ use http::{Extensions, HeaderMap};
 
 use crate::exact;
 use crate::fingerprint::{Fingerprint, FingerprintError, FingerprintInput, Fingerprinter};
+use crate::key::KeyError;
 use crate::problem::Problem;
 use crate::request::{ScopeSource, route_params};
 use crate::scope::{self, IdempotencyScope, ScopeDigest};
@@ -35,6 +36,13 @@ pub const API_KEY: u8 = 0;
 pub const GLOBAL: u8 = 1;
 /// [`ScopedRequest`] for an endpoint scoped by the handler's principal.
 pub const CUSTOM: u8 = 2;
+/// Added to one of the scope kinds above for an endpoint that is not
+/// `optional`: a request without a key is then refused while its context
+/// is extracted, before the handler's body extractor reads and parses the
+/// body (as [`IdempotentLayer`](crate::IdempotentLayer) refuses it), so
+/// the client learns that the key is missing rather than what is wrong
+/// with its body, and is not asked to upload it (`Expect: 100-continue`).
+pub const KEY_REQUIRED: u8 = 0x80;
 
 /// The request's idempotency context for an endpoint whose scope kind the
 /// attribute knows (`SCOPE`, one of the constants above): the scope is
@@ -55,15 +63,25 @@ impl<S: Send + Sync, const SCOPE: u8> FromRequestParts<S> for ScopedRequest<SCOP
 
 impl<const SCOPE: u8> ScopedRequest<SCOPE> {
     fn extract(headers: &HeaderMap, extensions: &Extensions) -> Result<Self, Problem> {
-        let request =
-            IdempotentRequest::extract(headers, extensions, |idempotency, headers| match SCOPE {
+        let request = IdempotentRequest::extract(headers, extensions, |idempotency, headers| {
+            match SCOPE & !KEY_REQUIRED {
                 API_KEY => {
                     let header = &idempotency.inner.api_key_header;
                     ScopeSource::Resolved(scope::api_key(headers, header))
                 }
                 GLOBAL => ScopeSource::Resolved(Ok(ScopeDigest::global())),
                 _ => ScopeSource::Principal,
-            })?;
+            }
+        })?;
+        // The engine would refuse these the same way, only after the body
+        // was read and parsed.
+        if request.key.is_none() {
+            if SCOPE & KEY_REQUIRED != 0 {
+                return Err(Problem::from(KeyError::Missing));
+            }
+        } else if let ScopeSource::Resolved(Err(missing)) = &request.scope {
+            return Err(crate::engine::missing_credentials(missing.clone()));
+        }
         Ok(Self(request))
     }
 }

@@ -110,6 +110,92 @@ async fn bodies_over_the_limit_are_413_and_not_run() {
     assert_eq!(runs.load(Ordering::SeqCst), 0);
 }
 
+/// A request body that announces its length and notes whether it was read.
+struct Announced {
+    len: usize,
+    read: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl http_body::Body for Announced {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        self.read.store(true, Ordering::SeqCst);
+        let len = std::mem::take(&mut self.len);
+        std::task::Poll::Ready(
+            (len > 0).then(|| Ok(http_body::Frame::data(vec![b'x'; len].into()))),
+        )
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.len as u64)
+    }
+}
+
+#[tokio::test]
+async fn a_body_announced_over_the_limit_is_413_before_it_is_read() {
+    // With `Expect: 100-continue`, reading the body is what asks the
+    // client to send it: a `Content-Length` over the limit is refused
+    // without inviting the upload.
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = app(&runs, layer().max_request_bytes(4));
+    let read = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let body = Body::new(Announced {
+        len: 10,
+        read: read.clone(),
+    });
+    let request = Request::post("/orders")
+        .header("x-api-key", "caller")
+        .header("idempotency-key", "k")
+        .header("expect", "100-continue")
+        .header("content-length", "10")
+        .body(body)
+        .unwrap();
+    let (status, _, problem) = send(&app, request).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(
+        problem.contains("urn:idempotent:request-too-large"),
+        "{problem}"
+    );
+    assert!(
+        !read.load(Ordering::SeqCst),
+        "the body was read before the 413"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn the_layer_reports_a_missing_credential_before_reading_the_body() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = app(&runs, layer());
+    let read = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let body = Body::new(Announced {
+        len: 10,
+        read: read.clone(),
+    });
+    let request = Request::post("/orders")
+        .header("idempotency-key", "k")
+        .header("expect", "100-continue")
+        .body(body)
+        .unwrap();
+    let (status, headers, problem) = send(&app, request).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(headers["www-authenticate"], "Bearer");
+    assert!(
+        problem.contains("urn:idempotent:missing-credentials"),
+        "{problem}"
+    );
+    assert!(
+        !read.load(Ordering::SeqCst),
+        "the body was read before the 401"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
 #[tokio::test]
 async fn the_layer_reports_a_missing_key_before_reading_the_body() {
     let runs = Arc::new(AtomicUsize::new(0));

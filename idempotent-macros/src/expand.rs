@@ -721,7 +721,13 @@ fn scope_kind(args: &Args, private: &TokenStream) -> TokenStream {
         Some(Scope::Custom(_)) => quote!(CUSTOM),
         _ => quote!(API_KEY),
     };
-    quote!({ #private::#kind })
+    // A keyless request to an endpoint that requires a key is refused
+    // before the body is read.
+    if args.optional {
+        quote!({ #private::#kind })
+    } else {
+        quote!({ #private::#kind | #private::KEY_REQUIRED })
+    }
 }
 
 /// The call into the engine, spanned at the handler's name so that a future

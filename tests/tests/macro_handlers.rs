@@ -145,6 +145,109 @@ async fn a_missing_key_is_refused_with_400_and_runs_nothing() {
     assert_eq!(counter.get(), 0);
 }
 
+/// `create_order` without `exact_repeats`: its context is the first
+/// argument rather than part of the body's extractor.
+#[idempotent(ttl = "1h", scope = "api_key", exact_repeats = false)]
+async fn create_order_plain(
+    State(counter): State<Counter>,
+    Json(order): Json<Order>,
+) -> (StatusCode, Json<serde_json::Value>) {
+    let n = counter.bump();
+    (
+        StatusCode::CREATED,
+        Json(serde_json::json!({"order": n, "item": order.item})),
+    )
+}
+
+#[idempotent(ttl = "1h", scope = "api_key", optional)]
+async fn create_order_optional(
+    State(counter): State<Counter>,
+    Json(order): Json<Order>,
+) -> (StatusCode, Json<serde_json::Value>) {
+    let n = counter.bump();
+    (
+        StatusCode::CREATED,
+        Json(serde_json::json!({"order": n, "item": order.item})),
+    )
+}
+
+#[tokio::test]
+async fn a_missing_key_is_reported_before_the_body_is_read() {
+    // As with `IdempotentLayer`: a keyless request is told to send a key,
+    // not about its body, which is never read (with `Expect:
+    // 100-continue`, reading it is what asks the client to upload it).
+    let counter = Counter::default();
+    let app = Router::new()
+        .route("/orders", post(create_order))
+        .route("/plain", post(create_order_plain))
+        .route("/optional", post(create_order_optional))
+        .with_state(counter.clone())
+        .layer(Idempotency::new(MemoryStore::new()));
+    for uri in ["/orders", "/plain"] {
+        for body in ["{", r#"{"item":"book","quantity":2}"#] {
+            let response = send(&app, post_json(uri, None, body)).await;
+            assert_eq!(response.0, StatusCode::BAD_REQUEST, "{uri} {body}");
+            assert!(
+                response.2.contains("urn:idempotent:missing-key"),
+                "{uri} {body}: {}",
+                response.2
+            );
+        }
+        let read = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let noted = read.clone();
+        let body = http_body_util::Full::new(axum::body::Bytes::from_static(b"{}")).map_frame(
+            move |frame| {
+                noted.store(true, Ordering::SeqCst);
+                frame
+            },
+        );
+        let request = Request::post(uri)
+            .header("content-type", "application/json")
+            .header("x-api-key", "caller-1")
+            .body(Body::new(body))
+            .unwrap();
+        let response = send(&app, request).await;
+        assert!(
+            response.2.contains("urn:idempotent:missing-key"),
+            "{uri}: {}",
+            response.2
+        );
+        assert!(!read.load(Ordering::SeqCst), "{uri}: the body was read");
+    }
+    // A keyed request without the API key its scope needs: told so (401),
+    // not about its body.
+    for uri in ["/orders", "/plain", "/optional"] {
+        let request = Request::post(uri)
+            .header("content-type", "application/json")
+            .header("idempotency-key", "k-no-credential")
+            .body(Body::from("{"))
+            .unwrap();
+        let response = send(&app, request).await;
+        assert_eq!(
+            response.0,
+            StatusCode::UNAUTHORIZED,
+            "{uri}: {}",
+            response.2
+        );
+        assert!(
+            response.2.contains("urn:idempotent:missing-credentials"),
+            "{uri}: {}",
+            response.2
+        );
+    }
+    // An optional endpoint still runs a keyless request as it came.
+    let response = send(&app, post_json("/optional", None, "{")).await;
+    assert_eq!(response.0, StatusCode::BAD_REQUEST);
+    assert!(!response.2.contains("urn:idempotent"), "{}", response.2);
+    let response = send(
+        &app,
+        post_json("/optional", None, r#"{"item":"book","quantity":2}"#),
+    )
+    .await;
+    assert_eq!(response.0, StatusCode::CREATED);
+    assert_eq!(counter.get(), 1);
+}
+
 #[idempotent]
 async fn echo_key(key: IdempotencyKey) -> String {
     key.derive("ledger")
