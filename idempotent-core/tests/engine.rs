@@ -1303,6 +1303,33 @@ async fn the_lease_is_renewed_while_the_response_is_being_stored() {
     assert_eq!(handler.runs(), 1);
 }
 
+/// The status a duplicate under `key` gets within a second, `None` if it
+/// waits longer: one that took a lapsed key over would wait at the first
+/// run's gate too.
+async fn duplicate_status(app: &Router, key: &str, body: &Value) -> Option<StatusCode> {
+    let duplicate = send(app, request(Some(key), body));
+    let answer = tokio::time::timeout(Duration::from_secs(1), duplicate).await;
+    answer.map(|(status, _, _)| status).ok()
+}
+
+fn alive_tasks() -> usize {
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
+}
+
+/// How many tasks are alive once the others have had up to 100 turns to
+/// come back down to `expected`.
+async fn tasks_after_yielding(expected: usize) -> usize {
+    for _ in 0..100 {
+        if alive_tasks() == expected {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    alive_tasks()
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_failed_renewal_is_tried_again_before_the_lease_lapses() {
     // A 3 s lease is renewed every second; three renewals in a row fail.
@@ -1312,11 +1339,9 @@ async fn a_failed_renewal_is_tried_again_before_the_lease_lapses() {
     // Waiting a whole period after each failure, the lease would lapse at
     // 3 s with the third failure.
     tokio::time::sleep(Duration::from_millis(3_500)).await;
-    // A duplicate that took the key over would wait at the gate too.
-    let duplicate = send(&app, request(Some("k"), &body));
-    let answer = tokio::time::timeout(Duration::from_secs(1), duplicate).await;
+    let answer = duplicate_status(&app, "k", &body).await;
     assert_eq!(
-        answer.map(|(status, _, _)| status).ok(),
+        answer,
         Some(StatusCode::CONFLICT),
         "the lease lapsed and the duplicate ran the handler"
     );
@@ -1358,11 +1383,9 @@ fn claims_are_renewed_on_a_runtime_that_came_after_another_ended() {
         let first = spawn_send(&app, "k", &body);
         handler.started.notified().await;
         tokio::time::sleep(Duration::from_secs(10)).await;
-        // A duplicate that took the key over would wait at the gate too.
-        let duplicate = send(&app, request(Some("k"), &body));
-        let answer = tokio::time::timeout(Duration::from_secs(1), duplicate).await;
+        let answer = duplicate_status(&app, "k", &body).await;
         assert_eq!(
-            answer.map(|(status, _, _)| status).ok(),
+            answer,
             Some(StatusCode::CONFLICT),
             "the lease lapsed and the duplicate ran the handler"
         );
@@ -1375,12 +1398,7 @@ fn claims_are_renewed_on_a_runtime_that_came_after_another_ended() {
 /// What watches a runtime's claims for renewal ends with the service.
 #[tokio::test]
 async fn nothing_keeps_running_once_the_service_is_dropped() {
-    let alive = || {
-        tokio::runtime::Handle::current()
-            .metrics()
-            .num_alive_tasks()
-    };
-    let before = alive();
+    let before = alive_tasks();
     let app = app(MemoryStore::new(), &Handler::default());
     let (status, _, _) = send(&app, request(Some("k"), &json!({}))).await;
     assert_eq!(status, StatusCode::CREATED);
@@ -1389,13 +1407,11 @@ async fn nothing_keeps_running_once_the_service_is_dropped() {
         tokio::task::yield_now().await;
     }
     drop(app);
-    for _ in 0..100 {
-        if alive() == before {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
-    assert_eq!(alive(), before, "a task outlived the service");
+    assert_eq!(
+        tasks_after_yielding(before).await,
+        before,
+        "a task outlived the service"
+    );
 }
 
 /// A claim with a short lease, made while the runtime's watcher waits out
@@ -1428,11 +1444,9 @@ async fn a_short_lease_claimed_while_a_long_one_is_watched_does_not_lapse() {
     short_handler.started.notified().await;
     tokio::time::sleep(Duration::from_secs(4)).await;
 
-    // A duplicate that took the key over would wait at the gate too.
-    let duplicate = send(&short_app, request(Some("short"), &body));
-    let answer = tokio::time::timeout(Duration::from_secs(1), duplicate).await;
+    let answer = duplicate_status(&short_app, "short", &body).await;
     assert_eq!(
-        answer.map(|(status, _, _)| status).ok(),
+        answer,
         Some(StatusCode::CONFLICT),
         "the 3 s lease lapsed and the duplicate ran the handler"
     );
@@ -1448,12 +1462,7 @@ async fn a_short_lease_claimed_while_a_long_one_is_watched_does_not_lapse() {
 /// last looked).
 #[tokio::test]
 async fn nothing_keeps_running_once_the_service_is_dropped_after_a_long_request() {
-    let alive = || {
-        tokio::runtime::Handle::current()
-            .metrics()
-            .num_alive_tasks()
-    };
-    let before = alive();
+    let before = alive_tasks();
     let (handler, gate) = Handler::gated();
     let app = app(MemoryStore::new(), &handler);
     let first = spawn_send(&app, "k", &json!({}));
@@ -1470,13 +1479,11 @@ async fn nothing_keeps_running_once_the_service_is_dropped_after_a_long_request(
         .unwrap();
     assert_eq!(status, StatusCode::CREATED);
     drop(app);
-    for _ in 0..100 {
-        if alive() == before {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
-    assert_eq!(alive(), before, "a task outlived the service");
+    assert_eq!(
+        tasks_after_yielding(before).await,
+        before,
+        "a task outlived the service"
+    );
 }
 
 /// A handler that holds its worker thread for five seconds from its first
@@ -1527,12 +1534,10 @@ async fn a_handler_holding_its_thread_does_not_let_other_claims_lapse() {
     handler.started.notified().await;
     tokio::time::sleep(Duration::from_millis(4_000)).await;
 
-    // A duplicate that took the key over would wait at the gate too.
-    let duplicate = send(&app, request(Some("k"), &body));
-    let answer = tokio::time::timeout(Duration::from_secs(1), duplicate).await;
+    let answer = duplicate_status(&app, "k", &body).await;
     gate.add_permits(2);
     assert_eq!(
-        answer.map(|(status, _, _)| status).ok(),
+        answer,
         Some(StatusCode::CONFLICT),
         "the lease lapsed and the duplicate ran the handler"
     );
