@@ -360,6 +360,7 @@ impl Engine {
             let lease = self.endpoint.lease_duration();
             let held = (token, self.fingerprint);
             let renewals = Renewals::start(&self.settings, &self.key, lease, held);
+            renewals.let_the_watcher_run().await;
             let produced = AssertUnwindSafe(self.produce(handler)).catch_unwind().await;
             match produced {
                 Ok(Produced::Final(parts, body)) => {

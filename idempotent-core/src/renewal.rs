@@ -14,7 +14,9 @@
 //! from a request's task queues the watcher on that task's own worker,
 //! in the slot no other worker may take from, so a handler that then held
 //! its thread would hold back every claim's renewals on the runtime. Only
-//! a claim with a shorter lease than any before it wakes it early.
+//! a claim with a shorter lease than any before it wakes it early, and
+//! that claim, like the one that starts the watcher, yields once before
+//! its handler runs so that the watcher gets to run first.
 //!
 //! The renewals cannot run on the handler's own task: a handler that holds
 //! its thread without yielding (`block_in_place` around a synchronous
@@ -147,6 +149,8 @@ impl Drop for Renewer {
 pub(crate) struct Renewals<'a> {
     renewer: &'a Renewer,
     claim: Option<usize>,
+    /// This claim started its runtime's watcher, or woke it.
+    nudged: bool,
 }
 
 impl<'a> Renewals<'a> {
@@ -167,6 +171,7 @@ impl<'a> Renewals<'a> {
             return Self {
                 renewer,
                 claim: None,
+                nudged: false,
             };
         };
         let claim = HeldClaim {
@@ -179,17 +184,32 @@ impl<'a> Renewals<'a> {
             renewing: None,
         };
         let (id, nudge) = renewer.hold(claim, period / 2);
-        match nudge {
-            Nudge::None => {}
-            Nudge::Wake(wake) => wake.notify_one(),
+        let nudged = match nudge {
+            Nudge::None => false,
+            Nudge::Wake(wake) => {
+                wake.notify_one();
+                true
+            }
             Nudge::Start(wake) => {
                 let watch = watch(Arc::downgrade(settings), runtime.id(), wake);
                 drop(runtime.spawn(watch));
+                true
             }
-        }
+        };
         Self {
             renewer,
             claim: Some(id),
+            nudged,
+        }
+    }
+
+    /// Lets the watcher that this claim started or woke run before the
+    /// handler does. Queued from this task, it waits in the slot of this
+    /// worker that no other worker takes from, where a handler holding
+    /// its thread would keep it, and with it every claim's renewals.
+    pub(crate) async fn let_the_watcher_run(&self) {
+        if self.nudged {
+            tokio::task::yield_now().await;
         }
     }
 }

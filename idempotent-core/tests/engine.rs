@@ -1487,13 +1487,14 @@ async fn nothing_keeps_running_once_the_service_is_dropped_after_a_long_request(
 }
 
 /// A handler that holds its worker thread for five seconds from its first
-/// poll, as a synchronous SDK called without `block_in_place` does.
+/// poll, as a synchronous SDK called without `block_in_place` does, on an
+/// endpoint with the given lease.
 async fn thread_holding_handler(
-    State(started): State<Arc<Notify>>,
+    State((started, lease)): State<(Arc<Notify>, Duration)>,
     idem: IdempotentRequest,
     Json(input): Json<Value>,
 ) -> Response {
-    let endpoint = Endpoint::new("hold").lease(Duration::from_secs(60));
+    let endpoint = Endpoint::new("hold").lease(lease);
     let fingerprint = endpoint.fingerprint(&input);
     let handler = async move {
         started.notify_one();
@@ -1501,6 +1502,32 @@ async fn thread_holding_handler(
         StatusCode::CREATED
     };
     idem.run(&endpoint, fingerprint, handler).await
+}
+
+/// The first claim on a runtime keeps its lease while its handler holds
+/// the thread: the watcher it starts runs before the handler takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_claim_on_a_runtime_keeps_its_lease_while_its_handler_holds_the_thread() {
+    let started = Arc::new(Notify::new());
+    let holding = Router::new()
+        .route("/pay", post(thread_holding_handler))
+        .with_state((Arc::clone(&started), Duration::from_secs(3)))
+        .layer(Idempotency::new(MemoryStore::new()));
+    let body = json!({"amount": 10});
+    let held = {
+        let (app, request) = (holding.clone(), request(Some("holds"), &body));
+        tokio::spawn(async move { send(&app, request).await })
+    };
+    started.notified().await;
+    tokio::time::sleep(Duration::from_millis(4_000)).await;
+
+    let answer = duplicate_status(&holding, "holds", &body).await;
+    assert_eq!(
+        answer,
+        Some(StatusCode::CONFLICT),
+        "the 3 s lease lapsed under the handler holding its thread"
+    );
+    assert_eq!(held.await.unwrap().0, StatusCode::CREATED);
 }
 
 /// One handler that holds its thread does not hold back the renewals of
@@ -1514,7 +1541,7 @@ async fn a_handler_holding_its_thread_does_not_let_other_claims_lapse() {
     let started = Arc::new(Notify::new());
     let holding = Router::new()
         .route("/pay", post(thread_holding_handler))
-        .with_state(Arc::clone(&started))
+        .with_state((Arc::clone(&started), Duration::from_secs(60)))
         .layer(idempotency.clone());
     let body = json!({"amount": 10});
 
