@@ -12,7 +12,7 @@ use std::convert::Infallible;
 use std::task::{Context, Poll};
 
 use axum::body::Body;
-use axum::extract::{FromRequestParts, Request};
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -24,7 +24,7 @@ use crate::engine::resolve_scope;
 use crate::fingerprint::{Fingerprint, FingerprintError};
 use crate::key::KeyError;
 use crate::problem::{Problem, ProblemKind};
-use crate::request::{IdempotentRequest, ScopeSource};
+use crate::request::{IdempotentRequest, ScopeSource, route_params};
 
 /// Default limit on a buffered request body: 1 MiB.
 const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
@@ -142,10 +142,16 @@ where
     S::Future: Send + 'static,
 {
     let (mut parts, body) = request.into_parts();
-    let idempotent = match IdempotentRequest::from_request_parts(&mut parts, &()).await {
+    // The endpoint, and so the scope, is known here: it is resolved below,
+    // from the request's own headers, rather than from a copy at `run`.
+    let extracted = IdempotentRequest::extract(&parts.headers, &parts.extensions, |_, _| {
+        ScopeSource::Principal
+    });
+    let mut idempotent = match extracted {
         Ok(idempotent) => idempotent,
         Err(problem) => return problem.into_response(),
     };
+    idempotent.route = route_params(&mut parts);
     // Without a key there is nothing to fingerprint: the request is refused
     // before its body is read, or runs as it came.
     if idempotent.key.is_none() {
@@ -155,14 +161,14 @@ where
         return call(inner, Request::from_parts(parts, body)).await;
     }
     // A missing credential (or a custom scope, which the layer cannot
-    // resolve) is refused before the body is read, as the engine would
-    // refuse it after. The engine resolves the scope again: it keeps the
-    // headers until the record is stored (see `Engine`).
-    if let ScopeSource::Headers(headers) = &idempotent.scope
-        && let Err(problem) =
-            resolve_scope(&idempotent.idempotency.inner, &config.endpoint, headers)
-    {
-        return problem.into_response();
+    // resolve) is refused before the body is read. Beneath another layer,
+    // the engine refuses the request whatever its scope.
+    if !matches!(idempotent.scope, ScopeSource::InsideLayer(_)) {
+        let settings = &idempotent.idempotency.inner;
+        match resolve_scope(settings, &config.endpoint, &parts.headers) {
+            Ok(scope) => idempotent.scope = ScopeSource::Resolved(Ok(scope)),
+            Err(problem) => return problem.into_response(),
+        }
     }
     // A body that announces more than the limit is refused unread: with
     // `Expect: 100-continue`, reading it is what asks the client to send it.
