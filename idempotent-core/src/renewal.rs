@@ -136,8 +136,8 @@ impl Renewer {
 
 impl Drop for Renewer {
     fn drop(&mut self) {
-        // Watchers would otherwise wait out their interval first: up to a
-        // sixth of the longest lease.
+        // Watchers would otherwise wait out their interval first: a sixth
+        // of the shortest lease their runtime has seen.
         for watcher in &self.table().watchers {
             watcher.wake.notify_one();
         }

@@ -1303,13 +1303,14 @@ async fn the_lease_is_renewed_while_the_response_is_being_stored() {
     assert_eq!(handler.runs(), 1);
 }
 
-/// The status a duplicate under `key` gets within a second, `None` if it
-/// waits longer: one that took a lapsed key over would wait at the first
-/// run's gate too.
-async fn duplicate_status(app: &Router, key: &str, body: &Value) -> Option<StatusCode> {
+/// Asserts that a duplicate under `key` is answered 409 within a second:
+/// the first run still holds the key. One that took a lapsed key over
+/// would wait at the first run's gate too, or run; `lapsed` says so.
+async fn assert_still_held(app: &Router, key: &str, body: &Value, lapsed: &str) {
     let duplicate = send(app, request(Some(key), body));
     let answer = tokio::time::timeout(Duration::from_secs(1), duplicate).await;
-    answer.map(|(status, _, _)| status).ok()
+    let status = answer.map(|(status, _, _)| status).ok();
+    assert_eq!(status, Some(StatusCode::CONFLICT), "{lapsed}");
 }
 
 fn alive_tasks() -> usize {
@@ -1339,12 +1340,13 @@ async fn a_failed_renewal_is_tried_again_before_the_lease_lapses() {
     // Waiting a whole period after each failure, the lease would lapse at
     // 3 s with the third failure.
     tokio::time::sleep(Duration::from_millis(3_500)).await;
-    let answer = duplicate_status(&app, "k", &body).await;
-    assert_eq!(
-        answer,
-        Some(StatusCode::CONFLICT),
-        "the lease lapsed and the duplicate ran the handler"
-    );
+    assert_still_held(
+        &app,
+        "k",
+        &body,
+        "the lease lapsed and the duplicate ran the handler",
+    )
+    .await;
     gate.add_permits(1);
     assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
     assert_eq!(handler.runs(), 1);
@@ -1383,12 +1385,13 @@ fn claims_are_renewed_on_a_runtime_that_came_after_another_ended() {
         let first = spawn_send(&app, "k", &body);
         handler.started.notified().await;
         tokio::time::sleep(Duration::from_secs(10)).await;
-        let answer = duplicate_status(&app, "k", &body).await;
-        assert_eq!(
-            answer,
-            Some(StatusCode::CONFLICT),
-            "the lease lapsed and the duplicate ran the handler"
-        );
+        assert_still_held(
+            &app,
+            "k",
+            &body,
+            "the lease lapsed and the duplicate ran the handler",
+        )
+        .await;
         gate.add_permits(1);
         assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
     });
@@ -1444,12 +1447,13 @@ async fn a_short_lease_claimed_while_a_long_one_is_watched_does_not_lapse() {
     short_handler.started.notified().await;
     tokio::time::sleep(Duration::from_secs(4)).await;
 
-    let answer = duplicate_status(&short_app, "short", &body).await;
-    assert_eq!(
-        answer,
-        Some(StatusCode::CONFLICT),
-        "the 3 s lease lapsed and the duplicate ran the handler"
-    );
+    assert_still_held(
+        &short_app,
+        "short",
+        &body,
+        "the 3 s lease lapsed and the duplicate ran the handler",
+    )
+    .await;
     short_gate.add_permits(2);
     long_gate.add_permits(1);
     assert_eq!(short.await.unwrap().0, StatusCode::CREATED);
@@ -1521,12 +1525,13 @@ async fn the_first_claim_on_a_runtime_keeps_its_lease_while_its_handler_holds_th
     started.notified().await;
     tokio::time::sleep(Duration::from_millis(4_000)).await;
 
-    let answer = duplicate_status(&holding, "holds", &body).await;
-    assert_eq!(
-        answer,
-        Some(StatusCode::CONFLICT),
-        "the 3 s lease lapsed under the handler holding its thread"
-    );
+    assert_still_held(
+        &holding,
+        "holds",
+        &body,
+        "the 3 s lease lapsed under the handler holding its thread",
+    )
+    .await;
     assert_eq!(held.await.unwrap().0, StatusCode::CREATED);
 }
 
@@ -1561,13 +1566,14 @@ async fn a_handler_holding_its_thread_does_not_let_other_claims_lapse() {
     handler.started.notified().await;
     tokio::time::sleep(Duration::from_millis(4_000)).await;
 
-    let answer = duplicate_status(&app, "k", &body).await;
+    assert_still_held(
+        &app,
+        "k",
+        &body,
+        "the lease lapsed and the duplicate ran the handler",
+    )
+    .await;
     gate.add_permits(2);
-    assert_eq!(
-        answer,
-        Some(StatusCode::CONFLICT),
-        "the lease lapsed and the duplicate ran the handler"
-    );
     assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
     assert_eq!(held.await.unwrap().0, StatusCode::CREATED);
     assert_eq!(handler.runs(), 1);
