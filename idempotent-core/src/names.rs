@@ -15,7 +15,7 @@
 //! purpose (an old and a new version of one endpoint) makes them one
 //! endpoint.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{LazyLock, Mutex, OnceLock, PoisonError};
 
@@ -27,6 +27,9 @@ use crate::fingerprint::FingerprintError;
 struct Registry {
     first_place: HashMap<&'static str, &'static str>,
     shared: HashMap<&'static str, [&'static str; 2]>,
+    /// The exact-repeat ids ([`endpoint_id`](crate::__private::endpoint_id)
+    /// of the name and the place) of the handlers whose name is shared.
+    shared_endpoints: HashSet<u64>,
 }
 
 static REGISTRY: LazyLock<Mutex<Registry>> = LazyLock::new(Mutex::default);
@@ -75,8 +78,23 @@ fn register(name: &'static str, place: &'static str) {
     let first = *registry.first_place.entry(name).or_insert(place);
     if first != place {
         registry.shared.insert(name, [first, place]);
+        for place in [first, place] {
+            let id = crate::__private::endpoint_id(&format!("{name} {place}"));
+            registry.shared_endpoints.insert(id);
+        }
         ANY_SHARED.store(true, Ordering::Relaxed);
     }
+}
+
+/// Whether the handler with exact-repeat id `endpoint` shares its default
+/// name with another one: its requests are then refused as the full path
+/// refuses them, so none may be answered as an exact repeat.
+pub(crate) fn shares_default_name(endpoint: u64) -> bool {
+    if !ANY_SHARED.load(Ordering::Relaxed) {
+        return false;
+    }
+    let registry = REGISTRY.lock().unwrap_or_else(PoisonError::into_inner);
+    registry.shared_endpoints.contains(&endpoint)
 }
 
 #[cfg(test)]

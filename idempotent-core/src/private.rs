@@ -121,7 +121,11 @@ where
             ScopedRequest::<SCOPE>::extract(request.headers(), request.extensions())
                 .map_err(IntoResponse::into_response)?;
         note_route_params(&mut idempotent, &mut request);
-        let request = match exact::recall(&mut idempotent, &request) {
+        // A handler that shares its default name answers 500 on the full
+        // path, which an exact repeat must not skip.
+        let hit = exact::recall(&mut idempotent, &request)
+            .filter(|_| !crate::names::shares_default_name(ENDPOINT));
+        let request = match hit {
             None => request,
             Some(hit) => {
                 exact::answer_exact_repeat(&mut idempotent, hit, ENDPOINT, request).await?

@@ -33,6 +33,7 @@ fn is_replayable(name: &HeaderName) -> bool {
             | "proxy-authentication-info"
             | "date"
             | "connection"
+            | "proxy-connection"
             | "keep-alive"
             | "proxy-authenticate"
             | "proxy-authorization"
@@ -366,6 +367,7 @@ mod tests {
             "proxy-authentication-info",
             "date",
             "connection",
+            "proxy-connection",
             "keep-alive",
             "proxy-authenticate",
             "proxy-authorization",

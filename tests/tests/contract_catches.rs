@@ -36,6 +36,9 @@ struct Faults {
     stale_renew_extends: bool,
     /// `get` shows a lapsed lease as if it were live.
     get_ignores_lease: bool,
+    /// `get` finds a key's record in whichever scope sorts first, as a
+    /// query that forgot `scope = $1` would.
+    get_ignores_scope: bool,
 }
 
 /// A map of records with one fault or another.
@@ -192,7 +195,17 @@ impl Store for Faulty {
             record.deadline() > now
                 || (self.faults.get_ignores_lease && matches!(record, Record::InFlight(_)))
         };
-        Ok(self.records().get(&self.id(key)).filter(shown).cloned())
+        let records = self.records();
+        if self.faults.get_ignores_scope {
+            let (_, key_text) = self.id(key);
+            let found = records
+                .iter()
+                .filter(|((_, text), record)| *text == key_text && shown(record))
+                .min_by_key(|((scope, _), _)| *scope)
+                .map(|(_, record)| record.clone());
+            return Ok(found);
+        }
+        Ok(records.get(&self.id(key)).filter(shown).cloned())
     }
 }
 
@@ -242,4 +255,6 @@ caught! {
         whole_seconds = true => ttl_expiry, lease_takeover;
     a_stale_renewal_that_moves_the_deadline_fails_fencing: stale_renew_extends = true => fencing;
     a_lapsed_lease_shown_by_get_fails_lease_takeover: get_ignores_lease = true => lease_takeover;
+    a_get_that_ignores_the_scope_fails_scopes_are_separate:
+        get_ignores_scope = true => scopes_are_separate;
 }

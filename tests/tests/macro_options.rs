@@ -18,6 +18,7 @@ use axum::routing::post;
 use axum::{Extension, Json, Router};
 use http_body_util::BodyExt;
 use idempotent_core::store::MemoryStore;
+use idempotent_core::testing::{MockStore, OpKind};
 use idempotent_core::{IDEMPOTENT_REPLAYED, Idempotency, IdempotencyScope, idempotent};
 use serde::Deserialize;
 use tokio::sync::Notify;
@@ -689,6 +690,58 @@ async fn handlers_that_share_a_default_name_are_refused_and_say_why() {
     // Both places are refused from then on, the first one included.
     let order = send(&app, request("/orders", Some("k2"), &[], "6")).await;
     assert_eq!(order.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(runs.get(), 1);
+}
+
+/// A second pair of handlers the default name cannot tell apart, whose
+/// first one serves exact repeats before the second one's first request.
+struct Invoices;
+struct Credits;
+
+impl Invoices {
+    #[idempotent(scope = "global")]
+    async fn issue(State(runs): State<Runs>, Json(n): Json<u32>) -> String {
+        format!("invoice:{}:{n}", runs.bump())
+    }
+}
+
+impl Credits {
+    #[idempotent(scope = "global")]
+    async fn issue(State(runs): State<Runs>, Json(n): Json<u32>) -> String {
+        format!("credit:{}:{n}", runs.bump())
+    }
+}
+
+#[tokio::test]
+async fn an_exact_repeat_is_refused_once_its_handler_shares_a_default_name() {
+    let runs = Runs::default();
+    let store = MockStore::new();
+    let app = Router::new()
+        .route("/invoices", post(Invoices::issue))
+        .route("/credits", post(Credits::issue))
+        .with_state(runs.clone())
+        .layer(store.layer());
+    let invoice = || request("/invoices", Some("k"), &[("content-length", "1")], "5");
+    for _ in 0..4 {
+        assert_eq!(send(&app, invoice()).await.body, "invoice:1:5");
+    }
+    assert_eq!(
+        store.count(OpKind::Get),
+        1,
+        "the fourth was an exact repeat"
+    );
+
+    let credit = send(&app, request("/credits", Some("k2"), &[], "6")).await;
+    assert_eq!(credit.status, StatusCode::INTERNAL_SERVER_ERROR);
+
+    // The first place is refused from then on, exact repeats included.
+    let repeat = send(&app, invoice()).await;
+    assert_eq!(
+        (repeat.status, repeat.replayed),
+        (StatusCode::INTERNAL_SERVER_ERROR, false),
+        "{}",
+        repeat.body
+    );
     assert_eq!(runs.get(), 1);
 }
 

@@ -534,13 +534,40 @@ pub async fn unknown_records_are_not_held<S: Store>(store: Arc<S>, _clock: Manua
     );
 }
 
-/// One key in two scopes is two records.
+/// One key in two scopes is two records, each claimed, completed, replayed
+/// and read (`get`, which answers exact repeats) on its own.
 pub async fn scopes_are_separate<S: Store>(store: Arc<S>, _clock: ManualClock) {
     let key = parse_key("shared-key");
     let first = RecordKey::new(ScopeDigest::from_bytes(rand::random()), key.clone());
     let second = RecordKey::new(ScopeDigest::from_bytes(rand::random()), key);
-    acquire(&*store, &first, fingerprint(1), "scopes_are_separate").await;
-    acquire(&*store, &second, fingerprint(2), "scopes_are_separate").await;
+    let check = "scopes_are_separate";
+    let first_token = acquire(&*store, &first, fingerprint(1), check).await;
+    let second_token = acquire(&*store, &second, fingerprint(1), check).await;
+    let first_response = response(StatusCode::OK, b"first caller");
+    let second_response = response(StatusCode::OK, b"second caller");
+    complete(&*store, &first, first_token, first_response.clone(), check).await;
+    complete(
+        &*store,
+        &second,
+        second_token,
+        second_response.clone(),
+        check,
+    )
+    .await;
+    for (key, response) in [(&first, first_response), (&second, second_response)] {
+        let replayed = completed(&*store, key, fingerprint(1), check).await;
+        assert_eq!(
+            replayed.response, response,
+            "{check}: claim replays its own scope's response"
+        );
+        let Some(Record::Completed(read)) = get(&*store, key).await else {
+            panic!("{check}: get() must show the completed record");
+        };
+        assert_eq!(
+            read.response, response,
+            "{check}: get() reads its own scope's record"
+        );
+    }
 }
 
 // ===== helpers =====
