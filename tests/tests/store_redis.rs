@@ -154,6 +154,98 @@ async fn an_expired_value_this_build_cannot_decode_is_taken_over() {
     }
 }
 
+/// A connection that sends every command twice and answers with the
+/// second reply: what the Redis Cluster client does when the connection
+/// drops, or the reply times out, after Redis applied the command.
+#[derive(Clone)]
+struct SentTwice(ConnectionManager);
+
+impl redis::aio::ConnectionLike for SentTwice {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(async move {
+            let _first = self.0.req_packed_command(cmd).await;
+            self.0.req_packed_command(cmd).await
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        self.0.req_packed_commands(pipeline, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.0.get_db()
+    }
+}
+
+/// A claim whose command reaches Redis twice finds, the second time, the
+/// lease its first attempt took under its own token: it holds the key.
+/// Answered as another request in flight, the key would stay blocked, with
+/// nothing running, until the lease lapsed.
+#[tokio::test]
+async fn a_claim_applied_twice_holds_the_key() {
+    use idempotent_core::clock::{Clock, ManualClock};
+    use idempotent_core::fingerprint::Fingerprint;
+    use idempotent_core::record::{Claim, Record};
+
+    let Some(url) = backend_url(URL) else { return };
+    let prefix = unique_name("idem_test") + ":";
+    let clock = ManualClock::starting_now();
+    let once = RedisStore::builder(manager(&url).await)
+        .prefix(prefix.clone())
+        .clock(clock.clone())
+        .build();
+    let twice = RedisStore::builder(SentTwice(manager(&url).await))
+        .prefix(prefix)
+        .clock(clock.clone())
+        .build();
+    let lease = Duration::from_secs(10);
+    let fingerprint = Fingerprint::from_bytes([5; 32]);
+    let key = |name: &str| {
+        RecordKey::new(
+            ScopeDigest::from_bytes(rand::random()),
+            IdempotencyKey::parse(name.as_bytes()).unwrap(),
+        )
+    };
+
+    // A new key, claimed by `SET NX GET`.
+    let new = key("new");
+    let claim = twice.claim(&new, fingerprint, lease).await.unwrap();
+    let Claim::Acquired(token) = claim else {
+        panic!("a new key: {claim:?}");
+    };
+    let held = once.get(&new).await.unwrap();
+    assert!(
+        matches!(&held, Some(Record::InFlight(held)) if held.lease_token == token),
+        "{held:?}"
+    );
+    once.release(&new, token).await.unwrap();
+
+    // A lapsed lease, taken over by the claim script.
+    let lapsed = key("lapsed");
+    let first = once.claim(&lapsed, fingerprint, lease).await.unwrap();
+    assert!(matches!(first, Claim::Acquired(_)), "{first:?}");
+    clock.advance(lease);
+    let claim = twice.claim(&lapsed, fingerprint, lease).await.unwrap();
+    let Claim::Acquired(token) = claim else {
+        panic!("a lapsed lease: {claim:?}");
+    };
+    let held = once.get(&lapsed).await.unwrap();
+    assert!(
+        matches!(&held, Some(Record::InFlight(held))
+            if held.lease_token == token && held.lease_expires_at == clock.now_millis() + 10_000),
+        "{held:?}"
+    );
+    once.release(&lapsed, token).await.unwrap();
+}
+
 /// A `redis-server` this test owns, on a port of its own.
 struct OwnRedis {
     port: u16,

@@ -31,6 +31,15 @@
 //! (`PX`) only bounds memory: it is set a minute past the deadline, so
 //! application servers and Redis may disagree by up to a minute without a
 //! record vanishing early.
+//!
+//! # Memory
+//!
+//! Redis must not evict these keys: use `maxmemory-policy noeviction` (the
+//! default) or a Redis that never fills up. Under an evicting policy a full
+//! Redis drops keys, in-flight claims among them (`volatile-ttl` drops them
+//! first, since theirs is the nearest expiry), and a retry then runs the
+//! handler beside the request still running. Under `noeviction` a full
+//! Redis refuses writes instead, as in an outage: new claims get 503.
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -353,7 +362,7 @@ where
         // version's or a corrupt one, is taken over instead of refusing
         // every claim of its key until Redis drops it.
         if Completed::encoded_expires_at(&found) > now {
-            return Ok(decode(Bytes::from(found))?.into());
+            return Ok(found_by(decode(Bytes::from(found))?, token));
         }
         // A lapsed lease, or a record past its TTL that Redis keeps for the
         // clock-skew grace: the script re-checks and takes it over atomically.
@@ -369,7 +378,7 @@ where
         unanswered.armed = false;
         match found {
             None => Ok(Claim::Acquired(token)),
-            Some(found) => Ok(decode(Bytes::from(found))?.into()),
+            Some(found) => Ok(found_by(decode(Bytes::from(found))?, token)),
         }
     }
 
@@ -432,6 +441,20 @@ where
         }
         let record = decode(Bytes::from(found))?;
         Ok((record.deadline() > self.now()).then_some(record))
+    }
+}
+
+/// What a claim with `token` answers when it finds `record` live. A
+/// command can reach Redis twice: the Redis Cluster client sends it again
+/// after the connection dropped or the reply timed out, though the first
+/// may have been applied. The second then finds the lease the first took,
+/// under this claim's own token: the key is this claim's, not another
+/// request's in flight, which would keep it from running until the lease
+/// lapsed.
+fn found_by(record: Record, token: LeaseToken) -> Claim {
+    match record {
+        Record::InFlight(held) if held.lease_token == token => Claim::Acquired(token),
+        record => record.into(),
     }
 }
 
