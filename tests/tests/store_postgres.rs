@@ -89,6 +89,44 @@ async fn tiered_postgres_store_passes_the_contract() {
     drop_table(&store).await;
 }
 
+/// A database (or role) whose `default_transaction_isolation` is stricter
+/// than `READ COMMITTED`: a claim that meets a concurrent claim's row, or a
+/// take-over that meets a concurrent take-over, fails with a serialization
+/// failure there instead of doing nothing. The claim must still answer
+/// `InFlight`, not an error (which the engine answers 503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_store_passes_the_contract_under_stricter_isolation() {
+    use std::str::FromStr;
+
+    let Some(url) = backend_url(URL) else { return };
+    for isolation in ["repeatable read", "serializable"] {
+        // A space in a startup option is escaped with a backslash.
+        let options = sqlx::postgres::PgConnectOptions::from_str(&url)
+            .expect("valid URL")
+            .options([(
+                "default_transaction_isolation",
+                isolation.replace(' ', "\\ "),
+            )]);
+        let connected = PostgresStore::connect_with(options).await.expect("connect");
+        let isolated: String = sqlx::query_scalar("SHOW transaction_isolation")
+            .fetch_one(connected.pool())
+            .await
+            .expect("read the isolation level");
+        assert_eq!(isolated, isolation);
+        let store = PostgresStore::builder(connected.pool().clone())
+            .table(unique_name("idem_test"))
+            .build()
+            .expect("valid table name");
+        store.migrate().await.expect("migrate");
+        contract::run_all(|clock| {
+            let store = with_clock(&store, clock);
+            async move { store }
+        })
+        .await;
+        drop_table(&store).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_share_one_database() {
     let Some(url) = backend_url(URL) else { return };
@@ -549,6 +587,31 @@ async fn a_kept_connection_goes_back_to_the_pool_once_idle() {
     drop_table(&store).await;
 }
 
+/// A pool of one connection shared with the application (a small service,
+/// a serverless function): by default the store keeps none of it, or the
+/// handler's own query after a claim would wait for the kept connection to
+/// sit unused for a second, and under steady traffic it never would.
+#[tokio::test]
+async fn a_pool_of_one_is_not_kept_from_the_application() {
+    let Some(url) = backend_url(URL) else { return };
+    let pool = PostgresStore::pool_options()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .expect("connect");
+    let store = PostgresStore::builder(pool.clone())
+        .table(unique_name("idem_test"))
+        .build()
+        .expect("valid table name");
+    store.migrate().await.expect("migrate");
+    claim(&store, "one").await;
+    let handler_query = tokio::time::timeout(Duration::from_millis(500), pool.acquire()).await;
+    let free = matches!(handler_query, Ok(Ok(_)));
+    drop(handler_query);
+    drop_table(&store).await;
+    assert!(free, "the application waits for its only connection");
+}
+
 /// A store used in one runtime and dropped outside it, as when `main`
 /// builds a runtime, serves with `block_on` and returns: its kept
 /// connections go back without a panic, before or after the runtime
@@ -922,6 +985,54 @@ async fn a_claim_cut_short_by_the_store_timeout_leaves_no_lease_behind() {
         left, None,
         "a claim that answered nobody must not hold the key"
     );
+}
+
+/// The same on a connection that has run the claim before, as every
+/// connection of a running service has: the statement is prepared there
+/// already, so it is sent whole and runs once the lock frees, rather than
+/// stopping at its preparation. With connections kept and without.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_cut_short_on_a_warm_connection_leaves_no_lease_behind() {
+    let Some(url) = backend_url(URL) else { return };
+    for hold in [0, 1] {
+        let store = store_on_own_pool(&url, hold).await;
+        let fingerprint = Fingerprint::from_bytes([7; 32]);
+        for warm in 0..3 {
+            claim(&store, &format!("warm-{warm}")).await;
+        }
+        let mut locker = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+        sqlx::query(&format!("LOCK TABLE {} IN EXCLUSIVE MODE", store.table()))
+            .execute(&mut locker)
+            .await
+            .unwrap();
+        let key = record_key(&unique_name("cut-short-warm"));
+        let cut = tokio::time::timeout(
+            Duration::from_millis(500),
+            store.claim(&key, fingerprint, Duration::from_secs(60)),
+        )
+        .await;
+        assert!(
+            cut.is_err(),
+            "hold {hold}: the claim waits for the lock: {cut:?}"
+        );
+        sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let left = store.get(&key).await.unwrap();
+        // The key is free again for the retry of the request told nothing ran.
+        let retried = store
+            .claim(&key, fingerprint, Duration::from_secs(60))
+            .await;
+        drop_table(&store).await;
+        assert_eq!(
+            left, None,
+            "hold {hold}: a claim that answered nobody must not hold the key"
+        );
+        assert!(
+            matches!(retried, Ok(Claim::Acquired(_))),
+            "hold {hold}: {retried:?}"
+        );
+    }
 }
 
 /// `max_body_bytes` goes up to 4 GiB less a byte ("the most a stored

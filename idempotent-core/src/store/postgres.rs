@@ -30,7 +30,7 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 
-use self::connections::Connections;
+use self::connections::{Connections, Undo};
 
 use super::sql::{self, DEFAULT_TABLE, InvalidTableName, from_sql_millis, to_sql_millis};
 use super::{Store, StoreError};
@@ -68,19 +68,49 @@ fn is_broken_connection(error: &sqlx::Error) -> bool {
     }
 }
 
+/// Whether PostgreSQL rolled the statement back because it raced a
+/// concurrent one: a serialization failure under `REPEATABLE READ` or
+/// `SERIALIZABLE` (a database or role whose
+/// `default_transaction_isolation` is one of them), where a claim that
+/// meets a row committed after its snapshot, or a write to a row changed
+/// since, fails instead of waiting and looking again as under `READ
+/// COMMITTED`; or a deadlock. Nothing of it was applied.
+fn is_rolled_back_race(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|error| error.code())
+        .is_some_and(|code| code == "40001" || code == "40P01")
+}
+
+/// A random pause of up to 1 ms after the first race, doubling with each
+/// one after it up to 64 ms.
+fn race_pause(races: usize) -> Duration {
+    let ceiling = 1_u64 << races.saturating_sub(1).min(6);
+    Duration::from_micros(rand::random_range(0..=ceiling * 1000))
+}
+
 /// Runs `$statement` on a leased connection, and again on another while
-/// the one it ran on turns out broken. Every statement here is safe to
+/// the one it ran on turns out broken, or while it is rolled back for
+/// racing a concurrent statement. Every statement here is safe to
 /// run twice: claims and take-overs carry the claim's token (a claim that
 /// finds its own token acquired the key), and the rest are fenced by it
 /// or only read. Evaluates to the outcome and, if a connection broke on
 /// the way, that first error: a write that then finds its token gone may
 /// have been applied before the break.
 macro_rules! on_live_connection {
-    ($store:expr, |$connection:ident| $statement:expr) => {{
+    ($store:expr, |$connection:ident| $statement:expr) => {
+        on_live_connection!($store, None, |$connection| $statement)
+    };
+    // `$undo`: what undoes the statement if its caller stops waiting for
+    // it (see `Undo`).
+    ($store:expr, $undo:expr, |$connection:ident| $statement:expr) => {{
         let mut broke: Option<StoreError> = None;
         let mut retries = 0;
         loop {
             let mut lease = $store.inner.connections.lease().await?;
+            if let Some(undo) = $undo {
+                lease.undo_if_abandoned(undo);
+            }
             let outcome = {
                 let $connection = lease.connection();
                 $statement.await
@@ -94,6 +124,14 @@ macro_rules! on_live_connection {
                     if broke.is_none() {
                         broke = failed.err();
                     }
+                }
+                Err(error) if retries < BROKEN_CONNECTION_RETRIES && is_rolled_back_race(&error) => {
+                    retries += 1;
+                    tracing::debug!(%error, "a PostgreSQL statement raced another and was rolled back; running it again");
+                    drop(lease.finish(Err::<(), _>(error)));
+                    // Run again at once, statements racing each other keep
+                    // failing each other.
+                    tokio::time::sleep(race_pause(retries)).await;
                 }
                 outcome => break (lease.finish(outcome), broke),
             }
@@ -161,9 +199,10 @@ impl PostgresStoreBuilder {
     }
 
     /// How many of the pool's connections the store keeps checked out
-    /// for its statements (default: half the pool's `max_connections`, at
-    /// least one; [`PostgresStore::connect`] makes a pool of 16 and keeps
-    /// 15). Capped at the pool's size.
+    /// for its statements (default: half the pool's `max_connections`,
+    /// rounded down, so a pool of one connection stays the application's;
+    /// [`PostgresStore::connect`] makes a pool of 16 and keeps 15). Capped
+    /// at the pool's size.
     ///
     /// sqlx pings every connection returned to its pool, one more round
     /// trip per statement; a kept connection goes from one statement
@@ -485,6 +524,15 @@ impl Store for PostgresStore {
     ) -> Result<Claim, StoreError> {
         let token = LeaseToken::random();
         let token_bytes = token.to_bytes();
+        // A claim or take-over whose caller stops waiting (the engine's
+        // store timeout answered 503: nothing ran) may still be applied by
+        // the server, holding the key under a lease nobody has: released.
+        let undo = Some(Undo {
+            statement: &self.inner.sql.release,
+            scope: key.scope.as_bytes(),
+            key: key.key.as_str(),
+            token: token_bytes,
+        });
         for _ in 0..sql::CLAIM_ATTEMPTS {
             // Both statements take the claim's six parameters; the time is
             // read for each run, so one rerun after a broken connection
@@ -499,15 +547,16 @@ impl Store for PostgresStore {
                     .bind(to_sql_millis(now.saturating_add(millis(lease))))
                     .bind(to_sql_millis(now))
             };
-            let (row, _) = on_live_connection!(self, |connection| query(&self.inner.sql.claim)
-                .fetch_optional(connection));
+            let (row, _) =
+                on_live_connection!(self, undo, |connection| query(&self.inner.sql.claim)
+                    .fetch_optional(connection));
             // No row: a claim committed after the snapshot; look again.
             let Some(row) = row? else { continue };
             if column::<bool>(&row, "live")? {
                 return claim_from_row(&row, token);
             }
             let (taken, _) =
-                on_live_connection!(self, |connection| query(&self.inner.sql.take_over)
+                on_live_connection!(self, undo, |connection| query(&self.inner.sql.take_over)
                     .execute(connection));
             // Nothing taken after a break may be a take-over that was
             // applied: the next claim finds its own token then.

@@ -69,7 +69,25 @@ struct Checked {
 }
 
 /// A connection lent to one statement; see [`Lease::finish`].
-pub(super) struct Lease(Leased);
+pub(super) struct Lease<'a> {
+    /// `None` once finished.
+    leased: Option<Leased>,
+    pool: &'a PgPool,
+    undo: Option<Undo<'a>>,
+}
+
+/// A token-fenced statement, `(scope, key, token)`, that undoes a claim
+/// whose caller stopped waiting for its answer (the engine's store
+/// timeout): the server still runs a statement it was sent, and the key
+/// would then be held by a lease nobody has until it lapses, answering
+/// 409 to retries of a request that was told nothing ran.
+#[derive(Clone, Copy)]
+pub(super) struct Undo<'a> {
+    pub(super) statement: &'a str,
+    pub(super) scope: &'a [u8],
+    pub(super) key: &'a str,
+    pub(super) token: [u8; 16],
+}
 
 enum Leased {
     Kept(Object<Checkout>),
@@ -82,7 +100,10 @@ impl Connections {
     /// statement, as sqlx does by itself.
     pub(super) fn new(pool: PgPool, hold: Option<u32>) -> Self {
         let size = pool.options().get_max_connections();
-        let hold = hold.unwrap_or((size / 2).max(1)).min(size);
+        // Half, rounded down: kept, the one connection of a pool of one
+        // would leave none to the application while statements keep it
+        // busy (it goes back only after a second unused).
+        let hold = hold.unwrap_or(size / 2).min(size);
         let kept = Kept::new(&pool, hold).map(Arc::new);
         Self { pool, kept }
     }
@@ -92,10 +113,15 @@ impl Connections {
     }
 
     /// A connection for one statement: a kept one if any is free.
-    pub(super) async fn lease(&self) -> Result<Lease, StoreError> {
+    pub(super) async fn lease(&self) -> Result<Lease<'_>, StoreError> {
+        let lease = |leased| Lease {
+            leased: Some(leased),
+            pool: &self.pool,
+            undo: None,
+        };
         let Some(kept) = &self.kept else {
             let connection = self.pool.acquire().await.map_err(StoreError::backend)?;
-            return Ok(Lease(Leased::Pooled(connection)));
+            return Ok(lease(Leased::Pooled(connection)));
         };
         Kept::start_sweeping(kept, &self.pool);
         let mut object = kept.pool.get().await.map_err(|error| match error {
@@ -104,7 +130,7 @@ impl Connections {
         })?;
         // Set back by `finish`: a lease dropped before then is not reused.
         object.clean = false;
-        Ok(Lease(Leased::Kept(object)))
+        Ok(lease(Leased::Kept(object)))
     }
 }
 
@@ -225,32 +251,100 @@ impl managed::Manager for Checkout {
     }
 }
 
-impl Lease {
+impl<'a> Lease<'a> {
+    /// Runs `undo` if the lease is dropped before [`finish`](Self::finish),
+    /// on the same connection, so that the server runs it after the
+    /// abandoned statement.
+    pub(super) fn undo_if_abandoned(&mut self, undo: Undo<'a>) {
+        self.undo = Some(undo);
+    }
+
     /// The connection, for one statement.
     pub(super) fn connection(&mut self) -> &mut PgConnection {
-        match &mut self.0 {
-            Leased::Kept(object) => &mut object.connection,
-            Leased::Pooled(connection) => connection,
+        match self.leased.as_mut() {
+            Some(Leased::Kept(object)) => &mut object.connection,
+            Some(Leased::Pooled(connection)) => connection,
+            None => unreachable!("a lease keeps its connection until it is finished"),
         }
     }
 
     /// Ends the lease with the statement's outcome: a success keeps the
     /// connection for the next statement, a failure returns it to the sqlx
     /// pool.
-    pub(super) fn finish<T>(self, outcome: Result<T, sqlx::Error>) -> Result<T, StoreError> {
-        match (self.0, outcome) {
-            (Leased::Kept(mut object), Ok(value)) => {
+    pub(super) fn finish<T>(mut self, outcome: Result<T, sqlx::Error>) -> Result<T, StoreError> {
+        self.undo = None;
+        match (self.leased.take(), outcome) {
+            (Some(Leased::Kept(mut object)), Ok(value)) => {
                 object.clean = true;
                 Ok(value)
             }
-            (Leased::Pooled(_), Ok(value)) => Ok(value),
-            (Leased::Kept(object), Err(error)) => {
+            (_, Ok(value)) => Ok(value),
+            (Some(Leased::Kept(object)), Err(error)) => {
                 // Out of the kept ones at once; dropping it returns it to
                 // the sqlx pool.
                 drop(Object::take(object));
                 Err(StoreError::backend(error))
             }
-            (Leased::Pooled(_), Err(error)) => Err(StoreError::backend(error)),
+            (_, Err(error)) => Err(StoreError::backend(error)),
         }
+    }
+}
+
+impl Drop for Lease<'_> {
+    /// A lease dropped before its statement finished, with an undo: the
+    /// connection leaves the kept ones, and a task runs the undo on it
+    /// (after the abandoned statement's answer, which sqlx reads first),
+    /// then returns it to the sqlx pool.
+    fn drop(&mut self) {
+        let (Some(leased), Some(undo)) = (self.leased.take(), self.undo.take()) else {
+            return;
+        };
+        let Ok(runtime) = Handle::try_current() else {
+            return;
+        };
+        let connection = match leased {
+            Leased::Kept(object) => Object::take(object).connection,
+            Leased::Pooled(connection) => connection,
+        };
+        let owned = OwnedUndo {
+            statement: undo.statement.to_owned(),
+            scope: undo.scope.to_vec(),
+            key: undo.key.to_owned(),
+            token: undo.token,
+        };
+        runtime.spawn(owned.run(connection, self.pool.clone()));
+    }
+}
+
+/// An [`Undo`] for a task of its own.
+struct OwnedUndo {
+    statement: String,
+    scope: Vec<u8>,
+    key: String,
+    token: [u8; 16],
+}
+
+impl OwnedUndo {
+    async fn run(self, mut connection: PoolConnection<Postgres>, pool: PgPool) {
+        if self.execute(&mut connection).await.is_ok() {
+            return;
+        }
+        // That connection broke: try once more on another.
+        drop(connection);
+        if let Ok(mut connection) = pool.acquire().await
+            && let Err(error) = self.execute(&mut connection).await
+        {
+            tracing::warn!(%error, "could not release a claim whose answer nobody read; it frees when its lease lapses");
+        }
+    }
+
+    async fn execute(&self, connection: &mut PgConnection) -> Result<(), sqlx::Error> {
+        sqlx::query(&self.statement)
+            .bind(self.scope.as_slice())
+            .bind(self.key.as_str())
+            .bind(self.token.as_slice())
+            .execute(connection)
+            .await
+            .map(drop)
     }
 }
