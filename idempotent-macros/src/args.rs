@@ -282,7 +282,21 @@ fn scope(value: &Expr) -> syn::Result<Scope> {
         _ => None,
     };
     match custom {
-        Some(Type::Path(path)) if path.qself.is_none() => Ok(Scope::Custom(path.path)),
+        Some(Type::Path(path)) if path.qself.is_none() => {
+            // `scope = global` is a string without its quotes far more often
+            // than a type of that name.
+            match path.path.get_ident().map(ToString::to_string) {
+                Some(name) if name == "api_key" || name == "global" => {
+                    Err(syn::Error::new_spanned(
+                        value,
+                        format!(
+                            "the scope `{name}` is a string: write `scope = \"{name}\"`; a path names a type implementing `IdempotencyScope`"
+                        ),
+                    ))
+                }
+                _ => Ok(Scope::Custom(path.path)),
+            }
+        }
         _ => Err(syn::Error::new_spanned(value, SCOPE_FORMS)),
     }
 }

@@ -133,6 +133,7 @@ impl<'a> Handler<'a> {
         check_body_extractor_is_last(&arguments, errors);
         check_skipped_names(&arguments, &args.skip, errors);
         check_no_self_type(func, errors);
+        check_applied_once(&func.attrs, errors);
         if args.optional {
             check_key_is_optional(&sig.inputs, errors);
         }
@@ -371,29 +372,50 @@ fn check_no_self_type(func: &ItemFn, errors: &mut Errors) {
     }
 }
 
-/// Where `tokens` first name `Self`, outside the braces of a nested `impl`
-/// or `trait`, whose `Self` is their own.
+/// Where `tokens` first name `Self`, outside the body of a nested `impl`,
+/// `trait`, `struct` or `enum`, whose `Self` is their own.
 fn first_self_type(tokens: &TokenStream) -> Option<Span> {
-    let mut in_own_item = false;
+    use proc_macro2::{Delimiter, TokenTree};
+    // The delimiters of the body of the item being declared, if any: a
+    // tuple struct's fields are in parentheses.
+    let mut own_body: Option<&[Delimiter]> = None;
     for token in tokens.clone() {
         match token {
-            proc_macro2::TokenTree::Ident(ident) if ident == "Self" => return Some(ident.span()),
-            proc_macro2::TokenTree::Ident(ident) if ident == "impl" || ident == "trait" => {
-                in_own_item = true;
+            TokenTree::Ident(ident) if ident == "Self" => return Some(ident.span()),
+            TokenTree::Ident(ident) if ident == "impl" || ident == "trait" => {
+                own_body = Some(&[Delimiter::Brace]);
             }
-            proc_macro2::TokenTree::Group(group) => {
-                let own = in_own_item && group.delimiter() == proc_macro2::Delimiter::Brace;
-                if own {
-                    in_own_item = false;
+            TokenTree::Ident(ident) if ident == "struct" || ident == "enum" => {
+                own_body = Some(&[Delimiter::Brace, Delimiter::Parenthesis]);
+            }
+            TokenTree::Group(group) => {
+                if own_body.is_some_and(|body| body.contains(&group.delimiter())) {
+                    own_body = None;
                 } else if let Some(span) = first_self_type(&group.stream()) {
                     return Some(span);
                 }
             }
-            proc_macro2::TokenTree::Punct(punct) if punct.as_char() == ';' => in_own_item = false,
+            TokenTree::Punct(punct) if punct.as_char() == ';' => own_body = None,
             _ => {}
         }
     }
     None
+}
+
+/// A second `#[idempotent]` below the first would wrap the handler as
+/// written in a routed function of its own, and rustc's error would then
+/// be about arguments the user never wrote.
+fn check_applied_once(attrs: &[Attribute], errors: &mut Errors) {
+    let second = attrs.iter().find(|attr| {
+        let path = attr.path();
+        last_ident(path).is_some_and(|ident| ident == "idempotent")
+    });
+    if let Some(attr) = second {
+        errors.spanned(
+            attr,
+            "`#[idempotent]` is applied to this handler twice: keep one, with every option in it",
+        );
+    }
 }
 
 fn check_skipped_names(arguments: &[Argument<'_>], skip: &[Ident], errors: &mut Errors) {
@@ -506,9 +528,11 @@ fn is_fingerprinted_by_default(ty: &Type) -> bool {
     if is_named(ty, NOT_FINGERPRINTED) {
         return false;
     }
-    // `Option<IdempotencyKey>` is the key too.
-    !is_named(ty, &["Option"])
-        || first_type_argument(ty).is_none_or(|inner| !is_named(inner, &["IdempotencyKey"]))
+    // `Option<IdempotencyKey>` is the key too, and an optional or fallible
+    // extractor of no payload (`Option<Extension<User>>`, where only
+    // signed-in callers have one) carries none either.
+    !is_named(ty, &["Option", "Result"])
+        || first_type_argument(ty).is_none_or(is_fingerprinted_by_default)
 }
 
 /// `T` in `Wrapper<T, ..>`.
@@ -560,13 +584,11 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
         .collect();
     let (outer_attrs, inner_attrs) = split_attributes(&func.attrs);
     let (principal_param, principal) = principal(args, handler, &params, &private);
-    // The routed function takes more arguments than the one written; where
-    // that alone would pass clippy's default limit (7), the lint is the
-    // attribute's doing, not the handler's.
-    let written = handler.arguments.len();
-    let too_many = (written <= CLIPPY_MAX_ARGUMENTS
-        && written + handler.added_arguments() > CLIPPY_MAX_ARGUMENTS)
-        .then(|| quote!(#[allow(clippy::too_many_arguments)]));
+    // The routed function may take more arguments than the one written.
+    // The handler as written keeps its signature, so clippy's argument
+    // count (whose limit is configurable) applies there, where an
+    // `#[expect]` meets it; the routed function's count is the attribute's.
+    let too_many = quote!(#[allow(clippy::too_many_arguments)]);
     let exact_body = handler.exact_repeats;
     let signature = outer_signature(
         func,
@@ -609,9 +631,6 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
     }
 }
 
-/// `clippy::too_many_arguments`' default threshold.
-const CLIPPY_MAX_ARGUMENTS: usize = 7;
-
 /// The routed function's signature: the user's name, visibility and
 /// generics; the request's idempotency context, then the principal of a
 /// custom scope if the macro extracts it, then one plain argument per
@@ -634,7 +653,7 @@ fn outer_signature(
     let vis = &func.vis;
     let name = &func.sig.ident;
     let generics = &func.sig.generics;
-    let where_clause = &generics.where_clause;
+    let where_clause = instance_bounds(generics);
     let request = local("__idempotent_request");
     let mut types: Vec<TokenStream> = handler
         .arguments
@@ -655,6 +674,30 @@ fn outer_signature(
             #(#params: #types),*
         ) -> impl ::core::future::Future<Output = #private::axum::response::Response> #where_clause
     }
+}
+
+/// The handler's where clause, plus `Send + 'static` for each type
+/// parameter: the engine runs the handler's future on a task of its own,
+/// so it must be both, which rustc checks on the generic routed function,
+/// not on each instance as axum does. An instance axum can route is
+/// `'static` already (a function item is only when its type arguments
+/// are), and a type its future holds is `Send`; saying so here spares each
+/// generic handler bounds that axum alone would not ask for.
+fn instance_bounds(generics: &syn::Generics) -> Option<syn::WhereClause> {
+    let mut generics = generics.clone();
+    let params: Vec<Ident> = generics
+        .type_params()
+        .map(|param| respan(&param.ident, Span::call_site()))
+        .collect();
+    let clause = generics.make_where_clause();
+    for param in params {
+        clause
+            .predicates
+            .push(syn::parse_quote!(#param: ::core::marker::Send + 'static));
+    }
+    generics
+        .where_clause
+        .filter(|clause| !clause.predicates.is_empty())
 }
 
 /// Splits the `ExactBody` last argument into the request's context and the

@@ -105,6 +105,48 @@ async fn seven(
     format!("{id} {body}")
 }
 
+/// Eight arguments, over clippy's limit: the lint fires at the handler as
+/// written, where an `#[expect]` fulfils it, and not again at the routed
+/// function.
+#[idempotent(scope = "header:x-tenant")]
+#[expect(clippy::too_many_arguments, reason = "the handler takes eight")]
+async fn eight(
+    _headers: HeaderMap,
+    _method: Method,
+    _uri: Uri,
+    _version: Version,
+    State(_db): State<Db>,
+    key: Option<IdempotencyKey>,
+    Path(id): Path<u64>,
+    body: String,
+) -> String {
+    format!("{id} {body} {}", key.is_some())
+}
+
+/// The same with exact repeats, where the routed function takes as many
+/// arguments as the handler.
+#[idempotent(scope = "global")]
+#[expect(clippy::too_many_arguments, reason = "the handler takes eight")]
+async fn eight_exact(
+    _headers: HeaderMap,
+    _method: Method,
+    _uri: Uri,
+    _version: Version,
+    State(_db): State<Db>,
+    key: Option<IdempotencyKey>,
+    Path(id): Path<u64>,
+    body: String,
+) -> String {
+    format!("{id} {body} {}", key.is_some())
+}
+
+/// A generic handler bounded in its parameter list: the routed function's
+/// own bounds must not read as a second place.
+#[idempotent(scope = "global")]
+async fn generic<T: Serialize + serde::de::DeserializeOwned>(Json(value): Json<T>) -> Json<T> {
+    Json(value)
+}
+
 /// A guard bound to `_` is not fingerprinted.
 #[idempotent]
 async fn guarded(_: Tenant, body: String) -> String {
@@ -135,6 +177,9 @@ fn app() -> Router {
         .route("/scoped-extra", post(scoped_extra))
         .route("/none", post(no_arguments))
         .route("/seven/{id}", post(seven))
+        .route("/eight/{id}", post(eight))
+        .route("/eight-exact/{id}", post(eight_exact))
+        .route("/generic", post(generic::<Payment>))
         .route("/guarded", post(guarded))
         .route("/public", post(api::public_handler))
         .with_state(Db)

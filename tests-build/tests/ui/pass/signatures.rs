@@ -62,6 +62,27 @@ async fn body(body: String) -> String {
     body
 }
 
+// A type declared in the body has a `Self` of its own.
+#[idempotent]
+async fn local_types(Json(n): Json<u32>) -> String {
+    struct Node {
+        next: Option<Box<Self>>,
+    }
+    struct Pair(u32, Option<Box<Self>>);
+    enum Tree {
+        Leaf(u32),
+        Branch(Box<Self>, Box<Self>),
+    }
+    let node = Node { next: None };
+    let pair = Pair(n, None);
+    let tree = Tree::Branch(Box::new(Tree::Leaf(n)), Box::new(Tree::Leaf(pair.0)));
+    let leaves = match tree {
+        Tree::Branch(..) => 2,
+        Tree::Leaf(_) => 1,
+    };
+    format!("{} {} {leaves}", node.next.is_none(), pair.1.is_none())
+}
+
 /// An application's own parts extractor that happens to share a body
 /// extractor's name may come before the body.
 mod meta {
@@ -97,5 +118,6 @@ fn main() {
         .route("/early", post(early_return))
         .route("/body", post(body))
         .route("/own", post(own_extractor_named_like_a_body))
+        .route("/local", post(local_types))
         .layer(Idempotency::new(MemoryStore::new()));
 }
