@@ -129,7 +129,7 @@ macro_rules! on_live_connection {
                     retries += 1;
                     tracing::debug!(%error, "a PostgreSQL statement raced another and was rolled back; running it again");
                     drop(lease.finish(Err::<(), _>(error)));
-                    // Run again at once, statements racing each other keep
+                    // Not at once: statements run again together keep
                     // failing each other.
                     tokio::time::sleep(race_pause(retries)).await;
                 }
@@ -243,9 +243,10 @@ impl PostgresStore {
     /// of them for its statements (see
     /// [`hold_connections`](PostgresStoreBuilder::hold_connections)).
     ///
-    /// Connections are not pinged before use: after a database restart,
-    /// each connection fails one query (answered 503, retryable) before it
-    /// is replaced.
+    /// Connections are not pinged before use: after a database restart, a
+    /// statement that meets a broken connection runs again on the next
+    /// (up to 40 times), so requests do not see the restart once the
+    /// database answers.
     ///
     /// # Errors
     /// The URL is invalid or the first connection fails.
