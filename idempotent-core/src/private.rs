@@ -36,6 +36,11 @@ pub const API_KEY: u8 = 0;
 pub const GLOBAL: u8 = 1;
 /// [`ScopedRequest`] for an endpoint scoped by the handler's principal.
 pub const CUSTOM: u8 = 2;
+/// [`ScopedRequest`] for an endpoint scoped by a named header: the kind
+/// does not say which header, so the request's headers are copied and the
+/// scope resolved when the request runs, as [`IdempotentRequest`] does;
+/// with [`KEY_REQUIRED`], a missing key is still refused while extracting.
+pub const HEADERS: u8 = 3;
 /// Added to one of the scope kinds above for an endpoint that is not
 /// `optional`: a request without a key is then refused while its context
 /// is extracted, before the handler's body extractor reads and parses the
@@ -46,8 +51,8 @@ pub const KEY_REQUIRED: u8 = 0x80;
 
 /// The request's idempotency context for an endpoint whose scope kind the
 /// attribute knows (`SCOPE`, one of the constants above): the scope is
-/// resolved during extraction, so the request's headers are not copied.
-/// Endpoints scoped by a named header extract [`IdempotentRequest`].
+/// resolved during extraction, so the request's headers are not copied
+/// (but for [`HEADERS`]).
 #[derive(Debug)]
 pub struct ScopedRequest<const SCOPE: u8>(IdempotentRequest);
 
@@ -70,6 +75,7 @@ impl<const SCOPE: u8> ScopedRequest<SCOPE> {
                     ScopeSource::Resolved(scope::api_key(headers, header))
                 }
                 GLOBAL => ScopeSource::Resolved(Ok(ScopeDigest::global())),
+                HEADERS => ScopeSource::Headers(Box::new(headers.clone())),
                 _ => ScopeSource::Principal,
             }
         })?;

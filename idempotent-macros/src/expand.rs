@@ -747,12 +747,10 @@ fn place() -> TokenStream {
 
 /// The extractor of the request's idempotency context. Where the scope
 /// kind alone says which headers it reads, the scope is resolved while
-/// extracting, so the request's headers are not copied; an endpoint scoped
-/// by a named header takes the general extractor, which copies them.
+/// extracting, so the request's headers are not copied; for an endpoint
+/// scoped by a named header they are, and its scope is resolved when the
+/// request runs.
 fn request_type(args: &Args, private: &TokenStream) -> TokenStream {
-    if let Some(Scope::Header(_)) = &args.scope {
-        return quote!(#private::IdempotentRequest);
-    }
     let kind = scope_kind(args, private);
     quote!(#private::ScopedRequest<#kind>)
 }
@@ -762,6 +760,7 @@ fn scope_kind(args: &Args, private: &TokenStream) -> TokenStream {
     let kind = match &args.scope {
         Some(Scope::Global) => quote!(GLOBAL),
         Some(Scope::Custom(_)) => quote!(CUSTOM),
+        Some(Scope::Header(_)) => quote!(HEADERS),
         _ => quote!(API_KEY),
     };
     // A keyless request to an endpoint that requires a key is refused

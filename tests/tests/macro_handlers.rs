@@ -169,6 +169,16 @@ async fn create_order_optional(
     placed(&counter, &order)
 }
 
+/// Scoped by a named header, whose scope resolves when the request runs;
+/// its key is still checked while extracting.
+#[idempotent(ttl = "1h", scope = "header:x-tenant")]
+async fn create_order_by_tenant(
+    State(counter): State<Counter>,
+    Json(order): Json<Order>,
+) -> (StatusCode, Json<serde_json::Value>) {
+    placed(&counter, &order)
+}
+
 #[tokio::test]
 async fn a_missing_key_is_reported_before_the_body_is_read() {
     // As with `IdempotentLayer`: a keyless request is told to send a key,
@@ -179,9 +189,10 @@ async fn a_missing_key_is_reported_before_the_body_is_read() {
         .route("/orders", post(create_order))
         .route("/plain", post(create_order_plain))
         .route("/optional", post(create_order_optional))
+        .route("/tenant", post(create_order_by_tenant))
         .with_state(counter.clone())
         .layer(Idempotency::new(MemoryStore::new()));
-    for uri in ["/orders", "/plain"] {
+    for uri in ["/orders", "/plain", "/tenant"] {
         for body in ["{", r#"{"item":"book","quantity":2}"#] {
             let response = send(&app, post_json(uri, None, body)).await;
             assert_eq!(response.0, StatusCode::BAD_REQUEST, "{uri} {body}");
