@@ -954,6 +954,18 @@ async fn a_corrupt_row_is_a_codec_error() {
     );
 }
 
+/// A session of its own that holds a write lock on the store's table
+/// until it commits.
+async fn lock_table(url: &str, store: &PostgresStore) -> sqlx::PgConnection {
+    let mut locker = sqlx::PgConnection::connect(url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query(&format!("LOCK TABLE {} IN EXCLUSIVE MODE", store.table()))
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    locker
+}
+
 /// Another session holds a write lock on the table (a migration, a bulk
 /// purge, a `VACUUM FULL`) for longer than the engine's store timeout: the
 /// claim is cut short and the engine answers 503 without running anything.
@@ -963,12 +975,7 @@ async fn a_corrupt_row_is_a_codec_error() {
 async fn a_claim_cut_short_by_the_store_timeout_leaves_no_lease_behind() {
     let Some(url) = backend_url(URL) else { return };
     let store = fresh_store(&url).await;
-    let mut locker = sqlx::PgConnection::connect(&url).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-    sqlx::query(&format!("LOCK TABLE {} IN EXCLUSIVE MODE", store.table()))
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    let mut locker = lock_table(&url, &store).await;
     let key = record_key(&unique_name("cut-short"));
     let fingerprint = Fingerprint::from_bytes([7; 32]);
     let cut = tokio::time::timeout(
@@ -1000,12 +1007,7 @@ async fn a_claim_cut_short_on_a_warm_connection_leaves_no_lease_behind() {
         for warm in 0..3 {
             claim(&store, &format!("warm-{warm}")).await;
         }
-        let mut locker = sqlx::PgConnection::connect(&url).await.unwrap();
-        sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-        sqlx::query(&format!("LOCK TABLE {} IN EXCLUSIVE MODE", store.table()))
-            .execute(&mut locker)
-            .await
-            .unwrap();
+        let mut locker = lock_table(&url, &store).await;
         let key = record_key(&unique_name("cut-short-warm"));
         let cut = tokio::time::timeout(
             Duration::from_millis(500),
