@@ -92,6 +92,12 @@ impl<'a> Handler<'a> {
         if sig.asyncness.is_none() {
             errors.spanned(sig.fn_token, "`#[idempotent]` handlers must be `async fn`");
         }
+        if let Some(unsafety) = sig.unsafety {
+            errors.spanned(
+                unsafety,
+                "`#[idempotent]` handlers cannot be `unsafe fn`: axum routes only safe functions; keep the `unsafe` block inside a safe handler",
+            );
+        }
         let principal = match &args.scope {
             Some(Scope::Custom(path)) => Some(path),
             _ => None,
