@@ -74,15 +74,30 @@ struct Shard {
     expiries: Expiries,
     /// Bytes of completed records, by [`weight`].
     bytes: usize,
-    /// Spare room that new records are encoded into. A record outlives
-    /// the request that stores it; carving records from a few large blocks,
-    /// rather than one heap allocation each among the request's short-lived
-    /// ones, made first executions faster under glibc malloc (see
-    /// BENCHMARKS.md). Records of one TTL leave a shard in completion order
-    /// (by deadline), or earlier when their key is taken over, so a block is
-    /// freed soon after the records around it; it is freed with its last
-    /// record.
-    arena: BytesMut,
+    /// Spare room that new records are encoded into.
+    arena: Arena,
+}
+
+/// The block that new records are carved from. A record outlives the
+/// request that stores it; carving records from a few large blocks, rather
+/// than one heap allocation each among the request's short-lived ones, made
+/// first executions faster under glibc malloc (see BENCHMARKS.md).
+///
+/// A block is freed with its last record, and records leave a shard
+/// soonest deadline first (or earlier, when their key is taken over), so
+/// only a record due no earlier than every record carved before it is
+/// carved: the records of a block then go together, and only the block
+/// being emptied holds room of records already gone. A record due earlier
+/// (a shorter TTL after a longer one, or a cached record of a durable
+/// store) gets an allocation of its own: carved beside a longer-lived
+/// record, its room and that of every record carved around it would stay
+/// taken for as long as the longer-lived one lives, uncounted by the
+/// budget.
+#[derive(Default)]
+struct Arena {
+    block: BytesMut,
+    /// The latest deadline of the records carved so far (Unix ms).
+    latest_deadline: u64,
 }
 
 /// A slot names its record by a 128-bit keyed hash of (scope, key) rather
@@ -553,18 +568,20 @@ fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
     shard.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// `record`'s encoding, written into the shard's arena; a record larger
-/// than a quarter block gets an allocation of its own.
-fn encode_in(arena: &mut BytesMut, record: &Completed, block_bytes: usize) -> Bytes {
+/// `record`'s encoding, carved from the shard's arena; a record larger
+/// than a quarter block, or due before a record already carved, gets an
+/// allocation of its own (see [`Arena`]).
+fn encode_in(arena: &mut Arena, record: &Completed, block_bytes: usize) -> Bytes {
     let len = record.encoded_len();
-    if len > block_bytes / 4 {
+    if len > block_bytes / 4 || record.expires_at < arena.latest_deadline {
         return record.encode();
     }
-    if arena.capacity() < len {
-        *arena = BytesMut::with_capacity(block_bytes);
+    arena.latest_deadline = record.expires_at;
+    if arena.block.capacity() < len {
+        arena.block = BytesMut::with_capacity(block_bytes);
     }
-    record.encode_into(arena);
-    arena.split().freeze()
+    record.encode_into(&mut arena.block);
+    arena.block.split().freeze()
 }
 
 fn weight(encoded: &Bytes) -> usize {
@@ -786,6 +803,65 @@ mod tests {
             "the record completed after expiry stays"
         );
         assert_eq!(store.completed_len(), 2);
+    }
+
+    #[test]
+    fn in_flight_claims_stay_while_completed_records_are_evicted() {
+        let (_clock, store) = clocked(4 * 1024);
+        let held: Vec<_> = (0..100)
+            .map(|i| {
+                let key = key(&format!("held{i}"));
+                let Ok(Claim::Acquired(token)) = store.inner.claim(&key, FINGERPRINT, LEASE) else {
+                    panic!("held{i} is new");
+                };
+                (key, token)
+            })
+            .collect();
+        for i in 0..100 {
+            complete(&store, &format!("done{i}"), 600, Duration::from_secs(600));
+        }
+        assert!(store.completed_bytes() <= 4 * 1024);
+        assert_eq!(store.in_flight_len(), 100);
+        for (key, token) in held {
+            assert!(matches!(
+                store.inner.claim(&key, FINGERPRINT, LEASE),
+                Ok(Claim::InFlight { .. })
+            ));
+            store
+                .inner
+                .complete(&key, token, response(10), 0, 1_000)
+                .expect("the claim is still held");
+        }
+    }
+
+    /// Whether `name`'s completed record shares its allocation (an arena
+    /// block) with other records or the arena.
+    fn shares_a_block(store: &MemoryStore, name: &str) -> bool {
+        let (id, shard) = store.inner.locate(&key(name));
+        let slot = shard.table.find(id[0], |slot| slot.id == id);
+        match slot.map(|slot| &slot.state) {
+            Some(State::Completed(encoded)) => !encoded.is_unique(),
+            _ => panic!("{name} is not completed"),
+        }
+    }
+
+    #[test]
+    fn a_record_due_before_one_already_in_a_block_is_not_carved_from_it() {
+        let (_clock, store) = clocked(512 * 1024);
+        complete(&store, "day", 10, Duration::from_secs(86_400));
+        // Carved from the block that holds `day`, `minute` would keep its
+        // share of that block, and the records carved after it theirs,
+        // for as long as `day` lives.
+        complete(&store, "minute", 10, Duration::from_secs(60));
+        assert!(
+            !shares_a_block(&store, "minute"),
+            "the shorter-lived record was carved from the longer-lived one's block"
+        );
+        complete(&store, "day2", 10, Duration::from_secs(86_400));
+        assert!(
+            shares_a_block(&store, "day2"),
+            "records due in completion order are carved from blocks"
+        );
     }
 
     #[test]
