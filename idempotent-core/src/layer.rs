@@ -45,9 +45,27 @@ pub(crate) struct Claimed(pub(crate) &'static str);
 ///
 /// The router still needs the [`Idempotency`](crate::Idempotency) layer,
 /// which must wrap this one (add it to the router after the route). Add it
-/// with `route_layer`: `layer` on a method router also wraps axum's answer
-/// to other methods, so a `GET` with a key would store its 405 under that
-/// key, and the `POST` that follows would be refused as a reused key.
+/// with `route_layer`, on the method router or on the `Router` after its
+/// routes: `layer` on a method router also wraps axum's answer to other
+/// methods (a `GET` without a key would get 400 `missing-key` instead of
+/// 405), and `layer` on the `Router`, like wrapping the whole router, also
+/// wraps its fallback, so a request to a path without a route would store
+/// its 404 under its key and the retry sent to the right path would be
+/// refused as a reused key (422).
+///
+/// Layers that make the response depend on request headers the fingerprint
+/// does not cover, such as compression (`Accept-Encoding`) or CORS
+/// (`Origin`), go outside this one (added after it): inside, the response
+/// as the first request got it, gzip bytes or one origin's
+/// `Access-Control-Allow-Origin`, would be stored and replayed to every
+/// retry, whatever the retry accepts. Timeouts go outside too: one inside
+/// answers 408, which releases the key while the handler it cancelled may
+/// already have acted.
+///
+/// A nested router's static prefix is not in the path this layer sees:
+/// one router nested at two prefixes (`/sandbox`, `/live`) shares its keys
+/// between them, and a retry at one would be answered with the other's
+/// response. Give each nesting an endpoint name of its own.
 ///
 /// ```
 /// use axum::{Router, routing::post};

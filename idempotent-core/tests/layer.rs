@@ -227,6 +227,31 @@ async fn a_request_with_another_method_does_not_use_up_the_key() {
 }
 
 #[tokio::test]
+async fn a_router_wide_route_layer_does_not_use_up_the_key_on_another_method() {
+    // `Router::route_layer` wraps each method router whole, its 405 for
+    // the other methods included.
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = Router::new()
+        .route("/orders", post(create_order))
+        .route_layer(layer())
+        .layer(Extension(runs.clone()))
+        .layer(Idempotency::new(MemoryStore::new()));
+    let wrong_method = Request::get("/orders")
+        .header("x-api-key", "caller")
+        .header("idempotency-key", "k")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(
+        send(&app, wrong_method).await.0,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    let (status, headers, body) = send(&app, order("/orders", "k", r#"{"sku":"a"}"#)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert!(!headers.contains_key("idempotent-replayed"));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
 async fn an_optional_route_runs_a_keyless_request_as_it_came() {
     let runs = Arc::new(AtomicUsize::new(0));
     let optional = IdempotentLayer::new(Endpoint::new("create_order").optional(true));
