@@ -488,16 +488,48 @@ impl Engine {
         matches!(read, Ok(Some(Record::Completed(record))) if record.fingerprint == self.fingerprint)
     }
 
+    /// Releases the key, trying again after a store error as a completion
+    /// is: until it is released, retries get 409 for as long as the lease
+    /// has left to run.
     async fn release(&self, token: LeaseToken, reason: &'static str) {
-        match self
-            .timed(self.settings.store.release(&self.key, token))
-            .await
-        {
+        let released = match self.release_once(token).await {
+            // A lost lease is final: another request holds the key.
+            Err(error) if !matches!(error, StoreError::LeaseLost) => {
+                // Boxed: only a failed attempt pays for the retries.
+                Box::pin(self.release_again(token, error)).await
+            }
+            released => released,
+        };
+        match released {
             Ok(()) => tracing::info!(outcome = "released", reason),
             Err(error) => {
                 tracing::error!(%error, outcome = "store_error", reason, message = NOT_RELEASED);
             }
         }
+    }
+
+    /// The attempts after a first release failed with `error`.
+    async fn release_again(
+        &self,
+        token: LeaseToken,
+        mut error: StoreError,
+    ) -> Result<(), StoreError> {
+        for pause in STORE_RETRY_PAUSES {
+            tracing::warn!(%error, "could not release the key; trying again");
+            tokio::time::sleep(pause).await;
+            match self.release_once(token).await {
+                // An attempt that timed out may have been applied; or the
+                // lease lapsed meanwhile. Either way the key is not held
+                // by this request any more.
+                Ok(()) | Err(StoreError::LeaseLost) => return Ok(()),
+                Err(again) => error = again,
+            }
+        }
+        Err(error)
+    }
+
+    fn release_once(&self, token: LeaseToken) -> impl Future<Output = Result<(), StoreError>> {
+        self.timed(self.settings.store.release(&self.key, token))
     }
 }
 

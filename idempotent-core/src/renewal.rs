@@ -23,6 +23,7 @@
 //! payment SDK, a long computation) would hold them back, the lease would
 //! lapse under it, and a duplicate would run it again.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -62,7 +63,15 @@ struct HeldClaim {
     held: (LeaseToken, Fingerprint),
     /// The request's span, for what the renewals log.
     span: tracing::Span,
-    renewing: Option<JoinHandle<()>>,
+    renewing: Option<Renewing>,
+}
+
+/// The task renewing a claim, and whether its run has settled the claim
+/// (stored the record or released the key): an abort does not stop a
+/// renewal that is already under way, which then meets the settled claim.
+struct Renewing {
+    task: JoinHandle<()>,
+    settled: Arc<AtomicBool>,
 }
 
 /// The task that watches one runtime's claims.
@@ -123,8 +132,10 @@ impl Renewer {
             if claim.runtime != runtime || claim.renewing.is_some() || claim.due > horizon {
                 continue;
             }
-            let renewals = renew_until_lost(Arc::clone(settings), claim);
-            claim.renewing = Some(tokio::spawn(renewals.instrument(claim.span.clone())));
+            let settled = Arc::new(AtomicBool::new(false));
+            let renewals = renew_until_lost(Arc::clone(settings), claim, Arc::clone(&settled));
+            let task = tokio::spawn(renewals.instrument(claim.span.clone()));
+            claim.renewing = Some(Renewing { task, settled });
         }
         Some(watcher.every)
     }
@@ -220,8 +231,9 @@ impl Drop for Renewals<'_> {
             return;
         };
         let settled = self.renewer.table().claims.remove(id);
-        if let Some(task) = settled.renewing {
-            task.abort();
+        if let Some(renewing) = settled.renewing {
+            renewing.settled.store(true, Ordering::Release);
+            renewing.task.abort();
         }
     }
 }
@@ -272,10 +284,22 @@ impl Drop for ForgetWatcher {
     }
 }
 
-/// Says that the lease was lost, unless the renewal only met the record
-/// its own run had just stored: an abort does not stop a renewal that is
-/// already under way when the record is stored.
-async fn lease_lost(settings: &Settings, key: &RecordKey, fingerprint: Fingerprint) {
+/// Says that the lease was lost, unless the renewal only met the claim its
+/// own run had just settled: an abort does not stop a renewal that is
+/// already under way when the record is stored or the key released.
+async fn lease_lost(
+    settings: &Settings,
+    key: &RecordKey,
+    fingerprint: Fingerprint,
+    settled: &AtomicBool,
+) {
+    // Settled by its own run: it stops the renewals before it releases the
+    // key, and right after it stored the record.
+    if settled.load(Ordering::Acquire) {
+        tracing::debug!("a renewal met the claim its run had settled");
+        return;
+    }
+    // Stored by its own run, which has not stopped the renewals yet.
     let stored = within(settings.store_timeout, settings.store.get(key)).await;
     if let Ok(Some(Record::Completed(record))) = stored
         && record.fingerprint == fingerprint
@@ -294,6 +318,7 @@ async fn lease_lost(settings: &Settings, key: &RecordKey, fingerprint: Fingerpri
 fn renew_until_lost(
     settings: Arc<Settings>,
     claim: &HeldClaim,
+    settled: Arc<AtomicBool>,
 ) -> impl Future<Output = ()> + Send + 'static {
     let (key, lease, (token, fingerprint)) = (claim.key.clone(), claim.lease, claim.held);
     let period = lease / 3;
@@ -305,7 +330,7 @@ fn renew_until_lost(
             match within(settings.store_timeout, renewed).await {
                 Ok(()) => {}
                 Err(StoreError::LeaseLost) => {
-                    return lease_lost(&settings, &key, fingerprint).await;
+                    return lease_lost(&settings, &key, fingerprint, &settled).await;
                 }
                 Err(error) => {
                     tracing::warn!(%error, "could not renew the lease; retrying");

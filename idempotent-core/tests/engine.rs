@@ -1172,6 +1172,71 @@ async fn a_completion_that_fails_once_is_tried_again_so_a_later_retry_replays() 
     assert_eq!(handler.runs(), 1);
 }
 
+/// A 5xx releases the key so that the client's retry runs again: one
+/// failed release (a blip) must not leave it claimed for a whole lease.
+#[cfg(feature = "test-util")]
+#[tokio::test]
+async fn a_release_that_fails_once_is_tried_again_so_the_retry_runs() {
+    use idempotent_core::testing::{MockStore, OpKind};
+    let store = MockStore::new();
+    let handler = Handler {
+        status: Some(StatusCode::SERVICE_UNAVAILABLE),
+        ..Handler::default()
+    };
+    let app = app(store.clone(), &handler);
+    let body = json!({"amount": 10});
+    store.fail_next(OpKind::Release);
+    let (status, _, _) = send(&app, request(Some("k"), &body)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    // Well within the lease: a key still claimed would answer 409.
+    let (status, _, _) = send(&app, request(Some("k"), &body)).await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the retry found the key still claimed"
+    );
+    assert_eq!(handler.runs(), 2);
+    assert_eq!(store.count(OpKind::Release), 2);
+}
+
+/// The same for a handler that panics: its key is released although the
+/// first attempt failed, and a waiting duplicate then runs.
+#[cfg(feature = "test-util")]
+#[tokio::test]
+async fn a_waiting_duplicate_runs_after_a_panicking_first_whose_release_failed_once() {
+    use idempotent_core::testing::{MockStore, OpKind};
+    let store = MockStore::new();
+    let (panicking, gate) = Handler::gated();
+    let panicking = Handler {
+        panic: true,
+        ..panicking
+    };
+    let endpoint = Endpoint::new("pay").wait(Duration::from_secs(5));
+    let idempotency = Idempotency::new(store.clone());
+    let body = json!({"amount": 10});
+    let first = spawn_send(
+        &app_with(idempotency.clone(), &panicking, endpoint),
+        "k",
+        &body,
+    );
+    panicking.started.notified().await;
+    let healthy = Handler {
+        runs: panicking.runs.clone(),
+        ..Handler::default()
+    };
+    let duplicate = spawn_send(&app_with(idempotency, &healthy, endpoint), "k", &body);
+    store.fail_next(OpKind::Release);
+    gate.add_permits(1);
+    assert!(first.await.unwrap_err().is_panic());
+    let (status, headers, _) = duplicate.await.unwrap();
+    assert_eq!(
+        (status, replayed(&headers)),
+        (StatusCode::CREATED, false),
+        "the duplicate waited out the key a failed release left claimed"
+    );
+    assert_eq!(healthy.runs(), 2);
+}
+
 /// A clock that follows tokio's paused clock, as the system clock follows
 /// real time.
 #[derive(Debug, Clone)]

@@ -1,7 +1,8 @@
 //! The lease's renewals run on a task of their own, aborted once the
-//! record is stored; a renewal already under way then meets the stored
-//! record. A process of its own: the subscriber that records the events is
-//! global, since the renewal task logs from whichever worker runs it.
+//! record is stored or the key released; a renewal already under way then
+//! meets the stored record, or none. A process of its own: the subscriber
+//! that records the events is global, since the renewal task logs from
+//! whichever worker runs it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -99,31 +100,50 @@ impl tracing::Subscriber for Outcomes {
     fn exit(&self, _: &tracing::span::Id) {}
 }
 
-/// Answers after 600 ms, while the first renewal (due at 500 ms of a
-/// 1.5 s lease) holds its thread until 900 ms.
+/// Answers `status` after 600 ms, while the first renewal (due at 500 ms
+/// of a 1.5 s lease) holds its thread until 900 ms.
 async fn pay(
-    State(endpoint): State<Endpoint>,
+    State((endpoint, status)): State<(Endpoint, StatusCode)>,
     idem: IdempotentRequest,
     Json(input): Json<Value>,
 ) -> Response {
     let fingerprint = endpoint.fingerprint(&input);
-    idem.run(&endpoint, fingerprint, async {
+    idem.run(&endpoint, fingerprint, async move {
         tokio::time::sleep(Duration::from_millis(600)).await;
-        (StatusCode::CREATED, Json(json!({"paid": true}))).into_response()
+        (status, Json(json!({"paid": true}))).into_response()
     })
     .await
 }
 
+/// One test for both cases: the subscriber is the process's global one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_renewal_that_meets_its_own_stored_record_reports_no_lost_lease() {
+async fn a_renewal_that_meets_its_own_settled_claim_reports_no_lost_lease() {
     let outcomes = Arc::new(Outcomes::default());
     tracing::subscriber::set_global_default(outcomes.clone()).expect("the only subscriber");
+    // The record is stored while the renewal is under way.
+    let logged = overlapping_renewal(&outcomes, StatusCode::CREATED).await;
+    assert!(
+        !logged.iter().any(|outcome| outcome == "lease_lost"),
+        "a stored record was reported as a lost lease: {logged:?}"
+    );
+    // The key is released (a status that is not final) while it is.
+    let logged = overlapping_renewal(&outcomes, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert!(
+        !logged.iter().any(|outcome| outcome == "lease_lost"),
+        "a released key was reported as a lost lease: {logged:?}"
+    );
+}
+
+/// Runs one request answering `status` while its first renewal is under
+/// way; the outcomes it logged.
+async fn overlapping_renewal(outcomes: &Outcomes, status: StatusCode) -> Vec<String> {
+    outcomes.0.lock().unwrap().clear();
     let store = SlowRenewals::default();
     let renewals = store.renewals.clone();
     let endpoint = Endpoint::new("pay").lease(Duration::from_millis(1_500));
     let app = Router::new()
         .route("/pay", post(pay))
-        .with_state(endpoint)
+        .with_state((endpoint, status))
         .layer(Idempotency::new(store));
     let request = Request::post("/pay")
         .header("content-type", "application/json")
@@ -132,13 +152,9 @@ async fn a_renewal_that_meets_its_own_stored_record_reports_no_lost_lease() {
         .body(Body::from(json!({"amount": 1}).to_string()))
         .unwrap();
     let response = app.oneshot(request).await.unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    // The renewal under way when the record was stored finishes.
+    assert_eq!(response.status(), status);
+    // The renewal under way when the record was settled finishes.
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(renewals.load(Ordering::SeqCst), 1, "one renewal overlapped");
-    let outcomes = outcomes.0.lock().unwrap().clone();
-    assert!(
-        !outcomes.iter().any(|outcome| outcome == "lease_lost"),
-        "a stored record was reported as a lost lease: {outcomes:?}"
-    );
+    outcomes.0.lock().unwrap().clone()
 }
