@@ -27,8 +27,8 @@ use crate::fingerprint::FingerprintError;
 struct Registry {
     first_place: HashMap<&'static str, &'static str>,
     shared: HashMap<&'static str, [&'static str; 2]>,
-    /// The exact-repeat ids ([`endpoint_id`](crate::__private::endpoint_id)
-    /// of the name and the place) of the handlers whose name is shared.
+    /// The exact-repeat ids ([`endpoint_id`](crate::__private::endpoint_id))
+    /// of the handlers whose name is shared.
     shared_endpoints: HashSet<u64>,
 }
 
@@ -79,7 +79,7 @@ fn register(name: &'static str, place: &'static str) {
     if first != place {
         registry.shared.insert(name, [first, place]);
         for place in [first, place] {
-            let id = crate::__private::endpoint_id(&format!("{name} {place}"));
+            let id = crate::__private::endpoint_id(name, place);
             registry.shared_endpoints.insert(id);
         }
         ANY_SHARED.store(true, Ordering::Relaxed);

@@ -104,7 +104,7 @@ impl<const SCOPE: u8> From<ScopedRequest<SCOPE>> for IdempotentRequest {
 /// the handler's body extractor `T`. It runs after every other extractor,
 /// and answers an exact repeat of a replayed request from the store before
 /// `T` parses anything (see the `exact` module). `ENDPOINT` is
-/// [`endpoint_id`] of the handler's module path, name and endpoint name.
+/// [`endpoint_id`] of the handler's endpoint name and the attribute's place.
 #[derive(Debug)]
 pub struct ExactBody<const SCOPE: u8, const ENDPOINT: u64, T>(IdempotentRequest, T);
 
@@ -155,12 +155,17 @@ fn note_route_params(idempotent: &mut IdempotentRequest, request: &mut Request) 
     std::mem::swap(&mut parts.extensions, request.extensions_mut());
 }
 
-/// A 64-bit FNV-1a hash of an endpoint's identity (the handler's path and
-/// the endpoint's name), for [`ExactBody`]'s `ENDPOINT`.
+/// A 64-bit FNV-1a hash of an endpoint's identity, its name and the
+/// place (`file:line:column`) of its attribute joined by a space, for
+/// [`ExactBody`]'s `ENDPOINT`; also how the name registry finds a
+/// handler whose default name is shared.
 #[must_use]
-pub const fn endpoint_id(identity: &str) -> u64 {
-    let bytes = identity.as_bytes();
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+pub const fn endpoint_id(name: &str, place: &str) -> u64 {
+    let hash = fnv1a(0xcbf2_9ce4_8422_2325, name.as_bytes());
+    fnv1a(fnv1a(hash, b" "), place.as_bytes())
+}
+
+const fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
     let mut index = 0;
     while index < bytes.len() {
         hash = (hash ^ bytes[index] as u64).wrapping_mul(0x0100_0000_01b3);

@@ -736,7 +736,7 @@ fn endpoint_id(args: &Args, name: &Ident, private: &TokenStream) -> TokenStream 
     let endpoint = endpoint_name(args, name);
     let place = place();
     quote! {
-        { #private::endpoint_id(::core::concat!(#endpoint, " ", #place)) }
+        { #private::endpoint_id(#endpoint, #place) }
     }
 }
 
