@@ -442,27 +442,19 @@ impl Engine {
         token: LeaseToken,
         parts: &Parts,
         body: Option<Bytes>,
-        mut error: StoreError,
+        error: StoreError,
     ) -> Result<(), StoreError> {
-        // A lost lease is final: another request holds the key.
         let retried = !matches!(error, StoreError::LeaseLost);
-        for pause in STORE_RETRY_PAUSES {
-            if matches!(error, StoreError::LeaseLost) {
-                break;
-            }
-            tracing::warn!(%error, "could not store the response; trying again");
-            tokio::time::sleep(pause).await;
-            match self.complete(token, parts, body.clone()).await {
-                Ok(()) => return Ok(()),
-                Err(again) => error = again,
-            }
-        }
+        let stored = after_pauses(error, "could not store the response; trying again", || {
+            self.complete(token, parts, body.clone())
+        })
+        .await;
         // An attempt that timed out may have been applied, and then the
         // lease is gone because the record is stored.
-        if retried && self.stored_already().await {
+        if stored.is_err() && retried && self.stored_already().await {
             return Ok(());
         }
-        Err(error)
+        stored
     }
 
     /// One attempt at completing the record, the stored response rebuilt
@@ -508,29 +500,50 @@ impl Engine {
         }
     }
 
-    /// The attempts after a first release failed with `error`.
-    async fn release_again(
-        &self,
-        token: LeaseToken,
-        mut error: StoreError,
-    ) -> Result<(), StoreError> {
-        for pause in STORE_RETRY_PAUSES {
-            tracing::warn!(%error, "could not release the key; trying again");
-            tokio::time::sleep(pause).await;
-            match self.release_once(token).await {
-                // An attempt that timed out may have been applied; or the
-                // lease lapsed meanwhile. Either way the key is not held
-                // by this request any more.
-                Ok(()) | Err(StoreError::LeaseLost) => return Ok(()),
-                Err(again) => error = again,
-            }
+    /// The attempts after a first release failed with `error`, other than
+    /// a lost lease.
+    async fn release_again(&self, token: LeaseToken, error: StoreError) -> Result<(), StoreError> {
+        let released = after_pauses(error, "could not release the key; trying again", || {
+            self.release_once(token)
+        })
+        .await;
+        match released {
+            // An attempt that timed out may have been applied; or the lease
+            // lapsed meanwhile. Either way the key is not held by this
+            // request any more.
+            Err(StoreError::LeaseLost) => Ok(()),
+            released => released,
         }
-        Err(error)
     }
 
     fn release_once(&self, token: LeaseToken) -> impl Future<Output = Result<(), StoreError>> {
         self.timed(self.settings.store.release(&self.key, token))
     }
+}
+
+/// Runs `attempt` again after each of [`STORE_RETRY_PAUSES`] while it
+/// fails (`error` is the first attempt's), until it succeeds or the lease
+/// is lost, which is final: another request holds the key.
+async fn after_pauses<F>(
+    mut error: StoreError,
+    warning: &'static str,
+    attempt: impl Fn() -> F,
+) -> Result<(), StoreError>
+where
+    F: Future<Output = Result<(), StoreError>>,
+{
+    for pause in STORE_RETRY_PAUSES {
+        if matches!(error, StoreError::LeaseLost) {
+            break;
+        }
+        tracing::warn!(%error, "{warning}");
+        tokio::time::sleep(pause).await;
+        match attempt().await {
+            Ok(()) => return Ok(()),
+            Err(again) => error = again,
+        }
+    }
+    Err(error)
 }
 
 fn not_stored(not_kept: NotKept) {
