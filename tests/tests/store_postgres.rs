@@ -954,16 +954,31 @@ async fn a_corrupt_row_is_a_codec_error() {
     );
 }
 
-/// A session of its own that holds a write lock on the store's table
-/// until it commits.
-async fn lock_table(url: &str, store: &PostgresStore) -> sqlx::PgConnection {
+/// The fingerprint of the claims `cut_a_claim_short` cuts.
+const CUT_FINGERPRINT: Fingerprint = Fingerprint::from_bytes([7; 32]);
+
+/// Claims `key` while another session holds a write lock on the store's
+/// table, gives up on the claim after 500 ms, as the engine's store timeout
+/// does, then lets the lock go and gives the server a second to run the
+/// statement it was sent. `label` names the case in failures.
+async fn cut_a_claim_short(url: &str, store: &PostgresStore, key: &RecordKey, label: &str) {
     let mut locker = sqlx::PgConnection::connect(url).await.unwrap();
     sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
     sqlx::query(&format!("LOCK TABLE {} IN EXCLUSIVE MODE", store.table()))
         .execute(&mut locker)
         .await
         .unwrap();
-    locker
+    let cut = tokio::time::timeout(
+        Duration::from_millis(500),
+        store.claim(key, CUT_FINGERPRINT, Duration::from_secs(60)),
+    )
+    .await;
+    assert!(
+        cut.is_err(),
+        "{label}: the claim waits for the lock: {cut:?}"
+    );
+    sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
 }
 
 /// Another session holds a write lock on the table (a migration, a bulk
@@ -975,17 +990,8 @@ async fn lock_table(url: &str, store: &PostgresStore) -> sqlx::PgConnection {
 async fn a_claim_cut_short_by_the_store_timeout_leaves_no_lease_behind() {
     let Some(url) = backend_url(URL) else { return };
     let store = fresh_store(&url).await;
-    let mut locker = lock_table(&url, &store).await;
     let key = record_key(&unique_name("cut-short"));
-    let fingerprint = Fingerprint::from_bytes([7; 32]);
-    let cut = tokio::time::timeout(
-        Duration::from_millis(500),
-        store.claim(&key, fingerprint, Duration::from_secs(60)),
-    )
-    .await;
-    assert!(cut.is_err(), "the claim waits for the lock: {cut:?}");
-    sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    cut_a_claim_short(&url, &store, &key, "cold").await;
     let left = store.get(&key).await.unwrap();
     drop_table(&store).await;
     assert_eq!(
@@ -1003,27 +1009,15 @@ async fn a_claim_cut_short_on_a_warm_connection_leaves_no_lease_behind() {
     let Some(url) = backend_url(URL) else { return };
     for hold in [0, 1] {
         let store = store_on_own_pool(&url, hold).await;
-        let fingerprint = Fingerprint::from_bytes([7; 32]);
         for warm in 0..3 {
             claim(&store, &format!("warm-{warm}")).await;
         }
-        let mut locker = lock_table(&url, &store).await;
         let key = record_key(&unique_name("cut-short-warm"));
-        let cut = tokio::time::timeout(
-            Duration::from_millis(500),
-            store.claim(&key, fingerprint, Duration::from_secs(60)),
-        )
-        .await;
-        assert!(
-            cut.is_err(),
-            "hold {hold}: the claim waits for the lock: {cut:?}"
-        );
-        sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(1000)).await;
+        cut_a_claim_short(&url, &store, &key, &format!("hold {hold}")).await;
         let left = store.get(&key).await.unwrap();
         // The key is free again for the retry of the request told nothing ran.
         let retried = store
-            .claim(&key, fingerprint, Duration::from_secs(60))
+            .claim(&key, CUT_FINGERPRINT, Duration::from_secs(60))
             .await;
         drop_table(&store).await;
         assert_eq!(
