@@ -246,7 +246,21 @@ pub fn fingerprint<T: Serialize + ?Sized>(
 ///
 /// Implemented for axum's body and URL extractors, so `Json<T>` contributes
 /// its `T`. Implement it for your own extractors, usually by forwarding a
-/// `Serialize` view of them to [`Fingerprinter::input`].
+/// `Serialize` view of them to [`Fingerprinter::input`]:
+///
+/// ```
+/// use idempotent_core::{FingerprintError, FingerprintInput, Fingerprinter};
+/// use serde::Serialize;
+///
+/// /// An extractor of your own that parses and validates a JSON body.
+/// struct Validated<T>(T);
+///
+/// impl<T: Serialize> FingerprintInput for Validated<T> {
+///     fn fingerprint_into(&self, fingerprinter: &mut Fingerprinter) -> Result<(), FingerprintError> {
+///         fingerprinter.input(&self.0).map(drop)
+///     }
+/// }
+/// ```
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be part of the request fingerprint",
     label = "this argument is fingerprinted",

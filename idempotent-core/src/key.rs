@@ -146,7 +146,7 @@ pub enum KeyError {
     },
     /// A character outside printable ASCII, or one the bare form does not allow.
     #[error(
-        "the idempotency key has a character that is not allowed at position {position} (byte 0x{byte:02x}); keys are printable ASCII, and a bare key may not contain spaces, '\"' or ','"
+        "the Idempotency-Key header has a byte that is not allowed, 0x{byte:02x}, at offset {position} of its value (counting from 0); keys are printable ASCII, and a bare key may not contain spaces, '\"' or ','"
     )]
     InvalidCharacter {
         /// Zero-based byte offset in the header value.
@@ -313,6 +313,15 @@ mod tests {
                 byte: 0x7f
             })
         ));
+    }
+
+    #[test]
+    fn an_invalid_character_is_named_by_its_offset_from_zero() {
+        let message = key("bad key").unwrap_err().to_string();
+        assert!(
+            message.contains("0x20, at offset 3 of its value (counting from 0)"),
+            "{message}"
+        );
     }
 
     #[test]

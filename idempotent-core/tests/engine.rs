@@ -794,7 +794,7 @@ async fn invalid_keys_are_400_with_the_reason() {
     let app = app(MemoryStore::new(), &handler);
     let long = "a".repeat(256);
     for (key, needle) in [
-        ("a b", "position 1"),
+        ("a b", "offset 1 of its value"),
         (long.as_str(), "256 characters"),
         ("\"open", "closing quote"),
     ] {
