@@ -1299,6 +1299,44 @@ mod tests {
         ]);
     }
 
+    // ----- depth -----
+
+    /// JSON nested `depth` deep, objects and arrays in turn.
+    fn nested(depth: usize) -> String {
+        let level = |i: usize| {
+            if i.is_multiple_of(2) {
+                ("{\"a\":", "}")
+            } else {
+                ("[", "]")
+            }
+        };
+        let open: String = (0..depth).map(|i| level(i).0).collect();
+        let close: String = (0..depth).rev().map(|i| level(i).1).collect();
+        format!("{open}1{close}")
+    }
+
+    /// serde_json refuses input nested deeper than 128, so that is as deep
+    /// as a request body gets. The encoder recurses once per level: the
+    /// deepest body must fingerprint well within a quarter of the 2 MiB
+    /// stack a Tokio worker has, unoptimized builds included.
+    #[test]
+    fn the_deepest_json_body_fingerprints_on_a_small_stack() {
+        let deepest = (1..=200)
+            .take_while(|&depth| serde_json::from_str::<Value>(&nested(depth)).is_ok())
+            .last()
+            .expect("shallow JSON parses");
+        assert!(deepest < 200, "serde_json limits nesting");
+        let value: Value = serde_json::from_str(&nested(deepest)).expect("within the limit");
+        let expected = fp(&value);
+        let on_small_stack = std::thread::Builder::new()
+            .stack_size(512 * 1024)
+            .spawn(move || fp(&value))
+            .expect("a thread")
+            .join()
+            .expect("no overflow");
+        assert_eq!(on_small_stack, expected);
+    }
+
     // ----- properties -----
 
     /// JSON trees with the given leaves, bounded in depth and size.
@@ -1331,6 +1369,25 @@ mod tests {
             "[ab]{0,2}".prop_map(Value::String),
         ];
         json_tree(leaf.boxed(), "[ab]{0,2}")
+    }
+
+    /// Floats, the ones that compare oddly (signed zeros, NaNs with any
+    /// sign and payload, infinities, subnormals) often.
+    fn any_f64() -> impl Strategy<Value = f64> {
+        let special = prop::sample::select(vec![
+            0.0,
+            -0.0,
+            f64::NAN,
+            -f64::NAN,
+            f64::from_bits(0x7ff0_0000_0000_0001),
+            f64::from_bits(0xfff8_dead_beef_0001),
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::MIN_POSITIVE,
+            f64::from_bits(1),
+            1.0,
+        ]);
+        prop_oneof![special, any::<u64>().prop_map(f64::from_bits)]
     }
 
     /// A copy whose objects were filled in reverse key order.
@@ -1372,6 +1429,13 @@ mod tests {
             prop_assert_eq!(fp(&reparsed), expected);
             prop_assert_eq!(fp(&reinserted_in_reverse(&value)), expected);
             prop_assert_eq!(fp(&Reversed(&value)), expected);
+        }
+
+        #[test]
+        fn floats_match_exactly_when_their_values_are_equal(a in any_f64(), b in any_f64()) {
+            let equal = a == b || (a.is_nan() && b.is_nan());
+            prop_assert_eq!(fp(&a) == fp(&b), equal);
+            prop_assert_eq!(fp(&BTreeMap::from([("x", a)])) == fp(&HashMap::from([("x", b)])), equal);
         }
 
         #[test]

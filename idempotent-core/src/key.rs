@@ -37,12 +37,13 @@ impl IdempotencyKey {
     /// # Errors
     /// [`KeyError`] says exactly what is wrong with the value.
     pub fn parse(field: &[u8]) -> Result<Self, KeyError> {
-        let field = field.trim_ascii();
+        let (leading, field) = trim_ows(field);
         let key: Cow<'_, str> = match field.first() {
-            Some(b'"') => Cow::Owned(parse_sf_string(field)?),
-            Some(_) => Cow::Borrowed(parse_bare(field)?),
-            None => return Err(KeyError::Empty),
-        };
+            Some(b'"') => parse_sf_string(field).map(Cow::Owned),
+            Some(_) => parse_bare(field).map(Cow::Borrowed),
+            None => Err(KeyError::Empty),
+        }
+        .map_err(|error| error.shifted(leading))?;
         if key.is_empty() {
             return Err(KeyError::Empty);
         }
@@ -159,6 +160,30 @@ pub enum KeyError {
     MalformedString(&'static str),
 }
 
+impl KeyError {
+    /// Positions are found in the trimmed value; this moves them back to
+    /// the value as given, by the `by` bytes trimmed from its start.
+    fn shifted(self, by: usize) -> Self {
+        match self {
+            Self::InvalidCharacter { position, byte } => Self::InvalidCharacter {
+                position: position + by,
+                byte,
+            },
+            other => other,
+        }
+    }
+}
+
+/// Cuts the optional whitespace around a field value (RFC 9110 `OWS`:
+/// spaces and tabs only, so a stray CR, LF or form feed is an invalid
+/// character, not padding), and says how many bytes went from the start.
+fn trim_ows(field: &[u8]) -> (usize, &[u8]) {
+    let is_ows = |byte: &&u8| matches!(byte, b' ' | b'\t');
+    let start = field.iter().take_while(is_ows).count();
+    let end = field.len() - field[start..].iter().rev().take_while(is_ows).count();
+    (start, &field[start..end])
+}
+
 fn parse_bare(field: &[u8]) -> Result<&str, KeyError> {
     let allowed = |byte: u8| byte.is_ascii_graphic() && byte != b'"' && byte != b',';
     // Every request checks its key: one pass without early exit, which
@@ -234,6 +259,8 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for IdempotencyKey {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     #[test]
@@ -378,5 +405,115 @@ mod tests {
     fn debug_output_hides_the_key() {
         let k = IdempotencyKey::parse(b"secret-order-42").unwrap();
         assert!(!format!("{k:?}").contains("secret"));
+    }
+
+    #[test]
+    fn error_positions_point_into_the_value_as_given() {
+        assert_eq!(
+            IdempotencyKey::parse(b"  a b"),
+            Err(KeyError::InvalidCharacter {
+                position: 3,
+                byte: b' '
+            })
+        );
+        assert_eq!(
+            IdempotencyKey::parse(b"\t\"a\x01\""),
+            Err(KeyError::InvalidCharacter {
+                position: 3,
+                byte: 1
+            })
+        );
+    }
+
+    #[test]
+    fn only_spaces_and_tabs_are_trimmed() {
+        assert_eq!(key(" \tabc\t ").unwrap(), "abc");
+        assert_eq!(key(" \t\"a b\" \t").unwrap(), "a b");
+        assert_eq!(
+            IdempotencyKey::parse(b"\x0cabc"),
+            Err(KeyError::InvalidCharacter {
+                position: 0,
+                byte: 0x0c
+            })
+        );
+        assert_eq!(
+            IdempotencyKey::parse(b"abc\r\n"),
+            Err(KeyError::InvalidCharacter {
+                position: 3,
+                byte: b'\r'
+            })
+        );
+    }
+
+    #[test]
+    fn the_limit_counts_the_key_not_its_escapes() {
+        let escaped = |len| format!("\"{}\"", "\\\"".repeat(len));
+        assert_eq!(key(&escaped(255)).unwrap(), "\"".repeat(255));
+        assert_eq!(key(&escaped(256)), Err(KeyError::TooLong { len: 256 }));
+    }
+
+    /// The sf-string form of `key`.
+    fn quoted(key: &str) -> String {
+        let mut out = String::from("\"");
+        for c in key.chars() {
+            if matches!(c, '"' | '\\') {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+        out
+    }
+
+    /// Bytes that steer the parser into its every branch.
+    fn tricky_field() -> impl Strategy<Value = Vec<u8>> {
+        let byte = prop_oneof![
+            4 => prop::sample::select(b" \t\"\\,;=a-\x7f\x80\xff\r\x0c".to_vec()),
+            1 => any::<u8>(),
+        ];
+        prop::collection::vec(byte, 0..12)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_field_gives_a_valid_key_or_an_error_that_points_at_its_byte(
+            field in prop_oneof![tricky_field(), prop::collection::vec(any::<u8>(), 0..300)],
+        ) {
+            match IdempotencyKey::parse(&field) {
+                Ok(key) => {
+                    let key = key.as_str();
+                    prop_assert!((1..=MAX_KEY_LEN).contains(&key.len()));
+                    prop_assert!(key.bytes().all(|byte| matches!(byte, b' '..=b'~')));
+                }
+                Err(KeyError::InvalidCharacter { position, byte }) => {
+                    prop_assert_eq!(field.get(position), Some(&byte));
+                }
+                Err(_) => {}
+            }
+        }
+
+        #[test]
+        fn a_quoted_key_reads_back_as_written(
+            text in "[ -~]{1,255}",
+            before in "[ \t]{0,2}",
+            after in "[ \t]{0,2}",
+        ) {
+            let field = format!("{before}{}{after}", quoted(&text));
+            prop_assert_eq!(key(&field), Ok(text));
+        }
+
+        #[test]
+        fn a_bare_key_names_the_same_key_as_its_quoted_form(text in "[!#-+\\--~]{1,255}") {
+            prop_assert_eq!(key(&text), Ok(text.clone()));
+            prop_assert_eq!(key(&quoted(&text)), Ok(text));
+        }
+
+        #[test]
+        fn keys_past_255_characters_are_too_long(text in "[ -~]{256,300}") {
+            let len = text.len();
+            prop_assert_eq!(key(&quoted(&text)), Err(KeyError::TooLong { len }));
+        }
     }
 }

@@ -232,3 +232,37 @@ impl From<crate::key::KeyError> for Problem {
         Self::new(kind, error.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures_util::FutureExt as _;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn body_json(problem: Problem) -> serde_json::Value {
+        let response = problem.into_response();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .now_or_never()
+            .expect("an in-memory body is ready")
+            .expect("an in-memory body reads");
+        serde_json::from_slice(&body).expect("valid JSON")
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// A detail is free text, and `Problem::new` is public: any text,
+        /// quotes, backslashes and control characters included, must
+        /// render as valid JSON that reads back as given.
+        #[test]
+        fn any_detail_renders_as_json_that_reads_back(
+            detail in prop_oneof![any::<String>(), "[\"\\\\\u{0}-\u{1f}\u{7f}\u{2028}\u{fffd}a]{0,16}"],
+        ) {
+            let json = body_json(Problem::new(ProblemKind::RecordCorrupt, detail.clone()));
+            prop_assert_eq!(&json["detail"], &serde_json::Value::String(detail));
+            prop_assert_eq!(&json["status"], 500);
+            prop_assert_eq!(&json["type"], "urn:idempotent:record-corrupt");
+        }
+    }
+}

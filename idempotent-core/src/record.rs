@@ -209,6 +209,8 @@ pub enum Claim {
 }
 
 mod codec;
+#[cfg(test)]
+pub(crate) mod strategies;
 pub use codec::CodecError;
 pub(crate) use codec::{MAX_HEADERS as MAX_STORED_HEADERS, MAX_U32_PREFIXED as MAX_STORED_BODY};
 

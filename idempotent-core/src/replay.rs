@@ -241,7 +241,10 @@ impl http_body::Body for Prefixed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::strategies::any_response;
+    use futures_util::FutureExt as _;
     use http::StatusCode;
+    use proptest::prelude::*;
 
     #[tokio::test]
     async fn a_body_with_trailers_is_not_kept_but_still_carries_them() {
@@ -409,5 +412,40 @@ mod tests {
                 HeaderValue::from_static("2")
             )]
         );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Whatever a store hands back, a replay carries it all: status,
+        /// every header value in order per name, and the body.
+        #[test]
+        fn a_replay_carries_every_stored_part(stored in any_response()) {
+            let response = replay(&stored);
+            let Some(body) = stored.body.clone() else {
+                prop_assert_eq!(response.status(), StatusCode::GONE);
+                return Ok(());
+            };
+            prop_assert_eq!(response.status(), stored.status);
+            prop_assert_eq!(&response.headers()[IDEMPOTENT_REPLAYED], "true");
+            for (name, _) in &stored.headers {
+                let sent: Vec<_> = response.headers().get_all(name).iter().collect();
+                let kept: Vec<_> = stored
+                    .headers
+                    .iter()
+                    .filter(|(stored_name, _)| stored_name == name)
+                    .map(|(_, value)| value)
+                    .collect();
+                prop_assert_eq!(sent, kept);
+            }
+            let sent = response
+                .into_body()
+                .collect()
+                .now_or_never()
+                .expect("an in-memory body is ready")
+                .expect("an in-memory body reads")
+                .to_bytes();
+            prop_assert_eq!(sent, body);
+        }
     }
 }

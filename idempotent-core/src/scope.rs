@@ -192,7 +192,8 @@ fn bearer_token(authorization: &[u8]) -> Option<&[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderName;
+    use http::{HeaderName, HeaderValue};
+    use proptest::prelude::*;
 
     const API: HeaderName = HeaderName::from_static("x-api-key");
 
@@ -262,5 +263,47 @@ mod tests {
     fn digest_debug_does_not_print_the_credential() {
         let digest = ScopeDigest::api_key(b"sk_live_secret");
         assert!(!format!("{digest:?}").contains("secret"));
+    }
+
+    fn one_header(name: HeaderName, value: &[u8]) -> HeaderMap {
+        let value = HeaderValue::from_bytes(value).expect("a valid value");
+        HeaderMap::from_iter([(name, value)])
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// The token, as an API key header or after any casing of `Bearer`
+        /// and any run of spaces, names one caller; another token another.
+        #[test]
+        fn a_bearer_token_names_the_caller_its_api_key_header_does(
+            token in "[!-~]([ -~]{0,30}[!-~])?",
+            other in "[!-~]{1,8}",
+            scheme in prop::sample::select(vec!["Bearer", "bearer", "BEARER", "bEaReR"]),
+            spaces in " {1,3}",
+        ) {
+            let by_header = api_key(&one_header(API, token.as_bytes()), &API);
+            let bearer = format!("{scheme}{spaces}{token}");
+            let by_bearer = api_key(&one_header(AUTHORIZATION, bearer.as_bytes()), &API);
+            prop_assert_eq!(&by_header, &by_bearer);
+            prop_assert!(by_header.is_ok());
+            let by_other = api_key(&one_header(API, other.as_bytes()), &API);
+            prop_assert_eq!(by_other == by_header, other == token);
+        }
+
+        /// Any authorization value, non-UTF-8 bytes included, resolves or
+        /// is refused as missing: never a panic, never an empty token.
+        #[test]
+        fn any_authorization_value_resolves_or_is_refused(
+            value in prop::collection::vec(prop_oneof![Just(b' '), 0x21u8..=0x7e, 0x80u8..=0xff], 0..16),
+        ) {
+            let bearer = [b"Bearer ".as_slice(), &value].concat();
+            let resolved = api_key(&one_header(AUTHORIZATION, &bearer), &API);
+            let token = value.trim_ascii();
+            match resolved {
+                Ok(scope) => prop_assert_eq!(scope, ScopeDigest::api_key(token)),
+                Err(refused) => prop_assert!(token.is_empty() && refused.bearer),
+            }
+        }
     }
 }

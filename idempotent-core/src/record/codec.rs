@@ -50,7 +50,7 @@ impl Completed {
             put_slice_u16(out, name.as_str().as_bytes());
             put_slice_u32(out, value.as_bytes());
         }
-        match &response.body {
+        match stored_body(response) {
             Some(body) => {
                 out.put_u8(1);
                 put_slice_u32(out, body);
@@ -75,10 +75,7 @@ impl Completed {
         let headers: usize = stored_headers(response)
             .map(|(name, value)| 2 + clamp_u16(name.as_str().len()) + 4 + clamp_u32(value.len()))
             .sum();
-        let body = response
-            .body
-            .as_ref()
-            .map_or(0, |body| 4 + clamp_u32(body.len()));
+        let body = stored_body(response).map_or(0, |body| 4 + clamp_u32(body.len()));
         1 + 32 + 8 + 2 + 2 + headers + 1 + body
     }
 
@@ -132,14 +129,22 @@ impl Completed {
     }
 }
 
-/// The most headers a record holds: the count field has 16 bits. The
-/// engine stores a response with more without its body, so that it is
-/// never replayed with headers missing.
+/// The most headers a record holds: the count field has 16 bits. A
+/// response with more is stored without its body (see [`stored_body`]).
 pub(crate) const MAX_HEADERS: usize = u16::MAX as usize;
 
 /// How many headers are stored.
 fn header_count(response: &StoredResponse) -> u16 {
     u16::try_from(response.headers.len()).unwrap_or(u16::MAX)
+}
+
+/// The body, unless headers past [`MAX_HEADERS`] are cut: a record is
+/// never replayed with headers missing, but answered as one whose body
+/// was not kept. The engine already keeps such a response without its
+/// body; this holds for any caller of a store that uses this encoding.
+fn stored_body(response: &StoredResponse) -> Option<&Bytes> {
+    let all_headers_kept = response.headers.len() <= MAX_HEADERS;
+    response.body.as_ref().filter(|_| all_headers_kept)
 }
 
 fn stored_headers(response: &StoredResponse) -> impl Iterator<Item = &(HeaderName, HeaderValue)> {
@@ -231,7 +236,11 @@ fn take_u64(input: &mut Bytes) -> Result<u64, CodecError> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+
     use super::*;
+    use crate::record::strategies::any_completed;
 
     fn sample(body: Option<&'static [u8]>) -> Completed {
         Completed {
@@ -319,6 +328,91 @@ mod tests {
                 Completed::decode(encoded.slice(..len)).is_err(),
                 "prefix {len}"
             );
+        }
+    }
+
+    #[test]
+    fn round_trips_a_large_body_and_as_many_headers_as_a_record_holds() {
+        let mut record = sample(None);
+        let header = (
+            HeaderName::from_static("x-h"),
+            HeaderValue::from_bytes(b"caf\xe9").unwrap(),
+        );
+        record.response.headers = vec![header; MAX_HEADERS];
+        record.response.body = Some(Bytes::from(vec![0xAB; 1 << 20]));
+        let encoded = record.encode();
+        assert_eq!(encoded.len(), record.encoded_len());
+        assert_eq!(Completed::decode(encoded), Ok(record));
+    }
+
+    /// More headers than the count field holds, as a store's caller may
+    /// pass: the record keeps what fits and drops its body, so that it is
+    /// answered as not stored rather than replayed with headers missing.
+    /// The length stays exact: stores carve the encoding into a buffer of
+    /// that size.
+    #[test]
+    fn a_record_with_headers_past_the_count_field_keeps_no_body() {
+        let mut record = sample(Some(b"{}"));
+        let header = record.response.headers[0].clone();
+        record.response.headers = vec![header; MAX_HEADERS + 1];
+        let encoded = record.encode();
+        assert_eq!(encoded.len(), record.encoded_len());
+        let decoded = Completed::decode(encoded).unwrap();
+        assert_eq!(decoded.response.headers.len(), MAX_HEADERS);
+        assert_eq!(decoded.response.body, None);
+    }
+
+    /// A valid encoding with up to three bytes overwritten, then maybe cut
+    /// short or extended: closer to real damage than random bytes, which
+    /// nearly all stop at the version byte.
+    fn damaged() -> impl Strategy<Value = Vec<u8>> {
+        let edits = prop::collection::vec((any::<Index>(), any::<u8>()), 0..4);
+        let cut = prop::option::of(any::<Index>());
+        (any_completed(), edits, cut, any::<bool>()).prop_map(|(record, edits, cut, extend)| {
+            let mut bytes = record.encode().to_vec();
+            for (at, byte) in edits {
+                *at.get_mut(&mut bytes) = byte;
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut.index(bytes.len()));
+            }
+            if extend {
+                bytes.push(0);
+            }
+            bytes
+        })
+    }
+
+    /// Random bytes, most of them behind a valid version byte.
+    fn random() -> impl Strategy<Value = Vec<u8>> {
+        (any::<bool>(), prop::collection::vec(any::<u8>(), 0..96)).prop_map(|(versioned, rest)| {
+            let mut bytes = Vec::with_capacity(rest.len() + 1);
+            if versioned {
+                bytes.push(VERSION);
+            }
+            bytes.extend(rest);
+            bytes
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn every_record_round_trips(record in any_completed()) {
+            let encoded = record.encode();
+            prop_assert_eq!(encoded.len(), record.encoded_len());
+            prop_assert_eq!(Completed::encoded_expires_at(&encoded), record.expires_at);
+            prop_assert_eq!(Completed::decode(encoded), Ok(record));
+        }
+
+        #[test]
+        fn any_bytes_decode_to_an_error_or_a_record_that_round_trips(
+            bytes in prop_oneof![damaged(), random()],
+        ) {
+            if let Ok(record) = Completed::decode(Bytes::from(bytes)) {
+                prop_assert_eq!(Completed::decode(record.encode()), Ok(record));
+            }
         }
     }
 }

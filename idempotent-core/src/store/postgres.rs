@@ -764,3 +764,47 @@ impl ResponseColumns {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::record::strategies::any_response;
+
+    /// Column values a damaged or hand-edited row may hold.
+    fn any_columns() -> impl Strategy<Value = (i16, Vec<String>, Vec<Vec<u8>>)> {
+        let name = prop_oneof!["[a-z-]{1,8}", any::<String>()];
+        let value = prop::collection::vec(any::<u8>(), 0..8);
+        (
+            prop_oneof![Just(0), Just(99), Just(600), Just(1000), any::<i16>()],
+            prop::collection::vec(name, 0..4),
+            prop::collection::vec(value, 0..4),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn every_response_reads_back_from_its_columns(response in any_response()) {
+            let ResponseColumns { status, names, values, body } = ResponseColumns::new(&response);
+            prop_assert_eq!(response_from(status, names, values, body).ok(), Some(response));
+        }
+
+        #[test]
+        fn any_columns_read_as_a_response_or_a_corrupt_row(
+            (status, names, values) in any_columns(),
+        ) {
+            let count = (names.len(), values.len());
+            match response_from(status, names, values, None) {
+                Ok(response) => {
+                    prop_assert!((100..=999).contains(&status));
+                    prop_assert_eq!(response.status.as_u16(), status.unsigned_abs());
+                    prop_assert_eq!(count.0, count.1);
+                }
+                Err(error) => prop_assert!(matches!(error, StoreError::Codec(_)), "{error}"),
+            }
+        }
+    }
+}

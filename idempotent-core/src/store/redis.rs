@@ -504,6 +504,7 @@ impl From<CorruptInFlight> for StoreError {
 #[cfg(test)]
 mod tests {
     use http::StatusCode;
+    use proptest::prelude::*;
 
     use super::*;
 
@@ -551,5 +552,32 @@ mod tests {
         };
         let encoded = encode_in_flight(&held);
         assert!(decode(encoded.slice(..40)).is_err());
+    }
+
+    /// Random values, half of them tagged in flight, some of those the
+    /// right length.
+    fn any_value() -> impl Strategy<Value = Vec<u8>> {
+        let tail = prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..80),
+            prop::collection::vec(any::<u8>(), IN_FLIGHT_LEN - 1),
+        ];
+        (any::<bool>(), tail).prop_map(|(tagged, tail)| {
+            let tag = tagged.then_some(IN_FLIGHT_TAG);
+            tag.into_iter().chain(tail).collect()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_value_decodes_to_a_record_or_an_error(value in any_value()) {
+            let in_flight = value.first() == Some(&IN_FLIGHT_TAG) && value.len() == IN_FLIGHT_LEN;
+            match decode(Bytes::from(value)) {
+                Ok(Record::InFlight(_)) => prop_assert!(in_flight),
+                Ok(Record::Completed(_)) | Err(StoreError::Codec(_)) => prop_assert!(!in_flight),
+                Err(error) => prop_assert!(false, "not a codec error: {error}"),
+            }
+        }
     }
 }
