@@ -138,13 +138,15 @@ fn header_count(response: &StoredResponse) -> u16 {
     u16::try_from(response.headers.len()).unwrap_or(u16::MAX)
 }
 
-/// The body, unless headers past [`MAX_HEADERS`] are cut: a record is
-/// never replayed with headers missing, but answered as one whose body
+/// The body, unless headers past [`MAX_HEADERS`] are cut or the body
+/// itself is longer than its 32-bit length field: a record is never
+/// replayed with headers or bytes missing, but answered as one whose body
 /// was not kept. The engine already keeps such a response without its
 /// body; this holds for any caller of a store that uses this encoding.
 fn stored_body(response: &StoredResponse) -> Option<&Bytes> {
-    let all_headers_kept = response.headers.len() <= MAX_HEADERS;
-    response.body.as_ref().filter(|_| all_headers_kept)
+    let body = response.body.as_ref()?;
+    let fits = response.headers.len() <= MAX_HEADERS && body.len() <= MAX_U32_PREFIXED;
+    fits.then_some(body)
 }
 
 fn stored_headers(response: &StoredResponse) -> impl Iterator<Item = &(HeaderName, HeaderValue)> {
@@ -360,6 +362,24 @@ mod tests {
         let decoded = Completed::decode(encoded).unwrap();
         assert_eq!(decoded.response.headers.len(), MAX_HEADERS);
         assert_eq!(decoded.response.body, None);
+    }
+
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn a_body_past_its_length_field_is_not_kept_cut_short() {
+        let mut record = sample(None);
+        // Zeroed, so the allocator maps the 4 GiB without touching them;
+        // the encoding never copies a body it does not keep.
+        record.response.body = Some(Bytes::from(vec![0; MAX_U32_PREFIXED + 1]));
+        let encoded = record.encode();
+        assert_eq!(encoded.len(), record.encoded_len());
+        let decoded = Completed::decode(encoded).unwrap();
+        let kept = decoded.response.body.as_ref().map(Bytes::len);
+        assert_eq!(
+            kept, None,
+            "a body of 4 GiB and one byte was kept cut short"
+        );
+        assert_eq!(decoded.response.headers, record.response.headers);
     }
 
     /// A valid encoding with up to three bytes overwritten, then maybe cut
