@@ -15,6 +15,9 @@ use crate::record::MAX_STORED_BODY;
 use crate::renewal::Renewer;
 use crate::store::{DynStore, SharedStore, Store};
 
+/// How long [`Idempotency::drain`] waits for the store's background work.
+const SETTLE_LIMIT: Duration = Duration::from_secs(5);
+
 /// Idempotency for a router: the store plus service-wide settings.
 ///
 /// Add it to the router as a layer; `#[idempotent]` handlers (and
@@ -124,11 +127,24 @@ impl Idempotency {
     /// ```
     ///
     /// Runs that outlive their request after this was called are still
-    /// waited for, until none is left.
+    /// waited for, until none is left. Then it waits, for at most five
+    /// seconds, for the store's own background work
+    /// ([`Store::settle`]): releases of claims that were cut short by the
+    /// store timeout, which would otherwise keep their keys until their
+    /// leases lapsed.
     pub async fn drain(&self) {
         let detached = &self.inner.detached;
         detached.close();
         detached.wait().await;
+        // Last: the runs waited for above can leave such work behind. A
+        // store that cannot finish it in time is as slow as it was when
+        // it cut the claims short; their leases then lapse as before.
+        let settled = tokio::time::timeout(SETTLE_LIMIT, self.inner.store.settle()).await;
+        if settled.is_err() {
+            tracing::warn!(
+                "the store's background releases did not finish; their keys free when their leases lapse"
+            );
+        }
     }
 }
 

@@ -7,10 +7,11 @@ mod store_support;
 use std::time::Duration;
 
 use axum::http::StatusCode;
+use idempotent_core::Idempotency;
 use idempotent_core::clock::ManualClock;
 use idempotent_core::fingerprint::Fingerprint;
 use idempotent_core::key::IdempotencyKey;
-use idempotent_core::record::{Claim, RecordKey, StoredResponse};
+use idempotent_core::record::{Claim, Record, RecordKey, StoredResponse};
 use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{PostgresStore, Store, Tiered};
 use idempotent_core::testing::contract;
@@ -330,6 +331,69 @@ async fn table_names_that_are_not_identifiers_are_refused() {
         .build()
         .expect_err("refused");
     assert!(error.to_string().contains("invalid table name"), "{error}");
+}
+
+/// Table names are quoted in SQL, so reserved words are names, alone or
+/// after a schema; and folded to lower case, so a mixed-case name is the
+/// table that unquoted SQL (and this store before quoting) calls by it.
+#[tokio::test]
+async fn reserved_words_and_mixed_case_names_are_tables() {
+    let Some(url) = backend_url(URL) else { return };
+    let connected = PostgresStore::connect(&url).await.expect("connect");
+    let pool = connected.pool().clone();
+    let schema = unique_name("idem_schema");
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&pool)
+        .await
+        .expect("create the test schema");
+    let names = [
+        "order".to_owned(),
+        format!("{schema}.user"),
+        format!("{schema}.select"),
+        format!("{}.Mixed_Case", schema.to_uppercase()),
+    ];
+    let response = StoredResponse {
+        status: StatusCode::OK,
+        headers: Vec::new(),
+        body: None,
+    };
+    for name in &names {
+        let store = PostgresStore::builder(pool.clone())
+            .table(name.as_str())
+            .build()
+            .expect("valid table name");
+        for _ in 0..2 {
+            let migrated = store.migrate().await;
+            assert!(migrated.is_ok(), "migrate {name}: {migrated:?}");
+        }
+        let key = record_key(&unique_name("reserved"));
+        let claimed = store.claim(&key, Fingerprint::from_bytes([3; 32]), STORE_TIMEOUT);
+        let Ok(Claim::Acquired(token)) = claimed.await else {
+            panic!("claim on {name}");
+        };
+        let ttl = Duration::from_secs(60);
+        let completed = store.complete(&key, token, response.clone(), ttl).await;
+        assert!(completed.is_ok(), "complete on {name}: {completed:?}");
+        let read = store.get(&key).await;
+        assert!(
+            matches!(read, Ok(Some(Record::Completed(_)))),
+            "{name}: {read:?}"
+        );
+        assert_eq!(store.purge_expired().await.unwrap(), 0, "purge on {name}");
+    }
+    let unquoted: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {schema}.mixed_case"))
+        .fetch_one(&pool)
+        .await
+        .expect("the mixed-case name made the lower-case table");
+    sqlx::query("DROP TABLE IF EXISTS \"order\"")
+        .execute(&pool)
+        .await
+        .expect("drop the test table");
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&pool)
+        .await
+        .expect("drop the test schema");
+    assert_eq!(unquoted, 1);
 }
 
 // ===== an unreachable database: no server needed =====
@@ -1029,6 +1093,82 @@ async fn a_claim_cut_short_on_a_warm_connection_leaves_no_lease_behind() {
             "hold {hold}: {retried:?}"
         );
     }
+}
+
+/// A claim cut short by the store timeout is released by a task of the
+/// store's own once the server answers. At shutdown, `drain` waits for that
+/// task: with the runtime stopped before it ran, the claim the server then
+/// applied would hold the key, with nothing running, until its lease
+/// lapsed. Here the lock holding the claim up goes only while `drain` runs.
+#[test]
+fn drain_waits_for_the_release_of_a_claim_cut_short() {
+    let Some(url) = backend_url(URL) else { return };
+    let key = record_key(&unique_name("drained"));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    // Warm connections, as `cut_a_claim_short` explains; one, kept.
+    let store = runtime.block_on(async {
+        let store = store_on_own_pool(&url, 1).await;
+        for warm in 0..3 {
+            claim(&store, &format!("warm-{warm}")).await;
+        }
+        store
+    });
+    let table = store.table().to_owned();
+    let (locked, cut) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+    let locker = std::thread::spawn({
+        let (url, table) = (url.clone(), table.clone());
+        move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async move {
+                let mut locker = sqlx::PgConnection::connect(&url).await.unwrap();
+                sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+                let lock = format!("LOCK TABLE {table} IN EXCLUSIVE MODE");
+                sqlx::query(&lock).execute(&mut locker).await.unwrap();
+                locked.0.send(()).unwrap();
+                cut.1.recv().unwrap();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
+            });
+        }
+    });
+    locked.1.recv().expect("the table is locked");
+    runtime.block_on(async {
+        let claiming = store.claim(&key, CUT_FINGERPRINT, Duration::from_secs(60));
+        let claimed = tokio::time::timeout(Duration::from_millis(500), claiming).await;
+        assert!(
+            claimed.is_err(),
+            "the claim waits for the lock: {claimed:?}"
+        );
+        cut.0.send(()).unwrap();
+        Idempotency::new(store).drain().await;
+    });
+    drop(runtime);
+    locker.join().expect("the locking thread");
+    let check = tokio::runtime::Runtime::new().expect("a runtime");
+    let left: i64 = check.block_on(async {
+        let mut connection = sqlx::PgConnection::connect(&url).await.expect("connect");
+        // Time for the server to apply the claim it was sent.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let count = format!("SELECT count(*) FROM {table} WHERE key = $1");
+        let left = sqlx::query_scalar(&count)
+            .bind(key.key.as_str())
+            .fetch_one(&mut connection)
+            .await
+            .expect("count the rows");
+        let drop_table = format!("DROP TABLE IF EXISTS {table}");
+        sqlx::query(&drop_table)
+            .execute(&mut connection)
+            .await
+            .unwrap();
+        left
+    });
+    assert_eq!(left, 0, "the claim cut short still holds the key");
 }
 
 /// `max_body_bytes` goes up to 4 GiB less a byte ("the most a stored

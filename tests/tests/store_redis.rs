@@ -246,6 +246,58 @@ async fn a_claim_applied_twice_holds_the_key() {
     once.release(&lapsed, token).await.unwrap();
 }
 
+/// A completion whose command reaches Redis twice finds, the second time,
+/// the record its first attempt stored: that is success, not a lost lease
+/// (which the engine logs as a response it could not store). A different
+/// record in the key is still someone else's.
+#[tokio::test]
+async fn a_completion_applied_twice_is_a_success() {
+    use idempotent_core::clock::ManualClock;
+    use idempotent_core::fingerprint::Fingerprint;
+    use idempotent_core::record::{Claim, Record, StoredResponse};
+    use idempotent_core::store::StoreError;
+
+    let Some(url) = backend_url(URL) else { return };
+    let prefix = unique_name("idem_test") + ":";
+    let clock = ManualClock::starting_now();
+    let once = RedisStore::builder(manager(&url).await)
+        .prefix(prefix.clone())
+        .clock(clock.clone())
+        .build();
+    let twice = RedisStore::builder(SentTwice(manager(&url).await))
+        .prefix(prefix)
+        .clock(clock.clone())
+        .build();
+    let fingerprint = Fingerprint::from_bytes([6; 32]);
+    let key = RecordKey::new(
+        ScopeDigest::from_bytes(rand::random()),
+        IdempotencyKey::parse(b"completed-twice").unwrap(),
+    );
+    let response = |body: &'static [u8]| StoredResponse {
+        status: StatusCode::CREATED,
+        headers: Vec::new(),
+        body: Some(body.into()),
+    };
+    let ttl = Duration::from_secs(60);
+    let Claim::Acquired(token) = once
+        .claim(&key, fingerprint, Duration::from_secs(10))
+        .await
+        .unwrap()
+    else {
+        panic!("a new key is acquired");
+    };
+    let completed = twice.complete(&key, token, response(b"paid"), ttl).await;
+    assert!(completed.is_ok(), "{completed:?}");
+    let stored = once.get(&key).await.unwrap();
+    assert!(
+        matches!(&stored, Some(Record::Completed(record))
+            if record.fingerprint == fingerprint && record.response == response(b"paid")),
+        "{stored:?}"
+    );
+    let other = once.complete(&key, token, response(b"other"), ttl).await;
+    assert!(matches!(other, Err(StoreError::LeaseLost)), "{other:?}");
+}
+
 /// A `redis-server` this test owns, on a port of its own.
 struct OwnRedis {
     port: u16,

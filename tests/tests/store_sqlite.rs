@@ -143,6 +143,51 @@ async fn purging_deletes_expired_rows() {
     assert!(store.get(&key("long")).await.unwrap().is_some());
 }
 
+/// A backlog of expired rows goes in batches of a thousand, each its own
+/// statement, so SQLite's write lock is let go between them: on a pool of
+/// one connection, `changes()` then reports the last batch alone.
+#[tokio::test]
+async fn purging_a_large_backlog_takes_several_statements() {
+    let db = TempDb::new();
+    // Creates the table.
+    drop(db.open().await);
+    let single = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(&db.0))
+        .await
+        .expect("open a pool of one connection");
+    let store = SqliteStore::builder(single.clone())
+        .clock(idempotent_core::clock::ManualClock::new(1_000))
+        .build()
+        .expect("valid table name");
+    // 2,500 expired rows and 3 live ones, written directly.
+    let insert = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1)
+                  INSERT INTO idempotency_records (scope, key, fingerprint, lease_token, expires_at)
+                  SELECT zeroblob(32), ?2 || i, zeroblob(32), zeroblob(16), ?3 FROM n";
+    for (rows, prefix, expires_at) in [(2_500, "old-", 500), (3, "live-", 5_000)] {
+        sqlx::query(insert)
+            .bind(rows)
+            .bind(prefix)
+            .bind(expires_at)
+            .execute(&single)
+            .await
+            .expect("insert rows");
+    }
+    assert_eq!(store.purge_expired().await.unwrap(), 2_500);
+    let last_statement: i64 = sqlx::query_scalar("SELECT changes()")
+        .fetch_one(&single)
+        .await
+        .unwrap();
+    assert_eq!(last_statement, 500, "the last batch deleted the rest");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_records")
+        .fetch_one(&single)
+        .await
+        .unwrap();
+    assert_eq!(left, 3, "live rows stay");
+    drop(store);
+    single.close().await;
+}
+
 #[tokio::test]
 async fn a_schema_qualified_table_is_migrated_and_used() {
     let db = TempDb::new();
@@ -164,6 +209,28 @@ async fn a_schema_qualified_table_is_migrated_and_used() {
         (StatusCode::CREATED, true)
     );
     assert_eq!(ledger.executions(), 1);
+}
+
+/// Table names are quoted in SQL: reserved words are names, alone or after
+/// a schema.
+#[tokio::test]
+async fn reserved_words_are_table_names() {
+    let db = TempDb::new();
+    let plain = db.open().await;
+    for table in ["order", "main.group"] {
+        let store = SqliteStore::builder(plain.pool().clone())
+            .table(table)
+            .build()
+            .expect("valid table name");
+        let migrated = store.migrate().await;
+        assert!(migrated.is_ok(), "migrate {table}: {migrated:?}");
+        let ledger = Ledger::default();
+        let app = payments_app(store.clone(), &ledger, STORE_TIMEOUT);
+        assert_eq!(pay(&app, "k", 100).await.status, StatusCode::CREATED);
+        assert!(pay(&app, "k", 100).await.replayed(), "{table}");
+        assert_eq!(store.purge_expired().await.unwrap(), 0);
+        assert_eq!(ledger.executions(), 1);
+    }
 }
 
 /// A payment made under `key`, then its row damaged by `damage`, with the

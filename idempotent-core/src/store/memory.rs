@@ -12,7 +12,8 @@
 //!
 //! Expiry is checked against the store's [`Clock`](crate::clock::Clock) on
 //! every read; expired records are also purged, soonest deadline first, as
-//! new records complete.
+//! new records complete, and claims whose lease lapsed (their holder never
+//! completed nor released them) as new claims are made.
 
 mod expiries;
 
@@ -72,6 +73,12 @@ struct Shard {
     table: HashTable<Slot>,
     /// Completed records by deadline, for eviction and purging.
     expiries: Expiries,
+    /// In-flight claims by the lease deadline they were claimed (or last
+    /// seen renewed) with, for dropping the ones that lapsed. A claim
+    /// nobody completes or releases (its request's task was cut short, or
+    /// a caller of the store gave up on it) would otherwise stay until its
+    /// key came back, outside the byte budget.
+    leases: Expiries,
     /// Bytes of completed records, by [`weight`].
     bytes: usize,
     /// Spare room that new records are encoded into.
@@ -299,14 +306,19 @@ impl Inner {
     ) -> Result<Claim, StoreError> {
         let now = self.now();
         let (id, mut shard) = self.locate(key);
+        let lease_expires_at = now.saturating_add(millis(lease));
         let acquire = || {
             let lease_token = LeaseToken::random();
             let held = InFlight {
                 fingerprint,
                 lease_token,
-                lease_expires_at: now.saturating_add(millis(lease)),
+                lease_expires_at,
             };
             (State::InFlight(Box::new(held)), lease_token)
+        };
+        let listed = Expiry {
+            expires_at: lease_expires_at,
+            hash: id[0],
         };
         // One probe finds the slot or where a new one goes.
         let slot = match shard
@@ -317,6 +329,7 @@ impl Inner {
             Entry::Vacant(vacant) => {
                 let (state, lease_token) = acquire();
                 vacant.insert(Slot { id, state });
+                list(&mut shard, listed, now);
                 return Ok(Claim::Acquired(lease_token));
             }
         };
@@ -335,6 +348,7 @@ impl Inner {
                 if let State::Completed(encoded) = previous {
                     shard.bytes -= weight(&encoded);
                 }
+                list(&mut shard, listed, now);
                 return Ok(Claim::Acquired(lease_token));
             }
         };
@@ -559,6 +573,57 @@ impl Store for MemoryStore {
 
     async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
         self.inner.get(key)
+    }
+}
+
+/// Lists a claim just made, after dropping the claims that lapsed: only a
+/// new claim adds to the shard, so replays and duplicates in flight, which
+/// only read, need not look.
+fn list(shard: &mut Shard, claim: Expiry, now: u64) {
+    drop_lapsed(shard, now);
+    shard.leases.push(claim);
+}
+
+/// Drops the shard's in-flight claims whose lease lapsed by `now`, as a
+/// claim of their key would take them over, and forgets the listings of
+/// claims that were settled. Listings are looked at soonest first, up to
+/// the first claim still live at the deadline it is listed with: a claim
+/// renewed since is listed again at its new deadline, so a live lease is
+/// never dropped and a long-running one holds up the listings behind it
+/// only until its next renewal.
+fn drop_lapsed(shard: &mut Shard, now: u64) {
+    while let Some(first) = shard.leases.first() {
+        let lease = in_flight_deadline(shard, first.hash);
+        if lease.is_some_and(|lease| lease > now && lease == first.expires_at) {
+            return;
+        }
+        shard.leases.pop_first();
+        match lease {
+            Some(lease) if lease <= now => {
+                let lapsed = |slot: &Slot| {
+                    slot.table_hash() == first.hash
+                        && matches!(&slot.state, State::InFlight(held) if held.lease_expires_at <= now)
+                };
+                if let Ok(entry) = shard.table.find_entry(first.hash, lapsed) {
+                    entry.remove();
+                }
+            }
+            Some(renewed) => shard.leases.push(Expiry {
+                expires_at: renewed,
+                hash: first.hash,
+            }),
+            // Completed, released or gone: nothing to drop.
+            None => {}
+        }
+    }
+}
+
+/// The lease deadline of the in-flight claim filed under `hash`, if any.
+fn in_flight_deadline(shard: &Shard, hash: u64) -> Option<u64> {
+    let slot = shard.table.find(hash, |slot| slot.table_hash() == hash)?;
+    match &slot.state {
+        State::InFlight(held) => Some(held.lease_expires_at),
+        State::Completed(_) => None,
     }
 }
 
@@ -862,6 +927,65 @@ mod tests {
             shares_a_block(&store, "day2"),
             "records due in completion order are carved from blocks"
         );
+    }
+
+    fn claimed(store: &MemoryStore, name: &str, lease: Duration) -> LeaseToken {
+        match store.inner.claim(&key(name), FINGERPRINT, lease) {
+            Ok(Claim::Acquired(token)) => token,
+            other => panic!("{name} is free: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn claims_whose_lease_lapsed_are_dropped_by_later_claims() {
+        let (clock, store) = clocked(512 * 1024);
+        for i in 0..100 {
+            claimed(&store, &format!("abandoned{i}"), LEASE);
+        }
+        let live = claimed(&store, "live", LEASE * 2);
+        clock.advance(LEASE);
+        claimed(&store, "next", LEASE);
+        assert_eq!(store.in_flight_len(), 2, "lapsed claims linger");
+        store
+            .inner
+            .complete(&key("live"), live, response(10), 0, 1_000)
+            .expect("the live claim is still held");
+    }
+
+    #[tokio::test]
+    async fn a_renewed_claim_is_not_dropped_at_its_first_deadline() {
+        let (clock, store) = clocked(512 * 1024);
+        let renewed = claimed(&store, "renewed", LEASE);
+        claimed(&store, "lapsing", LEASE);
+        clock.advance(LEASE / 2);
+        Store::renew(&store, &key("renewed"), renewed, LEASE)
+            .await
+            .expect("the claim is held");
+        // Past the first deadline, a claim sweeps: `lapsing` goes, the
+        // renewed claim is listed again at its new deadline.
+        clock.advance(LEASE / 2);
+        claimed(&store, "sweeper", LEASE);
+        assert_eq!(store.in_flight_len(), 2);
+        assert!(matches!(
+            store.inner.get(&key("renewed")),
+            Ok(Some(Record::InFlight(held))) if held.lease_token == renewed
+        ));
+        // Past the renewed deadline it goes too.
+        clock.advance(LEASE);
+        claimed(&store, "sweeper2", LEASE * 2);
+        assert_eq!(store.in_flight_len(), 1, "only the newest claim is left");
+    }
+
+    #[test]
+    fn listings_of_settled_claims_do_not_pile_up() {
+        let (_clock, store) = clocked(512 * 1024);
+        for i in 0..1_000 {
+            let name = format!("k{i}");
+            let token = claimed(&store, &name, LEASE);
+            store.inner.release(&key(&name), token).unwrap();
+        }
+        let shard = lock(&store.inner.shards[0]);
+        assert!(shard.leases.len() <= 1, "{} listings", shard.leases.len());
     }
 
     #[test]

@@ -131,6 +131,29 @@ pub trait Store: Send + Sync + 'static {
         &self,
         key: &RecordKey,
     ) -> impl Future<Output = Result<Option<Record>, StoreError>> + Send;
+
+    /// Waits for the work this store carries on in the background after a
+    /// call has returned, such as releasing a claim whose caller stopped
+    /// waiting for its answer (the engine's store timeout): cut short by
+    /// the runtime stopping, that key would stay held until its lease
+    /// lapsed. [`Idempotency::drain`](crate::Idempotency::drain) awaits it
+    /// last. The default, for a store that does nothing in the background,
+    /// returns at once.
+    fn settle(&self) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
+}
+
+/// Waits for the tasks `tracker` holds, and for those it is given
+/// meanwhile, then leaves it open for more: what a store that spawns its
+/// background work on `tracker` answers [`Store::settle`] with.
+#[cfg(any(feature = "postgres", feature = "redis", feature = "sqlite"))]
+pub(crate) async fn settle(tracker: &tokio_util::task::TaskTracker) {
+    // `wait` ends only on a closed tracker; closing does not stop new
+    // tasks from being tracked.
+    tracker.close();
+    tracker.wait().await;
+    tracker.reopen();
 }
 
 /// A boxed future, as [`DynStore`] returns.
@@ -165,6 +188,7 @@ pub trait DynStore: Send + Sync + 'static {
         token: LeaseToken,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
     fn get<'a>(&'a self, key: &'a RecordKey) -> BoxFuture<'a, Result<Option<Record>, StoreError>>;
+    fn settle(&self) -> BoxFuture<'_, ()>;
 }
 
 impl<S: Store> DynStore for S {
@@ -202,6 +226,9 @@ impl<S: Store> DynStore for S {
     }
     fn get<'a>(&'a self, key: &'a RecordKey) -> BoxFuture<'a, Result<Option<Record>, StoreError>> {
         Box::pin(Store::get(self, key))
+    }
+    fn settle(&self) -> BoxFuture<'_, ()> {
+        Box::pin(Store::settle(self))
     }
 }
 

@@ -41,9 +41,6 @@ use crate::record::{Claim, Completed, InFlight, LeaseToken, Record, RecordKey, S
 mod connections;
 
 const SCHEMA: &str = include_str!("postgres/schema.sql");
-/// Rows deleted per statement by [`PostgresStore::purge_expired`], so a
-/// large backlog never holds many row locks at once.
-const PURGE_BATCH: i64 = 1000;
 /// Room for a completion's values in one protocol message, which the
 /// server caps at 1 GiB, less a margin for the rest of the statement.
 const MAX_MESSAGE_BYTES: usize = (1 << 30) - (1 << 20);
@@ -185,7 +182,9 @@ pub struct PostgresStoreBuilder {
 
 impl PostgresStoreBuilder {
     /// The table to keep records in (default `idempotency_records`); may be
-    /// schema-qualified, `schema.table`.
+    /// schema-qualified, `schema.table`. Each part is quoted in SQL, so a
+    /// reserved word (`order`, `user`) works, and folded to lower case, as
+    /// a name written without quotes is: `Records` is the table `records`.
     pub fn table(mut self, table: impl Into<String>) -> Self {
         self.table = table.into();
         self
@@ -225,7 +224,7 @@ impl PostgresStoreBuilder {
     /// The table name is not a plain SQL identifier.
     pub fn build(self) -> Result<PostgresStore, InvalidTableName> {
         sql::check_table_name(&self.table)?;
-        let sql = Statements::new(&self.table);
+        let sql = Statements::new(&sql::quoted(&self.table));
         Ok(PostgresStore {
             inner: Arc::new(Inner {
                 connections: Connections::new(self.pool, self.hold_connections),
@@ -321,14 +320,14 @@ impl PostgresStore {
         // The index name contains the default table name: swap it out first.
         let schema = SCHEMA
             .replace(&index_name(DEFAULT_TABLE), "\u{0}")
-            .replace(DEFAULT_TABLE, &inner.table)
-            .replace('\u{0}', &index_name(&inner.table));
+            .replace(DEFAULT_TABLE, &sql::quoted(&inner.table))
+            .replace('\u{0}', &sql::quoted(&index_name(&inner.table)));
         // Concurrent `CREATE TABLE IF NOT EXISTS` can still collide in the
         // catalog, so an advisory lock per table name serializes them. A
         // multi-statement simple query runs as one transaction, which holds
         // the lock to the end. The name is a checked identifier, safe to
-        // quote. Unquoted, it folds to lower case in SQL, and so in the
-        // lock's name: two spellings of one table share the lock.
+        // put in a string literal. It is folded to lower case in SQL, and so
+        // in the lock's name: two spellings of one table share the lock.
         let script = format!(
             "SELECT pg_advisory_xact_lock(hashtext('idempotent:{table}'));\n{schema}",
             table = inner.table.to_ascii_lowercase()
@@ -351,13 +350,13 @@ impl PostgresStore {
         loop {
             let deleted = sqlx::query(&self.inner.sql.purge)
                 .bind(now)
-                .bind(PURGE_BATCH)
+                .bind(sql::PURGE_BATCH)
                 .execute(self.pool())
                 .await
                 .map_err(StoreError::backend)?
                 .rows_affected();
             purged += deleted;
-            if deleted < PURGE_BATCH.unsigned_abs() {
+            if deleted < sql::PURGE_BATCH.unsigned_abs() {
                 return Ok(purged);
             }
         }
@@ -395,7 +394,9 @@ impl PostgresStore {
         self.inner.connections.pool()
     }
 
-    /// The table records live in.
+    /// The table records live in, as it was configured: the statements
+    /// quote it (see [`PostgresStoreBuilder::table`]), so SQL of your own
+    /// that names it must quote a reserved word too.
     #[must_use]
     pub fn table(&self) -> &str {
         &self.inner.table
@@ -637,6 +638,10 @@ impl Store for PostgresStore {
             .bind(to_sql_millis(self.now()))
             .fetch_optional(connection));
         row?.map(|row| record_from_row(&row)).transpose()
+    }
+
+    async fn settle(&self) {
+        self.inner.connections.settle().await;
     }
 }
 

@@ -47,6 +47,7 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use redis::Script;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use tokio_util::task::TaskTracker;
 
 use super::{Store, StoreError};
 use crate::clock::{Clock, SharedClock, SystemClock, millis};
@@ -107,11 +108,25 @@ return 1
 
 /// ARGV: token, encoded completed record (fingerprint left blank), PX. The
 /// holder's fingerprint is spliced in from the in-flight value. Returns 1
-/// if held.
+/// if held, or if the key already holds this very record.
+///
+/// The second case is a completion that reached Redis twice: the client
+/// sends a command again after the connection dropped or the reply timed
+/// out, though the first may have been applied (as with claims, see
+/// `found_by`). The record no longer carries the token, but it is this
+/// call's own, byte for byte past the fingerprint: the same deadline, to
+/// the millisecond, and the same response. Answering 0 would report a
+/// record that is stored as lost.
 static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
     lua(r"
 local held = redis.call('GET', KEYS[1])
-if not holds(held, ARGV[1]) then return 0 end
+if not holds(held, ARGV[1]) then
+    if held and #held == #ARGV[2] and string.byte(held, 1) == string.byte(ARGV[2], 1)
+        and string.sub(held, 34) == string.sub(ARGV[2], 34) then
+        return 1
+    end
+    return 0
+end
 local record = string.sub(ARGV[2], 1, 1) .. string.sub(held, 2, 33) .. string.sub(ARGV[2], 34)
 redis.call('SET', KEYS[1], record, 'PX', ARGV[3])
 return 1
@@ -149,6 +164,8 @@ pub struct RedisStore<C = ConnectionManager> {
     connection: C,
     clock: SharedClock,
     prefix: Arc<str>,
+    /// Releases of claims whose answer nobody read, for [`Store::settle`].
+    background: TaskTracker,
 }
 
 impl<C> std::fmt::Debug for RedisStore<C> {
@@ -196,6 +213,7 @@ impl<C> RedisStoreBuilder<C> {
             connection: self.connection,
             clock: self.clock,
             prefix: self.prefix.into(),
+            background: TaskTracker::new(),
         }
     }
 }
@@ -299,7 +317,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drop for Unanswered<'_, 
             // the script would come after the client stopped waiting,
             // behind the stall that cut the claim short.
             let script = format!("{LUA_PRELUDE}{RELEASE_BODY}");
-            runtime.spawn(async move {
+            let release = async move {
                 let released: Result<i64, _> = redis::cmd("EVAL")
                     .arg(script)
                     .arg(1)
@@ -308,7 +326,8 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drop for Unanswered<'_, 
                     .query_async(&mut connection)
                     .await;
                 drop(released);
-            });
+            };
+            self.store.background.spawn_on(release, &runtime);
         }
     }
 }
@@ -441,6 +460,10 @@ where
         }
         let record = decode(Bytes::from(found))?;
         Ok((record.deadline() > self.now()).then_some(record))
+    }
+
+    async fn settle(&self) {
+        super::settle(&self.background).await;
     }
 }
 

@@ -13,6 +13,11 @@ pub(crate) const DEFAULT_TABLE: &str = "idempotency_records";
 /// expired in between) looks again before giving up.
 pub(crate) const CLAIM_ATTEMPTS: usize = 8;
 
+/// Rows deleted per statement by the stores' `purge_expired`, so a large
+/// backlog never holds many row locks (PostgreSQL) or the database's one
+/// write lock (SQLite) for long.
+pub(crate) const PURGE_BATCH: i64 = 1000;
+
 /// A claim kept losing races to concurrent changes of its record.
 #[derive(Debug, thiserror::Error)]
 #[error("the idempotency record kept changing while it was being claimed")]
@@ -43,6 +48,21 @@ fn is_identifier(part: &str) -> bool {
         .next()
         .is_some_and(|first| first.is_ascii_alphabetic() || first == '_');
     starts_well && part.len() <= 63 && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// `name` as it goes into SQL text: each part (schema, table) in double
+/// quotes, so that a reserved word such as `order` or `user` is read as a
+/// name. Folded to lower case first, as PostgreSQL folds a name written
+/// without quotes, so that `Records` still means the table `records` that
+/// an unquoted statement created for it (SQLite ignores the case of names
+/// either way). `name` has passed [`check_table_name`]: no part holds a
+/// quote.
+pub(crate) fn quoted(name: &str) -> String {
+    let parts: Vec<String> = name
+        .split('.')
+        .map(|part| format!("\"{}\"", part.to_ascii_lowercase()))
+        .collect();
+    parts.join(".")
 }
 
 /// The unqualified part of a table name, for naming its index.
@@ -102,6 +122,12 @@ mod tests {
         ] {
             assert!(check_table_name(name).is_err(), "{name}");
         }
+    }
+
+    #[test]
+    fn names_are_quoted_part_by_part_in_lower_case() {
+        assert_eq!(quoted("order"), "\"order\"");
+        assert_eq!(quoted("App.User_Records"), "\"app\".\"user_records\"");
     }
 
     #[test]

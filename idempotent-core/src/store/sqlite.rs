@@ -30,6 +30,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
+use tokio_util::task::TaskTracker;
 
 use super::sql::{self, DEFAULT_TABLE, InvalidTableName, from_sql_millis, to_sql_millis};
 use super::{Store, StoreError};
@@ -68,6 +69,9 @@ struct Inner {
     clock: SharedClock,
     table: String,
     sql: Statements,
+    /// Claims run on tasks of their own, and releases of those nobody
+    /// waits for, for [`Store::settle`].
+    background: TaskTracker,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -88,7 +92,9 @@ pub struct SqliteStoreBuilder {
 }
 
 impl SqliteStoreBuilder {
-    /// The table to keep records in (default `idempotency_records`).
+    /// The table to keep records in (default `idempotency_records`); may be
+    /// schema-qualified, `schema.table`. Each part is quoted in SQL, so a
+    /// reserved word (`order`, `user`) works.
     pub fn table(mut self, table: impl Into<String>) -> Self {
         self.table = table.into();
         self
@@ -106,13 +112,14 @@ impl SqliteStoreBuilder {
     /// The table name is not a plain SQL identifier.
     pub fn build(self) -> Result<SqliteStore, InvalidTableName> {
         sql::check_table_name(&self.table)?;
-        let sql = Statements::new(&self.table);
+        let sql = Statements::new(&sql::quoted(&self.table));
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 pool: self.pool,
                 clock: self.clock,
                 table: self.table,
                 sql,
+                background: TaskTracker::new(),
             }),
         })
     }
@@ -170,14 +177,14 @@ impl SqliteStore {
         // SQLite names a schema on the index, never on the table it indexes.
         let base = sql::base_name(table);
         let qualifier = &table[..table.len() - base.len()];
-        let index = format!("{qualifier}{base}_expires_at_idx");
+        let index = sql::quoted(&format!("{qualifier}{base}_expires_at_idx"));
         // The index's names contain the default table name: swap them out first.
         let schema = SCHEMA
             .replace("idempotency_records_expires_at_idx", "\u{0}")
             .replace("ON idempotency_records", "ON \u{1}")
-            .replace(DEFAULT_TABLE, table)
+            .replace(DEFAULT_TABLE, &sql::quoted(table))
             .replace('\u{0}', &index)
-            .replace('\u{1}', base);
+            .replace('\u{1}', &sql::quoted(base));
         while_busy(|| sqlx::raw_sql(&schema).execute(&self.inner.pool))
             .await
             .map(drop)
@@ -185,17 +192,31 @@ impl SqliteStore {
     }
 
     /// Deletes every record whose deadline has passed; returns how many.
+    /// Claims already treat such rows as absent, so this only frees space.
+    ///
+    /// Rows go a thousand at a time, one statement each: SQLite has one
+    /// write lock for the whole file, and a single statement over a large
+    /// backlog would hold it, and keep every claim waiting for it, until
+    /// the last row was gone.
     ///
     /// # Errors
     /// The database failed.
     pub async fn purge_expired(&self) -> Result<u64, StoreError> {
         let now = to_sql_millis(self.inner.clock.now_millis());
-        let deleted = sqlx::query(&self.inner.sql.purge)
-            .bind(now)
-            .execute(&self.inner.pool)
-            .await
-            .map_err(StoreError::backend)?;
-        Ok(deleted.rows_affected())
+        let mut purged = 0;
+        loop {
+            let deleted = sqlx::query(&self.inner.sql.purge)
+                .bind(now)
+                .bind(sql::PURGE_BATCH)
+                .execute(&self.inner.pool)
+                .await
+                .map_err(StoreError::backend)?
+                .rows_affected();
+            purged += deleted;
+            if deleted < sql::PURGE_BATCH.unsigned_abs() {
+                return Ok(purged);
+            }
+        }
     }
 
     /// The connection pool.
@@ -247,7 +268,7 @@ impl SqliteStore {
     ) -> Result<bool, StoreError> {
         let (store, owned) = (self.clone(), key.clone());
         let (sender, receiver) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
+        self.inner.background.spawn(async move {
             let acquired = store.try_acquire(&owned, fingerprint, lease, token).await;
             if let Err(Ok(true)) = sender.send(acquired) {
                 let _ = Store::release(&store, &owned, token).await;
@@ -286,9 +307,10 @@ impl Drop for Waiting<'_> {
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             let (store, key, token) = (self.store.clone(), self.key.clone(), self.token);
-            runtime.spawn(async move {
+            let release = async move {
                 let _ = Store::release(&store, &key, token).await;
-            });
+            };
+            self.store.inner.background.spawn_on(release, &runtime);
         }
     }
 }
@@ -357,7 +379,12 @@ impl Statements {
                 "SELECT fingerprint, lease_token, expires_at, record FROM {table}
                  WHERE scope = ?1 AND key = ?2 AND expires_at > ?3"
             ),
-            purge: format!("DELETE FROM {table} WHERE expires_at <= ?1"),
+            // SQLite may be built without `DELETE ... LIMIT`, and the table
+            // has no rowid: a batch is picked by its primary key.
+            purge: format!(
+                "DELETE FROM {table}
+                 WHERE (scope, key) IN (SELECT scope, key FROM {table} WHERE expires_at <= ?1 LIMIT ?2)"
+            ),
         }
     }
 }
@@ -453,6 +480,10 @@ impl Store for SqliteStore {
             .await
             .map_err(StoreError::backend)?;
         row.map(|row| record_from_row(&row)).transpose()
+    }
+
+    async fn settle(&self) {
+        super::settle(&self.inner.background).await;
     }
 }
 

@@ -222,6 +222,10 @@ impl<D: Store> Store for Tiered<D> {
         }
         Ok(record)
     }
+
+    async fn settle(&self) {
+        self.durable.settle().await;
+    }
 }
 
 #[cfg(all(test, feature = "test-util"))]

@@ -27,6 +27,7 @@ use deadpool::managed::{self, Metrics, Object, RecycleError, RecycleResult};
 use sqlx::pool::{CloseEvent, PoolConnection};
 use sqlx::postgres::{PgConnection, PgPool, Postgres};
 use tokio::runtime::Handle;
+use tokio_util::task::TaskTracker;
 
 use crate::store::StoreError;
 
@@ -40,6 +41,8 @@ const MAX_HOLD: Duration = Duration::from_secs(60);
 /// The store's connections: kept ones, or straight from the sqlx pool.
 pub(super) struct Connections {
     pool: PgPool,
+    /// Undos running on tasks of their own, for [`Connections::settle`].
+    undos: TaskTracker,
     /// `None` when connections are not kept (or deadpool refused its
     /// settings, which cannot happen without timeouts).
     kept: Option<Arc<Kept>>,
@@ -73,6 +76,8 @@ pub(super) struct Lease<'a> {
     /// `None` once finished.
     leased: Option<Leased>,
     pool: &'a PgPool,
+    /// Where an undo's task is tracked.
+    undos: &'a TaskTracker,
     undo: Option<Undo<'a>>,
 }
 
@@ -105,7 +110,16 @@ impl Connections {
         // busy (it goes back only after a second unused).
         let hold = hold.unwrap_or(size / 2).min(size);
         let kept = Kept::new(&pool, hold).map(Arc::new);
-        Self { pool, kept }
+        Self {
+            pool,
+            undos: TaskTracker::new(),
+            kept,
+        }
+    }
+
+    /// Waits for the undos of abandoned statements to finish.
+    pub(super) async fn settle(&self) {
+        crate::store::settle(&self.undos).await;
     }
 
     pub(super) fn pool(&self) -> &PgPool {
@@ -117,6 +131,7 @@ impl Connections {
         let lease = |leased| Lease {
             leased: Some(leased),
             pool: &self.pool,
+            undos: &self.undos,
             undo: None,
         };
         let Some(kept) = &self.kept else {
@@ -312,7 +327,8 @@ impl Drop for Lease<'_> {
             key: undo.key.to_owned(),
             token: undo.token,
         };
-        runtime.spawn(owned.run(connection, self.pool.clone()));
+        self.undos
+            .spawn_on(owned.run(connection, self.pool.clone()), &runtime);
     }
 }
 
