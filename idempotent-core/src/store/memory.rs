@@ -13,7 +13,7 @@
 //! Expiry is checked against the store's [`Clock`](crate::clock::Clock) on
 //! every read; expired records are also purged, soonest deadline first, as
 //! new records complete, and claims whose lease lapsed (their holder never
-//! completed nor released them) as new claims are made.
+//! completed nor released them) once they pile up.
 
 mod expiries;
 
@@ -44,6 +44,9 @@ const MAX_BLOCK_BYTES: usize = 64 * 1024;
 /// What a completed record costs beyond its encoding: its table slot and
 /// its entry in the shard's expiries, rounded up.
 const ENTRY_OVERHEAD_BYTES: usize = 128;
+/// How many in-flight claims a shard holds before it first looks for
+/// lapsed ones; after each look, twice as many as were still live.
+const MIN_SWEEP_AT: usize = 64;
 
 /// An in-memory [`Store`]: one process, lost on restart.
 ///
@@ -73,14 +76,17 @@ struct Shard {
     table: HashTable<Slot>,
     /// Completed records by deadline, for eviction and purging.
     expiries: Expiries,
-    /// In-flight claims by the lease deadline they were claimed (or last
-    /// seen renewed) with, for dropping the ones that lapsed. A claim
-    /// nobody completes or releases (its request's task was cut short, or
-    /// a caller of the store gave up on it) would otherwise stay until its
-    /// key came back, outside the byte budget.
-    leases: Expiries,
     /// Bytes of completed records, by [`weight`].
     bytes: usize,
+    /// In-flight claims in the table. A claim nobody completes or releases
+    /// (its request's task was cut short, or a caller of the store gave up
+    /// on it) would stay until its key came back, outside the byte budget;
+    /// the shard drops lapsed ones when this reaches `sweep_at`. Counting
+    /// costs a claim nothing that a list of leases would: no second probe
+    /// of the table, no queue entry.
+    in_flight: usize,
+    /// When the next claim looks for lapsed claims; 0 until the first.
+    sweep_at: usize,
     /// Spare room that new records are encoded into.
     arena: Arena,
 }
@@ -306,19 +312,17 @@ impl Inner {
     ) -> Result<Claim, StoreError> {
         let now = self.now();
         let (id, mut shard) = self.locate(key);
-        let lease_expires_at = now.saturating_add(millis(lease));
+        if shard.in_flight >= shard.sweep_at.max(MIN_SWEEP_AT) {
+            drop_lapsed(&mut shard, now);
+        }
         let acquire = || {
             let lease_token = LeaseToken::random();
             let held = InFlight {
                 fingerprint,
                 lease_token,
-                lease_expires_at,
+                lease_expires_at: now.saturating_add(millis(lease)),
             };
             (State::InFlight(Box::new(held)), lease_token)
-        };
-        let listed = Expiry {
-            expires_at: lease_expires_at,
-            hash: id[0],
         };
         // One probe finds the slot or where a new one goes.
         let slot = match shard
@@ -329,7 +333,7 @@ impl Inner {
             Entry::Vacant(vacant) => {
                 let (state, lease_token) = acquire();
                 vacant.insert(Slot { id, state });
-                list(&mut shard, listed, now);
+                shard.in_flight += 1;
                 return Ok(Claim::Acquired(lease_token));
             }
         };
@@ -347,8 +351,8 @@ impl Inner {
                 let previous = std::mem::replace(&mut slot.state, state);
                 if let State::Completed(encoded) = previous {
                     shard.bytes -= weight(&encoded);
+                    shard.in_flight += 1;
                 }
-                list(&mut shard, listed, now);
                 return Ok(Claim::Acquired(lease_token));
             }
         };
@@ -381,6 +385,7 @@ impl Inner {
         let encoded = encode_in(&mut shard.arena, &record, self.block_bytes);
         let weight = weight(&encoded);
         slot.state = State::Completed(encoded);
+        shard.in_flight -= 1;
         self.account_completed(shard, id[0], weight, expires_at, now);
         Ok(())
     }
@@ -423,13 +428,17 @@ impl Inner {
                 None
             }
         };
-        if let Some(Slot {
-            state: State::Completed(encoded),
-            ..
-        }) = previous
-        {
-            shard.bytes -= weight(&encoded);
-        }
+        let was_in_flight = match previous.map(|slot| slot.state) {
+            Some(State::Completed(encoded)) => {
+                shard.bytes -= weight(&encoded);
+                false
+            }
+            Some(State::InFlight(_)) => true,
+            None => false,
+        };
+        // Plus one for a claim put in, minus one for a claim replaced.
+        shard.in_flight =
+            shard.in_flight + usize::from(completed.is_none()) - usize::from(was_in_flight);
         if let Some((expires_at, weight)) = completed {
             self.account_completed(&mut shard, id[0], weight, expires_at, self.now());
         }
@@ -505,6 +514,7 @@ impl Inner {
             .held_by(token)
             .ok_or(StoreError::LeaseLost)?;
         entry.remove();
+        shard.in_flight -= 1;
         Ok(())
     }
 
@@ -576,55 +586,20 @@ impl Store for MemoryStore {
     }
 }
 
-/// Lists a claim just made, after dropping the claims that lapsed: only a
-/// new claim adds to the shard, so replays and duplicates in flight, which
-/// only read, need not look.
-fn list(shard: &mut Shard, claim: Expiry, now: u64) {
-    drop_lapsed(shard, now);
-    shard.leases.push(claim);
-}
-
 /// Drops the shard's in-flight claims whose lease lapsed by `now`, as a
-/// claim of their key would take them over, and forgets the listings of
-/// claims that were settled. Listings are looked at soonest first, up to
-/// the first claim still live at the deadline it is listed with: a claim
-/// renewed since is listed again at its new deadline, so a live lease is
-/// never dropped and a long-running one holds up the listings behind it
-/// only until its next renewal.
+/// claim of their key would take them over; a renewed lease carries its
+/// new deadline, so a live claim is never dropped. It walks the whole
+/// table, so it runs only once claims have doubled since the last walk:
+/// with claims that complete, never.
 fn drop_lapsed(shard: &mut Shard, now: u64) {
-    while let Some(first) = shard.leases.first() {
-        let lease = in_flight_deadline(shard, first.hash);
-        if lease.is_some_and(|lease| lease > now && lease == first.expires_at) {
-            return;
-        }
-        shard.leases.pop_first();
-        match lease {
-            Some(lease) if lease <= now => {
-                let lapsed = |slot: &Slot| {
-                    slot.table_hash() == first.hash
-                        && matches!(&slot.state, State::InFlight(held) if held.lease_expires_at <= now)
-                };
-                if let Ok(entry) = shard.table.find_entry(first.hash, lapsed) {
-                    entry.remove();
-                }
-            }
-            Some(renewed) => shard.leases.push(Expiry {
-                expires_at: renewed,
-                hash: first.hash,
-            }),
-            // Completed, released or gone: nothing to drop.
-            None => {}
-        }
-    }
-}
-
-/// The lease deadline of the in-flight claim filed under `hash`, if any.
-fn in_flight_deadline(shard: &Shard, hash: u64) -> Option<u64> {
-    let slot = shard.table.find(hash, |slot| slot.table_hash() == hash)?;
-    match &slot.state {
-        State::InFlight(held) => Some(held.lease_expires_at),
-        State::Completed(_) => None,
-    }
+    let mut dropped = 0;
+    shard.table.retain(|slot| {
+        let lapsed = matches!(&slot.state, State::InFlight(held) if held.lease_expires_at <= now);
+        dropped += usize::from(lapsed);
+        !lapsed
+    });
+    shard.in_flight -= dropped;
+    shard.sweep_at = shard.in_flight * 2;
 }
 
 fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
@@ -936,20 +911,29 @@ mod tests {
         }
     }
 
+    /// The shards' own counts of their in-flight claims.
+    fn counted_in_flight(store: &MemoryStore) -> usize {
+        store.inner.shards.iter().map(|s| lock(s).in_flight).sum()
+    }
+
     #[test]
-    fn claims_whose_lease_lapsed_are_dropped_by_later_claims() {
+    fn claims_whose_lease_lapsed_are_dropped_once_they_pile_up() {
         let (clock, store) = clocked(512 * 1024);
         for i in 0..100 {
             claimed(&store, &format!("abandoned{i}"), LEASE);
         }
-        let live = claimed(&store, "live", LEASE * 2);
         clock.advance(LEASE);
-        claimed(&store, "next", LEASE);
-        assert_eq!(store.in_flight_len(), 2, "lapsed claims linger");
-        store
-            .inner
-            .complete(&key("live"), live, response(10), 0, 1_000)
-            .expect("the live claim is still held");
+        let live: Vec<_> = (0..200)
+            .map(|i| (i, claimed(&store, &format!("live{i}"), LEASE * 2)))
+            .collect();
+        assert_eq!(store.in_flight_len(), 200, "lapsed claims linger");
+        for (i, token) in live {
+            let completed =
+                store
+                    .inner
+                    .complete(&key(&format!("live{i}")), token, response(1), 0, 1);
+            completed.expect("a live claim is never dropped");
+        }
     }
 
     #[tokio::test]
@@ -961,31 +945,45 @@ mod tests {
         Store::renew(&store, &key("renewed"), renewed, LEASE)
             .await
             .expect("the claim is held");
-        // Past the first deadline, a claim sweeps: `lapsing` goes, the
-        // renewed claim is listed again at its new deadline.
         clock.advance(LEASE / 2);
-        claimed(&store, "sweeper", LEASE);
-        assert_eq!(store.in_flight_len(), 2);
+        for i in 0..MIN_SWEEP_AT {
+            claimed(&store, &format!("k{i}"), LEASE);
+        }
         assert!(matches!(
             store.inner.get(&key("renewed")),
             Ok(Some(Record::InFlight(held))) if held.lease_token == renewed
         ));
-        // Past the renewed deadline it goes too.
-        clock.advance(LEASE);
-        claimed(&store, "sweeper2", LEASE * 2);
-        assert_eq!(store.in_flight_len(), 1, "only the newest claim is left");
+        assert_eq!(store.inner.get(&key("lapsing")).unwrap(), None);
+        assert_eq!(store.in_flight_len(), MIN_SWEEP_AT + 1);
     }
 
     #[test]
-    fn listings_of_settled_claims_do_not_pile_up() {
-        let (_clock, store) = clocked(512 * 1024);
-        for i in 0..1_000 {
-            let name = format!("k{i}");
-            let token = claimed(&store, &name, LEASE);
-            store.inner.release(&key(&name), token).unwrap();
-        }
-        let shard = lock(&store.inner.shards[0]);
-        assert!(shard.leases.len() <= 1, "{} listings", shard.leases.len());
+    fn the_in_flight_count_follows_every_change() {
+        let (clock, store) = clocked(512 * 1024);
+        let inner = &store.inner;
+        let completed = claimed(&store, "completed", LEASE);
+        inner
+            .complete(&key("completed"), completed, response(1), 0, 10)
+            .unwrap();
+        let released = claimed(&store, "released", LEASE);
+        inner.release(&key("released"), released).unwrap();
+        claimed(&store, "lapsed", LEASE);
+        inner.hold(&key("held"), LeaseToken::random(), FINGERPRINT);
+        inner.hold(&key("held-twice"), LeaseToken::random(), FINGERPRINT);
+        inner.hold(&key("held-twice"), LeaseToken::random(), FINGERPRINT);
+        let cached = Completed {
+            fingerprint: FINGERPRINT,
+            response: response(1),
+            expires_at: 1_000_000,
+        };
+        inner.hold(&key("remembered"), LeaseToken::random(), FINGERPRINT);
+        inner.remember(&key("remembered"), &cached);
+        clock.advance(LEASE);
+        // Taking over a lapsed claim and an expired record.
+        claimed(&store, "lapsed", LEASE);
+        claimed(&store, "completed", LEASE);
+        assert_eq!(counted_in_flight(&store), store.in_flight_len());
+        assert_eq!(store.in_flight_len(), 4);
     }
 
     #[test]

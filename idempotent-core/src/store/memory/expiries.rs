@@ -62,7 +62,7 @@ impl Expiries {
     }
 
     #[cfg(test)]
-    pub(super) fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.in_order.len() + self.out_of_order.len()
     }
 }
