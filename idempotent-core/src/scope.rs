@@ -48,6 +48,11 @@ pub enum Scope {
 ///     }
 /// }
 /// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot scope idempotency keys",
+    label = "this type is used as the scope of idempotency keys",
+    note = "implement `idempotent_core::IdempotencyScope` for it, returning the caller's stable id from `scope_id`; or give `#[idempotent]` a named scope instead: `scope = \"api_key\"`, `\"global\"` or `\"header:<name>\"`"
+)]
 pub trait IdempotencyScope {
     /// Bytes that identify the caller. Equal bytes share one key space.
     fn scope_id(&self) -> impl AsRef<[u8]>;

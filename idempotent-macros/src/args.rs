@@ -92,18 +92,18 @@ impl Args {
         for meta in metas {
             let key = option_name(meta.path());
             if seen.contains(&key) {
-                errors.spanned(meta.path(), format!("`{key}` is given more than once"));
+                errors.spanned(meta.path(), given_twice(&key));
                 continue;
             }
             seen.push(key.clone());
-            if let Err(error) = args.apply(&key, &meta) {
+            if let Err(error) = args.apply(&key, &meta, errors) {
                 errors.push(error);
             }
         }
         args
     }
 
-    fn apply(&mut self, key: &str, meta: &Meta) -> syn::Result<()> {
+    fn apply(&mut self, key: &str, meta: &Meta, errors: &mut Errors) -> syn::Result<()> {
         match key {
             "ttl" => self.ttl = Some(at_least_a_second(&string_value(meta)?, TTL_TOO_SHORT)?),
             "lease" => {
@@ -112,7 +112,7 @@ impl Args {
             "wait" => self.wait = Some(duration_millis(&string_value(meta)?)?),
             "scope" => self.scope = Some(scope(name_value(meta)?)?),
             "optional" => self.optional = flag(meta)?,
-            "skip" => self.skip = skip_list(meta)?,
+            "skip" => self.skip = skip_list(meta, errors)?,
             "name" => self.name = Some(endpoint_name(string_value(meta)?)?),
             "final_statuses" => {
                 self.final_statuses = Some(status_ranges(&string_value(meta)?)?);
@@ -153,11 +153,45 @@ impl Parse for AttrOption {
     }
 }
 
+/// Why an option given twice is refused: which of its values is meant
+/// cannot be told, and `skip` takes every argument in one list.
+fn given_twice(key: &str) -> String {
+    if key == "skip" {
+        "`skip` is given more than once: name every argument in one `skip(a, b)`".to_owned()
+    } else {
+        format!("`{key}` is given more than once: keep one")
+    }
+}
+
+/// How the option `key` is written, for the errors about its form.
+fn form(key: &str) -> &'static str {
+    match key {
+        "ttl" => "`ttl = \"24h\"`",
+        "lease" => "`lease = \"60s\"`",
+        "wait" => "`wait = \"5s\"`",
+        "scope" => {
+            "`scope = \"api_key\"`, `scope = \"global\"`, `scope = \"header:<name>\"` or `scope = path::to::Principal`"
+        }
+        "name" => "`name = \"orders.create\"`",
+        "final_statuses" => "`final_statuses = \"2xx, 404\"`",
+        "crate" => "`crate = \"::idempotent_core\"`",
+        _ => "`option = ...`",
+    }
+}
+
+/// The candidate within two edits of `written`, for "did you mean" hints.
+pub(crate) fn closest<'a>(
+    written: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .find(|candidate| edit_distance(written, candidate) <= 2)
+}
+
 fn unknown_option(key: &str) -> String {
     let options: Vec<String> = OPTIONS.iter().map(|option| format!("`{option}`")).collect();
-    let hint = OPTIONS
-        .iter()
-        .find(|option| edit_distance(key, option) <= 2)
+    let hint = closest(key, OPTIONS)
         .map(|option| format!("did you mean `{option}`? "))
         .unwrap_or_default();
     format!(
@@ -192,7 +226,7 @@ fn name_value(meta: &Meta) -> syn::Result<&Expr> {
         Meta::NameValue(MetaNameValue { value, .. }) => Ok(value),
         _ => Err(syn::Error::new_spanned(
             meta,
-            format!("expected `{} = ...`", option_name(meta.path())),
+            format!("expected {}", form(&option_name(meta.path()))),
         )),
     }
 }
@@ -202,10 +236,13 @@ fn string_value(meta: &Meta) -> syn::Result<LitStr> {
         Expr::Lit(ExprLit {
             lit: Lit::Str(lit), ..
         }) => Ok(lit.clone()),
-        other => Err(syn::Error::new_spanned(
-            other,
-            format!("`{}` takes a string literal", option_name(meta.path())),
-        )),
+        other => {
+            let key = option_name(meta.path());
+            Err(syn::Error::new_spanned(
+                other,
+                format!("`{key}` takes a string literal, as in {}", form(&key)),
+            ))
+        }
     }
 }
 
@@ -230,22 +267,78 @@ fn flag(meta: &Meta) -> syn::Result<bool> {
     }
 }
 
-fn skip_list(meta: &Meta) -> syn::Result<Vec<Ident>> {
+/// What `skip` takes, for its errors.
+const SKIP_FORM: &str = "expected the names of handler arguments, as in `skip(trace, debug)`; a destructured argument is named by its binding, `body` in `Json(body): Json<T>`";
+
+/// The names in `skip(...)`. An empty list skips nothing, so that a
+/// `macro_rules!` may pass one through; a name given twice is an error at
+/// the second, and the list without it is kept so that its other names are
+/// still checked against the handler's arguments.
+fn skip_list(meta: &Meta, errors: &mut Errors) -> syn::Result<Vec<Ident>> {
     let Meta::List(list) = meta else {
         return Err(syn::Error::new_spanned(
             meta,
             "expected `skip(argument, ...)` naming handler arguments",
         ));
     };
-    let names = list.parse_args_with(Punctuated::<Ident, Token![,]>::parse_terminated)?;
-    Ok(names.into_iter().collect())
+    let mut names: Vec<Ident> = Vec::new();
+    for name in list.parse_args_with(skip_names)? {
+        if names.contains(&name) {
+            errors.spanned(&name, format!("`{name}` is named twice in `skip`"));
+        } else {
+            names.push(name);
+        }
+    }
+    Ok(names)
 }
 
-fn endpoint_name(lit: LitStr) -> syn::Result<LitStr> {
-    if lit.value().trim().is_empty() {
-        return Err(syn::Error::new(lit.span(), "the endpoint name is empty"));
+/// `a, b, ...` parsed by hand, so that anything but a name (a pattern, a
+/// type, a string) gets [`SKIP_FORM`] rather than syn's "expected `,`".
+fn skip_names(input: ParseStream<'_>) -> syn::Result<Vec<Ident>> {
+    let mut names = Vec::new();
+    while !input.is_empty() {
+        names.push(skip_name(input)?);
+        if !input.is_empty() {
+            input
+                .parse::<Token![,]>()
+                .map_err(|error| syn::Error::new(error.span(), SKIP_FORM))?;
+        }
     }
-    Ok(lit)
+    Ok(names)
+}
+
+fn skip_name(input: ParseStream<'_>) -> syn::Result<Ident> {
+    // A quoted name is the likeliest slip, so it gets the fix itself.
+    if input.peek(LitStr) {
+        let lit: LitStr = input.parse()?;
+        let message = format!(
+            "`skip` takes argument names without quotes: `skip({})`",
+            lit.value()
+        );
+        return Err(syn::Error::new(lit.span(), message));
+    }
+    input
+        .parse::<Ident>()
+        .map_err(|error| syn::Error::new(error.span(), SKIP_FORM))
+}
+
+/// The endpoint's name is its identity in every fingerprint and in the
+/// logs: whitespace at either end would silently make it another
+/// endpoint than the name without it, and a control character would
+/// garble the log lines it is written to.
+fn endpoint_name(lit: LitStr) -> syn::Result<LitStr> {
+    let value = lit.value();
+    let why = if value.trim().is_empty() {
+        "the endpoint name is empty"
+    } else if value.trim() != value {
+        "the endpoint name starts or ends with whitespace, which would make it an endpoint of its own"
+    } else if value.chars().any(char::is_control) {
+        "the endpoint name has a control character, which the logs it is written to would garble"
+    } else {
+        return Ok(lit);
+    };
+    let message = format!("{why}; expected a name such as {}", form("name"));
+    Err(syn::Error::new(lit.span(), message))
 }
 
 fn crate_path(value: &Expr) -> syn::Result<Path> {
@@ -282,22 +375,37 @@ fn scope(value: &Expr) -> syn::Result<Scope> {
         _ => None,
     };
     match custom {
-        Some(Type::Path(path)) if path.qself.is_none() => {
-            // `scope = global` is a string without its quotes far more often
-            // than a type of that name.
-            match path.path.get_ident().map(ToString::to_string) {
-                Some(name) if name == "api_key" || name == "global" => {
-                    Err(syn::Error::new_spanned(
-                        value,
-                        format!(
-                            "the scope `{name}` is a string: write `scope = \"{name}\"`; a path names a type implementing `IdempotencyScope`"
-                        ),
-                    ))
-                }
-                _ => Ok(Scope::Custom(path.path)),
-            }
-        }
+        Some(Type::Path(path)) if path.qself.is_none() => match named_scope_as_path(&path.path) {
+            Some(name) => Err(syn::Error::new_spanned(
+                value,
+                format!(
+                    "the scope `{}` is a string: write `scope = \"{name}\"`; a path names a type implementing `IdempotencyScope`",
+                    option_name(&path.path)
+                ),
+            )),
+            None => Ok(Scope::Custom(path.path)),
+        },
         _ => Err(syn::Error::new_spanned(value, SCOPE_FORMS)),
+    }
+}
+
+/// The string scope a path most likely means: `scope = global` is a
+/// string without its quotes far more often than a type of that name, and
+/// `Scope::ApiKey` is the public enum's variant, not a type.
+fn named_scope_as_path(path: &Path) -> Option<&'static str> {
+    let names: Vec<String> = path.segments.iter().map(|s| s.ident.to_string()).collect();
+    match names
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["api_key"] => Some("api_key"),
+        ["global"] => Some("global"),
+        [.., "Scope", "ApiKey"] => Some("api_key"),
+        [.., "Scope", "Global"] => Some("global"),
+        [.., "Scope", "Header"] => Some("header:<name>"),
+        _ => None,
     }
 }
 
@@ -310,34 +418,67 @@ fn named_scope(lit: &LitStr) -> syn::Result<Scope> {
             Some(header) => header_name(header).map(Scope::Header).map_err(|why| {
                 syn::Error::new(
                     lit.span(),
-                    format!("invalid scope header `{header}`: {why}"),
+                    format!("{why}; a header scope is written as `\"header:x-tenant-id\"`"),
                 )
             }),
             None => Err(syn::Error::new(
                 lit.span(),
-                format!("unknown scope `{value}`; {SCOPE_FORMS}"),
+                format!(
+                    "unknown scope `{value}`; {}{SCOPE_FORMS}",
+                    scope_hint(&value)
+                ),
             )),
         },
     }
 }
 
+/// "did you mean" for a scope string: the names are lowercase with an
+/// underscore (`API_KEY`, `api-key` and `Header:x-tenant` are near
+/// misses), and a bare header name is one without its `header:` prefix.
+fn scope_hint(value: &str) -> String {
+    let folded = value.to_ascii_lowercase().replace('-', "_");
+    let suggestion = if let Some(name) = closest(&folded, ["api_key", "global"]) {
+        name.to_owned()
+    } else if folded.starts_with("header:") {
+        format!("header:{}", &value["header:".len()..])
+    } else if value.contains('-') && header_name(value).is_ok() {
+        format!("header:{value}")
+    } else {
+        return String::new();
+    };
+    format!("did you mean `\"{suggestion}\"`? ")
+}
+
 /// A valid HTTP header name (RFC 9110 token), lowercased as `HeaderMap`
 /// stores names.
-fn header_name(name: &str) -> Result<String, &'static str> {
+fn header_name(name: &str) -> Result<String, String> {
     const SYMBOLS: &[u8] = b"!#$%&'*+-.^_`|~";
     if name.is_empty() {
-        return Err("the header name is empty");
+        return Err(
+            "the scope `header:` names no header: write its name after the colon".to_owned(),
+        );
     }
     if !name
         .bytes()
         .all(|byte| byte.is_ascii_alphanumeric() || SYMBOLS.contains(&byte))
     {
-        return Err("a header name is letters, digits and `!#$%&'*+-.^_`|~`");
+        return Err(format!(
+            "invalid scope header `{name}`: a header name is letters, digits and `!#$%&'*+-.^_`|~`, without spaces"
+        ));
     }
     Ok(name.to_ascii_lowercase())
 }
 
 // ===== durations =====
+
+/// What a duration looks like, for its errors.
+const DURATION_USAGE: &str =
+    "expected a duration such as \"500ms\", \"90s\", \"15m\", \"24h\", \"7d\" or \"1h 30m\"";
+/// The units, for the errors about one.
+const UNITS: &str = "the units are `ms`, `s`, `m` (minutes), `h` and `d`, in lowercase, as in \"90s\" or \"1h 30m\"";
+/// The longest TTL, lease or wait an `Endpoint` keeps, a century, in
+/// milliseconds: it would cut a longer one short without a word.
+const LONGEST_MILLIS: u64 = 100 * 365 * 86_400_000;
 
 /// Milliseconds in a humantime-style literal: one or more `<integer><unit>`
 /// terms, units `ms`, `s`, `m`, `h`, `d`, e.g. `"90s"`, `"1h 30m"`.
@@ -369,33 +510,74 @@ fn at_least_a_second(lit: &LitStr, why: &str) -> syn::Result<u64> {
     Ok(millis)
 }
 
+/// Spaces may surround the literal and stand between terms or between a
+/// number and its unit (`"1h30m"`, `"1h 30m"`, `"24 h"`): none of them
+/// changes what the literal means.
 fn parse_duration(text: &str) -> Result<u64, String> {
-    let usage = "expected a duration such as \"500ms\", \"90s\", \"15m\", \"24h\" or \"7d\"";
-    let mut rest = text.trim();
+    let mut rest = text.trim_start();
     if rest.is_empty() {
-        return Err(format!("empty duration; {usage}"));
+        return Err(format!("empty duration; {DURATION_USAGE}"));
     }
     let mut total: u64 = 0;
     while !rest.is_empty() {
-        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
-        let (number, tail) = rest.split_at(digits);
-        let units = tail.len()
-            - tail
-                .trim_start_matches(|c: char| c.is_ascii_alphabetic())
-                .len();
-        let (unit, tail) = tail.split_at(units);
-        let scale = unit_millis(unit)
-            .filter(|_| !number.is_empty())
-            .ok_or_else(|| format!("invalid duration `{text}`; {usage}"))?;
-        let term = number
-            .parse::<u64>()
-            .ok()
-            .and_then(|n| n.checked_mul(scale))
-            .and_then(|term| total.checked_add(term));
-        total = term.ok_or_else(|| format!("the duration `{text}` is too long"))?;
+        let (millis, tail) =
+            duration_term(rest).map_err(|why| format!("invalid duration `{text}`: {why}"))?;
+        total = total.saturating_add(millis);
         rest = tail.trim_start();
     }
+    if total > LONGEST_MILLIS {
+        return Err(format!(
+            "the duration `{text}` is longer than a century (\"36500d\"), the longest an endpoint keeps"
+        ));
+    }
     Ok(total)
+}
+
+/// The first `<integer><unit>` term of `text`, in milliseconds (saturated:
+/// too long is refused as a whole), and what follows it.
+fn duration_term(text: &str) -> Result<(u64, &str), String> {
+    let (number, tail) = split_while(text, |c| c.is_ascii_digit());
+    if number.is_empty() {
+        let found = text.split_whitespace().next().unwrap_or(text);
+        return Err(format!(
+            "`{found}` does not start with a number; {DURATION_USAGE}"
+        ));
+    }
+    if tail.starts_with(['.', ',']) {
+        return Err(
+            "a duration takes whole numbers: combine units instead, as in \"1h 30m\" or \"90m\""
+                .to_owned(),
+        );
+    }
+    let (unit, tail) = split_while(tail.trim_start(), |c| c.is_ascii_alphabetic());
+    let scale = unit_millis(unit).ok_or_else(|| unknown_unit(number, unit))?;
+    // Only an overflowing number of digits fails to parse.
+    let count = number.parse::<u64>().unwrap_or(u64::MAX);
+    Ok((count.saturating_mul(scale), tail))
+}
+
+/// Splits `text` after its leading characters that match `keep`.
+fn split_while(text: &str, keep: impl Fn(char) -> bool) -> (&str, &str) {
+    let end = text.find(|c: char| !keep(c)).unwrap_or(text.len());
+    text.split_at(end)
+}
+
+/// Why `unit`, written after `number`, is not a unit, with the fix when
+/// the unit is spelled out or capitalized. `M` is not taken for minutes:
+/// elsewhere it means months.
+fn unknown_unit(number: &str, unit: &str) -> String {
+    if unit.is_empty() {
+        return format!("`{number}` has no unit; {UNITS}");
+    }
+    let fix = match unit.to_ascii_lowercase().as_str() {
+        "ms" | "msec" | "msecs" | "millis" | "millisecond" | "milliseconds" => "ms",
+        "s" | "sec" | "secs" | "second" | "seconds" => "s",
+        "min" | "mins" | "minute" | "minutes" => "m",
+        "h" | "hr" | "hrs" | "hour" | "hours" => "h",
+        "d" | "day" | "days" => "d",
+        _ => return format!("`{unit}` is not a unit; {UNITS}"),
+    };
+    format!("`{unit}` is not a unit, write `{number}{fix}`; {UNITS}")
 }
 
 fn unit_millis(unit: &str) -> Option<u64> {
@@ -411,35 +593,59 @@ fn unit_millis(unit: &str) -> Option<u64> {
 
 // ===== final statuses =====
 
+/// What `final_statuses` takes, for its errors.
+const STATUS_USAGE: &str =
+    "expected statuses, ranges and classes such as \"200-299, 404\" or \"2xx, 404\"";
+
 /// Status ranges in a literal like `"200-299, 404"` or `"2xx, 404"`.
 fn status_ranges(lit: &LitStr) -> syn::Result<Vec<(u16, u16)>> {
     let value = lit.value();
-    let ranges: Result<Vec<_>, String> = value
-        .split(',')
-        .map(|part| status_range(part.trim()))
-        .collect();
-    match ranges {
-        Ok(ranges) => Ok(ranges),
-        Err(why) => Err(syn::Error::new(
-            lit.span(),
-            format!("{why}; expected statuses and ranges such as \"200-299, 404\" or \"2xx, 404\""),
-        )),
-    }
+    let ranges: Result<Vec<_>, String> = if value.trim().is_empty() {
+        Err("the list of final statuses is empty, so no response would be stored".to_owned())
+    } else {
+        value
+            .split(',')
+            .map(|part| status_range(part.trim()))
+            .collect()
+    };
+    ranges.map_err(|why| syn::Error::new(lit.span(), format!("{why}; {STATUS_USAGE}")))
 }
 
+/// One entry: a status, a class, or a range whose ends are either
+/// (`"2xx-4xx"` is `200-499`).
 fn status_range(part: &str) -> Result<(u16, u16), String> {
-    if let Some(class) = part.strip_suffix("xx") {
-        let first = status(&format!("{class}00"))?;
-        return Ok((first, first + 99));
+    if part.is_empty() {
+        return Err("an entry of the list is empty".to_owned());
     }
     let (first, last) = match part.split_once('-') {
-        Some((first, last)) => (status(first.trim())?, status(last.trim())?),
-        None => (status(part)?, status(part)?),
+        Some((first, last)) => (statuses(first.trim())?.0, statuses(last.trim())?.1),
+        None => statuses(part)?,
     };
     if first > last {
         return Err(format!("the range `{part}` is empty"));
     }
     Ok((first, last))
+}
+
+/// The first and last status `text` stands for: one status, or a class.
+fn statuses(text: &str) -> Result<(u16, u16), String> {
+    match status_class(text) {
+        Some(class) => class,
+        None => status(text).map(|code| (code, code)),
+    }
+}
+
+/// The class in `text` if it is written as one: a digit and `xx`, in
+/// either case, as HTTP writes `2xx` and OpenAPI `2XX`.
+fn status_class(text: &str) -> Option<Result<(u16, u16), String>> {
+    let (digit, suffix) = text.split_at_checked(text.len().checked_sub(2)?)?;
+    if !suffix.eq_ignore_ascii_case("xx") {
+        return None;
+    }
+    Some(match digit.parse::<u16>() {
+        Ok(class @ 1..=5) if digit.len() == 1 => Ok((class * 100, class * 100 + 99)),
+        _ => Err(format!("`{text}` is not a status class (`1xx` to `5xx`)")),
+    })
 }
 
 fn status(text: &str) -> Result<u16, String> {
@@ -462,20 +668,48 @@ mod tests {
         assert_eq!(parse_duration("24h"), Ok(86_400_000));
         assert_eq!(parse_duration("7d"), Ok(604_800_000));
         assert_eq!(parse_duration("1h 30m"), Ok(5_400_000));
+        assert_eq!(parse_duration("1h30m"), Ok(5_400_000));
+        assert_eq!(parse_duration(" 24h "), Ok(86_400_000));
+        assert_eq!(parse_duration("24 h"), Ok(86_400_000));
+        assert_eq!(parse_duration("36500d"), Ok(LONGEST_MILLIS));
         assert!(parse_duration("24x").is_err());
         assert!(parse_duration("h").is_err());
         assert!(parse_duration("10").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("-5s").is_err());
+        assert!(parse_duration("36501d").is_err());
         assert!(parse_duration("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn duration_errors_say_what_to_write() {
+        let error = |text| parse_duration(text).unwrap_err();
+        assert!(error("24H").contains("write `24h`"));
+        assert!(error("5min").contains("write `5m`"));
+        assert!(error("2 hours").contains("write `2h`"));
+        assert!(!error("1M").contains("write"));
+        assert!(error("1.5h").contains("whole numbers"));
+        assert!(error("10").contains("`10` has no unit"));
+        assert!(error("1000000d").contains("longer than a century"));
     }
 
     #[test]
     fn statuses() {
         assert_eq!(status_range("2xx"), Ok((200, 299)));
+        assert_eq!(status_range("2XX"), Ok((200, 299)));
+        assert_eq!(status_range("5Xx"), Ok((500, 599)));
         assert_eq!(status_range("404"), Ok((404, 404)));
         assert_eq!(status_range("400 - 403"), Ok((400, 403)));
+        assert_eq!(status_range("2xx-4XX"), Ok((200, 499)));
+        assert_eq!(status_range("200-3xx"), Ok((200, 399)));
         assert!(status_range("299-200").is_err());
+        assert!(status_range("4xx-2xx").is_err());
         assert!(status_range("600").is_err());
         assert!(status_range("").is_err());
+        assert!(status_range("6xx").unwrap_err().contains("status class"));
+        assert!(status_range("xx").unwrap_err().contains("status class"));
+        assert!(status_range("20xx").is_err());
+        assert!(status_range("é").is_err());
     }
 
     #[test]
@@ -487,9 +721,20 @@ mod tests {
     }
 
     #[test]
+    fn unknown_scopes_get_a_hint_when_close() {
+        assert!(scope_hint("API_KEY").contains("\"api_key\""));
+        assert!(scope_hint("api-key").contains("\"api_key\""));
+        assert!(scope_hint("Global").contains("\"global\""));
+        assert!(scope_hint("Header:X-Tenant").contains("\"header:X-Tenant\""));
+        assert!(scope_hint("x-tenant-id").contains("\"header:x-tenant-id\""));
+        assert_eq!(scope_hint("tenant"), "");
+    }
+
+    #[test]
     fn header_names() {
         assert_eq!(header_name("X-Tenant"), Ok("x-tenant".into()));
         assert!(header_name("x tenant").is_err());
+        assert!(header_name(" x-tenant").is_err());
         assert!(header_name("").is_err());
     }
 }

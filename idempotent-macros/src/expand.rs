@@ -12,7 +12,7 @@ use syn::{
     PathArguments, ReturnType, Type,
 };
 
-use crate::args::{Args, Errors, Scope};
+use crate::args::{Args, Errors, Scope, closest};
 
 /// Extractors that are never fingerprinted: they carry server state,
 /// connection details, the key itself or request metadata, not the
@@ -427,20 +427,25 @@ fn check_applied_once(attrs: &[Attribute], errors: &mut Errors) {
 fn check_skipped_names(arguments: &[Argument<'_>], skip: &[Ident], errors: &mut Errors) {
     let names: Vec<String> = arguments
         .iter()
-        .filter_map(|argument| argument.name.as_ref().map(|name| format!("`{name}`")))
+        .filter_map(|argument| argument.name.as_ref().map(ToString::to_string))
         .collect();
+    let listed: Vec<String> = names.iter().map(|name| format!("`{name}`")).collect();
     for skipped in skip {
-        if !arguments.iter().any(|a| a.name.as_ref() == Some(skipped)) {
-            let known = if names.is_empty() {
-                "the handler has no named arguments".to_owned()
-            } else {
-                format!("the arguments are {}", names.join(", "))
-            };
-            errors.spanned(
-                skipped,
-                format!("`skip` names no argument `{skipped}`; {known}"),
-            );
+        if arguments.iter().any(|a| a.name.as_ref() == Some(skipped)) {
+            continue;
         }
+        let known = if names.is_empty() {
+            "the handler has no named arguments".to_owned()
+        } else {
+            format!("the arguments are {}", listed.join(", "))
+        };
+        let hint = closest(&skipped.to_string(), names.iter().map(String::as_str))
+            .map(|name| format!("did you mean `{name}`? "))
+            .unwrap_or_default();
+        errors.spanned(
+            skipped,
+            format!("`skip` names no argument `{skipped}`; {hint}{known}"),
+        );
     }
 }
 
