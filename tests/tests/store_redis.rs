@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use idempotent_core::Endpoint;
+use idempotent_core::clock::ManualClock;
 use idempotent_core::key::IdempotencyKey;
 use idempotent_core::record::RecordKey;
 use idempotent_core::scope::ScopeDigest;
@@ -185,17 +186,10 @@ impl redis::aio::ConnectionLike for SentTwice {
     }
 }
 
-/// A claim whose command reaches Redis twice finds, the second time, the
-/// lease its first attempt took under its own token: it holds the key.
-/// Answered as another request in flight, the key would stay blocked, with
-/// nothing running, until the lease lapsed.
-#[tokio::test]
-async fn a_claim_applied_twice_holds_the_key() {
-    use idempotent_core::clock::{Clock, ManualClock};
-    use idempotent_core::fingerprint::Fingerprint;
-    use idempotent_core::record::{Claim, Record};
-
-    let Some(url) = backend_url(URL) else { return };
+/// Two stores on one prefix and one manual clock: one sends each command
+/// once, the other twice.
+async fn sent_once_and_twice() -> Option<(ManualClock, RedisStore, RedisStore<SentTwice>)> {
+    let url = backend_url(URL)?;
     let prefix = unique_name("idem_test") + ":";
     let clock = ManualClock::starting_now();
     let once = RedisStore::builder(manager(&url).await)
@@ -206,6 +200,22 @@ async fn a_claim_applied_twice_holds_the_key() {
         .prefix(prefix)
         .clock(clock.clone())
         .build();
+    Some((clock, once, twice))
+}
+
+/// A claim whose command reaches Redis twice finds, the second time, the
+/// lease its first attempt took under its own token: it holds the key.
+/// Answered as another request in flight, the key would stay blocked, with
+/// nothing running, until the lease lapsed.
+#[tokio::test]
+async fn a_claim_applied_twice_holds_the_key() {
+    use idempotent_core::clock::Clock;
+    use idempotent_core::fingerprint::Fingerprint;
+    use idempotent_core::record::{Claim, Record};
+
+    let Some((clock, once, twice)) = sent_once_and_twice().await else {
+        return;
+    };
     let lease = Duration::from_secs(10);
     let fingerprint = Fingerprint::from_bytes([5; 32]);
     let key = |name: &str| {
@@ -252,22 +262,13 @@ async fn a_claim_applied_twice_holds_the_key() {
 /// record in the key is still someone else's.
 #[tokio::test]
 async fn a_completion_applied_twice_is_a_success() {
-    use idempotent_core::clock::ManualClock;
     use idempotent_core::fingerprint::Fingerprint;
     use idempotent_core::record::{Claim, Record, StoredResponse};
     use idempotent_core::store::StoreError;
 
-    let Some(url) = backend_url(URL) else { return };
-    let prefix = unique_name("idem_test") + ":";
-    let clock = ManualClock::starting_now();
-    let once = RedisStore::builder(manager(&url).await)
-        .prefix(prefix.clone())
-        .clock(clock.clone())
-        .build();
-    let twice = RedisStore::builder(SentTwice(manager(&url).await))
-        .prefix(prefix)
-        .clock(clock.clone())
-        .build();
+    let Some((_, once, twice)) = sent_once_and_twice().await else {
+        return;
+    };
     let fingerprint = Fingerprint::from_bytes([6; 32]);
     let key = RecordKey::new(
         ScopeDigest::from_bytes(rand::random()),

@@ -18,6 +18,23 @@ pub(crate) const CLAIM_ATTEMPTS: usize = 8;
 /// write lock (SQLite) for long.
 pub(crate) const PURGE_BATCH: i64 = 1000;
 
+/// Runs `batch`, one `DELETE` of at most [`PURGE_BATCH`] expired rows,
+/// until one deletes fewer, and answers how many rows went in all.
+pub(crate) async fn purge_in_batches<B, F>(mut batch: B) -> Result<u64, StoreError>
+where
+    B: FnMut() -> F,
+    F: Future<Output = Result<u64, StoreError>>,
+{
+    let mut purged = 0;
+    loop {
+        let deleted = batch().await?;
+        purged += deleted;
+        if deleted < PURGE_BATCH.unsigned_abs() {
+            return Ok(purged);
+        }
+    }
+}
+
 /// A claim kept losing races to concurrent changes of its record.
 #[derive(Debug, thiserror::Error)]
 #[error("the idempotency record kept changing while it was being claimed")]

@@ -203,20 +203,16 @@ impl SqliteStore {
     /// The database failed.
     pub async fn purge_expired(&self) -> Result<u64, StoreError> {
         let now = to_sql_millis(self.inner.clock.now_millis());
-        let mut purged = 0;
-        loop {
+        sql::purge_in_batches(|| async move {
             let deleted = sqlx::query(&self.inner.sql.purge)
                 .bind(now)
                 .bind(sql::PURGE_BATCH)
                 .execute(&self.inner.pool)
                 .await
-                .map_err(StoreError::backend)?
-                .rows_affected();
-            purged += deleted;
-            if deleted < sql::PURGE_BATCH.unsigned_abs() {
-                return Ok(purged);
-            }
-        }
+                .map_err(StoreError::backend)?;
+            Ok(deleted.rows_affected())
+        })
+        .await
     }
 
     /// The connection pool.
