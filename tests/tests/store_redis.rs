@@ -256,12 +256,12 @@ async fn a_claim_applied_twice_holds_the_key() {
     once.release(&lapsed, token).await.unwrap();
 }
 
-/// A completion whose command reaches Redis twice finds, the second time,
-/// the record its first attempt stored: that is success, not a lost lease
-/// (which the engine logs as a response it could not store). A different
-/// record in the key is still someone else's.
+/// A completion whose command reaches Redis twice stores its record
+/// once: the second application finds the lease gone (as the engine then
+/// logs) and leaves the record as the first stored it, fingerprint
+/// included; a later completion cannot overwrite it either.
 #[tokio::test]
-async fn a_completion_applied_twice_is_a_success() {
+async fn a_completion_applied_twice_stores_the_record_once() {
     use idempotent_core::fingerprint::Fingerprint;
     use idempotent_core::record::{Claim, Record, StoredResponse};
     use idempotent_core::store::StoreError;
@@ -288,7 +288,10 @@ async fn a_completion_applied_twice_is_a_success() {
         panic!("a new key is acquired");
     };
     let completed = twice.complete(&key, token, response(b"paid"), ttl).await;
-    assert!(completed.is_ok(), "{completed:?}");
+    assert!(
+        matches!(completed, Err(StoreError::LeaseLost)),
+        "{completed:?}"
+    );
     let stored = once.get(&key).await.unwrap();
     assert!(
         matches!(&stored, Some(Record::Completed(record))

@@ -108,25 +108,11 @@ return 1
 
 /// ARGV: token, encoded completed record (fingerprint left blank), PX. The
 /// holder's fingerprint is spliced in from the in-flight value. Returns 1
-/// if held, or if the key already holds this very record.
-///
-/// The second case is a completion that reached Redis twice: the client
-/// sends a command again after the connection dropped or the reply timed
-/// out, though the first may have been applied (as with claims, see
-/// `found_by`). The record no longer carries the token, but it is this
-/// call's own, byte for byte past the fingerprint: the same deadline, to
-/// the millisecond, and the same response. Answering 0 would report a
-/// record that is stored as lost.
+/// if held.
 static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
     lua(r"
 local held = redis.call('GET', KEYS[1])
-if not holds(held, ARGV[1]) then
-    if held and #held == #ARGV[2] and string.byte(held, 1) == string.byte(ARGV[2], 1)
-        and string.sub(held, 34) == string.sub(ARGV[2], 34) then
-        return 1
-    end
-    return 0
-end
+if not holds(held, ARGV[1]) then return 0 end
 local record = string.sub(ARGV[2], 1, 1) .. string.sub(held, 2, 33) .. string.sub(ARGV[2], 34)
 redis.call('SET', KEYS[1], record, 'PX', ARGV[3])
 return 1
