@@ -179,14 +179,24 @@ fn form(key: &str) -> &'static str {
     }
 }
 
-/// The candidate within two edits of `written`, for "did you mean" hints.
+/// The candidate fewest edits from `written`, the first of those on a
+/// tie, for "did you mean" hints: within two edits, or one when either
+/// name has at most three characters, since any two names that short are
+/// within two edits of each other.
 pub(crate) fn closest<'a>(
     written: &str,
     candidates: impl IntoIterator<Item = &'a str>,
 ) -> Option<&'a str> {
     candidates
         .into_iter()
-        .find(|candidate| edit_distance(written, candidate) <= 2)
+        .filter_map(|candidate| {
+            let shorter = written.chars().count().min(candidate.chars().count());
+            let most = if shorter <= 3 { 1 } else { 2 };
+            let distance = edit_distance(written, candidate);
+            (distance <= most).then_some((distance, candidate))
+        })
+        .min_by_key(|&(distance, _)| distance)
+        .map(|(_, candidate)| candidate)
 }
 
 fn unknown_option(key: &str) -> String {
@@ -440,7 +450,11 @@ fn scope_hint(value: &str) -> String {
     let suggestion = if let Some(name) = closest(&folded, ["api_key", "global"]) {
         name.to_owned()
     } else if folded.starts_with("header:") {
-        format!("header:{}", &value["header:".len()..])
+        let header = &value["header:".len()..];
+        if header_name(header).is_err() {
+            return String::new();
+        }
+        format!("header:{header}")
     } else if value.contains('-') && header_name(value).is_ok() {
         format!("header:{value}")
     } else {
@@ -721,6 +735,19 @@ mod tests {
     }
 
     #[test]
+    fn hints_name_the_nearest_candidate_and_only_a_near_one() {
+        // One edit from `skip`, two from `scope`, which is listed first.
+        assert_eq!(closest("scip", OPTIONS), Some("skip"));
+        assert!(unknown_option("scip").contains("did you mean `skip`?"));
+        // Any two names of two letters are two edits apart.
+        assert_eq!(closest("tx", ["db", "id"]), None);
+        assert_eq!(closest("x", ["db"]), None);
+        assert_eq!(closest("bdy", ["headers", "body"]), Some("body"));
+        assert_eq!(closest("wiat", OPTIONS), Some("wait"));
+        assert_eq!(closest("tl", OPTIONS), Some("ttl"));
+    }
+
+    #[test]
     fn unknown_scopes_get_a_hint_when_close() {
         assert!(scope_hint("API_KEY").contains("\"api_key\""));
         assert!(scope_hint("api-key").contains("\"api_key\""));
@@ -728,6 +755,9 @@ mod tests {
         assert!(scope_hint("Header:X-Tenant").contains("\"header:X-Tenant\""));
         assert!(scope_hint("x-tenant-id").contains("\"header:x-tenant-id\""));
         assert_eq!(scope_hint("tenant"), "");
+        // Only a scope that would compile is suggested.
+        assert_eq!(scope_hint("Header: x-tenant"), "");
+        assert_eq!(scope_hint("HEADER:"), "");
     }
 
     #[test]

@@ -145,15 +145,16 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// Waits for the tasks `tracker` holds, and for those it is given
-/// meanwhile, then leaves it open for more: what a store that spawns its
-/// background work on `tracker` answers [`Store::settle`] with.
+/// meanwhile: what a store that spawns its background work on `tracker`
+/// answers [`Store::settle`] with.
 #[cfg(any(feature = "postgres", feature = "redis", feature = "sqlite"))]
 pub(crate) async fn settle(tracker: &tokio_util::task::TaskTracker) {
     // `wait` ends only on a closed tracker; closing does not stop new
-    // tasks from being tracked.
+    // tasks from being tracked, so it stays closed. Reopening it would
+    // leave a concurrent settle, between its own close and wait, waiting
+    // for a close that never comes.
     tracker.close();
     tracker.wait().await;
-    tracker.reopen();
 }
 
 /// A boxed future, as [`DynStore`] returns.
@@ -234,3 +235,46 @@ impl<S: Store> DynStore for S {
 
 /// A shared, type-erased store.
 pub type SharedStore = Arc<dyn DynStore>;
+
+#[cfg(all(test, any(feature = "postgres", feature = "redis", feature = "sqlite")))]
+mod tests {
+    use std::sync::Barrier;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use tokio_util::task::TaskTracker;
+
+    /// Two callers settling at once, with nothing to wait for, both return:
+    /// neither is left waiting on a tracker the other's end reopened.
+    #[test]
+    fn concurrent_settles_both_return() {
+        let tracker = TaskTracker::new();
+        let barrier = Barrier::new(2);
+        let hung = AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..2 {
+                scope.spawn(|| {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_time()
+                        .build()
+                        .unwrap();
+                    for _ in 0..50_000 {
+                        barrier.wait();
+                        let settle = super::settle(&tracker);
+                        let settled = runtime.block_on(async {
+                            tokio::time::timeout(Duration::from_millis(50), settle).await
+                        });
+                        if settled.is_err() {
+                            hung.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(
+            hung.into_inner(),
+            0,
+            "settles left waiting on an empty tracker"
+        );
+    }
+}
