@@ -16,6 +16,7 @@ use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -47,11 +48,20 @@ pub(crate) struct Claimed(pub(crate) &'static str);
 /// which must wrap this one (add it to the router after the route). Add it
 /// with `route_layer`, on the method router or on the `Router` after its
 /// routes: `layer` on a method router also wraps axum's answer to other
-/// methods (a `GET` without a key would get 400 `missing-key` instead of
+/// methods (a `DELETE` without a key would get 400 `missing-key` instead of
 /// 405), and `layer` on the `Router`, like wrapping the whole router, also
 /// wraps its fallback, so a request to a path without a route would store
 /// its 404 under its key and the retry sent to the right path would be
-/// refused as a reused key (422).
+/// refused as a reused key (422). Requests with a safe method (`GET`,
+/// `HEAD`, `OPTIONS`, `TRACE`) and no key pass through as they came, so
+/// the layer can cover a router's reads and CORS preflights too.
+///
+/// The layer claims the key before the handler's extractors run, so it
+/// cannot tell their rejections from the handler's answers: a body that
+/// `Json` refuses with 400 (malformed) or 422 (wrong shape) is stored under
+/// its key like any 4xx, and a retry with the body fixed gets 422
+/// `key-reused`. (415 and 413 are not stored.) With `#[idempotent]`, a
+/// rejected request claims nothing.
 ///
 /// Layers that make the response depend on request headers the fingerprint
 /// does not cover, such as compression (`Accept-Encoding`) or CORS
@@ -171,9 +181,12 @@ where
     };
     idempotent.route = route_params(&mut parts);
     // Without a key there is nothing to fingerprint: the request is refused
-    // before its body is read, or runs as it came.
+    // before its body is read, or runs as it came. A safe method (`GET`,
+    // `HEAD`, `OPTIONS`, `TRACE`) has no side effect to guard, so it never
+    // needs a key: a layer over a whole router must not refuse its reads,
+    // CORS preflights or axum's 405 for them.
     if idempotent.key.is_none() {
-        if !config.endpoint.is_optional() {
+        if !config.endpoint.is_optional() && !parts.method.is_safe() {
             return Problem::from(KeyError::Missing).into_response();
         }
         return call(inner, Request::from_parts(parts, body)).await;
@@ -194,9 +207,9 @@ where
     if http_body::Body::size_hint(&body).lower() > limit {
         return too_large(config.max_request_bytes).into_response();
     }
-    let body = match axum::body::to_bytes(body, config.max_request_bytes).await {
-        Ok(body) => body,
-        Err(error) => return unread(&error, config.max_request_bytes).into_response(),
+    let body = match Limited::new(body, config.max_request_bytes).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) => return unread(&*error, config.max_request_bytes).into_response(),
     };
     // The route's path parameters, which a nested router's prefix keeps
     // although its URI lost it, are bound to the fingerprint at `run`.
@@ -232,10 +245,19 @@ fn raw_fingerprint(
     Ok(fingerprinter.finish())
 }
 
-/// Why a body could not be buffered: over the limit, or cut short.
-fn unread(error: &axum::Error, limit: usize) -> Problem {
-    if is_over_limit(error) {
+/// Why a body could not be buffered: over this layer's limit, over a limit
+/// a layer in front of it put on the body (`RequestBodyLimitLayer` on a
+/// body without a `Content-Length`), or cut short. `Limited` reports its
+/// own limit as the error itself, and the body's errors wrapped.
+fn unread(error: &(dyn std::error::Error + 'static), limit: usize) -> Problem {
+    if error.is::<LengthLimitError>() {
         return too_large(limit);
+    }
+    if is_over_limit(error) {
+        return Problem::new(
+            ProblemKind::RequestTooLarge,
+            "the request body is larger than a body size limit in front of this route allows; nothing was executed",
+        );
     }
     Problem::new(
         ProblemKind::UnreadableBody,
@@ -250,10 +272,10 @@ fn too_large(limit: usize) -> Problem {
     )
 }
 
-fn is_over_limit(error: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+fn is_over_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
     while let Some(error) = source {
-        if error.is::<http_body_util::LengthLimitError>() {
+        if error.is::<LengthLimitError>() {
             return true;
         }
         source = error.source();

@@ -13,7 +13,7 @@
 //! | `urn:idempotent:request-in-progress` | 409 | the first request with this key is still running (`Retry-After` set) |
 //! | `urn:idempotent:response-not-stored` | 410 | the key's request completed but its response body was not kept (too large, failed, with trailers, or with more headers than a record holds) |
 //! | `urn:idempotent:unreadable-body` | 400 | [`IdempotentLayer`](crate::IdempotentLayer) could not read the request body to its end |
-//! | `urn:idempotent:request-too-large` | 413 | [`IdempotentLayer`](crate::IdempotentLayer) would have to buffer a body over its limit |
+//! | `urn:idempotent:request-too-large` | 413 | [`IdempotentLayer`](crate::IdempotentLayer) would have to buffer a body over its limit, or over one a layer in front of it set |
 //! | `urn:idempotent:key-reused` | 422 | the key was used before with a different request |
 //! | `urn:idempotent:fingerprint-failed` | 500 | serializing the handler's inputs failed |
 //! | `urn:idempotent:record-corrupt` | 500 | the key's stored record cannot be read or replayed; the handler is not run again |
@@ -44,7 +44,8 @@ pub enum ProblemKind {
     /// read, ended with trailers, or came with more headers than a record
     /// holds), so it cannot be replayed.
     ResponseNotStored,
-    /// 413: a body too large for [`IdempotentLayer`](crate::IdempotentLayer) to buffer.
+    /// 413: a body too large for [`IdempotentLayer`](crate::IdempotentLayer)
+    /// to buffer, or for a body limit a layer in front of it set.
     RequestTooLarge,
     /// 400: a body [`IdempotentLayer`](crate::IdempotentLayer) could not
     /// read to the end (the client sent less than it announced, or the

@@ -411,3 +411,116 @@ async fn requests_that_differ_in_a_nested_routers_path_parameter_are_different_r
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{second}");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+/// A chunked body under a 64-byte limit set in front of the layer, as
+/// `tower_http::limit::RequestBodyLimitLayer` sets it on a body without a
+/// `Content-Length`.
+fn over_an_outer_limit(key: &str) -> Request<Body> {
+    let chunks = [Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; 200]))];
+    let body = Body::from_stream(futures_util::stream::iter(chunks));
+    Request::post("/orders")
+        .header("x-api-key", "c")
+        .header("idempotency-key", key)
+        .body(Body::new(http_body_util::Limited::new(body, 64)))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_body_over_a_limit_in_front_of_the_layer_is_413_naming_that_limit() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (status, headers, problem) = send(&app(&runs, layer()), over_an_outer_limit("k")).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(headers["content-type"], "application/problem+json");
+    let problem: Value = serde_json::from_str(&problem).unwrap();
+    assert_eq!(problem["type"], "urn:idempotent:request-too-large");
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("a body size limit in front of this route") && !detail.contains("1048576"),
+        "the detail blames the layer's own 1 MiB for a 200-byte body: {detail}"
+    );
+    // The layer's own limit is still named as such.
+    let limited = app(&runs, layer().max_request_bytes(4));
+    let chunks = [Ok::<_, std::io::Error>(bytes::Bytes::from_static(
+        b"0123456789",
+    ))];
+    let request = Request::post("/orders")
+        .header("x-api-key", "c")
+        .header("idempotency-key", "k")
+        .body(Body::from_stream(futures_util::stream::iter(chunks)))
+        .unwrap();
+    let (status, _, problem) = send(&limited, request).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(
+        problem.contains("larger than the 4 bytes this idempotent route buffers"),
+        "{problem}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
+async fn list_orders() -> &'static str {
+    "orders"
+}
+
+#[tokio::test]
+async fn safe_methods_without_a_key_pass_a_router_wide_layer() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = Router::new()
+        .route("/orders", post(create_order).get(list_orders))
+        .route("/payments", post(create_order))
+        .route_layer(layer())
+        .layer(Extension(runs.clone()))
+        .layer(Idempotency::new(MemoryStore::new()));
+    let keyless = |method: &str, uri: &str| {
+        Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("x-api-key", "c")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let (status, _, body) = send(&app, keyless("GET", "/orders")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "orders"));
+    let (status, _, _) = send(&app, keyless("HEAD", "/orders")).await;
+    assert_eq!(status, StatusCode::OK);
+    // axum's own answer to a method the route does not take.
+    let (status, _, body) = send(&app, keyless("OPTIONS", "/payments")).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{body}");
+    let (status, _, body) = send(&app, keyless("GET", "/payments")).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{body}");
+    // Methods with side effects still need a key.
+    for method in ["POST", "DELETE"] {
+        let (status, _, problem) = send(&app, keyless(method, "/payments")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{method}");
+        assert!(
+            problem.contains("urn:idempotent:missing-key"),
+            "{method}: {problem}"
+        );
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_body_json_rejects_is_the_handlers_answer_and_is_stored() {
+    // Documented: the layer claims the key before the extractors run.
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = Router::new()
+        .route("/orders", post(create_from_json).route_layer(layer()))
+        .layer(Extension(runs.clone()))
+        .layer(Idempotency::new(MemoryStore::new()));
+    let json = |body: &'static str| {
+        let mut request = order("/orders", "k", body);
+        request
+            .headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        request
+    };
+    let (status, _, _) = send(&app, json(r#"{"sku":"#)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, headers, _) = send(&app, json(r#"{"sku":"#)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(headers["idempotent-replayed"], "true");
+    let (status, _, problem) = send(&app, json(r#"{"sku":"a"}"#)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(problem.contains("urn:idempotent:key-reused"), "{problem}");
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
