@@ -225,6 +225,10 @@ impl Engine {
             let mut waited = false;
             loop {
                 let lease = self.endpoint.lease_duration();
+                // The store starts the lease when it applies the claim,
+                // which can be most of a store timeout before its answer
+                // comes: renewals count from here.
+                let sent = Instant::now();
                 let claim = self.timed(self.settings.store.claim(
                     &self.key,
                     self.fingerprint,
@@ -235,7 +239,9 @@ impl Engine {
                     // the handler beside the first request.
                     Err(error) if waited => return refused_for(&error),
                     Err(error) => return self.store_failed(&error, handler).await,
-                    Ok(Claim::Acquired(token)) => return self.execute(token, handler).await,
+                    Ok(Claim::Acquired(token)) => {
+                        return self.execute(token, handler, sent).await;
+                    }
                     Ok(Claim::Completed(record)) => return self.replay(&record, exact),
                     Ok(Claim::InFlight { fingerprint, .. }) if fingerprint != self.fingerprint => {
                         return self.mismatch();
@@ -329,9 +335,14 @@ impl Engine {
     /// execution took malloc's slower large-block path, about 1,200
     /// instructions more per request (`bench/src/bin/request-cost.rs`).
     /// A test checks the budget in release builds (CI runs it).
-    fn execute(self, token: LeaseToken, handler: Handler) -> impl Future<Output = Response> + Send {
+    fn execute(
+        self,
+        token: LeaseToken,
+        handler: Handler,
+        sent: Instant,
+    ) -> impl Future<Output = Response> + Send {
         let detached = self.settings.detached.clone();
-        let pipeline: Pipeline = Box::pin(self.run_claimed(token, handler));
+        let pipeline: Pipeline = Box::pin(self.run_claimed(token, handler, sent));
         let detachable = Detachable {
             pipeline: Some(pipeline),
             detached,
@@ -351,6 +362,7 @@ impl Engine {
         self,
         token: LeaseToken,
         handler: Handler,
+        sent: Instant,
     ) -> impl Future<Output = Result<Response, Panic>> + Send {
         async move {
             // Renewed from before the handler starts until the record is
@@ -359,7 +371,7 @@ impl Engine {
             // lease lapse while the record is on its way.
             let lease = self.endpoint.lease_duration();
             let held = (token, self.fingerprint);
-            let renewals = Renewals::start(&self.settings, &self.key, lease, held);
+            let renewals = Renewals::start(&self.settings, &self.key, lease, held, sent);
             renewals.let_the_watcher_run().await;
             let produced = AssertUnwindSafe(self.produce(handler)).catch_unwind().await;
             match produced {
@@ -682,7 +694,7 @@ mod tests {
             _request_headers: None,
         };
         let handler: Handler = Box::pin(async { Response::new(Body::empty()) });
-        let pipeline = engine.run_claimed(LeaseToken::random(), handler);
+        let pipeline = engine.run_claimed(LeaseToken::random(), handler, Instant::now());
         let size = std::mem::size_of_val(&pipeline);
         assert!(size < 1_032, "the pipeline takes {size} bytes");
     }

@@ -182,7 +182,9 @@ impl IdempotencyBuilder {
     }
 
     /// How long any one store call may take before the request is answered
-    /// 503 (default 2 s).
+    /// 503 (default 2 s). A lease renewal is also given up after a sixth of
+    /// the lease, if that is shorter, and tried again while the lease still
+    /// runs.
     pub fn store_timeout(mut self, timeout: Duration) -> Self {
         self.settings.store_timeout = timeout;
         self

@@ -7,16 +7,19 @@
 //! a table, and one watcher task per runtime looks at the table every half
 //! renewal period: a claim that has lived for most of a third of its lease
 //! gets a renewal task then, which renews it at once and every third of
-//! the lease after, until the claim is settled.
+//! the lease after, until the claim is settled. A claim lives from when
+//! it was sent: the store starts the lease when it applies the claim, and
+//! its answer can come most of a store timeout later.
 //!
 //! The watcher keeps looking on its timer even when it finds nothing to
 //! renew, rather than waiting for the next claim to wake it: a wake sent
 //! from a request's task queues the watcher on that task's own worker,
 //! in the slot no other worker may take from, so a handler that then held
 //! its thread would hold back every claim's renewals on the runtime. Only
-//! a claim with a shorter lease than any before it wakes it early, and
-//! that claim, like the one that starts the watcher, yields once before
-//! its handler runs so that the watcher gets to run first.
+//! a claim with a shorter lease than any before it, or one answered so
+//! late that it falls due before the watcher's next look, wakes it early,
+//! and that claim, like the one that starts the watcher, yields once
+//! before its handler runs so that the watcher gets to run first.
 //!
 //! The renewals cannot run on the handler's own task: a handler that holds
 //! its thread without yielding (`block_in_place` around a synchronous
@@ -56,7 +59,8 @@ struct Table {
 /// A claim whose request is still running.
 struct HeldClaim {
     runtime: runtime::Id,
-    /// When the first renewal is due: a third of the lease after the claim.
+    /// When the first renewal is due: a third of the lease after the claim
+    /// was sent.
     due: Instant,
     lease: Duration,
     key: RecordKey,
@@ -97,9 +101,10 @@ impl Renewer {
     }
 
     /// Notes `claim` and says what its runtime's watcher must be told:
-    /// nothing while it looks often enough anyway.
+    /// nothing while it looks often enough anyway, and again before the
+    /// claim falls due.
     fn hold(&self, claim: HeldClaim, every: Duration) -> (usize, Nudge) {
-        let runtime = claim.runtime;
+        let (runtime, due) = (claim.runtime, claim.due);
         let mut table = self.table();
         let id = table.claims.insert(claim);
         let position = table.watchers.iter().position(|w| w.runtime == runtime);
@@ -113,10 +118,12 @@ impl Renewer {
             table.watchers.push(watcher);
             return (id, Nudge::Start(wake));
         };
-        if every >= watcher.every {
+        // A claim whose answer came late can fall due before that look.
+        let due_sooner = due <= Instant::now() + watcher.every;
+        if every >= watcher.every && !due_sooner {
             return (id, Nudge::None);
         }
-        watcher.every = every;
+        watcher.every = watcher.every.min(every);
         (id, Nudge::Wake(Arc::clone(&watcher.wake)))
     }
 
@@ -166,14 +173,17 @@ pub(crate) struct Renewals<'a> {
 
 impl<'a> Renewals<'a> {
     /// Keeps `token`'s lease on `key` alive, renewing it every third of
-    /// `lease` once a third of it has passed. Outside a tokio runtime
-    /// nothing can renew (nor run the handler's timers), and nothing is
-    /// started.
+    /// `lease` once a third of it has passed since the claim was `sent`:
+    /// the store started the lease when it applied the claim, which an
+    /// answer that came late leaves well before now. Outside a tokio
+    /// runtime nothing can renew (nor run the handler's timers), and
+    /// nothing is started.
     pub(crate) fn start(
         settings: &'a Arc<Settings>,
         key: &RecordKey,
         lease: Duration,
         held: (LeaseToken, Fingerprint),
+        sent: Instant,
     ) -> Self {
         let renewer = &settings.renewer;
         let period = lease / 3;
@@ -187,7 +197,7 @@ impl<'a> Renewals<'a> {
         };
         let claim = HeldClaim {
             runtime: runtime.id(),
-            due: Instant::now() + period,
+            due: sent + period,
             lease,
             key: key.clone(),
             held,
@@ -322,12 +332,15 @@ fn renew_until_lost(
 ) -> impl Future<Output = ()> + Send + 'static {
     let (key, lease, (token, fingerprint)) = (claim.key.clone(), claim.lease, claim.held);
     let period = lease / 3;
+    // A renewal that hangs is given up, and tried again, while the lease
+    // still has a period to run: a whole store timeout can outlast it.
+    let timeout = settings.store_timeout.min(period / 2);
     async move {
         let mut ticker = tokio::time::interval(period);
         loop {
             ticker.tick().await;
             let renewed = settings.store.renew(&key, token, lease);
-            match within(settings.store_timeout, renewed).await {
+            match within(timeout, renewed).await {
                 Ok(()) => {}
                 Err(StoreError::LeaseLost) => {
                     return lease_lost(&settings, &key, fingerprint, &settled).await;
@@ -370,7 +383,8 @@ mod tests {
                 .expect("a runtime");
             runtime.block_on(async {
                 let held = (LeaseToken::random(), Fingerprint::from_bytes([0; 32]));
-                let renewals = Renewals::start(&settings, &key, Duration::from_secs(60), held);
+                let lease = Duration::from_secs(60);
+                let renewals = Renewals::start(&settings, &key, lease, held, Instant::now());
                 drop(renewals);
             });
             drop(runtime);

@@ -1,0 +1,499 @@
+//! The engine where store calls arrive late: a renewal that reaches the
+//! store after its run has settled, and a claim applied by a store whose
+//! answer came too late.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use http_body_util::BodyExt;
+use idempotent_core::record::{Claim, LeaseToken, Record, RecordKey, StoredResponse};
+use idempotent_core::store::{MemoryStore, Store, StoreError, Tiered};
+use idempotent_core::{Endpoint, Fingerprint, Idempotency, IdempotentRequest};
+use serde_json::{Value, json};
+use tokio::sync::{Notify, Semaphore};
+use tower::ServiceExt;
+
+/// A clock that follows tokio's paused clock, so leases lapse as the test
+/// sleeps.
+#[derive(Debug, Clone)]
+struct TokioClock(tokio::time::Instant);
+
+impl idempotent_core::clock::Clock for TokioClock {
+    fn now_millis(&self) -> u64 {
+        1_000_000 + u64::try_from(self.0.elapsed().as_millis()).unwrap()
+    }
+}
+
+fn memory_on_tokio_time() -> MemoryStore {
+    MemoryStore::builder()
+        .clock(TokioClock(tokio::time::Instant::now()))
+        .build()
+}
+
+/// The handler: counts its runs, waits at `gate` if it has one, answers
+/// `status`.
+#[derive(Clone)]
+struct Handler {
+    runs: Arc<AtomicUsize>,
+    gate: Arc<Semaphore>,
+    started: Arc<Notify>,
+    status: StatusCode,
+}
+
+impl Handler {
+    fn gated(status: StatusCode) -> Self {
+        Self {
+            runs: Arc::default(),
+            gate: Arc::new(Semaphore::new(0)),
+            started: Arc::default(),
+            status,
+        }
+    }
+
+    fn runs(&self) -> usize {
+        self.runs.load(Ordering::SeqCst)
+    }
+}
+
+async fn pay(
+    State((handler, endpoint)): State<(Handler, Endpoint)>,
+    idem: IdempotentRequest,
+    Json(input): Json<Value>,
+) -> Response {
+    let fingerprint = endpoint.fingerprint(&input);
+    idem.run(&endpoint, fingerprint, async move {
+        let run = handler.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        handler.started.notify_one();
+        let _permit = handler.gate.acquire().await.expect("gate open");
+        (handler.status, Json(json!({ "run": run }))).into_response()
+    })
+    .await
+}
+
+fn app(store: impl Store, handler: &Handler, endpoint: Endpoint) -> Router {
+    let idempotency = Idempotency::builder(store)
+        .store_timeout(Duration::from_secs(2))
+        .build();
+    Router::new()
+        .route("/pay", post(pay))
+        .with_state((handler.clone(), endpoint))
+        .layer(idempotency)
+}
+
+/// Status, whether replayed, and the run the body names.
+async fn send(app: &Router) -> (StatusCode, bool, Value) {
+    send_with_key(app, "k").await
+}
+
+/// [`send`] under `key`.
+async fn send_with_key(app: &Router, key: &str) -> (StatusCode, bool, Value) {
+    let request = Request::post("/pay")
+        .header("content-type", "application/json")
+        .header("x-api-key", "caller-1")
+        .header("idempotency-key", key)
+        .body(Body::from(json!({"amount": 10}).to_string()))
+        .unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let replayed = parts.headers.contains_key("idempotent-replayed");
+    let bytes = body.collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (parts.status, replayed, json["run"].clone())
+}
+
+// ===== a renewal that arrives after its run settled =====
+
+/// A memory store whose renewals reach it only once the test opens
+/// `arrive`: each is sent on a task of its own, as a request already on
+/// the wire is, so cancelling the renewal that sent it does not stop it.
+#[derive(Clone)]
+struct LateRenewals {
+    inner: MemoryStore,
+    arrive: Arc<Semaphore>,
+    sent: Arc<AtomicUsize>,
+    applied: Arc<AtomicUsize>,
+}
+
+impl LateRenewals {
+    fn new() -> Self {
+        Self {
+            inner: memory_on_tokio_time(),
+            arrive: Arc::new(Semaphore::new(0)),
+            sent: Arc::default(),
+            applied: Arc::default(),
+        }
+    }
+}
+
+impl Store for LateRenewals {
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.inner.claim(key, fingerprint, lease).await
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.sent.fetch_add(1, Ordering::SeqCst);
+        let this = self.clone();
+        let key = key.clone();
+        let on_the_wire = tokio::spawn(async move {
+            let _permit = this.arrive.acquire().await.expect("open");
+            let renewed = this.inner.renew(&key, token, lease).await;
+            if renewed.is_ok() {
+                this.applied.fetch_add(1, Ordering::SeqCst);
+            }
+            renewed
+        });
+        on_the_wire.await.expect("the renewal task")
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.complete(key, token, response, ttl).await
+    }
+
+    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        self.inner.release(key, token).await
+    }
+
+    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        self.inner.get(key).await
+    }
+}
+
+/// Runs the first request with a 3 s lease until a renewal is on the
+/// wire, then lets the handler answer `status`; returns once the request
+/// has its answer, with its renewals still on their way.
+async fn settled_with_a_renewal_on_the_wire(
+    status: StatusCode,
+) -> (Router, Handler, LateRenewals, StatusCode) {
+    let store = LateRenewals::new();
+    let handler = Handler::gated(status);
+    let endpoint = Endpoint::new("pay").lease(Duration::from_secs(3));
+    let app = app(store.clone(), &handler, endpoint);
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app).await }
+    });
+    handler.started.notified().await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(store.sent.load(Ordering::SeqCst) > 0, "a renewal was sent");
+    handler.gate.add_permits(1);
+    let (answered, _, _) = first.await.unwrap();
+    (app, handler, store, answered)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_renewal_that_arrives_after_the_record_is_stored_changes_nothing() {
+    let (app, handler, store, answered) =
+        settled_with_a_renewal_on_the_wire(StatusCode::CREATED).await;
+    assert_eq!(answered, StatusCode::CREATED);
+
+    store.arrive.add_permits(10);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+
+    assert_eq!(store.applied.load(Ordering::SeqCst), 0);
+    assert_eq!(send(&app).await, (StatusCode::CREATED, true, json!(1)));
+    assert_eq!(handler.runs(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_renewal_that_arrives_after_the_key_is_released_does_not_hold_it_again() {
+    let (app, handler, store, answered) =
+        settled_with_a_renewal_on_the_wire(StatusCode::SERVICE_UNAVAILABLE).await;
+    assert_eq!(answered, StatusCode::SERVICE_UNAVAILABLE);
+
+    store.arrive.add_permits(10);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+
+    assert_eq!(store.applied.load(Ordering::SeqCst), 0);
+    // The retry runs at once: no lease was revived under the released key.
+    handler.gate.add_permits(1);
+    let retry = tokio::time::timeout(Duration::from_millis(100), send(&app)).await;
+    assert_eq!(
+        retry.expect("answered at once"),
+        (StatusCode::SERVICE_UNAVAILABLE, false, json!(2))
+    );
+}
+
+// ===== a claim applied, its answer lost =====
+
+/// A memory store whose claims are applied at once but answered only
+/// after `late`, past the engine's store timeout, as over a network that
+/// stalled after the request went out; it does nothing to undo them.
+struct LateClaims {
+    inner: MemoryStore,
+    late: Duration,
+    /// Which claim, counting from 0, is answered late.
+    late_claim: usize,
+    claims: AtomicUsize,
+}
+
+impl LateClaims {
+    fn new(late_claim: usize, late: Duration) -> Self {
+        Self {
+            inner: memory_on_tokio_time(),
+            late,
+            late_claim,
+            claims: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Store for LateClaims {
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let claimed = self.inner.claim(key, fingerprint, lease).await;
+        if self.claims.fetch_add(1, Ordering::SeqCst) == self.late_claim {
+            tokio::time::sleep(self.late).await;
+        }
+        claimed
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.renew(key, token, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.complete(key, token, response, ttl).await
+    }
+
+    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        self.inner.release(key, token).await
+    }
+
+    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        self.inner.get(key).await
+    }
+}
+
+/// The first claim is applied but answered too late: 503, nothing ran.
+/// Its lease has no holder, so retries get 409 until it lapses; then one
+/// retry runs the handler, once.
+async fn a_claim_answered_too_late_holds_the_key_for_one_lease(store: impl Store) {
+    let handler = Handler::gated(StatusCode::CREATED);
+    handler.gate.add_permits(10);
+    let endpoint = Endpoint::new("pay").lease(Duration::from_secs(10));
+    let app = app(store, &handler, endpoint);
+
+    let (first, _, _) = send(&app).await;
+    let (held, _, _) = send(&app).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let retried = send(&app).await;
+    let replayed = send(&app).await;
+
+    assert_eq!(first, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(held, StatusCode::CONFLICT);
+    assert_eq!(retried, (StatusCode::CREATED, false, json!(1)));
+    assert_eq!(replayed, (StatusCode::CREATED, true, json!(1)));
+    assert_eq!(handler.runs(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_claim_answered_too_late_holds_the_key_for_one_lease_and_then_runs_once() {
+    let store = LateClaims::new(0, Duration::from_secs(5));
+    a_claim_answered_too_late_holds_the_key_for_one_lease(store).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_claim_answered_too_late_behind_a_tiered_cache_holds_the_key_for_one_lease() {
+    let clock = TokioClock(tokio::time::Instant::now());
+    let durable = LateClaims {
+        inner: MemoryStore::builder().clock(clock.clone()).build(),
+        late: Duration::from_secs(5),
+        late_claim: 0,
+        claims: AtomicUsize::new(0),
+    };
+    let tiered = Tiered::builder(durable).clock(clock).build();
+    a_claim_answered_too_late_holds_the_key_for_one_lease(tiered).await;
+}
+
+// ===== a claim answered late, within the store timeout =====
+
+/// Sends the request under `key` on a task of its own.
+fn spawn_send(
+    app: &Router,
+    key: &'static str,
+) -> tokio::task::JoinHandle<(StatusCode, bool, Value)> {
+    let app = app.clone();
+    tokio::spawn(async move { send_with_key(&app, key).await })
+}
+
+/// Asserts that a duplicate under `key` is answered 409 within a second:
+/// one that took the key over waits at the handler's gate instead.
+async fn assert_still_held(app: &Router, key: &str) {
+    let duplicate = tokio::time::timeout(Duration::from_secs(1), send_with_key(app, key)).await;
+    assert_eq!(
+        duplicate.map(|(status, _, _)| status).ok(),
+        Some(StatusCode::CONFLICT),
+        "the lease lapsed under the running handler and the duplicate took the key over"
+    );
+}
+
+/// The store starts a claim's lease when it applies the claim; its answer
+/// can come most of a store timeout later. A lease of 2 s whose claim was
+/// answered after 1.8 s must still be renewed before the 2 s are up.
+#[tokio::test(start_paused = true)]
+async fn a_lease_whose_claim_was_answered_late_is_renewed_before_it_lapses() {
+    let store = LateClaims::new(0, Duration::from_millis(1_800));
+    let handler = Handler::gated(StatusCode::CREATED);
+    let app = app(
+        store,
+        &handler,
+        Endpoint::new("pay").lease(Duration::from_secs(2)),
+    );
+    let first = spawn_send(&app, "k");
+    handler.started.notified().await;
+
+    // Past the 2 s the store gave the lease when it applied the claim.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_still_held(&app, "k").await;
+
+    handler.gate.add_permits(2);
+    assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
+    assert_eq!(handler.runs(), 1);
+}
+
+/// The same while another claim of that lease keeps the runtime's watcher
+/// looking every third of a second: the late claim falls due before its
+/// next look, which must not wait for it.
+#[tokio::test(start_paused = true)]
+async fn a_late_claim_is_renewed_in_time_beside_claims_already_watched() {
+    let store = LateClaims::new(1, Duration::from_millis(1_900));
+    let handler = Handler::gated(StatusCode::CREATED);
+    let app = app(
+        store,
+        &handler,
+        Endpoint::new("pay").lease(Duration::from_secs(2)),
+    );
+    let watched = spawn_send(&app, "a");
+    handler.started.notified().await;
+    // Sent at 0.15 s, answered at 2.05 s, just after the watcher looked
+    // at 2 s; its lease ends at 2.15 s, before the look at 2.33 s.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let late = spawn_send(&app, "b");
+    handler.started.notified().await;
+
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_still_held(&app, "b").await;
+
+    handler.gate.add_permits(3);
+    assert_eq!(watched.await.unwrap().0, StatusCode::CREATED);
+    assert_eq!(late.await.unwrap().0, StatusCode::CREATED);
+    assert_eq!(handler.runs(), 2);
+}
+
+// ===== a renewal that hangs =====
+
+/// A memory store one of whose renewals (counting from 0) never answers,
+/// and is never applied, as in a store stalled for a moment.
+struct HangingRenewal {
+    inner: MemoryStore,
+    hangs: usize,
+    renewals: AtomicUsize,
+}
+
+impl Store for HangingRenewal {
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.inner.claim(key, fingerprint, lease).await
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        if self.renewals.fetch_add(1, Ordering::SeqCst) == self.hangs {
+            std::future::pending::<()>().await;
+        }
+        self.inner.renew(key, token, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.complete(key, token, response, ttl).await
+    }
+
+    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        self.inner.release(key, token).await
+    }
+
+    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        self.inner.get(key).await
+    }
+}
+
+/// A 3 s lease is renewed every second, and the store timeout is 2 s: a
+/// renewal that hangs must be given up and tried again before the lease
+/// it extends runs out, not a whole store timeout later.
+#[tokio::test(start_paused = true)]
+async fn a_renewal_that_hangs_is_tried_again_before_the_lease_lapses() {
+    let store = HangingRenewal {
+        inner: memory_on_tokio_time(),
+        hangs: 1,
+        renewals: AtomicUsize::new(0),
+    };
+    let handler = Handler::gated(StatusCode::CREATED);
+    let app = app(
+        store,
+        &handler,
+        Endpoint::new("pay").lease(Duration::from_secs(3)),
+    );
+    let first = spawn_send(&app, "k");
+    handler.started.notified().await;
+
+    // The first renewal, at 0.5 s, holds the lease until 3.5 s; the
+    // second, at 1.5 s, hangs.
+    tokio::time::sleep(Duration::from_millis(3_600)).await;
+    assert_still_held(&app, "k").await;
+
+    handler.gate.add_permits(2);
+    assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
+    assert_eq!(handler.runs(), 1);
+}
