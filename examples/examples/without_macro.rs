@@ -3,13 +3,17 @@
 //!
 //! ```text
 //! cargo run --example without_macro
-//! curl -i http://127.0.0.1:3001/reservations \
-//!   -H 'x-api-key: sk_test_1' -H 'idempotency-key: r-1' \
-//!   -H 'content-type: application/json' -d '{"sku": "book-42", "quantity": 2}'
 //! curl -i http://127.0.0.1:3001/restocks \
 //!   -H 'x-api-key: sk_test_1' -H 'idempotency-key: s-1' \
 //!   -H 'content-type: application/json' -d '{"sku": "book-42", "quantity": 10}'
+//! curl -i http://127.0.0.1:3001/reservations \
+//!   -H 'x-api-key: sk_test_1' -H 'idempotency-key: r-1' \
+//!   -H 'content-type: application/json' -d '{"sku": "book-42", "quantity": 2}'
 //! ```
+//!
+//! Stock starts at zero: a reservation sent before the restock gets the
+//! handler's own `409` (`insufficient stock`), which is not final, so the
+//! same key runs again once the restock is in.
 //!
 //! - `POST /reservations` is a plain handler under [`IdempotentLayer`]:
 //!   the layer fingerprints the raw request (method, path, query, body

@@ -1,9 +1,74 @@
 //! Make axum handlers safe to retry.
 //!
-//! A handler marked `#[idempotent]` runs its side effect at most once per
-//! (caller, `Idempotency-Key`), replays the stored response to every retry,
+//! A handler marked [`#[idempotent]`](macro@idempotent) runs its side
+//! effect at most once per (caller, `Idempotency-Key`), replays the stored
+//! response to every retry (marked [`Idempotent-Replayed: true`](IDEMPOTENT_REPLAYED)),
 //! answers 409 while the first attempt runs and 422 when the same key comes
-//! back with a different payload. See the README for the HTTP contract.
+//! back with a different payload. The full HTTP contract, status by status,
+//! is in the [README](https://github.com/idempotent-rs/idempotent#the-http-contract).
+//!
+//! # Quick start
+//!
+//! Mark the handler, then give the router an [`Idempotency`] layer, which
+//! names the store. The layer is required: without it, a keyed request to
+//! the handler gets a `500` problem that says to add it.
+//!
+//! ```
+//! use axum::{Json, Router, extract::State, http::StatusCode, routing::post};
+//! use idempotent_core::{Idempotency, idempotent, store::MemoryStore};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Clone)]
+//! struct Db;
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct NewPayment { amount: i64, currency: String }
+//!
+//! #[derive(Serialize)]
+//! struct Payment { id: String, amount: i64 }
+//!
+//! // Runs at most once per (API key, Idempotency-Key); keeps the response
+//! // for 24 hours.
+//! #[idempotent(ttl = "24h", scope = "api_key")]
+//! async fn create_payment(
+//!     State(db): State<Db>,
+//!     Json(req): Json<NewPayment>,
+//! ) -> Result<(StatusCode, Json<Payment>), StatusCode> {
+//!     let _ = db;
+//!     Ok((StatusCode::CREATED, Json(Payment { id: "pay_1".into(), amount: req.amount })))
+//! }
+//!
+//! let app: Router = Router::new()
+//!     .route("/payments", post(create_payment))
+//!     .with_state(Db)
+//!     .layer(Idempotency::new(MemoryStore::new()));
+//! ```
+//!
+//! The attribute's page lists its options (`ttl`, `lease`, `wait`,
+//! `scope`, `optional`, `skip`, `name`, `final_statuses`, ...) and the
+//! code it amounts to. Where no attribute fits, [`IdempotentRequest`]
+//! (in a handler) and [`IdempotentLayer`] (around any route) run the same
+//! engine.
+//!
+//! Outcomes and failures are `tracing` events: a span `idempotent` per
+//! keyed request, and an `outcome` field on each event. Nothing is printed
+//! without a subscriber, so install one (`tracing_subscriber::fmt::init()`,
+//! say): otherwise a `503 store-unavailable` reaches the client while its
+//! cause (a refused connection, a table never created) is logged nowhere.
+//!
+//! # Features
+//!
+//! | feature | default | adds |
+//! |---|---|---|
+//! | `macros` | yes | the [`#[idempotent]`](macro@idempotent) attribute |
+//! | `postgres` | no | `store::PostgresStore` (sqlx) |
+//! | `redis` | no | `store::RedisStore` (standalone or Cluster) |
+//! | `sqlite` | no | `store::SqliteStore` (sqlx) |
+//! | `test-util` | no | `testing::MockStore` for handler tests (manual clock, operation log, injected faults, a claim held by a duplicate) and the store contract suite |
+//!
+//! [`store::MemoryStore`] and [`store::Tiered`] are always there.
+//!
+//! # Modules
 //!
 //! The pieces, one module per concept:
 //! - [`key`]: parsing the `Idempotency-Key` header;
@@ -16,7 +81,9 @@
 //! - [`IdempotentRequest`]: the extractor that runs a handler through the
 //!   engine, without the attribute;
 //! - [`layer`]: the same engine as a tower middleware over raw requests;
-//! - [`problem`]: the RFC 9457 errors the engine answers with.
+//! - [`problem`]: the RFC 9457 errors the engine answers with;
+//! - [`clock`]: the time stores read, and a manual clock for tests;
+//! - `testing` (feature `test-util`): `MockStore` and the store contract.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

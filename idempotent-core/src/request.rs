@@ -185,7 +185,12 @@ fn claiming_layer(key: Option<&IdempotencyKey>, extensions: &Extensions) -> Opti
 /// The handle travels in a task-local (see `Idempotency::current`), so
 /// besides a missing layer the detail covers the two ways a present one
 /// is missed: added before the route, or left behind by a spawned task.
+/// Logged too: a route added after the layer answers 500 in production,
+/// where the operator reads the log, not the response.
 fn not_configured() -> Problem {
+    tracing::error!(
+        "an idempotent endpoint was served without an `Idempotency` layer; request refused, nothing executed"
+    );
     Problem::new(
         ProblemKind::NotConfigured,
         "this endpoint is idempotent but no `Idempotency` layer served the request: add `.layer(idempotent_core::Idempotency::new(store))` to the Router (for example with `idempotent_core::store::MemoryStore::new()`) after the `.route(...)` calls it must cover, since `Router::layer` wraps only the routes added before it; if a middleware inside that layer runs the handler on a spawned task, which does not carry the layer's handle, insert the handle into the request's extensions before spawning (`request.extensions_mut().insert(idempotency.clone())`) or move that middleware outside the layer",

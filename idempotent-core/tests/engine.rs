@@ -478,12 +478,15 @@ struct SpanRecorder {
     outcomes: std::sync::Mutex<Vec<(String, Vec<&'static str>)>>,
     /// Each event's `outcome` and `endpoint` fields, when it has both.
     endpoints: std::sync::Mutex<Vec<(String, String)>>,
+    /// The message of each event at the `ERROR` level.
+    errors: std::sync::Mutex<Vec<String>>,
 }
 
 #[derive(Default)]
 struct Outcome {
     outcome: Option<String>,
     endpoint: Option<String>,
+    message: Option<String>,
 }
 
 impl tracing::field::Visit for Outcome {
@@ -495,7 +498,11 @@ impl tracing::field::Visit for Outcome {
         }
     }
 
-    fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.message = Some(format!("{value:?}"));
+        }
+    }
 }
 
 impl tracing::Subscriber for SpanRecorder {
@@ -516,6 +523,10 @@ impl tracing::Subscriber for SpanRecorder {
     fn event(&self, event: &tracing::Event<'_>) {
         let mut fields = Outcome::default();
         event.record(&mut fields);
+        if *event.metadata().level() == tracing::Level::ERROR {
+            let message = fields.message.clone().unwrap_or_default();
+            self.errors.lock().unwrap().push(message);
+        }
         if let (Some(outcome), Some(endpoint)) = (&fields.outcome, fields.endpoint) {
             let logged = (outcome.clone(), endpoint);
             self.endpoints.lock().unwrap().push(logged);
@@ -567,6 +578,24 @@ async fn outcomes_are_logged_once_inside_the_requests_span() {
     recorder.outcomes.lock().unwrap().clear();
     a_completion_applied_but_timed_out_logs_executed(&recorder).await;
     a_mismatch_logs_the_endpoint_the_client_is_not_told(&recorder).await;
+    a_router_without_the_layer_logs_an_error(&recorder).await;
+}
+
+async fn a_router_without_the_layer_logs_an_error(recorder: &SpanRecorder) {
+    recorder.errors.lock().unwrap().clear();
+    let handler = Handler::default();
+    let app = Router::new()
+        .route("/pay", post(endpoint_handler))
+        .with_state((handler.clone(), Endpoint::new("pay")));
+    let (status, _, _) = send(&app, request(Some("k"), &json!({}))).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    let errors = recorder.errors.lock().unwrap().clone();
+    assert!(
+        errors
+            .iter()
+            .any(|message| message.contains("without an `Idempotency` layer")),
+        "the operator is told, not only the client: {errors:?}"
+    );
 }
 
 async fn a_mismatch_logs_the_endpoint_the_client_is_not_told(recorder: &SpanRecorder) {

@@ -132,6 +132,9 @@ struct AttrOption(Meta);
 
 impl Parse for AttrOption {
     fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        if input.peek(Ident) && input.peek2(Token![:]) && !input.peek2(Token![::]) {
+            return Err(colon_instead_of_equals(input));
+        }
         if input.peek(Ident) && input.peek2(Token![=]) && !input.peek3(Lit) {
             let fork = input.fork();
             let path: Path = fork.parse()?;
@@ -151,6 +154,20 @@ impl Parse for AttrOption {
         }
         input.parse().map(Self)
     }
+}
+
+/// `ttl: "24h"`, as in a struct literal or another language's keyword
+/// arguments: syn alone would say "expected `,`" at the colon.
+fn colon_instead_of_equals(input: ParseStream<'_>) -> syn::Error {
+    let fork = input.fork();
+    let (Ok(name), Ok(colon)) = (fork.parse::<Ident>(), fork.parse::<Token![:]>()) else {
+        return input.error("expected an option");
+    };
+    let message = format!(
+        "options take `=`, not `:`: write {}",
+        form(&name.to_string())
+    );
+    syn::Error::new(colon.span, message)
 }
 
 /// Why an option given twice is refused: which of its values is meant
@@ -201,13 +218,49 @@ pub(crate) fn closest<'a>(
 
 fn unknown_option(key: &str) -> String {
     let options: Vec<String> = OPTIONS.iter().map(|option| format!("`{option}`")).collect();
-    let hint = closest(key, OPTIONS)
-        .map(|option| format!("did you mean `{option}`? "))
+    let hint = intent_hint(key)
+        .or_else(|| closest(key, OPTIONS).map(|option| format!("did you mean `{option}`? ")))
         .unwrap_or_default();
     format!(
         "unknown option `{key}`; {hint}the options are {}",
         options.join(", ")
     )
+}
+
+/// Settings of the whole router, which an endpoint does not override.
+const ROUTER_SETTINGS: [&str; 4] = [
+    "store_timeout",
+    "fail_open",
+    "max_body_bytes",
+    "api_key_header",
+];
+
+/// What a name that is not an option most likely meant, where the nearest
+/// spelling would mislead: an option of another attribute (`state`, from
+/// `#[axum::debug_handler]`, is two edits from `crate`), a router-wide
+/// setting, or a setting that is spelled differently here.
+fn intent_hint(key: &str) -> Option<String> {
+    if ROUTER_SETTINGS.contains(&key) {
+        return Some(format!(
+            "`{key}` is set for the whole router, with `Idempotency::builder(store).{key}(..)`; "
+        ));
+    }
+    let hint = match key {
+        "state" => {
+            "`#[idempotent]` needs no state type: `State<T>` arguments work as written, and are not fingerprinted; "
+        }
+        "timeout" => {
+            "how long a duplicate waits for the first request is `wait`, how long a claim holds without renewal is `lease`, and the store's timeout is set for the whole router, with `Idempotency::builder(store).store_timeout(..)`; "
+        }
+        "header" | "key_header" => {
+            "the key is always read from `Idempotency-Key`; to scope keys by a header, write `scope = \"header:<name>\"`; "
+        }
+        "required" => "a key is required unless the endpoint is `optional`; ",
+        "ignore" | "exclude" => "did you mean `skip`? ",
+        "expiry" | "expires" | "expiration" | "retention" => "did you mean `ttl`? ",
+        _ => return None,
+    };
+    Some(hint.to_owned())
 }
 
 /// Levenshtein distance, for "did you mean" hints.
@@ -731,6 +784,18 @@ mod tests {
         assert!(unknown_option("scopes").contains("did you mean `scope`?"));
         assert!(unknown_option("optinal").contains("did you mean `optional`?"));
         assert!(!unknown_option("retries").contains("did you mean"));
+        assert!(unknown_option("expires").contains("did you mean `ttl`?"));
+    }
+
+    #[test]
+    fn unknown_options_that_mean_something_else_say_what() {
+        // `state` is two edits from `crate`, which it never means.
+        let state = unknown_option("state");
+        assert!(state.contains("needs no state type"), "{state}");
+        assert!(!state.contains("did you mean"), "{state}");
+        assert!(unknown_option("timeout").contains("store_timeout"));
+        assert!(unknown_option("fail_open").contains("Idempotency::builder(store).fail_open(..)"));
+        assert!(unknown_option("key_header").contains("Idempotency-Key"));
         assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 

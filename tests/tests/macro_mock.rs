@@ -306,3 +306,42 @@ async fn an_injected_claim_failure_also_fails_an_exact_repeat() {
     assert_eq!(send("k2").await, StatusCode::CREATED);
     assert_eq!(store.executions(), 2);
 }
+
+#[tokio::test]
+async fn in_flight_next_answers_a_claim_as_held_by_a_duplicate() {
+    let store = MockStore::new();
+    let app = app(&store);
+    store.in_flight_next();
+    assert_eq!(
+        post_charge(&app, "/charges", "k", 5).await,
+        StatusCode::CONFLICT
+    );
+    assert_eq!(store.claims(ClaimOutcome::InFlight), 1);
+    store.assert_executed(0);
+    // Only that claim: a retry runs.
+    assert_eq!(
+        post_charge(&app, "/charges", "k", 5).await,
+        StatusCode::CREATED
+    );
+    store.assert_executed_once();
+}
+
+#[idempotent(scope = "global", wait = "5s")]
+async fn waiting(Json(charge): Json<Charge>) -> (StatusCode, Json<u64>) {
+    (StatusCode::CREATED, Json(charge.amount))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_endpoint_asks_again_after_in_flight_next() {
+    let store = MockStore::new();
+    let app = Router::new()
+        .route("/charges", post(waiting))
+        .layer(store.layer());
+    store.in_flight_next();
+    assert_eq!(
+        post_charge(&app, "/charges", "k", 5).await,
+        StatusCode::CREATED
+    );
+    assert_eq!(store.claims(ClaimOutcome::InFlight), 1);
+    store.assert_executed_once();
+}

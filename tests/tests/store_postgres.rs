@@ -333,6 +333,45 @@ async fn table_names_that_are_not_identifiers_are_refused() {
     assert!(error.to_string().contains("invalid table name"), "{error}");
 }
 
+/// A server that refuses the connection is named as the cause, not the
+/// pool's timeout waiting for a connection. Needs no server.
+#[tokio::test]
+async fn a_refused_connection_says_so() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/test");
+    let error = PostgresStore::connect(&url)
+        .await
+        .expect_err("nothing listens there")
+        .to_string();
+    assert!(!error.contains("pool timed out"), "{error}");
+    assert!(error.to_lowercase().contains("refused"), "{error}");
+}
+
+/// A service that never ran `migrate` answers every request 503: the
+/// error it logs says what to run.
+#[tokio::test]
+async fn a_missing_table_names_migrate() {
+    let Some(url) = backend_url(URL) else { return };
+    let connected = PostgresStore::connect(&url).await.expect("connect");
+    let store = PostgresStore::builder(connected.pool().clone())
+        .table(unique_name("idem_never_migrated"))
+        .build()
+        .expect("valid table name");
+    let claim = store
+        .claim(
+            &record_key("k"),
+            Fingerprint::from_bytes([1; 32]),
+            Duration::from_secs(60),
+        )
+        .await;
+    let error = claim.expect_err("there is no table").to_string();
+    assert!(error.contains("does not exist"), "{error}");
+    assert!(error.contains("PostgresStore::migrate()"), "{error}");
+}
+
 /// Table names are quoted in SQL, so reserved words are names, alone or
 /// after a schema; and folded to lower case, so a mixed-case name is the
 /// table that unquoted SQL (and this store before quoting) calls by it.

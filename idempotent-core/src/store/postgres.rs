@@ -27,8 +27,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
-use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, Row};
 
 use self::connections::{Connections, Undo};
 
@@ -260,11 +260,14 @@ impl PostgresStore {
     /// # Errors
     /// The first connection fails.
     pub async fn connect_with(options: PgConnectOptions) -> Result<Self, StoreError> {
-        let pool = Self::pool_options()
+        let connected = Self::pool_options()
             .max_connections(16)
-            .connect_with(options)
-            .await
-            .map_err(StoreError::backend)?;
+            .connect_with(options.clone())
+            .await;
+        let pool = match connected {
+            Ok(pool) => pool,
+            Err(error) => return Err(first_connection_error(error, &options).await),
+        };
         // The pool is the store's own: keep all of it but one connection,
         // which stays free for migrations and purges.
         let keep = pool.options().get_max_connections().saturating_sub(1);
@@ -401,6 +404,20 @@ impl PostgresStore {
     fn now(&self) -> u64 {
         self.inner.clock.now_millis()
     }
+}
+
+/// Why the pool's first connection failed. The pool tries a refused
+/// connection again until its acquire timeout, then reports only that it
+/// timed out; one direct attempt names the cause (connection refused,
+/// authentication failed, no such database).
+async fn first_connection_error(error: sqlx::Error, options: &PgConnectOptions) -> StoreError {
+    if matches!(error, sqlx::Error::PoolTimedOut) {
+        let attempt = sqlx::PgConnection::connect_with(options);
+        if let Ok(Err(cause)) = tokio::time::timeout(Duration::from_secs(5), attempt).await {
+            return StoreError::backend(cause);
+        }
+    }
+    StoreError::backend(error)
 }
 
 /// A background task purging expired records; stops when dropped.

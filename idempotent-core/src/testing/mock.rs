@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::StatusCode;
 
 use crate::Idempotency;
-use crate::clock::ManualClock;
+use crate::clock::{Clock, ManualClock, millis};
 use crate::fingerprint::Fingerprint;
 use crate::record::{Claim, LeaseToken, Record, RecordKey, StoredResponse};
 use crate::store::{MemoryStore, Store, StoreError};
@@ -27,7 +27,9 @@ const EPOCH_2025_MILLIS: u64 = 1_735_689_600_000;
 ///   [`assert_executed_once`](Self::assert_executed_once).
 /// - Faults are injected with [`fail_next`](Self::fail_next),
 ///   [`fail_next_call`](Self::fail_next_call), [`fail_all`](Self::fail_all)
-///   and slowed down with [`set_delay`](Self::set_delay).
+///   and slowed down with [`set_delay`](Self::set_delay);
+///   [`in_flight_next`](Self::in_flight_next) makes a claim find its key
+///   held by a duplicate, for the `409` path.
 ///
 /// Clones share everything, so a test keeps one handle while the router
 /// owns another.
@@ -68,6 +70,9 @@ const EPOCH_2025_MILLIS: u64 = 1_735_689_600_000;
 /// assert_eq!(send(&app, "k1", "250").await, StatusCode::CREATED);
 /// assert_eq!(store.executions(), 2);
 ///
+/// store.in_flight_next(); // a duplicate holds the key: 409, nothing runs
+/// assert_eq!(send(&app, "k2", "100").await, StatusCode::CONFLICT);
+///
 /// store.fail_next(OpKind::Claim); // the store is down: 503, nothing runs
 /// assert_eq!(send(&app, "k2", "100").await, StatusCode::SERVICE_UNAVAILABLE);
 /// assert_eq!(store.executions(), 2);
@@ -91,6 +96,8 @@ struct State {
     fail_next: VecDeque<Option<OpKind>>,
     fail_all: bool,
     delay: Option<Duration>,
+    /// Claims still to be answered as held by a duplicate.
+    in_flight_next: usize,
 }
 
 /// The kinds of store call.
@@ -248,6 +255,19 @@ impl MockStore {
         self.state().fail_all = fail;
     }
 
+    /// Answers the next claim as if a duplicate with the same payload held
+    /// the key: the engine then answers `409` with `Retry-After`, or, on a
+    /// `wait` endpoint, asks again, and the store answers that claim as
+    /// usual (as when the first request releases the key). The claim is
+    /// logged as `Claim { outcome: InFlight }` and nothing runs. Calls
+    /// queue up: `in_flight_next` twice holds two claims.
+    ///
+    /// This is the state a handler test cannot otherwise reach without
+    /// keeping a first request running while it sends the second.
+    pub fn in_flight_next(&self) {
+        self.state().in_flight_next += 1;
+    }
+
     /// Makes every call take `delay` (on tokio's clock) before it answers,
     /// e.g. to exceed the store timeout. `Duration::ZERO` removes it. A call
     /// the engine abandons at its timeout never reaches the store, so it is
@@ -353,6 +373,19 @@ impl MockStore {
         Ok(())
     }
 
+    /// A claim held by a duplicate of this request, if
+    /// [`in_flight_next`](Self::in_flight_next) queued one: its own
+    /// fingerprint, so that the engine answers `409`, not `422`.
+    fn take_in_flight(&self, fingerprint: Fingerprint, lease: Duration) -> Option<Claim> {
+        let mut state = self.state();
+        state.in_flight_next = state.in_flight_next.checked_sub(1)?;
+        let lease_expires_at = self.inner.clock.now_millis().saturating_add(millis(lease));
+        Some(Claim::InFlight {
+            fingerprint,
+            lease_expires_at,
+        })
+    }
+
     /// Logs a call's result: `success` for what it answered, or a failure.
     fn logged<T>(
         &self,
@@ -392,6 +425,9 @@ impl Store for MockStore {
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         self.before(OpKind::Claim).await?;
+        if let Some(held) = self.take_in_flight(fingerprint, lease) {
+            return self.logged(OpKind::Claim, Ok(held), claim_outcome);
+        }
         let result = Store::claim(&self.inner.store, key, fingerprint, lease).await;
         self.logged(OpKind::Claim, result, claim_outcome)
     }

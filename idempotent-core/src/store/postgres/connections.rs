@@ -298,12 +298,32 @@ impl<'a> Lease<'a> {
                 // Out of the kept ones at once; dropping it returns it to
                 // the sqlx pool.
                 drop(Object::take(object));
-                Err(StoreError::backend(error))
+                Err(statement_error(error))
             }
-            (_, Err(error)) => Err(StoreError::backend(error)),
+            (_, Err(error)) => Err(statement_error(error)),
         }
     }
 }
+
+/// A statement's failure as the engine reports it. A missing table is
+/// named as such, with the fix: a service that never ran `migrate` answers
+/// every request 503, and the log line is all its operator has to go on.
+fn statement_error(error: sqlx::Error) -> StoreError {
+    let undefined_table = error
+        .as_database_error()
+        .and_then(|error| error.code())
+        .is_some_and(|code| code == "42P01");
+    if undefined_table {
+        StoreError::backend(TableMissing(error))
+    } else {
+        StoreError::backend(error)
+    }
+}
+
+/// The store's table does not exist (SQLSTATE 42P01).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}: create the store's table with `PostgresStore::migrate()` when the service starts")]
+struct TableMissing(sqlx::Error);
 
 impl Drop for Lease<'_> {
     /// A lease dropped before its statement finished, with an undo: the
