@@ -15,7 +15,7 @@ use http::request::Parts;
 use http::{HeaderMap, HeaderName};
 
 use crate::field::{Repeated, at_most_once};
-use crate::problem::Problem;
+use crate::problem::{Problem, ProblemKind};
 
 /// The request header that carries the key.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -174,6 +174,29 @@ impl KeyError {
     }
 }
 
+/// The 400 for a request without a key. A header whose name shows that
+/// the client meant to send one (`X-Idempotency-Key`, `idempotency_key`,
+/// names other APIs use) is named, since its author otherwise sees a key
+/// sent and refused as missing.
+pub(crate) fn missing(headers: &HeaderMap) -> Problem {
+    let detail = match near_miss(headers) {
+        Some(name) => format!(
+            "the request has no Idempotency-Key header, but has `{name}`: send the key in a header named exactly `Idempotency-Key`"
+        ),
+        None => KeyError::Missing.to_string(),
+    };
+    Problem::new(ProblemKind::MissingKey, detail)
+}
+
+/// A header named like the key, other than the key's own name (absent
+/// when this is asked). `http` keeps names in lower case.
+fn near_miss(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .keys()
+        .map(HeaderName::as_str)
+        .find(|name| name.contains("idempoten") && name.ends_with("key"))
+}
+
 /// Cuts the optional whitespace around a field value (RFC 9110 `OWS`:
 /// spaces and tabs only, so a stray CR, LF or form feed is an invalid
 /// character, not padding), and says how many bytes went from the start.
@@ -240,7 +263,7 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         match Self::from_headers(&parts.headers) {
             Ok(Some(key)) => Ok(key),
-            Ok(None) => Err(Problem::from(KeyError::Missing)),
+            Ok(None) => Err(missing(&parts.headers)),
             Err(error) => Err(Problem::from(error)),
         }
     }
@@ -383,6 +406,20 @@ mod tests {
             IdempotencyKey::from_headers(&headers),
             Err(KeyError::MultipleFields)
         );
+    }
+
+    #[test]
+    fn only_headers_named_like_the_key_are_near_misses() {
+        let mut headers = HeaderMap::new();
+        for name in ["x-idempotent-replayed", "idempotency-key-id", "x-api-key"] {
+            headers.insert(HeaderName::from_static(name), "v".parse().unwrap());
+        }
+        assert_eq!(near_miss(&headers), None);
+        headers.insert(
+            HeaderName::from_static("x-idempotency-key"),
+            "k".parse().unwrap(),
+        );
+        assert_eq!(near_miss(&headers), Some("x-idempotency-key"));
     }
 
     #[test]

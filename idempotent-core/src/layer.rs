@@ -23,7 +23,6 @@ use tower_service::Service;
 use crate::endpoint::Endpoint;
 use crate::engine::resolve_scope;
 use crate::fingerprint::{Fingerprint, FingerprintError};
-use crate::key::KeyError;
 use crate::problem::{Problem, ProblemKind};
 use crate::request::{IdempotentRequest, ScopeSource, route_params};
 
@@ -187,7 +186,7 @@ where
     // CORS preflights or axum's 405 for them.
     if idempotent.key.is_none() {
         if !config.endpoint.is_optional() && !parts.method.is_safe() {
-            return Problem::from(KeyError::Missing).into_response();
+            return crate::key::missing(&parts.headers).into_response();
         }
         return call(inner, Request::from_parts(parts, body)).await;
     }

@@ -25,7 +25,6 @@ use http::{Extensions, HeaderMap};
 
 use crate::exact;
 use crate::fingerprint::{Fingerprint, FingerprintError, FingerprintInput, Fingerprinter};
-use crate::key::KeyError;
 use crate::problem::Problem;
 use crate::request::{ScopeSource, route_params};
 use crate::scope::{self, IdempotencyScope, ScopeDigest};
@@ -83,7 +82,7 @@ impl<const SCOPE: u8> ScopedRequest<SCOPE> {
         // was read and parsed.
         if request.key.is_none() {
             if SCOPE & KEY_REQUIRED != 0 {
-                return Err(Problem::from(KeyError::Missing));
+                return Err(crate::key::missing(headers));
             }
         } else if let ScopeSource::Resolved(Err(missing)) = &request.scope {
             return Err(crate::engine::missing_credentials(missing.clone()));

@@ -123,6 +123,28 @@ fn charges(runs: &Runs, store: &MockStore) -> Router {
 // ===== errors =====
 
 #[tokio::test]
+async fn a_key_sent_under_another_name_is_named_in_the_missing_key_problem() {
+    let runs = Runs::default();
+    let app = charges(&runs, &MockStore::new());
+    for name in ["X-Idempotency-Key", "idempotency_key", "X-Idempotent-Key"] {
+        let mut request = post_json("/charges", None, r#"{"amount":1}"#);
+        request.headers_mut().insert(
+            axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            "k1".parse().unwrap(),
+        );
+        let detail = send(&app, request)
+            .await
+            .problem(StatusCode::BAD_REQUEST, "missing-key");
+        let lower = name.to_ascii_lowercase();
+        assert!(
+            detail.contains(&format!("but has `{lower}`")) && detail.contains("`Idempotency-Key`"),
+            "{name}: {detail}"
+        );
+    }
+    assert_eq!(runs.get(), 0);
+}
+
+#[tokio::test]
 async fn every_error_of_the_library_is_a_problem_that_says_what_to_fix() {
     let runs = Runs::default();
     let store = MockStore::new();
