@@ -212,7 +212,7 @@ impl IdempotencyBuilder {
     }
 
     /// The header that carries the API key for [`Scope::ApiKey`](crate::Scope::ApiKey)
-    /// (default `x-api-key`; `Authorization: Bearer` is always accepted too).
+    /// (default `x-api-key`; `Authorization: Bearer` and `Basic` are always accepted too).
     pub fn api_key_header(mut self, name: HeaderName) -> Self {
         self.settings.api_key_header = name;
         self

@@ -19,8 +19,10 @@ use crate::field::{Repeated, at_most_once};
 #[non_exhaustive]
 pub enum Scope {
     /// The caller's API key: the configured API-key header (`X-Api-Key` by
-    /// default) or else an `Authorization: Bearer` token. A request with
-    /// neither is answered 401.
+    /// default), or else the `Authorization` header's `Bearer` token or
+    /// `Basic` credentials (Stripe-style clients send the key as the Basic
+    /// user name: `curl -u sk_live_...:`). A request with none is answered
+    /// 401.
     ApiKey,
     /// One key space for every caller. Only for endpoints whose callers are
     /// trusted to pick unique keys.
@@ -97,6 +99,13 @@ impl ScopeDigest {
     #[must_use]
     pub fn api_key(credential: &[u8]) -> Self {
         Self(sha256_framed(&[b"api_key", credential]))
+    }
+
+    /// The scope of `Authorization: Basic` credentials, as sent (still
+    /// base64-encoded). Apart from API keys, so that a bearer token equal
+    /// to another caller's encoded credentials names a caller of its own.
+    fn basic(credentials: &[u8]) -> Self {
+        Self(sha256_framed(&[b"basic", credentials]))
     }
 
     /// The scope named by a header's value.
@@ -178,20 +187,30 @@ pub(crate) fn api_key(
         return Ok(ScopeDigest::api_key(value.as_bytes()));
     }
     single(headers, &AUTHORIZATION)?
-        .and_then(|value| bearer_token(value.as_bytes()))
-        .map(ScopeDigest::api_key)
+        .and_then(|value| authorization(value.as_bytes()))
         .ok_or_else(|| MissingCredential {
             detail: format!(
-                "this endpoint scopes idempotency keys by API key: send it in the `{api_key_header}` header or as `Authorization: Bearer <token>`"
+                "this endpoint scopes idempotency keys by API key: send it in the `{api_key_header}` header, as `Authorization: Bearer <token>`, or as the user name of `Authorization: Basic` credentials"
             ),
             bearer: true,
         })
 }
 
-fn bearer_token(authorization: &[u8]) -> Option<&[u8]> {
-    let (scheme, token) = authorization.split_at_checked(7)?;
-    let token = token.trim_ascii();
-    (scheme.eq_ignore_ascii_case(b"bearer ") && !token.is_empty()).then_some(token)
+/// The scope of an `Authorization` value with a `Bearer` token or `Basic`
+/// credentials; `None` for an empty one or another scheme.
+fn authorization(value: &[u8]) -> Option<ScopeDigest> {
+    if let Some(token) = credentials(value, b"bearer ") {
+        return Some(ScopeDigest::api_key(token));
+    }
+    credentials(value, b"basic ").map(ScopeDigest::basic)
+}
+
+/// What follows `scheme` (lowercase, with its space), if `value` uses it
+/// and holds something after it. Schemes are matched in any case.
+fn credentials<'a>(value: &'a [u8], scheme: &[u8]) -> Option<&'a [u8]> {
+    let (name, rest) = value.split_at_checked(scheme.len())?;
+    let rest = rest.trim_ascii();
+    (name.eq_ignore_ascii_case(scheme) && !rest.is_empty()).then_some(rest)
 }
 
 #[cfg(test)]
@@ -222,6 +241,23 @@ mod tests {
     }
 
     #[test]
+    fn basic_credentials_name_their_caller_apart_from_bearer_tokens() {
+        let basic = |value: &'static str| {
+            resolve(Scope::ApiKey, &headers(&[("authorization", value)]), &API)
+        };
+        // `curl -u sk_test_1:` and `curl -u sk_test_2:`
+        let first = basic("Basic c2tfdGVzdF8xOg==").unwrap().unwrap();
+        assert_eq!(basic("basic  c2tfdGVzdF8xOg== ").unwrap(), Some(first));
+        assert_ne!(basic("Basic c2tfdGVzdF8yOg==").unwrap(), Some(first));
+        assert_ne!(basic("Bearer c2tfdGVzdF8xOg==").unwrap(), Some(first));
+        for refused in ["Basic ", "Basic", "Digest c2tfdGVzdF8xOg=="] {
+            let missing = basic(refused).unwrap_err();
+            assert!(missing.bearer, "{refused}");
+            assert!(missing.detail.contains("Basic"), "{}", missing.detail);
+        }
+    }
+
+    #[test]
     fn different_api_keys_are_different_scopes() {
         let a = resolve(Scope::ApiKey, &headers(&[("x-api-key", "k1")]), &API);
         let b = resolve(Scope::ApiKey, &headers(&[("x-api-key", "k2")]), &API);
@@ -229,10 +265,10 @@ mod tests {
     }
 
     #[test]
-    fn missing_or_non_bearer_credentials_are_refused() {
+    fn missing_empty_or_other_schemes_credentials_are_refused() {
         assert!(resolve(Scope::ApiKey, &HeaderMap::new(), &API).is_err());
-        let basic = headers(&[("authorization", "Basic dXNlcjpwYXNz")]);
-        assert!(resolve(Scope::ApiKey, &basic, &API).is_err());
+        let digest = headers(&[("authorization", "Digest username=\"u\"")]);
+        assert!(resolve(Scope::ApiKey, &digest, &API).is_err());
         let empty_bearer = headers(&[("authorization", "Bearer ")]);
         assert!(resolve(Scope::ApiKey, &empty_bearer, &API).is_err());
     }
