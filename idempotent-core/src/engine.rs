@@ -63,6 +63,7 @@ const STORE_RETRY_PAUSES: [Duration; 3] = [
     Duration::from_millis(200),
     Duration::from_millis(800),
 ];
+const LOST: &str = "the lease was taken over while the handler ran, so its response was not stored; the request may have run twice";
 const NOT_RELEASED: &str = "could not release the key; it frees when the lease lapses";
 
 /// Everything up to the store is decided here, synchronously, so the
@@ -115,14 +116,16 @@ fn prepare(
         ScopeSource::Principal => (resolve_scope(&settings, endpoint, &HeaderMap::new())?, None),
         ScopeSource::InsideLayer(layer) => return Err(inside_layer(layer, endpoint)),
     };
-    let mut fingerprint = fingerprint.map_err(|error| fingerprint_failed(&error))?;
+    let key = RecordKey::new(scope, key);
+    let mut fingerprint =
+        fingerprint.map_err(|error| fingerprint_failed(&error, endpoint, &key))?;
     if let Some(params) = request.route {
         fingerprint = fingerprint.on_route(&*params);
     }
     Ok(Some(Engine {
         settings,
         endpoint: *endpoint,
-        key: RecordKey::new(scope, key),
+        key,
         fingerprint,
         _request_headers: request_headers,
     }))
@@ -135,15 +138,25 @@ pub(crate) fn resolve_scope(
 ) -> Result<ScopeDigest, Problem> {
     match scope::resolve(endpoint.scope_kind(), headers, &settings.api_key_header) {
         Ok(Some(scope)) => Ok(scope),
-        Ok(None) => Err(Problem::new(
-            ProblemKind::NotConfigured,
-            format!(
-                "endpoint `{}` uses a custom scope but no principal was given: with `IdempotentRequest`, call `scoped_by` before `run`; `IdempotentLayer` cannot resolve a custom scope (it sees no extractor), so give it `Scope::ApiKey`, `Scope::Header` or `Scope::Global`, or use the attribute with `scope = YourPrincipal`",
-                endpoint.name()
-            ),
-        )),
+        Ok(None) => Err(no_principal(endpoint.name())),
         Err(missing) => Err(missing_credentials(missing)),
     }
+}
+
+/// A custom-scope endpoint that got no principal. Logged too: every keyed
+/// request to it answers 500, and the operator reads the log, not the
+/// response.
+fn no_principal(endpoint: &'static str) -> Problem {
+    tracing::error!(
+        endpoint,
+        "an endpoint with a custom scope got no principal; request refused, nothing executed"
+    );
+    Problem::new(
+        ProblemKind::NotConfigured,
+        format!(
+            "endpoint `{endpoint}` uses a custom scope but no principal was given: with `IdempotentRequest`, call `scoped_by` before `run`; `IdempotentLayer` cannot resolve a custom scope (it sees no extractor), so give it `Scope::ApiKey`, `Scope::Header` or `Scope::Global`, or use the attribute with `scope = YourPrincipal`"
+        ),
+    )
 }
 
 /// A handler made idempotent beneath an `IdempotentLayer`, which claimed
@@ -177,8 +190,13 @@ pub(crate) fn missing_credentials(missing: MissingCredential) -> Problem {
     }
 }
 
-fn fingerprint_failed(error: &FingerprintError) -> Problem {
-    tracing::error!(%error, "could not fingerprint the request inputs");
+fn fingerprint_failed(error: &FingerprintError, endpoint: &Endpoint, key: &RecordKey) -> Problem {
+    tracing::error!(
+        %error,
+        endpoint = endpoint.name(),
+        key = %key.log_id(),
+        "could not fingerprint the request inputs"
+    );
     // The places in the source stay in the log.
     let detail = match error {
         FingerprintError::SharedEndpointName { .. } => {
@@ -237,7 +255,9 @@ impl Engine {
                 match claim.await {
                     // The key was seen in flight: failing open would run
                     // the handler beside the first request.
-                    Err(error) if waited => return refused_for(&error),
+                    Err(error) if waited => {
+                        return refused_for(&error, Some(self.endpoint.name()), &self.key);
+                    }
                     Err(error) => return self.store_failed(&error, handler).await,
                     Ok(Claim::Acquired(token)) => {
                         return self.execute(token, handler, sent).await;
@@ -272,10 +292,16 @@ impl Engine {
         // A corrupt record is there: its request ran, and failing open
         // would run it again.
         if self.settings.fail_open && !matches!(error, StoreError::Codec(_)) {
-            tracing::warn!(%error, outcome = "store_error", "store failed; running without idempotency (fail_open)");
+            tracing::warn!(
+                %error,
+                outcome = "store_error",
+                endpoint = self.endpoint.name(),
+                key = %self.key.log_id(),
+                "store failed; running without idempotency (fail_open)"
+            );
             return handler.await;
         }
-        refused_for(error)
+        refused_for(error, Some(self.endpoint.name()), &self.key)
     }
 
     fn replay(&self, record: &Completed, exact: Option<ExactRequest>) -> Response {
@@ -288,21 +314,28 @@ impl Engine {
                 .exact
                 .remember(&self.key, request, self.fingerprint);
         }
-        tracing::debug!(
-            outcome = "replayed",
-            status = record.response.status.as_u16()
-        );
-        replay(&record.response)
+        match replay(&record.response) {
+            Ok(response) => {
+                tracing::debug!(
+                    outcome = "replayed",
+                    status = record.response.status.as_u16()
+                );
+                response
+            }
+            Err(problem) => unreplayable(problem, Some(self.endpoint.name()), &self.key),
+        }
     }
 
     fn mismatch(&self) -> Response {
         // The endpoint goes to the log only: the record does not say where
         // the key was first used, and the name (by default the handler's
         // module path) is no business of the client's. On the event itself
-        // because the request's span is at debug level.
+        // because the request's span is at debug level, as on every event
+        // at info level or above.
         tracing::info!(
             outcome = "mismatch",
             endpoint = self.endpoint.name(),
+            key = %self.key.log_id(),
             "idempotency key reused with a different request"
         );
         Problem::new(
@@ -315,6 +348,8 @@ impl Engine {
     fn in_progress(&self) -> Response {
         tracing::info!(
             outcome = "conflict",
+            endpoint = self.endpoint.name(),
+            key = %self.key.log_id(),
             "a request with this key is still in flight"
         );
         Problem::new(
@@ -371,7 +406,8 @@ impl Engine {
             // lease lapse while the record is on its way.
             let lease = self.endpoint.lease_duration();
             let held = (token, self.fingerprint);
-            let renewals = Renewals::start(&self.settings, &self.key, lease, held, sent);
+            let endpoint = self.endpoint.name();
+            let renewals = Renewals::start(&self.settings, endpoint, &self.key, lease, held, sent);
             renewals.let_the_watcher_run().await;
             let produced = AssertUnwindSafe(self.produce(handler)).catch_unwind().await;
             match produced {
@@ -419,12 +455,12 @@ impl Engine {
         async move {
             let (stored_body, body) = match body {
                 Collected::Complete(bytes) if parts.headers.len() > MAX_STORED_HEADERS => {
-                    not_stored(NotKept::TooManyHeaders);
+                    self.not_stored(NotKept::TooManyHeaders);
                     (None, Body::from(bytes))
                 }
                 Collected::Complete(bytes) => (Some(bytes.clone()), Body::from(bytes)),
                 Collected::Partial(body, not_kept) => {
-                    not_stored(not_kept);
+                    self.not_stored(not_kept);
                     (None, body)
                 }
             };
@@ -442,9 +478,15 @@ impl Engine {
             // Boxed: only a failed attempt pays for the retries.
             Err(error) => Box::pin(self.store_again(token, parts, body, error)).await,
         };
+        let (endpoint, key) = (self.endpoint.name(), self.key.log_id());
         match stored {
             Ok(()) => tracing::debug!(outcome = "executed", status = parts.status.as_u16()),
-            Err(error) => tracing::error!(%error, outcome = "store_error", message = NOT_STORED),
+            Err(StoreError::LeaseLost) => {
+                tracing::error!(outcome = "lease_lost", endpoint, %key, message = LOST);
+            }
+            Err(error) => {
+                tracing::error!(%error, outcome = "store_error", endpoint, %key, message = NOT_STORED);
+            }
         }
     }
 
@@ -457,10 +499,11 @@ impl Engine {
         error: StoreError,
     ) -> Result<(), StoreError> {
         let retried = !matches!(error, StoreError::LeaseLost);
-        let stored = after_pauses(error, "could not store the response; trying again", || {
-            self.complete(token, parts, body.clone())
-        })
-        .await;
+        let stored = self
+            .after_pauses(error, "could not store the response; trying again", || {
+                self.complete(token, parts, body.clone())
+            })
+            .await;
         // An attempt that timed out may have been applied, and then the
         // lease is gone because the record is stored.
         if stored.is_err() && retried && self.stored_already().await {
@@ -504,10 +547,11 @@ impl Engine {
             }
             released => released,
         };
+        let (endpoint, key) = (self.endpoint.name(), self.key.log_id());
         match released {
-            Ok(()) => tracing::info!(outcome = "released", reason),
+            Ok(()) => tracing::info!(outcome = "released", endpoint, %key, reason),
             Err(error) => {
-                tracing::error!(%error, outcome = "store_error", reason, message = NOT_RELEASED);
+                tracing::error!(%error, outcome = "store_error", endpoint, %key, reason, message = NOT_RELEASED);
             }
         }
     }
@@ -515,10 +559,11 @@ impl Engine {
     /// The attempts after a first release failed with `error`, other than
     /// a lost lease.
     async fn release_again(&self, token: LeaseToken, error: StoreError) -> Result<(), StoreError> {
-        let released = after_pauses(error, "could not release the key; trying again", || {
-            self.release_once(token)
-        })
-        .await;
+        let released = self
+            .after_pauses(error, "could not release the key; trying again", || {
+                self.release_once(token)
+            })
+            .await;
         match released {
             // An attempt that timed out may have been applied; or the lease
             // lapsed meanwhile. Either way the key is not held by this
@@ -531,53 +576,85 @@ impl Engine {
     fn release_once(&self, token: LeaseToken) -> impl Future<Output = Result<(), StoreError>> {
         self.timed(self.settings.store.release(&self.key, token))
     }
-}
 
-/// Runs `attempt` again after each of [`STORE_RETRY_PAUSES`] while it
-/// fails (`error` is the first attempt's), until it succeeds or the lease
-/// is lost, which is final: another request holds the key.
-async fn after_pauses<F>(
-    mut error: StoreError,
-    warning: &'static str,
-    attempt: impl Fn() -> F,
-) -> Result<(), StoreError>
-where
-    F: Future<Output = Result<(), StoreError>>,
-{
-    for pause in STORE_RETRY_PAUSES {
-        if matches!(error, StoreError::LeaseLost) {
-            break;
+    /// Runs `attempt` again after each of [`STORE_RETRY_PAUSES`] while it
+    /// fails (`error` is the first attempt's), until it succeeds or the
+    /// lease is lost, which is final: another request holds the key.
+    async fn after_pauses<F>(
+        &self,
+        mut error: StoreError,
+        warning: &'static str,
+        attempt: impl Fn() -> F,
+    ) -> Result<(), StoreError>
+    where
+        F: Future<Output = Result<(), StoreError>>,
+    {
+        for pause in STORE_RETRY_PAUSES {
+            if matches!(error, StoreError::LeaseLost) {
+                break;
+            }
+            let (endpoint, key) = (self.endpoint.name(), self.key.log_id());
+            tracing::warn!(%error, endpoint, %key, "{warning}");
+            tokio::time::sleep(pause).await;
+            match attempt().await {
+                Ok(()) => return Ok(()),
+                Err(again) => error = again,
+            }
         }
-        tracing::warn!(%error, "{warning}");
-        tokio::time::sleep(pause).await;
-        match attempt().await {
-            Ok(()) => return Ok(()),
-            Err(again) => error = again,
-        }
+        Err(error)
     }
-    Err(error)
+
+    fn not_stored(&self, not_kept: NotKept) {
+        tracing::warn!(
+            endpoint = self.endpoint.name(),
+            key = %self.key.log_id(),
+            reason = not_kept.reason(),
+            "response body not stored; retries with this key get 410 response-not-stored"
+        );
+    }
 }
 
-fn not_stored(not_kept: NotKept) {
-    tracing::warn!(
-        reason = not_kept.reason(),
-        "response body not stored; retries with this key get 410 response-not-stored"
-    );
+/// The answer to a retry whose completed record cannot be replayed: its
+/// body was not stored (410, which the first request's warning
+/// explained), or it cannot be rebuilt (500, which needs a look).
+pub(crate) fn unreplayable(
+    problem: Problem,
+    endpoint: Option<&'static str>,
+    key: &RecordKey,
+) -> Response {
+    let key = key.log_id();
+    if problem.kind() == ProblemKind::ResponseNotStored {
+        tracing::info!(
+            outcome = "not_stored",
+            endpoint,
+            %key,
+            "the response to this key was not stored; answered 410"
+        );
+    } else {
+        let detail = problem.detail();
+        tracing::error!(outcome = "store_error", endpoint, %key, detail, "stored record cannot be replayed; request refused, nothing executed");
+    }
+    problem.into_response()
 }
 
 /// The answer to a request refused because the store failed: nothing ran.
 /// A record that does not decode is no outage: retrying soon finds it
 /// the same, so it is a 500 without `Retry-After`.
-pub(crate) fn refused_for(error: &StoreError) -> Response {
+pub(crate) fn refused_for(
+    error: &StoreError,
+    endpoint: Option<&'static str>,
+    key: &RecordKey,
+) -> Response {
+    let key = key.log_id();
     if let StoreError::Codec(error) = error {
-        tracing::error!(%error, outcome = "store_error", "stored record is corrupt; request refused, nothing executed");
+        tracing::error!(%error, outcome = "store_error", endpoint, %key, "stored record is corrupt; request refused, nothing executed");
         return Problem::new(
             ProblemKind::RecordCorrupt,
             "the stored record of this idempotency key cannot be read, so the request was neither replayed nor executed again",
         )
         .into_response();
     }
-    tracing::error!(%error, outcome = "store_error", "store failed; request refused, nothing executed");
+    tracing::error!(%error, outcome = "store_error", endpoint, %key, "store failed; request refused, nothing executed");
     Problem::new(
         ProblemKind::StoreUnavailable,
         "the idempotency store is unavailable, so the request was not executed; retry with the same key",

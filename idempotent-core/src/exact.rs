@@ -347,6 +347,10 @@ async fn replay_from_store(
     let found = crate::engine::within(settings.store_timeout, settings.store.get(key)).await;
     match found {
         Ok(Some(Record::Completed(record))) if record.fingerprint == fingerprint => {
+            let response = match replay(&record.response) {
+                Ok(response) => response,
+                Err(problem) => return Some(crate::engine::unreplayable(problem, None, key)),
+            };
             // Outside the engine's `idempotent` span, so the key goes here.
             tracing::debug!(
                 outcome = "replayed",
@@ -354,12 +358,12 @@ async fn replay_from_store(
                 key = %key.log_id(),
                 status = record.response.status.as_u16()
             );
-            Some(replay(&record.response))
+            Some(response)
         }
         Err(error @ StoreError::Timeout(_)) if !settings.fail_open => {
             let _key =
                 tracing::debug_span!("idempotent", key = %key.log_id(), exact = true).entered();
-            Some(crate::engine::refused_for(&error))
+            Some(crate::engine::refused_for(&error, None, key))
         }
         _ => None,
     }

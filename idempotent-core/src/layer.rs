@@ -171,7 +171,8 @@ where
     let (mut parts, body) = request.into_parts();
     // The endpoint, and so the scope, is known here: it is resolved below,
     // from the request's own headers, rather than from a copy at `run`.
-    let extracted = IdempotentRequest::extract(&parts.headers, &parts.extensions, |_, _| {
+    let path = parts.uri.path();
+    let extracted = IdempotentRequest::extract(&parts.headers, &parts.extensions, path, |_, _| {
         ScopeSource::Principal
     });
     let mut idempotent = match extracted {

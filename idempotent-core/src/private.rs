@@ -59,16 +59,19 @@ impl<S: Send + Sync, const SCOPE: u8> FromRequestParts<S> for ScopedRequest<SCOP
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let Self(mut request) = Self::extract(&parts.headers, &parts.extensions)?;
+        let Self(mut request) = Self::extract(&parts.headers, &parts.extensions, parts.uri.path())?;
         request.route = route_params(parts);
         Ok(Self(request))
     }
 }
 
 impl<const SCOPE: u8> ScopedRequest<SCOPE> {
-    fn extract(headers: &HeaderMap, extensions: &Extensions) -> Result<Self, Problem> {
-        let request = IdempotentRequest::extract(headers, extensions, |idempotency, headers| {
-            match SCOPE & !KEY_REQUIRED {
+    fn extract(headers: &HeaderMap, extensions: &Extensions, path: &str) -> Result<Self, Problem> {
+        let request = IdempotentRequest::extract(
+            headers,
+            extensions,
+            path,
+            |idempotency, headers| match SCOPE & !KEY_REQUIRED {
                 API_KEY => {
                     let header = &idempotency.inner.api_key_header;
                     ScopeSource::Resolved(scope::api_key(headers, header))
@@ -76,8 +79,8 @@ impl<const SCOPE: u8> ScopedRequest<SCOPE> {
                 GLOBAL => ScopeSource::Resolved(Ok(ScopeDigest::global())),
                 HEADERS => ScopeSource::Headers(Box::new(headers.clone())),
                 _ => ScopeSource::Principal,
-            }
-        })?;
+            },
+        )?;
         // The engine would refuse these the same way, only after the body
         // was read and parsed.
         if request.key.is_none() {
@@ -122,9 +125,12 @@ where
     type Rejection = Response;
 
     async fn from_request(mut request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let ScopedRequest(mut idempotent) =
-            ScopedRequest::<SCOPE>::extract(request.headers(), request.extensions())
-                .map_err(IntoResponse::into_response)?;
+        let ScopedRequest(mut idempotent) = ScopedRequest::<SCOPE>::extract(
+            request.headers(),
+            request.extensions(),
+            request.uri().path(),
+        )
+        .map_err(IntoResponse::into_response)?;
         note_route_params(&mut idempotent, &mut request);
         // A handler that shares its default name answers 500 on the full
         // path, which an exact repeat must not skip.

@@ -63,6 +63,9 @@ struct HeldClaim {
     /// was sent.
     due: Instant,
     lease: Duration,
+    /// The endpoint's name and the key, for what the renewals log at info
+    /// level or above, where the request's span (at debug) is not.
+    endpoint: &'static str,
     key: RecordKey,
     held: (LeaseToken, Fingerprint),
     /// The request's span, for what the renewals log.
@@ -180,6 +183,7 @@ impl<'a> Renewals<'a> {
     /// nothing is started.
     pub(crate) fn start(
         settings: &'a Arc<Settings>,
+        endpoint: &'static str,
         key: &RecordKey,
         lease: Duration,
         held: (LeaseToken, Fingerprint),
@@ -199,6 +203,7 @@ impl<'a> Renewals<'a> {
             runtime: runtime.id(),
             due: sent + period,
             lease,
+            endpoint,
             key: key.clone(),
             held,
             span: tracing::Span::current(),
@@ -299,6 +304,7 @@ impl Drop for ForgetWatcher {
 /// already under way when the record is stored or the key released.
 async fn lease_lost(
     settings: &Settings,
+    endpoint: &'static str,
     key: &RecordKey,
     fingerprint: Fingerprint,
     settled: &AtomicBool,
@@ -319,6 +325,8 @@ async fn lease_lost(
     }
     tracing::error!(
         outcome = "lease_lost",
+        endpoint,
+        key = %key.log_id(),
         "lease taken over while the handler runs; its result will not be stored"
     );
 }
@@ -331,27 +339,82 @@ fn renew_until_lost(
     settled: Arc<AtomicBool>,
 ) -> impl Future<Output = ()> + Send + 'static {
     let (key, lease, (token, fingerprint)) = (claim.key.clone(), claim.lease, claim.held);
+    let endpoint = claim.endpoint;
     let period = lease / 3;
     // A renewal that hangs is given up, and tried again, while the lease
     // still has a period to run: a whole store timeout can outlast it.
     let timeout = settings.store_timeout.min(period / 2);
+    // The claim was sent a period before it fell due.
+    let mut outage = Outage::new(claim.due - period + lease);
     async move {
         let mut ticker = tokio::time::interval(period);
         loop {
             ticker.tick().await;
+            let sent = Instant::now();
             let renewed = settings.store.renew(&key, token, lease);
             match within(timeout, renewed).await {
-                Ok(()) => {}
+                Ok(()) => outage.renewed(sent + lease, endpoint, &key),
                 Err(StoreError::LeaseLost) => {
-                    return lease_lost(&settings, &key, fingerprint, &settled).await;
+                    return lease_lost(&settings, endpoint, &key, fingerprint, &settled).await;
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "could not renew the lease; retrying");
+                    outage.failed(&error, endpoint, &key);
                     // Soon, not a whole period later: two failures a period
                     // apart would let the lease lapse under a running handler.
                     ticker.reset_after(period / 8);
                 }
             }
+        }
+    }
+}
+
+/// Renewals that fail in a row, told once each way: a store that is down
+/// for minutes fails them every eighth of a renewal period (every 42 ms
+/// under a one-second lease, for each running request), and a warning for
+/// each would bury the one thing that needs a look, the lease lapsing.
+struct Outage {
+    /// When the lease ends unless renewed: as of the last renewal sent
+    /// that the store applied.
+    held_until: Instant,
+    failures: u32,
+    lapse_told: bool,
+}
+
+impl Outage {
+    fn new(held_until: Instant) -> Self {
+        Self {
+            held_until,
+            failures: 0,
+            lapse_told: false,
+        }
+    }
+
+    fn renewed(&mut self, held_until: Instant, endpoint: &'static str, key: &RecordKey) {
+        if self.failures > 0 {
+            let failures = self.failures;
+            let key = key.log_id();
+            tracing::info!(endpoint, %key, failures, "renewed the lease again");
+        }
+        *self = Self::new(held_until);
+    }
+
+    fn failed(&mut self, error: &StoreError, endpoint: &'static str, key: &RecordKey) {
+        self.failures += 1;
+        let key = key.log_id();
+        if self.failures == 1 {
+            tracing::warn!(%error, endpoint, %key, "could not renew the lease; retrying");
+        } else {
+            tracing::debug!(%error, failures = self.failures, "could not renew the lease; retrying");
+        }
+        if !self.lapse_told && Instant::now() >= self.held_until {
+            self.lapse_told = true;
+            tracing::error!(
+                %error,
+                outcome = "lease_lapsed",
+                endpoint,
+                %key,
+                "the lease lapsed while the store could not renew it; a retry may run the request again beside this one"
+            );
         }
     }
 }
@@ -384,7 +447,8 @@ mod tests {
             runtime.block_on(async {
                 let held = (LeaseToken::random(), Fingerprint::from_bytes([0; 32]));
                 let lease = Duration::from_secs(60);
-                let renewals = Renewals::start(&settings, &key, lease, held, Instant::now());
+                let start = Instant::now();
+                let renewals = Renewals::start(&settings, "pay", &key, lease, held, start);
                 drop(renewals);
             });
             drop(runtime);

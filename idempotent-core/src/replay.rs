@@ -4,7 +4,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use axum::body::Body;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::{Bytes, BytesMut};
 use http::header::CONNECTION;
 use http::response::Parts;
@@ -72,10 +72,12 @@ pub(crate) fn replayable_headers(parts: &Parts) -> Vec<(HeaderName, HeaderValue)
     headers
 }
 
-/// Rebuilds a stored response, marked as a replay.
-pub(crate) fn replay(stored: &StoredResponse) -> Response {
+/// Rebuilds a stored response, marked as a replay; the problem to answer
+/// instead when it cannot be (its body was not stored, or it has more
+/// header names than a response can carry).
+pub(crate) fn replay(stored: &StoredResponse) -> Result<Response, Problem> {
     let Some(body) = stored.body.clone() else {
-        return not_stored(stored).into_response();
+        return Err(not_stored(stored));
     };
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = stored.status;
@@ -84,16 +86,16 @@ pub(crate) fn replay(stored: &StoredResponse) -> Response {
     // them; a record read back from a store may hold more.
     for (name, value) in &stored.headers {
         if headers.try_append(name.clone(), value.clone()).is_err() {
-            return too_many_header_names(stored).into_response();
+            return Err(too_many_header_names(stored));
         }
     }
     if headers
         .try_insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"))
         .is_err()
     {
-        return too_many_header_names(stored).into_response();
+        return Err(too_many_header_names(stored));
     }
-    response
+    Ok(response)
 }
 
 fn too_many_header_names(stored: &StoredResponse) -> Problem {
@@ -242,6 +244,7 @@ impl http_body::Body for Prefixed {
 mod tests {
     use super::*;
     use crate::record::strategies::any_response;
+    use axum::response::IntoResponse;
     use futures_util::FutureExt as _;
     use http::StatusCode;
     use proptest::prelude::*;
@@ -283,7 +286,7 @@ mod tests {
                     .collect(),
                 body: Some(Bytes::from_static(b"{}")),
             };
-            let response = replay(&stored);
+            let response = replay(&stored).unwrap_or_else(IntoResponse::into_response);
             assert_eq!(
                 response.status(),
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -354,7 +357,7 @@ mod tests {
             ],
             body: Some(Bytes::from_static(b"{}")),
         };
-        let response = replay(&stored);
+        let response = replay(&stored).unwrap_or_else(IntoResponse::into_response);
         assert_eq!(response.status(), StatusCode::CREATED);
         assert_eq!(response.headers().get_all("x-a").iter().count(), 2);
         assert_eq!(response.headers()[IDEMPOTENT_REPLAYED], "true");
@@ -421,7 +424,7 @@ mod tests {
         /// every header value in order per name, and the body.
         #[test]
         fn a_replay_carries_every_stored_part(stored in any_response()) {
-            let response = replay(&stored);
+            let response = replay(&stored).unwrap_or_else(IntoResponse::into_response);
             let Some(body) = stored.body.clone() else {
                 prop_assert_eq!(response.status(), StatusCode::GONE);
                 return Ok(());

@@ -127,7 +127,8 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotentRequest {
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         // The endpoint, and so its scope, is only known at `run`.
-        let mut request = Self::extract(&parts.headers, &parts.extensions, |_, headers| {
+        let path = parts.uri.path();
+        let mut request = Self::extract(&parts.headers, &parts.extensions, path, |_, headers| {
             ScopeSource::Headers(Box::new(headers.clone()))
         })?;
         request.route = route_params(parts);
@@ -137,15 +138,17 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotentRequest {
 
 impl IdempotentRequest {
     /// The layer's handle and the request's key, with the scope `scope`
-    /// takes from the headers.
+    /// takes from the headers. `path`, the request's, only names the
+    /// route in the log when no layer served it.
     pub(crate) fn extract(
         headers: &HeaderMap,
         extensions: &Extensions,
+        path: &str,
         scope: impl FnOnce(&Idempotency, &HeaderMap) -> ScopeSource,
     ) -> Result<Self, Problem> {
         let idempotency = Idempotency::current()
             .or_else(|| extensions.get::<Idempotency>().cloned())
-            .ok_or_else(not_configured)?;
+            .ok_or_else(|| not_configured(path))?;
         let key = IdempotencyKey::from_headers(headers)?;
         let scope = match claiming_layer(key.as_ref(), extensions) {
             Some(layer) => ScopeSource::InsideLayer(layer),
@@ -186,9 +189,12 @@ fn claiming_layer(key: Option<&IdempotencyKey>, extensions: &Extensions) -> Opti
 /// besides a missing layer the detail covers the two ways a present one
 /// is missed: added before the route, or left behind by a spawned task.
 /// Logged too: a route added after the layer answers 500 in production,
-/// where the operator reads the log, not the response.
-fn not_configured() -> Problem {
+/// where the operator reads the log, not the response; with the request's
+/// path (not its query, which may carry what the log must not), since the
+/// endpoint's name is not known here.
+fn not_configured(path: &str) -> Problem {
     tracing::error!(
+        path,
         "an idempotent endpoint was served without an `Idempotency` layer; request refused, nothing executed"
     );
     Problem::new(

@@ -547,6 +547,7 @@ impl Store for PostgresStore {
             scope: key.scope.as_bytes(),
             key: key.key.as_str(),
             token: token_bytes,
+            log_id: key.log_id(),
         });
         for _ in 0..sql::CLAIM_ATTEMPTS {
             // Both statements take the claim's six parameters; the time is

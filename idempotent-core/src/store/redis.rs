@@ -277,6 +277,10 @@ where
     }
 }
 
+/// What a failed release of an [`Unanswered`] claim leaves behind.
+const UNRELEASED: &str =
+    "could not release a claim whose answer nobody read; it frees when its lease lapses";
+
 /// A claim sent to Redis whose answer its caller never read: cut short by
 /// the engine's store timeout or by the connection's, it may still be
 /// applied, and would hold the key under a lease nobody has until it
@@ -284,6 +288,7 @@ where
 /// release follows it on the same connection, so Redis runs it after.
 struct Unanswered<'a, C: ConnectionLike + Clone + Send + Sync + 'static> {
     store: &'a RedisStore<C>,
+    key: &'a RecordKey,
     redis_key: &'a str,
     token: LeaseToken,
     armed: bool,
@@ -295,6 +300,7 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drop for Unanswered<'_, 
             return;
         }
         let redis_key = self.redis_key.to_owned();
+        let log_id = self.key.log_id().to_string();
         let mut connection = self.store.connection.clone();
         let token = self.token.to_bytes();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -311,7 +317,9 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drop for Unanswered<'_, 
                     .arg(token.as_slice())
                     .query_async(&mut connection)
                     .await;
-                drop(released);
+                if let Err(error) = released {
+                    tracing::warn!(%error, key = log_id, "{UNRELEASED}");
+                }
             };
             self.store.background.spawn_on(release, &runtime);
         }
@@ -341,6 +349,7 @@ where
         let mut connection = self.connection.clone();
         let mut unanswered = Unanswered {
             store: self,
+            key,
             redis_key: &redis_key,
             token,
             armed: true,

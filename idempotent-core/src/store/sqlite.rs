@@ -267,7 +267,7 @@ impl SqliteStore {
         self.inner.background.spawn(async move {
             let acquired = store.try_acquire(&owned, fingerprint, lease, token).await;
             if let Err(Ok(true)) = sender.send(acquired) {
-                let _ = Store::release(&store, &owned, token).await;
+                release_unanswered(&store, &owned, token).await;
             }
         });
         let mut waiting = Waiting {
@@ -280,6 +280,20 @@ impl SqliteStore {
         let acquired = (&mut waiting.receiver).await;
         waiting.answered = true;
         acquired.map_err(StoreError::backend)?
+    }
+}
+
+/// Releases a claim whose caller stopped waiting for it; a failure is
+/// told, since retries get 409 until its lease lapses.
+async fn release_unanswered(store: &SqliteStore, key: &RecordKey, token: LeaseToken) {
+    match Store::release(store, key, token).await {
+        // A lost lease is not this claim's to release any more.
+        Ok(()) | Err(StoreError::LeaseLost) => {}
+        Err(error) => tracing::warn!(
+            %error,
+            key = %key.log_id(),
+            "could not release a claim whose answer nobody read; it frees when its lease lapses"
+        ),
     }
 }
 
@@ -303,9 +317,7 @@ impl Drop for Waiting<'_> {
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             let (store, key, token) = (self.store.clone(), self.key.clone(), self.token);
-            let release = async move {
-                let _ = Store::release(&store, &key, token).await;
-            };
+            let release = async move { release_unanswered(&store, &key, token).await };
             self.store.inner.background.spawn_on(release, &runtime);
         }
     }

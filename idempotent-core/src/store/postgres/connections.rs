@@ -29,6 +29,7 @@ use sqlx::postgres::{PgConnection, PgPool, Postgres};
 use tokio::runtime::Handle;
 use tokio_util::task::TaskTracker;
 
+use crate::record::LogId;
 use crate::store::StoreError;
 
 /// How long a kept connection may sit unused before it goes back to the
@@ -92,6 +93,8 @@ pub(super) struct Undo<'a> {
     pub(super) scope: &'a [u8],
     pub(super) key: &'a str,
     pub(super) token: [u8; 16],
+    /// The key's form for logs: never `key` itself.
+    pub(super) log_id: LogId<'a>,
 }
 
 enum Leased {
@@ -346,6 +349,7 @@ impl Drop for Lease<'_> {
             scope: undo.scope.to_vec(),
             key: undo.key.to_owned(),
             token: undo.token,
+            log_id: undo.log_id.to_string(),
         };
         self.undos
             .spawn_on(owned.run(connection, self.pool.clone()), &runtime);
@@ -358,6 +362,7 @@ struct OwnedUndo {
     scope: Vec<u8>,
     key: String,
     token: [u8; 16],
+    log_id: String,
 }
 
 impl OwnedUndo {
@@ -367,10 +372,12 @@ impl OwnedUndo {
         }
         // That connection broke: try once more on another.
         drop(connection);
-        if let Ok(mut connection) = pool.acquire().await
-            && let Err(error) = self.execute(&mut connection).await
-        {
-            tracing::warn!(%error, "could not release a claim whose answer nobody read; it frees when its lease lapses");
+        let released = match pool.acquire().await {
+            Ok(mut connection) => self.execute(&mut connection).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = released {
+            tracing::warn!(%error, key = self.log_id, "could not release a claim whose answer nobody read; it frees when its lease lapses");
         }
     }
 

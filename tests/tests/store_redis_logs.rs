@@ -1,0 +1,132 @@
+//! What `RedisStore` tells the operator when its background work fails:
+//! a claim cut short by the store timeout is released on a task of its
+//! own, and a release that fails leaves the key held until its lease
+//! lapses (retries get 409 meanwhile), so it is logged. A process of its
+//! own: the subscriber that records the events is global, since the
+//! release logs from whichever worker runs it. Starts its own
+//! `redis-server`, which it stops mid-release.
+
+mod store_support;
+
+use std::net::TcpListener;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use idempotent_core::Fingerprint;
+use idempotent_core::key::IdempotencyKey;
+use idempotent_core::record::RecordKey;
+use idempotent_core::scope::ScopeDigest;
+use idempotent_core::store::{RedisStore, Store};
+use store_support::backend_url;
+use tokio::process::Command;
+
+/// The message and `key` field of each warning.
+#[derive(Default)]
+struct Warnings(Mutex<Vec<(String, Option<String>)>>);
+
+#[derive(Default)]
+struct Fields {
+    message: String,
+    key: Option<String>,
+}
+
+impl tracing::field::Visit for Fields {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "key" {
+            self.key = Some(value.to_owned());
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        match field.name() {
+            "message" => self.message = format!("{value:?}"),
+            "key" => self.key = Some(format!("{value:?}")),
+            _ => {}
+        }
+    }
+}
+
+impl tracing::Subscriber for Warnings {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        *metadata.level() == tracing::Level::WARN
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        self.0.lock().unwrap().push((fields.message, fields.key));
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_release_of_a_claim_cut_short_is_logged_with_the_key() {
+    // Needs the Redis test environment (it starts its own server binary).
+    if backend_url("IDEMPOTENT_TEST_REDIS_URL").is_none() {
+        return;
+    }
+    let warnings = Arc::new(Warnings::default());
+    tracing::subscriber::set_global_default(warnings.clone()).expect("the only subscriber");
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut redis = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start redis-server (is it installed?)");
+    let url = format!("redis://127.0.0.1:{port}");
+    let mut store = None;
+    for _ in 0..100 {
+        if let Ok(connected) = RedisStore::connect(&url).await {
+            store = Some(connected);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let store = store.expect("redis-server started");
+
+    // The server stops answering: the claim is cut short, and its release
+    // waits behind it on the connection.
+    let pid = redis.id().expect("running").to_string();
+    let stopped = std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status();
+    assert!(stopped.unwrap().success());
+    let key = RecordKey::new(
+        ScopeDigest::global(),
+        IdempotencyKey::parse(b"order-secret-1").unwrap(),
+    );
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    let claim = store.claim(&key, fingerprint, Duration::from_secs(60));
+    let cut = tokio::time::timeout(Duration::from_millis(200), claim).await;
+    assert!(cut.is_err(), "the stopped server did not answer");
+    // Then it goes away: the release fails.
+    redis.kill().await.expect("stop redis-server");
+    tokio::time::timeout(Duration::from_secs(10), store.settle())
+        .await
+        .expect("the release gives up");
+
+    let logged = warnings.0.lock().unwrap().clone();
+    let log_id = key.log_id().to_string();
+    assert!(
+        logged.iter().any(|(message, key)| {
+            message.contains("could not release a claim") && key.as_deref() == Some(&*log_id)
+        }),
+        "{logged:?}"
+    );
+    assert!(
+        !format!("{logged:?}").contains("order-secret"),
+        "the raw key is logged: {logged:?}"
+    );
+}
