@@ -298,7 +298,7 @@ fn string_value(meta: &Meta) -> syn::Result<LitStr> {
     match name_value(meta)? {
         Expr::Lit(ExprLit {
             lit: Lit::Str(lit), ..
-        }) => Ok(lit.clone()),
+        }) => without_suffix(lit).cloned(),
         other => {
             let key = option_name(meta.path());
             Err(syn::Error::new_spanned(
@@ -307,6 +307,20 @@ fn string_value(meta: &Meta) -> syn::Result<LitStr> {
             ))
         }
     }
+}
+
+/// `lit`, refused if it has a suffix (`"24h"x`), which rustc accepts in
+/// an attribute and the value would silently drop.
+fn without_suffix(lit: &LitStr) -> syn::Result<&LitStr> {
+    if lit.suffix().is_empty() {
+        return Ok(lit);
+    }
+    let message = format!(
+        "unexpected suffix `{}` after the string: write `{}`",
+        lit.suffix(),
+        lit.token().to_string().trim_end_matches(lit.suffix())
+    );
+    Err(syn::Error::new(lit.span(), message))
 }
 
 fn flag(meta: &Meta) -> syn::Result<bool> {
@@ -404,17 +418,25 @@ fn endpoint_name(lit: LitStr) -> syn::Result<LitStr> {
     Err(syn::Error::new(lit.span(), message))
 }
 
+/// A crate or module path: no generic arguments (`Path::parse_mod_style`),
+/// which would otherwise be spliced into every path the attribute writes.
 fn crate_path(value: &Expr) -> syn::Result<Path> {
     match value {
         Expr::Lit(ExprLit {
             lit: Lit::Str(lit), ..
-        }) => lit.parse::<Path>().map_err(|_| {
-            syn::Error::new(
-                lit.span(),
-                "expected a path such as `\"::idempotent_core\"`",
-            )
-        }),
-        Expr::Path(path) => Ok(path.path.clone()),
+        }) => without_suffix(lit)?
+            .parse_with(Path::parse_mod_style)
+            .map_err(|_| {
+                syn::Error::new(
+                    lit.span(),
+                    "expected a path such as `\"::idempotent_core\"`",
+                )
+            }),
+        Expr::Path(path)
+            if path.qself.is_none() && path.path.segments.iter().all(|s| s.arguments.is_none()) =>
+        {
+            Ok(path.path.clone())
+        }
         other => Err(syn::Error::new_spanned(
             other,
             "expected a path such as `\"::idempotent_core\"`",
@@ -433,7 +455,7 @@ fn scope(value: &Expr) -> syn::Result<Scope> {
     let custom = match value {
         Expr::Lit(ExprLit {
             lit: Lit::Str(lit), ..
-        }) => return named_scope(lit),
+        }) => return named_scope(without_suffix(lit)?),
         Expr::Verbatim(tokens) => syn::parse2::<Type>(tokens.clone()).ok(),
         _ => None,
     };

@@ -42,10 +42,14 @@ pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
     let args = Args::parse(args, &mut errors);
     let Ok(func) = syn::parse2::<ItemFn>(item.clone()) else {
-        errors.push(syn::Error::new(
-            Span::call_site(),
-            "`#[idempotent]` goes on an `async fn` axum handler",
-        ));
+        // A function whose body does not parse (as while it is being
+        // typed) gets rustc's error in the body, and no second one here.
+        if !is_function(&item) {
+            errors.push(syn::Error::new(
+                Span::call_site(),
+                "`#[idempotent]` goes on an `async fn` axum handler",
+            ));
+        }
         return fallback(item, errors);
     };
     let handler = Handler::analyze(&func, &args, &mut errors);
@@ -54,6 +58,18 @@ pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
     } else {
         fallback(func.into_token_stream(), errors)
     }
+}
+
+/// Whether `item` is a function, its body aside.
+fn is_function(item: &TokenStream) -> bool {
+    let function = |input: syn::parse::ParseStream<'_>| {
+        input.call(Attribute::parse_outer)?;
+        input.parse::<syn::Visibility>()?;
+        input.parse::<syn::Signature>()?;
+        let body = input.parse::<proc_macro2::Group>()?;
+        Ok(body.delimiter() == proc_macro2::Delimiter::Brace)
+    };
+    syn::parse::Parser::parse2(function, item.clone()).unwrap_or(false)
 }
 
 /// The original item plus every error: the function still exists, so the
@@ -111,6 +127,7 @@ impl<'a> Handler<'a> {
                 ),
                 FnArg::Typed(typed) => {
                     check_no_cfg(&typed.attrs, errors);
+                    check_no_impl_trait(&typed.ty, errors);
                     let taken = arguments
                         .iter()
                         .any(|a: &Argument<'_>| matches!(a.role, Role::Principal));
@@ -261,6 +278,28 @@ fn check_no_cfg(attrs: &[Attribute], errors: &mut Errors) {
     }
 }
 
+/// axum routes a handler by its type, which a function taking `impl
+/// Trait` has only once its caller names the argument's type, and no
+/// caller can (such an argument takes no turbofish); rustc's own error
+/// would be about a path the attribute wrote.
+fn check_no_impl_trait(ty: &Type, errors: &mut Errors) {
+    if mentions_impl(ty.to_token_stream()) {
+        errors.spanned(
+            ty,
+            "axum cannot route a handler that takes `impl Trait`: write the argument's type, or make the handler generic (`<T: Trait>`, routed as `handler::<MyType>`)",
+        );
+    }
+}
+
+/// Whether `tokens` hold `impl`, which a type holds only as `impl Trait`.
+fn mentions_impl(tokens: TokenStream) -> bool {
+    tokens.into_iter().any(|token| match token {
+        proc_macro2::TokenTree::Ident(ident) => ident == "impl",
+        proc_macro2::TokenTree::Group(group) => mentions_impl(group.stream()),
+        _ => false,
+    })
+}
+
 /// Whether `attr` is a `#[cfg_attr(predicate, ...)]` that may add a `cfg`;
 /// one that adds only lint levels or other attributes is fine.
 fn cfg_attr_adds_cfg(attr: &Attribute) -> bool {
@@ -275,6 +314,9 @@ fn cfg_attr_adds_cfg(attr: &Attribute) -> bool {
 
 /// The most arguments an axum handler takes.
 const AXUM_MAX_ARGUMENTS: usize = 16;
+/// The most arguments a function takes before `clippy::too_many_arguments`
+/// fires, unless `clippy.toml` says otherwise.
+const CLIPPY_MAX_ARGUMENTS: usize = 7;
 
 /// axum's own error for a handler over its limit names the whole handler
 /// type; this one says what the attribute added and what to do.
@@ -599,7 +641,13 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
     // The handler as written keeps its signature, so clippy's argument
     // count (whose limit is configurable) applies there, where an
     // `#[expect]` meets it; the routed function's count is the attribute's.
-    let too_many = quote!(#[allow(clippy::too_many_arguments)]);
+    // The `allow` is written only past clippy's default limit: a crate
+    // that forbids the lint (or its group) refuses any `allow` of it (a
+    // crate whose `clippy.toml` lowers the limit allows it on the handler,
+    // which puts the `allow` on both functions).
+    let routed_arity = handler.arguments.len() + handler.added_arguments();
+    let too_many =
+        (routed_arity > CLIPPY_MAX_ARGUMENTS).then(|| quote!(#[allow(clippy::too_many_arguments)]));
     let exact_body = handler.exact_repeats;
     let signature = outer_signature(
         func,
@@ -626,9 +674,6 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
         #(#outer_attrs)*
         #too_many
         #signature {
-            // The attribute requires `async fn`, so "remove `async`" is not
-            // advice the handler can take.
-            #[allow(clippy::unused_async)]
             #(#inner_attrs)*
             #sig #block
 
@@ -873,12 +918,13 @@ fn checked_name(args: &Args, fingerprint: TokenStream, private: &TokenStream) ->
         return fingerprint;
     }
     let place = place();
+    let error = local("__idempotent_error");
     quote! {{
         static __IDEMPOTENT_DEFAULT_NAME: #private::DefaultName =
             #private::DefaultName::new(#place);
         match __IDEMPOTENT_DEFAULT_NAME.check(__IDEMPOTENT_ENDPOINT.name()) {
             ::core::result::Result::Ok(()) => #fingerprint,
-            ::core::result::Result::Err(error) => ::core::result::Result::Err(error),
+            ::core::result::Result::Err(#error) => ::core::result::Result::Err(#error),
         }
     }}
 }
@@ -907,9 +953,12 @@ fn fingerprint(
             let ty = argument.ty;
             let span = ty.span();
             let call = respan_tokens(&quote!(#private::fingerprint_input), span);
-            quote_spanned! {span=>
-                #call::<#ty>(#fingerprinter, &#param)?;
-            }
+            let call = quote_spanned! {span=>
+                #call::<#ty>(#fingerprinter, &#param)
+            };
+            // The `?` is the attribute's: a lint on it (such as
+            // `clippy::question_mark_used`) is not the argument's.
+            quote!(#call?;)
         });
     quote! {
         #private::fingerprint(&__IDEMPOTENT_ENDPOINT, |#fingerprinter| {
@@ -991,10 +1040,18 @@ fn future(func: &ItemFn, params: &[Ident], private: &TokenStream) -> TokenStream
     };
     let call = respan_tokens(&quote!(#private::into_response), output_span);
     let inner = respan(name, output_span);
+    let handler = respan(&local("__idempotent_handler"), output_span);
     let into_response = quote_spanned! {output_span=>
-        #call(#inner #turbofish(#(#params),*).await)
+        #call(#handler(#(#params),*).await)
     };
     // Spanned at the name, as the `run` call: a future that is not `Send`
-    // is reported there.
-    quote_spanned!(name.span()=> async move { #into_response })
+    // is reported there. The handler is called through a value, as axum
+    // would: clippy's `unused_async` leaves alone an `async fn` used as a
+    // value (the attribute requires `async fn`, so "remove `async`" is not
+    // advice the handler can take), and no `allow` is needed, which a
+    // crate that forbids the lint would refuse.
+    quote_spanned! {name.span()=> async move {
+        let #handler = #inner #turbofish;
+        #into_response
+    }}
 }

@@ -170,6 +170,30 @@ pub mod api {
     }
 }
 
+/// A module that forbids lints the expansion could otherwise `allow`, an
+/// error under `forbid` (E0453), and denies one on the `?` that the
+/// expansion writes: seven routed arguments are within clippy's limit.
+#[forbid(clippy::unused_async, clippy::too_many_arguments)]
+#[deny(clippy::question_mark_used)]
+mod forbidding {
+    use axum::extract::Path;
+    use axum::http::{HeaderMap, Method, Uri, Version};
+    use idempotent_core::idempotent;
+
+    /// Six arguments, and no `.await`.
+    #[idempotent(scope = "header:x-tenant")]
+    pub(super) async fn six(
+        _headers: HeaderMap,
+        _method: Method,
+        _uri: Uri,
+        _version: Version,
+        Path(id): Path<u64>,
+        body: String,
+    ) -> String {
+        format!("{id} {body}")
+    }
+}
+
 fn app() -> Router {
     Router::new()
         .route("/payments/{id}", post(create))
@@ -182,6 +206,7 @@ fn app() -> Router {
         .route("/generic", post(generic::<Payment>))
         .route("/guarded", post(guarded))
         .route("/public", post(api::public_handler))
+        .route("/forbidding/{id}", post(forbidding::six))
         .with_state(Db)
         .layer(Idempotency::new(MemoryStore::new()))
 }
