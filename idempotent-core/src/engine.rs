@@ -259,26 +259,67 @@ impl Engine {
                         return refused_for(&error, Some(self.endpoint.name()), &self.key);
                     }
                     Err(error) => return self.store_failed(&error, handler).await,
-                    Ok(Claim::Acquired(token)) => {
-                        return self.execute(token, handler, sent).await;
-                    }
+                    Ok(Claim::Acquired(token)) => match self.still_held(token, sent).await {
+                        Ok(renewed) => return self.execute(token, handler, renewed).await,
+                        // Taken over while the answer was on its way: the
+                        // key is in flight with another request.
+                        Err(StoreError::LeaseLost) => {}
+                        Err(error) => {
+                            return refused_for(&error, Some(self.endpoint.name()), &self.key);
+                        }
+                    },
                     Ok(Claim::Completed(record)) => return self.replay(&record, exact),
                     Ok(Claim::InFlight { fingerprint, .. }) if fingerprint != self.fingerprint => {
                         return self.mismatch();
                     }
-                    Ok(Claim::InFlight { .. }) => match deadline {
-                        Some(deadline) if Instant::now() < deadline => {
-                            // Boxed: only endpoints that wait ever sleep here.
-                            waited = true;
-                            let pause = deadline.min(Instant::now() + backoff);
-                            Box::pin(tokio::time::sleep_until(pause)).await;
-                            backoff = (backoff * 2).min(WAIT_BACKOFF.1);
-                        }
-                        _ => return self.in_progress(),
-                    },
+                    Ok(Claim::InFlight { .. }) => {}
+                }
+                match deadline {
+                    Some(deadline) if Instant::now() < deadline => {
+                        // Boxed: only endpoints that wait ever sleep here.
+                        waited = true;
+                        let pause = deadline.min(Instant::now() + backoff);
+                        Box::pin(tokio::time::sleep_until(pause)).await;
+                        backoff = (backoff * 2).min(WAIT_BACKOFF.1);
+                    }
+                    _ => return self.in_progress(),
                 }
             }
         }
+    }
+
+    /// Makes sure a claim answered late still holds its lease, and says
+    /// when renewals count from. The store started the lease when it
+    /// applied the claim: an answer that came after the first renewal fell
+    /// due may come after the lease lapsed (a lease can be shorter than
+    /// the store timeout), and a duplicate may have taken the key over and
+    /// be running the handler. The lease is renewed before the handler
+    /// runs, so that it is known held; a renewal that is late too (past a
+    /// third of the lease) is given up. Not held, the claim is let go (a
+    /// store's own hold on it too, such as
+    /// [`Tiered`](crate::store::Tiered)'s), and nothing runs.
+    async fn still_held(&self, token: LeaseToken, sent: Instant) -> Result<Instant, StoreError> {
+        let lease = self.endpoint.lease_duration();
+        let late = lease / 3;
+        if Instant::now() < sent + late {
+            return Ok(sent);
+        }
+        let renewing = Instant::now();
+        let renewal = self.settings.store.renew(&self.key, token, lease);
+        let timeout = self.settings.store_timeout.min(late);
+        // Boxed: only a claim answered late pays for it.
+        let renewed = Box::pin(within(timeout, renewal)).await;
+        if let Err(error) = renewed {
+            tracing::warn!(
+                %error,
+                endpoint = self.endpoint.name(),
+                key = %self.key.log_id(),
+                "a claim answered after its first renewal fell due could not be renewed; nothing executed"
+            );
+            drop(self.release_once(token).await);
+            return Err(error);
+        }
+        Ok(renewing)
     }
 
     fn timed<T>(

@@ -182,9 +182,10 @@ impl IdempotencyBuilder {
     }
 
     /// How long any one store call may take before the request is answered
-    /// 503 (default 2 s). A lease renewal is also given up after a sixth of
-    /// the lease, if that is shorter, and tried again while the lease still
-    /// runs.
+    /// 503 (default 2 s). A lease renewal that has not answered does not
+    /// hold back the next, which goes out a third of the lease later; a
+    /// claim answered after a third of its lease is renewed before its
+    /// handler runs, since the lease may have lapsed on the way.
     pub fn store_timeout(mut self, timeout: Duration) -> Self {
         self.settings.store_timeout = timeout;
         self

@@ -179,7 +179,10 @@ where
         Ok(idempotent) => idempotent,
         Err(problem) => return problem.into_response(),
     };
-    idempotent.route = route_params(&mut parts);
+    idempotent.route = match route_params(&mut parts, idempotent.key.is_some()) {
+        Ok(route) => route,
+        Err(problem) => return problem.into_response(),
+    };
     // Without a key there is nothing to fingerprint: the request is refused
     // before its body is read, or runs as it came. A safe method (`GET`,
     // `HEAD`, `OPTIONS`, `TRACE`) has no side effect to guard, so it never

@@ -60,7 +60,7 @@ impl<S: Send + Sync, const SCOPE: u8> FromRequestParts<S> for ScopedRequest<SCOP
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         let Self(mut request) = Self::extract(&parts.headers, &parts.extensions, parts.uri.path())?;
-        request.route = route_params(parts);
+        request.route = route_params(parts, request.key.is_some())?;
         Ok(Self(request))
     }
 }
@@ -131,7 +131,7 @@ where
             request.uri().path(),
         )
         .map_err(IntoResponse::into_response)?;
-        note_route_params(&mut idempotent, &mut request);
+        note_route_params(&mut idempotent, &mut request).map_err(IntoResponse::into_response)?;
         // A handler that shares its default name answers 500 on the full
         // path, which an exact repeat must not skip.
         let hit = exact::recall(&mut idempotent, &request)
@@ -153,11 +153,16 @@ where
 /// them from the extensions alone, which are lent to empty parts for it:
 /// taking the request apart and back would move it twice, and give it a
 /// second place in the extracting future.
-fn note_route_params(idempotent: &mut IdempotentRequest, request: &mut Request) {
+fn note_route_params(
+    idempotent: &mut IdempotentRequest,
+    request: &mut Request,
+) -> Result<(), Problem> {
     let (mut parts, ()) = Request::new(()).into_parts();
     std::mem::swap(&mut parts.extensions, request.extensions_mut());
-    idempotent.route = route_params(&mut parts);
+    let route = route_params(&mut parts, idempotent.key.is_some());
     std::mem::swap(&mut parts.extensions, request.extensions_mut());
+    idempotent.route = route?;
+    Ok(())
 }
 
 /// A 64-bit FNV-1a hash of an endpoint's identity, its name and the

@@ -12,6 +12,7 @@
 //! | `urn:idempotent:invalid-scope` | 400 | the header that scopes the endpoint's keys is missing, or one of the scope's headers was sent more than once |
 //! | `urn:idempotent:request-in-progress` | 409 | the first request with this key is still running (`Retry-After` set) |
 //! | `urn:idempotent:response-not-stored` | 410 | the key's request completed but its response body was not kept (too large, failed, with trailers, or with more headers than a record holds) |
+//! | `urn:idempotent:invalid-path-parameter` | 400 | a keyed request's path parameter is not UTF-8 once percent-decoded, as axum's `Path` refuses it: the fingerprint could not tell it from another such parameter |
 //! | `urn:idempotent:unreadable-body` | 400 | [`IdempotentLayer`](crate::IdempotentLayer) could not read the request body to its end |
 //! | `urn:idempotent:request-too-large` | 413 | [`IdempotentLayer`](crate::IdempotentLayer) would have to buffer a body over its limit, or over one a layer in front of it set |
 //! | `urn:idempotent:key-reused` | 422 | the key was used before with a different request |
@@ -38,6 +39,10 @@ pub enum ProblemKind {
     /// 400: the header that scopes the endpoint's keys is missing, or a
     /// scope header was sent more than once.
     InvalidScope,
+    /// 400: a keyed request's path parameter is not UTF-8 once
+    /// percent-decoded (axum's `Path` refuses it the same way), so the
+    /// fingerprint could not tell it from another such parameter.
+    InvalidPathParameter,
     /// 409: the first request with this key is still running.
     RequestInProgress,
     /// 410: the response's body was not stored (too large, failed while
@@ -76,6 +81,7 @@ impl ProblemKind {
             Self::InvalidKey => "urn:idempotent:invalid-key",
             Self::MissingCredentials => "urn:idempotent:missing-credentials",
             Self::InvalidScope => "urn:idempotent:invalid-scope",
+            Self::InvalidPathParameter => "urn:idempotent:invalid-path-parameter",
             Self::RequestInProgress => "urn:idempotent:request-in-progress",
             Self::ResponseNotStored => "urn:idempotent:response-not-stored",
             Self::RequestTooLarge => "urn:idempotent:request-too-large",
@@ -92,7 +98,10 @@ impl ProblemKind {
     #[must_use]
     pub const fn status(self) -> StatusCode {
         match self {
-            Self::MissingKey | Self::InvalidKey | Self::InvalidScope => StatusCode::BAD_REQUEST,
+            Self::MissingKey
+            | Self::InvalidKey
+            | Self::InvalidScope
+            | Self::InvalidPathParameter => StatusCode::BAD_REQUEST,
             Self::MissingCredentials => StatusCode::UNAUTHORIZED,
             Self::RequestInProgress => StatusCode::CONFLICT,
             Self::ResponseNotStored => StatusCode::GONE,
@@ -116,6 +125,7 @@ impl ProblemKind {
             Self::InvalidScope => {
                 "The header that scopes the idempotency key is missing or repeated"
             }
+            Self::InvalidPathParameter => "A path parameter is not valid UTF-8",
             Self::RequestInProgress => "A request with this idempotency key is in progress",
             Self::ResponseNotStored => "The response to this idempotency key was not stored",
             Self::RequestTooLarge => "Request body too large to fingerprint",

@@ -30,6 +30,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use slab::Slab;
 use tokio::runtime::{self, Handle};
 use tokio::sync::Notify;
@@ -332,7 +334,13 @@ async fn lease_lost(
 }
 
 /// Renews `claim`'s lease now and every third of it after, until the lease
-/// is lost or the task is aborted.
+/// is lost or the task is aborted. A renewal that has not answered yet
+/// does not hold back the next one: one that hangs is outrun by the next
+/// third of the lease, and one that is only slow is still applied. Giving
+/// up on a renewal before the store timeout would not do: a store whose
+/// statements wait their turn (for a connection, for a lock) never sends
+/// a renewal given up before its turn, and the lease would lapse under
+/// the running handler though every renewal would have been applied.
 fn renew_until_lost(
     settings: Arc<Settings>,
     claim: &HeldClaim,
@@ -341,28 +349,32 @@ fn renew_until_lost(
     let (key, lease, (token, fingerprint)) = (claim.key.clone(), claim.lease, claim.held);
     let endpoint = claim.endpoint;
     let period = lease / 3;
-    // A renewal that hangs is given up, and tried again, while the lease
-    // still has a period to run: a whole store timeout can outlast it.
-    let timeout = settings.store_timeout.min(period / 2);
     // The claim was sent a period before it fell due.
     let mut outage = Outage::new(claim.due - period + lease);
     async move {
         let mut ticker = tokio::time::interval(period);
+        let mut renewing = FuturesUnordered::new();
         loop {
-            ticker.tick().await;
-            let sent = Instant::now();
-            let renewed = settings.store.renew(&key, token, lease);
-            match within(timeout, renewed).await {
-                Ok(()) => outage.renewed(sent + lease, endpoint, &key),
-                Err(StoreError::LeaseLost) => {
-                    return lease_lost(&settings, endpoint, &key, fingerprint, &settled).await;
+            tokio::select! {
+                _ = ticker.tick() => {
+                    let sent = Instant::now();
+                    let renewed = settings.store.renew(&key, token, lease);
+                    let renewed = within(settings.store_timeout, renewed);
+                    renewing.push(renewed.map(move |renewed| (sent, renewed)));
                 }
-                Err(error) => {
-                    outage.failed(&error, endpoint, &key);
-                    // Soon, not a whole period later: two failures a period
-                    // apart would let the lease lapse under a running handler.
-                    ticker.reset_after(period / 8);
-                }
+                Some((sent, renewed)) = renewing.next() => match renewed {
+                    Ok(()) => outage.renewed(sent + lease, endpoint, &key),
+                    Err(StoreError::LeaseLost) => {
+                        return lease_lost(&settings, endpoint, &key, fingerprint, &settled).await;
+                    }
+                    Err(error) => {
+                        outage.failed(&error, endpoint, &key);
+                        // Soon, not a whole period later: two failures a
+                        // period apart would let the lease lapse under a
+                        // running handler.
+                        ticker.reset_after(period / 8);
+                    }
+                },
             }
         }
     }
@@ -373,7 +385,7 @@ fn renew_until_lost(
 /// under a one-second lease, for each running request), and a warning for
 /// each would bury the one thing that needs a look, the lease lapsing.
 struct Outage {
-    /// When the lease ends unless renewed: as of the last renewal sent
+    /// When the lease ends unless renewed: as of the latest renewal sent
     /// that the store applied.
     held_until: Instant,
     failures: u32,
@@ -395,7 +407,8 @@ impl Outage {
             let key = key.log_id();
             tracing::info!(endpoint, %key, failures, "renewed the lease again");
         }
-        *self = Self::new(held_until);
+        // Renewals overlap: one sent earlier may answer after a later one.
+        *self = Self::new(held_until.max(self.held_until));
     }
 
     fn failed(&mut self, error: &StoreError, endpoint: &'static str, key: &RecordKey) {

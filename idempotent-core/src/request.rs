@@ -3,6 +3,7 @@
 
 use std::future::Future;
 
+use axum::extract::rejection::RawPathParamsRejection;
 use axum::extract::{FromRequestParts, RawPathParams};
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
@@ -131,7 +132,7 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotentRequest {
         let mut request = Self::extract(&parts.headers, &parts.extensions, path, |_, headers| {
             ScopeSource::Headers(Box::new(headers.clone()))
         })?;
-        request.route = route_params(parts);
+        request.route = route_params(parts, request.key.is_some())?;
         Ok(request)
     }
 }
@@ -169,11 +170,28 @@ impl IdempotentRequest {
 /// URI by the time its routes see the request, but its parameters are
 /// among these. axum's extractor is ready at once: polled in place, it
 /// adds no await point, and so no state, to the extracting futures.
-pub(crate) fn route_params(parts: &mut Parts) -> Option<Box<RawPathParams>> {
-    let params = RawPathParams::from_request_parts(parts, &())
-        .now_or_never()?
-        .ok()?;
-    params.iter().next().is_some().then(|| Box::new(params))
+///
+/// A `keyed` request with a parameter that is not UTF-8 once decoded
+/// (`/orgs/%FF/pay`) is refused with 400, as axum's `Path` refuses it:
+/// left out of the fingerprint, it would make the request one with any
+/// other such parameter (`/orgs/%FE/pay`), and replay that one's
+/// response. A request without a key has no fingerprint, and passes.
+pub(crate) fn route_params(
+    parts: &mut Parts,
+    keyed: bool,
+) -> Result<Option<Box<RawPathParams>>, Problem> {
+    let Some(params) = RawPathParams::from_request_parts(parts, &()).now_or_never() else {
+        return Ok(None);
+    };
+    match params {
+        Ok(params) => Ok(params.iter().next().is_some().then(|| Box::new(params))),
+        Err(RawPathParamsRejection::InvalidUtf8InPathParam(invalid)) if keyed => Err(Problem::new(
+            ProblemKind::InvalidPathParameter,
+            invalid.body_text(),
+        )),
+        // Outside a router there are none to bind.
+        Err(_) => Ok(None),
+    }
 }
 
 /// The endpoint of the [`IdempotentLayer`](crate::IdempotentLayer) that

@@ -418,6 +418,87 @@ async fn a_late_claim_is_renewed_in_time_beside_claims_already_watched() {
     assert_eq!(handler.runs(), 2);
 }
 
+// ===== a claim answered after its lease lapsed =====
+
+/// The app of [`app`] with the smallest lease there is, a second, which
+/// the default store timeout of 2 s outlasts: a claim may be answered
+/// after the lease it took has lapsed.
+fn app_with_a_one_second_lease(store: impl Store, handler: &Handler, wait: bool) -> Router {
+    let endpoint = Endpoint::new("pay").lease(Duration::from_secs(1));
+    let endpoint = if wait {
+        endpoint.wait(Duration::from_secs(10))
+    } else {
+        endpoint
+    };
+    app(store, handler, endpoint)
+}
+
+/// The first claim is answered at 1.5 s, its lease having lapsed at 1 s;
+/// a duplicate sent at 1.2 s took the key over and runs the handler.
+/// Returns both requests once both are answered, and the handler.
+async fn a_duplicate_takes_over_before_a_late_answer(
+    wait: bool,
+) -> (
+    (StatusCode, bool, Value),
+    (StatusCode, bool, Value),
+    Handler,
+) {
+    let store = LateClaims::new(0, Duration::from_millis(1_500));
+    let handler = Handler::gated(StatusCode::CREATED);
+    let app = app_with_a_one_second_lease(store, &handler, wait);
+    let late = spawn_send(&app, "k");
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let duplicate = spawn_send(&app, "k");
+    handler.started.notified().await;
+    // Past the late answer, at 1.5 s.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    handler.gate.add_permits(2);
+    let duplicate = duplicate.await.unwrap();
+    (late.await.unwrap(), duplicate, handler)
+}
+
+/// The late answer says the key was acquired, but another request holds
+/// it now: running the handler on that answer would run it twice.
+#[tokio::test(start_paused = true)]
+async fn a_claim_answered_after_a_takeover_does_not_run_the_handler_again() {
+    let (late, duplicate, handler) = a_duplicate_takes_over_before_a_late_answer(false).await;
+    assert_eq!(
+        handler.runs(),
+        1,
+        "the handler ran on a lease that had lapsed and been taken over"
+    );
+    assert_eq!(duplicate, (StatusCode::CREATED, false, json!(1)));
+    assert_eq!(late.0, StatusCode::CONFLICT);
+}
+
+/// On a `wait` endpoint the late request waits for the request that took
+/// the key over, and replays its response.
+#[tokio::test(start_paused = true)]
+async fn a_claim_answered_after_a_takeover_waits_for_it_on_a_wait_endpoint() {
+    let (late, duplicate, handler) = a_duplicate_takes_over_before_a_late_answer(true).await;
+    assert_eq!(handler.runs(), 1);
+    assert_eq!(duplicate, (StatusCode::CREATED, false, json!(1)));
+    assert_eq!(late, (StatusCode::CREATED, true, json!(1)));
+}
+
+/// Nobody took the key over: the late answer's lease is renewed before
+/// the handler runs, once, and stays held while it runs.
+#[tokio::test(start_paused = true)]
+async fn a_claim_answered_after_its_lease_lapsed_runs_once_and_holds_the_key() {
+    let store = LateClaims::new(0, Duration::from_millis(1_500));
+    let handler = Handler::gated(StatusCode::CREATED);
+    let app = app_with_a_one_second_lease(store, &handler, false);
+    let first = spawn_send(&app, "k");
+    handler.started.notified().await;
+
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_still_held(&app, "k").await;
+
+    handler.gate.add_permits(2);
+    assert_eq!(first.await.unwrap(), (StatusCode::CREATED, false, json!(1)));
+    assert_eq!(handler.runs(), 1);
+}
+
 // ===== a renewal that hangs =====
 
 /// A memory store one of whose renewals (counting from 0) never answers,
@@ -495,5 +576,150 @@ async fn a_renewal_that_hangs_is_tried_again_before_the_lease_lapses() {
 
     handler.gate.add_permits(2);
     assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
+    assert_eq!(handler.runs(), 1);
+}
+
+// ===== renewals slower than a sixth of the lease =====
+
+/// A memory store whose renewals are applied only after `delay`, as by
+/// a store whose statements wait their turn for a connection: one given
+/// up before its turn is never applied.
+struct SlowRenewals {
+    inner: MemoryStore,
+    delay: Duration,
+}
+
+impl Store for SlowRenewals {
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.inner.claim(key, fingerprint, lease).await
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.renew(key, token, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.complete(key, token, response, ttl).await
+    }
+
+    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        self.inner.release(key, token).await
+    }
+
+    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        self.inner.get(key).await
+    }
+}
+
+/// A one-second lease is renewed every third of a second, and each
+/// renewal takes a quarter of a second, well within the store timeout:
+/// a renewal given up after a sixth of the lease would never be applied,
+/// and the lease would lapse under the running handler.
+#[tokio::test(start_paused = true)]
+async fn renewals_slower_than_a_sixth_of_the_lease_still_keep_it() {
+    let store = SlowRenewals {
+        inner: memory_on_tokio_time(),
+        delay: Duration::from_millis(250),
+    };
+    let handler = Handler::gated(StatusCode::CREATED);
+    let app = app_with_a_one_second_lease(store, &handler, false);
+    let first = spawn_send(&app, "k");
+    handler.started.notified().await;
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_still_held(&app, "k").await;
+
+    handler.gate.add_permits(2);
+    assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
+    assert_eq!(handler.runs(), 1);
+}
+
+// ===== a completion applied, its answer late =====
+
+/// A memory store whose first completion is applied at once but answered
+/// only after `late`, past the engine's store timeout.
+struct LateCompletion {
+    inner: MemoryStore,
+    late: Duration,
+    completions: AtomicUsize,
+}
+
+impl Store for LateCompletion {
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.inner.claim(key, fingerprint, lease).await
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.renew(key, token, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let completed = self.inner.complete(key, token, response, ttl).await;
+        if self.completions.fetch_add(1, Ordering::SeqCst) == 0 {
+            tokio::time::sleep(self.late).await;
+        }
+        completed
+    }
+
+    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        self.inner.release(key, token).await
+    }
+
+    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        self.inner.get(key).await
+    }
+}
+
+/// The completion is stored but its answer outlasts the store timeout and
+/// the one-second lease; the attempt after it finds the lease gone (the
+/// record replaced it). The response is stored all the same: the request
+/// gets it, and a retry replays it rather than running the handler again.
+#[tokio::test(start_paused = true)]
+async fn a_completion_answered_after_the_store_timeout_is_kept_and_replayed() {
+    let store = LateCompletion {
+        inner: memory_on_tokio_time(),
+        late: Duration::from_secs(5),
+        completions: AtomicUsize::new(0),
+    };
+    let handler = Handler::gated(StatusCode::CREATED);
+    handler.gate.add_permits(10);
+    let app = app_with_a_one_second_lease(store, &handler, false);
+
+    assert_eq!(send(&app).await, (StatusCode::CREATED, false, json!(1)));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(send(&app).await, (StatusCode::CREATED, true, json!(1)));
     assert_eq!(handler.runs(), 1);
 }

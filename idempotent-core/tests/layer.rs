@@ -524,3 +524,27 @@ async fn a_body_json_rejects_is_the_handlers_answer_and_is_stored() {
     assert!(problem.contains("urn:idempotent:key-reused"), "{problem}");
     assert_eq!(runs.load(Ordering::SeqCst), 0);
 }
+
+/// Inside a nested router the layer sees the path without the prefix
+/// (`/pay`), and binds the prefix's parameters to the fingerprint; one
+/// that is not UTF-8 once decoded cannot be, and `/orgs/%FE/pay` would
+/// replay `/orgs/%FF/pay`'s response. Refused with 400, as axum's `Path`
+/// refuses it; without a key the request passes as it came.
+#[tokio::test]
+async fn a_prefix_parameter_that_is_not_utf8_is_refused_with_400() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let orders = Router::new().route("/pay", post(create_order).route_layer(layer()));
+    let app = Router::new()
+        .nest("/orgs/{org}", orders)
+        .layer(Extension(runs.clone()))
+        .layer(Idempotency::new(MemoryStore::new()));
+    for path in ["/orgs/%FF/pay", "/orgs/%FE/pay"] {
+        let (status, _, problem) = send(&app, order(path, "k", r#"{"sku":"a"}"#)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {problem}");
+        let problem: Value = serde_json::from_str(&problem).unwrap();
+        assert_eq!(problem["type"], "urn:idempotent:invalid-path-parameter");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    let (status, _, _) = send(&app, order("/orgs/acme/pay", "k", r#"{"sku":"a"}"#)).await;
+    assert_eq!(status, StatusCode::CREATED);
+}

@@ -34,6 +34,9 @@ struct Faults {
     whole_seconds: bool,
     /// Moves the deadline before comparing the renewing token.
     stale_renew_extends: bool,
+    /// Sets the deadline a renewal brings, even one earlier than a later
+    /// renewal's, as `SET expires_at = $new` would.
+    late_renew_moves_back: bool,
     /// `get` shows a lapsed lease as if it were live.
     get_ignores_lease: bool,
     /// `get` finds a key's record in whichever scope sorts first, as a
@@ -142,7 +145,11 @@ impl Store for Faulty {
         let mut records = self.records();
         match records.get_mut(&self.id(key)) {
             Some(Record::InFlight(held)) if held.lease_token == token => {
-                held.lease_expires_at = until;
+                held.lease_expires_at = if self.faults.late_renew_moves_back {
+                    until
+                } else {
+                    held.lease_expires_at.max(until)
+                };
                 Ok(())
             }
             Some(Record::InFlight(held)) if self.faults.stale_renew_extends => {
@@ -254,6 +261,8 @@ caught! {
     durations_in_whole_seconds_fail_ttl_expiry_and_lease_takeover:
         whole_seconds = true => ttl_expiry, lease_takeover;
     a_stale_renewal_that_moves_the_deadline_fails_fencing: stale_renew_extends = true => fencing;
+    a_late_renewal_that_moves_the_deadline_back_fails_late_renewal:
+        late_renew_moves_back = true => late_renewal;
     a_lapsed_lease_shown_by_get_fails_lease_takeover: get_ignores_lease = true => lease_takeover;
     a_get_that_ignores_the_scope_fails_scopes_are_separate:
         get_ignores_scope = true => scopes_are_separate;

@@ -405,3 +405,53 @@ async fn a_layer_around_the_whole_router_serves_the_handlers() {
     assert_eq!(replayed, [false, true]);
     assert_eq!(counter.get(), 1);
 }
+
+/// Pays for an organization named in the path, which it does not read.
+#[idempotent]
+async fn pay_for_org(Json(order): Json<Order>) -> (StatusCode, String) {
+    (StatusCode::CREATED, format!("paid {}", order.quantity))
+}
+
+/// The same, its context extracted as an argument of its own.
+#[idempotent(exact_repeats = false)]
+async fn pay_for_org_plain(Json(order): Json<Order>) -> (StatusCode, String) {
+    (StatusCode::CREATED, format!("paid {}", order.quantity))
+}
+
+/// The same, keys optional.
+#[idempotent(optional)]
+async fn pay_for_org_optional(Json(order): Json<Order>) -> (StatusCode, String) {
+    (StatusCode::CREATED, format!("paid {}", order.quantity))
+}
+
+/// A path parameter that is not UTF-8 once decoded cannot be bound to the
+/// fingerprint: `/orgs/%FF/pay` and `/orgs/%FE/pay` would be one request,
+/// and the second would replay the first one's payment. Refused with 400,
+/// as axum's `Path` refuses it, before anything runs; without a key the
+/// request has no fingerprint and runs as it came.
+#[tokio::test]
+async fn a_path_parameter_that_is_not_utf8_is_refused_with_400() {
+    let app = Router::new()
+        .route("/orgs/{org}/pay", post(pay_for_org))
+        .route("/plain/{org}/pay", post(pay_for_org_plain))
+        .route("/optional/{org}/pay", post(pay_for_org_optional))
+        .layer(Idempotency::new(MemoryStore::new()));
+    let body = r#"{"item":"book","quantity":1}"#;
+    for route in ["orgs", "plain", "optional"] {
+        for org in ["%FF", "%FE"] {
+            let path = format!("/{route}/{org}/pay");
+            let (status, replayed, problem) = send(&app, post_json(&path, Some(route), body)).await;
+            assert_eq!(
+                (status, replayed),
+                (StatusCode::BAD_REQUEST, false),
+                "{path}: {problem}"
+            );
+            assert!(problem.contains("invalid-path-parameter"), "{problem}");
+        }
+        let path = format!("/{route}/acme/pay");
+        let (status, replayed, _) = send(&app, post_json(&path, Some(route), body)).await;
+        assert_eq!((status, replayed), (StatusCode::CREATED, false), "{path}");
+    }
+    let keyless = send(&app, post_json("/optional/%FF/pay", None, body)).await;
+    assert_eq!(keyless.0, StatusCode::CREATED);
+}

@@ -1222,3 +1222,164 @@ async fn a_body_over_postgres_value_limit_is_still_completed() {
     drop_table(&store).await;
     assert_kept(&completion);
 }
+
+/// A payment endpoint with the shortest lease there is, a second, which
+/// the engine's default store timeout of 2 s outlasts; its handler books
+/// the payment and takes a second to answer.
+fn one_second_lease_app(store: PostgresStore, ledger: &Ledger) -> axum::Router {
+    use axum::Json;
+    use axum::extract::State;
+    use axum::response::{IntoResponse, Response};
+    use idempotent_core::{Endpoint, IdempotentRequest, Scope};
+
+    const PAY: Endpoint = Endpoint::new("pay")
+        .scope(Scope::Global)
+        .lease(Duration::from_secs(1));
+    async fn pay(
+        State(ledger): State<Ledger>,
+        idempotency: IdempotentRequest,
+        Json(request): Json<serde_json::Value>,
+    ) -> Response {
+        let fingerprint = PAY.fingerprint(&request);
+        idempotency
+            .run(&PAY, fingerprint, async move {
+                ledger.count();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                StatusCode::CREATED.into_response()
+            })
+            .await
+    }
+    axum::Router::new()
+        .route("/payments", axum::routing::post(pay))
+        .with_state(ledger.clone())
+        .layer(Idempotency::new(store))
+}
+
+/// A TCP relay to the database whose answers can be held back: while it
+/// is stalled, what the server sends waits in the relay, as over a
+/// network that stalled after a request went out.
+struct StallingRelay {
+    options: sqlx::postgres::PgConnectOptions,
+    stalled: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StallingRelay {
+    async fn to(url: &str) -> Self {
+        use std::str::FromStr;
+
+        let direct = sqlx::postgres::PgConnectOptions::from_str(url).expect("valid URL");
+        let upstream = (direct.get_host().to_owned(), direct.get_port());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stalled, watching) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((inbound, _)) = listener.accept().await {
+                let (upstream, watching) = (upstream.clone(), watching.clone());
+                connections.spawn(async move {
+                    if let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await {
+                        relay_one(inbound, outbound, watching).await;
+                    }
+                });
+            }
+        });
+        Self {
+            options: direct.host("127.0.0.1").port(port),
+            stalled,
+            task,
+        }
+    }
+
+    fn stall(&self, stalled: bool) {
+        self.stalled.send_replace(stalled);
+    }
+}
+
+impl Drop for StallingRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies one connection both ways, holding the server's answers while
+/// `stalled` says so.
+async fn relay_one(
+    inbound: tokio::net::TcpStream,
+    outbound: tokio::net::TcpStream,
+    mut stalled: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (mut client_reads, mut client_writes) = inbound.into_split();
+    let (mut server_reads, mut server_writes) = outbound.into_split();
+    let requests = async move {
+        let _ = tokio::io::copy(&mut client_reads, &mut server_writes).await;
+    };
+    let answers = async move {
+        let mut buffer = vec![0; 64 * 1024];
+        loop {
+            let Ok(read) = server_reads.read(&mut buffer).await else {
+                return;
+            };
+            if read == 0 || stalled.wait_for(|stalled| !stalled).await.is_err() {
+                return;
+            }
+            if client_writes.write_all(&buffer[..read]).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::join!(requests, answers);
+}
+
+/// Two instances share a table; the network between the first and the
+/// database stalls for 1.5 s just after its claim went out. The database
+/// applied the claim at once, with a lease of a second; a retry sent to
+/// the second instance at 1.2 s finds it lapsed, takes the key over and
+/// pays. The first instance's answer, that it acquired the key, comes at
+/// 1.5 s, within its store timeout: it must not pay as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_answered_after_its_lease_ran_out_does_not_pay_beside_a_takeover() {
+    let Some(url) = backend_url(URL) else { return };
+    let direct = fresh_store(&url).await;
+    let relay = StallingRelay::to(&url).await;
+    let pool = PostgresStore::pool_options()
+        .max_connections(4)
+        .connect_with(relay.options.clone())
+        .await
+        .expect("connect through the relay");
+    let relayed = PostgresStore::builder(pool)
+        .table(direct.table())
+        .build()
+        .expect("valid table name");
+    // Every connection has the claim prepared: preparing it is a round
+    // trip of its own, which the stall would hold before the claim went out.
+    let mut burst = tokio::task::JoinSet::new();
+    for index in 0..12 {
+        let relayed = relayed.clone();
+        burst.spawn(async move { claim(&relayed, &format!("warm-{index}")).await });
+    }
+    burst.join_all().await;
+    let ledger = Ledger::default();
+    let first_instance = one_second_lease_app(relayed, &ledger);
+    let second_instance = one_second_lease_app(direct.clone(), &ledger);
+
+    relay.stall(true);
+    let first = tokio::spawn(async move { pay(&first_instance, "stalled", 1).await });
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let retry = tokio::spawn(async move { pay(&second_instance, "stalled", 1).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay.stall(false);
+    let (first, retry) = (first.await.unwrap(), retry.await.unwrap());
+    drop_table(&direct).await;
+
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert_eq!(
+        ledger.executions(),
+        1,
+        "paid twice: the first instance answered {}",
+        first.status
+    );
+    assert_eq!(first.status, StatusCode::CONFLICT);
+}

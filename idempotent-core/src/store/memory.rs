@@ -558,10 +558,9 @@ impl Store for MemoryStore {
         let (id, mut shard) = self.inner.locate(key);
         let slot = shard.table.find_mut(id[0], |slot| slot.id == id);
         let slot = slot.ok_or(StoreError::LeaseLost)?;
-        slot.state
-            .held_by(token)
-            .ok_or(StoreError::LeaseLost)?
-            .lease_expires_at = expires;
+        let held = slot.state.held_by(token).ok_or(StoreError::LeaseLost)?;
+        // A renewal made before one already applied never moves it back.
+        held.lease_expires_at = held.lease_expires_at.max(expires);
         Ok(())
     }
 

@@ -501,8 +501,10 @@ impl Statements {
                      header_names = NULL, header_values = NULL, body = NULL
                  WHERE scope = $1 AND key = $2 AND expires_at <= $6"
             ),
+            // A renewal applied after a later one (on another connection)
+            // leaves the later deadline.
             renew: format!(
-                "UPDATE {table} SET expires_at = $4
+                "UPDATE {table} SET expires_at = GREATEST(expires_at, $4)
                  WHERE scope = $1 AND key = $2 AND lease_token = $3"
             ),
             complete: format!(

@@ -74,11 +74,14 @@ const MAX_PX: u64 = 100 * 365 * 24 * 60 * 60 * 1000;
 /// (corrupt) reads as expired, as `Completed::encoded_expires_at` reads it,
 /// so that it is taken over rather than failing every claim of its key.
 const LUA_PRELUDE: &str = r"
+local function millis(value, from)
+    local ms = 0
+    for i = from, from + 7 do ms = ms * 256 + string.byte(value, i) end
+    return ms
+end
 local function deadline(value)
     if #value < 41 then return 0 end
-    local ms = 0
-    for i = 34, 41 do ms = ms * 256 + string.byte(value, i) end
-    return ms
+    return millis(value, 34)
 end
 local function holds(value, token)
     return value and string.byte(value, 1) == 128 and string.sub(value, 42, 57) == token
@@ -96,11 +99,14 @@ return false
 ")
 });
 
-/// ARGV: token, new deadline (8 bytes), PX. Returns 1 if held.
+/// ARGV: token, new deadline (8 bytes), PX. Returns 1 if held. A renewal
+/// that arrives after a later one (sent first, held up on the way) leaves
+/// the later deadline.
 static RENEW: LazyLock<Script> = LazyLock::new(|| {
     lua(r"
 local held = redis.call('GET', KEYS[1])
 if not holds(held, ARGV[1]) then return 0 end
+if millis(ARGV[2], 1) <= deadline(held) then return 1 end
 redis.call('SET', KEYS[1], string.sub(held, 1, 33) .. ARGV[2] .. string.sub(held, 42), 'PX', ARGV[3])
 return 1
 ")

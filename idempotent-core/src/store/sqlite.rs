@@ -372,8 +372,9 @@ impl Statements {
                      expires_at = excluded.expires_at, record = NULL
                  WHERE expires_at <= ?6"
             ),
+            // A renewal applied after a later one leaves the later deadline.
             renew: format!(
-                "UPDATE {table} SET expires_at = ?4
+                "UPDATE {table} SET expires_at = MAX(expires_at, ?4)
                  WHERE scope = ?1 AND key = ?2 AND lease_token = ?3"
             ),
             complete: format!(

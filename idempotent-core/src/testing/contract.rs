@@ -91,6 +91,7 @@ where
         stale_completion_race,
         fencing,
         lease_takeover,
+        late_renewal,
         ttl_expiry,
         mismatch_visibility,
         binary_bodies,
@@ -210,6 +211,34 @@ pub async fn fencing<S: Store>(store: Arc<S>, clock: ManualClock) {
         "fencing: holder's fingerprint"
     );
     assert_eq!(record.response, response, "fencing: holder's response");
+}
+
+/// A renewal that reaches the store after a later one (sent first, it
+/// was held up on the way: another connection, a lock) leaves the later
+/// deadline: moved back, the lease could lapse under a running handler
+/// that renewed it in time. A renewal takes its deadline from the clock
+/// when it is made, so an earlier reading stands for the earlier renewal.
+pub async fn late_renewal<S: Store>(store: Arc<S>, clock: ManualClock) {
+    let key = new_key("late-renewal");
+    let token = acquire(&*store, &key, fingerprint(1), "late_renewal").await;
+    let sent_first = clock.now_millis() + 1_000;
+    clock.set(sent_first + 2_000);
+    store
+        .renew(&key, token, LEASE)
+        .await
+        .expect("late_renewal: the later renewal");
+    let later_deadline = clock.now_millis() + millis(LEASE);
+    clock.set(sent_first);
+    store
+        .renew(&key, token, LEASE)
+        .await
+        .expect("late_renewal: the earlier renewal, arriving late, is still the holder's");
+    let held = in_flight(&*store, &key, "late_renewal").await;
+    assert_eq!(
+        held,
+        (fingerprint(1), token, later_deadline),
+        "late_renewal: a renewal applied late moved the deadline back"
+    );
 }
 
 /// A live lease blocks claims; renewing extends it; once it lapses the
