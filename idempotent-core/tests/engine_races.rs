@@ -108,38 +108,166 @@ async fn send_with_key(app: &Router, key: &str) -> (StatusCode, bool, Value) {
     (parts.status, replayed, json["run"].clone())
 }
 
-// ===== a renewal that arrives after its run settled =====
+// ===== a memory store whose calls are answered late =====
 
-/// A memory store whose renewals reach it only once the test opens
-/// `arrive`: each is sent on a task of its own, as a request already on
-/// the wire is, so cancelling the renewal that sent it does not stop it.
-#[derive(Clone)]
-struct LateRenewals {
-    inner: MemoryStore,
-    arrive: Arc<Semaphore>,
-    sent: Arc<AtomicUsize>,
-    applied: Arc<AtomicUsize>,
+/// When a [`LateStore`] applies and answers the calls of one operation.
+#[derive(Default)]
+enum Timing {
+    /// Each call applied and answered at once.
+    #[default]
+    AtOnce,
+    /// Call `nth` (counting from 0) applied at once but answered only
+    /// `after` later, as over a network that stalled after the request
+    /// went out; nothing undoes it. The others at once.
+    AnsweredLate { nth: usize, after: Duration },
+    /// Call `nth` never answered and never applied, as by a store stalled
+    /// for a moment. The others at once.
+    Hangs { nth: usize },
+    /// Each call applied and answered only `after` later, as by a store
+    /// whose statements wait their turn for a connection: one given up
+    /// before its turn is never applied.
+    AppliedLate(Duration),
+    /// Each call reaching the store only once the test adds a permit: it
+    /// is sent on a task of its own, as a request already on the wire is,
+    /// so giving up the call does not stop it.
+    ArrivesWhenOpened(Arc<Semaphore>),
 }
 
-impl LateRenewals {
+/// The calls of one operation: their [`Timing`], how many were sent and
+/// how many the store applied.
+#[derive(Default)]
+struct Calls {
+    timing: Timing,
+    sent: AtomicUsize,
+    applied: AtomicUsize,
+}
+
+impl Calls {
+    /// Shared, so that every clone of the store counts the same calls.
+    fn timed(timing: Timing) -> Arc<Self> {
+        Arc::new(Self {
+            timing,
+            ..Self::default()
+        })
+    }
+
+    fn sent(&self) -> usize {
+        self.sent.load(Ordering::SeqCst)
+    }
+
+    fn applied(&self) -> usize {
+        self.applied.load(Ordering::SeqCst)
+    }
+
+    /// Counts `call` as sent, then applies and answers it as the timing
+    /// says. `call` owns what it needs, so that it can go on a task of its
+    /// own.
+    async fn answer<T: Send + 'static>(
+        self: &Arc<Self>,
+        call: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let nth = self.sent.fetch_add(1, Ordering::SeqCst);
+        match &self.timing {
+            Timing::AtOnce => self.apply(call).await,
+            Timing::AnsweredLate { nth: late, after } => {
+                let answer = self.apply(call).await;
+                if nth == *late {
+                    tokio::time::sleep(*after).await;
+                }
+                answer
+            }
+            Timing::Hangs { nth: hangs } => {
+                if nth == *hangs {
+                    std::future::pending::<()>().await;
+                }
+                self.apply(call).await
+            }
+            Timing::AppliedLate(after) => {
+                tokio::time::sleep(*after).await;
+                self.apply(call).await
+            }
+            Timing::ArrivesWhenOpened(arrive) => {
+                let (calls, arrive) = (Arc::clone(self), Arc::clone(arrive));
+                let on_the_wire = tokio::spawn(async move {
+                    let _permit = arrive.acquire().await.expect("open");
+                    calls.apply(call).await
+                });
+                on_the_wire.await.expect("the call's task")
+            }
+        }
+    }
+
+    async fn apply<T>(
+        &self,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let answer = call.await;
+        if answer.is_ok() {
+            self.applied.fetch_add(1, Ordering::SeqCst);
+        }
+        answer
+    }
+}
+
+/// A memory store on tokio's time whose claims, renewals and completions
+/// are each applied and answered as their [`Timing`] says; releases and
+/// reads are answered at once.
+#[derive(Clone)]
+struct LateStore {
+    inner: MemoryStore,
+    claims: Arc<Calls>,
+    renewals: Arc<Calls>,
+    completions: Arc<Calls>,
+}
+
+impl LateStore {
+    /// A fresh memory store on tokio's time, every call answered at once.
     fn new() -> Self {
+        Self::over(memory_on_tokio_time())
+    }
+
+    /// `inner`, every call answered at once.
+    fn over(inner: MemoryStore) -> Self {
         Self {
-            inner: memory_on_tokio_time(),
-            arrive: Arc::new(Semaphore::new(0)),
-            sent: Arc::default(),
-            applied: Arc::default(),
+            inner,
+            claims: Arc::default(),
+            renewals: Arc::default(),
+            completions: Arc::default(),
+        }
+    }
+
+    fn with_claims(self, timing: Timing) -> Self {
+        Self {
+            claims: Calls::timed(timing),
+            ..self
+        }
+    }
+
+    fn with_renewals(self, timing: Timing) -> Self {
+        Self {
+            renewals: Calls::timed(timing),
+            ..self
+        }
+    }
+
+    fn with_completions(self, timing: Timing) -> Self {
+        Self {
+            completions: Calls::timed(timing),
+            ..self
         }
     }
 }
 
-impl Store for LateRenewals {
+impl Store for LateStore {
     async fn claim(
         &self,
         key: &RecordKey,
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        self.inner.claim(key, fingerprint, lease).await
+        let (store, key) = (self.inner.clone(), key.clone());
+        let call = async move { store.claim(&key, fingerprint, lease).await };
+        self.claims.answer(call).await
     }
 
     async fn renew(
@@ -148,18 +276,9 @@ impl Store for LateRenewals {
         token: LeaseToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        self.sent.fetch_add(1, Ordering::SeqCst);
-        let this = self.clone();
-        let key = key.clone();
-        let on_the_wire = tokio::spawn(async move {
-            let _permit = this.arrive.acquire().await.expect("open");
-            let renewed = this.inner.renew(&key, token, lease).await;
-            if renewed.is_ok() {
-                this.applied.fetch_add(1, Ordering::SeqCst);
-            }
-            renewed
-        });
-        on_the_wire.await.expect("the renewal task")
+        let (store, key) = (self.inner.clone(), key.clone());
+        let call = async move { store.renew(&key, token, lease).await };
+        self.renewals.answer(call).await
     }
 
     async fn complete(
@@ -169,7 +288,9 @@ impl Store for LateRenewals {
         response: StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        self.inner.complete(key, token, response, ttl).await
+        let (store, key) = (self.inner.clone(), key.clone());
+        let call = async move { store.complete(&key, token, response, ttl).await };
+        self.completions.answer(call).await
     }
 
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
@@ -181,13 +302,14 @@ impl Store for LateRenewals {
     }
 }
 
+// ===== a renewal that arrives after its run settled =====
+
 /// Runs the first request with a 3 s lease until a renewal is on the
-/// wire, then lets the handler answer `status`; returns once the request
-/// has its answer, with its renewals still on their way.
-async fn settled_with_a_renewal_on_the_wire(
-    status: StatusCode,
-) -> (Router, Handler, LateRenewals, StatusCode) {
-    let store = LateRenewals::new();
+/// wire, then lets the handler answer `status`. Once the request has its
+/// answer, its renewals reach the store, which must apply none of them.
+async fn renewals_arrive_after_the_answer(status: StatusCode) -> (Router, Handler) {
+    let arrive = Arc::new(Semaphore::new(0));
+    let store = LateStore::new().with_renewals(Timing::ArrivesWhenOpened(Arc::clone(&arrive)));
     let handler = Handler::gated(status);
     let endpoint = Endpoint::new("pay").lease(Duration::from_secs(3));
     let app = app(store.clone(), &handler, endpoint);
@@ -197,36 +319,27 @@ async fn settled_with_a_renewal_on_the_wire(
     });
     handler.started.notified().await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    assert!(store.sent.load(Ordering::SeqCst) > 0, "a renewal was sent");
+    assert!(store.renewals.sent() > 0, "a renewal was sent");
     handler.gate.add_permits(1);
     let (answered, _, _) = first.await.unwrap();
-    (app, handler, store, answered)
+    assert_eq!(answered, status);
+
+    arrive.add_permits(10);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(store.renewals.applied(), 0);
+    (app, handler)
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_renewal_that_arrives_after_the_record_is_stored_changes_nothing() {
-    let (app, handler, store, answered) =
-        settled_with_a_renewal_on_the_wire(StatusCode::CREATED).await;
-    assert_eq!(answered, StatusCode::CREATED);
-
-    store.arrive.add_permits(10);
-    tokio::time::sleep(Duration::from_millis(10)).await;
-
-    assert_eq!(store.applied.load(Ordering::SeqCst), 0);
+    let (app, handler) = renewals_arrive_after_the_answer(StatusCode::CREATED).await;
     assert_eq!(send(&app).await, (StatusCode::CREATED, true, json!(1)));
     assert_eq!(handler.runs(), 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_renewal_that_arrives_after_the_key_is_released_does_not_hold_it_again() {
-    let (app, handler, store, answered) =
-        settled_with_a_renewal_on_the_wire(StatusCode::SERVICE_UNAVAILABLE).await;
-    assert_eq!(answered, StatusCode::SERVICE_UNAVAILABLE);
-
-    store.arrive.add_permits(10);
-    tokio::time::sleep(Duration::from_millis(10)).await;
-
-    assert_eq!(store.applied.load(Ordering::SeqCst), 0);
+    let (app, handler) = renewals_arrive_after_the_answer(StatusCode::SERVICE_UNAVAILABLE).await;
     // The retry runs at once: no lease was revived under the released key.
     handler.gate.add_permits(1);
     let retry = tokio::time::timeout(Duration::from_millis(100), send(&app)).await;
@@ -237,70 +350,6 @@ async fn a_renewal_that_arrives_after_the_key_is_released_does_not_hold_it_again
 }
 
 // ===== a claim applied, its answer lost =====
-
-/// A memory store whose claims are applied at once but answered only
-/// after `late`, past the engine's store timeout, as over a network that
-/// stalled after the request went out; it does nothing to undo them.
-struct LateClaims {
-    inner: MemoryStore,
-    late: Duration,
-    /// Which claim, counting from 0, is answered late.
-    late_claim: usize,
-    claims: AtomicUsize,
-}
-
-impl LateClaims {
-    fn new(late_claim: usize, late: Duration) -> Self {
-        Self {
-            inner: memory_on_tokio_time(),
-            late,
-            late_claim,
-            claims: AtomicUsize::new(0),
-        }
-    }
-}
-
-impl Store for LateClaims {
-    async fn claim(
-        &self,
-        key: &RecordKey,
-        fingerprint: Fingerprint,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        let claimed = self.inner.claim(key, fingerprint, lease).await;
-        if self.claims.fetch_add(1, Ordering::SeqCst) == self.late_claim {
-            tokio::time::sleep(self.late).await;
-        }
-        claimed
-    }
-
-    async fn renew(
-        &self,
-        key: &RecordKey,
-        token: LeaseToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        self.inner.renew(key, token, lease).await
-    }
-
-    async fn complete(
-        &self,
-        key: &RecordKey,
-        token: LeaseToken,
-        response: StoredResponse,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.inner.complete(key, token, response, ttl).await
-    }
-
-    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-        self.inner.release(key, token).await
-    }
-
-    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        self.inner.get(key).await
-    }
-}
 
 /// The first claim is applied but answered too late: 503, nothing ran.
 /// Its lease has no holder, so retries get 409 until it lapses; then one
@@ -324,21 +373,23 @@ async fn a_claim_answered_too_late_holds_the_key_for_one_lease(store: impl Store
     assert_eq!(handler.runs(), 1);
 }
 
+/// The first claim answered after 5 s, past the store timeout of 2 s.
+const FIRST_CLAIM_TOO_LATE: Timing = Timing::AnsweredLate {
+    nth: 0,
+    after: Duration::from_secs(5),
+};
+
 #[tokio::test(start_paused = true)]
 async fn a_claim_answered_too_late_holds_the_key_for_one_lease_and_then_runs_once() {
-    let store = LateClaims::new(0, Duration::from_secs(5));
+    let store = LateStore::new().with_claims(FIRST_CLAIM_TOO_LATE);
     a_claim_answered_too_late_holds_the_key_for_one_lease(store).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_claim_answered_too_late_behind_a_tiered_cache_holds_the_key_for_one_lease() {
     let clock = TokioClock(tokio::time::Instant::now());
-    let durable = LateClaims {
-        inner: MemoryStore::builder().clock(clock.clone()).build(),
-        late: Duration::from_secs(5),
-        late_claim: 0,
-        claims: AtomicUsize::new(0),
-    };
+    let durable = LateStore::over(MemoryStore::builder().clock(clock.clone()).build())
+        .with_claims(FIRST_CLAIM_TOO_LATE);
     let tiered = Tiered::builder(durable).clock(clock).build();
     a_claim_answered_too_late_holds_the_key_for_one_lease(tiered).await;
 }
@@ -365,28 +416,34 @@ async fn assert_still_held(app: &Router, key: &str) {
     );
 }
 
+/// Sends a request to `endpoint` on `store`; once the handler runs,
+/// sleeps `running` and asserts that the key is still held, then lets the
+/// handler answer: it ran once.
+async fn assert_held_while_running(store: impl Store, endpoint: Endpoint, running: Duration) {
+    let handler = Handler::gated(StatusCode::CREATED);
+    let app = app(store, &handler, endpoint);
+    let first = spawn_send(&app, "k");
+    handler.started.notified().await;
+    tokio::time::sleep(running).await;
+    assert_still_held(&app, "k").await;
+
+    handler.gate.add_permits(2);
+    assert_eq!(first.await.unwrap(), (StatusCode::CREATED, false, json!(1)));
+    assert_eq!(handler.runs(), 1);
+}
+
 /// The store starts a claim's lease when it applies the claim; its answer
 /// can come most of a store timeout later. A lease of 2 s whose claim was
 /// answered after 1.8 s must still be renewed before the 2 s are up.
 #[tokio::test(start_paused = true)]
 async fn a_lease_whose_claim_was_answered_late_is_renewed_before_it_lapses() {
-    let store = LateClaims::new(0, Duration::from_millis(1_800));
-    let handler = Handler::gated(StatusCode::CREATED);
-    let app = app(
-        store,
-        &handler,
-        Endpoint::new("pay").lease(Duration::from_secs(2)),
-    );
-    let first = spawn_send(&app, "k");
-    handler.started.notified().await;
-
+    let store = LateStore::new().with_claims(Timing::AnsweredLate {
+        nth: 0,
+        after: Duration::from_millis(1_800),
+    });
+    let endpoint = Endpoint::new("pay").lease(Duration::from_secs(2));
     // Past the 2 s the store gave the lease when it applied the claim.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_still_held(&app, "k").await;
-
-    handler.gate.add_permits(2);
-    assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
-    assert_eq!(handler.runs(), 1);
+    assert_held_while_running(store, endpoint, Duration::from_millis(300)).await;
 }
 
 /// The same while another claim of that lease keeps the runtime's watcher
@@ -394,7 +451,10 @@ async fn a_lease_whose_claim_was_answered_late_is_renewed_before_it_lapses() {
 /// next look, which must not wait for it.
 #[tokio::test(start_paused = true)]
 async fn a_late_claim_is_renewed_in_time_beside_claims_already_watched() {
-    let store = LateClaims::new(1, Duration::from_millis(1_900));
+    let store = LateStore::new().with_claims(Timing::AnsweredLate {
+        nth: 1,
+        after: Duration::from_millis(1_900),
+    });
     let handler = Handler::gated(StatusCode::CREATED);
     let app = app(
         store,
@@ -418,20 +478,47 @@ async fn a_late_claim_is_renewed_in_time_beside_claims_already_watched() {
     assert_eq!(handler.runs(), 2);
 }
 
+/// A claim answered just under a third of its lease late is not renewed
+/// before the handler runs, so its first renewal must fall due a third of
+/// the lease after the claim was sent: counted from the answer, a renewal
+/// that takes 0.6 s (well within the store timeout) lands after the lease
+/// lapsed at 1 s, and a duplicate at 1.025 s takes the key over.
+#[tokio::test(start_paused = true)]
+async fn a_claim_answered_just_under_a_third_of_its_lease_late_is_renewed_in_time() {
+    let store = LateStore::new()
+        .with_claims(Timing::AnsweredLate {
+            nth: 0,
+            after: Duration::from_millis(300),
+        })
+        .with_renewals(Timing::AppliedLate(Duration::from_millis(600)));
+    // From the answer at 0.3 s to 1.025 s.
+    assert_held_while_running(store, one_second_lease(), Duration::from_millis(725)).await;
+}
+
 // ===== a claim answered after its lease lapsed =====
 
-/// The app of [`app`] with the smallest lease there is, a second, which
-/// the default store timeout of 2 s outlasts: a claim may be answered
-/// after the lease it took has lapsed.
+/// The endpoint with the smallest lease there is, a second, which the
+/// default store timeout of 2 s outlasts: a claim may be answered after
+/// the lease it took has lapsed.
+fn one_second_lease() -> Endpoint {
+    Endpoint::new("pay").lease(Duration::from_secs(1))
+}
+
+/// The app of [`app`] with [`one_second_lease`].
 fn app_with_a_one_second_lease(store: impl Store, handler: &Handler, wait: bool) -> Router {
-    let endpoint = Endpoint::new("pay").lease(Duration::from_secs(1));
     let endpoint = if wait {
-        endpoint.wait(Duration::from_secs(10))
+        one_second_lease().wait(Duration::from_secs(10))
     } else {
-        endpoint
+        one_second_lease()
     };
     app(store, handler, endpoint)
 }
+
+/// The first claim answered at 1.5 s, its one-second lease having lapsed.
+const FIRST_CLAIM_AFTER_ITS_LEASE: Timing = Timing::AnsweredLate {
+    nth: 0,
+    after: Duration::from_millis(1_500),
+};
 
 /// The first claim is answered at 1.5 s, its lease having lapsed at 1 s;
 /// a duplicate sent at 1.2 s took the key over and runs the handler.
@@ -443,7 +530,7 @@ async fn a_duplicate_takes_over_before_a_late_answer(
     (StatusCode, bool, Value),
     Handler,
 ) {
-    let store = LateClaims::new(0, Duration::from_millis(1_500));
+    let store = LateStore::new().with_claims(FIRST_CLAIM_AFTER_ITS_LEASE);
     let handler = Handler::gated(StatusCode::CREATED);
     let app = app_with_a_one_second_lease(store, &handler, wait);
     let late = spawn_send(&app, "k");
@@ -485,148 +572,25 @@ async fn a_claim_answered_after_a_takeover_waits_for_it_on_a_wait_endpoint() {
 /// the handler runs, once, and stays held while it runs.
 #[tokio::test(start_paused = true)]
 async fn a_claim_answered_after_its_lease_lapsed_runs_once_and_holds_the_key() {
-    let store = LateClaims::new(0, Duration::from_millis(1_500));
-    let handler = Handler::gated(StatusCode::CREATED);
-    let app = app_with_a_one_second_lease(store, &handler, false);
-    let first = spawn_send(&app, "k");
-    handler.started.notified().await;
-
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
-    assert_still_held(&app, "k").await;
-
-    handler.gate.add_permits(2);
-    assert_eq!(first.await.unwrap(), (StatusCode::CREATED, false, json!(1)));
-    assert_eq!(handler.runs(), 1);
+    let store = LateStore::new().with_claims(FIRST_CLAIM_AFTER_ITS_LEASE);
+    assert_held_while_running(store, one_second_lease(), Duration::from_millis(1_100)).await;
 }
 
 // ===== a renewal that hangs =====
-
-/// A memory store one of whose renewals (counting from 0) never answers,
-/// and is never applied, as in a store stalled for a moment.
-struct HangingRenewal {
-    inner: MemoryStore,
-    hangs: usize,
-    renewals: AtomicUsize,
-}
-
-impl Store for HangingRenewal {
-    async fn claim(
-        &self,
-        key: &RecordKey,
-        fingerprint: Fingerprint,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        self.inner.claim(key, fingerprint, lease).await
-    }
-
-    async fn renew(
-        &self,
-        key: &RecordKey,
-        token: LeaseToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        if self.renewals.fetch_add(1, Ordering::SeqCst) == self.hangs {
-            std::future::pending::<()>().await;
-        }
-        self.inner.renew(key, token, lease).await
-    }
-
-    async fn complete(
-        &self,
-        key: &RecordKey,
-        token: LeaseToken,
-        response: StoredResponse,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.inner.complete(key, token, response, ttl).await
-    }
-
-    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-        self.inner.release(key, token).await
-    }
-
-    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        self.inner.get(key).await
-    }
-}
 
 /// A 3 s lease is renewed every second, and the store timeout is 2 s: a
 /// renewal that hangs must be given up and tried again before the lease
 /// it extends runs out, not a whole store timeout later.
 #[tokio::test(start_paused = true)]
 async fn a_renewal_that_hangs_is_tried_again_before_the_lease_lapses() {
-    let store = HangingRenewal {
-        inner: memory_on_tokio_time(),
-        hangs: 1,
-        renewals: AtomicUsize::new(0),
-    };
-    let handler = Handler::gated(StatusCode::CREATED);
-    let app = app(
-        store,
-        &handler,
-        Endpoint::new("pay").lease(Duration::from_secs(3)),
-    );
-    let first = spawn_send(&app, "k");
-    handler.started.notified().await;
-
+    let store = LateStore::new().with_renewals(Timing::Hangs { nth: 1 });
+    let endpoint = Endpoint::new("pay").lease(Duration::from_secs(3));
     // The first renewal, at 0.5 s, holds the lease until 3.5 s; the
     // second, at 1.5 s, hangs.
-    tokio::time::sleep(Duration::from_millis(3_600)).await;
-    assert_still_held(&app, "k").await;
-
-    handler.gate.add_permits(2);
-    assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
-    assert_eq!(handler.runs(), 1);
+    assert_held_while_running(store, endpoint, Duration::from_millis(3_600)).await;
 }
 
 // ===== renewals slower than a sixth of the lease =====
-
-/// A memory store whose renewals are applied only after `delay`, as by
-/// a store whose statements wait their turn for a connection: one given
-/// up before its turn is never applied.
-struct SlowRenewals {
-    inner: MemoryStore,
-    delay: Duration,
-}
-
-impl Store for SlowRenewals {
-    async fn claim(
-        &self,
-        key: &RecordKey,
-        fingerprint: Fingerprint,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        self.inner.claim(key, fingerprint, lease).await
-    }
-
-    async fn renew(
-        &self,
-        key: &RecordKey,
-        token: LeaseToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        tokio::time::sleep(self.delay).await;
-        self.inner.renew(key, token, lease).await
-    }
-
-    async fn complete(
-        &self,
-        key: &RecordKey,
-        token: LeaseToken,
-        response: StoredResponse,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.inner.complete(key, token, response, ttl).await
-    }
-
-    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-        self.inner.release(key, token).await
-    }
-
-    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        self.inner.get(key).await
-    }
-}
 
 /// A one-second lease is renewed every third of a second, and each
 /// renewal takes a quarter of a second, well within the store timeout:
@@ -634,74 +598,11 @@ impl Store for SlowRenewals {
 /// and the lease would lapse under the running handler.
 #[tokio::test(start_paused = true)]
 async fn renewals_slower_than_a_sixth_of_the_lease_still_keep_it() {
-    let store = SlowRenewals {
-        inner: memory_on_tokio_time(),
-        delay: Duration::from_millis(250),
-    };
-    let handler = Handler::gated(StatusCode::CREATED);
-    let app = app_with_a_one_second_lease(store, &handler, false);
-    let first = spawn_send(&app, "k");
-    handler.started.notified().await;
-
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_still_held(&app, "k").await;
-
-    handler.gate.add_permits(2);
-    assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
-    assert_eq!(handler.runs(), 1);
+    let store = LateStore::new().with_renewals(Timing::AppliedLate(Duration::from_millis(250)));
+    assert_held_while_running(store, one_second_lease(), Duration::from_secs(2)).await;
 }
 
 // ===== a completion applied, its answer late =====
-
-/// A memory store whose first completion is applied at once but answered
-/// only after `late`, past the engine's store timeout.
-struct LateCompletion {
-    inner: MemoryStore,
-    late: Duration,
-    completions: AtomicUsize,
-}
-
-impl Store for LateCompletion {
-    async fn claim(
-        &self,
-        key: &RecordKey,
-        fingerprint: Fingerprint,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        self.inner.claim(key, fingerprint, lease).await
-    }
-
-    async fn renew(
-        &self,
-        key: &RecordKey,
-        token: LeaseToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        self.inner.renew(key, token, lease).await
-    }
-
-    async fn complete(
-        &self,
-        key: &RecordKey,
-        token: LeaseToken,
-        response: StoredResponse,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        let completed = self.inner.complete(key, token, response, ttl).await;
-        if self.completions.fetch_add(1, Ordering::SeqCst) == 0 {
-            tokio::time::sleep(self.late).await;
-        }
-        completed
-    }
-
-    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-        self.inner.release(key, token).await
-    }
-
-    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        self.inner.get(key).await
-    }
-}
 
 /// The completion is stored but its answer outlasts the store timeout and
 /// the one-second lease; the attempt after it finds the lease gone (the
@@ -709,11 +610,10 @@ impl Store for LateCompletion {
 /// gets it, and a retry replays it rather than running the handler again.
 #[tokio::test(start_paused = true)]
 async fn a_completion_answered_after_the_store_timeout_is_kept_and_replayed() {
-    let store = LateCompletion {
-        inner: memory_on_tokio_time(),
-        late: Duration::from_secs(5),
-        completions: AtomicUsize::new(0),
-    };
+    let store = LateStore::new().with_completions(Timing::AnsweredLate {
+        nth: 0,
+        after: Duration::from_secs(5),
+    });
     let handler = Handler::gated(StatusCode::CREATED);
     handler.gate.add_permits(10);
     let app = app_with_a_one_second_lease(store, &handler, false);
