@@ -259,7 +259,11 @@ impl Engine {
                         return refused_for(&error, Some(self.endpoint.name()), &self.key);
                     }
                     Err(error) => return self.store_failed(&error, handler).await,
-                    Ok(Claim::Acquired(token)) => match self.still_held(token, sent).await {
+                    Ok(Claim::Acquired(token)) if !self.answered_late(sent) => {
+                        return self.execute(token, handler, sent).await;
+                    }
+                    // Boxed: only a claim answered late pays for it.
+                    Ok(Claim::Acquired(token)) => match Box::pin(self.still_held(token)).await {
                         Ok(renewed) => return self.execute(token, handler, renewed).await,
                         // Taken over while the answer was on its way: the
                         // key is in flight with another request.
@@ -288,6 +292,12 @@ impl Engine {
         }
     }
 
+    /// Whether a claim sent at `sent` was answered after its first
+    /// renewal fell due, a third of its lease later.
+    fn answered_late(&self, sent: Instant) -> bool {
+        Instant::now() >= sent + self.endpoint.lease_duration() / 3
+    }
+
     /// Makes sure a claim answered late still holds its lease, and says
     /// when renewals count from. The store started the lease when it
     /// applied the claim: an answer that came after the first renewal fell
@@ -297,29 +307,41 @@ impl Engine {
     /// runs, so that it is known held; a renewal that is late too (past a
     /// third of the lease) is given up. Not held, the claim is let go (a
     /// store's own hold on it too, such as
-    /// [`Tiered`](crate::store::Tiered)'s), and nothing runs.
-    async fn still_held(&self, token: LeaseToken, sent: Instant) -> Result<Instant, StoreError> {
+    /// [`Tiered`](crate::store::Tiered)'s), and nothing runs; nor does it
+    /// when the request is dropped before this knows, and the claim is
+    /// let go on a task of its own: held, it would answer every retry 409
+    /// until its lease lapsed.
+    async fn still_held(&self, token: LeaseToken) -> Result<Instant, StoreError> {
+        let unsettled = Unsettled {
+            engine: self,
+            token: Some(token),
+        };
         let lease = self.endpoint.lease_duration();
-        let late = lease / 3;
-        if Instant::now() < sent + late {
-            return Ok(sent);
-        }
         let renewing = Instant::now();
         let renewal = self.settings.store.renew(&self.key, token, lease);
-        let timeout = self.settings.store_timeout.min(late);
-        // Boxed: only a claim answered late pays for it.
-        let renewed = Box::pin(within(timeout, renewal)).await;
+        let timeout = self.settings.store_timeout.min(lease / 3);
+        let renewed = within(timeout, renewal).await;
         if let Err(error) = renewed {
-            tracing::warn!(
-                %error,
-                endpoint = self.endpoint.name(),
-                key = %self.key.log_id(),
-                "a claim answered after its first renewal fell due could not be renewed; nothing executed"
-            );
+            self.late_claim_not_renewed(&error);
             drop(self.release_once(token).await);
+            unsettled.settled();
             return Err(error);
         }
+        unsettled.settled();
         Ok(renewing)
+    }
+
+    /// Logs a late claim's renewal that failed. A lost lease is told here:
+    /// a duplicate took the key over. Any other error is the refusal's,
+    /// which [`refused_for`] logs with the endpoint and key.
+    fn late_claim_not_renewed(&self, error: &StoreError) {
+        const NOT_RENEWED: &str = "a claim answered after its first renewal fell due could not be renewed; nothing executed";
+        if matches!(error, StoreError::LeaseLost) {
+            let (endpoint, key) = (self.endpoint.name(), self.key.log_id());
+            tracing::warn!(%error, endpoint, %key, "{NOT_RENEWED}");
+        } else {
+            tracing::debug!(%error, "{NOT_RENEWED}");
+        }
     }
 
     fn timed<T>(
@@ -726,6 +748,44 @@ pub(crate) async fn within<T>(
 /// Polls `future` once, without waiting.
 async fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
     std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *future).poll(cx))).await
+}
+
+/// A claim acquired but not yet handed to its run, while the engine makes
+/// sure it is still held. Dropped before [`settled`](Self::settled) (the
+/// client went away), it is released on a task of its own, tracked for
+/// [`Idempotency::drain`](crate::Idempotency::drain): the handler never
+/// ran, and the release is fenced by the token, so it frees the key only
+/// if this claim still holds it (and a store's own hold on it, such as
+/// [`Tiered`](crate::store::Tiered)'s cache, which never lapses by itself).
+struct Unsettled<'a> {
+    engine: &'a Engine,
+    token: Option<LeaseToken>,
+}
+
+impl Unsettled<'_> {
+    fn settled(mut self) {
+        self.token = None;
+    }
+}
+
+impl Drop for Unsettled<'_> {
+    fn drop(&mut self) {
+        let (Some(token), Ok(runtime)) = (self.token, tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let settings = Arc::clone(&self.engine.settings);
+        let (endpoint, key) = (self.engine.endpoint.name(), self.engine.key.clone());
+        let release = async move {
+            let released = settings.store.release(&key, token);
+            match within(settings.store_timeout, released).await {
+                Ok(()) | Err(StoreError::LeaseLost) => {}
+                Err(error) => {
+                    tracing::warn!(%error, endpoint, key = %key.log_id(), message = NOT_RELEASED);
+                }
+            }
+        };
+        drop(self.engine.settings.detached.spawn_on(release, &runtime));
+    }
 }
 
 /// Polls a pipeline in place and, if dropped before it finishes, spawns the

@@ -367,6 +367,11 @@ fn renew_until_lost(
                     Err(StoreError::LeaseLost) => {
                         return lease_lost(&settings, endpoint, &key, fingerprint, &settled).await;
                     }
+                    // A renewal sent later was applied already: the lease
+                    // holds, and nothing needs trying again.
+                    Err(error) if outage.outrun(sent + lease) => {
+                        tracing::debug!(%error, "a renewal outrun by a later one failed");
+                    }
                     Err(error) => {
                         outage.failed(&error, endpoint, &key);
                         // Soon, not a whole period later: two failures a
@@ -409,6 +414,12 @@ impl Outage {
         }
         // Renewals overlap: one sent earlier may answer after a later one.
         *self = Self::new(held_until.max(self.held_until));
+    }
+
+    /// Whether a renewal that would have held the lease until
+    /// `held_until` was outrun by a later one the store applied.
+    fn outrun(&self, held_until: Instant) -> bool {
+        held_until < self.held_until
     }
 
     fn failed(&mut self, error: &StoreError, endpoint: &'static str, key: &RecordKey) {
