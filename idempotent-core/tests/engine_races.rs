@@ -1,9 +1,11 @@
 //! The engine where store calls arrive late: a renewal that reaches the
-//! store after its run has settled, and a claim applied by a store whose
-//! answer came too late.
+//! store after its run has settled, a claim applied by a store whose
+//! answer came too late and is confirmed before its handler runs (and a
+//! request dropped meanwhile), and the overlapping renewals of a running
+//! handler that answer late, out of order or never.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -35,6 +37,54 @@ fn memory_on_tokio_time() -> MemoryStore {
     MemoryStore::builder()
         .clock(TokioClock(tokio::time::Instant::now()))
         .build()
+}
+
+/// The events at info level or above: their level and message.
+#[derive(Clone, Default)]
+struct Events(Arc<Mutex<Vec<(tracing::Level, String)>>>);
+
+impl Events {
+    /// Records the events logged on this thread (the whole runtime of a
+    /// current-thread test) until the guard is dropped.
+    fn record(&self) -> tracing::subscriber::DefaultGuard {
+        tracing::subscriber::set_default(self.clone())
+    }
+
+    /// The messages logged at `level` or above (more severe).
+    fn at_least(&self, level: tracing::Level) -> Vec<String> {
+        let events = self.0.lock().unwrap();
+        let severe = events.iter().filter(|(logged, _)| *logged <= level);
+        severe.map(|(_, message)| message.clone()).collect()
+    }
+}
+
+struct Message(String);
+
+impl tracing::field::Visit for Message {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}");
+        }
+    }
+}
+
+impl tracing::Subscriber for Events {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        *metadata.level() <= tracing::Level::INFO
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut message = Message(String::new());
+        event.record(&mut message);
+        let level = *event.metadata().level();
+        self.0.lock().unwrap().push((level, message.0));
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
 }
 
 /// The handler: counts its runs, waits at `gate` if it has one, answers
@@ -123,6 +173,9 @@ enum Timing {
     /// Call `nth` never answered and never applied, as by a store stalled
     /// for a moment. The others at once.
     Hangs { nth: usize },
+    /// No call ever answered or applied, as by a store that stalled for
+    /// good.
+    NeverAnswered,
     /// Each call applied and answered only `after` later, as by a store
     /// whose statements wait their turn for a connection: one given up
     /// before its turn is never applied.
@@ -140,6 +193,26 @@ struct Calls {
     timing: Timing,
     sent: AtomicUsize,
     applied: AtomicUsize,
+    /// Sent and neither answered nor given up yet, and the most at once.
+    under_way: AtomicUsize,
+    most_under_way: AtomicUsize,
+}
+
+/// Counts a call under way until it is answered or given up.
+struct UnderWay<'a>(&'a Calls);
+
+impl<'a> UnderWay<'a> {
+    fn count(calls: &'a Calls) -> Self {
+        let now = calls.under_way.fetch_add(1, Ordering::SeqCst) + 1;
+        calls.most_under_way.fetch_max(now, Ordering::SeqCst);
+        Self(calls)
+    }
+}
+
+impl Drop for UnderWay<'_> {
+    fn drop(&mut self) {
+        self.0.under_way.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Calls {
@@ -159,6 +232,10 @@ impl Calls {
         self.applied.load(Ordering::SeqCst)
     }
 
+    fn most_under_way(&self) -> usize {
+        self.most_under_way.load(Ordering::SeqCst)
+    }
+
     /// Counts `call` as sent, then applies and answers it as the timing
     /// says. `call` owns what it needs, so that it can go on a task of its
     /// own.
@@ -167,6 +244,7 @@ impl Calls {
         call: impl Future<Output = Result<T, StoreError>> + Send + 'static,
     ) -> Result<T, StoreError> {
         let nth = self.sent.fetch_add(1, Ordering::SeqCst);
+        let _under_way = UnderWay::count(self);
         match &self.timing {
             Timing::AtOnce => self.apply(call).await,
             Timing::AnsweredLate { nth: late, after } => {
@@ -182,6 +260,7 @@ impl Calls {
                 }
                 self.apply(call).await
             }
+            Timing::NeverAnswered => std::future::pending().await,
             Timing::AppliedLate(after) => {
                 tokio::time::sleep(*after).await;
                 self.apply(call).await
@@ -574,6 +653,116 @@ async fn a_claim_answered_after_a_takeover_waits_for_it_on_a_wait_endpoint() {
 async fn a_claim_answered_after_its_lease_lapsed_runs_once_and_holds_the_key() {
     let store = LateStore::new().with_claims(FIRST_CLAIM_AFTER_ITS_LEASE);
     assert_held_while_running(store, one_second_lease(), Duration::from_millis(1_100)).await;
+}
+
+// ===== a request dropped while its late claim is confirmed =====
+
+/// The claim is answered at 0.5 s, after its first renewal fell due, so
+/// the engine renews it before running the handler; the client goes away
+/// at 0.6 s, while that renewal is on its way. Nothing ran, so the key is
+/// let go at once: a retry runs the handler instead of getting 409 until
+/// the lease lapses.
+#[tokio::test(start_paused = true)]
+async fn a_request_dropped_while_its_late_claim_is_confirmed_lets_the_key_go() {
+    let store = LateStore::new()
+        .with_claims(Timing::AnsweredLate {
+            nth: 0,
+            after: Duration::from_millis(500),
+        })
+        .with_renewals(Timing::AppliedLate(Duration::from_millis(200)));
+    let handler = Handler::gated(StatusCode::CREATED);
+    handler.gate.add_permits(10);
+    let app = app_with_a_one_second_lease(store, &handler, false);
+
+    let dropped = spawn_send(&app, "k");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    dropped.abort();
+    assert!(dropped.await.unwrap_err().is_cancelled());
+    assert_eq!(handler.runs(), 0);
+
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(
+        send(&app).await,
+        (StatusCode::CREATED, false, json!(1)),
+        "the dropped request's claim held the key until its lease lapsed"
+    );
+    assert_eq!(handler.runs(), 1);
+}
+
+/// The first claim is answered at 0.5 s, after its first renewal fell
+/// due; that renewal takes a minute, and is given up at a third of the
+/// lease. The request is refused with 503, nothing ran, and the operator
+/// reads one event that says so, not two.
+#[tokio::test(start_paused = true)]
+async fn a_late_claim_whose_renewal_hangs_is_refused_with_one_event() {
+    let events = Events::default();
+    let _recording = events.record();
+    let store = LateStore::new()
+        .with_claims(Timing::AnsweredLate {
+            nth: 0,
+            after: Duration::from_millis(500),
+        })
+        .with_renewals(Timing::AppliedLate(Duration::from_secs(60)));
+    let handler = Handler::gated(StatusCode::CREATED);
+    let app = app_with_a_one_second_lease(store, &handler, false);
+
+    let (status, _, _) = send(&app).await;
+
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(handler.runs(), 0);
+    let warned = events.at_least(tracing::Level::WARN);
+    assert_eq!(warned.len(), 1, "one refusal, logged as: {warned:?}");
+}
+
+// ===== renewals that answer out of order, or never =====
+
+/// The renewal sent at a third of a second hangs until the store timeout,
+/// 2 s later; the ones sent after it are applied at once and keep the
+/// lease. Its failure, at 2.3 s, comes after later renewals held the
+/// lease: no outage, nothing for the operator to look at.
+#[tokio::test(start_paused = true)]
+async fn a_renewal_outrun_by_a_later_one_warns_of_no_outage() {
+    let events = Events::default();
+    let _recording = events.record();
+    let store = LateStore::new().with_renewals(Timing::Hangs { nth: 0 });
+    let handler = Handler::gated(StatusCode::CREATED);
+    let app = app_with_a_one_second_lease(store, &handler, false);
+    let first = spawn_send(&app, "k");
+    handler.started.notified().await;
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    handler.gate.add_permits(1);
+
+    assert_eq!(first.await.unwrap(), (StatusCode::CREATED, false, json!(1)));
+    let logged = events.at_least(tracing::Level::INFO);
+    assert!(
+        logged.is_empty(),
+        "a renewal outrun by a later one was logged: {logged:?}"
+    );
+}
+
+/// Renewals overlap, and each failure brings the next one forward: against
+/// a store that answers none, a one-second lease renewed every third of a
+/// second with a store timeout of 2 s has at most one renewal per third of
+/// a second of the timeout under way (seven), and a few more for those
+/// brought forward, however long the handler runs.
+#[tokio::test(start_paused = true)]
+async fn renewals_against_a_store_that_never_answers_stay_bounded() {
+    let store = LateStore::new().with_renewals(Timing::NeverAnswered);
+    let renewals = Arc::clone(&store.renewals);
+    let handler = Handler::gated(StatusCode::CREATED);
+    let app = app_with_a_one_second_lease(store, &handler, false);
+    let first = spawn_send(&app, "k");
+    handler.started.notified().await;
+
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    handler.gate.add_permits(1);
+
+    assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
+    let (most, sent) = (renewals.most_under_way(), renewals.sent());
+    assert!(most <= 8, "{most} renewals under way at once");
+    // Three a second, and a few brought forward by failures.
+    assert!(sent <= 60 * 4, "{sent} renewals sent in a minute");
 }
 
 // ===== a renewal that hangs =====
