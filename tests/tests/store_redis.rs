@@ -4,8 +4,6 @@
 
 mod store_support;
 
-use std::net::TcpListener;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
@@ -18,10 +16,9 @@ use idempotent_core::store::{RedisStore, Store, Tiered};
 use idempotent_core::testing::contract;
 use redis::aio::ConnectionManager;
 use store_support::{
-    Ledger, assert_kept, backend_url, complete_with_a_body_of, duplicates_across_instances, pay,
-    pay_until_available, payments_app, unique_name,
+    Ledger, OwnRedis, assert_kept, backend_url, complete_with_a_body_of,
+    duplicates_across_instances, pay, pay_until_available, payments_app, unique_name,
 };
-use tokio::process::{Child, Command};
 
 const URL: &str = "IDEMPOTENT_TEST_REDIS_URL";
 const STORE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -300,55 +297,6 @@ async fn a_completion_applied_twice_stores_the_record_once() {
     );
     let other = once.complete(&key, token, response(b"other"), ttl).await;
     assert!(matches!(other, Err(StoreError::LeaseLost)), "{other:?}");
-}
-
-/// A `redis-server` this test owns, on a port of its own.
-struct OwnRedis {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl OwnRedis {
-    fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
-
-    async fn start(port: u16) -> Self {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start redis-server (is it installed?)");
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                return Self {
-                    port,
-                    child: Some(child),
-                };
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("redis-server did not start on port {port}");
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    async fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().await.expect("stop redis-server");
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,8 +8,6 @@
 
 mod store_support;
 
-use std::net::TcpListener;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,8 +16,7 @@ use idempotent_core::key::IdempotencyKey;
 use idempotent_core::record::RecordKey;
 use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{RedisStore, Store};
-use store_support::backend_url;
-use tokio::process::Command;
+use store_support::{OwnRedis, backend_url};
 
 /// The message and `key` field of each warning.
 #[derive(Default)]
@@ -73,32 +70,12 @@ async fn a_failed_release_of_a_claim_cut_short_is_logged_with_the_key() {
     }
     let warnings = Arc::new(Warnings::default());
     tracing::subscriber::set_global_default(warnings.clone()).expect("the only subscriber");
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut redis = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start redis-server (is it installed?)");
-    let url = format!("redis://127.0.0.1:{port}");
-    let mut store = None;
-    for _ in 0..100 {
-        if let Ok(connected) = RedisStore::connect(&url).await {
-            store = Some(connected);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let store = store.expect("redis-server started");
+    let mut redis = OwnRedis::start(OwnRedis::free_port()).await;
+    let store = RedisStore::connect(&redis.url()).await.expect("connect");
 
     // The server stops answering: the claim is cut short, and its release
     // waits behind it on the connection.
-    let pid = redis.id().expect("running").to_string();
+    let pid = redis.pid().expect("running").to_string();
     let stopped = std::process::Command::new("kill")
         .args(["-STOP", &pid])
         .status();
@@ -112,7 +89,7 @@ async fn a_failed_release_of_a_claim_cut_short_is_logged_with_the_key() {
     let cut = tokio::time::timeout(Duration::from_millis(200), claim).await;
     assert!(cut.is_err(), "the stopped server did not answer");
     // Then it goes away: the release fails.
-    redis.kill().await.expect("stop redis-server");
+    redis.stop().await;
     tokio::time::timeout(Duration::from_secs(10), store.settle())
         .await
         .expect("the release gives up");

@@ -1,8 +1,11 @@
 //! What the `store_*` tests share: finding the test servers, unique names,
-//! and a small payments app to run two instances of.
+//! a small payments app to run two instances of, and a `redis-server` of
+//! a test's own.
 #![allow(dead_code, unreachable_pub)] // each test file uses a different part
 
 use std::io::Write;
+use std::net::TcpListener;
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -21,6 +24,7 @@ use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{Store, StoreError};
 use idempotent_core::{Endpoint, Idempotency, IdempotentRequest, Scope};
 use serde_json::{Value, json};
+use tokio::process::{Child, Command};
 use tower::ServiceExt;
 
 /// The URL of a test server from `var`, or `None` after saying the test is
@@ -230,4 +234,58 @@ pub fn assert_kept((completed, record): &Completion) {
         matches!(record, Ok(Some(Record::Completed(_)))),
         "{record:?}"
     );
+}
+
+/// A `redis-server` this test owns, on a port of its own.
+pub struct OwnRedis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    pub fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    pub async fn start(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start redis-server (is it installed?)");
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return Self {
+                    port,
+                    child: Some(child),
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("redis-server did not start on port {port}");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's process id, to signal it (`kill -STOP`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref()?.id()
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.expect("stop redis-server");
+        }
+    }
 }
