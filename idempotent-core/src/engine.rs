@@ -255,9 +255,7 @@ impl Engine {
                 match claim.await {
                     // The key was seen in flight: failing open would run
                     // the handler beside the first request.
-                    Err(error) if waited => {
-                        return refused_for(&error, Some(self.endpoint.name()), &self.key);
-                    }
+                    Err(error) if waited => return self.refused(&error),
                     Err(error) => return self.store_failed(&error, handler).await,
                     Ok(Claim::Acquired(token)) if !self.answered_late(sent) => {
                         return self.execute(token, handler, sent).await;
@@ -268,9 +266,7 @@ impl Engine {
                         // Taken over while the answer was on its way: the
                         // key is in flight with another request.
                         Err(StoreError::LeaseLost) => {}
-                        Err(error) => {
-                            return refused_for(&error, Some(self.endpoint.name()), &self.key);
-                        }
+                        Err(error) => return self.refused(&error),
                     },
                     Ok(Claim::Completed(record)) => return self.replay(&record, exact),
                     Ok(Claim::InFlight { fingerprint, .. }) if fingerprint != self.fingerprint => {
@@ -364,6 +360,11 @@ impl Engine {
             );
             return handler.await;
         }
+        self.refused(error)
+    }
+
+    /// [`refused_for`] this engine's endpoint and key.
+    fn refused(&self, error: &StoreError) -> Response {
         refused_for(error, Some(self.endpoint.name()), &self.key)
     }
 
