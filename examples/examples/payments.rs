@@ -12,7 +12,9 @@
 //! - `IDEMPOTENT_STORE`: which store keeps the records: `memory` (the
 //!   default), `postgres://...`, `redis://...` or `sqlite://<path>`;
 //! - `PAYMENTS_DELAY_MS`: how long each charge takes (default 0), to watch
-//!   concurrent duplicates get 409.
+//!   concurrent duplicates get 409;
+//! - `RUST_LOG`: which events are printed to stderr (default `info`;
+//!   `idempotent_core=debug` adds every request's outcome).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -245,6 +247,7 @@ async fn serve() -> Result<(), String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    idempotent_examples::init_logging();
     match serve().await {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {

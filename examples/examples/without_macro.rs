@@ -165,6 +165,7 @@ async fn serve() -> Result<(), String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    idempotent_examples::init_logging();
     match serve().await {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
