@@ -1882,6 +1882,48 @@ async fn over_http1_a_body_that_fails_midway_is_cut_off_as_without_the_library()
     );
 }
 
+/// A record that holds a header never stored (written before the name
+/// joined that list, or by something else): a `Content-Length` that is not
+/// its body's. Replayed with it, hyper frames the response by the header
+/// (a debug build panics on the mismatch and drops the connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http1_a_stored_content_length_does_not_frame_the_replay() {
+    let store = MemoryStore::new();
+    let key = idempotent_core::IdempotencyKey::parse(b"key-/pay").unwrap();
+    let key = RecordKey::new(
+        idempotent_core::scope::ScopeDigest::api_key(b"caller-1"),
+        key,
+    );
+    let fingerprint = Endpoint::new("pay")
+        .fingerprint(&json!({"amount": 1}))
+        .unwrap();
+    let lease = Duration::from_secs(60);
+    let Claim::Acquired(token) = store.claim(&key, fingerprint, lease).await.unwrap() else {
+        panic!("a new key is acquired");
+    };
+    let mut response = stored(StatusCode::CREATED);
+    response.headers = vec![(
+        http::HeaderName::from_static("content-length"),
+        http::HeaderValue::from_static("99"),
+    )];
+    let ttl = Duration::from_secs(60);
+    store.complete(&key, token, response, ttl).await.unwrap();
+    let handler = Handler::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = app(store, &handler);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let (replay, _) = raw_exchange(addr, "/pay").await;
+    assert!(
+        replay.starts_with("http/1.1 201 created\r\n")
+            && replay.contains("content-length: 2\r\n")
+            && replay.ends_with("\r\n\r\nok"),
+        "{replay}"
+    );
+    assert_eq!(handler.runs(), 0);
+}
+
 /// The first run blocks its worker thread (`block_in_place`, as around a
 /// synchronous payment SDK) for 3.5 s; later runs answer at once.
 async fn blocking_handler(

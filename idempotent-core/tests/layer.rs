@@ -548,3 +548,164 @@ async fn a_prefix_parameter_that_is_not_utf8_is_refused_with_400() {
     let (status, _, _) = send(&app, order("/orgs/acme/pay", "k", r#"{"sku":"a"}"#)).await;
     assert_eq!(status, StatusCode::CREATED);
 }
+
+// ===== over HTTP/1.1 =====
+
+/// Serves `app` on a free loopback port.
+async fn serve(app: Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// Writes `head`, then, if it asked for `100 Continue`, waits for an
+/// answer before sending `body`; returns what the server sent, with
+/// `<body>` marking where the body went out, until it closes the
+/// connection or goes quiet.
+async fn exchange(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut received = Vec::new();
+    let mut buffer = [0; 4096];
+    let quiet = std::time::Duration::from_millis(300);
+    if head.contains("expect: 100-continue")
+        && let Ok(Ok(n)) = tokio::time::timeout(quiet, stream.read(&mut buffer)).await
+    {
+        received.extend_from_slice(&buffer[..n]);
+    }
+    received.extend_from_slice(b"<body>");
+    // The server may have closed the connection already.
+    let _ = stream.write_all(body).await;
+    while let Ok(Ok(n @ 1..)) = tokio::time::timeout(quiet, stream.read(&mut buffer)).await {
+        received.extend_from_slice(&buffer[..n]);
+    }
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+/// An order to `/orders` whose body announces its length and asks to be
+/// invited before it is sent.
+fn expecting(key: &str, len: usize) -> String {
+    format!(
+        "POST /orders HTTP/1.1\r\nhost: t\r\nx-api-key: caller\r\nidempotency-key: {key}\r\nexpect: 100-continue\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n"
+    )
+}
+
+/// A chunked order to `/orders`; `extra` adds header lines.
+fn chunked(key: &str, extra: &str) -> String {
+    format!(
+        "POST /orders HTTP/1.1\r\nhost: t\r\nx-api-key: caller\r\nidempotency-key: {key}\r\n{extra}transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    )
+}
+
+/// `body` as chunks of at most 3 bytes, and the last chunk.
+fn in_chunks(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for chunk in body.chunks(3) {
+        out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        out.extend_from_slice(chunk);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http1_a_body_at_the_limit_is_invited_and_one_byte_over_is_not() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let addr = serve(app(&runs, layer().max_request_bytes(10))).await;
+    let at_limit = exchange(addr, &expecting("k1", 10), b"0123456789").await;
+    assert!(
+        at_limit.starts_with("HTTP/1.1 100 Continue\r\n\r\n<body>HTTP/1.1 201 Created\r\n")
+            && at_limit.ends_with("order 1: 0123456789"),
+        "{at_limit}"
+    );
+    let over = exchange(addr, &expecting("k2", 11), b"0123456789a").await;
+    // Answered before the client was asked for the body.
+    assert!(
+        over.starts_with("HTTP/1.1 413 Payload Too Large\r\n")
+            && over.contains("urn:idempotent:request-too-large")
+            && !over.contains("100 Continue"),
+        "{over}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http1_a_chunked_body_at_the_limit_runs_and_one_byte_over_is_413() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let addr = serve(app(&runs, layer().max_request_bytes(10))).await;
+    let at_limit = exchange(addr, &chunked("k1", ""), &in_chunks(b"0123456789")).await;
+    assert!(
+        at_limit.starts_with("<body>HTTP/1.1 201 Created\r\n")
+            && at_limit.ends_with("order 1: 0123456789"),
+        "{at_limit}"
+    );
+    let over = exchange(addr, &chunked("k2", ""), &in_chunks(b"0123456789a")).await;
+    assert!(
+        over.starts_with("<body>HTTP/1.1 413 Payload Too Large\r\n"),
+        "{over}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// A `Content-Length` beside `Transfer-Encoding: chunked` is ignored, as
+/// HTTP/1.1 says: the chunked body is the request, whole, and a retry that
+/// sends it with no `Content-Length` is the same request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http1_a_content_length_beside_chunked_does_not_cut_the_body() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let addr = serve(app(&runs, layer())).await;
+    let body = in_chunks(br#"{"sku":"a"}"#);
+    let both = exchange(addr, &chunked("k", "content-length: 3\r\n"), &body).await;
+    assert!(
+        both.starts_with("<body>HTTP/1.1 201 Created\r\n")
+            && both.ends_with(r#"order 1: {"sku":"a"}"#),
+        "{both}"
+    );
+    let retry = exchange(addr, &chunked("k", ""), &body).await;
+    assert!(
+        retry.contains("idempotent-replayed: true\r\n")
+            && retry.ends_with(r#"order 1: {"sku":"a"}"#),
+        "{retry}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// A report of 3,000 bytes in three chunks.
+async fn report(Extension(runs): Extension<Arc<AtomicUsize>>) -> Body {
+    runs.fetch_add(1, Ordering::SeqCst);
+    let chunks =
+        ["a", "b", "c"].map(|c| Ok::<_, std::io::Error>(bytes::Bytes::from(c.repeat(1000))));
+    Body::from_stream(futures_util::stream::iter(chunks))
+}
+
+/// A `GET` with a key is claimed, stored and replayed like any request;
+/// a `HEAD` with one is answered with the length of the `GET`'s body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http1_a_keyed_get_and_head_replay_with_the_bodys_length() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = Router::new()
+        .route("/report", axum::routing::get(report).route_layer(layer()))
+        .layer(Extension(runs.clone()))
+        .layer(Idempotency::new(MemoryStore::new()));
+    let addr = serve(app).await;
+    let head = |method: &str, key: &str| {
+        format!(
+            "{method} /report HTTP/1.1\r\nhost: t\r\nx-api-key: caller\r\nidempotency-key: {key}\r\nconnection: close\r\n\r\n"
+        )
+    };
+    for (method, key) in [("GET", "g"), ("GET", "g"), ("HEAD", "h"), ("HEAD", "h")] {
+        let reply = exchange(addr, &head(method, key), b"").await;
+        assert!(
+            reply.starts_with("<body>HTTP/1.1 200 OK\r\n")
+                && reply.contains("content-length: 3000\r\n"),
+            "{method} {key}: {reply}"
+        );
+        let body = reply.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let expected = if method == "GET" { 3000 } else { 0 };
+        assert_eq!(body.len(), expected, "{method} {key}: {reply}");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}

@@ -468,11 +468,27 @@ async fn cors_answers_preflights_and_adds_its_headers_to_replays_once() {
     store.assert_executed_once();
 }
 
+/// In front of the `Idempotency` layer or behind it: the attribute stores
+/// what its handler answered, before any layer encodes it.
 #[tokio::test]
-async fn compression_in_front_encodes_each_replay_for_its_own_caller() {
+async fn compression_in_front_of_or_behind_the_layer_encodes_each_replay_for_its_own_caller() {
+    for behind in [false, true] {
+        compression_encodes_each_replay_for_its_own_caller(behind).await;
+    }
+}
+
+async fn compression_encodes_each_replay_for_its_own_caller(behind: bool) {
     let runs = Runs::default();
     let store = MockStore::new();
-    let app = charges(&runs, &store).layer(CompressionLayer::new());
+    let app = if behind {
+        Router::new()
+            .route("/charges", post(charge))
+            .with_state(runs.clone())
+            .layer(CompressionLayer::new())
+            .layer(store.layer())
+    } else {
+        charges(&runs, &store).layer(CompressionLayer::new())
+    };
     let body = r#"{"amount":1}"#;
     let mut gzipped = post_json("/charges", Some("k"), body);
     gzipped
@@ -594,4 +610,178 @@ async fn over_http1_a_keyless_upload_is_refused_before_the_client_sends_it() {
     let retry = exchange(addr, &head("idempotency-key: k\r\n"), body).await;
     assert!(retry.contains("idempotent-replayed: true\r\n"), "{retry}");
     assert_eq!(runs.get(), 1);
+}
+
+/// What `/shaped` answers: a status and a body, which may be empty.
+#[derive(Deserialize, Serialize)]
+struct Shape {
+    status: u16,
+    body: String,
+}
+
+/// Answers as asked, with repeated `Vary` and `Link`, a value of
+/// obs-text bytes and a content type even on an empty body.
+#[idempotent(scope = "global")]
+async fn shaped(State(runs): State<Runs>, Json(shape): Json<Shape>) -> Response {
+    runs.bump();
+    let status = StatusCode::from_u16(shape.status).unwrap();
+    let mut response = (status, shape.body).into_response();
+    let headers = response.headers_mut();
+    headers.insert("content-type", "application/json".parse().unwrap());
+    headers.append("vary", "accept".parse().unwrap());
+    headers.append("link", "</p/1>; rel=self".parse().unwrap());
+    headers.append("vary", "origin".parse().unwrap());
+    headers.append("link", "</p/2>; rel=next".parse().unwrap());
+    let obs_text = axum::http::HeaderValue::from_bytes(b"caf\xe9 \xff").unwrap();
+    headers.insert("x-note", obs_text);
+    response
+}
+
+/// Sends one raw request for `shape` with key `key`, and reads the answer
+/// until the server closes the connection; header lines the replay
+/// changes by design (`date`, its own marker) are left out.
+async fn shaped_exchange(addr: std::net::SocketAddr, key: &str, shape: &str) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /shaped HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\nidempotency-key: {key}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{shape}",
+        shape.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut received = Vec::new();
+    let read = stream.read_to_end(&mut received);
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("the server closes the connection")
+        .unwrap();
+    let lines = received.split_inclusive(|&byte| byte == b'\n');
+    lines
+        .filter(|line| !line.starts_with(b"date: ") && !line.starts_with(b"idempotent-replayed: "))
+        .flatten()
+        .copied()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http1_a_replay_is_the_first_answer_byte_for_byte() {
+    let runs = Runs::default();
+    let app = Router::new()
+        .route("/shaped", post(shaped))
+        .with_state(runs.clone())
+        .layer(Idempotency::new(MemoryStore::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let shapes = [
+        (201, r#"{\"id\":1}"#),
+        (200, ""),
+        (204, ""),
+        (304, ""),
+        (404, r#"{\"error\":\"gone\"}"#),
+    ];
+    for (i, (status, body)) in shapes.into_iter().enumerate() {
+        let shape = format!(r#"{{"status":{status},"body":"{body}"}}"#);
+        let key = format!("k{i}");
+        let first = shaped_exchange(addr, &key, &shape).await;
+        let replay = shaped_exchange(addr, &key, &shape).await;
+        let status_line = format!("HTTP/1.1 {status} ");
+        assert!(first.starts_with(status_line.as_bytes()), "{status}");
+        assert_eq!(
+            String::from_utf8_lossy(&replay),
+            String::from_utf8_lossy(&first),
+            "{status}"
+        );
+        assert_eq!(runs.get(), i + 1, "{status}");
+    }
+}
+
+/// A body of `len` bytes, streamed in chunks of 100.
+#[idempotent(scope = "global")]
+async fn sized(State(runs): State<Runs>, Json(len): Json<usize>) -> Body {
+    let run = runs.bump();
+    let bytes = Bytes::from(format!("{run}").repeat(len));
+    let chunks: Vec<_> = bytes
+        .chunks(100)
+        .map(|c| Ok::<_, std::io::Error>(Bytes::copy_from_slice(c)))
+        .collect();
+    Body::from_stream(futures_util::stream::iter(chunks))
+}
+
+#[tokio::test]
+async fn a_body_at_max_body_bytes_is_replayed_and_one_byte_more_is_not_stored() {
+    let runs = Runs::default();
+    let idempotency = Idempotency::builder(MemoryStore::new())
+        .max_body_bytes(1_000)
+        .build();
+    let app = Router::new()
+        .route("/sized", post(sized))
+        .with_state(runs.clone())
+        .layer(idempotency);
+    let at_limit = || post_json("/sized", Some("at"), "1000");
+    let first = send(&app, at_limit()).await;
+    let replay = send(&app, at_limit()).await;
+    assert_eq!((first.body.len(), replay.body.len()), (1_000, 1_000));
+    assert!(replay.replayed() && replay.body == first.body);
+
+    let over = || post_json("/sized", Some("over"), "1001");
+    let first = send(&app, over()).await;
+    assert_eq!(
+        (
+            first.status,
+            first.body.len(),
+            first.text().starts_with('2')
+        ),
+        (StatusCode::OK, 1_001, true)
+    );
+    let retry = send(&app, over()).await;
+    retry.problem(StatusCode::GONE, "response-not-stored");
+    assert_eq!(runs.get(), 2);
+}
+
+// ===== the first caller's answer =====
+
+/// One answer, whoever gives it.
+fn receipt() -> Response {
+    let headers = [
+        ("set-cookie", "sid=first-callers"),
+        ("location", "/charges/1"),
+        ("vary", "accept"),
+    ];
+    (StatusCode::CREATED, headers, "charged").into_response()
+}
+
+#[idempotent(scope = "global")]
+async fn receipted(State(runs): State<Runs>, Json(_c): Json<Charge>) -> Response {
+    runs.bump();
+    receipt()
+}
+
+async fn receipted_plain(State(runs): State<Runs>, Json(_c): Json<Charge>) -> Response {
+    runs.bump();
+    receipt()
+}
+
+#[tokio::test]
+async fn when_every_attempt_to_store_fails_the_first_caller_gets_the_answer_of_a_plain_handler() {
+    let runs = Runs::default();
+    let store = MockStore::new();
+    let app = Router::new()
+        .route("/charges", post(receipted))
+        .route("/plain", post(receipted_plain))
+        .with_state(runs.clone())
+        .layer(store.layer());
+    for _ in 0..4 {
+        store.fail_next(OpKind::Complete);
+    }
+    let body = r#"{"amount":1}"#;
+    let with = send(&app, post_json("/charges", Some("k"), body)).await;
+    let without = send(&app, post_json("/plain", None, body)).await;
+    assert_eq!(
+        (with.status, &with.headers, with.text()),
+        (without.status, &without.headers, without.text())
+    );
+    // Nothing was stored: the key is still held by the first run.
+    let retry = send(&app, post_json("/charges", Some("k"), body)).await;
+    retry.problem(StatusCode::CONFLICT, "request-in-progress");
+    assert_eq!(runs.get(), 2);
 }

@@ -13,9 +13,23 @@ pub(crate) fn any_status() -> impl Strategy<Value = StatusCode> {
     (100u16..=999).prop_map(|code| StatusCode::from_u16(code).expect("in range"))
 }
 
-/// Lowercase token characters: what `HeaderName` keeps.
+/// Lowercase token characters: what `HeaderName` keeps; now and then a
+/// name that is repeated in responses, or one that is never stored.
 pub(crate) fn any_header_name() -> impl Strategy<Value = HeaderName> {
-    "[a-z0-9!#$%&'*+.^_`|~-]{1,24}"
+    let known = prop::sample::select(
+        &[
+            "vary",
+            "link",
+            "content-type",
+            "content-length",
+            "transfer-encoding",
+            "set-cookie",
+            "authentication-info",
+            "connection",
+        ][..],
+    );
+    let token = "[a-z0-9!#$%&'*+.^_`|~-]{1,24}";
+    prop_oneof![3 => token.prop_map(String::from), 1 => known.prop_map(String::from)]
         .prop_map(|name| HeaderName::from_bytes(name.as_bytes()).expect("a token"))
 }
 
