@@ -32,7 +32,13 @@
 //!
 //! - **Integers** of every width encode alike for equal values, so `1u8` and
 //!   `1i64` match, as they do in JSON. **Floats** have their own tag, so `1.0`
-//!   is not `1`; `-0.0` is folded into `0.0` and every NaN into one NaN.
+//!   is not `1`. `-0.0` differs from `0.0`: they compare equal, but a
+//!   handler sees the sign (it prints `-0`, and `1.0 / x` is `-inf`), so a
+//!   request with one must not be answered with the other's response.
+//!   Every NaN is folded into one NaN: Rust leaves the sign and payload of
+//!   a computed NaN (and of an `f32` NaN widened to `f64`) to the platform,
+//!   so the same request could otherwise fingerprint differently on another
+//!   machine.
 //! - **Maps and structs** share one encoding: a struct is the map from its
 //!   field names to its field values. Each entry is the key's canonical
 //!   encoding followed by the value's; entries are sorted by key encoding
@@ -73,7 +79,9 @@ use serde::Serialize;
 use serde::ser::{self, Serializer};
 use sha2::{Digest, Sha256};
 
-/// Names the encoding; bump it whenever the encoding changes.
+/// Names the encoding; bump it whenever a change could give a request the
+/// encoding an earlier version gave another one (a change that only tells
+/// apart what was encoded alike needs no bump: see `canonical_f64_bits`).
 const VERSION: &[u8] = b"idempotent-core/fingerprint/v2";
 
 const UNIT: u8 = 0x00;
@@ -261,6 +269,13 @@ pub fn fingerprint<T: Serialize + ?Sized>(
 ///     }
 /// }
 /// ```
+///
+/// A handler's arguments are fed one after the other with nothing between
+/// them, so what one contributes must say where it ends: forward a single
+/// value (a `Vec`, not its items one input each), or first an input that
+/// says what follows, as the `Option` and `Result` implementations do.
+/// Two arguments that each fed their items one by one could trade items
+/// (`[a, b]` then `[c]` would match `[a]` then `[b, c]`).
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be part of the request fingerprint",
     label = "this argument is fingerprinted",
@@ -347,14 +362,19 @@ fn len_bytes(len: usize) -> [u8; 8] {
     (len as u64).to_be_bytes()
 }
 
-/// Maps every float to the `f64` bits that represent its value, so equal
-/// values (including `-0.0 == 0.0`, and NaNs) share one encoding.
+/// The `f64` bits of `value`, with every NaN mapped to one: a NaN's sign
+/// and payload may differ between platforms for the same request, while
+/// every other value, the sign of a zero included, is what the handler
+/// sees.
+///
+/// Earlier versions wrote `-0.0` as `0.0` and never wrote the bits of
+/// `-0.0`: a fingerprint that holds them matches no stored one, and one
+/// without them matches what it matched before, so `VERSION` stays (a
+/// bump would answer every retry across the upgrade with 422).
 fn canonical_f64_bits(value: f64) -> u64 {
     const CANONICAL_NAN: u64 = 0x7ff8_0000_0000_0000;
     if value.is_nan() {
         CANONICAL_NAN
-    } else if value == 0.0 {
-        0
     } else {
         value.to_bits()
     }
@@ -939,9 +959,66 @@ mod tests {
         ]);
     }
 
+    /// A handler that renders or divides by an amount sees a zero's sign,
+    /// and `serde_json` keeps it (`-0` and `-0.0` parse to `-0.0`).
+    #[test]
+    fn a_zero_keeps_its_sign() {
+        assert_ne!(fp(&-0.0f64), fp(&0.0f64));
+        assert_ne!(fp(&-0.0f32), fp(&0.0f32));
+        assert_eq!(fp(&-0.0f32), fp(&-0.0f64));
+        assert_ne!(from_json("-0.0"), from_json("0.0"));
+        assert_eq!(from_json("-0"), from_json("-0.0"));
+        assert_eq!(from_json("-0e5"), fp(&-0.0f64));
+        // Positive zeros encode as they always did, so stored fingerprints
+        // of them still match; the values were derived from the encoding
+        // documented above.
+        let zero = fingerprint("POST /charges", &json!({"amount": 0.0})).unwrap();
+        assert_eq!(
+            zero.to_hex(),
+            "91c6c4add2db054a0f690a7879a89ff347f38e9fb9a3c14977fc9b8619cc1e52"
+        );
+        let negative = fingerprint("POST /charges", &json!({"amount": -0.0})).unwrap();
+        assert_eq!(
+            negative.to_hex(),
+            "6741d5bcf9f5a796c0803d291517247d59058925658188ca8881798650814f76"
+        );
+    }
+
+    /// JSON numbers spelled differently match exactly when the handler's
+    /// `Value` holds the same number, as its text shows.
+    #[test]
+    fn json_numbers_match_when_the_parsed_number_is_the_same() {
+        let spellings = [
+            "0",
+            "-0",
+            "0.0",
+            "-0.0",
+            "0e0",
+            "1",
+            "1.0",
+            "1e0",
+            "10e-1",
+            "-1",
+            "18446744073709551615",
+            "18446744073709551616",
+            "18446744073709551617",
+            "-9223372036854775808",
+            "-9223372036854775809",
+            "1e308",
+            "5e-324",
+        ];
+        // `Value`'s `==` takes `-0.0` for `0.0`; its text does not.
+        let as_parsed = |text: &str| serde_json::from_str::<Value>(text).unwrap().to_string();
+        for a in spellings {
+            for b in spellings {
+                let same = as_parsed(a) == as_parsed(b);
+                assert_eq!(from_json(a) == from_json(b), same, "{a} and {b}");
+            }
+        }
+    }
+
     #[test]
     fn floats_are_normalised() {
-        assert_eq!(fp(&-0.0f64), fp(&0.0f64));
         assert_eq!(fp(&f64::NAN), fp(&-f64::NAN));
         assert_eq!(fp(&f64::NAN), fp(&f64::from_bits(0x7ff0_0000_0000_0001)));
         assert_eq!(fp(&f32::NAN), fp(&f64::NAN));
@@ -949,6 +1026,7 @@ mod tests {
         assert_eq!(fp(&2.5f64), from_json("2.5"));
         assert_all_distinct(&[
             fp(&0.0f64),
+            fp(&-0.0f64),
             fp(&f64::NAN),
             fp(&f64::INFINITY),
             fp(&f64::NEG_INFINITY),
@@ -1106,6 +1184,211 @@ mod tests {
     fn enum_encoding_uses_variant_name_only() {
         // The variant name, not the index or the enum's name, identifies it.
         assert_eq!(fp(&Shape::Dot), fp(&Other::Dot));
+    }
+
+    #[test]
+    fn a_negative_integer_is_not_its_twos_complement() {
+        assert_all_distinct(&[fp(&-1i64), fp(&u64::MAX), fp(&u128::MAX)]);
+        assert_ne!(fp(&i64::MIN), fp(&(1u64 << 63)));
+        assert_ne!(fp(&i128::MIN), fp(&(1u128 << 127)));
+        assert_ne!(fp(&-1i8), fp(&u8::MAX));
+    }
+
+    #[derive(Serialize)]
+    enum First {
+        Zero,
+        One(u8),
+    }
+
+    #[derive(Serialize)]
+    enum Second {
+        Nought,
+        One,
+    }
+
+    #[test]
+    fn variants_of_one_index_in_two_enums_are_told_apart_by_name() {
+        assert_ne!(fp(&First::Zero), fp(&Second::Nought));
+        assert_ne!(fp(&First::One(0)), fp(&Second::One));
+        assert_ne!(fp(&Second::One), fp("One"));
+    }
+
+    /// Content that holds the encoding's own tags, lengths and end marker
+    /// stays inside its length prefix.
+    #[test]
+    fn tag_and_length_bytes_inside_content_do_not_escape() {
+        let end_and_string_tag = [SEQ_END, STRING];
+        let length_of_one = len_bytes(1);
+        assert_all_distinct(&[
+            fp(&[RawBytes(&end_and_string_tag), RawBytes(&[])]),
+            fp(&[RawBytes(&[SEQ_END])]),
+            fp(&[RawBytes(&[SEQ_END, STRING, SEQ_END])]),
+            fp(&(RawBytes(&length_of_one), RawBytes(b"a"))),
+            fp(&(
+                RawBytes(&[]),
+                RawBytes(&[length_of_one.as_slice(), b"a"].concat()),
+            )),
+            fp(&("\u{0}\u{0}\u{0}\u{0}\u{0}\u{0}\u{0}\u{1}a", "")),
+            fp(&("", "\u{0}\u{0}\u{0}\u{0}\u{0}\u{0}\u{0}\u{1}a")),
+        ]);
+    }
+
+    /// A sequence whose length serde does not know up front.
+    struct Unsized(u8);
+
+    impl Serialize for Unsized {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.collect_seq((0..self.0).filter(|_| true))
+        }
+    }
+
+    /// A value written through `collect_str`, as `Display` types are.
+    struct Displayed(&'static str);
+
+    impl Serialize for Displayed {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.collect_str(self.0)
+        }
+    }
+
+    #[test]
+    fn unsized_sequences_and_collected_strings_match_their_plain_forms() {
+        assert_eq!(fp(&Unsized(3)), fp(&[0u8, 1, 2]));
+        assert_ne!(fp(&Unsized(3)), fp(&[0u8, 1]));
+        assert_eq!(fp(&[Unsized(0), Unsized(1)]), from_json("[[],[0]]"));
+        assert_eq!(fp(&Displayed("12")), fp("12"));
+        assert_ne!(fp(&Displayed("12")), fp(&12));
+    }
+
+    /// A map that writes the given entries as they are, repeats included.
+    struct Entries(Vec<(Value, u8)>);
+
+    impl Serialize for Entries {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.collect_map(self.0.iter().map(|(key, value)| (key, value)))
+        }
+    }
+
+    #[test]
+    fn map_entries_sort_by_their_encoding_whatever_the_key_type() {
+        let entries = |pairs: &[(Value, u8)]| fp(&Entries(pairs.to_vec()));
+        // Repeated keys: sorted by value too, so the writing order is lost
+        // but no entry is.
+        assert_eq!(
+            entries(&[(json!("k"), 1), (json!("k"), 2)]),
+            entries(&[(json!("k"), 2), (json!("k"), 1)])
+        );
+        assert_ne!(
+            entries(&[(json!("k"), 1), (json!("k"), 1)]),
+            entries(&[(json!("k"), 1)])
+        );
+        // Keys of any type, in any order.
+        let keys = [
+            json!(null),
+            json!(-1),
+            json!(1),
+            json!(1.0),
+            json!("1"),
+            json!([1]),
+            json!({"1": 1}),
+        ];
+        let forward: Vec<(Value, u8)> = keys.iter().cloned().zip(0..).collect();
+        let mut backward = forward.clone();
+        backward.reverse();
+        assert_eq!(entries(&forward), entries(&backward));
+        let tuple_keys: HashMap<(u8, String), u8> =
+            (0..50).map(|i| ((i % 7, i.to_string()), i)).collect();
+        let sorted: BTreeMap<_, _> = tuple_keys.clone().into_iter().collect();
+        assert_eq!(fp(&tuple_keys), fp(&sorted));
+    }
+
+    #[derive(Serialize, serde::Deserialize)]
+    struct Flattened {
+        id: u32,
+        #[serde(flatten)]
+        extra: BTreeMap<String, Value>,
+    }
+
+    #[derive(Serialize, serde::Deserialize)]
+    #[serde(tag = "type")]
+    enum Internally {
+        Card { last4: String },
+        Bank { last4: String },
+        Cash,
+    }
+
+    #[derive(Serialize, serde::Deserialize)]
+    #[serde(tag = "t", content = "c")]
+    enum Adjacently {
+        Card(String),
+        Bank(String),
+    }
+
+    #[derive(Serialize, serde::Deserialize)]
+    #[serde(untagged)]
+    enum Untagged {
+        Number(u64),
+        Text(String),
+        Pair(u64, u64),
+    }
+
+    /// Flattened, internally tagged and untagged values write what their
+    /// JSON reads. (An adjacent tag is written as a unit variant, which
+    /// differs from its JSON string but is the same for every request.)
+    #[test]
+    fn serde_representations_fingerprint_as_their_json() {
+        let same = |value: &dyn erased::Fingerprinted, text: &str| {
+            assert_eq!(value.fingerprint(), from_json(text), "{text}");
+        };
+        same(
+            &Flattened {
+                id: 1,
+                extra: BTreeMap::from([("note".into(), json!("x"))]),
+            },
+            r#"{"note":"x","id":1}"#,
+        );
+        same(
+            &Internally::Card {
+                last4: "4242".into(),
+            },
+            r#"{"type":"Card","last4":"4242"}"#,
+        );
+        same(&Internally::Cash, r#"{"type":"Cash"}"#);
+        same(&Untagged::Number(1), "1");
+        same(&Untagged::Text("1".into()), r#""1""#);
+        same(&Untagged::Pair(1, 2), "[1,2]");
+        assert_all_distinct(&[
+            fp(&Internally::Card {
+                last4: "4242".into(),
+            }),
+            fp(&Internally::Bank {
+                last4: "4242".into(),
+            }),
+            fp(&Internally::Cash),
+            fp(&Adjacently::Card("4242".into())),
+            fp(&Adjacently::Bank("4242".into())),
+            fp(&Flattened {
+                id: 1,
+                extra: BTreeMap::new(),
+            }),
+            fp(&Flattened {
+                id: 1,
+                extra: BTreeMap::from([("id2".into(), json!(null))]),
+            }),
+        ]);
+    }
+
+    /// `dyn`-compatible fingerprinting, for tables of values of mixed types.
+    mod erased {
+        pub(super) trait Fingerprinted {
+            fn fingerprint(&self) -> super::Fingerprint;
+        }
+
+        impl<T: serde::Serialize> Fingerprinted for T {
+            fn fingerprint(&self) -> super::Fingerprint {
+                super::fp(self)
+            }
+        }
     }
 
     // ----- errors -----
@@ -1337,6 +1620,66 @@ mod tests {
         assert_eq!(on_small_stack, expected);
     }
 
+    #[derive(Serialize, serde::Deserialize)]
+    #[serde(tag = "kind")]
+    enum Tree {
+        Leaf,
+        Node { child: Box<Tree> },
+    }
+
+    #[derive(Serialize, serde::Deserialize)]
+    struct Layer {
+        id: u32,
+        #[serde(flatten)]
+        rest: LayerRest,
+    }
+
+    #[derive(Serialize, serde::Deserialize)]
+    struct LayerRest {
+        #[serde(default)]
+        below: Option<Box<Layer>>,
+        #[serde(flatten)]
+        other: BTreeMap<String, Value>,
+    }
+
+    /// The deepest body of `T` (`open` repeated, `leaf`, `close` repeated)
+    /// that `serde_json` parses, fingerprinted on `stack` bytes of stack.
+    fn fingerprint_deepest<T>(open: &str, leaf: &str, close: &str, stack: usize) -> usize
+    where
+        T: Serialize + serde::de::DeserializeOwned + Send + 'static,
+    {
+        let body = |depth: usize| format!("{}{leaf}{}", open.repeat(depth), close.repeat(depth));
+        let deepest = (1..=200)
+            .take_while(|&depth| serde_json::from_str::<T>(&body(depth)).is_ok())
+            .last()
+            .expect("shallow bodies parse");
+        let value: T = serde_json::from_str(&body(deepest)).expect("within the limit");
+        std::thread::Builder::new()
+            .stack_size(stack)
+            .spawn(move || fp(&value))
+            .expect("a thread")
+            .join()
+            .expect("no overflow");
+        deepest
+    }
+
+    /// Internal tags and `flatten` buffer and re-enter serde at every
+    /// level, on both sides: their deepest bodies also fingerprint well
+    /// within a Tokio worker's stack.
+    #[test]
+    fn the_deepest_tagged_and_flattened_bodies_fingerprint_on_a_small_stack() {
+        let stack = 512 * 1024;
+        let tagged = fingerprint_deepest::<Tree>(
+            r#"{"kind":"Node","child":"#,
+            r#"{"kind":"Leaf"}"#,
+            "}",
+            stack,
+        );
+        let flattened =
+            fingerprint_deepest::<Layer>(r#"{"id":1,"below":"#, r#"{"id":2}"#, "}", stack);
+        assert!(tagged > 100 && flattened > 100, "{tagged} {flattened}");
+    }
+
     // ----- properties -----
 
     /// JSON trees with the given leaves, bounded in depth and size.
@@ -1432,10 +1775,10 @@ mod tests {
         }
 
         #[test]
-        fn floats_match_exactly_when_their_values_are_equal(a in any_f64(), b in any_f64()) {
-            let equal = a == b || (a.is_nan() && b.is_nan());
-            prop_assert_eq!(fp(&a) == fp(&b), equal);
-            prop_assert_eq!(fp(&BTreeMap::from([("x", a)])) == fp(&HashMap::from([("x", b)])), equal);
+        fn floats_match_exactly_when_the_handler_sees_the_same(a in any_f64(), b in any_f64()) {
+            let same = a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+            prop_assert_eq!(fp(&a) == fp(&b), same);
+            prop_assert_eq!(fp(&BTreeMap::from([("x", a)])) == fp(&HashMap::from([("x", b)])), same);
         }
 
         #[test]

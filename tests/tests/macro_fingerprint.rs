@@ -1,0 +1,289 @@
+//! What the typed fingerprint of an `#[idempotent]` handler tells apart,
+//! through a `Router`: a retry of the same request is replayed, and a key
+//! reused with arguments the handler would see differently is refused
+//! with 422, never answered with another request's response.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{Request, StatusCode};
+use axum::response::Response;
+use axum::routing::post;
+use axum::{Form, Json, Router};
+use http_body_util::BodyExt;
+use idempotent_core::store::MemoryStore;
+use idempotent_core::{IDEMPOTENT_REPLAYED, Idempotency, idempotent};
+use serde::{Deserialize, Serialize};
+use tower::ServiceExt;
+
+#[derive(Serialize, Deserialize)]
+struct Charge {
+    amount: f64,
+}
+
+/// Renders the amount as the handler sees it, sign of a zero included.
+#[idempotent(scope = "global")]
+async fn charge(Json(charge): Json<Charge>) -> String {
+    format!("charged {}", charge.amount)
+}
+
+/// Two arguments whose raw text could run together.
+#[idempotent(scope = "global")]
+async fn split(Path(head): Path<String>, tail: String) -> String {
+    format!("{head}|{tail}")
+}
+
+/// Query pairs in the order the client sent them, repeats kept.
+#[idempotent(scope = "global")]
+async fn tags(Query(pairs): Query<Vec<(String, String)>>) -> String {
+    format!("{pairs:?}")
+}
+
+/// A query read as a map: order is not part of what the handler sees.
+#[idempotent(scope = "global")]
+async fn filters(Query(filters): Query<HashMap<String, String>>) -> String {
+    let mut filters: Vec<_> = filters.into_iter().collect();
+    filters.sort();
+    format!("{filters:?}")
+}
+
+/// A form read as a map.
+#[idempotent(scope = "global")]
+async fn form_map(Form(fields): Form<HashMap<String, String>>) -> String {
+    format!("{} fields", fields.len())
+}
+
+/// A JSON body that is a `HashMap`, iterated in its hash order.
+#[idempotent(scope = "global")]
+async fn limits(Json(limits): Json<HashMap<String, u64>>) -> String {
+    format!("{} limits", limits.len())
+}
+
+/// A payload whose `Serialize` refuses some values the body can carry.
+#[derive(Deserialize)]
+struct Note {
+    text: String,
+}
+
+impl Serialize for Note {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if self.text.is_empty() {
+            return Err(serde::ser::Error::custom("an empty note has no form"));
+        }
+        serializer.serialize_str(&self.text)
+    }
+}
+
+#[derive(Clone, Default)]
+struct Runs(Arc<AtomicUsize>);
+
+#[idempotent(scope = "global")]
+async fn note(State(runs): State<Runs>, Json(note): Json<Note>) -> String {
+    runs.0.fetch_add(1, Ordering::SeqCst);
+    format!("noted {}", note.text)
+}
+
+fn app() -> Router {
+    Router::new()
+        .route("/charge", post(charge))
+        .route("/split/{head}", post(split))
+        .route("/tags", post(tags))
+        .route("/filters", post(filters))
+        .route("/form", post(form_map))
+        .route("/limits", post(limits))
+        .route("/note", post(note))
+        .with_state(Runs::default())
+        .layer(Idempotency::new(MemoryStore::new()))
+}
+
+fn request(uri: &str, key: &str, content_type: &str, body: &str) -> Request<Body> {
+    Request::post(uri)
+        .header("content-type", content_type)
+        .header("idempotency-key", key)
+        .body(Body::from(body.to_owned()))
+        .unwrap()
+}
+
+fn json(uri: &str, key: &str, body: &str) -> Request<Body> {
+    request(uri, key, "application/json", body)
+}
+
+fn text(uri: &str, key: &str, body: &str) -> Request<Body> {
+    request(uri, key, "text/plain", body)
+}
+
+fn form(uri: &str, key: &str, body: &str) -> Request<Body> {
+    request(uri, key, "application/x-www-form-urlencoded", body)
+}
+
+/// How the request was answered.
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    /// The handler ran and answered this.
+    Ran(String),
+    /// A stored response was replayed.
+    Replayed(String),
+    /// 422 `key-reused`.
+    KeyReused,
+}
+
+async fn send(app: &Router, request: Request<Body>) -> Answer {
+    let response: Response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let replayed = response.headers().contains_key(IDEMPOTENT_REPLAYED);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8(body.to_vec()).unwrap();
+    match (status, replayed) {
+        (StatusCode::UNPROCESSABLE_ENTITY, false) => {
+            assert!(body.contains("urn:idempotent:key-reused"), "{body}");
+            Answer::KeyReused
+        }
+        (StatusCode::OK, false) => Answer::Ran(body),
+        (StatusCode::OK, true) => Answer::Replayed(body),
+        other => panic!("unexpected answer {other:?}: {body}"),
+    }
+}
+
+fn ran(body: &str) -> Answer {
+    Answer::Ran(body.to_owned())
+}
+
+fn replayed(body: &str) -> Answer {
+    Answer::Replayed(body.to_owned())
+}
+
+#[tokio::test]
+async fn a_negative_zero_is_another_amount_than_zero() {
+    let app = app();
+    let first = send(&app, json("/charge", "k", r#"{"amount":0.0}"#)).await;
+    assert_eq!(first, ran("charged 0"));
+    let signed = send(&app, json("/charge", "k", r#"{"amount":-0.0}"#)).await;
+    assert_eq!(
+        signed,
+        Answer::KeyReused,
+        "the handler would have said `charged -0`"
+    );
+    let spelled_otherwise = send(&app, json("/charge", "k", r#"{"amount":0e3}"#)).await;
+    assert_eq!(spelled_otherwise, replayed("charged 0"));
+    let fresh = send(&app, json("/charge", "k2", r#"{"amount":-0}"#)).await;
+    assert_eq!(fresh, ran("charged -0"));
+    let retry = send(&app, json("/charge", "k2", r#"{ "amount": -0.0 }"#)).await;
+    assert_eq!(retry, replayed("charged -0"));
+}
+
+#[tokio::test]
+async fn adjacent_arguments_do_not_run_together() {
+    let app = app();
+    assert_eq!(send(&app, text("/split/ab", "k", "c")).await, ran("ab|c"));
+    assert_eq!(
+        send(&app, text("/split/a", "k", "bc")).await,
+        Answer::KeyReused
+    );
+    assert_eq!(
+        send(&app, text("/split/abc", "k", "")).await,
+        Answer::KeyReused
+    );
+    assert_eq!(
+        send(&app, text("/split/ab", "k", "c")).await,
+        replayed("ab|c")
+    );
+}
+
+#[tokio::test]
+async fn repeated_query_keys_keep_their_order() {
+    let app = app();
+    let first = send(&app, text("/tags?tag=a&tag=b", "k", "")).await;
+    assert!(matches!(first, Answer::Ran(_)), "{first:?}");
+    assert_eq!(
+        send(&app, text("/tags?tag=b&tag=a", "k", "")).await,
+        Answer::KeyReused
+    );
+    assert_eq!(
+        send(&app, text("/tags?tag=a", "k", "")).await,
+        Answer::KeyReused
+    );
+    assert_eq!(
+        send(&app, text("/tags?tag=ab", "k", "")).await,
+        Answer::KeyReused
+    );
+    let retry = send(&app, text("/tags?tag=%61&tag=b", "k", "")).await;
+    assert!(matches!(retry, Answer::Replayed(_)), "{retry:?}");
+}
+
+#[tokio::test]
+async fn a_query_map_matches_in_any_order_and_spelling() {
+    let app = app();
+    let first = send(&app, text("/filters?a=1&b=x+y", "k", "")).await;
+    assert!(matches!(first, Answer::Ran(_)), "{first:?}");
+    let reordered = send(&app, text("/filters?b=x%20y&a=%31", "k", "")).await;
+    assert!(matches!(reordered, Answer::Replayed(_)), "{reordered:?}");
+    // The last of a repeated key is the one the map keeps.
+    let repeated = send(&app, text("/filters?a=0&b=x+y&a=1", "k", "")).await;
+    assert!(matches!(repeated, Answer::Replayed(_)), "{repeated:?}");
+    let other = send(&app, text("/filters?a=1&b=x+y&c=", "k", "")).await;
+    assert_eq!(other, Answer::KeyReused);
+}
+
+#[tokio::test]
+async fn a_form_map_matches_in_any_order() {
+    let app = app();
+    assert_eq!(
+        send(&app, form("/form", "k", "a=1&b=2")).await,
+        ran("2 fields")
+    );
+    assert_eq!(
+        send(&app, form("/form", "k", "b=2&a=1")).await,
+        replayed("2 fields")
+    );
+    assert_eq!(
+        send(&app, form("/form", "k", "a=1&b=3")).await,
+        Answer::KeyReused
+    );
+}
+
+#[tokio::test]
+async fn a_hash_map_body_matches_in_any_key_order() {
+    let app = app();
+    let entries: Vec<String> = (0..300).map(|i| format!("\"limit-{i}\":{i}")).collect();
+    let forward = format!("{{{}}}", entries.join(","));
+    let backward: Vec<&str> = entries.iter().rev().map(String::as_str).collect();
+    let backward = format!("{{{}}}", backward.join(","));
+    assert_eq!(
+        send(&app, json("/limits", "k", &forward)).await,
+        ran("300 limits")
+    );
+    assert_eq!(
+        send(&app, json("/limits", "k", &backward)).await,
+        replayed("300 limits")
+    );
+    let changed = forward.replace("\"limit-7\":7", "\"limit-7\":8");
+    assert_eq!(
+        send(&app, json("/limits", "k", &changed)).await,
+        Answer::KeyReused
+    );
+}
+
+#[tokio::test]
+async fn an_input_that_cannot_be_serialized_runs_nothing_and_claims_nothing() {
+    let runs = Runs::default();
+    let app = Router::new()
+        .route("/note", post(note))
+        .with_state(runs.clone())
+        .layer(Idempotency::new(MemoryStore::new()));
+    let response = app
+        .clone()
+        .oneshot(json("/note", "k", r#"{"text":""}"#))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8(body.to_vec()).unwrap();
+    assert!(body.contains("urn:idempotent:fingerprint-failed"), "{body}");
+    assert_eq!(runs.0.load(Ordering::SeqCst), 0);
+    let fixed = send(&app, json("/note", "k", r#"{"text":"hi"}"#)).await;
+    assert_eq!(fixed, ran("noted hi"));
+    assert_eq!(runs.0.load(Ordering::SeqCst), 1);
+}
