@@ -210,6 +210,41 @@ async fn concurrent_migrations_are_harmless() {
     drop_table(&store).await;
 }
 
+/// A table named with its schema (`public.records`) is the table named
+/// without it (`records`, found on the search path): instances configured
+/// either way migrate it at the same time, and one failed with
+/// `duplicate key value violates unique constraint
+/// "pg_type_typname_nsp_index"` when their migrations took different locks.
+#[tokio::test]
+async fn migrations_of_one_table_named_with_and_without_its_schema_wait_for_each_other() {
+    let Some(url) = backend_url(URL) else { return };
+    let connected = PostgresStore::connect(&url).await.expect("connect");
+    let store = |name: &str| {
+        PostgresStore::builder(connected.pool().clone())
+            .table(name)
+            .build()
+            .expect("valid table name")
+    };
+    for _ in 0..5 {
+        let table = unique_name("idem_test");
+        let spellings = [table.clone(), format!("public.{table}")];
+        let migrations: Vec<_> = (0..4)
+            .map(|index| {
+                let store = store(&spellings[index % 2]);
+                tokio::spawn(async move { store.migrate().await })
+            })
+            .collect();
+        let mut failures = Vec::new();
+        for migration in migrations {
+            if let Err(error) = migration.await.expect("task") {
+                failures.push(error.to_string());
+            }
+        }
+        drop_table(&store(&table)).await;
+        assert!(failures.is_empty(), "{failures:?}");
+    }
+}
+
 #[tokio::test]
 async fn purging_deletes_only_expired_rows() {
     let Some(url) = backend_url(URL) else { return };
@@ -331,6 +366,24 @@ async fn table_names_that_are_not_identifiers_are_refused() {
         .build()
         .expect_err("refused");
     assert!(error.to_string().contains("invalid table name"), "{error}");
+}
+
+/// A table in the temporary schema exists only for the connection that
+/// created it: `migrate` made it on one pooled connection, every statement
+/// on another failed with "does not exist ... run migrate", and the
+/// records went with that connection. Refused when the store is built.
+#[tokio::test]
+async fn tables_in_the_temporary_schema_are_refused() {
+    let Some(url) = backend_url(URL) else { return };
+    let store = PostgresStore::connect(&url).await.expect("connect");
+    for schema in ["pg_temp", "PG_TEMP", "pg_temp_3"] {
+        let table = format!("{schema}.{}", unique_name("idem_test"));
+        let built = PostgresStore::builder(store.pool().clone())
+            .table(table.as_str())
+            .build();
+        let error = built.expect_err("a temporary table is refused");
+        assert!(error.to_string().contains("temporary"), "{table}: {error}");
+    }
 }
 
 /// A server that refuses the connection is named as the cause, not the

@@ -431,3 +431,87 @@ async fn a_claim_cut_short_by_the_store_timeout_leaves_no_lease_behind() {
         "a claim that answered nobody must not hold the key"
     );
 }
+
+/// A relay to Redis that, when told, drops the connection carrying the
+/// next reply instead of passing the reply on: the command was applied,
+/// and its client never hears so.
+struct ReplyDropper {
+    port: u16,
+    drop_next: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ReplyDropper {
+    async fn start(upstream: String) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let drop_next = std::sync::Arc::new(AtomicBool::new(false));
+        let dropping = drop_next.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                });
+                let dropping = dropping.clone();
+                tokio::spawn(async move {
+                    let mut buffer = vec![0; 64 * 1024];
+                    while let Ok(read) = server_read.read(&mut buffer).await {
+                        if read == 0 || dropping.swap(false, Ordering::SeqCst) {
+                            return;
+                        }
+                        if client_write.write_all(&buffer[..read]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { port, drop_next }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+/// The connection drops after Redis applied a claim and before its reply
+/// came back: the request gets 503 and ran nothing, so the claim must not
+/// stay behind, holding the key for its whole lease (retries 409).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_whose_reply_is_lost_with_its_connection_leaves_no_lease_behind() {
+    use idempotent_core::fingerprint::Fingerprint;
+
+    if backend_url(URL).is_none() {
+        return;
+    }
+    let redis = OwnRedis::start(OwnRedis::free_port()).await;
+    let relay = ReplyDropper::start(format!(
+        "127.0.0.1:{}",
+        redis.url().rsplit(':').next().unwrap()
+    ))
+    .await;
+    let store = RedisStore::connect(&relay.url()).await.expect("connect");
+    let direct = RedisStore::connect(&redis.url()).await.expect("connect");
+    let key = RecordKey::new(
+        ScopeDigest::from_bytes(rand::random()),
+        IdempotencyKey::parse(b"reply-lost").unwrap(),
+    );
+    let fingerprint = Fingerprint::from_bytes([7; 32]);
+    relay
+        .drop_next
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let claimed = store
+        .claim(&key, fingerprint, Duration::from_secs(60))
+        .await;
+    assert!(claimed.is_err(), "the reply was lost: {claimed:?}");
+    tokio::time::timeout(Duration::from_secs(10), store.settle())
+        .await
+        .expect("the release ends");
+    let left = direct.get(&key).await.expect("read");
+    assert_eq!(left, None, "a claim nobody heard of holds the key");
+}

@@ -4,11 +4,12 @@
 //! lapses (retries get 409 meanwhile), so it is logged. A process of its
 //! own: the subscriber that records the events is global, since the
 //! release logs from whichever worker runs it. Starts its own
-//! `redis-server`, which it stops mid-release.
+//! `redis-server`, which it stops mid-release; and one that evicts keys
+//! when full, which `connect` warns of.
 
 mod store_support;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use idempotent_core::Fingerprint;
@@ -62,14 +63,25 @@ impl tracing::Subscriber for Warnings {
     fn exit(&self, _: &tracing::span::Id) {}
 }
 
+/// The process's one subscriber, shared by the tests here.
+fn warnings() -> Arc<Warnings> {
+    static WARNINGS: OnceLock<Arc<Warnings>> = OnceLock::new();
+    WARNINGS
+        .get_or_init(|| {
+            let warnings = Arc::new(Warnings::default());
+            tracing::subscriber::set_global_default(warnings.clone()).expect("the only subscriber");
+            warnings
+        })
+        .clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_release_of_a_claim_cut_short_is_logged_with_the_key() {
     // Needs the Redis test environment (it starts its own server binary).
     if backend_url("IDEMPOTENT_TEST_REDIS_URL").is_none() {
         return;
     }
-    let warnings = Arc::new(Warnings::default());
-    tracing::subscriber::set_global_default(warnings.clone()).expect("the only subscriber");
+    let warnings = warnings();
     let mut redis = OwnRedis::start(OwnRedis::free_port()).await;
     let store = RedisStore::connect(&redis.url()).await.expect("connect");
 
@@ -105,5 +117,29 @@ async fn a_failed_release_of_a_claim_cut_short_is_logged_with_the_key() {
     assert!(
         !format!("{logged:?}").contains("order-secret"),
         "the raw key is logged: {logged:?}"
+    );
+}
+
+/// A Redis with a memory limit and an evicting policy drops keys when it
+/// is full, an in-flight claim among them (`volatile-ttl` drops the
+/// nearest expiry first, and a claim's is the nearest), and a retry of
+/// the request still running then runs it a second time. Nothing told
+/// the operator until that happened: `connect` warns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_to_a_redis_that_evicts_keys_is_logged() {
+    if backend_url("IDEMPOTENT_TEST_REDIS_URL").is_none() {
+        return;
+    }
+    let warnings = warnings();
+    let evicting = ["--maxmemory", "64mb", "--maxmemory-policy", "volatile-ttl"];
+    let mut redis = OwnRedis::start_with(OwnRedis::free_port(), &evicting).await;
+    let _store = RedisStore::connect(&redis.url()).await.expect("connect");
+    redis.stop().await;
+    let logged = warnings.0.lock().unwrap().clone();
+    assert!(
+        logged
+            .iter()
+            .any(|(message, _)| message.contains("evicts keys")),
+        "{logged:?}"
     );
 }

@@ -531,3 +531,81 @@ async fn two_tiered_instances_agree_with_the_file() {
         Claim::InFlight { .. }
     ));
 }
+
+/// Claims of new keys, all at once, on a store opened by `open`: each must
+/// be acquired, and each claim must then be seen by a duplicate.
+async fn claims_at_once_on(store: &SqliteStore) -> Vec<String> {
+    use idempotent_core::fingerprint::Fingerprint;
+    use idempotent_core::record::Claim;
+    use idempotent_core::store::Store;
+
+    let fingerprint = Fingerprint::from_bytes([5; 32]);
+    let lease = Duration::from_secs(60);
+    let mut claims = tokio::task::JoinSet::new();
+    for n in 0..32 {
+        let store = store.clone();
+        claims.spawn(async move {
+            let key = record_key(&format!("memory-{n}"));
+            let first = store.claim(&key, fingerprint, lease).await;
+            let duplicate = store.claim(&key, fingerprint, lease).await;
+            match (first, duplicate) {
+                (Ok(Claim::Acquired(_)), Ok(Claim::InFlight { .. })) => None,
+                outcome => Some(format!("{outcome:?}")),
+            }
+        });
+    }
+    claims.join_all().await.into_iter().flatten().collect()
+}
+
+/// An in-memory database (`:memory:`) is private to the connection that
+/// opened it: on a pool of four, the table `migrate` created, and every
+/// record, lived on one connection, and a claim that ran on another failed
+/// with `no such table` (or, once each had a table, two duplicates on two
+/// connections would both acquire).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_in_memory_database_opened_by_path_is_one_database() {
+    let store = SqliteStore::open(":memory:").await.expect("open");
+    store.migrate().await.expect("migrate");
+    let failures = claims_at_once_on(&store).await;
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
+/// `sqlite::memory:` is shared by the pool's connections, but only while
+/// one of them is open: a pool that closes idle connections (after ten
+/// minutes by default) or ages them out (thirty) would drop the table and
+/// every record with its last connection, and answer every request after
+/// that 503 `no such table`. The store keeps its connection for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_in_memory_database_by_url_keeps_its_connection() {
+    let store = SqliteStore::connect("sqlite::memory:")
+        .await
+        .expect("connect");
+    store.migrate().await.expect("migrate");
+    let options = store.pool().options();
+    assert_eq!(
+        (
+            options.get_idle_timeout(),
+            options.get_max_lifetime(),
+            options.get_min_connections() > 0
+        ),
+        (None, None, true),
+        "the pool may close the database's last connection"
+    );
+    let failures = claims_at_once_on(&store).await;
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
+/// SQLite's `temp` schema is each connection's own, as PostgreSQL's
+/// `pg_temp` is: a table there is refused when the store is built.
+#[tokio::test]
+async fn tables_in_the_temporary_schema_are_refused() {
+    let db = TempDb::new();
+    let store = db.open().await;
+    for table in ["temp.records", "TEMP.records"] {
+        let built = SqliteStore::builder(store.pool().clone())
+            .table(table)
+            .build();
+        let error = built.expect_err("a temporary table is refused");
+        assert!(error.to_string().contains("temporary"), "{table}: {error}");
+    }
+}

@@ -148,3 +148,60 @@ async fn tiered_postgres_instances_replay_only_what_postgres_holds() {
         .await
         .unwrap();
 }
+
+/// The durable tier goes away: a replay this instance has cached is still
+/// answered from memory, a claim of any other key is refused (503 at the
+/// engine, nothing runs), and nothing is answered from memory that the
+/// durable tier did not complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_durable_tier_down_only_cached_replays_are_answered() {
+    use idempotent_core::fingerprint::Fingerprint;
+    use idempotent_core::key::IdempotencyKey;
+    use idempotent_core::record::{Claim, Record, RecordKey, StoredResponse};
+    use idempotent_core::scope::ScopeDigest;
+    use store_support::OwnRedis;
+
+    // Needs the Redis test environment (it starts its own server binary).
+    if backend_url("IDEMPOTENT_TEST_REDIS_URL").is_none() {
+        return;
+    }
+    let mut redis = OwnRedis::start(OwnRedis::free_port()).await;
+    let durable = RedisStore::connect(&redis.url()).await.expect("connect");
+    let store = Tiered::new(durable);
+    let scope = ScopeDigest::from_bytes(rand::random());
+    let key = |name: &[u8]| RecordKey::new(scope, IdempotencyKey::parse(name).unwrap());
+    let (done, running, fresh) = (key(b"done"), key(b"running"), key(b"fresh"));
+    let fingerprint = Fingerprint::from_bytes([4; 32]);
+    let lease = Duration::from_secs(60);
+    let Ok(Claim::Acquired(token)) = store.claim(&done, fingerprint, lease).await else {
+        panic!("a new key is acquired");
+    };
+    let response = StoredResponse {
+        status: StatusCode::CREATED,
+        headers: Vec::new(),
+        body: Some(axum::body::Bytes::from_static(b"paid")),
+    };
+    store
+        .complete(&done, token, response.clone(), Duration::from_secs(3600))
+        .await
+        .expect("complete");
+    let Ok(Claim::Acquired(_)) = store.claim(&running, fingerprint, lease).await else {
+        panic!("a new key is acquired");
+    };
+    redis.stop().await;
+
+    let replay = store.claim(&done, fingerprint, lease).await;
+    assert!(
+        matches!(&replay, Ok(Claim::Completed(record)) if record.response == response),
+        "{replay:?}"
+    );
+    assert!(matches!(
+        store.get(&done).await,
+        Ok(Some(Record::Completed(_)))
+    ));
+    for key in [&running, &fresh] {
+        let claimed = store.claim(key, fingerprint, lease).await;
+        assert!(claimed.is_err(), "{claimed:?}");
+        assert!(store.get(key).await.is_err(), "only the durable tier knows");
+    }
+}

@@ -221,9 +221,10 @@ impl PostgresStoreBuilder {
     /// [`PostgresStore::migrate`] to create the table.
     ///
     /// # Errors
-    /// The table name is not a plain SQL identifier.
+    /// The table name is not a plain SQL identifier, or names a
+    /// temporary schema, whose tables are each connection's own.
     pub fn build(self) -> Result<PostgresStore, InvalidTableName> {
-        sql::check_table_name(&self.table)?;
+        sql::check_table_name(&self.table, is_temporary_schema)?;
         let sql = Statements::new(&sql::quoted(&self.table));
         Ok(PostgresStore {
             inner: Arc::new(Inner {
@@ -330,10 +331,13 @@ impl PostgresStore {
         // multi-statement simple query runs as one transaction, which holds
         // the lock to the end. The name is a checked identifier, safe to
         // put in a string literal. It is folded to lower case in SQL, and so
-        // in the lock's name: two spellings of one table share the lock.
+        // in the lock's name; and the schema is left out of it, since
+        // `records` on the search path may be `public.records`: every
+        // spelling of one table shares the lock (tables of one name in
+        // two schemas only wait for each other's migration).
         let script = format!(
             "SELECT pg_advisory_xact_lock(hashtext('idempotent:{table}'));\n{schema}",
-            table = inner.table.to_ascii_lowercase()
+            table = sql::base_name(&inner.table).to_ascii_lowercase()
         );
         sqlx::raw_sql(&script)
             .execute(inner.connections.pool())
@@ -430,6 +434,12 @@ impl Drop for Reaper {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// `pg_temp`, which names the connection's own temporary schema, or that
+/// schema's real name, `pg_temp_<n>`.
+fn is_temporary_schema(schema: &str) -> bool {
+    schema == "pg_temp" || schema.starts_with("pg_temp_")
 }
 
 fn index_name(table: &str) -> String {

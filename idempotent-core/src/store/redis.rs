@@ -40,6 +40,8 @@
 //! first, since theirs is the nearest expiry), and a retry then runs the
 //! handler beside the request still running. Under `noeviction` a full
 //! Redis refuses writes instead, as in an outage: new claims get 503.
+//! [`RedisStore::connect`] logs a warning when the server has a memory
+//! limit and an evicting policy.
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -216,7 +218,9 @@ impl RedisStore {
     /// The manager reconnects in the background after the server goes
     /// away; until it is back, operations fail (and requests get 503)
     /// instead of waiting. A single attempt to connect or answer is cut
-    /// after one second.
+    /// after one second. A warning is logged if the server may evict the
+    /// store's keys: a full Redis that evicts may drop an in-flight claim,
+    /// and a retry of its request then runs beside it.
     ///
     /// # Errors
     /// The URL is invalid or the server cannot be reached now.
@@ -227,11 +231,45 @@ impl RedisStore {
             .set_response_timeout(Some(Duration::from_secs(1)))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let manager = ConnectionManager::new_with_config(client, config)
+        let mut manager = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(StoreError::backend)?;
+        warn_if_evicting(&mut manager).await;
         Ok(Self::builder(manager).build())
     }
+}
+
+/// What an evicting Redis does to the store, told when it connects.
+const EVICTING: &str = "this Redis evicts keys when it is full, in-flight claims among them: a retry of a request still running would then run it again; set maxmemory-policy to noeviction";
+
+/// Warns when the server behind `connection` may evict the store's keys:
+/// it has a memory limit and a policy other than `noeviction`. Nothing
+/// else shows it until a full Redis drops a claim and a handler runs
+/// twice. A server that refuses `INFO` (renamed on some managed
+/// services) is not checked.
+async fn warn_if_evicting(connection: &mut impl ConnectionLike) {
+    let info: Result<String, _> = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(connection)
+        .await;
+    if let Some(policy) = info.ok().as_deref().and_then(evicting_policy) {
+        tracing::warn!(maxmemory_policy = policy, "{EVICTING}");
+    }
+}
+
+/// The eviction policy in `INFO memory`'s answer, if Redis evicts by it:
+/// `maxmemory` is set and the policy is not `noeviction`.
+fn evicting_policy(info: &str) -> Option<&str> {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    let limited = field("maxmemory")
+        .and_then(|limit| limit.parse::<u64>().ok())
+        .is_some_and(|limit| limit > 0);
+    let policy = field("maxmemory_policy")?;
+    (limited && policy != "noeviction").then_some(policy)
 }
 
 impl<C> RedisStore<C> {
@@ -549,6 +587,26 @@ mod tests {
         assert_ne!(encoded[0], IN_FLIGHT_TAG);
         assert_eq!(&encoded[1..33], &[9; 32]);
         assert_eq!(&encoded[33..41], &0x0102_0304_0506_0708_u64.to_be_bytes());
+    }
+
+    #[test]
+    fn only_a_memory_limit_with_an_evicting_policy_evicts() {
+        let info = |limit: &str, policy: &str| {
+            format!(
+                "# Memory\r\nused_memory:1\r\nmaxmemory:{limit}\r\nmaxmemory_human:1M\r\nmaxmemory_policy:{policy}\r\n"
+            )
+        };
+        assert_eq!(
+            evicting_policy(&info("1048576", "allkeys-lru")),
+            Some("allkeys-lru")
+        );
+        assert_eq!(
+            evicting_policy(&info("1048576", "volatile-ttl")),
+            Some("volatile-ttl")
+        );
+        assert_eq!(evicting_policy(&info("1048576", "noeviction")), None);
+        assert_eq!(evicting_policy(&info("0", "allkeys-lru")), None);
+        assert_eq!(evicting_policy(""), None);
     }
 
     #[test]

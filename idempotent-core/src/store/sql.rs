@@ -40,23 +40,45 @@ where
 #[error("the idempotency record kept changing while it was being claimed")]
 pub(crate) struct Contended;
 
-/// A table name that cannot be used safely inside SQL text.
+/// A table name the SQL stores refuse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "invalid table name `{0}`: use 1 to 63 ASCII letters, digits or underscores, not starting with a digit, optionally prefixed by a schema name and a dot"
-)]
-pub struct InvalidTableName(pub(crate) String);
+#[error("invalid table name `{name}`: {rule}")]
+pub struct InvalidTableName {
+    name: String,
+    rule: &'static str,
+}
 
 /// Table names are spliced into SQL text (they cannot be bound as
 /// parameters), so only plain identifiers are accepted.
-pub(crate) fn check_table_name(name: &str) -> Result<(), InvalidTableName> {
+const NOT_AN_IDENTIFIER: &str = "use 1 to 63 ASCII letters, digits or underscores, not starting with a digit, optionally prefixed by a schema name and a dot";
+
+/// A temporary table exists only for the connection that created it, and
+/// only while that connection lasts: the store's other connections would
+/// find no table, and every record would go with the one that has it.
+const IN_A_TEMPORARY_SCHEMA: &str =
+    "a temporary schema's tables are each connection's own; name a schema of the database";
+
+/// Checks that `name` is a plain identifier, optionally schema-qualified,
+/// and not in a schema that `is_temporary` says holds each connection's
+/// own tables.
+pub(crate) fn check_table_name(
+    name: &str,
+    is_temporary: fn(&str) -> bool,
+) -> Result<(), InvalidTableName> {
+    let refuse = |rule| {
+        Err(InvalidTableName {
+            name: name.to_owned(),
+            rule,
+        })
+    };
     let parts: Vec<&str> = name.split('.').collect();
-    let valid = parts.len() <= 2 && parts.iter().all(|part| is_identifier(part));
-    if valid {
-        Ok(())
-    } else {
-        Err(InvalidTableName(name.to_owned()))
+    if parts.len() > 2 || !parts.iter().all(|part| is_identifier(part)) {
+        return refuse(NOT_AN_IDENTIFIER);
     }
+    if parts.len() == 2 && is_temporary(&parts[0].to_ascii_lowercase()) {
+        return refuse(IN_A_TEMPORARY_SCHEMA);
+    }
+    Ok(())
 }
 
 fn is_identifier(part: &str) -> bool {
@@ -117,11 +139,25 @@ pub(crate) fn token_from(bytes: &[u8]) -> Result<LeaseToken, StoreError> {
 mod tests {
     use super::*;
 
+    fn never_temporary(_: &str) -> bool {
+        false
+    }
+
     #[test]
     fn accepts_plain_and_schema_qualified_names() {
         for name in ["idempotency_records", "_t1", "app.records", "A.b_2"] {
-            assert_eq!(check_table_name(name), Ok(()), "{name}");
+            assert_eq!(check_table_name(name, never_temporary), Ok(()), "{name}");
         }
+    }
+
+    #[test]
+    fn refuses_a_temporary_schema_in_any_case() {
+        let temporary = |schema: &str| schema == "temp";
+        for name in ["temp.records", "TEMP.records", "Temp.records"] {
+            let refused = check_table_name(name, temporary).expect_err(name);
+            assert!(refused.to_string().contains("temporary"), "{refused}");
+        }
+        assert_eq!(check_table_name("records", temporary), Ok(()));
     }
 
     #[test]
@@ -137,7 +173,7 @@ mod tests {
             ".a",
             long.as_str(),
         ] {
-            assert!(check_table_name(name).is_err(), "{name}");
+            assert!(check_table_name(name, never_temporary).is_err(), "{name}");
         }
     }
 

@@ -25,11 +25,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use sqlx::Row;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
 };
+use sqlx::{Connection, Row};
 use tokio_util::task::TaskTracker;
 
 use super::sql::{self, DEFAULT_TABLE, InvalidTableName, from_sql_millis, to_sql_millis};
@@ -109,9 +109,10 @@ impl SqliteStoreBuilder {
     /// Builds the store; call [`SqliteStore::migrate`] to create the table.
     ///
     /// # Errors
-    /// The table name is not a plain SQL identifier.
+    /// The table name is not a plain SQL identifier, or names a
+    /// temporary schema, whose tables are each connection's own.
     pub fn build(self) -> Result<SqliteStore, InvalidTableName> {
-        sql::check_table_name(&self.table)?;
+        sql::check_table_name(&self.table, |schema| schema == "temp")?;
         let sql = Statements::new(&sql::quoted(&self.table));
         Ok(SqliteStore {
             inner: Arc::new(Inner {
@@ -128,13 +129,20 @@ impl SqliteStoreBuilder {
 impl SqliteStore {
     /// Opens (creating if needed) the database file at `path`, in WAL mode.
     ///
+    /// `":memory:"` opens an in-memory database instead, for tests: the
+    /// store keeps it on one connection, open until its pool is closed,
+    /// since each connection to `:memory:` would have a database of its
+    /// own.
+    ///
     /// # Errors
     /// The file cannot be opened or created.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         Self::with_options(SqliteConnectOptions::new().filename(path)).await
     }
 
-    /// Opens a database by URL, `sqlite://<path>`, in WAL mode.
+    /// Opens a database by URL, `sqlite://<path>`, in WAL mode; an
+    /// in-memory one (`sqlite::memory:`) is kept on one connection, as by
+    /// [`open`](Self::open).
     ///
     /// # Errors
     /// The URL is invalid or the file cannot be opened or created.
@@ -149,16 +157,31 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(BUSY_TIMEOUT);
-        let connect = || {
+        let in_memory = while_busy(|| is_in_memory(&options))
+            .await
+            .map_err(StoreError::backend)?;
+        let pool_options = if in_memory {
+            // Each connection to `:memory:` opens a database of its own,
+            // and a shared one (`sqlite::memory:`) is dropped with its last
+            // connection: one connection, never closed, is the database.
             SqlitePoolOptions::new()
-                .max_connections(4)
-                .connect_with(options.clone())
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+        } else {
+            SqlitePoolOptions::new().max_connections(4)
         };
+        let connect = || pool_options.clone().connect_with(options.clone());
         let pool = while_busy(connect).await.map_err(StoreError::backend)?;
         Self::builder(pool).build().map_err(StoreError::backend)
     }
 
     /// Starts building a store on `pool`.
+    ///
+    /// A pool on an in-memory database must keep one connection open for
+    /// good (`min_connections(1)`, no idle timeout, no maximum lifetime):
+    /// the database, with every record, goes with its last connection.
     pub fn builder(pool: SqlitePool) -> SqliteStoreBuilder {
         SqliteStoreBuilder {
             pool,
@@ -321,6 +344,18 @@ impl Drop for Waiting<'_> {
             self.store.inner.background.spawn_on(release, &runtime);
         }
     }
+}
+
+/// Whether `options` open an in-memory database, as SQLite itself says:
+/// one without a file (`:memory:`, `sqlite::memory:`, `mode=memory`).
+async fn is_in_memory(options: &SqliteConnectOptions) -> Result<bool, sqlx::Error> {
+    let mut connection = SqliteConnection::connect_with(options).await?;
+    let file: String =
+        sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
+            .fetch_one(&mut connection)
+            .await?;
+    connection.close().await?;
+    Ok(file.is_empty())
 }
 
 /// Runs `operation` again while SQLite answers "database is locked" at

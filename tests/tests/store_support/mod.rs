@@ -252,9 +252,15 @@ impl OwnRedis {
     }
 
     pub async fn start(port: u16) -> Self {
+        Self::start_with(port, &[]).await
+    }
+
+    /// Starts a server with `settings` added to its command line.
+    pub async fn start_with(port: u16, settings: &[&str]) -> Self {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(settings)
             .stdout(Stdio::null())
             .kill_on_drop(true)
             .spawn()
