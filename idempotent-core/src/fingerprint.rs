@@ -171,7 +171,9 @@ pub enum FingerprintError {
     SharedEndpointName {
         /// The shared name.
         name: &'static str,
-        /// Where the two attributes stand, as `file:line:column`.
+        /// Where the two attributes stand, as `file:line:column #hash`, the
+        /// hash that of the handler as written (two handlers written by one
+        /// `macro_rules!` invocation stand at its line and column).
         places: [&'static str; 2],
     },
 }

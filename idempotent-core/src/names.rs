@@ -6,10 +6,12 @@
 //! functions of two types in one module, local functions of one name in
 //! two functions) would share it, and a key reused from one at the other
 //! with an equal payload would be answered with the other's stored
-//! response. Where the attribute stands tells them apart, so each handler
-//! named by default registers its place on its first request; once two
-//! places have registered one name, both handlers answer 500 and the log
-//! names the two places, until one of them is given a `name`.
+//! response. Where the attribute stands tells them apart, with a hash of
+//! the handler as written for the handlers one `macro_rules!` invocation
+//! writes (they all stand at its line and column), so each handler named
+//! by default registers its place on its first request; once two places
+//! have registered one name, both handlers answer 500 and the log names
+//! the two places, until one of them is given a `name`.
 //!
 //! An explicit `name` is never checked: giving two handlers one name on
 //! purpose (an old and a new version of one endpoint) makes them one
@@ -38,7 +40,7 @@ static REGISTRY: LazyLock<Mutex<Registry>> = LazyLock::new(Mutex::default);
 static ANY_SHARED: AtomicBool = AtomicBool::new(false);
 
 /// A handler's default endpoint name and the place of its attribute
-/// (`file:line:column`).
+/// (`file:line:column #hash`, the hash that of the handler as written).
 #[derive(Debug)]
 pub struct DefaultName {
     place: &'static str,

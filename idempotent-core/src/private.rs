@@ -166,7 +166,7 @@ fn note_route_params(
 }
 
 /// A 64-bit FNV-1a hash of an endpoint's identity, its name and the
-/// place (`file:line:column`) of its attribute joined by a space, for
+/// place (`file:line:column #hash`) of its attribute joined by a space, for
 /// [`ExactBody`]'s `ENDPOINT`; also how the name registry finds a
 /// handler whose default name is shared.
 #[must_use]

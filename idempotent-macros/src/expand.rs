@@ -3,6 +3,8 @@
 //! visibility extracts the request's idempotency context and hands the inner
 //! future to `__private::run`. Nothing here decides anything at run time.
 
+use std::hash::{DefaultHasher, Hash, Hasher};
+
 use proc_macro2::{Span, TokenStream};
 use quote::{ToTokens, format_ident, quote, quote_spanned};
 use syn::ext::IdentExt;
@@ -649,6 +651,7 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
     let too_many =
         (routed_arity > CLIPPY_MAX_ARGUMENTS).then(|| quote!(#[allow(clippy::too_many_arguments)]));
     let exact_body = handler.exact_repeats;
+    let place = place(func);
     let signature = outer_signature(
         func,
         handler,
@@ -658,7 +661,7 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
         exact_body.then(|| {
             (
                 scope_kind(args, &private),
-                endpoint_id(args, &func.sig.ident, &private),
+                endpoint_id(args, &func.sig.ident, &place, &private),
             )
         }),
         &private,
@@ -666,7 +669,7 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
     let unpack = exact_body.then(|| unpack_exact_body(&params));
     let endpoint = endpoint_const(args, &func.sig.ident, &private);
     let fingerprint = fingerprint(handler, &func.sig.generics, &params, &private);
-    let fingerprint = checked_name(args, fingerprint, &private);
+    let fingerprint = checked_name(args, fingerprint, &place, &private);
     let future = future(func, &params, &private);
     let run = run(&func.sig.ident, &private);
     let ItemFn { sig, block, .. } = func;
@@ -782,22 +785,34 @@ fn endpoint_name(args: &Args, name: &Ident) -> TokenStream {
 /// handlers that share a name and a module (associated functions of two
 /// types, functions local to two others); the table lives only as long as
 /// the process, so its ids need not survive a change of the source.
-fn endpoint_id(args: &Args, name: &Ident, private: &TokenStream) -> TokenStream {
+fn endpoint_id(
+    args: &Args,
+    name: &Ident,
+    place: &TokenStream,
+    private: &TokenStream,
+) -> TokenStream {
     let endpoint = endpoint_name(args, name);
-    let place = place();
     quote! {
         { #private::endpoint_id(#endpoint, #place) }
     }
 }
 
-/// Where the attribute stands, `file:line:column`, as a string literal.
-fn place() -> TokenStream {
+/// Where the attribute stands, `file:line:column`, and a hash of the
+/// handler as written (`#` and 8 hex digits), as a string literal. Inside a
+/// `macro_rules!` expansion, `line!()` and `column!()` are those of the
+/// invocation, so every handler one invocation writes would stand at one
+/// place; what the invocation wrote into each still tells them apart.
+fn place(func: &ItemFn) -> TokenStream {
+    let mut hasher = DefaultHasher::new();
+    func.to_token_stream().to_string().hash(&mut hasher);
+    let written = format!(" #{:08x}", hasher.finish() >> 32);
     quote!(::core::concat!(
         ::core::file!(),
         ":",
         ::core::line!(),
         ":",
-        ::core::column!()
+        ::core::column!(),
+        #written
     ))
 }
 
@@ -913,11 +928,15 @@ fn endpoint_const(args: &Args, name: &Ident, private: &TokenStream) -> TokenStre
 /// `fingerprint`, after checking that no handler at another place shares
 /// the endpoint's default name (an explicit `name` may be shared on
 /// purpose).
-fn checked_name(args: &Args, fingerprint: TokenStream, private: &TokenStream) -> TokenStream {
+fn checked_name(
+    args: &Args,
+    fingerprint: TokenStream,
+    place: &TokenStream,
+    private: &TokenStream,
+) -> TokenStream {
     if args.name.is_some() {
         return fingerprint;
     }
-    let place = place();
     let error = local("__idempotent_error");
     quote! {{
         static __IDEMPOTENT_DEFAULT_NAME: #private::DefaultName =

@@ -374,6 +374,57 @@ async fn another_caller_with_the_same_key_and_bytes_runs_its_own_request() {
     assert_eq!(store.executions(), 2);
 }
 
+#[tokio::test]
+async fn basic_credentials_are_another_caller_than_the_same_bearer_token() {
+    let (store, runs) = (MockStore::new(), Runs::default());
+    let app = app(&store, &runs);
+    let body = r#"{"tag":"schemes","amount":100}"#;
+    let with = |authorization: &str| {
+        let mut request = post_json("/charges", "k1", body);
+        let headers = request.headers_mut();
+        headers.remove("x-api-key");
+        headers.insert("authorization", authorization.parse().unwrap());
+        request
+    };
+    for _ in 0..4 {
+        let answer = send(&app, with("Bearer c2tfMTo=")).await;
+        assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    }
+    assert_eq!(
+        store.count(OpKind::Get),
+        1,
+        "the fourth was an exact repeat"
+    );
+
+    // The same credential bytes under the other scheme name another caller.
+    let answer = send(&app, with("Basic c2tfMTo=")).await;
+
+    assert_eq!(answer.status, StatusCode::CREATED);
+    assert!(!answer.replayed, "{}", answer.body);
+    assert_eq!(store.executions(), 2);
+}
+
+#[tokio::test]
+async fn the_same_bytes_under_another_content_type_are_refused_as_without_exact_repeats() {
+    let body = r#"{"tag":"media","amount":100}"#;
+    let (store, app) = after_exact_repeats(body).await;
+
+    for content_type in ["text/plain", "application/x-www-form-urlencoded"] {
+        let mut request = post_json("/charges", "k1", body);
+        request
+            .headers_mut()
+            .insert("content-type", content_type.parse().unwrap());
+        let answer = send(&app, request).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{content_type}: {}",
+            answer.body
+        );
+    }
+    store.assert_executed_once();
+}
+
 #[idempotent(ttl = "1h")]
 async fn limited_note(body: String) -> String {
     format!("noted {} bytes", body.len())

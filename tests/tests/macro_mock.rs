@@ -278,32 +278,55 @@ async fn the_lease_option_sets_how_long_an_orphaned_claim_holds() {
     store.assert_executed(2);
 }
 
+/// Posts a charge of 100 under `key` with its `Content-Length`, as clients
+/// send it: a key's third replay onwards is then an exact repeat, read
+/// with `get` instead of claimed.
+async fn post_sized(app: &Router, key: &str) -> StatusCode {
+    let body = r#"{"amount":100}"#;
+    let request = Request::post("/charges")
+        .header("idempotency-key", key)
+        .header("x-api-key", "test-caller")
+        .header("content-type", "application/json")
+        .header("content-length", body.len())
+        .body(Body::from(body))
+        .unwrap();
+    app.clone().oneshot(request).await.unwrap().status()
+}
+
+/// The mock's app after `k1` was sent until its exact repeats are read
+/// with `get`.
+async fn with_exact_repeats(store: &MockStore) -> Router {
+    let app = app(store);
+    for _ in 0..4 {
+        assert_eq!(post_sized(&app, "k1").await, StatusCode::CREATED);
+    }
+    assert_eq!(store.count(OpKind::Get), 1, "{:?}", store.operations());
+    app
+}
+
 #[tokio::test]
 async fn an_injected_claim_failure_also_fails_an_exact_repeat() {
     let store = MockStore::new();
-    let app = app(&store);
-    // With `Content-Length`, as clients send it, a key's third replay
-    // onwards is an exact repeat, read with `get` instead of claimed.
-    let send = |key: &'static str| {
-        let body = r#"{"amount":100}"#;
-        let request = Request::post("/charges")
-            .header("idempotency-key", key)
-            .header("x-api-key", "test-caller")
-            .header("content-type", "application/json")
-            .header("content-length", body.len())
-            .body(Body::from(body))
-            .unwrap();
-        let app = app.clone();
-        async move { app.oneshot(request).await.unwrap().status() }
-    };
-    for _ in 0..4 {
-        assert_eq!(send("k1").await, StatusCode::CREATED);
-    }
-    assert_eq!(store.count(OpKind::Get), 1, "{:?}", store.operations());
+    let app = with_exact_repeats(&store).await;
     store.fail_next(OpKind::Claim);
-    assert_eq!(send("k1").await, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        post_sized(&app, "k1").await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
     // The fault is spent: the next new key runs.
-    assert_eq!(send("k2").await, StatusCode::CREATED);
+    assert_eq!(post_sized(&app, "k2").await, StatusCode::CREATED);
+    assert_eq!(store.executions(), 2);
+}
+
+#[tokio::test]
+async fn in_flight_next_also_holds_the_key_of_an_exact_repeat() {
+    let store = MockStore::new();
+    let app = with_exact_repeats(&store).await;
+    store.in_flight_next();
+    assert_eq!(post_sized(&app, "k1").await, StatusCode::CONFLICT);
+    assert_eq!(store.claims(ClaimOutcome::InFlight), 1);
+    // The held claim is spent: the next new key runs.
+    assert_eq!(post_sized(&app, "k2").await, StatusCode::CREATED);
     assert_eq!(store.executions(), 2);
 }
 

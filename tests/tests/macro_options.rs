@@ -745,6 +745,48 @@ async fn an_exact_repeat_is_refused_once_its_handler_shares_a_default_name() {
     assert_eq!(runs.get(), 1);
 }
 
+/// A third pair the default name cannot tell apart, both written by one
+/// `macro_rules!` invocation: `line!()` and `column!()` in the expansion
+/// are the invocation's, the same for both attributes.
+struct Payouts;
+struct Transfers;
+
+macro_rules! send_handlers {
+    ($($kind:ident => $label:literal),*) => {$(
+        impl $kind {
+            #[idempotent(scope = "global")]
+            async fn send(State(runs): State<Runs>, Json(n): Json<u32>) -> String {
+                format!("{}:{}:{n}", $label, runs.bump())
+            }
+        }
+    )*};
+}
+
+send_handlers!(Payouts => "payout", Transfers => "transfer");
+
+#[tokio::test]
+async fn handlers_of_one_macro_invocation_that_share_a_default_name_are_refused() {
+    let runs = Runs::default();
+    let app = router(
+        Router::new()
+            .route("/payouts", post(Payouts::send))
+            .route("/transfers", post(Transfers::send)),
+        &runs,
+    );
+    let payout = send(&app, request("/payouts", Some("k"), &[], "5")).await;
+    assert_eq!(payout.body, "payout:1:5");
+
+    let transfer = send(&app, request("/transfers", Some("k"), &[], "5")).await;
+
+    assert_eq!(
+        (transfer.status, transfer.replayed),
+        (StatusCode::INTERNAL_SERVER_ERROR, false),
+        "the payout's answer reached the transfer: {}",
+        transfer.body
+    );
+    assert_eq!(runs.get(), 1);
+}
+
 // ===== final_statuses =====
 
 #[idempotent(scope = "global")]

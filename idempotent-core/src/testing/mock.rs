@@ -11,7 +11,7 @@ use http::StatusCode;
 use crate::Idempotency;
 use crate::clock::{Clock, ManualClock, millis};
 use crate::fingerprint::Fingerprint;
-use crate::record::{Claim, LeaseToken, Record, RecordKey, StoredResponse};
+use crate::record::{Claim, InFlight, LeaseToken, Record, RecordKey, StoredResponse};
 use crate::store::{MemoryStore, Store, StoreError};
 
 /// Where the mock's clock starts: 2025-01-01T00:00:00Z, so records carry
@@ -262,6 +262,13 @@ impl MockStore {
     /// logged as `Claim { outcome: InFlight }` and nothing runs. Calls
     /// queue up: `in_flight_next` twice holds two claims.
     ///
+    /// An exact repeat of a replayed request reads the record with
+    /// [`get`](Store::get) before it claims: while an answer is queued,
+    /// that read finds the key held too, and the answer stays queued for
+    /// the claim the request falls back to, so that "a duplicate holds the
+    /// key" holds for both (as a queued `Claim` fault does, see
+    /// [`fail_next`](Self::fail_next)).
+    ///
     /// This is the state a handler test cannot otherwise reach without
     /// keeping a first request running while it sends the second.
     pub fn in_flight_next(&self) {
@@ -386,6 +393,23 @@ impl MockStore {
         })
     }
 
+    /// `record` as a read finds it while [`in_flight_next`](Self::in_flight_next)
+    /// has a claim to answer: a completed record is then held by a
+    /// duplicate with its payload, and nothing is taken from the queue.
+    fn as_held(&self, record: Record) -> Record {
+        match record {
+            Record::Completed(completed) if self.state().in_flight_next > 0 => {
+                Record::InFlight(InFlight {
+                    fingerprint: completed.fingerprint,
+                    lease_token: LeaseToken::random(),
+                    // Nothing holds a lease: the record's deadline stands in.
+                    lease_expires_at: completed.expires_at,
+                })
+            }
+            record => record,
+        }
+    }
+
     /// Logs a call's result: `success` for what it answered, or a failure.
     fn logged<T>(
         &self,
@@ -467,6 +491,7 @@ impl Store for MockStore {
     async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
         self.before(OpKind::Get).await?;
         let result = Store::get(&self.inner.store, key).await;
+        let result = result.map(|found| found.map(|record| self.as_held(record)));
         self.logged(OpKind::Get, result, |record| Operation::Get {
             found: record.is_some(),
         })
