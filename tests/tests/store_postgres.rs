@@ -17,8 +17,8 @@ use idempotent_core::store::{PostgresStore, Store, Tiered};
 use idempotent_core::testing::contract;
 use sqlx::{Connection, PgPool};
 use store_support::{
-    Ledger, assert_kept, backend_url, complete_with_a_body_of, duplicates_across_instances, pay,
-    pay_until_available, payments_app, unique_name,
+    Ledger, Relay, assert_kept, backend_url, complete_with_a_body_of, duplicates_across_instances,
+    pay, pay_until_available, payments_app, relay_to_the_database, unique_name,
 };
 
 const URL: &str = "IDEMPOTENT_TEST_POSTGRES_URL";
@@ -546,88 +546,6 @@ async fn a_database_that_never_answers_is_cut_by_the_store_timeout() {
 
 // ===== the database going away and coming back =====
 
-/// A TCP relay to the database on a port of its own: stopping it cuts
-/// every connection and refuses new ones, as a database restart or a
-/// network failure would.
-struct Relay {
-    port: u16,
-    upstream: (String, u16),
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Relay {
-    async fn start(port: u16, upstream: (String, u16)) -> Self {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-            .await
-            .expect("bind the relay port");
-        let target = upstream.clone();
-        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let mut connections = tokio::task::JoinSet::new();
-            loop {
-                let (mut inbound, _) = tokio::select! {
-                    _ = &mut stopped => break,
-                    accepted = listener.accept() => match accepted {
-                        Ok(accepted) => accepted,
-                        Err(_) => break,
-                    },
-                };
-                let target = target.clone();
-                connections.spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-            }
-            // Every relayed connection is closed before `stop` returns.
-            connections.shutdown().await;
-        });
-        Self {
-            port,
-            upstream,
-            stop: Some(stop),
-            task: Some(task),
-        }
-    }
-
-    /// Returns once the listener and every relayed connection are closed:
-    /// aborting the relay's task alone lets a connection forward a little
-    /// longer on another worker thread.
-    async fn stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-    }
-}
-
-/// A relay to the database at `url` on a free port, and the options that
-/// connect through it.
-async fn relay_to_the_database(url: &str) -> (sqlx::postgres::PgConnectOptions, Relay) {
-    use std::str::FromStr;
-
-    let direct = sqlx::postgres::PgConnectOptions::from_str(url).expect("valid URL");
-    let upstream = (direct.get_host().to_owned(), direct.get_port());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let relay = Relay::start(port, upstream).await;
-    (direct.host("127.0.0.1").port(port), relay)
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_going_away_gives_503_and_the_service_recovers() {
     use std::time::Instant;
@@ -1032,6 +950,46 @@ async fn a_response_finished_after_a_database_restart_is_stored() {
         })
         .await;
         drop(restarted);
+        let cleanup = PostgresStore::connect(&url).await.expect("connect");
+        drop_table_on(cleanup.pool(), store.table()).await;
+    }
+}
+
+/// The database goes away for longer than the engine's pauses between
+/// attempts at storing a response (about a second), and a claim meets the
+/// outage and fails at once: the response of the handler that was running
+/// is still stored once the database is back, since the statements after
+/// a claim wait for the server instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_finished_while_claims_fail_at_once_is_stored() {
+    use std::time::Instant;
+
+    let Some(url) = backend_url(URL) else { return };
+    for hold in [0, 15] {
+        let (store, mut relay) = store_behind_a_relay(&url, hold).await;
+        let others = gated::app(store.clone(), &gated::Gate::default());
+        let mut restarted = None;
+        a_payment_survives(&store, async {
+            relay.stop().await;
+            let started = Instant::now();
+            let refused = pay(&others, "refused-at-once", 1).await;
+            assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+            // Without failing fast, the claim waits out the store timeout
+            // (5 s); half of it leaves room for a loaded machine.
+            let waited = started.elapsed();
+            assert!(
+                waited < Duration::from_millis(2500),
+                "hold {hold}: refused after {waited:?}"
+            );
+            let (port, upstream) = (relay.port, relay.upstream.clone());
+            restarted = Some(tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                Relay::start(port, upstream).await
+            }));
+        })
+        .await;
+        let restarted = restarted.expect("restarting").await;
+        drop(restarted.expect("the relay restarts"));
         let cleanup = PostgresStore::connect(&url).await.expect("connect");
         drop_table_on(cleanup.pool(), store.table()).await;
     }

@@ -31,6 +31,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Row};
 
 use self::connections::{Connections, Undo};
+use self::reachability::Patience;
 
 use super::sql::{self, DEFAULT_TABLE, InvalidTableName, from_sql_millis, to_sql_millis};
 use super::{Store, StoreError};
@@ -39,6 +40,7 @@ use crate::fingerprint::Fingerprint;
 use crate::record::{Claim, Completed, InFlight, LeaseToken, Record, RecordKey, StoredResponse};
 
 mod connections;
+mod reachability;
 
 const SCHEMA: &str = include_str!("postgres/schema.sql");
 /// Room for a completion's values in one protocol message, which the
@@ -96,15 +98,16 @@ fn race_pause(races: usize) -> Duration {
 /// have been applied before the break.
 macro_rules! on_live_connection {
     ($store:expr, |$connection:ident| $statement:expr) => {
-        on_live_connection!($store, None, |$connection| $statement)
+        on_live_connection!($store, Patience::WaitForServer, None, |$connection| $statement)
     };
-    // `$undo`: what undoes the statement if its caller stops waiting for
-    // it (see `Undo`).
-    ($store:expr, $undo:expr, |$connection:ident| $statement:expr) => {{
+    // `$patience`: how long to wait for a new connection while the server
+    // takes none (see `Patience`); `$undo`: what undoes the statement if
+    // its caller stops waiting for it (see `Undo`).
+    ($store:expr, $patience:expr, $undo:expr, |$connection:ident| $statement:expr) => {{
         let mut broke: Option<StoreError> = None;
         let mut retries = 0;
         loop {
-            let mut lease = $store.inner.connections.lease().await?;
+            let mut lease = $store.inner.connections.lease($patience).await?;
             if let Some(undo) = $undo {
                 lease.undo_if_abandoned(undo);
             }
@@ -150,6 +153,16 @@ macro_rules! on_live_connection {
 /// # Ok(())
 /// # }
 /// ```
+///
+/// When the server stops taking connections (refused, starting up, too
+/// many clients), sqlx's pool tries again without a word until its acquire
+/// timeout. The store then connects once itself, at most once a second,
+/// to learn why: the cause is logged (at `ERROR`) when an outage begins or
+/// changes, and its end (at `INFO`), and until then a claim that needs a
+/// new connection fails at once with it, answering 503 without waiting
+/// for the store timeout. Renewals, completions and releases wait for the
+/// server as before. A statement the pool has a connection ready for is
+/// not touched by any of this.
 #[derive(Clone)]
 pub struct PostgresStore {
     inner: Arc<Inner>,
@@ -561,6 +574,10 @@ impl Store for PostgresStore {
             token: token_bytes,
             log_id: key.log_id(),
         });
+        // Nothing has run yet: while the server takes no new connections,
+        // the client is better told at once (503) than after the store
+        // timeout. The statements after it wait for the server instead.
+        let patience = Patience::FailFast;
         for _ in 0..sql::CLAIM_ATTEMPTS {
             // Both statements take the claim's six parameters; the time is
             // read for each run, so one rerun after a broken connection
@@ -575,17 +592,19 @@ impl Store for PostgresStore {
                     .bind(to_sql_millis(now.saturating_add(millis(lease))))
                     .bind(to_sql_millis(now))
             };
-            let (row, _) =
-                on_live_connection!(self, undo, |connection| query(&self.inner.sql.claim)
-                    .fetch_optional(connection));
+            let (row, _) = on_live_connection!(self, patience, undo, |connection| query(
+                &self.inner.sql.claim
+            )
+            .fetch_optional(connection));
             // No row: a claim committed after the snapshot; look again.
             let Some(row) = row? else { continue };
             if column::<bool>(&row, "live")? {
                 return claim_from_row(&row, token);
             }
-            let (taken, _) =
-                on_live_connection!(self, undo, |connection| query(&self.inner.sql.take_over)
-                    .execute(connection));
+            let (taken, _) = on_live_connection!(self, patience, undo, |connection| query(
+                &self.inner.sql.take_over
+            )
+            .execute(connection));
             // Nothing taken after a break may be a take-over that was
             // applied: the next claim finds its own token then.
             if taken?.rows_affected() > 0 {

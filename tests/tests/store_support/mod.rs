@@ -1,6 +1,6 @@
 //! What the `store_*` tests share: finding the test servers, unique names,
-//! a small payments app to run two instances of, and a `redis-server` of
-//! a test's own.
+//! a small payments app to run two instances of, a `redis-server` of a
+//! test's own, and a relay to PostgreSQL that a test can cut.
 #![allow(dead_code, unreachable_pub)] // each test file uses a different part
 
 use std::io::Write;
@@ -292,6 +292,88 @@ impl OwnRedis {
     pub async fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill().await.expect("stop redis-server");
+        }
+    }
+}
+
+/// A TCP relay to the database on a port of its own: stopping it cuts
+/// every connection and refuses new ones, as a database restart or a
+/// network failure would.
+pub struct Relay {
+    pub port: u16,
+    pub upstream: (String, u16),
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Relay {
+    pub async fn start(port: u16, upstream: (String, u16)) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind the relay port");
+        let target = upstream.clone();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    _ = &mut stopped => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(_) => break,
+                    },
+                };
+                let target = target.clone();
+                connections.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+            // Every relayed connection is closed before `stop` returns.
+            connections.shutdown().await;
+        });
+        Self {
+            port,
+            upstream,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Returns once the listener and every relayed connection are closed:
+    /// aborting the relay's task alone lets a connection forward a little
+    /// longer on another worker thread.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+/// A relay to the database at `url` on a free port, and the options that
+/// connect through it.
+pub async fn relay_to_the_database(url: &str) -> (sqlx::postgres::PgConnectOptions, Relay) {
+    use std::str::FromStr;
+
+    let direct = sqlx::postgres::PgConnectOptions::from_str(url).expect("valid URL");
+    let upstream = (direct.get_host().to_owned(), direct.get_port());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let relay = Relay::start(port, upstream).await;
+    (direct.host("127.0.0.1").port(port), relay)
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
         }
     }
 }

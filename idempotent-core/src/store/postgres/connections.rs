@@ -29,6 +29,7 @@ use sqlx::postgres::{PgConnection, PgPool, Postgres};
 use tokio::runtime::Handle;
 use tokio_util::task::TaskTracker;
 
+use super::reachability::{AcquireError, Patience, Reachability};
 use crate::record::LogId;
 use crate::store::StoreError;
 
@@ -42,6 +43,8 @@ const MAX_HOLD: Duration = Duration::from_secs(60);
 /// The store's connections: kept ones, or straight from the sqlx pool.
 pub(super) struct Connections {
     pool: PgPool,
+    /// Whether the server takes new connections.
+    reachability: Arc<Reachability>,
     /// Undos running on tasks of their own, for [`Connections::settle`].
     undos: TaskTracker,
     /// `None` when connections are not kept (or deadpool refused its
@@ -64,6 +67,7 @@ struct Kept {
 /// sqlx pool.
 struct Checkout {
     pool: PgPool,
+    reachability: Arc<Reachability>,
 }
 
 /// A checked-out connection, and whether its last statement finished.
@@ -112,9 +116,11 @@ impl Connections {
         // would leave none to the application while statements keep it
         // busy (it goes back only after a second unused).
         let hold = hold.unwrap_or(size / 2).min(size);
-        let kept = Kept::new(&pool, hold).map(Arc::new);
+        let reachability = Arc::new(Reachability::new());
+        let kept = Kept::new(&pool, &reachability, hold).map(Arc::new);
         Self {
             pool,
+            reachability,
             undos: TaskTracker::new(),
             kept,
         }
@@ -129,23 +135,33 @@ impl Connections {
         &self.pool
     }
 
-    /// A connection for one statement: a kept one if any is free.
-    pub(super) async fn lease(&self) -> Result<Lease<'_>, StoreError> {
+    /// A connection for one statement: a kept one if any is free. While
+    /// the server takes no new connections, a statement that needs one
+    /// waits for it as `patience` says (see [`Reachability`]).
+    pub(super) async fn lease(&self, patience: Patience) -> Result<Lease<'_>, StoreError> {
         let lease = |leased| Lease {
             leased: Some(leased),
             pool: &self.pool,
             undos: &self.undos,
             undo: None,
         };
+        let pooled = || self.reachability.acquire(&self.pool, patience);
         let Some(kept) = &self.kept else {
-            let connection = self.pool.acquire().await.map_err(StoreError::backend)?;
-            return Ok(lease(Leased::Pooled(connection)));
+            return Ok(lease(Leased::Pooled(pooled().await?)));
         };
         Kept::start_sweeping(kept, &self.pool);
-        let mut object = kept.pool.get().await.map_err(|error| match error {
-            managed::PoolError::Backend(error) => StoreError::backend(error),
-            other => StoreError::backend(other.to_string()),
-        })?;
+        let mut object = match kept.pool.get().await {
+            Ok(object) => object,
+            // Kept connections are opened failing fast: a statement that
+            // waits takes one from the pool when the server is back.
+            Err(managed::PoolError::Backend(AcquireError::Unreachable(_)))
+                if patience == Patience::WaitForServer =>
+            {
+                return Ok(lease(Leased::Pooled(pooled().await?)));
+            }
+            Err(managed::PoolError::Backend(error)) => return Err(error.into()),
+            Err(other) => return Err(StoreError::backend(other.to_string())),
+        };
         // Set back by `finish`: a lease dropped before then is not reused.
         object.clean = false;
         Ok(lease(Leased::Kept(object)))
@@ -154,11 +170,15 @@ impl Connections {
 
 impl Kept {
     /// Up to `hold` connections of `pool`; `None` for none.
-    fn new(pool: &PgPool, hold: u32) -> Option<Self> {
+    fn new(pool: &PgPool, reachability: &Arc<Reachability>, hold: u32) -> Option<Self> {
         if hold == 0 {
             return None;
         }
-        let kept = managed::Pool::builder(Checkout { pool: pool.clone() })
+        let checkout = Checkout {
+            pool: pool.clone(),
+            reachability: Arc::clone(reachability),
+        };
+        let kept = managed::Pool::builder(checkout)
             .max_size(usize::try_from(hold).unwrap_or(usize::MAX))
             .build()
             .ok()?;
@@ -243,11 +263,13 @@ async fn sweep(kept: &Weak<Kept>, closed: CloseEvent) {
 
 impl managed::Manager for Checkout {
     type Type = Checked;
-    type Error = sqlx::Error;
+    type Error = AcquireError;
 
-    async fn create(&self) -> Result<Checked, sqlx::Error> {
+    async fn create(&self) -> Result<Checked, AcquireError> {
+        // deadpool cannot say which statement this is for.
+        let patience = Patience::FailFast;
         Ok(Checked {
-            connection: self.pool.acquire().await?,
+            connection: self.reachability.acquire(&self.pool, patience).await?,
             clean: true,
         })
     }
@@ -256,7 +278,7 @@ impl managed::Manager for Checkout {
         &self,
         checked: &mut Checked,
         metrics: &Metrics,
-    ) -> RecycleResult<sqlx::Error> {
+    ) -> RecycleResult<AcquireError> {
         // Refused connections are dropped, which returns them to the sqlx
         // pool: it drains or discards an unfinished one.
         if !checked.clean {
