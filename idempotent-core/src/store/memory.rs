@@ -16,6 +16,8 @@
 //! completed nor released them) once they pile up.
 
 mod expiries;
+#[cfg(test)]
+mod model;
 
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -191,6 +193,13 @@ impl MemoryStoreBuilder {
     /// full, expired records go first, then the records closest to their
     /// deadline (with one TTL, the oldest; a retry of one of those runs
     /// again, as after its TTL); in-flight claims are never dropped.
+    ///
+    /// The budget is split evenly among shards (one per 16 MiB of it, up
+    /// to 64), and each shard makes room on its own once it is over its
+    /// share: keys are spread at random, so a shard can fill while the
+    /// store as a whole still has room, the more likely the larger the
+    /// records are against a share. A record larger than its shard's
+    /// share stays only until the shard's next record completes.
     pub fn max_bytes(mut self, max_bytes: u64) -> Self {
         self.max_bytes = max_bytes;
         self
