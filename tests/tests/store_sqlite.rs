@@ -609,3 +609,57 @@ async fn tables_in_the_temporary_schema_are_refused() {
         assert!(error.to_string().contains("temporary"), "{table}: {error}");
     }
 }
+
+/// What `PRAGMA synchronous` (2 is `FULL`) and `PRAGMA journal_mode` say on
+/// every connection the pool has at once, and again on the connections
+/// it opens after those were closed.
+async fn sync_settings_of_every_connection(store: &SqliteStore) -> Vec<(i64, String)> {
+    let pool = store.pool();
+    let mut settings = Vec::new();
+    for _ in 0..2 {
+        let mut held = Vec::new();
+        for _ in 0..pool.options().get_max_connections() {
+            held.push(pool.acquire().await.expect("a connection"));
+        }
+        for connection in &mut held {
+            let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                .fetch_one(&mut **connection)
+                .await
+                .expect("read synchronous");
+            let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
+                .fetch_one(&mut **connection)
+                .await
+                .expect("read journal_mode");
+            settings.push((synchronous, journal));
+        }
+        for connection in held {
+            connection.close().await.expect("close a connection");
+        }
+    }
+    settings
+}
+
+/// In WAL mode `synchronous = NORMAL` does not sync the log on commit: a
+/// power loss or an OS crash could roll back a claim, or a response the
+/// client already has, and the retry after the reboot would run the
+/// handler again. Every connection the store opens, by path or by URL,
+/// syncs each commit (`FULL`).
+#[tokio::test]
+async fn every_connection_syncs_each_commit() {
+    let db = TempDb::new();
+    let url = format!("sqlite://{}", db.0.display());
+    let stores = [
+        db.open().await,
+        SqliteStore::connect(&url).await.expect("connect"),
+    ];
+    for store in &stores {
+        let settings = sync_settings_of_every_connection(store).await;
+        let max = store.pool().options().get_max_connections() as usize;
+        assert_eq!(settings.len(), 2 * max);
+        let not_durable: Vec<_> = settings
+            .iter()
+            .filter(|(synchronous, journal)| (*synchronous, journal.as_str()) != (2, "wal"))
+            .collect();
+        assert!(not_durable.is_empty(), "{not_durable:?}");
+    }
+}

@@ -1,5 +1,6 @@
 //! A SQLite store (feature `sqlite`), on sqlx: durable records for a
-//! service that runs on one machine, in one file (WAL mode).
+//! service that runs on one machine, in one file (WAL mode,
+//! `synchronous = FULL`).
 //!
 //! # Schema
 //!
@@ -45,6 +46,12 @@ const SCHEMA: &str = include_str!("sqlite/schema.sql");
 const MAX_VALUE_BYTES: usize = 1_000_000_000 - (1 << 20);
 /// How long a writer waits for another to finish before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// WAL with `FULL` syncs the log on every commit. With `NORMAL` it syncs
+/// only at checkpoints, and a power loss or an OS crash can roll back the
+/// last commits: a claim or a response the application already acted on
+/// would be gone, and the retry after the reboot would run its handler a
+/// second time.
+const SYNCHRONOUS: SqliteSynchronous = SqliteSynchronous::Full;
 
 /// A [`Store`] in a SQLite database file.
 ///
@@ -127,7 +134,13 @@ impl SqliteStoreBuilder {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database file at `path`, in WAL mode.
+    /// Opens (creating if needed) the database file at `path`, in WAL mode
+    /// with `synchronous = FULL`: every commit (a claim, a completed
+    /// response) is on disk before the store answers, so it survives a
+    /// power loss or an OS crash, at the cost of an `fsync` of the log
+    /// per write. To trade that for speed, open the pool yourself (with
+    /// `SqliteSynchronous::Normal`) and give it to
+    /// [`builder`](Self::builder).
     ///
     /// `":memory:"` opens an in-memory database instead, for tests: the
     /// store keeps it on one connection, open until its pool is closed,
@@ -140,9 +153,9 @@ impl SqliteStore {
         Self::with_options(SqliteConnectOptions::new().filename(path)).await
     }
 
-    /// Opens a database by URL, `sqlite://<path>`, in WAL mode; an
-    /// in-memory one (`sqlite::memory:`) is kept on one connection, as by
-    /// [`open`](Self::open).
+    /// Opens a database by URL, `sqlite://<path>`, as [`open`](Self::open)
+    /// does a path: in WAL mode with `synchronous = FULL`, and an in-memory
+    /// one (`sqlite::memory:`) kept on one connection.
     ///
     /// # Errors
     /// The URL is invalid or the file cannot be opened or created.
@@ -155,7 +168,7 @@ impl SqliteStore {
         let options = options
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            .synchronous(SYNCHRONOUS)
             .busy_timeout(BUSY_TIMEOUT);
         let in_memory = while_busy(|| is_in_memory(&options))
             .await
@@ -178,6 +191,38 @@ impl SqliteStore {
     }
 
     /// Starts building a store on `pool`.
+    ///
+    /// The store runs no pragma of its own on `pool`: its connections keep
+    /// the options they were opened with. [`open`](Self::open) uses WAL
+    /// mode, `synchronous = FULL` and a 5 s busy timeout; a pool opened
+    /// with `synchronous = NORMAL` instead skips the `fsync` on each
+    /// commit, and a power loss or an OS crash can then roll back the last
+    /// claims and responses, so their retries run the handler again:
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use idempotent_core::store::SqliteStore;
+    /// use sqlx::sqlite::{
+    ///     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+    /// };
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let options = SqliteConnectOptions::new()
+    ///     .filename("idempotency.db")
+    ///     .create_if_missing(true)
+    ///     .journal_mode(SqliteJournalMode::Wal)
+    ///     // Faster writes; the last commits may be lost to a power loss.
+    ///     .synchronous(SqliteSynchronous::Normal)
+    ///     .busy_timeout(Duration::from_secs(5));
+    /// let pool = SqlitePoolOptions::new()
+    ///     .max_connections(4)
+    ///     .connect_with(options)
+    ///     .await?;
+    /// let store = SqliteStore::builder(pool).build()?;
+    /// store.migrate().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// A pool on an in-memory database must keep one connection open for
     /// good (`min_connections(1)`, no idle timeout, no maximum lifetime):
