@@ -8,12 +8,11 @@
 
 mod store_support;
 
-use std::fmt::Write as _;
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use idempotent_core::store::PostgresStore;
+use store_support::logs::{Logged, events};
 use store_support::{
     Ledger, Relay, backend_url, pay, pay_until_available, payments_app, relay_to_the_database,
     unique_name,
@@ -21,73 +20,6 @@ use store_support::{
 use tracing::Level;
 
 const STORE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// An event at `INFO` or above.
-#[derive(Clone, Debug)]
-struct Logged {
-    level: Level,
-    target: String,
-    /// Every field, the message among them, as `name=value`.
-    fields: String,
-}
-
-#[derive(Default)]
-struct Events(Mutex<Vec<Logged>>);
-
-impl Events {
-    /// The events at `level` whose target starts with `target`.
-    fn at(&self, level: Level, target: &str) -> Vec<Logged> {
-        let events = self.0.lock().unwrap();
-        let matching = events.iter().filter(|event| event.level == level);
-        matching
-            .filter(|event| event.target.starts_with(target))
-            .cloned()
-            .collect()
-    }
-}
-
-struct Fields(String);
-
-impl tracing::field::Visit for Fields {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        let _ = write!(self.0, "{}={value:?} ", field.name());
-    }
-}
-
-impl tracing::Subscriber for Events {
-    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
-        *metadata.level() <= Level::INFO
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, event: &tracing::Event<'_>) {
-        let mut fields = Fields(String::new());
-        event.record(&mut fields);
-        let metadata = event.metadata();
-        self.0.lock().unwrap().push(Logged {
-            level: *metadata.level(),
-            target: metadata.target().to_owned(),
-            fields: fields.0,
-        });
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
-}
-
-/// The process's one subscriber.
-fn events() -> Arc<Events> {
-    static EVENTS: OnceLock<Arc<Events>> = OnceLock::new();
-    EVENTS
-        .get_or_init(|| {
-            let events = Arc::new(Events::default());
-            tracing::subscriber::set_global_default(events.clone()).expect("the only subscriber");
-            events
-        })
-        .clone()
-}
 
 /// The database stops taking connections (the relay to it is gone):
 /// requests get 503 well before the store timeout, the cause (refused, at

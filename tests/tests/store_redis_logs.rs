@@ -9,7 +9,6 @@
 
 mod store_support;
 
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use idempotent_core::Fingerprint;
@@ -17,63 +16,9 @@ use idempotent_core::key::IdempotencyKey;
 use idempotent_core::record::RecordKey;
 use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{RedisStore, Store};
+use store_support::logs::events;
 use store_support::{OwnRedis, backend_url};
-
-/// The message and `key` field of each warning.
-#[derive(Default)]
-struct Warnings(Mutex<Vec<(String, Option<String>)>>);
-
-#[derive(Default)]
-struct Fields {
-    message: String,
-    key: Option<String>,
-}
-
-impl tracing::field::Visit for Fields {
-    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        if field.name() == "key" {
-            self.key = Some(value.to_owned());
-        }
-    }
-
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        match field.name() {
-            "message" => self.message = format!("{value:?}"),
-            "key" => self.key = Some(format!("{value:?}")),
-            _ => {}
-        }
-    }
-}
-
-impl tracing::Subscriber for Warnings {
-    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
-        *metadata.level() == tracing::Level::WARN
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, event: &tracing::Event<'_>) {
-        let mut fields = Fields::default();
-        event.record(&mut fields);
-        self.0.lock().unwrap().push((fields.message, fields.key));
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
-}
-
-/// The process's one subscriber, shared by the tests here.
-fn warnings() -> Arc<Warnings> {
-    static WARNINGS: OnceLock<Arc<Warnings>> = OnceLock::new();
-    WARNINGS
-        .get_or_init(|| {
-            let warnings = Arc::new(Warnings::default());
-            tracing::subscriber::set_global_default(warnings.clone()).expect("the only subscriber");
-            warnings
-        })
-        .clone()
-}
+use tracing::Level;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_release_of_a_claim_cut_short_is_logged_with_the_key() {
@@ -81,7 +26,7 @@ async fn a_failed_release_of_a_claim_cut_short_is_logged_with_the_key() {
     if backend_url("IDEMPOTENT_TEST_REDIS_URL").is_none() {
         return;
     }
-    let warnings = warnings();
+    let events = events();
     let mut redis = OwnRedis::start(OwnRedis::free_port()).await;
     let store = RedisStore::connect(&redis.url()).await.expect("connect");
 
@@ -106,11 +51,11 @@ async fn a_failed_release_of_a_claim_cut_short_is_logged_with_the_key() {
         .await
         .expect("the release gives up");
 
-    let logged = warnings.0.lock().unwrap().clone();
+    let logged = events.at(Level::WARN, "idempotent_core");
     let log_id = key.log_id().to_string();
     assert!(
-        logged.iter().any(|(message, key)| {
-            message.contains("could not release a claim") && key.as_deref() == Some(&*log_id)
+        logged.iter().any(|event| {
+            event.fields.contains("could not release a claim") && event.fields.contains(&log_id)
         }),
         "{logged:?}"
     );
@@ -130,16 +75,16 @@ async fn connecting_to_a_redis_that_evicts_keys_is_logged() {
     if backend_url("IDEMPOTENT_TEST_REDIS_URL").is_none() {
         return;
     }
-    let warnings = warnings();
+    let events = events();
     let evicting = ["--maxmemory", "64mb", "--maxmemory-policy", "volatile-ttl"];
     let mut redis = OwnRedis::start_with(OwnRedis::free_port(), &evicting).await;
     let _store = RedisStore::connect(&redis.url()).await.expect("connect");
     redis.stop().await;
-    let logged = warnings.0.lock().unwrap().clone();
+    let logged = events.at(Level::WARN, "idempotent_core");
     assert!(
         logged
             .iter()
-            .any(|(message, _)| message.contains("evicts keys")),
+            .any(|event| event.fields.contains("evicts keys")),
         "{logged:?}"
     );
 }

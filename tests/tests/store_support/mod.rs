@@ -3,6 +3,8 @@
 //! test's own, and a relay to PostgreSQL that a test can cut.
 #![allow(dead_code, unreachable_pub)] // each test file uses a different part
 
+pub mod logs;
+
 use std::io::Write;
 use std::net::TcpListener;
 use std::process::Stdio;
