@@ -214,6 +214,12 @@ impl IdempotencyBuilder {
 
     /// The header that carries the API key for [`Scope::ApiKey`](crate::Scope::ApiKey)
     /// (default `x-api-key`; `Authorization: Bearer` and `Basic` are always accepted too).
+    ///
+    /// Its value wins over `Authorization`, and names the caller that a
+    /// bearer token of the same value does, so it must carry a secret: a
+    /// header that carries an identity others may know (a gateway's
+    /// consumer id) scopes by [`Scope::Header`](crate::Scope::Header)
+    /// instead, which no client-set `Authorization` can stand in for.
     pub fn api_key_header(mut self, name: HeaderName) -> Self {
         self.settings.api_key_header = name;
         self

@@ -9,7 +9,7 @@
 //! | `urn:idempotent:missing-key` | 400 | no `Idempotency-Key` on an endpoint that requires one |
 //! | `urn:idempotent:invalid-key` | 400 | the key is empty, too long, repeated or has bad characters |
 //! | `urn:idempotent:missing-credentials` | 401 | the endpoint is scoped by API key and the request has none (`WWW-Authenticate: Bearer`) |
-//! | `urn:idempotent:invalid-scope` | 400 | the header that scopes the endpoint's keys is missing, or one of the scope's headers was sent more than once |
+//! | `urn:idempotent:invalid-scope` | 400 | the header that scopes the endpoint's keys is missing or blank, one of the scope's headers was sent more than once, or the principal that scopes them has an empty id |
 //! | `urn:idempotent:request-in-progress` | 409 | the first request with this key is still running (`Retry-After` set) |
 //! | `urn:idempotent:response-not-stored` | 410 | the key's request completed but its response body was not kept (too large, failed, with trailers, or with more headers than a record holds) |
 //! | `urn:idempotent:invalid-path-parameter` | 400 | a keyed request's path parameter is not UTF-8 once percent-decoded, as axum's `Path` refuses it: the fingerprint could not tell it from another such parameter |
@@ -36,8 +36,9 @@ pub enum ProblemKind {
     InvalidKey,
     /// 401: no API key for an endpoint scoped by API key.
     MissingCredentials,
-    /// 400: the header that scopes the endpoint's keys is missing, or a
-    /// scope header was sent more than once.
+    /// 400: the header that scopes the endpoint's keys is missing or
+    /// blank, a scope header was sent more than once, or the principal
+    /// that scopes them has an empty id.
     InvalidScope,
     /// 400: a keyed request's path parameter is not UTF-8 once
     /// percent-decoded (axum's `Path` refuses it the same way), so the
@@ -122,9 +123,7 @@ impl ProblemKind {
             Self::MissingKey => "Idempotency-Key header required",
             Self::InvalidKey => "Invalid Idempotency-Key header",
             Self::MissingCredentials => "Credentials required to scope the idempotency key",
-            Self::InvalidScope => {
-                "The header that scopes the idempotency key is missing or repeated"
-            }
+            Self::InvalidScope => "The request names no single caller to scope the idempotency key",
             Self::InvalidPathParameter => "A path parameter is not valid UTF-8",
             Self::RequestInProgress => "A request with this idempotency key is in progress",
             Self::ResponseNotStored => "The response to this idempotency key was not stored",

@@ -88,12 +88,14 @@ impl IdempotentRequest {
     }
 
     /// Scopes the key by a principal the handler extracted, for endpoints
-    /// with [`Scope::Custom`](crate::Scope::Custom).
+    /// with [`Scope::Custom`](crate::Scope::Custom). A principal with an
+    /// empty [`scope_id`](IdempotencyScope::scope_id) names no caller:
+    /// [`run`](Self::run) then refuses a keyed request with 400.
     #[must_use]
     pub fn scoped_by(mut self, principal: &impl IdempotencyScope) -> Self {
         // A request refused for running inside a layer stays refused.
         if !matches!(self.scope, ScopeSource::InsideLayer(_)) {
-            self.scope = ScopeSource::Resolved(Ok(ScopeDigest::custom(principal)));
+            self.scope = ScopeSource::Resolved(crate::scope::principal(principal));
         }
         self
     }

@@ -28,8 +28,8 @@ pub enum Scope {
     /// trusted to pick unique keys.
     Global,
     /// The value of the named header (lowercase), e.g. a tenant id set by a
-    /// gateway. A request without it, or with it more than once, is
-    /// answered 400.
+    /// gateway. A request without it, with it blank, or with it more than
+    /// once, is answered 400.
     Header(&'static str),
     /// A value the handler supplies: an extracted principal implementing
     /// [`IdempotencyScope`].
@@ -57,6 +57,8 @@ pub enum Scope {
 )]
 pub trait IdempotencyScope {
     /// Bytes that identify the caller. Equal bytes share one key space.
+    /// Empty bytes name no caller: a keyed request whose principal has
+    /// them is refused (400 `invalid-scope`), nothing executed.
     fn scope_id(&self) -> impl AsRef<[u8]>;
 }
 
@@ -117,7 +119,11 @@ impl ScopeDigest {
     /// The scope of a user-supplied principal.
     #[must_use]
     pub fn custom(principal: &impl IdempotencyScope) -> Self {
-        Self(sha256_framed(&[b"custom", principal.scope_id().as_ref()]))
+        Self::custom_id(principal.scope_id().as_ref())
+    }
+
+    fn custom_id(id: &[u8]) -> Self {
+        Self(sha256_framed(&[b"custom", id]))
     }
 }
 
@@ -127,23 +133,30 @@ impl fmt::Debug for ScopeDigest {
     }
 }
 
-/// The request's headers do not name one scope for its endpoint: the
-/// credential is missing (401, with a `Bearer` challenge, for the API-key
-/// scope), or the scope's header is missing or sent more than once (400).
+/// The request does not name one scope for its endpoint: the credential
+/// is missing (401, with a `Bearer` challenge, for the API-key scope), the
+/// scope's header is missing or sent more than once, or the principal's
+/// id is empty (400).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{detail}")]
 pub struct MissingCredential {
     pub(crate) detail: String,
     /// Whether an `Authorization: Bearer` token would have done: the 401
     /// then challenges for one. Otherwise the header that names the scope
-    /// is missing or repeated, which is the request's fault alone (400).
+    /// is missing or repeated, or the principal's id is empty (400).
     pub(crate) bearer: bool,
 }
 
-/// The one value of `name` in `headers`: `Ok(None)` when there is none or
-/// it is empty, an error when there are several, since two values would
-/// let a client that adds its own beside a gateway's choose the scope.
-fn single<N>(headers: &HeaderMap, name: N) -> Result<Option<&http::HeaderValue>, MissingCredential>
+/// The one value of `name` in `headers`, without the spaces and tabs
+/// around it: `Ok(None)` when there is none or it is blank, an error when
+/// there are several, since two values would let a client that adds its
+/// own beside a gateway's choose the scope.
+///
+/// The padding is not part of a field's value (RFC 9110 section 5.5), and
+/// hyper's HTTP/1 parser drops it while HTTP/2 keeps it: kept, `k1 ` would be
+/// a caller apart from `k1`, and a blank API-key header one caller shared
+/// by everyone who sends it, ahead of their own `Authorization`.
+fn single<N>(headers: &HeaderMap, name: N) -> Result<Option<&[u8]>, MissingCredential>
 where
     N: http::header::AsHeaderName + Copy + fmt::Display,
 {
@@ -153,7 +166,37 @@ where
         ),
         bearer: false,
     })?;
-    Ok(value.filter(|value| !value.is_empty()))
+    Ok(value
+        .map(|value| without_ows(value.as_bytes()))
+        .filter(|value| !value.is_empty()))
+}
+
+/// `value` without the spaces and tabs (RFC 9110 `OWS`) around it.
+fn without_ows(value: &[u8]) -> &[u8] {
+    let is_ows = |byte: &u8| matches!(byte, b' ' | b'\t');
+    let start = value.iter().position(|byte| !is_ows(byte));
+    let end = value.iter().rposition(|byte| !is_ows(byte));
+    match (start, end) {
+        (Some(start), Some(end)) => &value[start..=end],
+        _ => &[],
+    }
+}
+
+/// The scope of the principal a handler supplied. An empty id is refused
+/// rather than hashed: it names no caller, and every principal without one
+/// (a guest, a `Default` value) would share one key space, each replayed
+/// the others' responses.
+pub(crate) fn principal(
+    principal: &impl IdempotencyScope,
+) -> Result<ScopeDigest, MissingCredential> {
+    let id = principal.scope_id();
+    if id.as_ref().is_empty() {
+        return Err(MissingCredential {
+            detail: "this endpoint scopes idempotency keys by the authenticated principal, and the request's principal has an empty id: it names no caller".to_owned(),
+            bearer: false,
+        });
+    }
+    Ok(ScopeDigest::custom_id(id.as_ref()))
 }
 
 /// Resolves a built-in scope from request headers. `Ok(None)` for
@@ -167,10 +210,10 @@ pub(crate) fn resolve(
         Scope::Global => Ok(Some(ScopeDigest::global())),
         Scope::ApiKey => api_key(headers, api_key_header).map(Some),
         Scope::Header(name) => single(headers, name)?
-            .map(|value| Some(ScopeDigest::header(name, value.as_bytes())))
+            .map(|value| Some(ScopeDigest::header(name, value)))
             .ok_or_else(|| MissingCredential {
                 detail: format!(
-                    "this endpoint scopes idempotency keys by the `{name}` header, and the request has none"
+                    "this endpoint scopes idempotency keys by the `{name}` header, and the request has none (or a blank one)"
                 ),
                 bearer: false,
             }),
@@ -184,10 +227,10 @@ pub(crate) fn api_key(
     api_key_header: &http::HeaderName,
 ) -> Result<ScopeDigest, MissingCredential> {
     if let Some(value) = single(headers, api_key_header)? {
-        return Ok(ScopeDigest::api_key(value.as_bytes()));
+        return Ok(ScopeDigest::api_key(value));
     }
     single(headers, &AUTHORIZATION)?
-        .and_then(|value| authorization(value.as_bytes()))
+        .and_then(authorization)
         .ok_or_else(|| MissingCredential {
             detail: format!(
                 "this endpoint scopes idempotency keys by API key: send it in the `{api_key_header}` header, as `Authorization: Bearer <token>`, or as the user name of `Authorization: Basic` credentials"

@@ -1,0 +1,400 @@
+//! Whose key it is, observed through a `Router`: two callers that send the
+//! same `Idempotency-Key` never share a scope, and one caller's retry of
+//! one request never gets a second one.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::body::Body;
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderName, HeaderValue, Request, StatusCode};
+use axum::routing::post;
+use axum::{Json, Router};
+use http_body_util::BodyExt;
+use idempotent_core::store::MemoryStore;
+use idempotent_core::{IDEMPOTENT_REPLAYED, Idempotency, IdempotencyScope, idempotent};
+use tower::ServiceExt;
+
+#[derive(Clone, Default)]
+struct Runs(Arc<AtomicUsize>);
+
+impl Runs {
+    fn bump(&self) -> usize {
+        self.0.fetch_add(1, Ordering::SeqCst) + 1
+    }
+    fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: StatusCode,
+    replayed: bool,
+    challenge: Option<String>,
+    body: String,
+}
+
+/// A keyed POST with `headers`, whose values may be any bytes a header
+/// value can hold (obs-text included).
+fn request(uri: &str, key: &str, headers: &[(&str, &[u8])]) -> Request<Body> {
+    let mut request = Request::post(uri)
+        .header("content-type", "application/json")
+        .header("idempotency-key", key)
+        .body(Body::from("1"))
+        .unwrap();
+    for (name, value) in headers {
+        let name = HeaderName::from_bytes(name.as_bytes()).unwrap();
+        let value = HeaderValue::from_bytes(value).unwrap();
+        request.headers_mut().append(name, value);
+    }
+    request
+}
+
+async fn send(app: &Router, request: Request<Body>) -> Reply {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let replayed = response.headers().contains_key(IDEMPOTENT_REPLAYED);
+    let challenge = response
+        .headers()
+        .get("www-authenticate")
+        .map(|value| value.to_str().unwrap().to_owned());
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8(body.to_vec()).unwrap();
+    Reply {
+        status,
+        replayed,
+        challenge,
+        body,
+    }
+}
+
+/// The body of the run that answered `headers` at `uri` with key `k`.
+async fn answer(app: &Router, uri: &str, headers: &[(&str, &[u8])]) -> String {
+    let reply = send(app, request(uri, "k", headers)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{headers:?}: {}", reply.body);
+    reply.body
+}
+
+fn app_with(routes: Router<Runs>, runs: &Runs, idempotency: Idempotency) -> Router {
+    routes.with_state(runs.clone()).layer(idempotency)
+}
+
+fn app(routes: Router<Runs>, runs: &Runs) -> Router {
+    app_with(routes, runs, Idempotency::new(MemoryStore::new()))
+}
+
+// ===== api_key =====
+
+#[idempotent(scope = "api_key")]
+async fn by_api_key(State(runs): State<Runs>, Json(n): Json<u32>) -> String {
+    format!("{}:{n}", runs.bump())
+}
+
+fn api_key_app(runs: &Runs) -> Router {
+    app(Router::new().route("/a", post(by_api_key)), runs)
+}
+
+#[tokio::test]
+async fn one_api_key_is_one_caller_however_it_is_sent() {
+    let runs = Runs::default();
+    let app = api_key_app(&runs);
+    assert_eq!(answer(&app, "/a", &[("x-api-key", b"sk_1")]).await, "1:1");
+    for sent in [
+        ("authorization", b"Bearer sk_1".as_slice()),
+        ("authorization", b"bearer sk_1"),
+        ("authorization", b"BEARER sk_1"),
+        ("authorization", b"Bearer   sk_1"),
+        ("authorization", b"Bearer sk_1 \t"),
+        // The padding around a field value is not part of it.
+        ("x-api-key", b"sk_1 "),
+        ("x-api-key", b"\t sk_1\t"),
+    ] {
+        let reply = send(&app, request("/a", "k", &[sent])).await;
+        assert!(reply.replayed, "{sent:?}: {reply:?}");
+        assert_eq!(reply.body, "1:1", "{sent:?}");
+    }
+    assert_eq!(runs.get(), 1);
+}
+
+#[tokio::test]
+async fn different_credentials_are_different_callers() {
+    let runs = Runs::default();
+    let app = api_key_app(&runs);
+    let callers: [(&str, &[u8]); 9] = [
+        ("x-api-key", b"sk_1"),
+        // Keys are compared as sent: case tells them apart.
+        ("x-api-key", b"SK_1"),
+        ("authorization", b"Bearer sk_2"),
+        // `curl -u sk_1:`: Basic credentials are a caller apart from any
+        // bearer token, the same key's included.
+        ("authorization", b"Basic c2tfMTo="),
+        ("authorization", b"Basic c2tfMjo="),
+        // Two `Authorization` fields a proxy joined into one: neither's.
+        ("authorization", b"Bearer sk_1, Bearer sk_2"),
+        ("x-api-key", b"sk_1, sk_2"),
+        // obs-text, in two encodings of one text: bytes, not text, count.
+        ("authorization", b"Bearer caf\xe9"),
+        ("authorization", b"Bearer caf\xc3\xa9"),
+    ];
+    for (run, caller) in callers.iter().enumerate() {
+        let body = answer(&app, "/a", &[*caller]).await;
+        assert_eq!(body, format!("{}:1", run + 1), "{caller:?}");
+    }
+    // Each is still its own caller: a retry replays its own run.
+    for (run, caller) in callers.iter().enumerate() {
+        let reply = send(&app, request("/a", "k", &[*caller])).await;
+        assert!(reply.replayed, "{caller:?}");
+        assert_eq!(reply.body, format!("{}:1", run + 1), "{caller:?}");
+    }
+    assert_eq!(runs.get(), callers.len());
+}
+
+#[tokio::test]
+async fn credentials_that_name_no_caller_are_refused_before_anything_runs() {
+    let runs = Runs::default();
+    let app = api_key_app(&runs);
+    let unauthorized: [&[(&str, &[u8])]; 11] = [
+        &[],
+        &[("authorization", b"Bearer")],
+        &[("authorization", b"Bearer ")],
+        &[("authorization", b"Bearer \t ")],
+        // RFC 9110 puts one space after the scheme, not a tab.
+        &[("authorization", b"Bearer\tsk_1")],
+        &[("authorization", b"Digest sk_1")],
+        &[("authorization", b"Token sk_1")],
+        &[("authorization", b"")],
+        &[("x-api-key", b"")],
+        &[("x-api-key", b"  ")],
+        &[("x-api-key", b" \t"), ("authorization", b"Bearer ")],
+    ];
+    for headers in unauthorized {
+        let reply = send(&app, request("/a", "k", headers)).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{headers:?}");
+        assert_eq!(reply.challenge.as_deref(), Some("Bearer"), "{headers:?}");
+    }
+    let repeated: [&[(&str, &[u8])]; 2] = [
+        &[("x-api-key", b"sk_1"), ("x-api-key", b"sk_2")],
+        &[
+            ("authorization", b"Bearer sk_1"),
+            ("authorization", b"Bearer sk_2"),
+        ],
+    ];
+    for headers in repeated {
+        let reply = send(&app, request("/a", "k", headers)).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{headers:?}");
+        assert!(reply.body.contains("invalid-scope"), "{}", reply.body);
+    }
+    assert_eq!(runs.get(), 0);
+}
+
+#[tokio::test]
+async fn a_blank_api_key_header_does_not_make_its_senders_one_caller() {
+    let runs = Runs::default();
+    let app = api_key_app(&runs);
+    let ann: [(&str, &[u8]); 2] = [("x-api-key", b" "), ("authorization", b"Bearer ann")];
+    let ben: [(&str, &[u8]); 2] = [("x-api-key", b" "), ("authorization", b"Bearer ben")];
+    assert_eq!(answer(&app, "/a", &ann).await, "1:1");
+    let reply = send(&app, request("/a", "k", &ben)).await;
+    assert!(
+        !reply.replayed,
+        "ben was replayed ann's response: {reply:?}"
+    );
+    assert_eq!(reply.body, "2:1");
+    // Each one's bearer token names it, as it would alone or beside
+    // another blank.
+    let alone = [("authorization", b"Bearer ann".as_slice())];
+    assert_eq!(answer(&app, "/a", &alone).await, "1:1");
+    let tab: [(&str, &[u8]); 2] = [("x-api-key", b"\t"), ("authorization", b"Bearer ben")];
+    assert_eq!(answer(&app, "/a", &tab).await, "2:1");
+    assert_eq!(runs.get(), 2);
+}
+
+/// The documented precedence, and why README warns about it: the API-key
+/// header names the caller whatever `Authorization` says.
+#[tokio::test]
+async fn the_api_key_header_wins_over_authorization() {
+    let runs = Runs::default();
+    let app = api_key_app(&runs);
+    let ann: [(&str, &[u8]); 2] = [("x-api-key", b"app"), ("authorization", b"Bearer ann")];
+    let ben: [(&str, &[u8]); 2] = [("x-api-key", b"app"), ("authorization", b"Bearer ben")];
+    assert_eq!(answer(&app, "/a", &ann).await, "1:1");
+    assert!(send(&app, request("/a", "k", &ben)).await.replayed);
+    assert_eq!(runs.get(), 1);
+}
+
+#[tokio::test]
+async fn a_configured_api_key_header_replaces_x_api_key() {
+    let runs = Runs::default();
+    let idempotency = Idempotency::builder(MemoryStore::new())
+        .api_key_header(HeaderName::from_static("x-client-key"))
+        .build();
+    let app = app_with(
+        Router::new().route("/a", post(by_api_key)),
+        &runs,
+        idempotency,
+    );
+    assert_eq!(answer(&app, "/a", &[("x-client-key", b"k1")]).await, "1:1");
+    let bearer = [("authorization", b"Bearer k1".as_slice())];
+    assert!(send(&app, request("/a", "k", &bearer)).await.replayed);
+    // `X-Api-Key` is not read any more: neither alone nor beside it.
+    let old = send(&app, request("/a", "k", &[("x-api-key", b"k1")])).await;
+    assert_eq!(old.status, StatusCode::UNAUTHORIZED);
+    let both: [(&str, &[u8]); 2] = [("x-api-key", b"k2"), ("x-client-key", b"k1")];
+    assert!(send(&app, request("/a", "k", &both)).await.replayed);
+    let twice: [(&str, &[u8]); 2] = [("x-client-key", b"k1"), ("x-client-key", b"k2")];
+    let refused = send(&app, request("/a", "k", &twice)).await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert_eq!(runs.get(), 1);
+}
+
+// ===== header:<name> =====
+
+#[idempotent(scope = "header:x-tenant-id")]
+async fn by_tenant(State(runs): State<Runs>, Json(n): Json<u32>) -> String {
+    format!("{}:{n}", runs.bump())
+}
+
+#[tokio::test]
+async fn a_scope_header_names_one_tenant_by_its_value() {
+    let runs = Runs::default();
+    let app = app(Router::new().route("/t", post(by_tenant)), &runs);
+    assert_eq!(answer(&app, "/t", &[("x-tenant-id", b"acme")]).await, "1:1");
+    for padded in [b"acme ".as_slice(), b"\tacme", b" acme \t"] {
+        let reply = send(&app, request("/t", "k", &[("x-tenant-id", padded)])).await;
+        assert!(reply.replayed, "{padded:?}: {reply:?}");
+    }
+    // Values are compared as sent: case tells tenants apart, and a proxy's
+    // join of two fields is neither's.
+    assert_eq!(answer(&app, "/t", &[("X-Tenant-Id", b"ACME")]).await, "2:1");
+    let joined = [("x-tenant-id", b"acme, evil".as_slice())];
+    assert_eq!(answer(&app, "/t", &joined).await, "3:1");
+    assert_eq!(runs.get(), 3);
+}
+
+#[tokio::test]
+async fn a_missing_blank_or_repeated_scope_header_is_refused() {
+    let runs = Runs::default();
+    let app = app(Router::new().route("/t", post(by_tenant)), &runs);
+    let refused: [&[(&str, &[u8])]; 5] = [
+        &[],
+        &[("x-tenant-id", b"")],
+        &[("x-tenant-id", b"  ")],
+        &[("x-tenant-id", b"\t")],
+        &[("x-tenant-id", b"evil"), ("x-tenant-id", b"acme")],
+    ];
+    for headers in refused {
+        let reply = send(&app, request("/t", "k", headers)).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{headers:?}");
+        assert!(reply.body.contains("invalid-scope"), "{}", reply.body);
+    }
+    assert_eq!(runs.get(), 0);
+}
+
+// ===== a principal =====
+
+/// The authenticated caller from `X-User`; a request without one is a
+/// guest, whose id is empty.
+struct Visitor(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Visitor {
+    type Rejection = StatusCode;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let user = parts.headers.get("x-user").map(HeaderValue::to_str);
+        let user = user.transpose().map_err(|_| StatusCode::FORBIDDEN)?;
+        Ok(Self(user.unwrap_or_default().to_owned()))
+    }
+}
+
+impl IdempotencyScope for Visitor {
+    fn scope_id(&self) -> impl AsRef<[u8]> {
+        self.0.clone()
+    }
+}
+
+#[idempotent(scope = Visitor)]
+async fn by_visitor(State(runs): State<Runs>, Json(n): Json<u32>) -> String {
+    format!("{}:{n}", runs.bump())
+}
+
+#[tokio::test]
+async fn a_principal_with_an_empty_id_names_no_caller() {
+    let runs = Runs::default();
+    let app = app(Router::new().route("/v", post(by_visitor)), &runs);
+    for guest in [&[][..], &[("x-user", b"".as_slice())]] {
+        let reply = send(&app, request("/v", "k", guest)).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{reply:?}");
+        assert!(reply.body.contains("invalid-scope"), "{}", reply.body);
+        assert!(reply.body.contains("empty id"), "{}", reply.body);
+    }
+    assert_eq!(runs.get(), 0);
+    // A principal with an id is served as before.
+    assert_eq!(answer(&app, "/v", &[("x-user", b"ann")]).await, "1:1");
+    assert_eq!(answer(&app, "/v", &[("x-user", b"ben")]).await, "2:1");
+}
+
+#[tokio::test]
+async fn a_principal_rejected_claims_nothing() {
+    let runs = Runs::default();
+    let app = app(Router::new().route("/v", post(by_visitor)), &runs);
+    let rejected = send(&app, request("/v", "k", &[("x-user", b"caf\xe9")])).await;
+    assert_eq!(rejected.status, StatusCode::FORBIDDEN);
+    assert_eq!(runs.get(), 0);
+    // The key was not claimed: the caller's next attempt runs.
+    let reply = send(&app, request("/v", "k", &[("x-user", b"cafe")])).await;
+    assert_eq!((reply.status, reply.replayed), (StatusCode::OK, false));
+    assert_eq!(runs.get(), 1);
+}
+
+// ===== global =====
+
+#[idempotent(scope = "global")]
+async fn shared(State(runs): State<Runs>, Json(n): Json<u32>) -> String {
+    format!("{}:{n}", runs.bump())
+}
+
+#[tokio::test]
+async fn the_global_scope_is_one_key_space_whatever_the_credentials() {
+    let runs = Runs::default();
+    let app = app(Router::new().route("/g", post(shared)), &runs);
+    assert_eq!(answer(&app, "/g", &[("x-api-key", b"sk_1")]).await, "1:1");
+    for other in [&[("x-api-key", b"sk_2".as_slice())][..], &[]] {
+        assert!(send(&app, request("/g", "k", other)).await.replayed);
+    }
+    assert_eq!(runs.get(), 1);
+}
+
+// ===== the key =====
+
+#[tokio::test]
+async fn keys_are_equal_only_as_one_field_value() {
+    let runs = Runs::default();
+    let app = app(Router::new().route("/g", post(shared)), &runs);
+    let first = send(&app, request("/g", "k", &[])).await;
+    assert_eq!(first.body, "1:1");
+    // The padding around the field, and the RFC 8941 string form of the
+    // same key, are the same key.
+    for same in [" k\t", "\"k\"", " \"k\" "] {
+        let reply = send(&app, request("/g", same, &[])).await;
+        assert!(reply.replayed, "{same:?}: {reply:?}");
+    }
+    // Case and the spaces inside quotes make another key.
+    for (run, other) in ["K", "\"k \"", "\" k\""].into_iter().enumerate() {
+        let reply = send(&app, request("/g", other, &[])).await;
+        assert_eq!(reply.body, format!("{}:1", run + 2), "{other:?}");
+    }
+    // Two keys joined by a proxy, or sent as two fields, are refused.
+    for joined in ["k, K", "k,K", "\"k\", \"K\""] {
+        let reply = send(&app, request("/g", joined, &[])).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{joined:?}");
+        assert!(reply.body.contains("invalid-key"), "{}", reply.body);
+    }
+    let mut twice = request("/g", "k", &[]);
+    twice
+        .headers_mut()
+        .append("idempotency-key", HeaderValue::from_static("K"));
+    assert_eq!(send(&app, twice).await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(runs.get(), 4);
+}
