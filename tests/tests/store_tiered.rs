@@ -1,8 +1,8 @@
 //! Several instances, each with a `Tiered` memory in front of one durable
 //! store (Redis or PostgreSQL, `IDEMPOTENT_TEST_REDIS_URL` and
-//! `IDEMPOTENT_TEST_POSTGRES_URL`): what an instance answers from memory,
-//! exact repeats of a replayed request included, is what the durable store
-//! holds. Each test uses a key prefix or table of its own.
+//! `IDEMPOTENT_TEST_POSTGRES_URL`, or a SQLite file): what an instance
+//! answers from memory, exact repeats of a replayed request included, is
+//! what the durable store holds. Each test uses a key prefix or table of its own.
 
 mod store_support;
 
@@ -203,5 +203,342 @@ async fn with_the_durable_tier_down_only_cached_replays_are_answered() {
         let claimed = store.claim(key, fingerprint, lease).await;
         assert!(claimed.is_err(), "{claimed:?}");
         assert!(store.get(key).await.is_err(), "only the durable tier knows");
+    }
+}
+
+mod two_instances {
+    //! Two `Tiered` instances on one durable store, driven through the
+    //! `Store` calls the engine makes, after each event that changes what
+    //! the durable store holds for a key: whatever instance `a` answers
+    //! from memory must be what the durable store holds.
+
+    use std::time::Duration;
+
+    use axum::body::Bytes;
+    use axum::http::StatusCode;
+    use idempotent_core::clock::{Clock, ManualClock};
+    use idempotent_core::fingerprint::Fingerprint;
+    use idempotent_core::key::IdempotencyKey;
+    use idempotent_core::record::{Claim, LeaseToken, RecordKey, StoredResponse};
+    use idempotent_core::scope::ScopeDigest;
+    use idempotent_core::store::{
+        PostgresStore, RedisStore, SqliteStore, Store, StoreError, Tiered,
+    };
+
+    use super::{backend_url, unique_name};
+
+    const LEASE: Duration = Duration::from_secs(10);
+    const TTL: Duration = Duration::from_secs(60);
+    const FIRST: Fingerprint = Fingerprint::from_bytes([1; 32]);
+    const OTHER: Fingerprint = Fingerprint::from_bytes([2; 32]);
+
+    struct Pair<D> {
+        a: Tiered<D>,
+        b: Tiered<D>,
+        clock: ManualClock,
+        scope: ScopeDigest,
+    }
+
+    impl<D: Store> Pair<D> {
+        fn key(&self, name: &str) -> RecordKey {
+            RecordKey::new(self.scope, IdempotencyKey::parse(name.as_bytes()).unwrap())
+        }
+    }
+
+    fn response(body: &'static str) -> StoredResponse {
+        StoredResponse {
+            status: StatusCode::CREATED,
+            headers: Vec::new(),
+            body: Some(Bytes::from_static(body.as_bytes())),
+        }
+    }
+
+    async fn acquire(store: &impl Store, key: &RecordKey, fingerprint: Fingerprint) -> LeaseToken {
+        match store.claim(key, fingerprint, LEASE).await {
+            Ok(Claim::Acquired(token)) => token,
+            other => panic!("expected the key to be acquired, got {other:?}"),
+        }
+    }
+
+    /// Runs `key` on `store` to completion with `body`.
+    async fn run(
+        store: &impl Store,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        body: &'static str,
+    ) {
+        let token = acquire(store, key, fingerprint).await;
+        store
+            .complete(key, token, response(body), TTL)
+            .await
+            .unwrap();
+    }
+
+    /// The fingerprint and body that `store`'s claim of `key` replays.
+    async fn replayed(store: &impl Store, key: &RecordKey) -> (Fingerprint, Bytes) {
+        match store.claim(key, FIRST, LEASE).await {
+            Ok(Claim::Completed(record)) => {
+                (record.fingerprint, record.response.body.clone().unwrap())
+            }
+            other => panic!("expected a replay, got {other:?}"),
+        }
+    }
+
+    /// `b` takes over a lease `a` let lapse, runs the key with another
+    /// payload, and `a`'s late completion is refused: `a` then replays
+    /// `b`'s record with `b`'s fingerprint (a 422 for `a`'s payload).
+    async fn a_lease_taken_over_replays_the_new_record(pair: &Pair<impl Store>) {
+        let key = pair.key("taken-over");
+        let stale = acquire(&pair.a, &key, FIRST).await;
+        pair.clock.advance(LEASE);
+        run(&pair.b, &key, OTHER, "from b").await;
+        let late = pair.a.complete(&key, stale, response("from a"), TTL).await;
+        assert!(matches!(late, Err(StoreError::LeaseLost)), "{late:?}");
+        assert_eq!(
+            replayed(&pair.a, &key).await,
+            (OTHER, Bytes::from_static(b"from b"))
+        );
+    }
+
+    /// `a` releases its claim (a 5xx); `b` runs the key with another
+    /// payload; `a` must not answer 409 from a claim it let go of.
+    async fn a_released_claim_leaves_nothing_in_memory(pair: &Pair<impl Store>) {
+        let key = pair.key("released");
+        let token = acquire(&pair.a, &key, FIRST).await;
+        pair.a.release(&key, token).await.unwrap();
+        run(&pair.b, &key, OTHER, "from b").await;
+        assert_eq!(
+            replayed(&pair.a, &key).await,
+            (OTHER, Bytes::from_static(b"from b"))
+        );
+    }
+
+    /// `a` completed and cached a record; it replays it up to the last
+    /// millisecond of its TTL and not one millisecond more, when `b` may
+    /// run the key again with another payload.
+    async fn a_cached_record_expires_with_the_durable_one(pair: &Pair<impl Store>) {
+        let key = pair.key("expiring");
+        let done = pair.clock.now_millis();
+        run(&pair.a, &key, FIRST, "from a").await;
+        pair.clock.set(done + TTL.as_millis() as u64 - 1);
+        assert_eq!(
+            replayed(&pair.a, &key).await.1,
+            Bytes::from_static(b"from a")
+        );
+        pair.clock.set(done + TTL.as_millis() as u64);
+        run(&pair.b, &key, OTHER, "from b").await;
+        assert_eq!(
+            replayed(&pair.a, &key).await,
+            (OTHER, Bytes::from_static(b"from b"))
+        );
+    }
+
+    /// A record `a` learned from the durable store (a replay of `b`'s
+    /// run) expires from `a`'s memory when it expires there.
+    async fn a_remembered_record_expires_with_the_durable_one(pair: &Pair<impl Store>) {
+        let key = pair.key("remembered");
+        let done = pair.clock.now_millis();
+        run(&pair.b, &key, FIRST, "from b").await;
+        assert_eq!(
+            replayed(&pair.a, &key).await.1,
+            Bytes::from_static(b"from b")
+        );
+        pair.clock.set(done + TTL.as_millis() as u64);
+        let again = pair.a.claim(&key, FIRST, LEASE).await;
+        assert!(matches!(again, Ok(Claim::Acquired(_))), "{again:?}");
+    }
+
+    /// While `b` runs the key, `a` sees it in flight (409), and once `b`
+    /// completes, `a` replays `b`'s record: nothing of the in-flight
+    /// answer stays in `a`'s memory.
+    async fn an_in_flight_claim_is_not_cached(pair: &Pair<impl Store>) {
+        let key = pair.key("in-flight");
+        let token = acquire(&pair.b, &key, OTHER).await;
+        let seen = pair.a.claim(&key, FIRST, LEASE).await;
+        assert!(matches!(seen, Ok(Claim::InFlight { .. })), "{seen:?}");
+        pair.b
+            .complete(&key, token, response("from b"), TTL)
+            .await
+            .unwrap();
+        assert_eq!(
+            replayed(&pair.a, &key).await,
+            (OTHER, Bytes::from_static(b"from b"))
+        );
+    }
+
+    async fn every_scenario(pair: &Pair<impl Store>) {
+        a_lease_taken_over_replays_the_new_record(pair).await;
+        a_released_claim_leaves_nothing_in_memory(pair).await;
+        an_in_flight_claim_is_not_cached(pair).await;
+        a_remembered_record_expires_with_the_durable_one(pair).await;
+        a_cached_record_expires_with_the_durable_one(pair).await;
+    }
+
+    async fn postgres_durables(url: &str, table: &str, clock: &ManualClock) -> [PostgresStore; 2] {
+        let mut stores = Vec::new();
+        for _ in 0..2 {
+            let connected = PostgresStore::connect(url).await.unwrap();
+            let store = PostgresStore::builder(connected.pool().clone())
+                .table(table)
+                .clock(clock.clone())
+                .build()
+                .unwrap();
+            store.migrate().await.unwrap();
+            stores.push(store);
+        }
+        stores.try_into().unwrap()
+    }
+
+    async fn redis_durables(url: &str, clock: &ManualClock) -> [RedisStore; 2] {
+        let prefix = unique_name("idem_test") + ":";
+        let mut stores = Vec::new();
+        for _ in 0..2 {
+            let client = redis::Client::open(url).unwrap();
+            let connection = redis::aio::ConnectionManager::new(client).await.unwrap();
+            stores.push(
+                RedisStore::builder(connection)
+                    .prefix(prefix.clone())
+                    .clock(clock.clone())
+                    .build(),
+            );
+        }
+        stores.try_into().unwrap()
+    }
+
+    /// Two instances whose memory tiers are built by `tier`.
+    fn pair<D: Store>(
+        [a, b]: [D; 2],
+        clock: ManualClock,
+        tier: impl Fn(D) -> Tiered<D>,
+    ) -> Pair<D> {
+        Pair {
+            a: tier(a),
+            b: tier(b),
+            clock,
+            scope: ScopeDigest::from_bytes(rand::random()),
+        }
+    }
+
+    async fn drop_table(store: &PostgresStore) {
+        sqlx::query(&format!("DROP TABLE IF EXISTS {}", store.table()))
+            .execute(store.pool())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_instances_answer_from_memory_only_what_postgres_holds() {
+        let Some(url) = backend_url("IDEMPOTENT_TEST_POSTGRES_URL") else {
+            return;
+        };
+        let clock = ManualClock::starting_now();
+        let durables = postgres_durables(&url, &unique_name("idem_test"), &clock).await;
+        let tier = |durable| Tiered::builder(durable).clock(clock.clone()).build();
+        let pair = pair(durables, clock.clone(), tier);
+        every_scenario(&pair).await;
+        drop_table(pair.a.durable()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_instances_answer_from_memory_only_what_redis_holds() {
+        let Some(url) = backend_url("IDEMPOTENT_TEST_REDIS_URL") else {
+            return;
+        };
+        let clock = ManualClock::starting_now();
+        let durables = redis_durables(&url, &clock).await;
+        let tier = |durable| Tiered::builder(durable).clock(clock.clone()).build();
+        every_scenario(&pair(durables, clock.clone(), tier)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_instances_answer_from_memory_only_what_the_file_holds() {
+        let path = std::env::temp_dir().join(unique_name("idempotent-test") + ".db");
+        let clock = ManualClock::starting_now();
+        let mut durables = Vec::new();
+        for _ in 0..2 {
+            let opened = SqliteStore::open(&path).await.unwrap();
+            opened.migrate().await.unwrap();
+            let store = SqliteStore::builder(opened.pool().clone())
+                .clock(clock.clone())
+                .build()
+                .unwrap();
+            durables.push(store);
+        }
+        let durables: [SqliteStore; 2] = durables.try_into().unwrap();
+        let tier = |durable| Tiered::builder(durable).clock(clock.clone()).build();
+        every_scenario(&pair(durables, clock.clone(), tier)).await;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = path.clone().into_os_string();
+            file.push(suffix);
+            let _ = std::fs::remove_file(file);
+        }
+    }
+
+    /// Built with no clock of its own, each memory tier must expire
+    /// records by the durable store's clock: by the system clock, `a`
+    /// would replay its record for another hour after `b` ran the key
+    /// again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn memory_tiers_built_without_a_clock_expire_by_the_durable_clock() {
+        let Some(url) = backend_url("IDEMPOTENT_TEST_POSTGRES_URL") else {
+            return;
+        };
+        let clock = ManualClock::starting_now();
+        let durables = postgres_durables(&url, &unique_name("idem_test"), &clock).await;
+        let pair = pair(durables, clock.clone(), Tiered::new);
+        a_cached_record_expires_with_the_durable_one(&pair).await;
+        drop_table(pair.a.durable()).await;
+    }
+
+    /// The reaper deletes an expired record `a` had cached; `a` must not
+    /// answer from memory for a row that is gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_the_reaper_purged_is_not_replayed_from_memory() {
+        let Some(url) = backend_url("IDEMPOTENT_TEST_POSTGRES_URL") else {
+            return;
+        };
+        let clock = ManualClock::starting_now();
+        let durables = postgres_durables(&url, &unique_name("idem_test"), &clock).await;
+        let tier = |durable| Tiered::builder(durable).clock(clock.clone()).build();
+        let pair = pair(durables, clock.clone(), tier);
+        let key = pair.key("purged");
+        run(&pair.a, &key, FIRST, "from a").await;
+        clock.advance(TTL);
+        assert_eq!(pair.b.durable().purge_expired().await.unwrap(), 1);
+        let again = pair.a.claim(&key, FIRST, LEASE).await;
+        assert!(matches!(again, Ok(Claim::Acquired(_))), "{again:?}");
+        drop_table(pair.a.durable()).await;
+    }
+
+    /// A memory tier too small for the records `a` completes evicts all
+    /// but a few; a replay of an evicted one is then answered by Redis,
+    /// with the record Redis holds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_evicted_from_a_full_memory_tier_are_replayed_from_redis() {
+        const BODIES: [&str; 8] = ["r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7"];
+        let Some(url) = backend_url("IDEMPOTENT_TEST_REDIS_URL") else {
+            return;
+        };
+        let clock = ManualClock::starting_now();
+        let durables = redis_durables(&url, &clock).await;
+        let tier = |durable| {
+            Tiered::builder(durable)
+                .clock(clock.clone())
+                .max_bytes(1)
+                .build()
+        };
+        let pair = pair(durables, clock.clone(), tier);
+        for body in BODIES {
+            run(&pair.a, &pair.key(body), FIRST, body).await;
+            clock.advance(Duration::from_millis(1));
+        }
+        assert!(pair.a.cached_len() < 8, "some records are evicted");
+        for body in BODIES {
+            let (fingerprint, replayed) = replayed(&pair.a, &pair.key(body)).await;
+            assert_eq!(
+                (fingerprint, replayed),
+                (FIRST, Bytes::from_static(body.as_bytes()))
+            );
+        }
     }
 }

@@ -592,6 +592,10 @@ impl Store for MemoryStore {
     async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
         self.inner.get(key)
     }
+
+    fn deadline_clock(&self) -> Option<SharedClock> {
+        Some(self.inner.clock.clone())
+    }
 }
 
 /// Drops the shard's in-flight claims whose lease lapsed by `now`, as a

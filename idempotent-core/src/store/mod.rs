@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::clock::SharedClock;
 use crate::fingerprint::Fingerprint;
 use crate::record::{Claim, LeaseToken, Record, RecordKey, StoredResponse};
 
@@ -141,6 +142,15 @@ pub trait Store: Send + Sync + 'static {
     /// returns at once.
     fn settle(&self) -> impl Future<Output = ()> + Send {
         std::future::ready(())
+    }
+
+    /// The clock this store reads its deadlines from, if it has one. A
+    /// [`Tiered`] cache built without a clock of its own expires records
+    /// by it, so that it never replays a record after the durable store
+    /// let it expire. The default, for a store that does not say, is
+    /// `None`, and the cache then reads the system clock.
+    fn deadline_clock(&self) -> Option<SharedClock> {
+        None
     }
 }
 

@@ -688,6 +688,10 @@ impl Store for PostgresStore {
     async fn settle(&self) {
         self.inner.connections.settle().await;
     }
+
+    fn deadline_clock(&self) -> Option<SharedClock> {
+        Some(self.inner.clock.clone())
+    }
 }
 
 /// A fenced write's outcome: the token no longer holds the key, unless a

@@ -504,6 +504,10 @@ where
     async fn settle(&self) {
         super::settle(&self.background).await;
     }
+
+    fn deadline_clock(&self) -> Option<SharedClock> {
+        Some(self.clock.clone())
+    }
 }
 
 /// What a claim with `token` answers when it finds `record` live. A

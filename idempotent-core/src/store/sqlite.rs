@@ -574,6 +574,10 @@ impl Store for SqliteStore {
     async fn settle(&self) {
         super::settle(&self.inner.background).await;
     }
+
+    fn deadline_clock(&self) -> Option<SharedClock> {
+        Some(self.inner.clock.clone())
+    }
 }
 
 fn held(rows: u64) -> Result<(), StoreError> {

@@ -54,7 +54,7 @@ impl<D: std::fmt::Debug> std::fmt::Debug for Tiered<D> {
 pub struct TieredBuilder<D> {
     durable: D,
     max_bytes: u64,
-    clock: SharedClock,
+    clock: Option<SharedClock>,
 }
 
 impl<D: Store> TieredBuilder<D> {
@@ -65,23 +65,29 @@ impl<D: Store> TieredBuilder<D> {
         self
     }
 
-    /// The clock that decides cache expiry (default: the system clock).
-    /// Use the durable store's clock, so both agree on when records expire.
+    /// The clock that decides cache expiry (default: the durable store's
+    /// [`deadline_clock`](Store::deadline_clock), or the system clock if
+    /// it has none). Use the durable store's clock, so both agree on when
+    /// records expire.
     pub fn clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Arc::new(clock);
+        self.clock = Some(Arc::new(clock));
         self
     }
 
     /// Builds the store.
     pub fn build(self) -> Tiered<D> {
+        let clock = self
+            .clock
+            .or_else(|| self.durable.deadline_clock())
+            .unwrap_or_else(|| Arc::new(SystemClock));
         let cache = MemoryStore::builder()
             .max_bytes(self.max_bytes)
-            .shared_clock(self.clock.clone())
+            .shared_clock(clock.clone())
             .build();
         Tiered {
             durable: self.durable,
             cache,
-            clock: self.clock,
+            clock,
         }
     }
 }
@@ -97,7 +103,7 @@ impl<D: Store> Tiered<D> {
         TieredBuilder {
             durable,
             max_bytes: DEFAULT_MAX_BYTES,
-            clock: Arc::new(SystemClock),
+            clock: None,
         }
     }
 
@@ -226,6 +232,10 @@ impl<D: Store> Store for Tiered<D> {
     async fn settle(&self) {
         self.durable.settle().await;
     }
+
+    fn deadline_clock(&self) -> Option<SharedClock> {
+        Some(self.clock.clone())
+    }
 }
 
 #[cfg(all(test, feature = "test-util"))]
@@ -259,5 +269,58 @@ mod tests {
             "the durable write answers after the timeout"
         );
         assert_eq!(store.cache.in_flight_len(), 0, "the hold outlived its call");
+    }
+
+    fn paid() -> StoredResponse {
+        StoredResponse {
+            status: http::StatusCode::CREATED,
+            headers: Vec::new(),
+            body: Some(bytes::Bytes::from_static(b"paid")),
+        }
+    }
+
+    /// Built without a clock, the cache must expire records when the mock's
+    /// clock says they expire, not when the system clock does: a test that
+    /// moves the mock past the TTL expects the key to run again.
+    #[tokio::test]
+    async fn a_cache_over_a_mock_store_expires_by_the_mocks_clock() {
+        let durable = MockStore::new();
+        let store = Tiered::new(durable.clone());
+        let key = RecordKey::new(ScopeDigest::global(), IdempotencyKey::parse(b"k").unwrap());
+        let fingerprint = Fingerprint::from_bytes([1; 32]);
+        let (lease, ttl) = (Duration::from_secs(60), Duration::from_secs(3600));
+        let Ok(Claim::Acquired(token)) = store.claim(&key, fingerprint, lease).await else {
+            panic!("a new key is acquired");
+        };
+        store.complete(&key, token, paid(), ttl).await.unwrap();
+        durable.advance(ttl);
+
+        let again = store.claim(&key, fingerprint, lease).await;
+        assert!(matches!(again, Ok(Claim::Acquired(_))), "{again:?}");
+    }
+
+    /// A completion the durable store refused is neither cached nor left
+    /// held in memory: the next claim asks the durable store.
+    #[tokio::test]
+    async fn a_completion_the_durable_store_refused_is_not_cached() {
+        let durable = MockStore::new();
+        let store = Tiered::new(durable.clone());
+        let key = RecordKey::new(ScopeDigest::global(), IdempotencyKey::parse(b"k").unwrap());
+        let fingerprint = Fingerprint::from_bytes([1; 32]);
+        let lease = Duration::from_secs(60);
+        let Ok(Claim::Acquired(token)) = store.claim(&key, fingerprint, lease).await else {
+            panic!("a new key is acquired");
+        };
+        durable.fail_next(crate::testing::OpKind::Complete);
+        let completed = store
+            .complete(&key, token, paid(), Duration::from_secs(3600))
+            .await;
+        assert!(completed.is_err(), "{completed:?}");
+        assert_eq!((store.cached_len(), store.cache.in_flight_len()), (0, 0));
+        let again = store.claim(&key, fingerprint, lease).await;
+        assert!(
+            matches!(again, Ok(Claim::InFlight { .. })),
+            "the durable store still holds the claim: {again:?}"
+        );
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::StatusCode;
 
 use crate::Idempotency;
-use crate::clock::{Clock, ManualClock, millis};
+use crate::clock::{Clock, ManualClock, SharedClock, millis};
 use crate::fingerprint::Fingerprint;
 use crate::record::{Claim, InFlight, LeaseToken, Record, RecordKey, StoredResponse};
 use crate::store::{MemoryStore, Store, StoreError};
@@ -495,5 +495,9 @@ impl Store for MockStore {
         self.logged(OpKind::Get, result, |record| Operation::Get {
             found: record.is_some(),
         })
+    }
+
+    fn deadline_clock(&self) -> Option<SharedClock> {
+        Some(Arc::new(self.inner.clock.clone()))
     }
 }
