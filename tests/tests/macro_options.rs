@@ -4,8 +4,9 @@
 // points the expansion at it.
 extern crate idempotent_core as idem;
 
+mod macro_support;
+
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -16,32 +17,12 @@ use axum::http::{Request, StatusCode};
 use axum::middleware::Next;
 use axum::routing::post;
 use axum::{Extension, Json, Router};
-use http_body_util::BodyExt;
 use idempotent_core::store::MemoryStore;
 use idempotent_core::testing::{MockStore, OpKind};
-use idempotent_core::{IDEMPOTENT_REPLAYED, Idempotency, IdempotencyScope, idempotent};
+use idempotent_core::{Idempotency, IdempotencyScope, idempotent};
+use macro_support::{Runs, send};
 use serde::Deserialize;
 use tokio::sync::Notify;
-use tower::ServiceExt;
-
-#[derive(Clone, Default)]
-struct Runs(Arc<AtomicUsize>);
-
-impl Runs {
-    fn bump(&self) -> usize {
-        self.0.fetch_add(1, Ordering::SeqCst) + 1
-    }
-    fn get(&self) -> usize {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
-struct Reply {
-    status: StatusCode,
-    replayed: bool,
-    retry_after: Option<String>,
-    body: String,
-}
 
 fn request(uri: &str, key: Option<&str>, headers: &[(&str, &str)], body: &str) -> Request<Body> {
     let mut builder = Request::post(uri).header("content-type", "application/json");
@@ -52,24 +33,6 @@ fn request(uri: &str, key: Option<&str>, headers: &[(&str, &str)], body: &str) -
         builder = builder.header(*name, *value);
     }
     builder.body(Body::from(body.to_owned())).unwrap()
-}
-
-async fn send(app: &Router, request: Request<Body>) -> Reply {
-    let response = app.clone().oneshot(request).await.unwrap();
-    let status = response.status();
-    let replayed = response.headers().contains_key(IDEMPOTENT_REPLAYED);
-    let retry_after = response
-        .headers()
-        .get("retry-after")
-        .map(|value| value.to_str().unwrap().to_owned());
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    let body = String::from_utf8(body.to_vec()).unwrap();
-    Reply {
-        status,
-        replayed,
-        retry_after,
-        body,
-    }
 }
 
 fn router(routes: Router<Runs>, runs: &Runs) -> Router {
@@ -134,7 +97,7 @@ async fn a_duplicate_while_the_first_runs_gets_409_with_retry_after() {
     gate.entered.notified().await;
     let duplicate = send(&app, request("/slow", Some("k"), &[], "1")).await;
     assert_eq!(duplicate.status, StatusCode::CONFLICT);
-    assert_eq!(duplicate.retry_after.as_deref(), Some("1"));
+    assert_eq!(duplicate.header("retry-after"), Some("1"));
     gate.release.notify_one();
     assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
     assert_eq!(gate.runs.get(), 1);

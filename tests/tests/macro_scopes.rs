@@ -2,8 +2,7 @@
 //! same `Idempotency-Key` never share a scope, and one caller's retry of
 //! one request never gets a second one.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod macro_support;
 
 use axum::body::Body;
 use axum::extract::{FromRequestParts, State};
@@ -11,30 +10,9 @@ use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, Request, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
-use http_body_util::BodyExt;
 use idempotent_core::store::MemoryStore;
-use idempotent_core::{IDEMPOTENT_REPLAYED, Idempotency, IdempotencyScope, idempotent};
-use tower::ServiceExt;
-
-#[derive(Clone, Default)]
-struct Runs(Arc<AtomicUsize>);
-
-impl Runs {
-    fn bump(&self) -> usize {
-        self.0.fetch_add(1, Ordering::SeqCst) + 1
-    }
-    fn get(&self) -> usize {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
-#[derive(Debug)]
-struct Reply {
-    status: StatusCode,
-    replayed: bool,
-    challenge: Option<String>,
-    body: String,
-}
+use idempotent_core::{Idempotency, IdempotencyScope, idempotent};
+use macro_support::{Runs, send};
 
 /// A keyed POST with `headers`, whose values may be any bytes a header
 /// value can hold (obs-text included).
@@ -50,24 +28,6 @@ fn request(uri: &str, key: &str, headers: &[(&str, &[u8])]) -> Request<Body> {
         request.headers_mut().append(name, value);
     }
     request
-}
-
-async fn send(app: &Router, request: Request<Body>) -> Reply {
-    let response = app.clone().oneshot(request).await.unwrap();
-    let status = response.status();
-    let replayed = response.headers().contains_key(IDEMPOTENT_REPLAYED);
-    let challenge = response
-        .headers()
-        .get("www-authenticate")
-        .map(|value| value.to_str().unwrap().to_owned());
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    let body = String::from_utf8(body.to_vec()).unwrap();
-    Reply {
-        status,
-        replayed,
-        challenge,
-        body,
-    }
 }
 
 /// The body of the run that answered `headers` at `uri` with key `k`.
@@ -172,7 +132,11 @@ async fn credentials_that_name_no_caller_are_refused_before_anything_runs() {
     for headers in unauthorized {
         let reply = send(&app, request("/a", "k", headers)).await;
         assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{headers:?}");
-        assert_eq!(reply.challenge.as_deref(), Some("Bearer"), "{headers:?}");
+        assert_eq!(
+            reply.header("www-authenticate"),
+            Some("Bearer"),
+            "{headers:?}"
+        );
     }
     let repeated: [&[(&str, &[u8])]; 2] = [
         &[("x-api-key", b"sk_1"), ("x-api-key", b"sk_2")],
