@@ -1,4 +1,5 @@
-//! Request header fields that must come at most once.
+//! Request header fields: those that must come at most once, and the
+//! padding around a value.
 
 use http::header::AsHeaderName;
 use http::{HeaderMap, HeaderValue};
@@ -19,4 +20,14 @@ pub(crate) fn at_most_once<N: AsHeaderName>(
         return Err(Repeated);
     }
     Ok(first)
+}
+
+/// Cuts the optional whitespace around a field value (RFC 9110 `OWS`:
+/// spaces and tabs only, so a stray CR, LF or form feed is an invalid
+/// character, not padding), and says how many bytes went from the start.
+pub(crate) fn trim_ows(field: &[u8]) -> (usize, &[u8]) {
+    let is_ows = |byte: &&u8| matches!(byte, b' ' | b'\t');
+    let start = field.iter().take_while(is_ows).count();
+    let end = field.len() - field[start..].iter().rev().take_while(is_ows).count();
+    (start, &field[start..end])
 }

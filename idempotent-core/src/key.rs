@@ -14,7 +14,7 @@ use axum::extract::{FromRequestParts, OptionalFromRequestParts};
 use http::request::Parts;
 use http::{HeaderMap, HeaderName};
 
-use crate::field::{Repeated, at_most_once};
+use crate::field::{Repeated, at_most_once, trim_ows};
 use crate::problem::{Problem, ProblemKind};
 
 /// The request header that carries the key.
@@ -195,16 +195,6 @@ fn near_miss(headers: &HeaderMap) -> Option<&str> {
         .keys()
         .map(HeaderName::as_str)
         .find(|name| name.contains("idempoten") && name.ends_with("key"))
-}
-
-/// Cuts the optional whitespace around a field value (RFC 9110 `OWS`:
-/// spaces and tabs only, so a stray CR, LF or form feed is an invalid
-/// character, not padding), and says how many bytes went from the start.
-fn trim_ows(field: &[u8]) -> (usize, &[u8]) {
-    let is_ows = |byte: &&u8| matches!(byte, b' ' | b'\t');
-    let start = field.iter().take_while(is_ows).count();
-    let end = field.len() - field[start..].iter().rev().take_while(is_ows).count();
-    (start, &field[start..end])
 }
 
 fn parse_bare(field: &[u8]) -> Result<&str, KeyError> {

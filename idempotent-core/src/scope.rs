@@ -12,7 +12,7 @@ use http::HeaderMap;
 use http::header::AUTHORIZATION;
 
 use crate::digest::{hex, sha256_framed};
-use crate::field::{Repeated, at_most_once};
+use crate::field::{Repeated, at_most_once, trim_ows};
 
 /// How an endpoint tells callers apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,19 +167,8 @@ where
         bearer: false,
     })?;
     Ok(value
-        .map(|value| without_ows(value.as_bytes()))
+        .map(|value| trim_ows(value.as_bytes()).1)
         .filter(|value| !value.is_empty()))
-}
-
-/// `value` without the spaces and tabs (RFC 9110 `OWS`) around it.
-fn without_ows(value: &[u8]) -> &[u8] {
-    let is_ows = |byte: &u8| matches!(byte, b' ' | b'\t');
-    let start = value.iter().position(|byte| !is_ows(byte));
-    let end = value.iter().rposition(|byte| !is_ows(byte));
-    match (start, end) {
-        (Some(start), Some(end)) => &value[start..=end],
-        _ => &[],
-    }
 }
 
 /// The scope of the principal a handler supplied. An empty id is refused
