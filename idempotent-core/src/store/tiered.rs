@@ -245,16 +245,24 @@ mod tests {
     use crate::scope::ScopeDigest;
     use crate::testing::MockStore;
 
-    #[tokio::test(start_paused = true)]
-    async fn a_completion_cut_short_lets_go_of_the_cached_hold() {
+    const FINGERPRINT: Fingerprint = Fingerprint::from_bytes([1; 32]);
+    const LEASE: Duration = Duration::from_secs(60);
+
+    /// A cache over a mock, and a key it claimed: the mock to steer, the
+    /// store, the key and the claim's token.
+    async fn claimed() -> (MockStore, Tiered<MockStore>, RecordKey, LeaseToken) {
         let durable = MockStore::new();
         let store = Tiered::new(durable.clone());
         let key = RecordKey::new(ScopeDigest::global(), IdempotencyKey::parse(b"k").unwrap());
-        let fingerprint = Fingerprint::from_bytes([1; 32]);
-        let lease = Duration::from_secs(60);
-        let Ok(Claim::Acquired(token)) = store.claim(&key, fingerprint, lease).await else {
+        let Ok(Claim::Acquired(token)) = store.claim(&key, FINGERPRINT, LEASE).await else {
             panic!("a new key is acquired");
         };
+        (durable, store, key, token)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_completion_cut_short_lets_go_of_the_cached_hold() {
+        let (durable, store, key, token) = claimed().await;
         assert_eq!(store.cache.in_flight_len(), 1);
         let response = StoredResponse {
             status: http::StatusCode::OK,
@@ -284,18 +292,12 @@ mod tests {
     /// moves the mock past the TTL expects the key to run again.
     #[tokio::test]
     async fn a_cache_over_a_mock_store_expires_by_the_mocks_clock() {
-        let durable = MockStore::new();
-        let store = Tiered::new(durable.clone());
-        let key = RecordKey::new(ScopeDigest::global(), IdempotencyKey::parse(b"k").unwrap());
-        let fingerprint = Fingerprint::from_bytes([1; 32]);
-        let (lease, ttl) = (Duration::from_secs(60), Duration::from_secs(3600));
-        let Ok(Claim::Acquired(token)) = store.claim(&key, fingerprint, lease).await else {
-            panic!("a new key is acquired");
-        };
+        let (durable, store, key, token) = claimed().await;
+        let ttl = Duration::from_secs(3600);
         store.complete(&key, token, paid(), ttl).await.unwrap();
         durable.advance(ttl);
 
-        let again = store.claim(&key, fingerprint, lease).await;
+        let again = store.claim(&key, FINGERPRINT, LEASE).await;
         assert!(matches!(again, Ok(Claim::Acquired(_))), "{again:?}");
     }
 
@@ -303,21 +305,14 @@ mod tests {
     /// held in memory: the next claim asks the durable store.
     #[tokio::test]
     async fn a_completion_the_durable_store_refused_is_not_cached() {
-        let durable = MockStore::new();
-        let store = Tiered::new(durable.clone());
-        let key = RecordKey::new(ScopeDigest::global(), IdempotencyKey::parse(b"k").unwrap());
-        let fingerprint = Fingerprint::from_bytes([1; 32]);
-        let lease = Duration::from_secs(60);
-        let Ok(Claim::Acquired(token)) = store.claim(&key, fingerprint, lease).await else {
-            panic!("a new key is acquired");
-        };
+        let (durable, store, key, token) = claimed().await;
         durable.fail_next(crate::testing::OpKind::Complete);
         let completed = store
             .complete(&key, token, paid(), Duration::from_secs(3600))
             .await;
         assert!(completed.is_err(), "{completed:?}");
         assert_eq!((store.cached_len(), store.cache.in_flight_len()), (0, 0));
-        let again = store.claim(&key, fingerprint, lease).await;
+        let again = store.claim(&key, FINGERPRINT, LEASE).await;
         assert!(
             matches!(again, Ok(Claim::InFlight { .. })),
             "the durable store still holds the claim: {again:?}"
