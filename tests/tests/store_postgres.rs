@@ -18,7 +18,8 @@ use idempotent_core::testing::contract;
 use sqlx::{Connection, PgPool};
 use store_support::{
     Ledger, Relay, assert_kept, backend_url, complete_with_a_body_of, duplicates_across_instances,
-    pay, pay_until_available, payments_app, relay_to_the_database, unique_name,
+    pay, pay_until_available, payments_app, relay_to_the_database, store_behind_a_relay,
+    unique_name,
 };
 
 const URL: &str = "IDEMPOTENT_TEST_POSTGRES_URL";
@@ -915,24 +916,6 @@ async fn a_payment_survives(
         1,
         "the payment ran twice"
     );
-}
-
-/// A store whose connections go through a relay (see [`Relay`]) that the
-/// test can cut.
-async fn store_behind_a_relay(url: &str, hold: u32) -> (PostgresStore, Relay) {
-    let (options, relay) = relay_to_the_database(url).await;
-    let pool = PostgresStore::pool_options()
-        .max_connections(16)
-        .connect_with(options)
-        .await
-        .expect("connect through the relay");
-    let store = PostgresStore::builder(pool)
-        .table(unique_name("idem_test"))
-        .hold_connections(hold)
-        .build()
-        .expect("valid table name");
-    store.migrate().await.expect("migrate");
-    (store, relay)
 }
 
 /// The database restarts (every connection is cut, and it is back at once)

@@ -14,8 +14,7 @@ use axum::http::StatusCode;
 use idempotent_core::store::PostgresStore;
 use store_support::logs::{Logged, events};
 use store_support::{
-    Ledger, Relay, backend_url, pay, pay_until_available, payments_app, relay_to_the_database,
-    unique_name,
+    Ledger, Relay, backend_url, pay, pay_until_available, payments_app, store_behind_a_relay,
 };
 use tracing::Level;
 
@@ -31,17 +30,9 @@ async fn a_database_that_refuses_connections_is_logged_once_and_claims_fail_at_o
         return;
     };
     let events = events();
-    let (options, mut relay) = relay_to_the_database(&url).await;
+    // Keeping what `connect` keeps: 15 of its 16 connections.
+    let (store, mut relay) = store_behind_a_relay(&url, 15).await;
     let address = format!("127.0.0.1:{}", relay.port);
-    let connected = PostgresStore::connect_with(options)
-        .await
-        .expect("connect through the relay");
-    let store = PostgresStore::builder(connected.pool().clone())
-        .table(unique_name("idem_test"))
-        .hold_connections(15)
-        .build()
-        .expect("valid table name");
-    store.migrate().await.expect("migrate");
     let ledger = Ledger::default();
     let app = payments_app(store.clone(), &ledger, STORE_TIMEOUT);
     assert_eq!(pay(&app, "before", 1).await.status, StatusCode::CREATED);

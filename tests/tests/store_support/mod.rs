@@ -372,6 +372,29 @@ pub async fn relay_to_the_database(url: &str) -> (sqlx::postgres::PgConnectOptio
     (direct.host("127.0.0.1").port(port), relay)
 }
 
+/// A store whose connections go through a relay (see [`Relay`]) that the
+/// test can cut.
+pub async fn store_behind_a_relay(
+    url: &str,
+    hold: u32,
+) -> (idempotent_core::store::PostgresStore, Relay) {
+    let (options, relay) = relay_to_the_database(url).await;
+    use idempotent_core::store::PostgresStore;
+
+    let pool = PostgresStore::pool_options()
+        .max_connections(16)
+        .connect_with(options)
+        .await
+        .expect("connect through the relay");
+    let store = PostgresStore::builder(pool)
+        .table(unique_name("idem_test"))
+        .hold_connections(hold)
+        .build()
+        .expect("valid table name");
+    store.migrate().await.expect("migrate");
+    (store, relay)
+}
+
 impl Drop for Relay {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {
