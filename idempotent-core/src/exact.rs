@@ -6,9 +6,10 @@
 //! encoding before the engine can tell a replay from a first execution.
 //! When every fingerprinted argument is a function of the request's URI,
 //! path parameters and body (`Json`, `Form`, `Bytes`, `String`, `Path`,
-//! `Query`), equal bytes mean an equal fingerprint, so an
-//! exact repeat of a replayed request needs neither. The attribute then
-//! extracts the body through
+//! `Query`), equal bytes mean an equal fingerprint (the fingerprint writes
+//! a hash set's elements sorted, so that two parses of one body encode
+//! alike), so an exact repeat of a replayed request needs neither. The
+//! attribute then extracts the body through
 //! [`ExactBody`](crate::__private::ExactBody), which runs after every
 //! other extractor (authentication included) and asks this module first.
 //!

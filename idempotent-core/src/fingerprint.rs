@@ -24,7 +24,7 @@
 //! | `0x05` | `f32`, `f64`                  | the 8 big-endian bytes of the value as `f64`                      |
 //! | `0x06` | `str`, `String`, `char`       | length, UTF-8 bytes                                               |
 //! | `0x07` | bytes (`serialize_bytes`)     | length, raw bytes                                                 |
-//! | `0x08` | sequence, tuple, tuple struct | each element, then the end marker `0xFF`                          |
+//! | `0x08` | sequence, tuple, tuple struct | each element (a hash set's sorted), then the end marker `0xFF`    |
 //! | `0x09` | map, struct                   | entry count, then the entries sorted (see below)                  |
 //! | `0x0A` | enum variant                  | the variant name as a string (`0x06`), then its content           |
 //!
@@ -55,9 +55,18 @@
 //! - **Sequences** are terminated instead of length-prefixed so that they
 //!   stream even when serde does not know the length up front; the end marker
 //!   is never a value tag, so the encoding stays unambiguous. They keep their
-//!   order, and serde cannot tell a set from a list: a `HashSet` is written in
-//!   hash order, which differs between two parses of one body, so a retry
-//!   would not match. Fingerprinted types hold sets as `BTreeSet`.
+//!   order, but for a **hash set**: serde writes one as a sequence in hash
+//!   order, which differs between two parses of one body (each set draws
+//!   its own random keys), so its elements are written sorted by their
+//!   encoding instead. Sorting is sound for a set alone: two requests whose
+//!   lists hold the same elements in another order, or twice, give the
+//!   handler equal sets. serde does not tell the serializer a set from a
+//!   list, but it passes every value with its type, so a set is known by
+//!   its type's name: `std`'s and `hashbrown`'s `HashSet`, behind references,
+//!   `Box`, `Rc`, `Arc` or `Cow` too. A set that a `Serialize` of your own
+//!   writes (a `#[serde(transparent)]` wrapper, `serialize_with`) or
+//!   another crate's unordered set is written in its iteration order, and
+//!   a retry of it would get 422: hold such sets as `BTreeSet`.
 //! - **Enum variants** encode their name, not their index, so reordering
 //!   variants keeps fingerprints stable. The content is unit for a unit
 //!   variant, the inner value for a newtype variant, a sequence for a tuple
@@ -218,7 +227,7 @@ impl Fingerprinter {
         value: &T,
     ) -> Result<&mut Self, FingerprintError> {
         let checkpoint = self.hasher.clone();
-        if let Err(error) = value.serialize(&mut Encoder(&mut self.hasher)) {
+        if let Err(error) = Encoder::new(&mut self.hasher).value(value) {
             self.hasher = checkpoint;
             return Err(error);
         }
@@ -400,22 +409,45 @@ impl Sink for &mut Sha256 {
 }
 
 /// The canonical-encoding serializer.
-struct Encoder<W>(W);
+struct Encoder<W> {
+    out: W,
+    /// Whether the value being encoded is an unordered set, whose
+    /// sequence is then written sorted: set by [`Encoder::value`], which
+    /// alone knows the value's type, and taken by the sequence it writes.
+    unordered: bool,
+}
 
 impl<W: Sink> Encoder<W> {
+    fn new(out: W) -> Self {
+        Self {
+            out,
+            unordered: false,
+        }
+    }
+
+    /// Encodes `value`. Every value with a type of its own (an input, a
+    /// field, an element, an entry, the content of a `Some`) goes through
+    /// here, so that an unordered set is known as one.
+    fn value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), FingerprintError> {
+        self.unordered = is_unordered_set::<T>();
+        let encoded = value.serialize(&mut *self);
+        self.unordered = false;
+        encoded
+    }
+
     fn tag(&mut self, tag: u8) {
-        self.0.put(&[tag]);
+        self.out.put(&[tag]);
     }
 
     fn length_prefixed(&mut self, tag: u8, bytes: &[u8]) {
         self.tag(tag);
-        self.0.put(&len_bytes(bytes.len()));
-        self.0.put(bytes);
+        self.out.put(&len_bytes(bytes.len()));
+        self.out.put(bytes);
     }
 
     fn integer(&mut self, negative: bool, magnitude: u128) {
-        self.0.put(&[INT, u8::from(negative)]);
-        self.0.put(&magnitude.to_be_bytes());
+        self.out.put(&[INT, u8::from(negative)]);
+        self.out.put(&magnitude.to_be_bytes());
     }
 
     fn variant(&mut self, name: &str) {
@@ -427,7 +459,7 @@ impl<W: Sink> Encoder<W> {
 impl<'a, W: Sink> Serializer for &'a mut Encoder<W> {
     type Ok = ();
     type Error = FingerprintError;
-    type SerializeSeq = Self;
+    type SerializeSeq = Sequence<'a, W>;
     type SerializeTuple = Self;
     type SerializeTupleStruct = Self;
     type SerializeTupleVariant = Self;
@@ -436,7 +468,7 @@ impl<'a, W: Sink> Serializer for &'a mut Encoder<W> {
     type SerializeStructVariant = MapEncoder<'a, W>;
 
     fn serialize_bool(self, v: bool) -> Result<(), FingerprintError> {
-        self.0.put(&[BOOL, u8::from(v)]);
+        self.out.put(&[BOOL, u8::from(v)]);
         Ok(())
     }
 
@@ -489,7 +521,7 @@ impl<'a, W: Sink> Serializer for &'a mut Encoder<W> {
 
     fn serialize_f64(self, v: f64) -> Result<(), FingerprintError> {
         self.tag(FLOAT);
-        self.0.put(&canonical_f64_bits(v).to_be_bytes());
+        self.out.put(&canonical_f64_bits(v).to_be_bytes());
         Ok(())
     }
 
@@ -514,7 +546,7 @@ impl<'a, W: Sink> Serializer for &'a mut Encoder<W> {
 
     fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result<(), FingerprintError> {
         self.tag(SOME);
-        value.serialize(self)
+        self.value(value)
     }
 
     fn serialize_unit(self) -> Result<(), FingerprintError> {
@@ -541,7 +573,7 @@ impl<'a, W: Sink> Serializer for &'a mut Encoder<W> {
         _name: &'static str,
         value: &T,
     ) -> Result<(), FingerprintError> {
-        value.serialize(self)
+        self.value(value)
     }
 
     fn serialize_newtype_variant<T: Serialize + ?Sized>(
@@ -552,16 +584,20 @@ impl<'a, W: Sink> Serializer for &'a mut Encoder<W> {
         value: &T,
     ) -> Result<(), FingerprintError> {
         self.variant(variant);
-        value.serialize(self)
+        self.value(value)
     }
 
-    fn serialize_seq(self, _len: Option<usize>) -> Result<Self, FingerprintError> {
+    fn serialize_seq(self, _len: Option<usize>) -> Result<Sequence<'a, W>, FingerprintError> {
+        if std::mem::take(&mut self.unordered) {
+            return Ok(Sequence::Sorted(MapEncoder::new(self, Compound::Set)));
+        }
         self.tag(SEQ);
-        Ok(self)
+        Ok(Sequence::InOrder(self))
     }
 
     fn serialize_tuple(self, _len: usize) -> Result<Self, FingerprintError> {
-        self.serialize_seq(None)
+        self.tag(SEQ);
+        Ok(self)
     }
 
     fn serialize_tuple_struct(
@@ -569,7 +605,7 @@ impl<'a, W: Sink> Serializer for &'a mut Encoder<W> {
         _name: &'static str,
         _len: usize,
     ) -> Result<Self, FingerprintError> {
-        self.serialize_seq(None)
+        self.serialize_tuple(0)
     }
 
     fn serialize_tuple_variant(
@@ -580,11 +616,11 @@ impl<'a, W: Sink> Serializer for &'a mut Encoder<W> {
         _len: usize,
     ) -> Result<Self, FingerprintError> {
         self.variant(variant);
-        self.serialize_seq(None)
+        self.serialize_tuple(0)
     }
 
     fn serialize_map(self, _len: Option<usize>) -> Result<MapEncoder<'a, W>, FingerprintError> {
-        Ok(MapEncoder::new(self))
+        Ok(MapEncoder::new(self, Compound::Map))
     }
 
     fn serialize_struct(
@@ -592,7 +628,7 @@ impl<'a, W: Sink> Serializer for &'a mut Encoder<W> {
         _name: &'static str,
         _len: usize,
     ) -> Result<MapEncoder<'a, W>, FingerprintError> {
-        Ok(MapEncoder::new(self))
+        Ok(MapEncoder::new(self, Compound::Map))
     }
 
     fn serialize_struct_variant(
@@ -603,19 +639,19 @@ impl<'a, W: Sink> Serializer for &'a mut Encoder<W> {
         _len: usize,
     ) -> Result<MapEncoder<'a, W>, FingerprintError> {
         self.variant(variant);
-        Ok(MapEncoder::new(self))
+        Ok(MapEncoder::new(self, Compound::Map))
     }
 }
 
-/// Sequence-like compounds: elements stream inline, then the end marker.
-macro_rules! sequence_like {
+/// Tuple-like compounds: elements stream inline, then the end marker.
+macro_rules! tuple_like {
     ($($trait:ident :: $method:ident),+ $(,)?) => {$(
         impl<W: Sink> ser::$trait for &mut Encoder<W> {
             type Ok = ();
             type Error = FingerprintError;
 
             fn $method<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), FingerprintError> {
-                value.serialize(&mut **self)
+                self.value(value)
             }
 
             fn end(self) -> Result<(), FingerprintError> {
@@ -626,15 +662,95 @@ macro_rules! sequence_like {
     )+};
 }
 
-sequence_like!(
-    SerializeSeq::serialize_element,
+tuple_like!(
     SerializeTuple::serialize_element,
     SerializeTupleStruct::serialize_field,
     SerializeTupleVariant::serialize_field,
 );
 
+/// A sequence: its elements in their order, or, for an unordered set,
+/// sorted by their encoding.
+enum Sequence<'a, W> {
+    InOrder(&'a mut Encoder<W>),
+    Sorted(MapEncoder<'a, W>),
+}
+
+impl<W: Sink> ser::SerializeSeq for Sequence<'_, W> {
+    type Ok = ();
+    type Error = FingerprintError;
+
+    fn serialize_element<T: Serialize + ?Sized>(
+        &mut self,
+        value: &T,
+    ) -> Result<(), FingerprintError> {
+        match self {
+            Self::InOrder(encoder) => encoder.value(value),
+            Self::Sorted(set) => set.element(value),
+        }
+    }
+
+    fn end(self) -> Result<(), FingerprintError> {
+        match self {
+            Self::InOrder(encoder) => {
+                encoder.tag(SEQ_END);
+                Ok(())
+            }
+            Self::Sorted(set) => set.finish(),
+        }
+    }
+}
+
+/// Whether values of type `T` are unordered sets: the standard library's
+/// and `hashbrown`'s `HashSet`, or a reference, `Box`, `Rc`, `Arc` or
+/// `Cow` of one (which serialize as the set itself; four of them deep at
+/// most). `serde` writes a set as a sequence in its iteration order, which
+/// depends on the hasher's random keys, so two parses of one body would
+/// encode differently; yet two sets of the same elements are equal
+/// whatever the order they were sent in, and a handler cannot tell them
+/// apart, so writing them sorted merges only requests the handler sees
+/// alike.
+///
+/// Only the type says so: serde passes each value to the serializer with
+/// its type, and a sequence itself does not say what it came from. The
+/// names are the compiler's (`tests` checks them against it). The loops
+/// have fixed bounds and the names are constants, so an optimized build
+/// answers at compile time.
+fn is_unordered_set<T: ?Sized>() -> bool {
+    const POINTER_DEPTH: usize = 4;
+    const SETS: [&str; 2] = [
+        "std::collections::hash::set::HashSet<",
+        "hashbrown::set::HashSet<",
+    ];
+    let mut name = std::any::type_name::<T>();
+    for _ in 0..POINTER_DEPTH {
+        name = pointee(name);
+    }
+    SETS.iter().any(|set| name.starts_with(set))
+}
+
+/// The type that `name` points to, if it names a pointer that serializes
+/// as its pointee; otherwise `name` itself. Inlined, so that the compiler
+/// sees the constant name it is given.
+#[inline(always)]
+fn pointee(name: &str) -> &str {
+    const POINTERS: [&str; 4] = [
+        "alloc::boxed::Box<",
+        "alloc::rc::Rc<",
+        "alloc::sync::Arc<",
+        "alloc::borrow::Cow<'_, ",
+    ];
+    if let Some(referent) = name.strip_prefix('&') {
+        return referent.strip_prefix("mut ").unwrap_or(referent);
+    }
+    POINTERS
+        .iter()
+        .find_map(|pointer| name.strip_prefix(pointer))
+        .unwrap_or(name)
+}
+
 /// One map entry: where its key's and value's encodings sit in the map's
-/// buffer (`key..value` and `value..end`).
+/// buffer (`key..value` and `value..end`). A set's element is a key
+/// without a value.
 #[derive(Clone, Copy)]
 struct Entry {
     key: usize,
@@ -642,10 +758,20 @@ struct Entry {
     end: usize,
 }
 
-/// Collects map or struct entries in one buffer, then writes them sorted
-/// by key encoding (then value encoding).
+/// What a [`MapEncoder`] writes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Compound {
+    /// A map or a struct: its entry count, then its entries.
+    Map,
+    /// An unordered set: a sequence of its elements.
+    Set,
+}
+
+/// Collects map or struct entries (or an unordered set's elements) in one
+/// buffer, then writes them sorted by key encoding (then value encoding).
 struct MapEncoder<'a, W> {
     parent: &'a mut Encoder<W>,
+    compound: Compound,
     buffer: Encoder<Vec<u8>>,
     entries: Vec<Entry>,
     pending_key: Option<usize>,
@@ -704,11 +830,12 @@ impl Scratch {
 }
 
 impl<'a, W: Sink> MapEncoder<'a, W> {
-    fn new(parent: &'a mut Encoder<W>) -> Self {
+    fn new(parent: &'a mut Encoder<W>, compound: Compound) -> Self {
         let Scratch { bytes, entries } = Scratch::take();
         Self {
             parent,
-            buffer: Encoder(bytes),
+            compound,
+            buffer: Encoder::new(bytes),
             entries,
             pending_key: None,
         }
@@ -718,8 +845,8 @@ impl<'a, W: Sink> MapEncoder<'a, W> {
         if self.pending_key.is_some() {
             return Err(misuse("map key serialized twice without a value"));
         }
-        let start = self.buffer.0.len();
-        key.serialize(&mut self.buffer)?;
+        let start = self.buffer.out.len();
+        self.buffer.value(key)?;
         self.pending_key = Some(start);
         Ok(())
     }
@@ -729,12 +856,25 @@ impl<'a, W: Sink> MapEncoder<'a, W> {
             .pending_key
             .take()
             .ok_or_else(|| misuse("map value serialized without a key"))?;
-        let start = self.buffer.0.len();
-        value.serialize(&mut self.buffer)?;
-        let end = self.buffer.0.len();
+        let start = self.buffer.out.len();
+        self.buffer.value(value)?;
+        let end = self.buffer.out.len();
         self.entries.push(Entry {
             key,
             value: start,
+            end,
+        });
+        Ok(())
+    }
+
+    /// A set's element: a key without a value.
+    fn element<T: Serialize + ?Sized>(&mut self, element: &T) -> Result<(), FingerprintError> {
+        let start = self.buffer.out.len();
+        self.buffer.value(element)?;
+        let end = self.buffer.out.len();
+        self.entries.push(Entry {
+            key: start,
+            value: end,
             end,
         });
         Ok(())
@@ -744,14 +884,25 @@ impl<'a, W: Sink> MapEncoder<'a, W> {
         if self.pending_key.is_some() {
             return Err(misuse("map key serialized without a value"));
         }
-        let bytes = &self.buffer.0;
+        let bytes = &self.buffer.out;
         let sort_key = |e: &Entry| (&bytes[e.key..e.value], &bytes[e.value..e.end]);
         self.entries
             .sort_unstable_by(|a, b| sort_key(a).cmp(&sort_key(b)));
-        self.parent.tag(MAP);
-        self.parent.0.put(&len_bytes(self.entries.len()));
+        // A set is written as the sequence of its elements in this order,
+        // as a list of them in this order would be: the set's handler sees
+        // that list in any order as the same set.
+        match self.compound {
+            Compound::Map => {
+                self.parent.tag(MAP);
+                self.parent.out.put(&len_bytes(self.entries.len()));
+            }
+            Compound::Set => self.parent.tag(SEQ),
+        }
         for entry in &self.entries {
-            self.parent.0.put(&bytes[entry.key..entry.end]);
+            self.parent.out.put(&bytes[entry.key..entry.end]);
+        }
+        if self.compound == Compound::Set {
+            self.parent.tag(SEQ_END);
         }
         Ok(())
     }
@@ -760,7 +911,7 @@ impl<'a, W: Sink> MapEncoder<'a, W> {
 impl<W> Drop for MapEncoder<'_, W> {
     fn drop(&mut self) {
         Scratch {
-            bytes: std::mem::take(&mut self.buffer.0),
+            bytes: std::mem::take(&mut self.buffer.out),
             entries: std::mem::take(&mut self.entries),
         }
         .give_back();
@@ -819,7 +970,8 @@ struct_like!(SerializeStruct, SerializeStructVariant);
 
 #[cfg(test)]
 mod tests {
-    use std::collections::{BTreeMap, HashMap};
+    use std::collections::{BTreeMap, HashMap, HashSet};
+    use std::hash::BuildHasherDefault;
 
     use proptest::prelude::*;
     use serde::ser::{Error as _, SerializeMap as _};
@@ -923,6 +1075,137 @@ mod tests {
         assert_eq!(fp(&forward), expected);
         assert_eq!(fp(&backward), expected);
         assert_eq!(fp(&interleaved), expected);
+    }
+
+    /// `HashSet`s of the same elements laid out differently: the capacity
+    /// moves each element's bucket, and with it the iteration order, as
+    /// two random hasher keys do (two parses of one body, two processes).
+    fn same_words_two_layouts() -> (Fixed<&'static str>, Fixed<&'static str>) {
+        const WORDS: [&str; 8] = ["ash", "birch", "cedar", "elm", "fir", "oak", "pine", "yew"];
+        let small: Fixed<&str> = WORDS.into_iter().collect();
+        let mut large = Fixed::with_capacity_and_hasher(1024, BuildHasherDefault::default());
+        large.extend(WORDS.into_iter().rev());
+        let (a, b): (Vec<_>, Vec<_>) = (small.iter().collect(), large.iter().collect());
+        assert_ne!(a, b, "the layouts iterate alike; the test shows nothing");
+        (small, large)
+    }
+
+    /// A `HashSet` with a hasher of fixed keys, so that its layout depends
+    /// on its capacity alone.
+    type Fixed<T> = HashSet<T, BuildHasherDefault<std::hash::DefaultHasher>>;
+
+    #[test]
+    fn a_hash_set_fingerprints_alike_whatever_its_iteration_order() {
+        let (small, large) = same_words_two_layouts();
+        assert_eq!(fp(&small), fp(&large));
+
+        // As a handler's body is parsed: a set with random keys each time.
+        #[derive(Serialize, serde::Deserialize)]
+        struct Tags {
+            tags: HashSet<String>,
+        }
+        let body = r#"{"tags":["t0","t1","t2","t3","t4","t5","t6","t7","t8","t9"]}"#;
+        let parse = || serde_json::from_str::<Tags>(body).expect("valid body");
+        let first = fp(&parse());
+        for _ in 0..8 {
+            assert_eq!(fp(&parse()), first);
+        }
+        // The same set sent in another order, or with a repeat, is the
+        // same set to the handler.
+        let reordered = r#"{"tags":["t9","t8","t7","t6","t5","t4","t3","t2","t1","t0","t0"]}"#;
+        let reordered: Tags = serde_json::from_str(reordered).expect("valid body");
+        assert_eq!(fp(&reordered), first);
+    }
+
+    /// Whatever keys a process draws, a set fingerprints as its elements
+    /// sorted by their encoding: the value was derived from the encoding
+    /// documented above.
+    #[test]
+    fn a_hash_sets_encoding_is_pinned() {
+        let set: HashSet<&str> = ["zz", "b", "a"].into_iter().collect();
+        assert_eq!(
+            fingerprint("POST /tags", &set).unwrap().to_hex(),
+            "35e23a32eff216fb9ca73a4da5cd546b2f60d5ee883f6100d8ab51a780327131"
+        );
+    }
+
+    #[test]
+    fn hash_sets_in_fields_elements_entries_and_pointers_are_sorted_too() {
+        #[derive(Serialize)]
+        struct Holder<'a> {
+            field: Fixed<&'a str>,
+            optional: Option<Fixed<&'a str>>,
+            boxed: Box<Fixed<&'a str>>,
+            borrowed: &'a Fixed<&'a str>,
+            cow: std::borrow::Cow<'a, Fixed<&'a str>>,
+            listed: Vec<Fixed<&'a str>>,
+            tupled: (u8, Fixed<&'a str>),
+            mapped: BTreeMap<u8, Fixed<&'a str>>,
+        }
+        fn holder<'a>(set: &'a Fixed<&'a str>) -> Holder<'a> {
+            Holder {
+                field: set.clone(),
+                optional: Some(set.clone()),
+                boxed: Box::new(set.clone()),
+                borrowed: set,
+                cow: std::borrow::Cow::Borrowed(set),
+                listed: vec![set.clone()],
+                tupled: (1, set.clone()),
+                mapped: BTreeMap::from([(1, set.clone())]),
+            }
+        }
+        let (small, large) = same_words_two_layouts();
+        assert_eq!(fp(&holder(&small)), fp(&holder(&large)));
+    }
+
+    #[test]
+    fn sorted_sets_still_tell_their_elements_apart_and_lists_keep_their_order() {
+        let set = |items: &[u32]| items.iter().copied().collect::<HashSet<u32>>();
+        assert_all_distinct(&[
+            fp(&set(&[])),
+            fp(&set(&[1])),
+            fp(&set(&[1, 2])),
+            fp(&set(&[1, 3])),
+            fp(&vec![set(&[1]), set(&[2])]),
+            fp(&vec![set(&[2]), set(&[1])]),
+            fp(&vec![set(&[1, 2])]),
+        ]);
+        assert_ne!(fp(&[1, 2]), fp(&[2, 1]));
+        assert_ne!(fp(&vec!["b", "a"]), fp(&vec!["a", "b"]));
+    }
+
+    mod lookalike {
+        /// A type of the same name as `std`'s set, in another path.
+        #[derive(serde::Serialize)]
+        pub(super) struct HashSet<T>(pub(super) Vec<T>);
+    }
+
+    /// The names the encoder goes by are the compiler's: a compiler that
+    /// spelled them otherwise would fail here, not leave sets unsorted
+    /// unnoticed.
+    #[test]
+    fn unordered_sets_are_known_by_their_types_names_alone() {
+        assert!(is_unordered_set::<HashSet<u8>>());
+        assert!(is_unordered_set::<Fixed<String>>());
+        assert!(is_unordered_set::<hashbrown::HashSet<u8>>());
+        assert!(is_unordered_set::<&HashSet<u8>>());
+        assert!(is_unordered_set::<&mut &HashSet<u8>>());
+        assert!(is_unordered_set::<Box<std::sync::Arc<HashSet<u8>>>>());
+        assert!(is_unordered_set::<std::rc::Rc<HashSet<u8>>>());
+        assert!(is_unordered_set::<std::borrow::Cow<'static, HashSet<u8>>>());
+
+        assert!(!is_unordered_set::<Vec<HashSet<u8>>>());
+        assert!(!is_unordered_set::<Option<HashSet<u8>>>());
+        assert!(!is_unordered_set::<std::collections::BTreeSet<u8>>());
+        assert!(!is_unordered_set::<HashMap<u8, u8>>());
+        assert!(!is_unordered_set::<lookalike::HashSet<u8>>());
+        assert!(!is_unordered_set::<Box<[u8]>>());
+        assert!(!is_unordered_set::<str>());
+        // The lookalike keeps its order.
+        assert_ne!(
+            fp(&lookalike::HashSet(vec![2, 1])),
+            fp(&lookalike::HashSet(vec![1, 2]))
+        );
     }
 
     #[test]

@@ -425,6 +425,25 @@ async fn the_same_bytes_under_another_content_type_are_refused_as_without_exact_
     store.assert_executed_once();
 }
 
+#[tokio::test]
+async fn a_malformed_body_gets_the_same_rejection_as_without_exact_repeats() {
+    let body = r#"{"tag":"malformed","amount":100}"#;
+    let (store, app) = after_exact_repeats(body).await;
+    let (_, without) = on_charges(parsed_every_time);
+    // The same length as the replayed body, one byte changed.
+    let malformed = body.replace(':', ";");
+
+    let answer = send(&app, post_json("/charges", "k1", &malformed)).await;
+    let expected = send(&without, post_json("/charges", "k1", &malformed)).await;
+
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        (answer.status, answer.body),
+        (expected.status, expected.body)
+    );
+    store.assert_executed_once();
+}
+
 #[idempotent(ttl = "1h")]
 async fn limited_note(body: String) -> String {
     format!("noted {} bytes", body.len())
@@ -738,5 +757,85 @@ async fn an_exact_repeat_is_answered_only_by_the_handler_it_repeats() {
         (StatusCode::UNPROCESSABLE_ENTITY, false),
         "v1's answer reached v2: {}",
         other.body
+    );
+}
+
+// ===== many callers at once =====
+
+/// Answers 500 (so the record is released) for amounts divisible by 5,
+/// and otherwise names the amount it charged.
+#[idempotent(ttl = "1s")]
+async fn flaky_charge(Json(charge): Json<Charge>) -> (StatusCode, String) {
+    let status = if charge.amount.is_multiple_of(5) {
+        StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        StatusCode::CREATED
+    };
+    (status, format!("charged {}", charge.amount))
+}
+
+/// More keys than the table holds, so that keys share sets and evict one
+/// another while their repeats are in flight.
+const CROWD: u64 = 1_200;
+
+/// The requests of one round: each key's payload for the round five times
+/// and the previous round's once, the six of a key side by side, so that
+/// concurrent tasks send them at once.
+fn round(round: u64) -> Vec<(String, u64)> {
+    let amount = |round: u64, key: u64| round * 10_000 + key;
+    let mut requests = Vec::new();
+    for key in 0..CROWD {
+        let name = format!("crowd-{key}");
+        for _ in 0..5 {
+            requests.push((name.clone(), amount(round, key)));
+        }
+        requests.push((name, amount(round.saturating_sub(1), key)));
+    }
+    requests
+}
+
+/// Whatever the interleaving, an answer that names an amount names the
+/// request's own: a table entry left by an earlier record of the key (one
+/// that expired, was released after a 500, or was replaced by another
+/// payload) never answers for the record there now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_repeats_through_expiries_releases_and_reuse_answer_only_their_own_payload() {
+    const TASKS: usize = 8;
+    let (store, app) = on_charges(flaky_charge);
+    for number in 0..3 {
+        let requests = Arc::new(round(number));
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|task| {
+                let (app, store, requests) = (app.clone(), store.clone(), Arc::clone(&requests));
+                tokio::spawn(async move {
+                    for (index, (key, amount)) in
+                        requests.iter().enumerate().skip(task).step_by(TASKS)
+                    {
+                        // Records expire while others of their keys are in flight.
+                        if task == 0 && index % 3_000 == 0 {
+                            store.advance(Duration::from_millis(1_001));
+                        }
+                        let body = format!(r#"{{"tag":"crowd","amount":{amount}}}"#);
+                        let answer = send(&app, post_json("/charges", key, &body)).await;
+                        match answer.status {
+                            StatusCode::CREATED | StatusCode::INTERNAL_SERVER_ERROR => {
+                                assert_eq!(answer.body, format!("charged {amount}"), "{key}");
+                            }
+                            StatusCode::UNPROCESSABLE_ENTITY | StatusCode::CONFLICT => {}
+                            other => panic!("{key}: {other} {}", answer.body),
+                        }
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        store.advance(Duration::from_millis(1_001));
+    }
+    assert!(
+        store.count(OpKind::Get) > 1_000,
+        "too few exact repeats to show anything: {}",
+        store.count(OpKind::Get)
     );
 }

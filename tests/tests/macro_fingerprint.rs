@@ -3,7 +3,7 @@
 //! reused with arguments the handler would see differently is refused
 //! with 422, never answered with another request's response.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -62,6 +62,18 @@ async fn limits(Json(limits): Json<HashMap<String, u64>>) -> String {
     format!("{} limits", limits.len())
 }
 
+#[derive(Serialize, Deserialize)]
+struct Labels {
+    labels: HashSet<String>,
+}
+
+/// A JSON body holding a `HashSet`, which each parse builds with keys of
+/// its own, and so iterates in an order of its own.
+#[idempotent(scope = "global")]
+async fn labels(Json(labels): Json<Labels>) -> String {
+    format!("{} labels", labels.labels.len())
+}
+
 /// A payload whose `Serialize` refuses some values the body can carry.
 #[derive(Deserialize)]
 struct Note {
@@ -94,6 +106,7 @@ fn app() -> Router {
         .route("/filters", post(filters))
         .route("/form", post(form_map))
         .route("/limits", post(limits))
+        .route("/labels", post(labels))
         .route("/note", post(note))
         .with_state(Runs::default())
         .layer(Idempotency::new(MemoryStore::new()))
@@ -262,6 +275,37 @@ async fn a_hash_map_body_matches_in_any_key_order() {
     let changed = forward.replace("\"limit-7\":7", "\"limit-7\":8");
     assert_eq!(
         send(&app, json("/limits", "k", &changed)).await,
+        Answer::KeyReused
+    );
+}
+
+#[tokio::test]
+async fn a_hash_set_body_matches_in_any_order_on_every_retry() {
+    let app = app();
+    let labels: Vec<String> = (0..16).map(|i| format!("\"label-{i}\"")).collect();
+    let body = format!(r#"{{"labels":[{}]}}"#, labels.join(","));
+    assert_eq!(
+        send(&app, json("/labels", "k", &body)).await,
+        ran("16 labels")
+    );
+    // Every retry parses the body into a set that iterates in an order of
+    // its own, as a retry served by another process would.
+    for _ in 0..8 {
+        assert_eq!(
+            send(&app, json("/labels", "k", &body)).await,
+            replayed("16 labels")
+        );
+    }
+    // The handler sees the same set in any order, a repeat included.
+    let reordered: Vec<&str> = labels.iter().rev().map(String::as_str).collect();
+    let reordered = format!(r#"{{"labels":[{},"label-0"]}}"#, reordered.join(","));
+    assert_eq!(
+        send(&app, json("/labels", "k", &reordered)).await,
+        replayed("16 labels")
+    );
+    let changed = body.replace("label-7", "label-77");
+    assert_eq!(
+        send(&app, json("/labels", "k", &changed)).await,
         Answer::KeyReused
     );
 }
