@@ -13,13 +13,15 @@
 //! Expiry is checked against the store's [`Clock`](crate::clock::Clock) on
 //! every read; expired records are also purged, soonest deadline first, as
 //! new records complete, and claims whose lease lapsed (their holder never
-//! completed nor released them) once they pile up.
+//! completed nor released them) once they pile up. A shard's table gives
+//! back its room once it is mostly empty, as after a burst of keys.
 
 mod expiries;
 #[cfg(test)]
 mod model;
 
 use std::hash::Hash;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -49,6 +51,13 @@ const ENTRY_OVERHEAD_BYTES: usize = 128;
 /// How many in-flight claims a shard holds before it first looks for
 /// lapsed ones; after each look, twice as many as were still live.
 const MIN_SWEEP_AT: usize = 64;
+/// A shard's table gives back its room once that is over four times what
+/// its slots take, as after a burst of keys has expired or been released:
+/// hashbrown's tables never shrink by themselves.
+const SPARSE_FACTOR: usize = 4;
+/// Tables no larger than this keep their room: it matters little, and a
+/// shard that empties and fills again would otherwise reallocate each time.
+const MIN_SHRUNK_TABLE_BYTES: usize = 64 * 1024;
 
 /// An in-memory [`Store`]: one process, lost on restart.
 ///
@@ -71,6 +80,15 @@ pub(super) struct Inner {
     /// Size of a shard's arena blocks.
     block_bytes: usize,
     clock: SharedClock,
+    /// The budget, as configured, for the warning on the first eviction.
+    max_bytes: u64,
+    /// Whether evicting a live record deserves a warning: not in a cache
+    /// in front of a durable store, whose evicted records are read again
+    /// from it.
+    warn_on_eviction: bool,
+    /// Whether that warning was logged: once per store, since a store too
+    /// small for its traffic evicts on every completion.
+    warned: AtomicBool,
 }
 
 #[derive(Default)]
@@ -89,6 +107,8 @@ struct Shard {
     in_flight: usize,
     /// When the next claim looks for lapsed claims; 0 until the first.
     sweep_at: usize,
+    /// Completed records dropped for space before their deadline.
+    evicted: u64,
     /// Spare room that new records are encoded into.
     arena: Arena,
 }
@@ -186,6 +206,7 @@ impl std::fmt::Debug for MemoryStore {
 pub struct MemoryStoreBuilder {
     max_bytes: u64,
     clock: SharedClock,
+    warn_on_eviction: bool,
 }
 
 impl MemoryStoreBuilder {
@@ -200,6 +221,10 @@ impl MemoryStoreBuilder {
     /// store as a whole still has room, the more likely the larger the
     /// records are against a share. A record larger than its shard's
     /// share stays only until the shard's next record completes.
+    ///
+    /// The first time a record is dropped before its deadline, the store
+    /// logs a warning; [`MemoryStore::evicted_total`] counts them all. A
+    /// budget of 0 keeps only each shard's newest record.
     pub fn max_bytes(mut self, max_bytes: u64) -> Self {
         self.max_bytes = max_bytes;
         self
@@ -217,11 +242,24 @@ impl MemoryStoreBuilder {
         self
     }
 
+    /// Builds a cache in front of a durable store: its evictions are not
+    /// warned of, since an evicted record is read again from that store.
+    pub(super) fn cache(mut self) -> Self {
+        self.warn_on_eviction = false;
+        self
+    }
+
     /// Builds the store.
     pub fn build(self) -> MemoryStore {
         // Small budgets get few shards, so a shard's share stays large
         // against one record (a larger one is kept, see `evict`).
         let shards = (self.max_bytes / MIN_SHARD_BYTES).clamp(1, MAX_SHARDS);
+        self.build_sharded(shards)
+    }
+
+    /// Builds the store with `shards` shards (at least one).
+    fn build_sharded(self, shards: u64) -> MemoryStore {
+        let shards = shards.max(1);
         let shard_budget = usize::try_from(self.max_bytes / shards).unwrap_or(usize::MAX);
         let inner = Inner {
             shards: (0..shards).map(|_| Mutex::default()).collect(),
@@ -229,6 +267,9 @@ impl MemoryStoreBuilder {
             shard_budget,
             block_bytes: (shard_budget / 64).clamp(MIN_BLOCK_BYTES, MAX_BLOCK_BYTES),
             clock: self.clock,
+            max_bytes: self.max_bytes,
+            warn_on_eviction: self.warn_on_eviction,
+            warned: AtomicBool::new(false),
         };
         MemoryStore {
             inner: Arc::new(inner),
@@ -254,6 +295,7 @@ impl MemoryStore {
         MemoryStoreBuilder {
             max_bytes: DEFAULT_MAX_BYTES,
             clock: Arc::new(SystemClock),
+            warn_on_eviction: true,
         }
     }
 
@@ -281,6 +323,16 @@ impl MemoryStore {
             .sum()
     }
 
+    /// Completed records dropped for space before their deadline since the
+    /// store was built: a retry with one of their keys runs its handler
+    /// again. Anything but 0 means [`max_bytes`](MemoryStoreBuilder::max_bytes)
+    /// is too small for the traffic and its TTLs.
+    #[must_use]
+    pub fn evicted_total(&self) -> u64 {
+        let shards = self.inner.shards.iter();
+        shards.map(|shard| lock(shard).evicted).sum()
+    }
+
     /// The tables themselves, for [`Tiered`](super::Tiered)'s cache.
     pub(super) fn inner(&self) -> &Inner {
         &self.inner
@@ -304,9 +356,13 @@ impl Inner {
     /// The record's id and its shard.
     fn locate(&self, key: &RecordKey) -> ([u64; 2], MutexGuard<'_, Shard>) {
         let id = slot_id(self.id_keys, key);
+        (id, lock(&self.shards[self.shard_of(id)]))
+    }
+
+    /// The index of the shard that holds the record `id`.
+    fn shard_of(&self, id: [u64; 2]) -> usize {
         // The table uses the low bits of the hash; pick shards by the high ones.
-        let index = (id[0] >> 40) as usize % self.shards.len();
-        (id, lock(&self.shards[index]))
+        (id[0] >> 40) as usize % self.shards.len()
     }
 
     fn now(&self) -> u64 {
@@ -480,6 +536,7 @@ impl Inner {
     /// than lost as soon as it is stored.
     fn evict(&self, shard: &mut Shard, now: u64, newest: Expiry) {
         let mut set_aside = None;
+        let mut removed = false;
         while let Some(first) = shard.expiries.first() {
             let over_budget = shard.bytes > self.shard_budget;
             if !over_budget && first.expires_at > now {
@@ -490,6 +547,7 @@ impl Inner {
                 set_aside = Some(first);
                 continue;
             }
+            removed = true;
             let Expiry { expires_at, hash } = first;
             // The table calls this for every slot whose hash shares a few
             // bits with `hash`, so the slot's own hash must be compared too:
@@ -505,10 +563,37 @@ impl Inner {
                 if let State::Completed(encoded) = slot.state {
                     shard.bytes -= weight(&encoded);
                 }
+                if expires_at > now {
+                    self.evicted_live(shard);
+                }
             }
         }
         if let Some(newest) = set_aside {
             shard.expiries.push(newest);
+        }
+        if removed {
+            give_back_room(shard);
+        }
+    }
+
+    /// Counts a live record dropped for space, and warns of the first: a
+    /// retry with its key runs the handler again, which is what the store
+    /// is there to prevent.
+    fn evicted_live(&self, shard: &mut Shard) {
+        shard.evicted += 1;
+        // A load first: a full store evicts on every completion, and a
+        // swap would write the shared flag each time.
+        if self.warn_on_eviction
+            && !self.warned.load(Ordering::Relaxed)
+            && !self.warned.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                max_bytes = self.max_bytes,
+                shard_budget = self.shard_budget,
+                "the in-memory idempotency store is full and dropped a completed record before \
+                 its TTL: a retry with its key will run the handler again; raise \
+                 MemoryStore::builder().max_bytes (MemoryStore::evicted_total counts these)"
+            );
         }
     }
 
@@ -524,6 +609,7 @@ impl Inner {
             .ok_or(StoreError::LeaseLost)?;
         entry.remove();
         shard.in_flight -= 1;
+        give_back_room(&mut shard);
         Ok(())
     }
 
@@ -613,6 +699,21 @@ fn drop_lapsed(shard: &mut Shard, now: u64) {
     });
     shard.in_flight -= dropped;
     shard.sweep_at = shard.in_flight * 2;
+    give_back_room(shard);
+}
+
+/// Shrinks the shard's table and deadline queue to fit once they are
+/// mostly empty room. Without it, a burst of keys left its tables at their
+/// peak size for good, uncounted by the budget, after every key had
+/// expired. Shrinking moves only the entries left, and only after most
+/// entries went, so the removals before it pay for it.
+fn give_back_room(shard: &mut Shard) {
+    let table = &mut shard.table;
+    let needed = table.len() * std::mem::size_of::<Slot>() * SPARSE_FACTOR;
+    if table.allocation_size() > needed.max(MIN_SHRUNK_TABLE_BYTES) {
+        table.shrink_to_fit(Slot::table_hash);
+    }
+    shard.expiries.give_back_room(SPARSE_FACTOR);
 }
 
 fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
@@ -997,6 +1098,67 @@ mod tests {
         claimed(&store, "completed", LEASE);
         assert_eq!(counted_in_flight(&store), store.in_flight_len());
         assert_eq!(store.in_flight_len(), 4);
+    }
+
+    /// Heap the shard's table and deadline queue hold, in bytes.
+    fn table_bytes(store: &MemoryStore) -> usize {
+        let shard = lock(&store.inner.shards[0]);
+        let queued = shard.expiries.allocation_size();
+        shard.table.allocation_size() + queued
+    }
+
+    #[test]
+    fn a_shard_gives_back_the_room_of_a_burst_once_its_keys_are_gone() {
+        // 16 MiB: one shard, with room for the whole burst.
+        let (clock, store) = clocked(16 * 1024 * 1024);
+        let empty = table_bytes(&store);
+        for i in 0..20_000 {
+            complete(&store, &format!("burst{i}"), 10, Duration::from_secs(1));
+        }
+        let peak = table_bytes(&store);
+        clock.advance(Duration::from_secs(2));
+        // The next completion purges the burst.
+        complete(&store, "after", 10, Duration::from_secs(600));
+        let purged = table_bytes(&store);
+        assert!(
+            purged < peak / 8,
+            "{purged} B held for one record, {peak} B at the peak"
+        );
+        let held: Vec<_> = (0..20_000)
+            .map(|i| {
+                (
+                    key(&format!("claim{i}")),
+                    claimed(&store, &format!("claim{i}"), LEASE),
+                )
+            })
+            .collect();
+        for (key, token) in held {
+            store.inner.release(&key, token).expect("the claim is held");
+        }
+        let released = table_bytes(&store);
+        assert!(
+            released < peak / 8,
+            "{released} B held for one record after a burst of released claims (empty: {empty} B)"
+        );
+    }
+
+    #[test]
+    fn records_dropped_for_space_before_their_deadline_are_counted() {
+        // Room for five of these records.
+        let (clock, store) = clocked(4 * 1024);
+        for i in 0..5 {
+            complete(&store, &format!("short{i}"), 600, Duration::from_secs(1));
+        }
+        clock.advance(Duration::from_secs(2));
+        for i in 0..5 {
+            complete(&store, &format!("long{i}"), 600, Duration::from_secs(600));
+        }
+        assert_eq!(store.evicted_total(), 0, "expired records were counted");
+        for i in 0..3 {
+            complete(&store, &format!("more{i}"), 600, Duration::from_secs(600));
+        }
+        assert_eq!(store.evicted_total(), 3);
+        assert!(!is_completed(&store, "long0"));
     }
 
     #[test]

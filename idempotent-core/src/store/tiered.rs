@@ -81,6 +81,7 @@ impl<D: Store> TieredBuilder<D> {
             .or_else(|| self.durable.deadline_clock())
             .unwrap_or_else(|| Arc::new(SystemClock));
         let cache = MemoryStore::builder()
+            .cache()
             .max_bytes(self.max_bytes)
             .shared_clock(clock.clone())
             .build();

@@ -61,10 +61,34 @@ impl Expiries {
         }
     }
 
+    /// Shrinks the queue and the heap to fit once `sparse` times their
+    /// entries would still fit in them, as after a burst of records went.
+    pub(super) fn give_back_room(&mut self, sparse: usize) {
+        if self.in_order.capacity() > room_kept(self.in_order.len(), sparse) {
+            self.in_order.shrink_to_fit();
+        }
+        if self.out_of_order.capacity() > room_kept(self.out_of_order.len(), sparse) {
+            self.out_of_order.shrink_to_fit();
+        }
+    }
+
+    /// Heap the queue and the heap hold, in bytes.
+    #[cfg(test)]
+    pub(super) fn allocation_size(&self) -> usize {
+        let entries = self.in_order.capacity() + self.out_of_order.capacity();
+        entries * std::mem::size_of::<Expiry>()
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
         self.in_order.len() + self.out_of_order.len()
     }
+}
+
+/// Entries a queue of `len` keeps room for: `sparse` times as many, and
+/// at least 4,096 (64 KiB), which it is not worth reallocating to free.
+fn room_kept(len: usize, sparse: usize) -> usize {
+    len.saturating_mul(sparse).max(4_096)
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use proptest::prelude::*;
 use proptest::sample::Index;
 
-use super::{ENTRY_OVERHEAD_BYTES, MIN_SWEEP_AT, MemoryStore, State, lock};
+use super::{ENTRY_OVERHEAD_BYTES, MIN_SWEEP_AT, MemoryStore, State, lock, slot_id};
 use crate::clock::{Clock, ManualClock, millis};
 use crate::fingerprint::Fingerprint;
 use crate::key::IdempotencyKey;
@@ -182,6 +182,8 @@ struct Model {
     /// Completions so far: each response carries its number, so that one
     /// key's record is never taken for another's.
     completions: u64,
+    /// Live records the store dropped for space, as the model saw them go.
+    evicted: u64,
 }
 
 /// The memory store's futures are ready at once.
@@ -206,12 +208,17 @@ fn fingerprint(seed: u8) -> Fingerprint {
 }
 
 impl Model {
-    fn new(max_bytes: u64) -> Self {
+    /// A model of a store of `max_bytes` in `shards` shards, or as many as
+    /// the store picks for that budget.
+    fn new(max_bytes: u64, shards: Option<u64>) -> Self {
         let clock = ManualClock::new(START_MILLIS);
-        let store = MemoryStore::builder()
+        let builder = MemoryStore::builder()
             .clock(clock.clone())
-            .max_bytes(max_bytes)
-            .build();
+            .max_bytes(max_bytes);
+        let store = match shards {
+            Some(shards) => builder.build_sharded(shards),
+            None => builder.build(),
+        };
         Self {
             store,
             clock,
@@ -222,6 +229,7 @@ impl Model {
             next_cold_key: 1_000,
             replayed: Vec::new(),
             completions: 0,
+            evicted: 0,
         }
     }
 
@@ -232,6 +240,12 @@ impl Model {
     /// The shard's share of the budget: what eviction keeps to.
     fn shard_budget(&self) -> usize {
         self.store.inner.shard_budget
+    }
+
+    /// The shard that holds `key`'s record: each makes room on its own.
+    fn shard(&self, key: usize) -> usize {
+        let inner = &self.store.inner;
+        inner.shard_of(slot_id(inner.id_keys, &record_key(key)))
     }
 
     /// What the key holds that a read must show: nothing past its deadline.
@@ -385,12 +399,15 @@ impl Model {
         self.check_eviction(key, now);
     }
 
-    /// After `newest` completed at `now`: every live record the budget has
-    /// room for is still there, and the store keeps to its budget.
+    /// After `newest` completed at `now`: every live record its shard's
+    /// share of the budget has room for is still there, and that shard
+    /// keeps to its share. Other shards were not touched.
     fn check_eviction(&self, newest: usize, now: u64) {
+        let shard = self.shard(newest);
         let live: Vec<(usize, &Completed)> = self
             .held
             .iter()
+            .filter(|(key, _)| self.shard(**key) == shard)
             .filter_map(|(key, held)| match held {
                 Held::Completed(record) if record.expires_at > now => Some((*key, record)),
                 _ => None,
@@ -416,13 +433,18 @@ impl Model {
                 );
             }
         }
-        let bytes = self.store.completed_bytes();
-        let within = bytes <= self.max_bytes
-            || (self.store.completed_len() == 1
-                && newest_record.is_some_and(|r| bytes == weight(r) as u64));
+        let (bytes, held) = {
+            let shard = lock(&self.store.inner.shards[shard]);
+            let completed = shard.table.iter();
+            let completed = completed.filter(|slot| matches!(slot.state, State::Completed(_)));
+            (shard.bytes, completed.count())
+        };
+        let within = bytes <= self.shard_budget()
+            || (held == 1 && newest_record.is_some_and(|r| bytes == weight(r)));
         assert!(
             within,
-            "{bytes} B of completed records over a budget of {} B",
+            "{bytes} B of completed records in shard {shard}, over its share of {} B (budget {} B)",
+            self.shard_budget(),
             self.max_bytes
         );
     }
@@ -516,6 +538,8 @@ impl Model {
             match self.peek(key) {
                 Some(found) => assert_eq!(&found, expected, "the table's record of key {key}"),
                 None if may_be_gone => {
+                    let live = matches!(expected, Held::Completed(r) if r.expires_at > now);
+                    self.evicted += u64::from(live);
                     self.held.remove(&key);
                 }
                 None => panic!("key {key}'s live claim is gone: {expected:?}"),
@@ -557,6 +581,11 @@ impl Model {
             bytes as u64,
             "completed bytes"
         );
+        assert_eq!(
+            self.store.evicted_total(),
+            self.evicted,
+            "live records dropped for space"
+        );
     }
 
     /// Records replayed earlier still read as they did.
@@ -567,8 +596,8 @@ impl Model {
     }
 }
 
-fn run(max_bytes: u64, ops: &[Op]) {
-    let mut model = Model::new(max_bytes);
+fn run(max_bytes: u64, shards: Option<u64>, ops: &[Op]) {
+    let mut model = Model::new(max_bytes, shards);
     for op in ops {
         model.apply(op);
     }
@@ -585,7 +614,19 @@ proptest! {
         max_bytes in prop::sample::select(&[0u64, 1, 600, 4_096, 20_000, 200_000][..]),
         ops in prop::collection::vec(any_op(), 1..150),
     ) {
-        run(max_bytes, &ops);
+        run(max_bytes, None, &ops);
+    }
+
+    /// Small budgets split among a few shards, each making room on its
+    /// own: a record may be larger than its shard's share yet fit the
+    /// budget, and no shard may drop a live record its share has room for.
+    #[test]
+    fn the_store_does_what_the_model_allows_within_a_budget_split_among_shards(
+        max_bytes in prop::sample::select(&[4_096u64, 20_000, 200_000][..]),
+        shards in 2u64..5,
+        ops in prop::collection::vec(any_op(), 1..150),
+    ) {
+        run(max_bytes, Some(shards), &ops);
     }
 
     /// Many shards, a budget nothing fills: no live record is ever lost.
@@ -593,6 +634,6 @@ proptest! {
     fn the_store_does_what_the_model_allows_across_shards(
         ops in prop::collection::vec(any_op(), 1..150),
     ) {
-        run(1 << 30, &ops);
+        run(1 << 30, None, &ops);
     }
 }
