@@ -30,7 +30,7 @@ use crate::record::{
     Claim, Completed, LeaseToken, MAX_STORED_HEADERS, Record, RecordKey, StoredResponse,
 };
 use crate::renewal::Renewals;
-use crate::replay::{Collected, NotKept, collect, replay, replayable_headers};
+use crate::replay::{Collected, NotKept, collect_response, replay, replayable_headers};
 use crate::request::{IdempotentRequest, ScopeSource};
 use crate::scope::{self, MissingCredential, ScopeDigest};
 use crate::store::StoreError;
@@ -505,7 +505,8 @@ impl Engine {
             return Produced::NotFinal(response);
         }
         let (parts, body) = response.into_parts();
-        Produced::Final(parts, collect(body, self.settings.max_body_bytes).await)
+        let collected = collect_response(&parts, body, self.settings.max_body_bytes).await;
+        Produced::Final(parts, collected)
     }
 
     /// Stores a final response and hands it on.
@@ -669,14 +670,19 @@ impl Engine {
     }
 
     fn not_stored(&self, not_kept: NotKept) {
-        tracing::warn!(
-            endpoint = self.endpoint.name(),
-            key = %self.key.log_id(),
-            reason = not_kept.reason(),
-            "response body not stored; retries with this key get 410 response-not-stored"
-        );
+        let (endpoint, key, reason) = (self.endpoint.name(), self.key.log_id(), not_kept.reason());
+        // An event stream is never stored, by design: every such request
+        // would warn of what its endpoint always does.
+        if not_kept == NotKept::EventStream {
+            tracing::info!(endpoint, %key, reason, "{NOT_KEPT}");
+        } else {
+            tracing::warn!(endpoint, %key, reason, "{NOT_KEPT}");
+        }
     }
 }
+
+const NOT_KEPT: &str =
+    "response body not stored; retries with this key get 410 response-not-stored";
 
 /// The answer to a retry whose completed record cannot be replayed: its
 /// body was not stored (410, which the first request's warning

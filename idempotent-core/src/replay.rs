@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 use axum::body::Body;
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
-use http::header::CONNECTION;
+use http::header::{CONNECTION, CONTENT_TYPE};
 use http::response::Parts;
 use http::{HeaderName, HeaderValue};
 use http_body::{Body as _, Frame, SizeHint};
@@ -138,7 +138,7 @@ fn not_stored(stored: &StoredResponse) -> Problem {
     Problem::new(
         ProblemKind::ResponseNotStored,
         format!(
-            "the request with this idempotency key already completed with status {}, but its response body was not kept (it was larger than the configured limit, failed while being sent, ended with trailers, or had more than 65,535 headers); it will not be executed again",
+            "the request with this idempotency key already completed with status {}, but its response body was not kept (it was larger than the configured limit, an event stream, failed while being sent, ended with trailers, or had more than 65,535 headers); it will not be executed again",
             stored.status.as_u16()
         ),
     )
@@ -158,6 +158,7 @@ pub(crate) enum Collected {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum NotKept {
     TooLarge,
+    EventStream,
     Failed,
     Trailers,
     TooManyHeaders,
@@ -167,11 +168,34 @@ impl NotKept {
     pub(crate) fn reason(self) -> &'static str {
         match self {
             Self::TooLarge => "larger than max_body_bytes",
+            Self::EventStream => "an event stream is sent as it is produced, not stored",
             Self::Failed => "the body failed while being read",
             Self::Trailers => "the body ended with trailers, which a replay cannot carry",
             Self::TooManyHeaders => "the response has more headers than a record holds (65,535)",
         }
     }
+}
+
+/// Reads the body of a final response for storing, up to `limit` bytes;
+/// an event stream (`text/event-stream`) is not read but passed on as it
+/// comes: read to its end, it would reach its caller only when it ends,
+/// if ever, and hold the key claimed for as long as it runs, even after
+/// the caller went away.
+pub(crate) async fn collect_response(parts: &Parts, body: Body, limit: usize) -> Collected {
+    if is_event_stream(parts) {
+        return Collected::Partial(body, NotKept::EventStream);
+    }
+    collect(body, limit).await
+}
+
+/// Whether the response's media type is `text/event-stream`, parameters
+/// aside (RFC 9110 8.3.1: case-insensitive).
+fn is_event_stream(parts: &Parts) -> bool {
+    let Some(Ok(content_type)) = parts.headers.get(CONTENT_TYPE).map(HeaderValue::to_str) else {
+        return false;
+    };
+    let media_type = content_type.split(';').next().unwrap_or_default();
+    media_type.trim().eq_ignore_ascii_case("text/event-stream")
 }
 
 /// Reads `body` up to `limit` bytes.
@@ -356,6 +380,37 @@ mod tests {
         match collect(Body::from("hello"), 10).await {
             Collected::Complete(bytes) => assert_eq!(bytes, "hello"),
             Collected::Partial(..) => panic!("a 5-byte body fits in 10"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_event_stream_is_passed_on_unread_whatever_its_parameters() {
+        let response = |content_type: Option<&'static str>| {
+            let mut response = Response::new(Body::from("data: 1\n\n"));
+            if let Some(content_type) = content_type {
+                let value = HeaderValue::from_static(content_type);
+                response.headers_mut().insert(CONTENT_TYPE, value);
+            }
+            response.into_parts()
+        };
+        let streams = ["text/event-stream", "Text/Event-Stream ; charset=utf-8"];
+        for content_type in streams {
+            let (parts, body) = response(Some(content_type));
+            let Collected::Partial(body, NotKept::EventStream) =
+                collect_response(&parts, body, 100).await
+            else {
+                panic!("{content_type} is an event stream");
+            };
+            let bytes = body.collect().await.unwrap().to_bytes();
+            assert_eq!(bytes, "data: 1\n\n");
+        }
+        for content_type in [None, Some("text/plain"), Some("text/event-streams")] {
+            let (parts, body) = response(content_type);
+            let collected = collect_response(&parts, body, 100).await;
+            assert!(
+                matches!(collected, Collected::Complete(_)),
+                "{content_type:?} is kept"
+            );
         }
     }
 
