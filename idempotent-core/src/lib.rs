@@ -127,3 +127,17 @@ pub use idempotent_macros::idempotent;
 #[cfg(feature = "test-util")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod testing;
+
+/// The README's Rust examples, compiled by `cargo test --doc` so that they
+/// keep to the API. They use every store, so they are compiled only with
+/// every feature on, as the README's own test command runs.
+#[cfg(all(
+    doctest,
+    feature = "macros",
+    feature = "postgres",
+    feature = "redis",
+    feature = "sqlite",
+    feature = "test-util"
+))]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
