@@ -4,6 +4,7 @@
 
 use proc_macro2::TokenStream;
 use quote::ToTokens;
+use syn::ext::IdentExt;
 use syn::parse::{Parse, ParseStream};
 use syn::punctuated::Punctuated;
 use syn::{Expr, ExprLit, Ident, Lit, LitStr, Meta, MetaNameValue, Path, Token, Type};
@@ -80,7 +81,7 @@ impl Args {
     /// Parses the attribute's arguments, recording every error in `errors`.
     pub(crate) fn parse(tokens: TokenStream, errors: &mut Errors) -> Self {
         let parser = Punctuated::<AttrOption, Token![,]>::parse_terminated;
-        let metas = match syn::parse::Parser::parse2(parser, tokens) {
+        let options = match syn::parse::Parser::parse2(parser, tokens) {
             Ok(options) => options.into_iter().map(|option| option.0),
             Err(error) => {
                 errors.push(error);
@@ -89,7 +90,14 @@ impl Args {
         };
         let mut args = Self::default();
         let mut seen: Vec<String> = Vec::new();
-        for meta in metas {
+        for option in options {
+            let meta = match option {
+                Ok(meta) => meta,
+                Err(error) => {
+                    errors.push(error);
+                    continue;
+                }
+            };
             let key = option_name(meta.path());
             if seen.contains(&key) {
                 errors.spanned(meta.path(), given_twice(&key));
@@ -127,13 +135,18 @@ impl Args {
 
 /// One option, as a `Meta`. A type is not an expression (`Extension<User>`
 /// would read as two comparisons), so `scope = <type>` is parsed as a type
-/// and carried verbatim for [`scope`] to read back.
-struct AttrOption(Meta);
+/// and carried verbatim for [`scope`] to read back. An option whose value
+/// is missing (`ttl = ,`) is an error of its own, which does not stop the
+/// options after it from being read.
+struct AttrOption(syn::Result<Meta>);
 
 impl Parse for AttrOption {
     fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
         if input.peek(Ident) && input.peek2(Token![:]) && !input.peek2(Token![::]) {
             return Err(colon_instead_of_equals(input));
+        }
+        if let Some(error) = missing_value(input) {
+            return Ok(Self(Err(error)));
         }
         if input.peek(Ident) && input.peek2(Token![=]) && !input.peek3(Lit) {
             let fork = input.fork();
@@ -145,14 +158,46 @@ impl Parse for AttrOption {
             {
                 syn::parse::discouraged::Speculative::advance_to(input, &fork);
                 let value = Expr::Verbatim(ty.into_token_stream());
-                return Ok(Self(Meta::NameValue(MetaNameValue {
+                return Ok(Self(Ok(Meta::NameValue(MetaNameValue {
                     path,
                     eq_token,
                     value,
-                })));
+                }))));
             }
         }
-        input.parse().map(Self)
+        input.parse().map(|meta| Self(Ok(meta)))
+    }
+}
+
+/// `ttl =` with nothing after the `=`, consumed: syn alone would say
+/// "unexpected end of input" at the whole attribute.
+fn missing_value(input: ParseStream<'_>) -> Option<syn::Error> {
+    let fork = input.fork();
+    let name = fork.call(Ident::parse_any).ok()?;
+    let eq_token = fork.parse::<Token![=]>().ok()?;
+    if !(fork.is_empty() || fork.peek(Token![,])) {
+        return None;
+    }
+    syn::parse::discouraged::Speculative::advance_to(input, &fork);
+    let key = name.to_string();
+    let message = if OPTIONS.contains(&key.as_str()) {
+        format!("`{key}` has no value after `=`: write {}", value_form(&key))
+    } else {
+        unknown_option(&key)
+    };
+    Some(syn::Error::new_spanned(
+        quote::quote!(#name #eq_token),
+        message,
+    ))
+}
+
+/// How the option `key` is written with a value, for an option whose
+/// value is missing.
+fn value_form(key: &str) -> String {
+    match key {
+        "optional" | "exact_repeats" => format!("`{key} = true`, `{key} = false` or `{key}`"),
+        "skip" => "`skip(argument, ...)`, without `=`".to_owned(),
+        _ => form(key).to_owned(),
     }
 }
 
@@ -219,7 +264,11 @@ pub(crate) fn closest<'a>(
 fn unknown_option(key: &str) -> String {
     let options: Vec<String> = OPTIONS.iter().map(|option| format!("`{option}`")).collect();
     let hint = intent_hint(key)
-        .or_else(|| closest(key, OPTIONS).map(|option| format!("did you mean `{option}`? ")))
+        .or_else(|| {
+            // `TTL` is `ttl` in the wrong case, not three edits away.
+            closest(&key.to_ascii_lowercase(), OPTIONS)
+                .map(|option| format!("did you mean `{option}`? "))
+        })
         .unwrap_or_default();
     format!(
         "unknown option `{key}`; {hint}the options are {}",
@@ -303,9 +352,25 @@ fn string_value(meta: &Meta) -> syn::Result<LitStr> {
             let key = option_name(meta.path());
             Err(syn::Error::new_spanned(
                 other,
-                format!("`{key}` takes a string literal, as in {}", form(&key)),
+                format!(
+                    "`{key}` takes a string literal, as in {}{}",
+                    form(&key),
+                    not_evaluated(other)
+                ),
             ))
         }
+    }
+}
+
+/// Why a constant, a call or a macro cannot stand in for a literal: the
+/// attribute reads the value while the crate is being compiled, before any
+/// of them has one.
+fn not_evaluated(value: &Expr) -> &'static str {
+    match value {
+        Expr::Path(_) | Expr::Macro(_) | Expr::Call(_) | Expr::MethodCall(_) => {
+            "; the attribute reads the value as written, so a constant, a function or a macro cannot stand in for it"
+        }
+        _ => "",
     }
 }
 
@@ -334,6 +399,21 @@ fn flag(meta: &Meta) -> syn::Result<bool> {
                 }),
             ..
         }) => Ok(value.value),
+        Meta::NameValue(MetaNameValue {
+            value: Expr::Lit(ExprLit {
+                lit: Lit::Str(lit), ..
+            }),
+            ..
+        }) if matches!(lit.value().as_str(), "true" | "false") => {
+            let name = option_name(meta.path());
+            Err(syn::Error::new(
+                lit.span(),
+                format!(
+                    "`{name}` takes a bool, not a string: write `{name} = {}`",
+                    lit.value()
+                ),
+            ))
+        }
         _ => {
             let name = option_name(meta.path());
             Err(syn::Error::new_spanned(
@@ -506,6 +586,10 @@ fn named_scope(lit: &LitStr) -> syn::Result<Scope> {
                     format!("{why}; a header scope is written as `\"header:x-tenant-id\"`"),
                 )
             }),
+            None if value.trim().is_empty() => Err(syn::Error::new(
+                lit.span(),
+                format!("the scope is empty; {SCOPE_FORMS}"),
+            )),
             None => Err(syn::Error::new(
                 lit.span(),
                 format!(
@@ -522,6 +606,10 @@ fn named_scope(lit: &LitStr) -> syn::Result<Scope> {
 /// misses), and a bare header name is one without its `header:` prefix.
 fn scope_hint(value: &str) -> String {
     let folded = value.to_ascii_lowercase().replace('-', "_");
+    if folded == "header" {
+        return "a header scope names its header after `header:`, as in `\"header:x-tenant-id\"`; "
+            .to_owned();
+    }
     let suggestion = if let Some(name) = closest(&folded, ["api_key", "global"]) {
         name.to_owned()
     } else if folded.starts_with("header:") {
@@ -625,6 +713,9 @@ fn parse_duration(text: &str) -> Result<u64, String> {
 /// The first `<integer><unit>` term of `text`, in milliseconds (saturated:
 /// too long is refused as a whole), and what follows it.
 fn duration_term(text: &str) -> Result<(u64, &str), String> {
+    if text.starts_with('-') {
+        return Err("a duration cannot be negative".to_owned());
+    }
     let (number, tail) = split_while(text, |c| c.is_ascii_digit());
     if number.is_empty() {
         let found = text.split_whitespace().next().unwrap_or(text);
@@ -780,6 +871,8 @@ mod tests {
         assert!(error("1.5h").contains("whole numbers"));
         assert!(error("10").contains("`10` has no unit"));
         assert!(error("1000000d").contains("longer than a century"));
+        assert!(error("-5s").contains("cannot be negative"));
+        assert!(error("1h -30m").contains("cannot be negative"));
     }
 
     #[test]
@@ -807,6 +900,8 @@ mod tests {
         assert!(unknown_option("optinal").contains("did you mean `optional`?"));
         assert!(!unknown_option("retries").contains("did you mean"));
         assert!(unknown_option("expires").contains("did you mean `ttl`?"));
+        assert!(unknown_option("TTL").contains("did you mean `ttl`?"));
+        assert!(unknown_option("Final_Status").contains("did you mean `final_statuses`?"));
     }
 
     #[test]
@@ -842,6 +937,8 @@ mod tests {
         assert!(scope_hint("Header:X-Tenant").contains("\"header:X-Tenant\""));
         assert!(scope_hint("x-tenant-id").contains("\"header:x-tenant-id\""));
         assert_eq!(scope_hint("tenant"), "");
+        assert!(scope_hint("header").contains("after `header:`"));
+        assert!(scope_hint("Header").contains("after `header:`"));
         // Only a scope that would compile is suggested.
         assert_eq!(scope_hint("Header: x-tenant"), "");
         assert_eq!(scope_hint("HEADER:"), "");

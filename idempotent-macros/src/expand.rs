@@ -116,6 +116,12 @@ impl<'a> Handler<'a> {
                 "`#[idempotent]` handlers cannot be `unsafe fn`: axum routes only safe functions; keep the `unsafe` block inside a safe handler",
             );
         }
+        if let Some(abi) = &sig.abi {
+            errors.spanned(
+                abi,
+                "`#[idempotent]` handlers cannot declare an ABI (`extern`): the routed function is a Rust async fn; remove the `extern`",
+            );
+        }
         let principal = match &args.scope {
             Some(Scope::Custom(path)) => Some(path),
             _ => None,
@@ -634,9 +640,7 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
         .clone()
         .unwrap_or_else(|| syn::parse_quote!(::idempotent_core));
     let private = quote!(#krate::__private);
-    let params: Vec<Ident> = (0..handler.arguments.len())
-        .map(|index| format_ident!("__idempotent_arg{}", index))
-        .collect();
+    let params = params(handler);
     let (outer_attrs, inner_attrs) = split_attributes(&func.attrs);
     let (principal_param, principal) = principal(args, handler, &params, &private);
     // The routed function may take more arguments than the one written.
@@ -688,6 +692,22 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
             #run
         }
     }
+}
+
+/// One binding per argument, resolved as the attribute's own but located at
+/// the argument's type: an error about the value it holds (a type that is
+/// not `Send`, captured by the handler's future) is then reported at the
+/// argument rather than at the attribute.
+fn params(handler: &Handler<'_>) -> Vec<Ident> {
+    handler
+        .arguments
+        .iter()
+        .enumerate()
+        .map(|(index, argument)| {
+            let span = Span::call_site().located_at(argument.ty.span());
+            format_ident!("__idempotent_arg{}", index, span = span)
+        })
+        .collect()
 }
 
 /// The routed function's signature: the user's name, visibility and
