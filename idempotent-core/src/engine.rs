@@ -252,17 +252,18 @@ impl Engine {
                     self.fingerprint,
                     lease,
                 ));
-                match claim.await {
+                let (claimed, suspended) = noting_suspension(claim).await;
+                match claimed {
                     // The key was seen in flight: failing open would run
                     // the handler beside the first request.
                     Err(error) if waited => return self.refused(&error),
                     Err(error) => return self.store_failed(&error, handler).await,
                     Ok(Claim::Acquired(token)) if !self.answered_late(sent) => {
-                        return self.execute(token, handler, sent).await;
+                        return self.execute(token, handler, sent, suspended).await;
                     }
                     // Boxed: only a claim answered late pays for it.
                     Ok(Claim::Acquired(token)) => match Box::pin(self.still_held(token)).await {
-                        Ok(renewed) => return self.execute(token, handler, renewed).await,
+                        Ok(renewed) => return self.execute(token, handler, renewed, true).await,
                         // Taken over while the answer was on its way: the
                         // key is in flight with another request.
                         Err(StoreError::LeaseLost) => {}
@@ -439,9 +440,10 @@ impl Engine {
         token: LeaseToken,
         handler: Handler,
         sent: Instant,
+        suspended: bool,
     ) -> impl Future<Output = Response> + Send {
         let detached = self.settings.detached.clone();
-        let pipeline: Pipeline = Box::pin(self.run_claimed(token, handler, sent));
+        let pipeline: Pipeline = Box::pin(self.run_claimed(token, handler, sent, suspended));
         let detachable = Detachable {
             pipeline: Some(pipeline),
             detached,
@@ -456,12 +458,15 @@ impl Engine {
         })
     }
 
+    /// `suspended`: the claim's answer did not come at once (see
+    /// [`Renewals::let_woken_tasks_run`]).
     #[expect(clippy::manual_async_fn, reason = "halves the future's size")]
     fn run_claimed(
         self,
         token: LeaseToken,
         handler: Handler,
         sent: Instant,
+        suspended: bool,
     ) -> impl Future<Output = Result<Response, Panic>> + Send {
         async move {
             // Renewed from before the handler starts until the record is
@@ -472,7 +477,7 @@ impl Engine {
             let held = (token, self.fingerprint);
             let endpoint = self.endpoint.name();
             let renewals = Renewals::start(&self.settings, endpoint, &self.key, lease, held, sent);
-            renewals.let_the_watcher_run().await;
+            renewals.let_woken_tasks_run(suspended).await;
             let produced = AssertUnwindSafe(self.produce(handler)).catch_unwind().await;
             match produced {
                 Ok(Produced::Final(parts, body)) => {
@@ -752,6 +757,16 @@ pub(crate) async fn within<T>(
     }
 }
 
+/// `operation`'s output, and whether it suspended the task on its way
+/// (was not ready at its first poll).
+async fn noting_suspension<T>(operation: impl Future<Output = T>) -> (T, bool) {
+    let mut operation = pin!(operation);
+    match poll_once(&mut operation).await {
+        Poll::Ready(output) => (output, false),
+        Poll::Pending => (operation.await, true),
+    }
+}
+
 /// Polls `future` once, without waiting.
 pub(crate) async fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
     std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *future).poll(cx))).await
@@ -879,7 +894,7 @@ mod tests {
             _request_headers: None,
         };
         let handler: Handler = Box::pin(async { Response::new(Body::empty()) });
-        let pipeline = engine.run_claimed(LeaseToken::random(), handler, Instant::now());
+        let pipeline = engine.run_claimed(LeaseToken::random(), handler, Instant::now(), true);
         let size = std::mem::size_of_val(&pipeline);
         assert!(size < 1_032, "the pipeline takes {size} bytes");
     }

@@ -19,7 +19,10 @@
 //! a claim with a shorter lease than any before it, or one answered so
 //! late that it falls due before the watcher's next look, wakes it early,
 //! and that claim, like the one that starts the watcher, yields once
-//! before its handler runs so that the watcher gets to run first.
+//! before its handler runs so that the watcher gets to run first. So does
+//! a claim whose store call suspended its task: finishing, that call
+//! wakes from this task whatever waited for what it held (a renewal
+//! waiting for the pooled connection the claim freed), into the same slot.
 //!
 //! The renewals cannot run on the handler's own task: a handler that holds
 //! its thread without yielding (`block_in_place` around a synchronous
@@ -36,7 +39,7 @@ use slab::Slab;
 use tokio::runtime::{self, Handle};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
+use tokio::time::{Instant, MissedTickBehavior};
 use tracing::Instrument;
 
 use crate::engine::within;
@@ -145,7 +148,11 @@ impl Renewer {
                 continue;
             }
             let settled = Arc::new(AtomicBool::new(false));
-            let renewals = renew_until_lost(Arc::clone(settings), claim, Arc::clone(&settled));
+            let renewals = {
+                // For what it tells before its task runs.
+                let _entered = claim.span.enter();
+                renew_until_lost(Arc::clone(settings), claim, Arc::clone(&settled))
+            };
             let task = tokio::spawn(renewals.instrument(claim.span.clone()));
             claim.renewing = Some(Renewing { task, settled });
         }
@@ -231,12 +238,18 @@ impl<'a> Renewals<'a> {
         }
     }
 
-    /// Lets the watcher that this claim started or woke run before the
-    /// handler does. Queued from this task, it waits in the slot of this
-    /// worker that no other worker takes from, where a handler holding
-    /// its thread would keep it, and with it every claim's renewals.
-    pub(crate) async fn let_the_watcher_run(&self) {
-        if self.nudged {
+    /// Lets the tasks that this request woke run before its handler does:
+    /// the watcher that this claim started or woke, and, when the claim's
+    /// answer suspended the task (`suspended`), whatever its store call
+    /// woke as it finished, such as another claim's renewal waiting for
+    /// the connection it freed. Queued from this task, they wait in the
+    /// slot of this worker that no other worker takes from, where a
+    /// handler holding its thread would keep them: the watcher, and with
+    /// it every claim's renewals, or that renewal, whose lease would lapse
+    /// under a request that never blocked. A claim answered at once (the
+    /// in-memory store) woke nothing, and does not pay for the yield.
+    pub(crate) async fn let_woken_tasks_run(&self, suspended: bool) {
+        if self.nudged || suspended {
             tokio::task::yield_now().await;
         }
     }
@@ -248,10 +261,19 @@ impl Drop for Renewals<'_> {
             return;
         };
         let settled = self.renewer.table().claims.remove(id);
-        if let Some(renewing) = settled.renewing {
-            renewing.settled.store(true, Ordering::Release);
-            renewing.task.abort();
-        }
+        let Some(renewing) = settled.renewing else {
+            // The watcher never got to start renewing it: if the lease ran
+            // out meanwhile, no renewal will ever say so.
+            let held_until = settled.due - settled.lease / 3 + settled.lease;
+            let now = Instant::now();
+            if now >= held_until {
+                let _entered = settled.span.enter();
+                lapsed_unrenewed(settled.endpoint, &settled.key, now - held_until);
+            }
+            return;
+        };
+        renewing.settled.store(true, Ordering::Release);
+        renewing.task.abort();
     }
 }
 
@@ -351,13 +373,23 @@ fn renew_until_lost(
     let period = lease / 3;
     // The claim was sent a period before it fell due.
     let mut outage = Outage::new(claim.due - period + lease);
+    // Told now, by the watcher: a stalled runtime may settle the claim,
+    // and abort this task, before the task ever runs.
+    outage.lapsed_unsent(Instant::now(), endpoint, &key);
     async move {
         let mut ticker = tokio::time::interval(period);
+        // After a stall (a handler that held the thread, a paused VM), one
+        // renewal, not one for every third of the lease missed, all at
+        // once, per claim held: each extends the lease from now alike.
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut renewing = FuturesUnordered::new();
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
                     let sent = Instant::now();
+                    if renewing.is_empty() {
+                        outage.lapsed_unsent(sent, endpoint, &key);
+                    }
                     let renewed = settings.store.renew(&key, token, lease);
                     let renewed = within(settings.store_timeout, renewed);
                     renewing.push(renewed.map(move |renewed| (sent, renewed)));
@@ -383,6 +415,21 @@ fn renew_until_lost(
             }
         }
     }
+}
+
+/// Tells that a lease ran out `late` before its renewal could be sent:
+/// nothing ran the renewals in time. A handler that held every worker
+/// thread (or the one of a `current_thread` runtime) without yielding, or
+/// a process that was suspended, is the usual cause, and nothing else
+/// names it: a takeover's `lease_lost` says only what followed.
+fn lapsed_unrenewed(endpoint: &'static str, key: &RecordKey, late: Duration) {
+    tracing::error!(
+        outcome = "lease_lapsed",
+        endpoint,
+        key = %key.log_id(),
+        ?late,
+        "the lease lapsed before it could be renewed: nothing ran its renewals in time (a handler holding the runtime's threads without yielding, or a suspended process); a retry may run the request again beside this one"
+    );
 }
 
 /// Renewals that fail in a row, told once each way: a store that is down
@@ -420,6 +467,17 @@ impl Outage {
     /// `held_until` was outrun by a later one the store applied.
     fn outrun(&self, held_until: Instant) -> bool {
         held_until < self.held_until
+    }
+
+    /// Tells, once, that the lease ran out before the renewal sent `now`,
+    /// with no renewal under way (the caller checks) and none failed: the
+    /// store is not why (see [`lapsed_unrenewed`]).
+    fn lapsed_unsent(&mut self, now: Instant, endpoint: &'static str, key: &RecordKey) {
+        if self.lapse_told || self.failures > 0 || now < self.held_until {
+            return;
+        }
+        self.lapse_told = true;
+        lapsed_unrenewed(endpoint, key, now - self.held_until);
     }
 
     fn failed(&mut self, error: &StoreError, endpoint: &'static str, key: &RecordKey) {

@@ -1673,6 +1673,167 @@ async fn a_handler_holding_its_thread_does_not_let_other_claims_lapse() {
     assert_eq!(handler.runs(), 1);
 }
 
+/// Renewals that had to wait for the connection, and a signal for each.
+type WaitedRenewals = Arc<(std::sync::Mutex<usize>, std::sync::Condvar)>;
+
+/// A memory store whose calls take turns on one connection, as a SQL
+/// store's calls do when its pool has one free: the call that finishes
+/// hands it to the next one waiting, waking that one's task from its own.
+/// A claim of the key `gated` keeps the connection until `gate` opens.
+#[derive(Clone)]
+struct OneConnection {
+    inner: MemoryStore,
+    connection: Arc<tokio::sync::Mutex<()>>,
+    gate: Arc<Semaphore>,
+    gated_claim_holds: Arc<Notify>,
+    renewal_waits: Arc<Notify>,
+    waited_renewals: WaitedRenewals,
+}
+
+impl OneConnection {
+    fn new() -> Self {
+        Self {
+            inner: MemoryStore::new(),
+            connection: Arc::default(),
+            gate: Arc::new(Semaphore::new(0)),
+            gated_claim_holds: Arc::default(),
+            renewal_waits: Arc::default(),
+            waited_renewals: Arc::default(),
+        }
+    }
+}
+
+impl Store for OneConnection {
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let _connection = self.connection.lock().await;
+        if key.key.as_str() == "gated" {
+            self.gated_claim_holds.notify_one();
+            let _opened = self.gate.acquire().await.expect("gate open");
+        }
+        self.inner.claim(key, fingerprint, lease).await
+    }
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let mut lock = std::pin::pin!(self.connection.lock());
+        // Told once the renewal is queued for the connection, not before.
+        let _connection = match futures_util::poll!(lock.as_mut()) {
+            std::task::Poll::Ready(connection) => connection,
+            std::task::Poll::Pending => {
+                self.renewal_waits.notify_one();
+                let connection = lock.await;
+                let (waited, signal) = &*self.waited_renewals;
+                *waited.lock().unwrap() += 1;
+                signal.notify_all();
+                connection
+            }
+        };
+        self.inner.renew(key, token, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let _connection = self.connection.lock().await;
+        self.inner.complete(key, token, response, ttl).await
+    }
+    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        let _connection = self.connection.lock().await;
+        self.inner.release(key, token).await
+    }
+    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        let _connection = self.connection.lock().await;
+        self.inner.get(key).await
+    }
+}
+
+/// Holds its worker thread, as a synchronous SDK called without
+/// `block_in_place` does, until a renewal that waited for the connection
+/// got it, or five seconds passed; answers whether one did.
+async fn holds_until_a_waiting_renewal_runs(
+    State(waited_renewals): State<WaitedRenewals>,
+    idem: IdempotentRequest,
+    Json(input): Json<Value>,
+) -> Response {
+    let endpoint = Endpoint::new("hold").lease(Duration::from_secs(60));
+    let fingerprint = endpoint.fingerprint(&input);
+    let handler = async move {
+        let (waited, signal) = &*waited_renewals;
+        let waited = waited.lock().unwrap();
+        let five_seconds = Duration::from_secs(5);
+        let (waited, _) = signal
+            .wait_timeout_while(waited, five_seconds, |waited| *waited == 0)
+            .unwrap();
+        Json(json!({ "renewed": *waited > 0 }))
+    };
+    idem.run(&endpoint, fingerprint, handler).await
+}
+
+/// Returns once every worker of the runtime is parked, every task having
+/// finished its poll. Blocks the test's own thread, which is none of them.
+fn until_every_worker_parks() {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    // Odd while the worker is parked.
+    let parked = |worker| metrics.worker_park_unpark_count(worker) % 2 == 1;
+    while !(0..metrics.num_workers()).all(parked) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A claim that frees the connection another claim's renewal waits for,
+/// and whose handler then holds its thread, does not hold that renewal
+/// back. Woken from the claim's task, the renewal waits in its worker's
+/// slot that no other worker takes from; if the handler took the thread
+/// first, the renewal would wait for it to let go, and the other request's
+/// lease would lapse under it, though that request never blocked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_woken_by_a_claim_runs_before_that_claims_handler_holds_the_thread() {
+    let store = OneConnection::new();
+    let idempotency = Idempotency::new(store.clone());
+    let (handler, gate) = Handler::gated();
+    let endpoint = Endpoint::new("pay").lease(Duration::from_secs(1));
+    let app = app_with(idempotency.clone(), &handler, endpoint);
+    let holding = Router::new()
+        .route("/pay", post(holds_until_a_waiting_renewal_runs))
+        .with_state(Arc::clone(&store.waited_renewals))
+        .layer(idempotency);
+    let body = json!({"amount": 10});
+    let running = spawn_send(&app, "k", &body);
+    handler.started.notified().await;
+
+    let held = {
+        let request = request(Some("gated"), &body);
+        tokio::spawn(async move { send(&holding, request).await })
+    };
+    store.gated_claim_holds.notified().await;
+    // The running request's first renewal, a third into its lease, waits
+    // for the connection the gated claim holds.
+    store.renewal_waits.notified().await;
+    // Its task done polling, the renewal is woken by the claim's alone.
+    until_every_worker_parks();
+    store.gate.add_permits(1);
+    let (status, _, answer) = held.await.unwrap();
+    gate.add_permits(1);
+    assert_eq!(running.await.unwrap().0, StatusCode::CREATED);
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        answer["renewed"],
+        json!(true),
+        "the renewal woken by the claim waited for the claim's handler to let go of its thread"
+    );
+}
+
 /// A store whose every call fails, or hangs.
 struct BrokenStore {
     hang: bool,

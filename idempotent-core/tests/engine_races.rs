@@ -765,6 +765,98 @@ async fn renewals_against_a_store_that_never_answers_stay_bounded() {
     assert!(sent <= 60 * 4, "{sent} renewals sent in a minute");
 }
 
+/// The runtime stalls for ten seconds (a handler that held the thread,
+/// a paused VM) under a one-second lease renewed every third of a second:
+/// once it runs again, one renewal goes out, not one for each of the
+/// thirty renewals missed meanwhile, all at once, per claim held.
+#[tokio::test(start_paused = true)]
+async fn renewals_missed_while_the_runtime_stalled_are_not_all_sent_at_once() {
+    // On the system clock: the lease does not lapse in the store while
+    // tokio's clock jumps.
+    let store = LateStore::over(MemoryStore::new());
+    let renewals = Arc::clone(&store.renewals);
+    let handler = Handler::gated(StatusCode::CREATED);
+    let app = app_with_a_one_second_lease(store, &handler, false);
+    let first = spawn_send(&app, "k");
+    handler.started.notified().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let before = renewals.sent();
+    tokio::time::advance(Duration::from_secs(10)).await;
+    // Every renewal due at the instant the runtime runs again is sent.
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let after_the_stall = renewals.sent() - before;
+    handler.gate.add_permits(1);
+
+    assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
+    assert_eq!(after_the_stall, 1, "renewals sent at once after the stall");
+}
+
+/// The runtime stalls for ten seconds under a one-second lease, its
+/// renewals held back with it, though the store answers every one: once
+/// it runs again, the operator is told that the lease lapsed before it
+/// could be renewed, and why, once.
+#[tokio::test(start_paused = true)]
+async fn a_lease_that_lapsed_while_the_runtime_stalled_is_told_once() {
+    let events = Events::default();
+    let _recording = events.record();
+    let store = LateStore::over(MemoryStore::new());
+    let handler = Handler::gated(StatusCode::CREATED);
+    let app = app_with_a_one_second_lease(store, &handler, false);
+    let first = spawn_send(&app, "k");
+    handler.started.notified().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(events.at_least(tracing::Level::WARN).is_empty());
+
+    tokio::time::advance(Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    handler.gate.add_permits(1);
+
+    assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
+    let told = events.at_least(tracing::Level::WARN);
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert!(
+        told[0].contains("lapsed before it could be renewed")
+            && told[0].contains("holding the runtime's threads"),
+        "{told:?}"
+    );
+}
+
+/// Holds the thread of its `current_thread` runtime for 1.2 s, past its
+/// one-second lease, as a synchronous SDK called without
+/// `block_in_place` does, before answering 201.
+async fn holds_the_thread(idem: IdempotentRequest, Json(input): Json<Value>) -> Response {
+    let endpoint = one_second_lease();
+    let fingerprint = endpoint.fingerprint(&input);
+    let handler = async {
+        std::thread::sleep(Duration::from_millis(1_200));
+        StatusCode::CREATED
+    };
+    idem.run(&endpoint, fingerprint, handler).await
+}
+
+/// The handler holds the runtime's one thread past its lease, from before
+/// its first renewal fell due, and its record is stored before the
+/// watcher gets to start renewing it: the lease lapsed with no renewal
+/// ever sent, and the operator is told so, and why, once.
+#[tokio::test]
+async fn a_lease_that_lapsed_before_its_renewals_started_is_told_once() {
+    let events = Events::default();
+    let _recording = events.record();
+    let app = Router::new()
+        .route("/pay", post(holds_the_thread))
+        .layer(Idempotency::new(MemoryStore::new()));
+
+    assert_eq!(send(&app).await.0, StatusCode::CREATED);
+
+    let told = events.at_least(tracing::Level::WARN);
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert!(
+        told[0].contains("lapsed before it could be renewed"),
+        "{told:?}"
+    );
+}
+
 // ===== a renewal that hangs =====
 
 /// A 3 s lease is renewed every second, and the store timeout is 2 s: a
