@@ -65,6 +65,8 @@ const STORE_RETRY_PAUSES: [Duration; 3] = [
 ];
 const LOST: &str = "the lease was taken over while the handler ran, so its response was not stored; the request may have run twice";
 const NOT_RELEASED: &str = "could not release the key; it frees when the lease lapses";
+const NOT_HELD: &str = "the key was released already, by an attempt whose answer was lost";
+const TAKEN_OVER: &str = "the lease was taken over while the handler ran: another request holds the key, and the request may have run twice";
 
 /// Everything up to the store is decided here, synchronously, so the
 /// returned future holds only what the rest needs: the handler alone, a
@@ -568,15 +570,18 @@ impl Engine {
         body: Option<Bytes>,
         error: StoreError,
     ) -> Result<(), StoreError> {
-        let retried = !matches!(error, StoreError::LeaseLost);
         let stored = self
             .after_pauses(error, "could not store the response; trying again", || {
                 self.complete(token, parts, body.clone())
             })
             .await;
-        // An attempt that timed out may have been applied, and then the
-        // lease is gone because the record is stored.
-        if stored.is_err() && retried && self.stored_already().await {
+        // An attempt whose answer was lost (a timeout, a dropped
+        // connection) may have been applied, and then the lease is gone
+        // because the record is stored: found by the next attempt, or by
+        // this one if the client sent its command again (the Redis Cluster
+        // client does, after a dropped connection).
+        if stored.is_err() && self.stored_already(parts, body.as_ref()).await {
+            tracing::debug!("an attempt whose answer was lost had stored the response");
             return Ok(());
         }
         stored
@@ -599,10 +604,21 @@ impl Engine {
         self.timed(self.settings.store.complete(&self.key, token, stored, ttl))
     }
 
-    /// Whether the store holds this request's completed record.
-    async fn stored_already(&self) -> bool {
+    /// Whether the store holds this request's completed record: its
+    /// fingerprint, and the response this run produced (a duplicate that
+    /// took the key over after the lease lapsed stores a response of its
+    /// own). A store may have kept it without its body, past its limit
+    /// on one value.
+    async fn stored_already(&self, parts: &Parts, body: Option<&Bytes>) -> bool {
         let read = self.timed(self.settings.store.get(&self.key)).await;
-        matches!(read, Ok(Some(Record::Completed(record))) if record.fingerprint == self.fingerprint)
+        let Ok(Some(Record::Completed(record))) = read else {
+            return false;
+        };
+        let stored = &record.response;
+        record.fingerprint == self.fingerprint
+            && stored.status == parts.status
+            && stored.headers == replayable_headers(parts)
+            && (stored.body.is_none() || stored.body.as_ref() == body)
     }
 
     /// Releases the key, trying again after a store error as a completion
@@ -610,7 +626,7 @@ impl Engine {
     /// has left to run.
     async fn release(&self, token: LeaseToken, reason: &'static str) {
         let released = match self.release_once(token).await {
-            // A lost lease is final: another request holds the key.
+            // A lost lease is final: the key is not this request's to free.
             Err(error) if !matches!(error, StoreError::LeaseLost) => {
                 // Boxed: only a failed attempt pays for the retries.
                 Box::pin(self.release_again(token, error)).await
@@ -620,27 +636,41 @@ impl Engine {
         let (endpoint, key) = (self.endpoint.name(), self.key.log_id());
         match released {
             Ok(()) => tracing::info!(outcome = "released", endpoint, %key, reason),
+            // Another request took the key over after the lease lapsed,
+            // and ran beside this one. Boxed: only a lost lease pays for
+            // the read.
+            Err(StoreError::LeaseLost) if Box::pin(self.held_by_another()).await => {
+                tracing::error!(outcome = "lease_lost", endpoint, %key, reason, message = TAKEN_OVER);
+            }
+            // Released already by an attempt whose answer was lost (a
+            // timeout, a dropped connection; or the same attempt, which
+            // the Redis Cluster client sends again after a dropped
+            // connection): nothing is left to free.
+            Err(StoreError::LeaseLost) => {
+                tracing::info!(outcome = "released", endpoint, %key, reason, "{NOT_HELD}");
+            }
             Err(error) => {
                 tracing::error!(%error, outcome = "store_error", endpoint, %key, reason, message = NOT_RELEASED);
             }
         }
     }
 
+    /// Whether the store holds a record of the key, which a release that
+    /// found the lease gone did not free: another request's.
+    async fn held_by_another(&self) -> bool {
+        let read = self.timed(self.settings.store.get(&self.key)).await;
+        matches!(read, Ok(Some(_)))
+    }
+
     /// The attempts after a first release failed with `error`, other than
-    /// a lost lease.
+    /// a lost lease. One that finds the lease lost is told apart by
+    /// [`release`](Self::release): an earlier attempt whose answer was
+    /// lost may have been applied, or another request took the key over.
     async fn release_again(&self, token: LeaseToken, error: StoreError) -> Result<(), StoreError> {
-        let released = self
-            .after_pauses(error, "could not release the key; trying again", || {
-                self.release_once(token)
-            })
-            .await;
-        match released {
-            // An attempt that timed out may have been applied; or the lease
-            // lapsed meanwhile. Either way the key is not held by this
-            // request any more.
-            Err(StoreError::LeaseLost) => Ok(()),
-            released => released,
-        }
+        self.after_pauses(error, "could not release the key; trying again", || {
+            self.release_once(token)
+        })
+        .await
     }
 
     fn release_once(&self, token: LeaseToken) -> impl Future<Output = Result<(), StoreError>> {

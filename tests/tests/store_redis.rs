@@ -16,7 +16,7 @@ use idempotent_core::store::{RedisStore, Store, Tiered};
 use idempotent_core::testing::contract;
 use redis::aio::ConnectionManager;
 use store_support::{
-    Ledger, OwnRedis, assert_kept, backend_url, complete_with_a_body_of,
+    Ledger, OwnRedis, ReplyDropper, SentTwice, assert_kept, backend_url, complete_with_a_body_of,
     duplicates_across_instances, pay, pay_until_available, payments_app, unique_name,
 };
 
@@ -152,37 +152,6 @@ async fn an_expired_value_this_build_cannot_decode_is_taken_over() {
     }
 }
 
-/// A connection that sends every command twice and answers with the
-/// second reply: what the Redis Cluster client does when the connection
-/// drops, or the reply times out, after Redis applied the command.
-#[derive(Clone)]
-struct SentTwice(ConnectionManager);
-
-impl redis::aio::ConnectionLike for SentTwice {
-    fn req_packed_command<'a>(
-        &'a mut self,
-        cmd: &'a redis::Cmd,
-    ) -> redis::RedisFuture<'a, redis::Value> {
-        Box::pin(async move {
-            let _first = self.0.req_packed_command(cmd).await;
-            self.0.req_packed_command(cmd).await
-        })
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
-        self.0.req_packed_commands(pipeline, offset, count)
-    }
-
-    fn get_db(&self) -> i64 {
-        self.0.get_db()
-    }
-}
-
 /// Two stores on one prefix and one manual clock: one sends each command
 /// once, the other twice.
 async fn sent_once_and_twice() -> Option<(ManualClock, RedisStore, RedisStore<SentTwice>)> {
@@ -254,9 +223,10 @@ async fn a_claim_applied_twice_holds_the_key() {
 }
 
 /// A completion whose command reaches Redis twice stores its record
-/// once: the second application finds the lease gone (as the engine then
-/// logs) and leaves the record as the first stored it, fingerprint
-/// included; a later completion cannot overwrite it either.
+/// once: the second application finds the lease gone (the engine then
+/// finds its own record stored) and leaves the record as the first
+/// stored it, fingerprint included; a later completion cannot overwrite
+/// it either.
 #[tokio::test]
 async fn a_completion_applied_twice_stores_the_record_once() {
     use idempotent_core::fingerprint::Fingerprint;
@@ -430,53 +400,6 @@ async fn a_claim_cut_short_by_the_store_timeout_leaves_no_lease_behind() {
         left, None,
         "a claim that answered nobody must not hold the key"
     );
-}
-
-/// A relay to Redis that, when told, drops the connection carrying the
-/// next reply instead of passing the reply on: the command was applied,
-/// and its client never hears so.
-struct ReplyDropper {
-    port: u16,
-    drop_next: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl ReplyDropper {
-    async fn start(upstream: String) -> Self {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let drop_next = std::sync::Arc::new(AtomicBool::new(false));
-        let dropping = drop_next.clone();
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
-                let (mut client_read, mut client_write) = client.into_split();
-                let (mut server_read, mut server_write) = server.into_split();
-                tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
-                });
-                let dropping = dropping.clone();
-                tokio::spawn(async move {
-                    let mut buffer = vec![0; 64 * 1024];
-                    while let Ok(read) = server_read.read(&mut buffer).await {
-                        if read == 0 || dropping.swap(false, Ordering::SeqCst) {
-                            return;
-                        }
-                        if client_write.write_all(&buffer[..read]).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        Self { port, drop_next }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
 }
 
 /// The connection drops after Redis applied a claim and before its reply

@@ -238,6 +238,37 @@ pub fn assert_kept((completed, record): &Completion) {
     );
 }
 
+/// A connection that sends every command twice and answers with the
+/// second reply: what the Redis Cluster client does when the connection
+/// drops, or the reply times out, after Redis applied the command.
+#[derive(Clone)]
+pub struct SentTwice(pub redis::aio::ConnectionManager);
+
+impl redis::aio::ConnectionLike for SentTwice {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(async move {
+            let _first = self.0.req_packed_command(cmd).await;
+            self.0.req_packed_command(cmd).await
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        self.0.req_packed_commands(pipeline, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.0.get_db()
+    }
+}
+
 /// A `redis-server` this test owns, on a port of its own.
 pub struct OwnRedis {
     port: u16,
@@ -298,12 +329,64 @@ impl OwnRedis {
     }
 }
 
+/// A relay to Redis that, when told, drops the connection carrying the
+/// next reply instead of passing the reply on: the command was applied,
+/// and its client never hears so.
+pub struct ReplyDropper {
+    pub port: u16,
+    pub drop_next: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ReplyDropper {
+    pub async fn start(upstream: String) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let drop_next = std::sync::Arc::new(AtomicBool::new(false));
+        let dropping = drop_next.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                });
+                let dropping = dropping.clone();
+                tokio::spawn(async move {
+                    let mut buffer = vec![0; 64 * 1024];
+                    while let Ok(read) = server_read.read(&mut buffer).await {
+                        if read == 0 || dropping.swap(false, Ordering::SeqCst) {
+                            return;
+                        }
+                        if client_write.write_all(&buffer[..read]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { port, drop_next }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
 /// A TCP relay to the database on a port of its own: stopping it cuts
 /// every connection and refuses new ones, as a database restart or a
-/// network failure would.
+/// network failure would. Told to by its [`reply_loser`](Self::reply_loser),
+/// it cuts the connection that carries the server's next answer to a
+/// statement instead of passing the answer on: the server applied the
+/// statement, and its client never hears so.
 pub struct Relay {
     pub port: u16,
     pub upstream: (String, u16),
+    lose_next: Arc<std::sync::atomic::AtomicBool>,
+    lost: Arc<AtomicUsize>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -314,21 +397,26 @@ impl Relay {
             .await
             .expect("bind the relay port");
         let target = upstream.clone();
+        let lose_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let losing = Arc::clone(&lose_next);
+        let lost = Arc::new(AtomicUsize::new(0));
+        let counting = Arc::clone(&lost);
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
             loop {
-                let (mut inbound, _) = tokio::select! {
+                let (inbound, _) = tokio::select! {
                     _ = &mut stopped => break,
                     accepted = listener.accept() => match accepted {
                         Ok(accepted) => accepted,
                         Err(_) => break,
                     },
                 };
-                let target = target.clone();
+                let (target, losing) = (target.clone(), Arc::clone(&losing));
+                let counting = Arc::clone(&counting);
                 connections.spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    if let Ok(outbound) = tokio::net::TcpStream::connect(target).await {
+                        relay_one(inbound, outbound, &losing, &counting).await;
                     }
                 });
             }
@@ -338,9 +426,25 @@ impl Relay {
         Self {
             port,
             upstream,
+            lose_next,
+            lost,
             stop: Some(stop),
             task: Some(task),
         }
+    }
+
+    /// What cuts the connection that carries the server's next answer to
+    /// a statement, on any connection, instead of passing the answer on.
+    /// PostgreSQL answers a statement outside a transaction once it is
+    /// committed: the statement took effect, and its reply is lost.
+    pub fn reply_loser(&self) -> impl Fn() + Clone + Send + Sync + 'static {
+        let lose_next = Arc::clone(&self.lose_next);
+        move || lose_next.store(true, Ordering::SeqCst)
+    }
+
+    /// How many answers the relay has lost.
+    pub fn replies_lost(&self) -> usize {
+        self.lost.load(Ordering::SeqCst)
     }
 
     /// Returns once the listener and every relayed connection are closed:
@@ -353,6 +457,49 @@ impl Relay {
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
+    }
+}
+
+/// Copies one connection both ways until either side closes it, or until
+/// `lose_next` is set when the server answers: that answer is dropped
+/// with the connection, and counted in `lost`.
+async fn relay_one(
+    inbound: tokio::net::TcpStream,
+    outbound: tokio::net::TcpStream,
+    lose_next: &std::sync::atomic::AtomicBool,
+    lost: &AtomicUsize,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (mut client_reads, mut client_writes) = inbound.into_split();
+    let (mut server_reads, mut server_writes) = outbound.into_split();
+    let requests = async move {
+        let _ = tokio::io::copy(&mut client_reads, &mut server_writes).await;
+    };
+    let answers = async move {
+        let mut buffer = vec![0; 64 * 1024];
+        loop {
+            let read = match server_reads.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => read,
+            };
+            // `2`, BindComplete, starts the answer to a statement executed
+            // on a prepared one, as every statement of the store is; not
+            // the answer to a preparation, nor to the ping sqlx sends when
+            // a connection goes back to its pool.
+            if buffer[0] == b'2' && lose_next.swap(false, Ordering::SeqCst) {
+                lost.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            if client_writes.write_all(&buffer[..read]).await.is_err() {
+                return;
+            }
+        }
+    };
+    // Either side ending ends both: the connection is cut.
+    tokio::select! {
+        () = requests => {}
+        () = answers => {}
     }
 }
 
