@@ -8,7 +8,7 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// A source of wall-clock time in Unix milliseconds.
 pub trait Clock: Send + Sync + fmt::Debug + 'static {
@@ -25,6 +25,68 @@ impl Clock for SystemClock {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, millis)
+    }
+}
+
+/// Wall-clock time read once, then advanced by the system's monotonic
+/// clock ([`Instant`]): it reads Unix milliseconds, as deadlines must, but
+/// a step of the wall clock (an NTP correction, an operator setting the
+/// time) does not move it.
+///
+/// This is [`MemoryStore`](crate::store::MemoryStore)'s default: its
+/// deadlines are shared with no other process, so they need not agree with
+/// anyone's wall clock, and on the system clock a step forward of the
+/// lease left would make a running handler's claim look lapsed, letting a
+/// retry run the handler a second time. Stores that share deadlines with
+/// other processes (a database) read [`SystemClock`], so that they agree.
+///
+/// Its reading drifts from the wall clock by every step since it was
+/// anchored, and by any time the machine was suspended (the monotonic
+/// clock stops meanwhile; records then outlive their TTL by as long).
+/// Clones share the anchor.
+///
+/// ```
+/// use idempotent_core::clock::{Clock, MonotonicClock};
+///
+/// let clock = MonotonicClock::anchored_at(1_000);
+/// assert!(clock.now_millis() >= 1_000);
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct MonotonicClock {
+    /// The wall-clock time at `anchor`, in Unix milliseconds.
+    anchor_millis: u64,
+    anchor: Instant,
+}
+
+impl MonotonicClock {
+    /// A clock that reads the current system time now, and moves on with
+    /// the monotonic clock.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::anchored_at(SystemClock.now_millis())
+    }
+
+    /// A clock that reads `millis` now, and moves on with the monotonic
+    /// clock.
+    #[must_use]
+    pub fn anchored_at(millis: u64) -> Self {
+        Self {
+            anchor_millis: millis,
+            anchor: Instant::now(),
+        }
+    }
+}
+
+impl Default for MonotonicClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for MonotonicClock {
+    fn now_millis(&self) -> u64 {
+        self.anchor_millis
+            .saturating_add(millis(self.anchor.elapsed()))
     }
 }
 
@@ -101,5 +163,21 @@ mod tests {
         assert_eq!(clock.now_millis(), 1_500);
         clock.advance(Duration::MAX);
         assert_eq!(clock.now_millis(), u64::MAX, "it wrapped round");
+    }
+
+    #[test]
+    fn a_monotonic_clock_reads_its_anchor_plus_the_time_since() {
+        // An anchor an hour after the epoch, decades from the system time:
+        // a clock that read the wall clock would be nowhere near it.
+        let anchor = 3_600_000;
+        let before = Instant::now();
+        let clock = MonotonicClock::anchored_at(anchor);
+        let first = clock.now_millis();
+        let second = clock.now_millis();
+        let since = millis(before.elapsed());
+        assert!(
+            anchor <= first && first <= second && second <= anchor + since,
+            "read {first} then {second}, anchored at {anchor} {since} ms ago"
+        );
     }
 }

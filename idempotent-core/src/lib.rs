@@ -82,7 +82,8 @@
 //!   engine, without the attribute;
 //! - [`layer`]: the same engine as a tower middleware over raw requests;
 //! - [`problem`]: the RFC 9457 errors the engine answers with;
-//! - [`clock`]: the time stores read, and a manual clock for tests;
+//! - [`clock`]: the time stores read (the system's, or for the memory
+//!   store a monotonic one), and a manual clock for tests;
 //! - `testing` (feature `test-util`): `MockStore` and the store contract.
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]

@@ -328,7 +328,7 @@ async fn the_contract_catches_a_store_without_fencing() {
 
 #[tokio::test]
 async fn the_contract_catches_a_store_that_ignores_its_clock() {
-    // Built on the system clock, so the check's clock moves nothing.
+    // Built on its own clock, so the check's clock moves nothing.
     let store = Arc::new(MemoryStore::new());
     assert!(panics(contract::ttl_expiry(store, ManualClock::starting_now())).await);
 }

@@ -5,13 +5,15 @@
 //! short critical section and never hold a lock across an `.await`.
 //! Completed records are kept in their compact binary encoding (one
 //! allocation for status, headers and body) and bounded by bytes: when a
-//! shard is over its share of the budget, the completed records closest to
-//! their deadline go first (with one TTL, the oldest). In-flight claims are
-//! never dropped for space, since evicting one would let a duplicate run the
-//! side effect a second time.
+//! shard is over its share of the budget and the store as a whole is over
+//! budget (or the shard over twice its share), the completed records
+//! closest to their deadline go first (with one TTL, the oldest). In-flight
+//! claims are never dropped for space, since evicting one would let a
+//! duplicate run the side effect a second time.
 //!
 //! Expiry is checked against the store's [`Clock`](crate::clock::Clock) on
-//! every read; expired records are also purged, soonest deadline first, as
+//! every read (by default a [`MonotonicClock`], which a step of the wall
+//! clock does not move); expired records are also purged, soonest deadline first, as
 //! new records complete, and claims whose lease lapsed (their holder never
 //! completed nor released them) once they pile up. A shard's table gives
 //! back its room once it is mostly empty, as after a burst of keys.
@@ -21,7 +23,7 @@ mod expiries;
 mod model;
 
 use std::hash::Hash;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -32,7 +34,7 @@ use siphasher::sip128::{Hasher128, SipHasher13};
 
 use self::expiries::{Expiries, Expiry};
 use super::{Store, StoreError};
-use crate::clock::{SharedClock, SystemClock, millis};
+use crate::clock::{Clock, MonotonicClock, SharedClock, SystemClock, millis};
 use crate::fingerprint::Fingerprint;
 use crate::record::{Claim, Completed, InFlight, LeaseToken, Record, RecordKey, StoredResponse};
 
@@ -42,6 +44,13 @@ const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
 /// since a full shard makes room by dropping its own records.
 const MAX_SHARDS: u64 = 64;
 const MIN_SHARD_BYTES: u64 = 16 * 1024 * 1024;
+/// How many times its share a shard may hold while the store as a whole
+/// has room. Keys land in shards at random, so some fill before others:
+/// with records of a sixteenth of a share, shards that made room as soon
+/// as they were over their share dropped live records while the store was
+/// a third full. Bounded, so that the store stays near its budget (see
+/// [`Inner::over_budget`]).
+const SHARE_LIMIT: usize = 2;
 /// Bounds of a shard's arena blocks: a sixty-fourth of its budget.
 const MIN_BLOCK_BYTES: usize = 4 * 1024;
 const MAX_BLOCK_BYTES: usize = 64 * 1024;
@@ -73,10 +82,12 @@ pub struct MemoryStore {
 }
 
 pub(super) struct Inner {
-    shards: Box<[Mutex<Shard>]>,
+    shards: Box<[ShardCell]>,
     /// The SipHash keys of slot ids, drawn at start-up.
     id_keys: (u64, u64),
     shard_budget: usize,
+    /// `max_bytes`, as a count of bytes in memory.
+    total_budget: usize,
     /// Size of a shard's arena blocks.
     block_bytes: usize,
     clock: SharedClock,
@@ -89,6 +100,34 @@ pub(super) struct Inner {
     /// Whether that warning was logged: once per store, since a store too
     /// small for its traffic evicts on every completion.
     warned: AtomicBool,
+}
+
+/// A shard behind its lock, with the bytes of its completed records
+/// published beside it: a shard over its share reads the others' counts
+/// to tell whether the store as a whole is over budget, without taking
+/// their locks. A cache line of its own, so that a shard's writes never
+/// contend with its neighbours'.
+#[derive(Default)]
+#[repr(align(64))]
+struct ShardCell {
+    /// [`Shard::bytes`] as of the shard's last change, written under its
+    /// lock.
+    bytes: AtomicUsize,
+    shard: Mutex<Shard>,
+}
+
+impl ShardCell {
+    fn lock(&self) -> MutexGuard<'_, Shard> {
+        // Every critical section leaves the shard consistent before
+        // anything that could panic, so a poisoned lock is still safe to
+        // use.
+        self.shard.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Publishes `shard`'s bytes, for the other shards to read.
+    fn publish(&self, shard: &Shard) {
+        self.bytes.store(shard.bytes, Ordering::Relaxed);
+    }
 }
 
 #[derive(Default)]
@@ -216,11 +255,15 @@ impl MemoryStoreBuilder {
     /// again, as after its TTL); in-flight claims are never dropped.
     ///
     /// The budget is split evenly among shards (one per 16 MiB of it, up
-    /// to 64), and each shard makes room on its own once it is over its
-    /// share: keys are spread at random, so a shard can fill while the
-    /// store as a whole still has room, the more likely the larger the
-    /// records are against a share. A record larger than its shard's
-    /// share stays only until the shard's next record completes.
+    /// to 64). Keys are spread at random, so some shards fill before
+    /// others: a shard over its share makes room only while the store as a
+    /// whole is over budget, or once it holds twice its share. A shard
+    /// under its share does not look at the others, so the store can go
+    /// over budget by the records completed in such shards until a shard
+    /// over its share next makes room: by a few records with keys spread
+    /// at random, by half the budget at the very worst. A record larger
+    /// than twice its shard's share stays only until the shard's next
+    /// record completes.
     ///
     /// The first time a record is dropped before its deadline, the store
     /// logs a warning; [`MemoryStore::evicted_total`] counts them all. A
@@ -230,8 +273,10 @@ impl MemoryStoreBuilder {
         self
     }
 
-    /// The clock that decides expiry (default: the system clock).
-    pub fn clock(mut self, clock: impl crate::clock::Clock) -> Self {
+    /// The clock that decides leases and expiry (default: a
+    /// [`MonotonicClock`], anchored at the system time when the store is
+    /// built, so that a step of the wall clock moves no lease or TTL).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Arc::new(clock);
         self
     }
@@ -262,9 +307,10 @@ impl MemoryStoreBuilder {
         let shards = shards.max(1);
         let shard_budget = usize::try_from(self.max_bytes / shards).unwrap_or(usize::MAX);
         let inner = Inner {
-            shards: (0..shards).map(|_| Mutex::default()).collect(),
+            shards: (0..shards).map(|_| ShardCell::default()).collect(),
             id_keys: rand::random(),
             shard_budget,
+            total_budget: usize::try_from(self.max_bytes).unwrap_or(usize::MAX),
             block_bytes: (shard_budget / 64).clamp(MIN_BLOCK_BYTES, MAX_BLOCK_BYTES),
             clock: self.clock,
             max_bytes: self.max_bytes,
@@ -292,9 +338,18 @@ impl MemoryStore {
 
     /// Starts building a store.
     pub fn builder() -> MemoryStoreBuilder {
+        Self::builder_anchored_to(&SystemClock)
+    }
+
+    /// Starts building a store whose default clock starts at `wall`'s
+    /// time and then keeps to the monotonic clock: the deadlines of a
+    /// store in one process need agree with no other clock, and on the
+    /// wall clock a step forward would make running handlers' claims look
+    /// lapsed, so that their retries ran them again.
+    fn builder_anchored_to(wall: &dyn Clock) -> MemoryStoreBuilder {
         MemoryStoreBuilder {
             max_bytes: DEFAULT_MAX_BYTES,
-            clock: Arc::new(SystemClock),
+            clock: Arc::new(MonotonicClock::anchored_at(wall.now_millis())),
             warn_on_eviction: true,
         }
     }
@@ -319,7 +374,7 @@ impl MemoryStore {
         self.inner
             .shards
             .iter()
-            .map(|shard| lock(shard).bytes as u64)
+            .map(|shard| shard.lock().bytes as u64)
             .sum()
     }
 
@@ -330,7 +385,7 @@ impl MemoryStore {
     #[must_use]
     pub fn evicted_total(&self) -> u64 {
         let shards = self.inner.shards.iter();
-        shards.map(|shard| lock(shard).evicted).sum()
+        shards.map(|shard| shard.lock().evicted).sum()
     }
 
     /// The tables themselves, for [`Tiered`](super::Tiered)'s cache.
@@ -342,7 +397,8 @@ impl MemoryStore {
         let shards = self.inner.shards.iter();
         shards
             .map(|shard| {
-                lock(shard)
+                shard
+                    .lock()
                     .table
                     .iter()
                     .filter(|slot| matching(&slot.state))
@@ -353,10 +409,16 @@ impl MemoryStore {
 }
 
 impl Inner {
-    /// The record's id and its shard.
+    /// The record's id and its shard, locked.
     fn locate(&self, key: &RecordKey) -> ([u64; 2], MutexGuard<'_, Shard>) {
+        let (id, cell) = self.cell_of(key);
+        (id, cell.lock())
+    }
+
+    /// The record's id and the cell of its shard.
+    fn cell_of(&self, key: &RecordKey) -> ([u64; 2], &ShardCell) {
         let id = slot_id(self.id_keys, key);
-        (id, lock(&self.shards[self.shard_of(id)]))
+        (id, &self.shards[self.shard_of(id)])
     }
 
     /// The index of the shard that holds the record `id`.
@@ -376,7 +438,8 @@ impl Inner {
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let now = self.now();
-        let (id, mut shard) = self.locate(key);
+        let (id, cell) = self.cell_of(key);
+        let mut shard = cell.lock();
         if shard.in_flight >= shard.sweep_at.max(MIN_SWEEP_AT) {
             drop_lapsed(&mut shard, now);
         }
@@ -417,6 +480,7 @@ impl Inner {
                 if let State::Completed(encoded) = previous {
                     shard.bytes -= weight(&encoded);
                     shard.in_flight += 1;
+                    cell.publish(&shard);
                 }
                 return Ok(Claim::Acquired(lease_token));
             }
@@ -437,7 +501,8 @@ impl Inner {
         now: u64,
         expires_at: u64,
     ) -> Result<(), StoreError> {
-        let (id, mut shard) = self.locate(key);
+        let (id, cell) = self.cell_of(key);
+        let mut shard = cell.lock();
         let shard = &mut *shard;
         let slot = shard.table.find_mut(id[0], |slot| slot.id == id);
         let slot = slot.ok_or(StoreError::LeaseLost)?;
@@ -451,7 +516,7 @@ impl Inner {
         let weight = weight(&encoded);
         slot.state = State::Completed(encoded);
         shard.in_flight -= 1;
-        self.account_completed(shard, id[0], weight, expires_at, now);
+        self.account_completed(cell, shard, id[0], weight, expires_at, now);
         Ok(())
     }
 
@@ -459,6 +524,7 @@ impl Inner {
     /// its deadline, and the evictions it makes due at `now`.
     fn account_completed(
         &self,
+        cell: &ShardCell,
         shard: &mut Shard,
         hash: u64,
         weight: usize,
@@ -468,12 +534,13 @@ impl Inner {
         shard.bytes += weight;
         let newest = Expiry { expires_at, hash };
         shard.expiries.push(newest);
-        self.evict(shard, now, newest);
+        self.evict(cell, shard, now, newest);
     }
 
     /// Sets the record of `key` to `state`, whatever it held before.
     fn put(&self, key: &RecordKey, state: impl FnOnce(&mut Shard) -> State) {
-        let (id, mut shard) = self.locate(key);
+        let (id, cell) = self.cell_of(key);
+        let mut shard = cell.lock();
         let state = state(&mut shard);
         let completed = match &state {
             State::Completed(encoded) => {
@@ -504,8 +571,12 @@ impl Inner {
         // Plus one for a claim put in, minus one for a claim replaced.
         shard.in_flight =
             shard.in_flight + usize::from(completed.is_none()) - usize::from(was_in_flight);
-        if let Some((expires_at, weight)) = completed {
-            self.account_completed(&mut shard, id[0], weight, expires_at, self.now());
+        match completed {
+            Some((expires_at, weight)) => {
+                self.account_completed(cell, &mut shard, id[0], weight, expires_at, self.now());
+            }
+            // The record it replaced, if any, gave back its bytes.
+            None => cell.publish(&shard),
         }
     }
 
@@ -529,17 +600,19 @@ impl Inner {
     }
 
     /// Drops completed records, soonest deadline first, while the shard is
-    /// over budget or the soonest has expired. The `newest` record, just
+    /// over budget (see [`over_budget`](Self::over_budget)) or the soonest
+    /// has expired, and publishes the bytes left. The `newest` record, just
     /// completed, is never dropped for space, even when its deadline is the
     /// soonest: its retries are the likeliest to come, and one larger than
     /// the whole budget is kept until the next record completes, rather
     /// than lost as soon as it is stored.
-    fn evict(&self, shard: &mut Shard, now: u64, newest: Expiry) {
+    fn evict(&self, cell: &ShardCell, shard: &mut Shard, now: u64, newest: Expiry) {
         let mut set_aside = None;
         let mut removed = false;
+        let mut others = None;
         while let Some(first) = shard.expiries.first() {
-            let over_budget = shard.bytes > self.shard_budget;
-            if !over_budget && first.expires_at > now {
+            let expired = first.expires_at <= now;
+            if !expired && !self.over_budget(cell, shard.bytes, &mut others) {
                 break;
             }
             shard.expiries.pop_first();
@@ -571,9 +644,46 @@ impl Inner {
         if let Some(newest) = set_aside {
             shard.expiries.push(newest);
         }
+        cell.publish(shard);
         if removed {
             give_back_room(shard);
         }
+    }
+
+    /// Whether the shard in `cell`, holding `bytes`, must make room: once
+    /// it is over its share, if it is over [`SHARE_LIMIT`] times its share
+    /// or the store as a whole is over budget. Only a shard over its share
+    /// sums the others' published counts, once per eviction (`others`
+    /// keeps the sum), so that completions in a store with room pay
+    /// nothing for it.
+    ///
+    /// A shard under its share takes records without looking at the
+    /// total, so the store can go over budget until a shard over its share
+    /// next makes room. It holds at most half again its budget (give or
+    /// take the records completing at that moment): when the last shard
+    /// to grow past its share did, the shards over their share held at
+    /// most the budget, so at twice their share at most half the shards
+    /// were, and each of the others held at most its share.
+    fn over_budget(&self, cell: &ShardCell, bytes: usize, others: &mut Option<usize>) -> bool {
+        if bytes <= self.shard_budget {
+            return false;
+        }
+        if bytes > self.shard_budget.saturating_mul(SHARE_LIMIT) {
+            return true;
+        }
+        let others = *others.get_or_insert_with(|| self.bytes_outside(cell));
+        others.saturating_add(bytes) > self.total_budget
+    }
+
+    /// The bytes the shards other than `cell`'s last published.
+    fn bytes_outside(&self, cell: &ShardCell) -> usize {
+        let others = self
+            .shards
+            .iter()
+            .filter(|other| !std::ptr::eq(*other, cell));
+        others
+            .map(|other| other.bytes.load(Ordering::Relaxed))
+            .fold(0, usize::saturating_add)
     }
 
     /// Counts a live record dropped for space, and warns of the first: a
@@ -714,12 +824,6 @@ fn give_back_room(shard: &mut Shard) {
         table.shrink_to_fit(Slot::table_hash);
     }
     shard.expiries.give_back_room(SPARSE_FACTOR);
-}
-
-fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
-    // Every critical section leaves the shard consistent before anything
-    // that could panic, so a poisoned lock is still safe to use.
-    shard.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// `record`'s encoding, carved from the shard's arena; a record larger
@@ -863,11 +967,62 @@ mod tests {
         }
     }
 
+    /// Names of keys that land in `shard`, the `next` of them on: keys
+    /// are spread at random, so a test that must fill one shard before
+    /// the others picks its keys.
+    fn keys_in(store: &MemoryStore, shard: usize, next: &mut usize) -> String {
+        loop {
+            let name = format!("k{next}");
+            *next += 1;
+            let id = slot_id(store.inner.id_keys, &key(&name));
+            if store.inner.shard_of(id) == shard {
+                return name;
+            }
+        }
+    }
+
+    #[test]
+    fn a_store_keeps_large_records_until_it_is_full_whichever_shards_they_land_in() {
+        const MIB: usize = 1024 * 1024;
+        let max_bytes = 64 * MIB;
+        let store = MemoryStore::builder().max_bytes(max_bytes as u64).build();
+        // Four shards of 16 MiB. Keys favour one: it takes 24 records of
+        // the 63 that fit, then the others take theirs in turn.
+        assert_eq!(store.inner.shards.len(), 4);
+        let shards = std::iter::repeat_n(0, 24).chain((0..39).map(|i| 1 + i % 3));
+        let mut next = 0;
+        for (stored, shard) in shards.enumerate() {
+            let name = keys_in(&store, shard, &mut next);
+            complete(&store, &name, MIB, Duration::from_secs(600));
+            let held = store.completed_bytes();
+            assert_eq!(
+                store.evicted_total(),
+                0,
+                "a record was evicted as record {stored} completed, {held} B held of {max_bytes} B"
+            );
+        }
+        let held = store.completed_bytes() as usize;
+        assert!(held + MIB > max_bytes, "the store is full: {held} B held");
+        // Past the budget, a shard over its share makes room for each
+        // record it takes, and one under its share until it is full.
+        for shard in (0..24).map(|i| i % 4) {
+            let name = keys_in(&store, shard, &mut next);
+            complete(&store, &name, MIB, Duration::from_secs(600));
+            let held = store.completed_bytes() as usize;
+            assert!(
+                held <= max_bytes + 3 * MIB,
+                "{held} B held of {max_bytes} B"
+            );
+        }
+        assert!(store.evicted_total() > 0);
+    }
+
     #[test]
     fn eviction_takes_the_queued_record_not_a_neighbour_with_its_deadline() {
         let store = MemoryStore::new();
         let inner = &store.inner;
-        let mut shard = lock(&inner.shards[0]);
+        let cell = &inner.shards[0];
+        let mut shard = cell.lock();
         shard.table.reserve(1024, Slot::table_hash);
         // `queued` hashes to the place `blocker` holds, so it is filed
         // after `neighbour`, whose hash shares the top seven bits the
@@ -897,7 +1052,7 @@ mod tests {
             expires_at: u64::MAX,
             hash: 0,
         };
-        inner.evict(&mut shard, 2_000, no_newest);
+        inner.evict(cell, &mut shard, 2_000, no_newest);
         let present = |id: [u64; 2]| shard.table.find(id[0], |slot| slot.id == id).is_some();
         assert!(!present(queued), "the queued record stays");
         assert!(present(neighbour), "its neighbour went in its place");
@@ -1027,7 +1182,7 @@ mod tests {
 
     /// The shards' own counts of their in-flight claims.
     fn counted_in_flight(store: &MemoryStore) -> usize {
-        store.inner.shards.iter().map(|s| lock(s).in_flight).sum()
+        store.inner.shards.iter().map(|s| s.lock().in_flight).sum()
     }
 
     #[test]
@@ -1102,7 +1257,7 @@ mod tests {
 
     /// Heap the shard's table and deadline queue hold, in bytes.
     fn table_bytes(store: &MemoryStore) -> usize {
-        let shard = lock(&store.inner.shards[0]);
+        let shard = store.inner.shards[0].lock();
         let queued = shard.expiries.allocation_size();
         shard.table.allocation_size() + queued
     }
@@ -1159,6 +1314,26 @@ mod tests {
         }
         assert_eq!(store.evicted_total(), 3);
         assert!(!is_completed(&store, "long0"));
+    }
+
+    #[test]
+    fn a_step_of_the_wall_clock_does_not_lapse_a_running_claim() {
+        // The store's default clock, anchored at `wall`, stands in for the
+        // system clock that an NTP correction steps.
+        let wall = ManualClock::new(1_700_000_000_000);
+        let store = MemoryStore::builder_anchored_to(&wall).build();
+        claimed(&store, "running", LEASE);
+        wall.advance(Duration::from_secs(3_600));
+        let retry = store.inner.claim(&key("running"), FINGERPRINT, LEASE);
+        assert!(
+            matches!(retry, Ok(Claim::InFlight { .. })),
+            "a step of the wall clock let a retry take the running claim over: {retry:?}"
+        );
+        let deadlines = store.deadline_clock().expect("the store's clock");
+        assert!(
+            deadlines.now_millis() < wall.now_millis(),
+            "the store's deadlines followed the step"
+        );
     }
 
     #[test]
