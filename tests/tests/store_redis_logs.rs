@@ -88,3 +88,54 @@ async fn connecting_to_a_redis_that_evicts_keys_is_logged() {
         "{logged:?}"
     );
 }
+
+/// A claim the server refused with an error reply (here WRONGTYPE: a key
+/// of another type under the prefix) was answered: nothing was applied,
+/// so no release is sent after it, which would fail the same way and log
+/// that a claim nobody read is held until its lease lapses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_refused_by_the_server_leaves_no_release_behind() {
+    let Some(url) = backend_url("IDEMPOTENT_TEST_REDIS_URL") else {
+        return;
+    };
+    let events = events();
+    let client = redis::Client::open(url.as_str()).expect("valid URL");
+    let mut connection = redis::aio::ConnectionManager::new(client)
+        .await
+        .expect("connect");
+    let store = RedisStore::builder(connection.clone())
+        .prefix(format!("idem_test_{:016x}:", rand::random::<u64>()))
+        .build();
+    let key = RecordKey::new(
+        ScopeDigest::global(),
+        IdempotencyKey::parse(b"foreign-type").unwrap(),
+    );
+    let redis_key = store.redis_key(&key);
+    let _: () = redis::cmd("HSET")
+        .arg(&redis_key)
+        .arg("field")
+        .arg("value")
+        .query_async(&mut connection)
+        .await
+        .expect("HSET");
+    let claimed = store
+        .claim(
+            &key,
+            Fingerprint::from_bytes([1; 32]),
+            Duration::from_secs(60),
+        )
+        .await;
+    store.settle().await;
+    let _: () = redis::cmd("DEL")
+        .arg(&redis_key)
+        .query_async(&mut connection)
+        .await
+        .expect("DEL");
+    assert!(claimed.is_err(), "a hash is no record");
+    let log_id = key.log_id().to_string();
+    let logged = events.at(Level::WARN, "idempotent_core");
+    assert!(
+        !logged.iter().any(|event| event.fields.contains(&log_id)),
+        "{logged:?}"
+    );
+}

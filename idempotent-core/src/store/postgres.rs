@@ -30,10 +30,12 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Row};
 
-use self::connections::{Connections, Undo};
+use self::connections::{Connections, Undo, statement_error};
 use self::reachability::Patience;
 
-use super::sql::{self, DEFAULT_TABLE, InvalidTableName, from_sql_millis, to_sql_millis};
+use super::sql::{
+    self, DEFAULT_TABLE, Explained, ForeignTable, InvalidTableName, from_sql_millis, to_sql_millis,
+};
 use super::{Store, StoreError};
 use crate::clock::{Clock, SharedClock, SystemClock, millis};
 use crate::fingerprint::Fingerprint;
@@ -262,10 +264,10 @@ impl PostgresStore {
     /// database answers.
     ///
     /// # Errors
-    /// The URL is invalid or the first connection fails.
+    /// The URL is invalid or not a `postgres://` one, or the first
+    /// connection fails: the error names the server, role and database.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let options = PgConnectOptions::from_str(url).map_err(StoreError::backend)?;
-        Self::connect_with(options).await
+        Self::connect_with(parse_url(url)?).await
     }
 
     /// Like [`connect`](Self::connect), with connection options built in
@@ -280,7 +282,10 @@ impl PostgresStore {
             .await;
         let pool = match connected {
             Ok(pool) => pool,
-            Err(error) => return Err(first_connection_error(error, &options).await),
+            Err(error) => {
+                let cause = first_connection_error(error, &options).await;
+                return Err(connect_error(cause, &options));
+            }
         };
         // The pool is the store's own: keep all of it but one connection,
         // which stays free for migrations and purges.
@@ -331,7 +336,10 @@ impl PostgresStore {
     /// every start, from many instances at once.
     ///
     /// # Errors
-    /// The database refused (for example, no `CREATE` privilege).
+    /// The database refused (for example, no `CREATE` privilege, or no
+    /// such schema), or a table of the same name exists without the
+    /// store's columns (made by something else): each error says what to
+    /// change.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let inner = &self.inner;
         // The index name contains the default table name: swap it out first.
@@ -339,6 +347,15 @@ impl PostgresStore {
             .replace(&index_name(DEFAULT_TABLE), "\u{0}")
             .replace(DEFAULT_TABLE, &sql::quoted(&inner.table))
             .replace('\u{0}', &sql::quoted(&index_name(&inner.table)));
+        // A table of the same name made by something else is kept by `IF
+        // NOT EXISTS`: the script ends by reading the table's columns (the
+        // name is a checked identifier, safe in a string literal), in the
+        // same round trip, to refuse it.
+        let columns = format!(
+            "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute
+             WHERE attrelid = to_regclass('{quoted}') AND attnum > 0 AND NOT attisdropped",
+            quoted = sql::quoted(&inner.table)
+        );
         // Concurrent `CREATE TABLE IF NOT EXISTS` can still collide in the
         // catalog, so an advisory lock per table name serializes them. A
         // multi-statement simple query runs as one transaction, which holds
@@ -349,14 +366,38 @@ impl PostgresStore {
         // spelling of one table shares the lock (tables of one name in
         // two schemas only wait for each other's migration).
         let script = format!(
-            "SELECT pg_advisory_xact_lock(hashtext('idempotent:{table}'));\n{schema}",
+            "SELECT pg_advisory_xact_lock(hashtext('idempotent:{table}'));\n{schema}\n{columns};",
             table = sql::base_name(&inner.table).to_ascii_lowercase()
         );
-        sqlx::raw_sql(&script)
-            .execute(inner.connections.pool())
-            .await
-            .map(drop)
-            .map_err(StoreError::backend)
+        let pool = inner.connections.pool();
+        match sqlx::raw_sql(&script).fetch_all(pool).await {
+            Ok(rows) => self.check_columns(&columns_of(&rows)),
+            Err(error) => {
+                // Its index fails on a column such a table lacks: what
+                // the table lacks is then the error to tell.
+                let found = sqlx::query_as(&columns).fetch_all(pool).await;
+                self.check_columns(&found.unwrap_or_default())?;
+                Err(migrate_error(error, &inner.table))
+            }
+        }
+    }
+
+    /// Refuses a table whose `found` columns (name, type) are not the
+    /// store's: every statement would fail on it.
+    fn check_columns(&self, found: &[(String, String)]) -> Result<(), StoreError> {
+        // No columns: no table, for the script to create or to say why not.
+        if found.is_empty() {
+            return Ok(());
+        }
+        match sql::column_problems(found, COLUMNS, true) {
+            None => Ok(()),
+            Some(problems) => Err(StoreError::backend(ForeignTable {
+                table: self.inner.table.clone(),
+                problems,
+                builder: "PostgresStoreBuilder",
+                store: "PostgresStore",
+            })),
+        }
     }
 
     /// Deletes every record whose deadline has passed; returns how many.
@@ -372,7 +413,7 @@ impl PostgresStore {
                 .bind(sql::PURGE_BATCH)
                 .execute(self.pool())
                 .await
-                .map_err(StoreError::backend)?;
+                .map_err(statement_error)?;
             Ok(deleted.rows_affected())
         })
         .await
@@ -427,14 +468,53 @@ impl PostgresStore {
 /// connection again until its acquire timeout, then reports only that it
 /// timed out; one direct attempt names the cause (connection refused,
 /// authentication failed, no such database).
-async fn first_connection_error(error: sqlx::Error, options: &PgConnectOptions) -> StoreError {
+async fn first_connection_error(error: sqlx::Error, options: &PgConnectOptions) -> sqlx::Error {
     if matches!(error, sqlx::Error::PoolTimedOut) {
         let attempt = sqlx::PgConnection::connect_with(options);
         if let Ok(Err(cause)) = tokio::time::timeout(Duration::from_secs(5), attempt).await {
-            return StoreError::backend(cause);
+            return cause;
         }
     }
-    StoreError::backend(error)
+    error
+}
+
+/// A URL as [`PostgresStore::connect`] takes it. sqlx reads any scheme
+/// (`redis://`, `http://`) as PostgreSQL's, and would connect a URL meant
+/// for another store to whatever listens at its port.
+fn parse_url(url: &str) -> Result<PgConnectOptions, StoreError> {
+    const EXPECTED: &str = "give a URL such as `postgres://user:password@host:5432/database`";
+    let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+    if let Some(scheme) = scheme.filter(|scheme| !matches!(*scheme, "postgres" | "postgresql")) {
+        let cause = format!("`{scheme}://` is not a PostgreSQL URL");
+        return Err(Explained::store_error(
+            sqlx::Error::Configuration(cause.into()),
+            EXPECTED,
+        ));
+    }
+    PgConnectOptions::from_str(url).map_err(|error| Explained::store_error(error, EXPECTED))
+}
+
+/// The first connection's failure, with the server, role and database
+/// it was for (never the password), and what to check.
+fn connect_error(cause: sqlx::Error, options: &PgConnectOptions) -> StoreError {
+    let code = cause.as_database_error().and_then(|error| error.code());
+    let fix = match code.as_deref() {
+        Some("3D000") => "create the database, or name an existing one in the URL",
+        Some("28000") => "create the role, or name an existing one in the URL",
+        Some("28P01") => "check the password in the URL",
+        _ if matches!(cause, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut) => {
+            "check that PostgreSQL runs and listens there"
+        }
+        _ => "check the URL and the server",
+    };
+    let hint = format!(
+        "connecting to PostgreSQL at {host}:{port} as role `{role}`, database `{database}`: {fix}",
+        host = options.get_host(),
+        port = options.get_port(),
+        role = options.get_username(),
+        database = options.get_database().unwrap_or(options.get_username()),
+    );
+    Explained::store_error(cause, hint)
 }
 
 /// A background task purging expired records; stops when dropped.
@@ -453,6 +533,45 @@ impl Drop for Reaper {
 /// schema's real name, `pg_temp_<n>`.
 fn is_temporary_schema(schema: &str) -> bool {
     schema == "pg_temp" || schema.starts_with("pg_temp_")
+}
+
+/// The `(name, type)` rows of the migration script's last statement;
+/// its lock's row has one column.
+fn columns_of(rows: &[PgRow]) -> Vec<(String, String)> {
+    rows.iter()
+        .filter(|row| row.len() == 2)
+        .filter_map(|row| Some((row.try_get(0).ok()?, row.try_get(1).ok()?)))
+        .collect()
+}
+
+/// The columns [`SCHEMA`] creates, with their types as `format_type`
+/// names them.
+const COLUMNS: &[(&str, &str)] = &[
+    ("scope", "bytea"),
+    ("key", "text"),
+    ("fingerprint", "bytea"),
+    ("lease_token", "bytea"),
+    ("expires_at", "bigint"),
+    ("status", "smallint"),
+    ("header_names", "text[]"),
+    ("header_values", "bytea[]"),
+    ("body", "bytea"),
+];
+
+/// Why [`PostgresStore::migrate`] failed, with what to do about it.
+fn migrate_error(error: sqlx::Error, table: &str) -> StoreError {
+    let code = error.as_database_error().and_then(|error| error.code());
+    let schema = table.split_once('.').map_or("public", |(schema, _)| schema);
+    let hint = match code.as_deref() {
+        Some("42501") => format!(
+            "the role may not create the table `{table}`: grant it CREATE on the schema (`GRANT CREATE ON SCHEMA {schema} TO ...`), or run `PostgresStore::migrate()` as a role that may and grant this one SELECT, INSERT, UPDATE and DELETE on the table"
+        ),
+        Some("3F000") => format!(
+            "the schema of the table `{table}` does not exist: create it (`CREATE SCHEMA ...`), or name a table in an existing schema"
+        ),
+        _ => return statement_error(error),
+    };
+    Explained::store_error(error, hint)
 }
 
 fn index_name(table: &str) -> String {

@@ -223,9 +223,14 @@ impl RedisStore {
     /// and a retry of its request then runs beside it.
     ///
     /// # Errors
-    /// The URL is invalid or the server cannot be reached now.
+    /// The URL is invalid, or the server cannot be reached now or refuses
+    /// the connection (a password missing or wrong, a database index out
+    /// of range): the error names the server and what to change.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(StoreError::backend)?;
+        let client = redis::Client::open(url)
+            .map_err(|error| Explained::store_error(error, URL_EXPECTED))?;
+        let server = client.get_connection_info().addr().to_string();
+        let unreachable = |error| connect_error(error, &server);
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(Some(Duration::from_secs(1)))
@@ -233,9 +238,74 @@ impl RedisStore {
             .set_max_delay(Duration::from_millis(500));
         let mut manager = ConnectionManager::new_with_config(client, config)
             .await
-            .map_err(StoreError::backend)?;
+            .map_err(unreachable)?;
+        // The manager connects without sending a command: a server that
+        // wants a password would otherwise refuse every request instead.
+        redis::cmd("PING")
+            .query_async::<()>(&mut manager)
+            .await
+            .map_err(unreachable)?;
         warn_if_evicting(&mut manager).await;
         Ok(Self::builder(manager).build())
+    }
+}
+
+/// What [`RedisStore::connect`] takes.
+const URL_EXPECTED: &str =
+    "give a URL such as `redis://:password@host:6379/0` (`rediss://` for TLS)";
+
+/// A Redis error, with what to change so that it goes away: the server's
+/// own words say what failed, not which setting to fix, and the log line
+/// is all an operator has.
+#[derive(Debug, thiserror::Error)]
+#[error("{cause}: {hint}")]
+struct Explained {
+    cause: redis::RedisError,
+    hint: String,
+}
+
+impl Explained {
+    fn store_error(cause: redis::RedisError, hint: impl Into<String>) -> StoreError {
+        StoreError::backend(Self {
+            cause,
+            hint: hint.into(),
+        })
+    }
+}
+
+/// What a server that wants a password answers without one.
+const NO_PASSWORD: &str =
+    "the Redis server requires a password: put it in the URL, `redis://:password@host:port`";
+
+/// The first connection's failure, with the server it was for and what
+/// to check.
+fn connect_error(error: redis::RedisError, server: &str) -> StoreError {
+    let fix = if error.code() == Some("NOAUTH") {
+        NO_PASSWORD
+    } else if error.kind() == redis::ErrorKind::AuthenticationFailed {
+        "check the user name and password in the URL"
+    } else if error.to_string().contains("DB index is out of range") {
+        "the server has fewer databases (its `databases` setting): name one in range in the URL"
+    } else if error.is_io_error() || error.is_timeout() {
+        "check that Redis runs and listens there"
+    } else {
+        "check the URL and the server"
+    };
+    Explained::store_error(error, format!("connecting to Redis at {server}: {fix}"))
+}
+
+/// An operation's failure on `redis_key`, with the fix when the
+/// store is set up wrongly: those fail every time, retried or not.
+fn operation_error(error: redis::RedisError, redis_key: &str) -> StoreError {
+    match error.code() {
+        Some("WRONGTYPE") => {
+            let hint = format!(
+                "the key `{redis_key}` holds a value this store did not write (a hash, list or set...): another application uses the store's key prefix; give the store a prefix of its own with `RedisStoreBuilder::prefix(...)`"
+            );
+            Explained::store_error(error, hint)
+        }
+        Some("NOAUTH") => Explained::store_error(error, NO_PASSWORD),
+        _ => StoreError::backend(error),
     }
 }
 
@@ -307,12 +377,16 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     /// Runs a fenced script; `1` means the token held the record.
-    async fn fenced(&self, invocation: redis::ScriptInvocation<'_>) -> Result<(), StoreError> {
+    async fn fenced(
+        &self,
+        redis_key: &str,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<(), StoreError> {
         let mut connection = self.connection.clone();
         let held: i64 = invocation
             .invoke_async(&mut connection)
             .await
-            .map_err(StoreError::backend)?;
+            .map_err(|error| operation_error(error, redis_key))?;
         if held == 1 {
             Ok(())
         } else {
@@ -336,6 +410,18 @@ struct Unanswered<'a, C: ConnectionLike + Clone + Send + Sync + 'static> {
     redis_key: &'a str,
     token: LeaseToken,
     armed: bool,
+}
+
+impl<C: ConnectionLike + Clone + Send + Sync + 'static> Unanswered<'_, C> {
+    /// The claim's failure. An error the server answered with (a key of
+    /// another type, no password) is an answer: nothing was applied, and
+    /// there is no claim to release.
+    fn refused(&mut self, error: redis::RedisError) -> StoreError {
+        if error.code().is_some() {
+            self.armed = false;
+        }
+        operation_error(error, self.redis_key)
+    }
 }
 
 impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drop for Unanswered<'_, C> {
@@ -410,7 +496,7 @@ where
             .arg(expiry)
             .query_async(&mut connection)
             .await
-            .map_err(StoreError::backend)?;
+            .map_err(|error| unanswered.refused(error))?;
         unanswered.armed = false;
         let Some(found) = found else {
             return Ok(Claim::Acquired(token));
@@ -432,7 +518,7 @@ where
             .arg(expiry)
             .invoke_async(&mut connection)
             .await
-            .map_err(StoreError::backend)?;
+            .map_err(|error| unanswered.refused(error))?;
         unanswered.armed = false;
         match found {
             None => Ok(Claim::Acquired(token)),
@@ -447,12 +533,13 @@ where
         lease: Duration,
     ) -> Result<(), StoreError> {
         let deadline = self.now().saturating_add(millis(lease));
-        let mut invocation = RENEW.key(self.redis_key(key));
+        let redis_key = self.redis_key(key);
+        let mut invocation = RENEW.key(&redis_key);
         invocation
             .arg(token.to_bytes().as_slice())
             .arg(deadline.to_be_bytes().as_slice())
             .arg(px(lease));
-        self.fenced(invocation).await
+        self.fenced(&redis_key, invocation).await
     }
 
     async fn complete(
@@ -469,27 +556,30 @@ where
             expires_at: self.now().saturating_add(millis(ttl)),
         };
         record.fit(MAX_VALUE_BYTES);
-        let mut invocation = COMPLETE.key(self.redis_key(key));
+        let redis_key = self.redis_key(key);
+        let mut invocation = COMPLETE.key(&redis_key);
         invocation
             .arg(token.to_bytes().as_slice())
             .arg(record.encode().as_ref())
             .arg(px(ttl));
-        self.fenced(invocation).await
+        self.fenced(&redis_key, invocation).await
     }
 
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-        let mut invocation = RELEASE.key(self.redis_key(key));
+        let redis_key = self.redis_key(key);
+        let mut invocation = RELEASE.key(&redis_key);
         invocation.arg(token.to_bytes().as_slice());
-        self.fenced(invocation).await
+        self.fenced(&redis_key, invocation).await
     }
 
     async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
         let mut connection = self.connection.clone();
+        let redis_key = self.redis_key(key);
         let found: Option<Vec<u8>> = redis::cmd("GET")
-            .arg(self.redis_key(key))
+            .arg(&redis_key)
             .query_async(&mut connection)
             .await
-            .map_err(StoreError::backend)?;
+            .map_err(|error| operation_error(error, &redis_key))?;
         let Some(found) = found else {
             return Ok(None);
         };

@@ -40,6 +40,66 @@ where
 #[error("the idempotency record kept changing while it was being claimed")]
 pub(crate) struct Contended;
 
+/// A database error, with what to change so that it goes away: the
+/// driver's own words say what failed, not that the store's table or
+/// file is set up wrongly, and the log line is all an operator has.
+#[derive(Debug, thiserror::Error)]
+#[error("{cause}: {hint}")]
+pub(crate) struct Explained {
+    cause: sqlx::Error,
+    hint: String,
+}
+
+impl Explained {
+    /// `cause`, told with `hint`.
+    pub(crate) fn store_error(cause: sqlx::Error, hint: impl Into<String>) -> StoreError {
+        StoreError::backend(Self {
+            cause,
+            hint: hint.into(),
+        })
+    }
+}
+
+/// The store's table exists but lacks columns, or has them with other
+/// types: a table of the same name made by something else, which `CREATE
+/// TABLE IF NOT EXISTS` kept.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the table `{table}` was not created by this store ({problems}): give the store a table of its own with `{builder}::table(...)`, or drop this one and run `{store}::migrate()` again"
+)]
+pub(crate) struct ForeignTable {
+    pub(crate) table: String,
+    pub(crate) problems: String,
+    pub(crate) builder: &'static str,
+    pub(crate) store: &'static str,
+}
+
+/// What is wrong with a table's `(name, type)` columns next to the
+/// `expected` ones, if anything: missing columns and, where `types`
+/// says types matter, columns of another type.
+pub(crate) fn column_problems(
+    found: &[(String, String)],
+    expected: &[(&str, &str)],
+    types: bool,
+) -> Option<String> {
+    let problems: Vec<String> = expected
+        .iter()
+        .filter_map(|&(name, kind)| {
+            match found
+                .iter()
+                .find(|(found, _)| found.eq_ignore_ascii_case(name))
+            {
+                None => Some(format!("no column `{name}`")),
+                Some((_, actual)) if types && !actual.eq_ignore_ascii_case(kind) => {
+                    Some(format!("`{name}` is {actual}, not {kind}"))
+                }
+                Some(_) => None,
+            }
+        })
+        .collect();
+    (!problems.is_empty()).then(|| problems.join(", "))
+}
+
 /// A table name the SQL stores refuse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid table name `{name}`: {rule}")]
@@ -175,6 +235,32 @@ mod tests {
         ] {
             assert!(check_table_name(name, never_temporary).is_err(), "{name}");
         }
+    }
+
+    #[test]
+    fn column_problems_name_missing_columns_and_other_types() {
+        let expected = [("scope", "bytea"), ("expires_at", "bigint")];
+        let found = |columns: &[(&str, &str)]| -> Vec<(String, String)> {
+            columns
+                .iter()
+                .map(|&(name, kind)| (name.to_owned(), kind.to_owned()))
+                .collect()
+        };
+        let theirs = found(&[("id", "text"), ("expires_at", "timestamp with time zone")]);
+        assert_eq!(
+            column_problems(&theirs, &expected, true).as_deref(),
+            Some("no column `scope`, `expires_at` is timestamp with time zone, not bigint")
+        );
+        assert_eq!(
+            column_problems(&theirs, &expected, false).as_deref(),
+            Some("no column `scope`")
+        );
+        let ours = found(&[
+            ("scope", "bytea"),
+            ("expires_at", "bigint"),
+            ("extra", "int"),
+        ]);
+        assert_eq!(column_problems(&ours, &expected, true), None);
     }
 
     #[test]

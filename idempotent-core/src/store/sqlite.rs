@@ -33,7 +33,9 @@ use sqlx::sqlite::{
 use sqlx::{Connection, Row};
 use tokio_util::task::TaskTracker;
 
-use super::sql::{self, DEFAULT_TABLE, InvalidTableName, from_sql_millis, to_sql_millis};
+use super::sql::{
+    self, DEFAULT_TABLE, Explained, ForeignTable, InvalidTableName, from_sql_millis, to_sql_millis,
+};
 use super::{Store, StoreError};
 use crate::clock::{Clock, SharedClock, SystemClock, millis};
 use crate::fingerprint::Fingerprint;
@@ -158,13 +160,22 @@ impl SqliteStore {
     /// one (`sqlite::memory:`) kept on one connection.
     ///
     /// # Errors
-    /// The URL is invalid or the file cannot be opened or created.
+    /// The URL is invalid or not a `sqlite:` one, or the file cannot be
+    /// opened or created.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let options = SqliteConnectOptions::from_str(url).map_err(StoreError::backend)?;
+        // sqlx reads a URL of another scheme (`postgres://...`) as a file
+        // name, and would create that file.
+        if !url.starts_with("sqlite:") {
+            let cause = sqlx::Error::Configuration("not a SQLite URL".into());
+            return Err(Explained::store_error(cause, URL_EXPECTED));
+        }
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|error| Explained::store_error(error, URL_EXPECTED))?;
         Self::with_options(options).await
     }
 
     async fn with_options(options: SqliteConnectOptions) -> Result<Self, StoreError> {
+        let file = options.get_filename().to_owned();
         let options = options
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -172,7 +183,7 @@ impl SqliteStore {
             .busy_timeout(BUSY_TIMEOUT);
         let in_memory = while_busy(|| is_in_memory(&options))
             .await
-            .map_err(StoreError::backend)?;
+            .map_err(|error| open_error(error, &file))?;
         let pool_options = if in_memory {
             // Each connection to `:memory:` opens a database of its own,
             // and a shared one (`sqlite::memory:`) is dropped with its last
@@ -186,7 +197,9 @@ impl SqliteStore {
             SqlitePoolOptions::new().max_connections(4)
         };
         let connect = || pool_options.clone().connect_with(options.clone());
-        let pool = while_busy(connect).await.map_err(StoreError::backend)?;
+        let pool = while_busy(connect)
+            .await
+            .map_err(|error| open_error(error, &file))?;
         Self::builder(pool).build().map_err(StoreError::backend)
     }
 
@@ -239,7 +252,9 @@ impl SqliteStore {
     /// every start.
     ///
     /// # Errors
-    /// The database refused.
+    /// The database refused (for example, a read-only file, or a schema
+    /// that is not attached), or a table of the same name exists without
+    /// the store's columns (made by something else).
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let table = &self.inner.table;
         // SQLite names a schema on the index, never on the table it indexes.
@@ -253,10 +268,49 @@ impl SqliteStore {
             .replace(DEFAULT_TABLE, &sql::quoted(table))
             .replace('\u{0}', &index)
             .replace('\u{1}', &sql::quoted(base));
-        while_busy(|| sqlx::raw_sql(&schema).execute(&self.inner.pool))
-            .await
+        let created = while_busy(|| sqlx::raw_sql(&schema).execute(&self.inner.pool)).await;
+        // A table of the same name made by something else is kept by `IF
+        // NOT EXISTS`, and its index fails on a column it lacks: either
+        // way, what the table lacks is the error to tell.
+        self.check_columns().await?;
+        created
             .map(drop)
-            .map_err(StoreError::backend)
+            .map_err(|error| migrate_error(error, table))
+    }
+
+    /// Refuses a table without the store's columns, which every statement
+    /// would fail on. Only names are compared: SQLite keeps a value of any
+    /// type in any column.
+    async fn check_columns(&self) -> Result<(), StoreError> {
+        let table = &self.inner.table;
+        let base = sql::base_name(table);
+        let qualifier = &table[..table.len() - base.len()];
+        // The schema is the pragma's second argument; none searches
+        // them in order, as the statements do.
+        let schema = qualifier.strip_suffix('.').map(str::to_ascii_lowercase);
+        let found: Vec<(String, String)> =
+            match sqlx::query_as("SELECT name, type FROM pragma_table_info(?1, ?2)")
+                .bind(base.to_ascii_lowercase())
+                .bind(schema)
+                .fetch_all(&self.inner.pool)
+                .await
+            {
+                Ok(found) => found,
+                // An unknown schema: the script says so.
+                Err(_) => return Ok(()),
+            };
+        if found.is_empty() {
+            return Ok(());
+        }
+        match sql::column_problems(&found, COLUMNS, false) {
+            None => Ok(()),
+            Some(problems) => Err(StoreError::backend(ForeignTable {
+                table: table.clone(),
+                problems,
+                builder: "SqliteStoreBuilder",
+                store: "SqliteStore",
+            })),
+        }
     }
 
     /// Deletes every record whose deadline has passed; returns how many.
@@ -277,7 +331,7 @@ impl SqliteStore {
                 .bind(sql::PURGE_BATCH)
                 .execute(&self.inner.pool)
                 .await
-                .map_err(StoreError::backend)?;
+                .map_err(statement_error)?;
             Ok(deleted.rows_affected())
         })
         .await
@@ -314,7 +368,7 @@ impl SqliteStore {
             .bind(to_sql_millis(now))
             .execute(&self.inner.pool)
             .await
-            .map_err(StoreError::backend)?;
+            .map_err(statement_error)?;
         Ok(written.rows_affected() > 0)
     }
 
@@ -389,6 +443,92 @@ impl Drop for Waiting<'_> {
             self.store.inner.background.spawn_on(release, &runtime);
         }
     }
+}
+
+/// What [`SqliteStore::connect`] takes.
+const URL_EXPECTED: &str =
+    "give a URL such as `sqlite://idempotency.db`, or a path to `SqliteStore::open`";
+
+/// The columns the schema creates (types are not compared).
+const COLUMNS: &[(&str, &str)] = &[
+    ("scope", "BLOB"),
+    ("key", "TEXT"),
+    ("fingerprint", "BLOB"),
+    ("lease_token", "BLOB"),
+    ("expires_at", "INTEGER"),
+    ("record", "BLOB"),
+];
+
+/// SQLite's primary result code, the low byte of an extended one.
+fn result_code(error: &sqlx::Error) -> Option<i32> {
+    let code = error.as_database_error()?.code()?;
+    code.parse::<i32>().ok().map(|code| code & 0xff)
+}
+
+/// Why the file at `file` could not be opened, with what to do: SQLite
+/// says only "unable to open database file", without the path or why.
+fn open_error(error: sqlx::Error, file: &Path) -> StoreError {
+    let path = file.display();
+    let hint = match result_code(&error) {
+        // SQLITE_CANTOPEN
+        Some(14) if file.is_dir() => format!("`{path}` is a directory: name a file in it"),
+        Some(14) => match file
+            .parent()
+            .filter(|parent| !parent.as_os_str().is_empty())
+        {
+            Some(parent) if !parent.is_dir() => {
+                format!(
+                    "the directory `{}` does not exist: create it first",
+                    parent.display()
+                )
+            }
+            _ => format!("check that the process may read and write `{path}` and its directory"),
+        },
+        // SQLITE_NOTADB
+        Some(26) => {
+            format!("`{path}` is not a SQLite database: name a new file, or the store's database")
+        }
+        // SQLITE_READONLY
+        Some(8) => {
+            format!("`{path}` is read-only: the store writes on every request; open it read-write")
+        }
+        _ => format!("opening the SQLite database `{path}`"),
+    };
+    Explained::store_error(error, hint)
+}
+
+/// A statement's failure as the engine reports it: a missing table, one
+/// made by something else, or a read-only file is named as such, with the
+/// fix, since such a service answers every request 503.
+fn statement_error(error: sqlx::Error) -> StoreError {
+    let message = error
+        .as_database_error()
+        .map(|error| error.message().to_owned())
+        .unwrap_or_default();
+    let hint = if message.starts_with("no such table") {
+        "create the store's table with `SqliteStore::migrate()` when the service starts"
+    } else if message.starts_with("no such column") || message.contains("has no column named") {
+        "the store's table does not have the columns `SqliteStore::migrate()` creates (a table of the same name made by something else?): give the store a table of its own with `SqliteStoreBuilder::table(...)`"
+    } else if result_code(&error) == Some(8) {
+        "the database is read-only: the store writes on every request; open it read-write"
+    } else {
+        return StoreError::backend(error);
+    };
+    Explained::store_error(error, hint)
+}
+
+/// Why [`SqliteStore::migrate`] failed, with what to do about it.
+fn migrate_error(error: sqlx::Error, table: &str) -> StoreError {
+    let unknown_schema = error
+        .as_database_error()
+        .is_some_and(|error| error.message().starts_with("unknown database"));
+    if unknown_schema {
+        let hint = format!(
+            "the schema of the table `{table}` is not attached: attach that database on every connection of the pool, or name the table without a schema"
+        );
+        return Explained::store_error(error, hint);
+    }
+    statement_error(error)
 }
 
 /// Whether `options` open an in-memory database, as SQLite itself says:
@@ -518,7 +658,7 @@ impl Store for SqliteStore {
             .bind(expires_at)
             .execute(&self.inner.pool)
             .await
-            .map_err(StoreError::backend)?;
+            .map_err(statement_error)?;
         held(updated.rows_affected())
     }
 
@@ -545,7 +685,7 @@ impl Store for SqliteStore {
             .bind(record.encode().as_ref())
             .execute(&self.inner.pool)
             .await
-            .map_err(StoreError::backend)?;
+            .map_err(statement_error)?;
         held(updated.rows_affected())
     }
 
@@ -556,7 +696,7 @@ impl Store for SqliteStore {
             .bind(token.to_bytes().as_slice())
             .execute(&self.inner.pool)
             .await
-            .map_err(StoreError::backend)?;
+            .map_err(statement_error)?;
         held(deleted.rows_affected())
     }
 
@@ -567,7 +707,7 @@ impl Store for SqliteStore {
             .bind(to_sql_millis(self.now()))
             .fetch_optional(&self.inner.pool)
             .await
-            .map_err(StoreError::backend)?;
+            .map_err(statement_error)?;
         row.map(|row| record_from_row(&row)).transpose()
     }
 

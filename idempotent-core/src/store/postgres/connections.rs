@@ -32,6 +32,7 @@ use tokio_util::task::TaskTracker;
 use super::reachability::{AcquireError, Patience, Reachability};
 use crate::record::LogId;
 use crate::store::StoreError;
+use crate::store::sql::Explained;
 
 /// How long a kept connection may sit unused before it goes back to the
 /// sqlx pool.
@@ -330,25 +331,33 @@ impl<'a> Lease<'a> {
     }
 }
 
-/// A statement's failure as the engine reports it. A missing table is
-/// named as such, with the fix: a service that never ran `migrate` answers
-/// every request 503, and the log line is all its operator has to go on.
-fn statement_error(error: sqlx::Error) -> StoreError {
-    let undefined_table = error
+/// A statement's failure as the engine reports it. A table that is
+/// missing, made by something else, or closed to the store's role is
+/// named as such, with the fix: a service set up so answers every request
+/// 503, and the log line is all its operator has to go on.
+pub(in crate::store) fn statement_error(error: sqlx::Error) -> StoreError {
+    let code = error
         .as_database_error()
         .and_then(|error| error.code())
-        .is_some_and(|code| code == "42P01");
-    if undefined_table {
-        StoreError::backend(TableMissing(error))
-    } else {
-        StoreError::backend(error)
-    }
+        .map(|code| code.into_owned());
+    let hint = match code.as_deref() {
+        Some("42P01") => TABLE_MISSING,
+        // Undefined column, no operator for the column's type, datatype
+        // mismatch: the table has another shape than the store's.
+        Some("42703" | "42883" | "42804") => FOREIGN_TABLE,
+        Some("42501") => NOT_PERMITTED,
+        _ => return StoreError::backend(error),
+    };
+    Explained::store_error(error, hint)
 }
 
-/// The store's table does not exist (SQLSTATE 42P01).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}: create the store's table with `PostgresStore::migrate()` when the service starts")]
-struct TableMissing(sqlx::Error);
+/// What to do about a missing table (SQLSTATE 42P01).
+const TABLE_MISSING: &str =
+    "create the store's table with `PostgresStore::migrate()` when the service starts";
+/// What to do about a table of another shape.
+const FOREIGN_TABLE: &str = "the store's table does not have the columns `PostgresStore::migrate()` creates (a table of the same name made by something else?): give the store a table of its own with `PostgresStoreBuilder::table(...)`";
+/// What to do about a table the role may not use (SQLSTATE 42501).
+const NOT_PERMITTED: &str = "grant SELECT, INSERT, UPDATE and DELETE on the store's table to the role the store connects as";
 
 impl Drop for Lease<'_> {
     /// A lease dropped before its statement finished, with an undo: the
