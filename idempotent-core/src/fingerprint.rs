@@ -716,12 +716,19 @@ impl<W: Sink> ser::SerializeSeq for Sequence<'_, W> {
 /// have fixed bounds and the names are constants, so an optimized build
 /// answers at compile time.
 fn is_unordered_set<T: ?Sized>() -> bool {
+    names_unordered_set(std::any::type_name::<T>())
+}
+
+/// Whether the type named `name` is an unordered set (see
+/// [`is_unordered_set`]). Inlined, so that the compiler sees the constant
+/// name it is given.
+#[inline(always)]
+fn names_unordered_set(mut name: &str) -> bool {
     const POINTER_DEPTH: usize = 4;
     const SETS: [&str; 2] = [
         "std::collections::hash::set::HashSet<",
         "hashbrown::set::HashSet<",
     ];
-    let mut name = std::any::type_name::<T>();
     for _ in 0..POINTER_DEPTH {
         name = pointee(name);
     }
@@ -737,15 +744,17 @@ fn pointee(name: &str) -> &str {
         "alloc::boxed::Box<",
         "alloc::rc::Rc<",
         "alloc::sync::Arc<",
-        "alloc::borrow::Cow<'_, ",
+        "alloc::borrow::Cow<",
     ];
     if let Some(referent) = name.strip_prefix('&') {
         return referent.strip_prefix("mut ").unwrap_or(referent);
     }
-    POINTERS
+    let pointee = POINTERS
         .iter()
         .find_map(|pointer| name.strip_prefix(pointer))
-        .unwrap_or(name)
+        .unwrap_or(name);
+    // `Cow`'s erased lifetime, which not every compiler writes out.
+    pointee.strip_prefix("'_, ").unwrap_or(pointee)
 }
 
 /// One map entry: where its key's and value's encodings sit in the map's
@@ -1201,6 +1210,12 @@ mod tests {
         assert!(!is_unordered_set::<lookalike::HashSet<u8>>());
         assert!(!is_unordered_set::<Box<[u8]>>());
         assert!(!is_unordered_set::<str>());
+        // A `Cow` as a compiler that leaves its erased lifetime out names it.
+        let set = "std::collections::hash::set::HashSet<u8>";
+        assert!(names_unordered_set(&format!("alloc::borrow::Cow<{set}>")));
+        assert!(names_unordered_set(&format!(
+            "alloc::borrow::Cow<'_, {set}>"
+        )));
         // The lookalike keeps its order.
         assert_ne!(
             fp(&lookalike::HashSet(vec![2, 1])),

@@ -84,6 +84,18 @@ struct HeldClaim {
 struct Renewing {
     task: JoinHandle<()>,
     settled: Arc<AtomicBool>,
+    /// The lease as the task knows it, for the claim's settling to tell a
+    /// lapse that the task's next renewal, cut short, would have told.
+    outage: SharedOutage,
+}
+
+/// An [`Outage`] that a renewal task and its claim's settling both read.
+type SharedOutage = Arc<Mutex<Outage>>;
+
+/// Locks a [`SharedOutage`].
+fn lock_outage(outage: &Mutex<Outage>) -> MutexGuard<'_, Outage> {
+    // Nothing panics while it is locked; it is consistent at every step.
+    outage.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The task that watches one runtime's claims.
@@ -99,6 +111,23 @@ enum Nudge {
     None,
     Wake(Arc<Notify>),
     Start(Arc<Notify>),
+}
+
+impl HeldClaim {
+    /// When its lease ends unless renewed: a lease after the claim was
+    /// sent, which was a third of the lease before `due`.
+    fn held_until(&self) -> Instant {
+        self.due - self.lease / 3 + self.lease
+    }
+
+    /// Tells, in the request's span, that `lease` ran out before `now`
+    /// (see [`Outage::lapsed_unsent`]).
+    fn tell_lapse(&self, lease: &mut Outage, now: Instant) {
+        if now >= lease.held_until {
+            let _entered = self.span.enter();
+            lease.lapsed_unsent(now, self.endpoint, &self.key);
+        }
+    }
 }
 
 impl Renewer {
@@ -148,13 +177,19 @@ impl Renewer {
                 continue;
             }
             let settled = Arc::new(AtomicBool::new(false));
+            let outage = Arc::new(Mutex::new(Outage::new(claim.held_until())));
             let renewals = {
                 // For what it tells before its task runs.
                 let _entered = claim.span.enter();
-                renew_until_lost(Arc::clone(settings), claim, Arc::clone(&settled))
+                let watched = (Arc::clone(&settled), Arc::clone(&outage));
+                renew_until_lost(Arc::clone(settings), claim, watched)
             };
             let task = tokio::spawn(renewals.instrument(claim.span.clone()));
-            claim.renewing = Some(Renewing { task, settled });
+            claim.renewing = Some(Renewing {
+                task,
+                settled,
+                outage,
+            });
         }
         Some(watcher.every)
     }
@@ -261,19 +296,22 @@ impl Drop for Renewals<'_> {
             return;
         };
         let settled = self.renewer.table().claims.remove(id);
-        let Some(renewing) = settled.renewing else {
+        let now = Instant::now();
+        let Some(renewing) = &settled.renewing else {
             // The watcher never got to start renewing it: if the lease ran
             // out meanwhile, no renewal will ever say so.
-            let held_until = settled.due - settled.lease / 3 + settled.lease;
-            let now = Instant::now();
-            if now >= held_until {
-                let _entered = settled.span.enter();
-                lapsed_unrenewed(settled.endpoint, &settled.key, now - held_until);
-            }
+            settled.tell_lapse(&mut Outage::new(settled.held_until()), now);
             return;
         };
         renewing.settled.store(true, Ordering::Release);
         renewing.task.abort();
+        // Its task, held back with the handler, may not have run since the
+        // lease ran out, and is now cut short before its next renewal would
+        // tell it so.
+        let mut outage = lock_outage(&renewing.outage);
+        if outage.under_way == 0 {
+            settled.tell_lapse(&mut outage, now);
+        }
     }
 }
 
@@ -363,19 +401,20 @@ async fn lease_lost(
 /// statements wait their turn (for a connection, for a lock) never sends
 /// a renewal given up before its turn, and the lease would lapse under
 /// the running handler though every renewal would have been applied.
+///
+/// `watched`: whether the claim's run has settled it, and the lease as of
+/// the claim's sending (see [`Renewing`]).
 fn renew_until_lost(
     settings: Arc<Settings>,
     claim: &HeldClaim,
-    settled: Arc<AtomicBool>,
+    (settled, outage): (Arc<AtomicBool>, SharedOutage),
 ) -> impl Future<Output = ()> + Send + 'static {
     let (key, lease, (token, fingerprint)) = (claim.key.clone(), claim.lease, claim.held);
     let endpoint = claim.endpoint;
     let period = lease / 3;
-    // The claim was sent a period before it fell due.
-    let mut outage = Outage::new(claim.due - period + lease);
     // Told now, by the watcher: a stalled runtime may settle the claim,
     // and abort this task, before the task ever runs.
-    outage.lapsed_unsent(Instant::now(), endpoint, &key);
+    lock_outage(&outage).lapsed_unsent(Instant::now(), endpoint, &key);
     async move {
         let mut ticker = tokio::time::interval(period);
         // After a stall (a handler that held the thread, a paused VM), one
@@ -387,31 +426,38 @@ fn renew_until_lost(
             tokio::select! {
                 _ = ticker.tick() => {
                     let sent = Instant::now();
-                    if renewing.is_empty() {
-                        outage.lapsed_unsent(sent, endpoint, &key);
-                    }
+                    lock_outage(&outage).sending(sent, endpoint, &key);
                     let renewed = settings.store.renew(&key, token, lease);
                     let renewed = within(settings.store_timeout, renewed);
                     renewing.push(renewed.map(move |renewed| (sent, renewed)));
                 }
-                Some((sent, renewed)) = renewing.next() => match renewed {
-                    Ok(()) => outage.renewed(sent + lease, endpoint, &key),
-                    Err(StoreError::LeaseLost) => {
+                Some((sent, renewed)) = renewing.next() => {
+                    let lost = matches!(renewed, Err(StoreError::LeaseLost));
+                    {
+                        let mut outage = lock_outage(&outage);
+                        outage.under_way -= 1;
+                        match renewed {
+                            Ok(()) => outage.renewed(sent + lease, endpoint, &key),
+                            // `lease_lost` tells what became of the lease.
+                            Err(StoreError::LeaseLost) => outage.lapse_told = true,
+                            // A renewal sent later was applied already: the
+                            // lease holds, and nothing needs trying again.
+                            Err(error) if outage.outrun(sent + lease) => {
+                                tracing::debug!(%error, "a renewal outrun by a later one failed");
+                            }
+                            Err(error) => {
+                                outage.failed(&error, endpoint, &key);
+                                // Soon, not a whole period later: two
+                                // failures a period apart would let the
+                                // lease lapse under a running handler.
+                                ticker.reset_after(period / 8);
+                            }
+                        }
+                    }
+                    if lost {
                         return lease_lost(&settings, endpoint, &key, fingerprint, &settled).await;
                     }
-                    // A renewal sent later was applied already: the lease
-                    // holds, and nothing needs trying again.
-                    Err(error) if outage.outrun(sent + lease) => {
-                        tracing::debug!(%error, "a renewal outrun by a later one failed");
-                    }
-                    Err(error) => {
-                        outage.failed(&error, endpoint, &key);
-                        // Soon, not a whole period later: two failures a
-                        // period apart would let the lease lapse under a
-                        // running handler.
-                        ticker.reset_after(period / 8);
-                    }
-                },
+                }
             }
         }
     }
@@ -442,6 +488,8 @@ struct Outage {
     held_until: Instant,
     failures: u32,
     lapse_told: bool,
+    /// Renewals sent that have not answered yet.
+    under_way: usize,
 }
 
 impl Outage {
@@ -450,7 +498,17 @@ impl Outage {
             held_until,
             failures: 0,
             lapse_told: false,
+            under_way: 0,
         }
+    }
+
+    /// Notes a renewal sent `now`, first telling a lapse that came with
+    /// none under way (see [`lapsed_unsent`](Self::lapsed_unsent)).
+    fn sending(&mut self, now: Instant, endpoint: &'static str, key: &RecordKey) {
+        if self.under_way == 0 {
+            self.lapsed_unsent(now, endpoint, key);
+        }
+        self.under_way += 1;
     }
 
     fn renewed(&mut self, held_until: Instant, endpoint: &'static str, key: &RecordKey) {
@@ -460,7 +518,10 @@ impl Outage {
             tracing::info!(endpoint, %key, failures, "renewed the lease again");
         }
         // Renewals overlap: one sent earlier may answer after a later one.
-        *self = Self::new(held_until.max(self.held_until));
+        *self = Self {
+            under_way: self.under_way,
+            ..Self::new(held_until.max(self.held_until))
+        };
     }
 
     /// Whether a renewal that would have held the lease until
@@ -469,9 +530,10 @@ impl Outage {
         held_until < self.held_until
     }
 
-    /// Tells, once, that the lease ran out before the renewal sent `now`,
-    /// with no renewal under way (the caller checks) and none failed: the
-    /// store is not why (see [`lapsed_unrenewed`]).
+    /// Tells, once, that the lease ran out before `now`, when a renewal
+    /// is sent or the claim settled, with no renewal under way (the caller
+    /// checks) and none failed: the store is not why (see
+    /// [`lapsed_unrenewed`]).
     fn lapsed_unsent(&mut self, now: Instant, endpoint: &'static str, key: &RecordKey) {
         if self.lapse_told || self.failures > 0 || now < self.held_until {
             return;

@@ -189,13 +189,18 @@ pub(crate) async fn collect_response(parts: &Parts, body: Body, limit: usize) ->
 }
 
 /// Whether the response's media type is `text/event-stream`, parameters
-/// aside (RFC 9110 8.3.1: case-insensitive).
+/// aside (RFC 9110 8.3.1: case-insensitive). Read as bytes: a parameter
+/// that is not ASCII (which a header value may carry) does not make the
+/// stream one to read to its end.
 fn is_event_stream(parts: &Parts) -> bool {
-    let Some(Ok(content_type)) = parts.headers.get(CONTENT_TYPE).map(HeaderValue::to_str) else {
+    let Some(content_type) = parts.headers.get(CONTENT_TYPE) else {
         return false;
     };
-    let media_type = content_type.split(';').next().unwrap_or_default();
-    media_type.trim().eq_ignore_ascii_case("text/event-stream")
+    let bytes = content_type.as_bytes();
+    let media_type = bytes.split(|&byte| byte == b';').next().unwrap_or_default();
+    media_type
+        .trim_ascii()
+        .eq_ignore_ascii_case(b"text/event-stream")
 }
 
 /// Reads `body` up to `limit` bytes.
@@ -385,31 +390,44 @@ mod tests {
 
     #[tokio::test]
     async fn an_event_stream_is_passed_on_unread_whatever_its_parameters() {
-        let response = |content_type: Option<&'static str>| {
+        let response = |content_type: Option<&[u8]>| {
             let mut response = Response::new(Body::from("data: 1\n\n"));
             if let Some(content_type) = content_type {
-                let value = HeaderValue::from_static(content_type);
+                let value = HeaderValue::from_bytes(content_type).expect("a valid header value");
                 response.headers_mut().insert(CONTENT_TYPE, value);
             }
             response.into_parts()
         };
-        let streams = ["text/event-stream", "Text/Event-Stream ; charset=utf-8"];
+        let streams: [&[u8]; 4] = [
+            b"text/event-stream",
+            b"Text/Event-Stream ; charset=utf-8",
+            b"\ttext/event-stream\t;charset=utf-8",
+            // A parameter that is not ASCII, which a header value may hold.
+            b"text/event-stream; title=caf\xe9",
+        ];
         for content_type in streams {
             let (parts, body) = response(Some(content_type));
             let Collected::Partial(body, NotKept::EventStream) =
                 collect_response(&parts, body, 100).await
             else {
-                panic!("{content_type} is an event stream");
+                panic!("{} is an event stream", content_type.escape_ascii());
             };
             let bytes = body.collect().await.unwrap().to_bytes();
             assert_eq!(bytes, "data: 1\n\n");
         }
-        for content_type in [None, Some("text/plain"), Some("text/event-streams")] {
+        let kept: [Option<&[u8]>; 4] = [
+            None,
+            Some(b"text/plain"),
+            Some(b"text/event-streams"),
+            Some(b"text/plain; for=text/event-stream"),
+        ];
+        for content_type in kept {
             let (parts, body) = response(content_type);
             let collected = collect_response(&parts, body, 100).await;
             assert!(
                 matches!(collected, Collected::Complete(_)),
-                "{content_type:?} is kept"
+                "{:?} is kept",
+                content_type.map(<[u8]>::escape_ascii)
             );
         }
     }

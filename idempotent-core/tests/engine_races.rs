@@ -857,6 +857,50 @@ async fn a_lease_that_lapsed_before_its_renewals_started_is_told_once() {
     );
 }
 
+/// Waits for its lease's first renewal, then holds the thread of its
+/// `current_thread` runtime for 1.2 s, past the one-second lease that the
+/// renewal extended, before answering 201.
+async fn holds_the_thread_once_renewed(
+    State(renewals): State<Arc<Calls>>,
+    idem: IdempotentRequest,
+    Json(input): Json<Value>,
+) -> Response {
+    let endpoint = one_second_lease();
+    let fingerprint = endpoint.fingerprint(&input);
+    let handler = async move {
+        while renewals.applied() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        std::thread::sleep(Duration::from_millis(1_200));
+        StatusCode::CREATED
+    };
+    idem.run(&endpoint, fingerprint, handler).await
+}
+
+/// The handler holds the runtime's one thread past its lease once its
+/// renewals have started, and its record is stored before their task
+/// runs again, which then never does: the lease lapsed with no renewal
+/// sent in time, and the operator is told so, and why, once.
+#[tokio::test]
+async fn a_lease_that_lapsed_after_its_renewals_started_is_told_once() {
+    let events = Events::default();
+    let _recording = events.record();
+    let store = LateStore::over(MemoryStore::new());
+    let app = Router::new()
+        .route("/pay", post(holds_the_thread_once_renewed))
+        .with_state(Arc::clone(&store.renewals))
+        .layer(Idempotency::new(store));
+
+    assert_eq!(send(&app).await.0, StatusCode::CREATED);
+
+    let told = events.at_least(tracing::Level::WARN);
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert!(
+        told[0].contains("lapsed before it could be renewed"),
+        "{told:?}"
+    );
+}
+
 // ===== a renewal that hangs =====
 
 /// A 3 s lease is renewed every second, and the store timeout is 2 s: a
