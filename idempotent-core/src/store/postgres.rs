@@ -7,8 +7,10 @@
 //! # Schema
 //!
 //! [`PostgresStore::migrate`] creates it (idempotently, under an advisory
-//! lock so that instances starting together do not race); shown here with
-//! the default table name:
+//! lock so that instances starting together do not race), or your own
+//! migrations, from [`PostgresStore::migration_sql`], with the service's
+//! role granted only `SELECT`, `INSERT`, `UPDATE` and `DELETE` on it;
+//! shown here with the default table name:
 //!
 //! ```sql
 #![doc = include_str!("postgres/schema.sql")]
@@ -27,8 +29,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Connection, Row};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow, Postgres};
+use sqlx::{Connection, Executor, Row};
 
 use self::connections::{Connections, Undo, statement_error};
 use self::reachability::Patience;
@@ -45,6 +48,8 @@ mod connections;
 mod reachability;
 
 const SCHEMA: &str = include_str!("postgres/schema.sql");
+/// A connection taken from the pool, for a migration.
+type Leased = PoolConnection<Postgres>;
 /// Room for a completion's values in one protocol message, which the
 /// server caps at 1 GiB, less a margin for the rest of the statement.
 const MAX_MESSAGE_BYTES: usize = (1 << 30) - (1 << 20);
@@ -335,18 +340,115 @@ impl PostgresStore {
     /// Creates the table and its index if they do not exist. Safe to run on
     /// every start, from many instances at once.
     ///
+    /// Runs no `CREATE` when both exist: a role that may only read and
+    /// write the table's rows (`SELECT`, `INSERT`, `UPDATE`, `DELETE`)
+    /// can call it once the table was made by a role that may (with the
+    /// SQL of [`migration_sql`](Self::migration_sql)), and is then
+    /// refused at once if it lacks one of those privileges.
+    ///
     /// # Errors
     /// The database refused (for example, no `CREATE` privilege, or no
-    /// such schema), or a table of the same name exists without the
-    /// store's columns (made by something else): each error says what to
-    /// change.
+    /// such schema), a table of the same name exists without the store's
+    /// columns (made by something else), or the role may not read or
+    /// write the table: each error says what to change.
     pub async fn migrate(&self) -> Result<(), StoreError> {
+        // PostgreSQL checks the `CREATE` privilege before it looks for
+        // the table `IF NOT EXISTS` names, so the script fails for a role
+        // without it even when it would create nothing: look first. A
+        // look that fails leaves it to the script to say why. Both run on
+        // one connection, so that the pool gains one connection at most.
+        let mut connection = (self.pool().acquire().await)
+            .map_err(|error| migrate_error(error, &self.inner.table, false))?;
+        let existing = self.existing(&mut connection).await.ok();
+        if let Some(existing) = existing.as_ref().filter(|existing| existing.is_table()) {
+            self.check_columns(&existing.columns)?;
+            if existing.indexed {
+                return self.check_privileges(existing);
+            }
+        }
+        let table_exists = existing.is_some_and(|existing| existing.is_table());
+        self.create(&mut connection, table_exists).await
+    }
+
+    /// The SQL [`migrate`](Self::migrate) runs to create `table` (as
+    /// given to [`PostgresStoreBuilder::table`]) and its index, for
+    /// migrations run apart from the service, by a role that may create
+    /// tables. The service's role then needs only `SELECT`, `INSERT`,
+    /// `UPDATE` and `DELETE` on the table (and `USAGE` on its schema).
+    ///
+    /// ```
+    /// use idempotent_core::store::PostgresStore;
+    ///
+    /// let sql = PostgresStore::migration_sql("app.idempotency")?;
+    /// assert!(sql.starts_with("CREATE TABLE IF NOT EXISTS \"app\".\"idempotency\" ("));
+    /// # Ok::<(), idempotent_core::store::InvalidTableName>(())
+    /// ```
+    ///
+    /// # Errors
+    /// The table name is one [`PostgresStoreBuilder::build`] refuses.
+    pub fn migration_sql(table: &str) -> Result<String, InvalidTableName> {
+        sql::check_table_name(table, is_temporary_schema)?;
+        Ok(schema_for(table))
+    }
+
+    /// The table as it is: its columns, whether an index is led by
+    /// `expires_at`, and which of the privileges the statements need the
+    /// role lacks on it. The catalogs are readable by every role.
+    async fn existing(&self, connection: &mut Leased) -> Result<Existing, sqlx::Error> {
+        // The name is a checked identifier, safe in a string literal.
+        // Any index led by `expires_at` serves the purge, whatever its
+        // name, so one made by a migration tool of its own counts.
+        let inspect = format!(
+            "SELECT
+               ARRAY(SELECT attname::text FROM pg_attribute
+                     WHERE attrelid = t.oid AND attnum > 0 AND NOT attisdropped ORDER BY attnum),
+               ARRAY(SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+                     WHERE attrelid = t.oid AND attnum > 0 AND NOT attisdropped ORDER BY attnum),
+               EXISTS (SELECT FROM pg_index i
+                       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                       WHERE i.indrelid = t.oid AND a.attname = 'expires_at'),
+               ARRAY(SELECT p FROM unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE']) AS p
+                     WHERE NOT has_table_privilege(t.oid, p)),
+               current_user::text
+             FROM (SELECT to_regclass('{quoted}') AS oid) AS t",
+            quoted = sql::quoted(&self.inner.table)
+        );
+        let (names, types, indexed, missing, role): (Vec<String>, Vec<String>, bool, _, _) =
+            sqlx::query_as(&inspect)
+                .fetch_one(&mut **connection)
+                .await?;
+        Ok(Existing {
+            columns: names.into_iter().zip(types).collect(),
+            indexed,
+            missing,
+            role,
+        })
+    }
+
+    /// Refuses a role that lacks privileges the statements need on an
+    /// existing table: every request would fail on them.
+    fn check_privileges(&self, existing: &Existing) -> Result<(), StoreError> {
+        if existing.missing.is_empty() {
+            return Ok(());
+        }
+        Err(StoreError::backend(TableNotPermitted {
+            table: self.inner.table.clone(),
+            role: existing.role.clone(),
+            missing: existing.missing.join(", "),
+        }))
+    }
+
+    /// Runs the schema's `CREATE` statements (only the index's when the
+    /// table exists), then refuses a table of another shape.
+    async fn create(&self, connection: &mut Leased, table_exists: bool) -> Result<(), StoreError> {
         let inner = &self.inner;
-        // The index name contains the default table name: swap it out first.
-        let schema = SCHEMA
-            .replace(&index_name(DEFAULT_TABLE), "\u{0}")
-            .replace(DEFAULT_TABLE, &sql::quoted(&inner.table))
-            .replace('\u{0}', &sql::quoted(&index_name(&inner.table)));
+        let mut schema = schema_for(&inner.table);
+        if table_exists {
+            // A role that owns the table may lack `CREATE` on its schema.
+            schema = schema
+                .find("CREATE INDEX")
+                .map_or(schema.clone(), |start| schema[start..].to_owned());
+        }
         // A table of the same name made by something else is kept by `IF
         // NOT EXISTS`: the script ends by reading the table's columns (the
         // name is a checked identifier, safe in a string literal), in the
@@ -369,15 +471,16 @@ impl PostgresStore {
             "SELECT pg_advisory_xact_lock(hashtext('idempotent:{table}'));\n{schema}\n{columns};",
             table = sql::base_name(&inner.table).to_ascii_lowercase()
         );
-        let pool = inner.connections.pool();
-        match sqlx::raw_sql(&script).fetch_all(pool).await {
+        // Through the connection's own `fetch_all`: `RawSql::fetch_all`
+        // on a borrowed connection makes the future not `Send`.
+        match connection.fetch_all(sqlx::raw_sql(&script)).await {
             Ok(rows) => self.check_columns(&columns_of(&rows)),
             Err(error) => {
                 // Its index fails on a column such a table lacks: what
                 // the table lacks is then the error to tell.
-                let found = sqlx::query_as(&columns).fetch_all(pool).await;
+                let found = sqlx::query_as(&columns).fetch_all(&mut **connection).await;
                 self.check_columns(&found.unwrap_or_default())?;
-                Err(migrate_error(error, &inner.table))
+                Err(migrate_error(error, &inner.table, table_exists))
             }
         }
     }
@@ -559,10 +662,15 @@ const COLUMNS: &[(&str, &str)] = &[
 ];
 
 /// Why [`PostgresStore::migrate`] failed, with what to do about it.
-fn migrate_error(error: sqlx::Error, table: &str) -> StoreError {
+/// `table_exists`: the table was there, and only its index was to be
+/// created.
+fn migrate_error(error: sqlx::Error, table: &str, table_exists: bool) -> StoreError {
     let code = error.as_database_error().and_then(|error| error.code());
     let schema = table.split_once('.').map_or("public", |(schema, _)| schema);
     let hint = match code.as_deref() {
+        Some("42501") if table_exists => format!(
+            "the table `{table}` has no index on `expires_at`, which only its owner may create: run the `CREATE INDEX` statement of `PostgresStore::migration_sql(\"{table}\")` as the table's owner"
+        ),
         Some("42501") => format!(
             "the role may not create the table `{table}`: grant it CREATE on the schema (`GRANT CREATE ON SCHEMA {schema} TO ...`), or run `PostgresStore::migrate()` as a role that may and grant this one SELECT, INSERT, UPDATE and DELETE on the table"
         ),
@@ -572,6 +680,46 @@ fn migrate_error(error: sqlx::Error, table: &str) -> StoreError {
         _ => return statement_error(error),
     };
     Explained::store_error(error, hint)
+}
+
+/// [`SCHEMA`] for `table`, a checked name.
+fn schema_for(table: &str) -> String {
+    // The index name contains the default table name: swap it out first.
+    SCHEMA
+        .replace(&index_name(DEFAULT_TABLE), "\u{0}")
+        .replace(DEFAULT_TABLE, &sql::quoted(table))
+        .replace('\u{0}', &sql::quoted(&index_name(table)))
+}
+
+/// What [`PostgresStore::migrate`] found of its table.
+struct Existing {
+    /// `(name, type)`; none when there is no table.
+    columns: Vec<(String, String)>,
+    /// Whether an index is led by `expires_at`.
+    indexed: bool,
+    /// The privileges among `SELECT`, `INSERT`, `UPDATE` and `DELETE`
+    /// that the role lacks on the table.
+    missing: Vec<String>,
+    /// The role connected.
+    role: String,
+}
+
+impl Existing {
+    fn is_table(&self) -> bool {
+        !self.columns.is_empty()
+    }
+}
+
+/// The store's table exists, and the role lacks privileges every request
+/// needs on it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the role `{role}` may not use the table `{table}` (it lacks {missing}): grant it the rows' privileges as the table's owner (`GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {role}`)"
+)]
+struct TableNotPermitted {
+    table: String,
+    role: String,
+    missing: String,
 }
 
 fn index_name(table: &str) -> String {
