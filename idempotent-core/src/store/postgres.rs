@@ -433,7 +433,7 @@ impl PostgresStore {
         }
         Err(StoreError::backend(TableNotPermitted {
             table: self.inner.table.clone(),
-            role: existing.role.clone(),
+            role: role_identifier(&existing.role),
             missing: existing.missing.join(", "),
         }))
     }
@@ -720,6 +720,21 @@ struct TableNotPermitted {
     table: String,
     role: String,
     missing: String,
+}
+
+/// `role` as it must be written in SQL: as it is when PostgreSQL would
+/// read it back unchanged (lowercase letters, digits, underscores), else
+/// quoted, so that a suggested `GRANT` names this role and no other.
+fn role_identifier(role: &str) -> String {
+    let plain = role.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && role
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if plain {
+        role.to_owned()
+    } else {
+        format!("\"{}\"", role.replace('"', "\"\""))
+    }
 }
 
 fn index_name(table: &str) -> String {
@@ -1088,6 +1103,16 @@ impl ResponseColumns {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_role_name_postgresql_would_fold_or_split_is_quoted_in_a_grant() {
+        assert_eq!(role_identifier("app_rw2"), "app_rw2");
+        assert_eq!(role_identifier("App"), "\"App\"");
+        assert_eq!(role_identifier("svc-payments"), "\"svc-payments\"");
+        assert_eq!(role_identifier("2fa"), "\"2fa\"");
+        assert_eq!(role_identifier("we\"ird"), "\"we\"\"ird\"");
+    }
+
     use proptest::prelude::*;
 
     use super::*;
