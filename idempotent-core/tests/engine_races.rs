@@ -4,8 +4,8 @@
 //! request dropped meanwhile), and the overlapping renewals of a running
 //! handler that answer late, out of order or never.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -22,6 +22,10 @@ use serde_json::{Value, json};
 use tokio::sync::{Notify, Semaphore};
 use tower::ServiceExt;
 
+#[path = "support/events.rs"]
+mod events;
+use events::Events;
+
 /// A clock that follows tokio's paused clock, so leases lapse as the test
 /// sleeps.
 #[derive(Debug, Clone)]
@@ -37,54 +41,6 @@ fn memory_on_tokio_time() -> MemoryStore {
     MemoryStore::builder()
         .clock(TokioClock(tokio::time::Instant::now()))
         .build()
-}
-
-/// The events at info level or above: their level and message.
-#[derive(Clone, Default)]
-struct Events(Arc<Mutex<Vec<(tracing::Level, String)>>>);
-
-impl Events {
-    /// Records the events logged on this thread (the whole runtime of a
-    /// current-thread test) until the guard is dropped.
-    fn record(&self) -> tracing::subscriber::DefaultGuard {
-        tracing::subscriber::set_default(self.clone())
-    }
-
-    /// The messages logged at `level` or above (more severe).
-    fn at_least(&self, level: tracing::Level) -> Vec<String> {
-        let events = self.0.lock().unwrap();
-        let severe = events.iter().filter(|(logged, _)| *logged <= level);
-        severe.map(|(_, message)| message.clone()).collect()
-    }
-}
-
-struct Message(String);
-
-impl tracing::field::Visit for Message {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "message" {
-            self.0 = format!("{value:?}");
-        }
-    }
-}
-
-impl tracing::Subscriber for Events {
-    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
-        *metadata.level() <= tracing::Level::INFO
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, event: &tracing::Event<'_>) {
-        let mut message = Message(String::new());
-        event.record(&mut message);
-        let level = *event.metadata().level();
-        self.0.lock().unwrap().push((level, message.0));
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
 }
 
 /// The handler: counts its runs, waits at `gate` if it has one, answers
@@ -695,8 +651,7 @@ async fn a_request_dropped_while_its_late_claim_is_confirmed_lets_the_key_go() {
 /// reads one event that says so, not two.
 #[tokio::test(start_paused = true)]
 async fn a_late_claim_whose_renewal_hangs_is_refused_with_one_event() {
-    let events = Events::default();
-    let _recording = events.record();
+    let (events, _recording) = Events::on_this_thread();
     let store = LateStore::new()
         .with_claims(Timing::AnsweredLate {
             nth: 0,
@@ -710,7 +665,7 @@ async fn a_late_claim_whose_renewal_hangs_is_refused_with_one_event() {
 
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(handler.runs(), 0);
-    let warned = events.at_least(tracing::Level::WARN);
+    let warned = events.messages_at_least(tracing::Level::WARN);
     assert_eq!(warned.len(), 1, "one refusal, logged as: {warned:?}");
 }
 
@@ -722,8 +677,7 @@ async fn a_late_claim_whose_renewal_hangs_is_refused_with_one_event() {
 /// lease: no outage, nothing for the operator to look at.
 #[tokio::test(start_paused = true)]
 async fn a_renewal_outrun_by_a_later_one_warns_of_no_outage() {
-    let events = Events::default();
-    let _recording = events.record();
+    let (events, _recording) = Events::on_this_thread();
     let store = LateStore::new().with_renewals(Timing::Hangs { nth: 0 });
     let handler = Handler::gated(StatusCode::CREATED);
     let app = app_with_a_one_second_lease(store, &handler, false);
@@ -734,7 +688,7 @@ async fn a_renewal_outrun_by_a_later_one_warns_of_no_outage() {
     handler.gate.add_permits(1);
 
     assert_eq!(first.await.unwrap(), (StatusCode::CREATED, false, json!(1)));
-    let logged = events.at_least(tracing::Level::INFO);
+    let logged = events.messages_at_least(tracing::Level::INFO);
     assert!(
         logged.is_empty(),
         "a renewal outrun by a later one was logged: {logged:?}"
@@ -798,22 +752,21 @@ async fn renewals_missed_while_the_runtime_stalled_are_not_all_sent_at_once() {
 /// could be renewed, and why, once.
 #[tokio::test(start_paused = true)]
 async fn a_lease_that_lapsed_while_the_runtime_stalled_is_told_once() {
-    let events = Events::default();
-    let _recording = events.record();
+    let (events, _recording) = Events::on_this_thread();
     let store = LateStore::over(MemoryStore::new());
     let handler = Handler::gated(StatusCode::CREATED);
     let app = app_with_a_one_second_lease(store, &handler, false);
     let first = spawn_send(&app, "k");
     handler.started.notified().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(events.at_least(tracing::Level::WARN).is_empty());
+    assert!(events.messages_at_least(tracing::Level::WARN).is_empty());
 
     tokio::time::advance(Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     handler.gate.add_permits(1);
 
     assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
-    let told = events.at_least(tracing::Level::WARN);
+    let told = events.messages_at_least(tracing::Level::WARN);
     assert_eq!(told.len(), 1, "{told:?}");
     assert!(
         told[0].contains("lapsed before it could be renewed")
@@ -841,15 +794,14 @@ async fn holds_the_thread(idem: IdempotentRequest, Json(input): Json<Value>) -> 
 /// ever sent, and the operator is told so, and why, once.
 #[tokio::test]
 async fn a_lease_that_lapsed_before_its_renewals_started_is_told_once() {
-    let events = Events::default();
-    let _recording = events.record();
+    let (events, _recording) = Events::on_this_thread();
     let app = Router::new()
         .route("/pay", post(holds_the_thread))
         .layer(Idempotency::new(MemoryStore::new()));
 
     assert_eq!(send(&app).await.0, StatusCode::CREATED);
 
-    let told = events.at_least(tracing::Level::WARN);
+    let told = events.messages_at_least(tracing::Level::WARN);
     assert_eq!(told.len(), 1, "{told:?}");
     assert!(
         told[0].contains("lapsed before it could be renewed"),
@@ -883,8 +835,7 @@ async fn holds_the_thread_once_renewed(
 /// sent in time, and the operator is told so, and why, once.
 #[tokio::test]
 async fn a_lease_that_lapsed_after_its_renewals_started_is_told_once() {
-    let events = Events::default();
-    let _recording = events.record();
+    let (events, _recording) = Events::on_this_thread();
     let store = LateStore::over(MemoryStore::new());
     let app = Router::new()
         .route("/pay", post(holds_the_thread_once_renewed))
@@ -893,7 +844,7 @@ async fn a_lease_that_lapsed_after_its_renewals_started_is_told_once() {
 
     assert_eq!(send(&app).await.0, StatusCode::CREATED);
 
-    let told = events.at_least(tracing::Level::WARN);
+    let told = events.messages_at_least(tracing::Level::WARN);
     assert_eq!(told.len(), 1, "{told:?}");
     assert!(
         told[0].contains("lapsed before it could be renewed"),

@@ -7,8 +7,6 @@
 //! runs them.
 #![cfg(feature = "test-util")]
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -27,88 +25,14 @@ use idempotent_core::{
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
+#[path = "support/events.rs"]
+mod events;
+use events::{Events, Logged};
+
 const API_KEY: &str = "sk_live_SECRETAPIKEY";
 const IDEMPOTENCY_KEY: &str = "order-SECRETKEY";
 const REQUEST_SECRET: &str = "SECRETBODY";
 const RESPONSE_SECRET: &str = "SECRETRESPONSE";
-
-/// One logged event: its level, message and fields.
-#[derive(Debug, Clone)]
-struct Logged {
-    level: tracing::Level,
-    fields: BTreeMap<String, String>,
-}
-
-impl Logged {
-    fn field(&self, name: &str) -> Option<&str> {
-        self.fields.get(name).map(String::as_str)
-    }
-}
-
-#[derive(Default)]
-struct Fields(BTreeMap<String, String>);
-
-impl tracing::field::Visit for Fields {
-    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        self.0.insert(field.name().to_owned(), value.to_owned());
-    }
-
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.0.insert(field.name().to_owned(), format!("{value:?}"));
-    }
-}
-
-/// Every event at every level, and every span's fields, so that nothing
-/// secret can hide in a level the test does not look at.
-#[derive(Default)]
-struct Recorder {
-    events: Mutex<Vec<Logged>>,
-    spans: Mutex<Vec<BTreeMap<String, String>>>,
-}
-
-impl Recorder {
-    /// The events at `INFO` or above since the last call.
-    fn take(&self) -> Vec<Logged> {
-        let events = std::mem::take(&mut *self.events.lock().unwrap());
-        events
-            .into_iter()
-            .filter(|event| event.level <= tracing::Level::INFO)
-            .collect()
-    }
-
-    /// Everything logged so far, events and span fields, as text.
-    fn everything(&self) -> String {
-        format!(
-            "{:?} {:?}",
-            self.events.lock().unwrap(),
-            self.spans.lock().unwrap()
-        )
-    }
-}
-
-impl tracing::Subscriber for Recorder {
-    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, span: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        let mut fields = Fields::default();
-        span.record(&mut fields);
-        let mut spans = self.spans.lock().unwrap();
-        spans.push(fields.0);
-        tracing::span::Id::from_u64(spans.len() as u64)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, event: &tracing::Event<'_>) {
-        let mut fields = Fields::default();
-        event.record(&mut fields);
-        let level = *event.metadata().level();
-        let fields = fields.0;
-        self.events.lock().unwrap().push(Logged { level, fields });
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
-}
 
 /// Answers 201 with a secret in its body, or `status` if the request asks.
 async fn pay(
@@ -172,8 +96,8 @@ fn body() -> Value {
 /// The one event at `INFO` or above logged since the last look: at
 /// `level`, with `outcome`, naming the endpoint and the key.
 #[track_caller]
-fn one_event(recorder: &Recorder, level: tracing::Level, outcome: &str) -> Logged {
-    let events = recorder.take();
+fn one_event(recorder: &Events, level: tracing::Level, outcome: &str) -> Logged {
+    let events = recorder.take_at_least(tracing::Level::INFO);
     assert_eq!(events.len(), 1, "one event for `{outcome}`: {events:#?}");
     let event = events.into_iter().next().unwrap();
     assert_eq!(event.level, level, "{event:#?}");
@@ -218,8 +142,7 @@ impl Store for Corrupt {
 /// One test: the subscriber is the process's global one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_outcome_tells_the_operator_what_and_where_and_nothing_secret() {
-    let recorder = Arc::new(Recorder::default());
-    tracing::subscriber::set_global_default(recorder.clone()).expect("the only subscriber");
+    let recorder = events::events();
     let endpoint = Endpoint::new("pay");
 
     // First execution and replay: debug only, nothing at INFO.
@@ -229,7 +152,11 @@ async fn every_outcome_tells_the_operator_what_and_where_and_nothing_secret() {
         let status = send(&service, request("/pay", Some(IDEMPOTENCY_KEY), &body())).await;
         assert_eq!(status, StatusCode::CREATED);
     }
-    assert_eq!(recorder.take().len(), 0, "executed and replayed are debug");
+    assert_eq!(
+        recorder.take_at_least(tracing::Level::INFO).len(),
+        0,
+        "executed and replayed are debug"
+    );
 
     // A client's own mistakes: info at most.
     let mismatch = json!({"amount": 2, "note": REQUEST_SECRET});
@@ -244,7 +171,7 @@ async fn every_outcome_tells_the_operator_what_and_where_and_nothing_secret() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let status = send(&service, request("/pay", Some(" "), &body())).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    let events = recorder.take();
+    let events = recorder.take_at_least(tracing::Level::INFO);
     assert!(
         events.iter().all(|e| e.level > tracing::Level::WARN),
         "{events:#?}"
@@ -301,7 +228,7 @@ async fn every_outcome_tells_the_operator_what_and_where_and_nothing_secret() {
     }
     let status = send(&service, request("/pay", Some("k-502b"), &failing)).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
-    let events = recorder.take();
+    let events = recorder.take_at_least(tracing::Level::INFO);
     let warnings = events.iter().filter(|e| e.level == tracing::Level::WARN);
     assert!(
         warnings.clone().all(|e| e.field("key").is_some()),
@@ -324,7 +251,7 @@ async fn every_outcome_tells_the_operator_what_and_where_and_nothing_secret() {
     let small_service = app(idempotency, endpoint);
     let status = send(&small_service, request("/pay", Some("k-big"), &body())).await;
     assert_eq!(status, StatusCode::CREATED);
-    let events = recorder.take();
+    let events = recorder.take_at_least(tracing::Level::INFO);
     let warning = events.iter().find(|e| e.level == tracing::Level::WARN);
     let warning = warning.unwrap_or_else(|| panic!("{events:#?}"));
     assert_eq!(warning.field("endpoint"), Some("pay"), "{events:#?}");
@@ -375,7 +302,7 @@ async fn every_outcome_tells_the_operator_what_and_where_and_nothing_secret() {
         running.await.unwrap().unwrap().status(),
         StatusCode::CREATED
     );
-    let events = recorder.take();
+    let events = recorder.take_at_least(tracing::Level::INFO);
     let levels: Vec<_> = events.iter().map(|e| e.level).collect();
     let expected = [
         tracing::Level::WARN,
@@ -393,7 +320,7 @@ async fn every_outcome_tells_the_operator_what_and_where_and_nothing_secret() {
     )
     .await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-    let events = recorder.take();
+    let events = recorder.take_at_least(tracing::Level::INFO);
     assert_eq!(events.len(), 1, "{events:#?}");
     assert_eq!(events[0].level, tracing::Level::ERROR);
     assert_eq!(events[0].field("endpoint"), Some("pay"), "{events:#?}");
@@ -407,7 +334,7 @@ async fn every_outcome_tells_the_operator_what_and_where_and_nothing_secret() {
         .layer(Idempotency::new(MemoryStore::new()));
     let status = send(&layered, request("/pay", Some("k-custom"), &body())).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-    let events = recorder.take();
+    let events = recorder.take_at_least(tracing::Level::INFO);
     assert_eq!(
         events.len(),
         1,
@@ -419,7 +346,7 @@ async fn every_outcome_tells_the_operator_what_and_where_and_nothing_secret() {
     let unlayered = Router::new().route("/pay", post(pay)).with_state(endpoint);
     let status = send(&unlayered, request("/pay", Some("k-nolayer"), &body())).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-    let events = recorder.take();
+    let events = recorder.take_at_least(tracing::Level::INFO);
     assert_eq!(events.len(), 1, "{events:#?}");
     assert_eq!(events[0].level, tracing::Level::ERROR);
     assert_eq!(events[0].field("path"), Some("/pay"), "{events:#?}");

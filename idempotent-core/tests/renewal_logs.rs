@@ -4,8 +4,8 @@
 //! that records the events is global, since the renewal task logs from
 //! whichever worker runs it.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -19,6 +19,10 @@ use idempotent_core::store::{MemoryStore, Store, StoreError};
 use idempotent_core::{Endpoint, Fingerprint, Idempotency, IdempotentRequest};
 use serde_json::{Value, json};
 use tower::ServiceExt;
+
+#[path = "support/events.rs"]
+mod events;
+use events::Events;
 
 /// A memory store whose renewals hold their thread for 400 ms, as a
 /// renewal whose reply is on its way while the record is stored.
@@ -64,42 +68,6 @@ impl Store for SlowRenewals {
     }
 }
 
-/// The `outcome` of every event.
-#[derive(Default)]
-struct Outcomes(Mutex<Vec<String>>);
-
-struct OutcomeField(Option<String>);
-
-impl tracing::field::Visit for OutcomeField {
-    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        if field.name() == "outcome" {
-            self.0 = Some(value.to_owned());
-        }
-    }
-
-    fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
-}
-
-impl tracing::Subscriber for Outcomes {
-    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, event: &tracing::Event<'_>) {
-        let mut field = OutcomeField(None);
-        event.record(&mut field);
-        if let Some(outcome) = field.0 {
-            self.0.lock().unwrap().push(outcome);
-        }
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
-}
-
 /// Answers `status` after 600 ms, while the first renewal (due at 500 ms
 /// of a 1.5 s lease) holds its thread until 900 ms.
 async fn pay(
@@ -118,16 +86,15 @@ async fn pay(
 /// One test for both cases: the subscriber is the process's global one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_renewal_that_meets_its_own_settled_claim_reports_no_lost_lease() {
-    let outcomes = Arc::new(Outcomes::default());
-    tracing::subscriber::set_global_default(outcomes.clone()).expect("the only subscriber");
+    let events = events::events();
     // The record is stored while the renewal is under way.
-    let logged = overlapping_renewal(&outcomes, StatusCode::CREATED).await;
+    let logged = overlapping_renewal(&events, StatusCode::CREATED).await;
     assert!(
         !logged.iter().any(|outcome| outcome == "lease_lost"),
         "a stored record was reported as a lost lease: {logged:?}"
     );
     // The key is released (a status that is not final) while it is.
-    let logged = overlapping_renewal(&outcomes, StatusCode::SERVICE_UNAVAILABLE).await;
+    let logged = overlapping_renewal(&events, StatusCode::SERVICE_UNAVAILABLE).await;
     assert!(
         !logged.iter().any(|outcome| outcome == "lease_lost"),
         "a released key was reported as a lost lease: {logged:?}"
@@ -136,8 +103,8 @@ async fn a_renewal_that_meets_its_own_settled_claim_reports_no_lost_lease() {
 
 /// Runs one request answering `status` while its first renewal is under
 /// way; the outcomes it logged.
-async fn overlapping_renewal(outcomes: &Outcomes, status: StatusCode) -> Vec<String> {
-    outcomes.0.lock().unwrap().clear();
+async fn overlapping_renewal(events: &Events, status: StatusCode) -> Vec<String> {
+    events.take_at_least(tracing::Level::TRACE);
     let store = SlowRenewals::default();
     let renewals = store.renewals.clone();
     let endpoint = Endpoint::new("pay").lease(Duration::from_millis(1_500));
@@ -156,5 +123,7 @@ async fn overlapping_renewal(outcomes: &Outcomes, status: StatusCode) -> Vec<Str
     // The renewal under way when the record was settled finishes.
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(renewals.load(Ordering::SeqCst), 1, "one renewal overlapped");
-    outcomes.0.lock().unwrap().clone()
+    let logged = events.take_at_least(tracing::Level::TRACE);
+    let outcomes = logged.iter().filter_map(|event| event.field("outcome"));
+    outcomes.map(str::to_owned).collect()
 }

@@ -6,13 +6,13 @@
 //! streams) or pass `max_body_bytes`.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
+use axum::handler::Handler;
 use axum::http::{Request, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -95,15 +95,33 @@ async fn gated_plain(State(gate): State<Gate>, Json(c): Json<Charge>) -> (Status
 
 const LAYERED: Endpoint = Endpoint::new("layered").scope(Scope::Global);
 
-/// `/attribute` and `/layer`, the same gated handler made idempotent
-/// each way, on `idempotency`.
-fn gated_app(gate: &Gate, idempotency: &Idempotency) -> Router {
-    let layer = IdempotentLayer::new(LAYERED);
+/// `/attribute` and `/layer`, one handler made idempotent each way: by the
+/// attribute, and as `plain` under an `IdempotentLayer` of `LAYERED`; on
+/// `state`, behind `idempotency`.
+fn both_ways<S: Clone + Send + Sync + 'static, A: 'static, P: 'static>(
+    by_attribute: impl Handler<A, S>,
+    plain: impl Handler<P, S>,
+    state: S,
+    idempotency: Idempotency,
+) -> Router {
     Router::new()
-        .route("/attribute", post(gated_by_attribute))
-        .route("/layer", post(gated_plain).route_layer(layer))
-        .with_state(gate.clone())
-        .layer(idempotency.clone())
+        .route("/attribute", post(by_attribute))
+        .route(
+            "/layer",
+            post(plain).route_layer(IdempotentLayer::new(LAYERED)),
+        )
+        .with_state(state)
+        .layer(idempotency)
+}
+
+/// The gated handler made idempotent each way, on `idempotency`.
+fn gated_app(gate: &Gate, idempotency: &Idempotency) -> Router {
+    both_ways(
+        gated_by_attribute,
+        gated_plain,
+        gate.clone(),
+        idempotency.clone(),
+    )
 }
 
 fn post_json(uri: &str, key: &str, body: &str) -> Request<Body> {
@@ -156,14 +174,16 @@ async fn read_until(stream: &mut TcpStream, wanted: &str) -> String {
 // ===== a client that goes away =====
 
 /// The server on a port of its own, with a graceful shutdown that starts
-/// when `stop` is sent.
-fn serve(
+/// when `stop` is sent, and a client connected to it.
+async fn serve(
     app: Router,
-    listener: tokio::net::TcpListener,
 ) -> (
+    TcpStream,
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<()>,
 ) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -171,13 +191,7 @@ fn serve(
             .await
             .unwrap();
     });
-    (stop, server)
-}
-
-async fn listen() -> (tokio::net::TcpListener, SocketAddr) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    (listener, addr)
+    (TcpStream::connect(addr).await.unwrap(), stop, server)
 }
 
 /// A client sends its request and hangs up while the handler runs; the
@@ -189,10 +203,8 @@ async fn a_run_whose_client_hung_up_is_stored_by_drain(uri: &str) {
     let gate = Gate::default();
     let idempotency = Idempotency::new(MemoryStore::new());
     let app = gated_app(&gate, &idempotency);
-    let (listener, addr) = listen().await;
-    let (stop, server) = serve(app.clone(), listener);
+    let (mut client, stop, server) = serve(app.clone()).await;
     let body = r#"{"amount":7}"#;
-    let mut client = TcpStream::connect(addr).await.unwrap();
     let request = format!("{}{body}", head(uri, "k", body.len()));
     client.write_all(request.as_bytes()).await.unwrap();
     gate.until_started().await;
@@ -235,10 +247,8 @@ async fn a_body_cut_short_claims_nothing(uri: &str) {
     gate.open.add_permits(10);
     let store = MockStore::new();
     let app = gated_app(&gate, &store.layer());
-    let (listener, addr) = listen().await;
-    let (_stop, _server) = serve(app.clone(), listener);
+    let (mut client, _stop, _server) = serve(app.clone()).await;
     let body = r#"{"amount":7}"#;
-    let mut client = TcpStream::connect(addr).await.unwrap();
     let request = format!("{}{}", head(uri, "k", body.len()), &body[..5]);
     client.write_all(request.as_bytes()).await.unwrap();
     client.shutdown().await.unwrap();
@@ -298,14 +308,12 @@ fn answering(runs: &AtomicUsize, status: u16) -> StatusCode {
 async fn statuses_that_are_not_final_release_the_key_for_both_ways() {
     let runs = Arc::new(AtomicUsize::new(0));
     let store = MockStore::new();
-    let app = Router::new()
-        .route("/attribute", post(answering_by_attribute))
-        .route(
-            "/layer",
-            post(answering_plain).route_layer(IdempotentLayer::new(LAYERED)),
-        )
-        .with_state(runs.clone())
-        .layer(store.layer());
+    let app = both_ways(
+        answering_by_attribute,
+        answering_plain,
+        runs.clone(),
+        store.layer(),
+    );
     let released = [405, 408, 409, 413, 415, 423, 425, 429, 500, 502, 503, 504];
     for (i, status) in released.into_iter().enumerate() {
         for uri in ["/attribute", "/layer"] {
@@ -365,18 +373,14 @@ async fn events_plain(State(runs): State<Arc<AtomicUsize>>, Json(_c): Json<Charg
 async fn an_event_stream_is_sent_as_it_comes_and_not_run_again(uri: &str) {
     let runs = Arc::new(AtomicUsize::new(0));
     let idempotency = Idempotency::new(MemoryStore::new());
-    let app = Router::new()
-        .route("/attribute", post(events_by_attribute))
-        .route(
-            "/layer",
-            post(events_plain).route_layer(IdempotentLayer::new(LAYERED)),
-        )
-        .with_state(runs.clone())
-        .layer(idempotency.clone());
-    let (listener, addr) = listen().await;
-    let (_stop, _server) = serve(app.clone(), listener);
+    let app = both_ways(
+        events_by_attribute,
+        events_plain,
+        runs.clone(),
+        idempotency.clone(),
+    );
+    let (mut client, _stop, _server) = serve(app.clone()).await;
     let body = r#"{"amount":7}"#;
-    let mut client = TcpStream::connect(addr).await.unwrap();
     let request = format!("{}{body}", head(uri, "k", body.len()));
     client.write_all(request.as_bytes()).await.unwrap();
     let received = read_until(&mut client, "data: run 1").await;
@@ -582,18 +586,14 @@ async fn panicking_plain(State(runs): State<Arc<AtomicUsize>>, Json(_c): Json<Ch
 /// retry runs, and the one after it replays that run.
 async fn a_body_that_panics_releases_the_key(uri: &str) {
     let runs = Arc::new(AtomicUsize::new(0));
-    let app = Router::new()
-        .route("/attribute", post(panicking_by_attribute))
-        .route(
-            "/layer",
-            post(panicking_plain).route_layer(IdempotentLayer::new(LAYERED)),
-        )
-        .with_state(runs.clone())
-        .layer(Idempotency::new(MemoryStore::new()));
-    let (listener, addr) = listen().await;
-    let (_stop, _server) = serve(app.clone(), listener);
+    let app = both_ways(
+        panicking_by_attribute,
+        panicking_plain,
+        runs.clone(),
+        Idempotency::new(MemoryStore::new()),
+    );
+    let (mut client, _stop, _server) = serve(app.clone()).await;
     let body = r#"{"amount":7}"#;
-    let mut client = TcpStream::connect(addr).await.unwrap();
     let request = format!("{}{body}", head(uri, "k", body.len()));
     client.write_all(request.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
@@ -636,14 +636,12 @@ async fn large_by_attribute(State(runs): State<Arc<AtomicUsize>>, Json(c): Json<
 #[tokio::test]
 async fn a_body_over_max_body_bytes_is_sent_whole_once_and_never_run_again() {
     let runs = Arc::new(AtomicUsize::new(0));
-    let app = Router::new()
-        .route("/attribute", post(large_by_attribute))
-        .route(
-            "/layer",
-            post(large_plain).route_layer(IdempotentLayer::new(LAYERED)),
-        )
-        .with_state(runs.clone())
-        .layer(Idempotency::new(MemoryStore::new()));
+    let app = both_ways(
+        large_by_attribute,
+        large_plain,
+        runs.clone(),
+        Idempotency::new(MemoryStore::new()),
+    );
     let body = r#"{"amount":7}"#;
     for (i, uri) in ["/attribute", "/layer"].into_iter().enumerate() {
         let (status, replayed, first) = send(&app, post_json(uri, uri, body)).await;

@@ -50,6 +50,7 @@ use rand::{Rng, SeedableRng};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgConnectOptions, PgPool};
+use store_support::logs::events;
 use store_support::{backend_url, unique_name};
 use tower::ServiceExt;
 
@@ -358,75 +359,29 @@ impl Log {
 
 // ===== what the library logs, and panics =====
 
-/// Warnings and errors the library logged, by outcome and message.
-static EVENTS: LazyLock<Mutex<BTreeMap<String, usize>>> = LazyLock::new(Mutex::default);
 /// Panics other than the handlers' own.
 static PANICS: LazyLock<Mutex<Vec<String>>> = LazyLock::new(Mutex::default);
 
-struct Events;
-
-#[derive(Default)]
-struct Fields {
-    outcome: Option<String>,
-    message: Option<String>,
-}
-
-impl tracing::field::Visit for Fields {
-    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        match field.name() {
-            "outcome" => self.outcome = Some(value.to_owned()),
-            "message" => self.message = Some(value.to_owned()),
-            _ => {}
-        }
+/// The warnings and errors the library logged since the last call, counted
+/// by level, outcome and message.
+fn library_warnings() -> BTreeMap<String, usize> {
+    let mut counted = BTreeMap::new();
+    let logged = events().take_at_least(tracing::Level::WARN);
+    for event in logged
+        .iter()
+        .filter(|event| event.target.starts_with("idempotent_core"))
+    {
+        let outcome = event.field("outcome").unwrap_or("-");
+        let name = format!("{} {outcome}: {}", event.level, event.message());
+        *counted.entry(name).or_default() += 1;
     }
-
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        match field.name() {
-            "outcome" => self.outcome = Some(format!("{value:?}")),
-            "message" => self.message = Some(format!("{value:?}")),
-            _ => {}
-        }
-    }
-}
-
-impl tracing::Subscriber for Events {
-    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
-        *metadata.level() <= tracing::Level::WARN
-    }
-
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-
-    fn event(&self, event: &tracing::Event<'_>) {
-        let metadata = event.metadata();
-        if !metadata.target().starts_with("idempotent_core") {
-            return;
-        }
-        let mut fields = Fields::default();
-        event.record(&mut fields);
-        let name = format!(
-            "{} {}: {}",
-            metadata.level(),
-            fields.outcome.as_deref().unwrap_or("-"),
-            fields.message.as_deref().unwrap_or("")
-        );
-        *lock(&EVENTS).entry(name).or_default() += 1;
-    }
-
-    fn enter(&self, _: &tracing::span::Id) {}
-
-    fn exit(&self, _: &tracing::span::Id) {}
+    counted
 }
 
 fn watch_events_and_panics() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        let _ = tracing::subscriber::set_global_default(Events);
+        events();
         let default = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             let message = panic_message(info.payload());
@@ -441,7 +396,7 @@ fn watch_events_and_panics() {
             default(info);
         }));
     });
-    lock(&EVENTS).clear();
+    library_warnings(); // forgets what an earlier case logged
     lock(&PANICS).clear();
 }
 
@@ -976,7 +931,7 @@ async fn run(
         executions: execs.len(),
         statuses,
         faults,
-        events: lock(&EVENTS).clone(),
+        events: library_warnings(),
         slowest_settle,
         violations,
     }

@@ -112,6 +112,15 @@ fn errors_about(events: &Events, key: &str) -> Vec<Logged> {
         .collect()
 }
 
+/// Fails unless no error was logged about any of `keys`.
+#[track_caller]
+fn assert_no_errors_about(events: &Events, keys: &[String]) {
+    for key in keys {
+        let logged = errors_about(events, key);
+        assert!(logged.is_empty(), "{key}: {logged:#?}");
+    }
+}
+
 /// Pays with `key` and pays again: the first answers `status` after one
 /// execution, and the second replays it.
 async fn paid_once(app: &Router, ledger: &Ledger, key: &str) {
@@ -177,10 +186,7 @@ async fn postgres_statements_applied_before_their_answer_was_lost() {
         .execute(cleanup.pool())
         .await
         .expect("drop the test table");
-    for key in &keys {
-        let logged = errors_about(&events, key);
-        assert!(logged.is_empty(), "{key}: {logged:#?}");
-    }
+    assert_no_errors_about(&events, &keys);
 }
 
 /// The connection to Redis drops after Redis ran each of a claim, a
@@ -239,10 +245,7 @@ async fn redis_commands_applied_before_their_connection_dropped() {
         refusal.len() == 1 && refusal[0].fields.contains("nothing executed"),
         "the claim's 503 is told once: {refusal:#?}"
     );
-    for key in &keys[1..] {
-        let logged = errors_about(&events, key);
-        assert!(logged.is_empty(), "{key}: {logged:#?}");
-    }
+    assert_no_errors_about(&events, &keys[1..]);
 }
 
 /// A store whose client sends each command twice and answers with the
@@ -277,10 +280,7 @@ async fn redis_completions_applied_before_their_answer_was_lost() {
     script.set(false, true, false);
     paid_once(&app, &ledger, &keys[1]).await;
 
-    for key in &keys {
-        let logged = errors_about(&events, key);
-        assert!(logged.is_empty(), "{key}: {logged:#?}");
-    }
+    assert_no_errors_about(&events, &keys);
 }
 
 /// A release that Redis applies twice: the second finds the lease gone,
@@ -300,8 +300,7 @@ async fn redis_releases_applied_before_their_answer_was_lost() {
     script.set(true, false, false);
     released(&app, &ledger, &script, &key).await;
 
-    let logged = errors_about(&events, &key);
-    assert!(logged.is_empty(), "{key}: {logged:#?}");
+    assert_no_errors_about(&events, &[key]);
 }
 
 /// A payment endpoint whose first run waits for the test to open a gate,

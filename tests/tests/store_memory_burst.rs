@@ -9,46 +9,20 @@
 use std::alloc::System;
 use std::time::Duration;
 
-use axum::http::StatusCode;
 use idempotent_core::clock::ManualClock;
-use idempotent_core::fingerprint::Fingerprint;
-use idempotent_core::key::IdempotencyKey;
-use idempotent_core::record::{Claim, RecordKey, StoredResponse};
-use idempotent_core::scope::ScopeDigest;
-use idempotent_core::store::{MemoryStore, Store};
+use idempotent_core::store::MemoryStore;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
+
+#[path = "../../idempotent-core/tests/support/memory.rs"]
+mod memory;
+use memory::complete_new;
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
-const LEASE: Duration = Duration::from_secs(10);
 const BURST: usize = 200_000;
-
-/// The memory store's futures are ready at once.
-fn now<T>(future: impl Future<Output = T>) -> T {
-    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
-    match std::pin::pin!(future).poll(&mut context) {
-        std::task::Poll::Ready(output) => output,
-        std::task::Poll::Pending => panic!("the memory store answers at once"),
-    }
-}
-
-fn complete_new(store: &MemoryStore, name: &str, ttl: Duration) {
-    let key = RecordKey::new(
-        ScopeDigest::global(),
-        IdempotencyKey::parse(name.as_bytes()).unwrap(),
-    );
-    let fingerprint = Fingerprint::from_bytes([1; 32]);
-    let Ok(Claim::Acquired(token)) = now(store.claim(&key, fingerprint, LEASE)) else {
-        panic!("{name} is new");
-    };
-    let response = StoredResponse {
-        status: StatusCode::OK,
-        headers: Vec::new(),
-        body: Some(axum::body::Bytes::from_static(b"{\"id\":1}")),
-    };
-    now(store.complete(&key, token, response, ttl)).unwrap();
-}
+const BODY: &[u8] = b"{\"id\":1}";
+const TTL: Duration = Duration::from_secs(60);
 
 fn held(region: &Region<'_, System>) -> i64 {
     let change = region.change();
@@ -62,13 +36,13 @@ fn the_heap_of_a_burst_is_given_back_once_its_records_expire() {
     // The default budget and its sixteen shards.
     let store = MemoryStore::builder().clock(clock.clone()).build();
     for i in 0..BURST {
-        complete_new(&store, &format!("burst-{i}"), Duration::from_secs(60));
+        complete_new(&store, &format!("burst-{i}"), BODY, TTL);
     }
     let peak = held(&region);
     clock.advance(Duration::from_secs(120));
     // Each shard purges its expired records as its next record completes.
     for i in 0..BURST / 100 {
-        complete_new(&store, &format!("after-{i}"), Duration::from_secs(60));
+        complete_new(&store, &format!("after-{i}"), BODY, TTL);
     }
     assert_eq!(store.completed_len(), (BURST / 100) as u64);
     let after = held(&region);

@@ -7,49 +7,21 @@
 use std::alloc::System;
 use std::time::Duration;
 
-use axum::http::StatusCode;
 use idempotent_core::clock::ManualClock;
-use idempotent_core::fingerprint::Fingerprint;
-use idempotent_core::key::IdempotencyKey;
-use idempotent_core::record::{Claim, RecordKey, StoredResponse};
-use idempotent_core::scope::ScopeDigest;
-use idempotent_core::store::{MemoryStore, Store};
+use idempotent_core::store::MemoryStore;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
+
+#[path = "../../idempotent-core/tests/support/memory.rs"]
+mod memory;
+use memory::complete_new;
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
 const MAX_BYTES: u64 = 1024 * 1024;
-const LEASE: Duration = Duration::from_secs(10);
 const DAY: Duration = Duration::from_secs(86_400);
 const MINUTE: Duration = Duration::from_secs(60);
 static BODY: [u8; 100] = [7; 100];
-
-/// The memory store's futures are ready at once.
-fn now<T>(future: impl Future<Output = T>) -> T {
-    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
-    match std::pin::pin!(future).poll(&mut context) {
-        std::task::Poll::Ready(output) => output,
-        std::task::Poll::Pending => panic!("the memory store answers at once"),
-    }
-}
-
-fn complete_new(store: &MemoryStore, name: &str, ttl: Duration) {
-    let key = RecordKey::new(
-        ScopeDigest::global(),
-        IdempotencyKey::parse(name.as_bytes()).unwrap(),
-    );
-    let fingerprint = Fingerprint::from_bytes([1; 32]);
-    let Ok(Claim::Acquired(token)) = now(store.claim(&key, fingerprint, LEASE)) else {
-        panic!("{name} is new");
-    };
-    let response = StoredResponse {
-        status: StatusCode::OK,
-        headers: Vec::new(),
-        body: Some(axum::body::Bytes::from_static(&BODY)),
-    };
-    now(store.complete(&key, token, response, ttl)).unwrap();
-}
 
 /// A long-TTL endpoint's records among a short-TTL one's: once the short
 /// ones are gone, the heap left is the long ones', about what the store
@@ -63,15 +35,15 @@ fn records_of_mixed_ttls_keep_the_heap_within_the_budget() {
         .max_bytes(MAX_BYTES)
         .build();
     for group in 0..3_000 {
-        complete_new(&store, &format!("day-{group}"), DAY);
+        complete_new(&store, &format!("day-{group}"), &BODY, DAY);
         for i in 0..30 {
-            complete_new(&store, &format!("minute-{group}-{i}"), MINUTE);
+            complete_new(&store, &format!("minute-{group}-{i}"), &BODY, MINUTE);
         }
         clock.advance(Duration::from_millis(10));
     }
     // The minute records expire, and the next completion purges them.
     clock.advance(2 * MINUTE);
-    complete_new(&store, "last", DAY);
+    complete_new(&store, "last", &BODY, DAY);
     let change = region.change();
     let held = change.bytes_allocated as i64 - change.bytes_deallocated as i64;
     let counted = store.completed_bytes();

@@ -154,6 +154,28 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
+/// A backend's error, with what to change so that it goes away: the
+/// driver's or server's own words say what failed, not which setting,
+/// table or file to fix, and the log line is all an operator has.
+#[cfg(any(feature = "postgres", feature = "redis", feature = "sqlite"))]
+#[derive(Debug, thiserror::Error)]
+#[error("{cause}: {hint}")]
+pub(crate) struct Explained<E> {
+    cause: E,
+    hint: String,
+}
+
+#[cfg(any(feature = "postgres", feature = "redis", feature = "sqlite"))]
+impl<E: std::error::Error + Send + Sync + 'static> Explained<E> {
+    /// `cause`, told with `hint`.
+    pub(crate) fn store_error(cause: E, hint: impl Into<String>) -> StoreError {
+        StoreError::backend(Self {
+            cause,
+            hint: hint.into(),
+        })
+    }
+}
+
 /// Waits for the tasks `tracker` holds, and for those it is given
 /// meanwhile: what a store that spawns its background work on `tracker`
 /// answers [`Store::settle`] with.

@@ -37,9 +37,9 @@ use self::connections::{Connections, Undo, statement_error};
 use self::reachability::Patience;
 
 use super::sql::{
-    self, DEFAULT_TABLE, Explained, ForeignTable, InvalidTableName, from_sql_millis, to_sql_millis,
+    self, DEFAULT_TABLE, ForeignTable, InvalidTableName, from_sql_millis, to_sql_millis,
 };
-use super::{Store, StoreError};
+use super::{Explained, Store, StoreError};
 use crate::clock::{Clock, SharedClock, SystemClock, millis};
 use crate::fingerprint::Fingerprint;
 use crate::record::{Claim, Completed, InFlight, LeaseToken, Record, RecordKey, StoredResponse};

@@ -51,7 +51,7 @@ use redis::Script;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use tokio_util::task::TaskTracker;
 
-use super::{Store, StoreError};
+use super::{Explained, Store, StoreError};
 use crate::clock::{Clock, SharedClock, SystemClock, millis};
 use crate::digest::push_hex;
 use crate::fingerprint::Fingerprint;
@@ -253,25 +253,6 @@ impl RedisStore {
 /// What [`RedisStore::connect`] takes.
 const URL_EXPECTED: &str =
     "give a URL such as `redis://:password@host:6379/0` (`rediss://` for TLS)";
-
-/// A Redis error, with what to change so that it goes away: the server's
-/// own words say what failed, not which setting to fix, and the log line
-/// is all an operator has.
-#[derive(Debug, thiserror::Error)]
-#[error("{cause}: {hint}")]
-struct Explained {
-    cause: redis::RedisError,
-    hint: String,
-}
-
-impl Explained {
-    fn store_error(cause: redis::RedisError, hint: impl Into<String>) -> StoreError {
-        StoreError::backend(Self {
-            cause,
-            hint: hint.into(),
-        })
-    }
-}
 
 /// What a server that wants a password answers without one.
 const NO_PASSWORD: &str =

@@ -40,26 +40,6 @@ where
 #[error("the idempotency record kept changing while it was being claimed")]
 pub(crate) struct Contended;
 
-/// A database error, with what to change so that it goes away: the
-/// driver's own words say what failed, not that the store's table or
-/// file is set up wrongly, and the log line is all an operator has.
-#[derive(Debug, thiserror::Error)]
-#[error("{cause}: {hint}")]
-pub(crate) struct Explained {
-    cause: sqlx::Error,
-    hint: String,
-}
-
-impl Explained {
-    /// `cause`, told with `hint`.
-    pub(crate) fn store_error(cause: sqlx::Error, hint: impl Into<String>) -> StoreError {
-        StoreError::backend(Self {
-            cause,
-            hint: hint.into(),
-        })
-    }
-}
-
 /// The store's table exists but lacks columns, or has them with other
 /// types: a table of the same name made by something else, which `CREATE
 /// TABLE IF NOT EXISTS` kept.

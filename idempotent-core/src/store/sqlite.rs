@@ -34,9 +34,9 @@ use sqlx::{Connection, Row};
 use tokio_util::task::TaskTracker;
 
 use super::sql::{
-    self, DEFAULT_TABLE, Explained, ForeignTable, InvalidTableName, from_sql_millis, to_sql_millis,
+    self, DEFAULT_TABLE, ForeignTable, InvalidTableName, from_sql_millis, to_sql_millis,
 };
-use super::{Store, StoreError};
+use super::{Explained, Store, StoreError};
 use crate::clock::{Clock, SharedClock, SystemClock, millis};
 use crate::fingerprint::Fingerprint;
 use crate::record::{Claim, Completed, InFlight, LeaseToken, Record, RecordKey, StoredResponse};

@@ -3,6 +3,7 @@
 //! test's own, and a relay to PostgreSQL that a test can cut.
 #![allow(dead_code, unreachable_pub)] // each test file uses a different part
 
+#[path = "../../../idempotent-core/tests/support/events.rs"]
 pub mod logs;
 
 use std::io::Write;

@@ -31,8 +31,7 @@ use tokio_util::task::TaskTracker;
 
 use super::reachability::{AcquireError, Patience, Reachability};
 use crate::record::LogId;
-use crate::store::StoreError;
-use crate::store::sql::Explained;
+use crate::store::{Explained, StoreError};
 
 /// How long a kept connection may sit unused before it goes back to the
 /// sqlx pool.
