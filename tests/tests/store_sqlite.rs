@@ -663,3 +663,67 @@ async fn every_connection_syncs_each_commit() {
         assert!(not_durable.is_empty(), "{not_durable:?}");
     }
 }
+
+/// Another program holds the file in `locking_mode = EXCLUSIVE`: opening
+/// fails after the busy timeout, and the error said only "database is
+/// locked: opening the SQLite database", not that someone else holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_locked_by_another_program_is_named_as_such() {
+    use sqlx::Connection;
+
+    let db = TempDb::new();
+    db.open().await.pool().close().await;
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&db.0);
+    let mut holder = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .unwrap();
+    sqlx::raw_sql("PRAGMA locking_mode = EXCLUSIVE; BEGIN EXCLUSIVE; COMMIT;")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let error = SqliteStore::open(&db.0).await.unwrap_err().to_string();
+    assert!(
+        error.contains("another process has kept") && error.contains("locking_mode"),
+        "{error}"
+    );
+}
+
+/// The WAL file's size on disk.
+fn wal_len(db: &TempDb) -> u64 {
+    let mut path = db.0.clone().into_os_string();
+    path.push("-wal");
+    std::fs::metadata(path).map_or(0, |metadata| metadata.len())
+}
+
+/// A reader that holds an old snapshot (another instance replaying a large
+/// record, a backup) while writes go on makes the WAL grow past its
+/// checkpoints; once it is done the log is checkpointed and reused, but
+/// SQLite kept the file at its largest size for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_wal_file_shrinks_back_after_a_long_reader() {
+    let db = TempDb::new();
+    let (store, other_instance) = (db.open().await, db.open().await);
+    let mut reader = other_instance.pool().acquire().await.unwrap();
+    sqlx::query("BEGIN").execute(&mut *reader).await.unwrap();
+    sqlx::query("SELECT count(*) FROM idempotency_records")
+        .execute(&mut *reader)
+        .await
+        .unwrap();
+    for _ in 0..40 {
+        assert_kept(&complete_with_a_body_of(&store, 1 << 20).await);
+    }
+    assert!(
+        wal_len(&db) > 40 << 20,
+        "the reader kept the log from resetting"
+    );
+    sqlx::query("COMMIT").execute(&mut *reader).await.unwrap();
+    drop(reader);
+    // A full checkpoint, then a commit that starts the log over.
+    sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    assert_kept(&complete_with_a_body_of(&store, 10).await);
+    let left = wal_len(&db);
+    assert!(left <= 16 << 20, "the WAL file stayed at {left} bytes");
+}

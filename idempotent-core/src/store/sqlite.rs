@@ -54,6 +54,13 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// would be gone, and the retry after the reboot would run its handler a
 /// second time.
 const SYNCHRONOUS: SqliteSynchronous = SqliteSynchronous::Full;
+/// The size the WAL file is cut back to when a checkpoint lets it start
+/// over. SQLite otherwise keeps the file at the largest size it ever
+/// reached: a reader that held an old snapshot while writes went on (a
+/// replay of a large record, a backup) leaves the WAL tens of megabytes
+/// long for good. Normal use, with a checkpoint every 1000 pages (4 MiB),
+/// stays under it, so a busy store does not shrink and regrow its log.
+const JOURNAL_SIZE_LIMIT: u64 = 16 << 20;
 
 /// A [`Store`] in a SQLite database file.
 ///
@@ -180,6 +187,7 @@ impl SqliteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SYNCHRONOUS)
+            .pragma("journal_size_limit", JOURNAL_SIZE_LIMIT.to_string())
             .busy_timeout(BUSY_TIMEOUT);
         let in_memory = while_busy(|| is_in_memory(&options))
             .await
@@ -207,7 +215,8 @@ impl SqliteStore {
     ///
     /// The store runs no pragma of its own on `pool`: its connections keep
     /// the options they were opened with. [`open`](Self::open) uses WAL
-    /// mode, `synchronous = FULL` and a 5 s busy timeout; a pool opened
+    /// mode, `synchronous = FULL`, a 5 s busy timeout and a 16 MiB
+    /// `journal_size_limit` (the WAL file shrinks back after a spike); a pool opened
     /// with `synchronous = NORMAL` instead skips the `fsync` on each
     /// commit, and a power loss or an OS crash can then roll back the last
     /// claims and responses, so their retries run the handler again:
@@ -488,6 +497,12 @@ fn open_error(error: sqlx::Error, file: &Path) -> StoreError {
         Some(26) => {
             format!("`{path}` is not a SQLite database: name a new file, or the store's database")
         }
+        // SQLITE_BUSY, after the busy timeout: another connection keeps
+        // the file locked.
+        Some(5) => format!(
+            "another process has kept `{path}` locked for {}s (a connection in `locking_mode = EXCLUSIVE`, or a transaction left open): stop it, or give the store a file of its own",
+            BUSY_TIMEOUT.as_secs()
+        ),
         // SQLITE_READONLY
         Some(8) => {
             format!("`{path}` is read-only: the store writes on every request; open it read-write")
