@@ -610,8 +610,7 @@ impl Engine {
     /// own). A store may have kept it without its body, past its limit
     /// on one value.
     async fn stored_already(&self, parts: &Parts, body: Option<&Bytes>) -> bool {
-        let read = self.timed(self.settings.store.get(&self.key)).await;
-        let Ok(Some(Record::Completed(record))) = read else {
+        let Ok(Some(Record::Completed(record))) = self.read_record().await else {
             return false;
         };
         let stored = &record.response;
@@ -658,8 +657,12 @@ impl Engine {
     /// Whether the store holds a record of the key, which a release that
     /// found the lease gone did not free: another request's.
     async fn held_by_another(&self) -> bool {
-        let read = self.timed(self.settings.store.get(&self.key)).await;
-        matches!(read, Ok(Some(_)))
+        matches!(self.read_record().await, Ok(Some(_)))
+    }
+
+    /// The key's record as the store holds it now.
+    async fn read_record(&self) -> Result<Option<Record>, StoreError> {
+        self.timed(self.settings.store.get(&self.key)).await
     }
 
     /// The attempts after a first release failed with `error`, other than

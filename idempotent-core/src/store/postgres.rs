@@ -360,14 +360,14 @@ impl PostgresStore {
         let mut connection = (self.pool().acquire().await)
             .map_err(|error| migrate_error(error, &self.inner.table, false))?;
         let existing = self.existing(&mut connection).await.ok();
-        if let Some(existing) = existing.as_ref().filter(|existing| existing.is_table()) {
-            self.check_columns(&existing.columns)?;
-            if existing.indexed {
-                return self.check_privileges(existing);
+        let table = existing.filter(Existing::is_table);
+        if let Some(table) = &table {
+            self.check_columns(&table.columns)?;
+            if table.indexed {
+                return self.check_privileges(table);
             }
         }
-        let table_exists = existing.is_some_and(|existing| existing.is_table());
-        self.create(&mut connection, table_exists).await
+        self.create(&mut connection, table.is_some()).await
     }
 
     /// The SQL [`migrate`](Self::migrate) runs to create `table` (as
