@@ -82,7 +82,22 @@ impl FinalStatuses {
 /// const CREATE_PAYMENT: Endpoint = Endpoint::new("create_payment")
 ///     .ttl(Duration::from_secs(24 * 3600))
 ///     .scope(Scope::ApiKey);
+///
+/// assert_eq!(CREATE_PAYMENT.result_ttl(), Duration::from_secs(24 * 3600));
 /// ```
+///
+/// The setters take the attribute's option names, and a getter cannot
+/// have its setter's name, so each value is read back under a name of its
+/// own (searching the docs for the setter's name finds both):
+///
+/// | set with | read with |
+/// |---|---|
+/// | [`ttl`](Self::ttl) | [`result_ttl`](Self::result_ttl) |
+/// | [`lease`](Self::lease) | [`lease_duration`](Self::lease_duration) |
+/// | [`scope`](Self::scope) | [`scope_kind`](Self::scope_kind) |
+/// | [`optional`](Self::optional) | [`is_optional`](Self::is_optional) |
+/// | [`wait`](Self::wait) | [`wait_duration`](Self::wait_duration) |
+/// | [`final_statuses`](Self::final_statuses) | [`final_status_policy`](Self::final_status_policy) |
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use]
 pub struct Endpoint {
@@ -191,37 +206,43 @@ impl Endpoint {
         self.name
     }
 
-    /// The result TTL.
+    /// The result TTL. Set with [`ttl`](Self::ttl).
+    #[doc(alias = "ttl")]
     #[must_use]
     pub const fn result_ttl(&self) -> Duration {
         self.ttl
     }
 
-    /// The lease.
+    /// The lease. Set with [`lease`](Self::lease).
+    #[doc(alias = "lease")]
     #[must_use]
     pub const fn lease_duration(&self) -> Duration {
         self.lease
     }
 
-    /// The scope.
+    /// The scope. Set with [`scope`](Self::scope).
+    #[doc(alias = "scope")]
     #[must_use]
     pub const fn scope_kind(&self) -> Scope {
         self.scope
     }
 
-    /// Whether the key is optional.
+    /// Whether the key is optional. Set with [`optional`](Self::optional).
+    #[doc(alias = "optional")]
     #[must_use]
     pub const fn is_optional(&self) -> bool {
         self.optional
     }
 
-    /// How long duplicates wait, if they do.
+    /// How long duplicates wait, if they do. Set with [`wait`](Self::wait).
+    #[doc(alias = "wait")]
     #[must_use]
     pub const fn wait_duration(&self) -> Option<Duration> {
         self.wait
     }
 
-    /// The final-status policy.
+    /// The final-status policy. Set with [`final_statuses`](Self::final_statuses).
+    #[doc(alias = "final_statuses")]
     #[must_use]
     pub const fn final_status_policy(&self) -> FinalStatuses {
         self.final_statuses

@@ -20,8 +20,13 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(5);
 
 /// Idempotency for a router: the store plus service-wide settings.
 ///
-/// Add it to the router as a layer; `#[idempotent]` handlers (and
-/// [`IdempotentRequest`](crate::IdempotentRequest)) find it there.
+/// This is the layer every router with idempotent routes needs, whichever
+/// way they are made idempotent: add it to the router as a layer, after the
+/// routes it covers; `#[idempotent]` handlers, [`IdempotentRequest`](crate::IdempotentRequest)
+/// and [`IdempotentLayer`](crate::IdempotentLayer) find it there. (Not to be
+/// confused with `IdempotentLayer`, which makes one route idempotent without
+/// the attribute and needs this layer around it too.) Without it, a keyed
+/// request to such a route gets 500 `not-configured`.
 ///
 /// ```
 /// use axum::{Router, routing::post};
@@ -33,16 +38,38 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(5);
 ///     .layer(Idempotency::new(MemoryStore::new()));
 /// ```
 ///
+/// Settings other than the store go through [`Idempotency::builder`],
+/// finished with [`build`](IdempotencyBuilder::build) (the builder itself
+/// is not a layer):
+///
+/// ```
+/// use std::time::Duration;
+/// use axum::{Router, http::HeaderName, routing::post};
+/// use idempotent_core::{Idempotency, store::MemoryStore};
+///
+/// # async fn create_payment() {}
+/// let idempotency = Idempotency::builder(MemoryStore::new())
+///     .store_timeout(Duration::from_millis(500))
+///     .api_key_header(HeaderName::from_static("x-client-key"))
+///     .build();
+/// let app: Router = Router::new()
+///     .route("/payments", post(create_payment))
+///     .layer(idempotency.clone()); // keep `idempotency` for `drain`
+/// ```
+///
 /// `Router::layer` wraps each route in the layer, and axum then clones and
 /// boxes that route's service for every request it serves: about 1,200
 /// instructions and four allocations per request on every route, whether
 /// its handler is idempotent or not (`bench/`). Wrapping the whole router
-/// once instead costs a route without the attribute almost nothing:
+/// once instead costs a route without the attribute almost nothing. That
+/// calls [`Layer::layer`] itself, whose trait axum does not re-export:
+/// import it from `tower` (`tower = "0.5"` in `[dependencies]`) or
+/// `tower-layer`, the same trait.
 ///
 /// ```no_run
 /// use axum::{Router, ServiceExt, extract::Request, routing::post};
 /// use idempotent_core::{Idempotency, store::MemoryStore};
-/// use tower_layer::Layer;
+/// use tower::Layer; // the `tower` crate: axum does not re-export the trait
 ///
 /// # async fn create_payment() {}
 /// # async fn run() -> std::io::Result<()> {
@@ -52,6 +79,7 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(5);
 /// axum::serve(listener, ServiceExt::<Request>::into_make_service(app)).await
 /// # }
 /// ```
+#[doc(alias = "IdempotencyLayer", alias = "middleware")]
 #[derive(Clone)]
 pub struct Idempotency {
     pub(crate) inner: Arc<Settings>,
@@ -148,8 +176,10 @@ impl Idempotency {
     }
 }
 
-/// Builds an [`Idempotency`].
-#[must_use]
+/// Builds an [`Idempotency`]: finish with [`build`](Self::build), since the
+/// builder is not a layer itself (`Router::layer` would refuse it as not
+/// implementing `Layer<Route>`).
+#[must_use = "finish with `.build()` to get the `Idempotency` layer"]
 pub struct IdempotencyBuilder {
     settings: Settings,
 }
@@ -220,6 +250,9 @@ impl IdempotencyBuilder {
     /// header that carries an identity others may know (a gateway's
     /// consumer id) scopes by [`Scope::Header`](crate::Scope::Header)
     /// instead, which no client-set `Authorization` can stand in for.
+    ///
+    /// The name is an `http::HeaderName` (also `axum::http::HeaderName`):
+    /// `HeaderName::from_static("x-client-key")`, in lowercase.
     pub fn api_key_header(mut self, name: HeaderName) -> Self {
         self.settings.api_key_header = name;
         self

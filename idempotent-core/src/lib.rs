@@ -125,6 +125,23 @@ pub use scope::{IdempotencyScope, Scope};
 #[doc(inline)]
 pub use idempotent_macros::idempotent;
 
+/// The `sqlx` this crate's SQL stores are built on (0.8), so that a pool for
+/// `PostgresStore::builder` or `SqliteStore::builder`, and its options, can
+/// be named without a `sqlx` dependency of your own, which would otherwise
+/// have to be the same version with the same features
+/// (`idempotent_core::sqlx::PgPool`, `idempotent_core::sqlx::sqlite::SqlitePoolOptions`).
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlite"))))]
+pub use sqlx;
+
+/// The `redis` crate `RedisStore` is built on (1.x), so that a connection
+/// for `RedisStore::builder` can be made without a `redis` dependency of
+/// your own (add one, of the same version, for features such as
+/// `cluster-async`: Cargo then builds a single `redis` with both).
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use redis;
+
 #[cfg(feature = "test-util")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod testing;

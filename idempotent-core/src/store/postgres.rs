@@ -327,7 +327,10 @@ impl PostgresStore {
             .test_before_acquire(false)
     }
 
-    /// Starts building a store on `pool`.
+    /// Starts building a store on `pool`: a `PgPool` of the `sqlx` this
+    /// crate re-exports as [`idempotent_core::sqlx`](crate::sqlx), made with
+    /// [`pool_options`](Self::pool_options) or by a `sqlx` 0.8 of your own
+    /// with the `postgres` and `runtime-tokio` features.
     pub fn builder(pool: PgPool) -> PostgresStoreBuilder {
         PostgresStoreBuilder {
             pool,

@@ -324,7 +324,9 @@ fn evicting_policy(info: &str) -> Option<&str> {
 }
 
 impl<C> RedisStore<C> {
-    /// Starts building a store on `connection`.
+    /// Starts building a store on `connection`, a connection of the `redis`
+    /// crate this crate re-exports as [`idempotent_core::redis`](crate::redis)
+    /// (a `ConnectionManager`, or a cluster connection).
     pub fn builder(connection: C) -> RedisStoreBuilder<C> {
         RedisStoreBuilder {
             connection,

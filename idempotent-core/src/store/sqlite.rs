@@ -224,7 +224,8 @@ impl SqliteStore {
     /// ```no_run
     /// use std::time::Duration;
     /// use idempotent_core::store::SqliteStore;
-    /// use sqlx::sqlite::{
+    /// // the `sqlx` the store is built on: no dependency of your own needed
+    /// use idempotent_core::sqlx::sqlite::{
     ///     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
     /// };
     ///
