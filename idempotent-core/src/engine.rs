@@ -746,29 +746,25 @@ pub(crate) fn unreplayable(
 }
 
 /// The answer to a request refused because the store failed: nothing ran.
-/// A record that does not decode is no outage: retrying soon finds it
-/// the same, so it is a 500 without `Retry-After`.
+/// Only a store that may come back by itself is a 503 with `Retry-After`;
+/// a record that does not decode, or a store set up wrongly, fails a retry
+/// soon after the same way, so those are 500s without it (see
+/// `Problem::from(&StoreError)`).
 pub(crate) fn refused_for(
     error: &StoreError,
     endpoint: Option<&'static str>,
     key: &RecordKey,
 ) -> Response {
     let key = key.log_id();
-    if let StoreError::Codec(error) = error {
-        tracing::error!(%error, outcome = "store_error", endpoint, %key, "stored record is corrupt; request refused, nothing executed");
-        return Problem::new(
-            ProblemKind::RecordCorrupt,
-            "the stored record of this idempotency key cannot be read, so the request was neither replayed nor executed again",
-        )
-        .into_response();
-    }
-    tracing::error!(%error, outcome = "store_error", endpoint, %key, "store failed; request refused, nothing executed");
-    Problem::new(
-        ProblemKind::StoreUnavailable,
-        "the idempotency store is unavailable, so the request was not executed; retry with the same key",
-    )
-    .retry_after(RETRY_AFTER_SECS)
-    .into_response()
+    let message = match error {
+        StoreError::Codec(_) => "stored record is corrupt; request refused, nothing executed",
+        StoreError::Misconfigured(_) => {
+            "store is set up wrongly; request refused, nothing executed"
+        }
+        _ => "store failed; request refused, nothing executed",
+    };
+    tracing::error!(%error, outcome = "store_error", endpoint, %key, "{message}");
+    Problem::from(error).into_response()
 }
 
 /// `operation`, cut after `timeout`.

@@ -53,8 +53,9 @@
 //! Outcomes and failures are `tracing` events: a span `idempotent` per
 //! keyed request, and an `outcome` field on each event. Nothing is printed
 //! without a subscriber, so install one (`tracing_subscriber::fmt::init()`,
-//! say): otherwise a `503 store-unavailable` reaches the client while its
-//! cause (a refused connection, a table never created) is logged nowhere.
+//! say): otherwise a `503 store-unavailable` or a `500 store-misconfigured`
+//! reaches the client while its cause (a refused connection, a table never
+//! created) is logged nowhere.
 //!
 //! # Features
 //!

@@ -19,12 +19,18 @@
 //! | `urn:idempotent:fingerprint-failed` | 500 | serializing the handler's inputs failed |
 //! | `urn:idempotent:record-corrupt` | 500 | the key's stored record cannot be read or replayed; the handler is not run again |
 //! | `urn:idempotent:not-configured` | 500 | no [`Idempotency`](crate::Idempotency) layer served the request, a custom scope got no principal, or an [`IdempotentLayer`](crate::IdempotentLayer) wraps a handler that is idempotent itself |
+//! | `urn:idempotent:store-misconfigured` | 500 | the store is set up wrongly ([`StoreError::Misconfigured`]: a missing table or privilege, a read-only database, another application's value at the key); nothing was executed, and a retry succeeds once the setup is fixed |
 //! | `urn:idempotent:store-unavailable` | 503 | the store failed or timed out; nothing was executed (`Retry-After` set) |
 
 use axum::response::{IntoResponse, Response};
 use http::header::{CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, StatusCode};
 use serde::Serialize;
+
+use crate::store::StoreError;
+
+/// The `Retry-After` of a 503 `store-unavailable`, in seconds.
+const STORE_RETRY_AFTER_SECS: u64 = 1;
 
 /// The kinds of problem the engine reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +75,9 @@ pub enum ProblemKind {
     /// something else, or damaged), so its request is neither replayed
     /// nor run again.
     RecordCorrupt,
+    /// 500: the store is set up wrongly, and fails the same way until
+    /// its setup is changed ([`StoreError::Misconfigured`]).
+    StoreMisconfigured,
     /// 503: the store failed or timed out.
     StoreUnavailable,
 }
@@ -91,6 +100,7 @@ impl ProblemKind {
             Self::FingerprintFailed => "urn:idempotent:fingerprint-failed",
             Self::NotConfigured => "urn:idempotent:not-configured",
             Self::RecordCorrupt => "urn:idempotent:record-corrupt",
+            Self::StoreMisconfigured => "urn:idempotent:store-misconfigured",
             Self::StoreUnavailable => "urn:idempotent:store-unavailable",
         }
     }
@@ -109,9 +119,10 @@ impl ProblemKind {
             Self::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnreadableBody => StatusCode::BAD_REQUEST,
             Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::FingerprintFailed | Self::NotConfigured | Self::RecordCorrupt => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            Self::FingerprintFailed
+            | Self::NotConfigured
+            | Self::RecordCorrupt
+            | Self::StoreMisconfigured => StatusCode::INTERNAL_SERVER_ERROR,
             Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -133,6 +144,7 @@ impl ProblemKind {
             Self::FingerprintFailed => "Request inputs could not be fingerprinted",
             Self::NotConfigured => "Idempotency is not configured on this router",
             Self::RecordCorrupt => "The stored record of this idempotency key is corrupt",
+            Self::StoreMisconfigured => "Idempotency store misconfigured",
             Self::StoreUnavailable => "Idempotency store unavailable",
         }
     }
@@ -233,6 +245,32 @@ impl IntoResponse for Problem {
     }
 }
 
+/// The answer to a request refused because the store failed with
+/// `error`, before anything ran. Only a store that may come back by itself
+/// is a 503 with `Retry-After`: a record that does not decode, or a store
+/// set up wrongly, fails a retry soon after the same way, so those are
+/// 500s without it. The detail says nothing of the cause, which is the
+/// operator's business and goes to the log.
+impl From<&StoreError> for Problem {
+    fn from(error: &StoreError) -> Self {
+        match error {
+            StoreError::Codec(_) => Self::new(
+                ProblemKind::RecordCorrupt,
+                "the stored record of this idempotency key cannot be read, so the request was neither replayed nor executed again",
+            ),
+            StoreError::Misconfigured(_) => Self::new(
+                ProblemKind::StoreMisconfigured,
+                "the idempotency store is set up wrongly, so the request was not executed; retry with the same key once the service's operator has fixed it",
+            ),
+            _ => Self::new(
+                ProblemKind::StoreUnavailable,
+                "the idempotency store is unavailable, so the request was not executed; retry with the same key",
+            )
+            .retry_after(STORE_RETRY_AFTER_SECS),
+        }
+    }
+}
+
 impl From<crate::key::KeyError> for Problem {
     fn from(error: crate::key::KeyError) -> Self {
         let kind = match error {
@@ -257,6 +295,62 @@ mod tests {
             .expect("an in-memory body is ready")
             .expect("an in-memory body reads");
         serde_json::from_slice(&body).expect("valid JSON")
+    }
+
+    /// A store that may come back by itself is a 503 that asks for a
+    /// retry soon; one set up wrongly, or a record that does not decode,
+    /// fails a retry soon after the same way: a 500 that does not.
+    #[test]
+    fn only_a_store_that_may_come_back_asks_for_a_retry_soon() {
+        let cases = [
+            (
+                StoreError::Timeout(std::time::Duration::from_secs(2)),
+                503,
+                Some("1"),
+                "urn:idempotent:store-unavailable",
+            ),
+            (
+                StoreError::backend("Connection refused"),
+                503,
+                Some("1"),
+                "urn:idempotent:store-unavailable",
+            ),
+            (
+                StoreError::misconfigured("WRONGTYPE"),
+                500,
+                None,
+                "urn:idempotent:store-misconfigured",
+            ),
+            (
+                StoreError::Codec(crate::record::CodecError::new("truncated")),
+                500,
+                None,
+                "urn:idempotent:record-corrupt",
+            ),
+        ];
+        for (error, status, retry_after, type_uri) in cases {
+            let response = Problem::from(&error).into_response();
+            assert_eq!(response.status().as_u16(), status, "{error}");
+            let retry = response.headers().get(RETRY_AFTER);
+            let retry = retry.map(|value| value.to_str().expect("ASCII"));
+            assert_eq!(retry, retry_after, "{error}");
+            let json = body_json(Problem::from(&error));
+            assert_eq!(json["type"], type_uri, "{error}");
+            assert_eq!(json["status"], status, "{error}");
+        }
+    }
+
+    /// The detail of a store's failure tells the client what to do, not
+    /// the cause, which may name tables, roles and keys: that is for the
+    /// log.
+    #[test]
+    fn a_store_failure_keeps_its_cause_out_of_the_detail() {
+        let cause = "permission denied for table idempotency_records";
+        for error in [StoreError::backend(cause), StoreError::misconfigured(cause)] {
+            let problem = Problem::from(&error);
+            assert!(!problem.detail().contains("permission"), "{problem}");
+            assert!(problem.detail().contains("same key"), "{problem}");
+        }
     }
 
     proptest! {

@@ -1,19 +1,24 @@
 //! A durable store set up wrongly: the error at connect, migrate or
-//! request time names what is wrong and what to change. PostgreSQL and
-//! Redis tests need the test servers (`IDEMPOTENT_TEST_POSTGRES_URL`,
+//! request time names what is wrong and what to change, and is a
+//! `StoreError::Misconfigured`, which retrying does not cure, unlike an
+//! outage (`StoreError::Backend`). PostgreSQL and Redis tests need the
+//! test servers (`IDEMPOTENT_TEST_POSTGRES_URL`,
 //! `IDEMPOTENT_TEST_REDIS_URL`); SQLite ones use temporary files.
 
 mod store_support;
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use idempotent_core::fingerprint::Fingerprint;
 use idempotent_core::key::IdempotencyKey;
-use idempotent_core::record::RecordKey;
+use idempotent_core::record::{Claim, RecordKey};
 use idempotent_core::scope::ScopeDigest;
-use idempotent_core::store::{PostgresStore, RedisStore, SqliteStore, Store};
+use idempotent_core::store::{PostgresStore, RedisStore, SqliteStore, Store, StoreError};
+use sqlx::Connection as _;
 use sqlx::postgres::PgConnectOptions;
+use sqlx::sqlite::SqliteConnection;
 use store_support::{OwnRedis, backend_url, unique_name};
 
 const POSTGRES: &str = "IDEMPOTENT_TEST_POSTGRES_URL";
@@ -26,16 +31,41 @@ fn record_key(name: &str) -> RecordKey {
     )
 }
 
+/// One claim of a new key.
+async fn claim(store: &impl Store) -> Result<Claim, StoreError> {
+    let key = record_key("k");
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    store
+        .claim(&key, fingerprint, Duration::from_secs(60))
+        .await
+}
+
 /// The error of one claim, which `store` must refuse.
+async fn claim_refusal(store: &impl Store) -> StoreError {
+    claim(store).await.expect_err("the claim is refused")
+}
+
+/// The text of one claim's error, which must be a setup to change.
 async fn claim_error(store: &impl Store) -> String {
-    let claimed = store
-        .claim(
-            &record_key("k"),
-            Fingerprint::from_bytes([1; 32]),
-            Duration::from_secs(60),
-        )
-        .await;
-    claimed.expect_err("the claim is refused").to_string()
+    let error = claim_refusal(store).await;
+    assert_misconfigured(&error);
+    error.to_string()
+}
+
+/// `error` is a setup to change, not an outage that may pass.
+fn assert_misconfigured(error: &StoreError) {
+    assert!(
+        matches!(error, StoreError::Misconfigured(_)),
+        "not told as a setup to change: {error:?}"
+    );
+}
+
+/// `error` is an outage that may pass, not a setup to change.
+fn assert_outage(error: &StoreError) {
+    assert!(
+        matches!(error, StoreError::Backend(_)),
+        "not told as an outage: {error:?}"
+    );
 }
 
 fn assert_says(error: &str, words: &[&str]) {
@@ -70,17 +100,18 @@ async fn postgres_run(store: &PostgresStore, statement: &str) {
 #[tokio::test]
 async fn a_postgres_url_that_is_malformed_or_not_postgres_says_what_to_give() {
     for url in ["postgres//db", "http://127.0.0.1:1/test"] {
-        let error = PostgresStore::connect(url)
-            .await
-            .expect_err(url)
-            .to_string();
-        assert_says(&error, &["postgres://user:password@host:5432/database"]);
+        let error = PostgresStore::connect(url).await.expect_err(url);
+        assert_misconfigured(&error);
+        assert_says(
+            &error.to_string(),
+            &["postgres://user:password@host:5432/database"],
+        );
     }
     let error = PostgresStore::connect("redis://127.0.0.1:1/0")
         .await
-        .expect_err("not a PostgreSQL URL")
-        .to_string();
-    assert_says(&error, &["`redis://` is not a PostgreSQL URL"]);
+        .expect_err("not a PostgreSQL URL");
+    assert_misconfigured(&error);
+    assert_says(&error.to_string(), &["`redis://` is not a PostgreSQL URL"]);
 }
 
 /// A missing database or role is told with the server it was asked of
@@ -95,15 +126,59 @@ async fn a_missing_postgres_database_or_role_says_where_and_what_to_do() {
     let database = unique_name("no_such_db");
     let error = PostgresStore::connect_with(options.clone().database(&database))
         .await
-        .expect_err("no such database")
-        .to_string();
-    assert_says(&error, &[&server, &database, "create the database"]);
+        .expect_err("no such database");
+    assert_misconfigured(&error);
+    assert_says(
+        &error.to_string(),
+        &[&server, &database, "create the database"],
+    );
     let role = unique_name("no_such_role");
     let error = PostgresStore::connect_with(options.username(&role))
         .await
-        .expect_err("no such role")
-        .to_string();
-    assert_says(&error, &[&server, &role, "create the role"]);
+        .expect_err("no such role");
+    assert_misconfigured(&error);
+    assert_says(&error.to_string(), &[&server, &role, "create the role"]);
+}
+
+/// A role that may not connect to the database (`CONNECT` revoked from
+/// `PUBLIC`, and not granted to it) was told to "check the URL and the
+/// server", as an outage: it is told the `GRANT CONNECT` to run.
+#[tokio::test]
+async fn a_postgres_role_without_connect_on_the_database_is_told_what_to_grant() {
+    let Some(url) = backend_url(POSTGRES) else {
+        return;
+    };
+    let admin = sqlx::PgPool::connect(&url).await.expect("connect");
+    let database = unique_name("idem_no_connect");
+    let role = format!("{database}_role");
+    for statement in [
+        format!("CREATE DATABASE {database}"),
+        format!("REVOKE CONNECT ON DATABASE {database} FROM PUBLIC"),
+        format!("CREATE ROLE {role} LOGIN"),
+    ] {
+        sqlx::raw_sql(&statement)
+            .execute(&admin)
+            .await
+            .expect("set up");
+    }
+    let options: PgConnectOptions = url.parse().expect("valid URL");
+    let connected = PostgresStore::connect_with(options.username(&role).database(&database)).await;
+    let refused = connected.map(drop);
+    for statement in [
+        format!("DROP DATABASE {database}"),
+        format!("DROP ROLE {role}"),
+    ] {
+        sqlx::raw_sql(&statement)
+            .execute(&admin)
+            .await
+            .expect("clean up");
+    }
+    let error = refused.expect_err("the role may not connect");
+    assert_misconfigured(&error);
+    assert_says(
+        &error.to_string(),
+        &[&format!("GRANT CONNECT ON DATABASE {database} TO {role}")],
+    );
 }
 
 /// A table of the store's name made by something else was kept by
@@ -118,9 +193,16 @@ async fn a_postgres_table_made_by_something_else_is_refused_by_migrate() {
     };
     let create = format!("CREATE TABLE {table} (id text PRIMARY KEY, expires_at timestamptz)");
     postgres_run(&store, &create).await;
-    let migrated = store.migrate().await.map_err(|error| error.to_string());
-    let claimed = claim_error(&store).await;
+    let migrated = store.migrate().await;
+    let claimed = claim(&store).await;
     postgres_run(&store, &format!("DROP TABLE {table}")).await;
+    let migrated = migrated.map_err(|error| {
+        assert_misconfigured(&error);
+        error.to_string()
+    });
+    let claimed = claimed.expect_err("the claim is refused");
+    assert_misconfigured(&claimed);
+    let claimed = claimed.to_string();
     assert_says(
         &migrated.expect_err("not the store's table"),
         &[
@@ -141,12 +223,9 @@ async fn migrating_into_a_missing_postgres_schema_says_to_create_it() {
     let Some((store, _)) = postgres_on(&table).await else {
         return;
     };
-    let error = store
-        .migrate()
-        .await
-        .expect_err("no such schema")
-        .to_string();
-    assert_says(&error, &[&table, "CREATE SCHEMA"]);
+    let error = store.migrate().await.expect_err("no such schema");
+    assert_misconfigured(&error);
+    assert_says(&error.to_string(), &[&table, "CREATE SCHEMA"]);
 }
 
 /// Purging before `migrate` ran names it, as requests do.
@@ -155,12 +234,9 @@ async fn purging_a_missing_postgres_table_names_migrate() {
     let Some((store, _)) = postgres_on(&unique_name("idem_never_migrated")).await else {
         return;
     };
-    let error = store
-        .purge_expired()
-        .await
-        .expect_err("no table")
-        .to_string();
-    assert_says(&error, &["PostgresStore::migrate()"]);
+    let error = store.purge_expired().await.expect_err("no table");
+    assert_misconfigured(&error);
+    assert_says(&error.to_string(), &["PostgresStore::migrate()"]);
 }
 
 /// A role without rights on the table is told what to grant, at
@@ -179,22 +255,27 @@ async fn a_postgres_role_without_privileges_is_told_what_to_grant() {
     let connected = PostgresStore::connect_with(options.username(&role))
         .await
         .map(|connected| connected.pool().clone());
-    let (migrated, claimed) = match &connected {
+    let outcome = match &connected {
         Ok(pool) => {
             let store = PostgresStore::builder(pool.clone())
                 .table(table.as_str())
                 .build()
                 .expect("valid table name");
-            let migrated = store.migrate().await.map_err(|error| error.to_string());
-            (migrated, claim_error(&store).await)
+            Ok((store.migrate().await, claim(&store).await))
         }
-        Err(error) => (Err(error.to_string()), String::new()),
+        Err(error) => Err(error.to_string()),
     };
     if let Ok(pool) = connected {
         pool.close().await;
     }
     postgres_run(&owner, &format!("DROP TABLE {table}; DROP ROLE {role}")).await;
+    let (migrated, claimed) = outcome.expect("connect as the role");
     let migrate_error = migrated.expect_err("the role may not use the table");
+    assert_misconfigured(&migrate_error);
+    let migrate_error = migrate_error.to_string();
+    let claimed = claimed.expect_err("the claim is refused");
+    assert_misconfigured(&claimed);
+    let claimed = claimed.to_string();
     assert_says(
         &migrate_error,
         &[&format!(
@@ -214,8 +295,9 @@ async fn a_malformed_redis_url_says_what_to_give() {
         "http://127.0.0.1:6379",
         "redis://127.0.0.1:99999",
     ] {
-        let error = RedisStore::connect(url).await.expect_err(url).to_string();
-        assert_says(&error, &["redis://:password@host:6379/0"]);
+        let error = RedisStore::connect(url).await.expect_err(url);
+        assert_misconfigured(&error);
+        assert_says(&error.to_string(), &["redis://:password@host:6379/0"]);
     }
 }
 
@@ -227,6 +309,7 @@ async fn a_redis_that_is_not_there_is_named() {
     let error = RedisStore::connect(&url)
         .await
         .expect_err("nothing listens");
+    assert_outage(&error);
     let error = error.to_string();
     assert_says(
         &error,
@@ -245,9 +328,10 @@ async fn a_redis_that_wants_a_password_fails_at_connect() {
     let mut redis = OwnRedis::start_with(OwnRedis::free_port(), &["--requirepass", "secret"]).await;
     let connected = RedisStore::connect(&redis.url()).await;
     redis.stop().await;
-    let error = connected.expect_err("no password given").to_string();
+    let error = connected.expect_err("no password given");
+    assert_misconfigured(&error);
     assert_says(
-        &error,
+        &error.to_string(),
         &["requires a password", "redis://:password@host:port"],
     );
 }
@@ -260,6 +344,7 @@ async fn a_redis_database_out_of_range_says_so() {
     };
     let url = format!("{}/99", url.trim_end_matches('/'));
     let error = RedisStore::connect(&url).await.expect_err("no database 99");
+    assert_misconfigured(&error);
     assert_says(&error.to_string(), &["fewer databases", "`databases`"]);
 }
 
@@ -282,13 +367,163 @@ async fn a_redis_key_of_another_type_names_the_key_and_the_prefix() {
         .query_async(&mut connection)
         .await
         .expect("HSET");
-    let error = claim_error(&store).await;
+    let claimed = claim(&store).await;
     let _: () = redis::cmd("DEL")
         .arg(&redis_key)
         .query_async(&mut connection)
         .await
         .expect("DEL");
-    assert_says(&error, &[&redis_key, "RedisStoreBuilder::prefix"]);
+    let error = claimed.expect_err("the claim is refused");
+    assert_misconfigured(&error);
+    assert_says(
+        &error.to_string(),
+        &[
+            &redis_key,
+            "RedisStoreBuilder::prefix",
+            "or delete that key",
+        ],
+    );
+}
+
+/// A Redis at its `maxmemory` under `noeviction` refuses the claim's
+/// write: told as such, with what to change, and as an outage, since
+/// records expiring free room without anyone changing anything.
+#[tokio::test]
+async fn a_full_redis_names_maxmemory_and_is_an_outage() {
+    if backend_url(REDIS).is_none() {
+        return;
+    }
+    let settings = ["--maxmemory", "2mb", "--maxmemory-policy", "noeviction"];
+    let mut redis = OwnRedis::start_with(OwnRedis::free_port(), &settings).await;
+    let mut filler = store_connection(&redis.url()).await;
+    let mut full = false;
+    for batch in 0..64 {
+        let value = vec![b'x'; 64 * 1024];
+        let filled: Result<(), _> = redis::cmd("SET")
+            .arg(format!("filler:{batch}"))
+            .arg(value)
+            .query_async(&mut filler)
+            .await;
+        if filled.is_err_and(|error| error.code() == Some("OOM")) {
+            full = true;
+            break;
+        }
+    }
+    let store = RedisStore::connect(&redis.url()).await;
+    let refused = match &store {
+        Ok(store) => Some(claim_refusal(store).await),
+        Err(_) => None,
+    };
+    redis.stop().await;
+    assert!(full, "the server never filled up");
+    let error = refused.expect("connect to a full Redis");
+    assert_outage(&error);
+    assert_says(&error.to_string(), &["OOM", "maxmemory", "noeviction"]);
+}
+
+/// A store pointed at a read-only replica: every claim is refused with
+/// READONLY, and the error says to give it the primary.
+#[tokio::test]
+async fn a_redis_replica_says_to_connect_to_the_primary() {
+    if backend_url(REDIS).is_none() {
+        return;
+    }
+    // A replica of a primary that is not there is read-only all the same.
+    let primary_port = OwnRedis::free_port().to_string();
+    let settings = ["--replicaof", "127.0.0.1", primary_port.as_str()];
+    let mut redis = OwnRedis::start_with(OwnRedis::free_port(), &settings).await;
+    let store = RedisStore::connect(&redis.url()).await;
+    let refused = match &store {
+        Ok(store) => Ok(claim_refusal(store).await),
+        Err(error) => Err(error.to_string()),
+    };
+    redis.stop().await;
+    let error = refused.expect("connect to the replica");
+    assert_misconfigured(&error);
+    assert_says(
+        &error.to_string(),
+        &["read only replica", "give it the primary's address"],
+    );
+}
+
+/// A Redis that cannot save its snapshot refuses writes
+/// (`stop-writes-on-bgsave-error`) until someone fixes what keeps it from
+/// saving: the error says to look in Redis's log.
+#[tokio::test]
+async fn a_redis_that_cannot_save_says_to_look_at_its_log() {
+    if backend_url(REDIS).is_none() {
+        return;
+    }
+    let dir = TempDir::new();
+    let Some(unwritable) = Unwritable::new(dir.path()) else {
+        return;
+    };
+    let dir_name = dir.path().display().to_string();
+    let settings = ["--save", "3600 1", "--dir", dir_name.as_str()];
+    let mut redis = OwnRedis::start_with(OwnRedis::free_port(), &settings).await;
+    let connected = RedisStore::connect(&redis.url()).await;
+    let mut admin = store_connection(&redis.url()).await;
+    let _: Result<String, _> = redis::cmd("BGSAVE").query_async(&mut admin).await;
+    let mut failed = false;
+    for _ in 0..200 {
+        let info: String = redis::cmd("INFO")
+            .arg("persistence")
+            .query_async(&mut admin)
+            .await
+            .expect("INFO");
+        if info.contains("rdb_last_bgsave_status:err") {
+            failed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused = match &connected {
+        Ok(store) => Ok(claim_refusal(store).await),
+        Err(error) => Err(error.to_string()),
+    };
+    // A store that connects now is refused its `PING`.
+    let refused_at_connect = RedisStore::connect(&redis.url()).await.err();
+    redis.stop().await;
+    drop(unwritable);
+    assert!(failed, "the snapshot did not fail");
+    let refused = refused.expect("connect before the snapshot failed");
+    let refused_at_connect = refused_at_connect.expect("PING refused");
+    for error in [refused, refused_at_connect] {
+        assert_misconfigured(&error);
+        assert_says(&error.to_string(), &["MISCONF", "Redis's log"]);
+    }
+}
+
+/// A Redis user whose ACL does not reach the store's keys: the error
+/// names the key and the ACL to give.
+#[tokio::test]
+async fn a_redis_user_without_the_acl_for_the_store_is_told_what_to_allow() {
+    if backend_url(REDIS).is_none() {
+        return;
+    }
+    let mut redis = OwnRedis::start(OwnRedis::free_port()).await;
+    let mut admin = store_connection(&redis.url()).await;
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "narrow", "on", ">secret", "~other:*", "+@all"])
+        .query_async(&mut admin)
+        .await
+        .expect("ACL SETUSER");
+    let url = redis.url().replace("redis://", "redis://narrow:secret@");
+    let store = RedisStore::connect(&url).await;
+    let refused = match &store {
+        Ok(store) => Ok((
+            claim_refusal(store).await,
+            store.redis_key(&record_key("k")),
+        )),
+        Err(error) => Err(error.to_string()),
+    };
+    redis.stop().await;
+    let (error, redis_key) = refused.expect("connect as the narrow user");
+    assert_misconfigured(&error);
+    assert_says(
+        &error.to_string(),
+        &["no permissions", &redis_key, "ACL SETUSER"],
+    );
 }
 
 async fn store_connection(url: &str) -> redis::aio::ConnectionManager {
@@ -324,7 +559,9 @@ impl Drop for TempDir {
 
 async fn sqlite_open_error(path: &Path) -> String {
     let opened = SqliteStore::open(path).await;
-    opened.expect_err("cannot be opened").to_string()
+    let error = opened.expect_err("cannot be opened");
+    assert_misconfigured(&error);
+    error.to_string()
 }
 
 /// SQLite says only "unable to open database file": the error names the
@@ -354,8 +591,12 @@ async fn a_sqlite_path_that_cannot_be_opened_says_why() {
 #[tokio::test]
 async fn a_url_that_is_not_sqlite_is_refused() {
     let connected = SqliteStore::connect("postgres://127.0.0.1/records").await;
-    let error = connected.expect_err("not a SQLite URL").to_string();
-    assert_says(&error, &["not a SQLite URL", "sqlite://idempotency.db"]);
+    let error = connected.expect_err("not a SQLite URL");
+    assert_misconfigured(&error);
+    assert_says(
+        &error.to_string(),
+        &["not a SQLite URL", "sqlite://idempotency.db"],
+    );
 }
 
 /// Before `migrate`, requests name it.
@@ -367,6 +608,7 @@ async fn a_missing_sqlite_table_names_migrate() {
         .expect("open");
     assert_says(&claim_error(&store).await, &["SqliteStore::migrate()"]);
     let error = store.purge_expired().await.expect_err("no table");
+    assert_misconfigured(&error);
     assert_says(&error.to_string(), &["SqliteStore::migrate()"]);
 }
 
@@ -384,6 +626,7 @@ async fn a_sqlite_table_made_by_something_else_is_refused_by_migrate() {
         .await
         .expect("create another table");
     let error = store.migrate().await.expect_err("not the store's table");
+    assert_misconfigured(&error);
     assert_says(
         &error.to_string(),
         &[
@@ -408,6 +651,7 @@ async fn migrating_into_an_unattached_sqlite_schema_says_so() {
         .build()
         .expect("valid table name");
     let error = store.migrate().await.expect_err("no such schema");
+    assert_misconfigured(&error);
     assert_says(&error.to_string(), &["archive.records", "not attached"]);
 }
 
@@ -422,5 +666,181 @@ async fn a_read_only_sqlite_database_says_so() {
     let url = format!("sqlite://{}?mode=ro", file.display());
     let store = SqliteStore::connect(&url).await.expect("open read-only");
     let error = claim_error(&store).await;
-    assert_says(&error, &["read-only", "open it read-write"]);
+    assert_says(&error, &["read-only", "without `mode=ro`"]);
+}
+
+/// Keeps this process from writing `path` while it lives: by its mode,
+/// or, for root, whom modes do not stop, by making it immutable
+/// (`chattr +i`). `None`, after saying so, where neither stops a write.
+struct Unwritable {
+    path: PathBuf,
+    immutable: bool,
+}
+
+impl Unwritable {
+    fn new(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::PermissionsExt as _;
+
+        let mode = if path.is_dir() { 0o555 } else { 0o444 };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        let mut unwritable = Self {
+            path: path.to_owned(),
+            immutable: false,
+        };
+        if !unwritable.writable() {
+            return Some(unwritable);
+        }
+        let chattr = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .status();
+        unwritable.immutable = chattr.is_ok_and(|status| status.success());
+        if unwritable.writable() {
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipped: cannot make {} unwritable here",
+                path.display()
+            );
+            return None;
+        }
+        Some(unwritable)
+    }
+
+    /// Whether a write to the path, or to a new file in it, succeeds.
+    fn writable(&self) -> bool {
+        if !self.path.is_dir() {
+            return std::fs::OpenOptions::new()
+                .append(true)
+                .open(&self.path)
+                .is_ok();
+        }
+        let probe = self.path.join("write-probe");
+        let created = std::fs::File::create(&probe).is_ok();
+        let _ = std::fs::remove_file(&probe);
+        created
+    }
+}
+
+impl Drop for Unwritable {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt as _;
+
+        if self.immutable {
+            let _ = std::process::Command::new("chattr")
+                .arg("-i")
+                .arg(&self.path)
+                .status();
+        }
+        let _ = std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o755));
+    }
+}
+
+/// A migrated database at `file`, its pool closed (its `-wal` and `-shm`
+/// files gone with it).
+async fn migrated_sqlite(file: &Path) {
+    let store = SqliteStore::open(file).await.expect("open");
+    store.migrate().await.expect("migrate");
+    store.pool().close().await;
+}
+
+/// The store's first failure on `file`: at open, or at its first claim.
+async fn first_sqlite_failure(file: &Path) -> StoreError {
+    match SqliteStore::open(file).await {
+        Err(error) => error,
+        Ok(store) => claim_refusal(&store).await,
+    }
+}
+
+/// A database file the process may not write (its mode, a read-only
+/// mount): SQLite opens it read-only without a word, and every claim
+/// failed on "attempt to write a readonly database" with a hint to open
+/// it read-write, which the URL already did. The error names the file
+/// and the causes to look at.
+#[tokio::test]
+async fn a_sqlite_file_the_process_may_not_write_is_named() {
+    let dir = TempDir::new();
+    let file = dir.path().join("records.db");
+    migrated_sqlite(&file).await;
+    let Some(unwritable) = Unwritable::new(&file) else {
+        return;
+    };
+    let error = first_sqlite_failure(&file).await;
+    drop(unwritable);
+    assert_misconfigured(&error);
+    assert_says(
+        &error.to_string(),
+        &[
+            &file.display().to_string(),
+            "read-only",
+            "let the process write the file and its directory",
+        ],
+    );
+}
+
+/// A database in a directory the process may not write: SQLite cannot
+/// create the `-wal` and `-shm` files beside it, and says only "unable to
+/// open database file". The error names the file and the directory.
+#[tokio::test]
+async fn a_sqlite_directory_the_process_may_not_write_is_named() {
+    let dir = TempDir::new();
+    let file = dir.path().join("records.db");
+    migrated_sqlite(&file).await;
+    // As a file copied there would be: out of WAL mode, without the
+    // `-wal` and `-shm` files that WAL mode keeps beside it.
+    let mut connection = SqliteConnection::connect(&format!("sqlite://{}", file.display()))
+        .await
+        .expect("open the file");
+    sqlx::raw_sql("PRAGMA journal_mode = DELETE")
+        .execute(&mut connection)
+        .await
+        .expect("leave WAL mode");
+    connection.close().await.expect("close");
+    let Some(unwritable) = Unwritable::new(dir.path()) else {
+        return;
+    };
+    let error = first_sqlite_failure(&file).await;
+    drop(unwritable);
+    assert_misconfigured(&error);
+    assert_says(
+        &error.to_string(),
+        &[&file.display().to_string(), "its directory", "-wal"],
+    );
+}
+
+/// A database that cannot grow (a full disk; here, a file at its
+/// `max_page_count`): SQLite says "database or disk is full". Claims are
+/// refused as in an outage, since freeing space ends it, and the error
+/// says what to free.
+#[tokio::test]
+async fn a_full_sqlite_database_is_an_outage_that_says_what_to_free() {
+    let dir = TempDir::new();
+    let file = dir.path().join("records.db");
+    migrated_sqlite(&file).await;
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&file)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+        .pragma("max_page_count", "8");
+    let pool = sqlx::SqlitePool::connect_with(options).await.expect("open");
+    let store = SqliteStore::builder(pool)
+        .build()
+        .expect("valid table name");
+    let mut refused = None;
+    for n in 0..2000 {
+        let key = record_key(&format!("key-{n}"));
+        let fingerprint = Fingerprint::from_bytes([1; 32]);
+        if let Err(error) = store
+            .claim(&key, fingerprint, Duration::from_secs(60))
+            .await
+        {
+            refused = Some(error);
+            break;
+        }
+    }
+    store.pool().close().await;
+    let error = refused.expect("a claim that finds the database full");
+    assert_outage(&error);
+    assert_says(
+        &error.to_string(),
+        &["database or disk is full", "free space on the disk"],
+    );
 }

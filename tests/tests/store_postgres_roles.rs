@@ -14,7 +14,7 @@ use idempotent_core::fingerprint::Fingerprint;
 use idempotent_core::key::IdempotencyKey;
 use idempotent_core::record::{Claim, RecordKey};
 use idempotent_core::scope::ScopeDigest;
-use idempotent_core::store::{PostgresStore, Store};
+use idempotent_core::store::{PostgresStore, Store, StoreError};
 use idempotent_core::testing::contract;
 use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
@@ -33,6 +33,10 @@ enum Table {
     Migrated { privileges: &'static str },
     /// Made without its index, the role granted every row privilege.
     WithoutIndex,
+    /// Made with `PostgresStore::migration_sql` in a schema of its own,
+    /// the role granted every row privilege on it but no `USAGE` on the
+    /// schema.
+    InSchemaWithoutUsage,
 }
 
 /// A role of its own (no `CREATE` anywhere, as PostgreSQL 15 gives a new
@@ -42,6 +46,8 @@ struct Setup {
     role_pool: PgPool,
     table: String,
     role: String,
+    /// The schema made for the table, if any.
+    schema: Option<String>,
 }
 
 impl Setup {
@@ -51,7 +57,12 @@ impl Setup {
             .await
             .expect("connect as the superuser");
         let name = unique_name("idem_rows");
-        let (table_name, role) = (name.clone(), format!("{name}_role"));
+        let role = format!("{name}_role");
+        let schema = matches!(table, Table::InSchemaWithoutUsage).then(|| format!("{name}_schema"));
+        let table_name = match &schema {
+            Some(schema) => format!("{schema}.records"),
+            None => name.clone(),
+        };
         run(&admin, &format!("CREATE ROLE {role} LOGIN")).await;
         let migration = PostgresStore::migration_sql(&table_name).expect("valid table name");
         match table {
@@ -70,19 +81,32 @@ impl Setup {
                 let grant = format!("GRANT {ROW_PRIVILEGES} ON {table_name} TO {role}");
                 run(&admin, &grant).await;
             }
+            Table::InSchemaWithoutUsage => {
+                let schema = schema.as_deref().expect("a schema");
+                run(&admin, &format!("CREATE SCHEMA {schema}")).await;
+                run(&admin, &migration).await;
+                let grant = format!("GRANT {ROW_PRIVILEGES} ON {table_name} TO {role}");
+                run(&admin, &grant).await;
+            }
         }
-        let options: PgConnectOptions = url.parse().expect("valid URL");
-        let role_pool = PostgresStore::pool_options()
-            .max_connections(4)
-            .connect_with(options.username(&role))
-            .await
-            .expect("connect as the role");
+        let role_pool = role_pool(url, &role).await;
         Self {
             admin,
             role_pool,
             table: table_name,
             role,
+            schema,
         }
+    }
+
+    /// Runs `statement` as the superuser, then connects the role anew, so
+    /// that settings of the role it changed apply to its sessions. An
+    /// error is handed back, so that the role and table are still dropped.
+    async fn as_admin_then_reconnect(&mut self, url: &str, statement: &str) -> Result<(), String> {
+        try_run(&self.admin, statement).await?;
+        self.role_pool.close().await;
+        self.role_pool = role_pool(url, &self.role).await;
+        Ok(())
     }
 
     /// A store on the table, connected as the role.
@@ -99,22 +123,41 @@ impl Setup {
     async fn around<T>(self, test: impl Future<Output = T>) -> T {
         let outcome = test.await;
         self.role_pool.close().await;
-        let drop = format!(
-            "DROP TABLE IF EXISTS {table}; DROP ROLE {role}",
+        let mut drop = format!(
+            "DROP TABLE IF EXISTS {table}; DROP OWNED BY {role}; DROP ROLE {role};",
             table = self.table,
             role = self.role
         );
+        if let Some(schema) = &self.schema {
+            drop += &format!("DROP SCHEMA {schema};");
+        }
         run(&self.admin, &drop).await;
         self.admin.close().await;
         outcome
     }
 }
 
-async fn run(pool: &PgPool, statements: &str) {
-    sqlx::raw_sql(statements)
-        .execute(pool)
+/// A pool of the store's settings, connected as `role`.
+async fn role_pool(url: &str, role: &str) -> PgPool {
+    let options: PgConnectOptions = url.parse().expect("valid URL");
+    PostgresStore::pool_options()
+        .max_connections(4)
+        .connect_with(options.username(role))
         .await
-        .unwrap_or_else(|error| panic!("run `{statements}`: {error}"));
+        .expect("connect as the role")
+}
+
+async fn run(pool: &PgPool, statements: &str) {
+    try_run(pool, statements)
+        .await
+        .unwrap_or_else(|error| panic!("{error}"));
+}
+
+async fn try_run(pool: &PgPool, statements: &str) -> Result<(), String> {
+    match sqlx::raw_sql(statements).execute(pool).await {
+        Ok(_) => Ok(()),
+        Err(error) => Err(format!("run `{statements}`: {error}")),
+    }
 }
 
 fn record_key(name: &str) -> RecordKey {
@@ -226,6 +269,165 @@ async fn a_role_lacking_row_privileges_is_told_which_to_grant_by_migrate() {
             "lacks UPDATE, DELETE",
             &format!("GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {role}"),
         ],
+    );
+}
+
+/// One claim of a new key.
+async fn claim(store: &PostgresStore) -> Result<Claim, StoreError> {
+    let key = record_key("k");
+    store
+        .claim(
+            &key,
+            Fingerprint::from_bytes([1; 32]),
+            Duration::from_secs(60),
+        )
+        .await
+}
+
+/// The SQL an error's text gives between "(`" and "`)", if any.
+fn suggested_sql(error: &str) -> &str {
+    let Some(start) = error.find("(`").map(|start| start + 2) else {
+        return "";
+    };
+    let length = error[start..].find("`)").unwrap_or(0);
+    &error[start..start + length]
+}
+
+/// A role without `USAGE` on the schema of the table was told to grant
+/// `CREATE` on it, which would not have helped: `migrate` names the
+/// schema and the `GRANT USAGE` to run, that `GRANT` lets it migrate, and
+/// requests meanwhile name `USAGE` too. Both are a setup to change, not
+/// an outage.
+#[tokio::test]
+async fn a_role_without_usage_on_the_tables_schema_is_told_to_grant_usage() {
+    let Some(url) = backend_url(URL) else { return };
+    let setup = Setup::new(&url, Table::InSchemaWithoutUsage).await;
+    let store = setup.store(ManualClock::starting_now());
+    let schema = setup.schema.clone().expect("a schema");
+    let (table, role, admin) = (setup.table.clone(), setup.role.clone(), setup.admin.clone());
+    let (migrated, claimed, granted, migrated_after_grant) = setup
+        .around(async move {
+            let migrated = store.migrate().await;
+            let claimed = claim(&store).await;
+            let Err(error) = &migrated else {
+                return (migrated, claimed, String::new(), Ok(()));
+            };
+            let grant = suggested_sql(&error.to_string()).to_owned();
+            let migrated_after_grant = match try_run(&admin, &grant).await {
+                Ok(()) => store.migrate().await.map_err(|error| error.to_string()),
+                Err(error) => Err(error),
+            };
+            (migrated, claimed, grant, migrated_after_grant)
+        })
+        .await;
+    let error = migrated.expect_err("the role may not use the schema");
+    assert!(matches!(error, StoreError::Misconfigured(_)), "{error:?}");
+    let error = error.to_string();
+    assert_says(
+        &error,
+        &[
+            &format!("the role `{role}` may not use the schema `{schema}` of the table `{table}`"),
+            "lacks USAGE",
+        ],
+    );
+    assert!(!error.contains("CREATE"), "{error}");
+    assert_eq!(granted, format!("GRANT USAGE ON SCHEMA {schema} TO {role}"));
+    migrated_after_grant.expect("the suggested GRANT is all the role lacked");
+    let claimed = claimed.expect_err("the role may not use the schema");
+    assert!(
+        matches!(claimed, StoreError::Misconfigured(_)),
+        "{claimed:?}"
+    );
+    assert_says(
+        &claimed.to_string(),
+        &[
+            &format!("permission denied for schema {schema}"),
+            "USAGE on the table's schema",
+        ],
+    );
+}
+
+/// A role whose transactions are read-only (`default_transaction_read_only`,
+/// as on a hot standby) passed `migrate`, which only reads when the table
+/// is there, and every claim then failed on "cannot execute INSERT in a
+/// read-only transaction". `migrate` refuses it with the `ALTER ROLE` to
+/// run, which lets the role serve; requests name the setting too.
+#[tokio::test]
+async fn a_role_whose_transactions_are_read_only_is_told_so() {
+    let Some(url) = backend_url(URL) else { return };
+    let privileges = ROW_PRIVILEGES;
+    let mut setup = Setup::new(&url, Table::Migrated { privileges }).await;
+    let role = setup.role.clone();
+    let read_only = format!("ALTER ROLE {role} SET default_transaction_read_only = on");
+    let made_read_only = setup.as_admin_then_reconnect(&url, &read_only).await;
+    let store = setup.store(ManualClock::starting_now());
+    let (migrated, claimed) = (store.migrate().await, claim(&store).await);
+    let suggested = match &migrated {
+        Err(error) => suggested_sql(&error.to_string()).to_owned(),
+        Ok(()) => String::new(),
+    };
+    let applied = setup.as_admin_then_reconnect(&url, &suggested).await;
+    let store = setup.store(ManualClock::starting_now());
+    let fixed = setup
+        .around(async move {
+            store.migrate().await?;
+            claim(&store).await
+        })
+        .await;
+    made_read_only.expect("make the role's transactions read-only");
+    let error = migrated.expect_err("the role takes no writes");
+    assert!(matches!(error, StoreError::Misconfigured(_)), "{error:?}");
+    assert_says(&error.to_string(), &["transactions are read-only"]);
+    assert_eq!(
+        suggested,
+        format!("ALTER ROLE {role} SET default_transaction_read_only = off")
+    );
+    let claimed = claimed.expect_err("the role takes no writes");
+    assert!(
+        matches!(claimed, StoreError::Misconfigured(_)),
+        "{claimed:?}"
+    );
+    assert_says(
+        &claimed.to_string(),
+        &["read-only transaction", "default_transaction_read_only"],
+    );
+    applied.expect("run the suggested ALTER ROLE");
+    let fixed = fixed.expect("the suggested ALTER ROLE is all the role lacked");
+    assert!(matches!(fixed, Claim::Acquired(_)));
+}
+
+/// A role that may no longer log in (`NOLOGIN`, as when a role is retired
+/// under a running service): once its connections are gone, requests say
+/// that the server refuses the store's role, as a setup to change.
+#[tokio::test]
+async fn a_role_refused_login_under_a_running_store_is_named() {
+    let Some(url) = backend_url(URL) else { return };
+    let privileges = ROW_PRIVILEGES;
+    let setup = Setup::new(&url, Table::Migrated { privileges }).await;
+    let store = setup.store(ManualClock::starting_now());
+    store.migrate().await.expect("migrate as the role");
+    let role = setup.role.clone();
+    let admin = setup.admin.clone();
+    let claimed = setup
+        .around(async move {
+            let retire = format!(
+                "ALTER ROLE {role} NOLOGIN;
+                 SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
+            );
+            run(&admin, &retire).await;
+            let claimed = claim(&store).await;
+            run(&admin, &format!("ALTER ROLE {role} LOGIN")).await;
+            claimed
+        })
+        .await;
+    let claimed = claimed.expect_err("the role may not log in");
+    assert!(
+        matches!(claimed, StoreError::Misconfigured(_)),
+        "{claimed:?}"
+    );
+    assert_says(
+        &claimed.to_string(),
+        &["not permitted to log in", "refused the store's role"],
     );
 }
 

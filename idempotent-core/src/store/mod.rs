@@ -53,9 +53,17 @@ pub enum StoreError {
     /// The store did not answer within the configured timeout.
     #[error("the idempotency store did not answer within {0:?}")]
     Timeout(Duration),
-    /// The backend failed (connection, query, protocol...).
+    /// The backend failed (connection, query, protocol...), in a way that
+    /// may pass by itself: the server is down, slow, full or busy.
     #[error("the idempotency store failed: {0}")]
     Backend(#[source] BoxError),
+    /// The store is set up wrongly, and fails the same way until someone
+    /// changes its setup: a missing table or privilege, a read-only
+    /// database, another application's value at a record's key, a wrong
+    /// password. Retrying cannot help before then; the error says what to
+    /// change.
+    #[error("the idempotency store is set up wrongly: {0}")]
+    Misconfigured(#[source] BoxError),
     /// A stored record could not be decoded.
     #[error(transparent)]
     Codec(#[from] crate::record::CodecError),
@@ -65,6 +73,12 @@ impl StoreError {
     /// Wraps any backend error.
     pub fn backend(error: impl Into<BoxError>) -> Self {
         Self::Backend(error.into())
+    }
+
+    /// Wraps a backend error that only a change of the store's setup
+    /// makes go away (see [`StoreError::Misconfigured`]).
+    pub fn misconfigured(error: impl Into<BoxError>) -> Self {
+        Self::Misconfigured(error.into())
     }
 }
 
@@ -167,12 +181,24 @@ pub(crate) struct Explained<E> {
 
 #[cfg(any(feature = "postgres", feature = "redis", feature = "sqlite"))]
 impl<E: std::error::Error + Send + Sync + 'static> Explained<E> {
-    /// `cause`, told with `hint`.
+    /// `cause`, told with `hint`, of a failure that may pass by itself
+    /// (a server down or full): [`StoreError::Backend`].
     pub(crate) fn store_error(cause: E, hint: impl Into<String>) -> StoreError {
-        StoreError::backend(Self {
+        StoreError::backend(Self::new(cause, hint))
+    }
+
+    /// `cause`, told with `hint`, of a store set up wrongly, which fails
+    /// the same way until `hint` is followed:
+    /// [`StoreError::Misconfigured`].
+    pub(crate) fn misconfigured(cause: E, hint: impl Into<String>) -> StoreError {
+        StoreError::misconfigured(Self::new(cause, hint))
+    }
+
+    fn new(cause: E, hint: impl Into<String>) -> Self {
+        Self {
             cause,
             hint: hint.into(),
-        })
+        }
     }
 }
 

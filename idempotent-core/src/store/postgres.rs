@@ -352,8 +352,10 @@ impl PostgresStore {
     /// # Errors
     /// The database refused (for example, no `CREATE` privilege, or no
     /// such schema), a table of the same name exists without the store's
-    /// columns (made by something else), or the role may not read or
-    /// write the table: each error says what to change.
+    /// columns (made by something else), the role may not read or write
+    /// the table or use its schema, or the server takes no writes from
+    /// the role (a hot standby, `default_transaction_read_only`): each
+    /// error, a [`StoreError::Misconfigured`], says what to change.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         // PostgreSQL checks the `CREATE` privilege before it looks for
         // the table `IF NOT EXISTS` names, so the script fails for a role
@@ -362,12 +364,19 @@ impl PostgresStore {
         // one connection, so that the pool gains one connection at most.
         let mut connection = (self.pool().acquire().await)
             .map_err(|error| migrate_error(error, &self.inner.table, false))?;
-        let existing = self.existing(&mut connection).await.ok();
+        let existing = match self.existing(&mut connection).await {
+            Ok(existing) => Some(existing),
+            Err(error) => {
+                self.check_schema_usage(&mut connection, &error).await?;
+                None
+            }
+        };
         let table = existing.filter(Existing::is_table);
         if let Some(table) = &table {
             self.check_columns(&table.columns)?;
             if table.indexed {
-                return self.check_privileges(table);
+                self.check_privileges(table)?;
+                return check_writable(table);
             }
         }
         self.create(&mut connection, table.is_some()).await
@@ -412,20 +421,69 @@ impl PostgresStore {
                        WHERE i.indrelid = t.oid AND a.attname = 'expires_at'),
                ARRAY(SELECT p FROM unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE']) AS p
                      WHERE NOT has_table_privilege(t.oid, p)),
-               current_user::text
+               current_user::text,
+               pg_is_in_recovery(),
+               current_setting('transaction_read_only') = 'on'
              FROM (SELECT to_regclass('{quoted}') AS oid) AS t",
             quoted = sql::quoted(&self.inner.table)
         );
-        let (names, types, indexed, missing, role): (Vec<String>, Vec<String>, bool, _, _) =
+        type Inspected = (
+            Vec<String>,
+            Vec<String>,
+            bool,
+            Vec<String>,
+            String,
+            bool,
+            bool,
+        );
+        let (names, types, indexed, missing, role, standby, read_only): Inspected =
             sqlx::query_as(&inspect)
                 .fetch_one(&mut **connection)
                 .await?;
+        let writes = match (standby, read_only) {
+            (true, _) => Writes::Standby,
+            (false, true) => Writes::ReadOnly,
+            (false, false) => Writes::Taken,
+        };
         Ok(Existing {
             columns: names.into_iter().zip(types).collect(),
             indexed,
             missing,
             role,
+            writes,
         })
+    }
+
+    /// Refuses a role without `USAGE` on the table's schema, which
+    /// `inspection` (the look at the table) failed on: every statement
+    /// would fail the same way, and the script's failure would read as a
+    /// missing `CREATE`. Any other failure is left to the script to tell.
+    async fn check_schema_usage(
+        &self,
+        connection: &mut Leased,
+        inspection: &sqlx::Error,
+    ) -> Result<(), StoreError> {
+        if !is_not_permitted(inspection) {
+            return Ok(());
+        }
+        let schema = schema_of(&self.inner.table);
+        let denied: Option<String> = sqlx::query_scalar(
+            "SELECT current_user::text FROM pg_namespace
+             WHERE nspname = $1 AND NOT has_schema_privilege(oid, 'USAGE')",
+        )
+        .bind(schema.to_ascii_lowercase())
+        .fetch_optional(&mut **connection)
+        .await
+        .ok()
+        .flatten();
+        match denied {
+            None => Ok(()),
+            Some(role) => Err(StoreError::misconfigured(SchemaNotPermitted {
+                schema: schema.to_owned(),
+                table: self.inner.table.clone(),
+                role: role_identifier(&role),
+            })),
+        }
     }
 
     /// Refuses a role that lacks privileges the statements need on an
@@ -434,7 +492,7 @@ impl PostgresStore {
         if existing.missing.is_empty() {
             return Ok(());
         }
-        Err(StoreError::backend(TableNotPermitted {
+        Err(StoreError::misconfigured(TableNotPermitted {
             table: self.inner.table.clone(),
             role: role_identifier(&existing.role),
             missing: existing.missing.join(", "),
@@ -497,7 +555,7 @@ impl PostgresStore {
         }
         match sql::column_problems(found, COLUMNS, true) {
             None => Ok(()),
-            Some(problems) => Err(StoreError::backend(ForeignTable {
+            Some(problems) => Err(StoreError::misconfigured(ForeignTable {
                 table: self.inner.table.clone(),
                 problems,
                 builder: "PostgresStoreBuilder",
@@ -592,35 +650,56 @@ fn parse_url(url: &str) -> Result<PgConnectOptions, StoreError> {
     let scheme = url.split_once("://").map(|(scheme, _)| scheme);
     if let Some(scheme) = scheme.filter(|scheme| !matches!(*scheme, "postgres" | "postgresql")) {
         let cause = format!("`{scheme}://` is not a PostgreSQL URL");
-        return Err(Explained::store_error(
+        return Err(Explained::misconfigured(
             sqlx::Error::Configuration(cause.into()),
             EXPECTED,
         ));
     }
-    PgConnectOptions::from_str(url).map_err(|error| Explained::store_error(error, EXPECTED))
+    PgConnectOptions::from_str(url).map_err(|error| Explained::misconfigured(error, EXPECTED))
 }
 
 /// The first connection's failure, with the server, role and database
 /// it was for (never the password), and what to check.
 fn connect_error(cause: sqlx::Error, options: &PgConnectOptions) -> StoreError {
+    let role = role_identifier(options.get_username());
+    let database = options.get_database().unwrap_or(options.get_username());
     let code = cause.as_database_error().and_then(|error| error.code());
-    let fix = match code.as_deref() {
-        Some("3D000") => "create the database, or name an existing one in the URL",
-        Some("28000") => "create the role, or name an existing one in the URL",
-        Some("28P01") => "check the password in the URL",
-        _ if matches!(cause, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut) => {
-            "check that PostgreSQL runs and listens there"
-        }
-        _ => "check the URL and the server",
+    let (fix, setup) = match code.as_deref() {
+        Some("3D000") => (
+            "create the database, or name an existing one in the URL".to_owned(),
+            true,
+        ),
+        Some("28000") => (
+            "create the role (it must be allowed to log in), or name an existing one in the URL"
+                .to_owned(),
+            true,
+        ),
+        Some("28P01") => ("check the password in the URL".to_owned(), true),
+        // `CONNECT` revoked from `PUBLIC` on the database, and not
+        // granted to the role.
+        Some("42501") => (
+            format!(
+                "grant the role CONNECT on the database as its owner (`GRANT CONNECT ON DATABASE {database} TO {role}`)"
+            ),
+            true,
+        ),
+        _ if matches!(cause, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut) => (
+            "check that PostgreSQL runs and listens there".to_owned(),
+            false,
+        ),
+        _ => ("check the URL and the server".to_owned(), false),
     };
     let hint = format!(
-        "connecting to PostgreSQL at {host}:{port} as role `{role}`, database `{database}`: {fix}",
+        "connecting to PostgreSQL at {host}:{port} as role `{user}`, database `{database}`: {fix}",
         host = options.get_host(),
         port = options.get_port(),
-        role = options.get_username(),
-        database = options.get_database().unwrap_or(options.get_username()),
+        user = options.get_username(),
     );
-    Explained::store_error(cause, hint)
+    if setup {
+        Explained::misconfigured(cause, hint)
+    } else {
+        Explained::store_error(cause, hint)
+    }
 }
 
 /// A background task purging expired records; stops when dropped.
@@ -669,7 +748,7 @@ const COLUMNS: &[(&str, &str)] = &[
 /// created.
 fn migrate_error(error: sqlx::Error, table: &str, table_exists: bool) -> StoreError {
     let code = error.as_database_error().and_then(|error| error.code());
-    let schema = table.split_once('.').map_or("public", |(schema, _)| schema);
+    let schema = schema_of(table);
     let hint = match code.as_deref() {
         Some("42501") if table_exists => format!(
             "the table `{table}` has no index on `expires_at`, which only its owner may create: run the `CREATE INDEX` statement of `PostgresStore::migration_sql(\"{table}\")` as the table's owner"
@@ -682,7 +761,36 @@ fn migrate_error(error: sqlx::Error, table: &str, table_exists: bool) -> StoreEr
         ),
         _ => return statement_error(error),
     };
-    Explained::store_error(error, hint)
+    Explained::misconfigured(error, hint)
+}
+
+/// The schema `table` is in, as configured: `public` for a name without
+/// one, where the role's search path finds it by default.
+fn schema_of(table: &str) -> &str {
+    table.split_once('.').map_or("public", |(schema, _)| schema)
+}
+
+/// Whether PostgreSQL refused `error`'s statement for a privilege the
+/// role lacks (SQLSTATE 42501).
+fn is_not_permitted(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|error| error.code())
+        .is_some_and(|code| code == "42501")
+}
+
+/// Refuses a server that takes no writes from the store's role, found by
+/// `migrate` on a table it would otherwise accept: every claim would fail.
+fn check_writable(existing: &Existing) -> Result<(), StoreError> {
+    let role = role_identifier(&existing.role);
+    let why = match existing.writes {
+        Writes::Taken => return Ok(()),
+        Writes::Standby => "the server is a hot standby (in recovery), which takes no writes: connect the store to the primary".to_owned(),
+        Writes::ReadOnly => format!(
+            "the role `{role}`'s transactions are read-only, as `default_transaction_read_only` is on for the role, its database or the server: turn it off for the store's role (`ALTER ROLE {role} SET default_transaction_read_only = off`), or connect to a server that takes writes"
+        ),
+    };
+    Err(StoreError::misconfigured(NotWritable(why)))
 }
 
 /// [`SCHEMA`] for `table`, a checked name.
@@ -704,6 +812,37 @@ struct Existing {
     /// that the role lacks on the table.
     missing: Vec<String>,
     /// The role connected.
+    role: String,
+    /// Whether the server takes the role's writes.
+    writes: Writes,
+}
+
+/// Whether the server takes writes from the store's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writes {
+    /// It takes them.
+    Taken,
+    /// A hot standby: a replica in recovery.
+    Standby,
+    /// `default_transaction_read_only` is on.
+    ReadOnly,
+}
+
+/// The server takes no writes from the store's role; says why and what to
+/// change.
+#[derive(Debug, thiserror::Error)]
+#[error("PostgreSQL refuses the store's writes: {0}")]
+struct NotWritable(String);
+
+/// The role lacks `USAGE` on the schema of the store's table, which every
+/// statement on the table needs.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the role `{role}` may not use the schema `{schema}` of the table `{table}` (it lacks USAGE on it): grant it as the schema's owner (`GRANT USAGE ON SCHEMA {schema} TO {role}`); the store's statements need it, and SELECT, INSERT, UPDATE and DELETE on the table"
+)]
+struct SchemaNotPermitted {
+    schema: String,
+    table: String,
     role: String,
 }
 

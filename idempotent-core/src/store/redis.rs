@@ -228,7 +228,7 @@ impl RedisStore {
     /// of range): the error names the server and what to change.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url)
-            .map_err(|error| Explained::store_error(error, URL_EXPECTED))?;
+            .map_err(|error| Explained::misconfigured(error, URL_EXPECTED))?;
         let server = client.get_connection_info().addr().to_string();
         let unreachable = |error| connect_error(error, &server);
         let config = ConnectionManagerConfig::new()
@@ -261,34 +261,68 @@ const NO_PASSWORD: &str =
 /// The first connection's failure, with the server it was for and what
 /// to check.
 fn connect_error(error: redis::RedisError, server: &str) -> StoreError {
-    let fix = if error.code() == Some("NOAUTH") {
-        NO_PASSWORD
-    } else if error.kind() == redis::ErrorKind::AuthenticationFailed {
-        "check the user name and password in the URL"
-    } else if error.to_string().contains("DB index is out of range") {
-        "the server has fewer databases (its `databases` setting): name one in range in the URL"
-    } else if error.is_io_error() || error.is_timeout() {
+    let told = |fix: &str| format!("connecting to Redis at {server}: {fix}");
+    if let Some(fix) = refusal_fix(&error, "the store's keys") {
+        return Explained::misconfigured(error, told(&fix));
+    }
+    if error.to_string().contains("DB index is out of range") {
+        let fix = "the server has fewer databases (its `databases` setting): name one in range in the URL";
+        return Explained::misconfigured(error, told(fix));
+    }
+    let fix = if error.is_io_error() || error.is_timeout() {
         "check that Redis runs and listens there"
     } else {
         "check the URL and the server"
     };
-    Explained::store_error(error, format!("connecting to Redis at {server}: {fix}"))
+    Explained::store_error(error, told(fix))
 }
 
-/// An operation's failure on `redis_key`, with the fix when the
-/// store is set up wrongly: those fail every time, retried or not.
+/// An operation's failure on `redis_key`, with the fix when the store is
+/// set up wrongly (those fail every time, retried or not) or Redis is
+/// full.
 fn operation_error(error: redis::RedisError, redis_key: &str) -> StoreError {
-    match error.code() {
-        Some("WRONGTYPE") => {
-            let hint = format!(
-                "the key `{redis_key}` holds a value this store did not write (a hash, list or set...): another application uses the store's key prefix; give the store a prefix of its own with `RedisStoreBuilder::prefix(...)`"
-            );
-            Explained::store_error(error, hint)
-        }
-        Some("NOAUTH") => Explained::store_error(error, NO_PASSWORD),
-        _ => StoreError::backend(error),
+    if error.code() == Some("WRONGTYPE") {
+        let fix = format!(
+            "the key `{redis_key}` holds a value this store did not write (a hash, list or set...): another application uses the store's key prefix; give the store a prefix of its own with `RedisStoreBuilder::prefix(...)`, or delete that key"
+        );
+        return Explained::misconfigured(error, fix);
+    }
+    // A full Redis is an outage that may pass as records expire, not a
+    // setup to change: told, and retried as one.
+    if error.code() == Some("OOM") {
+        return Explained::store_error(error, FULL);
+    }
+    match refusal_fix(&error, &format!("`{redis_key}`")) {
+        Some(fix) => Explained::misconfigured(error, fix),
+        None => StoreError::backend(error),
     }
 }
+
+/// What to change when Redis refuses the store's commands for good,
+/// whatever the key: a password, an ACL that does not reach `keys`, a
+/// replica, a snapshot that cannot be saved. `None` for anything else.
+fn refusal_fix(error: &redis::RedisError, keys: &str) -> Option<String> {
+    let fix = match error.code() {
+        Some("NOAUTH") => NO_PASSWORD.to_owned(),
+        _ if error.kind() == redis::ErrorKind::AuthenticationFailed => {
+            "check the user name and password in the URL".to_owned()
+        }
+        Some("NOPERM") => format!(
+            "the Redis user the store connects as may not run this command on {keys}: its ACL must allow GET, SET, EVAL, EVALSHA, SCRIPT LOAD and PING on the keys of the store's prefix (`ACL SETUSER <user> ~<prefix>* +get +set +eval +evalsha +script|load +ping`)"
+        ),
+        Some("READONLY") => {
+            "the store is connected to a read-only replica: give it the primary's address".to_owned()
+        }
+        Some("MISCONF") => {
+            "Redis refuses writes (and PING) because it cannot save its snapshot (`stop-writes-on-bgsave-error`): see why in Redis's log (a full disk, a directory it may not write), and fix that".to_owned()
+        }
+        _ => return None,
+    };
+    Some(fix)
+}
+
+/// What a Redis at its `maxmemory` under `noeviction` says to a write.
+const FULL: &str = "Redis is at its `maxmemory` and refuses writes (`maxmemory-policy noeviction`): new claims fail until records expire; raise `maxmemory`, or give the store a Redis of its own";
 
 /// What an evicting Redis does to the store, told when it connects.
 const EVICTING: &str = "this Redis evicts keys when it is full, in-flight claims among them: a retry of a request still running would then run it again; set maxmemory-policy to noeviction";

@@ -174,10 +174,10 @@ impl SqliteStore {
         // name, and would create that file.
         if !url.starts_with("sqlite:") {
             let cause = sqlx::Error::Configuration("not a SQLite URL".into());
-            return Err(Explained::store_error(cause, URL_EXPECTED));
+            return Err(Explained::misconfigured(cause, URL_EXPECTED));
         }
         let options = SqliteConnectOptions::from_str(url)
-            .map_err(|error| Explained::store_error(error, URL_EXPECTED))?;
+            .map_err(|error| Explained::misconfigured(error, URL_EXPECTED))?;
         Self::with_options(options).await
     }
 
@@ -283,9 +283,7 @@ impl SqliteStore {
         // NOT EXISTS`, and its index fails on a column it lacks: either
         // way, what the table lacks is the error to tell.
         self.check_columns().await?;
-        created
-            .map(drop)
-            .map_err(|error| migrate_error(error, table))
+        created.map(drop).map_err(|error| self.migrate_error(error))
     }
 
     /// Refuses a table without the store's columns, which every statement
@@ -314,7 +312,7 @@ impl SqliteStore {
         }
         match sql::column_problems(&found, COLUMNS, false) {
             None => Ok(()),
-            Some(problems) => Err(StoreError::backend(ForeignTable {
+            Some(problems) => Err(StoreError::misconfigured(ForeignTable {
                 table: table.clone(),
                 problems,
                 builder: "SqliteStoreBuilder",
@@ -341,7 +339,7 @@ impl SqliteStore {
                 .bind(sql::PURGE_BATCH)
                 .execute(&self.inner.pool)
                 .await
-                .map_err(statement_error)?;
+                .map_err(|error| self.statement_error(error))?;
             Ok(deleted.rows_affected())
         })
         .await
@@ -378,7 +376,7 @@ impl SqliteStore {
             .bind(to_sql_millis(now))
             .execute(&self.inner.pool)
             .await
-            .map_err(statement_error)?;
+            .map_err(|error| self.statement_error(error))?;
         Ok(written.rows_affected() > 0)
     }
 
@@ -492,60 +490,85 @@ fn open_error(error: sqlx::Error, file: &Path) -> StoreError {
                     parent.display()
                 )
             }
-            _ => format!("check that the process may read and write `{path}` and its directory"),
+            _ => format!(
+                "check that the process may read and write `{path}` and its directory, where SQLite creates the `-wal` and `-shm` files beside it"
+            ),
         },
         // SQLITE_NOTADB
         Some(26) => {
             format!("`{path}` is not a SQLite database: name a new file, or the store's database")
         }
         // SQLITE_BUSY, after the busy timeout: another connection keeps
-        // the file locked.
-        Some(5) => format!(
-            "another process has kept `{path}` locked for {}s (a connection in `locking_mode = EXCLUSIVE`, or a transaction left open): stop it, or give the store a file of its own",
-            BUSY_TIMEOUT.as_secs()
-        ),
-        // SQLITE_READONLY
-        Some(8) => {
-            format!("`{path}` is read-only: the store writes on every request; open it read-write")
+        // the file locked, which may end by itself.
+        Some(5) => {
+            let hint = format!(
+                "another process has kept `{path}` locked for {}s (a connection in `locking_mode = EXCLUSIVE`, or a transaction left open): stop it, or give the store a file of its own",
+                BUSY_TIMEOUT.as_secs()
+            );
+            return Explained::store_error(error, hint);
         }
-        _ => format!("opening the SQLite database `{path}`"),
+        // SQLITE_READONLY
+        Some(8) => format!("`{path}` is read-only: {READ_ONLY_FIX}"),
+        _ => {
+            return Explained::store_error(error, format!("opening the SQLite database `{path}`"));
+        }
     };
-    Explained::store_error(error, hint)
+    Explained::misconfigured(error, hint)
 }
 
-/// A statement's failure as the engine reports it: a missing table, one
-/// made by something else, or a read-only file is named as such, with the
-/// fix, since such a service answers every request 503.
-fn statement_error(error: sqlx::Error) -> StoreError {
+/// What to do about a database the store may not write.
+const READ_ONLY_FIX: &str = "the store writes on every request; let the process write the file and its directory (SQLite creates its `-wal` and `-shm` files beside it), keep it off read-only mounts, and open it without `mode=ro`";
+
+impl SqliteStore {
+    /// A statement's failure as the engine reports it: a missing table,
+    /// one made by something else, or a read-only file is named as such,
+    /// with the fix, since such a service fails every request; a full disk
+    /// is told as the outage it is.
+    fn statement_error(&self, error: sqlx::Error) -> StoreError {
+        let options = self.inner.pool.connect_options();
+        statement_error(error, &options.get_filename().display().to_string())
+    }
+
+    /// Why [`SqliteStore::migrate`] failed, with what to do about it.
+    fn migrate_error(&self, error: sqlx::Error) -> StoreError {
+        let table = &self.inner.table;
+        let unknown_schema = error
+            .as_database_error()
+            .is_some_and(|error| error.message().starts_with("unknown database"));
+        if unknown_schema {
+            let hint = format!(
+                "the schema of the table `{table}` is not attached: attach that database on every connection of the pool, or name the table without a schema"
+            );
+            return Explained::misconfigured(error, hint);
+        }
+        self.statement_error(error)
+    }
+}
+
+/// [`SqliteStore::statement_error`], for the database file at `path`.
+fn statement_error(error: sqlx::Error, path: &str) -> StoreError {
     let message = error
         .as_database_error()
         .map(|error| error.message().to_owned())
         .unwrap_or_default();
     let hint = if message.starts_with("no such table") {
-        "create the store's table with `SqliteStore::migrate()` when the service starts"
+        "create the store's table with `SqliteStore::migrate()` when the service starts".to_owned()
     } else if message.starts_with("no such column") || message.contains("has no column named") {
-        "the store's table does not have the columns `SqliteStore::migrate()` creates (a table of the same name made by something else?): give the store a table of its own with `SqliteStoreBuilder::table(...)`"
+        "the store's table does not have the columns `SqliteStore::migrate()` creates (a table of the same name made by something else?): give the store a table of its own with `SqliteStoreBuilder::table(...)`".to_owned()
     } else if result_code(&error) == Some(8) {
-        "the database is read-only: the store writes on every request; open it read-write"
+        format!("the database `{path}` is read-only: {READ_ONLY_FIX}")
+    } else if result_code(&error) == Some(13) {
+        // SQLITE_FULL: may pass as space is freed, so retried as an outage.
+        return Explained::store_error(error, DISK_FULL);
     } else {
         return StoreError::backend(error);
     };
-    Explained::store_error(error, hint)
+    Explained::misconfigured(error, hint)
 }
 
-/// Why [`SqliteStore::migrate`] failed, with what to do about it.
-fn migrate_error(error: sqlx::Error, table: &str) -> StoreError {
-    let unknown_schema = error
-        .as_database_error()
-        .is_some_and(|error| error.message().starts_with("unknown database"));
-    if unknown_schema {
-        let hint = format!(
-            "the schema of the table `{table}` is not attached: attach that database on every connection of the pool, or name the table without a schema"
-        );
-        return Explained::store_error(error, hint);
-    }
-    statement_error(error)
-}
+/// What to do about a full database (SQLITE_FULL): a full disk, or a
+/// file at its `max_page_count`.
+const DISK_FULL: &str = "the database file cannot grow: free space on the disk that holds it (or raise its `max_page_count`, if one is set)";
 
 /// Whether `options` open an in-memory database, as SQLite itself says:
 /// one without a file (`:memory:`, `sqlite::memory:`, `mode=memory`).
@@ -674,7 +697,7 @@ impl Store for SqliteStore {
             .bind(expires_at)
             .execute(&self.inner.pool)
             .await
-            .map_err(statement_error)?;
+            .map_err(|error| self.statement_error(error))?;
         held(updated.rows_affected())
     }
 
@@ -701,7 +724,7 @@ impl Store for SqliteStore {
             .bind(record.encode().as_ref())
             .execute(&self.inner.pool)
             .await
-            .map_err(statement_error)?;
+            .map_err(|error| self.statement_error(error))?;
         held(updated.rows_affected())
     }
 
@@ -712,7 +735,7 @@ impl Store for SqliteStore {
             .bind(token.to_bytes().as_slice())
             .execute(&self.inner.pool)
             .await
-            .map_err(statement_error)?;
+            .map_err(|error| self.statement_error(error))?;
         held(deleted.rows_affected())
     }
 
@@ -723,7 +746,7 @@ impl Store for SqliteStore {
             .bind(to_sql_millis(self.now()))
             .fetch_optional(&self.inner.pool)
             .await
-            .map_err(statement_error)?;
+            .map_err(|error| self.statement_error(error))?;
         row.map(|row| record_from_row(&row)).transpose()
     }
 

@@ -31,7 +31,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, Postgres};
 use tokio::sync::watch;
 
 use crate::engine::poll_once;
-use crate::store::StoreError;
+use crate::store::{Explained, StoreError};
 
 /// How long a new connection may take before the store checks whether the
 /// server takes connections at all: far longer than connecting takes,
@@ -92,9 +92,31 @@ pub(super) enum AcquireError {
 impl From<AcquireError> for StoreError {
     fn from(error: AcquireError) -> Self {
         match error {
-            AcquireError::Pool(error) => Self::backend(error),
+            AcquireError::Pool(error) => match refused_login(&error) {
+                Some(fix) => Explained::misconfigured(error, fix),
+                None => Self::backend(error),
+            },
             AcquireError::Unreachable(unreachable) => Self::backend(unreachable),
         }
+    }
+}
+
+/// What to change when the server refused a new connection's login, as
+/// it does for good after a password, a role or a database changed under
+/// a running service; `None` for any other failure.
+fn refused_login(error: &sqlx::Error) -> Option<&'static str> {
+    let code = error.as_database_error()?.code()?;
+    match &*code {
+        "28P01" => Some(
+            "PostgreSQL refused the store's password for a new connection: give the pool the role's current password",
+        ),
+        "28000" => Some(
+            "PostgreSQL refused the store's role for a new connection: create the role, or give the pool one that exists and may log in",
+        ),
+        "3D000" => Some(
+            "the store's database no longer exists: create it, or give the pool one that exists",
+        ),
+        _ => None,
     }
 }
 
