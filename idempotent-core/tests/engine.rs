@@ -21,6 +21,10 @@ use serde_json::{Value, json};
 use tokio::sync::{Notify, Semaphore};
 use tower::ServiceExt;
 
+#[path = "support/forwarding.rs"]
+mod forwarding;
+use forwarding::{Forwarding, Hooks};
+
 /// What a test handler does when it runs.
 #[derive(Clone, Default)]
 struct Handler {
@@ -1296,27 +1300,24 @@ fn take_one(counter: &AtomicUsize) -> bool {
 }
 
 impl Unreliable {
-    fn new(completion_delay: Duration, failing_renewals: usize) -> Self {
+    fn new(completion_delay: Duration, failing_renewals: usize) -> Forwarding<Self> {
         let inner = MemoryStore::builder()
             .clock(TokioClock(tokio::time::Instant::now()))
             .build();
-        Self {
+        Forwarding(Self {
             inner,
             completion_delay,
             failing_renewals: AtomicUsize::new(failing_renewals),
             lost_completion_replies: AtomicUsize::new(0),
-        }
+        })
     }
 }
 
-impl Store for Unreliable {
-    async fn claim(
-        &self,
-        key: &RecordKey,
-        fingerprint: Fingerprint,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        self.inner.claim(key, fingerprint, lease).await
+impl Hooks for Unreliable {
+    type Inner = MemoryStore;
+
+    fn inner(&self) -> &MemoryStore {
+        &self.inner
     }
 
     async fn renew(
@@ -1344,14 +1345,6 @@ impl Store for Unreliable {
             return Err(StoreError::Timeout(Duration::from_secs(2)));
         }
         Ok(())
-    }
-
-    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-        self.inner.release(key, token).await
-    }
-
-    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        self.inner.get(key).await
     }
 }
 

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use http_body_util::BodyExt;
-use idempotent_core::record::{Claim, LeaseToken, Record, RecordKey, StoredResponse};
+use idempotent_core::record::{Claim, LeaseToken, RecordKey, StoredResponse};
 use idempotent_core::store::{MemoryStore, Store, StoreError, Tiered};
 use idempotent_core::{Endpoint, Fingerprint, Idempotency, IdempotentRequest};
 use serde_json::{Value, json};
@@ -25,6 +25,9 @@ use tower::ServiceExt;
 #[path = "support/events.rs"]
 mod events;
 use events::Events;
+#[path = "support/forwarding.rs"]
+mod forwarding;
+use forwarding::{Forwarding, Hooks};
 
 /// A clock that follows tokio's paused clock, so leases lapse as the test
 /// sleeps.
@@ -244,16 +247,19 @@ impl Calls {
     }
 }
 
-/// A memory store on tokio's time whose claims, renewals and completions
-/// are each applied and answered as their [`Timing`] says; releases and
+/// The calls of a [`LateStore`]: its claims, renewals and completions are
+/// each applied and answered as their [`Timing`] says; releases and
 /// reads are answered at once.
 #[derive(Clone)]
-struct LateStore {
+struct LateCalls {
     inner: MemoryStore,
     claims: Arc<Calls>,
     renewals: Arc<Calls>,
     completions: Arc<Calls>,
 }
+
+/// A memory store whose calls are answered as [`LateCalls`] says.
+type LateStore = Forwarding<LateCalls>;
 
 impl LateStore {
     /// A fresh memory store on tokio's time, every call answered at once.
@@ -263,37 +269,43 @@ impl LateStore {
 
     /// `inner`, every call answered at once.
     fn over(inner: MemoryStore) -> Self {
-        Self {
+        Forwarding(LateCalls {
             inner,
             claims: Arc::default(),
             renewals: Arc::default(),
             completions: Arc::default(),
-        }
+        })
     }
 
     fn with_claims(self, timing: Timing) -> Self {
-        Self {
+        Forwarding(LateCalls {
             claims: Calls::timed(timing),
-            ..self
-        }
+            ..self.0
+        })
     }
 
     fn with_renewals(self, timing: Timing) -> Self {
-        Self {
+        Forwarding(LateCalls {
             renewals: Calls::timed(timing),
-            ..self
-        }
+            ..self.0
+        })
     }
 
     fn with_completions(self, timing: Timing) -> Self {
-        Self {
+        Forwarding(LateCalls {
             completions: Calls::timed(timing),
-            ..self
-        }
+            ..self.0
+        })
     }
 }
 
-impl Store for LateStore {
+impl Hooks for LateCalls {
+    type Inner = MemoryStore;
+
+    fn inner(&self) -> &MemoryStore {
+        &self.inner
+    }
+
     async fn claim(
         &self,
         key: &RecordKey,
@@ -326,14 +338,6 @@ impl Store for LateStore {
         let (store, key) = (self.inner.clone(), key.clone());
         let call = async move { store.complete(&key, token, response, ttl).await };
         self.completions.answer(call).await
-    }
-
-    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-        self.inner.release(key, token).await
-    }
-
-    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        self.inner.get(key).await
     }
 }
 
@@ -766,61 +770,40 @@ async fn a_lease_that_lapsed_while_the_runtime_stalled_is_told_once() {
     handler.gate.add_permits(1);
 
     assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
-    let told = events.messages_at_least(tracing::Level::WARN);
-    assert_eq!(told.len(), 1, "{told:?}");
-    assert!(
-        told[0].contains("lapsed before it could be renewed")
-            && told[0].contains("holding the runtime's threads"),
-        "{told:?}"
-    );
+    let told = a_lapse_told_once(&events);
+    assert!(told.contains("holding the runtime's threads"), "{told:?}");
 }
 
-/// Holds the thread of its `current_thread` runtime for 1.2 s, past its
-/// one-second lease, as a synchronous SDK called without
-/// `block_in_place` does, before answering 201.
-async fn holds_the_thread(idem: IdempotentRequest, Json(input): Json<Value>) -> Response {
-    let endpoint = one_second_lease();
-    let fingerprint = endpoint.fingerprint(&input);
-    let handler = async {
-        std::thread::sleep(Duration::from_millis(1_200));
-        StatusCode::CREATED
-    };
-    idem.run(&endpoint, fingerprint, handler).await
-}
-
-/// The handler holds the runtime's one thread past its lease, from before
-/// its first renewal fell due, and its record is stored before the
-/// watcher gets to start renewing it: the lease lapsed with no renewal
-/// ever sent, and the operator is told so, and why, once.
-#[tokio::test]
-async fn a_lease_that_lapsed_before_its_renewals_started_is_told_once() {
-    let (events, _recording) = Events::on_this_thread();
-    let app = Router::new()
-        .route("/pay", post(holds_the_thread))
-        .layer(Idempotency::new(MemoryStore::new()));
-
-    assert_eq!(send(&app).await.0, StatusCode::CREATED);
-
+/// The one warning logged, which must say that a lease lapsed before it
+/// could be renewed.
+#[track_caller]
+fn a_lapse_told_once(events: &Events) -> String {
     let told = events.messages_at_least(tracing::Level::WARN);
     assert_eq!(told.len(), 1, "{told:?}");
     assert!(
         told[0].contains("lapsed before it could be renewed"),
         "{told:?}"
     );
+    told.into_iter().next().unwrap()
 }
 
-/// Waits for its lease's first renewal, then holds the thread of its
-/// `current_thread` runtime for 1.2 s, past the one-second lease that the
-/// renewal extended, before answering 201.
-async fn holds_the_thread_once_renewed(
-    State(renewals): State<Arc<Calls>>,
+/// Holds the thread of its `current_thread` runtime for 1.2 s, past its
+/// one-second lease, as a synchronous SDK called without
+/// `block_in_place` does, before answering 201: given the lease's
+/// `renewals`, once the first of them was applied, and so past the lease
+/// that renewal extended; otherwise from before the first fell due.
+async fn holds_the_thread(
+    State(renewals): State<Option<Arc<Calls>>>,
     idem: IdempotentRequest,
     Json(input): Json<Value>,
 ) -> Response {
     let endpoint = one_second_lease();
     let fingerprint = endpoint.fingerprint(&input);
     let handler = async move {
-        while renewals.applied() == 0 {
+        while renewals
+            .as_ref()
+            .is_some_and(|renewals| renewals.applied() == 0)
+        {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         std::thread::sleep(Duration::from_millis(1_200));
@@ -829,27 +812,42 @@ async fn holds_the_thread_once_renewed(
     idem.run(&endpoint, fingerprint, handler).await
 }
 
+/// Answers one request on `store` with [`holds_the_thread`] (given
+/// `renewals`, after the first renewal) and checks that the operator was
+/// told once that its lease lapsed.
+async fn a_thread_held_past_the_lease_is_told_once(
+    store: impl Store,
+    renewals: Option<Arc<Calls>>,
+) {
+    let (events, _recording) = Events::on_this_thread();
+    let app = Router::new()
+        .route("/pay", post(holds_the_thread))
+        .with_state(renewals)
+        .layer(Idempotency::new(store));
+
+    assert_eq!(send(&app).await.0, StatusCode::CREATED);
+
+    a_lapse_told_once(&events);
+}
+
+/// The handler holds the runtime's one thread past its lease, from before
+/// its first renewal fell due, and its record is stored before the
+/// watcher gets to start renewing it: the lease lapsed with no renewal
+/// ever sent, and the operator is told so, and why, once.
+#[tokio::test]
+async fn a_lease_that_lapsed_before_its_renewals_started_is_told_once() {
+    a_thread_held_past_the_lease_is_told_once(MemoryStore::new(), None).await;
+}
+
 /// The handler holds the runtime's one thread past its lease once its
 /// renewals have started, and its record is stored before their task
 /// runs again, which then never does: the lease lapsed with no renewal
 /// sent in time, and the operator is told so, and why, once.
 #[tokio::test]
 async fn a_lease_that_lapsed_after_its_renewals_started_is_told_once() {
-    let (events, _recording) = Events::on_this_thread();
     let store = LateStore::over(MemoryStore::new());
-    let app = Router::new()
-        .route("/pay", post(holds_the_thread_once_renewed))
-        .with_state(Arc::clone(&store.renewals))
-        .layer(Idempotency::new(store));
-
-    assert_eq!(send(&app).await.0, StatusCode::CREATED);
-
-    let told = events.messages_at_least(tracing::Level::WARN);
-    assert_eq!(told.len(), 1, "{told:?}");
-    assert!(
-        told[0].contains("lapsed before it could be renewed"),
-        "{told:?}"
-    );
+    let renewals = Arc::clone(&store.renewals);
+    a_thread_held_past_the_lease_is_told_once(store, Some(renewals)).await;
 }
 
 // ===== a renewal that hangs =====

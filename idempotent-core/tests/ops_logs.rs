@@ -16,8 +16,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use bytes::Bytes;
-use idempotent_core::record::{Claim, Completed, LeaseToken, Record, RecordKey, StoredResponse};
-use idempotent_core::store::{MemoryStore, Store, StoreError};
+use idempotent_core::record::{Claim, Completed, RecordKey};
+use idempotent_core::store::{MemoryStore, StoreError};
 use idempotent_core::testing::{MockStore, OpKind};
 use idempotent_core::{
     Endpoint, Fingerprint, FingerprintError, Idempotency, IdempotentLayer, IdempotentRequest, Scope,
@@ -28,6 +28,9 @@ use tower::ServiceExt;
 #[path = "support/events.rs"]
 mod events;
 use events::{Events, Logged};
+#[path = "support/forwarding.rs"]
+mod forwarding;
+use forwarding::{Forwarding, Hooks};
 
 const API_KEY: &str = "sk_live_SECRETAPIKEY";
 const IDEMPOTENCY_KEY: &str = "order-SECRETKEY";
@@ -110,32 +113,20 @@ fn one_event(recorder: &Events, level: tracing::Level, outcome: &str) -> Logged 
     event
 }
 
-/// A store whose records do not decode.
+/// A store whose records do not decode: every claim finds one.
 #[derive(Clone, Default)]
-struct Corrupt;
+struct Corrupt(MemoryStore);
 
-impl Store for Corrupt {
+impl Hooks for Corrupt {
+    type Inner = MemoryStore;
+
+    fn inner(&self) -> &MemoryStore {
+        &self.0
+    }
+
     async fn claim(&self, _: &RecordKey, _: Fingerprint, _: Duration) -> Result<Claim, StoreError> {
         let error = Completed::decode(Bytes::from_static(b"garbage")).unwrap_err();
         Err(StoreError::Codec(error))
-    }
-    async fn renew(&self, _: &RecordKey, _: LeaseToken, _: Duration) -> Result<(), StoreError> {
-        Ok(())
-    }
-    async fn complete(
-        &self,
-        _: &RecordKey,
-        _: LeaseToken,
-        _: StoredResponse,
-        _: Duration,
-    ) -> Result<(), StoreError> {
-        Ok(())
-    }
-    async fn release(&self, _: &RecordKey, _: LeaseToken) -> Result<(), StoreError> {
-        Ok(())
-    }
-    async fn get(&self, _: &RecordKey) -> Result<Option<Record>, StoreError> {
-        Ok(None)
     }
 }
 
@@ -204,7 +195,7 @@ async fn every_outcome_tells_the_operator_what_and_where_and_nothing_secret() {
     one_event(&recorder, tracing::Level::WARN, "store_error");
 
     // A corrupt record: one error, with the cause.
-    let corrupt_service = app(Idempotency::new(Corrupt), endpoint);
+    let corrupt_service = app(Idempotency::new(Forwarding(Corrupt::default())), endpoint);
     let status = send(&corrupt_service, request("/pay", Some("k-bad"), &body())).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
     let event = one_event(&recorder, tracing::Level::ERROR, "store_error");

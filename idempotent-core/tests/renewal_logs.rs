@@ -14,15 +14,18 @@ use axum::http::{Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use idempotent_core::record::{Claim, LeaseToken, Record, RecordKey, StoredResponse};
+use idempotent_core::record::{LeaseToken, RecordKey};
 use idempotent_core::store::{MemoryStore, Store, StoreError};
-use idempotent_core::{Endpoint, Fingerprint, Idempotency, IdempotentRequest};
+use idempotent_core::{Endpoint, Idempotency, IdempotentRequest};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
 #[path = "support/events.rs"]
 mod events;
 use events::Events;
+#[path = "support/forwarding.rs"]
+mod forwarding;
+use forwarding::{Forwarding, Hooks};
 
 /// A memory store whose renewals hold their thread for 400 ms, as a
 /// renewal whose reply is on its way while the record is stored.
@@ -32,15 +35,13 @@ struct SlowRenewals {
     renewals: Arc<AtomicUsize>,
 }
 
-impl Store for SlowRenewals {
-    async fn claim(
-        &self,
-        key: &RecordKey,
-        fingerprint: Fingerprint,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        self.inner.claim(key, fingerprint, lease).await
+impl Hooks for SlowRenewals {
+    type Inner = MemoryStore;
+
+    fn inner(&self) -> &MemoryStore {
+        &self.inner
     }
+
     async fn renew(
         &self,
         key: &RecordKey,
@@ -50,21 +51,6 @@ impl Store for SlowRenewals {
         self.renewals.fetch_add(1, Ordering::SeqCst);
         tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(400)));
         self.inner.renew(key, token, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &RecordKey,
-        token: LeaseToken,
-        response: StoredResponse,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.inner.complete(key, token, response, ttl).await
-    }
-    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-        self.inner.release(key, token).await
-    }
-    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        self.inner.get(key).await
     }
 }
 
@@ -111,7 +97,7 @@ async fn overlapping_renewal(events: &Events, status: StatusCode) -> Vec<String>
     let app = Router::new()
         .route("/pay", post(pay))
         .with_state((endpoint, status))
-        .layer(Idempotency::new(store));
+        .layer(Idempotency::new(Forwarding(store)));
     let request = Request::post("/pay")
         .header("content-type", "application/json")
         .header("x-api-key", "caller-1")

@@ -99,6 +99,43 @@ fn app(store: impl Store, ledger: &Ledger, script: &Script) -> Router {
         )
 }
 
+/// The app on `store`, whose handler has `lose` called to lose the answer
+/// to the store's next statement when its script says so.
+fn app_losing_replies(
+    store: impl Store,
+    lose: impl Fn() + Send + Sync + 'static,
+) -> (Router, Ledger, Script) {
+    let script = Script {
+        lose_next_reply: Some(Arc::new(lose)),
+        ..Script::default()
+    };
+    let ledger = Ledger::default();
+    (app(store, &ledger, &script), ledger, script)
+}
+
+/// Loses the answer to the store's renewal of `keys[1]`, its completion
+/// of `keys[2]` and its release of `keys[3]`, each made while the
+/// handler runs: the first two are paid once and replayed, the last
+/// released all the same. `assert_lost(what, nth)` checks after each that
+/// the answer to the `nth` statement so far, `what`, was lost.
+async fn renewal_completion_and_release_lost(
+    app: &Router,
+    ledger: &Ledger,
+    script: &Script,
+    keys: &[String; 4],
+    assert_lost: impl Fn(&str, usize),
+) {
+    script.set(false, true, true);
+    paid_once(app, ledger, &keys[1]).await;
+    assert_lost("renewal", 2);
+    script.set(false, false, true);
+    paid_once(app, ledger, &keys[2]).await;
+    assert_lost("completion", 3);
+    script.set(true, false, true);
+    released(app, ledger, script, &keys[3]).await;
+    assert_lost("release", 4);
+}
+
 /// The errors logged about `key`, of a global-scope endpoint.
 fn errors_about(events: &Events, key: &str) -> Vec<Logged> {
     let key = RecordKey::new(
@@ -159,26 +196,16 @@ async fn postgres_statements_applied_before_their_answer_was_lost() {
     let events = events();
     let (store, relay) = store_behind_a_relay(&url, 1).await;
     let lose = relay.reply_loser();
-    let script = Script {
-        lose_next_reply: Some(Arc::new(lose.clone())),
-        ..Script::default()
-    };
-    let ledger = Ledger::default();
-    let app = app(store.clone(), &ledger, &script);
+    let (app, ledger, script) = app_losing_replies(store.clone(), lose.clone());
     let keys = ["claim", "renew", "complete", "release"].map(unique_name);
+    let assert_lost = |what: &str, nth| {
+        assert_eq!(relay.replies_lost(), nth, "the {what}'s answer was lost");
+    };
 
     lose();
     paid_once(&app, &ledger, &keys[0]).await;
-    assert_eq!(relay.replies_lost(), 1, "the claim's answer was lost");
-    script.set(false, true, true);
-    paid_once(&app, &ledger, &keys[1]).await;
-    assert_eq!(relay.replies_lost(), 2, "the renewal's answer was lost");
-    script.set(false, false, true);
-    paid_once(&app, &ledger, &keys[2]).await;
-    assert_eq!(relay.replies_lost(), 3, "the completion's answer was lost");
-    script.set(true, false, true);
-    released(&app, &ledger, &script, &keys[3]).await;
-    assert_eq!(relay.replies_lost(), 4, "the release's answer was lost");
+    assert_lost("claim", 1);
+    renewal_completion_and_release_lost(&app, &ledger, &script, &keys, assert_lost).await;
 
     drop(relay);
     let cleanup = PostgresStore::connect(&url).await.expect("connect");
@@ -207,12 +234,7 @@ async fn redis_commands_applied_before_their_connection_dropped() {
     let store = RedisStore::connect(&relay.url()).await.expect("connect");
     let drop_next = Arc::clone(&relay.drop_next);
     let lose = move || drop_next.store(true, Ordering::SeqCst);
-    let script = Script {
-        lose_next_reply: Some(Arc::new(lose.clone())),
-        ..Script::default()
-    };
-    let ledger = Ledger::default();
-    let app = app(store.clone(), &ledger, &script);
+    let (app, ledger, script) = app_losing_replies(store.clone(), lose.clone());
     let lost = || !relay.drop_next.load(Ordering::SeqCst);
     // Redis keeps the scripts once loaded: a reply lost below is one to
     // the script itself, never one asking for it to be loaded.
@@ -230,15 +252,8 @@ async fn redis_commands_applied_before_their_connection_dropped() {
     store.settle().await;
     paid_once(&app, &ledger, &keys[0]).await;
     assert_eq!(ledger.executions(), executions + 1);
-    script.set(false, true, true);
-    paid_once(&app, &ledger, &keys[1]).await;
-    assert!(lost(), "the renewal's reply was lost");
-    script.set(false, false, true);
-    paid_once(&app, &ledger, &keys[2]).await;
-    assert!(lost(), "the completion's reply was lost");
-    script.set(true, false, true);
-    released(&app, &ledger, &script, &keys[3]).await;
-    assert!(lost(), "the release's reply was lost");
+    let assert_lost = |what: &str, _| assert!(lost(), "the {what}'s reply was lost");
+    renewal_completion_and_release_lost(&app, &ledger, &script, &keys, assert_lost).await;
 
     let refusal = errors_about(&events, &keys[0]);
     assert!(
@@ -260,6 +275,12 @@ async fn sent_twice(url: &str) -> RedisStore<SentTwice> {
         .build()
 }
 
+/// The app on a [`sent_twice`] store, with its ledger and script.
+async fn app_sending_twice(url: &str) -> (Router, Ledger, Script) {
+    let (script, ledger) = (Script::default(), Ledger::default());
+    (app(sent_twice(url).await, &ledger, &script), ledger, script)
+}
+
 /// Claims, renewals and completions that Redis applies twice: the second
 /// claim finds its own lease, the second renewal renews it again, and the
 /// second completion finds the lease gone, because the first went
@@ -271,9 +292,7 @@ async fn redis_completions_applied_before_their_answer_was_lost() {
         return;
     };
     let events = events();
-    let script = Script::default();
-    let ledger = Ledger::default();
-    let app = app(sent_twice(&url).await, &ledger, &script);
+    let (app, ledger, script) = app_sending_twice(&url).await;
     let keys = ["completed", "renewed"].map(unique_name);
 
     paid_once(&app, &ledger, &keys[0]).await;
@@ -292,9 +311,7 @@ async fn redis_releases_applied_before_their_answer_was_lost() {
         return;
     };
     let events = events();
-    let script = Script::default();
-    let ledger = Ledger::default();
-    let app = app(sent_twice(&url).await, &ledger, &script);
+    let (app, ledger, script) = app_sending_twice(&url).await;
     let key = unique_name("released");
 
     script.set(true, false, false);

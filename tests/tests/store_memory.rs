@@ -16,6 +16,7 @@ use idempotent_core::record::{Claim, LeaseToken, Record, RecordKey, StoredRespon
 use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{MemoryStore, Store, StoreError, Tiered};
 use idempotent_core::testing::contract;
+use store_support::forwarding::{Forwarding, Hooks};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memory_store_passes_the_contract() {
@@ -38,7 +39,13 @@ struct CountingStore {
     claims: Arc<AtomicUsize>,
 }
 
-impl Store for CountingStore {
+impl Hooks for CountingStore {
+    type Inner = MemoryStore;
+
+    fn inner(&self) -> &MemoryStore {
+        &self.inner
+    }
+
     async fn claim(
         &self,
         key: &RecordKey,
@@ -47,29 +54,6 @@ impl Store for CountingStore {
     ) -> Result<Claim, StoreError> {
         self.claims.fetch_add(1, Ordering::SeqCst);
         self.inner.claim(key, fingerprint, lease).await
-    }
-    async fn renew(
-        &self,
-        key: &RecordKey,
-        token: LeaseToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        self.inner.renew(key, token, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &RecordKey,
-        token: LeaseToken,
-        response: StoredResponse,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.inner.complete(key, token, response, ttl).await
-    }
-    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-        self.inner.release(key, token).await
-    }
-    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        self.inner.get(key).await
     }
 }
 
@@ -104,12 +88,12 @@ async fn complete_new(store: &impl Store, key: &RecordKey, fingerprint: Fingerpr
         .unwrap();
 }
 
-fn tiered(clock: &ManualClock) -> (Tiered<CountingStore>, Arc<AtomicUsize>) {
+fn tiered(clock: &ManualClock) -> (Tiered<Forwarding<CountingStore>>, Arc<AtomicUsize>) {
     let claims = Arc::new(AtomicUsize::new(0));
-    let durable = CountingStore {
+    let durable = Forwarding(CountingStore {
         inner: MemoryStore::builder().clock(clock.clone()).build(),
         claims: claims.clone(),
-    };
+    });
     (
         Tiered::builder(durable).clock(clock.clone()).build(),
         claims,
@@ -274,40 +258,18 @@ async fn the_cache_keeps_to_its_byte_budget() {
 /// Lets anyone release a record, token or not.
 struct UnfencedRelease(MemoryStore);
 
-impl Store for UnfencedRelease {
-    async fn claim(
-        &self,
-        key: &RecordKey,
-        fingerprint: Fingerprint,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        self.0.claim(key, fingerprint, lease).await
+impl Hooks for UnfencedRelease {
+    type Inner = MemoryStore;
+
+    fn inner(&self) -> &MemoryStore {
+        &self.0
     }
-    async fn renew(
-        &self,
-        key: &RecordKey,
-        token: LeaseToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        self.0.renew(key, token, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &RecordKey,
-        token: LeaseToken,
-        response: StoredResponse,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.0.complete(key, token, response, ttl).await
-    }
+
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
         match self.0.release(key, token).await {
             Err(StoreError::LeaseLost) => Ok(()),
             other => other,
         }
-    }
-    async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        self.0.get(key).await
     }
 }
 
@@ -320,9 +282,9 @@ async fn panics(check: impl std::future::Future<Output = ()> + Send + 'static) -
 #[tokio::test]
 async fn the_contract_catches_a_store_without_fencing() {
     let clock = ManualClock::starting_now();
-    let store = Arc::new(UnfencedRelease(
+    let store = Arc::new(Forwarding(UnfencedRelease(
         MemoryStore::builder().clock(clock.clone()).build(),
-    ));
+    )));
     assert!(panics(contract::fencing(store, clock)).await);
 }
 

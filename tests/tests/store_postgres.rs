@@ -1249,84 +1249,6 @@ fn one_second_lease_app(store: PostgresStore, ledger: &Ledger) -> axum::Router {
         .layer(Idempotency::new(store))
 }
 
-/// A TCP relay to the database whose answers can be held back: while it
-/// is stalled, what the server sends waits in the relay, as over a
-/// network that stalled after a request went out.
-struct StallingRelay {
-    options: sqlx::postgres::PgConnectOptions,
-    stalled: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl StallingRelay {
-    async fn to(url: &str) -> Self {
-        use std::str::FromStr;
-
-        let direct = sqlx::postgres::PgConnectOptions::from_str(url).expect("valid URL");
-        let upstream = (direct.get_host().to_owned(), direct.get_port());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (stalled, watching) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(async move {
-            let mut connections = tokio::task::JoinSet::new();
-            while let Ok((inbound, _)) = listener.accept().await {
-                let (upstream, watching) = (upstream.clone(), watching.clone());
-                connections.spawn(async move {
-                    if let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await {
-                        relay_one(inbound, outbound, watching).await;
-                    }
-                });
-            }
-        });
-        Self {
-            options: direct.host("127.0.0.1").port(port),
-            stalled,
-            task,
-        }
-    }
-
-    fn stall(&self, stalled: bool) {
-        self.stalled.send_replace(stalled);
-    }
-}
-
-impl Drop for StallingRelay {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Copies one connection both ways, holding the server's answers while
-/// `stalled` says so.
-async fn relay_one(
-    inbound: tokio::net::TcpStream,
-    outbound: tokio::net::TcpStream,
-    mut stalled: tokio::sync::watch::Receiver<bool>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    let (mut client_reads, mut client_writes) = inbound.into_split();
-    let (mut server_reads, mut server_writes) = outbound.into_split();
-    let requests = async move {
-        let _ = tokio::io::copy(&mut client_reads, &mut server_writes).await;
-    };
-    let answers = async move {
-        let mut buffer = vec![0; 64 * 1024];
-        loop {
-            let Ok(read) = server_reads.read(&mut buffer).await else {
-                return;
-            };
-            if read == 0 || stalled.wait_for(|stalled| !stalled).await.is_err() {
-                return;
-            }
-            if client_writes.write_all(&buffer[..read]).await.is_err() {
-                return;
-            }
-        }
-    };
-    tokio::join!(requests, answers);
-}
-
 /// Two instances share a table; the network between the first and the
 /// database stalls for 1.5 s just after its claim went out. The database
 /// applied the claim at once, with a lease of a second; a retry sent to
@@ -1337,10 +1259,10 @@ async fn relay_one(
 async fn a_claim_answered_after_its_lease_ran_out_does_not_pay_beside_a_takeover() {
     let Some(url) = backend_url(URL) else { return };
     let direct = fresh_store(&url).await;
-    let relay = StallingRelay::to(&url).await;
+    let (options, relay) = relay_to_the_database(&url).await;
     let pool = PostgresStore::pool_options()
         .max_connections(4)
-        .connect_with(relay.options.clone())
+        .connect_with(options)
         .await
         .expect("connect through the relay");
     let relayed = PostgresStore::builder(pool)

@@ -88,30 +88,19 @@ async fn exact_repeats_follow_the_durable_record(
     assert_eq!(runs.0.load(Ordering::SeqCst), 2);
 }
 
+/// Two instances, each with a memory tier on `clock` in front of its own
+/// client of one durable store.
+fn instances<D: Store>(durables: [D; 2], clock: &ManualClock, runs: &Runs) -> [Router; 2] {
+    durables.map(|durable| instance(Tiered::builder(durable).clock(clock.clone()).build(), runs))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiered_redis_instances_replay_only_what_redis_holds() {
     let Some(url) = backend_url("IDEMPOTENT_TEST_REDIS_URL") else {
         return;
     };
-    let (clock, prefix, runs) = (
-        ManualClock::starting_now(),
-        unique_name("idem_test") + ":",
-        Runs::default(),
-    );
-    let mut apps = Vec::new();
-    for _ in 0..2 {
-        let client = redis::Client::open(url.as_str()).unwrap();
-        let connection = redis::aio::ConnectionManager::new(client).await.unwrap();
-        let durable = RedisStore::builder(connection)
-            .prefix(prefix.clone())
-            .clock(clock.clone())
-            .build();
-        apps.push(instance(
-            Tiered::builder(durable).clock(clock.clone()).build(),
-            &runs,
-        ));
-    }
-    let apps: [Router; 2] = apps.try_into().unwrap();
+    let (clock, runs) = (ManualClock::starting_now(), Runs::default());
+    let apps = instances(redis_durables(&url, &clock).await, &clock, &runs);
     exact_repeats_follow_the_durable_record(apps, &clock, &runs).await;
 }
 
@@ -120,31 +109,49 @@ async fn tiered_postgres_instances_replay_only_what_postgres_holds() {
     let Some(url) = backend_url("IDEMPOTENT_TEST_POSTGRES_URL") else {
         return;
     };
-    let (clock, table, runs) = (
-        ManualClock::starting_now(),
-        unique_name("idem_test"),
-        Runs::default(),
-    );
-    let mut apps = Vec::new();
-    let mut pools = Vec::new();
+    let (clock, runs) = (ManualClock::starting_now(), Runs::default());
+    let durables = postgres_durables(&url, &unique_name("idem_test"), &clock).await;
+    let apps = instances(durables.clone(), &clock, &runs);
+    exact_repeats_follow_the_durable_record(apps, &clock, &runs).await;
+    drop_table(&durables[0]).await;
+}
+
+/// Two clients of the table `table`, each on a pool of its own.
+async fn postgres_durables(url: &str, table: &str, clock: &ManualClock) -> [PostgresStore; 2] {
+    let mut stores = Vec::new();
     for _ in 0..2 {
-        let connected = PostgresStore::connect(&url).await.unwrap();
-        let durable = PostgresStore::builder(connected.pool().clone())
-            .table(&table)
+        let connected = PostgresStore::connect(url).await.unwrap();
+        let store = PostgresStore::builder(connected.pool().clone())
+            .table(table)
             .clock(clock.clone())
             .build()
             .unwrap();
-        durable.migrate().await.unwrap();
-        pools.push(connected.pool().clone());
-        apps.push(instance(
-            Tiered::builder(durable).clock(clock.clone()).build(),
-            &runs,
-        ));
+        store.migrate().await.unwrap();
+        stores.push(store);
     }
-    let apps: [Router; 2] = apps.try_into().unwrap();
-    exact_repeats_follow_the_durable_record(apps, &clock, &runs).await;
-    sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
-        .execute(&pools[0])
+    stores.try_into().unwrap()
+}
+
+/// Two clients of one key prefix, each on a connection of its own.
+async fn redis_durables(url: &str, clock: &ManualClock) -> [RedisStore; 2] {
+    let prefix = unique_name("idem_test") + ":";
+    let mut stores = Vec::new();
+    for _ in 0..2 {
+        let client = redis::Client::open(url).unwrap();
+        let connection = redis::aio::ConnectionManager::new(client).await.unwrap();
+        stores.push(
+            RedisStore::builder(connection)
+                .prefix(prefix.clone())
+                .clock(clock.clone())
+                .build(),
+        );
+    }
+    stores.try_into().unwrap()
+}
+
+async fn drop_table(store: &PostgresStore) {
+    sqlx::query(&format!("DROP TABLE IF EXISTS {}", store.table()))
+        .execute(store.pool())
         .await
         .unwrap();
 }
@@ -221,11 +228,9 @@ mod two_instances {
     use idempotent_core::key::IdempotencyKey;
     use idempotent_core::record::{Claim, LeaseToken, RecordKey, StoredResponse};
     use idempotent_core::scope::ScopeDigest;
-    use idempotent_core::store::{
-        PostgresStore, RedisStore, SqliteStore, Store, StoreError, Tiered,
-    };
+    use idempotent_core::store::{SqliteStore, Store, StoreError, Tiered};
 
-    use super::{backend_url, unique_name};
+    use super::{backend_url, drop_table, postgres_durables, redis_durables, unique_name};
 
     const LEASE: Duration = Duration::from_secs(10);
     const TTL: Duration = Duration::from_secs(60);
@@ -284,6 +289,17 @@ mod two_instances {
         }
     }
 
+    /// `a` replays `b`'s run of `key` with `b`'s fingerprint (a 422 for
+    /// `a`'s payload), and `b`'s body.
+    async fn a_replays_the_run_of_b(pair: &Pair<impl Store>, key: &RecordKey) {
+        assert_eq!(
+            replayed(&pair.a, key).await,
+            (OTHER, Bytes::from_static(b"from b")),
+            "`a` replays `{}`",
+            key.key.as_str()
+        );
+    }
+
     /// `b` takes over a lease `a` let lapse, runs the key with another
     /// payload, and `a`'s late completion is refused: `a` then replays
     /// `b`'s record with `b`'s fingerprint (a 422 for `a`'s payload).
@@ -294,10 +310,7 @@ mod two_instances {
         run(&pair.b, &key, OTHER, "from b").await;
         let late = pair.a.complete(&key, stale, response("from a"), TTL).await;
         assert!(matches!(late, Err(StoreError::LeaseLost)), "{late:?}");
-        assert_eq!(
-            replayed(&pair.a, &key).await,
-            (OTHER, Bytes::from_static(b"from b"))
-        );
+        a_replays_the_run_of_b(pair, &key).await;
     }
 
     /// `a` releases its claim (a 5xx); `b` runs the key with another
@@ -307,10 +320,7 @@ mod two_instances {
         let token = acquire(&pair.a, &key, FIRST).await;
         pair.a.release(&key, token).await.unwrap();
         run(&pair.b, &key, OTHER, "from b").await;
-        assert_eq!(
-            replayed(&pair.a, &key).await,
-            (OTHER, Bytes::from_static(b"from b"))
-        );
+        a_replays_the_run_of_b(pair, &key).await;
     }
 
     /// `a` completed and cached a record; it replays it up to the last
@@ -327,10 +337,7 @@ mod two_instances {
         );
         pair.clock.set(done + TTL.as_millis() as u64);
         run(&pair.b, &key, OTHER, "from b").await;
-        assert_eq!(
-            replayed(&pair.a, &key).await,
-            (OTHER, Bytes::from_static(b"from b"))
-        );
+        a_replays_the_run_of_b(pair, &key).await;
     }
 
     /// A record `a` learned from the durable store (a replay of `b`'s
@@ -360,10 +367,7 @@ mod two_instances {
             .complete(&key, token, response("from b"), TTL)
             .await
             .unwrap();
-        assert_eq!(
-            replayed(&pair.a, &key).await,
-            (OTHER, Bytes::from_static(b"from b"))
-        );
+        a_replays_the_run_of_b(pair, &key).await;
     }
 
     async fn every_scenario(pair: &Pair<impl Store>) {
@@ -372,37 +376,6 @@ mod two_instances {
         an_in_flight_claim_is_not_cached(pair).await;
         a_remembered_record_expires_with_the_durable_one(pair).await;
         a_cached_record_expires_with_the_durable_one(pair).await;
-    }
-
-    async fn postgres_durables(url: &str, table: &str, clock: &ManualClock) -> [PostgresStore; 2] {
-        let mut stores = Vec::new();
-        for _ in 0..2 {
-            let connected = PostgresStore::connect(url).await.unwrap();
-            let store = PostgresStore::builder(connected.pool().clone())
-                .table(table)
-                .clock(clock.clone())
-                .build()
-                .unwrap();
-            store.migrate().await.unwrap();
-            stores.push(store);
-        }
-        stores.try_into().unwrap()
-    }
-
-    async fn redis_durables(url: &str, clock: &ManualClock) -> [RedisStore; 2] {
-        let prefix = unique_name("idem_test") + ":";
-        let mut stores = Vec::new();
-        for _ in 0..2 {
-            let client = redis::Client::open(url).unwrap();
-            let connection = redis::aio::ConnectionManager::new(client).await.unwrap();
-            stores.push(
-                RedisStore::builder(connection)
-                    .prefix(prefix.clone())
-                    .clock(clock.clone())
-                    .build(),
-            );
-        }
-        stores.try_into().unwrap()
     }
 
     /// Two instances whose memory tiers are built by `tier`.
@@ -419,11 +392,11 @@ mod two_instances {
         }
     }
 
-    async fn drop_table(store: &PostgresStore) {
-        sqlx::query(&format!("DROP TABLE IF EXISTS {}", store.table()))
-            .execute(store.pool())
-            .await
-            .unwrap();
+    /// Two instances whose memory tiers expire records by `clock`.
+    fn pair_on<D: Store>(clock: &ManualClock, durables: [D; 2]) -> Pair<D> {
+        pair(durables, clock.clone(), |durable| {
+            Tiered::builder(durable).clock(clock.clone()).build()
+        })
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -433,8 +406,7 @@ mod two_instances {
         };
         let clock = ManualClock::starting_now();
         let durables = postgres_durables(&url, &unique_name("idem_test"), &clock).await;
-        let tier = |durable| Tiered::builder(durable).clock(clock.clone()).build();
-        let pair = pair(durables, clock.clone(), tier);
+        let pair = pair_on(&clock, durables);
         every_scenario(&pair).await;
         drop_table(pair.a.durable()).await;
     }
@@ -446,8 +418,7 @@ mod two_instances {
         };
         let clock = ManualClock::starting_now();
         let durables = redis_durables(&url, &clock).await;
-        let tier = |durable| Tiered::builder(durable).clock(clock.clone()).build();
-        every_scenario(&pair(durables, clock.clone(), tier)).await;
+        every_scenario(&pair_on(&clock, durables)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -465,8 +436,7 @@ mod two_instances {
             durables.push(store);
         }
         let durables: [SqliteStore; 2] = durables.try_into().unwrap();
-        let tier = |durable| Tiered::builder(durable).clock(clock.clone()).build();
-        every_scenario(&pair(durables, clock.clone(), tier)).await;
+        every_scenario(&pair_on(&clock, durables)).await;
         for suffix in ["", "-wal", "-shm"] {
             let mut file = path.clone().into_os_string();
             file.push(suffix);
@@ -499,8 +469,7 @@ mod two_instances {
         };
         let clock = ManualClock::starting_now();
         let durables = postgres_durables(&url, &unique_name("idem_test"), &clock).await;
-        let tier = |durable| Tiered::builder(durable).clock(clock.clone()).build();
-        let pair = pair(durables, clock.clone(), tier);
+        let pair = pair_on(&clock, durables);
         let key = pair.key("purged");
         run(&pair.a, &key, FIRST, "from a").await;
         clock.advance(TTL);

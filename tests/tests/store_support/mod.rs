@@ -1,10 +1,14 @@
 //! What the `store_*` tests share: finding the test servers, unique names,
 //! a small payments app to run two instances of, a `redis-server` of a
-//! test's own, and a relay to PostgreSQL that a test can cut.
+//! test's own, a relay to PostgreSQL that a test can cut, stall or have
+//! lose an answer, and test doubles that change a store's calls.
 #![allow(dead_code, unreachable_pub)] // each test file uses a different part
 
 #[path = "../../../idempotent-core/tests/support/events.rs"]
 pub mod logs;
+
+#[path = "../../../idempotent-core/tests/support/forwarding.rs"]
+pub mod forwarding;
 
 use std::io::Write;
 use std::net::TcpListener;
@@ -382,12 +386,15 @@ impl ReplyDropper {
 /// network failure would. Told to by its [`reply_loser`](Self::reply_loser),
 /// it cuts the connection that carries the server's next answer to a
 /// statement instead of passing the answer on: the server applied the
-/// statement, and its client never hears so.
+/// statement, and its client never hears so. While [stalled](Self::stall),
+/// what the server sends waits in the relay, as over a network that
+/// stalled after a request went out.
 pub struct Relay {
     pub port: u16,
     pub upstream: (String, u16),
     lose_next: Arc<std::sync::atomic::AtomicBool>,
     lost: Arc<AtomicUsize>,
+    stalled: tokio::sync::watch::Sender<bool>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -402,6 +409,7 @@ impl Relay {
         let losing = Arc::clone(&lose_next);
         let lost = Arc::new(AtomicUsize::new(0));
         let counting = Arc::clone(&lost);
+        let (stalled, watching) = tokio::sync::watch::channel(false);
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
@@ -414,10 +422,10 @@ impl Relay {
                     },
                 };
                 let (target, losing) = (target.clone(), Arc::clone(&losing));
-                let counting = Arc::clone(&counting);
+                let (counting, watching) = (Arc::clone(&counting), watching.clone());
                 connections.spawn(async move {
                     if let Ok(outbound) = tokio::net::TcpStream::connect(target).await {
-                        relay_one(inbound, outbound, &losing, &counting).await;
+                        relay_one(inbound, outbound, &losing, &counting, watching).await;
                     }
                 });
             }
@@ -429,6 +437,7 @@ impl Relay {
             upstream,
             lose_next,
             lost,
+            stalled,
             stop: Some(stop),
             task: Some(task),
         }
@@ -448,6 +457,12 @@ impl Relay {
         self.lost.load(Ordering::SeqCst)
     }
 
+    /// Holds the server's answers, on every connection, from now until
+    /// called again with `false`.
+    pub fn stall(&self, stalled: bool) {
+        self.stalled.send_replace(stalled);
+    }
+
     /// Returns once the listener and every relayed connection are closed:
     /// aborting the relay's task alone lets a connection forward a little
     /// longer on another worker thread.
@@ -463,12 +478,14 @@ impl Relay {
 
 /// Copies one connection both ways until either side closes it, or until
 /// `lose_next` is set when the server answers: that answer is dropped
-/// with the connection, and counted in `lost`.
+/// with the connection, and counted in `lost`. The server's answers wait
+/// while `stalled` says so.
 async fn relay_one(
     inbound: tokio::net::TcpStream,
     outbound: tokio::net::TcpStream,
     lose_next: &std::sync::atomic::AtomicBool,
     lost: &AtomicUsize,
+    mut stalled: tokio::sync::watch::Receiver<bool>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -484,6 +501,9 @@ async fn relay_one(
                 Ok(0) | Err(_) => return,
                 Ok(read) => read,
             };
+            if stalled.wait_for(|stalled| !stalled).await.is_err() {
+                return;
+            }
             // `2`, BindComplete, starts the answer to a statement executed
             // on a prepared one, as every statement of the store is; not
             // the answer to a preparation, nor to the ping sqlx sends when
