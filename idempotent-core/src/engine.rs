@@ -193,6 +193,20 @@ pub(crate) fn missing_credentials(missing: MissingCredential) -> Problem {
 }
 
 fn fingerprint_failed(error: &FingerprintError, endpoint: &Endpoint, key: &RecordKey) -> Problem {
+    // The client's side of the request failed, not the server's: nothing
+    // was claimed, and the retry that sends the whole body runs.
+    if matches!(error, FingerprintError::UnreadBody) {
+        tracing::info!(
+            %error,
+            endpoint = endpoint.name(),
+            key = %key.log_id(),
+            "request body unreadable; request refused, nothing executed"
+        );
+        return Problem::new(
+            ProblemKind::UnreadableBody,
+            "the request body could not be read to its end; nothing was executed, and a retry with the whole body runs",
+        );
+    }
     tracing::error!(
         %error,
         endpoint = endpoint.name(),

@@ -185,6 +185,14 @@ pub enum FingerprintError {
         /// `macro_rules!` invocation stand at its line and column).
         places: [&'static str; 2],
     },
+    /// A body extractor taken as `Result<_, _>` failed to read the request
+    /// body to its end (the connection broke, a body timeout in front of
+    /// the route gave up): the client never finished sending a payload, so
+    /// there is nothing to fingerprint, and the handler's answer to the
+    /// rejection must not be stored under the key, or the retry that
+    /// sends the whole body would be refused as a reused key.
+    #[error("the request body could not be read to its end")]
+    UnreadBody,
 }
 
 impl ser::Error for FingerprintError {
@@ -348,15 +356,50 @@ impl<T: FingerprintInput> FingerprintInput for Option<T> {
 
 /// A fallible extractor, as axum's `Result<Json<T>, JsonRejection>`: the
 /// extracted value when there is one, and only the fact of the rejection
-/// otherwise (rejections are errors, not payloads).
-impl<T: FingerprintInput, E> FingerprintInput for Result<T, E> {
+/// otherwise (rejections are errors, not payloads). A rejection of a body
+/// that could not be read to its end is no payload at all
+/// ([`FingerprintError::UnreadBody`]): nothing is claimed, as when a plain
+/// `Json<T>` rejects it.
+impl<T: FingerprintInput, E: 'static> FingerprintInput for Result<T, E> {
     fn fingerprint_into(&self, fingerprinter: &mut Fingerprinter) -> Result<(), FingerprintError> {
+        if let Err(rejection) = self
+            && body_unread(rejection)
+        {
+            return Err(FingerprintError::UnreadBody);
+        }
         fingerprinter.input(&self.is_ok())?;
         match self {
             Ok(inner) => inner.fingerprint_into(fingerprinter),
             Err(_) => Ok(()),
         }
     }
+}
+
+/// Whether `rejection` is an axum body extractor's for a body that failed
+/// while it was read. A body over a size limit is not: its 413 is not
+/// stored anyway, and the handler answers it as it chooses.
+fn body_unread(rejection: &dyn std::any::Any) -> bool {
+    use axum::extract::rejection::{
+        BytesRejection, FailedToBufferBody, FormRejection, JsonRejection, StringRejection,
+    };
+    let unread =
+        |failed: &FailedToBufferBody| matches!(failed, FailedToBufferBody::UnknownBodyError(_));
+    let bytes = |rejection: &BytesRejection| match rejection {
+        BytesRejection::FailedToBufferBody(failed) => unread(failed),
+        _ => false,
+    };
+    if let Some(rejection) = rejection.downcast_ref::<JsonRejection>() {
+        return matches!(rejection, JsonRejection::BytesRejection(inner) if bytes(inner));
+    }
+    if let Some(rejection) = rejection.downcast_ref::<FormRejection>() {
+        return matches!(rejection, FormRejection::BytesRejection(inner) if bytes(inner));
+    }
+    if let Some(rejection) = rejection.downcast_ref::<StringRejection>() {
+        return matches!(rejection, StringRejection::FailedToBufferBody(failed) if unread(failed));
+    }
+    rejection
+        .downcast_ref::<BytesRejection>()
+        .is_some_and(bytes)
 }
 
 /// Serializes as bytes, not as a sequence of integers as `[u8]` would.
@@ -1441,6 +1484,57 @@ mod tests {
     fn bytes_differ_from_integer_sequence_and_string() {
         assert_ne!(fp(&RawBytes(&[1, 2])), fp(&[1u8, 2]));
         assert_ne!(fp(&RawBytes(b"ab")), fp("ab"));
+    }
+
+    /// A body extractor's rejection of a body that failed while it was read
+    /// is no input at all; a malformed body, or one over a size limit, is
+    /// fingerprinted by the fact of its rejection.
+    #[tokio::test]
+    async fn only_a_body_that_failed_while_read_is_no_input() {
+        use axum::body::Body;
+        use axum::extract::{FromRequest, Request};
+
+        let failing = |content_type: &str| {
+            let reset = std::io::Error::other("the connection broke");
+            let stream = futures_util::stream::iter([Err::<bytes::Bytes, _>(reset)]);
+            let mut request = Request::new(Body::from_stream(stream));
+            // A `GET` form is read from the query, not the body.
+            *request.method_mut() = http::Method::POST;
+            let value = http::HeaderValue::from_str(content_type).unwrap();
+            request
+                .headers_mut()
+                .insert(http::header::CONTENT_TYPE, value);
+            request
+        };
+        let json = "application/json";
+        let form = "application/x-www-form-urlencoded";
+        let outcome = |input: &dyn FingerprintInput| {
+            input
+                .fingerprint_into(&mut Fingerprinter::new("e"))
+                .map_err(|error| matches!(error, FingerprintError::UnreadBody))
+        };
+        let unread = [
+            outcome(&String::from_request(failing(json), &()).await),
+            outcome(&bytes::Bytes::from_request(failing(json), &()).await),
+            outcome(&axum::Json::<u32>::from_request(failing(json), &()).await),
+            outcome(
+                &axum::Form::<BTreeMap<String, String>>::from_request(failing(form), &()).await,
+            ),
+        ];
+        assert_eq!(unread, [Err(true); 4]);
+
+        let mut malformed = Request::new(Body::from("not json"));
+        let value = http::HeaderValue::from_static("application/json");
+        malformed
+            .headers_mut()
+            .insert(http::header::CONTENT_TYPE, value);
+        let limited = http_body_util::Limited::new(Body::from("12345"), 2);
+        let over_limit = Request::new(Body::new(limited));
+        let rejected = [
+            outcome(&axum::Json::<u32>::from_request(malformed, &()).await),
+            outcome(&String::from_request(over_limit, &()).await),
+        ];
+        assert_eq!(rejected, [Ok(()), Ok(())]);
     }
 
     #[test]

@@ -525,6 +525,41 @@ async fn a_result_extractor_is_fingerprinted_by_its_value() {
     assert_eq!(runs.get(), 1);
 }
 
+/// A body that fails while it is read (the connection broke, a body
+/// timeout in front of the route gave up on a slow upload) is not a
+/// payload the client sent: with a plain `Json<T>` nothing is claimed and
+/// the retry runs. Taken as `Result<Json<T>, _>`, the handler answers the
+/// rejection; the key must stay usable for the retry that sends the whole
+/// body, rather than hold the 400 of a body the client never finished
+/// sending and answer every retry 422 until the TTL ends.
+#[tokio::test]
+async fn a_body_that_fails_while_read_leaves_the_key_to_the_retry() {
+    let runs = Runs::default();
+    let app = router(Router::new().route("/r", post(with_own_rejection)), &runs);
+    let broken = futures_util::stream::iter([
+        Ok(axum::body::Bytes::from_static(b"5")),
+        Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "the connection broke",
+        )),
+    ]);
+    let cut_short = Request::post("/r")
+        .header("content-type", "application/json")
+        .header("idempotency-key", "cut")
+        .body(Body::from_stream(broken))
+        .unwrap();
+    let first = send(&app, cut_short).await;
+    assert_eq!(first.status, StatusCode::BAD_REQUEST, "{}", first.body);
+    let retry = send(&app, request("/r", Some("cut"), &[], "5")).await;
+    assert_eq!(
+        (retry.status, retry.replayed),
+        (StatusCode::CREATED, false),
+        "the retry with the whole body: {}",
+        retry.body
+    );
+    assert_eq!(runs.get(), 1);
+}
+
 // ===== skip =====
 
 #[derive(Deserialize, serde::Serialize)]

@@ -438,3 +438,64 @@ async fn a_claim_whose_reply_is_lost_with_its_connection_leaves_no_lease_behind(
     let left = direct.get(&key).await.expect("read");
     assert_eq!(left, None, "a claim nobody heard of holds the key");
 }
+
+/// A renewal that answers "held" keeps the key in Redis for at least
+/// another lease: the holder counts on it until its next renewal, a third
+/// of a lease later. After the application's clock stepped back (NTP
+/// correcting a clock that ran fast, a restored VM), every renewal computes
+/// a deadline earlier than the one the record holds, and the script keeps
+/// the record's: it must still push Redis's own expiry, which would
+/// otherwise run out a minute past the last renewal that moved the
+/// deadline. The key would then vanish under a handler whose renewals all
+/// succeed, and the next claim would run it a second time. (PostgreSQL and
+/// SQLite keep the later deadline and have no expiry of their own.)
+#[tokio::test]
+async fn a_renewal_after_the_clock_stepped_back_keeps_the_key_in_redis() {
+    use idempotent_core::clock::Clock;
+    use idempotent_core::fingerprint::Fingerprint;
+    use idempotent_core::record::Claim;
+
+    let Some(url) = backend_url(URL) else { return };
+    let clock = ManualClock::starting_now();
+    let store = RedisStore::builder(manager(&url).await)
+        .prefix(unique_name("idem_test") + ":")
+        .clock(clock.clone())
+        .build();
+    let lease = Duration::from_secs(3);
+    let fingerprint = Fingerprint::from_bytes([9; 32]);
+    let key = RecordKey::new(
+        ScopeDigest::global(),
+        IdempotencyKey::parse(b"stepped-back").unwrap(),
+    );
+    let claim = store.claim(&key, fingerprint, lease).await.unwrap();
+    let Claim::Acquired(token) = claim else {
+        panic!("a new key: {claim:?}");
+    };
+    let redis_key = store.redis_key(&key);
+    let mut connection = manager(&url).await;
+
+    // The clock steps ten minutes back, and the handler runs on: what
+    // Redis holds a little over a minute after the claim, each renewal
+    // since having kept the record's later deadline, is a key with a
+    // second left before Redis drops it.
+    clock.set(clock.now_millis() - 600_000);
+    let () = redis::cmd("PEXPIRE")
+        .arg(&redis_key)
+        .arg(1_000)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    store.renew(&key, token, lease).await.unwrap();
+
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(&redis_key)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let lease_ms = i64::try_from(lease.as_millis()).unwrap();
+    assert!(
+        pttl >= lease_ms,
+        "a renewal answered held, yet Redis drops the claim in {pttl} ms, before the holder's next renewal"
+    );
+    store.release(&key, token).await.unwrap();
+}

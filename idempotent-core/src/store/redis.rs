@@ -103,12 +103,19 @@ return false
 
 /// ARGV: token, new deadline (8 bytes), PX. Returns 1 if held. A renewal
 /// that arrives after a later one (sent first, held up on the way) leaves
-/// the later deadline.
+/// the later deadline. Either way Redis keeps the key for at least PX
+/// more: a deadline that does not move (the application's clock stepped
+/// back) must not leave the key to Redis's expiry while its holder runs.
 static RENEW: LazyLock<Script> = LazyLock::new(|| {
     lua(r"
 local held = redis.call('GET', KEYS[1])
 if not holds(held, ARGV[1]) then return 0 end
-if millis(ARGV[2], 1) <= deadline(held) then return 1 end
+if millis(ARGV[2], 1) <= deadline(held) then
+    if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then
+        redis.call('PEXPIRE', KEYS[1], ARGV[3])
+    end
+    return 1
+end
 redis.call('SET', KEYS[1], string.sub(held, 1, 33) .. ARGV[2] .. string.sub(held, 42), 'PX', ARGV[3])
 return 1
 ")
