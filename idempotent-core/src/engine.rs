@@ -17,7 +17,7 @@ use futures_util::future::Either;
 use http::HeaderMap;
 use http::response::Parts;
 use tokio::time::Instant;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::Instrument;
 
 use crate::endpoint::Endpoint;
@@ -458,11 +458,11 @@ impl Engine {
         sent: Instant,
         suspended: bool,
     ) -> impl Future<Output = Response> + Send {
-        let detached = self.settings.detached.clone();
+        let tracked = self.settings.detached.token();
         let pipeline: Pipeline = Box::pin(self.run_claimed(token, handler, sent, suspended));
         let detachable = Detachable {
             pipeline: Some(pipeline),
-            detached,
+            tracked,
             span: tracing::Span::current(),
             polling: false,
         };
@@ -861,8 +861,13 @@ struct Detachable {
     /// The request's span, which the request's future enters around every
     /// poll; only a spawned rest needs to enter it itself.
     span: tracing::Span,
-    /// Where a spawned rest is tracked, for [`Idempotency::drain`](crate::Idempotency::drain).
-    detached: TaskTracker,
+    /// Counts this run for [`Idempotency::drain`](crate::Idempotency::drain)
+    /// from the start, not only once its rest is spawned: a server's
+    /// graceful shutdown may end before the connection's task drops the
+    /// request (axum's lets the shutdown finish first), and a drain
+    /// between the two must still wait for it. A spawned rest is tracked
+    /// by the same tracker before this token goes.
+    tracked: TaskTrackerToken,
     /// Set while the pipeline is polled: still set when it is dropped, the
     /// pipeline itself panicked.
     polling: bool,
@@ -900,7 +905,7 @@ impl Drop for Detachable {
                 let rest =
                     pipeline.instrument(std::mem::replace(&mut self.span, tracing::Span::none()));
                 let rest = async move { drop(rest.await) };
-                drop(self.detached.spawn_on(rest, &runtime));
+                drop(self.tracked.task_tracker().spawn_on(rest, &runtime));
             }
             Err(_) => tracing::error!(
                 "request dropped outside a tokio runtime; its outcome is lost until the lease lapses"

@@ -139,6 +139,10 @@ impl Idempotency {
     /// await this after it, before the runtime stops, or a deploy cuts
     /// such a handler short like a crash (its key then stays claimed
     /// until the lease lapses, and a retry after that runs it again).
+    /// It also waits for runs whose request has not been dropped yet:
+    /// axum's graceful shutdown can return just before a connection's task
+    /// drops the request it served, whose run then moves onto a task of
+    /// its own.
     ///
     /// ```no_run
     /// # use axum::Router;

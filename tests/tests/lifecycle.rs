@@ -240,6 +240,61 @@ async fn with_the_layer_a_run_whose_client_hung_up_is_stored_by_drain() {
     a_run_whose_client_hung_up_is_stored_by_drain("/layer").await;
 }
 
+/// A server's graceful shutdown can end before a connection's task has
+/// dropped the request it was serving (axum lets the shutdown finish as
+/// the task lets go of its connection, and drops the connection, with the
+/// request, after that). `drain` called in between must still wait for
+/// that request's run, which is detached only when the request is dropped.
+async fn drain_waits_for_a_request_not_yet_dropped(uri: &str) {
+    let gate = Gate::default();
+    let idempotency = Idempotency::new(MemoryStore::new());
+    let app = gated_app(&gate, &idempotency);
+    let body = r#"{"amount":9}"#;
+    let request = tokio::spawn(send_owned(app.clone(), post_json(uri, "k", body)));
+    gate.until_started().await;
+
+    let drain = tokio::spawn({
+        let idempotency = idempotency.clone();
+        async move { idempotency.drain().await }
+    });
+    // Nothing a drain waits for can end while the gate is closed, so a
+    // drain that returns meanwhile did not wait for this request.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !drain.is_finished(),
+        "drain returned while a request it must wait for was still held"
+    );
+
+    request.abort();
+    assert!(request.await.unwrap_err().is_cancelled());
+    gate.open.add_permits(1);
+    tokio::time::timeout(HANG, drain)
+        .await
+        .expect("drain returns once the run is stored")
+        .unwrap();
+    assert_eq!(gate.runs(), 1);
+    let retry = send(&app, post_json(uri, "k", body)).await;
+    assert_eq!(
+        retry,
+        (StatusCode::CREATED, true, "run 1 amount 9".to_owned()),
+        "{uri}"
+    );
+}
+
+async fn send_owned(app: Router, request: Request<Body>) -> (StatusCode, bool, String) {
+    send(&app, request).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_attribute_drain_waits_for_a_request_not_yet_dropped() {
+    drain_waits_for_a_request_not_yet_dropped("/attribute").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_layer_drain_waits_for_a_request_not_yet_dropped() {
+    drain_waits_for_a_request_not_yet_dropped("/layer").await;
+}
+
 /// A client that sends half its body and hangs up: nothing runs and
 /// nothing is claimed, and the retry with the whole body runs once.
 async fn a_body_cut_short_claims_nothing(uri: &str) {
