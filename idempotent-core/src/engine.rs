@@ -328,6 +328,7 @@ impl Engine {
         let unsettled = Unsettled {
             engine: self,
             token: Some(token),
+            tracked: self.settings.detached.token(),
         };
         let lease = self.endpoint.lease_duration();
         let renewing = Instant::now();
@@ -825,6 +826,9 @@ pub(crate) async fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Outp
 struct Unsettled<'a> {
     engine: &'a Engine,
     token: Option<LeaseToken>,
+    /// Counts the claim for `drain` while it is unsettled, as
+    /// [`Detachable::tracked`] counts a run.
+    tracked: TaskTrackerToken,
 }
 
 impl Unsettled<'_> {
@@ -849,7 +853,7 @@ impl Drop for Unsettled<'_> {
                 }
             }
         };
-        drop(self.engine.settings.detached.spawn_on(release, &runtime));
+        drop(self.tracked.task_tracker().spawn_on(release, &runtime));
     }
 }
 

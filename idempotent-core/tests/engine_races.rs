@@ -673,6 +673,51 @@ async fn a_late_claim_whose_renewal_hangs_is_refused_with_one_event() {
     assert_eq!(warned.len(), 1, "one refusal, logged as: {warned:?}");
 }
 
+/// A claim answered late is confirmed by a renewal before its handler
+/// runs; a request dropped meanwhile lets the claim go on a task of its
+/// own. A `drain` called while that request is still held (a server's
+/// graceful shutdown can return just before its connection drops the
+/// request) waits for it, and for the claim's release.
+#[tokio::test(start_paused = true)]
+async fn drain_waits_for_a_late_claim_still_being_confirmed() {
+    let store = LateStore::new()
+        .with_claims(Timing::AnsweredLate {
+            nth: 0,
+            after: Duration::from_millis(500),
+        })
+        .with_renewals(Timing::Hangs { nth: 0 });
+    let handler = Handler::gated(StatusCode::CREATED);
+    handler.gate.add_permits(1);
+    let endpoint = Endpoint::new("pay").lease(Duration::from_secs(1));
+    let idempotency = Idempotency::builder(store)
+        .store_timeout(Duration::from_secs(2))
+        .build();
+    let app = Router::new()
+        .route("/pay", post(pay))
+        .with_state((handler.clone(), endpoint))
+        .layer(idempotency.clone());
+    let first = spawn_send(&app, "k");
+    // The claim is answered at 0.5 s; its renewal, due by a third of the
+    // lease, is under way until 0.83 s.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    let drain = tokio::spawn(async move { idempotency.drain().await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !drain.is_finished(),
+        "drain returned while a claimed request was still held"
+    );
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    tokio::time::timeout(Duration::from_secs(5), drain)
+        .await
+        .expect("drain returns once the claim is let go")
+        .unwrap();
+
+    assert_eq!(send(&app).await, (StatusCode::CREATED, false, json!(1)));
+    assert_eq!(handler.runs(), 1);
+}
+
 // ===== renewals that answer out of order, or never =====
 
 /// The renewal sent at a third of a second hangs until the store timeout,
