@@ -9,6 +9,9 @@ use syn::parse::{Parse, ParseStream};
 use syn::punctuated::Punctuated;
 use syn::{Expr, ExprLit, Ident, Lit, LitStr, Meta, MetaNameValue, Path, Token, Type};
 
+/// The options that take a duration.
+const DURATIONS: [&str; 3] = ["ttl", "lease", "wait"];
+
 const OPTIONS: [&str; 10] = [
     "ttl",
     "lease",
@@ -117,7 +120,7 @@ impl Args {
             "lease" => {
                 self.lease = Some(at_least_a_second(&string_value(meta)?, LEASE_TOO_SHORT)?);
             }
-            "wait" => self.wait = Some(duration_millis(&string_value(meta)?)?),
+            "wait" => self.wait = Some(wait_millis(&string_value(meta)?)?),
             "scope" => self.scope = Some(scope(name_value(meta)?)?),
             "optional" => self.optional = flag(meta)?,
             "skip" => self.skip = skip_list(meta, errors)?,
@@ -165,8 +168,51 @@ impl Parse for AttrOption {
                 }))));
             }
         }
-        input.parse().map(|meta| Self(Ok(meta)))
+        let meta: Meta = input.parse()?;
+        if let Some(error) = unquoted_duration(&meta, input) {
+            return Ok(Self(Err(error)));
+        }
+        Ok(Self(Ok(meta)))
     }
+}
+
+/// A duration written without its quotes: `24h` lexes as the integer 24
+/// with the suffix `h`, and `1h 30m` as two such literals, whose second
+/// syn alone would meet with "expected `,`". The literals that follow
+/// the first are consumed, so the options after them are still read.
+fn unquoted_duration(meta: &Meta, input: ParseStream<'_>) -> Option<syn::Error> {
+    let Meta::NameValue(MetaNameValue {
+        path,
+        value: Expr::Lit(ExprLit { lit: first, .. }),
+        ..
+    }) = meta
+    else {
+        return None;
+    };
+    // `1.5h` is left to the error about a string: quoted, it would still
+    // be refused, as a duration takes whole numbers.
+    let has_suffix = matches!(first, Lit::Int(int) if !int.suffix().is_empty());
+    let key = option_name(path);
+    if !has_suffix || !DURATIONS.contains(&key.as_str()) {
+        return None;
+    }
+    let mut terms = vec![first.clone()];
+    while input.peek(syn::LitInt) {
+        terms.push(input.parse().ok()?);
+    }
+    let written: Vec<String> = terms
+        .iter()
+        .map(|term| term.to_token_stream().to_string())
+        .collect();
+    let message = format!(
+        "a duration is a string: write `{key} = \"{}\"`",
+        written.join(" ")
+    );
+    let last = terms.last().unwrap_or(first);
+    Some(syn::Error::new_spanned(
+        quote::quote!(#first #last),
+        message,
+    ))
 }
 
 /// `ttl =` with nothing after the `=`, consumed: syn alone would say
@@ -414,7 +460,17 @@ fn flag(meta: &Meta) -> syn::Result<bool> {
                 ),
             ))
         }
-        _ => {
+        Meta::NameValue(MetaNameValue { value, .. }) => {
+            let name = option_name(meta.path());
+            Err(syn::Error::new_spanned(
+                value,
+                format!(
+                    "`{name}` takes `true` or `false`: write `{name} = true` (or `{name}` alone) or `{name} = false`{}",
+                    not_evaluated(value)
+                ),
+            ))
+        }
+        Meta::List(_) => {
             let name = option_name(meta.path());
             Err(syn::Error::new_spanned(
                 meta,
@@ -432,11 +488,25 @@ const SKIP_FORM: &str = "expected the names of handler arguments, as in `skip(tr
 /// the second, and the list without it is kept so that its other names are
 /// still checked against the handler's arguments.
 fn skip_list(meta: &Meta, errors: &mut Errors) -> syn::Result<Vec<Ident>> {
-    let Meta::List(list) = meta else {
-        return Err(syn::Error::new_spanned(
-            meta,
-            "expected `skip(argument, ...)` naming handler arguments",
-        ));
+    let list = match meta {
+        Meta::List(list) => list,
+        // `skip = body`: the list form with the name the value gives.
+        Meta::NameValue(MetaNameValue {
+            value: Expr::Path(path),
+            ..
+        }) if path.path.get_ident().is_some() => {
+            let name = path.path.to_token_stream();
+            return Err(syn::Error::new_spanned(
+                meta,
+                format!("`skip` takes a list of argument names: write `skip({name})`"),
+            ));
+        }
+        _ => {
+            return Err(syn::Error::new_spanned(
+                meta,
+                "expected `skip(argument, ...)` naming handler arguments",
+            ));
+        }
     };
     let mut names: Vec<Ident> = Vec::new();
     for name in list.parse_args_with(skip_names)? {
@@ -659,13 +729,20 @@ const LONGEST_MILLIS: u64 = 100 * 365 * 86_400_000;
 
 /// Milliseconds in a humantime-style literal: one or more `<integer><unit>`
 /// terms, units `ms`, `s`, `m`, `h`, `d`, e.g. `"90s"`, `"1h 30m"`.
-pub(crate) fn duration_millis(lit: &LitStr) -> syn::Result<u64> {
-    let fail = |why: String| syn::Error::new(lit.span(), why);
-    let millis = parse_duration(&lit.value()).map_err(fail)?;
-    if millis == 0 {
-        return Err(fail("the duration must be greater than zero".into()));
+fn duration_millis(lit: &LitStr) -> syn::Result<u64> {
+    parse_duration(&lit.value()).map_err(|why| syn::Error::new(lit.span(), why))
+}
+
+/// Why a zero wait is refused: it would make a duplicate in flight wait
+/// for nothing, which is what leaving `wait` out already does.
+const WAIT_ZERO: &str = "a `wait` of zero waits for nothing: leave `wait` out for a duplicate that arrives in flight to get 409 at once, or give it time, as in `wait = \"5s\"`";
+
+/// The wait in `lit`, in milliseconds, refused at zero.
+fn wait_millis(lit: &LitStr) -> syn::Result<u64> {
+    match duration_millis(lit)? {
+        0 => Err(syn::Error::new(lit.span(), WAIT_ZERO)),
+        millis => Ok(millis),
     }
-    Ok(millis)
 }
 
 /// Why a lease under a second is refused. The engine renews a lease every
@@ -678,7 +755,8 @@ const LEASE_TOO_SHORT: &str = "the lease must be at least \"1s\": it is renewed 
 const TTL_TOO_SHORT: &str = "the ttl must be at least \"1s\": it is how long a finished response is replayed, and a shorter one would be raised to a second";
 
 /// The duration in `lit`, in milliseconds, refused with `why` under a
-/// second (the shortest TTL or lease an `Endpoint` takes).
+/// second (the shortest TTL or lease an `Endpoint` takes), zero included:
+/// the fix for `"0s"` is the same as for `"500ms"`.
 fn at_least_a_second(lit: &LitStr, why: &str) -> syn::Result<u64> {
     let millis = duration_millis(lit)?;
     if millis < 1_000 {

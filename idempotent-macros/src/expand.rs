@@ -47,10 +47,7 @@ pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
         // A function whose body does not parse (as while it is being
         // typed) gets rustc's error in the body, and no second one here.
         if !is_function(&item) {
-            errors.push(syn::Error::new(
-                Span::call_site(),
-                "`#[idempotent]` goes on an `async fn` axum handler",
-            ));
+            errors.push(not_a_handler(&item));
         }
         return fallback(item, errors);
     };
@@ -72,6 +69,83 @@ fn is_function(item: &TokenStream) -> bool {
         Ok(body.delimiter() == proc_macro2::Delimiter::Brace)
     };
     syn::parse::Parser::parse2(function, item.clone()).unwrap_or(false)
+}
+
+/// What to say about an item that is not a function with a body, spanned
+/// at its keyword and name rather than at the attribute.
+fn not_a_handler(item: &TokenStream) -> syn::Error {
+    const USAGE: &str = "`#[idempotent]` goes on an `async fn` axum handler";
+    if let Some(sig) = declaration_without_body(item) {
+        let fn_token = sig.fn_token;
+        let name = &sig.ident;
+        return syn::Error::new_spanned(
+            quote!(#fn_token #name),
+            format!(
+                "{USAGE} with a body: `{name}` is only declared here (as in a trait), so there is nothing for the attribute to run"
+            ),
+        );
+    }
+    let Ok(parsed) = syn::parse2::<syn::Item>(item.clone()) else {
+        let span = item
+            .clone()
+            .into_iter()
+            .next()
+            .map_or_else(Span::call_site, |token| token.span());
+        return syn::Error::new(span, USAGE);
+    };
+    match item_head(&parsed) {
+        Some((head, what, hint)) => {
+            syn::Error::new_spanned(head, format!("{USAGE}, not {what}{hint}"))
+        }
+        None => syn::Error::new_spanned(parsed, USAGE),
+    }
+}
+
+/// The signature of `fn name(..);`, a function declared without a body.
+fn declaration_without_body(item: &TokenStream) -> Option<syn::Signature> {
+    let declaration = |input: syn::parse::ParseStream<'_>| {
+        input.call(Attribute::parse_outer)?;
+        input.parse::<syn::Visibility>()?;
+        let sig = input.parse::<syn::Signature>()?;
+        input.parse::<syn::Token![;]>()?;
+        Ok(sig)
+    };
+    syn::parse::Parser::parse2(declaration, item.clone()).ok()
+}
+
+/// The tokens that name `item` (its keyword and name), what it is, and
+/// where the attribute goes instead if the item holds handlers.
+fn item_head(item: &syn::Item) -> Option<(TokenStream, &'static str, &'static str)> {
+    const INSIDE: &str = ": put it on each handler inside";
+    let head = |keyword: &dyn ToTokens, name: &dyn ToTokens| {
+        let mut tokens = keyword.to_token_stream();
+        name.to_tokens(&mut tokens);
+        tokens
+    };
+    Some(match item {
+        syn::Item::Struct(item) => (head(&item.struct_token, &item.ident), "a struct", ""),
+        syn::Item::Enum(item) => (head(&item.enum_token, &item.ident), "an enum", ""),
+        syn::Item::Union(item) => (head(&item.union_token, &item.ident), "a union", ""),
+        syn::Item::Type(item) => (head(&item.type_token, &item.ident), "a type alias", ""),
+        syn::Item::Const(item) => (head(&item.const_token, &item.ident), "a constant", ""),
+        syn::Item::Static(item) => (head(&item.static_token, &item.ident), "a static", ""),
+        syn::Item::Trait(item) => (head(&item.trait_token, &item.ident), "a trait", ""),
+        syn::Item::Mod(item) => (head(&item.mod_token, &item.ident), "a module", INSIDE),
+        syn::Item::Impl(item) => (
+            head(&item.impl_token, &item.self_ty),
+            "an `impl` block",
+            INSIDE,
+        ),
+        syn::Item::Use(item) => (item.use_token.to_token_stream(), "a `use` declaration", ""),
+        syn::Item::ExternCrate(item) => (
+            head(&item.extern_token, &item.ident),
+            "an `extern crate` declaration",
+            "",
+        ),
+        syn::Item::ForeignMod(item) => (item.abi.to_token_stream(), "an `extern` block", ""),
+        syn::Item::Macro(item) => (item.mac.path.to_token_stream(), "a macro invocation", ""),
+        _ => return None,
+    })
 }
 
 /// The original item plus every error: the function still exists, so the
@@ -108,7 +182,18 @@ impl<'a> Handler<'a> {
     fn analyze(func: &'a ItemFn, args: &Args, errors: &mut Errors) -> Self {
         let sig = &func.sig;
         if sig.asyncness.is_none() {
-            errors.spanned(sig.fn_token, "`#[idempotent]` handlers must be `async fn`");
+            // A function cannot be both `const` and `async`.
+            let fn_token = sig.fn_token;
+            match &sig.constness {
+                Some(constness) => errors.spanned(
+                    quote!(#constness #fn_token),
+                    "`#[idempotent]` handlers must be `async fn`: write `async fn` in place of `const fn`",
+                ),
+                None => errors.spanned(
+                    sig.fn_token,
+                    "`#[idempotent]` handlers must be `async fn`: write `async` before `fn`",
+                ),
+            }
         }
         if let Some(unsafety) = sig.unsafety {
             errors.spanned(
@@ -131,7 +216,7 @@ impl<'a> Handler<'a> {
             match input {
                 FnArg::Receiver(receiver) => errors.spanned(
                     receiver,
-                    "`#[idempotent]` handlers cannot take `self`: axum handlers are free functions",
+                    "`#[idempotent]` handlers cannot take `self`: axum routes functions, not methods; drop `self` and take what the handler needs from it as an extractor, such as `State<T>`",
                 ),
                 FnArg::Typed(typed) => {
                     check_no_cfg(&typed.attrs, errors);
@@ -763,20 +848,39 @@ fn outer_signature(
 /// are), and a type its future holds is `Send`; saying so here spares each
 /// generic handler bounds that axum alone would not ask for.
 fn instance_bounds(generics: &syn::Generics) -> Option<syn::WhereClause> {
+    let (first, last) = bounds_location(generics);
     let mut generics = generics.clone();
     let params: Vec<Ident> = generics
         .type_params()
-        .map(|param| respan(&param.ident, Span::call_site()))
+        .map(|param| respan(&param.ident, first))
         .collect();
     let clause = generics.make_where_clause();
+    let lifetime = syn::Lifetime::new("'static", last);
     for param in params {
-        clause
-            .predicates
-            .push(syn::parse_quote!(#param: ::core::marker::Send + 'static));
+        clause.predicates.push(syn::parse_quote_spanned! {first=>
+            #param: ::core::marker::Send + #lifetime
+        });
     }
     generics
         .where_clause
         .filter(|clause| !clause.predicates.is_empty())
+}
+
+/// Where the bounds [`instance_bounds`] adds are reported: over the
+/// handler's generic parameter list, from its `<` to its `>`, so that
+/// rustc's "required by this bound" under an instance that is not `Send`
+/// points there rather than at the whole attribute. Resolved as the
+/// attribute's, and not at the parameter itself: a bound located at its
+/// name reads as written by the user to lints such as
+/// `clippy::multiple_bound_locations`.
+fn bounds_location(generics: &syn::Generics) -> (Span, Span) {
+    let at = |span: Option<Span>| {
+        span.map_or_else(Span::call_site, |span| Span::call_site().located_at(span))
+    };
+    (
+        at(generics.lt_token.map(|token| token.span)),
+        at(generics.gt_token.map(|token| token.span)),
+    )
 }
 
 /// Splits the `ExactBody` last argument into the request's context and the
@@ -989,8 +1093,9 @@ fn fingerprint(
             // fingerprinted is reported at it; the argument itself keeps
             // the attribute's hygiene, which a `macro_rules!` that passes
             // the type in does not share.
-            let ty = argument.ty;
-            let span = ty.span();
+            let payload = payload_type(argument.ty);
+            let ty = located_at(argument.ty, payload);
+            let span = payload.span();
             let call = respan_tokens(&quote!(#private::fingerprint_input), span);
             let call = quote_spanned! {span=>
                 #call::<#ty>(#fingerprinter, &#param)
@@ -1006,6 +1111,64 @@ fn fingerprint(
             ::core::result::Result::Ok(())
         })
     }
+}
+
+/// Extractors fingerprinted by the value they wrap, which must be
+/// `Serialize` (as `idempotent_core` implements `FingerprintInput`).
+const SERIALIZED_PAYLOAD: &[&str] = &["Json", "Form", "Query", "Path"];
+
+/// The type a fingerprint check on `ty` is reported at: the payload `T`
+/// of `Json<T>`, `Form<T>`, `Query<T>` or `Path<T>` (within an `Option` or
+/// a `Result` too), the type whose `Serialize` impl is missing when the
+/// check fails; else `ty` itself.
+fn payload_type(ty: &Type) -> &Type {
+    let inner = match first_type_argument(ty) {
+        Some(inner) if is_named(ty, &["Option", "Result"]) => inner,
+        _ => ty,
+    };
+    match first_type_argument(inner) {
+        Some(payload) if is_named(inner, SERIALIZED_PAYLOAD) => payload,
+        _ => ty,
+    }
+}
+
+/// `ty` as written, its tokens before and after `inner` (a type within
+/// it) located at `inner`'s first and last token: rustc reports an unmet
+/// bound on a type argument at the whole argument, which then covers
+/// `inner` alone. Resolution is unchanged.
+fn located_at(ty: &Type, inner: &Type) -> TokenStream {
+    use proc_macro2::TokenTree;
+    let tokens: Vec<TokenTree> = ty.to_token_stream().into_iter().collect();
+    let within: Vec<TokenTree> = inner.to_token_stream().into_iter().collect();
+    let text =
+        |tokens: &[TokenTree]| -> Vec<String> { tokens.iter().map(ToString::to_string).collect() };
+    let (Some(first), Some(last)) = (within.first(), within.last()) else {
+        return ty.to_token_stream();
+    };
+    let (all, wanted) = (text(&tokens), text(&within));
+    let Some(start) = all
+        .windows(wanted.len())
+        .position(|window| window == wanted)
+    else {
+        return ty.to_token_stream();
+    };
+    let end = start + within.len();
+    let (first, last) = (first.span(), last.span());
+    tokens
+        .into_iter()
+        .enumerate()
+        .map(|(index, mut token)| {
+            let at = if index < start {
+                first
+            } else if index >= end {
+                last
+            } else {
+                return token;
+            };
+            token.set_span(token.span().located_at(at));
+            token
+        })
+        .collect()
 }
 
 /// The type and const arguments of a generic handler's instance: each

@@ -17,6 +17,13 @@ async fn durations(body: String) -> String {
     body
 }
 
+// The options are independent: a lease longer than the ttl times a
+// running claim, the ttl a finished response.
+#[idempotent(ttl = "10s", lease = "5m")]
+async fn lease_beyond_ttl(body: String) -> String {
+    body
+}
+
 // An empty `skip` skips nothing, so a `macro_rules!` may pass one through.
 #[idempotent(skip())]
 async fn skips_nothing(Json(body): Json<u32>) -> Json<u32> {
@@ -27,6 +34,7 @@ fn main() {
     let _app: Router = Router::new()
         .route("/classes", post(classes))
         .route("/durations", post(durations))
+        .route("/lease-beyond-ttl", post(lease_beyond_ttl))
         .route("/skips-nothing", post(skips_nothing))
         .layer(Idempotency::new(MemoryStore::new()));
 }
