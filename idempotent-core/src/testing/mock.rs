@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use http::StatusCode;
 
-use crate::Idempotency;
 use crate::clock::{Clock, ManualClock, SharedClock, millis};
 use crate::fingerprint::Fingerprint;
-use crate::record::{Claim, InFlight, LeaseToken, Record, RecordKey, StoredResponse};
+use crate::record::{Claim, CodecError, InFlight, LeaseToken, Record, RecordKey, StoredResponse};
 use crate::store::{MemoryStore, Store, StoreError};
+use crate::{Idempotency, IdempotencyBuilder};
 
 /// Where the mock's clock starts: 2025-01-01T00:00:00Z, so records carry
 /// realistic timestamps.
@@ -27,7 +27,9 @@ const EPOCH_2025_MILLIS: u64 = 1_735_689_600_000;
 ///   [`assert_executed_once`](Self::assert_executed_once).
 /// - Faults are injected with [`fail_next`](Self::fail_next),
 ///   [`fail_next_call`](Self::fail_next_call), [`fail_all`](Self::fail_all)
-///   and slowed down with [`set_delay`](Self::set_delay);
+///   and slowed down with [`set_delay`](Self::set_delay); their `_with`
+///   forms choose the class of failure, a [`Fault`] (a store down, timed
+///   out, set up wrongly, or a corrupt record);
 ///   [`in_flight_next`](Self::in_flight_next) makes a claim find its key
 ///   held by a duplicate, for the `409` path.
 ///
@@ -92,9 +94,10 @@ struct Inner {
 #[derive(Default)]
 struct State {
     operations: Vec<Operation>,
-    /// One-shot faults in order; `None` fails whatever call comes next.
-    fail_next: VecDeque<Option<OpKind>>,
-    fail_all: bool,
+    /// One-shot faults in order.
+    fail_next: VecDeque<Queued>,
+    /// The outage under way, if any: every call fails this way.
+    fail_all: Option<Fault>,
     delay: Option<Duration>,
     /// Claims still to be answered as held by a duplicate.
     in_flight_next: usize,
@@ -114,6 +117,103 @@ pub enum OpKind {
     Release,
     /// [`Store::get`].
     Get,
+}
+
+/// A class of store failure, for an injected fault to answer with
+/// ([`MockStore::fail_next_with`], [`MockStore::fail_next_call_with`],
+/// [`MockStore::fail_all_with`]). Each is the [`StoreError`] a real store
+/// answers in that case, so the engine treats it as it would theirs: a
+/// request whose claim fails runs nothing and gets the
+/// [problem](crate::problem) of its class.
+///
+/// ```
+/// use axum::{Router, body::Body, http::{Request, StatusCode}, routing::post};
+/// use idempotent_core::idempotent;
+/// use idempotent_core::testing::{Fault, MockStore, OpKind};
+/// use tower::ServiceExt;
+///
+/// #[idempotent(scope = "global")]
+/// async fn charge() -> StatusCode {
+///     StatusCode::CREATED
+/// }
+///
+/// /// The status, and whether the response says when to retry.
+/// async fn send(app: &Router) -> (StatusCode, bool) {
+///     let request = Request::post("/charges")
+///         .header("idempotency-key", "k1")
+///         .body(Body::empty())
+///         .unwrap();
+///     let response = app.clone().oneshot(request).await.unwrap();
+///     (response.status(), response.headers().contains_key("retry-after"))
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let store = MockStore::new();
+/// let app = Router::new().route("/charges", post(charge)).layer(store.layer());
+///
+/// // Set up wrongly: a retry soon after would fail the same way.
+/// store.fail_next_with(OpKind::Claim, Fault::Misconfigured);
+/// assert_eq!(send(&app).await, (StatusCode::INTERNAL_SERVER_ERROR, false));
+/// // Timed out: may pass by itself, so the client is told to retry.
+/// store.fail_next_with(OpKind::Claim, Fault::Timeout);
+/// assert_eq!(send(&app).await, (StatusCode::SERVICE_UNAVAILABLE, true));
+/// // The faults are spent: the retry runs, once.
+/// assert_eq!(send(&app).await, (StatusCode::CREATED, false));
+/// store.assert_executed_once();
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Fault {
+    /// The backend failed in a way that may pass by itself (a server down,
+    /// a connection dropped): [`StoreError::Backend`], answered `503
+    /// store-unavailable` with `Retry-After`. What
+    /// [`fail_next`](MockStore::fail_next),
+    /// [`fail_next_call`](MockStore::fail_next_call) and
+    /// [`fail_all`](MockStore::fail_all) inject.
+    Unavailable,
+    /// The store did not answer in time: [`StoreError::Timeout`] of
+    /// [`IdempotencyBuilder::DEFAULT_STORE_TIMEOUT`], answered `503
+    /// store-unavailable` with `Retry-After`. It is answered at once, and
+    /// the call is not applied; [`set_delay`](MockStore::set_delay) makes
+    /// the engine cut a slow call at its own timeout instead.
+    Timeout,
+    /// The store is set up wrongly (a missing table or privilege, a
+    /// read-only database): [`StoreError::Misconfigured`], answered `500
+    /// store-misconfigured` without `Retry-After`.
+    Misconfigured,
+    /// The key's stored record does not decode: [`StoreError::Codec`],
+    /// answered `500 record-corrupt` without `Retry-After`, even with
+    /// [`fail_open`](crate::IdempotencyBuilder::fail_open): the record
+    /// says the request ran.
+    Corrupt,
+}
+
+impl Fault {
+    /// The error a store answers a call of `kind` with, failing this way.
+    fn error(self, kind: OpKind) -> StoreError {
+        match self {
+            Self::Unavailable => StoreError::backend(format!(
+                "injected fault: the mock store failed this {kind:?} call"
+            )),
+            Self::Timeout => StoreError::Timeout(IdempotencyBuilder::DEFAULT_STORE_TIMEOUT),
+            Self::Misconfigured => StoreError::misconfigured(format!(
+                "injected fault: the mock store is set up wrongly for this {kind:?} call"
+            )),
+            Self::Corrupt => StoreError::Codec(CodecError::new(
+                "injected fault: the mock store's record does not decode",
+            )),
+        }
+    }
+}
+
+/// A one-shot fault: the call it fails (`None`: whichever comes next),
+/// and how.
+#[derive(Clone, Copy)]
+struct Queued {
+    kind: Option<OpKind>,
+    fault: Fault,
 }
 
 /// What a claim found.
@@ -242,17 +342,44 @@ impl MockStore {
     /// back to, so that "the store is down for the next request" holds for
     /// both.
     pub fn fail_next(&self, kind: OpKind) {
-        self.state().fail_next.push_back(Some(kind));
+        self.fail_next_with(kind, Fault::Unavailable);
+    }
+
+    /// Fails the next call of `kind` (and only that one) with `fault`, as
+    /// [`fail_next`](Self::fail_next) does with a backend error, in the
+    /// same queue. A queued `Claim` fault fails an exact repeat's
+    /// [`get`](Store::get) with a backend error whatever its class, so
+    /// that the request goes on to the claim, which answers `fault`: the
+    /// client gets what the claim's failure gets it.
+    pub fn fail_next_with(&self, kind: OpKind, fault: Fault) {
+        let queued = Queued {
+            kind: Some(kind),
+            fault,
+        };
+        self.state().fail_next.push_back(queued);
     }
 
     /// Fails the next call, whatever it is.
     pub fn fail_next_call(&self) {
-        self.state().fail_next.push_back(None);
+        self.fail_next_call_with(Fault::Unavailable);
     }
 
-    /// Fails every call while `fail` is `true` (a store outage).
+    /// Fails the next call, whatever it is, with `fault`.
+    pub fn fail_next_call_with(&self, fault: Fault) {
+        let queued = Queued { kind: None, fault };
+        self.state().fail_next.push_back(queued);
+    }
+
+    /// Fails every call while `fail` is `true` (a store outage), with a
+    /// backend error. `false` ends any outage, whatever its class.
     pub fn fail_all(&self, fail: bool) {
-        self.state().fail_all = fail;
+        self.state().fail_all = fail.then_some(Fault::Unavailable);
+    }
+
+    /// Fails every call with `fault` (a store down, or set up wrongly)
+    /// until [`fail_all(false)`](Self::fail_all) ends it.
+    pub fn fail_all_with(&self, fault: Fault) {
+        self.state().fail_all = Some(fault);
     }
 
     /// Answers the next claim as if a duplicate with the same payload held
@@ -368,14 +495,14 @@ impl MockStore {
             tokio::time::sleep(delay).await;
         }
         let mut state = self.state();
-        let injected = state.fail_all
-            || take_fault(&mut state.fail_next, kind)
-            || (kind == OpKind::Get && state.fail_next.contains(&Some(OpKind::Claim)));
-        if injected {
+        let fault = match state.fail_all {
+            Some(fault) => Some(fault),
+            None => take_fault(&mut state.fail_next, kind)
+                .or_else(|| claim_fault_ahead(&state.fail_next, kind)),
+        };
+        if let Some(fault) = fault {
             state.operations.push(Operation::Failed { op: kind });
-            return Err(StoreError::backend(format!(
-                "injected fault: the mock store failed this {kind:?} call"
-            )));
+            return Err(fault.error(kind));
         }
         Ok(())
     }
@@ -425,11 +552,26 @@ impl MockStore {
     }
 }
 
-fn take_fault(queue: &mut VecDeque<Option<OpKind>>, kind: OpKind) -> bool {
+/// The first queued fault for a call of `kind`, taken off the queue.
+fn take_fault(queue: &mut VecDeque<Queued>, kind: OpKind) -> Option<Fault> {
     let position = queue
         .iter()
-        .position(|fault| fault.is_none_or(|k| k == kind));
-    position.and_then(|index| queue.remove(index)).is_some()
+        .position(|queued| queued.kind.is_none_or(|k| k == kind));
+    position
+        .and_then(|index| queue.remove(index))
+        .map(|queued| queued.fault)
+}
+
+/// How a read fails while a claim's fault is queued (see
+/// [`MockStore::fail_next`]), leaving it queued: with a backend error,
+/// whatever the claim's class, since a read that timed out answers the
+/// request by itself, and the claim that a backend error sends it on to
+/// answers it as the fault's class has it.
+fn claim_fault_ahead(queue: &VecDeque<Queued>, kind: OpKind) -> Option<Fault> {
+    let claim_queued = queue
+        .iter()
+        .any(|queued| queued.kind == Some(OpKind::Claim));
+    (kind == OpKind::Get && claim_queued).then_some(Fault::Unavailable)
 }
 
 fn claim_outcome(claim: &Claim) -> Operation {

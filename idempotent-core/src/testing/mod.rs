@@ -4,4 +4,4 @@
 pub mod contract;
 mod mock;
 
-pub use mock::{ClaimOutcome, MockStore, OpKind, Operation};
+pub use mock::{ClaimOutcome, Fault, MockStore, OpKind, Operation};
