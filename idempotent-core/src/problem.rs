@@ -13,13 +13,13 @@
 //! | `urn:idempotent:request-in-progress` | 409 | the first request with this key is still running (`Retry-After` set) |
 //! | `urn:idempotent:response-not-stored` | 410 | the key's request completed but its response body was not kept (too large, failed, with trailers, or with more headers than a record holds) |
 //! | `urn:idempotent:invalid-path-parameter` | 400 | a keyed request's path parameter is not UTF-8 once percent-decoded, as axum's `Path` refuses it: the fingerprint could not tell it from another such parameter |
-//! | `urn:idempotent:unreadable-body` | 400 | [`IdempotentLayer`](crate::IdempotentLayer) could not read the request body to its end |
+//! | `urn:idempotent:unreadable-body` | 400 | [`IdempotentLayer`](crate::IdempotentLayer), or an attribute's handler taking its body extractor as a `Result`, could not read the request body to its end ([`FingerprintError::UnreadBody`](crate::fingerprint::FingerprintError::UnreadBody)); nothing was claimed |
 //! | `urn:idempotent:request-too-large` | 413 | [`IdempotentLayer`](crate::IdempotentLayer) would have to buffer a body over its limit, or over one a layer in front of it set |
 //! | `urn:idempotent:key-reused` | 422 | the key was used before with a different request |
 //! | `urn:idempotent:fingerprint-failed` | 500 | serializing the handler's inputs failed |
 //! | `urn:idempotent:record-corrupt` | 500 | the key's stored record cannot be read or replayed; the handler is not run again |
 //! | `urn:idempotent:not-configured` | 500 | no [`Idempotency`](crate::Idempotency) layer served the request, a custom scope got no principal, or an [`IdempotentLayer`](crate::IdempotentLayer) wraps a handler that is idempotent itself |
-//! | `urn:idempotent:store-misconfigured` | 500 | the store is set up wrongly ([`StoreError::Misconfigured`]: a missing table or privilege, a read-only database, another application's value at the key); nothing was executed, and a retry succeeds once the setup is fixed |
+//! | `urn:idempotent:store-misconfigured` | 500 | the store is set up wrongly ([`StoreError::Misconfigured`]: a missing table or privilege, a read-only SQLite file, another application's value at the key); nothing was executed, and a retry succeeds once the setup is fixed |
 //! | `urn:idempotent:store-unavailable` | 503 | the store failed or timed out; nothing was executed (`Retry-After` set) |
 
 use axum::response::{IntoResponse, Response};
@@ -59,8 +59,9 @@ pub enum ProblemKind {
     /// 413: a body too large for [`IdempotentLayer`](crate::IdempotentLayer)
     /// to buffer, or for a body limit a layer in front of it set.
     RequestTooLarge,
-    /// 400: a body [`IdempotentLayer`](crate::IdempotentLayer) could not
-    /// read to the end (the client sent less than it announced, or the
+    /// 400: a body [`IdempotentLayer`](crate::IdempotentLayer), or a body
+    /// extractor an attribute's handler takes as a `Result`, could not read
+    /// to the end (the client sent less than it announced, or the
     /// connection broke).
     UnreadableBody,
     /// 422: the key was used with a different request.

@@ -19,7 +19,7 @@ use idempotent_core::store::{PostgresStore, RedisStore, SqliteStore, Store, Stor
 use sqlx::Connection as _;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::sqlite::SqliteConnection;
-use store_support::{OwnRedis, backend_url, unique_name};
+use store_support::{OwnRedis, backend_url, suggested_sql, unique_name};
 
 const POSTGRES: &str = "IDEMPOTENT_TEST_POSTGRES_URL";
 const REDIS: &str = "IDEMPOTENT_TEST_REDIS_URL";
@@ -149,11 +149,13 @@ async fn a_postgres_role_without_connect_on_the_database_is_told_what_to_grant()
         return;
     };
     let admin = sqlx::PgPool::connect(&url).await.expect("connect");
-    let database = unique_name("idem_no_connect");
-    let role = format!("{database}_role");
+    // A name with a hyphen, as databases often have, which a `GRANT`
+    // must quote.
+    let role = unique_name("idem_no_connect");
+    let database = format!("{role}-db");
     for statement in [
-        format!("CREATE DATABASE {database}"),
-        format!("REVOKE CONNECT ON DATABASE {database} FROM PUBLIC"),
+        format!("CREATE DATABASE \"{database}\""),
+        format!("REVOKE CONNECT ON DATABASE \"{database}\" FROM PUBLIC"),
         format!("CREATE ROLE {role} LOGIN"),
     ] {
         sqlx::raw_sql(&statement)
@@ -162,10 +164,21 @@ async fn a_postgres_role_without_connect_on_the_database_is_told_what_to_grant()
             .expect("set up");
     }
     let options: PgConnectOptions = url.parse().expect("valid URL");
-    let connected = PostgresStore::connect_with(options.username(&role).database(&database)).await;
-    let refused = connected.map(drop);
+    let options = options.username(&role).database(&database);
+    let refused = PostgresStore::connect_with(options.clone()).await.map(drop);
+    let told = match &refused {
+        Err(error) => suggested_sql(&error.to_string()).to_owned(),
+        Ok(()) => String::new(),
+    };
+    let granted = sqlx::raw_sql(&told).execute(&admin).await.map(drop);
+    let connected_after_grant = PostgresStore::connect_with(options)
+        .await
+        .map(|store| store.pool().clone());
+    if let Ok(pool) = &connected_after_grant {
+        pool.close().await;
+    }
     for statement in [
-        format!("DROP DATABASE {database}"),
+        format!("DROP DATABASE \"{database}\""),
         format!("DROP ROLE {role}"),
     ] {
         sqlx::raw_sql(&statement)
@@ -175,10 +188,12 @@ async fn a_postgres_role_without_connect_on_the_database_is_told_what_to_grant()
     }
     let error = refused.expect_err("the role may not connect");
     assert_misconfigured(&error);
-    assert_says(
-        &error.to_string(),
-        &[&format!("GRANT CONNECT ON DATABASE {database} TO {role}")],
+    assert_eq!(
+        told,
+        format!("GRANT CONNECT ON DATABASE \"{database}\" TO {role}")
     );
+    granted.expect("the GRANT told runs");
+    connected_after_grant.expect("the GRANT told lets the role connect");
 }
 
 /// A table of the store's name made by something else was kept by
@@ -422,9 +437,13 @@ async fn a_full_redis_names_maxmemory_and_is_an_outage() {
 }
 
 /// A store pointed at a read-only replica: every claim is refused with
-/// READONLY, and the error says to give it the primary.
+/// READONLY, and the error says to give it the primary. It is an outage,
+/// not a setup to change: during a failover the old primary comes back as
+/// a replica at the address the store connects to, until a name or proxy
+/// in front of it follows the new primary, and a client told not to
+/// retry soon would give up on a store about to serve again.
 #[tokio::test]
-async fn a_redis_replica_says_to_connect_to_the_primary() {
+async fn a_redis_replica_is_an_outage_that_says_to_connect_to_the_primary() {
     if backend_url(REDIS).is_none() {
         return;
     }
@@ -439,18 +458,23 @@ async fn a_redis_replica_says_to_connect_to_the_primary() {
     };
     redis.stop().await;
     let error = refused.expect("connect to the replica");
-    assert_misconfigured(&error);
+    assert_outage(&error);
     assert_says(
         &error.to_string(),
-        &["read only replica", "give it the primary's address"],
+        &[
+            "read only replica",
+            "failover",
+            "give it the primary's address",
+        ],
     );
 }
 
 /// A Redis that cannot save its snapshot refuses writes
-/// (`stop-writes-on-bgsave-error`) until someone fixes what keeps it from
-/// saving: the error says to look in Redis's log.
+/// (`stop-writes-on-bgsave-error`) until a save succeeds, which it tries
+/// again by itself (once a full disk has room, say): an outage, whose
+/// error says to look in Redis's log.
 #[tokio::test]
-async fn a_redis_that_cannot_save_says_to_look_at_its_log() {
+async fn a_redis_that_cannot_save_is_an_outage_that_says_to_look_at_its_log() {
     if backend_url(REDIS).is_none() {
         return;
     }
@@ -489,7 +513,7 @@ async fn a_redis_that_cannot_save_says_to_look_at_its_log() {
     let refused = refused.expect("connect before the snapshot failed");
     let refused_at_connect = refused_at_connect.expect("PING refused");
     for error in [refused, refused_at_connect] {
-        assert_misconfigured(&error);
+        assert_outage(&error);
         assert_says(&error.to_string(), &["MISCONF", "Redis's log"]);
     }
 }
@@ -524,6 +548,98 @@ async fn a_redis_user_without_the_acl_for_the_store_is_told_what_to_allow() {
         &error.to_string(),
         &["no permissions", &redis_key, "ACL SETUSER"],
     );
+}
+
+/// The ACL line a refused Redis user is told to run is enough for the
+/// store: a user that may run nothing, given that line, passes every
+/// check of the store contract, and a renewal after the application's
+/// clock stepped back, whose script pushes the key's expiry on with
+/// `PTTL` and `PEXPIRE`. Redis checks the commands a script calls against
+/// the same user: a line without `DEL`, `PTTL` and `PEXPIRE` let claims
+/// through and refused every release and such renewals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_acl_a_refused_redis_user_is_told_to_set_lets_the_store_serve() {
+    use idempotent_core::clock::{Clock as _, ManualClock};
+    use idempotent_core::testing::contract;
+
+    if backend_url(REDIS).is_none() {
+        return;
+    }
+    let mut redis = OwnRedis::start(OwnRedis::free_port()).await;
+    let mut admin = store_connection(&redis.url()).await;
+    let nothing = ["SETUSER", "narrow", "on", ">secret", "resetkeys", "-@all"];
+    let _: () = redis::cmd("ACL")
+        .arg(&nothing)
+        .query_async(&mut admin)
+        .await
+        .expect("ACL SETUSER");
+    let narrow = store_connection(&redis.url().replace("redis://", "redis://narrow:secret@")).await;
+    let prefix = unique_name("idem_acl") + ":";
+    let refused = RedisStore::builder(narrow.clone())
+        .prefix(prefix.clone())
+        .build();
+    let error = claim_refusal(&refused).await.to_string();
+    let told = suggested_sql(&error)
+        .replace("<user>", "narrow")
+        .replace("<prefix>", &prefix);
+    let words: Vec<&str> = told.split_whitespace().collect();
+    assert_eq!(words.first(), Some(&"ACL"), "no ACL line in: {error}");
+
+    // A line short of a command only a script calls: Redis refuses it
+    // with a plain `ERR`, which must be told as the ACL it is too.
+    let short: Vec<&str> = words
+        .iter()
+        .copied()
+        .filter(|word| *word != "+pttl")
+        .collect();
+    let _: () = redis::cmd("ACL")
+        .arg(&short[1..])
+        .query_async(&mut admin)
+        .await
+        .expect("the short ACL line runs");
+    let clock = ManualClock::starting_now();
+    let store = RedisStore::builder(narrow.clone())
+        .prefix(format!("{prefix}short:"))
+        .clock(clock.clone())
+        .build();
+    let Ok(Claim::Acquired(token)) = claim(&store).await else {
+        panic!("a new key is claimed");
+    };
+    clock.set(clock.now_millis() - 600_000);
+    let short_refused = store
+        .renew(&record_key("k"), token, Duration::from_secs(3))
+        .await
+        .expect_err("PTTL is refused");
+    assert_misconfigured(&short_refused);
+    assert_says(&short_refused.to_string(), &["ACL SETUSER"]);
+
+    let _: () = redis::cmd("ACL")
+        .arg(&words[1..])
+        .query_async(&mut admin)
+        .await
+        .expect("the ACL line runs");
+
+    contract::run_all(|clock| {
+        let store = RedisStore::builder(narrow.clone())
+            .prefix(format!("{prefix}{}:", unique_name("contract")))
+            .clock(clock)
+            .build();
+        async move { store }
+    })
+    .await;
+    let clock = ManualClock::starting_now();
+    let store = RedisStore::builder(narrow.clone())
+        .prefix(prefix.clone())
+        .clock(clock.clone())
+        .build();
+    let lease = Duration::from_secs(3);
+    let Ok(Claim::Acquired(token)) = claim(&store).await else {
+        panic!("a new key is claimed");
+    };
+    clock.set(clock.now_millis() - 600_000);
+    let renewed = store.renew(&record_key("k"), token, lease).await;
+    redis.stop().await;
+    renewed.expect("a renewal after the clock stepped back, under the ACL told");
 }
 
 async fn store_connection(url: &str) -> redis::aio::ConnectionManager {

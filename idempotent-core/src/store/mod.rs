@@ -54,14 +54,17 @@ pub enum StoreError {
     #[error("the idempotency store did not answer within {0:?}")]
     Timeout(Duration),
     /// The backend failed (connection, query, protocol...), in a way that
-    /// may pass by itself: the server is down, slow, full or busy.
+    /// may pass by itself: the server is down, slow, full or busy, or
+    /// refuses writes for a while (a standby or replica during a
+    /// failover, a password rotated before the pool was given the new
+    /// one).
     #[error("the idempotency store failed: {0}")]
     Backend(#[source] BoxError),
     /// The store is set up wrongly, and fails the same way until someone
     /// changes its setup: a missing table or privilege, a read-only
-    /// database, another application's value at a record's key, a wrong
-    /// password. Retrying cannot help before then; the error says what to
-    /// change.
+    /// SQLite file, another application's value at a record's key, a role
+    /// or database that does not exist. Retrying cannot help before then;
+    /// the error says what to change.
     #[error("the idempotency store is set up wrongly: {0}")]
     Misconfigured(#[source] BoxError),
     /// A stored record could not be decoded.

@@ -679,7 +679,8 @@ fn connect_error(cause: sqlx::Error, options: &PgConnectOptions) -> StoreError {
         // granted to the role.
         Some("42501") => (
             format!(
-                "grant the role CONNECT on the database as its owner (`GRANT CONNECT ON DATABASE {database} TO {role}`)"
+                "grant the role CONNECT on the database as its owner (`GRANT CONNECT ON DATABASE {} TO {role}`)",
+                role_identifier(database)
             ),
             true,
         ),
@@ -866,7 +867,8 @@ struct TableNotPermitted {
 
 /// `role` as it must be written in SQL: as it is when PostgreSQL would
 /// read it back unchanged (lowercase letters, digits, underscores), else
-/// quoted, so that a suggested `GRANT` names this role and no other.
+/// quoted, so that a suggested `GRANT` names this role (or database) and
+/// no other.
 fn role_identifier(role: &str) -> String {
     let plain = role.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
         && role
@@ -1245,6 +1247,84 @@ impl ResponseColumns {
 
 #[cfg(test)]
 mod tests {
+
+    /// A server's error with SQLSTATE `code`, as the pool or a statement
+    /// reports it.
+    fn server_error(code: &'static str) -> sqlx::Error {
+        #[derive(Debug, thiserror::Error)]
+        #[error("server error {0}")]
+        struct Coded(&'static str);
+
+        impl sqlx::error::DatabaseError for Coded {
+            fn message(&self) -> &str {
+                "server error"
+            }
+            fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+                Some(self.0.into())
+            }
+            fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+                self
+            }
+            fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+                self
+            }
+            fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+                self
+            }
+            fn kind(&self) -> sqlx::error::ErrorKind {
+                sqlx::error::ErrorKind::Other
+            }
+        }
+        sqlx::Error::Database(Box::new(Coded(code)))
+    }
+
+    /// What a failover, a restart or a credential rotation makes the
+    /// server answer for a while is an outage (a 503 that asks for a
+    /// retry soon), not a setup to change: the old primary, now a
+    /// standby, refusing writes (25006); a server shutting down or
+    /// starting up (57P01, 57P03); a password rotated before the pool was
+    /// given the new one (28P01).
+    #[test]
+    fn what_a_failover_or_rotation_answers_for_a_while_is_an_outage() {
+        use self::reachability::AcquireError;
+
+        for code in ["25006", "57P01", "57P03", "40001", "53300"] {
+            let error = statement_error(server_error(code));
+            assert!(matches!(error, StoreError::Backend(_)), "{code}: {error:?}");
+        }
+        for code in ["28P01", "57P03", "53300"] {
+            let error = StoreError::from(AcquireError::Pool(server_error(code)));
+            assert!(matches!(error, StoreError::Backend(_)), "{code}: {error:?}");
+        }
+        let told = statement_error(server_error("25006")).to_string();
+        assert!(
+            told.contains("failover") && told.contains("if it lasts"),
+            "{told}"
+        );
+        let told = StoreError::from(AcquireError::Pool(server_error("28P01"))).to_string();
+        assert!(told.contains("current password"), "{told}");
+    }
+
+    /// What stays until someone changes the setup is a 500 that does not.
+    #[test]
+    fn what_only_a_change_of_setup_ends_is_misconfigured() {
+        use self::reachability::AcquireError;
+
+        for code in ["42P01", "42703", "42501"] {
+            let error = statement_error(server_error(code));
+            assert!(
+                matches!(error, StoreError::Misconfigured(_)),
+                "{code}: {error:?}"
+            );
+        }
+        for code in ["28000", "3D000"] {
+            let error = StoreError::from(AcquireError::Pool(server_error(code)));
+            assert!(
+                matches!(error, StoreError::Misconfigured(_)),
+                "{code}: {error:?}"
+            );
+        }
+    }
 
     #[test]
     fn a_role_name_postgresql_would_fold_or_split_is_quoted_in_a_grant() {

@@ -272,6 +272,9 @@ fn connect_error(error: redis::RedisError, server: &str) -> StoreError {
     if let Some(fix) = refusal_fix(&error, "the store's keys") {
         return Explained::misconfigured(error, told(&fix));
     }
+    if let Some(why) = passing_refusal(&error) {
+        return Explained::store_error(error, told(why));
+    }
     if error.to_string().contains("DB index is out of range") {
         let fix = "the server has fewer databases (its `databases` setting): name one in range in the URL";
         return Explained::misconfigured(error, told(fix));
@@ -285,8 +288,8 @@ fn connect_error(error: redis::RedisError, server: &str) -> StoreError {
 }
 
 /// An operation's failure on `redis_key`, with the fix when the store is
-/// set up wrongly (those fail every time, retried or not) or Redis is
-/// full.
+/// set up wrongly (those fail every time, retried or not) or Redis
+/// refuses it for a while (a replica, full, unable to save).
 fn operation_error(error: redis::RedisError, redis_key: &str) -> StoreError {
     if error.code() == Some("WRONGTYPE") {
         let fix = format!(
@@ -294,10 +297,8 @@ fn operation_error(error: redis::RedisError, redis_key: &str) -> StoreError {
         );
         return Explained::misconfigured(error, fix);
     }
-    // A full Redis is an outage that may pass as records expire, not a
-    // setup to change: told, and retried as one.
-    if error.code() == Some("OOM") {
-        return Explained::store_error(error, FULL);
+    if let Some(why) = passing_refusal(&error) {
+        return Explained::store_error(error, why);
     }
     match refusal_fix(&error, &format!("`{redis_key}`")) {
         Some(fix) => Explained::misconfigured(error, fix),
@@ -306,27 +307,58 @@ fn operation_error(error: redis::RedisError, redis_key: &str) -> StoreError {
 }
 
 /// What to change when Redis refuses the store's commands for good,
-/// whatever the key: a password, an ACL that does not reach `keys`, a
-/// replica, a snapshot that cannot be saved. `None` for anything else.
+/// whatever the key: a password, or an ACL that does not reach `keys`.
+/// `None` for anything else.
 fn refusal_fix(error: &redis::RedisError, keys: &str) -> Option<String> {
     let fix = match error.code() {
         Some("NOAUTH") => NO_PASSWORD.to_owned(),
         _ if error.kind() == redis::ErrorKind::AuthenticationFailed => {
             "check the user name and password in the URL".to_owned()
         }
-        Some("NOPERM") => format!(
-            "the Redis user the store connects as may not run this command on {keys}: its ACL must allow GET, SET, EVAL, EVALSHA, SCRIPT LOAD and PING on the keys of the store's prefix (`ACL SETUSER <user> ~<prefix>* +get +set +eval +evalsha +script|load +ping`)"
+        _ if error.code() == Some("NOPERM") || refused_in_script(error) => format!(
+            "the Redis user the store connects as may not run this command on {keys}: its ACL must allow the commands the store and its scripts run on the keys of the store's prefix (`{ACL_LINE}`)"
         ),
-        Some("READONLY") => {
-            "the store is connected to a read-only replica: give it the primary's address".to_owned()
-        }
-        Some("MISCONF") => {
-            "Redis refuses writes (and PING) because it cannot save its snapshot (`stop-writes-on-bgsave-error`): see why in Redis's log (a full disk, a directory it may not write), and fix that".to_owned()
-        }
         _ => return None,
     };
     Some(fix)
 }
+
+/// Whether Redis refused a command one of the store's scripts called, for
+/// the user's ACL: it answers that with a plain `ERR`, not `NOPERM`.
+fn refused_in_script(error: &redis::RedisError) -> bool {
+    error
+        .to_string()
+        .contains("user executing the script can't run this command")
+}
+
+/// The ACL a Redis user needs for the store: the commands it sends
+/// (`EVALSHA`, and `SCRIPT LOAD` or `EVAL` when Redis has not seen a
+/// script yet, `SET` and `GET` for short paths, `PING` at connect) and
+/// those its scripts call, which Redis checks against the same user.
+const ACL_LINE: &str =
+    "ACL SETUSER <user> ~<prefix>* +get +set +del +pttl +pexpire +eval +evalsha +script|load +ping";
+
+/// What Redis means when it refuses the store's commands for a while, as
+/// an outage that ends without anyone changing the store's setup: a
+/// replica (during a failover, the old primary comes back as one, and a
+/// connection to its address is refused writes until it is pointed at
+/// the new primary), a full Redis (records expire), a snapshot that could
+/// not be saved (Redis takes writes again once a save succeeds).
+/// `None` for anything else.
+fn passing_refusal(error: &redis::RedisError) -> Option<&'static str> {
+    match error.code()? {
+        "READONLY" => Some(READ_ONLY_REPLICA),
+        "OOM" => Some(FULL),
+        "MISCONF" => Some(CANNOT_SAVE),
+        _ => None,
+    }
+}
+
+/// What a replica says to a write.
+const READ_ONLY_REPLICA: &str = "Redis answers as a read-only replica: during a failover this passes once the store reaches the new primary (through a name or proxy that follows it); if it lasts, the store is connected to a replica: give it the primary's address";
+
+/// What a Redis that cannot save its snapshot says to writes and `PING`.
+const CANNOT_SAVE: &str = "Redis refuses writes (and PING) because it cannot save its snapshot (`stop-writes-on-bgsave-error`), until a save succeeds: see why in Redis's log (a full disk, a directory it may not write), and fix that";
 
 /// What a Redis at its `maxmemory` under `noeviction` says to a write.
 const FULL: &str = "Redis is at its `maxmemory` and refuses writes (`maxmemory-policy noeviction`): new claims fail until records expire; raise `maxmemory`, or give the store a Redis of its own";

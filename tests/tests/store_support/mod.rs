@@ -55,6 +55,15 @@ pub fn backend_url(var: &str) -> Option<String> {
     }
 }
 
+/// The SQL or command an error's text suggests between "(`" and "`)", if
+/// any.
+pub fn suggested_sql(error: &str) -> &str {
+    error
+        .split_once("(`")
+        .and_then(|(_, rest)| rest.split_once("`)"))
+        .map_or("", |(sql, _)| sql)
+}
+
 /// A name no other test run uses: `prefix_<random hex>`.
 pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{:016x}", rand::random::<u64>())

@@ -331,10 +331,13 @@ impl<'a> Lease<'a> {
 }
 
 /// A statement's failure as the engine reports it. A table that is
-/// missing, made by something else, or closed to the store's role, and a
-/// server that takes no writes, are named as such, with the fix: a
-/// service set up so fails every request, and the log line is all its
-/// operator has to go on.
+/// missing, made by something else, or closed to the store's role is
+/// named as such, with the fix: a service set up so fails every request,
+/// and the log line is all its operator has to go on. A server that takes
+/// no writes is named too, but as an outage: during a failover the store
+/// reaches the old primary, now a standby, until the name or proxy it
+/// connects through follows the new one (`migrate` refuses a standby or a
+/// read-only role at the service's start).
 pub(in crate::store) fn statement_error(error: sqlx::Error) -> StoreError {
     let code = error
         .as_database_error()
@@ -346,7 +349,7 @@ pub(in crate::store) fn statement_error(error: sqlx::Error) -> StoreError {
         // mismatch: the table has another shape than the store's.
         Some("42703" | "42883" | "42804") => FOREIGN_TABLE,
         Some("42501") => NOT_PERMITTED,
-        Some("25006") => READ_ONLY,
+        Some("25006") => return Explained::store_error(error, READ_ONLY),
         _ => return StoreError::backend(error),
     };
     Explained::misconfigured(error, hint)
@@ -361,7 +364,7 @@ const FOREIGN_TABLE: &str = "the store's table does not have the columns `Postgr
 /// server's words say whether the table or its schema refused it.
 const NOT_PERMITTED: &str = "grant SELECT, INSERT, UPDATE and DELETE on the store's table to the role the store connects as, and USAGE on the table's schema if it is not `public` (`PostgresStore::migrate()` names what the role lacks)";
 /// What to do about a server that takes no writes (SQLSTATE 25006).
-const READ_ONLY: &str = "the server runs the store's statements read-only (a hot standby, or `default_transaction_read_only = on` for the role, its database or the server): connect the store to the primary, or turn `default_transaction_read_only` off for the store's role";
+const READ_ONLY: &str = "the server runs the store's statements read-only (a hot standby, as the old primary is during a failover, or `default_transaction_read_only = on` for the role, its database or the server): if it lasts, connect the store to the primary, or turn `default_transaction_read_only` off for the store's role";
 
 impl Drop for Lease<'_> {
     /// A lease dropped before its statement finished, with an undo: the

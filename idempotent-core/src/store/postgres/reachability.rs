@@ -94,6 +94,9 @@ impl From<AcquireError> for StoreError {
         match error {
             AcquireError::Pool(error) => match refused_login(&error) {
                 Some(fix) => Explained::misconfigured(error, fix),
+                None if has_code(&error, "28P01") => {
+                    Explained::store_error(error, PASSWORD_REFUSED)
+                }
                 None => Self::backend(error),
             },
             AcquireError::Unreachable(unreachable) => Self::backend(unreachable),
@@ -102,14 +105,12 @@ impl From<AcquireError> for StoreError {
 }
 
 /// What to change when the server refused a new connection's login, as
-/// it does for good after a password, a role or a database changed under
-/// a running service; `None` for any other failure.
+/// it does for good after a role or a database changed under a running
+/// service; `None` for any other failure. A refused password is not one
+/// of them: see [`PASSWORD_REFUSED`].
 fn refused_login(error: &sqlx::Error) -> Option<&'static str> {
     let code = error.as_database_error()?.code()?;
     match &*code {
-        "28P01" => Some(
-            "PostgreSQL refused the store's password for a new connection: give the pool the role's current password",
-        ),
         "28000" => Some(
             "PostgreSQL refused the store's role for a new connection: create the role, or give the pool one that exists and may log in",
         ),
@@ -119,6 +120,21 @@ fn refused_login(error: &sqlx::Error) -> Option<&'static str> {
         _ => None,
     }
 }
+
+/// Whether `error` is the server's, with SQLSTATE `code`.
+fn has_code(error: &sqlx::Error, code: &str) -> bool {
+    let found = error.as_database_error().and_then(|error| error.code());
+    found.is_some_and(|found| found == code)
+}
+
+/// What a refused password (SQLSTATE 28P01) means for a new connection of
+/// a running service. It is told as an outage, since it often passes
+/// without the store's setup changing: a password rotated on the server
+/// a moment before the application hands the pool the new one
+/// (`set_connect_options`), or a short-lived token (IAM, Vault) renewed a
+/// little late. PostgreSQL also answers it for a role that no longer
+/// exists, so as not to tell whether one does.
+const PASSWORD_REFUSED: &str = "PostgreSQL refused the store's password for a new connection: if it lasts, give the pool the role's current password (`PgPool::set_connect_options`), or check that the role still exists";
 
 impl Reachability {
     pub(super) fn new() -> Self {
