@@ -49,7 +49,18 @@ pub enum FinalStatuses {
     /// protocol switch) is not an outcome to replay.
     #[default]
     Default,
-    /// Exactly the listed statuses.
+    /// Exactly the listed statuses: the attribute's
+    /// `final_statuses = "2xx, 404"` is
+    ///
+    /// ```
+    /// use idempotent_core::{Endpoint, FinalStatuses, StatusRange};
+    /// # use http::StatusCode;
+    ///
+    /// const IMPORT: Endpoint = Endpoint::new("imports.create")
+    ///     .final_statuses(FinalStatuses::Only(&[StatusRange::new(200, 299), StatusRange::one(404)]));
+    /// # assert!(IMPORT.final_status_policy().is_final(StatusCode::NOT_FOUND));
+    /// # assert!(!IMPORT.final_status_policy().is_final(StatusCode::BAD_REQUEST));
+    /// ```
     Only(&'static [StatusRange]),
 }
 
@@ -174,14 +185,19 @@ impl Endpoint {
         self
     }
 
-    /// Whose key it is (default [`Scope::ApiKey`]).
+    /// Whose key it is (default [`Scope::ApiKey`], as the attribute's: a
+    /// keyed request without an API key is answered 401). The attribute's
+    /// `scope = "global"` is [`Scope::Global`], `scope = "header:x-tenant-id"`
+    /// is `Scope::Header("x-tenant-id")`, and `scope = User` is
+    /// [`Scope::Custom`] with [`IdempotentRequest::scoped_by`](crate::IdempotentRequest::scoped_by).
     pub const fn scope(mut self, scope: Scope) -> Self {
         self.scope = scope;
         self
     }
 
     /// When `true`, a request without a key runs the handler without
-    /// idempotency instead of getting 400.
+    /// idempotency instead of getting 400 (the attribute's `optional`). A
+    /// malformed key is still answered 400.
     pub const fn optional(mut self, optional: bool) -> Self {
         self.optional = optional;
         self

@@ -27,9 +27,17 @@ pub enum Scope {
     /// One key space for every caller. Only for endpoints whose callers are
     /// trusted to pick unique keys.
     Global,
-    /// The value of the named header (lowercase), e.g. a tenant id set by a
-    /// gateway. A request without it, with it blank, or with it more than
-    /// once, is answered 400.
+    /// The value of the named header, e.g. a tenant id set by a gateway:
+    /// the attribute's `scope = "header:x-tenant-id"` is
+    /// `Scope::Header("x-tenant-id")`. A request without it, with it blank,
+    /// or with it more than once, is answered 400 (`invalid-scope`).
+    ///
+    /// Write the name in lowercase. The header is found in any case, but
+    /// the name is part of the scope as written, and the attribute
+    /// lowercases the one it is given: `Scope::Header("X-Tenant-Id")`
+    /// scopes keys apart from `#[idempotent(scope = "header:X-Tenant-Id")]`,
+    /// so a handler moved off the attribute with it would run a retry of a
+    /// request the attribute stored again.
     Header(&'static str),
     /// A value the handler supplies: an extracted principal implementing
     /// [`IdempotencyScope`].
