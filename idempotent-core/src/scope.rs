@@ -32,12 +32,10 @@ pub enum Scope {
     /// `Scope::Header("x-tenant-id")`. A request without it, with it blank,
     /// or with it more than once, is answered 400 (`invalid-scope`).
     ///
-    /// Write the name in lowercase. The header is found in any case, but
-    /// the name is part of the scope as written, and the attribute
-    /// lowercases the one it is given: `Scope::Header("X-Tenant-Id")`
-    /// scopes keys apart from `#[idempotent(scope = "header:X-Tenant-Id")]`,
-    /// so a handler moved off the attribute with it would run a retry of a
-    /// request the attribute stored again.
+    /// The name is taken in any case, as the header is found in any case:
+    /// `Scope::Header("X-Tenant-Id")` and the attribute's
+    /// `scope = "header:X-Tenant-Id"` name the same scope, so a handler
+    /// moved off the attribute replays what the attribute stored.
     Header(&'static str),
     /// A value the handler supplies: an extracted principal implementing
     /// [`IdempotencyScope`].
@@ -118,9 +116,16 @@ impl ScopeDigest {
         Self(sha256_framed(&[b"basic", credentials]))
     }
 
-    /// The scope named by a header's value.
+    /// The scope named by a header's value. Header names are not case
+    /// sensitive, so `name` is taken in lowercase: `X-Tenant-Id` and
+    /// `x-tenant-id` name one scope, as they name one header.
     #[must_use]
     pub fn header(name: &str, value: &[u8]) -> Self {
+        let name = if name.bytes().any(|byte| byte.is_ascii_uppercase()) {
+            std::borrow::Cow::Owned(name.to_ascii_lowercase())
+        } else {
+            std::borrow::Cow::Borrowed(name)
+        };
         Self(sha256_framed(&[b"header", name.as_bytes(), value]))
     }
 
@@ -319,6 +324,28 @@ mod tests {
         assert!(resolve(tenant, &HeaderMap::new(), &API).is_err());
         let a = resolve(tenant, &headers(&[("x-tenant", "a")]), &API).unwrap();
         assert!(a.is_some());
+    }
+
+    /// Header names are not case sensitive: the attribute lowercases the
+    /// name it is given, and a `Scope::Header` written by hand in another
+    /// case must name the same scope, or a handler moved off the attribute
+    /// would run a stored request again.
+    #[test]
+    fn a_header_scope_is_one_scope_whatever_the_case_of_its_name() {
+        let sent = headers(&[("x-tenant-id", "acme")]);
+        let lower = resolve(Scope::Header("x-tenant-id"), &sent, &API).unwrap();
+        let mixed = resolve(Scope::Header("X-Tenant-Id"), &sent, &API).unwrap();
+        assert_eq!(lower, mixed);
+        assert!(lower.is_some());
+        assert_eq!(
+            ScopeDigest::header("X-TENANT-ID", b"acme"),
+            ScopeDigest::header("x-tenant-id", b"acme")
+        );
+        assert_ne!(
+            ScopeDigest::header("x-tenant-id", b"acme"),
+            ScopeDigest::header("x-tenant-id", b"ACME"),
+            "the value keeps its case"
+        );
     }
 
     #[test]
