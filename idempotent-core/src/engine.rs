@@ -504,12 +504,13 @@ impl Engine {
                 }
                 Ok(Produced::NotFinal(response)) => {
                     drop(renewals);
-                    self.release(token, "status is not final").await;
+                    let status = Some(response.status().as_u16());
+                    self.release(token, "status is not final", status).await;
                     Ok(response)
                 }
                 Err(panic) => {
                     drop(renewals);
-                    self.release(token, "handler panicked").await;
+                    self.release(token, "handler panicked", None).await;
                     Err(panic)
                 }
             }
@@ -637,8 +638,9 @@ impl Engine {
 
     /// Releases the key, trying again after a store error as a completion
     /// is: until it is released, retries get 409 for as long as the lease
-    /// has left to run.
-    async fn release(&self, token: LeaseToken, reason: &'static str) {
+    /// has left to run. `status`: the handler's, which the log names, so
+    /// that a 503 from a payment provider is told apart from a 429.
+    async fn release(&self, token: LeaseToken, reason: &'static str, status: Option<u16>) {
         let released = match self.release_once(token).await {
             // A lost lease is final: the key is not this request's to free.
             Err(error) if !matches!(error, StoreError::LeaseLost) => {
@@ -649,22 +651,22 @@ impl Engine {
         };
         let (endpoint, key) = (self.endpoint.name(), self.key.log_id());
         match released {
-            Ok(()) => tracing::info!(outcome = "released", endpoint, %key, reason),
+            Ok(()) => tracing::info!(outcome = "released", endpoint, %key, reason, status),
             // Another request took the key over after the lease lapsed,
             // and ran beside this one. Boxed: only a lost lease pays for
             // the read.
             Err(StoreError::LeaseLost) if Box::pin(self.held_by_another()).await => {
-                tracing::error!(outcome = "lease_lost", endpoint, %key, reason, message = TAKEN_OVER);
+                tracing::error!(outcome = "lease_lost", endpoint, %key, reason, status, message = TAKEN_OVER);
             }
             // Released already by an attempt whose answer was lost (a
             // timeout, a dropped connection; or the same attempt, which
             // the Redis Cluster client sends again after a dropped
             // connection): nothing is left to free.
             Err(StoreError::LeaseLost) => {
-                tracing::info!(outcome = "released", endpoint, %key, reason, "{NOT_HELD}");
+                tracing::info!(outcome = "released", endpoint, %key, reason, status, "{NOT_HELD}");
             }
             Err(error) => {
-                tracing::error!(%error, outcome = "store_error", endpoint, %key, reason, message = NOT_RELEASED);
+                tracing::error!(%error, outcome = "store_error", endpoint, %key, reason, status, message = NOT_RELEASED);
             }
         }
     }

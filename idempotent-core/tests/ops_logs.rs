@@ -205,7 +205,8 @@ async fn every_outcome_tells_the_operator_what_and_where_and_nothing_secret() {
     let failing = json!({"amount": 3, "status": 502});
     let status = send(&service, request("/pay", Some("k-502"), &failing)).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
-    one_event(&recorder, tracing::Level::INFO, "released");
+    let released = one_event(&recorder, tracing::Level::INFO, "released");
+    assert_eq!(released.field("status"), Some("502"), "{released:?}");
     let panicking = json!({"amount": 4, "panic": true});
     let response = tokio::spawn(service.clone().oneshot(request(
         "/pay",
@@ -213,7 +214,8 @@ async fn every_outcome_tells_the_operator_what_and_where_and_nothing_secret() {
         &panicking,
     )));
     assert!(response.await.unwrap_err().is_panic());
-    one_event(&recorder, tracing::Level::INFO, "released");
+    let released = one_event(&recorder, tracing::Level::INFO, "released");
+    assert_eq!(released.field("status"), None, "a panic has no status");
     for _ in 0..4 {
         store.fail_next(OpKind::Release);
     }
