@@ -294,7 +294,7 @@ async fn a_postgres_role_without_privileges_is_told_what_to_grant() {
     assert_says(
         &migrate_error,
         &[&format!(
-            "GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {role}"
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON \"{table}\" TO {role}"
         )],
     );
     assert_says(&claimed, &["grant SELECT, INSERT, UPDATE and DELETE"]);

@@ -16,6 +16,7 @@ use idempotent_core::record::{Claim, RecordKey};
 use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{PostgresStore, Store, StoreError};
 use idempotent_core::testing::contract;
+use sqlx::ConnectOptions;
 use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
 use store_support::{Ledger, backend_url, pay, payments_app, suggested_sql, unique_name};
@@ -37,6 +38,10 @@ enum Table {
     /// the role granted every row privilege on it but no `USAGE` on the
     /// schema.
     InSchemaWithoutUsage,
+    /// Made with `PostgresStore::migration_sql` as `order.order`, schema
+    /// and table named with a reserved word (in a database of the test's
+    /// own); the role granted nothing on either.
+    ReservedWordInSchemaWithoutGrants,
 }
 
 /// A role of its own (no `CREATE` anywhere, as PostgreSQL 15 gives a new
@@ -58,9 +63,15 @@ impl Setup {
             .expect("connect as the superuser");
         let name = unique_name("idem_rows");
         let role = format!("{name}_role");
-        let schema = matches!(table, Table::InSchemaWithoutUsage).then(|| format!("{name}_schema"));
+        let reserved = matches!(table, Table::ReservedWordInSchemaWithoutGrants);
+        let in_schema = reserved || matches!(table, Table::InSchemaWithoutUsage);
+        let schema = match reserved {
+            true => Some("order".to_owned()),
+            false => in_schema.then(|| format!("{name}_schema")),
+        };
+        let base = if reserved { "order" } else { "records" };
         let table_name = match &schema {
-            Some(schema) => format!("{schema}.records"),
+            Some(schema) => format!("{schema}.{base}"),
             None => name.clone(),
         };
         run(&admin, &format!("CREATE ROLE {role} LOGIN")).await;
@@ -87,6 +98,11 @@ impl Setup {
                 run(&admin, &migration).await;
                 let grant = format!("GRANT {ROW_PRIVILEGES} ON {table_name} TO {role}");
                 run(&admin, &grant).await;
+            }
+            Table::ReservedWordInSchemaWithoutGrants => {
+                let schema = quoted_table(schema.as_deref().expect("a schema"));
+                run(&admin, &format!("CREATE SCHEMA {schema}")).await;
+                run(&admin, &migration).await;
             }
         }
         let role_pool = role_pool(url, &role).await;
@@ -125,11 +141,11 @@ impl Setup {
         self.role_pool.close().await;
         let mut drop = format!(
             "DROP TABLE IF EXISTS {table}; DROP OWNED BY {role}; DROP ROLE {role};",
-            table = self.table,
+            table = quoted_table(&self.table),
             role = self.role
         );
         if let Some(schema) = &self.schema {
-            drop += &format!("DROP SCHEMA {schema};");
+            drop += &format!("DROP SCHEMA {};", quoted_table(schema));
         }
         run(&self.admin, &drop).await;
         self.admin.close().await;
@@ -244,7 +260,7 @@ async fn a_role_that_may_only_read_and_write_rows_is_told_to_grant_create_for_a_
         &error.to_string(),
         &[
             &table,
-            "GRANT CREATE ON SCHEMA public",
+            "GRANT CREATE ON SCHEMA \"public\"",
             "SELECT, INSERT, UPDATE and DELETE",
         ],
     );
@@ -267,7 +283,7 @@ async fn a_role_lacking_row_privileges_is_told_which_to_grant_by_migrate() {
         &[
             &format!("the role `{role}` may not use the table `{table}`"),
             "lacks UPDATE, DELETE",
-            &format!("GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {role}"),
+            &format!("GRANT SELECT, INSERT, UPDATE, DELETE ON \"{table}\" TO {role}"),
         ],
     );
 }
@@ -322,7 +338,10 @@ async fn a_role_without_usage_on_the_tables_schema_is_told_to_grant_usage() {
         ],
     );
     assert!(!error.contains("CREATE"), "{error}");
-    assert_eq!(granted, format!("GRANT USAGE ON SCHEMA {schema} TO {role}"));
+    assert_eq!(
+        granted,
+        format!("GRANT USAGE ON SCHEMA \"{schema}\" TO {role}")
+    );
     migrated_after_grant.expect("the suggested GRANT is all the role lacked");
     let claimed = claimed.expect_err("the role may not use the schema");
     assert!(
@@ -336,6 +355,70 @@ async fn a_role_without_usage_on_the_tables_schema_is_told_to_grant_usage() {
             "USAGE on the table's schema",
         ],
     );
+}
+
+/// `table` as SQL text: each part quoted, as the store quotes it.
+fn quoted_table(table: &str) -> String {
+    let parts: Vec<String> = table.split('.').map(|part| format!("\"{part}\"")).collect();
+    parts.join(".")
+}
+
+/// The `GRANT`s `migrate` suggested named the table and its schema
+/// unquoted, so for a schema or table named with a reserved word
+/// (`order`) the suggested `GRANT USAGE ON SCHEMA order ...` was a syntax
+/// error. They quote both as the store's statements do, and running them
+/// is all the role lacks. In a database of its own, where `order` is free.
+#[tokio::test]
+async fn the_grants_suggested_for_a_table_named_with_a_reserved_word_run() {
+    let Some(url) = backend_url(URL) else { return };
+    let cluster = PgPool::connect(&url)
+        .await
+        .expect("connect as the superuser");
+    let database = unique_name("idem_reserved");
+    run(&cluster, &format!("CREATE DATABASE {database}")).await;
+    let options: PgConnectOptions = url.parse().expect("valid URL");
+    let database_url = options.database(&database).to_url_lossy().to_string();
+    let (suggested, outcome, schema, role) = grants_suggested_in(&database_url).await;
+    run(&cluster, &format!("DROP DATABASE {database} WITH (FORCE)")).await;
+    cluster.close().await;
+    let claimed = outcome.expect("the suggested GRANTs run and are all the role lacked");
+    assert!(matches!(claimed, Claim::Acquired(_)), "{claimed:?}");
+    assert_eq!(
+        suggested,
+        [
+            format!("GRANT USAGE ON SCHEMA \"{schema}\" TO {role}"),
+            format!("GRANT SELECT, INSERT, UPDATE, DELETE ON \"{schema}\".\"order\" TO {role}"),
+        ]
+    );
+}
+
+/// What `migrate` suggests, one `GRANT` after another, for `order.order`
+/// in the database of `url`, and what a claim then finds; with the schema
+/// and the role.
+async fn grants_suggested_in(url: &str) -> (Vec<String>, Result<Claim, String>, String, String) {
+    let setup = Setup::new(url, Table::ReservedWordInSchemaWithoutGrants).await;
+    let store = setup.store(ManualClock::starting_now());
+    let schema = setup.schema.clone().expect("a schema");
+    let (role, admin) = (setup.role.clone(), setup.admin.clone());
+    let (suggested, outcome) = setup
+        .around(async move {
+            let mut suggested = Vec::new();
+            // One GRANT for the schema, one for the table, and no more.
+            for _ in 0..3 {
+                let Err(error) = store.migrate().await else {
+                    let claimed = claim(&store).await.map_err(|error| error.to_string());
+                    return (suggested, claimed);
+                };
+                let grant = suggested_sql(&error.to_string()).to_owned();
+                suggested.push(grant.clone());
+                if let Err(error) = try_run(&admin, &grant).await {
+                    return (suggested, Err(error));
+                }
+            }
+            (suggested, Err("migrate still fails".to_owned()))
+        })
+        .await;
+    (suggested, outcome, schema, role)
 }
 
 /// A role whose transactions are read-only (`default_transaction_read_only`,
@@ -389,6 +472,102 @@ async fn a_role_whose_transactions_are_read_only_is_told_so() {
     applied.expect("run the suggested ALTER ROLE");
     let fixed = fixed.expect("the suggested ALTER ROLE is all the role lacked");
     assert!(matches!(fixed, Claim::Acquired(_)));
+}
+
+/// How many connections the failover test's pool opens: all of them
+/// read-only before the role's setting flips.
+const FAILOVER_POOL_SIZE: u32 = 2;
+
+/// A pool of `size` connections as `role`, every one of them open: the
+/// connections the store keeps and those idle in the pool all began under
+/// the role's settings of now. Hands back whether each is read-only.
+async fn opened_pool(url: &str, role: &str, size: u32) -> (PgPool, Vec<String>) {
+    let options: PgConnectOptions = url.parse().expect("valid URL");
+    let pool = PostgresStore::pool_options()
+        .max_connections(size)
+        .connect_with(options.username(role))
+        .await
+        .expect("connect as the role");
+    let mut held = Vec::new();
+    let mut read_only = Vec::new();
+    for _ in 0..size {
+        let mut connection = pool.acquire().await.expect("open a connection");
+        let setting: String = sqlx::query_scalar("SHOW transaction_read_only")
+            .fetch_one(&mut *connection)
+            .await
+            .expect("read the session's setting");
+        read_only.push(setting);
+        held.push(connection);
+    }
+    drop(held);
+    (pool, read_only)
+}
+
+/// After a failover the old primary comes back as a hot standby, and the
+/// store's connections to it answered every write with "cannot execute
+/// INSERT in a read-only transaction" (SQLSTATE 25006). Each went back to
+/// the pool (or stayed kept), so requests failed with 503s until the pool
+/// retired the connection, 30 minutes later by default, even once new
+/// connections reached the new primary. Here every connection of the pool
+/// is a read-only session of a role whose new sessions may write: each
+/// fails one claim and is closed, and the next claim on a new connection
+/// is acquired.
+#[tokio::test]
+async fn connections_to_a_server_that_turned_read_only_are_closed_not_reused() {
+    let Some(url) = backend_url(URL) else { return };
+    let privileges = ROW_PRIVILEGES;
+    let setup = Setup::new(&url, Table::Migrated { privileges }).await;
+    let (role, table, admin) = (setup.role.clone(), setup.table.clone(), setup.admin.clone());
+    let read_only = format!("ALTER ROLE {role} SET default_transaction_read_only = on");
+    let writable = format!("ALTER ROLE {role} SET default_transaction_read_only = off");
+    let (sessions, claims) = setup
+        .around(async move {
+            if let Err(error) = try_run(&admin, &read_only).await {
+                return (vec![error], Vec::new());
+            }
+            let (pool, sessions) = opened_pool(&url, &role, FAILOVER_POOL_SIZE).await;
+            let store = PostgresStore::builder(pool.clone())
+                .table(table.as_str())
+                .build()
+                .expect("valid table name");
+            let mut claims = Vec::new();
+            // While every connection is read-only: one claim keeps its
+            // connection's place in the store, failed.
+            claims.push(claim(&store).await);
+            if let Err(error) = try_run(&admin, &writable).await {
+                pool.close().await;
+                return (vec![error], claims);
+            }
+            // One claim per connection opened read-only, and one more.
+            for _ in 0..=FAILOVER_POOL_SIZE {
+                claims.push(claim(&store).await);
+            }
+            pool.close().await;
+            (sessions, claims)
+        })
+        .await;
+    assert_eq!(
+        sessions,
+        vec!["on"; FAILOVER_POOL_SIZE as usize],
+        "every connection of the pool began read-only"
+    );
+    let (failed, after) = claims.split_first().expect("a claim while read-only");
+    let failed = failed
+        .as_ref()
+        .expect_err("the role's sessions take no writes");
+    assert!(matches!(failed, StoreError::Backend(_)), "{failed:?}");
+    assert_says(&failed.to_string(), &["read-only transaction", "failover"]);
+    let acquired = after
+        .iter()
+        .position(|claimed| matches!(claimed, Ok(Claim::Acquired(_))));
+    assert!(
+        acquired.is_some(),
+        "a claim on a connection opened after the flip acquires the key; claims after it: {after:?}"
+    );
+    for claimed in &after[..acquired.unwrap_or(after.len())] {
+        let error = claimed.as_ref().expect_err("only read-only sessions fail");
+        assert_says(&error.to_string(), &["read-only transaction"]);
+    }
 }
 
 /// A role that may no longer log in (`NOLOGIN`, as when a role is retired

@@ -33,7 +33,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow, Postgres};
 use sqlx::{Connection, Executor, Row};
 
-use self::connections::{Connections, Undo, statement_error};
+use self::connections::{Connections, Undo, close_if_stale, statement_error};
 use self::reachability::Patience;
 
 use super::sql::{
@@ -480,6 +480,7 @@ impl PostgresStore {
             None => Ok(()),
             Some(role) => Err(StoreError::misconfigured(SchemaNotPermitted {
                 schema: schema.to_owned(),
+                schema_sql: sql::quoted(schema),
                 table: self.inner.table.clone(),
                 role: role_identifier(&role),
             })),
@@ -494,6 +495,7 @@ impl PostgresStore {
         }
         Err(StoreError::misconfigured(TableNotPermitted {
             table: self.inner.table.clone(),
+            table_sql: sql::quoted(&self.inner.table),
             role: role_identifier(&existing.role),
             missing: existing.missing.join(", "),
         }))
@@ -572,13 +574,16 @@ impl PostgresStore {
     pub async fn purge_expired(&self) -> Result<u64, StoreError> {
         let now = to_sql_millis(self.inner.clock.now_millis());
         sql::purge_in_batches(|| async move {
+            let mut connection = self.pool().acquire().await.map_err(statement_error)?;
             let deleted = sqlx::query(&self.inner.sql.purge)
                 .bind(now)
                 .bind(sql::PURGE_BATCH)
-                .execute(self.pool())
-                .await
-                .map_err(statement_error)?;
-            Ok(deleted.rows_affected())
+                .execute(&mut *connection)
+                .await;
+            if let Err(error) = &deleted {
+                close_if_stale(&mut connection, error);
+            }
+            Ok(deleted.map_err(statement_error)?.rows_affected())
         })
         .await
     }
@@ -749,13 +754,13 @@ const COLUMNS: &[(&str, &str)] = &[
 /// created.
 fn migrate_error(error: sqlx::Error, table: &str, table_exists: bool) -> StoreError {
     let code = error.as_database_error().and_then(|error| error.code());
-    let schema = schema_of(table);
+    let schema_sql = sql::quoted(schema_of(table));
     let hint = match code.as_deref() {
         Some("42501") if table_exists => format!(
             "the table `{table}` has no index on `expires_at`, which only its owner may create: run the `CREATE INDEX` statement of `PostgresStore::migration_sql(\"{table}\")` as the table's owner"
         ),
         Some("42501") => format!(
-            "the role may not create the table `{table}`: grant it CREATE on the schema (`GRANT CREATE ON SCHEMA {schema} TO ...`), or run `PostgresStore::migrate()` as a role that may and grant this one SELECT, INSERT, UPDATE and DELETE on the table"
+            "the role may not create the table `{table}`: grant it CREATE on the schema (`GRANT CREATE ON SCHEMA {schema_sql} TO ...`), or run `PostgresStore::migrate()` as a role that may and grant this one SELECT, INSERT, UPDATE and DELETE on the table"
         ),
         Some("3F000") => format!(
             "the schema of the table `{table}` does not exist: create it (`CREATE SCHEMA ...`), or name a table in an existing schema"
@@ -839,10 +844,13 @@ struct NotWritable(String);
 /// statement on the table needs.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "the role `{role}` may not use the schema `{schema}` of the table `{table}` (it lacks USAGE on it): grant it as the schema's owner (`GRANT USAGE ON SCHEMA {schema} TO {role}`); the store's statements need it, and SELECT, INSERT, UPDATE and DELETE on the table"
+    "the role `{role}` may not use the schema `{schema}` of the table `{table}` (it lacks USAGE on it): grant it as the schema's owner (`GRANT USAGE ON SCHEMA {schema_sql} TO {role}`); the store's statements need it, and SELECT, INSERT, UPDATE and DELETE on the table"
 )]
 struct SchemaNotPermitted {
     schema: String,
+    /// `schema` as the store's statements write it: quoted, so that a
+    /// reserved word or a name PostgreSQL would fold works in the `GRANT`.
+    schema_sql: String,
     table: String,
     role: String,
 }
@@ -857,10 +865,13 @@ impl Existing {
 /// needs on it.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "the role `{role}` may not use the table `{table}` (it lacks {missing}): grant it the rows' privileges as the table's owner (`GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {role}`)"
+    "the role `{role}` may not use the table `{table}` (it lacks {missing}): grant it the rows' privileges as the table's owner (`GRANT SELECT, INSERT, UPDATE, DELETE ON {table_sql} TO {role}`)"
 )]
 struct TableNotPermitted {
     table: String,
+    /// `table` as the store's statements write it (see
+    /// [`SchemaNotPermitted::schema_sql`]).
+    table_sql: String,
     role: String,
     missing: String,
 }

@@ -13,7 +13,9 @@
 //!
 //! Only a clean finish keeps a connection: one whose statement failed, or
 //! whose future was dropped mid-statement (a timeout, a client gone), goes
-//! back to the sqlx pool, whose ping drains or discards it. Kept
+//! back to the sqlx pool, whose ping drains or discards it; one whose
+//! server took no more of its statements (read-only after a failover, or
+//! shutting down) is closed instead, as the ping would keep it. Kept
 //! connections also go back once idle for [`IDLE_RETURN`] or out for
 //! [`MAX_HOLD`], so a pool shared with the application gets them back after
 //! a burst and still sees every connection regularly (its lifetime limits
@@ -310,7 +312,7 @@ impl<'a> Lease<'a> {
 
     /// Ends the lease with the statement's outcome: a success keeps the
     /// connection for the next statement, a failure returns it to the sqlx
-    /// pool.
+    /// pool (or closes it, see [`close_if_stale`]).
     pub(super) fn finish<T>(mut self, outcome: Result<T, sqlx::Error>) -> Result<T, StoreError> {
         self.undo = None;
         match (self.leased.take(), outcome) {
@@ -319,14 +321,36 @@ impl<'a> Lease<'a> {
                 Ok(value)
             }
             (_, Ok(value)) => Ok(value),
-            (Some(Leased::Kept(object)), Err(error)) => {
+            (Some(leased), Err(error)) => {
                 // Out of the kept ones at once; dropping it returns it to
-                // the sqlx pool.
-                drop(Object::take(object));
+                // the sqlx pool, or closes it if it must not serve again.
+                let mut connection = match leased {
+                    Leased::Kept(object) => Object::take(object).connection,
+                    Leased::Pooled(connection) => connection,
+                };
+                close_if_stale(&mut connection, &error);
                 Err(statement_error(error))
             }
-            (_, Err(error)) => Err(statement_error(error)),
+            (None, Err(error)) => Err(statement_error(error)),
         }
+    }
+}
+
+/// Marks `connection` to be closed when dropped, rather than returned to
+/// the sqlx pool, if `error` says its server takes no more of the store's
+/// statements: a read-only transaction (SQLSTATE 25006), as on the old
+/// primary of a failover that came back as a standby, or a server shutting
+/// the session down (57P01 to 57P03). Returned, such a connection would
+/// pass the pool's ping and fail every statement until its lifetime ends
+/// (30 minutes by default), while new connections would reach the new
+/// primary that the name or proxy the store connects through points to.
+pub(in crate::store) fn close_if_stale(
+    connection: &mut PoolConnection<Postgres>,
+    error: &sqlx::Error,
+) {
+    let code = error.as_database_error().and_then(|error| error.code());
+    if code.is_some_and(|code| matches!(&*code, "25006" | "57P01" | "57P02" | "57P03")) {
+        connection.close_on_drop();
     }
 }
 
@@ -405,13 +429,21 @@ struct OwnedUndo {
 
 impl OwnedUndo {
     async fn run(self, mut connection: PoolConnection<Postgres>, pool: PgPool) {
-        if self.execute(&mut connection).await.is_ok() {
+        let Err(error) = self.execute(&mut connection).await else {
             return;
-        }
-        // That connection broke: try once more on another.
+        };
+        // That connection broke, or its server takes no writes: try once
+        // more on another.
+        close_if_stale(&mut connection, &error);
         drop(connection);
         let released = match pool.acquire().await {
-            Ok(mut connection) => self.execute(&mut connection).await,
+            Ok(mut connection) => {
+                let released = self.execute(&mut connection).await;
+                if let Err(error) = &released {
+                    close_if_stale(&mut connection, error);
+                }
+                released
+            }
             Err(error) => Err(error),
         };
         if let Err(error) = released {
