@@ -217,16 +217,26 @@ async fn a_run_whose_client_hung_up_is_stored_by_drain(uri: &str) {
     assert_eq!(gate.runs(), 0, "the handler is still at its gate");
 
     gate.open.add_permits(1);
-    tokio::time::timeout(HANG, idempotency.drain())
+    drained_then_replayed(idempotency.drain(), &gate, &app, uri, body).await;
+}
+
+/// Once the gate opens, `drain` returns with the one run stored, and the
+/// retry of `body` under key `k` replays it.
+async fn drained_then_replayed(
+    drain: impl Future<Output = ()>,
+    gate: &Gate,
+    app: &Router,
+    uri: &str,
+    body: &str,
+) {
+    tokio::time::timeout(HANG, drain)
         .await
         .expect("drain returns once the run is stored");
     assert_eq!(gate.runs(), 1);
-    let retry = send(&app, post_json(uri, "k", body)).await;
-    assert_eq!(
-        retry,
-        (StatusCode::CREATED, true, "run 1 amount 7".to_owned()),
-        "{uri}"
-    );
+    let retry = send(app, post_json(uri, "k", body)).await;
+    let amount: Value = serde_json::from_str(body).unwrap();
+    let stored = format!("run 1 amount {}", amount["amount"]);
+    assert_eq!(retry, (StatusCode::CREATED, true, stored), "{uri}");
     assert_eq!(gate.runs(), 1);
 }
 
@@ -264,16 +274,7 @@ async fn drain_waits_for_a_request_not_yet_dropped(uri: &str) {
     request.abort();
     assert!(request.await.unwrap_err().is_cancelled());
     gate.open.add_permits(1);
-    tokio::time::timeout(HANG, drain)
-        .await
-        .expect("drain returns once the run is stored");
-    assert_eq!(gate.runs(), 1);
-    let retry = send(&app, post_json(uri, "k", body)).await;
-    assert_eq!(
-        retry,
-        (StatusCode::CREATED, true, "run 1 amount 9".to_owned()),
-        "{uri}"
-    );
+    drained_then_replayed(drain, &gate, &app, uri, body).await;
 }
 
 async fn send_owned(app: Router, request: Request<Body>) -> (StatusCode, bool, String) {
