@@ -82,10 +82,7 @@ fn is_broken_connection(error: &sqlx::Error) -> bool {
 /// since, fails instead of waiting and looking again as under `READ
 /// COMMITTED`; or a deadlock. Nothing of it was applied.
 fn is_rolled_back_race(error: &sqlx::Error) -> bool {
-    error
-        .as_database_error()
-        .and_then(|error| error.code())
-        .is_some_and(|code| code == "40001" || code == "40P01")
+    matches!(sql::error_code(error).as_deref(), Some("40001" | "40P01"))
 }
 
 /// A random pause of up to 1 ms after the first race, doubling with each
@@ -463,7 +460,8 @@ impl PostgresStore {
         connection: &mut Leased,
         inspection: &sqlx::Error,
     ) -> Result<(), StoreError> {
-        if !is_not_permitted(inspection) {
+        // 42501: refused for a privilege the role lacks.
+        if sql::error_code(inspection).as_deref() != Some("42501") {
             return Ok(());
         }
         let schema = schema_of(&self.inner.table);
@@ -668,8 +666,7 @@ fn parse_url(url: &str) -> Result<PgConnectOptions, StoreError> {
 fn connect_error(cause: sqlx::Error, options: &PgConnectOptions) -> StoreError {
     let role = role_identifier(options.get_username());
     let database = options.get_database().unwrap_or(options.get_username());
-    let code = cause.as_database_error().and_then(|error| error.code());
-    let (fix, setup) = match code.as_deref() {
+    let (fix, setup) = match sql::error_code(&cause).as_deref() {
         Some("3D000") => (
             "create the database, or name an existing one in the URL".to_owned(),
             true,
@@ -753,9 +750,8 @@ const COLUMNS: &[(&str, &str)] = &[
 /// `table_exists`: the table was there, and only its index was to be
 /// created.
 fn migrate_error(error: sqlx::Error, table: &str, table_exists: bool) -> StoreError {
-    let code = error.as_database_error().and_then(|error| error.code());
     let schema_sql = sql::quoted(schema_of(table));
-    let hint = match code.as_deref() {
+    let hint = match sql::error_code(&error).as_deref() {
         Some("42501") if table_exists => format!(
             "the table `{table}` has no index on `expires_at`, which only its owner may create: run the `CREATE INDEX` statement of `PostgresStore::migration_sql(\"{table}\")` as the table's owner"
         ),
@@ -774,15 +770,6 @@ fn migrate_error(error: sqlx::Error, table: &str, table_exists: bool) -> StoreEr
 /// one, where the role's search path finds it by default.
 fn schema_of(table: &str) -> &str {
     table.split_once('.').map_or("public", |(schema, _)| schema)
-}
-
-/// Whether PostgreSQL refused `error`'s statement for a privilege the
-/// role lacks (SQLSTATE 42501).
-fn is_not_permitted(error: &sqlx::Error) -> bool {
-    error
-        .as_database_error()
-        .and_then(|error| error.code())
-        .is_some_and(|code| code == "42501")
 }
 
 /// Refuses a server that takes no writes from the store's role, found by
@@ -1258,6 +1245,10 @@ impl ResponseColumns {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::record::strategies::any_response;
 
     /// A server's error with SQLSTATE `code`, as the pool or a statement
     /// reports it.
@@ -1345,11 +1336,6 @@ mod tests {
         assert_eq!(role_identifier("2fa"), "\"2fa\"");
         assert_eq!(role_identifier("we\"ird"), "\"we\"\"ird\"");
     }
-
-    use proptest::prelude::*;
-
-    use super::*;
-    use crate::record::strategies::any_response;
 
     /// Column values a damaged or hand-edited row may hold.
     fn any_columns() -> impl Strategy<Value = (i16, Vec<String>, Vec<Vec<u8>>)> {

@@ -1,9 +1,17 @@
 //! What the SQL stores (PostgreSQL, SQLite) share: table-name checks, time
 //! conversion and reading stored ids back.
 
+use std::borrow::Cow;
+
 use super::StoreError;
 use crate::fingerprint::Fingerprint;
 use crate::record::{CodecError, LeaseToken};
+
+/// The code the database gave `error` (PostgreSQL's SQLSTATE, SQLite's
+/// extended result code), if the database gave one.
+pub(crate) fn error_code(error: &sqlx::Error) -> Option<Cow<'_, str>> {
+    error.as_database_error()?.code()
+}
 
 /// The table stores create when none is named.
 pub(crate) const DEFAULT_TABLE: &str = "idempotency_records";

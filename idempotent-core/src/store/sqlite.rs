@@ -469,8 +469,8 @@ const COLUMNS: &[(&str, &str)] = &[
 
 /// SQLite's primary result code, the low byte of an extended one.
 fn result_code(error: &sqlx::Error) -> Option<i32> {
-    let code = error.as_database_error()?.code()?;
-    code.parse::<i32>().ok().map(|code| code & 0xff)
+    let code = sql::error_code(error)?.parse::<i32>().ok()?;
+    Some(code & 0xff)
 }
 
 /// Why the file at `file` could not be opened, with what to do: SQLite

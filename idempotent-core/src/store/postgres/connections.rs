@@ -33,7 +33,7 @@ use tokio_util::task::TaskTracker;
 
 use super::reachability::{AcquireError, Patience, Reachability};
 use crate::record::LogId;
-use crate::store::{Explained, StoreError};
+use crate::store::{Explained, StoreError, sql};
 
 /// How long a kept connection may sit unused before it goes back to the
 /// sqlx pool.
@@ -348,8 +348,8 @@ pub(in crate::store) fn close_if_stale(
     connection: &mut PoolConnection<Postgres>,
     error: &sqlx::Error,
 ) {
-    let code = error.as_database_error().and_then(|error| error.code());
-    if code.is_some_and(|code| matches!(&*code, "25006" | "57P01" | "57P02" | "57P03")) {
+    let code = sql::error_code(error);
+    if matches!(code.as_deref(), Some("25006" | "57P01" | "57P02" | "57P03")) {
         connection.close_on_drop();
     }
 }
@@ -363,11 +363,7 @@ pub(in crate::store) fn close_if_stale(
 /// connects through follows the new one (`migrate` refuses a standby or a
 /// read-only role at the service's start).
 pub(in crate::store) fn statement_error(error: sqlx::Error) -> StoreError {
-    let code = error
-        .as_database_error()
-        .and_then(|error| error.code())
-        .map(|code| code.into_owned());
-    let hint = match code.as_deref() {
+    let hint = match sql::error_code(&error).as_deref() {
         Some("42P01") => TABLE_MISSING,
         // Undefined column, no operator for the column's type, datatype
         // mismatch: the table has another shape than the store's.

@@ -31,7 +31,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, Postgres};
 use tokio::sync::watch;
 
 use crate::engine::poll_once;
-use crate::store::{Explained, StoreError};
+use crate::store::{Explained, StoreError, sql};
 
 /// How long a new connection may take before the store checks whether the
 /// server takes connections at all: far longer than connecting takes,
@@ -94,7 +94,7 @@ impl From<AcquireError> for StoreError {
         match error {
             AcquireError::Pool(error) => match refused_login(&error) {
                 Some(fix) => Explained::misconfigured(error, fix),
-                None if has_code(&error, "28P01") => {
+                None if sql::error_code(&error).as_deref() == Some("28P01") => {
                     Explained::store_error(error, PASSWORD_REFUSED)
                 }
                 None => Self::backend(error),
@@ -109,8 +109,7 @@ impl From<AcquireError> for StoreError {
 /// service; `None` for any other failure. A refused password is not one
 /// of them: see [`PASSWORD_REFUSED`].
 fn refused_login(error: &sqlx::Error) -> Option<&'static str> {
-    let code = error.as_database_error()?.code()?;
-    match &*code {
+    match &*sql::error_code(error)? {
         "28000" => Some(
             "PostgreSQL refused the store's role for a new connection: create the role, or give the pool one that exists and may log in",
         ),
@@ -119,12 +118,6 @@ fn refused_login(error: &sqlx::Error) -> Option<&'static str> {
         ),
         _ => None,
     }
-}
-
-/// Whether `error` is the server's, with SQLSTATE `code`.
-fn has_code(error: &sqlx::Error, code: &str) -> bool {
-    let found = error.as_database_error().and_then(|error| error.code());
-    found.is_some_and(|found| found == code)
 }
 
 /// What a refused password (SQLSTATE 28P01) means for a new connection of
