@@ -36,9 +36,7 @@ use sqlx::{Connection, Executor, Row};
 use self::connections::{Connections, Undo, close_if_stale, statement_error};
 use self::reachability::Patience;
 
-use super::sql::{
-    self, DEFAULT_TABLE, ForeignTable, InvalidTableName, from_sql_millis, to_sql_millis,
-};
+use super::sql::{self, DEFAULT_TABLE, InvalidTableName, from_sql_millis, to_sql_millis};
 use super::{Explained, Store, StoreError};
 use crate::clock::{Clock, SharedClock, SystemClock, millis};
 use crate::fingerprint::Fingerprint;
@@ -549,19 +547,7 @@ impl PostgresStore {
     /// Refuses a table whose `found` columns (name, type) are not the
     /// store's: every statement would fail on it.
     fn check_columns(&self, found: &[(String, String)]) -> Result<(), StoreError> {
-        // No columns: no table, for the script to create or to say why not.
-        if found.is_empty() {
-            return Ok(());
-        }
-        match sql::column_problems(found, COLUMNS, true) {
-            None => Ok(()),
-            Some(problems) => Err(StoreError::misconfigured(ForeignTable {
-                table: self.inner.table.clone(),
-                problems,
-                builder: "PostgresStoreBuilder",
-                store: "PostgresStore",
-            })),
-        }
+        sql::check_columns(&self.inner.table, found, (COLUMNS, true), "PostgresStore")
     }
 
     /// Deletes every record whose deadline has passed; returns how many.

@@ -53,19 +53,43 @@ pub(crate) struct Contended;
 /// TABLE IF NOT EXISTS` kept.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "the table `{table}` was not created by this store ({problems}): give the store a table of its own with `{builder}::table(...)`, or drop this one and run `{store}::migrate()` again"
+    "the table `{table}` was not created by this store ({problems}): give the store a table of its own with `{store}Builder::table(...)`, or drop this one and run `{store}::migrate()` again"
 )]
-pub(crate) struct ForeignTable {
-    pub(crate) table: String,
-    pub(crate) problems: String,
-    pub(crate) builder: &'static str,
-    pub(crate) store: &'static str,
+struct ForeignTable {
+    table: String,
+    problems: String,
+    /// The store's type name, as `PostgresStore`.
+    store: &'static str,
+}
+
+/// Refuses the table `table` of `store` (its type name, as
+/// `PostgresStore`) when its `found` columns, `(name, type)`, are not the
+/// `expected` ones (see [`column_problems`]): every statement would fail
+/// on it. No columns: no table, for the migration to create or to say
+/// why not.
+pub(crate) fn check_columns(
+    table: &str,
+    found: &[(String, String)],
+    (expected, types): (&[(&str, &str)], bool),
+    store: &'static str,
+) -> Result<(), StoreError> {
+    if found.is_empty() {
+        return Ok(());
+    }
+    match column_problems(found, expected, types) {
+        None => Ok(()),
+        Some(problems) => Err(StoreError::misconfigured(ForeignTable {
+            table: table.to_owned(),
+            problems,
+            store,
+        })),
+    }
 }
 
 /// What is wrong with a table's `(name, type)` columns next to the
 /// `expected` ones, if anything: missing columns and, where `types`
 /// says types matter, columns of another type.
-pub(crate) fn column_problems(
+fn column_problems(
     found: &[(String, String)],
     expected: &[(&str, &str)],
     types: bool,

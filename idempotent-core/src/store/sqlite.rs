@@ -33,9 +33,7 @@ use sqlx::sqlite::{
 use sqlx::{Connection, Row};
 use tokio_util::task::TaskTracker;
 
-use super::sql::{
-    self, DEFAULT_TABLE, ForeignTable, InvalidTableName, from_sql_millis, to_sql_millis,
-};
+use super::sql::{self, DEFAULT_TABLE, InvalidTableName, from_sql_millis, to_sql_millis};
 use super::{Explained, Store, StoreError};
 use crate::clock::{Clock, SharedClock, SystemClock, millis};
 use crate::fingerprint::Fingerprint;
@@ -307,18 +305,7 @@ impl SqliteStore {
                 // An unknown schema: the script says so.
                 Err(_) => return Ok(()),
             };
-        if found.is_empty() {
-            return Ok(());
-        }
-        match sql::column_problems(&found, COLUMNS, false) {
-            None => Ok(()),
-            Some(problems) => Err(StoreError::misconfigured(ForeignTable {
-                table: table.clone(),
-                problems,
-                builder: "SqliteStoreBuilder",
-                store: "SqliteStore",
-            })),
-        }
+        sql::check_columns(table, &found, (COLUMNS, false), "SqliteStore")
     }
 
     /// Deletes every record whose deadline has passed; returns how many.
