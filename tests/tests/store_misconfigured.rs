@@ -19,7 +19,9 @@ use idempotent_core::store::{PostgresStore, RedisStore, SqliteStore, Store, Stor
 use sqlx::Connection as _;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::sqlite::SqliteConnection;
-use store_support::{OwnRedis, backend_url, suggested_sql, unique_name};
+use store_support::{
+    OwnRedis, backend_url, delete, hash_at, redis_connection, suggested_sql, unique_name,
+};
 
 const POSTGRES: &str = "IDEMPOTENT_TEST_POSTGRES_URL";
 const REDIS: &str = "IDEMPOTENT_TEST_REDIS_URL";
@@ -370,24 +372,14 @@ async fn a_redis_key_of_another_type_names_the_key_and_the_prefix() {
     let Some(url) = backend_url(REDIS) else {
         return;
     };
-    let store = RedisStore::builder(store_connection(&url).await)
+    let store = RedisStore::builder(redis_connection(&url).await)
         .prefix(unique_name("idem_test") + ":")
         .build();
     let redis_key = store.redis_key(&record_key("k"));
-    let mut connection = store_connection(&url).await;
-    let _: () = redis::cmd("HSET")
-        .arg(&redis_key)
-        .arg("field")
-        .arg("value")
-        .query_async(&mut connection)
-        .await
-        .expect("HSET");
+    let mut connection = redis_connection(&url).await;
+    hash_at(&mut connection, &redis_key).await;
     let claimed = claim(&store).await;
-    let _: () = redis::cmd("DEL")
-        .arg(&redis_key)
-        .query_async(&mut connection)
-        .await
-        .expect("DEL");
+    delete(&mut connection, &redis_key).await;
     let error = claimed.expect_err("the claim is refused");
     assert_misconfigured(&error);
     assert_says(
@@ -400,6 +392,13 @@ async fn a_redis_key_of_another_type_names_the_key_and_the_prefix() {
     );
 }
 
+/// The refusal of a claim on a store connected to the Redis at `url`, or
+/// the connection's own error.
+async fn redis_claim_refusal(url: &str) -> Result<StoreError, StoreError> {
+    let store = RedisStore::connect(url).await?;
+    Ok(claim_refusal(&store).await)
+}
+
 /// A Redis at its `maxmemory` under `noeviction` refuses the claim's
 /// write: told as such, with what to change, and as an outage, since
 /// records expiring free room without anyone changing anything.
@@ -410,7 +409,7 @@ async fn a_full_redis_names_maxmemory_and_is_an_outage() {
     }
     let settings = ["--maxmemory", "2mb", "--maxmemory-policy", "noeviction"];
     let mut redis = OwnRedis::start_with(OwnRedis::free_port(), &settings).await;
-    let mut filler = store_connection(&redis.url()).await;
+    let mut filler = redis_connection(&redis.url()).await;
     let mut full = false;
     for batch in 0..64 {
         let value = vec![b'x'; 64 * 1024];
@@ -424,11 +423,7 @@ async fn a_full_redis_names_maxmemory_and_is_an_outage() {
             break;
         }
     }
-    let store = RedisStore::connect(&redis.url()).await;
-    let refused = match &store {
-        Ok(store) => Some(claim_refusal(store).await),
-        Err(_) => None,
-    };
+    let refused = redis_claim_refusal(&redis.url()).await;
     redis.stop().await;
     assert!(full, "the server never filled up");
     let error = refused.expect("connect to a full Redis");
@@ -451,11 +446,7 @@ async fn a_redis_replica_is_an_outage_that_says_to_connect_to_the_primary() {
     let primary_port = OwnRedis::free_port().to_string();
     let settings = ["--replicaof", "127.0.0.1", primary_port.as_str()];
     let mut redis = OwnRedis::start_with(OwnRedis::free_port(), &settings).await;
-    let store = RedisStore::connect(&redis.url()).await;
-    let refused = match &store {
-        Ok(store) => Ok(claim_refusal(store).await),
-        Err(error) => Err(error.to_string()),
-    };
+    let refused = redis_claim_refusal(&redis.url()).await;
     redis.stop().await;
     let error = refused.expect("connect to the replica");
     assert_outage(&error);
@@ -486,7 +477,7 @@ async fn a_redis_that_cannot_save_is_an_outage_that_says_to_look_at_its_log() {
     let settings = ["--save", "3600 1", "--dir", dir_name.as_str()];
     let mut redis = OwnRedis::start_with(OwnRedis::free_port(), &settings).await;
     let connected = RedisStore::connect(&redis.url()).await;
-    let mut admin = store_connection(&redis.url()).await;
+    let mut admin = redis_connection(&redis.url()).await;
     let _: Result<String, _> = redis::cmd("BGSAVE").query_async(&mut admin).await;
     let mut failed = false;
     for _ in 0..200 {
@@ -526,7 +517,7 @@ async fn a_redis_user_without_the_acl_for_the_store_is_told_what_to_allow() {
         return;
     }
     let mut redis = OwnRedis::start(OwnRedis::free_port()).await;
-    let mut admin = store_connection(&redis.url()).await;
+    let mut admin = redis_connection(&redis.url()).await;
     let _: () = redis::cmd("ACL")
         .arg(&["SETUSER", "narrow", "on", ">secret", "~other:*", "+@all"])
         .query_async(&mut admin)
@@ -566,14 +557,14 @@ async fn the_acl_a_refused_redis_user_is_told_to_set_lets_the_store_serve() {
         return;
     }
     let mut redis = OwnRedis::start(OwnRedis::free_port()).await;
-    let mut admin = store_connection(&redis.url()).await;
+    let mut admin = redis_connection(&redis.url()).await;
     let nothing = ["SETUSER", "narrow", "on", ">secret", "resetkeys", "-@all"];
     let _: () = redis::cmd("ACL")
         .arg(&nothing)
         .query_async(&mut admin)
         .await
         .expect("ACL SETUSER");
-    let narrow = store_connection(&redis.url().replace("redis://", "redis://narrow:secret@")).await;
+    let narrow = redis_connection(&redis.url().replace("redis://", "redis://narrow:secret@")).await;
     let prefix = unique_name("idem_acl") + ":";
     let refused = RedisStore::builder(narrow.clone())
         .prefix(prefix.clone())
@@ -640,13 +631,6 @@ async fn the_acl_a_refused_redis_user_is_told_to_set_lets_the_store_serve() {
     let renewed = store.renew(&record_key("k"), token, lease).await;
     redis.stop().await;
     renewed.expect("a renewal after the clock stepped back, under the ACL told");
-}
-
-async fn store_connection(url: &str) -> redis::aio::ConnectionManager {
-    let client = redis::Client::open(url).expect("valid URL");
-    redis::aio::ConnectionManager::new(client)
-        .await
-        .expect("connect to the test Redis")
 }
 
 // ===== SQLite =====

@@ -15,7 +15,10 @@ use idempotent_core::key::IdempotencyKey;
 use idempotent_core::record::RecordKey;
 use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{PostgresStore, RedisStore, SqliteStore};
-use store_support::{Ledger, OwnRedis, Reply, backend_url, pay, payments_app, unique_name};
+use store_support::{
+    Ledger, OwnRedis, Reply, backend_url, delete, hash_at, pay, payments_app, redis_connection,
+    unique_name,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -36,30 +39,17 @@ async fn a_redis_key_of_another_type_is_a_500_without_retry_after() {
     let Some(url) = backend_url("IDEMPOTENT_TEST_REDIS_URL") else {
         return;
     };
-    let client = redis::Client::open(url.as_str()).expect("valid URL");
-    let mut connection = redis::aio::ConnectionManager::new(client)
-        .await
-        .expect("connect to the test Redis");
+    let mut connection = redis_connection(&url).await;
     let store = RedisStore::builder(connection.clone())
         .prefix(unique_name("idem_http") + ":")
         .build();
     let key = IdempotencyKey::parse(b"pay-1").expect("valid key");
     let redis_key = store.redis_key(&RecordKey::new(ScopeDigest::global(), key));
-    let _: () = redis::cmd("HSET")
-        .arg(&redis_key)
-        .arg("field")
-        .arg("value")
-        .query_async(&mut connection)
-        .await
-        .expect("HSET");
+    hash_at(&mut connection, &redis_key).await;
     let ledger = Ledger::default();
     let app = payments_app(store, &ledger, TIMEOUT);
     let (refused, other) = (pay(&app, "pay-1", 100).await, pay(&app, "pay-2", 100).await);
-    let _: () = redis::cmd("DEL")
-        .arg(&redis_key)
-        .query_async(&mut connection)
-        .await
-        .expect("DEL");
+    delete(&mut connection, &redis_key).await;
     let fixed = pay(&app, "pay-1", 100).await;
     assert_misconfigured(&refused);
     assert_eq!(other.status, StatusCode::CREATED);

@@ -14,25 +14,18 @@ use idempotent_core::record::RecordKey;
 use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{RedisStore, Store, Tiered};
 use idempotent_core::testing::contract;
-use redis::aio::ConnectionManager;
 use store_support::{
     Ledger, OwnRedis, ReplyDropper, SentTwice, assert_kept, backend_url, complete_with_a_body_of,
-    duplicates_across_instances, pay, pay_until_available, payments_app, unique_name,
+    duplicates_across_instances, pay, pay_until_available, payments_app, redis_connection,
+    unique_name,
 };
 
 const URL: &str = "IDEMPOTENT_TEST_REDIS_URL";
 const STORE_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn manager(url: &str) -> ConnectionManager {
-    let client = redis::Client::open(url).expect("valid URL");
-    ConnectionManager::new(client)
-        .await
-        .expect("connect to the test Redis")
-}
-
 /// A store on the test Redis under a key prefix of its own.
 async fn store_of_its_own(url: &str) -> RedisStore {
-    RedisStore::builder(manager(url).await)
+    RedisStore::builder(redis_connection(url).await)
         .prefix(unique_name("idem_test") + ":")
         .build()
 }
@@ -40,7 +33,7 @@ async fn store_of_its_own(url: &str) -> RedisStore {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_store_passes_the_contract() {
     let Some(url) = backend_url(URL) else { return };
-    let connection = manager(&url).await;
+    let connection = redis_connection(&url).await;
     let prefix = unique_name("idem_test") + ":";
     contract::run_all(|clock| {
         let store = RedisStore::builder(connection.clone())
@@ -55,7 +48,7 @@ async fn redis_store_passes_the_contract() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tiered_redis_store_passes_the_contract() {
     let Some(url) = backend_url(URL) else { return };
-    let connection = manager(&url).await;
+    let connection = redis_connection(&url).await;
     let prefix = unique_name("idem_test") + ":";
     contract::run_all(|clock| {
         let durable = RedisStore::builder(connection.clone())
@@ -75,7 +68,7 @@ async fn two_instances_share_one_redis() {
     let mut apps = Vec::new();
     for _ in 0..2 {
         // Each instance connects on its own, as another process would.
-        let store = RedisStore::builder(manager(&url).await)
+        let store = RedisStore::builder(redis_connection(&url).await)
             .prefix(prefix.clone())
             .build();
         apps.push(payments_app(store, &ledger, STORE_TIMEOUT));
@@ -96,7 +89,7 @@ async fn completed_records_carry_a_redis_expiry_past_their_ttl() {
     );
     let redis_key = store.redis_key(&key);
     assert!(redis_key.starts_with(store.prefix()));
-    let mut connection = manager(&url).await;
+    let mut connection = redis_connection(&url).await;
     let pttl: i64 = redis::cmd("PTTL")
         .arg(&redis_key)
         .query_async(&mut connection)
@@ -132,7 +125,7 @@ async fn an_expired_value_this_build_cannot_decode_is_taken_over() {
             ScopeDigest::global(),
             IdempotencyKey::parse(name.as_bytes()).unwrap(),
         );
-        let mut connection = manager(&url).await;
+        let mut connection = redis_connection(&url).await;
         let () = redis::cmd("SET")
             .arg(store.redis_key(&key))
             .arg(value)
@@ -158,11 +151,11 @@ async fn sent_once_and_twice() -> Option<(ManualClock, RedisStore, RedisStore<Se
     let url = backend_url(URL)?;
     let prefix = unique_name("idem_test") + ":";
     let clock = ManualClock::starting_now();
-    let once = RedisStore::builder(manager(&url).await)
+    let once = RedisStore::builder(redis_connection(&url).await)
         .prefix(prefix.clone())
         .clock(clock.clone())
         .build();
-    let twice = RedisStore::builder(SentTwice(manager(&url).await))
+    let twice = RedisStore::builder(SentTwice(redis_connection(&url).await))
         .prefix(prefix)
         .clock(clock.clone())
         .build();
@@ -360,7 +353,7 @@ async fn a_claim_cut_short_by_the_store_timeout_leaves_no_lease_behind() {
         IdempotencyKey::parse(b"cut-short").unwrap(),
     );
     let fingerprint = Fingerprint::from_bytes([7; 32]);
-    let mut stalling = manager(&url).await;
+    let mut stalling = redis_connection(&url).await;
     let stall = tokio::spawn(async move {
         // A script that runs for 1.5 s blocks every other client.
         let script = "local t = redis.call('TIME') local stop = t[1] * 1000000 + t[2] + 1500000 \
@@ -457,7 +450,7 @@ async fn a_renewal_after_the_clock_stepped_back_keeps_the_key_in_redis() {
 
     let Some(url) = backend_url(URL) else { return };
     let clock = ManualClock::starting_now();
-    let store = RedisStore::builder(manager(&url).await)
+    let store = RedisStore::builder(redis_connection(&url).await)
         .prefix(unique_name("idem_test") + ":")
         .clock(clock.clone())
         .build();
@@ -472,7 +465,7 @@ async fn a_renewal_after_the_clock_stepped_back_keeps_the_key_in_redis() {
         panic!("a new key: {claim:?}");
     };
     let redis_key = store.redis_key(&key);
-    let mut connection = manager(&url).await;
+    let mut connection = redis_connection(&url).await;
 
     // The clock steps ten minutes back, and the handler runs on: what
     // Redis holds a little over a minute after the claim, each renewal

@@ -17,7 +17,7 @@ use idempotent_core::record::RecordKey;
 use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{RedisStore, Store};
 use store_support::logs::events;
-use store_support::{OwnRedis, backend_url};
+use store_support::{OwnRedis, backend_url, delete, hash_at, redis_connection};
 use tracing::Level;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,10 +99,7 @@ async fn a_claim_refused_by_the_server_leaves_no_release_behind() {
         return;
     };
     let events = events();
-    let client = redis::Client::open(url.as_str()).expect("valid URL");
-    let mut connection = redis::aio::ConnectionManager::new(client)
-        .await
-        .expect("connect");
+    let mut connection = redis_connection(&url).await;
     let store = RedisStore::builder(connection.clone())
         .prefix(format!("idem_test_{:016x}:", rand::random::<u64>()))
         .build();
@@ -111,13 +108,7 @@ async fn a_claim_refused_by_the_server_leaves_no_release_behind() {
         IdempotencyKey::parse(b"foreign-type").unwrap(),
     );
     let redis_key = store.redis_key(&key);
-    let _: () = redis::cmd("HSET")
-        .arg(&redis_key)
-        .arg("field")
-        .arg("value")
-        .query_async(&mut connection)
-        .await
-        .expect("HSET");
+    hash_at(&mut connection, &redis_key).await;
     let claimed = store
         .claim(
             &key,
@@ -126,11 +117,7 @@ async fn a_claim_refused_by_the_server_leaves_no_release_behind() {
         )
         .await;
     store.settle().await;
-    let _: () = redis::cmd("DEL")
-        .arg(&redis_key)
-        .query_async(&mut connection)
-        .await
-        .expect("DEL");
+    delete(&mut connection, &redis_key).await;
     assert!(claimed.is_err(), "a hash is no record");
     let log_id = key.log_id().to_string();
     let logged = events.at(Level::WARN, "idempotent_core");

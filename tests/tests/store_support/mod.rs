@@ -64,6 +64,36 @@ pub fn suggested_sql(error: &str) -> &str {
         .map_or("", |(sql, _)| sql)
 }
 
+/// A connection to the Redis at `url`.
+pub async fn redis_connection(url: &str) -> redis::aio::ConnectionManager {
+    let client = redis::Client::open(url).expect("valid URL");
+    redis::aio::ConnectionManager::new(client)
+        .await
+        .expect("connect to the test Redis")
+}
+
+/// Puts a hash at `redis_key`, where a store keeps a record as a string:
+/// a value of another type, as another application sharing the store's
+/// prefix would leave there.
+pub async fn hash_at(connection: &mut redis::aio::ConnectionManager, redis_key: &str) {
+    let _: () = redis::cmd("HSET")
+        .arg(redis_key)
+        .arg("field")
+        .arg("value")
+        .query_async(connection)
+        .await
+        .expect("HSET");
+}
+
+/// Deletes `redis_key`.
+pub async fn delete(connection: &mut redis::aio::ConnectionManager, redis_key: &str) {
+    let _: () = redis::cmd("DEL")
+        .arg(redis_key)
+        .query_async(connection)
+        .await
+        .expect("DEL");
+}
+
 /// A name no other test run uses: `prefix_<random hex>`.
 pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{:016x}", rand::random::<u64>())
