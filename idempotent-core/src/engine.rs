@@ -65,6 +65,8 @@ const STORE_RETRY_PAUSES: [Duration; 3] = [
 ];
 const LOST: &str = "the lease was taken over while the handler ran, so its response was not stored; the request may have run twice";
 const NOT_RELEASED: &str = "could not release the key; it frees when the lease lapses";
+const NOT_STORED_UNTIL_FIXED: &str = "the response could not be stored, and was not tried again: the store fails this way until what the error names is fixed; a retry after the lease lapses runs again";
+const NOT_RELEASED_UNTIL_FIXED: &str = "could not release the key, and did not try again: the store fails this way until what the error names is fixed; the key frees when the lease lapses";
 const NOT_HELD: &str = "the key was released already, by an attempt whose answer was lost";
 const TAKEN_OVER: &str = "the lease was taken over while the handler ran: another request holds the key, and the request may have run twice";
 
@@ -558,11 +560,14 @@ impl Engine {
     }
 
     /// Completes the record with the response, trying again after a store
-    /// error: until the record is stored, a retry that comes after the
-    /// lease lapses runs the handler again.
+    /// error that may pass: until the record is stored, a retry that comes
+    /// after the lease lapses runs the handler again.
     async fn store(&self, token: LeaseToken, parts: &Parts, body: Option<Bytes>) {
         let stored = match self.complete(token, parts, body.clone()).await {
             Ok(()) => Ok(()),
+            // Tried again, it would fail alike; and the store answered,
+            // so there is no applied attempt to look for either.
+            Err(error) if fails_until_fixed(&error) => Err(error),
             // Boxed: only a failed attempt pays for the retries.
             Err(error) => Box::pin(self.store_again(token, parts, body, error)).await,
         };
@@ -571,6 +576,9 @@ impl Engine {
             Ok(()) => tracing::debug!(outcome = "executed", status = parts.status.as_u16()),
             Err(StoreError::LeaseLost) => {
                 tracing::error!(outcome = "lease_lost", endpoint, %key, message = LOST);
+            }
+            Err(error) if fails_until_fixed(&error) => {
+                tracing::error!(%error, outcome = "store_error", endpoint, %key, message = NOT_STORED_UNTIL_FIXED);
             }
             Err(error) => {
                 tracing::error!(%error, outcome = "store_error", endpoint, %key, message = NOT_STORED);
@@ -636,14 +644,16 @@ impl Engine {
             && (stored.body.is_none() || stored.body.as_ref() == body)
     }
 
-    /// Releases the key, trying again after a store error as a completion
-    /// is: until it is released, retries get 409 for as long as the lease
-    /// has left to run. `status`: the handler's, which the log names, so
-    /// that a 503 from a payment provider is told apart from a 429.
+    /// Releases the key, trying again after a store error that may pass,
+    /// as a completion is: until it is released, retries get 409 for as
+    /// long as the lease has left to run. `status`: the handler's, which
+    /// the log names, so that a 503 from a payment provider is told apart
+    /// from a 429.
     async fn release(&self, token: LeaseToken, reason: &'static str, status: Option<u16>) {
         let released = match self.release_once(token).await {
-            // A lost lease is final: the key is not this request's to free.
-            Err(error) if !matches!(error, StoreError::LeaseLost) => {
+            // A lost lease is final: the key is not this request's to free;
+            // and so is an error that would fail every attempt alike.
+            Err(error) if !matches!(error, StoreError::LeaseLost) && !fails_until_fixed(&error) => {
                 // Boxed: only a failed attempt pays for the retries.
                 Box::pin(self.release_again(token, error)).await
             }
@@ -664,6 +674,9 @@ impl Engine {
             // connection): nothing is left to free.
             Err(StoreError::LeaseLost) => {
                 tracing::info!(outcome = "released", endpoint, %key, reason, status, "{NOT_HELD}");
+            }
+            Err(error) if fails_until_fixed(&error) => {
+                tracing::error!(%error, outcome = "store_error", endpoint, %key, reason, status, message = NOT_RELEASED_UNTIL_FIXED);
             }
             Err(error) => {
                 tracing::error!(%error, outcome = "store_error", endpoint, %key, reason, status, message = NOT_RELEASED);
@@ -698,8 +711,11 @@ impl Engine {
     }
 
     /// Runs `attempt` again after each of [`STORE_RETRY_PAUSES`] while it
-    /// fails (`error` is the first attempt's), until it succeeds or the
-    /// lease is lost, which is final: another request holds the key.
+    /// fails (`error` is the first attempt's), until it succeeds or fails
+    /// for good: the lease is lost (another request holds the key), or the
+    /// store fails in a way that only fixing it ends
+    /// ([`fails_until_fixed`]), which each pause would only hold the
+    /// caller's response back for, under a warning each.
     async fn after_pauses<F>(
         &self,
         mut error: StoreError,
@@ -710,7 +726,7 @@ impl Engine {
         F: Future<Output = Result<(), StoreError>>,
     {
         for pause in STORE_RETRY_PAUSES {
-            if matches!(error, StoreError::LeaseLost) {
+            if matches!(error, StoreError::LeaseLost) || fails_until_fixed(&error) {
                 break;
             }
             let (endpoint, key) = (self.endpoint.name(), self.key.log_id());
@@ -766,22 +782,28 @@ pub(crate) fn unreplayable(
 /// Only a store that may come back by itself is a 503 with `Retry-After`;
 /// a record that does not decode, or a store set up wrongly, fails a retry
 /// soon after the same way, so those are 500s without it (see
-/// `Problem::from(&StoreError)`).
+/// `Problem::from(&StoreError)`). The log names the class by the
+/// problem's title: that conversion alone sorts the errors.
 pub(crate) fn refused_for(
     error: &StoreError,
     endpoint: Option<&'static str>,
     key: &RecordKey,
 ) -> Response {
     let key = key.log_id();
-    let message = match error {
-        StoreError::Codec(_) => "stored record is corrupt; request refused, nothing executed",
-        StoreError::Misconfigured(_) => {
-            "store is set up wrongly; request refused, nothing executed"
-        }
-        _ => "store failed; request refused, nothing executed",
-    };
-    tracing::error!(%error, outcome = "store_error", endpoint, %key, "{message}");
-    Problem::from(error).into_response()
+    let problem = Problem::from(error);
+    let class = problem.kind().title();
+    tracing::error!(%error, outcome = "store_error", endpoint, %key, "{class}; request refused, nothing executed");
+    problem.into_response()
+}
+
+/// Whether `error` fails every attempt alike until someone fixes the
+/// store's setup or the key's record: the classes that
+/// `Problem::from(&StoreError)` answers without `Retry-After`, as against
+/// a store that may come back by itself. Trying such a call again, after
+/// the handler ran, only holds its response back and buries the error
+/// that names the fix under warnings.
+pub(crate) fn fails_until_fixed(error: &StoreError) -> bool {
+    Problem::from(error).kind() != ProblemKind::StoreUnavailable
 }
 
 /// `operation`, cut after `timeout`.

@@ -42,7 +42,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::Instrument;
 
-use crate::engine::within;
+use crate::engine::{fails_until_fixed, within};
 use crate::fingerprint::Fingerprint;
 use crate::idempotency::Settings;
 use crate::record::{LeaseToken, Record, RecordKey};
@@ -394,13 +394,16 @@ async fn lease_lost(
 }
 
 /// Renews `claim`'s lease now and every third of it after, until the lease
-/// is lost or the task is aborted. A renewal that has not answered yet
-/// does not hold back the next one: one that hangs is outrun by the next
-/// third of the lease, and one that is only slow is still applied. Giving
-/// up on a renewal before the store timeout would not do: a store whose
-/// statements wait their turn (for a connection, for a lock) never sends
-/// a renewal given up before its turn, and the lease would lapse under
-/// the running handler though every renewal would have been applied.
+/// is lost, the store fails in a way that only fixing it ends
+/// ([`fails_until_fixed`]: renewing again every eighth of a period would
+/// only load the store and fail alike), or the task is aborted. A renewal
+/// that has not answered yet does not hold back the next one: one that
+/// hangs is outrun by the next third of the lease, and one that is only
+/// slow is still applied. Giving up on a renewal before the store timeout
+/// would not do: a store whose statements wait their turn (for a
+/// connection, for a lock) never sends a renewal given up before its turn,
+/// and the lease would lapse under the running handler though every
+/// renewal would have been applied.
 ///
 /// `watched`: whether the claim's run has settled it, and the lease as of
 /// the claim's sending (see [`Renewing`]).
@@ -433,6 +436,7 @@ fn renew_until_lost(
                 }
                 Some((sent, renewed)) = renewing.next() => {
                     let lost = matches!(renewed, Err(StoreError::LeaseLost));
+                    let mut given_up = false;
                     {
                         let mut outage = lock_outage(&outage);
                         outage.under_way -= 1;
@@ -445,6 +449,10 @@ fn renew_until_lost(
                             Err(error) if outage.outrun(sent + lease) => {
                                 tracing::debug!(%error, "a renewal outrun by a later one failed");
                             }
+                            Err(error) if fails_until_fixed(&error) => {
+                                outage.given_up(&error, endpoint, &key);
+                                given_up = true;
+                            }
                             Err(error) => {
                                 outage.failed(&error, endpoint, &key);
                                 // Soon, not a whole period later: two
@@ -456,6 +464,9 @@ fn renew_until_lost(
                     }
                     if lost {
                         return lease_lost(&settings, endpoint, &key, fingerprint, &settled).await;
+                    }
+                    if given_up {
+                        return;
                     }
                 }
             }
@@ -540,6 +551,24 @@ impl Outage {
         }
         self.lapse_told = true;
         lapsed_unrenewed(endpoint, key, now - self.held_until);
+    }
+
+    /// Tells, once and as an error, that renewals stop after `error`,
+    /// which would fail them all alike (see [`fails_until_fixed`]): the
+    /// error names what to fix, and the lease lapses when it runs out
+    /// unless the request settles first.
+    fn given_up(&mut self, error: &StoreError, endpoint: &'static str, key: &RecordKey) {
+        let lapses_in = self.held_until.saturating_duration_since(Instant::now());
+        tracing::error!(
+            %error,
+            endpoint,
+            key = %key.log_id(),
+            ?lapses_in,
+            "could not renew the lease, and will not try again: the store fails this way until what the error names is fixed; unless the request settles first, the lease lapses, and a retry may run the request again beside this one"
+        );
+        // This tells the lapse to come, which the claim's settling would
+        // otherwise blame on a runtime that did not run the renewals.
+        self.lapse_told = true;
     }
 
     fn failed(&mut self, error: &StoreError, endpoint: &'static str, key: &RecordKey) {

@@ -5,7 +5,10 @@
 //! `store-misconfigured` and a corrupt record a 500 `record-corrupt`,
 //! neither with `Retry-After`. A failed renewal, completion or release
 //! comes after the handler ran: the client gets the handler's answer, and
-//! the call is tried again whatever the class.
+//! the call is tried again if its class may pass by itself (a store down
+//! or timed out), not if it fails every attempt alike until someone fixes
+//! the store or the record. `MockStore::faults` says which class failed
+//! which call.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,8 +20,11 @@ use axum::http::{Request, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
 use http_body_util::BodyExt;
+use idempotent_core::record::{LeaseToken, RecordKey};
+use idempotent_core::scope::ScopeDigest;
+use idempotent_core::store::{Store, StoreError};
 use idempotent_core::testing::{Fault, MockStore, OpKind, Operation};
-use idempotent_core::{IDEMPOTENT_REPLAYED, Idempotency, idempotent};
+use idempotent_core::{IDEMPOTENT_REPLAYED, Idempotency, IdempotencyKey, idempotent};
 use tower::ServiceExt;
 
 /// Each class of fault, and what a request whose claim it fails gets:
@@ -49,6 +55,15 @@ const REFUSALS: [(Fault, StatusCode, &str, Option<&str>); 4] = [
         None,
     ),
 ];
+
+/// The classes of fault that may pass by themselves: a call they fail
+/// after the handler ran is tried again.
+const PASSING: [Fault; 2] = [Fault::Unavailable, Fault::Timeout];
+
+/// The classes that fail every attempt alike until the store's setup or
+/// the record is fixed: a call they fail after the handler ran is not
+/// tried again.
+const UNTIL_FIXED: [Fault; 2] = [Fault::Misconfigured, Fault::Corrupt];
 
 #[derive(Clone, Default)]
 struct Runs(Arc<AtomicUsize>);
@@ -168,6 +183,7 @@ async fn a_failed_claim_refuses_the_request_as_its_class_says_and_runs_nothing()
             store.operations(),
             [Operation::Failed { op: OpKind::Claim }]
         );
+        assert_eq!(store.faults(), [(OpKind::Claim, fault)]);
         // One-shot, and nothing was left claimed: the retry runs.
         assert_created(&send(&app, "/charges", "k", 5).await, false);
         assert_eq!(runs.get(), 1, "{fault:?}");
@@ -227,7 +243,7 @@ async fn fail_all_with_refuses_every_request_until_fail_all_false() {
 
 #[tokio::test(start_paused = true)]
 async fn a_failed_renewal_is_tried_again_and_the_handler_answers() {
-    for (fault, ..) in REFUSALS {
+    for fault in PASSING {
         let (store, runs) = (MockStore::new(), Runs::default());
         let app = app(&store, &runs);
         store.fail_next_with(OpKind::Renew, fault);
@@ -249,7 +265,7 @@ async fn a_failed_renewal_is_tried_again_and_the_handler_answers() {
 
 #[tokio::test(start_paused = true)]
 async fn a_failed_completion_is_tried_again_and_the_handler_answers() {
-    for (fault, ..) in REFUSALS {
+    for fault in PASSING {
         let (store, runs) = (MockStore::new(), Runs::default());
         let app = app(&store, &runs);
         store.fail_next_with(OpKind::Complete, fault);
@@ -265,7 +281,7 @@ async fn a_failed_completion_is_tried_again_and_the_handler_answers() {
 /// outcome, and the key stays held until its lease lapses.
 #[tokio::test(start_paused = true)]
 async fn a_completion_that_always_fails_answers_retries_409_until_the_lease_lapses() {
-    for (fault, ..) in REFUSALS {
+    for fault in PASSING {
         let (store, runs) = (MockStore::new(), Runs::default());
         let app = app(&store, &runs);
         for _ in 0..4 {
@@ -287,7 +303,7 @@ async fn a_completion_that_always_fails_answers_retries_409_until_the_lease_laps
 
 #[tokio::test(start_paused = true)]
 async fn a_failed_release_is_tried_again_and_the_handler_answers() {
-    for (fault, ..) in REFUSALS {
+    for fault in PASSING {
         let (store, runs) = (MockStore::new(), Runs::default());
         let app = app(&store, &runs);
         store.fail_next_with(OpKind::Release, fault);
@@ -301,6 +317,86 @@ async fn a_failed_release_is_tried_again_and_the_handler_answers() {
         assert_eq!(retry.status, StatusCode::BAD_GATEWAY, "{fault:?}");
         assert_eq!(runs.get(), 2, "{fault:?}");
     }
+}
+
+// ===== after the handler ran: its answer, and the call not tried again =====
+
+#[tokio::test(start_paused = true)]
+async fn a_renewal_failed_until_fixed_is_not_tried_again_and_the_handler_answers() {
+    for fault in UNTIL_FIXED {
+        let (store, runs) = (MockStore::new(), Runs::default());
+        let app = app(&store, &runs);
+        store.fail_next_with(OpKind::Renew, fault);
+        assert_created(&send(&app, "/slow", "k", 5).await, false);
+        assert_eq!(store.faults(), [(OpKind::Renew, fault)]);
+        assert_eq!(store.count(OpKind::Renew), 0, "{:?}", store.operations());
+        // Stored all the same, the lease being still held.
+        assert_created(&send(&app, "/slow", "k", 5).await, true);
+        assert_eq!(runs.get(), 1, "{fault:?}");
+    }
+}
+
+/// Not stored, the key stays held until its lease lapses: retries get 409
+/// and do not run the handler again.
+#[tokio::test(start_paused = true)]
+async fn a_completion_failed_until_fixed_is_not_tried_again_and_the_handler_answers() {
+    for fault in UNTIL_FIXED {
+        let (store, runs) = (MockStore::new(), Runs::default());
+        let app = app(&store, &runs);
+        store.fail_next_with(OpKind::Complete, fault);
+        assert_created(&send(&app, "/charges", "k", 5).await, false);
+        assert_eq!(store.faults(), [(OpKind::Complete, fault)]);
+        assert_eq!(store.count(OpKind::Complete), 0, "{:?}", store.operations());
+        let retry = send(&app, "/charges", "k", 5).await;
+        assert_eq!(retry.status, StatusCode::CONFLICT, "{fault:?}");
+        assert_eq!(runs.get(), 1, "{fault:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_release_failed_until_fixed_is_not_tried_again_and_the_handler_answers() {
+    for fault in UNTIL_FIXED {
+        let (store, runs) = (MockStore::new(), Runs::default());
+        let app = app(&store, &runs);
+        store.fail_next_with(OpKind::Release, fault);
+        let answer = send(&app, "/charges", "k", 0).await;
+        assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{fault:?}");
+        assert_eq!(store.faults(), [(OpKind::Release, fault)]);
+        assert_eq!(store.count(OpKind::Release), 0, "{:?}", store.operations());
+        // Not released, the key frees when its lease lapses.
+        let retry = send(&app, "/charges", "k", 0).await;
+        assert_eq!(retry.status, StatusCode::CONFLICT, "{fault:?}");
+        store.advance(Duration::from_secs(61));
+        let retry = send(&app, "/charges", "k", 0).await;
+        assert_eq!(retry.status, StatusCode::BAD_GATEWAY, "{fault:?}");
+        assert_eq!(runs.get(), 2, "{fault:?}");
+    }
+}
+
+// ===== faults =====
+
+/// `faults` names the class of each injected fault, in order; a lost
+/// lease, which the store answers itself, fails a call but is not one.
+#[tokio::test]
+async fn faults_say_which_class_failed_which_call() {
+    let (store, runs) = (MockStore::new(), Runs::default());
+    let app = app(&store, &runs);
+    store.fail_next_with(OpKind::Claim, Fault::Timeout);
+    store.fail_next_with(OpKind::Complete, Fault::Unavailable);
+    assert_refused(&send(&app, "/charges", "k", 5).await, Fault::Timeout);
+    assert_created(&send(&app, "/charges", "k", 5).await, false);
+    let expected = [
+        (OpKind::Claim, Fault::Timeout),
+        (OpKind::Complete, Fault::Unavailable),
+    ];
+    assert_eq!(store.faults(), expected);
+    let key = RecordKey::new(ScopeDigest::global(), IdempotencyKey::parse(b"k").unwrap());
+    let lost = store.renew(&key, LeaseToken::random(), Duration::from_secs(60));
+    assert!(matches!(lost.await, Err(StoreError::LeaseLost)));
+    assert_eq!(store.failures(), 3, "{:?}", store.operations());
+    assert_eq!(store.faults(), expected);
+    store.clear_operations();
+    assert_eq!(store.faults(), []);
 }
 
 // ===== fail_open =====

@@ -94,6 +94,8 @@ struct Inner {
 #[derive(Default)]
 struct State {
     operations: Vec<Operation>,
+    /// The calls that injected faults failed, and how.
+    faults: Vec<(OpKind, Fault)>,
     /// One-shot faults in order.
     fail_next: VecDeque<Queued>,
     /// The outage under way, if any: every call fails this way.
@@ -251,6 +253,7 @@ pub enum Operation {
         found: bool,
     },
     /// A call that failed: an injected fault, or a lost lease.
+    /// [`MockStore::faults`] says which [`Fault`] failed it.
     Failed {
         /// Which call.
         op: OpKind,
@@ -420,9 +423,50 @@ impl MockStore {
         self.state().operations.clone()
     }
 
-    /// Forgets the calls so far (records and faults stay).
+    /// Forgets the calls so far, and the [`faults`](Self::faults) that
+    /// failed them (records, and faults still queued, stay).
     pub fn clear_operations(&self) {
-        self.state().operations.clear();
+        let mut state = self.state();
+        state.operations.clear();
+        state.faults.clear();
+    }
+
+    /// The calls that injected faults failed so far, in order, each with
+    /// the [`Fault`] that failed it: [`Operation::Failed`] says which call
+    /// failed, this says how, e.g. that a timeout came at a completion.
+    /// A lost lease, which the store answers itself, is not one.
+    ///
+    /// ```
+    /// use axum::{Router, body::Body, http::{Request, StatusCode}, routing::post};
+    /// use idempotent_core::idempotent;
+    /// use idempotent_core::testing::{Fault, MockStore, OpKind, Operation};
+    /// use tower::ServiceExt;
+    ///
+    /// #[idempotent(scope = "global")]
+    /// async fn charge() -> StatusCode {
+    ///     StatusCode::CREATED
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let store = MockStore::new();
+    /// let app = Router::new().route("/charges", post(charge)).layer(store.layer());
+    /// store.fail_next_with(OpKind::Complete, Fault::Timeout);
+    /// let request = Request::post("/charges")
+    ///     .header("idempotency-key", "k1")
+    ///     .body(Body::empty())
+    ///     .unwrap();
+    /// assert_eq!(app.oneshot(request).await.unwrap().status(), StatusCode::CREATED);
+    /// // The completion timed out, and its second attempt stored the response.
+    /// assert_eq!(store.faults(), [(OpKind::Complete, Fault::Timeout)]);
+    /// let failed = Operation::Failed { op: OpKind::Complete };
+    /// assert!(store.operations().contains(&failed));
+    /// assert_eq!(store.count(OpKind::Complete), 1);
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn faults(&self) -> Vec<(OpKind, Fault)> {
+        self.state().faults.clone()
     }
 
     /// How many calls of `kind` succeeded.
@@ -502,6 +546,7 @@ impl MockStore {
         };
         if let Some(fault) = fault {
             state.operations.push(Operation::Failed { op: kind });
+            state.faults.push((kind, fault));
             return Err(fault.error(kind));
         }
         Ok(())
