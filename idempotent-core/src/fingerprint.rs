@@ -407,7 +407,7 @@ fn body_unread(rejection: &dyn std::any::Any) -> bool {
 }
 
 /// Serializes as bytes, not as a sequence of integers as `[u8]` would.
-struct RawBytes<'a>(&'a [u8]);
+pub(crate) struct RawBytes<'a>(pub(crate) &'a [u8]);
 
 impl Serialize for RawBytes<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {

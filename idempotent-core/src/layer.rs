@@ -3,10 +3,12 @@
 //!
 //! Without typed inputs to hash, it fingerprints the raw request: method,
 //! path, path parameters (a nested router's prefix is no longer in the
-//! path, but its parameters are), query and body bytes. Two JSON bodies
-//! that differ only in field order or whitespace therefore count as
-//! different payloads here (422), unlike with the attribute. The body is
-//! buffered, up to a limit.
+//! path, but its parameters are), query, body bytes and the headers that
+//! say how to read them, `Content-Type` and `Content-Encoding`
+//! ([`IdempotentLayer`] says exactly how). Two JSON bodies that differ
+//! only in field order or whitespace therefore count as different payloads
+//! here (422), unlike with the attribute. The body is buffered, up to a
+//! limit.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
@@ -16,13 +18,17 @@ use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
+use http::header::{CONTENT_ENCODING, CONTENT_TYPE, GetAll};
+use http::{HeaderMap, HeaderValue};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::Serialize;
+use serde::ser::{SerializeTuple, Serializer};
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::endpoint::Endpoint;
 use crate::engine::resolve_scope;
-use crate::fingerprint::{Fingerprint, FingerprintError};
+use crate::fingerprint::{Fingerprint, FingerprintError, RawBytes};
 use crate::problem::{Problem, ProblemKind};
 use crate::request::{IdempotentRequest, ScopeSource, route_params};
 
@@ -75,6 +81,49 @@ pub(crate) struct Claimed(pub(crate) &'static str);
 /// one router nested at two prefixes (`/sandbox`, `/live`) shares its keys
 /// between them, and a retry at one would be answered with the other's
 /// response. Give each nesting an endpoint name of its own.
+///
+/// # What the fingerprint covers
+///
+/// A retry is replayed only if all of these match the first request's;
+/// any difference is another request, answered 422 (`key-reused`):
+///
+/// - the endpoint's name;
+/// - the method;
+/// - the URI's path as this layer sees it (without a nested router's
+///   prefix), byte for byte: `%7E` is not `~`;
+/// - the matched route's path parameters, names and decoded values, a
+///   nested router's prefix's included;
+/// - the query string byte for byte, parameter order included (`?` with
+///   nothing after it is not the same as no `?`);
+/// - the body's bytes, exactly as they arrived (still compressed if they
+///   came compressed);
+/// - every `Content-Type` and `Content-Encoding` line, in order, byte for
+///   byte: the same bytes as JSON and as a form, in two charsets, or
+///   gzipped and not, are different requests to the handler. A retry
+///   resends the headers its first attempt sent; a client that spells
+///   them differently between attempts (`application/json` then
+///   `Application/JSON`) gets 422, as it does for a body with its fields
+///   reordered.
+///
+/// Nothing else is: not `Accept`, `Accept-Language`, `Host` or any other
+/// header (the scope's header, if any, keys the record, and the key
+/// itself names it), the HTTP version, or the trailers (which the handler
+/// beneath this layer does not get). A handler whose answer depends on a
+/// header beyond those two should be made idempotent with `#[idempotent]`
+/// and an extractor of that header that implements
+/// [`FingerprintInput`](crate::FingerprintInput). A decompression layer
+/// outside this one hands it the decompressed bytes and no
+/// `Content-Encoding`: two compressions of one payload then match.
+///
+/// Upgrading: earlier versions did not fingerprint `Content-Type` or
+/// `Content-Encoding`. A request with neither keeps the fingerprint they
+/// stored, but one with either does not: a retry of such a request whose
+/// first attempt was stored by an earlier version is answered 422
+/// (`key-reused`), until that record expires ([`Endpoint::ttl`]), instead
+/// of being replayed; its handler does not run again. Upgrade when no
+/// such retry can be pending, or tell clients that in that window a 422
+/// `key-reused` for a retry sent unchanged means the first attempt's
+/// answer was stored, not that the payload differed.
 ///
 /// ```
 /// use axum::{Router, routing::post};
@@ -245,7 +294,54 @@ fn raw_fingerprint(
         .input(parts.uri.path())?
         .input(&parts.uri.query())?
         .input(body)?;
+    // Only after the body, and only when there is one: a request without
+    // these headers keeps the fingerprint earlier versions stored for it.
+    if let Some(representation) = Representation::of(&parts.headers) {
+        fingerprinter.input(&representation)?;
+    }
     Ok(fingerprinter.finish())
+}
+
+/// The headers that say how to read the body: every `Content-Type` and
+/// `Content-Encoding` line, in order, byte for byte. The same bytes as
+/// JSON and as a form, or gzipped and not, are different requests to the
+/// handler; a retry resends the headers its first attempt sent.
+struct Representation<'a> {
+    media_types: GetAll<'a, HeaderValue>,
+    codings: GetAll<'a, HeaderValue>,
+}
+
+impl<'a> Representation<'a> {
+    /// `None` for a request with neither header.
+    fn of(headers: &'a HeaderMap) -> Option<Self> {
+        let media_types = headers.get_all(CONTENT_TYPE);
+        let codings = headers.get_all(CONTENT_ENCODING);
+        if media_types.iter().next().is_none() && codings.iter().next().is_none() {
+            return None;
+        }
+        Some(Self {
+            media_types,
+            codings,
+        })
+    }
+}
+
+impl Serialize for Representation<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut representation = serializer.serialize_tuple(2)?;
+        representation.serialize_element(&Lines(&self.media_types))?;
+        representation.serialize_element(&Lines(&self.codings))?;
+        representation.end()
+    }
+}
+
+/// A header's lines as a sequence of their bytes.
+struct Lines<'a, 'h>(&'a GetAll<'h, HeaderValue>);
+
+impl Serialize for Lines<'_, '_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|value| RawBytes(value.as_bytes())))
+    }
 }
 
 /// Why a body could not be buffered: over this layer's limit, over a limit
@@ -284,4 +380,62 @@ fn is_over_limit(error: &(dyn std::error::Error + 'static)) -> bool {
         source = error.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(headers: &[(&'static str, &'static str)]) -> http::request::Parts {
+        let mut request = http::Request::post("/orders?sku=a");
+        for &(name, value) in headers {
+            request = request.header(name, value);
+        }
+        request.body(()).unwrap().into_parts().0
+    }
+
+    /// What earlier versions fingerprinted: method, path, query and body.
+    fn earlier_fingerprint(
+        endpoint: &Endpoint,
+        parts: &http::request::Parts,
+        body: &Bytes,
+    ) -> Fingerprint {
+        let mut fingerprinter = endpoint.fingerprinter();
+        fingerprinter
+            .input(parts.method.as_str())
+            .and_then(|next| next.input(parts.uri.path()))
+            .and_then(|next| next.input(&parts.uri.query()))
+            .and_then(|next| next.input(body))
+            .unwrap();
+        fingerprinter.finish()
+    }
+
+    #[test]
+    fn only_requests_with_a_media_type_or_coding_change_their_fingerprint() {
+        let endpoint = Endpoint::new("create_order");
+        let body = Bytes::from_static(br#"{"sku":"a"}"#);
+        let unchanged = [parts(&[("x-api-key", "c")])];
+        for parts in &unchanged {
+            let now = raw_fingerprint(&endpoint, parts, &body).unwrap();
+            assert_eq!(
+                now,
+                earlier_fingerprint(&endpoint, parts, &body),
+                "{:?}",
+                parts.headers
+            );
+        }
+        let changed = [
+            parts(&[("content-type", "application/json")]),
+            parts(&[("content-encoding", "gzip")]),
+        ];
+        for parts in &changed {
+            let now = raw_fingerprint(&endpoint, parts, &body).unwrap();
+            assert_ne!(
+                now,
+                earlier_fingerprint(&endpoint, parts, &body),
+                "{:?}",
+                parts.headers
+            );
+        }
+    }
 }

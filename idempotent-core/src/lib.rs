@@ -9,9 +9,11 @@
 //!
 //! # Quick start
 //!
-//! Mark the handler, then give the router an [`Idempotency`] layer, which
-//! names the store. The layer is required: without it, a keyed request to
-//! the handler gets a `500` problem that says to add it.
+//! Depend on the `idempotent-core` package (the `idempotent` package on
+//! crates.io is another project). Mark the handler, then give the router
+//! an [`Idempotency`] layer, which names the store. The layer is required:
+//! without it, a keyed request to the handler gets a `500` problem that
+//! says to add it.
 //!
 //! ```
 //! use axum::{Json, Router, extract::State, http::StatusCode, routing::post};
@@ -44,11 +46,25 @@
 //!     .layer(Idempotency::new(MemoryStore::new()));
 //! ```
 //!
+//! The types the handler takes through `Json`, `Form`, `Query` or `Path`
+//! implement `Serialize` as well as `Deserialize` (`NewPayment` above): the
+//! payload check hashes them through serde. The error type may be your
+//! own, as long as it implements `IntoResponse`; what is stored is the
+//! response, so an error that answers 400, 402, 404 or 422 is stored and
+//! replayed, and one that answers 5xx (or 408, 409, 429...) releases the
+//! key for a retry.
+//!
 //! The attribute's page lists its options (`ttl`, `lease`, `wait`,
 //! `scope`, `optional`, `skip`, `name`, `final_statuses`, ...) and the
 //! code it amounts to. Where no attribute fits, [`IdempotentRequest`]
 //! (in a handler) and [`IdempotentLayer`] (around any route) run the same
-//! engine.
+//! engine; both still need the [`Idempotency`] layer on the router.
+//!
+//! Handlers are tested through a `Router`, not called directly (the
+//! attribute changes the routed function's arguments): with the `test-util`
+//! feature, `testing::MockStore::layer` gives the router an [`Idempotency`]
+//! layer on a store with a manual clock, an operation log and injected
+//! faults.
 //!
 //! Outcomes and failures are `tracing` events: a span `idempotent` per
 //! keyed request, and an `outcome` field on each event. Nothing is printed

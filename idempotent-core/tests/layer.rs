@@ -709,3 +709,100 @@ async fn over_http1_a_keyed_get_and_head_replay_with_the_bodys_length() {
     }
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
+
+/// Headers given to one request, in order (a name may come twice).
+type Headers = &'static [(&'static str, &'static str)];
+
+/// The answer to a retry of `{"sku":"a"}` under the first request's key,
+/// sent first with `first`'s headers and then with `retry`'s: its status,
+/// whether it was a replay, its body, and how often the handler ran.
+async fn retried_with(first: Headers, retry: Headers) -> (StatusCode, bool, String, usize) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = app(&runs, layer());
+    let with = |headers: Headers| {
+        let mut request = order("/orders", "k", r#"{"sku":"a"}"#);
+        for &(name, value) in headers {
+            let value = http::HeaderValue::from_static(value);
+            request.headers_mut().append(name, value);
+        }
+        request
+    };
+    let (status, _, _) = send(&app, with(first)).await;
+    assert_eq!(status, StatusCode::CREATED, "{first:?}");
+    let (status, headers, body) = send(&app, with(retry)).await;
+    let replayed = headers.contains_key("idempotent-replayed");
+    (status, replayed, body, runs.load(Ordering::SeqCst))
+}
+
+async fn assert_refused(first: Headers, retry: Headers) {
+    let (status, replayed, body, runs) = retried_with(first, retry).await;
+    assert_eq!(
+        (status, replayed, runs),
+        (StatusCode::UNPROCESSABLE_ENTITY, false, 1),
+        "{first:?} then {retry:?}: {body}"
+    );
+    assert!(body.contains("urn:idempotent:key-reused"), "{body}");
+}
+
+async fn assert_replayed(first: Headers, retry: Headers) {
+    let (status, replayed, body, runs) = retried_with(first, retry).await;
+    assert_eq!(
+        (status, replayed, runs),
+        (StatusCode::CREATED, true, 1),
+        "{first:?} then {retry:?}: {body}"
+    );
+}
+
+#[tokio::test]
+async fn the_same_bytes_as_another_media_type_are_another_request() {
+    let json: Headers = &[("content-type", "application/json")];
+    assert_refused(
+        json,
+        &[("content-type", "application/x-www-form-urlencoded")],
+    )
+    .await;
+    assert_refused(json, &[("content-type", "text/plain")]).await;
+    // A handler that reads the body whatever its type still may not.
+    assert_refused(&[], json).await;
+    assert_refused(json, &[]).await;
+}
+
+#[tokio::test]
+async fn another_charset_or_parameter_value_is_another_request() {
+    let utf8: Headers = &[("content-type", "text/plain; charset=utf-8")];
+    assert_refused(utf8, &[("content-type", "text/plain; charset=iso-8859-1")]).await;
+    assert_refused(utf8, &[("content-type", "text/plain")]).await;
+    assert_refused(
+        &[("content-type", "multipart/form-data; boundary=x")],
+        &[("content-type", "multipart/form-data; boundary=X")],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn another_content_coding_is_another_request() {
+    let gzip: Headers = &[("content-encoding", "gzip")];
+    assert_refused(&[], gzip).await;
+    assert_refused(gzip, &[("content-encoding", "deflate")]).await;
+    assert_refused(
+        &[("content-encoding", "gzip, br")],
+        &[("content-encoding", "br, gzip")],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_retry_with_the_first_attempts_headers_replays() {
+    let sent: [Headers; 3] = [
+        &[("content-type", "text/plain; charset=utf-8")],
+        &[("content-type", "multipart/form-data; boundary=x")],
+        &[
+            ("content-type", "application/json"),
+            ("content-encoding", "gzip"),
+            ("content-encoding", "br"),
+        ],
+    ];
+    for headers in sent {
+        assert_replayed(headers, headers).await;
+    }
+}
