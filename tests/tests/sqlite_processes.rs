@@ -27,6 +27,9 @@ const NO_WAIT: Endpoint = Endpoint::new("no_wait")
     .scope(Scope::Global)
     .lease(Duration::from_secs(10));
 
+/// How long the storm's engine waits for a store call.
+const STORM_STORE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The lease of the claim a killed child leaves behind.
 const SHORT_LEASE: Duration = Duration::from_secs(3);
 
@@ -72,6 +75,14 @@ async fn storm(app: &Router, keys: usize, copies: usize) -> BTreeMap<String, usi
                 let reply = pay(&app, &format!("key-{key}"), 1).await;
                 match reply.status {
                     _ if reply.replayed() => "replay".to_owned(),
+                    // The problem's type says which failure it was.
+                    status if status.is_server_error() => {
+                        format!(
+                            "{} {}",
+                            status.as_u16(),
+                            String::from_utf8_lossy(&reply.body)
+                        )
+                    }
                     status => status.as_u16().to_string(),
                 }
             });
@@ -108,7 +119,15 @@ async fn child() {
             let app = axum::Router::new()
                 .route("/payments", axum::routing::post(handler))
                 .with_state(Runs(runs))
-                .layer(Idempotency::new(store));
+                .layer(
+                    // Past the store's own bounds (a 5 s busy timeout, a
+                    // 30 s wait for a connection), so a 5xx is then the
+                    // store's failure under contention, never 400 requests
+                    // on a loaded machine outlasting the default 2 s.
+                    Idempotency::builder(store)
+                        .store_timeout(STORM_STORE_TIMEOUT)
+                        .build(),
+                );
             println!("\nCOUNTS {:?}", storm(&app, 50, 4).await);
         }
         "claim-and-hang" => {

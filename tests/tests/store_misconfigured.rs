@@ -835,12 +835,38 @@ impl Drop for Unwritable {
     }
 }
 
-/// A migrated database at `file`, its pool closed (its `-wal` and `-shm`
-/// files gone with it).
-async fn migrated_sqlite(file: &Path) {
-    let store = SqliteStore::open(file).await.expect("open");
+/// A copy at `file` of a database migrated elsewhere, as a file copied
+/// there would be: out of WAL mode, with no connection to it open and no
+/// `-wal` or `-shm` file beside it. Not the migrated file itself once its
+/// pool is closed: sqlx's `Pool::close` may return while a connection of
+/// the pool is still closing, and that connection, still open, keeps the
+/// WAL files and lets a later connection write through them.
+async fn copied_sqlite(file: &Path) {
+    let source = TempDir::new();
+    let store = SqliteStore::open(source.path().join("records.db"))
+        .await
+        .expect("open");
     store.migrate().await.expect("migrate");
-    store.pool().close().await;
+    sqlx::query("VACUUM INTO ?1")
+        .bind(file.display().to_string())
+        .execute(store.pool())
+        .await
+        .expect("copy the database");
+}
+
+/// A migrated database at `file` in WAL mode, as the store leaves it, its
+/// connections closed (its `-wal` and `-shm` files gone with them): one
+/// connection, which `close` closes before it returns.
+async fn migrated_sqlite(file: &Path) {
+    copied_sqlite(file).await;
+    let mut connection = SqliteConnection::connect(&format!("sqlite://{}", file.display()))
+        .await
+        .expect("open the copy");
+    sqlx::raw_sql("PRAGMA journal_mode = WAL")
+        .execute(&mut connection)
+        .await
+        .expect("enter WAL mode");
+    connection.close().await.expect("close");
 }
 
 /// The store's first failure on `file`: at open, or at its first claim.
@@ -884,17 +910,7 @@ async fn a_sqlite_file_the_process_may_not_write_is_named() {
 async fn a_sqlite_directory_the_process_may_not_write_is_named() {
     let dir = TempDir::new();
     let file = dir.path().join("records.db");
-    migrated_sqlite(&file).await;
-    // As a file copied there would be: out of WAL mode, without the
-    // `-wal` and `-shm` files that WAL mode keeps beside it.
-    let mut connection = SqliteConnection::connect(&format!("sqlite://{}", file.display()))
-        .await
-        .expect("open the file");
-    sqlx::raw_sql("PRAGMA journal_mode = DELETE")
-        .execute(&mut connection)
-        .await
-        .expect("leave WAL mode");
-    connection.close().await.expect("close");
+    copied_sqlite(&file).await;
     let Some(unwritable) = Unwritable::new(dir.path()) else {
         return;
     };

@@ -727,3 +727,100 @@ async fn the_wal_file_shrinks_back_after_a_long_reader() {
     let left = wal_len(&db);
     assert!(left <= 16 << 20, "the WAL file stayed at {left} bytes");
 }
+
+impl TempDb {
+    /// Removes the file and its WAL files, as a cleanup script, or a
+    /// deploy that lays the directory out anew, would under a running
+    /// service.
+    fn remove_files(&self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut path = self.0.clone().into_os_string();
+            path.push(suffix);
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A key of a store that `running` and `started_after` share: the one
+/// started after takes it first, and the running one must not take it
+/// again. The running one's refusal.
+async fn taken_by_both(running: &SqliteStore, started_after: &SqliteStore) -> String {
+    use idempotent_core::fingerprint::Fingerprint;
+    use idempotent_core::record::Claim;
+    use idempotent_core::store::{Store, StoreError};
+
+    let key = record_key("one-run");
+    let fingerprint = Fingerprint::from_bytes([4; 32]);
+    let lease = Duration::from_secs(60);
+    let first = started_after.claim(&key, fingerprint, lease).await;
+    assert!(matches!(first, Ok(Claim::Acquired(_))), "{first:?}");
+    let second = running.claim(&key, fingerprint, lease).await;
+    match second {
+        Err(error @ StoreError::Misconfigured(_)) => error.to_string(),
+        other => panic!("the key was taken in both files: {other:?}"),
+    }
+}
+
+/// A running store that has used its file: its connections are open.
+async fn running_store(db: &TempDb) -> SqliteStore {
+    running_store_on(db.open().await).await
+}
+
+/// `store`, once it has used its file.
+async fn running_store_on(store: SqliteStore) -> SqliteStore {
+    use idempotent_core::fingerprint::Fingerprint;
+    use idempotent_core::store::Store;
+
+    let key = record_key("before");
+    let fingerprint = Fingerprint::from_bytes([4; 32]);
+    store
+        .claim(&key, fingerprint, Duration::from_secs(60))
+        .await
+        .expect("claim");
+    store
+}
+
+/// The database file deleted under a running service: SQLite in WAL mode
+/// goes on reading and writing the deleted file, which no process that
+/// opens the path sees, while the next one to start (or a new connection
+/// of the pool) creates a new file there. A key would be taken in each
+/// file, and run twice. The running store stops instead, and says why.
+#[tokio::test]
+async fn a_database_file_deleted_under_the_store_is_not_used_on() {
+    let db = TempDb::new();
+    let running = running_store(&db).await;
+    db.remove_files();
+    let started_after = db.open().await;
+    let refused = taken_by_both(&running, &started_after).await;
+    assert!(
+        refused.contains(&db.0.display().to_string()) && refused.contains("deleted or replaced"),
+        "{refused}"
+    );
+}
+
+/// The database file replaced under a running service (a backup restored
+/// by moving it into place): the running store would go on with the old
+/// file and a process started after it with the new one.
+#[tokio::test]
+async fn a_database_file_replaced_under_the_store_is_not_used_on() {
+    let db = TempDb::new();
+    let opened = db.open().await;
+    // Built on a pool of the service's own, the store learns its file at
+    // its first claim.
+    let running = SqliteStore::builder(opened.pool().clone())
+        .build()
+        .expect("valid table name");
+    let running = running_store_on(running).await;
+    let backup = TempDb::new();
+    let source = backup.open().await;
+    sqlx::query("VACUUM INTO ?1")
+        .bind(format!("{}.restored", backup.0.display()))
+        .execute(source.pool())
+        .await
+        .expect("back up");
+    db.remove_files();
+    std::fs::rename(format!("{}.restored", backup.0.display()), &db.0).expect("restore");
+    let started_after = db.open().await;
+    let refused = taken_by_both(&running, &started_after).await;
+    assert!(refused.contains("deleted or replaced"), "{refused}");
+}

@@ -19,10 +19,16 @@
 //! with no live record is claimed, by one `INSERT ... ON CONFLICT DO UPDATE
 //! ... WHERE` the row's deadline passed, so that SQLite's write lock is held
 //! for that statement alone.
+//!
+//! The file must stay where it is while the store runs. One deleted or
+//! replaced under it (a cleanup script, a backup restored by moving it into
+//! place) is still read and written by the connections SQLite has open,
+//! while a process that opens the path uses another: the store then refuses
+//! every operation ([`StoreError::Misconfigured`]) until it is restarted.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -86,6 +92,9 @@ struct Inner {
     /// Claims run on tasks of their own, and releases of those nobody
     /// waits for, for [`Store::settle`].
     background: TaskTracker,
+    /// The file the connections opened; `None` inside for an in-memory
+    /// database. Learnt at the first operation of a store built on a pool.
+    file: OnceLock<Option<DatabaseFile>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -135,6 +144,7 @@ impl SqliteStoreBuilder {
                 table: self.table,
                 sql,
                 background: TaskTracker::new(),
+                file: OnceLock::new(),
             }),
         })
     }
@@ -187,10 +197,10 @@ impl SqliteStore {
             .synchronous(SYNCHRONOUS)
             .pragma("journal_size_limit", JOURNAL_SIZE_LIMIT.to_string())
             .busy_timeout(BUSY_TIMEOUT);
-        let in_memory = while_busy(|| is_in_memory(&options))
+        let main_file = while_busy(|| main_file(&options))
             .await
             .map_err(|error| open_error(error, &file))?;
-        let pool_options = if in_memory {
+        let pool_options = if main_file.is_none() {
             // Each connection to `:memory:` opens a database of its own,
             // and a shared one (`sqlite::memory:`) is dropped with its last
             // connection: one connection, never closed, is the database.
@@ -206,7 +216,10 @@ impl SqliteStore {
         let pool = while_busy(connect)
             .await
             .map_err(|error| open_error(error, &file))?;
-        Self::builder(pool).build().map_err(StoreError::backend)
+        let store = Self::builder(pool).build().map_err(StoreError::backend)?;
+        let opened = main_file.and_then(|path| DatabaseFile::at(&path).ok());
+        let _ = store.inner.file.set(opened);
+        Ok(store)
     }
 
     /// Starts building a store on `pool`.
@@ -319,6 +332,7 @@ impl SqliteStore {
     /// # Errors
     /// The database failed.
     pub async fn purge_expired(&self) -> Result<u64, StoreError> {
+        self.check_file().await?;
         let now = to_sql_millis(self.inner.clock.now_millis());
         sql::purge_in_batches(|| async move {
             let deleted = sqlx::query(&self.inner.sql.purge)
@@ -342,6 +356,33 @@ impl SqliteStore {
         self.inner.clock.now_millis()
     }
 
+    /// Refuses to go on once the file the connections opened is no longer
+    /// at its path (deleted, or replaced by a restored backup): SQLite in
+    /// WAL mode goes on reading and writing the old file without a word,
+    /// while a process that opens the path, or a new connection of the
+    /// pool, uses another, and a key would run once in each. One `stat`
+    /// per operation, as SQLite itself does before each write out of WAL
+    /// mode.
+    async fn check_file(&self) -> Result<(), StoreError> {
+        let opened = match self.inner.file.get() {
+            Some(opened) => opened,
+            None => {
+                // The statement that follows says what is wrong.
+                let Ok(path) = main_file_of(&self.inner.pool).await else {
+                    return Ok(());
+                };
+                let opened = path.and_then(|path| DatabaseFile::at(&path).ok());
+                self.inner.file.get_or_init(|| opened)
+            }
+        };
+        match opened {
+            Some(file) if !file.is_in_place() => Err(StoreError::misconfigured(FileMoved {
+                path: file.path.display().to_string(),
+            })),
+            _ => Ok(()),
+        }
+    }
+
     /// Inserts the claim, or takes over a row whose deadline passed:
     /// `false` when the key has a live record. One statement, so SQLite's
     /// write lock is held only while it runs, not across the round trips
@@ -353,6 +394,7 @@ impl SqliteStore {
         lease: Duration,
         token: LeaseToken,
     ) -> Result<bool, StoreError> {
+        self.check_file().await?;
         let now = self.now();
         let written = sqlx::query(&self.inner.sql.claim)
             .bind(key.scope.as_bytes().as_slice())
@@ -557,16 +599,76 @@ fn statement_error(error: sqlx::Error, path: &str) -> StoreError {
 /// file at its `max_page_count`.
 const DISK_FULL: &str = "the database file cannot grow: free space on the disk that holds it (or raise its `max_page_count`, if one is set)";
 
-/// Whether `options` open an in-memory database, as SQLite itself says:
-/// one without a file (`:memory:`, `sqlite::memory:`, `mode=memory`).
-async fn is_in_memory(options: &SqliteConnectOptions) -> Result<bool, sqlx::Error> {
+/// The file `options` open, as SQLite itself names it (a full path);
+/// `None` for an in-memory database, one without a file (`:memory:`,
+/// `sqlite::memory:`, `mode=memory`).
+async fn main_file(options: &SqliteConnectOptions) -> Result<Option<PathBuf>, sqlx::Error> {
     let mut connection = SqliteConnection::connect_with(options).await?;
+    let file = main_file_of(&mut connection).await?;
+    connection.close().await?;
+    Ok(file)
+}
+
+/// The file of the main database of whatever `executor` runs on.
+async fn main_file_of<'e>(
+    executor: impl sqlx::SqliteExecutor<'e>,
+) -> Result<Option<PathBuf>, sqlx::Error> {
     let file: String =
         sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
-            .fetch_one(&mut connection)
+            .fetch_one(executor)
             .await?;
-    connection.close().await?;
-    Ok(file.is_empty())
+    Ok((!file.is_empty()).then(|| PathBuf::from(file)))
+}
+
+/// A database file, told apart from whatever is at its path later.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DatabaseFile {
+    path: PathBuf,
+    /// The device and inode numbers, where the platform has them.
+    identity: Option<(u64, u64)>,
+}
+
+impl DatabaseFile {
+    /// The file at `path` now.
+    fn at(path: &Path) -> std::io::Result<Self> {
+        let metadata = std::fs::metadata(path)?;
+        Ok(Self {
+            path: path.to_owned(),
+            identity: identity(&metadata),
+        })
+    }
+
+    /// Whether `path` still names this file. A path that cannot be looked
+    /// at for another reason than its absence (a directory the process may
+    /// not search) is given the benefit of the doubt: the statements say
+    /// what is wrong with it.
+    fn is_in_place(&self) -> bool {
+        match Self::at(&self.path) {
+            Ok(now) => now == *self,
+            Err(error) => error.kind() != std::io::ErrorKind::NotFound,
+        }
+    }
+}
+
+#[cfg(unix)]
+fn identity(metadata: &std::fs::Metadata) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    Some((metadata.dev(), metadata.ino()))
+}
+
+#[cfg(not(unix))]
+fn identity(_: &std::fs::Metadata) -> Option<(u64, u64)> {
+    None
+}
+
+/// The database file was deleted, renamed or replaced while the store had
+/// it open.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the SQLite database `{path}` was deleted or replaced while the store had it open: its connections would go on with the old file, which a process that opens the path (one started since, or a new connection of this one) does not see, and each file would run a key once; restart every process that uses the file, after putting back the one it should use"
+)]
+struct FileMoved {
+    path: String,
 }
 
 /// Runs `operation` again while SQLite answers "database is locked" at
@@ -676,6 +778,7 @@ impl Store for SqliteStore {
         token: LeaseToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
+        self.check_file().await?;
         let expires_at = to_sql_millis(self.now().saturating_add(millis(lease)));
         let updated = sqlx::query(&self.inner.sql.renew)
             .bind(key.scope.as_bytes().as_slice())
@@ -695,6 +798,7 @@ impl Store for SqliteStore {
         response: StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
+        self.check_file().await?;
         let expires_at = self.now().saturating_add(millis(ttl));
         // The fingerprint column is authoritative; the blob's copy is blank.
         let mut record = Completed {
@@ -716,6 +820,7 @@ impl Store for SqliteStore {
     }
 
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+        self.check_file().await?;
         let deleted = sqlx::query(&self.inner.sql.release)
             .bind(key.scope.as_bytes().as_slice())
             .bind(key.key.as_str())
@@ -727,6 +832,7 @@ impl Store for SqliteStore {
     }
 
     async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        self.check_file().await?;
         let row = sqlx::query(&self.inner.sql.get)
             .bind(key.scope.as_bytes().as_slice())
             .bind(key.key.as_str())
