@@ -192,7 +192,7 @@ async fn a_postgres_role_without_connect_on_the_database_is_told_what_to_grant()
     assert_misconfigured(&error);
     assert_eq!(
         told,
-        format!("GRANT CONNECT ON DATABASE \"{database}\" TO {role}")
+        format!("GRANT CONNECT ON DATABASE \"{database}\" TO \"{role}\"")
     );
     granted.expect("the GRANT told runs");
     connected_after_grant.expect("the GRANT told lets the role connect");
@@ -296,7 +296,7 @@ async fn a_postgres_role_without_privileges_is_told_what_to_grant() {
     assert_says(
         &migrate_error,
         &[&format!(
-            "GRANT SELECT, INSERT, UPDATE, DELETE ON \"{table}\" TO {role}"
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON \"{table}\" TO \"{role}\""
         )],
     );
     assert_says(&claimed, &["grant SELECT, INSERT, UPDATE and DELETE"]);

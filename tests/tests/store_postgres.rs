@@ -1013,6 +1013,48 @@ async fn a_response_finished_after_the_sessions_were_ended_is_stored() {
     drop_table_on(admin.pool(), store.table()).await;
 }
 
+/// A claim, the statement that comes before anything runs, meets a kept
+/// connection that the server ended ("terminating connection due
+/// to administrator command", SQLSTATE 57P01, as a failover or a restart
+/// ends them): it runs again on the next connection, and acquires the key
+/// instead of answering 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_after_the_server_ended_its_connections_is_acquired() {
+    use std::str::FromStr;
+
+    let Some(url) = backend_url(URL) else { return };
+    let name = unique_name("idem_ended");
+    let options = sqlx::postgres::PgConnectOptions::from_str(&url)
+        .expect("valid URL")
+        .application_name(&name);
+    let connected = PostgresStore::connect_with(options).await.expect("connect");
+    let store = PostgresStore::builder(connected.pool().clone())
+        .table(unique_name("idem_test"))
+        .hold_connections(15)
+        .build()
+        .expect("valid table name");
+    store.migrate().await.expect("migrate");
+    warm_up(&store).await;
+    let admin = PostgresStore::connect(&url).await.expect("connect");
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(&name)
+    .fetch_all(admin.pool())
+    .await
+    .expect("end the connections");
+    let claimed = store
+        .claim(
+            &record_key("after-ended"),
+            Fingerprint::from_bytes([1; 32]),
+            STORE_TIMEOUT,
+        )
+        .await;
+    drop_table_on(admin.pool(), store.table()).await;
+    assert!(ended.len() > 1, "ended {} connections", ended.len());
+    assert!(matches!(claimed, Ok(Claim::Acquired(_))), "{claimed:?}");
+}
+
 /// A row that does not hold a valid record is a codec error ("a stored
 /// record could not be decoded"), as an undecodable value is in the other
 /// stores, not a failure of the database.

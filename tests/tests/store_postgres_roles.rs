@@ -8,11 +8,12 @@ mod store_support;
 use std::future::Future;
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::http::StatusCode;
 use idempotent_core::clock::ManualClock;
 use idempotent_core::fingerprint::Fingerprint;
 use idempotent_core::key::IdempotencyKey;
-use idempotent_core::record::{Claim, RecordKey};
+use idempotent_core::record::{Claim, Record, RecordKey, StoredResponse};
 use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{PostgresStore, Store, StoreError};
 use idempotent_core::testing::contract;
@@ -82,21 +83,21 @@ impl Setup {
                 run(&admin, &migration).await;
                 run(
                     &admin,
-                    &format!("GRANT {privileges} ON {table_name} TO {role}"),
+                    &format!("GRANT {privileges} ON {table_name} TO \"{role}\""),
                 )
                 .await;
             }
             Table::WithoutIndex => {
                 let create_table = &migration[..migration.find("CREATE INDEX").expect("an index")];
                 run(&admin, create_table).await;
-                let grant = format!("GRANT {ROW_PRIVILEGES} ON {table_name} TO {role}");
+                let grant = format!("GRANT {ROW_PRIVILEGES} ON {table_name} TO \"{role}\"");
                 run(&admin, &grant).await;
             }
             Table::InSchemaWithoutUsage => {
                 let schema = schema.as_deref().expect("a schema");
                 run(&admin, &format!("CREATE SCHEMA {schema}")).await;
                 run(&admin, &migration).await;
-                let grant = format!("GRANT {ROW_PRIVILEGES} ON {table_name} TO {role}");
+                let grant = format!("GRANT {ROW_PRIVILEGES} ON {table_name} TO \"{role}\"");
                 run(&admin, &grant).await;
             }
             Table::ReservedWordInSchemaWithoutGrants => {
@@ -283,7 +284,7 @@ async fn a_role_lacking_row_privileges_is_told_which_to_grant_by_migrate() {
         &[
             &format!("the role `{role}` may not use the table `{table}`"),
             "lacks UPDATE, DELETE",
-            &format!("GRANT SELECT, INSERT, UPDATE, DELETE ON \"{table}\" TO {role}"),
+            &format!("GRANT SELECT, INSERT, UPDATE, DELETE ON \"{table}\" TO \"{role}\""),
         ],
     );
 }
@@ -340,7 +341,7 @@ async fn a_role_without_usage_on_the_tables_schema_is_told_to_grant_usage() {
     assert!(!error.contains("CREATE"), "{error}");
     assert_eq!(
         granted,
-        format!("GRANT USAGE ON SCHEMA \"{schema}\" TO {role}")
+        format!("GRANT USAGE ON SCHEMA \"{schema}\" TO \"{role}\"")
     );
     migrated_after_grant.expect("the suggested GRANT is all the role lacked");
     let claimed = claimed.expect_err("the role may not use the schema");
@@ -386,8 +387,8 @@ async fn the_grants_suggested_for_a_table_named_with_a_reserved_word_run() {
     assert_eq!(
         suggested,
         [
-            format!("GRANT USAGE ON SCHEMA \"{schema}\" TO {role}"),
-            format!("GRANT SELECT, INSERT, UPDATE, DELETE ON \"{schema}\".\"order\" TO {role}"),
+            format!("GRANT USAGE ON SCHEMA \"{schema}\" TO \"{role}\""),
+            format!("GRANT SELECT, INSERT, UPDATE, DELETE ON \"{schema}\".\"order\" TO \"{role}\""),
         ]
     );
 }
@@ -457,7 +458,7 @@ async fn a_role_whose_transactions_are_read_only_is_told_so() {
     assert_says(&error.to_string(), &["transactions are read-only"]);
     assert_eq!(
         suggested,
-        format!("ALTER ROLE {role} SET default_transaction_read_only = off")
+        format!("ALTER ROLE \"{role}\" SET default_transaction_read_only = off")
     );
     let claimed = claimed.expect_err("the role takes no writes");
     assert!(matches!(claimed, StoreError::Backend(_)), "{claimed:?}");
@@ -474,8 +475,9 @@ async fn a_role_whose_transactions_are_read_only_is_told_so() {
     assert!(matches!(fixed, Claim::Acquired(_)));
 }
 
-/// How many connections the failover test's pool opens: all of them
-/// read-only before the role's setting flips.
+/// How many connections the failover tests' pools open: all of them
+/// read-only before the role's setting flips. The store keeps one (half
+/// the pool); the other waits idle in the pool.
 const FAILOVER_POOL_SIZE: u32 = 2;
 
 /// A pool of `size` connections as `role`, every one of them open: the
@@ -503,70 +505,128 @@ async fn opened_pool(url: &str, role: &str, size: u32) -> (PgPool, Vec<String>) 
     (pool, read_only)
 }
 
-/// After a failover the old primary comes back as a hot standby, and the
-/// store's connections to it answered every write with "cannot execute
-/// INSERT in a read-only transaction" (SQLSTATE 25006). Each went back to
-/// the pool (or stayed kept), so requests failed with 503s until the pool
-/// retired the connection, 30 minutes later by default, even once new
-/// connections reached the new primary. Here every connection of the pool
-/// is a read-only session of a role whose new sessions may write: each
-/// fails one claim and is closed, and the next claim on a new connection
-/// is acquired.
+/// A store on `table` as `role` that lived through a failover: every
+/// connection of its pool was opened to "the old primary" (opened as the
+/// role while its transactions were read-only), one of them kept by the
+/// store after a read, the other idle in the pool; then the role's new
+/// connections were made writable (connections opened now reach "the new
+/// primary"). Hands back the store, its pool, and whether each connection
+/// began read-only; or what failed.
+async fn store_after_a_failover(
+    url: &str,
+    admin: &PgPool,
+    role: &str,
+    table: &str,
+) -> Result<(PostgresStore, PgPool, Vec<String>), String> {
+    try_run(
+        admin,
+        &format!("ALTER ROLE {role} SET default_transaction_read_only = on"),
+    )
+    .await?;
+    let (pool, began_read_only) = opened_pool(url, role, FAILOVER_POOL_SIZE).await;
+    let store = PostgresStore::builder(pool.clone())
+        .table(table)
+        .build()
+        .expect("valid table name");
+    // A read runs on a read-only connection: the store keeps it.
+    let read = store.get(&record_key("k")).await;
+    let flipped = try_run(
+        admin,
+        &format!("ALTER ROLE \"{role}\" SET default_transaction_read_only = off"),
+    )
+    .await;
+    if let Err(error) = read.map_err(|error| error.to_string()).and(flipped) {
+        pool.close().await;
+        return Err(error);
+    }
+    Ok((store, pool, began_read_only))
+}
+
+/// After a failover the old primary comes back as a hot standby (or is
+/// fenced read-only), and a connection the store opened to it answers
+/// every write with "cannot execute INSERT in a read-only transaction"
+/// (SQLSTATE 25006). The store closed it, but the claim that met it
+/// failed with a 503, and so did one claim for each other connection
+/// opened before the failover, kept or idle in the pool. The server
+/// applied nothing of a statement it refused so: the claim now runs once
+/// more, after the connections idle beside it were closed too, on a new
+/// connection, and acquires the key, with its own token.
 #[tokio::test]
-async fn connections_to_a_server_that_turned_read_only_are_closed_not_reused() {
+async fn a_claim_that_meets_a_server_turned_read_only_is_acquired_on_a_new_connection() {
     let Some(url) = backend_url(URL) else { return };
     let privileges = ROW_PRIVILEGES;
     let setup = Setup::new(&url, Table::Migrated { privileges }).await;
     let (role, table, admin) = (setup.role.clone(), setup.table.clone(), setup.admin.clone());
-    let read_only = format!("ALTER ROLE {role} SET default_transaction_read_only = on");
-    let writable = format!("ALTER ROLE {role} SET default_transaction_read_only = off");
-    let (sessions, claims) = setup
+    let outcome = setup
         .around(async move {
-            if let Err(error) = try_run(&admin, &read_only).await {
-                return (vec![error], Vec::new());
-            }
-            let (pool, sessions) = opened_pool(&url, &role, FAILOVER_POOL_SIZE).await;
-            let store = PostgresStore::builder(pool.clone())
-                .table(table.as_str())
-                .build()
-                .expect("valid table name");
-            let mut claims = Vec::new();
-            // While every connection is read-only: one claim keeps its
-            // connection's place in the store, failed.
-            claims.push(claim(&store).await);
-            if let Err(error) = try_run(&admin, &writable).await {
-                pool.close().await;
-                return (vec![error], claims);
-            }
-            // One claim per connection opened read-only, and one more.
-            for _ in 0..=FAILOVER_POOL_SIZE {
-                claims.push(claim(&store).await);
-            }
+            let (store, pool, began_read_only) =
+                store_after_a_failover(&url, &admin, &role, &table).await?;
+            let claimed = claim(&store).await;
+            let record = store.get(&record_key("k")).await;
             pool.close().await;
-            (sessions, claims)
+            Ok::<_, String>((began_read_only, claimed, record))
         })
         .await;
+    let (began_read_only, claimed, record) = outcome.expect("set up the failover");
     assert_eq!(
-        sessions,
+        began_read_only,
         vec!["on"; FAILOVER_POOL_SIZE as usize],
         "every connection of the pool began read-only"
     );
-    let (failed, after) = claims.split_first().expect("a claim while read-only");
-    let failed = failed
-        .as_ref()
-        .expect_err("the role's sessions take no writes");
-    assert!(matches!(failed, StoreError::Backend(_)), "{failed:?}");
-    assert_says(&failed.to_string(), &["read-only transaction", "failover"]);
-    let acquired = after
-        .iter()
-        .position(|claimed| matches!(claimed, Ok(Claim::Acquired(_))));
-    assert!(
-        acquired.is_some(),
-        "a claim on a connection opened after the flip acquires the key; claims after it: {after:?}"
-    );
-    for claimed in &after[..acquired.unwrap_or(after.len())] {
-        let error = claimed.as_ref().expect_err("only read-only sessions fail");
-        assert_says(&error.to_string(), &["read-only transaction"]);
+    let Ok(Claim::Acquired(token)) = claimed else {
+        panic!("the first claim after the failover acquires the key: {claimed:?}");
+    };
+    match record.expect("read the record") {
+        Some(Record::InFlight(in_flight)) => assert_eq!(in_flight.lease_token, token),
+        other => panic!("the claim's own lease holds the key: {other:?}"),
+    }
+}
+
+/// A completion that meets a connection opened before a failover, to the
+/// old primary now read-only, failed: the response was not stored, and
+/// once the lease lapsed a retry ran the handler again. The completion is
+/// fenced by its token and clears it, so that run twice, the second finds
+/// no token and says the lease was lost; but a statement refused
+/// read-only was not applied, so that the second run is the only one. It
+/// stores the response.
+#[tokio::test]
+async fn a_completion_that_meets_a_server_turned_read_only_is_stored_on_a_new_connection() {
+    let Some(url) = backend_url(URL) else { return };
+    let privileges = ROW_PRIVILEGES;
+    let setup = Setup::new(&url, Table::Migrated { privileges }).await;
+    let (role, table, admin) = (setup.role.clone(), setup.table.clone(), setup.admin.clone());
+    let claimer = setup.store(ManualClock::starting_now());
+    let outcome = setup
+        .around(async move {
+            let (store, pool, _) = store_after_a_failover(&url, &admin, &role, &table).await?;
+            // Claimed on "the new primary", by an instance that reached it.
+            let claimed = claim(&claimer).await;
+            let Ok(Claim::Acquired(token)) = claimed else {
+                pool.close().await;
+                return Err(format!("claim on a writable connection: {claimed:?}"));
+            };
+            let response = StoredResponse {
+                status: StatusCode::CREATED,
+                headers: Vec::new(),
+                body: Some(Bytes::from_static(b"paid")),
+            };
+            let lease = Duration::from_secs(60);
+            let completed = store
+                .complete(&record_key("k"), token, response, lease)
+                .await;
+            let record = store.get(&record_key("k")).await;
+            pool.close().await;
+            Ok((completed, record))
+        })
+        .await;
+    let (completed, record) = outcome.expect("set up the failover");
+    completed.expect("the completion is stored on a new connection");
+    match record.expect("read the record") {
+        Some(Record::Completed(completed)) => {
+            assert_eq!(completed.response.status, StatusCode::CREATED);
+            assert_eq!(completed.response.body.as_deref(), Some(&b"paid"[..]));
+        }
+        other => panic!("the record is completed: {other:?}"),
     }
 }
 
@@ -671,4 +731,156 @@ fn migration_sql_refuses_what_the_builder_refuses() {
     );
     assert!(sql.contains("\"records_expires_at_idx\""), "{sql}");
     assert!(sql.contains("ON \"app\".\"records\" (expires_at)"), "{sql}");
+}
+
+/// `name` written as SQL text, always quoted: the tests' own statements
+/// need no judgment of which names may stand bare.
+fn quoted_name(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The SQL the store suggested named its role bare when the name was
+/// made of lowercase letters, digits and underscores, so that for a role
+/// named with a reserved word (`user`) the `GRANT ... TO user` was a
+/// syntax error. Each role here takes every suggestion the store makes,
+/// as an operator would paste it: `GRANT USAGE ON SCHEMA`, `GRANT ... ON`
+/// the table, `ALTER ROLE ... SET default_transaction_read_only = off`
+/// and `GRANT CONNECT ON DATABASE` (a database named with capitals and a
+/// dash); each runs, and is all the role lacked.
+#[tokio::test]
+async fn the_sql_suggested_for_roles_postgresql_reads_otherwise_unquoted_runs() {
+    let Some(url) = backend_url(URL) else { return };
+    let unique = unique_name("");
+    for role in [
+        "user".to_owned(),
+        format!("Mixed{unique}"),
+        format!("svc-payments{unique}"),
+    ] {
+        let cluster = PgPool::connect(&url)
+            .await
+            .expect("connect as the superuser");
+        run(
+            &cluster,
+            &format!("CREATE ROLE {} LOGIN", quoted_name(&role)),
+        )
+        .await;
+        let followed = follow_every_suggestion(&url, &cluster, &role).await;
+        let cleanup = format!(
+            "DROP OWNED BY {role}; DROP ROLE {role};",
+            role = quoted_name(&role)
+        );
+        run(&cluster, &cleanup).await;
+        cluster.close().await;
+        let suggested = followed.unwrap_or_else(|error| panic!("role `{role}`: {error}"));
+        let role_sql = quoted_name(&role);
+        assert_eq!(suggested.len(), 4, "role `{role}`: {suggested:?}");
+        for sql in &suggested {
+            assert!(sql.contains(&role_sql), "role `{role}` quoted: {sql}");
+        }
+    }
+}
+
+/// Makes `role`'s every problem the store names, in a database and a
+/// schema of its own, and runs each fix the store suggests as the
+/// superuser; hands back the suggested SQL, or what failed.
+async fn follow_every_suggestion(
+    url: &str,
+    cluster: &PgPool,
+    role: &str,
+) -> Result<Vec<String>, String> {
+    let database = format!("Db-{}", unique_name("role"));
+    let database_sql = quoted_name(&database);
+    try_run(cluster, &format!("CREATE DATABASE {database_sql}")).await?;
+    let revoked = format!("REVOKE CONNECT ON DATABASE {database_sql} FROM PUBLIC");
+    let mut suggested = Vec::new();
+    let followed = match try_run(cluster, &revoked).await {
+        Ok(()) => follow_in(url, &database, role, &mut suggested).await,
+        Err(error) => Err(error),
+    };
+    let dropped = format!("DROP DATABASE {database_sql} WITH (FORCE)");
+    try_run(cluster, &dropped).await?;
+    followed.map(|()| suggested)
+}
+
+/// [`follow_every_suggestion`] in `database`, pushing each suggestion to
+/// `suggested`.
+async fn follow_in(
+    url: &str,
+    database: &str,
+    role: &str,
+    suggested: &mut Vec<String>,
+) -> Result<(), String> {
+    let options: PgConnectOptions = url.parse().expect("valid URL");
+    let options = options.database(database);
+    let as_role = options.clone().username(role);
+    let fixed = |fix: String, suggested: &mut Vec<String>| {
+        suggested.push(fix.clone());
+        let options = options.clone();
+        async move {
+            let admin = PgPool::connect_with(options)
+                .await
+                .map_err(|error| error.to_string())?;
+            let ran = try_run(&admin, &fix).await;
+            admin.close().await;
+            ran
+        }
+    };
+    // CONNECT revoked from PUBLIC.
+    let Err(refused) = PostgresStore::connect_with(as_role.clone()).await else {
+        return Err("the role connected without CONNECT".to_owned());
+    };
+    fixed(suggested_sql(&refused.to_string()).to_owned(), suggested).await?;
+    let store = PostgresStore::connect_with(as_role.clone())
+        .await
+        .map_err(|error| format!("connect after the GRANT: {error}"))?;
+    // A table in a schema of its own, neither granted to the role.
+    let table = "app.records";
+    let admin = PgPool::connect_with(options.clone())
+        .await
+        .map_err(|error| error.to_string())?;
+    let migration = PostgresStore::migration_sql(table).expect("valid table name");
+    let made = try_run(&admin, &format!("CREATE SCHEMA app; {migration}")).await;
+    admin.close().await;
+    made?;
+    let store = PostgresStore::builder(store.pool().clone())
+        .table(table)
+        .build()
+        .expect("valid table name");
+    for _ in 0..2 {
+        let refused = store.migrate().await.expect_err("the role lacks a GRANT");
+        fixed(suggested_sql(&refused.to_string()).to_owned(), suggested).await?;
+    }
+    store.migrate().await.map_err(|error| error.to_string())?;
+    store.pool().close().await;
+    // Read-only transactions for the role.
+    let read_only = format!(
+        "ALTER ROLE {} SET default_transaction_read_only = on",
+        quoted_name(role)
+    );
+    fixed(read_only, &mut Vec::new()).await?;
+    let store = PostgresStore::builder(
+        PostgresStore::pool_options()
+            .connect_with(as_role.clone())
+            .await
+            .map_err(|error| error.to_string())?,
+    )
+    .table(table)
+    .build()
+    .expect("valid table name");
+    let refused = store
+        .migrate()
+        .await
+        .expect_err("the role's transactions are read-only");
+    store.pool().close().await;
+    fixed(suggested_sql(&refused.to_string()).to_owned(), suggested).await?;
+    let store = PostgresStore::connect_with(as_role)
+        .await
+        .map_err(|error| error.to_string())?;
+    let store = PostgresStore::builder(store.pool().clone())
+        .table(table)
+        .build()
+        .expect("valid table name");
+    let migrated = store.migrate().await.map_err(|error| error.to_string());
+    store.pool().close().await;
+    migrated
 }

@@ -34,6 +34,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow, Postgres};
 use sqlx::{Connection, Executor, Row};
 
 use self::connections::{Connections, Undo, close_if_stale, statement_error};
+use self::identifiers::quote_ident;
 use self::reachability::Patience;
 
 use super::sql::{self, DEFAULT_TABLE, InvalidTableName, from_sql_millis, to_sql_millis};
@@ -43,6 +44,7 @@ use crate::fingerprint::Fingerprint;
 use crate::record::{Claim, Completed, InFlight, LeaseToken, Record, RecordKey, StoredResponse};
 
 mod connections;
+mod identifiers;
 mod reachability;
 
 const SCHEMA: &str = include_str!("postgres/schema.sql");
@@ -83,6 +85,19 @@ fn is_rolled_back_race(error: &sqlx::Error) -> bool {
     matches!(sql::error_code(error).as_deref(), Some("40001" | "40P01"))
 }
 
+/// Whether the server refused the statement because the connection's
+/// transactions are read-only (SQLSTATE 25006): the old primary of a
+/// failover, now a standby or fenced with `default_transaction_read_only`,
+/// which the connection was opened to before the failover. PostgreSQL
+/// raises it before the statement writes anything, and the statement is
+/// its own transaction, rolled back with the error: nothing of it was
+/// applied, so that running it again, claim, take-over or completion
+/// alike, is as safe as the first time, and its outcome is the one that
+/// counts (unlike after a broken connection, see `held`).
+fn is_refused_read_only(error: &sqlx::Error) -> bool {
+    sql::error_code(error).as_deref() == Some("25006")
+}
+
 /// A random pause of up to 1 ms after the first race, doubling with each
 /// one after it up to 64 ms.
 fn race_pause(races: usize) -> Duration {
@@ -92,7 +107,8 @@ fn race_pause(races: usize) -> Duration {
 
 /// Runs `$statement` on a leased connection, and again on another while
 /// the one it ran on turns out broken, or while it is rolled back for
-/// racing a concurrent statement. Every statement here is safe to
+/// racing a concurrent statement, and once more on a new connection when
+/// the server took it read-only. Every statement here is safe to
 /// run twice: claims and take-overs carry the claim's token (a claim that
 /// finds its own token acquired the key), and the rest are fenced by it
 /// or only read. Evaluates to the outcome and, if a connection broke on
@@ -108,6 +124,7 @@ macro_rules! on_live_connection {
     ($store:expr, $patience:expr, $undo:expr, |$connection:ident| $statement:expr) => {{
         let mut broke: Option<StoreError> = None;
         let mut retries = 0;
+        let mut refused_read_only = false;
         loop {
             let mut lease = $store.inner.connections.lease($patience).await?;
             if let Some(undo) = $undo {
@@ -126,6 +143,18 @@ macro_rules! on_live_connection {
                     if broke.is_none() {
                         broke = failed.err();
                     }
+                }
+                // Once only: a server that stays read-only (a store
+                // pointed at a standby) costs each statement one more try,
+                // not one per connection.
+                Err(error) if !refused_read_only && is_refused_read_only(&error) => {
+                    refused_read_only = true;
+                    tracing::debug!(%error, "a PostgreSQL server took a statement read-only; trying a new connection");
+                    // Closed, as are the idle connections opened with
+                    // it: the next is a new one, which reaches the
+                    // primary once the failover is through.
+                    drop(lease.finish(Err::<(), _>(error)));
+                    $store.inner.connections.close_idle();
                 }
                 Err(error) if retries < BROKEN_CONNECTION_RETRIES && is_rolled_back_race(&error) => {
                     retries += 1;
@@ -165,6 +194,13 @@ macro_rules! on_live_connection {
 /// for the store timeout. Renewals, completions and releases wait for the
 /// server as before. A statement the pool has a connection ready for is
 /// not touched by any of this.
+///
+/// After a failover, connections opened to the old primary, now a standby
+/// or fenced read-only, are refused every write ("cannot execute ... in a
+/// read-only transaction"). The first statement to meet one closes it and
+/// every connection idle beside it, and runs once more on a new
+/// connection: such a refusal applied nothing, so that the statement runs
+/// once either way. A server that stays read-only answers 503.
 #[derive(Clone)]
 pub struct PostgresStore {
     inner: Arc<Inner>,
@@ -478,7 +514,8 @@ impl PostgresStore {
                 schema: schema.to_owned(),
                 schema_sql: sql::quoted(schema),
                 table: self.inner.table.clone(),
-                role: role_identifier(&role),
+                role_sql: quote_ident(&role),
+                role,
             })),
         }
     }
@@ -492,7 +529,8 @@ impl PostgresStore {
         Err(StoreError::misconfigured(TableNotPermitted {
             table: self.inner.table.clone(),
             table_sql: sql::quoted(&self.inner.table),
-            role: role_identifier(&existing.role),
+            role: existing.role.clone(),
+            role_sql: quote_ident(&existing.role),
             missing: existing.missing.join(", "),
         }))
     }
@@ -650,7 +688,7 @@ fn parse_url(url: &str) -> Result<PgConnectOptions, StoreError> {
 /// The first connection's failure, with the server, role and database
 /// it was for (never the password), and what to check.
 fn connect_error(cause: sqlx::Error, options: &PgConnectOptions) -> StoreError {
-    let role = role_identifier(options.get_username());
+    let role = quote_ident(options.get_username());
     let database = options.get_database().unwrap_or(options.get_username());
     let (fix, setup) = match sql::error_code(&cause).as_deref() {
         Some("3D000") => (
@@ -668,7 +706,7 @@ fn connect_error(cause: sqlx::Error, options: &PgConnectOptions) -> StoreError {
         Some("42501") => (
             format!(
                 "grant the role CONNECT on the database as its owner (`GRANT CONNECT ON DATABASE {} TO {role}`)",
-                role_identifier(database)
+                quote_ident(database)
             ),
             true,
         ),
@@ -761,12 +799,12 @@ fn schema_of(table: &str) -> &str {
 /// Refuses a server that takes no writes from the store's role, found by
 /// `migrate` on a table it would otherwise accept: every claim would fail.
 fn check_writable(existing: &Existing) -> Result<(), StoreError> {
-    let role = role_identifier(&existing.role);
+    let (role, role_sql) = (&existing.role, quote_ident(&existing.role));
     let why = match existing.writes {
         Writes::Taken => return Ok(()),
         Writes::Standby => "the server is a hot standby (in recovery), which takes no writes: connect the store to the primary".to_owned(),
         Writes::ReadOnly => format!(
-            "the role `{role}`'s transactions are read-only, as `default_transaction_read_only` is on for the role, its database or the server: turn it off for the store's role (`ALTER ROLE {role} SET default_transaction_read_only = off`), or connect to a server that takes writes"
+            "the role `{role}`'s transactions are read-only, as `default_transaction_read_only` is on for the role, its database or the server: turn it off for the store's role (`ALTER ROLE {role_sql} SET default_transaction_read_only = off`), or connect to a server that takes writes"
         ),
     };
     Err(StoreError::misconfigured(NotWritable(why)))
@@ -817,7 +855,7 @@ struct NotWritable(String);
 /// statement on the table needs.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "the role `{role}` may not use the schema `{schema}` of the table `{table}` (it lacks USAGE on it): grant it as the schema's owner (`GRANT USAGE ON SCHEMA {schema_sql} TO {role}`); the store's statements need it, and SELECT, INSERT, UPDATE and DELETE on the table"
+    "the role `{role}` may not use the schema `{schema}` of the table `{table}` (it lacks USAGE on it): grant it as the schema's owner (`GRANT USAGE ON SCHEMA {schema_sql} TO {role_sql}`); the store's statements need it, and SELECT, INSERT, UPDATE and DELETE on the table"
 )]
 struct SchemaNotPermitted {
     schema: String,
@@ -826,6 +864,8 @@ struct SchemaNotPermitted {
     schema_sql: String,
     table: String,
     role: String,
+    /// `role` as SQL text (see [`quote_ident`]).
+    role_sql: String,
 }
 
 impl Existing {
@@ -838,7 +878,7 @@ impl Existing {
 /// needs on it.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "the role `{role}` may not use the table `{table}` (it lacks {missing}): grant it the rows' privileges as the table's owner (`GRANT SELECT, INSERT, UPDATE, DELETE ON {table_sql} TO {role}`)"
+    "the role `{role}` may not use the table `{table}` (it lacks {missing}): grant it the rows' privileges as the table's owner (`GRANT SELECT, INSERT, UPDATE, DELETE ON {table_sql} TO {role_sql}`)"
 )]
 struct TableNotPermitted {
     table: String,
@@ -846,23 +886,9 @@ struct TableNotPermitted {
     /// [`SchemaNotPermitted::schema_sql`]).
     table_sql: String,
     role: String,
+    /// `role` as SQL text (see [`quote_ident`]).
+    role_sql: String,
     missing: String,
-}
-
-/// `role` as it must be written in SQL: as it is when PostgreSQL would
-/// read it back unchanged (lowercase letters, digits, underscores), else
-/// quoted, so that a suggested `GRANT` names this role (or database) and
-/// no other.
-fn role_identifier(role: &str) -> String {
-    let plain = role.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-        && role
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if plain {
-        role.to_owned()
-    } else {
-        format!("\"{}\"", role.replace('"', "\"\""))
-    }
 }
 
 fn index_name(table: &str) -> String {
@@ -1312,15 +1338,6 @@ mod tests {
                 "{code}: {error:?}"
             );
         }
-    }
-
-    #[test]
-    fn a_role_name_postgresql_would_fold_or_split_is_quoted_in_a_grant() {
-        assert_eq!(role_identifier("app_rw2"), "app_rw2");
-        assert_eq!(role_identifier("App"), "\"App\"");
-        assert_eq!(role_identifier("svc-payments"), "\"svc-payments\"");
-        assert_eq!(role_identifier("2fa"), "\"2fa\"");
-        assert_eq!(role_identifier("we\"ird"), "\"we\"\"ird\"");
     }
 
     /// Column values a damaged or hand-edited row may hold.

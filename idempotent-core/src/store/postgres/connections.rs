@@ -15,11 +15,13 @@
 //! whose future was dropped mid-statement (a timeout, a client gone), goes
 //! back to the sqlx pool, whose ping drains or discards it; one whose
 //! server took no more of its statements (read-only after a failover, or
-//! shutting down) is closed instead, as the ping would keep it. Kept
-//! connections also go back once idle for [`IDLE_RETURN`] or out for
-//! [`MAX_HOLD`], so a pool shared with the application gets them back after
-//! a burst and still sees every connection regularly (its lifetime limits
-//! apply), and all of them at once when the sqlx pool is closed.
+//! shutting down) is closed instead, as the ping would keep it; after a
+//! read-only refusal, so is every connection idle at the time, opened
+//! before the failover as that one was (see [`Connections::close_idle`]).
+//! Kept connections also go back once idle for [`IDLE_RETURN`] or out for
+//! [`MAX_HOLD`], so a pool shared with the application gets them back
+//! after a burst and still sees every connection regularly (its lifetime
+//! limits apply), and all of them at once when the sqlx pool is closed.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -167,6 +169,29 @@ impl Connections {
         // Set back by `finish`: a lease dropped before then is not reused.
         object.clean = false;
         Ok(lease(Leased::Kept(object)))
+    }
+
+    /// Closes every connection idle now, kept or in the sqlx pool, once one
+    /// has met a server that takes no writes (see [`close_if_stale`]):
+    /// they were opened before the failover as that one was, most likely
+    /// to the same server, and each would fail the next statement it
+    /// served. A statement run again after that meets a new connection,
+    /// unless another statement has just finished cleanly on one, which
+    /// then took writes. Connections in use are closed as their
+    /// statements fail.
+    pub(super) fn close_idle(&self) {
+        if let Some(kept) = &self.kept {
+            for mut idle in kept.pool.retain(|_, _| false).removed {
+                idle.connection.close_on_drop();
+            }
+        }
+        // `try_acquire` takes only idle connections, never opens one.
+        for _ in 0..self.pool.num_idle() {
+            let Some(mut idle) = self.pool.try_acquire() else {
+                break;
+            };
+            idle.close_on_drop();
+        }
     }
 }
 
