@@ -978,36 +978,48 @@ async fn a_response_finished_while_claims_fail_at_once_is_stored() {
     }
 }
 
-/// The same with no outage at all: the database ends the store's sessions
-/// (`pg_terminate_backend`, as an administrator, a pooler or
-/// `idle_session_timeout` would).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_response_finished_after_the_sessions_were_ended_is_stored() {
+/// A store on connections named `name` (their `application_name`), so
+/// that a test can end them all, keeping what `connect` keeps: 15 of its
+/// 16 connections.
+async fn store_named(url: &str, name: &str) -> PostgresStore {
     use std::str::FromStr;
 
-    let Some(url) = backend_url(URL) else { return };
-    let name = unique_name("idem_sessions");
-    let options = sqlx::postgres::PgConnectOptions::from_str(&url)
+    let options = sqlx::postgres::PgConnectOptions::from_str(url)
         .expect("valid URL")
-        .application_name(&name);
+        .application_name(name);
     let connected = PostgresStore::connect_with(options).await.expect("connect");
-    // Keeping what `connect` keeps: 15 of its 16 connections.
     let store = PostgresStore::builder(connected.pool().clone())
         .table(unique_name("idem_test"))
         .hold_connections(15)
         .build()
         .expect("valid table name");
     store.migrate().await.expect("migrate");
+    store
+}
+
+/// Ends every connection named `name` as an administrator, a pooler or
+/// `idle_session_timeout` would (`pg_terminate_backend`): how many.
+async fn end_connections(admin: &PostgresStore, name: &str) -> usize {
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(name)
+    .fetch_all(admin.pool())
+    .await
+    .expect("end the connections");
+    ended.len()
+}
+
+/// The same with no outage at all: the database ends the store's sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_finished_after_the_sessions_were_ended_is_stored() {
+    let Some(url) = backend_url(URL) else { return };
+    let name = unique_name("idem_sessions");
+    let store = store_named(&url, &name).await;
     let admin = PostgresStore::connect(&url).await.expect("connect");
     a_payment_survives(&store, async {
-        let ended: Vec<bool> = sqlx::query_scalar(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
-        )
-        .bind(&name)
-        .fetch_all(admin.pool())
-        .await
-        .expect("end the sessions");
-        assert!(ended.len() > 1, "ended {} sessions", ended.len());
+        let ended = end_connections(&admin, &name).await;
+        assert!(ended > 1, "ended {ended} sessions");
     })
     .await;
     drop_table_on(admin.pool(), store.table()).await;
@@ -1020,29 +1032,12 @@ async fn a_response_finished_after_the_sessions_were_ended_is_stored() {
 /// instead of answering 503.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_after_the_server_ended_its_connections_is_acquired() {
-    use std::str::FromStr;
-
     let Some(url) = backend_url(URL) else { return };
     let name = unique_name("idem_ended");
-    let options = sqlx::postgres::PgConnectOptions::from_str(&url)
-        .expect("valid URL")
-        .application_name(&name);
-    let connected = PostgresStore::connect_with(options).await.expect("connect");
-    let store = PostgresStore::builder(connected.pool().clone())
-        .table(unique_name("idem_test"))
-        .hold_connections(15)
-        .build()
-        .expect("valid table name");
-    store.migrate().await.expect("migrate");
+    let store = store_named(&url, &name).await;
     warm_up(&store).await;
     let admin = PostgresStore::connect(&url).await.expect("connect");
-    let ended: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
-    )
-    .bind(&name)
-    .fetch_all(admin.pool())
-    .await
-    .expect("end the connections");
+    let ended = end_connections(&admin, &name).await;
     let claimed = store
         .claim(
             &record_key("after-ended"),
@@ -1051,7 +1046,7 @@ async fn a_claim_after_the_server_ended_its_connections_is_acquired() {
         )
         .await;
     drop_table_on(admin.pool(), store.table()).await;
-    assert!(ended.len() > 1, "ended {} connections", ended.len());
+    assert!(ended > 1, "ended {ended} connections");
     assert!(matches!(claimed, Ok(Claim::Acquired(_))), "{claimed:?}");
 }
 
