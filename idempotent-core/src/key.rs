@@ -133,7 +133,7 @@ pub enum KeyError {
     /// The header appears more than once, or holds a list (a comma outside
     /// quotes), which is what a proxy makes of two fields.
     #[error(
-        "the Idempotency-Key header appears more than once, or holds a comma-separated list; send exactly one key"
+        "the Idempotency-Key header appears more than once, or holds a comma-separated list (which is what a proxy makes of two fields); send exactly one key, quoted if it contains a comma: `Idempotency-Key: \"a,b\"`"
     )]
     MultipleFields,
     /// The key is empty.
@@ -147,7 +147,8 @@ pub enum KeyError {
     },
     /// A character outside printable ASCII, or one the bare form does not allow.
     #[error(
-        "the Idempotency-Key header has a byte that is not allowed, 0x{byte:02x}, at offset {position} of its value (counting from 0); keys are printable ASCII, and a bare key may not contain spaces, '\"' or ','"
+        "the Idempotency-Key header has a byte that is not allowed, 0x{byte:02x}, at offset {position} of its value (counting from 0); {}",
+        character_advice(*.byte)
     )]
     InvalidCharacter {
         /// Zero-based byte offset in the header value.
@@ -158,6 +159,21 @@ pub enum KeyError {
     /// A quoted key without its closing quote, or with text after it.
     #[error("the quoted idempotency key is malformed: {0}")]
     MalformedString(&'static str),
+}
+
+/// What to do about `byte` in a key. A space or `"` is printable ASCII
+/// and only the bare form refuses it: saying that keys are printable
+/// ASCII would leave the client looking for a character that is not
+/// there, instead of quoting the key.
+fn character_advice(byte: u8) -> &'static str {
+    match byte {
+        b' ' | b'"' => {
+            "a bare key may not contain spaces or '\"'; send such a key quoted, as a structured-field string with '\"' and '\\' escaped by a '\\': `Idempotency-Key: \"a b\"`"
+        }
+        _ => {
+            "keys are printable ASCII (0x20 to 0x7e) only; send other text encoded, as hex or base64"
+        }
+    }
 }
 
 impl KeyError {

@@ -42,6 +42,16 @@
 //! Redis refuses writes instead, as in an outage: new claims get 503.
 //! [`RedisStore::connect`] logs a warning when the server has a memory
 //! limit and an evicting policy.
+//!
+//! # Persistence
+//!
+//! Records must outlive a Redis restart: use `appendonly yes`. A Redis
+//! that keeps nothing on disk forgets every claim and record when it
+//! restarts; retries of requests that ran then run again, and so do those
+//! of requests still running, beside them. Snapshots alone (`save`) lose
+//! what changed since the last one. [`RedisStore::connect`] logs a warning
+//! when the server keeps nothing on disk, and a completion that finds its
+//! claim gone (rather than taken over) logs one with the key.
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -101,14 +111,15 @@ return false
 ")
 });
 
-/// ARGV: token, new deadline (8 bytes), PX. Returns 1 if held. A renewal
-/// that arrives after a later one (sent first, held up on the way) leaves
-/// the later deadline. Either way Redis keeps the key for at least PX
+/// ARGV: token, new deadline (8 bytes), PX. Returns [`HELD`] if held. A
+/// renewal that arrives after a later one (sent first, held up on the way)
+/// leaves the later deadline. Either way Redis keeps the key for at least PX
 /// more: a deadline that does not move (the application's clock stepped
 /// back) must not leave the key to Redis's expiry while its holder runs.
 static RENEW: LazyLock<Script> = LazyLock::new(|| {
     lua(r"
 local held = redis.call('GET', KEYS[1])
+if not held then return -1 end
 if not holds(held, ARGV[1]) then return 0 end
 if millis(ARGV[2], 1) <= deadline(held) then
     if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then
@@ -122,11 +133,12 @@ return 1
 });
 
 /// ARGV: token, encoded completed record (fingerprint left blank), PX. The
-/// holder's fingerprint is spliced in from the in-flight value. Returns 1
-/// if held.
+/// holder's fingerprint is spliced in from the in-flight value. Returns
+/// [`HELD`] if held.
 static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
     lua(r"
 local held = redis.call('GET', KEYS[1])
+if not held then return -1 end
 if not holds(held, ARGV[1]) then return 0 end
 local record = string.sub(ARGV[2], 1, 1) .. string.sub(held, 2, 33) .. string.sub(ARGV[2], 34)
 redis.call('SET', KEYS[1], record, 'PX', ARGV[3])
@@ -134,13 +146,22 @@ return 1
 ")
 });
 
-/// ARGV: token. Returns 1 if held.
+/// ARGV: token. Returns [`HELD`] if held.
 static RELEASE: LazyLock<Script> = LazyLock::new(|| lua(RELEASE_BODY));
 const RELEASE_BODY: &str = r"
-if not holds(redis.call('GET', KEYS[1]), ARGV[1]) then return 0 end
+local held = redis.call('GET', KEYS[1])
+if not held then return -1 end
+if not holds(held, ARGV[1]) then return 0 end
 redis.call('DEL', KEYS[1])
 return 1
 ";
+
+/// What a fenced script (renew, complete, release) answers when the
+/// caller's token holds the key; `0` when another value holds it (another
+/// request's claim or record), [`GONE`] when nothing does.
+const HELD: i64 = 1;
+/// What a fenced script answers when the key holds nothing at all.
+const GONE: i64 = -1;
 
 fn lua(body: &str) -> Script {
     Script::new(&format!("{LUA_PRELUDE}{body}"))
@@ -227,7 +248,8 @@ impl RedisStore {
     /// instead of waiting. A single attempt to connect or answer is cut
     /// after one second. A warning is logged if the server may evict the
     /// store's keys: a full Redis that evicts may drop an in-flight claim,
-    /// and a retry of its request then runs beside it.
+    /// and a retry of its request then runs beside it. Another if it keeps
+    /// nothing on disk: a restart forgets every record.
     ///
     /// # Errors
     /// The URL is invalid, or the server cannot be reached now or refuses
@@ -253,6 +275,7 @@ impl RedisStore {
             .await
             .map_err(unreachable)?;
         warn_if_evicting(&mut manager).await;
+        warn_if_not_persisted(&mut manager, &server).await;
         Ok(Self::builder(manager).build())
     }
 }
@@ -384,16 +407,52 @@ async fn warn_if_evicting(connection: &mut impl ConnectionLike) {
 /// The eviction policy in `INFO memory`'s answer, if Redis evicts by it:
 /// `maxmemory` is set and the policy is not `noeviction`.
 fn evicting_policy(info: &str) -> Option<&str> {
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-            .map(str::trim)
-    };
-    let limited = field("maxmemory")
+    let limited = info_field(info, "maxmemory")
         .and_then(|limit| limit.parse::<u64>().ok())
         .is_some_and(|limit| limit > 0);
-    let policy = field("maxmemory_policy")?;
+    let policy = info_field(info, "maxmemory_policy")?;
     (limited && policy != "noeviction").then_some(policy)
+}
+
+/// The value of `name` in an `INFO` answer.
+fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+/// What a Redis that keeps nothing on disk does to the store, told when
+/// it connects.
+const NOT_PERSISTED: &str = "this Redis keeps nothing on disk (`appendonly no`, no `save` points): a restart forgets every record, and retries of requests that ran, or are running, run again; set `appendonly yes`";
+
+/// Warns when the server behind `connection` keeps nothing on disk: no
+/// append-only file and no snapshots. Nothing else shows it until Redis
+/// restarts, every claim and record is gone, and the handlers of retried
+/// requests run a second time (the in-flight ones' completions log it,
+/// too late). A server that refuses `INFO` or `CONFIG GET` (managed
+/// services, which keep their own copies) is not checked.
+async fn warn_if_not_persisted(connection: &mut impl ConnectionLike, server: &str) {
+    let info: Result<String, _> = redis::cmd("INFO")
+        .arg("persistence")
+        .query_async(connection)
+        .await;
+    if !info.ok().as_deref().is_some_and(appends_nothing) {
+        return;
+    }
+    let config: Result<std::collections::HashMap<String, String>, _> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("save")
+        .query_async(connection)
+        .await;
+    let snapshots = config.ok().and_then(|mut config| config.remove("save"));
+    if snapshots.is_some_and(|points| points.trim().is_empty()) {
+        tracing::warn!(server, "{NOT_PERSISTED}");
+    }
+}
+
+/// Whether `INFO persistence`'s answer says the append-only file is off.
+fn appends_nothing(info: &str) -> bool {
+    info_field(info, "aof_enabled") == Some("0")
 }
 
 impl<C> RedisStore<C> {
@@ -432,24 +491,36 @@ impl<C> RedisStore<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    /// Runs a fenced script; `1` means the token held the record.
+    /// Runs a fenced script: [`HELD`], [`GONE`] or `0` (held by another).
     async fn fenced(
         &self,
         redis_key: &str,
         invocation: redis::ScriptInvocation<'_>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<i64, StoreError> {
         let mut connection = self.connection.clone();
-        let held: i64 = invocation
+        invocation
             .invoke_async(&mut connection)
             .await
-            .map_err(|error| operation_error(error, redis_key))?;
-        if held == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::LeaseLost)
-        }
+            .map_err(|error| operation_error(error, redis_key))
     }
 }
+
+/// A fenced script's answer as the caller sees it: only [`HELD`] is a
+/// success.
+fn held(answer: i64) -> Result<(), StoreError> {
+    if answer == HELD {
+        Ok(())
+    } else {
+        Err(StoreError::LeaseLost)
+    }
+}
+
+/// Why a completion found its key empty. Nobody took the lease over (that
+/// leaves the other request's value): Redis dropped the claim, or let it
+/// expire long after its lease lapsed. Retries of the request run the
+/// handler again, and no other error says so: the engine reports a lost
+/// lease, which reads as a takeover.
+const GONE_AT_COMPLETION: &str = "the claim's record is gone from Redis, not taken over: Redis lost it (a restart without persistence, a flush, an eviction, a failover to a replica that had not received it) or its lease lapsed over a minute before; the response was not stored and a retry runs the handler again: give Redis persistence (`appendonly yes`) and `maxmemory-policy noeviction`";
 
 /// What a failed release of an [`Unanswered`] claim leaves behind.
 const UNRELEASED: &str =
@@ -595,7 +666,7 @@ where
             .arg(token.to_bytes().as_slice())
             .arg(deadline.to_be_bytes().as_slice())
             .arg(px(lease));
-        self.fenced(&redis_key, invocation).await
+        held(self.fenced(&redis_key, invocation).await?)
     }
 
     async fn complete(
@@ -618,14 +689,18 @@ where
             .arg(token.to_bytes().as_slice())
             .arg(record.encode().as_ref())
             .arg(px(ttl));
-        self.fenced(&redis_key, invocation).await
+        let answer = self.fenced(&redis_key, invocation).await?;
+        if answer == GONE {
+            tracing::warn!(key = %key.log_id(), "{GONE_AT_COMPLETION}");
+        }
+        held(answer)
     }
 
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
         let redis_key = self.redis_key(key);
         let mut invocation = RELEASE.key(&redis_key);
         invocation.arg(token.to_bytes().as_slice());
-        self.fenced(&redis_key, invocation).await
+        held(self.fenced(&redis_key, invocation).await?)
     }
 
     async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
@@ -757,6 +832,15 @@ mod tests {
         assert_eq!(evicting_policy(&info("1048576", "noeviction")), None);
         assert_eq!(evicting_policy(&info("0", "allkeys-lru")), None);
         assert_eq!(evicting_policy(""), None);
+    }
+
+    #[test]
+    fn only_an_append_only_file_turned_off_appends_nothing() {
+        let info =
+            |enabled: &str| format!("# Persistence\r\nloading:0\r\naof_enabled:{enabled}\r\n");
+        assert!(appends_nothing(&info("0")));
+        assert!(!appends_nothing(&info("1")));
+        assert!(!appends_nothing(""));
     }
 
     #[test]

@@ -6,7 +6,16 @@
 //! completion, release) goes to the durable store, which alone decides who
 //! holds a key. A cached record expires at its own `expires_at`, which is
 //! never later than the durable copy's, so the cache cannot replay a record
-//! the durable store has already forgotten.
+//! the durable store has already let expire.
+//!
+//! Nothing tells the cache of a record the durable store loses before its
+//! deadline: a Redis that restarts without persistence or evicts keys, a
+//! key an operator deletes so that a client may run a request again. Each
+//! instance that cached the record replays it until its deadline, while
+//! the others run the request again (and a request with another payload
+//! under that key runs on them, where the cache answers 422). Keep the
+//! durable store from losing records; delete a record by hand only with
+//! every instance restarted, or wait for its deadline.
 
 use std::sync::Arc;
 use std::time::Duration;
