@@ -438,7 +438,7 @@ impl Engine {
         );
         Problem::new(
             ProblemKind::RequestInProgress,
-            "the first request with this idempotency key is still being processed; retry after it completes",
+            "the first request with this idempotency key is still being processed; send it again with the same key after the Retry-After delay to get its response",
         )
         .retry_after(RETRY_AFTER_SECS)
         .into_response()
