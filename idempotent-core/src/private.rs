@@ -216,6 +216,27 @@ pub fn fingerprint_input<T: FingerprintInput + ?Sized>(
     input.fingerprint_into(fingerprinter)
 }
 
+/// The payload of a fingerprinted `Json<T>`, `Form<T>`, `Query<T>` or
+/// `Path<T>`, which must be `Serialize`. Every `Serialize` type implements
+/// it, so it asks for nothing more; it exists for its message: when the
+/// bound that failed is on the same type as the one asked for, rustc
+/// reports the trait asked for, so a payload that is not `Serialize` gets
+/// this message rather than serde's bare one, which says nothing of why.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` must implement `serde::Serialize`, because the payload check hashes it",
+    label = "the payload check hashes this type",
+    note = "derive it (`#[derive(serde::Serialize, serde::Deserialize)]`), or leave the argument out of the payload check with `#[idempotent(skip(<argument>))]`"
+)]
+pub trait SerializedPayload {}
+
+impl<T: serde::Serialize + ?Sized> SerializedPayload for T {}
+
+/// Checks that a fingerprinted extractor's payload is `Serialize`. Spanned
+/// at the payload's type, before the argument is fingerprinted: rustc
+/// reports the missing `Serialize` once, there, with
+/// [`SerializedPayload`]'s message.
+pub const fn serialized_payload<T: SerializedPayload + ?Sized>() {}
+
 /// Adds a generic handler's type argument to the fingerprint, by its name:
 /// the one identity a type has that outlives the process. The name can
 /// change with the compiler, so a retry across such an upgrade finds a
@@ -255,6 +276,14 @@ pub fn scoped_by<P: IdempotencyScope>(
 /// return type that is not `IntoResponse` is reported there.
 pub fn into_response<R: IntoResponse>(output: R) -> Response {
     output.into_response()
+}
+
+/// What stands in for a handler the attribute refused: a handler axum
+/// accepts, so that the router naming it adds no error to the attribute's.
+/// Never called, since the attribute's error stops the crate compiling.
+#[must_use]
+pub fn not_compiled() -> Response {
+    http::StatusCode::INTERNAL_SERVER_ERROR.into_response()
 }
 
 /// The single runtime entry of the expansion. Spanned at the handler's

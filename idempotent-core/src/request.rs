@@ -206,8 +206,11 @@ fn claiming_layer(key: Option<&IdempotencyKey>, extensions: &Extensions) -> Opti
 }
 
 /// The handle travels in a task-local (see `Idempotency::current`), so
-/// besides a missing layer the detail covers the two ways a present one
-/// is missed: added before the route, or left behind by a spawned task.
+/// besides a missing layer the detail covers the ways a present one is
+/// missed: added before the route, added inside an `IdempotentLayer` (with
+/// `route_layer` after it, which the `IdempotentLayer` then wraps; the
+/// detail cannot tell that route from one without the layer, since the
+/// request carries no trace of it), or left behind by a spawned task.
 /// Logged too: a route added after the layer answers 500 in production,
 /// where the operator reads the log, not the response; with the request's
 /// path (not its query, which may carry what the log must not), since the
@@ -219,6 +222,6 @@ fn not_configured(path: &str) -> Problem {
     );
     Problem::new(
         ProblemKind::NotConfigured,
-        "this endpoint is idempotent but no `Idempotency` layer served the request: add `.layer(idempotent_core::Idempotency::new(store))` to the Router (for example with `idempotent_core::store::MemoryStore::new()`) after the `.route(...)` calls it must cover, since `Router::layer` wraps only the routes added before it; if a middleware inside that layer runs the handler on a spawned task, which does not carry the layer's handle, insert the handle into the request's extensions before spawning (`request.extensions_mut().insert(idempotency.clone())`) or move that middleware outside the layer",
+        "this endpoint is idempotent but no `Idempotency` layer served the request: add `.layer(idempotent_core::Idempotency::new(store))` to the Router (for example with `idempotent_core::store::MemoryStore::new()`) after the `.route(...)` calls it must cover, since `Router::layer` wraps only the routes added before it; a route with an `IdempotentLayer` needs the `Idempotency` layer outside the `IdempotentLayer`: added to the Router after the route, not with `route_layer` inside it; if a middleware inside the `Idempotency` layer runs the handler on a spawned task, which does not carry the layer's handle, insert the handle into the request's extensions before spawning (`request.extensions_mut().insert(idempotency.clone())`) or move that middleware outside the layer",
     )
 }

@@ -372,6 +372,33 @@ async fn a_layer_over_an_idempotent_handler_is_refused_without_burning_the_key()
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
+#[tokio::test]
+async fn an_idempotency_layer_inside_the_idempotent_layer_is_refused_saying_where_it_goes() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    // `route_layer` wraps what is already there: the `Idempotency` layer
+    // ends up inside the `IdempotentLayer`, which runs without it.
+    let inside = Router::new()
+        .route(
+            "/orders",
+            post(create_order)
+                .route_layer(Idempotency::new(MemoryStore::new()))
+                .route_layer(layer()),
+        )
+        .layer(Extension(runs.clone()));
+    let (status, _, body) = send(&inside, order("/orders", "k1", "{}")).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    let problem: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(problem["type"], "urn:idempotent:not-configured");
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(
+            "the `Idempotency` layer outside the `IdempotentLayer`: added to the Router after the route, not with `route_layer` inside it"
+        ),
+        "{detail}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
 /// Creates an order for the tenant its path names.
 async fn create_for_tenant(
     axum::extract::Path(tenant): axum::extract::Path<String>,

@@ -55,8 +55,44 @@ pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
     if errors.is_empty() {
         expand(&func, &args, &handler)
     } else {
-        fallback(func.into_token_stream(), errors)
+        stand_in(&func, &args, errors)
     }
+}
+
+/// A handler the attribute refused, emitted so that its error is the only
+/// one: the function as written under a hidden name, so that its body is
+/// still type-checked and its own errors reported, and under its name a
+/// handler of no arguments that axum accepts, so that the router naming it
+/// reports nothing more (the function as written may be no axum handler,
+/// as with a body extractor before another argument, and axum's error
+/// would then point at the wrong fix). The stand-in keeps the handler's
+/// generics, so `handler::<T>` still names it, and never runs: the crate
+/// does not compile.
+fn stand_in(func: &ItemFn, args: &Args, errors: Errors) -> TokenStream {
+    let krate = args
+        .krate
+        .clone()
+        .unwrap_or_else(|| syn::parse_quote!(::idempotent_core));
+    let private = quote!(#krate::__private);
+    let name = &func.sig.ident;
+    let mut as_written = func.clone();
+    as_written.sig.ident = format_ident!("__idempotent_{}", name.unraw(), span = name.span());
+    let (outer_attrs, _) = split_attributes(&func.attrs);
+    let vis = &func.vis;
+    let generics = &func.sig.generics;
+    let where_clause = &generics.where_clause;
+    // Nothing calls the function as written, and the crate fails anyway:
+    // a warning that it is unused would only add noise to the error.
+    let stand_in = quote! {
+        #[allow(dead_code)]
+        #as_written
+
+        #(#outer_attrs)*
+        #vis async fn #name #generics () -> #private::axum::response::Response #where_clause {
+            #private::not_compiled()
+        }
+    };
+    fallback(stand_in, errors)
 }
 
 /// Whether `item` is a function, its body aside.
@@ -1100,9 +1136,10 @@ fn fingerprint(
             let call = quote_spanned! {span=>
                 #call::<#ty>(#fingerprinter, &#param)
             };
+            let check = serialized_payload_check(argument.ty, payload, private);
             // The `?` is the attribute's: a lint on it (such as
             // `clippy::question_mark_used`) is not the argument's.
-            quote!(#call?;)
+            quote!(#check #call?;)
         });
     quote! {
         #private::fingerprint(&__IDEMPOTENT_ENDPOINT, |#fingerprinter| {
@@ -1130,6 +1167,23 @@ fn payload_type(ty: &Type) -> &Type {
         Some(payload) if is_named(inner, SERIALIZED_PAYLOAD) => payload,
         _ => ty,
     }
+}
+
+/// For an extractor fingerprinted by its payload (`payload` is not `ty`
+/// itself), a check that the payload is `Serialize`, spanned at it: its
+/// message says why the bound is there, where serde's would not, and
+/// rustc then reports the same missing bound at the same place once.
+fn serialized_payload_check(
+    ty: &Type,
+    payload: &Type,
+    private: &TokenStream,
+) -> Option<TokenStream> {
+    if std::ptr::eq(ty, payload) {
+        return None;
+    }
+    let span = payload.span();
+    let check = respan_tokens(&quote!(#private::serialized_payload), span);
+    Some(quote_spanned! {span=> #check::<#payload>();})
 }
 
 /// `ty` as written, its tokens before and after `inner` (a type within
