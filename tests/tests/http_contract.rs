@@ -1,9 +1,6 @@
 //! The HTTP contract as a client meets it: what each malformed key's
 //! problem tells the client to do, and that doing it works.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Request, StatusCode};
@@ -16,17 +13,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-#[derive(Clone, Default)]
-struct Runs(Arc<AtomicUsize>);
-
-impl Runs {
-    fn bump(&self) -> usize {
-        self.0.fetch_add(1, Ordering::SeqCst) + 1
-    }
-    fn get(&self) -> usize {
-        self.0.load(Ordering::SeqCst)
-    }
-}
+mod macro_support;
+use macro_support::Runs;
 
 #[derive(Serialize, Deserialize)]
 struct Charge {
