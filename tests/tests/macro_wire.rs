@@ -122,6 +122,69 @@ fn charges(runs: &Runs, store: &MockStore) -> Router {
 
 // ===== errors =====
 
+/// A charge of 1 under `key`, sent byte for byte (non-ASCII included).
+fn keyed(key: &str) -> Request<Body> {
+    let mut request = post_json("/charges", None, r#"{"amount":1}"#);
+    let key = axum::http::HeaderValue::from_bytes(key.as_bytes()).unwrap();
+    request.headers_mut().insert("idempotency-key", key);
+    request
+}
+
+/// `key` as an RFC 8941 string: quoted, `"` and `\\` escaped.
+fn quoted(key: &str) -> String {
+    format!("\"{}\"", key.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// A key with a space, a `"` or a comma is valid, only not in the bare
+/// form. The 400 says so and shows the quoted form, instead of calling
+/// the key's characters wrong (a space and `"` are printable ASCII, and a
+/// single field with a comma is not two keys); the key quoted as it says
+/// is accepted, runs once and is replayed.
+#[tokio::test]
+async fn a_key_only_the_quoted_form_carries_is_refused_with_the_form_to_send_instead() {
+    for (bare, byte) in [
+        ("order 42", "0x20"),
+        (r#"say"hi""#, "0x22"),
+        (r"a\b c", "0x20"),
+        ("order,42", "comma"),
+    ] {
+        let runs = Runs::default();
+        let app = charges(&runs, &MockStore::new());
+        let detail = send(&app, keyed(bare))
+            .await
+            .problem(StatusCode::BAD_REQUEST, "invalid-key");
+        assert!(detail.contains(byte), "{bare:?}: {detail}");
+        assert!(
+            detail.contains("quoted") && detail.contains("`Idempotency-Key: \""),
+            "{bare:?}: {detail}"
+        );
+        assert!(!detail.contains("keys are printable ASCII"), "{detail}");
+        let first = send(&app, keyed(&quoted(bare))).await;
+        assert_eq!(first.status, StatusCode::CREATED, "{bare:?}");
+        let retry = send(&app, keyed(&quoted(bare))).await;
+        assert!(retry.replayed(), "{bare:?}");
+        assert_eq!(runs.get(), 1, "{bare:?}");
+    }
+}
+
+/// A byte no form of the key carries is named as such.
+#[tokio::test]
+async fn a_key_outside_printable_ascii_is_refused_as_such() {
+    let runs = Runs::default();
+    let app = charges(&runs, &MockStore::new());
+    for key in ["cl\u{e9}", "\"cl\u{e9}\""] {
+        let detail = send(&app, keyed(key))
+            .await
+            .problem(StatusCode::BAD_REQUEST, "invalid-key");
+        assert!(
+            detail.contains("0xc3") && detail.contains("printable ASCII"),
+            "{key:?}: {detail}"
+        );
+        assert!(!detail.contains("quoted"), "{key:?}: {detail}");
+    }
+    assert_eq!(runs.get(), 0);
+}
+
 #[tokio::test]
 async fn a_key_sent_under_another_name_is_named_in_the_missing_key_problem() {
     let runs = Runs::default();
