@@ -15,7 +15,7 @@ use axum::http::StatusCode;
 use idempotent_core::Fingerprint;
 use idempotent_core::clock::ManualClock;
 use idempotent_core::key::IdempotencyKey;
-use idempotent_core::record::{Claim, LeaseToken, RecordKey, StoredResponse};
+use idempotent_core::record::{LeaseToken, RecordKey, StoredResponse};
 use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{RedisStore, Store, StoreError};
 use store_support::logs::{Events, events};
@@ -43,11 +43,7 @@ fn paid() -> StoredResponse {
 }
 
 async fn acquire(store: &impl Store, key: &RecordKey) -> LeaseToken {
-    let fingerprint = Fingerprint::from_bytes([1; 32]);
-    match store.claim(key, fingerprint, LEASE).await {
-        Ok(Claim::Acquired(token)) => token,
-        other => panic!("a new key is acquired: {other:?}"),
-    }
+    store_support::acquire(store, key, Fingerprint::from_bytes([1; 32]), LEASE).await
 }
 
 /// Completes, again while the connection is being made anew after the

@@ -259,10 +259,7 @@ mod two_instances {
     }
 
     async fn acquire(store: &impl Store, key: &RecordKey, fingerprint: Fingerprint) -> LeaseToken {
-        match store.claim(key, fingerprint, LEASE).await {
-            Ok(Claim::Acquired(token)) => token,
-            other => panic!("expected the key to be acquired, got {other:?}"),
-        }
+        super::store_support::acquire(store, key, fingerprint, LEASE).await
     }
 
     /// Runs `key` on `store` to completion with `body`.

@@ -26,7 +26,7 @@ use axum::routing::post;
 use http_body_util::BodyExt;
 use idempotent_core::fingerprint::Fingerprint;
 use idempotent_core::key::IdempotencyKey;
-use idempotent_core::record::{Claim, Record, RecordKey, StoredResponse};
+use idempotent_core::record::{Claim, LeaseToken, Record, RecordKey, StoredResponse};
 use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{Store, StoreError};
 use idempotent_core::{Endpoint, Idempotency, IdempotentRequest, Scope};
@@ -247,6 +247,19 @@ pub async fn duplicates_across_instances(apps: &[Router], ledger: &Ledger, count
 /// What [`complete_with_a_body_of`] saw: the completion, then a read back.
 pub type Completion = (Result<(), StoreError>, Result<Option<Record>, StoreError>);
 
+/// Claims `key`, which must be free, on `store`: the claim's token.
+pub async fn acquire(
+    store: &impl Store,
+    key: &RecordKey,
+    fingerprint: Fingerprint,
+    lease: Duration,
+) -> LeaseToken {
+    match store.claim(key, fingerprint, lease).await {
+        Ok(Claim::Acquired(token)) => token,
+        other => panic!("a new key is acquired: {other:?}"),
+    }
+}
+
 /// Claims a fresh key, completes it with a response whose body has `len`
 /// bytes, and reads the record back: past a store's own limit on one value
 /// the record must still be kept (without its body), or the lease lapses
@@ -257,10 +270,7 @@ pub async fn complete_with_a_body_of(store: &impl Store, len: usize) -> Completi
         IdempotencyKey::parse(b"huge").unwrap(),
     );
     let lease = Duration::from_secs(60);
-    let claim = store.claim(&key, Fingerprint::from_bytes([1; 32]), lease);
-    let Claim::Acquired(token) = claim.await.unwrap() else {
-        panic!("a new key is acquired");
-    };
+    let token = acquire(store, &key, Fingerprint::from_bytes([1; 32]), lease).await;
     let response = StoredResponse {
         status: StatusCode::OK,
         headers: Vec::new(),
