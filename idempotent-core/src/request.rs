@@ -1,6 +1,7 @@
 //! The extractor that carries a request into the engine: the way to use
 //! idempotency without the attribute, and what `#[idempotent]` expands to.
 
+use std::fmt;
 use std::future::Future;
 
 use axum::extract::rejection::RawPathParamsRejection;
@@ -8,7 +9,7 @@ use axum::extract::{FromRequestParts, RawPathParams};
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
 use http::request::Parts;
-use http::{Extensions, HeaderMap};
+use http::{Extensions, HeaderMap, HeaderName};
 
 use crate::endpoint::Endpoint;
 use crate::exact::ExactRequest;
@@ -61,7 +62,6 @@ pub struct IdempotentRequest {
 }
 
 /// Where the request's scope comes from.
-#[derive(Debug)]
 pub(crate) enum ScopeSource {
     /// The request's headers, resolved once the endpoint's scope is known.
     /// Boxed: inline, a map would add its size to every request's futures;
@@ -78,6 +78,24 @@ pub(crate) enum ScopeSource {
     /// refuses the request. Kept here rather than in a field of its own,
     /// which would grow every request's future.
     InsideLayer(&'static str),
+}
+
+/// Shows the headers' names only: their values carry the caller's
+/// credentials (`Authorization`, the API key, cookies), and a request's
+/// context is logged whole wherever it is a traced handler's argument
+/// (`#[tracing::instrument]` records arguments with `Debug`).
+impl fmt::Debug for ScopeSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Headers(headers) => {
+                let names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+                f.debug_tuple("Headers").field(&names).finish()
+            }
+            Self::Principal => f.write_str("Principal"),
+            Self::Resolved(scope) => f.debug_tuple("Resolved").field(scope).finish(),
+            Self::InsideLayer(layer) => f.debug_tuple("InsideLayer").field(layer).finish(),
+        }
+    }
 }
 
 impl IdempotentRequest {
