@@ -12,7 +12,7 @@ use idempotent_core::clock::ManualClock;
 use idempotent_core::key::IdempotencyKey;
 use idempotent_core::record::RecordKey;
 use idempotent_core::scope::ScopeDigest;
-use idempotent_core::store::{RedisStore, Store, Tiered};
+use idempotent_core::store::{RedisStore, Store, StoreError, Tiered};
 use idempotent_core::testing::contract;
 use store_support::{
     Ledger, OwnRedis, ReplyDropper, SentTwice, assert_kept, backend_url, complete_with_a_body_of,
@@ -28,6 +28,69 @@ async fn store_of_its_own(url: &str) -> RedisStore {
     RedisStore::builder(redis_connection(url).await)
         .prefix(unique_name("idem_test") + ":")
         .build()
+}
+
+/// A `rediss://` URL, as a managed Redis with TLS gives, on a build whose
+/// `redis` crate has no TLS: the error said to give a URL such as
+/// `redis://...` "(`rediss://` for TLS)", the very URL refused. It names
+/// the feature to enable instead. Needs no server: the URL is refused
+/// before anything connects.
+#[tokio::test]
+async fn a_tls_url_without_tls_in_the_build_names_the_feature_to_enable() {
+    for url in ["rediss://127.0.0.1:6379", "valkeys://cache.example:6380/0"] {
+        let error = RedisStore::connect(url).await.expect_err(url);
+        assert!(matches!(error, StoreError::Misconfigured(_)), "{error:?}");
+        let told = error.to_string();
+        assert!(told.contains("tokio-native-tls-comp"), "{told}");
+        assert!(!told.contains("`rediss://` for TLS"), "{told}");
+    }
+}
+
+/// The URL of a Redis Sentinel (port 26379 next to the 6379 of the Redis
+/// it watches): it answers `PING`, so `connect` succeeded, and then every
+/// claim failed with "unknown command" and 503. It is refused at connect,
+/// saying to give the primary's address. The Sentinel is the test's own.
+#[tokio::test]
+async fn a_sentinel_is_refused_at_connect_with_what_to_give_instead() {
+    if backend_url(URL).is_none() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(unique_name("idempotent-sentinel"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = OwnRedis::free_port();
+    let config = dir.join("sentinel.conf");
+    std::fs::write(&config, format!("port {port}\nbind 127.0.0.1\n")).unwrap();
+    let mut sentinel = tokio::process::Command::new("redis-server")
+        .arg(&config)
+        .arg("--sentinel")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start redis-server --sentinel");
+    let url = format!("redis://127.0.0.1:{port}");
+    let mut connected = None;
+    for _ in 0..100 {
+        match RedisStore::connect(&url).await {
+            Err(error) if error.to_string().contains("runs and listens") => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            answered => {
+                connected = Some(answered);
+                break;
+            }
+        }
+    }
+    sentinel.kill().await.expect("stop the sentinel");
+    let _ = std::fs::remove_dir_all(&dir);
+    let error = connected
+        .expect("the sentinel started")
+        .expect_err("a sentinel keeps no records");
+    assert!(matches!(error, StoreError::Misconfigured(_)), "{error:?}");
+    let told = error.to_string();
+    assert!(
+        told.contains("Sentinel") && told.contains("address of the primary"),
+        "{told}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -224,7 +287,6 @@ async fn a_claim_applied_twice_holds_the_key() {
 async fn a_completion_applied_twice_stores_the_record_once() {
     use idempotent_core::fingerprint::Fingerprint;
     use idempotent_core::record::{Claim, Record, StoredResponse};
-    use idempotent_core::store::StoreError;
 
     let Some((_, once, twice)) = sent_once_and_twice().await else {
         return;

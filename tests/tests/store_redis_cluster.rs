@@ -1,6 +1,7 @@
 //! `RedisStore` on a Redis Cluster this test starts itself: three primaries
 //! on free ports. Every script touches one key, so the store runs on a
-//! cluster connection unchanged. Runs where the Redis test environment is
+//! cluster connection unchanged; given one node's address instead, it says
+//! to use one. Runs where the Redis test environment is
 //! set up (`IDEMPOTENT_TEST_REDIS_URL`), since it needs `redis-server` and
 //! `redis-cli`.
 
@@ -11,11 +12,17 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use idempotent_core::store::{RedisStore, Tiered};
+use idempotent_core::fingerprint::Fingerprint;
+use idempotent_core::key::IdempotencyKey;
+use idempotent_core::record::RecordKey;
+use idempotent_core::scope::ScopeDigest;
+use idempotent_core::store::{RedisStore, Store, StoreError, Tiered};
 use idempotent_core::testing::contract;
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use store_support::{Ledger, backend_url, duplicates_across_instances, payments_app, unique_name};
+use store_support::{
+    Ledger, backend_url, duplicates_across_instances, payments_app, redis_connection, unique_name,
+};
 use tokio::process::{Child, Command};
 
 const NODES: usize = 3;
@@ -169,4 +176,58 @@ async fn redis_store_works_unchanged_on_a_cluster() {
         ),
     ];
     duplicates_across_instances(&apps, &ledger, 100).await;
+}
+
+/// `connect` given one node of a cluster: its connection reaches only
+/// that node, which answers `MOVED` for every key another node serves, so
+/// two claims in three failed with a bare "Moved" and 503. It is refused
+/// at connect, saying to build the store on a cluster connection; and a
+/// store built on a plain connection of the application's own to the node
+/// is told the same at the first claim of a key the node does not serve,
+/// as a setup to change (500), not an outage (503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_node_of_a_cluster_is_told_to_use_a_cluster_connection() {
+    if backend_url("IDEMPOTENT_TEST_REDIS_URL").is_none() {
+        return;
+    }
+    let cluster = Cluster::start().await;
+    let node = format!("redis://127.0.0.1:{}", cluster.ports[0]);
+
+    let error = RedisStore::connect(&node)
+        .await
+        .expect_err("a cluster node is refused");
+    assert_told_to_use_a_cluster_connection(&error);
+
+    let store = RedisStore::builder(redis_connection(&node).await)
+        .prefix(unique_name("idem_test") + ":")
+        .build();
+    let mut refusal = None;
+    for name in 0..64 {
+        let key = IdempotencyKey::parse(format!("key-{name}").as_bytes()).expect("a valid key");
+        let key = RecordKey::new(ScopeDigest::global(), key);
+        let claimed = store
+            .claim(
+                &key,
+                Fingerprint::from_bytes([1; 32]),
+                Duration::from_secs(30),
+            )
+            .await;
+        if let Err(error) = claimed {
+            refusal = Some(error);
+            break;
+        }
+    }
+    let error = refusal.expect("another node serves one of 64 keys");
+    assert_told_to_use_a_cluster_connection(&error);
+}
+
+fn assert_told_to_use_a_cluster_connection(error: &StoreError) {
+    assert!(
+        matches!(error, StoreError::Misconfigured(_)),
+        "not a setup to change: {error:?}"
+    );
+    let told = error.to_string();
+    for words in ["cluster connection", "RedisStore::builder", "cluster-async"] {
+        assert!(told.contains(words), "`{words}` missing from: {told}");
+    }
 }

@@ -252,12 +252,16 @@ impl RedisStore {
     /// nothing on disk: a restart forgets every record.
     ///
     /// # Errors
-    /// The URL is invalid, or the server cannot be reached now or refuses
-    /// the connection (a password missing or wrong, a database index out
-    /// of range): the error names the server and what to change.
+    /// The URL is invalid (or asks for TLS, which the `redis` crate was
+    /// built without), the server cannot be reached now or refuses the
+    /// connection (a password missing or wrong, a database index out of
+    /// range), or it cannot hold the store's records: a node of a cluster
+    /// (build the store on a cluster connection with
+    /// [`RedisStore::builder`]), a Sentinel. The error names the server and
+    /// what to change. A server that gives a version older than Redis 7.0
+    /// is warned of; its claims fail, saying so.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url)
-            .map_err(|error| Explained::misconfigured(error, URL_EXPECTED))?;
+        let client = redis::Client::open(url).map_err(url_error)?;
         let server = client.get_connection_info().addr().to_string();
         let unreachable = |error| connect_error(error, &server);
         let config = ConnectionManagerConfig::new()
@@ -274,6 +278,7 @@ impl RedisStore {
             .query_async::<()>(&mut manager)
             .await
             .map_err(unreachable)?;
+        refuse_unsupported(&mut manager, &server).await?;
         warn_if_evicting(&mut manager).await;
         warn_if_not_persisted(&mut manager, &server).await;
         Ok(Self::builder(manager).build())
@@ -283,6 +288,70 @@ impl RedisStore {
 /// What [`RedisStore::connect`] takes.
 const URL_EXPECTED: &str =
     "give a URL such as `redis://:password@host:6379/0` (`rediss://` for TLS)";
+
+/// What a `rediss://` URL needs when the `redis` crate was built without
+/// TLS: no other URL helps, only a feature of that crate, which Cargo
+/// turns on for this store too once the application asks for it.
+const NO_TLS: &str = "the `redis` crate was built without TLS: enable its `tokio-native-tls-comp` feature (or `tokio-rustls-comp`, with a rustls crypto provider) in the application's Cargo.toml, `redis = { version = \"1\", features = [\"tokio-native-tls-comp\"] }`";
+
+/// Why [`RedisStore::connect`] could not read `url`, and what to change.
+fn url_error(error: redis::RedisError) -> StoreError {
+    let hint = if error.to_string().contains("TLS") {
+        NO_TLS
+    } else {
+        URL_EXPECTED
+    };
+    Explained::misconfigured(error, hint)
+}
+
+/// What to build the store on when Redis runs as a cluster: a connection
+/// to one node cannot follow a key to the node that serves it.
+const USE_A_CLUSTER_CONNECTION: &str = "build the store with `RedisStore::builder` on a cluster connection, which follows each key to its node (the `redis` crate's `cluster-async` feature: `ClusterClient::new(urls)?.get_async_connection().await?`)";
+
+/// The oldest Redis the store runs on: `SET` takes `NX` with `GET` from 7.0.
+const OLDEST_MAJOR_VERSION: u64 = 7;
+
+/// What a claim on a Redis older than 7.0 fails with.
+const TOO_OLD: &str = "the store needs Redis 7.0 or later (or Valkey): the claim's `SET` takes `NX` with `GET`, which older servers refuse as a syntax error; upgrade the server";
+
+/// Refuses a server the store cannot run on, before any request meets it:
+/// a cluster node, which answers `MOVED` for each key another node
+/// serves, or a Sentinel, which knows no `SET`. Warns of a server that
+/// says it is older than Redis 7.0: every claim's `SET NX GET` then fails
+/// (and says why), but a server compatible with Redis may give an older
+/// version than the commands it takes. A server that refuses `INFO`
+/// (renamed on some managed services) is not checked.
+async fn refuse_unsupported(
+    connection: &mut impl ConnectionLike,
+    server: &str,
+) -> Result<(), StoreError> {
+    let info: Result<String, _> = redis::cmd("INFO")
+        .arg("server")
+        .query_async(connection)
+        .await;
+    let Ok(info) = info else { return Ok(()) };
+    if let Some(version) = too_old(&info) {
+        tracing::warn!(server, redis_version = version, "{TOO_OLD}");
+    }
+    let refusal = match info_field(&info, "redis_mode") {
+        Some("cluster") => format!(
+            "the Redis at {server} is a node of a cluster, and `RedisStore::connect` reaches only that node: {USE_A_CLUSTER_CONNECTION}"
+        ),
+        Some("sentinel") => format!(
+            "the server at {server} is a Redis Sentinel, which watches Redis servers and keeps no data: give the address of the primary it watches (or a name or proxy that follows the primary through failovers)"
+        ),
+        _ => return Ok(()),
+    };
+    Err(StoreError::misconfigured(refusal))
+}
+
+/// The server's version in `INFO server`'s answer, if it is older than
+/// the store needs. Valkey gives the Redis version it is compatible with.
+fn too_old(info: &str) -> Option<&str> {
+    let version = info_field(info, "redis_version")?;
+    let major: u64 = version.split('.').next()?.parse().ok()?;
+    (major < OLDEST_MAJOR_VERSION).then_some(version)
+}
 
 /// What a server that wants a password answers without one.
 const NO_PASSWORD: &str =
@@ -323,6 +392,9 @@ fn operation_error(error: redis::RedisError, redis_key: &str) -> StoreError {
     if let Some(why) = passing_refusal(&error) {
         return Explained::store_error(error, why);
     }
+    if let Some(fix) = unsupported_server_fix(&error) {
+        return Explained::misconfigured(error, fix);
+    }
     match refusal_fix(&error, &format!("`{redis_key}`")) {
         Some(fix) => Explained::misconfigured(error, fix),
         None => StoreError::backend(error),
@@ -344,6 +416,25 @@ fn refusal_fix(error: &redis::RedisError, keys: &str) -> Option<String> {
         _ => return None,
     };
     Some(fix)
+}
+
+/// What to change when the server cannot run the store at all, as a
+/// store built on a connection of the application's own finds out at its
+/// first claim: a cluster node reached without a cluster connection
+/// (`MOVED`, or `ASK` while slots move), or a Redis older than 7.0 (a
+/// syntax error: the claim's `SET NX GET` is the only command of the
+/// store with options). `None` for anything else.
+fn unsupported_server_fix(error: &redis::RedisError) -> Option<String> {
+    let syntax_error = error
+        .detail()
+        .is_some_and(|detail| detail.starts_with("syntax error"));
+    match error.code()? {
+        "MOVED" | "ASK" => Some(format!(
+            "Redis runs as a cluster, and the store's connection reaches one node: {USE_A_CLUSTER_CONNECTION}"
+        )),
+        "ERR" if syntax_error => Some(TOO_OLD.to_owned()),
+        _ => None,
+    }
 }
 
 /// Whether Redis refused a command one of the store's scripts called, for
@@ -841,6 +932,51 @@ mod tests {
         assert!(appends_nothing(&info("0")));
         assert!(!appends_nothing(&info("1")));
         assert!(!appends_nothing(""));
+    }
+
+    #[test]
+    fn only_a_server_older_than_redis_7_is_too_old() {
+        let info = |version: &str| {
+            format!("# Server\r\nredis_version:{version}\r\nredis_mode:standalone\r\n")
+        };
+        assert_eq!(too_old(&info("6.2.14")), Some("6.2.14"));
+        assert_eq!(too_old(&info("5.0.7")), Some("5.0.7"));
+        assert_eq!(too_old(&info("7.0.0")), None);
+        assert_eq!(too_old(&info("7.2.4")), None);
+        assert_eq!(too_old(&info("255.255.255")), None);
+        assert_eq!(too_old(""), None);
+    }
+
+    /// A store built on a connection of the application's own meets an
+    /// old Redis or a cluster node at its first claim: the error says what
+    /// to change, and fails alike until someone does.
+    #[test]
+    fn an_old_redis_or_a_cluster_node_is_told_at_the_first_claim() {
+        let server_error = |kind, detail: &str| {
+            redis::RedisError::from((
+                redis::ErrorKind::Server(kind),
+                "An error was signalled by the server",
+                detail.to_owned(),
+            ))
+        };
+        let syntax = server_error(redis::ServerErrorKind::ResponseError, "syntax error");
+        let error = operation_error(syntax, "k");
+        assert!(matches!(error, StoreError::Misconfigured(_)), "{error:?}");
+        assert!(
+            error.to_string().contains("needs Redis 7.0 or later"),
+            "{error}"
+        );
+
+        let moved = server_error(redis::ServerErrorKind::Moved, "3999 127.0.0.1:6381");
+        let error = operation_error(moved, "k");
+        assert!(matches!(error, StoreError::Misconfigured(_)), "{error:?}");
+        assert!(error.to_string().contains("cluster connection"), "{error}");
+
+        let other = server_error(redis::ServerErrorKind::ResponseError, "something else");
+        assert!(matches!(
+            operation_error(other, "k"),
+            StoreError::Backend(_)
+        ));
     }
 
     #[test]
