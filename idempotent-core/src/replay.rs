@@ -234,9 +234,14 @@ pub(crate) async fn collect(mut body: Body, limit: usize) -> Collected {
                     return Collected::Complete(data);
                 }
                 Ok(data) if buffer.len() + data.len() <= limit => buffer.extend_from_slice(&data),
+                // The frame that goes over is passed on as it came, after
+                // what was read, not copied behind it: a large body sent in
+                // one frame (a `Vec<u8>` or `Bytes` response) would peak at
+                // twice its size in memory, and wait for the copy, before a
+                // byte of it was sent.
                 Ok(data) => {
-                    buffer.extend_from_slice(&data);
-                    let body = prefixed(buffer.freeze(), Ok(body));
+                    let rest = prefixed(data, Ok(body));
+                    let body = prefixed(buffer.freeze(), Ok(rest));
                     return Collected::Partial(body, NotKept::TooLarge);
                 }
                 Err(trailers) => {
@@ -480,6 +485,37 @@ mod tests {
         };
         let bytes = body.collect().await.unwrap().to_bytes();
         assert_eq!(bytes, "hello world");
+    }
+
+    /// The frames of `body`, in order.
+    async fn frames(mut body: Body) -> Vec<Bytes> {
+        let mut frames = Vec::new();
+        while let Some(frame) = body.frame().await {
+            frames.push(frame.unwrap().into_data().unwrap());
+        }
+        frames
+    }
+
+    #[tokio::test]
+    async fn the_frame_that_goes_over_the_limit_is_sent_as_it_came_not_copied() {
+        let large = Bytes::from(vec![7; 4096]);
+        let chunks = [Bytes::from_static(b"hi"), large.clone()].map(Ok::<_, std::io::Error>);
+        let streamed = Body::from_stream(futures_util::stream::iter(chunks));
+        let bodies = [
+            (Body::from(large.clone()), large.to_vec()),
+            (streamed, [&b"hi"[..], &large[..]].concat()),
+        ];
+        for (body, whole) in bodies {
+            let Collected::Partial(body, NotKept::TooLarge) = collect(body, 100).await else {
+                panic!("4 KiB does not fit in 100 bytes");
+            };
+            let frames = frames(body).await;
+            assert_eq!(frames.concat(), whole);
+            assert!(
+                frames.iter().any(|frame| frame.as_ptr() == large.as_ptr()),
+                "the large frame was copied"
+            );
+        }
     }
 
     #[tokio::test]
