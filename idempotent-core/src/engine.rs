@@ -14,8 +14,8 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::Either;
-use http::HeaderMap;
 use http::response::Parts;
+use http::{HeaderMap, StatusCode};
 use tokio::time::Instant;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::Instrument;
@@ -68,6 +68,11 @@ const NOT_RELEASED: &str = "could not release the key; it frees when the lease l
 const NOT_STORED_UNTIL_FIXED: &str = "the response could not be stored, and was not tried again: the store fails this way until what the error names is fixed; a retry after the lease lapses runs again";
 const NOT_RELEASED_UNTIL_FIXED: &str = "could not release the key, and did not try again: the store fails this way until what the error names is fixed; the key frees when the lease lapses";
 const NOT_HELD: &str = "the key was released already, by an attempt whose answer was lost";
+/// First and longest pause between the attempts that go on storing a
+/// response after the caller got it.
+const LATER_PAUSES: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(8));
+const STORING_LATER: &str = "the response could not be stored yet; the caller got it, and storing it goes on for as long as its lease can last";
+const STORED_LATER: &str = "the response was stored once the store answered again";
 const TAKEN_OVER: &str = "the lease was taken over while the handler ran: another request holds the key, and the request may have run twice";
 
 /// Everything up to the store is decided here, synchronously, so the
@@ -561,7 +566,9 @@ impl Engine {
 
     /// Completes the record with the response, trying again after a store
     /// error that may pass: until the record is stored, a retry that comes
-    /// after the lease lapses runs the handler again.
+    /// after the lease lapses runs the handler again. The first attempts
+    /// hold the caller's response back; the rest go on without it
+    /// ([`store_later`](Self::store_later)).
     async fn store(&self, token: LeaseToken, parts: &Parts, body: Option<Bytes>) {
         let stored = match self.complete(token, parts, body.clone()).await {
             Ok(()) => Ok(()),
@@ -569,11 +576,93 @@ impl Engine {
             // so there is no applied attempt to look for either.
             Err(error) if fails_until_fixed(&error) => Err(error),
             // Boxed: only a failed attempt pays for the retries.
-            Err(error) => Box::pin(self.store_again(token, parts, body, error)).await,
+            Err(error) => {
+                let response = StoredResponse {
+                    status: parts.status,
+                    headers: replayable_headers(parts),
+                    body,
+                };
+                return Box::pin(self.store_again(token, response, error)).await;
+            }
         };
+        self.log_stored(stored, parts.status);
+    }
+
+    /// The attempts after a first one failed with `error`.
+    async fn store_again(&self, token: LeaseToken, response: StoredResponse, error: StoreError) {
+        let stored = self
+            .after_pauses(error, "could not store the response; trying again", || {
+                self.complete_with(token, response.clone())
+            })
+            .await;
+        match stored {
+            Err(_) if self.stored_already(&response).await => {
+                tracing::debug!("an attempt whose answer was lost had stored the response");
+                self.log_stored(Ok(()), response.status);
+            }
+            Err(error) if may_pass(&error) => self.store_later(token, response, &error),
+            stored => self.log_stored(stored, response.status),
+        }
+    }
+
+    /// Goes on storing the response on a task of its own once the first
+    /// attempts failed, for as long as its lease can last: a store that
+    /// fails over or restarts takes longer than those attempts, and until
+    /// the record is stored a retry that comes after the lease lapses
+    /// runs the handler again. The lease fences every attempt, so a late
+    /// one cannot overwrite another request's record. Tracked, so that
+    /// [`Idempotency::drain`](crate::Idempotency::drain) waits for it.
+    fn store_later(&self, token: LeaseToken, response: StoredResponse, error: &StoreError) {
+        let (endpoint, key) = (self.endpoint.name(), self.key.log_id());
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(%error, outcome = "store_error", endpoint, %key, message = NOT_STORED);
+            return;
+        };
+        tracing::warn!(%error, endpoint, %key, "{STORING_LATER}");
+        let later = Engine {
+            settings: Arc::clone(&self.settings),
+            endpoint: self.endpoint,
+            key: self.key.clone(),
+            fingerprint: self.fingerprint,
+            _request_headers: None,
+        };
+        let task = later
+            .keep_storing(token, response)
+            .instrument(tracing::Span::current());
+        drop(self.settings.detached.spawn_on(task, &runtime));
+    }
+
+    /// [`store_later`](Self::store_later)'s attempts, pausing longer each
+    /// time, until one stores the response, the lease is lost, the store
+    /// fails in a way that only fixing it ends, or a lease has passed.
+    async fn keep_storing(self, token: LeaseToken, response: StoredResponse) {
+        let until = Instant::now() + self.endpoint.lease_duration();
+        let (mut pause, longest) = LATER_PAUSES;
+        let stored = loop {
+            let pause_until = until.min(Instant::now() + pause);
+            tokio::time::sleep_until(pause_until).await;
+            pause = (pause * 2).min(longest);
+            match self.complete_with(token, response.clone()).await {
+                Err(error) if may_pass(&error) && Instant::now() < until => {
+                    tracing::debug!(%error, "could not store the response; trying again");
+                }
+                Err(_) if self.stored_already(&response).await => break Ok(()),
+                stored => break stored,
+            }
+        };
+        if stored.is_ok() {
+            let (endpoint, key) = (self.endpoint.name(), self.key.log_id());
+            tracing::info!(outcome = "executed", endpoint, %key, status = response.status.as_u16(), "{STORED_LATER}");
+        } else {
+            self.log_stored(stored, response.status);
+        }
+    }
+
+    /// Logs how storing a response ended.
+    fn log_stored(&self, stored: Result<(), StoreError>, status: StatusCode) {
         let (endpoint, key) = (self.endpoint.name(), self.key.log_id());
         match stored {
-            Ok(()) => tracing::debug!(outcome = "executed", status = parts.status.as_u16()),
+            Ok(()) => tracing::debug!(outcome = "executed", status = status.as_u16()),
             Err(StoreError::LeaseLost) => {
                 tracing::error!(outcome = "lease_lost", endpoint, %key, message = LOST);
             }
@@ -586,31 +675,6 @@ impl Engine {
         }
     }
 
-    /// The attempts after a first one failed with `error`.
-    async fn store_again(
-        &self,
-        token: LeaseToken,
-        parts: &Parts,
-        body: Option<Bytes>,
-        error: StoreError,
-    ) -> Result<(), StoreError> {
-        let stored = self
-            .after_pauses(error, "could not store the response; trying again", || {
-                self.complete(token, parts, body.clone())
-            })
-            .await;
-        // An attempt whose answer was lost (a timeout, a dropped
-        // connection) may have been applied, and then the lease is gone
-        // because the record is stored: found by the next attempt, or by
-        // this one if the client sent its command again (the Redis Cluster
-        // client does, after a dropped connection).
-        if stored.is_err() && self.stored_already(parts, body.as_ref()).await {
-            tracing::debug!("an attempt whose answer was lost had stored the response");
-            return Ok(());
-        }
-        stored
-    }
-
     /// One attempt at completing the record, the stored response rebuilt
     /// from what the caller gets so that the first attempt costs no copy.
     fn complete(
@@ -619,29 +683,45 @@ impl Engine {
         parts: &Parts,
         body: Option<Bytes>,
     ) -> impl Future<Output = Result<(), StoreError>> {
-        let stored = StoredResponse {
+        let response = StoredResponse {
             status: parts.status,
             headers: replayable_headers(parts),
             body,
         };
+        self.complete_with(token, response)
+    }
+
+    fn complete_with(
+        &self,
+        token: LeaseToken,
+        response: StoredResponse,
+    ) -> impl Future<Output = Result<(), StoreError>> {
         let ttl = self.endpoint.result_ttl();
-        self.timed(self.settings.store.complete(&self.key, token, stored, ttl))
+        self.timed(
+            self.settings
+                .store
+                .complete(&self.key, token, response, ttl),
+        )
     }
 
     /// Whether the store holds this request's completed record: its
     /// fingerprint, and the response this run produced (a duplicate that
     /// took the key over after the lease lapsed stores a response of its
     /// own). A store may have kept it without its body, past its limit
-    /// on one value.
-    async fn stored_already(&self, parts: &Parts, body: Option<&Bytes>) -> bool {
+    /// on one value. An attempt whose answer was lost (a timeout, a
+    /// dropped connection) may have been applied, and then the lease is
+    /// gone because the record is stored: found by the next attempt, or
+    /// by the same one if the client sent its command again (the Redis
+    /// Cluster client does, after a dropped connection).
+    async fn stored_already(&self, response: &StoredResponse) -> bool {
         let Ok(Some(Record::Completed(record))) = self.read_record().await else {
             return false;
         };
         let stored = &record.response;
         record.fingerprint == self.fingerprint
-            && stored.status == parts.status
-            && stored.headers == replayable_headers(parts)
-            && (stored.body.is_none() || stored.body.as_ref() == body)
+            && stored.status == response.status
+            && stored.headers == response.headers
+            && (stored.body.is_none() || stored.body == response.body)
     }
 
     /// Releases the key, trying again after a store error that may pass,
@@ -726,7 +806,7 @@ impl Engine {
         F: Future<Output = Result<(), StoreError>>,
     {
         for pause in STORE_RETRY_PAUSES {
-            if matches!(error, StoreError::LeaseLost) || fails_until_fixed(&error) {
+            if !may_pass(&error) {
                 break;
             }
             let (endpoint, key) = (self.endpoint.name(), self.key.log_id());
@@ -804,6 +884,12 @@ pub(crate) fn refused_for(
 /// that names the fix under warnings.
 pub(crate) fn fails_until_fixed(error: &StoreError) -> bool {
     Problem::from(error).kind() != ProblemKind::StoreUnavailable
+}
+
+/// Whether trying again may succeed: neither another request holds the
+/// key now, nor does the store fail this way until it is fixed.
+fn may_pass(error: &StoreError) -> bool {
+    !matches!(error, StoreError::LeaseLost) && !fails_until_fixed(error)
 }
 
 /// `operation`, cut after `timeout`.

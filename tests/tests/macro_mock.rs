@@ -146,12 +146,19 @@ async fn an_outage_refuses_everything_until_it_ends() {
     );
 }
 
-/// Storing is tried four times (after 50, 200 and 800 ms pauses, paused
-/// time here), so a store that fails them all loses the outcome.
-fn fail_every_completion_attempt(store: &MockStore) {
-    for _ in 0..4 {
+/// Fails the next `attempts` completions.
+fn fail_completions(store: &MockStore, attempts: usize) {
+    for _ in 0..attempts {
         store.fail_next(OpKind::Complete);
     }
+}
+
+/// Storing is tried four times before the caller gets the response (after
+/// 50, 200 and 800 ms pauses, paused time here), then on for a lease with
+/// longer pauses (at most a dozen attempts in 60 s): a store that fails
+/// them all loses the outcome.
+fn fail_every_completion_attempt(store: &MockStore) {
+    fail_completions(store, 32);
 }
 
 #[tokio::test(start_paused = true)]
@@ -178,6 +185,38 @@ async fn a_complete_that_fails_once_is_tried_again() {
     store.assert_executed_once();
 }
 
+/// A store that fails over or restarts takes longer than the attempts the
+/// caller waits for: storing goes on after the caller got its response,
+/// and a retry once the store answers again replays it.
+#[tokio::test(start_paused = true)]
+async fn a_complete_that_fails_past_the_first_attempts_is_stored_later() {
+    let store = MockStore::new();
+    let app = app(&store);
+    fail_completions(&store, 6);
+    assert_eq!(
+        post_charge(&app, "/charges", "k", 5).await,
+        StatusCode::CREATED
+    );
+    assert_eq!(store.failures(), 4, "the caller waits for four attempts");
+    assert_eq!(
+        post_charge(&app, "/charges", "k", 5).await,
+        StatusCode::CONFLICT
+    );
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(store.failures(), 6);
+    assert_eq!(
+        store.operations().last(),
+        Some(&Operation::Complete {
+            status: StatusCode::CREATED
+        })
+    );
+    assert_eq!(
+        post_charge(&app, "/charges", "k", 5).await,
+        StatusCode::CREATED
+    );
+    store.assert_executed_once();
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_lost_complete_holds_the_key_until_the_lease_lapses() {
     let store = MockStore::new();
@@ -189,13 +228,18 @@ async fn a_lost_complete_holds_the_key_until_the_lease_lapses() {
         post_charge(&app, "/charges", "k", 5).await,
         StatusCode::CREATED
     );
-    assert_eq!(store.failures(), 4);
     // The claim is still held, so a retry is told to come back later...
     assert_eq!(
         post_charge(&app, "/charges", "k", 5).await,
         StatusCode::CONFLICT
     );
     store.assert_executed_once();
+    // ...storing is given up a lease later...
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    let attempts = store.failures();
+    assert!((10..32).contains(&attempts), "{attempts} attempts");
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    assert_eq!(store.failures(), attempts, "given up");
     // ...and after the lease lapses it runs again.
     store.advance(Duration::from_secs(61));
     assert_eq!(
