@@ -230,13 +230,7 @@ async fn serve() -> Result<(), String> {
         .map_err(|error| format!("cannot listen on {addr}: {error}"))?;
     println!("payments listening on http://{addr} (charge delay {delay_ms} ms)");
     axum::serve(listener, app(ledger, idempotency.clone()))
-        .with_graceful_shutdown(async {
-            // Ctrl-C stops accepting; a failure to listen for it means no
-            // graceful stop, not no server.
-            if tokio::signal::ctrl_c().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        })
+        .with_graceful_shutdown(idempotent_examples::shutdown_signal())
         .await
         .map_err(|error| format!("server error: {error}"))?;
     // Charges whose client went away run on past the server: let them

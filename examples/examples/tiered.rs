@@ -59,12 +59,13 @@ async fn create_transfer(
     (StatusCode::CREATED, Json(body))
 }
 
-/// One instance: its own memory tier, Redis shared with the others.
-fn app(executed: Executed, store: Tiered<RedisStore>) -> Router {
+/// One instance: its own memory tier (the `Tiered` store `idempotency`
+/// names), Redis shared with the others.
+fn app(executed: Executed, idempotency: Idempotency) -> Router {
     Router::new()
         .route("/transfers", post(create_transfer))
         .with_state(executed)
-        .layer(Idempotency::new(store))
+        .layer(idempotency)
 }
 
 async fn serve() -> Result<(), String> {
@@ -83,15 +84,15 @@ async fn serve() -> Result<(), String> {
         .await
         .map_err(|error| format!("cannot listen on {addr}: {error}"))?;
     println!("transfers listening on http://{addr}, records in {url}");
-    let store = Tiered::new(redis);
-    axum::serve(listener, app(Executed::default(), store))
-        .with_graceful_shutdown(async {
-            if tokio::signal::ctrl_c().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        })
+    let idempotency = Idempotency::new(Tiered::new(redis));
+    axum::serve(listener, app(Executed::default(), idempotency.clone()))
+        .with_graceful_shutdown(idempotent_examples::shutdown_signal())
         .await
-        .map_err(|error| format!("server error: {error}"))
+        .map_err(|error| format!("server error: {error}"))?;
+    // Transfers whose client went away run on past the server: let them
+    // finish and store their outcome in Redis before the process exits.
+    idempotency.drain().await;
+    Ok(())
 }
 
 #[tokio::main]
@@ -137,7 +138,8 @@ mod tests {
             .unwrap();
         let redis = RedisStore::builder(connection).prefix(prefix).build();
         let executed = Executed::default();
-        (app(executed.clone(), Tiered::new(redis)), executed)
+        let idempotency = Idempotency::new(Tiered::new(redis));
+        (app(executed.clone(), idempotency), executed)
     }
 
     async fn transfer(app: &Router, key: &str, cents: u64) -> (StatusCode, bool, String) {

@@ -16,8 +16,8 @@
 //! same key runs again once the restock is in.
 //!
 //! - `POST /reservations` is a plain handler under [`IdempotentLayer`]:
-//!   the layer fingerprints the raw request (method, path, query, body
-//!   bytes), the way to cover a handler from another crate or one built at
+//!   the layer fingerprints the raw request (method, path, query,
+//!   `Content-Type`, body bytes), the way to cover a handler from another crate or one built at
 //!   run time.
 //! - `POST /restocks` takes [`IdempotentRequest`] and calls `run` itself,
 //!   which is what `#[idempotent]` generates: typed fingerprints (JSON field
@@ -152,11 +152,7 @@ async fn serve() -> Result<(), String> {
         .map_err(|error| format!("cannot listen on {addr}: {error}"))?;
     println!("inventory listening on http://{addr}");
     axum::serve(listener, app(Inventory::default(), idempotency.clone()))
-        .with_graceful_shutdown(async {
-            if tokio::signal::ctrl_c().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        })
+        .with_graceful_shutdown(idempotent_examples::shutdown_signal())
         .await
         .map_err(|error| format!("server error: {error}"))?;
     idempotency.drain().await;

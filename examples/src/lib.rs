@@ -17,3 +17,33 @@ pub fn init_logging() {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
+
+/// Resolves when the process is asked to stop: Ctrl-C (`SIGINT`), or
+/// `SIGTERM`, which is how systemd, Docker and Kubernetes stop a service.
+/// Waiting for Ctrl-C alone, a deploy would kill the server outright,
+/// without the graceful shutdown and `Idempotency::drain` that let
+/// handlers whose clients went away finish and store their outcome.
+/// A signal that cannot be listened for is never taken as a request to stop.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                terminate.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}

@@ -7,6 +7,13 @@
 //! back with a different payload. The full HTTP contract, status by status,
 //! is in the [README](https://github.com/idempotent-rs/idempotent#the-http-contract).
 //!
+//! The one case it cannot cover: a process that dies mid-handler (or stalls
+//! past the endpoint's `lease`, 60 s by default) leaves no trace of how far
+//! it got, so a retry after the lease runs the handler again. Keep the side
+//! effect in one transaction with your own write, or give the downstream
+//! service (a payment provider) a key from [`IdempotencyKey::derive`] as
+//! its own idempotency key.
+//!
 //! # Quick start
 //!
 //! Depend on the `idempotent-core` package (the `idempotent` package on
