@@ -142,7 +142,8 @@ impl Idempotency {
     /// It also waits for runs whose request has not been dropped yet:
     /// axum's graceful shutdown can return just before a connection's task
     /// drops the request it served, whose run then moves onto a task of
-    /// its own.
+    /// its own; and for responses still being stored after a store error,
+    /// for up to the endpoint's lease while the store stays down.
     ///
     /// ```no_run
     /// # use axum::Router;
