@@ -688,6 +688,38 @@ async fn a_file_locked_by_another_program_is_named_as_such() {
     );
 }
 
+/// Another connection keeps the file's write lock past the busy timeout
+/// (a transaction left open): the claim fails as an outage, and its error
+/// said only "database is locked", not which file, nor why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_on_a_file_kept_locked_names_the_file() {
+    use idempotent_core::fingerprint::Fingerprint;
+    use idempotent_core::store::{Store, StoreError};
+
+    let db = TempDb::new();
+    let store = db.open().await;
+    let other_process = db.open().await;
+    let mut writer = other_process.pool().acquire().await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    let key = record_key("kept-locked");
+    let fingerprint = Fingerprint::from_bytes([7; 32]);
+    let claimed = store
+        .claim(&key, fingerprint, Duration::from_secs(60))
+        .await;
+    sqlx::query("COMMIT").execute(&mut *writer).await.unwrap();
+    let error = claimed.expect_err("the file is locked");
+    assert!(matches!(error, StoreError::Backend(_)), "{error:?}");
+    let told = error.to_string();
+    let file = db.0.display().to_string();
+    assert!(
+        told.contains(&file) && told.contains("a transaction left open"),
+        "{told}"
+    );
+}
+
 /// The WAL file's size on disk.
 fn wal_len(db: &TempDb) -> u64 {
     let mut path = db.0.clone().into_os_string();

@@ -380,13 +380,20 @@ impl PostgresStore {
     /// SQL of [`migration_sql`](Self::migration_sql)), and is then
     /// refused at once if it lacks one of those privileges.
     ///
+    /// Logs a warning, and goes on, when the store's clock is more than a
+    /// second from PostgreSQL's (instances decide leases by their own
+    /// clocks), or when PostgreSQL may lose the store's commits to a crash
+    /// (an `UNLOGGED` table, `synchronous_commit = off`): either way,
+    /// requests may run twice.
+    ///
     /// # Errors
     /// The database refused (for example, no `CREATE` privilege, or no
     /// such schema), a table of the same name exists without the store's
-    /// columns (made by something else), the role may not read or write
-    /// the table or use its schema, or the server takes no writes from
-    /// the role (a hot standby, `default_transaction_read_only`): each
-    /// error, a [`StoreError::Misconfigured`], says what to change.
+    /// columns or without its primary key on `(scope, key)` (made by
+    /// something else), the role may not read or write the table or use
+    /// its schema, or the server takes no writes from the role (a hot
+    /// standby, `default_transaction_read_only`): each error, a
+    /// [`StoreError::Misconfigured`], says what to change.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         // PostgreSQL checks the `CREATE` privilege before it looks for
         // the table `IF NOT EXISTS` names, so the script fails for a role
@@ -395,6 +402,7 @@ impl PostgresStore {
         // one connection, so that the pool gains one connection at most.
         let mut connection = (self.pool().acquire().await)
             .map_err(|error| migrate_error(error, &self.inner.table, false))?;
+        self.warn_of_risks(&mut connection).await;
         let existing = match self.existing(&mut connection).await {
             Ok(existing) => Some(existing),
             Err(error) => {
@@ -405,6 +413,7 @@ impl PostgresStore {
         let table = existing.filter(Existing::is_table);
         if let Some(table) = &table {
             self.check_columns(&table.columns)?;
+            sql::check_key(&self.inner.table, table.keyed, "PostgresStore")?;
             if table.indexed {
                 self.check_privileges(table)?;
                 return check_writable(table);
@@ -435,8 +444,9 @@ impl PostgresStore {
     }
 
     /// The table as it is: its columns, whether an index is led by
-    /// `expires_at`, and which of the privileges the statements need the
-    /// role lacks on it. The catalogs are readable by every role.
+    /// `expires_at` and one keys it on `(scope, key)`, and which of the
+    /// privileges the statements need the role lacks on it. The catalogs
+    /// are readable by every role.
     async fn existing(&self, connection: &mut Leased) -> Result<Existing, sqlx::Error> {
         // The name is a checked identifier, safe in a string literal.
         // Any index led by `expires_at` serves the purge, whatever its
@@ -450,6 +460,12 @@ impl PostgresStore {
                EXISTS (SELECT FROM pg_index i
                        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
                        WHERE i.indrelid = t.oid AND a.attname = 'expires_at'),
+               EXISTS (SELECT FROM pg_index i
+                       WHERE i.indrelid = t.oid AND i.indisunique AND i.indimmediate
+                         AND i.indisvalid AND i.indpred IS NULL AND i.indnkeyatts = 2
+                         AND ARRAY(SELECT attname::text FROM pg_attribute
+                                   WHERE attrelid = t.oid AND attnum IN (i.indkey[0], i.indkey[1])
+                                   ORDER BY attname) = ARRAY['key', 'scope']),
                ARRAY(SELECT p FROM unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE']) AS p
                      WHERE NOT has_table_privilege(t.oid, p)),
                current_user::text,
@@ -462,12 +478,13 @@ impl PostgresStore {
             Vec<String>,
             Vec<String>,
             bool,
+            bool,
             Vec<String>,
             String,
             bool,
             bool,
         );
-        let (names, types, indexed, missing, role, standby, read_only): Inspected =
+        let (names, types, indexed, keyed, missing, role, standby, read_only): Inspected =
             sqlx::query_as(&inspect)
                 .fetch_one(&mut **connection)
                 .await?;
@@ -479,10 +496,36 @@ impl PostgresStore {
         Ok(Existing {
             columns: names.into_iter().zip(types).collect(),
             indexed,
+            keyed,
             missing,
             role,
             writes,
         })
+    }
+
+    /// Warns of what lets requests run twice without an error: a store's
+    /// clock far from the server's, or a table or role whose commits a
+    /// crash may lose. A look that fails (no such schema, no `USAGE` on
+    /// it) warns of nothing: `migrate` says what is wrong then.
+    async fn warn_of_risks(&self, connection: &mut Leased) {
+        // The name is a checked identifier, safe in a string literal.
+        let look = format!(
+            "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint,
+                    COALESCE((SELECT relpersistence = 'u' FROM pg_class
+                              WHERE oid = to_regclass('{quoted}')), FALSE),
+                    current_setting('synchronous_commit') = 'off',
+                    current_user::text",
+            quoted = sql::quoted(&self.inner.table)
+        );
+        let asked = self.now();
+        let looked = sqlx::query_as::<_, (i64, bool, bool, String)>(&look)
+            .fetch_one(&mut **connection)
+            .await;
+        let Ok((server, unlogged, asynchronous, role)) = looked else {
+            return;
+        };
+        warn_if_clock_skewed(asked, from_sql_millis(server), self.now());
+        warn_if_not_durable(&self.inner.table, &role, (unlogged, asynchronous));
     }
 
     /// Refuses a role without `USAGE` on the table's schema, which
@@ -796,6 +839,59 @@ fn schema_of(table: &str) -> &str {
     table.split_once('.').map_or("public", |(schema, _)| schema)
 }
 
+/// How far the store's clock may be from PostgreSQL's before `migrate`
+/// warns: NTP keeps clocks within milliseconds, so a second off is a clock
+/// nothing keeps, which drifts on. Claims take over leases that lapsed by
+/// the claiming instance's clock, renewed every third of a lease:
+/// instances whose clocks disagree by two thirds of a lease take over
+/// each other's running claims.
+const CLOCK_SKEW_WARNING: Duration = Duration::from_secs(1);
+
+/// Warns when the store's clock, read at `asked` and at `answered` around
+/// a query that read PostgreSQL's clock as `server` (Unix ms), is further
+/// from it than [`CLOCK_SKEW_WARNING`], however the round trip divides.
+/// PostgreSQL's clock stands for the other instances' here: the store
+/// never reads it otherwise, and an instance whose clock is off runs
+/// requests twice without a word.
+fn warn_if_clock_skewed(asked: u64, server: u64, answered: u64) {
+    let half_round_trip = answered.saturating_sub(asked) / 2;
+    let midpoint = asked.saturating_add(half_round_trip);
+    let (skew, direction) = if midpoint >= server {
+        (midpoint - server, "ahead of")
+    } else {
+        (server - midpoint, "behind")
+    };
+    if skew.saturating_sub(half_round_trip) <= millis(CLOCK_SKEW_WARNING) {
+        return;
+    }
+    tracing::warn!(
+        skew_ms = skew,
+        "the store's clock is {skew} ms {direction} PostgreSQL's: leases and replay windows are read from each instance's clock, so instances whose clocks disagree by two thirds of a lease take over each other's running claims and run a request twice, and a reaper whose clock runs ahead purges them; synchronize this machine's clock (NTP)"
+    );
+}
+
+/// Warns when PostgreSQL may lose what the store commits to `table` as
+/// `role`: a table that is `unlogged` is emptied after a crash and has no
+/// rows on a standby (after a failover); commits made `asynchronous`ly
+/// may be lost to a crash. Either way, records of requests that ran are
+/// gone, and their retries run them again, as with the SQLite store's
+/// `synchronous = NORMAL`.
+fn warn_if_not_durable(table: &str, role: &str, (unlogged, asynchronous): (bool, bool)) {
+    if unlogged {
+        tracing::warn!(
+            table,
+            "the table `{table}` is UNLOGGED: PostgreSQL empties it after a crash, and a standby has none of its rows, so after a crash or a failover every request completed before it runs again on its retry; make it logged (`ALTER TABLE {} SET LOGGED`)",
+            sql::quoted(table)
+        );
+    }
+    if asynchronous {
+        tracing::warn!(
+            "`synchronous_commit` is off for the role `{role}`: PostgreSQL answers a commit before it is on disk, and a crash loses the last claims and responses, whose retries then run their requests again; turn it on for the store's role (`ALTER ROLE {} SET synchronous_commit = on`)",
+            quote_ident(role)
+        );
+    }
+}
+
 /// Refuses a server that takes no writes from the store's role, found by
 /// `migrate` on a table it would otherwise accept: every claim would fail.
 fn check_writable(existing: &Existing) -> Result<(), StoreError> {
@@ -825,6 +921,9 @@ struct Existing {
     columns: Vec<(String, String)>,
     /// Whether an index is led by `expires_at`.
     indexed: bool,
+    /// Whether a primary key or unique index is on exactly `(scope, key)`,
+    /// the target of the claim's `ON CONFLICT`.
+    keyed: bool,
     /// The privileges among `SELECT`, `INSERT`, `UPDATE` and `DELETE`
     /// that the role lacks on the table.
     missing: Vec<String>,
@@ -1324,7 +1423,7 @@ mod tests {
     fn what_only_a_change_of_setup_ends_is_misconfigured() {
         use self::reachability::AcquireError;
 
-        for code in ["42P01", "42703", "42501"] {
+        for code in ["42P01", "42703", "42P10", "42501"] {
             let error = statement_error(server_error(code));
             assert!(
                 matches!(error, StoreError::Misconfigured(_)),

@@ -86,6 +86,26 @@ pub(crate) fn check_columns(
     }
 }
 
+/// What is wrong with a table of the store's columns that has no primary
+/// key or unique index on exactly `(scope, key)`, as a table made by a
+/// migration tool with a surrogate `id` key has: every claim's `ON
+/// CONFLICT (scope, key)` fails on it.
+const NOT_KEYED: &str = "no primary key or unique index on exactly (`scope`, `key`), which every claim's `INSERT ... ON CONFLICT (scope, key)` needs";
+
+/// Refuses the table `table` of `store` (see [`check_columns`]) unless
+/// `keyed` says it has a primary key or unique index on exactly `(scope,
+/// key)`.
+pub(crate) fn check_key(table: &str, keyed: bool, store: &'static str) -> Result<(), StoreError> {
+    if keyed {
+        return Ok(());
+    }
+    Err(StoreError::misconfigured(ForeignTable {
+        table: table.to_owned(),
+        problems: NOT_KEYED.to_owned(),
+        store,
+    }))
+}
+
 /// What is wrong with a table's `(name, type)` columns next to the
 /// `expected` ones, if anything: missing columns and, where `types`
 /// says types matter, columns of another type.

@@ -275,7 +275,8 @@ impl SqliteStore {
     /// # Errors
     /// The database refused (for example, a read-only file, or a schema
     /// that is not attached), or a table of the same name exists without
-    /// the store's columns (made by something else).
+    /// the store's columns or its primary key on `(scope, key)` (made by
+    /// something else).
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let table = &self.inner.table;
         // SQLite names a schema on the index, never on the table it indexes.
@@ -297,9 +298,9 @@ impl SqliteStore {
         created.map(drop).map_err(|error| self.migrate_error(error))
     }
 
-    /// Refuses a table without the store's columns, which every statement
-    /// would fail on. Only names are compared: SQLite keeps a value of any
-    /// type in any column.
+    /// Refuses a table without the store's columns, or without its primary
+    /// key, which every statement or every claim would fail on. Only names
+    /// are compared: SQLite keeps a value of any type in any column.
     async fn check_columns(&self) -> Result<(), StoreError> {
         let table = &self.inner.table;
         let base = sql::base_name(table);
@@ -310,7 +311,7 @@ impl SqliteStore {
         let found: Vec<(String, String)> =
             match sqlx::query_as("SELECT name, type FROM pragma_table_info(?1, ?2)")
                 .bind(base.to_ascii_lowercase())
-                .bind(schema)
+                .bind(schema.as_deref())
                 .fetch_all(&self.inner.pool)
                 .await
             {
@@ -318,7 +319,27 @@ impl SqliteStore {
                 // An unknown schema: the script says so.
                 Err(_) => return Ok(()),
             };
-        sql::check_columns(table, &found, (COLUMNS, false), "SqliteStore")
+        sql::check_columns(table, &found, (COLUMNS, false), "SqliteStore")?;
+        if found.is_empty() {
+            return Ok(());
+        }
+        // A unique index the claim's `ON CONFLICT (scope, key)` can use:
+        // on those two columns alone, for every row.
+        let keyed: Result<i64, _> = sqlx::query_scalar(
+            "SELECT EXISTS (
+                SELECT 1 FROM pragma_index_list(?1, ?2) AS list
+                WHERE list.\"unique\" AND NOT list.partial
+                  AND (SELECT count(*) FROM pragma_index_info(list.name, ?2)) = 2
+                  AND (SELECT count(*) FROM pragma_index_info(list.name, ?2)
+                       WHERE lower(name) IN ('scope', 'key')) = 2
+            )",
+        )
+        .bind(base.to_ascii_lowercase())
+        .bind(schema.as_deref())
+        .fetch_one(&self.inner.pool)
+        .await;
+        // A look that fails leaves it to the statements to say why.
+        sql::check_key(table, !matches!(keyed, Ok(0)), "SqliteStore")
     }
 
     /// Deletes every record whose deadline has passed; returns how many.
@@ -551,8 +572,9 @@ const READ_ONLY_FIX: &str = "the store writes on every request; let the process 
 impl SqliteStore {
     /// A statement's failure as the engine reports it: a missing table,
     /// one made by something else, or a read-only file is named as such,
-    /// with the fix, since such a service fails every request; a full disk
-    /// is told as the outage it is.
+    /// with the fix, since such a service fails every request; a full disk,
+    /// or a file another connection keeps locked, is told as the outage it
+    /// is, with the file.
     fn statement_error(&self, error: sqlx::Error) -> StoreError {
         let options = self.inner.pool.connect_options();
         statement_error(error, &options.get_filename().display().to_string())
@@ -582,13 +604,22 @@ fn statement_error(error: sqlx::Error, path: &str) -> StoreError {
         .unwrap_or_default();
     let hint = if message.starts_with("no such table") {
         "create the store's table with `SqliteStore::migrate()` when the service starts".to_owned()
-    } else if message.starts_with("no such column") || message.contains("has no column named") {
-        "the store's table does not have the columns `SqliteStore::migrate()` creates (a table of the same name made by something else?): give the store a table of its own with `SqliteStoreBuilder::table(...)`".to_owned()
+    } else if message.starts_with("no such column")
+        || message.contains("has no column named")
+        || message.starts_with("ON CONFLICT clause does not match")
+    {
+        "the store's table does not have the columns and primary key `SqliteStore::migrate()` creates (a table of the same name made by something else?): give the store a table of its own with `SqliteStoreBuilder::table(...)`".to_owned()
     } else if result_code(&error) == Some(8) {
         format!("the database `{path}` is read-only: {READ_ONLY_FIX}")
     } else if result_code(&error) == Some(13) {
         // SQLITE_FULL: may pass as space is freed, so retried as an outage.
         return Explained::store_error(error, DISK_FULL);
+    } else if result_code(&error) == Some(5) {
+        // SQLITE_BUSY, after the busy timeout: the lock may be let go.
+        let hint = format!(
+            "another connection kept `{path}` locked for longer than the busy timeout (a transaction left open, a connection in `locking_mode = EXCLUSIVE`, a long write by another program): if it lasts, end it, or give the store a file of its own"
+        );
+        return Explained::store_error(error, hint);
     } else {
         return StoreError::backend(error);
     };

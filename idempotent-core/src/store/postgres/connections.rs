@@ -391,8 +391,9 @@ pub(in crate::store) fn statement_error(error: sqlx::Error) -> StoreError {
     let hint = match sql::error_code(&error).as_deref() {
         Some("42P01") => TABLE_MISSING,
         // Undefined column, no operator for the column's type, datatype
-        // mismatch: the table has another shape than the store's.
-        Some("42703" | "42883" | "42804") => FOREIGN_TABLE,
+        // mismatch, no unique index for the claim's `ON CONFLICT`: the
+        // table has another shape than the store's.
+        Some("42703" | "42883" | "42804" | "42P10") => FOREIGN_TABLE,
         Some("42501") => NOT_PERMITTED,
         Some("25006") => return Explained::store_error(error, READ_ONLY),
         _ => return StoreError::backend(error),
@@ -404,7 +405,7 @@ pub(in crate::store) fn statement_error(error: sqlx::Error) -> StoreError {
 const TABLE_MISSING: &str =
     "create the store's table with `PostgresStore::migrate()` when the service starts";
 /// What to do about a table of another shape.
-const FOREIGN_TABLE: &str = "the store's table does not have the columns `PostgresStore::migrate()` creates (a table of the same name made by something else?): give the store a table of its own with `PostgresStoreBuilder::table(...)`";
+const FOREIGN_TABLE: &str = "the store's table does not have the columns and primary key `PostgresStore::migrate()` creates (a table of the same name made by something else?): give the store a table of its own with `PostgresStoreBuilder::table(...)`";
 /// What to do about a table the role may not use (SQLSTATE 42501): the
 /// server's words say whether the table or its schema refused it.
 const NOT_PERMITTED: &str = "grant SELECT, INSERT, UPDATE and DELETE on the store's table to the role the store connects as, and USAGE on the table's schema if it is not `public` (`PostgresStore::migrate()` names what the role lacks)";

@@ -1,0 +1,150 @@
+//! A table of the SQL stores' columns whose primary key is not `(scope,
+//! key)`, as a migration tool that gives every table a surrogate `id`
+//! makes it: `migrate` took it, and then every claim failed on its `ON
+//! CONFLICT (scope, key)` as an outage, a 503 to retry, for good. It is
+//! refused by `migrate`, and claims name it as a setup to change, until a
+//! unique index on `(scope, key)` is added. PostgreSQL tests need
+//! `IDEMPOTENT_TEST_POSTGRES_URL`; SQLite ones use a temporary file.
+
+mod store_support;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use idempotent_core::fingerprint::Fingerprint;
+use idempotent_core::key::IdempotencyKey;
+use idempotent_core::record::{Claim, RecordKey};
+use idempotent_core::scope::ScopeDigest;
+use idempotent_core::store::{PostgresStore, SqliteStore, Store, StoreError};
+use store_support::{backend_url, unique_name};
+
+/// One claim of a new key.
+async fn claim(store: &impl Store) -> Result<Claim, StoreError> {
+    let key = RecordKey::new(
+        ScopeDigest::global(),
+        IdempotencyKey::parse(b"k").expect("valid key"),
+    );
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    store
+        .claim(&key, fingerprint, Duration::from_secs(60))
+        .await
+}
+
+/// `error` is a setup to change that names the missing key and `words`.
+#[track_caller]
+fn assert_refused_for_its_key(error: &StoreError, words: &[&str]) {
+    assert!(
+        matches!(error, StoreError::Misconfigured(_)),
+        "not told as a setup to change: {error:?}"
+    );
+    let told = error.to_string();
+    for word in words.iter().chain(&["primary key"]) {
+        assert!(told.contains(word), "`{word}` missing from: {told}");
+    }
+}
+
+/// What `migrate` and a claim answered on a table without the key, and
+/// then once a unique index on `(scope, key)` was added.
+struct Outcomes {
+    migrated: Result<(), StoreError>,
+    claimed: Result<Claim, StoreError>,
+    migrated_keyed: Result<(), StoreError>,
+    claimed_keyed: Result<Claim, StoreError>,
+}
+
+impl Outcomes {
+    /// Both refused the table, naming the key and the `builder`'s
+    /// `table` setting (`migrate` the `table` too); both worked once it
+    /// had the key.
+    #[track_caller]
+    fn assert_refused_until_keyed(self, table: &str, builder: &str) {
+        let setting = format!("{builder}::table");
+        let migrated = self.migrated.expect_err("a table without the key");
+        assert_refused_for_its_key(&migrated, &[table, &setting]);
+        let claimed = self.claimed.expect_err("the claim fails");
+        assert_refused_for_its_key(&claimed, &[&setting]);
+        self.migrated_keyed
+            .expect("a unique index on (scope, key) will do");
+        let claimed = self.claimed_keyed;
+        assert!(matches!(claimed, Ok(Claim::Acquired(_))), "{claimed:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_postgres_table_keyed_by_a_surrogate_id_is_refused() {
+    let Some(url) = backend_url("IDEMPOTENT_TEST_POSTGRES_URL") else {
+        return;
+    };
+    let table = unique_name("idem_keyless");
+    let connected = PostgresStore::connect(&url).await.expect("connect");
+    let pool = connected.pool();
+    let store = PostgresStore::builder(pool.clone())
+        .table(&table)
+        .build()
+        .expect("valid table name");
+    let create = format!(
+        "CREATE TABLE {table} (
+            id bigserial PRIMARY KEY,
+            scope bytea NOT NULL, key text NOT NULL, fingerprint bytea NOT NULL,
+            lease_token bytea, expires_at bigint NOT NULL, status smallint,
+            header_names text[], header_values bytea[], body bytea
+        );
+        CREATE INDEX ON {table} (expires_at);"
+    );
+    sqlx::raw_sql(&create).execute(pool).await.expect("create");
+    let migrated = store.migrate().await;
+    let claimed = claim(&store).await;
+    let index = format!("CREATE UNIQUE INDEX ON {table} (scope, key)");
+    sqlx::raw_sql(&index).execute(pool).await.expect("index");
+    let migrated_keyed = store.migrate().await;
+    let claimed_keyed = claim(&store).await;
+    let drop_table = format!("DROP TABLE {table}");
+    sqlx::raw_sql(&drop_table)
+        .execute(pool)
+        .await
+        .expect("drop");
+    let outcomes = Outcomes {
+        migrated,
+        claimed,
+        migrated_keyed,
+        claimed_keyed,
+    };
+    outcomes.assert_refused_until_keyed(&table, "PostgresStoreBuilder");
+}
+
+/// A database file, deleted with its WAL files when dropped.
+struct TempDb(PathBuf);
+
+impl Drop for TempDb {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut path = self.0.clone().into_os_string();
+            path.push(suffix);
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_sqlite_table_keyed_by_a_surrogate_id_is_refused() {
+    let db = TempDb(std::env::temp_dir().join(unique_name("idem_keyless") + ".db"));
+    let store = SqliteStore::open(&db.0).await.expect("open");
+    let pool = store.pool();
+    let create = "CREATE TABLE idempotency_records (
+        id INTEGER PRIMARY KEY,
+        scope BLOB NOT NULL, key TEXT NOT NULL, fingerprint BLOB NOT NULL,
+        lease_token BLOB, expires_at INTEGER NOT NULL, record BLOB
+    )";
+    sqlx::raw_sql(create).execute(pool).await.expect("create");
+    let migrated = store.migrate().await;
+    let claimed = claim(&store).await;
+    let index = "CREATE UNIQUE INDEX records_key ON idempotency_records (scope, key)";
+    sqlx::raw_sql(index).execute(pool).await.expect("index");
+    let outcomes = Outcomes {
+        migrated,
+        claimed,
+        migrated_keyed: store.migrate().await,
+        claimed_keyed: claim(&store).await,
+    };
+    outcomes.assert_refused_until_keyed("idempotency_records", "SqliteStoreBuilder");
+}
