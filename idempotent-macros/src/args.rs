@@ -801,6 +801,15 @@ fn duration_term(text: &str) -> Result<(u64, &str), String> {
             "`{found}` does not start with a number; {DURATION_USAGE}"
         ));
     }
+    if tail.starts_with('_') {
+        // As in a Rust literal; without this, `10_000s` would be "`10`
+        // has no unit".
+        let (digits, _) = split_while(text, |c| c.is_ascii_digit() || c == '_');
+        return Err(format!(
+            "a duration's numbers take no `_`: write `{}` for `{digits}`",
+            digits.replace('_', "")
+        ));
+    }
     if tail.starts_with(['.', ',']) {
         return Err(
             "a duration takes whole numbers: combine units instead, as in \"1h 30m\" or \"90m\""
@@ -951,6 +960,7 @@ mod tests {
         assert!(error("1000000d").contains("longer than a century"));
         assert!(error("-5s").contains("cannot be negative"));
         assert!(error("1h -30m").contains("cannot be negative"));
+        assert!(error("10_000s").contains("write `10000` for `10_000`"));
     }
 
     #[test]

@@ -350,7 +350,10 @@ fn exact_repeats_blocker(
     generics: &syn::Generics,
     args: &Args,
 ) -> Option<String> {
-    let is = |argument: &Argument<'_>, names: &[&str]| is_named(argument.ty, names);
+    // An extractor of the application's own, written with its path
+    // (`meta::Form`), may read more than these do, or be a parts extractor
+    // that `ExactBody` cannot wrap.
+    let is = |argument: &Argument<'_>, names: &[&str]| is_extractor(argument.ty, names);
     let list = |names: &[&str]| {
         let names: Vec<String> = names.iter().map(|name| format!("`{name}`")).collect();
         names.join(", ")
@@ -367,7 +370,7 @@ fn exact_repeats_blocker(
         .is_some_and(|last| is(last, BODY_EXTRACTORS))
     {
         return Some(format!(
-            "its last argument is not one of {}",
+            "its last argument is not one of axum's {}",
             list(BODY_EXTRACTORS)
         ));
     }
@@ -378,7 +381,7 @@ fn exact_repeats_blocker(
     })?;
     let ty = other.ty;
     Some(format!(
-        "the fingerprinted argument `{}` is not one of {}, {} (leave it out with `skip`)",
+        "the fingerprinted argument `{}` is not one of axum's {}, {} (leave it out with `skip`)",
         quote!(#ty).to_string().replace(' ', ""),
         list(BODY_EXTRACTORS),
         list(URI_EXTRACTORS)
@@ -470,8 +473,8 @@ fn check_axum_arity(
 /// a handler's last argument. `Request` is left out: an application's own
 /// parts extractor may be called that.
 const CONSUMES_BODY: &[&str] = &["Json", "Form", "Bytes", "String", "Multipart"];
-/// Where those come from, when the path is written out.
-const BODY_EXTRACTOR_CRATES: &[&str] = &["axum", "axum_extra", "bytes", "std", "alloc"];
+/// Where axum's extractors come from, when the path is written out.
+const EXTRACTOR_CRATES: &[&str] = &["axum", "axum_extra", "bytes", "std", "alloc"];
 
 /// axum's own error for a body extractor before the last argument names
 /// the whole handler type, with the attribute's hidden arguments in it;
@@ -496,18 +499,23 @@ fn check_body_extractor_is_last(arguments: &[Argument<'_>], errors: &mut Errors)
     }
 }
 
-/// Whether `ty` is one of [`CONSUMES_BODY`], by a bare name or a path from
-/// one of [`BODY_EXTRACTOR_CRATES`]: `crate::Form` is an application's own
-/// type.
+/// Whether `ty` is one of axum's [`CONSUMES_BODY`].
 fn is_body_extractor(ty: &Type) -> bool {
+    is_extractor(ty, CONSUMES_BODY)
+}
+
+/// Whether `ty` is one of axum's extractors `names`, by a bare name or a
+/// path from one of [`EXTRACTOR_CRATES`]: `crate::Form` is an
+/// application's own type.
+fn is_extractor(ty: &Type, names: &[&str]) -> bool {
     let Some(path) = type_path(ty) else {
         return false;
     };
     let from_known_crate = path.segments.len() == 1
-        || BODY_EXTRACTOR_CRATES
+        || EXTRACTOR_CRATES
             .iter()
             .any(|krate| path.segments[0].ident == krate);
-    from_known_crate && is_named(ty, CONSUMES_BODY)
+    from_known_crate && is_named(ty, names)
 }
 
 /// An `optional` endpoint runs requests that carry no key, which a
@@ -1098,10 +1106,16 @@ fn checked_name(
         return fingerprint;
     }
     let error = local("__idempotent_error");
+    // Called by path, not as methods: a method of the same name taking
+    // `self`, from a trait of the user's in scope that every type
+    // implements, would be chosen over these, which take `&self`.
     quote! {{
         static __IDEMPOTENT_DEFAULT_NAME: #private::DefaultName =
             #private::DefaultName::new(#place);
-        match __IDEMPOTENT_DEFAULT_NAME.check(__IDEMPOTENT_ENDPOINT.name()) {
+        match #private::DefaultName::check(
+            &__IDEMPOTENT_DEFAULT_NAME,
+            #private::Endpoint::name(&__IDEMPOTENT_ENDPOINT),
+        ) {
             ::core::result::Result::Ok(()) => #fingerprint,
             ::core::result::Result::Err(#error) => ::core::result::Result::Err(#error),
         }

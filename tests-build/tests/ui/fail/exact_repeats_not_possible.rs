@@ -28,4 +28,26 @@ async fn generic<T: Serialize + 'static>(axum::Json(body): axum::Json<T>) -> Str
     String::new()
 }
 
+/// An extractor of the application's own, named like one of axum's.
+mod meta {
+    pub struct Form;
+
+    impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Form {
+        type Rejection = std::convert::Infallible;
+
+        async fn from_request_parts(
+            _: &mut axum::http::request::Parts,
+            _: &S,
+        ) -> Result<Self, Self::Rejection> {
+            Ok(Self)
+        }
+    }
+}
+
+#[idempotent(exact_repeats, skip(form))]
+async fn own_form(Query(page): Query<Page>, form: meta::Form) -> String {
+    let meta::Form = form;
+    page.size.to_string()
+}
+
 fn main() {}

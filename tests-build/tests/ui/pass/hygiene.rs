@@ -1,7 +1,8 @@
 //! The expansion names everything by absolute path and keeps its own
 //! bindings apart: a crate that shadows the prelude, has modules named
 //! like the crates the attribute uses, a lowercase constant where a
-//! binding could be, or no implicit prelude at all still compiles.
+//! binding could be, a trait in scope with methods named like the
+//! expansion's, or no implicit prelude at all still compiles.
 #![allow(dead_code, non_camel_case_types, non_upper_case_globals, unused_macros)]
 
 use ::axum::routing::post;
@@ -38,6 +39,17 @@ macro_rules! module_path {
 /// A lowercase constant is a pattern wherever a `let` binding of its name
 /// stands.
 const error: u8 = 0;
+
+/// A trait for every type, in scope, whose methods take `self`: a method
+/// call on a value of the expansion's would find these before its own
+/// methods that take `&self`.
+trait Everything: Sized {
+    fn name(self) {}
+    fn check(self, _: &str) {}
+    fn into_parts(self) {}
+}
+
+impl<T> Everything for T {}
 
 #[::idempotent_core::idempotent(ttl = "24h", scope = "api_key")]
 async fn create(Json(n): Json<u32>) -> Json<u32> {

@@ -108,6 +108,16 @@ async fn own_extractor_named_like_a_body(form: meta::Form, Json(n): Json<u8>) ->
     format!("{} {n}", form.trace)
 }
 
+// ... or come last, where exact repeats, which wrap axum's body extractors
+// alone, leave it be.
+#[idempotent(skip(form))]
+async fn own_extractor_named_like_a_body_last(
+    axum::extract::Path(n): axum::extract::Path<u8>,
+    form: meta::Form,
+) -> String {
+    format!("{} {n}", form.trace)
+}
+
 fn main() {
     let _app: Router = Router::new()
         .route("/public", post(handlers::public))
@@ -118,6 +128,7 @@ fn main() {
         .route("/early", post(early_return))
         .route("/body", post(body))
         .route("/own", post(own_extractor_named_like_a_body))
+        .route("/own-last/{n}", post(own_extractor_named_like_a_body_last))
         .route("/local", post(local_types))
         .layer(Idempotency::new(MemoryStore::new()));
 }
