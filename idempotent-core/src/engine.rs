@@ -113,7 +113,11 @@ fn prepare(
         if endpoint.is_optional() {
             return Ok(None);
         }
-        return Err(Problem::from(KeyError::Missing));
+        // With the headers at hand, a key sent under another name is named.
+        return Err(match &request.scope {
+            ScopeSource::Headers(headers) => crate::key::missing(headers),
+            _ => Problem::from(KeyError::Missing),
+        });
     };
     let (scope, request_headers) = match request.scope {
         ScopeSource::Resolved(scope) => (scope.map_err(missing_credentials)?, None),

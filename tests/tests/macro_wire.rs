@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use http_body_util::BodyExt;
 use idempotent_core::store::MemoryStore;
 use idempotent_core::testing::{MockStore, OpKind};
-use idempotent_core::{Idempotency, idempotent};
+use idempotent_core::{Endpoint, Idempotency, IdempotentRequest, idempotent};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -205,6 +205,30 @@ async fn a_key_sent_under_another_name_is_named_in_the_missing_key_problem() {
         );
     }
     assert_eq!(runs.get(), 0);
+}
+
+/// The same for a handler that takes `IdempotentRequest` and runs the
+/// engine itself, as `#[idempotent]` does: it answered the plain
+/// "no Idempotency-Key header".
+#[tokio::test]
+async fn a_hand_written_handler_names_a_key_sent_under_another_name() {
+    const RESTOCK: Endpoint = Endpoint::new("macro_wire::restock");
+    async fn restock(idempotency: IdempotentRequest, Json(units): Json<u64>) -> Response {
+        let fingerprint = RESTOCK.fingerprint(&units);
+        let run = async move { units.to_string() };
+        idempotency.run(&RESTOCK, fingerprint, run).await
+    }
+    let app = Router::new()
+        .route("/restocks", post(restock))
+        .layer(Idempotency::new(MemoryStore::new()));
+    let mut request = post_json("/restocks", None, "1");
+    request
+        .headers_mut()
+        .insert("x-idempotency-key", "k1".parse().unwrap());
+    let detail = send(&app, request)
+        .await
+        .problem(StatusCode::BAD_REQUEST, "missing-key");
+    assert!(detail.contains("but has `x-idempotency-key`"), "{detail}");
 }
 
 #[tokio::test]
