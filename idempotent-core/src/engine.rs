@@ -32,7 +32,7 @@ use crate::record::{
 use crate::renewal::Renewals;
 use crate::replay::{Collected, NotKept, collect_response, replay, replayable_headers};
 use crate::request::{IdempotentRequest, ScopeSource};
-use crate::scope::{self, MissingCredential, ScopeDigest};
+use crate::scope::{self, MissingCredential, Scope, ScopeDigest};
 use crate::store::StoreError;
 
 /// The user's handler, already turned into a response.
@@ -152,8 +152,32 @@ pub(crate) fn resolve_scope(
     match scope::resolve(endpoint.scope_kind(), headers, &settings.api_key_header) {
         Ok(Some(scope)) => Ok(scope),
         Ok(None) => Err(no_principal(endpoint.name())),
-        Err(missing) => Err(missing_credentials(missing)),
+        Err(missing) => Err(match endpoint.scope_kind() {
+            // Asked only once the header was not found, so that requests
+            // that have it pay nothing for the check.
+            Scope::Header(name) if http::HeaderName::from_bytes(name.as_bytes()).is_err() => {
+                invalid_scope_header(endpoint.name(), name)
+            }
+            _ => missing_credentials(missing),
+        }),
     }
+}
+
+/// An endpoint scoped by a header no request can carry, a name written by
+/// hand (the attribute checks its own at compile time): the server's
+/// setup, not the client's request. Logged too, as [`no_principal`] is.
+fn invalid_scope_header(endpoint: &'static str, name: &str) -> Problem {
+    tracing::error!(
+        endpoint,
+        header = name,
+        "an endpoint is scoped by a header name no request can carry; request refused, nothing executed"
+    );
+    Problem::new(
+        ProblemKind::NotConfigured,
+        format!(
+            "endpoint `{endpoint}` scopes idempotency keys by the header `{name}`, which is not a valid header name (letters, digits and `-`, such as `x-tenant-id`): fix the name given to `Scope::Header`"
+        ),
+    )
 }
 
 /// A custom-scope endpoint that got no principal. Logged too: every keyed

@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use http_body_util::BodyExt;
 use idempotent_core::store::MemoryStore;
 use idempotent_core::testing::{MockStore, OpKind};
-use idempotent_core::{Endpoint, Idempotency, IdempotentRequest, idempotent};
+use idempotent_core::{Endpoint, Idempotency, IdempotentRequest, Scope, idempotent};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -229,6 +229,34 @@ async fn a_hand_written_handler_names_a_key_sent_under_another_name() {
         .await
         .problem(StatusCode::BAD_REQUEST, "missing-key");
     assert!(detail.contains("but has `x-idempotency-key`"), "{detail}");
+}
+
+/// `Scope::Header` written by hand with a name no header can have: every
+/// keyed request was answered 400 "the request has none", which no client
+/// can fix. It is the server's setup, answered 500 with what to change.
+#[tokio::test]
+async fn a_hand_written_scope_header_no_header_can_match_is_a_setup_error() {
+    const TENANTED: Endpoint =
+        Endpoint::new("macro_wire::tenanted").scope(Scope::Header("x tenant"));
+    async fn tenanted(idempotency: IdempotentRequest, Json(units): Json<u64>) -> Response {
+        let fingerprint = TENANTED.fingerprint(&units);
+        let run = async move { units.to_string() };
+        idempotency.run(&TENANTED, fingerprint, run).await
+    }
+    let app = Router::new()
+        .route("/tenanted", post(tenanted))
+        .layer(Idempotency::new(MemoryStore::new()));
+    let mut request = post_json("/tenanted", Some("k1"), "1");
+    request
+        .headers_mut()
+        .insert("x-tenant", "acme".parse().unwrap());
+    let detail = send(&app, request)
+        .await
+        .problem(StatusCode::INTERNAL_SERVER_ERROR, "not-configured");
+    assert!(
+        detail.contains("`x tenant`") && detail.contains("not a valid header name"),
+        "{detail}"
+    );
 }
 
 #[tokio::test]
