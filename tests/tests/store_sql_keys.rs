@@ -8,7 +8,6 @@
 
 mod store_support;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use idempotent_core::fingerprint::Fingerprint;
@@ -16,7 +15,7 @@ use idempotent_core::key::IdempotencyKey;
 use idempotent_core::record::{Claim, RecordKey};
 use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{PostgresStore, SqliteStore, Store, StoreError};
-use store_support::{backend_url, unique_name};
+use store_support::{TempDb, backend_url, unique_name};
 
 /// One claim of a new key.
 async fn claim(store: &impl Store) -> Result<Claim, StoreError> {
@@ -112,22 +111,9 @@ async fn a_postgres_table_keyed_by_a_surrogate_id_is_refused() {
     outcomes.assert_refused_until_keyed(&table, "PostgresStoreBuilder");
 }
 
-/// A database file, deleted with its WAL files when dropped.
-struct TempDb(PathBuf);
-
-impl Drop for TempDb {
-    fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm"] {
-            let mut path = self.0.clone().into_os_string();
-            path.push(suffix);
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_sqlite_table_keyed_by_a_surrogate_id_is_refused() {
-    let db = TempDb(std::env::temp_dir().join(unique_name("idem_keyless") + ".db"));
+    let db = TempDb::new();
     let store = SqliteStore::open(&db.0).await.expect("open");
     let pool = store.pool();
     let create = "CREATE TABLE idempotency_records (

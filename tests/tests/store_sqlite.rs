@@ -3,27 +3,19 @@
 
 mod store_support;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use idempotent_core::store::{SqliteStore, Tiered};
 use idempotent_core::testing::contract;
 use store_support::{
-    Ledger, assert_kept, complete_with_a_body_of, duplicates_across_instances, pay, payments_app,
-    unique_name,
+    Ledger, TempDb, assert_kept, complete_with_a_body_of, duplicates_across_instances, pay,
+    payments_app,
 };
 
 const STORE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A database file that is deleted (with its WAL files) when dropped.
-struct TempDb(PathBuf);
-
 impl TempDb {
-    fn new() -> Self {
-        Self(std::env::temp_dir().join(unique_name("idempotent-test") + ".db"))
-    }
-
     async fn open(&self) -> SqliteStore {
         let store = SqliteStore::open(&self.0).await.expect("open the database");
         store.migrate().await.expect("migrate");
@@ -31,13 +23,32 @@ impl TempDb {
     }
 }
 
-impl Drop for TempDb {
-    fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm"] {
-            let mut path = self.0.clone().into_os_string();
-            path.push(suffix);
-            let _ = std::fs::remove_file(path);
+/// The file's write lock, held by another process's connection (a
+/// transaction left open) until released.
+struct WriteLock {
+    _other_process: SqliteStore,
+    writer: sqlx::pool::PoolConnection<sqlx::Sqlite>,
+}
+
+impl WriteLock {
+    async fn take(db: &TempDb) -> Self {
+        let other_process = db.open().await;
+        let mut writer = other_process.pool().acquire().await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut *writer)
+            .await
+            .unwrap();
+        Self {
+            _other_process: other_process,
+            writer,
         }
+    }
+
+    async fn release(mut self) {
+        sqlx::query("COMMIT")
+            .execute(&mut *self.writer)
+            .await
+            .unwrap();
     }
 }
 
@@ -309,12 +320,7 @@ async fn a_claim_cut_short_by_the_store_timeout_leaves_no_lease_behind() {
 
     let db = TempDb::new();
     let store = db.open().await;
-    let other_process = db.open().await;
-    let mut writer = other_process.pool().acquire().await.unwrap();
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut *writer)
-        .await
-        .unwrap();
+    let write_lock = WriteLock::take(&db).await;
     let key = record_key("cut-short");
     let fingerprint = Fingerprint::from_bytes([7; 32]);
     let cut = tokio::time::timeout(
@@ -323,7 +329,7 @@ async fn a_claim_cut_short_by_the_store_timeout_leaves_no_lease_behind() {
     )
     .await;
     assert!(cut.is_err(), "the claim waits for the lock: {cut:?}");
-    sqlx::query("COMMIT").execute(&mut *writer).await.unwrap();
+    write_lock.release().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let left = store.get(&key).await.unwrap();
     assert_eq!(
@@ -399,15 +405,10 @@ async fn after_a_503_on_a_locked_file_the_retry_runs_rather_than_409() {
                 .store_timeout(Duration::from_millis(500))
                 .build(),
         );
-    let other_process = db.open().await;
-    let mut writer = other_process.pool().acquire().await.unwrap();
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut *writer)
-        .await
-        .unwrap();
+    let write_lock = WriteLock::take(&db).await;
     let first = pay(&app, "locked", 1).await;
     assert_eq!(first.status, StatusCode::SERVICE_UNAVAILABLE);
-    sqlx::query("COMMIT").execute(&mut *writer).await.unwrap();
+    write_lock.release().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let retry = pay(&app, "locked", 1).await;
     assert_eq!(
@@ -698,18 +699,13 @@ async fn a_claim_on_a_file_kept_locked_names_the_file() {
 
     let db = TempDb::new();
     let store = db.open().await;
-    let other_process = db.open().await;
-    let mut writer = other_process.pool().acquire().await.unwrap();
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut *writer)
-        .await
-        .unwrap();
+    let write_lock = WriteLock::take(&db).await;
     let key = record_key("kept-locked");
     let fingerprint = Fingerprint::from_bytes([7; 32]);
     let claimed = store
         .claim(&key, fingerprint, Duration::from_secs(60))
         .await;
-    sqlx::query("COMMIT").execute(&mut *writer).await.unwrap();
+    write_lock.release().await;
     let error = claimed.expect_err("the file is locked");
     assert!(matches!(error, StoreError::Backend(_)), "{error:?}");
     let told = error.to_string();

@@ -99,6 +99,26 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{:016x}", rand::random::<u64>())
 }
 
+/// A database file in the system temporary directory, deleted with its
+/// WAL files when dropped.
+pub struct TempDb(pub std::path::PathBuf);
+
+impl TempDb {
+    pub fn new() -> Self {
+        Self(std::env::temp_dir().join(unique_name("idempotent-test") + ".db"))
+    }
+}
+
+impl Drop for TempDb {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut path = self.0.clone().into_os_string();
+            path.push(suffix);
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// Executions of the payment side effect, shared by every app instance
 /// (it stands for the bank both instances charge).
 #[derive(Clone, Default)]
