@@ -73,7 +73,10 @@ const NOT_HELD: &str = "the key was released already, by an attempt whose answer
 const LATER_PAUSES: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(8));
 const STORING_LATER: &str = "the response could not be stored yet; the caller got it, and storing it goes on for as long as its lease can last";
 const STORED_LATER: &str = "the response was stored once the store answered again";
-const TAKEN_OVER: &str = "the lease was taken over while the handler ran: another request holds the key, and the request may have run twice";
+/// What a release that found the lease gone and the key held logs: the
+/// engine cannot tell a takeover from a release applied while its answer
+/// was lost, after which another request claimed the freed key.
+const TAKEN_OVER: &str = "another request holds the key: if an attempt to release it timed out or lost its connection, that attempt freed the key and the other request claimed it, which is harmless; otherwise the lease lapsed while the handler ran and was taken over, and the request may have run twice";
 
 /// Everything up to the store is decided here, synchronously, so the
 /// returned future holds only what the rest needs: the handler alone, a
@@ -770,9 +773,13 @@ impl Engine {
         let (endpoint, key) = (self.endpoint.name(), self.key.log_id());
         match released {
             Ok(()) => tracing::info!(outcome = "released", endpoint, %key, reason, status),
-            // Another request took the key over after the lease lapsed,
-            // and ran beside this one. Boxed: only a lost lease pays for
-            // the read.
+            // Another request holds the key: it took the key over after
+            // the lease lapsed, and ran beside this one; or it claimed the
+            // key that an attempt whose answer was lost had freed (one
+            // waiting on a `wait` endpoint polls at least every 200 ms,
+            // well within a retry's pause). Only a takeover is harmful,
+            // and nothing here tells them apart: the message names both.
+            // Boxed: only a lost lease pays for the read.
             Err(StoreError::LeaseLost) if Box::pin(self.held_by_another()).await => {
                 tracing::error!(outcome = "lease_lost", endpoint, %key, reason, status, message = TAKEN_OVER);
             }
@@ -793,7 +800,8 @@ impl Engine {
     }
 
     /// Whether the store holds a record of the key, which a release that
-    /// found the lease gone did not free: another request's.
+    /// found the lease gone did not free: another request's, which took
+    /// the key over or claimed it once an earlier attempt freed it.
     async fn held_by_another(&self) -> bool {
         matches!(self.read_record().await, Ok(Some(_)))
     }

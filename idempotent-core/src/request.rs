@@ -121,9 +121,16 @@ impl IdempotentRequest {
     /// Runs `handler` at most once per (scope, key) at `endpoint`, and
     /// answers every retry with the stored response.
     ///
-    /// `handler` runs on until it finishes even if the client disconnects,
-    /// so its outcome is always recorded. It is only polled after the key
-    /// was claimed.
+    /// A keyed request's `handler` is only polled after the key was
+    /// claimed, and then runs on until it finishes even if the client
+    /// disconnects, so that its outcome is recorded (unless the store
+    /// fails or the lease lapses, which the log says): a final response is
+    /// stored for replay, any other status frees the key. Two requests run
+    /// it without a claim, as a plain future that a disconnect drops and
+    /// whose outcome nothing records: an unkeyed request on an
+    /// [`optional`](Endpoint::optional) endpoint, and, with
+    /// [`fail_open`](crate::IdempotencyBuilder::fail_open), a request whose
+    /// claim failed in the store.
     ///
     /// Beneath an [`IdempotentLayer`](crate::IdempotentLayer), which claimed
     /// the key already, a keyed request is answered 500 (`not-configured`):
