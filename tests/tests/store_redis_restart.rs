@@ -26,6 +26,8 @@ const LEASE: Duration = Duration::from_secs(60);
 const TTL: Duration = Duration::from_secs(3600);
 /// What the store's warning says of a record Redis no longer has.
 const GONE: &str = "gone from Redis";
+/// What it says of a takeover that was released, which also empties the key.
+const RELEASED_TAKEOVER: &str = "another request took the lapsed lease over and released it";
 
 fn key(name: &[u8]) -> RecordKey {
     RecordKey::new(
@@ -119,6 +121,41 @@ async fn a_completion_after_a_takeover_is_not_logged_as_gone() {
         "{completed:?}"
     );
     assert!(!warned_gone(&events, &key), "{:?}", events.everything());
+}
+
+/// A lease taken over by another request that then released it (its
+/// handler failed) leaves the key empty, as Redis losing the claim does:
+/// the warning names the takeover too, not only Redis losing the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_after_a_takeover_was_released_names_the_takeover() {
+    let Some(url) = backend_url("IDEMPOTENT_TEST_REDIS_URL") else {
+        return;
+    };
+    let events = events();
+    let clock = ManualClock::starting_now();
+    let store = RedisStore::builder(redis_connection(&url).await)
+        .prefix(unique_name("idem_test") + ":")
+        .clock(clock.clone())
+        .build();
+    let key = key(b"charge-taken-over-and-released");
+    let first = acquire(&store, &key).await;
+    clock.advance(LEASE * 2);
+    let second = acquire(&store, &key).await;
+    store.release(&key, second).await.expect("release");
+
+    let completed = store.complete(&key, first, paid(), TTL).await;
+    assert!(
+        matches!(completed, Err(StoreError::LeaseLost)),
+        "{completed:?}"
+    );
+    let log_id = key.log_id().to_string();
+    let warned = events.at(Level::WARN, "idempotent_core");
+    assert!(
+        warned.iter().any(|event| event.fields.contains(&log_id)
+            && event.fields.contains(RELEASED_TAKEOVER)),
+        "{:?}",
+        events.everything()
+    );
 }
 
 /// Redis keeps its scripts in a cache a restart or `SCRIPT FLUSH` empties:

@@ -51,7 +51,7 @@
 //! of requests still running, beside them. Snapshots alone (`save`) lose
 //! what changed since the last one. [`RedisStore::connect`] logs a warning
 //! when the server keeps nothing on disk, and a completion that finds its
-//! claim gone (rather than taken over) logs one with the key.
+//! claim gone (rather than held by another request) logs one with the key.
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -260,6 +260,20 @@ impl RedisStore {
     /// [`RedisStore::builder`]), a Sentinel. The error names the server and
     /// what to change. A server that gives a version older than Redis 7.0
     /// is warned of; its claims fail, saying so.
+    ///
+    /// It also refuses a server that will not run the store's Lua scripts,
+    /// which every completion, renewal and release is: a user whose ACL
+    /// allows `SET` and `GET` but not the scripting commands, or a server
+    /// without Lua scripting, would take claims and then store no response,
+    /// so a retry after the lease lapsed ran the handler again. `connect`
+    /// loads the scripts (`SCRIPT LOAD`, which also spares the first
+    /// `EVALSHA` its `NOSCRIPT` round trip) and runs `EVAL` and `EVALSHA`
+    /// once on an empty script, and refuses only on a clear answer: `NOPERM`,
+    /// or an unknown command or subcommand. A server that allows `EVALSHA`
+    /// but refuses (or renamed) `SCRIPT LOAD` is refused too: the `redis`
+    /// crate loads a script with `SCRIPT LOAD` whenever Redis lacks it
+    /// (after a restart or a failover), so it would fail then. Any other
+    /// answer is left to the first operation, which names it.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(url_error)?;
         let server = client.get_connection_info().addr().to_string();
@@ -279,6 +293,7 @@ impl RedisStore {
             .await
             .map_err(unreachable)?;
         refuse_unsupported(&mut manager, &server).await?;
+        load_scripts(&mut manager, &server).await?;
         warn_if_evicting(&mut manager).await;
         warn_if_not_persisted(&mut manager, &server).await;
         Ok(Self::builder(manager).build())
@@ -352,6 +367,73 @@ fn too_old(info: &str) -> Option<&str> {
     let major: u64 = version.split('.').next()?.parse().ok()?;
     (major < OLDEST_MAJOR_VERSION).then_some(version)
 }
+
+/// Loads the store's scripts into the server behind `connection` and runs
+/// `EVAL` and `EVALSHA` once, refusing a server that clearly will not run
+/// them (see [`RedisStore::connect`]). An outage is told as at connect.
+async fn load_scripts(
+    connection: &mut impl ConnectionLike,
+    server: &str,
+) -> Result<(), StoreError> {
+    for script in [&*CLAIM, &*RENEW, &*COMPLETE, &*RELEASE] {
+        refuse_scriptless(script.load_async(connection).await.map(drop), server)?;
+    }
+    // The release of an unanswered claim sends `EVAL`; the others `EVALSHA`.
+    let empty = Script::new(EMPTY_SCRIPT);
+    let evalsha = empty.prepare_invoke().invoke_async(connection).await;
+    refuse_scriptless(evalsha, server)?;
+    let eval = redis::cmd("EVAL")
+        .arg(EMPTY_SCRIPT)
+        .arg(0)
+        .query_async(connection)
+        .await;
+    refuse_scriptless(eval, server)
+}
+
+/// A scripting command's `answer` at connect: the store's refusal if the
+/// server will not run scripts, the connection's error if it did not
+/// answer, and nothing for any other answer, left to the first operation.
+fn refuse_scriptless(
+    answer: Result<(), redis::RedisError>,
+    server: &str,
+) -> Result<(), StoreError> {
+    let Err(error) = answer else { return Ok(()) };
+    if let Some(fix) = scripts_refused_fix(&error, server) {
+        return Err(Explained::misconfigured(error, fix));
+    }
+    if error.is_io_error() || error.is_timeout() {
+        return Err(connect_error(error, server));
+    }
+    Ok(())
+}
+
+/// A script that touches nothing, run at connect to see that the server
+/// runs scripts for the store's user.
+const EMPTY_SCRIPT: &str = "return 0";
+
+/// What to grant, or to give the store instead, when `server` refused a
+/// scripting command for good: `NOPERM` (the user's ACL), or a command or
+/// subcommand it does not know (no Lua scripting, or renamed). `None` for
+/// anything else.
+fn scripts_refused_fix(error: &redis::RedisError, server: &str) -> Option<String> {
+    let unknown = error.detail().is_some_and(|detail| {
+        let detail = detail.to_ascii_lowercase();
+        detail.starts_with("unknown command") || detail.starts_with("unknown subcommand")
+    });
+    let why = SCRIPTS_REFUSED_WHY;
+    match error.code()? {
+        "NOPERM" => Some(format!(
+            "the Redis user the store connects to {server} as may not run the store's Lua scripts, {why}: allow `EVALSHA`, `EVAL` and `SCRIPT LOAD` in its ACL (`+evalsha +eval +script|load`, or the category `+@scripting`), with the commands the scripts call (`{ACL_LINE}`)"
+        )),
+        "ERR" if unknown => Some(format!(
+            "the server at {server} does not run the store's Lua scripts (`SCRIPT LOAD`, `EVALSHA`, `EVAL`, under those names), {why}: give the store a Redis 7.0 or later (or Valkey) with scripting, its scripting commands not renamed"
+        )),
+        _ => None,
+    }
+}
+
+/// What a server that cannot run the store's scripts would do to requests.
+const SCRIPTS_REFUSED_WHY: &str = "which every completion, renewal and release is: claims would succeed and no response would be stored, so a retry after the lease lapsed would run the handler again";
 
 /// What a server that wants a password answers without one.
 const NO_PASSWORD: &str =
@@ -606,12 +688,14 @@ fn held(answer: i64) -> Result<(), StoreError> {
     }
 }
 
-/// Why a completion found its key empty. Nobody took the lease over (that
-/// leaves the other request's value): Redis dropped the claim, or let it
-/// expire long after its lease lapsed. Retries of the request run the
-/// handler again, and no other error says so: the engine reports a lost
-/// lease, which reads as a takeover.
-const GONE_AT_COMPLETION: &str = "the claim's record is gone from Redis, not taken over: Redis lost it (a restart without persistence, a flush, an eviction, a failover to a replica that had not received it) or its lease lapsed over a minute before; the response was not stored and a retry runs the handler again: give Redis persistence (`appendonly yes`) and `maxmemory-policy noeviction`";
+/// Why a completion found its key empty: Redis dropped the claim, or let
+/// it expire long after its lease lapsed, or another request took the
+/// lapsed lease over and then released it (its handler failed). A
+/// takeover still held leaves the other request's value, which is not
+/// logged here. Retries of the request run the handler again, and no
+/// other error says so: the engine reports a lost lease, which reads as a
+/// takeover alone.
+const GONE_AT_COMPLETION: &str = "the claim's record is gone from Redis: another request took the lapsed lease over and released it, or Redis dropped it (a restart without persistence, a flush, an eviction, a failover to a replica that had not received it, or its expiry over a minute after the lease lapsed); the response was not stored and a retry runs the handler again: if the lease had not lapsed, give Redis persistence (`appendonly yes`) and `maxmemory-policy noeviction`";
 
 /// What a failed release of an [`Unanswered`] claim leaves behind.
 const UNRELEASED: &str =
