@@ -6,6 +6,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -73,6 +74,10 @@ const NOT_HELD: &str = "the key was released already, by an attempt whose answer
 const LATER_PAUSES: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(8));
 const STORING_LATER: &str = "the response could not be stored yet; the caller got it, and storing it goes on for as long as its lease can last";
 const STORED_LATER: &str = "the response was stored once the store answered again";
+const LOST_LATER: &str = "the lease was lost before the response could be stored: it lapsed, and another request took the key over; the request may have run twice";
+const LOST_LATER_OR_STORED: &str = "another request holds the key, with this response stored: if an earlier attempt to store it timed out or lost its connection, that attempt stored it, which is harmless; otherwise the lease lapsed before the response could be stored, another request took the key over and ran it again, and the request ran twice";
+/// The most the responses waiting to be stored later may hold in all.
+const STORING_LATER_MAX_BYTES: usize = 64 * 1024 * 1024;
 /// What a release that found the lease gone and the key held logs: the
 /// engine cannot tell a takeover from a release applied while its answer
 /// was lost, after which another request claimed the freed key.
@@ -637,15 +642,21 @@ impl Engine {
     }
 
     /// Goes on storing the response on a task of its own once the first
-    /// attempts failed, for as long as its lease can last: a store that
-    /// fails over or restarts takes longer than those attempts, and until
-    /// the record is stored a retry that comes after the lease lapses
-    /// runs the handler again. The lease fences every attempt, so a late
-    /// one cannot overwrite another request's record. Tracked, so that
-    /// [`Idempotency::drain`](crate::Idempotency::drain) waits for it.
+    /// attempts failed, for as long as a lease: a store that fails over or
+    /// restarts takes longer than those attempts, and until the record is
+    /// stored a retry that comes after the lease lapses runs the handler
+    /// again. The lease fences every attempt, so a late one cannot
+    /// overwrite another request's record. Tracked, so that
+    /// [`Idempotency::drain`](crate::Idempotency::drain) waits for it (and
+    /// has it make a last attempt at once). Given up at once when the
+    /// responses already waiting hold [`STORING_LATER_MAX_BYTES`]: a store
+    /// that takes claims but refuses completions would otherwise have every
+    /// request's response held for a lease.
     fn store_later(&self, token: LeaseToken, response: StoredResponse, error: &StoreError) {
         let (endpoint, key) = (self.endpoint.name(), self.key.log_id());
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        let runtime = tokio::runtime::Handle::try_current();
+        let reserved = Reserved::take(&self.settings, response.size_bytes());
+        let (Ok(runtime), Some(reserved)) = (runtime, reserved) else {
             tracing::error!(%error, outcome = "store_error", endpoint, %key, message = NOT_STORED);
             return;
         };
@@ -658,34 +669,72 @@ impl Engine {
             _request_headers: None,
         };
         let task = later
-            .keep_storing(token, response)
+            .keep_storing(token, response, reserved)
             .instrument(tracing::Span::current());
         drop(self.settings.detached.spawn_on(task, &runtime));
     }
 
     /// [`store_later`](Self::store_later)'s attempts, pausing longer each
     /// time, until one stores the response, the lease is lost, the store
-    /// fails in a way that only fixing it ends, or a lease has passed.
-    async fn keep_storing(self, token: LeaseToken, response: StoredResponse) {
-        let until = Instant::now() + self.endpoint.lease_duration();
+    /// fails in a way that only fixing it ends, a lease has passed, or a
+    /// drain asked for a last attempt. The lease is renewed meanwhile, as
+    /// while the handler ran: held, it lets no retry run the handler
+    /// again, and a record of this response found after a lost answer is
+    /// this run's (another request could only have taken the key over
+    /// once the lease lapsed, which the renewals log as `lease_lapsed`).
+    async fn keep_storing(self, token: LeaseToken, response: StoredResponse, _: Reserved) {
+        let lease = self.endpoint.lease_duration();
+        let held = (token, self.fingerprint);
+        let endpoint = self.endpoint.name();
+        let renewals = Renewals::start(
+            &self.settings,
+            endpoint,
+            &self.key,
+            lease,
+            held,
+            Instant::now(),
+        );
+        let until = Instant::now() + lease;
+        let draining = &self.settings.draining;
         let (mut pause, longest) = LATER_PAUSES;
         let stored = loop {
             let pause_until = until.min(Instant::now() + pause);
-            tokio::time::sleep_until(pause_until).await;
+            // Until the pause ends, or a drain asks for a last attempt.
+            drop(tokio::time::timeout_at(pause_until, draining.cancelled()).await);
             pause = (pause * 2).min(longest);
+            let last = draining.is_cancelled() || Instant::now() >= until;
             match self.complete_with(token, response.clone()).await {
-                Err(error) if may_pass(&error) && Instant::now() < until => {
+                Err(error) if may_pass(&error) && !last => {
                     tracing::debug!(%error, "could not store the response; trying again");
                 }
+                // Another request holds the key. The same response stored
+                // may be this run's, by an attempt whose answer was lost,
+                // or another run's after a takeover: only a lease token in
+                // the record would tell, so the log names both.
+                Err(StoreError::LeaseLost) => {
+                    let same = self.stored_already(&response).await;
+                    break Err(if same {
+                        LOST_LATER_OR_STORED
+                    } else {
+                        LOST_LATER
+                    });
+                }
                 Err(_) if self.stored_already(&response).await => break Ok(()),
-                stored => break stored,
+                Err(error) => {
+                    self.log_stored(Err(error), response.status);
+                    return;
+                }
+                Ok(()) => break Ok(()),
             }
         };
-        if stored.is_ok() {
-            let (endpoint, key) = (self.endpoint.name(), self.key.log_id());
-            tracing::info!(outcome = "executed", endpoint, %key, status = response.status.as_u16(), "{STORED_LATER}");
-        } else {
-            self.log_stored(stored, response.status);
+        drop(renewals);
+        let key = self.key.log_id();
+        match stored {
+            Ok(()) => {
+                let status = response.status.as_u16();
+                tracing::info!(outcome = "executed", endpoint, %key, status, "{STORED_LATER}");
+            }
+            Err(message) => tracing::error!(outcome = "lease_lost", endpoint, %key, message),
         }
     }
 
@@ -1003,6 +1052,33 @@ impl Drop for Unsettled<'_> {
     }
 }
 
+/// Bytes of a response waiting to be stored later, counted against
+/// [`STORING_LATER_MAX_BYTES`] until dropped.
+struct Reserved {
+    settings: Arc<Settings>,
+    bytes: usize,
+}
+
+impl Reserved {
+    /// `None` when `bytes` more would go over the limit.
+    fn take(settings: &Arc<Settings>, bytes: usize) -> Option<Self> {
+        let waiting = &settings.storing_later_bytes;
+        let before = waiting.fetch_add(bytes, Ordering::Relaxed);
+        let reserved = Self {
+            settings: Arc::clone(settings),
+            bytes,
+        };
+        (before + bytes <= STORING_LATER_MAX_BYTES).then_some(reserved)
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        let waiting = &self.settings.storing_later_bytes;
+        waiting.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
 /// Polls a pipeline in place and, if dropped before it finishes, spawns the
 /// rest so the handler's outcome is still recorded. Spawning only on drop
 /// keeps the common path free of a task hop.
@@ -1070,6 +1146,19 @@ mod tests {
     use crate::Idempotency;
     use crate::key::IdempotencyKey;
     use crate::store::MemoryStore;
+
+    #[test]
+    fn responses_waiting_to_be_stored_later_hold_at_most_the_limit_in_all() {
+        let settings = Idempotency::new(MemoryStore::new()).inner;
+        let half = STORING_LATER_MAX_BYTES / 2;
+        let first = Reserved::take(&settings, half).expect("under the limit");
+        let second = Reserved::take(&settings, half).expect("at the limit");
+        assert!(Reserved::take(&settings, 1).is_none(), "over the limit");
+        drop(first);
+        let third = Reserved::take(&settings, half).expect("freed by the first");
+        drop((second, third));
+        assert_eq!(settings.storing_later_bytes.load(Ordering::Relaxed), 0);
+    }
 
     /// The budget `Engine::execute` keeps the boxed pipeline under. Release
     /// builds only (`cargo test --release -p idempotent-core --lib

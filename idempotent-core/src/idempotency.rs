@@ -1,11 +1,13 @@
 //! The service-wide handle: which store, and how to treat it.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::HeaderName;
 use tokio::task::futures::TaskLocalFuture;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -94,6 +96,11 @@ pub(crate) struct Settings {
     pub(crate) exact: ExactReplays,
     /// The runs that outlived their request, for [`Idempotency::drain`].
     pub(crate) detached: TaskTracker,
+    /// Cancelled by [`Idempotency::drain`]: responses still being stored
+    /// later get a last attempt at once.
+    pub(crate) draining: CancellationToken,
+    /// Bytes of the responses waiting to be stored later.
+    pub(crate) storing_later_bytes: AtomicUsize,
     /// The claims whose requests are running, kept alive past a third of
     /// their lease.
     pub(crate) renewer: Renewer,
@@ -143,7 +150,7 @@ impl Idempotency {
     /// axum's graceful shutdown can return just before a connection's task
     /// drops the request it served, whose run then moves onto a task of
     /// its own; and for responses still being stored after a store error,
-    /// for up to the endpoint's lease while the store stays down.
+    /// which it has tried once more at once, giving up on those that fail.
     ///
     /// ```no_run
     /// # use axum::Router;
@@ -167,6 +174,7 @@ impl Idempotency {
     /// leases lapsed.
     pub async fn drain(&self) {
         let detached = &self.inner.detached;
+        self.inner.draining.cancel();
         detached.close();
         detached.wait().await;
         // Last: the runs waited for above can leave such work behind. A
@@ -211,6 +219,8 @@ impl IdempotencyBuilder {
                 api_key_header: HeaderName::from_static("x-api-key"),
                 exact: ExactReplays::new(),
                 detached: TaskTracker::new(),
+                draining: CancellationToken::new(),
+                storing_later_bytes: AtomicUsize::new(0),
                 renewer: Renewer::default(),
             },
         }
