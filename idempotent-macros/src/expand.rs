@@ -225,10 +225,17 @@ impl<'a> Handler<'a> {
                     quote!(#constness #fn_token),
                     "`#[idempotent]` handlers must be `async fn`: write `async fn` in place of `const fn`",
                 ),
-                None => errors.spanned(
-                    sig.fn_token,
-                    "`#[idempotent]` handlers must be `async fn`: write `async` before `fn`",
-                ),
+                None => match future_returned(&sig.output) {
+                    // `async` before `fn` would return a future of a future.
+                    Some(ty) => errors.spanned(
+                        ty,
+                        "`#[idempotent]` handlers must be `async fn`, and this `fn` returns a future (`async` before it would return a future of a future): write `async fn` returning the future's output type, and `.await` the future in its body",
+                    ),
+                    None => errors.spanned(
+                        sig.fn_token,
+                        "`#[idempotent]` handlers must be `async fn`: write `async` before `fn`",
+                    ),
+                },
             }
         }
         if let Some(unsafety) = sig.unsafety {
@@ -420,6 +427,53 @@ fn check_no_impl_trait(ty: &Type, errors: &mut Errors) {
             ty,
             "axum cannot route a handler that takes `impl Trait`: write the argument's type, or make the handler generic (`<T: Trait>`, routed as `handler::<MyType>`)",
         );
+    }
+}
+
+/// The return type of a `fn` that returns a future: `impl Future<...>`, a
+/// boxed `dyn Future<...>` (`Pin<Box<...>>`), or a named future type such as
+/// `BoxFuture<...>`. Types are known by name only, as extractors are.
+fn future_returned(output: &ReturnType) -> Option<&Type> {
+    let ReturnType::Type(_, ty) = output else {
+        return None;
+    };
+    is_future(ty).then_some(&**ty)
+}
+
+fn is_future(ty: &Type) -> bool {
+    let names_future = |path: &Path| {
+        path.segments
+            .last()
+            .is_some_and(|segment| segment.ident.to_string().ends_with("Future"))
+    };
+    let bounds_future = |bounds: &syn::punctuated::Punctuated<syn::TypeParamBound, _>| {
+        bounds.iter().any(|bound| match bound {
+            syn::TypeParamBound::Trait(bound) => names_future(&bound.path),
+            _ => false,
+        })
+    };
+    match ty {
+        Type::ImplTrait(impl_trait) => bounds_future(&impl_trait.bounds),
+        Type::TraitObject(object) => bounds_future(&object.bounds),
+        Type::Paren(inner) => is_future(&inner.elem),
+        Type::Group(inner) => is_future(&inner.elem),
+        Type::Path(path) => {
+            let Some(last) = path.path.segments.last() else {
+                return false;
+            };
+            if last.ident.to_string().ends_with("Future") {
+                return true;
+            }
+            // `Pin<Box<dyn Future<...>>>` and `Box<dyn Future<...>>`.
+            let PathArguments::AngleBracketed(arguments) = &last.arguments else {
+                return false;
+            };
+            (last.ident == "Pin" || last.ident == "Box")
+                && arguments.args.iter().any(
+                    |argument| matches!(argument, GenericArgument::Type(inner) if is_future(inner)),
+                )
+        }
+        _ => false,
     }
 }
 
@@ -806,9 +860,16 @@ fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
     let future = future(func, &params, &private);
     let run = run(&func.sig.ident, &private);
     let ItemFn { sig, block, .. } = func;
+    // An `#[expect]` comes after the attribute's own `allow`, which would
+    // otherwise override it on the routed function and the inner one
+    // within it, leaving the expectation unfulfilled.
+    let (expects, outer_attrs): (Vec<_>, Vec<_>) = outer_attrs
+        .into_iter()
+        .partition(|attr| attr.path().is_ident("expect"));
     quote! {
         #(#outer_attrs)*
         #too_many
+        #(#expects)*
         #signature {
             #(#inner_attrs)*
             #sig #block
@@ -1027,8 +1088,11 @@ fn run(name: &Ident, private: &TokenStream) -> TokenStream {
 
 /// Doc comments, `cfg` and lint levels describe the handler as routed, so
 /// they go on the outer function; everything else (`#[tracing::instrument]`,
-/// `#[expect]`, ...) applies to the user's code, so it stays on the inner one.
-/// Lint levels go on both.
+/// ...) applies to the user's code, so it stays on the inner one.
+/// Lint levels go on both, but `#[expect]` only on the outer one: the inner
+/// function is nested in it, so the expectation covers a lint that fires in
+/// either (`dead_code` and `missing_docs` fire at the outer one, lints of the
+/// body at the inner one), and on both it would be unfulfilled on one.
 fn split_attributes(attrs: &[Attribute]) -> (Vec<&Attribute>, Vec<&Attribute>) {
     let is = |attr: &Attribute, names: &[&str]| names.iter().any(|name| attr.path().is_ident(name));
     let outer = attrs
@@ -1044,13 +1108,14 @@ fn split_attributes(attrs: &[Attribute]) -> (Vec<&Attribute>, Vec<&Attribute>) {
                     "warn",
                     "deny",
                     "forbid",
+                    "expect",
                 ],
             )
         })
         .collect();
     let inner = attrs
         .iter()
-        .filter(|attr| !is(attr, &["doc", "cfg", "deprecated"]))
+        .filter(|attr| !is(attr, &["doc", "cfg", "deprecated", "expect"]))
         .collect();
     (outer, inner)
 }
