@@ -886,7 +886,7 @@ fn warn_if_not_durable(table: &str, role: &str, (unlogged, asynchronous): (bool,
     }
     if asynchronous {
         tracing::warn!(
-            "`synchronous_commit` is off for the role `{role}`: PostgreSQL answers a commit before it is on disk, and a crash loses the last claims and responses, whose retries then run their requests again; turn it on for the store's role (`ALTER ROLE {} SET synchronous_commit = on`)",
+            "`synchronous_commit` is off on the store's connections (role `{role}`): PostgreSQL answers a commit before it is on disk, and a crash loses the last claims and responses, whose retries then run their requests again; turn it on where it was turned off: the connection options (`options=-c synchronous_commit=off` in the URL), the role (`ALTER ROLE {} SET synchronous_commit = on`), the database or the server",
             quote_ident(role)
         );
     }
