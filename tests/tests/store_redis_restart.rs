@@ -97,6 +97,29 @@ async fn a_completion_after_redis_forgot_the_claim_is_logged_as_such() {
     assert!(warned_gone(&events, &key), "{:?}", events.everything());
 }
 
+/// The first holder's completion of `name`, after another request took its
+/// lapsed lease over (and then, if `released`, released the key, its
+/// handler having failed), on a store of its own.
+async fn completed_after_a_takeover(
+    url: &str,
+    name: &[u8],
+    released: bool,
+) -> (Result<(), StoreError>, RecordKey) {
+    let clock = ManualClock::starting_now();
+    let store = RedisStore::builder(redis_connection(url).await)
+        .prefix(unique_name("idem_test") + ":")
+        .clock(clock.clone())
+        .build();
+    let key = key(name);
+    let first = acquire(&store, &key).await;
+    clock.advance(LEASE * 2);
+    let second = acquire(&store, &key).await;
+    if released {
+        store.release(&key, second).await.expect("release");
+    }
+    (store.complete(&key, first, paid(), TTL).await, key)
+}
+
 /// A lease taken over by another request is not "gone": that is the
 /// engine's lost lease, and the store adds nothing to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,17 +128,7 @@ async fn a_completion_after_a_takeover_is_not_logged_as_gone() {
         return;
     };
     let events = events();
-    let clock = ManualClock::starting_now();
-    let store = RedisStore::builder(redis_connection(&url).await)
-        .prefix(unique_name("idem_test") + ":")
-        .clock(clock.clone())
-        .build();
-    let key = key(b"charge-taken-over");
-    let first = acquire(&store, &key).await;
-    clock.advance(LEASE * 2);
-    let _second = acquire(&store, &key).await;
-
-    let completed = store.complete(&key, first, paid(), TTL).await;
+    let (completed, key) = completed_after_a_takeover(&url, b"charge-taken-over", false).await;
     assert!(
         matches!(completed, Err(StoreError::LeaseLost)),
         "{completed:?}"
@@ -132,18 +145,8 @@ async fn a_completion_after_a_takeover_was_released_names_the_takeover() {
         return;
     };
     let events = events();
-    let clock = ManualClock::starting_now();
-    let store = RedisStore::builder(redis_connection(&url).await)
-        .prefix(unique_name("idem_test") + ":")
-        .clock(clock.clone())
-        .build();
-    let key = key(b"charge-taken-over-and-released");
-    let first = acquire(&store, &key).await;
-    clock.advance(LEASE * 2);
-    let second = acquire(&store, &key).await;
-    store.release(&key, second).await.expect("release");
-
-    let completed = store.complete(&key, first, paid(), TTL).await;
+    let name = b"charge-taken-over-and-released";
+    let (completed, key) = completed_after_a_takeover(&url, name, true).await;
     assert!(
         matches!(completed, Err(StoreError::LeaseLost)),
         "{completed:?}"
