@@ -771,6 +771,8 @@ impl Engine {
         self.complete_with(token, response)
     }
 
+    /// One attempt at completing the record with `response`, cut at the
+    /// store timeout.
     fn complete_with(
         &self,
         token: LeaseToken,
