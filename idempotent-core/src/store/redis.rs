@@ -292,10 +292,17 @@ impl RedisStore {
             .query_async::<()>(&mut manager)
             .await
             .map_err(unreachable)?;
-        refuse_unsupported(&mut manager, &server).await?;
+        // One `INFO` serves every check of the server's setup; a server
+        // that refuses it (renamed on some managed services) is not checked.
+        let info: Option<String> = redis::cmd("INFO").query_async(&mut manager).await.ok();
+        if let Some(info) = &info {
+            refuse_unsupported(info, &server)?;
+        }
         load_scripts(&mut manager, &server).await?;
-        warn_if_evicting(&mut manager).await;
-        warn_if_not_persisted(&mut manager, &server).await;
+        if let Some(info) = &info {
+            warn_if_evicting(info);
+            warn_if_not_persisted(&mut manager, info, &server).await;
+        }
         Ok(Self::builder(manager).build())
     }
 }
@@ -334,21 +341,12 @@ const TOO_OLD: &str = "the store needs Redis 7.0 or later (or Valkey): the claim
 /// serves, or a Sentinel, which knows no `SET`. Warns of a server that
 /// says it is older than Redis 7.0: every claim's `SET NX GET` then fails
 /// (and says why), but a server compatible with Redis may give an older
-/// version than the commands it takes. A server that refuses `INFO`
-/// (renamed on some managed services) is not checked.
-async fn refuse_unsupported(
-    connection: &mut impl ConnectionLike,
-    server: &str,
-) -> Result<(), StoreError> {
-    let info: Result<String, _> = redis::cmd("INFO")
-        .arg("server")
-        .query_async(connection)
-        .await;
-    let Ok(info) = info else { return Ok(()) };
-    if let Some(version) = too_old(&info) {
+/// version than the commands it takes. `info`: the server's `INFO`.
+fn refuse_unsupported(info: &str, server: &str) -> Result<(), StoreError> {
+    if let Some(version) = too_old(info) {
         tracing::warn!(server, redis_version = version, "{TOO_OLD}");
     }
-    let refusal = match info_field(&info, "redis_mode") {
+    let refusal = match info_field(info, "redis_mode") {
         Some("cluster") => format!(
             "the Redis at {server} is a node of a cluster, and `RedisStore::connect` reaches only that node: {USE_A_CLUSTER_CONNECTION}"
         ),
@@ -360,7 +358,7 @@ async fn refuse_unsupported(
     Err(StoreError::misconfigured(refusal))
 }
 
-/// The server's version in `INFO server`'s answer, if it is older than
+/// The server's version in `INFO`'s answer, if it is older than
 /// the store needs. Valkey gives the Redis version it is compatible with.
 fn too_old(info: &str) -> Option<&str> {
     let version = info_field(info, "redis_version")?;
@@ -562,22 +560,17 @@ const FULL: &str = "Redis is at its `maxmemory` and refuses writes (`maxmemory-p
 /// What an evicting Redis does to the store, told when it connects.
 const EVICTING: &str = "this Redis evicts keys when it is full, in-flight claims among them: a retry of a request still running would then run it again; set maxmemory-policy to noeviction";
 
-/// Warns when the server behind `connection` may evict the store's keys:
-/// it has a memory limit and a policy other than `noeviction`. Nothing
-/// else shows it until a full Redis drops a claim and a handler runs
-/// twice. A server that refuses `INFO` (renamed on some managed
-/// services) is not checked.
-async fn warn_if_evicting(connection: &mut impl ConnectionLike) {
-    let info: Result<String, _> = redis::cmd("INFO")
-        .arg("memory")
-        .query_async(connection)
-        .await;
-    if let Some(policy) = info.ok().as_deref().and_then(evicting_policy) {
+/// Warns when the server whose `INFO` is `info` may evict the store's
+/// keys: it has a memory limit and a policy other than `noeviction`.
+/// Nothing else shows it until a full Redis drops a claim and a handler
+/// runs twice.
+fn warn_if_evicting(info: &str) {
+    if let Some(policy) = evicting_policy(info) {
         tracing::warn!(maxmemory_policy = policy, "{EVICTING}");
     }
 }
 
-/// The eviction policy in `INFO memory`'s answer, if Redis evicts by it:
+/// The eviction policy in `INFO`'s answer, if Redis evicts by it:
 /// `maxmemory` is set and the policy is not `noeviction`.
 fn evicting_policy(info: &str) -> Option<&str> {
     let limited = info_field(info, "maxmemory")
@@ -598,18 +591,14 @@ fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
 /// it connects.
 const NOT_PERSISTED: &str = "this Redis keeps nothing on disk (`appendonly no`, no `save` points): a restart forgets every record, and retries of requests that ran, or are running, run again; set `appendonly yes`";
 
-/// Warns when the server behind `connection` keeps nothing on disk: no
-/// append-only file and no snapshots. Nothing else shows it until Redis
-/// restarts, every claim and record is gone, and the handlers of retried
-/// requests run a second time (the in-flight ones' completions log it,
-/// too late). A server that refuses `INFO` or `CONFIG GET` (managed
-/// services, which keep their own copies) is not checked.
-async fn warn_if_not_persisted(connection: &mut impl ConnectionLike, server: &str) {
-    let info: Result<String, _> = redis::cmd("INFO")
-        .arg("persistence")
-        .query_async(connection)
-        .await;
-    if !info.ok().as_deref().is_some_and(appends_nothing) {
+/// Warns when the server behind `connection`, whose `INFO` is `info`,
+/// keeps nothing on disk: no append-only file and no snapshots. Nothing
+/// else shows it until Redis restarts, every claim and record is gone,
+/// and the handlers of retried requests run a second time (the in-flight
+/// ones' completions log it, too late). A server that refuses `CONFIG
+/// GET` (managed services, which keep their own copies) is not checked.
+async fn warn_if_not_persisted(connection: &mut impl ConnectionLike, info: &str, server: &str) {
+    if !appends_nothing(info) {
         return;
     }
     let config: Result<std::collections::HashMap<String, String>, _> = redis::cmd("CONFIG")
@@ -623,7 +612,7 @@ async fn warn_if_not_persisted(connection: &mut impl ConnectionLike, server: &st
     }
 }
 
-/// Whether `INFO persistence`'s answer says the append-only file is off.
+/// Whether `INFO`'s answer says the append-only file is off.
 fn appends_nothing(info: &str) -> bool {
     info_field(info, "aof_enabled") == Some("0")
 }
