@@ -613,11 +613,7 @@ impl Engine {
             Err(error) if fails_until_fixed(&error) => Err(error),
             // Boxed: only a failed attempt pays for the retries.
             Err(error) => {
-                let response = StoredResponse {
-                    status: parts.status,
-                    headers: replayable_headers(parts),
-                    body,
-                };
+                let response = stored_response(parts, body);
                 return Box::pin(self.store_again(token, response, error)).await;
             }
         };
@@ -763,12 +759,7 @@ impl Engine {
         parts: &Parts,
         body: Option<Bytes>,
     ) -> impl Future<Output = Result<(), StoreError>> {
-        let response = StoredResponse {
-            status: parts.status,
-            headers: replayable_headers(parts),
-            body,
-        };
-        self.complete_with(token, response)
+        self.complete_with(token, stored_response(parts, body))
     }
 
     /// One attempt at completing the record with `response`, cut at the
@@ -815,7 +806,7 @@ impl Engine {
         let released = match self.release_once(token).await {
             // A lost lease is final: the key is not this request's to free;
             // and so is an error that would fail every attempt alike.
-            Err(error) if !matches!(error, StoreError::LeaseLost) && !fails_until_fixed(&error) => {
+            Err(error) if may_pass(&error) => {
                 // Boxed: only a failed attempt pays for the retries.
                 Box::pin(self.release_again(token, error)).await
             }
@@ -971,6 +962,16 @@ pub(crate) fn refused_for(
 /// that names the fix under warnings.
 pub(crate) fn fails_until_fixed(error: &StoreError) -> bool {
     Problem::from(error).kind() != ProblemKind::StoreUnavailable
+}
+
+/// The response as stored for replay: its status, the headers a replay
+/// carries, and `body`.
+fn stored_response(parts: &Parts, body: Option<Bytes>) -> StoredResponse {
+    StoredResponse {
+        status: parts.status,
+        headers: replayable_headers(parts),
+        body,
+    }
 }
 
 /// Whether trying again may succeed: neither another request holds the
