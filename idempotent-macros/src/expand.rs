@@ -458,13 +458,13 @@ fn is_future(ty: &Type) -> bool {
         Type::Paren(inner) => is_future(&inner.elem),
         Type::Group(inner) => is_future(&inner.elem),
         Type::Path(path) => {
-            let Some(last) = path.path.segments.last() else {
-                return false;
-            };
-            if last.ident.to_string().ends_with("Future") {
+            if names_future(&path.path) {
                 return true;
             }
             // `Pin<Box<dyn Future<...>>>` and `Box<dyn Future<...>>`.
+            let Some(last) = path.path.segments.last() else {
+                return false;
+            };
             let PathArguments::AngleBracketed(arguments) = &last.arguments else {
                 return false;
             };
