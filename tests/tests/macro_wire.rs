@@ -207,21 +207,26 @@ async fn a_key_sent_under_another_name_is_named_in_the_missing_key_problem() {
     assert_eq!(runs.get(), 0);
 }
 
+/// A router whose `/units` handler takes `IdempotentRequest` and runs the
+/// engine itself on `endpoint`, as `#[idempotent]` does.
+fn hand_written(endpoint: &'static Endpoint) -> Router {
+    let units = move |idempotency: IdempotentRequest, Json(units): Json<u64>| async move {
+        let fingerprint = endpoint.fingerprint(&units);
+        let run = async move { units.to_string() };
+        idempotency.run(endpoint, fingerprint, run).await
+    };
+    Router::new()
+        .route("/units", post(units))
+        .layer(Idempotency::new(MemoryStore::new()))
+}
+
 /// The same for a handler that takes `IdempotentRequest` and runs the
-/// engine itself, as `#[idempotent]` does: it answered the plain
-/// "no Idempotency-Key header".
+/// engine itself: it answered the plain "no Idempotency-Key header".
 #[tokio::test]
 async fn a_hand_written_handler_names_a_key_sent_under_another_name() {
     const RESTOCK: Endpoint = Endpoint::new("macro_wire::restock");
-    async fn restock(idempotency: IdempotentRequest, Json(units): Json<u64>) -> Response {
-        let fingerprint = RESTOCK.fingerprint(&units);
-        let run = async move { units.to_string() };
-        idempotency.run(&RESTOCK, fingerprint, run).await
-    }
-    let app = Router::new()
-        .route("/restocks", post(restock))
-        .layer(Idempotency::new(MemoryStore::new()));
-    let mut request = post_json("/restocks", None, "1");
+    let app = hand_written(&RESTOCK);
+    let mut request = post_json("/units", None, "1");
     request
         .headers_mut()
         .insert("x-idempotency-key", "k1".parse().unwrap());
@@ -238,15 +243,8 @@ async fn a_hand_written_handler_names_a_key_sent_under_another_name() {
 async fn a_hand_written_scope_header_no_header_can_match_is_a_setup_error() {
     const TENANTED: Endpoint =
         Endpoint::new("macro_wire::tenanted").scope(Scope::Header("x tenant"));
-    async fn tenanted(idempotency: IdempotentRequest, Json(units): Json<u64>) -> Response {
-        let fingerprint = TENANTED.fingerprint(&units);
-        let run = async move { units.to_string() };
-        idempotency.run(&TENANTED, fingerprint, run).await
-    }
-    let app = Router::new()
-        .route("/tenanted", post(tenanted))
-        .layer(Idempotency::new(MemoryStore::new()));
-    let mut request = post_json("/tenanted", Some("k1"), "1");
+    let app = hand_written(&TENANTED);
+    let mut request = post_json("/units", Some("k1"), "1");
     request
         .headers_mut()
         .insert("x-tenant", "acme".parse().unwrap());
