@@ -35,10 +35,15 @@ async fn flaky(Json(charge): Json<Charge>) -> StatusCode {
 }
 
 fn app(store: &MockStore) -> Router {
+    app_on(store.layer())
+}
+
+/// The app behind `idempotency`, a handle a test keeps (for `drain`).
+fn app_on(idempotency: idempotent_core::Idempotency) -> Router {
     Router::new()
         .route("/charges", post(charge))
         .route("/flaky", post(flaky))
-        .layer(store.layer())
+        .layer(idempotency)
 }
 
 async fn post_charge(app: &Router, uri: &str, key: &str, amount: u64) -> StatusCode {
@@ -226,9 +231,7 @@ async fn a_complete_that_fails_past_the_first_attempts_is_stored_later() {
 async fn a_drain_has_a_response_still_being_stored_tried_once_more_at_once() {
     let store = MockStore::new();
     let idempotency = store.layer();
-    let app = Router::new()
-        .route("/charges", post(charge))
-        .layer(idempotency.clone());
+    let app = app_on(idempotency.clone());
     fail_completions(&store, 6);
     assert_eq!(
         post_charge(&app, "/charges", "k", 5).await,
