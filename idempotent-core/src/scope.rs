@@ -22,7 +22,9 @@ pub enum Scope {
     /// default), or else the `Authorization` header's `Bearer` token or
     /// `Basic` credentials (Stripe-style clients send the key as the Basic
     /// user name: `curl -u sk_live_...:`). A request with none is answered
-    /// 401.
+    /// 401, as is one whose `Basic` credentials have neither a user name
+    /// nor a password (`curl -u :`), which would name one caller for all
+    /// who send them.
     ApiKey,
     /// One key space for every caller. Only for endpoints whose callers are
     /// trusted to pick unique keys.
@@ -229,25 +231,87 @@ pub(crate) fn api_key(
     api_key_header: &http::HeaderName,
 ) -> Result<ScopeDigest, MissingCredential> {
     if let Some(value) = single(headers, api_key_header)? {
+        if *api_key_header == AUTHORIZATION {
+            holds_a_credential(value, api_key_header)?;
+        }
         return Ok(ScopeDigest::api_key(value));
     }
     single(headers, &AUTHORIZATION)?
         .and_then(authorization)
-        .ok_or_else(|| MissingCredential {
-            detail: format!(
-                "this endpoint scopes idempotency keys by API key: send it in the `{api_key_header}` header, as `Authorization: Bearer <token>`, or as the user name of `Authorization: Basic` credentials"
-            ),
-            bearer: true,
-        })
+        .unwrap_or_else(|| Err(no_api_key(api_key_header)))
+}
+
+/// Refuses the value of `Authorization`, configured as the API-key header
+/// and so taken whole as the key, when it is a scheme with nothing after
+/// it, or `Basic` credentials that name no one: clients that send it (a
+/// `Bearer ${KEY}` template whose key was never set) would be one caller.
+fn holds_a_credential(
+    value: &[u8],
+    api_key_header: &http::HeaderName,
+) -> Result<(), MissingCredential> {
+    let bare_scheme = [b"bearer".as_slice(), b"basic"]
+        .iter()
+        .any(|scheme| value.eq_ignore_ascii_case(scheme));
+    if bare_scheme {
+        return Err(no_api_key(api_key_header));
+    }
+    match authorization(value) {
+        Some(Err(refused)) => Err(refused),
+        _ => Ok(()),
+    }
+}
+
+/// The request has no API key where `api_key_header` is configured.
+fn no_api_key(api_key_header: &http::HeaderName) -> MissingCredential {
+    MissingCredential {
+        detail: format!(
+            "this endpoint scopes idempotency keys by API key: send it in the `{api_key_header}` header, as `Authorization: Bearer <token>`, or as the user name of `Authorization: Basic` credentials"
+        ),
+        bearer: true,
+    }
 }
 
 /// The scope of an `Authorization` value with a `Bearer` token or `Basic`
-/// credentials; `None` for an empty one or another scheme.
-fn authorization(value: &[u8]) -> Option<ScopeDigest> {
+/// credentials; `None` for an empty one or another scheme, an error for
+/// `Basic` credentials that name no one.
+fn authorization(value: &[u8]) -> Option<Result<ScopeDigest, MissingCredential>> {
     if let Some(token) = credentials(value, b"bearer ") {
-        return Some(ScopeDigest::api_key(token));
+        return Some(Ok(ScopeDigest::api_key(token)));
     }
-    credentials(value, b"basic ").map(ScopeDigest::basic)
+    let basic = credentials(value, b"basic ")?;
+    if names_no_one(basic) {
+        return Some(Err(MissingCredential {
+            detail: "this endpoint scopes idempotency keys by API key, and the request's `Authorization: Basic` credentials have an empty user name and an empty password: they name no caller; send the API key as the user name (`curl -u <key>:`), or as `Authorization: Bearer <key>`".to_owned(),
+            bearer: true,
+        }));
+    }
+    Some(Ok(ScopeDigest::basic(basic)))
+}
+
+/// Whether `Basic` credentials (base64 of `user:password`) have neither
+/// a user name nor a password, blanks aside. Taken as sent, they would be
+/// one caller for every client that sends them (`curl -u :`, a client
+/// whose key was never set), each replayed the others' responses.
+/// Credentials that are not base64 are taken as sent: they name whoever
+/// sends them.
+fn names_no_one(basic: &[u8]) -> bool {
+    let Some(decoded) = base64_decoded(basic) else {
+        return false;
+    };
+    let (user, password) = match decoded.iter().position(|&byte| byte == b':') {
+        Some(colon) => (&decoded[..colon], &decoded[colon + 1..]),
+        None => (&decoded[..], &[][..]),
+    };
+    user.trim_ascii().is_empty() && password.trim_ascii().is_empty()
+}
+
+/// `text` decoded from base64 (RFC 4648's alphabet, padded or not), or
+/// `None` if it is not base64.
+fn base64_decoded(text: &[u8]) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let digits = text.strip_suffix(b"==").or_else(|| text.strip_suffix(b"="));
+    let decoded = base64::engine::general_purpose::STANDARD_NO_PAD.decode(digits.unwrap_or(text));
+    decoded.ok()
 }
 
 /// What follows `scheme` (lowercase, with its space), if `value` uses it
@@ -299,6 +363,61 @@ mod tests {
             let missing = basic(refused).unwrap_err();
             assert!(missing.bearer, "{refused}");
             assert!(missing.detail.contains("Basic"), "{}", missing.detail);
+        }
+    }
+
+    #[test]
+    fn basic_credentials_without_user_or_password_name_no_one() {
+        let basic = |value: &'static str| {
+            resolve(Scope::ApiKey, &headers(&[("authorization", value)]), &API)
+        };
+        // `:`, ` : `, `  :`, ``, padded or not.
+        for empty in [
+            "Basic Og==",
+            "Basic Og",
+            "Basic IDog",
+            "Basic ICA6",
+            "Basic =",
+        ] {
+            let refused = basic(empty).unwrap_err();
+            assert!(refused.bearer, "{empty}");
+            assert!(refused.detail.contains("empty user name"), "{empty}");
+        }
+        // `:sk_1`, `sk_1`, and what is not base64: each names its sender.
+        for named in ["Basic OnNrXzE=", "Basic c2tfMQ==", "Basic Og=!", "Basic O"] {
+            assert!(basic(named).unwrap().is_some(), "{named}");
+        }
+    }
+
+    /// With `Authorization` itself configured as the API-key header, its
+    /// value is the key, whole, as before; but a scheme with nothing
+    /// after it, or `Basic` credentials that name no one, are no key: a
+    /// client whose key was never set would be one caller with every
+    /// other such client.
+    #[test]
+    fn an_authorization_api_key_header_holds_a_credential() {
+        let header = AUTHORIZATION;
+        let sent =
+            |value: &'static str| api_key(&one_header(AUTHORIZATION, value.as_bytes()), &header);
+        for empty in ["Bearer", "Bearer  ", "basic", "Basic Og=="] {
+            let refused = sent(empty).expect_err(empty);
+            assert!(refused.bearer, "{empty}");
+        }
+        assert_eq!(sent("sk_1"), Ok(ScopeDigest::api_key(b"sk_1")));
+        assert_eq!(
+            sent("Bearer sk_1"),
+            Ok(ScopeDigest::api_key(b"Bearer sk_1"))
+        );
+    }
+
+    #[test]
+    fn base64_decodes_padded_or_not() {
+        assert_eq!(base64_decoded(b"c2tfMTo=").as_deref(), Some(&b"sk_1:"[..]));
+        assert_eq!(base64_decoded(b"c2tfMTo").as_deref(), Some(&b"sk_1:"[..]));
+        assert_eq!(base64_decoded(b"+/8=").as_deref(), Some(&[0xfb, 0xff][..]));
+        assert_eq!(base64_decoded(b""), Some(Vec::new()));
+        for invalid in [&b"c2tfM"[..], b"c2-f", b"Og==="] {
+            assert_eq!(base64_decoded(invalid), None, "{invalid:?}");
         }
     }
 

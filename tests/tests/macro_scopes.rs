@@ -11,7 +11,9 @@ use axum::http::{HeaderName, HeaderValue, Request, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
 use idempotent_core::store::MemoryStore;
-use idempotent_core::{Idempotency, IdempotencyScope, idempotent};
+use idempotent_core::{
+    Endpoint, Idempotency, IdempotencyScope, IdempotentLayer, Scope, idempotent,
+};
 use macro_support::{Runs, send};
 
 /// A keyed POST with `headers`, whose values may be any bytes a header
@@ -153,6 +155,52 @@ async fn credentials_that_name_no_caller_are_refused_before_anything_runs() {
     assert_eq!(runs.get(), 0);
 }
 
+/// `Authorization: Basic` credentials with neither a user name nor a
+/// password (`curl -u :`, base64 of `:`, however it is padded) name no
+/// one: taken as sent, every client that sends them would be one caller,
+/// replayed the others' responses. They are refused as no credential at
+/// all, by the attribute and by a hand-written `Scope::ApiKey` alike.
+#[tokio::test]
+async fn basic_credentials_without_user_or_password_are_refused() {
+    let runs = Runs::default();
+    let layered = Endpoint::new("layered").scope(Scope::ApiKey);
+    let routes = Router::new().route("/a", post(by_api_key)).route(
+        "/l",
+        post(by_hand).route_layer(IdempotentLayer::new(layered)),
+    );
+    let app = app(routes, &runs);
+    for empty in [
+        b"Basic Og==".as_slice(),
+        b"Basic Og",
+        b"basic  Og= ",
+        b"Basic ICA6",
+    ] {
+        for uri in ["/a", "/l"] {
+            let reply = send(&app, request(uri, "k", &[("authorization", empty)])).await;
+            assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{uri} {empty:?}");
+            assert!(
+                reply.body.contains("urn:idempotent:missing-credentials"),
+                "{}",
+                reply.body
+            );
+            assert!(reply.body.contains("empty"), "{}", reply.body);
+            assert_eq!(reply.header("www-authenticate"), Some("Bearer"));
+        }
+    }
+    assert_eq!(runs.get(), 0);
+    // A key sent as the password, with no user name (`curl -u :sk_1`),
+    // names its caller, another key another.
+    let first = [("authorization", b"Basic OnNrXzE=".as_slice())];
+    let second = [("authorization", b"Basic OnNrXzI=".as_slice())];
+    assert_eq!(answer(&app, "/a", &first).await, "1:1");
+    assert_eq!(answer(&app, "/a", &second).await, "2:1");
+    assert!(send(&app, request("/a", "k", &first)).await.replayed);
+}
+
+async fn by_hand(State(runs): State<Runs>) -> String {
+    format!("{}:1", runs.bump())
+}
+
 #[tokio::test]
 async fn a_blank_api_key_header_does_not_make_its_senders_one_caller() {
     let runs = Runs::default();
@@ -211,6 +259,36 @@ async fn a_configured_api_key_header_replaces_x_api_key() {
     let refused = send(&app, request("/a", "k", &twice)).await;
     assert_eq!(refused.status, StatusCode::BAD_REQUEST);
     assert_eq!(runs.get(), 1);
+}
+
+/// `Authorization` itself as the API-key header: its value is the key,
+/// whole, but a scheme with nothing after it (a `Bearer ${KEY}` template
+/// whose key was never set) or `Basic` credentials that name no one are
+/// no key, and do not make their senders one caller.
+#[tokio::test]
+async fn an_authorization_api_key_header_without_a_credential_is_refused() {
+    let runs = Runs::default();
+    let idempotency = Idempotency::builder(MemoryStore::new())
+        .api_key_header(HeaderName::from_static("authorization"))
+        .build();
+    let app = app_with(
+        Router::new().route("/a", post(by_api_key)),
+        &runs,
+        idempotency,
+    );
+    for empty in [b"Bearer ".as_slice(), b"Bearer", b"Basic Og=="] {
+        let reply = send(&app, request("/a", "k", &[("authorization", empty)])).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{empty:?}");
+        assert!(
+            reply.body.contains("urn:idempotent:missing-credentials"),
+            "{}",
+            reply.body
+        );
+    }
+    assert_eq!(runs.get(), 0);
+    let raw = [("authorization", b"sk_1".as_slice())];
+    assert_eq!(answer(&app, "/a", &raw).await, "1:1");
+    assert!(send(&app, request("/a", "k", &raw)).await.replayed);
 }
 
 // ===== header:<name> =====

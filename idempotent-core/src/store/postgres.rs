@@ -390,7 +390,11 @@ impl PostgresStore {
     /// The database refused (for example, no `CREATE` privilege, or no
     /// such schema), a table of the same name exists without the store's
     /// columns or without its primary key on `(scope, key)` (made by
-    /// something else), the role may not read or write the table or use
+    /// something else), with a column the store leaves empty that is `NOT
+    /// NULL` without a default, with `key` compared by a
+    /// nondeterministic collation (without regard to case), or with a
+    /// unique index that two records can collide on (on `key` alone), the
+    /// role may not read or write the table or use
     /// its schema, or the server takes no writes from the role (a hot
     /// standby, `default_transaction_read_only`): each error, a
     /// [`StoreError::Misconfigured`], says what to change.
@@ -413,7 +417,13 @@ impl PostgresStore {
         let table = existing.filter(Existing::is_table);
         if let Some(table) = &table {
             self.check_columns(&table.columns)?;
-            sql::check_key(&self.inner.table, table.keyed, "PostgresStore")?;
+            let name = &self.inner.table;
+            sql::check_required(name, &table.required, "PostgresStore")?;
+            let folding =
+                (table.folding.as_ref()).map(|collation| format!("the collation `{collation}`"));
+            sql::check_key_collation(name, folding.as_deref(), "PostgresStore")?;
+            sql::check_key(name, table.keyed, "PostgresStore")?;
+            sql::check_unique_indexes(name, table.colliding.as_deref(), "PostgresStore")?;
             if table.indexed {
                 self.check_privileges(table)?;
                 return check_writable(table);
@@ -470,9 +480,39 @@ impl PostgresStore {
                      WHERE NOT has_table_privilege(t.oid, p)),
                current_user::text,
                pg_is_in_recovery(),
-               current_setting('transaction_read_only') = 'on'
+               current_setting('transaction_read_only') = 'on',
+               ARRAY(SELECT attname::text FROM pg_attribute
+                     WHERE attrelid = t.oid AND attnum > 0 AND NOT attisdropped
+                       AND attnotnull AND NOT atthasdef AND attidentity = '' AND attgenerated = ''),
+               (SELECT c.collname::text FROM pg_collation c
+                WHERE NOT c.collisdeterministic
+                  AND c.oid IN (SELECT attcollation FROM pg_attribute
+                                WHERE attrelid = t.oid AND attname = 'key' AND NOT attisdropped
+                                UNION ALL
+                                SELECT i.indcollation[n] FROM pg_index i,
+                                       generate_series(0, i.indnkeyatts - 1) AS n
+                                WHERE i.indrelid = t.oid AND i.indisunique
+                                  AND i.indkey[n] = (SELECT attnum FROM pg_attribute
+                                                     WHERE attrelid = t.oid AND attname = 'key'))
+                LIMIT 1),
+               (SELECT x.relname::text FROM pg_index i JOIN pg_class x ON x.oid = i.indexrelid
+                WHERE i.indrelid = t.oid AND i.indisunique
+                  AND NOT EXISTS (SELECT FROM generate_series(0, i.indnkeyatts - 1) AS n
+                                  JOIN pg_attribute a
+                                    ON a.attrelid = t.oid AND a.attnum = i.indkey[n]
+                                  WHERE a.attname <> ALL (ARRAY[{columns}]))
+                  AND NOT ARRAY(SELECT a.attname::text
+                                FROM generate_series(0, i.indnkeyatts - 1) AS n
+                                JOIN pg_attribute a
+                                  ON a.attrelid = t.oid AND a.attnum = i.indkey[n])
+                          @> ARRAY['scope', 'key']
+                LIMIT 1)
              FROM (SELECT to_regclass('{quoted}') AS oid) AS t",
-            quoted = sql::quoted(&self.inner.table)
+            quoted = sql::quoted(&self.inner.table),
+            columns = (COLUMNS.iter())
+                .map(|(name, _)| format!("'{name}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         type Inspected = (
             Vec<String>,
@@ -483,11 +523,25 @@ impl PostgresStore {
             String,
             bool,
             bool,
+            Vec<String>,
+            Option<String>,
+            Option<String>,
         );
-        let (names, types, indexed, keyed, missing, role, standby, read_only): Inspected =
-            sqlx::query_as(&inspect)
-                .fetch_one(&mut **connection)
-                .await?;
+        let (
+            names,
+            types,
+            indexed,
+            keyed,
+            missing,
+            role,
+            standby,
+            read_only,
+            required,
+            folding,
+            colliding,
+        ): Inspected = sqlx::query_as(&inspect)
+            .fetch_one(&mut **connection)
+            .await?;
         let writes = match (standby, read_only) {
             (true, _) => Writes::Standby,
             (false, true) => Writes::ReadOnly,
@@ -497,6 +551,9 @@ impl PostgresStore {
             columns: names.into_iter().zip(types).collect(),
             indexed,
             keyed,
+            required,
+            folding,
+            colliding,
             missing,
             role,
             writes,
@@ -924,6 +981,15 @@ struct Existing {
     /// Whether a primary key or unique index is on exactly `(scope, key)`,
     /// the target of the claim's `ON CONFLICT`.
     keyed: bool,
+    /// The columns a row must have a value in that the database does not
+    /// make: `NOT NULL`, without a default, an identity or a generation.
+    required: Vec<String>,
+    /// A nondeterministic collation that `key`, or a unique index on it,
+    /// compares by.
+    folding: Option<String>,
+    /// A unique index over the store's columns alone, not over both
+    /// `scope` and `key`, which two records can collide on.
+    colliding: Option<String>,
     /// The privileges among `SELECT`, `INSERT`, `UPDATE` and `DELETE`
     /// that the role lacks on the table.
     missing: Vec<String>,

@@ -92,6 +92,16 @@ pub(crate) fn check_columns(
 /// CONFLICT (scope, key)` fails on it.
 const NOT_KEYED: &str = "no primary key or unique index on exactly (`scope`, `key`), which every claim's `INSERT ... ON CONFLICT (scope, key)` needs";
 
+/// The error for the table `table` of `store` (its type name, as
+/// `SqliteStore`), made by something else, with `problems`.
+pub(crate) fn foreign_table(table: &str, problems: String, store: &'static str) -> StoreError {
+    StoreError::misconfigured(ForeignTable {
+        table: table.to_owned(),
+        problems,
+        store,
+    })
+}
+
 /// Refuses the table `table` of `store` (see [`check_columns`]) unless
 /// `keyed` says it has a primary key or unique index on exactly `(scope,
 /// key)`.
@@ -104,6 +114,78 @@ pub(crate) fn check_key(table: &str, keyed: bool, store: &'static str) -> Result
         problems: NOT_KEYED.to_owned(),
         store,
     }))
+}
+
+/// The columns every row the store writes has a value in: any other
+/// column is left empty (NULL) by a claim, or emptied once the response
+/// is stored (`lease_token`).
+const FILLED: [&str; 4] = ["scope", "key", "fingerprint", "expires_at"];
+
+/// Refuses the table `table` of `store` (see [`check_columns`]) when one
+/// of its `required` columns (`NOT NULL` without a default, nor a value
+/// the database makes) is one the store leaves empty: every claim's
+/// `INSERT`, or every stored response, would fail on it, a 503 for good.
+pub(crate) fn check_required(
+    table: &str,
+    required: &[String],
+    store: &'static str,
+) -> Result<(), StoreError> {
+    let left_empty: Vec<String> = required
+        .iter()
+        .filter(|name| {
+            !FILLED
+                .iter()
+                .any(|filled| filled.eq_ignore_ascii_case(name))
+        })
+        .map(|name| format!("`{name}`"))
+        .collect();
+    if left_empty.is_empty() {
+        return Ok(());
+    }
+    let problems = format!(
+        "NOT NULL without a default: {}, which the store leaves empty in its rows, so every claim or every stored response would fail; let it be NULL or give it a default",
+        left_empty.join(", ")
+    );
+    Err(foreign_table(table, problems, store))
+}
+
+/// Refuses the table `table` of `store` (see [`check_columns`]) when its
+/// `key` column, or a unique index on it, compares keys by `collation`
+/// rather than byte for byte: keys that differ only in case (`abc`,
+/// `ABC`) or trailing spaces can then be one, and one request would be
+/// answered with the response stored for the other, or refused while the
+/// other's record lives.
+pub(crate) fn check_key_collation(
+    table: &str,
+    collation: Option<&str>,
+    store: &'static str,
+) -> Result<(), StoreError> {
+    let Some(collation) = collation else {
+        return Ok(());
+    };
+    let problems = format!(
+        "`key` is compared by {collation}, under which keys that differ in case (`abc`, `ABC`) or spaces can be equal: one request would be answered with the response stored for another; keys are compared byte for byte, so drop the `COLLATE` from the column and its unique index"
+    );
+    Err(foreign_table(table, problems, store))
+}
+
+/// Refuses the table `table` of `store` (see [`check_columns`]) when it
+/// has the unique index `colliding`, over the store's columns alone and
+/// not over both `scope` and `key` (on `key` alone, or on an expression
+/// of it): two records can collide on it, and a claim that meets another
+/// record there fails, answered 503, for as long as that record is kept.
+pub(crate) fn check_unique_indexes(
+    table: &str,
+    colliding: Option<&str>,
+    store: &'static str,
+) -> Result<(), StoreError> {
+    let Some(index) = colliding else {
+        return Ok(());
+    };
+    let problems = format!(
+        "the unique index `{index}` is not over both `scope` and `key`: records of two callers, or of two keys, can collide on it, and every claim that meets another record there fails; drop it"
+    );
+    Err(foreign_table(table, problems, store))
 }
 
 /// What is wrong with a table's `(name, type)` columns next to the

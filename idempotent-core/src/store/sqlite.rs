@@ -276,7 +276,11 @@ impl SqliteStore {
     /// The database refused (for example, a read-only file, or a schema
     /// that is not attached), or a table of the same name exists without
     /// the store's columns or its primary key on `(scope, key)` (made by
-    /// something else).
+    /// something else), with a column the store leaves empty that is `NOT
+    /// NULL` without a default, with `key` compared by a collation
+    /// other than `BINARY` (`NOCASE`, `RTRIM`) or of numeric affinity, or
+    /// with a unique index that two records can collide on (on `key`
+    /// alone).
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let table = &self.inner.table;
         // SQLite names a schema on the index, never on the table it indexes.
@@ -299,8 +303,10 @@ impl SqliteStore {
     }
 
     /// Refuses a table without the store's columns, or without its primary
-    /// key, which every statement or every claim would fail on. Only names
-    /// are compared: SQLite keeps a value of any type in any column.
+    /// key, which every statement or every claim would fail on, and one
+    /// whose columns or indexes would make claims fail or keys collide
+    /// (see [`migrate`](Self::migrate)). Only names are compared, and
+    /// `key`'s affinity: SQLite keeps a value of any type in any column.
     async fn check_columns(&self) -> Result<(), StoreError> {
         let table = &self.inner.table;
         let base = sql::base_name(table);
@@ -323,6 +329,13 @@ impl SqliteStore {
         if found.is_empty() {
             return Ok(());
         }
+        check_key_affinity(table, &found)?;
+        let (base, schema) = (base.to_ascii_lowercase(), schema.as_deref());
+        // Looks that fail leave it to the statements to say why.
+        let required = self.required_columns(&base, schema).await;
+        sql::check_required(table, &required.unwrap_or_default(), "SqliteStore")?;
+        let folding = self.key_collation(&base, schema).await;
+        sql::check_key_collation(table, folding.ok().flatten().as_deref(), "SqliteStore")?;
         // A unique index the claim's `ON CONFLICT (scope, key)` can use:
         // on those two columns alone, for every row.
         let keyed: Result<i64, _> = sqlx::query_scalar(
@@ -334,12 +347,101 @@ impl SqliteStore {
                        WHERE lower(name) IN ('scope', 'key')) = 2
             )",
         )
-        .bind(base.to_ascii_lowercase())
-        .bind(schema.as_deref())
+        .bind(&base)
+        .bind(schema)
         .fetch_one(&self.inner.pool)
         .await;
-        // A look that fails leaves it to the statements to say why.
-        sql::check_key(table, !matches!(keyed, Ok(0)), "SqliteStore")
+        sql::check_key(table, !matches!(keyed, Ok(0)), "SqliteStore")?;
+        let colliding = self.colliding_index(&base, schema).await;
+        sql::check_unique_indexes(table, colliding.ok().flatten().as_deref(), "SqliteStore")
+    }
+
+    /// A unique index of the table `base` in `schema` over the store's
+    /// columns alone (an expression counts as one of them) that is not
+    /// over both `scope` and `key`: two records can collide on it.
+    async fn colliding_index(
+        &self,
+        base: &str,
+        schema: Option<&str>,
+    ) -> Result<Option<String>, sqlx::Error> {
+        let columns = (COLUMNS.iter())
+            .map(|(name, _)| format!("'{name}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // An expression has no name (NULL): it is never a column apart.
+        let look = format!(
+            "SELECT list.name FROM pragma_index_list(?1, ?2) AS list
+             WHERE list.\"unique\"
+               AND NOT EXISTS (SELECT 1 FROM pragma_index_info(list.name, ?2) AS c
+                               WHERE lower(c.name) NOT IN ({columns}))
+               AND (SELECT count(*) FROM pragma_index_info(list.name, ?2) AS c
+                    WHERE lower(c.name) IN ('scope', 'key')) < 2
+             LIMIT 1"
+        );
+        sqlx::query_scalar(&look)
+            .bind(base)
+            .bind(schema)
+            .fetch_optional(&self.inner.pool)
+            .await
+    }
+
+    /// The columns of the table `base` in `schema` that a row must have a
+    /// value in and SQLite does not make: `NOT NULL` without a default,
+    /// other than a rowid's alias (a rowid table's one `INTEGER PRIMARY
+    /// KEY`). Generated columns are not listed by `pragma_table_info`.
+    async fn required_columns(
+        &self,
+        base: &str,
+        schema: Option<&str>,
+    ) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT name FROM pragma_table_info(?1, ?2) AS c
+             WHERE c.\"notnull\" AND c.dflt_value IS NULL
+               AND NOT (c.pk AND upper(c.type) = 'INTEGER'
+                        AND (SELECT count(*) FROM pragma_table_info(?1, ?2) WHERE pk) = 1
+                        AND NOT EXISTS (SELECT 1 FROM pragma_index_list(?1, ?2)
+                                        WHERE origin = 'pk'))",
+        )
+        .bind(base)
+        .bind(schema)
+        .fetch_all(&self.inner.pool)
+        .await
+    }
+
+    /// What compares `key` other than byte for byte, if anything: a unique
+    /// index's collation, by name, or else the column's own (which the
+    /// statements' `key = ?` compares by), found by comparing `'a'` with
+    /// `'A'` and `'a '` as the column would, since no pragma names it.
+    async fn key_collation(
+        &self,
+        base: &str,
+        schema: Option<&str>,
+    ) -> Result<Option<String>, sqlx::Error> {
+        let indexed: Option<String> = sqlx::query_scalar(
+            "SELECT x.coll FROM pragma_index_list(?1, ?2) AS list,
+                                pragma_index_xinfo(list.name, ?2) AS x
+             WHERE list.\"unique\" AND x.key AND lower(x.name) = 'key'
+               AND upper(x.coll) <> 'BINARY'
+             LIMIT 1",
+        )
+        .bind(base)
+        .bind(schema)
+        .fetch_optional(&self.inner.pool)
+        .await?;
+        if let Some(collation) = indexed {
+            return Ok(Some(format!("the collation {collation} of a unique index")));
+        }
+        // The compound's column takes its collation from its first
+        // `SELECT`, which yields no row, and its value from the second.
+        let probe = format!(
+            "SELECT EXISTS (SELECT 1 FROM (SELECT key AS k FROM {table} WHERE 0 UNION ALL SELECT 'a')
+                            WHERE k = 'A' OR k = 'a ')",
+            table = sql::quoted(&self.inner.table)
+        );
+        let folds: bool = sqlx::query_scalar(&probe)
+            .fetch_one(&self.inner.pool)
+            .await?;
+        Ok(folds.then(|| "the column's collation, which is not BINARY".to_owned()))
     }
 
     /// Deletes every record whose deadline has passed; returns how many.
@@ -516,6 +618,42 @@ const COLUMNS: &[(&str, &str)] = &[
     ("expires_at", "INTEGER"),
     ("record", "BLOB"),
 ];
+
+/// Refuses a `key` column, among the table's `(name, declared type)`
+/// columns, that SQLite gives numeric affinity (its declared type names
+/// no text or blob): SQLite keeps a key that looks like a number as that
+/// number, and compares a key sent with it as one, so `0123`, `123` and
+/// `123.0` would be one key, each request answered with the response
+/// stored for another.
+fn check_key_affinity(table: &str, columns: &[(String, String)]) -> Result<(), StoreError> {
+    let Some((_, declared)) = columns
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("key"))
+    else {
+        return Ok(());
+    };
+    if !is_numeric_affinity(declared) {
+        return Ok(());
+    }
+    let problems = format!(
+        "`key` is declared `{declared}`, which gives it numeric affinity: SQLite keeps a key that looks like a number as that number, so `0123`, `123` and `123.0` are one key, and one request would be answered with the response stored for another; declare it `TEXT`"
+    );
+    Err(sql::foreign_table(table, problems, "SqliteStore"))
+}
+
+/// Whether SQLite gives a column of the `declared` type INTEGER, REAL or
+/// NUMERIC affinity, by the rules of its documentation (section 3.1 of
+/// "Datatypes In SQLite"): text affinity for a type containing `CHAR`,
+/// `CLOB` or `TEXT`, blob affinity for one containing `BLOB` or none; any
+/// other is numeric (`INT` first, whatever else it contains).
+fn is_numeric_affinity(declared: &str) -> bool {
+    let declared = declared.to_ascii_uppercase();
+    if declared.contains("INT") {
+        return true;
+    }
+    let textual = ["CHAR", "CLOB", "TEXT", "BLOB"];
+    !(declared.is_empty() || textual.iter().any(|word| declared.contains(word)))
+}
 
 /// SQLite's primary result code, the low byte of an extended one.
 fn result_code(error: &sqlx::Error) -> Option<i32> {

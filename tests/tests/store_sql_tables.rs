@@ -1,0 +1,275 @@
+//! Tables of the SQL stores' columns and key that `migrate` took, and on
+//! which the store then answered wrongly for good:
+//! - a column the store leaves empty that is `NOT NULL` without a
+//!   default (a column of the user's own, or one of the store's that it
+//!   sets to NULL): every claim's `INSERT` failed, every keyed request
+//!   was answered 503;
+//! - `key` compared without regard to case (SQLite `COLLATE NOCASE`,
+//!   PostgreSQL a nondeterministic collation), on the column or on the
+//!   unique index, or (SQLite) a `key` of numeric affinity, under which
+//!   `0123` and `123` are one: `abc` and `ABC` were one key, and one
+//!   request was answered with the response stored for the other;
+//! - a unique index beside the key that two records can collide on (on
+//!   `key` alone): a caller's claim failed, 503, while another caller's
+//!   record of the same key was kept.
+//!
+//! `migrate` refuses each, naming the column. PostgreSQL tests need
+//! `IDEMPOTENT_TEST_POSTGRES_URL`; SQLite ones use a temporary file.
+
+mod store_support;
+
+use idempotent_core::store::{PostgresStore, SqliteStore, StoreError};
+use store_support::{TempDb, backend_url, unique_name};
+
+/// `migrated` refused the table as a setup to change, naming `words`.
+#[track_caller]
+fn assert_refused(migrated: Result<(), StoreError>, words: &[&str]) {
+    let error = migrated.expect_err("the table is refused");
+    assert!(
+        matches!(error, StoreError::Misconfigured(_)),
+        "not told as a setup to change: {error:?}"
+    );
+    let told = error.to_string();
+    for word in words {
+        assert!(told.contains(word), "`{word}` missing from: {told}");
+    }
+}
+
+/// The PostgreSQL store's columns, for a `CREATE TABLE` with `extra`
+/// (columns, then constraints) spliced in after them.
+fn postgres_table(table: &str, key_type: &str, extra: &str) -> String {
+    format!(
+        "CREATE TABLE {table} (
+            scope bytea NOT NULL, key {key_type} NOT NULL, fingerprint bytea NOT NULL,
+            lease_token bytea, expires_at bigint NOT NULL, status smallint,
+            header_names text[], header_values bytea[], body bytea{extra}
+        );
+        CREATE INDEX ON {table} (expires_at);"
+    )
+}
+
+/// What `migrate` answers on the table `setup` creates (its name is
+/// spliced in for `{table}`); `teardown` then runs whatever it answered.
+async fn postgres_migrate(setup: &str, teardown: &str) -> Option<Result<(), StoreError>> {
+    let url = backend_url("IDEMPOTENT_TEST_POSTGRES_URL")?;
+    let table = unique_name("idem_table");
+    let connected = PostgresStore::connect(&url).await.expect("connect");
+    let pool = connected.pool();
+    let store = PostgresStore::builder(pool.clone())
+        .table(&table)
+        .build()
+        .expect("valid table name");
+    let setup = setup.replace("{table}", &table);
+    sqlx::raw_sql(&setup).execute(pool).await.expect("setup");
+    let migrated = store.migrate().await;
+    let teardown = format!(
+        "DROP TABLE {table}; {}",
+        teardown.replace("{table}", &table)
+    );
+    sqlx::raw_sql(&teardown).execute(pool).await.expect("drop");
+    Some(migrated)
+}
+
+#[tokio::test]
+async fn a_postgres_column_the_store_leaves_empty_must_not_be_required() {
+    for (column, extra) in [
+        ("tenant", ", tenant text NOT NULL"),
+        // One of the store's: NULL once the response is stored.
+        ("lease_token", ""),
+    ] {
+        let mut setup = postgres_table("{table}", "text", extra);
+        if extra.is_empty() {
+            setup = setup.replace("lease_token bytea", "lease_token bytea NOT NULL");
+        }
+        let setup = format!("{setup} ALTER TABLE {{table}} ADD PRIMARY KEY (scope, key);");
+        let Some(migrated) = postgres_migrate(&setup, "").await else {
+            return;
+        };
+        assert_refused(migrated, &[&format!("`{column}`"), "NOT NULL"]);
+    }
+}
+
+#[tokio::test]
+async fn postgres_columns_the_database_fills_may_be_required() {
+    let filled = ", id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT now(),
+                  n bigint GENERATED ALWAYS AS IDENTITY, m bigint NOT NULL GENERATED ALWAYS AS (expires_at + 1) STORED";
+    let setup = format!(
+        "{} CREATE UNIQUE INDEX ON {{table}} (scope, key);",
+        postgres_table("{table}", "text", filled)
+    );
+    let Some(migrated) = postgres_migrate(&setup, "").await else {
+        return;
+    };
+    migrated.expect("every required column of its own is filled by the database");
+}
+
+#[tokio::test]
+async fn a_postgres_key_compared_without_regard_to_case_is_refused() {
+    let collation = unique_name("idem_ci");
+    let create_collation = format!(
+        "CREATE COLLATION {collation} (provider = icu, locale = 'und-u-ks-level2', deterministic = false);"
+    );
+    let drop_collation = format!("DROP COLLATION {collation};");
+    // On the column (and so on its primary key), or on the unique index
+    // alone.
+    let on_column = format!(
+        "{create_collation} {} ALTER TABLE {{table}} ADD PRIMARY KEY (scope, key);",
+        postgres_table("{table}", &format!("text COLLATE {collation}"), "")
+    );
+    let on_index = format!(
+        "{create_collation} {} CREATE UNIQUE INDEX ON {{table}} (scope, key COLLATE {collation});",
+        postgres_table("{table}", "text", "")
+    );
+    for setup in [on_column, on_index] {
+        let Some(migrated) = postgres_migrate(&setup, &drop_collation).await else {
+            return;
+        };
+        assert_refused(migrated, &["`key`", &collation, "case"]);
+    }
+}
+
+/// What `migrate` answers on the SQLite table `setup` creates.
+async fn sqlite_migrate(setup: &str) -> Result<(), StoreError> {
+    let db = TempDb::new();
+    let store = SqliteStore::open(&db.0).await.expect("open");
+    sqlx::raw_sql(setup)
+        .execute(store.pool())
+        .await
+        .expect("setup");
+    store.migrate().await
+}
+
+/// The SQLite store's table with `key`'s declaration and `extra` (columns,
+/// then constraints) spliced in.
+fn sqlite_table(key: &str, extra: &str) -> String {
+    format!(
+        "CREATE TABLE idempotency_records (
+            scope BLOB NOT NULL, key {key}, fingerprint BLOB NOT NULL,
+            lease_token BLOB, expires_at INTEGER NOT NULL, record BLOB{extra}
+        );"
+    )
+}
+
+#[tokio::test]
+async fn a_sqlite_column_the_store_leaves_empty_must_not_be_required() {
+    let keyed = ", PRIMARY KEY (scope, key)";
+    let tenant = sqlite_table("TEXT NOT NULL", &format!(", tenant TEXT NOT NULL{keyed}"));
+    let record =
+        sqlite_table("TEXT NOT NULL", keyed).replace("record BLOB", "record BLOB NOT NULL");
+    for (column, setup) in [("tenant", tenant), ("record", record)] {
+        assert_refused(
+            sqlite_migrate(&setup).await,
+            &[&format!("`{column}`"), "NOT NULL"],
+        );
+    }
+}
+
+#[tokio::test]
+async fn sqlite_columns_the_database_fills_may_be_required() {
+    let setup = sqlite_table(
+        "TEXT NOT NULL",
+        ", id INTEGER PRIMARY KEY NOT NULL, at INTEGER NOT NULL DEFAULT 0,
+           n INTEGER NOT NULL GENERATED ALWAYS AS (expires_at + 1)",
+    ) + "CREATE UNIQUE INDEX records_key ON idempotency_records (scope, key);";
+    sqlite_migrate(&setup)
+        .await
+        .expect("every required column of its own is filled by the database");
+}
+
+#[tokio::test]
+async fn a_sqlite_key_compared_without_regard_to_case_or_trailing_spaces_is_refused() {
+    let keyed = ", PRIMARY KEY (scope, key)";
+    for (collation, setup) in [
+        // On the column, and so on its primary key.
+        (
+            "NOCASE",
+            sqlite_table("TEXT NOT NULL COLLATE NOCASE", keyed),
+        ),
+        ("RTRIM", sqlite_table("TEXT NOT NULL COLLATE RTRIM", keyed)),
+        // On the column, with a unique index that compares bytes: the
+        // statements' `key = ?` compares by the column's.
+        (
+            "collation",
+            sqlite_table("TEXT NOT NULL COLLATE NOCASE", "")
+                + "CREATE UNIQUE INDEX k ON idempotency_records (scope, key COLLATE BINARY);",
+        ),
+        // On the unique index alone.
+        (
+            "NOCASE",
+            sqlite_table("TEXT NOT NULL", "")
+                + "CREATE UNIQUE INDEX k ON idempotency_records (scope, key COLLATE NOCASE);",
+        ),
+    ] {
+        assert_refused(sqlite_migrate(&setup).await, &["`key`", collation]);
+    }
+}
+
+/// Beside the key on `(scope, key)`, a unique index that two records can
+/// collide on (on `key` alone, as if keys were global; on an expression
+/// of `key`): the claim of one caller's key failed for as long as another
+/// caller's record of the same key was kept, answered 503 each time.
+#[tokio::test]
+async fn a_postgres_unique_index_records_can_collide_on_is_refused() {
+    for index in ["(key)", "(scope, lower(key))", "(fingerprint)"] {
+        let setup = format!(
+            "{} ALTER TABLE {{table}} ADD PRIMARY KEY (scope, key);
+             CREATE UNIQUE INDEX {{table}}_extra ON {{table}} {index};",
+            postgres_table("{table}", "text", "")
+        );
+        let Some(migrated) = postgres_migrate(&setup, "").await else {
+            return;
+        };
+        assert_refused(migrated, &["_extra`", "unique index"]);
+    }
+}
+
+#[tokio::test]
+async fn a_sqlite_unique_index_records_can_collide_on_is_refused() {
+    for index in ["(key)", "(scope, lower(key))", "(fingerprint)"] {
+        let setup = sqlite_table("TEXT NOT NULL", ", PRIMARY KEY (scope, key)")
+            + &format!("CREATE UNIQUE INDEX records_extra ON idempotency_records {index};");
+        assert_refused(
+            sqlite_migrate(&setup).await,
+            &["`records_extra`", "unique index"],
+        );
+    }
+}
+
+/// A unique index that holds a column of the table's own (filled by the
+/// database) or both `scope` and `key` is never met by two records.
+#[tokio::test]
+async fn unique_indexes_records_never_collide_on_are_kept() {
+    let sqlite = sqlite_table("TEXT NOT NULL", ", serial INTEGER NOT NULL DEFAULT 0")
+        + "CREATE UNIQUE INDEX records_key ON idempotency_records (scope, key);
+           CREATE UNIQUE INDEX records_wide ON idempotency_records (key, scope, fingerprint);
+           CREATE UNIQUE INDEX records_own ON idempotency_records (serial, key);";
+    sqlite_migrate(&sqlite).await.expect("kept");
+    let postgres = format!(
+        "{} CREATE UNIQUE INDEX ON {{table}} (scope, key);
+            CREATE UNIQUE INDEX ON {{table}} (key, scope) WHERE status IS NULL;",
+        postgres_table("{table}", "text", ", id bigserial PRIMARY KEY")
+    );
+    if let Some(migrated) = postgres_migrate(&postgres, "").await {
+        migrated.expect("kept");
+    }
+}
+
+/// A `key` column that SQLite gives numeric affinity (declared `STRING`,
+/// `INTEGER`, `NUMERIC`, `REAL`, ...) keeps a key that looks like a
+/// number as that number: `0123`, `123` and `123.0` were one key, and
+/// one request was answered with the response stored for another.
+#[tokio::test]
+async fn a_sqlite_key_of_numeric_affinity_is_refused() {
+    let keyed = ", PRIMARY KEY (scope, key)";
+    for declared in ["STRING", "INTEGER", "NUMERIC", "REAL", "BIGINT", "DATE"] {
+        let setup = sqlite_table(&format!("{declared} NOT NULL"), keyed);
+        assert_refused(
+            sqlite_migrate(&setup).await,
+            &["`key`", declared, "affinity", "TEXT"],
+        );
+    }
+    for declared in ["TEXT", "VARCHAR(255)", "NVARCHAR", "CLOB", "BLOB", ""] {
+        let setup = sqlite_table(&format!("{declared} NOT NULL"), keyed);
+        sqlite_migrate(&setup).await.expect(declared);
+    }
+}
