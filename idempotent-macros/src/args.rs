@@ -301,7 +301,9 @@ pub(crate) fn closest<'a>(
             let shorter = written.chars().count().min(candidate.chars().count());
             let most = if shorter <= 3 { 1 } else { 2 };
             let distance = edit_distance(written, candidate);
-            (distance <= most).then_some((distance, candidate))
+            // A name as short as the edits between them shares nothing
+            // with the other: `a` is one edit from `p`, and no typo of it.
+            (distance <= most && distance < shorter).then_some((distance, candidate))
         })
         .min_by_key(|&(distance, _)| distance)
         .map(|(_, candidate)| candidate)
@@ -1012,6 +1014,8 @@ mod tests {
         // Any two names of two letters are two edits apart.
         assert_eq!(closest("tx", ["db", "id"]), None);
         assert_eq!(closest("x", ["db"]), None);
+        // One-letter names have no letter in common: no typo of each other.
+        assert_eq!(closest("a", ["p"]), None);
         assert_eq!(closest("bdy", ["headers", "body"]), Some("body"));
         assert_eq!(closest("wiat", OPTIONS), Some("wait"));
         assert_eq!(closest("tl", OPTIONS), Some("ttl"));

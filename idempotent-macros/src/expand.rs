@@ -77,6 +77,8 @@ fn stand_in(func: &ItemFn, args: &Args, errors: Errors) -> TokenStream {
     let name = &func.sig.ident;
     let mut as_written = func.clone();
     as_written.sig.ident = format_ident!("__idempotent_{}", name.unraw(), span = name.span());
+    // Its items would be about the hidden name, and their errors noise.
+    as_written.attrs.retain(|attr| !is_openapi_path(attr));
     let (outer_attrs, _) = split_attributes(&func.attrs);
     let vis = &func.vis;
     let generics = &func.sig.generics;
@@ -201,6 +203,7 @@ enum Role {
 }
 
 struct Argument<'a> {
+    pat: &'a Pat,
     ty: &'a Type,
     name: Option<Ident>,
     role: Role,
@@ -293,6 +296,7 @@ impl<'a> Handler<'a> {
         check_skipped_names(&arguments, &args.skip, errors);
         check_no_self_type(func, errors);
         check_applied_once(&func.attrs, errors);
+        check_openapi_path_above(func, errors);
         if args.optional {
             check_key_is_optional(&sig.inputs, errors);
         }
@@ -335,7 +339,7 @@ impl<'a> Handler<'a> {
 }
 
 impl<'a> Argument<'a> {
-    fn new(pat: &Pat, ty: &'a Type, is_principal: bool, skipped: bool) -> Self {
+    fn new(pat: &'a Pat, ty: &'a Type, is_principal: bool, skipped: bool) -> Self {
         let name = binding(pat);
         let role = if is_principal {
             Role::Principal
@@ -344,7 +348,12 @@ impl<'a> Argument<'a> {
         } else {
             Role::Fingerprinted
         };
-        Self { ty, name, role }
+        Self {
+            pat,
+            ty,
+            name,
+            role,
+        }
     }
 }
 
@@ -657,6 +666,40 @@ fn check_applied_once(attrs: &[Attribute], errors: &mut Errors) {
     }
 }
 
+/// `#[utoipa::path]` below `#[idempotent]` would write its `__path_<name>`
+/// item inside the routed function, where `#[derive(OpenApi)]` cannot
+/// find it: rustc's error would then be at the derive, about an item the
+/// user never wrote.
+fn check_openapi_path_above(func: &ItemFn, errors: &mut Errors) {
+    if let Some(attr) = func.attrs.iter().find(|attr| is_openapi_path(attr)) {
+        let name = func.sig.ident.unraw();
+        errors.spanned(
+            attr,
+            format!(
+                "put `#[utoipa::path]` above `#[idempotent]`: below it, its `__path_{name}` item would be nested in the routed function, out of the `OpenApi` derive's reach"
+            ),
+        );
+    }
+}
+
+/// Whether `attr` is utoipa's `#[utoipa::path(...)]`, or `#[path(...)]`
+/// with it imported (the built-in `#[path = "..."]` goes on modules). A
+/// `#[cfg_attr(predicate, utoipa::path(...))]` reaches the attribute
+/// already resolved: as this, or gone.
+fn is_openapi_path(attr: &Attribute) -> bool {
+    let segments: Vec<String> = attr
+        .path()
+        .segments
+        .iter()
+        .map(|segment| segment.ident.to_string())
+        .collect();
+    match segments.as_slice() {
+        [utoipa, path] => utoipa == "utoipa" && path == "path",
+        [path] => path == "path" && matches!(attr.meta, syn::Meta::List(_)),
+        _ => false,
+    }
+}
+
 fn check_skipped_names(arguments: &[Argument<'_>], skip: &[Ident], errors: &mut Errors) {
     let names: Vec<String> = arguments
         .iter()
@@ -665,6 +708,13 @@ fn check_skipped_names(arguments: &[Argument<'_>], skip: &[Ident], errors: &mut 
     let listed: Vec<String> = names.iter().map(|name| format!("`{name}`")).collect();
     for skipped in skip {
         if arguments.iter().any(|a| a.name.as_ref() == Some(skipped)) {
+            continue;
+        }
+        if let Some(argument) = arguments
+            .iter()
+            .find(|argument| binds_within(argument.pat, skipped))
+        {
+            errors.spanned(skipped, bound_within_pattern(skipped, argument));
             continue;
         }
         let known = if names.is_empty() {
@@ -680,6 +730,85 @@ fn check_skipped_names(arguments: &[Argument<'_>], skip: &[Ident], errors: &mut 
             format!("`skip` names no argument `{skipped}`; {hint}{known}"),
         );
     }
+}
+
+/// Why `skip` cannot name `skipped`, a name bound inside the pattern of
+/// `argument`, which has no name of its own. Naming the argument's other
+/// bindings, as the nearest spelling would, could leave the body out.
+fn bound_within_pattern(skipped: &Ident, argument: &Argument<'_>) -> String {
+    let pat = argument.pat;
+    let ty = argument.ty;
+    let name = type_ident(ty).map_or_else(
+        || "input".to_owned(),
+        |ident| snake_case(&ident.to_string()),
+    );
+    format!(
+        "`skip` names whole arguments, and `{skipped}` is bound inside the destructured argument `{}`, which has no name: bind that argument to a name, as in `{name}: {}`, and write `skip({name})`",
+        tokens_text(&quote!(#pat)),
+        tokens_text(&quote!(#ty)),
+    )
+}
+
+/// Whether `pat` binds `name` anywhere within it.
+fn binds_within(pat: &Pat, name: &Ident) -> bool {
+    match pat {
+        Pat::Ident(ident) => {
+            &ident.ident == name
+                || ident
+                    .subpat
+                    .as_ref()
+                    .is_some_and(|(_, sub)| binds_within(sub, name))
+        }
+        Pat::TupleStruct(tuple) => tuple.elems.iter().any(|elem| binds_within(elem, name)),
+        Pat::Tuple(tuple) => tuple.elems.iter().any(|elem| binds_within(elem, name)),
+        Pat::Struct(item) => item
+            .fields
+            .iter()
+            .any(|field| binds_within(&field.pat, name)),
+        Pat::Slice(slice) => slice.elems.iter().any(|elem| binds_within(elem, name)),
+        Pat::Or(or) => or.cases.iter().any(|case| binds_within(case, name)),
+        Pat::Reference(reference) => binds_within(&reference.pat, name),
+        Pat::Paren(paren) => binds_within(&paren.pat, name),
+        Pat::Type(typed) => binds_within(&typed.pat, name),
+        _ => false,
+    }
+}
+
+/// `Query` as `query`, `RawForm` as `raw_form`.
+fn snake_case(name: &str) -> String {
+    let mut snake = String::new();
+    for (index, c) in name.chars().enumerate() {
+        if c.is_uppercase() && index > 0 {
+            snake.push('_');
+        }
+        snake.extend(c.to_lowercase());
+    }
+    snake
+}
+
+/// Tokens as written: `to_string` puts a space between any two tokens;
+/// only those between two words (`ref mut x`), after a comma and around
+/// braces (`Trace { verbose }`) are kept.
+fn tokens_text(tokens: &TokenStream) -> String {
+    let text = tokens.to_string();
+    let is_word = |c: char| c.is_alphanumeric() || c == '_';
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::new();
+    for (index, &c) in chars.iter().enumerate() {
+        if c == ' ' {
+            let before = out.chars().last().unwrap_or(' ');
+            let after = chars.get(index + 1).copied().unwrap_or(' ');
+            let kept = is_word(before) && is_word(after)
+                || before == ','
+                || matches!(before, '{' | '}')
+                || matches!(after, '{' | '}');
+            if !kept {
+                continue;
+            }
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// The name an argument is known by: `payment` in `payment: Json<T>` and in
