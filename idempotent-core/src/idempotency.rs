@@ -27,8 +27,9 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(5);
 /// routes it covers; `#[idempotent]` handlers, [`IdempotentRequest`](crate::IdempotentRequest)
 /// and [`IdempotentLayer`](crate::IdempotentLayer) find it there. (Not to be
 /// confused with `IdempotentLayer`, which makes one route idempotent without
-/// the attribute and needs this layer around it too.) Without it, a keyed
-/// request to such a route gets 500 `not-configured`.
+/// the attribute and needs this layer around it too.) Without it, every
+/// request to such a route, with a key or without, gets 500
+/// `not-configured`.
 ///
 /// ```
 /// use axum::{Router, routing::post};
@@ -129,7 +130,21 @@ impl Idempotency {
         IdempotencyBuilder::new(Arc::new(store))
     }
 
-    /// Idempotency on an already shared store.
+    /// Starts building, like [`builder`](Self::builder), on a store
+    /// already shared as a [`SharedStore`] (a backend chosen at run time,
+    /// say: [`Store`] itself cannot be a trait object, `Arc<dyn Store>`,
+    /// so a [`DynStore`] stands in for it). Finish with
+    /// [`build`](IdempotencyBuilder::build): the builder is not a layer.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use idempotent_core::Idempotency;
+    /// use idempotent_core::store::{MemoryStore, SharedStore, Tiered};
+    ///
+    /// let store: SharedStore = Arc::new(Tiered::new(MemoryStore::new()));
+    /// let idempotency = Idempotency::from_shared(store).build();
+    /// # let _ = idempotency;
+    /// ```
     pub fn from_shared(store: SharedStore) -> IdempotencyBuilder {
         IdempotencyBuilder::new(store)
     }
@@ -172,6 +187,14 @@ impl Idempotency {
     /// ([`Store::settle`]): releases of claims that were cut short by the
     /// store timeout, which would otherwise keep their keys until their
     /// leases lapsed.
+    ///
+    /// It is for shutdown, and the handle stays draining after it: a
+    /// response whose storing fails later, on a handle that goes on
+    /// serving, gets its one last attempt at once instead of attempts for
+    /// as long as a lease, and is given up if that fails (so a retry
+    /// after the lease runs its handler again). A server that goes on
+    /// after waiting for the runs in flight (a test between phases) goes
+    /// on with a new `Idempotency`.
     pub async fn drain(&self) {
         let detached = &self.inner.detached;
         self.inner.draining.cancel();
@@ -236,9 +259,13 @@ impl IdempotencyBuilder {
         self
     }
 
-    /// When the store fails, run handlers without idempotency instead of
-    /// answering 503. Off by default: with it on, a store outage can let a
-    /// retry run a side effect twice. Each such request logs a warning.
+    /// When a claim fails in the store, run the handler without
+    /// idempotency instead of refusing the request: instead of a 503
+    /// (the store failed or timed out) or a 500 `store-misconfigured`.
+    /// Off by default: with it on, a store outage can let a retry run a
+    /// side effect twice. Each such request logs a warning. A record the
+    /// store holds but cannot read ([`StoreError::Codec`](crate::store::StoreError::Codec))
+    /// is still answered 500 `record-corrupt`: its request ran already.
     pub fn fail_open(mut self, fail_open: bool) -> Self {
         self.settings.fail_open = fail_open;
         self

@@ -19,10 +19,12 @@
 //! Depend on the `idempotent-core` package (the `idempotent` package on
 //! crates.io is another project). Mark the handler, then give the router
 //! an [`Idempotency`] layer, which names the store. The layer is required:
-//! without it, a keyed request to the handler gets a `500` problem that
-//! says to add it.
+//! without it, every request to the handler, with a key or without, gets
+//! a `500` problem that says to add it.
 //!
-//! ```
+// The example needs the attribute, which only the `macros` feature brings.
+#![cfg_attr(feature = "macros", doc = "```")]
+#![cfg_attr(not(feature = "macros"), doc = "```ignore")]
 //! use axum::{Json, Router, extract::State, http::StatusCode, routing::post};
 //! use idempotent_core::{Idempotency, idempotent, store::MemoryStore};
 //! use serde::{Deserialize, Serialize};
@@ -146,6 +148,7 @@ pub use request::IdempotentRequest;
 pub use scope::{IdempotencyScope, Scope};
 
 #[cfg(feature = "macros")]
+#[cfg_attr(docsrs, doc(cfg(feature = "macros")))]
 #[doc(inline)]
 pub use idempotent_macros::idempotent;
 

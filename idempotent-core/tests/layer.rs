@@ -313,7 +313,7 @@ async fn a_retry_that_adds_the_missing_content_type_runs_the_handler() {
 #[tokio::test]
 async fn a_custom_scope_on_the_layer_is_refused_with_what_to_use_instead() {
     let runs = Arc::new(AtomicUsize::new(0));
-    let endpoint = Endpoint::new("create_order").scope(idempotent_core::Scope::Custom);
+    let endpoint = Endpoint::new("create_order").scope(Scope::Custom);
     let app = app(&runs, IdempotentLayer::new(endpoint));
     let (status, _, body) = send(&app, order("/orders", "k", "{}")).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
@@ -324,7 +324,9 @@ async fn a_custom_scope_on_the_layer_is_refused_with_what_to_use_instead() {
     assert_eq!(runs.load(Ordering::SeqCst), 0);
 }
 
-/// The same handler as `create_order`, made idempotent by the attribute.
+/// The same handler as `create_order`, made idempotent by the attribute
+/// (feature `macros`).
+#[cfg(feature = "macros")]
 #[idempotent_core::idempotent(scope = "global")]
 async fn create_order_by_attribute(
     Extension(runs): Extension<Arc<AtomicUsize>>,
@@ -334,11 +336,13 @@ async fn create_order_by_attribute(
     (StatusCode::CREATED, format!("order {run}: {body}"))
 }
 
+#[cfg(feature = "macros")]
 #[tokio::test]
 async fn a_layer_over_an_idempotent_handler_is_refused_without_burning_the_key() {
     let runs = Arc::new(AtomicUsize::new(0));
     let idempotency = Idempotency::new(MemoryStore::new());
-    let legacy = IdempotentLayer::new(Endpoint::new("legacy").scope(Scope::Global));
+    let legacy =
+        IdempotentLayer::new(Endpoint::new("legacy").scope(idempotent_core::Scope::Global));
     let both = Router::new()
         .route(
             "/orders",

@@ -83,6 +83,17 @@ impl StoreError {
     pub fn misconfigured(error: impl Into<BoxError>) -> Self {
         Self::Misconfigured(error.into())
     }
+
+    /// A record the store holds but cannot read back, for `reason`: a
+    /// damaged row, another program's value at the record's address
+    /// ([`StoreError::Codec`]). Its request ran, so it is answered 500
+    /// `record-corrupt` and its handler is not run again, even with
+    /// [`fail_open`](crate::IdempotencyBuilder::fail_open); reported as
+    /// [`backend`](Self::backend) instead, it would be answered 503 and
+    /// retried for good, or with `fail_open` run a second time.
+    pub fn corrupt(reason: &'static str) -> Self {
+        Self::Codec(crate::record::CodecError::new(reason))
+    }
 }
 
 /// A backend for idempotency records.
@@ -91,6 +102,11 @@ impl StoreError {
 /// can move them without sleeping. Leases (`lease`) and result TTLs (`ttl`)
 /// are separate: a lease is short and renewed while the handler runs; the
 /// TTL is how long a finished response is replayed.
+///
+/// Its methods return `impl Future`, so it cannot be a trait object
+/// (`Arc<dyn Store>`): a store chosen at run time is a [`SharedStore`],
+/// `Arc<dyn DynStore>`, which [`Idempotency::from_shared`](crate::Idempotency::from_shared)
+/// takes.
 pub trait Store: Send + Sync + 'static {
     /// Atomically claims `key` for a request with `fingerprint`:
     /// - no record, or an expired one: insert `InFlight` -> [`Claim::Acquired`];
@@ -222,21 +238,26 @@ pub(crate) async fn settle(tracker: &tokio_util::task::TaskTracker) {
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The object-safe form of [`Store`], implemented for every `Store`, so the
-/// engine can hold any backend behind one `Arc<dyn DynStore>`.
-#[allow(missing_docs)]
+/// engine can hold any backend behind one `Arc<dyn DynStore>`. Implement
+/// [`Store`], not this: each method boxes the future of the `Store`
+/// method of its name, and does what that method's documentation says.
+/// [`Store::deadline_clock`] has no counterpart here.
 pub trait DynStore: Send + Sync + 'static {
+    /// [`Store::claim`], boxed.
     fn claim<'a>(
         &'a self,
         key: &'a RecordKey,
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>>;
+    /// [`Store::renew`], boxed.
     fn renew<'a>(
         &'a self,
         key: &'a RecordKey,
         token: LeaseToken,
         lease: Duration,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// [`Store::complete`], boxed.
     fn complete<'a>(
         &'a self,
         key: &'a RecordKey,
@@ -244,12 +265,15 @@ pub trait DynStore: Send + Sync + 'static {
         response: StoredResponse,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// [`Store::release`], boxed.
     fn release<'a>(
         &'a self,
         key: &'a RecordKey,
         token: LeaseToken,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// [`Store::get`], boxed.
     fn get<'a>(&'a self, key: &'a RecordKey) -> BoxFuture<'a, Result<Option<Record>, StoreError>>;
+    /// [`Store::settle`], boxed.
     fn settle(&self) -> BoxFuture<'_, ()>;
 }
 

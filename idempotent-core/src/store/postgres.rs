@@ -714,6 +714,10 @@ impl PostgresStore {
     /// least a millisecond) on a background task until the returned
     /// [`Reaper`] is dropped. Failures are logged and retried on the next
     /// tick.
+    ///
+    /// # Panics
+    /// Called outside a Tokio runtime, which the task is spawned on (as
+    /// `tokio::spawn` does).
     #[must_use = "the reaper stops when dropped"]
     pub fn spawn_reaper(&self, period: Duration) -> Reaper {
         let store = self.clone();

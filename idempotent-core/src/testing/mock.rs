@@ -36,7 +36,9 @@ const EPOCH_2025_MILLIS: u64 = 1_735_689_600_000;
 /// Clones share everything, so a test keeps one handle while the router
 /// owns another.
 ///
-/// ```
+// The example needs the attribute (feature `macros`).
+#[cfg_attr(feature = "macros", doc = "```")]
+#[cfg_attr(not(feature = "macros"), doc = "```ignore")]
 /// use std::time::Duration;
 ///
 /// use axum::{Json, Router, body::Body, http::{Request, StatusCode}, routing::post};
@@ -128,7 +130,9 @@ pub enum OpKind {
 /// request whose claim fails runs nothing and gets the
 /// [problem](crate::problem) of its class.
 ///
-/// ```
+// The example needs the attribute (feature `macros`).
+#[cfg_attr(feature = "macros", doc = "```")]
+#[cfg_attr(not(feature = "macros"), doc = "```ignore")]
 /// use axum::{Router, body::Body, http::{Request, StatusCode}, routing::post};
 /// use idempotent_core::idempotent;
 /// use idempotent_core::testing::{Fault, MockStore, OpKind};
@@ -436,7 +440,9 @@ impl MockStore {
     /// failed, this says how, e.g. that a timeout came at a completion.
     /// A lost lease, which the store answers itself, is not one.
     ///
-    /// ```
+    // The example needs the attribute (feature `macros`).
+    #[cfg_attr(feature = "macros", doc = "```")]
+    #[cfg_attr(not(feature = "macros"), doc = "```ignore")]
     /// use axum::{Router, body::Body, http::{Request, StatusCode}, routing::post};
     /// use idempotent_core::idempotent;
     /// use idempotent_core::testing::{Fault, MockStore, OpKind, Operation};
