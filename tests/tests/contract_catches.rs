@@ -99,10 +99,19 @@ impl Faulty {
     }
 
     fn holds(&self, id: &(ScopeDigest, String), token: LeaseToken) -> Option<Fingerprint> {
-        match self.records().get(id) {
-            Some(Record::InFlight(held)) if held.lease_token == token => Some(held.fingerprint),
-            _ => None,
-        }
+        held_by(&self.records(), id, token)
+    }
+}
+
+/// The fingerprint of the claim `token` holds on `id` in `records`.
+fn held_by(
+    records: &HashMap<(ScopeDigest, String), Record>,
+    id: &(ScopeDigest, String),
+    token: LeaseToken,
+) -> Option<Fingerprint> {
+    match records.get(id) {
+        Some(Record::InFlight(held)) if held.lease_token == token => Some(held.fingerprint),
+        _ => None,
     }
 }
 
@@ -171,28 +180,31 @@ impl Store for Faulty {
         if let (Some(limit), Some(body)) = (self.faults.truncate_body, response.body.as_mut()) {
             *body = body.slice(..body.len().min(limit));
         }
-        let fingerprint = self.holds(&id, token).ok_or(StoreError::LeaseLost)?;
+        let mut fingerprint = self.holds(&id, token).ok_or(StoreError::LeaseLost)?;
         if self.faults.racy_complete {
             // Checked, then written in a second step.
             tokio::task::yield_now().await;
-        } else if self.holds(&id, token).is_none() {
-            return Err(StoreError::LeaseLost);
         }
         let expires_at = self.deadline(ttl);
+        let mut records = self.records();
+        if !self.faults.racy_complete {
+            // Checked again under the lock the write takes: one step.
+            fingerprint = held_by(&records, &id, token).ok_or(StoreError::LeaseLost)?;
+        }
         let completed = Completed {
             fingerprint,
             response,
             expires_at,
         };
-        self.records()
-            .insert(id, Record::Completed(Arc::new(completed)));
+        records.insert(id, Record::Completed(Arc::new(completed)));
         Ok(())
     }
 
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
         let id = self.id(key);
-        self.holds(&id, token).ok_or(StoreError::LeaseLost)?;
-        self.records().remove(&id);
+        let mut records = self.records();
+        held_by(&records, &id, token).ok_or(StoreError::LeaseLost)?;
+        records.remove(&id);
         Ok(())
     }
 

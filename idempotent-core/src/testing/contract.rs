@@ -89,10 +89,12 @@ where
         claim_race,
         takeover_race,
         stale_completion_race,
+        stale_release_race,
         fencing,
         lease_takeover,
         late_renewal,
         ttl_expiry,
+        expired_record_race,
         mismatch_visibility,
         binary_bodies,
         repeated_headers,
@@ -140,11 +142,27 @@ pub async fn takeover_race<S: Store>(store: Arc<S>, clock: ManualClock) {
         acquire(&*store, &key, fingerprint(0), "takeover_race").await;
         clock.advance(LEASE);
         let (winners, _) = race_claims(&store, &key, 1, "takeover_race").await;
-        assert_eq!(
-            winners.len(),
-            1,
-            "takeover_race: round {round}: exactly one of {RACERS} concurrent claims of a lapsed lease must acquire"
-        );
+        let check = format!("takeover_race: round {round}");
+        assert_one_after(winners.len(), &check, "a lapsed lease", "lease");
+    }
+}
+
+/// Many tasks claim a key whose completed record has expired at once, as
+/// retries sent after the TTL arrive together: exactly one acquires,
+/// round after round. A store that replaces an expired record in two
+/// steps (a read that finds it expired, then a write that no longer
+/// checks) lets several run the request.
+pub async fn expired_record_race<S: Store>(store: Arc<S>, clock: ManualClock) {
+    const ROUNDS: usize = 20;
+    for round in 0..ROUNDS {
+        let key = new_key("expired-race");
+        let token = acquire(&*store, &key, fingerprint(0), "expired_record_race").await;
+        let response = response(StatusCode::OK, b"expired");
+        complete(&*store, &key, token, response, "expired_record_race").await;
+        clock.advance(TTL);
+        let (winners, _) = race_claims(&store, &key, 1, "expired_record_race").await;
+        let check = format!("expired_record_race: round {round}");
+        assert_one_after(winners.len(), &check, "an expired record", "TTL");
     }
 }
 
@@ -179,6 +197,51 @@ pub async fn stale_completion_race<S: Store>(store: Arc<S>, clock: ManualClock) 
         assert!(
             !both,
             "stale_completion_race: round {round}: the stale holder completed and a new claim acquired"
+        );
+    }
+}
+
+/// A holder whose lease lapsed releases the key (its handler failed) at
+/// the moment another request takes it over: whichever comes first, the
+/// new holder's claim must survive. A store that checks the token, then
+/// deletes in a second step, deletes the new holder's claim, and a third
+/// request runs beside it.
+pub async fn stale_release_race<S: Store>(store: Arc<S>, clock: ManualClock) {
+    const ROUNDS: usize = 20;
+    for round in 0..ROUNDS {
+        let key = new_key("stale-release");
+        let stale = acquire(&*store, &key, fingerprint(1), "stale_release_race").await;
+        clock.advance(LEASE);
+        let barrier = Arc::new(Barrier::new(2));
+        let releasing = {
+            let (store, key, barrier) = (store.clone(), key.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store.release(&key, stale).await
+            })
+        };
+        let claiming = {
+            let (store, key) = (store.clone(), key.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store.claim(&key, fingerprint(2), LEASE).await
+            })
+        };
+        let released = releasing.await.expect("the releasing task panicked");
+        let claimed = claiming.await.expect("the claiming task panicked");
+        assert!(
+            matches!(released, Ok(()) | Err(StoreError::LeaseLost)),
+            "stale_release_race: round {round}: release must succeed or fail with LeaseLost, got {released:?}"
+        );
+        let Ok(Claim::Acquired(fresh)) = claimed else {
+            panic!(
+                "stale_release_race: round {round}: a claim of a lapsed or released lease must acquire, got {claimed:?}"
+            );
+        };
+        let held = get(&*store, &key).await;
+        assert!(
+            matches!(&held, Some(Record::InFlight(held)) if held.lease_token == fresh),
+            "stale_release_race: round {round}: the stale holder's release removed the new holder's claim; get() shows {held:?}"
         );
     }
 }
@@ -723,6 +786,24 @@ async fn race_claims<S: Store>(
         }
     }
     (winners, seen)
+}
+
+/// Exactly one of the claims racing on `what`, which the check's clock
+/// moved past its `deadline`, acquired. None at all is most often a store
+/// that reads another clock than the one given to `make` (the system's),
+/// for which the check's time never moved: the message says so, rather
+/// than leave a correct store's author looking for a race.
+fn assert_one_after(winners: usize, check: &str, what: &str, deadline: &str) {
+    assert!(
+        winners != 0,
+        "{check}: none of {RACERS} concurrent claims of {what} acquired: the check moved the \
+         ManualClock given to `make` past the {deadline}; does the store read its time from \
+         that clock (and take over a key past its {deadline})?"
+    );
+    assert_eq!(
+        winners, 1,
+        "{check}: exactly one of {RACERS} concurrent claims of {what} must acquire"
+    );
 }
 
 /// The live in-flight record: fingerprint, token, deadline.

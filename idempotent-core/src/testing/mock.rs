@@ -21,12 +21,19 @@ const EPOCH_2025_MILLIS: u64 = 1_735_689_600_000;
 /// An in-memory [`Store`] for handler tests (feature `test-util`).
 ///
 /// - Time comes from a [`ManualClock`]: [`advance`](Self::advance) it past a
-///   TTL or a lease instead of sleeping.
+///   TTL or a lease instead of sleeping. It is not tokio's clock: under
+///   `tokio::time::pause` (`#[tokio::test(start_paused = true)]`),
+///   `tokio::time::advance` and sleeps move the engine's own timers (lease
+///   renewals, the store timeout, a `wait` endpoint's pauses,
+///   [`set_delay`](Self::set_delay)) at no cost in real time, but a record
+///   expires, and a lease lapses, only when [`advance`](Self::advance)
+///   moves the store's clock.
 /// - Every call the engine makes is logged as an [`Operation`]; assert on
 ///   them with [`operations`](Self::operations), [`count`](Self::count) or
 ///   [`assert_executed_once`](Self::assert_executed_once).
 /// - Faults are injected with [`fail_next`](Self::fail_next),
-///   [`fail_next_call`](Self::fail_next_call), [`fail_all`](Self::fail_all)
+///   [`fail_next_call`](Self::fail_next_call), [`fail_every`](Self::fail_every)
+///   (every call of one kind), [`fail_all`](Self::fail_all)
 ///   and slowed down with [`set_delay`](Self::set_delay); their `_with`
 ///   forms choose the class of failure, a [`Fault`] (a store down, timed
 ///   out, set up wrongly, or a corrupt record);
@@ -102,6 +109,8 @@ struct State {
     fail_next: VecDeque<Queued>,
     /// The outage under way, if any: every call fails this way.
     fail_all: Option<Fault>,
+    /// Outages of one kind of call each: every call of the kind fails.
+    fail_every: Vec<(OpKind, Fault)>,
     delay: Option<Duration>,
     /// Claims still to be answered as held by a duplicate.
     in_flight_next: usize,
@@ -125,7 +134,7 @@ pub enum OpKind {
 
 /// A class of store failure, for an injected fault to answer with
 /// ([`MockStore::fail_next_with`], [`MockStore::fail_next_call_with`],
-/// [`MockStore::fail_all_with`]). Each is the [`StoreError`] a real store
+/// [`MockStore::fail_every_with`], [`MockStore::fail_all_with`]). Each is the [`StoreError`] a real store
 /// answers in that case, so the engine treats it as it would theirs: a
 /// request whose claim fails runs nothing and gets the
 /// [problem](crate::problem) of its class.
@@ -176,7 +185,8 @@ pub enum Fault {
     /// a connection dropped): [`StoreError::Backend`], answered `503
     /// store-unavailable` with `Retry-After`. What
     /// [`fail_next`](MockStore::fail_next),
-    /// [`fail_next_call`](MockStore::fail_next_call) and
+    /// [`fail_next_call`](MockStore::fail_next_call),
+    /// [`fail_every`](MockStore::fail_every) and
     /// [`fail_all`](MockStore::fail_all) inject.
     Unavailable,
     /// The store did not answer in time: [`StoreError::Timeout`] of
@@ -324,7 +334,10 @@ impl MockStore {
         self.inner.clock.clone()
     }
 
-    /// Moves the store's time forward, e.g. past a TTL or a lease.
+    /// Moves the store's time forward, e.g. past a TTL or a lease: a
+    /// request that still runs then holds a lapsed lease, and a retry
+    /// takes the key over and runs, as after a crash. It does not move
+    /// tokio's clock, nor does `tokio::time::advance` move this one.
     pub fn advance(&self, by: Duration) {
         self.inner.clock.advance(by);
     }
@@ -378,9 +391,69 @@ impl MockStore {
     }
 
     /// Fails every call while `fail` is `true` (a store outage), with a
-    /// backend error. `false` ends any outage, whatever its class.
+    /// backend error. `false` ends any outage, whatever its class, and
+    /// those of one kind of call ([`fail_every`](Self::fail_every)).
     pub fn fail_all(&self, fail: bool) {
-        self.state().fail_all = fail.then_some(Fault::Unavailable);
+        let mut state = self.state();
+        state.fail_all = fail.then_some(Fault::Unavailable);
+        if !fail {
+            state.fail_every.clear();
+        }
+    }
+
+    /// Fails every call of `kind` with a backend error, until
+    /// [`fail_all(false)`](Self::fail_all) ends it: e.g. a store that
+    /// takes claims but never stores a response, however often the engine
+    /// tries again (it tries several times, then goes on in the
+    /// background while the lease lasts: more calls than a test should
+    /// count out with [`fail_next`](Self::fail_next)).
+    ///
+    /// While claims fail, so does an exact repeat's [`get`](Store::get),
+    /// as with [`fail_next`](Self::fail_next), so that no request gets
+    /// past the outage.
+    ///
+    /// ```
+    /// use axum::{Router, body::Body, http::{Request, StatusCode}, routing::post};
+    /// use idempotent_core::idempotent;
+    /// use idempotent_core::testing::{MockStore, OpKind};
+    /// use tower::ServiceExt;
+    ///
+    /// #[idempotent(scope = "global")]
+    /// async fn charge() -> StatusCode {
+    ///     StatusCode::CREATED
+    /// }
+    ///
+    /// async fn send(app: &Router) -> StatusCode {
+    ///     let request = Request::post("/charges")
+    ///         .header("idempotency-key", "k1")
+    ///         .body(Body::empty())
+    ///         .unwrap();
+    ///     app.clone().oneshot(request).await.unwrap().status()
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let store = MockStore::new();
+    /// let app = Router::new().route("/charges", post(charge)).layer(store.layer());
+    /// store.fail_every(OpKind::Complete);
+    /// // The handler ran: the caller gets its response, though it was not stored...
+    /// assert_eq!(send(&app).await, StatusCode::CREATED);
+    /// assert_eq!(store.count(OpKind::Complete), 0);
+    /// // ...and the key stays held while the engine tries to store it.
+    /// assert_eq!(send(&app).await, StatusCode::CONFLICT);
+    /// store.assert_executed_once();
+    /// # }
+    /// ```
+    pub fn fail_every(&self, kind: OpKind) {
+        self.fail_every_with(kind, Fault::Unavailable);
+    }
+
+    /// Fails every call of `kind` with `fault`, as
+    /// [`fail_every`](Self::fail_every) does with a backend error.
+    pub fn fail_every_with(&self, kind: OpKind, fault: Fault) {
+        let mut state = self.state();
+        state.fail_every.retain(|(failing, _)| *failing != kind);
+        state.fail_every.push((kind, fault));
     }
 
     /// Fails every call with `fault` (a store down, or set up wrongly)
@@ -547,8 +620,9 @@ impl MockStore {
         let mut state = self.state();
         let fault = match state.fail_all {
             Some(fault) => Some(fault),
-            None => take_fault(&mut state.fail_next, kind)
-                .or_else(|| claim_fault_ahead(&state.fail_next, kind)),
+            None => failing_kind(&state.fail_every, kind)
+                .or_else(|| take_fault(&mut state.fail_next, kind))
+                .or_else(|| claim_fault_ahead(&state, kind)),
         };
         if let Some(fault) = fault {
             state.operations.push(Operation::Failed { op: kind });
@@ -618,11 +692,21 @@ fn take_fault(queue: &mut VecDeque<Queued>, kind: OpKind) -> Option<Fault> {
 /// whatever the claim's class, since a read that timed out answers the
 /// request by itself, and the claim that a backend error sends it on to
 /// answers it as the fault's class has it.
-fn claim_fault_ahead(queue: &VecDeque<Queued>, kind: OpKind) -> Option<Fault> {
-    let claim_queued = queue
+fn claim_fault_ahead(state: &State, kind: OpKind) -> Option<Fault> {
+    let claim_queued = state
+        .fail_next
         .iter()
         .any(|queued| queued.kind == Some(OpKind::Claim));
-    (kind == OpKind::Get && claim_queued).then_some(Fault::Unavailable)
+    let claims_fail = failing_kind(&state.fail_every, OpKind::Claim).is_some();
+    (kind == OpKind::Get && (claim_queued || claims_fail)).then_some(Fault::Unavailable)
+}
+
+/// How calls of `kind` fail while an outage of that kind is under way.
+fn failing_kind(outages: &[(OpKind, Fault)], kind: OpKind) -> Option<Fault> {
+    outages
+        .iter()
+        .find(|(failing, _)| *failing == kind)
+        .map(|(_, fault)| *fault)
 }
 
 fn claim_outcome(claim: &Claim) -> Operation {
