@@ -45,8 +45,8 @@ type Pipeline = Pin<Box<dyn Future<Output = Result<Response, Panic>> + Send>>;
 enum Produced {
     /// A response to store: its head, and its body as read for storing.
     Final(Parts, Collected),
-    /// A response whose status lets the key be used again.
-    NotFinal(Response),
+    /// A response whose status lets the key be used again, and why.
+    NotFinal(Response, &'static str),
 }
 
 /// First and longest pause between claims while waiting for a duplicate.
@@ -117,6 +117,7 @@ fn prepare(
     fingerprint: Result<Fingerprint, FingerprintError>,
 ) -> Result<Option<Engine>, Problem> {
     let settings = request.idempotency.inner;
+    let input_rejected = request.input_rejected;
     let Some(key) = request.key else {
         if endpoint.is_optional() {
             return Ok(None);
@@ -148,6 +149,7 @@ fn prepare(
         endpoint: *endpoint,
         key,
         fingerprint,
+        input_rejected,
         _request_headers: request_headers,
     }))
 }
@@ -273,6 +275,10 @@ struct Engine {
     endpoint: Endpoint,
     key: RecordKey,
     fingerprint: Fingerprint,
+    /// An extractor the handler takes as a `Result` was rejected: a 4xx
+    /// answer to it is not stored, as axum's own rejection is not, so that
+    /// the retry with the request fixed runs.
+    input_rejected: bool,
     /// The request's headers when the scope was resolved from a copy of
     /// them: no longer read, but freed only with the engine, after the
     /// record is stored. Freeing them before the handler runs made first
@@ -545,10 +551,10 @@ impl Engine {
                     drop(renewals);
                     Ok(response)
                 }
-                Ok(Produced::NotFinal(response)) => {
+                Ok(Produced::NotFinal(response, reason)) => {
                     drop(renewals);
                     let status = Some(response.status().as_u16());
-                    self.release(token, "status is not final", status).await;
+                    self.release(token, reason, status).await;
                     Ok(response)
                 }
                 Err(panic) => {
@@ -563,12 +569,12 @@ impl Engine {
     /// Runs the handler and, for a final status, reads the body to store.
     async fn produce(&self, handler: Handler) -> Produced {
         let response = handler.await;
-        if !self
-            .endpoint
-            .final_status_policy()
-            .is_final(response.status())
-        {
-            return Produced::NotFinal(response);
+        let status = response.status();
+        if !self.endpoint.final_status_policy().is_final(status) {
+            return Produced::NotFinal(response, "status is not final");
+        }
+        if self.input_rejected && status.is_client_error() {
+            return Produced::NotFinal(response, "the handler answered a rejected input");
         }
         let (parts, body) = response.into_parts();
         let collected = collect_response(&parts, body, self.settings.max_body_bytes).await;
@@ -662,6 +668,7 @@ impl Engine {
             endpoint: self.endpoint,
             key: self.key.clone(),
             fingerprint: self.fingerprint,
+            input_rejected: self.input_rejected,
             _request_headers: None,
         };
         let task = later
@@ -1181,6 +1188,7 @@ mod tests {
                 IdempotencyKey::parse(b"k").expect("a valid key"),
             ),
             fingerprint: Fingerprint::from_bytes([0; 32]),
+            input_rejected: false,
             _request_headers: None,
         };
         let handler: Handler = Box::pin(async { Response::new(Body::empty()) });

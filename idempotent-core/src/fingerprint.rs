@@ -209,6 +209,8 @@ impl ser::Error for FingerprintError {
 #[derive(Clone)]
 pub struct Fingerprinter {
     hasher: Sha256,
+    /// Whether an input was an extractor's rejection, taken as a `Result`.
+    rejected: bool,
 }
 
 impl Fingerprinter {
@@ -223,7 +225,10 @@ impl Fingerprinter {
         let mut hasher = Sha256::new();
         hasher.update(head);
         hasher.update(endpoint.as_bytes());
-        Self { hasher }
+        Self {
+            hasher,
+            rejected: false,
+        }
     }
 
     /// Adds one input in its canonical encoding.
@@ -249,6 +254,12 @@ impl Fingerprinter {
     /// Completes the fingerprint.
     pub fn finish(self) -> Fingerprint {
         Fingerprint(self.hasher.finalize().into())
+    }
+
+    /// Whether one of the inputs was an extractor's rejection that the
+    /// handler takes as a `Result` (see [`FingerprintInput`] for `Result`).
+    pub(crate) fn input_rejected(&self) -> bool {
+        self.rejected
     }
 }
 
@@ -363,13 +374,17 @@ impl<T: FingerprintInput> FingerprintInput for Option<T> {
 /// otherwise (rejections are errors, not payloads). A rejection of a body
 /// that could not be read to its end is no payload at all
 /// ([`FingerprintError::UnreadBody`]): nothing is claimed, as when a plain
-/// `Json<T>` rejects it.
+/// `Json<T>` rejects it. Under `#[idempotent]`, a handler that answers
+/// any other rejection with a 4xx has its answer not stored, as axum's own
+/// rejection of a plain `Json<T>` is not: the retry with the request fixed
+/// runs, and another malformed request gets its own answer.
 impl<T: FingerprintInput, E: 'static> FingerprintInput for Result<T, E> {
     fn fingerprint_into(&self, fingerprinter: &mut Fingerprinter) -> Result<(), FingerprintError> {
-        if let Err(rejection) = self
-            && body_unread(rejection)
-        {
-            return Err(FingerprintError::UnreadBody);
+        if let Err(rejection) = self {
+            if body_unread(rejection) {
+                return Err(FingerprintError::UnreadBody);
+            }
+            fingerprinter.rejected = true;
         }
         fingerprinter.input(&self.is_ok())?;
         match self {

@@ -190,18 +190,31 @@ pub const fn millis(millis: u64) -> Duration {
     Duration::from_millis(millis)
 }
 
+/// A request's fingerprint, and whether one of its inputs was a rejection
+/// the handler takes as a `Result`.
+#[derive(Debug)]
+pub struct Fingerprinted {
+    fingerprint: Fingerprint,
+    input_rejected: bool,
+}
+
 /// The fingerprint of one request: the endpoint's identity, then each
 /// fingerprinted argument in order.
 ///
 /// # Errors
 /// An argument's `Serialize` impl failed.
-pub fn fingerprint<F>(endpoint: &Endpoint, inputs: F) -> Result<Fingerprint, FingerprintError>
+pub fn fingerprint<F>(endpoint: &Endpoint, inputs: F) -> Result<Fingerprinted, FingerprintError>
 where
     F: FnOnce(&mut Fingerprinter) -> Result<(), FingerprintError>,
 {
     let mut fingerprinter = endpoint.fingerprinter();
     inputs(&mut fingerprinter)?;
-    Ok(fingerprinter.finish())
+    let input_rejected = fingerprinter.input_rejected();
+    let fingerprint = fingerprinter.finish();
+    Ok(Fingerprinted {
+        fingerprint,
+        input_rejected,
+    })
 }
 
 /// Adds one handler argument to the fingerprint. Spanned at the argument's
@@ -291,12 +304,15 @@ pub fn not_compiled() -> Response {
 pub fn run<R, F>(
     request: R,
     endpoint: &Endpoint,
-    fingerprint: Result<Fingerprint, FingerprintError>,
+    fingerprinted: Result<Fingerprinted, FingerprintError>,
     handler: F,
 ) -> impl Future<Output = Response> + Send + use<R, F>
 where
     R: Into<IdempotentRequest>,
     F: Future<Output = Response> + Send + 'static,
 {
-    request.into().run(endpoint, fingerprint, handler)
+    let mut request = request.into();
+    request.input_rejected = matches!(&fingerprinted, Ok(inputs) if inputs.input_rejected);
+    let fingerprint = fingerprinted.map(|inputs| inputs.fingerprint);
+    request.run(endpoint, fingerprint, handler)
 }

@@ -59,6 +59,9 @@ pub struct IdempotentRequest {
     /// the fingerprint to them ([`route_params`]). Boxed: most routes have
     /// none, and every request's future holds this.
     pub(crate) route: Option<Box<RawPathParams>>,
+    /// Set by the attribute when the handler takes an extractor as a
+    /// `Result` and it was rejected: a 4xx answer to it is not stored.
+    pub(crate) input_rejected: bool,
 }
 
 /// Where the request's scope comes from.
@@ -188,6 +191,7 @@ impl IdempotentRequest {
             scope,
             exact: None,
             route: None,
+            input_rejected: false,
         })
     }
 }

@@ -511,17 +511,59 @@ async fn a_result_extractor_is_fingerprinted_by_its_value() {
     let first = send(&app, request("/r", Some("k"), &[], "5")).await;
     let retry = send(&app, request("/r", Some("k"), &[], "5")).await;
     let other = send(&app, request("/r", Some("k"), &[], "6")).await;
-    let rejected = send(&app, request("/r", Some("bad"), &[], "not json")).await;
     assert_eq!((first.status, retry.replayed), (StatusCode::CREATED, true));
     assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(runs.get(), 1);
+}
+
+/// The handler's own 4xx answer to a rejection is not stored, as axum's
+/// rejection of a plain `Json<T>` is not: another malformed body gets its
+/// own message, not the first one's, and the retry with the body fixed
+/// runs rather than being told the key was used for another request.
+#[tokio::test]
+async fn a_handlers_own_answer_to_a_rejection_leaves_the_key_to_the_fixed_retry() {
+    let runs = Runs::default();
+    let app = router(Router::new().route("/r", post(with_own_rejection)), &runs);
+    let rejected = send(&app, request("/r", Some("bad"), &[], "not json")).await;
+    let other = send(&app, request("/r", Some("bad"), &[], "\"five\"")).await;
     assert_eq!(
         rejected.status,
         StatusCode::BAD_REQUEST,
         "{}",
         rejected.body
     );
+    assert_eq!(other.status, StatusCode::BAD_REQUEST, "{}", other.body);
+    assert!(
+        !other.replayed,
+        "another malformed body got the first one's answer"
+    );
+    assert_ne!(rejected.body, other.body);
     let corrected = send(&app, request("/r", Some("bad"), &[], "5")).await;
-    assert_eq!(corrected.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(corrected.status, StatusCode::CREATED, "{}", corrected.body);
+    let retry = send(&app, request("/r", Some("bad"), &[], "5")).await;
+    assert_eq!((retry.replayed, retry.body), (true, corrected.body));
+    assert_eq!(runs.get(), 1);
+}
+
+#[idempotent(scope = "global")]
+async fn with_default_amount(
+    State(runs): State<Runs>,
+    payload: Result<Json<u32>, JsonRejection>,
+) -> (StatusCode, String) {
+    let amount = payload.map_or(0, |Json(n)| n);
+    (StatusCode::CREATED, format!("{amount} run {}", runs.bump()))
+}
+
+/// A handler that goes on without the rejected input has acted: its 2xx
+/// is stored and replayed like any other.
+#[tokio::test]
+async fn a_success_despite_a_rejected_input_is_stored() {
+    let runs = Runs::default();
+    let app = router(Router::new().route("/r", post(with_default_amount)), &runs);
+    let first = send(&app, request("/r", Some("k"), &[], "not json")).await;
+    let retry = send(&app, request("/r", Some("k"), &[], "not json")).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
+    assert_eq!((retry.replayed, retry.body), (true, first.body));
     assert_eq!(runs.get(), 1);
 }
 
