@@ -16,9 +16,10 @@
 //! same key runs again once the restock is in.
 //!
 //! - `POST /reservations` is a plain handler under [`IdempotentLayer`]:
-//!   the layer fingerprints the raw request (method, path, query,
-//!   `Content-Type`, body bytes), the way to cover a handler from another crate or one built at
-//!   run time.
+//!   the layer fingerprints the raw request (method, path, path
+//!   parameters, query, `Content-Type`, `Content-Encoding` and body bytes,
+//!   so a retry with its JSON fields in another order gets 422), the way to
+//!   cover a handler from another crate or one built at run time.
 //! - `POST /restocks` takes [`IdempotentRequest`] and calls `run` itself,
 //!   which is what `#[idempotent]` generates: typed fingerprints (JSON field
 //!   order does not matter) without a macro.
