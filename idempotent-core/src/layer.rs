@@ -75,7 +75,13 @@ pub(crate) struct Claimed(pub(crate) &'static str);
 /// `Access-Control-Allow-Origin`, would be stored and replayed to every
 /// retry, whatever the retry accepts. Timeouts go outside too: one inside
 /// answers 408, which releases the key while the handler it cancelled may
-/// already have acted.
+/// already have acted. So does authentication: inside, a replay is
+/// answered before it runs, and on an endpoint not scoped by the
+/// credential ([`Scope::Header`](crate::Scope::Header),
+/// [`Scope::Global`](crate::Scope::Global)) a caller without a token gets
+/// the stored response. A concurrency limit is the exception: inside, its
+/// permit goes with a run that outlives its request; outside, a dropped
+/// request frees its permit while its handler runs on.
 ///
 /// A nested router's static prefix is not in the path this layer sees:
 /// one router nested at two prefixes (`/sandbox`, `/live`) shares its keys
