@@ -12,15 +12,18 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::post;
-use idempotent_core::clock::SharedClock;
-use idempotent_core::record::{Claim, LeaseToken, Record, RecordKey, StoredResponse};
-use idempotent_core::store::{MemoryStore, SharedStore, Store, StoreError, Tiered};
+use idempotent_core::record::{Claim, Record, RecordKey};
+use idempotent_core::store::{MemoryStore, SharedStore, StoreError, Tiered};
 use idempotent_core::{
     Endpoint, Fingerprint, IDEMPOTENT_REPLAYED, Idempotency, IdempotentLayer, IdempotentRequest,
     Scope,
 };
 use serde_json::Value;
 use tower::{Layer as _, ServiceExt as _};
+
+#[path = "support/forwarding.rs"]
+mod forwarding;
+use forwarding::{Forwarding, Hooks};
 
 const CREATE: Endpoint = Endpoint::new("create").scope(Scope::Global);
 
@@ -107,7 +110,13 @@ async fn the_layer_covers_routers_with_state_nested_and_merged() {
 /// answers every claim and read with.
 struct Damaged(MemoryStore);
 
-impl Store for Damaged {
+impl Hooks for Damaged {
+    type Inner = MemoryStore;
+
+    fn inner(&self) -> &MemoryStore {
+        &self.0
+    }
+
     async fn claim(
         &self,
         _key: &RecordKey,
@@ -117,35 +126,8 @@ impl Store for Damaged {
         Err(StoreError::corrupt("the response column is not a status"))
     }
 
-    async fn renew(
-        &self,
-        key: &RecordKey,
-        token: LeaseToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        self.0.renew(key, token, lease).await
-    }
-
-    async fn complete(
-        &self,
-        key: &RecordKey,
-        token: LeaseToken,
-        response: StoredResponse,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.0.complete(key, token, response, ttl).await
-    }
-
-    async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-        self.0.release(key, token).await
-    }
-
     async fn get(&self, _key: &RecordKey) -> Result<Option<Record>, StoreError> {
         Err(StoreError::corrupt("the response column is not a status"))
-    }
-
-    fn deadline_clock(&self) -> Option<SharedClock> {
-        self.0.deadline_clock()
     }
 }
 
@@ -155,7 +137,7 @@ impl Store for Damaged {
 #[tokio::test]
 async fn a_store_of_your_own_reports_a_corrupt_record_and_nothing_runs_again() {
     let runs = Runs::default();
-    let idempotency = Idempotency::builder(Damaged(MemoryStore::new()))
+    let idempotency = Idempotency::builder(Forwarding(Damaged(MemoryStore::new())))
         .fail_open(true)
         .build();
     let app: Router = Router::new()
