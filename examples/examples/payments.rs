@@ -167,8 +167,8 @@ async fn stats(State(ledger): State<Ledger>) -> Json<serde_json::Value> {
     }))
 }
 
-/// The idempotency store named by `IDEMPOTENT_STORE`, and the PostgreSQL
-/// reaper when there is one (it runs until dropped).
+/// The idempotency store named by `IDEMPOTENT_STORE`, and the reaper of
+/// expired rows for a SQL store (it runs until dropped).
 async fn idempotency_from_env() -> Result<(Idempotency, Option<Reaper>), String> {
     idempotency_for(std::env::var("IDEMPOTENT_STORE").ok().as_deref()).await
 }
@@ -191,7 +191,8 @@ async fn idempotency_for(name: Option<&str>) -> Result<(Idempotency, Option<Reap
         Some(url) if url.starts_with("sqlite://") => {
             let store = SqliteStore::connect(url).await.map_err(unreachable)?;
             store.migrate().await.map_err(unreachable)?;
-            Ok((Idempotency::new(store), None))
+            let reaper = store.spawn_reaper(Duration::from_secs(60));
+            Ok((Idempotency::new(store), Some(reaper)))
         }
         Some(other) => Err(format!(
             "IDEMPOTENT_STORE=`{other}` is not a store this example knows; valid values: `memory` (the default), `postgres://...`, `redis://...`, `sqlite://<path>`"

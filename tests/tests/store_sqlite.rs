@@ -852,3 +852,168 @@ async fn a_database_file_replaced_under_the_store_is_not_used_on() {
     let refused = taken_by_both(&running, &started_after).await;
     assert!(refused.contains("deleted or replaced"), "{refused}");
 }
+
+/// How many rows `store`'s table holds.
+async fn rows_in(store: &SqliteStore) -> i64 {
+    let count = format!("SELECT count(*) FROM \"{}\"", store.table());
+    sqlx::query_scalar(&count)
+        .fetch_one(store.pool())
+        .await
+        .expect("count rows")
+}
+
+/// Claims `name` for a second on `clock`, then lets the lease lapse.
+async fn an_expired_row(
+    store: &SqliteStore,
+    clock: &idempotent_core::clock::ManualClock,
+    name: &str,
+) {
+    use idempotent_core::store::Store;
+    let fingerprint = idempotent_core::fingerprint::Fingerprint::from_bytes([1; 32]);
+    let key = record_key(name);
+    let lease = Duration::from_secs(1);
+    store.claim(&key, fingerprint, lease).await.expect("claim");
+    clock.advance(Duration::from_secs(2));
+}
+
+/// Polls `store` until its table is empty, or gives up after two seconds.
+async fn until_empty(store: &SqliteStore) -> i64 {
+    let mut remaining = rows_in(store).await;
+    for _ in 0..200 {
+        if remaining == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        remaining = rows_in(store).await;
+    }
+    remaining
+}
+
+/// The reaper purges on every tick, not once, as PostgreSQL's does; and
+/// once it is dropped, rows that expire stay until something else purges
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reaper_purges_expired_rows_until_dropped() {
+    let db = TempDb::new();
+    let clock = idempotent_core::clock::ManualClock::starting_now();
+    let store = with_clock(&db.open().await, clock.clone());
+    an_expired_row(&store, &clock, "first").await;
+    let period = Duration::from_millis(10);
+    let reaper = store.spawn_reaper(period);
+    assert_eq!(until_empty(&store).await, 0, "the first tick purged it");
+    an_expired_row(&store, &clock, "second").await;
+    assert_eq!(until_empty(&store).await, 0, "a later tick purged it");
+    drop(reaper);
+    an_expired_row(&store, &clock, "third").await;
+    tokio::time::sleep(period * 20).await;
+    assert_eq!(rows_in(&store).await, 1, "a dropped reaper purges nothing");
+}
+
+#[tokio::test]
+async fn a_reaper_with_a_zero_period_still_purges() {
+    let db = TempDb::new();
+    let clock = idempotent_core::clock::ManualClock::starting_now();
+    let store = with_clock(&db.open().await, clock.clone());
+    an_expired_row(&store, &clock, "expired").await;
+    let _reaper = store.spawn_reaper(Duration::ZERO);
+    assert_eq!(until_empty(&store).await, 0);
+}
+
+/// A table created by the user's own migration tool, from
+/// `migration_sql`, is one `migrate` accepts and the store runs on; the
+/// name is quoted there as in the statements (`order` is reserved).
+#[tokio::test]
+async fn a_table_made_from_migration_sql_is_accepted_and_used() {
+    let db = TempDb::new();
+    let opened = SqliteStore::open(&db.0).await.expect("open");
+    let table = "main.order";
+    let script = SqliteStore::migration_sql(table).expect("a valid table name");
+    sqlx::raw_sql(&script)
+        .execute(opened.pool())
+        .await
+        .expect("run the migration script");
+    let store = SqliteStore::builder(opened.pool().clone())
+        .table(table)
+        .build()
+        .expect("valid table name");
+    assert_eq!(store.table(), table);
+    store.migrate().await.expect("migrate accepts the table");
+    let ledger = Ledger::default();
+    let app = payments_app(store, &ledger, STORE_TIMEOUT);
+    assert_eq!(pay(&app, "k", 100).await.status, StatusCode::CREATED);
+    assert!(pay(&app, "k", 100).await.replayed());
+    assert_eq!(ledger.executions(), 1);
+    let indexed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pragma_index_list('order') WHERE name = 'order_expires_at_idx'",
+    )
+    .fetch_one(opened.pool())
+    .await
+    .unwrap();
+    assert_eq!(indexed, 1, "the script creates the purge's index");
+}
+
+#[tokio::test]
+async fn migration_sql_refuses_what_the_builder_refuses() {
+    for table in ["temp.records", "records; DROP TABLE users", "a.b.c"] {
+        let error = SqliteStore::migration_sql(table).expect_err("refused");
+        assert!(error.to_string().contains("invalid table name"), "{error}");
+    }
+}
+
+/// What each of `pragmas` reads on every connection the pool has at once.
+async fn pragmas_of_every_connection(store: &SqliteStore, pragmas: &[&str]) -> Vec<Vec<String>> {
+    use sqlx::Row;
+    let pool = store.pool();
+    let mut held = Vec::new();
+    for _ in 0..pool.options().get_max_connections() {
+        held.push(pool.acquire().await.expect("a connection"));
+    }
+    let mut settings = Vec::new();
+    for connection in &mut held {
+        let mut values = Vec::new();
+        for pragma in pragmas {
+            let row = sqlx::query(&format!("PRAGMA {pragma}"))
+                .fetch_one(&mut **connection)
+                .await
+                .expect("read a pragma");
+            let value = row.try_get::<i64, _>(0).map(|value| value.to_string());
+            values.push(value.or_else(|_| row.try_get::<String, _>(0)).unwrap());
+        }
+        settings.push(values);
+    }
+    settings
+}
+
+/// `connect_with` keeps what the options set and applies what `open`
+/// applies over it: WAL, `synchronous = FULL` (even over `NORMAL`, as its
+/// docs say), the 5 s busy timeout and the 16 MiB `journal_size_limit`.
+#[tokio::test]
+async fn a_store_from_connect_with_keeps_its_settings() {
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteSynchronous};
+    let db = TempDb::new();
+    let options = SqliteConnectOptions::new()
+        .filename(&db.0)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_millis(1))
+        .pragma("cache_size", "-4321");
+    let store = SqliteStore::connect_with(options)
+        .await
+        .expect("connect with options");
+    store.migrate().await.expect("migrate");
+    let pragmas = [
+        "journal_mode",
+        "synchronous",
+        "busy_timeout",
+        "journal_size_limit",
+        "cache_size",
+    ];
+    let expected = ["wal", "2", "5000", "16777216", "-4321"].map(str::to_owned);
+    for settings in pragmas_of_every_connection(&store, &pragmas).await {
+        assert_eq!(settings, expected);
+    }
+    let ledger = Ledger::default();
+    let app = payments_app(store, &ledger, STORE_TIMEOUT);
+    assert_eq!(pay(&app, "k", 100).await.status, StatusCode::CREATED);
+    assert!(pay(&app, "k", 100).await.replayed());
+    assert_eq!(ledger.executions(), 1);
+}

@@ -22,12 +22,12 @@ pub use tiered::{Tiered, TieredBuilder};
 mod sql;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlite"))))]
-pub use sql::InvalidTableName;
+pub use sql::{InvalidTableName, Reaper};
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use postgres::{PostgresStore, PostgresStoreBuilder, Reaper};
+pub use postgres::{PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "redis")]
 mod redis;
 #[cfg(feature = "redis")]

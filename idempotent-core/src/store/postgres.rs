@@ -37,7 +37,7 @@ use self::connections::{Connections, Undo, close_if_stale, statement_error};
 use self::identifiers::quote_ident;
 use self::reachability::Patience;
 
-use super::sql::{self, DEFAULT_TABLE, InvalidTableName, from_sql_millis, to_sql_millis};
+use super::sql::{self, DEFAULT_TABLE, InvalidTableName, Reaper, from_sql_millis, to_sql_millis};
 use super::{Explained, Store, StoreError};
 use crate::clock::{Clock, SharedClock, SystemClock, millis};
 use crate::fingerprint::Fingerprint;
@@ -720,24 +720,7 @@ impl PostgresStore {
     /// `tokio::spawn` does).
     #[must_use = "the reaper stops when dropped"]
     pub fn spawn_reaper(&self, period: Duration) -> Reaper {
-        let store = self.clone();
-        // A zero period would panic the ticker inside the task, leaving a
-        // reaper that looks alive and never purges.
-        let period = period.max(Duration::from_millis(1));
-        let task = tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(period);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticker.tick().await;
-                match store.purge_expired().await {
-                    Ok(purged) => tracing::debug!(purged, "purged expired idempotency records"),
-                    Err(error) => {
-                        tracing::warn!(%error, "could not purge expired idempotency records");
-                    }
-                }
-            }
-        });
-        Reaper { task }
+        sql::spawn_reaper(self.clone(), period)
     }
 
     /// The connection pool.
@@ -830,18 +813,6 @@ fn connect_error(cause: sqlx::Error, options: &PgConnectOptions) -> StoreError {
         Explained::misconfigured(cause, hint)
     } else {
         Explained::store_error(cause, hint)
-    }
-}
-
-/// A background task purging expired records; stops when dropped.
-#[derive(Debug)]
-pub struct Reaper {
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -1157,6 +1128,12 @@ impl Statements {
                    AND expires_at <= $1"
             ),
         }
+    }
+}
+
+impl sql::Purge for PostgresStore {
+    fn purge_expired(&self) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        PostgresStore::purge_expired(self)
     }
 }
 

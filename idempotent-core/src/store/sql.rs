@@ -1,7 +1,8 @@
 //! What the SQL stores (PostgreSQL, SQLite) share: table-name checks, time
-//! conversion and reading stored ids back.
+//! conversion, reading stored ids back and the background purge.
 
 use std::borrow::Cow;
+use std::time::Duration;
 
 use super::StoreError;
 use crate::fingerprint::Fingerprint;
@@ -41,6 +42,52 @@ where
             return Ok(purged);
         }
     }
+}
+
+/// A background task purging expired records, from
+/// `PostgresStore::spawn_reaper` or `SqliteStore::spawn_reaper`; stops
+/// when dropped, so keep it for as long as the service runs.
+#[derive(Debug)]
+pub struct Reaper {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A store whose expired records a [`Reaper`] purges.
+pub(crate) trait Purge: Clone + Send + Sync + 'static {
+    /// Deletes the expired records; answers how many.
+    fn purge_expired(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+}
+
+/// Runs `store`'s purge every `period` (at least a millisecond) on a
+/// background task until the returned [`Reaper`] is dropped, logging each
+/// outcome: a failure is retried on the next tick.
+///
+/// # Panics
+/// Called outside a Tokio runtime, which the task is spawned on.
+pub(crate) fn spawn_reaper(store: impl Purge, period: Duration) -> Reaper {
+    // A zero period would panic the ticker inside the task, leaving a
+    // reaper that looks alive and never purges.
+    let period = period.max(Duration::from_millis(1));
+    let task = tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            match Purge::purge_expired(&store).await {
+                Ok(purged) => tracing::debug!(purged, "purged expired idempotency records"),
+                Err(error) => {
+                    tracing::warn!(%error, "could not purge expired idempotency records");
+                }
+            }
+        }
+    });
+    Reaper { task }
 }
 
 /// A claim kept losing races to concurrent changes of its record.

@@ -4,7 +4,8 @@
 //!
 //! # Schema
 //!
-//! [`SqliteStore::migrate`] creates it; shown with the default table name:
+//! [`SqliteStore::migrate`] creates it, or your own migrations, from
+//! [`SqliteStore::migration_sql`]; shown with the default table name:
 //!
 //! ```sql
 #![doc = include_str!("sqlite/schema.sql")]
@@ -39,7 +40,7 @@ use sqlx::sqlite::{
 use sqlx::{Connection, Row};
 use tokio_util::task::TaskTracker;
 
-use super::sql::{self, DEFAULT_TABLE, InvalidTableName, from_sql_millis, to_sql_millis};
+use super::sql::{self, DEFAULT_TABLE, InvalidTableName, Reaper, from_sql_millis, to_sql_millis};
 use super::{Explained, Store, StoreError};
 use crate::clock::{Clock, SharedClock, SystemClock, millis};
 use crate::fingerprint::Fingerprint;
@@ -74,6 +75,7 @@ const JOURNAL_SIZE_LIMIT: u64 = 16 << 20;
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// let store = SqliteStore::open("idempotency.db").await?;
 /// store.migrate().await?;
+/// let _reaper = store.spawn_reaper(std::time::Duration::from_secs(60));
 /// let idempotency = Idempotency::new(store);
 /// # let _ = idempotency;
 /// # Ok(())
@@ -135,7 +137,7 @@ impl SqliteStoreBuilder {
     /// The table name is not a plain SQL identifier, or names a
     /// temporary schema, whose tables are each connection's own.
     pub fn build(self) -> Result<SqliteStore, InvalidTableName> {
-        sql::check_table_name(&self.table, |schema| schema == "temp")?;
+        sql::check_table_name(&self.table, is_temporary_schema)?;
         let sql = Statements::new(&sql::quoted(&self.table));
         Ok(SqliteStore {
             inner: Arc::new(Inner {
@@ -167,7 +169,7 @@ impl SqliteStore {
     /// # Errors
     /// The file cannot be opened or created.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
-        Self::with_options(SqliteConnectOptions::new().filename(path)).await
+        Self::connect_with(SqliteConnectOptions::new().filename(path)).await
     }
 
     /// Opens a database by URL, `sqlite://<path>`, as [`open`](Self::open)
@@ -186,10 +188,34 @@ impl SqliteStore {
         }
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|error| Explained::misconfigured(error, URL_EXPECTED))?;
-        Self::with_options(options).await
+        Self::connect_with(options).await
     }
 
-    async fn with_options(options: SqliteConnectOptions) -> Result<Self, StoreError> {
+    /// Like [`open`](Self::open) and [`connect`](Self::connect), with
+    /// connection options built in code (pragmas of your own, an
+    /// extension, a VFS, ...). The store sets its own over those
+    /// `options` hold, as `open` does: the file is created if missing, in
+    /// WAL mode with `synchronous = FULL`, a 5 s busy timeout and a 16 MiB
+    /// `journal_size_limit`. To choose other values of those, open the
+    /// pool yourself and give it to [`builder`](Self::builder).
+    ///
+    /// ```no_run
+    /// use idempotent_core::store::SqliteStore;
+    /// use idempotent_core::sqlx::sqlite::SqliteConnectOptions;
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let options = SqliteConnectOptions::new()
+    ///     .filename("idempotency.db")
+    ///     .pragma("cache_size", "-8192");
+    /// let store = SqliteStore::connect_with(options).await?;
+    /// store.migrate().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// The file cannot be opened or created.
+    pub async fn connect_with(options: SqliteConnectOptions) -> Result<Self, StoreError> {
         let file = options.get_filename().to_owned();
         let options = options
             .create_if_missing(true)
@@ -282,24 +308,33 @@ impl SqliteStore {
     /// with a unique index that two records can collide on (on `key`
     /// alone).
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let table = &self.inner.table;
-        // SQLite names a schema on the index, never on the table it indexes.
-        let base = sql::base_name(table);
-        let qualifier = &table[..table.len() - base.len()];
-        let index = sql::quoted(&format!("{qualifier}{base}_expires_at_idx"));
-        // The index's names contain the default table name: swap them out first.
-        let schema = SCHEMA
-            .replace("idempotency_records_expires_at_idx", "\u{0}")
-            .replace("ON idempotency_records", "ON \u{1}")
-            .replace(DEFAULT_TABLE, &sql::quoted(table))
-            .replace('\u{0}', &index)
-            .replace('\u{1}', &sql::quoted(base));
+        let schema = schema_for(&self.inner.table);
         let created = while_busy(|| sqlx::raw_sql(&schema).execute(&self.inner.pool)).await;
         // A table of the same name made by something else is kept by `IF
         // NOT EXISTS`, and its index fails on a column it lacks: either
         // way, what the table lacks is the error to tell.
         self.check_columns().await?;
         created.map(drop).map_err(|error| self.migrate_error(error))
+    }
+
+    /// The SQL [`migrate`](Self::migrate) runs to create `table` (as given
+    /// to [`SqliteStoreBuilder::table`]) and its index, for migrations run
+    /// by a tool of your own. `migrate` accepts the table it makes, so a
+    /// service may still call it on every start.
+    ///
+    /// ```
+    /// use idempotent_core::store::SqliteStore;
+    ///
+    /// let sql = SqliteStore::migration_sql("main.idempotency")?;
+    /// assert!(sql.contains("CREATE TABLE IF NOT EXISTS \"main\".\"idempotency\" ("));
+    /// # Ok::<(), idempotent_core::store::InvalidTableName>(())
+    /// ```
+    ///
+    /// # Errors
+    /// The table name is one [`SqliteStoreBuilder::build`] refuses.
+    pub fn migration_sql(table: &str) -> Result<String, InvalidTableName> {
+        sql::check_table_name(table, is_temporary_schema)?;
+        Ok(schema_for(table))
     }
 
     /// Refuses a table without the store's columns, or without its primary
@@ -469,10 +504,31 @@ impl SqliteStore {
         .await
     }
 
+    /// Runs [`purge_expired`](Self::purge_expired) every `period` (at
+    /// least a millisecond) on a background task until the returned
+    /// [`Reaper`] is dropped. Failures are logged and retried on the next
+    /// tick.
+    ///
+    /// # Panics
+    /// Called outside a Tokio runtime, which the task is spawned on (as
+    /// `tokio::spawn` does).
+    #[must_use = "the reaper stops when dropped"]
+    pub fn spawn_reaper(&self, period: Duration) -> Reaper {
+        sql::spawn_reaper(self.clone(), period)
+    }
+
     /// The connection pool.
     #[must_use]
     pub fn pool(&self) -> &SqlitePool {
         &self.inner.pool
+    }
+
+    /// The table records live in, as it was configured: the statements
+    /// quote it (see [`SqliteStoreBuilder::table`]), so SQL of your own
+    /// that names it must quote a reserved word too.
+    #[must_use]
+    pub fn table(&self) -> &str {
+        &self.inner.table
     }
 
     fn now(&self) -> u64 {
@@ -603,6 +659,27 @@ impl Drop for Waiting<'_> {
             self.store.inner.background.spawn_on(release, &runtime);
         }
     }
+}
+
+/// `temp`, SQLite's schema of each connection's own tables.
+fn is_temporary_schema(schema: &str) -> bool {
+    schema == "temp"
+}
+
+/// The schema script for `table`, a name [`sql::check_table_name`]
+/// accepted. SQLite names a schema on the index, never on the table it
+/// indexes.
+fn schema_for(table: &str) -> String {
+    let base = sql::base_name(table);
+    let qualifier = &table[..table.len() - base.len()];
+    let index = sql::quoted(&format!("{qualifier}{base}_expires_at_idx"));
+    // The index's names contain the default table name: swap them out first.
+    SCHEMA
+        .replace("idempotency_records_expires_at_idx", "\u{0}")
+        .replace("ON idempotency_records", "ON \u{1}")
+        .replace(DEFAULT_TABLE, &sql::quoted(table))
+        .replace('\u{0}', &index)
+        .replace('\u{1}', &sql::quoted(base))
 }
 
 /// What [`SqliteStore::connect`] takes.
@@ -912,6 +989,12 @@ impl Statements {
                  WHERE (scope, key) IN (SELECT scope, key FROM {table} WHERE expires_at <= ?1 LIMIT ?2)"
             ),
         }
+    }
+}
+
+impl sql::Purge for SqliteStore {
+    fn purge_expired(&self) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        SqliteStore::purge_expired(self)
     }
 }
 
