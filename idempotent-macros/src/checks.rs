@@ -1,0 +1,349 @@
+//! The checks of a handler the attribute cannot route as written. Each
+//! pushes an error spanned at the user's token and lets analysis go on, so
+//! that every problem is reported at once; each exists because rustc's or
+//! axum's own error would be about code the attribute wrote, or would not
+//! come at all.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{ToTokens, quote};
+use syn::ext::IdentExt;
+use syn::{Attribute, FnArg, Ident, ItemFn, Pat, Type};
+
+use crate::args::{Errors, closest};
+use crate::handler::{Argument, Handler};
+use crate::types::{first_type_argument, is_extractor, is_named, last_ident, type_ident};
+
+/// A `#[cfg]` on an argument would leave the routed function, which the
+/// attribute writes before `cfg` is evaluated, taking it regardless, and
+/// rustc's error counts arguments the user never wrote.
+pub(crate) fn check_no_cfg(attrs: &[Attribute], errors: &mut Errors) {
+    for attr in attrs {
+        if attr.path().is_ident("cfg") || cfg_attr_adds_cfg(attr) {
+            errors.spanned(
+                attr,
+                "`#[idempotent]` does not support `#[cfg]` on a handler argument: put the `#[cfg]` on two versions of the handler instead",
+            );
+        }
+    }
+}
+
+/// axum routes a handler by its type, which a function taking `impl
+/// Trait` has only once its caller names the argument's type, and no
+/// caller can (such an argument takes no turbofish); rustc's own error
+/// would be about a path the attribute wrote.
+pub(crate) fn check_no_impl_trait(ty: &Type, errors: &mut Errors) {
+    if mentions_impl(ty.to_token_stream()) {
+        errors.spanned(
+            ty,
+            "axum cannot route a handler that takes `impl Trait`: write the argument's type, or make the handler generic (`<T: Trait>`, routed as `handler::<MyType>`)",
+        );
+    }
+}
+
+/// Whether `tokens` hold `impl`, which a type holds only as `impl Trait`.
+fn mentions_impl(tokens: TokenStream) -> bool {
+    tokens.into_iter().any(|token| match token {
+        proc_macro2::TokenTree::Ident(ident) => ident == "impl",
+        proc_macro2::TokenTree::Group(group) => mentions_impl(group.stream()),
+        _ => false,
+    })
+}
+
+/// Whether `attr` is a `#[cfg_attr(predicate, ...)]` that may add a `cfg`;
+/// one that adds only lint levels or other attributes is fine.
+fn cfg_attr_adds_cfg(attr: &Attribute) -> bool {
+    if !attr.path().is_ident("cfg_attr") {
+        return false;
+    }
+    let parsed = attr.parse_args_with(
+        syn::punctuated::Punctuated::<syn::Meta, syn::Token![,]>::parse_terminated,
+    );
+    parsed.is_ok_and(|metas| metas.iter().skip(1).any(|meta| meta.path().is_ident("cfg")))
+}
+
+/// The most arguments an axum handler takes.
+const AXUM_MAX_ARGUMENTS: usize = 16;
+
+/// axum's own error for a handler over its limit names the whole handler
+/// type; this one says what the attribute added and what to do.
+pub(crate) fn check_axum_arity(
+    handler: &Handler<'_>,
+    inputs: &syn::punctuated::Punctuated<FnArg, syn::token::Comma>,
+    errors: &mut Errors,
+) {
+    let added = handler.added_arguments();
+    let written = handler.arguments.len();
+    if written + added > AXUM_MAX_ARGUMENTS {
+        errors.spanned(
+            inputs,
+            format!(
+                "axum handlers take at most {AXUM_MAX_ARGUMENTS} arguments, and `#[idempotent]` adds {added} to the {written} here: group some extractors into one tuple argument (`meta: (Method, Uri)`, with `skip(meta)` if it carries no payload)"
+            ),
+        );
+    }
+}
+
+/// Extractors that consume the request's body, which axum accepts only as
+/// a handler's last argument. `Request` is left out: an application's own
+/// parts extractor may be called that.
+const CONSUMES_BODY: &[&str] = &["Json", "Form", "Bytes", "String", "Multipart"];
+
+/// axum's own error for a body extractor before the last argument names
+/// the whole handler type, with the attribute's hidden arguments in it;
+/// this one names the argument.
+pub(crate) fn check_body_extractor_is_last(arguments: &[Argument<'_>], errors: &mut Errors) {
+    let Some((_, before_last)) = arguments.split_last() else {
+        return;
+    };
+    for argument in before_last {
+        let ty = match first_type_argument(argument.ty) {
+            Some(inner) if is_named(argument.ty, &["Option", "Result"]) => inner,
+            _ => argument.ty,
+        };
+        if let Some(name) = type_ident(ty).filter(|_| is_body_extractor(ty)) {
+            errors.spanned(
+                argument.ty,
+                format!(
+                    "`{name}` reads the request body, so it must be the handler's last argument"
+                ),
+            );
+        }
+    }
+}
+
+/// Whether `ty` is one of axum's [`CONSUMES_BODY`].
+fn is_body_extractor(ty: &Type) -> bool {
+    is_extractor(ty, CONSUMES_BODY)
+}
+
+/// An `optional` endpoint runs requests that carry no key, which a
+/// required `IdempotencyKey` argument would refuse with 400.
+pub(crate) fn check_key_is_optional(
+    inputs: &syn::punctuated::Punctuated<FnArg, syn::token::Comma>,
+    errors: &mut Errors,
+) {
+    for input in inputs {
+        if let FnArg::Typed(typed) = input
+            && is_named(&typed.ty, &["IdempotencyKey"])
+        {
+            errors.spanned(
+                &typed.ty,
+                "an `optional` endpoint also runs requests without a key, which a required `IdempotencyKey` refuses with 400: take `Option<IdempotencyKey>`",
+            );
+        }
+    }
+}
+
+/// The handler's body moves into a function nested in the routed one,
+/// where `Self` does not reach (rustc's E0401 "can't use `Self` from outer
+/// item" would name an item the user never wrote).
+pub(crate) fn check_no_self_type(func: &ItemFn, errors: &mut Errors) {
+    let sig = &func.sig;
+    let signature = [
+        sig.generics.to_token_stream(),
+        sig.inputs.to_token_stream(),
+        sig.output.to_token_stream(),
+        sig.generics.where_clause.to_token_stream(),
+    ];
+    let body = func.block.to_token_stream();
+    let found = signature.iter().chain([&body]).find_map(first_self_type);
+    if let Some(span) = found {
+        errors.push(syn::Error::new(
+            span,
+            "`Self` is not in scope in an `#[idempotent]` handler: the attribute moves the handler into a function of its own; name the type instead",
+        ));
+    }
+}
+
+/// Where `tokens` first name `Self`, outside the body of a nested `impl`,
+/// `trait`, `struct` or `enum`, whose `Self` is their own.
+fn first_self_type(tokens: &TokenStream) -> Option<Span> {
+    use proc_macro2::{Delimiter, TokenTree};
+    // The delimiters of the body of the item being declared, if any: a
+    // tuple struct's fields are in parentheses.
+    let mut own_body: Option<&[Delimiter]> = None;
+    for token in tokens.clone() {
+        match token {
+            TokenTree::Ident(ident) if ident == "Self" => return Some(ident.span()),
+            TokenTree::Ident(ident) if ident == "impl" || ident == "trait" => {
+                own_body = Some(&[Delimiter::Brace]);
+            }
+            TokenTree::Ident(ident) if ident == "struct" || ident == "enum" => {
+                own_body = Some(&[Delimiter::Brace, Delimiter::Parenthesis]);
+            }
+            TokenTree::Group(group) => {
+                if own_body.is_some_and(|body| body.contains(&group.delimiter())) {
+                    own_body = None;
+                } else if let Some(span) = first_self_type(&group.stream()) {
+                    return Some(span);
+                }
+            }
+            TokenTree::Punct(punct) if punct.as_char() == ';' => own_body = None,
+            _ => {}
+        }
+    }
+    None
+}
+
+/// A second `#[idempotent]` below the first would wrap the handler as
+/// written in a routed function of its own, and rustc's error would then
+/// be about arguments the user never wrote.
+pub(crate) fn check_applied_once(attrs: &[Attribute], errors: &mut Errors) {
+    let second = attrs.iter().find(|attr| {
+        let path = attr.path();
+        last_ident(path).is_some_and(|ident| ident == "idempotent")
+    });
+    if let Some(attr) = second {
+        errors.spanned(
+            attr,
+            "`#[idempotent]` is applied to this handler twice: keep one, with every option in it",
+        );
+    }
+}
+
+/// `#[utoipa::path]` below `#[idempotent]` would write its `__path_<name>`
+/// item inside the routed function, where `#[derive(OpenApi)]` cannot
+/// find it: rustc's error would then be at the derive, about an item the
+/// user never wrote.
+pub(crate) fn check_openapi_path_above(func: &ItemFn, errors: &mut Errors) {
+    if let Some(attr) = func.attrs.iter().find(|attr| is_openapi_path(attr)) {
+        let name = func.sig.ident.unraw();
+        errors.spanned(
+            attr,
+            format!(
+                "put `#[utoipa::path]` above `#[idempotent]`: below it, its `__path_{name}` item would be nested in the routed function, out of the `OpenApi` derive's reach"
+            ),
+        );
+    }
+}
+
+/// Whether `attr` is utoipa's `#[utoipa::path(...)]`, or `#[path(...)]`
+/// with it imported (the built-in `#[path = "..."]` goes on modules). A
+/// `#[cfg_attr(predicate, utoipa::path(...))]` reaches the attribute
+/// already resolved: as this, or gone.
+pub(crate) fn is_openapi_path(attr: &Attribute) -> bool {
+    let segments: Vec<String> = attr
+        .path()
+        .segments
+        .iter()
+        .map(|segment| segment.ident.to_string())
+        .collect();
+    match segments.as_slice() {
+        [utoipa, path] => utoipa == "utoipa" && path == "path",
+        [path] => path == "path" && matches!(attr.meta, syn::Meta::List(_)),
+        _ => false,
+    }
+}
+
+/// A name in `skip` that names no argument would leave the argument it
+/// was meant for fingerprinted, with nothing said.
+pub(crate) fn check_skipped_names(arguments: &[Argument<'_>], skip: &[Ident], errors: &mut Errors) {
+    let names: Vec<String> = arguments
+        .iter()
+        .filter_map(|argument| argument.name.as_ref().map(ToString::to_string))
+        .collect();
+    let listed: Vec<String> = names.iter().map(|name| format!("`{name}`")).collect();
+    for skipped in skip {
+        if arguments.iter().any(|a| a.name.as_ref() == Some(skipped)) {
+            continue;
+        }
+        if let Some(argument) = arguments
+            .iter()
+            .find(|argument| binds_within(argument.pat, skipped))
+        {
+            errors.spanned(skipped, bound_within_pattern(skipped, argument));
+            continue;
+        }
+        let known = if names.is_empty() {
+            "the handler has no named arguments".to_owned()
+        } else {
+            format!("the arguments are {}", listed.join(", "))
+        };
+        let hint = closest(&skipped.to_string(), names.iter().map(String::as_str))
+            .map(|name| format!("did you mean `{name}`? "))
+            .unwrap_or_default();
+        errors.spanned(
+            skipped,
+            format!("`skip` names no argument `{skipped}`; {hint}{known}"),
+        );
+    }
+}
+
+/// Why `skip` cannot name `skipped`, a name bound inside the pattern of
+/// `argument`, which has no name of its own. Naming the argument's other
+/// bindings, as the nearest spelling would, could leave the body out.
+fn bound_within_pattern(skipped: &Ident, argument: &Argument<'_>) -> String {
+    let pat = argument.pat;
+    let ty = argument.ty;
+    let name = type_ident(ty).map_or_else(
+        || "input".to_owned(),
+        |ident| snake_case(&ident.to_string()),
+    );
+    format!(
+        "`skip` names whole arguments, and `{skipped}` is bound inside the destructured argument `{}`, which has no name: bind that argument to a name, as in `{name}: {}`, and write `skip({name})`",
+        tokens_text(&quote!(#pat)),
+        tokens_text(&quote!(#ty)),
+    )
+}
+
+/// Whether `pat` binds `name` anywhere within it.
+fn binds_within(pat: &Pat, name: &Ident) -> bool {
+    match pat {
+        Pat::Ident(ident) => {
+            &ident.ident == name
+                || ident
+                    .subpat
+                    .as_ref()
+                    .is_some_and(|(_, sub)| binds_within(sub, name))
+        }
+        Pat::TupleStruct(tuple) => tuple.elems.iter().any(|elem| binds_within(elem, name)),
+        Pat::Tuple(tuple) => tuple.elems.iter().any(|elem| binds_within(elem, name)),
+        Pat::Struct(item) => item
+            .fields
+            .iter()
+            .any(|field| binds_within(&field.pat, name)),
+        Pat::Slice(slice) => slice.elems.iter().any(|elem| binds_within(elem, name)),
+        Pat::Or(or) => or.cases.iter().any(|case| binds_within(case, name)),
+        Pat::Reference(reference) => binds_within(&reference.pat, name),
+        Pat::Paren(paren) => binds_within(&paren.pat, name),
+        Pat::Type(typed) => binds_within(&typed.pat, name),
+        _ => false,
+    }
+}
+
+/// `Query` as `query`, `RawForm` as `raw_form`.
+fn snake_case(name: &str) -> String {
+    let mut snake = String::new();
+    for (index, c) in name.chars().enumerate() {
+        if c.is_uppercase() && index > 0 {
+            snake.push('_');
+        }
+        snake.extend(c.to_lowercase());
+    }
+    snake
+}
+
+/// Tokens as written: `to_string` puts a space between any two tokens;
+/// only those between two words (`ref mut x`), after a comma and around
+/// braces (`Trace { verbose }`) are kept.
+fn tokens_text(tokens: &TokenStream) -> String {
+    let text = tokens.to_string();
+    let is_word = |c: char| c.is_alphanumeric() || c == '_';
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::new();
+    for (index, &c) in chars.iter().enumerate() {
+        if c == ' ' {
+            let before = out.chars().last().unwrap_or(' ');
+            let after = chars.get(index + 1).copied().unwrap_or(' ');
+            let kept = is_word(before) && is_word(after)
+                || before == ','
+                || matches!(before, '{' | '}')
+                || matches!(after, '{' | '}');
+            if !kept {
+                continue;
+            }
+        }
+        out.push(c);
+    }
+    out
+}

@@ -1,0 +1,103 @@
+//! What a type is, from its syntax alone: a macro sees types only as
+//! written, so extractors and futures are known by name (and axum's
+//! extractors by the crates they come from, when the path is written out).
+
+use syn::{GenericArgument, Ident, Path, PathArguments, ReturnType, Type};
+
+/// The return type of a `fn` that returns a future: `impl Future<...>`, a
+/// boxed `dyn Future<...>` (`Pin<Box<...>>`), or a named future type such as
+/// `BoxFuture<...>`. Types are known by name only, as extractors are.
+pub(crate) fn future_returned(output: &ReturnType) -> Option<&Type> {
+    let ReturnType::Type(_, ty) = output else {
+        return None;
+    };
+    is_future(ty).then_some(&**ty)
+}
+
+fn is_future(ty: &Type) -> bool {
+    let names_future = |path: &Path| {
+        path.segments
+            .last()
+            .is_some_and(|segment| segment.ident.to_string().ends_with("Future"))
+    };
+    let bounds_future = |bounds: &syn::punctuated::Punctuated<syn::TypeParamBound, _>| {
+        bounds.iter().any(|bound| match bound {
+            syn::TypeParamBound::Trait(bound) => names_future(&bound.path),
+            _ => false,
+        })
+    };
+    match ty {
+        Type::ImplTrait(impl_trait) => bounds_future(&impl_trait.bounds),
+        Type::TraitObject(object) => bounds_future(&object.bounds),
+        Type::Paren(inner) => is_future(&inner.elem),
+        Type::Group(inner) => is_future(&inner.elem),
+        Type::Path(path) => {
+            if names_future(&path.path) {
+                return true;
+            }
+            // `Pin<Box<dyn Future<...>>>` and `Box<dyn Future<...>>`.
+            let Some(last) = path.path.segments.last() else {
+                return false;
+            };
+            let PathArguments::AngleBracketed(arguments) = &last.arguments else {
+                return false;
+            };
+            (last.ident == "Pin" || last.ident == "Box")
+                && arguments.args.iter().any(
+                    |argument| matches!(argument, GenericArgument::Type(inner) if is_future(inner)),
+                )
+        }
+        _ => false,
+    }
+}
+
+/// Where axum's extractors come from, when the path is written out.
+const EXTRACTOR_CRATES: &[&str] = &["axum", "axum_extra", "bytes", "std", "alloc"];
+
+/// Whether `ty` is one of axum's extractors `names`, by a bare name or a
+/// path from one of [`EXTRACTOR_CRATES`]: `crate::Form` is an
+/// application's own type.
+pub(crate) fn is_extractor(ty: &Type, names: &[&str]) -> bool {
+    let Some(path) = type_path(ty) else {
+        return false;
+    };
+    let from_known_crate = path.segments.len() == 1
+        || EXTRACTOR_CRATES
+            .iter()
+            .any(|krate| path.segments[0].ident == krate);
+    from_known_crate && is_named(ty, names)
+}
+
+pub(crate) fn last_ident(path: &Path) -> Option<&Ident> {
+    path.segments.last().map(|segment| &segment.ident)
+}
+
+pub(crate) fn type_path(ty: &Type) -> Option<&Path> {
+    match ty {
+        Type::Path(path) if path.qself.is_none() => Some(&path.path),
+        Type::Paren(paren) => type_path(&paren.elem),
+        Type::Group(group) => type_path(&group.elem),
+        _ => None,
+    }
+}
+
+pub(crate) fn type_ident(ty: &Type) -> Option<&Ident> {
+    type_path(ty).and_then(last_ident)
+}
+
+/// Whether `ty`'s name (the last segment of its path) is one of `names`.
+pub(crate) fn is_named(ty: &Type, names: &[&str]) -> bool {
+    type_ident(ty).is_some_and(|ident| names.iter().any(|name| ident == name))
+}
+
+/// `T` in `Wrapper<T, ..>`.
+pub(crate) fn first_type_argument(ty: &Type) -> Option<&Type> {
+    let segment = type_path(ty)?.segments.last()?;
+    let PathArguments::AngleBracketed(generic) = &segment.arguments else {
+        return None;
+    };
+    match generic.args.first()? {
+        GenericArgument::Type(inner) => Some(inner),
+        _ => None,
+    }
+}
