@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::Instrument;
 
-use crate::endpoint::Endpoint;
+use crate::endpoint::{Endpoint, FinalStatuses};
 use crate::exact::ExactRequest;
 use crate::fingerprint::{Fingerprint, FingerprintError};
 use crate::idempotency::Settings;
@@ -275,9 +275,10 @@ struct Engine {
     endpoint: Endpoint,
     key: RecordKey,
     fingerprint: Fingerprint,
-    /// An extractor the handler takes as a `Result` was rejected: a 4xx
-    /// answer to it is not stored, as axum's own rejection is not, so that
-    /// the retry with the request fixed runs.
+    /// An extractor the handler takes as a `Result` was rejected: a 400
+    /// or 422 answer to it is not stored, as axum's own rejection is not,
+    /// so that the retry with the request fixed runs (unless the endpoint
+    /// lists its final statuses itself).
     input_rejected: bool,
     /// The request's headers when the scope was resolved from a copy of
     /// them: no longer read, but freed only with the engine, after the
@@ -573,7 +574,10 @@ impl Engine {
         if !self.endpoint.final_status_policy().is_final(status) {
             return Produced::NotFinal(response, "status is not final");
         }
-        if self.input_rejected && status.is_client_error() {
+        if self.input_rejected
+            && self.endpoint.final_status_policy() == FinalStatuses::Default
+            && answers_malformed_input(status)
+        {
             return Produced::NotFinal(response, "the handler answered a rejected input");
         }
         let (parts, body) = response.into_parts();
@@ -969,6 +973,19 @@ pub(crate) fn refused_for(
 /// that names the fix under warnings.
 pub(crate) fn fails_until_fixed(error: &StoreError) -> bool {
     Problem::from(error).kind() != ProblemKind::StoreUnavailable
+}
+
+/// Whether `status` is one that answers a malformed request, as axum's
+/// extractors answer their rejections (400, 422; their 413 and 415 are
+/// not final anyway). Another 4xx beside a rejected input (402 for a
+/// declined charge, 404, 403) is the outcome of a run that may have
+/// acted, whatever became of the input: it is stored, or the retry would
+/// act again.
+fn answers_malformed_input(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY
+    )
 }
 
 /// The response as stored for replay: its status, the headers a replay

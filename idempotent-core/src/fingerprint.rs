@@ -375,9 +375,13 @@ impl<T: FingerprintInput> FingerprintInput for Option<T> {
 /// that could not be read to its end is no payload at all
 /// ([`FingerprintError::UnreadBody`]): nothing is claimed, as when a plain
 /// `Json<T>` rejects it. Under `#[idempotent]`, a handler that answers
-/// any other rejection with a 4xx has its answer not stored, as axum's own
-/// rejection of a plain `Json<T>` is not: the retry with the request fixed
-/// runs, and another malformed request gets its own answer.
+/// any other rejection with 400 or 422 (as axum's extractors answer
+/// theirs) has its answer not stored, as axum's own rejection of a plain
+/// `Json<T>` is not: the retry with the request fixed runs, and another
+/// malformed request gets its own answer. Any other status is stored as
+/// usual (a 402 for a charge declined after a malformed optional input
+/// was left out is the outcome of a run that acted), so a handler that
+/// acts beside a rejected input should not answer 400 or 422.
 impl<T: FingerprintInput, E: 'static> FingerprintInput for Result<T, E> {
     fn fingerprint_into(&self, fingerprinter: &mut Fingerprinter) -> Result<(), FingerprintError> {
         if let Err(rejection) = self {

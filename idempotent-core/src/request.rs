@@ -60,7 +60,8 @@ pub struct IdempotentRequest {
     /// none, and every request's future holds this.
     pub(crate) route: Option<Box<RawPathParams>>,
     /// Set by the attribute when the handler takes an extractor as a
-    /// `Result` and it was rejected: a 4xx answer to it is not stored.
+    /// `Result` and it was rejected: a 400 or 422 answer to it is not
+    /// stored.
     pub(crate) input_rejected: bool,
 }
 

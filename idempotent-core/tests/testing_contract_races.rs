@@ -68,6 +68,16 @@ impl TwoStep {
         matches!(records.get(&Self::id(key)), Some(Record::InFlight(held)) if held.lease_token == token)
     }
 
+    /// Whether `token` still holds `key` on a lease that has lapsed: one
+    /// that another claim may take over.
+    fn holds_lapsed(&self, key: &RecordKey, token: LeaseToken) -> bool {
+        let records = self.records();
+        matches!(
+            records.get(&Self::id(key)),
+            Some(record @ Record::InFlight(held)) if held.lease_token == token && !self.live(record)
+        )
+    }
+
     /// Inserts a claim for `fingerprint` unless a live record is there.
     fn claim_now(&self, key: &RecordKey, fingerprint: Fingerprint, lease: Duration) -> Claim {
         let mut records = self.records();
@@ -157,8 +167,17 @@ impl Store for TwoStep {
             if !self.holds(key, token) {
                 return Err(StoreError::LeaseLost);
             }
-            // The second statement, which deletes whoever holds the key now.
-            tokio::task::yield_now().await;
+            // The second statement, which deletes whoever holds the key
+            // now. It comes once a racing claim has taken the key over (or
+            // a while later): the interleaving the contract must catch, at
+            // every round the check comes first, however busy the cores.
+            // (After a mere yield, the delete won every round on one.)
+            for _ in 0..200 {
+                if !self.holds_lapsed(key, token) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
             self.records().remove(&Self::id(key));
             return Ok(());
         }

@@ -567,6 +567,67 @@ async fn a_success_despite_a_rejected_input_is_stored() {
     assert_eq!(runs.get(), 1);
 }
 
+#[derive(Deserialize, serde::Serialize)]
+struct Note {
+    note: u32,
+}
+
+/// Charges whatever the optional `?note=` says (a malformed one is left
+/// out, as `Option<Query<T>>` would), and the charge is declined: 402.
+#[idempotent(scope = "global")]
+async fn charge_declined(
+    State(runs): State<Runs>,
+    _note: Result<Query<Note>, axum::extract::rejection::QueryRejection>,
+) -> (StatusCode, String) {
+    (
+        StatusCode::PAYMENT_REQUIRED,
+        format!("declined, attempt {}", runs.bump()),
+    )
+}
+
+/// A 4xx other than the 400 and 422 that answer a malformed request (here
+/// a 402 after acting), whatever became of an input the handler takes as
+/// a `Result`, is its outcome: stored and replayed, never run twice for
+/// one key.
+#[tokio::test]
+async fn a_4xx_after_acting_beside_a_rejected_optional_input_runs_once() {
+    let runs = Runs::default();
+    let app = router(Router::new().route("/c", post(charge_declined)), &runs);
+    let first = send(&app, request("/c?note=x", Some("k"), &[], "")).await;
+    let retry = send(&app, request("/c?note=x", Some("k"), &[], "")).await;
+    assert_eq!(first.status, StatusCode::PAYMENT_REQUIRED, "{}", first.body);
+    assert_eq!((retry.replayed, retry.body), (true, first.body));
+    assert_eq!(runs.get(), 1, "the declined charge was attempted twice");
+}
+
+#[idempotent(scope = "global", final_statuses = "2xx, 400")]
+async fn with_own_rejection_stored(
+    State(runs): State<Runs>,
+    payload: Result<Json<u32>, JsonRejection>,
+) -> (StatusCode, String) {
+    runs.bump();
+    match payload {
+        Ok(Json(n)) => (StatusCode::CREATED, n.to_string()),
+        Err(rejection) => (StatusCode::BAD_REQUEST, rejection.body_text()),
+    }
+}
+
+/// An endpoint that lists its final statuses itself has them all stored,
+/// its answers to rejected inputs included.
+#[tokio::test]
+async fn final_statuses_of_ones_own_store_the_answer_to_a_rejection() {
+    let runs = Runs::default();
+    let app = router(
+        Router::new().route("/s", post(with_own_rejection_stored)),
+        &runs,
+    );
+    let first = send(&app, request("/s", Some("k"), &[], "not json")).await;
+    let retry = send(&app, request("/s", Some("k"), &[], "not json")).await;
+    assert_eq!(first.status, StatusCode::BAD_REQUEST, "{}", first.body);
+    assert_eq!((retry.replayed, retry.body), (true, first.body));
+    assert_eq!(runs.get(), 1);
+}
+
 /// A body that fails while it is read (the connection broke, a body
 /// timeout in front of the route gave up on a slow upload) is not a
 /// payload the client sent: with a plain `Json<T>` nothing is claimed and

@@ -412,7 +412,9 @@ impl MockStore {
     /// as with [`fail_next`](Self::fail_next), so that no request gets
     /// past the outage.
     ///
-    /// ```
+    // The example needs the attribute (feature `macros`).
+    #[cfg_attr(feature = "macros", doc = "```")]
+    #[cfg_attr(not(feature = "macros"), doc = "```ignore")]
     /// use axum::{Router, body::Body, http::{Request, StatusCode}, routing::post};
     /// use idempotent_core::idempotent;
     /// use idempotent_core::testing::{MockStore, OpKind};
