@@ -419,13 +419,14 @@ impl Engine {
         // A corrupt record is there: its request ran, and failing open
         // would run it again.
         if self.settings.fail_open && !matches!(error, StoreError::Codec(_)) {
-            tracing::warn!(
-                %error,
-                outcome = "store_error",
-                endpoint = self.endpoint.name(),
-                key = %self.key.log_id(),
-                "store failed; running without idempotency (fail_open)"
-            );
+            let (endpoint, key) = (self.endpoint.name(), self.key.log_id());
+            // Set up wrongly, the store does not come back by itself: every
+            // request runs without idempotency until someone fixes it.
+            if fails_until_fixed(error) {
+                tracing::error!(%error, outcome = "store_error", endpoint, %key, "the store is set up wrongly; running without idempotency (fail_open) until what the error names is fixed");
+            } else {
+                tracing::warn!(%error, outcome = "store_error", endpoint, %key, "store failed; running without idempotency (fail_open)");
+            }
             return handler.await;
         }
         self.refused(error)
@@ -638,9 +639,12 @@ impl Engine {
             })
             .await;
         match stored {
+            // After the warnings of the failed attempts, the log at info
+            // says how it ended.
+            Ok(()) => self.stored_after_warnings(response.status),
             Err(_) if self.stored_already(&response).await => {
                 tracing::debug!("an attempt whose answer was lost had stored the response");
-                self.log_stored(Ok(()), response.status);
+                self.stored_after_warnings(response.status);
             }
             Err(error) if may_pass(&error) => self.store_later(token, response, &error),
             stored => self.log_stored(stored, response.status),
@@ -743,6 +747,13 @@ impl Engine {
             }
             Err(message) => tracing::error!(outcome = "lease_lost", endpoint, %key, message),
         }
+    }
+
+    /// Logs a response stored by an attempt after the first failed, which
+    /// warned: at info, as [`STORED_LATER`] is.
+    fn stored_after_warnings(&self, status: StatusCode) {
+        let (endpoint, key, status) = (self.endpoint.name(), self.key.log_id(), status.as_u16());
+        tracing::info!(outcome = "executed", endpoint, %key, status, "the response was stored after the store failed at first");
     }
 
     /// Logs how storing a response ended.

@@ -30,6 +30,7 @@ use crate::endpoint::Endpoint;
 use crate::engine::resolve_scope;
 use crate::fingerprint::{Fingerprint, FingerprintError, RawBytes};
 use crate::problem::{Problem, ProblemKind};
+use crate::record::RecordKey;
 use crate::request::{IdempotentRequest, ScopeSource, route_params};
 
 /// Default limit on a buffered request body: 1 MiB.
@@ -267,7 +268,13 @@ where
     }
     let body = match Limited::new(body, config.max_request_bytes).collect().await {
         Ok(collected) => collected.to_bytes(),
-        Err(error) => return unread(&*error, config.max_request_bytes).into_response(),
+        Err(error) => {
+            let problem = unread(&*error, config.max_request_bytes);
+            if problem.kind() == ProblemKind::UnreadableBody {
+                log_cut_short(&idempotent, &config.endpoint, &*error);
+            }
+            return problem.into_response();
+        }
     };
     // The route's path parameters, which a nested router's prefix keeps
     // although its URI lost it, are bound to the fingerprint at `run`.
@@ -368,6 +375,27 @@ fn unread(error: &(dyn std::error::Error + 'static), limit: usize) -> Problem {
         ProblemKind::UnreadableBody,
         format!("the request body could not be read to its end ({error}); nothing was executed"),
     )
+}
+
+/// Tells a body cut short before its end at info, as the engine tells
+/// one the attribute's extractor could not read: not the client's choice
+/// (a dropped connection, a proxy's timeout), and a run of them is the
+/// trace of a network problem in front of the service.
+fn log_cut_short(
+    idempotent: &IdempotentRequest,
+    endpoint: &Endpoint,
+    error: &(dyn std::error::Error + 'static),
+) {
+    let (Some(key), ScopeSource::Resolved(Ok(scope))) = (&idempotent.key, &idempotent.scope) else {
+        return;
+    };
+    let key = RecordKey::new(*scope, key.clone());
+    tracing::info!(
+        %error,
+        endpoint = endpoint.name(),
+        key = %key.log_id(),
+        "request body unreadable; request refused, nothing executed"
+    );
 }
 
 fn too_large(limit: usize) -> Problem {

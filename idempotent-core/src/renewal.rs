@@ -379,19 +379,23 @@ async fn lease_lost(
     }
     // Stored by its own run, which has not stopped the renewals yet.
     let stored = within(settings.store_timeout, settings.store.get(key)).await;
-    if let Ok(Some(Record::Completed(record))) = stored
-        && record.fingerprint == fingerprint
-    {
-        tracing::debug!("a renewal met the record its run had stored");
-        return;
-    }
-    tracing::error!(
-        outcome = "lease_lost",
-        endpoint,
-        key = %key.log_id(),
-        "lease taken over while the handler runs; its result will not be stored"
-    );
+    let message = match stored {
+        Ok(Some(Record::Completed(record))) if record.fingerprint == fingerprint => {
+            tracing::debug!("a renewal met the record its run had stored");
+            return;
+        }
+        // No record at all: the store lost it, which the operator fixes
+        // in the store, not by looking for a second run.
+        Ok(None) => GONE,
+        _ => TAKEN_OVER,
+    };
+    tracing::error!(outcome = "lease_lost", endpoint, key = %key.log_id(), "{message}");
 }
+
+/// What a renewal that found another request holding the key logs.
+const TAKEN_OVER: &str = "the lease was taken over while the handler runs: it lapsed (renewals that failed or ran late, which this key's earlier events tell, a suspended process, or instances whose clocks disagree), and another request claimed the key; this run's response will not be stored, and the request may run twice";
+/// What a renewal that found no record of the key logs.
+const GONE: &str = "the claim's record is gone from the store while the handler runs: the store dropped it (a restart without persistence, an eviction, a flush, a record deleted by hand) or another request took it over and released it; this run's response will not be stored, and a retry runs the request again: if the store drops records, make it keep them (for Redis, `appendonly yes` and `maxmemory-policy noeviction`)";
 
 /// Renews `claim`'s lease now and every third of it after, until the lease
 /// is lost, the store fails in a way that only fixing it ends
@@ -561,6 +565,7 @@ impl Outage {
         let lapses_in = self.held_until.saturating_duration_since(Instant::now());
         tracing::error!(
             %error,
+            outcome = "store_error",
             endpoint,
             key = %key.log_id(),
             ?lapses_in,

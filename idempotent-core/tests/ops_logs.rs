@@ -16,9 +16,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use bytes::Bytes;
-use idempotent_core::record::{Claim, Completed, RecordKey};
+use idempotent_core::record::{Claim, Completed, LeaseToken, Record, RecordKey, StoredResponse};
 use idempotent_core::store::{MemoryStore, StoreError};
-use idempotent_core::testing::{MockStore, OpKind};
+use idempotent_core::testing::{Fault, MockStore, OpKind};
 use idempotent_core::{
     Endpoint, Fingerprint, FingerprintError, Idempotency, IdempotentLayer, IdempotentRequest, Scope,
 };
@@ -352,4 +352,286 @@ async fn every_outcome_tells_the_operator_what_and_where_and_nothing_secret() {
             "{secret} logged: {everything}"
         );
     }
+}
+
+/// The events at `INFO` or above that `recorder` holds, each with its
+/// outcome (`-` for none), as `level outcome` lines: what an operator's
+/// log shows, and what a counter of outcomes counts.
+fn outcomes_at_info(recorder: &Events) -> Vec<String> {
+    let events = recorder.take_at_least(tracing::Level::INFO);
+    let outcome = |event: &Logged| event.field("outcome").unwrap_or("-").to_owned();
+    events
+        .iter()
+        .map(|event| format!("{} {}", event.level, outcome(event)))
+        .collect()
+}
+
+/// A renewal given up because the store is set up wrongly is the
+/// `store_error` the README's table lists ("a lease no longer renewed
+/// because the store is set up wrongly"), so that a count of outcomes
+/// sees it.
+#[tokio::test(start_paused = true)]
+async fn a_renewal_given_up_on_a_store_set_up_wrongly_is_a_store_error() {
+    let (recorder, _guard) = Events::on_this_thread();
+    let store = MockStore::new();
+    let endpoint = Endpoint::new("pay").lease(Duration::from_secs(3));
+    let service = app(store.layer(), endpoint);
+    store.fail_next_with(OpKind::Renew, Fault::Misconfigured);
+    let slow_body = json!({"amount": 8, "sleep_ms": 2_000});
+    let status = send(&service, request("/pay", Some("k-renew"), &slow_body)).await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    let events = recorder.take_at_least(tracing::Level::INFO);
+    assert_eq!(events.len(), 1, "{events:#?}");
+    let given_up = &events[0];
+    assert_eq!(given_up.level, tracing::Level::ERROR, "{given_up:#?}");
+    assert_eq!(
+        given_up.field("outcome"),
+        Some("store_error"),
+        "{given_up:#?}"
+    );
+    assert_eq!(given_up.field("endpoint"), Some("pay"), "{given_up:#?}");
+    assert!(given_up.field("key").is_some(), "{given_up:#?}");
+}
+
+/// The README's table of outcomes, as `(outcome, level)` pairs: the level
+/// column, and any other level its row names for a case of its own ("info
+/// when it was stored only after...", "warn with `fail_open(true)`").
+fn documented_outcomes() -> std::collections::BTreeSet<(String, String)> {
+    let readme = include_str!("../../README.md");
+    let section = readme
+        .split("### Observability")
+        .nth(1)
+        .expect("the README has an Observability section");
+    let section = section.split("\n## ").next().unwrap();
+    let mut documented = std::collections::BTreeSet::new();
+    for row in section.lines().filter(|line| line.starts_with("| `")) {
+        let cells: Vec<&str> = row.split(" | ").collect();
+        let outcome = cells[0].trim_start_matches("| ").trim_matches('`');
+        if outcome == "outcome" {
+            continue; // the header
+        }
+        documented.insert((outcome.to_owned(), cells[1].to_owned()));
+        for level in ["debug", "info", "warn", "error"] {
+            for case in [" when ", " with "] {
+                if cells[2].contains(&format!(" {level}{case}")) {
+                    documented.insert((outcome.to_owned(), level.to_owned()));
+                }
+            }
+        }
+    }
+    documented
+}
+
+/// Every `tracing` event in the library's source, as its level and the
+/// text between its parentheses.
+fn logged_in_source() -> Vec<(String, String)> {
+    let mut files = vec![std::path::PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src"
+    ))];
+    let mut events = Vec::new();
+    while let Some(path) = files.pop() {
+        if path.is_dir() {
+            files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            continue;
+        }
+        if path.extension().is_some_and(|ext| ext == "rs") {
+            events.extend(events_in(&std::fs::read_to_string(&path).unwrap()));
+        }
+    }
+    events
+}
+
+/// The events of one source file (see [`logged_in_source`]).
+fn events_in(source: &str) -> Vec<(String, String)> {
+    let mut events = Vec::new();
+    for level in ["debug", "info", "warn", "error"] {
+        let call = format!("tracing::{level}!(");
+        for (at, _) in source.match_indices(&call) {
+            let arguments = &source[at + call.len()..];
+            events.push((level.to_owned(), up_to_closing_parenthesis(arguments)));
+        }
+    }
+    events
+}
+
+/// `text` up to the parenthesis that closes the one before it, string
+/// literals (which may hold parentheses) skipped.
+fn up_to_closing_parenthesis(text: &str) -> String {
+    let (mut depth, mut in_string, mut escaped) = (1, false, false);
+    for (at, c) in text.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if in_string => escaped = true,
+            '"' => in_string = !in_string,
+            '(' if !in_string => depth += 1,
+            ')' if !in_string => {
+                depth -= 1;
+                if depth == 0 {
+                    return text[..at].to_owned();
+                }
+            }
+            _ => {}
+        }
+    }
+    panic!("an unclosed event: {text}");
+}
+
+/// The README's table lists exactly the outcomes, and the levels of each,
+/// that the library logs; and every event with an outcome at `INFO` or
+/// above names its endpoint and key itself, as the README says.
+#[test]
+fn the_readmes_table_of_outcomes_is_what_the_library_logs() {
+    let mut logged = std::collections::BTreeSet::new();
+    for (level, arguments) in logged_in_source() {
+        let Some((_, rest)) = arguments.split_once("outcome = \"") else {
+            continue;
+        };
+        let outcome = rest.split('"').next().unwrap().to_owned();
+        if level != "debug" {
+            for field in ["endpoint", "key"] {
+                assert!(
+                    arguments.contains(field),
+                    "a `{outcome}` event at {level} without `{field}`: {arguments}"
+                );
+            }
+        }
+        logged.insert((outcome, level));
+    }
+    let documented = documented_outcomes();
+    assert!(
+        documented.len() >= 9,
+        "the table was not read: {documented:?}"
+    );
+    assert_eq!(logged, documented, "logged (left) and documented (right)");
+}
+
+/// A store that lost the claim's record while its handler runs (a Redis
+/// restarted without persistence, an eviction, a record deleted by hand):
+/// its renewals and completion find no lease, and no record.
+#[derive(Clone, Default)]
+struct Forgetful(MemoryStore);
+
+impl Hooks for Forgetful {
+    type Inner = MemoryStore;
+
+    fn inner(&self) -> &MemoryStore {
+        &self.0
+    }
+
+    async fn renew(&self, _: &RecordKey, _: LeaseToken, _: Duration) -> Result<(), StoreError> {
+        Err(StoreError::LeaseLost)
+    }
+
+    async fn complete(
+        &self,
+        _: &RecordKey,
+        _: LeaseToken,
+        _: StoredResponse,
+        _: Duration,
+    ) -> Result<(), StoreError> {
+        Err(StoreError::LeaseLost)
+    }
+
+    async fn get(&self, _: &RecordKey) -> Result<Option<Record>, StoreError> {
+        Ok(None)
+    }
+}
+
+/// A renewal that finds the claim's record gone says so, rather than
+/// that another request took the lease over: the operator then looks at
+/// the store (its persistence, its evictions), not for a second run that
+/// may never have happened.
+#[tokio::test(start_paused = true)]
+async fn a_renewal_that_finds_the_record_gone_says_it_is_gone() {
+    let (recorder, _guard) = Events::on_this_thread();
+    let endpoint = Endpoint::new("pay").lease(Duration::from_secs(3));
+    let service = app(Idempotency::new(Forwarding(Forgetful::default())), endpoint);
+    let slow_body = json!({"amount": 9, "sleep_ms": 2_000});
+    let status = send(&service, request("/pay", Some("k-gone"), &slow_body)).await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    let events = recorder.take_at_least(tracing::Level::ERROR);
+    let renewal = events
+        .iter()
+        .find(|event| event.target == "idempotent_core::renewal")
+        .unwrap_or_else(|| panic!("the renewal told nothing: {events:#?}"));
+    assert_eq!(renewal.field("outcome"), Some("lease_lost"), "{renewal:#?}");
+    assert!(
+        renewal.message().contains("gone from the store"),
+        "{renewal:#?}"
+    );
+    assert!(!renewal.message().contains("taken over"), "{renewal:#?}");
+}
+
+/// A response stored on a later attempt, after a warning that storing
+/// it failed, says so at `INFO`, as a renewal that succeeds again and a
+/// response stored once the caller got it do: otherwise a log at `INFO`
+/// shows the warning and nothing after it, and the operator cannot tell a
+/// stored response from one still at risk of a second run.
+#[tokio::test(start_paused = true)]
+async fn a_response_stored_after_a_failed_attempt_says_so_at_info() {
+    let (recorder, _guard) = Events::on_this_thread();
+    let store = MockStore::new();
+    let service = app(store.layer(), Endpoint::new("pay"));
+    store.fail_next(OpKind::Complete);
+    let status = send(&service, request("/pay", Some("k-again"), &body())).await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    let logged = outcomes_at_info(&recorder);
+    assert_eq!(logged, ["WARN -", "INFO executed"], "{logged:#?}");
+}
+
+/// Failing open on a store set up wrongly is an error, not the warning of
+/// an outage: the store does not come back by itself, so every request
+/// runs without idempotency until someone changes its setup, and an alert
+/// that fires on errors must fire.
+#[tokio::test(start_paused = true)]
+async fn failing_open_on_a_store_set_up_wrongly_is_an_error() {
+    let (recorder, _guard) = Events::on_this_thread();
+    let store = MockStore::new();
+    let idempotency = Idempotency::builder(store.clone()).fail_open(true).build();
+    let service = app(idempotency, Endpoint::new("pay"));
+    store.fail_next_with(OpKind::Claim, Fault::Misconfigured);
+    let status = send(&service, request("/pay", Some("k-open-wrong"), &body())).await;
+    assert_eq!(status, StatusCode::CREATED, "failed open: the handler ran");
+
+    let logged = outcomes_at_info(&recorder);
+    assert_eq!(logged, ["ERROR store_error"], "{logged:#?}");
+}
+
+/// A request body cut short before its end (the client or a proxy dropped
+/// the connection) is told at info by `IdempotentLayer` as by the
+/// attribute, with the endpoint and the key: a run of them is the trace of
+/// a network or proxy problem in front of the service.
+#[tokio::test(start_paused = true)]
+async fn a_body_cut_short_under_the_layer_is_told_at_info() {
+    let (recorder, _guard) = Events::on_this_thread();
+    let layered = Router::new()
+        .route(
+            "/pay",
+            post(|| async { StatusCode::CREATED })
+                .route_layer(IdempotentLayer::new(Endpoint::new("pay"))),
+        )
+        .layer(Idempotency::new(MemoryStore::new()));
+    let frames: Vec<Result<Bytes, std::io::Error>> = vec![
+        Ok(Bytes::from_static(b"{\"amount\":")),
+        Err(std::io::Error::other("connection reset")),
+    ];
+    let mut cut_short = request("/pay", Some("k-cut"), &body());
+    *cut_short.body_mut() = Body::from_stream(futures_util::stream::iter(frames));
+    let status = send(&layered, cut_short).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    let events = recorder.take_at_least(tracing::Level::INFO);
+    assert_eq!(events.len(), 1, "{events:#?}");
+    let unread = &events[0];
+    assert_eq!(unread.level, tracing::Level::INFO, "{unread:#?}");
+    assert_eq!(unread.field("endpoint"), Some("pay"), "{unread:#?}");
+    assert!(
+        unread.field("key").is_some_and(|key| key.len() == 16),
+        "{unread:#?}"
+    );
+    assert!(unread.message().contains("nothing executed"), "{unread:#?}");
 }
