@@ -77,10 +77,29 @@ pub(crate) struct Args {
     pub(crate) final_statuses: Option<Vec<(u16, u16)>>,
     /// `exact_repeats` as written, with the option's path for errors.
     pub(crate) exact_repeats: Option<(bool, Path)>,
-    pub(crate) krate: Option<Path>,
+    /// `crate` as written; see [`Args::private`].
+    krate: Option<Path>,
 }
 
 impl Args {
+    /// The path of `idempotent_core`'s hidden module that expanded code
+    /// calls into: under `crate` when given (for a crate that re-exports
+    /// `idempotent_core` under another name), else `::idempotent_core`.
+    pub(crate) fn private(&self) -> TokenStream {
+        match &self.krate {
+            Some(krate) => quote::quote!(#krate::__private),
+            None => quote::quote!(::idempotent_core::__private),
+        }
+    }
+
+    /// The principal type of a custom scope, if the scope is one.
+    pub(crate) fn principal(&self) -> Option<&Path> {
+        match &self.scope {
+            Some(Scope::Custom(path)) => Some(path),
+            _ => None,
+        }
+    }
+
     /// Parses the attribute's arguments, recording every error in `errors`.
     pub(crate) fn parse(tokens: TokenStream, errors: &mut Errors) -> Self {
         let parser = Punctuated::<AttrOption, Token![,]>::parse_terminated;

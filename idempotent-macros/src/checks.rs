@@ -7,11 +7,87 @@
 use proc_macro2::{Span, TokenStream};
 use quote::{ToTokens, quote};
 use syn::ext::IdentExt;
-use syn::{Attribute, FnArg, Ident, ItemFn, Pat, Type};
+use syn::{Attribute, FnArg, Ident, ItemFn, Pat, Path, Receiver, Signature, Type};
 
 use crate::args::{Errors, closest};
 use crate::handler::{Argument, Handler};
-use crate::types::{first_type_argument, is_extractor, is_named, last_ident, type_ident};
+use crate::principal::misspells_principal;
+use crate::types::{
+    consumes_body, future_returned, is_named, last_ident, optional_inner, type_ident,
+};
+
+/// axum routes `async fn`s; the message says what to write instead of
+/// what was written: `const fn`, or a `fn` that returns a future.
+pub(crate) fn check_async(sig: &Signature, errors: &mut Errors) {
+    if sig.asyncness.is_some() {
+        return;
+    }
+    // A function cannot be both `const` and `async`.
+    let fn_token = sig.fn_token;
+    match &sig.constness {
+        Some(constness) => errors.spanned(
+            quote!(#constness #fn_token),
+            "`#[idempotent]` handlers must be `async fn`: write `async fn` in place of `const fn`",
+        ),
+        None => match future_returned(&sig.output) {
+            // `async` before `fn` would return a future of a future.
+            Some(ty) => errors.spanned(
+                ty,
+                "`#[idempotent]` handlers must be `async fn`, and this `fn` returns a future (`async` before it would return a future of a future): write `async fn` returning the future's output type, and `.await` the future in its body",
+            ),
+            None => errors.spanned(
+                sig.fn_token,
+                "`#[idempotent]` handlers must be `async fn`: write `async` before `fn`",
+            ),
+        },
+    }
+}
+
+/// axum routes only safe functions.
+pub(crate) fn check_not_unsafe(sig: &Signature, errors: &mut Errors) {
+    if let Some(unsafety) = sig.unsafety {
+        errors.spanned(
+            unsafety,
+            "`#[idempotent]` handlers cannot be `unsafe fn`: axum routes only safe functions; keep the `unsafe` block inside a safe handler",
+        );
+    }
+}
+
+/// The routed function is a Rust `async fn`, which no ABI changes.
+pub(crate) fn check_no_abi(sig: &Signature, errors: &mut Errors) {
+    if let Some(abi) = &sig.abi {
+        errors.spanned(
+            abi,
+            "`#[idempotent]` handlers cannot declare an ABI (`extern`): the routed function is a Rust async fn; remove the `extern`",
+        );
+    }
+}
+
+/// axum routes functions, not methods.
+pub(crate) fn check_not_a_method(receiver: &Receiver, errors: &mut Errors) {
+    errors.spanned(
+        receiver,
+        "`#[idempotent]` handlers cannot take `self`: axum routes functions, not methods; drop `self` and take what the handler needs from it as an extractor, such as `State<T>`",
+    );
+}
+
+/// An argument of the principal's name but another spelling (`User` for
+/// `scope = auth::User`) is almost surely the principal, which the
+/// attribute would fingerprint instead of scoping by it, with nothing
+/// said. Only for an argument that could be the principal: neither
+/// skipped nor after the principal, which another type may share the
+/// name of.
+pub(crate) fn check_principal_spelling(ty: &Type, principal: &Path, errors: &mut Errors) {
+    if misspells_principal(ty, principal) {
+        errors.spanned(
+            ty,
+            format!(
+                "this argument is not taken as the scope's principal, which `scope` spells `{}`: write its type as `scope` does (the attribute compares spellings), or `skip` it",
+                tokens_text(&principal.to_token_stream())
+            ),
+        );
+    }
+}
 
 /// A `#[cfg]` on an argument would leave the routed function, which the
 /// attribute writes before `cfg` is evaluated, taking it regardless, and
@@ -83,11 +159,6 @@ pub(crate) fn check_axum_arity(
     }
 }
 
-/// Extractors that consume the request's body, which axum accepts only as
-/// a handler's last argument. `Request` is left out: an application's own
-/// parts extractor may be called that.
-const CONSUMES_BODY: &[&str] = &["Json", "Form", "Bytes", "String", "Multipart"];
-
 /// axum's own error for a body extractor before the last argument names
 /// the whole handler type, with the attribute's hidden arguments in it;
 /// this one names the argument.
@@ -96,11 +167,8 @@ pub(crate) fn check_body_extractor_is_last(arguments: &[Argument<'_>], errors: &
         return;
     };
     for argument in before_last {
-        let ty = match first_type_argument(argument.ty) {
-            Some(inner) if is_named(argument.ty, &["Option", "Result"]) => inner,
-            _ => argument.ty,
-        };
-        if let Some(name) = type_ident(ty).filter(|_| is_body_extractor(ty)) {
+        let ty = optional_inner(argument.ty).unwrap_or(argument.ty);
+        if let Some(name) = type_ident(ty).filter(|_| consumes_body(ty)) {
             errors.spanned(
                 argument.ty,
                 format!(
@@ -109,11 +177,6 @@ pub(crate) fn check_body_extractor_is_last(arguments: &[Argument<'_>], errors: &
             );
         }
     }
-}
-
-/// Whether `ty` is one of axum's [`CONSUMES_BODY`].
-fn is_body_extractor(ty: &Type) -> bool {
-    is_extractor(ty, CONSUMES_BODY)
 }
 
 /// An `optional` endpoint runs requests that carry no key, which a
@@ -326,7 +389,7 @@ fn snake_case(name: &str) -> String {
 /// Tokens as written: `to_string` puts a space between any two tokens;
 /// only those between two words (`ref mut x`), after a comma and around
 /// braces (`Trace { verbose }`) are kept.
-fn tokens_text(tokens: &TokenStream) -> String {
+pub(crate) fn tokens_text(tokens: &TokenStream) -> String {
     let text = tokens.to_string();
     let is_word = |c: char| c.is_alphanumeric() || c == '_';
     let chars: Vec<char> = text.chars().collect();

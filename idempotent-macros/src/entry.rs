@@ -44,11 +44,7 @@ pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
 /// generics, so `handler::<T>` still names it, and never runs: the crate
 /// does not compile.
 fn stand_in(func: &ItemFn, args: &Args, errors: Errors) -> TokenStream {
-    let krate = args
-        .krate
-        .clone()
-        .unwrap_or_else(|| syn::parse_quote!(::idempotent_core));
-    let private = quote!(#krate::__private);
+    let private = args.private();
     let name = &func.sig.ident;
     let mut as_written = func.clone();
     as_written.sig.ident = format_ident!("__idempotent_{}", name.unraw(), span = name.span());

@@ -4,21 +4,41 @@
 
 use quote::quote;
 
-use crate::args::{Args, Scope};
+use crate::args::{Args, Errors, Scope};
+use crate::checks::tokens_text;
 use crate::handler::{Argument, Role};
-use crate::types::is_extractor;
+use crate::types::{Reads, extractors_reading, is_extractor};
 
-/// Body extractors whose value depends on the body and its content type
-/// alone.
-const BODY_EXTRACTORS: &[&str] = &["Json", "Form", "Bytes", "String"];
-/// Extractors whose value depends on the URI and its path parameters alone.
-const URI_EXTRACTORS: &[&str] = &["Path", "Query"];
+/// Whether the handler's body is extracted through `ExactBody`: when
+/// `exact_repeats` asks for it, or by default where nothing blocks it. An
+/// `exact_repeats` that something blocks is an error saying what.
+pub(crate) fn exact_repeats(
+    arguments: &[Argument<'_>],
+    generics: &syn::Generics,
+    args: &Args,
+    errors: &mut Errors,
+) -> bool {
+    let blocker = exact_repeats_blocker(arguments, generics, args);
+    match (&args.exact_repeats, blocker) {
+        (Some((false, _)), _) => false,
+        (Some((true, option)), Some(blocker)) => {
+            errors.spanned(
+                option,
+                format!(
+                    "`exact_repeats` needs a handler whose fingerprint reads only the URI and the body: {blocker}"
+                ),
+            );
+            false
+        }
+        (_, blocker) => blocker.is_none(),
+    }
+}
 
 /// Why a retry with the same bytes might not fingerprint the same, if it
 /// might: exact repeats need the last argument to be a body extractor,
 /// every fingerprinted argument to read only the URI or the body, and the
 /// scope to be resolved from the request's headers while extracting.
-pub(crate) fn exact_repeats_blocker(
+fn exact_repeats_blocker(
     arguments: &[Argument<'_>],
     generics: &syn::Generics,
     args: &Args,
@@ -27,6 +47,8 @@ pub(crate) fn exact_repeats_blocker(
     // (`meta::Form`), may read more than these do, or be a parts extractor
     // that `ExactBody` cannot wrap.
     let is = |argument: &Argument<'_>, names: &[&str]| is_extractor(argument.ty, names);
+    let body = extractors_reading(Reads::Body);
+    let uri = extractors_reading(Reads::Uri);
     let list = |names: &[&str]| {
         let names: Vec<String> = names.iter().map(|name| format!("`{name}`")).collect();
         names.join(", ")
@@ -38,25 +60,20 @@ pub(crate) fn exact_repeats_blocker(
     if !matches!(args.scope, None | Some(Scope::ApiKey | Scope::Global)) {
         return Some("its scope is not `\"api_key\"` or `\"global\"`".to_owned());
     }
-    if !arguments
-        .last()
-        .is_some_and(|last| is(last, BODY_EXTRACTORS))
-    {
+    if !arguments.last().is_some_and(|last| is(last, &body)) {
         return Some(format!(
             "its last argument is not one of axum's {}",
-            list(BODY_EXTRACTORS)
+            list(&body)
         ));
     }
     let other = arguments.iter().find(|argument| {
-        matches!(argument.role, Role::Fingerprinted)
-            && !is(argument, BODY_EXTRACTORS)
-            && !is(argument, URI_EXTRACTORS)
+        matches!(argument.role, Role::Fingerprinted) && !is(argument, &body) && !is(argument, &uri)
     })?;
     let ty = other.ty;
     Some(format!(
         "the fingerprinted argument `{}` is not one of axum's {}, {} (leave it out with `skip`)",
-        quote!(#ty).to_string().replace(' ', ""),
-        list(BODY_EXTRACTORS),
-        list(URI_EXTRACTORS)
+        tokens_text(&quote!(#ty)),
+        list(&body),
+        list(&uri)
     ))
 }

@@ -13,7 +13,7 @@ use syn::{Attribute, GenericParam, Ident, ItemFn, LitStr, ReturnType, Type};
 
 use crate::args::{Args, Scope};
 use crate::handler::{Handler, Role};
-use crate::types::{first_type_argument, is_named};
+use crate::types::{first_type_argument, is_named, optional_inner, serialized_extractors};
 
 /// The most arguments a function takes before `clippy::too_many_arguments`
 /// fires, unless `clippy.toml` says otherwise.
@@ -46,11 +46,7 @@ fn local(name: &str) -> Ident {
 /// The routed function with the handler as written nested in it; only for
 /// a handler in which analysis found no error.
 pub(crate) fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> TokenStream {
-    let krate = args
-        .krate
-        .clone()
-        .unwrap_or_else(|| syn::parse_quote!(::idempotent_core));
-    let private = quote!(#krate::__private);
+    let private = args.private();
     let params = params(handler);
     let (outer_attrs, inner_attrs) = split_attributes(&func.attrs);
     let (principal_param, principal) = principal(args, handler, &params, &private);
@@ -457,21 +453,16 @@ fn fingerprint(
     }
 }
 
-/// Extractors fingerprinted by the value they wrap, which must be
-/// `Serialize` (as `idempotent_core` implements `FingerprintInput`).
-const SERIALIZED_PAYLOAD: &[&str] = &["Json", "Form", "Query", "Path"];
-
 /// The type a fingerprint check on `ty` is reported at: the payload `T`
 /// of `Json<T>`, `Form<T>`, `Query<T>` or `Path<T>` (within an `Option` or
 /// a `Result` too), the type whose `Serialize` impl is missing when the
-/// check fails; else `ty` itself.
+/// check fails; else `ty` itself. Extractors fingerprinted by the value
+/// they wrap need it `Serialize`, as `idempotent_core` implements
+/// `FingerprintInput` for them.
 fn payload_type(ty: &Type) -> &Type {
-    let inner = match first_type_argument(ty) {
-        Some(inner) if is_named(ty, &["Option", "Result"]) => inner,
-        _ => ty,
-    };
+    let inner = optional_inner(ty).unwrap_or(ty);
     match first_type_argument(inner) {
-        Some(payload) if is_named(inner, SERIALIZED_PAYLOAD) => payload,
+        Some(payload) if is_named(inner, &serialized_extractors()) => payload,
         _ => ty,
     }
 }
@@ -568,7 +559,7 @@ fn principal(
     params: &[Ident],
     private: &TokenStream,
 ) -> (Option<TokenStream>, Option<TokenStream>) {
-    let Some(Scope::Custom(path)) = &args.scope else {
+    let Some(path) = args.principal() else {
         return (None, None);
     };
     let request = local("__idempotent_request");

@@ -4,18 +4,20 @@
 //! [`crate::checks`] and collects their errors, so that all are reported
 //! at once; expansion then reads only what analysis decided.
 
-use quote::{ToTokens, quote};
+use syn::punctuated::Punctuated;
+use syn::token::Comma;
 use syn::{FnArg, Ident, ItemFn, Pat, Type};
 
-use crate::args::{Args, Errors, Scope};
+use crate::args::{Args, Errors};
 use crate::checks::{
-    check_applied_once, check_axum_arity, check_body_extractor_is_last, check_key_is_optional,
-    check_no_cfg, check_no_impl_trait, check_no_self_type, check_openapi_path_above,
+    check_applied_once, check_async, check_axum_arity, check_body_extractor_is_last,
+    check_key_is_optional, check_no_abi, check_no_cfg, check_no_impl_trait, check_no_self_type,
+    check_not_a_method, check_not_unsafe, check_openapi_path_above, check_principal_spelling,
     check_skipped_names,
 };
-use crate::exact_repeats::exact_repeats_blocker;
-use crate::principal::{misspells_principal, takes_principal};
-use crate::types::{first_type_argument, future_returned, is_named};
+use crate::exact_repeats::exact_repeats;
+use crate::principal::takes_principal;
+use crate::types::{is_named, optional_inner};
 
 /// Extractors that are never fingerprinted: they carry server state,
 /// connection details, the key itself or request metadata, not the
@@ -65,78 +67,10 @@ impl<'a> Handler<'a> {
     /// `errors`: expansion runs only when there is none.
     pub(crate) fn analyze(func: &'a ItemFn, args: &Args, errors: &mut Errors) -> Self {
         let sig = &func.sig;
-        if sig.asyncness.is_none() {
-            // A function cannot be both `const` and `async`.
-            let fn_token = sig.fn_token;
-            match &sig.constness {
-                Some(constness) => errors.spanned(
-                    quote!(#constness #fn_token),
-                    "`#[idempotent]` handlers must be `async fn`: write `async fn` in place of `const fn`",
-                ),
-                None => match future_returned(&sig.output) {
-                    // `async` before `fn` would return a future of a future.
-                    Some(ty) => errors.spanned(
-                        ty,
-                        "`#[idempotent]` handlers must be `async fn`, and this `fn` returns a future (`async` before it would return a future of a future): write `async fn` returning the future's output type, and `.await` the future in its body",
-                    ),
-                    None => errors.spanned(
-                        sig.fn_token,
-                        "`#[idempotent]` handlers must be `async fn`: write `async` before `fn`",
-                    ),
-                },
-            }
-        }
-        if let Some(unsafety) = sig.unsafety {
-            errors.spanned(
-                unsafety,
-                "`#[idempotent]` handlers cannot be `unsafe fn`: axum routes only safe functions; keep the `unsafe` block inside a safe handler",
-            );
-        }
-        if let Some(abi) = &sig.abi {
-            errors.spanned(
-                abi,
-                "`#[idempotent]` handlers cannot declare an ABI (`extern`): the routed function is a Rust async fn; remove the `extern`",
-            );
-        }
-        let principal = match &args.scope {
-            Some(Scope::Custom(path)) => Some(path),
-            _ => None,
-        };
-        let mut arguments = Vec::new();
-        for input in &sig.inputs {
-            match input {
-                FnArg::Receiver(receiver) => errors.spanned(
-                    receiver,
-                    "`#[idempotent]` handlers cannot take `self`: axum routes functions, not methods; drop `self` and take what the handler needs from it as an extractor, such as `State<T>`",
-                ),
-                FnArg::Typed(typed) => {
-                    check_no_cfg(&typed.attrs, errors);
-                    check_no_impl_trait(&typed.ty, errors);
-                    let taken = arguments
-                        .iter()
-                        .any(|a: &Argument<'_>| matches!(a.role, Role::Principal));
-                    let is_principal =
-                        !taken && principal.is_some_and(|p| takes_principal(&typed.ty, p));
-                    let skipped = is_skipped(&typed.pat, &args.skip);
-                    // A skipped argument is never fingerprinted, and once
-                    // the principal is taken another type may share its name.
-                    if let Some(path) = principal
-                        && !skipped
-                        && !taken
-                        && misspells_principal(&typed.ty, path)
-                    {
-                        errors.spanned(
-                            &typed.ty,
-                            format!(
-                                "this argument is not taken as the scope's principal, which `scope` spells `{}`: write its type as `scope` does (the attribute compares spellings), or `skip` it",
-                                path.to_token_stream().to_string().replace(' ', "")
-                            ),
-                        );
-                    }
-                    arguments.push(Argument::new(&typed.pat, &typed.ty, is_principal, skipped));
-                }
-            }
-        }
+        check_async(sig, errors);
+        check_not_unsafe(sig, errors);
+        check_no_abi(sig, errors);
+        let arguments = arguments(&sig.inputs, args, errors);
         check_body_extractor_is_last(&arguments, errors);
         check_skipped_names(&arguments, &args.skip, errors);
         check_no_self_type(func, errors);
@@ -145,24 +79,11 @@ impl<'a> Handler<'a> {
         if args.optional {
             check_key_is_optional(&sig.inputs, errors);
         }
-        let blocker = exact_repeats_blocker(&arguments, &sig.generics, args);
-        let exact_repeats = match (&args.exact_repeats, blocker) {
-            (Some((false, _)), _) => false,
-            (Some((true, option)), Some(blocker)) => {
-                errors.spanned(
-                    option,
-                    format!(
-                        "`exact_repeats` needs a handler whose fingerprint reads only the URI and the body: {blocker}"
-                    ),
-                );
-                false
-            }
-            (_, blocker) => blocker.is_none(),
-        };
+        let exact_repeats = exact_repeats(&arguments, &sig.generics, args, errors);
         let handler = Self {
             arguments,
             exact_repeats,
-            custom_scope: principal.is_some(),
+            custom_scope: args.principal().is_some(),
         };
         check_axum_arity(&handler, &sig.inputs, errors);
         handler
@@ -181,6 +102,41 @@ impl<'a> Handler<'a> {
             .iter()
             .position(|argument| matches!(argument.role, Role::Principal))
     }
+}
+
+/// Each argument of the handler with its role, checking each in turn. The
+/// first argument that takes the principal is the principal.
+fn arguments<'a>(
+    inputs: &'a Punctuated<FnArg, Comma>,
+    args: &Args,
+    errors: &mut Errors,
+) -> Vec<Argument<'a>> {
+    let principal = args.principal();
+    let mut arguments = Vec::new();
+    for input in inputs {
+        let typed = match input {
+            FnArg::Receiver(receiver) => {
+                check_not_a_method(receiver, errors);
+                continue;
+            }
+            FnArg::Typed(typed) => typed,
+        };
+        check_no_cfg(&typed.attrs, errors);
+        check_no_impl_trait(&typed.ty, errors);
+        let taken = arguments
+            .iter()
+            .any(|a: &Argument<'_>| matches!(a.role, Role::Principal));
+        let skipped = is_skipped(&typed.pat, &args.skip);
+        let mut is_principal = false;
+        if let Some(principal) = principal.filter(|_| !taken) {
+            is_principal = takes_principal(&typed.ty, principal);
+            if !skipped {
+                check_principal_spelling(&typed.ty, principal, errors);
+            }
+        }
+        arguments.push(Argument::new(&typed.pat, &typed.ty, is_principal, skipped));
+    }
+    arguments
 }
 
 impl<'a> Argument<'a> {
@@ -223,12 +179,11 @@ fn binding(pat: &Pat) -> Option<Ident> {
 }
 
 fn is_fingerprinted_by_default(ty: &Type) -> bool {
-    if is_named(ty, NOT_FINGERPRINTED) {
-        return false;
-    }
     // `Option<IdempotencyKey>` is the key too, and an optional or fallible
     // extractor of no payload (`Option<Extension<User>>`, where only
     // signed-in callers have one) carries none either.
-    !is_named(ty, &["Option", "Result"])
-        || first_type_argument(ty).is_none_or(is_fingerprinted_by_default)
+    optional_inner(ty).map_or_else(
+        || !is_named(ty, NOT_FINGERPRINTED),
+        is_fingerprinted_by_default,
+    )
 }

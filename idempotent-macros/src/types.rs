@@ -51,6 +51,77 @@ fn is_future(ty: &Type) -> bool {
     }
 }
 
+/// What one of axum's extractors reads of the request.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reads {
+    /// The URI and its path parameters alone.
+    Uri,
+    /// The body and its content type alone: the same bytes extract the
+    /// same value, so `ExactBody` can answer a repeat from them.
+    Body,
+    /// The body, consumed as a stream whose value `ExactBody` cannot
+    /// rebuild from the bytes it buffered.
+    BodyStream,
+}
+
+/// One of axum's extractors, known by name.
+struct KnownExtractor {
+    name: &'static str,
+    reads: Reads,
+    /// Whether it is fingerprinted by the value it wraps, which must then
+    /// be `Serialize`.
+    serialized: bool,
+}
+
+/// Every extractor of axum's that the checks and the expansion tell
+/// apart, in the order messages list them: adding one here is all it
+/// takes for each of them.
+const KNOWN_EXTRACTORS: &[KnownExtractor] = &[
+    KnownExtractor::new("Json", Reads::Body, true),
+    KnownExtractor::new("Form", Reads::Body, true),
+    KnownExtractor::new("Bytes", Reads::Body, false),
+    KnownExtractor::new("String", Reads::Body, false),
+    KnownExtractor::new("Multipart", Reads::BodyStream, false),
+    KnownExtractor::new("Path", Reads::Uri, true),
+    KnownExtractor::new("Query", Reads::Uri, true),
+];
+
+impl KnownExtractor {
+    const fn new(name: &'static str, reads: Reads, serialized: bool) -> Self {
+        Self {
+            name,
+            reads,
+            serialized,
+        }
+    }
+}
+
+/// The names of the known extractors that read `reads`, in order.
+pub(crate) fn extractors_reading(reads: Reads) -> Vec<&'static str> {
+    known_extractors(|extractor| extractor.reads == reads)
+}
+
+/// The names of the known extractors fingerprinted by the value they wrap.
+pub(crate) fn serialized_extractors() -> Vec<&'static str> {
+    known_extractors(|extractor| extractor.serialized)
+}
+
+/// Whether `ty` is a known extractor that consumes the request's body,
+/// which axum accepts only as a handler's last argument. `Request` is left
+/// out: an application's own parts extractor may be called that.
+pub(crate) fn consumes_body(ty: &Type) -> bool {
+    let body = known_extractors(|extractor| extractor.reads != Reads::Uri);
+    is_extractor(ty, &body)
+}
+
+fn known_extractors(wanted: impl Fn(&KnownExtractor) -> bool) -> Vec<&'static str> {
+    KNOWN_EXTRACTORS
+        .iter()
+        .filter(|extractor| wanted(extractor))
+        .map(|extractor| extractor.name)
+        .collect()
+}
+
 /// Where axum's extractors come from, when the path is written out.
 const EXTRACTOR_CRATES: &[&str] = &["axum", "axum_extra", "bytes", "std", "alloc"];
 
@@ -100,4 +171,10 @@ pub(crate) fn first_type_argument(ty: &Type) -> Option<&Type> {
         GenericArgument::Type(inner) => Some(inner),
         _ => None,
     }
+}
+
+/// `T` in `Option<T>` or `Result<T, E>`: the extractor within an optional
+/// or fallible one, which reads what `T` reads.
+pub(crate) fn optional_inner(ty: &Type) -> Option<&Type> {
+    first_type_argument(ty).filter(|_| is_named(ty, &["Option", "Result"]))
 }
