@@ -13,6 +13,13 @@
 //!   `key` alone): a caller's claim failed, 503, while another caller's
 //!   record of the same key was kept.
 //!
+//!
+//! And tables `migrate` judged wrongly: it refused unique indexes records
+//! never collide on (an expression of a column of the user's own,
+//! `lease_token`), and on PostgreSQL 11 and older, whose catalogs lack
+//! columns its look at the table read, it checked nothing, or blamed a
+//! missing `CREATE`.
+//!
 //! `migrate` refuses each, naming the column. PostgreSQL tests need
 //! `IDEMPOTENT_TEST_POSTGRES_URL`; SQLite ones use a temporary file.
 
@@ -235,6 +242,75 @@ async fn a_sqlite_unique_index_records_can_collide_on_is_refused() {
     }
 }
 
+/// Beside the key, unique indexes that records of two keys can still
+/// collide on, however they are written: an expression of `key` alone, a
+/// predicate on the store's columns alone, a column of the user's own
+/// only `INCLUDE`d (not compared), or `lease_token` with NULLs not
+/// distinct (a stored response empties it, in every completed record).
+#[tokio::test]
+async fn a_postgres_unique_index_on_expressions_of_the_stores_columns_is_refused() {
+    for index in [
+        "(lower(key))",
+        "(key) WHERE status IS NULL",
+        "(key) INCLUDE (tenant)",
+        "(lease_token) NULLS NOT DISTINCT",
+    ] {
+        let setup = format!(
+            "{} ALTER TABLE {{table}} ADD PRIMARY KEY (scope, key);
+             CREATE UNIQUE INDEX {{table}}_extra ON {{table}} {index};",
+            postgres_table("{table}", "text", ", tenant text")
+        );
+        let Some(migrated) = postgres_migrate(&setup, "").await else {
+            return;
+        };
+        assert_refused(migrated, &["_extra`", "unique index"]);
+    }
+}
+
+#[tokio::test]
+async fn a_sqlite_unique_index_on_expressions_of_the_stores_columns_is_refused() {
+    for index in [
+        "(lower(key))",
+        "(key) WHERE record IS NULL",
+        // The user's column's name only in a literal.
+        "(coalesce(key, 'tenant'))",
+    ] {
+        let setup = sqlite_table("TEXT NOT NULL", ", tenant TEXT, PRIMARY KEY (scope, key)")
+            + &format!("CREATE UNIQUE INDEX records_extra ON idempotency_records {index};");
+        assert_refused(
+            sqlite_migrate(&setup).await,
+            &["`records_extra`", "unique index"],
+        );
+    }
+}
+
+/// Unique indexes that use a column of the user's own, in an expression
+/// or a predicate, are the user's to fill (and NULL, which the store
+/// leaves there, is never equal to NULL); `lease_token` is random and one
+/// claim's own, and NULL once its response is stored: `migrate` refused
+/// each such table, and the service could not start.
+#[tokio::test]
+async fn unique_indexes_on_expressions_of_the_users_columns_or_the_lease_token_are_kept() {
+    for index in [
+        "(lower(tenant))",
+        "(key) WHERE tenant IS NOT NULL",
+        "(lease_token)",
+        "(lease_token, expires_at)",
+    ] {
+        let setup = format!(
+            "{} ALTER TABLE {{table}} ADD PRIMARY KEY (scope, key);
+             CREATE UNIQUE INDEX {{table}}_extra ON {{table}} {index};",
+            postgres_table("{table}", "text", ", tenant text")
+        );
+        if let Some(migrated) = postgres_migrate(&setup, "").await {
+            migrated.unwrap_or_else(|error| panic!("{index} kept: {error}"));
+        }
+        let setup = sqlite_table("TEXT NOT NULL", ", tenant TEXT, PRIMARY KEY (scope, key)")
+            + &format!("CREATE UNIQUE INDEX records_extra ON idempotency_records {index};");
+        (sqlite_migrate(&setup).await).unwrap_or_else(|error| panic!("{index} kept: {error}"));
+    }
+}
+
 /// A unique index that holds a column of the table's own (filled by the
 /// database) or both `scope` and `key` is never met by two records.
 #[tokio::test]
@@ -271,5 +347,114 @@ async fn a_sqlite_key_of_numeric_affinity_is_refused() {
     for declared in ["TEXT", "VARCHAR(255)", "NVARCHAR", "CLOB", "BLOB", ""] {
         let setup = sqlite_table(&format!("{declared} NOT NULL"), keyed);
         sqlite_migrate(&setup).await.expect(declared);
+    }
+}
+
+/// Views of PostgreSQL's catalogs without the columns a server older than
+/// 12 lacks, and a `current_setting` answering `version` for
+/// `server_version_num`, in the schema `shadow`: ahead of `pg_catalog`
+/// on a connection's search path, they stand for an older server's.
+fn older_catalogs(shadow: &str, version: u32, index_columns: &str) -> String {
+    format!(
+        "CREATE SCHEMA {shadow};
+         CREATE VIEW {shadow}.pg_attribute AS
+             SELECT attrelid, attname, atttypid, atttypmod, attnum, attisdropped, attnotnull,
+                    atthasdef, attidentity, attcollation
+             FROM pg_catalog.pg_attribute;
+         CREATE VIEW {shadow}.pg_collation AS SELECT oid, collname FROM pg_catalog.pg_collation;
+         CREATE VIEW {shadow}.pg_index AS
+             SELECT indexrelid, indrelid, indisunique, indimmediate, indisvalid, indpred,
+                    indkey, indcollation, indexprs, {index_columns}
+             FROM pg_catalog.pg_index;
+         CREATE FUNCTION {shadow}.current_setting(text) RETURNS text LANGUAGE sql AS
+             $$ SELECT CASE WHEN $1 = 'server_version_num' THEN '{version}'
+                            ELSE pg_catalog.current_setting($1) END $$;"
+    )
+}
+
+/// What `migrate` answers on the table `setup` creates, seen through
+/// [`older_catalogs`] (`version`, `index_columns`); run as the owner, or
+/// as a role of its own that may use the table and not create one, when
+/// `as_user` says so.
+async fn migrate_on_older_catalogs(
+    setup: &str,
+    (version, index_columns): (u32, &str),
+    as_user: bool,
+) -> Option<Result<(), StoreError>> {
+    let url = backend_url("IDEMPOTENT_TEST_POSTGRES_URL")?;
+    let (table, shadow) = (unique_name("idem_table"), unique_name("idem_old"));
+    let role = unique_name("idem_user");
+    let admin = PostgresStore::connect(&url).await.expect("connect");
+    let mut setup =
+        older_catalogs(&shadow, version, index_columns) + &setup.replace("{table}", &table);
+    setup += &format!(
+        "CREATE ROLE {role} LOGIN;
+         GRANT USAGE ON SCHEMA {shadow} TO {role};
+         GRANT SELECT ON ALL TABLES IN SCHEMA {shadow} TO {role};
+         GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {role};"
+    );
+    sqlx::raw_sql(&setup)
+        .execute(admin.pool())
+        .await
+        .expect("setup");
+    let mut options: sqlx::postgres::PgConnectOptions = url.parse().expect("a URL");
+    if as_user {
+        options = options.username(&role);
+    }
+    let search_path = format!("{shadow},pg_catalog,public");
+    let options = options.options([("search_path", search_path.as_str())]);
+    let old = PostgresStore::connect_with(options).await.expect("connect");
+    let old = PostgresStore::builder(old.pool().clone())
+        .table(&table)
+        .build()
+        .expect("valid table name");
+    let migrated = old.migrate().await;
+    old.pool().close().await;
+    let teardown = format!(
+        "DROP TABLE {table}; DROP SCHEMA {shadow} CASCADE; DROP OWNED BY {role}; DROP ROLE {role};"
+    );
+    sqlx::raw_sql(&teardown)
+        .execute(admin.pool())
+        .await
+        .expect("drop");
+    Some(migrated)
+}
+
+/// PostgreSQL 11 has no `attgenerated` nor `collisdeterministic`: the
+/// look at the table failed on it, `migrate` went on without a check, and
+/// took a table with a unique index on `key` alone, whose records of two
+/// callers then collided, answered 503.
+#[tokio::test]
+async fn a_postgres_11_server_has_its_table_checked() {
+    let setup = format!(
+        "{} ALTER TABLE {{table}} ADD PRIMARY KEY (scope, key);
+         CREATE UNIQUE INDEX {{table}}_extra ON {{table}} (key);",
+        postgres_table("{table}", "text", "")
+    );
+    let catalogs = (110_000, "indnatts, indnkeyatts");
+    let Some(migrated) = migrate_on_older_catalogs(&setup, catalogs, false).await else {
+        return;
+    };
+    assert_refused(migrated, &["_extra`", "unique index"]);
+}
+
+/// A look at the table that fails (here, catalogs that claim 11 and lack
+/// `indnkeyatts`) is told as such: `migrate` went on without a check as
+/// the owner, and blamed a missing `CREATE` as a role without it.
+#[tokio::test]
+async fn a_failed_look_at_the_postgres_table_is_told_as_such() {
+    let setup = format!(
+        "{} ALTER TABLE {{table}} ADD PRIMARY KEY (scope, key);",
+        postgres_table("{table}", "text", "")
+    );
+    for as_user in [false, true] {
+        let catalogs = (110_000, "indnatts");
+        let Some(migrated) = migrate_on_older_catalogs(&setup, catalogs, as_user).await else {
+            return;
+        };
+        let told = (migrated.as_ref().err()).map(ToString::to_string);
+        assert_refused(migrated, &["could not inspect the table", "indnkeyatts"]);
+        let told = told.unwrap_or_default();
+        assert!(!told.contains("may not create"), "{told}");
     }
 }

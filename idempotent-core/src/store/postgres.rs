@@ -35,6 +35,7 @@ use sqlx::{Connection, Executor, Row};
 
 use self::connections::{Connections, Undo, close_if_stale, statement_error};
 use self::identifiers::quote_ident;
+use self::inspection::{Catalog, Inspected, inspection_sql};
 use self::reachability::Patience;
 
 use super::sql::{self, DEFAULT_TABLE, InvalidTableName, Reaper, from_sql_millis, to_sql_millis};
@@ -45,6 +46,7 @@ use crate::record::{Claim, Completed, InFlight, LeaseToken, Record, RecordKey, S
 
 mod connections;
 mod identifiers;
+mod inspection;
 mod reachability;
 
 const SCHEMA: &str = include_str!("postgres/schema.sql");
@@ -394,27 +396,29 @@ impl PostgresStore {
     /// NULL` without a default, with `key` compared by a
     /// nondeterministic collation (without regard to case), or with a
     /// unique index that two records can collide on (on `key` alone), the
-    /// role may not read or write the table or use
-    /// its schema, or the server takes no writes from the role (a hot
-    /// standby, `default_transaction_read_only`): each error, a
+    /// role may not read or write the table or use its schema, the
+    /// server's catalogs could not be read for the table (a server that
+    /// is not PostgreSQL's own), or the server takes no writes from the
+    /// role (a hot standby, `default_transaction_read_only`): each error, a
     /// [`StoreError::Misconfigured`], says what to change.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         // PostgreSQL checks the `CREATE` privilege before it looks for
         // the table `IF NOT EXISTS` names, so the script fails for a role
         // without it even when it would create nothing: look first. A
-        // look that fails leaves it to the script to say why. Both run on
-        // one connection, so that the pool gains one connection at most.
+        // look that fails stops here, saying so: the script would skip
+        // every check of the table, or blame a missing `CREATE`. Both run
+        // on one connection, so that the pool gains one connection at most.
         let mut connection = (self.pool().acquire().await)
             .map_err(|error| migrate_error(error, &self.inner.table, false))?;
         self.warn_of_risks(&mut connection).await;
         let existing = match self.existing(&mut connection).await {
-            Ok(existing) => Some(existing),
+            Ok(existing) => existing,
             Err(error) => {
                 self.check_schema_usage(&mut connection, &error).await?;
-                None
+                return Err(inspection_error(error, &self.inner.table));
             }
         };
-        let table = existing.filter(Existing::is_table);
+        let table = Some(existing).filter(Existing::is_table);
         if let Some(table) = &table {
             self.check_columns(&table.columns)?;
             let name = &self.inner.table;
@@ -455,78 +459,15 @@ impl PostgresStore {
 
     /// The table as it is: its columns, whether an index is led by
     /// `expires_at` and one keys it on `(scope, key)`, and which of the
-    /// privileges the statements need the role lacks on it. The catalogs
-    /// are readable by every role.
+    /// privileges the statements need the role lacks on it (see
+    /// [`inspection_sql`]).
     async fn existing(&self, connection: &mut Leased) -> Result<Existing, sqlx::Error> {
-        // The name is a checked identifier, safe in a string literal.
-        // Any index led by `expires_at` serves the purge, whatever its
-        // name, so one made by a migration tool of its own counts.
-        let inspect = format!(
-            "SELECT
-               ARRAY(SELECT attname::text FROM pg_attribute
-                     WHERE attrelid = t.oid AND attnum > 0 AND NOT attisdropped ORDER BY attnum),
-               ARRAY(SELECT format_type(atttypid, atttypmod) FROM pg_attribute
-                     WHERE attrelid = t.oid AND attnum > 0 AND NOT attisdropped ORDER BY attnum),
-               EXISTS (SELECT FROM pg_index i
-                       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-                       WHERE i.indrelid = t.oid AND a.attname = 'expires_at'),
-               EXISTS (SELECT FROM pg_index i
-                       WHERE i.indrelid = t.oid AND i.indisunique AND i.indimmediate
-                         AND i.indisvalid AND i.indpred IS NULL AND i.indnkeyatts = 2
-                         AND ARRAY(SELECT attname::text FROM pg_attribute
-                                   WHERE attrelid = t.oid AND attnum IN (i.indkey[0], i.indkey[1])
-                                   ORDER BY attname) = ARRAY['key', 'scope']),
-               ARRAY(SELECT p FROM unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE']) AS p
-                     WHERE NOT has_table_privilege(t.oid, p)),
-               current_user::text,
-               pg_is_in_recovery(),
-               current_setting('transaction_read_only') = 'on',
-               ARRAY(SELECT attname::text FROM pg_attribute
-                     WHERE attrelid = t.oid AND attnum > 0 AND NOT attisdropped
-                       AND attnotnull AND NOT atthasdef AND attidentity = '' AND attgenerated = ''),
-               (SELECT c.collname::text FROM pg_collation c
-                WHERE NOT c.collisdeterministic
-                  AND c.oid IN (SELECT attcollation FROM pg_attribute
-                                WHERE attrelid = t.oid AND attname = 'key' AND NOT attisdropped
-                                UNION ALL
-                                SELECT i.indcollation[n] FROM pg_index i,
-                                       generate_series(0, i.indnkeyatts - 1) AS n
-                                WHERE i.indrelid = t.oid AND i.indisunique
-                                  AND i.indkey[n] = (SELECT attnum FROM pg_attribute
-                                                     WHERE attrelid = t.oid AND attname = 'key'))
-                LIMIT 1),
-               (SELECT x.relname::text FROM pg_index i JOIN pg_class x ON x.oid = i.indexrelid
-                WHERE i.indrelid = t.oid AND i.indisunique
-                  AND NOT EXISTS (SELECT FROM generate_series(0, i.indnkeyatts - 1) AS n
-                                  JOIN pg_attribute a
-                                    ON a.attrelid = t.oid AND a.attnum = i.indkey[n]
-                                  WHERE a.attname <> ALL (ARRAY[{columns}]))
-                  AND NOT ARRAY(SELECT a.attname::text
-                                FROM generate_series(0, i.indnkeyatts - 1) AS n
-                                JOIN pg_attribute a
-                                  ON a.attrelid = t.oid AND a.attnum = i.indkey[n])
-                          @> ARRAY['scope', 'key']
-                LIMIT 1)
-             FROM (SELECT to_regclass('{quoted}') AS oid) AS t",
-            quoted = sql::quoted(&self.inner.table),
-            columns = (COLUMNS.iter())
-                .map(|(name, _)| format!("'{name}'"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        type Inspected = (
-            Vec<String>,
-            Vec<String>,
-            bool,
-            bool,
-            Vec<String>,
-            String,
-            bool,
-            bool,
-            Vec<String>,
-            Option<String>,
-            Option<String>,
-        );
+        // Catalog columns differ between versions: a query naming one the
+        // server lacks would fail, and every check with it.
+        let version: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int")
+            .fetch_one(&mut **connection)
+            .await?;
+        let inspect = inspection_sql(&self.inner.table, Catalog::for_version(version));
         let (
             names,
             types,
@@ -588,7 +529,7 @@ impl PostgresStore {
     /// Refuses a role without `USAGE` on the table's schema, which
     /// `inspection` (the look at the table) failed on: every statement
     /// would fail the same way, and the script's failure would read as a
-    /// missing `CREATE`. Any other failure is left to the script to tell.
+    /// missing `CREATE`. Any other failure is told as the look's own.
     async fn check_schema_usage(
         &self,
         connection: &mut Leased,
@@ -863,6 +804,23 @@ fn migrate_error(error: sqlx::Error, table: &str, table_exists: bool) -> StoreEr
         _ => return statement_error(error),
     };
     Explained::misconfigured(error, hint)
+}
+
+/// Why [`PostgresStore::migrate`] failed when its look at the table
+/// `table` in the catalogs did: a server that answered it with an error
+/// has catalogs other than those of the PostgreSQL versions the look is
+/// written for, and `migrate` cannot tell whether the table is one the
+/// store can work on. A failure to reach the server is told as such.
+fn inspection_error(error: sqlx::Error, table: &str) -> StoreError {
+    if error.as_database_error().is_none() {
+        return statement_error(error);
+    }
+    Explained::misconfigured(
+        error,
+        format!(
+            "`PostgresStore::migrate()` could not inspect the table `{table}` in the server's catalogs (`pg_attribute`, `pg_index`, `pg_collation`, `pg_depend`), so it cannot tell whether the store can work on it: a server that speaks PostgreSQL's protocol may lack some of them; create the table with the SQL of `PostgresStore::migration_sql(\"{table}\")` by other means, and do not call `migrate()` on such a server"
+        ),
+    )
 }
 
 /// The schema `table` is in, as configured: `public` for a name without

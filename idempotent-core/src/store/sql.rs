@@ -217,10 +217,15 @@ pub(crate) fn check_key_collation(
 }
 
 /// Refuses the table `table` of `store` (see [`check_columns`]) when it
-/// has the unique index `colliding`, over the store's columns alone and
-/// not over both `scope` and `key` (on `key` alone, or on an expression
-/// of it): two records can collide on it, and a claim that meets another
-/// record there fails, answered 503, for as long as that record is kept.
+/// has the unique index `colliding`: one that uses the store's columns
+/// alone (as keys, in expressions or in its predicate; a column of the
+/// user's own is filled as the user decides), whose keys are not both
+/// `scope` and `key`, nor `lease_token` (random, one claim's own, and
+/// emptied to NULL, which is distinct from NULL unless the index says
+/// `NULLS NOT DISTINCT`): on `key` alone, on an expression of it, or on
+/// `fingerprint`, two records can collide, and a claim that meets
+/// another record there fails, answered 503, for as long as that record
+/// is kept.
 pub(crate) fn check_unique_indexes(
     table: &str,
     colliding: Option<&str>,

@@ -387,37 +387,63 @@ impl SqliteStore {
         .fetch_one(&self.inner.pool)
         .await;
         sql::check_key(table, !matches!(keyed, Ok(0)), "SqliteStore")?;
-        let colliding = self.colliding_index(&base, schema).await;
+        let colliding = self.colliding_index(&base, schema, &found).await;
         sql::check_unique_indexes(table, colliding.ok().flatten().as_deref(), "SqliteStore")
     }
 
-    /// A unique index of the table `base` in `schema` over the store's
-    /// columns alone (an expression counts as one of them) that is not
-    /// over both `scope` and `key`: two records can collide on it.
+    /// A unique index of the table `base` in `schema`, of the `found`
+    /// columns, that two records can collide on (see [`can_collide`]).
     async fn colliding_index(
         &self,
         base: &str,
         schema: Option<&str>,
+        found: &[(String, String)],
     ) -> Result<Option<String>, sqlx::Error> {
-        let columns = (COLUMNS.iter())
-            .map(|(name, _)| format!("'{name}'"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        // An expression has no name (NULL): it is never a column apart.
-        let look = format!(
-            "SELECT list.name FROM pragma_index_list(?1, ?2) AS list
+        // `cid` -1 is the rowid, -2 an expression, neither with a name.
+        let rows: Vec<(String, bool, i64, Option<String>)> = sqlx::query_as(
+            "SELECT list.name, list.partial, x.cid, x.name
+             FROM pragma_index_list(?1, ?2) AS list, pragma_index_info(list.name, ?2) AS x
              WHERE list.\"unique\"
-               AND NOT EXISTS (SELECT 1 FROM pragma_index_info(list.name, ?2) AS c
-                               WHERE lower(c.name) NOT IN ({columns}))
-               AND (SELECT count(*) FROM pragma_index_info(list.name, ?2) AS c
-                    WHERE lower(c.name) IN ('scope', 'key')) < 2
-             LIMIT 1"
+             ORDER BY list.seq, x.seqno",
+        )
+        .bind(base)
+        .bind(schema)
+        .fetch_all(&self.inner.pool)
+        .await?;
+        let own: Vec<&str> = (found.iter())
+            .map(|(name, _)| name.as_str())
+            .filter(|name| !is_stores(name))
+            .collect();
+        for index in unique_indexes(rows) {
+            let mut used = Vec::new();
+            if index.partial || index.keys.contains(&Key::Expression) {
+                // No pragma names the columns an expression or a
+                // predicate uses: its `CREATE INDEX` text does.
+                let text = self.index_sql(&index.name, schema).await?;
+                used = (own.iter())
+                    .filter(|column| mentions(&text, column))
+                    .map(|column| (*column).to_owned())
+                    .collect();
+            }
+            if can_collide(&index.keys, &used) {
+                return Ok(Some(index.name));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The `CREATE INDEX` statement of the index `name` in `schema` (the
+    /// main one when none is named), empty for one a constraint made.
+    async fn index_sql(&self, name: &str, schema: Option<&str>) -> Result<String, sqlx::Error> {
+        let look = format!(
+            "SELECT sql FROM {}.sqlite_master WHERE type = 'index' AND name = ?1",
+            sql::quoted(schema.unwrap_or("main"))
         );
-        sqlx::query_scalar(&look)
-            .bind(base)
-            .bind(schema)
+        let found: Option<Option<String>> = sqlx::query_scalar(&look)
+            .bind(name)
             .fetch_optional(&self.inner.pool)
-            .await
+            .await?;
+        Ok(found.flatten().unwrap_or_default())
     }
 
     /// The columns of the table `base` in `schema` that a row must have a
@@ -695,6 +721,89 @@ const COLUMNS: &[(&str, &str)] = &[
     ("expires_at", "INTEGER"),
     ("record", "BLOB"),
 ];
+
+/// Whether `name` is one of the store's [`COLUMNS`].
+fn is_stores(name: &str) -> bool {
+    (COLUMNS.iter()).any(|(column, _)| column.eq_ignore_ascii_case(name))
+}
+
+/// A key column of an index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Key {
+    /// A column of the table, by name (the rowid as `rowid`).
+    Column(String),
+    /// An expression.
+    Expression,
+}
+
+/// A unique index, as `pragma_index_list` and `pragma_index_info` tell it.
+#[derive(Debug)]
+struct UniqueIndex {
+    name: String,
+    /// Whether it has a `WHERE` clause.
+    partial: bool,
+    keys: Vec<Key>,
+}
+
+/// The unique indexes in `rows` of `(index, partial, cid, column name)`,
+/// each index's rows together, in key order.
+fn unique_indexes(rows: Vec<(String, bool, i64, Option<String>)>) -> Vec<UniqueIndex> {
+    let mut indexes: Vec<UniqueIndex> = Vec::new();
+    for (name, partial, cid, column) in rows {
+        let key = match (cid, column) {
+            (-1, _) => Key::Column("rowid".to_owned()),
+            (_, Some(column)) => Key::Column(column),
+            (_, None) => Key::Expression,
+        };
+        match indexes.last_mut() {
+            Some(last) if last.name == name => last.keys.push(key),
+            _ => indexes.push(UniqueIndex {
+                name,
+                partial,
+                keys: vec![key],
+            }),
+        }
+    }
+    indexes
+}
+
+/// Whether two records can collide on a unique index with `keys` whose
+/// expressions and predicate use the user's own columns `used`:
+/// - not when it holds a column of the user's own, as a key or in an
+///   expression or its predicate: whatever fills that column decides;
+/// - not when its keys hold both `scope` and `key`, which are distinct
+///   for every two records;
+/// - not when its keys hold `lease_token`: a token is random and one
+///   claim's own, a stored response empties it, and SQLite counts NULLs
+///   as distinct;
+/// - otherwise they can (`key` alone, an expression of the store's
+///   columns, `fingerprint`, which two requests alike share).
+fn can_collide(keys: &[Key], used: &[String]) -> bool {
+    let has = |name: &str| {
+        keys.iter()
+            .any(|key| matches!(key, Key::Column(column) if column.eq_ignore_ascii_case(name)))
+    };
+    let owns_a_column = !used.is_empty()
+        || (keys.iter()).any(|key| matches!(key, Key::Column(column) if !is_stores(column)));
+    !(owns_a_column || (has("scope") && has("key")) || has("lease_token"))
+}
+
+/// Whether the `CREATE INDEX` statement `text` names `column` after its
+/// first parenthesis (past the index's and table's names), outside string
+/// literals, in any case and with or without quotes.
+fn mentions(text: &str, column: &str) -> bool {
+    let Some((_, columns)) = text.split_once('(') else {
+        return false;
+    };
+    // Every other piece between single quotes is a literal; a doubled
+    // quote inside one splits it into two literals around nothing.
+    let unquoted = columns.split('\'').step_by(2);
+    unquoted
+        .flat_map(|piece| {
+            piece.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '$'))
+        })
+        .any(|word| word.eq_ignore_ascii_case(column))
+}
 
 /// Refuses a `key` column, among the table's `(name, declared type)`
 /// columns, that SQLite gives numeric affinity (its declared type names
@@ -1142,4 +1251,65 @@ where
         }
         error => StoreError::backend(error),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn columns(names: &[&str]) -> Vec<Key> {
+        (names.iter())
+            .map(|name| match *name {
+                "" => Key::Expression,
+                name => Key::Column(name.to_owned()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn indexes_records_can_collide_on() {
+        for keys in [
+            &["key"][..],
+            &["scope", ""],
+            &["fingerprint"],
+            &[""],
+            &["Key"],
+        ] {
+            assert!(can_collide(&columns(keys), &[]), "{keys:?}");
+        }
+    }
+
+    #[test]
+    fn indexes_records_never_collide_on() {
+        for keys in [
+            &["scope", "key"][..],
+            &["KEY", "fingerprint", "Scope"],
+            &["lease_token"],
+            &["tenant", "key"],
+            &["rowid"],
+        ] {
+            assert!(!can_collide(&columns(keys), &[]), "{keys:?}");
+        }
+        let tenant = ["tenant".to_owned()];
+        assert!(!can_collide(&columns(&[""]), &tenant));
+    }
+
+    #[test]
+    fn mentions_finds_names_outside_literals_and_the_indexs_own_name() {
+        let on_tenant = "CREATE UNIQUE INDEX tenant_idx ON records (lower(\"Tenant\"))";
+        assert!(mentions(on_tenant, "tenant"));
+        assert!(mentions(
+            "CREATE UNIQUE INDEX i ON r (key) WHERE tenant > 0",
+            "tenant"
+        ));
+        for text in [
+            "CREATE UNIQUE INDEX tenant ON records (lower(key))",
+            "CREATE UNIQUE INDEX i ON records (coalesce(key, 'tenant'))",
+            "CREATE UNIQUE INDEX i ON records (coalesce(key, 'it''s tenant'))",
+            "CREATE UNIQUE INDEX i ON records (lower(tenants))",
+            "",
+        ] {
+            assert!(!mentions(text, "tenant"), "{text}");
+        }
+    }
 }
