@@ -136,6 +136,12 @@ impl IdempotentRequest {
     /// [`fail_open`](crate::IdempotencyBuilder::fail_open), a request whose
     /// claim failed in the store.
     ///
+    /// Every final status the future answers is stored, a 400 or 422 to
+    /// an extractor's rejection the handler takes as a `Result` included
+    /// (the attribute leaves those unstored, so that the retry with the
+    /// request fixed runs): answer such a rejection before calling `run`,
+    /// which then claims nothing.
+    ///
     /// Beneath an [`IdempotentLayer`](crate::IdempotentLayer), which claimed
     /// the key already, a keyed request is answered 500 (`not-configured`):
     /// a route takes one or the other.

@@ -263,3 +263,24 @@ async fn a_store_that_reads_the_system_clock_is_told_which_clock_to_read() {
         "the failure does not name the clock: {failure}"
     );
 }
+
+/// On one thread, the task a barrier lets through last runs on at once:
+/// there the racing claim always came first, and a store that releases in
+/// two steps passed the stale release race round after round. The check
+/// lets the release start first in every other round.
+#[tokio::test(flavor = "current_thread")]
+async fn releasing_in_two_steps_fails_the_stale_release_race_on_one_thread() {
+    let clock = ManualClock::starting_now();
+    let two_steps = TwoSteps {
+        release: true,
+        ..TwoSteps::default()
+    };
+    let store = Arc::new(TwoStep::new(clock.clone(), two_steps));
+    let failure = panic_message(contract::stale_release_race(store, clock)).await;
+    let failure =
+        failure.expect("a store whose stale release deletes the next holder's claim passed");
+    assert!(
+        failure.contains("stale_release_race"),
+        "failed another check: {failure}"
+    );
+}

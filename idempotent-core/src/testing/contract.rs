@@ -189,8 +189,8 @@ pub async fn stale_completion_race<S: Store>(store: Arc<S>, clock: ManualClock) 
             tokio::spawn(async move {
                 barrier.wait().await;
                 if round % 2 == 1 {
-                    // Every other round the release starts first, so that
-                    // a claim landing between its steps is tried even
+                    // Every other round the completion starts first, so
+                    // that a claim landing between its steps is tried even
                     // where the task the barrier lets through last always
                     // runs first (one busy core).
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -231,6 +231,13 @@ pub async fn stale_release_race<S: Store>(store: Arc<S>, clock: ManualClock) {
             let (store, key) = (store.clone(), key.clone());
             tokio::spawn(async move {
                 barrier.wait().await;
+                if round % 2 == 1 {
+                    // Every other round the release starts first, so that
+                    // a claim landing between its check and its delete is
+                    // tried even where the task the barrier lets through
+                    // last always runs first (one busy core).
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
                 store.claim(&key, fingerprint(2), LEASE).await
             })
         };
