@@ -261,6 +261,12 @@ impl Fingerprinter {
     pub(crate) fn input_rejected(&self) -> bool {
         self.rejected
     }
+
+    /// Notes that an input was an extractor's rejection, taken as a
+    /// `Result`, without adding anything to the fingerprint.
+    pub(crate) fn note_rejection(&mut self) {
+        self.rejected = true;
+    }
 }
 
 impl fmt::Debug for Fingerprinter {
@@ -388,7 +394,7 @@ impl<T: FingerprintInput, E: 'static> FingerprintInput for Result<T, E> {
             if body_unread(rejection) {
                 return Err(FingerprintError::UnreadBody);
             }
-            fingerprinter.rejected = true;
+            fingerprinter.note_rejection();
         }
         fingerprinter.input(&self.is_ok())?;
         match self {

@@ -217,6 +217,16 @@ where
     })
 }
 
+/// Notes a rejection in an argument taken as a `Result` that the
+/// fingerprint leaves out (skipped, or never fingerprinted, such as
+/// `Result<Extension<User>, _>`): the handler's 400 or 422 answer to it is
+/// not stored, as for a fingerprinted one. The fingerprint is unchanged.
+pub fn note_rejection<T, E>(fingerprinter: &mut Fingerprinter, input: &Result<T, E>) {
+    if input.is_err() {
+        fingerprinter.note_rejection();
+    }
+}
+
 /// Adds one handler argument to the fingerprint. Spanned at the argument's
 /// type, so a type that cannot be fingerprinted is reported there.
 ///

@@ -13,7 +13,9 @@ use syn::{Attribute, GenericParam, Ident, ItemFn, LitStr, ReturnType, Type};
 
 use crate::args::{Args, Scope};
 use crate::handler::{Handler, Role};
-use crate::types::{first_type_argument, is_named, optional_inner, serialized_extractors};
+use crate::types::{
+    first_type_argument, is_named, is_two_argument_result, optional_inner, serialized_extractors,
+};
 
 /// The most arguments a function takes before `clippy::too_many_arguments`
 /// fires, unless `clippy.toml` says otherwise.
@@ -444,10 +446,21 @@ fn fingerprint(
             // `clippy::question_mark_used`) is not the argument's.
             quote!(#check #call?;)
         });
+    // A rejection the fingerprint leaves out is noted all the same: the
+    // handler's answer to it is no more an outcome than a fingerprinted
+    // one's.
+    let rejections = handler
+        .arguments
+        .iter()
+        .zip(params)
+        .filter(|(argument, _)| matches!(argument.role, Role::NotFingerprinted))
+        .filter(|(argument, _)| is_two_argument_result(argument.ty))
+        .map(|(_, param)| quote!(#private::note_rejection(#fingerprinter, &#param);));
     quote! {
         #private::fingerprint(&__IDEMPOTENT_ENDPOINT, |#fingerprinter| {
             #(#instance)*
             #(#inputs)*
+            #(#rejections)*
             ::core::result::Result::Ok(())
         })
     }

@@ -161,6 +161,24 @@ pub(crate) fn is_named(ty: &Type, names: &[&str]) -> bool {
     type_ident(ty).is_some_and(|ident| names.iter().any(|name| ident == name))
 }
 
+/// Whether `ty` reads as `Result<T, E>`: an extractor taken with its
+/// rejection. A one-argument `Result<T>` is an alias of some crate's own,
+/// not an extractor's.
+pub(crate) fn is_two_argument_result(ty: &Type) -> bool {
+    let Some(segment) = type_path(ty).and_then(|path| path.segments.last()) else {
+        return false;
+    };
+    let PathArguments::AngleBracketed(generic) = &segment.arguments else {
+        return false;
+    };
+    let types = generic.args.iter();
+    segment.ident == "Result"
+        && types
+            .filter(|arg| matches!(arg, GenericArgument::Type(_)))
+            .count()
+            == 2
+}
+
 /// `T` in `Wrapper<T, ..>`.
 pub(crate) fn first_type_argument(ty: &Type) -> Option<&Type> {
     let segment = type_path(ty)?.segments.last()?;

@@ -671,6 +671,48 @@ struct Trace {
 }
 
 #[idempotent(scope = "global", skip(trace))]
+async fn refuses_a_skipped_malformed_query(
+    State(runs): State<Runs>,
+    trace: Result<Query<Trace>, axum::extract::rejection::QueryRejection>,
+    Json(n): Json<u32>,
+) -> (StatusCode, String) {
+    match trace {
+        Ok(Query(trace)) => (
+            StatusCode::CREATED,
+            format!("{n} {} run {}", trace.trace, runs.bump()),
+        ),
+        Err(rejection) => (StatusCode::BAD_REQUEST, rejection.body_text()),
+    }
+}
+
+/// A rejection in a skipped argument is noted as in a fingerprinted one:
+/// the handler's 400 to it is not stored, and the retry with the query
+/// fixed runs rather than being replayed the 400 for the whole TTL.
+#[tokio::test]
+async fn a_handlers_answer_to_a_rejected_skipped_input_leaves_the_key_to_the_fixed_retry() {
+    let runs = Runs::default();
+    let app = router(
+        Router::new().route("/t", post(refuses_a_skipped_malformed_query)),
+        &runs,
+    );
+    let rejected = send(&app, request("/t", Some("k"), &[], "5")).await;
+    assert_eq!(
+        rejected.status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        rejected.body
+    );
+    let fixed = send(&app, request("/t?trace=abc", Some("k"), &[], "5")).await;
+    assert_eq!(
+        (fixed.status, fixed.replayed),
+        (StatusCode::CREATED, false),
+        "{}",
+        fixed.body
+    );
+    assert_eq!(runs.get(), 1);
+}
+
+#[idempotent(scope = "global", skip(trace))]
 async fn skips_query(State(runs): State<Runs>, trace: Query<Trace>, Json(n): Json<u32>) -> String {
     format!("{}:{n}:{}", runs.bump(), trace.trace)
 }
