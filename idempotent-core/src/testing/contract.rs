@@ -184,20 +184,7 @@ pub async fn stale_completion_race<S: Store>(store: Arc<S>, clock: ManualClock) 
                 store.complete(&key, stale, response, TTL).await
             })
         };
-        let claiming = {
-            let (store, key) = (store.clone(), key.clone());
-            tokio::spawn(async move {
-                barrier.wait().await;
-                if round % 2 == 1 {
-                    // Every other round the completion starts first, so
-                    // that a claim landing between its steps is tried even
-                    // where the task the barrier lets through last always
-                    // runs first (one busy core).
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                store.claim(&key, fingerprint(2), LEASE).await
-            })
-        };
+        let claiming = claim_after(&store, &key, barrier, round % 2 == 1);
         let completed = completing.await.expect("the completing task panicked");
         let claimed = claiming.await.expect("the claiming task panicked");
         let both = matches!((&completed, &claimed), (Ok(()), Ok(Claim::Acquired(_))));
@@ -206,6 +193,27 @@ pub async fn stale_completion_race<S: Store>(store: Arc<S>, clock: ManualClock) 
             "stale_completion_race: round {round}: the stale holder completed and a new claim acquired"
         );
     }
+}
+
+/// A task that claims `key` once `barrier` lets it through: at once, or
+/// `late`, a few milliseconds after the other task the barrier let go, so
+/// that a claim landing between that task's two steps (a check and a
+/// write) is tried even where the task the barrier lets through last
+/// always runs first (one busy core).
+fn claim_after<S: Store>(
+    store: &Arc<S>,
+    key: &RecordKey,
+    barrier: Arc<Barrier>,
+    late: bool,
+) -> tokio::task::JoinHandle<Result<Claim, StoreError>> {
+    let (store, key) = (Arc::clone(store), key.clone());
+    tokio::spawn(async move {
+        barrier.wait().await;
+        if late {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        store.claim(&key, fingerprint(2), LEASE).await
+    })
 }
 
 /// A holder whose lease lapsed releases the key (its handler failed) at
@@ -227,20 +235,7 @@ pub async fn stale_release_race<S: Store>(store: Arc<S>, clock: ManualClock) {
                 store.release(&key, stale).await
             })
         };
-        let claiming = {
-            let (store, key) = (store.clone(), key.clone());
-            tokio::spawn(async move {
-                barrier.wait().await;
-                if round % 2 == 1 {
-                    // Every other round the release starts first, so that
-                    // a claim landing between its check and its delete is
-                    // tried even where the task the barrier lets through
-                    // last always runs first (one busy core).
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                store.claim(&key, fingerprint(2), LEASE).await
-            })
-        };
+        let claiming = claim_after(&store, &key, barrier, round % 2 == 1);
         let released = releasing.await.expect("the releasing task panicked");
         let claimed = claiming.await.expect("the claiming task panicked");
         assert!(
