@@ -237,16 +237,22 @@ pub(crate) fn missing_credentials(missing: MissingCredential) -> Problem {
     }
 }
 
+/// Tells, at info, that a keyed request's body could not be read to its
+/// end (`error` says why): the client's side failed, and nothing ran.
+pub(crate) fn log_unreadable(error: &dyn std::fmt::Display, endpoint: &Endpoint, key: &RecordKey) {
+    tracing::info!(
+        %error,
+        endpoint = endpoint.name(),
+        key = %key.log_id(),
+        "request body unreadable; request refused, nothing executed"
+    );
+}
+
 fn fingerprint_failed(error: &FingerprintError, endpoint: &Endpoint, key: &RecordKey) -> Problem {
     // The client's side of the request failed, not the server's: nothing
     // was claimed, and the retry that sends the whole body runs.
     if matches!(error, FingerprintError::UnreadBody) {
-        tracing::info!(
-            %error,
-            endpoint = endpoint.name(),
-            key = %key.log_id(),
-            "request body unreadable; request refused, nothing executed"
-        );
+        log_unreadable(error, endpoint, key);
         return Problem::new(
             ProblemKind::UnreadableBody,
             "the request body could not be read to its end; nothing was executed, and a retry with the whole body runs",

@@ -390,12 +390,7 @@ fn log_cut_short(
         return;
     };
     let key = RecordKey::new(*scope, key.clone());
-    tracing::info!(
-        %error,
-        endpoint = endpoint.name(),
-        key = %key.log_id(),
-        "request body unreadable; request refused, nothing executed"
-    );
+    crate::engine::log_unreadable(&error, endpoint, &key);
 }
 
 fn too_large(limit: usize) -> Problem {

@@ -165,30 +165,29 @@ pub(crate) fn is_named(ty: &Type, names: &[&str]) -> bool {
 /// rejection. A one-argument `Result<T>` is an alias of some crate's own,
 /// not an extractor's.
 pub(crate) fn is_two_argument_result(ty: &Type) -> bool {
-    let Some(segment) = type_path(ty).and_then(|path| path.segments.last()) else {
-        return false;
-    };
-    let PathArguments::AngleBracketed(generic) = &segment.arguments else {
-        return false;
-    };
-    let types = generic.args.iter();
-    segment.ident == "Result"
-        && types
-            .filter(|arg| matches!(arg, GenericArgument::Type(_)))
-            .count()
-            == 2
+    is_named(ty, &["Result"]) && type_arguments(ty).count() == 2
 }
 
 /// `T` in `Wrapper<T, ..>`.
 pub(crate) fn first_type_argument(ty: &Type) -> Option<&Type> {
-    let segment = type_path(ty)?.segments.last()?;
-    let PathArguments::AngleBracketed(generic) = &segment.arguments else {
-        return None;
-    };
-    match generic.args.first()? {
-        GenericArgument::Type(inner) => Some(inner),
+    type_arguments(ty).next()
+}
+
+/// The type arguments of `ty`'s last path segment, in order, up to its
+/// first argument of another kind (a lifetime, a const, a binding).
+fn type_arguments(ty: &Type) -> impl Iterator<Item = &Type> {
+    let segment = type_path(ty).and_then(|path| path.segments.last());
+    let arguments = match segment.map(|segment| &segment.arguments) {
+        Some(PathArguments::AngleBracketed(generic)) => Some(generic.args.iter()),
         _ => None,
-    }
+    };
+    arguments
+        .into_iter()
+        .flatten()
+        .map_while(|argument| match argument {
+            GenericArgument::Type(inner) => Some(inner),
+            _ => None,
+        })
 }
 
 /// `T` in `Option<T>` or `Result<T, E>`: the extractor within an optional

@@ -125,11 +125,7 @@ pub(crate) fn check_columns(
     }
     match column_problems(found, expected, types) {
         None => Ok(()),
-        Some(problems) => Err(StoreError::misconfigured(ForeignTable {
-            table: table.to_owned(),
-            problems,
-            store,
-        })),
+        Some(problems) => Err(foreign_table(table, problems, store)),
     }
 }
 
@@ -156,11 +152,7 @@ pub(crate) fn check_key(table: &str, keyed: bool, store: &'static str) -> Result
     if keyed {
         return Ok(());
     }
-    Err(StoreError::misconfigured(ForeignTable {
-        table: table.to_owned(),
-        problems: NOT_KEYED.to_owned(),
-        store,
-    }))
+    Err(foreign_table(table, NOT_KEYED.to_owned(), store))
 }
 
 /// The columns every row the store writes has a value in: any other
