@@ -102,9 +102,9 @@ impl Args {
 
     /// Parses the attribute's arguments, recording every error in `errors`.
     pub(crate) fn parse(tokens: TokenStream, errors: &mut Errors) -> Self {
-        let parser = Punctuated::<AttrOption, Token![,]>::parse_terminated;
+        let parser = Punctuated::<WrittenOption, Token![,]>::parse_terminated;
         let options = match syn::parse::Parser::parse2(parser, tokens) {
-            Ok(options) => options.into_iter().map(|option| option.0),
+            Ok(options) => options,
             Err(error) => {
                 errors.push(error);
                 return Self::default();
@@ -113,7 +113,10 @@ impl Args {
         let mut args = Self::default();
         let mut seen: Vec<String> = Vec::new();
         for option in options {
-            let meta = match option {
+            if let Some(error) = option.missing_equals {
+                errors.push(error);
+            }
+            let meta = match option.option.0 {
                 Ok(meta) => meta,
                 Err(error) => {
                     errors.push(error);
@@ -153,6 +156,85 @@ impl Args {
         }
         Ok(())
     }
+}
+
+/// An option as written: `name = value`, or with its `=` written as `:`
+/// or left out (`ttl: "24h"`, `ttl "24h"`), which is an error of its own;
+/// the option is then read as if the `=` were there, so that its value is
+/// checked too and the options after it are read (syn alone would say
+/// "expected `,`" and read no further).
+struct WrittenOption {
+    option: AttrOption,
+    missing_equals: Option<syn::Error>,
+}
+
+impl Parse for WrittenOption {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        let Some((error, rewritten)) = without_equals(input) else {
+            return Ok(Self {
+                option: input.parse()?,
+                missing_equals: None,
+            });
+        };
+        // The tokens are the user's, so an error in them is still theirs.
+        let option = syn::parse2(rewritten).unwrap_or_else(|error| AttrOption(Err(error)));
+        Ok(Self {
+            option,
+            missing_equals: Some(error),
+        })
+    }
+}
+
+/// `name: value` or `name value`, consumed from `input` when the value is
+/// one expression or type followed by a `,` or the end: the error about
+/// the missing `=`, and the option written with it.
+fn without_equals(input: ParseStream<'_>) -> Option<(syn::Error, TokenStream)> {
+    let fork = input.fork();
+    let name = fork.call(Ident::parse_any).ok()?;
+    let colon = if fork.peek(Token![:]) && !fork.peek(Token![::]) {
+        Some(fork.parse::<Token![:]>().ok()?)
+    } else if fork.peek(Lit) {
+        None
+    } else {
+        return None;
+    };
+    let value = option_value(&fork)?;
+    syn::parse::discouraged::Speculative::advance_to(input, &fork);
+    let key = name.to_string();
+    let error = match colon {
+        Some(colon) => colon_error(&key, colon),
+        None => syn::Error::new_spanned(
+            quote::quote!(#name #value),
+            format!(
+                "expected `=` between `{key}` and its value: write {}",
+                value_form(&key)
+            ),
+        ),
+    };
+    let eq_token = Token![=](colon.map_or_else(|| name.span(), |colon| colon.span));
+    Some((error, quote::quote!(#name #eq_token #value)))
+}
+
+/// The value of an option, consumed from `input` if it is one expression
+/// or type (`Extension<User>` is not an expression) followed by a `,` or
+/// the end.
+fn option_value(input: ParseStream<'_>) -> Option<TokenStream> {
+    let ends = |fork: ParseStream<'_>| fork.is_empty() || fork.peek(Token![,]);
+    let expr = input.fork();
+    if let Ok(value) = expr.parse::<Expr>()
+        && ends(&expr)
+    {
+        syn::parse::discouraged::Speculative::advance_to(input, &expr);
+        return Some(value.into_token_stream());
+    }
+    let ty = input.fork();
+    if let Ok(value) = ty.parse::<Type>()
+        && ends(&ty)
+    {
+        syn::parse::discouraged::Speculative::advance_to(input, &ty);
+        return Some(value.into_token_stream());
+    }
+    None
 }
 
 /// One option, as a `Meta`. A type is not an expression (`Extension<User>`
@@ -267,16 +349,18 @@ fn value_form(key: &str) -> String {
 }
 
 /// `ttl: "24h"`, as in a struct literal or another language's keyword
-/// arguments: syn alone would say "expected `,`" at the colon.
+/// arguments, with a value that cannot be read: syn alone would say
+/// "expected `,`" at the colon.
 fn colon_instead_of_equals(input: ParseStream<'_>) -> syn::Error {
     let fork = input.fork();
     let (Ok(name), Ok(colon)) = (fork.parse::<Ident>(), fork.parse::<Token![:]>()) else {
         return input.error("expected an option");
     };
-    let message = format!(
-        "options take `=`, not `:`: write {}",
-        form(&name.to_string())
-    );
+    colon_error(&name.to_string(), colon)
+}
+
+fn colon_error(key: &str, colon: Token![:]) -> syn::Error {
+    let message = format!("options take `=`, not `:`: write {}", value_form(key));
     syn::Error::new(colon.span, message)
 }
 
@@ -1001,6 +1085,33 @@ mod tests {
         assert!(status_range("xx").unwrap_err().contains("status class"));
         assert!(status_range("20xx").is_err());
         assert!(status_range("é").is_err());
+    }
+
+    #[test]
+    fn an_option_without_its_equals_sign_is_read_all_the_same() {
+        let mut errors = Errors::default();
+        let tokens = quote::quote!(ttl: "2h", scope "global", tll = "1h", lease: "1d");
+        let args = Args::parse(tokens, &mut errors);
+        assert_eq!(args.ttl, Some(7_200_000));
+        assert!(matches!(args.scope, Some(Scope::Global)));
+        assert_eq!(args.lease, Some(86_400_000));
+        let messages: Vec<String> = errors
+            .into_error()
+            .into_iter()
+            .flatten()
+            .map(|error| error.to_string())
+            .collect();
+        assert_eq!(messages.len(), 4, "{messages:?}");
+        assert!(
+            messages[0].contains("write `ttl = \"24h\"`"),
+            "{messages:?}"
+        );
+        assert!(
+            messages[1].contains("expected `=` between `scope`"),
+            "{messages:?}"
+        );
+        assert!(messages[2].contains("unknown option `tll`"), "{messages:?}");
+        assert!(messages[3].contains("not `:`"), "{messages:?}");
     }
 
     #[test]

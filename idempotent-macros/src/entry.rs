@@ -26,12 +26,25 @@ pub(crate) fn idempotent(args: TokenStream, item: TokenStream) -> TokenStream {
         }
         return fallback(item, errors);
     };
+    let func = with_outer_attributes(func);
     let handler = Handler::analyze(&func, &args, &mut errors);
     if errors.is_empty() {
         expand(&func, &args, &handler)
     } else {
         stand_in(&func, &args, errors)
     }
+}
+
+/// `func` with the attributes written at the top of its body
+/// (`#![allow(..)]`, a `//!` comment) written above it instead, where they
+/// mean the same: the expansion sorts the handler's attributes between the
+/// routed function and the one as written, each above its function, where
+/// an inner attribute is refused.
+fn with_outer_attributes(mut func: ItemFn) -> ItemFn {
+    for attr in &mut func.attrs {
+        attr.style = syn::AttrStyle::Outer;
+    }
+    func
 }
 
 /// A handler the attribute refused, emitted so that its error is the only

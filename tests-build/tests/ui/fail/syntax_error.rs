@@ -1,6 +1,7 @@
 use idempotent_core::idempotent;
 
-#[idempotent(ttl "24h")]
+// Options are separated by commas.
+#[idempotent(ttl = "24h" scope = "global")]
 async fn handler() {}
 
 fn main() {}
