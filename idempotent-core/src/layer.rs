@@ -53,12 +53,16 @@ pub(crate) struct Claimed(pub(crate) &'static str);
 /// The router still needs the [`Idempotency`](crate::Idempotency) layer,
 /// which must wrap this one (add it to the router after the route). Add it
 /// with `route_layer`, on the method router or on the `Router` after its
-/// routes: `layer` on a method router also wraps axum's answer to other
-/// methods (a `DELETE` without a key would get 400 `missing-key` instead of
-/// 405), and `layer` on the `Router`, like wrapping the whole router, also
-/// wraps its fallback, so a request to a path without a route would store
-/// its 404 under its key and the retry sent to the right path would be
-/// refused as a reused key (422). Requests with a safe method (`GET`,
+/// routes. Only on the method router does it wrap the handlers alone: axum
+/// applies `Router::route_layer`, and `layer` on a method router, to each
+/// route's whole method router, its answer to other methods included, so
+/// there a `DELETE` without a key to a route without a `DELETE` handler gets 400
+/// `missing-key` instead of 405 (the layer cannot know, without running
+/// it, that the request reaches no handler; with a key it gets the 405,
+/// which is not stored). `layer` on the `Router`, like wrapping the whole
+/// router, also wraps its fallback, so a request to a path without a route
+/// would store its 404 under its key and the retry sent to the right path
+/// would be refused as a reused key (422). Requests with a safe method (`GET`,
 /// `HEAD`, `OPTIONS`, `TRACE`) and no key pass through as they came, so
 /// the layer can cover a router's reads and CORS preflights too.
 ///
@@ -393,10 +397,15 @@ fn log_cut_short(
     crate::engine::log_unreadable(&error, endpoint, &key);
 }
 
+/// Says what to send instead, and that the key is still unused: a client
+/// told only that the body is too large cannot know whether a retry with
+/// a smaller one needs a new key.
 fn too_large(limit: usize) -> Problem {
     Problem::new(
         ProblemKind::RequestTooLarge,
-        format!("the request body is larger than the {limit} bytes this idempotent route buffers"),
+        format!(
+            "the request body is larger than the {limit} bytes this idempotent route buffers to fingerprint it; nothing was executed and the key was not used: send a body of at most {limit} bytes"
+        ),
     )
 }
 
