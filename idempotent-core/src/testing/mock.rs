@@ -3,14 +3,18 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::pin::pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use http::StatusCode;
 
 use crate::clock::{Clock, ManualClock, SharedClock, millis};
 use crate::fingerprint::Fingerprint;
+use crate::key::IdempotencyKey;
 use crate::record::{Claim, CodecError, InFlight, LeaseToken, Record, RecordKey, StoredResponse};
+use crate::scope::ScopeDigest;
 use crate::store::{MemoryStore, Store, StoreError};
 use crate::{Idempotency, IdempotencyBuilder};
 
@@ -189,11 +193,22 @@ pub enum Fault {
     /// [`fail_every`](MockStore::fail_every) and
     /// [`fail_all`](MockStore::fail_all) inject.
     Unavailable,
-    /// The store did not answer in time: [`StoreError::Timeout`] of
-    /// [`IdempotencyBuilder::DEFAULT_STORE_TIMEOUT`], answered `503
-    /// store-unavailable` with `Retry-After`. It is answered at once, and
-    /// the call is not applied; [`set_delay`](MockStore::set_delay) makes
-    /// the engine cut a slow call at its own timeout instead.
+    /// The store did not answer in time: [`StoreError::Timeout`],
+    /// answered `503 store-unavailable` with `Retry-After`. It is answered
+    /// at once, and the call is not applied.
+    ///
+    /// The duration the error carries, which the log's "did not answer
+    /// within ..." shows, is always
+    /// [`IdempotencyBuilder::DEFAULT_STORE_TIMEOUT`] (2 s): a store is not
+    /// told the layer's settings, so the mock cannot know a
+    /// [`store_timeout`](crate::IdempotencyBuilder::store_timeout) given
+    /// to the layer (nor the shorter one the engine gives a renewal, a
+    /// third of the lease at most). What the client gets, and what the
+    /// engine does next, do not depend on it. To test the layer's own
+    /// timeout, make the call slow instead with
+    /// [`set_delay`](MockStore::set_delay) (under
+    /// `#[tokio::test(start_paused = true)]`, at no cost in real time):
+    /// the engine cuts it at that timeout, and reports that one.
     Timeout,
     /// The store is set up wrongly (a missing table or privilege, a
     /// read-only database): [`StoreError::Misconfigured`], answered `500
@@ -347,6 +362,92 @@ impl MockStore {
     pub fn memory(&self) -> &MemoryStore {
         &self.inner.store
     }
+
+    /// The response stored for `key` in `scope`, as retries are replayed
+    /// it: its status, the headers kept and the body (`None` if it was
+    /// over the endpoint's limit). `None` while nothing is stored: the key
+    /// was never sent, its request is still running or its completion
+    /// failed, its claim was released (a `5xx`), or the record is past its
+    /// TTL on the mock's clock.
+    ///
+    /// `scope` is the caller the endpoint keeps keys apart for:
+    /// `ScopeDigest::api_key(b"sk_test_1")` for a request with
+    /// `X-Api-Key: sk_test_1` (or `Authorization: Bearer sk_test_1`) under
+    /// `scope = "api_key"`, [`ScopeDigest::global()`] under `"global"`,
+    /// `ScopeDigest::header("x-tenant-id", b"t1")` under
+    /// `"header:x-tenant-id"`, [`ScopeDigest::custom`] of the principal
+    /// for a scope type.
+    ///
+    /// It reads what the store holds without being a call of the engine's:
+    /// it is not logged in [`operations`](Self::operations), no injected
+    /// fault fails it, and it takes nothing from
+    /// [`in_flight_next`](Self::in_flight_next).
+    ///
+    /// # Panics
+    ///
+    /// If `key` is not a valid idempotency key (so no request could have
+    /// stored anything under it).
+    ///
+    // The example needs the attribute (feature `macros`).
+    #[cfg_attr(feature = "macros", doc = "```")]
+    #[cfg_attr(not(feature = "macros"), doc = "```ignore")]
+    /// use std::time::Duration;
+    ///
+    /// use axum::{Json, Router, http::StatusCode, routing::post};
+    /// use idempotent_core::idempotent;
+    /// use idempotent_core::scope::ScopeDigest;
+    /// use idempotent_core::testing::{MockStore, TestRequest};
+    /// use serde_json::{Value, json};
+    /// use tower::ServiceExt;
+    ///
+    /// #[idempotent(ttl = "24h", scope = "api_key")]
+    /// async fn create_payment(Json(payment): Json<Value>) -> (StatusCode, Json<Value>) {
+    ///     (StatusCode::CREATED, Json(json!({"id": "pay_1", "amount": payment["amount"]})))
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let store = MockStore::new();
+    /// let app = Router::new().route("/payments", post(create_payment)).layer(store.layer());
+    /// let payment = TestRequest::post("/payments").key("k1").api_key("sk_test_1");
+    /// app.oneshot(payment.json(&json!({"amount": 100})).build()).await.unwrap();
+    ///
+    /// let caller = ScopeDigest::api_key(b"sk_test_1");
+    /// let stored = store.stored_response(caller, "k1").expect("a stored response");
+    /// assert_eq!(stored.status, StatusCode::CREATED);
+    /// let body: Value = serde_json::from_slice(&stored.body.unwrap()).unwrap();
+    /// assert_eq!(body, json!({"id": "pay_1", "amount": 100}));
+    /// // Another caller's `k1` is another record.
+    /// assert!(store.stored_response(ScopeDigest::api_key(b"sk_test_2"), "k1").is_none());
+    ///
+    /// store.advance(Duration::from_secs(24 * 3600 + 1));
+    /// assert!(store.stored_response(caller, "k1").is_none()); // past its TTL
+    /// # }
+    /// ```
+    #[must_use]
+    #[track_caller]
+    pub fn stored_response(&self, scope: ScopeDigest, key: &str) -> Option<StoredResponse> {
+        let key = IdempotencyKey::parse(key.as_bytes()).unwrap_or_else(|error| {
+            panic!("MockStore::stored_response: {key:?} is not an idempotency key: {error}")
+        });
+        let record_key = RecordKey::new(scope, key);
+        match answered_at_once(Store::get(&self.inner.store, &record_key)) {
+            Ok(Some(Record::Completed(completed))) => Some(completed.response.clone()),
+            Ok(_) => None,
+            // Only the mock's own encoding is ever read back.
+            Err(error) => panic!("MockStore::stored_response: the memory store failed: {error}"),
+        }
+    }
+}
+
+/// The output of a [`MemoryStore`] call: its futures are ready at once,
+/// so a test's plain (not `async`) check can read the store.
+fn answered_at_once<T>(call: impl Future<Output = T>) -> T {
+    let mut context = Context::from_waker(Waker::noop());
+    match pin!(call).poll(&mut context) {
+        Poll::Ready(output) => output,
+        Poll::Pending => unreachable!("the memory store answers at once"),
+    }
 }
 
 // ===== faults =====
@@ -488,6 +589,39 @@ impl MockStore {
     /// e.g. to exceed the store timeout. `Duration::ZERO` removes it. A call
     /// the engine abandons at its timeout never reaches the store, so it is
     /// not logged.
+    ///
+    // The example needs the attribute (feature `macros`).
+    #[cfg_attr(feature = "macros", doc = "```")]
+    #[cfg_attr(not(feature = "macros"), doc = "```ignore")]
+    /// use std::time::Duration;
+    ///
+    /// use axum::{Router, http::StatusCode, routing::post};
+    /// use idempotent_core::{Idempotency, idempotent};
+    /// use idempotent_core::testing::{MockStore, TestRequest};
+    /// use tower::ServiceExt;
+    ///
+    /// #[idempotent(scope = "global")]
+    /// async fn charge() -> StatusCode {
+    ///     StatusCode::CREATED
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let store = MockStore::new();
+    /// let layer = Idempotency::builder(store.clone())
+    ///     .store_timeout(Duration::from_millis(500))
+    ///     .build();
+    /// let app = Router::new().route("/charges", post(charge)).layer(layer);
+    ///
+    /// store.set_delay(Duration::from_secs(1)); // slower than the layer waits
+    /// let started = tokio::time::Instant::now();
+    /// let request = TestRequest::post("/charges").key("k1").build();
+    /// let response = app.oneshot(request).await.unwrap();
+    /// assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    /// assert_eq!(started.elapsed(), Duration::from_millis(500)); // the layer's timeout
+    /// assert_eq!(store.executions(), 0);
+    /// # }
+    /// ```
     pub fn set_delay(&self, delay: Duration) {
         self.state().delay = (!delay.is_zero()).then_some(delay);
     }
