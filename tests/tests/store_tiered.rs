@@ -230,6 +230,7 @@ mod two_instances {
     use idempotent_core::scope::ScopeDigest;
     use idempotent_core::store::{SqliteStore, Store, StoreError, Tiered};
 
+    use super::store_support::{delete, redis_connection};
     use super::{backend_url, drop_table, postgres_durables, redis_durables, unique_name};
 
     const LEASE: Duration = Duration::from_secs(10);
@@ -474,6 +475,35 @@ mod two_instances {
         let again = pair.a.claim(&key, FIRST, LEASE).await;
         assert!(matches!(again, Ok(Claim::Acquired(_))), "{again:?}");
         drop_table(pair.a.durable()).await;
+    }
+
+    /// An operator deletes records from Redis so that their clients may
+    /// send the requests again, corrected. `a`, which had cached them,
+    /// answered the new payload 422 from memory, while `b` ran it: now `a`
+    /// asks Redis of a payload its cached record does not match, so it
+    /// runs the new payload itself, or replays `b`'s run of it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn another_payload_after_a_record_deleted_from_redis_runs_on_every_instance() {
+        let Some(url) = backend_url("IDEMPOTENT_TEST_REDIS_URL") else {
+            return;
+        };
+        let clock = ManualClock::starting_now();
+        let pair = pair_on(&clock, redis_durables(&url, &clock).await);
+        let (deleted, replaced) = (pair.key("deleted"), pair.key("replaced"));
+        let mut connection = redis_connection(&url).await;
+        for key in [&deleted, &replaced] {
+            run(&pair.a, key, FIRST, "from a").await;
+            delete(&mut connection, &pair.a.durable().redis_key(key)).await;
+        }
+
+        let rerun = pair.a.claim(&deleted, OTHER, LEASE).await;
+        assert!(matches!(rerun, Ok(Claim::Acquired(_))), "{rerun:?}");
+        run(&pair.b, &replaced, OTHER, "from b").await;
+        let replay = pair.a.claim(&replaced, OTHER, LEASE).await;
+        assert!(
+            matches!(&replay, Ok(Claim::Completed(record)) if record.fingerprint == OTHER),
+            "{replay:?}"
+        );
     }
 
     /// A memory tier too small for the records `a` completes evicts all

@@ -30,7 +30,10 @@
 //! from its [`Clock`], never against the server's clock. Redis expiry
 //! (`PX`) only bounds memory: it is set a minute past the deadline, so
 //! application servers and Redis may disagree by up to a minute without a
-//! record vanishing early.
+//! record vanishing early. Application servers must agree with each other
+//! more closely: one whose clock runs ahead of a claim's holder by two
+//! thirds of its lease (less when renewals come late) takes the running
+//! claim over.
 //!
 //! # Memory
 //!
@@ -39,7 +42,10 @@
 //! Redis drops keys, in-flight claims among them (`volatile-ttl` drops them
 //! first, since theirs is the nearest expiry), and a retry then runs the
 //! handler beside the request still running. Under `noeviction` a full
-//! Redis refuses writes instead, as in an outage: new claims get 503.
+//! Redis refuses writes instead, as in an outage: new claims get 503. The
+//! requests already running still renew their leases and store their
+//! responses: the fenced scripts are flagged `allow-oom`, since a response
+//! refused there would leave its request to run again once memory frees.
 //! [`RedisStore::connect`] logs a warning when the server has a memory
 //! limit and an evicting policy.
 //!
@@ -57,8 +63,8 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use redis::Script;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{Script, ServerErrorKind};
 use tokio_util::task::TaskTracker;
 
 use super::{Explained, Store, StoreError};
@@ -100,9 +106,18 @@ local function holds(value, token)
 end
 ";
 
+/// The first line of a fenced script (renew, complete, release): Redis
+/// runs it even at its `maxmemory` under `noeviction`, where it refuses a
+/// plain script's first write. A full Redis would otherwise refuse to
+/// store the response of a request that already ran, or to renew its
+/// lease, and a retry once records expired and memory freed would run it
+/// a second time. Claims take no flag: a full Redis refuses them, so
+/// nothing new starts (503).
+const ALLOW_OOM: &str = "#!lua flags=allow-oom\n";
+
 /// ARGV: now, in-flight value, PX. Returns the live record, or nil after
 /// claiming.
-static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+static CLAIM: LazyLock<StoreScript> = LazyLock::new(|| {
     lua(r"
 local held = redis.call('GET', KEYS[1])
 if held and deadline(held) > tonumber(ARGV[1]) then return held end
@@ -116,8 +131,9 @@ return false
 /// leaves the later deadline. Either way Redis keeps the key for at least PX
 /// more: a deadline that does not move (the application's clock stepped
 /// back) must not leave the key to Redis's expiry while its holder runs.
-static RENEW: LazyLock<Script> = LazyLock::new(|| {
-    lua(r"
+static RENEW: LazyLock<StoreScript> = LazyLock::new(|| {
+    fenced_script(
+        r"
 local held = redis.call('GET', KEYS[1])
 if not held then return -1 end
 if not holds(held, ARGV[1]) then return 0 end
@@ -129,25 +145,28 @@ if millis(ARGV[2], 1) <= deadline(held) then
 end
 redis.call('SET', KEYS[1], string.sub(held, 1, 33) .. ARGV[2] .. string.sub(held, 42), 'PX', ARGV[3])
 return 1
-")
+",
+    )
 });
 
 /// ARGV: token, encoded completed record (fingerprint left blank), PX. The
 /// holder's fingerprint is spliced in from the in-flight value. Returns
 /// [`HELD`] if held.
-static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
-    lua(r"
+static COMPLETE: LazyLock<StoreScript> = LazyLock::new(|| {
+    fenced_script(
+        r"
 local held = redis.call('GET', KEYS[1])
 if not held then return -1 end
 if not holds(held, ARGV[1]) then return 0 end
 local record = string.sub(ARGV[2], 1, 1) .. string.sub(held, 2, 33) .. string.sub(ARGV[2], 34)
 redis.call('SET', KEYS[1], record, 'PX', ARGV[3])
 return 1
-")
+",
+    )
 });
 
 /// ARGV: token. Returns [`HELD`] if held.
-static RELEASE: LazyLock<Script> = LazyLock::new(|| lua(RELEASE_BODY));
+static RELEASE: LazyLock<StoreScript> = LazyLock::new(|| fenced_script(RELEASE_BODY));
 const RELEASE_BODY: &str = r"
 local held = redis.call('GET', KEYS[1])
 if not held then return -1 end
@@ -163,8 +182,60 @@ const HELD: i64 = 1;
 /// What a fenced script answers when the key holds nothing at all.
 const GONE: i64 = -1;
 
-fn lua(body: &str) -> Script {
-    Script::new(&format!("{LUA_PRELUDE}{body}"))
+/// A script of `body`, refused by a full Redis.
+fn lua(body: &str) -> StoreScript {
+    StoreScript::new(format!("{LUA_PRELUDE}{body}"))
+}
+
+/// A fenced script of `body`, which a full Redis runs ([`ALLOW_OOM`]).
+fn fenced_script(body: &str) -> StoreScript {
+    StoreScript::new(format!("{ALLOW_OOM}{LUA_PRELUDE}{body}"))
+}
+
+/// One of the store's Lua scripts, run on one key: by its hash
+/// (`EVALSHA`), and by its text (`EVAL`, which also caches it) when Redis
+/// does not have it, after a restart, a failover or a `SCRIPT FLUSH`. The
+/// `redis` crate's own fallback loads the script and runs it by its hash
+/// again, which a flush between the two fails once more.
+struct StoreScript {
+    hashed: Script,
+    source: String,
+}
+
+impl StoreScript {
+    fn new(source: String) -> Self {
+        Self {
+            hashed: Script::new(&source),
+            source,
+        }
+    }
+
+    /// Runs the script on `redis_key` with `args` (`ARGV`).
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        connection: &mut impl ConnectionLike,
+        redis_key: &str,
+        args: &[&[u8]],
+    ) -> redis::RedisResult<T> {
+        let by_hash = on_key("EVALSHA", self.hashed.get_hash(), redis_key, args);
+        match by_hash.query_async(connection).await {
+            Err(error) if error.kind() == redis::ErrorKind::Server(ServerErrorKind::NoScript) => {
+                let by_text = on_key("EVAL", &self.source, redis_key, args);
+                by_text.query_async(connection).await
+            }
+            answer => answer,
+        }
+    }
+}
+
+/// `EVAL` or `EVALSHA` (`command`) of `script` on the one key `redis_key`.
+fn on_key(command: &str, script: &str, redis_key: &str, args: &[&[u8]]) -> redis::Cmd {
+    let mut command = redis::cmd(command);
+    command.arg(script).arg(1).arg(redis_key);
+    for arg in args {
+        command.arg(*arg);
+    }
+    command
 }
 
 /// A [`Store`] on Redis. `C` is the connection: a [`ConnectionManager`]
@@ -217,13 +288,24 @@ impl<C> std::fmt::Debug for RedisStoreBuilder<C> {
 impl<C> RedisStoreBuilder<C> {
     /// Prepended to every key (default `idempotent:`). On Redis Cluster,
     /// keep `{` and `}` out of it, or every record hashes to one slot.
+    /// Applications sharing a Redis need prefixes of their own: on one
+    /// prefix they share every key of a scope, so a key one of them used
+    /// answers the other's request with 422 (another endpoint's
+    /// fingerprint), or with the first one's response for the same
+    /// endpoint and payload (a staging and a production deployment).
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self
     }
 
     /// The clock that decides leases and expiry (default: the system
-    /// clock). Every instance sharing a Redis should use the same time.
+    /// clock). Every instance sharing a Redis should use the same time:
+    /// each reads deadlines by its own clock, never Redis's, so an
+    /// instance whose clock is ahead of the one holding a running claim
+    /// by two thirds of its lease (the margin a renewal on time leaves:
+    /// 40 s of the default 60 s; less when renewals come late) sees the
+    /// lease lapsed, takes the claim over, and runs the request a second
+    /// time. Records also expire that much sooner on it.
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Arc::new(clock);
         self
@@ -249,7 +331,10 @@ impl RedisStore {
     /// after one second. A warning is logged if the server may evict the
     /// store's keys: a full Redis that evicts may drop an in-flight claim,
     /// and a retry of its request then runs beside it. Another if it keeps
-    /// nothing on disk: a restart forgets every record.
+    /// nothing on disk: a restart forgets every record. Another if this
+    /// host's clock is more than two seconds off the server's: instances
+    /// read leases by their own clocks, and one far enough ahead of
+    /// another takes over its running requests.
     ///
     /// # Errors
     /// The URL is invalid (or asks for TLS, which the `redis` crate was
@@ -270,9 +355,9 @@ impl RedisStore {
     /// `EVALSHA` its `NOSCRIPT` round trip) and runs `EVAL` and `EVALSHA`
     /// once on an empty script, and refuses only on a clear answer: `NOPERM`,
     /// or an unknown command or subcommand. A server that allows `EVALSHA`
-    /// but refuses (or renamed) `SCRIPT LOAD` is refused too: the `redis`
-    /// crate loads a script with `SCRIPT LOAD` whenever Redis lacks it
-    /// (after a restart or a failover), so it would fail then. Any other
+    /// but refuses (or renamed) `SCRIPT LOAD` is refused too. Whenever
+    /// Redis lacks a script later (after a restart, a failover or a
+    /// `SCRIPT FLUSH`), the store sends its text with `EVAL`. Any other
     /// answer is left to the first operation, which names it.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(url_error)?;
@@ -303,6 +388,7 @@ impl RedisStore {
             warn_if_evicting(info);
             warn_if_not_persisted(&mut manager, info, &server).await;
         }
+        warn_if_clock_differs(&mut manager, &server).await;
         Ok(Self::builder(manager).build())
     }
 }
@@ -374,7 +460,8 @@ async fn load_scripts(
     server: &str,
 ) -> Result<(), StoreError> {
     for script in [&*CLAIM, &*RENEW, &*COMPLETE, &*RELEASE] {
-        refuse_scriptless(script.load_async(connection).await.map(drop), server)?;
+        let loaded = script.hashed.load_async(connection).await;
+        refuse_scriptless(loaded.map(drop), server)?;
     }
     // The release of an unanswered claim sends `EVAL`; the others `EVALSHA`.
     let empty = Script::new(EMPTY_SCRIPT);
@@ -526,8 +613,8 @@ fn refused_in_script(error: &redis::RedisError) -> bool {
 }
 
 /// The ACL a Redis user needs for the store: the commands it sends
-/// (`EVALSHA`, and `SCRIPT LOAD` or `EVAL` when Redis has not seen a
-/// script yet, `SET` and `GET` for short paths, `PING` at connect) and
+/// (`EVALSHA`, and `EVAL` when Redis has not seen a script yet, `SET`
+/// and `GET` for short paths, `PING` and `SCRIPT LOAD` at connect) and
 /// those its scripts call, which Redis checks against the same user.
 const ACL_LINE: &str =
     "ACL SETUSER <user> ~<prefix>* +get +set +del +pttl +pexpire +eval +evalsha +script|load +ping";
@@ -555,7 +642,7 @@ const READ_ONLY_REPLICA: &str = "Redis answers as a read-only replica: during a 
 const CANNOT_SAVE: &str = "Redis refuses writes (and PING) because it cannot save its snapshot (`stop-writes-on-bgsave-error`), until a save succeeds: see why in Redis's log (a full disk, a directory it may not write), and fix that";
 
 /// What a Redis at its `maxmemory` under `noeviction` says to a write.
-const FULL: &str = "Redis is at its `maxmemory` and refuses writes (`maxmemory-policy noeviction`): new claims fail until records expire; raise `maxmemory`, or give the store a Redis of its own";
+const FULL: &str = "Redis is at its `maxmemory` and refuses writes (`maxmemory-policy noeviction`): new claims fail until records expire (requests already running still store their responses); raise `maxmemory`, or give the store a Redis of its own";
 
 /// What an evicting Redis does to the store, told when it connects.
 const EVICTING: &str = "this Redis evicts keys when it is full, in-flight claims among them: a retry of a request still running would then run it again; set maxmemory-policy to noeviction";
@@ -612,6 +699,44 @@ async fn warn_if_not_persisted(connection: &mut impl ConnectionLike, info: &str,
     }
 }
 
+/// How far this host's clock may be from the Redis server's before
+/// [`RedisStore::connect`] warns: far above a round trip, and below the
+/// two thirds of even a three-second lease at which instances take each
+/// other's running claims over.
+const CLOCK_TOLERANCE_MS: u64 = 2_000;
+
+/// What instances whose clocks disagree do to the store, told at connect.
+const CLOCK_DIFFERS: &str = "this host's clock differs from the Redis server's: the store reads leases and expiry by each instance's own clock, never Redis's, so an instance whose clock runs ahead of another's by two thirds of a lease takes the other's running requests over and runs them a second time; keep every instance's clock in sync (NTP)";
+
+/// Warns when this host's clock and the server's disagree by more than
+/// [`CLOCK_TOLERANCE_MS`]. Nothing else shows instances whose clocks are
+/// apart until one takes over a running request: each instance compared
+/// with the one Redis they share, those far apart are told. A server that
+/// refuses `TIME` is not checked.
+async fn warn_if_clock_differs(connection: &mut impl ConnectionLike, server: &str) {
+    let sent = SystemClock.now_millis();
+    let time: Result<(u64, u64), _> = redis::cmd("TIME").query_async(connection).await;
+    let received = SystemClock.now_millis();
+    let Ok((seconds, micros)) = time else { return };
+    let redis_ms = seconds.saturating_mul(1000).saturating_add(micros / 1000);
+    if let Some(difference_ms) = clock_difference(redis_ms, sent, received) {
+        tracing::warn!(server, difference_ms, "{CLOCK_DIFFERS}");
+    }
+}
+
+/// How far `redis_ms`, the server's time, lies outside the window from
+/// `sent` to `received` in which this host asked for it (positive when
+/// Redis is ahead), if farther than [`CLOCK_TOLERANCE_MS`].
+fn clock_difference(redis_ms: u64, sent: u64, received: u64) -> Option<i64> {
+    let apart = |later: u64, earlier: u64| i64::try_from(later.saturating_sub(earlier));
+    let difference = if redis_ms > received {
+        apart(redis_ms, received).unwrap_or(i64::MAX)
+    } else {
+        -apart(sent, redis_ms).unwrap_or(i64::MAX)
+    };
+    (difference.unsigned_abs() > CLOCK_TOLERANCE_MS).then_some(difference)
+}
+
 /// Whether `INFO`'s answer says the append-only file is off.
 fn appends_nothing(info: &str) -> bool {
     info_field(info, "aof_enabled") == Some("0")
@@ -653,15 +778,34 @@ impl<C> RedisStore<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    /// Runs a fenced script: [`HELD`], [`GONE`] or `0` (held by another).
+    /// A claim of `key` that a full Redis refused with `full` (`OOM`):
+    /// Redis refuses a `SET` before it looks at the key, so a retry of a
+    /// request already stored would get 503 rather than its replay, and
+    /// one still running 503 rather than 409. A plain read answers those;
+    /// a key with no live record is refused as before, and nothing runs.
+    async fn claim_when_full(
+        &self,
+        key: &RecordKey,
+        full: redis::RedisError,
+    ) -> Result<Claim, StoreError> {
+        match self.get(key).await {
+            Ok(Some(record)) => Ok(record.into()),
+            Err(corrupt @ StoreError::Codec(_)) => Err(corrupt),
+            Ok(None) | Err(_) => Err(operation_error(full, &self.redis_key(key))),
+        }
+    }
+
+    /// Runs a fenced script on `redis_key` with `args`: [`HELD`],
+    /// [`GONE`] or `0` (held by another).
     async fn fenced(
         &self,
+        script: &StoreScript,
         redis_key: &str,
-        invocation: redis::ScriptInvocation<'_>,
+        args: &[&[u8]],
     ) -> Result<i64, StoreError> {
         let mut connection = self.connection.clone();
-        invocation
-            .invoke_async(&mut connection)
+        script
+            .run(&mut connection, redis_key, args)
             .await
             .map_err(|error| operation_error(error, redis_key))
     }
@@ -720,7 +864,6 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drop for Unanswered<'_, 
         if !self.armed {
             return;
         }
-        let redis_key = self.redis_key.to_owned();
         let log_id = self.key.log_id().to_string();
         let mut connection = self.store.connection.clone();
         let token = self.token.to_bytes();
@@ -729,15 +872,9 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drop for Unanswered<'_, 
             // lost its script cache (a restart), the fallback that loads
             // the script would come after the client stopped waiting,
             // behind the stall that cut the claim short.
-            let script = format!("{LUA_PRELUDE}{RELEASE_BODY}");
+            let command = on_key("EVAL", &RELEASE.source, self.redis_key, &[&token]);
             let release = async move {
-                let released: Result<i64, _> = redis::cmd("EVAL")
-                    .arg(script)
-                    .arg(1)
-                    .arg(redis_key)
-                    .arg(token.as_slice())
-                    .query_async(&mut connection)
-                    .await;
+                let released: Result<i64, _> = command.query_async(&mut connection).await;
                 if let Err(error) = released {
                     tracing::warn!(%error, key = log_id, "{UNRELEASED}");
                 }
@@ -778,7 +915,7 @@ where
         // A free key is claimed by one plain command, no script: `SET NX
         // GET` sets the value only if the key is absent, and otherwise
         // returns what holds it.
-        let found: Option<Vec<u8>> = redis::cmd("SET")
+        let found: Result<Option<Vec<u8>>, _> = redis::cmd("SET")
             .arg(&redis_key)
             .arg(value.as_ref())
             .arg("NX")
@@ -786,8 +923,14 @@ where
             .arg("PX")
             .arg(expiry)
             .query_async(&mut connection)
-            .await
-            .map_err(|error| unanswered.refused(error))?;
+            .await;
+        let found = match found {
+            Err(error) if error.code() == Some("OOM") => {
+                unanswered.armed = false;
+                return self.claim_when_full(key, error).await;
+            }
+            found => found.map_err(|error| unanswered.refused(error))?,
+        };
         unanswered.armed = false;
         let Some(found) = found else {
             return Ok(Claim::Acquired(token));
@@ -802,12 +945,13 @@ where
         // A lapsed lease, or a record past its TTL that Redis keeps for the
         // clock-skew grace: the script re-checks and takes it over atomically.
         unanswered.armed = true;
+        let args = [now.to_string(), expiry.to_string()];
         let found: Option<Vec<u8>> = CLAIM
-            .key(&redis_key)
-            .arg(now)
-            .arg(value.as_ref())
-            .arg(expiry)
-            .invoke_async(&mut connection)
+            .run(
+                &mut connection,
+                &redis_key,
+                &[args[0].as_bytes(), value.as_ref(), args[1].as_bytes()],
+            )
             .await
             .map_err(|error| unanswered.refused(error))?;
         unanswered.armed = false;
@@ -825,12 +969,10 @@ where
     ) -> Result<(), StoreError> {
         let deadline = self.now().saturating_add(millis(lease));
         let redis_key = self.redis_key(key);
-        let mut invocation = RENEW.key(&redis_key);
-        invocation
-            .arg(token.to_bytes().as_slice())
-            .arg(deadline.to_be_bytes().as_slice())
-            .arg(px(lease));
-        held(self.fenced(&redis_key, invocation).await?)
+        let (token, deadline) = (token.to_bytes(), deadline.to_be_bytes());
+        let expiry = px(lease).to_string();
+        let args = [token.as_slice(), deadline.as_slice(), expiry.as_bytes()];
+        held(self.fenced(&RENEW, &redis_key, &args).await?)
     }
 
     async fn complete(
@@ -848,12 +990,10 @@ where
         };
         record.fit(MAX_VALUE_BYTES);
         let redis_key = self.redis_key(key);
-        let mut invocation = COMPLETE.key(&redis_key);
-        invocation
-            .arg(token.to_bytes().as_slice())
-            .arg(record.encode().as_ref())
-            .arg(px(ttl));
-        let answer = self.fenced(&redis_key, invocation).await?;
+        let (token, encoded) = (token.to_bytes(), record.encode());
+        let expiry = px(ttl).to_string();
+        let args = [token.as_slice(), encoded.as_ref(), expiry.as_bytes()];
+        let answer = self.fenced(&COMPLETE, &redis_key, &args).await?;
         if answer == GONE {
             tracing::warn!(key = %key.log_id(), "{GONE_AT_COMPLETION}");
         }
@@ -862,9 +1002,11 @@ where
 
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
         let redis_key = self.redis_key(key);
-        let mut invocation = RELEASE.key(&redis_key);
-        invocation.arg(token.to_bytes().as_slice());
-        held(self.fenced(&redis_key, invocation).await?)
+        let token = token.to_bytes();
+        held(
+            self.fenced(&RELEASE, &redis_key, &[token.as_slice()])
+                .await?,
+        )
     }
 
     async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
@@ -1005,6 +1147,26 @@ mod tests {
         assert!(appends_nothing(&info("0")));
         assert!(!appends_nothing(&info("1")));
         assert!(!appends_nothing(""));
+    }
+
+    /// Instances read leases by their own clocks: one more than two
+    /// seconds off Redis's, either way, is told; a slow round trip alone
+    /// is not.
+    #[test]
+    fn only_a_clock_seconds_off_the_servers_differs() {
+        let asked = 1_700_000_000_000;
+        assert_eq!(clock_difference(asked + 500, asked, asked + 900), None);
+        assert_eq!(clock_difference(asked + 2_900, asked, asked + 900), None);
+        assert_eq!(clock_difference(asked - 2_000, asked, asked + 900), None);
+        assert_eq!(
+            clock_difference(asked + 3_000, asked, asked + 900),
+            Some(2_100)
+        );
+        assert_eq!(
+            clock_difference(asked - 45_000, asked, asked + 900),
+            Some(-45_000)
+        );
+        assert_eq!(clock_difference(0, u64::MAX, u64::MAX), Some(-i64::MAX));
     }
 
     #[test]

@@ -11,9 +11,11 @@
 //! Nothing tells the cache of a record the durable store loses before its
 //! deadline: a Redis that restarts without persistence or evicts keys, a
 //! key an operator deletes so that a client may run a request again. Each
-//! instance that cached the record replays it until its deadline, while
-//! the others run the request again (and a request with another payload
-//! under that key runs on them, where the cache answers 422). Keep the
+//! instance that cached the record replays it to the same payload until
+//! its deadline, while the others run the request again. A request with
+//! another payload, which the cached record would answer 422, is asked of
+//! the durable store instead, so that it runs (once, under the durable
+//! store's claim) or gets what the durable store holds now. Keep the
 //! durable store from losing records; delete a record by hand only with
 //! every instance restarted, or wait for its deadline.
 
@@ -174,7 +176,13 @@ impl<D: Store> Store for Tiered<D> {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        if let Some(record) = self.cached(key) {
+        // A cached record of another payload would be answered 422; the
+        // durable store may since have lost or replaced it (see the
+        // module's documentation), and such mismatches are rare enough to
+        // cost it a round trip.
+        if let Some(record) = self.cached(key)
+            && record.fingerprint == fingerprint
+        {
             return Ok(Claim::Completed(record));
         }
         let claim = self.durable.claim(key, fingerprint, lease).await?;
