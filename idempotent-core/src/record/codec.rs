@@ -6,6 +6,8 @@
 //!  header_count u16 | (name_len u16, name, value_len u32, value)* |
 //!  body_flag u8 | [body_len u32, body]`
 
+use std::borrow::Cow;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderName, HeaderValue, StatusCode};
 
@@ -19,12 +21,19 @@ const EXPIRES_AT: usize = 1 + 32;
 /// A stored record could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("stored idempotency record is corrupt: {0}")]
-pub struct CodecError(&'static str);
+pub struct CodecError(Cow<'static, str>);
 
 impl CodecError {
     /// A record, or a store's row, that is corrupt for `reason`.
     pub(crate) const fn new(reason: &'static str) -> Self {
-        Self(reason)
+        Self(Cow::Borrowed(reason))
+    }
+
+    /// A store's row that cannot be read for `reason`, which names what
+    /// only the store knows: its table, the column and what to change.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    pub(crate) fn described(reason: String) -> Self {
+        Self(Cow::Owned(reason))
     }
 }
 
@@ -305,7 +314,7 @@ mod tests {
             extended.put_u8(0);
             assert_eq!(
                 Completed::decode(extended.freeze()),
-                Err(CodecError("trailing bytes after the body"))
+                Err(CodecError::new("trailing bytes after the body"))
             );
         }
     }
@@ -318,7 +327,7 @@ mod tests {
         flagged[flag] = 2;
         assert_eq!(
             Completed::decode(flagged.freeze()),
-            Err(CodecError("invalid body flag"))
+            Err(CodecError::new("invalid body flag"))
         );
     }
 

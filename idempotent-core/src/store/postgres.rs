@@ -33,7 +33,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow, Postgres};
 use sqlx::{Connection, Executor, Row};
 
-use self::connections::{Connections, Undo, close_if_stale, statement_error};
+use self::connections::{Connections, Undo, close_if_stale, is_stale_statement, statement_error};
 use self::identifiers::quote_ident;
 use self::inspection::{Catalog, Inspected, inspection_sql};
 use self::reachability::Patience;
@@ -87,17 +87,18 @@ fn is_rolled_back_race(error: &sqlx::Error) -> bool {
     matches!(sql::error_code(error).as_deref(), Some("40001" | "40P01"))
 }
 
-/// Whether the server refused the statement because the connection's
-/// transactions are read-only (SQLSTATE 25006): the old primary of a
-/// failover, now a standby or fenced with `default_transaction_read_only`,
-/// which the connection was opened to before the failover. PostgreSQL
-/// raises it before the statement writes anything, and the statement is
-/// its own transaction, rolled back with the error: nothing of it was
-/// applied, so that running it again, claim, take-over or completion
-/// alike, is as safe as the first time, and its outcome is the one that
-/// counts (unlike after a broken connection, see `held`).
-fn is_refused_read_only(error: &sqlx::Error) -> bool {
-    sql::error_code(error).as_deref() == Some("25006")
+/// Whether the server refused the statement for what the connection it
+/// ran on carries, which a new connection does not: its transactions are
+/// read-only (SQLSTATE 25006: the old primary of a failover, now a
+/// standby or fenced with `default_transaction_read_only`, which the
+/// connection was opened to before the failover), or its prepared
+/// statements no longer match the server (see [`is_stale_statement`]).
+/// The statement is its own transaction, rolled back with the error:
+/// nothing of it was applied, so that running it again, claim, take-over
+/// or completion alike, is as safe as the first time, and its outcome is
+/// the one that counts (unlike after a broken connection, see `held`).
+fn is_refused_on_this_connection(error: &sqlx::Error) -> bool {
+    sql::error_code(error).as_deref() == Some("25006") || is_stale_statement(error)
 }
 
 /// A random pause of up to 1 ms after the first race, doubling with each
@@ -110,7 +111,8 @@ fn race_pause(races: usize) -> Duration {
 /// Runs `$statement` on a leased connection, and again on another while
 /// the one it ran on turns out broken, or while it is rolled back for
 /// racing a concurrent statement, and once more on a new connection when
-/// the server took it read-only. Every statement here is safe to
+/// the server refused it for what its connection carries (read-only
+/// transactions, stale prepared statements). Every statement here is safe to
 /// run twice: claims and take-overs carry the claim's token (a claim that
 /// finds its own token acquired the key), and the rest are fenced by it
 /// or only read. Evaluates to the outcome and, if a connection broke on
@@ -126,7 +128,7 @@ macro_rules! on_live_connection {
     ($store:expr, $patience:expr, $undo:expr, |$connection:ident| $statement:expr) => {{
         let mut broke: Option<StoreError> = None;
         let mut retries = 0;
-        let mut refused_read_only = false;
+        let mut refused_once = false;
         loop {
             let mut lease = $store.inner.connections.lease($patience).await?;
             if let Some(undo) = $undo {
@@ -149,12 +151,13 @@ macro_rules! on_live_connection {
                 // Once only: a server that stays read-only (a store
                 // pointed at a standby) costs each statement one more try,
                 // not one per connection.
-                Err(error) if !refused_read_only && is_refused_read_only(&error) => {
-                    refused_read_only = true;
-                    tracing::debug!(%error, "a PostgreSQL server took a statement read-only; trying a new connection");
-                    // Closed, as are the idle connections opened with
-                    // it: the next is a new one, which reaches the
-                    // primary once the failover is through.
+                Err(error) if !refused_once && is_refused_on_this_connection(&error) => {
+                    refused_once = true;
+                    tracing::debug!(%error, "PostgreSQL refused a statement for what its connection carries; trying a new connection");
+                    // Closed, as are the idle connections opened or
+                    // prepared with it: the next is a new one, which
+                    // reaches the primary once the failover is through,
+                    // and prepares the statement afresh.
                     drop(lease.finish(Err::<(), _>(error)));
                     $store.inner.connections.close_idle();
                 }
@@ -202,7 +205,23 @@ macro_rules! on_live_connection {
 /// read-only transaction"). The first statement to meet one closes it and
 /// every connection idle beside it, and runs once more on a new
 /// connection: such a refusal applied nothing, so that the statement runs
-/// once either way. A server that stays read-only answers 503.
+/// once either way. A server that stays read-only answers 503. A
+/// statement the connection had prepared that no longer matches the
+/// server runs once more on a new connection too, which prepares it
+/// afresh: an `ALTER TABLE ... TYPE` of the store's table changed its
+/// result ("cached plan must not change result type"), or something
+/// sharing the pool ran `DISCARD ALL` on the connection. Through
+/// PgBouncer, use session pooling, or PgBouncer 1.21 or later with
+/// `max_prepared_statements` set: in transaction pooling, statements
+/// prepared on one server connection are run on another.
+///
+/// A table changed after `migrate` accepted it is named in the error,
+/// with what to change: one that refuses the store's rows (a NOT NULL
+/// column, a CHECK, a foreign key or a unique index added, a narrower
+/// type) or lacks a column is a [`StoreError::Misconfigured`]; a column
+/// whose type changed so that a stored record no longer reads is a
+/// [`StoreError::Codec`], answered 500 `record-corrupt`, and never run
+/// again, even with `fail_open`: its request ran.
 #[derive(Clone)]
 pub struct PostgresStore {
     inner: Arc<Inner>,
@@ -281,7 +300,7 @@ impl PostgresStoreBuilder {
         let sql = Statements::new(&sql::quoted(&self.table));
         Ok(PostgresStore {
             inner: Arc::new(Inner {
-                connections: Connections::new(self.pool, self.hold_connections),
+                connections: Connections::new(self.pool, self.hold_connections, &self.table),
                 clock: self.clock,
                 table: self.table,
                 sql,
@@ -636,8 +655,10 @@ impl PostgresStore {
     /// The database failed.
     pub async fn purge_expired(&self) -> Result<u64, StoreError> {
         let now = to_sql_millis(self.inner.clock.now_millis());
+        let table = &self.inner.table;
         sql::purge_in_batches(|| async move {
-            let mut connection = self.pool().acquire().await.map_err(statement_error)?;
+            let failed = |error| statement_error(error, table);
+            let mut connection = self.pool().acquire().await.map_err(failed)?;
             let deleted = sqlx::query(&self.inner.sql.purge)
                 .bind(now)
                 .bind(sql::PURGE_BATCH)
@@ -646,7 +667,7 @@ impl PostgresStore {
             if let Err(error) = &deleted {
                 close_if_stale(&mut connection, error);
             }
-            Ok(deleted.map_err(statement_error)?.rows_affected())
+            Ok(deleted.map_err(failed)?.rows_affected())
         })
         .await
     }
@@ -801,7 +822,7 @@ fn migrate_error(error: sqlx::Error, table: &str, table_exists: bool) -> StoreEr
         Some("3F000") => format!(
             "the schema of the table `{table}` does not exist: create it (`CREATE SCHEMA ...`), or name a table in an existing schema"
         ),
-        _ => return statement_error(error),
+        _ => return statement_error(error, table),
     };
     Explained::misconfigured(error, hint)
 }
@@ -813,7 +834,7 @@ fn migrate_error(error: sqlx::Error, table: &str, table_exists: bool) -> StoreEr
 /// store can work on. A failure to reach the server is told as such.
 fn inspection_error(error: sqlx::Error, table: &str) -> StoreError {
     if error.as_database_error().is_none() {
-        return statement_error(error);
+        return statement_error(error, table);
     }
     Explained::misconfigured(
         error,
@@ -1138,7 +1159,8 @@ impl Store for PostgresStore {
             .fetch_optional(connection));
             // No row: a claim committed after the snapshot; look again.
             let Some(row) = row? else { continue };
-            if column::<bool>(&row, "live")? {
+            let row = TableRow::new(&row, &self.inner.table);
+            if row.column::<bool>("live")? {
                 return claim_from_row(&row, token);
             }
             let (taken, _) = on_live_connection!(self, patience, undo, |connection| query(
@@ -1222,7 +1244,9 @@ impl Store for PostgresStore {
             .bind(key.key.as_str())
             .bind(to_sql_millis(self.now()))
             .fetch_optional(connection));
-        row?.map(|row| record_from_row(&row)).transpose()
+        let table = &self.inner.table;
+        row?.map(|row| record_from_row(&TableRow::new(&row, table)))
+            .transpose()
     }
 
     async fn settle(&self) {
@@ -1246,12 +1270,12 @@ fn held(rows: u64, broke: Option<StoreError>) -> Result<(), StoreError> {
     }
 }
 
-fn claim_from_row(row: &PgRow, token: LeaseToken) -> Result<Claim, StoreError> {
-    if column::<bool>(row, "acquired")? {
+fn claim_from_row(row: &TableRow<'_>, token: LeaseToken) -> Result<Claim, StoreError> {
+    if row.column::<bool>("acquired")? {
         return Ok(Claim::Acquired(token));
     }
-    let fingerprint = sql::fingerprint_from(&column::<Vec<u8>>(row, "fingerprint")?)?;
-    let expires_at = from_sql_millis(column(row, "expires_at")?);
+    let fingerprint = sql::fingerprint_from(&row.column::<Vec<u8>>("fingerprint")?)?;
+    let expires_at = from_sql_millis(row.column("expires_at")?);
     match completed_from_row(row, fingerprint, expires_at)? {
         Some(completed) => Ok(Claim::Completed(Arc::new(completed))),
         None => Ok(Claim::InFlight {
@@ -1261,13 +1285,14 @@ fn claim_from_row(row: &PgRow, token: LeaseToken) -> Result<Claim, StoreError> {
     }
 }
 
-fn record_from_row(row: &PgRow) -> Result<Record, StoreError> {
-    let fingerprint = sql::fingerprint_from(&column::<Vec<u8>>(row, "fingerprint")?)?;
-    let expires_at = from_sql_millis(column(row, "expires_at")?);
+fn record_from_row(row: &TableRow<'_>) -> Result<Record, StoreError> {
+    let fingerprint = sql::fingerprint_from(&row.column::<Vec<u8>>("fingerprint")?)?;
+    let expires_at = from_sql_millis(row.column("expires_at")?);
     if let Some(completed) = completed_from_row(row, fingerprint, expires_at)? {
         return Ok(Record::Completed(Arc::new(completed)));
     }
-    let token = column::<Option<Vec<u8>>>(row, "lease_token")?
+    let token = row
+        .column::<Option<Vec<u8>>>("lease_token")?
         .ok_or_else(|| sql::corrupt("an in-flight row has no lease token"))?;
     Ok(Record::InFlight(InFlight {
         fingerprint,
@@ -1278,16 +1303,20 @@ fn record_from_row(row: &PgRow) -> Result<Record, StoreError> {
 
 /// The completed record in `row`, or `None` for an in-flight row (no status).
 fn completed_from_row(
-    row: &PgRow,
+    row: &TableRow<'_>,
     fingerprint: Fingerprint,
     expires_at: u64,
 ) -> Result<Option<Completed>, StoreError> {
-    let Some(status) = column::<Option<i16>>(row, "status")? else {
+    let Some(status) = row.column::<Option<i16>>("status")? else {
         return Ok(None);
     };
-    let names = column::<Option<Vec<String>>>(row, "header_names")?.unwrap_or_default();
-    let values = column::<Option<Vec<Vec<u8>>>>(row, "header_values")?.unwrap_or_default();
-    let body = column(row, "body")?;
+    let names = row
+        .column::<Option<Vec<String>>>("header_names")?
+        .unwrap_or_default();
+    let values = row
+        .column::<Option<Vec<Vec<u8>>>>("header_values")?
+        .unwrap_or_default();
+    let body = row.column("body")?;
     Ok(Some(Completed {
         fingerprint,
         response: response_from(status, names, values, body)?,
@@ -1295,11 +1324,27 @@ fn completed_from_row(
     }))
 }
 
-fn column<'r, T>(row: &'r PgRow, name: &str) -> Result<T, StoreError>
-where
-    T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
-{
-    row.try_get(name).map_err(StoreError::backend)
+/// A row of the store's table, read column by column.
+struct TableRow<'r> {
+    row: &'r PgRow,
+    /// The table, as configured, which an unreadable column's error names.
+    table: &'r str,
+}
+
+impl<'r> TableRow<'r> {
+    fn new(row: &'r PgRow, table: &'r str) -> Self {
+        Self { row, table }
+    }
+
+    /// The column `name`; one that does not read as the store's type is
+    /// told with the table (see [`sql::unreadable_column`]).
+    fn column<T>(&self, name: &str) -> Result<T, StoreError>
+    where
+        T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+    {
+        (self.row.try_get(name))
+            .map_err(|error| sql::unreadable_column(error, self.table, "PostgresStore"))
+    }
 }
 
 /// Rebuilds a response from its columns: status, parallel header name and
@@ -1401,20 +1446,24 @@ mod tests {
     /// retry soon), not a setup to change: the old primary, now a
     /// standby, refusing writes (25006); a server shutting down or
     /// starting up (57P01, 57P03); a password rotated before the pool was
-    /// given the new one (28P01).
+    /// given the new one (28P01); statements the connection had prepared,
+    /// lost to a `DISCARD ALL` or a pooler (26000, 42P05), which a new
+    /// connection prepares again.
     #[test]
     fn what_a_failover_or_rotation_answers_for_a_while_is_an_outage() {
         use self::reachability::AcquireError;
 
-        for code in ["25006", "57P01", "57P03", "40001", "53300"] {
-            let error = statement_error(server_error(code));
+        for code in [
+            "25006", "57P01", "57P03", "40001", "53300", "26000", "42P05",
+        ] {
+            let error = statement_error(server_error(code), "records");
             assert!(matches!(error, StoreError::Backend(_)), "{code}: {error:?}");
         }
         for code in ["28P01", "57P03", "53300"] {
             let error = StoreError::from(AcquireError::Pool(server_error(code)));
             assert!(matches!(error, StoreError::Backend(_)), "{code}: {error:?}");
         }
-        let told = statement_error(server_error("25006")).to_string();
+        let told = statement_error(server_error("25006"), "records").to_string();
         assert!(
             told.contains("failover") && told.contains("if it lasts"),
             "{told}"
@@ -1423,13 +1472,20 @@ mod tests {
         assert!(told.contains("current password"), "{told}");
     }
 
-    /// What stays until someone changes the setup is a 500 that does not.
+    /// What stays until someone changes the setup is a 500 that does not:
+    /// among it, a table altered after `migrate` so that it refuses the
+    /// store's rows (a NOT NULL column, a foreign key, a unique index, a
+    /// CHECK, a narrower type).
     #[test]
     fn what_only_a_change_of_setup_ends_is_misconfigured() {
         use self::reachability::AcquireError;
 
-        for code in ["42P01", "42703", "42P10", "42501"] {
-            let error = statement_error(server_error(code));
+        let altered = ["23502", "23503", "23505", "23514", "22001", "22003"];
+        for code in ["42P01", "42703", "42P10", "42501"]
+            .into_iter()
+            .chain(altered)
+        {
+            let error = statement_error(server_error(code), "records");
             assert!(
                 matches!(error, StoreError::Misconfigured(_)),
                 "{code}: {error:?}"

@@ -343,6 +343,29 @@ pub(crate) fn corrupt(reason: &'static str) -> StoreError {
     StoreError::Codec(CodecError::new(reason))
 }
 
+/// `error`, from reading a column of a row of the store's table `table`
+/// (of `store`, its type name, as `PostgresStore`): a value that does not
+/// read as the type the store writes it with is told as an unreadable
+/// record, naming the column and the table. Such a value comes from a
+/// table altered since `migrate` made it (a column's type changed: every
+/// row found then fails alike, a stored response included), or from a
+/// row written by something else. Either way the row is a record of a
+/// request that ran or runs: failing open would run it again, as for a
+/// corrupt record. Any other error is the database's.
+pub(crate) fn unreadable_column(
+    error: sqlx::Error,
+    table: &str,
+    store: &'static str,
+) -> StoreError {
+    let sqlx::Error::ColumnDecode { index, source } = error else {
+        return StoreError::backend(error);
+    };
+    let column = index.trim_matches('"');
+    StoreError::Codec(CodecError::described(format!(
+        "the column `{column}` of the table `{table}` does not read as the type the store writes it with ({source}): its type was changed since `{store}::migrate()` made the table (which `{store}::migrate()` names), or the row was written by something else; give the column back its type in `{store}::migration_sql(\"{table}\")`"
+    )))
+}
+
 pub(crate) fn fingerprint_from(bytes: &[u8]) -> Result<Fingerprint, StoreError> {
     let bytes = bytes.try_into().map_err(|_| corrupt("fingerprint"))?;
     Ok(Fingerprint::from_bytes(bytes))

@@ -901,7 +901,8 @@ impl SqliteStore {
     /// is, with the file.
     fn statement_error(&self, error: sqlx::Error) -> StoreError {
         let options = self.inner.pool.connect_options();
-        statement_error(error, &options.get_filename().display().to_string())
+        let path = options.get_filename().display().to_string();
+        statement_error(error, &path, &self.inner.table)
     }
 
     /// Why [`SqliteStore::migrate`] failed, with what to do about it.
@@ -920,19 +921,31 @@ impl SqliteStore {
     }
 }
 
-/// [`SqliteStore::statement_error`], for the database file at `path`.
-fn statement_error(error: sqlx::Error, path: &str) -> StoreError {
+/// [`SqliteStore::statement_error`], for the database file at `path`
+/// and the store's table `table`.
+fn statement_error(error: sqlx::Error, path: &str, table: &str) -> StoreError {
     let message = error
         .as_database_error()
         .map(|error| error.message().to_owned())
         .unwrap_or_default();
     let hint = if message.starts_with("no such table") {
-        "create the store's table with `SqliteStore::migrate()` when the service starts".to_owned()
+        format!(
+            "the table `{table}` does not exist in `{path}` (never created, or dropped or renamed since): create it with `SqliteStore::migrate()` when the service starts"
+        )
     } else if message.starts_with("no such column")
         || message.contains("has no column named")
         || message.starts_with("ON CONFLICT clause does not match")
     {
-        "the store's table does not have the columns and primary key `SqliteStore::migrate()` creates (a table of the same name made by something else?): give the store a table of its own with `SqliteStoreBuilder::table(...)`".to_owned()
+        format!(
+            "the table `{table}` does not have the columns and primary key `SqliteStore::migrate()` creates (altered since, or a table of the same name made by something else?): `SqliteStore::migrate()` names what differs; give it back the shape of `SqliteStore::migration_sql(\"{table}\")`, or give the store a table of its own with `SqliteStoreBuilder::table(...)`"
+        )
+    } else if result_code(&error) == Some(19) {
+        // SQLITE_CONSTRAINT: no row the store writes breaks a constraint
+        // of the table `migrate` makes (its claim resolves the primary
+        // key's conflicts), and every such row breaks it alike.
+        format!(
+            "the table `{table}` refuses the store's rows, as none made by `SqliteStore::migrate()` does: a constraint or index was added since (a NOT NULL column without a default, a CHECK, a foreign key, a unique index other than on (`scope`, `key`)); drop it, or give the column a default"
+        )
     } else if result_code(&error) == Some(8) {
         format!("the database `{path}` is read-only: {READ_ONLY_FIX}")
     } else if result_code(&error) == Some(13) {
@@ -1201,7 +1214,8 @@ impl Store for SqliteStore {
             .fetch_optional(&self.inner.pool)
             .await
             .map_err(|error| self.statement_error(error))?;
-        row.map(|row| record_from_row(&row)).transpose()
+        let table = &self.inner.table;
+        row.map(|row| record_from_row(&row, table)).transpose()
     }
 
     async fn settle(&self) {
@@ -1221,16 +1235,19 @@ fn held(rows: u64) -> Result<(), StoreError> {
     }
 }
 
-fn record_from_row(row: &SqliteRow) -> Result<Record, StoreError> {
-    let fingerprint = sql::fingerprint_from(&column::<Vec<u8>>(row, "fingerprint")?)?;
-    let expires_at = from_sql_millis(column(row, "expires_at")?);
-    if let Some(blob) = column::<Option<Vec<u8>>>(row, "record")? {
+/// The record in `row` of the store's table `table`.
+fn record_from_row(row: &SqliteRow, table: &str) -> Result<Record, StoreError> {
+    let column = |name| Column { row, name, table };
+    let fingerprint = sql::fingerprint_from(&column("fingerprint").read::<Vec<u8>>()?)?;
+    let expires_at = from_sql_millis(column("expires_at").read()?);
+    if let Some(blob) = column("record").read::<Option<Vec<u8>>>()? {
         let mut completed = Completed::decode(Bytes::from(blob))?;
         completed.fingerprint = fingerprint;
         completed.expires_at = expires_at;
         return Ok(Record::Completed(Arc::new(completed)));
     }
-    let token = column::<Option<Vec<u8>>>(row, "lease_token")?
+    let token = column("lease_token")
+        .read::<Option<Vec<u8>>>()?
         .ok_or_else(|| sql::corrupt("an in-flight row has no lease token"))?;
     Ok(Record::InFlight(InFlight {
         fingerprint,
@@ -1239,18 +1256,24 @@ fn record_from_row(row: &SqliteRow) -> Result<Record, StoreError> {
     }))
 }
 
-fn column<'r, T>(row: &'r SqliteRow, name: &str) -> Result<T, StoreError>
-where
-    T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
-{
-    // SQLite keeps a value of any type in any column: one of the wrong type
-    // is a corrupt row, not a failure of the database.
-    row.try_get(name).map_err(|error| match error {
-        sqlx::Error::ColumnDecode { .. } => {
-            sql::corrupt("a column holds a value of the wrong type")
-        }
-        error => StoreError::backend(error),
-    })
+/// The column `name` of `row`, of the store's table `table`.
+struct Column<'r> {
+    row: &'r SqliteRow,
+    name: &'static str,
+    table: &'r str,
+}
+
+impl<'r> Column<'r> {
+    /// The value. SQLite keeps a value of any type in any column: one of
+    /// the wrong type is an unreadable record, not a failure of the
+    /// database (see [`sql::unreadable_column`]).
+    fn read<T>(&self) -> Result<T, StoreError>
+    where
+        T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+    {
+        (self.row.try_get(self.name))
+            .map_err(|error| sql::unreadable_column(error, self.table, "SqliteStore"))
+    }
 }
 
 #[cfg(test)]

@@ -54,6 +54,8 @@ pub(super) struct Connections {
     /// `None` when connections are not kept (or deadpool refused its
     /// settings, which cannot happen without timeouts).
     kept: Option<Arc<Kept>>,
+    /// The store's table, as configured, which statement errors name.
+    table: String,
 }
 
 /// Connections checked out of the sqlx pool and kept between statements.
@@ -88,6 +90,8 @@ pub(super) struct Lease<'a> {
     /// Where an undo's task is tracked.
     undos: &'a TaskTracker,
     undo: Option<Undo<'a>>,
+    /// The store's table, which a failed statement's error names.
+    table: &'a str,
 }
 
 /// A token-fenced statement, `(scope, key, token)`, that undoes a claim
@@ -113,8 +117,8 @@ enum Leased {
 impl Connections {
     /// Connections from `pool`, keeping up to `hold` of them (default:
     /// half the pool); `0` returns each one to the pool after its
-    /// statement, as sqlx does by itself.
-    pub(super) fn new(pool: PgPool, hold: Option<u32>) -> Self {
+    /// statement, as sqlx does by itself. Their statements run on `table`.
+    pub(super) fn new(pool: PgPool, hold: Option<u32>, table: &str) -> Self {
         let size = pool.options().get_max_connections();
         // Half, rounded down: kept, the one connection of a pool of one
         // would leave none to the application while statements keep it
@@ -127,6 +131,7 @@ impl Connections {
             reachability,
             undos: TaskTracker::new(),
             kept,
+            table: table.to_owned(),
         }
     }
 
@@ -148,6 +153,7 @@ impl Connections {
             pool: &self.pool,
             undos: &self.undos,
             undo: None,
+            table: &self.table,
         };
         let pooled = || self.reachability.acquire(&self.pool, patience);
         let Some(kept) = &self.kept else {
@@ -354,9 +360,9 @@ impl<'a> Lease<'a> {
                     Leased::Pooled(connection) => connection,
                 };
                 close_if_stale(&mut connection, &error);
-                Err(statement_error(error))
+                Err(statement_error(error, self.table))
             }
-            (None, Err(error)) => Err(statement_error(error)),
+            (None, Err(error)) => Err(statement_error(error, self.table)),
         }
     }
 }
@@ -369,48 +375,100 @@ impl<'a> Lease<'a> {
 /// pass the pool's ping and fail every statement until its lifetime ends
 /// (30 minutes by default), while new connections would reach the new
 /// primary that the name or proxy the store connects through points to.
+/// So is one whose prepared statements no longer match the server (see
+/// [`is_stale_statement`]), which fail the same way for as long.
 pub(in crate::store) fn close_if_stale(
     connection: &mut PoolConnection<Postgres>,
     error: &sqlx::Error,
 ) {
     let code = sql::error_code(error);
-    if matches!(code.as_deref(), Some("25006" | "57P01" | "57P02" | "57P03")) {
+    if matches!(code.as_deref(), Some("25006" | "57P01" | "57P02" | "57P03"))
+        || is_stale_statement(error)
+    {
         connection.close_on_drop();
     }
 }
 
+/// Whether the server refused a statement the connection had prepared
+/// (sqlx prepares each one once per connection, and keeps it): its
+/// plan's result columns changed type since, as an `ALTER TABLE ...
+/// TYPE` of the store's table makes them ("cached plan must not change
+/// result type", SQLSTATE 0A000, feature not supported, which the
+/// store's statements do not meet otherwise on a table `migrate` made);
+/// or the server no longer has it (26000), or already
+/// has one of its name (42P05), as when something ran `DISCARD ALL` or
+/// `DEALLOCATE` on the connection, or a pooler hands each transaction
+/// another server connection. The server answers each such statement
+/// this way for as long as the connection lasts, and applies none of it;
+/// on a new connection it is prepared afresh.
+pub(in crate::store) fn is_stale_statement(error: &sqlx::Error) -> bool {
+    matches!(
+        sql::error_code(error).as_deref(),
+        Some("0A000" | "26000" | "42P05")
+    )
+}
+
 /// A statement's failure as the engine reports it. A table that is
-/// missing, made by something else, or closed to the store's role is
-/// named as such, with the fix: a service set up so fails every request,
-/// and the log line is all its operator has to go on. A server that takes
-/// no writes is named too, but as an outage: during a failover the store
-/// reaches the old primary, now a standby, until the name or proxy it
-/// connects through follows the new one (`migrate` refuses a standby or a
-/// read-only role at the service's start).
-pub(in crate::store) fn statement_error(error: sqlx::Error) -> StoreError {
+/// missing, of another shape (made by something else, or altered since
+/// `migrate` made it), refusing the store's rows, or closed to the
+/// store's role is named as such, with the fix: a service set up so fails
+/// every request, and the log line is all its operator has to go on. A
+/// server that takes no writes is named too, but as an outage: during a
+/// failover the store reaches the old primary, now a standby, until the
+/// name or proxy it connects through follows the new one (`migrate`
+/// refuses a standby or a read-only role at the service's start). So are
+/// prepared statements the server lost, which a new connection prepares
+/// again.
+pub(in crate::store) fn statement_error(error: sqlx::Error, table: &str) -> StoreError {
     let hint = match sql::error_code(&error).as_deref() {
-        Some("42P01") => TABLE_MISSING,
+        Some("42P01") => table_missing(table),
         // Undefined column, no operator for the column's type, datatype
         // mismatch, no unique index for the claim's `ON CONFLICT`: the
         // table has another shape than the store's.
-        Some("42703" | "42883" | "42804" | "42P10") => FOREIGN_TABLE,
-        Some("42501") => NOT_PERMITTED,
+        Some("42703" | "42883" | "42804" | "42P10") => reshaped(table),
+        // A NOT NULL, foreign key, unique or CHECK constraint violated, a
+        // value too long or out of range for its column: no row the
+        // store writes has such a value unless the table was changed,
+        // and every row it writes then fails alike.
+        Some("23502" | "23503" | "23505" | "23514" | "22001" | "22003") => refusing(table),
+        Some("42501") => NOT_PERMITTED.to_owned(),
         Some("25006") => return Explained::store_error(error, READ_ONLY),
+        Some("26000" | "42P05") => return Explained::store_error(error, STATEMENTS_LOST),
         _ => return StoreError::backend(error),
     };
     Explained::misconfigured(error, hint)
 }
 
-/// What to do about a missing table (SQLSTATE 42P01).
-const TABLE_MISSING: &str =
-    "create the store's table with `PostgresStore::migrate()` when the service starts";
-/// What to do about a table of another shape.
-const FOREIGN_TABLE: &str = "the store's table does not have the columns and primary key `PostgresStore::migrate()` creates (a table of the same name made by something else?): give the store a table of its own with `PostgresStoreBuilder::table(...)`";
+/// What to do about the missing table `table` (SQLSTATE 42P01).
+fn table_missing(table: &str) -> String {
+    format!(
+        "the table `{table}` does not exist (never created, or dropped or renamed since): create it with `PostgresStore::migrate()` when the service starts, or with the SQL of `PostgresStore::migration_sql(\"{table}\")`; a table of that name in another schema is found only through the role's `search_path`, or when the store is given its schema (`schema.table`)"
+    )
+}
+
+/// What to do about the table `table` of another shape than the store's.
+fn reshaped(table: &str) -> String {
+    format!(
+        "the table `{table}` does not have the columns, types and primary key `PostgresStore::migrate()` creates (altered since, or a table of the same name made by something else?): `PostgresStore::migrate()` names what differs; give it back the shape of `PostgresStore::migration_sql(\"{table}\")`, or give the store a table of its own with `PostgresStoreBuilder::table(...)`"
+    )
+}
+
+/// What to do about the table `table` refusing every row of a kind the
+/// store writes.
+fn refusing(table: &str) -> String {
+    format!(
+        "the table `{table}` refuses the store's rows, as none made by `PostgresStore::migrate()` does: a column, constraint or index was added or changed since (a NOT NULL column without a default, a CHECK, a foreign key, a unique index other than on (`scope`, `key`), or a column type narrower than the store's); drop it, give the column a default, or give the column back its type in `PostgresStore::migration_sql(\"{table}\")`"
+    )
+}
+
 /// What to do about a table the role may not use (SQLSTATE 42501): the
 /// server's words say whether the table or its schema refused it.
 const NOT_PERMITTED: &str = "grant SELECT, INSERT, UPDATE and DELETE on the store's table to the role the store connects as, and USAGE on the table's schema if it is not `public` (`PostgresStore::migrate()` names what the role lacks)";
 /// What to do about a server that takes no writes (SQLSTATE 25006).
 const READ_ONLY: &str = "the server runs the store's statements read-only (a hot standby, as the old primary is during a failover, or `default_transaction_read_only = on` for the role, its database or the server): if it lasts, connect the store to the primary, or turn `default_transaction_read_only` off for the store's role";
+/// What to do about prepared statements the server lost (SQLSTATE 26000,
+/// 42P05), which a new connection prepares again.
+const STATEMENTS_LOST: &str = "the server lost the statements the store had prepared on its connection: something ran `DISCARD ALL` or `DEALLOCATE` on a connection of the store's pool, or a pooler between them hands each transaction another server connection (PgBouncer with `pool_mode = transaction`); if it lasts, connect the store directly or through session pooling, or through PgBouncer 1.21 or later with `max_prepared_statements` set";
 
 impl Drop for Lease<'_> {
     /// A lease dropped before its statement finished, with an undo: the

@@ -1,0 +1,528 @@
+//! The SQL stores' tables changed under a running service, after
+//! `migrate` accepted them, and the server's own setup where it differs
+//! from the one `migrate` saw: a column's type changed, a column dropped
+//! or renamed, a table renamed, a constraint or index added by a careless
+//! migration of the application; prepared statements the server lost; a
+//! server that ends idle connections. Each is named for what it is (a setup
+//! to change, with the table, or a record the store cannot read), not
+//! answered 503 for good, and nothing runs twice. PostgreSQL tests need
+//! `IDEMPOTENT_TEST_POSTGRES_URL`; SQLite ones use temporary files.
+
+mod store_support;
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use idempotent_core::Idempotency;
+use idempotent_core::fingerprint::Fingerprint;
+use idempotent_core::key::IdempotencyKey;
+use idempotent_core::record::{Claim, Record, RecordKey, StoredResponse};
+use idempotent_core::scope::ScopeDigest;
+use idempotent_core::store::{PostgresStore, SqliteStore, Store, StoreError};
+use store_support::{
+    Ledger, Reply, TempDb, backend_url, pay, payments_app, payments_app_on, unique_name,
+};
+
+const POSTGRES: &str = "IDEMPOTENT_TEST_POSTGRES_URL";
+const TIMEOUT: Duration = Duration::from_secs(5);
+const LEASE: Duration = Duration::from_secs(60);
+
+/// The record of `key` as the payments app addresses it (global scope).
+fn record_key(key: &str) -> RecordKey {
+    RecordKey::new(
+        ScopeDigest::global(),
+        IdempotencyKey::parse(key.as_bytes()).expect("valid key"),
+    )
+}
+
+async fn claim(store: &impl Store, key: &str) -> Result<Claim, StoreError> {
+    let fingerprint = Fingerprint::from_bytes([7; 32]);
+    store.claim(&record_key(key), fingerprint, LEASE).await
+}
+
+/// A stored 201 with a header, as a payment's response.
+fn created() -> StoredResponse {
+    StoredResponse {
+        status: StatusCode::CREATED,
+        headers: vec![(
+            axum::http::header::LOCATION,
+            axum::http::HeaderValue::from_static("/payments/1"),
+        )],
+        body: Some("{}".into()),
+    }
+}
+
+fn assert_says(error: &str, words: &[&str]) {
+    for word in words {
+        assert!(error.contains(word), "`{word}` missing from: {error}");
+    }
+}
+
+/// `reply` is a 500 problem of `kind` without `Retry-After`: a retry soon
+/// after fails the same way until someone changes the table.
+fn assert_refused_for_good(reply: &Reply, kind: &str) {
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR, "{reply:?}");
+    assert!(reply.headers.get("retry-after").is_none(), "{reply:?}");
+    assert_eq!(reply.content_type(), Some("application/problem+json"));
+    let body: serde_json::Value = serde_json::from_slice(&reply.body).expect("JSON");
+    assert_eq!(body["type"], format!("urn:idempotent:{kind}"), "{body}");
+}
+
+// ===== PostgreSQL =====
+
+/// A store on `table`, migrated, on a pool of the test database's.
+async fn migrated_postgres(url: &str, table: &str) -> PostgresStore {
+    let connected = PostgresStore::connect(url).await.expect("connect");
+    let store = PostgresStore::builder(connected.pool().clone())
+        .table(table)
+        .build()
+        .expect("valid table name");
+    store.migrate().await.expect("migrate");
+    store
+}
+
+/// Runs `sql` (with `{table}` standing for `table`) on the test database,
+/// as a migration of the application's would.
+async fn alter(store: &PostgresStore, sql: &str) {
+    let sql = sql.replace("{table}", store.table());
+    sqlx::raw_sql(&sql)
+        .execute(store.pool())
+        .await
+        .unwrap_or_else(|error| panic!("{sql}: {error}"));
+}
+
+async fn drop_tables(store: &PostgresStore, tables: &[&str]) {
+    for table in tables {
+        let sql = format!("DROP TABLE IF EXISTS {table}");
+        sqlx::raw_sql(&sql)
+            .execute(store.pool())
+            .await
+            .expect("drop the table");
+    }
+}
+
+/// An application's migration widened `status` (`smallint` to
+/// `integer`, as an ORM that maps every integer so does) after a payment
+/// was stored. Its retry met the connection's prepared claim ("cached
+/// plan must not change result type") or, on a new connection, a value
+/// that does not read as `i16`: a 503 for good, and with `fail_open` the
+/// payment ran a second time. The row is a record of a request that
+/// ran: it is answered as a record the store cannot read, naming the
+/// column and the table, and nothing runs again.
+#[tokio::test]
+async fn a_retry_after_a_column_type_change_is_not_run_again() {
+    let Some(url) = backend_url(POSTGRES) else {
+        return;
+    };
+    let table = unique_name("idem_altered_type");
+    let store = migrated_postgres(&url, &table).await;
+    let ledger = Ledger::default();
+    let idempotency = Idempotency::builder(store.clone())
+        .store_timeout(TIMEOUT)
+        .fail_open(true)
+        .build();
+    let app = payments_app_on(idempotency, &ledger);
+    let first = pay(&app, "pay-1", 100).await;
+    alter(
+        &store,
+        "ALTER TABLE {table} ALTER COLUMN status TYPE integer",
+    )
+    .await;
+    let retry = pay(&app, "pay-1", 100).await;
+    let claimed = claim(&store, "pay-1").await;
+    drop_tables(&store, &[&table]).await;
+
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    assert_eq!(ledger.executions(), 1, "the retry ran the payment again");
+    assert_refused_for_good(&retry, "record-corrupt");
+    let error = claimed.expect_err("the stored response does not read");
+    assert!(matches!(error, StoreError::Codec(_)), "{error:?}");
+    assert_says(
+        &error.to_string(),
+        &[
+            "`status`",
+            &format!("`{table}`"),
+            "PostgresStore::migrate()",
+        ],
+    );
+}
+
+/// A change of a column's type that the store still reads (`text[]` to
+/// `varchar[]`) made every connection that had prepared a read of the
+/// record fail it for as long as it lived ("cached plan must not change
+/// result type"), answered 503. It runs again on a new connection.
+#[tokio::test]
+async fn a_readable_column_type_change_does_not_fail_prepared_statements() {
+    let Some(url) = backend_url(POSTGRES) else {
+        return;
+    };
+    let table = unique_name("idem_retyped");
+    let store = migrated_postgres(&url, &table).await;
+    let key = record_key("pay-1");
+    let completed = match claim(&store, "pay-1").await {
+        Ok(Claim::Acquired(token)) => store.complete(&key, token, created(), LEASE).await,
+        other => panic!("{other:?}"),
+    };
+    let before = store.get(&key).await;
+    let sql = "ALTER TABLE {table} ALTER COLUMN header_names TYPE varchar[]";
+    alter(&store, sql).await;
+    let after = store.get(&key).await;
+    drop_tables(&store, &[&table]).await;
+
+    completed.expect("store the response");
+    let before = before.expect("read the record");
+    let after = after.expect("read the record after the change");
+    assert!(matches!(after, Some(Record::Completed(_))), "{after:?}");
+    assert_eq!(after, before);
+}
+
+/// An application's migration added what the store's rows break: a NOT
+/// NULL column without a default, a unique index that is not on (`scope`,
+/// `key`), a CHECK, a narrower `key` or `expires_at`. Every claim failed
+/// as an outage, a 503 for good, whose log named neither the table nor
+/// the fix. It is a setup to change, named with the table.
+#[tokio::test]
+async fn a_table_altered_to_refuse_the_stores_rows_is_a_setup_to_change() {
+    let Some(url) = backend_url(POSTGRES) else {
+        return;
+    };
+    let alterations = [
+        "ALTER TABLE {table} ADD COLUMN tenant text NOT NULL",
+        "CREATE UNIQUE INDEX ON {table} (fingerprint)",
+        "ALTER TABLE {table} ADD CHECK (expires_at < 1000)",
+        "ALTER TABLE {table} ALTER COLUMN key TYPE varchar(8)",
+        "ALTER TABLE {table} ALTER COLUMN expires_at TYPE integer",
+    ];
+    for alteration in alterations {
+        let table = unique_name("idem_refusing");
+        let store = migrated_postgres(&url, &table).await;
+        alter(&store, alteration).await;
+        // Two requests alike under keys longer than 8 characters: the
+        // second meets a unique index on `fingerprint`.
+        let first = claim(&store, "payment-0001").await;
+        let second = claim(&store, "payment-0002").await;
+        drop_tables(&store, &[&table]).await;
+
+        let error = second.expect_err(alteration);
+        assert!(
+            matches!(error, StoreError::Misconfigured(_)),
+            "{alteration}: {error:?} (first claim: {first:?})"
+        );
+        assert_says(
+            &error.to_string(),
+            &[&format!("the table `{table}` refuses the store's rows")],
+        );
+    }
+}
+
+/// The same, over HTTP: a 500 `store-misconfigured` without
+/// `Retry-After`, where it was a 503 asking for a retry in a second, for
+/// good; nothing ran. Once the column has a default, the key is served.
+#[tokio::test]
+async fn a_not_null_column_added_after_migrate_is_a_500_until_fixed() {
+    let Some(url) = backend_url(POSTGRES) else {
+        return;
+    };
+    let table = unique_name("idem_not_null");
+    let store = migrated_postgres(&url, &table).await;
+    alter(
+        &store,
+        "ALTER TABLE {table} ADD COLUMN tenant text NOT NULL",
+    )
+    .await;
+    let ledger = Ledger::default();
+    let app = payments_app(store.clone(), &ledger, TIMEOUT);
+    let refused = pay(&app, "pay-1", 100).await;
+    let executions_refused = ledger.executions();
+    alter(
+        &store,
+        "ALTER TABLE {table} ALTER COLUMN tenant SET DEFAULT 'a'",
+    )
+    .await;
+    let fixed = pay(&app, "pay-1", 100).await;
+    drop_tables(&store, &[&table]).await;
+
+    assert_refused_for_good(&refused, "store-misconfigured");
+    assert_eq!(executions_refused, 0);
+    assert_eq!(fixed.status, StatusCode::CREATED, "{fixed:?}");
+    assert_eq!(ledger.executions(), 1);
+}
+
+/// A column dropped or renamed, or the table renamed, after `migrate`:
+/// the error said "column \"body\" does not exist" and suggested a table
+/// of the store's own, without naming the table the store uses. It names
+/// it, and `migrate`, which says what differs.
+#[tokio::test]
+async fn a_column_or_table_gone_after_migrate_names_the_table() {
+    let Some(url) = backend_url(POSTGRES) else {
+        return;
+    };
+    let alterations = [
+        "ALTER TABLE {table} DROP COLUMN body",
+        "ALTER TABLE {table} RENAME COLUMN fingerprint TO request_hash",
+        "ALTER TABLE {table} RENAME TO {table}_old",
+    ];
+    for alteration in alterations {
+        let table = unique_name("idem_gone");
+        let store = migrated_postgres(&url, &table).await;
+        alter(&store, alteration).await;
+        let claimed = claim(&store, "pay-1").await;
+        drop_tables(&store, &[&table, &format!("{table}_old")]).await;
+
+        let error = claimed.expect_err(alteration);
+        assert!(
+            matches!(error, StoreError::Misconfigured(_)),
+            "{alteration}: {error:?}"
+        );
+        assert_says(
+            &error.to_string(),
+            &[&format!("the table `{table}`"), "PostgresStore::migrate()"],
+        );
+    }
+}
+
+/// The table was made by a migration run with another `search_path` (a
+/// schema of the application's own), where the service's role does not
+/// look. The error said to create the table with `migrate()`, which makes
+/// a second, empty table where this instance looks, apart from the
+/// records of the instances that look in the schema: a key would run once
+/// in each. It says that a table elsewhere is found through the role's
+/// `search_path`.
+#[tokio::test]
+async fn a_table_out_of_the_roles_search_path_is_told_so() {
+    let Some(url) = backend_url(POSTGRES) else {
+        return;
+    };
+    let (schema, table) = (unique_name("idem_app"), unique_name("idem_elsewhere"));
+    let admin = PostgresStore::connect(&url).await.expect("connect");
+    let create = format!("CREATE SCHEMA {schema}");
+    sqlx::raw_sql(&create)
+        .execute(admin.pool())
+        .await
+        .expect("create the schema");
+    let options: sqlx::postgres::PgConnectOptions = url.parse().expect("valid URL");
+    let migrator = PostgresStore::connect_with(options.options([("search_path", schema.as_str())]))
+        .await
+        .expect("connect with the schema on the search path");
+    let migrator = PostgresStore::builder(migrator.pool().clone())
+        .table(table.as_str())
+        .build()
+        .expect("valid table name");
+    let migrated = migrator.migrate().await;
+    migrator.pool().close().await;
+    let service = PostgresStore::builder(admin.pool().clone())
+        .table(table.as_str())
+        .build()
+        .expect("valid table name");
+    let claimed = claim(&service, "pay-1").await;
+    let drop_schema = format!("DROP SCHEMA {schema} CASCADE");
+    sqlx::raw_sql(&drop_schema)
+        .execute(admin.pool())
+        .await
+        .expect("drop the schema");
+
+    migrated.expect("migrate in the schema");
+    let error = claimed.expect_err("the service's role does not find the table");
+    assert!(matches!(error, StoreError::Misconfigured(_)), "{error:?}");
+    assert_says(
+        &error.to_string(),
+        &[
+            &format!("the table `{table}` does not exist"),
+            "search_path",
+        ],
+    );
+}
+
+/// Something sharing the store's pool ran `DISCARD ALL` on a connection
+/// (as a pooler resets a connection it hands on, or an application
+/// clears what it set on one): the statements the store had prepared there were
+/// gone, and every statement the store ran on that connection failed,
+/// for as long as it lived. The statement runs again on a new connection.
+#[tokio::test]
+async fn statements_discarded_on_a_shared_connection_are_prepared_again() {
+    let Some(url) = backend_url(POSTGRES) else {
+        return;
+    };
+    let pool = PostgresStore::pool_options()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .expect("connect");
+    let store = PostgresStore::builder(pool)
+        .table(unique_name("idem_discarded"))
+        .hold_connections(0)
+        .build()
+        .expect("valid table name");
+    store.migrate().await.expect("migrate");
+    let before = claim(&store, "before").await;
+    sqlx::raw_sql("DISCARD ALL")
+        .execute(store.pool())
+        .await
+        .expect("discard the connection's state");
+    let after = claim(&store, "after").await;
+    let completed = match &after {
+        Ok(Claim::Acquired(token)) => {
+            let key = record_key("after");
+            Some(store.complete(&key, *token, created(), LEASE).await)
+        }
+        _ => None,
+    };
+    let table = store.table().to_owned();
+    drop_tables(&store, &[&table]).await;
+
+    assert!(matches!(before, Ok(Claim::Acquired(_))), "{before:?}");
+    assert!(matches!(after, Ok(Claim::Acquired(_))), "{after:?}");
+    assert!(matches!(completed, Some(Ok(()))), "{completed:?}");
+}
+
+/// A server that ends idle connections (`idle_session_timeout`, set by a
+/// DBA for the role or the database) closes the connections the store
+/// and its pool keep between statements: the next statement on each
+/// runs on another, and the request that holds a claim stores its
+/// response.
+#[tokio::test]
+async fn a_server_ending_idle_connections_costs_no_request() {
+    let Some(url) = backend_url(POSTGRES) else {
+        return;
+    };
+    let options: sqlx::postgres::PgConnectOptions = url.parse().expect("valid URL");
+    let options = options.options([("idle_session_timeout", "300")]);
+    let pool = PostgresStore::pool_options()
+        .max_connections(4)
+        .connect_with(options)
+        .await
+        .expect("connect");
+    let store = PostgresStore::builder(pool)
+        .table(unique_name("idem_idle_ended"))
+        .hold_connections(2)
+        .build()
+        .expect("valid table name");
+    store.migrate().await.expect("migrate");
+    let held = claim(&store, "held").await;
+    // Past the server's 300 ms, and past the second after which the
+    // store hands kept connections back to the pool.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let completed = match &held {
+        Ok(Claim::Acquired(token)) => {
+            let key = record_key("held");
+            Some(store.complete(&key, *token, created(), LEASE).await)
+        }
+        _ => None,
+    };
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let next = claim(&store, "next").await;
+    let record = store.get(&record_key("held")).await;
+    let table = store.table().to_owned();
+    let admin = PostgresStore::connect(&url).await.expect("connect");
+    drop_tables(&admin, &[&table]).await;
+
+    assert!(matches!(held, Ok(Claim::Acquired(_))), "{held:?}");
+    assert!(matches!(completed, Some(Ok(()))), "{completed:?}");
+    assert!(matches!(next, Ok(Claim::Acquired(_))), "{next:?}");
+    assert!(
+        matches!(record, Ok(Some(Record::Completed(_)))),
+        "{record:?}"
+    );
+}
+
+// ===== SQLite =====
+
+/// A store on `table` of a new file, migrated.
+async fn migrated_sqlite(file: &TempDb, table: &str) -> SqliteStore {
+    let opened = SqliteStore::open(&file.0).await.expect("open");
+    let store = SqliteStore::builder(opened.pool().clone())
+        .table(table)
+        .build()
+        .expect("valid table name");
+    store.migrate().await.expect("migrate");
+    store
+}
+
+async fn sqlite_run(store: &SqliteStore, sql: &str) {
+    let sql = sql.replace("{table}", store.table());
+    sqlx::raw_sql(&sql)
+        .execute(store.pool())
+        .await
+        .unwrap_or_else(|error| panic!("{sql}: {error}"));
+}
+
+/// A unique index on `fingerprint` added after `migrate`: the second
+/// request alike, under another key, failed as an outage, for as long as
+/// the first one's record was kept. It is a setup to change, named with
+/// the table.
+#[tokio::test]
+async fn a_sqlite_index_added_after_migrate_is_a_setup_to_change() {
+    let file = TempDb::new();
+    let store = migrated_sqlite(&file, "payments_idempotency").await;
+    sqlite_run(
+        &store,
+        "CREATE UNIQUE INDEX by_request ON {table} (fingerprint)",
+    )
+    .await;
+    let first = claim(&store, "pay-1").await;
+    let second = claim(&store, "pay-2").await;
+    store.pool().close().await;
+
+    assert!(matches!(first, Ok(Claim::Acquired(_))), "{first:?}");
+    let error = second.expect_err("the index refuses the second row");
+    assert!(matches!(error, StoreError::Misconfigured(_)), "{error:?}");
+    assert_says(
+        &error.to_string(),
+        &["the table `payments_idempotency` refuses the store's rows"],
+    );
+}
+
+/// A column dropped, or the table renamed, after `migrate`: the error
+/// names the table and `migrate`.
+#[tokio::test]
+async fn a_sqlite_column_or_table_gone_after_migrate_names_the_table() {
+    for alteration in [
+        "ALTER TABLE {table} DROP COLUMN record",
+        "ALTER TABLE {table} RENAME TO old_payments_idempotency",
+    ] {
+        let file = TempDb::new();
+        let store = migrated_sqlite(&file, "payments_idempotency").await;
+        sqlite_run(&store, alteration).await;
+        let claimed = claim(&store, "pay-1").await;
+        store.pool().close().await;
+
+        let error = claimed.expect_err(alteration);
+        assert!(
+            matches!(error, StoreError::Misconfigured(_)),
+            "{alteration}: {error:?}"
+        );
+        assert_says(
+            &error.to_string(),
+            &["the table `payments_idempotency`", "SqliteStore::migrate()"],
+        );
+    }
+}
+
+/// A row whose `expires_at` is not a number (written by a script, or
+/// kept through a change of the column's type): the record is one the
+/// store cannot read, and the error names the column and the table.
+#[tokio::test]
+async fn a_sqlite_value_of_another_type_names_its_column() {
+    let file = TempDb::new();
+    let store = migrated_sqlite(&file, "payments_idempotency").await;
+    let scope = ScopeDigest::global();
+    sqlx::query(
+        "INSERT INTO payments_idempotency (scope, key, fingerprint, lease_token, expires_at)
+         VALUES (?1, 'pay-1', ?2, ?3, 'tomorrow')",
+    )
+    .bind(scope.as_bytes().as_slice())
+    .bind([7_u8; 32].as_slice())
+    .bind([1_u8; 16].as_slice())
+    .execute(store.pool())
+    .await
+    .expect("insert a row by hand");
+    let claimed = claim(&store, "pay-1").await;
+    store.pool().close().await;
+
+    let error = claimed.expect_err("the row does not read");
+    assert!(matches!(error, StoreError::Codec(_)), "{error:?}");
+    assert_says(
+        &error.to_string(),
+        &["`expires_at`", "`payments_idempotency`"],
+    );
+}
