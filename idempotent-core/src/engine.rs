@@ -65,6 +65,11 @@ const STORE_RETRY_PAUSES: [Duration; 3] = [
     Duration::from_millis(800),
 ];
 const LOST: &str = "the lease was taken over while the handler ran, so its response was not stored; the request may have run twice";
+const GONE_UNSTORED: &str = "the response was not stored: the claim's record is gone from the store, which dropped it (a restart without persistence, an eviction, a flush, a record deleted by hand), or a request that took the lapsed lease over released it; a retry runs the request again: if the store drops records, make it keep them (for Redis, `appendonly yes` and `maxmemory-policy noeviction`)";
+/// What a release logs whose lease a renewal found lost while the handler
+/// ran: no lost answer of its own can explain it.
+const TAKEN_OVER_WHILE_RUNNING: &str = "the lease was taken over while the handler ran: it lapsed, and another request claimed the key and holds it; the request may have run twice";
+const GONE_WHILE_RUNNING: &str = "the claim's record went from the store while the handler ran: the store dropped it (a restart without persistence, an eviction, a flush, a record deleted by hand), or a request that took the lapsed lease over released it; the request may have run twice, and a retry runs it again: if the store drops records, make it keep them (for Redis, `appendonly yes` and `maxmemory-policy noeviction`)";
 const NOT_RELEASED: &str = "could not release the key; it frees when the lease lapses";
 const NOT_STORED_UNTIL_FIXED: &str = "the response could not be stored, and was not tried again: the store fails this way until what the error names is fixed; a retry after the lease lapses runs again";
 const NOT_RELEASED_UNTIL_FIXED: &str = "could not release the key, and did not try again: the store fails this way until what the error names is fixed; the key frees when the lease lapses";
@@ -555,19 +560,21 @@ impl Engine {
             let produced = AssertUnwindSafe(self.produce(handler)).catch_unwind().await;
             match produced {
                 Ok(Produced::Final(parts, body)) => {
-                    let response = self.keep(token, parts, body).await;
+                    // Asked before anything is stored: see `store_again`.
+                    let lost = renewals.lost();
+                    let response = self.keep(token, parts, body, lost).await;
                     drop(renewals);
                     Ok(response)
                 }
                 Ok(Produced::NotFinal(response, reason)) => {
-                    drop(renewals);
+                    let lost = renewals.stop();
                     let status = Some(response.status().as_u16());
-                    self.release(token, reason, status).await;
+                    self.release(token, (reason, status), lost).await;
                     Ok(response)
                 }
                 Err(panic) => {
-                    drop(renewals);
-                    self.release(token, "handler panicked", None).await;
+                    let lost = renewals.stop();
+                    self.release(token, ("handler panicked", None), lost).await;
                     Err(panic)
                 }
             }
@@ -592,13 +599,15 @@ impl Engine {
         Produced::Final(parts, collected)
     }
 
-    /// Stores a final response and hands it on.
+    /// Stores a final response and hands it on. `lost_before_storing`: a
+    /// renewal found the lease lost before the run began to store it.
     #[expect(clippy::manual_async_fn, reason = "halves the future's size")]
     fn keep(
         &self,
         token: LeaseToken,
         parts: Parts,
         body: Collected,
+        lost_before_storing: bool,
     ) -> impl Future<Output = Response> + Send + '_ {
         async move {
             let (stored_body, body) = match body {
@@ -612,7 +621,8 @@ impl Engine {
                     (None, body)
                 }
             };
-            self.store(token, &parts, stored_body).await;
+            self.store(token, &parts, stored_body, lost_before_storing)
+                .await;
             Response::from_parts(parts, body)
         }
     }
@@ -622,7 +632,13 @@ impl Engine {
     /// after the lease lapses runs the handler again. The first attempts
     /// hold the caller's response back; the rest go on without it
     /// ([`store_later`](Self::store_later)).
-    async fn store(&self, token: LeaseToken, parts: &Parts, body: Option<Bytes>) {
+    async fn store(
+        &self,
+        token: LeaseToken,
+        parts: &Parts,
+        body: Option<Bytes>,
+        lost_before_storing: bool,
+    ) {
         let stored = match self.complete(token, parts, body.clone()).await {
             Ok(()) => Ok(()),
             // Tried again, it would fail alike; and the store answered,
@@ -631,30 +647,60 @@ impl Engine {
             // Boxed: only a failed attempt pays for the retries.
             Err(error) => {
                 let response = stored_response(parts, body);
-                return Box::pin(self.store_again(token, response, error)).await;
+                let again = self.store_again(token, response, error, lost_before_storing);
+                return Box::pin(again).await;
             }
         };
         self.log_stored(stored, parts.status);
     }
 
-    /// The attempts after a first one failed with `error`.
-    async fn store_again(&self, token: LeaseToken, response: StoredResponse, error: StoreError) {
+    /// The attempts after a first one failed with `error`. A record of
+    /// this response found after they failed is this run's, stored by an
+    /// attempt whose answer was lost, unless the lease was lost before the
+    /// run began to store (`lost_before_storing`): then it is the response
+    /// of another run, which took the key over and answered alike (a 204,
+    /// a body without an id of its own), and the request ran twice.
+    async fn store_again(
+        &self,
+        token: LeaseToken,
+        response: StoredResponse,
+        error: StoreError,
+        lost_before_storing: bool,
+    ) {
         let stored = self
             .after_pauses(error, "could not store the response; trying again", || {
                 self.complete_with(token, response.clone())
             })
             .await;
-        match stored {
-            // After the warnings of the failed attempts, the log at info
-            // says how it ended.
-            Ok(()) => self.stored_after_warnings(response.status),
-            Err(_) if self.stored_already(&response).await => {
-                tracing::debug!("an attempt whose answer was lost had stored the response");
-                self.stored_after_warnings(response.status);
-            }
-            Err(error) if may_pass(&error) => self.store_later(token, response, &error),
-            stored => self.log_stored(stored, response.status),
+        // After the warnings of the failed attempts, the log at info says
+        // how it ended.
+        let Err(error) = stored else {
+            return self.stored_after_warnings(response.status);
+        };
+        let record = self.read_record().await;
+        if !lost_before_storing && self.holds(&record, &response) {
+            tracing::debug!("an attempt whose answer was lost had stored the response");
+            return self.stored_after_warnings(response.status);
         }
+        match error {
+            StoreError::LeaseLost => self.lost_unstored(&record, response.status),
+            error if may_pass(&error) => self.store_later(token, response, &error),
+            error => self.log_stored(Err(error), response.status),
+        }
+    }
+
+    /// Logs the one `lease_lost` of a run whose completion found another
+    /// request holding the key, or none: `record` is the key's record as
+    /// read after it (see [`holder`]). The run's renewals, which may have
+    /// found the loss first, only warned of it.
+    fn lost_unstored(&self, record: &Result<Option<Record>, StoreError>, status: StatusCode) {
+        let (endpoint, key, status) = (self.endpoint.name(), self.key.log_id(), status.as_u16());
+        let message = match record {
+            Ok(None) => GONE_UNSTORED,
+            _ => LOST,
+        };
+        let record = holder(record);
+        tracing::error!(outcome = "lease_lost", endpoint, %key, status, record, message);
     }
 
     /// Goes on storing the response on a task of its own once the first
@@ -729,12 +775,14 @@ impl Engine {
                 // or another run's after a takeover: only a lease token in
                 // the record would tell, so the log names both.
                 Err(StoreError::LeaseLost) => {
-                    let same = self.stored_already(&response).await;
-                    break Err(if same {
+                    let record = self.read_record().await;
+                    let same = self.holds(&record, &response);
+                    let message = if same {
                         LOST_LATER_OR_STORED
                     } else {
                         LOST_LATER
-                    });
+                    };
+                    break Err((message, holder(&record)));
                 }
                 Err(_) if self.stored_already(&response).await => break Ok(()),
                 Err(error) => {
@@ -751,7 +799,10 @@ impl Engine {
                 let status = response.status.as_u16();
                 tracing::info!(outcome = "executed", endpoint, %key, status, "{STORED_LATER}");
             }
-            Err(message) => tracing::error!(outcome = "lease_lost", endpoint, %key, message),
+            Err((message, record)) => {
+                let status = response.status.as_u16();
+                tracing::error!(outcome = "lease_lost", endpoint, %key, status, record, message);
+            }
         }
     }
 
@@ -767,9 +818,6 @@ impl Engine {
         let (endpoint, key) = (self.endpoint.name(), self.key.log_id());
         match stored {
             Ok(()) => tracing::debug!(outcome = "executed", status = status.as_u16()),
-            Err(StoreError::LeaseLost) => {
-                tracing::error!(outcome = "lease_lost", endpoint, %key, message = LOST);
-            }
             Err(error) if fails_until_fixed(&error) => {
                 tracing::error!(%error, outcome = "store_error", endpoint, %key, message = NOT_STORED_UNTIL_FIXED);
             }
@@ -815,7 +863,17 @@ impl Engine {
     /// by the same one if the client sent its command again (the Redis
     /// Cluster client does, after a dropped connection).
     async fn stored_already(&self, response: &StoredResponse) -> bool {
-        let Ok(Some(Record::Completed(record))) = self.read_record().await else {
+        self.holds(&self.read_record().await, response)
+    }
+
+    /// Whether `record`, as read, is this request's completed record (see
+    /// [`stored_already`](Self::stored_already)).
+    fn holds(
+        &self,
+        record: &Result<Option<Record>, StoreError>,
+        response: &StoredResponse,
+    ) -> bool {
+        let Ok(Some(Record::Completed(record))) = record else {
             return false;
         };
         let stored = &record.response;
@@ -827,10 +885,18 @@ impl Engine {
 
     /// Releases the key, trying again after a store error that may pass,
     /// as a completion is: until it is released, retries get 409 for as
-    /// long as the lease has left to run. `status`: the handler's, which
-    /// the log names, so that a 503 from a payment provider is told apart
-    /// from a 429.
-    async fn release(&self, token: LeaseToken, reason: &'static str, status: Option<u16>) {
+    /// long as the lease has left to run. `why`: the reason, and the
+    /// handler's status, which the log names, so that a 503 from a payment
+    /// provider is told apart from a 429 (none for a panic).
+    /// `lost_while_running`: a renewal found the lease lost before the
+    /// release was sent (see [`Renewals::stop`]).
+    async fn release(
+        &self,
+        token: LeaseToken,
+        why: (&'static str, Option<u16>),
+        lost_while_running: bool,
+    ) {
+        let (reason, status) = why;
         let released = match self.release_once(token).await {
             // A lost lease is final: the key is not this request's to free;
             // and so is an error that would fail every attempt alike.
@@ -843,22 +909,9 @@ impl Engine {
         let (endpoint, key) = (self.endpoint.name(), self.key.log_id());
         match released {
             Ok(()) => tracing::info!(outcome = "released", endpoint, %key, reason, status),
-            // Another request holds the key: it took the key over after
-            // the lease lapsed, and ran beside this one; or it claimed the
-            // key that an attempt whose answer was lost had freed (one
-            // waiting on a `wait` endpoint polls at least every 200 ms,
-            // well within a retry's pause). Only a takeover is harmful,
-            // and nothing here tells them apart: the message names both.
             // Boxed: only a lost lease pays for the read.
-            Err(StoreError::LeaseLost) if Box::pin(self.held_by_another()).await => {
-                tracing::error!(outcome = "lease_lost", endpoint, %key, reason, status, message = TAKEN_OVER);
-            }
-            // Released already by an attempt whose answer was lost (a
-            // timeout, a dropped connection; or the same attempt, which
-            // the Redis Cluster client sends again after a dropped
-            // connection): nothing is left to free.
             Err(StoreError::LeaseLost) => {
-                tracing::info!(outcome = "released", endpoint, %key, reason, status, "{NOT_HELD}");
+                Box::pin(self.release_refused(why, lost_while_running)).await;
             }
             Err(error) if fails_until_fixed(&error) => {
                 tracing::error!(%error, outcome = "store_error", endpoint, %key, reason, status, message = NOT_RELEASED_UNTIL_FIXED);
@@ -869,11 +922,32 @@ impl Engine {
         }
     }
 
-    /// Whether the store holds a record of the key, which a release that
-    /// found the lease gone did not free: another request's, which took
-    /// the key over or claimed it once an earlier attempt freed it.
-    async fn held_by_another(&self) -> bool {
-        matches!(self.read_record().await, Ok(Some(_)))
+    /// Logs a release that found the lease gone, by what holds the key
+    /// now. Lost while the handler ran (`lost_while_running`), the lease
+    /// was taken over, or the record dropped: one `lease_lost`, whatever
+    /// holds the key. Otherwise a record there is another request's, which
+    /// took the key over after the lease lapsed and ran beside this one,
+    /// or claimed the key that an attempt whose answer was lost had freed
+    /// (one waiting on a `wait` endpoint polls at least every 200 ms, well
+    /// within a retry's pause): only a takeover is harmful, and nothing
+    /// here tells them apart, so the message names both. No record: an
+    /// attempt whose answer was lost (a timeout, a dropped connection; or
+    /// the same attempt, which the Redis Cluster client sends again after
+    /// a dropped connection) released it, and nothing is left to free.
+    async fn release_refused(&self, why: (&'static str, Option<u16>), lost_while_running: bool) {
+        let ((reason, status), record) = (why, self.read_record().await);
+        let (endpoint, key) = (self.endpoint.name(), self.key.log_id());
+        let message = match (&record, lost_while_running) {
+            (Ok(Some(_)), false) => TAKEN_OVER,
+            (_, false) => {
+                tracing::info!(outcome = "released", endpoint, %key, reason, status, "{NOT_HELD}");
+                return;
+            }
+            (Ok(None), true) => GONE_WHILE_RUNNING,
+            (_, true) => TAKEN_OVER_WHILE_RUNNING,
+        };
+        let record = holder(&record);
+        tracing::error!(outcome = "lease_lost", endpoint, %key, reason, status, record, message);
     }
 
     /// The key's record as the store holds it now.
@@ -1012,6 +1086,21 @@ fn stored_response(parts: &Parts, body: Option<Bytes>) -> StoredResponse {
         status: parts.status,
         headers: replayable_headers(parts),
         body,
+    }
+}
+
+/// What holds a key whose lease a run lost, as its `lease_lost` names it
+/// (`record`), from the key's record as read after the loss: what a retry
+/// gets. `in_flight`: another request runs it (409 until it ends);
+/// `completed`: another request's response is stored (a retry replays
+/// it); `gone`: nothing (a retry runs the request again); `unread`: the
+/// read failed.
+fn holder(record: &Result<Option<Record>, StoreError>) -> &'static str {
+    match record {
+        Ok(Some(Record::InFlight(_))) => "in_flight",
+        Ok(Some(Record::Completed(_))) => "completed",
+        Ok(None) => "gone",
+        Err(_) => "unread",
     }
 }
 

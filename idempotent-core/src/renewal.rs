@@ -290,10 +290,34 @@ impl<'a> Renewals<'a> {
     }
 }
 
-impl Drop for Renewals<'_> {
-    fn drop(&mut self) {
+impl Renewals<'_> {
+    /// Stops the renewals, and says whether one of them found the lease
+    /// lost (another request holds the key, or its record is gone). Asked
+    /// before the run stores a record or releases the key, a lost lease is
+    /// no doing of the run's own: the run's `lease_lost` then says that the
+    /// key was lost while the handler ran, not that it may have been.
+    pub(crate) fn stop(mut self) -> bool {
+        self.stop_renewing()
+    }
+
+    /// Whether a renewal has found the lease lost so far. Asked before the
+    /// run stores anything, a completed record of the key found later is
+    /// not the run's own, whatever response it holds.
+    pub(crate) fn lost(&self) -> bool {
         let Some(id) = self.claim else {
-            return;
+            return false;
+        };
+        let table = self.renewer.table();
+        let renewing = table
+            .claims
+            .get(id)
+            .and_then(|claim| claim.renewing.as_ref());
+        renewing.is_some_and(|renewing| lock_outage(&renewing.outage).lost)
+    }
+
+    fn stop_renewing(&mut self) -> bool {
+        let Some(id) = self.claim.take() else {
+            return false;
         };
         let settled = self.renewer.table().claims.remove(id);
         let now = Instant::now();
@@ -301,7 +325,7 @@ impl Drop for Renewals<'_> {
             // The watcher never got to start renewing it: if the lease ran
             // out meanwhile, no renewal will ever say so.
             settled.tell_lapse(&mut Outage::new(settled.held_until()), now);
-            return;
+            return false;
         };
         renewing.settled.store(true, Ordering::Release);
         renewing.task.abort();
@@ -312,6 +336,13 @@ impl Drop for Renewals<'_> {
         if outage.under_way == 0 {
             settled.tell_lapse(&mut outage, now);
         }
+        outage.lost
+    }
+}
+
+impl Drop for Renewals<'_> {
+    fn drop(&mut self) {
+        self.stop_renewing();
     }
 }
 
@@ -361,9 +392,13 @@ impl Drop for ForgetWatcher {
     }
 }
 
-/// Says that the lease was lost, unless the renewal only met the claim its
-/// own run had just settled: an abort does not stop a renewal that is
-/// already under way when the record is stored or the key released.
+/// Warns, at once, that the lease was lost while the handler runs, unless
+/// the renewal only met the claim its own run had just settled: an abort
+/// does not stop a renewal that is already under way when the record is
+/// stored or the key released. A warning, not the `lease_lost` outcome:
+/// the run logs that once, when it settles, with what it knows only then
+/// (the handler's status, and what holds the key), so that one takeover
+/// is one `lease_lost`.
 async fn lease_lost(
     settings: &Settings,
     endpoint: &'static str,
@@ -389,13 +424,13 @@ async fn lease_lost(
         Ok(None) => GONE,
         _ => TAKEN_OVER,
     };
-    tracing::error!(outcome = "lease_lost", endpoint, key = %key.log_id(), "{message}");
+    tracing::warn!(endpoint, key = %key.log_id(), "{message}");
 }
 
 /// What a renewal that found another request holding the key logs.
-const TAKEN_OVER: &str = "the lease was taken over while the handler runs: it lapsed (renewals that failed or ran late, which this key's earlier events tell, a suspended process, or instances whose clocks disagree), and another request claimed the key; this run's response will not be stored, and the request may run twice";
+const TAKEN_OVER: &str = "the lease was taken over while the handler runs: it lapsed (renewals that failed or ran late, which this key's earlier events tell, a suspended process, or instances whose clocks disagree), and another request claimed the key; this run's response will not be stored, and the request may run twice: its `lease_lost` follows when the handler ends";
 /// What a renewal that found no record of the key logs.
-const GONE: &str = "the claim's record is gone from the store while the handler runs: the store dropped it (a restart without persistence, an eviction, a flush, a record deleted by hand) or another request took it over and released it; this run's response will not be stored, and a retry runs the request again: if the store drops records, make it keep them (for Redis, `appendonly yes` and `maxmemory-policy noeviction`)";
+const GONE: &str = "the claim's record is gone from the store while the handler runs: the store dropped it (a restart without persistence, an eviction, a flush, a record deleted by hand) or another request took it over and released it; this run's response will not be stored, and a retry runs the request again: if the store drops records, make it keep them (for Redis, `appendonly yes` and `maxmemory-policy noeviction`); its `lease_lost` follows when the handler ends";
 
 /// Renews `claim`'s lease now and every third of it after, until the lease
 /// is lost, the store fails in a way that only fixing it ends
@@ -446,8 +481,12 @@ fn renew_until_lost(
                         outage.under_way -= 1;
                         match renewed {
                             Ok(()) => outage.renewed(sent + lease, endpoint, &key),
-                            // `lease_lost` tells what became of the lease.
-                            Err(StoreError::LeaseLost) => outage.lapse_told = true,
+                            // `lease_lost` warns of it; the run logs the
+                            // outcome when it settles.
+                            Err(StoreError::LeaseLost) => {
+                                outage.lapse_told = true;
+                                outage.lost = true;
+                            }
                             // A renewal sent later was applied already: the
                             // lease holds, and nothing needs trying again.
                             Err(error) if outage.outrun(sent + lease) => {
@@ -503,6 +542,8 @@ struct Outage {
     held_until: Instant,
     failures: u32,
     lapse_told: bool,
+    /// A renewal found the lease lost (see [`Renewals::stop`]).
+    lost: bool,
     /// Renewals sent that have not answered yet.
     under_way: usize,
 }
@@ -513,6 +554,7 @@ impl Outage {
             held_until,
             failures: 0,
             lapse_told: false,
+            lost: false,
             under_way: 0,
         }
     }

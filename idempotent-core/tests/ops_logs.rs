@@ -562,10 +562,11 @@ impl Hooks for Forgetful {
     }
 }
 
-/// A renewal that finds the claim's record gone says so, rather than
-/// that another request took the lease over: the operator then looks at
-/// the store (its persistence, its evictions), not for a second run that
-/// may never have happened.
+/// A renewal that finds the claim's record gone says so at once, rather
+/// than that another request took the lease over, and so does the run's
+/// one `lease_lost` when the handler ends: the operator then looks at the
+/// store (its persistence, its evictions), not for a second run that may
+/// never have happened.
 #[tokio::test(start_paused = true)]
 async fn a_renewal_that_finds_the_record_gone_says_it_is_gone() {
     let (recorder, _guard) = Events::on_this_thread();
@@ -575,17 +576,23 @@ async fn a_renewal_that_finds_the_record_gone_says_it_is_gone() {
     let status = send(&service, request("/pay", Some("k-gone"), &slow_body)).await;
     assert_eq!(status, StatusCode::CREATED);
 
-    let events = recorder.take_at_least(tracing::Level::ERROR);
+    let events = recorder.take_at_least(tracing::Level::WARN);
     let renewal = events
         .iter()
         .find(|event| event.target == "idempotent_core::renewal")
         .unwrap_or_else(|| panic!("the renewal told nothing: {events:#?}"));
-    assert_eq!(renewal.field("outcome"), Some("lease_lost"), "{renewal:#?}");
-    assert!(
-        renewal.message().contains("gone from the store"),
-        "{renewal:#?}"
-    );
-    assert!(!renewal.message().contains("taken over"), "{renewal:#?}");
+    assert_eq!(renewal.level, tracing::Level::WARN, "{renewal:#?}");
+    assert_eq!(renewal.field("outcome"), None, "{renewal:#?}");
+    let lost: Vec<_> = events
+        .iter()
+        .filter(|event| event.field("outcome") == Some("lease_lost"))
+        .collect();
+    assert_eq!(lost.len(), 1, "one lost lease, one lease_lost: {events:#?}");
+    assert_eq!(lost[0].field("record"), Some("gone"), "{lost:#?}");
+    for told in [renewal, lost[0]] {
+        assert!(told.message().contains("gone from the store"), "{told:#?}");
+        assert!(!told.message().contains("taken over"), "{told:#?}");
+    }
 }
 
 /// A response stored on a later attempt, after a warning that storing
