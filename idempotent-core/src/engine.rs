@@ -149,6 +149,9 @@ fn prepare(
     if let Some(params) = request.route {
         fingerprint = fingerprint.on_route(&*params);
     }
+    if let Some(method) = request.method {
+        fingerprint = fingerprint.on_method(&method);
+    }
     Ok(Some(Engine {
         settings,
         endpoint: *endpoint,
@@ -484,7 +487,7 @@ impl Engine {
         );
         Problem::new(
             ProblemKind::KeyReused,
-            "this idempotency key was already used with a different request (body or parameters, at this endpoint or another one); send a new key for a new request",
+            "this idempotency key was already used with a different request (body, parameters or method, at this endpoint or another one); send a new key for a new request",
         )
         .into_response()
     }

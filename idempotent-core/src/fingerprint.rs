@@ -141,6 +141,18 @@ impl Fingerprint {
         }
         Self(crate::digest::sha256_framed(&parts))
     }
+
+    /// This fingerprint bound to the request's method: one handler routed
+    /// for several methods (`any(handler)`, a handler reading `Method`)
+    /// answers a `DELETE` other than a `POST` of the same inputs, so the
+    /// two are different requests. See [`request::method_binding`] for
+    /// which methods are bound.
+    ///
+    /// [`request::method_binding`]: crate::request::method_binding
+    pub(crate) fn on_method(self, method: &http::Method) -> Self {
+        let parts: [&[u8]; 3] = [b"idempotent method", &self.0, method.as_str().as_bytes()];
+        Self(crate::digest::sha256_framed(&parts))
+    }
 }
 
 impl fmt::Debug for Fingerprint {

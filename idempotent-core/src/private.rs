@@ -26,7 +26,7 @@ use http::{Extensions, HeaderMap};
 use crate::exact;
 use crate::fingerprint::{Fingerprint, FingerprintError, FingerprintInput, Fingerprinter};
 use crate::problem::Problem;
-use crate::request::{ScopeSource, route_params};
+use crate::request::{ScopeSource, method_binding, route_params};
 use crate::scope::{self, IdempotencyScope, ScopeDigest};
 
 /// [`ScopedRequest`] for an endpoint scoped by API key.
@@ -61,6 +61,7 @@ impl<S: Send + Sync, const SCOPE: u8> FromRequestParts<S> for ScopedRequest<SCOP
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         let Self(mut request) = Self::extract(&parts.headers, &parts.extensions, parts.uri.path())?;
         request.route = route_params(parts, request.key.is_some())?;
+        request.method = method_binding(&parts.method, request.key.is_some());
         Ok(Self(request))
     }
 }
@@ -162,6 +163,7 @@ fn note_route_params(
     let route = route_params(&mut parts, idempotent.key.is_some());
     std::mem::swap(&mut parts.extensions, request.extensions_mut());
     idempotent.route = route?;
+    idempotent.method = method_binding(request.method(), idempotent.key.is_some());
     Ok(())
 }
 

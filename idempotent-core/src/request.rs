@@ -9,7 +9,7 @@ use axum::extract::{FromRequestParts, RawPathParams};
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
 use http::request::Parts;
-use http::{Extensions, HeaderMap, HeaderName};
+use http::{Extensions, HeaderMap, HeaderName, Method};
 
 use crate::endpoint::Endpoint;
 use crate::exact::ExactRequest;
@@ -59,6 +59,10 @@ pub struct IdempotentRequest {
     /// the fingerprint to them ([`route_params`]). Boxed: most routes have
     /// none, and every request's future holds this.
     pub(crate) route: Option<Box<RawPathParams>>,
+    /// The request's method, when `run` binds the fingerprint to it
+    /// ([`method_binding`]). Boxed: most idempotent requests are `POST`s,
+    /// which carry none, and every request's future holds this.
+    pub(crate) method: Option<Box<Method>>,
     /// Set by the attribute when the handler takes an extractor as a
     /// `Result` and it was rejected: a 400 or 422 answer to it is not
     /// stored.
@@ -170,6 +174,7 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotentRequest {
             ScopeSource::Headers(Box::new(headers.clone()))
         })?;
         request.route = route_params(parts, request.key.is_some())?;
+        request.method = method_binding(&parts.method, request.key.is_some());
         Ok(request)
     }
 }
@@ -198,6 +203,7 @@ impl IdempotentRequest {
             scope,
             exact: None,
             route: None,
+            method: None,
             input_rejected: false,
         })
     }
@@ -230,6 +236,27 @@ pub(crate) fn route_params(
         // Outside a router there are none to bind.
         Err(_) => Ok(None),
     }
+}
+
+/// The method a `keyed` request's fingerprint is bound to, if any: none
+/// for `POST`, the method of nearly every idempotent request, so that its
+/// fingerprint is the handler's inputs alone (and records stored before
+/// methods were bound still match); `HEAD` is bound as `GET`, which axum
+/// serves by the same handler, so that a `GET` after a `HEAD` replays the
+/// whole response. Without it, a handler routed for several methods would
+/// answer a `DELETE` with the stored response of a `POST` under the same
+/// key and inputs, as its replay. `IdempotentLayer` fingerprints the
+/// method itself.
+pub(crate) fn method_binding(method: &Method, keyed: bool) -> Option<Box<Method>> {
+    if !keyed || *method == Method::POST {
+        return None;
+    }
+    let bound = if *method == Method::HEAD {
+        Method::GET
+    } else {
+        method.clone()
+    };
+    Some(Box::new(bound))
 }
 
 /// The endpoint of the [`IdempotentLayer`](crate::IdempotentLayer) that

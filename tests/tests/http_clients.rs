@@ -2,7 +2,8 @@
 //! HTTP, beyond the cases `macro_wire`, `interop_layers` and the core's
 //! `layer` tests cover: a method the route does not take, the 413 for a
 //! body over the layer's limit, a storm of duplicates while the first
-//! request runs, and one key sent to two routes.
+//! request runs, one key sent to two routes, and one key sent with
+//! several methods to one handler.
 
 mod macro_support;
 
@@ -12,8 +13,9 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
+use axum::http::Method;
 use axum::http::{Request, StatusCode};
-use axum::routing::post;
+use axum::routing::{any, post};
 use axum::{Json, Router};
 use idempotent_core::store::MemoryStore;
 use idempotent_core::{Endpoint, Idempotency, IdempotentLayer, Scope, idempotent};
@@ -272,4 +274,50 @@ async fn a_key_sent_to_a_second_route_is_refused_as_reused_not_replayed() {
         assert_eq!((retry.replayed, retry.body), (true, first.body));
     }
     assert_eq!(runs.get(), 2);
+}
+
+// ===== one key, several methods of one handler =====
+
+/// Answers by its method: one handler routed for several methods.
+#[idempotent(scope = "global")]
+async fn by_method(State(runs): State<Runs>, method: Method, body: String) -> String {
+    format!("{method} {body}, run {}", runs.bump())
+}
+
+/// A key used with `POST` and sent again, with the same body, as a
+/// `DELETE`, `PUT` or `PATCH` to the same handler is another request (the
+/// handler answers by its method): 422, never the `POST`'s response
+/// marked as a replay. A retry with the method it was first sent with is
+/// replayed, `PUT` as `POST`; and a `GET` after a `HEAD` with one key is
+/// replayed too, as axum serves both by the same handler.
+#[tokio::test]
+async fn a_key_sent_with_another_method_to_one_handler_is_refused_as_reused_not_replayed() {
+    let runs = Runs::default();
+    let app = Router::new()
+        .route("/items", any(by_method))
+        .with_state(runs.clone())
+        .layer(Idempotency::new(MemoryStore::new()));
+    let first = send(&app, request("POST", "/items", Some("k"), "x")).await;
+    assert_eq!(first.body, "POST x, run 1");
+    for method in ["DELETE", "PUT", "PATCH", "GET"] {
+        let other = send(&app, request(method, "/items", Some("k"), "x")).await;
+        let detail = problem(&other, 422, "key-reused");
+        assert!(detail.contains("method"), "{detail}");
+    }
+    let retry = send(&app, request("POST", "/items", Some("k"), "x")).await;
+    assert_eq!((retry.replayed, retry.body), (true, first.body));
+
+    let put = send(&app, request("PUT", "/items", Some("p"), "y")).await;
+    assert_eq!(put.body, "PUT y, run 2");
+    let put_again = send(&app, request("PUT", "/items", Some("p"), "y")).await;
+    assert_eq!((put_again.replayed, put_again.body), (true, put.body));
+    let post = send(&app, request("POST", "/items", Some("p"), "y")).await;
+    problem(&post, 422, "key-reused");
+
+    let head = send(&app, request("HEAD", "/items", Some("h"), "")).await;
+    assert_eq!(head.status, StatusCode::OK);
+    let get = send(&app, request("GET", "/items", Some("h"), "")).await;
+    assert!(get.replayed, "{}", get.body);
+    assert_eq!(get.body, "HEAD , run 3");
+    assert_eq!(runs.get(), 3);
 }
