@@ -477,12 +477,25 @@ async fn serve(
     )
 }
 
-fn raw_charge() -> String {
+/// Serves `app` (see [`serve`]) with a charge sent over a connection of
+/// its own, once its handler has started.
+async fn serve_a_running_charge(
+    app: Router,
+    runs: &Runs,
+) -> (
+    tokio::net::TcpStream,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
     let body = r#"{"amount":7,"first":201}"#;
-    format!(
+    let charge = format!(
         "POST /charges HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\nidempotency-key: order-7\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
-    )
+    );
+    let (mut client, stop, server) = serve(app).await;
+    client.write_all(charge.as_bytes()).await.unwrap();
+    runs.until_started().await;
+    (client, stop, server)
 }
 
 /// A client still connected when the graceful shutdown starts: axum lets
@@ -493,9 +506,7 @@ fn a_graceful_shutdown_lets_a_connected_request_finish_and_store_its_run() {
     let (store, runs) = (MockStore::new(), Runs::default());
     let app = app(&store, &runs);
     runtime().block_on(async {
-        let (mut client, stop, server) = serve(app.clone()).await;
-        client.write_all(raw_charge().as_bytes()).await.unwrap();
-        runs.until_started().await;
+        let (mut client, stop, server) = serve_a_running_charge(app.clone(), &runs).await;
         stop.send(()).unwrap();
         runs.let_through(1);
         let mut answer = Vec::new();
@@ -522,9 +533,7 @@ fn a_runtime_dropped_without_drain_leaves_the_key_claimed_until_the_lease_lapses
     let (store, runs) = (MockStore::new(), Runs::default());
     let app = app(&store, &runs);
     runtime().block_on(async {
-        let (mut client, stop, server) = serve(app.clone()).await;
-        client.write_all(raw_charge().as_bytes()).await.unwrap();
-        runs.until_started().await;
+        let (client, stop, server) = serve_a_running_charge(app.clone(), &runs).await;
         drop(client);
         stop.send(()).unwrap();
         tokio::time::timeout(HANG, server).await.unwrap().unwrap();

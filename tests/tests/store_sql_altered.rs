@@ -101,6 +101,28 @@ async fn drop_tables(store: &PostgresStore, tables: &[&str]) {
     }
 }
 
+/// The last of `keys` claimed on a table of its own, named after `name`,
+/// migrated then altered by `alteration` (the tables gone afterwards),
+/// as its error; and the table's name. The claims before it say what it
+/// met (`first claim:` in an assertion's message).
+async fn last_claim_on_altered(
+    url: &str,
+    name: &str,
+    alteration: &str,
+    keys: &[&str],
+) -> (String, StoreError, Vec<Result<Claim, StoreError>>) {
+    let table = unique_name(name);
+    let store = migrated_postgres(url, &table).await;
+    alter(&store, alteration).await;
+    let mut claims = Vec::new();
+    for key in keys {
+        claims.push(claim(&store, key).await);
+    }
+    drop_tables(&store, &[&table, &format!("{table}_old")]).await;
+    let error = claims.pop().expect("a key").expect_err(alteration);
+    (table, error, claims)
+}
+
 /// An application's migration widened `status` (`smallint` to
 /// `integer`, as an ORM that maps every integer so does) after a payment
 /// was stored. Its retry met the connection's prepared claim ("cached
@@ -194,16 +216,11 @@ async fn a_table_altered_to_refuse_the_stores_rows_is_a_setup_to_change() {
         "ALTER TABLE {table} ALTER COLUMN expires_at TYPE integer",
     ];
     for alteration in alterations {
-        let table = unique_name("idem_refusing");
-        let store = migrated_postgres(&url, &table).await;
-        alter(&store, alteration).await;
         // Two requests alike under keys longer than 8 characters: the
         // second meets a unique index on `fingerprint`.
-        let first = claim(&store, "payment-0001").await;
-        let second = claim(&store, "payment-0002").await;
-        drop_tables(&store, &[&table]).await;
-
-        let error = second.expect_err(alteration);
+        let keys = ["payment-0001", "payment-0002"];
+        let (table, error, first) =
+            last_claim_on_altered(&url, "idem_refusing", alteration, &keys).await;
         assert!(
             matches!(error, StoreError::Misconfigured(_)),
             "{alteration}: {error:?} (first claim: {first:?})"
@@ -263,13 +280,8 @@ async fn a_column_or_table_gone_after_migrate_names_the_table() {
         "ALTER TABLE {table} RENAME TO {table}_old",
     ];
     for alteration in alterations {
-        let table = unique_name("idem_gone");
-        let store = migrated_postgres(&url, &table).await;
-        alter(&store, alteration).await;
-        let claimed = claim(&store, "pay-1").await;
-        drop_tables(&store, &[&table, &format!("{table}_old")]).await;
-
-        let error = claimed.expect_err(alteration);
+        let (table, error, _) =
+            last_claim_on_altered(&url, "idem_gone", alteration, &["pay-1"]).await;
         assert!(
             matches!(error, StoreError::Misconfigured(_)),
             "{alteration}: {error:?}"
