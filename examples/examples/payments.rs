@@ -257,6 +257,7 @@ mod tests {
     use axum::body::Body;
     use axum::http::Request;
     use http_body_util::BodyExt;
+    use idempotent_core::testing::TestRequest;
     use tower::ServiceExt;
 
     use super::*;
@@ -273,13 +274,14 @@ mod tests {
         (status, replayed, serde_json::from_slice(&body).unwrap())
     }
 
-    fn pay(key: &str, body: &str) -> Request<Body> {
-        Request::post("/payments")
-            .header("x-api-key", "sk_test")
-            .header("idempotency-key", key)
-            .header("content-type", "application/json")
-            .body(Body::from(body.to_owned()))
-            .unwrap()
+    /// A payment of `amount` in `currency` under `key`, from `sk_test`.
+    fn pay(key: &str, amount: i64, currency: &str) -> Request<Body> {
+        let payment = json!({"amount": amount, "currency": currency});
+        TestRequest::post("/payments")
+            .key(key)
+            .api_key("sk_test")
+            .json(&payment)
+            .build()
     }
 
     async fn stats_of(app: &Router) -> serde_json::Value {
@@ -291,11 +293,10 @@ mod tests {
     #[tokio::test]
     async fn a_retried_payment_is_charged_once() {
         let app = test_app();
-        let body = r#"{"amount": 1999, "currency": "EUR"}"#;
-        let (status, replayed, first) = call(&app, pay("k", body)).await;
+        let (status, replayed, first) = call(&app, pay("k", 1999, "EUR")).await;
         assert_eq!((status, replayed), (StatusCode::CREATED, false));
         assert_eq!(first["id"], "pay_000001");
-        let (status, replayed, retry) = call(&app, pay("k", body)).await;
+        let (status, replayed, retry) = call(&app, pay("k", 1999, "EUR")).await;
         assert_eq!((status, replayed), (StatusCode::CREATED, true));
         assert_eq!(first, retry);
         assert_eq!(stats_of(&app).await, json!({"payments": 1, "refunds": 0}));
@@ -304,13 +305,12 @@ mod tests {
     #[tokio::test]
     async fn an_invalid_payment_is_a_stored_problem() {
         let app = test_app();
-        let body = r#"{"amount": -5, "currency": "EUR"}"#;
-        let (status, replayed, problem) = call(&app, pay("k", body)).await;
+        let (status, replayed, problem) = call(&app, pay("k", -5, "EUR")).await;
         assert_eq!((status, replayed), (StatusCode::BAD_REQUEST, false));
         assert!(problem["detail"].as_str().unwrap().contains("-5"));
-        let (status, replayed, _) = call(&app, pay("k", body)).await;
+        let (status, replayed, _) = call(&app, pay("k", -5, "EUR")).await;
         assert_eq!((status, replayed), (StatusCode::BAD_REQUEST, true));
-        let (status, ..) = call(&app, pay("k2", r#"{"amount": 5, "currency": "eur"}"#)).await;
+        let (status, ..) = call(&app, pay("k2", 5, "eur")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(stats_of(&app).await["payments"], 0);
     }
@@ -318,8 +318,8 @@ mod tests {
     #[tokio::test]
     async fn another_payload_under_the_same_key_is_refused() {
         let app = test_app();
-        call(&app, pay("k", r#"{"amount": 1, "currency": "USD"}"#)).await;
-        let (status, ..) = call(&app, pay("k", r#"{"amount": 2, "currency": "USD"}"#)).await;
+        call(&app, pay("k", 1, "USD")).await;
+        let (status, ..) = call(&app, pay("k", 2, "USD")).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     }
 
@@ -355,14 +355,14 @@ mod tests {
     async fn a_sqlite_store_keeps_payments_across_restarts() {
         let path = std::env::temp_dir().join(format!("payments-{}.db", std::process::id()));
         let url = format!("sqlite://{}", path.display());
-        let body = r#"{"amount": 700, "currency": "SEK"}"#;
         let (idempotency, _) = idempotency_for(Some(&url)).await.unwrap();
-        let (status, _, first) = call(&app(Ledger::default(), idempotency), pay("k", body)).await;
+        let (status, _, first) =
+            call(&app(Ledger::default(), idempotency), pay("k", 700, "SEK")).await;
         assert_eq!(status, StatusCode::CREATED);
         // A new process: fresh ledger, same file.
         let (idempotency, _) = idempotency_for(Some(&url)).await.unwrap();
         let restarted = app(Ledger::default(), idempotency);
-        let (_, replayed, again) = call(&restarted, pay("k", body)).await;
+        let (_, replayed, again) = call(&restarted, pay("k", 700, "SEK")).await;
         assert!(replayed);
         assert_eq!(first, again);
         assert_eq!(stats_of(&restarted).await["payments"], 0);

@@ -109,9 +109,8 @@ async fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use axum::body::Body;
-    use axum::http::Request;
     use http_body_util::BodyExt;
+    use idempotent_core::testing::TestRequest;
     use tower::ServiceExt;
 
     use super::*;
@@ -143,14 +142,11 @@ mod tests {
     }
 
     async fn transfer(app: &Router, key: &str, cents: u64) -> (StatusCode, bool, String) {
-        let body = json!({ "from": "acct_1", "to": "acct_2", "cents": cents }).to_string();
-        let request = Request::post("/transfers")
-            .header("x-api-key", "sk_test")
-            .header("idempotency-key", key)
-            .header("content-type", "application/json")
-            .body(Body::from(body))
-            .unwrap();
-        let response = app.clone().oneshot(request).await.unwrap();
+        let request = TestRequest::post("/transfers")
+            .key(key)
+            .api_key("sk_test")
+            .json(&json!({ "from": "acct_1", "to": "acct_2", "cents": cents }));
+        let response = app.clone().oneshot(request.build()).await.unwrap();
         let status = response.status();
         let replayed = response.headers().contains_key("idempotent-replayed");
         let body = response.into_body().collect().await.unwrap().to_bytes();

@@ -177,6 +177,7 @@ mod tests {
     use axum::body::Body;
     use axum::http::Request;
     use http_body_util::BodyExt;
+    use idempotent_core::testing::TestRequest;
     use tower::ServiceExt;
 
     use super::*;
@@ -189,13 +190,15 @@ mod tests {
         (status, replayed, serde_json::from_slice(&body).unwrap())
     }
 
+    /// `body` as written (the fields in the order the test gives them),
+    /// under `key`, from `sk_test`.
     fn post_units(uri: &str, key: &str, body: &str) -> Request<Body> {
-        Request::post(uri)
-            .header("x-api-key", "sk_test")
-            .header("idempotency-key", key)
+        TestRequest::post(uri)
+            .key(key)
+            .api_key("sk_test")
             .header("content-type", "application/json")
-            .body(Body::from(body.to_owned()))
-            .unwrap()
+            .body(body.to_owned())
+            .build()
     }
 
     async fn stats_of(app: &Router) -> serde_json::Value {

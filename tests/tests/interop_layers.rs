@@ -6,6 +6,8 @@
 //! responses that stream, fail midway or end with trailers, over HTTP/1.1
 //! where the framing matters.
 
+mod macro_support;
+
 use std::convert::Infallible;
 use std::io::Read as _;
 use std::net::SocketAddr;
@@ -20,16 +22,15 @@ use axum::http::{HeaderMap, HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{BoxError, Json, Router};
-use http_body_util::BodyExt;
 use idempotent_core::store::MemoryStore;
 use idempotent_core::{
     Endpoint, Idempotency, IdempotentLayer, IdempotentRequest, Scope, idempotent,
 };
+use macro_support::{Reply, Runs, send};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 use tower::ServiceBuilder;
-use tower::ServiceExt;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;
 use tower_http::decompression::RequestDecompressionLayer;
@@ -148,40 +149,6 @@ fn post_json(uri: &str, key: &str, body: &str) -> Request<Body> {
         .unwrap()
 }
 
-#[derive(Debug)]
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Reply {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    fn replayed(&self) -> bool {
-        self.headers.contains_key("idempotent-replayed")
-    }
-
-    /// The problem type's name, for a problem+json answer.
-    fn problem_type(&self) -> Option<String> {
-        let problem: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
-        let kind = problem["type"].as_str()?;
-        Some(kind.trim_start_matches("urn:idempotent:").to_owned())
-    }
-}
-
-async fn send(app: &Router, request: Request<Body>) -> Reply {
-    let response = app.clone().oneshot(request).await.unwrap();
-    let (parts, body) = response.into_parts();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body: body.collect().await.unwrap().to_bytes(),
-    }
-}
-
 /// Sends `request` again until it is no longer answered 409.
 async fn once_settled(app: &Router, request: impl Fn() -> Request<Body>) -> Reply {
     tokio::time::timeout(HANG, async {
@@ -220,12 +187,12 @@ async fn a_timeout_in_front_cuts_the_answer_not_the_run(uri: &str, app: Router, 
         during.status,
         StatusCode::CONFLICT,
         "{uri}: {}",
-        during.text()
+        during.body
     );
     gate.open.add_permits(1);
     let retry = once_settled(&app, || post_json(uri, "k", BODY)).await;
     assert_eq!(
-        (retry.status, retry.text().as_str(), retry.replayed()),
+        (retry.status, retry.body.as_str(), retry.replayed),
         (StatusCode::CREATED, "run 1 amount 7", true),
         "{uri}"
     );
@@ -339,7 +306,7 @@ async fn a_timeout_in_front_that_fires_while_the_body_streams_leaves_the_whole_b
         gate.open.add_permits(1);
         let retry = once_settled(&app, || post_json(uri, "k", BODY)).await;
         assert_eq!(
-            (retry.status, retry.text().as_str(), retry.replayed()),
+            (retry.status, retry.body.as_str(), retry.replayed),
             (StatusCode::OK, "amount 7 run 1", true),
             "{uri}"
         );
@@ -375,10 +342,7 @@ async fn a_timeout_between_the_layer_and_the_handler_releases_the_key_so_the_ret
     assert_eq!(first.status, StatusCode::REQUEST_TIMEOUT);
     gate.open.add_permits(1);
     let retry = send(&app, post_json("/layer", "k", BODY)).await;
-    assert_eq!(
-        (retry.status, retry.replayed()),
-        (StatusCode::CREATED, false)
-    );
+    assert_eq!((retry.status, retry.replayed), (StatusCode::CREATED, false));
     assert_eq!(gate.runs(), 2, "the cancelled run had charged already");
 }
 
@@ -434,16 +398,12 @@ async fn a_concurrency_limit_bounds_detached_runs_only_between_the_layer_and_the
     tokio::time::sleep(CUT * 2).await;
     assert_eq!(gate.started(), 1, "the limit held the second run back");
     let waiting = send(&app, post_json("/layer", "b", BODY)).await;
-    assert_eq!(waiting.status, StatusCode::CONFLICT, "{}", waiting.text());
+    assert_eq!(waiting.status, StatusCode::CONFLICT, "{}", waiting.body);
     gate.open.add_permits(2);
     for (key, run) in [("a", "run 1 amount 7"), ("b", "run 2 amount 7")] {
         let replayed = once_settled(&app, || post_json("/layer", key, BODY)).await;
         assert_eq!(
-            (
-                replayed.status,
-                replayed.replayed(),
-                replayed.text().as_str()
-            ),
+            (replayed.status, replayed.replayed, replayed.body.as_str()),
             (StatusCode::CREATED, true, run)
         );
     }
@@ -479,7 +439,7 @@ async fn a_request_shed_in_front_claims_nothing() {
         assert_eq!(first.status, StatusCode::CREATED, "{uri}");
         let again = send(&app, post_json(uri, "b", BODY)).await;
         assert_eq!(
-            (again.status, again.replayed(), again.text().as_str()),
+            (again.status, again.replayed, again.body.as_str()),
             (StatusCode::CREATED, false, "run 2 amount 7"),
             "{uri}"
         );
@@ -488,11 +448,8 @@ async fn a_request_shed_in_front_claims_nothing() {
 
 // ===== caught panics =====
 
-#[derive(Clone, Default)]
-struct Runs(Arc<AtomicUsize>);
-
 async fn panics_first_plain(State(runs): State<Runs>, Json(c): Json<Charge>) -> String {
-    let run = runs.0.fetch_add(1, Ordering::SeqCst) + 1;
+    let run = runs.bump();
     assert!(run > 1, "the first run panics");
     format!("run {run} amount {}", c.amount)
 }
@@ -521,13 +478,13 @@ async fn with_the_layer_a_caught_panic_is_a_500_and_the_retry_runs() {
         assert_eq!(first.status, StatusCode::INTERNAL_SERVER_ERROR, "{behind}");
         let retry = send(&app, post_json("/layer", "k", BODY)).await;
         assert_eq!(
-            (retry.status, retry.text().as_str()),
+            (retry.status, retry.body.as_str()),
             (StatusCode::OK, "run 2 amount 7"),
             "{behind}"
         );
         let replay = send(&app, post_json("/layer", "k", BODY)).await;
         assert_eq!(
-            (replay.text().as_str(), replay.replayed()),
+            (replay.body.as_str(), replay.replayed),
             ("run 2 amount 7", true)
         );
     }
@@ -563,13 +520,13 @@ async fn a_replay_carries_the_request_id_of_the_retry_not_of_the_first_request()
         let first = send(&app, post_json(uri, "k", BODY)).await;
         assert_eq!(first.headers["x-request-id"], "1", "{uri}");
         let retry = send(&app, post_json(uri, "k", BODY)).await;
-        assert!(retry.replayed(), "{uri}");
+        assert!(retry.replayed, "{uri}");
         assert_eq!(retry.headers["x-request-id"], "2", "{uri}");
         let mut sent_with_id = post_json(uri, "k", BODY);
         let id = HeaderValue::from_static("client-chosen");
         sent_with_id.headers_mut().insert("x-request-id", id);
         let retry = send(&app, sent_with_id).await;
-        assert!(retry.replayed(), "{uri}");
+        assert!(retry.replayed, "{uri}");
         assert_eq!(retry.headers["x-request-id"], "client-chosen", "{uri}");
     }
 }
@@ -622,10 +579,10 @@ async fn with_the_layer_a_retry_sent_gzipped_or_plain_behind_request_decompressi
             )
         };
         let first = send(&app, first).await;
-        assert_eq!(first.status, StatusCode::CREATED, "{}", first.text());
+        assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
         let retry = send(&app, retry).await;
         assert_eq!(
-            (retry.status, retry.replayed(), retry.text().as_str()),
+            (retry.status, retry.replayed, retry.body.as_str()),
             (StatusCode::CREATED, true, "run 1 amount 7"),
             "gzipped first: {gzipped_first}"
         );
@@ -754,7 +711,7 @@ struct Report {
 }
 
 async fn report_plain(State(runs): State<Runs>, Json(_c): Json<Charge>) -> Json<Report> {
-    let run = runs.0.fetch_add(1, Ordering::SeqCst) + 1;
+    let run = runs.bump();
     Json(Report {
         run,
         pad: "x".repeat(2048),
@@ -829,12 +786,12 @@ async fn over_http1_replays_behind_compression_are_framed_and_encoded_for_each_c
             assert!(vary[0].1.eq_ignore_ascii_case("accept-encoding"), "{uri}");
         }
     }
-    assert_eq!(runs.0.load(Ordering::SeqCst), 2);
+    assert_eq!(runs.get(), 2);
 }
 
 /// A body that fails after its first chunk.
 fn failing_body(runs: &Runs) -> Body {
-    runs.0.fetch_add(1, Ordering::SeqCst);
+    runs.bump();
     let chunks = [
         Ok(Bytes::from_static(b"{\"rows\":[1,")),
         Err(std::io::Error::other("the cursor broke")),
@@ -879,11 +836,11 @@ async fn over_http1_a_body_that_fails_midway_is_cut_off_for_its_caller_and_not_r
         assert_eq!(retry.status, 410, "{uri}");
         assert!(retry.whole, "{uri}");
     }
-    assert_eq!(runs.0.load(Ordering::SeqCst), 2);
+    assert_eq!(runs.get(), 2);
 }
 
 async fn read_plain(State(runs): State<Runs>) -> String {
-    let run = runs.0.fetch_add(1, Ordering::SeqCst) + 1;
+    let run = runs.bump();
     format!("report {run}: {}", "x".repeat(100))
 }
 
@@ -911,7 +868,7 @@ async fn over_http1_a_replayed_head_announces_the_length_the_first_head_did() {
         first.header("content-length"),
         "{replay:?}"
     );
-    assert_eq!(runs.0.load(Ordering::SeqCst), 1);
+    assert_eq!(runs.get(), 1);
 }
 
 // ===== CORS =====
@@ -945,10 +902,10 @@ async fn with_the_layer_a_preflight_passes_without_a_key_and_claims_nothing() {
         .body(Body::empty())
         .unwrap();
     let answer = send(&app, preflight).await;
-    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
     assert!(answer.headers.contains_key("access-control-allow-origin"));
     let post = send(&app, post_json("/layer", "k", BODY)).await;
-    assert_eq!((post.status, post.replayed()), (StatusCode::CREATED, false));
+    assert_eq!((post.status, post.replayed), (StatusCode::CREATED, false));
     assert_eq!(post.problem_type(), None);
 }
 
@@ -957,7 +914,7 @@ async fn with_the_layer_a_preflight_passes_without_a_key_and_claims_nothing() {
 /// A body that ends with a trailer, as a gRPC-style handler's does, which
 /// its `Trailer` header announces (hyper sends only the trailers announced).
 fn trailed_body(runs: &Runs) -> Response {
-    let run = runs.0.fetch_add(1, Ordering::SeqCst) + 1;
+    let run = runs.bump();
     let mut trailers = HeaderMap::new();
     trailers.insert("x-checksum", HeaderValue::from(run));
     let frames = [
@@ -1018,7 +975,7 @@ async fn over_http1_a_response_with_trailers_reaches_its_caller_whole_and_is_not
         let retry = exchange(addr, &head, BODY.as_bytes()).await;
         assert_eq!(retry.status, 410, "{uri}");
     }
-    assert_eq!(runs.0.load(Ordering::SeqCst), 2);
+    assert_eq!(runs.get(), 2);
 }
 
 // ===== the request's span =====
@@ -1105,7 +1062,7 @@ async fn a_run_a_timeout_let_go_of_still_logs_in_its_requests_span() {
 
 #[idempotent(scope = "global")]
 async fn charge_once(State(runs): State<Runs>, Json(c): Json<Charge>) -> (StatusCode, String) {
-    let run = runs.0.fetch_add(1, Ordering::SeqCst) + 1;
+    let run = runs.bump();
     (
         StatusCode::CREATED,
         format!("run {run} amount {}", c.amount),
@@ -1132,7 +1089,7 @@ async fn with_the_attribute_gzipped_repeats_and_the_plain_form_get_the_same_repl
         };
         let reply = send(&app, request).await;
         assert_eq!(
-            (reply.status, reply.text().as_str(), reply.replayed()),
+            (reply.status, reply.body.as_str(), reply.replayed),
             (StatusCode::CREATED, "run 1 amount 7", attempt > 0),
             "attempt {attempt}"
         );
@@ -1140,7 +1097,7 @@ async fn with_the_attribute_gzipped_repeats_and_the_plain_form_get_the_same_repl
     let other = send(&app, gzipped_post("/attribute", "k", r#"{"amount":8}"#)).await;
     assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(other.problem_type().as_deref(), Some("key-reused"));
-    assert_eq!(runs.0.load(Ordering::SeqCst), 1);
+    assert_eq!(runs.get(), 1);
 }
 
 // ===== request body timeouts =====
@@ -1177,7 +1134,7 @@ async fn a_request_body_timeout_in_front_claims_nothing_and_the_whole_retry_runs
         }
         let retry = send(&app, post_json(uri, "k", BODY)).await;
         assert_eq!(
-            (retry.status, retry.replayed(), retry.text().as_str()),
+            (retry.status, retry.replayed, retry.body.as_str()),
             (StatusCode::CREATED, false, "run 1 amount 7"),
             "{uri}"
         );
@@ -1243,17 +1200,11 @@ async fn with_the_layer_authentication_in_front_answers_before_the_key_is_claime
     let refused = send(&app, tenant_post("k", Some("expired"))).await;
     assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
     let first = send(&app, tenant_post("k", Some("secret"))).await;
-    assert_eq!(
-        (first.status, first.replayed()),
-        (StatusCode::CREATED, false)
-    );
+    assert_eq!((first.status, first.replayed), (StatusCode::CREATED, false));
     let anonymous = send(&app, tenant_post("k", None)).await;
     assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
     let retry = send(&app, tenant_post("k", Some("secret"))).await;
-    assert_eq!(
-        (retry.status, retry.replayed()),
-        (StatusCode::CREATED, true)
-    );
+    assert_eq!((retry.status, retry.replayed), (StatusCode::CREATED, true));
     assert_eq!(gate.runs(), 1);
 }
 
@@ -1270,22 +1221,16 @@ async fn with_the_layer_authentication_behind_it_is_skipped_by_replays() {
     let refused = send(&app, tenant_post("a", Some("expired"))).await;
     assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
     let retry = send(&app, tenant_post("a", Some("secret"))).await;
-    assert_eq!(
-        (retry.status, retry.replayed()),
-        (StatusCode::CREATED, false)
-    );
+    assert_eq!((retry.status, retry.replayed), (StatusCode::CREATED, false));
 
     let first = send(&app, tenant_post("b", Some("secret"))).await;
-    assert_eq!(
-        (first.status, first.replayed()),
-        (StatusCode::CREATED, false)
-    );
+    assert_eq!((first.status, first.replayed), (StatusCode::CREATED, false));
     let anonymous = send(&app, tenant_post("b", None)).await;
     assert_eq!(
         (
             anonymous.status,
-            anonymous.replayed(),
-            anonymous.text().as_str()
+            anonymous.replayed,
+            anonymous.body.as_str()
         ),
         (StatusCode::CREATED, true, "run 2 amount 7")
     );
@@ -1313,12 +1258,12 @@ async fn with_the_layer_decompression_in_front_decodes_the_first_answer_and_repl
         .layer(tower_http::decompression::DecompressionLayer::new());
     let first = send(&app, post_json("/layer", "k", BODY)).await;
     let replay = send(&app, post_json("/layer", "k", BODY)).await;
-    assert!(replay.replayed());
+    assert!(replay.replayed);
     for reply in [&first, &replay] {
         assert_eq!(reply.status, StatusCode::OK);
         assert!(!reply.headers.contains_key("content-encoding"), "{reply:?}");
         assert!(!reply.headers.contains_key("content-length"), "{reply:?}");
-        let report: Report = serde_json::from_slice(&reply.body).expect("decoded JSON");
+        let report: Report = serde_json::from_str(&reply.body).expect("decoded JSON");
         assert_eq!(report.run, 1);
     }
     assert_eq!(first.body, replay.body);

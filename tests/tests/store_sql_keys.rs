@@ -14,8 +14,9 @@ use idempotent_core::fingerprint::Fingerprint;
 use idempotent_core::key::IdempotencyKey;
 use idempotent_core::record::{Claim, RecordKey};
 use idempotent_core::scope::ScopeDigest;
-use idempotent_core::store::{PostgresStore, SqliteStore, Store, StoreError};
-use store_support::{TempDb, backend_url, unique_name};
+use idempotent_core::store::{SqliteStore, Store, StoreError};
+use store_support::TempDb;
+use store_support::tables::{PostgresTable, postgres_table, sqlite_table};
 
 /// One claim of a new key.
 async fn claim(store: &impl Store) -> Result<Claim, StoreError> {
@@ -71,44 +72,26 @@ impl Outcomes {
 
 #[tokio::test]
 async fn a_postgres_table_keyed_by_a_surrogate_id_is_refused() {
-    let Some(url) = backend_url("IDEMPOTENT_TEST_POSTGRES_URL") else {
+    let Some(table) = PostgresTable::new("idem_keyless").await else {
         return;
     };
-    let table = unique_name("idem_keyless");
-    let connected = PostgresStore::connect(&url).await.expect("connect");
-    let pool = connected.pool();
-    let store = PostgresStore::builder(pool.clone())
-        .table(&table)
-        .build()
-        .expect("valid table name");
-    let create = format!(
-        "CREATE TABLE {table} (
-            id bigserial PRIMARY KEY,
-            scope bytea NOT NULL, key text NOT NULL, fingerprint bytea NOT NULL,
-            lease_token bytea, expires_at bigint NOT NULL, status smallint,
-            header_names text[], header_values bytea[], body bytea
-        );
-        CREATE INDEX ON {table} (expires_at);"
-    );
-    sqlx::raw_sql(&create).execute(pool).await.expect("create");
-    let migrated = store.migrate().await;
-    let claimed = claim(&store).await;
-    let index = format!("CREATE UNIQUE INDEX ON {table} (scope, key)");
-    sqlx::raw_sql(&index).execute(pool).await.expect("index");
-    let migrated_keyed = store.migrate().await;
-    let claimed_keyed = claim(&store).await;
-    let drop_table = format!("DROP TABLE {table}");
-    sqlx::raw_sql(&drop_table)
-        .execute(pool)
-        .await
-        .expect("drop");
+    let surrogate_id = ", id bigserial PRIMARY KEY";
+    table
+        .execute(&postgres_table("{table}", "text", surrogate_id))
+        .await;
+    let migrated = table.store.migrate().await;
+    let claimed = claim(&table.store).await;
+    table
+        .execute("CREATE UNIQUE INDEX ON {table} (scope, key)")
+        .await;
     let outcomes = Outcomes {
         migrated,
         claimed,
-        migrated_keyed,
-        claimed_keyed,
+        migrated_keyed: table.store.migrate().await,
+        claimed_keyed: claim(&table.store).await,
     };
-    outcomes.assert_refused_until_keyed(&table, "PostgresStoreBuilder");
+    table.execute("DROP TABLE {table}").await;
+    outcomes.assert_refused_until_keyed(&table.name, "PostgresStoreBuilder");
 }
 
 #[tokio::test]
@@ -116,12 +99,8 @@ async fn a_sqlite_table_keyed_by_a_surrogate_id_is_refused() {
     let db = TempDb::new();
     let store = SqliteStore::open(&db.0).await.expect("open");
     let pool = store.pool();
-    let create = "CREATE TABLE idempotency_records (
-        id INTEGER PRIMARY KEY,
-        scope BLOB NOT NULL, key TEXT NOT NULL, fingerprint BLOB NOT NULL,
-        lease_token BLOB, expires_at INTEGER NOT NULL, record BLOB
-    )";
-    sqlx::raw_sql(create).execute(pool).await.expect("create");
+    let create = sqlite_table("TEXT NOT NULL", ", id INTEGER PRIMARY KEY");
+    sqlx::raw_sql(&create).execute(pool).await.expect("create");
     let migrated = store.migrate().await;
     let claimed = claim(&store).await;
     let index = "CREATE UNIQUE INDEX records_key ON idempotency_records (scope, key)";

@@ -26,6 +26,7 @@
 mod store_support;
 
 use idempotent_core::store::{PostgresStore, SqliteStore, StoreError};
+use store_support::tables::{PostgresTable, postgres_table, sqlite_table};
 use store_support::{TempDb, backend_url, unique_name};
 
 /// `migrated` refused the table as a setup to change, naming `words`.
@@ -42,38 +43,15 @@ fn assert_refused(migrated: Result<(), StoreError>, words: &[&str]) {
     }
 }
 
-/// The PostgreSQL store's columns, for a `CREATE TABLE` with `extra`
-/// (columns, then constraints) spliced in after them.
-fn postgres_table(table: &str, key_type: &str, extra: &str) -> String {
-    format!(
-        "CREATE TABLE {table} (
-            scope bytea NOT NULL, key {key_type} NOT NULL, fingerprint bytea NOT NULL,
-            lease_token bytea, expires_at bigint NOT NULL, status smallint,
-            header_names text[], header_values bytea[], body bytea{extra}
-        );
-        CREATE INDEX ON {table} (expires_at);"
-    )
-}
-
 /// What `migrate` answers on the table `setup` creates (its name is
 /// spliced in for `{table}`); `teardown` then runs whatever it answered.
 async fn postgres_migrate(setup: &str, teardown: &str) -> Option<Result<(), StoreError>> {
-    let url = backend_url("IDEMPOTENT_TEST_POSTGRES_URL")?;
-    let table = unique_name("idem_table");
-    let connected = PostgresStore::connect(&url).await.expect("connect");
-    let pool = connected.pool();
-    let store = PostgresStore::builder(pool.clone())
-        .table(&table)
-        .build()
-        .expect("valid table name");
-    let setup = setup.replace("{table}", &table);
-    sqlx::raw_sql(&setup).execute(pool).await.expect("setup");
-    let migrated = store.migrate().await;
-    let teardown = format!(
-        "DROP TABLE {table}; {}",
-        teardown.replace("{table}", &table)
-    );
-    sqlx::raw_sql(&teardown).execute(pool).await.expect("drop");
+    let table = PostgresTable::new("idem_table").await?;
+    table.execute(setup).await;
+    let migrated = table.store.migrate().await;
+    table
+        .execute(&format!("DROP TABLE {{table}}; {teardown}"))
+        .await;
     Some(migrated)
 }
 
@@ -144,17 +122,6 @@ async fn sqlite_migrate(setup: &str) -> Result<(), StoreError> {
         .await
         .expect("setup");
     store.migrate().await
-}
-
-/// The SQLite store's table with `key`'s declaration and `extra` (columns,
-/// then constraints) spliced in.
-fn sqlite_table(key: &str, extra: &str) -> String {
-    format!(
-        "CREATE TABLE idempotency_records (
-            scope BLOB NOT NULL, key {key}, fingerprint BLOB NOT NULL,
-            lease_token BLOB, expires_at INTEGER NOT NULL, record BLOB{extra}
-        );"
-    )
 }
 
 #[tokio::test]

@@ -41,6 +41,14 @@ impl Reply {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).map(|value| value.to_str().unwrap())
     }
+
+    /// The problem type's name (`key-reused` for
+    /// `urn:idempotent:key-reused`), for a problem+json answer.
+    pub fn problem_type(&self) -> Option<String> {
+        let problem: serde_json::Value = serde_json::from_str(&self.body).ok()?;
+        let kind = problem["type"].as_str()?;
+        Some(kind.trim_start_matches("urn:idempotent:").to_owned())
+    }
 }
 
 pub async fn send(app: &Router, request: Request<Body>) -> Reply {

@@ -1,4 +1,5 @@
 //! What the `store_*` tests share: finding the test servers, unique names,
+//! the SQL stores' tables written by hand,
 //! a small payments app to run two instances of, a `redis-server` of a
 //! test's own, a relay to PostgreSQL that a test can cut, stall or have
 //! lose an answer, and test doubles that change a store's calls.
@@ -9,6 +10,8 @@ pub mod logs;
 
 #[path = "../../../idempotent-core/tests/support/forwarding.rs"]
 pub mod forwarding;
+
+pub mod tables;
 
 use std::io::Write;
 use std::net::TcpListener;

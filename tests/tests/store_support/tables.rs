@@ -1,0 +1,61 @@
+//! The SQL stores' tables as a test writes them by hand, with a change of
+//! its own (a column, a constraint, another key type), and a PostgreSQL
+//! store on a table of the test's own making.
+
+use idempotent_core::store::PostgresStore;
+
+use super::{backend_url, unique_name};
+
+/// The PostgreSQL store's columns, for a `CREATE TABLE` of `table` with
+/// `key` declared `key_type` and `extra` (columns, then constraints)
+/// spliced in after them.
+pub fn postgres_table(table: &str, key_type: &str, extra: &str) -> String {
+    format!(
+        "CREATE TABLE {table} (
+            scope bytea NOT NULL, key {key_type} NOT NULL, fingerprint bytea NOT NULL,
+            lease_token bytea, expires_at bigint NOT NULL, status smallint,
+            header_names text[], header_values bytea[], body bytea{extra}
+        );
+        CREATE INDEX ON {table} (expires_at);"
+    )
+}
+
+/// The SQLite store's table with `key`'s declaration and `extra` (columns,
+/// then constraints) spliced in.
+pub fn sqlite_table(key: &str, extra: &str) -> String {
+    format!(
+        "CREATE TABLE idempotency_records (
+            scope BLOB NOT NULL, key {key}, fingerprint BLOB NOT NULL,
+            lease_token BLOB, expires_at INTEGER NOT NULL, record BLOB{extra}
+        );"
+    )
+}
+
+/// A PostgreSQL store whose `table` is a name no other test run uses, not
+/// yet created: the test creates it, and drops it, with [`execute`](Self::execute).
+pub struct PostgresTable {
+    pub store: PostgresStore,
+    pub name: String,
+}
+
+impl PostgresTable {
+    /// A store on the table `prefix_<random hex>` of the server at
+    /// `IDEMPOTENT_TEST_POSTGRES_URL`; `None` when the test is skipped.
+    pub async fn new(prefix: &str) -> Option<Self> {
+        let url = backend_url("IDEMPOTENT_TEST_POSTGRES_URL")?;
+        let name = unique_name(prefix);
+        let connected = PostgresStore::connect(&url).await.expect("connect");
+        let store = PostgresStore::builder(connected.pool().clone())
+            .table(&name)
+            .build()
+            .expect("valid table name");
+        Some(Self { store, name })
+    }
+
+    /// Runs `sql`, with the table's name in place of each `{table}`.
+    pub async fn execute(&self, sql: &str) {
+        let sql = sql.replace("{table}", &self.name);
+        let executed = sqlx::raw_sql(&sql).execute(self.store.pool()).await;
+        executed.unwrap_or_else(|error| panic!("{sql}: {error}"));
+    }
+}
