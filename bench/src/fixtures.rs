@@ -31,16 +31,12 @@ pub fn record_key(run: u64, n: u64) -> RecordKey {
 /// The response the benchmark handler answers, as a store keeps it.
 #[must_use]
 pub fn stored_response() -> StoredResponse {
-    StoredResponse {
-        status: StatusCode::CREATED,
-        headers: vec![(
+    StoredResponse::new(StatusCode::CREATED, vec![(
             HeaderName::from_static("content-type"),
             HeaderValue::from_static("application/json"),
-        )],
-        body: Some(Bytes::from_static(
+        )], Some(Bytes::from_static(
             br#"{"id":1,"amount":1999,"currency":"EUR","reference":"order-2026-11-22-000123","status":"created"}"#,
-        )),
-    }
+        )))
 }
 
 /// The benchmark's payment, as the handler receives it.

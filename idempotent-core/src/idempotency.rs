@@ -1,5 +1,7 @@
 //! The service-wide handle: which store, and how to treat it.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::task::{Context, Poll};
@@ -121,6 +123,7 @@ impl std::fmt::Debug for Idempotency {
 
 impl Idempotency {
     /// Idempotency on `store` with default settings.
+    #[must_use]
     pub fn new(store: impl Store) -> Self {
         Self::builder(store).build()
     }
@@ -301,6 +304,7 @@ impl IdempotencyBuilder {
     }
 
     /// Builds the handle.
+    #[must_use]
     pub fn build(self) -> Idempotency {
         Idempotency {
             inner: Arc::new(self.settings),
@@ -357,14 +361,43 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = TaskLocalFuture<Idempotency, S::Future>;
+    type Future = IdempotencyFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: R) -> Self::Future {
-        CURRENT.scope(self.idempotency.clone(), self.inner.call(request))
+        IdempotencyFuture {
+            inner: CURRENT.scope(self.idempotency.clone(), self.inner.call(request)),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of an [`IdempotencyService`]: the inner service's
+    /// future, run with the [`Idempotency`] handle reachable from the
+    /// handlers it runs. It is named, rather than the runtime's own type,
+    /// so that how the handle is carried can change without changing this
+    /// type; it holds the inner future in place, with no allocation.
+    #[must_use = "futures do nothing unless polled"]
+    pub struct IdempotencyFuture<F> {
+        #[pin]
+        inner: TaskLocalFuture<Idempotency, F>,
+    }
+}
+
+impl<F: Future> Future for IdempotencyFuture<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.project().inner.poll(cx)
+    }
+}
+
+impl<F> std::fmt::Debug for IdempotencyFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotencyFuture").finish_non_exhaustive()
     }
 }
 
@@ -372,6 +405,19 @@ where
 mod tests {
     use super::*;
     use crate::store::MemoryStore;
+
+    /// The inner service's future, run as the layer's named future, finds
+    /// the handle that served it, and a future run outside it finds none.
+    #[tokio::test]
+    async fn the_layers_future_carries_the_handle_to_the_inner_service() {
+        let inner = tower::service_fn(|()| async {
+            Ok::<_, std::convert::Infallible>(Idempotency::current().is_some())
+        });
+        let mut service = Idempotency::new(MemoryStore::new()).layer(inner);
+        let future: IdempotencyFuture<_> = service.call(());
+        assert_eq!(future.await, Ok(true));
+        assert!(Idempotency::current().is_none());
+    }
 
     #[test]
     fn a_body_limit_past_what_a_record_holds_is_capped() {

@@ -11,6 +11,8 @@
 //! limit.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use axum::body::Body;
@@ -208,7 +210,7 @@ where
 {
     type Response = Response;
     type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+    type Future = IdempotentFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -219,7 +221,31 @@ where
         let ready = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, ready);
         let config = self.config;
-        Box::pin(async move { Ok(handle(inner, config, request).await) })
+        IdempotentFuture {
+            inner: Box::pin(async move { Ok(handle(inner, config, request).await) }),
+        }
+    }
+}
+
+/// The future of an [`IdempotentService`]. It is named, rather than a
+/// boxed future, so that how it runs can change (without the allocation
+/// it has now, say) without changing this type.
+#[must_use = "futures do nothing unless polled"]
+pub struct IdempotentFuture {
+    inner: BoxFuture<'static, Result<Response, Infallible>>,
+}
+
+impl Future for IdempotentFuture {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl std::fmt::Debug for IdempotentFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotentFuture").finish_non_exhaustive()
     }
 }
 

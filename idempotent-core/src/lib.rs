@@ -139,7 +139,7 @@ pub mod __private;
 
 pub use endpoint::{Endpoint, FinalStatuses, StatusRange};
 pub use fingerprint::{Fingerprint, FingerprintError, FingerprintInput, Fingerprinter};
-pub use idempotency::{Idempotency, IdempotencyBuilder, IdempotencyService};
+pub use idempotency::{Idempotency, IdempotencyBuilder, IdempotencyFuture, IdempotencyService};
 pub use key::IdempotencyKey;
 pub use layer::IdempotentLayer;
 pub use problem::{Problem, ProblemKind};
@@ -172,6 +172,60 @@ pub use redis;
 #[cfg(feature = "test-util")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod testing;
+
+/// The public types are shared across a multi-threaded runtime's tasks, and
+/// errors are boxed as `Send + Sync`: losing either for one of them (a field
+/// of a new type, an `Rc` or a `Cell`) would break users' code, so it fails
+/// this crate's build instead.
+const _: () = {
+    const fn shared<T: Send + Sync>() {}
+    const fn send<T: Send>() {}
+    shared::<Idempotency>();
+    shared::<IdempotencyBuilder>();
+    shared::<IdempotencyService<()>>();
+    shared::<IdempotencyFuture<std::future::Ready<()>>>();
+    shared::<IdempotentLayer>();
+    shared::<layer::IdempotentService<()>>();
+    send::<layer::IdempotentFuture>();
+    shared::<IdempotentRequest>();
+    shared::<Endpoint>();
+    shared::<FinalStatuses>();
+    shared::<Scope>();
+    shared::<scope::ScopeDigest>();
+    shared::<IdempotencyKey>();
+    shared::<key::KeyError>();
+    shared::<Fingerprint>();
+    shared::<Fingerprinter>();
+    shared::<FingerprintError>();
+    shared::<Problem>();
+    shared::<ProblemKind>();
+    shared::<record::RecordKey>();
+    shared::<record::LeaseToken>();
+    shared::<record::StoredResponse>();
+    shared::<record::InFlight>();
+    shared::<record::Completed>();
+    shared::<record::Record>();
+    shared::<record::Claim>();
+    shared::<record::CodecError>();
+    shared::<store::StoreError>();
+    shared::<store::SharedStore>();
+    shared::<store::MemoryStore>();
+    shared::<store::MemoryStoreBuilder>();
+    shared::<store::Tiered<store::MemoryStore>>();
+    shared::<store::TieredBuilder<store::MemoryStore>>();
+    shared::<clock::SystemClock>();
+    shared::<clock::MonotonicClock>();
+    shared::<clock::ManualClock>();
+    shared::<clock::SharedClock>();
+    #[cfg(feature = "postgres")]
+    shared::<store::PostgresStore>();
+    #[cfg(feature = "sqlite")]
+    shared::<store::SqliteStore>();
+    #[cfg(feature = "redis")]
+    shared::<store::RedisStore>();
+    #[cfg(feature = "test-util")]
+    shared::<testing::MockStore>();
+};
 
 /// The README's Rust examples, compiled by `cargo test --doc` so that they
 /// keep to the API. They use every store, so they are compiled only with

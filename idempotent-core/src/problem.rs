@@ -32,6 +32,10 @@ use crate::store::StoreError;
 /// The `Retry-After` of a 503 `store-unavailable`, in seconds.
 const STORE_RETRY_AFTER_SECS: u64 = 1;
 
+/// The challenge of a 401 that names none: the `Authorization: Bearer`
+/// the API-key scope accepts.
+const DEFAULT_CHALLENGE: &str = "Bearer";
+
 /// The kinds of problem the engine reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -158,19 +162,53 @@ pub struct Problem {
     kind: ProblemKind,
     detail: String,
     retry_after_secs: Option<u64>,
-    challenge: Option<&'static str>,
+    challenge: Option<HeaderValue>,
 }
 
 impl Problem {
-    /// A problem of `kind` with a human-readable `detail`.
+    /// A problem of `kind` with a human-readable `detail`. A
+    /// [`MissingCredentials`](ProblemKind::MissingCredentials) problem is a
+    /// 401, which must carry a `WWW-Authenticate` challenge: it carries
+    /// `Bearer` until [`www_authenticate`](Self::www_authenticate) says
+    /// otherwise.
+    ///
+    /// ```
+    /// use axum::response::IntoResponse;
+    /// use idempotent_core::{Problem, ProblemKind};
+    ///
+    /// let response = Problem::new(ProblemKind::MissingCredentials, "send an API key").into_response();
+    /// assert_eq!(response.status(), 401);
+    /// assert_eq!(response.headers()["www-authenticate"], "Bearer");
+    /// ```
     #[must_use]
     pub fn new(kind: ProblemKind, detail: impl Into<String>) -> Self {
+        let challenge = (kind == ProblemKind::MissingCredentials)
+            .then(|| HeaderValue::from_static(DEFAULT_CHALLENGE));
         Self {
             kind,
             detail: detail.into(),
             retry_after_secs: None,
-            challenge: None,
+            challenge,
         }
+    }
+
+    /// Sets the `WWW-Authenticate` challenge a 401 carries (the default,
+    /// for [`MissingCredentials`](ProblemKind::MissingCredentials), is
+    /// `Bearer`): the scheme the API takes, with its parameters.
+    ///
+    /// ```
+    /// use axum::{http::HeaderValue, response::IntoResponse};
+    /// use idempotent_core::{Problem, ProblemKind};
+    ///
+    /// let problem = Problem::new(ProblemKind::MissingCredentials, "send an API key")
+    ///     .www_authenticate(HeaderValue::from_static(r#"Bearer realm="payments""#));
+    /// let response = problem.into_response();
+    /// assert_eq!(response.headers()["www-authenticate"], r#"Bearer realm="payments""#);
+    /// ```
+    #[must_use]
+    pub fn www_authenticate(mut self, challenge: HeaderValue) -> Self {
+        self.challenge = Some(challenge);
+        self
     }
 
     /// Adds a `Retry-After` header.
@@ -183,9 +221,8 @@ impl Problem {
     /// Adds a `WWW-Authenticate` challenge, e.g. `"Bearer"`, as a 401 must
     /// carry.
     #[must_use]
-    pub(crate) fn challenge(mut self, challenge: &'static str) -> Self {
-        self.challenge = Some(challenge);
-        self
+    pub(crate) fn challenge(self, challenge: &'static str) -> Self {
+        self.www_authenticate(HeaderValue::from_static(challenge))
     }
 
     /// Its kind.
@@ -240,7 +277,7 @@ impl IntoResponse for Problem {
             headers.insert(RETRY_AFTER, HeaderValue::from(secs));
         }
         if let Some(challenge) = self.challenge {
-            headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+            headers.insert(WWW_AUTHENTICATE, challenge);
         }
         response
     }
@@ -352,6 +389,22 @@ mod tests {
             assert!(!problem.detail().contains("permission"), "{problem}");
             assert!(problem.detail().contains("same key"), "{problem}");
         }
+    }
+
+    /// A 401 must carry a challenge (RFC 9110, 15.5.2), whoever builds it;
+    /// other problems carry none unless given one.
+    #[test]
+    fn every_401_carries_a_challenge() {
+        let missing = Problem::new(ProblemKind::MissingCredentials, "no key").into_response();
+        assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(missing.headers().get(WWW_AUTHENTICATE).unwrap(), "Bearer");
+        let basic = Problem::new(ProblemKind::MissingCredentials, "no key")
+            .www_authenticate(HeaderValue::from_static("Basic realm=\"api\""))
+            .into_response();
+        let challenges: Vec<_> = basic.headers().get_all(WWW_AUTHENTICATE).iter().collect();
+        assert_eq!(challenges, ["Basic realm=\"api\""]);
+        let reused = Problem::new(ProblemKind::KeyReused, "reused").into_response();
+        assert!(reused.headers().get(WWW_AUTHENTICATE).is_none());
     }
 
     proptest! {

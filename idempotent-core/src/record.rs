@@ -12,7 +12,11 @@ use crate::key::IdempotencyKey;
 use crate::scope::ScopeDigest;
 
 /// The address of a record: whose key, and the key.
+///
+/// Its fields are read by stores; it is built with [`RecordKey::new`], so
+/// that a later field (marked `#[non_exhaustive]`) is not a breaking change.
 #[derive(Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct RecordKey {
     /// Digest of the caller's scope.
     pub scope: ScopeDigest,
@@ -110,7 +114,13 @@ impl fmt::Debug for LeaseToken {
 }
 
 /// A response as stored for replay.
+///
+/// A store reads its fields to keep it and builds it back with
+/// [`StoredResponse::new`] (or keeps the whole record as
+/// [`Completed::encode`] and reads it with [`Completed::decode`], which
+/// carries any field a later version adds).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StoredResponse {
     /// The original status.
     pub status: StatusCode,
@@ -122,6 +132,32 @@ pub struct StoredResponse {
 }
 
 impl StoredResponse {
+    /// A response read back from a store.
+    ///
+    /// ```
+    /// use idempotent_core::record::StoredResponse;
+    /// use http::{HeaderName, HeaderValue, StatusCode};
+    ///
+    /// let response = StoredResponse::new(
+    ///     StatusCode::CREATED,
+    ///     vec![(HeaderName::from_static("location"), HeaderValue::from_static("/payments/1"))],
+    ///     Some(bytes::Bytes::from_static(b"{}")),
+    /// );
+    /// assert_eq!(response.size_bytes(), "location".len() + "/payments/1".len() + 2);
+    /// ```
+    #[must_use]
+    pub fn new(
+        status: StatusCode,
+        headers: Vec<(HeaderName, HeaderValue)>,
+        body: Option<Bytes>,
+    ) -> Self {
+        Self {
+            status,
+            headers,
+            body,
+        }
+    }
+
     /// Bytes this response occupies in memory, roughly: body plus headers.
     #[must_use]
     pub fn size_bytes(&self) -> usize {
@@ -134,8 +170,9 @@ impl StoredResponse {
     }
 }
 
-/// A claim that is being worked on.
+/// A claim that is being worked on. Built with [`InFlight::new`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct InFlight {
     /// Fingerprint of the request that claimed the key.
     pub fingerprint: Fingerprint,
@@ -146,8 +183,10 @@ pub struct InFlight {
     pub lease_expires_at: u64,
 }
 
-/// A finished request whose response is replayed to retries.
+/// A finished request whose response is replayed to retries. Built with
+/// [`Completed::new`], or read back with [`Completed::decode`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Completed {
     /// Fingerprint of the request that produced the response.
     pub fingerprint: Fingerprint,
@@ -155,6 +194,36 @@ pub struct Completed {
     pub response: StoredResponse,
     /// When the record expires (Unix ms); after that the key is new again.
     pub expires_at: u64,
+}
+
+impl InFlight {
+    /// The claim of the request with `fingerprint`, held by `lease_token`
+    /// until `lease_expires_at` (Unix ms).
+    #[must_use]
+    pub const fn new(
+        fingerprint: Fingerprint,
+        lease_token: LeaseToken,
+        lease_expires_at: u64,
+    ) -> Self {
+        Self {
+            fingerprint,
+            lease_token,
+            lease_expires_at,
+        }
+    }
+}
+
+impl Completed {
+    /// The `response` to the request with `fingerprint`, replayed until
+    /// `expires_at` (Unix ms).
+    #[must_use]
+    pub fn new(fingerprint: Fingerprint, response: StoredResponse, expires_at: u64) -> Self {
+        Self {
+            fingerprint,
+            response,
+            expires_at,
+        }
+    }
 }
 
 /// A stored record.
@@ -197,7 +266,9 @@ pub enum Claim {
     /// The caller now holds the key and must run the request, then
     /// complete or release.
     Acquired(LeaseToken),
-    /// Another request holds a live lease on the key.
+    /// Another request holds a live lease on the key. Built with
+    /// [`Claim::in_flight`], or from the [`Record`] found.
+    #[non_exhaustive]
     InFlight {
         /// Fingerprint of the request holding it.
         fingerprint: Fingerprint,
@@ -207,6 +278,50 @@ pub enum Claim {
     /// The key has a stored response.
     Completed(Arc<Completed>),
 }
+
+impl Claim {
+    /// Another request, with `fingerprint`, holds the key until
+    /// `lease_expires_at` (Unix ms).
+    #[must_use]
+    pub const fn in_flight(fingerprint: Fingerprint, lease_expires_at: u64) -> Self {
+        Self::InFlight {
+            fingerprint,
+            lease_expires_at,
+        }
+    }
+}
+
+/// The record types are built through their constructors from outside this
+/// crate, so that a field added later breaks no store. Struct expressions
+/// are refused:
+///
+/// ```compile_fail,E0639
+/// # use idempotent_core::record::StoredResponse;
+/// let _ = StoredResponse { status: http::StatusCode::OK, headers: Vec::new(), body: None };
+/// ```
+///
+/// ```compile_fail,E0639
+/// # use idempotent_core::{Fingerprint, record::{Completed, StoredResponse}};
+/// let response = StoredResponse::new(http::StatusCode::OK, Vec::new(), None);
+/// let _ = Completed { fingerprint: Fingerprint::from_bytes([0; 32]), response, expires_at: 0 };
+/// ```
+///
+/// ```compile_fail,E0639
+/// # use idempotent_core::{Fingerprint, record::{InFlight, LeaseToken}};
+/// let _ = InFlight { fingerprint: Fingerprint::from_bytes([0; 32]), lease_token: LeaseToken::random(), lease_expires_at: 0 };
+/// ```
+///
+/// ```compile_fail,E0639
+/// # use idempotent_core::{Fingerprint, record::Claim};
+/// let _ = Claim::InFlight { fingerprint: Fingerprint::from_bytes([0; 32]), lease_expires_at: 0 };
+/// ```
+///
+/// ```compile_fail,E0639
+/// # use idempotent_core::{IdempotencyKey, record::RecordKey, scope::ScopeDigest};
+/// let _ = RecordKey { scope: ScopeDigest::global(), key: IdempotencyKey::parse(b"k").unwrap() };
+/// ```
+#[cfg(doctest)]
+pub struct RecordTypesAreNonExhaustive;
 
 mod codec;
 #[cfg(test)]

@@ -1921,11 +1921,7 @@ fn record_key(key: &str) -> RecordKey {
 }
 
 fn stored(status: StatusCode) -> StoredResponse {
-    StoredResponse {
-        status,
-        headers: Vec::new(),
-        body: Some("ok".into()),
-    }
+    StoredResponse::new(status, Vec::new(), Some("ok".into()))
 }
 
 /// Answers 201 with a streamed body whose first chunk comes and whose

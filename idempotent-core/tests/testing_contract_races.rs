@@ -95,11 +95,7 @@ impl TwoStep {
         lease: Duration,
     ) -> Claim {
         let token = LeaseToken::random();
-        let held = InFlight {
-            fingerprint,
-            lease_token: token,
-            lease_expires_at: self.deadline(lease),
-        };
+        let held = InFlight::new(fingerprint, token, self.deadline(lease));
         records.insert(Self::id(key), Record::InFlight(held));
         Claim::Acquired(token)
     }
@@ -153,11 +149,7 @@ impl Store for TwoStep {
             Some(Record::InFlight(held)) if held.lease_token == token => held.fingerprint,
             _ => return Err(StoreError::LeaseLost),
         };
-        let completed = Completed {
-            fingerprint,
-            response,
-            expires_at: self.deadline(ttl),
-        };
+        let completed = Completed::new(fingerprint, response, self.deadline(ttl));
         records.insert(id, Record::Completed(Arc::new(completed)));
         Ok(())
     }

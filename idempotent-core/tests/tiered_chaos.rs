@@ -92,10 +92,8 @@ impl Store for Unreliable {
     ) -> Result<(), StoreError> {
         // A record kept without its body is remembered as an empty one.
         let body = response.body.clone().unwrap_or_default();
-        let response = StoredResponse {
-            body: Some(body.clone()),
-            ..response
-        };
+        let mut response = response;
+        response.body = Some(body.clone());
         self.unreliably(async {
             let completed = self.inner.complete(key, token, response, ttl).await;
             if completed.is_ok() {
@@ -250,11 +248,11 @@ async fn tiers_never_replay_what_the_durable_store_does_not_hold() {
                     let _ = tier.release(&key, token).await;
                     continue;
                 }
-                let response = StoredResponse {
-                    status: StatusCode::OK,
-                    headers: Vec::new(),
-                    body: Some(Bytes::from(format!("worker {worker} run {run}"))),
-                };
+                let response = StoredResponse::new(
+                    StatusCode::OK,
+                    Vec::new(),
+                    Some(Bytes::from(format!("worker {worker} run {run}"))),
+                );
                 // As the engine does: tried again after an error, not
                 // after a lost lease.
                 for _ in 0..3 {

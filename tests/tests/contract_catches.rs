@@ -90,11 +90,7 @@ impl Faulty {
 
     fn held(&self, fingerprint: Fingerprint, lease: Duration) -> (Record, LeaseToken) {
         let token = LeaseToken::random();
-        let held = InFlight {
-            fingerprint,
-            lease_token: token,
-            lease_expires_at: self.deadline(lease),
-        };
+        let held = InFlight::new(fingerprint, token, self.deadline(lease));
         (Record::InFlight(held), token)
     }
 
@@ -191,11 +187,7 @@ impl Store for Faulty {
             // Checked again under the lock the write takes: one step.
             fingerprint = held_by(&records, &id, token).ok_or(StoreError::LeaseLost)?;
         }
-        let completed = Completed {
-            fingerprint,
-            response,
-            expires_at,
-        };
+        let completed = Completed::new(fingerprint, response, expires_at);
         records.insert(id, Record::Completed(Arc::new(completed)));
         Ok(())
     }

@@ -65,11 +65,11 @@ fn record_key(key: &str) -> RecordKey {
 }
 
 fn ok_response() -> StoredResponse {
-    StoredResponse {
-        status: StatusCode::OK,
-        headers: vec![("x-a".parse().unwrap(), HeaderValue::from_static("1"))],
-        body: Some("paid".into()),
-    }
+    StoredResponse::new(
+        StatusCode::OK,
+        vec![("x-a".parse().unwrap(), HeaderValue::from_static("1"))],
+        Some("paid".into()),
+    )
 }
 
 /// The lease and TTL of the records these tests make.

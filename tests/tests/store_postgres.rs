@@ -254,11 +254,7 @@ async fn purging_deletes_only_expired_rows() {
     let store = with_clock(&base, clock.clone());
     let fingerprint = Fingerprint::from_bytes([1; 32]);
     let lease = Duration::from_secs(10);
-    let response = StoredResponse {
-        status: StatusCode::OK,
-        headers: Vec::new(),
-        body: None,
-    };
+    let response = StoredResponse::new(StatusCode::OK, Vec::new(), None);
     for (name, ttl) in [("short", 5), ("long", 500)] {
         let Claim::Acquired(token) = store
             .claim(&record_key(name), fingerprint, lease)
@@ -445,11 +441,7 @@ async fn reserved_words_and_mixed_case_names_are_tables() {
         format!("{schema}.select"),
         format!("{}.Mixed_Case", schema.to_uppercase()),
     ];
-    let response = StoredResponse {
-        status: StatusCode::OK,
-        headers: Vec::new(),
-        body: None,
-    };
+    let response = StoredResponse::new(StatusCode::OK, Vec::new(), None);
     for name in &names {
         let store = PostgresStore::builder(pool.clone())
             .table(name.as_str())
@@ -1065,11 +1057,11 @@ async fn a_corrupt_row_is_a_codec_error() {
     else {
         panic!("a new key is acquired")
     };
-    let response = StoredResponse {
-        status: StatusCode::OK,
-        headers: Vec::new(),
-        body: Some(axum::body::Bytes::from_static(b"{}")),
-    };
+    let response = StoredResponse::new(
+        StatusCode::OK,
+        Vec::new(),
+        Some(axum::body::Bytes::from_static(b"{}")),
+    );
     store
         .complete(&key, token, response, STORE_TIMEOUT)
         .await

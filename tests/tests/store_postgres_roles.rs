@@ -605,11 +605,11 @@ async fn a_completion_that_meets_a_server_turned_read_only_is_stored_on_a_new_co
                 pool.close().await;
                 return Err(format!("claim on a writable connection: {claimed:?}"));
             };
-            let response = StoredResponse {
-                status: StatusCode::CREATED,
-                headers: Vec::new(),
-                body: Some(Bytes::from_static(b"paid")),
-            };
+            let response = StoredResponse::new(
+                StatusCode::CREATED,
+                Vec::new(),
+                Some(Bytes::from_static(b"paid")),
+            );
             let lease = Duration::from_secs(60);
             let completed = store
                 .complete(&record_key("k"), token, response, lease)

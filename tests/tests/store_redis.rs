@@ -296,10 +296,8 @@ async fn a_completion_applied_twice_stores_the_record_once() {
         ScopeDigest::from_bytes(rand::random()),
         IdempotencyKey::parse(b"completed-twice").unwrap(),
     );
-    let response = |body: &'static [u8]| StoredResponse {
-        status: StatusCode::CREATED,
-        headers: Vec::new(),
-        body: Some(body.into()),
+    let response = |body: &'static [u8]| {
+        StoredResponse::new(StatusCode::CREATED, Vec::new(), Some(body.into()))
     };
     let ttl = Duration::from_secs(60);
     let Claim::Acquired(token) = once

@@ -33,11 +33,11 @@ fn key(name: &str) -> RecordKey {
 }
 
 fn paid() -> StoredResponse {
-    StoredResponse {
-        status: StatusCode::CREATED,
-        headers: Vec::new(),
-        body: Some(Bytes::from_static(b"paid")),
-    }
+    StoredResponse::new(
+        StatusCode::CREATED,
+        Vec::new(),
+        Some(Bytes::from_static(b"paid")),
+    )
 }
 
 /// Whether `store` replays `key` with the response `paid()` stored.

@@ -37,11 +37,11 @@ fn key(name: &[u8]) -> RecordKey {
 }
 
 fn paid() -> StoredResponse {
-    StoredResponse {
-        status: StatusCode::CREATED,
-        headers: Vec::new(),
-        body: Some(Bytes::from_static(b"paid")),
-    }
+    StoredResponse::new(
+        StatusCode::CREATED,
+        Vec::new(),
+        Some(Bytes::from_static(b"paid")),
+    )
 }
 
 async fn acquire(store: &impl Store, key: &RecordKey) -> LeaseToken {

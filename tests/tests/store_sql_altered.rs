@@ -42,14 +42,14 @@ async fn claim(store: &impl Store, key: &str) -> Result<Claim, StoreError> {
 
 /// A stored 201 with a header, as a payment's response.
 fn created() -> StoredResponse {
-    StoredResponse {
-        status: StatusCode::CREATED,
-        headers: vec![(
+    StoredResponse::new(
+        StatusCode::CREATED,
+        vec![(
             axum::http::header::LOCATION,
             axum::http::HeaderValue::from_static("/payments/1"),
         )],
-        body: Some("{}".into()),
-    }
+        Some("{}".into()),
+    )
 }
 
 fn assert_says(error: &str, words: &[&str]) {

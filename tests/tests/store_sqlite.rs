@@ -479,10 +479,12 @@ async fn two_tiered_instances_agree_with_the_file() {
     let lease = Duration::from_secs(10);
     let ttl = Duration::from_secs(60);
     let fingerprint = Fingerprint::from_bytes([3; 32]);
-    let body = |text: &'static str| StoredResponse {
-        status: StatusCode::CREATED,
-        headers: Vec::new(),
-        body: Some(axum::body::Bytes::from_static(text.as_bytes())),
+    let body = |text: &'static str| {
+        StoredResponse::new(
+            StatusCode::CREATED,
+            Vec::new(),
+            Some(axum::body::Bytes::from_static(text.as_bytes())),
+        )
     };
     let body_of = |claim: Claim| match claim {
         Claim::Completed(record) => record.response.body.clone(),

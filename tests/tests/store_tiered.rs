@@ -183,11 +183,11 @@ async fn with_the_durable_tier_down_only_cached_replays_are_answered() {
     let Ok(Claim::Acquired(token)) = store.claim(&done, fingerprint, lease).await else {
         panic!("a new key is acquired");
     };
-    let response = StoredResponse {
-        status: StatusCode::CREATED,
-        headers: Vec::new(),
-        body: Some(axum::body::Bytes::from_static(b"paid")),
-    };
+    let response = StoredResponse::new(
+        StatusCode::CREATED,
+        Vec::new(),
+        Some(axum::body::Bytes::from_static(b"paid")),
+    );
     store
         .complete(&done, token, response.clone(), Duration::from_secs(3600))
         .await
@@ -252,11 +252,11 @@ mod two_instances {
     }
 
     fn response(body: &'static str) -> StoredResponse {
-        StoredResponse {
-            status: StatusCode::CREATED,
-            headers: Vec::new(),
-            body: Some(Bytes::from_static(body.as_bytes())),
-        }
+        StoredResponse::new(
+            StatusCode::CREATED,
+            Vec::new(),
+            Some(Bytes::from_static(body.as_bytes())),
+        )
     }
 
     async fn acquire(store: &impl Store, key: &RecordKey, fingerprint: Fingerprint) -> LeaseToken {

@@ -98,14 +98,14 @@ fn store_only(records: usize) {
         let Ok(Claim::Acquired(token)) = futures_now(claim) else {
             panic!("a new key is acquired");
         };
-        let response = StoredResponse {
-            status: StatusCode::CREATED,
-            headers: vec![(
+        let response = StoredResponse::new(
+            StatusCode::CREATED,
+            vec![(
                 HeaderName::from_static("content-type"),
                 HeaderValue::from_static("application/json"),
             )],
-            body: Some(bytes::Bytes::copy_from_slice(&body)),
-        };
+            Some(bytes::Bytes::copy_from_slice(&body)),
+        );
         let done = store.complete(&key, token, response, Duration::from_secs(86_400));
         futures_now(done).expect("complete");
     };

@@ -74,12 +74,14 @@ pub enum StoreError {
 
 impl StoreError {
     /// Wraps any backend error.
+    #[must_use]
     pub fn backend(error: impl Into<BoxError>) -> Self {
         Self::Backend(error.into())
     }
 
     /// Wraps a backend error that only a change of the store's setup
     /// makes go away (see [`StoreError::Misconfigured`]).
+    #[must_use]
     pub fn misconfigured(error: impl Into<BoxError>) -> Self {
         Self::Misconfigured(error.into())
     }
@@ -91,6 +93,7 @@ impl StoreError {
     /// [`fail_open`](crate::IdempotencyBuilder::fail_open); reported as
     /// [`backend`](Self::backend) instead, it would be answered 503 and
     /// retried for good, or with `fail_open` run a second time.
+    #[must_use]
     pub fn corrupt(reason: &'static str) -> Self {
         Self::Codec(crate::record::CodecError::new(reason))
     }
@@ -107,6 +110,105 @@ impl StoreError {
 /// (`Arc<dyn Store>`): a store chosen at run time is a [`SharedStore`],
 /// `Arc<dyn DynStore>`, which [`Idempotency::from_shared`](crate::Idempotency::from_shared)
 /// takes.
+///
+/// # Implementing a store
+///
+/// The record types are built with their constructors
+/// ([`InFlight::new`](crate::record::InFlight::new),
+/// [`Completed::new`](crate::record::Completed::new),
+/// [`StoredResponse::new`](crate::record::StoredResponse::new),
+/// [`Claim::in_flight`]); a store that keeps a completed record as one
+/// value stores [`Completed::encode`](crate::record::Completed::encode).
+/// Run the contract suite (`idempotent_core::testing::contract`, feature
+/// `test-util`) against it. One process's store, on a map:
+///
+/// ```
+/// use std::collections::HashMap;
+/// use std::sync::{Arc, Mutex};
+/// use std::time::Duration;
+///
+/// use idempotent_core::Fingerprint;
+/// use idempotent_core::clock::{Clock, SystemClock};
+/// use idempotent_core::record::{Claim, Completed, InFlight, LeaseToken, Record, RecordKey, StoredResponse};
+/// use idempotent_core::store::{Store, StoreError};
+///
+/// #[derive(Default)]
+/// struct MapStore(Mutex<HashMap<RecordKey, Record>>);
+///
+/// fn ms(duration: Duration) -> u64 {
+///     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+/// }
+///
+/// impl MapStore {
+///     /// Runs `change` on the record held by `token`, if it still is.
+///     fn held<T>(
+///         &self,
+///         key: &RecordKey,
+///         token: LeaseToken,
+///         change: impl FnOnce(&mut HashMap<RecordKey, Record>, u64) -> T,
+///     ) -> Result<T, StoreError> {
+///         let now = SystemClock.now_millis();
+///         let mut records = self.0.lock().unwrap();
+///         match records.get(key) {
+///             Some(Record::InFlight(held)) if held.lease_token == token && held.lease_expires_at > now => {
+///                 Ok(change(&mut records, now))
+///             }
+///             _ => Err(StoreError::LeaseLost),
+///         }
+///     }
+/// }
+///
+/// impl Store for MapStore {
+///     async fn claim(&self, key: &RecordKey, fingerprint: Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
+///         let now = SystemClock.now_millis();
+///         let mut records = self.0.lock().unwrap();
+///         if let Some(record) = records.get(key).filter(|record| record.deadline() > now) {
+///             return Ok(Claim::from(record.clone()));
+///         }
+///         let token = LeaseToken::random();
+///         let held = InFlight::new(fingerprint, token, now.saturating_add(ms(lease)));
+///         records.insert(key.clone(), Record::InFlight(held));
+///         Ok(Claim::Acquired(token))
+///     }
+///
+///     async fn renew(&self, key: &RecordKey, token: LeaseToken, lease: Duration) -> Result<(), StoreError> {
+///         self.held(key, token, |records, now| {
+///             if let Some(Record::InFlight(held)) = records.get_mut(key) {
+///                 held.lease_expires_at = now.saturating_add(ms(lease));
+///             }
+///         })
+///     }
+///
+///     async fn complete(
+///         &self,
+///         key: &RecordKey,
+///         token: LeaseToken,
+///         response: StoredResponse,
+///         ttl: Duration,
+///     ) -> Result<(), StoreError> {
+///         self.held(key, token, |records, now| {
+///             let Some(Record::InFlight(held)) = records.remove(key) else { return };
+///             let completed = Completed::new(held.fingerprint, response, now.saturating_add(ms(ttl)));
+///             records.insert(key.clone(), Record::Completed(Arc::new(completed)));
+///         })
+///     }
+///
+///     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
+///         self.held(key, token, |records, _| {
+///             records.remove(key);
+///         })
+///     }
+///
+///     async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+///         let now = SystemClock.now_millis();
+///         let records = self.0.lock().unwrap();
+///         Ok(records.get(key).filter(|record| record.deadline() > now).cloned())
+///     }
+/// }
+///
+/// let idempotency = idempotent_core::Idempotency::new(MapStore::default());
+/// # let _ = idempotency;
+/// ```
 pub trait Store: Send + Sync + 'static {
     /// Atomically claims `key` for a request with `fingerprint`:
     /// - no record, or an expired one: insert `InFlight` -> [`Claim::Acquired`];
@@ -116,6 +218,11 @@ pub trait Store: Send + Sync + 'static {
     /// - live `Completed` -> [`Claim::Completed`].
     ///
     /// The fingerprint is not compared here; the engine does that.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] or [`StoreError::Timeout`] when the backend
+    /// failed, [`StoreError::Misconfigured`] when it is set up wrongly,
+    /// [`StoreError::Codec`] when the record found cannot be read.
     fn claim(
         &self,
         key: &RecordKey,
@@ -161,6 +268,9 @@ pub trait Store: Send + Sync + 'static {
     /// deadline. Besides inspection, the engine reads with it to answer an
     /// exact repeat of a replayed request, so a record returned here is
     /// replayed.
+    ///
+    /// # Errors
+    /// As [`claim`](Self::claim)'s.
     fn get(
         &self,
         key: &RecordKey,
@@ -242,7 +352,11 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// [`Store`], not this: each method boxes the future of the `Store`
 /// method of its name, and does what that method's documentation says.
 /// [`Store::deadline_clock`] has no counterpart here.
-pub trait DynStore: Send + Sync + 'static {
+///
+/// It is sealed: the one implementation is the one every `Store` has, so
+/// that methods can be added to it (as they are to `Store`, with a default)
+/// without breaking anyone.
+pub trait DynStore: sealed::Sealed + Send + Sync + 'static {
     /// [`Store::claim`], boxed.
     fn claim<'a>(
         &'a self,
@@ -276,6 +390,36 @@ pub trait DynStore: Send + Sync + 'static {
     /// [`Store::settle`], boxed.
     fn settle(&self) -> BoxFuture<'_, ()>;
 }
+
+mod sealed {
+    /// Keeps [`DynStore`](super::DynStore) implemented only through
+    /// [`Store`](super::Store).
+    pub trait Sealed {}
+    impl<S: super::Store> Sealed for S {}
+}
+
+/// [`DynStore`] is implemented through [`Store`] alone; a type that
+/// implements it directly is refused:
+///
+/// ```compile_fail,E0277
+/// use idempotent_core::record::{Claim, LeaseToken, Record, RecordKey, StoredResponse};
+/// use idempotent_core::store::{BoxFuture, DynStore, StoreError};
+/// use idempotent_core::Fingerprint;
+/// use std::time::Duration;
+///
+/// struct Direct;
+///
+/// impl DynStore for Direct {
+///     fn claim<'a>(&'a self, _: &'a RecordKey, _: Fingerprint, _: Duration) -> BoxFuture<'a, Result<Claim, StoreError>> { todo!() }
+///     fn renew<'a>(&'a self, _: &'a RecordKey, _: LeaseToken, _: Duration) -> BoxFuture<'a, Result<(), StoreError>> { todo!() }
+///     fn complete<'a>(&'a self, _: &'a RecordKey, _: LeaseToken, _: StoredResponse, _: Duration) -> BoxFuture<'a, Result<(), StoreError>> { todo!() }
+///     fn release<'a>(&'a self, _: &'a RecordKey, _: LeaseToken) -> BoxFuture<'a, Result<(), StoreError>> { todo!() }
+///     fn get<'a>(&'a self, _: &'a RecordKey) -> BoxFuture<'a, Result<Option<Record>, StoreError>> { todo!() }
+///     fn settle(&self) -> BoxFuture<'_, ()> { todo!() }
+/// }
+/// ```
+#[cfg(doctest)]
+pub struct DynStoreIsSealed;
 
 impl<S: Store> DynStore for S {
     fn claim<'a>(

@@ -44,6 +44,10 @@ const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
 /// let store = Tiered::builder(MemoryStore::new()).max_bytes(32 * 1024 * 1024).build();
 /// # let _ = store;
 /// ```
+///
+/// Clones share the cache, as [`MemoryStore`]'s clones share their records,
+/// and clone the durable tier (whose clones share their connections).
+#[derive(Clone)]
 pub struct Tiered<D> {
     durable: D,
     cache: MemoryStore,
@@ -86,6 +90,7 @@ impl<D: Store> TieredBuilder<D> {
     }
 
     /// Builds the store.
+    #[must_use]
     pub fn build(self) -> Tiered<D> {
         let clock = self
             .clock
@@ -106,6 +111,7 @@ impl<D: Store> TieredBuilder<D> {
 
 impl<D: Store> Tiered<D> {
     /// A cache with default settings in front of `durable`.
+    #[must_use]
     pub fn new(durable: D) -> Self {
         Self::builder(durable).build()
     }
@@ -317,6 +323,25 @@ mod tests {
 
         let again = store.claim(&key, FINGERPRINT, LEASE).await;
         assert!(matches!(again, Ok(Claim::Acquired(_))), "{again:?}");
+    }
+
+    /// A clone is the same store: a record completed through one is
+    /// replayed from the other's memory, with the durable store down.
+    #[tokio::test]
+    async fn clones_share_the_cache() {
+        let (durable, store, key, token) = claimed().await;
+        let clone = store.clone();
+        store
+            .complete(&key, token, paid(), Duration::from_secs(3600))
+            .await
+            .unwrap();
+        durable.fail_all(true);
+        let replayed = clone.claim(&key, FINGERPRINT, LEASE).await;
+        assert!(
+            matches!(&replayed, Ok(Claim::Completed(record)) if record.response == paid()),
+            "{replayed:?}"
+        );
+        assert_eq!(clone.cached_len(), 1);
     }
 
     /// A completion the durable store refused is neither cached nor left

@@ -32,10 +32,6 @@ pub fn complete_new(store: &MemoryStore, name: &str, body: &'static [u8], ttl: D
     let Ok(Claim::Acquired(token)) = now(store.claim(&key, fingerprint, lease)) else {
         panic!("{name} is new");
     };
-    let response = StoredResponse {
-        status: StatusCode::OK,
-        headers: Vec::new(),
-        body: Some(Bytes::from_static(body)),
-    };
+    let response = StoredResponse::new(StatusCode::OK, Vec::new(), Some(Bytes::from_static(body)));
     now(store.complete(&key, token, response, ttl)).unwrap();
 }

@@ -294,11 +294,11 @@ pub async fn complete_with_a_body_of(store: &impl Store, len: usize) -> Completi
     );
     let lease = Duration::from_secs(60);
     let token = acquire(store, &key, Fingerprint::from_bytes([1; 32]), lease).await;
-    let response = StoredResponse {
-        status: StatusCode::OK,
-        headers: Vec::new(),
-        body: Some(Bytes::from(vec![b'x'; len])),
-    };
+    let response = StoredResponse::new(
+        StatusCode::OK,
+        Vec::new(),
+        Some(Bytes::from(vec![b'x'; len])),
+    );
     let completed = store.complete(&key, token, response, lease).await;
     (completed, store.get(&key).await)
 }
