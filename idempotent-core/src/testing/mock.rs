@@ -249,6 +249,7 @@ struct Queued {
 
 /// What a claim found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ClaimOutcome {
     /// The key was free: the handler runs.
     Acquired,
