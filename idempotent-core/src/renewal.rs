@@ -29,7 +29,7 @@
 //! payment SDK, a long computation) would hold them back, the lease would
 //! lapse under it, and a duplicate would run it again.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -53,6 +53,12 @@ use crate::store::StoreError;
 #[derive(Default)]
 pub(crate) struct Renewer {
     table: Mutex<Table>,
+    /// Renewal tasks started so far, counted under the table's lock: a
+    /// claim that finds the count where it was when the claim was held has
+    /// had no renewal, so nothing can have found its lease lost, and
+    /// [`Renewals::lost`] answers without taking the lock on every stored
+    /// response.
+    renewals_started: AtomicU64,
 }
 
 #[derive(Default)]
@@ -106,6 +112,14 @@ struct Watcher {
     wake: Arc<Notify>,
 }
 
+/// A claim noted in the table: its slot, and the renewal tasks started
+/// before it (see [`Renewer::renewals_started`]).
+#[derive(Clone, Copy)]
+struct Held {
+    id: usize,
+    renewals_started: u64,
+}
+
 /// What a newly held claim asks of its runtime's watcher.
 enum Nudge {
     None,
@@ -140,10 +154,13 @@ impl Renewer {
     /// Notes `claim` and says what its runtime's watcher must be told:
     /// nothing while it looks often enough anyway, and again before the
     /// claim falls due.
-    fn hold(&self, claim: HeldClaim, every: Duration) -> (usize, Nudge) {
+    fn hold(&self, claim: HeldClaim, every: Duration) -> (Held, Nudge) {
         let (runtime, due) = (claim.runtime, claim.due);
         let mut table = self.table();
-        let id = table.claims.insert(claim);
+        let held = Held {
+            id: table.claims.insert(claim),
+            renewals_started: self.renewals_started.load(Ordering::Relaxed),
+        };
         let position = table.watchers.iter().position(|w| w.runtime == runtime);
         let Some(watcher) = position.map(|at| &mut table.watchers[at]) else {
             let wake = Arc::new(Notify::new());
@@ -153,15 +170,15 @@ impl Renewer {
                 wake: Arc::clone(&wake),
             };
             table.watchers.push(watcher);
-            return (id, Nudge::Start(wake));
+            return (held, Nudge::Start(wake));
         };
         // A claim whose answer came late can fall due before that look.
         let due_sooner = due <= Instant::now() + watcher.every;
         if every >= watcher.every && !due_sooner {
-            return (id, Nudge::None);
+            return (held, Nudge::None);
         }
         watcher.every = watcher.every.min(every);
-        (id, Nudge::Wake(Arc::clone(&watcher.wake)))
+        (held, Nudge::Wake(Arc::clone(&watcher.wake)))
     }
 
     /// Starts renewing this runtime's claims whose first renewal falls due
@@ -184,6 +201,9 @@ impl Renewer {
                 let watched = (Arc::clone(&settled), Arc::clone(&outage));
                 renew_until_lost(Arc::clone(settings), claim, watched)
             };
+            // Before the task can run: whatever it finds comes after the
+            // count that tells its claim to look.
+            self.renewals_started.fetch_add(1, Ordering::Release);
             let task = tokio::spawn(renewals.instrument(claim.span.clone()));
             claim.renewing = Some(Renewing {
                 task,
@@ -213,7 +233,7 @@ impl Drop for Renewer {
 #[must_use = "renewals stop when dropped"]
 pub(crate) struct Renewals<'a> {
     renewer: &'a Renewer,
-    claim: Option<usize>,
+    claim: Option<Held>,
     /// This claim started its runtime's watcher, or woke it.
     nudged: bool,
 }
@@ -253,7 +273,7 @@ impl<'a> Renewals<'a> {
             span: tracing::Span::current(),
             renewing: None,
         };
-        let (id, nudge) = renewer.hold(claim, period / 2);
+        let (held, nudge) = renewer.hold(claim, period / 2);
         let nudged = match nudge {
             Nudge::None => false,
             Nudge::Wake(wake) => {
@@ -268,7 +288,7 @@ impl<'a> Renewals<'a> {
         };
         Self {
             renewer,
-            claim: Some(id),
+            claim: Some(held),
             nudged,
         }
     }
@@ -304,22 +324,27 @@ impl Renewals<'_> {
     /// run stores anything, a completed record of the key found later is
     /// not the run's own, whatever response it holds.
     pub(crate) fn lost(&self) -> bool {
-        let Some(id) = self.claim else {
+        let Some(held) = self.claim else {
             return false;
         };
+        // No renewal task started since the claim was held, so none for it.
+        let started = self.renewer.renewals_started.load(Ordering::Acquire);
+        if started == held.renewals_started {
+            return false;
+        }
         let table = self.renewer.table();
         let renewing = table
             .claims
-            .get(id)
+            .get(held.id)
             .and_then(|claim| claim.renewing.as_ref());
         renewing.is_some_and(|renewing| lock_outage(&renewing.outage).lost)
     }
 
     fn stop_renewing(&mut self) -> bool {
-        let Some(id) = self.claim.take() else {
+        let Some(held) = self.claim.take() else {
             return false;
         };
-        let settled = self.renewer.table().claims.remove(id);
+        let settled = self.renewer.table().claims.remove(held.id);
         let now = Instant::now();
         let Some(renewing) = &settled.renewing else {
             // The watcher never got to start renewing it: if the lease ran
@@ -647,6 +672,70 @@ mod tests {
     use crate::scope::ScopeDigest;
     use crate::store::MemoryStore;
 
+    fn record_key() -> RecordKey {
+        RecordKey::new(
+            ScopeDigest::global(),
+            IdempotencyKey::parse(b"k").expect("a valid key"),
+        )
+    }
+
+    /// Every stored response asks whether its lease was lost: while no
+    /// renewal has started, that answer must not wait for the table,
+    /// which every claim, settling and watcher's look locks.
+    #[test]
+    fn a_claim_never_renewed_is_not_lost_without_locking_the_table() {
+        let settings = Idempotency::new(MemoryStore::new()).inner;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let _entered = runtime.enter();
+        let held = (LeaseToken::random(), Fingerprint::from_bytes([0; 32]));
+        let lease = Duration::from_secs(60);
+        let key = record_key();
+        let renewals = Renewals::start(&settings, "pay", &key, lease, held, Instant::now());
+        let (answered, answer) = std::sync::mpsc::channel();
+        std::thread::scope(|threads| {
+            let table = settings.renewer.table();
+            threads.spawn(|| answered.send(renewals.lost()).expect("the test waits"));
+            let lost = answer.recv_timeout(Duration::from_secs(5));
+            drop(table);
+            assert_eq!(lost, Ok(false), "waited for the table's lock");
+        });
+    }
+
+    /// A renewal that found the lease lost is still told to the run that
+    /// asks before it stores its response.
+    #[test]
+    fn a_lease_a_renewal_found_lost_is_told_to_the_run() {
+        let settings = Idempotency::new(MemoryStore::new()).inner;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async {
+            // Never claimed in the store: its first renewal finds it lost.
+            let held = (LeaseToken::random(), Fingerprint::from_bytes([0; 32]));
+            let lease = Duration::from_secs(60);
+            let key = record_key();
+            let sent = Instant::now() - lease;
+            let renewals = Renewals::start(&settings, "pay", &key, lease, held, sent);
+            assert!(!renewals.lost(), "lost before any renewal ran");
+            settings
+                .renewer
+                .start_due(&settings, Handle::current().id())
+                .expect("the claim's watcher is in the table");
+            for _ in 0..100 {
+                if renewals.lost() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(renewals.lost(), "the renewal's lost lease is not told");
+            assert!(renewals.stop());
+        });
+    }
+
     /// A runtime whose first claim settles before its watcher ever runs,
     /// and which then ends, leaves nothing behind in the table: otherwise
     /// every such runtime adds a watcher that every later claim walks past,
@@ -655,10 +744,7 @@ mod tests {
     #[test]
     fn a_watcher_that_never_ran_is_forgotten_when_its_runtime_ends() {
         let settings = Idempotency::new(MemoryStore::new()).inner;
-        let key = RecordKey::new(
-            ScopeDigest::global(),
-            IdempotencyKey::parse(b"k").expect("a valid key"),
-        );
+        let key = record_key();
         for _ in 0..3 {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
