@@ -516,24 +516,27 @@ impl Inner {
         let weight = weight(&encoded);
         slot.state = State::Completed(encoded);
         shard.in_flight -= 1;
-        self.account_completed(cell, shard, id[0], weight, expires_at, now);
+        let newest = Expiry {
+            expires_at,
+            hash: id[0],
+        };
+        shard.expiries.push(newest);
+        self.account_completed(cell, shard, newest, weight, now);
         Ok(())
     }
 
-    /// Books a record that just became completed in `shard`: its weight,
-    /// its deadline, and the evictions it makes due at `now`.
+    /// Books a record that just became completed in `shard`, its deadline
+    /// (`newest`) already queued: its weight, and the evictions it makes
+    /// due at `now`.
     fn account_completed(
         &self,
         cell: &ShardCell,
         shard: &mut Shard,
-        hash: u64,
+        newest: Expiry,
         weight: usize,
-        expires_at: u64,
         now: u64,
     ) {
         shard.bytes += weight;
-        let newest = Expiry { expires_at, hash };
-        shard.expiries.push(newest);
         self.evict(cell, shard, now, newest);
     }
 
@@ -560,20 +563,37 @@ impl Inner {
                 None
             }
         };
-        let was_in_flight = match previous.map(|slot| slot.state) {
+        // Whether the slot held a claim, and the deadline of the completed
+        // record it held, if it did.
+        let (was_in_flight, replaced_due) = match previous.map(|slot| slot.state) {
             Some(State::Completed(encoded)) => {
                 shard.bytes -= weight(&encoded);
-                false
+                (false, Some(Completed::encoded_expires_at(&encoded)))
             }
-            Some(State::InFlight(_)) => true,
-            None => false,
+            Some(State::InFlight(_)) => (true, None),
+            None => (false, None),
         };
         // Plus one for a claim put in, minus one for a claim replaced.
         shard.in_flight =
             shard.in_flight + usize::from(completed.is_none()) - usize::from(was_in_flight);
         match completed {
             Some((expires_at, weight)) => {
-                self.account_completed(cell, &mut shard, id[0], weight, expires_at, self.now());
+                let newest = Expiry {
+                    expires_at,
+                    hash: id[0],
+                };
+                // Entries name a record by hash and deadline, and every
+                // completed record has its entry queued, so the entry of a
+                // record replaced by one due at the same moment names the
+                // new one too. A cache in front of a durable store
+                // remembers a key's record again on every claim it cannot
+                // answer (each retry with another payload): an entry each
+                // time grew the queue by one per request, outside the
+                // budget, until the record's deadline.
+                if replaced_due != Some(expires_at) {
+                    shard.expiries.push(newest);
+                }
+                self.account_completed(cell, &mut shard, newest, weight, self.now());
             }
             // The record it replaced, if any, gave back its bytes.
             None => cell.publish(&shard),
@@ -1334,6 +1354,50 @@ mod tests {
             deadlines.now_millis() < wall.now_millis(),
             "the store's deadlines followed the step"
         );
+    }
+
+    #[test]
+    fn a_record_remembered_again_is_queued_once() {
+        // A cache in front of a durable store remembers a key's record on
+        // each claim the cache cannot answer: every retry with another
+        // payload, each answered 422, brings the same record again.
+        let (_clock, store) = clocked(512 * 1024);
+        let record = Completed {
+            fingerprint: FINGERPRINT,
+            response: response(10),
+            expires_at: 600_000,
+        };
+        for _ in 0..1_000 {
+            store.inner.remember(&key("k"), &record);
+        }
+        let (_, shard) = store.inner.locate(&key("k"));
+        assert_eq!(
+            shard.expiries.len(),
+            1,
+            "one record, due once, took as many deadline entries as it was remembered"
+        );
+        assert_eq!(shard.bytes, weight(&record.encode()));
+    }
+
+    #[test]
+    fn a_record_remembered_with_a_new_deadline_goes_at_that_deadline() {
+        let (clock, store) = clocked(512 * 1024);
+        let due_at = |expires_at| Completed {
+            fingerprint: FINGERPRINT,
+            response: response(10),
+            expires_at,
+        };
+        store.inner.remember(&key("k"), &due_at(1_000));
+        store.inner.remember(&key("k"), &due_at(5_000));
+        clock.set(2_000);
+        complete(&store, "other", 10, Duration::from_secs(600));
+        assert!(
+            is_completed(&store, "k"),
+            "the record went at its old deadline"
+        );
+        clock.set(6_000);
+        complete(&store, "another", 10, Duration::from_secs(600));
+        assert_eq!(store.completed_len(), 2, "the record outlived its deadline");
     }
 
     #[test]

@@ -79,8 +79,9 @@ impl Expiries {
         entries * std::mem::size_of::<Expiry>()
     }
 
+    /// Entries queued, stale ones included.
     #[cfg(test)]
-    fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.in_order.len() + self.out_of_order.len()
     }
 }
