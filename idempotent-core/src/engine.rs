@@ -529,6 +529,7 @@ impl Engine {
         let detachable = Detachable {
             pipeline: Some(pipeline),
             tracked,
+            span: tracing::Span::current(),
             polling: false,
         };
         detachable.map(|outcome| match outcome {
@@ -661,7 +662,8 @@ impl Engine {
     /// attempt whose answer was lost, unless the lease was lost before the
     /// run began to store (`lost_before_storing`): then it is the response
     /// of another run, which took the key over and answered alike (a 204,
-    /// a body without an id of its own), and the request ran twice.
+    /// a body without an id of its own), and the request ran twice; nor is
+    /// the response stored later, under a lease already lost.
     async fn store_again(
         &self,
         token: LeaseToken,
@@ -686,15 +688,22 @@ impl Engine {
         }
         match error {
             StoreError::LeaseLost => self.lost_unstored(&record, response.status),
+            // Later attempts would be refused under a lease already lost,
+            // and would take a record of this response found meanwhile,
+            // another run's, for their own: the run is a `lease_lost` now.
+            error if may_pass(&error) && lost_before_storing => {
+                self.lost_unstored(&record, response.status);
+            }
             error if may_pass(&error) => self.store_later(token, response, &error),
             error => self.log_stored(Err(error), response.status),
         }
     }
 
     /// Logs the one `lease_lost` of a run whose completion found another
-    /// request holding the key, or none: `record` is the key's record as
-    /// read after it (see [`holder`]). The run's renewals, which may have
-    /// found the loss first, only warned of it.
+    /// request holding the key, or none, or failed after a renewal had
+    /// found the lease lost: `record` is the key's record as read after it
+    /// (see [`holder`]). The run's renewals, which may have found the loss
+    /// first, only warned of it.
     fn lost_unstored(&self, record: &Result<Option<Record>, StoreError>, status: StatusCode) {
         let (endpoint, key, status) = (self.endpoint.name(), self.key.log_id(), status.as_u16());
         let message = match record {
@@ -1219,6 +1228,13 @@ impl Drop for Reserved {
 /// keeps the common path free of a task hop.
 struct Detachable {
     pipeline: Option<Pipeline>,
+    /// The span current when the run began: the request's, or, where that
+    /// one is off (a subscriber at `info`), the caller's (a request id, a
+    /// trace). A spawned rest runs in it. Taken then, not when the
+    /// request is dropped: the request's future enters its own span around
+    /// its drop, but nothing enters the caller's, which `tower_http::trace`
+    /// and the like enter only around a poll.
+    span: tracing::Span,
     /// Counts this run for [`Idempotency::drain`](crate::Idempotency::drain)
     /// from the start, not only once its rest is spawned: a server's
     /// graceful shutdown may end before the connection's task drops the
@@ -1260,12 +1276,8 @@ impl Drop for Detachable {
         };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
-                // The request's span, which the request's future enters
-                // around every poll and around its drop too, so only a
-                // spawned rest takes it, and only then: a `Span::current()`
-                // kept for every request costs a first execution about 200
-                // instructions for the rare one that is dropped.
-                let rest = pipeline.instrument(tracing::Span::current());
+                let span = std::mem::replace(&mut self.span, tracing::Span::none());
+                let rest = pipeline.instrument(span);
                 let rest = async move { drop(rest.await) };
                 drop(self.tracked.task_tracker().spawn_on(rest, &runtime));
             }
@@ -1315,15 +1327,16 @@ mod tests {
         }
     }
 
-    /// A request dropped while its handler runs (the client went away)
-    /// has the rest of its run spawned, which still logs in the request's
-    /// span: the endpoint and key that tell whose outcome it is.
-    #[test]
-    fn the_rest_of_a_dropped_request_logs_in_its_span() {
+    /// What a subscriber at `level` writes of a request whose handler
+    /// answers `status` and whose future is dropped while the handler
+    /// runs (the client went away), so that the rest of its run is
+    /// spawned. Polled inside the caller's span, `request{id=7}`, entered
+    /// only around the poll, as `tower_http::trace` enters its span.
+    fn log_of_a_request_dropped_mid_handler(level: tracing::Level, status: StatusCode) -> String {
         let lines = Lines::default();
         let written = lines.clone();
         let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
+            .with_max_level(level)
             .with_ansi(false)
             .with_writer(move || written.clone())
             .finish();
@@ -1337,7 +1350,7 @@ mod tests {
             let (release, released) = tokio::sync::oneshot::channel::<()>();
             let handler: Handler = Box::pin(async move {
                 drop(released.await);
-                StatusCode::CREATED.into_response()
+                status.into_response()
             });
             let request = IdempotentRequest {
                 idempotency: idempotency.clone(),
@@ -1348,9 +1361,14 @@ mod tests {
                 method: None,
                 input_rejected: false,
             };
+            let caller = tracing::info_span!("request", id = 7);
             let fingerprint = Ok(Fingerprint::from_bytes([0; 32]));
-            let mut response = Box::pin(run(request, &Endpoint::new("pay"), fingerprint, handler));
-            assert!(poll_once(&mut response).await.is_pending());
+            let mut response = {
+                let _polled = caller.enter();
+                Box::pin(run(request, &Endpoint::new("pay"), fingerprint, handler))
+            };
+            let polled = poll_once(&mut response).instrument(caller).await;
+            assert!(polled.is_pending());
             drop(response);
             release.send(()).expect("the run waits for its handler");
             idempotency.drain().await;
@@ -1359,14 +1377,42 @@ mod tests {
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let lines = String::from_utf8_lossy(&lines);
-        let executed = lines
-            .lines()
-            .find(|line| line.contains("outcome=\"executed\""))
-            .unwrap_or_else(|| panic!("the dropped request's run is not stored: {lines}"));
+        String::from_utf8_lossy(&lines).into_owned()
+    }
+
+    /// The line of `lines` with `outcome`.
+    fn outcome_line<'a>(lines: &'a str, outcome: &str) -> &'a str {
+        let field = format!("outcome=\"{outcome}\"");
+        let line = lines.lines().find(|line| line.contains(&field));
+        line.unwrap_or_else(|| panic!("no {outcome} in: {lines}"))
+    }
+
+    /// A request dropped while its handler runs has the rest of its run
+    /// spawned, which still logs in the request's span: the endpoint and
+    /// key that tell whose outcome it is.
+    #[test]
+    fn the_rest_of_a_dropped_request_logs_in_its_span() {
+        let lines =
+            log_of_a_request_dropped_mid_handler(tracing::Level::DEBUG, StatusCode::CREATED);
+        let executed = outcome_line(&lines, "executed");
         assert!(
             executed.contains("idempotent{endpoint=\"pay\""),
             "logged outside the request's span: {executed}"
+        );
+    }
+
+    /// Where the engine's own span is off (a subscriber at `info`, as in
+    /// production), the spawned rest still logs in the caller's span (a
+    /// request id, a trace), which its `released` and `store_error` need
+    /// to be told apart from other requests' on the same endpoint.
+    #[test]
+    fn the_rest_of_a_dropped_request_logs_in_the_callers_span_at_info() {
+        let status = StatusCode::SERVICE_UNAVAILABLE;
+        let lines = log_of_a_request_dropped_mid_handler(tracing::Level::INFO, status);
+        let released = outcome_line(&lines, "released");
+        assert!(
+            released.contains("request{id=7}"),
+            "logged outside the caller's span: {released}"
         );
     }
 

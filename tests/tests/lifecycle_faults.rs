@@ -261,9 +261,10 @@ fn first_waits_answering(status: u16) -> Request<Body> {
 
 /// The first request's handler is held while a retry takes the lapsed key
 /// over and answers `status` at once; the first run's renewals then find
-/// the lease lost, and it answers `status` too. Returns every event
-/// logged.
-async fn taken_over_and_answered_first(status: u16) -> Vec<Logged> {
+/// the lease lost, and it answers `status` too (its completions failing
+/// as in an outage when `completions_fail`). Returns every event logged,
+/// once whatever the first run left to go on storing has ended.
+async fn taken_over_and_answered_first(status: u16, completions_fail: bool) -> Vec<Logged> {
     let (events, _guard) = Events::on_this_thread();
     let (store, runs) = (MockStore::new(), Runs::default());
     let app = app(&store, &runs);
@@ -275,9 +276,14 @@ async fn taken_over_and_answered_first(status: u16) -> Vec<Logged> {
     assert_eq!(retry, answer);
     // The first run's renewals find the lease lost before it settles.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    if completions_fail {
+        store.fail_every(OpKind::Complete);
+    }
     runs.let_through(1);
     let first = tokio::time::timeout(HANG, first).await.unwrap().unwrap();
     assert_eq!(first, answer);
+    // Past the lease that a response stored later is tried for.
+    tokio::time::sleep(PAST_THE_LEASE).await;
     store.assert_executed(2);
     events.take_at_least(tracing::Level::TRACE)
 }
@@ -290,7 +296,28 @@ async fn taken_over_and_answered_first(status: u16) -> Vec<Logged> {
 /// stored.
 #[tokio::test(start_paused = true)]
 async fn a_takeover_that_stored_the_same_response_is_a_lease_lost_not_a_stored_run() {
-    let events = taken_over_and_answered_first(204).await;
+    let events = taken_over_and_answered_first(204, false).await;
+    let lost = with_outcome(&events, "lease_lost");
+    assert_eq!(lost.len(), 1, "two runs, one lease_lost: {events:#?}");
+    assert_eq!(lost[0].field("status"), Some("204"), "{lost:#?}");
+    assert_eq!(lost[0].field("record"), Some("completed"), "{lost:#?}");
+    let executed = with_outcome(&events, "executed");
+    assert_eq!(
+        executed.len(),
+        1,
+        "only the retry's run was stored: {executed:#?}"
+    );
+}
+
+/// As above, but the first run's completions fail as in an outage, so its
+/// response would be stored later: the lease is known lost before it
+/// stores, so the retry's record of the same response found then is not
+/// this run's, and no later attempt could store under that lease. The
+/// log says the request ran twice, once, not that the response was
+/// stored once the store answered again.
+#[tokio::test(start_paused = true)]
+async fn a_takeover_answered_alike_during_an_outage_is_a_lease_lost_not_stored_later() {
+    let events = taken_over_and_answered_first(204, true).await;
     let lost = with_outcome(&events, "lease_lost");
     assert_eq!(lost.len(), 1, "two runs, one lease_lost: {events:#?}");
     assert_eq!(lost[0].field("status"), Some("204"), "{lost:#?}");
@@ -310,7 +337,7 @@ async fn a_takeover_that_stored_the_same_response_is_a_lease_lost_not_a_stored_r
 /// once, and that nothing holds the key.
 #[tokio::test(start_paused = true)]
 async fn a_takeover_that_released_the_key_is_a_lease_lost_not_a_release() {
-    let events = taken_over_and_answered_first(503).await;
+    let events = taken_over_and_answered_first(503, false).await;
     let lost = with_outcome(&events, "lease_lost");
     assert_eq!(lost.len(), 1, "two runs, one lease_lost: {events:#?}");
     assert_eq!(lost[0].field("status"), Some("503"), "{lost:#?}");
