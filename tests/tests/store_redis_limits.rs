@@ -370,3 +370,75 @@ async fn six_instances_bursting_on_one_connection_each_run_each_key_once() {
         }
     }
 }
+
+/// A connection that, for the first command it carries, does what the
+/// Redis Cluster client does after a reply lost on a dropped connection:
+/// sends it again, here once the server has filled up in between.
+#[derive(Clone)]
+struct FullBeforeTheResend {
+    connection: redis::aio::ConnectionManager,
+    filler: redis::aio::ConnectionManager,
+    resent: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl redis::aio::ConnectionLike for FullBeforeTheResend {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(async move {
+            let first = self.connection.req_packed_command(cmd).await;
+            if self.resent.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return first;
+            }
+            assert!(
+                fill_up(&mut self.filler).await,
+                "the server never filled up"
+            );
+            self.connection.req_packed_command(cmd).await
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        self.connection.req_packed_commands(pipeline, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.connection.get_db()
+    }
+}
+
+/// A claim whose `SET` Redis applied, sent again once Redis is full, is
+/// refused for want of memory and finds its own lease: the key is this
+/// claim's, which runs and stores its response, not another request in
+/// flight answered 409 while nobody holds the key until the lease lapses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_resent_to_a_full_redis_holds_the_key() {
+    if backend_url(URL).is_none() {
+        return;
+    }
+    let mut redis = OwnRedis::start(OwnRedis::free_port()).await;
+    let resending = FullBeforeTheResend {
+        connection: redis_connection(&redis.url()).await,
+        filler: redis_connection(&redis.url()).await,
+        resent: std::sync::Arc::default(),
+    };
+    let store = RedisStore::builder(resending).build();
+    let key = key("resent");
+    let claimed = store.claim(&key, FINGERPRINT, LEASE).await;
+    let completed = match &claimed {
+        Ok(Claim::Acquired(token)) => Some(store.complete(&key, *token, paid(), TTL).await),
+        _ => None,
+    };
+    let replayed = replays_paid(&store, &key).await;
+    redis.stop().await;
+
+    assert!(matches!(claimed, Ok(Claim::Acquired(_))), "{claimed:?}");
+    assert!(matches!(completed, Some(Ok(()))), "{completed:?}");
+    assert!(replayed, "the stored response is not replayed");
+}

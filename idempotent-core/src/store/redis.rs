@@ -778,18 +778,21 @@ impl<C> RedisStore<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    /// A claim of `key` that a full Redis refused with `full` (`OOM`):
-    /// Redis refuses a `SET` before it looks at the key, so a retry of a
-    /// request already stored would get 503 rather than its replay, and
-    /// one still running 503 rather than 409. A plain read answers those;
-    /// a key with no live record is refused as before, and nothing runs.
+    /// A claim of `key` with `token` that a full Redis refused with
+    /// `full` (`OOM`): Redis refuses a `SET` before it looks at the key,
+    /// so a retry of a request already stored would get 503 rather than
+    /// its replay, and one still running 503 rather than 409. A plain
+    /// read answers those, and finds this claim's own lease if a first
+    /// send of its `SET` was applied (see [`found_by`]); a key with no
+    /// live record is refused as before, and nothing runs.
     async fn claim_when_full(
         &self,
         key: &RecordKey,
+        token: LeaseToken,
         full: redis::RedisError,
     ) -> Result<Claim, StoreError> {
         match self.get(key).await {
-            Ok(Some(record)) => Ok(record.into()),
+            Ok(Some(record)) => Ok(found_by(record, token)),
             Err(corrupt @ StoreError::Codec(_)) => Err(corrupt),
             Ok(None) | Err(_) => Err(operation_error(full, &self.redis_key(key))),
         }
@@ -927,7 +930,7 @@ where
         let found = match found {
             Err(error) if error.code() == Some("OOM") => {
                 unanswered.armed = false;
-                return self.claim_when_full(key, error).await;
+                return self.claim_when_full(key, token, error).await;
             }
             found => found.map_err(|error| unanswered.refused(error))?,
         };

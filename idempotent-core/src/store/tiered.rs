@@ -15,7 +15,8 @@
 //! its deadline, while the others run the request again. A request with
 //! another payload, which the cached record would answer 422, is asked of
 //! the durable store instead, so that it runs (once, under the durable
-//! store's claim) or gets what the durable store holds now. Keep the
+//! store's claim) or gets what the durable store holds now; while the
+//! durable store cannot answer, the cached record answers it (422). Keep the
 //! durable store from losing records; delete a record by hand only with
 //! every instance restarted, or wait for its deadline.
 
@@ -186,12 +187,19 @@ impl<D: Store> Store for Tiered<D> {
         // durable store may since have lost or replaced it (see the
         // module's documentation), and such mismatches are rare enough to
         // cost it a round trip.
-        if let Some(record) = self.cached(key)
+        let cached = self.cached(key);
+        if let Some(record) = &cached
             && record.fingerprint == fingerprint
         {
-            return Ok(Claim::Completed(record));
+            return Ok(Claim::Completed(Arc::clone(record)));
         }
-        let claim = self.durable.claim(key, fingerprint, lease).await?;
+        let claim = match self.durable.claim(key, fingerprint, lease).await {
+            Ok(claim) => claim,
+            // A durable store that cannot answer leaves the cached record
+            // the best knowledge of the key: its 422 stands, rather than a
+            // 503, or a run of the other payload under `fail_open`.
+            Err(error) => return cached.map(Claim::Completed).ok_or(error),
+        };
         match &claim {
             Claim::Completed(record) => self.cache.inner().remember(key, record),
             Claim::Acquired(token) => self.cache.inner().hold(key, *token, fingerprint),
@@ -342,6 +350,25 @@ mod tests {
             "{replayed:?}"
         );
         assert_eq!(clone.cached_len(), 1);
+    }
+
+    /// A request with another payload under a cached key is asked of the
+    /// durable store; when that store is down, the cached record still
+    /// answers it (422), as a run under `fail_open` or a 503 would not.
+    #[tokio::test]
+    async fn a_mismatch_is_answered_from_the_cache_while_the_durable_store_is_down() {
+        let (durable, store, key, token) = claimed().await;
+        store
+            .complete(&key, token, paid(), Duration::from_secs(3600))
+            .await
+            .unwrap();
+        durable.fail_all(true);
+        let other = Fingerprint::from_bytes([2; 32]);
+        let answered = store.claim(&key, other, LEASE).await;
+        assert!(
+            matches!(&answered, Ok(Claim::Completed(record)) if record.fingerprint == FINGERPRINT),
+            "{answered:?}"
+        );
     }
 
     /// A completion the durable store refused is neither cached nor left
