@@ -239,7 +239,7 @@ fn inside_layer(layer: &'static str, endpoint: &Endpoint) -> Problem {
 /// 401 must name one), so it is the request's own error, 400.
 pub(crate) fn missing_credentials(missing: MissingCredential) -> Problem {
     if missing.bearer {
-        Problem::new(ProblemKind::MissingCredentials, missing.detail).challenge("Bearer")
+        Problem::new(ProblemKind::MissingCredentials, missing.detail)
     } else {
         Problem::new(ProblemKind::InvalidScope, missing.detail)
     }

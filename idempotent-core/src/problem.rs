@@ -218,13 +218,6 @@ impl Problem {
         self
     }
 
-    /// Adds a `WWW-Authenticate` challenge, e.g. `"Bearer"`, as a 401 must
-    /// carry.
-    #[must_use]
-    pub(crate) fn challenge(self, challenge: &'static str) -> Self {
-        self.www_authenticate(HeaderValue::from_static(challenge))
-    }
-
     /// Its kind.
     #[must_use]
     pub fn kind(&self) -> ProblemKind {

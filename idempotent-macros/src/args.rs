@@ -201,18 +201,30 @@ fn without_equals(input: ParseStream<'_>) -> Option<(syn::Error, TokenStream)> {
     let value = option_value(&fork)?;
     syn::parse::discouraged::Speculative::advance_to(input, &fork);
     let key = name.to_string();
+    let fixed = written_with_equals(&key, &value);
     let error = match colon {
-        Some(colon) => colon_error(&key, colon),
+        Some(colon) => syn::Error::new(
+            colon.span,
+            format!("options take `=`, not `:`: write {fixed}"),
+        ),
         None => syn::Error::new_spanned(
             quote::quote!(#name #value),
-            format!(
-                "expected `=` between `{key}` and its value: write {}",
-                value_form(&key)
-            ),
+            format!("expected `=` between `{key}` and its value: write {fixed}"),
         ),
     };
     let eq_token = Token![=](colon.map_or_else(|| name.span(), |colon| colon.span));
     Some((error, quote::quote!(#name #eq_token #value)))
+}
+
+/// The option `key`, written with its `=` and the user's own `value` when
+/// that is a literal (`ttl = "2h"`): the form of another value would change
+/// what the user meant. A value of another kind (a path, which tokens print
+/// spaced out) gets the option's usual forms.
+fn written_with_equals(key: &str, value: &TokenStream) -> String {
+    match syn::parse2::<Lit>(value.clone()) {
+        Ok(_) if key != "skip" => format!("`{key} = {value}`"),
+        _ => value_form(key),
+    }
 }
 
 /// The value of an option, consumed from `input` if it is one expression
@@ -1102,10 +1114,7 @@ mod tests {
             .map(|error| error.to_string())
             .collect();
         assert_eq!(messages.len(), 4, "{messages:?}");
-        assert!(
-            messages[0].contains("write `ttl = \"24h\"`"),
-            "{messages:?}"
-        );
+        assert!(messages[0].contains("write `ttl = \"2h\"`"), "{messages:?}");
         assert!(
             messages[1].contains("expected `=` between `scope`"),
             "{messages:?}"
