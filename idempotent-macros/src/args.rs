@@ -217,12 +217,15 @@ fn without_equals(input: ParseStream<'_>) -> Option<(syn::Error, TokenStream)> {
 }
 
 /// The option `key`, written with its `=` and the user's own `value` when
-/// that is a literal (`ttl = "2h"`): the form of another value would change
-/// what the user meant. A value of another kind (a path, which tokens print
-/// spaced out) gets the option's usual forms.
+/// that is a literal of the kind the option takes (`ttl = "2h"`): the
+/// example's value would change what the user meant. Any other value (a
+/// path, which tokens print spaced out, or a literal of the wrong kind,
+/// which has an error of its own) gets the option's usual forms.
 fn written_with_equals(key: &str, value: &TokenStream) -> String {
+    let takes_bool = matches!(key, "optional" | "exact_repeats");
     match syn::parse2::<Lit>(value.clone()) {
-        Ok(_) if key != "skip" => format!("`{key} = {value}`"),
+        Ok(Lit::Bool(_)) if takes_bool => format!("`{key} = {value}`"),
+        Ok(Lit::Str(_)) if !takes_bool && key != "skip" => format!("`{key} = {value}`"),
         _ => value_form(key),
     }
 }
