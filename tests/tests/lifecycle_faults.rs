@@ -297,16 +297,7 @@ async fn taken_over_and_answered_first(status: u16, completions_fail: bool) -> V
 #[tokio::test(start_paused = true)]
 async fn a_takeover_that_stored_the_same_response_is_a_lease_lost_not_a_stored_run() {
     let events = taken_over_and_answered_first(204, false).await;
-    let lost = with_outcome(&events, "lease_lost");
-    assert_eq!(lost.len(), 1, "two runs, one lease_lost: {events:#?}");
-    assert_eq!(lost[0].field("status"), Some("204"), "{lost:#?}");
-    assert_eq!(lost[0].field("record"), Some("completed"), "{lost:#?}");
-    let executed = with_outcome(&events, "executed");
-    assert_eq!(
-        executed.len(),
-        1,
-        "only the retry's run was stored: {executed:#?}"
-    );
+    assert_one_lease_lost_beside_the_retrys_204(&events);
 }
 
 /// As above, but the first run's completions fail as in an outage, so its
@@ -318,11 +309,18 @@ async fn a_takeover_that_stored_the_same_response_is_a_lease_lost_not_a_stored_r
 #[tokio::test(start_paused = true)]
 async fn a_takeover_answered_alike_during_an_outage_is_a_lease_lost_not_stored_later() {
     let events = taken_over_and_answered_first(204, true).await;
-    let lost = with_outcome(&events, "lease_lost");
+    assert_one_lease_lost_beside_the_retrys_204(&events);
+}
+
+/// Two runs answered 204, and only the retry's was stored: `events` hold
+/// one `lease_lost` of the first run, which names the retry's record, and
+/// one `executed`, the retry's.
+fn assert_one_lease_lost_beside_the_retrys_204(events: &[Logged]) {
+    let lost = with_outcome(events, "lease_lost");
     assert_eq!(lost.len(), 1, "two runs, one lease_lost: {events:#?}");
     assert_eq!(lost[0].field("status"), Some("204"), "{lost:#?}");
     assert_eq!(lost[0].field("record"), Some("completed"), "{lost:#?}");
-    let executed = with_outcome(&events, "executed");
+    let executed = with_outcome(events, "executed");
     assert_eq!(
         executed.len(),
         1,
