@@ -671,11 +671,16 @@ impl Engine {
         error: StoreError,
         lost_before_storing: bool,
     ) {
-        let stored = self
-            .after_pauses(error, "could not store the response; trying again", || {
+        // Under a lease a renewal found lost, no attempt could store the
+        // response: the client is not kept waiting through the pauses.
+        let stored = if lost_before_storing {
+            Err(error)
+        } else {
+            self.after_pauses(error, "could not store the response; trying again", || {
                 self.complete_with(token, response.clone())
             })
-            .await;
+            .await
+        };
         // After the warnings of the failed attempts, the log at info says
         // how it ended.
         let Err(error) = stored else {

@@ -285,6 +285,13 @@ async fn taken_over_and_answered_first(status: u16, completions_fail: bool) -> V
     // Past the lease that a response stored later is tried for.
     tokio::time::sleep(PAST_THE_LEASE).await;
     store.assert_executed(2);
+    if completions_fail {
+        // The retry's completion, and the first run's one attempt: under
+        // a lease known lost, no attempt after it could store anything.
+        let operations = store.operations();
+        let completions = operations.iter().filter(|op| op.kind() == OpKind::Complete);
+        assert_eq!(completions.count(), 2, "{operations:#?}");
+    }
     events.take_at_least(tracing::Level::TRACE)
 }
 
