@@ -203,10 +203,7 @@ fn without_equals(input: ParseStream<'_>) -> Option<(syn::Error, TokenStream)> {
     let key = name.to_string();
     let fixed = written_with_equals(&key, &value);
     let error = match colon {
-        Some(colon) => syn::Error::new(
-            colon.span,
-            format!("options take `=`, not `:`: write {fixed}"),
-        ),
+        Some(colon) => colon_error(colon, &fixed),
         None => syn::Error::new_spanned(
             quote::quote!(#name #value),
             format!("expected `=` between `{key}` and its value: write {fixed}"),
@@ -371,11 +368,12 @@ fn colon_instead_of_equals(input: ParseStream<'_>) -> syn::Error {
     let (Ok(name), Ok(colon)) = (fork.parse::<Ident>(), fork.parse::<Token![:]>()) else {
         return input.error("expected an option");
     };
-    colon_error(&name.to_string(), colon)
+    colon_error(colon, &value_form(&name.to_string()))
 }
 
-fn colon_error(key: &str, colon: Token![:]) -> syn::Error {
-    let message = format!("options take `=`, not `:`: write {}", value_form(key));
+/// An option's `:` where its `=` goes, and how to write it (`fixed`).
+fn colon_error(colon: Token![:], fixed: &str) -> syn::Error {
+    let message = format!("options take `=`, not `:`: write {fixed}");
     syn::Error::new(colon.span, message)
 }
 

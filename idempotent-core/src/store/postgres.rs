@@ -40,6 +40,11 @@ use self::reachability::Patience;
 
 use super::sql::{self, DEFAULT_TABLE, InvalidTableName, Reaper, from_sql_millis, to_sql_millis};
 use super::{Explained, Store, StoreError};
+
+/// A row of the store's table, read column by column.
+type TableRow<'r> = sql::TableRow<'r, PgRow>;
+/// The store's name in what its errors tell to do.
+const STORE: &str = "PostgresStore";
 use crate::clock::{Clock, SharedClock, SystemClock, millis};
 use crate::fingerprint::Fingerprint;
 use crate::record::{Claim, Completed, InFlight, LeaseToken, Record, RecordKey, StoredResponse};
@@ -1159,7 +1164,7 @@ impl Store for PostgresStore {
             .fetch_optional(connection));
             // No row: a claim committed after the snapshot; look again.
             let Some(row) = row? else { continue };
-            let row = TableRow::new(&row, &self.inner.table);
+            let row = TableRow::new(&row, &self.inner.table, STORE);
             if row.column::<bool>("live")? {
                 return claim_from_row(&row, token);
             }
@@ -1245,7 +1250,7 @@ impl Store for PostgresStore {
             .bind(to_sql_millis(self.now()))
             .fetch_optional(connection));
         let table = &self.inner.table;
-        row?.map(|row| record_from_row(&TableRow::new(&row, table)))
+        row?.map(|row| record_from_row(&TableRow::new(&row, table, STORE)))
             .transpose()
     }
 
@@ -1322,29 +1327,6 @@ fn completed_from_row(
         response: response_from(status, names, values, body)?,
         expires_at,
     }))
-}
-
-/// A row of the store's table, read column by column.
-struct TableRow<'r> {
-    row: &'r PgRow,
-    /// The table, as configured, which an unreadable column's error names.
-    table: &'r str,
-}
-
-impl<'r> TableRow<'r> {
-    fn new(row: &'r PgRow, table: &'r str) -> Self {
-        Self { row, table }
-    }
-
-    /// The column `name`; one that does not read as the store's type is
-    /// told with the table (see [`sql::unreadable_column`]).
-    fn column<T>(&self, name: &str) -> Result<T, StoreError>
-    where
-        T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
-    {
-        (self.row.try_get(name))
-            .map_err(|error| sql::unreadable_column(error, self.table, "PostgresStore"))
-    }
 }
 
 /// Rebuilds a response from its columns: status, parallel header name and

@@ -343,6 +343,31 @@ pub(crate) fn corrupt(reason: &'static str) -> StoreError {
     StoreError::Codec(CodecError::new(reason))
 }
 
+/// A row of the store's table `table`, of the store `store` (its type
+/// name, as `PostgresStore`), whose columns are read as the store writes
+/// them.
+pub(crate) struct TableRow<'r, R> {
+    row: &'r R,
+    table: &'r str,
+    store: &'static str,
+}
+
+impl<'r, R: sqlx::Row> TableRow<'r, R> {
+    pub(crate) fn new(row: &'r R, table: &'r str, store: &'static str) -> Self {
+        Self { row, table, store }
+    }
+
+    /// The column `name`; one that does not read as the store's type is
+    /// told with the table (see [`unreadable_column`]).
+    pub(crate) fn column<T>(&self, name: &str) -> Result<T, StoreError>
+    where
+        T: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        for<'n> &'n str: sqlx::ColumnIndex<R>,
+    {
+        (self.row.try_get(name)).map_err(|error| unreadable_column(error, self.table, self.store))
+    }
+}
+
 /// `error`, from reading a column of a row of the store's table `table`
 /// (of `store`, its type name, as `PostgresStore`): a value that does not
 /// read as the type the store writes it with is told as an unreadable
@@ -352,11 +377,7 @@ pub(crate) fn corrupt(reason: &'static str) -> StoreError {
 /// row written by something else. Either way the row is a record of a
 /// request that ran or runs: failing open would run it again, as for a
 /// corrupt record. Any other error is the database's.
-pub(crate) fn unreadable_column(
-    error: sqlx::Error,
-    table: &str,
-    store: &'static str,
-) -> StoreError {
+fn unreadable_column(error: sqlx::Error, table: &str, store: &'static str) -> StoreError {
     let sqlx::Error::ColumnDecode { index, source } = error else {
         return StoreError::backend(error);
     };

@@ -33,11 +33,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use sqlx::Connection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Connection, Row};
 use tokio_util::task::TaskTracker;
 
 use super::sql::{self, DEFAULT_TABLE, InvalidTableName, Reaper, from_sql_millis, to_sql_millis};
@@ -1237,43 +1237,25 @@ fn held(rows: u64) -> Result<(), StoreError> {
 
 /// The record in `row` of the store's table `table`.
 fn record_from_row(row: &SqliteRow, table: &str) -> Result<Record, StoreError> {
-    let column = |name| Column { row, name, table };
-    let fingerprint = sql::fingerprint_from(&column("fingerprint").read::<Vec<u8>>()?)?;
-    let expires_at = from_sql_millis(column("expires_at").read()?);
-    if let Some(blob) = column("record").read::<Option<Vec<u8>>>()? {
+    // SQLite keeps a value of any type in any column: one of the wrong
+    // type is an unreadable record, not a failure of the database.
+    let row = sql::TableRow::new(row, table, "SqliteStore");
+    let fingerprint = sql::fingerprint_from(&row.column::<Vec<u8>>("fingerprint")?)?;
+    let expires_at = from_sql_millis(row.column("expires_at")?);
+    if let Some(blob) = row.column::<Option<Vec<u8>>>("record")? {
         let mut completed = Completed::decode(Bytes::from(blob))?;
         completed.fingerprint = fingerprint;
         completed.expires_at = expires_at;
         return Ok(Record::Completed(Arc::new(completed)));
     }
-    let token = column("lease_token")
-        .read::<Option<Vec<u8>>>()?
+    let token = row
+        .column::<Option<Vec<u8>>>("lease_token")?
         .ok_or_else(|| sql::corrupt("an in-flight row has no lease token"))?;
     Ok(Record::InFlight(InFlight {
         fingerprint,
         lease_token: sql::token_from(&token)?,
         lease_expires_at: expires_at,
     }))
-}
-
-/// The column `name` of `row`, of the store's table `table`.
-struct Column<'r> {
-    row: &'r SqliteRow,
-    name: &'static str,
-    table: &'r str,
-}
-
-impl<'r> Column<'r> {
-    /// The value. SQLite keeps a value of any type in any column: one of
-    /// the wrong type is an unreadable record, not a failure of the
-    /// database (see [`sql::unreadable_column`]).
-    fn read<T>(&self) -> Result<T, StoreError>
-    where
-        T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
-    {
-        (self.row.try_get(self.name))
-            .map_err(|error| sql::unreadable_column(error, self.table, "SqliteStore"))
-    }
 }
 
 #[cfg(test)]
