@@ -16,6 +16,7 @@ use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{PostgresStore, Store, Tiered};
 use idempotent_core::testing::contract;
 use sqlx::{Connection, PgPool};
+use store_support::tables::migrated_postgres;
 use store_support::{
     Ledger, Relay, assert_kept, backend_url, complete_with_a_body_of, duplicates_across_instances,
     pay, pay_until_available, payments_app, relay_to_the_database, store_behind_a_relay,
@@ -27,16 +28,7 @@ const STORE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A migrated store on a fresh table.
 async fn fresh_store(url: &str) -> PostgresStore {
-    let connected = PostgresStore::connect(url)
-        .await
-        .expect("connect to the test database");
-    let table = unique_name("idem_test");
-    let store = PostgresStore::builder(connected.pool().clone())
-        .table(table)
-        .build()
-        .expect("valid table name");
-    store.migrate().await.expect("migrate");
-    store
+    migrated_postgres(url, &unique_name("idem_test")).await
 }
 
 async fn drop_table(store: &PostgresStore) {

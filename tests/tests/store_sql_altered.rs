@@ -19,6 +19,7 @@ use idempotent_core::key::IdempotencyKey;
 use idempotent_core::record::{Claim, Record, RecordKey, StoredResponse};
 use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{PostgresStore, SqliteStore, Store, StoreError};
+use store_support::tables::migrated_postgres;
 use store_support::{
     Ledger, Reply, TempDb, backend_url, pay, payments_app, payments_app_on, unique_name,
 };
@@ -69,17 +70,6 @@ fn assert_refused_for_good(reply: &Reply, kind: &str) {
 }
 
 // ===== PostgreSQL =====
-
-/// A store on `table`, migrated, on a pool of the test database's.
-async fn migrated_postgres(url: &str, table: &str) -> PostgresStore {
-    let connected = PostgresStore::connect(url).await.expect("connect");
-    let store = PostgresStore::builder(connected.pool().clone())
-        .table(table)
-        .build()
-        .expect("valid table name");
-    store.migrate().await.expect("migrate");
-    store
-}
 
 /// Runs `sql` (with `{table}` standing for `table`) on the test database,
 /// as a migration of the application's would.

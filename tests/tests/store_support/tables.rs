@@ -44,11 +44,7 @@ impl PostgresTable {
     pub async fn new(prefix: &str) -> Option<Self> {
         let url = backend_url("IDEMPOTENT_TEST_POSTGRES_URL")?;
         let name = unique_name(prefix);
-        let connected = PostgresStore::connect(&url).await.expect("connect");
-        let store = PostgresStore::builder(connected.pool().clone())
-            .table(&name)
-            .build()
-            .expect("valid table name");
+        let store = postgres_on(&url, &name).await;
         Some(Self { store, name })
     }
 
@@ -58,4 +54,20 @@ impl PostgresTable {
         let executed = sqlx::raw_sql(&sql).execute(self.store.pool()).await;
         executed.unwrap_or_else(|error| panic!("{sql}: {error}"));
     }
+}
+
+/// A store on `table` of the server at `url`, the table not created.
+pub async fn postgres_on(url: &str, table: &str) -> PostgresStore {
+    let connected = PostgresStore::connect(url).await.expect("connect");
+    PostgresStore::builder(connected.pool().clone())
+        .table(table)
+        .build()
+        .expect("valid table name")
+}
+
+/// A store on `table` of the server at `url`, migrated.
+pub async fn migrated_postgres(url: &str, table: &str) -> PostgresStore {
+    let store = postgres_on(url, table).await;
+    store.migrate().await.expect("migrate");
+    store
 }
