@@ -672,6 +672,18 @@ mod tests {
     use crate::scope::ScopeDigest;
     use crate::store::MemoryStore;
 
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+    }
+
+    /// A claim's token and fingerprint, as a claim hands them on.
+    fn held() -> (LeaseToken, Fingerprint) {
+        (LeaseToken::random(), Fingerprint::from_bytes([0; 32]))
+    }
+
     fn record_key() -> RecordKey {
         RecordKey::new(
             ScopeDigest::global(),
@@ -685,12 +697,9 @@ mod tests {
     #[test]
     fn a_claim_never_renewed_is_not_lost_without_locking_the_table() {
         let settings = Idempotency::new(MemoryStore::new()).inner;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime");
+        let runtime = runtime();
         let _entered = runtime.enter();
-        let held = (LeaseToken::random(), Fingerprint::from_bytes([0; 32]));
+        let held = held();
         let lease = Duration::from_secs(60);
         let key = record_key();
         let renewals = Renewals::start(&settings, "pay", &key, lease, held, Instant::now());
@@ -709,13 +718,10 @@ mod tests {
     #[test]
     fn a_lease_a_renewal_found_lost_is_told_to_the_run() {
         let settings = Idempotency::new(MemoryStore::new()).inner;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime");
+        let runtime = runtime();
         runtime.block_on(async {
             // Never claimed in the store: its first renewal finds it lost.
-            let held = (LeaseToken::random(), Fingerprint::from_bytes([0; 32]));
+            let held = held();
             let lease = Duration::from_secs(60);
             let key = record_key();
             let sent = Instant::now() - lease;
@@ -746,12 +752,9 @@ mod tests {
         let settings = Idempotency::new(MemoryStore::new()).inner;
         let key = record_key();
         for _ in 0..3 {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime");
+            let runtime = runtime();
             runtime.block_on(async {
-                let held = (LeaseToken::random(), Fingerprint::from_bytes([0; 32]));
+                let held = held();
                 let lease = Duration::from_secs(60);
                 let start = Instant::now();
                 let renewals = Renewals::start(&settings, "pay", &key, lease, held, start);
