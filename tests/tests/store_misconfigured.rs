@@ -546,8 +546,7 @@ async fn a_redis_user_without_the_acl_for_the_store_is_told_what_to_allow() {
 /// completion, renewal and release failed, so no response was stored and a
 /// retry after the lease lapsed ran the handler again. `connect` refuses
 /// it, naming the server and what to allow: all of scripting taken away,
-/// only `SCRIPT LOAD` (which the `redis` crate needs whenever Redis lacks
-/// a script), or only `EVALSHA`.
+/// or only `EVALSHA`.
 #[tokio::test]
 async fn a_redis_user_that_may_not_run_scripts_is_refused_at_connect() {
     let Some(url) = backend_url(REDIS) else {
@@ -560,7 +559,7 @@ async fn a_redis_user_that_may_not_run_scripts_is_refused_at_connect() {
         .to_string();
     let mut admin = redis_connection(&url).await;
     let mut refusals = Vec::new();
-    for taken_away in ["-@scripting", "-script|load", "-evalsha"] {
+    for taken_away in ["-@scripting", "-evalsha", "-eval"] {
         let user = unique_name("idem_noscript");
         let rules = ["SETUSER", &user, "on", ">pw", "~*", "+@all", taken_away];
         let _: () = redis::cmd("ACL")
@@ -585,27 +584,6 @@ async fn a_redis_user_that_may_not_run_scripts_is_refused_at_connect() {
             &[&server, "Lua scripts", "+@scripting", "ACL SETUSER"],
         );
     }
-}
-
-/// A server whose `SCRIPT` command is renamed away, as some managed
-/// services rename commands, still runs `EVAL` and `EVALSHA`, but the
-/// store cannot load a script it lacks: `connect` refuses it, naming the
-/// server and the commands it needs under their own names.
-#[tokio::test]
-async fn a_redis_without_script_load_is_refused_at_connect() {
-    if backend_url(REDIS).is_none() {
-        return;
-    }
-    let port = OwnRedis::free_port();
-    let mut redis = OwnRedis::start_with(port, &["--rename-command", "SCRIPT", ""]).await;
-    let connected = RedisStore::connect(&redis.url()).await.map(drop);
-    redis.stop().await;
-    let error = connected.expect_err("SCRIPT LOAD is unknown");
-    assert_misconfigured(&error);
-    assert_says(
-        &error.to_string(),
-        &[&format!("127.0.0.1:{port}"), "`SCRIPT LOAD`", "not renamed"],
-    );
 }
 
 /// The ACL line a refused Redis user is told to run is enough for the

@@ -552,3 +552,64 @@ async fn a_renewal_after_the_clock_stepped_back_keeps_the_key_in_redis() {
     );
     store.release(&key, token).await.unwrap();
 }
+
+/// `SCRIPT LOAD` only spares each script's first `EVALSHA` a `NOSCRIPT`
+/// round trip: the store sends a script's text with `EVAL` whenever Redis
+/// lacks it. Yet `connect` refused a user whose ACL allows `EVAL` and
+/// `EVALSHA` but not `SCRIPT LOAD`, and a server whose `SCRIPT` command is
+/// renamed away (as some managed services and proxies refuse it). Both
+/// connect, and run and replay a request on servers that never loaded the
+/// store's scripts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_refuses_script_load_still_serves() {
+    if backend_url(URL).is_none() {
+        return;
+    }
+    let renamed = ["--rename-command", "SCRIPT", ""];
+    let mut without_script = OwnRedis::start_with(OwnRedis::free_port(), &renamed).await;
+    let mut with_acl = OwnRedis::start(OwnRedis::free_port()).await;
+    let rules = "SETUSER noload on >pw ~* +@all -script|load";
+    let _: () = redis::cmd("ACL")
+        .arg(rules.split(' ').collect::<Vec<_>>())
+        .query_async(&mut redis_connection(&with_acl.url()).await)
+        .await
+        .expect("ACL SETUSER");
+    let without_load = with_acl.url().replace("redis://", "redis://noload:pw@");
+    let mut served = Vec::new();
+    for url in [without_script.url(), without_load] {
+        let replies = match RedisStore::connect(&url).await {
+            Ok(store) => {
+                let app = payments_app(store, &Ledger::default(), STORE_TIMEOUT);
+                Ok((pay(&app, "paid", 1).await, pay(&app, "paid", 1).await))
+            }
+            Err(error) => Err(error.to_string()),
+        };
+        served.push((url, replies));
+    }
+    without_script.stop().await;
+    with_acl.stop().await;
+    for (url, replies) in served {
+        let (first, again) = replies.unwrap_or_else(|error| panic!("{url}: {error}"));
+        assert_eq!(first.status, StatusCode::CREATED, "{url}: {:?}", first.body);
+        assert!(again.replayed(), "{url}: {again:?}");
+        assert_eq!(again.body, first.body, "{url}");
+    }
+}
+
+/// An operator lowered `proto-max-bulk-len` (to 1 MiB, its least), under
+/// the 512 MiB the store kept records within: Redis refused a larger
+/// record, closing the connection, at every attempt, so the response was
+/// never stored and a retry after the lease lapsed ran the handler again.
+/// `connect` reads the limit, and the record is kept without its body.
+#[tokio::test]
+async fn a_body_over_a_lowered_bulk_limit_is_still_completed() {
+    if backend_url(URL).is_none() {
+        return;
+    }
+    let lowered = ["--proto-max-bulk-len", "1mb"];
+    let mut redis = OwnRedis::start_with(OwnRedis::free_port(), &lowered).await;
+    let store = RedisStore::connect(&redis.url()).await.expect("connect");
+    let completion = complete_with_a_body_of(&store, 2 * 1024 * 1024).await;
+    redis.stop().await;
+    assert_kept(&completion);
+}

@@ -5,15 +5,18 @@
 //! own: the subscriber that records the events is global, since the
 //! release logs from whichever worker runs it. Starts its own
 //! `redis-server`, which it stops mid-release; and one that evicts keys
-//! when full, which `connect` warns of.
+//! when full, which `connect` warns of. A clock that moved off the
+//! server's after `connect` is told when it takes a running claim over;
+//! and a replica, which `connect` warns of.
 
 mod store_support;
 
 use std::time::Duration;
 
 use idempotent_core::Fingerprint;
+use idempotent_core::clock::ManualClock;
 use idempotent_core::key::IdempotencyKey;
-use idempotent_core::record::RecordKey;
+use idempotent_core::record::{Claim, RecordKey};
 use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{RedisStore, Store};
 use store_support::logs::events;
@@ -123,6 +126,81 @@ async fn a_claim_refused_by_the_server_leaves_no_release_behind() {
     let logged = events.at(Level::WARN, "idempotent_core");
     assert!(
         !logged.iter().any(|event| event.fields.contains(&log_id)),
+        "{logged:?}"
+    );
+}
+
+/// `connect` compares this host's clock with the server's once. A clock
+/// that moved ahead since (stepped, or drifted without NTP) reads the
+/// running claims of other instances as lapsed and takes them over, and
+/// their requests run twice, with nothing told. The takeover compares the
+/// store's clock with the server's again, and warns with the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_by_a_clock_off_the_servers_is_logged_with_the_key() {
+    let Some(url) = backend_url("IDEMPOTENT_TEST_REDIS_URL") else {
+        return;
+    };
+    let events = events();
+    let prefix = format!("idem_test_{:016x}:", rand::random::<u64>());
+    let lease = Duration::from_secs(60);
+    let on_time = RedisStore::builder(redis_connection(&url).await)
+        .prefix(prefix.clone())
+        .build();
+    let ahead_clock = ManualClock::starting_now();
+    ahead_clock.advance(2 * lease);
+    let ahead = RedisStore::builder(redis_connection(&url).await)
+        .prefix(prefix)
+        .clock(ahead_clock)
+        .build();
+    let key = RecordKey::new(
+        ScopeDigest::from_bytes(rand::random()),
+        IdempotencyKey::parse(b"taken-over").unwrap(),
+    );
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    let running = on_time.claim(&key, fingerprint, lease).await;
+    let taken_over = ahead.claim(&key, fingerprint, lease).await;
+    ahead.settle().await;
+    assert!(matches!(running, Ok(Claim::Acquired(_))), "{running:?}");
+    assert!(
+        matches!(taken_over, Ok(Claim::Acquired(_))),
+        "{taken_over:?}"
+    );
+    let log_id = key.log_id().to_string();
+    let logged = events.at(Level::WARN, "idempotent_core");
+    assert!(
+        logged.iter().any(|event| {
+            event.fields.contains("clock differs") && event.fields.contains(&log_id)
+        }),
+        "{logged:?}"
+    );
+}
+
+/// A store connected to a replica is refused every write (503), and one
+/// made writable takes the writes and drops them when it syncs again;
+/// nothing told the operator but each request's error. `connect` still
+/// connects, since during a failover the address it was given follows
+/// the new primary soon, and warns, naming the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_to_a_replica_is_logged_with_its_primary() {
+    if backend_url("IDEMPOTENT_TEST_REDIS_URL").is_none() {
+        return;
+    }
+    let events = events();
+    let primary_port = OwnRedis::free_port();
+    let mut primary = OwnRedis::start(primary_port).await;
+    let port = primary_port.to_string();
+    let replica_of = ["--replicaof", "127.0.0.1", port.as_str()];
+    let mut replica = OwnRedis::start_with(OwnRedis::free_port(), &replica_of).await;
+    let connected = RedisStore::connect(&replica.url()).await.map(drop);
+    replica.stop().await;
+    primary.stop().await;
+    assert!(connected.is_ok(), "{connected:?}");
+    let primary_address = format!("127.0.0.1:{primary_port}");
+    let logged = events.at(Level::WARN, "idempotent_core");
+    assert!(
+        logged.iter().any(|event| {
+            event.fields.contains("is a replica") && event.fields.contains(&primary_address)
+        }),
         "{logged:?}"
     );
 }

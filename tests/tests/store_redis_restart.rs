@@ -257,3 +257,47 @@ async fn connecting_to_a_redis_that_keeps_nothing_on_disk_is_logged() {
         events.everything()
     );
 }
+
+/// `connect` checks the eviction policy once: one set later (`CONFIG SET
+/// maxmemory-policy allkeys-random`, with a `maxmemory` Redis is past)
+/// evicted a running request's claim, and only the completion's warning
+/// that the record was gone told of it, among other causes. The
+/// completion asks Redis again, and warns that it evicts, with the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eviction_policy_set_after_connect_is_logged_when_a_claim_is_gone() {
+    if backend_url("IDEMPOTENT_TEST_REDIS_URL").is_none() {
+        return;
+    }
+    let events = events();
+    let mut redis = OwnRedis::start(OwnRedis::free_port()).await;
+    let store = RedisStore::connect(&redis.url()).await.expect("connect");
+    let evicted = key(b"charge-evicted-while-running");
+    let token = acquire(&store, &evicted).await;
+    let mut admin = redis_connection(&redis.url()).await;
+    for (setting, value) in [("maxmemory-policy", "allkeys-random"), ("maxmemory", "1")] {
+        let _: () = redis::cmd("CONFIG")
+            .arg(&["SET", setting, value])
+            .query_async(&mut admin)
+            .await
+            .expect("CONFIG SET");
+    }
+    let completed = store.complete(&evicted, token, paid(), TTL).await;
+    store.settle().await;
+    redis.stop().await;
+
+    assert!(
+        matches!(completed, Err(StoreError::LeaseLost)),
+        "{completed:?}"
+    );
+    assert!(warned_gone(&events, &evicted), "{:?}", events.everything());
+    let log_id = evicted.log_id().to_string();
+    let logged = events.at(Level::WARN, "idempotent_core");
+    assert!(
+        logged
+            .iter()
+            .any(|event| event.fields.contains("evicts keys")
+                && event.fields.contains("allkeys-random")
+                && event.fields.contains(&log_id)),
+        "{logged:?}"
+    );
+}

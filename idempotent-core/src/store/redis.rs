@@ -33,7 +33,9 @@
 //! record vanishing early. Application servers must agree with each other
 //! more closely: one whose clock runs ahead of a claim's holder by two
 //! thirds of its lease (less when renewals come late) takes the running
-//! claim over.
+//! claim over. [`RedisStore::connect`] warns when this host's clock is
+//! seconds off the server's, and so does a claim that takes over a lapsed
+//! lease, by the store's clock then.
 //!
 //! # Memory
 //!
@@ -47,7 +49,8 @@
 //! responses: the fenced scripts are flagged `allow-oom`, since a response
 //! refused there would leave its request to run again once memory frees.
 //! [`RedisStore::connect`] logs a warning when the server has a memory
-//! limit and an evicting policy.
+//! limit and an evicting policy, and so does a completion or renewal that
+//! finds its claim gone, if the policy was changed since.
 //!
 //! # Persistence
 //!
@@ -58,7 +61,17 @@
 //! what changed since the last one. [`RedisStore::connect`] logs a warning
 //! when the server keeps nothing on disk, and a completion that finds its
 //! claim gone (rather than held by another request) logs one with the key.
+//!
+//! # Failover
+//!
+//! Redis keeps the connections to a primary it demotes to a replica open,
+//! and refuses each of their writes (`READONLY`). The first write a
+//! replica refuses has a store on a `ConnectionManager` close its
+//! connection and send the write once more on a new one, which an
+//! address that follows the primary (a DNS name, a virtual IP, a proxy)
+//! leads to the new primary.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -82,7 +95,8 @@ const IN_FLIGHT_TAG: u8 = 0x80;
 const IN_FLIGHT_LEN: usize = 1 + 32 + 8 + 16;
 /// How long Redis keeps a key past its deadline: the tolerated clock skew.
 const EXPIRY_GRACE: Duration = Duration::from_secs(60);
-/// The largest argument Redis accepts by default (`proto-max-bulk-len`).
+/// The largest argument Redis accepts by default (`proto-max-bulk-len`),
+/// and the largest value the store sends.
 const MAX_VALUE_BYTES: usize = 512 * 1024 * 1024;
 /// Redis rejects expiries that overflow its clock; a century is plenty.
 const MAX_PX: u64 = 100 * 365 * 24 * 60 * 60 * 1000;
@@ -257,8 +271,14 @@ pub struct RedisStore<C = ConnectionManager> {
     connection: C,
     clock: SharedClock,
     prefix: Arc<str>,
-    /// Releases of claims whose answer nobody read, for [`Store::settle`].
+    /// Releases of claims whose answer nobody read, and checks of the
+    /// eviction policy, for [`Store::settle`].
     background: TaskTracker,
+    /// How many times the store reconnected after a replica refused a
+    /// write (see [`RedisStore::reconnect_after_read_only`]).
+    read_only_reconnects: Arc<AtomicU64>,
+    /// The largest value Redis takes (see [`bulk_limit`]).
+    max_value_bytes: usize,
 }
 
 impl<C> std::fmt::Debug for RedisStore<C> {
@@ -318,6 +338,8 @@ impl<C> RedisStoreBuilder<C> {
             clock: self.clock,
             prefix: self.prefix.into(),
             background: TaskTracker::new(),
+            read_only_reconnects: Arc::new(AtomicU64::new(0)),
+            max_value_bytes: MAX_VALUE_BYTES,
         }
     }
 }
@@ -334,7 +356,10 @@ impl RedisStore {
     /// nothing on disk: a restart forgets every record. Another if this
     /// host's clock is more than two seconds off the server's: instances
     /// read leases by their own clocks, and one far enough ahead of
-    /// another takes over its running requests.
+    /// another takes over its running requests. It reads the server's
+    /// `proto-max-bulk-len`: a response whose record would be longer is
+    /// stored without its body, as one past `max_body_bytes` is, since
+    /// Redis would refuse it and close the connection.
     ///
     /// # Errors
     /// The URL is invalid (or asks for TLS, which the `redis` crate was
@@ -344,21 +369,23 @@ impl RedisStore {
     /// (build the store on a cluster connection with
     /// [`RedisStore::builder`]), a Sentinel. The error names the server and
     /// what to change. A server that gives a version older than Redis 7.0
-    /// is warned of; its claims fail, saying so.
+    /// is warned of; its claims fail, saying so. So is a replica; its
+    /// claims fail as an outage, which ends once the store's address leads
+    /// to a primary.
     ///
     /// It also refuses a server that will not run the store's Lua scripts,
     /// which every completion, renewal and release is: a user whose ACL
     /// allows `SET` and `GET` but not the scripting commands, or a server
     /// without Lua scripting, would take claims and then store no response,
     /// so a retry after the lease lapsed ran the handler again. `connect`
-    /// loads the scripts (`SCRIPT LOAD`, which also spares the first
-    /// `EVALSHA` its `NOSCRIPT` round trip) and runs `EVAL` and `EVALSHA`
-    /// once on an empty script, and refuses only on a clear answer: `NOPERM`,
-    /// or an unknown command or subcommand. A server that allows `EVALSHA`
-    /// but refuses (or renamed) `SCRIPT LOAD` is refused too. Whenever
-    /// Redis lacks a script later (after a restart, a failover or a
-    /// `SCRIPT FLUSH`), the store sends its text with `EVAL`. Any other
-    /// answer is left to the first operation, which names it.
+    /// runs `EVAL` and `EVALSHA` once on an empty script, and refuses only
+    /// on a clear answer: `NOPERM`, or an unknown command. Any other
+    /// answer is left to the first operation, which names it. It then
+    /// loads the scripts (`SCRIPT LOAD`), which spares the first `EVALSHA`
+    /// of each its `NOSCRIPT` round trip; a server that refuses that (an
+    /// ACL without `script|load`, a proxy, the command renamed) is not
+    /// refused: whenever Redis lacks a script (then, or after a restart, a
+    /// failover or a `SCRIPT FLUSH`), the store sends its text with `EVAL`.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(url_error)?;
         let server = client.get_connection_info().addr().to_string();
@@ -389,7 +416,10 @@ impl RedisStore {
             warn_if_not_persisted(&mut manager, info, &server).await;
         }
         warn_if_clock_differs(&mut manager, &server).await;
-        Ok(Self::builder(manager).build())
+        let max_value_bytes = bulk_limit(&mut manager).await;
+        let mut store = Self::builder(manager).build();
+        store.max_value_bytes = max_value_bytes;
+        Ok(store)
     }
 }
 
@@ -427,10 +457,18 @@ const TOO_OLD: &str = "the store needs Redis 7.0 or later (or Valkey): the claim
 /// serves, or a Sentinel, which knows no `SET`. Warns of a server that
 /// says it is older than Redis 7.0: every claim's `SET NX GET` then fails
 /// (and says why), but a server compatible with Redis may give an older
-/// version than the commands it takes. `info`: the server's `INFO`.
+/// version than the commands it takes. Warns of a replica too: connected
+/// during a failover, the store serves once its address leads to the new
+/// primary (see [`RedisStore::reconnect_after_read_only`]), but one
+/// pointed at a replica for good answers every request 503, and a
+/// writable one loses the store's records. `info`: the server's `INFO`.
 fn refuse_unsupported(info: &str, server: &str) -> Result<(), StoreError> {
     if let Some(version) = too_old(info) {
         tracing::warn!(server, redis_version = version, "{TOO_OLD}");
+    }
+    if info_field(info, "role") == Some("slave") {
+        let primary = primary_of(info);
+        tracing::warn!(server, primary, "{REPLICA}");
     }
     let refusal = match info_field(info, "redis_mode") {
         Some("cluster") => format!(
@@ -444,6 +482,17 @@ fn refuse_unsupported(info: &str, server: &str) -> Result<(), StoreError> {
     Err(StoreError::misconfigured(refusal))
 }
 
+/// What a store connected to a replica does, told at connect.
+const REPLICA: &str = "this Redis is a replica (of `primary`), which refuses the store's writes: requests get 503 until the store's address leads to a primary, as it does once a failover is through; if it does not, give the store the primary's address (or a name or proxy that follows the primary through failovers). A replica made writable (`replica-read-only no`) takes the writes and drops them when it syncs again";
+
+/// `<host>:<port>`, the primary a replica's `INFO` names, or nothing.
+fn primary_of(info: &str) -> String {
+    let host = info_field(info, "master_host");
+    let port = info_field(info, "master_port");
+    host.zip(port)
+        .map_or_else(String::new, |(host, port)| format!("{host}:{port}"))
+}
+
 /// The server's version in `INFO`'s answer, if it is older than
 /// the store needs. Valkey gives the Redis version it is compatible with.
 fn too_old(info: &str) -> Option<&str> {
@@ -452,27 +501,48 @@ fn too_old(info: &str) -> Option<&str> {
     (major < OLDEST_MAJOR_VERSION).then_some(version)
 }
 
-/// Loads the store's scripts into the server behind `connection` and runs
-/// `EVAL` and `EVALSHA` once, refusing a server that clearly will not run
-/// them (see [`RedisStore::connect`]). An outage is told as at connect.
+/// Runs `EVAL` and `EVALSHA` once on the server behind `connection`,
+/// refusing a server that clearly will not run the store's scripts (see
+/// [`RedisStore::connect`]), then loads the scripts. An outage is told as
+/// at connect.
 async fn load_scripts(
     connection: &mut impl ConnectionLike,
     server: &str,
 ) -> Result<(), StoreError> {
-    for script in [&*CLAIM, &*RENEW, &*COMPLETE, &*RELEASE] {
-        let loaded = script.hashed.load_async(connection).await;
-        refuse_scriptless(loaded.map(drop), server)?;
-    }
-    // The release of an unanswered claim sends `EVAL`; the others `EVALSHA`.
-    let empty = Script::new(EMPTY_SCRIPT);
-    let evalsha = empty.prepare_invoke().invoke_async(connection).await;
-    refuse_scriptless(evalsha, server)?;
-    let eval = redis::cmd("EVAL")
-        .arg(EMPTY_SCRIPT)
-        .arg(0)
+    // `EVAL` first: it caches the empty script, which `EVALSHA` then
+    // finds. A `NOSCRIPT` answer still shows `EVALSHA` allowed. The
+    // release of an unanswered claim sends `EVAL`; the others `EVALSHA`.
+    let eval = on_key_less("EVAL", EMPTY_SCRIPT)
         .query_async(connection)
         .await;
-    refuse_scriptless(eval, server)
+    refuse_scriptless(eval, server)?;
+    let hash = Script::new(EMPTY_SCRIPT).get_hash().to_owned();
+    let evalsha = on_key_less("EVALSHA", &hash).query_async(connection).await;
+    refuse_scriptless(evalsha, server)?;
+    for script in [&*CLAIM, &*RENEW, &*COMPLETE, &*RELEASE] {
+        let loaded = script.hashed.load_async(connection).await.map(drop);
+        match loaded {
+            // The store runs without it: each script is then sent by its
+            // text (`EVAL`) the first time Redis lacks it, once per script.
+            Err(error) if scripts_refused_fix(&error, server).is_some() => {
+                tracing::debug!(%error, server, "{SCRIPT_LOAD_REFUSED}");
+                return Ok(());
+            }
+            loaded => refuse_scriptless(loaded, server)?,
+        }
+    }
+    Ok(())
+}
+
+/// Why a server that refuses `SCRIPT LOAD` (an ACL without it, a proxy
+/// that refuses it, the command renamed) is not refused.
+const SCRIPT_LOAD_REFUSED: &str = "Redis refused `SCRIPT LOAD`; the store sends each script by its text (`EVAL`) the first time Redis lacks it instead";
+
+/// `EVAL` or `EVALSHA` (`command`) of `script` on no key.
+fn on_key_less(command: &str, script: &str) -> redis::Cmd {
+    let mut command = redis::cmd(command);
+    command.arg(script).arg(0);
+    command
 }
 
 /// A scripting command's `answer` at connect: the store's refusal if the
@@ -508,10 +578,10 @@ fn scripts_refused_fix(error: &redis::RedisError, server: &str) -> Option<String
     let why = SCRIPTS_REFUSED_WHY;
     match error.code()? {
         "NOPERM" => Some(format!(
-            "the Redis user the store connects to {server} as may not run the store's Lua scripts, {why}: allow `EVALSHA`, `EVAL` and `SCRIPT LOAD` in its ACL (`+evalsha +eval +script|load`, or the category `+@scripting`), with the commands the scripts call (`{ACL_LINE}`)"
+            "the Redis user the store connects to {server} as may not run the store's Lua scripts, {why}: allow `EVALSHA` and `EVAL` in its ACL (`+evalsha +eval`, or the category `+@scripting`), with the commands the scripts call (`{ACL_LINE}`)"
         )),
         "ERR" if unknown => Some(format!(
-            "the server at {server} does not run the store's Lua scripts (`SCRIPT LOAD`, `EVALSHA`, `EVAL`, under those names), {why}: give the store a Redis 7.0 or later (or Valkey) with scripting, its scripting commands not renamed"
+            "the server at {server} does not run the store's Lua scripts (`EVALSHA` and `EVAL`, under those names), {why}: give the store a Redis 7.0 or later (or Valkey) with scripting, its `EVALSHA` and `EVAL` commands not renamed"
         )),
         _ => None,
     }
@@ -562,6 +632,9 @@ fn operation_error(error: redis::RedisError, redis_key: &str) -> StoreError {
     if let Some(fix) = unsupported_server_fix(&error) {
         return Explained::misconfigured(error, fix);
     }
+    if over_bulk_limit(&error) {
+        return Explained::misconfigured(error, OVER_BULK_LIMIT);
+    }
     match refusal_fix(&error, &format!("`{redis_key}`")) {
         Some(fix) => Explained::misconfigured(error, fix),
         None => StoreError::backend(error),
@@ -604,6 +677,19 @@ fn unsupported_server_fix(error: &redis::RedisError) -> Option<String> {
     }
 }
 
+/// Whether Redis refused an argument longer than its `proto-max-bulk-len`
+/// (a completed record's, the only long one), closing the connection.
+fn over_bulk_limit(error: &redis::RedisError) -> bool {
+    error
+        .detail()
+        .is_some_and(|detail| detail.starts_with("Protocol error: invalid bulk length"))
+}
+
+/// What to change when Redis refused a record as too long: a store built
+/// by [`RedisStore::connect`] keeps records within the server's limit,
+/// one built on a connection of the application's own does not know it.
+const OVER_BULK_LIMIT: &str = "a response's record is longer than Redis takes in one argument (`proto-max-bulk-len`, 512 MiB by default), and Redis closed the connection: raise `proto-max-bulk-len` above the largest response body kept (`max_body_bytes`), lower `max_body_bytes`, or build the store with `RedisStore::connect`, which reads the limit and stores such records without their bodies";
+
 /// Whether Redis refused a command one of the store's scripts called, for
 /// the user's ACL: it answers that with a plain `ERR`, not `NOPERM`.
 fn refused_in_script(error: &redis::RedisError) -> bool {
@@ -614,8 +700,9 @@ fn refused_in_script(error: &redis::RedisError) -> bool {
 
 /// The ACL a Redis user needs for the store: the commands it sends
 /// (`EVALSHA`, and `EVAL` when Redis has not seen a script yet, `SET`
-/// and `GET` for short paths, `PING` and `SCRIPT LOAD` at connect) and
-/// those its scripts call, which Redis checks against the same user.
+/// and `GET` for short paths, `PING` and `SCRIPT LOAD` at connect, the
+/// latter only to spare a round trip) and those its scripts call, which
+/// Redis checks against the same user.
 const ACL_LINE: &str =
     "ACL SETUSER <user> ~<prefix>* +get +set +del +pttl +pexpire +eval +evalsha +script|load +ping";
 
@@ -636,7 +723,7 @@ fn passing_refusal(error: &redis::RedisError) -> Option<&'static str> {
 }
 
 /// What a replica says to a write.
-const READ_ONLY_REPLICA: &str = "Redis answers as a read-only replica: during a failover this passes once the store reaches the new primary (through a name or proxy that follows it); if it lasts, the store is connected to a replica: give it the primary's address";
+const READ_ONLY_REPLICA: &str = "Redis answers as a read-only replica (on a `ConnectionManager`, again after the store reconnected): during a failover this passes once the store's address leads to the new primary (a name or proxy that follows it); if it lasts, the store is connected to a replica: give it the primary's address. A store built on another kind of connection stays on the replica until it is rebuilt: build it on a `ConnectionManager`";
 
 /// What a Redis that cannot save its snapshot says to writes and `PING`.
 const CANNOT_SAVE: &str = "Redis refuses writes (and PING) because it cannot save its snapshot (`stop-writes-on-bgsave-error`), until a save succeeds: see why in Redis's log (a full disk, a directory it may not write), and fix that";
@@ -705,7 +792,8 @@ async fn warn_if_not_persisted(connection: &mut impl ConnectionLike, info: &str,
 /// other's running claims over.
 const CLOCK_TOLERANCE_MS: u64 = 2_000;
 
-/// What instances whose clocks disagree do to the store, told at connect.
+/// What instances whose clocks disagree do to the store, told at connect
+/// and when an instance takes a running claim over.
 const CLOCK_DIFFERS: &str = "this host's clock differs from the Redis server's: the store reads leases and expiry by each instance's own clock, never Redis's, so an instance whose clock runs ahead of another's by two thirds of a lease takes the other's running requests over and runs them a second time; keep every instance's clock in sync (NTP)";
 
 /// Warns when this host's clock and the server's disagree by more than
@@ -714,14 +802,24 @@ const CLOCK_DIFFERS: &str = "this host's clock differs from the Redis server's: 
 /// with the one Redis they share, those far apart are told. A server that
 /// refuses `TIME` is not checked.
 async fn warn_if_clock_differs(connection: &mut impl ConnectionLike, server: &str) {
-    let sent = SystemClock.now_millis();
-    let time: Result<(u64, u64), _> = redis::cmd("TIME").query_async(connection).await;
-    let received = SystemClock.now_millis();
-    let Ok((seconds, micros)) = time else { return };
-    let redis_ms = seconds.saturating_mul(1000).saturating_add(micros / 1000);
-    if let Some(difference_ms) = clock_difference(redis_ms, sent, received) {
+    if let Some(difference_ms) = differs_from_the_server(connection, &SystemClock).await {
         tracing::warn!(server, difference_ms, "{CLOCK_DIFFERS}");
     }
+}
+
+/// How far `clock` is from the clock of the server behind `connection`,
+/// if farther than [`CLOCK_TOLERANCE_MS`] (see [`clock_difference`]).
+/// `None` too when the server refuses `TIME`.
+async fn differs_from_the_server(
+    connection: &mut impl ConnectionLike,
+    clock: &dyn Clock,
+) -> Option<i64> {
+    let sent = clock.now_millis();
+    let time: Result<(u64, u64), _> = redis::cmd("TIME").query_async(connection).await;
+    let received = clock.now_millis();
+    let (seconds, micros) = time.ok()?;
+    let redis_ms = seconds.saturating_mul(1000).saturating_add(micros / 1000);
+    clock_difference(redis_ms, sent, received)
 }
 
 /// How far `redis_ms`, the server's time, lies outside the window from
@@ -736,6 +834,28 @@ fn clock_difference(redis_ms: u64, sent: u64, received: u64) -> Option<i64> {
     };
     (difference.unsigned_abs() > CLOCK_TOLERANCE_MS).then_some(difference)
 }
+
+/// The largest value the server behind `connection` takes in one
+/// argument: its `proto-max-bulk-len`, which an operator may have lowered
+/// from its default, [`MAX_VALUE_BYTES`] (never more). Redis answers a
+/// longer argument with a protocol error and closes the connection, and
+/// every other command on it fails: a completion past it would fail at
+/// every attempt, and each would cut the connection again, until the
+/// lease lapsed and a retry ran the handler again. Kept within it, the
+/// record is stored without its body, as past `max_body_bytes`. A server
+/// that refuses `CONFIG GET` is taken to have the default.
+async fn bulk_limit(connection: &mut impl ConnectionLike) -> usize {
+    let config: Result<std::collections::HashMap<String, usize>, _> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg(BULK_LIMIT)
+        .query_async(connection)
+        .await;
+    let limit = config.ok().and_then(|mut config| config.remove(BULK_LIMIT));
+    limit.map_or(MAX_VALUE_BYTES, |limit| limit.min(MAX_VALUE_BYTES))
+}
+
+/// Redis's setting for the longest argument it takes.
+const BULK_LIMIT: &str = "proto-max-bulk-len";
 
 /// Whether `INFO`'s answer says the append-only file is off.
 fn appends_nothing(info: &str) -> bool {
@@ -807,11 +927,103 @@ where
         args: &[&[u8]],
     ) -> Result<i64, StoreError> {
         let mut connection = self.connection.clone();
-        script
-            .run(&mut connection, redis_key, args)
-            .await
-            .map_err(|error| operation_error(error, redis_key))
+        let reconnects = self.read_only_reconnects();
+        let mut answer = script.run(&mut connection, redis_key, args).await;
+        if refused_by_a_replica(&answer) && self.reconnect_after_read_only(reconnects).await {
+            answer = script.run(&mut connection, redis_key, args).await;
+        }
+        answer.map_err(|error| operation_error(error, redis_key))
     }
+
+    /// Warns, with `key`, if Redis evicts keys now: `key`'s claim was
+    /// found gone, and `connect` checked the policy only once, so one set
+    /// since (`CONFIG SET maxmemory-policy allkeys-lru`) went unwarned.
+    /// Only then, and never on a request's way: `INFO` runs on a task of
+    /// its own ([`Store::settle`] waits for it), which the completion's or
+    /// renewal's answer does not wait for.
+    fn warn_if_evicting_now(&self, key: &RecordKey) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut connection = self.connection.clone();
+        let log_id = key.log_id().to_string();
+        let check = async move {
+            let mut info = redis::cmd("INFO");
+            info.arg("memory");
+            let info: Option<String> = info.query_async(&mut connection).await.ok();
+            if let Some(policy) = info.as_deref().and_then(evicting_policy) {
+                tracing::warn!(key = log_id, maxmemory_policy = policy, "{EVICTING}");
+            }
+        };
+        self.background.spawn_on(check, &runtime);
+    }
+
+    /// Warns, with `key`, if the store's clock is now seconds off the
+    /// server's: it is taking over `key`'s running claim, whose lease
+    /// lapsed by this clock, and `connect` compared the clocks only once.
+    /// A clock that drifted or stepped ahead since takes over requests
+    /// still running, which then run twice. Only then, and never on a
+    /// request's way, as [`warn_if_evicting_now`](Self::warn_if_evicting_now).
+    fn warn_if_clock_differs_now(&self, key: &RecordKey) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (mut connection, clock) = (self.connection.clone(), self.clock.clone());
+        let log_id = key.log_id().to_string();
+        let check = async move {
+            let differs = differs_from_the_server(&mut connection, &*clock).await;
+            if let Some(difference_ms) = differs {
+                tracing::warn!(key = log_id, difference_ms, "{CLOCK_DIFFERS}");
+            }
+        };
+        self.background.spawn_on(check, &runtime);
+    }
+
+    /// How many times the store reconnected after a replica refused a
+    /// write, read before sending one.
+    fn read_only_reconnects(&self) -> u64 {
+        self.read_only_reconnects.load(Ordering::Relaxed)
+    }
+
+    /// After a failover, the store's connection may still lead to the old
+    /// primary, now a replica that refuses every write (`READONLY`): the
+    /// `ConnectionManager` reconnects only when a connection breaks, and
+    /// Redis keeps a demoted primary's clients connected. Reached through
+    /// a name or proxy that moved to the new primary, a new connection
+    /// goes there. So the store closes the connection (`QUIT`), has the
+    /// manager reconnect (the `PING` after it fails, which starts that),
+    /// and answers whether to send the refused command once more: a
+    /// replica's refusal applied nothing, so that it runs once either way.
+    /// Only the first of the commands refused by one connection closes
+    /// it (`seen`: [`read_only_reconnects`](Self::read_only_reconnects)
+    /// before sending): the others' `QUIT` would close the new one. A
+    /// connection other than a `ConnectionManager` cannot reconnect; it
+    /// is left as it is, and so is a store whose address leads to a
+    /// replica still (503, [`READ_ONLY_REPLICA`]).
+    async fn reconnect_after_read_only(&self, seen: u64) -> bool {
+        let connection: &dyn std::any::Any = &self.connection;
+        let Some(manager) = connection.downcast_ref::<ConnectionManager>() else {
+            return false;
+        };
+        let first = self
+            .read_only_reconnects
+            .compare_exchange(seen, seen + 1, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok();
+        if first {
+            let mut manager = manager.clone();
+            tracing::debug!("Redis answered as a read-only replica; reconnecting");
+            let _: redis::RedisResult<()> = redis::cmd("QUIT").query_async(&mut manager).await;
+            let _: redis::RedisResult<()> = redis::cmd("PING").query_async(&mut manager).await;
+        }
+        true
+    }
+}
+
+/// Whether a command's `answer` is a replica's refusal of a write.
+fn refused_by_a_replica<T>(answer: &redis::RedisResult<T>) -> bool {
+    answer
+        .as_ref()
+        .is_err_and(|error| error.code() == Some("READONLY"))
 }
 
 /// A fenced script's answer as the caller sees it: only [`HELD`] is a
@@ -918,15 +1130,14 @@ where
         // A free key is claimed by one plain command, no script: `SET NX
         // GET` sets the value only if the key is absent, and otherwise
         // returns what holds it.
-        let found: Result<Option<Vec<u8>>, _> = redis::cmd("SET")
-            .arg(&redis_key)
-            .arg(value.as_ref())
-            .arg("NX")
-            .arg("GET")
-            .arg("PX")
-            .arg(expiry)
-            .query_async(&mut connection)
-            .await;
+        let mut set = redis::cmd("SET");
+        set.arg(&redis_key).arg(value.as_ref()).arg("NX").arg("GET");
+        set.arg("PX").arg(expiry);
+        let reconnects = self.read_only_reconnects();
+        let mut found: Result<Option<Vec<u8>>, _> = set.query_async(&mut connection).await;
+        if refused_by_a_replica(&found) && self.reconnect_after_read_only(reconnects).await {
+            found = set.query_async(&mut connection).await;
+        }
         let found = match found {
             Err(error) if error.code() == Some("OOM") => {
                 unanswered.armed = false;
@@ -947,16 +1158,19 @@ where
         }
         // A lapsed lease, or a record past its TTL that Redis keeps for the
         // clock-skew grace: the script re-checks and takes it over atomically.
+        if found.first() == Some(&IN_FLIGHT_TAG) {
+            self.warn_if_clock_differs_now(key);
+        }
         unanswered.armed = true;
         let args = [now.to_string(), expiry.to_string()];
-        let found: Option<Vec<u8>> = CLAIM
-            .run(
-                &mut connection,
-                &redis_key,
-                &[args[0].as_bytes(), value.as_ref(), args[1].as_bytes()],
-            )
-            .await
-            .map_err(|error| unanswered.refused(error))?;
+        let args = [args[0].as_bytes(), value.as_ref(), args[1].as_bytes()];
+        let reconnects = self.read_only_reconnects();
+        let mut found: redis::RedisResult<Option<Vec<u8>>> =
+            CLAIM.run(&mut connection, &redis_key, &args).await;
+        if refused_by_a_replica(&found) && self.reconnect_after_read_only(reconnects).await {
+            found = CLAIM.run(&mut connection, &redis_key, &args).await;
+        }
+        let found = found.map_err(|error| unanswered.refused(error))?;
         unanswered.armed = false;
         match found {
             None => Ok(Claim::Acquired(token)),
@@ -975,7 +1189,11 @@ where
         let (token, deadline) = (token.to_bytes(), deadline.to_be_bytes());
         let expiry = px(lease).to_string();
         let args = [token.as_slice(), deadline.as_slice(), expiry.as_bytes()];
-        held(self.fenced(&RENEW, &redis_key, &args).await?)
+        let answer = self.fenced(&RENEW, &redis_key, &args).await?;
+        if answer == GONE {
+            self.warn_if_evicting_now(key);
+        }
+        held(answer)
     }
 
     async fn complete(
@@ -991,7 +1209,7 @@ where
             response,
             expires_at: self.now().saturating_add(millis(ttl)),
         };
-        record.fit(MAX_VALUE_BYTES);
+        record.fit(self.max_value_bytes);
         let redis_key = self.redis_key(key);
         let (token, encoded) = (token.to_bytes(), record.encode());
         let expiry = px(ttl).to_string();
@@ -999,6 +1217,7 @@ where
         let answer = self.fenced(&COMPLETE, &redis_key, &args).await?;
         if answer == GONE {
             tracing::warn!(key = %key.log_id(), "{GONE_AT_COMPLETION}");
+            self.warn_if_evicting_now(key);
         }
         held(answer)
     }
@@ -1215,6 +1434,22 @@ mod tests {
             operation_error(other, "k"),
             StoreError::Backend(_)
         ));
+    }
+
+    /// A record longer than a lowered `proto-max-bulk-len`, sent by a
+    /// store on a connection of the application's own: Redis refuses it
+    /// and closes the connection, at every attempt. Told as an outage,
+    /// each attempt the engine made cut every other request's commands.
+    #[test]
+    fn a_record_over_the_bulk_limit_is_told_with_the_setting_to_change() {
+        let over = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+            "An error was signalled by the server",
+            "Protocol error: invalid bulk length".to_owned(),
+        ));
+        let error = operation_error(over, "k");
+        assert!(matches!(error, StoreError::Misconfigured(_)), "{error:?}");
+        assert!(error.to_string().contains("proto-max-bulk-len"), "{error}");
     }
 
     #[test]
