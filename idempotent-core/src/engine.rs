@@ -2,6 +2,7 @@
 //! claim -> run -> settle -> reply.
 
 use std::any::Any;
+use std::borrow::Borrow;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::{Pin, pin};
@@ -56,6 +57,8 @@ const WAIT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::
 const RETRY_AFTER_SECS: u64 = 1;
 const NOT_STORED: &str =
     "the response could not be stored; a retry after the lease lapses runs again";
+/// What a run cut short before it settled its claim logs (see [`Unfinished`]).
+const CUT_SHORT: &str = "the run was cut short before it stored its response or released its key: its task was dropped (a runtime that ended before `Idempotency::drain` was awaited: await it once the server stops), or it panicked outside the handler; the key stays claimed until its lease lapses, and a retry after that runs the request again. `handler` says how far it got: `running` (it may have acted, in part or in full), `answered` (it finished, answering `status`: whatever it did is done, but its response was not stored nor its key released), `panicked`";
 /// Pauses before storing a response again after a store error: a
 /// connection that broke is usually back within them, and the first
 /// caller's response waits for them.
@@ -559,10 +562,12 @@ impl Engine {
             let held = (token, self.fingerprint);
             let endpoint = self.endpoint.name();
             let renewals = Renewals::start(&self.settings, endpoint, &self.key, lease, held, sent);
+            let mut unfinished = Unfinished::new(&self, Ran::Running);
             renewals.let_woken_tasks_run(suspended).await;
             let produced = AssertUnwindSafe(self.produce(handler)).catch_unwind().await;
-            match produced {
+            let outcome = match produced {
                 Ok(Produced::Final(parts, body)) => {
+                    unfinished.ran = Ran::Answered(parts.status);
                     // Asked before anything is stored: see `store_again`.
                     let lost = renewals.lost();
                     let response = self.keep(token, parts, body, lost).await;
@@ -570,17 +575,21 @@ impl Engine {
                     Ok(response)
                 }
                 Ok(Produced::NotFinal(response, reason)) => {
+                    unfinished.ran = Ran::Answered(response.status());
                     let lost = renewals.stop();
                     let status = Some(response.status().as_u16());
                     self.release(token, (reason, status), lost).await;
                     Ok(response)
                 }
                 Err(panic) => {
+                    unfinished.ran = Ran::Panicked;
                     let lost = renewals.stop();
                     self.release(token, ("handler panicked", None), lost).await;
                     Err(panic)
                 }
-            }
+            };
+            unfinished.settled();
+            outcome
         }
     }
 
@@ -747,9 +756,15 @@ impl Engine {
             input_rejected: self.input_rejected,
             _request_headers: None,
         };
-        let task = later
-            .keep_storing(token, response, reserved)
-            .instrument(tracing::Span::current());
+        // Made before the task is spawned: a runtime that ends before the
+        // task first runs drops it unpolled, and that is cut short too.
+        let unfinished = Unfinished::new(later, Ran::Answered(response.status));
+        let task = async move {
+            let later = unfinished.engine();
+            later.keep_storing(token, response, reserved).await;
+            unfinished.settled();
+        };
+        let task = task.instrument(tracing::Span::current());
         drop(self.settings.detached.spawn_on(task, &runtime));
     }
 
@@ -761,17 +776,25 @@ impl Engine {
     /// again, and a record of this response found after a lost answer is
     /// this run's (another request could only have taken the key over
     /// once the lease lapsed, which the renewals log as `lease_lapsed`).
-    async fn keep_storing(self, token: LeaseToken, response: StoredResponse, _: Reserved) {
+    async fn keep_storing(&self, token: LeaseToken, response: StoredResponse, _: Reserved) {
         let lease = self.endpoint.lease_duration();
         let held = (token, self.fingerprint);
         let endpoint = self.endpoint.name();
+        // Due at once, as if claimed a third of a lease ago: the run's
+        // renewals stopped when it handed the response over, and those
+        // that failed in the outage that failed its completions may have
+        // left less of the lease than a claim made now holds. Due a third
+        // of a lease from now, the first renewal could come after the
+        // lease lapsed, once the store was back, and a retry would run
+        // the handler again.
+        let due_now = Instant::now().checked_sub(lease / 3);
         let renewals = Renewals::start(
             &self.settings,
             endpoint,
             &self.key,
             lease,
             held,
-            Instant::now(),
+            due_now.unwrap_or_else(Instant::now),
         );
         let until = Instant::now() + lease;
         let draining = &self.settings.draining;
@@ -1198,6 +1221,70 @@ impl Drop for Unsettled<'_> {
             }
         };
         drop(self.tracked.task_tracker().spawn_on(release, &runtime));
+    }
+}
+
+/// How far a claimed run's handler got.
+#[derive(Clone, Copy)]
+enum Ran {
+    /// It runs, or its response body is being read: it may have acted,
+    /// in part or in full.
+    Running,
+    /// It finished, answering this status: whatever it did is done.
+    Answered(StatusCode),
+    /// It panicked, after doing whatever it did before.
+    Panicked,
+}
+
+/// A claimed run that has not stored its response or released its key
+/// yet. Dropped before [`settled`](Self::settled), the run was cut short:
+/// its task was dropped (a runtime that shut down without
+/// [`Idempotency::drain`](crate::Idempotency::drain)), or it panicked
+/// outside the handler. Nothing else then tells the operator, who must
+/// reconcile the key: it stays claimed until its lease lapses, a retry
+/// after that runs the request again, and whether the side effect
+/// happened depends on how far the handler got (`ran`).
+///
+/// `E` is the run's engine, borrowed by a run, owned by the task that
+/// goes on storing a response after its caller got it.
+struct Unfinished<E: Borrow<Engine>> {
+    engine: E,
+    ran: Ran,
+    settled: bool,
+}
+
+impl<E: Borrow<Engine>> Unfinished<E> {
+    fn new(engine: E, ran: Ran) -> Self {
+        let settled = false;
+        Self {
+            engine,
+            ran,
+            settled,
+        }
+    }
+
+    fn engine(&self) -> &Engine {
+        self.engine.borrow()
+    }
+
+    fn settled(mut self) {
+        self.settled = true;
+    }
+}
+
+impl<E: Borrow<Engine>> Drop for Unfinished<E> {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let engine = self.engine();
+        let (endpoint, key) = (engine.endpoint.name(), engine.key.log_id());
+        let (handler, status) = match self.ran {
+            Ran::Running => ("running", None),
+            Ran::Answered(status) => ("answered", Some(status.as_u16())),
+            Ran::Panicked => ("panicked", None),
+        };
+        tracing::error!(outcome = "cut_short", endpoint, %key, handler, status, message = CUT_SHORT);
     }
 }
 
