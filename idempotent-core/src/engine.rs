@@ -27,6 +27,7 @@ use crate::exact::ExactRequest;
 use crate::fingerprint::{Fingerprint, FingerprintError};
 use crate::idempotency::Settings;
 use crate::key::KeyError;
+use crate::layer::Unstored;
 use crate::problem::{Problem, ProblemKind};
 use crate::record::{
     Claim, Completed, LeaseToken, MAX_STORED_HEADERS, Record, RecordKey, StoredResponse,
@@ -599,6 +600,9 @@ impl Engine {
         let status = response.status();
         if !self.endpoint.final_status_policy().is_final(status) {
             return Produced::NotFinal(response, "status is not final");
+        }
+        if let Some(Unstored(reason)) = response.extensions().get::<Unstored>().copied() {
+            return Produced::NotFinal(response, reason);
         }
         if self.input_rejected
             && self.endpoint.final_status_policy() == FinalStatuses::Default

@@ -127,7 +127,7 @@ impl fmt::Debug for IdempotencyKey {
 pub enum KeyError {
     /// The request has no `Idempotency-Key` header.
     #[error(
-        "the request has no Idempotency-Key header; send one unique key per operation, e.g. a UUID"
+        "the request has no Idempotency-Key header; send one unique key per operation, e.g. a UUID: `Idempotency-Key: \"8e03978e-40d5-43e8-bc93-6894a57f9324\"`"
     )]
     Missing,
     /// The header appears more than once, or holds a list (a comma outside
@@ -157,7 +157,9 @@ pub enum KeyError {
         byte: u8,
     },
     /// A quoted key without its closing quote, or with text after it.
-    #[error("the quoted idempotency key is malformed: {0}")]
+    #[error(
+        "the quoted idempotency key is malformed: {0}; a quoted key is a structured-field string, printable ASCII between two '\"' with nothing after the second, and '\"' and '\\' escaped by a '\\': `Idempotency-Key: \"a b\"`"
+    )]
     MalformedString(&'static str),
 }
 
@@ -369,6 +371,24 @@ mod tests {
                 byte: 0x7f
             })
         ));
+    }
+
+    /// The draft's 400 for a missing key points the client at what to
+    /// send; so do these, with the header itself.
+    #[test]
+    fn a_missing_or_broken_quoted_key_is_shown_the_header_to_send() {
+        let missing = KeyError::Missing.to_string();
+        assert!(
+            missing.contains("`Idempotency-Key: \"8e03978e-"),
+            "{missing}"
+        );
+        for broken in ["\"abc", "\"abc\"def", r#""a\nb""#, "\"abc\\", "\"abc\";v=1"] {
+            let message = key(broken).unwrap_err().to_string();
+            assert!(
+                message.contains("`Idempotency-Key: \"a b\"`"),
+                "{broken}: {message}"
+            );
+        }
     }
 
     #[test]

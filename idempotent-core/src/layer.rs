@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE, GetAll};
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderValue, Method};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Serialize;
 use serde::ser::{SerializeTuple, Serializer};
@@ -33,7 +33,9 @@ use crate::engine::resolve_scope;
 use crate::fingerprint::{Fingerprint, FingerprintError, RawBytes};
 use crate::problem::{Problem, ProblemKind};
 use crate::record::RecordKey;
-use crate::request::{IdempotentRequest, ScopeSource, route_params};
+use crate::request::{
+    IdempotentRequest, ScopeSource, fingerprinted_method, route_params, without_replay_marker,
+};
 
 /// Default limit on a buffered request body: 1 MiB.
 const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
@@ -101,7 +103,15 @@ pub(crate) struct Claimed(pub(crate) &'static str);
 /// any difference is another request, answered 422 (`key-reused`):
 ///
 /// - the endpoint's name;
-/// - the method;
+/// - the method, with `HEAD` counted as `GET`, as the attribute counts
+///   it: axum serves a `HEAD` by the `GET` handler, so a `HEAD` after a
+///   `GET` with one key is the `GET`'s replay (axum drops its body), and
+///   a `GET` after a `HEAD` the replay of the `GET` handler's whole
+///   response that the `HEAD` ran. A `HEAD`'s response without a body is
+///   not stored, so the `GET` after it runs: this layer cannot tell it
+///   from one an explicit `head` handler made, or one axum already took
+///   the body off (around a whole `Router`), which replayed to a `GET`
+///   would be an empty body;
 /// - the URI's path as this layer sees it (without a nested router's
 ///   prefix), byte for byte: `%7E` is not `~`;
 /// - the matched route's path parameters, names and decoded values, a
@@ -128,12 +138,15 @@ pub(crate) struct Claimed(pub(crate) &'static str);
 /// outside this one hands it the decompressed bytes and no
 /// `Content-Encoding`: two compressions of one payload then match.
 ///
-/// Upgrading: earlier versions did not fingerprint `Content-Type` or
-/// `Content-Encoding`. A request with neither keeps the fingerprint they
-/// stored, but one with either does not: a retry of such a request whose
-/// first attempt was stored by an earlier version is answered 422
-/// (`key-reused`), until that record expires ([`Endpoint::ttl`]), instead
-/// of being replayed; its handler does not run again. Upgrade when no
+/// Upgrading: earlier versions fingerprinted a `HEAD` as `HEAD`, so a
+/// `HEAD` retried across the upgrade after a keyed `HEAD` they stored
+/// gets 422 (a `HEAD` after a `GET` they stored is replayed). They also
+/// did not fingerprint `Content-Type` or `Content-Encoding`. A request
+/// with neither keeps the fingerprint they stored, but one with either
+/// does not: a retry of such a request whose first attempt was stored by
+/// an earlier version is answered 422 (`key-reused`), until that record
+/// expires ([`Endpoint::ttl`]), instead of being replayed; its handler
+/// does not run again. Upgrade when no
 /// such retry can be pending, or tell clients that in that window a 422
 /// `key-reused` for a retry sent unchanged means the first attempt's
 /// answer was stored, not that the payload differed.
@@ -278,7 +291,8 @@ where
         if !config.endpoint.is_optional() && !parts.method.is_safe() {
             return crate::key::missing(&parts.headers).into_response();
         }
-        return call(inner, Request::from_parts(parts, body)).await;
+        let response = call(inner, Request::from_parts(parts, body)).await;
+        return without_replay_marker(response);
     }
     // A missing credential (or a custom scope, which the layer cannot
     // resolve) is refused before the body is read. Beneath another layer,
@@ -309,11 +323,41 @@ where
     // The route's path parameters, which a nested router's prefix keeps
     // although its URI lost it, are bound to the fingerprint at `run`.
     let fingerprint = raw_fingerprint(&config.endpoint, &parts, &body);
+    let head = parts.method == Method::HEAD;
     parts.extensions.insert(Claimed(config.endpoint.name()));
     let request = Request::from_parts(parts, Body::from(body));
-    idempotent
-        .run(&config.endpoint, fingerprint, call(inner, request))
-        .await
+    let handler = async move {
+        let response = call(inner, request).await;
+        if head {
+            unstored_if_bodiless(response)
+        } else {
+            response
+        }
+    };
+    idempotent.run(&config.endpoint, fingerprint, handler).await
+}
+
+/// Marks a response the engine releases the key after instead of storing
+/// it, whatever its status, with the reason it logs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Unstored(pub(crate) &'static str);
+
+/// A `HEAD`'s response, marked [`Unstored`] if it has no body. A `HEAD`
+/// is fingerprinted as a `GET`, and beneath `route_layer` this layer sees
+/// the `GET` handler's whole response (axum takes the body off at the
+/// router's edge), which may be stored for a `GET` as it is. A response
+/// without a body may instead be what an explicit `head` handler made,
+/// or what is left of it once axum took the body off (a layer around a
+/// whole `Router`): replayed to a `GET`, it would be an empty body. It
+/// is not stored, so a `GET` after it runs; a `HEAD` guards no side
+/// effect. A `GET` handler's own empty answer (a 204) is left unstored
+/// too, which only costs that run.
+fn unstored_if_bodiless(mut response: Response) -> Response {
+    if http_body::Body::size_hint(response.body()).exact() == Some(0) {
+        let reason = "a HEAD's response without a body may not be the GET's";
+        response.extensions_mut().insert(Unstored(reason));
+    }
+    response
 }
 
 async fn call<S>(mut inner: S, request: Request) -> Response
@@ -333,7 +377,7 @@ fn raw_fingerprint(
 ) -> Result<Fingerprint, FingerprintError> {
     let mut fingerprinter = endpoint.fingerprinter();
     fingerprinter
-        .input(parts.method.as_str())?
+        .input(fingerprinted_method(&parts.method))?
         .input(parts.uri.path())?
         .input(&parts.uri.query())?
         .input(body)?;

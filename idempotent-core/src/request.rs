@@ -18,6 +18,7 @@ use crate::idempotency::Idempotency;
 use crate::key::IdempotencyKey;
 use crate::layer::Claimed;
 use crate::problem::{Problem, ProblemKind};
+use crate::replay::IDEMPOTENT_REPLAYED;
 use crate::scope::{IdempotencyScope, MissingCredential, ScopeDigest};
 
 /// A request's idempotency context: its key, the headers its scope is
@@ -159,7 +160,7 @@ impl IdempotentRequest {
         F: Future + Send + 'static,
         F::Output: IntoResponse,
     {
-        let handler = Box::pin(async move { handler.await.into_response() });
+        let handler = Box::pin(async move { without_replay_marker(handler.await.into_response()) });
         crate::engine::run(self, endpoint, fingerprint, handler)
     }
 }
@@ -241,12 +242,11 @@ pub(crate) fn route_params(
 /// The method a `keyed` request's fingerprint is bound to, if any: none
 /// for `POST`, the method of nearly every idempotent request, so that its
 /// fingerprint is the handler's inputs alone (and records stored before
-/// methods were bound still match); `HEAD` is bound as `GET`, which axum
-/// serves by the same handler, so that a `GET` after a `HEAD` replays the
-/// whole response. Without it, a handler routed for several methods would
-/// answer a `DELETE` with the stored response of a `POST` under the same
-/// key and inputs, as its replay. `IdempotentLayer` fingerprints the
-/// method itself.
+/// methods were bound still match); otherwise the method as
+/// [`fingerprinted_method`] names it. Without it, a handler routed for
+/// several methods would answer a `DELETE` with the stored response of a
+/// `POST` under the same key and inputs, as its replay. `IdempotentLayer`
+/// fingerprints the method itself, by the same name.
 pub(crate) fn method_binding(method: &Method, keyed: bool) -> Option<Box<Method>> {
     if !keyed || *method == Method::POST {
         return None;
@@ -257,6 +257,37 @@ pub(crate) fn method_binding(method: &Method, keyed: bool) -> Option<Box<Method>
         method.clone()
     };
     Some(Box::new(bound))
+}
+
+/// The method as a fingerprint names it: `HEAD` as `GET`, which axum
+/// serves by the same handler, taking the body off the response at the
+/// router's edge, outside the handler and a `route_layer`. So a `HEAD`
+/// after a `GET` with one key is the `GET`'s replay (without its body),
+/// and a `GET` after a `HEAD` the replay of the whole response the
+/// `HEAD`'s run produced, under the attribute and `IdempotentLayer`
+/// alike (the layer stores no `HEAD`'s response without a body: see its
+/// `unstored_if_bodiless`).
+pub(crate) fn fingerprinted_method(method: &Method) -> &str {
+    if *method == Method::HEAD {
+        "GET"
+    } else {
+        method.as_str()
+    }
+}
+
+/// `response` without an `Idempotent-Replayed` header of its own. The
+/// header is this library's mark of a replay: a handler (or a service
+/// beneath `IdempotentLayer`) that sets it, forwarding an upstream's
+/// answer say, would make its first response claim to be a replay, and
+/// the mark would be stored with it. A replay is marked afresh.
+/// Looked for by walking the few headers a response has, which costs
+/// less than hashing the name for a lookup that nearly always misses.
+pub(crate) fn without_replay_marker(mut response: Response) -> Response {
+    let marker = IDEMPOTENT_REPLAYED;
+    if response.headers().keys().any(|name| *name == marker) {
+        response.headers_mut().remove(marker);
+    }
+    response
 }
 
 /// The endpoint of the [`IdempotentLayer`](crate::IdempotentLayer) that

@@ -1,0 +1,420 @@
+//! The HTTP contract as a client sees it, checked under `#[idempotent]`
+//! and under `IdempotentLayer` side by side: the two must answer alike.
+//! A `HEAD` and a `GET` with one key, a handler that sets the replay
+//! mark itself, the 400s for keys a client gets wrong (and that they say
+//! what to send), and keys on other methods than `POST`.
+
+mod macro_support;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::handler::Handler;
+use axum::http::{HeaderValue, Request, StatusCode};
+use axum::response::AppendHeaders;
+use axum::routing::{MethodRouter, get, post};
+use axum::{Json, Router};
+use idempotent_core::store::MemoryStore;
+use idempotent_core::{Endpoint, Idempotency, IdempotentLayer, Scope, idempotent};
+use macro_support::{Reply, Runs, send};
+use serde_json::Value;
+
+/// A request with `method` to `uri`, with the `Idempotency-Key` field
+/// `key` (raw bytes, as a client may send anything) if given.
+fn request(method: &str, uri: &str, key: Option<&[u8]>, body: &str) -> Request<Body> {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_owned()))
+        .unwrap();
+    if let Some(key) = key {
+        let value = HeaderValue::from_bytes(key).expect("a value a client can send");
+        request.headers_mut().insert("idempotency-key", value);
+    }
+    request
+}
+
+/// The problem `reply` carries: its `type` name and detail, after
+/// checking its status and media type.
+fn problem(reply: &Reply, status: u16) -> (String, String) {
+    assert_eq!(reply.status.as_u16(), status, "{}", reply.body);
+    assert_eq!(
+        reply.header("content-type"),
+        Some("application/problem+json")
+    );
+    let problem: Value = serde_json::from_str(&reply.body).expect("a JSON problem");
+    assert_eq!(problem["status"], status, "{problem}");
+    let kind = problem["type"].as_str().expect("a type");
+    let detail = problem["detail"].as_str().expect("a detail");
+    (
+        kind.trim_start_matches("urn:idempotent:").to_owned(),
+        detail.to_owned(),
+    )
+}
+
+/// Every value of `Idempotent-Replayed` the reply carries.
+fn replay_marks(reply: &Reply) -> Vec<&str> {
+    reply
+        .headers
+        .get_all("idempotent-replayed")
+        .iter()
+        .map(|value| value.to_str().unwrap())
+        .collect()
+}
+
+fn store() -> Idempotency {
+    Idempotency::new(MemoryStore::new())
+}
+
+const LAYERED: Endpoint = Endpoint::new("http_contract::layered").scope(Scope::Global);
+
+/// Counts its run; the count is the answer.
+async fn plain(State(runs): State<Runs>) -> String {
+    format!("run {}", runs.bump())
+}
+
+#[idempotent(scope = "global")]
+async fn by_attribute(State(runs): State<Runs>) -> String {
+    format!("run {}", runs.bump())
+}
+
+/// The same route made idempotent each way: `(name, router)`.
+fn both_ways(
+    runs: &Runs,
+    route: impl Fn(bool) -> MethodRouter<Runs>,
+) -> [(&'static str, Router); 2] {
+    let app = |attribute: bool| {
+        Router::new()
+            .route("/r", route(attribute))
+            .with_state(runs.clone())
+            .layer(store())
+    };
+    [("attribute", app(true)), ("layer", app(false))]
+}
+
+/// `handler` for `GET` (and so `HEAD`), `POST`, `PUT`, `PATCH` and
+/// `DELETE`. Not `any`, whose handler is the method router's fallback,
+/// which `route_layer` does not wrap.
+fn every_method<H, T>(handler: H) -> MethodRouter<Runs>
+where
+    H: Handler<T, Runs>,
+    T: 'static,
+{
+    get(handler.clone())
+        .post(handler.clone())
+        .put(handler.clone())
+        .patch(handler.clone())
+        .delete(handler)
+}
+
+// ===== HEAD and GET with one key =====
+
+/// axum serves a `HEAD` by the `GET` handler and drops the body at the
+/// router's edge. So a `HEAD` after a `GET` with one key is that `GET`'s
+/// replay, its `Content-Length` the `GET`'s, and a `GET` after a `HEAD`
+/// replays the whole response the `HEAD`'s run produced: the handler runs
+/// once either way, under the attribute and the layer alike. A key used
+/// with `POST` is another request to both.
+#[tokio::test]
+async fn a_head_and_a_get_with_one_key_are_one_request_under_the_attribute_and_the_layer() {
+    let runs = Runs::default();
+    let apps = both_ways(&runs, |attribute| {
+        if attribute {
+            every_method(by_attribute)
+        } else {
+            every_method(plain).route_layer(IdempotentLayer::new(LAYERED))
+        }
+    });
+    for (way, app) in apps {
+        let before = runs.get();
+        let got = send(&app, request("GET", "/r", Some(b"g"), "")).await;
+        assert_eq!((got.status, got.replayed), (StatusCode::OK, false), "{way}");
+        let head = send(&app, request("HEAD", "/r", Some(b"g"), "")).await;
+        assert_eq!(
+            (head.status, head.replayed, head.body.as_str()),
+            (StatusCode::OK, true, ""),
+            "{way}: {}",
+            head.body
+        );
+        let length = got.body.len().to_string();
+        assert_eq!(
+            head.header("content-length"),
+            Some(length.as_str()),
+            "{way}"
+        );
+        assert_eq!(runs.get(), before + 1, "{way}");
+
+        let head_first = send(&app, request("HEAD", "/r", Some(b"h"), "")).await;
+        assert_eq!(
+            (head_first.status, head_first.replayed),
+            (StatusCode::OK, false),
+            "{way}"
+        );
+        let get_after = send(&app, request("GET", "/r", Some(b"h"), "")).await;
+        assert_eq!(
+            (get_after.status, get_after.replayed),
+            (StatusCode::OK, true),
+            "{way}: {}",
+            get_after.body
+        );
+        assert_eq!(get_after.body, format!("run {}", before + 2), "{way}");
+        assert_eq!(runs.get(), before + 2, "{way}");
+
+        let posted = send(&app, request("POST", "/r", Some(b"p"), "")).await;
+        assert_eq!(posted.status, StatusCode::OK, "{way}");
+        // The problem's body goes the way of every `HEAD`'s.
+        let head_after_post = send(&app, request("HEAD", "/r", Some(b"p"), "")).await;
+        assert_eq!(
+            (
+                head_after_post.status,
+                head_after_post.header("content-type")
+            ),
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Some("application/problem+json")
+            ),
+            "{way}"
+        );
+    }
+}
+
+/// An explicit `head` handler, answering without a body.
+async fn head_plain(State(runs): State<Runs>) -> [(&'static str, String); 1] {
+    [("x-head-run", runs.bump().to_string())]
+}
+
+/// One layer over a method router with a `GET` and an explicit `HEAD`
+/// handler: a `HEAD` after a `GET` is the `GET`'s replay, but a `GET`
+/// after a `HEAD` must get the `GET` handler's body, never the `HEAD`
+/// handler's bodiless answer replayed. (The attribute has no such case:
+/// two handlers are two endpoints.)
+#[tokio::test]
+async fn a_get_after_a_head_under_the_layer_is_never_the_heads_bodiless_answer() {
+    let runs = Runs::default();
+    let app = Router::new()
+        .route(
+            "/r",
+            get(plain)
+                .head(head_plain)
+                .route_layer(IdempotentLayer::new(LAYERED)),
+        )
+        .with_state(runs.clone())
+        .layer(store());
+    let head = send(&app, request("HEAD", "/r", Some(b"h"), "")).await;
+    assert_eq!(
+        (head.status, head.header("x-head-run")),
+        (StatusCode::OK, Some("1"))
+    );
+    let got = send(&app, request("GET", "/r", Some(b"h"), "")).await;
+    assert_eq!(
+        (got.status, got.replayed, got.body.as_str()),
+        (StatusCode::OK, false, "run 2")
+    );
+    let head_after = send(&app, request("HEAD", "/r", Some(b"h"), "")).await;
+    assert_eq!(
+        (head_after.replayed, head_after.header("x-head-run")),
+        (true, None)
+    );
+    assert_eq!(runs.get(), 2);
+}
+
+// ===== a handler that sets the replay mark itself =====
+
+/// Sets `Idempotent-Replayed` itself, twice, as a handler forwarding an
+/// upstream's answer might.
+async fn marking_plain(
+    State(runs): State<Runs>,
+) -> (AppendHeaders<[(&'static str, &'static str); 2]>, String) {
+    let marks = [
+        ("idempotent-replayed", "true"),
+        ("idempotent-replayed", "false"),
+    ];
+    (AppendHeaders(marks), format!("run {}", runs.bump()))
+}
+
+#[idempotent(scope = "global", optional)]
+async fn marking_by_attribute(
+    State(runs): State<Runs>,
+    Json(_): Json<Value>,
+) -> (AppendHeaders<[(&'static str, &'static str); 2]>, String) {
+    marking_plain(State(runs)).await
+}
+
+/// The mark is the library's: a first response never carries it, even
+/// when the handler sets it, nor does an unkeyed one that ran without
+/// idempotency, so a client can tell a replay from a first answer; a
+/// replay carries it once, `true`. Alike under the attribute and the
+/// layer.
+#[tokio::test]
+async fn a_handlers_own_replay_mark_never_reaches_a_first_response_and_a_replay_says_true_once() {
+    const OPTIONAL: Endpoint = LAYERED.optional(true);
+    let runs = Runs::default();
+    let apps = both_ways(&runs, |attribute| {
+        if attribute {
+            post(marking_by_attribute)
+        } else {
+            post(marking_plain).route_layer(IdempotentLayer::new(OPTIONAL))
+        }
+    });
+    for (way, app) in apps {
+        let first = send(&app, request("POST", "/r", Some(b"k"), "{}")).await;
+        assert_eq!(first.status, StatusCode::OK, "{way}: {}", first.body);
+        assert_eq!(replay_marks(&first), Vec::<&str>::new(), "{way}: first");
+        let retry = send(&app, request("POST", "/r", Some(b"k"), "{}")).await;
+        assert_eq!(retry.body, first.body, "{way}");
+        assert_eq!(replay_marks(&retry), ["true"], "{way}: replay");
+        let unkeyed = send(&app, request("POST", "/r", None, "{}")).await;
+        assert_eq!(unkeyed.status, StatusCode::OK, "{way}: {}", unkeyed.body);
+        assert_eq!(replay_marks(&unkeyed), Vec::<&str>::new(), "{way}: unkeyed");
+    }
+    assert_eq!(runs.get(), 4);
+}
+
+// ===== keys a client gets wrong =====
+
+#[idempotent(scope = "global")]
+async fn create_by_attribute(State(runs): State<Runs>, Json(_): Json<Value>) -> String {
+    format!("run {}", runs.bump())
+}
+
+fn creating(runs: &Runs) -> [(&'static str, Router); 2] {
+    both_ways(runs, |attribute| {
+        if attribute {
+            post(create_by_attribute)
+        } else {
+            post(plain).route_layer(IdempotentLayer::new(LAYERED))
+        }
+    })
+}
+
+/// Each malformed key, and a request without one, gets the same 400 from
+/// the attribute and the layer, before anything runs; a detail that says
+/// what was wrong, and for a missing key or a broken quoted one, the
+/// header to send.
+#[tokio::test]
+async fn a_missing_or_malformed_key_is_the_same_400_each_way_and_says_what_to_send() {
+    let runs = Runs::default();
+    let long = "a".repeat(256);
+    let cases: [(Option<&[u8]>, &str, &str); 11] = [
+        (None, "missing-key", "`Idempotency-Key: \""),
+        (Some(b""), "invalid-key", "is empty"),
+        (Some(b"  \t "), "invalid-key", "is empty"),
+        (Some(b"\"\""), "invalid-key", "is empty"),
+        (Some(long.as_bytes()), "invalid-key", "at most 255"),
+        (Some(b"a b"), "invalid-key", "send such a key quoted"),
+        (Some("cl\u{e9}".as_bytes()), "invalid-key", "hex or base64"),
+        (Some(b"\"a"), "invalid-key", "`Idempotency-Key: \"a b\"`"),
+        (
+            Some(b"\"a\";v=1"),
+            "invalid-key",
+            "`Idempotency-Key: \"a b\"`",
+        ),
+        (Some(b"a, b"), "invalid-key", "send exactly one key"),
+        (
+            Some(b"\"a\\n\""),
+            "invalid-key",
+            "`Idempotency-Key: \"a b\"`",
+        ),
+    ];
+    let mut details = Vec::new();
+    for (way, app) in creating(&runs) {
+        for (key, kind, says) in cases {
+            let reply = send(&app, request("POST", "/r", key, "{}")).await;
+            let (got, detail) = problem(&reply, 400);
+            assert_eq!(got, kind, "{way} {key:?}");
+            assert!(detail.contains(says), "{way} {key:?}: {detail}");
+            details.push(detail);
+        }
+        let mut twice = request("POST", "/r", Some(b"a"), "{}");
+        twice
+            .headers_mut()
+            .append("idempotency-key", HeaderValue::from_static("a"));
+        let (got, detail) = problem(&send(&app, twice).await, 400);
+        assert_eq!(got, "invalid-key", "{way}");
+        assert!(detail.contains("more than once"), "{way}: {detail}");
+    }
+    let (by_attribute, by_layer) = details.split_at(cases.len());
+    assert_eq!(by_attribute, by_layer);
+    assert_eq!(runs.get(), 0);
+}
+
+/// The bare and the quoted form name one key, padding aside, and a key
+/// may be any printable ASCII once quoted: a retry in the other form is
+/// the replay, each way.
+#[tokio::test]
+async fn a_bare_key_and_its_quoted_form_are_one_key_each_way() {
+    let runs = Runs::default();
+    let pairs: [(&[u8], &[u8]); 3] = [
+        (
+            b"8e03978e-40d5-43e8-bc93-6894a57f9324",
+            b"\"8e03978e-40d5-43e8-bc93-6894a57f9324\"",
+        ),
+        (b" order-7\t", b"\"order-7\""),
+        (b"a\\b", b" \"a\\\\b\" "),
+    ];
+    for (way, app) in creating(&runs) {
+        for (bare, quoted) in pairs {
+            let first = send(&app, request("POST", "/r", Some(bare), "{}")).await;
+            assert_eq!(
+                (first.status, first.replayed),
+                (StatusCode::OK, false),
+                "{way}"
+            );
+            let again = send(&app, request("POST", "/r", Some(quoted), "{}")).await;
+            assert_eq!((again.replayed, &again.body), (true, &first.body), "{way}");
+        }
+        let spaced = send(
+            &app,
+            request("POST", "/r", Some(b"\"a \\\"b\\\" c\""), "{}"),
+        )
+        .await;
+        assert_eq!(spaced.status, StatusCode::OK, "{way}: {}", spaced.body);
+    }
+    assert_eq!(runs.get(), 8);
+}
+
+// ===== keys on other methods than POST =====
+
+#[idempotent(scope = "global")]
+async fn echo_by_attribute(State(runs): State<Runs>, body: String) -> String {
+    format!("run {} of {body}", runs.bump())
+}
+
+async fn echo_plain(State(runs): State<Runs>, body: String) -> String {
+    format!("run {} of {body}", runs.bump())
+}
+
+/// A keyed `GET`, `DELETE`, `PUT` or `PATCH` runs once and its retry is
+/// the replay; the key sent again with `POST` is another request, 422.
+/// Alike each way.
+#[tokio::test]
+async fn a_key_on_another_method_than_post_runs_once_each_way() {
+    let runs = Runs::default();
+    let apps = both_ways(&runs, |attribute| {
+        if attribute {
+            every_method(echo_by_attribute)
+        } else {
+            every_method(echo_plain).route_layer(IdempotentLayer::new(LAYERED))
+        }
+    });
+    for (way, app) in apps {
+        for method in ["GET", "DELETE", "PUT", "PATCH"] {
+            let key = method.as_bytes();
+            let first = send(&app, request(method, "/r", Some(key), "x")).await;
+            assert_eq!(
+                (first.status, first.replayed),
+                (StatusCode::OK, false),
+                "{way} {method}"
+            );
+            let retry = send(&app, request(method, "/r", Some(key), "x")).await;
+            assert_eq!(
+                (retry.replayed, &retry.body),
+                (true, &first.body),
+                "{way} {method}"
+            );
+            let posted = send(&app, request("POST", "/r", Some(key), "x")).await;
+            assert_eq!(problem(&posted, 422).0, "key-reused", "{way} {method}");
+        }
+    }
+    assert_eq!(runs.get(), 8);
+}
