@@ -10,6 +10,8 @@
 
 mod store_support;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -19,10 +21,12 @@ use idempotent_core::key::IdempotencyKey;
 use idempotent_core::record::{Claim, Record, RecordKey, StoredResponse};
 use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{PostgresStore, SqliteStore, Store, StoreError};
+use store_support::logs::Events;
 use store_support::tables::migrated_postgres;
 use store_support::{
     Ledger, Reply, TempDb, backend_url, pay, payments_app, payments_app_on, unique_name,
 };
+use tracing::Level;
 
 const POSTGRES: &str = "IDEMPOTENT_TEST_POSTGRES_URL";
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -375,6 +379,158 @@ async fn statements_discarded_on_a_shared_connection_are_prepared_again() {
     assert!(matches!(before, Ok(Claim::Acquired(_))), "{before:?}");
     assert!(matches!(after, Ok(Claim::Acquired(_))), "{after:?}");
     assert!(matches!(completed, Some(Ok(()))), "{completed:?}");
+}
+
+/// `DISCARD ALL` on one connection of the store's pool lost the
+/// statements prepared on that connection alone, yet the first statement
+/// to meet it closed every connection idle beside it as well, and ran
+/// again on a connection opened for it. Behind PgBouncer in transaction
+/// pooling, where a statement prepared on one server connection is run
+/// on another now and then, each such refusal emptied the pool: a storm
+/// of new connections, each a login, while none of them could help. Only
+/// the connection that lost its statements is closed; the statement runs
+/// again on the next one, which opens nothing.
+#[tokio::test]
+async fn statements_lost_on_one_connection_close_that_connection_alone() {
+    let Some(url) = backend_url(POSTGRES) else {
+        return;
+    };
+    let opened = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&opened);
+    let pool = PostgresStore::pool_options()
+        .max_connections(2)
+        .after_connect(move |_, _| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { Ok(()) })
+        })
+        .connect(&url)
+        .await
+        .expect("connect");
+    let store = PostgresStore::builder(pool)
+        .table(unique_name("idem_lost_on_one"))
+        .hold_connections(0)
+        .build()
+        .expect("valid table name");
+    store.migrate().await.expect("migrate");
+    // With one connection taken, the claim runs on the other, which is
+    // then the one to lose its statements.
+    let mut other = store.pool().acquire().await.expect("a connection");
+    let before = claim(&store, "before").await;
+    let mut discarded = store
+        .pool()
+        .acquire()
+        .await
+        .expect("the claim's connection");
+    sqlx::raw_sql("DISCARD ALL")
+        .execute(&mut *discarded)
+        .await
+        .expect("discard the connection's state");
+    // Idle in this order: the claim's connection is the next one taken.
+    discarded.return_to_pool().await;
+    other.return_to_pool().await;
+    let opened_before = opened.load(Ordering::SeqCst);
+    let after = claim(&store, "after").await;
+    let opened_for_it = opened.load(Ordering::SeqCst) - opened_before;
+    let table = store.table().to_owned();
+    drop_tables(&store, &[&table]).await;
+
+    assert!(matches!(before, Ok(Claim::Acquired(_))), "{before:?}");
+    assert!(matches!(after, Ok(Claim::Acquired(_))), "{after:?}");
+    assert_eq!(
+        opened_for_it, 0,
+        "the connection idle beside the one that lost its statements was closed"
+    );
+}
+
+/// Statements the server lost (`DISCARD ALL` on a connection of the
+/// pool, or PgBouncer in transaction pooling running them on another
+/// server connection now and then) run again on another connection, and
+/// most often succeed there: the log said nothing above debug, and the
+/// operator learnt of a pooler set up so only from the requests that met
+/// it twice in a row. The first refusal is warned of, with what to
+/// change; the next ones are not, however many.
+#[tokio::test]
+async fn statements_the_server_lost_are_warned_of_once() {
+    let Some(url) = backend_url(POSTGRES) else {
+        return;
+    };
+    let (events, _guard) = Events::on_this_thread();
+    let pool = PostgresStore::pool_options()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .expect("connect");
+    let store = PostgresStore::builder(pool)
+        .table(unique_name("idem_lost_warned"))
+        .hold_connections(0)
+        .build()
+        .expect("valid table name");
+    store.migrate().await.expect("migrate");
+    let mut claims = Vec::new();
+    for key in ["first", "second", "third"] {
+        claims.push(claim(&store, key).await);
+        sqlx::raw_sql("DISCARD ALL")
+            .execute(store.pool())
+            .await
+            .expect("discard the connection's state");
+    }
+    let table = store.table().to_owned();
+    drop_tables(&store, &[&table]).await;
+
+    for claimed in &claims {
+        assert!(matches!(claimed, Ok(Claim::Acquired(_))), "{claimed:?}");
+    }
+    let warned = events.at(Level::WARN, "idempotent_core::store");
+    assert_eq!(warned.len(), 1, "{warned:#?}");
+    assert_says(
+        warned[0].message(),
+        &[
+            "DISCARD ALL",
+            "pool_mode = transaction",
+            "max_prepared_statements",
+        ],
+    );
+}
+
+/// A `statement_timeout` set for the store's role (here in the
+/// connection options) ran out while a claim waited for a lock another
+/// connection held on the table: the error said only "canceling statement
+/// due to statement timeout". It is an outage still (the lock may go),
+/// and it names the timeouts, that nothing was applied, and where to
+/// look for the lock; the key is free once the lock goes.
+#[tokio::test]
+async fn a_statement_cut_by_statement_timeout_says_what_to_look_at() {
+    let Some(url) = backend_url(POSTGRES) else {
+        return;
+    };
+    let options: sqlx::postgres::PgConnectOptions = url.parse().expect("valid URL");
+    let timed = PostgresStore::connect_with(options.options([("statement_timeout", "200")]))
+        .await
+        .expect("connect");
+    let store = PostgresStore::builder(timed.pool().clone())
+        .table(unique_name("idem_timed_out"))
+        .build()
+        .expect("valid table name");
+    store.migrate().await.expect("migrate");
+    let mut locker = store.pool().begin().await.expect("begin");
+    let lock = format!("LOCK TABLE {} IN EXCLUSIVE MODE", store.table());
+    sqlx::raw_sql(&lock)
+        .execute(&mut *locker)
+        .await
+        .expect("lock the table");
+    let cut = claim(&store, "held-up").await;
+    locker.rollback().await.expect("let the lock go");
+    let after = claim(&store, "held-up").await;
+    let table = store.table().to_owned();
+    drop_tables(&store, &[&table]).await;
+
+    let error = cut.expect_err("the claim waits longer than the statement timeout");
+    assert!(matches!(error, StoreError::Backend(_)), "{error:?}");
+    assert_says(
+        &error.to_string(),
+        &["statement_timeout", "applied none", "pg_locks"],
+    );
+    assert!(matches!(after, Ok(Claim::Acquired(_))), "{after:?}");
 }
 
 /// A server that ends idle connections (`idle_session_timeout`, set by a

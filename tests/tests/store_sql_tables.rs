@@ -11,7 +11,10 @@
 //!   request was answered with the response stored for the other;
 //! - a unique index beside the key that two records can collide on (on
 //!   `key` alone): a caller's claim failed, 503, while another caller's
-//!   record of the same key was kept.
+//!   record of the same key was kept;
+//! - (SQLite) an `expires_at` of text or real affinity: each deadline
+//!   was kept as text or a floating-point number, and no record read
+//!   back, every retry of a completed request answered 500.
 //!
 //!
 //! And tables `migrate` judged wrongly: it refused unique indexes records
@@ -197,6 +200,30 @@ async fn a_postgres_unique_index_records_can_collide_on_is_refused() {
     }
 }
 
+/// An exclusion constraint on `key` (`EXCLUDE USING btree (key WITH =)`)
+/// keeps two records of one key apart as a unique index on it does, but
+/// PostgreSQL lists its index apart from unique ones: `migrate` took the
+/// table, and the claim of one caller's key then failed for as long as
+/// another caller's record of that key was kept, answered 503 as an
+/// outage, with nothing to say what to change. One over both `scope` and
+/// `key` is kept.
+#[tokio::test]
+async fn a_postgres_exclusion_constraint_records_can_collide_on_is_refused() {
+    let constrained = |exclusion: &str| {
+        format!(
+            "{} ALTER TABLE {{table}} ADD PRIMARY KEY (scope, key);
+             ALTER TABLE {{table}} ADD CONSTRAINT {{table}}_extra EXCLUDE USING btree {exclusion};",
+            postgres_table("{table}", "text", "")
+        )
+    };
+    let Some(migrated) = postgres_migrate(&constrained("(key WITH =)"), "").await else {
+        return;
+    };
+    assert_refused(migrated, &["_extra`", "constraint", "DROP CONSTRAINT"]);
+    let kept = postgres_migrate(&constrained("(scope WITH =, key WITH =)"), "").await;
+    kept.expect("a server").expect("kept");
+}
+
 #[tokio::test]
 async fn a_sqlite_unique_index_records_can_collide_on_is_refused() {
     for index in ["(key)", "(scope, lower(key))", "(fingerprint)"] {
@@ -317,6 +344,34 @@ async fn a_sqlite_key_of_numeric_affinity_is_refused() {
     }
 }
 
+/// An `expires_at` column that SQLite gives text or real affinity
+/// (declared `TEXT`, `VARCHAR`, `REAL`, `DOUBLE`, ...), as a migration
+/// tool of the application's own may declare a deadline: SQLite kept
+/// each deadline as text or as a floating-point number, no record read
+/// back from it, and every retry of a completed request was answered
+/// 500. PostgreSQL refuses an `expires_at` of another type than `bigint`.
+#[tokio::test]
+async fn a_sqlite_deadline_kept_as_text_or_a_real_is_refused() {
+    let table = |declared: &str| {
+        format!(
+            "CREATE TABLE idempotency_records (
+                scope BLOB NOT NULL, key TEXT NOT NULL, fingerprint BLOB NOT NULL,
+                lease_token BLOB, expires_at {declared} NOT NULL, record BLOB,
+                PRIMARY KEY (scope, key)
+            );"
+        )
+    };
+    for declared in ["TEXT", "VARCHAR(20)", "REAL", "DOUBLE PRECISION", "FLOAT"] {
+        assert_refused(
+            sqlite_migrate(&table(declared)).await,
+            &["`expires_at`", declared, "INTEGER"],
+        );
+    }
+    for declared in ["INTEGER", "BIGINT", "NUMERIC", "DATETIME", ""] {
+        sqlite_migrate(&table(declared)).await.expect(declared);
+    }
+}
+
 /// Views of PostgreSQL's catalogs without the columns a server older than
 /// 12 lacks, and a `current_setting` answering `version` for
 /// `server_version_num`, in the schema `shadow`: ahead of `pg_catalog`
@@ -330,7 +385,7 @@ fn older_catalogs(shadow: &str, version: u32, index_columns: &str) -> String {
              FROM pg_catalog.pg_attribute;
          CREATE VIEW {shadow}.pg_collation AS SELECT oid, collname FROM pg_catalog.pg_collation;
          CREATE VIEW {shadow}.pg_index AS
-             SELECT indexrelid, indrelid, indisunique, indimmediate, indisvalid, indpred,
+             SELECT indexrelid, indrelid, indisunique, indisexclusion, indimmediate, indisvalid, indpred,
                     indkey, indcollation, indexprs, {index_columns}
              FROM pg_catalog.pg_index;
          CREATE FUNCTION {shadow}.current_setting(text) RETURNS text LANGUAGE sql AS

@@ -106,6 +106,19 @@ fn is_refused_on_this_connection(error: &sqlx::Error) -> bool {
     sql::error_code(error).as_deref() == Some("25006") || is_stale_statement(error)
 }
 
+/// Whether a refusal for what the connection carries (see
+/// [`is_refused_on_this_connection`]) meets the connections idle beside it
+/// too: read-only transactions, since they were opened to the same server
+/// before the failover, and a result type changed by an `ALTER TABLE`
+/// (0A000), since each prepared the statement before it. Statements lost
+/// to a `DISCARD ALL` (26000, 42P05) are that connection's alone; behind
+/// a pooler in transaction mode they are lost at random, on old and new
+/// connections alike, and closing the idle ones would only have every
+/// statement open a connection, one more login each, to no end.
+fn is_refused_on_every_connection(error: &sqlx::Error) -> bool {
+    matches!(sql::error_code(error).as_deref(), Some("25006" | "0A000"))
+}
+
 /// A random pause of up to 1 ms after the first race, doubling with each
 /// one after it up to 64 ms.
 fn race_pause(races: usize) -> Duration {
@@ -115,8 +128,8 @@ fn race_pause(races: usize) -> Duration {
 
 /// Runs `$statement` on a leased connection, and again on another while
 /// the one it ran on turns out broken, or while it is rolled back for
-/// racing a concurrent statement, and once more on a new connection when
-/// the server refused it for what its connection carries (read-only
+/// racing a concurrent statement, and once more on another connection
+/// when the server refused it for what its connection carries (read-only
 /// transactions, stale prepared statements). Every statement here is safe to
 /// run twice: claims and take-overs carry the claim's token (a claim that
 /// finds its own token acquired the key), and the rest are fenced by it
@@ -158,13 +171,18 @@ macro_rules! on_live_connection {
                 // not one per connection.
                 Err(error) if !refused_once && is_refused_on_this_connection(&error) => {
                     refused_once = true;
-                    tracing::debug!(%error, "PostgreSQL refused a statement for what its connection carries; trying a new connection");
-                    // Closed, as are the idle connections opened or
-                    // prepared with it: the next is a new one, which
-                    // reaches the primary once the failover is through,
-                    // and prepares the statement afresh.
+                    tracing::debug!(%error, "PostgreSQL refused a statement for what its connection carries; trying another connection");
+                    $store.inner.connections.warn_once_if_statements_lost(&error);
+                    let everywhere = is_refused_on_every_connection(&error);
+                    // Closed, and with it, where they carry the same, the
+                    // idle connections opened or prepared before it: the
+                    // next is then a new one, which reaches the primary
+                    // once the failover is through, and prepares the
+                    // statement afresh.
                     drop(lease.finish(Err::<(), _>(error)));
-                    $store.inner.connections.close_idle();
+                    if everywhere {
+                        $store.inner.connections.close_idle();
+                    }
                 }
                 Err(error) if retries < BROKEN_CONNECTION_RETRIES && is_rolled_back_race(&error) => {
                     retries += 1;
@@ -212,21 +230,24 @@ macro_rules! on_live_connection {
 /// connection: such a refusal applied nothing, so that the statement runs
 /// once either way. A server that stays read-only answers 503. A
 /// statement the connection had prepared that no longer matches the
-/// server runs once more on a new connection too, which prepares it
-/// afresh: an `ALTER TABLE ... TYPE` of the store's table changed its
-/// result ("cached plan must not change result type"), or something
-/// sharing the pool ran `DISCARD ALL` on the connection. Through
-/// PgBouncer, use session pooling, or PgBouncer 1.21 or later with
+/// server runs once more too: an `ALTER TABLE ... TYPE` of the store's
+/// table changed its result ("cached plan must not change result type"),
+/// which closes the idle connections as well, since each prepared it
+/// before; or something sharing the pool ran `DISCARD ALL` on the
+/// connection, which closes that connection alone. Through PgBouncer, use
+/// session pooling, or PgBouncer 1.21 or later with
 /// `max_prepared_statements` set: in transaction pooling, statements
-/// prepared on one server connection are run on another.
+/// prepared on one server connection are run on another, and the store
+/// warns of it the first time.
 ///
 /// A table changed after `migrate` accepted it is named in the error,
 /// with what to change: one that refuses the store's rows (a NOT NULL
-/// column, a CHECK, a foreign key or a unique index added, a narrower
-/// type) or lacks a column is a [`StoreError::Misconfigured`]; a column
-/// whose type changed so that a stored record no longer reads is a
-/// [`StoreError::Codec`], answered 500 `record-corrupt`, and never run
-/// again, even with `fail_open`: its request ran.
+/// column, a CHECK, a foreign key, a unique index or an exclusion
+/// constraint added, a narrower type) or lacks a column is a
+/// [`StoreError::Misconfigured`]; a column whose type changed so that a
+/// stored record no longer reads is a [`StoreError::Codec`], answered
+/// 500 `record-corrupt`, and never run again, even with `fail_open`: its
+/// request ran.
 #[derive(Clone)]
 pub struct PostgresStore {
     inner: Arc<Inner>,
@@ -419,11 +440,12 @@ impl PostgresStore {
     /// something else), with a column the store leaves empty that is `NOT
     /// NULL` without a default, with `key` compared by a
     /// nondeterministic collation (without regard to case), or with a
-    /// unique index that two records can collide on (on `key` alone), the
-    /// role may not read or write the table or use its schema, the
-    /// server's catalogs could not be read for the table (a server that
-    /// is not PostgreSQL's own), or the server takes no writes from the
-    /// role (a hot standby, `default_transaction_read_only`): each error, a
+    /// unique index or an exclusion constraint that two records can
+    /// collide on (on `key` alone), the role may not read or write the
+    /// table or use its schema, the server's catalogs could not be read
+    /// for the table (a server that is not PostgreSQL's own), or the
+    /// server takes no writes from the role (a hot standby,
+    /// `default_transaction_read_only`): each error, a
     /// [`StoreError::Misconfigured`], says what to change.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         // PostgreSQL checks the `CREATE` privilege before it looks for
@@ -1454,15 +1476,42 @@ mod tests {
         assert!(told.contains("current password"), "{told}");
     }
 
+    /// A statement the server cancelled when `statement_timeout` or
+    /// `lock_timeout` ran out was told in the server's words alone
+    /// ("canceling statement due to statement timeout"): not what it
+    /// waited for, nor where the timeout is set. An outage (503), since
+    /// the lock it waited for may go.
+    #[test]
+    fn a_cancelled_statement_names_the_timeouts_and_what_to_look_at() {
+        for code in ["57014", "55P03"] {
+            let error = statement_error(server_error(code), "records");
+            assert!(matches!(error, StoreError::Backend(_)), "{code}: {error:?}");
+            let told = error.to_string();
+            for words in [
+                "statement_timeout",
+                "lock_timeout",
+                "applied none",
+                "pg_locks",
+            ] {
+                assert!(
+                    told.contains(words),
+                    "{code}: `{words}` missing from {told}"
+                );
+            }
+        }
+    }
+
     /// What stays until someone changes the setup is a 500 that does not:
     /// among it, a table altered after `migrate` so that it refuses the
     /// store's rows (a NOT NULL column, a foreign key, a unique index, a
-    /// CHECK, a narrower type).
+    /// CHECK, an exclusion constraint, a narrower type).
     #[test]
     fn what_only_a_change_of_setup_ends_is_misconfigured() {
         use self::reachability::AcquireError;
 
-        let altered = ["23502", "23503", "23505", "23514", "22001", "22003"];
+        let altered = [
+            "23502", "23503", "23505", "23514", "23P01", "22001", "22003",
+        ];
         for code in ["42P01", "42703", "42P10", "42501"]
             .into_iter()
             .chain(altered)

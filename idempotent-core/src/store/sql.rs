@@ -209,7 +209,8 @@ pub(crate) fn check_key_collation(
 }
 
 /// Refuses the table `table` of `store` (see [`check_columns`]) when it
-/// has the unique index `colliding`: one that uses the store's columns
+/// has the unique index `colliding` (or the index of a unique or
+/// exclusion constraint of that name): one that uses the store's columns
 /// alone (as keys, in expressions or in its predicate; a column of the
 /// user's own is filled as the user decides), whose keys are not both
 /// `scope` and `key`, nor `lease_token` (random, one claim's own, and
@@ -227,7 +228,7 @@ pub(crate) fn check_unique_indexes(
         return Ok(());
     };
     let problems = format!(
-        "the unique index `{index}` is not over both `scope` and `key`: records of two callers, or of two keys, can collide on it, and every claim that meets another record there fails; drop it"
+        "the unique index or constraint `{index}` is not over both `scope` and `key`: records of two callers, or of two keys, can collide on it, and every claim that meets another record there fails; drop it (with `ALTER TABLE ... DROP CONSTRAINT` if a constraint made it)"
     );
     Err(foreign_table(table, problems, store))
 }

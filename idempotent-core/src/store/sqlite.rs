@@ -304,9 +304,10 @@ impl SqliteStore {
     /// the store's columns or its primary key on `(scope, key)` (made by
     /// something else), with a column the store leaves empty that is `NOT
     /// NULL` without a default, with `key` compared by a collation
-    /// other than `BINARY` (`NOCASE`, `RTRIM`) or of numeric affinity, or
-    /// with a unique index that two records can collide on (on `key`
-    /// alone).
+    /// other than `BINARY` (`NOCASE`, `RTRIM`) or of numeric affinity,
+    /// with `expires_at` of text or real affinity (declared `TEXT`,
+    /// `REAL`), or with a unique index that two records can collide on
+    /// (on `key` alone).
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let schema = schema_for(&self.inner.table);
         let created = while_busy(|| sqlx::raw_sql(&schema).execute(&self.inner.pool)).await;
@@ -341,7 +342,9 @@ impl SqliteStore {
     /// key, which every statement or every claim would fail on, and one
     /// whose columns or indexes would make claims fail or keys collide
     /// (see [`migrate`](Self::migrate)). Only names are compared, and
-    /// `key`'s affinity: SQLite keeps a value of any type in any column.
+    /// the affinities of `key` and `expires_at`: SQLite keeps a value of
+    /// any type in any column, converting it only by the column's
+    /// affinity.
     async fn check_columns(&self) -> Result<(), StoreError> {
         let table = &self.inner.table;
         let base = sql::base_name(table);
@@ -365,6 +368,7 @@ impl SqliteStore {
             return Ok(());
         }
         check_key_affinity(table, &found)?;
+        check_deadline_affinity(table, &found)?;
         let (base, schema) = (base.to_ascii_lowercase(), schema.as_deref());
         // Looks that fail leave it to the statements to say why.
         let required = self.required_columns(&base, schema).await;
@@ -812,13 +816,10 @@ fn mentions(text: &str, column: &str) -> bool {
 /// `123.0` would be one key, each request answered with the response
 /// stored for another.
 fn check_key_affinity(table: &str, columns: &[(String, String)]) -> Result<(), StoreError> {
-    let Some((_, declared)) = columns
-        .iter()
-        .find(|(name, _)| name.eq_ignore_ascii_case("key"))
-    else {
+    let Some(declared) = declared_type(columns, "key") else {
         return Ok(());
     };
-    if !is_numeric_affinity(declared) {
+    if matches!(affinity(declared), Affinity::Text | Affinity::Blob) {
         return Ok(());
     }
     let problems = format!(
@@ -827,18 +828,68 @@ fn check_key_affinity(table: &str, columns: &[(String, String)]) -> Result<(), S
     Err(sql::foreign_table(table, problems, "SqliteStore"))
 }
 
-/// Whether SQLite gives a column of the `declared` type INTEGER, REAL or
-/// NUMERIC affinity, by the rules of its documentation (section 3.1 of
-/// "Datatypes In SQLite"): text affinity for a type containing `CHAR`,
-/// `CLOB` or `TEXT`, blob affinity for one containing `BLOB` or none; any
-/// other is numeric (`INT` first, whatever else it contains).
-fn is_numeric_affinity(declared: &str) -> bool {
+/// Refuses an `expires_at` column, among the table's `(name, declared
+/// type)` columns, that SQLite gives text or real affinity (declared
+/// `TEXT`, `VARCHAR`, `REAL`, `DOUBLE`, ...): SQLite converts each
+/// deadline the store writes, an integer of Unix milliseconds, to text or
+/// to a floating-point number, which no record is read back from (every
+/// retry of a completed request, and every duplicate of one running,
+/// would be answered 500 `record-corrupt`), and text compares with the
+/// store's times as text, not as numbers.
+fn check_deadline_affinity(table: &str, columns: &[(String, String)]) -> Result<(), StoreError> {
+    let Some(declared) = declared_type(columns, "expires_at") else {
+        return Ok(());
+    };
+    let kept_as = match affinity(declared) {
+        Affinity::Text => "text, compared with the store's times as text",
+        Affinity::Real => "a floating-point number",
+        Affinity::Integer | Affinity::Numeric | Affinity::Blob => return Ok(()),
+    };
+    let problems = format!(
+        "`expires_at` is declared `{declared}`, under which SQLite keeps each deadline the store writes (an integer of Unix milliseconds) as {kept_as}: the store reads no record back from it, and every retry of a completed request would be answered 500; declare it `INTEGER`"
+    );
+    Err(sql::foreign_table(table, problems, "SqliteStore"))
+}
+
+/// The declared type of the column `name` among `columns`, `(name,
+/// declared type)`, if there is such a column.
+fn declared_type<'c>(columns: &'c [(String, String)], name: &str) -> Option<&'c str> {
+    (columns.iter())
+        .find(|(column, _)| column.eq_ignore_ascii_case(name))
+        .map(|(_, declared)| declared.as_str())
+}
+
+/// The type affinity SQLite gives a column, which decides what it
+/// converts a value stored in it to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Affinity {
+    Integer,
+    Text,
+    Blob,
+    Real,
+    Numeric,
+}
+
+/// The affinity of a column of the `declared` type, by the rules of
+/// SQLite's documentation (section 3.1 of "Datatypes In SQLite"), in
+/// their order: `INT` gives integer affinity, whatever else the type
+/// holds; then `CHAR`, `CLOB` or `TEXT` text affinity; `BLOB`, or no
+/// type, blob affinity; `REAL`, `FLOA` or `DOUB` real affinity; any
+/// other numeric affinity.
+fn affinity(declared: &str) -> Affinity {
     let declared = declared.to_ascii_uppercase();
-    if declared.contains("INT") {
-        return true;
+    let holds = |words: &[&str]| words.iter().any(|word| declared.contains(word));
+    if holds(&["INT"]) {
+        Affinity::Integer
+    } else if holds(&["CHAR", "CLOB", "TEXT"]) {
+        Affinity::Text
+    } else if declared.is_empty() || holds(&["BLOB"]) {
+        Affinity::Blob
+    } else if holds(&["REAL", "FLOA", "DOUB"]) {
+        Affinity::Real
+    } else {
+        Affinity::Numeric
     }
-    let textual = ["CHAR", "CLOB", "TEXT", "BLOB"];
-    !(declared.is_empty() || textual.iter().any(|word| declared.contains(word)))
 }
 
 /// SQLite's primary result code, the low byte of an extended one.
@@ -1297,6 +1348,29 @@ mod tests {
         }
         let tenant = ["tenant".to_owned()];
         assert!(!can_collide(&columns(&[""]), &tenant));
+    }
+
+    #[test]
+    fn affinities_follow_sqlites_rules_in_their_order() {
+        for (declared, expected) in [
+            ("INTEGER", Affinity::Integer),
+            ("BIGINT", Affinity::Integer),
+            // `INT` comes first, even inside `POINT`.
+            ("FLOATING POINT", Affinity::Integer),
+            ("VARCHAR(255)", Affinity::Text),
+            ("clob", Affinity::Text),
+            ("CHARINT", Affinity::Integer),
+            ("BLOB", Affinity::Blob),
+            ("", Affinity::Blob),
+            ("REAL", Affinity::Real),
+            ("DOUBLE PRECISION", Affinity::Real),
+            ("FLOAT", Affinity::Real),
+            ("NUMERIC", Affinity::Numeric),
+            ("DATETIME", Affinity::Numeric),
+            ("STRING", Affinity::Numeric),
+        ] {
+            assert_eq!(affinity(declared), expected, "{declared}");
+        }
     }
 
     #[test]

@@ -56,6 +56,9 @@ pub(super) struct Connections {
     kept: Option<Arc<Kept>>,
     /// The store's table, as configured, which statement errors name.
     table: String,
+    /// Whether the store has warned that the server lost statements it
+    /// had prepared (see [`Connections::warn_once_if_statements_lost`]).
+    told_statements_lost: AtomicBool,
 }
 
 /// Connections checked out of the sqlx pool and kept between statements.
@@ -132,7 +135,23 @@ impl Connections {
             undos: TaskTracker::new(),
             kept,
             table: table.to_owned(),
+            told_statements_lost: AtomicBool::new(false),
         }
+    }
+
+    /// Warns, the first time only, when `error` says the server lost
+    /// statements the store had prepared on a connection (SQLSTATE 26000,
+    /// 42P05). The statement runs again on another connection, and most
+    /// often succeeds there: without a word, behind a pooler in
+    /// transaction mode, which loses them now and then for as long as it
+    /// is so set up, the operator would learn of it only from the 503s of
+    /// the statements that meet it twice in a row.
+    pub(super) fn warn_once_if_statements_lost(&self, error: &sqlx::Error) {
+        let lost = matches!(sql::error_code(error).as_deref(), Some("26000" | "42P05"));
+        if !lost || self.told_statements_lost.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        tracing::warn!(%error, table = self.table, "{STATEMENTS_LOST}");
     }
 
     /// Waits for the undos of abandoned statements to finish.
@@ -181,7 +200,8 @@ impl Connections {
     /// has met a server that takes no writes (see [`close_if_stale`]):
     /// they were opened before the failover as that one was, most likely
     /// to the same server, and each would fail the next statement it
-    /// served. A statement run again after that meets a new connection,
+    /// served; so would each that prepared a statement whose result type
+    /// an `ALTER TABLE` changed since. A statement run again after that meets a new connection,
     /// unless another statement has just finished cleanly on one, which
     /// then took writes. Connections in use are closed as their
     /// statements fail.
@@ -426,14 +446,19 @@ pub(in crate::store) fn statement_error(error: sqlx::Error, table: &str) -> Stor
         // mismatch, no unique index for the claim's `ON CONFLICT`: the
         // table has another shape than the store's.
         Some("42703" | "42883" | "42804" | "42P10") => reshaped(table),
-        // A NOT NULL, foreign key, unique or CHECK constraint violated, a
-        // value too long or out of range for its column: no row the
-        // store writes has such a value unless the table was changed,
-        // and every row it writes then fails alike.
-        Some("23502" | "23503" | "23505" | "23514" | "22001" | "22003") => refusing(table),
+        // A NOT NULL, foreign key, unique, CHECK or exclusion constraint
+        // violated, a value too long or out of range for its column: no
+        // row the store writes has such a value unless the table was
+        // changed, and every row it writes then fails alike.
+        Some("23502" | "23503" | "23505" | "23514" | "23P01" | "22001" | "22003") => {
+            refusing(table)
+        }
         Some("42501") => NOT_PERMITTED.to_owned(),
         Some("25006") => return Explained::store_error(error, READ_ONLY),
         Some("26000" | "42P05") => return Explained::store_error(error, STATEMENTS_LOST),
+        // Query cancelled (`statement_timeout`, `pg_cancel_backend`), lock
+        // not available (`lock_timeout`).
+        Some("57014" | "55P03") => return Explained::store_error(error, CANCELLED),
         _ => return StoreError::backend(error),
     };
     Explained::misconfigured(error, hint)
@@ -457,7 +482,7 @@ fn reshaped(table: &str) -> String {
 /// store writes.
 fn refusing(table: &str) -> String {
     format!(
-        "the table `{table}` refuses the store's rows, as none made by `PostgresStore::migrate()` does: a column, constraint or index was added or changed since (a NOT NULL column without a default, a CHECK, a foreign key, a unique index other than on (`scope`, `key`), or a column type narrower than the store's); drop it, give the column a default, or give the column back its type in `PostgresStore::migration_sql(\"{table}\")`"
+        "the table `{table}` refuses the store's rows, as none made by `PostgresStore::migrate()` does: a column, constraint or index was added or changed since (a NOT NULL column without a default, a CHECK, a foreign key, a unique index other than on (`scope`, `key`), an exclusion constraint, or a column type narrower than the store's); drop it, give the column a default, or give the column back its type in `PostgresStore::migration_sql(\"{table}\")`"
     )
 }
 
@@ -466,6 +491,11 @@ fn refusing(table: &str) -> String {
 const NOT_PERMITTED: &str = "grant SELECT, INSERT, UPDATE and DELETE on the store's table to the role the store connects as, and USAGE on the table's schema if it is not `public` (`PostgresStore::migrate()` names what the role lacks)";
 /// What to do about a server that takes no writes (SQLSTATE 25006).
 const READ_ONLY: &str = "the server runs the store's statements read-only (a hot standby, as the old primary is during a failover, or `default_transaction_read_only = on` for the role, its database or the server): if it lasts, connect the store to the primary, or turn `default_transaction_read_only` off for the store's role";
+/// What to do about a statement the server cancelled (SQLSTATE 57014,
+/// 55P03), which applied none of it: the server's words say only which
+/// timeout ran out, not what the statement waited for or where the
+/// timeout is set.
+const CANCELLED: &str = "PostgreSQL cancelled the statement, which applied none of it: `statement_timeout` or `lock_timeout` (set for the store's role, its database, the server, or in the connection options) ran out, most likely while it waited for a lock on the store's table that another connection held (a migration's `ALTER TABLE`, a `VACUUM FULL`, `LOCK TABLE`, a long transaction that wrote the same key), or someone cancelled it (`pg_cancel_backend`); if it lasts, end what holds the lock (`pg_locks`, `pg_stat_activity`), or raise the timeout for the store's role (`ALTER ROLE ... SET statement_timeout = ...`)";
 /// What to do about prepared statements the server lost (SQLSTATE 26000,
 /// 42P05), which a new connection prepares again.
 const STATEMENTS_LOST: &str = "the server lost the statements the store had prepared on its connection: something ran `DISCARD ALL` or `DEALLOCATE` on a connection of the store's pool, or a pooler between them hands each transaction another server connection (PgBouncer with `pool_mode = transaction`); if it lasts, connect the store directly or through session pooling, or through PgBouncer 1.21 or later with `max_prepared_statements` set";

@@ -139,7 +139,9 @@ pub(super) fn inspection_sql(table: &str, catalog: Catalog) -> String {
 }
 
 /// The name of a unique index of the table `t.oid` that two records can
-/// collide on (see [`sql::check_unique_indexes`]), if there is one:
+/// collide on (see [`sql::check_unique_indexes`]), if there is one, or
+/// of an exclusion constraint's index (`EXCLUDE USING btree (key WITH
+/// =)`), which keeps records apart as a unique index does:
 /// - it depends on none of the user's own columns, neither as a key
 ///   column nor in an expression or its predicate (which `pg_depend`
 ///   records, less the `INCLUDE`d columns, which keep no record apart);
@@ -157,7 +159,7 @@ fn colliding_index(key_columns: &str, nulls_distinct: &str) -> String {
     );
     format!(
         "(SELECT x.relname::text FROM pg_index i JOIN pg_class x ON x.oid = i.indexrelid
-          WHERE i.indrelid = t.oid AND i.indisunique
+          WHERE i.indrelid = t.oid AND (i.indisunique OR i.indisexclusion)
             AND NOT EXISTS (
                 SELECT FROM pg_attribute a
                 WHERE a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped
