@@ -273,7 +273,7 @@ impl Parse for AttrOption {
                 && (fork.is_empty() || fork.peek(Token![,]))
             {
                 syn::parse::discouraged::Speculative::advance_to(input, &fork);
-                let value = Expr::Verbatim(ty.into_token_stream());
+                let value = Expr::Verbatim(ungrouped_type(ty).into_token_stream());
                 return Ok(Self(Ok(Meta::NameValue(MetaNameValue {
                     path,
                     eq_token,
@@ -281,12 +281,38 @@ impl Parse for AttrOption {
                 }))));
             }
         }
-        let meta: Meta = input.parse()?;
+        let meta = ungrouped_value(input.parse()?);
         if let Some(error) = unquoted_duration(&meta, input) {
             return Ok(Self(Err(error)));
         }
         Ok(Self(Ok(meta)))
     }
+}
+
+/// `meta` with its value read out of the invisible delimiters around a
+/// fragment that a `macro_rules!` passed in (`ttl = $ttl`, with `$ttl` an
+/// `expr` or a `literal`): syn keeps them as an `Expr::Group`, which would
+/// otherwise be refused as no literal, though the literal is right there.
+fn ungrouped_value(meta: Meta) -> Meta {
+    match meta {
+        Meta::NameValue(mut option) => {
+            while let Expr::Group(group) = option.value {
+                option.value = *group.expr;
+            }
+            Meta::NameValue(option)
+        }
+        other => other,
+    }
+}
+
+/// `ty` read out of the invisible delimiters around a fragment that a
+/// `macro_rules!` passed in (`scope = $user`, with `$user` a `ty` or a
+/// `path`), which syn keeps as a `Type::Group`.
+fn ungrouped_type(mut ty: Type) -> Type {
+    while let Type::Group(group) = ty {
+        ty = *group.elem;
+    }
+    ty
 }
 
 /// A duration written without its quotes: `24h` lexes as the integer 24
@@ -948,13 +974,17 @@ fn split_while(text: &str, keep: impl Fn(char) -> bool) -> (&str, &str) {
 }
 
 /// Why `unit`, written after `number`, is not a unit, with the fix when
-/// the unit is spelled out or capitalized. `M` is not taken for minutes:
-/// elsewhere it means months.
+/// the unit is spelled out or capitalized, or is weeks or years (written
+/// in days). `M` is not taken for minutes: elsewhere it means months.
 fn unknown_unit(number: &str, unit: &str) -> String {
     if unit.is_empty() {
         return format!("`{number}` has no unit; {UNITS}");
     }
-    let fix = match unit.to_ascii_lowercase().as_str() {
+    let lowered = unit.to_ascii_lowercase();
+    if let Some(days) = in_days(number, &lowered) {
+        return format!("`{unit}` is not a unit, write `{days}d`; {UNITS}");
+    }
+    let fix = match lowered.as_str() {
         "ms" | "msec" | "msecs" | "millis" | "millisecond" | "milliseconds" => "ms",
         "s" | "sec" | "secs" | "second" | "seconds" => "s",
         "min" | "mins" | "minute" | "minutes" => "m",
@@ -963,6 +993,19 @@ fn unknown_unit(number: &str, unit: &str) -> String {
         _ => return format!("`{unit}` is not a unit; {UNITS}"),
     };
     format!("`{unit}` is not a unit, write `{number}{fix}`; {UNITS}")
+}
+
+/// `number` weeks or years (`unit`, in lowercase) in days, a year taken
+/// as 365 of them, when that is no longer than an endpoint keeps: the
+/// largest unit is the day.
+fn in_days(number: &str, unit: &str) -> Option<u64> {
+    let days_each = match unit {
+        "w" | "wk" | "wks" | "week" | "weeks" => 7,
+        "y" | "yr" | "yrs" | "year" | "years" => 365,
+        _ => return None,
+    };
+    let days = number.parse::<u64>().ok()?.checked_mul(days_each)?;
+    (days <= LONGEST_MILLIS / 86_400_000).then_some(days)
 }
 
 fn unit_millis(unit: &str) -> Option<u64> {
@@ -1079,6 +1122,10 @@ mod tests {
         assert!(error("-5s").contains("cannot be negative"));
         assert!(error("1h -30m").contains("cannot be negative"));
         assert!(error("10_000s").contains("write `10000` for `10_000`"));
+        assert!(error("1y").contains("write `365d`"));
+        assert!(error("2 weeks").contains("write `14d`"));
+        assert!(error("1h 2W").contains("write `14d`"));
+        assert!(!error("101y").contains("write"));
     }
 
     #[test]
@@ -1122,6 +1169,45 @@ mod tests {
         );
         assert!(messages[2].contains("unknown option `tll`"), "{messages:?}");
         assert!(messages[3].contains("not `:`"), "{messages:?}");
+    }
+
+    #[test]
+    fn values_a_macro_rules_passed_in_are_read_as_written() {
+        // rustc hands a `macro_rules!` fragment (`ttl = $ttl`) to the
+        // attribute wrapped in invisible delimiters.
+        let invisible =
+            |tokens: TokenStream| proc_macro2::Group::new(proc_macro2::Delimiter::None, tokens);
+        let (ttl, user, flag, name, krate) = (
+            invisible(quote::quote!("2h")),
+            invisible(quote::quote!(auth::User)),
+            invisible(quote::quote!(true)),
+            invisible(quote::quote!("orders.create")),
+            invisible(quote::quote!(::reexport::idempotent_core)),
+        );
+        let mut errors = Errors::default();
+        let tokens = quote::quote!(ttl = #ttl, scope = #user, optional = #flag, name = #name, crate = #krate, wait = "1s");
+        let args = Args::parse(tokens, &mut errors);
+        let messages: Vec<String> = errors
+            .into_error()
+            .into_iter()
+            .flatten()
+            .map(|error| error.to_string())
+            .collect();
+        assert!(messages.is_empty(), "{messages:?}");
+        assert_eq!(args.ttl, Some(7_200_000));
+        assert!(
+            args.principal()
+                .is_some_and(|path| path.segments.len() == 2)
+        );
+        assert!(args.optional);
+        assert_eq!(
+            args.name.as_ref().map(LitStr::value).as_deref(),
+            Some("orders.create")
+        );
+        assert_eq!(
+            args.private().to_string().replace(' ', ""),
+            "::reexport::idempotent_core::__private"
+        );
     }
 
     #[test]

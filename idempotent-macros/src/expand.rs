@@ -583,10 +583,17 @@ fn principal(
             (Some(quote!(#value: #path,)), value)
         }
     };
-    let value = respan(&value, path.span());
-    let call = respan_tokens(&quote!(#private::scoped_by), path.span());
-    let scoped = quote_spanned! {path.span()=>
-        let #request = #call(#request, &#value);
+    // The call is spanned at the scope's path, so that a principal that is
+    // not an `IdempotencyScope` is reported there. Its argument is bound
+    // anew at the path too: the attribute's own binding, resolved where it
+    // is defined, is not visible to a token of a path that a
+    // `macro_rules!` passed in.
+    let span = path.span();
+    let principal = Ident::new("__idempotent_principal", span);
+    let call = respan_tokens(&quote!(#private::scoped_by), span);
+    let scoped = quote_spanned! {span=>
+        let #principal = &#value;
+        let #request = #call(#request, #principal);
     };
     (extra, Some(scoped))
 }

@@ -18,6 +18,9 @@ async fn no_unit() {}
 #[idempotent(ttl = "1M")]
 async fn months() {}
 
+#[idempotent(ttl = "2w")]
+async fn weeks() {}
+
 #[idempotent(ttl = 24)]
 async fn number() {}
 
