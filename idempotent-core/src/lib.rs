@@ -73,7 +73,9 @@
 //! attribute changes the routed function's arguments): with the `test-util`
 //! feature, `testing::MockStore::layer` gives the router an [`Idempotency`]
 //! layer on a store with a manual clock, an operation log and injected
-//! faults.
+//! faults, and `testing::TestRequest` builds the requests (a key, an API
+//! key, a JSON body) to send it with `tower::ServiceExt::oneshot` (the
+//! `tower` crate, feature `util`, as a dev-dependency).
 //!
 //! Outcomes and failures are `tracing` events: a span `idempotent` per
 //! keyed request, and an `outcome` field on each event. Nothing is printed

@@ -305,14 +305,14 @@ fn claiming_layer(key: Option<&IdempotencyKey>, extensions: &Extensions) -> Opti
 /// `route_layer` after it, which the `IdempotentLayer` then wraps; the
 /// detail cannot tell that route from one without the layer, since the
 /// request carries no trace of it), or left behind by a spawned task.
-/// Logged too: a route added after the layer answers 500 in production,
-/// where the operator reads the log, not the response; with the request's
-/// path (not its query, which may carry what the log must not), since the
-/// endpoint's name is not known here.
+/// Logged too, with the common fix: a route added after the layer
+/// answers 500 in production, where the operator reads the log, not the
+/// response; with the request's path (not its query, which may carry what
+/// the log must not), since the endpoint's name is not known here.
 fn not_configured(path: &str) -> Problem {
     tracing::error!(
         path,
-        "an idempotent endpoint was served without an `Idempotency` layer; request refused, nothing executed"
+        "an idempotent endpoint was served without an `Idempotency` layer; request refused, nothing executed: add `.layer(Idempotency::new(store))` to the Router after the `.route(...)` calls it must cover (the response's detail names the other causes)"
     );
     Problem::new(
         ProblemKind::NotConfigured,

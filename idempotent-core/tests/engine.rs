@@ -600,6 +600,12 @@ async fn a_router_without_the_layer_logs_an_error(recorder: &SpanRecorder) {
             .any(|message| message.contains("without an `Idempotency` layer")),
         "the operator is told, not only the client: {errors:?}"
     );
+    assert!(
+        errors
+            .iter()
+            .any(|message| message.contains("after the `.route(...)` calls")),
+        "the operator is told the fix, as the layer added before the route is the common cause: {errors:?}"
+    );
 }
 
 async fn a_mismatch_logs_the_endpoint_the_client_is_not_told(recorder: &SpanRecorder) {

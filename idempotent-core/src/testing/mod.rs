@@ -1,6 +1,11 @@
 //! Test utilities (feature `test-util`): a mock store for handler unit
 //! tests, a request builder to send them, and the contract suite every
 //! store passes.
+//!
+//! A test sends each [`TestRequest`] through its `Router` with
+//! `tower::ServiceExt::oneshot`, which axum does not re-export: add
+//! `tower = { version = "0.5", features = ["util"] }` to the
+//! `[dev-dependencies]`, beside this crate with `test-util`.
 
 pub mod contract;
 mod mock;
