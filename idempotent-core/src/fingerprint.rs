@@ -328,10 +328,64 @@ pub fn fingerprint<T: Serialize + ?Sized>(
 /// says what follows, as the `Option` and `Result` implementations do.
 /// Two arguments that each fed their items one by one could trade items
 /// (`[a, b]` then `[c]` would match `[a]` then `[b, c]`).
+///
+/// # Another crate's extractor
+///
+/// With the `axum-extra` feature, axum-extra's `Query`, `Form`,
+/// `OptionalQuery`, `WithRejection` and `Cached` implement this trait.
+/// For any other crate's extractor, such as a validating wrapper, Rust's
+/// orphan rule forbids implementing it yourself. Wrap that extractor in one
+/// of your own that extracts through it, and implement the trait for yours:
+///
+/// ```
+/// # mod axum_valid {
+/// #     use axum::extract::{FromRequest, Request};
+/// #     pub struct Valid<E>(pub E);
+/// #     impl<S: Send + Sync, E: FromRequest<S>> FromRequest<S> for Valid<E> {
+/// #         type Rejection = E::Rejection;
+/// #         async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+/// #             E::from_request(request, state).await.map(Valid)
+/// #         }
+/// #     }
+/// # }
+/// use axum::Json;
+/// use axum::extract::{FromRequest, Request};
+/// use axum_valid::Valid;
+/// use idempotent_core::{FingerprintError, FingerprintInput, Fingerprinter};
+/// use serde::Serialize;
+///
+/// /// A validated JSON body, fingerprinted by its `T`.
+/// struct ValidJson<T>(T);
+///
+/// impl<S: Send + Sync, T> FromRequest<S> for ValidJson<T>
+/// where
+///     Valid<Json<T>>: FromRequest<S>,
+/// {
+///     type Rejection = <Valid<Json<T>> as FromRequest<S>>::Rejection;
+///
+///     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+///         let Valid(Json(value)) = Valid::<Json<T>>::from_request(request, state).await?;
+///         Ok(Self(value))
+///     }
+/// }
+///
+/// impl<T: Serialize> FingerprintInput for ValidJson<T> {
+///     fn fingerprint_into(&self, fingerprinter: &mut Fingerprinter) -> Result<(), FingerprintError> {
+///         fingerprinter.input(&self.0).map(drop)
+///     }
+/// }
+/// ```
+///
+/// Fingerprint the same value the handler reads (here the `T`, as `Json<T>`
+/// does): a retry whose payload differs is then answered 422, not with the
+/// stored response. `#[idempotent(skip(<argument>))]` compiles too, but
+/// leaves the payload out, so such a retry would be replayed.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be part of the request fingerprint",
     label = "this argument is fingerprinted",
-    note = "implement `idempotent_core::FingerprintInput` for it (forward to `Fingerprinter::input` with a `Serialize` value), or leave it out with `#[idempotent(skip(<argument>))]`"
+    note = "if `{Self}` is defined in your crate, implement `idempotent_core::FingerprintInput` for it: forward a `Serialize` value to `Fingerprinter::input`",
+    note = "if it is another crate's, the orphan rule forbids that: wrap it in an extractor of your own whose `FromRequest` calls it, and implement `FingerprintInput` for yours (the trait's documentation shows how); for axum-extra's extractors, enable the `axum-extra` feature of idempotent-core",
+    note = "to leave the argument out of the fingerprint, use `#[idempotent(skip(<argument>))]`; a retry with another payload in it is then replayed, not answered 422"
 )]
 pub trait FingerprintInput {
     /// Feeds this argument into `fingerprinter`.
@@ -362,6 +416,56 @@ forward_inner!(
     axum::extract::Query<T>,
     axum::extract::Path<T>,
 );
+
+// axum-extra's `Query` and `Form` contribute their `T` exactly as axum's
+// do, so moving a handler from one to the other keeps the fingerprints
+// already stored: a retry sent across that deploy is still a retry.
+#[cfg(feature = "axum-extra")]
+forward_inner!(axum_extra::extract::Query<T>, axum_extra::extract::Form<T>);
+
+/// The query string as sent, `None` when the URI has none: unlike an empty
+/// one, which is `Some("")`.
+impl FingerprintInput for axum::extract::RawQuery {
+    fn fingerprint_into(&self, fingerprinter: &mut Fingerprinter) -> Result<(), FingerprintError> {
+        fingerprinter.input(&self.0).map(drop)
+    }
+}
+
+/// The form's bytes as sent, as a `Bytes` body contributes them.
+impl FingerprintInput for axum::extract::RawForm {
+    fn fingerprint_into(&self, fingerprinter: &mut Fingerprinter) -> Result<(), FingerprintError> {
+        self.0.fingerprint_into(fingerprinter)
+    }
+}
+
+/// As `Option<axum::extract::Query<T>>`: a presence flag, then the `T`.
+#[cfg(feature = "axum-extra")]
+impl<T: Serialize> FingerprintInput for axum_extra::extract::OptionalQuery<T> {
+    fn fingerprint_into(&self, fingerprinter: &mut Fingerprinter) -> Result<(), FingerprintError> {
+        fingerprinter.input(&self.0.is_some())?;
+        match &self.0 {
+            Some(query) => fingerprinter.input(query).map(drop),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The wrapped extractor's input: `WithRejection` only changes what a
+/// rejection answers, not what was extracted.
+#[cfg(feature = "axum-extra")]
+impl<E: FingerprintInput, R> FingerprintInput for axum_extra::extract::WithRejection<E, R> {
+    fn fingerprint_into(&self, fingerprinter: &mut Fingerprinter) -> Result<(), FingerprintError> {
+        self.0.fingerprint_into(fingerprinter)
+    }
+}
+
+/// The cached extractor's input: `Cached` only saves extracting it twice.
+#[cfg(feature = "axum-extra")]
+impl<T: FingerprintInput> FingerprintInput for axum_extra::extract::Cached<T> {
+    fn fingerprint_into(&self, fingerprinter: &mut Fingerprinter) -> Result<(), FingerprintError> {
+        self.0.fingerprint_into(fingerprinter)
+    }
+}
 
 impl FingerprintInput for String {
     fn fingerprint_into(&self, fingerprinter: &mut Fingerprinter) -> Result<(), FingerprintError> {
@@ -416,17 +520,22 @@ impl<T: FingerprintInput, E: 'static> FingerprintInput for Result<T, E> {
     }
 }
 
-/// Whether `rejection` is an axum body extractor's for a body that failed
-/// while it was read. A body over a size limit is not: its 413 is not
-/// stored anyway, and the handler answers it as it chooses.
+/// Whether `rejection` is an axum (or axum-extra) body extractor's for a
+/// body that failed while it was read. A body over a size limit is not:
+/// its 413 is not stored anyway, and the handler answers it as it chooses.
 fn body_unread(rejection: &dyn std::any::Any) -> bool {
     use axum::extract::rejection::{
-        BytesRejection, FailedToBufferBody, FormRejection, JsonRejection, StringRejection,
+        BytesRejection, FailedToBufferBody, FormRejection, JsonRejection, RawFormRejection,
+        StringRejection,
     };
     let unread =
         |failed: &FailedToBufferBody| matches!(failed, FailedToBufferBody::UnknownBodyError(_));
     let bytes = |rejection: &BytesRejection| match rejection {
         BytesRejection::FailedToBufferBody(failed) => unread(failed),
+        _ => false,
+    };
+    let raw_form = |rejection: &RawFormRejection| match rejection {
+        RawFormRejection::BytesRejection(inner) => bytes(inner),
         _ => false,
     };
     if let Some(rejection) = rejection.downcast_ref::<JsonRejection>() {
@@ -437,6 +546,14 @@ fn body_unread(rejection: &dyn std::any::Any) -> bool {
     }
     if let Some(rejection) = rejection.downcast_ref::<StringRejection>() {
         return matches!(rejection, StringRejection::FailedToBufferBody(failed) if unread(failed));
+    }
+    if let Some(rejection) = rejection.downcast_ref::<RawFormRejection>() {
+        return raw_form(rejection);
+    }
+    #[cfg(feature = "axum-extra")]
+    if let Some(rejection) = rejection.downcast_ref::<axum_extra::extract::FormRejection>() {
+        use axum_extra::extract::FormRejection as ExtraFormRejection;
+        return matches!(rejection, ExtraFormRejection::RawFormRejection(inner) if raw_form(inner));
     }
     rejection
         .downcast_ref::<BytesRejection>()
@@ -1649,8 +1766,15 @@ mod tests {
             outcome(
                 &axum::Form::<BTreeMap<String, String>>::from_request(failing(form), &()).await,
             ),
+            outcome(&axum::extract::RawForm::from_request(failing(form), &()).await),
         ];
-        assert_eq!(unread, [Err(true); 4]);
+        assert_eq!(unread, [Err(true); 5]);
+        #[cfg(feature = "axum-extra")]
+        {
+            use axum_extra::extract::Form;
+            let extra = Form::<BTreeMap<String, String>>::from_request(failing(form), &()).await;
+            assert_eq!(outcome(&extra), Err(true));
+        }
 
         let mut malformed = Request::new(Body::from("not json"));
         let value = http::HeaderValue::from_static("application/json");
@@ -1664,6 +1788,47 @@ mod tests {
             outcome(&String::from_request(over_limit, &()).await),
         ];
         assert_eq!(rejected, [Ok(()), Ok(())]);
+    }
+
+    fn input_fp(input: &dyn FingerprintInput) -> Fingerprint {
+        let mut fingerprinter = Fingerprinter::new("e");
+        input.fingerprint_into(&mut fingerprinter).unwrap();
+        fingerprinter.finish()
+    }
+
+    #[test]
+    fn a_raw_query_tells_no_query_from_an_empty_one() {
+        use axum::extract::RawQuery;
+        assert_ne!(
+            input_fp(&RawQuery(None)),
+            input_fp(&RawQuery(Some(String::new())))
+        );
+    }
+
+    /// Moving a handler between axum's extractor and axum-extra's keeps
+    /// the fingerprints already stored, and the wrappers add nothing.
+    #[cfg(feature = "axum-extra")]
+    #[test]
+    fn axum_extra_extractors_fingerprint_as_their_axum_counterparts() {
+        use axum_extra::extract::{Cached, OptionalQuery, WithRejection};
+        let map = || BTreeMap::from([("a", vec![1, 2])]);
+        let query = input_fp(&axum::extract::Query(map()));
+        assert_eq!(input_fp(&axum_extra::extract::Query(map())), query);
+        assert_eq!(
+            input_fp(&axum_extra::extract::Form(map())),
+            input_fp(&axum::Form(map()))
+        );
+        assert_eq!(
+            input_fp(&OptionalQuery(Some(map()))),
+            input_fp(&Some(axum::extract::Query(map())))
+        );
+        assert_eq!(
+            input_fp(&OptionalQuery::<u8>(None)),
+            input_fp(&None::<axum::extract::Query<u8>>)
+        );
+        let with_rejection = WithRejection::<_, ()>(axum::Json(map()), std::marker::PhantomData);
+        assert_eq!(input_fp(&with_rejection), input_fp(&axum::Json(map())));
+        assert_eq!(input_fp(&Cached(axum::extract::Query(map()))), query);
     }
 
     #[test]

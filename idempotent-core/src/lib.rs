@@ -92,6 +92,7 @@
 //! | `postgres` | no | `store::PostgresStore` (sqlx) |
 //! | `redis` | no | `store::RedisStore` (standalone or Cluster) |
 //! | `sqlite` | no | `store::SqliteStore` (sqlx) |
+//! | `axum-extra` | no | [`FingerprintInput`] for axum-extra's `Query`, `Form`, `OptionalQuery`, `WithRejection` and `Cached` |
 //! | `test-util` | no | `testing::MockStore` for handler tests (manual clock, operation log, injected faults, a claim held by a duplicate) and the store contract suite |
 //!
 //! [`store::MemoryStore`] and [`store::Tiered`] are always there.

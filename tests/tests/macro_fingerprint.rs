@@ -8,11 +8,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, RawForm, RawQuery, State};
 use axum::http::{Request, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Form, Json, Router};
+use axum_extra::extract::WithRejection;
 use http_body_util::BodyExt;
 use idempotent_core::store::MemoryStore;
 use idempotent_core::{IDEMPOTENT_REPLAYED, Idempotency, idempotent};
@@ -98,6 +100,58 @@ async fn note(State(runs): State<Runs>, Json(note): Json<Note>) -> String {
     format!("noted {}", note.text)
 }
 
+/// An application's own answer to a malformed body, as `WithRejection`
+/// is used for.
+struct ApiError(JsonRejection);
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        Self(rejection)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (StatusCode::BAD_REQUEST, self.0.body_text()).into_response()
+    }
+}
+
+/// A JSON body whose rejection the application answers itself.
+#[idempotent(scope = "global")]
+async fn charge_with_rejection(
+    WithRejection(Json(charge), _): WithRejection<Json<Charge>, ApiError>,
+) -> String {
+    format!("charged {}", charge.amount)
+}
+
+/// axum-extra's query, which reads repeated keys into a `Vec`.
+#[idempotent(scope = "global")]
+async fn extra_query(
+    axum_extra::extract::Query(filters): axum_extra::extract::Query<HashMap<String, Vec<String>>>,
+) -> String {
+    format!("{} filters", filters.len())
+}
+
+/// axum-extra's form.
+#[idempotent(scope = "global")]
+async fn extra_form(
+    axum_extra::extract::Form(fields): axum_extra::extract::Form<HashMap<String, String>>,
+) -> String {
+    format!("{} fields", fields.len())
+}
+
+/// The query string as sent.
+#[idempotent(scope = "global")]
+async fn raw_query(RawQuery(query): RawQuery) -> String {
+    format!("{query:?}")
+}
+
+/// The form body as sent.
+#[idempotent(scope = "global")]
+async fn raw_form(RawForm(form): RawForm) -> String {
+    format!("{} bytes", form.len())
+}
+
 fn app() -> Router {
     Router::new()
         .route("/charge", post(charge))
@@ -108,6 +162,11 @@ fn app() -> Router {
         .route("/limits", post(limits))
         .route("/labels", post(labels))
         .route("/note", post(note))
+        .route("/charge-with-rejection", post(charge_with_rejection))
+        .route("/extra-query", post(extra_query))
+        .route("/extra-form", post(extra_form))
+        .route("/raw-query", post(raw_query))
+        .route("/raw-form", post(raw_form))
         .with_state(Runs::default())
         .layer(Idempotency::new(MemoryStore::new()))
 }
@@ -333,4 +392,58 @@ async fn an_input_that_cannot_be_serialized_runs_nothing_and_claims_nothing() {
     let fixed = send(&app, json("/note", "k", r#"{"text":"hi"}"#)).await;
     assert_eq!(fixed, ran("noted hi"));
     assert_eq!(runs.0.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_json_body_with_its_own_rejection_is_fingerprinted() {
+    let app = app();
+    let uri = "/charge-with-rejection";
+    let first = send(&app, json(uri, "k", r#"{"amount":10}"#)).await;
+    assert_eq!(first, ran("charged 10"));
+    let other = send(&app, json(uri, "k", r#"{"amount":1000}"#)).await;
+    assert_eq!(
+        other,
+        Answer::KeyReused,
+        "the handler would have charged 1000"
+    );
+    let retry = send(&app, json(uri, "k", r#"{ "amount": 10 }"#)).await;
+    assert_eq!(retry, replayed("charged 10"));
+}
+
+#[tokio::test]
+async fn axum_extra_query_and_form_are_fingerprinted() {
+    let app = app();
+    let first = send(&app, text("/extra-query?tag=a&tag=b", "k", "")).await;
+    assert_eq!(first, ran("1 filters"));
+    let other = send(&app, text("/extra-query?tag=a", "k", "")).await;
+    assert_eq!(other, Answer::KeyReused);
+    let retry = send(&app, text("/extra-query?tag=%61&tag=b", "k", "")).await;
+    assert_eq!(retry, replayed("1 filters"));
+
+    let first = send(&app, form("/extra-form", "k2", "a=1&b=2")).await;
+    assert_eq!(first, ran("2 fields"));
+    let other = send(&app, form("/extra-form", "k2", "a=1&b=3")).await;
+    assert_eq!(other, Answer::KeyReused);
+    let retry = send(&app, form("/extra-form", "k2", "b=2&a=1")).await;
+    assert_eq!(retry, replayed("2 fields"));
+}
+
+#[tokio::test]
+async fn a_raw_query_and_a_raw_form_are_fingerprinted_as_sent() {
+    let app = app();
+    let first = send(&app, text("/raw-query?a=1", "k", "")).await;
+    assert_eq!(first, ran(r#"Some("a=1")"#));
+    let other = send(&app, text("/raw-query?a=2", "k", "")).await;
+    assert_eq!(other, Answer::KeyReused);
+    let none = send(&app, text("/raw-query", "k", "")).await;
+    assert_eq!(none, Answer::KeyReused);
+    let retry = send(&app, text("/raw-query?a=1", "k", "")).await;
+    assert_eq!(retry, replayed(r#"Some("a=1")"#));
+
+    let first = send(&app, form("/raw-form", "k2", "a=1")).await;
+    assert_eq!(first, ran("3 bytes"));
+    let other = send(&app, form("/raw-form", "k2", "a=2")).await;
+    assert_eq!(other, Answer::KeyReused);
+    let retry = send(&app, form("/raw-form", "k2", "a=1")).await;
+    assert_eq!(retry, replayed("3 bytes"));
 }
