@@ -1193,7 +1193,8 @@ pub(crate) async fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Outp
 /// [`Idempotency::drain`](crate::Idempotency::drain): the handler never
 /// ran, and the release is fenced by the token, so it frees the key only
 /// if this claim still holds it (and a store's own hold on it, such as
-/// [`Tiered`](crate::store::Tiered)'s cache, which never lapses by itself).
+/// [`Tiered`](crate::store::Tiered)'s cache, which would otherwise stay
+/// until its lease lapsed).
 struct Unsettled<'a> {
     engine: &'a Engine,
     token: Option<LeaseToken>,

@@ -545,6 +545,13 @@ impl Inner {
         let (id, cell) = self.cell_of(key);
         let mut shard = cell.lock();
         let state = state(&mut shard);
+        // Holds pile up as claims do (see `Shard::in_flight`), and a cache
+        // never claims: it looks for lapsed ones as it takes new ones.
+        if matches!(state, State::InFlight(_))
+            && shard.in_flight >= shard.sweep_at.max(MIN_SWEEP_AT)
+        {
+            drop_lapsed(&mut shard, self.now());
+        }
         let completed = match &state {
             State::Completed(encoded) => {
                 Some((Completed::encoded_expires_at(encoded), weight(encoded)))
@@ -600,16 +607,44 @@ impl Inner {
         }
     }
 
-    /// Records that this process holds `key` under `token`, as decided
-    /// elsewhere, so that [`complete`](Self::complete) can keep its result.
-    pub(super) fn hold(&self, key: &RecordKey, token: LeaseToken, fingerprint: Fingerprint) {
+    /// Records that this process holds `key` under `token` for `lease`, as
+    /// decided elsewhere, so that [`complete`](Self::complete) can keep its
+    /// result. The durable store decides who holds the key; the hold's own
+    /// lease (renewed with the durable one, see [`renew`](Self::renew))
+    /// only lets it go as the store's claims go once it lapsed: a run cut
+    /// short (its task dropped) neither completes nor releases it, and held
+    /// for good, each took memory outside the budget until its key came
+    /// back.
+    pub(super) fn hold(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) {
         let held = InFlight {
             fingerprint,
             lease_token: token,
-            // The durable store decides when the lease lapses.
-            lease_expires_at: u64::MAX,
+            lease_expires_at: self.now().saturating_add(millis(lease)),
         };
         self.put(key, |_| State::InFlight(Box::new(held)));
+    }
+
+    /// Moves the lease of the in-flight record held by `token` to
+    /// `expires_at`, unless a renewal already moved it later.
+    pub(super) fn renew(
+        &self,
+        key: &RecordKey,
+        token: LeaseToken,
+        expires_at: u64,
+    ) -> Result<(), StoreError> {
+        let (id, mut shard) = self.locate(key);
+        let slot = shard.table.find_mut(id[0], |slot| slot.id == id);
+        let slot = slot.ok_or(StoreError::LeaseLost)?;
+        let held = slot.state.held_by(token).ok_or(StoreError::LeaseLost)?;
+        // A renewal made before one already applied never moves it back.
+        held.lease_expires_at = held.lease_expires_at.max(expires_at);
+        Ok(())
     }
 
     /// Keeps a completed record decided elsewhere, until its own deadline.
@@ -780,13 +815,7 @@ impl Store for MemoryStore {
         lease: Duration,
     ) -> Result<(), StoreError> {
         let expires = self.inner.now().saturating_add(millis(lease));
-        let (id, mut shard) = self.inner.locate(key);
-        let slot = shard.table.find_mut(id[0], |slot| slot.id == id);
-        let slot = slot.ok_or(StoreError::LeaseLost)?;
-        let held = slot.state.held_by(token).ok_or(StoreError::LeaseLost)?;
-        // A renewal made before one already applied never moves it back.
-        held.lease_expires_at = held.lease_expires_at.max(expires);
-        Ok(())
+        self.inner.renew(key, token, expires)
     }
 
     async fn complete(
@@ -1257,15 +1286,15 @@ mod tests {
         let released = claimed(&store, "released", LEASE);
         inner.release(&key("released"), released).unwrap();
         claimed(&store, "lapsed", LEASE);
-        inner.hold(&key("held"), LeaseToken::random(), FINGERPRINT);
-        inner.hold(&key("held-twice"), LeaseToken::random(), FINGERPRINT);
-        inner.hold(&key("held-twice"), LeaseToken::random(), FINGERPRINT);
+        inner.hold(&key("held"), LeaseToken::random(), FINGERPRINT, LEASE);
+        inner.hold(&key("held-twice"), LeaseToken::random(), FINGERPRINT, LEASE);
+        inner.hold(&key("held-twice"), LeaseToken::random(), FINGERPRINT, LEASE);
         let cached = Completed {
             fingerprint: FINGERPRINT,
             response: response(1),
             expires_at: 1_000_000,
         };
-        inner.hold(&key("remembered"), LeaseToken::random(), FINGERPRINT);
+        inner.hold(&key("remembered"), LeaseToken::random(), FINGERPRINT, LEASE);
         inner.remember(&key("remembered"), &cached);
         clock.advance(LEASE);
         // Taking over a lapsed claim and an expired record.

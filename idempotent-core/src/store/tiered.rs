@@ -152,7 +152,7 @@ impl<D: Store> Tiered<D> {
 /// The cache's hold on a key this process claimed. Dropped without
 /// [`keep`](Self::keep), because the durable store refused the record or
 /// the call was cut short (the engine's store timeout), it releases the
-/// key: nothing else would, since the hold never lapses by itself.
+/// key at once, rather than leave it until its lease lapses.
 struct Hold<'a> {
     cache: Option<&'a Inner>,
     key: &'a RecordKey,
@@ -202,7 +202,7 @@ impl<D: Store> Store for Tiered<D> {
         };
         match &claim {
             Claim::Completed(record) => self.cache.inner().remember(key, record),
-            Claim::Acquired(token) => self.cache.inner().hold(key, *token, fingerprint),
+            Claim::Acquired(token) => self.cache.inner().hold(key, *token, fingerprint, lease),
             Claim::InFlight { .. } => {}
         }
         Ok(claim)
@@ -214,7 +214,14 @@ impl<D: Store> Store for Tiered<D> {
         token: LeaseToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        self.durable.renew(key, token, lease).await
+        // Read before the durable write, so the hold never outlasts the
+        // durable lease by more than the time the renewal took.
+        let expires_at = self.clock.now_millis().saturating_add(millis(lease));
+        self.durable.renew(key, token, lease).await?;
+        // A hold already gone (lapsed, or the key taken over) only costs
+        // the completion its place in the cache.
+        let _ = self.cache.inner().renew(key, token, expires_at);
+        Ok(())
     }
 
     async fn complete(
@@ -309,6 +316,61 @@ mod tests {
             "the durable write answers after the timeout"
         );
         assert_eq!(store.cache.in_flight_len(), 0, "the hold outlived its call");
+    }
+
+    fn named(name: &str) -> RecordKey {
+        RecordKey::new(
+            ScopeDigest::global(),
+            IdempotencyKey::parse(name.as_bytes()).unwrap(),
+        )
+    }
+
+    /// A run cut short (its task dropped, as by a runtime that ended
+    /// without `Idempotency::drain`) neither completes nor releases its
+    /// claim. The cache's hold on it must lapse with the durable lease,
+    /// as the memory store's own claims do, and go once such holds pile
+    /// up: held for good, each took memory outside the byte budget until
+    /// its key came back, which a key that never comes back never does.
+    #[tokio::test]
+    async fn the_holds_of_runs_cut_short_go_once_their_lease_lapsed() {
+        let durable = MockStore::new();
+        // One shard, which sweeps once 64 claims are in flight.
+        let store = Tiered::builder(durable.clone())
+            .max_bytes(1024 * 1024)
+            .build();
+        for i in 0..100 {
+            let claimed = store
+                .claim(&named(&format!("cut{i}")), FINGERPRINT, LEASE)
+                .await;
+            assert!(matches!(claimed, Ok(Claim::Acquired(_))), "{claimed:?}");
+        }
+        let renewed = named("renewed");
+        let Ok(Claim::Acquired(token)) = store.claim(&renewed, FINGERPRINT, LEASE).await else {
+            panic!("a new key is acquired");
+        };
+        durable.advance(LEASE / 2);
+        store.renew(&renewed, token, LEASE).await.unwrap();
+        durable.advance(LEASE / 2);
+        for i in 0..100 {
+            let claimed = store
+                .claim(&named(&format!("live{i}")), FINGERPRINT, LEASE)
+                .await;
+            assert!(matches!(claimed, Ok(Claim::Acquired(_))), "{claimed:?}");
+        }
+        assert_eq!(
+            store.cache.in_flight_len(),
+            101,
+            "the holds of the runs cut short stayed after their lease lapsed"
+        );
+        store
+            .complete(&renewed, token, paid(), LEASE)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.cached_len(),
+            1,
+            "the renewed claim's hold was dropped"
+        );
     }
 
     fn paid() -> StoredResponse {

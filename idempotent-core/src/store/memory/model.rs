@@ -75,9 +75,11 @@ enum Op {
         lease: Duration,
     },
     /// What [`Tiered`](crate::store::Tiered) does when its durable tier
-    /// gives this process a claim: hold the key, whatever the table held.
+    /// gives this process a claim: hold the key for a lease, whatever the
+    /// table held.
     Hold {
         key: usize,
+        lease: Duration,
     },
     /// What [`Tiered`](crate::store::Tiered) does with a record its durable
     /// tier holds: keep it until its own deadline, this far from now
@@ -134,7 +136,7 @@ fn any_op() -> impl Strategy<Value = Op> {
         3 => key.clone().prop_map(|key| Op::Get { key }),
         1 => (1..MIN_SWEEP_AT + 8, any_duration())
             .prop_map(|(count, lease)| Op::Abandon { count, lease }),
-        1 => key.clone().prop_map(|key| Op::Hold { key }),
+        1 => (key.clone(), any_duration()).prop_map(|(key, lease)| Op::Hold { key, lease }),
         1 => (key, any_duration(), any::<bool>(), any_body()).prop_map(
             |(key, deadline, past, body)| Op::Remember { key, deadline, past, body }
         ),
@@ -318,7 +320,7 @@ impl Model {
                     self.claim(key, fingerprint(7), *lease);
                 }
             }
-            Op::Hold { key } => self.hold(*key),
+            Op::Hold { key, lease } => self.hold(*key, *lease),
             Op::Remember {
                 key,
                 deadline,
@@ -477,16 +479,16 @@ impl Model {
         );
     }
 
-    fn hold(&mut self, key: usize) {
+    fn hold(&mut self, key: usize, lease: Duration) {
         let token = LeaseToken::random();
         self.store
             .inner
-            .hold(&record_key(key), token, fingerprint(3));
+            .hold(&record_key(key), token, fingerprint(3), lease);
         self.issued.entry(key).or_default().push(token);
         let held = InFlight {
             fingerprint: fingerprint(3),
             lease_token: token,
-            lease_expires_at: u64::MAX,
+            lease_expires_at: self.now().saturating_add(millis(lease)),
         };
         self.held.insert(key, Held::InFlight(held));
     }
