@@ -59,7 +59,7 @@ const RETRY_AFTER_SECS: u64 = 1;
 const NOT_STORED: &str =
     "the response could not be stored; a retry after the lease lapses runs again";
 /// What a run cut short before it settled its claim logs (see [`Unfinished`]).
-const CUT_SHORT: &str = "the run was cut short before it stored its response or released its key: its task was dropped (a runtime that ended before `Idempotency::drain` was awaited: await it once the server stops), or it panicked outside the handler; the key stays claimed until its lease lapses, and a retry after that runs the request again. `handler` says how far it got: `running` (it may have acted, in part or in full), `answered` (it finished, answering `status`: whatever it did is done, but its response was not stored nor its key released), `panicked`";
+const CUT_SHORT: &str = "the run was cut short before it stored its response or released its key: its task was dropped (a runtime that ended before `Idempotency::drain` was awaited: await it once the server stops; or a request dropped outside a tokio runtime, where the rest of its run could not go on), or it panicked outside the handler; the key stays claimed until its lease lapses, and a retry after that runs the request again. `handler` says how far it got: `running` (it may have acted, in part or in full), `answered` (it finished, answering `status`: whatever it did is done, but its response was not stored nor its key released), `panicked`";
 /// Pauses before storing a response again after a store error: a
 /// connection that broke is usually back within them, and the first
 /// caller's response waits for them.
@@ -1244,7 +1244,9 @@ enum Ran {
 /// A claimed run that has not stored its response or released its key
 /// yet. Dropped before [`settled`](Self::settled), the run was cut short:
 /// its task was dropped (a runtime that shut down without
-/// [`Idempotency::drain`](crate::Idempotency::drain)), or it panicked
+/// [`Idempotency::drain`](crate::Idempotency::drain), or a request dropped
+/// outside a tokio runtime, where [`Detachable`] cannot spawn the rest),
+/// or it panicked
 /// outside the handler. Nothing else then tells the operator, who must
 /// reconcile the key: it stays claimed until its lease lapses, a retry
 /// after that runs the request again, and whether the side effect
@@ -1378,9 +1380,9 @@ impl Drop for Detachable {
                 let rest = async move { drop(rest.await) };
                 drop(self.tracked.task_tracker().spawn_on(rest, &runtime));
             }
-            Err(_) => tracing::error!(
-                "request dropped outside a tokio runtime; its outcome is lost until the lease lapses"
-            ),
+            // Nothing to run the rest on: dropped here, its `Unfinished`
+            // logs it as `cut_short`, with its endpoint and key.
+            Err(_) => drop(pipeline),
         }
     }
 }
@@ -1424,12 +1426,8 @@ mod tests {
         }
     }
 
-    /// What a subscriber at `level` writes of a request whose handler
-    /// answers `status` and whose future is dropped while the handler
-    /// runs (the client went away), so that the rest of its run is
-    /// spawned. Polled inside the caller's span, `request{id=7}`, entered
-    /// only around the poll, as `tower_http::trace` enters its span.
-    fn log_of_a_request_dropped_mid_handler(level: tracing::Level, status: StatusCode) -> String {
+    /// What a subscriber at `level` writes while `logging` runs.
+    fn log_of(level: tracing::Level, logging: impl FnOnce()) -> String {
         let lines = Lines::default();
         let written = lines.clone();
         let subscriber = tracing_subscriber::fmt()
@@ -1437,11 +1435,45 @@ mod tests {
             .with_ansi(false)
             .with_writer(move || written.clone())
             .finish();
-        let _default = tracing::subscriber::set_default(subscriber);
-        let runtime = tokio::runtime::Builder::new_current_thread()
+        tracing::subscriber::with_default(subscriber, logging);
+        let lines = lines
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        String::from_utf8_lossy(&lines).into_owned()
+    }
+
+    fn current_thread_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .expect("a runtime");
+            .expect("a runtime")
+    }
+
+    /// A keyed request to the endpoint `pay` on `idempotency`.
+    fn keyed_request(idempotency: &Idempotency) -> IdempotentRequest {
+        IdempotentRequest {
+            idempotency: idempotency.clone(),
+            key: Some(IdempotencyKey::parse(b"k").expect("a valid key")),
+            scope: ScopeSource::Resolved(Ok(ScopeDigest::global())),
+            exact: None,
+            route: None,
+            method: None,
+            input_rejected: false,
+        }
+    }
+
+    /// What a subscriber at `level` writes of a request whose handler
+    /// answers `status` and whose future is dropped while the handler
+    /// runs (the client went away), so that the rest of its run is
+    /// spawned. Polled inside the caller's span, `request{id=7}`, entered
+    /// only around the poll, as `tower_http::trace` enters its span.
+    fn log_of_a_request_dropped_mid_handler(level: tracing::Level, status: StatusCode) -> String {
+        log_of(level, || request_dropped_mid_handler(status))
+    }
+
+    fn request_dropped_mid_handler(status: StatusCode) {
+        let runtime = current_thread_runtime();
         let idempotency = Idempotency::new(MemoryStore::new());
         runtime.block_on(async {
             let (release, released) = tokio::sync::oneshot::channel::<()>();
@@ -1449,15 +1481,7 @@ mod tests {
                 drop(released.await);
                 status.into_response()
             });
-            let request = IdempotentRequest {
-                idempotency: idempotency.clone(),
-                key: Some(IdempotencyKey::parse(b"k").expect("a valid key")),
-                scope: ScopeSource::Resolved(Ok(ScopeDigest::global())),
-                exact: None,
-                route: None,
-                method: None,
-                input_rejected: false,
-            };
+            let request = keyed_request(&idempotency);
             let caller = tracing::info_span!("request", id = 7);
             let fingerprint = Ok(Fingerprint::from_bytes([0; 32]));
             let mut response = {
@@ -1470,11 +1494,37 @@ mod tests {
             release.send(()).expect("the run waits for its handler");
             idempotency.drain().await;
         });
-        let lines = lines
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        String::from_utf8_lossy(&lines).into_owned()
+    }
+
+    /// A run dropped outside a runtime, where the rest of it cannot be
+    /// spawned, is one event, not two: its `cut_short`, which names the
+    /// endpoint, the key and how far the handler got.
+    #[test]
+    fn a_run_dropped_outside_a_runtime_is_logged_once() {
+        let lines = log_of(tracing::Level::INFO, || {
+            let runtime = current_thread_runtime();
+            let idempotency = Idempotency::new(MemoryStore::new());
+            let (_release, released) = tokio::sync::oneshot::channel::<()>();
+            let handler: Handler = Box::pin(async move {
+                drop(released.await);
+                StatusCode::CREATED.into_response()
+            });
+            let request = keyed_request(&idempotency);
+            let fingerprint = Ok(Fingerprint::from_bytes([0; 32]));
+            let endpoint = Endpoint::new("pay");
+            let mut response = Box::pin(run(request, &endpoint, fingerprint, handler));
+            let polled = runtime.block_on(poll_once(&mut response));
+            assert!(polled.is_pending());
+            // Outside `block_on`: no runtime is current.
+            drop(response);
+        });
+        let errors: Vec<&str> = lines
+            .lines()
+            .filter(|line| line.contains("ERROR"))
+            .collect();
+        assert_eq!(errors.len(), 1, "{lines}");
+        assert!(errors[0].contains("outcome=\"cut_short\""), "{lines}");
+        assert!(errors[0].contains("handler=\"running\""), "{lines}");
     }
 
     /// The line of `lines` with `outcome`.

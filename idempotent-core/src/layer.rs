@@ -108,10 +108,11 @@ pub(crate) struct Claimed(pub(crate) &'static str);
 ///   `GET` with one key is the `GET`'s replay (axum drops its body), and
 ///   a `GET` after a `HEAD` the replay of the `GET` handler's whole
 ///   response that the `HEAD` ran. A `HEAD`'s response without a body is
-///   not stored, so the `GET` after it runs: this layer cannot tell it
-///   from one an explicit `head` handler made, or one axum already took
-///   the body off (around a whole `Router`), which replayed to a `GET`
-///   would be an empty body;
+///   not stored, so the `GET` after it runs: it may be an explicit `head`
+///   handler's, or one axum already took the body off (a layer around a
+///   whole `Router`), which replayed to a `GET` would be an empty body
+///   (so a `GET` handler's own empty answer to a `HEAD` is not stored
+///   either);
 /// - the URI's path as this layer sees it (without a nested router's
 ///   prefix), byte for byte: `%7E` is not `~`;
 /// - the matched route's path parameters, names and decoded values, a
@@ -315,7 +316,7 @@ where
         Err(error) => {
             let problem = unread(&*error, config.max_request_bytes);
             if problem.kind() == ProblemKind::UnreadableBody {
-                log_cut_short(&idempotent, &config.endpoint, &*error);
+                log_unread_body(&idempotent, &config.endpoint, &*error);
             }
             return problem.into_response();
         }
@@ -377,7 +378,7 @@ fn raw_fingerprint(
 ) -> Result<Fingerprint, FingerprintError> {
     let mut fingerprinter = endpoint.fingerprinter();
     fingerprinter
-        .input(fingerprinted_method(&parts.method))?
+        .input(fingerprinted_method(&parts.method).as_str())?
         .input(parts.uri.path())?
         .input(&parts.uri.query())?
         .input(body)?;
@@ -455,7 +456,7 @@ fn unread(error: &(dyn std::error::Error + 'static), limit: usize) -> Problem {
 /// one the attribute's extractor could not read: not the client's choice
 /// (a dropped connection, a proxy's timeout), and a run of them is the
 /// trace of a network problem in front of the service.
-fn log_cut_short(
+fn log_unread_body(
     idempotent: &IdempotentRequest,
     endpoint: &Endpoint,
     error: &(dyn std::error::Error + 'static),

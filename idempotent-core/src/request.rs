@@ -147,6 +147,10 @@ impl IdempotentRequest {
     /// request fixed runs): answer such a rejection before calling `run`,
     /// which then claims nothing.
     ///
+    /// An [`Idempotent-Replayed`](crate::IDEMPOTENT_REPLAYED) header the
+    /// future's response sets itself is removed, keyed or not: only a
+    /// replay carries it, set by the engine.
+    ///
     /// Beneath an [`IdempotentLayer`](crate::IdempotentLayer), which claimed
     /// the key already, a keyed request is answered 500 (`not-configured`):
     /// a route takes one or the other.
@@ -251,12 +255,7 @@ pub(crate) fn method_binding(method: &Method, keyed: bool) -> Option<Box<Method>
     if !keyed || *method == Method::POST {
         return None;
     }
-    let bound = if *method == Method::HEAD {
-        Method::GET
-    } else {
-        method.clone()
-    };
-    Some(Box::new(bound))
+    Some(Box::new(fingerprinted_method(method).clone()))
 }
 
 /// The method as a fingerprint names it: `HEAD` as `GET`, which axum
@@ -267,11 +266,12 @@ pub(crate) fn method_binding(method: &Method, keyed: bool) -> Option<Box<Method>
 /// `HEAD`'s run produced, under the attribute and `IdempotentLayer`
 /// alike (the layer stores no `HEAD`'s response without a body: see its
 /// `unstored_if_bodiless`).
-pub(crate) fn fingerprinted_method(method: &Method) -> &str {
+pub(crate) fn fingerprinted_method(method: &Method) -> &Method {
+    static GET: Method = Method::GET;
     if *method == Method::HEAD {
-        "GET"
+        &GET
     } else {
-        method.as_str()
+        method
     }
 }
 

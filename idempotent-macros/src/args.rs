@@ -1147,6 +1147,12 @@ mod tests {
         assert!(status_range("é").is_err());
     }
 
+    /// The messages of the errors `errors` collected, in order.
+    fn messages(errors: Errors) -> Vec<String> {
+        let errors = errors.into_error().into_iter().flatten();
+        errors.map(|error| error.to_string()).collect()
+    }
+
     #[test]
     fn an_option_without_its_equals_sign_is_read_all_the_same() {
         let mut errors = Errors::default();
@@ -1155,12 +1161,7 @@ mod tests {
         assert_eq!(args.ttl, Some(7_200_000));
         assert!(matches!(args.scope, Some(Scope::Global)));
         assert_eq!(args.lease, Some(86_400_000));
-        let messages: Vec<String> = errors
-            .into_error()
-            .into_iter()
-            .flatten()
-            .map(|error| error.to_string())
-            .collect();
+        let messages = messages(errors);
         assert_eq!(messages.len(), 4, "{messages:?}");
         assert!(messages[0].contains("write `ttl = \"2h\"`"), "{messages:?}");
         assert!(
@@ -1187,12 +1188,7 @@ mod tests {
         let mut errors = Errors::default();
         let tokens = quote::quote!(ttl = #ttl, scope = #user, optional = #flag, name = #name, crate = #krate, wait = "1s");
         let args = Args::parse(tokens, &mut errors);
-        let messages: Vec<String> = errors
-            .into_error()
-            .into_iter()
-            .flatten()
-            .map(|error| error.to_string())
-            .collect();
+        let messages = messages(errors);
         assert!(messages.is_empty(), "{messages:?}");
         assert_eq!(args.ttl, Some(7_200_000));
         assert!(

@@ -167,11 +167,13 @@ async fn a_head_and_a_get_with_one_key_are_one_request_under_the_attribute_and_t
         assert_eq!(
             (
                 head_after_post.status,
-                head_after_post.header("content-type")
+                head_after_post.header("content-type"),
+                head_after_post.body.as_str()
             ),
             (
                 StatusCode::UNPROCESSABLE_ENTITY,
-                Some("application/problem+json")
+                Some("application/problem+json"),
+                ""
             ),
             "{way}"
         );

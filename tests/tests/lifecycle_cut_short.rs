@@ -4,6 +4,7 @@
 //! stored. The key stays claimed until its lease lapses and a retry after
 //! that runs the request again; the operator, who must reconcile it, is
 //! told once, with the endpoint, the key, and how far the handler got.
+//! A run that settles its claim, however it ends, is not cut short.
 
 #[path = "../../idempotent-core/tests/support/events.rs"]
 mod events;
@@ -20,7 +21,7 @@ use events::{Events, Logged};
 use idempotent_core::record::RecordKey;
 use idempotent_core::scope::ScopeDigest;
 use idempotent_core::testing::{MockStore, OpKind};
-use idempotent_core::{IdempotencyKey, idempotent};
+use idempotent_core::{Idempotency, IdempotencyKey, idempotent};
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
@@ -58,15 +59,26 @@ async fn charge(State(gate): State<Gate>, Json(amount): Json<u64>) -> (StatusCod
     (StatusCode::CREATED, format!("charged {amount}"))
 }
 
-fn app(store: &MockStore, gate: &Gate) -> Router {
+/// Panics, after which the engine releases the key and logs `released`.
+#[idempotent(scope = "global")]
+async fn refuse(Json(amount): Json<u64>) -> StatusCode {
+    panic!("the charge of {amount} was refused");
+}
+
+fn app(idempotency: &Idempotency, gate: &Gate) -> Router {
     Router::new()
         .route("/charges", post(charge))
+        .route("/refusals", post(refuse))
         .with_state(gate.clone())
-        .layer(store.layer())
+        .layer(idempotency.clone())
 }
 
 async fn send(app: Router) -> StatusCode {
-    let request = Request::post("/charges")
+    send_to(app, "/charges").await
+}
+
+async fn send_to(app: Router, uri: &str) -> StatusCode {
+    let request = Request::post(uri)
         .header("content-type", "application/json")
         .header("idempotency-key", KEY)
         .body(Body::from("7"))
@@ -110,7 +122,7 @@ fn the_one_cut_short(events: &[Logged]) -> &Logged {
 fn a_run_cut_short_while_its_handler_runs_is_logged_as_running() {
     let (events, _guard) = Events::on_this_thread();
     let (store, gate) = (MockStore::new(), Gate::closed());
-    let app = app(&store, &gate);
+    let app = app(&store.layer(), &gate);
     let runtime = runtime();
     runtime.block_on(async {
         let first = tokio::spawn(send(app));
@@ -133,7 +145,7 @@ fn a_run_cut_short_while_its_handler_runs_is_logged_as_running() {
 fn a_response_still_being_stored_when_cut_short_is_logged_with_its_status() {
     let (events, _guard) = Events::on_this_thread();
     let (store, gate) = (MockStore::new(), Gate::closed());
-    let app = app(&store, &gate);
+    let app = app(&store.layer(), &gate);
     let runtime = runtime();
     runtime.block_on(async {
         store.fail_every(OpKind::Complete);
@@ -146,4 +158,40 @@ fn a_response_still_being_stored_when_cut_short_is_logged_with_its_status() {
     let cut = the_one_cut_short(&events);
     assert_eq!(cut.field("handler"), Some("answered"), "{cut:#?}");
     assert_eq!(cut.field("status"), Some("201"), "{cut:#?}");
+}
+
+/// Runs that store their response or release their key log no
+/// `cut_short`, however they end: one whose handler panicked (the engine
+/// releases the key and logs `released`), and one whose client went away
+/// while its handler ran, which `drain` waited for before the runtime
+/// was dropped.
+#[test]
+fn runs_that_settle_their_claim_are_not_logged_as_cut_short() {
+    let (events, _guard) = Events::on_this_thread();
+    let (store, gate) = (MockStore::new(), Gate::closed());
+    let idempotency = store.layer();
+    let app = app(&idempotency, &gate);
+    let runtime = runtime();
+    runtime.block_on(async {
+        let refused = tokio::spawn(send_to(app.clone(), "/refusals")).await;
+        assert!(refused.unwrap_err().is_panic());
+        let first = tokio::spawn(send(app));
+        gate.until_started().await;
+        first.abort();
+        assert!(first.await.unwrap_err().is_cancelled());
+        gate.open.add_permits(1);
+        idempotency.drain().await;
+    });
+    drop(runtime);
+    let settled = (store.count(OpKind::Release), store.count(OpKind::Complete));
+    assert_eq!(settled, (1, 1), "{:?}", store.operations());
+    let events = events.take_at_least(tracing::Level::INFO);
+    let released = events
+        .iter()
+        .filter(|e| e.field("outcome") == Some("released"));
+    assert_eq!(released.count(), 1, "{events:#?}");
+    let cut = events
+        .iter()
+        .filter(|e| e.field("outcome") == Some("cut_short"));
+    assert_eq!(cut.count(), 0, "{events:#?}");
 }
