@@ -277,6 +277,8 @@ pub struct RedisStore<C = ConnectionManager> {
     /// How many times the store reconnected after a replica refused a
     /// write (see [`RedisStore::reconnect_after_read_only`]).
     read_only_reconnects: Arc<AtomicU64>,
+    /// Held while the store reconnects after a replica refused a write.
+    reconnecting: Arc<tokio::sync::Mutex<()>>,
     /// The largest value Redis takes (see [`bulk_limit`]).
     max_value_bytes: usize,
 }
@@ -339,6 +341,7 @@ impl<C> RedisStoreBuilder<C> {
             prefix: self.prefix.into(),
             background: TaskTracker::new(),
             read_only_reconnects: Arc::new(AtomicU64::new(0)),
+            reconnecting: Arc::new(tokio::sync::Mutex::new(())),
             max_value_bytes: MAX_VALUE_BYTES,
         }
     }
@@ -996,24 +999,26 @@ where
     /// replica's refusal applied nothing, so that it runs once either way.
     /// Only the first of the commands refused by one connection closes
     /// it (`seen`: [`read_only_reconnects`](Self::read_only_reconnects)
-    /// before sending): the others' `QUIT` would close the new one. A
-    /// connection other than a `ConnectionManager` cannot reconnect; it
-    /// is left as it is, and so is a store whose address leads to a
-    /// replica still (503, [`READ_ONLY_REPLICA`]).
+    /// before sending): the others' `QUIT` would close the new one. They
+    /// wait for it to be through (`reconnecting`), and the count moves on
+    /// only then: sent at once, their commands would meet the old
+    /// connection (refused again) or follow its `QUIT` (cut off), and one
+    /// sent meanwhile, refused by the old connection, would close the new
+    /// one. A connection other than a `ConnectionManager` cannot
+    /// reconnect; it is left as it is, and so is a store whose address
+    /// leads to a replica still (503, [`READ_ONLY_REPLICA`]).
     async fn reconnect_after_read_only(&self, seen: u64) -> bool {
         let connection: &dyn std::any::Any = &self.connection;
         let Some(manager) = connection.downcast_ref::<ConnectionManager>() else {
             return false;
         };
-        let first = self
-            .read_only_reconnects
-            .compare_exchange(seen, seen + 1, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok();
-        if first {
+        let _reconnecting = self.reconnecting.lock().await;
+        if self.read_only_reconnects() == seen {
             let mut manager = manager.clone();
             tracing::debug!("Redis answered as a read-only replica; reconnecting");
             let _: redis::RedisResult<()> = redis::cmd("QUIT").query_async(&mut manager).await;
             let _: redis::RedisResult<()> = redis::cmd("PING").query_async(&mut manager).await;
+            self.read_only_reconnects.fetch_add(1, Ordering::Relaxed);
         }
         true
     }
