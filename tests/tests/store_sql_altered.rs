@@ -22,7 +22,7 @@ use idempotent_core::record::{Claim, Record, RecordKey, StoredResponse};
 use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{PostgresStore, SqliteStore, Store, StoreError};
 use store_support::logs::Events;
-use store_support::tables::migrated_postgres;
+use store_support::tables::{migrated_on_pool, migrated_postgres};
 use store_support::{
     Ledger, Reply, TempDb, backend_url, pay, payments_app, payments_app_on, unique_name,
 };
@@ -354,12 +354,7 @@ async fn statements_discarded_on_a_shared_connection_are_prepared_again() {
         .connect(&url)
         .await
         .expect("connect");
-    let store = PostgresStore::builder(pool)
-        .table(unique_name("idem_discarded"))
-        .hold_connections(0)
-        .build()
-        .expect("valid table name");
-    store.migrate().await.expect("migrate");
+    let store = migrated_on_pool(pool, "idem_discarded", 0).await;
     let before = claim(&store, "before").await;
     sqlx::raw_sql("DISCARD ALL")
         .execute(store.pool())
@@ -406,12 +401,7 @@ async fn statements_lost_on_one_connection_close_that_connection_alone() {
         .connect(&url)
         .await
         .expect("connect");
-    let store = PostgresStore::builder(pool)
-        .table(unique_name("idem_lost_on_one"))
-        .hold_connections(0)
-        .build()
-        .expect("valid table name");
-    store.migrate().await.expect("migrate");
+    let store = migrated_on_pool(pool, "idem_lost_on_one", 0).await;
     // With one connection taken, the claim runs on the other, which is
     // then the one to lose its statements.
     let mut other = store.pool().acquire().await.expect("a connection");
@@ -460,12 +450,7 @@ async fn statements_the_server_lost_are_warned_of_once() {
         .connect(&url)
         .await
         .expect("connect");
-    let store = PostgresStore::builder(pool)
-        .table(unique_name("idem_lost_warned"))
-        .hold_connections(0)
-        .build()
-        .expect("valid table name");
-    store.migrate().await.expect("migrate");
+    let store = migrated_on_pool(pool, "idem_lost_warned", 0).await;
     let mut claims = Vec::new();
     for key in ["first", "second", "third"] {
         claims.push(claim(&store, key).await);
@@ -550,12 +535,7 @@ async fn a_server_ending_idle_connections_costs_no_request() {
         .connect_with(options)
         .await
         .expect("connect");
-    let store = PostgresStore::builder(pool)
-        .table(unique_name("idem_idle_ended"))
-        .hold_connections(2)
-        .build()
-        .expect("valid table name");
-    store.migrate().await.expect("migrate");
+    let store = migrated_on_pool(pool, "idem_idle_ended", 2).await;
     let held = claim(&store, "held").await;
     // Past the server's 300 ms, and past the second after which the
     // store hands kept connections back to the pool.

@@ -71,3 +71,16 @@ pub async fn migrated_postgres(url: &str, table: &str) -> PostgresStore {
     store.migrate().await.expect("migrate");
     store
 }
+
+/// A store on `pool` and a table `prefix_<random hex>`, keeping `held` of
+/// the pool's connections between statements, migrated: for a test that
+/// sets up the pool itself (its size, its connect options).
+pub async fn migrated_on_pool(pool: sqlx::PgPool, prefix: &str, held: u32) -> PostgresStore {
+    let store = PostgresStore::builder(pool)
+        .table(unique_name(prefix))
+        .hold_connections(held)
+        .build()
+        .expect("valid table name");
+    store.migrate().await.expect("migrate");
+    store
+}
