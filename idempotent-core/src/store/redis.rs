@@ -71,7 +71,7 @@
 //! address that follows the primary (a DNS name, a virtual IP, a proxy)
 //! leads to the new primary.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -279,6 +279,10 @@ pub struct RedisStore<C = ConnectionManager> {
     read_only_reconnects: Arc<AtomicU64>,
     /// Held while the store reconnects after a replica refused a write.
     reconnecting: Arc<tokio::sync::Mutex<()>>,
+    /// The background check of the eviction policy, one at a time.
+    checking_eviction: OneAtATime,
+    /// The background check of the clocks, one at a time.
+    checking_clock: OneAtATime,
     /// The largest value Redis takes (see [`bulk_limit`]).
     max_value_bytes: usize,
 }
@@ -342,6 +346,8 @@ impl<C> RedisStoreBuilder<C> {
             background: TaskTracker::new(),
             read_only_reconnects: Arc::new(AtomicU64::new(0)),
             reconnecting: Arc::new(tokio::sync::Mutex::new(())),
+            checking_eviction: OneAtATime::default(),
+            checking_clock: OneAtATime::default(),
             max_value_bytes: MAX_VALUE_BYTES,
         }
     }
@@ -943,14 +949,19 @@ where
     /// since (`CONFIG SET maxmemory-policy allkeys-lru`) went unwarned.
     /// Only then, and never on a request's way: `INFO` runs on a task of
     /// its own ([`Store::settle`] waits for it), which the completion's or
-    /// renewal's answer does not wait for.
+    /// renewal's answer does not wait for; one at a time, so that a wave
+    /// of evictions or takeovers adds one round trip, not one per request.
     fn warn_if_evicting_now(&self, key: &RecordKey) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let Some(running) = self.checking_eviction.start() else {
             return;
         };
         let mut connection = self.connection.clone();
         let log_id = key.log_id().to_string();
         let check = async move {
+            let _running = running;
             let mut info = redis::cmd("INFO");
             info.arg("memory");
             let info: Option<String> = info.query_async(&mut connection).await.ok();
@@ -971,9 +982,13 @@ where
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let Some(running) = self.checking_clock.start() else {
+            return;
+        };
         let (mut connection, clock) = (self.connection.clone(), self.clock.clone());
         let log_id = key.log_id().to_string();
         let check = async move {
+            let _running = running;
             let differs = differs_from_the_server(&mut connection, &*clock).await;
             if let Some(difference_ms) = differs {
                 tracing::warn!(key = log_id, difference_ms, "{CLOCK_DIFFERS}");
@@ -1021,6 +1036,28 @@ where
             self.read_only_reconnects.fetch_add(1, Ordering::Relaxed);
         }
         true
+    }
+}
+
+/// A background check that runs one at a time: while one runs, another
+/// of its kind is not started (the first tells what the others would).
+#[derive(Clone, Default)]
+struct OneAtATime(Arc<AtomicBool>);
+
+impl OneAtATime {
+    /// The check's turn, held until dropped; `None` while another runs.
+    fn start(&self) -> Option<Running> {
+        let busy = self.0.swap(true, Ordering::Acquire);
+        (!busy).then(|| Running(Arc::clone(&self.0)))
+    }
+}
+
+/// A started [`OneAtATime`] check; dropped, it lets the next one start.
+struct Running(Arc<AtomicBool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -1327,6 +1364,18 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// A wave of claims found gone, or of takeovers, starts one check of
+    /// the server at a time: the others would tell the same.
+    #[test]
+    fn a_background_check_runs_one_at_a_time() {
+        let checks = OneAtATime::default();
+        let first = checks.start();
+        assert!(first.is_some());
+        assert!(checks.start().is_none(), "a second check while one runs");
+        drop(first);
+        assert!(checks.start().is_some(), "the next check once it ended");
+    }
 
     /// The scripts read the deadline at bytes 33..41 of either kind of
     /// value and splice the fingerprint at 1..33: pin the codec to that.
