@@ -410,6 +410,22 @@ async fn a_json_body_with_its_own_rejection_is_fingerprinted() {
     assert_eq!(retry, replayed("charged 10"));
 }
 
+/// A body `WithRejection` refuses is answered by the application's error,
+/// as a plain `Json<T>`'s rejection is answered by axum's: nothing is
+/// claimed, so the retry with the body fixed runs under the same key.
+#[tokio::test]
+async fn a_body_with_its_own_rejection_refused_claims_nothing() {
+    let app = app();
+    let uri = "/charge-with-rejection";
+    let malformed = app.clone().oneshot(json(uri, "k", "{")).await.unwrap();
+    assert_eq!(malformed.status(), StatusCode::BAD_REQUEST);
+    assert!(!malformed.headers().contains_key(IDEMPOTENT_REPLAYED));
+    let fixed = send(&app, json(uri, "k", r#"{"amount":10}"#)).await;
+    assert_eq!(fixed, ran("charged 10"), "the rejection was stored");
+    let retry = send(&app, json(uri, "k", r#"{"amount":10}"#)).await;
+    assert_eq!(retry, replayed("charged 10"));
+}
+
 #[tokio::test]
 async fn axum_extra_query_and_form_are_fingerprinted() {
     let app = app();
@@ -439,6 +455,11 @@ async fn a_raw_query_and_a_raw_form_are_fingerprinted_as_sent() {
     assert_eq!(none, Answer::KeyReused);
     let retry = send(&app, text("/raw-query?a=1", "k", "")).await;
     assert_eq!(retry, replayed(r#"Some("a=1")"#));
+    // Unlike `Query<T>`'s, the text itself: the handler reads the order.
+    let first = send(&app, text("/raw-query?a=1&b=2", "k3", "")).await;
+    assert_eq!(first, ran(r#"Some("a=1&b=2")"#));
+    let reordered = send(&app, text("/raw-query?b=2&a=1", "k3", "")).await;
+    assert_eq!(reordered, Answer::KeyReused);
 
     let first = send(&app, form("/raw-form", "k2", "a=1")).await;
     assert_eq!(first, ran("3 bytes"));

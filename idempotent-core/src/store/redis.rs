@@ -1377,6 +1377,50 @@ mod tests {
         assert!(checks.start().is_some(), "the next check once it ended");
     }
 
+    /// A connection whose commands are never answered: a check sent on it
+    /// runs until the test ends.
+    #[derive(Clone)]
+    struct Unanswering;
+
+    impl ConnectionLike for Unanswering {
+        fn req_packed_command<'a>(
+            &'a mut self,
+            _: &'a redis::Cmd,
+        ) -> redis::RedisFuture<'a, redis::Value> {
+            Box::pin(std::future::pending())
+        }
+
+        fn req_packed_commands<'a>(
+            &'a mut self,
+            _: &'a redis::Pipeline,
+            _: usize,
+            _: usize,
+        ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+            Box::pin(std::future::pending())
+        }
+
+        fn get_db(&self) -> i64 {
+            0
+        }
+    }
+
+    /// The store's own checks go one at a time, each kind apart: a wave of
+    /// claims found gone and of takeovers, while the first checks still
+    /// wait for the server, starts one task of each kind.
+    #[tokio::test]
+    async fn a_wave_of_claims_found_gone_and_takeovers_starts_one_check_of_each() {
+        let store = RedisStore::builder(Unanswering).build();
+        for name in ["a", "b", "c"] {
+            let key = RecordKey::new(
+                crate::scope::ScopeDigest::global(),
+                crate::key::IdempotencyKey::parse(name.as_bytes()).unwrap(),
+            );
+            store.warn_if_evicting_now(&key);
+            store.warn_if_clock_differs_now(&key);
+        }
+        assert_eq!(store.background.len(), 2, "one check per request");
+    }
+
     /// The scripts read the deadline at bytes 33..41 of either kind of
     /// value and splice the fingerprint at 1..33: pin the codec to that.
     #[test]
