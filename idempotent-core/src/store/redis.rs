@@ -952,24 +952,17 @@ where
     /// renewal's answer does not wait for; one at a time, so that a wave
     /// of evictions or takeovers adds one round trip, not one per request.
     fn warn_if_evicting_now(&self, key: &RecordKey) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let Some(running) = self.checking_eviction.start() else {
-            return;
-        };
-        let mut connection = self.connection.clone();
-        let log_id = key.log_id().to_string();
-        let check = async move {
-            let _running = running;
-            let mut info = redis::cmd("INFO");
-            info.arg("memory");
-            let info: Option<String> = info.query_async(&mut connection).await.ok();
-            if let Some(policy) = info.as_deref().and_then(evicting_policy) {
-                tracing::warn!(key = log_id, maxmemory_policy = policy, "{EVICTING}");
+        self.check_in_background(&self.checking_eviction, |mut connection| {
+            let log_id = key.log_id().to_string();
+            async move {
+                let mut info = redis::cmd("INFO");
+                info.arg("memory");
+                let info: Option<String> = info.query_async(&mut connection).await.ok();
+                if let Some(policy) = info.as_deref().and_then(evicting_policy) {
+                    tracing::warn!(key = log_id, maxmemory_policy = policy, "{EVICTING}");
+                }
             }
-        };
-        self.background.spawn_on(check, &runtime);
+        });
     }
 
     /// Warns, with `key`, if the store's clock is now seconds off the
@@ -979,20 +972,35 @@ where
     /// still running, which then run twice. Only then, and never on a
     /// request's way, as [`warn_if_evicting_now`](Self::warn_if_evicting_now).
     fn warn_if_clock_differs_now(&self, key: &RecordKey) {
+        self.check_in_background(&self.checking_clock, |mut connection| {
+            let (clock, log_id) = (self.clock.clone(), key.log_id().to_string());
+            async move {
+                let differs = differs_from_the_server(&mut connection, &*clock).await;
+                if let Some(difference_ms) = differs {
+                    tracing::warn!(key = log_id, difference_ms, "{CLOCK_DIFFERS}");
+                }
+            }
+        });
+    }
+
+    /// Runs the check `make` returns, on a connection of its own, on a
+    /// task of the store's ([`Store::settle`] waits for it) that no
+    /// request waits for; unless a check of its kind (`turn`) still runs,
+    /// or no runtime is there to run it.
+    fn check_in_background<F>(&self, turn: &OneAtATime, make: impl FnOnce(C) -> F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let Some(running) = self.checking_clock.start() else {
+        let Some(running) = turn.start() else {
             return;
         };
-        let (mut connection, clock) = (self.connection.clone(), self.clock.clone());
-        let log_id = key.log_id().to_string();
+        let check = make(self.connection.clone());
         let check = async move {
             let _running = running;
-            let differs = differs_from_the_server(&mut connection, &*clock).await;
-            if let Some(difference_ms) = differs {
-                tracing::warn!(key = log_id, difference_ms, "{CLOCK_DIFFERS}");
-            }
+            check.await;
         };
         self.background.spawn_on(check, &runtime);
     }
