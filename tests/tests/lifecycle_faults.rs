@@ -9,6 +9,7 @@
 
 #[path = "../../idempotent-core/tests/support/events.rs"]
 mod events;
+mod macro_support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,13 +22,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use events::{Events, Logged};
-use http_body_util::BodyExt;
 use idempotent_core::idempotent;
 use idempotent_core::testing::{MockStore, OpKind};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
-use tower::ServiceExt;
 
 /// How long a test waits for something that must happen before it calls
 /// it a failure: never a synchronisation, only a bound on a hang.
@@ -131,12 +130,8 @@ fn charging(first: u16) -> Request<Body> {
 
 /// The status, whether it is a replay, and the body.
 async fn send(app: Router, request: Request<Body>) -> (StatusCode, bool, String) {
-    let response = app.oneshot(request).await.unwrap();
-    let replayed = response.headers().contains_key("idempotent-replayed");
-    let status = response.status();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    let body = String::from_utf8_lossy(&body).into_owned();
-    (status, replayed, body)
+    let reply = macro_support::send(&app, request).await;
+    (reply.status, reply.replayed, reply.body)
 }
 
 /// Moves the store's clock and tokio's together by `total`, in steps

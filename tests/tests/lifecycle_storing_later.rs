@@ -4,6 +4,8 @@
 //! gap, or it lapses once the store is back and a retry runs the charge a
 //! second time.
 
+mod macro_support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -13,12 +15,10 @@ use axum::extract::State;
 use axum::http::{Request, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
-use http_body_util::BodyExt;
 use idempotent_core::idempotent;
 use idempotent_core::testing::{MockStore, OpKind};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
-use tower::ServiceExt;
 
 /// How long a test waits for something that must happen before it calls
 /// it a failure: never a synchronisation, only a bound on a hang.
@@ -71,15 +71,8 @@ fn charging() -> Request<Body> {
 
 /// The status, whether it is a replay, and the body.
 async fn send(app: Router) -> (StatusCode, bool, String) {
-    let response = app.oneshot(charging()).await.unwrap();
-    let replayed = response.headers().contains_key("idempotent-replayed");
-    let status = response.status();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        replayed,
-        String::from_utf8_lossy(&body).into_owned(),
-    )
+    let reply = macro_support::send(&app, charging()).await;
+    (reply.status, reply.replayed, reply.body)
 }
 
 /// Moves the store's clock and tokio's together, a step at a time, until
