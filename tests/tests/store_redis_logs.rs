@@ -7,20 +7,24 @@
 //! `redis-server`, which it stops mid-release; and one that evicts keys
 //! when full, which `connect` warns of. A clock that moved off the
 //! server's after `connect` is told when it takes a running claim over;
-//! and a replica, which `connect` warns of.
+//! and a replica, which `connect` warns of. A background check of the
+//! server that Redis never answers is given up, and told.
 
 mod store_support;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use axum::http::StatusCode;
 use idempotent_core::Fingerprint;
 use idempotent_core::clock::ManualClock;
 use idempotent_core::key::IdempotencyKey;
-use idempotent_core::record::{Claim, RecordKey};
+use idempotent_core::record::{Claim, RecordKey, StoredResponse};
 use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{RedisStore, Store};
 use store_support::logs::events;
-use store_support::{OwnRedis, backend_url, delete, hash_at, redis_connection};
+use store_support::{OwnRedis, acquire, backend_url, delete, hash_at, redis_connection};
 use tracing::Level;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -202,5 +206,112 @@ async fn connecting_to_a_replica_is_logged_with_its_primary() {
             event.fields.contains("is a replica") && event.fields.contains(&primary_address)
         }),
         "{logged:?}"
+    );
+}
+
+/// A connection to Redis on which the first `INFO` is never answered, as
+/// by a server that stalled once the request went out, on a connection
+/// with no response timeout (a cluster connection's default); every other
+/// command reaches Redis. Of the store's commands, only its background
+/// check of the eviction policy sends `INFO`.
+#[derive(Clone)]
+struct FirstInfoUnanswered {
+    connection: redis::aio::ConnectionManager,
+    stalled_one: Arc<AtomicBool>,
+}
+
+impl redis::aio::ConnectionLike for FirstInfoUnanswered {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        let info = matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(b"INFO")));
+        if info && !self.stalled_one.swap(true, Ordering::SeqCst) {
+            return Box::pin(std::future::pending());
+        }
+        self.connection.req_packed_command(cmd)
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        self.connection.req_packed_commands(pipeline, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.connection.get_db()
+    }
+}
+
+/// Claims `key` on `store`, deletes its record behind the store's back
+/// (as an eviction does) through `connection`, and completes it: the
+/// completion finds its claim gone, which has the store check the
+/// server's eviction policy in the background.
+async fn complete_a_claim_found_gone(
+    store: &RedisStore<FirstInfoUnanswered>,
+    connection: &mut redis::aio::ConnectionManager,
+    key: &RecordKey,
+) -> Result<(), idempotent_core::store::StoreError> {
+    let lease = Duration::from_secs(60);
+    let token = acquire(store, key, Fingerprint::from_bytes([1; 32]), lease).await;
+    delete(connection, &store.redis_key(key)).await;
+    let response = StoredResponse::new(StatusCode::OK, Vec::new(), None);
+    store.complete(key, token, response, lease).await
+}
+
+/// A background check of the server whose command Redis never answered
+/// held its turn for good: no later claim found gone checked the eviction
+/// policy again, and `settle` (so `Idempotency::drain`) waited for it
+/// until it gave up. It is given up after a bound, with a warning naming
+/// the check, and the next claim found gone checks again: on a Redis that
+/// evicts, it warns so with that claim's key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_check_redis_never_answers_is_given_up_and_the_next_one_runs() {
+    if backend_url("IDEMPOTENT_TEST_REDIS_URL").is_none() {
+        return;
+    }
+    let events = events();
+    let evicting = ["--maxmemory", "64mb", "--maxmemory-policy", "volatile-ttl"];
+    let mut redis = OwnRedis::start_with(OwnRedis::free_port(), &evicting).await;
+    let mut connection = redis_connection(&redis.url()).await;
+    let store = RedisStore::builder(FirstInfoUnanswered {
+        connection: connection.clone(),
+        stalled_one: Arc::new(AtomicBool::new(false)),
+    })
+    .build();
+    let key = |name: &[u8]| {
+        RecordKey::new(
+            ScopeDigest::from_bytes(rand::random()),
+            IdempotencyKey::parse(name).unwrap(),
+        )
+    };
+    let (first, next) = (key(b"found-gone-first"), key(b"found-gone-next"));
+
+    let first_completed = complete_a_claim_found_gone(&store, &mut connection, &first).await;
+    let given_up = tokio::time::timeout(Duration::from_secs(10), store.settle()).await;
+    let next_completed = complete_a_claim_found_gone(&store, &mut connection, &next).await;
+    let next_checked = tokio::time::timeout(Duration::from_secs(10), store.settle()).await;
+    redis.stop().await;
+
+    assert!(first_completed.is_err(), "the first claim was gone");
+    assert!(next_completed.is_err(), "the next claim was gone");
+    assert!(given_up.is_ok(), "the unanswered check was never given up");
+    assert!(next_checked.is_ok(), "the next check did not finish");
+    let logged = events.at(Level::WARN, "idempotent_core");
+    assert!(
+        logged.iter().any(|event| {
+            event.fields.contains("could not finish") && event.fields.contains("eviction policy")
+        }),
+        "{logged:?}"
+    );
+    let next_id = next.log_id().to_string();
+    assert!(
+        logged.iter().any(|event| {
+            event.fields.contains("evicts keys") && event.fields.contains(&next_id)
+        }),
+        "the next claim found gone did not check the policy: {logged:?}"
     );
 }

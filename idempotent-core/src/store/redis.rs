@@ -935,13 +935,24 @@ where
         redis_key: &str,
         args: &[&[u8]],
     ) -> Result<i64, StoreError> {
+        let script = Write::Script(script, redis_key, args);
+        self.write(script)
+            .await
+            .map_err(|error| operation_error(error, redis_key))
+    }
+
+    /// Sends `write`, and sends it once more when a replica refused it
+    /// (`READONLY`) and [`reconnect_after_read_only`](Self::reconnect_after_read_only)
+    /// says to: the refusal applied nothing, so the write runs once either
+    /// way.
+    async fn write<T: redis::FromRedisValue>(&self, write: Write<'_>) -> redis::RedisResult<T> {
         let mut connection = self.connection.clone();
         let reconnects = self.read_only_reconnects();
-        let mut answer = script.run(&mut connection, redis_key, args).await;
+        let answer = write.send(&mut connection).await;
         if refused_by_a_replica(&answer) && self.reconnect_after_read_only(reconnects).await {
-            answer = script.run(&mut connection, redis_key, args).await;
+            return write.send(&mut connection).await;
         }
-        answer.map_err(|error| operation_error(error, redis_key))
+        answer
     }
 
     /// Warns, with `key`, if Redis evicts keys now: `key`'s claim was
@@ -952,7 +963,7 @@ where
     /// renewal's answer does not wait for; one at a time, so that a wave
     /// of evictions or takeovers adds one round trip, not one per request.
     fn warn_if_evicting_now(&self, key: &RecordKey) {
-        self.check_in_background(&self.checking_eviction, |mut connection| {
+        self.check_in_background(EVICTION_CHECK, &self.checking_eviction, |mut connection| {
             let log_id = key.log_id().to_string();
             async move {
                 let mut info = redis::cmd("INFO");
@@ -972,7 +983,7 @@ where
     /// still running, which then run twice. Only then, and never on a
     /// request's way, as [`warn_if_evicting_now`](Self::warn_if_evicting_now).
     fn warn_if_clock_differs_now(&self, key: &RecordKey) {
-        self.check_in_background(&self.checking_clock, |mut connection| {
+        self.check_in_background(CLOCK_CHECK, &self.checking_clock, |mut connection| {
             let (clock, log_id) = (self.clock.clone(), key.log_id().to_string());
             async move {
                 let differs = differs_from_the_server(&mut connection, &*clock).await;
@@ -987,8 +998,20 @@ where
     /// task of the store's ([`Store::settle`] waits for it) that no
     /// request waits for; unless a check of its kind (`turn`) still runs,
     /// or no runtime is there to run it.
-    fn check_in_background<F>(&self, turn: &OneAtATime, make: impl FnOnce(C) -> F)
-    where
+    ///
+    /// A check gets [`CHECK_LIMIT`] to finish: one whose command is never
+    /// answered (a stalled server, on a connection with no response
+    /// timeout of its own, as a cluster connection has by default) would
+    /// otherwise hold its turn for good, so that no later check of its
+    /// kind ever started, and keep [`Store::settle`] waiting. Past the
+    /// limit it is given up with a warning naming it (`what`), and the
+    /// next check of its kind may start.
+    fn check_in_background<F>(
+        &self,
+        what: &'static str,
+        turn: &OneAtATime,
+        make: impl FnOnce(C) -> F,
+    ) where
         F: Future<Output = ()> + Send + 'static,
     {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -1000,7 +1023,10 @@ where
         let check = make(self.connection.clone());
         let check = async move {
             let _running = running;
-            check.await;
+            if tokio::time::timeout(CHECK_LIMIT, check).await.is_err() {
+                let limit_ms = millis(CHECK_LIMIT);
+                tracing::warn!(check = what, limit_ms, "{CHECK_UNFINISHED}");
+            }
         };
         self.background.spawn_on(check, &runtime);
     }
@@ -1047,6 +1073,27 @@ where
     }
 }
 
+/// How long a background check of the server may take (see
+/// [`RedisStore::check_in_background`]). The store has no timeout of its
+/// own to take it from: the engine's store timeout is not passed to it,
+/// and a store built on a connection of the application's own has that
+/// connection's, or none. So it is the engine's default store timeout: a
+/// server that takes longer to answer one `INFO` or `TIME` is one the
+/// requests meanwhile see as down, and a check bounded by it ends well
+/// within the time [`Idempotency::drain`](crate::Idempotency::drain)
+/// gives the store's background work, which it would otherwise use up.
+const CHECK_LIMIT: Duration = crate::IdempotencyBuilder::DEFAULT_STORE_TIMEOUT;
+
+/// What a background check that ran out of [`CHECK_LIMIT`] leaves
+/// unchecked.
+const CHECK_UNFINISHED: &str = "Redis did not answer a background check of its setup in time (`check`, within `limit_ms`), so it could not finish: the check is given up, and the next claim that calls for it checks again";
+
+/// The background check of the eviction policy, as its warning names it.
+const EVICTION_CHECK: &str = "eviction policy";
+
+/// The background check of the clocks, as its warning names it.
+const CLOCK_CHECK: &str = "clock";
+
 /// A background check that runs one at a time: while one runs, another
 /// of its kind is not started (the first tells what the others would).
 #[derive(Clone, Default)]
@@ -1066,6 +1113,28 @@ struct Running(Arc<AtomicBool>);
 impl Drop for Running {
     fn drop(&mut self) {
         self.0.store(false, Ordering::Release);
+    }
+}
+
+/// A write the store sends to Redis, which a replica may refuse (see
+/// [`RedisStore::write`]).
+enum Write<'a> {
+    /// A plain command: a claim's `SET NX GET`.
+    Command(&'a redis::Cmd),
+    /// One of the store's scripts, on a key, with its arguments (`ARGV`).
+    Script(&'a StoreScript, &'a str, &'a [&'a [u8]]),
+}
+
+impl Write<'_> {
+    /// Sends the write on `connection`.
+    async fn send<T: redis::FromRedisValue>(
+        &self,
+        connection: &mut impl ConnectionLike,
+    ) -> redis::RedisResult<T> {
+        match self {
+            Self::Command(command) => command.query_async(connection).await,
+            Self::Script(script, redis_key, args) => script.run(connection, redis_key, args).await,
+        }
     }
 }
 
@@ -1169,7 +1238,6 @@ where
         let redis_key = self.redis_key(key);
         let value = encode_in_flight(&held);
         let expiry = px(lease);
-        let mut connection = self.connection.clone();
         let mut unanswered = Unanswered {
             store: self,
             key,
@@ -1183,12 +1251,7 @@ where
         let mut set = redis::cmd("SET");
         set.arg(&redis_key).arg(value.as_ref()).arg("NX").arg("GET");
         set.arg("PX").arg(expiry);
-        let reconnects = self.read_only_reconnects();
-        let mut found: Result<Option<Vec<u8>>, _> = set.query_async(&mut connection).await;
-        if refused_by_a_replica(&found) && self.reconnect_after_read_only(reconnects).await {
-            found = set.query_async(&mut connection).await;
-        }
-        let found = match found {
+        let found = match self.write::<Option<Vec<u8>>>(Write::Command(&set)).await {
             Err(error) if error.code() == Some("OOM") => {
                 unanswered.armed = false;
                 return self.claim_when_full(key, token, error).await;
@@ -1214,13 +1277,10 @@ where
         unanswered.armed = true;
         let args = [now.to_string(), expiry.to_string()];
         let args = [args[0].as_bytes(), value.as_ref(), args[1].as_bytes()];
-        let reconnects = self.read_only_reconnects();
-        let mut found: redis::RedisResult<Option<Vec<u8>>> =
-            CLAIM.run(&mut connection, &redis_key, &args).await;
-        if refused_by_a_replica(&found) && self.reconnect_after_read_only(reconnects).await {
-            found = CLAIM.run(&mut connection, &redis_key, &args).await;
-        }
-        let found = found.map_err(|error| unanswered.refused(error))?;
+        let found: Option<Vec<u8>> = self
+            .write(Write::Script(&CLAIM, &redis_key, &args))
+            .await
+            .map_err(|error| unanswered.refused(error))?;
         unanswered.armed = false;
         match found {
             None => Ok(Claim::Acquired(token)),
@@ -1419,14 +1479,38 @@ mod tests {
     async fn a_wave_of_claims_found_gone_and_takeovers_starts_one_check_of_each() {
         let store = RedisStore::builder(Unanswering).build();
         for name in ["a", "b", "c"] {
-            let key = RecordKey::new(
-                crate::scope::ScopeDigest::global(),
-                crate::key::IdempotencyKey::parse(name.as_bytes()).unwrap(),
-            );
+            let key = record_key(name);
             store.warn_if_evicting_now(&key);
             store.warn_if_clock_differs_now(&key);
         }
         assert_eq!(store.background.len(), 2, "one check per request");
+    }
+
+    /// A check the server never answers held its turn for good, and no
+    /// later check of its kind started. Each is given up after
+    /// [`CHECK_LIMIT`]; the next one starts. Time is paused: the runtime
+    /// moves it on while every task waits.
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_check_is_given_up_and_the_next_one_of_its_kind_starts() {
+        let store = RedisStore::builder(Unanswering).build();
+        let key = record_key("a");
+        store.warn_if_evicting_now(&key);
+        store.warn_if_clock_differs_now(&key);
+        let given_up = tokio::time::timeout(10 * CHECK_LIMIT, store.settle()).await;
+        assert!(
+            given_up.is_ok(),
+            "the unanswered checks were never given up"
+        );
+        store.warn_if_evicting_now(&key);
+        store.warn_if_clock_differs_now(&key);
+        assert_eq!(store.background.len(), 2, "one new check of each kind");
+    }
+
+    fn record_key(name: &str) -> RecordKey {
+        RecordKey::new(
+            crate::scope::ScopeDigest::global(),
+            crate::key::IdempotencyKey::parse(name.as_bytes()).unwrap(),
+        )
     }
 
     /// The scripts read the deadline at bytes 33..41 of either kind of
