@@ -458,6 +458,54 @@ mod two_instances {
         drop_table(pair.a.durable()).await;
     }
 
+    /// How far `b`'s clock runs ahead of `a`'s in the clock tests.
+    const AHEAD: Duration = Duration::from_secs(5);
+
+    /// `b`'s clock runs [`AHEAD`] of `a`'s, and each memory tier expires
+    /// records by its own durable client's clock. Once `b` takes a
+    /// record's key over by its clock, with another payload, `a` may
+    /// replay the record it cached to that record's own payload until its
+    /// own clock reaches the deadline, and no longer: the bound the
+    /// `Tiered` docs give. Another payload is asked of PostgreSQL
+    /// meanwhile, and gets `b`'s run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_clock_ahead_elsewhere_makes_a_cached_replay_stale_by_at_most_the_difference() {
+        let Some(url) = backend_url("IDEMPOTENT_TEST_POSTGRES_URL") else {
+            return;
+        };
+        let clock = ManualClock::starting_now();
+        let ahead = ManualClock::new(clock.now_millis() + AHEAD.as_millis() as u64);
+        let table = unique_name("idem_test");
+        let [a, _] = postgres_durables(&url, &table, &clock).await;
+        let [b, _] = postgres_durables(&url, &table, &ahead).await;
+        let pair = pair([a, b], clock.clone(), Tiered::new);
+        let (stale, asked) = (pair.key("stale"), pair.key("asked"));
+        for key in [&stale, &asked] {
+            run(&pair.a, key, FIRST, "from a").await;
+        }
+        for moved in [&clock, &ahead] {
+            moved.advance(TTL - AHEAD);
+        }
+        for key in [&stale, &asked] {
+            run(&pair.b, key, OTHER, "from b").await;
+        }
+
+        clock.advance(AHEAD - Duration::from_millis(1));
+        assert_eq!(
+            replayed(&pair.a, &stale).await,
+            (FIRST, Bytes::from_static(b"from a")),
+            "within the clocks' difference, `a` replays what it cached"
+        );
+        let other = pair.a.claim(&asked, OTHER, LEASE).await;
+        assert!(
+            matches!(&other, Ok(Claim::Completed(record)) if record.fingerprint == OTHER),
+            "another payload is asked of PostgreSQL: {other:?}"
+        );
+        clock.advance(Duration::from_millis(1));
+        a_replays_the_run_of_b(&pair, &stale).await;
+        drop_table(pair.a.durable()).await;
+    }
+
     /// The reaper deletes an expired record `a` had cached; `a` must not
     /// answer from memory for a row that is gone.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,7 +23,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::memory::{Inner, MemoryStore};
+use super::memory::MemoryStore;
 use super::{Store, StoreError};
 use crate::clock::{Clock, SharedClock, SystemClock, millis};
 use crate::fingerprint::Fingerprint;
@@ -36,7 +36,45 @@ const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
 ///
 /// The memory tier is a [`MemoryStore`]'s tables: completed records, bounded
 /// by bytes and each expiring at the durable copy's deadline, and the claims
-/// this process holds, so that a completion can be cached right away.
+/// this process holds, so that a completion can be cached right away. A
+/// claim is held until its response is stored, by the first attempt or by
+/// one the engine makes later, after its caller got the response (the
+/// first ones failed in an outage), or until the durable store refuses it
+/// for good; cut short, it lapses with its lease.
+///
+/// # Clocks
+///
+/// None of the durable stores reads its server's clock: PostgreSQL, Redis
+/// and SQLite compare deadlines with a `now` their own [`Clock`] gives
+/// them, and the memory tier expires records by that same clock (the
+/// durable store's [`deadline_clock`](Store::deadline_clock)) unless
+/// [`TieredBuilder::clock`] gives it another. Read by that clock, a cached
+/// record never outlives the durable copy: a completion's cached deadline
+/// is read before the durable store reads its own (a step back of the
+/// clock between the two reads aside), and a record learned from the
+/// durable store keeps the durable deadline. So, whatever the clocks say:
+///
+/// - memory never lets a handler run: only a claim the durable store
+///   grants does. The claims held in memory are never consulted by a
+///   claim; they only let a completion be cached, and only once the
+///   durable store has accepted it under the claim's own lease;
+/// - a cached record is replayed only to its own payload: another payload
+///   is asked of the durable store (and answered 422 from memory only
+///   while that store cannot answer).
+///
+/// What clocks can do is make a replay stale. An instance (or a reaper
+/// purging expired records) whose clock runs `d` ahead of this instance's
+/// sees each record expire `d` sooner, and may run its key again; that
+/// second run is the durable store's to allow, and it is why instances
+/// must keep their clocks in sync. For up to `d` after it, this instance
+/// goes on replaying the record it cached to retries of the same payload,
+/// where the durable store would answer with the new run (409 while it
+/// runs, its response after). That is the bound: a cached record is
+/// replayed at most `d` past the moment any instance may take its key
+/// over, `d` being how far the furthest-ahead clock among the instances
+/// and reapers runs ahead of this one's. A clock given with
+/// [`TieredBuilder::clock`] that runs `d` behind the durable store's adds
+/// `d` to every record learned from that store; give none, or that store's.
 ///
 /// ```
 /// use idempotent_core::store::{MemoryStore, Tiered};
@@ -149,33 +187,6 @@ impl<D: Store> Tiered<D> {
     }
 }
 
-/// The cache's hold on a key this process claimed. Dropped without
-/// [`keep`](Self::keep), because the durable store refused the record or
-/// the call was cut short (the engine's store timeout), it releases the
-/// key at once, rather than leave it until its lease lapses.
-struct Hold<'a> {
-    cache: Option<&'a Inner>,
-    key: &'a RecordKey,
-    token: LeaseToken,
-}
-
-impl Hold<'_> {
-    /// Caches the record the durable store kept.
-    fn keep(mut self, response: StoredResponse, now: u64, expires_at: u64) {
-        if let Some(cache) = self.cache.take() {
-            let _ = cache.complete(self.key, self.token, response, now, expires_at);
-        }
-    }
-}
-
-impl Drop for Hold<'_> {
-    fn drop(&mut self) {
-        if let Some(cache) = self.cache.take() {
-            let _ = cache.release(self.key, self.token);
-        }
-    }
-}
-
 impl<D: Store> Store for Tiered<D> {
     async fn claim(
         &self,
@@ -235,19 +246,29 @@ impl<D: Store> Store for Tiered<D> {
         // later than the one the durable store computes.
         let now = self.clock.now_millis();
         let expires_at = now.saturating_add(millis(ttl));
-        let hold = Hold {
-            cache: Some(self.cache.inner()),
-            key,
-            token,
-        };
+        // Cut short here (the engine's store timeout), the call leaves the
+        // hold as a failure that may pass does.
         let completed = self
             .durable
             .complete(key, token, response.clone(), ttl)
             .await;
-        // A claim this process no longer holds (`LeaseLost`) is simply not
-        // cached; the durable store's answer is the one that counts.
-        if completed.is_ok() {
-            hold.keep(response, now, expires_at);
+        let cache = self.cache.inner();
+        match &completed {
+            Ok(()) => {
+                let _ = cache.complete(key, token, response, now, expires_at);
+            }
+            // The engine tries again under the same lease, renewing it
+            // meanwhile (a response stored later): the hold stays, so that
+            // the attempt that stores the response caches it too. Let go
+            // of, every replay of that response would go to the durable
+            // store. Not stored after all, it lapses with its lease.
+            Err(StoreError::Backend(_) | StoreError::Timeout(_)) => {}
+            // A claim this process no longer holds (`LeaseLost`) is simply
+            // not cached, the durable store's answer being the one that
+            // counts; nor is one the store refuses every time alike.
+            Err(_) => {
+                let _ = cache.release(key, token);
+            }
         }
         completed
     }
@@ -286,6 +307,7 @@ mod tests {
 
     const FINGERPRINT: Fingerprint = Fingerprint::from_bytes([1; 32]);
     const LEASE: Duration = Duration::from_secs(60);
+    const TTL: Duration = Duration::from_secs(3600);
 
     /// A cache over a mock, and a key it claimed: the mock to steer, the
     /// store, the key and the claim's token.
@@ -299,23 +321,82 @@ mod tests {
         (durable, store, key, token)
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_completion_cut_short_lets_go_of_the_cached_hold() {
+    /// Asserts that `store` replays `paid()` to `key` from memory alone,
+    /// with its durable store `durable` down.
+    async fn replays_from_memory(durable: &MockStore, store: &Tiered<MockStore>, key: &RecordKey) {
+        durable.fail_all(true);
+        let replayed = store.claim(key, FINGERPRINT, LEASE).await;
+        durable.fail_all(false);
+        assert!(
+            matches!(&replayed, Ok(Claim::Completed(record)) if record.response == paid()),
+            "not answered from memory: {replayed:?}"
+        );
+    }
+
+    /// The engine's first attempts at storing a response fail in an
+    /// outage; it goes on trying under the same lease after its caller
+    /// got the response. The attempt that stores it must cache it, as a
+    /// completion stored at once is: its replays then come from memory.
+    #[tokio::test]
+    async fn a_response_stored_by_a_later_attempt_is_cached() {
         let (durable, store, key, token) = claimed().await;
-        assert_eq!(store.cache.in_flight_len(), 1);
-        let response = StoredResponse {
-            status: http::StatusCode::OK,
-            headers: Vec::new(),
-            body: Some(bytes::Bytes::from_static(b"{}")),
-        };
+        durable.fail_next(crate::testing::OpKind::Complete);
+        let failed = store.complete(&key, token, paid(), TTL).await;
+        assert!(matches!(failed, Err(StoreError::Backend(_))), "{failed:?}");
+        store.complete(&key, token, paid(), TTL).await.unwrap();
+        assert_eq!(store.cached_len(), 1, "the stored response was not cached");
+        replays_from_memory(&durable, &store, &key).await;
+    }
+
+    /// As above, the first attempt cut short by the engine's store
+    /// timeout (its future dropped) instead of failing.
+    #[tokio::test(start_paused = true)]
+    async fn a_response_stored_after_a_completion_cut_short_is_cached() {
+        let (durable, store, key, token) = claimed().await;
         durable.set_delay(Duration::from_secs(3600));
-        let completing = store.complete(&key, token, response, Duration::from_secs(60));
+        let completing = store.complete(&key, token, paid(), TTL);
         let cut_short = tokio::time::timeout(Duration::from_secs(2), completing).await;
         assert!(
             cut_short.is_err(),
             "the durable write answers after the timeout"
         );
-        assert_eq!(store.cache.in_flight_len(), 0, "the hold outlived its call");
+        durable.set_delay(Duration::ZERO);
+        store.complete(&key, token, paid(), TTL).await.unwrap();
+        assert_eq!(store.cached_len(), 1, "the stored response was not cached");
+        replays_from_memory(&durable, &store, &key).await;
+    }
+
+    /// A response stored later expires from memory when a response
+    /// stored at once would: its deadline is read when the attempt that
+    /// stored it began, as the durable store's is.
+    #[tokio::test]
+    async fn a_response_stored_later_expires_with_the_durable_copy() {
+        let (durable, store, key, token) = claimed().await;
+        durable.fail_next(crate::testing::OpKind::Complete);
+        let _ = store.complete(&key, token, paid(), TTL).await;
+        durable.advance(Duration::from_secs(5));
+        store.complete(&key, token, paid(), TTL).await.unwrap();
+        durable.advance(TTL - Duration::from_millis(1));
+        replays_from_memory(&durable, &store, &key).await;
+        durable.advance(Duration::from_millis(1));
+        let again = store.claim(&key, FINGERPRINT, LEASE).await;
+        assert!(matches!(again, Ok(Claim::Acquired(_))), "{again:?}");
+    }
+
+    /// A completion refused because another request took the key over
+    /// lets go of the hold at once: nothing of it will be cached.
+    #[tokio::test]
+    async fn a_completion_refused_for_a_lost_lease_lets_go_of_the_hold() {
+        let (durable, store, key, token) = claimed().await;
+        durable.advance(LEASE);
+        let taken_over = durable.claim(&key, FINGERPRINT, LEASE).await;
+        assert!(
+            matches!(taken_over, Ok(Claim::Acquired(_))),
+            "{taken_over:?}"
+        );
+        let late = store.complete(&key, token, paid(), TTL).await;
+        assert!(matches!(late, Err(StoreError::LeaseLost)), "{late:?}");
+        assert_eq!((store.cached_len(), store.cache.in_flight_len()), (0, 0));
     }
 
     fn named(name: &str) -> RecordKey {
@@ -433,17 +514,15 @@ mod tests {
         );
     }
 
-    /// A completion the durable store refused is neither cached nor left
-    /// held in memory: the next claim asks the durable store.
+    /// A completion the durable store refused is not cached: the next
+    /// claim asks the durable store, which still holds the claim.
     #[tokio::test]
     async fn a_completion_the_durable_store_refused_is_not_cached() {
         let (durable, store, key, token) = claimed().await;
         durable.fail_next(crate::testing::OpKind::Complete);
-        let completed = store
-            .complete(&key, token, paid(), Duration::from_secs(3600))
-            .await;
+        let completed = store.complete(&key, token, paid(), TTL).await;
         assert!(completed.is_err(), "{completed:?}");
-        assert_eq!((store.cached_len(), store.cache.in_flight_len()), (0, 0));
+        assert_eq!(store.cached_len(), 0);
         let again = store.claim(&key, FINGERPRINT, LEASE).await;
         assert!(
             matches!(again, Ok(Claim::InFlight { .. })),
