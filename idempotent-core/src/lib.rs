@@ -9,10 +9,12 @@
 //!
 //! The one case it cannot cover: a process that dies mid-handler (or stalls
 //! past the endpoint's `lease`, 60 s by default) leaves no trace of how far
-//! it got, so a retry after the lease runs the handler again. Keep the side
-//! effect in one transaction with your own write, or give the downstream
-//! service (a payment provider) a key from [`IdempotencyKey::derive`] as
-//! its own idempotency key.
+//! it got, so a retry after the lease runs the handler again. Keep the
+//! handler's own writes in one database transaction (a crash mid-handler
+//! then leaves none of them, and the rerun starts clean; the store's record
+//! is written apart from it), or give the downstream service (a payment
+//! provider) a key from [`IdempotencyKey::derive`] as its own idempotency
+//! key.
 //!
 //! # Quick start
 //!
@@ -61,7 +63,18 @@
 //! own, as long as it implements `IntoResponse`; what is stored is the
 //! response, so an error that answers 400, 402, 404 or 422 is stored and
 //! replayed, and one that answers 5xx (or 408, 409, 429...) releases the
-//! key for a retry.
+//! key for a retry. That includes a 409 of your own (an order out of
+//! stock): to have it stored and replayed, list the statuses to store with
+//! the attribute's `final_statuses` (`final_statuses = "2xx, 400, 402-404, 409, 422"`).
+//!
+//! [`store::MemoryStore`] keeps records in the process. A service that runs
+//! on several machines, or must keep its records across restarts, uses a
+//! durable store instead, such as `store::PostgresStore` (feature
+//! `postgres`): `PostgresStore::connect(url)`, then `migrate()` (without
+//! it, every keyed request gets `500 store-misconfigured`) and
+//! `spawn_reaper(period)`, whose `Reaper` is kept while the server runs
+//! (without one, expired rows are never deleted), then
+//! `Idempotency::new(store)`. The [`store`] module lists the stores.
 //!
 //! The attribute's page lists its options (`ttl`, `lease`, `wait`,
 //! `scope`, `optional`, `skip`, `name`, `final_statuses`, ...) and the

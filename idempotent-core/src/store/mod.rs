@@ -4,6 +4,37 @@
 //! atomic: of many concurrent claims on a new key exactly one is
 //! [`Claim::Acquired`]. Every backend passes the same contract suite
 //! (`idempotent_core::testing::contract`, feature `test-util`).
+//!
+//! Give one to [`Idempotency::new`](crate::Idempotency::new):
+//!
+//! | store | feature | records survive a restart | shared by instances |
+//! |---|---|---|---|
+//! | [`MemoryStore`] | (always) | no | no |
+//! | [`Tiered`] (memory in front of a durable store) | (always) | as the durable store | as the durable store |
+//! | `PostgresStore` | `postgres` | yes | yes |
+//! | `RedisStore` | `redis` | as the Redis server is configured | yes |
+//! | `SqliteStore` | `sqlite` | yes | processes on one machine |
+//!
+//! The SQL stores need their table: call `migrate()` once they are
+//! opened (without it, every keyed request gets `500 store-misconfigured`,
+//! and the log says to run it), and keep the `Reaper` of `spawn_reaper`
+//! for as long as the server runs, or expired rows are never deleted:
+//!
+// The example needs `PostgresStore`, which only the `postgres` feature brings.
+#![cfg_attr(feature = "postgres", doc = "```no_run")]
+#![cfg_attr(not(feature = "postgres"), doc = "```ignore")]
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use idempotent_core::{Idempotency, store::PostgresStore};
+//!
+//! let store = PostgresStore::connect("postgres://app@db/app").await?;
+//! store.migrate().await?;
+//! let _reaper = store.spawn_reaper(Duration::from_secs(60));
+//! let idempotency = Idempotency::new(store);
+//! # let _ = idempotency;
+//! # Ok(())
+//! # }
+//! ```
 
 use std::future::Future;
 use std::pin::Pin;

@@ -338,7 +338,11 @@ impl MockStore {
     }
 
     /// An [`Idempotency`] layer on this store (a shared handle), for
-    /// `Router::layer`.
+    /// `Router::layer`, with the default settings. To test the settings
+    /// your server's layer has (an `api_key_header`, a `store_timeout`),
+    /// build it the same way on a clone instead:
+    /// `Idempotency::builder(store.clone()).api_key_header(..).build()`
+    /// (clones share the records, the clock and the log).
     #[must_use]
     pub fn layer(&self) -> Idempotency {
         Idempotency::new(self.clone())
