@@ -153,7 +153,7 @@ pub(crate) fn check_axum_arity(
         errors.spanned(
             inputs,
             format!(
-                "axum handlers take at most {AXUM_MAX_ARGUMENTS} arguments, and `#[idempotent]` adds {added} to the {written} here: group some extractors into one tuple argument (`meta: (Method, Uri)`, with `skip(meta)` if it carries no payload)"
+                "axum handlers take at most {AXUM_MAX_ARGUMENTS} arguments, and `#[idempotent]` adds {added} to the {written} here: group some extractors into one tuple argument (`(method, uri): (Method, Uri)`), whose elements are fingerprinted as they would be as arguments"
             ),
         );
     }
@@ -166,11 +166,14 @@ pub(crate) fn check_body_extractor_is_last(arguments: &[Argument<'_>], errors: &
     let Some((_, before_last)) = arguments.split_last() else {
         return;
     };
-    for argument in before_last {
-        let ty = optional_inner(argument.ty).unwrap_or(argument.ty);
+    // Within a tuple too: axum extracts a tuple before the last argument
+    // from the request's parts alone.
+    let extractors = before_last.iter().flat_map(|argument| &argument.extractors);
+    for extractor in extractors {
+        let ty = optional_inner(extractor.ty).unwrap_or(extractor.ty);
         if let Some(name) = type_ident(ty).filter(|_| consumes_body(ty)) {
             errors.spanned(
-                argument.ty,
+                extractor.ty,
                 format!(
                     "`{name}` reads the request body, so it must be the handler's last argument"
                 ),

@@ -12,7 +12,7 @@ use syn::spanned::Spanned;
 use syn::{Attribute, GenericParam, Ident, ItemFn, LitStr, ReturnType, Type};
 
 use crate::args::{Args, Scope};
-use crate::handler::{Handler, Role};
+use crate::handler::{Extractor, Handler, Role};
 use crate::types::{
     first_type_argument, is_named, is_two_argument_result, optional_inner, serialized_extractors,
 };
@@ -414,8 +414,9 @@ fn checked_name(
 }
 
 /// `Result<Fingerprint, FingerprintError>` over the generic handler's
-/// instance and the fingerprinted arguments, each argument's call spanned
-/// at its type so a type that cannot be fingerprinted is reported there.
+/// instance and the fingerprinted extractors, each extractor's call
+/// spanned at its type so a type that cannot be fingerprinted is reported
+/// there.
 fn fingerprint(
     handler: &Handler<'_>,
     generics: &syn::Generics,
@@ -424,24 +425,34 @@ fn fingerprint(
 ) -> TokenStream {
     let fingerprinter = local("__idempotent_fingerprinter");
     let instance = instance_inputs(generics, &fingerprinter, private);
-    let inputs = handler
+    let extractors: Vec<(&Extractor<'_>, TokenStream)> = handler
         .arguments
         .iter()
         .zip(params)
-        .filter(|(argument, _)| matches!(argument.role, Role::Fingerprinted))
-        .map(|(argument, param)| {
+        .filter(|(argument, _)| !matches!(argument.role, Role::Principal))
+        .flat_map(|(argument, param)| {
+            argument.extractors.iter().map(move |extractor| {
+                let index = extractor.index.iter().map(|&index| syn::Index::from(index));
+                (extractor, quote!(#param #(.#index)*))
+            })
+        })
+        .collect();
+    let inputs = extractors
+        .iter()
+        .filter(|(extractor, _)| extractor.fingerprinted)
+        .map(|(extractor, value)| {
             // The type is named in the call, so a type that cannot be
             // fingerprinted is reported at it; the argument itself keeps
             // the attribute's hygiene, which a `macro_rules!` that passes
             // the type in does not share.
-            let payload = payload_type(argument.ty);
-            let ty = located_at(argument.ty, payload);
+            let payload = payload_type(extractor.ty);
+            let ty = located_at(extractor.ty, payload);
             let span = payload.span();
             let call = respan_tokens(&quote!(#private::fingerprint_input), span);
             let call = quote_spanned! {span=>
-                #call::<#ty>(#fingerprinter, &#param)
+                #call::<#ty>(#fingerprinter, &#value)
             };
-            let check = serialized_payload_check(argument.ty, payload, private);
+            let check = serialized_payload_check(extractor.ty, payload, private);
             // The `?` is the attribute's: a lint on it (such as
             // `clippy::question_mark_used`) is not the argument's.
             quote!(#check #call?;)
@@ -449,13 +460,10 @@ fn fingerprint(
     // A rejection the fingerprint leaves out is noted all the same: the
     // handler's answer to it is no more an outcome than a fingerprinted
     // one's.
-    let rejections = handler
-        .arguments
+    let rejections = extractors
         .iter()
-        .zip(params)
-        .filter(|(argument, _)| matches!(argument.role, Role::NotFingerprinted))
-        .filter(|(argument, _)| is_two_argument_result(argument.ty))
-        .map(|(_, param)| quote!(#private::note_rejection(#fingerprinter, &#param);));
+        .filter(|(extractor, _)| !extractor.fingerprinted && is_two_argument_result(extractor.ty))
+        .map(|(_, value)| quote!(#private::note_rejection(#fingerprinter, &#value);));
     quote! {
         #private::fingerprint(&__IDEMPOTENT_ENDPOINT, |#fingerprinter| {
             #(#instance)*

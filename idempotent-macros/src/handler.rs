@@ -51,6 +51,22 @@ pub(crate) struct Argument<'a> {
     pub(crate) ty: &'a Type,
     pub(crate) name: Option<Ident>,
     pub(crate) role: Role,
+    /// The extractors it holds: itself, or each element of a tuple.
+    pub(crate) extractors: Vec<Extractor<'a>>,
+}
+
+/// One extractor within an argument: the argument itself, or an element
+/// of a tuple argument (`(Method, Uri)`, as a handler past axum's limit
+/// of arguments groups them), which axum extracts element by element and
+/// the fingerprint reads the same way: each element is fingerprinted or
+/// not as it would be as an argument of its own, and in that order, so
+/// grouping arguments into a tuple keeps the fingerprints already stored.
+pub(crate) struct Extractor<'a> {
+    /// Where it is within the argument: the tuple indices that lead to it,
+    /// none for the argument itself.
+    pub(crate) index: Vec<usize>,
+    pub(crate) ty: &'a Type,
+    pub(crate) fingerprinted: bool,
 }
 
 /// What analysis found in a handler, for expansion to write out.
@@ -142,19 +158,67 @@ fn arguments<'a>(
 impl<'a> Argument<'a> {
     fn new(pat: &'a Pat, ty: &'a Type, is_principal: bool, skipped: bool) -> Self {
         let name = binding(pat);
+        let mut extractors = Vec::new();
+        let left_out = is_principal || skipped;
+        collect_extractors(Some(pat), ty, left_out, &mut Vec::new(), &mut extractors);
         let role = if is_principal {
             Role::Principal
-        } else if skipped || !is_fingerprinted_by_default(ty) {
-            Role::NotFingerprinted
-        } else {
+        } else if extractors.iter().any(|extractor| extractor.fingerprinted) {
             Role::Fingerprinted
+        } else {
+            Role::NotFingerprinted
         };
         Self {
             pat,
             ty,
             name,
             role,
+            extractors,
         }
+    }
+}
+
+/// Pushes the extractors of an argument of type `ty`, bound by `pat`
+/// where the pattern is known, to `extractors`: a tuple's elements in
+/// order (an element bound to `_` is left out, as an argument is), any
+/// other type as one. `left_out` leaves every one out of the fingerprint.
+fn collect_extractors<'a>(
+    pat: Option<&Pat>,
+    ty: &'a Type,
+    left_out: bool,
+    index: &mut Vec<usize>,
+    extractors: &mut Vec<Extractor<'a>>,
+) {
+    let left_out = left_out || matches!(pat, Some(Pat::Wild(_)));
+    let Type::Tuple(tuple) = ty else {
+        extractors.push(Extractor {
+            index: index.clone(),
+            ty,
+            fingerprinted: !left_out && is_fingerprinted_by_default(ty),
+        });
+        return;
+    };
+    let patterns = pat.and_then(|pat| element_patterns(pat, tuple.elems.len()));
+    for (position, element) in tuple.elems.iter().enumerate() {
+        let pat = patterns.as_ref().map(|patterns| patterns[position]);
+        index.push(position);
+        collect_extractors(pat, element, left_out, index, extractors);
+        index.pop();
+    }
+}
+
+/// The pattern of each of a tuple's `len` elements in `pat`, when `pat`
+/// destructures it one pattern per element (no `..`).
+fn element_patterns(pat: &Pat, len: usize) -> Option<Vec<&Pat>> {
+    match pat {
+        Pat::Paren(paren) => element_patterns(&paren.pat, len),
+        Pat::Tuple(tuple)
+            if tuple.elems.len() == len
+                && !tuple.elems.iter().any(|elem| matches!(elem, Pat::Rest(_))) =>
+        {
+            Some(tuple.elems.iter().collect())
+        }
+        _ => None,
     }
 }
 

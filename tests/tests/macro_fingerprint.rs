@@ -152,6 +152,44 @@ async fn raw_form(RawForm(form): RawForm) -> String {
     format!("{} bytes", form.len())
 }
 
+/// Whether the order is only checked, not placed.
+#[derive(Serialize, Deserialize)]
+struct DryRun {
+    dry_run: bool,
+}
+
+/// Extractors taken one by one, under the endpoint name that
+/// `grouped_order` shares.
+#[idempotent(scope = "global", name = "orders.grouped")]
+async fn separate_order(
+    Path(id): Path<u32>,
+    Query(page): Query<DryRun>,
+    Json(charge): Json<Charge>,
+) -> String {
+    format!("order {id} {} {}", page.dry_run, charge.amount)
+}
+
+/// The same extractors grouped into a tuple, as a handler past axum's
+/// limit of arguments groups them: each is fingerprinted as it would be as
+/// an argument of its own, and in the same order.
+#[idempotent(scope = "global", name = "orders.grouped")]
+async fn grouped_order(
+    (Path(id), Query(page)): (Path<u32>, Query<DryRun>),
+    Json(charge): Json<Charge>,
+) -> String {
+    format!("order {id} {} {}", page.dry_run, charge.amount)
+}
+
+/// In a tuple as in the arguments, an extractor that carries no payload
+/// is left out, and so is one bound to `_`, which the handler never reads.
+#[idempotent(scope = "global")]
+async fn grouped_metadata(
+    (method, _): (axum::http::Method, Query<DryRun>),
+    body: String,
+) -> String {
+    format!("{method} {body}")
+}
+
 fn app() -> Router {
     Router::new()
         .route("/charge", post(charge))
@@ -167,6 +205,8 @@ fn app() -> Router {
         .route("/extra-form", post(extra_form))
         .route("/raw-query", post(raw_query))
         .route("/raw-form", post(raw_form))
+        .route("/grouped/{id}", post(grouped_order))
+        .route("/grouped-metadata", post(grouped_metadata))
         .with_state(Runs::default())
         .layer(Idempotency::new(MemoryStore::new()))
 }
@@ -467,4 +507,54 @@ async fn a_raw_query_and_a_raw_form_are_fingerprinted_as_sent() {
     assert_eq!(other, Answer::KeyReused);
     let retry = send(&app, form("/raw-form", "k2", "a=1")).await;
     assert_eq!(retry, replayed("3 bytes"));
+}
+
+#[tokio::test]
+async fn each_extractor_grouped_in_a_tuple_is_fingerprinted() {
+    let app = app();
+    let uri = "/grouped/7?dry_run=false";
+    let first = send(&app, json(uri, "k", r#"{"amount":10}"#)).await;
+    assert_eq!(first, ran("order 7 false 10"));
+    let other_query = send(
+        &app,
+        json("/grouped/7?dry_run=true", "k", r#"{"amount":10}"#),
+    )
+    .await;
+    assert_eq!(
+        other_query,
+        Answer::KeyReused,
+        "the handler would have only checked the order"
+    );
+    let other_body = send(&app, json(uri, "k", r#"{"amount":11}"#)).await;
+    assert_eq!(other_body, Answer::KeyReused);
+    let retry = send(&app, json(uri, "k", r#"{ "amount": 10 }"#)).await;
+    assert_eq!(retry, replayed("order 7 false 10"));
+
+    let uri = "/grouped-metadata?dry_run=false";
+    let first = send(&app, text(uri, "k2", "a")).await;
+    assert_eq!(first, ran("POST a"));
+    let unread = send(&app, text("/grouped-metadata?dry_run=true", "k2", "a")).await;
+    assert_eq!(unread, replayed("POST a"));
+    let other = send(&app, text(uri, "k2", "b")).await;
+    assert_eq!(other, Answer::KeyReused, "the body is still fingerprinted");
+}
+
+/// Grouping extractors into a tuple keeps the fingerprints already stored:
+/// a retry sent across the deploy that grouped them is still a retry.
+#[tokio::test]
+async fn grouping_extractors_into_a_tuple_keeps_the_fingerprint() {
+    let store = MemoryStore::new();
+    let before = Router::new()
+        .route("/orders/{id}", post(separate_order))
+        .layer(Idempotency::new(store.clone()));
+    let after = Router::new()
+        .route("/orders/{id}", post(grouped_order))
+        .layer(Idempotency::new(store));
+    let uri = "/orders/7?dry_run=false";
+    let first = send(&before, json(uri, "k", r#"{"amount":10}"#)).await;
+    assert_eq!(first, ran("order 7 false 10"));
+    let retry = send(&after, json(uri, "k", r#"{"amount":10}"#)).await;
+    assert_eq!(retry, replayed("order 7 false 10"));
+    let other = send(&after, json(uri, "k", r#"{"amount":11}"#)).await;
+    assert_eq!(other, Answer::KeyReused);
 }

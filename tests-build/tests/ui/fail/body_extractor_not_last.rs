@@ -1,5 +1,5 @@
 use axum::Json;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, Method};
 use idempotent_core::idempotent;
 
 #[idempotent]
@@ -10,6 +10,13 @@ async fn handler(Json(value): Json<u32>, headers: HeaderMap) -> String {
 #[idempotent]
 async fn optional_body(body: Option<String>, headers: HeaderMap) -> String {
     format!("{body:?} {}", headers.len())
+}
+
+// A tuple before the last argument is extracted from the request's parts
+// alone.
+#[idempotent]
+async fn grouped((method, body): (Method, String), headers: HeaderMap) -> String {
+    format!("{method} {body} {}", headers.len())
 }
 
 fn main() {}

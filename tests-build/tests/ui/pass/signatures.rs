@@ -1,8 +1,8 @@
 //! Signatures the attribute keeps intact: docs, attributes, visibility,
 //! generics, `impl IntoResponse`, `?`, raw identifiers, patterns.
 
-use axum::extract::Request;
-use axum::http::StatusCode;
+use axum::extract::{Path, Request};
+use axum::http::{Method, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::post;
 use axum::{Json, Router};
@@ -54,6 +54,13 @@ async fn early_return(Json(n): Json<i32>) -> StatusCode {
         return StatusCode::BAD_REQUEST;
     }
     StatusCode::NO_CONTENT
+}
+
+// Extractors grouped into a tuple, as past axum's limit of arguments: each
+// is fingerprinted, or left out, as it would be as an argument.
+#[idempotent]
+async fn grouped((method, Path(id)): (Method, Path<u32>), body: String) -> String {
+    format!("{method} {id} {body}")
 }
 
 // The handler's name may be one of its own bindings.
@@ -127,6 +134,7 @@ fn main() {
         .route("/request", post(whole_request))
         .route("/early", post(early_return))
         .route("/body", post(body))
+        .route("/grouped/{id}", post(grouped))
         .route("/own", post(own_extractor_named_like_a_body))
         .route("/own-last/{n}", post(own_extractor_named_like_a_body_last))
         .route("/local", post(local_types))
