@@ -48,6 +48,14 @@ impl Handler {
         (handler, gate)
     }
 
+    /// A handler that answers `status`.
+    fn answering(status: StatusCode) -> Self {
+        Self {
+            status: Some(status),
+            ..Self::default()
+        }
+    }
+
     fn runs(&self) -> usize {
         self.runs.load(Ordering::SeqCst)
     }
@@ -298,48 +306,33 @@ async fn keys_of_different_callers_do_not_meet() {
     assert_eq!(handler.runs(), 2);
 }
 
-#[tokio::test]
-async fn server_errors_are_released_and_the_retry_runs() {
-    let handler = Handler {
-        status: Some(StatusCode::INTERNAL_SERVER_ERROR),
-        ..Handler::default()
-    };
+/// What the retry of a request whose handler answered `status` gets:
+/// its status, whether it is a replay, and how many times the handler ran.
+async fn retried_after(status: StatusCode) -> (StatusCode, bool, usize) {
+    let handler = Handler::answering(status);
     let app = app(MemoryStore::new(), &handler);
     let body = json!({"amount": 1});
-    for _ in 0..2 {
-        let (status, headers, _) = send(&app, request(Some("k"), &body)).await;
-        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-        assert!(!replayed(&headers));
-    }
-    assert_eq!(handler.runs(), 2);
+    send(&app, request(Some("k"), &body)).await;
+    let (status, headers, _) = send(&app, request(Some("k"), &body)).await;
+    (status, replayed(&headers), handler.runs())
+}
+
+#[tokio::test]
+async fn server_errors_are_released_and_the_retry_runs() {
+    let retry = retried_after(StatusCode::INTERNAL_SERVER_ERROR).await;
+    assert_eq!(retry, (StatusCode::INTERNAL_SERVER_ERROR, false, 2));
 }
 
 #[tokio::test]
 async fn client_errors_are_stored_and_replayed() {
-    let handler = Handler {
-        status: Some(StatusCode::BAD_REQUEST),
-        ..Handler::default()
-    };
-    let app = app(MemoryStore::new(), &handler);
-    let body = json!({"amount": -1});
-    send(&app, request(Some("k"), &body)).await;
-    let (status, headers, _) = send(&app, request(Some("k"), &body)).await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(replayed(&headers));
-    assert_eq!(handler.runs(), 1);
+    let retry = retried_after(StatusCode::BAD_REQUEST).await;
+    assert_eq!(retry, (StatusCode::BAD_REQUEST, true, 1));
 }
 
 #[tokio::test]
 async fn retryable_client_errors_are_released() {
-    let handler = Handler {
-        status: Some(StatusCode::TOO_MANY_REQUESTS),
-        ..Handler::default()
-    };
-    let app = app(MemoryStore::new(), &handler);
-    let body = json!({});
-    send(&app, request(Some("k"), &body)).await;
-    send(&app, request(Some("k"), &body)).await;
-    assert_eq!(handler.runs(), 2);
+    let retry = retried_after(StatusCode::TOO_MANY_REQUESTS).await;
+    assert_eq!(retry, (StatusCode::TOO_MANY_REQUESTS, false, 2));
 }
 
 #[tokio::test]
@@ -1223,10 +1216,7 @@ async fn a_completion_that_fails_once_is_tried_again_so_a_later_retry_replays() 
 async fn a_release_that_fails_once_is_tried_again_so_the_retry_runs() {
     use idempotent_core::testing::{MockStore, OpKind};
     let store = MockStore::new();
-    let handler = Handler {
-        status: Some(StatusCode::SERVICE_UNAVAILABLE),
-        ..Handler::default()
-    };
+    let handler = Handler::answering(StatusCode::SERVICE_UNAVAILABLE);
     let app = app(store.clone(), &handler);
     let body = json!({"amount": 10});
     store.fail_next(OpKind::Release);
@@ -1401,6 +1391,9 @@ async fn the_lease_is_renewed_while_the_response_is_being_stored() {
     assert_eq!(handler.runs(), 1);
 }
 
+/// What a duplicate that finds a key free again tells.
+const LAPSED: &str = "the lease lapsed and the duplicate ran the handler";
+
 /// Asserts that a duplicate under `key` is answered 409 within a second:
 /// the first run still holds the key. One that took a lapsed key over
 /// would wait at the first run's gate too, or run; `lapsed` says so.
@@ -1438,13 +1431,7 @@ async fn a_failed_renewal_is_tried_again_before_the_lease_lapses() {
     // Waiting a whole period after each failure, the lease would lapse at
     // 3 s with the third failure.
     tokio::time::sleep(Duration::from_millis(3_500)).await;
-    assert_still_held(
-        &app,
-        "k",
-        &body,
-        "the lease lapsed and the duplicate ran the handler",
-    )
-    .await;
+    assert_still_held(&app, "k", &body, LAPSED).await;
     gate.add_permits(1);
     assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
     assert_eq!(handler.runs(), 1);
@@ -1483,13 +1470,7 @@ fn claims_are_renewed_on_a_runtime_that_came_after_another_ended() {
         let first = spawn_send(&app, "k", &body);
         handler.started.notified().await;
         tokio::time::sleep(Duration::from_secs(10)).await;
-        assert_still_held(
-            &app,
-            "k",
-            &body,
-            "the lease lapsed and the duplicate ran the handler",
-        )
-        .await;
+        assert_still_held(&app, "k", &body, LAPSED).await;
         gate.add_permits(1);
         assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
     });
@@ -1664,13 +1645,7 @@ async fn a_handler_holding_its_thread_does_not_let_other_claims_lapse() {
     handler.started.notified().await;
     tokio::time::sleep(Duration::from_millis(4_000)).await;
 
-    assert_still_held(
-        &app,
-        "k",
-        &body,
-        "the lease lapsed and the duplicate ran the handler",
-    )
-    .await;
+    assert_still_held(&app, "k", &body, LAPSED).await;
     gate.add_permits(2);
     assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
     assert_eq!(held.await.unwrap().0, StatusCode::CREATED);

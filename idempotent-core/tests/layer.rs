@@ -48,6 +48,18 @@ async fn send(app: &Router, request: Request<Body>) -> (StatusCode, http::Header
     )
 }
 
+/// An order under the key `k` whose body comes as `chunks`, without a
+/// `Content-Length`.
+fn streamed_order<const N: usize>(
+    chunks: [Result<bytes::Bytes, std::io::Error>; N],
+) -> Request<Body> {
+    Request::post("/orders")
+        .header("x-api-key", "c")
+        .header("idempotency-key", "k")
+        .body(Body::from_stream(futures_util::stream::iter(chunks)))
+        .unwrap()
+}
+
 /// An order without an `Idempotency-Key`.
 fn keyless(body: &'static str) -> Request<Body> {
     Request::post("/orders")
@@ -116,6 +128,18 @@ struct Announced {
     read: Arc<std::sync::atomic::AtomicBool>,
 }
 
+impl Announced {
+    /// A body of ten bytes, and whether it was read.
+    fn ten_bytes() -> (Body, Arc<std::sync::atomic::AtomicBool>) {
+        let read = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let body = Body::new(Self {
+            len: 10,
+            read: read.clone(),
+        });
+        (body, read)
+    }
+}
+
 impl http_body::Body for Announced {
     type Data = bytes::Bytes;
     type Error = std::convert::Infallible;
@@ -143,11 +167,7 @@ async fn a_body_announced_over_the_limit_is_413_before_it_is_read() {
     // without inviting the upload.
     let runs = Arc::new(AtomicUsize::new(0));
     let app = app(&runs, layer().max_request_bytes(4));
-    let read = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let body = Body::new(Announced {
-        len: 10,
-        read: read.clone(),
-    });
+    let (body, read) = Announced::ten_bytes();
     let request = Request::post("/orders")
         .header("x-api-key", "caller")
         .header("idempotency-key", "k")
@@ -172,11 +192,7 @@ async fn a_body_announced_over_the_limit_is_413_before_it_is_read() {
 async fn the_layer_reports_a_missing_credential_before_reading_the_body() {
     let runs = Arc::new(AtomicUsize::new(0));
     let app = app(&runs, layer());
-    let read = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let body = Body::new(Announced {
-        len: 10,
-        read: read.clone(),
-    });
+    let (body, read) = Announced::ten_bytes();
     let request = Request::post("/orders")
         .header("idempotency-key", "k")
         .header("expect", "100-continue")
@@ -266,11 +282,7 @@ async fn a_body_cut_short_is_400_and_not_run() {
         Ok(bytes::Bytes::from_static(b"{\"sku\"")),
         Err(std::io::Error::other("connection reset")),
     ];
-    let request = Request::post("/orders")
-        .header("x-api-key", "c")
-        .header("idempotency-key", "k")
-        .body(Body::from_stream(futures_util::stream::iter(chunks)))
-        .unwrap();
+    let request = streamed_order(chunks);
     let (status, _, problem) = send(&app, request).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(
@@ -474,11 +486,7 @@ async fn a_body_over_a_limit_in_front_of_the_layer_is_413_naming_that_limit() {
     let chunks = [Ok::<_, std::io::Error>(bytes::Bytes::from_static(
         b"0123456789",
     ))];
-    let request = Request::post("/orders")
-        .header("x-api-key", "c")
-        .header("idempotency-key", "k")
-        .body(Body::from_stream(futures_util::stream::iter(chunks)))
-        .unwrap();
+    let request = streamed_order(chunks);
     let (status, _, problem) = send(&limited, request).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert!(

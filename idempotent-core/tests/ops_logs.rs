@@ -85,6 +85,18 @@ fn request(path: &str, key: Option<&str>, body: &Value) -> Request<Body> {
     builder.body(Body::from(body.to_string())).unwrap()
 }
 
+/// `body` sent to `/pay` under `key` on a task of its own, given a tenth
+/// of a second to get its handler running.
+async fn running(
+    app: &Router,
+    key: &str,
+    body: &Value,
+) -> tokio::task::JoinHandle<Result<Response, std::convert::Infallible>> {
+    let sent = tokio::spawn(app.clone().oneshot(request("/pay", Some(key), body)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    sent
+}
+
 async fn send(app: &Router, request: Request<Body>) -> StatusCode {
     let response = app.clone().oneshot(request).await.unwrap();
     let status = response.status();
@@ -259,12 +271,7 @@ async fn every_outcome_tells_the_operator_what_and_where_and_nothing_secret() {
     let short = Endpoint::new("pay").lease(Duration::from_secs(30));
     let lapsing_service = app(lapsing.layer(), short);
     let slow_body = json!({"amount": 5, "sleep_ms": 1_000});
-    let first = tokio::spawn(lapsing_service.clone().oneshot(request(
-        "/pay",
-        Some("k-lapse"),
-        &slow_body,
-    )));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let first = running(&lapsing_service, "k-lapse", &slow_body).await;
     lapsing.advance(Duration::from_secs(31));
     let fast_body = json!({"amount": 5});
     let second = send(
@@ -282,19 +289,11 @@ async fn every_outcome_tells_the_operator_what_and_where_and_nothing_secret() {
     let second = Endpoint::new("pay").lease(Duration::from_secs(1));
     let down_service = app(down.layer(), second);
     let slow_body = json!({"amount": 6, "sleep_ms": 1_800});
-    let running = tokio::spawn(down_service.clone().oneshot(request(
-        "/pay",
-        Some("k-down"),
-        &slow_body,
-    )));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let held = running(&down_service, "k-down", &slow_body).await;
     down.fail_all(true);
     tokio::time::sleep(Duration::from_millis(1_400)).await;
     down.fail_all(false);
-    assert_eq!(
-        running.await.unwrap().unwrap().status(),
-        StatusCode::CREATED
-    );
+    assert_eq!(held.await.unwrap().unwrap().status(), StatusCode::CREATED);
     let events = recorder.take_at_least(tracing::Level::INFO);
     let levels: Vec<_> = events.iter().map(|e| e.level).collect();
     let expected = [

@@ -117,6 +117,18 @@ fn one_error(events: &Events, fault: Fault) -> Logged {
     event
 }
 
+/// The one error logged for the one call of `kind`, which met `fault`
+/// and was not tried again: the request's outcome is a store error.
+#[track_caller]
+fn failed_once(store: &MockStore, events: &Events, kind: OpKind, fault: Fault) -> Logged {
+    let operations = store.operations();
+    assert_eq!(attempts(store, kind), 1, "{fault:?}: {operations:?}");
+    assert_eq!(store.faults(), [(kind, fault)]);
+    let event = one_error(events, fault);
+    assert_eq!(event.field("outcome"), Some("store_error"), "{fault:?}");
+    event
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_completion_that_would_fail_alike_is_not_tried_again() {
     for fault in UNTIL_FIXED {
@@ -125,15 +137,7 @@ async fn a_completion_that_would_fail_alike_is_not_tried_again() {
         let (app, shared) = app(&store, Endpoint::new("pay"), Some(fault));
         let body = json!({"amount": 1});
         assert_eq!(send(&app, &body).await, (StatusCode::CREATED, Some(1)));
-        assert_eq!(
-            attempts(&store, OpKind::Complete),
-            1,
-            "{fault:?}: {:?}",
-            store.operations()
-        );
-        assert_eq!(store.faults(), [(OpKind::Complete, fault)]);
-        let event = one_error(&events, fault);
-        assert_eq!(event.field("outcome"), Some("store_error"), "{fault:?}");
+        let event = failed_once(&store, &events, OpKind::Complete, fault);
         assert!(event.message().contains("not tried again"), "{event:#?}");
         // Fixed: the key stays held until its lease lapses, and the
         // handler does not run again before.
@@ -156,15 +160,7 @@ async fn a_release_that_would_fail_alike_is_not_tried_again() {
             (StatusCode::SERVICE_UNAVAILABLE, Some(1)),
             "{fault:?}"
         );
-        assert_eq!(
-            attempts(&store, OpKind::Release),
-            1,
-            "{fault:?}: {:?}",
-            store.operations()
-        );
-        assert_eq!(store.faults(), [(OpKind::Release, fault)]);
-        let event = one_error(&events, fault);
-        assert_eq!(event.field("outcome"), Some("store_error"), "{fault:?}");
+        let event = failed_once(&store, &events, OpKind::Release, fault);
         assert!(event.message().contains("did not try again"), "{event:#?}");
         // Fixed: the key frees when its lease lapses, not before.
         store.fail_all(false);

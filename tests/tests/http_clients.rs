@@ -7,8 +7,6 @@
 
 mod macro_support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -19,9 +17,8 @@ use axum::routing::{any, post};
 use axum::{Json, Router};
 use idempotent_core::store::MemoryStore;
 use idempotent_core::{Endpoint, Idempotency, IdempotentLayer, Scope, idempotent};
+use macro_support::gated::Gate;
 use macro_support::{Reply, Runs, send};
-use serde_json::Value;
-use tokio::sync::Semaphore;
 
 /// How long a test waits for something that should come at once.
 const HANG: Duration = Duration::from_secs(10);
@@ -35,22 +32,13 @@ fn request(method: &str, uri: &str, key: Option<&str>, body: &str) -> Request<Bo
     builder.body(Body::from(body.to_owned())).unwrap()
 }
 
-/// The problem `reply` carries: asserts its status, content type and
-/// `type`, and returns its detail.
+/// The detail of the problem `reply` carries, after checking its status,
+/// content type and `type`.
+#[track_caller]
 fn problem(reply: &Reply, status: u16, kind: &str) -> String {
-    assert_eq!(reply.status.as_u16(), status, "{}", reply.body);
-    assert_eq!(
-        reply.header("content-type"),
-        Some("application/problem+json")
-    );
-    let problem: Value = serde_json::from_str(&reply.body).expect("a JSON problem");
-    assert_eq!(
-        problem["type"],
-        format!("urn:idempotent:{kind}"),
-        "{problem}"
-    );
-    assert_eq!(problem["status"], status, "{problem}");
-    problem["detail"].as_str().expect("a detail").to_owned()
+    let (got, detail) = reply.problem(status);
+    assert_eq!(got, kind, "{detail}");
+    detail
 }
 
 /// Counts its run and answers with it and what it was sent.
@@ -148,21 +136,13 @@ async fn a_body_over_the_layers_limit_is_413_saying_what_to_send_and_the_key_is_
 
 // ===== a storm of duplicates =====
 
-/// Handlers started, and a gate each waits at, closed at first.
-#[derive(Clone)]
-struct Gate {
-    runs: Runs,
-    started: Arc<AtomicUsize>,
-    open: Arc<Semaphore>,
-}
-
 #[idempotent(scope = "global")]
 async fn gated(State(gate): State<Gate>, Json(amount): Json<u64>) -> (StatusCode, String) {
-    gate.started.fetch_add(1, Ordering::SeqCst);
-    gate.open.acquire().await.expect("never closed").forget();
+    gate.start();
+    gate.wait().await;
     (
         StatusCode::CREATED,
-        format!("run {} of {amount}", gate.runs.bump()),
+        format!("run {} of {amount}", gate.charge()),
     )
 }
 
@@ -173,11 +153,7 @@ async fn gated(State(gate): State<Gate>, Json(amount): Json<u64>) -> (StatusCode
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_of_duplicates_gets_409s_that_say_when_to_retry_then_the_replay() {
     const STORM: usize = 32;
-    let gate = Gate {
-        runs: Runs::default(),
-        started: Arc::new(AtomicUsize::new(0)),
-        open: Arc::new(Semaphore::new(0)),
-    };
+    let gate = Gate::default();
     let app = Router::new()
         .route("/pay", post(gated))
         .with_state(gate.clone())
@@ -194,13 +170,7 @@ async fn a_storm_of_duplicates_gets_409s_that_say_when_to_retry_then_the_replay(
         let request = pay("5");
         async move { send(&app, request).await }
     });
-    tokio::time::timeout(HANG, async {
-        while gate.started.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the first request starts");
+    gate.until_started(1).await;
     let storm = (0..STORM).map(|_| send(&app, pay("5")));
     for reply in futures_util::future::join_all(storm).await {
         let detail = problem(&reply, 409, "request-in-progress");
@@ -208,7 +178,7 @@ async fn a_storm_of_duplicates_gets_409s_that_say_when_to_retry_then_the_replay(
         assert!(detail.contains("after the Retry-After delay"), "{detail}");
     }
     problem(&send(&app, pay("6")).await, 422, "key-reused");
-    gate.open.add_permits(1);
+    gate.let_through(1);
     let first = tokio::time::timeout(HANG, first)
         .await
         .expect("the first request ends")
@@ -219,10 +189,7 @@ async fn a_storm_of_duplicates_gets_409s_that_say_when_to_retry_then_the_replay(
         assert_eq!((reply.status, reply.replayed), (StatusCode::CREATED, true));
         assert_eq!(reply.body, first.body);
     }
-    assert_eq!(
-        (gate.runs.get(), gate.started.load(Ordering::SeqCst)),
-        (1, 1)
-    );
+    assert_eq!((gate.runs(), gate.started()), (1, 1));
 }
 
 // ===== one key, two routes =====

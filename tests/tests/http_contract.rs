@@ -34,24 +34,6 @@ fn request(method: &str, uri: &str, key: Option<&[u8]>, body: &str) -> Request<B
     request
 }
 
-/// The problem `reply` carries: its `type` name and detail, after
-/// checking its status and media type.
-fn problem(reply: &Reply, status: u16) -> (String, String) {
-    assert_eq!(reply.status.as_u16(), status, "{}", reply.body);
-    assert_eq!(
-        reply.header("content-type"),
-        Some("application/problem+json")
-    );
-    let problem: Value = serde_json::from_str(&reply.body).expect("a JSON problem");
-    assert_eq!(problem["status"], status, "{problem}");
-    let kind = problem["type"].as_str().expect("a type");
-    let detail = problem["detail"].as_str().expect("a detail");
-    (
-        kind.trim_start_matches("urn:idempotent:").to_owned(),
-        detail.to_owned(),
-    )
-}
-
 /// Every value of `Idempotent-Replayed` the reply carries.
 fn replay_marks(reply: &Reply) -> Vec<&str> {
     reply
@@ -78,18 +60,22 @@ async fn by_attribute(State(runs): State<Runs>) -> String {
     format!("run {}", runs.bump())
 }
 
-/// The same route made idempotent each way: `(name, router)`.
+/// One route made idempotent each way, `(name, router)`: `by_attribute`
+/// as it is, and `plain` under an `IdempotentLayer` of `endpoint`.
 fn both_ways(
     runs: &Runs,
-    route: impl Fn(bool) -> MethodRouter<Runs>,
+    by_attribute: MethodRouter<Runs>,
+    plain: MethodRouter<Runs>,
+    endpoint: Endpoint,
 ) -> [(&'static str, Router); 2] {
-    let app = |attribute: bool| {
+    let app = |route| {
         Router::new()
-            .route("/r", route(attribute))
+            .route("/r", route)
             .with_state(runs.clone())
             .layer(store())
     };
-    [("attribute", app(true)), ("layer", app(false))]
+    let layered = plain.route_layer(IdempotentLayer::new(endpoint));
+    [("attribute", app(by_attribute)), ("layer", app(layered))]
 }
 
 /// `handler` for `GET` (and so `HEAD`), `POST`, `PUT`, `PATCH` and
@@ -118,13 +104,12 @@ where
 #[tokio::test]
 async fn a_head_and_a_get_with_one_key_are_one_request_under_the_attribute_and_the_layer() {
     let runs = Runs::default();
-    let apps = both_ways(&runs, |attribute| {
-        if attribute {
-            every_method(by_attribute)
-        } else {
-            every_method(plain).route_layer(IdempotentLayer::new(LAYERED))
-        }
-    });
+    let apps = both_ways(
+        &runs,
+        every_method(by_attribute),
+        every_method(plain),
+        LAYERED,
+    );
     for (way, app) in apps {
         let before = runs.get();
         let got = send(&app, request("GET", "/r", Some(b"g"), "")).await;
@@ -251,13 +236,12 @@ async fn marking_by_attribute(
 async fn a_handlers_own_replay_mark_never_reaches_a_first_response_and_a_replay_says_true_once() {
     const OPTIONAL: Endpoint = LAYERED.optional(true);
     let runs = Runs::default();
-    let apps = both_ways(&runs, |attribute| {
-        if attribute {
-            post(marking_by_attribute)
-        } else {
-            post(marking_plain).route_layer(IdempotentLayer::new(OPTIONAL))
-        }
-    });
+    let apps = both_ways(
+        &runs,
+        post(marking_by_attribute),
+        post(marking_plain),
+        OPTIONAL,
+    );
     for (way, app) in apps {
         let first = send(&app, request("POST", "/r", Some(b"k"), "{}")).await;
         assert_eq!(first.status, StatusCode::OK, "{way}: {}", first.body);
@@ -280,13 +264,7 @@ async fn create_by_attribute(State(runs): State<Runs>, Json(_): Json<Value>) -> 
 }
 
 fn creating(runs: &Runs) -> [(&'static str, Router); 2] {
-    both_ways(runs, |attribute| {
-        if attribute {
-            post(create_by_attribute)
-        } else {
-            post(plain).route_layer(IdempotentLayer::new(LAYERED))
-        }
-    })
+    both_ways(runs, post(create_by_attribute), post(plain), LAYERED)
 }
 
 /// Each malformed key, and a request without one, gets the same 400 from
@@ -322,7 +300,7 @@ async fn a_missing_or_malformed_key_is_the_same_400_each_way_and_says_what_to_se
     for (way, app) in creating(&runs) {
         for (key, kind, says) in cases {
             let reply = send(&app, request("POST", "/r", key, "{}")).await;
-            let (got, detail) = problem(&reply, 400);
+            let (got, detail) = reply.problem(400);
             assert_eq!(got, kind, "{way} {key:?}");
             assert!(detail.contains(says), "{way} {key:?}: {detail}");
             details.push(detail);
@@ -331,7 +309,7 @@ async fn a_missing_or_malformed_key_is_the_same_400_each_way_and_says_what_to_se
         twice
             .headers_mut()
             .append("idempotency-key", HeaderValue::from_static("a"));
-        let (got, detail) = problem(&send(&app, twice).await, 400);
+        let (got, detail) = send(&app, twice).await.problem(400);
         assert_eq!(got, "invalid-key", "{way}");
         assert!(detail.contains("more than once"), "{way}: {detail}");
     }
@@ -392,13 +370,12 @@ async fn echo_plain(State(runs): State<Runs>, body: String) -> String {
 #[tokio::test]
 async fn a_key_on_another_method_than_post_runs_once_each_way() {
     let runs = Runs::default();
-    let apps = both_ways(&runs, |attribute| {
-        if attribute {
-            every_method(echo_by_attribute)
-        } else {
-            every_method(echo_plain).route_layer(IdempotentLayer::new(LAYERED))
-        }
-    });
+    let apps = both_ways(
+        &runs,
+        every_method(echo_by_attribute),
+        every_method(echo_plain),
+        LAYERED,
+    );
     for (way, app) in apps {
         for method in ["GET", "DELETE", "PUT", "PATCH"] {
             let key = method.as_bytes();
@@ -415,7 +392,7 @@ async fn a_key_on_another_method_than_post_runs_once_each_way() {
                 "{way} {method}"
             );
             let posted = send(&app, request("POST", "/r", Some(key), "x")).await;
-            assert_eq!(problem(&posted, 422).0, "key-reused", "{way} {method}");
+            assert_eq!(posted.problem(422).0, "key-reused", "{way} {method}");
         }
     }
     assert_eq!(runs.get(), 8);

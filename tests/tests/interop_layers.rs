@@ -26,10 +26,10 @@ use idempotent_core::store::MemoryStore;
 use idempotent_core::{
     Endpoint, Idempotency, IdempotentLayer, IdempotentRequest, Scope, idempotent,
 };
-use macro_support::{Reply, Runs, send};
+use macro_support::gated::{Charge, Gate, gated_app, gated_by_attribute, gated_plain};
+use macro_support::{Reply, Runs, both_ways, post_json, send};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Semaphore;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;
@@ -49,105 +49,7 @@ const BODY: &str = r#"{"amount":7}"#;
 /// The target of the event a gated handler logs when it acts.
 const SIDE_EFFECT: &str = "side_effect";
 
-#[derive(Serialize, Deserialize)]
-struct Charge {
-    amount: u64,
-}
-
-/// Counts the handler's side effects and holds them until the test opens
-/// the gate.
-#[derive(Clone)]
-struct Gate {
-    /// Side effects done.
-    runs: Arc<AtomicUsize>,
-    /// Handlers that started.
-    started: Arc<AtomicUsize>,
-    open: Arc<Semaphore>,
-}
-
-impl Default for Gate {
-    fn default() -> Self {
-        Self {
-            runs: Arc::new(AtomicUsize::new(0)),
-            started: Arc::new(AtomicUsize::new(0)),
-            open: Arc::new(Semaphore::new(0)),
-        }
-    }
-}
-
-impl Gate {
-    fn runs(&self) -> usize {
-        self.runs.load(Ordering::SeqCst)
-    }
-
-    fn started(&self) -> usize {
-        self.started.load(Ordering::SeqCst)
-    }
-
-    /// Waits at the gate, then does the side effect.
-    async fn pass(&self, amount: u64) -> (StatusCode, String) {
-        self.started.fetch_add(1, Ordering::SeqCst);
-        let permit = self.open.acquire().await.expect("the gate is never closed");
-        permit.forget();
-        let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
-        (StatusCode::CREATED, format!("run {run} amount {amount}"))
-    }
-
-    /// Does the side effect at once, then waits at the gate before it
-    /// answers: a handler whose cancellation comes too late to undo it.
-    async fn charge_then_wait(&self, amount: u64) -> (StatusCode, String) {
-        self.started.fetch_add(1, Ordering::SeqCst);
-        let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
-        let permit = self.open.acquire().await.expect("the gate is never closed");
-        permit.forget();
-        (StatusCode::CREATED, format!("run {run} amount {amount}"))
-    }
-
-    async fn until_started(&self, count: usize) {
-        tokio::time::timeout(HANG, async {
-            while self.started() < count {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await
-        .expect("the handler starts");
-    }
-}
-
-#[idempotent(scope = "global")]
-async fn gated_by_attribute(
-    State(gate): State<Gate>,
-    Json(c): Json<Charge>,
-) -> (StatusCode, String) {
-    gate.pass(c.amount).await
-}
-
-async fn gated_plain(State(gate): State<Gate>, Json(c): Json<Charge>) -> (StatusCode, String) {
-    gate.pass(c.amount).await
-}
-
 const GATED: Endpoint = Endpoint::new("gated").scope(Scope::Global);
-
-/// `/attribute` and `/layer`, the same gated handler made idempotent each
-/// way, on `idempotency`; tests add their layers around it.
-fn gated_app(gate: &Gate, idempotency: &Idempotency) -> Router {
-    Router::new()
-        .route("/attribute", post(gated_by_attribute))
-        .route(
-            "/layer",
-            post(gated_plain).route_layer(IdempotentLayer::new(GATED)),
-        )
-        .with_state(gate.clone())
-        .layer(idempotency.clone())
-}
-
-fn post_json(uri: &str, key: &str, body: &str) -> Request<Body> {
-    Request::post(uri)
-        .header("content-type", "application/json")
-        .header("idempotency-key", key)
-        .body(Body::from(body.to_owned()))
-        .unwrap()
-}
 
 /// Sends `request` again until it is no longer answered 409.
 async fn once_settled(app: &Router, request: impl Fn() -> Request<Body>) -> Reply {
@@ -189,7 +91,7 @@ async fn a_timeout_in_front_cuts_the_answer_not_the_run(uri: &str, app: Router, 
         "{uri}: {}",
         during.body
     );
-    gate.open.add_permits(1);
+    gate.let_through(1);
     let retry = once_settled(&app, || post_json(uri, "k", BODY)).await;
     assert_eq!(
         (retry.status, retry.body.as_str(), retry.replayed),
@@ -204,7 +106,7 @@ async fn a_tower_timeout_in_front_answered_by_handle_error_cuts_the_answer_not_t
     for uri in ["/attribute", "/layer"] {
         let gate = Gate::default();
         let idempotency = Idempotency::new(MemoryStore::new());
-        let app = gated_app(&gate, &idempotency).layer(
+        let app = gated_app(&gate, &idempotency, GATED).layer(
             ServiceBuilder::new()
                 .layer(HandleErrorLayer::new(timed_out))
                 .timeout(CUT),
@@ -258,15 +160,15 @@ async fn a_timeout_in_the_handlers_own_code_around_run_cuts_the_answer_not_the_r
 }
 
 async fn streams_behind_the_gate(State(gate): State<Gate>, Json(c): Json<Charge>) -> Body {
-    gate.started.fetch_add(1, Ordering::SeqCst);
+    gate.start();
     let chunks = futures_util::stream::unfold(0, move |sent| {
         let gate = gate.clone();
         async move {
             let chunk = match sent {
                 0 => format!("amount {} ", c.amount),
                 1 => {
-                    gate.open.acquire().await.expect("never closed").forget();
-                    let run = gate.runs.fetch_add(1, Ordering::SeqCst) + 1;
+                    gate.wait().await;
+                    let run = gate.charge();
                     format!("run {run}")
                 }
                 _ => return None,
@@ -289,21 +191,20 @@ async fn streams_by_attribute(State(gate): State<Gate>, Json(c): Json<Charge>) -
 async fn a_timeout_in_front_that_fires_while_the_body_streams_leaves_the_whole_body_stored() {
     for uri in ["/attribute", "/layer"] {
         let gate = Gate::default();
-        let app = Router::new()
-            .route("/attribute", post(streams_by_attribute))
-            .route(
-                "/layer",
-                post(streams_behind_the_gate).route_layer(IdempotentLayer::new(GATED)),
-            )
-            .with_state(gate.clone())
-            .layer(Idempotency::new(MemoryStore::new()))
-            .layer(TimeoutLayer::with_status_code(
-                StatusCode::GATEWAY_TIMEOUT,
-                CUT,
-            ));
+        let app = both_ways(
+            streams_by_attribute,
+            streams_behind_the_gate,
+            GATED,
+            gate.clone(),
+            Idempotency::new(MemoryStore::new()),
+        )
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::GATEWAY_TIMEOUT,
+            CUT,
+        ));
         let first = send(&app, post_json(uri, "k", BODY)).await;
         assert_eq!(first.status, StatusCode::GATEWAY_TIMEOUT, "{uri}");
-        gate.open.add_permits(1);
+        gate.let_through(1);
         let retry = once_settled(&app, || post_json(uri, "k", BODY)).await;
         assert_eq!(
             (retry.status, retry.body.as_str(), retry.replayed),
@@ -340,7 +241,7 @@ async fn a_timeout_between_the_layer_and_the_handler_releases_the_key_so_the_ret
         .layer(Idempotency::new(MemoryStore::new()));
     let first = send(&app, post_json("/layer", "k", BODY)).await;
     assert_eq!(first.status, StatusCode::REQUEST_TIMEOUT);
-    gate.open.add_permits(1);
+    gate.let_through(1);
     let retry = send(&app, post_json("/layer", "k", BODY)).await;
     assert_eq!((retry.status, retry.replayed), (StatusCode::CREATED, false));
     assert_eq!(gate.runs(), 2, "the cancelled run had charged already");
@@ -361,7 +262,7 @@ async fn a_concurrency_limit_bounds_detached_runs_only_between_the_layer_and_the
     // In front of everything: the second request gets the permit the
     // first one's dropped future gave back, and both handlers run.
     let gate = Gate::default();
-    let app = gated_app(&gate, &Idempotency::new(MemoryStore::new())).layer(
+    let app = gated_app(&gate, &Idempotency::new(MemoryStore::new()), GATED).layer(
         ServiceBuilder::new()
             .layer(HandleErrorLayer::new(timed_out))
             .timeout(CUT)
@@ -372,7 +273,7 @@ async fn a_concurrency_limit_bounds_detached_runs_only_between_the_layer_and_the
         assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
     }
     gate.until_started(2).await;
-    gate.open.add_permits(2);
+    gate.let_through(2);
 
     // Between the layer and the handler: the first run keeps its permit
     // once detached, and the second waits for it.
@@ -399,7 +300,7 @@ async fn a_concurrency_limit_bounds_detached_runs_only_between_the_layer_and_the
     assert_eq!(gate.started(), 1, "the limit held the second run back");
     let waiting = send(&app, post_json("/layer", "b", BODY)).await;
     assert_eq!(waiting.status, StatusCode::CONFLICT, "{}", waiting.body);
-    gate.open.add_permits(2);
+    gate.let_through(2);
     for (key, run) in [("a", "run 1 amount 7"), ("b", "run 2 amount 7")] {
         let replayed = once_settled(&app, || post_json("/layer", key, BODY)).await;
         assert_eq!(
@@ -420,7 +321,7 @@ async fn overloaded(_: BoxError) -> StatusCode {
 async fn a_request_shed_in_front_claims_nothing() {
     for uri in ["/attribute", "/layer"] {
         let gate = Gate::default();
-        let app = gated_app(&gate, &Idempotency::new(MemoryStore::new())).layer(
+        let app = gated_app(&gate, &Idempotency::new(MemoryStore::new()), GATED).layer(
             ServiceBuilder::new()
                 .layer(HandleErrorLayer::new(overloaded))
                 .load_shed()
@@ -434,7 +335,7 @@ async fn a_request_shed_in_front_claims_nothing() {
         gate.until_started(1).await;
         let shed = send(&app, post_json(uri, "b", BODY)).await;
         assert_eq!(shed.status, StatusCode::SERVICE_UNAVAILABLE, "{uri}");
-        gate.open.add_permits(2);
+        gate.let_through(2);
         let first = running.await.unwrap();
         assert_eq!(first.status, StatusCode::CREATED, "{uri}");
         let again = send(&app, post_json(uri, "b", BODY)).await;
@@ -510,8 +411,8 @@ impl MakeRequestId for Numbered {
 async fn a_replay_carries_the_request_id_of_the_retry_not_of_the_first_request() {
     for uri in ["/attribute", "/layer"] {
         let gate = Gate::default();
-        gate.open.add_permits(10);
-        let app = gated_app(&gate, &Idempotency::new(MemoryStore::new())).layer(
+        gate.let_through(10);
+        let app = gated_app(&gate, &Idempotency::new(MemoryStore::new()), GATED).layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::x_request_id(Numbered::default()))
                 .layer(TraceLayer::new_for_http())
@@ -564,8 +465,8 @@ fn gzipped_post(uri: &str, key: &str, body: &str) -> Request<Body> {
 async fn with_the_layer_a_retry_sent_gzipped_or_plain_behind_request_decompression_is_replayed() {
     for gzipped_first in [false, true] {
         let gate = Gate::default();
-        gate.open.add_permits(10);
-        let app = gated_app(&gate, &Idempotency::new(MemoryStore::new()))
+        gate.let_through(10);
+        let app = gated_app(&gate, &Idempotency::new(MemoryStore::new()), GATED)
             .layer(RequestDecompressionLayer::new());
         let (first, retry) = if gzipped_first {
             (
@@ -731,15 +632,14 @@ async fn report_by_attribute(State(runs): State<Runs>, Json(c): Json<Charge>) ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_http1_replays_behind_compression_are_framed_and_encoded_for_each_caller() {
     let runs = Runs::default();
-    let app = Router::new()
-        .route("/attribute", post(report_by_attribute))
-        .route(
-            "/layer",
-            post(report_plain).route_layer(IdempotentLayer::new(GATED)),
-        )
-        .with_state(runs.clone())
-        .layer(Idempotency::new(MemoryStore::new()))
-        .layer(CompressionLayer::new());
+    let app = both_ways(
+        report_by_attribute,
+        report_plain,
+        GATED,
+        runs.clone(),
+        Idempotency::new(MemoryStore::new()),
+    )
+    .layer(CompressionLayer::new());
     let addr = serve(app).await;
     for uri in ["/attribute", "/layer"] {
         let gzip_accepted = "accept-encoding: gzip\r\n";
@@ -815,15 +715,14 @@ async fn fails_midway_by_attribute(State(runs): State<Runs>, Json(_c): Json<Char
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_http1_a_body_that_fails_midway_is_cut_off_for_its_caller_and_not_run_again() {
     let runs = Runs::default();
-    let app = Router::new()
-        .route("/attribute", post(fails_midway_by_attribute))
-        .route(
-            "/layer",
-            post(fails_midway_plain).route_layer(IdempotentLayer::new(GATED)),
-        )
-        .with_state(runs.clone())
-        .layer(Idempotency::new(MemoryStore::new()))
-        .layer(TraceLayer::new_for_http());
+    let app = both_ways(
+        fails_midway_by_attribute,
+        fails_midway_plain,
+        GATED,
+        runs.clone(),
+        Idempotency::new(MemoryStore::new()),
+    )
+    .layer(TraceLayer::new_for_http());
     let addr = serve(app).await;
     for uri in ["/attribute", "/layer"] {
         let head = post_head(uri, uri, BODY.len(), "");
@@ -878,7 +777,7 @@ async fn over_http1_a_replayed_head_announces_the_length_the_first_head_did() {
 #[tokio::test]
 async fn with_the_layer_a_preflight_passes_without_a_key_and_claims_nothing() {
     let gate = Gate::default();
-    gate.open.add_permits(10);
+    gate.let_through(10);
     let cors = tower_http::cors::CorsLayer::new()
         .allow_origin(tower_http::cors::Any)
         .allow_methods(tower_http::cors::Any)
@@ -942,15 +841,14 @@ async fn trailed_by_attribute(State(runs): State<Runs>, Json(_c): Json<Charge>) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_http1_a_response_with_trailers_reaches_its_caller_whole_and_is_not_run_again() {
     let runs = Runs::default();
-    let app = Router::new()
-        .route("/attribute", post(trailed_by_attribute))
-        .route(
-            "/layer",
-            post(trailed_plain).route_layer(IdempotentLayer::new(GATED)),
-        )
-        .with_state(runs.clone())
-        .layer(Idempotency::new(MemoryStore::new()))
-        .layer(CompressionLayer::new());
+    let app = both_ways(
+        trailed_by_attribute,
+        trailed_plain,
+        GATED,
+        runs.clone(),
+        Idempotency::new(MemoryStore::new()),
+    )
+    .layer(CompressionLayer::new());
     let addr = serve(app).await;
     for (uri, run) in [("/attribute", 1), ("/layer", 2)] {
         let head = post_head(uri, uri, BODY.len(), "te: trailers\r\n");
@@ -1035,22 +933,21 @@ async fn a_run_a_timeout_let_go_of_still_logs_in_its_requests_span() {
         let idempotency = Idempotency::new(MemoryStore::new());
         let trace = TraceLayer::new_for_http()
             .make_span_with(tower_http::trace::DefaultMakeSpan::new().level(tracing::Level::INFO));
-        let app = Router::new()
-            .route("/attribute", post(gated_logging_by_attribute))
-            .route(
-                "/layer",
-                post(gated_logging).route_layer(IdempotentLayer::new(GATED)),
-            )
-            .with_state(gate.clone())
-            .layer(idempotency.clone())
-            .layer(TimeoutLayer::with_status_code(
-                StatusCode::GATEWAY_TIMEOUT,
-                CUT,
-            ))
-            .layer(trace);
+        let app = both_ways(
+            gated_logging_by_attribute,
+            gated_logging,
+            GATED,
+            gate.clone(),
+            idempotency.clone(),
+        )
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::GATEWAY_TIMEOUT,
+            CUT,
+        ))
+        .layer(trace);
         let first = send(&app, post_json(uri, "k", BODY)).await;
         assert_eq!(first.status, StatusCode::GATEWAY_TIMEOUT, "{uri}");
-        gate.open.add_permits(1);
+        gate.let_through(1);
         tokio::time::timeout(HANG, idempotency.drain())
             .await
             .expect("the run finishes");
@@ -1121,8 +1018,8 @@ fn stalled_upload(uri: &str, key: &str) -> Request<Body> {
 async fn a_request_body_timeout_in_front_claims_nothing_and_the_whole_retry_runs() {
     for uri in ["/attribute", "/layer"] {
         let gate = Gate::default();
-        gate.open.add_permits(10);
-        let app = gated_app(&gate, &Idempotency::new(MemoryStore::new()))
+        gate.let_through(10);
+        let app = gated_app(&gate, &Idempotency::new(MemoryStore::new()), GATED)
             .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(CUT));
         let stalled = tokio::time::timeout(HANG, send(&app, stalled_upload(uri, "k")))
             .await
@@ -1195,7 +1092,7 @@ fn authenticated(gate: &Gate, auth_in_front: bool) -> Router {
 #[tokio::test]
 async fn with_the_layer_authentication_in_front_answers_before_the_key_is_claimed_or_replayed() {
     let gate = Gate::default();
-    gate.open.add_permits(10);
+    gate.let_through(10);
     let app = authenticated(&gate, true);
     let refused = send(&app, tenant_post("k", Some("expired"))).await;
     assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
@@ -1216,7 +1113,7 @@ async fn with_the_layer_authentication_in_front_answers_before_the_key_is_claime
 #[tokio::test]
 async fn with_the_layer_authentication_behind_it_is_skipped_by_replays() {
     let gate = Gate::default();
-    gate.open.add_permits(10);
+    gate.let_through(10);
     let app = authenticated(&gate, false);
     let refused = send(&app, tenant_post("a", Some("expired"))).await;
     assert_eq!(refused.status, StatusCode::UNAUTHORIZED);

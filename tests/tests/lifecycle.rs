@@ -5,6 +5,8 @@
 //! route's layer, and response bodies that panic, never end (event
 //! streams) or pass `max_body_bytes`.
 
+mod macro_support;
+
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,21 +14,19 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::handler::Handler;
 use axum::http::{Request, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use http_body_util::BodyExt;
 use idempotent_core::store::MemoryStore;
 use idempotent_core::testing::{MockStore, OpKind};
 use idempotent_core::{Endpoint, Idempotency, IdempotentLayer, Scope, idempotent};
-use serde::{Deserialize, Serialize};
+use macro_support::gated::{Charge, Gate, gated_app, gated_by_attribute, gated_plain};
+use macro_support::{both_ways, post_json, serve};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
 use tower::ServiceExt;
 use tower_http::compression::CompressionLayer;
 use tower_http::limit::RequestBodyLimitLayer;
@@ -37,111 +37,12 @@ use tower_http::trace::TraceLayer;
 /// it a failure: never a synchronisation, only a bound on a hang.
 const HANG: Duration = Duration::from_secs(10);
 
-#[derive(Serialize, Deserialize)]
-struct Charge {
-    amount: u64,
-}
-
-/// A run count, a signal that a run started, and a gate each run waits at
-/// before it counts, closed at first.
-#[derive(Clone)]
-struct Gate {
-    runs: Arc<AtomicUsize>,
-    started: Arc<Semaphore>,
-    open: Arc<Semaphore>,
-}
-
-impl Default for Gate {
-    fn default() -> Self {
-        Self {
-            runs: Arc::default(),
-            started: Arc::new(Semaphore::new(0)),
-            open: Arc::new(Semaphore::new(0)),
-        }
-    }
-}
-
-impl Gate {
-    fn runs(&self) -> usize {
-        self.runs.load(Ordering::SeqCst)
-    }
-
-    async fn until_started(&self) {
-        let started = self.started.acquire();
-        let permit = tokio::time::timeout(HANG, started).await;
-        permit.expect("the handler starts").unwrap().forget();
-    }
-
-    /// Waits at the gate, then counts the run and answers with its number.
-    async fn pass(&self, amount: u64) -> (StatusCode, String) {
-        self.started.add_permits(1);
-        drop(self.open.acquire().await.expect("the gate is never closed"));
-        let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
-        (StatusCode::CREATED, format!("run {run} amount {amount}"))
-    }
-}
-
-#[idempotent(scope = "global")]
-async fn gated_by_attribute(
-    State(gate): State<Gate>,
-    Json(c): Json<Charge>,
-) -> (StatusCode, String) {
-    gate.pass(c.amount).await
-}
-
-async fn gated_plain(State(gate): State<Gate>, Json(c): Json<Charge>) -> (StatusCode, String) {
-    gate.pass(c.amount).await
-}
-
 const LAYERED: Endpoint = Endpoint::new("layered").scope(Scope::Global);
 
-/// `/attribute` and `/layer`, one handler made idempotent each way: by the
-/// attribute, and as `plain` under an `IdempotentLayer` of `LAYERED`; on
-/// `state`, behind `idempotency`.
-fn both_ways<S: Clone + Send + Sync + 'static, A: 'static, P: 'static>(
-    by_attribute: impl Handler<A, S>,
-    plain: impl Handler<P, S>,
-    state: S,
-    idempotency: Idempotency,
-) -> Router {
-    Router::new()
-        .route("/attribute", post(by_attribute))
-        .route(
-            "/layer",
-            post(plain).route_layer(IdempotentLayer::new(LAYERED)),
-        )
-        .with_state(state)
-        .layer(idempotency)
-}
-
-/// The gated handler made idempotent each way, on `idempotency`.
-fn gated_app(gate: &Gate, idempotency: &Idempotency) -> Router {
-    both_ways(
-        gated_by_attribute,
-        gated_plain,
-        gate.clone(),
-        idempotency.clone(),
-    )
-}
-
-fn post_json(uri: &str, key: &str, body: &str) -> Request<Body> {
-    Request::post(uri)
-        .header("content-type", "application/json")
-        .header("idempotency-key", key)
-        .body(Body::from(body.to_owned()))
-        .unwrap()
-}
-
+/// The status, whether it is a replay, and the body.
 async fn send(app: &Router, request: Request<Body>) -> (StatusCode, bool, String) {
-    let response = app.clone().oneshot(request).await.unwrap();
-    let replayed = response.headers().contains_key("idempotent-replayed");
-    let status = response.status();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        replayed,
-        String::from_utf8_lossy(&body).into_owned(),
-    )
+    let reply = macro_support::send(app, request).await;
+    (reply.status, reply.replayed, reply.body)
 }
 
 fn head(uri: &str, key: &str, length: usize) -> String {
@@ -173,27 +74,6 @@ async fn read_until(stream: &mut TcpStream, wanted: &str) -> String {
 
 // ===== a client that goes away =====
 
-/// The server on a port of its own, with a graceful shutdown that starts
-/// when `stop` is sent, and a client connected to it.
-async fn serve(
-    app: Router,
-) -> (
-    TcpStream,
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<()>,
-) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { drop(stopped.await) })
-            .await
-            .unwrap();
-    });
-    (TcpStream::connect(addr).await.unwrap(), stop, server)
-}
-
 /// A client sends its request and hangs up while the handler runs; the
 /// server then shuts down, which it can only do once the connection let
 /// the request go (a request still served would hold it). The handler
@@ -202,12 +82,12 @@ async fn serve(
 async fn a_run_whose_client_hung_up_is_stored_by_drain(uri: &str) {
     let gate = Gate::default();
     let idempotency = Idempotency::new(MemoryStore::new());
-    let app = gated_app(&gate, &idempotency);
+    let app = gated_app(&gate, &idempotency, LAYERED);
     let (mut client, stop, server) = serve(app.clone()).await;
     let body = r#"{"amount":7}"#;
     let request = format!("{}{body}", head(uri, "k", body.len()));
     client.write_all(request.as_bytes()).await.unwrap();
-    gate.until_started().await;
+    gate.until_started(1).await;
     drop(client);
     stop.send(()).unwrap();
     let shutdown = tokio::time::timeout(HANG, server).await;
@@ -216,7 +96,7 @@ async fn a_run_whose_client_hung_up_is_stored_by_drain(uri: &str) {
         .unwrap();
     assert_eq!(gate.runs(), 0, "the handler is still at its gate");
 
-    gate.open.add_permits(1);
+    gate.let_through(1);
     drained_then_replayed(idempotency.drain(), &gate, &app, uri, body).await;
 }
 
@@ -258,10 +138,10 @@ async fn with_the_layer_a_run_whose_client_hung_up_is_stored_by_drain() {
 async fn drain_waits_for_a_request_not_yet_dropped(uri: &str) {
     let gate = Gate::default();
     let idempotency = Idempotency::new(MemoryStore::new());
-    let app = gated_app(&gate, &idempotency);
+    let app = gated_app(&gate, &idempotency, LAYERED);
     let body = r#"{"amount":9}"#;
     let request = tokio::spawn(send_owned(app.clone(), post_json(uri, "k", body)));
-    gate.until_started().await;
+    gate.until_started(1).await;
 
     // Nothing a drain waits for can end while the gate is closed, so a
     // drain that is ready at once did not wait for this request.
@@ -273,7 +153,7 @@ async fn drain_waits_for_a_request_not_yet_dropped(uri: &str) {
 
     request.abort();
     assert!(request.await.unwrap_err().is_cancelled());
-    gate.open.add_permits(1);
+    gate.let_through(1);
     drained_then_replayed(drain, &gate, &app, uri, body).await;
 }
 
@@ -295,9 +175,9 @@ async fn with_the_layer_drain_waits_for_a_request_not_yet_dropped() {
 /// nothing is claimed, and the retry with the whole body runs once.
 async fn a_body_cut_short_claims_nothing(uri: &str) {
     let gate = Gate::default();
-    gate.open.add_permits(10);
+    gate.let_through(10);
     let store = MockStore::new();
-    let app = gated_app(&gate, &store.layer());
+    let app = gated_app(&gate, &store.layer(), LAYERED);
     let (mut client, _stop, _server) = serve(app.clone()).await;
     let body = r#"{"amount":7}"#;
     let request = format!("{}{}", head(uri, "k", body.len()), &body[..5]);
@@ -362,6 +242,7 @@ async fn statuses_that_are_not_final_release_the_key_for_both_ways() {
     let app = both_ways(
         answering_by_attribute,
         answering_plain,
+        LAYERED,
         runs.clone(),
         store.layer(),
     );
@@ -429,6 +310,7 @@ async fn an_event_stream_is_sent_as_it_comes_and_not_run_again(uri: &str) {
     let app = both_ways(
         events_by_attribute,
         events_plain,
+        LAYERED,
         runs.clone(),
         idempotency.clone(),
     );
@@ -476,7 +358,7 @@ async fn with_the_layer_an_event_stream_is_sent_as_it_comes_and_not_run_again() 
 async fn with_the_layer_a_timeout_in_front_cuts_the_answer_not_the_run_which_is_replayed() {
     let gate = Gate::default();
     let idempotency = Idempotency::new(MemoryStore::new());
-    let app = gated_app(&gate, &idempotency)
+    let app = gated_app(&gate, &idempotency, LAYERED)
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             Duration::from_millis(50),
@@ -487,7 +369,7 @@ async fn with_the_layer_a_timeout_in_front_cuts_the_answer_not_the_run_which_is_
     assert_eq!(first.0, StatusCode::REQUEST_TIMEOUT);
     let during = send(&app, post_json("/layer", "k", body)).await;
     assert_eq!(during.0, StatusCode::CONFLICT, "{}", during.2);
-    gate.open.add_permits(1);
+    gate.let_through(1);
     tokio::time::timeout(HANG, idempotency.drain())
         .await
         .expect("the run the timeout left finishes");
@@ -528,6 +410,8 @@ async fn with_the_layer_compression_outside_it_encodes_each_replay_for_its_own_c
         let mut gzipped = post_json("/layer", "k", body);
         let accept = axum::http::HeaderValue::from_static("gzip");
         gzipped.headers_mut().insert("accept-encoding", accept);
+        // Not through `send`, which reads a body of text: only the
+        // encoding is looked at.
         let first = app.clone().oneshot(gzipped).await.unwrap();
         assert_eq!(first.headers()["content-encoding"], "gzip", "{behind}");
         let (status, replayed, plain) = send(&app, post_json("/layer", "k", body)).await;
@@ -543,7 +427,7 @@ async fn with_the_layer_compression_outside_it_encodes_each_replay_for_its_own_c
 async fn with_the_layer_a_body_over_a_limit_on_either_side_leaves_the_key_usable() {
     for inside in [false, true] {
         let gate = Gate::default();
-        gate.open.add_permits(10);
+        gate.let_through(10);
         let store = MockStore::new();
         let limit = RequestBodyLimitLayer::new(64);
         let layer = IdempotentLayer::new(LAYERED);
@@ -585,7 +469,7 @@ async fn with_the_layer_a_body_over_a_limit_on_either_side_leaves_the_key_usable
 #[tokio::test]
 async fn a_body_over_axums_default_limit_leaves_the_key_usable() {
     let gate = Gate::default();
-    gate.open.add_permits(10);
+    gate.let_through(10);
     let store = MockStore::new();
     let layer = IdempotentLayer::new(LAYERED).max_request_bytes(4 << 20);
     let app = Router::new()
@@ -642,6 +526,7 @@ async fn a_body_that_panics_releases_the_key(uri: &str) {
     let app = both_ways(
         panicking_by_attribute,
         panicking_plain,
+        LAYERED,
         runs.clone(),
         Idempotency::new(MemoryStore::new()),
     );
@@ -692,6 +577,7 @@ async fn a_body_over_max_body_bytes_is_sent_whole_once_and_never_run_again() {
     let app = both_ways(
         large_by_attribute,
         large_plain,
+        LAYERED,
         runs.clone(),
         Idempotency::new(MemoryStore::new()),
     );

@@ -24,9 +24,9 @@ use axum::{Json, Router};
 use events::{Events, Logged};
 use idempotent_core::idempotent;
 use idempotent_core::testing::{MockStore, OpKind};
+use macro_support::{Turnstile, serve};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::Semaphore;
 
 /// How long a test waits for something that must happen before it calls
 /// it a failure: never a synchronisation, only a bound on a hang.
@@ -43,23 +43,11 @@ struct Charge {
     first: u16,
 }
 
-/// Counts runs; each waits at a gate, closed at first, and signals that it
-/// started.
-#[derive(Clone)]
+/// Counts runs; each then passes a turnstile.
+#[derive(Clone, Default)]
 struct Runs {
     count: Arc<AtomicUsize>,
-    started: Arc<Semaphore>,
-    open: Arc<Semaphore>,
-}
-
-impl Default for Runs {
-    fn default() -> Self {
-        Self {
-            count: Arc::default(),
-            started: Arc::new(Semaphore::new(0)),
-            open: Arc::new(Semaphore::new(0)),
-        }
-    }
+    turnstile: Turnstile,
 }
 
 impl Runs {
@@ -67,23 +55,11 @@ impl Runs {
         self.count.load(Ordering::SeqCst)
     }
 
-    async fn until_started(&self) {
-        let started = self.started.acquire();
-        let permit = tokio::time::timeout(HANG, started).await;
-        permit.expect("the handler starts").unwrap().forget();
-    }
-
-    fn let_through(&self, runs: usize) {
-        self.open.add_permits(runs);
-    }
-
-    /// Counts the run, waits at the gate, then answers: the first run as
+    /// Counts the run, passes the turnstile, then answers: the first run as
     /// `charge.first` says, the others 201.
     async fn run(&self, charge: Charge) -> Response {
         let run = self.count.fetch_add(1, Ordering::SeqCst) + 1;
-        self.started.add_permits(1);
-        let permit = self.open.acquire().await.expect("the gate is never closed");
-        permit.forget();
+        self.turnstile.pass().await;
         let status = match (run, charge.first) {
             (1, PANICS) => panic!("the first run failed after it charged"),
             (1, first) => StatusCode::from_u16(first).unwrap(),
@@ -99,14 +75,12 @@ async fn charge(State(runs): State<Runs>, Json(charge): Json<Charge>) -> Respons
 }
 
 /// Answers every run with the status asked for, and nothing else, as a
-/// capture that returns 204 does; only the first run waits at the gate.
+/// capture that returns 204 does; only the first run passes the turnstile.
 #[idempotent(scope = "global", lease = "3s")]
 async fn first_waits(State(runs): State<Runs>, Json(status): Json<u16>) -> StatusCode {
     let run = runs.count.fetch_add(1, Ordering::SeqCst) + 1;
     if run == 1 {
-        runs.started.add_permits(1);
-        let permit = runs.open.acquire().await.expect("the gate is never closed");
-        permit.forget();
+        runs.turnstile.pass().await;
     }
     StatusCode::from_u16(status).unwrap()
 }
@@ -171,14 +145,14 @@ async fn taken_over_while_running(first: u16) -> (Vec<Logged>, Router, MockStore
     let (store, runs) = (MockStore::new(), Runs::default());
     let app = app(&store, &runs);
     let first_request = tokio::spawn(send(app.clone(), charging(first)));
-    runs.until_started().await;
+    runs.turnstile.until_started().await;
     store.advance(PAST_THE_LEASE);
     let retry = tokio::spawn(send(app.clone(), charging(first)));
-    runs.until_started().await;
+    runs.turnstile.until_started().await;
     // Renewals come every third of the lease: the next ones meet the
     // takeover.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    runs.let_through(1);
+    runs.turnstile.let_through(1);
     let first_answer = tokio::time::timeout(HANG, first_request).await.unwrap();
     match first {
         PANICS => assert!(first_answer.unwrap_err().is_panic()),
@@ -187,7 +161,7 @@ async fn taken_over_while_running(first: u16) -> (Vec<Logged>, Router, MockStore
             assert_eq!(first_answer.unwrap(), run_answer(status, false, 1));
         }
     }
-    runs.let_through(1);
+    runs.turnstile.let_through(1);
     let retry = tokio::time::timeout(HANG, retry).await.unwrap().unwrap();
     assert_eq!(retry, run_answer(StatusCode::CREATED, false, 2));
     store.assert_executed(2);
@@ -264,7 +238,7 @@ async fn taken_over_and_answered_first(status: u16, completions_fail: bool) -> V
     let (store, runs) = (MockStore::new(), Runs::default());
     let app = app(&store, &runs);
     let first = tokio::spawn(send(app.clone(), first_waits_answering(status)));
-    runs.until_started().await;
+    runs.turnstile.until_started().await;
     store.advance(PAST_THE_LEASE);
     let answer = (StatusCode::from_u16(status).unwrap(), false, String::new());
     let retry = send(app.clone(), first_waits_answering(status)).await;
@@ -274,7 +248,7 @@ async fn taken_over_and_answered_first(status: u16, completions_fail: bool) -> V
     if completions_fail {
         store.fail_every(OpKind::Complete);
     }
-    runs.let_through(1);
+    runs.turnstile.let_through(1);
     let first = tokio::time::timeout(HANG, first).await.unwrap().unwrap();
     assert_eq!(first, answer);
     // Past the lease that a response stored later is tried for.
@@ -364,12 +338,12 @@ async fn a_run_whose_client_went_away_is_stored_and_replayed() {
     let (store, runs) = (MockStore::new(), Runs::default());
     let app = app(&store, &runs);
     let first = tokio::spawn(send(app.clone(), charging(201)));
-    runs.until_started().await;
+    runs.turnstile.until_started().await;
     first.abort();
     assert!(first.await.unwrap_err().is_cancelled());
     let during = send(app.clone(), charging(201)).await;
     assert_eq!(during.0, StatusCode::CONFLICT, "{}", during.2);
-    runs.let_through(1);
+    runs.turnstile.let_through(1);
     tokio::time::sleep(Duration::from_millis(10)).await;
     let retry = send(app, charging(201)).await;
     assert_eq!(retry, run_answer(StatusCode::CREATED, true, 1));
@@ -383,9 +357,9 @@ async fn a_run_whose_client_went_away_and_that_answers_503_releases_the_key() {
     let (store, runs) = (MockStore::new(), Runs::default());
     let app = app(&store, &runs);
     let first = tokio::spawn(send(app.clone(), charging(503)));
-    runs.until_started().await;
+    runs.turnstile.until_started().await;
     first.abort();
-    runs.let_through(2);
+    runs.turnstile.let_through(2);
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(store.count(OpKind::Release), 1, "{:?}", store.operations());
     let retry = send(app, charging(503)).await;
@@ -399,7 +373,7 @@ async fn a_run_whose_client_went_away_and_that_answers_503_releases_the_key() {
 async fn a_handler_that_panics_releases_the_key_and_the_retry_runs_again() {
     let (store, runs) = (MockStore::new(), Runs::default());
     let app = app(&store, &runs);
-    runs.let_through(2);
+    runs.turnstile.let_through(2);
     let first = tokio::spawn(send(app.clone(), charging(PANICS)));
     assert!(first.await.unwrap_err().is_panic());
     assert_eq!(store.count(OpKind::Release), 1, "{:?}", store.operations());
@@ -419,14 +393,14 @@ async fn a_renewal_that_fails_once_keeps_the_lease_and_the_run_is_stored_once() 
     let app = app(&store, &runs);
     store.fail_next(OpKind::Renew);
     let first = tokio::spawn(send(app.clone(), charging(201)));
-    runs.until_started().await;
+    runs.turnstile.until_started().await;
     // Past the first lease: only the renewals hold it.
     pass(&store, PAST_THE_LEASE).await;
     assert_eq!(store.failures(), 1, "{:?}", store.operations());
     assert!(store.count(OpKind::Renew) >= 3, "{:?}", store.operations());
     let during = send(app.clone(), charging(201)).await;
     assert_eq!(during.0, StatusCode::CONFLICT, "{}", during.2);
-    runs.let_through(1);
+    runs.turnstile.let_through(1);
     let first = tokio::time::timeout(HANG, first).await.unwrap().unwrap();
     assert_eq!(first, run_answer(StatusCode::CREATED, false, 1));
     let retry = send(app, charging(201)).await;
@@ -451,7 +425,7 @@ async fn a_renewal_that_fails_once_keeps_the_lease_and_the_run_is_stored_once() 
 async fn a_completion_that_fails_then_a_retry_gets_409_then_the_replay() {
     let (store, runs) = (MockStore::new(), Runs::default());
     let app = app(&store, &runs);
-    runs.let_through(2);
+    runs.turnstile.let_through(2);
     store.fail_every(OpKind::Complete);
     let first = send(app.clone(), charging(201)).await;
     assert_eq!(first, run_answer(StatusCode::CREATED, false, 1));
@@ -479,31 +453,6 @@ fn runtime() -> tokio::runtime::Runtime {
     builder.worker_threads(2).enable_all().build().unwrap()
 }
 
-/// Serves `app` on a port of its own until `stop` is sent, as
-/// `axum::serve(...).with_graceful_shutdown(...)` does, and connects.
-async fn serve(
-    app: Router,
-) -> (
-    tokio::net::TcpStream,
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<()>,
-) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { drop(stopped.await) })
-            .await
-            .unwrap();
-    });
-    (
-        tokio::net::TcpStream::connect(addr).await.unwrap(),
-        stop,
-        server,
-    )
-}
-
 /// Serves `app` (see [`serve`]) with a charge sent over a connection of
 /// its own, once its handler has started.
 async fn serve_a_running_charge(
@@ -521,7 +470,7 @@ async fn serve_a_running_charge(
     );
     let (mut client, stop, server) = serve(app).await;
     client.write_all(charge.as_bytes()).await.unwrap();
-    runs.until_started().await;
+    runs.turnstile.until_started().await;
     (client, stop, server)
 }
 
@@ -535,7 +484,7 @@ fn a_graceful_shutdown_lets_a_connected_request_finish_and_store_its_run() {
     runtime().block_on(async {
         let (mut client, stop, server) = serve_a_running_charge(app.clone(), &runs).await;
         stop.send(()).unwrap();
-        runs.let_through(1);
+        runs.turnstile.let_through(1);
         let mut answer = Vec::new();
         let read = tokio::io::AsyncReadExt::read_to_end(&mut client, &mut answer);
         drop(tokio::time::timeout(HANG, read).await.unwrap());
@@ -570,7 +519,7 @@ fn a_runtime_dropped_without_drain_leaves_the_key_claimed_until_the_lease_lapses
         let during = send(app.clone(), charging(201)).await;
         assert_eq!(during.0, StatusCode::CONFLICT, "{}", during.2);
         store.advance(PAST_THE_LEASE);
-        runs.let_through(1);
+        runs.turnstile.let_through(1);
         let retry = send(app, charging(201)).await;
         assert_eq!(retry, run_answer(StatusCode::CREATED, false, 2));
     });

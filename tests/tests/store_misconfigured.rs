@@ -89,11 +89,12 @@ async fn postgres_on(table: &str) -> Option<(PostgresStore, String)> {
     Some((store, url))
 }
 
-async fn postgres_run(store: &PostgresStore, statement: &str) {
+/// Runs `statement` on `pool`, which must take it.
+async fn postgres_run(pool: &sqlx::PgPool, statement: &str) {
     sqlx::raw_sql(statement)
-        .execute(store.pool())
+        .execute(pool)
         .await
-        .expect("run the statement");
+        .unwrap_or_else(|error| panic!("{statement}: {error}"));
 }
 
 /// A URL that does not parse, or is another store's, says what URL to
@@ -160,10 +161,7 @@ async fn a_postgres_role_without_connect_on_the_database_is_told_what_to_grant()
         format!("REVOKE CONNECT ON DATABASE \"{database}\" FROM PUBLIC"),
         format!("CREATE ROLE {role} LOGIN"),
     ] {
-        sqlx::raw_sql(&statement)
-            .execute(&admin)
-            .await
-            .expect("set up");
+        postgres_run(&admin, &statement).await;
     }
     let options: PgConnectOptions = url.parse().expect("valid URL");
     let options = options.username(&role).database(&database);
@@ -183,10 +181,7 @@ async fn a_postgres_role_without_connect_on_the_database_is_told_what_to_grant()
         format!("DROP DATABASE \"{database}\""),
         format!("DROP ROLE {role}"),
     ] {
-        sqlx::raw_sql(&statement)
-            .execute(&admin)
-            .await
-            .expect("clean up");
+        postgres_run(&admin, &statement).await;
     }
     let error = refused.expect_err("the role may not connect");
     assert_misconfigured(&error);
@@ -209,10 +204,10 @@ async fn a_postgres_table_made_by_something_else_is_refused_by_migrate() {
         return;
     };
     let create = format!("CREATE TABLE {table} (id text PRIMARY KEY, expires_at timestamptz)");
-    postgres_run(&store, &create).await;
+    postgres_run(store.pool(), &create).await;
     let migrated = store.migrate().await;
     let claimed = claim(&store).await;
-    postgres_run(&store, &format!("DROP TABLE {table}")).await;
+    postgres_run(store.pool(), &format!("DROP TABLE {table}")).await;
     let migrated = migrated.map_err(|error| {
         assert_misconfigured(&error);
         error.to_string()
@@ -267,7 +262,7 @@ async fn a_postgres_role_without_privileges_is_told_what_to_grant() {
     };
     owner.migrate().await.expect("migrate as the owner");
     let role = unique_name("idem_role");
-    postgres_run(&owner, &format!("CREATE ROLE {role} LOGIN")).await;
+    postgres_run(owner.pool(), &format!("CREATE ROLE {role} LOGIN")).await;
     let options: PgConnectOptions = url.parse().expect("valid URL");
     let connected = PostgresStore::connect_with(options.username(&role))
         .await
@@ -285,7 +280,11 @@ async fn a_postgres_role_without_privileges_is_told_what_to_grant() {
     if let Ok(pool) = connected {
         pool.close().await;
     }
-    postgres_run(&owner, &format!("DROP TABLE {table}; DROP ROLE {role}")).await;
+    postgres_run(
+        owner.pool(),
+        &format!("DROP TABLE {table}; DROP ROLE {role}"),
+    )
+    .await;
     let (migrated, claimed) = outcome.expect("connect as the role");
     let migrate_error = migrated.expect_err("the role may not use the table");
     assert_misconfigured(&migrate_error);
@@ -702,6 +701,13 @@ impl Drop for TempDir {
     }
 }
 
+/// A store on `records.db` in `dir`, not migrated.
+async fn sqlite_in(dir: &TempDir) -> SqliteStore {
+    SqliteStore::open(dir.path().join("records.db"))
+        .await
+        .expect("open")
+}
+
 async fn sqlite_open_error(path: &Path) -> String {
     let opened = SqliteStore::open(path).await;
     let error = opened.expect_err("cannot be opened");
@@ -748,9 +754,7 @@ async fn a_url_that_is_not_sqlite_is_refused() {
 #[tokio::test]
 async fn a_missing_sqlite_table_names_migrate() {
     let dir = TempDir::new();
-    let store = SqliteStore::open(dir.path().join("records.db"))
-        .await
-        .expect("open");
+    let store = sqlite_in(&dir).await;
     assert_says(&claim_error(&store).await, &["SqliteStore::migrate()"]);
     let error = store.purge_expired().await.expect_err("no table");
     assert_misconfigured(&error);
@@ -763,9 +767,7 @@ async fn a_missing_sqlite_table_names_migrate() {
 #[tokio::test]
 async fn a_sqlite_table_made_by_something_else_is_refused_by_migrate() {
     let dir = TempDir::new();
-    let store = SqliteStore::open(dir.path().join("records.db"))
-        .await
-        .expect("open");
+    let store = sqlite_in(&dir).await;
     sqlx::raw_sql("CREATE TABLE idempotency_records (id INTEGER PRIMARY KEY, expires_at TEXT)")
         .execute(store.pool())
         .await
@@ -788,9 +790,7 @@ async fn a_sqlite_table_made_by_something_else_is_refused_by_migrate() {
 #[tokio::test]
 async fn migrating_into_an_unattached_sqlite_schema_says_so() {
     let dir = TempDir::new();
-    let opened = SqliteStore::open(dir.path().join("records.db"))
-        .await
-        .expect("open");
+    let opened = sqlite_in(&dir).await;
     let store = SqliteStore::builder(opened.pool().clone())
         .table("archive.records")
         .build()
@@ -888,9 +888,7 @@ impl Drop for Unwritable {
 /// WAL files and lets a later connection write through them.
 async fn copied_sqlite(file: &Path) {
     let source = TempDir::new();
-    let store = SqliteStore::open(source.path().join("records.db"))
-        .await
-        .expect("open");
+    let store = sqlite_in(&source).await;
     store.migrate().await.expect("migrate");
     sqlx::query("VACUUM INTO ?1")
         .bind(file.display().to_string())
@@ -914,12 +912,19 @@ async fn migrated_sqlite(file: &Path) {
     connection.close().await.expect("close");
 }
 
-/// The store's first failure on `file`: at open, or at its first claim.
-async fn first_sqlite_failure(file: &Path) -> StoreError {
-    match SqliteStore::open(file).await {
+/// The text of the store's first failure on `file`, at open or at its
+/// first claim, while the process may not write `path` (the file, or its
+/// directory); the failure must be a setup to change. `None` where
+/// nothing here stops a write.
+async fn sqlite_failure_while_unwritable(file: &Path, path: &Path) -> Option<String> {
+    let unwritable = Unwritable::new(path)?;
+    let error = match SqliteStore::open(file).await {
         Err(error) => error,
         Ok(store) => claim_refusal(&store).await,
-    }
+    };
+    drop(unwritable);
+    assert_misconfigured(&error);
+    Some(error.to_string())
 }
 
 /// A database file the process may not write (its mode, a read-only
@@ -932,14 +937,11 @@ async fn a_sqlite_file_the_process_may_not_write_is_named() {
     let dir = TempDir::new();
     let file = dir.path().join("records.db");
     migrated_sqlite(&file).await;
-    let Some(unwritable) = Unwritable::new(&file) else {
+    let Some(error) = sqlite_failure_while_unwritable(&file, &file).await else {
         return;
     };
-    let error = first_sqlite_failure(&file).await;
-    drop(unwritable);
-    assert_misconfigured(&error);
     assert_says(
-        &error.to_string(),
+        &error,
         &[
             &file.display().to_string(),
             "read-only",
@@ -956,14 +958,11 @@ async fn a_sqlite_directory_the_process_may_not_write_is_named() {
     let dir = TempDir::new();
     let file = dir.path().join("records.db");
     copied_sqlite(&file).await;
-    let Some(unwritable) = Unwritable::new(dir.path()) else {
+    let Some(error) = sqlite_failure_while_unwritable(&file, dir.path()).await else {
         return;
     };
-    let error = first_sqlite_failure(&file).await;
-    drop(unwritable);
-    assert_misconfigured(&error);
     assert_says(
-        &error.to_string(),
+        &error,
         &[&file.display().to_string(), "its directory", "-wal"],
     );
 }

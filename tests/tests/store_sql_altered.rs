@@ -75,9 +75,9 @@ fn assert_refused_for_good(reply: &Reply, kind: &str) {
 
 // ===== PostgreSQL =====
 
-/// Runs `sql` (with `{table}` standing for `table`) on the test database,
-/// as a migration of the application's would.
-async fn alter(store: &PostgresStore, sql: &str) {
+/// Runs `sql` on the store's pool, with `{table}` standing for the
+/// store's table, as a migration of the application's, or a pooler, would.
+async fn run_sql(store: &PostgresStore, sql: &str) {
     let sql = sql.replace("{table}", store.table());
     sqlx::raw_sql(&sql)
         .execute(store.pool())
@@ -87,11 +87,7 @@ async fn alter(store: &PostgresStore, sql: &str) {
 
 async fn drop_tables(store: &PostgresStore, tables: &[&str]) {
     for table in tables {
-        let sql = format!("DROP TABLE IF EXISTS {table}");
-        sqlx::raw_sql(&sql)
-            .execute(store.pool())
-            .await
-            .expect("drop the table");
+        run_sql(store, &format!("DROP TABLE IF EXISTS {table}")).await;
     }
 }
 
@@ -107,7 +103,7 @@ async fn last_claim_on_altered(
 ) -> (String, StoreError, Vec<Result<Claim, StoreError>>) {
     let table = unique_name(name);
     let store = migrated_postgres(url, &table).await;
-    alter(&store, alteration).await;
+    run_sql(&store, alteration).await;
     let mut claims = Vec::new();
     for key in keys {
         claims.push(claim(&store, key).await);
@@ -139,7 +135,7 @@ async fn a_retry_after_a_column_type_change_is_not_run_again() {
         .build();
     let app = payments_app_on(idempotency, &ledger);
     let first = pay(&app, "pay-1", 100).await;
-    alter(
+    run_sql(
         &store,
         "ALTER TABLE {table} ALTER COLUMN status TYPE integer",
     )
@@ -181,7 +177,7 @@ async fn a_readable_column_type_change_does_not_fail_prepared_statements() {
     };
     let before = store.get(&key).await;
     let sql = "ALTER TABLE {table} ALTER COLUMN header_names TYPE varchar[]";
-    alter(&store, sql).await;
+    run_sql(&store, sql).await;
     let after = store.get(&key).await;
     drop_tables(&store, &[&table]).await;
 
@@ -236,7 +232,7 @@ async fn a_not_null_column_added_after_migrate_is_a_500_until_fixed() {
     };
     let table = unique_name("idem_not_null");
     let store = migrated_postgres(&url, &table).await;
-    alter(
+    run_sql(
         &store,
         "ALTER TABLE {table} ADD COLUMN tenant text NOT NULL",
     )
@@ -245,7 +241,7 @@ async fn a_not_null_column_added_after_migrate_is_a_500_until_fixed() {
     let app = payments_app(store.clone(), &ledger, TIMEOUT);
     let refused = pay(&app, "pay-1", 100).await;
     let executions_refused = ledger.executions();
-    alter(
+    run_sql(
         &store,
         "ALTER TABLE {table} ALTER COLUMN tenant SET DEFAULT 'a'",
     )
@@ -301,11 +297,7 @@ async fn a_table_out_of_the_roles_search_path_is_told_so() {
     };
     let (schema, table) = (unique_name("idem_app"), unique_name("idem_elsewhere"));
     let admin = PostgresStore::connect(&url).await.expect("connect");
-    let create = format!("CREATE SCHEMA {schema}");
-    sqlx::raw_sql(&create)
-        .execute(admin.pool())
-        .await
-        .expect("create the schema");
+    run_sql(&admin, &format!("CREATE SCHEMA {schema}")).await;
     let options: sqlx::postgres::PgConnectOptions = url.parse().expect("valid URL");
     let migrator = PostgresStore::connect_with(options.options([("search_path", schema.as_str())]))
         .await
@@ -321,11 +313,7 @@ async fn a_table_out_of_the_roles_search_path_is_told_so() {
         .build()
         .expect("valid table name");
     let claimed = claim(&service, "pay-1").await;
-    let drop_schema = format!("DROP SCHEMA {schema} CASCADE");
-    sqlx::raw_sql(&drop_schema)
-        .execute(admin.pool())
-        .await
-        .expect("drop the schema");
+    run_sql(&admin, &format!("DROP SCHEMA {schema} CASCADE")).await;
 
     migrated.expect("migrate in the schema");
     let error = claimed.expect_err("the service's role does not find the table");
@@ -356,10 +344,7 @@ async fn statements_discarded_on_a_shared_connection_are_prepared_again() {
         .expect("connect");
     let store = migrated_on_pool(pool, "idem_discarded", 0).await;
     let before = claim(&store, "before").await;
-    sqlx::raw_sql("DISCARD ALL")
-        .execute(store.pool())
-        .await
-        .expect("discard the connection's state");
+    run_sql(&store, "DISCARD ALL").await;
     let after = claim(&store, "after").await;
     let completed = match &after {
         Ok(Claim::Acquired(token)) => {
@@ -454,10 +439,7 @@ async fn statements_the_server_lost_are_warned_of_once() {
     let mut claims = Vec::new();
     for key in ["first", "second", "third"] {
         claims.push(claim(&store, key).await);
-        sqlx::raw_sql("DISCARD ALL")
-            .execute(store.pool())
-            .await
-            .expect("discard the connection's state");
+        run_sql(&store, "DISCARD ALL").await;
     }
     let table = store.table().to_owned();
     drop_tables(&store, &[&table]).await;

@@ -46,6 +46,25 @@ fn assert_refused(migrated: Result<(), StoreError>, words: &[&str]) {
     }
 }
 
+/// The PostgreSQL store's table (named `{table}`, for [`postgres_migrate`])
+/// with `extra` columns, keyed on `(scope, key)`, and beside the key the
+/// unique index `{table}_extra` on `index`.
+fn postgres_with_index(extra: &str, index: &str) -> String {
+    format!(
+        "{} ALTER TABLE {{table}} ADD PRIMARY KEY (scope, key);
+         CREATE UNIQUE INDEX {{table}}_extra ON {{table}} {index};",
+        postgres_table("{table}", "text", extra)
+    )
+}
+
+/// The SQLite store's table with `extra` columns, keyed on `(scope, key)`,
+/// and beside the key the unique index `records_extra` on `index`.
+fn sqlite_with_index(extra: &str, index: &str) -> String {
+    let keyed = format!("{extra}, PRIMARY KEY (scope, key)");
+    sqlite_table("TEXT NOT NULL", &keyed)
+        + &format!("CREATE UNIQUE INDEX records_extra ON idempotency_records {index};")
+}
+
 /// What `migrate` answers on the table `setup` creates (its name is
 /// spliced in for `{table}`); `teardown` then runs whatever it answered.
 async fn postgres_migrate(setup: &str, teardown: &str) -> Option<Result<(), StoreError>> {
@@ -188,11 +207,7 @@ async fn a_sqlite_key_compared_without_regard_to_case_or_trailing_spaces_is_refu
 #[tokio::test]
 async fn a_postgres_unique_index_records_can_collide_on_is_refused() {
     for index in ["(key)", "(scope, lower(key))", "(fingerprint)"] {
-        let setup = format!(
-            "{} ALTER TABLE {{table}} ADD PRIMARY KEY (scope, key);
-             CREATE UNIQUE INDEX {{table}}_extra ON {{table}} {index};",
-            postgres_table("{table}", "text", "")
-        );
+        let setup = postgres_with_index("", index);
         let Some(migrated) = postgres_migrate(&setup, "").await else {
             return;
         };
@@ -227,8 +242,7 @@ async fn a_postgres_exclusion_constraint_records_can_collide_on_is_refused() {
 #[tokio::test]
 async fn a_sqlite_unique_index_records_can_collide_on_is_refused() {
     for index in ["(key)", "(scope, lower(key))", "(fingerprint)"] {
-        let setup = sqlite_table("TEXT NOT NULL", ", PRIMARY KEY (scope, key)")
-            + &format!("CREATE UNIQUE INDEX records_extra ON idempotency_records {index};");
+        let setup = sqlite_with_index("", index);
         assert_refused(
             sqlite_migrate(&setup).await,
             &["`records_extra`", "unique index"],
@@ -249,11 +263,7 @@ async fn a_postgres_unique_index_on_expressions_of_the_stores_columns_is_refused
         "(key) INCLUDE (tenant)",
         "(lease_token) NULLS NOT DISTINCT",
     ] {
-        let setup = format!(
-            "{} ALTER TABLE {{table}} ADD PRIMARY KEY (scope, key);
-             CREATE UNIQUE INDEX {{table}}_extra ON {{table}} {index};",
-            postgres_table("{table}", "text", ", tenant text")
-        );
+        let setup = postgres_with_index(", tenant text", index);
         let Some(migrated) = postgres_migrate(&setup, "").await else {
             return;
         };
@@ -269,8 +279,7 @@ async fn a_sqlite_unique_index_on_expressions_of_the_stores_columns_is_refused()
         // The user's column's name only in a literal.
         "(coalesce(key, 'tenant'))",
     ] {
-        let setup = sqlite_table("TEXT NOT NULL", ", tenant TEXT, PRIMARY KEY (scope, key)")
-            + &format!("CREATE UNIQUE INDEX records_extra ON idempotency_records {index};");
+        let setup = sqlite_with_index(", tenant TEXT", index);
         assert_refused(
             sqlite_migrate(&setup).await,
             &["`records_extra`", "unique index"],
@@ -291,16 +300,11 @@ async fn unique_indexes_on_expressions_of_the_users_columns_or_the_lease_token_a
         "(lease_token)",
         "(lease_token, expires_at)",
     ] {
-        let setup = format!(
-            "{} ALTER TABLE {{table}} ADD PRIMARY KEY (scope, key);
-             CREATE UNIQUE INDEX {{table}}_extra ON {{table}} {index};",
-            postgres_table("{table}", "text", ", tenant text")
-        );
+        let setup = postgres_with_index(", tenant text", index);
         if let Some(migrated) = postgres_migrate(&setup, "").await {
             migrated.unwrap_or_else(|error| panic!("{index} kept: {error}"));
         }
-        let setup = sqlite_table("TEXT NOT NULL", ", tenant TEXT, PRIMARY KEY (scope, key)")
-            + &format!("CREATE UNIQUE INDEX records_extra ON idempotency_records {index};");
+        let setup = sqlite_with_index(", tenant TEXT", index);
         (sqlite_migrate(&setup).await).unwrap_or_else(|error| panic!("{index} kept: {error}"));
     }
 }
@@ -448,11 +452,7 @@ async fn migrate_on_older_catalogs(
 /// callers then collided, answered 503.
 #[tokio::test]
 async fn a_postgres_11_server_has_its_table_checked() {
-    let setup = format!(
-        "{} ALTER TABLE {{table}} ADD PRIMARY KEY (scope, key);
-         CREATE UNIQUE INDEX {{table}}_extra ON {{table}} (key);",
-        postgres_table("{table}", "text", "")
-    );
+    let setup = postgres_with_index("", "(key)");
     let catalogs = (110_000, "indnatts, indnkeyatts");
     let Some(migrated) = migrate_on_older_catalogs(&setup, catalogs, false).await else {
         return;

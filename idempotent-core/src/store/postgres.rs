@@ -47,7 +47,7 @@ type TableRow<'r> = sql::TableRow<'r, PgRow>;
 const STORE: &str = "PostgresStore";
 use crate::clock::{Clock, SharedClock, SystemClock, millis};
 use crate::fingerprint::Fingerprint;
-use crate::record::{Claim, Completed, InFlight, LeaseToken, Record, RecordKey, StoredResponse};
+use crate::record::{Claim, Completed, LeaseToken, Record, RecordKey, StoredResponse};
 
 mod connections;
 mod identifiers;
@@ -1318,14 +1318,7 @@ fn record_from_row(row: &TableRow<'_>) -> Result<Record, StoreError> {
     if let Some(completed) = completed_from_row(row, fingerprint, expires_at)? {
         return Ok(Record::Completed(Arc::new(completed)));
     }
-    let token = row
-        .column::<Option<Vec<u8>>>("lease_token")?
-        .ok_or_else(|| sql::corrupt("an in-flight row has no lease token"))?;
-    Ok(Record::InFlight(InFlight {
-        fingerprint,
-        lease_token: sql::token_from(&token)?,
-        lease_expires_at: expires_at,
-    }))
+    sql::in_flight(fingerprint, row.column("lease_token")?, expires_at)
 }
 
 /// The completed record in `row`, or `None` for an in-flight row (no status).

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::StoreError;
 use crate::fingerprint::Fingerprint;
-use crate::record::{CodecError, LeaseToken};
+use crate::record::{CodecError, InFlight, LeaseToken, Record};
 
 /// The code the database gave `error` (PostgreSQL's SQLSTATE, SQLite's
 /// extended result code), if the database gave one.
@@ -396,6 +396,22 @@ pub(crate) fn fingerprint_from(bytes: &[u8]) -> Result<Fingerprint, StoreError> 
 pub(crate) fn token_from(bytes: &[u8]) -> Result<LeaseToken, StoreError> {
     let bytes = bytes.try_into().map_err(|_| corrupt("lease token"))?;
     Ok(LeaseToken::from_bytes(bytes))
+}
+
+/// The in-flight record of a row without a stored response: its claim,
+/// under the lease token `token`, holds the key until `expires_at`. A row
+/// without a token is corrupt.
+pub(crate) fn in_flight(
+    fingerprint: Fingerprint,
+    token: Option<Vec<u8>>,
+    expires_at: u64,
+) -> Result<Record, StoreError> {
+    let token = token.ok_or_else(|| corrupt("an in-flight row has no lease token"))?;
+    Ok(Record::InFlight(InFlight {
+        fingerprint,
+        lease_token: token_from(&token)?,
+        lease_expires_at: expires_at,
+    }))
 }
 
 #[cfg(test)]

@@ -44,7 +44,7 @@ use super::sql::{self, DEFAULT_TABLE, InvalidTableName, Reaper, from_sql_millis,
 use super::{Explained, Store, StoreError};
 use crate::clock::{Clock, SharedClock, SystemClock, millis};
 use crate::fingerprint::Fingerprint;
-use crate::record::{Claim, Completed, InFlight, LeaseToken, Record, RecordKey, StoredResponse};
+use crate::record::{Claim, Completed, LeaseToken, Record, RecordKey, StoredResponse};
 
 const SCHEMA: &str = include_str!("sqlite/schema.sql");
 /// The largest record blob kept: SQLite refuses a string, a blob or a
@@ -1299,14 +1299,7 @@ fn record_from_row(row: &SqliteRow, table: &str) -> Result<Record, StoreError> {
         completed.expires_at = expires_at;
         return Ok(Record::Completed(Arc::new(completed)));
     }
-    let token = row
-        .column::<Option<Vec<u8>>>("lease_token")?
-        .ok_or_else(|| sql::corrupt("an in-flight row has no lease token"))?;
-    Ok(Record::InFlight(InFlight {
-        fingerprint,
-        lease_token: sql::token_from(&token)?,
-        lease_expires_at: expires_at,
-    }))
+    sql::in_flight(fingerprint, row.column("lease_token")?, expires_at)
 }
 
 #[cfg(test)]

@@ -1,16 +1,25 @@
-//! What the `macro_*` tests share: a count of handler runs, and a request
-//! sent through a `Router` read back whole.
+//! What the `macro_*` tests and the HTTP ones share: a count of handler
+//! runs, a request sent through a `Router` read back whole, a turnstile
+//! handlers wait at, and a server on a port of its own; for the tests that
+//! check the attribute and the layer side by side, one router serving a
+//! handler made idempotent each way, and (in [`gated`]) a gated handler.
 #![allow(dead_code, unreachable_pub)] // each test file uses a different part
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
+use axum::handler::Handler;
 use axum::http::{HeaderMap, Request, StatusCode};
+use axum::routing::post;
 use http_body_util::BodyExt;
-use idempotent_core::IDEMPOTENT_REPLAYED;
+use idempotent_core::{Endpoint, IDEMPOTENT_REPLAYED, Idempotency, IdempotentLayer};
+use tokio::sync::Semaphore;
 use tower::ServiceExt;
+
+pub mod gated;
 
 /// How many times the handlers ran, shared as their state.
 #[derive(Clone, Default)]
@@ -23,6 +32,45 @@ impl Runs {
     }
     pub fn get(&self) -> usize {
         self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Where handlers wait, one at a time let through, until the test opens
+/// the way; closed at first. The test can wait for a handler to get there.
+#[derive(Clone)]
+pub struct Turnstile {
+    arrived: Arc<Semaphore>,
+    open: Arc<Semaphore>,
+}
+
+impl Default for Turnstile {
+    fn default() -> Self {
+        Self {
+            arrived: Arc::new(Semaphore::new(0)),
+            open: Arc::new(Semaphore::new(0)),
+        }
+    }
+}
+
+impl Turnstile {
+    /// Says that a handler arrived, then waits until it is let through.
+    pub async fn pass(&self) {
+        self.arrived.add_permits(1);
+        let permit = self.open.acquire().await.expect("never closed");
+        permit.forget();
+    }
+
+    /// Waits for the next handler to arrive; ten seconds at most, a bound
+    /// on a hang, never a synchronisation.
+    pub async fn until_started(&self) {
+        let arrived = self.arrived.acquire();
+        let permit = tokio::time::timeout(Duration::from_secs(10), arrived).await;
+        permit.expect("the handler starts").unwrap().forget();
+    }
+
+    /// Lets `runs` more handlers through.
+    pub fn let_through(&self, runs: usize) {
+        self.open.add_permits(runs);
     }
 }
 
@@ -49,6 +97,26 @@ impl Reply {
         let kind = problem["type"].as_str()?;
         Some(kind.trim_start_matches("urn:idempotent:").to_owned())
     }
+
+    /// The problem this reply carries, as `(type name, detail)` (`key-reused`
+    /// for `urn:idempotent:key-reused`), after checking that it is a
+    /// problem+json answer of `status`.
+    #[track_caller]
+    pub fn problem(&self, status: u16) -> (String, String) {
+        assert_eq!(self.status.as_u16(), status, "{}", self.body);
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/problem+json")
+        );
+        let problem: serde_json::Value = serde_json::from_str(&self.body).expect("a JSON problem");
+        assert_eq!(problem["status"], status, "{problem}");
+        let kind = problem["type"].as_str().expect("a type");
+        let kind = kind
+            .strip_prefix("urn:idempotent:")
+            .expect("one of the library's types");
+        let detail = problem["detail"].as_str().expect("a detail");
+        (kind.to_owned(), detail.to_owned())
+    }
 }
 
 pub async fn send(app: &Router, request: Request<Body>) -> Reply {
@@ -63,4 +131,56 @@ pub async fn send(app: &Router, request: Request<Body>) -> Reply {
         headers,
         body: String::from_utf8(body.to_vec()).unwrap(),
     }
+}
+
+/// A `POST` of the JSON `body` to `uri` under the key `key`.
+pub fn post_json(uri: &str, key: &str, body: &str) -> Request<Body> {
+    Request::post(uri)
+        .header("content-type", "application/json")
+        .header("idempotency-key", key)
+        .body(Body::from(body.to_owned()))
+        .unwrap()
+}
+
+/// `/attribute` and `/layer`, one handler made idempotent each way: by the
+/// attribute, and as `plain` under an `IdempotentLayer` of `endpoint`; on
+/// `state`, behind `idempotency`.
+pub fn both_ways<S: Clone + Send + Sync + 'static, A: 'static, P: 'static>(
+    by_attribute: impl Handler<A, S>,
+    plain: impl Handler<P, S>,
+    endpoint: Endpoint,
+    state: S,
+    idempotency: Idempotency,
+) -> Router {
+    Router::new()
+        .route("/attribute", post(by_attribute))
+        .route(
+            "/layer",
+            post(plain).route_layer(IdempotentLayer::new(endpoint)),
+        )
+        .with_state(state)
+        .layer(idempotency)
+}
+
+/// `app` served on a port of its own until `stop` is sent, as
+/// `axum::serve(...).with_graceful_shutdown(...)` does, and a client
+/// connected to it: `(client, stop, server)`.
+pub async fn serve(
+    app: Router,
+) -> (
+    tokio::net::TcpStream,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { drop(stopped.await) })
+            .await
+            .unwrap();
+    });
+    let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+    (client, stop, server)
 }
