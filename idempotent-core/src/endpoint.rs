@@ -9,7 +9,7 @@ use crate::fingerprint::{FingerprintError, Fingerprinter};
 use crate::scope::Scope;
 
 /// A range of statuses, inclusive at both ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct StatusRange {
     first: u16,
     last: u16,
@@ -38,7 +38,7 @@ impl StatusRange {
 
 /// Which responses are final (stored and replayed) rather than released so a
 /// retry runs the handler again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum FinalStatuses {
     /// 2xx to 4xx except 408, 409, 423, 425 and 429, which say "try again

@@ -113,16 +113,19 @@ pub struct Fingerprint([u8; 32]);
 
 impl Fingerprint {
     /// Wraps raw digest bytes, e.g. as read back from a store.
+    #[must_use]
     pub const fn from_bytes(bytes: [u8; 32]) -> Self {
         Self(bytes)
     }
 
     /// The raw digest bytes.
+    #[must_use]
     pub const fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
 
     /// The digest as 64 lowercase hexadecimal characters.
+    #[must_use]
     pub fn to_hex(&self) -> String {
         self.to_string()
     }
@@ -228,6 +231,7 @@ pub struct Fingerprinter {
 impl Fingerprinter {
     /// Starts a fingerprint for `endpoint`, e.g. `"POST /orders"` or the
     /// handler's path; requests to different endpoints never match.
+    #[must_use]
     pub fn new(endpoint: &str) -> Self {
         // The version and the name's length in one write, as
         // `Encoder::tag_and_len` writes a tag and a length.
@@ -264,6 +268,7 @@ impl Fingerprinter {
     }
 
     /// Completes the fingerprint.
+    #[must_use]
     pub fn finish(self) -> Fingerprint {
         Fingerprint(self.hasher.finalize().into())
     }

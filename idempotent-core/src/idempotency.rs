@@ -218,6 +218,19 @@ impl Idempotency {
 /// Builds an [`Idempotency`]: finish with [`build`](Self::build), since the
 /// builder is not a layer itself (`Router::layer` would refuse it as not
 /// implementing `Layer<Route>`).
+///
+/// ```
+/// use std::time::Duration;
+/// use axum::http::HeaderName;
+/// use idempotent_core::{Idempotency, store::MemoryStore};
+///
+/// let idempotency = Idempotency::builder(MemoryStore::new())
+///     .store_timeout(Duration::from_millis(500))
+///     .max_body_bytes(256 * 1024)
+///     .api_key_header(HeaderName::from_static("x-client-key"))
+///     .build();
+/// # let _ = idempotency;
+/// ```
 #[must_use = "finish with `.build()` to get the `Idempotency` layer"]
 pub struct IdempotencyBuilder {
     settings: Settings,
@@ -225,7 +238,13 @@ pub struct IdempotencyBuilder {
 
 impl std::fmt::Debug for IdempotencyBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IdempotencyBuilder").finish_non_exhaustive()
+        let settings = &self.settings;
+        f.debug_struct("IdempotencyBuilder")
+            .field("store_timeout", &settings.store_timeout)
+            .field("fail_open", &settings.fail_open)
+            .field("max_body_bytes", &settings.max_body_bytes)
+            .field("api_key_header", &settings.api_key_header)
+            .finish_non_exhaustive()
     }
 }
 
@@ -425,5 +444,18 @@ mod tests {
             .max_body_bytes(usize::MAX)
             .build();
         assert_eq!(idempotency.inner.max_body_bytes, MAX_STORED_BODY);
+    }
+
+    /// A builder printed while the application sets it up shows the
+    /// settings given so far, as the handle it builds does.
+    #[test]
+    fn the_builders_debug_output_shows_its_settings() {
+        let builder = Idempotency::builder(MemoryStore::new())
+            .store_timeout(Duration::from_millis(750))
+            .fail_open(true);
+        let debug = format!("{builder:?}");
+        assert!(debug.contains("store_timeout: 750ms"), "{debug}");
+        assert!(debug.contains("fail_open: true"), "{debug}");
+        assert!(debug.contains("api_key_header: \"x-api-key\""), "{debug}");
     }
 }

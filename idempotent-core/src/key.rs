@@ -28,6 +28,18 @@ pub const MAX_KEY_LEN: usize = 255;
 /// It is also an extractor, so a handler can take the key as an argument (the
 /// `#[idempotent]` attribute never fingerprints it), for example to derive
 /// keys for calls it makes to other idempotent services.
+///
+/// ```
+/// use idempotent_core::IdempotencyKey;
+/// use idempotent_core::key::KeyError;
+///
+/// // The quoted and the bare form name the same key.
+/// let key = IdempotencyKey::parse(b"\"order-7\"").unwrap();
+/// assert_eq!(key, IdempotencyKey::parse(b"order-7").unwrap());
+/// assert_eq!(key.as_str(), "order-7");
+///
+/// assert_eq!(IdempotencyKey::parse(b""), Err(KeyError::Empty));
+/// ```
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IdempotencyKey(Arc<str>);
 

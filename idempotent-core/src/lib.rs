@@ -1,6 +1,6 @@
 //! Make axum handlers safe to retry.
 //!
-//! A handler marked [`#[idempotent]`](macro@idempotent) runs its side
+//! A handler marked [`#[idempotent]`][attribute] runs its side
 //! effect at most once per (caller, `Idempotency-Key`), replays the stored
 //! response to every retry (marked [`Idempotent-Replayed: true`](IDEMPOTENT_REPLAYED)),
 //! answers 409 while the first attempt runs and 422 when the same key comes
@@ -101,7 +101,7 @@
 //!
 //! | feature | default | adds |
 //! |---|---|---|
-//! | `macros` | yes | the [`#[idempotent]`](macro@idempotent) attribute |
+//! | `macros` | yes | the [`#[idempotent]`][attribute] attribute |
 //! | `postgres` | no | `store::PostgresStore` (sqlx) |
 //! | `redis` | no | `store::RedisStore` (standalone or Cluster) |
 //! | `sqlite` | no | `store::SqliteStore` (sqlx) |
@@ -127,6 +127,14 @@
 //! - [`clock`]: the time stores read (the system's, or for the memory
 //!   store a monotonic one), and a manual clock for tests;
 //! - `testing` (feature `test-util`): `MockStore` and the store contract.
+//!
+// Without the `macros` feature the attribute is not in scope, so the links
+// to it go to its page on docs.rs, which is built with every feature.
+#![cfg_attr(feature = "macros", doc = "[attribute]: macro@idempotent")]
+#![cfg_attr(
+    not(feature = "macros"),
+    doc = "[attribute]: https://docs.rs/idempotent-core/latest/idempotent_core/attr.idempotent.html"
+)]
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -225,6 +233,7 @@ const _: () = {
     shared::<record::CodecError>();
     shared::<store::StoreError>();
     shared::<store::SharedStore>();
+    shared::<scope::MissingCredential>();
     shared::<store::MemoryStore>();
     shared::<store::MemoryStoreBuilder>();
     shared::<store::Tiered<store::MemoryStore>>();
@@ -233,15 +242,59 @@ const _: () = {
     shared::<clock::MonotonicClock>();
     shared::<clock::ManualClock>();
     shared::<clock::SharedClock>();
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    shared::<store::Reaper>();
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    shared::<store::InvalidTableName>();
     #[cfg(feature = "postgres")]
     shared::<store::PostgresStore>();
+    #[cfg(feature = "postgres")]
+    shared::<store::PostgresStoreBuilder>();
     #[cfg(feature = "sqlite")]
     shared::<store::SqliteStore>();
+    #[cfg(feature = "sqlite")]
+    shared::<store::SqliteStoreBuilder>();
     #[cfg(feature = "redis")]
     shared::<store::RedisStore>();
+    #[cfg(feature = "redis")]
+    shared::<store::RedisStoreBuilder<redis::aio::ConnectionManager>>();
     #[cfg(feature = "test-util")]
     shared::<testing::MockStore>();
+    #[cfg(feature = "test-util")]
+    shared::<testing::TestRequest>();
+    #[cfg(feature = "test-util")]
+    shared::<testing::Operation>();
 };
+
+/// Functions whose whole point is their result are `#[must_use]`, so that
+/// a result dropped by mistake (a fingerprint computed and thrown away, a
+/// store built and never given to the layer) is a warning:
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// idempotent_core::Fingerprinter::new("orders.create").finish();
+/// ```
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// idempotent_core::Fingerprint::from_bytes([0; 32]).to_hex();
+/// ```
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// idempotent_core::store::MemoryStore::builder().build();
+/// ```
+///
+/// The same lines, their results kept, compile:
+///
+/// ```
+/// #![deny(unused_must_use)]
+/// let _ = idempotent_core::Fingerprinter::new("orders.create").finish();
+/// let _ = idempotent_core::Fingerprint::from_bytes([0; 32]).to_hex();
+/// let _ = idempotent_core::store::MemoryStore::builder().build();
+/// ```
+#[cfg(doctest)]
+pub struct ResultsAreMustUse;
 
 /// The README's Rust examples, compiled by `cargo test --doc` so that they
 /// keep to the API. They use every store, so they are compiled only with

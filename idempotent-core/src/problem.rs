@@ -37,7 +37,7 @@ const STORE_RETRY_AFTER_SECS: u64 = 1;
 const DEFAULT_CHALLENGE: &str = "Bearer";
 
 /// The kinds of problem the engine reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ProblemKind {
     /// 400: no key on an endpoint that requires one.

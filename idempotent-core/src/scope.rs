@@ -15,7 +15,7 @@ use crate::digest::{hex, sha256_framed};
 use crate::field::{Repeated, at_most_once, trim_ows};
 
 /// How an endpoint tells callers apart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Scope {
     /// The caller's API key: the configured API-key header (`X-Api-Key` by

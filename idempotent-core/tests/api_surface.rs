@@ -154,3 +154,28 @@ async fn a_store_of_your_own_reports_a_corrupt_record_and_nothing_runs_again() {
     assert_eq!(problem["type"], "urn:idempotent:record-corrupt");
     assert_eq!(runs.count(), 0, "the handler ran again");
 }
+
+/// The value types an application keys its own tables by (counts per
+/// problem kind, settings per scope, per status policy) are `Hash`.
+#[test]
+fn value_types_key_hash_maps() {
+    use idempotent_core::{FinalStatuses, ProblemKind, StatusRange};
+    use std::collections::HashMap;
+
+    let mut problems = HashMap::new();
+    *problems.entry(ProblemKind::KeyReused).or_insert(0) += 1;
+    *problems.entry(ProblemKind::KeyReused).or_insert(0) += 1;
+    assert_eq!(problems[&ProblemKind::KeyReused], 2);
+
+    let scopes: HashMap<Scope, &str> =
+        [(Scope::Global, "global"), (Scope::ApiKey, "api key")].into();
+    assert_eq!(scopes[&Scope::ApiKey], "api key");
+
+    const NOT_FOUND: &[StatusRange] = &[StatusRange::one(404)];
+    let policies: HashMap<FinalStatuses, &str> = [
+        (FinalStatuses::Default, "default"),
+        (FinalStatuses::Only(NOT_FOUND), "404 only"),
+    ]
+    .into();
+    assert_eq!(policies[&FinalStatuses::Only(NOT_FOUND)], "404 only");
+}

@@ -295,6 +295,7 @@ impl MemoryStoreBuilder {
     }
 
     /// Builds the store.
+    #[must_use]
     pub fn build(self) -> MemoryStore {
         // Small budgets get few shards, so a shard's share stays large
         // against one record (a larger one is kept, see `evict`).

@@ -338,6 +338,7 @@ impl<C> RedisStoreBuilder<C> {
     }
 
     /// Builds the store.
+    #[must_use]
     pub fn build(self) -> RedisStore<C> {
         RedisStore {
             connection: self.connection,

@@ -48,6 +48,7 @@ where
 /// `PostgresStore::spawn_reaper` or `SqliteStore::spawn_reaper`; stops
 /// when dropped, so keep it for as long as the service runs.
 #[derive(Debug)]
+#[must_use = "the reaper stops when dropped"]
 pub struct Reaper {
     task: tokio::task::JoinHandle<()>,
 }

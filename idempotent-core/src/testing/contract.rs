@@ -111,6 +111,9 @@ where
 
 /// Many tasks claim one new key at once: exactly one acquires, and every
 /// other sees the winner's claim in flight with the winner's fingerprint.
+///
+/// # Panics
+/// When the store breaks this part of the contract, naming the check.
 pub async fn claim_race<S: Store>(store: Arc<S>, _clock: ManualClock) {
     let key = new_key("race");
     let (winners, seen) = race_claims(&store, &key, 0, "claim_race").await;
@@ -135,6 +138,9 @@ pub async fn claim_race<S: Store>(store: Arc<S>, _clock: ManualClock) {
 /// Many tasks claim a key whose lease has lapsed at once, as after a crash
 /// several retries arrive together: exactly one takes it over, round after
 /// round.
+///
+/// # Panics
+/// When the store breaks this part of the contract, naming the check.
 pub async fn takeover_race<S: Store>(store: Arc<S>, clock: ManualClock) {
     const ROUNDS: usize = 20;
     for round in 0..ROUNDS {
@@ -152,6 +158,9 @@ pub async fn takeover_race<S: Store>(store: Arc<S>, clock: ManualClock) {
 /// round after round. A store that replaces an expired record in two
 /// steps (a read that finds it expired, then a write that no longer
 /// checks) lets several run the request.
+///
+/// # Panics
+/// When the store breaks this part of the contract, naming the check.
 pub async fn expired_record_race<S: Store>(store: Arc<S>, clock: ManualClock) {
     const ROUNDS: usize = 20;
     for round in 0..ROUNDS {
@@ -169,6 +178,9 @@ pub async fn expired_record_race<S: Store>(store: Arc<S>, clock: ManualClock) {
 /// A holder whose lease lapsed completes at the moment another request
 /// takes the key over: both must not succeed, or the handler ran twice and
 /// the stale result may overwrite the new one.
+///
+/// # Panics
+/// When the store breaks this part of the contract, naming the check.
 pub async fn stale_completion_race<S: Store>(store: Arc<S>, clock: ManualClock) {
     const ROUNDS: usize = 20;
     for round in 0..ROUNDS {
@@ -221,6 +233,9 @@ fn claim_after<S: Store>(
 /// new holder's claim must survive. A store that checks the token, then
 /// deletes in a second step, deletes the new holder's claim, and a third
 /// request runs beside it.
+///
+/// # Panics
+/// When the store breaks this part of the contract, naming the check.
 pub async fn stale_release_race<S: Store>(store: Arc<S>, clock: ManualClock) {
     const ROUNDS: usize = 20;
     for round in 0..ROUNDS {
@@ -257,6 +272,9 @@ pub async fn stale_release_race<S: Store>(store: Arc<S>, clock: ManualClock) {
 
 /// After a lease lapses and another request takes the key over, the old
 /// token can neither renew, complete nor release; the new holder can.
+///
+/// # Panics
+/// When the store breaks this part of the contract, naming the check.
 pub async fn fencing<S: Store>(store: Arc<S>, clock: ManualClock) {
     let key = new_key("fencing");
     let stale = acquire(&*store, &key, fingerprint(1), "fencing").await;
@@ -290,6 +308,9 @@ pub async fn fencing<S: Store>(store: Arc<S>, clock: ManualClock) {
 /// deadline: moved back, the lease could lapse under a running handler
 /// that renewed it in time. A renewal takes its deadline from the clock
 /// when it is made, so an earlier reading stands for the earlier renewal.
+///
+/// # Panics
+/// When the store breaks this part of the contract, naming the check.
 pub async fn late_renewal<S: Store>(store: Arc<S>, clock: ManualClock) {
     let key = new_key("late-renewal");
     let token = acquire(&*store, &key, fingerprint(1), "late_renewal").await;
@@ -315,6 +336,9 @@ pub async fn late_renewal<S: Store>(store: Arc<S>, clock: ManualClock) {
 
 /// A live lease blocks claims; renewing extends it; once it lapses the
 /// next claim takes the key over.
+///
+/// # Panics
+/// When the store breaks this part of the contract, naming the check.
 pub async fn lease_takeover<S: Store>(store: Arc<S>, clock: ManualClock) {
     let key = new_key("takeover");
     let start = clock.now_millis();
@@ -354,6 +378,9 @@ pub async fn lease_takeover<S: Store>(store: Arc<S>, clock: ManualClock) {
 }
 
 /// A completed record replays until its TTL ends, then the key is new.
+///
+/// # Panics
+/// When the store breaks this part of the contract, naming the check.
 pub async fn ttl_expiry<S: Store>(store: Arc<S>, clock: ManualClock) {
     let key = new_key("ttl");
     let token = acquire(&*store, &key, fingerprint(1), "ttl_expiry").await;
@@ -388,6 +415,9 @@ pub async fn ttl_expiry<S: Store>(store: Arc<S>, clock: ManualClock) {
 
 /// A claim with another fingerprint sees the holder's fingerprint, both
 /// while in flight and once completed, so the engine can answer 422.
+///
+/// # Panics
+/// When the store breaks this part of the contract, naming the check.
 pub async fn mismatch_visibility<S: Store>(store: Arc<S>, _clock: ManualClock) {
     let key = new_key("mismatch");
     let token = acquire(&*store, &key, fingerprint(1), "mismatch_visibility").await;
@@ -408,6 +438,9 @@ pub async fn mismatch_visibility<S: Store>(store: Arc<S>, _clock: ManualClock) {
 
 /// Bodies come back byte for byte: every byte value, 1 MiB, empty, and
 /// absent.
+///
+/// # Panics
+/// When the store breaks this part of the contract, naming the check.
 pub async fn binary_bodies<S: Store>(store: Arc<S>, _clock: ManualClock) {
     let every_byte: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
     // The engine's default `max_body_bytes`: the largest body it stores.
@@ -430,6 +463,9 @@ pub async fn binary_bodies<S: Store>(store: Arc<S>, _clock: ManualClock) {
 }
 
 /// Headers come back in order with repeated names and opaque bytes kept.
+///
+/// # Panics
+/// When the store breaks this part of the contract, naming the check.
 pub async fn repeated_headers<S: Store>(store: Arc<S>, _clock: ManualClock) {
     let header = |name: &'static str, value: &[u8]| {
         (
@@ -454,6 +490,9 @@ pub async fn repeated_headers<S: Store>(store: Arc<S>, _clock: ManualClock) {
 
 /// The longest keys work, and keys that differ only in their last
 /// character are separate records.
+///
+/// # Panics
+/// When the store breaks this part of the contract, naming the check.
 pub async fn long_keys<S: Store>(store: Arc<S>, _clock: ManualClock) {
     let scope = ScopeDigest::from_bytes(rand::random());
     let stem: String = (0..254)
@@ -476,6 +515,9 @@ pub async fn long_keys<S: Store>(store: Arc<S>, _clock: ManualClock) {
 
 /// Keys that differ only in case are separate records, as the key is an
 /// opaque string (a case-insensitive column or collation would merge them).
+///
+/// # Panics
+/// When the store breaks this part of the contract, naming the check.
 pub async fn keys_are_case_sensitive<S: Store>(store: Arc<S>, _clock: ManualClock) {
     let keys = ["order-1", "Order-1", "ORDER-1"].map(parse_key);
     each_its_own_record(&*store, keys, "keys_are_case_sensitive").await;
@@ -485,6 +527,9 @@ pub async fn keys_are_case_sensitive<S: Store>(store: Arc<S>, _clock: ManualCloc
 /// spaces, quotes and backslashes): each of these is its own record, so a
 /// store that escapes, trims or pattern-matches keys (SQL `LIKE`, Redis
 /// globs, a separator in a composite key) must still keep them apart.
+///
+/// # Panics
+/// When the store breaks this part of the contract, naming the check.
 pub async fn keys_with_any_printable_character<S: Store>(store: Arc<S>, _clock: ManualClock) {
     let keys = [
         "a b", "a_b", "a%b", "a%20b", "a\"b", "a\\b", "a'b", "a;b", "a,b", "{a}", "a*", "a?",
@@ -515,6 +560,9 @@ async fn each_its_own_record<S: Store>(
 }
 
 /// A thousand records, each replaying its own response.
+///
+/// # Panics
+/// When the store breaks this part of the contract, naming the check.
 pub async fn many_records<S: Store>(store: Arc<S>, _clock: ManualClock) {
     const TASKS: usize = 10;
     let scope = ScopeDigest::from_bytes(rand::random());
@@ -552,6 +600,9 @@ pub async fn many_records<S: Store>(store: Arc<S>, _clock: ManualClock) {
 
 /// `get` shows nothing, then the lease (token, deadline, renewals), then
 /// the completed record.
+///
+/// # Panics
+/// When the store breaks this part of the contract, naming the check.
 pub async fn get_reflects_state<S: Store>(store: Arc<S>, clock: ManualClock) {
     let key = new_key("get");
     assert_eq!(
@@ -593,6 +644,9 @@ pub async fn get_reflects_state<S: Store>(store: Arc<S>, clock: ManualClock) {
 }
 
 /// Releasing frees the key for the next claim; the released token is dead.
+///
+/// # Panics
+/// When the store breaks this part of the contract, naming the check.
 pub async fn release_frees_the_key<S: Store>(store: Arc<S>, _clock: ManualClock) {
     let key = new_key("release");
     let first = acquire(&*store, &key, fingerprint(1), "release_frees_the_key").await;
@@ -619,6 +673,9 @@ pub async fn release_frees_the_key<S: Store>(store: Arc<S>, _clock: ManualClock)
 }
 
 /// Nobody holds a key that was never claimed.
+///
+/// # Panics
+/// When the store breaks this part of the contract, naming the check.
 pub async fn unknown_records_are_not_held<S: Store>(store: Arc<S>, _clock: ManualClock) {
     let key = new_key("unknown");
     expect_lease_lost(
@@ -637,6 +694,9 @@ pub async fn unknown_records_are_not_held<S: Store>(store: Arc<S>, _clock: Manua
 
 /// One key in two scopes is two records, each claimed, completed, replayed
 /// and read (`get`, which answers exact repeats) on its own.
+///
+/// # Panics
+/// When the store breaks this part of the contract, naming the check.
 pub async fn scopes_are_separate<S: Store>(store: Arc<S>, _clock: ManualClock) {
     let key = parse_key("shared-key");
     let first = RecordKey::new(ScopeDigest::from_bytes(rand::random()), key.clone());

@@ -713,13 +713,21 @@ impl MockStore {
         self.count_where(|op| matches!(op, Operation::Failed { .. }))
     }
 
-    /// Panics unless exactly one handler run was let through.
+    /// Asserts that exactly one handler run was let through.
+    ///
+    /// # Panics
+    /// When the store let the handler run no time or more than once,
+    /// listing the operations it saw.
     #[track_caller]
     pub fn assert_executed_once(&self) {
         self.assert_executed(1);
     }
 
-    /// Panics unless exactly `times` handler runs were let through.
+    /// Asserts that exactly `times` handler runs were let through.
+    ///
+    /// # Panics
+    /// When the store let the handler run another number of times,
+    /// listing the operations it saw.
     #[track_caller]
     pub fn assert_executed(&self, times: usize) {
         let executions = self.executions();
