@@ -15,7 +15,10 @@ use crate::digest::{hex, sha256_framed};
 use crate::field::{Repeated, at_most_once, trim_ows};
 
 /// How an endpoint tells callers apart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+///
+/// Two `Scope`s are equal when they name the same key space: header
+/// names are compared, and hashed, in any case.
+#[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
 pub enum Scope {
     /// The caller's API key: the configured API-key header (`X-Api-Key` by
@@ -42,6 +45,31 @@ pub enum Scope {
     /// A value the handler supplies: an extracted principal implementing
     /// [`IdempotencyScope`].
     Custom,
+}
+
+impl PartialEq for Scope {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Header(a), Self::Header(b)) => a.eq_ignore_ascii_case(b),
+            _ => std::mem::discriminant(self) == std::mem::discriminant(other),
+        }
+    }
+}
+
+impl Eq for Scope {}
+
+impl std::hash::Hash for Scope {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        std::mem::discriminant(self).hash(state);
+        if let Self::Header(name) = self {
+            // As `eq` compares them: in any case.
+            for byte in name.bytes() {
+                state.write_u8(byte.to_ascii_lowercase());
+            }
+            // Ends the name, as `str`'s own hash does.
+            state.write_u8(0xff);
+        }
+    }
 }
 
 /// A caller identity the handler extracts itself, typically the
@@ -325,6 +353,25 @@ fn credentials<'a>(value: &'a [u8], scheme: &[u8]) -> Option<&'a [u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The docs promise that a header scope's name is taken in any case:
+    /// its value equality and hash say the same as its digest.
+    #[test]
+    fn header_scopes_are_equal_and_hash_alike_in_any_case() {
+        use std::collections::HashSet;
+        let scopes: HashSet<Scope> = [
+            Scope::Header("X-Tenant-Id"),
+            Scope::Header("x-tenant-id"),
+            Scope::Header("x-tenant"),
+            Scope::ApiKey,
+            Scope::Global,
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(scopes.len(), 4, "{scopes:?}");
+        assert!(scopes.contains(&Scope::Header("X-TENANT-ID")));
+        assert_ne!(Scope::Header("x-tenant-id"), Scope::Global);
+    }
     use http::{HeaderName, HeaderValue};
     use proptest::prelude::*;
 
