@@ -10,7 +10,7 @@ use syn::ext::IdentExt;
 use syn::{Attribute, FnArg, Ident, ItemFn, Pat, Path, Receiver, Signature, Type};
 
 use crate::args::{Errors, closest};
-use crate::handler::{Argument, Handler};
+use crate::handler::{Argument, Extractor, Handler};
 use crate::principal::misspells_principal;
 use crate::types::{
     consumes_body, future_returned, is_named, last_ident, optional_inner, type_ident,
@@ -163,22 +163,32 @@ pub(crate) fn check_axum_arity(
 /// the whole handler type, with the attribute's hidden arguments in it;
 /// this one names the argument.
 pub(crate) fn check_body_extractor_is_last(arguments: &[Argument<'_>], errors: &mut Errors) {
-    let Some((_, before_last)) = arguments.split_last() else {
+    let Some((last, before_last)) = arguments.split_last() else {
         return;
     };
     // Within a tuple too: axum extracts a tuple before the last argument
-    // from the request's parts alone.
+    // from the request's parts alone, and a tuple as the last argument
+    // from them but for its last element.
     let extractors = before_last.iter().flat_map(|argument| &argument.extractors);
     for extractor in extractors {
-        let ty = optional_inner(extractor.ty).unwrap_or(extractor.ty);
-        if let Some(name) = type_ident(ty).filter(|_| consumes_body(ty)) {
-            errors.spanned(
-                extractor.ty,
-                format!(
-                    "`{name}` reads the request body, so it must be the handler's last argument"
-                ),
-            );
+        refuse_a_body_extractor(extractor, "the handler's last argument", errors);
+    }
+    if let Some((_, before_last)) = last.extractors.split_last() {
+        for extractor in before_last {
+            refuse_a_body_extractor(extractor, "the last element of its tuple", errors);
         }
+    }
+}
+
+/// Refuses `extractor` if it reads the request body, which it must not
+/// where it is: it must be `last`.
+fn refuse_a_body_extractor(extractor: &Extractor<'_>, last: &str, errors: &mut Errors) {
+    let ty = optional_inner(extractor.ty).unwrap_or(extractor.ty);
+    if let Some(name) = type_ident(ty).filter(|_| consumes_body(ty)) {
+        errors.spanned(
+            extractor.ty,
+            format!("`{name}` reads the request body, so it must be {last}"),
+        );
     }
 }
 

@@ -3,10 +3,11 @@
 //! the same bytes is sure to fingerprint the same.
 
 use quote::quote;
+use syn::Type;
 
 use crate::args::{Args, Errors, Scope};
 use crate::checks::tokens_text;
-use crate::handler::{Argument, Role};
+use crate::handler::Argument;
 use crate::types::{Reads, extractors_reading, is_extractor};
 
 /// Whether the handler's body is extracted through `ExactBody`: when
@@ -46,7 +47,7 @@ fn exact_repeats_blocker(
     // An extractor of the application's own, written with its path
     // (`meta::Form`), may read more than these do, or be a parts extractor
     // that `ExactBody` cannot wrap.
-    let is = |argument: &Argument<'_>, names: &[&str]| is_extractor(argument.ty, names);
+    let is = |ty: &Type, names: &[&str]| is_extractor(ty, names);
     let body = extractors_reading(Reads::Body);
     let uri = extractors_reading(Reads::Uri);
     let list = |names: &[&str]| {
@@ -60,14 +61,17 @@ fn exact_repeats_blocker(
     if !matches!(args.scope, None | Some(Scope::ApiKey | Scope::Global)) {
         return Some("its scope is not `\"api_key\"` or `\"global\"`".to_owned());
     }
-    if !arguments.last().is_some_and(|last| is(last, &body)) {
+    if !arguments.last().is_some_and(|last| is(last.ty, &body)) {
         return Some(format!(
             "its last argument is not one of axum's {}",
             list(&body)
         ));
     }
-    let other = arguments.iter().find(|argument| {
-        matches!(argument.role, Role::Fingerprinted) && !is(argument, &body) && !is(argument, &uri)
+    // Element by element within a tuple, as the fingerprint reads it: a
+    // tuple of URI extractors reads only the URI, as they do one by one.
+    let mut extractors = arguments.iter().flat_map(|argument| &argument.extractors);
+    let other = extractors.find(|extractor| {
+        extractor.fingerprinted && !is(extractor.ty, &body) && !is(extractor.ty, &uri)
     })?;
     let ty = other.ty;
     Some(format!(

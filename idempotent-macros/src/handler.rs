@@ -180,8 +180,9 @@ impl<'a> Argument<'a> {
 
 /// Pushes the extractors of an argument of type `ty`, bound by `pat`
 /// where the pattern is known, to `extractors`: a tuple's elements in
-/// order (an element bound to `_` is left out, as an argument is), any
-/// other type as one. `left_out` leaves every one out of the fingerprint.
+/// order (an element bound to `_`, or passed over by `..`, is left out, as
+/// an argument bound to `_` is), any other type as one. `left_out` leaves
+/// every one out of the fingerprint.
 fn collect_extractors<'a>(
     pat: Option<&Pat>,
     ty: &'a Type,
@@ -190,7 +191,7 @@ fn collect_extractors<'a>(
     extractors: &mut Vec<Extractor<'a>>,
 ) {
     let left_out = left_out || matches!(pat, Some(Pat::Wild(_)));
-    let Type::Tuple(tuple) = ty else {
+    let Type::Tuple(tuple) = without_parens(ty) else {
         extractors.push(Extractor {
             index: index.clone(),
             ty,
@@ -200,23 +201,46 @@ fn collect_extractors<'a>(
     };
     let patterns = pat.and_then(|pat| element_patterns(pat, tuple.elems.len()));
     for (position, element) in tuple.elems.iter().enumerate() {
-        let pat = patterns.as_ref().map(|patterns| patterns[position]);
+        let (pat, passed_over) = match &patterns {
+            Some(patterns) => (patterns[position], patterns[position].is_none()),
+            None => (None, false),
+        };
         index.push(position);
-        collect_extractors(pat, element, left_out, index, extractors);
+        collect_extractors(pat, element, left_out || passed_over, index, extractors);
         index.pop();
     }
 }
 
+/// `ty` read out of parentheses and of the invisible delimiters around a
+/// fragment that a `macro_rules!` passed in (`$meta: ty`), which syn keeps
+/// as a `Type::Group`: a tuple type in either is still a tuple.
+fn without_parens(ty: &Type) -> &Type {
+    match ty {
+        Type::Paren(paren) => without_parens(&paren.elem),
+        Type::Group(group) => without_parens(&group.elem),
+        _ => ty,
+    }
+}
+
 /// The pattern of each of a tuple's `len` elements in `pat`, when `pat`
-/// destructures it one pattern per element (no `..`).
-fn element_patterns(pat: &Pat, len: usize) -> Option<Vec<&Pat>> {
+/// destructures it (`None` for one that `..` passes over, which nothing
+/// binds); `None` when a name binds the tuple whole, `_` elements of a
+/// `whole @ (_, _)` included, since the handler reads them through it.
+fn element_patterns(pat: &Pat, len: usize) -> Option<Vec<Option<&Pat>>> {
     match pat {
         Pat::Paren(paren) => element_patterns(&paren.pat, len),
-        Pat::Tuple(tuple)
-            if tuple.elems.len() == len
-                && !tuple.elems.iter().any(|elem| matches!(elem, Pat::Rest(_))) =>
-        {
-            Some(tuple.elems.iter().collect())
+        Pat::Tuple(tuple) => {
+            let elems: Vec<&Pat> = tuple.elems.iter().collect();
+            let rest = elems.iter().position(|elem| matches!(elem, Pat::Rest(_)));
+            let Some(rest) = rest else {
+                return (elems.len() == len).then(|| elems.into_iter().map(Some).collect());
+            };
+            let (before, after) = (&elems[..rest], &elems[rest + 1..]);
+            let passed_over = len.checked_sub(before.len() + after.len())?;
+            let passed_over = std::iter::repeat_n(None, passed_over);
+            let before = before.iter().copied().map(Some);
+            let after = after.iter().copied().map(Some);
+            Some(before.chain(passed_over).chain(after).collect())
         }
         _ => None,
     }
@@ -250,4 +274,58 @@ fn is_fingerprinted_by_default(ty: &Type) -> bool {
         || !is_named(ty, NOT_FINGERPRINTED),
         is_fingerprinted_by_default,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where each extractor of the argument `argument` (as written in a
+    /// signature) is, and whether it is fingerprinted.
+    fn extractors_of(argument: &str) -> Vec<(Vec<usize>, bool)> {
+        let Ok(FnArg::Typed(argument)) = syn::parse_str::<FnArg>(argument) else {
+            panic!("not an argument: {argument}");
+        };
+        let argument = Argument::new(&argument.pat, &argument.ty, false, false);
+        let extractors = argument.extractors.iter();
+        extractors
+            .map(|extractor| (extractor.index.clone(), extractor.fingerprinted))
+            .collect()
+    }
+
+    #[test]
+    fn a_nested_tuple_is_read_element_by_element() {
+        assert_eq!(
+            extractors_of("((Path(id), _), page): ((Path<u32>, Query<Page>), Query<Trace>)"),
+            [(vec![0, 0], true), (vec![0, 1], false), (vec![1], true)]
+        );
+    }
+
+    #[test]
+    fn elements_a_rest_pattern_passes_over_are_left_out() {
+        assert_eq!(
+            extractors_of(
+                "(Path(id), .., Json(body)): (Path<u32>, Query<Page>, Query<Trace>, Json<Body>)"
+            ),
+            [
+                (vec![0], true),
+                (vec![1], false),
+                (vec![2], false),
+                (vec![3], true)
+            ]
+        );
+    }
+
+    /// The handler reads every element through `whole`, `_`s included.
+    #[test]
+    fn a_tuple_bound_whole_is_fingerprinted_whole() {
+        assert_eq!(
+            extractors_of("whole @ (_, _): (Method, Query<Page>)"),
+            [(vec![0], false), (vec![1], true)]
+        );
+        assert_eq!(
+            extractors_of("meta: (Method, Query<Page>)"),
+            [(vec![0], false), (vec![1], true)]
+        );
+    }
 }

@@ -284,6 +284,34 @@ async fn a_nested_prefix_parameter_keeps_tenants_apart() {
     store.assert_executed_once();
 }
 
+/// The URI extractors grouped into a tuple, as a handler past axum's
+/// limit of arguments groups them.
+#[idempotent(ttl = "1h")]
+async fn grouped_tenant_charge(
+    (method, Path(tenant)): (axum::http::Method, Path<String>),
+    Json(charge): Json<Charge>,
+) -> String {
+    format!("{method} {tenant}: {}", charge.amount)
+}
+
+/// A tuple of extractors that read only the URI keeps exact repeats, as
+/// the same extractors taken one by one do: a retry with the same bytes
+/// fingerprints the same either way.
+#[tokio::test]
+async fn a_tuple_of_uri_extractors_keeps_exact_repeats() {
+    let store = MockStore::new();
+    let app = Router::new()
+        .route("/{tenant}/charges", post(grouped_tenant_charge))
+        .layer(store.layer());
+    let body = r#"{"tag":"grouped","amount":100}"#;
+    until_an_exact_repeat(&app, &store, "/acme/charges", body, "POST acme: 100").await;
+
+    let answer = send(&app, post_json("/globex/charges", "k1", body)).await;
+
+    assert_eq!(answer.status, StatusCode::UNPROCESSABLE_ENTITY);
+    store.assert_executed_once();
+}
+
 /// Two versions of one endpoint, each in its own module under its own
 /// static prefix: the nested routers see the same `/orders`.
 mod v1 {

@@ -190,6 +190,26 @@ async fn grouped_metadata(
     format!("{method} {body}")
 }
 
+/// An extractor that `..` passes over is bound by nothing, so the
+/// handler never reads it: it is left out, as one bound to `_` is.
+#[idempotent(scope = "global")]
+async fn grouped_passed_over((Path(id), ..): (Path<u32>, Query<DryRun>), body: String) -> String {
+    format!("order {id} {body}")
+}
+
+/// A handler that a `macro_rules!` writes, given its tuple's type as a
+/// `ty` fragment: syn reads that type inside invisible delimiters.
+macro_rules! grouped_by_a_macro {
+    ($name:ident, $grouped:ty) => {
+        #[idempotent(scope = "global")]
+        async fn $name((method, Query(page)): $grouped, body: String) -> String {
+            format!("{method} {} {body}", page.dry_run)
+        }
+    };
+}
+
+grouped_by_a_macro!(grouped_through_a_macro, (axum::http::Method, Query<DryRun>));
+
 fn app() -> Router {
     Router::new()
         .route("/charge", post(charge))
@@ -207,6 +227,8 @@ fn app() -> Router {
         .route("/raw-form", post(raw_form))
         .route("/grouped/{id}", post(grouped_order))
         .route("/grouped-metadata", post(grouped_metadata))
+        .route("/grouped-passed-over/{id}", post(grouped_passed_over))
+        .route("/grouped-by-a-macro", post(grouped_through_a_macro))
         .with_state(Runs::default())
         .layer(Idempotency::new(MemoryStore::new()))
 }
@@ -557,4 +579,27 @@ async fn grouping_extractors_into_a_tuple_keeps_the_fingerprint() {
     assert_eq!(retry, replayed("order 7 false 10"));
     let other = send(&after, json(uri, "k", r#"{"amount":11}"#)).await;
     assert_eq!(other, Answer::KeyReused);
+}
+
+#[tokio::test]
+async fn an_extractor_passed_over_by_a_rest_pattern_is_left_out() {
+    let app = app();
+    let first = send(&app, text("/grouped-passed-over/7?dry_run=false", "k", "a")).await;
+    assert_eq!(first, ran("order 7 a"));
+    let unread = send(&app, text("/grouped-passed-over/7?dry_run=true", "k", "a")).await;
+    assert_eq!(unread, replayed("order 7 a"), "the query is never read");
+    let other = send(&app, text("/grouped-passed-over/7?dry_run=false", "k", "b")).await;
+    assert_eq!(other, Answer::KeyReused, "the body is still fingerprinted");
+}
+
+#[tokio::test]
+async fn a_tuple_type_a_macro_passes_in_is_fingerprinted_element_by_element() {
+    let app = app();
+    let uri = "/grouped-by-a-macro?dry_run=false";
+    let first = send(&app, text(uri, "k", "a")).await;
+    assert_eq!(first, ran("POST false a"));
+    let other_query = send(&app, text("/grouped-by-a-macro?dry_run=true", "k", "a")).await;
+    assert_eq!(other_query, Answer::KeyReused);
+    let retry = send(&app, text(uri, "k", "a")).await;
+    assert_eq!(retry, replayed("POST false a"));
 }

@@ -1085,8 +1085,7 @@ where
 /// gives the store's background work, which it would otherwise use up.
 const CHECK_LIMIT: Duration = crate::IdempotencyBuilder::DEFAULT_STORE_TIMEOUT;
 
-/// What a background check that ran out of [`CHECK_LIMIT`] leaves
-/// unchecked.
+/// The warning of a background check that ran out of [`CHECK_LIMIT`].
 const CHECK_UNFINISHED: &str = "Redis did not answer a background check of its setup in time (`check`, within `limit_ms`), so it could not finish: the check is given up, and the next claim that calls for it checks again";
 
 /// The background check of the eviction policy, as its warning names it.

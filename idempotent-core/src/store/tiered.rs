@@ -39,8 +39,9 @@ const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
 /// this process holds, so that a completion can be cached right away. A
 /// claim is held until its response is stored, by the first attempt or by
 /// one the engine makes later, after its caller got the response (the
-/// first ones failed in an outage), or until the durable store refuses it
-/// for good; cut short, it lapses with its lease.
+/// first ones failed in an outage), until the claim is released, or until
+/// the durable store refuses it for good; cut short, it lapses with its
+/// lease.
 ///
 /// # Clocks
 ///

@@ -19,4 +19,11 @@ async fn grouped((method, body): (Method, String), headers: HeaderMap) -> String
     format!("{method} {body} {}", headers.len())
 }
 
+// A tuple as the last argument is extracted from the request's parts but
+// for its last element.
+#[idempotent]
+async fn grouped_last((body, method): (String, Method)) -> String {
+    format!("{method} {body}")
+}
+
 fn main() {}
