@@ -238,7 +238,10 @@ macro_rules! on_live_connection {
 /// session pooling, or PgBouncer 1.21 or later with
 /// `max_prepared_statements` set: in transaction pooling, statements
 /// prepared on one server connection are run on another, and the store
-/// warns of it the first time.
+/// warns of it the first time. Where the server cannot tell (a name
+/// another client prepared for other SQL), the store's statements are set
+/// apart by their number of parameters, so that one run as another is
+/// refused (503) rather than misread as a claim taken over.
 ///
 /// A table changed after `migrate` accepted it is named in the error,
 /// with what to change: one that refuses the store's rows (a NOT NULL
@@ -1097,14 +1100,22 @@ impl Statements {
                        header_names, header_values, body
                 FROM found"
             ),
-            // Claims a row whose deadline passed. Of two claims taking over
-            // one row, the second waits for the first and then finds the row
-            // live: it updates nothing.
+            // Claims a row whose deadline passed, as the claim found it
+            // (`$7`, its deadline then). Of two claims taking over one row,
+            // the second waits for the first and then finds the row live:
+            // it updates nothing. Its seventh parameter also sets it apart
+            // from the claim, the one statement that takes the other six:
+            // a pooler in transaction mode without prepared-statement
+            // support (PgBouncer before 1.21) runs a statement under the
+            // name another client prepared, and the claim's read run as a
+            // take-over would count its row as taken over while the key
+            // stayed free, so that two requests ran. The server refuses a
+            // statement bound with another number of parameters.
             take_over: format!(
                 "UPDATE {table}
                  SET fingerprint = $3, lease_token = $4, expires_at = $5, status = NULL,
                      header_names = NULL, header_values = NULL, body = NULL
-                 WHERE scope = $1 AND key = $2 AND expires_at <= $6"
+                 WHERE scope = $1 AND key = $2 AND expires_at <= $6 AND expires_at = $7"
             ),
             // A renewal applied after a later one (on another connection)
             // leaves the later deadline.
@@ -1167,7 +1178,8 @@ impl Store for PostgresStore {
         // timeout. The statements after it wait for the server instead.
         let patience = Patience::FailFast;
         for _ in 0..sql::CLAIM_ATTEMPTS {
-            // Both statements take the claim's six parameters; the time is
+            // Both statements take the claim's six parameters (the
+            // take-over one more, the deadline it found); the time is
             // read for each run, so one rerun after a broken connection
             // does not claim with a lease already partly spent.
             let query = |statement| {
@@ -1190,9 +1202,11 @@ impl Store for PostgresStore {
             if row.column::<bool>("live")? {
                 return claim_from_row(&row, token);
             }
+            let found: i64 = row.column("expires_at")?;
             let (taken, _) = on_live_connection!(self, patience, undo, |connection| query(
                 &self.inner.sql.take_over
             )
+            .bind(found)
             .execute(connection));
             // Nothing taken after a break may be a take-over that was
             // applied: the next claim finds its own token then.
