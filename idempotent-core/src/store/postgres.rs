@@ -239,8 +239,8 @@ macro_rules! on_live_connection {
 /// `max_prepared_statements` set: in transaction pooling, statements
 /// prepared on one server connection are run on another, and the store
 /// warns of it the first time. Where the server cannot tell (a name
-/// another client prepared for other SQL), the store's statements are set
-/// apart by their number of parameters, so that one run as another is
+/// another client prepared for other SQL), a claim's two statements take
+/// different numbers of parameters, so that one run as the other is
 /// refused (503) rather than misread as a claim taken over.
 ///
 /// A table changed after `migrate` accepted it is named in the error,
