@@ -46,8 +46,8 @@ pub enum FinalStatuses {
     /// refuse the request's credentials, method, size or format before
     /// anything runs (an authentication middleware, `axum`'s router and
     /// extractors answer them), so that a retry that fixes the request (a
-    /// refreshed token, the right method) is not answered with them. An informational 1xx (a
-    /// protocol switch) is not an outcome to replay.
+    /// refreshed token, the right method) is not answered with them. An
+    /// informational 1xx (a protocol switch) is not an outcome to replay.
     #[default]
     Default,
     /// Exactly the listed statuses: the attribute's

@@ -353,6 +353,8 @@ fn credentials<'a>(value: &'a [u8], scheme: &[u8]) -> Option<&'a [u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::{HeaderName, HeaderValue};
+    use proptest::prelude::*;
 
     /// The docs promise that a header scope's name is taken in any case:
     /// its value equality and hash say the same as its digest.
@@ -372,8 +374,6 @@ mod tests {
         assert!(scopes.contains(&Scope::Header("X-TENANT-ID")));
         assert_ne!(Scope::Header("x-tenant-id"), Scope::Global);
     }
-    use http::{HeaderName, HeaderValue};
-    use proptest::prelude::*;
 
     const API: HeaderName = HeaderName::from_static("x-api-key");
 

@@ -180,8 +180,8 @@ pub(crate) fn check_body_extractor_is_last(arguments: &[Argument<'_>], errors: &
     }
 }
 
-/// Refuses `extractor` if it reads the request body, which it must not
-/// where it is: it must be `last`.
+/// Refuses `extractor`, which is not where a body extractor must be, if
+/// it reads the request body; `last` names that place in the error.
 fn refuse_a_body_extractor(extractor: &Extractor<'_>, last: &str, errors: &mut Errors) {
     let ty = optional_inner(extractor.ty).unwrap_or(extractor.ty);
     if let Some(name) = type_ident(ty).filter(|_| consumes_body(ty)) {

@@ -60,9 +60,11 @@ async fn by_attribute(State(runs): State<Runs>) -> String {
     format!("run {}", runs.bump())
 }
 
-/// One route made idempotent each way, `(name, router)`: `by_attribute`
-/// as it is, and `plain` under an `IdempotentLayer` of `endpoint`.
-fn both_ways(
+/// An app of its own for each way of making the route `/r` idempotent, as
+/// `(name, router)`: `by_attribute` as it is, and `plain` under an
+/// `IdempotentLayer` of `endpoint`. (`macro_support::both_ways` serves
+/// both ways from one router instead.)
+fn apps_each_way(
     runs: &Runs,
     by_attribute: MethodRouter<Runs>,
     plain: MethodRouter<Runs>,
@@ -104,7 +106,7 @@ where
 #[tokio::test]
 async fn a_head_and_a_get_with_one_key_are_one_request_under_the_attribute_and_the_layer() {
     let runs = Runs::default();
-    let apps = both_ways(
+    let apps = apps_each_way(
         &runs,
         every_method(by_attribute),
         every_method(plain),
@@ -236,7 +238,7 @@ async fn marking_by_attribute(
 async fn a_handlers_own_replay_mark_never_reaches_a_first_response_and_a_replay_says_true_once() {
     const OPTIONAL: Endpoint = LAYERED.optional(true);
     let runs = Runs::default();
-    let apps = both_ways(
+    let apps = apps_each_way(
         &runs,
         post(marking_by_attribute),
         post(marking_plain),
@@ -264,7 +266,7 @@ async fn create_by_attribute(State(runs): State<Runs>, Json(_): Json<Value>) -> 
 }
 
 fn creating(runs: &Runs) -> [(&'static str, Router); 2] {
-    both_ways(runs, post(create_by_attribute), post(plain), LAYERED)
+    apps_each_way(runs, post(create_by_attribute), post(plain), LAYERED)
 }
 
 /// Each malformed key, and a request without one, gets the same 400 from
@@ -370,7 +372,7 @@ async fn echo_plain(State(runs): State<Runs>, body: String) -> String {
 #[tokio::test]
 async fn a_key_on_another_method_than_post_runs_once_each_way() {
     let runs = Runs::default();
-    let apps = both_ways(
+    let apps = apps_each_way(
         &runs,
         every_method(echo_by_attribute),
         every_method(echo_plain),

@@ -16,7 +16,6 @@
 //!   was kept as text or a floating-point number, and no record read
 //!   back, every retry of a completed request answered 500.
 //!
-//!
 //! And tables `migrate` judged wrongly: it refused unique indexes records
 //! never collide on (an expression of a column of the user's own,
 //! `lease_token`), and on PostgreSQL 11 and older, whose catalogs lack
@@ -47,8 +46,9 @@ fn assert_refused(migrated: Result<(), StoreError>, words: &[&str]) {
 }
 
 /// The PostgreSQL store's table (named `{table}`, for [`postgres_migrate`])
-/// with `extra` columns, keyed on `(scope, key)`, and beside the key the
-/// unique index `{table}_extra` on `index`.
+/// with `extra` columns (empty, or beginning with a comma, as
+/// [`postgres_table`] takes them), keyed on `(scope, key)`, and beside the
+/// key the unique index `{table}_extra` on `index` (a parenthesised list).
 fn postgres_with_index(extra: &str, index: &str) -> String {
     format!(
         "{} ALTER TABLE {{table}} ADD PRIMARY KEY (scope, key);
@@ -57,8 +57,10 @@ fn postgres_with_index(extra: &str, index: &str) -> String {
     )
 }
 
-/// The SQLite store's table with `extra` columns, keyed on `(scope, key)`,
-/// and beside the key the unique index `records_extra` on `index`.
+/// The SQLite store's table with `extra` columns (empty, or beginning with
+/// a comma, as [`sqlite_table`] takes them; the comma before the primary
+/// key is added here), keyed on `(scope, key)`, and beside the key the
+/// unique index `records_extra` on `index` (a parenthesised list).
 fn sqlite_with_index(extra: &str, index: &str) -> String {
     let keyed = format!("{extra}, PRIMARY KEY (scope, key)");
     sqlite_table("TEXT NOT NULL", &keyed)

@@ -2,7 +2,6 @@
 //! way: for the tests of what becomes of a run while it is under way.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -10,8 +9,9 @@ use axum::http::StatusCode;
 use axum::{Json, Router};
 use idempotent_core::{Endpoint, Idempotency, idempotent};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
-use super::{Turnstile, both_ways};
+use super::{Runs, Turnstile, both_ways};
 
 /// What a charge is sent.
 #[derive(Serialize, Deserialize)]
@@ -19,24 +19,35 @@ pub struct Charge {
     pub amount: u64,
 }
 
-/// Counts the handlers that started and the side effects they did; each
-/// handler waits at a turnstile, closed at first, that the test opens.
-#[derive(Clone, Default)]
+/// A gate handlers wait at, closed at first, that the test opens a run at
+/// a time; it counts the handlers that started and the side effects done.
+#[derive(Clone)]
 pub struct Gate {
-    started: Arc<AtomicUsize>,
-    runs: Arc<AtomicUsize>,
+    /// How many handlers started, watched so a test can wait for a count.
+    started: Arc<watch::Sender<usize>>,
+    runs: Runs,
     turnstile: Turnstile,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self {
+            started: Arc::new(watch::channel(0).0),
+            runs: Runs::default(),
+            turnstile: Turnstile::default(),
+        }
+    }
 }
 
 impl Gate {
     /// Side effects done.
     pub fn runs(&self) -> usize {
-        self.runs.load(Ordering::SeqCst)
+        self.runs.get()
     }
 
     /// Handlers that started.
     pub fn started(&self) -> usize {
-        self.started.load(Ordering::SeqCst)
+        *self.started.borrow()
     }
 
     /// Lets `runs` more handlers through.
@@ -46,20 +57,20 @@ impl Gate {
 
     /// Counts a handler that started.
     pub fn start(&self) {
-        self.started.fetch_add(1, Ordering::SeqCst);
+        self.started.send_modify(|started| *started += 1);
     }
 
-    /// Waits at the turnstile until let through.
+    /// Waits at the gate until let through.
     pub async fn wait(&self) {
         self.turnstile.pass().await;
     }
 
-    /// Does the side effect: counts it. Its number.
+    /// Does the side effect, which is to count it; the count with it.
     pub fn charge(&self) -> usize {
-        self.runs.fetch_add(1, Ordering::SeqCst) + 1
+        self.runs.bump()
     }
 
-    /// Waits at the gate, then does the side effect.
+    /// Starts, waits at the gate, then does the side effect.
     pub async fn pass(&self, amount: u64) -> (StatusCode, String) {
         self.start();
         self.wait().await;
@@ -67,8 +78,9 @@ impl Gate {
         (StatusCode::CREATED, format!("run {run} amount {amount}"))
     }
 
-    /// Does the side effect at once, then waits at the gate before it
-    /// answers: a handler whose cancellation comes too late to undo it.
+    /// Starts and does the side effect at once, then waits at the gate
+    /// before it answers: a handler whose cancellation comes too late to
+    /// undo it.
     pub async fn charge_then_wait(&self, amount: u64) -> (StatusCode, String) {
         self.start();
         let run = self.charge();
@@ -76,16 +88,13 @@ impl Gate {
         (StatusCode::CREATED, format!("run {run} amount {amount}"))
     }
 
-    /// Waits until `count` handlers started; ten seconds at most, a bound
-    /// on a hang.
+    /// Waits until `count` handlers in all have started; ten seconds at
+    /// most, a bound on a hang, never a synchronisation.
     pub async fn until_started(&self, count: usize) {
-        tokio::time::timeout(Duration::from_secs(10), async {
-            while self.started() < count {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await
-        .expect("the handler starts");
+        let mut started = self.started.subscribe();
+        let reached = started.wait_for(|&started| started >= count);
+        let reached = tokio::time::timeout(Duration::from_secs(10), reached).await;
+        reached.expect("the handler starts").expect("never closed");
     }
 }
 

@@ -172,15 +172,25 @@ pub async fn serve(
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<()>,
 ) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (addr, server) = listen(app, async move { drop(stopped.await) }).await;
+    let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+    (client, stop, server)
+}
+
+/// `app` served on a free loopback port until `shutdown` completes, then
+/// shut down gracefully: its address, and the server's task.
+pub async fn listen(
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
-            .with_graceful_shutdown(async move { drop(stopped.await) })
+            .with_graceful_shutdown(shutdown)
             .await
             .unwrap();
     });
-    let client = tokio::net::TcpStream::connect(addr).await.unwrap();
-    (client, stop, server)
+    (addr, server)
 }

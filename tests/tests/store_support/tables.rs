@@ -8,7 +8,8 @@ use super::{backend_url, unique_name};
 
 /// The PostgreSQL store's columns, for a `CREATE TABLE` of `table` with
 /// `key` declared `key_type` and `extra` (columns, then constraints)
-/// spliced in after them.
+/// spliced in after them. `extra` follows the last column as it is, so it
+/// is empty or begins with its own comma (`", tenant text"`).
 pub fn postgres_table(table: &str, key_type: &str, extra: &str) -> String {
     format!(
         "CREATE TABLE {table} (
@@ -20,8 +21,10 @@ pub fn postgres_table(table: &str, key_type: &str, extra: &str) -> String {
     )
 }
 
-/// The SQLite store's table with `key`'s declaration and `extra` (columns,
-/// then constraints) spliced in.
+/// The SQLite store's table with `key`'s declaration (its type and
+/// constraints, `"TEXT NOT NULL"`) and `extra` (columns, then constraints)
+/// spliced in. `extra` follows the last column as it is, so it is empty or
+/// begins with its own comma (`", tenant TEXT"`).
 pub fn sqlite_table(key: &str, extra: &str) -> String {
     format!(
         "CREATE TABLE idempotency_records (
