@@ -63,6 +63,26 @@ pub enum FinalStatuses {
     /// # assert!(!IMPORT.final_status_policy().is_final(StatusCode::BAD_REQUEST));
     /// ```
     Only(&'static [StatusRange]),
+    /// The [`Default`](Self::Default) statuses and the listed ones too:
+    /// for a handler whose own 409 (an order out of stock, a payment
+    /// already captured) is its outcome, to be replayed rather than run
+    /// again. The attribute's `final_statuses = "default, 409"` is
+    ///
+    /// ```
+    /// use idempotent_core::{Endpoint, FinalStatuses, StatusRange};
+    /// # use http::StatusCode;
+    ///
+    /// const ORDER: Endpoint = Endpoint::new("orders.create")
+    ///     .final_statuses(FinalStatuses::DefaultAnd(&[StatusRange::one(409)]));
+    /// # assert!(ORDER.final_status_policy().is_final(StatusCode::CONFLICT));
+    /// # assert!(ORDER.final_status_policy().is_final(StatusCode::NOT_FOUND));
+    /// # assert!(!ORDER.final_status_policy().is_final(StatusCode::TOO_MANY_REQUESTS));
+    /// ```
+    ///
+    /// A listed status the default already stores changes nothing, except
+    /// that a 400 or 422 listed here is stored even when it answers an
+    /// input the extractor rejected, as with [`Only`](Self::Only).
+    DefaultAnd(&'static [StatusRange]),
 }
 
 /// Statuses under 500 that ask the client to retry, or refuse the
@@ -81,10 +101,29 @@ impl FinalStatuses {
     pub fn is_final(self, status: StatusCode) -> bool {
         let status = status.as_u16();
         match self {
-            Self::Default => (200..500).contains(&status) && !NOT_FINAL.contains(&status),
-            Self::Only(ranges) => ranges.iter().any(|range| range.contains(status)),
+            Self::Default => is_final_by_default(status),
+            Self::Only(ranges) => lists(ranges, status),
+            Self::DefaultAnd(ranges) => is_final_by_default(status) || lists(ranges, status),
         }
     }
+
+    /// Whether the endpoint names `status` itself, rather than having it
+    /// stored by the default alone: the engine releases a 400 or 422 that
+    /// answers a rejected input only when the default is what stores it.
+    pub(crate) fn lists(self, status: StatusCode) -> bool {
+        match self {
+            Self::Default => false,
+            Self::Only(ranges) | Self::DefaultAnd(ranges) => lists(ranges, status.as_u16()),
+        }
+    }
+}
+
+fn is_final_by_default(status: u16) -> bool {
+    (200..500).contains(&status) && !NOT_FINAL.contains(&status)
+}
+
+fn lists(ranges: &[StatusRange], status: u16) -> bool {
+    ranges.iter().any(|range| range.contains(status))
 }
 
 /// The idempotency policy of one endpoint. Built in a `const`, which is
@@ -332,5 +371,26 @@ mod tests {
         assert!(policy.is_final(StatusCode::CREATED));
         assert!(policy.is_final(StatusCode::SERVICE_UNAVAILABLE));
         assert!(!policy.is_final(StatusCode::BAD_REQUEST));
+    }
+
+    #[test]
+    fn default_and_policy_adds_its_list_to_the_default() {
+        const CONFLICT: &[StatusRange] = &[StatusRange::one(409)];
+        let policy = FinalStatuses::DefaultAnd(CONFLICT);
+        for status in [200, 201, 404, 409, 422] {
+            assert!(
+                policy.is_final(StatusCode::from_u16(status).unwrap()),
+                "{status}"
+            );
+        }
+        for status in [101, 401, 408, 429, 500, 503] {
+            assert!(
+                !policy.is_final(StatusCode::from_u16(status).unwrap()),
+                "{status}"
+            );
+        }
+        assert!(policy.lists(StatusCode::CONFLICT));
+        assert!(!policy.lists(StatusCode::BAD_REQUEST));
+        assert!(!FinalStatuses::Default.lists(StatusCode::BAD_REQUEST));
     }
 }

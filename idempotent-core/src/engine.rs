@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::Instrument;
 
-use crate::endpoint::{Endpoint, FinalStatuses};
+use crate::endpoint::Endpoint;
 use crate::exact::ExactRequest;
 use crate::fingerprint::{Fingerprint, FingerprintError};
 use crate::idempotency::Settings;
@@ -605,7 +605,7 @@ impl Engine {
             return Produced::NotFinal(response, reason);
         }
         if self.input_rejected
-            && self.endpoint.final_status_policy() == FinalStatuses::Default
+            && !self.endpoint.final_status_policy().lists(status)
             && answers_malformed_input(status)
         {
             return Produced::NotFinal(response, "the handler answered a rejected input");

@@ -64,10 +64,9 @@
 //! response, so an error that answers 400, 402, 404 or 422 is stored and
 //! replayed, and one that answers 5xx (or 408, 409, 429...) releases the
 //! key for a retry. That includes a 409 of your own (an order out of
-//! stock): to have it stored and replayed, list every status to store with
-//! the attribute's `final_statuses`, 409 among them. The list replaces the
-//! default, so `final_statuses = "2xx, 400, 402-404, 409, 422"` stores
-//! those alone, and no longer a 3xx or a 410.
+//! stock): to have it stored and replayed, add it to the default with the
+//! attribute's `final_statuses = "default, 409"`. A list without `default`
+//! replaces the default: `final_statuses = "2xx, 404"` stores those alone.
 //!
 //! [`store::MemoryStore`] keeps records in the process. A service that runs
 //! on several machines, or must keep its records across restarts, uses a

@@ -74,7 +74,7 @@ pub(crate) struct Args {
     pub(crate) optional: bool,
     pub(crate) skip: Vec<Ident>,
     pub(crate) name: Option<LitStr>,
-    pub(crate) final_statuses: Option<Vec<(u16, u16)>>,
+    pub(crate) final_statuses: Option<StatusList>,
     /// `exact_repeats` as written, with the option's path for errors.
     pub(crate) exact_repeats: Option<(bool, Path)>,
     /// `crate` as written; see [`Args::private`].
@@ -148,7 +148,7 @@ impl Args {
             "skip" => self.skip = skip_list(meta, errors)?,
             "name" => self.name = Some(endpoint_name(string_value(meta)?)?),
             "final_statuses" => {
-                self.final_statuses = Some(status_ranges(&string_value(meta)?)?);
+                self.final_statuses = Some(status_list(&string_value(meta)?)?);
             }
             "exact_repeats" => self.exact_repeats = Some((flag(meta)?, meta.path().clone())),
             "crate" => self.krate = Some(crate_path(name_value(meta)?)?),
@@ -1022,21 +1022,57 @@ fn unit_millis(unit: &str) -> Option<u64> {
 // ===== final statuses =====
 
 /// What `final_statuses` takes, for its errors.
-const STATUS_USAGE: &str =
-    "expected statuses, ranges and classes such as \"200-299, 404\" or \"2xx, 404\"";
+const STATUS_USAGE: &str = "expected statuses, ranges and classes such as \"200-299, 404\" or \"2xx, 404\", \
+     and `default` for the default ones, as in \"default, 409\"";
 
-/// Status ranges in a literal like `"200-299, 404"` or `"2xx, 404"`.
-fn status_ranges(lit: &LitStr) -> syn::Result<Vec<(u16, u16)>> {
+/// The word in the list that stands for the default final statuses.
+const DEFAULT_STATUSES: &str = "default";
+
+/// `final_statuses` as written: whether it names the default statuses,
+/// and the ranges it lists (beside them, or alone).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct StatusList {
+    pub(crate) with_default: bool,
+    pub(crate) ranges: Vec<(u16, u16)>,
+}
+
+/// The list in a literal like `"200-299, 404"`, `"2xx, 404"` or
+/// `"default, 409"`. Entries may overlap (`"default, 2xx"` is their
+/// union), but `default` twice is refused as the slip it most likely is.
+fn status_list(lit: &LitStr) -> syn::Result<StatusList> {
     let value = lit.value();
-    let ranges: Result<Vec<_>, String> = if value.trim().is_empty() {
+    let list = if value.trim().is_empty() {
         Err("the list of final statuses is empty, so no response would be stored".to_owned())
     } else {
         value
             .split(',')
-            .map(|part| status_range(part.trim()))
-            .collect()
+            .map(str::trim)
+            .try_fold(StatusList::default(), add_entry)
     };
-    ranges.map_err(|why| syn::Error::new(lit.span(), format!("{why}; {STATUS_USAGE}")))
+    list.map_err(|why| syn::Error::new(lit.span(), format!("{why}; {STATUS_USAGE}")))
+}
+
+/// `list` with the entry `part` added.
+fn add_entry(mut list: StatusList, part: &str) -> Result<StatusList, String> {
+    if part == DEFAULT_STATUSES {
+        if list.with_default {
+            return Err("`default` is listed twice: keep one".to_owned());
+        }
+        list.with_default = true;
+    } else {
+        let range = status_range(part).map_err(|why| default_hint(part, why))?;
+        list.ranges.push(range);
+    }
+    Ok(list)
+}
+
+/// Why `part` is refused, asking whether it is a misspelt `default`
+/// (`defualt`, `Default`) when it looks like one.
+fn default_hint(part: &str, why: String) -> String {
+    match closest(&part.to_ascii_lowercase(), [DEFAULT_STATUSES]) {
+        Some(word) => format!("`{part}` is not a status (did you mean `{word}`?)"),
+        None => why,
+    }
 }
 
 /// One entry: a status, a class, or a range whose ends are either
@@ -1080,6 +1116,9 @@ fn status(text: &str) -> Result<u16, String> {
     match text.parse::<u16>() {
         Ok(code @ 100..=599) => Ok(code),
         _ if text.is_empty() => Err("a status is missing".into()),
+        _ if text == DEFAULT_STATUSES => {
+            Err("`default` is an entry of its own, not the end of a range".into())
+        }
         _ => Err(format!("`{text}` is not an HTTP status (100-599)")),
     }
 }
@@ -1145,6 +1184,63 @@ mod tests {
         assert!(status_range("xx").unwrap_err().contains("status class"));
         assert!(status_range("20xx").is_err());
         assert!(status_range("é").is_err());
+    }
+
+    fn list(text: &str) -> Result<StatusList, String> {
+        status_list(&LitStr::new(text, proc_macro2::Span::call_site()))
+            .map_err(|error| error.to_string())
+    }
+
+    #[test]
+    fn the_default_statuses_join_the_listed_ones() {
+        let with_default = |ranges: Vec<(u16, u16)>| StatusList {
+            with_default: true,
+            ranges,
+        };
+        assert_eq!(list("default, 409"), Ok(with_default(vec![(409, 409)])));
+        assert_eq!(
+            list("409, default , 423"),
+            Ok(with_default(vec![(409, 409), (423, 423)]))
+        );
+        assert_eq!(list("default"), Ok(with_default(vec![])));
+        // Overlapping the default is allowed: the union is stored.
+        assert_eq!(list("default, 2xx"), Ok(with_default(vec![(200, 299)])));
+        assert_eq!(
+            list("2xx, 404"),
+            Ok(StatusList {
+                with_default: false,
+                ranges: vec![(200, 299), (404, 404)],
+            })
+        );
+    }
+
+    #[test]
+    fn a_misplaced_or_misspelt_default_is_refused() {
+        assert!(
+            list("default, 409, default")
+                .unwrap_err()
+                .starts_with("`default` is listed twice: keep one")
+        );
+        for typo in ["defualt", "Default", "defaults"] {
+            let error = list(&format!("{typo}, 409")).unwrap_err();
+            assert!(
+                error.starts_with(&format!(
+                    "`{typo}` is not a status (did you mean `default`?); expected"
+                )),
+                "{error}"
+            );
+        }
+        assert!(
+            list("default-409")
+                .unwrap_err()
+                .contains("not the end of a range")
+        );
+        assert!(!list("conflict").unwrap_err().contains("did you mean"));
+        assert!(
+            list("600")
+                .unwrap_err()
+                .contains("`default` for the default ones")
+        );
     }
 
     /// The messages of the errors `errors` collected, in order.

@@ -362,16 +362,24 @@ fn endpoint_const(args: &Args, name: &Ident, private: &TokenStream) -> TokenStre
         quote!(.scope(#private::Scope::#scope))
     });
     let (statuses, final_statuses) = match &args.final_statuses {
-        Some(ranges) => {
-            let ranges = ranges
+        // `"default"` alone is the policy an endpoint has anyway.
+        Some(list) if list.with_default && list.ranges.is_empty() => (None, None),
+        Some(list) => {
+            let ranges = list
+                .ranges
                 .iter()
                 .map(|(first, last)| quote!(#private::StatusRange::new(#first, #last)));
+            let policy = if list.with_default {
+                quote!(DefaultAnd)
+            } else {
+                quote!(Only)
+            };
             (
                 Some(quote! {
                     const __IDEMPOTENT_FINAL_STATUSES: &[#private::StatusRange] = &[#(#ranges),*];
                 }),
                 Some(
-                    quote!(.final_statuses(#private::FinalStatuses::Only(__IDEMPOTENT_FINAL_STATUSES))),
+                    quote!(.final_statuses(#private::FinalStatuses::#policy(__IDEMPOTENT_FINAL_STATUSES))),
                 ),
             )
         }

@@ -980,6 +980,82 @@ async fn final_statuses_decide_what_is_stored() {
     );
 }
 
+/// What the handler answers: its own 409 (the order is out of stock), or
+/// a 429 asking the client to come back later.
+#[derive(Deserialize, serde::Serialize)]
+struct Answer {
+    status: u16,
+}
+
+#[idempotent(scope = "global", final_statuses = "default, 409")]
+async fn own_conflict_final(
+    State(runs): State<Runs>,
+    Query(answer): Query<Answer>,
+) -> (StatusCode, String) {
+    let status = StatusCode::from_u16(answer.status).unwrap();
+    (status, format!("run {}", runs.bump()))
+}
+
+/// `"default, 409"` stores the handler's own 409 on top of the default
+/// statuses, and leaves the rest of the default as it was: a 429 still
+/// lets the retry run.
+#[tokio::test]
+async fn default_and_a_listed_409_stores_the_409_and_still_releases_a_429() {
+    let runs = Runs::default();
+    let app = router(Router::new().route("/o", post(own_conflict_final)), &runs);
+    let first = send(&app, request("/o?status=409", Some("conflict"), &[], "")).await;
+    let retry = send(&app, request("/o?status=409", Some("conflict"), &[], "")).await;
+    assert_eq!(first.status, StatusCode::CONFLICT, "{}", first.body);
+    assert_eq!(
+        (retry.status, retry.replayed, retry.body),
+        (StatusCode::CONFLICT, true, first.body)
+    );
+    assert_eq!(runs.get(), 1, "the out-of-stock order ran twice");
+
+    let limited = send(&app, request("/o?status=429", Some("busy"), &[], "")).await;
+    let rerun = send(&app, request("/o?status=429", Some("busy"), &[], "")).await;
+    assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!((rerun.body.as_str(), rerun.replayed), ("run 3", false));
+    // A default status is still stored.
+    send(&app, request("/o?status=404", Some("gone"), &[], "")).await;
+    assert!(
+        send(&app, request("/o?status=404", Some("gone"), &[], ""))
+            .await
+            .replayed
+    );
+}
+
+#[idempotent(scope = "global", final_statuses = "default, 409")]
+async fn own_conflict_beside_a_rejection(
+    State(runs): State<Runs>,
+    payload: Result<Json<u32>, JsonRejection>,
+) -> (StatusCode, String) {
+    let run = runs.bump();
+    match payload {
+        Ok(Json(n)) => (StatusCode::CREATED, format!("{n} run {run}")),
+        Err(rejection) => (StatusCode::BAD_REQUEST, rejection.body_text()),
+    }
+}
+
+/// The default part of `"default, 409"` is the default's in full: its 400
+/// answering a rejected input is released, as with no `final_statuses`,
+/// so the retry that sends a valid body runs.
+#[tokio::test]
+async fn default_and_a_listed_409_releases_the_answer_to_a_rejection_as_the_default_does() {
+    let runs = Runs::default();
+    let app = router(
+        Router::new().route("/r", post(own_conflict_beside_a_rejection)),
+        &runs,
+    );
+    let first = send(&app, request("/r", Some("k"), &[], "not json")).await;
+    assert_eq!(first.status, StatusCode::BAD_REQUEST, "{}", first.body);
+    let retry = send(&app, request("/r", Some("k"), &[], "5")).await;
+    assert_eq!(
+        (retry.status, retry.replayed, retry.body.as_str()),
+        (StatusCode::CREATED, false, "5 run 2")
+    );
+}
+
 // ===== crate =====
 
 #[idem::idempotent(crate = "idem", scope = "global")]
