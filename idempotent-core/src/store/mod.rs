@@ -89,15 +89,21 @@ pub enum StoreError {
     /// refuses writes for a while (a standby or replica during a
     /// failover, a password rotated before the pool was given the new
     /// one).
+    ///
+    /// The backend's error is part of this one's message, so it is not
+    /// also its [`source`](std::error::Error::source) (a report that walks
+    /// the chain, as `anyhow` does, would print it twice): match the
+    /// variant to reach it, to downcast it to `sqlx::Error`, say.
     #[error("the idempotency store failed: {0}")]
-    Backend(#[source] BoxError),
+    Backend(BoxError),
     /// The store is set up wrongly, and fails the same way until someone
     /// changes its setup: a missing table or privilege, a read-only
     /// SQLite file, another application's value at a record's key, a role
     /// or database that does not exist. Retrying cannot help before then;
-    /// the error says what to change.
+    /// the error says what to change. As for [`Backend`](Self::Backend),
+    /// the cause is in the message, not the `source`.
     #[error("the idempotency store is set up wrongly: {0}")]
-    Misconfigured(#[source] BoxError),
+    Misconfigured(BoxError),
     /// A stored record could not be decoded.
     #[error(transparent)]
     Codec(#[from] crate::record::CodecError),
@@ -503,6 +509,31 @@ mod tests {
     use std::time::Duration;
 
     use tokio_util::task::TaskTracker;
+
+    use super::StoreError;
+
+    /// A report that walks the error chain (`anyhow`, `eyre`) prints the
+    /// backend's error once: in the message, not again as its source.
+    #[test]
+    fn a_backend_error_is_told_once_along_the_chain() {
+        let cause = || std::io::Error::other("connection refused");
+        for error in [
+            StoreError::backend(cause()),
+            StoreError::misconfigured(cause()),
+        ] {
+            let mut told = error.to_string();
+            let mut source = std::error::Error::source(&error);
+            while let Some(next) = source {
+                told.push_str(&format!(": {next}"));
+                source = next.source();
+            }
+            assert_eq!(told.matches("connection refused").count(), 1, "{told}");
+        }
+        let StoreError::Backend(inner) = StoreError::backend(cause()) else {
+            unreachable!("built as Backend")
+        };
+        assert!(inner.downcast_ref::<std::io::Error>().is_some());
+    }
 
     /// Two callers settling at once, with nothing to wait for, both return:
     /// neither is left waiting on a tracker the other's end reopened.
