@@ -109,15 +109,22 @@ pub(crate) struct Settings {
     pub(crate) renewer: Renewer,
 }
 
+impl Settings {
+    /// Writes the settings a user gave, under `name`: the handle and its
+    /// builder print alike.
+    fn debug_as(&self, name: &str, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct(name)
+            .field("store_timeout", &self.store_timeout)
+            .field("fail_open", &self.fail_open)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("api_key_header", &self.api_key_header)
+            .finish_non_exhaustive()
+    }
+}
+
 impl std::fmt::Debug for Idempotency {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let settings = &self.inner;
-        f.debug_struct("Idempotency")
-            .field("store_timeout", &settings.store_timeout)
-            .field("fail_open", &settings.fail_open)
-            .field("max_body_bytes", &settings.max_body_bytes)
-            .field("api_key_header", &settings.api_key_header)
-            .finish_non_exhaustive()
+        self.inner.debug_as("Idempotency", f)
     }
 }
 
@@ -238,13 +245,7 @@ pub struct IdempotencyBuilder {
 
 impl std::fmt::Debug for IdempotencyBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let settings = &self.settings;
-        f.debug_struct("IdempotencyBuilder")
-            .field("store_timeout", &settings.store_timeout)
-            .field("fail_open", &settings.fail_open)
-            .field("max_body_bytes", &settings.max_body_bytes)
-            .field("api_key_header", &settings.api_key_header)
-            .finish_non_exhaustive()
+        self.settings.debug_as("IdempotencyBuilder", f)
     }
 }
 
