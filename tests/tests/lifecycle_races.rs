@@ -9,8 +9,6 @@
 
 mod macro_support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -20,8 +18,8 @@ use axum::routing::post;
 use axum::{Json, Router};
 use idempotent_core::idempotent;
 use idempotent_core::testing::{MockStore, OpKind};
+use macro_support::Turnstile;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
 
 /// How long a test waits for something that must happen before it calls
 /// it a failure: never a synchronisation, only a bound on a hang.
@@ -38,42 +36,28 @@ struct Charge {
 
 /// Counts runs; each waits at a gate, closed at first, and signals that it
 /// started.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 struct Runs {
-    count: Arc<AtomicUsize>,
-    started: Arc<Semaphore>,
-    open: Arc<Semaphore>,
-}
-
-impl Default for Runs {
-    fn default() -> Self {
-        Self {
-            count: Arc::default(),
-            started: Arc::new(Semaphore::new(0)),
-            open: Arc::new(Semaphore::new(0)),
-        }
-    }
+    count: macro_support::Runs,
+    gate: Turnstile,
 }
 
 impl Runs {
     fn count(&self) -> usize {
-        self.count.load(Ordering::SeqCst)
+        self.count.get()
     }
 
     async fn until_started(&self) {
-        let started = tokio::time::timeout(HANG, self.started.acquire()).await;
-        started.expect("the handler starts").unwrap().forget();
+        self.gate.until_started().await;
     }
 
     fn let_through(&self, runs: usize) {
-        self.open.add_permits(runs);
+        self.gate.let_through(runs);
     }
 
     async fn run(&self, charge: Charge) -> (StatusCode, String) {
-        let run = self.count.fetch_add(1, Ordering::SeqCst) + 1;
-        self.started.add_permits(1);
-        let permit = self.open.acquire().await.expect("the gate is never closed");
-        permit.forget();
+        let run = self.count.bump();
+        self.gate.pass().await;
         let status = match run {
             1 => StatusCode::from_u16(charge.first).unwrap(),
             _ => StatusCode::CREATED,

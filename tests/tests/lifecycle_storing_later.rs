@@ -6,8 +6,6 @@
 
 mod macro_support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -17,7 +15,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use idempotent_core::idempotent;
 use idempotent_core::testing::{MockStore, OpKind};
-use tokio::sync::Semaphore;
+use macro_support::Turnstile;
 use tokio::time::Instant;
 
 /// How long a test waits for something that must happen before it calls
@@ -27,36 +25,19 @@ const HANG: Duration = Duration::from_secs(10);
 /// of the three-second lease), so that the store's clock keeps pace.
 const STEP: Duration = Duration::from_millis(25);
 
-/// Counts runs; the first waits at a gate, closed at first, and signals
-/// that it started.
-#[derive(Clone)]
+/// Counts runs; the first signals that it started, then waits at a
+/// gate, closed at first.
+#[derive(Clone, Default)]
 struct Runs {
-    count: Arc<AtomicUsize>,
-    started: Arc<Semaphore>,
-    open: Arc<Semaphore>,
-}
-
-impl Runs {
-    fn new() -> Self {
-        Self {
-            count: Arc::default(),
-            started: Arc::new(Semaphore::new(0)),
-            open: Arc::new(Semaphore::new(0)),
-        }
-    }
-
-    async fn until_started(&self) {
-        let started = tokio::time::timeout(HANG, self.started.acquire()).await;
-        started.expect("the handler starts").unwrap().forget();
-    }
+    count: macro_support::Runs,
+    first: Turnstile,
 }
 
 #[idempotent(scope = "global", lease = "3s")]
 async fn charge(State(runs): State<Runs>, Json(amount): Json<u64>) -> (StatusCode, String) {
-    let run = runs.count.fetch_add(1, Ordering::SeqCst) + 1;
+    let run = runs.count.bump();
     if run == 1 {
-        runs.started.add_permits(1);
-        runs.open.acquire().await.unwrap().forget();
+        runs.first.pass().await;
     }
     (StatusCode::CREATED, format!("run {run} amount {amount}"))
 }
@@ -94,7 +75,7 @@ async fn pass(store: &MockStore, until: Instant, done: impl Fn() -> bool) {
 /// charged again.
 #[tokio::test(start_paused = true)]
 async fn a_response_stored_later_keeps_its_lease_renewed_once_the_store_is_back() {
-    let (store, runs) = (MockStore::new(), Runs::new());
+    let (store, runs) = (MockStore::new(), Runs::default());
     let app = Router::new()
         .route("/charges", post(charge))
         .with_state(runs.clone())
@@ -103,10 +84,10 @@ async fn a_response_stored_later_keeps_its_lease_renewed_once_the_store_is_back(
     store.fail_every(OpKind::Renew);
     store.fail_every(OpKind::Complete);
     let first = tokio::spawn(send(app.clone()));
-    runs.until_started().await;
+    runs.first.until_started().await;
     // Past half the lease: what renewals the outage failed leave little.
     pass(&store, claimed + Duration::from_millis(1_600), || false).await;
-    runs.open.add_permits(1);
+    runs.first.let_through(1);
     pass(&store, claimed + HANG, || first.is_finished()).await;
     let first = first.await.unwrap();
     assert_eq!(first, (StatusCode::CREATED, false, "run 1 amount 7".into()));

@@ -6,10 +6,9 @@
 //! replayed from memory, as a response stored at once is, and so answered
 //! while the durable store is away again.
 
+mod macro_support;
 mod store_support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -23,39 +22,27 @@ use idempotent_core::record::{Record, RecordKey};
 use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{PostgresStore, RedisStore, Store, Tiered};
 use idempotent_core::{IDEMPOTENT_REPLAYED, Idempotency, idempotent};
+use macro_support::Turnstile;
 use store_support::{Relay, backend_url, store_behind_a_relay, unique_name};
-use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
 /// How long a test waits for something that must happen before it calls
 /// it a failure: never a synchronisation, only a bound on a hang.
 const HANG: Duration = Duration::from_secs(20);
 
-/// Counts runs; the first signals that it started, then waits at a gate,
-/// closed at first.
-#[derive(Clone)]
+/// Counts runs; the first signals that it started, then waits at a
+/// gate, closed at first.
+#[derive(Clone, Default)]
 struct Runs {
-    count: Arc<AtomicUsize>,
-    started: Arc<Semaphore>,
-    open: Arc<Semaphore>,
-}
-
-impl Runs {
-    fn new() -> Self {
-        Self {
-            count: Arc::default(),
-            started: Arc::new(Semaphore::new(0)),
-            open: Arc::new(Semaphore::new(0)),
-        }
-    }
+    count: macro_support::Runs,
+    first: Turnstile,
 }
 
 #[idempotent(ttl = "1h", scope = "global", lease = "10s")]
 async fn charge(State(runs): State<Runs>, Json(amount): Json<u64>) -> (StatusCode, String) {
-    let run = runs.count.fetch_add(1, Ordering::SeqCst) + 1;
+    let run = runs.count.bump();
     if run == 1 {
-        runs.started.add_permits(1);
-        runs.open.acquire().await.unwrap().forget();
+        runs.first.pass().await;
     }
     (StatusCode::CREATED, format!("run {run}: {amount}"))
 }
@@ -98,7 +85,7 @@ async fn a_response_stored_later_is_replayed_from_memory<D: Store + Clone>(
     let idempotency = Idempotency::builder(tiered.clone())
         .store_timeout(Duration::from_millis(500))
         .build();
-    let runs = Runs::new();
+    let runs = Runs::default();
     let app = Router::new()
         .route("/charges", post(charge))
         .with_state(runs.clone())
@@ -110,10 +97,9 @@ async fn a_response_stored_later_is_replayed_from_memory<D: Store + Clone>(
     );
 
     let first = tokio::spawn(send(app.clone(), key.clone()));
-    let started = tokio::time::timeout(HANG, runs.started.acquire()).await;
-    started.expect("the handler starts").unwrap().forget();
+    runs.first.until_started().await;
     relay.stop().await;
-    runs.open.add_permits(1);
+    runs.first.let_through(1);
     let first = tokio::time::timeout(HANG, first).await;
     let first = first.expect("the caller is answered").unwrap();
     assert_eq!(first, (StatusCode::CREATED, false, "run 1: 7".to_owned()));
@@ -135,7 +121,7 @@ async fn a_response_stored_later_is_replayed_from_memory<D: Store + Clone>(
         "the retry is not answered from memory"
     );
     assert_eq!(tiered.cached_len(), 1);
-    assert_eq!(runs.count.load(Ordering::SeqCst), 1);
+    assert_eq!(runs.count.get(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
