@@ -8,7 +8,6 @@
 
 mod macro_support;
 
-use std::io::Read as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +20,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use idempotent_core::testing::{MockStore, OpKind};
 use idempotent_core::{Endpoint, IdempotentLayer, Scope, idempotent};
-use macro_support::{Reply, Runs, Turnstile, listen};
+use macro_support::{Reply, Runs, Turnstile, gunzip, listen};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -748,14 +747,6 @@ async fn http10_connection_close_and_head_keep_one_run_per_key() {
 }
 
 // ===== compression =====
-
-fn gunzip(bytes: &[u8]) -> Vec<u8> {
-    let mut plain = Vec::new();
-    flate2::read::GzDecoder::new(bytes)
-        .read_to_end(&mut plain)
-        .unwrap();
-    plain
-}
 
 /// Behind tower-http's compression, a replay to a client that accepts
 /// gzip is framed and labelled as the first answer was (gzip, chunked,

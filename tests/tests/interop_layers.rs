@@ -9,7 +9,6 @@
 mod macro_support;
 
 use std::convert::Infallible;
-use std::io::Read as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,7 +26,7 @@ use idempotent_core::{
     Endpoint, Idempotency, IdempotentLayer, IdempotentRequest, Scope, idempotent,
 };
 use macro_support::gated::{Charge, Gate, gated_app, gated_by_attribute, gated_plain};
-use macro_support::{Reply, Runs, both_ways, post_json, send};
+use macro_support::{Reply, Runs, both_ways, gunzip, post_json, send};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::ServiceBuilder;
@@ -439,14 +438,6 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     encoder.write_all(bytes).unwrap();
     encoder.finish().unwrap()
-}
-
-fn gunzip(bytes: &[u8]) -> Vec<u8> {
-    let mut plain = Vec::new();
-    flate2::read::GzDecoder::new(bytes)
-        .read_to_end(&mut plain)
-        .unwrap();
-    plain
 }
 
 fn gzipped_post(uri: &str, key: &str, body: &str) -> Request<Body> {

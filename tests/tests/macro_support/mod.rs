@@ -5,6 +5,7 @@
 //! handler made idempotent each way, and (in [`gated`]) a gated handler.
 #![allow(dead_code, unreachable_pub)] // each test file uses a different part
 
+use std::io::Read as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -131,6 +132,15 @@ pub async fn send(app: &Router, request: Request<Body>) -> Reply {
         headers,
         body: String::from_utf8(body.to_vec()).unwrap(),
     }
+}
+
+/// A gzip-encoded body, decoded (as behind a `CompressionLayer`).
+pub fn gunzip(bytes: &[u8]) -> Vec<u8> {
+    let mut plain = Vec::new();
+    flate2::read::GzDecoder::new(bytes)
+        .read_to_end(&mut plain)
+        .unwrap();
+    plain
 }
 
 /// A `POST` of the JSON `body` to `uri` under the key `key`.
