@@ -20,7 +20,7 @@ use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use http::header::{CONTENT_ENCODING, CONTENT_TYPE, GetAll};
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, GetAll};
 use http::{HeaderMap, HeaderValue, Method};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Serialize;
@@ -311,8 +311,15 @@ where
     if http_body::Body::size_hint(&body).lower() > limit {
         return too_large(config.max_request_bytes).into_response();
     }
-    let body = match Limited::new(body, config.max_request_bytes).collect().await {
-        Ok(collected) => collected.to_bytes(),
+    let read = Limited::new(body, config.max_request_bytes).collect().await;
+    let body = match read.map(|collected| collected.to_bytes()) {
+        Ok(body) => match CutShort::of(&parts.headers, &body) {
+            None => body,
+            Some(cut_short) => {
+                log_unread_body(&idempotent, &config.endpoint, &cut_short);
+                return unread(&cut_short, config.max_request_bytes).into_response();
+            }
+        },
         Err(error) => {
             let problem = unread(&*error, config.max_request_bytes);
             if problem.kind() == ProblemKind::UnreadableBody {
@@ -452,6 +459,40 @@ fn unread(error: &(dyn std::error::Error + 'static), limit: usize) -> Problem {
     )
 }
 
+/// A body that ended, without an error, before the length its
+/// `Content-Length` announced. hyper's HTTP/2 server ends a request body
+/// that way when the client resets the stream with `NO_ERROR` (the reset
+/// RFC 9113 8.1 has a server send after an early answer), so the bytes
+/// that came read as a whole body: run, the handler would act on part of
+/// the request and its answer be stored for the key. HTTP/1.1 framing,
+/// and h2's check at the end of a stream, refuse any other mismatch.
+#[derive(Debug)]
+struct CutShort {
+    received: usize,
+    declared: u64,
+}
+
+impl CutShort {
+    fn of(headers: &HeaderMap, body: &Bytes) -> Option<Self> {
+        let declared: u64 = headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()?;
+        let received = body.len();
+        (u64::try_from(received).is_ok_and(|received| received < declared))
+            .then_some(Self { received, declared })
+    }
+}
+
+impl std::fmt::Display for CutShort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "it ended after {} of the {} bytes its Content-Length announced",
+            self.received, self.declared
+        )
+    }
+}
+
+impl std::error::Error for CutShort {}
+
 /// Tells a body cut short before its end at info, as the engine tells
 /// one the attribute's extractor could not read: not the client's choice
 /// (a dropped connection, a proxy's timeout), and a run of them is the
@@ -517,6 +558,30 @@ mod tests {
             .and_then(|next| next.input(body))
             .unwrap();
         fingerprinter.finish()
+    }
+
+    /// Only a body shorter than its `Content-Length` is cut short: one
+    /// without the header, or that a layer in front made longer (and left
+    /// the header), is taken as it came.
+    #[test]
+    fn only_a_body_shorter_than_its_declared_length_is_cut_short() {
+        let body = Bytes::from_static(b"12345");
+        for (length, cut_short) in [
+            (None, false),
+            (Some("5"), false),
+            (Some("4"), false),
+            (Some("12"), true),
+            (Some("x"), false),
+        ] {
+            let headers = parts(length.map(|l| ("content-length", l)).as_slice()).headers;
+            let found = CutShort::of(&headers, &body);
+            assert_eq!(found.is_some(), cut_short, "{length:?}");
+        }
+        let found = CutShort::of(&parts(&[("content-length", "12")]).headers, &body);
+        assert_eq!(
+            found.unwrap().to_string(),
+            "it ended after 5 of the 12 bytes its Content-Length announced"
+        );
     }
 
     #[test]

@@ -1,0 +1,907 @@
+//! The attribute and `IdempotentLayer` over HTTP/2 (h2c with prior
+//! knowledge, as a load balancer speaks it to a service), frame by frame
+//! with the `h2` crate against `axum::serve`: a run and its replays, the
+//! connection-specific headers HTTP/2 forbids, streams reset while the
+//! handler runs or while the body is uploaded, many streams with one key
+//! on one connection, bodies in several DATA frames with trailers, an
+//! empty body ended on HEADERS, and the key field sent twice.
+
+mod macro_support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use h2::client::{ResponseFuture, SendRequest};
+use h2::{Reason, SendStream};
+use idempotent_core::record::StoredResponse;
+use idempotent_core::scope::ScopeDigest;
+use idempotent_core::testing::{ClaimOutcome, MockStore, OpKind};
+use idempotent_core::{Endpoint, IDEMPOTENT_REPLAYED, Idempotency, Scope, idempotent};
+use macro_support::gated::{Charge, Gate, gated_app, gated_plain};
+use macro_support::{Reply, Runs, both_ways, listen, serve};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, mpsc};
+
+/// How long a step that should take milliseconds may take before the test
+/// gives up instead of hanging; never a condition of the outcome.
+const STUCK: Duration = Duration::from_secs(10);
+
+const LAYERED: Endpoint = Endpoint::new("h2::layered").scope(Scope::Global);
+
+/// The two ways a handler is made idempotent, as `both_ways` serves them.
+const PATHS: [&str; 2] = ["/attribute", "/layer"];
+
+// ===== an HTTP/2 client =====
+
+/// An HTTP/2 connection over `tcp`, with prior knowledge: the handle that
+/// opens streams on it. The connection runs on a task of its own.
+async fn h2_over(tcp: TcpStream) -> SendRequest<Bytes> {
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move { drop(connection.await) });
+    client
+}
+
+async fn connect(addr: SocketAddr) -> SendRequest<Bytes> {
+    h2_over(TcpStream::connect(addr).await.unwrap()).await
+}
+
+/// `app` served on a free loopback port for the rest of the test.
+async fn serve_forever(app: axum::Router) -> SocketAddr {
+    listen(app, std::future::pending()).await.0
+}
+
+/// The head of a JSON `POST` to `path`, with `keys` as its key fields (one
+/// field each, in order) and `length` as its `Content-Length`, if any.
+fn head(path: &str, keys: &[&str], length: Option<usize>) -> Request<()> {
+    let mut request = Request::post(format!("http://test{path}"))
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap();
+    let headers = request.headers_mut();
+    for key in keys {
+        headers.append("idempotency-key", HeaderValue::from_str(key).unwrap());
+    }
+    if let Some(length) = length {
+        headers.insert("content-length", HeaderValue::from(length));
+    }
+    request
+}
+
+/// Opens a stream with `request`'s HEADERS, ending the stream there if
+/// `end`; the response to come and the stream's sending half.
+async fn open(
+    client: &SendRequest<Bytes>,
+    request: Request<()>,
+    end: bool,
+) -> (ResponseFuture, SendStream<Bytes>) {
+    let mut ready = client.clone().ready().await.unwrap();
+    ready.send_request(request, end).unwrap()
+}
+
+/// Reads a response whole: status, headers, DATA frames joined.
+async fn read(response: ResponseFuture) -> Reply {
+    let reading = async {
+        let (parts, mut body) = response.await.unwrap().into_parts();
+        let mut bytes = Vec::new();
+        while let Some(data) = body.data().await {
+            let data = data.unwrap();
+            body.flow_control().release_capacity(data.len()).unwrap();
+            bytes.extend_from_slice(&data);
+        }
+        reply(parts.status, parts.headers, bytes)
+    };
+    tokio::time::timeout(STUCK, reading)
+        .await
+        .expect("the server answers")
+}
+
+fn reply(status: StatusCode, headers: HeaderMap, body: Vec<u8>) -> Reply {
+    Reply {
+        status,
+        replayed: headers.contains_key(IDEMPOTENT_REPLAYED),
+        headers,
+        body: String::from_utf8(body).unwrap(),
+    }
+}
+
+/// `body` under `key` to `path` on one stream: HEADERS with its length,
+/// one DATA frame that ends the stream.
+async fn exchange(client: &SendRequest<Bytes>, path: &str, key: &str, body: &str) -> Reply {
+    let request = head(path, &[key], Some(body.len()));
+    let (response, mut upload) = open(client, request, false).await;
+    upload
+        .send_data(Bytes::from(body.to_owned()), true)
+        .unwrap();
+    read(response).await
+}
+
+/// `body` under `key` to `path`, split into DATA frames at `cuts` (byte
+/// offsets), without a `Content-Length`, the stream ended by trailers.
+async fn framed_with_trailers(
+    client: &SendRequest<Bytes>,
+    path: &str,
+    key: &str,
+    body: &str,
+    cuts: &[usize],
+) -> Reply {
+    let (response, mut upload) = open(client, head(path, &[key], None), false).await;
+    let mut from = 0;
+    for &cut in cuts.iter().chain([&body.len()]) {
+        let frame = Bytes::from(body[from..cut].to_owned());
+        upload.send_data(frame, false).unwrap();
+        from = cut;
+    }
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-checksum", HeaderValue::from_static("1234"));
+    upload.send_trailers(trailers).unwrap();
+    read(response).await
+}
+
+/// Asserts a first run: 201, not marked, `body`.
+#[track_caller]
+fn assert_ran(reply: &Reply, body: &str, case: &str) {
+    assert_eq!(
+        (reply.status, reply.replayed, reply.body.as_str()),
+        (StatusCode::CREATED, false, body),
+        "{case}: {reply:?}"
+    );
+}
+
+/// Asserts a replay of `first`: its status, body and content type,
+/// marked `Idempotent-Replayed: true`.
+#[track_caller]
+fn assert_replays(reply: &Reply, first: &Reply, case: &str) {
+    assert_eq!(reply.header("idempotent-replayed"), Some("true"), "{case}");
+    assert_eq!(
+        (
+            reply.status,
+            reply.body.as_str(),
+            reply.header("content-type")
+        ),
+        (
+            first.status,
+            first.body.as_str(),
+            first.header("content-type")
+        ),
+        "{case}: {reply:?}"
+    );
+}
+
+// ===== a run and its replays =====
+
+/// Over HTTP/2 a first run answers as the handler did, and its retries on
+/// the same connection (the third and later by way of the `exact` module
+/// under the attribute, which the `Content-Length` makes possible) are
+/// its replay, marked; another payload under the key is 422.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_and_its_replays_over_h2() {
+    let gate = Gate::default();
+    gate.let_through(10);
+    let store = MockStore::new();
+    let addr = serve_forever(gated_app(&gate, &store.layer(), LAYERED)).await;
+    let client = connect(addr).await;
+    for (round, path) in PATHS.into_iter().enumerate() {
+        let key = format!("once{path}");
+        let first = exchange(&client, path, &key, r#"{"amount":7}"#).await;
+        assert_ran(&first, &format!("run {} amount 7", round + 1), path);
+        for _ in 0..4 {
+            let retry = exchange(&client, path, &key, r#"{"amount":7}"#).await;
+            assert_replays(&retry, &first, path);
+        }
+        let other = exchange(&client, path, &key, r#"{"amount":8}"#).await;
+        assert_eq!(other.problem(422).0, "key-reused", "{path}");
+    }
+    assert_eq!(gate.runs(), 2);
+    store.assert_executed(2);
+}
+
+// ===== connection-specific headers =====
+
+/// The headers RFC 9113 8.2.2 forbids in an HTTP/2 message, and one that
+/// the response's `Connection` names as describing its connection alone.
+const CONNECTION_SPECIFIC: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "x-hop",
+];
+
+#[idempotent(scope = "global")]
+async fn hop_by_hop_by_attribute(State(runs): State<Runs>, Json(c): Json<Charge>) -> Response {
+    with_hop_by_hop_headers(&runs, c.amount)
+}
+
+async fn hop_by_hop_plain(State(runs): State<Runs>, Json(c): Json<Charge>) -> Response {
+    with_hop_by_hop_headers(&runs, c.amount)
+}
+
+/// A 201 carrying connection-specific headers, as a handler written for
+/// HTTP/1.1 (or one copying a backend's response) might: all of them for
+/// an even `amount`; for an odd one all but `Transfer-Encoding`, which
+/// hyper's HTTP/1.1 server answers by closing the connection unanswered
+/// (with or without this library), so that only HTTP/2 carries that run.
+fn with_hop_by_hop_headers(runs: &Runs, amount: u64) -> Response {
+    let body = format!("run {} amount {amount}", runs.bump());
+    let mut response = (StatusCode::CREATED, body).into_response();
+    let headers = response.headers_mut();
+    for (name, value) in [
+        ("connection", "x-hop"),
+        ("keep-alive", "timeout=5"),
+        ("proxy-connection", "keep-alive"),
+        ("upgrade", "h2c"),
+        ("te", "trailers"),
+        ("x-hop", "1"),
+        ("x-kept", "2"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    if amount.is_multiple_of(2) {
+        headers.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+    }
+    response
+}
+
+/// Asserts that `reply` carries none of [`CONNECTION_SPECIFIC`], and does
+/// carry the end-to-end `x-kept`.
+#[track_caller]
+fn assert_no_connection_headers(reply: &Reply, case: &str) {
+    assert_none_of(reply, &CONNECTION_SPECIFIC, case);
+}
+
+#[track_caller]
+fn assert_none_of(reply: &Reply, names: &[&str], case: &str) {
+    for name in names {
+        assert_eq!(reply.header(name), None, "{case}: {name} in {reply:?}");
+    }
+    assert_eq!(reply.header("x-kept"), Some("2"), "{case}: {reply:?}");
+}
+
+/// Asserts that the response stored under `key` holds none of the
+/// connection-specific headers, whatever protocol it came over.
+#[track_caller]
+fn assert_stored_without_connection_headers(store: &MockStore, key: &str) {
+    let stored: StoredResponse = store
+        .stored_response(ScopeDigest::global(), key)
+        .expect("stored");
+    let names: Vec<&str> = stored.headers.iter().map(|(n, _)| n.as_str()).collect();
+    for name in CONNECTION_SPECIFIC {
+        assert!(!names.contains(&name), "{key}: {name} stored: {names:?}");
+    }
+}
+
+/// A handler whose response carries every connection-specific header:
+/// hyper's HTTP/2 server takes them off the first answer (and the header
+/// `Connection` names; `TE` aside) rather than refusing it, and the record holds none
+/// of them whether its first request came over HTTP/1.1 or HTTP/2, so
+/// its replays, to clients of either version, carry none either and the
+/// `h2` client takes them as well-formed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_specific_headers_never_reach_an_h2_client_first_or_replayed() {
+    let runs = Runs::default();
+    let store = MockStore::new();
+    let endpoint = Endpoint::new("h2::hop_by_hop").scope(Scope::Global);
+    let app = both_ways(
+        hop_by_hop_by_attribute,
+        hop_by_hop_plain,
+        endpoint,
+        runs.clone(),
+        store.layer(),
+    );
+    let addr = serve_forever(app).await;
+    let client = connect(addr).await;
+    for path in PATHS {
+        // Stored from HTTP/1.1, replayed to HTTP/2 and back.
+        let body = r#"{"amount":3}"#;
+        let key = format!("from-h1{path}");
+        let first = http1(addr, path, &key, body).await;
+        assert_eq!(first.status, StatusCode::CREATED, "{path}: {first:?}");
+        assert_eq!(first.header("x-hop"), Some("1"), "HTTP/1.1 passes it on");
+        assert_stored_without_connection_headers(&store, &key);
+        let over_h2 = exchange(&client, path, &key, body).await;
+        assert_replays(&over_h2, &first, &format!("{path} h1 then h2"));
+        assert_no_connection_headers(&over_h2, path);
+        let over_h1 = http1(addr, path, &key, body).await;
+        assert_replays(&over_h1, &first, &format!("{path} h1 then h1"));
+        assert_no_connection_headers(&over_h1, path);
+
+        // Stored from HTTP/2, `Transfer-Encoding` included, replayed to
+        // HTTP/1.1 (which that header, replayed, would break) and back.
+        let body = r#"{"amount":4}"#;
+        let key = format!("from-h2{path}");
+        let first = exchange(&client, path, &key, body).await;
+        assert_eq!(first.status, StatusCode::CREATED, "{path}: {first:?}");
+        // hyper takes `TE` off a response only when built with its
+        // `client` feature (which this build leaves out), and h2 lets
+        // `TE: trailers` through: the first answer is the handler's own.
+        let stripped = CONNECTION_SPECIFIC.map(|name| if name == "te" { "x-none" } else { name });
+        assert_none_of(&first, &stripped, &format!("{path}: the first answer"));
+        assert_stored_without_connection_headers(&store, &key);
+        let over_h1 = http1(addr, path, &key, body).await;
+        assert_replays(&over_h1, &first, &format!("{path} h2 then h1"));
+        assert_no_connection_headers(&over_h1, path);
+        let over_h2 = exchange(&client, path, &key, body).await;
+        assert_replays(&over_h2, &first, &format!("{path} h2 then h2"));
+        assert_no_connection_headers(&over_h2, path);
+    }
+    assert_eq!(runs.get(), 4);
+    store.assert_executed(4);
+}
+
+/// `body` under `key` to `path` over HTTP/1.1, on a connection of its own:
+/// the answer, its body de-chunked.
+async fn http1(addr: SocketAddr, path: &str, key: &str, body: &str) -> Reply {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\nidempotency-key: {key}\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::timeout(STUCK, read_http1(&mut stream))
+        .await
+        .expect("the server answers")
+}
+
+/// Reads one HTTP/1.1 response, framed by its `Content-Length`, by chunks
+/// (trailers aside), or by the end of the connection.
+async fn read_http1(stream: &mut TcpStream) -> Reply {
+    let mut received = Vec::new();
+    let head_end = loop {
+        if let Some(at) = find(&received, b"\r\n\r\n") {
+            break at + 4;
+        }
+        assert!(fill(stream, &mut received).await, "closed before the head");
+    };
+    let head = String::from_utf8(received[..head_end].to_vec()).unwrap();
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap();
+    let mut headers = HeaderMap::new();
+    for line in lines.filter(|line| !line.is_empty()) {
+        let (name, value) = line.split_once(':').unwrap();
+        let name = HeaderName::from_bytes(name.trim().as_bytes()).unwrap();
+        headers.append(name, HeaderValue::from_str(value.trim()).unwrap());
+    }
+    let chunked = headers
+        .get("transfer-encoding")
+        .is_some_and(|te| te == "chunked");
+    let length: Option<usize> = headers
+        .get("content-length")
+        .map(|length| length.to_str().unwrap().parse().unwrap());
+    let body = loop {
+        let rest = &received[head_end..];
+        let done = match (chunked, length) {
+            (true, _) => dechunk(rest),
+            (false, Some(length)) => (rest.len() >= length).then(|| rest[..length].to_vec()),
+            (false, None) => None,
+        };
+        if let Some(body) = done {
+            break body;
+        }
+        if !fill(stream, &mut received).await {
+            assert!(!chunked && length.is_none(), "closed mid-body: {head}");
+            break received[head_end..].to_vec();
+        }
+    };
+    reply(
+        StatusCode::from_bytes(status.as_bytes()).unwrap(),
+        headers,
+        body,
+    )
+}
+
+/// Reads more bytes into `received`; false at the end of the stream.
+async fn fill(stream: &mut TcpStream, received: &mut Vec<u8>) -> bool {
+    let mut buffer = [0; 4096];
+    let read = stream.read(&mut buffer).await.unwrap_or(0);
+    received.extend_from_slice(&buffer[..read]);
+    read > 0
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A chunked body's data, once its last chunk (and the blank line after
+/// it) has come.
+fn dechunk(mut chunks: &[u8]) -> Option<Vec<u8>> {
+    let mut data = Vec::new();
+    loop {
+        let line_end = find(chunks, b"\r\n")?;
+        let size = std::str::from_utf8(&chunks[..line_end]).unwrap();
+        let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).unwrap();
+        chunks = &chunks[line_end + 2..];
+        if size == 0 {
+            return chunks.starts_with(b"\r\n").then_some(data);
+        }
+        if chunks.len() < size + 2 {
+            return None;
+        }
+        data.extend_from_slice(&chunks[..size]);
+        chunks = &chunks[size + 2..];
+    }
+}
+
+// ===== streams reset =====
+
+/// A stream reset (`RST_STREAM`, as a client sends when it drops the
+/// request) while the handler runs: hyper drops the request, which must
+/// let the server shut down gracefully while the handler is still held;
+/// the handler then completes, `drain` sees its response stored, and the
+/// retry, on a new connection, replays it.
+async fn a_stream_reset_while_the_handler_runs(path: &str) {
+    let gate = Gate::default();
+    let store = MockStore::new();
+    let idempotency = store.layer();
+    let app = gated_app(&gate, &idempotency, LAYERED);
+    let (tcp, stop, server) = serve(app.clone()).await;
+    let client = h2_over(tcp).await;
+    let body = r#"{"amount":7}"#;
+    let (response, mut upload) = open(&client, head(path, &["k"], Some(body.len())), false).await;
+    upload
+        .send_data(Bytes::from_static(body.as_bytes()), true)
+        .unwrap();
+    gate.until_started(1).await;
+    // Dropping the response and the stream is what resets it (`CANCEL`).
+    drop((response, upload));
+    stop.send(()).unwrap();
+    let shutdown = tokio::time::timeout(STUCK, server).await;
+    shutdown
+        .expect("the server lets the reset stream go")
+        .unwrap();
+    assert_eq!(gate.runs(), 0, "{path}: the handler is still at its gate");
+
+    gate.let_through(1);
+    tokio::time::timeout(STUCK, idempotency.drain())
+        .await
+        .expect("drain returns once the run is stored");
+    let client = connect(serve_forever(app).await).await;
+    let retry = exchange(&client, path, "k", body).await;
+    assert_eq!(
+        (retry.status, retry.replayed, retry.body.as_str()),
+        (StatusCode::CREATED, true, "run 1 amount 7"),
+        "{path}"
+    );
+    assert_eq!(gate.runs(), 1);
+    store.assert_executed(1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_attribute_a_stream_reset_while_the_handler_runs_is_stored_for_the_retry() {
+    a_stream_reset_while_the_handler_runs("/attribute").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_layer_a_stream_reset_while_the_handler_runs_is_stored_for_the_retry() {
+    a_stream_reset_while_the_handler_runs("/layer").await;
+}
+
+/// What a reset upload is sent to: the routes, the layer they are served
+/// behind and its store, and how many side effects were done.
+struct Target<'a> {
+    app: axum::Router,
+    idempotency: Idempotency,
+    store: MockStore,
+    runs: Box<dyn Fn() -> usize + 'a>,
+}
+
+impl Target<'_> {
+    /// The gated handler each way, let through at once (should a cut-short
+    /// body reach it).
+    fn gated(gate: &Gate) -> Target<'_> {
+        gate.let_through(10);
+        let store = MockStore::new();
+        let idempotency = store.layer();
+        let app = gated_app(gate, &idempotency, LAYERED);
+        Target {
+            app,
+            idempotency,
+            store,
+            runs: Box::new(|| gate.runs()),
+        }
+    }
+}
+
+/// A stream that announces a 12-byte body, sends 5 of them and is reset
+/// with `reason`: once the server is done with it, nothing ran and
+/// nothing was claimed; the retry of the whole body, on a new connection,
+/// is answered.
+async fn an_upload_reset_midway(target: &Target<'_>, path: &str, reason: Reason) -> Reply {
+    let settled = Arc::new(Semaphore::new(0));
+    let addr = serve_forever(settling(target.app.clone(), &settled)).await;
+    let client = connect(addr).await;
+    let body = r#"{"amount":7}"#;
+    let (response, mut upload) = open(&client, head(path, &["k"], Some(body.len())), false).await;
+    upload
+        .send_data(Bytes::from_static(&body.as_bytes()[..5]), false)
+        .unwrap();
+    upload.send_reset(reason);
+    drop(response);
+    let done = tokio::time::timeout(STUCK, settled.acquire()).await;
+    done.expect("the server is done with the reset stream")
+        .unwrap()
+        .forget();
+    tokio::time::timeout(STUCK, target.idempotency.drain())
+        .await
+        .expect("nothing left running");
+    let store = &target.store;
+    assert_eq!(
+        (store.count(OpKind::Claim), (target.runs)()),
+        (0, 0),
+        "{path}, reset with {reason:?}: {:?}",
+        store.operations()
+    );
+    exchange(&connect(addr).await, path, "k", body).await
+}
+
+/// `app`, adding a permit to `settled` for each request the server is
+/// done with: answered, or dropped with its stream.
+fn settling(app: axum::Router, settled: &Arc<Semaphore>) -> axum::Router {
+    let settled = settled.clone();
+    app.layer(axum::middleware::from_fn(
+        move |request: axum::extract::Request, next: axum::middleware::Next| {
+            let guard = SettleOnDrop(settled.clone());
+            async move {
+                let response = next.run(request).await;
+                drop(guard);
+                response
+            }
+        },
+    ))
+}
+
+/// Adds a permit when dropped, whether its request was answered or not.
+struct SettleOnDrop(Arc<Semaphore>);
+
+impl Drop for SettleOnDrop {
+    fn drop(&mut self) {
+        self.0.add_permits(1);
+    }
+}
+
+/// `CANCEL` is what a client sends when it drops a request still
+/// uploading; hyper reports it to the body's reader as an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_cancelled_midway_claims_nothing_and_the_retry_runs() {
+    for path in PATHS {
+        let gate = Gate::default();
+        let retry = an_upload_reset_midway(&Target::gated(&gate), path, Reason::CANCEL).await;
+        assert_ran(&retry, "run 1 amount 7", path);
+    }
+}
+
+/// `NO_ERROR` is the reset RFC 9113 8.1 has a server send after an early
+/// answer; a client (or a proxy) may send it too. hyper's server ends the
+/// request body there as if it were whole, without an error, so only the
+/// `Content-Length` tells that it was cut short. (Under the attribute,
+/// `Json` refuses the 5 bytes as JSON cut short, before any claim.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_reset_without_error_midway_claims_nothing_and_the_retry_runs() {
+    for path in PATHS {
+        let gate = Gate::default();
+        let retry = an_upload_reset_midway(&Target::gated(&gate), path, Reason::NO_ERROR).await;
+        assert_ran(&retry, "run 1 amount 7", path);
+    }
+}
+
+#[idempotent(scope = "global")]
+async fn text_by_attribute(State(runs): State<Runs>, body: String) -> (StatusCode, String) {
+    text(&runs, &body)
+}
+
+async fn text_plain(State(runs): State<Runs>, body: String) -> (StatusCode, String) {
+    text(&runs, &body)
+}
+
+/// A handler that takes any prefix of its body as a whole one, as a form
+/// (`currency=usd&amount=12345` cut to `currency=usd&amount=123`) or a
+/// raw body does.
+fn text(runs: &Runs, body: &str) -> (StatusCode, String) {
+    (
+        StatusCode::CREATED,
+        format!("run {} of {body}", runs.bump()),
+    )
+}
+
+fn text_target(runs: &Runs) -> Target<'_> {
+    let store = MockStore::new();
+    let idempotency = store.layer();
+    let endpoint = Endpoint::new("h2::text").scope(Scope::Global);
+    let app = both_ways(
+        text_by_attribute,
+        text_plain,
+        endpoint,
+        runs.clone(),
+        idempotency.clone(),
+    );
+    Target {
+        app,
+        idempotency,
+        store,
+        runs: Box::new(|| runs.get()),
+    }
+}
+
+/// Under `IdempotentLayer`, a text body whose upload is reset with
+/// `NO_ERROR` midway is not run as the part that came (which the handler
+/// would take as a whole body): nothing runs or is claimed, and the retry
+/// runs on the whole body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_layer_a_text_body_reset_without_error_midway_does_not_run() {
+    let runs = Runs::default();
+    let target = text_target(&runs);
+    let retry = an_upload_reset_midway(&target, "/layer", Reason::NO_ERROR).await;
+    assert_ran(&retry, r#"run 1 of {"amount":7}"#, "/layer");
+}
+
+/// The same under the attribute: the handler's own extractor (`String`,
+/// `Bytes`, `Form`) reads the body, and takes the 5 bytes that came as
+/// the whole of it; the handler runs on them and its answer is stored, so
+/// the retry of the whole body is 422.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known defect: the attribute runs a body cut short by RST_STREAM(NO_ERROR) over HTTP/2"]
+async fn with_the_attribute_a_text_body_reset_without_error_midway_does_not_run() {
+    let runs = Runs::default();
+    let target = text_target(&runs);
+    let retry = an_upload_reset_midway(&target, "/attribute", Reason::NO_ERROR).await;
+    assert_ran(&retry, r#"run 1 of {"amount":7}"#, "/attribute");
+}
+
+// ===== many streams, one key, one connection =====
+
+/// `count` requests of `body` under `key` to `path`, all on `client`'s
+/// one connection at once, each answer sent to the receiver as it comes.
+fn burst(
+    client: &SendRequest<Bytes>,
+    path: &str,
+    key: &str,
+    count: usize,
+) -> mpsc::UnboundedReceiver<Reply> {
+    let (answers, received) = mpsc::unbounded_channel();
+    for _ in 0..count {
+        let (client, answers) = (client.clone(), answers.clone());
+        let (path, key) = (path.to_owned(), key.to_owned());
+        tokio::spawn(async move {
+            let reply = exchange(&client, &path, &key, r#"{"amount":5}"#).await;
+            drop(answers.send(reply));
+        });
+    }
+    received
+}
+
+async fn next(answers: &mut mpsc::UnboundedReceiver<Reply>) -> Reply {
+    let next = tokio::time::timeout(STUCK, answers.recv()).await;
+    next.expect("an answer").expect("a sender left")
+}
+
+/// Seventeen streams with one key opened at once on one connection: one
+/// runs (and is held), the sixteen others are answered 409 while it is;
+/// once it answers, sixteen more on the same connection are its replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_with_one_key_run_once_and_the_others_are_409() {
+    const OTHERS: usize = 16;
+    let gate = Gate::default();
+    let store = MockStore::new();
+    let addr = serve_forever(gated_app(&gate, &store.layer(), LAYERED)).await;
+    let client = connect(addr).await;
+    for (round, path) in PATHS.into_iter().enumerate() {
+        let key = format!("burst{path}");
+        let mut answers = burst(&client, path, &key, OTHERS + 1);
+        for _ in 0..OTHERS {
+            let refused = next(&mut answers).await;
+            assert_eq!(refused.problem(409).0, "request-in-progress", "{path}");
+            assert!(refused.header("retry-after").is_some(), "{path}");
+        }
+        // The one that claimed the key may reach the gate after the others
+        // were answered; none of them can, being answered.
+        gate.until_started(round + 1).await;
+        assert_eq!(gate.started(), round + 1, "{path}: one run at a time");
+        gate.let_through(1);
+        let first = next(&mut answers).await;
+        assert_ran(&first, &format!("run {} amount 5", round + 1), path);
+        let mut replays = burst(&client, path, &key, OTHERS);
+        for _ in 0..OTHERS {
+            assert_replays(&next(&mut replays).await, &first, path);
+        }
+    }
+    assert_eq!(gate.runs(), 2);
+    store.assert_executed(2);
+}
+
+#[idempotent(scope = "global", wait = "10s")]
+async fn waiting_by_attribute(
+    State(gate): State<Gate>,
+    Json(c): Json<Charge>,
+) -> (StatusCode, String) {
+    gate.pass(c.amount).await
+}
+
+/// With `wait`, the streams that find the key in flight wait for the one
+/// that runs, on the same connection, and all replay its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_with_one_key_wait_and_replay_with_wait() {
+    const OTHERS: usize = 16;
+    let gate = Gate::default();
+    let store = MockStore::new();
+    let endpoint = LAYERED.wait(Duration::from_secs(10));
+    let app = both_ways(
+        waiting_by_attribute,
+        gated_plain,
+        endpoint,
+        gate.clone(),
+        store.layer(),
+    );
+    let client = connect(serve_forever(app).await).await;
+    for (round, path) in PATHS.into_iter().enumerate() {
+        let key = format!("wait{path}");
+        let mut first = burst(&client, path, &key, 1);
+        gate.until_started(round + 1).await;
+        let in_flight = store.claims(ClaimOutcome::InFlight);
+        let mut waiters = burst(&client, path, &key, OTHERS);
+        until_claims_in_flight(&store, in_flight + OTHERS).await;
+        assert!(waiters.try_recv().is_err(), "{path}: one answered early");
+        gate.let_through(1);
+        let first = next(&mut first).await;
+        assert_ran(&first, &format!("run {} amount 5", round + 1), path);
+        for _ in 0..OTHERS {
+            assert_replays(&next(&mut waiters).await, &first, path);
+        }
+    }
+    assert_eq!(gate.runs(), 2);
+    store.assert_executed(2);
+}
+
+/// Waits until `store` has answered `count` claims with the key in
+/// flight. Nothing else tells that a duplicate reached the engine (it
+/// waits inside it), so the store's log is polled; only how long that
+/// takes varies, never the outcome.
+async fn until_claims_in_flight(store: &MockStore, count: usize) {
+    let waiting = async {
+        while store.claims(ClaimOutcome::InFlight) < count {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(STUCK, waiting)
+        .await
+        .expect("the duplicates reach the engine");
+}
+
+// ===== framing =====
+
+/// A body in several DATA frames ended by trailers, without a
+/// `Content-Length`, is the same request as the body in one frame with
+/// one, in either order; another payload so framed is 422.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_in_several_data_frames_with_trailers_is_the_same_request() {
+    let gate = Gate::default();
+    gate.let_through(10);
+    let store = MockStore::new();
+    let addr = serve_forever(gated_app(&gate, &store.layer(), LAYERED)).await;
+    let client = connect(addr).await;
+    let body = r#"{"amount":1}"#;
+    for path in PATHS {
+        for framed_first in [true, false] {
+            let key = format!("frames{path}-{framed_first}");
+            let framed = || framed_with_trailers(&client, path, &key, body, &[1, 5]);
+            let whole = || exchange(&client, path, &key, body);
+            let (first, retry) = if framed_first {
+                (framed().await, whole().await)
+            } else {
+                (whole().await, framed().await)
+            };
+            let case = format!("{path}, framed first: {framed_first}");
+            assert_eq!((first.status, first.replayed), (StatusCode::CREATED, false));
+            assert_replays(&retry, &first, &case);
+            let other = framed_with_trailers(&client, path, &key, r#"{"amount":2}"#, &[3]);
+            assert_eq!(other.await.problem(422).0, "key-reused", "{case}");
+        }
+    }
+    assert_eq!(gate.runs(), 4);
+    store.assert_executed(4);
+}
+
+#[idempotent(scope = "global")]
+async fn bodiless_by_attribute(State(runs): State<Runs>) -> (StatusCode, String) {
+    bodiless(&runs)
+}
+
+async fn bodiless_plain(State(runs): State<Runs>) -> (StatusCode, String) {
+    bodiless(&runs)
+}
+
+fn bodiless(runs: &Runs) -> (StatusCode, String) {
+    (StatusCode::CREATED, format!("run {}", runs.bump()))
+}
+
+/// The ways an HTTP/2 client sends an empty body.
+#[derive(Debug, Clone, Copy)]
+enum Empty {
+    /// END_STREAM on HEADERS, no `Content-Length`.
+    EndedOnHeaders,
+    /// END_STREAM on HEADERS with `Content-Length: 0`.
+    ZeroLength,
+    /// HEADERS, then an empty DATA frame that ends the stream.
+    InADataFrame,
+}
+
+async fn empty_post(client: &SendRequest<Bytes>, path: &str, key: &str, how: Empty) -> Reply {
+    let length = matches!(how, Empty::ZeroLength).then_some(0);
+    let ended = !matches!(how, Empty::InADataFrame);
+    let (response, mut upload) = open(client, head(path, &[key], length), ended).await;
+    if !ended {
+        upload.send_data(Bytes::new(), true).unwrap();
+    }
+    read(response).await
+}
+
+/// An empty-bodied `POST` whose HEADERS frame ends the stream runs once,
+/// and its retries, so sent or with `Content-Length: 0` or an empty DATA
+/// frame, are its replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_post_ended_on_its_headers_runs_once_and_replays() {
+    let runs = Runs::default();
+    let store = MockStore::new();
+    let endpoint = Endpoint::new("h2::bodiless").scope(Scope::Global);
+    let app = both_ways(
+        bodiless_by_attribute,
+        bodiless_plain,
+        endpoint,
+        runs.clone(),
+        store.layer(),
+    );
+    let client = connect(serve_forever(app).await).await;
+    for (round, path) in PATHS.into_iter().enumerate() {
+        let key = format!("empty{path}");
+        let first = empty_post(&client, path, &key, Empty::EndedOnHeaders).await;
+        assert_ran(&first, &format!("run {}", round + 1), path);
+        for how in [
+            Empty::EndedOnHeaders,
+            Empty::ZeroLength,
+            Empty::InADataFrame,
+        ] {
+            let retry = empty_post(&client, path, &key, how).await;
+            assert_replays(&retry, &first, &format!("{path} {how:?}"));
+        }
+    }
+    assert_eq!(runs.get(), 2);
+    store.assert_executed(2);
+}
+
+// ===== the key field twice =====
+
+/// The key field twice in one HEADERS block (the same value or two), or
+/// one field holding two values, is a 400 problem that runs and claims
+/// nothing, as over HTTP/1.1; the stream and the connection stay usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_field_sent_twice_in_one_headers_block_is_a_400_problem() {
+    let gate = Gate::default();
+    gate.let_through(10);
+    let store = MockStore::new();
+    let addr = serve_forever(gated_app(&gate, &store.layer(), LAYERED)).await;
+    let client = connect(addr).await;
+    let body = r#"{"amount":1}"#;
+    for path in PATHS {
+        for keys in [&["a", "a"][..], &["a", "b"], &["a, b"]] {
+            let request = head(path, keys, Some(body.len()));
+            let (response, mut upload) = open(&client, request, false).await;
+            upload
+                .send_data(Bytes::from_static(body.as_bytes()), true)
+                .unwrap();
+            let refused = read(response).await;
+            let (kind, _) = refused.problem(400);
+            assert_eq!(kind, "invalid-key", "{path} {keys:?}");
+        }
+        let single = exchange(&client, path, &format!("single{path}"), body).await;
+        assert_eq!(single.status, StatusCode::CREATED, "{path}: {single:?}");
+    }
+    assert_eq!(store.count(OpKind::Claim), 2);
+    assert_eq!(gate.runs(), 2);
+}
