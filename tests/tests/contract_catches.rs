@@ -32,7 +32,8 @@ struct Faults {
     truncate_body: Option<usize>,
     /// Keeps durations in whole seconds.
     whole_seconds: bool,
-    /// Moves the deadline before comparing the renewing token.
+    /// Moves the deadline before comparing the renewing token, a
+    /// completed record's too.
     stale_renew_extends: bool,
     /// Sets the deadline a renewal brings, even one earlier than a later
     /// renewal's, as `SET expires_at = $new` would.
@@ -42,6 +43,16 @@ struct Faults {
     /// `get` finds a key's record in whichever scope sorts first, as a
     /// query that forgot `scope = $1` would.
     get_ignores_scope: bool,
+    /// Takes a lease for lost as soon as it lapsed, taken over or not, as
+    /// a fenced write that also asks `expires_at > now` would.
+    lapsed_lease_lost: bool,
+    /// Keeps a completed record until the lease's deadline when that is
+    /// later than the TTL's, as `expires_at = GREATEST(expires_at, $ttl)`
+    /// would.
+    completion_keeps_the_lease: bool,
+    /// Completes by an upsert: a token that holds nothing stores its
+    /// response under a key nobody holds.
+    complete_inserts: bool,
 }
 
 /// A map of records with one fault or another.
@@ -95,19 +106,24 @@ impl Faulty {
     }
 
     fn holds(&self, id: &(ScopeDigest, String), token: LeaseToken) -> Option<Fingerprint> {
-        held_by(&self.records(), id, token)
+        self.held_by(&self.records(), id, token)
     }
-}
 
-/// The fingerprint of the claim `token` holds on `id` in `records`.
-fn held_by(
-    records: &HashMap<(ScopeDigest, String), Record>,
-    id: &(ScopeDigest, String),
-    token: LeaseToken,
-) -> Option<Fingerprint> {
-    match records.get(id) {
-        Some(Record::InFlight(held)) if held.lease_token == token => Some(held.fingerprint),
-        _ => None,
+    /// The fingerprint of the claim `token` holds on `id` in `records`.
+    fn held_by(
+        &self,
+        records: &HashMap<(ScopeDigest, String), Record>,
+        id: &(ScopeDigest, String),
+        token: LeaseToken,
+    ) -> Option<Fingerprint> {
+        match records.get(id) {
+            Some(Record::InFlight(held)) if held.lease_token == token => {
+                let lapsed = held.lease_expires_at <= self.clock.now_millis();
+                let lost = lapsed && self.faults.lapsed_lease_lost;
+                (!lost).then_some(held.fingerprint)
+            }
+            _ => None,
+        }
     }
 }
 
@@ -147,9 +163,11 @@ impl Store for Faulty {
         lease: Duration,
     ) -> Result<(), StoreError> {
         let until = self.deadline(lease);
+        let id = self.id(key);
         let mut records = self.records();
-        match records.get_mut(&self.id(key)) {
-            Some(Record::InFlight(held)) if held.lease_token == token => {
+        let holds = self.held_by(&records, &id, token).is_some();
+        match records.get_mut(&id) {
+            Some(Record::InFlight(held)) if holds => {
                 held.lease_expires_at = if self.faults.late_renew_moves_back {
                     until
                 } else {
@@ -159,6 +177,10 @@ impl Store for Faulty {
             }
             Some(Record::InFlight(held)) if self.faults.stale_renew_extends => {
                 held.lease_expires_at = until;
+                Err(StoreError::LeaseLost)
+            }
+            Some(Record::Completed(record)) if self.faults.stale_renew_extends => {
+                Arc::make_mut(record).expires_at = until;
                 Err(StoreError::LeaseLost)
             }
             _ => Err(StoreError::LeaseLost),
@@ -176,16 +198,29 @@ impl Store for Faulty {
         if let (Some(limit), Some(body)) = (self.faults.truncate_body, response.body.as_mut()) {
             *body = body.slice(..body.len().min(limit));
         }
-        let mut fingerprint = self.holds(&id, token).ok_or(StoreError::LeaseLost)?;
+        let free = !self.records().contains_key(&id);
+        let mut fingerprint = match self.holds(&id, token) {
+            Some(fingerprint) => fingerprint,
+            // Whose request it was, an upsert cannot tell.
+            None if free && self.faults.complete_inserts => Fingerprint::from_bytes([0; 32]),
+            None => return Err(StoreError::LeaseLost),
+        };
         if self.faults.racy_complete {
             // Checked, then written in a second step.
             tokio::task::yield_now().await;
         }
-        let expires_at = self.deadline(ttl);
+        let mut expires_at = self.deadline(ttl);
         let mut records = self.records();
-        if !self.faults.racy_complete {
+        if !self.faults.racy_complete && !free {
             // Checked again under the lock the write takes: one step.
-            fingerprint = held_by(&records, &id, token).ok_or(StoreError::LeaseLost)?;
+            fingerprint = self
+                .held_by(&records, &id, token)
+                .ok_or(StoreError::LeaseLost)?;
+        }
+        if let Some(Record::InFlight(held)) = records.get(&id)
+            && self.faults.completion_keeps_the_lease
+        {
+            expires_at = expires_at.max(held.lease_expires_at);
         }
         let completed = Completed::new(fingerprint, response, expires_at);
         records.insert(id, Record::Completed(Arc::new(completed)));
@@ -195,7 +230,8 @@ impl Store for Faulty {
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
         let id = self.id(key);
         let mut records = self.records();
-        held_by(&records, &id, token).ok_or(StoreError::LeaseLost)?;
+        self.held_by(&records, &id, token)
+            .ok_or(StoreError::LeaseLost)?;
         records.remove(&id);
         Ok(())
     }
@@ -264,10 +300,17 @@ caught! {
     a_truncated_body_fails_binary_bodies: truncate_body = Some(64 * 1024) => binary_bodies;
     durations_in_whole_seconds_fail_ttl_expiry_and_lease_takeover:
         whole_seconds = true => ttl_expiry, lease_takeover;
-    a_stale_renewal_that_moves_the_deadline_fails_fencing: stale_renew_extends = true => fencing;
+    a_stale_renewal_that_moves_the_deadline_fails_fencing_and_completion_ends_the_hold:
+        stale_renew_extends = true => fencing, completion_ends_the_hold;
     a_late_renewal_that_moves_the_deadline_back_fails_late_renewal:
         late_renew_moves_back = true => late_renewal;
     a_lapsed_lease_shown_by_get_fails_lease_takeover: get_ignores_lease = true => lease_takeover;
     a_get_that_ignores_the_scope_fails_scopes_are_separate:
         get_ignores_scope = true => scopes_are_separate;
+    a_lapsed_lease_taken_for_lost_fails_lapsed_lease_is_still_held:
+        lapsed_lease_lost = true => lapsed_lease_is_still_held;
+    a_completion_kept_for_the_lease_fails_ttl_shorter_than_the_lease:
+        completion_keeps_the_lease = true => ttl_shorter_than_the_lease;
+    a_completion_that_inserts_fails_fencing_outlasts_the_new_holder:
+        complete_inserts = true => fencing_outlasts_the_new_holder, unknown_records_are_not_held;
 }

@@ -177,7 +177,8 @@ impl StoreError {
 /// }
 ///
 /// impl MapStore {
-///     /// Runs `change` on the record held by `token`, if it still is.
+///     /// Runs `change` on the record held by `token`, if it still is: its
+///     /// lease may have lapsed, as long as no claim took the key over.
 ///     fn held<T>(
 ///         &self,
 ///         key: &RecordKey,
@@ -187,7 +188,7 @@ impl StoreError {
 ///         let now = SystemClock.now_millis();
 ///         let mut records = self.0.lock().unwrap();
 ///         match records.get(key) {
-///             Some(Record::InFlight(held)) if held.lease_token == token && held.lease_expires_at > now => {
+///             Some(Record::InFlight(held)) if held.lease_token == token => {
 ///                 Ok(change(&mut records, now))
 ///             }
 ///             _ => Err(StoreError::LeaseLost),
@@ -267,7 +268,16 @@ pub trait Store: Send + Sync + 'static {
         lease: Duration,
     ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
 
-    /// Extends the lease held by `token` to `now + lease`.
+    /// Extends the lease held by `token` to `now + lease` (never to an
+    /// earlier deadline than it has).
+    ///
+    /// A claim's token holds its record until the record is completed,
+    /// released, taken over by a later claim, or removed: a lease that
+    /// lapsed with no claim since is still held, and renewing it makes it
+    /// live again. The engine renews, completes and releases after a lapse
+    /// it could not help (renewals held back, a store outage), when
+    /// nothing else can have run the request meanwhile; refused, its
+    /// response would go unstored, and a retry would run it again.
     ///
     /// # Errors
     /// [`StoreError::LeaseLost`] when `token` no longer holds the record.
@@ -278,8 +288,9 @@ pub trait Store: Send + Sync + 'static {
         lease: Duration,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Replaces the lease held by `token` with a `Completed` record kept for
-    /// `ttl`.
+    /// Replaces the lease held by `token` (lapsed or not, see
+    /// [`renew`](Self::renew)) with a `Completed` record kept for `ttl`
+    /// from now, however much of the lease was left.
     ///
     /// # Errors
     /// [`StoreError::LeaseLost`] when `token` no longer holds the record.
@@ -291,7 +302,8 @@ pub trait Store: Send + Sync + 'static {
         ttl: Duration,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Deletes the record held by `token`, so the next claim runs again.
+    /// Deletes the record held by `token` (lapsed or not, see
+    /// [`renew`](Self::renew)), so the next claim runs again.
     ///
     /// # Errors
     /// [`StoreError::LeaseLost`] when `token` no longer holds the record.

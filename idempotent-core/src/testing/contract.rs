@@ -40,6 +40,9 @@ use crate::store::{Store, StoreError};
 // Not whole seconds, so a store that keeps durations in seconds fails.
 const LEASE: Duration = Duration::from_millis(10_250);
 const TTL: Duration = Duration::from_millis(60_500);
+/// A TTL shorter than [`LEASE`], and no shorter than the engine's
+/// shortest (a second).
+const SHORT_TTL: Duration = Duration::from_millis(1_250);
 const RACERS: usize = 32;
 const MANY: usize = 1000;
 /// Printable ASCII that a bare-token key may contain.
@@ -91,6 +94,10 @@ where
         stale_completion_race,
         stale_release_race,
         fencing,
+        fencing_outlasts_the_new_holder,
+        lapsed_lease_is_still_held,
+        completion_ends_the_hold,
+        ttl_shorter_than_the_lease,
         lease_takeover,
         late_renewal,
         ttl_expiry,
@@ -301,6 +308,181 @@ pub async fn fencing<S: Store>(store: Arc<S>, clock: ManualClock) {
         "fencing: holder's fingerprint"
     );
     assert_eq!(record.response, response, "fencing: holder's response");
+}
+
+/// A stale token stays refused once the request that took the key over
+/// has settled it: after that request completed, it neither renews,
+/// replaces nor deletes the stored response; after it released the key,
+/// it does not store a response under the free key (a completion written
+/// as an insert when the row is gone would), so the next claim runs.
+///
+/// # Panics
+/// When the store breaks this part of the contract, naming the check.
+pub async fn fencing_outlasts_the_new_holder<S: Store>(store: Arc<S>, clock: ManualClock) {
+    let check = "fencing_outlasts_the_new_holder";
+    let taken_over = || async {
+        let key = new_key("fencing-settled");
+        let stale = acquire(&*store, &key, fingerprint(1), check).await;
+        clock.advance(LEASE);
+        let fresh = acquire(&*store, &key, fingerprint(2), check).await;
+        (key, stale, fresh)
+    };
+    let (key, stale, fresh) = taken_over().await;
+    let done_at = clock.now_millis();
+    let response = response(StatusCode::CREATED, b"fresh");
+    complete(&*store, &key, fresh, response.clone(), check).await;
+    clock.advance(Duration::from_secs(1));
+    expect_lease_lost(&*store, &key, stale, &format!("{check}: after completion")).await;
+    let record = completed(&*store, &key, fingerprint(3), check).await;
+    assert_eq!(
+        (record.fingerprint, &record.response, record.expires_at),
+        (fingerprint(2), &response, done_at + millis(TTL)),
+        "{check}: the stale token changed the new holder's stored response"
+    );
+    let (key, stale, fresh) = taken_over().await;
+    store
+        .release(&key, fresh)
+        .await
+        .unwrap_or_else(|error| panic!("{check}: the new holder could not release: {error}"));
+    expect_lease_lost(&*store, &key, stale, &format!("{check}: after release")).await;
+    assert_eq!(
+        get(&*store, &key).await,
+        None,
+        "{check}: the stale token left a record under the released key"
+    );
+    acquire(&*store, &key, fingerprint(3), check).await;
+}
+
+/// A holder whose lease lapsed still holds the key for as long as no other
+/// request has claimed it: it can renew (and the renewed lease blocks
+/// claims again), complete (and its response is replayed) or release.
+/// The engine does each after a lapse it could not help (its renewals held
+/// back by a stalled runtime or a store outage, a claim answered late, a
+/// response stored after the store came back): nothing else ran the
+/// request meanwhile, and a store that refused the completion would leave
+/// the response unstored, so that the next retry ran the side effect a
+/// second time. Only a takeover (see [`fencing`]) or the record's removal
+/// ends the hold.
+///
+/// # Panics
+/// When the store breaks this part of the contract, naming the check.
+pub async fn lapsed_lease_is_still_held<S: Store>(store: Arc<S>, clock: ManualClock) {
+    let check = "lapsed_lease_is_still_held";
+    let lapsed = || async {
+        let key = new_key("lapsed");
+        let token = acquire(&*store, &key, fingerprint(1), check).await;
+        clock.advance(LEASE * 2);
+        (key, token)
+    };
+    let (key, token) = lapsed().await;
+    store
+        .renew(&key, token, LEASE)
+        .await
+        .unwrap_or_else(|error| panic!("{check}: renew after the lapse: {error}"));
+    let renewed_until = clock.now_millis() + millis(LEASE);
+    clock.set(renewed_until - 1);
+    let claim = claim_again(&*store, &key, check).await;
+    assert_eq!(
+        claim,
+        Claim::InFlight {
+            fingerprint: fingerprint(1),
+            lease_expires_at: renewed_until,
+        },
+        "{check}: a lease renewed after its lapse must block claims until its new deadline"
+    );
+    let (key, token) = lapsed().await;
+    let done_at = clock.now_millis();
+    let response = response(StatusCode::CREATED, b"completed after the lapse");
+    store
+        .complete(&key, token, response.clone(), TTL)
+        .await
+        .unwrap_or_else(|error| panic!("{check}: complete after the lapse: {error}"));
+    let record = completed(&*store, &key, fingerprint(1), check).await;
+    assert_eq!(
+        (record.fingerprint, &record.response, record.expires_at),
+        (fingerprint(1), &response, done_at + millis(TTL)),
+        "{check}: the response completed after the lapse must be replayed"
+    );
+    let (key, token) = lapsed().await;
+    store
+        .release(&key, token)
+        .await
+        .unwrap_or_else(|error| panic!("{check}: release after the lapse: {error}"));
+    assert_eq!(
+        get(&*store, &key).await,
+        None,
+        "{check}: get() after the release"
+    );
+    let next = acquire(&*store, &key, fingerprint(2), check).await;
+    assert_ne!(next, token, "{check}: a new claim gets a new token");
+}
+
+/// A completed record is nobody's lease: its token can neither renew it
+/// (moving its deadline), complete it again (replacing the stored
+/// response, as a second attempt whose first was applied but not answered
+/// would) nor release it (deleting a response that retries must replay).
+/// Each fails with `LeaseLost`, which the engine answers by reading the
+/// record back and finding its own response.
+///
+/// # Panics
+/// When the store breaks this part of the contract, naming the check.
+pub async fn completion_ends_the_hold<S: Store>(store: Arc<S>, clock: ManualClock) {
+    let check = "completion_ends_the_hold";
+    let key = new_key("completed-hold");
+    let token = acquire(&*store, &key, fingerprint(1), check).await;
+    let done_at = clock.now_millis();
+    let response = response(StatusCode::OK, b"first");
+    // Shorter than the lease, so that a renewal of the completed record
+    // would move its deadline.
+    if let Err(error) = store
+        .complete(&key, token, response.clone(), SHORT_TTL)
+        .await
+    {
+        panic!("{check}: the holder could not complete: {error}");
+    }
+    clock.advance(Duration::from_millis(1));
+    expect_lease_lost(&*store, &key, token, check).await;
+    let record = completed(&*store, &key, fingerprint(1), check).await;
+    assert_eq!(
+        (&record.response, record.expires_at),
+        (&response, done_at + millis(SHORT_TTL)),
+        "{check}: the completed record's token changed its response or deadline"
+    );
+}
+
+/// A completed record whose TTL is shorter than the lease it was claimed
+/// under expires at its own deadline: the lease ended with the completion,
+/// and does not keep the record, nor the key, beyond it.
+///
+/// # Panics
+/// When the store breaks this part of the contract, naming the check.
+pub async fn ttl_shorter_than_the_lease<S: Store>(store: Arc<S>, clock: ManualClock) {
+    let check = "ttl_shorter_than_the_lease";
+    let key = new_key("short-ttl");
+    let token = acquire(&*store, &key, fingerprint(1), check).await;
+    let done_at = clock.now_millis();
+    let response = response(StatusCode::OK, b"short");
+    if let Err(error) = store.complete(&key, token, response, SHORT_TTL).await {
+        panic!("{check}: the holder could not complete: {error}");
+    }
+    clock.set(done_at + millis(SHORT_TTL) - 1);
+    let record = completed(&*store, &key, fingerprint(1), check).await;
+    assert_eq!(
+        record.expires_at,
+        done_at + millis(SHORT_TTL),
+        "{check}: expires_at is completion time plus TTL"
+    );
+    clock.set(done_at + millis(SHORT_TTL));
+    assert_eq!(
+        get(&*store, &key).await,
+        None,
+        "{check}: get() must not show the record past its TTL"
+    );
+    let claim = claim(&*store, &key, fingerprint(2), check).await;
+    assert!(
+        matches!(claim, Claim::Acquired(_)),
+        "{check}: a claim past the TTL, within the old lease, must acquire, got {claim:?}"
+    );
 }
 
 /// A renewal that reaches the store after a later one (sent first, it
