@@ -168,7 +168,7 @@ async fn stats(State(ledger): State<Ledger>) -> Json<serde_json::Value> {
 }
 
 /// The idempotency store named by `IDEMPOTENT_STORE`, and the reaper of
-/// expired rows for a SQL store (it runs until dropped).
+/// expired rows for a SQL store (it runs until dropped or shut down).
 async fn idempotency_from_env() -> Result<(Idempotency, Option<Reaper>), String> {
     idempotency_for(std::env::var("IDEMPOTENT_STORE").ok().as_deref()).await
 }
@@ -221,7 +221,7 @@ fn app(ledger: Ledger, idempotency: Idempotency) -> Router {
 async fn serve() -> Result<(), String> {
     let addr: SocketAddr = env_or("IDEMPOTENT_ADDR", SocketAddr::from(([127, 0, 0, 1], 3000)))?;
     let delay_ms: u64 = env_or("PAYMENTS_DELAY_MS", 0)?;
-    let (idempotency, _reaper) = idempotency_from_env().await?;
+    let (idempotency, reaper) = idempotency_from_env().await?;
     let ledger = Ledger {
         charge_delay: Duration::from_millis(delay_ms),
         ..Ledger::default()
@@ -237,6 +237,10 @@ async fn serve() -> Result<(), String> {
     // Charges whose client went away run on past the server: let them
     // finish and store their outcome before the process exits.
     idempotency.drain().await;
+    // Last, so that it purges for as long as anything else runs.
+    if let Some(reaper) = reaper {
+        reaper.shutdown().await;
+    }
     Ok(())
 }
 

@@ -177,18 +177,51 @@ impl Idempotency {
     /// its own; and for responses still being stored after a store error,
     /// which it has tried once more at once, giving up on those that fail.
     ///
-    /// ```no_run
-    /// # use axum::Router;
-    /// # use idempotent_core::{Idempotency, store::MemoryStore};
-    /// # async fn run(listener: tokio::net::TcpListener, routes: Router) -> std::io::Result<()> {
-    /// let idempotency = Idempotency::new(MemoryStore::new());
-    /// let app = routes.layer(idempotency.clone());
+    /// A deploy's whole shutdown, on `SIGTERM` (or Ctrl-C): the graceful
+    /// shutdown lets the requests under way finish and store their
+    /// responses, then this, then the SQL stores' reaper, whose
+    /// [`shutdown`](crate::store::Reaper::shutdown) lets a purge under way
+    /// finish:
+    ///
+    // The example needs `PostgresStore`, which only the `postgres` feature brings.
+    #[cfg_attr(feature = "postgres", doc = "```no_run")]
+    #[cfg_attr(not(feature = "postgres"), doc = "```ignore")]
+    /// use std::time::Duration;
+    /// use idempotent_core::{Idempotency, store::PostgresStore};
+    /// # async fn run(listener: tokio::net::TcpListener, routes: axum::Router) -> Result<(), Box<dyn std::error::Error>> {
+    ///
+    /// let store = PostgresStore::connect("postgres://app@db/app").await?;
+    /// store.migrate().await?;
+    /// let reaper = store.spawn_reaper(Duration::from_secs(60));
+    /// let idempotency = Idempotency::new(store);
+    /// let app = routes.layer(idempotency.clone()); // keep a handle for `drain`
     /// axum::serve(listener, app)
-    ///     .with_graceful_shutdown(async { tokio::signal::ctrl_c().await.ok(); })
+    ///     .with_graceful_shutdown(shutdown_signal()) // requests under way finish
     ///     .await?;
-    /// idempotency.drain().await;
+    /// idempotency.drain().await; // runs whose clients went away finish
+    /// reaper.shutdown().await;   // a purge under way finishes
     /// # Ok(())
     /// # }
+    ///
+    /// /// Ctrl-C (`SIGINT`), or `SIGTERM`: how systemd, Docker and Kubernetes
+    /// /// stop a service. Waiting for Ctrl-C alone, a deploy would end the
+    /// /// process at once, before the graceful shutdown and `drain`.
+    /// async fn shutdown_signal() {
+    ///     #[cfg(unix)]
+    ///     let terminate = async {
+    ///         use tokio::signal::unix::{SignalKind, signal};
+    ///         match signal(SignalKind::terminate()) {
+    ///             Ok(mut terminate) => drop(terminate.recv().await),
+    ///             Err(_) => std::future::pending().await,
+    ///         }
+    ///     };
+    ///     #[cfg(not(unix))]
+    ///     let terminate = std::future::pending::<()>();
+    ///     tokio::select! {
+    ///         _ = tokio::signal::ctrl_c() => {}
+    ///         () = terminate => {}
+    ///     }
+    /// }
     /// ```
     ///
     /// Runs that outlive their request after this was called are still

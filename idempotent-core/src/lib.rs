@@ -77,6 +77,15 @@
 //! (without one, expired rows are never deleted), then
 //! `Idempotency::new(store)`. The [`store`] module lists the stores.
 //!
+//! On `SIGTERM` (a deploy), stop in this order: the server's graceful
+//! shutdown (`axum::serve(..).with_graceful_shutdown(..)`), which lets the
+//! requests under way finish and store their responses; then
+//! [`Idempotency::drain`], which waits for the handlers whose clients went
+//! away; then the reaper's `shutdown`. A process that ends before `drain`
+//! returns leaves such a handler's key claimed until its lease lapses, and
+//! a retry after that runs it again. [`Idempotency::drain`] shows the
+//! sequence in full.
+//!
 //! The attribute's page lists its options (`ttl`, `lease`, `wait`,
 //! `scope`, `optional`, `skip`, `name`, `final_statuses`, ...) and the
 //! code it amounts to. Where no attribute fits, [`IdempotentRequest`]

@@ -704,8 +704,9 @@ impl PostgresStore {
 
     /// Runs [`purge_expired`](Self::purge_expired) every `period` (at
     /// least a millisecond) on a background task until the returned
-    /// [`Reaper`] is dropped. Failures are logged and retried on the next
-    /// tick.
+    /// [`Reaper`] is dropped (at once) or [shut down](Reaper::shutdown)
+    /// (once the purge under way has finished). Failures are logged and
+    /// retried on the next tick.
     ///
     /// # Panics
     /// Called outside a Tokio runtime, which the task is spawned on (as

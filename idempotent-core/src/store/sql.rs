@@ -4,6 +4,8 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 use super::StoreError;
 use crate::fingerprint::Fingerprint;
 use crate::record::{CodecError, InFlight, LeaseToken, Record};
@@ -45,17 +47,62 @@ where
 }
 
 /// A background task purging expired records, from
-/// `PostgresStore::spawn_reaper` or `SqliteStore::spawn_reaper`; stops
-/// when dropped, so keep it for as long as the service runs.
+/// `PostgresStore::spawn_reaper` or `SqliteStore::spawn_reaper`; keep it
+/// for as long as the service runs.
+///
+/// Dropped, it stops at once, cutting short a purge under way. That loses
+/// nothing: each batch of a purge is one `DELETE` of expired rows, which
+/// the database applies whole or not at all (PostgreSQL even finishes a
+/// statement it was sent after the process that sent it has gone), claims
+/// already treat the expired rows left behind as absent, and the next
+/// purge deletes them. [`shutdown`](Self::shutdown) is for a service that
+/// must know the reaper is done, say before it closes the pool: it lets
+/// the purge under way finish, then stops.
+///
+// The example needs `PostgresStore`, which only the `postgres` feature brings.
+#[cfg_attr(feature = "postgres", doc = "```no_run")]
+#[cfg_attr(not(feature = "postgres"), doc = "```ignore")]
+/// # async fn run(store: idempotent_core::store::PostgresStore) {
+/// let reaper = store.spawn_reaper(std::time::Duration::from_secs(60));
+/// // ... serve, then `Idempotency::drain` ...
+/// reaper.shutdown().await; // no purge runs from here on
+/// store.pool().close().await;
+/// # }
+/// ```
 #[derive(Debug)]
 #[must_use = "the reaper stops when dropped"]
 pub struct Reaper {
-    task: tokio::task::JoinHandle<()>,
+    /// `None` once [`shutdown`](Self::shutdown) took it to await it.
+    task: Option<tokio::task::JoinHandle<()>>,
+    /// Asks the task to stop before its next purge.
+    stop: CancellationToken,
+}
+
+impl Reaper {
+    /// Stops the reaper once the purge under way, if any, has finished
+    /// (every batch of it), and returns when its task has ended: no purge
+    /// of this reaper runs after that, and the pooled connection it used
+    /// is free. Dropping the returned future before it ends stops the
+    /// reaper at once, as dropping the reaper does: a shutdown in a hurry
+    /// bounds the wait with `tokio::time::timeout(limit, reaper.shutdown())`.
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        let Some(task) = self.task.as_mut() else {
+            return;
+        };
+        // A task that panicked or was aborted has stopped too. Awaited in
+        // place, so that a shutdown future dropped midway leaves the task
+        // in `self`, aborted on drop.
+        let _ended = task.await;
+        self.task = None;
+    }
 }
 
 impl Drop for Reaper {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 }
 
@@ -66,8 +113,8 @@ pub(crate) trait Purge: Clone + Send + Sync + 'static {
 }
 
 /// Runs `store`'s purge every `period` (at least a millisecond) on a
-/// background task until the returned [`Reaper`] is dropped, logging each
-/// outcome: a failure is retried on the next tick.
+/// background task until the returned [`Reaper`] is dropped or shut down,
+/// logging each outcome: a failure is retried on the next tick.
 ///
 /// # Panics
 /// Called outside a Tokio runtime, which the task is spawned on.
@@ -75,11 +122,20 @@ pub(crate) fn spawn_reaper(store: impl Purge, period: Duration) -> Reaper {
     // A zero period would panic the ticker inside the task, leaving a
     // reaper that looks alive and never purges.
     let period = period.max(Duration::from_millis(1));
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
     let task = tokio::spawn(async move {
         let mut ticker = tokio::time::interval(period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            ticker.tick().await;
+            // Only the wait between purges listens for the stop: a purge,
+            // once begun, runs to its end. A stop asked for as a tick falls
+            // due wins, so no purge starts after `shutdown` was called.
+            tokio::select! {
+                biased;
+                () = stopped.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
             match Purge::purge_expired(&store).await {
                 Ok(purged) => tracing::debug!(purged, "purged expired idempotency records"),
                 Err(error) => {
@@ -88,7 +144,10 @@ pub(crate) fn spawn_reaper(store: impl Purge, period: Duration) -> Reaper {
             }
         }
     });
-    Reaper { task }
+    Reaper {
+        task: Some(task),
+        stop,
+    }
 }
 
 /// A claim kept losing races to concurrent changes of its record.
