@@ -7,6 +7,8 @@
 //! set it, to lapse: the retry gets 409 until then and charges again
 //! after. The reaper's `shutdown` lets a purge under way finish, then
 //! stops it.
+// `SIGTERM` is a Unix signal.
+#![cfg(unix)]
 
 mod macro_support;
 mod store_support;
