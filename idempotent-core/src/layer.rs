@@ -20,7 +20,7 @@ use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, GetAll};
+use http::header::{CONTENT_ENCODING, CONTENT_TYPE, GetAll};
 use http::{HeaderMap, HeaderValue, Method};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Serialize;
@@ -36,6 +36,7 @@ use crate::record::RecordKey;
 use crate::request::{
     IdempotentRequest, ScopeSource, fingerprinted_method, route_params, without_replay_marker,
 };
+use crate::whole_body::CutShort;
 
 /// Default limit on a buffered request body: 1 MiB.
 const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
@@ -317,7 +318,7 @@ where
             None => body,
             Some(cut_short) => {
                 log_unread_body(&idempotent, &config.endpoint, &cut_short);
-                return unread(&cut_short, config.max_request_bytes).into_response();
+                return cut_short.problem().into_response();
             }
         },
         Err(error) => {
@@ -458,40 +459,6 @@ fn unread(error: &(dyn std::error::Error + 'static), limit: usize) -> Problem {
         format!("the request body could not be read to its end ({error}); nothing was executed"),
     )
 }
-
-/// A body that ended, without an error, before the length its
-/// `Content-Length` announced. hyper's HTTP/2 server ends a request body
-/// that way when the client resets the stream with `NO_ERROR` (the reset
-/// RFC 9113 8.1 has a server send after an early answer), so the bytes
-/// that came read as a whole body: run, the handler would act on part of
-/// the request and its answer be stored for the key. HTTP/1.1 framing,
-/// and h2's check at the end of a stream, refuse any other mismatch.
-#[derive(Debug)]
-struct CutShort {
-    received: usize,
-    declared: u64,
-}
-
-impl CutShort {
-    fn of(headers: &HeaderMap, body: &Bytes) -> Option<Self> {
-        let declared: u64 = headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()?;
-        let received = body.len();
-        (u64::try_from(received).is_ok_and(|received| received < declared))
-            .then_some(Self { received, declared })
-    }
-}
-
-impl std::fmt::Display for CutShort {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "it ended after {} of the {} bytes its Content-Length announced",
-            self.received, self.declared
-        )
-    }
-}
-
-impl std::error::Error for CutShort {}
 
 /// Tells a body cut short before its end at info, as the engine tells
 /// one the attribute's extractor could not read: not the client's choice

@@ -166,6 +166,7 @@ mod replay;
 mod request;
 pub mod scope;
 pub mod store;
+mod whole_body;
 
 #[doc(hidden)]
 #[path = "private.rs"]

@@ -28,6 +28,7 @@ use crate::fingerprint::{Fingerprint, FingerprintError, FingerprintInput, Finger
 use crate::problem::Problem;
 use crate::request::{ScopeSource, method_binding, route_params};
 use crate::scope::{self, IdempotencyScope, ScopeDigest};
+use crate::whole_body;
 
 /// [`ScopedRequest`] for an endpoint scoped by API key.
 pub const API_KEY: u8 = 0;
@@ -133,6 +134,8 @@ where
         )
         .map_err(IntoResponse::into_response)?;
         note_route_params(&mut idempotent, &mut request).map_err(IntoResponse::into_response)?;
+        // Before an exact repeat's digest reads the body too.
+        let (request, watch) = whole_body::watch(request);
         // A handler that shares its default name answers 500 on the full
         // path, which an exact repeat must not skip.
         let hit = exact::recall(&mut idempotent, &request)
@@ -143,10 +146,46 @@ where
                 exact::answer_exact_repeat(&mut idempotent, hit, ENDPOINT, request).await?
             }
         };
-        let inner = T::from_request(request, state)
-            .await
-            .map_err(IntoResponse::into_response)?;
-        Ok(Self(idempotent, inner))
+        let inner = T::from_request(request, state).await;
+        if let Some(refusal) = whole_body::refusal(watch.as_ref(), Some(&idempotent)) {
+            return Err(refusal);
+        }
+        Ok(Self(
+            idempotent,
+            inner.map_err(IntoResponse::into_response)?,
+        ))
+    }
+}
+
+/// The last argument of a handler that reads its body with one of axum's
+/// body extractors, where [`ExactBody`] does not wrap it: extracts `T`,
+/// and refuses with 400 `unreadable-body` a body that ended short of its
+/// `Content-Length`, which `T` would take as a whole one (see the
+/// `whole_body` module).
+#[derive(Debug)]
+pub struct WholeBody<T>(T);
+
+impl<T> WholeBody<T> {
+    /// The handler's argument.
+    pub fn into_inner(self) -> T {
+        self.0
+    }
+}
+
+impl<S, T> FromRequest<S> for WholeBody<T>
+where
+    S: Send + Sync,
+    T: FromRequest<S>,
+{
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let (request, watch) = whole_body::watch(request);
+        let inner = T::from_request(request, state).await;
+        if let Some(refusal) = whole_body::refusal(watch.as_ref(), None) {
+            return Err(refusal);
+        }
+        inner.map(Self).map_err(IntoResponse::into_response)
     }
 }
 

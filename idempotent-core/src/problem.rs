@@ -13,7 +13,7 @@
 //! | `urn:idempotent:request-in-progress` | 409 | the first request with this key is still running (`Retry-After` set) |
 //! | `urn:idempotent:response-not-stored` | 410 | the key's request completed but its response body was not kept (too large, failed, with trailers, or with more headers than a record holds) |
 //! | `urn:idempotent:invalid-path-parameter` | 400 | a keyed request's path parameter is not UTF-8 once percent-decoded, as axum's `Path` refuses it: the fingerprint could not tell it from another such parameter |
-//! | `urn:idempotent:unreadable-body` | 400 | [`IdempotentLayer`](crate::IdempotentLayer), or an attribute's handler taking its body extractor as a `Result`, could not read the request body to its end ([`FingerprintError::UnreadBody`](crate::fingerprint::FingerprintError::UnreadBody)); nothing was claimed |
+//! | `urn:idempotent:unreadable-body` | 400 | [`IdempotentLayer`](crate::IdempotentLayer), or an attribute's handler taking its body extractor as a `Result`, could not read the request body to its end ([`FingerprintError::UnreadBody`](crate::fingerprint::FingerprintError::UnreadBody)), or either got an HTTP/2 body shorter than its `Content-Length`; nothing was claimed |
 //! | `urn:idempotent:request-too-large` | 413 | [`IdempotentLayer`](crate::IdempotentLayer) would have to buffer a body over its limit, or over one a layer in front of it set |
 //! | `urn:idempotent:key-reused` | 422 | the key was used before with a different request |
 //! | `urn:idempotent:fingerprint-failed` | 500 | serializing the handler's inputs failed |

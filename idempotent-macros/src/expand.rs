@@ -14,7 +14,8 @@ use syn::{Attribute, GenericParam, Ident, ItemFn, LitStr, ReturnType, Type};
 use crate::args::{Args, Scope};
 use crate::handler::{Extractor, Handler, Role};
 use crate::types::{
-    first_type_argument, is_named, is_two_argument_result, optional_inner, serialized_extractors,
+    first_type_argument, is_named, is_two_argument_result, optional_inner, reads_body,
+    serialized_extractors,
 };
 
 /// The most arguments a function takes before `clippy::too_many_arguments`
@@ -79,7 +80,11 @@ pub(crate) fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> Token
         }),
         &private,
     );
-    let unpack = exact_body.then(|| unpack_exact_body(&params));
+    let unpack = if exact_body {
+        Some(unpack_exact_body(&params))
+    } else {
+        whole_body(handler).then(|| unpack_whole_body(&params))
+    };
     let endpoint = endpoint_const(args, &func.sig.ident, &private);
     let fingerprint = fingerprint(handler, &func.sig.generics, &params, &private);
     let fingerprint = checked_name(args, fingerprint, &place, &private);
@@ -135,7 +140,8 @@ fn params(handler: &Handler<'_>) -> Vec<Ident> {
 /// inside the handler's own future.
 ///
 /// With `exact_body` (the scope kind and the endpoint's id), the context
-/// comes with the last argument instead, which `ExactBody` wraps.
+/// comes with the last argument instead, which `ExactBody` wraps; without
+/// it, a last argument that reads the body is wrapped in `WholeBody`.
 fn outer_signature(
     func: &ItemFn,
     handler: &Handler<'_>,
@@ -155,10 +161,20 @@ fn outer_signature(
         .iter()
         .map(|argument| argument.ty.to_token_stream())
         .collect();
+    let whole_body = whole_body(handler);
     let request_param = match (exact_body, types.last_mut()) {
         (Some((scope, id)), Some(last)) => {
             *last = quote!(#private::ExactBody<#scope, #id, #last>);
             None
+        }
+        (None, Some(last)) if whole_body => {
+            // Located at the argument's type, so that a message about the
+            // argument points there rather than at the attribute.
+            let at = Span::call_site().located_at(last.span());
+            let open = respan_tokens(&quote!(#private::WholeBody<), at);
+            let close = respan_tokens(&quote!(>), at);
+            *last = quote!(#open #last #close);
+            Some(quote!(#request: #request_type,))
         }
         _ => Some(quote!(#request: #request_type,)),
     };
@@ -220,6 +236,20 @@ fn unpack_exact_body(params: &[Ident]) -> TokenStream {
     let request = local("__idempotent_request");
     let last = params.last();
     quote!(let (#request, #last) = #last.into_parts();)
+}
+
+/// Whether the last argument, read by one of axum's body extractors
+/// without `ExactBody`, is wrapped in `WholeBody`, which refuses a body
+/// that ended short of its `Content-Length`.
+fn whole_body(handler: &Handler<'_>) -> bool {
+    let last = handler.arguments.last();
+    !handler.exact_repeats && last.is_some_and(|argument| reads_body(argument.ty))
+}
+
+/// Unwraps the `WholeBody` last argument into the handler's own.
+fn unpack_whole_body(params: &[Ident]) -> TokenStream {
+    let last = params.last();
+    quote!(let #last = #last.into_inner();)
 }
 
 /// The endpoint's name: the one given, or the function's path, so that

@@ -114,6 +114,12 @@ pub(crate) fn consumes_body(ty: &Type) -> bool {
     is_extractor(ty, &body)
 }
 
+/// Whether `ty` reads the body through one of axum's known body
+/// extractors: one itself, or an `Option` or `Result` of one.
+pub(crate) fn reads_body(ty: &Type) -> bool {
+    consumes_body(optional_inner(ty).unwrap_or(ty))
+}
+
 fn known_extractors(wanted: impl Fn(&KnownExtractor) -> bool) -> Vec<&'static str> {
     KNOWN_EXTRACTORS
         .iter()

@@ -12,11 +12,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::extract::rejection::FormRejection;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Form, Json};
 use h2::client::{ResponseFuture, SendRequest};
 use h2::{Reason, SendStream};
 use idempotent_core::record::StoredResponse;
@@ -24,7 +26,7 @@ use idempotent_core::scope::ScopeDigest;
 use idempotent_core::testing::{ClaimOutcome, MockStore, OpKind};
 use idempotent_core::{Endpoint, IDEMPOTENT_REPLAYED, Idempotency, Scope, idempotent};
 use macro_support::gated::{Charge, Gate, gated_app, gated_plain};
-use macro_support::{Reply, Runs, both_ways, listen, serve};
+use macro_support::{Reply, Runs, both_ways, listen, send, serve};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc};
@@ -510,20 +512,69 @@ impl Target<'_> {
     }
 }
 
+/// A body a reset upload announces whole and sends in part.
+struct Upload {
+    /// The request's headers beside its key and `Content-Length`.
+    headers: &'static [(&'static str, &'static str)],
+    body: &'static str,
+    /// How many of its bytes are sent before the reset.
+    sent: usize,
+}
+
+impl Upload {
+    /// The head of this upload to `path` under `key`, announcing the
+    /// whole body.
+    fn head(&self, path: &str, key: &str) -> Request<()> {
+        let mut request = head(path, &[key], Some(self.body.len()));
+        for &(name, value) in self.headers {
+            let name = HeaderName::from_static(name);
+            request
+                .headers_mut()
+                .insert(name, HeaderValue::from_static(value));
+        }
+        request
+    }
+
+    /// The whole body under `key` to `path` on one stream, answered.
+    async fn send_whole(&self, client: &SendRequest<Bytes>, path: &str, key: &str) -> Reply {
+        let (response, mut upload) = open(client, self.head(path, key), false).await;
+        upload
+            .send_data(Bytes::from_static(self.body.as_bytes()), true)
+            .unwrap();
+        read(response).await
+    }
+}
+
+/// `{"amount":7}`, of which `{"amo` comes.
+const JSON_CHARGE: Upload = Upload {
+    headers: &[("content-type", "application/json")],
+    body: r#"{"amount":7}"#,
+    sent: 5,
+};
+
 /// A stream that announces a 12-byte body, sends 5 of them and is reset
+/// with `reason`: see [`an_upload_cut_short`].
+async fn an_upload_reset_midway(target: &Target<'_>, path: &str, reason: Reason) -> Reply {
+    an_upload_cut_short(target, path, &JSON_CHARGE, reason).await
+}
+
+/// A stream that announces `upload`'s body, sends part of it and is reset
 /// with `reason`: once the server is done with it, nothing ran and
 /// nothing was claimed; the retry of the whole body, on a new connection,
 /// is answered.
-async fn an_upload_reset_midway(target: &Target<'_>, path: &str, reason: Reason) -> Reply {
+async fn an_upload_cut_short(
+    target: &Target<'_>,
+    path: &str,
+    upload: &Upload,
+    reason: Reason,
+) -> Reply {
     let settled = Arc::new(Semaphore::new(0));
     let addr = serve_forever(settling(target.app.clone(), &settled)).await;
     let client = connect(addr).await;
-    let body = r#"{"amount":7}"#;
-    let (response, mut upload) = open(&client, head(path, &["k"], Some(body.len())), false).await;
-    upload
-        .send_data(Bytes::from_static(&body.as_bytes()[..5]), false)
-        .unwrap();
-    upload.send_reset(reason);
+    let (response, mut stream) = open(&client, upload.head(path, "k"), false).await;
+    let part = &upload.body.as_bytes()[..upload.sent];
+    stream.send_data(Bytes::from_static(part), false).unwrap();
+    stream.send_reset(reason);
     drop(response);
     let done = tokio::time::timeout(STUCK, settled.acquire()).await;
     done.expect("the server is done with the reset stream")
@@ -539,7 +590,7 @@ async fn an_upload_reset_midway(target: &Target<'_>, path: &str, reason: Reason)
         "{path}, reset with {reason:?}: {:?}",
         store.operations()
     );
-    exchange(&connect(addr).await, path, "k", body).await
+    upload.send_whole(&connect(addr).await, path, "k").await
 }
 
 /// `app`, adding a permit to `settled` for each request the server is
@@ -642,17 +693,181 @@ async fn with_the_layer_a_text_body_reset_without_error_midway_does_not_run() {
     assert_ran(&retry, r#"run 1 of {"amount":7}"#, "/layer");
 }
 
-/// The same under the attribute: the handler's own extractor (`String`,
-/// `Bytes`, `Form`) reads the body, and takes the 5 bytes that came as
-/// the whole of it; the handler runs on them and its answer is stored, so
-/// the retry of the whole body is 422.
+/// The same under the attribute: the handler's own extractor (`String`
+/// here, through `ExactBody`) would take the 5 bytes that came as the
+/// whole body, run on them and have its answer stored, so that the retry
+/// of the whole body would be 422.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known defect: the attribute runs a body cut short by RST_STREAM(NO_ERROR) over HTTP/2"]
 async fn with_the_attribute_a_text_body_reset_without_error_midway_does_not_run() {
     let runs = Runs::default();
     let target = text_target(&runs);
     let retry = an_upload_reset_midway(&target, "/attribute", Reason::NO_ERROR).await;
     assert_ran(&retry, r#"run 1 of {"amount":7}"#, "/attribute");
+}
+
+/// A charge sent as a form.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct FormCharge {
+    currency: String,
+    amount: u64,
+}
+
+/// Through `ExactBody` (a body extractor last, the scope `"global"`): a
+/// JSON number, any prefix of which is a smaller one.
+#[idempotent(scope = "global")]
+async fn charge_json_number(
+    State(runs): State<Runs>,
+    Json(amount): Json<u64>,
+) -> (StatusCode, String) {
+    charged(&runs, amount, "usd")
+}
+
+/// Through `ExactBody`: a form, whose last field cut short still parses.
+#[idempotent(scope = "global")]
+async fn charge_form(
+    State(runs): State<Runs>,
+    Form(charge): Form<FormCharge>,
+) -> (StatusCode, String) {
+    charged(&runs, charge.amount, &charge.currency)
+}
+
+/// Without `ExactBody` (a scope read from a named header): the attribute
+/// puts `WholeBody` around the body extractor.
+#[idempotent(scope = "header:x-tenant")]
+async fn charge_form_per_tenant(
+    State(runs): State<Runs>,
+    Form(charge): Form<FormCharge>,
+) -> (StatusCode, String) {
+    charged(&runs, charge.amount, &charge.currency)
+}
+
+/// Without `ExactBody` (the extractor taken as a `Result`): the body's
+/// failure comes as a rejection the handler would answer itself.
+#[idempotent(scope = "global")]
+async fn charge_form_or_rejection(
+    State(runs): State<Runs>,
+    charge: Result<Form<FormCharge>, FormRejection>,
+) -> (StatusCode, String) {
+    match charge {
+        Ok(Form(charge)) => charged(&runs, charge.amount, &charge.currency),
+        Err(rejection) => (StatusCode::BAD_REQUEST, rejection.body_text()),
+    }
+}
+
+fn charged(runs: &Runs, amount: u64, currency: &str) -> (StatusCode, String) {
+    (
+        StatusCode::CREATED,
+        format!("run {} charged {amount} {currency}", runs.bump()),
+    )
+}
+
+/// The charging handlers above, each at its own path, with nothing run
+/// or claimed yet.
+fn charges_target(runs: &Runs) -> Target<'_> {
+    let store = MockStore::new();
+    let idempotency = store.layer();
+    let app = axum::Router::new()
+        .route("/exact/json", post(charge_json_number))
+        .route("/exact/form", post(charge_form))
+        .route("/whole/form", post(charge_form_per_tenant))
+        .route("/whole/result", post(charge_form_or_rejection))
+        .with_state(runs.clone())
+        .layer(idempotency.clone());
+    Target {
+        app,
+        idempotency,
+        store,
+        runs: Box::new(|| runs.get()),
+    }
+}
+
+/// `12345`, of which `123` comes.
+const JSON_NUMBER: Upload = Upload {
+    headers: &[("content-type", "application/json")],
+    body: "12345",
+    sent: 3,
+};
+
+/// `amount=12345`, of which `amount=123` comes.
+const FORM: Upload = Upload {
+    headers: &[("content-type", "application/x-www-form-urlencoded")],
+    body: "currency=usd&amount=12345",
+    sent: 23,
+};
+
+/// The same form, for a tenant.
+const TENANT_FORM: Upload = Upload {
+    headers: &[
+        ("content-type", "application/x-www-form-urlencoded"),
+        ("x-tenant", "acme"),
+    ],
+    body: "currency=usd&amount=12345",
+    sent: 23,
+};
+
+/// `upload` to `path` reset with `NO_ERROR` after its part: nothing runs
+/// or is claimed, and the retry runs on the whole body.
+async fn a_charge_cut_short_does_not_run(path: &str, upload: &Upload) {
+    let runs = Runs::default();
+    let target = charges_target(&runs);
+    let retry = an_upload_cut_short(&target, path, upload, Reason::NO_ERROR).await;
+    assert_ran(&retry, "run 1 charged 12345 usd", path);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_attribute_a_json_number_reset_without_error_midway_does_not_run() {
+    a_charge_cut_short_does_not_run("/exact/json", &JSON_NUMBER).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_attribute_a_form_reset_without_error_midway_does_not_run() {
+    a_charge_cut_short_does_not_run("/exact/form", &FORM).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_exact_repeats_a_form_reset_without_error_midway_does_not_run() {
+    a_charge_cut_short_does_not_run("/whole/form", &TENANT_FORM).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_form_taken_as_a_result_reset_without_error_midway_does_not_run() {
+    a_charge_cut_short_does_not_run("/whole/result", &FORM).await;
+}
+
+/// What a client whose stream was not reset would be answered (over the
+/// wire the reset stream takes no answer): an HTTP/2 request whose body
+/// ends short of its `Content-Length`, as hyper hands it on, is refused
+/// with the problem `IdempotentLayer` answers, through either expansion,
+/// before any claim.
+#[tokio::test]
+async fn an_http2_body_short_of_its_length_is_answered_400_unreadable_body() {
+    for (path, upload) in [
+        ("/exact/json", &JSON_NUMBER),
+        ("/exact/form", &FORM),
+        ("/whole/form", &TENANT_FORM),
+        ("/whole/result", &FORM),
+    ] {
+        let runs = Runs::default();
+        let target = charges_target(&runs);
+        let (mut parts, ()) = upload.head(path, "k").into_parts();
+        parts.version = axum::http::Version::HTTP_2;
+        let part = &upload.body.as_bytes()[..upload.sent];
+        let cut_short = Request::from_parts(parts, axum::body::Body::from(part));
+        let reply = send(&target.app, cut_short).await;
+        let (kind, detail) = reply.problem(400);
+        assert_eq!(kind, "unreadable-body", "{path}");
+        let announced = format!(
+            "it ended after {} of the {} bytes its Content-Length announced",
+            upload.sent,
+            upload.body.len()
+        );
+        assert!(detail.contains(&announced), "{path}: {detail}");
+        assert_eq!(
+            (target.store.count(OpKind::Claim), runs.get()),
+            (0, 0),
+            "{path}"
+        );
+    }
 }
 
 // ===== many streams, one key, one connection =====

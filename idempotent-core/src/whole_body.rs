@@ -1,0 +1,243 @@
+//! Request bodies that end short of their `Content-Length`, refused
+//! rather than read as whole ones.
+//!
+//! hyper's HTTP/2 server ends a request body without an error when the
+//! client resets the stream with `NO_ERROR` (the reset RFC 9113 8.1 has a
+//! server send after an early answer), so the bytes that came read as a
+//! whole body: `amount=12345` arrives as `amount=123`. HTTP/1.1 framing
+//! refuses a body shorter than its `Content-Length` with an error, so
+//! only requests of HTTP/2 and later are watched here; a body without
+//! the header that is cut short cannot be told from a whole one.
+
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, ready};
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::header::CONTENT_LENGTH;
+use http::{HeaderMap, Version};
+use http_body::{Frame, SizeHint};
+
+use crate::problem::{Problem, ProblemKind};
+use crate::record::RecordKey;
+use crate::request::{IdempotentRequest, ScopeSource};
+
+/// A body that ended, without an error, before the length its
+/// `Content-Length` announced. Run, the handler would act on part of the
+/// request and its answer be stored for the key. HTTP/1.1 framing, and
+/// h2's check at the end of a stream, refuse any other mismatch.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CutShort {
+    received: u64,
+    declared: u64,
+}
+
+impl CutShort {
+    /// Whether `body`, read whole, is shorter than `headers` announced.
+    pub(crate) fn of(headers: &HeaderMap, body: &Bytes) -> Option<Self> {
+        let declared = declared_length(headers)?;
+        let received = u64::try_from(body.len()).ok()?;
+        (received < declared).then_some(Self { received, declared })
+    }
+
+    /// The 400 `unreadable-body` the request is answered with.
+    pub(crate) fn problem(&self) -> Problem {
+        Problem::new(
+            ProblemKind::UnreadableBody,
+            format!("the request body could not be read to its end ({self}); nothing was executed"),
+        )
+    }
+}
+
+impl std::fmt::Display for CutShort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "it ended after {} of the {} bytes its Content-Length announced",
+            self.received, self.declared
+        )
+    }
+}
+
+impl std::error::Error for CutShort {}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// Learns whether a watched body ended short of its `Content-Length`.
+#[derive(Debug)]
+pub(crate) struct Watch(Arc<OnceLock<CutShort>>);
+
+impl Watch {
+    /// What the body fell short by, once its reader reached its end.
+    pub(crate) fn cut_short(&self) -> Option<CutShort> {
+        self.0.get().copied()
+    }
+}
+
+/// `request` with its body watched, if it can end short of its
+/// `Content-Length` unnoticed: an HTTP/2 (or later) request that declares
+/// one. Its reader then gets an error where the body ends short, so a body
+/// extractor rejects the request instead of taking the part that came,
+/// and the watch tells why. Any other request comes back as it was, for
+/// the cost of a comparison.
+pub(crate) fn watch(request: Request) -> (Request, Option<Watch>) {
+    if request.version() < Version::HTTP_2 {
+        return (request, None);
+    }
+    let Some(declared) = declared_length(request.headers()) else {
+        return (request, None);
+    };
+    let cut_short = Arc::new(OnceLock::new());
+    let watch = Watch(cut_short.clone());
+    let request = request.map(|inner| {
+        Body::new(LengthChecked {
+            inner,
+            received: 0,
+            declared,
+            cut_short,
+        })
+    });
+    (request, Some(watch))
+}
+
+/// The refusal of a request whose watched body ended short: the 400
+/// `unreadable-body` that `IdempotentLayer` answers, logged as the engine
+/// logs a body it could not read (with the key, when `idempotent` has
+/// it). Asked after the body extractor, whatever it returned: one taken
+/// as a `Result` or an `Option` holds the failure rather than returning
+/// it, and the request is a part of one either way.
+pub(crate) fn refusal(
+    watch: Option<&Watch>,
+    idempotent: Option<&IdempotentRequest>,
+) -> Option<Response> {
+    let cut_short = watch.and_then(Watch::cut_short)?;
+    let key = idempotent.and_then(|request| match (&request.key, &request.scope) {
+        (Some(key), ScopeSource::Resolved(Ok(scope))) => Some(RecordKey::new(*scope, key.clone())),
+        _ => None,
+    });
+    tracing::info!(
+        error = %cut_short,
+        key = key.as_ref().map(|key| tracing::field::display(key.log_id())),
+        "request body unreadable; request refused, nothing executed"
+    );
+    Some(cut_short.problem().into_response())
+}
+
+/// A body that fails, rather than ends, short of its declared length.
+struct LengthChecked {
+    inner: Body,
+    received: u64,
+    declared: u64,
+    cut_short: Arc<OnceLock<CutShort>>,
+}
+
+impl http_body::Body for LengthChecked {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        Poll::Ready(match polled {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let length = u64::try_from(data.len()).unwrap_or(u64::MAX);
+                    this.received = this.received.saturating_add(length);
+                }
+                Some(Ok(frame))
+            }
+            // Unwrapped: axum's extractors look for a limit's error at a
+            // set depth of its error type (413 rather than 400), which
+            // `Body::new` adds one to again.
+            Some(Err(error)) => Some(Err(error.into_inner())),
+            None if this.received < this.declared && this.cut_short.get().is_none() => {
+                let cut_short = CutShort {
+                    received: this.received,
+                    declared: this.declared,
+                };
+                let _ = this.cut_short.set(cut_short);
+                Some(Err(Box::new(cut_short)))
+            }
+            None => None,
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // A reader that stops at the end of the stream would miss the error.
+        self.inner.is_end_stream() && self.received >= self.declared
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use http_body_util::BodyExt;
+
+    fn request(version: Version, length: Option<&str>, body: &'static str) -> Request {
+        let mut request = Request::new(Body::from(body));
+        *request.version_mut() = version;
+        if let Some(length) = length {
+            let value = http::HeaderValue::from_str(length).unwrap();
+            request.headers_mut().insert(CONTENT_LENGTH, value);
+        }
+        request
+    }
+
+    async fn read(request: Request) -> Result<Bytes, axum::Error> {
+        request
+            .into_body()
+            .collect()
+            .await
+            .map(|body| body.to_bytes())
+    }
+
+    #[tokio::test]
+    async fn an_http2_body_short_of_its_length_fails_and_the_watch_says_by_how_much() {
+        let (request, watch) = watch(request(Version::HTTP_2, Some("12"), "12345"));
+        let watch = watch.expect("watched");
+        assert!(watch.cut_short().is_none(), "not read yet");
+
+        let error = read(request).await.unwrap_err();
+
+        let expected = "it ended after 5 of the 12 bytes its Content-Length announced";
+        assert_eq!(error.to_string(), expected);
+        assert_eq!(watch.cut_short().unwrap().to_string(), expected);
+    }
+
+    #[tokio::test]
+    async fn a_whole_http2_body_reads_as_it_came() {
+        let (request, watch) = watch(request(Version::HTTP_2, Some("5"), "12345"));
+        assert_eq!(read(request).await.unwrap(), "12345");
+        assert!(watch.unwrap().cut_short().is_none());
+    }
+
+    /// HTTP/1.1 framing already fails a short body, and a body without a
+    /// length cannot be checked: neither is wrapped.
+    #[test]
+    fn only_http2_requests_with_a_length_are_watched() {
+        for (version, length, watched) in [
+            (Version::HTTP_11, Some("12"), false),
+            (Version::HTTP_10, Some("12"), false),
+            (Version::HTTP_2, None, false),
+            (Version::HTTP_2, Some("x"), false),
+            (Version::HTTP_2, Some("12"), true),
+            (Version::HTTP_3, Some("12"), true),
+        ] {
+            let (_, watch) = watch(request(version, length, "12345"));
+            assert_eq!(watch.is_some(), watched, "{version:?} {length:?}");
+        }
+    }
+}
