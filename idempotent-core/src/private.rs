@@ -23,10 +23,11 @@ use axum::response::{IntoResponse, Response};
 use http::request::Parts;
 use http::{Extensions, HeaderMap};
 
+use crate::engine::Handler;
 use crate::exact;
 use crate::fingerprint::{Fingerprint, FingerprintError, FingerprintInput, Fingerprinter};
 use crate::problem::Problem;
-use crate::request::{ScopeSource, method_binding, route_params};
+use crate::request::{ScopeSource, method_binding, route_params, without_replay_marker};
 use crate::scope::{self, IdempotencyScope, ScopeDigest};
 use crate::whole_body;
 
@@ -126,26 +127,8 @@ where
 {
     type Rejection = Response;
 
-    async fn from_request(mut request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let ScopedRequest(mut idempotent) = ScopedRequest::<SCOPE>::extract(
-            request.headers(),
-            request.extensions(),
-            request.uri().path(),
-        )
-        .map_err(IntoResponse::into_response)?;
-        note_route_params(&mut idempotent, &mut request).map_err(IntoResponse::into_response)?;
-        // Before an exact repeat's digest reads the body too.
-        let (request, watch) = whole_body::watch(request);
-        // A handler that shares its default name answers 500 on the full
-        // path, which an exact repeat must not skip.
-        let hit = exact::recall(&mut idempotent, &request)
-            .filter(|_| !crate::names::shares_default_name(ENDPOINT));
-        let request = match hit {
-            None => request,
-            Some(hit) => {
-                exact::answer_exact_repeat(&mut idempotent, hit, ENDPOINT, request).await?
-            }
-        };
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let (idempotent, request, watch) = exact_context::<SCOPE>(request, ENDPOINT).await?;
         let inner = T::from_request(request, state).await;
         if let Some(refusal) = whole_body::refusal(watch.as_ref(), Some(&idempotent)) {
             return Err(refusal);
@@ -187,6 +170,37 @@ where
         }
         inner.map(Self).map_err(IntoResponse::into_response)
     }
+}
+
+/// Everything [`ExactBody`] does before its body extractor runs: the
+/// request's idempotency context, the answer to an exact repeat, and the
+/// body watched for ending short of its `Content-Length`.
+/// Generic over the scope kind alone, with the endpoint's id a value: one
+/// copy serves every handler of a kind, where code in `from_request`,
+/// whose `ENDPOINT` is each handler's own, would be compiled once per
+/// handler.
+async fn exact_context<const SCOPE: u8>(
+    mut request: Request,
+    endpoint: u64,
+) -> Result<(IdempotentRequest, Request, Option<whole_body::Watch>), Response> {
+    let ScopedRequest(mut idempotent) = ScopedRequest::<SCOPE>::extract(
+        request.headers(),
+        request.extensions(),
+        request.uri().path(),
+    )
+    .map_err(IntoResponse::into_response)?;
+    note_route_params(&mut idempotent, &mut request).map_err(IntoResponse::into_response)?;
+    // Before an exact repeat's digest reads the body too.
+    let (request, watch) = whole_body::watch(request);
+    // A handler that shares its default name answers 500 on the full
+    // path, which an exact repeat must not skip.
+    let hit = exact::recall(&mut idempotent, &request)
+        .filter(|_| !crate::names::shares_default_name(endpoint));
+    let request = match hit {
+        None => request,
+        Some(hit) => exact::answer_exact_repeat(&mut idempotent, hit, endpoint, request).await?,
+    };
+    Ok((idempotent, request, watch))
 }
 
 /// Notes `request`'s route path parameters in `idempotent`. axum reads
@@ -336,10 +350,12 @@ pub fn scoped_by<P: IdempotencyScope>(
     request.into().scoped_by(principal)
 }
 
-/// The handler's output as a response. Spanned at the return type, so a
-/// return type that is not `IntoResponse` is reported there.
+/// The handler's output as a response, without an
+/// [`Idempotent-Replayed`](crate::IDEMPOTENT_REPLAYED) header of its own
+/// (only a replay carries one, set by the engine). Spanned at the return
+/// type, so a return type that is not `IntoResponse` is reported there.
 pub fn into_response<R: IntoResponse>(output: R) -> Response {
-    output.into_response()
+    without_replay_marker(output.into_response())
 }
 
 /// What stands in for a handler the attribute refused: a handler axum
@@ -352,6 +368,11 @@ pub fn not_compiled() -> Response {
 
 /// The single runtime entry of the expansion. Spanned at the handler's
 /// name, so a future that is not `Send` is reported there.
+///
+/// The handler's future answers with [`into_response`], which already
+/// removed a replay marker of its own, so it is boxed as it is: all that
+/// is compiled for each handler is this call and the box, and the engine
+/// behind `run_boxed` is one copy for all of them.
 pub fn run<R, F>(
     request: R,
     endpoint: &Endpoint,
@@ -362,8 +383,17 @@ where
     R: Into<IdempotentRequest>,
     F: Future<Output = Response> + Send + 'static,
 {
-    let mut request = request.into();
+    run_boxed(request.into(), endpoint, fingerprinted, Box::pin(handler))
+}
+
+/// [`run`] past the handler's types.
+fn run_boxed(
+    mut request: IdempotentRequest,
+    endpoint: &Endpoint,
+    fingerprinted: Result<Fingerprinted, FingerprintError>,
+    handler: Handler,
+) -> impl Future<Output = Response> + Send + use<> {
     request.input_rejected = matches!(&fingerprinted, Ok(inputs) if inputs.input_rejected);
     let fingerprint = fingerprinted.map(|inputs| inputs.fingerprint);
-    request.run(endpoint, fingerprint, handler)
+    crate::engine::run(request, endpoint, fingerprint, handler)
 }
