@@ -253,6 +253,19 @@ pub(crate) fn resolve(
     }
 }
 
+/// [`resolve`], for the targets in the repository's `fuzz/` directory
+/// alone: built only under `--cfg fuzzing`, which `cargo fuzz` and
+/// `cargo afl` pass, so no other build (nor its documentation) has it.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub fn fuzz_resolve(
+    scope: Scope,
+    headers: &HeaderMap,
+    api_key_header: &http::HeaderName,
+) -> Result<Option<ScopeDigest>, MissingCredential> {
+    resolve(scope, headers, api_key_header)
+}
+
 /// The scope of the request's API key or bearer token.
 pub(crate) fn api_key(
     headers: &HeaderMap,
