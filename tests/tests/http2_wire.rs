@@ -14,11 +14,12 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::extract::rejection::FormRejection;
+use axum::extract::rejection::{FormRejection, JsonRejection};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Form, Json};
+use axum_extra::extract::WithRejection;
 use h2::client::{ResponseFuture, SendRequest};
 use h2::{Reason, SendStream};
 use idempotent_core::record::StoredResponse;
@@ -754,6 +755,32 @@ async fn charge_form_or_rejection(
     }
 }
 
+/// An application's own answer to a malformed JSON body, as
+/// `WithRejection` is used for.
+struct ApiError(JsonRejection);
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        Self(rejection)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (StatusCode::BAD_REQUEST, self.0.body_text()).into_response()
+    }
+}
+
+/// Without `ExactBody` (axum-extra's `WithRejection`, which the attribute
+/// reads through): the attribute puts `WholeBody` around it.
+#[idempotent(scope = "global")]
+async fn charge_json_with_rejection(
+    State(runs): State<Runs>,
+    WithRejection(Json(amount), _): WithRejection<Json<u64>, ApiError>,
+) -> (StatusCode, String) {
+    charged(&runs, amount, "usd")
+}
+
 fn charged(runs: &Runs, amount: u64, currency: &str) -> (StatusCode, String) {
     (
         StatusCode::CREATED,
@@ -771,6 +798,7 @@ fn charges_target(runs: &Runs) -> Target<'_> {
         .route("/exact/form", post(charge_form))
         .route("/whole/form", post(charge_form_per_tenant))
         .route("/whole/result", post(charge_form_or_rejection))
+        .route("/whole/with-rejection", post(charge_json_with_rejection))
         .with_state(runs.clone())
         .layer(idempotency.clone());
     Target {
@@ -834,6 +862,11 @@ async fn a_form_taken_as_a_result_reset_without_error_midway_does_not_run() {
     a_charge_cut_short_does_not_run("/whole/result", &FORM).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_number_with_rejection_reset_without_error_midway_does_not_run() {
+    a_charge_cut_short_does_not_run("/whole/with-rejection", &JSON_NUMBER).await;
+}
+
 /// What a client whose stream was not reset would be answered (over the
 /// wire the reset stream takes no answer): an HTTP/2 request whose body
 /// ends short of its `Content-Length`, as hyper hands it on, is refused
@@ -846,6 +879,7 @@ async fn an_http2_body_short_of_its_length_is_answered_400_unreadable_body() {
         ("/exact/form", &FORM),
         ("/whole/form", &TENANT_FORM),
         ("/whole/result", &FORM),
+        ("/whole/with-rejection", &JSON_NUMBER),
     ] {
         let runs = Runs::default();
         let target = charges_target(&runs);
