@@ -36,7 +36,7 @@ use crate::record::RecordKey;
 use crate::request::{
     IdempotentRequest, ScopeSource, fingerprinted_method, route_params, without_replay_marker,
 };
-use crate::whole_body::CutShort;
+use crate::whole_body::{self, CutShort};
 
 /// Default limit on a buffered request body: 1 MiB.
 const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
@@ -312,9 +312,10 @@ where
     if http_body::Body::size_hint(&body).lower() > limit {
         return too_large(config.max_request_bytes).into_response();
     }
+    let expected = whole_body::expected_length(parts.version, &parts.headers, &body);
     let read = Limited::new(body, config.max_request_bytes).collect().await;
     let body = match read.map(|collected| collected.to_bytes()) {
-        Ok(body) => match CutShort::of(&parts.headers, &body) {
+        Ok(body) => match CutShort::of(expected, &body) {
             None => body,
             Some(cut_short) => {
                 log_unread_body(&idempotent, &config.endpoint, &cut_short);
@@ -525,30 +526,6 @@ mod tests {
             .and_then(|next| next.input(body))
             .unwrap();
         fingerprinter.finish()
-    }
-
-    /// Only a body shorter than its `Content-Length` is cut short: one
-    /// without the header, or that a layer in front made longer (and left
-    /// the header), is taken as it came.
-    #[test]
-    fn only_a_body_shorter_than_its_declared_length_is_cut_short() {
-        let body = Bytes::from_static(b"12345");
-        for (length, cut_short) in [
-            (None, false),
-            (Some("5"), false),
-            (Some("4"), false),
-            (Some("12"), true),
-            (Some("x"), false),
-        ] {
-            let headers = parts(length.map(|l| ("content-length", l)).as_slice()).headers;
-            let found = CutShort::of(&headers, &body);
-            assert_eq!(found.is_some(), cut_short, "{length:?}");
-        }
-        let found = CutShort::of(&parts(&[("content-length", "12")]).headers, &body);
-        assert_eq!(
-            found.unwrap().to_string(),
-            "it ended after 5 of the 12 bytes its Content-Length announced"
-        );
     }
 
     #[test]

@@ -36,9 +36,10 @@ pub(crate) struct CutShort {
 }
 
 impl CutShort {
-    /// Whether `body`, read whole, is shorter than `headers` announced.
-    pub(crate) fn of(headers: &HeaderMap, body: &Bytes) -> Option<Self> {
-        let declared = declared_length(headers)?;
+    /// Whether `body`, read whole, is shorter than the length it had to
+    /// reach ([`expected_length`], taken before it was read).
+    pub(crate) fn of(expected: Option<u64>, body: &Bytes) -> Option<Self> {
+        let declared = expected?;
         let received = u64::try_from(body.len()).ok()?;
         (received < declared).then_some(Self { received, declared })
     }
@@ -64,8 +65,31 @@ impl std::fmt::Display for CutShort {
 
 impl std::error::Error for CutShort {}
 
+/// The length a request's body must reach before it ends, when it could
+/// end short of it unnoticed: a request of HTTP/2 or later whose body
+/// reports the length its `Content-Length` announced as its exact size,
+/// as hyper's own body does. HTTP/1.1 framing fails a short body itself;
+/// a body that a layer in front replaced, leaving the header, reports its
+/// own size and is taken as it comes.
+pub(crate) fn expected_length(
+    version: Version,
+    headers: &HeaderMap,
+    body: &impl http_body::Body,
+) -> Option<u64> {
+    if version < Version::HTTP_2 {
+        return None;
+    }
+    let declared = declared_length(headers)?;
+    (body.size_hint().exact() == Some(declared)).then_some(declared)
+}
+
+/// `Content-Length` as hyper reads it: ASCII digits alone.
 fn declared_length(headers: &HeaderMap) -> Option<u64> {
-    headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+    let value = headers.get(CONTENT_LENGTH)?.to_str().ok()?;
+    if !value.bytes().all(|byte| byte.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok()
 }
 
 /// Learns whether a watched body ended short of its `Content-Length`.
@@ -80,16 +104,13 @@ impl Watch {
 }
 
 /// `request` with its body watched, if it can end short of its
-/// `Content-Length` unnoticed: an HTTP/2 (or later) request that declares
-/// one. Its reader then gets an error where the body ends short, so a body
+/// `Content-Length` unnoticed ([`expected_length`]). Its reader then gets an error where the body ends short, so a body
 /// extractor rejects the request instead of taking the part that came,
 /// and the watch tells why. Any other request comes back as it was, for
 /// the cost of a comparison.
 pub(crate) fn watch(request: Request) -> (Request, Option<Watch>) {
-    if request.version() < Version::HTTP_2 {
-        return (request, None);
-    }
-    let Some(declared) = declared_length(request.headers()) else {
+    let Some(declared) = expected_length(request.version(), request.headers(), request.body())
+    else {
         return (request, None);
     };
     let cut_short = Arc::new(OnceLock::new());
@@ -186,8 +207,42 @@ mod tests {
 
     use http_body_util::BodyExt;
 
-    fn request(version: Version, length: Option<&str>, body: &'static str) -> Request {
-        let mut request = Request::new(Body::from(body));
+    /// A body as hyper's HTTP/2 server hands one on: it reports `announced`
+    /// bytes as its exact size, and ends, without an error, after `data`.
+    struct Announcing {
+        data: Option<Bytes>,
+        announced: u64,
+    }
+
+    impl http_body::Body for Announcing {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.data.take().map(|data| Ok(Frame::data(data))))
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.announced)
+        }
+    }
+
+    /// A request of `version` with `length` as its `Content-Length`, whose
+    /// body reports `announced` bytes and holds `data`.
+    fn request(
+        version: Version,
+        length: Option<&str>,
+        announced: u64,
+        data: &'static str,
+    ) -> Request {
+        let body = Body::new(Announcing {
+            data: Some(Bytes::from_static(data.as_bytes())),
+            announced,
+        });
+        let mut request = Request::new(body);
         *request.version_mut() = version;
         if let Some(length) = length {
             let value = http::HeaderValue::from_str(length).unwrap();
@@ -206,7 +261,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_http2_body_short_of_its_length_fails_and_the_watch_says_by_how_much() {
-        let (request, watch) = watch(request(Version::HTTP_2, Some("12"), "12345"));
+        let (request, watch) = watch(request(Version::HTTP_2, Some("12"), 12, "12345"));
         let watch = watch.expect("watched");
         assert!(watch.cut_short().is_none(), "not read yet");
 
@@ -219,25 +274,58 @@ mod tests {
 
     #[tokio::test]
     async fn a_whole_http2_body_reads_as_it_came() {
-        let (request, watch) = watch(request(Version::HTTP_2, Some("5"), "12345"));
+        let (request, watch) = watch(request(Version::HTTP_2, Some("5"), 5, "12345"));
         assert_eq!(read(request).await.unwrap(), "12345");
         assert!(watch.unwrap().cut_short().is_none());
     }
 
-    /// HTTP/1.1 framing already fails a short body, and a body without a
-    /// length cannot be checked: neither is wrapped.
+    /// HTTP/1.1 framing already fails a short body; a body without a
+    /// length, or whose length is not plain digits, cannot be checked; and
+    /// one that reports another size than its header was replaced by a
+    /// layer in front, which left the header: none is watched.
     #[test]
-    fn only_http2_requests_with_a_length_are_watched() {
-        for (version, length, watched) in [
-            (Version::HTTP_11, Some("12"), false),
-            (Version::HTTP_10, Some("12"), false),
-            (Version::HTTP_2, None, false),
-            (Version::HTTP_2, Some("x"), false),
-            (Version::HTTP_2, Some("12"), true),
-            (Version::HTTP_3, Some("12"), true),
+    fn only_http2_bodies_reporting_their_declared_length_are_watched() {
+        for (version, length, announced, watched) in [
+            (Version::HTTP_11, Some("12"), 12, false),
+            (Version::HTTP_10, Some("12"), 12, false),
+            (Version::HTTP_2, None, 12, false),
+            (Version::HTTP_2, Some("x"), 12, false),
+            (Version::HTTP_2, Some("+12"), 12, false),
+            (Version::HTTP_2, Some("12"), 5, false),
+            (Version::HTTP_2, Some("012"), 12, true),
+            (Version::HTTP_2, Some("12"), 12, true),
+            (Version::HTTP_3, Some("12"), 12, true),
         ] {
-            let (_, watch) = watch(request(version, length, "12345"));
-            assert_eq!(watch.is_some(), watched, "{version:?} {length:?}");
+            let (_, watch) = watch(request(version, length, announced, "12345"));
+            assert_eq!(
+                watch.is_some(),
+                watched,
+                "{version:?} {length:?} {announced}"
+            );
         }
+    }
+
+    /// Only a body shorter than the length it had to reach is cut short:
+    /// one that reached it, or that a layer in front made longer, is taken
+    /// as it came.
+    #[test]
+    fn only_a_body_shorter_than_its_expected_length_is_cut_short() {
+        let body = Bytes::from_static(b"12345");
+        for (expected, cut_short) in [
+            (None, false),
+            (Some(5), false),
+            (Some(4), false),
+            (Some(12), true),
+        ] {
+            assert_eq!(
+                CutShort::of(expected, &body).is_some(),
+                cut_short,
+                "{expected:?}"
+            );
+        }
+        assert_eq!(
+            CutShort::of(Some(12), &body).unwrap().to_string(),
+            "it ended after 5 of the 12 bytes its Content-Length announced"
+        );
     }
 }

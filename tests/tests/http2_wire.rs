@@ -523,6 +523,26 @@ struct Upload {
 }
 
 impl Upload {
+    /// This upload's HTTP/2 request to `path` as the router gets it, its
+    /// body ending after `sent` bytes without an error: reporting the
+    /// whole body's length as its size if `as_hyper_does`, as hyper's body
+    /// of a stream reset with `NO_ERROR` does, else its own.
+    fn ending_short(&self, path: &str, as_hyper_does: bool) -> Request<axum::body::Body> {
+        let (mut parts, ()) = self.head(path, "k").into_parts();
+        parts.version = axum::http::Version::HTTP_2;
+        let part = Bytes::copy_from_slice(&self.body.as_bytes()[..self.sent]);
+        let announced = if as_hyper_does {
+            self.body.len()
+        } else {
+            self.sent
+        };
+        let body = EndingShort {
+            part: Some(part),
+            announced: u64::try_from(announced).unwrap(),
+        };
+        Request::from_parts(parts, axum::body::Body::new(body))
+    }
+
     /// The head of this upload to `path` under `key`, announcing the
     /// whole body.
     fn head(&self, path: &str, key: &str) -> Request<()> {
@@ -883,11 +903,7 @@ async fn an_http2_body_short_of_its_length_is_answered_400_unreadable_body() {
     ] {
         let runs = Runs::default();
         let target = charges_target(&runs);
-        let (mut parts, ()) = upload.head(path, "k").into_parts();
-        parts.version = axum::http::Version::HTTP_2;
-        let part = &upload.body.as_bytes()[..upload.sent];
-        let cut_short = Request::from_parts(parts, axum::body::Body::from(part));
-        let reply = send(&target.app, cut_short).await;
+        let reply = send(&target.app, upload.ending_short(path, true)).await;
         let (kind, detail) = reply.problem(400);
         assert_eq!(kind, "unreadable-body", "{path}");
         let announced = format!(
@@ -901,6 +917,52 @@ async fn an_http2_body_short_of_its_length_is_answered_400_unreadable_body() {
             (0, 0),
             "{path}"
         );
+    }
+}
+
+/// A body that a layer in front replaced with a shorter one, leaving the
+/// `Content-Length` header, reports its own size: it is taken as it comes
+/// (the layer's business), not refused as one hyper ended short.
+#[tokio::test]
+async fn an_http2_body_a_layer_replaced_is_taken_as_it_comes() {
+    for path in ["/exact/form", "/whole/form"] {
+        let runs = Runs::default();
+        let target = charges_target(&runs);
+        let upload = if path == "/whole/form" {
+            &TENANT_FORM
+        } else {
+            &FORM
+        };
+        let reply = send(&target.app, upload.ending_short(path, false)).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{path}: {}", reply.body);
+        assert_eq!(reply.body, "run 1 charged 123 usd", "{path}");
+    }
+}
+
+/// A body that reports `announced` bytes as its exact size and ends,
+/// without an error, after `part`.
+struct EndingShort {
+    part: Option<Bytes>,
+    announced: u64,
+}
+
+impl http_body::Body for EndingShort {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(
+            self.part
+                .take()
+                .map(|part| Ok(http_body::Frame::data(part))),
+        )
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.announced)
     }
 }
 

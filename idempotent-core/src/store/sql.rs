@@ -52,9 +52,7 @@ where
 ///
 /// Dropped, it stops at once, cutting short a purge under way. That loses
 /// nothing: each batch of a purge is one `DELETE` of expired rows, which
-/// the database applies whole or not at all (PostgreSQL even finishes a
-/// statement it was sent after the process that sent it has gone), claims
-/// already treat the expired rows left behind as absent, and the next
+/// the database applies whole or not at all, claims already treat the expired rows left behind as absent, and the next
 /// purge deletes them. [`shutdown`](Self::shutdown) is for a service that
 /// must know the reaper is done, say before it closes the pool: it lets
 /// the purge under way finish, then stops.
