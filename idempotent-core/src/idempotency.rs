@@ -218,7 +218,8 @@ impl Idempotency {
     ///     #[cfg(not(unix))]
     ///     let terminate = std::future::pending::<()>();
     ///     tokio::select! {
-    ///         _ = tokio::signal::ctrl_c() => {}
+    ///         // A failure to listen disables this branch rather than ending it.
+    ///         Ok(()) = tokio::signal::ctrl_c() => {}
     ///         () = terminate => {}
     ///     }
     /// }

@@ -1216,3 +1216,130 @@ async fn a_key_field_sent_twice_in_one_headers_block_is_a_400_problem() {
     assert_eq!(store.count(OpKind::Claim), 2);
     assert_eq!(gate.runs(), 2);
 }
+
+// ===== bodies that reach their length =====
+
+#[idempotent(scope = "global")]
+async fn sized_by_attribute(State(runs): State<Runs>, body: Bytes) -> (StatusCode, String) {
+    sized(&runs, &body)
+}
+
+async fn sized_plain(State(runs): State<Runs>, body: Bytes) -> (StatusCode, String) {
+    sized(&runs, &body)
+}
+
+fn sized(runs: &Runs, body: &[u8]) -> (StatusCode, String) {
+    let run = runs.bump();
+    (
+        StatusCode::CREATED,
+        format!("run {run} of {} bytes", body.len()),
+    )
+}
+
+/// A handler that answers with its body's size, each way, with `front`
+/// around the whole router.
+fn sized_app(
+    runs: &Runs,
+    store: &MockStore,
+    front: impl FnOnce(axum::Router) -> axum::Router,
+) -> axum::Router {
+    let endpoint = Endpoint::new("h2::sized").scope(Scope::Global);
+    front(both_ways(
+        sized_by_attribute,
+        sized_plain,
+        endpoint,
+        runs.clone(),
+        store.layer(),
+    ))
+}
+
+/// `body` under `key` to `path` with `headers`, its `Content-Length` the
+/// body's: in as many DATA frames as flow control makes of it, then
+/// trailers if `trailers`, else the last frame ends the stream.
+async fn sized_exchange(
+    client: &SendRequest<Bytes>,
+    path: &str,
+    key: &str,
+    headers: &[(&'static str, &'static str)],
+    body: Vec<u8>,
+    trailers: bool,
+) -> Reply {
+    let mut request = head(path, &[key], Some(body.len()));
+    for &(name, value) in headers {
+        let name = HeaderName::from_static(name);
+        request
+            .headers_mut()
+            .insert(name, HeaderValue::from_static(value));
+    }
+    let (response, mut upload) = open(client, request, false).await;
+    upload.send_data(Bytes::from(body), !trailers).unwrap();
+    if trailers {
+        let mut fields = HeaderMap::new();
+        fields.insert("x-checksum", HeaderValue::from_static("1234"));
+        upload.send_trailers(fields).unwrap();
+    }
+    read(response).await
+}
+
+/// An HTTP/2 body that reaches its `Content-Length` runs as it came,
+/// however it got there: past the connection's flow-control window (many
+/// DATA frames, released as read), followed by trailers, after `Expect:
+/// 100-continue`, or empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_body_that_reaches_its_length_runs_whatever_its_framing() {
+    const PAST_THE_WINDOW: usize = 300_000;
+    let octets = ("content-type", "application/octet-stream");
+    let expect = ("expect", "100-continue");
+    let cases = [
+        ("window", &[octets][..], PAST_THE_WINDOW, false),
+        ("trailers", &[octets], 12, true),
+        ("expect", &[octets, expect], 5, false),
+        ("empty", &[octets], 0, false),
+    ];
+    for path in PATHS {
+        let runs = Runs::default();
+        let store = MockStore::new();
+        let client = connect(serve_forever(sized_app(&runs, &store, |app| app)).await).await;
+        for (run, (key, headers, size, trailers)) in cases.into_iter().enumerate() {
+            let body = vec![b'a'; size];
+            let reply = sized_exchange(&client, path, key, headers, body, trailers).await;
+            let expected = format!("run {} of {size} bytes", run + 1);
+            assert_eq!(reply.status, StatusCode::CREATED, "{path} {key}: {reply:?}");
+            assert_eq!(reply.body, expected, "{path} {key}");
+        }
+    }
+}
+
+/// Behind tower-http's request decompression, which drops the
+/// `Content-Length` of the gzip body it decodes, the decoded body runs;
+/// behind its body limit, which keeps the size hyper's body reports, a
+/// whole body runs and one that ended short is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_body_through_tower_http_layers_in_front_is_checked_as_hyper_sent_it() {
+    use tower_http::decompression::RequestDecompressionLayer;
+    use tower_http::limit::RequestBodyLimitLayer;
+    let front = |app: axum::Router| {
+        app.layer(RequestBodyLimitLayer::new(1 << 20))
+            .layer(RequestDecompressionLayer::new())
+    };
+    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gzip, &[b'x'; 5000]).unwrap();
+    let gzip = gzip.finish().unwrap();
+    let gzipped = [
+        ("content-type", "application/octet-stream"),
+        ("content-encoding", "gzip"),
+    ];
+    for path in PATHS {
+        let runs = Runs::default();
+        let store = MockStore::new();
+        let app = sized_app(&runs, &store, front);
+        let client = connect(serve_forever(app.clone()).await).await;
+        let reply = sized_exchange(&client, path, "gzip", &gzipped, gzip.clone(), false).await;
+        assert_eq!(reply.body, "run 1 of 5000 bytes", "{path}: {reply:?}");
+        let reply = sized_exchange(&client, path, "whole", &[], b"12345".to_vec(), false).await;
+        assert_eq!(reply.body, "run 2 of 5 bytes", "{path}: {reply:?}");
+        let reply = send(&app, FORM.ending_short(path, true)).await;
+        assert_eq!(reply.problem(400).0, "unreadable-body", "{path}");
+        assert_eq!(runs.get(), 2, "{path}");
+    }
+}

@@ -212,7 +212,9 @@ impl StoreError {
 ///     async fn renew(&self, key: &RecordKey, token: LeaseToken, lease: Duration) -> Result<(), StoreError> {
 ///         self.held(key, token, |records, now| {
 ///             if let Some(Record::InFlight(held)) = records.get_mut(key) {
-///                 held.lease_expires_at = now.saturating_add(ms(lease));
+///                 // Never earlier: a renewal held up on the way may arrive
+///                 // after a later one.
+///                 held.lease_expires_at = held.lease_expires_at.max(now.saturating_add(ms(lease)));
 ///             }
 ///         })
 ///     }

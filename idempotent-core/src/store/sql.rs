@@ -474,6 +474,11 @@ pub(crate) fn in_flight(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::sync::Semaphore;
+
     use super::*;
 
     fn never_temporary(_: &str) -> bool {
@@ -550,5 +555,123 @@ mod tests {
     fn base_name_drops_the_schema() {
         assert_eq!(base_name("app.records"), "records");
         assert_eq!(base_name("records"), "records");
+    }
+
+    /// A purge that counts its starts and ends, and waits for a permit of
+    /// `gate` before it ends, failing if `fails`.
+    #[derive(Clone, Default)]
+    struct Counted {
+        started: Arc<AtomicUsize>,
+        ended: Arc<AtomicUsize>,
+        gate: Option<Arc<Semaphore>>,
+        fails: bool,
+    }
+
+    impl Purge for Counted {
+        async fn purge_expired(&self) -> Result<u64, StoreError> {
+            self.started.fetch_add(1, Ordering::SeqCst);
+            if let Some(gate) = &self.gate {
+                gate.acquire().await.expect("never closed").forget();
+            }
+            self.ended.fetch_add(1, Ordering::SeqCst);
+            if self.fails {
+                return Err(StoreError::backend("down"));
+            }
+            Ok(0)
+        }
+    }
+
+    impl Counted {
+        fn counts(&self) -> (usize, usize) {
+            (
+                self.started.load(Ordering::SeqCst),
+                self.ended.load(Ordering::SeqCst),
+            )
+        }
+
+        /// Waits until `started` purges have begun: a sleep, so that the
+        /// paused clock moves on to the reaper's next tick.
+        async fn until_started(&self, started: usize) {
+            while self.started.load(Ordering::SeqCst) < started {
+                tokio::time::sleep(Duration::from_micros(100)).await;
+            }
+        }
+    }
+
+    /// Between purges, `shutdown` returns at once, and no purge starts
+    /// after it, however long the time goes on.
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_between_purges_returns_and_nothing_runs_after() {
+        let purge = Counted::default();
+        let reaper = spawn_reaper(purge.clone(), Duration::from_secs(60));
+        purge.until_started(1).await;
+        reaper.shutdown().await;
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(purge.counts(), (1, 1));
+    }
+
+    /// Asked before its first tick was taken, the reaper purges nothing.
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_before_the_first_purge_purges_nothing() {
+        let purge = Counted::default();
+        spawn_reaper(purge.clone(), Duration::from_secs(60))
+            .shutdown()
+            .await;
+        assert_eq!(purge.counts(), (0, 0));
+    }
+
+    /// A purge under way finishes before `shutdown` returns, and is the
+    /// last one.
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_waits_for_the_purge_under_way() {
+        let gate = Arc::new(Semaphore::new(0));
+        let purge = Counted {
+            gate: Some(gate.clone()),
+            ..Counted::default()
+        };
+        let reaper = spawn_reaper(purge.clone(), Duration::from_millis(1));
+        purge.until_started(1).await;
+        let mut shutdown = tokio::spawn(reaper.shutdown());
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!shutdown.is_finished(), "returned with a purge under way");
+        gate.add_permits(10);
+        (&mut shutdown).await.unwrap();
+        assert_eq!(purge.counts(), (1, 1));
+    }
+
+    /// Failing purges are retried tick after tick, and `shutdown` still
+    /// returns after one.
+    #[tokio::test(start_paused = true)]
+    async fn failing_purges_are_retried_and_shutdown_returns() {
+        let purge = Counted {
+            fails: true,
+            ..Counted::default()
+        };
+        let reaper = spawn_reaper(purge.clone(), Duration::from_millis(1));
+        purge.until_started(3).await;
+        reaper.shutdown().await;
+        let (started, ended) = purge.counts();
+        assert_eq!(started, ended);
+        assert!(started >= 3);
+    }
+
+    /// Dropped before it returns, `shutdown` stops the reaper at once, as
+    /// dropping the reaper does: the purge under way is cut short.
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_dropped_midway_stops_the_reaper_at_once() {
+        let gate = Arc::new(Semaphore::new(0));
+        let purge = Counted {
+            gate: Some(gate.clone()),
+            ..Counted::default()
+        };
+        let reaper = spawn_reaper(purge.clone(), Duration::from_millis(1));
+        purge.until_started(1).await;
+        let gave_up = tokio::time::timeout(Duration::from_millis(5), reaper.shutdown()).await;
+        assert!(gave_up.is_err());
+        gate.add_permits(10);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(purge.counts(), (1, 0), "the purge was not cut short");
     }
 }
