@@ -1115,7 +1115,7 @@ pub(crate) fn fails_until_fixed(error: &StoreError) -> bool {
 /// declined charge, 404, 403) is the outcome of a run that may have
 /// acted, whatever became of the input: it is stored, or the retry would
 /// act again.
-fn answers_malformed_input(status: StatusCode) -> bool {
+pub(crate) fn answers_malformed_input(status: StatusCode) -> bool {
     matches!(
         status,
         StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY

@@ -384,7 +384,9 @@ pub fn fingerprint<T: Serialize + ?Sized>(
 /// Fingerprint the same value the handler reads (here the `T`, as `Json<T>`
 /// does): a retry whose payload differs is then answered 422, not with the
 /// stored response. `#[idempotent(skip(<argument>))]` compiles too, but
-/// leaves the payload out, so such a retry would be replayed.
+/// leaves the payload out, so such a retry would be replayed. As the
+/// handler's last argument, such an extractor is held to the body's
+/// `Content-Length` over HTTP/2 as axum's own are.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be part of the request fingerprint",
     label = "this argument is fingerprinted",

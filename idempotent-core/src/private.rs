@@ -140,18 +140,38 @@ where
     }
 }
 
-/// The last argument of a handler that reads its body with one of axum's
-/// body extractors, where [`ExactBody`] does not wrap it: extracts `T`,
-/// and refuses with 400 `unreadable-body` a body that ended short of its
-/// `Content-Length`, which `T` would take as a whole one (see the
-/// `whole_body` module).
+/// The last argument of a handler where [`ExactBody`] does not wrap it,
+/// whatever extractor it is. One that reads the body ([`FromRequest`]) is
+/// given it watched: a body that ended short of its `Content-Length`
+/// while `T` read it is refused with 400 `unreadable-body`, where `T`
+/// would take the part that came as a whole body (see the `whole_body`
+/// module); one that `T` leaves to the handler (`Request`, `Body`,
+/// `Multipart`) stays watched, for [`run`] to learn whether the handler
+/// met its end short. A parts extractor ([`FromRequestParts`]) reads no
+/// body and is extracted as it is. Implementing both, as axum has a
+/// wrapping extractor do, lets axum infer which one a handler's last
+/// argument is, as for the argument itself.
 #[derive(Debug)]
-pub struct WholeBody<T>(T);
+pub struct WholeBody<T>(T, BodyWatch);
 
 impl<T> WholeBody<T> {
-    /// The handler's argument.
-    pub fn into_inner(self) -> T {
-        self.0
+    /// The watch on the body the handler reads itself, for [`run`], and
+    /// the handler's argument.
+    pub fn into_parts(self) -> (BodyWatch, T) {
+        (self.1, self.0)
+    }
+}
+
+impl<S, T> FromRequestParts<S> for WholeBody<T>
+where
+    S: Send + Sync,
+    T: FromRequestParts<S>,
+{
+    type Rejection = T::Rejection;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let inner = T::from_request_parts(parts, state).await?;
+        Ok(Self(inner, BodyWatch::UNWATCHED))
     }
 }
 
@@ -168,7 +188,39 @@ where
         if let Some(refusal) = whole_body::refusal(watch.as_ref(), None) {
             return Err(refusal);
         }
-        inner.map(Self).map_err(IntoResponse::into_response)
+        let inner = inner.map_err(IntoResponse::into_response)?;
+        // A body `T` dropped (read whole, or left unread) has nothing more
+        // to tell.
+        let watch = watch.filter(whole_body::Watch::is_held);
+        Ok(Self(inner, BodyWatch(watch)))
+    }
+}
+
+/// Whether the body that a handler reads itself (through `Request`,
+/// `Body`, `Multipart`, or an extractor of its own that leaves the body
+/// to it) ended short of its `Content-Length`, which is known only once
+/// the handler has read it: see [`run`].
+#[derive(Debug)]
+pub struct BodyWatch(Option<whole_body::Watch>);
+
+impl BodyWatch {
+    /// No body left to watch: the handler's last argument read it whole
+    /// while it was extracted (as [`ExactBody`]'s do, refusing a body
+    /// that ended short), or it takes none.
+    pub const UNWATCHED: Self = Self(None);
+
+    /// `handler`, its answer marked not to be stored if it is one to
+    /// malformed input (400 or 422, unless the endpoint lists the status
+    /// itself) given after the body it read ended short: the engine
+    /// treats it as an answer to a rejected input, so that the retry with
+    /// the whole body runs, rather than being answered with the stored
+    /// refusal of the part that came. Any other answer is stored as it
+    /// is: the handler may have acted on that part.
+    fn around(self, handler: Handler, statuses: FinalStatuses) -> Handler {
+        let Some(watch) = self.0 else {
+            return handler;
+        };
+        Box::pin(async move { whole_body::unstored_if_cut_short(handler.await, &watch, statuses) })
     }
 }
 
@@ -372,18 +424,26 @@ pub fn not_compiled() -> Response {
 /// The handler's future answers with [`into_response`], which already
 /// removed a replay marker of its own, so it is boxed as it is: all that
 /// is compiled for each handler is this call and the box, and the engine
-/// behind `run_boxed` is one copy for all of them.
+/// behind `run_boxed` is one copy for all of them. `body` is the watch
+/// on a body the handler reads itself ([`BodyWatch`]).
 pub fn run<R, F>(
     request: R,
     endpoint: &Endpoint,
     fingerprinted: Result<Fingerprinted, FingerprintError>,
+    body: BodyWatch,
     handler: F,
 ) -> impl Future<Output = Response> + Send + use<R, F>
 where
     R: Into<IdempotentRequest>,
     F: Future<Output = Response> + Send + 'static,
 {
-    run_boxed(request.into(), endpoint, fingerprinted, Box::pin(handler))
+    run_boxed(
+        request.into(),
+        endpoint,
+        fingerprinted,
+        body,
+        Box::pin(handler),
+    )
 }
 
 /// [`run`] past the handler's types.
@@ -391,9 +451,11 @@ fn run_boxed(
     mut request: IdempotentRequest,
     endpoint: &Endpoint,
     fingerprinted: Result<Fingerprinted, FingerprintError>,
+    body: BodyWatch,
     handler: Handler,
 ) -> impl Future<Output = Response> + Send + use<> {
     request.input_rejected = matches!(&fingerprinted, Ok(inputs) if inputs.input_rejected);
+    let handler = body.around(handler, endpoint.final_status_policy());
     let fingerprint = fingerprinted.map(|inputs| inputs.fingerprint);
     crate::engine::run(request, endpoint, fingerprint, handler)
 }

@@ -21,6 +21,9 @@ use http::header::CONTENT_LENGTH;
 use http::{HeaderMap, Version};
 use http_body::{Frame, SizeHint};
 
+use crate::endpoint::FinalStatuses;
+use crate::engine::answers_malformed_input;
+use crate::layer::Unstored;
 use crate::problem::{Problem, ProblemKind};
 use crate::record::RecordKey;
 use crate::request::{IdempotentRequest, ScopeSource};
@@ -101,6 +104,13 @@ impl Watch {
     pub(crate) fn cut_short(&self) -> Option<CutShort> {
         self.0.get().copied()
     }
+
+    /// Whether the watched body is still held, so that it may yet be read
+    /// (by a handler that takes it, or `Multipart`): a body dropped, read
+    /// whole or not at all, can no longer end short.
+    pub(crate) fn is_held(&self) -> bool {
+        Arc::strong_count(&self.0) > 1
+    }
 }
 
 /// `request` with its body watched, if it can end short of its
@@ -147,6 +157,26 @@ pub(crate) fn refusal(
         "request body unreadable; request refused, nothing executed"
     );
     Some(cut_short.problem().into_response())
+}
+
+/// `response`, marked [`Unstored`] if it answers malformed input (400 or
+/// 422, unless `statuses` lists the status itself) after the watched body
+/// ended short: the handler read the body itself and met its failure.
+/// The engine then releases the key, as after an answer to a rejected
+/// input, so that the retry with the whole body runs rather than being
+/// answered with the stored refusal of the part that came. Any other
+/// answer is stored as it is: the handler may have acted on that part.
+pub(crate) fn unstored_if_cut_short(
+    mut response: Response,
+    watch: &Watch,
+    statuses: FinalStatuses,
+) -> Response {
+    let status = response.status();
+    if watch.cut_short().is_some() && answers_malformed_input(status) && !statuses.lists(status) {
+        let reason = "the handler answered a request body that ended short of its Content-Length";
+        response.extensions_mut().insert(Unstored(reason));
+    }
+    response
 }
 
 /// A body that fails, rather than ends, short of its declared length.
@@ -205,6 +235,7 @@ impl http_body::Body for LengthChecked {
 mod tests {
     use super::*;
 
+    use http::StatusCode;
     use http_body_util::BodyExt;
 
     /// A body as hyper's HTTP/2 server hands one on: it reports `announced`
@@ -301,6 +332,39 @@ mod tests {
                 watch.is_some(),
                 watched,
                 "{version:?} {length:?} {announced}"
+            );
+        }
+    }
+
+    /// A handler that read a watched body itself and met its end short has
+    /// its answer to malformed input (400, 422) released rather than
+    /// stored, unless the endpoint lists the status itself; any other
+    /// answer, or any answer to a whole body, is stored as it is.
+    #[tokio::test]
+    async fn an_answer_to_malformed_input_after_a_body_cut_short_is_not_stored() {
+        use crate::endpoint::StatusRange;
+
+        const LISTS_400: &[StatusRange] = &[StatusRange::new(400, 400)];
+        let unstored = |status: u16, statuses: FinalStatuses, data: &'static str| async move {
+            let (request, watch) = watch(request(Version::HTTP_2, Some("5"), 5, data));
+            drop(read(request).await);
+            let status = StatusCode::from_u16(status).unwrap();
+            let response = unstored_if_cut_short(status.into_response(), &watch.unwrap(), statuses);
+            response.extensions().get::<Unstored>().is_some()
+        };
+        let (default, listing_400) = (FinalStatuses::Default, FinalStatuses::DefaultAnd(LISTS_400));
+        for (status, statuses, data, expected) in [
+            (400, default, "123", true),
+            (422, default, "123", true),
+            (400, listing_400, "123", false),
+            (201, default, "123", false),
+            (402, default, "123", false),
+            (400, default, "12345", false),
+        ] {
+            assert_eq!(
+                unstored(status, statuses, data).await,
+                expected,
+                "{status} {statuses:?} {data}"
             );
         }
     }

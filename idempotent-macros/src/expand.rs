@@ -14,8 +14,7 @@ use syn::{Attribute, GenericParam, Ident, ItemFn, LitStr, ReturnType, Type};
 use crate::args::{Args, Scope};
 use crate::handler::{Extractor, Handler, Role};
 use crate::types::{
-    first_type_argument, is_named, is_two_argument_result, optional_inner, reads_body,
-    serialized_extractors,
+    first_type_argument, is_named, is_two_argument_result, optional_inner, serialized_extractors,
 };
 
 /// The most arguments a function takes before `clippy::too_many_arguments`
@@ -89,7 +88,7 @@ pub(crate) fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> Token
     let fingerprint = fingerprint(handler, &func.sig.generics, &params, &private);
     let fingerprint = checked_name(args, fingerprint, &place, &private);
     let future = future(func, &params, &private);
-    let run = run(&func.sig.ident, &private);
+    let run = run(&func.sig.ident, whole_body(handler), &private);
     let ItemFn { sig, block, .. } = func;
     // An `#[expect]` comes after the attribute's own `allow`, which would
     // otherwise override it on the routed function and the inner one
@@ -141,7 +140,7 @@ fn params(handler: &Handler<'_>) -> Vec<Ident> {
 ///
 /// With `exact_body` (the scope kind and the endpoint's id), the context
 /// comes with the last argument instead, which `ExactBody` wraps; without
-/// it, a last argument that reads the body is wrapped in `WholeBody`.
+/// it, the last argument, whatever it is, is wrapped in `WholeBody`.
 fn outer_signature(
     func: &ItemFn,
     handler: &Handler<'_>,
@@ -238,18 +237,22 @@ fn unpack_exact_body(params: &[Ident]) -> TokenStream {
     quote!(let (#request, #last) = #last.into_parts();)
 }
 
-/// Whether the last argument, read by one of axum's body extractors
-/// without `ExactBody`, is wrapped in `WholeBody`, which refuses a body
-/// that ended short of its `Content-Length`.
+/// Whether the last argument, without `ExactBody`, is wrapped in
+/// `WholeBody`, which refuses a body that ended short of its
+/// `Content-Length` and watches one the handler reads itself. Every last
+/// argument is, whatever its type says: the attribute cannot tell from it
+/// whether an extractor (an application's own, or one of another crate)
+/// reads the body, and `WholeBody` extracts a parts extractor as it is.
 fn whole_body(handler: &Handler<'_>) -> bool {
-    let last = handler.arguments.last();
-    !handler.exact_repeats && last.is_some_and(|argument| reads_body(argument.ty))
+    !handler.exact_repeats && !handler.arguments.is_empty()
 }
 
-/// Unwraps the `WholeBody` last argument into the handler's own.
+/// Unwraps the `WholeBody` last argument into the handler's own and the
+/// watch on the body, which `run` takes.
 fn unpack_whole_body(params: &[Ident]) -> TokenStream {
+    let body = local("__idempotent_body");
     let last = params.last();
-    quote!(let #last = #last.into_inner();)
+    quote!(let (#body, #last) = #last.into_parts();)
 }
 
 /// The endpoint's name: the one given, or the function's path, so that
@@ -329,16 +332,22 @@ fn scope_kind(args: &Args, private: &TokenStream) -> TokenStream {
 }
 
 /// The call into the engine, spanned at the handler's name so that a future
-/// that is not `Send` is reported there.
-fn run(name: &Ident, private: &TokenStream) -> TokenStream {
+/// that is not `Send` is reported there. `whole_body`: the last argument
+/// came in `WholeBody`, whose watch on the body goes with it.
+fn run(name: &Ident, whole_body: bool, private: &TokenStream) -> TokenStream {
     let request = local("__idempotent_request");
     let run = respan_tokens(&quote!(#private::run), name.span());
     // Bindings resolved where they are defined, not at the name: a name
     // that a `macro_rules!` passed in does not see the attribute's locals.
     let fingerprint = local("__idempotent_fingerprint");
     let future = local("__idempotent_future");
+    let body = if whole_body {
+        local("__idempotent_body").to_token_stream()
+    } else {
+        quote!(#private::BodyWatch::UNWATCHED)
+    };
     quote_spanned! {name.span()=>
-        #run(#request, &__IDEMPOTENT_ENDPOINT, #fingerprint, #future)
+        #run(#request, &__IDEMPOTENT_ENDPOINT, #fingerprint, #body, #future)
     }
 }
 

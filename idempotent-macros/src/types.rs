@@ -114,20 +114,6 @@ pub(crate) fn consumes_body(ty: &Type) -> bool {
     is_extractor(ty, &body)
 }
 
-/// Whether `ty` reads the body through one of axum's known body
-/// extractors: one itself, an `Option` or `Result` of one, or one inside
-/// axum-extra's `WithRejection` (the usual way to answer a malformed body
-/// with the application's own error).
-pub(crate) fn reads_body(ty: &Type) -> bool {
-    let ty = optional_inner(ty).unwrap_or(ty);
-    consumes_body(with_rejection_inner(ty).unwrap_or(ty))
-}
-
-/// `T` in axum-extra's `WithRejection<T, E>`.
-fn with_rejection_inner(ty: &Type) -> Option<&Type> {
-    first_type_argument(ty).filter(|_| is_extractor(ty, &["WithRejection"]))
-}
-
 fn known_extractors(wanted: impl Fn(&KnownExtractor) -> bool) -> Vec<&'static str> {
     KNOWN_EXTRACTORS
         .iter()

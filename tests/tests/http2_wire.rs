@@ -13,19 +13,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::State;
 use axum::extract::rejection::{FormRejection, JsonRejection};
+use axum::extract::{FromRequest, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::{Form, Json};
+use axum::{Extension, Form, Json};
 use axum_extra::extract::WithRejection;
 use h2::client::{ResponseFuture, SendRequest};
 use h2::{Reason, SendStream};
 use idempotent_core::record::StoredResponse;
 use idempotent_core::scope::ScopeDigest;
 use idempotent_core::testing::{ClaimOutcome, MockStore, OpKind};
-use idempotent_core::{Endpoint, IDEMPOTENT_REPLAYED, Idempotency, Scope, idempotent};
+use idempotent_core::{
+    Endpoint, FingerprintError, FingerprintInput, Fingerprinter, IDEMPOTENT_REPLAYED, Idempotency,
+    Scope, idempotent,
+};
 use macro_support::gated::{Charge, Gate, gated_app, gated_plain};
 use macro_support::{Reply, Runs, both_ways, listen, send, serve};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -589,6 +592,27 @@ async fn an_upload_cut_short(
     upload: &Upload,
     reason: Reason,
 ) -> Reply {
+    let addr = reset_midway(target, path, upload, reason).await;
+    let store = &target.store;
+    assert_eq!(
+        (store.count(OpKind::Claim), (target.runs)()),
+        (0, 0),
+        "{path}, reset with {reason:?}: {:?}",
+        store.operations()
+    );
+    upload.send_whole(&connect(addr).await, path, "k").await
+}
+
+/// Serves `target`, opens a stream under the key `k` that announces
+/// `upload`'s body, sends part of it and resets the stream with `reason`;
+/// returns once the server is done with it and nothing is left running,
+/// with the address it is served at.
+async fn reset_midway(
+    target: &Target<'_>,
+    path: &str,
+    upload: &Upload,
+    reason: Reason,
+) -> SocketAddr {
     let settled = Arc::new(Semaphore::new(0));
     let addr = serve_forever(settling(target.app.clone(), &settled)).await;
     let client = connect(addr).await;
@@ -604,14 +628,7 @@ async fn an_upload_cut_short(
     tokio::time::timeout(STUCK, target.idempotency.drain())
         .await
         .expect("nothing left running");
-    let store = &target.store;
-    assert_eq!(
-        (store.count(OpKind::Claim), (target.runs)()),
-        (0, 0),
-        "{path}, reset with {reason:?}: {:?}",
-        store.operations()
-    );
-    upload.send_whole(&connect(addr).await, path, "k").await
+    addr
 }
 
 /// `app`, adding a permit to `settled` for each request the server is
@@ -801,6 +818,40 @@ async fn charge_json_with_rejection(
     charged(&runs, amount, "usd")
 }
 
+/// A body extractor of the application's own, as the `FingerprintInput`
+/// documentation has one written around another crate's: a charge read
+/// through axum's `Form`, fingerprinted by its value.
+struct OwnForm(FormCharge);
+
+impl<S: Send + Sync> FromRequest<S> for OwnForm {
+    type Rejection = FormRejection;
+
+    async fn from_request(
+        request: axum::extract::Request,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let Form(charge) = Form::<FormCharge>::from_request(request, state).await?;
+        Ok(Self(charge))
+    }
+}
+
+impl FingerprintInput for OwnForm {
+    fn fingerprint_into(&self, fingerprinter: &mut Fingerprinter) -> Result<(), FingerprintError> {
+        fingerprinter.input(&self.0).map(drop)
+    }
+}
+
+/// Without `ExactBody` (an extractor of the application's own, which
+/// `ExactBody` does not wrap): the attribute puts `WholeBody` around it,
+/// as around any last argument.
+#[idempotent(scope = "global")]
+async fn charge_own_form(
+    State(runs): State<Runs>,
+    OwnForm(charge): OwnForm,
+) -> (StatusCode, String) {
+    charged(&runs, charge.amount, &charge.currency)
+}
+
 fn charged(runs: &Runs, amount: u64, currency: &str) -> (StatusCode, String) {
     (
         StatusCode::CREATED,
@@ -819,6 +870,7 @@ fn charges_target(runs: &Runs) -> Target<'_> {
         .route("/whole/form", post(charge_form_per_tenant))
         .route("/whole/result", post(charge_form_or_rejection))
         .route("/whole/with-rejection", post(charge_json_with_rejection))
+        .route("/whole/own", post(charge_own_form))
         .with_state(runs.clone())
         .layer(idempotency.clone());
     Target {
@@ -887,6 +939,117 @@ async fn a_json_number_with_rejection_reset_without_error_midway_does_not_run() 
     a_charge_cut_short_does_not_run("/whole/with-rejection", &JSON_NUMBER).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extractor_of_the_applications_own_reset_without_error_midway_does_not_run() {
+    a_charge_cut_short_does_not_run("/whole/own", &FORM).await;
+}
+
+/// What a handler that reads the body itself saw of it.
+#[derive(Clone, Default)]
+struct Seen(Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Seen {
+    fn note(&self, seen: String) {
+        self.0.lock().unwrap().push(seen);
+    }
+
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+/// The whole request, left out of the payload check: the handler reads
+/// its body once the key is claimed.
+#[idempotent(scope = "global", skip(request))]
+async fn text_of_request(
+    State(runs): State<Runs>,
+    Extension(seen): Extension<Seen>,
+    request: axum::extract::Request,
+) -> (StatusCode, String) {
+    read_text(&runs, &seen, request.into_body()).await
+}
+
+/// The body alone, likewise.
+#[idempotent(scope = "global", skip(body))]
+async fn text_of_body(
+    State(runs): State<Runs>,
+    Extension(seen): Extension<Seen>,
+    body: axum::body::Body,
+) -> (StatusCode, String) {
+    read_text(&runs, &seen, body).await
+}
+
+/// Reads `body` to its end, as a handler that takes it does: a body that
+/// fails is answered 400, as axum's own extractors answer one, and what
+/// was answered is noted in `seen`; a whole one is run as [`text`].
+async fn read_text(runs: &Runs, seen: &Seen, body: axum::body::Body) -> (StatusCode, String) {
+    match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(bytes) => text(runs, &String::from_utf8_lossy(&bytes)),
+        Err(error) => {
+            let answer = (StatusCode::BAD_REQUEST, format!("unreadable: {error}"));
+            seen.note(format!("{} {}", answer.0, answer.1));
+            answer
+        }
+    }
+}
+
+/// The handlers that read the body themselves, each at its own path,
+/// with nothing run or claimed yet, and what they see.
+fn readers_target<'a>(runs: &'a Runs, seen: &Seen) -> Target<'a> {
+    let store = MockStore::new();
+    let idempotency = store.layer();
+    let app = axum::Router::new()
+        .route("/read/request", post(text_of_request))
+        .route("/read/body", post(text_of_body))
+        .with_state(runs.clone())
+        .layer(Extension(seen.clone()))
+        .layer(idempotency.clone());
+    Target {
+        app,
+        idempotency,
+        store,
+        runs: Box::new(|| runs.get()),
+    }
+}
+
+/// `FORM` to `path` reset with `NO_ERROR` after its part, to a handler
+/// that reads the body itself: it meets an error where the body ends
+/// short, never the part that came as a whole body; its 400 answer to it
+/// releases the key rather than being stored, so the retry with the whole
+/// body runs, once, and its answer is what is replayed.
+async fn a_body_the_handler_reads_cut_short(path: &str) {
+    let runs = Runs::default();
+    let seen = Seen::default();
+    let target = readers_target(&runs, &seen);
+    let addr = reset_midway(&target, path, &FORM, Reason::NO_ERROR).await;
+    let failed = "400 Bad Request unreadable: it ended after 23 of the 25 bytes its Content-Length announced";
+    assert_eq!(seen.take(), [failed], "{path}");
+    let store = &target.store;
+    let operations = [OpKind::Claim, OpKind::Release, OpKind::Complete].map(|op| store.count(op));
+    assert_eq!(
+        (operations, runs.get()),
+        ([1, 1, 0], 0),
+        "{path}: {:?}",
+        store.operations()
+    );
+    let client = connect(addr).await;
+    let retry = FORM.send_whole(&client, path, "k").await;
+    assert_ran(&retry, "run 1 of currency=usd&amount=12345", path);
+    let again = FORM.send_whole(&client, path, "k").await;
+    assert_replays(&again, &retry, path);
+    assert_eq!((seen.take().len(), runs.get()), (0, 1), "{path}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_handler_reads_reset_without_error_midway_fails_and_the_retry_runs() {
+    a_body_the_handler_reads_cut_short("/read/request").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_the_handler_reads_reset_without_error_midway_fails_and_the_retry_runs() {
+    a_body_the_handler_reads_cut_short("/read/body").await;
+}
+
 /// What a client whose stream was not reset would be answered (over the
 /// wire the reset stream takes no answer): an HTTP/2 request whose body
 /// ends short of its `Content-Length`, as hyper hands it on, is refused
@@ -900,6 +1063,7 @@ async fn an_http2_body_short_of_its_length_is_answered_400_unreadable_body() {
         ("/whole/form", &TENANT_FORM),
         ("/whole/result", &FORM),
         ("/whole/with-rejection", &JSON_NUMBER),
+        ("/whole/own", &FORM),
     ] {
         let runs = Runs::default();
         let target = charges_target(&runs);
