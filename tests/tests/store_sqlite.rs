@@ -1026,3 +1026,76 @@ async fn a_store_from_connect_with_keeps_its_settings() {
     assert!(pay(&app, "k", 100).await.replayed());
     assert_eq!(ledger.executions(), 1);
 }
+
+/// sqlx pings a connection before lending it unless told not to: for
+/// SQLite a command to the connection's own thread, two thread wake-ups,
+/// as many as the statement itself. The pool the store opens does not.
+#[tokio::test]
+async fn the_stores_own_pool_lends_connections_without_a_ping() {
+    let db = TempDb::new();
+    let url = format!("sqlite://{}", db.0.display());
+    let opened = [
+        db.open().await,
+        SqliteStore::connect(&url).await.expect("connect"),
+        SqliteStore::open(":memory:").await.expect("open"),
+    ];
+    for store in &opened {
+        let options = store.pool().options();
+        assert!(!options.get_test_before_acquire(), "{store:?}");
+    }
+}
+
+/// sqlx pings every connection given back to its pool, one more command
+/// to the connection's thread per statement: the store keeps its
+/// connections between statements instead, and gives them back to the
+/// pool only when they sit unused. On a pool of one connection, each
+/// statement otherwise waits for the previous one's to be given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_in_a_row_keep_their_connection() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use idempotent_core::store::Store;
+
+    let db = TempDb::new();
+    drop(db.open().await);
+    let given_back = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&given_back);
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(1)
+        .after_release(move |_, _| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { Ok(true) })
+        })
+        .connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(&db.0))
+        .await
+        .expect("open a pool of one connection");
+    let store = SqliteStore::builder(pool.clone())
+        .hold_connections(1)
+        .build()
+        .expect("valid table name");
+    // The first statement learns the database's file on a connection of
+    // its own.
+    assert!(store.get(&record_key("kept-0")).await.unwrap().is_none());
+    let before = given_back.load(Ordering::SeqCst);
+    for n in 1..=10 {
+        assert!(
+            store
+                .get(&record_key(&format!("kept-{n}")))
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+    let returned = given_back.load(Ordering::SeqCst) - before;
+    // One, should the sweep of idle connections meet it between two.
+    assert!(
+        returned <= 1,
+        "given back {returned} times in 10 statements"
+    );
+    // Closing the pool takes it back from the store.
+    tokio::time::timeout(Duration::from_secs(10), pool.close())
+        .await
+        .expect("the pool closes while the store is alive");
+    drop(store);
+}

@@ -50,6 +50,8 @@ pub use memory::{MemoryStore, MemoryStoreBuilder};
 mod tiered;
 pub use tiered::{Tiered, TieredBuilder};
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
+mod kept;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 mod sql;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlite"))))]

@@ -40,6 +40,10 @@ use sqlx::sqlite::{
 };
 use tokio_util::task::TaskTracker;
 
+mod connections;
+
+use connections::{Connections, Lease};
+
 use super::sql::{self, DEFAULT_TABLE, InvalidTableName, Reaper, from_sql_millis, to_sql_millis};
 use super::{Explained, Store, StoreError};
 use crate::clock::{Clock, SharedClock, SystemClock, millis};
@@ -87,7 +91,7 @@ pub struct SqliteStore {
 }
 
 struct Inner {
-    pool: SqlitePool,
+    connections: Connections,
     clock: SharedClock,
     table: String,
     sql: Statements,
@@ -114,6 +118,7 @@ pub struct SqliteStoreBuilder {
     pool: SqlitePool,
     table: String,
     clock: SharedClock,
+    hold_connections: Option<u32>,
 }
 
 impl SqliteStoreBuilder {
@@ -131,6 +136,27 @@ impl SqliteStoreBuilder {
         self
     }
 
+    /// How many of the pool's connections the store keeps checked out
+    /// for its statements (default: half the pool's `max_connections`,
+    /// rounded down, so a pool of one connection stays the application's;
+    /// [`SqliteStore::open`] makes a pool of 4 and keeps 2). Capped at the
+    /// pool's size.
+    ///
+    /// sqlx runs each SQLite connection on a thread of its own, and pings
+    /// every connection given back to its pool: one more command, and two
+    /// more thread wake-ups, per statement. A kept connection goes from
+    /// one statement straight to the next. The store's statements then run
+    /// on at most `connections` connections, waiting their turn in order,
+    /// and the rest of the pool stays free for the application, migrations
+    /// and purges. Kept connections go back to the pool after a second
+    /// unused or a minute in all, after any error, and at once when the
+    /// pool is closed. `0` runs every statement on a connection taken from
+    /// the pool and given back after it.
+    pub fn hold_connections(mut self, connections: u32) -> Self {
+        self.hold_connections = Some(connections);
+        self
+    }
+
     /// Builds the store; call [`SqliteStore::migrate`] to create the table.
     ///
     /// # Errors
@@ -141,7 +167,7 @@ impl SqliteStoreBuilder {
         let sql = Statements::new(&sql::quoted(&self.table));
         Ok(SqliteStore {
             inner: Arc::new(Inner {
-                pool: self.pool,
+                connections: Connections::new(self.pool, self.hold_connections),
                 clock: self.clock,
                 table: self.table,
                 sql,
@@ -160,6 +186,9 @@ impl SqliteStore {
     /// per write. To trade that for speed, open the pool yourself (with
     /// `SqliteSynchronous::Normal`) and give it to
     /// [`builder`](Self::builder).
+    ///
+    /// The pool has 4 connections, of which the store keeps 2 between
+    /// statements (see [`SqliteStoreBuilder::hold_connections`]).
     ///
     /// `":memory:"` opens an in-memory database instead, for tests: the
     /// store keeps it on one connection, open until its pool is closed,
@@ -226,17 +255,24 @@ impl SqliteStore {
         let main_file = while_busy(|| main_file(&options))
             .await
             .map_err(|error| open_error(error, &file))?;
+        // sqlx pings a connection before lending it, by default: for
+        // SQLite a round trip to the connection's own thread, which sleeps
+        // between commands, and so two thread wake-ups, as many as the
+        // statement itself costs. The ping only tells that this thread
+        // still runs, which the statement tells as well (and the pool
+        // pings every connection given back to it anyway).
+        let pool_options = SqlitePoolOptions::new().test_before_acquire(false);
         let pool_options = if main_file.is_none() {
             // Each connection to `:memory:` opens a database of its own,
             // and a shared one (`sqlite::memory:`) is dropped with its last
             // connection: one connection, never closed, is the database.
-            SqlitePoolOptions::new()
+            pool_options
                 .max_connections(1)
                 .min_connections(1)
                 .idle_timeout(None)
                 .max_lifetime(None)
         } else {
-            SqlitePoolOptions::new().max_connections(4)
+            pool_options.max_connections(4)
         };
         let connect = || pool_options.clone().connect_with(options.clone());
         let pool = while_busy(connect)
@@ -276,6 +312,9 @@ impl SqliteStore {
     ///     .busy_timeout(Duration::from_secs(5));
     /// let pool = SqlitePoolOptions::new()
     ///     .max_connections(4)
+    ///     // A statement tells as much as this ping, a round trip to the
+    ///     // connection's thread, would.
+    ///     .test_before_acquire(false)
     ///     .connect_with(options)
     ///     .await?;
     /// let store = SqliteStore::builder(pool).build()?;
@@ -292,6 +331,7 @@ impl SqliteStore {
             pool,
             table: DEFAULT_TABLE.to_owned(),
             clock: Arc::new(SystemClock),
+            hold_connections: None,
         }
     }
 
@@ -310,7 +350,8 @@ impl SqliteStore {
     /// (on `key` alone).
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let schema = schema_for(&self.inner.table);
-        let created = while_busy(|| sqlx::raw_sql(&schema).execute(&self.inner.pool)).await;
+        let created =
+            while_busy(|| sqlx::raw_sql(&schema).execute(self.inner.connections.pool())).await;
         // A table of the same name made by something else is kept by `IF
         // NOT EXISTS`, and its index fails on a column it lacks: either
         // way, what the table lacks is the error to tell.
@@ -356,7 +397,7 @@ impl SqliteStore {
             match sqlx::query_as("SELECT name, type FROM pragma_table_info(?1, ?2)")
                 .bind(base.to_ascii_lowercase())
                 .bind(schema.as_deref())
-                .fetch_all(&self.inner.pool)
+                .fetch_all(self.inner.connections.pool())
                 .await
             {
                 Ok(found) => found,
@@ -388,7 +429,7 @@ impl SqliteStore {
         )
         .bind(&base)
         .bind(schema)
-        .fetch_one(&self.inner.pool)
+        .fetch_one(self.inner.connections.pool())
         .await;
         sql::check_key(table, !matches!(keyed, Ok(0)), "SqliteStore")?;
         let colliding = self.colliding_index(&base, schema, &found).await;
@@ -412,7 +453,7 @@ impl SqliteStore {
         )
         .bind(base)
         .bind(schema)
-        .fetch_all(&self.inner.pool)
+        .fetch_all(self.inner.connections.pool())
         .await?;
         let own: Vec<&str> = (found.iter())
             .map(|(name, _)| name.as_str())
@@ -445,7 +486,7 @@ impl SqliteStore {
         );
         let found: Option<Option<String>> = sqlx::query_scalar(&look)
             .bind(name)
-            .fetch_optional(&self.inner.pool)
+            .fetch_optional(self.inner.connections.pool())
             .await?;
         Ok(found.flatten().unwrap_or_default())
     }
@@ -469,7 +510,7 @@ impl SqliteStore {
         )
         .bind(base)
         .bind(schema)
-        .fetch_all(&self.inner.pool)
+        .fetch_all(self.inner.connections.pool())
         .await
     }
 
@@ -491,7 +532,7 @@ impl SqliteStore {
         )
         .bind(base)
         .bind(schema)
-        .fetch_optional(&self.inner.pool)
+        .fetch_optional(self.inner.connections.pool())
         .await?;
         if let Some(collation) = indexed {
             return Ok(Some(format!("the collation {collation} of a unique index")));
@@ -504,7 +545,7 @@ impl SqliteStore {
             table = sql::quoted(&self.inner.table)
         );
         let folds: bool = sqlx::query_scalar(&probe)
-            .fetch_one(&self.inner.pool)
+            .fetch_one(self.inner.connections.pool())
             .await?;
         Ok(folds.then(|| "the column's collation, which is not BINARY".to_owned()))
     }
@@ -526,7 +567,7 @@ impl SqliteStore {
             let deleted = sqlx::query(&self.inner.sql.purge)
                 .bind(now)
                 .bind(sql::PURGE_BATCH)
-                .execute(&self.inner.pool)
+                .execute(self.inner.connections.pool())
                 .await
                 .map_err(|error| self.statement_error(error))?;
             Ok(deleted.rows_affected())
@@ -551,7 +592,12 @@ impl SqliteStore {
     /// The connection pool.
     #[must_use]
     pub fn pool(&self) -> &SqlitePool {
-        &self.inner.pool
+        self.inner.connections.pool()
+    }
+
+    /// A connection for one statement; see [`connections`].
+    async fn lease(&self) -> Result<Lease, StoreError> {
+        (self.inner.connections.lease().await).map_err(|error| self.statement_error(error))
     }
 
     /// The table records live in, as it was configured: the statements
@@ -578,7 +624,7 @@ impl SqliteStore {
             Some(opened) => opened,
             None => {
                 // The statement that follows says what is wrong.
-                let Ok(path) = main_file_of(&self.inner.pool).await else {
+                let Ok(path) = main_file_of(self.inner.connections.pool()).await else {
                     return Ok(());
                 };
                 let opened = path.and_then(|path| DatabaseFile::at(&path).ok());
@@ -606,16 +652,17 @@ impl SqliteStore {
     ) -> Result<bool, StoreError> {
         self.check_file().await?;
         let now = self.now();
-        let written = sqlx::query(&self.inner.sql.claim)
+        let mut leased = self.lease().await?;
+        let outcome = sqlx::query(&self.inner.sql.claim)
             .bind(key.scope.as_bytes().as_slice())
             .bind(key.key.as_str())
             .bind(fingerprint.as_bytes().as_slice())
             .bind(token.to_bytes().as_slice())
             .bind(to_sql_millis(now.saturating_add(millis(lease))))
             .bind(to_sql_millis(now))
-            .execute(&self.inner.pool)
-            .await
-            .map_err(|error| self.statement_error(error))?;
+            .execute(leased.connection())
+            .await;
+        let written = (leased.finish(outcome)).map_err(|error| self.statement_error(error))?;
         Ok(written.rows_affected() > 0)
     }
 
@@ -952,7 +999,7 @@ impl SqliteStore {
     /// or a file another connection keeps locked, is told as the outage it
     /// is, with the file.
     fn statement_error(&self, error: sqlx::Error) -> StoreError {
-        let options = self.inner.pool.connect_options();
+        let options = self.inner.connections.pool().connect_options();
         let path = options.get_filename().display().to_string();
         statement_error(error, &path, &self.inner.table)
     }
@@ -1206,14 +1253,15 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         self.check_file().await?;
         let expires_at = to_sql_millis(self.now().saturating_add(millis(lease)));
-        let updated = sqlx::query(&self.inner.sql.renew)
+        let mut leased = self.lease().await?;
+        let outcome = sqlx::query(&self.inner.sql.renew)
             .bind(key.scope.as_bytes().as_slice())
             .bind(key.key.as_str())
             .bind(token.to_bytes().as_slice())
             .bind(expires_at)
-            .execute(&self.inner.pool)
-            .await
-            .map_err(|error| self.statement_error(error))?;
+            .execute(leased.connection())
+            .await;
+        let updated = (leased.finish(outcome)).map_err(|error| self.statement_error(error))?;
         held(updated.rows_affected())
     }
 
@@ -1233,39 +1281,42 @@ impl Store for SqliteStore {
             expires_at,
         };
         record.fit(MAX_VALUE_BYTES);
-        let updated = sqlx::query(&self.inner.sql.complete)
+        let mut leased = self.lease().await?;
+        let outcome = sqlx::query(&self.inner.sql.complete)
             .bind(key.scope.as_bytes().as_slice())
             .bind(key.key.as_str())
             .bind(token.to_bytes().as_slice())
             .bind(to_sql_millis(expires_at))
             .bind(record.encode().as_ref())
-            .execute(&self.inner.pool)
-            .await
-            .map_err(|error| self.statement_error(error))?;
+            .execute(leased.connection())
+            .await;
+        let updated = (leased.finish(outcome)).map_err(|error| self.statement_error(error))?;
         held(updated.rows_affected())
     }
 
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
         self.check_file().await?;
-        let deleted = sqlx::query(&self.inner.sql.release)
+        let mut leased = self.lease().await?;
+        let outcome = sqlx::query(&self.inner.sql.release)
             .bind(key.scope.as_bytes().as_slice())
             .bind(key.key.as_str())
             .bind(token.to_bytes().as_slice())
-            .execute(&self.inner.pool)
-            .await
-            .map_err(|error| self.statement_error(error))?;
+            .execute(leased.connection())
+            .await;
+        let deleted = (leased.finish(outcome)).map_err(|error| self.statement_error(error))?;
         held(deleted.rows_affected())
     }
 
     async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
         self.check_file().await?;
-        let row = sqlx::query(&self.inner.sql.get)
+        let mut leased = self.lease().await?;
+        let outcome = sqlx::query(&self.inner.sql.get)
             .bind(key.scope.as_bytes().as_slice())
             .bind(key.key.as_str())
             .bind(to_sql_millis(self.now()))
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(|error| self.statement_error(error))?;
+            .fetch_optional(leased.connection())
+            .await;
+        let row = (leased.finish(outcome)).map_err(|error| self.statement_error(error))?;
         let table = &self.inner.table;
         row.map(|row| record_from_row(&row, table)).transpose()
     }

@@ -18,31 +18,21 @@
 //! shutting down) is closed instead, as the ping would keep it; after a
 //! read-only refusal, so is every connection idle at the time, opened
 //! before the failover as that one was (see [`Connections::close_idle`]).
-//! Kept connections also go back once idle for [`IDLE_RETURN`] or out for
-//! [`MAX_HOLD`], so a pool shared with the application gets them back
-//! after a burst and still sees every connection regularly (its lifetime
-//! limits apply), and all of them at once when the sqlx pool is closed.
+//! Kept connections go back to the sqlx pool as the `kept` module says.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
-use std::time::Duration;
 
 use deadpool::managed::{self, Metrics, Object, RecycleError, RecycleResult};
-use sqlx::pool::{CloseEvent, PoolConnection};
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, PgPool, Postgres};
 use tokio::runtime::Handle;
 use tokio_util::task::TaskTracker;
 
 use super::reachability::{AcquireError, Patience, Reachability};
 use crate::record::LogId;
+use crate::store::kept::{Kept, MAX_HOLD};
 use crate::store::{Explained, StoreError, sql};
-
-/// How long a kept connection may sit unused before it goes back to the
-/// sqlx pool.
-const IDLE_RETURN: Duration = Duration::from_secs(1);
-/// How long a connection may stay out of the sqlx pool in all, however
-/// busy.
-const MAX_HOLD: Duration = Duration::from_secs(60);
 
 /// The store's connections: kept ones, or straight from the sqlx pool.
 pub(super) struct Connections {
@@ -53,23 +43,12 @@ pub(super) struct Connections {
     undos: TaskTracker,
     /// `None` when connections are not kept (or deadpool refused its
     /// settings, which cannot happen without timeouts).
-    kept: Option<Arc<Kept>>,
+    kept: Option<Arc<Kept<Checkout>>>,
     /// The store's table, as configured, which statement errors name.
     table: String,
     /// Whether the store has warned that the server lost statements it
     /// had prepared (see [`Connections::warn_once_if_statements_lost`]).
     told_statements_lost: AtomicBool,
-}
-
-/// Connections checked out of the sqlx pool and kept between statements.
-struct Kept {
-    pool: managed::Pool<Checkout>,
-    /// Whether the task returning idle connections runs; it is started by
-    /// the first statement, inside the runtime that runs the store.
-    sweeping: AtomicBool,
-    /// That runtime, where kept connections go back to the sqlx pool when
-    /// the store is dropped outside any runtime (see `Connections`' drop).
-    runtime: OnceLock<Handle>,
 }
 
 /// deadpool's manager: its objects are connections checked out of the
@@ -128,7 +107,7 @@ impl Connections {
         // busy (it goes back only after a second unused).
         let hold = hold.unwrap_or(size / 2).min(size);
         let reachability = Arc::new(Reachability::new());
-        let kept = Kept::new(&pool, &reachability, hold).map(Arc::new);
+        let kept = Kept::new(checkout(&pool, &reachability), hold).map(Arc::new);
         Self {
             pool,
             reachability,
@@ -221,96 +200,17 @@ impl Connections {
     }
 }
 
-impl Kept {
-    /// Up to `hold` connections of `pool`; `None` for none.
-    fn new(pool: &PgPool, reachability: &Arc<Reachability>, hold: u32) -> Option<Self> {
-        if hold == 0 {
-            return None;
-        }
-        let checkout = Checkout {
-            pool: pool.clone(),
-            reachability: Arc::clone(reachability),
-        };
-        let kept = managed::Pool::builder(checkout)
-            .max_size(usize::try_from(hold).unwrap_or(usize::MAX))
-            .build()
-            .ok()?;
-        Some(Self {
-            pool: kept,
-            sweeping: AtomicBool::new(false),
-            runtime: OnceLock::new(),
-        })
-    }
-
-    fn start_sweeping(this: &Arc<Self>, pool: &PgPool) {
-        // Once the pool is closed the sweeper has returned everything, and
-        // every statement fails: no new sweeper.
-        if pool.is_closed()
-            || this.sweeping.load(Ordering::Relaxed)
-            || this.sweeping.swap(true, Ordering::AcqRel)
-        {
-            return;
-        }
-        this.runtime.get_or_init(Handle::current);
-        let running = SweepingFlag(Arc::downgrade(this));
-        let closed = pool.close_event();
-        tokio::spawn(async move {
-            sweep(&running.0, closed).await;
-            drop(running);
-        });
+/// The manager that checks connections out of `pool` for [`Kept`].
+fn checkout(pool: &PgPool, reachability: &Arc<Reachability>) -> Checkout {
+    Checkout {
+        pool: pool.clone(),
+        reachability: Arc::clone(reachability),
     }
 }
 
 impl Drop for Connections {
-    /// sqlx gives a connection back to its pool on a task of the current
-    /// runtime, and panics where there is none. A store can outlive the
-    /// `block_on` that used it (a `main` that builds its runtime by hand
-    /// drops its locals outside it), so kept connections then go back on
-    /// the runtime they were kept in; if that runtime is gone too, the
-    /// task never runs and they are closed.
     fn drop(&mut self) {
-        if Handle::try_current().is_ok() {
-            return;
-        }
-        let Some(kept) = self.kept.take() else { return };
-        let Some(runtime) = kept.runtime.get().cloned() else {
-            return;
-        };
-        let _context = runtime.enter();
-        drop(kept);
-    }
-}
-
-/// Clears the sweeping flag when the sweeper ends, also when its runtime
-/// shuts down, so the next statement starts another.
-struct SweepingFlag(Weak<Kept>);
-
-impl Drop for SweepingFlag {
-    fn drop(&mut self) {
-        if let Some(kept) = self.0.upgrade() {
-            kept.sweeping.store(false, Ordering::Release);
-        }
-    }
-}
-
-/// Every [`IDLE_RETURN`], returns idle connections to the sqlx pool; when
-/// that pool closes, returns all of them; ends with the store.
-async fn sweep(kept: &Weak<Kept>, closed: CloseEvent) {
-    let mut ticker = tokio::time::interval(IDLE_RETURN);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tokio::pin!(closed);
-    loop {
-        let pool_closed = tokio::select! {
-            () = &mut closed => true,
-            _ = ticker.tick() => false,
-        };
-        let Some(kept) = kept.upgrade() else { return };
-        if pool_closed {
-            kept.pool.close();
-            return;
-        }
-        kept.pool
-            .retain(|_, metrics| metrics.last_used() < IDLE_RETURN);
+        Kept::drop_outside_runtime(&mut self.kept);
     }
 }
 

@@ -1,0 +1,131 @@
+//! Connections a SQL store keeps checked out of its sqlx pool between
+//! statements, in a small deadpool of their own, and their return to the
+//! sqlx pool: what `PostgresStore` and `SqliteStore` share. Each store's
+//! `connections` module says why it keeps them and supplies the deadpool
+//! manager that checks them out and decides which may be kept.
+//!
+//! Kept connections go back once idle for [`IDLE_RETURN`] or out for
+//! [`MAX_HOLD`], so a pool shared with the application gets them back
+//! after a burst and still sees every connection regularly (its lifetime
+//! limits apply), and all of them at once when the sqlx pool is closed.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use deadpool::managed::{self, Manager};
+use sqlx::pool::CloseEvent;
+use tokio::runtime::Handle;
+
+/// How long a kept connection may sit unused before it goes back to the
+/// sqlx pool.
+pub(crate) const IDLE_RETURN: Duration = Duration::from_secs(1);
+/// How long a connection may stay out of the sqlx pool in all, however
+/// busy.
+pub(crate) const MAX_HOLD: Duration = Duration::from_secs(60);
+
+/// Connections checked out of the sqlx pool and kept between statements.
+pub(crate) struct Kept<M: Manager> {
+    pub(crate) pool: managed::Pool<M>,
+    /// Whether the task returning idle connections runs; it is started by
+    /// the first statement, inside the runtime that runs the store.
+    sweeping: AtomicBool,
+    /// That runtime, where kept connections go back to the sqlx pool when
+    /// the store is dropped outside any runtime ([`Kept::drop_outside_runtime`]).
+    runtime: OnceLock<Handle>,
+}
+
+impl<M> Kept<M>
+where
+    M: Manager + Send + Sync + 'static,
+    M::Type: Send,
+{
+    /// Up to `hold` connections checked out by `manager`; `None` for none
+    /// (or if deadpool refused its settings, which cannot happen without
+    /// timeouts).
+    pub(crate) fn new(manager: M, hold: u32) -> Option<Self> {
+        if hold == 0 {
+            return None;
+        }
+        let pool = managed::Pool::builder(manager)
+            .max_size(usize::try_from(hold).unwrap_or(usize::MAX))
+            .build()
+            .ok()?;
+        Some(Self {
+            pool,
+            sweeping: AtomicBool::new(false),
+            runtime: OnceLock::new(),
+        })
+    }
+
+    /// Starts the task returning idle connections to `pool`, unless it
+    /// runs, or `pool` is closed: the sweeper then returned everything,
+    /// and every statement fails.
+    pub(crate) fn start_sweeping<DB: sqlx::Database>(this: &Arc<Self>, pool: &sqlx::Pool<DB>) {
+        if pool.is_closed()
+            || this.sweeping.load(Ordering::Relaxed)
+            || this.sweeping.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        this.runtime.get_or_init(Handle::current);
+        let running = SweepingFlag(Arc::downgrade(this));
+        let closed = pool.close_event();
+        tokio::spawn(async move {
+            sweep(&running.0, closed).await;
+            drop(running);
+        });
+    }
+
+    /// Drops a store's kept connections, for its `Drop`. sqlx gives a
+    /// connection back to its pool on a task of the current runtime, and
+    /// panics where there is none. A store can outlive the `block_on` that
+    /// used it (a `main` that builds its runtime by hand drops its locals
+    /// outside it), so kept connections then go back on the runtime they
+    /// were kept in; if that runtime is gone too, the task never runs and
+    /// they are closed.
+    pub(crate) fn drop_outside_runtime(kept: &mut Option<Arc<Self>>) {
+        if Handle::try_current().is_ok() {
+            return;
+        }
+        let Some(kept) = kept.take() else { return };
+        let Some(runtime) = kept.runtime.get().cloned() else {
+            return;
+        };
+        let _context = runtime.enter();
+        drop(kept);
+    }
+}
+
+/// Clears the sweeping flag when the sweeper ends, also when its runtime
+/// shuts down, so the next statement starts another.
+struct SweepingFlag<M: Manager>(Weak<Kept<M>>);
+
+impl<M: Manager> Drop for SweepingFlag<M> {
+    fn drop(&mut self) {
+        if let Some(kept) = self.0.upgrade() {
+            kept.sweeping.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// Every [`IDLE_RETURN`], returns idle connections to the sqlx pool; when
+/// that pool closes, returns all of them; ends with the store.
+async fn sweep<M: Manager>(kept: &Weak<Kept<M>>, closed: CloseEvent) {
+    let mut ticker = tokio::time::interval(IDLE_RETURN);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(closed);
+    loop {
+        let pool_closed = tokio::select! {
+            () = &mut closed => true,
+            _ = ticker.tick() => false,
+        };
+        let Some(kept) = kept.upgrade() else { return };
+        if pool_closed {
+            kept.pool.close();
+            return;
+        }
+        kept.pool
+            .retain(|_, metrics| metrics.last_used() < IDLE_RETURN);
+    }
+}

@@ -1,0 +1,166 @@
+//! Connections the SQLite store keeps checked out of its pool between
+//! statements.
+//!
+//! sqlx runs each SQLite connection on a thread of its own, which sleeps
+//! until it is sent a command; every command costs two thread wake-ups,
+//! the connection's and the waiting task's, far more CPU than SQLite
+//! spends reading a row. sqlx's pool also pings every connection given
+//! back to it, one more command, and gives it back on a task spawned for
+//! that: a statement run on a connection from the pool costs two commands
+//! where one is the statement. The store therefore keeps some of the
+//! connections it took from the pool in a small pool of its own
+//! (deadpool; its statements wait their turn there, in order) and hands a
+//! connection that finished its statement cleanly straight to the next
+//! statement. The rest of the sqlx pool stays free for everything else.
+//!
+//! Only a clean finish keeps a connection: one whose statement failed, or
+//! whose future was dropped mid-statement (a timeout, a client gone), goes
+//! back to the sqlx pool, whose ping tells whether its thread still runs.
+//! Kept connections go back to the sqlx pool as the `kept` module says.
+
+use std::sync::Arc;
+
+use deadpool::managed::{self, Metrics, Object, RecycleError, RecycleResult};
+use sqlx::Sqlite;
+use sqlx::pool::PoolConnection;
+use sqlx::sqlite::{SqliteConnection, SqlitePool};
+
+use crate::store::kept::{Kept, MAX_HOLD};
+
+/// The store's connections: kept ones, or straight from the sqlx pool.
+pub(super) struct Connections {
+    pool: SqlitePool,
+    /// `None` when connections are not kept (or deadpool refused its
+    /// settings, which cannot happen without timeouts).
+    kept: Option<Arc<Kept<Checkout>>>,
+}
+
+/// deadpool's manager: its objects are connections checked out of the
+/// sqlx pool.
+struct Checkout {
+    pool: SqlitePool,
+}
+
+/// A checked-out connection, and whether its last statement finished.
+struct Checked {
+    connection: PoolConnection<Sqlite>,
+    clean: bool,
+}
+
+/// A connection lent to one statement; see [`Lease::finish`].
+pub(super) struct Lease {
+    /// `None` once finished.
+    leased: Option<Leased>,
+}
+
+enum Leased {
+    Kept(Object<Checkout>),
+    Pooled(PoolConnection<Sqlite>),
+}
+
+impl Connections {
+    /// Connections from `pool`, keeping up to `hold` of them (default:
+    /// half the pool, rounded down, so a pool of one connection, as an
+    /// in-memory database has, stays the application's); `0` returns
+    /// each one to the pool after its statement, as sqlx does by itself.
+    pub(super) fn new(pool: SqlitePool, hold: Option<u32>) -> Self {
+        let size = pool.options().get_max_connections();
+        let hold = hold.unwrap_or(size / 2).min(size);
+        let checkout = Checkout { pool: pool.clone() };
+        let kept = Kept::new(checkout, hold).map(Arc::new);
+        Self { pool, kept }
+    }
+
+    pub(super) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// A connection for one statement: a kept one if any is free.
+    pub(super) async fn lease(&self) -> Result<Lease, sqlx::Error> {
+        let Some(kept) = &self.kept else {
+            return Ok(Lease::new(Leased::Pooled(self.pool.acquire().await?)));
+        };
+        Kept::start_sweeping(kept, &self.pool);
+        let mut object = match kept.pool.get().await {
+            Ok(object) => object,
+            Err(managed::PoolError::Backend(error)) => return Err(error),
+            // Closed by the sweeper: the sqlx pool was closed too, and
+            // says so.
+            Err(_) => return Ok(Lease::new(Leased::Pooled(self.pool.acquire().await?))),
+        };
+        // Set back by `finish`: a lease dropped before then is not reused.
+        object.clean = false;
+        Ok(Lease::new(Leased::Kept(object)))
+    }
+}
+
+impl Drop for Connections {
+    fn drop(&mut self) {
+        Kept::drop_outside_runtime(&mut self.kept);
+    }
+}
+
+impl managed::Manager for Checkout {
+    type Type = Checked;
+    type Error = sqlx::Error;
+
+    async fn create(&self) -> Result<Checked, sqlx::Error> {
+        Ok(Checked {
+            connection: self.pool.acquire().await?,
+            clean: true,
+        })
+    }
+
+    async fn recycle(
+        &self,
+        checked: &mut Checked,
+        metrics: &Metrics,
+    ) -> RecycleResult<sqlx::Error> {
+        // Refused connections are dropped, which returns them to the sqlx
+        // pool: its ping tells whether an unfinished one still serves.
+        if !checked.clean {
+            return Err(RecycleError::message("its last statement did not finish"));
+        }
+        if metrics.age() >= MAX_HOLD {
+            return Err(RecycleError::message("held long enough"));
+        }
+        Ok(())
+    }
+}
+
+impl Lease {
+    fn new(leased: Leased) -> Self {
+        Self {
+            leased: Some(leased),
+        }
+    }
+
+    /// The connection, for one statement.
+    pub(super) fn connection(&mut self) -> &mut SqliteConnection {
+        match self.leased.as_mut() {
+            Some(Leased::Kept(object)) => &mut object.connection,
+            Some(Leased::Pooled(connection)) => connection,
+            None => unreachable!("a lease keeps its connection until it is finished"),
+        }
+    }
+
+    /// Ends the lease with the statement's outcome: a success keeps the
+    /// connection for the next statement, a failure returns it to the
+    /// sqlx pool.
+    pub(super) fn finish<T>(mut self, outcome: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
+        match (self.leased.take(), outcome) {
+            (Some(Leased::Kept(mut object)), Ok(value)) => {
+                object.clean = true;
+                Ok(value)
+            }
+            (_, Ok(value)) => Ok(value),
+            (Some(Leased::Kept(object)), Err(error)) => {
+                // Out of the kept ones at once; dropped, it goes back to
+                // the sqlx pool.
+                drop(Object::take(object));
+                Err(error)
+            }
+            (_, Err(error)) => Err(error),
+        }
+    }
+}
