@@ -582,6 +582,17 @@ mod tests {
     }
 
     impl Counted {
+        /// A purge that waits, before it ends, for permits added to the
+        /// gate returned with it.
+        fn gated() -> (Self, Arc<Semaphore>) {
+            let gate = Arc::new(Semaphore::new(0));
+            let purge = Self {
+                gate: Some(gate.clone()),
+                ..Self::default()
+            };
+            (purge, gate)
+        }
+
         fn counts(&self) -> (usize, usize) {
             (
                 self.started.load(Ordering::SeqCst),
@@ -624,11 +635,7 @@ mod tests {
     /// last one.
     #[tokio::test(start_paused = true)]
     async fn shutdown_waits_for_the_purge_under_way() {
-        let gate = Arc::new(Semaphore::new(0));
-        let purge = Counted {
-            gate: Some(gate.clone()),
-            ..Counted::default()
-        };
+        let (purge, gate) = Counted::gated();
         let reaper = spawn_reaper(purge.clone(), Duration::from_millis(1));
         purge.until_started(1).await;
         let mut shutdown = tokio::spawn(reaper.shutdown());
@@ -661,11 +668,7 @@ mod tests {
     /// dropping the reaper does: the purge under way is cut short.
     #[tokio::test(start_paused = true)]
     async fn a_shutdown_dropped_midway_stops_the_reaper_at_once() {
-        let gate = Arc::new(Semaphore::new(0));
-        let purge = Counted {
-            gate: Some(gate.clone()),
-            ..Counted::default()
-        };
+        let (purge, gate) = Counted::gated();
         let reaper = spawn_reaper(purge.clone(), Duration::from_millis(1));
         purge.until_started(1).await;
         let gave_up = tokio::time::timeout(Duration::from_millis(5), reaper.shutdown()).await;

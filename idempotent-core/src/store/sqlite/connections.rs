@@ -47,11 +47,9 @@ struct Checked {
     clean: bool,
 }
 
-/// A connection lent to one statement; see [`Lease::finish`].
-pub(super) struct Lease {
-    /// `None` once finished.
-    leased: Option<Leased>,
-}
+/// A connection lent to one statement; see [`Lease::finish`]. Dropped
+/// unfinished, a kept one is not reused (see [`Connections::lease`]).
+pub(super) struct Lease(Leased);
 
 enum Leased {
     Kept(Object<Checkout>),
@@ -78,7 +76,7 @@ impl Connections {
     /// A connection for one statement: a kept one if any is free.
     pub(super) async fn lease(&self) -> Result<Lease, sqlx::Error> {
         let Some(kept) = &self.kept else {
-            return Ok(Lease::new(Leased::Pooled(self.pool.acquire().await?)));
+            return Ok(Lease(Leased::Pooled(self.pool.acquire().await?)));
         };
         Kept::start_sweeping(kept, &self.pool);
         let mut object = match kept.pool.get().await {
@@ -86,11 +84,11 @@ impl Connections {
             Err(managed::PoolError::Backend(error)) => return Err(error),
             // Closed by the sweeper: the sqlx pool was closed too, and
             // says so.
-            Err(_) => return Ok(Lease::new(Leased::Pooled(self.pool.acquire().await?))),
+            Err(_) => return Ok(Lease(Leased::Pooled(self.pool.acquire().await?))),
         };
         // Set back by `finish`: a lease dropped before then is not reused.
         object.clean = false;
-        Ok(Lease::new(Leased::Kept(object)))
+        Ok(Lease(Leased::Kept(object)))
     }
 }
 
@@ -129,32 +127,25 @@ impl managed::Manager for Checkout {
 }
 
 impl Lease {
-    fn new(leased: Leased) -> Self {
-        Self {
-            leased: Some(leased),
-        }
-    }
-
     /// The connection, for one statement.
     pub(super) fn connection(&mut self) -> &mut SqliteConnection {
-        match self.leased.as_mut() {
-            Some(Leased::Kept(object)) => &mut object.connection,
-            Some(Leased::Pooled(connection)) => connection,
-            None => unreachable!("a lease keeps its connection until it is finished"),
+        match &mut self.0 {
+            Leased::Kept(object) => &mut object.connection,
+            Leased::Pooled(connection) => connection,
         }
     }
 
     /// Ends the lease with the statement's outcome: a success keeps the
     /// connection for the next statement, a failure returns it to the
     /// sqlx pool.
-    pub(super) fn finish<T>(mut self, outcome: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
-        match (self.leased.take(), outcome) {
-            (Some(Leased::Kept(mut object)), Ok(value)) => {
+    pub(super) fn finish<T>(self, outcome: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
+        match (self.0, outcome) {
+            (Leased::Kept(mut object), Ok(value)) => {
                 object.clean = true;
                 Ok(value)
             }
             (_, Ok(value)) => Ok(value),
-            (Some(Leased::Kept(object)), Err(error)) => {
+            (Leased::Kept(object), Err(error)) => {
                 // Out of the kept ones at once; dropped, it goes back to
                 // the sqlx pool.
                 drop(Object::take(object));
