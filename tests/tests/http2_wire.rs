@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::{FormRejection, JsonRejection};
+use axum::extract::rejection::FormRejection;
 use axum::extract::{FromRequest, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -24,13 +24,13 @@ use h2::client::{ResponseFuture, SendRequest};
 use h2::{Reason, SendStream};
 use idempotent_core::record::StoredResponse;
 use idempotent_core::scope::ScopeDigest;
-use idempotent_core::testing::{ClaimOutcome, MockStore, OpKind};
+use idempotent_core::testing::{ClaimOutcome, MockStore, OpKind, Operation};
 use idempotent_core::{
     Endpoint, FingerprintError, FingerprintInput, Fingerprinter, IDEMPOTENT_REPLAYED, Idempotency,
     Scope, idempotent,
 };
 use macro_support::gated::{Charge, Gate, gated_app, gated_plain};
-use macro_support::{Reply, Runs, both_ways, listen, send, serve};
+use macro_support::{ApiError, Reply, Runs, both_ways, listen, send, serve};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc};
@@ -183,9 +183,12 @@ fn assert_replays(reply: &Reply, first: &Reply, case: &str) {
 // ===== a run and its replays =====
 
 /// Over HTTP/2 a first run answers as the handler did, and its retries on
-/// the same connection (the third and later by way of the `exact` module
-/// under the attribute, which the `Content-Length` makes possible) are
-/// its replay, marked; another payload under the key is 422.
+/// the same connection are its replay, marked; another payload under the
+/// key is 422. Under the attribute the third and later retries go by way
+/// of the `exact` module (which the `Content-Length` makes possible): each
+/// reads the stored record instead of claiming the key. The first two
+/// retries there, every retry under the layer, and the other payload on
+/// either, claim the key as the full path does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_and_its_replays_over_h2() {
     let gate = Gate::default();
@@ -193,16 +196,31 @@ async fn a_run_and_its_replays_over_h2() {
     let store = MockStore::new();
     let addr = serve_forever(gated_app(&gate, &store.layer(), LAYERED)).await;
     let client = connect(addr).await;
+    let full_path = [Operation::Claim {
+        outcome: ClaimOutcome::Completed,
+    }];
+    let exact_repeat = [Operation::Get { found: true }];
     for (round, path) in PATHS.into_iter().enumerate() {
         let key = format!("once{path}");
         let first = exchange(&client, path, &key, r#"{"amount":7}"#).await;
         assert_ran(&first, &format!("run {} amount 7", round + 1), path);
-        for _ in 0..4 {
-            let retry = exchange(&client, path, &key, r#"{"amount":7}"#).await;
-            assert_replays(&retry, &first, path);
+        for retry in 1..=4 {
+            let before = store.operations().len();
+            let reply = exchange(&client, path, &key, r#"{"amount":7}"#).await;
+            assert_replays(&reply, &first, path);
+            let exact = path == "/attribute" && retry >= 3;
+            let expected: &[Operation] = if exact { &exact_repeat } else { &full_path };
+            let calls = &store.operations()[before..];
+            assert_eq!(calls, expected, "{path}: the store calls of retry {retry}");
         }
+        let before = store.operations().len();
         let other = exchange(&client, path, &key, r#"{"amount":8}"#).await;
         assert_eq!(other.problem(422).0, "key-reused", "{path}");
+        let calls = &store.operations()[before..];
+        assert_eq!(
+            calls, full_path,
+            "{path}: the store calls of another payload"
+        );
     }
     assert_eq!(gate.runs(), 2);
     store.assert_executed(2);
@@ -287,10 +305,11 @@ fn assert_stored_without_connection_headers(store: &MockStore, key: &str) {
 
 /// A handler whose response carries every connection-specific header:
 /// hyper's HTTP/2 server takes them off the first answer (and the header
-/// `Connection` names; `TE` aside) rather than refusing it, and the record holds none
-/// of them whether its first request came over HTTP/1.1 or HTTP/2, so
-/// its replays, to clients of either version, carry none either and the
-/// `h2` client takes them as well-formed.
+/// `Connection` names) rather than refusing it, all but `TE: trailers`,
+/// which that first answer carries as the handler set it. The record
+/// holds none of them, `TE` included, whether its first request came over
+/// HTTP/1.1 or HTTP/2, so its replays, to clients of either version,
+/// carry none either and the `h2` client takes them as well-formed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_specific_headers_never_reach_an_h2_client_first_or_replayed() {
     let runs = Runs::default();
@@ -328,9 +347,15 @@ async fn connection_specific_headers_never_reach_an_h2_client_first_or_replayed(
         assert_eq!(first.status, StatusCode::CREATED, "{path}: {first:?}");
         // hyper takes `TE` off a response only when built with its
         // `client` feature (which this build leaves out), and h2 lets
-        // `TE: trailers` through: the first answer is the handler's own.
-        let stripped = CONNECTION_SPECIFIC.map(|name| if name == "te" { "x-none" } else { name });
-        assert_none_of(&first, &stripped, &format!("{path}: the first answer"));
+        // `TE: trailers` through: the first answer carries the handler's
+        // own, and only the record (checked next) and the replays drop it.
+        let case = format!("{path}: the first answer");
+        assert_eq!(first.header("te"), Some("trailers"), "{case}: {first:?}");
+        let stripped: Vec<&str> = CONNECTION_SPECIFIC
+            .into_iter()
+            .filter(|name| *name != "te")
+            .collect();
+        assert_none_of(&first, &stripped, &case);
         assert_stored_without_connection_headers(&store, &key);
         let over_h1 = http1(addr, path, &key, body).await;
         assert_replays(&over_h1, &first, &format!("{path} h2 then h1"));
@@ -789,22 +814,6 @@ async fn charge_form_or_rejection(
     match charge {
         Ok(Form(charge)) => charged(&runs, charge.amount, &charge.currency),
         Err(rejection) => (StatusCode::BAD_REQUEST, rejection.body_text()),
-    }
-}
-
-/// An application's own answer to a malformed JSON body, as
-/// `WithRejection` is used for.
-struct ApiError(JsonRejection);
-
-impl From<JsonRejection> for ApiError {
-    fn from(rejection: JsonRejection) -> Self {
-        Self(rejection)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (StatusCode::BAD_REQUEST, self.0.body_text()).into_response()
     }
 }
 

@@ -136,9 +136,12 @@ async fn drop_table(store: &PostgresStore) {
 
 /// A deploy as the README's "Shutting down" runs it: `SIGTERM` while two
 /// charges run, one whose client waits for it and one whose client went
-/// away; the graceful shutdown answers the first, `drain` waits for the
-/// second, and both are stored. The next process, on the same table,
-/// replays each without charging again.
+/// away; the graceful shutdown answers the first, and the server stops
+/// with the second still at its gate: only `drain` keeps the process
+/// alive until that one is stored (without it, the process ends with the
+/// charge cut short and its key held, and the next process answers its
+/// retry 409). The next process, on the same table, replays each without
+/// charging again.
 #[test]
 fn at_sigterm_charges_under_way_are_stored_and_replayed_by_the_next_process() {
     let Some(url) = backend_url(URL) else { return };
@@ -151,11 +154,22 @@ fn at_sigterm_charges_under_way_are_stored_and_replayed_by_the_next_process() {
         drop(charge_under_way(addr, &charges, "order-2", 200).await);
         send_sigterm();
         until_refused(addr).await;
-        charges.gate.let_through(2);
+        // The gate lets its waiters through in the order they came: the
+        // charge whose client waits goes first.
+        charges.gate.let_through(1);
         let answer = answer_to(waiting).await;
         assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
         assert!(answer.ends_with("charge 1 of 100"), "{answer}");
         tokio::time::timeout(HANG, server).await.unwrap().unwrap();
+        // The server is done, and the second charge has yet to answer: it
+        // goes on only on a task of this process, which ends when this
+        // block returns, the task with it, unless `drain` waits for it.
+        assert_eq!(charges.runs.get(), 2, "both charges started");
+        let gate = charges.gate.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            gate.let_through(1);
+        });
         tokio::time::timeout(HANG, idempotency.drain())
             .await
             .unwrap();
@@ -169,7 +183,9 @@ fn at_sigterm_charges_under_way_are_stored_and_replayed_by_the_next_process() {
         let second = send(&next, post_json("/charges", "order-2", "200")).await;
         assert_eq!(
             (second.status, second.replayed),
-            (StatusCode::CREATED, true)
+            (StatusCode::CREATED, true),
+            "{}",
+            second.body
         );
         assert_eq!(second.body, "charge 2 of 200");
         drop_table(&store).await;
@@ -292,7 +308,8 @@ async fn until_purge_waits(store: &PostgresStore) {
 /// once that purge has deleted its rows, not before: the service that
 /// closes its pool next finds the reaper's connection free and its work
 /// done. Dropping the reaper, or a `shutdown` that did no more, would
-/// return at once, the `DELETE` still waiting in the database.
+/// return at once, the `DELETE` still waiting in the database. Once it
+/// returned, no purge runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reaper_shutdown_lets_the_purge_under_way_finish_then_stops() {
     let Some(url) = backend_url(URL) else { return };
@@ -317,5 +334,10 @@ async fn reaper_shutdown_lets_the_purge_under_way_finish_then_stops() {
     lock.commit().await.unwrap();
     tokio::time::timeout(HANG, shutdown).await.unwrap().unwrap();
     assert_eq!(rows_in(&store).await, 0, "the purge under way finished");
+    // Then it stopped: a claim that expires now stays, where a reaper
+    // still running would purge it within a few of its 1 ms periods.
+    an_expired_claim(&store, &clock, "expired-after").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(rows_in(&store).await, 1, "no purge ran after shutdown");
     drop_table(&store).await;
 }

@@ -3,21 +3,23 @@
 //! reused with arguments the handler would see differently is refused
 //! with 422, never answered with another request's response.
 
+mod macro_support;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::body::Body;
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, RawForm, RawQuery, State};
 use axum::http::{Request, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::post;
 use axum::{Form, Json, Router};
 use axum_extra::extract::WithRejection;
 use http_body_util::BodyExt;
 use idempotent_core::store::MemoryStore;
 use idempotent_core::{IDEMPOTENT_REPLAYED, Idempotency, idempotent};
+use macro_support::ApiError;
 use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
 
@@ -98,22 +100,6 @@ struct Runs(Arc<AtomicUsize>);
 async fn note(State(runs): State<Runs>, Json(note): Json<Note>) -> String {
     runs.0.fetch_add(1, Ordering::SeqCst);
     format!("noted {}", note.text)
-}
-
-/// An application's own answer to a malformed body, as `WithRejection`
-/// is used for.
-struct ApiError(JsonRejection);
-
-impl From<JsonRejection> for ApiError {
-    fn from(rejection: JsonRejection) -> Self {
-        Self(rejection)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (StatusCode::BAD_REQUEST, self.0.body_text()).into_response()
-    }
 }
 
 /// A JSON body whose rejection the application answers itself.

@@ -2,7 +2,8 @@
 //! runs, a request sent through a `Router` read back whole, a turnstile
 //! handlers wait at, and a server on a port of its own; for the tests that
 //! check the attribute and the layer side by side, one router serving a
-//! handler made idempotent each way, and (in [`gated`]) a gated handler.
+//! handler made idempotent each way, and (in [`gated`]) a gated handler;
+//! an application's own answer to a malformed JSON body.
 #![allow(dead_code, unreachable_pub)] // each test file uses a different part
 
 use std::io::Read as _;
@@ -12,8 +13,10 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
+use axum::extract::rejection::JsonRejection;
 use axum::handler::Handler;
 use axum::http::{HeaderMap, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use http_body_util::BodyExt;
 use idempotent_core::{Endpoint, IDEMPOTENT_REPLAYED, Idempotency, IdempotentLayer};
@@ -72,6 +75,22 @@ impl Turnstile {
     /// Lets `runs` more handlers through.
     pub fn let_through(&self, runs: usize) {
         self.open.add_permits(runs);
+    }
+}
+
+/// An application's own answer to a malformed JSON body, as
+/// `WithRejection` is used for: a 400 with the rejection's text.
+pub struct ApiError(pub JsonRejection);
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        Self(rejection)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (StatusCode::BAD_REQUEST, self.0.body_text()).into_response()
     }
 }
 
