@@ -387,10 +387,15 @@ pub fn fingerprint<T: Serialize + ?Sized>(
 /// leaves the payload out, so such a retry would be replayed. As the
 /// handler's last argument, such an extractor is held to the body's
 /// `Content-Length` over HTTP/2 as axum's own are.
+// A payload type taken bare (`order: NewOrder`, its `Json` forgotten) is
+// reported here before axum's "`Handler<_, _>` is not implemented" at the
+// route, so the first note names that fix rather than an impl that would
+// leave the argument no extractor.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be part of the request fingerprint",
     label = "this argument is fingerprinted",
-    note = "if `{Self}` is defined in your crate, implement `idempotent_core::FingerprintInput` for it: forward a `Serialize` value to `Fingerprinter::input`",
+    note = "if `{Self}` is the body's data rather than an extractor, take it through one: `Json(value): Json<{Self}>`, or `Form`, `Query` or `Path`, each fingerprinted by its payload",
+    note = "if `{Self}` is an extractor defined in your crate, implement `idempotent_core::FingerprintInput` for it: forward a `Serialize` value to `Fingerprinter::input`",
     note = "if it is another crate's, the orphan rule forbids that: wrap it in an extractor of your own whose `FromRequest` calls it, and implement `FingerprintInput` for yours (the trait's documentation shows how); for axum-extra's extractors, enable the `axum-extra` feature of idempotent-core",
     note = "to leave the argument out of the fingerprint, use `#[idempotent(skip(<argument>))]`; a retry with another payload in it is then replayed, not answered 422"
 )]

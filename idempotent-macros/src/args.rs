@@ -895,8 +895,9 @@ fn wait_millis(lit: &LitStr) -> syn::Result<u64> {
 /// run it again.
 const LEASE_TOO_SHORT: &str = "the lease must be at least \"1s\": it is renewed every third of it while the handler runs, and a shorter one can lapse between renewals and let a duplicate run the handler again";
 /// Why a TTL under a second is refused: the engine would raise it to a
-/// second, and a silent change is worse than an error.
-const TTL_TOO_SHORT: &str = "the ttl must be at least \"1s\": it is how long a finished response is replayed, and a shorter one would be raised to a second";
+/// second, and a silent change is worse than an error. A `"0s"` is often
+/// meant as "for good", so the message says how long the longest is.
+const TTL_TOO_SHORT: &str = "the ttl must be at least \"1s\": it is how long a finished response is replayed to retries, and with none every retry would run the handler again; zero does not mean \"for good\": the longest ttl is \"36500d\"";
 
 /// The duration in `lit`, in milliseconds, refused with `why` under a
 /// second (the shortest TTL or lease an `Endpoint` takes), zero included:
@@ -974,13 +975,23 @@ fn split_while(text: &str, keep: impl Fn(char) -> bool) -> (&str, &str) {
 }
 
 /// Why `unit`, written after `number`, is not a unit, with the fix when
-/// the unit is spelled out or capitalized, or is weeks or years (written
-/// in days). `M` is not taken for minutes: elsewhere it means months.
+/// the unit is spelled out or capitalized, or is weeks, months or years
+/// (written in days). `M` is not taken for minutes alone: elsewhere it
+/// means months, so its error names both fixes.
 fn unknown_unit(number: &str, unit: &str) -> String {
     if unit.is_empty() {
         return format!("`{number}` has no unit; {UNITS}");
     }
     let lowered = unit.to_ascii_lowercase();
+    // Minutes to some, months to others: both fixes are named.
+    if unit == "M" {
+        let months =
+            in_days(number, "month").map(|days| format!(", or `{days}d` for months of 30 days"));
+        return format!(
+            "`M` is not a unit: write `{number}m` for minutes{}; {UNITS}",
+            months.unwrap_or_default()
+        );
+    }
     if let Some(days) = in_days(number, &lowered) {
         return format!("`{unit}` is not a unit, write `{days}d`; {UNITS}");
     }
@@ -995,12 +1006,13 @@ fn unknown_unit(number: &str, unit: &str) -> String {
     format!("`{unit}` is not a unit, write `{number}{fix}`; {UNITS}")
 }
 
-/// `number` weeks or years (`unit`, in lowercase) in days, a year taken
-/// as 365 of them, when that is no longer than an endpoint keeps: the
-/// largest unit is the day.
+/// `number` weeks, months or years (`unit`, in lowercase) in days, a
+/// month taken as 30 of them and a year as 365, when that is no longer
+/// than an endpoint keeps: the largest unit is the day.
 fn in_days(number: &str, unit: &str) -> Option<u64> {
     let days_each = match unit {
         "w" | "wk" | "wks" | "week" | "weeks" => 7,
+        "mo" | "mos" | "month" | "months" => 30,
         "y" | "yr" | "yrs" | "year" | "years" => 365,
         _ => return None,
     };
@@ -1154,7 +1166,12 @@ mod tests {
         assert!(error("24H").contains("write `24h`"));
         assert!(error("5min").contains("write `5m`"));
         assert!(error("2 hours").contains("write `2h`"));
-        assert!(!error("1M").contains("write"));
+        let months = error("1M");
+        assert!(
+            months.contains("write `1m` for minutes, or `30d` for months"),
+            "{months}"
+        );
+        assert!(error("2 months").contains("write `60d`"));
         assert!(error("1.5h").contains("whole numbers"));
         assert!(error("10").contains("`10` has no unit"));
         assert!(error("1000000d").contains("longer than a century"));

@@ -6,29 +6,8 @@ use axum::{Extension, Json, Router};
 use idempotent_core::store::MemoryStore;
 use idempotent_core::{Idempotency, IdempotencyScope, idempotent};
 
-mod auth {
-    /// The authenticated caller.
-    #[derive(Clone)]
-    pub struct User {
-        pub id: u64,
-    }
-}
-
-impl<S: Send + Sync> FromRequestParts<S> for auth::User {
-    type Rejection = StatusCode;
-
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let id = parts.headers.get("x-user").ok_or(StatusCode::UNAUTHORIZED)?;
-        let id = id.to_str().ok().and_then(|id| id.parse().ok());
-        id.map(|id| Self { id }).ok_or(StatusCode::UNAUTHORIZED)
-    }
-}
-
-impl IdempotencyScope for auth::User {
-    fn scope_id(&self) -> impl AsRef<[u8]> {
-        self.id.to_be_bytes()
-    }
-}
+#[path = "../shared/auth.rs"]
+mod auth;
 
 // The handler does not take the principal: the macro extracts it.
 #[idempotent(scope = auth::User)]

@@ -6,7 +6,7 @@ use axum::http::request::Parts;
 use axum::routing::post;
 use axum::{Json, Router};
 use idempotent_core::store::MemoryStore;
-use idempotent_core::{Idempotency, IdempotencyScope, idempotent};
+use idempotent_core::{Idempotency, idempotent};
 
 struct RequireAdmin;
 
@@ -32,23 +32,12 @@ async fn admin_only_by_tenant(_: RequireAdmin, body: String) -> String {
     body
 }
 
-mod auth {
-    pub struct User {
-        pub id: u64,
-    }
-}
+#[path = "../shared/auth.rs"]
+mod auth;
 
 mod admin {
     /// A guard named like the principal: rejects non-admins, carries nothing.
     pub struct User;
-}
-
-impl<S: Send + Sync> FromRequestParts<S> for auth::User {
-    type Rejection = StatusCode;
-
-    async fn from_request_parts(_: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(Self { id: 1 })
-    }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for admin::User {
@@ -56,12 +45,6 @@ impl<S: Send + Sync> FromRequestParts<S> for admin::User {
 
     async fn from_request_parts(_: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         Ok(Self)
-    }
-}
-
-impl IdempotencyScope for auth::User {
-    fn scope_id(&self) -> impl AsRef<[u8]> {
-        self.id.to_be_bytes()
     }
 }
 

@@ -6,15 +6,12 @@
 //! which kind of extractor it is as for the argument itself.
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
-use axum::http::request::Parts;
+use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::routing::post;
 use axum::{Extension, Router};
 use idempotent_core::store::MemoryStore;
-use idempotent_core::{
-    FingerprintError, FingerprintInput, Fingerprinter, Idempotency, IdempotencyScope, idempotent,
-};
+use idempotent_core::{FingerprintError, FingerprintInput, Fingerprinter, Idempotency, idempotent};
 
 /// A body extractor of the application's own, fingerprinted by its value.
 struct Amount(u64);
@@ -35,22 +32,11 @@ impl FingerprintInput for Amount {
     }
 }
 
-/// A parts extractor of the application's own, which is also the scope.
-struct User(u64);
+// A parts extractor of the application's own, which is also the scope.
+#[path = "../shared/auth.rs"]
+mod auth;
 
-impl<S: Send + Sync> FromRequestParts<S> for User {
-    type Rejection = StatusCode;
-
-    async fn from_request_parts(_: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(Self(1))
-    }
-}
-
-impl IdempotencyScope for User {
-    fn scope_id(&self) -> impl AsRef<[u8]> {
-        self.0.to_be_bytes()
-    }
-}
+use auth::User;
 
 #[derive(Clone)]
 struct AppState;
@@ -103,7 +89,7 @@ async fn tuple_last((method, Path(id)): (Method, Path<u32>)) -> String {
 
 #[idempotent(scope = User)]
 async fn principal_last(user: User) -> String {
-    user.0.to_string()
+    user.id.to_string()
 }
 
 #[idempotent(skip(input))]

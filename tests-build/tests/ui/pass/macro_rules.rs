@@ -1,13 +1,10 @@
 //! Handlers written by an application's own `macro_rules!`: names and
 //! types passed in carry that macro's hygiene, not the attribute's, and
 //! option values passed in read as if written in place.
-use axum::extract::FromRequestParts;
-use axum::http::StatusCode;
-use axum::http::request::Parts;
 use axum::routing::post;
 use axum::{Json, Router};
 use idempotent_core::store::MemoryStore;
-use idempotent_core::{Idempotency, IdempotencyScope, idempotent};
+use idempotent_core::{Idempotency, idempotent};
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize)]
@@ -15,21 +12,10 @@ struct Widget {
     n: u32,
 }
 
-struct User(u64);
+#[path = "../shared/auth.rs"]
+mod auth;
 
-impl<S: Send + Sync> FromRequestParts<S> for User {
-    type Rejection = StatusCode;
-
-    async fn from_request_parts(_: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(Self(1))
-    }
-}
-
-impl IdempotencyScope for User {
-    fn scope_id(&self) -> impl AsRef<[u8]> {
-        self.0.to_be_bytes()
-    }
-}
+use auth::User;
 
 macro_rules! create {
     ($name:ident, $ty:ty) => {
@@ -53,7 +39,7 @@ macro_rules! per_user {
     ($name:ident, $user:ident) => {
         #[idempotent(scope = User)]
         async fn $name(user: $user, body: String) -> String {
-            format!("{} {body}", user.0)
+            format!("{} {body}", user.id)
         }
     };
 }
@@ -64,7 +50,7 @@ macro_rules! configured {
     ($name:ident, $ttl:literal, $optional:literal, $user:ty, $endpoint:expr) => {
         #[idempotent(ttl = $ttl, optional = $optional, scope = $user, name = $endpoint)]
         async fn $name(user: $user, body: String) -> String {
-            format!("{} {body}", user.0)
+            format!("{} {body}", user.id)
         }
     };
 }
