@@ -42,7 +42,7 @@ use tokio_util::task::TaskTracker;
 
 mod connections;
 
-use connections::{Connections, Lease};
+use connections::Connections;
 
 use super::sql::{self, DEFAULT_TABLE, InvalidTableName, Reaper, from_sql_millis, to_sql_millis};
 use super::{Explained, Store, StoreError};
@@ -595,9 +595,14 @@ impl SqliteStore {
         self.inner.connections.pool()
     }
 
-    /// A connection for one statement; see [`connections`].
-    async fn lease(&self) -> Result<Lease, StoreError> {
-        (self.inner.connections.lease().await).map_err(|error| self.statement_error(error))
+    /// Runs `statement` on one of the store's connections (see
+    /// [`connections`]); a failure, to lease one or of the statement, is
+    /// reported as [`statement_error`](Self::statement_error) says.
+    async fn on_connection<T>(
+        &self,
+        statement: impl AsyncFnOnce(&mut SqliteConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, StoreError> {
+        (self.inner.connections.run(statement).await).map_err(|error| self.statement_error(error))
     }
 
     /// The table records live in, as it was configured: the statements
@@ -652,17 +657,19 @@ impl SqliteStore {
     ) -> Result<bool, StoreError> {
         self.check_file().await?;
         let now = self.now();
-        let mut leased = self.lease().await?;
-        let outcome = sqlx::query(&self.inner.sql.claim)
-            .bind(key.scope.as_bytes().as_slice())
-            .bind(key.key.as_str())
-            .bind(fingerprint.as_bytes().as_slice())
-            .bind(token.to_bytes().as_slice())
-            .bind(to_sql_millis(now.saturating_add(millis(lease))))
-            .bind(to_sql_millis(now))
-            .execute(leased.connection())
-            .await;
-        let written = (leased.finish(outcome)).map_err(|error| self.statement_error(error))?;
+        let written = self
+            .on_connection(async |connection| {
+                sqlx::query(&self.inner.sql.claim)
+                    .bind(key.scope.as_bytes().as_slice())
+                    .bind(key.key.as_str())
+                    .bind(fingerprint.as_bytes().as_slice())
+                    .bind(token.to_bytes().as_slice())
+                    .bind(to_sql_millis(now.saturating_add(millis(lease))))
+                    .bind(to_sql_millis(now))
+                    .execute(connection)
+                    .await
+            })
+            .await?;
         Ok(written.rows_affected() > 0)
     }
 
@@ -1253,15 +1260,17 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         self.check_file().await?;
         let expires_at = to_sql_millis(self.now().saturating_add(millis(lease)));
-        let mut leased = self.lease().await?;
-        let outcome = sqlx::query(&self.inner.sql.renew)
-            .bind(key.scope.as_bytes().as_slice())
-            .bind(key.key.as_str())
-            .bind(token.to_bytes().as_slice())
-            .bind(expires_at)
-            .execute(leased.connection())
-            .await;
-        let updated = (leased.finish(outcome)).map_err(|error| self.statement_error(error))?;
+        let updated = self
+            .on_connection(async |connection| {
+                sqlx::query(&self.inner.sql.renew)
+                    .bind(key.scope.as_bytes().as_slice())
+                    .bind(key.key.as_str())
+                    .bind(token.to_bytes().as_slice())
+                    .bind(expires_at)
+                    .execute(connection)
+                    .await
+            })
+            .await?;
         held(updated.rows_affected())
     }
 
@@ -1281,42 +1290,48 @@ impl Store for SqliteStore {
             expires_at,
         };
         record.fit(MAX_VALUE_BYTES);
-        let mut leased = self.lease().await?;
-        let outcome = sqlx::query(&self.inner.sql.complete)
-            .bind(key.scope.as_bytes().as_slice())
-            .bind(key.key.as_str())
-            .bind(token.to_bytes().as_slice())
-            .bind(to_sql_millis(expires_at))
-            .bind(record.encode().as_ref())
-            .execute(leased.connection())
-            .await;
-        let updated = (leased.finish(outcome)).map_err(|error| self.statement_error(error))?;
+        let updated = self
+            .on_connection(async |connection| {
+                sqlx::query(&self.inner.sql.complete)
+                    .bind(key.scope.as_bytes().as_slice())
+                    .bind(key.key.as_str())
+                    .bind(token.to_bytes().as_slice())
+                    .bind(to_sql_millis(expires_at))
+                    .bind(record.encode().as_ref())
+                    .execute(connection)
+                    .await
+            })
+            .await?;
         held(updated.rows_affected())
     }
 
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
         self.check_file().await?;
-        let mut leased = self.lease().await?;
-        let outcome = sqlx::query(&self.inner.sql.release)
-            .bind(key.scope.as_bytes().as_slice())
-            .bind(key.key.as_str())
-            .bind(token.to_bytes().as_slice())
-            .execute(leased.connection())
-            .await;
-        let deleted = (leased.finish(outcome)).map_err(|error| self.statement_error(error))?;
+        let deleted = self
+            .on_connection(async |connection| {
+                sqlx::query(&self.inner.sql.release)
+                    .bind(key.scope.as_bytes().as_slice())
+                    .bind(key.key.as_str())
+                    .bind(token.to_bytes().as_slice())
+                    .execute(connection)
+                    .await
+            })
+            .await?;
         held(deleted.rows_affected())
     }
 
     async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
         self.check_file().await?;
-        let mut leased = self.lease().await?;
-        let outcome = sqlx::query(&self.inner.sql.get)
-            .bind(key.scope.as_bytes().as_slice())
-            .bind(key.key.as_str())
-            .bind(to_sql_millis(self.now()))
-            .fetch_optional(leased.connection())
-            .await;
-        let row = (leased.finish(outcome)).map_err(|error| self.statement_error(error))?;
+        let row = self
+            .on_connection(async |connection| {
+                sqlx::query(&self.inner.sql.get)
+                    .bind(key.scope.as_bytes().as_slice())
+                    .bind(key.key.as_str())
+                    .bind(to_sql_millis(self.now()))
+                    .fetch_optional(connection)
+                    .await
+            })
+            .await?;
         let table = &self.inner.table;
         row.map(|row| record_from_row(&row, table)).transpose()
     }

@@ -49,7 +49,7 @@ struct Checked {
 
 /// A connection lent to one statement; see [`Lease::finish`]. Dropped
 /// unfinished, a kept one is not reused (see [`Connections::lease`]).
-pub(super) struct Lease(Leased);
+struct Lease(Leased);
 
 enum Leased {
     Kept(Object<Checkout>),
@@ -73,8 +73,21 @@ impl Connections {
         &self.pool
     }
 
+    /// Runs `statement` on a leased connection and ends the lease with its
+    /// outcome ([`Lease::finish`]). Statements reach a connection only
+    /// here, so none can leave a kept connection unfinished, which would
+    /// send it back to the sqlx pool and its ping.
+    pub(super) async fn run<T>(
+        &self,
+        statement: impl AsyncFnOnce(&mut SqliteConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, sqlx::Error> {
+        let mut lease = self.lease().await?;
+        let outcome = statement(lease.connection()).await;
+        lease.finish(outcome)
+    }
+
     /// A connection for one statement: a kept one if any is free.
-    pub(super) async fn lease(&self) -> Result<Lease, sqlx::Error> {
+    async fn lease(&self) -> Result<Lease, sqlx::Error> {
         let Some(kept) = &self.kept else {
             return Ok(Lease(Leased::Pooled(self.pool.acquire().await?)));
         };
@@ -128,7 +141,7 @@ impl managed::Manager for Checkout {
 
 impl Lease {
     /// The connection, for one statement.
-    pub(super) fn connection(&mut self) -> &mut SqliteConnection {
+    fn connection(&mut self) -> &mut SqliteConnection {
         match &mut self.0 {
             Leased::Kept(object) => &mut object.connection,
             Leased::Pooled(connection) => connection,
@@ -138,7 +151,7 @@ impl Lease {
     /// Ends the lease with the statement's outcome: a success keeps the
     /// connection for the next statement, a failure returns it to the
     /// sqlx pool.
-    pub(super) fn finish<T>(self, outcome: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
+    fn finish<T>(self, outcome: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
         match (self.0, outcome) {
             (Leased::Kept(mut object), Ok(value)) => {
                 object.clean = true;
