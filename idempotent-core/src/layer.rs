@@ -489,7 +489,8 @@ fn too_large(limit: usize) -> Problem {
     )
 }
 
-fn is_over_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+/// Whether `error`, or an error it wraps, is a body size limit's.
+pub(crate) fn is_over_limit(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut source = Some(error);
     while let Some(error) = source {
         if error.is::<LengthLimitError>() {

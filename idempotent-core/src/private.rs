@@ -146,8 +146,9 @@ where
 /// while `T` read it is refused with 400 `unreadable-body`, where `T`
 /// would take the part that came as a whole body (see the `whole_body`
 /// module); one that `T` leaves to the handler (`Request`, `Body`,
-/// `Multipart`) stays watched, for [`run`] to learn whether the handler
-/// met its end short. A parts extractor ([`FromRequestParts`]) reads no
+/// `Multipart`) stays watched, whatever the request's version, for [`run`]
+/// to learn whether the handler met its end short, or a failure (the
+/// client cancelled the upload, its connection broke). A parts extractor ([`FromRequestParts`]) reads no
 /// body and is extracted as it is. Implementing both, as axum has a
 /// wrapping extractor do, lets axum infer which one a handler's last
 /// argument is, as for the argument itself.
@@ -183,23 +184,24 @@ where
     type Rejection = Response;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let (request, watch) = whole_body::watch(request);
+        let (request, watch) = whole_body::watch_all(request);
         let inner = T::from_request(request, state).await;
         if let Some(refusal) = whole_body::refusal(watch.as_ref(), None) {
             return Err(refusal);
         }
         let inner = inner.map_err(IntoResponse::into_response)?;
         // A body `T` dropped (read whole, or left unread) has nothing more
-        // to tell.
-        let watch = watch.filter(whole_body::Watch::is_held);
+        // to tell, unless it failed while `T` read it and `T` holds the
+        // failure for the handler to answer.
+        let watch = watch.filter(|watch| watch.is_held() || watch.unread());
         Ok(Self(inner, BodyWatch(watch)))
     }
 }
 
 /// Whether the body that a handler reads itself (through `Request`,
 /// `Body`, `Multipart`, or an extractor of its own that leaves the body
-/// to it) ended short of its `Content-Length`, which is known only once
-/// the handler has read it: see [`run`].
+/// to it) ended short of its `Content-Length` or failed while it was
+/// read, which is known only once the handler has read it: see [`run`].
 #[derive(Debug)]
 pub struct BodyWatch(Option<whole_body::Watch>);
 
@@ -211,16 +213,16 @@ impl BodyWatch {
 
     /// `handler`, its answer marked not to be stored if it is one to
     /// malformed input (400 or 422, unless the endpoint lists the status
-    /// itself) given after the body it read ended short: the engine
-    /// treats it as an answer to a rejected input, so that the retry with
-    /// the whole body runs, rather than being answered with the stored
-    /// refusal of the part that came. Any other answer is stored as it
+    /// itself) given after the body it read ended short or failed: the
+    /// engine treats it as an answer to a rejected input, so that the
+    /// retry with the whole body runs, rather than being answered with the
+    /// stored refusal of the part that came. Any other answer is stored as it
     /// is: the handler may have acted on that part.
     fn around(self, handler: Handler, statuses: FinalStatuses) -> Handler {
         let Some(watch) = self.0 else {
             return handler;
         };
-        Box::pin(async move { whole_body::unstored_if_cut_short(handler.await, &watch, statuses) })
+        Box::pin(async move { whole_body::unstored_if_unread(handler.await, &watch, statuses) })
     }
 }
 

@@ -8,6 +8,12 @@
 //! refuses a body shorter than its `Content-Length` with an error, so
 //! only requests of HTTP/2 and later are watched here; a body without
 //! the header that is cut short cannot be told from a whole one.
+//!
+//! A body the handler reads itself once the key is claimed is watched
+//! whatever its version, for failing too (the client cancelled the
+//! upload, or its connection broke): the handler's answer to a body it
+//! could not read to its end is not stored, as a body extractor's
+//! rejection of one is not.
 
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -23,7 +29,7 @@ use http_body::{Frame, SizeHint};
 
 use crate::endpoint::FinalStatuses;
 use crate::engine::answers_malformed_input;
-use crate::layer::Unstored;
+use crate::layer::{Unstored, is_over_limit};
 use crate::problem::{Problem, ProblemKind};
 use crate::record::RecordKey;
 use crate::request::{IdempotentRequest, ScopeSource};
@@ -95,14 +101,35 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
     value.parse().ok()
 }
 
-/// Learns whether a watched body ended short of its `Content-Length`.
+/// How a watched body failed to be read to its end.
+#[derive(Debug, Clone, Copy)]
+enum Unread {
+    /// It ended, without an error, short of its `Content-Length`.
+    CutShort(CutShort),
+    /// It failed while it was read (a reset stream, a broken connection,
+    /// a body timeout), over no size limit: a body over one is answered
+    /// as its limit has it, and not stored anyway (413).
+    Failed,
+}
+
+/// Learns whether a watched body ended short of its `Content-Length`, or
+/// failed while it was read.
 #[derive(Debug)]
-pub(crate) struct Watch(Arc<OnceLock<CutShort>>);
+pub(crate) struct Watch(Arc<OnceLock<Unread>>);
 
 impl Watch {
     /// What the body fell short by, once its reader reached its end.
     pub(crate) fn cut_short(&self) -> Option<CutShort> {
-        self.0.get().copied()
+        match self.0.get() {
+            Some(Unread::CutShort(cut_short)) => Some(*cut_short),
+            _ => None,
+        }
+    }
+
+    /// Whether the body's reader met its end short of its
+    /// `Content-Length`, or a failure other than a size limit's.
+    pub(crate) fn unread(&self) -> bool {
+        self.0.get().is_some()
     }
 
     /// Whether the watched body is still held, so that it may yet be read
@@ -119,18 +146,35 @@ impl Watch {
 /// and the watch tells why. Any other request comes back as it was, for
 /// the cost of a comparison.
 pub(crate) fn watch(request: Request) -> (Request, Option<Watch>) {
-    let Some(declared) = expected_length(request.version(), request.headers(), request.body())
-    else {
+    let declared = expected_length(request.version(), request.headers(), request.body());
+    match declared {
+        Some(declared) => watched(request, Some(declared)),
+        None => (request, None),
+    }
+}
+
+/// `request` with its body watched as [`watch`] does, and, whatever its
+/// version or length, for failing while it is read: for a last argument
+/// that may leave the body to the handler, which reads it once the key is
+/// claimed (see [`unstored_if_unread`]). A request known to have no body
+/// comes back as it was.
+pub(crate) fn watch_all(request: Request) -> (Request, Option<Watch>) {
+    let declared = expected_length(request.version(), request.headers(), request.body());
+    if declared.is_none() && http_body::Body::is_end_stream(request.body()) {
         return (request, None);
-    };
-    let cut_short = Arc::new(OnceLock::new());
-    let watch = Watch(cut_short.clone());
+    }
+    watched(request, declared)
+}
+
+fn watched(request: Request, declared: Option<u64>) -> (Request, Option<Watch>) {
+    let unread = Arc::new(OnceLock::new());
+    let watch = Watch(unread.clone());
     let request = request.map(|inner| {
         Body::new(LengthChecked {
             inner,
             received: 0,
             declared,
-            cut_short,
+            unread,
         })
     });
     (request, Some(watch))
@@ -161,30 +205,32 @@ pub(crate) fn refusal(
 
 /// `response`, marked [`Unstored`] if it answers malformed input (400 or
 /// 422, unless `statuses` lists the status itself) after the watched body
-/// ended short: the handler read the body itself and met its failure.
-/// The engine then releases the key, as after an answer to a rejected
-/// input, so that the retry with the whole body runs rather than being
-/// answered with the stored refusal of the part that came. Any other
-/// answer is stored as it is: the handler may have acted on that part.
-pub(crate) fn unstored_if_cut_short(
+/// ended short of its `Content-Length` or failed while it was read: the
+/// handler read the body itself and met its failure. The engine then
+/// releases the key, as after an answer to a rejected input, so that the
+/// retry with the whole body runs rather than being answered with the
+/// stored refusal of the part that came. Any other answer is stored as
+/// it is: the handler may have acted on that part.
+pub(crate) fn unstored_if_unread(
     mut response: Response,
     watch: &Watch,
     statuses: FinalStatuses,
 ) -> Response {
     let status = response.status();
-    if watch.cut_short().is_some() && answers_malformed_input(status) && !statuses.lists(status) {
-        let reason = "the handler answered a request body that ended short of its Content-Length";
+    if watch.unread() && answers_malformed_input(status) && !statuses.lists(status) {
+        let reason = "the handler answered a request body that could not be read to its end";
         response.extensions_mut().insert(Unstored(reason));
     }
     response
 }
 
-/// A body that fails, rather than ends, short of its declared length.
+/// A body that fails, rather than ends, short of its declared length (if
+/// it is held to one), and notes how it was not read to its end.
 struct LengthChecked {
     inner: Body,
     received: u64,
-    declared: u64,
-    cut_short: Arc<OnceLock<CutShort>>,
+    declared: Option<u64>,
+    unread: Arc<OnceLock<Unread>>,
 }
 
 impl http_body::Body for LengthChecked {
@@ -208,22 +254,33 @@ impl http_body::Body for LengthChecked {
             // Unwrapped: axum's extractors look for a limit's error at a
             // set depth of its error type (413 rather than 400), which
             // `Body::new` adds one to again.
-            Some(Err(error)) => Some(Err(error.into_inner())),
-            None if this.received < this.declared && this.cut_short.get().is_none() => {
-                let cut_short = CutShort {
-                    received: this.received,
-                    declared: this.declared,
-                };
-                let _ = this.cut_short.set(cut_short);
-                Some(Err(Box::new(cut_short)))
+            Some(Err(error)) => {
+                let error = error.into_inner();
+                if !is_over_limit(&*error) {
+                    let _ = this.unread.set(Unread::Failed);
+                }
+                Some(Err(error))
             }
-            None => None,
+            None => match this.declared {
+                Some(declared) if this.received < declared && this.unread.get().is_none() => {
+                    let cut_short = CutShort {
+                        received: this.received,
+                        declared,
+                    };
+                    let _ = this.unread.set(Unread::CutShort(cut_short));
+                    Some(Err(Box::new(cut_short)))
+                }
+                _ => None,
+            },
         })
     }
 
     fn is_end_stream(&self) -> bool {
         // A reader that stops at the end of the stream would miss the error.
-        self.inner.is_end_stream() && self.received >= self.declared
+        self.inner.is_end_stream()
+            && self
+                .declared
+                .is_none_or(|declared| self.received >= declared)
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -349,7 +406,7 @@ mod tests {
             let (request, watch) = watch(request(Version::HTTP_2, Some("5"), 5, data));
             drop(read(request).await);
             let status = StatusCode::from_u16(status).unwrap();
-            let response = unstored_if_cut_short(status.into_response(), &watch.unwrap(), statuses);
+            let response = unstored_if_unread(status.into_response(), &watch.unwrap(), statuses);
             response.extensions().get::<Unstored>().is_some()
         };
         let (default, listing_400) = (FinalStatuses::Default, FinalStatuses::DefaultAnd(LISTS_400));
@@ -366,6 +423,78 @@ mod tests {
                 expected,
                 "{status} {statuses:?} {data}"
             );
+        }
+    }
+
+    /// A body that fails while it is read once.
+    struct Failing(Option<axum::BoxError>);
+
+    impl http_body::Body for Failing {
+        type Data = Bytes;
+        type Error = axum::BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.take().map(Err))
+        }
+    }
+
+    /// A body the handler may read itself is watched whatever the
+    /// request's version or length, unless it is known to be empty.
+    #[test]
+    fn every_body_that_may_hold_data_is_watched_for_the_handler() {
+        for (version, length, announced, data, watched) in [
+            (Version::HTTP_11, Some("12"), 12, "12345", true),
+            (Version::HTTP_11, None, 12, "12345", true),
+            (Version::HTTP_2, None, 12, "12345", true),
+            (Version::HTTP_2, Some("12"), 12, "12345", true),
+        ] {
+            let (_, watch) = watch_all(request(version, length, announced, data));
+            assert_eq!(watch.is_some(), watched, "{version:?} {length:?}");
+        }
+        let (_, watch) = watch_all(Request::new(Body::empty()));
+        assert!(watch.is_none(), "an empty body");
+    }
+
+    /// A body that fails while it is read is noted as unread, whatever
+    /// its version, and not as cut short; a body over a size limit is
+    /// not: its 413 is the limit's answer, not stored anyway.
+    #[tokio::test]
+    async fn a_body_that_fails_while_it_is_read_is_noted_unless_over_a_limit() {
+        let broken: axum::BoxError = "connection reset".into();
+        let body = Body::new(Failing(Some(broken)));
+        let (request, watch) = watch_all(Request::new(body));
+        let watch = watch.expect("watched");
+        assert!(!watch.unread(), "not read yet");
+        let error = read(request).await.unwrap_err();
+        assert_eq!(error.to_string(), "connection reset");
+        assert!(watch.unread());
+        assert!(watch.cut_short().is_none());
+
+        let limited = http_body_util::Limited::new(Body::from("12345"), 2);
+        let (request, watch) = watch_all(Request::new(Body::new(limited)));
+        assert!(read(request).await.is_err());
+        assert!(!watch.expect("watched").unread(), "over a limit");
+    }
+
+    /// A handler's answer to malformed input after the body it read
+    /// failed is not stored either; any other answer is.
+    #[tokio::test]
+    async fn an_answer_to_malformed_input_after_a_body_failed_is_not_stored() {
+        for (status, expected) in [(400, true), (422, true), (201, false), (402, false)] {
+            let broken: axum::BoxError = "connection reset".into();
+            let (request, watch) = watch_all(Request::new(Body::new(Failing(Some(broken)))));
+            drop(read(request).await);
+            let status = StatusCode::from_u16(status).unwrap();
+            let response = unstored_if_unread(
+                status.into_response(),
+                &watch.unwrap(),
+                FinalStatuses::Default,
+            );
+            let unstored = response.extensions().get::<Unstored>().is_some();
+            assert_eq!(unstored, expected, "{status}");
         }
     }
 
