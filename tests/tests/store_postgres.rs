@@ -765,6 +765,48 @@ fn a_store_dropped_outside_its_runtime_gives_its_connections_back() {
     }
 }
 
+/// A store that outlives the runtime it was first used in, is used in
+/// another, and is dropped outside both (a `main` that runs a second
+/// runtime after the first, then returns): the connection it keeps from
+/// the second runtime goes back to the pool on that runtime, rather than
+/// being handed to the first one, which is gone and drops it.
+#[test]
+fn a_store_used_in_a_second_runtime_gives_its_connections_back_there() {
+    let Some(url) = backend_url(URL) else { return };
+    let first = tokio::runtime::Runtime::new().expect("a runtime");
+    let store = first.block_on(async {
+        let store = store_on_own_pool(&url, 4).await;
+        claim(&store, "first-runtime").await;
+        store
+    });
+    drop(first);
+    let second = tokio::runtime::Runtime::new().expect("a runtime");
+    let kept = second.block_on(async {
+        // The first runtime's connections are broken now: the claim goes
+        // on to a new one, opened and kept in this runtime.
+        claim(&store, "second-runtime").await;
+        // The broken ones close on tasks of their own.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while store.pool().size() > 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (store.pool().size(), store.pool().num_idle())
+    });
+    let pool = store.pool().clone();
+    let table = store.table().to_owned();
+    drop(store);
+    second.block_on(async {
+        let returned = pool_reaches_idle(&pool, 1, Duration::from_secs(5)).await;
+        let (size, idle) = (pool.size(), pool.num_idle());
+        drop_table_on(&pool, &table).await;
+        assert_eq!(kept, (1, 0), "the store kept one connection, and no other");
+        assert!(
+            returned,
+            "the kept connection did not go back to the pool: {size} open, {idle} idle"
+        );
+    });
+}
+
 #[tokio::test]
 async fn without_holding_each_connection_goes_back_after_its_statement() {
     let Some(url) = backend_url(URL) else { return };
@@ -794,6 +836,61 @@ async fn the_store_keeps_no_more_connections_than_it_was_given() {
         "24 concurrent claims kept {checked_out} connections"
     );
     drop_table(&store).await;
+}
+
+/// Asked to keep as many connections as the pool has, or more, the store
+/// still leaves one to the rest: under steady traffic, kept connections
+/// are never unused for a second, and the application's own queries, the
+/// reaper's purges and migrations would each wait out the pool's acquire
+/// timeout and fail, until a kept connection turned a minute old.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keeping_as_many_connections_as_the_pool_has_still_leaves_one_free() {
+    let Some(url) = backend_url(URL) else { return };
+    for hold in [4, 100] {
+        let pool = PostgresStore::pool_options()
+            .max_connections(4)
+            .connect(&url)
+            .await
+            .expect("connect");
+        let store = PostgresStore::builder(pool)
+            .table(unique_name("idem_test"))
+            .hold_connections(hold)
+            .build()
+            .expect("valid table name");
+        store.migrate().await.expect("migrate");
+        let busy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let mut traffic = tokio::task::JoinSet::new();
+        for worker in 0..4 {
+            let (store, busy) = (store.clone(), Arc::clone(&busy));
+            traffic.spawn(async move {
+                let mut reads = 0;
+                while busy.load(Ordering::Relaxed) {
+                    let key = record_key(&format!("steady-{worker}-{reads}"));
+                    store.get(&key).await.expect("get");
+                    reads += 1;
+                }
+            });
+        }
+        // Every connection has been kept by now.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let within = Duration::from_secs(2);
+        let purged = tokio::time::timeout(within, store.purge_expired()).await;
+        let own_query = tokio::time::timeout(within, store.pool().acquire()).await;
+        let own_query = own_query.map(|acquired| acquired.map(drop));
+        busy.store(false, Ordering::Relaxed);
+        while let Some(done) = traffic.join_next().await {
+            done.expect("traffic");
+        }
+        drop_table(&store).await;
+        assert!(
+            matches!(purged, Ok(Ok(_))),
+            "holding {hold} of 4: a purge under traffic: {purged:?}"
+        );
+        assert!(
+            matches!(own_query, Ok(Ok(()))),
+            "holding {hold} of 4: the application's query under traffic: {own_query:?}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -1085,6 +1182,83 @@ async fn a_claim_after_the_server_ended_its_connections_is_acquired() {
         .await;
     drop_table_on(admin.pool(), store.table()).await;
     assert!(ended > 1, "ended {ended} connections");
+    assert!(matches!(claimed, Ok(Claim::Acquired(_))), "{claimed:?}");
+}
+
+/// A store on a pool of `size` connections named `name`, keeping up to
+/// `hold` of them.
+async fn store_named_sized(url: &str, name: &str, size: u32, hold: u32) -> PostgresStore {
+    use std::str::FromStr;
+
+    let options = sqlx::postgres::PgConnectOptions::from_str(url)
+        .expect("valid URL")
+        .application_name(name);
+    let pool = PostgresStore::pool_options()
+        .max_connections(size)
+        .connect_with(options)
+        .await
+        .expect("connect");
+    let store = PostgresStore::builder(pool)
+        .table(unique_name("idem_test"))
+        .hold_connections(hold)
+        .build()
+        .expect("valid table name");
+    store.migrate().await.expect("migrate");
+    store
+}
+
+/// Has `count` claims on `store` run at once, each on a connection of its
+/// own: they wait behind a lock on the table that `admin` holds until
+/// all of them are under way. The store then keeps `count` connections.
+async fn claims_on_connections_of_their_own(store: &PostgresStore, admin: &PgPool, count: usize) {
+    let mut lock = admin.begin().await.expect("begin");
+    let table = store.table();
+    sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+        .execute(&mut *lock)
+        .await
+        .expect("lock the table");
+    let mut claims = tokio::task::JoinSet::new();
+    for index in 0..count {
+        let store = store.clone();
+        claims.spawn(async move { claim(&store, &format!("held-{index}")).await });
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let opened = u32::try_from(count).expect("a pool's size");
+    while store.pool().size() < opened && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    lock.commit().await.expect("unlock the table");
+    while let Some(claimed) = claims.join_next().await {
+        assert!(matches!(claimed.expect("task"), Claim::Acquired(_)));
+    }
+}
+
+/// A pool larger than 40 connections (here 44, keeping 43): a restart, or
+/// the server ending the store's connections, breaks every one of them,
+/// and a statement runs again on the next broken one until it meets a new
+/// one, as many times as the pool has connections. Tried only 40 more
+/// times, the first claim after the break met 41 broken connections and
+/// failed with the server's "terminating connection" (a 503), although a
+/// new connection was one or two tries away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_after_the_server_ended_more_than_forty_connections_is_acquired() {
+    let Some(url) = backend_url(URL) else { return };
+    let name = unique_name("idem_ended_many");
+    let store = store_named_sized(&url, &name, 44, 43).await;
+    let admin = PostgresStore::connect(&url).await.expect("connect");
+    claims_on_connections_of_their_own(&store, admin.pool(), 43).await;
+    let opened = store.pool().size();
+    let ended = end_connections(&admin, &name).await;
+    let claimed = store
+        .claim(
+            &record_key("after-ended-many"),
+            Fingerprint::from_bytes([1; 32]),
+            STORE_TIMEOUT,
+        )
+        .await;
+    drop_table_on(admin.pool(), store.table()).await;
+    assert!(opened > 41, "the pool opened only {opened} connections");
+    assert!(ended > 41, "ended {ended} connections");
     assert!(matches!(claimed, Ok(Claim::Acquired(_))), "{claimed:?}");
 }
 

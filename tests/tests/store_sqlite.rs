@@ -1048,8 +1048,8 @@ async fn the_stores_own_pool_lends_connections_without_a_ping() {
 /// sqlx pings every connection given back to its pool, one more command
 /// to the connection's thread per statement: the store keeps its
 /// connections between statements instead, and gives them back to the
-/// pool only when they sit unused. On a pool of one connection, each
-/// statement otherwise waits for the previous one's to be given back.
+/// pool only when they sit unused. On a pool of two keeping one, each
+/// statement otherwise gives its connection back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statements_in_a_row_keep_their_connection() {
     use std::sync::Arc;
@@ -1062,14 +1062,14 @@ async fn statements_in_a_row_keep_their_connection() {
     let given_back = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&given_back);
     let pool = sqlx::sqlite::SqlitePoolOptions::new()
-        .max_connections(1)
+        .max_connections(2)
         .after_release(move |_, _| {
             counter.fetch_add(1, Ordering::SeqCst);
             Box::pin(async { Ok(true) })
         })
         .connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(&db.0))
         .await
-        .expect("open a pool of one connection");
+        .expect("open a pool of two connections");
     let store = SqliteStore::builder(pool.clone())
         .hold_connections(1)
         .build()
@@ -1098,4 +1098,63 @@ async fn statements_in_a_row_keep_their_connection() {
         .await
         .expect("the pool closes while the store is alive");
     drop(store);
+}
+
+/// Asked to keep as many connections as the pool has, or more, the store
+/// still leaves one to the rest: under steady traffic, kept connections
+/// are never unused for a second, and the application's own queries and
+/// the reaper's purges would each wait out the pool's acquire timeout and
+/// fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keeping_as_many_connections_as_the_pool_has_still_leaves_one_free() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use idempotent_core::store::Store;
+
+    let db = TempDb::new();
+    drop(db.open().await);
+    for hold in [4, 100] {
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(4))
+            .connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(&db.0))
+            .await
+            .expect("open a pool of four connections");
+        let store = SqliteStore::builder(pool)
+            .hold_connections(hold)
+            .build()
+            .expect("valid table name");
+        let busy = Arc::new(AtomicBool::new(true));
+        let mut traffic = tokio::task::JoinSet::new();
+        for worker in 0..4 {
+            let (store, busy) = (store.clone(), Arc::clone(&busy));
+            traffic.spawn(async move {
+                let mut reads = 0;
+                while busy.load(Ordering::Relaxed) {
+                    let key = record_key(&format!("steady-{worker}-{reads}"));
+                    store.get(&key).await.expect("get");
+                    reads += 1;
+                }
+            });
+        }
+        // Every connection the store may keep has been kept by now.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let within = Duration::from_secs(2);
+        let purged = tokio::time::timeout(within, store.purge_expired()).await;
+        let own_query = tokio::time::timeout(within, store.pool().acquire()).await;
+        let own_query = own_query.map(|acquired| acquired.map(drop));
+        busy.store(false, Ordering::Relaxed);
+        while let Some(done) = traffic.join_next().await {
+            done.expect("traffic");
+        }
+        assert!(
+            matches!(purged, Ok(Ok(_))),
+            "holding {hold} of 4: a purge under traffic: {purged:?}"
+        );
+        assert!(
+            matches!(own_query, Ok(Ok(()))),
+            "holding {hold} of 4: the application's query under traffic: {own_query:?}"
+        );
+    }
 }

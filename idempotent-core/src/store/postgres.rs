@@ -64,8 +64,22 @@ const MAX_MESSAGE_BYTES: usize = (1 << 30) - (1 << 20);
 /// on turns out broken. A database restart, a failover or ended sessions
 /// break every pooled connection at once, and none is checked before use
 /// (a check would cost a round trip per statement), so the statement
-/// goes on to the next until it meets a live one, or a new one.
+/// goes on to the next until it meets a live one, or a new one. At least
+/// this many: see [`broken_connection_retries`].
 const BROKEN_CONNECTION_RETRIES: usize = 40;
+
+/// How many more connections a statement on `pool` is tried on when the
+/// one it ran on turns out broken: [`BROKEN_CONNECTION_RETRIES`], or the
+/// pool's size if larger. A restart breaks every connection the pool
+/// opened, kept ones and idle ones alike, and each broken one is
+/// discarded as it fails, so the one after as many as the pool holds is
+/// a new one. With 40 only, a pool of 100 (keeping its default 50) fails
+/// the first claim after a restart on the 41st broken connection, a new
+/// one being a few tries away.
+fn broken_connection_retries(pool: &PgPool) -> usize {
+    let size = pool.options().get_max_connections();
+    usize::try_from(size).map_or(usize::MAX, |size| size.max(BROKEN_CONNECTION_RETRIES))
+}
 
 /// Whether `error` says the connection broke, rather than that the
 /// statement failed on a live one.
@@ -157,7 +171,10 @@ macro_rules! on_live_connection {
                 $statement.await
             };
             match outcome {
-                Err(error) if retries < BROKEN_CONNECTION_RETRIES && is_broken_connection(&error) => {
+                Err(error)
+                    if retries < broken_connection_retries($store.pool())
+                        && is_broken_connection(&error) =>
+                {
                     retries += 1;
                     tracing::debug!(%error, "a PostgreSQL connection broke; trying another");
                     // Returned to the sqlx pool, which discards it.
@@ -302,7 +319,9 @@ impl PostgresStoreBuilder {
     /// for its statements (default: half the pool's `max_connections`,
     /// rounded down, so a pool of one connection stays the application's;
     /// [`PostgresStore::connect`] makes a pool of 16 and keeps 15). Capped
-    /// at the pool's size.
+    /// at one less than the pool's size, so that the application, purges
+    /// and migrations always have a connection: under steady traffic a
+    /// kept connection is never unused long enough to go back.
     ///
     /// sqlx pings every connection returned to its pool, one more round
     /// trip per statement; a kept connection goes from one statement
@@ -346,8 +365,8 @@ impl PostgresStore {
     ///
     /// Connections are not pinged before use: after a database restart, a
     /// statement that meets a broken connection runs again on the next
-    /// (up to 40 times), so requests do not see the restart once the
-    /// database answers.
+    /// (up to 40 times, or as many as the pool has connections if more),
+    /// so requests do not see the restart once the database answers.
     ///
     /// # Errors
     /// The URL is invalid or not a `postgres://` one, or the first

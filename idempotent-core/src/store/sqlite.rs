@@ -139,8 +139,10 @@ impl SqliteStoreBuilder {
     /// How many of the pool's connections the store keeps checked out
     /// for its statements (default: half the pool's `max_connections`,
     /// rounded down, so a pool of one connection stays the application's;
-    /// [`SqliteStore::open`] makes a pool of 4 and keeps 2). Capped at the
-    /// pool's size.
+    /// [`SqliteStore::open`] makes a pool of 4 and keeps 2). Capped at one
+    /// less than the pool's size, so that the application, purges and
+    /// migrations always have a connection: under steady traffic a kept
+    /// connection is never unused long enough to go back.
     ///
     /// sqlx runs each SQLite connection on a thread of its own, and pings
     /// every connection given back to its pool: one more command, and two

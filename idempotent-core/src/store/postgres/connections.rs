@@ -98,14 +98,19 @@ enum Leased {
 
 impl Connections {
     /// Connections from `pool`, keeping up to `hold` of them (default:
-    /// half the pool); `0` returns each one to the pool after its
-    /// statement, as sqlx does by itself. Their statements run on `table`.
+    /// half the pool; at most all but one); `0` returns each one to the
+    /// pool after its statement, as sqlx does by itself. Their statements
+    /// run on `table`.
     pub(super) fn new(pool: PgPool, hold: Option<u32>, table: &str) -> Self {
         let size = pool.options().get_max_connections();
         // Half, rounded down: kept, the one connection of a pool of one
         // would leave none to the application while statements keep it
-        // busy (it goes back only after a second unused).
-        let hold = hold.unwrap_or(size / 2).min(size);
+        // busy (it goes back only after a second unused). All but one at
+        // most, whatever was asked: under steady traffic no kept
+        // connection sits unused for a second, and with every one kept,
+        // the application's queries, purges and migrations would wait
+        // out the pool's acquire timeout and fail.
+        let hold = hold.unwrap_or(size / 2).min(size.saturating_sub(1));
         let reachability = Arc::new(Reachability::new());
         let kept = Kept::new(checkout(&pool, &reachability), hold).map(Arc::new);
         Self {

@@ -59,11 +59,16 @@ enum Leased {
 impl Connections {
     /// Connections from `pool`, keeping up to `hold` of them (default:
     /// half the pool, rounded down, so a pool of one connection, as an
-    /// in-memory database has, stays the application's); `0` returns
-    /// each one to the pool after its statement, as sqlx does by itself.
+    /// in-memory database has, stays the application's; at most all but
+    /// one); `0` returns each one to the pool after its statement, as sqlx
+    /// does by itself.
     pub(super) fn new(pool: SqlitePool, hold: Option<u32>) -> Self {
         let size = pool.options().get_max_connections();
-        let hold = hold.unwrap_or(size / 2).min(size);
+        // All but one at most, whatever was asked: under steady traffic no
+        // kept connection sits unused for a second, and with every one
+        // kept, the application's queries, purges and migrations would
+        // wait out the pool's acquire timeout and fail.
+        let hold = hold.unwrap_or(size / 2).min(size.saturating_sub(1));
         let checkout = Checkout { pool: pool.clone() };
         let kept = Kept::new(checkout, hold).map(Arc::new);
         Self { pool, kept }
