@@ -442,3 +442,58 @@ async fn a_claim_resent_to_a_full_redis_holds_the_key() {
     assert!(matches!(completed, Some(Ok(()))), "{completed:?}");
     assert!(replayed, "the stored response is not replayed");
 }
+
+/// The longest lease and TTL an endpoint takes, a century (`"36500d"`):
+/// Redis keeps the key a minute past its deadline, as it does for any
+/// other, so that a host whose clock is behind Redis's does not see the
+/// record vanish before its deadline. The expiry was capped at a
+/// century, grace included, so at the longest TTL the grace was gone:
+/// `PTTL` equal to the TTL itself.
+#[tokio::test]
+async fn a_century_long_lease_and_ttl_keep_the_minute_of_grace() {
+    let Some(url) = backend_url(URL) else { return };
+    let century = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+    let century_ms = i64::try_from(century.as_millis()).unwrap();
+    let store = RedisStore::builder(redis_connection(&url).await)
+        .prefix(unique_name("idem_test") + ":")
+        .build();
+    let mut connection = redis_connection(&url).await;
+    let century_key = key("century");
+    let redis_key = store.redis_key(&century_key);
+    let pttl = |mut connection: redis::aio::ConnectionManager| {
+        let redis_key = redis_key.clone();
+        async move {
+            let pttl: i64 = redis::cmd("PTTL")
+                .arg(&redis_key)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            pttl
+        }
+    };
+    let token = acquire(&store, &century_key, FINGERPRINT, century).await;
+    let claimed = pttl(connection.clone()).await;
+    store.renew(&century_key, token, century).await.unwrap();
+    let renewed = pttl(connection.clone()).await;
+    store
+        .complete(&century_key, token, paid(), century)
+        .await
+        .unwrap();
+    let completed = pttl(connection.clone()).await;
+    let () = redis::cmd("DEL")
+        .arg(store.redis_key(&century_key))
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    // A minute past the deadline, less the few milliseconds the test took.
+    for (what, pttl) in [
+        ("claimed", claimed),
+        ("renewed", renewed),
+        ("completed", completed),
+    ] {
+        assert!(
+            pttl > century_ms + 50_000 && pttl <= century_ms + 60_000,
+            "{what}: PTTL {pttl} ms, the deadline {century_ms} ms away"
+        );
+    }
+}

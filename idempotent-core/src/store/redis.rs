@@ -98,7 +98,9 @@ const EXPIRY_GRACE: Duration = Duration::from_secs(60);
 /// The largest argument Redis accepts by default (`proto-max-bulk-len`),
 /// and the largest value the store sends.
 const MAX_VALUE_BYTES: usize = 512 * 1024 * 1024;
-/// Redis rejects expiries that overflow its clock; a century is plenty.
+/// The longest deadline Redis's expiry is computed for: a century, the
+/// longest lease or TTL an endpoint takes. Redis rejects expiries that
+/// overflow its clock; a century and [`EXPIRY_GRACE`] is far within it.
 const MAX_PX: u64 = 100 * 365 * 24 * 60 * 60 * 1000;
 
 /// Shared Lua helpers. Offsets are 1-based: the deadline is bytes 34..=41,
@@ -1383,11 +1385,14 @@ fn found_by(record: Record, token: LeaseToken) -> Claim {
     }
 }
 
-/// Redis expiry for a record whose deadline is `duration` away.
+/// Redis expiry for a record whose deadline is `duration` away: the
+/// grace is added after the cap, so that a record of the longest TTL (a
+/// century, `"36500d"`) keeps it too rather than expiring in Redis at its
+/// very deadline, before it on a host whose clock is behind Redis's.
 fn px(duration: Duration) -> u64 {
     millis(duration)
-        .saturating_add(millis(EXPIRY_GRACE))
         .min(MAX_PX)
+        .saturating_add(millis(EXPIRY_GRACE))
 }
 
 fn encode_in_flight(held: &InFlight) -> Bytes {
