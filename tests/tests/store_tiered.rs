@@ -213,6 +213,60 @@ async fn with_the_durable_tier_down_only_cached_replays_are_answered() {
     }
 }
 
+/// Redis lowered to take values of at most 1 MiB (`proto-max-bulk-len`
+/// at its least) keeps a larger record without its body, which the engine
+/// answers 410. The instance that completed it must replay what Redis
+/// holds, as every other instance does, not the body it sent: from memory
+/// it replayed the whole response while the others answered 410. Learned
+/// from Redis, the record is then replayed from memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_redis_keeps_without_its_body_is_replayed_without_it_from_memory() {
+    use idempotent_core::fingerprint::Fingerprint;
+    use idempotent_core::key::IdempotencyKey;
+    use idempotent_core::record::{Claim, RecordKey, StoredResponse};
+    use idempotent_core::scope::ScopeDigest;
+    use store_support::OwnRedis;
+
+    // Needs the Redis test environment (it starts its own server binary).
+    if backend_url("IDEMPOTENT_TEST_REDIS_URL").is_none() {
+        return;
+    }
+    let mut redis =
+        OwnRedis::start_with(OwnRedis::free_port(), &["--proto-max-bulk-len", "1mb"]).await;
+    let connect =
+        || async { Tiered::new(RedisStore::connect(&redis.url()).await.expect("connect")) };
+    let (a, b) = (connect().await, connect().await);
+    let key = RecordKey::new(
+        ScopeDigest::from_bytes(rand::random()),
+        IdempotencyKey::parse(b"large").unwrap(),
+    );
+    let fingerprint = Fingerprint::from_bytes([5; 32]);
+    let lease = Duration::from_secs(60);
+    let token = store_support::acquire(&a, &key, fingerprint, lease).await;
+    let body = axum::body::Bytes::from(vec![b'x'; 3 << 19]);
+    let response = StoredResponse::new(StatusCode::OK, Vec::new(), Some(body));
+    a.complete(&key, token, response, Duration::from_secs(3600))
+        .await
+        .expect("kept without its body");
+
+    let body_of = |claim: Result<Claim, _>| match claim {
+        Ok(Claim::Completed(record)) => record.response.body.as_ref().map(|body| body.len()),
+        other => panic!("expected a replay, got {other:?}"),
+    };
+    assert_eq!(body_of(b.claim(&key, fingerprint, lease).await), None);
+    assert_eq!(
+        body_of(a.claim(&key, fingerprint, lease).await),
+        None,
+        "the instance that completed it replays a body Redis did not keep"
+    );
+    redis.stop().await;
+    assert_eq!(
+        body_of(a.claim(&key, fingerprint, lease).await),
+        None,
+        "the record learned from Redis is not replayed from memory"
+    );
+}
+
 mod two_instances {
     //! Two `Tiered` instances on one durable store, driven through the
     //! `Store` calls the engine makes, after each event that changes what

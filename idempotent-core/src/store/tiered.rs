@@ -31,6 +31,16 @@ use crate::record::{Claim, Completed, LeaseToken, Record, RecordKey, StoredRespo
 
 const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
 
+/// The largest encoded record that every durable store of this crate
+/// keeps whole: Redis takes no value over its `proto-max-bulk-len`, 1 MiB
+/// at its least, and PostgreSQL and SQLite near 1 GB; past its limit a
+/// store keeps the record without its body (answered 410). A larger
+/// completion is not cached as it was sent, since the copy in memory would
+/// replay a body the durable store may not have kept, while every other
+/// instance answers 410: its first replay asks the durable store, and
+/// caches what that store holds.
+const KEPT_WHOLE_BYTES: usize = 1 << 20;
+
 /// A [`Store`] that replays completed records from memory and defers
 /// everything else to `durable`.
 ///
@@ -42,6 +52,12 @@ const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
 /// first ones failed in an outage), until the claim is released, or until
 /// the durable store refuses it for good; cut short, it lapses with its
 /// lease.
+///
+/// A completion whose record encodes to more than 1 MiB is not cached as
+/// sent: a durable store keeps a record over its own limit on one value
+/// (Redis's `proto-max-bulk-len`, 1 MiB at its least) without its body, so
+/// such a record is cached once a replay has read from the durable store
+/// what it kept.
 ///
 /// # Clocks
 ///
@@ -256,7 +272,12 @@ impl<D: Store> Store for Tiered<D> {
         let cache = self.cache.inner();
         match &completed {
             Ok(()) => {
-                let _ = cache.complete(key, token, response, now, expires_at);
+                let record = Completed::new(Fingerprint::from_bytes([0; 32]), response, expires_at);
+                if record.encoded_len() > KEPT_WHOLE_BYTES {
+                    let _ = cache.release(key, token);
+                } else {
+                    let _ = cache.complete(key, token, record.response, now, expires_at);
+                }
             }
             // The engine tries again under the same lease, renewing it
             // meanwhile (a response stored later): the hold stays, so that
