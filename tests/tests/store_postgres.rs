@@ -858,29 +858,13 @@ async fn keeping_as_many_connections_as_the_pool_has_still_leaves_one_free() {
             .build()
             .expect("valid table name");
         store.migrate().await.expect("migrate");
-        let busy = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let mut traffic = tokio::task::JoinSet::new();
-        for worker in 0..4 {
-            let (store, busy) = (store.clone(), Arc::clone(&busy));
-            traffic.spawn(async move {
-                let mut reads = 0;
-                while busy.load(Ordering::Relaxed) {
-                    let key = record_key(&format!("steady-{worker}-{reads}"));
-                    store.get(&key).await.expect("get");
-                    reads += 1;
-                }
-            });
-        }
-        // Every connection has been kept by now.
-        tokio::time::sleep(Duration::from_millis(300)).await;
         let within = Duration::from_secs(2);
-        let purged = tokio::time::timeout(within, store.purge_expired()).await;
-        let own_query = tokio::time::timeout(within, store.pool().acquire()).await;
-        let own_query = own_query.map(|acquired| acquired.map(drop));
-        busy.store(false, Ordering::Relaxed);
-        while let Some(done) = traffic.join_next().await {
-            done.expect("traffic");
-        }
+        let (purged, own_query) = store_support::under_steady_reads(&store, async {
+            let purged = tokio::time::timeout(within, store.purge_expired()).await;
+            let own_query = tokio::time::timeout(within, store.pool().acquire()).await;
+            (purged, own_query.map(|acquired| acquired.map(drop)))
+        })
+        .await;
         drop_table(&store).await;
         assert!(
             matches!(purged, Ok(Ok(_))),
@@ -1172,17 +1156,30 @@ async fn a_claim_after_the_server_ended_its_connections_is_acquired() {
     let store = store_named(&url, &name).await;
     warm_up(&store).await;
     let admin = PostgresStore::connect(&url).await.expect("connect");
-    let ended = end_connections(&admin, &name).await;
+    let (ended, claimed) = claim_after_ending(&store, &admin, &name, "after-ended").await;
+    assert!(ended > 1, "ended {ended} connections");
+    assert!(matches!(claimed, Ok(Claim::Acquired(_))), "{claimed:?}");
+}
+
+/// Has `admin` end the connections of the application `name` (as a
+/// failover or a restart does), then claims `key` on `store` and drops its
+/// table: how many connections were ended, and the claim's outcome.
+async fn claim_after_ending(
+    store: &PostgresStore,
+    admin: &PostgresStore,
+    name: &str,
+    key: &str,
+) -> (usize, Result<Claim, idempotent_core::store::StoreError>) {
+    let ended = end_connections(admin, name).await;
     let claimed = store
         .claim(
-            &record_key("after-ended"),
+            &record_key(key),
             Fingerprint::from_bytes([1; 32]),
             STORE_TIMEOUT,
         )
         .await;
     drop_table_on(admin.pool(), store.table()).await;
-    assert!(ended > 1, "ended {ended} connections");
-    assert!(matches!(claimed, Ok(Claim::Acquired(_))), "{claimed:?}");
+    (ended, claimed)
 }
 
 /// A store on a pool of `size` connections named `name`, keeping up to
@@ -1248,15 +1245,7 @@ async fn a_claim_after_the_server_ended_more_than_forty_connections_is_acquired(
     let admin = PostgresStore::connect(&url).await.expect("connect");
     claims_on_connections_of_their_own(&store, admin.pool(), 43).await;
     let opened = store.pool().size();
-    let ended = end_connections(&admin, &name).await;
-    let claimed = store
-        .claim(
-            &record_key("after-ended-many"),
-            Fingerprint::from_bytes([1; 32]),
-            STORE_TIMEOUT,
-        )
-        .await;
-    drop_table_on(admin.pool(), store.table()).await;
+    let (ended, claimed) = claim_after_ending(&store, &admin, &name, "after-ended-many").await;
     assert!(opened > 41, "the pool opened only {opened} connections");
     assert!(ended > 41, "ended {ended} connections");
     assert!(matches!(claimed, Ok(Claim::Acquired(_))), "{claimed:?}");

@@ -1107,11 +1107,6 @@ async fn statements_in_a_row_keep_their_connection() {
 /// fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keeping_as_many_connections_as_the_pool_has_still_leaves_one_free() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    use idempotent_core::store::Store;
-
     let db = TempDb::new();
     drop(db.open().await);
     for hold in [4, 100] {
@@ -1125,29 +1120,13 @@ async fn keeping_as_many_connections_as_the_pool_has_still_leaves_one_free() {
             .hold_connections(hold)
             .build()
             .expect("valid table name");
-        let busy = Arc::new(AtomicBool::new(true));
-        let mut traffic = tokio::task::JoinSet::new();
-        for worker in 0..4 {
-            let (store, busy) = (store.clone(), Arc::clone(&busy));
-            traffic.spawn(async move {
-                let mut reads = 0;
-                while busy.load(Ordering::Relaxed) {
-                    let key = record_key(&format!("steady-{worker}-{reads}"));
-                    store.get(&key).await.expect("get");
-                    reads += 1;
-                }
-            });
-        }
-        // Every connection the store may keep has been kept by now.
-        tokio::time::sleep(Duration::from_millis(300)).await;
         let within = Duration::from_secs(2);
-        let purged = tokio::time::timeout(within, store.purge_expired()).await;
-        let own_query = tokio::time::timeout(within, store.pool().acquire()).await;
-        let own_query = own_query.map(|acquired| acquired.map(drop));
-        busy.store(false, Ordering::Relaxed);
-        while let Some(done) = traffic.join_next().await {
-            done.expect("traffic");
-        }
+        let (purged, own_query) = store_support::under_steady_reads(&store, async {
+            let purged = tokio::time::timeout(within, store.purge_expired()).await;
+            let own_query = tokio::time::timeout(within, store.pool().acquire()).await;
+            (purged, own_query.map(|acquired| acquired.map(drop)))
+        })
+        .await;
         assert!(
             matches!(purged, Ok(Ok(_))),
             "holding {hold} of 4: a purge under traffic: {purged:?}"

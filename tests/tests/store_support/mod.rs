@@ -271,6 +271,39 @@ pub async fn duplicates_across_instances(apps: &[Router], ledger: &Ledger, count
 pub type Completion = (Result<(), StoreError>, Result<Option<Record>, StoreError>);
 
 /// Claims `key`, which must be free, on `store`: the claim's token.
+/// `during`, run while four tasks read `store` back to back (an
+/// application's steady traffic), once they have read long enough for the
+/// store to keep every connection it may keep; the readers stop after.
+pub async fn under_steady_reads<S, T>(store: &S, during: impl Future<Output = T>) -> T
+where
+    S: Store + Clone + 'static,
+{
+    let busy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut traffic = tokio::task::JoinSet::new();
+    for worker in 0..4 {
+        let (store, busy) = (store.clone(), Arc::clone(&busy));
+        traffic.spawn(async move {
+            let mut reads = 0;
+            while busy.load(Ordering::Relaxed) {
+                let key = RecordKey::new(ScopeDigest::global(), steady_key(worker, reads));
+                store.get(&key).await.expect("get");
+                reads += 1;
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let outcome = during.await;
+    busy.store(false, Ordering::Relaxed);
+    while let Some(done) = traffic.join_next().await {
+        done.expect("traffic");
+    }
+    outcome
+}
+
+fn steady_key(worker: usize, reads: usize) -> IdempotencyKey {
+    IdempotencyKey::parse(format!("steady-{worker}-{reads}").as_bytes()).expect("a valid key")
+}
+
 pub async fn acquire(
     store: &impl Store,
     key: &RecordKey,
