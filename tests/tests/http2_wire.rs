@@ -1028,16 +1028,23 @@ fn readers_target<'a>(runs: &'a Runs, seen: &Seen) -> Target<'a> {
 /// releases the key rather than being stored, so the retry with the whole
 /// body runs, once, and its answer is what is replayed.
 async fn a_body_the_handler_reads_cut_short(path: &str) {
-    let runs = Runs::default();
-    let seen = Seen::default();
-    let target = readers_target(&runs, &seen);
-    let addr = reset_midway(&target, path, &FORM, Reason::NO_ERROR).await;
     // The part that came, or none of it when the reset overtook it
     // before the handler read it.
     let failed = [23, 0].map(|received| {
         format!("400 Bad Request unreadable: it ended after {received} of the 25 bytes its Content-Length announced")
     });
-    assert_failed_and_released(&target, &seen, &failed, path);
+    a_body_the_handler_reads_reset(path, Reason::NO_ERROR, &failed).await;
+}
+
+/// `FORM` to `path` reset with `reason` after its part, to a handler that
+/// reads the body itself: its answer, one of `failed`, releases the key,
+/// and the retry with the whole body runs once and is replayed.
+async fn a_body_the_handler_reads_reset(path: &str, reason: Reason, failed: &[String]) {
+    let runs = Runs::default();
+    let seen = Seen::default();
+    let target = readers_target(&runs, &seen);
+    let addr = reset_midway(&target, path, &FORM, reason).await;
+    assert_failed_and_released(&target, &seen, failed, path);
     let client = connect(addr).await;
     let retry = FORM.send_whole(&client, path, "k").await;
     assert_ran(&retry, "run 1 of currency=usd&amount=12345", path);
@@ -1082,18 +1089,8 @@ fn assert_failed_and_released(target: &Target<'_>, seen: &Seen, failed: &[String
 /// refusal of such a body is not stored, so that the retry with the
 /// whole body runs, once, and its answer is what is replayed.
 async fn a_body_the_handler_reads_cancelled(path: &str) {
-    let runs = Runs::default();
-    let seen = Seen::default();
-    let target = readers_target(&runs, &seen);
-    let addr = reset_midway(&target, path, &FORM, Reason::CANCEL).await;
     let failed = ["400 Bad Request unreadable: error reading a body from connection".to_owned()];
-    assert_failed_and_released(&target, &seen, &failed, path);
-    let client = connect(addr).await;
-    let retry = FORM.send_whole(&client, path, "k").await;
-    assert_ran(&retry, "run 1 of currency=usd&amount=12345", path);
-    let again = FORM.send_whole(&client, path, "k").await;
-    assert_replays(&again, &retry, path);
-    assert_eq!((seen.take().len(), runs.get()), (0, 1), "{path}");
+    a_body_the_handler_reads_reset(path, Reason::CANCEL, &failed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
