@@ -445,6 +445,115 @@ async fn a_completion_that_fails_then_a_retry_gets_409_then_the_replay() {
     store.assert_executed_once();
 }
 
+/// The client hangs up mid-handler, and the handler then panics: the
+/// rest of the run, on a task of its own, still releases the key (the
+/// panic goes nowhere), so the retry runs at once rather than getting 409
+/// until the lease lapses, and no 500 is stored.
+#[tokio::test(start_paused = true)]
+async fn a_run_whose_client_went_away_and_that_panics_releases_the_key() {
+    let (store, runs) = (MockStore::new(), Runs::default());
+    let app = app(&store, &runs);
+    let first = tokio::spawn(send(app.clone(), charging(PANICS)));
+    runs.turnstile.until_started().await;
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    runs.turnstile.let_through(2);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(store.count(OpKind::Release), 1, "{:?}", store.operations());
+    assert_eq!(store.count(OpKind::Complete), 0, "{:?}", store.operations());
+    let retry = send(app, charging(PANICS)).await;
+    assert_eq!(retry, run_answer(StatusCode::CREATED, false, 2));
+    store.assert_executed(2);
+}
+
+/// A handler that panics while the store fails the release once: the
+/// release is tried again and frees the key, and the panic still reaches
+/// the server; the retry runs at once.
+#[tokio::test(start_paused = true)]
+async fn a_panic_whose_release_fails_once_still_frees_the_key() {
+    let (store, runs) = (MockStore::new(), Runs::default());
+    let app = app(&store, &runs);
+    runs.turnstile.let_through(2);
+    store.fail_next(OpKind::Release);
+    let first = tokio::spawn(send(app.clone(), charging(PANICS)));
+    let first = tokio::time::timeout(HANG, first).await.unwrap();
+    assert!(first.unwrap_err().is_panic());
+    assert_eq!(store.failures(), 1, "{:?}", store.operations());
+    assert_eq!(store.count(OpKind::Release), 1, "{:?}", store.operations());
+    let retry = send(app, charging(PANICS)).await;
+    assert_eq!(retry, run_answer(StatusCode::CREATED, false, 2));
+    store.assert_executed(2);
+}
+
+/// Every renewal fails while the handler runs past its lease, and a
+/// retry takes the lapsed key over and runs beside it: no renewal found
+/// the lease lost, so only fencing stands between the first run's answer
+/// and the retry's record. The first run's completion is refused, the
+/// retry's answer is the one stored and replayed, and the log says once
+/// that the lease was lost.
+#[tokio::test(start_paused = true)]
+async fn renewals_that_fail_until_a_takeover_leave_the_first_answer_unstored() {
+    let (events, _guard) = Events::on_this_thread();
+    let (store, runs) = (MockStore::new(), Runs::default());
+    let app = app(&store, &runs);
+    store.fail_every(OpKind::Renew);
+    let first = tokio::spawn(send(app.clone(), charging(201)));
+    runs.turnstile.until_started().await;
+    pass(&store, PAST_THE_LEASE).await;
+    let retry = tokio::spawn(send(app.clone(), charging(201)));
+    runs.turnstile.until_started().await;
+    runs.turnstile.let_through(1);
+    let first = tokio::time::timeout(HANG, first).await.unwrap().unwrap();
+    assert_eq!(first, run_answer(StatusCode::CREATED, false, 1));
+    store.fail_all(false);
+    runs.turnstile.let_through(1);
+    let retry = tokio::time::timeout(HANG, retry).await.unwrap().unwrap();
+    assert_eq!(retry, run_answer(StatusCode::CREATED, false, 2));
+    tokio::time::sleep(PAST_THE_LEASE).await;
+    let replay = send(app, charging(201)).await;
+    assert_eq!(replay, run_answer(StatusCode::CREATED, true, 2));
+    store.assert_executed(2);
+    let events = events.take_at_least(tracing::Level::TRACE);
+    let lost = with_outcome(&events, "lease_lost");
+    assert_eq!(lost.len(), 1, "{events:#?}");
+    assert_eq!(lost[0].field("record"), Some("in_flight"), "{lost:#?}");
+}
+
+/// The store turns slower than the store timeout just as the handler
+/// answers: every completion, and the read after them, times out on the
+/// engine's own timer. The caller gets its answer, a retry meanwhile gets
+/// 503 or 409 (never a second run), and once the store is fast again the
+/// response is stored later and replayed.
+#[tokio::test(start_paused = true)]
+async fn completions_slower_than_the_store_timeout_are_stored_later() {
+    let (store, runs) = (MockStore::new(), Runs::default());
+    let app = Router::new()
+        .route("/charges", post(charge))
+        .with_state(runs.clone())
+        .layer(
+            idempotent_core::Idempotency::builder(store.clone())
+                .store_timeout(Duration::from_millis(200))
+                .build(),
+        );
+    let first = tokio::spawn(send(app.clone(), charging(201)));
+    runs.turnstile.until_started().await;
+    store.set_delay(Duration::from_secs(1));
+    runs.turnstile.let_through(1);
+    pass(&store, Duration::from_millis(2_500)).await;
+    let first = tokio::time::timeout(HANG, first).await.unwrap().unwrap();
+    assert_eq!(first, run_answer(StatusCode::CREATED, false, 1));
+    assert_eq!(store.count(OpKind::Complete), 0, "{:?}", store.operations());
+    let during = send(app.clone(), charging(201)).await;
+    assert_eq!(during.0, StatusCode::SERVICE_UNAVAILABLE, "{}", during.2);
+    store.set_delay(Duration::ZERO);
+    pass(&store, PAST_THE_LEASE).await;
+    assert_eq!(store.count(OpKind::Complete), 1, "{:?}", store.operations());
+    runs.turnstile.let_through(1);
+    let retry = send(app, charging(201)).await;
+    assert_eq!(retry, run_answer(StatusCode::CREATED, true, 1));
+    assert_eq!(runs.count(), 1);
+}
+
 // ===== a runtime that ends with a run in flight =====
 
 /// A multi-thread runtime for one phase of a test.
