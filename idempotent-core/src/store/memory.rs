@@ -261,9 +261,13 @@ impl MemoryStoreBuilder {
     /// under its share does not look at the others, so the store can go
     /// over budget by the records completed in such shards until a shard
     /// over its share next makes room: by a few records with keys spread
-    /// at random, by half the budget at the very worst. A record larger
-    /// than twice its shard's share stays only until the shard's next
-    /// record completes.
+    /// at random, by half the budget at the very worst. Expired records
+    /// count against the budget until their own shard next completes a
+    /// record, so a shard left idle with expired records can make others
+    /// drop live ones early. A record larger than twice its shard's share
+    /// empties its shard of other records, and stays only until the
+    /// shard's next record completes: keep each shard's share above half
+    /// the largest response.
     ///
     /// The first time a record is dropped before its deadline, the store
     /// logs a warning; [`MemoryStore::evicted_total`] counts them all. A
