@@ -205,7 +205,7 @@ pub(crate) async fn collect_response(parts: &Parts, body: Body, limit: usize) ->
 /// aside (RFC 9110 8.3.1: case-insensitive). Read as bytes: a parameter
 /// that is not ASCII (which a header value may carry) does not make the
 /// stream one to read to its end.
-fn is_event_stream(parts: &Parts) -> bool {
+pub(crate) fn is_event_stream(parts: &Parts) -> bool {
     let Some(content_type) = named(&parts.headers, &CONTENT_TYPE).next() else {
         return false;
     };
@@ -259,6 +259,23 @@ pub(crate) async fn collect(mut body: Body, limit: usize) -> Collected {
                 return Collected::Partial(body, NotKept::Failed);
             }
         }
+    }
+}
+
+/// `rest` after the frame `first` already read from it, as it came: data,
+/// trailers, or the error that ended it (a frame of another kind has no
+/// meaning to a client, and is left out).
+pub(crate) fn after_first(first: Result<Frame<Bytes>, axum::Error>, rest: Body) -> Body {
+    match first {
+        Ok(frame) => match frame.into_data() {
+            Ok(data) => prefixed(data, Ok(rest)),
+            Err(frame) => Body::new(Prefixed {
+                prefix: None,
+                trailers: frame.into_trailers().ok(),
+                rest: Ok(rest),
+            }),
+        },
+        Err(error) => prefixed(Bytes::new(), Err(Some(error))),
     }
 }
 

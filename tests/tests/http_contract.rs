@@ -6,7 +6,7 @@
 
 mod macro_support;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::handler::Handler;
 use axum::http::{HeaderValue, Request, StatusCode};
@@ -203,6 +203,51 @@ async fn a_get_after_a_head_under_the_layer_is_never_the_heads_bodiless_answer()
     assert_eq!(
         (head_after.replayed, head_after.header("x-head-run")),
         (true, None)
+    );
+    assert_eq!(runs.get(), 2);
+}
+
+/// An explicit `head` handler whose body is a stream that ends without a
+/// byte: bodiless too, though it does not say so before it is read.
+async fn head_streamed(State(runs): State<Runs>) -> ([(&'static str, String); 1], Body) {
+    let frames = futures_util::stream::iter([
+        Ok::<_, std::convert::Infallible>(Bytes::new()),
+        Ok(Bytes::new()),
+    ]);
+    let run = runs.bump().to_string();
+    ([("x-head-run", run)], Body::from_stream(frames))
+}
+
+/// As above, with a `head` handler that streams its empty body: judged by
+/// the length it announces (none), it was stored, and the `GET` after it
+/// got the `HEAD` handler's headers and an empty body as its replay,
+/// without its handler running.
+#[tokio::test]
+async fn a_get_after_a_head_that_streamed_no_body_runs_its_handler_under_the_layer() {
+    let runs = Runs::default();
+    let app = Router::new()
+        .route(
+            "/r",
+            get(plain)
+                .head(head_streamed)
+                .route_layer(IdempotentLayer::new(LAYERED)),
+        )
+        .with_state(runs.clone())
+        .layer(store());
+    let head = send(&app, request("HEAD", "/r", Some(b"h"), "")).await;
+    assert_eq!(
+        (head.status, head.header("x-head-run")),
+        (StatusCode::OK, Some("1"))
+    );
+    let got = send(&app, request("GET", "/r", Some(b"h"), "")).await;
+    assert_eq!(
+        (
+            got.status,
+            got.replayed,
+            got.header("x-head-run"),
+            got.body.as_str()
+        ),
+        (StatusCode::OK, false, None, "run 2")
     );
     assert_eq!(runs.get(), 2);
 }

@@ -10,7 +10,7 @@
 //! limits apply), and all of them at once when the sqlx pool is closed.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use deadpool::managed::{self, Manager};
@@ -30,13 +30,9 @@ pub(crate) struct Kept<M: Manager> {
     /// Whether the task returning idle connections runs; it is started by
     /// the first statement, inside the runtime that runs the store.
     sweeping: AtomicBool,
-    /// The runtime the last sweeper was started in, where kept
-    /// connections go back to the sqlx pool when the store is dropped
-    /// outside any runtime ([`Kept::drop_outside_runtime`]). The last, not
-    /// the first: a store that outlives its first runtime starts another
-    /// sweeper in the next, whose connections the first no longer
-    /// returns (a runtime that is gone drops the task, which closes them).
-    runtime: Mutex<Option<Handle>>,
+    /// That runtime, where kept connections go back to the sqlx pool when
+    /// the store is dropped outside any runtime ([`Kept::drop_outside_runtime`]).
+    runtime: OnceLock<Handle>,
 }
 
 impl<M> Kept<M>
@@ -58,7 +54,7 @@ where
         Some(Self {
             pool,
             sweeping: AtomicBool::new(false),
-            runtime: Mutex::new(None),
+            runtime: OnceLock::new(),
         })
     }
 
@@ -72,8 +68,7 @@ where
         {
             return;
         }
-        let current = Handle::current();
-        *this.runtime.lock().unwrap_or_else(PoisonError::into_inner) = Some(current);
+        this.runtime.get_or_init(Handle::current);
         let running = SweepingFlag(Arc::downgrade(this));
         let closed = pool.close_event();
         tokio::spawn(async move {
@@ -94,12 +89,7 @@ where
             return;
         }
         let Some(kept) = kept.take() else { return };
-        let runtime = kept
-            .runtime
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let Some(runtime) = runtime else {
+        let Some(runtime) = kept.runtime.get().cloned() else {
             return;
         };
         let _context = runtime.enter();
