@@ -765,48 +765,6 @@ fn a_store_dropped_outside_its_runtime_gives_its_connections_back() {
     }
 }
 
-/// A store that outlives the runtime it was first used in, is used in
-/// another, and is dropped outside both (a `main` that runs a second
-/// runtime after the first, then returns): the connection it keeps from
-/// the second runtime goes back to the pool on that runtime, rather than
-/// being handed to the first one, which is gone and drops it.
-#[test]
-fn a_store_used_in_a_second_runtime_gives_its_connections_back_there() {
-    let Some(url) = backend_url(URL) else { return };
-    let first = tokio::runtime::Runtime::new().expect("a runtime");
-    let store = first.block_on(async {
-        let store = store_on_own_pool(&url, 4).await;
-        claim(&store, "first-runtime").await;
-        store
-    });
-    drop(first);
-    let second = tokio::runtime::Runtime::new().expect("a runtime");
-    let kept = second.block_on(async {
-        // The first runtime's connections are broken now: the claim goes
-        // on to a new one, opened and kept in this runtime.
-        claim(&store, "second-runtime").await;
-        // The broken ones close on tasks of their own.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while store.pool().size() > 1 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        (store.pool().size(), store.pool().num_idle())
-    });
-    let pool = store.pool().clone();
-    let table = store.table().to_owned();
-    drop(store);
-    second.block_on(async {
-        let returned = pool_reaches_idle(&pool, 1, Duration::from_secs(5)).await;
-        let (size, idle) = (pool.size(), pool.num_idle());
-        drop_table_on(&pool, &table).await;
-        assert_eq!(kept, (1, 0), "the store kept one connection, and no other");
-        assert!(
-            returned,
-            "the kept connection did not go back to the pool: {size} open, {idle} idle"
-        );
-    });
-}
-
 #[tokio::test]
 async fn without_holding_each_connection_goes_back_after_its_statement() {
     let Some(url) = backend_url(URL) else { return };
