@@ -80,7 +80,12 @@ impl Completed {
 
     /// The exact length of [`encode`](Self::encode)'s output.
     pub(crate) fn encoded_len(&self) -> usize {
-        let response = &self.response;
+        Self::encoded_len_of(&self.response)
+    }
+
+    /// The exact length of the encoding of a record of `response`, whatever
+    /// its fingerprint and deadline (fixed-size fields).
+    pub(crate) fn encoded_len_of(response: &StoredResponse) -> usize {
         let headers: usize = stored_headers(response)
             .map(|(name, value)| 2 + clamp_u16(name.as_str().len()) + 4 + clamp_u32(value.len()))
             .sum();

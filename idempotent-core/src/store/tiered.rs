@@ -272,11 +272,10 @@ impl<D: Store> Store for Tiered<D> {
         let cache = self.cache.inner();
         match &completed {
             Ok(()) => {
-                let record = Completed::new(Fingerprint::from_bytes([0; 32]), response, expires_at);
-                if record.encoded_len() > KEPT_WHOLE_BYTES {
+                if Completed::encoded_len_of(&response) > KEPT_WHOLE_BYTES {
                     let _ = cache.release(key, token);
                 } else {
-                    let _ = cache.complete(key, token, record.response, now, expires_at);
+                    let _ = cache.complete(key, token, response, now, expires_at);
                 }
             }
             // The engine tries again under the same lease, renewing it
