@@ -810,12 +810,7 @@ async fn keeping_as_many_connections_as_the_pool_has_still_leaves_one_free() {
             .connect(&url)
             .await
             .expect("connect");
-        let store = PostgresStore::builder(pool)
-            .table(unique_name("idem_test"))
-            .hold_connections(hold)
-            .build()
-            .expect("valid table name");
-        store.migrate().await.expect("migrate");
+        let store = store_support::postgres_store_on(pool, hold).await;
         let within = Duration::from_secs(2);
         let (purged, own_query) = store_support::under_steady_reads(&store, async {
             let purged = tokio::time::timeout(within, store.purge_expired()).await;
@@ -1153,13 +1148,7 @@ async fn store_named_sized(url: &str, name: &str, size: u32, hold: u32) -> Postg
         .connect_with(options)
         .await
         .expect("connect");
-    let store = PostgresStore::builder(pool)
-        .table(unique_name("idem_test"))
-        .hold_connections(hold)
-        .build()
-        .expect("valid table name");
-    store.migrate().await.expect("migrate");
-    store
+    store_support::postgres_store_on(pool, hold).await
 }
 
 /// Has `count` claims on `store` run at once, each on a connection of its

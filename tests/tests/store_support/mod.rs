@@ -659,13 +659,22 @@ pub async fn store_behind_a_relay(
         .connect_with(options)
         .await
         .expect("connect through the relay");
-    let store = PostgresStore::builder(pool)
+    (postgres_store_on(pool, hold).await, relay)
+}
+
+/// A store with a table of its own on `pool`, migrated, keeping up to
+/// `hold` of the pool's connections.
+pub async fn postgres_store_on(
+    pool: sqlx::PgPool,
+    hold: u32,
+) -> idempotent_core::store::PostgresStore {
+    let store = idempotent_core::store::PostgresStore::builder(pool)
         .table(unique_name("idem_test"))
         .hold_connections(hold)
         .build()
         .expect("valid table name");
     store.migrate().await.expect("migrate");
-    (store, relay)
+    store
 }
 
 impl Drop for Relay {
