@@ -35,6 +35,13 @@ enum Table {
     Migrated { privileges: &'static str },
     /// Made without its index, the role granted every row privilege.
     WithoutIndex,
+    /// None, named without a schema; the role's `search_path` names a
+    /// schema of its own, which it may use but not create in.
+    MissingOnItsSearchPath,
+    /// Made with `PostgresStore::migration_sql` under a name of 63
+    /// characters, the longest PostgreSQL keeps, the role granted every
+    /// row privilege.
+    LongNamed,
     /// Made with `PostgresStore::migration_sql` in a schema of its own,
     /// the role granted every row privilege on it but no `USAGE` on the
     /// schema.
@@ -66,19 +73,34 @@ impl Setup {
         let role = format!("{name}_role");
         let reserved = matches!(table, Table::ReservedWordInSchemaWithoutGrants);
         let in_schema = reserved || matches!(table, Table::InSchemaWithoutUsage);
+        let on_search_path = matches!(table, Table::MissingOnItsSearchPath);
         let schema = match reserved {
             true => Some("order".to_owned()),
-            false => in_schema.then(|| format!("{name}_schema")),
+            false => (in_schema || on_search_path).then(|| format!("{name}_schema")),
         };
         let base = if reserved { "order" } else { "records" };
         let table_name = match &schema {
-            Some(schema) => format!("{schema}.{base}"),
-            None => name.clone(),
+            Some(schema) if in_schema => format!("{schema}.{base}"),
+            _ if matches!(table, Table::LongNamed) => format!("{name:_<63}"),
+            _ => name.clone(),
         };
         run(&admin, &format!("CREATE ROLE {role} LOGIN")).await;
         let migration = PostgresStore::migration_sql(&table_name).expect("valid table name");
         match table {
             Table::Missing => {}
+            Table::MissingOnItsSearchPath => {
+                let schema = schema.as_deref().expect("a schema");
+                let setup = format!(
+                    "CREATE SCHEMA {schema}; GRANT USAGE ON SCHEMA {schema} TO \"{role}\";
+                     ALTER ROLE \"{role}\" SET search_path = {schema}"
+                );
+                run(&admin, &setup).await;
+            }
+            Table::LongNamed => {
+                run(&admin, &migration).await;
+                let grant = format!("GRANT {ROW_PRIVILEGES} ON {table_name} TO \"{role}\"");
+                run(&admin, &grant).await;
+            }
             Table::Migrated { privileges } => {
                 run(&admin, &migration).await;
                 run(
@@ -265,6 +287,73 @@ async fn a_role_that_may_only_read_and_write_rows_is_told_to_grant_create_for_a_
             "SELECT, INSERT, UPDATE and DELETE",
         ],
     );
+}
+
+/// A role whose `search_path` names a schema of the application's own,
+/// where it may not create the table, was told to grant `CREATE` on
+/// `public`, where `CREATE TABLE` does not put the table: after that
+/// `GRANT`, `migrate` failed as before. It names the schema the table
+/// goes to, and the `GRANT` it suggests lets the role migrate.
+#[tokio::test]
+async fn a_role_whose_search_path_names_its_own_schema_is_told_to_grant_create_there() {
+    let Some(url) = backend_url(URL) else { return };
+    let setup = Setup::new(&url, Table::MissingOnItsSearchPath).await;
+    let store = setup.store(ManualClock::starting_now());
+    let (role, admin) = (setup.role.clone(), setup.admin.clone());
+    let (refused, migrated) = setup
+        .around(async move {
+            let refused = store.migrate().await.map_err(|error| error.to_string());
+            let Err(refused) = refused else {
+                return (String::new(), Err("the role created the table".to_owned()));
+            };
+            let grant = suggested_sql(&refused).replace("...", &format!("\"{role}\""));
+            let migrated = match try_run(&admin, &grant).await {
+                Ok(()) => store.migrate().await.map_err(|error| error.to_string()),
+                Err(error) => Err(error),
+            };
+            (refused, migrated)
+        })
+        .await;
+    assert_says(&refused, &["GRANT CREATE ON SCHEMA"]);
+    migrated.unwrap_or_else(|error| panic!("after the GRANT that `{refused}` suggests: {error}"));
+}
+
+/// A role refused `CONNECT` on the database, given to the store as a pool
+/// that connects when first used: `migrate` said that the role may not
+/// create the table, and to grant it `CREATE` on the schema, which does
+/// not let it connect. It says to grant `CONNECT`, as
+/// `PostgresStore::connect` does, and that `GRANT` lets the role connect.
+#[tokio::test]
+async fn a_role_refused_connect_is_told_by_migrate_to_grant_connect() {
+    let Some(url) = backend_url(URL) else { return };
+    let cluster = PgPool::connect(&url)
+        .await
+        .expect("connect as the superuser");
+    let name = unique_name("idem_connect");
+    let (database, role) = (format!("{name}_db"), format!("{name}_role"));
+    run(&cluster, &format!("CREATE ROLE {role} LOGIN")).await;
+    run(&cluster, &format!("CREATE DATABASE {database}")).await;
+    let revoke = format!("REVOKE CONNECT ON DATABASE {database} FROM PUBLIC");
+    run(&cluster, &revoke).await;
+    let options: PgConnectOptions = url.parse().expect("valid URL");
+    let pool = PostgresStore::pool_options()
+        .connect_lazy_with(options.database(&database).username(&role));
+    let store = PostgresStore::builder(pool.clone())
+        .build()
+        .expect("valid table name");
+    let refused = store.migrate().await.map_err(|error| error.to_string());
+    let granted = match &refused {
+        Err(refused) => try_run(&cluster, suggested_sql(refused)).await,
+        Ok(()) => Err("migrated without CONNECT".to_owned()),
+    };
+    let connected = pool.acquire().await.map(drop);
+    pool.close().await;
+    run(&cluster, &format!("DROP DATABASE {database} WITH (FORCE)")).await;
+    run(&cluster, &format!("DROP ROLE {role}")).await;
+    let refused = refused.expect_err("the role may not connect");
+    assert_says(&refused, &["GRANT CONNECT ON DATABASE"]);
+    granted.unwrap_or_else(|error| panic!("the GRANT `{refused}` suggests: {error}"));
+    connected.expect("the role connects after the GRANT");
 }
 
 /// A role lacking some of the row privileges was told to grant `CREATE`
@@ -715,6 +804,43 @@ async fn the_owner_migrating_a_table_without_its_index_creates_the_index() {
         indexes.iter().any(|index| index.ends_with("(expires_at)")),
         "{indexes:?}"
     );
+}
+
+/// Whether `table` has an index on `expires_at`, as `pool` reads the
+/// catalog.
+async fn has_expires_at_index(pool: &PgPool, table: &str) -> bool {
+    let indexes: Vec<String> =
+        sqlx::query_scalar("SELECT indexdef FROM pg_indexes WHERE tablename = $1")
+            .bind(table)
+            .fetch_all(pool)
+            .await
+            .expect("read the indexes");
+    indexes.iter().any(|index| index.ends_with("(expires_at)"))
+}
+
+/// A table named with 63 characters, the longest name PostgreSQL keeps:
+/// the name of its index, the table's with `_expires_at_idx` after it,
+/// was cut back by PostgreSQL to the table's own, so that `CREATE INDEX
+/// IF NOT EXISTS` found the table under it and created nothing. The
+/// table had no index, every purge read all of it, and `migrate`, run as
+/// the role, failed at every start, saying to run as the owner the
+/// `CREATE INDEX` that had just created nothing. The table gets its
+/// index, and the role migrates.
+#[tokio::test]
+async fn a_table_named_with_63_characters_gets_its_index_and_the_role_migrates() {
+    let Some(url) = backend_url(URL) else { return };
+    let setup = Setup::new(&url, Table::LongNamed).await;
+    let store = setup.store(ManualClock::starting_now());
+    let (admin, table) = (setup.admin.clone(), setup.table.clone());
+    assert_eq!(table.len(), 63, "{table}");
+    let (migrated, indexed) = setup
+        .around(async move {
+            let migrated = store.migrate().await.map_err(|error| error.to_string());
+            (migrated, has_expires_at_index(&admin, &table).await)
+        })
+        .await;
+    assert!(indexed, "the migration SQL made no index");
+    migrated.expect("the role migrates the table with its index");
 }
 
 /// A table name the builder refuses is refused here too, rather than

@@ -476,8 +476,10 @@ impl PostgresStore {
         // look that fails stops here, saying so: the script would skip
         // every check of the table, or blame a missing `CREATE`. Both run
         // on one connection, so that the pool gains one connection at most.
+        // A connection refused is told as `connect` tells it: the role
+        // may lack `CONNECT`, which is not the `CREATE` the script needs.
         let mut connection = (self.pool().acquire().await)
-            .map_err(|error| migrate_error(error, &self.inner.table, false))?;
+            .map_err(|error| connect_error(error, &self.pool().connect_options()))?;
         self.warn_of_risks(&mut connection).await;
         let existing = match self.existing(&mut connection).await {
             Ok(existing) => existing,
@@ -686,8 +688,28 @@ impl PostgresStore {
                 // the table lacks is then the error to tell.
                 let found = sqlx::query_as(&columns).fetch_all(&mut **connection).await;
                 self.check_columns(&found.unwrap_or_default())?;
-                Err(migrate_error(error, &inner.table, table_exists))
+                let schema = self.creation_schema_sql(connection).await;
+                Err(migrate_error(error, &inner.table, table_exists, &schema))
             }
+        }
+    }
+
+    /// The schema `CREATE TABLE` puts the table in, as SQL text: the one
+    /// its name gives, or else the first schema of the connection's
+    /// `search_path` that the role may use (`current_schema()`), which is
+    /// not `public` for a role whose `search_path` names a schema of the
+    /// application's own, nor where a schema of the role's name exists.
+    async fn creation_schema_sql(&self, connection: &mut Leased) -> String {
+        let table = &self.inner.table;
+        if table.contains('.') {
+            return sql::quoted(schema_of(table));
+        }
+        let current = sqlx::query_scalar::<_, Option<String>>("SELECT current_schema()::text")
+            .fetch_one(&mut **connection)
+            .await;
+        match current {
+            Ok(Some(schema)) => quote_ident(&schema),
+            _ => sql::quoted(schema_of(table)),
         }
     }
 
@@ -859,9 +881,14 @@ const COLUMNS: &[(&str, &str)] = &[
 
 /// Why [`PostgresStore::migrate`] failed, with what to do about it.
 /// `table_exists`: the table was there, and only its index was to be
-/// created.
-fn migrate_error(error: sqlx::Error, table: &str, table_exists: bool) -> StoreError {
-    let schema_sql = sql::quoted(schema_of(table));
+/// created; `schema_sql`: the schema the table was to be created in, as
+/// SQL text.
+fn migrate_error(
+    error: sqlx::Error,
+    table: &str,
+    table_exists: bool,
+    schema_sql: &str,
+) -> StoreError {
     let hint = match sql::error_code(&error).as_deref() {
         Some("42501") if table_exists => format!(
             "the table `{table}` has no index on `expires_at`, which only its owner may create: run the `CREATE INDEX` statement of `PostgresStore::migration_sql(\"{table}\")` as the table's owner"
@@ -1060,8 +1087,32 @@ struct TableNotPermitted {
     missing: String,
 }
 
+/// The longest name PostgreSQL keeps (`NAMEDATALEN` less one, in bytes):
+/// it cuts a longer one short, saying so only in a notice.
+const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// What the name of a table's index on `expires_at` ends with.
+const INDEX_SUFFIX: &str = "_expires_at_idx";
+
+/// The name of `table`'s index on `expires_at`: the table's own name
+/// (lower case, as [`sql::quoted`] writes it) and [`INDEX_SUFFIX`], cut
+/// to [`MAX_IDENTIFIER_BYTES`] as PostgreSQL would cut it. For a table
+/// named with that many characters, that is the table's own name, under
+/// which `CREATE INDEX IF NOT EXISTS` found the table and created no
+/// index: its index is named after the table's name cut shorter and a
+/// digest of the whole, so that tables whose names differ only at their
+/// end each get one.
 fn index_name(table: &str) -> String {
-    format!("{}_expires_at_idx", sql::base_name(table))
+    let base = sql::base_name(table).to_ascii_lowercase();
+    if base.len() < MAX_IDENTIFIER_BYTES {
+        let mut name = base + INDEX_SUFFIX;
+        // Checked ASCII: any byte ends a character.
+        name.truncate(MAX_IDENTIFIER_BYTES);
+        return name;
+    }
+    let digest = crate::digest::short_hex(base.as_bytes());
+    let kept = MAX_IDENTIFIER_BYTES - INDEX_SUFFIX.len() - digest.len() - 1;
+    format!("{}_{digest}{INDEX_SUFFIX}", &base[..kept])
 }
 
 /// The statements, with the table name spliced in once.
@@ -1556,6 +1607,27 @@ mod tests {
                 "{code}: {error:?}"
             );
         }
+    }
+
+    /// The name of a table's index is never the table's own, nor that of
+    /// another table's index, however long the names: a table named with
+    /// the longest name PostgreSQL keeps gets a name of its own; a shorter
+    /// one keeps the name PostgreSQL gave it, cut where PostgreSQL cut it.
+    #[test]
+    fn index_names_fit_and_stay_apart() {
+        let long = |end: &str| format!("{}{end}", "a".repeat(MAX_IDENTIFIER_BYTES - end.len()));
+        let (one, two) = (long("1"), long("2"));
+        let (index_one, index_two) = (index_name(&one), index_name(&two));
+        for (index, table) in [(&index_one, &one), (&index_two, &two)] {
+            assert!(index.len() <= MAX_IDENTIFIER_BYTES, "{index}");
+            assert_ne!(index, table);
+            assert!(index.ends_with(INDEX_SUFFIX), "{index}");
+        }
+        assert_ne!(index_one, index_two);
+        assert_eq!(index_name(&format!("App.{one}")), index_one);
+        let shorter = &one[1..];
+        assert_eq!(index_name(shorter), format!("{shorter}_"));
+        assert_eq!(index_name("App.Records"), "records_expires_at_idx");
     }
 
     /// Column values a damaged or hand-edited row may hold.
