@@ -17,7 +17,7 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::Either;
 use http::response::Parts;
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, Method, StatusCode};
 use tokio::time::Instant;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::Instrument;
@@ -33,8 +33,10 @@ use crate::record::{
     Claim, Completed, LeaseToken, MAX_STORED_HEADERS, Record, RecordKey, StoredResponse,
 };
 use crate::renewal::Renewals;
-use crate::replay::{Collected, NotKept, collect_response, replay, replayable_headers};
-use crate::request::{IdempotentRequest, ScopeSource};
+use crate::replay::{
+    Collected, NotKept, collect_response, replay, replayable_headers, unstored_if_bodiless,
+};
+use crate::request::{IdempotentRequest, ScopeSource, fingerprinted_method};
 use crate::scope::{self, MissingCredential, Scope, ScopeDigest};
 use crate::store::StoreError;
 
@@ -103,6 +105,7 @@ pub(crate) fn run(
     handler: Handler,
 ) -> impl Future<Output = Response> + Send + use<> {
     let exact = request.exact;
+    let head = request.method.as_deref() == Some(&Method::HEAD);
     match prepare(request, endpoint, fingerprint) {
         // No key on an endpoint where keys are optional: the handler runs as is.
         Ok(None) => Either::Left(Either::Left(handler)),
@@ -113,9 +116,16 @@ pub(crate) fn run(
                 endpoint = engine.endpoint.name(),
                 key = %engine.key.log_id()
             );
+            let handler = if head { head_handler(handler) } else { handler };
             Either::Right(engine.claim_and_run(handler, exact).instrument(span))
         }
     }
+}
+
+/// A keyed `HEAD`'s handler, whose answer is not stored without a body:
+/// the `GET` after it, fingerprinted alike, would be replayed an empty one.
+fn head_handler(handler: Handler) -> Handler {
+    Box::pin(async move { unstored_if_bodiless(handler.await).await })
 }
 
 /// The engine for a keyed request, `None` for an unkeyed one the endpoint
@@ -154,7 +164,7 @@ fn prepare(
         fingerprint = fingerprint.on_route(&*params);
     }
     if let Some(method) = request.method {
-        fingerprint = fingerprint.on_method(&method);
+        fingerprint = fingerprint.on_method(fingerprinted_method(&method));
     }
     Ok(Some(Engine {
         settings,

@@ -33,7 +33,7 @@ use crate::engine::resolve_scope;
 use crate::fingerprint::{Fingerprint, FingerprintError, RawBytes};
 use crate::problem::{Problem, ProblemKind};
 use crate::record::RecordKey;
-use crate::replay::{after_first, is_event_stream};
+use crate::replay::unstored_if_bodiless;
 use crate::request::{
     IdempotentRequest, ScopeSource, fingerprinted_method, route_params, without_replay_marker,
 };
@@ -352,48 +352,6 @@ where
 /// it, whatever its status, with the reason it logs.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Unstored(pub(crate) &'static str);
-
-/// A `HEAD`'s response, marked [`Unstored`] if it has no body. A `HEAD`
-/// is fingerprinted as a `GET`, and beneath `route_layer` this layer sees
-/// the `GET` handler's whole response (axum takes the body off at the
-/// router's edge), which may be stored for a `GET` as it is. A response
-/// without a body may instead be what an explicit `head` handler made,
-/// or what is left of it once axum took the body off (a layer around a
-/// whole `Router`): replayed to a `GET`, it would be an empty body. It
-/// is not stored, so a `GET` after it runs; a `HEAD` guards no side
-/// effect. A `GET` handler's own empty answer (a 204) is left unstored
-/// too, which only costs that run.
-///
-/// A body that does not announce its length (a stream) is read up to its
-/// first byte to tell: judged by its announced length alone, an empty
-/// stream from a `head` handler would be stored, and replayed to the
-/// `GET` after it as an empty body. The rest is left to the engine, which
-/// reads it all to store it anyway. An event stream is not waited on: it
-/// may send nothing for as long as it runs, and the engine stores none.
-async fn unstored_if_bodiless(response: Response) -> Response {
-    let hint = http_body::Body::size_hint(response.body());
-    if hint.exact() == Some(0) {
-        return unstored(response);
-    }
-    let (parts, mut body) = response.into_parts();
-    if hint.lower() > 0 || is_event_stream(&parts) {
-        return Response::from_parts(parts, body);
-    }
-    loop {
-        match body.frame().await {
-            None => return unstored(Response::from_parts(parts, Body::empty())),
-            // An empty data frame says nothing of what follows.
-            Some(Ok(frame)) if frame.data_ref().is_some_and(Bytes::is_empty) => {}
-            Some(first) => return Response::from_parts(parts, after_first(first, body)),
-        }
-    }
-}
-
-fn unstored(mut response: Response) -> Response {
-    let reason = "a HEAD's response without a body may not be the GET's";
-    response.extensions_mut().insert(Unstored(reason));
-    response
-}
 
 async fn call<S>(mut inner: S, request: Request) -> Response
 where

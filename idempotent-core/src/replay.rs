@@ -6,12 +6,13 @@ use std::task::{Context, Poll};
 use axum::body::Body;
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_TYPE};
+use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
 use http::response::Parts;
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 
+use crate::layer::Unstored;
 use crate::problem::{Problem, ProblemKind};
 use crate::record::StoredResponse;
 
@@ -22,7 +23,8 @@ pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-
 /// authentication parameters (RFC 9110 11.6.3, 11.7.3) belong to the
 /// first caller's session, `Date` must be fresh, hop-by-hop
 /// headers describe one connection, and `Content-Length` is recomputed
-/// from the stored body. Matched by name: an array of `HeaderName`
+/// from the stored body (a 304's is the exception: see
+/// [`is_not_modified_length`]). Matched by name: an array of `HeaderName`
 /// constants would be built and dropped at every call.
 fn is_replayable(name: &HeaderName) -> bool {
     !matches!(
@@ -45,9 +47,30 @@ fn is_replayable(name: &HeaderName) -> bool {
     )
 }
 
-/// The headers of `parts` that a replay may carry: not those above, nor
-/// those the response's `Connection` header marks as describing this
-/// connection alone (RFC 9110, 7.6.1).
+/// Whether `name` is a 304's `Content-Length`, which is kept: it frames
+/// nothing there (a 304 has no content) but tells the length of the
+/// representation the client holds (RFC 9110 8.6). Left out, the replay
+/// would not just lack it: axum gives a response without one its body's
+/// length, and the replayed 304 would announce 0, which that section
+/// forbids unless the 200 was empty (hyper sends it over HTTP/2; over
+/// HTTP/1.1 it drops the `Content-Length` of any response without a body).
+fn is_not_modified_length(status: StatusCode, name: &HeaderName) -> bool {
+    status == StatusCode::NOT_MODIFIED && *name == CONTENT_LENGTH
+}
+
+/// Whether a replay of `stored` carries its header `name`: one that is
+/// stored ([`is_replayable`]), or the `Content-Length` of a 304 without
+/// a body. A 304 that holds a body (a record written by something else)
+/// keeps none: hyper would frame that body by it.
+fn is_replayed(stored: &StoredResponse, name: &HeaderName) -> bool {
+    is_replayable(name)
+        || (is_not_modified_length(stored.status, name)
+            && stored.body.as_ref().is_some_and(Bytes::is_empty))
+}
+
+/// The headers of `parts` that a replay may carry: not those above (but a
+/// 304's `Content-Length`), nor those the response's `Connection` header
+/// marks as describing this connection alone (RFC 9110, 7.6.1).
 pub(crate) fn replayable_headers(parts: &Parts) -> Vec<(HeaderName, HeaderValue)> {
     // Empty, and so never allocated, unless the response names some.
     let per_connection: Vec<&str> = named(&parts.headers, &CONNECTION)
@@ -57,7 +80,7 @@ pub(crate) fn replayable_headers(parts: &Parts) -> Vec<(HeaderName, HeaderValue)
         .filter(|name| !name.is_empty())
         .collect();
     let kept = |name: &HeaderName| {
-        is_replayable(name)
+        (is_replayable(name) || is_not_modified_length(parts.status, name))
             && !per_connection
                 .iter()
                 .any(|listed| name.as_str().eq_ignore_ascii_case(listed))
@@ -78,7 +101,8 @@ pub(crate) fn replayable_headers(parts: &Parts) -> Vec<(HeaderName, HeaderValue)
 /// before a name joined that list (`Authentication-Info`), or by something
 /// else, may hold them, and a stored `Content-Length` or
 /// `Transfer-Encoding` would frame the replayed body other than it is
-/// sent (hyper trusts a `Content-Length` the response carries).
+/// sent (hyper trusts a `Content-Length` the response carries); a
+/// bodiless 304's `Content-Length` frames nothing, and is replayed.
 pub(crate) fn replay(stored: &StoredResponse) -> Result<Response, Problem> {
     // No final answer: hyper sends a 500 for a 1xx a service returns, and
     // a 101 would tell the client that the connection switched protocols.
@@ -94,7 +118,7 @@ pub(crate) fn replay(stored: &StoredResponse) -> Result<Response, Problem> {
     let replayable = stored
         .headers
         .iter()
-        .filter(|(name, _)| is_replayable(name));
+        .filter(|(name, _)| is_replayed(stored, name));
     // A `HeaderMap` holds at most 24,576 distinct names, and panics past
     // them; a record read back from a store may hold more.
     for (name, value) in replayable {
@@ -260,6 +284,63 @@ pub(crate) async fn collect(mut body: Body, limit: usize) -> Collected {
             }
         }
     }
+}
+
+/// A `HEAD`'s response, marked [`Unstored`] if it has no body. A `HEAD`
+/// is fingerprinted as a `GET` ([`fingerprinted_method`]), and the
+/// attribute, or `IdempotentLayer` beneath `route_layer`, sees the `GET`
+/// handler's whole response (axum takes the body off at the router's
+/// edge), which may be stored for a `GET` as it is. A response without a
+/// body may instead be what the handler made for a `HEAD` (axum's own
+/// `handle-head-request` example answers one with its headers alone),
+/// an explicit `head` handler's, or what is left of it once axum took
+/// the body off (a layer around a whole `Router`): replayed to a `GET`,
+/// it would be an empty body. It is not stored, so a `GET` after it runs;
+/// a `HEAD` guards no side effect. A `GET` handler's own empty answer (a
+/// 204) is left unstored too, which only costs that run.
+///
+/// A body that does not announce its length (a stream) is read up to its
+/// first byte to tell: judged by its announced length alone, an empty
+/// stream from a `head` handler would be stored, and replayed to the
+/// `GET` after it as an empty body. The rest is left to the engine, which
+/// reads it all to store it anyway. An event stream is not waited on (it
+/// may send nothing for as long as it runs) and not stored: the engine
+/// keeps none, and a record without it would answer the `GET` after the
+/// `HEAD` 410 for the whole TTL, though no caller ever had the stream.
+///
+/// [`fingerprinted_method`]: crate::request::fingerprinted_method
+pub(crate) async fn unstored_if_bodiless(response: Response) -> Response {
+    let hint = http_body::Body::size_hint(response.body());
+    if hint.exact() == Some(0) {
+        return unstored(
+            response,
+            "a HEAD's response without a body may not be the GET's",
+        );
+    }
+    let (parts, mut body) = response.into_parts();
+    if is_event_stream(&parts) {
+        let reason = "a HEAD's event stream is not kept, and the GET after it must get one";
+        return unstored(Response::from_parts(parts, body), reason);
+    }
+    if hint.lower() > 0 {
+        return Response::from_parts(parts, body);
+    }
+    loop {
+        match body.frame().await {
+            None => {
+                let reason = "a HEAD's response without a body may not be the GET's";
+                return unstored(Response::from_parts(parts, Body::empty()), reason);
+            }
+            // An empty data frame says nothing of what follows.
+            Some(Ok(frame)) if frame.data_ref().is_some_and(Bytes::is_empty) => {}
+            Some(first) => return Response::from_parts(parts, after_first(first, body)),
+        }
+    }
+}
+
+fn unstored(mut response: Response, reason: &'static str) -> Response {
+    response.extensions_mut().insert(Unstored(reason));
+    response
 }
 
 /// `rest` after the frame `first` already read from it, as it came: data,
@@ -650,6 +731,45 @@ mod tests {
         );
     }
 
+    /// A 304's `Content-Length` is the length of the representation it
+    /// stands for (RFC 9110 8.6), not of a body: it is stored and replayed,
+    /// unless a record holds a body it would frame. Any other status's is
+    /// recomputed from the body.
+    #[test]
+    fn a_304_keeps_its_content_length_as_no_other_status_does() {
+        let length = || HeaderValue::from_static("1234");
+        let parts = |status| {
+            let (mut parts, ()) = Response::new(()).into_parts();
+            parts.status = status;
+            parts.headers.insert(CONTENT_LENGTH, length());
+            parts
+        };
+        let stored = StoredResponse {
+            status: StatusCode::NOT_MODIFIED,
+            headers: replayable_headers(&parts(StatusCode::NOT_MODIFIED)),
+            body: Some(Bytes::new()),
+        };
+        let replayed = replay(&stored).unwrap_or_else(IntoResponse::into_response);
+        let lengths = |response: &Response| {
+            let all = response.headers().get_all(CONTENT_LENGTH);
+            all.iter().cloned().collect::<Vec<_>>()
+        };
+        assert_eq!(lengths(&replayed), [length()]);
+        let with_a_body = StoredResponse {
+            body: Some(Bytes::from_static(b"{}")),
+            ..stored
+        };
+        let replayed = replay(&with_a_body).unwrap_or_else(IntoResponse::into_response);
+        assert!(lengths(&replayed).is_empty());
+        for status in [
+            StatusCode::OK,
+            StatusCode::NO_CONTENT,
+            StatusCode::RESET_CONTENT,
+        ] {
+            assert!(replayable_headers(&parts(status)).is_empty(), "{status}");
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
 
@@ -674,7 +794,7 @@ mod tests {
                 let kept: Vec<_> = stored
                     .headers
                     .iter()
-                    .filter(|(stored_name, _)| stored_name == name && is_replayable(name))
+                    .filter(|(stored_name, _)| stored_name == name && is_replayed(&stored, name))
                     .map(|(_, value)| value)
                     .collect();
                 prop_assert_eq!(sent, kept);

@@ -120,8 +120,11 @@ impl IdempotentRequest {
     /// [`run`](Self::run) then refuses a keyed request with 400.
     #[must_use]
     pub fn scoped_by(mut self, principal: &impl IdempotencyScope) -> Self {
-        // A request refused for running inside a layer stays refused.
-        if !matches!(self.scope, ScopeSource::InsideLayer(_)) {
+        // A request without a key needs no scope, and keeps its headers:
+        // refused for the missing key, it is told of a header named like
+        // the key (`X-Idempotency-Key`), which they alone show. A request
+        // refused for running inside a layer stays refused.
+        if self.key.is_some() && !matches!(self.scope, ScopeSource::InsideLayer(_)) {
             self.scope = ScopeSource::Resolved(crate::scope::principal(principal));
         }
         self
@@ -246,8 +249,9 @@ pub(crate) fn route_params(
 /// The method a `keyed` request's fingerprint is bound to, if any: none
 /// for `POST`, the method of nearly every idempotent request, so that its
 /// fingerprint is the handler's inputs alone (and records stored before
-/// methods were bound still match); otherwise the method as
-/// [`fingerprinted_method`] names it. Without it, a handler routed for
+/// methods were bound still match); otherwise the method itself, which
+/// `run` binds as [`fingerprinted_method`] names it (a `HEAD` as a `GET`)
+/// and reads to leave a `HEAD`'s bodiless answer unstored. Without it, a handler routed for
 /// several methods would answer a `DELETE` with the stored response of a
 /// `POST` under the same key and inputs, as its replay. `IdempotentLayer`
 /// fingerprints the method itself, by the same name.
@@ -255,7 +259,7 @@ pub(crate) fn method_binding(method: &Method, keyed: bool) -> Option<Box<Method>
     if !keyed || *method == Method::POST {
         return None;
     }
-    Some(Box::new(fingerprinted_method(method).clone()))
+    Some(Box::new(method.clone()))
 }
 
 /// The method as a fingerprint names it: `HEAD` as `GET`, which axum
@@ -264,8 +268,8 @@ pub(crate) fn method_binding(method: &Method, keyed: bool) -> Option<Box<Method>
 /// after a `GET` with one key is the `GET`'s replay (without its body),
 /// and a `GET` after a `HEAD` the replay of the whole response the
 /// `HEAD`'s run produced, under the attribute and `IdempotentLayer`
-/// alike (the layer stores no `HEAD`'s response without a body: see its
-/// `unstored_if_bodiless`).
+/// alike (neither stores a `HEAD`'s response without a body: see
+/// `replay::unstored_if_bodiless`).
 pub(crate) fn fingerprinted_method(method: &Method) -> &Method {
     static GET: Method = Method::GET;
     if *method == Method::HEAD {

@@ -2,23 +2,27 @@
 //! HTTP, beyond the cases `macro_wire`, `interop_layers` and the core's
 //! `layer` tests cover: a method the route does not take, the 413 for a
 //! body over the layer's limit, a storm of duplicates while the first
-//! request runs, one key sent to two routes, and one key sent with
-//! several methods to one handler.
+//! request runs, one key sent to two routes, one key sent with several
+//! methods to one handler, and a 304 replayed to an HTTP/2 client.
 
 mod macro_support;
 
 use std::time::Duration;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::Method;
-use axum::http::{Request, StatusCode};
-use axum::routing::{any, post};
+use axum::http::header::{CONTENT_LENGTH, ETAG};
+use axum::http::{Method, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
+use h2::client::SendRequest;
 use idempotent_core::store::MemoryStore;
-use idempotent_core::{Endpoint, Idempotency, IdempotentLayer, Scope, idempotent};
+use idempotent_core::{
+    Endpoint, IDEMPOTENT_REPLAYED, Idempotency, IdempotentLayer, Scope, idempotent,
+};
 use macro_support::gated::Gate;
-use macro_support::{Reply, Runs, send};
+use macro_support::{Reply, Runs, listen, send};
 
 /// How long a test waits for something that should come at once.
 const HANG: Duration = Duration::from_secs(10);
@@ -287,4 +291,73 @@ async fn a_key_sent_with_another_method_to_one_handler_is_refused_as_reused_not_
     assert!(get.replayed, "{}", get.body);
     assert_eq!(get.body, "HEAD , run 3");
     assert_eq!(runs.get(), 3);
+}
+
+// ===== a 304 =====
+
+/// What a 304 announces as `Content-Length`: the length of the
+/// representation it stands for (RFC 9110 8.6), here not that of its body.
+const REPRESENTATION_LENGTH: &str = "1234";
+
+/// Answers a conditional `GET` with 304, its representation's `ETag` and
+/// length, as a handler that knows them without building the body does.
+async fn not_modified_plain(State(runs): State<Runs>) -> Response {
+    runs.bump();
+    let headers = [(ETAG, "\"v1\""), (CONTENT_LENGTH, REPRESENTATION_LENGTH)];
+    (StatusCode::NOT_MODIFIED, headers).into_response()
+}
+
+#[idempotent(scope = "global")]
+async fn not_modified_by_attribute(State(runs): State<Runs>) -> Response {
+    not_modified_plain(State(runs)).await
+}
+
+/// A keyed conditional `GET` of `path` (its key) over `client`; a 304
+/// has no body to read.
+async fn conditional_get(
+    client: &SendRequest<Bytes>,
+    path: &str,
+) -> axum::http::Response<h2::RecvStream> {
+    let request = Request::get(format!("http://test{path}"))
+        .header("idempotency-key", path)
+        .header("if-none-match", "\"v1\"")
+        .body(())
+        .unwrap();
+    let mut ready = client.clone().ready().await.unwrap();
+    let (response, _) = ready.send_request(request, true).unwrap();
+    tokio::time::timeout(HANG, response)
+        .await
+        .expect("the server answers")
+        .unwrap()
+}
+
+/// Over HTTP/2, where hyper sends a 304's `Content-Length` as the handler
+/// set it, a replayed 304 announces the same length as the first answer,
+/// not the `0` of the empty body it replays, which RFC 9110 8.6 forbids
+/// for a 304 whose 200 is not empty.
+#[tokio::test]
+async fn over_h2_a_replayed_304_announces_the_length_its_first_answer_did() {
+    let runs = Runs::default();
+    let layer = IdempotentLayer::new(ORDERS);
+    let app = Router::new()
+        .route("/attribute", get(not_modified_by_attribute))
+        .route("/layer", get(not_modified_plain).route_layer(layer))
+        .with_state(runs.clone())
+        .layer(Idempotency::new(MemoryStore::new()));
+    let (addr, _server) = listen(app, std::future::pending()).await;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move { drop(connection.await) });
+    for path in ["/attribute", "/layer"] {
+        let first = conditional_get(&client, path).await;
+        let replay = conditional_get(&client, path).await;
+        assert_eq!(first.status(), StatusCode::NOT_MODIFIED, "{path}");
+        assert_eq!(first.headers()[CONTENT_LENGTH], REPRESENTATION_LENGTH);
+        assert!(replay.headers().contains_key(IDEMPOTENT_REPLAYED), "{path}");
+        for name in [CONTENT_LENGTH, ETAG] {
+            let (first, replayed) = (first.headers().get(&name), replay.headers().get(&name));
+            assert_eq!(replayed, first, "{path}: {name}");
+        }
+    }
+    assert_eq!(runs.get(), 2);
 }

@@ -9,8 +9,8 @@ mod macro_support;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::handler::Handler;
-use axum::http::{HeaderValue, Request, StatusCode};
-use axum::response::AppendHeaders;
+use axum::http::{HeaderValue, Method, Request, StatusCode};
+use axum::response::{AppendHeaders, IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use idempotent_core::store::MemoryStore;
@@ -175,8 +175,8 @@ async fn head_plain(State(runs): State<Runs>) -> [(&'static str, String); 1] {
 /// One layer over a method router with a `GET` and an explicit `HEAD`
 /// handler: a `HEAD` after a `GET` is the `GET`'s replay, but a `GET`
 /// after a `HEAD` must get the `GET` handler's body, never the `HEAD`
-/// handler's bodiless answer replayed. (The attribute has no such case:
-/// two handlers are two endpoints.)
+/// handler's bodiless answer replayed. (Under the attribute, two handlers
+/// are two endpoints; one handler answering both is tested below.)
 #[tokio::test]
 async fn a_get_after_a_head_under_the_layer_is_never_the_heads_bodiless_answer() {
     a_get_after_a_bodiless_head(head_plain).await;
@@ -200,6 +200,104 @@ async fn head_streamed(State(runs): State<Runs>) -> ([(&'static str, String); 1]
 #[tokio::test]
 async fn a_get_after_a_head_that_streamed_no_body_runs_its_handler_under_the_layer() {
     a_get_after_a_bodiless_head(head_streamed).await;
+}
+
+/// Answers a `HEAD` with its headers alone, as axum's own
+/// `handle-head-request` example does, and a `GET` with its body.
+async fn head_aware_plain(State(runs): State<Runs>, method: Method) -> Response {
+    let run = runs.bump();
+    if method == Method::HEAD {
+        return [("x-head-run", run.to_string())].into_response();
+    }
+    format!("run {run}").into_response()
+}
+
+#[idempotent(scope = "global")]
+async fn head_aware_by_attribute(state: State<Runs>, method: Method) -> Response {
+    head_aware_plain(state, method).await
+}
+
+/// A `GET` after a `HEAD` its own handler answered without a body, under
+/// the attribute and the layer alike: the `GET` runs (the `HEAD`'s empty
+/// answer was not stored for it), and the `HEAD` after it is its replay.
+/// Under the attribute, the `HEAD`'s answer used to be stored, and the
+/// `GET` got an empty body as a replay, its handler never running.
+#[tokio::test]
+async fn a_get_after_a_head_its_handler_answered_without_a_body_runs_it() {
+    let runs = Runs::default();
+    let layer = IdempotentLayer::new(LAYERED);
+    let app = Router::new()
+        .route("/attribute", get(head_aware_by_attribute))
+        .route("/layer", get(head_aware_plain).route_layer(layer))
+        .with_state(runs.clone())
+        .layer(store());
+    // A key for each route: records are the caller's and the key's, whatever the route.
+    for (path, key, first_run) in [("/attribute", b"a", 1), ("/layer", b"l", 3)] {
+        let head = send(&app, request("HEAD", path, Some(key), "")).await;
+        let got = send(&app, request("GET", path, Some(key), "")).await;
+        let head_after = send(&app, request("HEAD", path, Some(key), "")).await;
+        assert_eq!(
+            head.header("x-head-run"),
+            Some(&*first_run.to_string()),
+            "{path}"
+        );
+        let expected_body = format!("run {}", first_run + 1);
+        assert_eq!(
+            (got.status, got.replayed, got.body.as_str()),
+            (StatusCode::OK, false, expected_body.as_str()),
+            "{path}: the GET after a HEAD got the HEAD's bodiless answer"
+        );
+        assert_eq!(
+            (head_after.replayed, head_after.header("x-head-run")),
+            (true, None),
+            "{path}"
+        );
+    }
+    assert_eq!(runs.get(), 4);
+}
+
+/// An event stream of one event.
+fn one_event(runs: &Runs) -> Response {
+    let event = format!("data: {}\n\n", runs.bump());
+    let frames =
+        futures_util::stream::iter([Ok::<_, std::convert::Infallible>(Bytes::from(event))]);
+    let content_type = [("content-type", "text/event-stream")];
+    (content_type, Body::from_stream(frames)).into_response()
+}
+
+async fn events_plain(State(runs): State<Runs>) -> Response {
+    one_event(&runs)
+}
+
+#[idempotent(scope = "global")]
+async fn events_by_attribute(State(runs): State<Runs>) -> Response {
+    one_event(&runs)
+}
+
+/// A `GET` after a `HEAD` to an event stream gets its stream. No event
+/// stream is kept, so the `HEAD`'s run used to leave a record without a
+/// body, and every `GET` with that key got 410 for the whole TTL though
+/// no caller ever had the stream.
+#[tokio::test]
+async fn a_get_after_a_head_to_an_event_stream_gets_the_stream() {
+    let runs = Runs::default();
+    let layer = IdempotentLayer::new(LAYERED);
+    let app = Router::new()
+        .route("/attribute", get(events_by_attribute))
+        .route("/layer", get(events_plain).route_layer(layer))
+        .with_state(runs.clone())
+        .layer(store());
+    for (path, key, get_run) in [("/attribute", b"a", 2), ("/layer", b"l", 4)] {
+        let head = send(&app, request("HEAD", path, Some(key), "")).await;
+        let got = send(&app, request("GET", path, Some(key), "")).await;
+        assert_eq!(head.status, StatusCode::OK, "{path}");
+        let expected = format!("data: {get_run}\n\n");
+        assert_eq!(
+            (got.status, got.replayed, got.body.as_str()),
+            (StatusCode::OK, false, expected.as_str()),
+            "{path}: the GET after a HEAD never got its stream"
+        );
+    }
 }
 
 /// `HEAD`, `GET` and `HEAD` again under one key, through one layer over

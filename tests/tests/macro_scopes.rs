@@ -8,11 +8,12 @@ use axum::body::Body;
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, Request, StatusCode};
+use axum::response::Response;
 use axum::routing::post;
 use axum::{Json, Router};
 use idempotent_core::store::MemoryStore;
 use idempotent_core::{
-    Endpoint, Idempotency, IdempotencyScope, IdempotentLayer, Scope, idempotent,
+    Endpoint, Idempotency, IdempotencyScope, IdempotentLayer, IdempotentRequest, Scope, idempotent,
 };
 use macro_support::{Runs, send};
 
@@ -388,6 +389,53 @@ async fn a_principal_rejected_claims_nothing() {
     let reply = send(&app, request("/v", "k", &[("x-user", b"cafe")])).await;
     assert_eq!((reply.status, reply.replayed), (StatusCode::OK, false));
     assert_eq!(runs.get(), 1);
+}
+
+/// `Visitor` scoping by hand, as the attribute's `scope = Visitor` does.
+const BY_VISITOR: Endpoint = Endpoint::new("by_visitor_by_hand").scope(Scope::Custom);
+
+async fn by_visitor_by_hand(
+    visitor: Visitor,
+    idempotency: IdempotentRequest,
+    State(runs): State<Runs>,
+) -> Response {
+    let fingerprint = BY_VISITOR.fingerprint(&());
+    idempotency
+        .scoped_by(&visitor)
+        .run(&BY_VISITOR, fingerprint, async move {
+            format!("{}:1", runs.bump())
+        })
+        .await
+}
+
+/// A key sent under another header's name (`X-Idempotency-Key`) is named
+/// in the 400 whichever way the principal scopes it: by the attribute, or
+/// by hand with `scoped_by`, which must not lose the request's headers
+/// before the missing key is told.
+#[tokio::test]
+async fn a_key_sent_under_another_name_is_named_when_a_principal_scopes_it() {
+    let runs = Runs::default();
+    let routes = Router::new()
+        .route("/v", post(by_visitor))
+        .route("/h", post(by_visitor_by_hand));
+    let app = app(routes, &runs);
+    for uri in ["/v", "/h"] {
+        let request = Request::post(uri)
+            .header("content-type", "application/json")
+            .header("x-idempotency-key", "k")
+            .header("x-user", "ann")
+            .body(Body::from("1"))
+            .unwrap();
+        let reply = send(&app, request).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{uri}: {reply:?}");
+        assert!(reply.body.contains("missing-key"), "{uri}: {}", reply.body);
+        assert!(
+            reply.body.contains("but has `x-idempotency-key`"),
+            "{uri}: {}",
+            reply.body
+        );
+    }
+    assert_eq!(runs.get(), 0);
 }
 
 // ===== global =====
