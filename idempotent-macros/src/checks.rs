@@ -193,17 +193,15 @@ fn refuse_a_body_extractor(extractor: &Extractor<'_>, last: &str, errors: &mut E
 }
 
 /// An `optional` endpoint runs requests that carry no key, which a
-/// required `IdempotencyKey` argument would refuse with 400.
-pub(crate) fn check_key_is_optional(
-    inputs: &syn::punctuated::Punctuated<FnArg, syn::token::Comma>,
-    errors: &mut Errors,
-) {
-    for input in inputs {
-        if let FnArg::Typed(typed) = input
-            && is_named(&typed.ty, &["IdempotencyKey"])
-        {
+/// required `IdempotencyKey` extractor would refuse with 400: as an
+/// argument, or as an element of a tuple argument, which axum extracts
+/// element by element.
+pub(crate) fn check_key_is_optional(arguments: &[Argument<'_>], errors: &mut Errors) {
+    let extractors = arguments.iter().flat_map(|argument| &argument.extractors);
+    for extractor in extractors {
+        if is_named(extractor.ty, &["IdempotencyKey"]) {
             errors.spanned(
-                &typed.ty,
+                extractor.ty,
                 "an `optional` endpoint also runs requests without a key, which a required `IdempotencyKey` refuses with 400: take `Option<IdempotencyKey>`",
             );
         }

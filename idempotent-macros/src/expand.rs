@@ -669,10 +669,20 @@ fn future(func: &ItemFn, params: &[Ident], private: &TokenStream) -> TokenStream
     };
     let call = respan_tokens(&quote!(#private::into_response), output_span);
     let inner = respan(name, output_span);
-    let handler = respan(&local("__idempotent_handler"), output_span);
-    let into_response = quote_spanned! {output_span=>
-        #call(#handler(#(#params),*).await)
+    // The handler's future is awaited here, where without the attribute
+    // axum awaits it: the await is the attribute's code, located at the
+    // return type, so that lints about awaiting a future
+    // (`clippy::large_futures`, whose `Box::pin` advice the handler cannot
+    // take) leave it be, as they leave axum's. Its output is bound to a
+    // name resolved as the user's tokens are, so that a return type that
+    // is not `IntoResponse` is still reported at the return type.
+    let at_output = Span::call_site().located_at(output_span);
+    let handler = Ident::new("__idempotent_handler", at_output);
+    let output = respan(&local("__idempotent_output"), output_span);
+    let awaited = quote_spanned! {at_output=>
+        let #output = #handler(#(#params),*).await;
     };
+    let into_response = quote_spanned! {output_span=> #awaited #call(#output)};
     // Spanned at the name, as the `run` call: a future that is not `Send`
     // is reported there. The handler is called through a value, as axum
     // would: clippy's `unused_async` leaves alone an `async fn` used as a

@@ -93,7 +93,7 @@ impl<'a> Handler<'a> {
         check_applied_once(&func.attrs, errors);
         check_openapi_path_above(func, errors);
         if args.optional {
-            check_key_is_optional(&sig.inputs, errors);
+            check_key_is_optional(&arguments, errors);
         }
         let exact_repeats = exact_repeats(&arguments, &sig.generics, args, errors);
         let handler = Self {

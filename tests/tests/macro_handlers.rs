@@ -299,6 +299,39 @@ async fn question_mark_and_impl_into_response_work_in_the_body() {
     assert_eq!(bad.0, StatusCode::BAD_REQUEST);
 }
 
+/// Holds a 32 KiB buffer across an `.await`: its future is over the
+/// 16 KiB `clippy::large_futures` allows. Without the attribute axum
+/// awaits that future, where the lint does not look; the attribute's own
+/// await must not raise it at the return type either, where its advice
+/// (`Box::pin`) cannot be taken. `cargo clippy --all-targets` checks this.
+#[idempotent(scope = "global")]
+#[deny(clippy::large_futures)]
+async fn large_future(State(counter): State<Counter>, body: String) -> String {
+    let lengths = [body.len(); 4096];
+    tokio::task::yield_now().await;
+    format!("{} {}", counter.bump(), lengths[4095])
+}
+
+#[tokio::test]
+async fn a_handler_with_a_large_future_runs_once_and_is_replayed() {
+    let counter = Counter::default();
+    let app = Router::new()
+        .route("/large", post(large_future))
+        .with_state(counter.clone())
+        .layer(Idempotency::new(MemoryStore::new()));
+    let first = send(&app, post_json("/large", Some("big"), "abc")).await;
+    assert_eq!(
+        (first.0, first.1, first.2.as_str()),
+        (StatusCode::OK, false, "1 3")
+    );
+    let retry = send(&app, post_json("/large", Some("big"), "abc")).await;
+    assert_eq!(
+        (retry.0, retry.1, retry.2.as_str()),
+        (StatusCode::OK, true, "1 3")
+    );
+    assert_eq!(counter.get(), 1);
+}
+
 #[idempotent(optional)]
 async fn maybe_key(key: Option<IdempotencyKey>) -> String {
     key.map_or_else(|| "no key".to_owned(), |key| key.as_str().to_owned())

@@ -204,6 +204,34 @@ async fn two_callers_may_use_one_key() {
 }
 
 #[tokio::test]
+async fn a_caller_sending_basic_credentials_has_its_stored_response_found_by_its_request() {
+    let (store, ledger) = (MockStore::new(), Ledger::default());
+    let app = app(&ledger, store.layer());
+    // `curl -u sk_test_1:`: the key as the Basic user name.
+    let basic = TestRequest::post("/payments")
+        .key("k1")
+        .header("authorization", "Basic c2tfdGVzdF8xOg==")
+        .json(&json!({"amount": 100, "currency": "EUR"}));
+    assert_eq!(send(&app, &basic).await.status, StatusCode::CREATED);
+
+    let stored = store.stored_response(basic.api_key_scope(), "k1");
+    assert_eq!(stored.unwrap().status, StatusCode::CREATED);
+    assert!(
+        store.stored_response(caller(), "k1").is_none(),
+        "a caller apart from the same key sent as `X-Api-Key`"
+    );
+    assert_eq!(payment("k1", 100).api_key_scope(), caller());
+    let bearer = TestRequest::post("/payments").header("authorization", "Bearer sk_test_1");
+    assert_eq!(bearer.api_key_scope(), caller());
+}
+
+#[test]
+#[should_panic(expected = "names no caller")]
+fn the_scope_of_a_request_without_an_api_key_is_a_mistake_in_the_test() {
+    let _ = TestRequest::post("/payments").key("k1").api_key_scope();
+}
+
+#[tokio::test]
 async fn a_payment_without_an_api_key_is_refused_and_not_charged() {
     let (store, ledger) = (MockStore::new(), Ledger::default());
     let app = app(&ledger, store.layer());

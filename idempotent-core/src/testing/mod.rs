@@ -17,6 +17,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 use serde::Serialize;
 
 use crate::key::IDEMPOTENCY_KEY;
+use crate::scope::ScopeDigest;
 
 pub use mock::{ClaimOutcome, Fault, MockStore, OpKind, Operation};
 
@@ -185,6 +186,30 @@ impl TestRequest {
     pub fn body(mut self, body: impl Into<Bytes>) -> Self {
         self.body = body.into();
         self
+    }
+
+    /// The caller this request names to an endpoint of the default
+    /// `scope = "api_key"`, as a layer with the default `api_key_header`
+    /// finds it: its `X-Api-Key`, or else its `Authorization: Bearer`
+    /// token or `Basic` credentials. It is the scope to give
+    /// [`MockStore::stored_response`] for what its retries are replayed,
+    /// and the only way to name a caller that sends `Basic` credentials
+    /// (Stripe-style clients, `curl -u sk_test_1:`), a caller apart from
+    /// the same key sent as `X-Api-Key`.
+    ///
+    /// # Panics
+    ///
+    /// If the request names no caller (the endpoint would answer it 401),
+    /// or sends one of those headers twice (400).
+    #[track_caller]
+    #[must_use]
+    pub fn api_key_scope(&self) -> ScopeDigest {
+        crate::scope::api_key(&self.headers, &DEFAULT_API_KEY_HEADER).unwrap_or_else(|refused| {
+            panic!(
+                "TestRequest: the request names no caller of the `api_key` scope: {}",
+                refused.detail
+            )
+        })
     }
 
     /// The request, with the `Content-Length` of its body unless one was
