@@ -217,6 +217,23 @@ async fn head_aware_by_attribute(state: State<Runs>, method: Method) -> Response
     head_aware_plain(state, method).await
 }
 
+/// `/attribute` and `/layer`, `GET` routes to one handler made idempotent
+/// each way, on `runs`. (`macro_support::both_ways` routes `POST`s.)
+fn get_both_ways<A: 'static, P: 'static>(
+    by_attribute: impl Handler<A, Runs>,
+    plain: impl Handler<P, Runs>,
+    runs: &Runs,
+) -> Router {
+    Router::new()
+        .route("/attribute", get(by_attribute))
+        .route(
+            "/layer",
+            get(plain).route_layer(IdempotentLayer::new(LAYERED)),
+        )
+        .with_state(runs.clone())
+        .layer(store())
+}
+
 /// A `GET` after a `HEAD` its own handler answered without a body, under
 /// the attribute and the layer alike: the `GET` runs (the `HEAD`'s empty
 /// answer was not stored for it), and the `HEAD` after it is its replay.
@@ -225,12 +242,7 @@ async fn head_aware_by_attribute(state: State<Runs>, method: Method) -> Response
 #[tokio::test]
 async fn a_get_after_a_head_its_handler_answered_without_a_body_runs_it() {
     let runs = Runs::default();
-    let layer = IdempotentLayer::new(LAYERED);
-    let app = Router::new()
-        .route("/attribute", get(head_aware_by_attribute))
-        .route("/layer", get(head_aware_plain).route_layer(layer))
-        .with_state(runs.clone())
-        .layer(store());
+    let app = get_both_ways(head_aware_by_attribute, head_aware_plain, &runs);
     // A key for each route: records are the caller's and the key's, whatever the route.
     for (path, key, first_run) in [("/attribute", b"a", 1), ("/layer", b"l", 3)] {
         let head = send(&app, request("HEAD", path, Some(key), "")).await;
@@ -281,12 +293,7 @@ async fn events_by_attribute(State(runs): State<Runs>) -> Response {
 #[tokio::test]
 async fn a_get_after_a_head_to_an_event_stream_gets_the_stream() {
     let runs = Runs::default();
-    let layer = IdempotentLayer::new(LAYERED);
-    let app = Router::new()
-        .route("/attribute", get(events_by_attribute))
-        .route("/layer", get(events_plain).route_layer(layer))
-        .with_state(runs.clone())
-        .layer(store());
+    let app = get_both_ways(events_by_attribute, events_plain, &runs);
     for (path, key, get_run) in [("/attribute", b"a", 2), ("/layer", b"l", 4)] {
         let head = send(&app, request("HEAD", path, Some(key), "")).await;
         let got = send(&app, request("GET", path, Some(key), "")).await;
