@@ -21,8 +21,8 @@ use sqlx::{Connection, PgPool};
 use store_support::tables::migrated_postgres;
 use store_support::{
     Ledger, Relay, assert_kept, backend_url, complete_with_a_body_of, duplicates_across_instances,
-    pay, pay_until_available, payments_app, relay_to_the_database, store_behind_a_relay,
-    unique_name,
+    pay, pay_until_available, payments_app, pool_reaches_idle, relay_to_the_database,
+    store_behind_a_relay, unique_name,
 };
 use tracing_subscriber::layer::SubscriberExt as _;
 
@@ -655,18 +655,6 @@ async fn store_on_own_pool(url: &str, hold: u32) -> PostgresStore {
     store
 }
 
-/// Waits up to `within` for `pool` to have `idle` idle connections.
-async fn pool_reaches_idle(pool: &PgPool, idle: usize, within: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + within;
-    while pool.num_idle() != idle {
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    true
-}
-
 /// Claims `name` on `store`, which must succeed.
 async fn claim(store: &PostgresStore, name: &str) -> Claim {
     store
@@ -763,6 +751,68 @@ fn a_store_dropped_outside_its_runtime_gives_its_connections_back() {
             dropped.expect("drop the test table");
         });
     }
+}
+
+/// A store that outlives the runtime it was first used in, is used in
+/// another, and is dropped outside both (a `main` that runs a second
+/// runtime after the first, then returns): the connection it keeps from
+/// the second runtime goes back to the pool on that runtime, rather than
+/// being handed to the first one, which is gone and drops it.
+#[test]
+fn a_store_used_in_a_second_runtime_gives_its_connections_back_there() {
+    let Some(url) = backend_url(URL) else { return };
+    let name = unique_name("idem_runtimes");
+    let first = tokio::runtime::Runtime::new().expect("a runtime");
+    let store = first.block_on(async {
+        let store = store_named(&url, &name).await;
+        claim(&store, "first-runtime").await;
+        store
+    });
+    drop(first);
+    let second = tokio::runtime::Runtime::new().expect("a runtime");
+    let kept = second.block_on(async {
+        // A connection of the first runtime may still serve a statement
+        // here (about one run in ten), be kept, and fail only its ping on
+        // the way back ("a Tokio 1.x context was found, but it is being
+        // shutdown"), which closes it. Ended by the server, each fails its
+        // statement, and the claim goes on to a new connection, opened and
+        // kept in this runtime.
+        end_connections_and_wait(&url, &name).await;
+        claim(&store, "second-runtime").await;
+        // The broken ones close on tasks of their own.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while store.pool().size() > 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (store.pool().size(), store.pool().num_idle())
+    });
+    let pool = store.pool().clone();
+    let table = store.table().to_owned();
+    drop(store);
+    second.block_on(async {
+        let returned = pool_reaches_idle(&pool, 1, Duration::from_secs(5)).await;
+        let (size, idle) = (pool.size(), pool.num_idle());
+        drop_table_on(&pool, &table).await;
+        assert_eq!(kept, (1, 0), "the store kept one connection, and no other");
+        assert!(
+            returned,
+            "the kept connection did not go back to the pool: {size} open, {idle} idle"
+        );
+    });
+}
+
+/// Ends every connection named `name`, on a connection of its own, and
+/// waits until each has ended (up to 5 s each).
+async fn end_connections_and_wait(url: &str, name: &str) {
+    let mut admin = sqlx::PgConnection::connect(url).await.expect("connect");
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(name)
+    .fetch_all(&mut admin)
+    .await
+    .expect("end the connections");
+    assert!(ended.iter().all(|&ended| ended), "ended {ended:?}");
 }
 
 #[tokio::test]

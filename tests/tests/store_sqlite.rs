@@ -10,7 +10,7 @@ use idempotent_core::store::{SqliteStore, Tiered};
 use idempotent_core::testing::contract;
 use store_support::{
     Ledger, TempDb, assert_kept, complete_with_a_body_of, duplicates_across_instances, pay,
-    payments_app,
+    payments_app, pool_reaches_idle,
 };
 
 const STORE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -1098,6 +1098,65 @@ async fn statements_in_a_row_keep_their_connection() {
         .await
         .expect("the pool closes while the store is alive");
     drop(store);
+}
+
+/// Reads `name` on `store`, which must succeed. A read runs on the
+/// caller's task; a claim runs on a task of the store's own, which may
+/// hold the store's last clone and so drop it inside the runtime.
+async fn read(store: &SqliteStore, name: &str) {
+    use idempotent_core::store::Store;
+
+    store.get(&record_key(name)).await.expect("read");
+}
+
+/// A store that outlives the runtime it was first used in, is used in
+/// another, and is dropped outside both (a `main` that runs a second
+/// runtime after the first, then returns): the connection it kept goes
+/// back to the pool on the second runtime. A SQLite connection runs on a
+/// thread of its own and serves on in the second runtime; handed to the
+/// first, which is gone, it would be closed. So too when the first runtime
+/// still runs while the second uses the store (no sweeper starts in the
+/// second then), and is dropped only after.
+#[test]
+fn a_store_used_in_a_second_runtime_gives_its_connections_back_there() {
+    for first_dropped_before_second in [true, false] {
+        let db = TempDb::new();
+        let first = tokio::runtime::Runtime::new().expect("a runtime");
+        let store = first.block_on(async {
+            let store = db.open().await;
+            read(&store, "first-runtime").await;
+            store
+        });
+        let first = if first_dropped_before_second {
+            drop(first);
+            None
+        } else {
+            Some(first)
+        };
+        let second = tokio::runtime::Runtime::new().expect("a runtime");
+        second.block_on(read(&store, "second-runtime"));
+        // Counted only now: a connection the first runtime was still
+        // giving back to the pool is closed with it.
+        drop(first);
+        let (open, idle) = (store.pool().size(), store.pool().num_idle());
+        let pool = store.pool().clone();
+        drop(store);
+        second.block_on(async {
+            let every = usize::try_from(open).expect("a pool's size");
+            let returned = pool_reaches_idle(&pool, every, Duration::from_secs(5)).await;
+            let (size, now_idle) = (pool.size(), pool.num_idle());
+            let case = if first_dropped_before_second {
+                "first runtime dropped before the second ran"
+            } else {
+                "first runtime dropped after the second ran"
+            };
+            assert!(idle < every, "{case}: the store kept none of {open} connections");
+            assert!(
+                returned,
+                "{case}: a kept connection did not go back to the pool: {size} open, {now_idle} idle, of {open}"
+            );
+        });
+    }
 }
 
 /// Asked to keep as many connections as the pool has, or more, the store

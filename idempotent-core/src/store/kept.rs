@@ -10,7 +10,7 @@
 //! limits apply), and all of them at once when the sqlx pool is closed.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use deadpool::managed::{self, Manager};
@@ -30,9 +30,17 @@ pub(crate) struct Kept<M: Manager> {
     /// Whether the task returning idle connections runs; it is started by
     /// the first statement, inside the runtime that runs the store.
     sweeping: AtomicBool,
-    /// That runtime, where kept connections go back to the sqlx pool when
-    /// the store is dropped outside any runtime ([`Kept::drop_outside_runtime`]).
-    runtime: OnceLock<Handle>,
+}
+
+/// A kept connection, which knows the runtime of the last statement it
+/// served: where it goes back to the sqlx pool when the store is dropped
+/// outside any runtime ([`Kept::drop_outside_runtime`]). Each its own, not
+/// one for the whole store: a store can outlive the runtime it first ran
+/// in and go on in another, and a connection that served there must go
+/// back there, the first runtime being gone.
+pub(crate) trait KeptConnection {
+    /// The runtime of the last statement the connection served.
+    fn runtime(&self) -> &Handle;
 }
 
 impl<M> Kept<M>
@@ -54,7 +62,6 @@ where
         Some(Self {
             pool,
             sweeping: AtomicBool::new(false),
-            runtime: OnceLock::new(),
         })
     }
 
@@ -68,7 +75,6 @@ where
         {
             return;
         }
-        this.runtime.get_or_init(Handle::current);
         let running = SweepingFlag(Arc::downgrade(this));
         let closed = pool.close_event();
         tokio::spawn(async move {
@@ -81,19 +87,23 @@ where
     /// connection back to its pool on a task of the current runtime, and
     /// panics where there is none. A store can outlive the `block_on` that
     /// used it (a `main` that builds its runtime by hand drops its locals
-    /// outside it), so kept connections then go back on the runtime they
-    /// were kept in; if that runtime is gone too, the task never runs and
-    /// they are closed.
-    pub(crate) fn drop_outside_runtime(kept: &mut Option<Arc<Self>>) {
+    /// outside it), so each kept connection then goes back on the runtime
+    /// of the last statement it served (see [`KeptConnection`]); if that
+    /// runtime is gone too, the task never runs and the connection is
+    /// closed (a PostgreSQL one broke with the runtime it was opened in).
+    pub(crate) fn drop_outside_runtime(kept: &mut Option<Arc<Self>>)
+    where
+        M::Type: KeptConnection,
+    {
         if Handle::try_current().is_ok() {
             return;
         }
         let Some(kept) = kept.take() else { return };
-        let Some(runtime) = kept.runtime.get().cloned() else {
-            return;
-        };
-        let _context = runtime.enter();
-        drop(kept);
+        // Out of the pool, so that each is dropped inside its own runtime.
+        for connection in kept.pool.retain(|_, _| false).removed {
+            let _context = connection.runtime().enter();
+            drop(connection);
+        }
     }
 }
 

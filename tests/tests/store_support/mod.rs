@@ -102,6 +102,22 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{:016x}", rand::random::<u64>())
 }
 
+/// Waits up to `within` for `pool` to have `idle` idle connections.
+pub async fn pool_reaches_idle<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+    idle: usize,
+    within: Duration,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while pool.num_idle() != idle {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    true
+}
+
 /// A database file in the system temporary directory, deleted with its
 /// WAL files when dropped.
 pub struct TempDb(pub std::path::PathBuf);

@@ -31,7 +31,7 @@ use tokio_util::task::TaskTracker;
 
 use super::reachability::{AcquireError, Patience, Reachability};
 use crate::record::LogId;
-use crate::store::kept::{Kept, MAX_HOLD};
+use crate::store::kept::{Kept, KeptConnection, MAX_HOLD};
 use crate::store::{Explained, StoreError, sql};
 
 /// The store's connections: kept ones, or straight from the sqlx pool.
@@ -58,10 +58,12 @@ struct Checkout {
     reachability: Arc<Reachability>,
 }
 
-/// A checked-out connection, and whether its last statement finished.
+/// A checked-out connection, whether its last statement finished, and
+/// the runtime that statement ran in.
 struct Checked {
     connection: PoolConnection<Postgres>,
     clean: bool,
+    runtime: Handle,
 }
 
 /// A connection lent to one statement; see [`Lease::finish`].
@@ -229,6 +231,7 @@ impl managed::Manager for Checkout {
         Ok(Checked {
             connection: self.reachability.acquire(&self.pool, patience).await?,
             clean: true,
+            runtime: Handle::current(),
         })
     }
 
@@ -245,7 +248,15 @@ impl managed::Manager for Checkout {
         if metrics.age() >= MAX_HOLD {
             return Err(RecycleError::message("held long enough"));
         }
+        // Reused for a statement, inside the runtime that runs it.
+        checked.runtime = Handle::current();
         Ok(())
+    }
+}
+
+impl KeptConnection for Checked {
+    fn runtime(&self) -> &Handle {
+        &self.runtime
     }
 }
 

@@ -24,8 +24,9 @@ use deadpool::managed::{self, Metrics, Object, RecycleError, RecycleResult};
 use sqlx::Sqlite;
 use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{SqliteConnection, SqlitePool};
+use tokio::runtime::Handle;
 
-use crate::store::kept::{Kept, MAX_HOLD};
+use crate::store::kept::{Kept, KeptConnection, MAX_HOLD};
 
 /// The store's connections: kept ones, or straight from the sqlx pool.
 pub(super) struct Connections {
@@ -41,10 +42,12 @@ struct Checkout {
     pool: SqlitePool,
 }
 
-/// A checked-out connection, and whether its last statement finished.
+/// A checked-out connection, whether its last statement finished, and
+/// the runtime that statement ran in.
 struct Checked {
     connection: PoolConnection<Sqlite>,
     clean: bool,
+    runtime: Handle,
 }
 
 /// A connection lent to one statement; see [`Lease::finish`]. Dropped
@@ -124,6 +127,7 @@ impl managed::Manager for Checkout {
         Ok(Checked {
             connection: self.pool.acquire().await?,
             clean: true,
+            runtime: Handle::current(),
         })
     }
 
@@ -140,7 +144,15 @@ impl managed::Manager for Checkout {
         if metrics.age() >= MAX_HOLD {
             return Err(RecycleError::message("held long enough"));
         }
+        // Reused for a statement, inside the runtime that runs it.
+        checked.runtime = Handle::current();
         Ok(())
+    }
+}
+
+impl KeptConnection for Checked {
+    fn runtime(&self) -> &Handle {
+        &self.runtime
     }
 }
 
