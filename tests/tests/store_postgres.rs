@@ -28,6 +28,9 @@ use tracing_subscriber::layer::SubscriberExt as _;
 
 const URL: &str = "IDEMPOTENT_TEST_POSTGRES_URL";
 const STORE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long past its lease a purge keeps a claim: the clock skew the
+/// stores tolerate, as Redis keeps its keys.
+const EXPIRY_GRACE: Duration = Duration::from_secs(60);
 
 /// A migrated store on a fresh table.
 async fn fresh_store(url: &str) -> PostgresStore {
@@ -285,11 +288,11 @@ async fn purging_deletes_only_expired_rows() {
         0,
         "nothing has expired yet"
     );
-    clock.advance(Duration::from_secs(20));
+    clock.advance(Duration::from_secs(20) + EXPIRY_GRACE);
     assert_eq!(
         store.purge_expired().await.unwrap(),
         2,
-        "the short record and the abandoned lease"
+        "the short record and the lease abandoned for longer than the grace"
     );
     assert!(store.get(&record_key("long")).await.unwrap().is_some());
     assert!(store.get(&record_key("running")).await.unwrap().is_some());
@@ -298,6 +301,39 @@ async fn purging_deletes_only_expired_rows() {
         .await
         .unwrap();
     assert_eq!(rows, 2);
+    drop_table(&base).await;
+}
+
+/// A claim whose lease lapsed, and which nobody took over, is still its
+/// holder's (renewals held up for a moment): a purge within the grace
+/// leaves it, so that the holder's completion is stored and replayed,
+/// rather than refused (`LeaseLost`) with the next retry running the
+/// request again. Once the lease lapsed the grace ago, a purge deletes it.
+#[tokio::test]
+async fn a_purge_keeps_a_lapsed_claim_for_the_grace() {
+    let Some(url) = backend_url(URL) else { return };
+    let base = fresh_store(&url).await;
+    let clock = ManualClock::starting_now();
+    let store = with_clock(&base, clock.clone());
+    let (fingerprint, lease) = (Fingerprint::from_bytes([1; 32]), Duration::from_secs(10));
+    let key = record_key("lapsed");
+    let Ok(Claim::Acquired(token)) = store.claim(&key, fingerprint, lease).await else {
+        panic!("acquire");
+    };
+    clock.advance(lease + EXPIRY_GRACE / 2);
+    let purged = store.purge_expired().await.unwrap();
+    let response = StoredResponse::new(StatusCode::CREATED, Vec::new(), None);
+    let ttl = Duration::from_secs(3600);
+    let completed = store.complete(&key, token, response, ttl).await;
+    assert!(completed.is_ok(), "the holder completes: {completed:?}");
+    assert_eq!(purged, 0, "the claim lapsed within the grace");
+    let read = store.get(&key).await.unwrap();
+    assert!(matches!(read, Some(Record::Completed(_))), "{read:?}");
+    let abandoned = record_key("abandoned");
+    store.claim(&abandoned, fingerprint, lease).await.unwrap();
+    clock.advance(lease + EXPIRY_GRACE);
+    assert_eq!(store.purge_expired().await.unwrap(), 1, "past the grace");
+    assert!(store.get(&key).await.unwrap().is_some(), "the record stays");
     drop_table(&base).await;
 }
 
@@ -337,13 +373,14 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Purges {
     }
 }
 
-/// A claim under `key` whose lease has lapsed, as `store`'s `clock` reads.
+/// A claim under `key` whose lease has lapsed, past the grace a purge
+/// keeps it for, as `store`'s `clock` reads.
 async fn expired_claim(store: &PostgresStore, clock: &ManualClock, key: &str) {
     let key = record_key(key);
     let fingerprint = Fingerprint::from_bytes([1; 32]);
     let claim = store.claim(&key, fingerprint, Duration::from_secs(1)).await;
     assert!(matches!(claim, Ok(Claim::Acquired(_))), "{claim:?}");
-    clock.advance(Duration::from_secs(2));
+    clock.advance(Duration::from_secs(2) + EXPIRY_GRACE);
 }
 
 /// Waits until `store`'s table is empty, two seconds at most: the rows

@@ -25,6 +25,9 @@ use store_support::{TempDb, backend_url, unique_name};
 const URL: &str = "IDEMPOTENT_TEST_POSTGRES_URL";
 const ISOLATIONS: [&str; 3] = ["read committed", "repeatable read", "serializable"];
 const LEASE: Duration = Duration::from_secs(10);
+/// How long past its lease a purge keeps a claim: the clock skew the
+/// stores tolerate, as Redis keeps its keys.
+const EXPIRY_GRACE: Duration = Duration::from_secs(60);
 /// Later than any lease of these tests: a deadline the test's own
 /// transaction writes, live for the rest of the test.
 const FAR_MS: i64 = 3_600_000;
@@ -235,7 +238,8 @@ async fn a_purge_waiting_on_a_take_over_keeps_the_new_claim() {
         let store = postgres_under(&url, isolation, &clock).await;
         let key = record_key("taken");
         acquired(&store, &key, 1).await;
-        clock.advance(LEASE * 2);
+        // Past the grace too, so that the purge picks the row.
+        clock.advance(LEASE * 2 + EXPIRY_GRACE);
         let mut take_over = Writer::begin(&url, isolation).await;
         let new_holder = LeaseToken::from_u128(9);
         let take =
@@ -294,17 +298,17 @@ async fn a_stale_completion_waiting_on_a_take_over_is_refused() {
     }
 }
 
-/// The key's row deleted by the reaper once its lease lapsed, then
-/// claimed afresh by another request (a new row, not a take-over of the
-/// old one): the old holder can neither renew, complete nor release, and
-/// the new holder's response is the one replayed.
+/// The key's row deleted by the reaper once its lease lapsed and the
+/// grace passed, then claimed afresh by another request (a new row, not a
+/// take-over of the old one): the old holder can neither renew, complete
+/// nor release, and the new holder's response is the one replayed.
 async fn old_holder_is_fenced_after_a_purge(
     store: &(impl Store + Purges),
     clock: &ManualClock,
 ) -> u64 {
     let key = record_key("purged");
     let old = acquired(store, &key, 1).await;
-    clock.advance(LEASE * 2);
+    clock.advance(LEASE * 2 + EXPIRY_GRACE);
     let purged = store.purge().await;
     let new = acquired(store, &key, 2).await;
     assert!(matches!(

@@ -14,6 +14,9 @@ use store_support::{
 };
 
 const STORE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long past its lease a purge keeps a claim: the clock skew the
+/// stores tolerate, as Redis keeps its keys.
+const EXPIRY_GRACE: Duration = Duration::from_secs(60);
 
 impl TempDb {
     async fn open(&self) -> SqliteStore {
@@ -149,9 +152,45 @@ async fn purging_deletes_expired_rows() {
         .await
         .unwrap();
     assert_eq!(store.purge_expired().await.unwrap(), 0);
-    clock.advance(Duration::from_secs(2));
+    clock.advance(Duration::from_secs(2) + EXPIRY_GRACE);
     assert_eq!(store.purge_expired().await.unwrap(), 1);
     assert!(store.get(&key("long")).await.unwrap().is_some());
+}
+
+/// A claim whose lease lapsed, and which nobody took over, is still its
+/// holder's (renewals held up for a moment): a purge within the grace
+/// leaves it, so that the holder's completion is stored and replayed,
+/// rather than refused (`LeaseLost`) with the next retry running the
+/// request again. Once the lease lapsed the grace ago, a purge deletes it.
+#[tokio::test]
+async fn a_purge_keeps_a_lapsed_claim_for_the_grace() {
+    use idempotent_core::clock::ManualClock;
+    use idempotent_core::fingerprint::Fingerprint;
+    use idempotent_core::record::{Claim, Record, StoredResponse};
+    use idempotent_core::store::Store;
+
+    let db = TempDb::new();
+    let clock = ManualClock::starting_now();
+    let store = with_clock(&db.open().await, clock.clone());
+    let (fingerprint, lease) = (Fingerprint::from_bytes([1; 32]), Duration::from_secs(10));
+    let key = record_key("lapsed");
+    let Ok(Claim::Acquired(token)) = store.claim(&key, fingerprint, lease).await else {
+        panic!("acquire");
+    };
+    clock.advance(lease + EXPIRY_GRACE / 2);
+    let purged = store.purge_expired().await.unwrap();
+    let response = StoredResponse::new(StatusCode::CREATED, Vec::new(), None);
+    let ttl = Duration::from_secs(3600);
+    let completed = store.complete(&key, token, response, ttl).await;
+    assert!(completed.is_ok(), "the holder completes: {completed:?}");
+    assert_eq!(purged, 0, "the claim lapsed within the grace");
+    let read = store.get(&key).await.unwrap();
+    assert!(matches!(read, Some(Record::Completed(_))), "{read:?}");
+    let abandoned = record_key("abandoned");
+    store.claim(&abandoned, fingerprint, lease).await.unwrap();
+    clock.advance(lease + EXPIRY_GRACE);
+    assert_eq!(store.purge_expired().await.unwrap(), 1, "past the grace");
+    assert!(store.get(&key).await.unwrap().is_some(), "the record stays");
 }
 
 /// A backlog of expired rows goes in batches of a thousand, each its own
@@ -167,15 +206,19 @@ async fn purging_a_large_backlog_takes_several_statements() {
         .connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(&db.0))
         .await
         .expect("open a pool of one connection");
+    // The rows are claims, which a purge keeps for the grace past their
+    // lease: the clock reads past both for the old rows.
+    let now = 1_000 + u64::try_from(EXPIRY_GRACE.as_millis()).unwrap();
     let store = SqliteStore::builder(single.clone())
-        .clock(idempotent_core::clock::ManualClock::new(1_000))
+        .clock(idempotent_core::clock::ManualClock::new(now))
         .build()
         .expect("valid table name");
     // 2,500 expired rows and 3 live ones, written directly.
     let insert = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1)
                   INSERT INTO idempotency_records (scope, key, fingerprint, lease_token, expires_at)
                   SELECT zeroblob(32), ?2 || i, zeroblob(32), zeroblob(16), ?3 FROM n";
-    for (rows, prefix, expires_at) in [(2_500, "old-", 500), (3, "live-", 5_000)] {
+    let live = i64::try_from(now).unwrap() + 4_000;
+    for (rows, prefix, expires_at) in [(2_500, "old-", 500), (3, "live-", live)] {
         sqlx::query(insert)
             .bind(rows)
             .bind(prefix)
@@ -871,7 +914,8 @@ async fn rows_in(store: &SqliteStore) -> i64 {
         .expect("count rows")
 }
 
-/// Claims `name` for a second on `clock`, then lets the lease lapse.
+/// Claims `name` for a second on `clock`, then lets the lease lapse, and
+/// the grace a purge keeps a lapsed claim for pass.
 async fn an_expired_row(
     store: &SqliteStore,
     clock: &idempotent_core::clock::ManualClock,
@@ -882,7 +926,7 @@ async fn an_expired_row(
     let key = record_key(name);
     let lease = Duration::from_secs(1);
     store.claim(&key, fingerprint, lease).await.expect("claim");
-    clock.advance(Duration::from_secs(2));
+    clock.advance(Duration::from_secs(2) + EXPIRY_GRACE);
 }
 
 /// Polls `store` until its table is empty, or gives up after two seconds.

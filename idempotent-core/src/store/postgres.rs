@@ -19,7 +19,8 @@
 //! `expires_at` is the one deadline that matters for a row: the lease
 //! deadline while in flight, the end of replay once completed. A row whose
 //! `expires_at` has passed is free to be claimed again, and is what
-//! [`PostgresStore::purge_expired`] deletes. Times are Unix milliseconds
+//! [`PostgresStore::purge_expired`] deletes (a claim's a minute later, so
+//! that its holder may still complete it). Times are Unix milliseconds
 //! from the store's [`Clock`], passed as parameters, so the database's own
 //! clock is never consulted.
 
@@ -719,13 +720,18 @@ impl PostgresStore {
         sql::check_columns(&self.inner.table, found, (COLUMNS, true), "PostgresStore")
     }
 
-    /// Deletes every record whose deadline has passed; returns how many.
-    /// Claims already treat such rows as absent, so this only frees space.
+    /// Deletes every completed record whose replay window has passed, and
+    /// every claim whose lease lapsed a minute or more ago; returns how
+    /// many. Claims already treat such rows as absent, so this only frees
+    /// space. A claim whose lease lapsed more recently stays: nobody took
+    /// it over, so its holder, whose renewals may have been held up for a
+    /// moment (or whose clock runs behind this one), still holds it and
+    /// may complete it, and its response is then replayed.
     ///
     /// # Errors
     /// The database failed.
     pub async fn purge_expired(&self) -> Result<u64, StoreError> {
-        let now = to_sql_millis(self.inner.clock.now_millis());
+        let (now, lapsed) = sql::purge_deadlines(self.inner.clock.now_millis());
         let table = &self.inner.table;
         sql::purge_in_batches(|| async move {
             let failed = |error| statement_error(error, table);
@@ -733,6 +739,7 @@ impl PostgresStore {
             let deleted = sqlx::query(&self.inner.sql.purge)
                 .bind(now)
                 .bind(sql::PURGE_BATCH)
+                .bind(lapsed)
                 .execute(&mut *connection)
                 .await;
             if let Err(error) = &deleted {
@@ -1207,13 +1214,19 @@ impl Statements {
                 "SELECT fingerprint, lease_token, expires_at, status, header_names, header_values, body
                  FROM {table} WHERE scope = $1 AND key = $2 AND expires_at > $3"
             ),
-            // The outer `expires_at <= $1` is re-checked against a row that a
-            // concurrent claim just took over, so a fresh claim is never
+            // A claim (`lease_token` set) goes only once its lease lapsed
+            // by `$3`, a grace earlier than `$1`: its holder may still
+            // complete it until then. The outer condition is re-checked
+            // against a row that a concurrent claim just took over, or its
+            // holder just completed, so a fresh claim or record is never
             // purged.
             purge: format!(
                 "DELETE FROM {table}
-                 WHERE (scope, key) IN (SELECT scope, key FROM {table} WHERE expires_at <= $1 LIMIT $2)
-                   AND expires_at <= $1"
+                 WHERE (scope, key) IN (
+                         SELECT scope, key FROM {table}
+                         WHERE expires_at <= $1 AND (lease_token IS NULL OR expires_at <= $3)
+                         LIMIT $2)
+                   AND expires_at <= $1 AND (lease_token IS NULL OR expires_at <= $3)"
             ),
         }
     }

@@ -80,7 +80,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, ServerErrorKind};
 use tokio_util::task::TaskTracker;
 
-use super::{Explained, Store, StoreError};
+use super::{EXPIRY_GRACE, Explained, Store, StoreError};
 use crate::clock::{Clock, SharedClock, SystemClock, millis};
 use crate::digest::push_hex;
 use crate::fingerprint::Fingerprint;
@@ -93,8 +93,6 @@ const DEFAULT_PREFIX: &str = "idempotent:";
 /// First byte of an in-flight value; never a codec version.
 const IN_FLIGHT_TAG: u8 = 0x80;
 const IN_FLIGHT_LEN: usize = 1 + 32 + 8 + 16;
-/// How long Redis keeps a key past its deadline: the tolerated clock skew.
-const EXPIRY_GRACE: Duration = Duration::from_secs(60);
 /// The largest argument Redis accepts by default (`proto-max-bulk-len`),
 /// and the largest value the store sends.
 const MAX_VALUE_BYTES: usize = 512 * 1024 * 1024;

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::StoreError;
+use super::{EXPIRY_GRACE, StoreError};
+use crate::clock::millis;
 use crate::fingerprint::Fingerprint;
 use crate::record::{CodecError, InFlight, LeaseToken, Record};
 
@@ -28,6 +29,14 @@ pub(crate) const CLAIM_ATTEMPTS: usize = 8;
 /// backlog never holds many row locks (PostgreSQL) or the database's one
 /// write lock (SQLite) for long.
 pub(crate) const PURGE_BATCH: i64 = 1000;
+
+/// The deadlines a purge at `now` (Unix ms) deletes up to, as SQL
+/// `bigint`s: a completed record's, and a claim's, whose lease must have
+/// lapsed at least [`EXPIRY_GRACE`] ago.
+pub(crate) fn purge_deadlines(now: u64) -> (i64, i64) {
+    let claims = now.saturating_sub(millis(EXPIRY_GRACE));
+    (to_sql_millis(now), to_sql_millis(claims))
+}
 
 /// Runs `batch`, one `DELETE` of at most [`PURGE_BATCH`] expired rows,
 /// until one deletes fewer, and answers how many rows went in all.

@@ -552,8 +552,13 @@ impl SqliteStore {
         Ok(folds.then(|| "the column's collation, which is not BINARY".to_owned()))
     }
 
-    /// Deletes every record whose deadline has passed; returns how many.
-    /// Claims already treat such rows as absent, so this only frees space.
+    /// Deletes every completed record whose replay window has passed, and
+    /// every claim whose lease lapsed a minute or more ago; returns how
+    /// many. Claims already treat such rows as absent, so this only frees
+    /// space. A claim whose lease lapsed more recently stays: nobody took
+    /// it over, so its holder, whose renewals may have been held up for a
+    /// moment, still holds it and may complete it, and its response is
+    /// then replayed.
     ///
     /// Rows go a thousand at a time, one statement each: SQLite has one
     /// write lock for the whole file, and a single statement over a large
@@ -564,11 +569,12 @@ impl SqliteStore {
     /// The database failed.
     pub async fn purge_expired(&self) -> Result<u64, StoreError> {
         self.check_file().await?;
-        let now = to_sql_millis(self.inner.clock.now_millis());
+        let (now, lapsed) = sql::purge_deadlines(self.inner.clock.now_millis());
         sql::purge_in_batches(|| async move {
             let deleted = sqlx::query(&self.inner.sql.purge)
                 .bind(now)
                 .bind(sql::PURGE_BATCH)
+                .bind(lapsed)
                 .execute(self.inner.connections.pool())
                 .await
                 .map_err(|error| self.statement_error(error))?;
@@ -1213,10 +1219,16 @@ impl Statements {
                  WHERE scope = ?1 AND key = ?2 AND expires_at > ?3"
             ),
             // SQLite may be built without `DELETE ... LIMIT`, and the table
-            // has no rowid: a batch is picked by its primary key.
+            // has no rowid: a batch is picked by its primary key. A claim
+            // (`lease_token` set) goes only once its lease lapsed by
+            // `?3`, a grace earlier than `?1`: its holder may still complete
+            // it until then.
             purge: format!(
                 "DELETE FROM {table}
-                 WHERE (scope, key) IN (SELECT scope, key FROM {table} WHERE expires_at <= ?1 LIMIT ?2)"
+                 WHERE (scope, key) IN (
+                     SELECT scope, key FROM {table}
+                     WHERE expires_at <= ?1 AND (lease_token IS NULL OR expires_at <= ?3)
+                     LIMIT ?2)"
             ),
         }
     }
