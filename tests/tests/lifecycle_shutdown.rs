@@ -25,9 +25,9 @@ use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{PostgresStore, Store};
 use idempotent_core::{Fingerprint, Idempotency, IdempotencyKey, idempotent};
 use macro_support::{Runs, Turnstile, listen, post_json, send};
-use store_support::backend_url;
 use store_support::tables::migrated_postgres;
 use store_support::unique_name;
+use store_support::{EXPIRY_GRACE, backend_url};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -35,9 +35,6 @@ const URL: &str = "IDEMPOTENT_TEST_POSTGRES_URL";
 /// How long a test waits for something that must happen before it calls
 /// it a failure: never a synchronisation, only a bound on a hang.
 const HANG: Duration = Duration::from_secs(10);
-/// How long past its lease a purge keeps a claim: the clock skew the
-/// stores tolerate, as Redis keeps its keys.
-const EXPIRY_GRACE: Duration = Duration::from_secs(60);
 
 /// The side effects done, and the gate each charge waits at after doing
 /// its own, before it answers.

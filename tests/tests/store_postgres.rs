@@ -20,17 +20,14 @@ use idempotent_core::testing::contract;
 use sqlx::{Connection, PgPool};
 use store_support::tables::migrated_postgres;
 use store_support::{
-    Ledger, Relay, assert_kept, backend_url, complete_with_a_body_of, duplicates_across_instances,
-    pay, pay_until_available, payments_app, pool_reaches_idle, relay_to_the_database,
-    store_behind_a_relay, unique_name,
+    EXPIRY_GRACE, Ledger, Relay, a_lapsed_claim_is_kept_for_the_grace, assert_kept, backend_url,
+    complete_with_a_body_of, duplicates_across_instances, pay, pay_until_available, payments_app,
+    pool_reaches_idle, relay_to_the_database, store_behind_a_relay, unique_name,
 };
 use tracing_subscriber::layer::SubscriberExt as _;
 
 const URL: &str = "IDEMPOTENT_TEST_POSTGRES_URL";
 const STORE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long past its lease a purge keeps a claim: the clock skew the
-/// stores tolerate, as Redis keeps its keys.
-const EXPIRY_GRACE: Duration = Duration::from_secs(60);
 
 /// A migrated store on a fresh table.
 async fn fresh_store(url: &str) -> PostgresStore {
@@ -304,36 +301,15 @@ async fn purging_deletes_only_expired_rows() {
     drop_table(&base).await;
 }
 
-/// A claim whose lease lapsed, and which nobody took over, is still its
-/// holder's (renewals held up for a moment): a purge within the grace
-/// leaves it, so that the holder's completion is stored and replayed,
-/// rather than refused (`LeaseLost`) with the next retry running the
-/// request again. Once the lease lapsed the grace ago, a purge deletes it.
+/// See `store_support::a_lapsed_claim_is_kept_for_the_grace`.
 #[tokio::test]
 async fn a_purge_keeps_a_lapsed_claim_for_the_grace() {
     let Some(url) = backend_url(URL) else { return };
     let base = fresh_store(&url).await;
     let clock = ManualClock::starting_now();
     let store = with_clock(&base, clock.clone());
-    let (fingerprint, lease) = (Fingerprint::from_bytes([1; 32]), Duration::from_secs(10));
-    let key = record_key("lapsed");
-    let Ok(Claim::Acquired(token)) = store.claim(&key, fingerprint, lease).await else {
-        panic!("acquire");
-    };
-    clock.advance(lease + EXPIRY_GRACE / 2);
-    let purged = store.purge_expired().await.unwrap();
-    let response = StoredResponse::new(StatusCode::CREATED, Vec::new(), None);
-    let ttl = Duration::from_secs(3600);
-    let completed = store.complete(&key, token, response, ttl).await;
-    assert!(completed.is_ok(), "the holder completes: {completed:?}");
-    assert_eq!(purged, 0, "the claim lapsed within the grace");
-    let read = store.get(&key).await.unwrap();
-    assert!(matches!(read, Some(Record::Completed(_))), "{read:?}");
-    let abandoned = record_key("abandoned");
-    store.claim(&abandoned, fingerprint, lease).await.unwrap();
-    clock.advance(lease + EXPIRY_GRACE);
-    assert_eq!(store.purge_expired().await.unwrap(), 1, "past the grace");
-    assert!(store.get(&key).await.unwrap().is_some(), "the record stays");
+    let purge = async |store: &PostgresStore| store.purge_expired().await.unwrap();
+    a_lapsed_claim_is_kept_for_the_grace(&store, &clock, purge).await;
     drop_table(&base).await;
 }
 

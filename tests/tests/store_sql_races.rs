@@ -20,14 +20,11 @@ use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{PostgresStore, SqliteStore, Store, StoreError};
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{Connection, PgPool};
-use store_support::{TempDb, backend_url, unique_name};
+use store_support::{EXPIRY_GRACE, TempDb, backend_url, unique_name};
 
 const URL: &str = "IDEMPOTENT_TEST_POSTGRES_URL";
 const ISOLATIONS: [&str; 3] = ["read committed", "repeatable read", "serializable"];
 const LEASE: Duration = Duration::from_secs(10);
-/// How long past its lease a purge keeps a claim: the clock skew the
-/// stores tolerate, as Redis keeps its keys.
-const EXPIRY_GRACE: Duration = Duration::from_secs(60);
 /// Later than any lease of these tests: a deadline the test's own
 /// transaction writes, live for the rest of the test.
 const FAR_MS: i64 = 3_600_000;

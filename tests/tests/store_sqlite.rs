@@ -9,14 +9,11 @@ use axum::http::StatusCode;
 use idempotent_core::store::{SqliteStore, Tiered};
 use idempotent_core::testing::contract;
 use store_support::{
-    Ledger, TempDb, assert_kept, complete_with_a_body_of, duplicates_across_instances, pay,
-    payments_app, pool_reaches_idle,
+    EXPIRY_GRACE, Ledger, TempDb, a_lapsed_claim_is_kept_for_the_grace, assert_kept,
+    complete_with_a_body_of, duplicates_across_instances, pay, payments_app, pool_reaches_idle,
 };
 
 const STORE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long past its lease a purge keeps a claim: the clock skew the
-/// stores tolerate, as Redis keeps its keys.
-const EXPIRY_GRACE: Duration = Duration::from_secs(60);
 
 impl TempDb {
     async fn open(&self) -> SqliteStore {
@@ -157,40 +154,14 @@ async fn purging_deletes_expired_rows() {
     assert!(store.get(&key("long")).await.unwrap().is_some());
 }
 
-/// A claim whose lease lapsed, and which nobody took over, is still its
-/// holder's (renewals held up for a moment): a purge within the grace
-/// leaves it, so that the holder's completion is stored and replayed,
-/// rather than refused (`LeaseLost`) with the next retry running the
-/// request again. Once the lease lapsed the grace ago, a purge deletes it.
+/// See `store_support::a_lapsed_claim_is_kept_for_the_grace`.
 #[tokio::test]
 async fn a_purge_keeps_a_lapsed_claim_for_the_grace() {
-    use idempotent_core::clock::ManualClock;
-    use idempotent_core::fingerprint::Fingerprint;
-    use idempotent_core::record::{Claim, Record, StoredResponse};
-    use idempotent_core::store::Store;
-
     let db = TempDb::new();
-    let clock = ManualClock::starting_now();
+    let clock = idempotent_core::clock::ManualClock::starting_now();
     let store = with_clock(&db.open().await, clock.clone());
-    let (fingerprint, lease) = (Fingerprint::from_bytes([1; 32]), Duration::from_secs(10));
-    let key = record_key("lapsed");
-    let Ok(Claim::Acquired(token)) = store.claim(&key, fingerprint, lease).await else {
-        panic!("acquire");
-    };
-    clock.advance(lease + EXPIRY_GRACE / 2);
-    let purged = store.purge_expired().await.unwrap();
-    let response = StoredResponse::new(StatusCode::CREATED, Vec::new(), None);
-    let ttl = Duration::from_secs(3600);
-    let completed = store.complete(&key, token, response, ttl).await;
-    assert!(completed.is_ok(), "the holder completes: {completed:?}");
-    assert_eq!(purged, 0, "the claim lapsed within the grace");
-    let read = store.get(&key).await.unwrap();
-    assert!(matches!(read, Some(Record::Completed(_))), "{read:?}");
-    let abandoned = record_key("abandoned");
-    store.claim(&abandoned, fingerprint, lease).await.unwrap();
-    clock.advance(lease + EXPIRY_GRACE);
-    assert_eq!(store.purge_expired().await.unwrap(), 1, "past the grace");
-    assert!(store.get(&key).await.unwrap().is_some(), "the record stays");
+    let purge = async |store: &SqliteStore| store.purge_expired().await.unwrap();
+    a_lapsed_claim_is_kept_for_the_grace(&store, &clock, purge).await;
 }
 
 /// A backlog of expired rows goes in batches of a thousand, each its own

@@ -700,3 +700,46 @@ impl Drop for Relay {
         }
     }
 }
+
+/// How long a durable store keeps a claim past its lease (Redis its keys,
+/// the SQL stores' purges their claims): the store's own grace, which
+/// tests move a clock past.
+pub const EXPIRY_GRACE: Duration = Duration::from_secs(60);
+
+/// A claim whose lease lapsed, and which nobody took over, is still its
+/// holder's (renewals held up for a moment): a purge (`purge`, the
+/// store's `purge_expired`) within the grace leaves it, so that the
+/// holder's completion is stored and replayed, rather than refused
+/// (`LeaseLost`) with the next retry running the request again. Once the
+/// lease lapsed the grace ago, a purge deletes it. `store` runs on `clock`.
+pub async fn a_lapsed_claim_is_kept_for_the_grace<S: Store>(
+    store: &S,
+    clock: &idempotent_core::clock::ManualClock,
+    purge: impl AsyncFn(&S) -> u64,
+) {
+    let (fingerprint, lease) = (Fingerprint::from_bytes([1; 32]), Duration::from_secs(10));
+    let key = RecordKey::new(
+        ScopeDigest::global(),
+        IdempotencyKey::parse(b"lapsed").unwrap(),
+    );
+    let Ok(Claim::Acquired(token)) = store.claim(&key, fingerprint, lease).await else {
+        panic!("acquire");
+    };
+    clock.advance(lease + EXPIRY_GRACE / 2);
+    let purged = purge(store).await;
+    let response = StoredResponse::new(StatusCode::CREATED, Vec::new(), None);
+    let ttl = Duration::from_secs(3600);
+    let completed = store.complete(&key, token, response, ttl).await;
+    assert!(completed.is_ok(), "the holder completes: {completed:?}");
+    assert_eq!(purged, 0, "the claim lapsed within the grace");
+    let read = store.get(&key).await.unwrap();
+    assert!(matches!(read, Some(Record::Completed(_))), "{read:?}");
+    let abandoned = RecordKey::new(
+        ScopeDigest::global(),
+        IdempotencyKey::parse(b"abandoned").unwrap(),
+    );
+    store.claim(&abandoned, fingerprint, lease).await.unwrap();
+    clock.advance(lease + EXPIRY_GRACE);
+    assert_eq!(purge(store).await, 1, "past the grace");
+    assert!(store.get(&key).await.unwrap().is_some(), "the record stays");
+}
