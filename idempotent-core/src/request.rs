@@ -251,9 +251,10 @@ pub(crate) fn route_params(
 /// fingerprint is the handler's inputs alone (and records stored before
 /// methods were bound still match); otherwise the method itself, which
 /// `run` binds as [`fingerprinted_method`] names it (a `HEAD` as a `GET`)
-/// and reads to leave a `HEAD`'s bodiless answer unstored. Without it, a handler routed for
-/// several methods would answer a `DELETE` with the stored response of a
-/// `POST` under the same key and inputs, as its replay. `IdempotentLayer`
+/// and reads to leave a `HEAD`'s bodiless answer unstored. Without it, a
+/// handler routed for several methods would answer a `DELETE` with the
+/// stored response of a `POST` under the same key and inputs, as its
+/// replay. `IdempotentLayer`
 /// fingerprints the method itself, by the same name.
 pub(crate) fn method_binding(method: &Method, keyed: bool) -> Option<Box<Method>> {
     if !keyed || *method == Method::POST {

@@ -366,6 +366,14 @@ async fn a_run_whose_client_went_away_and_that_answers_503_releases_the_key() {
     assert_eq!(retry, run_answer(StatusCode::CREATED, false, 2));
 }
 
+/// The retry after a run that panicked freed the key: the handler runs a
+/// second time, at once.
+async fn the_retry_runs_again(app: Router, store: &MockStore) {
+    let retry = send(app, charging(PANICS)).await;
+    assert_eq!(retry, run_answer(StatusCode::CREATED, false, 2));
+    store.assert_executed(2);
+}
+
 /// A handler that panics (here after it charged) releases the key, as the
 /// README says: the panic reaches the server, and the retry runs the
 /// handler again at once.
@@ -377,9 +385,7 @@ async fn a_handler_that_panics_releases_the_key_and_the_retry_runs_again() {
     let first = tokio::spawn(send(app.clone(), charging(PANICS)));
     assert!(first.await.unwrap_err().is_panic());
     assert_eq!(store.count(OpKind::Release), 1, "{:?}", store.operations());
-    let retry = send(app, charging(PANICS)).await;
-    assert_eq!(retry, run_answer(StatusCode::CREATED, false, 2));
-    store.assert_executed(2);
+    the_retry_runs_again(app, &store).await;
 }
 
 /// A renewal that fails once is tried again soon, and succeeds: the lease
@@ -461,9 +467,7 @@ async fn a_run_whose_client_went_away_and_that_panics_releases_the_key() {
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(store.count(OpKind::Release), 1, "{:?}", store.operations());
     assert_eq!(store.count(OpKind::Complete), 0, "{:?}", store.operations());
-    let retry = send(app, charging(PANICS)).await;
-    assert_eq!(retry, run_answer(StatusCode::CREATED, false, 2));
-    store.assert_executed(2);
+    the_retry_runs_again(app, &store).await;
 }
 
 /// A handler that panics while the store fails the release once: the
@@ -480,9 +484,7 @@ async fn a_panic_whose_release_fails_once_still_frees_the_key() {
     assert!(first.unwrap_err().is_panic());
     assert_eq!(store.failures(), 1, "{:?}", store.operations());
     assert_eq!(store.count(OpKind::Release), 1, "{:?}", store.operations());
-    let retry = send(app, charging(PANICS)).await;
-    assert_eq!(retry, run_answer(StatusCode::CREATED, false, 2));
-    store.assert_executed(2);
+    the_retry_runs_again(app, &store).await;
 }
 
 /// Every renewal fails while the handler runs past its lease, and a

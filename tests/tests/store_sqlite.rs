@@ -1194,20 +1194,12 @@ async fn keeping_as_many_connections_as_the_pool_has_still_leaves_one_free() {
             .hold_connections(hold)
             .build()
             .expect("valid table name");
-        let within = Duration::from_secs(2);
-        let (purged, own_query) = store_support::under_steady_reads(&store, async {
-            let purged = tokio::time::timeout(within, store.purge_expired()).await;
-            let own_query = tokio::time::timeout(within, store.pool().acquire()).await;
-            (purged, own_query.map(|acquired| acquired.map(drop)))
-        })
+        let outcome = store_support::a_purge_and_a_query_under_steady_reads(
+            &store,
+            store.pool(),
+            store.purge_expired(),
+        )
         .await;
-        assert!(
-            matches!(purged, Ok(Ok(_))),
-            "holding {hold} of 4: a purge under traffic: {purged:?}"
-        );
-        assert!(
-            matches!(own_query, Ok(Ok(()))),
-            "holding {hold} of 4: the application's query under traffic: {own_query:?}"
-        );
+        store_support::assert_purge_and_query_passed(hold, outcome);
     }
 }

@@ -286,7 +286,6 @@ pub async fn duplicates_across_instances(apps: &[Router], ledger: &Ledger, count
 /// What [`complete_with_a_body_of`] saw: the completion, then a read back.
 pub type Completion = (Result<(), StoreError>, Result<Option<Record>, StoreError>);
 
-/// Claims `key`, which must be free, on `store`: the claim's token.
 /// `during`, run while four tasks read `store` back to back (an
 /// application's steady traffic), once they have read long enough for the
 /// store to keep every connection it may keep; the readers stop after.
@@ -316,10 +315,52 @@ where
     outcome
 }
 
+/// What a purge and the application's own query got, each given two
+/// seconds.
+pub type PurgeAndQuery = (
+    Result<Result<u64, StoreError>, tokio::time::error::Elapsed>,
+    Result<Result<(), sqlx::Error>, tokio::time::error::Elapsed>,
+);
+
+/// `purge` (the store's `purge_expired`), then a connection taken from
+/// `pool` (the store's, as the application's own query takes one), each
+/// given two seconds while `store` is read steadily ([`under_steady_reads`]).
+pub async fn a_purge_and_a_query_under_steady_reads<S, DB>(
+    store: &S,
+    pool: &sqlx::Pool<DB>,
+    purge: impl Future<Output = Result<u64, StoreError>>,
+) -> PurgeAndQuery
+where
+    S: Store + Clone + 'static,
+    DB: sqlx::Database,
+{
+    let within = Duration::from_secs(2);
+    under_steady_reads(store, async {
+        let purged = tokio::time::timeout(within, purge).await;
+        let own_query = tokio::time::timeout(within, pool.acquire()).await;
+        (purged, own_query.map(|acquired| acquired.map(drop)))
+    })
+    .await
+}
+
+/// Both of [`a_purge_and_a_query_under_steady_reads`] went through, for a
+/// store keeping `hold` connections of a pool of four.
+pub fn assert_purge_and_query_passed(hold: u32, (purged, own_query): PurgeAndQuery) {
+    assert!(
+        matches!(purged, Ok(Ok(_))),
+        "holding {hold} of 4: a purge under traffic: {purged:?}"
+    );
+    assert!(
+        matches!(own_query, Ok(Ok(()))),
+        "holding {hold} of 4: the application's query under traffic: {own_query:?}"
+    );
+}
+
 fn steady_key(worker: usize, reads: usize) -> IdempotencyKey {
     IdempotencyKey::parse(format!("steady-{worker}-{reads}").as_bytes()).expect("a valid key")
 }
 
+/// Claims `key`, which must be free, on `store`: the claim's token.
 pub async fn acquire(
     store: &impl Store,
     key: &RecordKey,
