@@ -42,11 +42,12 @@ impl StatusRange {
 #[non_exhaustive]
 pub enum FinalStatuses {
     /// 2xx to 4xx except 408, 409, 423, 425 and 429, which say "try again
-    /// later" and so must let a retry run, and 401, 405, 413 and 415, which
-    /// refuse the request's credentials, method, size or format before
-    /// anything runs (an authentication middleware, `axum`'s router and
-    /// extractors answer them), so that a retry that fixes the request (a
-    /// refreshed token, the right method) is not answered with them. An
+    /// later" and so must let a retry run, and 401, 405, 407, 413 and 415,
+    /// which refuse the request's credentials, method, size or format
+    /// before anything runs (an authentication middleware or proxy,
+    /// `axum`'s router and extractors answer them), so that a retry that
+    /// fixes the request (a refreshed token, the right method) is not
+    /// answered with them. An
     /// informational 1xx (a protocol switch) is not an outcome to replay.
     #[default]
     Default,
@@ -89,11 +90,13 @@ pub enum FinalStatuses {
 /// request's credentials, method, size or format before anything runs.
 /// Stored, a 401 from an authentication middleware behind an
 /// `IdempotentLayer`, or from a handler refusing an expired token, would
-/// answer the retry with the refreshed token 401 for the whole TTL. An
+/// answer the retry with the refreshed token 401 for the whole TTL; a
+/// 407 likewise, and its replay would lack the `Proxy-Authenticate`
+/// challenge, which is never stored. An
 /// `IdempotentLayer` that wraps a whole method router (`Router::route_layer`)
 /// sees axum's 405 for the other methods: stored, it would use up the key
 /// of a request sent with the wrong method.
-const NOT_FINAL: [u16; 9] = [401, 405, 408, 409, 413, 415, 423, 425, 429];
+const NOT_FINAL: [u16; 10] = [401, 405, 407, 408, 409, 413, 415, 423, 425, 429];
 
 impl FinalStatuses {
     /// Whether a response with `status` is stored.
@@ -344,7 +347,7 @@ mod tests {
     fn default_policy_releases_server_errors_retryable_client_errors_and_1xx() {
         let policy = FinalStatuses::Default;
         for status in [
-            101, 401, 405, 408, 409, 413, 415, 423, 425, 429, 500, 502, 503, 504,
+            101, 401, 405, 407, 408, 409, 413, 415, 423, 425, 429, 500, 502, 503, 504,
         ] {
             assert!(
                 !policy.is_final(StatusCode::from_u16(status).unwrap()),

@@ -247,7 +247,7 @@ async fn statuses_that_are_not_final_release_the_key_for_both_ways() {
         store.layer(),
     );
     let released = [
-        401, 405, 408, 409, 413, 415, 423, 425, 429, 500, 502, 503, 504,
+        401, 405, 407, 408, 409, 413, 415, 423, 425, 429, 500, 502, 503, 504,
     ];
     for (i, status) in released.into_iter().enumerate() {
         for uri in ["/attribute", "/layer"] {
