@@ -130,6 +130,14 @@ impl std::fmt::Debug for Idempotency {
 
 impl Idempotency {
     /// Idempotency on `store` with default settings.
+    ///
+    /// `store` is a concrete store (`SqliteStore`, `MemoryStore`, a
+    /// `MockStore`...). One already shared as a [`SharedStore`]
+    /// (`Arc<dyn DynStore>`, as an application state that holds the store
+    /// keeps it, so that its tests can put a `MockStore` there) is not a
+    /// [`Store`] itself, and rustc refuses it here with "`Arc<dyn
+    /// DynStore>` is not an idempotency store": give it to
+    /// [`from_shared`](Self::from_shared) instead.
     #[must_use]
     pub fn new(store: impl Store) -> Self {
         Self::builder(store).build()

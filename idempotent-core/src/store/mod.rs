@@ -259,6 +259,11 @@ impl StoreError {
 /// let idempotency = idempotent_core::Idempotency::new(MapStore::default());
 /// # let _ = idempotency;
 /// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an idempotency store",
+    label = "not a `Store`",
+    note = "a store already shared as a `SharedStore` (`Arc<dyn DynStore>`) goes to `Idempotency::from_shared(store)`, then `.build()`"
+)]
 pub trait Store: Send + Sync + 'static {
     /// Atomically claims `key` for a request with `fingerprint`:
     /// - no record, or an expired one: insert `InFlight` -> [`Claim::Acquired`];
@@ -523,7 +528,25 @@ impl<S: Store> DynStore for S {
     }
 }
 
-/// A shared, type-erased store.
+/// A shared, type-erased store: for a backend chosen at run time, or an
+/// application state that holds the store and whose tests put a
+/// `MockStore` in it. Build the layer on it with
+/// [`Idempotency::from_shared`](crate::Idempotency::from_shared), then
+/// `build()`: it does not implement [`Store`], so `Idempotency::new`
+/// refuses it.
+///
+/// ```
+/// use std::sync::Arc;
+/// use idempotent_core::Idempotency;
+/// use idempotent_core::store::{MemoryStore, SharedStore};
+///
+/// #[derive(Clone)]
+/// struct AppState { store: SharedStore }
+///
+/// let state = AppState { store: Arc::new(MemoryStore::new()) };
+/// let idempotency = Idempotency::from_shared(state.store.clone()).build();
+/// # let _ = idempotency;
+/// ```
 pub type SharedStore = Arc<dyn DynStore>;
 
 #[cfg(all(test, any(feature = "postgres", feature = "redis", feature = "sqlite")))]
