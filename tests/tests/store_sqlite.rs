@@ -619,6 +619,47 @@ async fn an_in_memory_database_by_url_keeps_its_connection() {
     assert!(failures.is_empty(), "{failures:?}");
 }
 
+/// The same database on a pool of the service's own, as sqlx builds one
+/// by default (`SqlitePool::connect("sqlite::memory:")`), closes its
+/// connections once idle or old: `migrate` accepted it, and once the pool
+/// had let its last connection go, every completed record was gone and
+/// each request failed on a missing table, told to run `migrate`, which
+/// had run. `migrate` refuses it, saying what to set; a pool that keeps
+/// its connection is accepted.
+#[tokio::test]
+async fn an_in_memory_pool_that_closes_its_connections_is_refused() {
+    use sqlx::sqlite::SqlitePoolOptions;
+    use std::str::FromStr as _;
+
+    for url in ["sqlite::memory:", "sqlite:records?mode=memory"] {
+        let options = sqlx::sqlite::SqliteConnectOptions::from_str(url).expect("URL");
+        for pool in [
+            SqlitePoolOptions::new(),
+            SqlitePoolOptions::new()
+                .min_connections(1)
+                .idle_timeout(None),
+        ] {
+            let pool = pool.connect_with(options.clone()).await.expect("pool");
+            let store = SqliteStore::builder(pool).build().expect("valid name");
+            let refused = store.migrate().await.expect_err(url).to_string();
+            assert!(
+                refused.contains("in memory") && refused.contains("max_lifetime(None)"),
+                "{refused}"
+            );
+        }
+        let kept = SqlitePoolOptions::new()
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None);
+        let pool = kept.connect_with(options).await.expect("pool");
+        let store = SqliteStore::builder(pool).build().expect("valid name");
+        store
+            .migrate()
+            .await
+            .expect("a pool that keeps its connection");
+    }
+}
+
 /// SQLite's `temp` schema is each connection's own, as PostgreSQL's
 /// `pg_temp` is: a table there is refused when the store is built.
 #[tokio::test]
@@ -737,6 +778,62 @@ async fn a_claim_on_a_file_kept_locked_names_the_file() {
         told.contains(&file) && told.contains("a transaction left open"),
         "{told}"
     );
+}
+
+/// A database file damaged on disk (a failing disk, a copy taken while it
+/// was written, a file overwritten in place): every claim that reads the
+/// damaged page fails alike until the file is restored. SQLite says only
+/// "database disk image is malformed", without the file, and that was
+/// told as an outage that may pass by itself, answered 503 and retried
+/// for good. It is a setup to change, naming the file and what to do.
+#[tokio::test]
+async fn a_damaged_database_file_names_the_file_and_the_fix() {
+    use idempotent_core::fingerprint::Fingerprint;
+    use idempotent_core::store::{Store, StoreError};
+    use sqlx::Connection as _;
+    use std::io::{Seek as _, SeekFrom, Write as _};
+
+    let db = TempDb::new();
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&db.0)
+        .create_if_missing(true);
+    let mut connection = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .expect("create the file");
+    let schema = SqliteStore::migration_sql("idempotency_records").expect("valid name");
+    sqlx::raw_sql(&schema)
+        .execute(&mut connection)
+        .await
+        .expect("migrate");
+    let (root, page_size): (i64, i64) = sqlx::query_as(
+        "SELECT rootpage, (SELECT page_size FROM pragma_page_size)
+         FROM sqlite_master WHERE name = 'idempotency_records'",
+    )
+    .fetch_one(&mut connection)
+    .await
+    .expect("the table's first page");
+    connection.close().await.expect("close");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&db.0)
+        .expect("open the file");
+    let offset = u64::try_from((root - 1) * page_size).expect("an offset");
+    file.seek(SeekFrom::Start(offset)).expect("seek");
+    file.write_all(&[0xa5; 64])
+        .expect("damage the table's page");
+    drop(file);
+
+    let store = db.open().await;
+    let key = record_key("damaged");
+    let fingerprint = Fingerprint::from_bytes([7; 32]);
+    let claimed = store
+        .claim(&key, fingerprint, Duration::from_secs(60))
+        .await;
+    let error = claimed.expect_err("the table's page is damaged");
+    assert!(matches!(error, StoreError::Misconfigured(_)), "{error:?}");
+    let told = error.to_string();
+    let file = db.0.display().to_string();
+    assert!(told.contains(&file) && told.contains("restore"), "{told}");
 }
 
 /// The WAL file's size on disk.
@@ -874,6 +971,47 @@ async fn a_database_file_replaced_under_the_store_is_not_used_on() {
     let started_after = db.open().await;
     let refused = taken_by_both(&running, &started_after).await;
     assert!(refused.contains("deleted or replaced"), "{refused}");
+}
+
+/// The service is given a path through a symbolic link (a release
+/// directory, a backup linked into place), and the link is then pointed
+/// at another database: SQLite names the file by the link's target, which
+/// stays where it was, so the running store went on with the old file
+/// while a process started after it used the new one, and a key ran in
+/// each. The running store, opened on the link by `open` or on a pool of
+/// the service's own (`on_a_pool`), stops instead, and names the link.
+async fn a_file_swapped_through_a_link_is_not_used_on(on_a_pool: bool) {
+    let (old, new, link) = (TempDb::new(), TempDb::new(), TempDb::new());
+    let _files = (old.open().await, new.open().await);
+    std::os::unix::fs::symlink(&old.0, &link.0).expect("link the old file");
+    let running = if on_a_pool {
+        let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&link.0);
+        let pool = sqlx::SqlitePool::connect_with(options).await.expect("pool");
+        let store = SqliteStore::builder(pool).build().expect("valid name");
+        running_store_on(store).await
+    } else {
+        running_store(&link).await
+    };
+    // Pointed elsewhere at once, as `mv -T` of a new link over it does.
+    let swapped = link.0.with_extension("swapped");
+    std::os::unix::fs::symlink(&new.0, &swapped).expect("link the new file");
+    std::fs::rename(&swapped, &link.0).expect("swap the link");
+    let started_after = link.open().await;
+    let refused = taken_by_both(&running, &started_after).await;
+    assert!(
+        refused.contains(&link.0.display().to_string()) && refused.contains("replaced"),
+        "{refused}"
+    );
+}
+
+#[tokio::test]
+async fn a_database_file_swapped_through_a_symbolic_link_is_not_used_on() {
+    a_file_swapped_through_a_link_is_not_used_on(false).await;
+}
+
+#[tokio::test]
+async fn a_pools_file_swapped_through_a_symbolic_link_is_not_used_on() {
+    a_file_swapped_through_a_link_is_not_used_on(true).await;
 }
 
 /// How many rows `store`'s table holds.

@@ -23,9 +23,10 @@
 //!
 //! The file must stay where it is while the store runs. One deleted or
 //! replaced under it (a cleanup script, a backup restored by moving it into
-//! place) is still read and written by the connections SQLite has open,
-//! while a process that opens the path uses another: the store then refuses
-//! every operation ([`StoreError::Misconfigured`]) until it is restarted.
+//! place, a symbolic link on its path pointed at another file) is still
+//! read and written by the connections SQLite has open, while a process
+//! that opens the path uses another: the store then refuses every
+//! operation ([`StoreError::Misconfigured`]) until it is restarted.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -281,7 +282,7 @@ impl SqliteStore {
             .await
             .map_err(|error| open_error(error, &file))?;
         let store = Self::builder(pool).build().map_err(StoreError::backend)?;
-        let opened = main_file.and_then(|path| DatabaseFile::at(&path).ok());
+        let opened = main_file.and_then(|path| DatabaseFile::opened(&path, &file).ok());
         let _ = store.inner.file.set(opened);
         Ok(store)
     }
@@ -328,6 +329,7 @@ impl SqliteStore {
     /// A pool on an in-memory database must keep one connection open for
     /// good (`min_connections(1)`, no idle timeout, no maximum lifetime):
     /// the database, with every record, goes with its last connection.
+    /// [`migrate`](SqliteStore::migrate) refuses one with a timeout.
     pub fn builder(pool: SqlitePool) -> SqliteStoreBuilder {
         SqliteStoreBuilder {
             pool,
@@ -349,8 +351,10 @@ impl SqliteStore {
     /// other than `BINARY` (`NOCASE`, `RTRIM`) or of numeric affinity,
     /// with `expires_at` of text or real affinity (declared `TEXT`,
     /// `REAL`), or with a unique index that two records can collide on
-    /// (on `key` alone).
+    /// (on `key` alone); or the database is in memory and the pool closes
+    /// connections once idle or old (see [`builder`](Self::builder)).
     pub async fn migrate(&self) -> Result<(), StoreError> {
+        self.check_memory_is_kept().await?;
         let schema = schema_for(&self.inner.table);
         let created =
             while_busy(|| sqlx::raw_sql(&schema).execute(self.inner.connections.pool())).await;
@@ -359,6 +363,23 @@ impl SqliteStore {
         // way, what the table lacks is the error to tell.
         self.check_columns().await?;
         created.map(drop).map_err(|error| self.migrate_error(error))
+    }
+
+    /// Refuses an in-memory database on a pool that closes connections
+    /// once idle or old, as sqlx's pools do by default: the database goes
+    /// with the last one, the table and every record with it, and each
+    /// request after that would fail on a missing table, or run again.
+    async fn check_memory_is_kept(&self) -> Result<(), StoreError> {
+        let pool = self.inner.connections.pool();
+        let options = pool.options();
+        if options.get_idle_timeout().is_none() && options.get_max_lifetime().is_none() {
+            return Ok(());
+        }
+        // A look that fails leaves it to the script to say why.
+        match main_file_of(pool).await {
+            Ok(None) => Err(StoreError::misconfigured(MemoryNotKept)),
+            _ => Ok(()),
+        }
     }
 
     /// The SQL [`migrate`](Self::migrate) runs to create `table` (as given
@@ -640,13 +661,15 @@ impl SqliteStore {
                 let Ok(path) = main_file_of(self.inner.connections.pool()).await else {
                     return Ok(());
                 };
-                let opened = path.and_then(|path| DatabaseFile::at(&path).ok());
+                let options = self.inner.connections.pool().connect_options();
+                let given = options.get_filename();
+                let opened = path.and_then(|path| DatabaseFile::opened(&path, given).ok());
                 self.inner.file.get_or_init(|| opened)
             }
         };
         match opened {
             Some(file) if !file.is_in_place() => Err(StoreError::misconfigured(FileMoved {
-                path: file.path.display().to_string(),
+                path: file.shown().display().to_string(),
             })),
             _ => Ok(()),
         }
@@ -1009,10 +1032,10 @@ const READ_ONLY_FIX: &str = "the store writes on every request; let the process 
 
 impl SqliteStore {
     /// A statement's failure as the engine reports it: a missing table,
-    /// one made by something else, or a read-only file is named as such,
-    /// with the fix, since such a service fails every request; a full disk,
-    /// or a file another connection keeps locked, is told as the outage it
-    /// is, with the file.
+    /// one made by something else, a read-only or a damaged file is named
+    /// as such, with the fix, since such a service fails every request
+    /// until it is fixed; a full disk, or a file another connection keeps
+    /// locked, is told as the outage it is, with the file.
     fn statement_error(&self, error: sqlx::Error) -> StoreError {
         let options = self.inner.connections.pool().connect_options();
         let path = options.get_filename().display().to_string();
@@ -1062,6 +1085,11 @@ fn statement_error(error: sqlx::Error, path: &str, table: &str) -> StoreError {
         )
     } else if result_code(&error) == Some(8) {
         format!("the database `{path}` is read-only: {READ_ONLY_FIX}")
+    } else if result_code(&error) == Some(11) {
+        // SQLITE_CORRUPT: the file stays damaged until it is replaced.
+        format!(
+            "the database `{path}` is damaged (a failing disk, a copy taken while it was written, a file overwritten in place): stop the processes that use it and restore it from a backup (`sqlite3 .recover` saves what it can), or move it away with its `-wal` and `-shm` files for a new one, where the requests it recorded run again"
+        )
     } else if result_code(&error) == Some(13) {
         // SQLITE_FULL: may pass as space is freed, so retried as an outage.
         return Explained::store_error(error, DISK_FULL);
@@ -1105,7 +1133,13 @@ async fn main_file_of<'e>(
 /// A database file, told apart from whatever is at its path later.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct DatabaseFile {
+    /// The file as SQLite names it: symbolic links resolved.
     path: PathBuf,
+    /// The path the store was given, made absolute, where it differs from
+    /// `path` and named the same file when the store opened it: it goes
+    /// through a symbolic link, which can be pointed at another file
+    /// while `path` stays in place.
+    given: Option<PathBuf>,
     /// The device and inode numbers, where the platform has them.
     identity: Option<(u64, u64)>,
 }
@@ -1116,18 +1150,45 @@ impl DatabaseFile {
         let metadata = std::fs::metadata(path)?;
         Ok(Self {
             path: path.to_owned(),
+            given: None,
             identity: identity(&metadata),
         })
     }
 
-    /// Whether `path` still names this file. A path that cannot be looked
-    /// at for another reason than its absence (a directory the process may
-    /// not search) is given the benefit of the doubt: the statements say
-    /// what is wrong with it.
+    /// The file SQLite opened, which it names `opened`, reached through
+    /// `given`, the path (or URI) the store was given.
+    fn opened(opened: &Path, given: &Path) -> std::io::Result<Self> {
+        let mut file = Self::at(opened)?;
+        // A URI, or a relative path the process left since, names no file,
+        // or another one: only `opened` is watched then.
+        file.given = std::path::absolute(given)
+            .ok()
+            .filter(|given| *given != file.path && file.is_at(given) == Some(true));
+        Ok(file)
+    }
+
+    /// The path errors name: the one the store was given.
+    fn shown(&self) -> &Path {
+        self.given.as_deref().unwrap_or(&self.path)
+    }
+
+    /// Whether `path` still names this file, and so does the path given,
+    /// if any: a process that opens the path given opens this file. A path
+    /// that cannot be looked at for another reason than its absence (a
+    /// directory the process may not search) is given the benefit of the
+    /// doubt: the statements say what is wrong with it.
     fn is_in_place(&self) -> bool {
-        match Self::at(&self.path) {
-            Ok(now) => now == *self,
-            Err(error) => error.kind() != std::io::ErrorKind::NotFound,
+        let named = |path: &Path| self.is_at(path).unwrap_or(true);
+        named(&self.path) && self.given.as_deref().is_none_or(named)
+    }
+
+    /// Whether `path` names this file now; `None` when it cannot be told
+    /// for another reason than the path's absence.
+    fn is_at(&self, path: &Path) -> Option<bool> {
+        match Self::at(path) {
+            Ok(now) => Some(now.identity == self.identity),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Some(false),
+            Err(_) => None,
         }
     }
 }
@@ -1142,6 +1203,14 @@ fn identity(metadata: &std::fs::Metadata) -> Option<(u64, u64)> {
 fn identity(_: &std::fs::Metadata) -> Option<(u64, u64)> {
     None
 }
+
+/// An in-memory database on a pool that closes connections once idle or
+/// old.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the database is in memory, and goes, with the table and every record, when the pool closes its last connection, as this pool does once its connections are idle or old: build the pool with `min_connections(1)`, `idle_timeout(None)` and `max_lifetime(None)`, or open the store with `SqliteStore::open(\":memory:\")`"
+)]
+struct MemoryNotKept;
 
 /// The database file was deleted, renamed or replaced while the store had
 /// it open.
