@@ -1,6 +1,7 @@
 //! The store contract on the in-process stores, and what the tiered cache
 //! adds: replays without a durable round trip, never past the durable
-//! record's expiry.
+//! record's expiry. A lapsed claim nobody took over stays its holder's
+//! while the memory store sweeps lapsed claims.
 
 mod store_support;
 
@@ -8,15 +9,22 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use axum::http::{HeaderValue, StatusCode};
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderValue, Request, StatusCode};
+use axum::routing::post;
 use idempotent_core::clock::ManualClock;
 use idempotent_core::fingerprint::Fingerprint;
 use idempotent_core::key::IdempotencyKey;
 use idempotent_core::record::{Claim, LeaseToken, Record, RecordKey, StoredResponse};
 use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{MemoryStore, Store, StoreError, Tiered};
-use idempotent_core::testing::contract;
+use idempotent_core::testing::{MockStore, contract};
+use idempotent_core::{Endpoint, idempotent};
 use store_support::forwarding::{Forwarding, Hooks};
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memory_store_passes_the_contract() {
@@ -253,6 +261,76 @@ async fn the_cache_keeps_to_its_byte_budget() {
     ));
 }
 
+// ===== a lapsed claim nobody took over =====
+
+/// Counts its runs, each held at a gate until the test opens it.
+#[derive(Clone)]
+struct Gated {
+    runs: Arc<AtomicUsize>,
+    started: Arc<Semaphore>,
+    gate: Arc<Semaphore>,
+}
+
+impl Default for Gated {
+    fn default() -> Self {
+        Self {
+            runs: Arc::default(),
+            started: Arc::new(Semaphore::new(0)),
+            gate: Arc::new(Semaphore::new(0)),
+        }
+    }
+}
+
+#[idempotent(scope = "global")]
+async fn gated_charge(State(gated): State<Gated>) -> StatusCode {
+    gated.runs.fetch_add(1, Ordering::SeqCst);
+    gated.started.add_permits(1);
+    gated.gate.acquire().await.expect("never closed").forget();
+    StatusCode::CREATED
+}
+
+async fn send_charge(app: Router) -> StatusCode {
+    let request = Request::post("/charges")
+        .header("idempotency-key", "held-up")
+        .body(Body::empty())
+        .unwrap();
+    app.oneshot(request).await.unwrap().status()
+}
+
+/// A run whose renewals were held up past its lease (a stalled runtime),
+/// with nobody claiming its key meanwhile, still holds the key: claims of
+/// other keys that pile up meanwhile, and make every shard sweep its
+/// lapsed claims, leave it be, so the run's response is stored and the
+/// retry replays it rather than running the handler again.
+#[tokio::test]
+async fn a_run_whose_renewals_were_held_up_is_stored_though_claims_piled_up() {
+    let store = MockStore::new();
+    let gated = Gated::default();
+    let app = Router::new()
+        .route("/charges", post(gated_charge))
+        .with_state(gated.clone())
+        .layer(store.layer());
+    let first = tokio::spawn(send_charge(app.clone()));
+    let started = tokio::time::timeout(Duration::from_secs(10), gated.started.acquire());
+    started.await.unwrap().unwrap().forget();
+    store.advance(Endpoint::DEFAULT_LEASE + Duration::from_secs(1));
+    // Sixteen shards, each of which sweeps once it holds 64 claims.
+    for i in 0..4_096 {
+        let other = record_key(&format!("other-{i}"));
+        let fingerprint = Fingerprint::from_bytes([9; 32]);
+        let claim = Store::claim(store.memory(), &other, fingerprint, LEASE).await;
+        assert!(matches!(claim, Ok(Claim::Acquired(_))), "{claim:?}");
+    }
+    gated.gate.add_permits(2);
+    assert_eq!(first.await.unwrap(), StatusCode::CREATED);
+    assert_eq!(send_charge(app).await, StatusCode::CREATED);
+    assert_eq!(
+        gated.runs.load(Ordering::SeqCst),
+        1,
+        "the retry ran the handler again"
+    );
+}
+
 // ===== the contract catches broken stores =====
 
 /// Lets anyone release a record, token or not.
@@ -297,7 +375,6 @@ async fn the_contract_catches_a_store_that_ignores_its_clock() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mock_store_passes_the_contract() {
-    use idempotent_core::testing::MockStore;
     contract::run_all_with_own_clock(|| async {
         let store = MockStore::new();
         let clock = store.clock();

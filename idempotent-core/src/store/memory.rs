@@ -14,9 +14,10 @@
 //! Expiry is checked against the store's [`Clock`](crate::clock::Clock) on
 //! every read (by default a [`MonotonicClock`], which a step of the wall
 //! clock does not move); expired records are also purged, soonest deadline first, as
-//! new records complete, and claims whose lease lapsed (their holder never
-//! completed nor released them) once they pile up. A shard's table gives
-//! back its room once it is mostly empty, as after a burst of keys.
+//! new records complete, and claims whose lease lapsed a minute ago (their
+//! holder never completed nor released them) once they pile up. A shard's
+//! table gives back its room once it is mostly empty, as after a burst of
+//! keys.
 
 mod expiries;
 #[cfg(test)]
@@ -33,7 +34,7 @@ use hashbrown::hash_table::Entry;
 use siphasher::sip128::{Hasher128, SipHasher13};
 
 use self::expiries::{Expiries, Expiry};
-use super::{Store, StoreError};
+use super::{EXPIRY_GRACE, Store, StoreError};
 use crate::clock::{Clock, MonotonicClock, SharedClock, SystemClock, millis};
 use crate::fingerprint::Fingerprint;
 use crate::record::{Claim, Completed, InFlight, LeaseToken, Record, RecordKey, StoredResponse};
@@ -58,7 +59,7 @@ const MAX_BLOCK_BYTES: usize = 64 * 1024;
 /// its entry in the shard's expiries, rounded up.
 const ENTRY_OVERHEAD_BYTES: usize = 128;
 /// How many in-flight claims a shard holds before it first looks for
-/// lapsed ones; after each look, twice as many as were still live.
+/// lapsed ones; after each look, twice as many as it kept.
 const MIN_SWEEP_AT: usize = 64;
 /// A shard's table gives back its room once that is over four times what
 /// its slots take, as after a burst of keys has expired or been released:
@@ -100,6 +101,15 @@ pub(super) struct Inner {
     /// Whether that warning was logged: once per store, since a store too
     /// small for its traffic evicts on every completion.
     warned: AtomicBool,
+    /// How long past its lease a sweep keeps a claim (ms): the stores'
+    /// [`EXPIRY_GRACE`] (nobody took such a claim over, so its holder,
+    /// whose renewals were held up by a stalled runtime or a suspended
+    /// process, still holds it and may complete it), or nothing in a cache
+    /// in front of a durable store. The cache's
+    /// holds decide nothing, the durable store keeping its own claims for
+    /// the grace: a completion that store takes after the hold went is
+    /// only not cached.
+    lapsed_grace: u64,
 }
 
 /// A shard behind its lock, with the bytes of its completed records
@@ -140,7 +150,8 @@ struct Shard {
     /// In-flight claims in the table. A claim nobody completes or releases
     /// (its request's task was cut short, or a caller of the store gave up
     /// on it) would stay until its key came back, outside the byte budget;
-    /// the shard drops lapsed ones when this reaches `sweep_at`. Counting
+    /// the shard drops those lapsed the store's grace ago
+    /// ([`Inner::lapsed_grace`]) when this reaches `sweep_at`. Counting
     /// costs a claim nothing that a list of leases would: no second probe
     /// of the table, no queue entry.
     in_flight: usize,
@@ -246,6 +257,7 @@ pub struct MemoryStoreBuilder {
     max_bytes: u64,
     clock: SharedClock,
     warn_on_eviction: bool,
+    lapsed_grace: Duration,
 }
 
 impl MemoryStoreBuilder {
@@ -292,9 +304,11 @@ impl MemoryStoreBuilder {
     }
 
     /// Builds a cache in front of a durable store: its evictions are not
-    /// warned of, since an evicted record is read again from that store.
+    /// warned of, since an evicted record is read again from that store,
+    /// and its holds go once their lease lapsed (see [`Inner::lapsed_grace`]).
     pub(super) fn cache(mut self) -> Self {
         self.warn_on_eviction = false;
+        self.lapsed_grace = Duration::ZERO;
         self
     }
 
@@ -321,6 +335,7 @@ impl MemoryStoreBuilder {
             max_bytes: self.max_bytes,
             warn_on_eviction: self.warn_on_eviction,
             warned: AtomicBool::new(false),
+            lapsed_grace: millis(self.lapsed_grace),
         };
         MemoryStore {
             inner: Arc::new(inner),
@@ -356,6 +371,7 @@ impl MemoryStore {
             max_bytes: DEFAULT_MAX_BYTES,
             clock: Arc::new(MonotonicClock::anchored_at(wall.now_millis())),
             warn_on_eviction: true,
+            lapsed_grace: EXPIRY_GRACE,
         }
     }
 
@@ -446,7 +462,7 @@ impl Inner {
         let (id, cell) = self.cell_of(key);
         let mut shard = cell.lock();
         if shard.in_flight >= shard.sweep_at.max(MIN_SWEEP_AT) {
-            drop_lapsed(&mut shard, now);
+            drop_lapsed(&mut shard, now, self.lapsed_grace);
         }
         let acquire = || {
             let lease_token = LeaseToken::random();
@@ -555,7 +571,7 @@ impl Inner {
         if matches!(state, State::InFlight(_))
             && shard.in_flight >= shard.sweep_at.max(MIN_SWEEP_AT)
         {
-            drop_lapsed(&mut shard, self.now());
+            drop_lapsed(&mut shard, self.now(), self.lapsed_grace);
         }
         let completed = match &state {
             State::Completed(encoded) => {
@@ -848,16 +864,19 @@ impl Store for MemoryStore {
     }
 }
 
-/// Drops the shard's in-flight claims whose lease lapsed by `now`, as a
-/// claim of their key would take them over; a renewed lease carries its
-/// new deadline, so a live claim is never dropped. It walks the whole
-/// table, so it runs only once claims have doubled since the last walk
-/// (64 at first): with claims that complete, only when a shard holds 64
-/// in flight at once, and then twice as many as at its last walk.
-fn drop_lapsed(shard: &mut Shard, now: u64) {
+/// Drops the shard's in-flight claims whose lease lapsed `grace` (ms) or
+/// more before `now`; a renewed lease carries its new deadline, so a live
+/// claim is never dropped, nor one lapsed more recently, whose holder may
+/// still complete it. It walks the whole table, so it runs only once
+/// claims have doubled since the last walk (64 at first): with claims
+/// that complete, only when a shard holds 64 in flight at once, and then
+/// twice as many as it kept at its last walk. A shard so holds at most
+/// 64 claims, or twice those abandoned in it within a lease and the grace.
+fn drop_lapsed(shard: &mut Shard, now: u64, grace: u64) {
     let mut dropped = 0;
     shard.table.retain(|slot| {
-        let lapsed = matches!(&slot.state, State::InFlight(held) if held.lease_expires_at <= now);
+        let lapsed = matches!(&slot.state,
+            State::InFlight(held) if held.lease_expires_at.saturating_add(grace) <= now);
         dropped += usize::from(lapsed);
         !lapsed
     });
@@ -1245,7 +1264,7 @@ mod tests {
         for i in 0..100 {
             claimed(&store, &format!("abandoned{i}"), LEASE);
         }
-        clock.advance(LEASE);
+        clock.advance(LEASE + EXPIRY_GRACE);
         let live: Vec<_> = (0..200)
             .map(|i| (i, claimed(&store, &format!("live{i}"), LEASE * 2)))
             .collect();
@@ -1259,16 +1278,35 @@ mod tests {
         }
     }
 
+    /// A holder whose renewals were held up past its lease, with nobody
+    /// claiming its key meanwhile, still holds its claim (the store
+    /// contract) when claims of other keys pile up and its shard sweeps:
+    /// dropped, its completion was refused, and a retry ran it again.
+    #[tokio::test]
+    async fn a_claim_lapsed_within_the_grace_outlives_a_sweep() {
+        let (clock, store) = clocked(512 * 1024);
+        let held_up = claimed(&store, "held-up", LEASE);
+        clock.advance(LEASE + Duration::from_secs(1));
+        for i in 0..MIN_SWEEP_AT {
+            claimed(&store, &format!("k{i}"), LEASE);
+        }
+        let ttl = Duration::from_secs(600);
+        let completed = Store::complete(&store, &key("held-up"), held_up, response(1), ttl).await;
+        assert!(completed.is_ok(), "the holder completes: {completed:?}");
+        assert!(is_completed(&store, "held-up"));
+    }
+
     #[tokio::test]
     async fn a_renewed_claim_is_not_dropped_at_its_first_deadline() {
         let (clock, store) = clocked(512 * 1024);
         let renewed = claimed(&store, "renewed", LEASE);
         claimed(&store, "lapsing", LEASE);
         clock.advance(LEASE / 2);
-        Store::renew(&store, &key("renewed"), renewed, LEASE)
+        Store::renew(&store, &key("renewed"), renewed, LEASE + EXPIRY_GRACE)
             .await
             .expect("the claim is held");
-        clock.advance(LEASE / 2);
+        // Its first deadline the grace ago.
+        clock.advance(LEASE / 2 + EXPIRY_GRACE);
         for i in 0..MIN_SWEEP_AT {
             claimed(&store, &format!("k{i}"), LEASE);
         }

@@ -49,13 +49,12 @@ mod memory;
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 mod tiered;
 pub use tiered::{Tiered, TieredBuilder};
-/// How long a durable store keeps a claim past its lease: the clock skew
+/// How long a store keeps a claim past its lease: the clock skew
 /// tolerated between instances. A lapsed lease nobody took over is still
 /// held, and its holder, whose renewals were held up for a moment (or
 /// whose clock runs behind), may still complete it. Redis expires its
 /// keys this long after their deadline; the SQL stores purge a claim
-/// this long after its lease.
-#[cfg(any(feature = "postgres", feature = "sqlite", feature = "redis"))]
+/// this long after its lease, and the memory store sweeps it no sooner.
 const EXPIRY_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 mod kept;

@@ -429,9 +429,9 @@ mod tests {
 
     /// A run cut short (its task dropped, as by a runtime that ended
     /// without `Idempotency::drain`) neither completes nor releases its
-    /// claim. The cache's hold on it must lapse with the durable lease,
-    /// as the memory store's own claims do, and go once such holds pile
-    /// up: held for good, each took memory outside the byte budget until
+    /// claim. The cache's hold on it must lapse with the durable lease
+    /// and go once such holds pile up (at the lease: the durable store
+    /// keeps the claim itself for the grace): held for good, each took memory outside the byte budget until
     /// its key came back, which a key that never comes back never does.
     #[tokio::test]
     async fn the_holds_of_runs_cut_short_go_once_their_lease_lapsed() {
