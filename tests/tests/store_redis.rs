@@ -613,3 +613,49 @@ async fn a_body_over_a_lowered_bulk_limit_is_still_completed() {
     redis.stop().await;
     assert_kept(&completion);
 }
+
+/// Another application's string under the store's prefix, with no expiry:
+/// every claim of its key fails alike (500 `record-corrupt`, nothing
+/// runs) for as long as it is there, as a hash there does. The hash's
+/// error says another application uses the prefix and what to change;
+/// the string's said "unknown record version", neither where the value
+/// is nor what to do. Both must say it, in the error the engine logs.
+#[tokio::test]
+async fn a_string_of_another_application_under_the_prefix_is_told_with_the_fix() {
+    let Some(url) = backend_url(URL) else { return };
+    let store = store_of_its_own(&url).await;
+    let key = RecordKey::new(
+        ScopeDigest::global(),
+        IdempotencyKey::parse(b"foreign-string").unwrap(),
+    );
+    let redis_key = store.redis_key(&key);
+    let mut connection = redis_connection(&url).await;
+    let foreign = r#"{"cart_id":"4f1c","user":42,"roles":["admin","billing"],"ttl":null}"#;
+    let () = redis::cmd("SET")
+        .arg(&redis_key)
+        .arg(foreign)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let fingerprint = idempotent_core::fingerprint::Fingerprint::from_bytes([1; 32]);
+    let claimed = store
+        .claim(&key, fingerprint, Duration::from_secs(60))
+        .await;
+    let read = Store::get(&store, &key).await;
+    store_support::delete(&mut connection, &redis_key).await;
+    for (what, error) in [("claim", claimed.err()), ("get", read.err())] {
+        let error = error.unwrap_or_else(|| panic!("{what}: a foreign value is no record"));
+        assert!(matches!(error, StoreError::Codec(_)), "{what}: {error:?}");
+        let told = error.to_string();
+        for words in [
+            "another application",
+            "RedisStoreBuilder::prefix",
+            "deleting it",
+        ] {
+            assert!(
+                told.contains(words),
+                "{what}: `{words}` missing from: {told}"
+            );
+        }
+    }
+}

@@ -1,7 +1,8 @@
 //! `RedisStore` on a Redis Cluster this test starts itself: three primaries
 //! on free ports. Every script touches one key, so the store runs on a
 //! cluster connection unchanged; given one node's address instead, it says
-//! to use one. Runs where the Redis test environment is
+//! to use one; and a claim it finds gone on nodes that evict is warned
+//! of. Runs where the Redis test environment is
 //! set up (`IDEMPOTENT_TEST_REDIS_URL`), since it needs `redis-server` and
 //! `redis-cli`.
 
@@ -12,9 +13,10 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+use axum::http::StatusCode;
 use idempotent_core::fingerprint::Fingerprint;
 use idempotent_core::key::IdempotencyKey;
-use idempotent_core::record::RecordKey;
+use idempotent_core::record::{RecordKey, StoredResponse};
 use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{RedisStore, Store, StoreError, Tiered};
 use idempotent_core::testing::contract;
@@ -24,6 +26,7 @@ use store_support::{
     Ledger, backend_url, duplicates_across_instances, payments_app, redis_connection, unique_name,
 };
 use tokio::process::{Child, Command};
+use tracing::Level;
 
 const NODES: usize = 3;
 
@@ -230,4 +233,55 @@ fn assert_told_to_use_a_cluster_connection(error: &StoreError) {
     for words in ["cluster connection", "RedisStore::builder", "cluster-async"] {
         assert!(told.contains(words), "`{words}` missing from: {told}");
     }
+}
+
+/// A store on a cluster connection is built on the application's own
+/// connection, so nothing checks the nodes' eviction policy at connect:
+/// a completion that finds its claim gone is the one check, and warns
+/// with the key if the nodes evict (a retry of a request still running
+/// then runs it again). A cluster connection asks every primary for
+/// `INFO` and answers node by node, which the check read as no answer:
+/// on a cluster of evicting nodes the warning never came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_found_gone_on_an_evicting_cluster_is_warned_of() {
+    if backend_url("IDEMPOTENT_TEST_REDIS_URL").is_none() {
+        return;
+    }
+    let events = store_support::logs::events();
+    let cluster = Cluster::start().await;
+    let mut connection = cluster.connection().await;
+    for (setting, value) in [("maxmemory", "1gb"), ("maxmemory-policy", "allkeys-lru")] {
+        let mut set = redis::cmd("CONFIG");
+        set.arg("SET").arg(setting).arg(value);
+        let () = set.query_async(&mut connection).await.expect("every node");
+    }
+    let store = RedisStore::builder(connection.clone()).build();
+    let key = RecordKey::new(
+        ScopeDigest::from_bytes(rand::random()),
+        IdempotencyKey::parse(b"evicted").expect("a valid key"),
+    );
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    let lease = Duration::from_secs(30);
+    let token = store_support::acquire(&store, &key, fingerprint, lease).await;
+    // Dropped as an evicting node drops it.
+    let _: i64 = redis::cmd("DEL")
+        .arg(store.redis_key(&key))
+        .query_async(&mut connection)
+        .await
+        .expect("deleted");
+    let response = StoredResponse::new(StatusCode::CREATED, Vec::new(), None);
+    let completed = store.complete(&key, token, response, lease).await;
+    store.settle().await;
+    assert!(
+        matches!(completed, Err(StoreError::LeaseLost)),
+        "{completed:?}"
+    );
+    let log_id = key.log_id().to_string();
+    let logged = events.at(Level::WARN, "idempotent_core");
+    assert!(
+        logged.iter().any(|event| {
+            event.fields.contains("evicts keys") && event.fields.contains(&log_id)
+        }),
+        "{logged:?}"
+    );
 }

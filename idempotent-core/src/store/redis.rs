@@ -84,9 +84,7 @@ use super::{EXPIRY_GRACE, Explained, Store, StoreError};
 use crate::clock::{Clock, SharedClock, SystemClock, millis};
 use crate::digest::push_hex;
 use crate::fingerprint::Fingerprint;
-use crate::record::{
-    Claim, CodecError, Completed, InFlight, LeaseToken, Record, RecordKey, StoredResponse,
-};
+use crate::record::{Claim, Completed, InFlight, LeaseToken, Record, RecordKey, StoredResponse};
 
 /// The key prefix when none is configured.
 const DEFAULT_PREFIX: &str = "idempotent:";
@@ -764,6 +762,19 @@ fn evicting_policy(info: &str) -> Option<&str> {
     (limited && policy != "noeviction").then_some(policy)
 }
 
+/// The servers' texts in `answer`, an answer to `INFO`: one server's, or
+/// on a cluster connection, which asks every primary, each node's under
+/// its address. Read as one text, a cluster's answer read as none, and
+/// nodes that evict were never told of.
+fn info_answers(answer: redis::Value) -> Vec<String> {
+    let nodes = match answer {
+        redis::Value::Map(nodes) => nodes.into_iter().map(|(_, info)| info).collect(),
+        answer => vec![answer],
+    };
+    let texts = nodes.into_iter().map(redis::from_redis_value::<String>);
+    texts.filter_map(Result::ok).collect()
+}
+
 /// The value of `name` in an `INFO` answer.
 fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
     info.lines()
@@ -969,8 +980,10 @@ where
             async move {
                 let mut info = redis::cmd("INFO");
                 info.arg("memory");
-                let info: Option<String> = info.query_async(&mut connection).await.ok();
-                if let Some(policy) = info.as_deref().and_then(evicting_policy) {
+                let answer: redis::RedisResult<redis::Value> =
+                    info.query_async(&mut connection).await;
+                let answers = answer.map(info_answers).unwrap_or_default();
+                if let Some(policy) = answers.iter().find_map(|info| evicting_policy(info)) {
                     tracing::warn!(key = log_id, maxmemory_policy = policy, "{EVICTING}");
                 }
             }
@@ -1402,31 +1415,36 @@ fn encode_in_flight(held: &InFlight) -> Bytes {
     out.freeze()
 }
 
+/// The record `value` holds. One this build cannot read is told as
+/// [`UNREADABLE`], which says where it is and what to do, rather than by
+/// what the decoder stumbled on: a value of another application under the
+/// store's prefix fails every claim of its key alike (500), for good if
+/// nothing expires it, and "unknown record version" names neither.
 fn decode(value: Bytes) -> Result<Record, StoreError> {
+    read(value).ok_or_else(|| StoreError::corrupt(UNREADABLE))
+}
+
+/// What a value the store cannot read at a record's Redis key means, and
+/// what to do about it.
+const UNREADABLE: &str = "the value at the record's Redis key is not a record this build of the store reads: another application writes under the store's key prefix (give the store a prefix of its own with `RedisStoreBuilder::prefix(...)`), a later release of this crate wrote it, or it was damaged; the key is the store's prefix followed by the digest that the log's `key` begins (`SCAN 0 MATCH <prefix><key>*`), and deleting it lets its idempotency key run again";
+
+/// The record `value` encodes, if it encodes one ([`decode`]).
+fn read(value: Bytes) -> Option<Record> {
     if value.first() != Some(&IN_FLIGHT_TAG) {
-        return Ok(Record::Completed(Arc::new(Completed::decode(value)?)));
+        return Some(Record::Completed(Arc::new(Completed::decode(value).ok()?)));
     }
     if value.len() != IN_FLIGHT_LEN {
-        return Err(CorruptInFlight.into());
+        return None;
     }
     let array = |range: std::ops::Range<usize>| value[range].to_vec();
-    let fingerprint: [u8; 32] = array(1..33).try_into().map_err(|_| CorruptInFlight)?;
-    let deadline: [u8; 8] = array(33..41).try_into().map_err(|_| CorruptInFlight)?;
-    let token: [u8; 16] = array(41..57).try_into().map_err(|_| CorruptInFlight)?;
-    Ok(Record::InFlight(InFlight {
+    let fingerprint: [u8; 32] = array(1..33).try_into().ok()?;
+    let deadline: [u8; 8] = array(33..41).try_into().ok()?;
+    let token: [u8; 16] = array(41..57).try_into().ok()?;
+    Some(Record::InFlight(InFlight {
         fingerprint: Fingerprint::from_bytes(fingerprint),
         lease_expires_at: u64::from_be_bytes(deadline),
         lease_token: LeaseToken::from_bytes(token),
     }))
-}
-
-/// An in-flight value of the wrong length.
-struct CorruptInFlight;
-
-impl From<CorruptInFlight> for StoreError {
-    fn from(CorruptInFlight: CorruptInFlight) -> Self {
-        Self::Codec(CodecError::new("in-flight value has the wrong length"))
-    }
 }
 
 #[cfg(test)]
