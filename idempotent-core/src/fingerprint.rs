@@ -63,10 +63,14 @@
 //!   handler equal sets. serde does not tell the serializer a set from a
 //!   list, but it passes every value with its type, so a set is known by
 //!   its type's name: `std`'s and `hashbrown`'s `HashSet`, behind references,
-//!   `Box`, `Rc`, `Arc` or `Cow` too. A set that a `Serialize` of your own
-//!   writes (a `#[serde(transparent)]` wrapper, `serialize_with`) or
-//!   another crate's unordered set is written in its iteration order, and
-//!   a retry of it would get 422: hold such sets as `BTreeSet`.
+//!   `Box`, `Rc`, `Arc` or `Cow` too. Where serde passes a set on without
+//!   its type (the content of an untagged enum's variant, a
+//!   `#[serde(transparent)]` wrapper, a `Mutex`), the set's own
+//!   `Serialize` still hands it whole, with its type, to `collect_seq`.
+//!   A set whose elements a `Serialize` of your own writes one by one
+//!   (`serialize_with` over its iterator), or another crate's unordered
+//!   set, is written in its iteration order, and a retry of it would get
+//!   422: hold such sets as `BTreeSet`.
 //! - **Enum variants** encode their name, not their index, so reordering
 //!   variants keeps fingerprints stable. The content is unit for a unit
 //!   variant, the inner value for a newtype variant, a sequence for a tuple
@@ -637,7 +641,8 @@ struct Encoder<W> {
     out: W,
     /// Whether the value being encoded is an unordered set, whose
     /// sequence is then written sorted: set by [`Encoder::value`], which
-    /// alone knows the value's type, and taken by the sequence it writes.
+    /// knows the value's type, or by `collect_seq`, which knows the set's
+    /// where serde passed on none, and taken by the sequence it writes.
     unordered: bool,
 }
 
@@ -830,6 +835,24 @@ impl<'a, W: Sink> Serializer for &'a mut Encoder<W> {
         Ok(Sequence::InOrder(self))
     }
 
+    /// A set's own `Serialize` (`std`'s and `hashbrown`'s alike) hands
+    /// the set to this, with its type: so a set is known as one even where
+    /// serde passed it on without its type, as the content of an untagged
+    /// enum's variant, in a `#[serde(transparent)]` wrapper or behind a
+    /// `Mutex`.
+    fn collect_seq<I>(self, items: I) -> Result<(), FingerprintError>
+    where
+        I: IntoIterator,
+        I::Item: Serialize,
+    {
+        self.unordered |= is_unordered_set::<I>();
+        let mut sequence = self.serialize_seq(None)?;
+        for item in items {
+            ser::SerializeSeq::serialize_element(&mut sequence, &item)?;
+        }
+        ser::SerializeSeq::end(sequence)
+    }
+
     fn serialize_tuple(self, _len: usize) -> Result<Self, FingerprintError> {
         self.tag(SEQ);
         Ok(self)
@@ -945,11 +968,12 @@ impl<W: Sink> ser::SerializeSeq for Sequence<'_, W> {
 /// apart, so writing them sorted merges only requests the handler sees
 /// alike.
 ///
-/// Only the type says so: serde passes each value to the serializer with
-/// its type, and a sequence itself does not say what it came from. The
-/// names are the compiler's (`tests` checks them against it). The loops
-/// have fixed bounds and the names are constants, so an optimized build
-/// answers at compile time.
+/// Only the type says so: serde passes most values to the serializer
+/// with their type, and a set's own `Serialize` hands the set to
+/// `collect_seq` with its type where serde does not; a sequence itself
+/// does not say what it came from. The names are the compiler's (`tests`
+/// checks them against it). The loops have fixed bounds and the names are
+/// constants, so an optimized build answers at compile time.
 fn is_unordered_set<T: ?Sized>() -> bool {
     names_unordered_set(std::any::type_name::<T>())
 }
@@ -1466,6 +1490,34 @@ mod tests {
         }
         let (small, large) = same_words_two_layouts();
         assert_eq!(fp(&holder(&small)), fp(&holder(&large)));
+    }
+
+    /// A set that serde hands over without its type, as the content of an
+    /// untagged enum's variant, inside a `#[serde(transparent)]` wrapper or
+    /// behind a lock, still writes itself: it is sorted all the same.
+    #[test]
+    fn hash_sets_serialized_without_their_type_are_sorted_too() {
+        #[derive(Serialize)]
+        #[serde(untagged)]
+        enum Recipients<'a> {
+            Everyone(bool),
+            Listed(Fixed<&'a str>),
+        }
+        #[derive(Serialize)]
+        #[serde(transparent)]
+        struct Tags<'a>(Fixed<&'a str>);
+        let (small, large) = same_words_two_layouts();
+        assert_eq!(
+            fp(&Recipients::Listed(small.clone())),
+            fp(&Recipients::Listed(large.clone()))
+        );
+        assert_eq!(fp(&Tags(small.clone())), fp(&Tags(large.clone())));
+        assert_eq!(
+            fp(&std::sync::Mutex::new(small.clone())),
+            fp(&std::sync::Mutex::new(large.clone()))
+        );
+        assert_eq!(fp(&Recipients::Listed(small.clone())), fp(&small));
+        assert_ne!(fp(&Recipients::Everyone(true)), fp(&small));
     }
 
     #[test]

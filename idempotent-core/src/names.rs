@@ -6,12 +6,13 @@
 //! functions of two types in one module, local functions of one name in
 //! two functions) would share it, and a key reused from one at the other
 //! with an equal payload would be answered with the other's stored
-//! response. Where the attribute stands tells them apart, with a hash of
-//! the handler as written for the handlers one `macro_rules!` invocation
-//! writes (they all stand at its line and column), so each handler named
-//! by default registers its place on its first request; once two places
-//! have registered one name, both handlers answer 500 and the log names
-//! the two places, until one of them is given a `name`.
+//! response. Each handler named by default registers on its first request
+//! with a `static` of its own, whose address tells it apart from every
+//! other handler (even two that one `macro_rules!` invocation writes
+//! token for token alike, which stand at one place and read items of
+//! their own through the same names); once two handlers have registered
+//! one name, both answer 500 and the log names where their attributes
+//! stand, until one of them is given a `name`.
 //!
 //! An explicit `name` is never checked: giving two handlers one name on
 //! purpose (an old and a new version of one endpoint) makes them one
@@ -23,11 +24,13 @@ use std::sync::{LazyLock, Mutex, OnceLock, PoisonError};
 
 use crate::fingerprint::FingerprintError;
 
-/// Which place first registered each default name, and the names two
-/// places registered.
+/// Which handler first registered each default name, and the names two
+/// handlers registered.
 #[derive(Default)]
 struct Registry {
-    first_place: HashMap<&'static str, &'static str>,
+    /// The first handler of each name: its [`DefaultName`]'s address,
+    /// which is its identity, and its place, which the log shows.
+    first: HashMap<&'static str, (usize, &'static str)>,
     shared: HashMap<&'static str, [&'static str; 2]>,
     /// The exact-repeat ids ([`endpoint_id`](crate::__private::endpoint_id))
     /// of the handlers whose name is shared.
@@ -41,6 +44,8 @@ static ANY_SHARED: AtomicBool = AtomicBool::new(false);
 
 /// A handler's default endpoint name and the place of its attribute
 /// (`file:line:column #hash`, the hash that of the handler as written).
+/// Each handler has one `static` of its own: its address is the
+/// handler's identity, the place only what the log shows.
 #[derive(Debug)]
 pub struct DefaultName {
     place: &'static str,
@@ -57,13 +62,16 @@ impl DefaultName {
         }
     }
 
-    /// `Ok` unless another handler's attribute, at another place, has
-    /// registered `name` too.
+    /// `Ok` unless another handler's attribute has registered `name` too.
+    /// Each handler checks through a `static` of its own: another
+    /// `DefaultName` is another handler, even at the same place.
     ///
     /// # Errors
     /// [`FingerprintError::SharedEndpointName`] with both places.
     pub fn check(&self, name: &'static str) -> Result<(), FingerprintError> {
-        self.registered.get_or_init(|| register(name, self.place));
+        let handler = std::ptr::from_ref(self).addr();
+        self.registered
+            .get_or_init(|| register(name, handler, self.place));
         if !ANY_SHARED.load(Ordering::Relaxed) {
             return Ok(());
         }
@@ -75,10 +83,10 @@ impl DefaultName {
     }
 }
 
-fn register(name: &'static str, place: &'static str) {
+fn register(name: &'static str, handler: usize, place: &'static str) {
     let mut registry = REGISTRY.lock().unwrap_or_else(PoisonError::into_inner);
-    let first = *registry.first_place.entry(name).or_insert(place);
-    if first != place {
+    let (first_handler, first) = *registry.first.entry(name).or_insert((handler, place));
+    if first_handler != handler {
         registry.shared.insert(name, [first, place]);
         for place in [first, place] {
             let id = crate::__private::endpoint_id(name, place);
@@ -104,12 +112,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_place_may_register_its_name_any_number_of_times() {
-        let first = DefaultName::new("src/orders.rs:10:5");
-        let again = DefaultName::new("src/orders.rs:10:5");
-        assert!(first.check("app::orders::create").is_ok());
-        assert!(again.check("app::orders::create").is_ok());
-        assert!(first.check("app::orders::create").is_ok());
+    fn one_handler_may_check_its_name_any_number_of_times() {
+        static CREATE: DefaultName = DefaultName::new("src/orders.rs:10:5");
+        for _ in 0..3 {
+            assert!(CREATE.check("app::orders::create").is_ok());
+        }
+    }
+
+    /// Two handlers that one `macro_rules!` invocation writes alike stand
+    /// at one place, yet each has a `static` of its own.
+    #[test]
+    fn two_handlers_at_one_place_are_two_handlers() {
+        static DEPOSIT: DefaultName = DefaultName::new("src/ledgers.rs:30:1 #0badcafe");
+        static WITHDRAWAL: DefaultName = DefaultName::new("src/ledgers.rs:30:1 #0badcafe");
+        let name = "app::ledgers::book";
+        assert!(DEPOSIT.check(name).is_ok());
+        assert!(WITHDRAWAL.check(name).is_err());
+        assert!(DEPOSIT.check(name).is_err(), "the first one is refused too");
     }
 
     #[test]

@@ -78,6 +78,30 @@ async fn labels(Json(labels): Json<Labels>) -> String {
     format!("{} labels", labels.labels.len())
 }
 
+/// Who a message goes to: everyone, or a set of names, told apart by
+/// their JSON shape alone.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum Recipients {
+    Everyone(bool),
+    Listed(HashSet<String>),
+}
+
+#[derive(Serialize, Deserialize)]
+struct Message {
+    to: Recipients,
+}
+
+/// A JSON body holding a `HashSet` as an untagged enum's variant, which
+/// serde serializes without passing on the set's type.
+#[idempotent(scope = "global")]
+async fn message(Json(message): Json<Message>) -> String {
+    match message.to {
+        Recipients::Everyone(all) => format!("to everyone: {all}"),
+        Recipients::Listed(names) => format!("to {} recipients", names.len()),
+    }
+}
+
 /// A payload whose `Serialize` refuses some values the body can carry.
 #[derive(Deserialize)]
 struct Note {
@@ -196,6 +220,24 @@ macro_rules! grouped_by_a_macro {
 
 grouped_by_a_macro!(grouped_through_a_macro, (axum::http::Method, Query<DryRun>));
 
+/// Routers that one `macro_rules!` invocation writes, each with a
+/// handler of one name local to its function: the handlers' tokens are
+/// the same, but each reads its own function's `LABEL`.
+macro_rules! ledgers {
+    ($($router:ident => $label:literal),*) => {$(
+        fn $router() -> Router<()> {
+            const LABEL: &str = $label;
+            #[idempotent(scope = "global")]
+            async fn book(Json(n): Json<u32>) -> String {
+                format!("{LABEL} {n}")
+            }
+            Router::new().route(concat!("/", $label), post(book))
+        }
+    )*};
+}
+
+ledgers!(deposits => "deposit", withdrawals => "withdrawal");
+
 fn app() -> Router {
     Router::new()
         .route("/charge", post(charge))
@@ -205,6 +247,7 @@ fn app() -> Router {
         .route("/form", post(form_map))
         .route("/limits", post(limits))
         .route("/labels", post(labels))
+        .route("/message", post(message))
         .route("/note", post(note))
         .route("/charge-with-rejection", post(charge_with_rejection))
         .route("/extra-query", post(extra_query))
@@ -417,6 +460,64 @@ async fn a_hash_set_body_matches_in_any_order_on_every_retry() {
     assert_eq!(
         send(&app, json("/labels", "k", &changed)).await,
         Answer::KeyReused
+    );
+}
+
+/// As a set in a field, a set that an untagged enum's variant holds is
+/// the same set on every retry, whatever order its parse iterates in.
+#[tokio::test]
+async fn a_hash_set_in_an_untagged_enum_matches_in_any_order_on_every_retry() {
+    let app = app();
+    let names: Vec<String> = (0..16).map(|i| format!("\"name-{i}\"")).collect();
+    let body = format!(r#"{{"to":[{}]}}"#, names.join(","));
+    assert_eq!(
+        send(&app, json("/message", "k", &body)).await,
+        ran("to 16 recipients")
+    );
+    // Spaced apart differently each time, so that none is answered as an
+    // exact repeat of an earlier one, before its body is parsed.
+    for spaces in 1..=8 {
+        let spaced = body.replace(':', &format!(":{}", " ".repeat(spaces)));
+        assert_eq!(
+            send(&app, json("/message", "k", &spaced)).await,
+            replayed("to 16 recipients"),
+            "retry {spaces}"
+        );
+    }
+    let changed = body.replace("name-7", "name-77");
+    assert_eq!(
+        send(&app, json("/message", "k", &changed)).await,
+        Answer::KeyReused
+    );
+    let everyone = send(&app, json("/message", "k", r#"{"to":true}"#)).await;
+    assert_eq!(everyone, Answer::KeyReused);
+}
+
+/// Two handlers that share a default name, and even their tokens, are
+/// refused, as two written apart are: neither is answered with the
+/// other's stored response.
+#[tokio::test]
+async fn alike_handlers_of_one_macro_invocation_never_replay_each_other() {
+    let app = deposits()
+        .merge(withdrawals())
+        .layer(Idempotency::new(MemoryStore::new()));
+    let first = app
+        .clone()
+        .oneshot(json("/deposit", "k", "5"))
+        .await
+        .unwrap();
+    let body = first.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "deposit 5");
+    let other = app.oneshot(json("/withdrawal", "k", "5")).await.unwrap();
+    let (status, replay) = (
+        other.status(),
+        other.headers().contains_key(IDEMPOTENT_REPLAYED),
+    );
+    let body = other.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        (status, replay),
+        (StatusCode::INTERNAL_SERVER_ERROR, false),
+        "the withdrawal was answered {body:?}"
     );
 }
 
