@@ -141,19 +141,19 @@ fn cfg_attr_adds_cfg(attr: &Attribute) -> bool {
 const AXUM_MAX_ARGUMENTS: usize = 16;
 
 /// axum's own error for a handler over its limit names the whole handler
-/// type; this one says what the attribute added and what to do.
+/// type; this one says what to do. The attribute's own arguments go in a
+/// tuple past clippy's limit, so only the handler's count.
 pub(crate) fn check_axum_arity(
     handler: &Handler<'_>,
     inputs: &syn::punctuated::Punctuated<FnArg, syn::token::Comma>,
     errors: &mut Errors,
 ) {
-    let added = handler.added_arguments();
-    let written = handler.arguments.len();
-    if written + added > AXUM_MAX_ARGUMENTS {
+    let routed = handler.routed_arguments();
+    if routed > AXUM_MAX_ARGUMENTS {
         errors.spanned(
             inputs,
             format!(
-                "axum handlers take at most {AXUM_MAX_ARGUMENTS} arguments, and `#[idempotent]` adds {added} to the {written} here: group some extractors into one tuple argument (`(method, uri): (Method, Uri)`), whose elements are fingerprinted as they would be as arguments"
+                "axum handlers take at most {AXUM_MAX_ARGUMENTS} arguments, and this one takes {routed}: group some extractors into one tuple argument (`(method, uri): (Method, Uri)`), whose elements are fingerprinted as they would be as arguments"
             ),
         );
     }

@@ -12,14 +12,10 @@ use syn::spanned::Spanned;
 use syn::{Attribute, GenericParam, Ident, ItemFn, LitStr, ReturnType, Type};
 
 use crate::args::{Args, Scope};
-use crate::handler::{Extractor, Handler, Role};
+use crate::handler::{CLIPPY_MAX_ARGUMENTS, Extractor, Handler, Role};
 use crate::types::{
     first_type_argument, is_named, is_two_argument_result, optional_inner, serialized_extractors,
 };
-
-/// The most arguments a function takes before `clippy::too_many_arguments`
-/// fires, unless `clippy.toml` says otherwise.
-const CLIPPY_MAX_ARGUMENTS: usize = 7;
 
 /// `ident` as if written at `span`: a compiler error about the expression
 /// it names is then reported at the user's token.
@@ -56,13 +52,14 @@ pub(crate) fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> Token
     // The handler as written keeps its signature, so clippy's argument
     // count (whose limit is configurable) applies there, where an
     // `#[expect]` meets it; the routed function's count is the attribute's.
-    // The `allow` is written only past clippy's default limit: a crate
-    // that forbids the lint (or its group) refuses any `allow` of it (a
-    // crate whose `clippy.toml` lowers the limit allows it on the handler,
-    // which puts the `allow` on both functions).
-    let routed_arity = handler.arguments.len() + handler.added_arguments();
-    let too_many =
-        (routed_arity > CLIPPY_MAX_ARGUMENTS).then(|| quote!(#[allow(clippy::too_many_arguments)]));
+    // The `allow` is written only past clippy's default limit, which the
+    // routed function passes only where the handler does (the attribute's
+    // arguments then go in a tuple: see `Handler::groups_added_arguments`):
+    // a crate that forbids the lint (or its group) refuses any `allow` of
+    // it (a crate whose `clippy.toml` lowers the limit allows it on the
+    // handler, which puts the `allow` on both functions).
+    let too_many = (handler.routed_arguments() > CLIPPY_MAX_ARGUMENTS)
+        .then(|| quote!(#[allow(clippy::too_many_arguments)]));
     let exact_body = handler.exact_repeats;
     let place = place(func);
     let signature = outer_signature(
@@ -133,7 +130,9 @@ fn params(handler: &Handler<'_>) -> Vec<Ident> {
 /// The routed function's signature: the user's name, visibility and
 /// generics; the request's idempotency context, then the principal of a
 /// custom scope if the macro extracts it, then one plain argument per
-/// user argument (patterns move to the inner function). It is a plain `fn`
+/// user argument (patterns move to the inner function); the attribute's
+/// arguments in one tuple with the first user argument where the handler
+/// groups them. It is a plain `fn`
 /// returning the engine's future: the fingerprint and the scope are
 /// computed when it is called, and the future holds the arguments once,
 /// inside the handler's own future.
@@ -145,7 +144,7 @@ fn outer_signature(
     func: &ItemFn,
     handler: &Handler<'_>,
     params: &[Ident],
-    principal_param: Option<&TokenStream>,
+    principal_param: Option<&(Ident, TokenStream)>,
     request_type: &TokenStream,
     exact_body: Option<(TokenStream, TokenStream)>,
     private: &TokenStream,
@@ -173,15 +172,33 @@ fn outer_signature(
             let open = respan_tokens(&quote!(#private::WholeBody<), at);
             let close = respan_tokens(&quote!(>), at);
             *last = quote!(#open #last #close);
-            Some(quote!(#request: #request_type,))
+            Some(request_type.clone())
         }
-        _ => Some(quote!(#request: #request_type,)),
+        _ => Some(request_type.clone()),
     };
+    // Each argument as a binding and its type: the attribute's own, then
+    // the handler's.
+    let added = request_param
+        .map(|ty| (request.to_token_stream(), ty))
+        .into_iter()
+        .chain(principal_param.map(|(binding, ty)| (binding.to_token_stream(), ty.clone())));
+    let mut arguments: Vec<(TokenStream, TokenStream)> = params
+        .iter()
+        .map(ToTokens::to_token_stream)
+        .zip(types)
+        .collect();
+    let arguments: Vec<(TokenStream, TokenStream)> = if handler.groups_added_arguments() {
+        let first = arguments.remove(0);
+        let (bindings, types): (Vec<_>, Vec<_>) = added.chain([first]).unzip();
+        let grouped = (quote!((#(#bindings),*)), quote!((#(#types),*)));
+        std::iter::once(grouped).chain(arguments).collect()
+    } else {
+        added.chain(arguments).collect()
+    };
+    let arguments = arguments.iter().map(|(binding, ty)| quote!(#binding: #ty));
     quote! {
         #vis fn #name #generics (
-            #request_param
-            #principal_param
-            #(#params: #types),*
+            #(#arguments),*
         ) -> impl ::core::future::Future<Output = #private::axum::response::Response> #where_clause
     }
 }
@@ -619,14 +636,15 @@ fn instance_arguments(generics: &syn::Generics) -> impl Iterator<Item = (&Ident,
     })
 }
 
-/// For a custom scope: the extra extractor argument (unless the handler
-/// already takes the principal) and the statement that scopes the request.
+/// For a custom scope: the extra extractor argument, its binding and type
+/// (unless the handler already takes the principal), and the statement
+/// that scopes the request.
 fn principal(
     args: &Args,
     handler: &Handler<'_>,
     params: &[Ident],
     private: &TokenStream,
-) -> (Option<TokenStream>, Option<TokenStream>) {
+) -> (Option<(Ident, TokenStream)>, Option<TokenStream>) {
     let Some(path) = args.principal() else {
         return (None, None);
     };
@@ -635,7 +653,7 @@ fn principal(
         Some(index) => (None, params[index].clone()),
         None => {
             let value = local("__idempotent_scope");
-            (Some(quote!(#value: #path,)), value)
+            (Some((value.clone(), path.to_token_stream())), value)
         }
     };
     // The call is spanned at the scope's path, so that a principal that is

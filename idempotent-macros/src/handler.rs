@@ -19,6 +19,10 @@ use crate::exact_repeats::exact_repeats;
 use crate::principal::takes_principal;
 use crate::types::{is_named, optional_inner};
 
+/// The most arguments a function takes before `clippy::too_many_arguments`
+/// fires, unless `clippy.toml` says otherwise.
+pub(crate) const CLIPPY_MAX_ARGUMENTS: usize = 7;
+
 /// Extractors that are never fingerprinted: they carry server state,
 /// connection details, the key itself or request metadata, not the
 /// request's payload.
@@ -111,6 +115,30 @@ impl<'a> Handler<'a> {
     pub(crate) fn added_arguments(&self) -> usize {
         usize::from(!self.exact_repeats)
             + usize::from(self.custom_scope && self.principal().is_none())
+    }
+
+    /// Whether the arguments the attribute adds are extracted in one
+    /// tuple with the handler's first argument, so that the routed
+    /// function takes no more arguments than the handler: where it would
+    /// otherwise take more than clippy's default limit (a crate that
+    /// forbids `clippy::too_many_arguments` refuses the attribute's
+    /// `allow` of it) or than axum's. axum extracts a tuple element by
+    /// element, in order, as it would the arguments; the first argument
+    /// of a handler that takes two or more is not the last, so it reads no
+    /// body, as no element of a tuple but the last may.
+    pub(crate) fn groups_added_arguments(&self) -> bool {
+        let written = self.arguments.len();
+        let added = self.added_arguments();
+        added > 0 && written >= 2 && written + added > CLIPPY_MAX_ARGUMENTS
+    }
+
+    /// How many arguments the routed function takes.
+    pub(crate) fn routed_arguments(&self) -> usize {
+        if self.groups_added_arguments() {
+            self.arguments.len()
+        } else {
+            self.arguments.len() + self.added_arguments()
+        }
     }
 
     pub(crate) fn principal(&self) -> Option<usize> {
