@@ -26,6 +26,7 @@
 
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -33,6 +34,8 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow, Postgres};
 use sqlx::{Connection, Executor, Row};
+use tokio::runtime::Handle;
+use tokio_util::task::TaskTracker;
 
 use self::connections::{Connections, Undo, close_if_stale, is_stale_statement, statement_error};
 use self::identifiers::quote_ident;
@@ -153,19 +156,25 @@ fn race_pause(races: usize) -> Duration {
 /// have been applied before the break.
 macro_rules! on_live_connection {
     ($store:expr, |$connection:ident| $statement:expr) => {
-        on_live_connection!($store, Patience::WaitForServer, None, |$connection| $statement)
+        on_live_connection!(
+            $store,
+            Patience::WaitForServer,
+            None::<&Unanswered<'_>>,
+            |$connection| $statement
+        )
     };
     // `$patience`: how long to wait for a new connection while the server
-    // takes none (see `Patience`); `$undo`: what undoes the statement if
-    // its caller stops waiting for it (see `Undo`).
+    // takes none (see `Patience`); `$undo`: the claim whose statement this
+    // is, undone if its caller stops waiting for it (see `Undo`) or if a
+    // connection breaks on the way (see `Unanswered`).
     ($store:expr, $patience:expr, $undo:expr, |$connection:ident| $statement:expr) => {{
         let mut broke: Option<StoreError> = None;
         let mut retries = 0;
         let mut refused_once = false;
         loop {
             let mut lease = $store.inner.connections.lease($patience).await?;
-            if let Some(undo) = $undo {
-                lease.undo_if_abandoned(undo);
+            if let Some(unanswered) = $undo {
+                lease.undo_if_abandoned(unanswered.undo);
             }
             let outcome = {
                 let $connection = lease.connection();
@@ -178,6 +187,9 @@ macro_rules! on_live_connection {
                 {
                     retries += 1;
                     tracing::debug!(%error, "a PostgreSQL connection broke; trying another");
+                    if let Some(unanswered) = $undo {
+                        unanswered.may_have_been_applied();
+                    }
                     // Returned to the sqlx pool, which discards it.
                     let failed = lease.finish(Err::<(), _>(error));
                     if broke.is_none() {
@@ -279,6 +291,9 @@ struct Inner {
     clock: SharedClock,
     table: String,
     sql: Statements,
+    /// Releases of claims that failed after a connection broke under
+    /// them (see [`Unanswered`]), for [`Store::settle`].
+    unanswered: TaskTracker,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -353,6 +368,7 @@ impl PostgresStoreBuilder {
                 clock: self.clock,
                 table: self.table,
                 sql,
+                unanswered: TaskTracker::new(),
             }),
         })
     }
@@ -780,6 +796,62 @@ impl PostgresStore {
 
     fn now(&self) -> u64 {
         self.inner.clock.now_millis()
+    }
+
+    /// [`Store::claim`] under `unanswered`'s token, whose fate is told
+    /// to it when a connection breaks under one of its statements.
+    async fn claim_as(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+        unanswered: &Unanswered<'_>,
+    ) -> Result<Claim, StoreError> {
+        let token = unanswered.token;
+        let token_bytes = token.to_bytes();
+        let undo = Some(unanswered);
+        // Nothing has run yet: while the server takes no new connections,
+        // the client is better told at once (503) than after the store
+        // timeout. The statements after it wait for the server instead.
+        let patience = Patience::FailFast;
+        for _ in 0..sql::CLAIM_ATTEMPTS {
+            // Both statements take the claim's six parameters (the
+            // take-over one more, the deadline it found); the time is
+            // read for each run, so one rerun after a broken connection
+            // does not claim with a lease already partly spent.
+            let query = |statement| {
+                let now = self.now();
+                sqlx::query(statement)
+                    .bind(key.scope.as_bytes().as_slice())
+                    .bind(key.key.as_str())
+                    .bind(fingerprint.as_bytes().as_slice())
+                    .bind(token_bytes.as_slice())
+                    .bind(to_sql_millis(now.saturating_add(millis(lease))))
+                    .bind(to_sql_millis(now))
+            };
+            let (row, _) = on_live_connection!(self, patience, undo, |connection| query(
+                &self.inner.sql.claim
+            )
+            .fetch_optional(connection));
+            // No row: a claim committed after the snapshot; look again.
+            let Some(row) = row? else { continue };
+            let row = TableRow::new(&row, &self.inner.table, STORE);
+            if row.column::<bool>("live")? {
+                return claim_from_row(&row, token);
+            }
+            let found: i64 = row.column("expires_at")?;
+            let (taken, _) = on_live_connection!(self, patience, undo, |connection| query(
+                &self.inner.sql.take_over
+            )
+            .bind(found)
+            .execute(connection));
+            // Nothing taken after a break may be a take-over that was
+            // applied: the next claim finds its own token then.
+            if taken?.rows_affected() > 0 {
+                return Ok(Claim::Acquired(token));
+            }
+        }
+        Err(StoreError::backend(sql::Contended))
     }
 }
 
@@ -1249,56 +1321,26 @@ impl Store for PostgresStore {
         let token_bytes = token.to_bytes();
         // A claim or take-over whose caller stops waiting (the engine's
         // store timeout answered 503: nothing ran) may still be applied by
-        // the server, holding the key under a lease nobody has: released.
-        let undo = Some(Undo {
-            statement: &self.inner.sql.release,
-            scope: key.scope.as_bytes(),
-            key: key.key.as_str(),
-            token: token_bytes,
-            log_id: key.log_id(),
-        });
-        // Nothing has run yet: while the server takes no new connections,
-        // the client is better told at once (503) than after the store
-        // timeout. The statements after it wait for the server instead.
-        let patience = Patience::FailFast;
-        for _ in 0..sql::CLAIM_ATTEMPTS {
-            // Both statements take the claim's six parameters (the
-            // take-over one more, the deadline it found); the time is
-            // read for each run, so one rerun after a broken connection
-            // does not claim with a lease already partly spent.
-            let query = |statement| {
-                let now = self.now();
-                sqlx::query(statement)
-                    .bind(key.scope.as_bytes().as_slice())
-                    .bind(key.key.as_str())
-                    .bind(fingerprint.as_bytes().as_slice())
-                    .bind(token_bytes.as_slice())
-                    .bind(to_sql_millis(now.saturating_add(millis(lease))))
-                    .bind(to_sql_millis(now))
-            };
-            let (row, _) = on_live_connection!(self, patience, undo, |connection| query(
-                &self.inner.sql.claim
-            )
-            .fetch_optional(connection));
-            // No row: a claim committed after the snapshot; look again.
-            let Some(row) = row? else { continue };
-            let row = TableRow::new(&row, &self.inner.table, STORE);
-            if row.column::<bool>("live")? {
-                return claim_from_row(&row, token);
-            }
-            let found: i64 = row.column("expires_at")?;
-            let (taken, _) = on_live_connection!(self, patience, undo, |connection| query(
-                &self.inner.sql.take_over
-            )
-            .bind(found)
-            .execute(connection));
-            // Nothing taken after a break may be a take-over that was
-            // applied: the next claim finds its own token then.
-            if taken?.rows_affected() > 0 {
-                return Ok(Claim::Acquired(token));
-            }
+        // the server, holding the key under a lease nobody has: released,
+        // as is one that fails after a connection broke under it.
+        let unanswered = Unanswered {
+            store: self,
+            key,
+            token,
+            undo: Undo {
+                statement: &self.inner.sql.release,
+                scope: key.scope.as_bytes(),
+                key: key.key.as_str(),
+                token: token_bytes,
+                log_id: key.log_id(),
+            },
+            applied: AtomicBool::new(false),
+        };
+        let claimed = self.claim_as(key, fingerprint, lease, &unanswered).await;
+        if claimed.is_ok() {
+            unanswered.answered();
         }
-        Err(StoreError::backend(sql::Contended))
+        claimed
     }
 
     async fn renew(
@@ -1376,6 +1418,7 @@ impl Store for PostgresStore {
 
     async fn settle(&self) {
         self.inner.connections.settle().await;
+        super::settle(&self.inner.unanswered).await;
     }
 
     fn deadline_clock(&self) -> Option<SharedClock> {
@@ -1392,6 +1435,61 @@ fn held(rows: u64, broke: Option<StoreError>) -> Result<(), StoreError> {
         (0, Some(broke)) => Err(broke),
         (0, None) => Err(StoreError::LeaseLost),
         _ => Ok(()),
+    }
+}
+
+/// A claim under way, whose row may be in the table though its caller
+/// never learns so: a statement applied on the server while the
+/// connection carrying its answer broke. The claim runs it again on
+/// another connection, and finds its own row; but if that fails too (the
+/// server out of reach, refusing, or slow past the caller's timeout), the
+/// caller is told nothing ran (503), and the row would hold the key under
+/// a lease nobody has until it lapses, answering 409 to the retries.
+/// Dropped without an answer after such a break, it releases the row on
+/// a task of its own, once the server takes a connection again.
+struct Unanswered<'a> {
+    store: &'a PostgresStore,
+    key: &'a RecordKey,
+    token: LeaseToken,
+    /// What undoes a statement whose caller stops waiting for it, on the
+    /// connection it ran on (see [`Undo`]).
+    undo: Undo<'a>,
+    /// Whether a statement's connection broke: it may have been applied.
+    applied: AtomicBool,
+}
+
+impl Unanswered<'_> {
+    /// A statement's connection broke: it may have been applied.
+    fn may_have_been_applied(&self) {
+        self.applied.store(true, Ordering::Relaxed);
+    }
+
+    /// The claim's caller has its outcome, which counts whatever broke.
+    fn answered(&self) {
+        self.applied.store(false, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if !self.applied.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(runtime) = Handle::try_current() else {
+            return;
+        };
+        let (store, key, token) = (self.store.clone(), self.key.clone(), self.token);
+        let release = async move {
+            match store.release(&key, token).await {
+                Ok(()) | Err(StoreError::LeaseLost) => {}
+                Err(error) => tracing::warn!(
+                    %error,
+                    key = %key.log_id(),
+                    "could not release a claim whose answer was lost; it frees when its lease lapses"
+                ),
+            }
+        };
+        drop(self.store.inner.unanswered.spawn_on(release, &runtime));
     }
 }
 
