@@ -19,7 +19,7 @@
 //! | `urn:idempotent:fingerprint-failed` | 500 | serializing the handler's inputs failed |
 //! | `urn:idempotent:record-corrupt` | 500 | the key's stored record cannot be read or replayed; the handler is not run again |
 //! | `urn:idempotent:not-configured` | 500 | no [`Idempotency`](crate::Idempotency) layer served the request, a custom scope got no principal, a hand-written `Scope::Header` names no valid header, or an [`IdempotentLayer`](crate::IdempotentLayer) wraps a handler that is idempotent itself |
-//! | `urn:idempotent:store-misconfigured` | 500 | the store is set up wrongly ([`StoreError::Misconfigured`]: a missing table or privilege, a read-only SQLite file, another application's value at the key); nothing was executed, and a retry succeeds once the setup is fixed |
+//! | `urn:idempotent:store-misconfigured` | 500 | the store is set up wrongly ([`StoreError::Misconfigured`]: a missing table or privilege, a read-only, damaged or moved SQLite file, another application's value at the key); nothing was executed, and a retry succeeds once the setup is fixed |
 //! | `urn:idempotent:store-unavailable` | 503 | the store failed or timed out; nothing was executed (`Retry-After` set) |
 
 use axum::response::{IntoResponse, Response};
