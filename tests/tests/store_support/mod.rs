@@ -548,17 +548,29 @@ impl ReplyDropper {
 /// network failure would. Told to by its [`reply_loser`](Self::reply_loser),
 /// it cuts the connection that carries the server's next answer to a
 /// statement instead of passing the answer on: the server applied the
-/// statement, and its client never hears so. While [stalled](Self::stall),
-/// what the server sends waits in the relay, as over a network that
-/// stalled after a request went out.
+/// statement, and its client never hears so. Told to by
+/// [`partition_after_next_answer`](Self::partition_after_next_answer), it
+/// also cuts every other connection then, and refuses new ones until
+/// [healed](Self::heal). While [stalled](Self::stall), what the server
+/// sends waits in the relay, as over a network that stalled after a
+/// request went out.
 pub struct Relay {
     pub port: u16,
     pub upstream: (String, u16),
-    lose_next: Arc<std::sync::atomic::AtomicBool>,
-    lost: Arc<AtomicUsize>,
-    stalled: tokio::sync::watch::Sender<bool>,
+    faults: Arc<Faults>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// What a [`Relay`] is told to do, shared with its connections.
+struct Faults {
+    lose_next: std::sync::atomic::AtomicBool,
+    /// Whether losing the next answer also partitions the network.
+    partition_next: std::sync::atomic::AtomicBool,
+    lost: AtomicUsize,
+    stalled: tokio::sync::watch::Sender<bool>,
+    /// Whether the network is partitioned: no connection gets through.
+    down: tokio::sync::watch::Sender<bool>,
 }
 
 impl Relay {
@@ -566,40 +578,24 @@ impl Relay {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .expect("bind the relay port");
-        let target = upstream.clone();
-        let lose_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let losing = Arc::clone(&lose_next);
-        let lost = Arc::new(AtomicUsize::new(0));
-        let counting = Arc::clone(&lost);
-        let (stalled, watching) = tokio::sync::watch::channel(false);
-        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let mut connections = tokio::task::JoinSet::new();
-            loop {
-                let (inbound, _) = tokio::select! {
-                    _ = &mut stopped => break,
-                    accepted = listener.accept() => match accepted {
-                        Ok(accepted) => accepted,
-                        Err(_) => break,
-                    },
-                };
-                let (target, losing) = (target.clone(), Arc::clone(&losing));
-                let (counting, watching) = (Arc::clone(&counting), watching.clone());
-                connections.spawn(async move {
-                    if let Ok(outbound) = tokio::net::TcpStream::connect(target).await {
-                        relay_one(inbound, outbound, &losing, &counting, watching).await;
-                    }
-                });
-            }
-            // Every relayed connection is closed before `stop` returns.
-            connections.shutdown().await;
+        let faults = Arc::new(Faults {
+            lose_next: false.into(),
+            partition_next: false.into(),
+            lost: AtomicUsize::new(0),
+            stalled: tokio::sync::watch::Sender::new(false),
+            down: tokio::sync::watch::Sender::new(false),
         });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(relay_all(
+            listener,
+            upstream.clone(),
+            Arc::clone(&faults),
+            stopped,
+        ));
         Self {
             port,
             upstream,
-            lose_next,
-            lost,
-            stalled,
+            faults,
             stop: Some(stop),
             task: Some(task),
         }
@@ -610,19 +606,35 @@ impl Relay {
     /// PostgreSQL answers a statement outside a transaction once it is
     /// committed: the statement took effect, and its reply is lost.
     pub fn reply_loser(&self) -> impl Fn() + Clone + Send + Sync + 'static {
-        let lose_next = Arc::clone(&self.lose_next);
-        move || lose_next.store(true, Ordering::SeqCst)
+        let faults = Arc::clone(&self.faults);
+        move || faults.lose_next.store(true, Ordering::SeqCst)
     }
 
     /// How many answers the relay has lost.
     pub fn replies_lost(&self) -> usize {
-        self.lost.load(Ordering::SeqCst)
+        self.faults.lost.load(Ordering::SeqCst)
+    }
+
+    /// Loses the server's next answer to a statement, as
+    /// [`reply_loser`](Self::reply_loser) does, and with it cuts every
+    /// other connection and refuses new ones until [`heal`](Self::heal):
+    /// the network between the store and its server went down just after
+    /// the server committed.
+    pub fn partition_after_next_answer(&self) {
+        // Before `lose_next`: whoever loses the answer sees both.
+        self.faults.partition_next.store(true, Ordering::SeqCst);
+        self.faults.lose_next.store(true, Ordering::SeqCst);
+    }
+
+    /// Ends the partition: the relay accepts connections again.
+    pub fn heal(&self) {
+        self.faults.down.send_replace(false);
     }
 
     /// Holds the server's answers, on every connection, from now until
     /// called again with `false`.
     pub fn stall(&self, stalled: bool) {
-        self.stalled.send_replace(stalled);
+        self.faults.stalled.send_replace(stalled);
     }
 
     /// Returns once the listener and every relayed connection are closed:
@@ -638,21 +650,81 @@ impl Relay {
     }
 }
 
+/// Relays every connection `listener` accepts to `upstream` until
+/// `stopped`, and closes them all before returning. It listens only while
+/// the network is up: partitioned, connecting is refused.
+async fn relay_all(
+    listener: tokio::net::TcpListener,
+    upstream: (String, u16),
+    faults: Arc<Faults>,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    let port = listener.local_addr().expect("the relay's address").port();
+    let mut listener = Some(listener);
+    let mut down = faults.down.subscribe();
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let listening = listener.is_some();
+        tokio::select! {
+            _ = &mut stopped => break,
+            () = turns(&mut down, listening) => {
+                listener = match listener {
+                    Some(_) => None,
+                    None => Some(
+                        tokio::net::TcpListener::bind(("127.0.0.1", port))
+                            .await
+                            .expect("bind the relay port again"),
+                    ),
+                };
+            }
+            accepted = accept(listener.as_ref()) => {
+                let Ok((inbound, _)) = accepted else { break };
+                let (upstream, faults) = (upstream.clone(), Arc::clone(&faults));
+                connections.spawn(async move {
+                    if let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await {
+                        relay_one(inbound, outbound, &faults).await;
+                    }
+                });
+            }
+        }
+    }
+    // Every relayed connection is closed before `stop` returns.
+    connections.shutdown().await;
+}
+
+/// Returns once the network goes down if `up`, or back up if not.
+async fn turns(down: &mut tokio::sync::watch::Receiver<bool>, up: bool) {
+    // The value's guard is not `Send`: it stays here, not across the
+    // relay's awaits.
+    let _ = down.wait_for(|down| *down == up).await;
+}
+
+/// The next connection `listener` accepts; none while there is no
+/// listener.
+async fn accept(
+    listener: Option<&tokio::net::TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Copies one connection both ways until either side closes it, or until
 /// `lose_next` is set when the server answers: that answer is dropped
-/// with the connection, and counted in `lost`. The server's answers wait
-/// while `stalled` says so.
+/// with the connection, and counted in `lost`, and with `partition_next`
+/// the network goes down. The server's answers wait while `stalled` says
+/// so. Once the network is down, the connection is cut.
 async fn relay_one(
     inbound: tokio::net::TcpStream,
     outbound: tokio::net::TcpStream,
-    lose_next: &std::sync::atomic::AtomicBool,
-    lost: &AtomicUsize,
-    mut stalled: tokio::sync::watch::Receiver<bool>,
+    faults: &Faults,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let (mut client_reads, mut client_writes) = inbound.into_split();
     let (mut server_reads, mut server_writes) = outbound.into_split();
+    let (mut stalled, mut down) = (faults.stalled.subscribe(), faults.down.subscribe());
     let requests = async move {
         let _ = tokio::io::copy(&mut client_reads, &mut server_writes).await;
     };
@@ -670,8 +742,11 @@ async fn relay_one(
             // on a prepared one, as every statement of the store is; not
             // the answer to a preparation, nor to the ping sqlx sends when
             // a connection goes back to its pool.
-            if buffer[0] == b'2' && lose_next.swap(false, Ordering::SeqCst) {
-                lost.fetch_add(1, Ordering::SeqCst);
+            if buffer[0] == b'2' && faults.lose_next.swap(false, Ordering::SeqCst) {
+                faults.lost.fetch_add(1, Ordering::SeqCst);
+                if faults.partition_next.swap(false, Ordering::SeqCst) {
+                    faults.down.send_replace(true);
+                }
                 return;
             }
             if client_writes.write_all(&buffer[..read]).await.is_err() {
@@ -679,10 +754,12 @@ async fn relay_one(
             }
         }
     };
-    // Either side ending ends both: the connection is cut.
+    // Either side ending ends both, as does the network going down: the
+    // connection is cut.
     tokio::select! {
         () = requests => {}
         () = answers => {}
+        _ = down.wait_for(|down| *down) => {}
     }
 }
 
