@@ -193,7 +193,7 @@ pub enum FingerprintError {
     /// endpoint name `name`, so their fingerprints could not tell them
     /// apart.
     #[error(
-        "the handlers of the `#[idempotent]` attributes at {} and {} share the endpoint name `{name}`, so a key reused at one could replay the other's response; give one of them its own `#[idempotent(name = \"...\")]`",
+        "the handlers of the `#[idempotent]` attributes at {} and {} share the endpoint name `{name}`, so a key reused at one could replay the other's response; give one of them its own `#[idempotent(name = \"...\")]` (two handlers that one `macro_rules!` invocation writes stand at one place: pass the name through the macro)",
         places[0], places[1]
     )]
     SharedEndpointName {

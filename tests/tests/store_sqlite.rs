@@ -980,6 +980,7 @@ async fn a_database_file_replaced_under_the_store_is_not_used_on() {
 /// while a process started after it used the new one, and a key ran in
 /// each. The running store, opened on the link by `open` or on a pool of
 /// the service's own (`on_a_pool`), stops instead, and names the link.
+#[cfg(unix)]
 async fn a_file_swapped_through_a_link_is_not_used_on(on_a_pool: bool) {
     let (old, new, link) = (TempDb::new(), TempDb::new(), TempDb::new());
     let _files = (old.open().await, new.open().await);
@@ -1004,11 +1005,13 @@ async fn a_file_swapped_through_a_link_is_not_used_on(on_a_pool: bool) {
     );
 }
 
+#[cfg(unix)]
 #[tokio::test]
 async fn a_database_file_swapped_through_a_symbolic_link_is_not_used_on() {
     a_file_swapped_through_a_link_is_not_used_on(false).await;
 }
 
+#[cfg(unix)]
 #[tokio::test]
 async fn a_pools_file_swapped_through_a_symbolic_link_is_not_used_on() {
     a_file_swapped_through_a_link_is_not_used_on(true).await;

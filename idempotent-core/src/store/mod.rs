@@ -261,7 +261,7 @@ impl StoreError {
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not an idempotency store",
     label = "not a `Store`",
-    note = "a store already shared as a `SharedStore` (`Arc<dyn DynStore>`) goes to `Idempotency::from_shared(store)`, then `.build()`"
+    note = "a store is a `MemoryStore`, `PostgresStore`, `RedisStore`, `SqliteStore`, `Tiered` or a type of yours implementing `Store`; one already shared as a `SharedStore` (`Arc<dyn DynStore>`) goes to `Idempotency::from_shared(store)`, then `.build()`"
 )]
 pub trait Store: Send + Sync + 'static {
     /// Atomically claims `key` for a request with `fingerprint`:

@@ -1485,7 +1485,7 @@ impl Drop for Unanswered<'_> {
                 Err(error) => tracing::warn!(
                     %error,
                     key = %key.log_id(),
-                    "could not release a claim whose answer was lost; it frees when its lease lapses"
+                    "could not release a claim whose answer was lost; if it was applied, its key frees when its lease lapses"
                 ),
             }
         };

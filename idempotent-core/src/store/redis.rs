@@ -1426,7 +1426,7 @@ fn decode(value: Bytes) -> Result<Record, StoreError> {
 
 /// What a value the store cannot read at a record's Redis key means, and
 /// what to do about it.
-const UNREADABLE: &str = "the value at the record's Redis key is not a record this build of the store reads: another application writes under the store's key prefix (give the store a prefix of its own with `RedisStoreBuilder::prefix(...)`), a later release of this crate wrote it, or it was damaged; the key is the store's prefix followed by the digest that the log's `key` begins (`SCAN 0 MATCH <prefix><key>*`), and deleting it lets its idempotency key run again";
+const UNREADABLE: &str = "the value at the record's Redis key is not a record this build of the store reads: another application writes under the store's key prefix (give the store a prefix of its own with `RedisStoreBuilder::prefix(...)`), a later release of this crate wrote it, or it was damaged; the key is the store's prefix followed by the digest that the log's `key` begins (`redis-cli --scan --pattern '<prefix><key>*'`), and deleting it lets its idempotency key run again";
 
 /// The record `value` encodes, if it encodes one ([`decode`]).
 fn read(value: Bytes) -> Option<Record> {

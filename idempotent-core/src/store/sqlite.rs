@@ -651,8 +651,8 @@ impl SqliteStore {
     /// WAL mode goes on reading and writing the old file without a word,
     /// while a process that opens the path, or a new connection of the
     /// pool, uses another, and a key would run once in each. One `stat`
-    /// per operation, as SQLite itself does before each write out of WAL
-    /// mode.
+    /// per operation (two for a path through a symbolic link), as SQLite
+    /// itself does before each write out of WAL mode.
     async fn check_file(&self) -> Result<(), StoreError> {
         let opened = match self.inner.file.get() {
             Some(opened) => opened,

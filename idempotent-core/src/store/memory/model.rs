@@ -27,6 +27,7 @@ use crate::fingerprint::Fingerprint;
 use crate::key::IdempotencyKey;
 use crate::record::{Claim, Completed, InFlight, LeaseToken, Record, RecordKey, StoredResponse};
 use crate::scope::ScopeDigest;
+use crate::store::EXPIRY_GRACE;
 use crate::store::{Store, StoreError};
 
 /// Keys most operations pick from, so that they meet.
@@ -553,7 +554,8 @@ impl Model {
     }
 
     /// Checks the table against the model, and follows it where the
-    /// contract lets the store choose: a claim past its lease, a record
+    /// contract lets the store choose: a claim past its lease and the
+    /// grace ([`EXPIRY_GRACE`](crate::store::EXPIRY_GRACE)), a record
     /// past its deadline, or, after a completion, one the budget had no
     /// room for (see [`check_eviction`](Self::check_eviction)), may be gone.
     fn follow_the_store(&mut self, after_completion: bool) {
@@ -562,7 +564,9 @@ impl Model {
         for key in keys {
             let expected = &self.held[&key];
             let may_be_gone = match expected {
-                Held::InFlight(held) => held.lease_expires_at <= now,
+                Held::InFlight(held) => {
+                    held.lease_expires_at.saturating_add(millis(EXPIRY_GRACE)) <= now
+                }
                 Held::Completed(record) => record.expires_at <= now || after_completion,
             };
             match self.peek(key) {
