@@ -26,9 +26,9 @@ fn record_key(name: &str) -> RecordKey {
 
 /// A claim whose insert the server committed, and whose answer was lost
 /// with the network, fails, or is cut short by `timeout` (503 either
-/// way: the client is told nothing ran, and retries). Its row must not hold the key for a lease that nobody has:
-/// once the network is back, the retry runs, rather than meeting 409
-/// until the lease lapses.
+/// way: the client is told nothing ran, and retries). Its row must not
+/// hold the key for a lease that nobody has: once the network is back,
+/// the retry runs, rather than meeting 409 until the lease lapses.
 async fn a_claim_failed_after_its_commit_leaves_the_key_free(hold: u32, timeout: Option<Duration>) {
     let Some(url) = backend_url(URL) else { return };
     let direct = migrated_postgres(&url, &unique_name("idem_partition")).await;
