@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use deadpool::managed::{self, Manager};
+use deadpool::managed::{self, Manager, Metrics, RecycleError, RecycleResult};
 use sqlx::pool::CloseEvent;
 use tokio::runtime::Handle;
 
@@ -32,15 +32,45 @@ pub(crate) struct Kept<M: Manager> {
     sweeping: AtomicBool,
 }
 
-/// A kept connection, which knows the runtime of the last statement it
-/// served: where it goes back to the sqlx pool when the store is dropped
-/// outside any runtime ([`Kept::drop_outside_runtime`]). Each its own, not
-/// one for the whole store: a store can outlive the runtime it first ran
-/// in and go on in another, and a connection that served there must go
-/// back there, the first runtime being gone.
-pub(crate) trait KeptConnection {
-    /// The runtime of the last statement the connection served.
-    fn runtime(&self) -> &Handle;
+/// A connection checked out of the sqlx pool (`C`, its `PoolConnection`),
+/// whether its last statement finished, and the runtime of the last
+/// statement it served: where it goes back to the sqlx pool when the
+/// store is dropped outside any runtime ([`Kept::drop_outside_runtime`]).
+/// Each its own, not one for the whole store: a store can outlive the
+/// runtime it first ran in and go on in another, and a connection that
+/// served there must go back there, the first runtime being gone.
+pub(crate) struct Checked<C> {
+    pub(crate) connection: C,
+    pub(crate) clean: bool,
+    runtime: Handle,
+}
+
+impl<C> Checked<C> {
+    /// `connection`, just checked out for a statement of the current
+    /// runtime (a deadpool manager's `create` runs on the statement's task).
+    pub(crate) fn new(connection: C) -> Self {
+        Self {
+            connection,
+            clean: true,
+            runtime: Handle::current(),
+        }
+    }
+
+    /// Whether the connection may serve another statement, for a deadpool
+    /// manager's `recycle` (which runs on that statement's task): not if
+    /// its last statement did not finish, nor once it was out for
+    /// [`MAX_HOLD`]. Refused, it is dropped, which returns it to the sqlx
+    /// pool. Kept, it now serves in the current runtime.
+    pub(crate) fn recycle<E>(&mut self, metrics: &Metrics) -> RecycleResult<E> {
+        if !self.clean {
+            return Err(RecycleError::message("its last statement did not finish"));
+        }
+        if metrics.age() >= MAX_HOLD {
+            return Err(RecycleError::message("held long enough"));
+        }
+        self.runtime = Handle::current();
+        Ok(())
+    }
 }
 
 impl<M> Kept<M>
@@ -88,12 +118,12 @@ where
     /// panics where there is none. A store can outlive the `block_on` that
     /// used it (a `main` that builds its runtime by hand drops its locals
     /// outside it), so each kept connection then goes back on the runtime
-    /// of the last statement it served (see [`KeptConnection`]); if that
+    /// of the last statement it served (see [`Checked`]); if that
     /// runtime is gone too, the task never runs and the connection is
     /// closed (a PostgreSQL one broke with the runtime it was opened in).
-    pub(crate) fn drop_outside_runtime(kept: &mut Option<Arc<Self>>)
+    pub(crate) fn drop_outside_runtime<C>(kept: &mut Option<Arc<Self>>)
     where
-        M::Type: KeptConnection,
+        M: Manager<Type = Checked<C>>,
     {
         if Handle::try_current().is_ok() {
             return;
@@ -101,7 +131,7 @@ where
         let Some(kept) = kept.take() else { return };
         // Out of the pool, so that each is dropped inside its own runtime.
         for connection in kept.pool.retain(|_, _| false).removed {
-            let _context = connection.runtime().enter();
+            let _context = connection.runtime.enter();
             drop(connection);
         }
     }

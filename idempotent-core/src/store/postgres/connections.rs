@@ -23,7 +23,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use deadpool::managed::{self, Metrics, Object, RecycleError, RecycleResult};
+use deadpool::managed::{self, Metrics, Object, RecycleResult};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, PgPool, Postgres};
 use tokio::runtime::Handle;
@@ -31,7 +31,7 @@ use tokio_util::task::TaskTracker;
 
 use super::reachability::{AcquireError, Patience, Reachability};
 use crate::record::LogId;
-use crate::store::kept::{Kept, KeptConnection, MAX_HOLD};
+use crate::store::kept::{Checked, Kept};
 use crate::store::{Explained, StoreError, sql};
 
 /// The store's connections: kept ones, or straight from the sqlx pool.
@@ -56,14 +56,6 @@ pub(super) struct Connections {
 struct Checkout {
     pool: PgPool,
     reachability: Arc<Reachability>,
-}
-
-/// A checked-out connection, whether its last statement finished, and
-/// the runtime that statement ran in.
-struct Checked {
-    connection: PoolConnection<Postgres>,
-    clean: bool,
-    runtime: Handle,
 }
 
 /// A connection lent to one statement; see [`Lease::finish`].
@@ -222,41 +214,23 @@ impl Drop for Connections {
 }
 
 impl managed::Manager for Checkout {
-    type Type = Checked;
+    type Type = Checked<PoolConnection<Postgres>>;
     type Error = AcquireError;
 
-    async fn create(&self) -> Result<Checked, AcquireError> {
+    async fn create(&self) -> Result<Self::Type, AcquireError> {
         // deadpool cannot say which statement this is for.
         let patience = Patience::FailFast;
-        Ok(Checked {
-            connection: self.reachability.acquire(&self.pool, patience).await?,
-            clean: true,
-            runtime: Handle::current(),
-        })
+        let connection = self.reachability.acquire(&self.pool, patience).await?;
+        Ok(Checked::new(connection))
     }
 
     async fn recycle(
         &self,
-        checked: &mut Checked,
+        checked: &mut Self::Type,
         metrics: &Metrics,
     ) -> RecycleResult<AcquireError> {
-        // Refused connections are dropped, which returns them to the sqlx
-        // pool: it drains or discards an unfinished one.
-        if !checked.clean {
-            return Err(RecycleError::message("its last statement did not finish"));
-        }
-        if metrics.age() >= MAX_HOLD {
-            return Err(RecycleError::message("held long enough"));
-        }
-        // Reused for a statement, inside the runtime that runs it.
-        checked.runtime = Handle::current();
-        Ok(())
-    }
-}
-
-impl KeptConnection for Checked {
-    fn runtime(&self) -> &Handle {
-        &self.runtime
+        // The sqlx pool drains or discards an unfinished one refused.
+        checked.recycle(metrics)
     }
 }
 

@@ -20,13 +20,12 @@
 
 use std::sync::Arc;
 
-use deadpool::managed::{self, Metrics, Object, RecycleError, RecycleResult};
+use deadpool::managed::{self, Metrics, Object, RecycleResult};
 use sqlx::Sqlite;
 use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{SqliteConnection, SqlitePool};
-use tokio::runtime::Handle;
 
-use crate::store::kept::{Kept, KeptConnection, MAX_HOLD};
+use crate::store::kept::{Checked, Kept};
 
 /// The store's connections: kept ones, or straight from the sqlx pool.
 pub(super) struct Connections {
@@ -40,14 +39,6 @@ pub(super) struct Connections {
 /// sqlx pool.
 struct Checkout {
     pool: SqlitePool,
-}
-
-/// A checked-out connection, whether its last statement finished, and
-/// the runtime that statement ran in.
-struct Checked {
-    connection: PoolConnection<Sqlite>,
-    clean: bool,
-    runtime: Handle,
 }
 
 /// A connection lent to one statement; see [`Lease::finish`]. Dropped
@@ -120,39 +111,21 @@ impl Drop for Connections {
 }
 
 impl managed::Manager for Checkout {
-    type Type = Checked;
+    type Type = Checked<PoolConnection<Sqlite>>;
     type Error = sqlx::Error;
 
-    async fn create(&self) -> Result<Checked, sqlx::Error> {
-        Ok(Checked {
-            connection: self.pool.acquire().await?,
-            clean: true,
-            runtime: Handle::current(),
-        })
+    async fn create(&self) -> Result<Self::Type, sqlx::Error> {
+        Ok(Checked::new(self.pool.acquire().await?))
     }
 
     async fn recycle(
         &self,
-        checked: &mut Checked,
+        checked: &mut Self::Type,
         metrics: &Metrics,
     ) -> RecycleResult<sqlx::Error> {
-        // Refused connections are dropped, which returns them to the sqlx
-        // pool: its ping tells whether an unfinished one still serves.
-        if !checked.clean {
-            return Err(RecycleError::message("its last statement did not finish"));
-        }
-        if metrics.age() >= MAX_HOLD {
-            return Err(RecycleError::message("held long enough"));
-        }
-        // Reused for a statement, inside the runtime that runs it.
-        checked.runtime = Handle::current();
-        Ok(())
-    }
-}
-
-impl KeptConnection for Checked {
-    fn runtime(&self) -> &Handle {
-        &self.runtime
+        // The sqlx pool's ping tells whether an unfinished one refused
+        // still serves.
+        checked.recycle(metrics)
     }
 }
 
