@@ -312,10 +312,7 @@ pub(crate) async fn collect(mut body: Body, limit: usize) -> Collected {
 pub(crate) async fn unstored_if_bodiless(response: Response) -> Response {
     let hint = http_body::Body::size_hint(response.body());
     if hint.exact() == Some(0) {
-        return unstored(
-            response,
-            "a HEAD's response without a body may not be the GET's",
-        );
+        return unstored(response, BODILESS_HEAD);
     }
     let (parts, mut body) = response.into_parts();
     if is_event_stream(&parts) {
@@ -327,16 +324,16 @@ pub(crate) async fn unstored_if_bodiless(response: Response) -> Response {
     }
     loop {
         match body.frame().await {
-            None => {
-                let reason = "a HEAD's response without a body may not be the GET's";
-                return unstored(Response::from_parts(parts, Body::empty()), reason);
-            }
+            None => return unstored(Response::from_parts(parts, Body::empty()), BODILESS_HEAD),
             // An empty data frame says nothing of what follows.
             Some(Ok(frame)) if frame.data_ref().is_some_and(Bytes::is_empty) => {}
             Some(first) => return Response::from_parts(parts, after_first(first, body)),
         }
     }
 }
+
+/// Why a `HEAD`'s response without a body is not stored.
+const BODILESS_HEAD: &str = "a HEAD's response without a body may not be the GET's";
 
 fn unstored(mut response: Response, reason: &'static str) -> Response {
     response.extensions_mut().insert(Unstored(reason));
