@@ -15,7 +15,7 @@ use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use idempotent_core::store::MemoryStore;
 use idempotent_core::{Endpoint, Idempotency, IdempotentLayer, Scope, idempotent};
-use macro_support::{Reply, Runs, send};
+use macro_support::{Reply, Runs, both_routes, send};
 use serde_json::Value;
 
 /// A request with `method` to `uri`, with the `Idempotency-Key` field
@@ -218,20 +218,14 @@ async fn head_aware_by_attribute(state: State<Runs>, method: Method) -> Response
 }
 
 /// `/attribute` and `/layer`, `GET` routes to one handler made idempotent
-/// each way, on `runs`. (`macro_support::both_ways` routes `POST`s.)
+/// each way, on `runs`.
 fn get_both_ways<A: 'static, P: 'static>(
     by_attribute: impl Handler<A, Runs>,
     plain: impl Handler<P, Runs>,
     runs: &Runs,
 ) -> Router {
-    Router::new()
-        .route("/attribute", get(by_attribute))
-        .route(
-            "/layer",
-            get(plain).route_layer(IdempotentLayer::new(LAYERED)),
-        )
-        .with_state(runs.clone())
-        .layer(store())
+    let routes = (get(by_attribute), get(plain));
+    both_routes(routes, LAYERED, runs.clone(), store())
 }
 
 /// A `GET` after a `HEAD` its own handler answered without a body, under

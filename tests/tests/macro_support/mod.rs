@@ -17,7 +17,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::handler::Handler;
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{MethodRouter, post};
 use http_body_util::BodyExt;
 use idempotent_core::{Endpoint, IDEMPOTENT_REPLAYED, Idempotency, IdempotentLayer};
 use tokio::sync::Semaphore;
@@ -181,12 +181,21 @@ pub fn both_ways<S: Clone + Send + Sync + 'static, A: 'static, P: 'static>(
     state: S,
     idempotency: Idempotency,
 ) -> Router {
+    let routes = (post(by_attribute), post(plain));
+    both_routes(routes, endpoint, state, idempotency)
+}
+
+/// [`both_ways`] for the methods the two routes (`by_attribute`, `plain`)
+/// were made for: `(get(a), get(p))`, say.
+pub fn both_routes<S: Clone + Send + Sync + 'static>(
+    (by_attribute, plain): (MethodRouter<S>, MethodRouter<S>),
+    endpoint: Endpoint,
+    state: S,
+    idempotency: Idempotency,
+) -> Router {
     Router::new()
-        .route("/attribute", post(by_attribute))
-        .route(
-            "/layer",
-            post(plain).route_layer(IdempotentLayer::new(endpoint)),
-        )
+        .route("/attribute", by_attribute)
+        .route("/layer", plain.route_layer(IdempotentLayer::new(endpoint)))
         .with_state(state)
         .layer(idempotency)
 }
