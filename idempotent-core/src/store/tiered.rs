@@ -19,6 +19,11 @@
 //! durable store cannot answer, the cached record answers it (422). Keep the
 //! durable store from losing records; delete a record by hand only with
 //! every instance restarted, or wait for its deadline.
+//!
+//! While the durable store cannot answer, memory answers what it knows: a
+//! cached record, and the keys this process holds, in flight until their
+//! lease lapses (their requests run here, or their responses are being
+//! stored). Any other claim fails as the durable store's did.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,9 +77,12 @@ const KEPT_WHOLE_BYTES: usize = 1 << 20;
 /// durable store keeps the durable deadline. So, whatever the clocks say:
 ///
 /// - memory never lets a handler run: only a claim the durable store
-///   grants does. The claims held in memory are never consulted by a
-///   claim; they only let a completion be cached, and only once the
-///   durable store has accepted it under the claim's own lease;
+///   grants does. The claims held in memory let a completion be cached,
+///   only once the durable store has accepted it under the claim's own
+///   lease; a claim consults them only while the durable store cannot
+///   answer, when a key this process holds is in flight (409) until its
+///   lease lapses, rather than refused (503) or, under `fail_open`, run
+///   a second time beside the run under way;
 /// - a cached record is replayed only to its own payload: another payload
 ///   is asked of the durable store (and answered 422 from memory only
 ///   while that store cannot answer).
@@ -202,6 +210,18 @@ impl<D: Store> Tiered<D> {
             _ => None,
         }
     }
+
+    /// What memory alone knows of `key`, read when the durable store could
+    /// not answer a claim: its cached record, or this process's hold on it,
+    /// whose lease has not lapsed. The hold stands for a claim the durable
+    /// store granted and this process has neither released nor seen
+    /// refused: its request still runs, or its response is being stored
+    /// (an attempt whose answer was lost may already have stored it). Read
+    /// again rather than before the durable call, which may have taken a
+    /// store timeout: a record that expired meanwhile answers nothing.
+    fn known_in_memory(&self, key: &RecordKey) -> Option<Claim> {
+        self.cache.inner().get(key).ok().flatten().map(Claim::from)
+    }
 }
 
 impl<D: Store> Store for Tiered<D> {
@@ -215,18 +235,18 @@ impl<D: Store> Store for Tiered<D> {
         // durable store may since have lost or replaced it (see the
         // module's documentation), and such mismatches are rare enough to
         // cost it a round trip.
-        let cached = self.cached(key);
-        if let Some(record) = &cached
+        if let Some(record) = self.cached(key)
             && record.fingerprint == fingerprint
         {
-            return Ok(Claim::Completed(Arc::clone(record)));
+            return Ok(Claim::Completed(record));
         }
         let claim = match self.durable.claim(key, fingerprint, lease).await {
             Ok(claim) => claim,
-            // A durable store that cannot answer leaves the cached record
-            // the best knowledge of the key: its 422 stands, rather than a
-            // 503, or a run of the other payload under `fail_open`.
-            Err(error) => return cached.map(Claim::Completed).ok_or(error),
+            // A durable store that cannot answer leaves memory the best
+            // knowledge of the key: a cached record's 422 stands, and a key
+            // this process holds is in flight, rather than a 503, or under
+            // `fail_open` a second run beside the one under way.
+            Err(error) => return self.known_in_memory(key).ok_or(error),
         };
         match &claim {
             Claim::Completed(record) => self.cache.inner().remember(key, record),
@@ -532,6 +552,51 @@ mod tests {
         assert!(
             matches!(&answered, Ok(Claim::Completed(record)) if record.fingerprint == FINGERPRINT),
             "{answered:?}"
+        );
+    }
+
+    /// With the durable store down, a key this process holds is in flight
+    /// until its lease lapses: its request runs here, or its response is
+    /// still being stored (the answer to an attempt lost). Refused, a retry
+    /// got 503, and under `fail_open` ran the handler a second time.
+    #[tokio::test]
+    async fn a_key_held_here_is_in_flight_while_the_durable_store_is_down() {
+        let (durable, store, key, token) = claimed().await;
+        durable.fail_next(crate::testing::OpKind::Complete);
+        let unstored = store.complete(&key, token, paid(), TTL).await;
+        assert!(
+            matches!(unstored, Err(StoreError::Backend(_))),
+            "{unstored:?}"
+        );
+        durable.fail_all(true);
+        let retry = store.claim(&key, FINGERPRINT, LEASE).await;
+        assert!(
+            matches!(retry, Ok(Claim::InFlight { fingerprint, .. }) if fingerprint == FINGERPRINT),
+            "a retry of a request held here was not told it is in flight: {retry:?}"
+        );
+        durable.advance(LEASE);
+        let lapsed = store.claim(&key, FINGERPRINT, LEASE).await;
+        assert!(lapsed.is_err(), "a lapsed hold answered: {lapsed:?}");
+    }
+
+    /// A cached record that expires while the durable store takes its
+    /// time to fail answers nothing: a 422 from it would refuse a payload
+    /// its key no longer binds.
+    #[tokio::test(start_paused = true)]
+    async fn a_record_expired_during_a_failing_durable_call_answers_nothing() {
+        let (durable, store, key, token) = claimed().await;
+        store.complete(&key, token, paid(), TTL).await.unwrap();
+        durable.fail_all(true);
+        durable.set_delay(Duration::from_secs(2));
+        let expiring = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            durable.advance(TTL);
+        };
+        let other = Fingerprint::from_bytes([2; 32]);
+        let (answered, ()) = tokio::join!(store.claim(&key, other, LEASE), expiring);
+        assert!(
+            answered.is_err(),
+            "an expired record answered another payload: {answered:?}"
         );
     }
 

@@ -157,8 +157,9 @@ async fn drop_table(store: &PostgresStore) {
 }
 
 /// The durable tier goes away: a replay this instance has cached is still
-/// answered from memory, a claim of any other key is refused (503 at the
-/// engine, nothing runs), and nothing is answered from memory that the
+/// answered from memory, a key it holds is in flight (409 at the engine:
+/// its request runs here), a claim of any other key is refused (503 at
+/// the engine, nothing runs), and nothing is replayed from memory that the
 /// durable tier did not complete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_durable_tier_down_only_cached_replays_are_answered() {
@@ -206,9 +207,14 @@ async fn with_the_durable_tier_down_only_cached_replays_are_answered() {
         store.get(&done).await,
         Ok(Some(Record::Completed(_)))
     ));
+    let held = store.claim(&running, fingerprint, lease).await;
+    assert!(
+        matches!(held, Ok(Claim::InFlight { fingerprint: held, .. }) if held == fingerprint),
+        "a key this instance holds is not in flight: {held:?}"
+    );
+    let claimed = store.claim(&fresh, fingerprint, lease).await;
+    assert!(claimed.is_err(), "{claimed:?}");
     for key in [&running, &fresh] {
-        let claimed = store.claim(key, fingerprint, lease).await;
-        assert!(claimed.is_err(), "{claimed:?}");
         assert!(store.get(key).await.is_err(), "only the durable tier knows");
     }
 }

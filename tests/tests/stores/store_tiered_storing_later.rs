@@ -4,7 +4,9 @@
 //! reached through a relay the test cuts as an outage would: the engine
 //! stores it once the durable store is back, and from then on it must be
 //! replayed from memory, as a response stored at once is, and so answered
-//! while the durable store is away again.
+//! while the durable store is away again. Until then, a retry sent to that
+//! process during the outage is told the request is in flight, even under
+//! `fail_open`: the process holds its key.
 
 use crate::macro_support;
 use crate::store_support;
@@ -147,7 +149,65 @@ async fn a_response_stored_later_in_redis_is_replayed_from_memory() {
     let Some(url) = backend_url("IDEMPOTENT_TEST_REDIS_URL") else {
         return;
     };
-    let client = redis::Client::open(url.as_str()).unwrap();
+    let (durable, relay) = redis_behind_a_relay(&url).await;
+    let watch = RedisStore::connect(&url).await.unwrap();
+    a_response_stored_later_is_replayed_from_memory(Tiered::new(durable), relay, &watch).await;
+}
+
+/// Under `fail_open`, a request runs without the store while the store is
+/// away. A retry of a request this process holds must not: the first run
+/// is under way here, then its response waits to be stored. Run again, a
+/// payment was charged twice by the one process that knew it was charging.
+async fn a_retry_of_a_key_held_here_is_in_flight_during_an_outage<D: Store>(
+    tiered: Tiered<D>,
+    mut relay: Relay,
+) {
+    let idempotency = Idempotency::builder(tiered)
+        .store_timeout(Duration::from_millis(500))
+        .fail_open(true)
+        .build();
+    let runs = Runs::default();
+    let app = Router::new()
+        .route("/charges", post(charge))
+        .with_state(runs.clone())
+        .layer(idempotency);
+    let key = unique_name("order");
+
+    let first = tokio::spawn(send(app.clone(), key.clone()));
+    runs.first.until_started().await;
+    relay.stop().await;
+    let (status, _, body) = send(app.clone(), key.clone()).await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a retry while it runs: {body}"
+    );
+
+    runs.first.let_through(1);
+    let first = tokio::time::timeout(HANG, first).await;
+    let first = first.expect("the caller is answered").unwrap();
+    assert_eq!(first, (StatusCode::CREATED, false, "run 1: 7".to_owned()));
+    let (status, _, body) = send(app, key).await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a retry while its response waits to be stored: {body}"
+    );
+    assert_eq!(runs.count.get(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_of_a_key_held_here_is_in_flight_during_a_redis_outage() {
+    let Some(url) = backend_url("IDEMPOTENT_TEST_REDIS_URL") else {
+        return;
+    };
+    let (durable, relay) = redis_behind_a_relay(&url).await;
+    a_retry_of_a_key_held_here_is_in_flight_during_an_outage(Tiered::new(durable), relay).await;
+}
+
+/// A store on the Redis at `url`, reached through a relay the test can cut.
+async fn redis_behind_a_relay(url: &str) -> (RedisStore, Relay) {
+    let client = redis::Client::open(url).unwrap();
     let redis::ConnectionAddr::Tcp(host, port) = client.get_connection_info().addr().clone() else {
         panic!("the test Redis is reached over TCP");
     };
@@ -156,7 +216,5 @@ async fn a_response_stored_later_in_redis_is_replayed_from_memory() {
     drop(free);
     let relay = Relay::start(relay_port, (host, port)).await;
     let relayed = format!("redis://127.0.0.1:{relay_port}");
-    let durable = RedisStore::connect(&relayed).await.unwrap();
-    let watch = RedisStore::connect(&url).await.unwrap();
-    a_response_stored_later_is_replayed_from_memory(Tiered::new(durable), relay, &watch).await;
+    (RedisStore::connect(&relayed).await.unwrap(), relay)
 }
