@@ -34,7 +34,8 @@ use crate::record::{
 };
 use crate::renewal::Renewals;
 use crate::replay::{
-    Collected, NotKept, collect_response, replay, replayable_headers, unstored_if_bodiless,
+    Collected, HEAD_BODY_NOT_KEPT, HeadAnswer, NotKept, collect_response, replay,
+    replayable_headers, unstored_if_bodiless,
 };
 use crate::request::{IdempotentRequest, ScopeSource, fingerprinted_method};
 use crate::scope::{self, MissingCredential, Scope, ScopeDigest};
@@ -621,8 +622,14 @@ impl Engine {
             return Produced::NotFinal(response, "the handler answered a rejected input");
         }
         let (parts, body) = response.into_parts();
-        let collected = collect_response(&parts, body, self.settings.max_body_bytes).await;
-        Produced::Final(parts, collected)
+        match collect_response(&parts, body, self.settings.max_body_bytes).await {
+            // Stored without its body, it would answer the `GET` after the
+            // `HEAD` 410, though no caller had the body (see `HeadAnswer`).
+            Collected::Partial(body, _) if parts.extensions.get::<HeadAnswer>().is_some() => {
+                Produced::NotFinal(Response::from_parts(parts, body), HEAD_BODY_NOT_KEPT)
+            }
+            collected => Produced::Final(parts, collected),
+        }
     }
 
     /// Stores a final response and hands it on. `lost_before_storing`: a

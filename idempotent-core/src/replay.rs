@@ -159,7 +159,7 @@ fn not_stored(stored: &StoredResponse) -> Problem {
     Problem::new(
         ProblemKind::ResponseNotStored,
         format!(
-            "the request with this idempotency key already completed with status {}, but its response body was not kept (it was larger than the configured limit, an event stream, failed while being sent, ended with trailers, or had more than 65,535 headers); it will not be executed again",
+            "the request with this idempotency key already completed with status {}, but its response body was not kept (it was larger than the configured limit, an event stream, failed while being sent, did not match its Content-Length, ended with trailers, or had more than 65,535 headers); it will not be executed again",
             stored.status.as_u16()
         ),
     )
@@ -197,6 +197,8 @@ pub(crate) enum NotKept {
     TooLarge,
     EventStream,
     Failed,
+    /// The body's length is not the one its `Content-Length` announced.
+    OtherLength,
     Trailers,
     TooManyHeaders,
 }
@@ -207,6 +209,9 @@ impl NotKept {
             Self::TooLarge => "larger than max_body_bytes",
             Self::EventStream => "an event stream is sent as it is produced, not stored",
             Self::Failed => "the body failed while being read",
+            Self::OtherLength => {
+                "the body's length is not the one its Content-Length header announced"
+            }
             Self::Trailers => "the body ended with trailers, which a replay cannot carry",
             Self::TooManyHeaders => "the response has more headers than a record holds (65,535)",
         }
@@ -218,11 +223,81 @@ impl NotKept {
 /// comes: read to its end, it would reach its caller only when it ends,
 /// if ever, and hold the key claimed for as long as it runs, even after
 /// the caller went away.
+///
+/// A body read whole whose length is not the one the response's
+/// `Content-Length` announced is not kept either: one that ended short of
+/// it (a file that shrank while it was streamed, an upstream's answer
+/// that a body of the handler's own ended cleanly where it was cut off)
+/// would be replayed as a whole, truncated response, framed by its own
+/// length. Its caller gets its bytes and then an error, as a failing body
+/// would give them: read whole, the body announces its exact size, and
+/// hyper would frame the response by that size under a header that says
+/// another (or assert in a debug build), where the handler's own stream
+/// had it frame the response by the header and fail where it fell short.
 pub(crate) async fn collect_response(parts: &Parts, body: Body, limit: usize) -> Collected {
     if is_event_stream(parts) {
         return Collected::Partial(body, NotKept::EventStream);
     }
-    collect(body, limit).await
+    match collect(body, limit).await {
+        Collected::Complete(bytes) => match OtherLength::of(parts, &bytes) {
+            None => Collected::Complete(bytes),
+            Some(other) => {
+                let failing = prefixed(bytes, Err(Some(axum::Error::new(other))));
+                Collected::Partial(failing, NotKept::OtherLength)
+            }
+        },
+        partial @ Collected::Partial(..) => partial,
+    }
+}
+
+/// A response body, read whole, whose length is not the one a
+/// `Content-Length` of its response announced.
+#[derive(Debug, Clone, Copy)]
+struct OtherLength {
+    received: u64,
+    declared: u64,
+}
+
+impl OtherLength {
+    /// Whether `body`'s length differs from a `Content-Length` of `parts`
+    /// that hyper would frame the response by (ASCII digits alone; hyper
+    /// refuses any other). A 204 or 304 carries no content, and a 304's
+    /// length is that of the representation it stands for (RFC 9110 8.6).
+    fn of(parts: &Parts, body: &Bytes) -> Option<Self> {
+        if matches!(
+            parts.status,
+            StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+        ) {
+            return None;
+        }
+        let received = u64::try_from(body.len()).ok()?;
+        named(&parts.headers, &CONTENT_LENGTH)
+            .filter_map(declared_length)
+            .find(|&declared| declared != received)
+            .map(|declared| Self { received, declared })
+    }
+}
+
+impl std::fmt::Display for OtherLength {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the response body has {} bytes, but its Content-Length announced {}",
+            self.received, self.declared
+        )
+    }
+}
+
+impl std::error::Error for OtherLength {}
+
+/// A `Content-Length` value as hyper frames a response by it: ASCII
+/// digits alone.
+fn declared_length(value: &HeaderValue) -> Option<u64> {
+    let digits = value.as_bytes();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 /// Whether the response's media type is `text/event-stream`, parameters
@@ -307,6 +382,8 @@ pub(crate) async fn collect(mut body: Body, limit: usize) -> Collected {
 /// may send nothing for as long as it runs) and not stored: the engine
 /// keeps none, and a record without it would answer the `GET` after the
 /// `HEAD` 410 for the whole TTL, though no caller ever had the stream.
+/// A response with a body is marked [`HeadAnswer`], for the same reason:
+/// the engine stores it only if it keeps its body.
 ///
 /// [`fingerprinted_method`]: crate::request::fingerprinted_method
 pub(crate) async fn unstored_if_bodiless(response: Response) -> Response {
@@ -320,16 +397,36 @@ pub(crate) async fn unstored_if_bodiless(response: Response) -> Response {
         return unstored(Response::from_parts(parts, body), reason);
     }
     if hint.lower() > 0 {
-        return Response::from_parts(parts, body);
+        return head_answer(Response::from_parts(parts, body));
     }
     loop {
         match body.frame().await {
             None => return unstored(Response::from_parts(parts, Body::empty()), BODILESS_HEAD),
             // An empty data frame says nothing of what follows.
             Some(Ok(frame)) if frame.data_ref().is_some_and(Bytes::is_empty) => {}
-            Some(first) => return Response::from_parts(parts, after_first(first, body)),
+            Some(first) => {
+                return head_answer(Response::from_parts(parts, after_first(first, body)));
+            }
         }
     }
+}
+
+/// Marks a `HEAD`'s response that has a body, which is stored only with
+/// its body: a record without one (the body was larger than
+/// `max_body_bytes`, failed, ended with trailers or short of its
+/// `Content-Length`) would answer the `GET` after the `HEAD` 410 for the
+/// whole TTL, though no caller ever had the body (a `HEAD`'s gets none).
+/// The engine releases the key instead, so that the `GET` runs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HeadAnswer;
+
+/// Why a `HEAD`'s response whose body was not kept is not stored.
+pub(crate) const HEAD_BODY_NOT_KEPT: &str =
+    "a HEAD's response body was not kept, and the GET after it must get one";
+
+fn head_answer(mut response: Response) -> Response {
+    response.extensions_mut().insert(HeadAnswer);
+    response
 }
 
 /// Why a `HEAD`'s response without a body is not stored.
@@ -555,6 +652,53 @@ mod tests {
                 matches!(collected, Collected::Complete(_)),
                 "{:?} is kept",
                 content_type.map(<[u8]>::escape_ascii)
+            );
+        }
+    }
+
+    /// A body read whole is kept only if its length is the one its
+    /// response's `Content-Length` announced (a 204's and a 304's aside,
+    /// which frame no content); one that ended short of it, or went past
+    /// it, reaches its caller whole and then fails, and is not kept.
+    #[tokio::test]
+    async fn a_body_of_another_length_than_its_content_length_is_not_kept() {
+        let response = |status: u16, length: Option<&'static str>| {
+            let mut response = Response::new(streamed_body());
+            *response.status_mut() = StatusCode::from_u16(status).unwrap();
+            if let Some(length) = length {
+                let value = HeaderValue::from_static(length);
+                response.headers_mut().insert(CONTENT_LENGTH, value);
+            }
+            response.into_parts()
+        };
+        for (status, length) in [(200, "40"), (201, "5"), (200, "0")] {
+            let (parts, body) = response(status, Some(length));
+            let Collected::Partial(mut body, NotKept::OtherLength) =
+                collect_response(&parts, body, 100).await
+            else {
+                panic!("11 bytes under Content-Length {length} are not kept");
+            };
+            let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+            assert_eq!(first, "hello world");
+            let error = body.frame().await.unwrap().unwrap_err();
+            let expected = format!(
+                "the response body has 11 bytes, but its Content-Length announced {length}"
+            );
+            assert_eq!(error.to_string(), expected);
+        }
+        let kept = [
+            (200, Some("11")),
+            (200, None),
+            (200, Some("+11")),
+            (204, Some("40")),
+            (304, Some("40")),
+        ];
+        for (status, length) in kept {
+            let (parts, body) = response(status, length);
+            let collected = collect_response(&parts, body, 100).await;
+            assert!(
+                matches!(collected, Collected::Complete(_)),
+                "{status} {length:?} is kept"
             );
         }
     }

@@ -301,6 +301,46 @@ async fn a_get_after_a_head_to_an_event_stream_gets_the_stream() {
     }
 }
 
+/// `run N` padded past the 16 bytes the router below keeps of a body.
+fn past_the_limit(runs: &Runs) -> String {
+    format!("run {} {}", runs.bump(), "x".repeat(64))
+}
+
+async fn large_plain(State(runs): State<Runs>) -> String {
+    past_the_limit(&runs)
+}
+
+#[idempotent(scope = "global")]
+async fn large_by_attribute(State(runs): State<Runs>) -> String {
+    past_the_limit(&runs)
+}
+
+/// A `GET` after a `HEAD` whose answer's body is larger than
+/// `max_body_bytes` gets the body. A `HEAD`'s caller gets no body, so
+/// the `HEAD`'s run used to leave a record without one, and every `GET`
+/// with that key got 410 for the whole TTL though no caller ever had the
+/// body, as for an event stream above.
+#[tokio::test]
+async fn a_get_after_a_head_to_a_body_too_large_to_keep_gets_the_body() {
+    let runs = Runs::default();
+    let idempotency = Idempotency::builder(MemoryStore::new())
+        .max_body_bytes(16)
+        .build();
+    let routes = (get(large_by_attribute), get(large_plain));
+    let app = both_routes(routes, LAYERED, runs.clone(), idempotency);
+    for (path, key, get_run) in [("/attribute", b"a", 2), ("/layer", b"l", 4)] {
+        let head = send(&app, request("HEAD", path, Some(key), "")).await;
+        let got = send(&app, request("GET", path, Some(key), "")).await;
+        assert_eq!(head.status, StatusCode::OK, "{path}");
+        let expected = format!("run {get_run} {}", "x".repeat(64));
+        assert_eq!(
+            (got.status, got.replayed, got.body.as_str()),
+            (StatusCode::OK, false, expected.as_str()),
+            "{path}: the GET after a HEAD never got the body"
+        );
+    }
+}
+
 /// `HEAD`, `GET` and `HEAD` again under one key, through one layer over
 /// `plain` and `head`, a `head` handler answering without a body: the
 /// `HEAD` runs its handler, the `GET` runs its own (not the `HEAD`'s

@@ -12,10 +12,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
+use axum::http::header::CONTENT_LENGTH;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use idempotent_core::testing::{MockStore, OpKind};
@@ -778,6 +780,71 @@ async fn a_replay_behind_compression_is_encoded_and_framed_for_its_caller() {
         assert_eq!(identity.body, plain, "{path}");
         let length = identity.header("content-length").map(str::parse::<usize>);
         assert_eq!(length, Some(Ok(plain.len())), "{path}");
+    }
+    assert_eq!(shop.runs.get(), 2);
+}
+
+// ===== responses that end short =====
+
+/// A report whose `Content-Length` announces 40 bytes and whose stream
+/// ends, without an error, after 11: a file that shrank while it was
+/// streamed, or an upstream's answer that a body of the handler's own
+/// ended cleanly where it was cut off.
+fn report_cut_short(shop: &Shop) -> Response {
+    shop.runs.bump();
+    let first_half = Ok::<_, std::io::Error>(Bytes::from_static(b"first half "));
+    let body = Body::from_stream(futures_util::stream::iter([first_half]));
+    ([(CONTENT_LENGTH, "40")], body).into_response()
+}
+
+#[idempotent(scope = "global")]
+async fn cut_report(State(shop): State<Shop>, _body: String) -> Response {
+    report_cut_short(&shop)
+}
+
+async fn raw_cut_report(State(shop): State<Shop>) -> Response {
+    report_cut_short(&shop)
+}
+
+/// Reads everything the server sends until it closes the connection.
+async fn until_closed(wire: &mut Wire) -> String {
+    while wire.fill().await {}
+    String::from_utf8_lossy(&std::mem::take(&mut wire.read)).into_owned()
+}
+
+/// A 200 whose body ends short of its `Content-Length` is a failed
+/// response: its connection closes before the length it announced, as
+/// the handler's stream alone would have it, and the retry gets 410
+/// `response-not-stored`, never those bytes replayed as a whole response
+/// framed by their own length.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_cut_short_of_its_content_length_is_never_replayed_as_whole() {
+    let shop = Shop::default();
+    let store = MockStore::new();
+    let layer = IdempotentLayer::new(Endpoint::new("wire::raw_report").scope(Scope::Global));
+    let app = Router::new()
+        .route("/report", post(cut_report))
+        .route("/raw-report", post(raw_cut_report).route_layer(layer))
+        .with_state(shop.clone())
+        .layer(store.layer());
+    let (addr, _) = serve(app).await;
+    for path in ["/report", "/raw-report"] {
+        let key = format!("idempotency-key: cut{path}\r\n");
+        let mut wire = Wire::connect(addr).await;
+        wire.send(sized(path, &key, "{}").as_bytes()).await;
+        let first = until_closed(&mut wire).await;
+
+        let retry = exchange(addr, path, &key, "{}").await;
+        let detail = retry.assert_problem(410, "response-not-stored");
+        assert!(detail.contains("Content-Length"), "{path}: {detail}");
+
+        // hyper may close before it flushes what it buffered; whatever
+        // came is the head as announced and no more than the bytes made.
+        if let Some((head, body)) = first.split_once("\r\n\r\n") {
+            assert!(head.starts_with("HTTP/1.1 200"), "{path}: {first}");
+            assert!(head.contains("content-length: 40"), "{path}: {first}");
+            assert!("first half ".starts_with(body), "{path}: {first}");
+        }
     }
     assert_eq!(shop.runs.get(), 2);
 }
