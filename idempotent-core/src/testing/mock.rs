@@ -43,6 +43,9 @@ const EPOCH_2025_MILLIS: u64 = 1_735_689_600_000;
 ///   out, set up wrongly, or a corrupt record);
 ///   [`in_flight_next`](Self::in_flight_next) makes a claim find its key
 ///   held by a duplicate, for the `409` path.
+/// - All of it is the store's, for every key: a test that shares the store
+///   with tests running at once aims its faults at its own keys, and
+///   counts its own runs, with [`for_key`](Self::for_key).
 ///
 /// Clones share everything, so a test keeps one handle while the router
 /// owns another.
@@ -106,7 +109,8 @@ struct Inner {
 
 #[derive(Default)]
 struct State {
-    operations: Vec<Operation>,
+    /// Every call, with the record it was for.
+    operations: Vec<(RecordKey, Operation)>,
     /// The calls that injected faults failed, and how.
     faults: Vec<(OpKind, Fault)>,
     /// One-shot faults in order.
@@ -116,8 +120,9 @@ struct State {
     /// Outages of one kind of call each: every call of the kind fails.
     fail_every: Vec<(OpKind, Fault)>,
     delay: Option<Duration>,
-    /// Claims still to be answered as held by a duplicate.
-    in_flight_next: usize,
+    /// Claims still to be answered as held by a duplicate, in order: of
+    /// whichever key comes (`None`), or of one key.
+    in_flight_next: VecDeque<Option<RecordKey>>,
 }
 
 /// The kinds of store call.
@@ -240,11 +245,24 @@ impl Fault {
 }
 
 /// A one-shot fault: the call it fails (`None`: whichever comes next),
-/// and how.
-#[derive(Clone, Copy)]
+/// the record it fails a call for (`None`: any), and how.
+#[derive(Clone)]
 struct Queued {
     kind: Option<OpKind>,
+    key: Option<RecordKey>,
     fault: Fault,
+}
+
+impl Queued {
+    /// Whether this fault fails a call of `kind` for `key`.
+    fn fails(&self, kind: OpKind, key: &RecordKey) -> bool {
+        self.kind.is_none_or(|aimed| aimed == kind) && aims_at(self.key.as_ref(), key)
+    }
+}
+
+/// Whether something aimed at `aimed` (`None`: any record) applies to `key`.
+fn aims_at(aimed: Option<&RecordKey>, key: &RecordKey) -> bool {
+    aimed.is_none_or(|aimed| aimed == key)
 }
 
 /// What a claim found.
@@ -315,7 +333,7 @@ impl fmt::Debug for MockStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MockStore")
             .field("clock", &self.inner.clock)
-            .field("operations", &self.state().operations)
+            .field("operations", &self.operations())
             .finish_non_exhaustive()
     }
 }
@@ -432,17 +450,28 @@ impl MockStore {
     #[must_use]
     #[track_caller]
     pub fn stored_response(&self, scope: ScopeDigest, key: &str) -> Option<StoredResponse> {
-        let key = IdempotencyKey::parse(key.as_bytes()).unwrap_or_else(|error| {
-            panic!("MockStore::stored_response: {key:?} is not an idempotency key: {error}")
-        });
-        let record_key = RecordKey::new(scope, key);
-        match answered_at_once(Store::get(&self.inner.store, &record_key)) {
+        let key = record_key("MockStore::stored_response", scope, key);
+        self.stored_at(&key)
+    }
+
+    /// [`stored_response`](Self::stored_response) of the record `key`.
+    fn stored_at(&self, key: &RecordKey) -> Option<StoredResponse> {
+        match answered_at_once(Store::get(&self.inner.store, key)) {
             Ok(Some(Record::Completed(completed))) => Some(completed.response.clone()),
             Ok(_) => None,
             // Only the mock's own encoding is ever read back.
             Err(error) => panic!("MockStore::stored_response: the memory store failed: {error}"),
         }
     }
+}
+
+/// The record of `key` from the caller `scope` names; `caller` is the
+/// function that was given them, for the panic.
+#[track_caller]
+fn record_key(caller: &str, scope: ScopeDigest, key: &str) -> RecordKey {
+    let parsed = IdempotencyKey::parse(key.as_bytes())
+        .unwrap_or_else(|error| panic!("{caller}: {key:?} is not an idempotency key: {error}"));
+    RecordKey::new(scope, parsed)
 }
 
 /// The output of a [`MemoryStore`] call: its futures are ready at once,
@@ -480,19 +509,28 @@ impl MockStore {
     pub fn fail_next_with(&self, kind: OpKind, fault: Fault) {
         let queued = Queued {
             kind: Some(kind),
+            key: None,
             fault,
         };
         self.state().fail_next.push_back(queued);
     }
 
-    /// Fails the next call, whatever it is.
+    /// Fails the next call, whatever it is. For an exact repeat of a
+    /// replayed request that is the [`get`](Store::get) before its claim,
+    /// and the claim after it replays, as after a real store's one failed
+    /// call; [`fail_next(OpKind::Claim)`](Self::fail_next) fails the
+    /// request whichever path it takes.
     pub fn fail_next_call(&self) {
         self.fail_next_call_with(Fault::Unavailable);
     }
 
     /// Fails the next call, whatever it is, with `fault`.
     pub fn fail_next_call_with(&self, fault: Fault) {
-        let queued = Queued { kind: None, fault };
+        let queued = Queued {
+            kind: None,
+            key: None,
+            fault,
+        };
         self.state().fail_next.push_back(queued);
     }
 
@@ -587,7 +625,7 @@ impl MockStore {
     /// This is the state a handler test cannot otherwise reach without
     /// keeping a first request running while it sends the second.
     pub fn in_flight_next(&self) {
-        self.state().in_flight_next += 1;
+        self.state().in_flight_next.push_back(None);
     }
 
     /// Makes every call take `delay` (on tokio's clock) before it answers,
@@ -632,13 +670,173 @@ impl MockStore {
     }
 }
 
+// ===== one key =====
+
+impl MockStore {
+    /// The record of `key` from the caller `scope` names (as for
+    /// [`stored_response`](Self::stored_response)), for faults and
+    /// duplicates aimed at its calls alone, and its own log.
+    ///
+    /// The store's own [`fail_next`](Self::fail_next) and
+    /// [`in_flight_next`](Self::in_flight_next) fail, or hold, whichever
+    /// call comes next, and its counts are of every call: a test that
+    /// shares the store with others running at once (one store in a
+    /// `static`, or in an application state built once), or that has
+    /// requests with other keys in flight, would have its fault taken by
+    /// another's request, and count their runs. Through its key, it
+    /// neither takes nor leaves anything for theirs.
+    ///
+    /// # Panics
+    ///
+    /// If `key` is not a valid idempotency key (so no request could send
+    /// it).
+    ///
+    // The example needs the attribute (feature `macros`).
+    #[cfg_attr(feature = "macros", doc = "```")]
+    #[cfg_attr(not(feature = "macros"), doc = "```ignore")]
+    /// use std::sync::LazyLock;
+    ///
+    /// use axum::{Router, body::Body, http::{Request, StatusCode}, routing::post};
+    /// use idempotent_core::idempotent;
+    /// use idempotent_core::scope::ScopeDigest;
+    /// use idempotent_core::testing::{MockStore, OpKind};
+    /// use tower::ServiceExt;
+    ///
+    /// #[idempotent(scope = "global")]
+    /// async fn charge() -> StatusCode {
+    ///     StatusCode::CREATED
+    /// }
+    ///
+    /// // One store for every test of the binary, which run at once.
+    /// static STORE: LazyLock<MockStore> = LazyLock::new(MockStore::new);
+    ///
+    /// async fn send(app: &Router, key: &str) -> StatusCode {
+    ///     let request = Request::post("/charges")
+    ///         .header("idempotency-key", key)
+    ///         .body(Body::empty())
+    ///         .unwrap();
+    ///     app.clone().oneshot(request).await.unwrap().status()
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let app = Router::new().route("/charges", post(charge)).layer(STORE.layer());
+    /// let mine = STORE.for_key(ScopeDigest::global(), "outage-k1");
+    /// mine.fail_next(OpKind::Claim);
+    /// // Another test's request, sent meanwhile, does not take the fault...
+    /// assert_eq!(send(&app, "replay-k1").await, StatusCode::CREATED);
+    /// // ...this test's does.
+    /// assert_eq!(send(&app, "outage-k1").await, StatusCode::SERVICE_UNAVAILABLE);
+    /// assert_eq!(send(&app, "outage-k1").await, StatusCode::CREATED);
+    /// mine.assert_executed_once();
+    /// # }
+    /// ```
+    #[must_use]
+    #[track_caller]
+    pub fn for_key(&self, scope: ScopeDigest, key: &str) -> MockKey {
+        MockKey {
+            store: self.clone(),
+            key: record_key("MockStore::for_key", scope, key),
+        }
+    }
+}
+
+/// One record of a [`MockStore`]: faults and duplicates aimed at its calls
+/// alone, and the calls made for it. Made by [`MockStore::for_key`];
+/// clones share the store.
+#[derive(Debug, Clone)]
+pub struct MockKey {
+    store: MockStore,
+    key: RecordKey,
+}
+
+impl MockKey {
+    /// Fails the next call of `kind` for this key with a backend error, as
+    /// [`MockStore::fail_next`] fails the next call of `kind` for any key
+    /// (in the same queue, so an exact repeat of this key fails too).
+    pub fn fail_next(&self, kind: OpKind) {
+        self.fail_next_with(kind, Fault::Unavailable);
+    }
+
+    /// Fails the next call of `kind` for this key with `fault`.
+    pub fn fail_next_with(&self, kind: OpKind, fault: Fault) {
+        let queued = Queued {
+            kind: Some(kind),
+            key: Some(self.key.clone()),
+            fault,
+        };
+        self.store.state().fail_next.push_back(queued);
+    }
+
+    /// Answers the next claim of this key as held by a duplicate, as
+    /// [`MockStore::in_flight_next`] answers the next claim of any key.
+    pub fn in_flight_next(&self) {
+        let aimed = Some(self.key.clone());
+        self.store.state().in_flight_next.push_back(aimed);
+    }
+
+    /// Every call for this key so far, in order.
+    #[must_use]
+    pub fn operations(&self) -> Vec<Operation> {
+        let state = self.store.state();
+        let calls = state.operations.iter();
+        let mine = calls.filter(|(key, _)| *key == self.key);
+        mine.map(|(_, op)| op.clone()).collect()
+    }
+
+    /// How many times a handler was let run with this key: its claims that
+    /// acquired it.
+    #[must_use]
+    pub fn executions(&self) -> usize {
+        let acquired = Operation::Claim {
+            outcome: ClaimOutcome::Acquired,
+        };
+        let operations = self.operations();
+        operations.iter().filter(|op| **op == acquired).count()
+    }
+
+    /// Asserts that exactly one handler run was let through with this key.
+    ///
+    /// # Panics
+    /// When the store let it run no time or more than once, listing the
+    /// key's operations.
+    #[track_caller]
+    pub fn assert_executed_once(&self) {
+        self.assert_executed(1);
+    }
+
+    /// Asserts that exactly `times` handler runs were let through with
+    /// this key.
+    ///
+    /// # Panics
+    /// When the store let it run another number of times, listing the
+    /// key's operations.
+    #[track_caller]
+    pub fn assert_executed(&self, times: usize) {
+        let executions = self.executions();
+        assert!(
+            executions == times,
+            "expected the handler to run {times} time(s) with this key but the store let it run {executions} time(s); its operations: {:?}",
+            self.operations()
+        );
+    }
+
+    /// The response stored for this key, as
+    /// [`MockStore::stored_response`] reads it.
+    #[must_use]
+    pub fn stored_response(&self) -> Option<StoredResponse> {
+        self.store.stored_at(&self.key)
+    }
+}
+
 // ===== the log =====
 
 impl MockStore {
     /// Every call so far, in order.
     #[must_use]
     pub fn operations(&self) -> Vec<Operation> {
-        self.state().operations.clone()
+        let state = self.state();
+        state.operations.iter().map(|(_, op)| op.clone()).collect()
     }
 
     /// Forgets the calls so far, and the [`faults`](Self::faults) that
@@ -702,6 +900,11 @@ impl MockStore {
     }
 
     /// How many times a handler was let run: claims that acquired the key.
+    /// A claim answered after a third of its lease (a store slowed with
+    /// [`set_delay`](Self::set_delay) past that, within the store timeout)
+    /// is renewed before its handler runs; when that renewal fails too,
+    /// the engine releases the key and runs nothing, yet the claim
+    /// acquired it and counts here.
     #[must_use]
     pub fn executions(&self) -> usize {
         self.claims(ClaimOutcome::Acquired)
@@ -742,7 +945,7 @@ impl MockStore {
         self.state()
             .operations
             .iter()
-            .filter(|op| predicate(op))
+            .filter(|(_, op)| predicate(op))
             .count()
     }
 
@@ -755,13 +958,13 @@ impl MockStore {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn record(&self, operation: Operation) {
-        self.state().operations.push(operation);
+    fn record(&self, key: &RecordKey, operation: Operation) {
+        self.state().operations.push((key.clone(), operation));
     }
 
     /// Waits the configured delay, then answers with an injected fault if
-    /// one applies to `kind`.
-    async fn before(&self, kind: OpKind) -> Result<(), StoreError> {
+    /// one applies to a call of `kind` for `key`.
+    async fn before(&self, kind: OpKind, key: &RecordKey) -> Result<(), StoreError> {
         let delay = self.state().delay;
         if let Some(delay) = delay {
             tokio::time::sleep(delay).await;
@@ -770,11 +973,12 @@ impl MockStore {
         let fault = match state.fail_all {
             Some(fault) => Some(fault),
             None => failing_kind(&state.fail_every, kind)
-                .or_else(|| take_fault(&mut state.fail_next, kind))
-                .or_else(|| claim_fault_ahead(&state, kind)),
+                .or_else(|| take_fault(&mut state.fail_next, kind, key))
+                .or_else(|| claim_fault_ahead(&state, kind, key)),
         };
         if let Some(fault) = fault {
-            state.operations.push(Operation::Failed { op: kind });
+            let failed = Operation::Failed { op: kind };
+            state.operations.push((key.clone(), failed));
             state.faults.push((kind, fault));
             return Err(fault.error(kind));
         }
@@ -784,9 +988,16 @@ impl MockStore {
     /// A claim held by a duplicate of this request, if
     /// [`in_flight_next`](Self::in_flight_next) queued one: its own
     /// fingerprint, so that the engine answers `409`, not `422`.
-    fn take_in_flight(&self, fingerprint: Fingerprint, lease: Duration) -> Option<Claim> {
+    fn take_in_flight(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Option<Claim> {
         let mut state = self.state();
-        state.in_flight_next = state.in_flight_next.checked_sub(1)?;
+        let mut queued = state.in_flight_next.iter();
+        let position = queued.position(|aimed| aims_at(aimed.as_ref(), key))?;
+        state.in_flight_next.remove(position);
         let lease_expires_at = self.inner.clock.now_millis().saturating_add(millis(lease));
         Some(Claim::InFlight {
             fingerprint,
@@ -797,9 +1008,9 @@ impl MockStore {
     /// `record` as a read finds it while [`in_flight_next`](Self::in_flight_next)
     /// has a claim to answer: a completed record is then held by a
     /// duplicate with its payload, and nothing is taken from the queue.
-    fn as_held(&self, record: Record) -> Record {
+    fn as_held(&self, key: &RecordKey, record: Record) -> Record {
         match record {
-            Record::Completed(completed) if self.state().in_flight_next > 0 => {
+            Record::Completed(completed) if self.holds_in_flight_next(key) => {
                 Record::InFlight(InFlight {
                     fingerprint: completed.fingerprint,
                     lease_token: LeaseToken::random(),
@@ -811,26 +1022,35 @@ impl MockStore {
         }
     }
 
-    /// Logs a call's result: `success` for what it answered, or a failure.
+    /// Whether [`in_flight_next`](Self::in_flight_next) has a claim of
+    /// `key` to answer.
+    fn holds_in_flight_next(&self, key: &RecordKey) -> bool {
+        let state = self.state();
+        let mut queued = state.in_flight_next.iter();
+        queued.any(|aimed| aims_at(aimed.as_ref(), key))
+    }
+
+    /// Logs a call for `key`'s result: `success` for what it answered, or
+    /// a failure.
     fn logged<T>(
         &self,
-        kind: OpKind,
+        (kind, key): (OpKind, &RecordKey),
         result: Result<T, StoreError>,
         success: impl FnOnce(&T) -> Operation,
     ) -> Result<T, StoreError> {
-        self.record(match &result {
+        let operation = match &result {
             Ok(value) => success(value),
             Err(_) => Operation::Failed { op: kind },
-        });
+        };
+        self.record(key, operation);
         result
     }
 }
 
-/// The first queued fault for a call of `kind`, taken off the queue.
-fn take_fault(queue: &mut VecDeque<Queued>, kind: OpKind) -> Option<Fault> {
-    let position = queue
-        .iter()
-        .position(|queued| queued.kind.is_none_or(|k| k == kind));
+/// The first queued fault for a call of `kind` for `key`, taken off the
+/// queue.
+fn take_fault(queue: &mut VecDeque<Queued>, kind: OpKind, key: &RecordKey) -> Option<Fault> {
+    let position = queue.iter().position(|queued| queued.fails(kind, key));
     position
         .and_then(|index| queue.remove(index))
         .map(|queued| queued.fault)
@@ -841,11 +1061,11 @@ fn take_fault(queue: &mut VecDeque<Queued>, kind: OpKind) -> Option<Fault> {
 /// whatever the claim's class, since a read that timed out answers the
 /// request by itself, and the claim that a backend error sends it on to
 /// answers it as the fault's class has it.
-fn claim_fault_ahead(state: &State, kind: OpKind) -> Option<Fault> {
+fn claim_fault_ahead(state: &State, kind: OpKind, key: &RecordKey) -> Option<Fault> {
     let claim_queued = state
         .fail_next
         .iter()
-        .any(|queued| queued.kind == Some(OpKind::Claim));
+        .any(|queued| queued.kind == Some(OpKind::Claim) && aims_at(queued.key.as_ref(), key));
     let claims_fail = failing_kind(&state.fail_every, OpKind::Claim).is_some();
     (kind == OpKind::Get && (claim_queued || claims_fail)).then_some(Fault::Unavailable)
 }
@@ -874,12 +1094,12 @@ impl Store for MockStore {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        self.before(OpKind::Claim).await?;
-        if let Some(held) = self.take_in_flight(fingerprint, lease) {
-            return self.logged(OpKind::Claim, Ok(held), claim_outcome);
+        self.before(OpKind::Claim, key).await?;
+        if let Some(held) = self.take_in_flight(key, fingerprint, lease) {
+            return self.logged((OpKind::Claim, key), Ok(held), claim_outcome);
         }
         let result = Store::claim(&self.inner.store, key, fingerprint, lease).await;
-        self.logged(OpKind::Claim, result, claim_outcome)
+        self.logged((OpKind::Claim, key), result, claim_outcome)
     }
 
     async fn renew(
@@ -888,9 +1108,9 @@ impl Store for MockStore {
         token: LeaseToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        self.before(OpKind::Renew).await?;
+        self.before(OpKind::Renew, key).await?;
         let result = Store::renew(&self.inner.store, key, token, lease).await;
-        self.logged(OpKind::Renew, result, |()| Operation::Renew)
+        self.logged((OpKind::Renew, key), result, |()| Operation::Renew)
     }
 
     async fn complete(
@@ -900,25 +1120,25 @@ impl Store for MockStore {
         response: StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        self.before(OpKind::Complete).await?;
+        self.before(OpKind::Complete, key).await?;
         let status = response.status;
         let result = Store::complete(&self.inner.store, key, token, response, ttl).await;
-        self.logged(OpKind::Complete, result, |()| Operation::Complete {
+        self.logged((OpKind::Complete, key), result, |()| Operation::Complete {
             status,
         })
     }
 
     async fn release(&self, key: &RecordKey, token: LeaseToken) -> Result<(), StoreError> {
-        self.before(OpKind::Release).await?;
+        self.before(OpKind::Release, key).await?;
         let result = Store::release(&self.inner.store, key, token).await;
-        self.logged(OpKind::Release, result, |()| Operation::Release)
+        self.logged((OpKind::Release, key), result, |()| Operation::Release)
     }
 
     async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        self.before(OpKind::Get).await?;
+        self.before(OpKind::Get, key).await?;
         let result = Store::get(&self.inner.store, key).await;
-        let result = result.map(|found| found.map(|record| self.as_held(record)));
-        self.logged(OpKind::Get, result, |record| Operation::Get {
+        let result = result.map(|found| found.map(|record| self.as_held(key, record)));
+        self.logged((OpKind::Get, key), result, |record| Operation::Get {
             found: record.is_some(),
         })
     }

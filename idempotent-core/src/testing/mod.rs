@@ -13,13 +13,13 @@ mod mock;
 use axum::body::Body;
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
+use http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 use serde::Serialize;
 
 use crate::key::IDEMPOTENCY_KEY;
 use crate::scope::ScopeDigest;
 
-pub use mock::{ClaimOutcome, Fault, MockStore, OpKind, Operation};
+pub use mock::{ClaimOutcome, Fault, MockKey, MockStore, OpKind, Operation};
 
 /// The header [`TestRequest::api_key`] sets: the one the `api_key` scope
 /// reads unless the layer is given another
@@ -83,6 +83,7 @@ pub struct TestRequest {
     method: Method,
     uri: Uri,
     headers: HeaderMap,
+    extensions: Extensions,
     body: Bytes,
 }
 
@@ -91,7 +92,8 @@ impl TestRequest {
     ///
     /// # Panics
     ///
-    /// If `uri` is not a URI.
+    /// If `uri` is not a URI with a path (`/payments`, or
+    /// `http://localhost/payments`).
     #[track_caller]
     pub fn post(uri: &str) -> Self {
         Self::new(Method::POST, uri)
@@ -102,16 +104,25 @@ impl TestRequest {
     ///
     /// # Panics
     ///
-    /// If `uri` is not a URI.
+    /// If `uri` is not a URI with a path (`/payments`, or
+    /// `http://localhost/payments`).
     #[track_caller]
     pub fn new(method: Method, uri: &str) -> Self {
-        let uri = uri
+        let parsed: Uri = uri
             .parse()
             .unwrap_or_else(|error| panic!("TestRequest: `{uri}` is not a URI: {error}"));
+        // A word without a slash parses too, as a host (`CONNECT`'s
+        // authority form): its path is empty, and a router answers it 404,
+        // which sends the test's author looking for a routing mistake.
+        assert!(
+            parsed.path().starts_with('/'),
+            "TestRequest: `{uri}` has no path: a route's path starts with `/`, as `/{uri}` does"
+        );
         Self {
             method,
-            uri,
+            uri: parsed,
             headers: HeaderMap::new(),
+            extensions: Extensions::new(),
             body: Bytes::new(),
         }
     }
@@ -165,6 +176,16 @@ impl TestRequest {
         self
     }
 
+    /// Puts `value` in the request's extensions, in place of any of its
+    /// type given before: what a middleware in front of the handler leaves
+    /// there, which a test of the route alone does not run, such as the
+    /// caller an endpoint with `scope = User` takes as `Extension<User>`
+    /// (its records are found with `ScopeDigest::custom(&user)`).
+    pub fn extension<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.extensions.insert(value);
+        self
+    }
+
     /// Sends `body` as JSON, with `Content-Type: application/json`.
     ///
     /// # Panics
@@ -212,8 +233,8 @@ impl TestRequest {
         })
     }
 
-    /// The request, with the `Content-Length` of its body unless one was
-    /// given: a new one each call, so that a test sends the same request
+    /// The request, with the extensions given and the `Content-Length` of
+    /// its body unless one was given: a new one each call, so that a test sends the same request
     /// again as a client's retry does.
     #[must_use]
     pub fn build(&self) -> Request<Body> {
@@ -221,6 +242,7 @@ impl TestRequest {
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = self.uri.clone();
         *request.headers_mut() = self.headers.clone();
+        *request.extensions_mut() = self.extensions.clone();
         request
             .headers_mut()
             .entry(CONTENT_LENGTH)
@@ -274,6 +296,18 @@ mod tests {
     }
 
     #[test]
+    fn every_request_carries_the_extensions_given() {
+        #[derive(Clone, Debug, PartialEq)]
+        struct User(u64);
+        let retried = TestRequest::post("/p")
+            .extension(User(1))
+            .extension(User(7));
+        for request in [retried.build(), retried.build()] {
+            assert_eq!(request.extensions().get::<User>(), Some(&User(7)));
+        }
+    }
+
+    #[test]
     fn a_content_length_given_is_kept() {
         let request = TestRequest::post("/p")
             .header("content-length", "99")
@@ -293,5 +327,20 @@ mod tests {
     #[should_panic(expected = "is not a URI")]
     fn a_uri_that_does_not_parse_is_refused_at_the_call() {
         let _ = TestRequest::post("/p q");
+    }
+
+    /// `payments` parses as a host, with no path: sent, a router answers
+    /// it 404, and nothing says the slash is missing.
+    #[test]
+    #[should_panic(expected = "`payments` has no path: a route's path starts with `/`")]
+    fn a_path_without_its_slash_is_refused_at_the_call() {
+        let _ = TestRequest::post("payments");
+    }
+
+    #[test]
+    fn an_absolute_uri_is_taken() {
+        let request = TestRequest::post("http://localhost/payments?x=1").build();
+        assert_eq!(request.uri().path(), "/payments");
+        assert_eq!(request.uri().query(), Some("x=1"));
     }
 }

@@ -15,6 +15,7 @@ mod macro_exact_replays;
 mod macro_fingerprint;
 mod macro_handlers;
 mod macro_mock_faults;
+mod macro_mock_users;
 mod macro_options;
 mod macro_scopes;
 mod macro_wait_open_optional;
