@@ -813,11 +813,11 @@ impl MockKey {
     /// key's operations.
     #[track_caller]
     pub fn assert_executed(&self, times: usize) {
-        let executions = self.executions();
-        assert!(
-            executions == times,
-            "expected the handler to run {times} time(s) with this key but the store let it run {executions} time(s); its operations: {:?}",
-            self.operations()
+        assert_runs(
+            self.executions(),
+            times,
+            " with this key",
+            &self.operations(),
         );
     }
 
@@ -933,12 +933,7 @@ impl MockStore {
     /// listing the operations it saw.
     #[track_caller]
     pub fn assert_executed(&self, times: usize) {
-        let executions = self.executions();
-        assert!(
-            executions == times,
-            "expected the handler to run {times} time(s) but the store let it run {executions} time(s); operations: {:?}",
-            self.operations()
-        );
+        assert_runs(self.executions(), times, "", &self.operations());
     }
 
     fn count_where(&self, predicate: impl Fn(&Operation) -> bool) -> usize {
@@ -1045,6 +1040,16 @@ impl MockStore {
         self.record(key, operation);
         result
     }
+}
+
+/// Panics, listing `operations`, unless the store let `executions` runs
+/// through where the test expected `times`; `whose` says of which calls.
+#[track_caller]
+fn assert_runs(executions: usize, times: usize, whose: &str, operations: &[Operation]) {
+    assert!(
+        executions == times,
+        "expected the handler to run {times} time(s){whose} but the store let it run {executions} time(s); operations: {operations:?}"
+    );
 }
 
 /// The first queued fault for a call of `kind` for `key`, taken off the

@@ -234,8 +234,8 @@ impl TestRequest {
     }
 
     /// The request, with the extensions given and the `Content-Length` of
-    /// its body unless one was given: a new one each call, so that a test sends the same request
-    /// again as a client's retry does.
+    /// its body unless one was given: a new one each call, so that a test
+    /// sends the same request again as a client's retry does.
     #[must_use]
     pub fn build(&self) -> Request<Body> {
         let mut request = Request::new(Body::from(self.body.clone()));
