@@ -15,6 +15,7 @@ use http_body_util::BodyExt;
 use crate::layer::Unstored;
 use crate::problem::{Problem, ProblemKind};
 use crate::record::StoredResponse;
+use crate::whole_body::content_length;
 
 /// The header that marks a replayed response.
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -272,7 +273,7 @@ impl OtherLength {
         }
         let received = u64::try_from(body.len()).ok()?;
         named(&parts.headers, &CONTENT_LENGTH)
-            .filter_map(declared_length)
+            .filter_map(content_length)
             .find(|&declared| declared != received)
             .map(|declared| Self { received, declared })
     }
@@ -289,16 +290,6 @@ impl std::fmt::Display for OtherLength {
 }
 
 impl std::error::Error for OtherLength {}
-
-/// A `Content-Length` value as hyper frames a response by it: ASCII
-/// digits alone.
-fn declared_length(value: &HeaderValue) -> Option<u64> {
-    let digits = value.as_bytes();
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(digits).ok()?.parse().ok()
-}
 
 /// Whether the response's media type is `text/event-stream`, parameters
 /// aside (RFC 9110 8.3.1: case-insensitive). Read as bytes: a parameter

@@ -24,7 +24,7 @@ use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
-use http::{HeaderMap, Version};
+use http::{HeaderMap, HeaderValue, Version};
 use http_body::{Frame, SizeHint};
 
 use crate::endpoint::FinalStatuses;
@@ -94,11 +94,17 @@ pub(crate) fn expected_length(
 
 /// `Content-Length` as hyper reads it: ASCII digits alone.
 fn declared_length(headers: &HeaderMap) -> Option<u64> {
-    let value = headers.get(CONTENT_LENGTH)?.to_str().ok()?;
-    if !value.bytes().all(|byte| byte.is_ascii_digit()) {
+    headers.get(CONTENT_LENGTH).and_then(content_length)
+}
+
+/// A `Content-Length` value as hyper frames a message by it: ASCII digits
+/// alone (hyper refuses a sign, spaces or an empty value).
+pub(crate) fn content_length(value: &HeaderValue) -> Option<u64> {
+    let digits = value.to_str().ok()?;
+    if !digits.bytes().all(|byte| byte.is_ascii_digit()) {
         return None;
     }
-    value.parse().ok()
+    digits.parse().ok()
 }
 
 /// How a watched body failed to be read to its end.
