@@ -33,8 +33,7 @@ use axum::extract::{FromRequestParts, RawPathParams, Request};
 use axum::response::Response;
 use bytes::Bytes;
 use hashbrown::DefaultHashBuilder;
-use http::HeaderMap;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::CONTENT_TYPE;
 use http::request::Parts;
 use http::uri::PathAndQuery;
 use http_body::Frame;
@@ -49,6 +48,7 @@ use crate::replay::replay;
 use crate::request::{IdempotentRequest, ScopeSource};
 use crate::scope::ScopeDigest;
 use crate::store::StoreError;
+use crate::whole_body;
 
 /// Table size: sets of two slots, a power of two of them. Each slot holds
 /// one key in 80 bytes, so a table takes 96 KiB. Two ways per set keep
@@ -81,7 +81,7 @@ pub(crate) fn recall(idempotent: &mut IdempotentRequest, request: &Request) -> O
         return None;
     };
     let recalled = idempotent.idempotency.inner.exact.recall(scope, key)?;
-    let length = declared_length(request.headers())?;
+    let length = whole_body::declared_length(request.headers())?;
     (length <= MAX_BODY).then(|| Hit {
         key: RecordKey::new(*scope, key.clone()),
         recalled,
@@ -124,10 +124,6 @@ pub(crate) fn answer_exact_repeat(
         idempotent.exact = Some(ExactRequest(digest));
         Ok(Request::from_parts(parts, Body::from(bytes)))
     }
-}
-
-fn declared_length(headers: &HeaderMap) -> Option<u64> {
-    headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
 /// A body that fails as the original did. axum's extractors look through

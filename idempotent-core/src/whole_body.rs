@@ -93,7 +93,7 @@ pub(crate) fn expected_length(
 }
 
 /// `Content-Length` as hyper reads it: ASCII digits alone.
-fn declared_length(headers: &HeaderMap) -> Option<u64> {
+pub(crate) fn declared_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(CONTENT_LENGTH).and_then(content_length)
 }
 
