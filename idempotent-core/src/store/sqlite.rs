@@ -329,7 +329,13 @@ impl SqliteStore {
     /// A pool on an in-memory database must keep one connection open for
     /// good (`min_connections(1)`, no idle timeout, no maximum lifetime):
     /// the database, with every record, goes with its last connection.
-    /// [`migrate`](SqliteStore::migrate) refuses one with a timeout.
+    /// Its connections must also share the database, as those of
+    /// `sqlite::memory:` do; `:memory:` as a file name (the default of
+    /// `SqliteConnectOptions::new()`), or a plain name with `mode=memory`
+    /// (`sqlite:records?mode=memory`), is each connection's own, and needs
+    /// a pool of one connection (`max_connections(1)`).
+    /// [`migrate`](SqliteStore::migrate) refuses a pool with a timeout, or
+    /// of several connections each with a database of its own.
     pub fn builder(pool: SqlitePool) -> SqliteStoreBuilder {
         SqliteStoreBuilder {
             pool,
@@ -352,7 +358,8 @@ impl SqliteStore {
     /// with `expires_at` of text or real affinity (declared `TEXT`,
     /// `REAL`), or with a unique index that two records can collide on
     /// (on `key` alone); or the database is in memory and the pool closes
-    /// connections once idle or old (see [`builder`](Self::builder)).
+    /// connections once idle or old, or has several connections each with
+    /// an in-memory database of its own (see [`builder`](Self::builder)).
     pub async fn migrate(&self) -> Result<(), StoreError> {
         self.check_memory_is_kept().await?;
         let schema = schema_for(&self.inner.table);
@@ -362,7 +369,8 @@ impl SqliteStore {
         // NOT EXISTS`, and its index fails on a column it lacks: either
         // way, what the table lacks is the error to tell.
         self.check_columns().await?;
-        created.map(drop).map_err(|error| self.migrate_error(error))
+        created.map_err(|error| self.migrate_error(error))?;
+        self.check_memory_is_shared().await
     }
 
     /// Refuses an in-memory database on a pool that closes connections
@@ -378,6 +386,38 @@ impl SqliteStore {
         // A look that fails leaves it to the script to say why.
         match main_file_of(pool).await {
             Ok(None) => Err(StoreError::misconfigured(MemoryNotKept)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses an in-memory database that each connection of a pool of
+    /// several opens for itself (`:memory:` as a file name, as
+    /// `SqliteConnectOptions::new()` has it; a plain name with
+    /// `mode=memory`, which SQLite shares only when a `file:` URI names
+    /// it; `cache=private`): the table the script made, and every record
+    /// after it, would be on one connection only. A statement run on
+    /// another fails on a missing table, told to run `migrate`, which ran;
+    /// a response stored through another connection than its claim's is
+    /// refused, and its request runs again once the lease lapses. Two
+    /// connections held at once must both find the table.
+    async fn check_memory_is_shared(&self) -> Result<(), StoreError> {
+        let pool = self.inner.connections.pool();
+        if pool.options().get_max_connections() < 2 {
+            return Ok(());
+        }
+        // Looks that fail leave it to the statements to say why.
+        if !matches!(main_file_of(pool).await, Ok(None)) {
+            return Ok(());
+        }
+        let (Ok(mut first), Ok(mut second)) = (pool.acquire().await, pool.acquire().await) else {
+            return Ok(());
+        };
+        let table = &self.inner.table;
+        match (
+            has_table(&mut first, table).await,
+            has_table(&mut second, table).await,
+        ) {
+            (Ok(false), _) | (_, Ok(false)) => Err(StoreError::misconfigured(MemoryNotShared)),
             _ => Ok(()),
         }
     }
@@ -411,15 +451,12 @@ impl SqliteStore {
     /// affinity.
     async fn check_columns(&self) -> Result<(), StoreError> {
         let table = &self.inner.table;
-        let base = sql::base_name(table);
-        let qualifier = &table[..table.len() - base.len()];
-        // The schema is the pragma's second argument; none searches
-        // them in order, as the statements do.
-        let schema = qualifier.strip_suffix('.').map(str::to_ascii_lowercase);
+        let (base, schema) = pragma_names(table);
+        let schema = schema.as_deref();
         let found: Vec<(String, String)> =
             match sqlx::query_as("SELECT name, type FROM pragma_table_info(?1, ?2)")
-                .bind(base.to_ascii_lowercase())
-                .bind(schema.as_deref())
+                .bind(&base)
+                .bind(schema)
                 .fetch_all(self.inner.connections.pool())
                 .await
             {
@@ -433,7 +470,6 @@ impl SqliteStore {
         }
         check_key_affinity(table, &found)?;
         check_deadline_affinity(table, &found)?;
-        let (base, schema) = (base.to_ascii_lowercase(), schema.as_deref());
         // Looks that fail leave it to the statements to say why.
         let required = self.required_columns(&base, schema).await;
         sql::check_required(table, &required.unwrap_or_default(), "SqliteStore")?;
@@ -780,6 +816,27 @@ impl Drop for Waiting<'_> {
 /// `temp`, SQLite's schema of each connection's own tables.
 fn is_temporary_schema(schema: &str) -> bool {
     schema == "temp"
+}
+
+/// The arguments the `pragma_*` table functions name `table` by: its
+/// unqualified name and its schema, if it names one (none searches the
+/// schemas in order, as the statements do).
+fn pragma_names(table: &str) -> (String, Option<String>) {
+    let base = sql::base_name(table);
+    let qualifier = &table[..table.len() - base.len()];
+    let schema = qualifier.strip_suffix('.').map(str::to_ascii_lowercase);
+    (base.to_ascii_lowercase(), schema)
+}
+
+/// Whether the database `connection` is on has the table `table`.
+async fn has_table(connection: &mut SqliteConnection, table: &str) -> Result<bool, sqlx::Error> {
+    let (base, schema) = pragma_names(table);
+    let columns: i64 = sqlx::query_scalar("SELECT count(*) FROM pragma_table_info(?1, ?2)")
+        .bind(base)
+        .bind(schema)
+        .fetch_one(connection)
+        .await?;
+    Ok(columns > 0)
 }
 
 /// The schema script for `table`, a name [`sql::check_table_name`]
@@ -1211,6 +1268,14 @@ fn identity(_: &std::fs::Metadata) -> Option<(u64, u64)> {
     "the database is in memory, and goes, with the table and every record, when the pool closes its last connection, as this pool does once its connections are idle or old: build the pool with `min_connections(1)`, `idle_timeout(None)` and `max_lifetime(None)`, or open the store with `SqliteStore::open(\":memory:\")`"
 )]
 struct MemoryNotKept;
+
+/// An in-memory database that each connection of a pool of several opens
+/// for itself.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the database is in memory, and each connection of the pool opens one of its own (`:memory:` as a file name, as `SqliteConnectOptions::new()` has it, a plain name with `mode=memory`, or `cache=private`): the table and every record would be on one connection only, a request served on another would fail on a missing table, and one whose response is stored through another than its claim's would run again; build the pool with `max_connections(1)` (with `min_connections(1)`, `idle_timeout(None)` and `max_lifetime(None)`), open the store with `SqliteStore::open(\":memory:\")`, or connect the pool to `sqlite::memory:`, which its connections share"
+)]
+struct MemoryNotShared;
 
 /// The database file was deleted, renamed or replaced while the store had
 /// it open.

@@ -647,17 +647,83 @@ async fn an_in_memory_pool_that_closes_its_connections_is_refused() {
                 "{refused}"
             );
         }
-        let kept = SqlitePoolOptions::new()
+    }
+    // Only `sqlite::memory:` is one database for the pool's connections
+    // (see the next test).
+    let kept = SqlitePoolOptions::new()
+        .min_connections(1)
+        .idle_timeout(None)
+        .max_lifetime(None);
+    let shared = sqlx::sqlite::SqliteConnectOptions::from_str("sqlite::memory:").expect("URL");
+    let pool = kept.connect_with(shared).await.expect("pool");
+    let store = SqliteStore::builder(pool).build().expect("valid name");
+    store
+        .migrate()
+        .await
+        .expect("a pool that keeps its connection");
+}
+
+/// An in-memory database named as a file (`:memory:`, which
+/// `SqliteConnectOptions::new()` has by default), by a plain name with
+/// `mode=memory` (which sqlx opens with a shared cache, but SQLite shares
+/// only under a `file:` URI) or with `cache=private` is each connection's
+/// own. On a pool of several connections that keeps
+/// them open, as `builder` asks of an in-memory pool, `migrate` made the
+/// table on one connection and accepted the pool: claims that ran on
+/// another failed on a missing table, told to run `migrate`, which had
+/// run, and a response stored through another connection than its
+/// claim's would be refused, its request run again once the lease
+/// lapsed. `migrate` refuses such a pool, saying what to set; one of a
+/// single connection, or whose connections share the database, is
+/// accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_in_memory_pool_whose_connections_each_have_a_database_is_refused() {
+    use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+    use std::str::FromStr as _;
+
+    let kept = |connections| {
+        SqlitePoolOptions::new()
+            .max_connections(connections)
             .min_connections(1)
             .idle_timeout(None)
-            .max_lifetime(None);
-        let pool = kept.connect_with(options).await.expect("pool");
+            .max_lifetime(None)
+    };
+    let named = |url| SqliteConnectOptions::from_str(url).expect("URL");
+    for options in [
+        named("sqlite:own_records?mode=memory"),
+        SqliteConnectOptions::new(),
+        named("sqlite:own_records?mode=memory&cache=private"),
+    ] {
+        let pool = kept(4).connect_with(options.clone()).await.expect("pool");
         let store = SqliteStore::builder(pool).build().expect("valid name");
-        store
-            .migrate()
-            .await
-            .expect("a pool that keeps its connection");
+        let refused = match store.migrate().await {
+            Ok(()) => {
+                let failures = claims_at_once_on(&store).await;
+                panic!(
+                    "migrate accepted a pool whose connections each have a database of their own: {} of 32 new keys failed their claim or their duplicate's, as {}",
+                    failures.len(),
+                    failures.first().map_or("none", String::as_str)
+                );
+            }
+            Err(refused) => refused.to_string(),
+        };
+        assert!(
+            refused.contains("in memory") && refused.contains("max_connections(1)"),
+            "{refused}"
+        );
+        let pool = kept(1).connect_with(options).await.expect("pool");
+        let store = SqliteStore::builder(pool).build().expect("valid name");
+        store.migrate().await.expect("one connection, one database");
     }
+    let shared = SqliteConnectOptions::from_str("sqlite::memory:").expect("URL");
+    let pool = kept(4).connect_with(shared).await.expect("pool");
+    let store = SqliteStore::builder(pool).build().expect("valid name");
+    store
+        .migrate()
+        .await
+        .expect("connections sharing one database");
+    let failures = claims_at_once_on(&store).await;
+    assert!(failures.is_empty(), "{failures:?}");
 }
 
 /// SQLite's `temp` schema is each connection's own, as PostgreSQL's
