@@ -258,6 +258,9 @@ struct AttrOption(syn::Result<Meta>);
 
 impl Parse for AttrOption {
     fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        if input.peek(Lit) {
+            return Ok(Self(Err(value_without_name(input))));
+        }
         if input.peek(Ident) && input.peek2(Token![:]) && !input.peek2(Token![::]) {
             return Err(colon_instead_of_equals(input));
         }
@@ -352,6 +355,69 @@ fn unquoted_duration(meta: &Meta, input: ParseStream<'_>) -> Option<syn::Error> 
         quote::quote!(#first #last),
         message,
     ))
+}
+
+/// A value written without its option's name (`#[idempotent("24h")]`, as
+/// if options were positional), consumed with the literals right after it
+/// (`24h 30m`): syn alone would say "expected identifier", which names
+/// neither the option nor the fix. The option is named when the value can
+/// only be one option's.
+fn value_without_name(input: ParseStream<'_>) -> syn::Error {
+    let mut literals: Vec<Lit> = Vec::new();
+    while input.peek(Lit) {
+        match input.parse() {
+            Ok(lit) => literals.push(lit),
+            Err(error) => return error,
+        }
+    }
+    let message = match option_for(&literals) {
+        Some(fix) => format!("options are written with their name: write {fix}"),
+        None => format!(
+            "options are written with their name, as `name = value`: the options are {}",
+            listed(&OPTIONS)
+        ),
+    };
+    let (first, last) = (literals.first(), literals.last());
+    syn::Error::new_spanned(quote::quote!(#first #last), message)
+}
+
+/// The option whose value `literals` (written in a row, without a name)
+/// can only be, written with its name and that value.
+fn option_for(literals: &[Lit]) -> Option<String> {
+    match literals {
+        [Lit::Str(text)] => {
+            let key = if parse_duration(&text.value()).is_ok() {
+                "ttl"
+            } else if named_scope(text).is_ok() {
+                "scope"
+            } else if status_list(text).is_ok() {
+                "final_statuses"
+            } else {
+                return None;
+            };
+            let also = if key == "ttl" { DURATIONS_TOO } else { "" };
+            Some(format!("`{key} = {}`{also}", text.token()))
+        }
+        // `24h` lexes as the integer 24 with the suffix `h`, and `1h 30m`
+        // as two such integers.
+        [Lit::Int(first), ..] if !first.suffix().is_empty() => {
+            let written: Vec<String> = literals
+                .iter()
+                .map(|term| term.to_token_stream().to_string())
+                .collect();
+            Some(format!("`ttl = \"{}\"`{DURATIONS_TOO}", written.join(" ")))
+        }
+        _ => None,
+    }
+}
+
+/// The other options a duration written without a name may be meant for.
+const DURATIONS_TOO: &str = " (`lease` and `wait` take a duration too)";
+
+/// `names`, each in backticks, separated by commas.
+fn listed(names: &[&str]) -> String {
+    let names: Vec<String> = names.iter().map(|name| format!("`{name}`")).collect();
+    names.join(", ")
 }
 
 /// `ttl =` with nothing after the `=`, consumed: syn alone would say
@@ -484,6 +550,11 @@ fn intent_hint(key: &str) -> Option<String> {
             "`{key}` is set for the whole router, with `Idempotency::builder(store).{key}(..)`; "
         ));
     }
+    if let Some(scope) = scope_without_its_name(key) {
+        return Some(format!(
+            "a scope is the value of the `scope` option: write {scope}; "
+        ));
+    }
     let hint = match key {
         "state" => {
             "`#[idempotent]` needs no state type: `State<T>` arguments work as written, and are not fingerprinted; "
@@ -500,6 +571,20 @@ fn intent_hint(key: &str) -> Option<String> {
         _ => return None,
     };
     Some(hint.to_owned())
+}
+
+/// `scope` written with `key`, when `key` is a scope written without the
+/// option's name (`#[idempotent(global)]`, `#[idempotent(User)]`): a named
+/// scope, or a path whose last segment is capitalized like a type, unless
+/// it is an option in capitals (`TTL`).
+fn scope_without_its_name(key: &str) -> Option<String> {
+    if matches!(key, "api_key" | "global") {
+        return Some(format!("`scope = \"{key}\"`"));
+    }
+    let last = key.rsplit("::").next().unwrap_or(key);
+    let typelike = last.starts_with(|c: char| c.is_ascii_uppercase());
+    let an_option = closest(&last.to_ascii_lowercase(), OPTIONS).is_some();
+    (typelike && !an_option).then(|| format!("`scope = {key}`"))
 }
 
 /// Levenshtein distance, for "did you mean" hints.
@@ -1072,10 +1157,31 @@ fn add_entry(mut list: StatusList, part: &str) -> Result<StatusList, String> {
         }
         list.with_default = true;
     } else {
-        let range = status_range(part).map_err(|why| default_hint(part, why))?;
+        let range = status_range(part)
+            .map_err(|why| without_commas(part).unwrap_or_else(|| default_hint(part, why)))?;
         list.ranges.push(range);
     }
     Ok(list)
+}
+
+/// Why `part` is refused when it is entries written without commas
+/// between them (`"2xx 404"`, `"default; 409"`): the error about it as one
+/// entry would call `"404 2xx"` no status class, and hide the fix.
+fn without_commas(part: &str) -> Option<String> {
+    let entries: Vec<&str> = part
+        .split(|c: char| c.is_whitespace() || c == ';')
+        .filter(|entry| !entry.is_empty())
+        .collect();
+    let each_an_entry = entries
+        .iter()
+        .all(|entry| *entry == DEFAULT_STATUSES || status_range(entry).is_ok());
+    (entries.len() > 1 && each_an_entry).then(|| {
+        format!(
+            "`{part}` holds {} entries without commas between them: write `{}`",
+            entries.len(),
+            entries.join(", ")
+        )
+    })
 }
 
 /// Why `part` is refused, asking whether it is a misspelt `default`
@@ -1208,6 +1314,29 @@ mod tests {
             .map_err(|error| error.to_string())
     }
 
+    /// A list written with spaces or semicolons where its commas go is
+    /// told to take commas, not that one of its entries is no status.
+    #[test]
+    fn entries_without_commas_between_them_get_the_commas() {
+        let cases = [
+            ("2xx 404", "`2xx, 404`"),
+            ("404 2xx", "`404, 2xx`"),
+            ("default; 409", "`default, 409`"),
+            ("200 201 404", "`200, 201, 404`"),
+        ];
+        for (written, fix) in cases {
+            let error = list(written).unwrap_err();
+            let expected = format!("without commas between them: write {fix}");
+            assert!(error.contains(&expected), "{written}: {error}");
+        }
+        // Spaces around a range's dash are no separator.
+        assert_eq!(
+            list("400 - 403").map(|list| list.ranges),
+            Ok(vec![(400, 403)])
+        );
+        assert!(!list("2xx conflict").unwrap_err().contains("commas"));
+    }
+
     #[test]
     fn the_default_statuses_join_the_listed_ones() {
         let with_default = |ranges: Vec<(u16, u16)>| StatusList {
@@ -1285,6 +1414,42 @@ mod tests {
         assert!(messages[3].contains("not `:`"), "{messages:?}");
     }
 
+    /// What `Args::parse` read from `tokens`, and the errors it reported.
+    fn parsed(tokens: TokenStream) -> (Args, Vec<String>) {
+        let mut errors = Errors::default();
+        let args = Args::parse(tokens, &mut errors);
+        (args, messages(errors))
+    }
+
+    /// A value written as if options were positional is told which option
+    /// it is the value of, when it can only be one, and the options after
+    /// it are still read.
+    #[test]
+    fn a_value_without_its_option_name_names_the_option() {
+        let cases = [
+            (quote::quote!("24h"), "write `ttl = \"24h\"`"),
+            (quote::quote!(24h), "write `ttl = \"24h\"`"),
+            (quote::quote!(1h 30m), "write `ttl = \"1h 30m\"`"),
+            (quote::quote!("global"), "write `scope = \"global\"`"),
+            (
+                quote::quote!("2xx, 404"),
+                "write `final_statuses = \"2xx, 404\"`",
+            ),
+            (
+                quote::quote!(5),
+                "as `name = value`: the options are `ttl`, `lease`",
+            ),
+        ];
+        for (tokens, fix) in cases {
+            let (_, messages) = parsed(tokens.clone());
+            assert_eq!(messages.len(), 1, "{tokens}: {messages:?}");
+            assert!(messages[0].contains(fix), "{tokens}: {messages:?}");
+        }
+        let (args, messages) = parsed(quote::quote!("24h", scope = "global"));
+        assert_eq!(messages.len(), 1, "{messages:?}");
+        assert!(matches!(args.scope, Some(Scope::Global)));
+    }
+
     #[test]
     fn values_a_macro_rules_passed_in_are_read_as_written() {
         // rustc hands a `macro_rules!` fragment (`ttl = $ttl`) to the
@@ -1339,6 +1504,24 @@ mod tests {
         assert!(unknown_option("fail_open").contains("Idempotency::builder(store).fail_open(..)"));
         assert!(unknown_option("key_header").contains("Idempotency-Key"));
         assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+
+    /// A scope written without `scope =` is told to take it; an option in
+    /// capitals is still taken for that option.
+    #[test]
+    fn a_scope_without_its_option_name_names_the_option() {
+        let cases = [
+            ("global", "write `scope = \"global\"`"),
+            ("api_key", "write `scope = \"api_key\"`"),
+            ("User", "write `scope = User`"),
+            ("auth::User", "write `scope = auth::User`"),
+        ];
+        for (key, fix) in cases {
+            let message = unknown_option(key);
+            assert!(message.contains(fix), "{key}: {message}");
+        }
+        assert!(!unknown_option("TTL").contains("scope ="));
+        assert!(!unknown_option("retries").contains("scope ="));
     }
 
     #[test]
