@@ -15,4 +15,5 @@ mod http_contract;
 mod http_logs;
 mod http_wire;
 mod interop_layers;
+mod user_service;
 mod user_unit_tests;
