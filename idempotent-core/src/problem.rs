@@ -74,8 +74,8 @@ pub enum ProblemKind {
     /// 500: the handler's inputs could not be serialized.
     FingerprintFailed,
     /// 500: no `Idempotency` layer served the request, a custom scope got
-    /// no principal, or an `IdempotentLayer` wraps a handler that is
-    /// idempotent itself.
+    /// no principal, a hand-written `Scope::Header` names no valid header,
+    /// or an `IdempotentLayer` wraps a handler that is idempotent itself.
     NotConfigured,
     /// 500: the key's stored record cannot be read or replayed (written by
     /// something else, or damaged), so its request is neither replayed
