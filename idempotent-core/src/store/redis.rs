@@ -365,9 +365,10 @@ impl RedisStore {
     /// host's clock is more than two seconds off the server's: instances
     /// read leases by their own clocks, and one far enough ahead of
     /// another takes over its running requests. It reads the server's
-    /// `proto-max-bulk-len`: a response whose record would be longer is
-    /// stored without its body, as one past `max_body_bytes` is, since
-    /// Redis would refuse it and close the connection.
+    /// `proto-max-bulk-len` and `client-query-buffer-limit`: a response
+    /// whose record would be longer than either takes is stored without
+    /// its body, as one past `max_body_bytes` is, since Redis would refuse
+    /// it and close the connection.
     ///
     /// # Errors
     /// The URL is invalid (or asks for TLS, which the `redis` crate was
@@ -699,11 +700,14 @@ fn over_bulk_limit(error: &redis::RedisError) -> bool {
 const OVER_BULK_LIMIT: &str = "a response's record is longer than Redis takes in one argument (`proto-max-bulk-len`, 512 MiB by default), and Redis closed the connection: raise `proto-max-bulk-len` above the largest response body kept (`max_body_bytes`), lower `max_body_bytes`, or build the store with `RedisStore::connect`, which reads the limit and stores such records without their bodies";
 
 /// Whether Redis refused a command one of the store's scripts called, for
-/// the user's ACL: it answers that with a plain `ERR`, not `NOPERM`.
+/// the user's ACL: it answers that with a plain `ERR`, not `NOPERM`, in
+/// words that changed: Redis 7.0 says the user executing the script can't
+/// run it, Redis 7.2 and later (and Valkey) say `ACL failure in script`.
+/// Missed, the refusal read as an outage, retried in vain, its fix unnamed.
 fn refused_in_script(error: &redis::RedisError) -> bool {
-    error
-        .to_string()
-        .contains("user executing the script can't run this command")
+    let told = error.to_string();
+    told.contains("user executing the script can't run this command")
+        || told.contains("ACL failure in script")
 }
 
 /// The ACL a Redis user needs for the store: the commands it sends
@@ -728,6 +732,15 @@ fn passing_refusal(error: &redis::RedisError) -> Option<&'static str> {
         "MISCONF" => Some(CANNOT_SAVE),
         _ => None,
     }
+}
+
+/// Whether `error` is Redis refusing every write for a while, whatever
+/// the key, while it still answers reads: full (`OOM`, under
+/// `noeviction`), or unable to save its snapshot (`MISCONF`). A replica's
+/// refusal (`READONLY`) is not one: the store reconnects, and a replica's
+/// reads may lag the primary's writes.
+fn refuses_every_write(error: &redis::RedisError) -> bool {
+    matches!(error.code(), Some("OOM" | "MISCONF"))
 }
 
 /// What a replica says to a write.
@@ -858,25 +871,48 @@ fn clock_difference(redis_ms: u64, sent: u64, received: u64) -> Option<i64> {
 
 /// The largest value the server behind `connection` takes in one
 /// argument: its `proto-max-bulk-len`, which an operator may have lowered
-/// from its default, [`MAX_VALUE_BYTES`] (never more). Redis answers a
-/// longer argument with a protocol error and closes the connection, and
-/// every other command on it fails: a completion past it would fail at
-/// every attempt, and each would cut the connection again, until the
-/// lease lapsed and a retry ran the handler again. Kept within it, the
-/// record is stored without its body, as past `max_body_bytes`. A server
-/// that refuses `CONFIG GET` is taken to have the default.
+/// from its default, [`MAX_VALUE_BYTES`] (never more), and what its
+/// `client-query-buffer-limit` leaves room for. Redis answers an argument
+/// longer than the first with a protocol error and closes the connection;
+/// one that outgrows the query buffer has the connection closed without
+/// an answer. Either way every other command on it fails: a completion
+/// past it would fail at every attempt, and each would cut the connection
+/// again, until the lease lapsed and a retry ran the handler again. Kept
+/// within it, the record is stored without its body, as past
+/// `max_body_bytes`. A server that refuses `CONFIG GET` is taken to have
+/// the defaults.
 async fn bulk_limit(connection: &mut impl ConnectionLike) -> usize {
+    let bulk = config_size(connection, BULK_LIMIT).await;
+    let buffered = config_size(connection, QUERY_BUFFER_LIMIT).await;
+    let buffered = buffered.map(|limit| limit.saturating_sub(ARGUMENT_END));
+    [bulk, buffered]
+        .into_iter()
+        .flatten()
+        .fold(MAX_VALUE_BYTES, usize::min)
+}
+
+/// The size setting `name` of the server behind `connection`, in bytes;
+/// `None` if it refuses `CONFIG GET`. Each is asked apart, so that a
+/// server that refuses one still tells the other.
+async fn config_size(connection: &mut impl ConnectionLike, name: &str) -> Option<usize> {
     let config: Result<std::collections::HashMap<String, usize>, _> = redis::cmd("CONFIG")
         .arg("GET")
-        .arg(BULK_LIMIT)
+        .arg(name)
         .query_async(connection)
         .await;
-    let limit = config.ok().and_then(|mut config| config.remove(BULK_LIMIT));
-    limit.map_or(MAX_VALUE_BYTES, |limit| limit.min(MAX_VALUE_BYTES))
+    config.ok()?.remove(name)
 }
 
 /// Redis's setting for the longest argument it takes.
 const BULK_LIMIT: &str = "proto-max-bulk-len";
+
+/// Redis's setting for the most a client's query buffer holds, which a
+/// long argument fills alone (1 GiB by default, 1 MiB at least).
+const QUERY_BUFFER_LIMIT: &str = "client-query-buffer-limit";
+
+/// The bytes a long argument takes in the query buffer past its value:
+/// the `\r\n` that ends it, read with it.
+const ARGUMENT_END: usize = 2;
 
 /// Whether `INFO`'s answer says the append-only file is off.
 fn appends_nothing(info: &str) -> bool {
@@ -919,23 +955,24 @@ impl<C> RedisStore<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    /// A claim of `key` with `token` that a full Redis refused with
-    /// `full` (`OOM`): Redis refuses a `SET` before it looks at the key,
-    /// so a retry of a request already stored would get 503 rather than
-    /// its replay, and one still running 503 rather than 409. A plain
-    /// read answers those, and finds this claim's own lease if a first
-    /// send of its `SET` was applied (see [`found_by`]); a key with no
-    /// live record is refused as before, and nothing runs.
-    async fn claim_when_full(
+    /// A claim of `key` with `token` whose `SET` Redis refused with
+    /// `refusal`, as it refuses every write for a while, before it looks
+    /// at the key ([`refuses_every_write`]): a retry of a request already
+    /// stored would get 503 rather than its replay, and one still running
+    /// 503 rather than 409. A plain read answers those, and finds this
+    /// claim's own lease if a first send of its `SET` was applied (see
+    /// [`found_by`]); a key with no live record is refused as before, and
+    /// nothing runs.
+    async fn claim_when_writes_refused(
         &self,
         key: &RecordKey,
         token: LeaseToken,
-        full: redis::RedisError,
+        refusal: redis::RedisError,
     ) -> Result<Claim, StoreError> {
         match self.get(key).await {
             Ok(Some(record)) => Ok(found_by(record, token)),
             Err(corrupt @ StoreError::Codec(_)) => Err(corrupt),
-            Ok(None) | Err(_) => Err(operation_error(full, &self.redis_key(key))),
+            Ok(None) | Err(_) => Err(operation_error(refusal, &self.redis_key(key))),
         }
     }
 
@@ -1265,9 +1302,9 @@ where
         set.arg(&redis_key).arg(value.as_ref()).arg("NX").arg("GET");
         set.arg("PX").arg(expiry);
         let found = match self.write::<Option<Vec<u8>>>(Write::Command(&set)).await {
-            Err(error) if error.code() == Some("OOM") => {
+            Err(error) if refuses_every_write(&error) => {
                 unanswered.armed = false;
-                return self.claim_when_full(key, token, error).await;
+                return self.claim_when_writes_refused(key, token, error).await;
             }
             found => found.map_err(|error| unanswered.refused(error))?,
         };
@@ -1645,6 +1682,33 @@ mod tests {
             operation_error(other, "k"),
             StoreError::Backend(_)
         ));
+    }
+
+    /// A command a script calls, refused by the user's ACL, in the words
+    /// of each server: Redis 7.0 (`The user executing the script can't
+    /// ...`), and Redis 7.2 or later and Valkey (`ACL failure in script:
+    /// ...`). Each fails every attempt alike until the ACL is changed, so
+    /// each is told as a setup to fix, with the ACL the store needs, not
+    /// as an outage retried in vain.
+    #[test]
+    fn a_command_a_script_calls_refused_by_the_acl_is_told_with_the_acl_to_grant() {
+        let refusals = [
+            "The user executing the script can't run this command or subcommand script: 104a, on @user_script:6.",
+            "ACL failure in script: User app has no permissions to run the 'del' command script: 8a2f, on @user_script:6.",
+        ];
+        for detail in refusals {
+            let refused = redis::RedisError::from((
+                redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+                "An error was signalled by the server",
+                detail.to_owned(),
+            ));
+            let error = operation_error(refused, "k");
+            assert!(
+                matches!(error, StoreError::Misconfigured(_)),
+                "{detail}: {error:?}"
+            );
+            assert!(error.to_string().contains(ACL_LINE), "{error}");
+        }
     }
 
     /// A record longer than a lowered `proto-max-bulk-len`, sent by a

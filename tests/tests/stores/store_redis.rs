@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use idempotent_core::Endpoint;
 use idempotent_core::clock::ManualClock;
 use idempotent_core::key::IdempotencyKey;
-use idempotent_core::record::RecordKey;
+use idempotent_core::record::{Record, RecordKey};
 use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{RedisStore, Store, StoreError, Tiered};
 use idempotent_core::testing::contract;
@@ -612,6 +612,39 @@ async fn a_body_over_a_lowered_bulk_limit_is_still_completed() {
     let completion = complete_with_a_body_of(&store, 2 * 1024 * 1024).await;
     redis.stop().await;
     assert_kept(&completion);
+}
+
+/// An operator lowered `client-query-buffer-limit` (to 1 MiB, its least)
+/// under `proto-max-bulk-len`: Redis closes, without a reply, a
+/// connection whose one argument outgrows the query buffer, so a record
+/// longer than the buffer, though within the bulk limit the store kept
+/// records within, was refused at every attempt (and cut every other
+/// request's commands on the connection), never stored, and a retry after
+/// the lease lapsed ran the handler again. `connect` reads that limit
+/// too, and the record is kept without its body; one that just fits the
+/// buffer (with the `\r\n` that ends the argument) keeps its body.
+#[tokio::test]
+async fn a_body_over_a_lowered_query_buffer_limit_is_still_completed() {
+    if backend_url(URL).is_none() {
+        return;
+    }
+    let lowered = ["--client-query-buffer-limit", "1mb"];
+    let mut redis = OwnRedis::start_with(OwnRedis::free_port(), &lowered).await;
+    let store = RedisStore::connect(&redis.url()).await.expect("connect");
+    // A record is 50 bytes and its body. The first, and the `\r\n` that
+    // ends its argument, fill the buffer; the second is as long as the
+    // buffer, which those two bytes overflow.
+    let fitting = complete_with_a_body_of(&store, 1024 * 1024 - 2 - 50).await;
+    let at_the_limit = complete_with_a_body_of(&store, 1024 * 1024 - 50).await;
+    let over = complete_with_a_body_of(&store, 2 * 1024 * 1024).await;
+    redis.stop().await;
+    assert_kept(&at_the_limit);
+    assert_kept(&over);
+    assert_kept(&fitting);
+    let (_, record) = &fitting;
+    let body_kept =
+        matches!(record, Ok(Some(Record::Completed(record))) if record.response.body.is_some());
+    assert!(body_kept, "the body that fits was dropped");
 }
 
 /// Another application's string under the store's prefix, with no expiry:

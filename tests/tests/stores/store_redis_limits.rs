@@ -156,6 +156,75 @@ async fn a_full_redis_still_answers_retries_of_stored_and_running_requests() {
     assert!(refused_as_full(&fresh), "a new claim: {fresh:?}");
 }
 
+/// Makes the Redis behind `connection`, whose directory is `dir`, unable
+/// to save its snapshot: `dir` is removed and a save started, which
+/// fails. Under `stop-writes-on-bgsave-error` (the default) Redis then
+/// refuses writes (`MISCONF`) until a save succeeds. Whether it refuses
+/// a small write.
+async fn fail_to_save(
+    connection: &mut redis::aio::ConnectionManager,
+    dir: &std::path::Path,
+) -> bool {
+    std::fs::remove_dir(dir).expect("remove the server's directory");
+    let () = redis::cmd("BGSAVE")
+        .query_async(connection)
+        .await
+        .expect("BGSAVE");
+    // The save runs in a child process, which tells nothing when it
+    // fails: its outcome shows in the next write's answer.
+    for _ in 0..250 {
+        let probed: Result<(), _> = redis::cmd("SET")
+            .arg("probe")
+            .arg(1)
+            .query_async(connection)
+            .await;
+        if probed.is_err_and(|error| error.code() == Some("MISCONF")) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// Redis refuses every write, as a full one does, when it cannot save its
+/// snapshot, and before it looks at the key: a retry of a request already
+/// stored got 503 rather than its replay, and one still running 503
+/// rather than 409, until a save succeeded. Reads go on, and answer
+/// those; only a key with no live record is refused (503, nothing runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_unable_to_save_still_answers_retries_of_stored_and_running_requests() {
+    if backend_url(URL).is_none() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(unique_name("idempotent-redis"));
+    std::fs::create_dir(&dir).expect("a directory for the server");
+    // Redis stops writes after a failed save only when it has save points.
+    let dir_name = dir.to_str().expect("a UTF-8 path");
+    let settings = ["--dir", dir_name, "--save", "3600 1"];
+    let mut redis = OwnRedis::start_with(OwnRedis::free_port(), &settings).await;
+    let store = RedisStore::connect(&redis.url()).await.expect("connect");
+    let (done, running) = (key("done"), key("running"));
+    let token = acquire(&store, &done, FINGERPRINT, LEASE).await;
+    acquire(&store, &running, FINGERPRINT, LEASE).await;
+    store.complete(&done, token, paid(), TTL).await.unwrap();
+    let refusing = fail_to_save(&mut redis_connection(&redis.url()).await, &dir).await;
+
+    let replayed = replays_paid(&store, &done).await;
+    let in_flight = store.claim(&running, FINGERPRINT, LEASE).await;
+    let fresh = store.claim(&key("fresh"), FINGERPRINT, LEASE).await;
+    redis.stop().await;
+
+    assert!(refusing, "the server never refused writes");
+    assert!(replayed, "a stored request is not replayed");
+    assert!(
+        matches!(in_flight, Ok(Claim::InFlight { .. })),
+        "{in_flight:?}"
+    );
+    let refused =
+        matches!(&fresh, Err(StoreError::Backend(error)) if error.to_string().contains("MISCONF"));
+    assert!(refused, "a new claim: {fresh:?}");
+}
+
 /// Two instances of one service on one Redis: `a`'s clock on `start`,
 /// `b`'s on `start + skew_ms` (behind if negative).
 async fn two_hosts(url: &str, skew_ms: i64) -> [(ManualClock, RedisStore); 2] {
