@@ -362,7 +362,10 @@ impl Engine {
                         // Taken over while the answer was on its way: the
                         // key is in flight with another request.
                         Err(StoreError::LeaseLost) => {}
-                        Err(error) => return self.refused(&error),
+                        Err(error) if waited => return self.refused(&error),
+                        // The store failed while the key was being claimed,
+                        // and nothing ran: as after a claim that failed.
+                        Err(error) => return self.store_failed(&error, handler).await,
                     },
                     Ok(Claim::Completed(record)) => return self.replay(&record, exact),
                     Ok(Claim::InFlight { fingerprint, .. }) if fingerprint != self.fingerprint => {
@@ -402,7 +405,9 @@ impl Engine {
     /// [`Tiered`](crate::store::Tiered)'s), and nothing runs; nor does it
     /// when the request is dropped before this knows, and the claim is
     /// let go on a task of its own: held, it would answer every retry 409
-    /// until its lease lapsed.
+    /// until its lease lapsed. A renewal that fails otherwise is a store
+    /// failure while claiming: the request is refused, or, with
+    /// `fail_open`, its handler runs without idempotency.
     async fn still_held(&self, token: LeaseToken) -> Result<Instant, StoreError> {
         let unsettled = Unsettled {
             engine: self,

@@ -327,6 +327,8 @@ impl IdempotencyBuilder {
     /// When a claim fails in the store, run the handler without
     /// idempotency instead of refusing the request: instead of a 503
     /// (the store failed or timed out) or a 500 `store-misconfigured`.
+    /// So does a claim answered after a third of its lease whose renewal,
+    /// which confirms it before the handler runs, fails or is late too.
     /// Off by default: with it on, a store outage can let a retry run a
     /// side effect twice. Each such request logs a warning. A record the
     /// store holds but cannot read ([`StoreError::Codec`](crate::store::StoreError::Codec))
