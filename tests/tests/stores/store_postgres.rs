@@ -993,9 +993,16 @@ mod gated {
     }
 }
 
-/// Leaves a dozen connections idle in the store's pool (or kept), as any
-/// busy service has.
+/// Leaves several connections idle in the store's pool (or kept), as any
+/// busy service has. Three are held at once first: the burst of reads
+/// alone can run on one connection, each read done before the next task
+/// starts on a fast machine.
 async fn warm_up(store: &PostgresStore) {
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(store.pool().acquire().await.expect("a connection"));
+    }
+    drop(held);
     let mut burst = tokio::task::JoinSet::new();
     for index in 0..12 {
         let store = store.clone();
