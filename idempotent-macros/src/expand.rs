@@ -93,22 +93,36 @@ pub(crate) fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> Token
     let (expects, outer_attrs): (Vec<_>, Vec<_>) = outer_attrs
         .into_iter()
         .partition(|attr| attr.path().is_ident("expect"));
+    let body = quote! {
+        #(#inner_attrs)*
+        #sig #block
+
+        #unpack
+        #endpoint
+        let __idempotent_fingerprint = #fingerprint;
+        #principal
+        let __idempotent_future = #future;
+        #run
+    };
+    let body = user_braces(body, block);
     quote! {
         #(#outer_attrs)*
         #too_many
         #(#expects)*
-        #signature {
-            #(#inner_attrs)*
-            #sig #block
-
-            #unpack
-            #endpoint
-            let __idempotent_fingerprint = #fingerprint;
-            #principal
-            let __idempotent_future = #future;
-            #run
-        }
+        #signature #body
     }
+}
+
+/// `body` in braces located at the handler's own. With the user's `fn`
+/// token, they make the routed function's span the handler's, from its
+/// first token to its last: rustc reports no `dead_code` for an item whose
+/// span comes from another crate's macro, so a handler that no router
+/// names would otherwise go unreported, and an `#[expect(dead_code)]` on
+/// it would be unfulfilled.
+fn user_braces(body: TokenStream, block: &syn::Block) -> TokenStream {
+    let mut braces = proc_macro2::Group::new(proc_macro2::Delimiter::Brace, body);
+    braces.set_span(block.brace_token.span.join());
+    braces.into_token_stream()
 }
 
 /// One binding per argument, resolved as the attribute's own but located at
@@ -150,6 +164,8 @@ fn outer_signature(
     private: &TokenStream,
 ) -> TokenStream {
     let vis = &func.vis;
+    // The user's own `fn`, for the routed function's span: see `user_braces`.
+    let fn_token = &func.sig.fn_token;
     let name = &func.sig.ident;
     let generics = &func.sig.generics;
     let where_clause = instance_bounds(generics);
@@ -197,7 +213,7 @@ fn outer_signature(
     };
     let arguments = arguments.iter().map(|(binding, ty)| quote!(#binding: #ty));
     quote! {
-        #vis fn #name #generics (
+        #vis #fn_token #name #generics (
             #(#arguments),*
         ) -> impl ::core::future::Future<Output = #private::axum::response::Response> #where_clause
     }

@@ -708,7 +708,7 @@ mod orders {
     use super::*;
 
     #[idempotent(ttl = "1h")]
-    pub async fn create(Json(amount): Json<u64>) -> (StatusCode, String) {
+    pub(super) async fn create(Json(amount): Json<u64>) -> (StatusCode, String) {
         (StatusCode::CREATED, format!("order {amount}"))
     }
 }
@@ -717,7 +717,7 @@ mod refunds {
     use super::*;
 
     #[idempotent(ttl = "1h")]
-    pub async fn create(Json(amount): Json<u64>) -> (StatusCode, String) {
+    pub(super) async fn create(Json(amount): Json<u64>) -> (StatusCode, String) {
         (StatusCode::CREATED, format!("refund {amount}"))
     }
 }
