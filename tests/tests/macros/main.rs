@@ -18,5 +18,6 @@ mod macro_mock_faults;
 mod macro_mock_users;
 mod macro_options;
 mod macro_scopes;
+mod macro_signatures;
 mod macro_wait_open_optional;
 mod macro_wire;
