@@ -362,6 +362,9 @@ impl SqliteStore {
     /// an in-memory database of its own (see [`builder`](Self::builder)).
     pub async fn migrate(&self) -> Result<(), StoreError> {
         self.check_memory_is_kept().await?;
+        // Before anything reads the table through another connection than
+        // the one that made it.
+        self.check_memory_is_shared().await?;
         let schema = schema_for(&self.inner.table);
         let created =
             while_busy(|| sqlx::raw_sql(&schema).execute(self.inner.connections.pool())).await;
@@ -369,8 +372,7 @@ impl SqliteStore {
         // NOT EXISTS`, and its index fails on a column it lacks: either
         // way, what the table lacks is the error to tell.
         self.check_columns().await?;
-        created.map_err(|error| self.migrate_error(error))?;
-        self.check_memory_is_shared().await
+        created.map(drop).map_err(|error| self.migrate_error(error))
     }
 
     /// Refuses an in-memory database on a pool that closes connections
@@ -398,8 +400,8 @@ impl SqliteStore {
     /// after it, would be on one connection only. A statement run on
     /// another fails on a missing table, told to run `migrate`, which ran;
     /// a response stored through another connection than its claim's is
-    /// refused, and its request runs again once the lease lapses. Two
-    /// connections held at once must both find the table.
+    /// refused, and its request runs again once the lease lapses. A table
+    /// made on one of two connections held at once must show on the other.
     async fn check_memory_is_shared(&self) -> Result<(), StoreError> {
         let pool = self.inner.connections.pool();
         if pool.options().get_max_connections() < 2 {
@@ -412,12 +414,19 @@ impl SqliteStore {
         let (Ok(mut first), Ok(mut second)) = (pool.acquire().await, pool.acquire().await) else {
             return Ok(());
         };
-        let table = &self.inner.table;
-        match (
-            has_table(&mut first, table).await,
-            has_table(&mut second, table).await,
-        ) {
-            (Ok(false), _) | (_, Ok(false)) => Err(StoreError::misconfigured(MemoryNotShared)),
+        // A name of its own, so that two stores migrating one database at
+        // once do not take each other's probe.
+        let probe = format!("idempotent_shared_probe_{:016x}", rand::random::<u64>());
+        if run_on(&mut first, &format!("CREATE TABLE {probe} (x)"))
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
+        let seen = has_table(&mut second, &probe).await;
+        let _ = run_on(&mut first, &format!("DROP TABLE {probe}")).await;
+        match seen {
+            Ok(false) => Err(StoreError::misconfigured(MemoryNotShared)),
             _ => Ok(()),
         }
     }
@@ -826,6 +835,12 @@ fn pragma_names(table: &str) -> (String, Option<String>) {
     let qualifier = &table[..table.len() - base.len()];
     let schema = qualifier.strip_suffix('.').map(str::to_ascii_lowercase);
     (base.to_ascii_lowercase(), schema)
+}
+
+/// Runs the statement `sql`, used once, on `connection`.
+async fn run_on(connection: &mut SqliteConnection, sql: &str) -> Result<(), sqlx::Error> {
+    let statement = sqlx::query(sql).persistent(false);
+    statement.execute(connection).await.map(drop)
 }
 
 /// Whether the database `connection` is on has the table `table`.
