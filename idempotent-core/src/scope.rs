@@ -139,9 +139,10 @@ impl ScopeDigest {
         Self(sha256_framed(&[b"api_key", credential]))
     }
 
-    /// The scope of `Authorization: Basic` credentials, as sent (still
-    /// base64-encoded). Apart from API keys, so that a bearer token equal
-    /// to another caller's encoded credentials names a caller of its own.
+    /// The scope of `Authorization: Basic` credentials, base64-encoded
+    /// with padding (or as sent, when they are not base64). Apart from
+    /// API keys, so that a bearer token equal to another caller's encoded
+    /// credentials names a caller of its own.
     fn basic(credentials: &[u8]) -> Self {
         Self(sha256_framed(&[b"basic", credentials]))
     }
@@ -320,28 +321,31 @@ fn authorization(value: &[u8]) -> Option<Result<ScopeDigest, MissingCredential>>
         return Some(Ok(ScopeDigest::api_key(token)));
     }
     let basic = credentials(value, b"basic ")?;
-    if names_no_one(basic) {
+    let decoded = base64_decoded(basic);
+    if decoded.as_deref().is_some_and(names_no_one) {
         return Some(Err(MissingCredential {
             detail: "this endpoint scopes idempotency keys by API key, and the request's `Authorization: Basic` credentials have an empty user name and an empty password: they name no caller; send the API key as the user name (`curl -u <key>:`), or as `Authorization: Bearer <key>`".to_owned(),
             bearer: true,
         }));
     }
-    Some(Ok(ScopeDigest::basic(basic)))
+    Some(Ok(match decoded {
+        // One encoding for one set of credentials, padded as RFC 7617
+        // sends them: a retry padded otherwise is the same caller, and
+        // padded credentials keep the scope they always had.
+        Some(decoded) => ScopeDigest::basic(base64_padded(&decoded).as_bytes()),
+        // Not base64: taken as sent, they name whoever sends them.
+        None => ScopeDigest::basic(basic),
+    }))
 }
 
-/// Whether `Basic` credentials (base64 of `user:password`) have neither
+/// Whether decoded `Basic` credentials (`user:password`) have neither
 /// a user name nor a password, blanks aside. Taken as sent, they would be
 /// one caller for every client that sends them (`curl -u :`, a client
 /// whose key was never set), each replayed the others' responses.
-/// Credentials that are not base64 are taken as sent: they name whoever
-/// sends them.
-fn names_no_one(basic: &[u8]) -> bool {
-    let Some(decoded) = base64_decoded(basic) else {
-        return false;
-    };
+fn names_no_one(decoded: &[u8]) -> bool {
     let (user, password) = match decoded.iter().position(|&byte| byte == b':') {
         Some(colon) => (&decoded[..colon], &decoded[colon + 1..]),
-        None => (&decoded[..], &[][..]),
+        None => (decoded, &[][..]),
     };
     user.trim_ascii().is_empty() && password.trim_ascii().is_empty()
 }
@@ -353,6 +357,12 @@ fn base64_decoded(text: &[u8]) -> Option<Vec<u8>> {
     let digits = text.strip_suffix(b"==").or_else(|| text.strip_suffix(b"="));
     let decoded = base64::engine::general_purpose::STANDARD_NO_PAD.decode(digits.unwrap_or(text));
     decoded.ok()
+}
+
+/// `bytes` in base64 with its padding, the one form RFC 7617 sends.
+fn base64_padded(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// What follows `scheme` (lowercase, with its space), if `value` uses it
@@ -447,6 +457,25 @@ mod tests {
         for named in ["Basic OnNrXzE=", "Basic c2tfMQ==", "Basic Og=!", "Basic O"] {
             assert!(basic(named).unwrap().is_some(), "{named}");
         }
+    }
+
+    /// Base64 padding is part of the encoding, not of the credentials:
+    /// a client that pads its retry, or stops padding it, is still the
+    /// caller it was, and padded credentials keep the scope they always
+    /// had, so records stored before stay theirs.
+    #[test]
+    fn basic_credentials_padded_or_not_name_one_caller() {
+        let basic = |value: &'static str| {
+            resolve(Scope::ApiKey, &headers(&[("authorization", value)]), &API)
+                .unwrap()
+                .unwrap()
+        };
+        let padded = basic("Basic c2tfdGVzdF8xOg==");
+        assert_eq!(padded, ScopeDigest::basic(b"c2tfdGVzdF8xOg=="));
+        assert_eq!(basic("Basic c2tfdGVzdF8xOg"), padded, "unpadded");
+        assert_eq!(basic("Basic c2tfdGVzdF8xOg="), padded, "half padded");
+        assert_ne!(basic("Basic c2tfdGVzdF8yOg"), padded, "another key");
+        assert_eq!(basic("Basic O"), ScopeDigest::basic(b"O"), "not base64");
     }
 
     /// With `Authorization` itself configured as the API-key header, its

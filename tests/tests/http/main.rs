@@ -15,5 +15,6 @@ mod http_contract;
 mod http_logs;
 mod http_wire;
 mod interop_layers;
+mod request_inputs;
 mod user_service;
 mod user_unit_tests;
