@@ -414,9 +414,13 @@ fn option_for(literals: &[Lit]) -> Option<String> {
 /// The other options a duration written without a name may be meant for.
 const DURATIONS_TOO: &str = " (`lease` and `wait` take a duration too)";
 
-/// `names`, each in backticks, separated by commas.
-fn listed(names: &[&str]) -> String {
-    let names: Vec<String> = names.iter().map(|name| format!("`{name}`")).collect();
+/// `names`, each in backticks, separated by commas: how errors list the
+/// options, arguments or extractors to choose from.
+pub(crate) fn listed(names: &[impl AsRef<str>]) -> String {
+    let names: Vec<String> = names
+        .iter()
+        .map(|name| format!("`{}`", name.as_ref()))
+        .collect();
     names.join(", ")
 }
 
@@ -518,7 +522,6 @@ pub(crate) fn closest<'a>(
 }
 
 fn unknown_option(key: &str) -> String {
-    let options: Vec<String> = OPTIONS.iter().map(|option| format!("`{option}`")).collect();
     let hint = intent_hint(key)
         .or_else(|| {
             // `TTL` is `ttl` in the wrong case, not three edits away.
@@ -528,7 +531,7 @@ fn unknown_option(key: &str) -> String {
         .unwrap_or_default();
     format!(
         "unknown option `{key}`; {hint}the options are {}",
-        options.join(", ")
+        listed(&OPTIONS)
     )
 }
 

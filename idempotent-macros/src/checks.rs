@@ -9,7 +9,7 @@ use quote::{ToTokens, quote};
 use syn::ext::IdentExt;
 use syn::{Attribute, FnArg, Ident, ItemFn, Pat, Path, Receiver, Signature, Type};
 
-use crate::args::{Errors, closest};
+use crate::args::{Errors, closest, listed};
 use crate::handler::{Argument, Extractor, Handler};
 use crate::principal::misspells_principal;
 use crate::types::{
@@ -316,7 +316,6 @@ pub(crate) fn check_skipped_names(arguments: &[Argument<'_>], skip: &[Ident], er
         .iter()
         .filter_map(|argument| argument.name.as_ref().map(ToString::to_string))
         .collect();
-    let listed: Vec<String> = names.iter().map(|name| format!("`{name}`")).collect();
     for skipped in skip {
         if arguments.iter().any(|a| a.name.as_ref() == Some(skipped)) {
             continue;
@@ -331,7 +330,7 @@ pub(crate) fn check_skipped_names(arguments: &[Argument<'_>], skip: &[Ident], er
         let known = if names.is_empty() {
             "the handler has no named arguments".to_owned()
         } else {
-            format!("the arguments are {}", listed.join(", "))
+            format!("the arguments are {}", listed(&names))
         };
         let hint = closest(&skipped.to_string(), names.iter().map(String::as_str))
             .map(|name| format!("did you mean `{name}`? "))

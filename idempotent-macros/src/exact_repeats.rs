@@ -5,7 +5,7 @@
 use quote::quote;
 use syn::Type;
 
-use crate::args::{Args, Errors, Scope};
+use crate::args::{Args, Errors, Scope, listed};
 use crate::checks::tokens_text;
 use crate::handler::Argument;
 use crate::types::{Reads, extractors_reading, is_extractor};
@@ -50,10 +50,6 @@ fn exact_repeats_blocker(
     let is = |ty: &Type, names: &[&str]| is_extractor(ty, names);
     let body = extractors_reading(Reads::Body);
     let uri = extractors_reading(Reads::Uri);
-    let list = |names: &[&str]| {
-        let names: Vec<String> = names.iter().map(|name| format!("`{name}`")).collect();
-        names.join(", ")
-    };
     if !generics.params.is_empty() {
         // Instances of one generic handler share its name and path.
         return Some("it is generic".to_owned());
@@ -64,7 +60,7 @@ fn exact_repeats_blocker(
     if !arguments.last().is_some_and(|last| is(last.ty, &body)) {
         return Some(format!(
             "its last argument is not one of axum's {}",
-            list(&body)
+            listed(&body)
         ));
     }
     // Element by element within a tuple, as the fingerprint reads it: a
@@ -77,7 +73,7 @@ fn exact_repeats_blocker(
     Some(format!(
         "the fingerprinted argument `{}` is not one of axum's {}, {} (leave it out with `skip`)",
         tokens_text(&quote!(#ty)),
-        list(&body),
-        list(&uri)
+        listed(&body),
+        listed(&uri)
     ))
 }
