@@ -12,7 +12,6 @@ mod forwarding;
 
 mod api_surface;
 mod engine;
-mod engine_lifecycle;
 mod engine_races;
 mod layer;
 mod store_fails_until_fixed;
