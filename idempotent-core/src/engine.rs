@@ -349,10 +349,7 @@ impl Engine {
                 ));
                 let (claimed, suspended) = noting_suspension(claim).await;
                 match claimed {
-                    // The key was seen in flight: failing open would run
-                    // the handler beside the first request.
-                    Err(error) if waited => return self.refused(&error),
-                    Err(error) => return self.store_failed(&error, handler).await,
+                    Err(error) => return self.claim_failed(&error, handler, waited).await,
                     Ok(Claim::Acquired(token)) if !self.answered_late(sent) => {
                         return self.execute(token, handler, sent, suspended).await;
                     }
@@ -362,10 +359,9 @@ impl Engine {
                         // Taken over while the answer was on its way: the
                         // key is in flight with another request.
                         Err(StoreError::LeaseLost) => {}
-                        Err(error) if waited => return self.refused(&error),
                         // The store failed while the key was being claimed,
                         // and nothing ran: as after a claim that failed.
-                        Err(error) => return self.store_failed(&error, handler).await,
+                        Err(error) => return self.claim_failed(&error, handler, waited).await,
                     },
                     Ok(Claim::Completed(record)) => return self.replay(&record, exact),
                     Ok(Claim::InFlight { fingerprint, .. }) if fingerprint != self.fingerprint => {
@@ -449,10 +445,19 @@ impl Engine {
         within(self.settings.store_timeout, operation)
     }
 
-    async fn store_failed(&self, error: &StoreError, handler: Handler) -> Response {
+    /// Answers a claim that failed in the store: refused, or with
+    /// `fail_open` the handler run without idempotency, unless the key was
+    /// `seen_in_flight` by an earlier try of this request (failing open
+    /// would run the handler beside the first request).
+    async fn claim_failed(
+        &self,
+        error: &StoreError,
+        handler: Handler,
+        seen_in_flight: bool,
+    ) -> Response {
         // A corrupt record is there: its request ran, and failing open
         // would run it again.
-        if self.settings.fail_open && !matches!(error, StoreError::Codec(_)) {
+        if self.settings.fail_open && !seen_in_flight && !matches!(error, StoreError::Codec(_)) {
             let (endpoint, key) = (self.endpoint.name(), self.key.log_id());
             // Set up wrongly, the store does not come back by itself: every
             // request runs without idempotency until someone fixes it.
