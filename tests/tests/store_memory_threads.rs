@@ -9,6 +9,10 @@
 //! began, a claim held through the whole run survives every eviction, and
 //! the budget bounds the bytes the store counts at every sample.
 //!
+//! One key that every worker claims on a lease their clock moves let
+//! lapse stays fenced: a holder taken over can neither complete nor
+//! release it, and no late completion replaces a later holder's record.
+//!
 //! The heap, as the allocator counts it, stays where it was under churn of
 //! new keys and under retries of one key with another payload.
 
@@ -24,7 +28,7 @@ use axum::http::{HeaderName, HeaderValue, StatusCode};
 use idempotent_core::clock::ManualClock;
 use idempotent_core::record::{Claim, Completed, LeaseToken, Record, RecordKey, StoredResponse};
 use idempotent_core::scope::ScopeDigest;
-use idempotent_core::store::{MemoryStore, Store, Tiered};
+use idempotent_core::store::{MemoryStore, Store, StoreError, Tiered};
 use idempotent_core::{Fingerprint, IdempotencyKey};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 
@@ -661,5 +665,145 @@ fn retries_with_another_payload_do_not_grow_a_cache() {
     assert!(
         grown < 64 * 1024,
         "the heap grew by {grown} B over {RETRIES} retries of one key"
+    );
+}
+
+/// The stamp of a record: when its holder's claim returned.
+fn stamp_of(record: &Completed) -> u64 {
+    let stamp = record
+        .response
+        .headers
+        .iter()
+        .find(|(name, _)| *name == STAMP);
+    stamp
+        .and_then(|(_, value)| value.to_str().ok()?.parse().ok())
+        .expect("a record carries its holder's stamp")
+}
+
+/// A lease and a TTL of two clock ticks, which the workers' own ticks let
+/// lapse.
+const TWO_TICKS: Duration = Duration::from_millis(2);
+
+/// One key that every worker claims, on [`TWO_TICKS`].
+struct Contended {
+    store: MemoryStore,
+    clock: ManualClock,
+    key: RecordKey,
+    /// Numbers the moments a claim begins and an acquiring claim returns,
+    /// in one order across the workers.
+    moments: AtomicU64,
+    /// The latest moment at which a claim that acquired the key began: a
+    /// claim that began after another returned acquired it after that one.
+    latest_acquisition: AtomicU64,
+    acquired: AtomicU64,
+    completed: AtomicU64,
+}
+
+impl Contended {
+    /// Claims the key as worker `me`; if acquired, moves the clock a
+    /// little, or past the lease (see [`stall`](Self::stall)), then
+    /// completes or releases. A holder that knows, before its call, of a
+    /// claim that acquired the key after its own must be refused.
+    fn step(&self, me: usize, rng: &mut Rng) {
+        let fingerprint = Fingerprint::from_bytes([me as u8; 32]);
+        let began = self.moments.fetch_add(1, Ordering::SeqCst);
+        let claim = ready(self.store.claim(&self.key, fingerprint, TWO_TICKS)).unwrap();
+        let Claim::Acquired(token) = claim else {
+            self.clock.advance(Duration::from_millis(rng.pick(&[0, 1])));
+            return;
+        };
+        let returned = self.moments.fetch_add(1, Ordering::SeqCst);
+        self.latest_acquisition.fetch_max(began, Ordering::SeqCst);
+        self.acquired.fetch_add(1, Ordering::Relaxed);
+        let taken_over = if rng.below(2) == 0 {
+            self.stall(returned)
+        } else {
+            self.clock.advance(Duration::from_millis(rng.pick(&[0, 1])));
+            self.taken_over(returned)
+        };
+        let finished = if rng.below(4) == 0 {
+            ready(self.store.release(&self.key, token))
+        } else {
+            self.complete(token, began, returned)
+        };
+        assert!(
+            !(taken_over && finished.is_ok()),
+            "the claim returned at {returned} finished after a later claim took the key over"
+        );
+    }
+
+    /// Whether a claim that began after `returned` acquired the key.
+    fn taken_over(&self, returned: u64) -> bool {
+        self.latest_acquisition.load(Ordering::SeqCst) > returned
+    }
+
+    /// Lets the lease of the claim that returned at `returned` lapse, then
+    /// waits a while for another worker to take the key over; returns
+    /// whether one did.
+    fn stall(&self, returned: u64) -> bool {
+        self.clock.advance(TWO_TICKS + Duration::from_millis(1));
+        for _ in 0..1_000 {
+            if self.taken_over(returned) {
+                return true;
+            }
+            thread::yield_now();
+        }
+        false
+    }
+
+    /// Completes the claim that began at `began` and returned at
+    /// `returned`; once it did, the record read is that one or a later
+    /// holder's (whose claim returned after this one began), never an
+    /// earlier holder's written over it.
+    fn complete(&self, token: LeaseToken, began: u64, returned: u64) -> Result<(), StoreError> {
+        let stamp = vec![(STAMP, HeaderValue::from(returned))];
+        let response = StoredResponse::new(StatusCode::CREATED, stamp, None);
+        ready(self.store.complete(&self.key, token, response, TWO_TICKS))?;
+        self.completed.fetch_add(1, Ordering::Relaxed);
+        if let Some(Record::Completed(record)) = ready(self.store.get(&self.key)).unwrap() {
+            let read = stamp_of(&record);
+            assert!(
+                read > began,
+                "the claim returned at {returned} completed, then read the record of one returned at {read}"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// One key, claimed by every worker on a lease that lapses under them: a
+/// holder whose claim was taken over can neither complete nor release it,
+/// and no late completion replaces a later holder's record.
+#[test]
+fn one_key_with_lapsing_leases_stays_fenced_across_threads() {
+    const STEPS: usize = 20_000;
+    let _alone = alone();
+    let clock = ManualClock::new(1_700_000_000_000);
+    let contended = Contended {
+        store: MemoryStore::builder().clock(clock.clone()).build(),
+        clock,
+        key: record_key("contended", 0),
+        moments: AtomicU64::new(0),
+        latest_acquisition: AtomicU64::new(0),
+        acquired: AtomicU64::new(0),
+        completed: AtomicU64::new(0),
+    };
+    thread::scope(|scope| {
+        for me in 0..WORKERS {
+            let contended = &contended;
+            scope.spawn(move || {
+                let mut rng = Rng(me as u64 + 101);
+                for _ in 0..STEPS {
+                    contended.step(me, &mut rng);
+                }
+            });
+        }
+    });
+    let acquired = contended.acquired.load(Ordering::SeqCst);
+    let completed = contended.completed.load(Ordering::SeqCst);
+    eprintln!("acquired {acquired}, completed {completed}");
+    assert!(
+        0 < completed && completed < acquired,
+        "some holders completed, others were taken over or released"
     );
 }

@@ -382,7 +382,8 @@ impl MemoryStore {
         self.count(|state| matches!(state, State::Completed(_))) as u64
     }
 
-    /// Claims currently in flight.
+    /// Claims currently held (lapsed ones not yet dropped included, as
+    /// [`completed_len`](Self::completed_len) counts expired records).
     #[must_use]
     pub fn in_flight_len(&self) -> usize {
         self.count(|state| matches!(state, State::InFlight(_)))
@@ -871,7 +872,12 @@ impl Store for MemoryStore {
 /// claims have doubled since the last walk (64 at first): with claims
 /// that complete, only when a shard holds 64 in flight at once, and then
 /// twice as many as it kept at its last walk. A shard so holds at most
-/// 64 claims, or twice those abandoned in it within a lease and the grace.
+/// 64 claims, or twice those it kept at its last walk: the claims running
+/// then, and those abandoned within a lease and the grace before. Claims
+/// that complete do not lower that mark, so after a burst of running
+/// claims, abandoned ones pile up to twice the burst, however slowly they
+/// come: lowering it as claims complete would walk the table again and
+/// again under a steady load of running claims.
 fn drop_lapsed(shard: &mut Shard, now: u64, grace: u64) {
     let mut dropped = 0;
     shard.table.retain(|slot| {
