@@ -20,7 +20,7 @@ use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use http::header::{CONTENT_ENCODING, CONTENT_TYPE, GetAll};
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, GetAll};
 use http::{HeaderMap, HeaderValue, Method};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Serialize;
@@ -237,10 +237,32 @@ where
         let ready = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, ready);
         let config = self.config;
+        let head = request.method() == Method::HEAD;
         IdempotentFuture {
-            inner: Box::pin(async move { Ok(handle(inner, config, request).await) }),
+            inner: Box::pin(async move {
+                let response = handle(inner, config, request).await;
+                Ok(if head { bodiless(response) } else { response })
+            }),
         }
     }
+}
+
+/// A `HEAD`'s answer as axum's router sends one: the length its body
+/// would have had, and no body. Inside a router, which does the same
+/// after this layer, this changes nothing. Around a whole `Router` (as a
+/// service), the router took the body off the handler's answer, but the
+/// answers this layer makes itself (a replay of the `GET`, a problem)
+/// would keep theirs, which hyper sends over HTTP/2 as DATA frames on a
+/// `HEAD` stream: a protocol error to the client (RFC 9110 9.3.2).
+fn bodiless(mut response: Response) -> Response {
+    if !response.headers().contains_key(CONTENT_LENGTH)
+        && let Some(length) = http_body::Body::size_hint(response.body()).exact()
+    {
+        let length = HeaderValue::from(length);
+        response.headers_mut().insert(CONTENT_LENGTH, length);
+    }
+    *response.body_mut() = Body::empty();
+    response
 }
 
 /// The future of an [`IdempotentService`]. It is named, rather than a

@@ -749,6 +749,55 @@ async fn over_http1_a_keyed_get_and_head_replay_with_the_bodys_length() {
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
 
+/// A `GET` or `HEAD` of `/report` under `key`.
+fn report_request(method: &str, key: &str) -> Request<Body> {
+    Request::builder()
+        .method(method)
+        .uri("/report")
+        .header("x-api-key", "caller")
+        .header("idempotency-key", key)
+        .body(Body::empty())
+        .unwrap()
+}
+
+/// `IdempotentLayer` around a whole `Router`, as a service rather than
+/// with `Router::layer`, sees a `HEAD`'s answer after axum took its body
+/// off, and must send its own answers to a `HEAD` bodiless too: a replay
+/// carrying the `GET`'s body, or a problem its JSON, reaches an HTTP/2
+/// client as DATA frames on a `HEAD` stream, which it refuses as a
+/// protocol error (hyper drops them over HTTP/1.1 only).
+#[tokio::test]
+async fn around_a_whole_router_a_head_gets_no_body_replayed_or_refused() {
+    use tower::Layer as _;
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let router = Router::new()
+        .route("/report", axum::routing::get(report))
+        .layer(Extension(runs.clone()));
+    let app = Idempotency::new(MemoryStore::new()).layer(layer().layer(router));
+    let send = |method: &str, key: &str| app.clone().oneshot(report_request(method, key));
+    let first = send("GET", "k").await.unwrap().into_body();
+    assert_eq!(first.collect().await.unwrap().to_bytes().len(), 3000);
+
+    let (replay, body) = send("HEAD", "k").await.unwrap().into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    assert_eq!(replay.headers["idempotent-replayed"], "true");
+    assert!(
+        body.is_empty(),
+        "the replayed HEAD got a body of {} bytes",
+        body.len()
+    );
+    // The length of the GET's body, as axum announces it for a HEAD.
+    assert_eq!(replay.headers["content-length"], "3000");
+
+    // A key with an unterminated quote: refused by the layer itself.
+    let (refused, body) = send("HEAD", "\"k").await.unwrap().into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert!(body.is_empty(), "the refused HEAD got a body: {body:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
 /// Headers given to one request, in order (a name may come twice).
 type Headers = &'static [(&'static str, &'static str)];
 
