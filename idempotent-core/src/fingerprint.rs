@@ -24,7 +24,7 @@
 //! | `0x05` | `f32`, `f64`                  | the 8 big-endian bytes of the value as `f64`                      |
 //! | `0x06` | `str`, `String`, `char`       | length, UTF-8 bytes                                               |
 //! | `0x07` | bytes (`serialize_bytes`)     | length, raw bytes                                                 |
-//! | `0x08` | sequence, tuple, tuple struct | each element (a hash set's sorted), then the end marker `0xFF`    |
+//! | `0x08` | sequence, tuple, tuple struct | each element (a hash set's, or its iterator's, sorted), then the end marker `0xFF` |
 //! | `0x09` | map, struct                   | entry count, then the entries sorted (see below)                  |
 //! | `0x0A` | enum variant                  | the variant name as a string (`0x06`), then its content           |
 //!
@@ -67,10 +67,14 @@
 //!   its type (the content of an untagged enum's variant, a
 //!   `#[serde(transparent)]` wrapper, a `Mutex`), the set's own
 //!   `Serialize` still hands it whole, with its type, to `collect_seq`.
-//!   A set whose elements a `Serialize` of your own writes one by one
-//!   (`serialize_with` over its iterator), or another crate's unordered
-//!   set, is written in its iteration order, and a retry of it would get
-//!   422: hold such sets as `BTreeSet`.
+//!   So is a set, or a map's entries, keys or values, handed to
+//!   `collect_seq` as an iterator (mapped, copied or cloned item by item
+//!   at most), whose type names the set's: as `serde_with` writes a set
+//!   `#[serde_as(as = "HashSet<DisplayFromStr>")]` and a map
+//!   `as = "Vec<(_, _)>"`. A set whose elements a `Serialize` of your own
+//!   writes one by one (`serialize_seq`, then an element at a time), or
+//!   another crate's unordered set, is written in its iteration order,
+//!   and a retry of it would get 422: hold such sets as `BTreeSet`.
 //! - **Enum variants** encode their name, not their index, so reordering
 //!   variants keeps fingerprints stable. The content is unit for a unit
 //!   variant, the inner value for a newtype variant, a sequence for a tuple
@@ -839,13 +843,15 @@ impl<'a, W: Sink> Serializer for &'a mut Encoder<W> {
     /// the set to this, with its type: so a set is known as one even where
     /// serde passed it on without its type, as the content of an untagged
     /// enum's variant, in a `#[serde(transparent)]` wrapper or behind a
-    /// `Mutex`.
+    /// `Mutex`. So does a `Serialize` that hands over an iterator over a
+    /// hash set or map, as `serde_with` does for `HashSet<DisplayFromStr>`,
+    /// or a hash map whole ([`iterates_in_hash_order`]).
     fn collect_seq<I>(self, items: I) -> Result<(), FingerprintError>
     where
         I: IntoIterator,
         I::Item: Serialize,
     {
-        self.unordered |= is_unordered_set::<I>();
+        self.unordered |= iterates_in_hash_order::<I>();
         let mut sequence = self.serialize_seq(None)?;
         for item in items {
             ser::SerializeSeq::serialize_element(&mut sequence, &item)?;
@@ -992,6 +998,64 @@ fn names_unordered_set(mut name: &str) -> bool {
         name = pointee(name);
     }
     SETS.iter().any(|set| name.starts_with(set))
+}
+
+/// Whether `I`, handed to `collect_seq`, yields a hash set's or a hash
+/// map's items (`std`'s or `hashbrown`'s) in the order the hasher laid
+/// them out: the set or map itself, behind pointers as in
+/// [`is_unordered_set`], or an iterator over its items, keys or values,
+/// by reference or by value, taken item by item through `map`, `cloned`
+/// or `copied` (four pointers and adapters deep at most). A set's own
+/// `Serialize` hands over the set; `serde_with` hands over
+/// `set.iter().map(..)` for `#[serde_as(as = "HashSet<DisplayFromStr>")]`
+/// and `map.iter().map(..)` for a map `as = "Vec<(_, _)>"`, as a
+/// `serialize_with` of one's own most simply does. That order differs
+/// between two parses of one body, while the handler holds the set or
+/// map, of which it is no part: the sequence is written sorted, as the
+/// set itself is. The names are the compiler's (`tests` checks them).
+fn iterates_in_hash_order<I: ?Sized>() -> bool {
+    names_hash_order_iterator(std::any::type_name::<I>())
+}
+
+/// Whether the type named `name` yields items in hash order (see
+/// [`iterates_in_hash_order`]). Inlined, so that the compiler sees the
+/// constant name it is given.
+#[inline(always)]
+fn names_hash_order_iterator(mut name: &str) -> bool {
+    const DEPTH: usize = 4;
+    // Adapters that yield one item for each of theirs, in their order.
+    const ADAPTERS: [&str; 3] = [
+        "core::iter::adapters::map::Map<",
+        "core::iter::adapters::cloned::Cloned<",
+        "core::iter::adapters::copied::Copied<",
+    ];
+    const MODULES: [&str; 4] = [
+        "std::collections::hash::set::",
+        "std::collections::hash::map::",
+        "hashbrown::set::",
+        "hashbrown::map::",
+    ];
+    const TYPES: [&str; 8] = [
+        "HashSet<",
+        "HashMap<",
+        "Iter<",
+        "IntoIter<",
+        "Keys<",
+        "Values<",
+        "IntoKeys<",
+        "IntoValues<",
+    ];
+    for _ in 0..DEPTH {
+        name = pointee(name);
+        name = ADAPTERS
+            .iter()
+            .find_map(|adapter| name.strip_prefix(adapter))
+            .unwrap_or(name);
+    }
+    MODULES.iter().any(|module| {
+        name.strip_prefix(module)
+            .is_some_and(|rest| TYPES.iter().any(|ty| rest.starts_with(ty)))
+    })
 }
 
 /// The type that `name` points to, if it names a pointer that serializes
@@ -1261,7 +1325,7 @@ struct_like!(SerializeStruct, SerializeStructVariant);
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, HashMap, HashSet};
-    use std::hash::BuildHasherDefault;
+    use std::hash::{BuildHasherDefault, DefaultHasher};
 
     use proptest::prelude::*;
     use serde::ser::{Error as _, SerializeMap as _};
@@ -1382,7 +1446,7 @@ mod tests {
 
     /// A `HashSet` with a hasher of fixed keys, so that its layout depends
     /// on its capacity alone.
-    type Fixed<T> = HashSet<T, BuildHasherDefault<std::hash::DefaultHasher>>;
+    type Fixed<T> = HashSet<T, FixedState>;
 
     #[test]
     fn a_hash_set_fingerprints_alike_whatever_its_iteration_order() {
@@ -1520,6 +1584,80 @@ mod tests {
         assert_ne!(fp(&Recipients::Everyone(true)), fp(&small));
     }
 
+    /// How a `Serialize` of one's own hands a set to `collect_seq`: as
+    /// its iterator, or mapped item by item, as `serde_with` writes a set
+    /// `#[serde_as(as = "HashSet<DisplayFromStr>")]`.
+    #[derive(Clone, Copy, Debug)]
+    enum Handing {
+        Iterated,
+        Copied,
+        Mapped,
+    }
+
+    struct HandedOver<'a>(&'a Fixed<&'static str>, Handing);
+
+    impl Serialize for HandedOver<'_> {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            let set = self.0;
+            match self.1 {
+                Handing::Iterated => serializer.collect_seq(set.iter()),
+                Handing::Copied => serializer.collect_seq(set.iter().copied()),
+                Handing::Mapped => serializer.collect_seq(set.iter().map(|&word| Displayed(word))),
+            }
+        }
+    }
+
+    /// A map written as a list: of its entries, as `serde_with` writes one
+    /// `#[serde_as(as = "Vec<(_, _)>")]` (`true`), or of its keys.
+    struct Listed<'a>(&'a Lengths, bool);
+
+    /// Each word's length, in a map of fixed hasher keys.
+    type Lengths = HashMap<&'static str, usize, FixedState>;
+
+    type FixedState = BuildHasherDefault<DefaultHasher>;
+
+    impl Serialize for Listed<'_> {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            let Self(map, entries) = *self;
+            if entries {
+                serializer.collect_seq(map.iter().map(|(word, len)| (*word, *len)))
+            } else {
+                serializer.collect_seq(map.keys())
+            }
+        }
+    }
+
+    /// A set handed to `collect_seq` through an iterator comes in the
+    /// order of the hasher's keys, as the set itself does: it is sorted
+    /// too, and so is a map written as a list of its entries.
+    #[test]
+    fn hash_sets_and_maps_handed_over_as_iterators_are_sorted_too() {
+        let (small, large) = same_words_two_layouts();
+        for handing in [Handing::Iterated, Handing::Copied, Handing::Mapped] {
+            let (a, b) = (HandedOver(&small, handing), HandedOver(&large, handing));
+            assert_eq!(fp(&a), fp(&b), "{handing:?}");
+        }
+        // Laid out as the sets are, by their capacities.
+        let lengths = |set: &Fixed<&'static str>| {
+            let mut map = Lengths::with_capacity_and_hasher(set.capacity(), FixedState::default());
+            map.extend(set.iter().map(|word| (*word, word.len())));
+            map
+        };
+        let (a, b) = (lengths(&small), lengths(&large));
+        let in_order = |map: &Lengths| map.keys().copied().collect::<Vec<_>>();
+        assert_ne!(in_order(&a), in_order(&b), "the maps iterate alike");
+        assert_eq!(fp(&Listed(&a, true)), fp(&Listed(&b, true)));
+        assert_eq!(fp(&Listed(&a, false)), fp(&Listed(&b, false)));
+        // Sorted as the set itself is, and still told apart by its words.
+        assert_eq!(fp(&HandedOver(&small, Handing::Iterated)), fp(&small));
+        let mut fewer = small.clone();
+        fewer.remove("oak");
+        assert_ne!(
+            fp(&HandedOver(&fewer, Handing::Mapped)),
+            fp(&HandedOver(&small, Handing::Mapped))
+        );
+    }
+
     #[test]
     fn sorted_sets_still_tell_their_elements_apart_and_lists_keep_their_order() {
         let set = |items: &[u32]| items.iter().copied().collect::<HashSet<u32>>();
@@ -1574,6 +1712,51 @@ mod tests {
             fp(&lookalike::HashSet(vec![2, 1])),
             fp(&lookalike::HashSet(vec![1, 2]))
         );
+    }
+
+    /// The iterators over a hash set or map, and the adapters that keep
+    /// their order, by the names the compiler gives them.
+    #[test]
+    fn hash_order_iterators_are_known_by_their_types_names_alone() {
+        use std::collections::{btree_set, hash_map, hash_set};
+        use std::iter::{Cloned, Copied, Map, Skip};
+        type Shown = fn(&u8) -> String;
+        type Bytes<'a> = std::slice::Iter<'a, u8>;
+        assert!(iterates_in_hash_order::<&HashSet<u8>>());
+        assert!(iterates_in_hash_order::<&HashMap<u8, u8>>());
+        assert!(iterates_in_hash_order::<&hashbrown::HashMap<u8, u8>>());
+        assert!(iterates_in_hash_order::<hash_set::Iter<'_, u8>>());
+        assert!(iterates_in_hash_order::<hash_set::IntoIter<u8>>());
+        assert!(iterates_in_hash_order::<hash_map::Iter<'_, u8, u8>>());
+        assert!(iterates_in_hash_order::<hash_map::Keys<'_, u8, u8>>());
+        assert!(iterates_in_hash_order::<hash_map::Values<'_, u8, u8>>());
+        assert!(iterates_in_hash_order::<hashbrown::hash_set::Iter<'_, u8>>());
+        assert!(iterates_in_hash_order::<
+            hashbrown::hash_map::Keys<'_, u8, u8>,
+        >());
+        assert!(iterates_in_hash_order::<Map<hash_set::Iter<'_, u8>, Shown>>());
+        assert!(iterates_in_hash_order::<Copied<hash_set::Iter<'_, u8>>>());
+        assert!(iterates_in_hash_order::<Cloned<hash_map::Keys<'_, u8, u8>>>());
+
+        assert!(!iterates_in_hash_order::<&Vec<u8>>());
+        assert!(!iterates_in_hash_order::<&BTreeMap<u8, u8>>());
+        assert!(!iterates_in_hash_order::<Bytes<'_>>());
+        assert!(!iterates_in_hash_order::<std::vec::IntoIter<u8>>());
+        assert!(!iterates_in_hash_order::<btree_set::Iter<'_, u8>>());
+        assert!(!iterates_in_hash_order::<Map<Bytes<'_>, Shown>>());
+        // Only adapters that keep every item in its place are looked through.
+        assert!(!iterates_in_hash_order::<Skip<hash_set::Iter<'_, u8>>>());
+        // A list mapped item by item keeps its order.
+        assert_ne!(fp(&MappedList(["b", "a"])), fp(&MappedList(["a", "b"])));
+    }
+
+    /// A list handed to `collect_seq` mapped item by item.
+    struct MappedList([&'static str; 2]);
+
+    impl Serialize for MappedList {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.collect_seq(self.0.iter().map(|&word| Displayed(word)))
+        }
     }
 
     #[test]

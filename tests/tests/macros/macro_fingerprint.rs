@@ -102,6 +102,27 @@ async fn message(Json(message): Json<Message>) -> String {
     }
 }
 
+/// Account ids the body lists as numbers and the payload writes as
+/// strings, handing its set to serde as an iterator, mapped item by item:
+/// as `serde_with` writes `#[serde_as(as = "HashSet<DisplayFromStr>")]`.
+#[derive(Serialize, Deserialize)]
+struct Grant {
+    #[serde(serialize_with = "as_strings")]
+    accounts: HashSet<u64>,
+}
+
+fn as_strings<S: serde::Serializer>(
+    accounts: &HashSet<u64>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(accounts.iter().map(ToString::to_string))
+}
+
+#[idempotent(scope = "global")]
+async fn grant(Json(grant): Json<Grant>) -> String {
+    format!("{} accounts", grant.accounts.len())
+}
+
 /// A payload whose `Serialize` refuses some values the body can carry.
 #[derive(Deserialize)]
 struct Note {
@@ -248,6 +269,7 @@ fn app() -> Router {
         .route("/limits", post(limits))
         .route("/labels", post(labels))
         .route("/message", post(message))
+        .route("/grant", post(grant))
         .route("/note", post(note))
         .route("/charge-with-rejection", post(charge_with_rejection))
         .route("/extra-query", post(extra_query))
@@ -491,6 +513,31 @@ async fn a_hash_set_in_an_untagged_enum_matches_in_any_order_on_every_retry() {
     );
     let everyone = send(&app, json("/message", "k", r#"{"to":true}"#)).await;
     assert_eq!(everyone, Answer::KeyReused);
+}
+
+/// A set its payload hands to serde as an iterator, as `serde_with` does,
+/// is the same set on every retry too, whatever order its parse iterates
+/// in.
+#[tokio::test]
+async fn a_hash_set_written_through_its_iterator_matches_on_every_retry() {
+    let app = app();
+    let ids: Vec<String> = (1000..1016).map(|id: u64| id.to_string()).collect();
+    let body = format!(r#"{{"accounts":[{}]}}"#, ids.join(","));
+    let first = send(&app, json("/grant", "k", &body)).await;
+    assert_eq!(first, ran("16 accounts"));
+    // Spaced apart differently each time, so that none is answered as an
+    // exact repeat of an earlier one, before its body is parsed.
+    for spaces in 1..=8 {
+        let spaced = body.replace(':', &format!(":{}", " ".repeat(spaces)));
+        assert_eq!(
+            send(&app, json("/grant", "k", &spaced)).await,
+            replayed("16 accounts"),
+            "retry {spaces}"
+        );
+    }
+    let changed = body.replace("1007", "1077");
+    let other = send(&app, json("/grant", "k", &changed)).await;
+    assert_eq!(other, Answer::KeyReused);
 }
 
 /// Two handlers that share a default name, and even their tokens, are
