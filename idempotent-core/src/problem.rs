@@ -11,7 +11,7 @@
 //! | `urn:idempotent:missing-credentials` | 401 | the endpoint is scoped by API key and the request has none (`WWW-Authenticate: Bearer`) |
 //! | `urn:idempotent:invalid-scope` | 400 | the header that scopes the endpoint's keys is missing or blank, one of the scope's headers was sent more than once, or the principal that scopes them has an empty id |
 //! | `urn:idempotent:request-in-progress` | 409 | the first request with this key is still running (`Retry-After` set) |
-//! | `urn:idempotent:response-not-stored` | 410 | the key's request completed but its response body was not kept (too large, failed, of another length than its `Content-Length`, with trailers, or with more headers than a record holds) |
+//! | `urn:idempotent:response-not-stored` | 410 | the key's request completed but its response body was not kept (too large, an event stream, failed, of another length than its `Content-Length`, with trailers, or with more headers than a record holds) |
 //! | `urn:idempotent:invalid-path-parameter` | 400 | a keyed request's path parameter is not UTF-8 once percent-decoded, as axum's `Path` refuses it: the fingerprint could not tell it from another such parameter |
 //! | `urn:idempotent:unreadable-body` | 400 | [`IdempotentLayer`](crate::IdempotentLayer), or an attribute's handler taking its body extractor as a `Result`, could not read the request body to its end ([`FingerprintError::UnreadBody`](crate::fingerprint::FingerprintError::UnreadBody)); or an HTTP/2 body ended short of its `Content-Length` while `IdempotentLayer` buffered it or an attribute's handler's last argument read it, whatever extractor it is; nothing was claimed |
 //! | `urn:idempotent:request-too-large` | 413 | [`IdempotentLayer`](crate::IdempotentLayer) would have to buffer a body over its limit, or over one a layer in front of it set |
@@ -56,10 +56,10 @@ pub enum ProblemKind {
     InvalidPathParameter,
     /// 409: the first request with this key is still running.
     RequestInProgress,
-    /// 410: the response's body was not stored (too large, failed while
-    /// read, of another length than its `Content-Length`, ended with
-    /// trailers, or came with more headers than a record holds), so it
-    /// cannot be replayed.
+    /// 410: the response's body was not stored (too large, an event
+    /// stream, failed while read, of another length than its
+    /// `Content-Length`, ended with trailers, or came with more headers
+    /// than a record holds), so it cannot be replayed.
     ResponseNotStored,
     /// 413: a body too large for [`IdempotentLayer`](crate::IdempotentLayer)
     /// to buffer, or for a body limit a layer in front of it set.
