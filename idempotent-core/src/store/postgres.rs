@@ -251,7 +251,10 @@ macro_rules! on_live_connection {
 /// new connection fails at once with it, answering 503 without waiting
 /// for the store timeout. Renewals, completions and releases wait for the
 /// server as before. A statement the pool has a connection ready for is
-/// not touched by any of this.
+/// not touched by any of this; nor is one that waits for a pool whose
+/// every connection is open and busy, refused more by a limit the server
+/// counts them against (the role's `CONNECTION LIMIT`, `max_connections`):
+/// it waits for one of them to come back.
 ///
 /// After a failover, connections opened to the old primary, now a standby
 /// or fenced read-only, are refused every write ("cannot execute ... in a
@@ -498,15 +501,25 @@ impl PostgresStore {
         let mut connection = (self.pool().acquire().await)
             .map_err(|error| connect_error(error, &self.pool().connect_options()))?;
         self.warn_of_risks(&mut connection).await;
-        let existing = match self.existing(&mut connection).await {
+        // Again only for a table that another instance made meanwhile
+        // (see `Created::Meanwhile`), which the next look finds.
+        while let Created::Meanwhile = self.migrate_on(&mut connection).await? {}
+        Ok(())
+    }
+
+    /// [`migrate`](Self::migrate)'s look at the table, its checks, and
+    /// what it creates, on `connection`.
+    async fn migrate_on(&self, connection: &mut Leased) -> Result<Created, StoreError> {
+        let existing = match self.existing(connection).await {
             Ok(existing) => existing,
             Err(error) => {
-                self.check_schema_usage(&mut connection, &error).await?;
+                self.check_schema_usage(connection, &error).await?;
                 return Err(inspection_error(error, &self.inner.table));
             }
         };
-        let table = Some(existing).filter(Existing::is_table);
-        if let Some(table) = &table {
+        let table_exists = existing.is_table();
+        if table_exists {
+            let table = &existing;
             self.check_columns(&table.columns)?;
             let name = &self.inner.table;
             sql::check_required(name, &table.required, "PostgresStore")?;
@@ -517,10 +530,15 @@ impl PostgresStore {
             sql::check_unique_indexes(name, table.colliding.as_deref(), "PostgresStore")?;
             if table.indexed {
                 self.check_privileges(table)?;
-                return check_writable(table);
+                check_writable(table)?;
+                return Ok(Created::Done);
             }
         }
-        self.create(&mut connection, table.is_some()).await
+        // What is to be created would be refused too, as a statement
+        // failing for now ("cannot execute CREATE TABLE in a read-only
+        // transaction"): the server takes no writes from the role.
+        check_writable(&existing)?;
+        self.create(connection, table_exists).await
     }
 
     /// The SQL [`migrate`](Self::migrate) runs to create `table` (as
@@ -665,7 +683,11 @@ impl PostgresStore {
 
     /// Runs the schema's `CREATE` statements (only the index's when the
     /// table exists), then refuses a table of another shape.
-    async fn create(&self, connection: &mut Leased, table_exists: bool) -> Result<(), StoreError> {
+    async fn create(
+        &self,
+        connection: &mut Leased,
+        table_exists: bool,
+    ) -> Result<Created, StoreError> {
         let inner = &self.inner;
         let mut schema = schema_for(&inner.table);
         if table_exists {
@@ -699,12 +721,20 @@ impl PostgresStore {
         // Through the connection's own `fetch_all`: `RawSql::fetch_all`
         // on a borrowed connection makes the future not `Send`.
         match connection.fetch_all(sqlx::raw_sql(&script)).await {
-            Ok(rows) => self.check_columns(&columns_of(&rows)),
+            Ok(rows) => {
+                self.check_columns(&columns_of(&rows))?;
+                Ok(Created::Done)
+            }
             Err(error) => {
                 // Its index fails on a column such a table lacks: what
                 // the table lacks is then the error to tell.
                 let found = sqlx::query_as(&columns).fetch_all(&mut **connection).await;
-                self.check_columns(&found.unwrap_or_default())?;
+                let found: Vec<(String, String)> = found.unwrap_or_default();
+                self.check_columns(&found)?;
+                let refused = sql::error_code(&error).as_deref() == Some("42501");
+                if refused && !table_exists && !found.is_empty() {
+                    return Ok(Created::Meanwhile);
+                }
                 let schema = self.creation_schema_sql(connection).await;
                 Err(migrate_error(error, &inner.table, table_exists, &schema))
             }
@@ -975,8 +1005,13 @@ fn migrate_error(
         Some("42501") => format!(
             "the role may not create the table `{table}`: grant it CREATE on the schema (`GRANT CREATE ON SCHEMA {schema_sql} TO ...`), or run `PostgresStore::migrate()` as a role that may and grant this one SELECT, INSERT, UPDATE and DELETE on the table"
         ),
-        Some("3F000") => format!(
+        Some("3F000") if table.contains('.') => format!(
             "the schema of the table `{table}` does not exist: create it (`CREATE SCHEMA ...`), or name a table in an existing schema"
+        ),
+        // "no schema has been selected to create in": the table is named
+        // without one, and none of the `search_path` exists.
+        Some("3F000") => format!(
+            "no schema of the role's `search_path` exists to create the table `{table}` in (the `public` schema dropped, or a `search_path` set for the role, its database or in the connection options that names schemas not made yet; `SHOW search_path` tells it): name the table with its schema, as `PostgresStoreBuilder::table(\"schema.{table}\")`, or create the first schema of the `search_path`"
         ),
         _ => return statement_error(error, table),
     };
@@ -1060,14 +1095,16 @@ fn warn_if_not_durable(table: &str, role: &str, (unlogged, asynchronous): (bool,
 }
 
 /// Refuses a server that takes no writes from the store's role, found by
-/// `migrate` on a table it would otherwise accept: every claim would fail.
+/// `migrate` on a table it would otherwise accept, or before it creates
+/// the table or its index, which such a server refuses: every claim
+/// would fail.
 fn check_writable(existing: &Existing) -> Result<(), StoreError> {
     let (role, role_sql) = (&existing.role, quote_ident(&existing.role));
     let why = match existing.writes {
         Writes::Taken => return Ok(()),
         Writes::Standby => "the server is a hot standby (in recovery), which takes no writes: connect the store to the primary".to_owned(),
         Writes::ReadOnly => format!(
-            "the role `{role}`'s transactions are read-only, as `default_transaction_read_only` is on for the role, its database or the server: turn it off for the store's role (`ALTER ROLE {role_sql} SET default_transaction_read_only = off`), or connect to a server that takes writes"
+            "the role `{role}`'s transactions are read-only, as `default_transaction_read_only` is on for the role, its database, the server or in the connection options: turn it off for the store's role (`ALTER ROLE {role_sql} SET default_transaction_read_only = off`), or connect to a server that takes writes"
         ),
     };
     Err(StoreError::misconfigured(NotWritable(why)))
@@ -1107,6 +1144,20 @@ struct Existing {
     role: String,
     /// Whether the server takes the role's writes.
     writes: Writes,
+}
+
+/// What [`PostgresStore::migrate`]'s `CREATE` statements did.
+enum Created {
+    /// The table and its index are there.
+    Done,
+    /// Nothing: the role may not create the table, and another instance's
+    /// migration, as a role that may (a migration job started beside the
+    /// service), made it while this one waited for its lock, after this
+    /// one had found none. PostgreSQL refuses such a role `CREATE TABLE
+    /// IF NOT EXISTS` whether the table exists or not, and `migrate` told
+    /// it to grant `CREATE` on a schema where its table was ready; it
+    /// looks at the table again instead, as found.
+    Meanwhile,
 }
 
 /// Whether the server takes writes from the store's role.

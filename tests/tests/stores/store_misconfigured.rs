@@ -89,6 +89,24 @@ async fn postgres_on(table: &str) -> Option<(PostgresStore, String)> {
     Some((store, url))
 }
 
+/// A store on `table` of the test database whose connections run with
+/// the server's setting `name` at `value`, as a role's or a database's
+/// setting would have them, without changing either.
+async fn postgres_with_setting(table: &str, name: &str, value: &str) -> Option<PostgresStore> {
+    let url = backend_url(POSTGRES)?;
+    let options: PgConnectOptions = url.parse().expect("valid URL");
+    let pool = PostgresStore::pool_options()
+        .max_connections(2)
+        .connect_with(options.options([(name, value)]))
+        .await
+        .expect("connect");
+    let store = PostgresStore::builder(pool)
+        .table(table)
+        .build()
+        .expect("valid table name");
+    Some(store)
+}
+
 /// Runs `statement` on `pool`, which must take it.
 async fn postgres_run(pool: &sqlx::PgPool, statement: &str) {
     sqlx::raw_sql(statement)
@@ -238,6 +256,46 @@ async fn migrating_into_a_missing_postgres_schema_says_to_create_it() {
     let error = store.migrate().await.expect_err("no such schema");
     assert_misconfigured(&error);
     assert_says(&error.to_string(), &[&table, "CREATE SCHEMA"]);
+}
+
+/// A table named without its schema, on a connection whose `search_path`
+/// names no schema that exists (`public` dropped, as hardened databases
+/// do, or a schema not made yet): `migrate` said that "the schema of the
+/// table" did not exist, and to create it, which did not say which
+/// schema, nor where PostgreSQL had looked. It names the `search_path`,
+/// and how to name the table's schema.
+#[tokio::test]
+async fn migrating_on_a_search_path_of_no_existing_schema_names_the_search_path() {
+    let table = unique_name("pghunt_unplaced");
+    let nowhere = unique_name("pghunt_no_such_schema");
+    let Some(store) = postgres_with_setting(&table, "search_path", &nowhere).await else {
+        return;
+    };
+    let error = store.migrate().await.expect_err("no schema to create in");
+    assert_misconfigured(&error);
+    assert_says(
+        &error.to_string(),
+        &[&table, "search_path", &format!("table(\"schema.{table}\")")],
+    );
+}
+
+/// No table yet, on a server that takes no writes from the store (a hot
+/// standby, `default_transaction_read_only`): `migrate` failed on "cannot
+/// execute CREATE TABLE in a read-only transaction" as an outage, though
+/// it is documented to refuse such a server as a setup to change, as it
+/// does once the table exists; a start that retries `migrate` while it
+/// meets an outage retried for good. It refuses it before it creates
+/// anything, and says which setting to turn off.
+#[tokio::test]
+async fn migrating_a_missing_postgres_table_on_a_read_only_server_is_a_setup_to_change() {
+    let table = unique_name("pghunt_read_only");
+    let setting = "default_transaction_read_only";
+    let Some(store) = postgres_with_setting(&table, setting, "on").await else {
+        return;
+    };
+    let error = store.migrate().await.expect_err("nothing may be created");
+    assert_misconfigured(&error);
+    assert_says(&error.to_string(), &["read-only", setting]);
 }
 
 /// Purging before `migrate` ran names it, as requests do.

@@ -18,6 +18,7 @@ use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{PostgresStore, Store, StoreError};
 use idempotent_core::testing::contract;
 use sqlx::ConnectOptions;
+use sqlx::Connection as _;
 use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
 use store_support::{Ledger, backend_url, pay, payments_app, suggested_sql, unique_name};
@@ -752,6 +753,158 @@ async fn a_role_refused_login_under_a_running_store_is_named() {
         &claimed.to_string(),
         &["not permitted to log in", "refused the store's role"],
     );
+}
+
+/// A service whose role may only read and write rows, started beside
+/// the migration job that makes its table (as a role that may): the
+/// service's `migrate` found no table, waited for the job's migration to
+/// finish, then ran `CREATE TABLE IF NOT EXISTS`, which PostgreSQL
+/// refuses such a role whether the table exists or not; it failed, told
+/// to grant `CREATE` on the schema, beside a table ready for it. It
+/// looks at the table again, and accepts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_that_may_only_read_and_write_rows_migrates_beside_the_job_making_its_table() {
+    let Some(url) = backend_url(URL) else { return };
+    let admin = PgPool::connect(&url)
+        .await
+        .expect("connect as the superuser");
+    let table = unique_name("pghunt_made_meanwhile");
+    let role = format!("{table}_role");
+    run(&admin, &format!("CREATE ROLE {role} LOGIN")).await;
+    let pool = role_pool(&url, &role).await;
+    let store = PostgresStore::builder(pool.clone())
+        .table(table.as_str())
+        .build()
+        .expect("valid table name");
+    let migrated = migrate_while_the_job_makes(&url, &store, &role).await;
+    pool.close().await;
+    run(
+        &admin,
+        &format!("DROP TABLE IF EXISTS {table}; DROP ROLE {role}"),
+    )
+    .await;
+    admin.close().await;
+    migrated.expect("the table the job made is the store's");
+}
+
+/// `store`'s `migrate` as `role`, while a migration job as the superuser
+/// of `url` holds the lock that migrations of the table take, and makes
+/// the table, granting `role` its rows, once `migrate` waits for it.
+async fn migrate_while_the_job_makes(
+    url: &str,
+    store: &PostgresStore,
+    role: &str,
+) -> Result<(), StoreError> {
+    let mut job = sqlx::PgConnection::connect(url)
+        .await
+        .expect("connect as the superuser");
+    let table = store.table();
+    let lock = format!("hashtext('idempotent:{table}')");
+    run_on(&mut job, &format!("SELECT pg_advisory_lock({lock})")).await;
+    let migrating = store.migrate();
+    let job_done = async {
+        until_waiting_for_a_lock(&mut job, role).await;
+        let migration = PostgresStore::migration_sql(table).expect("valid table name");
+        run_on(&mut job, &migration).await;
+        run_on(
+            &mut job,
+            &format!("GRANT {ROW_PRIVILEGES} ON {table} TO {role}"),
+        )
+        .await;
+        run_on(&mut job, &format!("SELECT pg_advisory_unlock({lock})")).await;
+    };
+    let (migrated, ()) = tokio::join!(migrating, job_done);
+    drop(job.close().await);
+    migrated
+}
+
+async fn run_on(connection: &mut sqlx::PgConnection, statements: &str) {
+    (sqlx::raw_sql(statements).execute(&mut *connection))
+        .await
+        .unwrap_or_else(|error| panic!("run `{statements}`: {error}"));
+}
+
+/// Waits until a connection as `role` waits for a lock.
+async fn until_waiting_for_a_lock(connection: &mut sqlx::PgConnection, role: &str) {
+    let waiting = "SELECT count(*) FROM pg_stat_activity
+                   WHERE usename = $1 AND wait_event_type = 'Lock'";
+    for _ in 0..500 {
+        let count: i64 = (sqlx::query_scalar(waiting).bind(role))
+            .fetch_one(&mut *connection)
+            .await
+            .expect("read pg_stat_activity");
+        if count > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("`migrate` never waited for the migration lock");
+}
+
+/// How many connections a role may hold at once in the test of a pool
+/// filled up to that limit, and how many its pool opens.
+const CONNECTION_LIMIT: u32 = 2;
+
+/// A pool as big as its role's `CONNECTION LIMIT` (or as the share of
+/// `max_connections` left to each of a service's instances), every
+/// connection busy: a claim waits for one to come back, as it would from
+/// any pool that may open no more. The store took the wait for a server
+/// that takes no connections, connected once to learn why, was refused
+/// ("too many connections for role"), and failed the claim at once
+/// (503), logging that PostgreSQL took no connections, while one of the
+/// pool's own came back a moment later. It serves the claim then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_waiting_for_a_full_pool_at_the_roles_connection_limit_is_served() {
+    let Some(url) = backend_url(URL) else { return };
+    let admin = PgPool::connect(&url)
+        .await
+        .expect("connect as the superuser");
+    let table = unique_name("pghunt_limited");
+    let role = format!("{table}_role");
+    let migration = PostgresStore::migration_sql(&table).expect("valid table name");
+    let setup = format!(
+        "CREATE ROLE {role} LOGIN CONNECTION LIMIT {CONNECTION_LIMIT}; {migration};
+         GRANT {ROW_PRIVILEGES} ON {table} TO {role}"
+    );
+    run(&admin, &setup).await;
+    let claimed = claim_while_every_connection_is_busy(&url, &role, &table).await;
+    run(&admin, &format!("DROP TABLE {table}; DROP ROLE {role}")).await;
+    admin.close().await;
+    let claimed = claimed.expect("the claim waits for a connection of the pool");
+    assert!(matches!(claimed, Claim::Acquired(_)), "{claimed:?}");
+}
+
+/// A claim on `table` as `role`, through a pool of [`CONNECTION_LIMIT`]
+/// connections each held elsewhere until well after the store would
+/// have checked whether the server takes connections.
+async fn claim_while_every_connection_is_busy(
+    url: &str,
+    role: &str,
+    table: &str,
+) -> Result<Claim, StoreError> {
+    let options: PgConnectOptions = url.parse().expect("valid URL");
+    let pool = PostgresStore::pool_options()
+        .max_connections(CONNECTION_LIMIT)
+        .connect_with(options.username(role))
+        .await
+        .expect("connect as the role");
+    // Kept none: each statement takes a connection from the pool.
+    let store = PostgresStore::builder(pool.clone())
+        .table(table)
+        .hold_connections(0)
+        .build()
+        .expect("valid table name");
+    let mut busy = Vec::new();
+    for _ in 0..CONNECTION_LIMIT {
+        busy.push(pool.acquire().await.expect("open a connection"));
+    }
+    let claiming = tokio::spawn(async move { claim(&store).await });
+    // The store checks the server after 100 ms of waiting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(busy);
+    let claimed = claiming.await.expect("the claim did not panic");
+    pool.close().await;
+    claimed
 }
 
 /// A table made without its index: the role, which is not its owner, may

@@ -227,6 +227,12 @@ impl Reachability {
                 drop(connection.close().await);
                 return self.record(None, &options);
             }
+            // Not an outage, nor one still going on: the server took the
+            // pool's own connections, all in use, which a statement waits
+            // its turn for (see `is_refused_for_the_pools_own`).
+            Ok(Err(error)) if is_refused_for_the_pools_own(&pool, &error) => {
+                return self.record(None, &options);
+            }
             Ok(Err(error)) => NotConnected::Refused(error),
             Err(_elapsed) => NotConnected::NoAnswer(patience),
         };
@@ -261,6 +267,20 @@ impl Reachability {
             ),
         }
     }
+}
+
+/// Whether the server refused a connection for too many clients
+/// (SQLSTATE 53300) while `pool` holds as many as it may open: a pool
+/// filled under load, up to a limit the server counts its connections
+/// against (the role's `CONNECTION LIMIT`, the database's, or
+/// `max_connections` shared by the service's instances). Its statements
+/// wait for one of its connections to come back, as they would from a
+/// pool that may open no more, and do in a moment: taken for an outage,
+/// each claim that found every connection busy failed at once (503), and
+/// the log said that PostgreSQL took no connections.
+fn is_refused_for_the_pools_own(pool: &PgPool, error: &sqlx::Error) -> bool {
+    sql::error_code(error).as_deref() == Some("53300")
+        && pool.size() >= pool.options().get_max_connections()
 }
 
 /// Where `options` connect: a socket's path, or `host:port`.
