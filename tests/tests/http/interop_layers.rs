@@ -957,10 +957,10 @@ async fn charge_once(State(runs): State<Runs>, Json(c): Json<Charge>) -> (Status
     )
 }
 
-/// Behind `RequestDecompressionLayer`, repeats of one gzipped request
-/// (which the attribute answers from its table of exact repeats once it
-/// replayed the key twice) and the plain form all get the one run's
-/// answer.
+/// Behind `RequestDecompressionLayer`, repeats of one gzipped request and
+/// the plain form all get the one run's answer. None is answered from the
+/// table of exact repeats: that takes a `Content-Length`, which these
+/// requests do not carry and the layer drops from a gzipped one.
 #[tokio::test]
 async fn with_the_attribute_gzipped_repeats_and_the_plain_form_get_the_same_replay() {
     let runs = Runs::default();
