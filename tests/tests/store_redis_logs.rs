@@ -76,7 +76,9 @@ async fn a_failed_release_of_a_claim_cut_short_is_logged_with_the_key() {
 /// is full, an in-flight claim among them (`volatile-ttl` drops the
 /// nearest expiry first, and a claim's is the nearest), and a retry of
 /// the request still running then runs it a second time. Nothing told
-/// the operator until that happened: `connect` warns.
+/// the operator until that happened: `connect` warns, naming the server
+/// as its other checks do: a service that uses several Redis servers (a
+/// cache beside the store) was told "this Redis" and not which one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connecting_to_a_redis_that_evicts_keys_is_logged() {
     if backend_url("IDEMPOTENT_TEST_REDIS_URL").is_none() {
@@ -84,15 +86,20 @@ async fn connecting_to_a_redis_that_evicts_keys_is_logged() {
     }
     let events = events();
     let evicting = ["--maxmemory", "64mb", "--maxmemory-policy", "volatile-ttl"];
-    let mut redis = OwnRedis::start_with(OwnRedis::free_port(), &evicting).await;
+    let port = OwnRedis::free_port();
+    let mut redis = OwnRedis::start_with(port, &evicting).await;
     let _store = RedisStore::connect(&redis.url()).await.expect("connect");
     redis.stop().await;
     let logged = events.at(Level::WARN, "idempotent_core");
-    assert!(
-        logged
-            .iter()
-            .any(|event| event.fields.contains("evicts keys")),
-        "{logged:?}"
+    let warning = logged
+        .iter()
+        .find(|event| event.fields.contains("evicts keys"))
+        .unwrap_or_else(|| panic!("{logged:?}"));
+    let server = format!("127.0.0.1:{port}");
+    assert_eq!(
+        warning.field("server"),
+        Some(server.as_str()),
+        "{warning:?}"
     );
 }
 

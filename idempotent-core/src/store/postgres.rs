@@ -40,7 +40,7 @@ use tokio_util::task::TaskTracker;
 use self::connections::{Connections, Undo, close_if_stale, is_stale_statement, statement_error};
 use self::identifiers::quote_ident;
 use self::inspection::{Catalog, Inspected, inspection_sql};
-use self::reachability::Patience;
+use self::reachability::{Patience, address};
 
 use super::sql::{self, DEFAULT_TABLE, InvalidTableName, Reaper, from_sql_millis, to_sql_millis};
 use super::{Explained, Store, StoreError};
@@ -627,8 +627,12 @@ impl PostgresStore {
         let Ok((server, unlogged, asynchronous, role)) = looked else {
             return;
         };
-        warn_if_clock_skewed(asked, from_sql_millis(server), self.now());
-        warn_if_not_durable(&self.inner.table, &role, (unlogged, asynchronous));
+        // Named as the Redis store's checks name theirs: a service may use
+        // several databases, whose settings are not this one's.
+        let address = address(&self.pool().connect_options());
+        warn_if_clock_skewed(&address, asked, from_sql_millis(server), self.now());
+        let durability = (unlogged, asynchronous);
+        warn_if_not_durable(&address, &self.inner.table, &role, durability);
     }
 
     /// Refuses a role without `USAGE` on the table's schema, which
@@ -915,8 +919,9 @@ fn parse_url(url: &str) -> Result<PgConnectOptions, StoreError> {
     PgConnectOptions::from_str(url).map_err(|error| Explained::misconfigured(error, EXPECTED))
 }
 
-/// The first connection's failure, with the server, role and database
-/// it was for (never the password), and what to check.
+/// The first connection's failure, with the server (its socket, if it has
+/// one), role and database it was for (never the password), and what to
+/// check.
 fn connect_error(cause: sqlx::Error, options: &PgConnectOptions) -> StoreError {
     let role = quote_ident(options.get_username());
     let database = options.get_database().unwrap_or(options.get_username());
@@ -946,10 +951,11 @@ fn connect_error(cause: sqlx::Error, options: &PgConnectOptions) -> StoreError {
         ),
         _ => ("check the URL and the server".to_owned(), false),
     };
+    // The socket when there is one: sqlx dials it, not the host and port
+    // it keeps beside it (`localhost:5432` unless the URL names others).
     let hint = format!(
-        "connecting to PostgreSQL at {host}:{port} as role `{user}`, database `{database}`: {fix}",
-        host = options.get_host(),
-        port = options.get_port(),
+        "connecting to PostgreSQL at {address} as role `{user}`, database `{database}`: {fix}",
+        address = address(options),
         user = options.get_username(),
     );
     if setup {
@@ -1050,12 +1056,13 @@ fn schema_of(table: &str) -> &str {
 const CLOCK_SKEW_WARNING: Duration = Duration::from_secs(1);
 
 /// Warns when the store's clock, read at `asked` and at `answered` around
-/// a query that read PostgreSQL's clock as `server` (Unix ms), is further
-/// from it than [`CLOCK_SKEW_WARNING`], however the round trip divides.
+/// a query that read the clock of PostgreSQL at `address` as `server`
+/// (Unix ms), is further from it than [`CLOCK_SKEW_WARNING`], however the
+/// round trip divides.
 /// PostgreSQL's clock stands for the other instances' here: the store
 /// never reads it otherwise, and an instance whose clock is off runs
 /// requests twice without a word.
-fn warn_if_clock_skewed(asked: u64, server: u64, answered: u64) {
+fn warn_if_clock_skewed(address: &str, asked: u64, server: u64, answered: u64) {
     let half_round_trip = answered.saturating_sub(asked) / 2;
     let midpoint = asked.saturating_add(half_round_trip);
     let (skew, direction) = if midpoint >= server {
@@ -1067,20 +1074,27 @@ fn warn_if_clock_skewed(asked: u64, server: u64, answered: u64) {
         return;
     }
     tracing::warn!(
+        server = address,
         skew_ms = skew,
         "the store's clock is {skew} ms {direction} PostgreSQL's: leases and replay windows are read from each instance's clock, so instances whose clocks disagree by two thirds of a lease take over each other's running claims and run a request twice, and a reaper whose clock runs ahead purges them; synchronize this machine's clock (NTP)"
     );
 }
 
-/// Warns when PostgreSQL may lose what the store commits to `table` as
-/// `role`: a table that is `unlogged` is emptied after a crash and has no
-/// rows on a standby (after a failover); commits made `asynchronous`ly
-/// may be lost to a crash. Either way, records of requests that ran are
+/// Warns when PostgreSQL at `server` may lose what the store commits to
+/// `table` as `role`: a table that is `unlogged` is emptied after a crash
+/// and has no rows on a standby (after a failover); commits made
+/// `asynchronous`ly may be lost to a crash. Either way, records of requests that ran are
 /// gone, and their retries run them again, as with the SQLite store's
 /// `synchronous = NORMAL`.
-fn warn_if_not_durable(table: &str, role: &str, (unlogged, asynchronous): (bool, bool)) {
+fn warn_if_not_durable(
+    server: &str,
+    table: &str,
+    role: &str,
+    (unlogged, asynchronous): (bool, bool),
+) {
     if unlogged {
         tracing::warn!(
+            server,
             table,
             "the table `{table}` is UNLOGGED: PostgreSQL empties it after a crash, and a standby has none of its rows, so after a crash or a failover every request completed before it runs again on its retry; make it logged (`ALTER TABLE {} SET LOGGED`)",
             sql::quoted(table)
@@ -1088,6 +1102,7 @@ fn warn_if_not_durable(table: &str, role: &str, (unlogged, asynchronous): (bool,
     }
     if asynchronous {
         tracing::warn!(
+            server,
             "`synchronous_commit` is off on the store's connections (role `{role}`): PostgreSQL answers a commit before it is on disk, and a crash loses the last claims and responses, whose retries then run their requests again; turn it on where it was turned off: the connection options (`options=-c synchronous_commit=off` in the URL), the role (`ALTER ROLE {} SET synchronous_commit = on`), the database or the server",
             quote_ident(role)
         );

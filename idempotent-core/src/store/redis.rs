@@ -397,7 +397,7 @@ impl RedisStore {
     /// failover or a `SCRIPT FLUSH`), the store sends its text with `EVAL`.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(url_error)?;
-        let server = client.get_connection_info().addr().to_string();
+        let server = server_address(client.get_connection_info().addr());
         let unreachable = |error| connect_error(error, &server);
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
@@ -421,7 +421,7 @@ impl RedisStore {
         }
         load_scripts(&mut manager, &server).await?;
         if let Some(info) = &info {
-            warn_if_evicting(info);
+            warn_if_evicting(info, &server);
             warn_if_not_persisted(&mut manager, info, &server).await;
         }
         warn_if_clock_differs(&mut manager, &server).await;
@@ -429,6 +429,22 @@ impl RedisStore {
         let mut store = Self::builder(manager).build();
         store.max_value_bytes = max_value_bytes;
         Ok(store)
+    }
+}
+
+/// Where `addr` connects, as the errors and warnings of
+/// [`RedisStore::connect`] name it: `host:port`, an IPv6 host in brackets
+/// (the `redis` crate writes `::1:6379`, whose port no one can tell), or
+/// a socket's path.
+fn server_address(addr: &redis::ConnectionAddr) -> String {
+    match addr {
+        redis::ConnectionAddr::Tcp(host, port)
+        | redis::ConnectionAddr::TcpTls { host, port, .. }
+            if host.contains(':') =>
+        {
+            format!("[{host}]:{port}")
+        }
+        other => other.to_string(),
     }
 }
 
@@ -758,10 +774,11 @@ const EVICTING: &str = "this Redis evicts keys when it is full, in-flight claims
 /// Warns when the server whose `INFO` is `info` may evict the store's
 /// keys: it has a memory limit and a policy other than `noeviction`.
 /// Nothing else shows it until a full Redis drops a claim and a handler
-/// runs twice.
-fn warn_if_evicting(info: &str) {
+/// runs twice. With the `server`, as the other checks at connect name it:
+/// a service may use other Redis servers, whose settings are not this one's.
+fn warn_if_evicting(info: &str, server: &str) {
     if let Some(policy) = evicting_policy(info) {
-        tracing::warn!(maxmemory_policy = policy, "{EVICTING}");
+        tracing::warn!(server, maxmemory_policy = policy, "{EVICTING}");
     }
 }
 

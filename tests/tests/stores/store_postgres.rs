@@ -459,6 +459,35 @@ async fn a_refused_connection_says_so() {
     assert!(error.to_lowercase().contains("refused"), "{error}");
 }
 
+/// A URL that reaches PostgreSQL through a Unix socket (`?host=/path`, as
+/// `psql` takes it) fails naming that socket: the error named `localhost`
+/// and the default port, which sqlx keeps beside the socket and never
+/// dials, so the operator checked a TCP port instead of the socket's
+/// directory. An IPv6 address is bracketed once, its port told apart.
+/// Needs no server.
+#[tokio::test]
+async fn a_failed_connection_names_the_socket_or_address_it_dialed() {
+    let socket = "/nonexistent-idempotent-socket-dir";
+    let url = format!("postgres://postgres@localhost/test?host={socket}");
+    let error = PostgresStore::connect(&url)
+        .await
+        .expect_err("no socket there")
+        .to_string();
+    assert!(error.contains(&format!("at {socket}")), "{error}");
+    assert!(!error.contains("localhost"), "{error}");
+    // A URL's host comes bracketed, one given by `?host=` bare.
+    for url in [
+        "postgres://postgres@[::1]:1/test",
+        "postgres://postgres@localhost:1/test?host=::1",
+    ] {
+        let error = PostgresStore::connect(url)
+            .await
+            .expect_err("nothing listens on port 1")
+            .to_string();
+        assert!(error.contains("at [::1]:1 "), "{url}: {error}");
+    }
+}
+
 /// A service that never ran `migrate` answers every request 503: the
 /// error it logs says what to run.
 #[tokio::test]

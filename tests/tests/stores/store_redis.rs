@@ -46,6 +46,30 @@ async fn a_tls_url_without_tls_in_the_build_names_the_feature_to_enable() {
     }
 }
 
+/// A server that does not answer is named in the error, as `host:port`,
+/// without the URL's credentials. An IPv6 host is bracketed: it read
+/// `::1:6379`, an address no one can tell the port of. Needs no server:
+/// nothing listens at the port.
+#[tokio::test]
+async fn a_failed_connection_names_the_server_without_its_password() {
+    let port = OwnRedis::free_port();
+    for (url, server) in [
+        (
+            format!("redis://app:s3cret@127.0.0.1:{port}"),
+            format!("127.0.0.1:{port}"),
+        ),
+        (
+            format!("redis://:s3cret@[::1]:{port}/0"),
+            format!("[::1]:{port}"),
+        ),
+    ] {
+        let error = RedisStore::connect(&url).await.expect_err(&url);
+        let told = error.to_string();
+        assert!(told.contains(&format!("at {server}:")), "{told}");
+        assert!(!format!("{told} {error:?}").contains("s3cret"), "{error:?}");
+    }
+}
+
 /// The URL of a Redis Sentinel (port 26379 next to the 6379 of the Redis
 /// it watches): it answers `PING`, so `connect` succeeded, and then every
 /// claim failed with "unknown command" and 503. It is refused at connect,

@@ -49,14 +49,23 @@ fn test_options(url: &str) -> PgConnectOptions {
     PgConnectOptions::from_str(url).expect("a valid URL")
 }
 
-/// Asserts that `warned` is one warning, which says each of `words`.
+/// Asserts that `warned` is one warning, which says each of `words` and
+/// names the server at `url` as the Redis store's checks name theirs: a
+/// service that uses several databases was not told which one to change.
 #[track_caller]
-fn assert_warned_once(warned: &[Logged], words: &[&str]) {
+fn assert_warned_once(warned: &[Logged], url: &str, words: &[&str]) {
     assert_eq!(warned.len(), 1, "{warned:#?}");
     let told = warned[0].message();
     for word in words {
         assert!(told.contains(word), "`{word}` missing from: {told}");
     }
+    let options = test_options(url);
+    let server = format!("{}:{}", options.get_host(), options.get_port());
+    assert_eq!(
+        warned[0].field("server"),
+        Some(server.as_str()),
+        "{warned:#?}"
+    );
 }
 
 #[tokio::test]
@@ -79,6 +88,7 @@ async fn migrate_warns_of_a_clock_far_from_postgresqls() {
     .await;
     assert_warned_once(
         &warned,
+        &url,
         &["behind PostgreSQL's", "run a request twice", "NTP"],
     );
     let skew: u64 = warned[0]
@@ -103,6 +113,7 @@ async fn migrate_warns_of_an_unlogged_table() {
     .await;
     assert_warned_once(
         &warned,
+        &url,
         &["UNLOGGED", "after a crash or a failover", &quoted],
     );
 }
@@ -119,6 +130,7 @@ async fn migrate_warns_of_asynchronous_commits() {
     .await;
     assert_warned_once(
         &warned,
+        &url,
         &["synchronous_commit", "SET synchronous_commit = on"],
     );
 }

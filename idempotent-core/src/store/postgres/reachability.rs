@@ -283,13 +283,16 @@ fn is_refused_for_the_pools_own(pool: &PgPool, error: &sqlx::Error) -> bool {
         && pool.size() >= pool.options().get_max_connections()
 }
 
-/// Where `options` connect: a socket's path, or `host:port`.
-fn address(options: &PgConnectOptions) -> String {
+/// Where `options` connect: a socket's path, or `host:port` (an IPv6
+/// host in brackets). Also what a first connection's error names.
+pub(super) fn address(options: &PgConnectOptions) -> String {
     if let Some(socket) = options.get_socket() {
         return socket.display().to_string();
     }
+    // A URL's IPv6 host comes bracketed (`[::1]`), one set in code or by
+    // `?host=` bare: bracketed again, it read `[[::1]]:5432`.
     let host = options.get_host();
-    if host.contains(':') {
+    if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]:{}", options.get_port())
     } else {
         format!("{host}:{}", options.get_port())
