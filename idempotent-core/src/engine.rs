@@ -591,7 +591,7 @@ impl Engine {
                 Ok(Produced::Final(parts, body)) => {
                     unfinished.ran = Ran::Answered(parts.status);
                     // Asked before anything is stored: see `store_again`.
-                    let lost = renewals.lost();
+                    let lost = renewals.begin_storing();
                     let response = self.keep(token, parts, body, lost).await;
                     drop(renewals);
                     Ok(response)
@@ -827,6 +827,9 @@ impl Engine {
             held,
             due_now.unwrap_or_else(Instant::now),
         );
+        // Its record, stored by an attempt whose answer was lost, is no
+        // takeover to warn of when a renewal meets it.
+        renewals.begin_storing();
         let until = Instant::now() + lease;
         let draining = &self.settings.draining;
         let (mut pause, longest) = LATER_PAUSES;

@@ -29,8 +29,8 @@
 //! payment SDK, a long computation) would hold them back, the lease would
 //! lapse under it, and a duplicate would run it again.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
 use std::time::Duration;
 
 use futures_util::stream::FuturesUnordered;
@@ -56,9 +56,12 @@ pub(crate) struct Renewer {
     /// Renewal tasks started so far, counted under the table's lock: a
     /// claim that finds the count where it was when the claim was held has
     /// had no renewal, so nothing can have found its lease lost, and
-    /// [`Renewals::lost`] answers without taking the lock on every stored
-    /// response.
+    /// [`Renewals::begin_storing`] answers without waiting for the lock.
     renewals_started: AtomicU64,
+    /// Runs that began storing without being able to mark their claim (the
+    /// table was locked): a renewal started for a claim held before one of
+    /// them cannot know that its run is not storing already.
+    unmarked: AtomicU64,
 }
 
 #[derive(Default)]
@@ -82,14 +85,28 @@ struct HeldClaim {
     /// The request's span, for what the renewals log.
     span: tracing::Span,
     renewing: Option<Renewing>,
+    /// The run began storing its response (see [`Renewals::begin_storing`]).
+    storing: bool,
+    /// [`Renewer::unmarked`] when the claim was held.
+    unmarked: u64,
 }
 
-/// The task renewing a claim, and whether its run has settled the claim
-/// (stored the record or released the key): an abort does not stop a
-/// renewal that is already under way, which then meets the settled claim.
+/// How far a claim's run got, as its renewal task reads it: while the
+/// handler runs, a completed record of the same request is not the run's
+/// own, but another request's that took the lapsed key over.
+const RUNNING: u8 = 0;
+/// The run may have stored its response: a completed record of the same
+/// request may be its own.
+const STORING: u8 = 1;
+/// The run stored its record or released its key.
+const SETTLED: u8 = 2;
+
+/// The task renewing a claim, and how far its run got ([`RUNNING`],
+/// [`STORING`], [`SETTLED`]): an abort does not stop a renewal that is
+/// already under way, which then meets the settled claim.
 struct Renewing {
     task: JoinHandle<()>,
-    settled: Arc<AtomicBool>,
+    progress: Arc<AtomicU8>,
     /// The lease as the task knows it, for the claim's settling to tell a
     /// lapse that the task's next renewal, cut short, would have told.
     outage: SharedOutage,
@@ -157,6 +174,10 @@ impl Renewer {
     fn hold(&self, claim: HeldClaim, every: Duration) -> (Held, Nudge) {
         let (runtime, due) = (claim.runtime, claim.due);
         let mut table = self.table();
+        let claim = HeldClaim {
+            unmarked: self.unmarked.load(Ordering::SeqCst),
+            ..claim
+        };
         let held = Held {
             id: table.claims.insert(claim),
             renewals_started: self.renewals_started.load(Ordering::Relaxed),
@@ -193,21 +214,29 @@ impl Renewer {
             if claim.runtime != runtime || claim.renewing.is_some() || claim.due > horizon {
                 continue;
             }
-            let settled = Arc::new(AtomicBool::new(false));
+            // Before the task can run: whatever it finds comes after the
+            // count that tells its claim to look. Before `unmarked` is
+            // read: a run that could not mark its claim reads this count
+            // after it counted itself there.
+            self.renewals_started.fetch_add(1, Ordering::SeqCst);
+            let unmarked = self.unmarked.load(Ordering::SeqCst) != claim.unmarked;
+            let progress = if claim.storing || unmarked {
+                STORING
+            } else {
+                RUNNING
+            };
+            let progress = Arc::new(AtomicU8::new(progress));
             let outage = Arc::new(Mutex::new(Outage::new(claim.held_until())));
             let renewals = {
                 // For what it tells before its task runs.
                 let _entered = claim.span.enter();
-                let watched = (Arc::clone(&settled), Arc::clone(&outage));
+                let watched = (Arc::clone(&progress), Arc::clone(&outage));
                 renew_until_lost(Arc::clone(settings), claim, watched)
             };
-            // Before the task can run: whatever it finds comes after the
-            // count that tells its claim to look.
-            self.renewals_started.fetch_add(1, Ordering::Release);
             let task = tokio::spawn(renewals.instrument(claim.span.clone()));
             claim.renewing = Some(Renewing {
                 task,
-                settled,
+                progress,
                 outage,
             });
         }
@@ -272,6 +301,8 @@ impl<'a> Renewals<'a> {
             held,
             span: tracing::Span::current(),
             renewing: None,
+            storing: false,
+            unmarked: 0,
         };
         let (held, nudge) = renewer.hold(claim, period / 2);
         let nudged = match nudge {
@@ -320,24 +351,39 @@ impl Renewals<'_> {
         self.stop_renewing()
     }
 
-    /// Whether a renewal has found the lease lost so far. Asked before the
-    /// run stores anything, a completed record of the key found later is
-    /// not the run's own, whatever response it holds.
-    pub(crate) fn lost(&self) -> bool {
+    /// Notes that the run begins storing its response, and says whether
+    /// a renewal has found the lease lost so far. Asked before the run
+    /// stores anything, a completed record of the key found later is not
+    /// the run's own, whatever response it holds. Until then, a renewal
+    /// that finds the lease lost knows that the handler still runs, and
+    /// warns at once, whatever holds the key. The table's lock is not
+    /// waited for unless a renewal has started meanwhile: a run that
+    /// finds it taken counts itself unmarked instead.
+    pub(crate) fn begin_storing(&self) -> bool {
         let Some(held) = self.claim else {
             return false;
         };
-        // No renewal task started since the claim was held, so none for it.
-        let started = self.renewer.renewals_started.load(Ordering::Acquire);
+        let renewer = self.renewer;
+        let started = renewer.renewals_started.load(Ordering::SeqCst);
         if started == held.renewals_started {
-            return false;
+            let mut table = match renewer.table.try_lock() {
+                Ok(table) => table,
+                Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                Err(TryLockError::WouldBlock) => {
+                    // Renewals started for claims held before this count
+                    // take their runs for storing; one started before it
+                    // was counted is seen below, and marked under the lock.
+                    renewer.unmarked.fetch_add(1, Ordering::SeqCst);
+                    let started = renewer.renewals_started.load(Ordering::SeqCst);
+                    if started == held.renewals_started {
+                        return false;
+                    }
+                    renewer.table()
+                }
+            };
+            return mark_storing(&mut table, held);
         }
-        let table = self.renewer.table();
-        let renewing = table
-            .claims
-            .get(held.id)
-            .and_then(|claim| claim.renewing.as_ref());
-        renewing.is_some_and(|renewing| lock_outage(&renewing.outage).lost)
+        mark_storing(&mut renewer.table(), held)
     }
 
     fn stop_renewing(&mut self) -> bool {
@@ -352,7 +398,7 @@ impl Renewals<'_> {
             settled.tell_lapse(&mut Outage::new(settled.held_until()), now);
             return false;
         };
-        renewing.settled.store(true, Ordering::Release);
+        renewing.progress.store(SETTLED, Ordering::Release);
         renewing.task.abort();
         // Its task, held back with the handler, may not have run since the
         // lease ran out, and is now cut short before its next renewal would
@@ -369,6 +415,20 @@ impl Drop for Renewals<'_> {
     fn drop(&mut self) {
         self.stop_renewing();
     }
+}
+
+/// Marks `held`'s claim as storing, and says whether a renewal found its
+/// lease lost (see [`Renewals::begin_storing`]).
+fn mark_storing(table: &mut Table, held: Held) -> bool {
+    let Some(claim) = table.claims.get_mut(held.id) else {
+        return false;
+    };
+    claim.storing = true;
+    let Some(renewing) = &claim.renewing else {
+        return false;
+    };
+    renewing.progress.store(STORING, Ordering::Release);
+    lock_outage(&renewing.outage).lost
 }
 
 /// Watches one runtime's claims for as long as the runtime and the
@@ -429,18 +489,22 @@ async fn lease_lost(
     endpoint: &'static str,
     key: &RecordKey,
     fingerprint: Fingerprint,
-    settled: &AtomicBool,
+    progress: &AtomicU8,
 ) {
     // Settled by its own run: it stops the renewals before it releases the
     // key, and right after it stored the record.
-    if settled.load(Ordering::Acquire) {
+    if progress.load(Ordering::Acquire) == SETTLED {
         tracing::debug!("a renewal met the claim its run had settled");
         return;
     }
-    // Stored by its own run, which has not stopped the renewals yet.
     let stored = within(settings.store_timeout, settings.store.get(key)).await;
+    // Read after the record: a run that began storing before it may have
+    // stored it. While the handler runs, a record of the same request is
+    // another's, which took the key over after the lease lapsed.
+    let storing = progress.load(Ordering::Acquire) != RUNNING;
     let message = match stored {
-        Ok(Some(Record::Completed(record))) if record.fingerprint == fingerprint => {
+        // Stored by its own run, which has not stopped the renewals yet.
+        Ok(Some(Record::Completed(record))) if storing && record.fingerprint == fingerprint => {
             tracing::debug!("a renewal met the record its run had stored");
             return;
         }
@@ -469,12 +533,12 @@ const GONE: &str = "the claim's record is gone from the store while the handler 
 /// and the lease would lapse under the running handler though every
 /// renewal would have been applied.
 ///
-/// `watched`: whether the claim's run has settled it, and the lease as of
-/// the claim's sending (see [`Renewing`]).
+/// `watched`: how far the claim's run got, and the lease as of the
+/// claim's sending (see [`Renewing`]).
 fn renew_until_lost(
     settings: Arc<Settings>,
     claim: &HeldClaim,
-    (settled, outage): (Arc<AtomicBool>, SharedOutage),
+    (progress, outage): (Arc<AtomicU8>, SharedOutage),
 ) -> impl Future<Output = ()> + Send + 'static {
     let (key, lease, (token, fingerprint)) = (claim.key.clone(), claim.lease, claim.held);
     let endpoint = claim.endpoint;
@@ -531,7 +595,7 @@ fn renew_until_lost(
                         }
                     }
                     if lost {
-                        return lease_lost(&settings, endpoint, &key, fingerprint, &settled).await;
+                        return lease_lost(&settings, endpoint, &key, fingerprint, &progress).await;
                     }
                     if given_up {
                         return;
@@ -695,7 +759,7 @@ mod tests {
     /// renewal has started, that answer must not wait for the table,
     /// which every claim, settling and watcher's look locks.
     #[test]
-    fn a_claim_never_renewed_is_not_lost_without_locking_the_table() {
+    fn a_claim_never_renewed_is_not_lost_without_waiting_for_the_table() {
         let settings = Idempotency::new(MemoryStore::new()).inner;
         let runtime = runtime();
         let _entered = runtime.enter();
@@ -706,7 +770,10 @@ mod tests {
         let (answered, answer) = std::sync::mpsc::channel();
         std::thread::scope(|threads| {
             let table = settings.renewer.table();
-            threads.spawn(|| answered.send(renewals.lost()).expect("the test waits"));
+            threads.spawn(|| {
+                let lost = renewals.begin_storing();
+                answered.send(lost).expect("the test waits");
+            });
             let lost = answer.recv_timeout(Duration::from_secs(5));
             drop(table);
             assert_eq!(lost, Ok(false), "waited for the table's lock");
@@ -726,19 +793,72 @@ mod tests {
             let key = record_key();
             let sent = Instant::now() - lease;
             let renewals = Renewals::start(&settings, "pay", &key, lease, held, sent);
-            assert!(!renewals.lost(), "lost before any renewal ran");
+            assert!(!renewals.begin_storing(), "lost before any renewal ran");
             settings
                 .renewer
                 .start_due(&settings, Handle::current().id())
                 .expect("the claim's watcher is in the table");
             for _ in 0..100 {
-                if renewals.lost() {
+                if renewals.begin_storing() {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            assert!(renewals.lost(), "the renewal's lost lease is not told");
+            assert!(
+                renewals.begin_storing(),
+                "the renewal's lost lease is not told"
+            );
             assert!(renewals.stop());
+        });
+    }
+
+    /// How far the run of the claim `renewals` holds got, as the renewal
+    /// task that the watcher starts now is told.
+    fn progress_told(settings: &Arc<Settings>, renewals: &Renewals<'_>) -> u8 {
+        let runtime = Handle::current().id();
+        settings
+            .renewer
+            .start_due(settings, runtime)
+            .expect("a watcher");
+        let id = renewals.claim.expect("a claim").id;
+        let table = settings.renewer.table();
+        let renewing = table.claims[id].renewing.as_ref().expect("renewing");
+        renewing.progress.load(Ordering::Acquire)
+    }
+
+    /// A renewal started once the run began storing may meet the record
+    /// the run stored: it must not warn of a takeover then. One started
+    /// while the handler runs must, whatever the record holds. The run
+    /// marks its claim whether or not a renewal had started, and when the
+    /// table is locked as it begins storing, renewals started later take
+    /// it for storing rather than wait for the lock.
+    #[test]
+    fn a_renewal_knows_whether_its_run_began_storing() {
+        let settings = Idempotency::new(MemoryStore::new()).inner;
+        let runtime = runtime();
+        runtime.block_on(async {
+            let (lease, key) = (Duration::from_secs(60), record_key());
+            let due = Instant::now() - lease;
+            let start = || Renewals::start(&settings, "pay", &key, lease, held(), due);
+            let running = start();
+            assert_eq!(progress_told(&settings, &running), RUNNING);
+            let storing = start();
+            assert!(!storing.begin_storing());
+            assert_eq!(progress_told(&settings, &storing), STORING);
+            let unmarked = start();
+            std::thread::scope(|threads| {
+                let _table = settings.renewer.table();
+                let storing = threads.spawn(|| unmarked.begin_storing());
+                assert!(!storing.join().expect("no panic"));
+            });
+            assert_eq!(progress_told(&settings, &unmarked), STORING);
+            let renewed_first = start();
+            assert_eq!(progress_told(&settings, &renewed_first), RUNNING);
+            assert!(!renewed_first.begin_storing());
+            let table = settings.renewer.table();
+            let id = renewed_first.claim.expect("a claim").id;
+            let renewing = table.claims[id].renewing.as_ref().expect("renewing");
+            assert_eq!(renewing.progress.load(Ordering::Acquire), STORING);
         });
     }
 

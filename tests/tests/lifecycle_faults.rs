@@ -304,6 +304,40 @@ fn assert_one_lease_lost_beside_the_retrys_204(events: &[Logged]) {
     );
 }
 
+/// The retry that took the lapsed key over answers and stores exactly what
+/// the first run will (a 204): the first run's renewals, which find the
+/// lease lost while its handler still runs, must warn at once, as the
+/// README says, and not take the retry's record for one their own run
+/// stored (it has stored nothing: its handler has not answered).
+#[tokio::test(start_paused = true)]
+async fn a_takeover_stored_alike_while_the_handler_runs_is_warned_of_at_once() {
+    let (events, _guard) = Events::on_this_thread();
+    let (store, runs) = (MockStore::new(), Runs::default());
+    let app = app(&store, &runs);
+    let first = tokio::spawn(send(app.clone(), first_waits_answering(204)));
+    runs.turnstile.until_started().await;
+    store.advance(PAST_THE_LEASE);
+    let retry = send(app.clone(), first_waits_answering(204)).await;
+    assert_eq!(retry.0, StatusCode::NO_CONTENT);
+    // Renewals come every third of the lease: the next ones meet the
+    // takeover, while the first handler is still held.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let warned = events.take_at_least(tracing::Level::WARN);
+    let warned: Vec<_> = warned
+        .iter()
+        .filter(|e| e.message().contains("taken over while the handler runs"))
+        .collect();
+    assert_eq!(warned.len(), 1, "the renewal warns at once: {warned:#?}");
+    runs.turnstile.let_through(1);
+    tokio::time::timeout(HANG, first).await.unwrap().unwrap();
+    store.assert_executed(2);
+    // The warning is no outcome: the run still tells its one `lease_lost`.
+    let settled = events.take_at_least(tracing::Level::TRACE);
+    let lost = with_outcome(&settled, "lease_lost");
+    assert_eq!(lost.len(), 1, "one takeover, one lease_lost: {settled:#?}");
+    assert_eq!(lost[0].field("record"), Some("completed"), "{lost:#?}");
+}
+
 /// The retry that took the key over answers 503 and releases it; the first
 /// run, whose renewals found the record gone, answers 503 too, and its
 /// release finds nothing to free. That is no release of its own whose
