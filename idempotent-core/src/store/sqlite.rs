@@ -199,7 +199,8 @@ impl SqliteStore {
     /// own.
     ///
     /// # Errors
-    /// The file cannot be opened or created.
+    /// The file cannot be opened or created, or `path` is empty (SQLite
+    /// would keep the records in a temporary file, gone at a restart).
     pub async fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         Self::connect_with(SqliteConnectOptions::new().filename(path)).await
     }
@@ -209,8 +210,8 @@ impl SqliteStore {
     /// one (`sqlite::memory:`) kept on one connection.
     ///
     /// # Errors
-    /// The URL is invalid or not a `sqlite:` one, or the file cannot be
-    /// opened or created.
+    /// The URL is invalid, not a `sqlite:` one, or names no file
+    /// (`sqlite://`), or the file cannot be opened or created.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         // sqlx reads a URL of another scheme (`postgres://...`) as a file
         // name, and would create that file.
@@ -246,9 +247,13 @@ impl SqliteStore {
     /// ```
     ///
     /// # Errors
-    /// The file cannot be opened or created.
+    /// The file cannot be opened or created, or `options` name none (an
+    /// empty file name, not in memory).
     pub async fn connect_with(options: SqliteConnectOptions) -> Result<Self, StoreError> {
         let file = options.get_filename().to_owned();
+        if names_no_file(&options) {
+            return Err(StoreError::misconfigured(NoFileNamed));
+        }
         let options = options
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -372,7 +377,23 @@ impl SqliteStore {
         // NOT EXISTS`, and its index fails on a column it lacks: either
         // way, what the table lacks is the error to tell.
         self.check_columns().await?;
-        created.map(drop).map_err(|error| self.migrate_error(error))
+        created.map_err(|error| self.migrate_error(error))?;
+        self.check_writable().await
+    }
+
+    /// Refuses a database the store may not write (opened with `mode=ro`
+    /// or `immutable=1`, a file the process may not write, which SQLite
+    /// opens read-only without a word): `CREATE TABLE IF NOT EXISTS`
+    /// writes nothing where the table exists, as at every restart, and
+    /// every claim would fail after. A statement that deletes nothing
+    /// still asks for the write lock, which SQLite refuses there.
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        let probe = format!("DELETE FROM {} WHERE 0", sql::quoted(&self.inner.table));
+        let pool = self.inner.connections.pool();
+        while_busy(|| sqlx::query(&probe).execute(pool))
+            .await
+            .map(drop)
+            .map_err(|error| self.migrate_error(error))
     }
 
     /// Refuses an in-memory database on a pool that closes connections
@@ -1060,23 +1081,19 @@ fn result_code(error: &sqlx::Error) -> Option<i32> {
 /// says only "unable to open database file", without the path or why.
 fn open_error(error: sqlx::Error, file: &Path) -> StoreError {
     let path = file.display();
+    // sqlx refuses, before SQLite sees it, a name that is not UTF-8 or
+    // holds a NUL byte: it never opens.
+    if let sqlx::Error::Io(io) = &error
+        && io.kind() == std::io::ErrorKind::InvalidData
+    {
+        let hint = format!(
+            "SQLite takes a file name of UTF-8 without NUL bytes, which `{path}` is not: name another file"
+        );
+        return Explained::misconfigured(error, hint);
+    }
     let hint = match result_code(&error) {
         // SQLITE_CANTOPEN
-        Some(14) if file.is_dir() => format!("`{path}` is a directory: name a file in it"),
-        Some(14) => match file
-            .parent()
-            .filter(|parent| !parent.as_os_str().is_empty())
-        {
-            Some(parent) if !parent.is_dir() => {
-                format!(
-                    "the directory `{}` does not exist: create it first",
-                    parent.display()
-                )
-            }
-            _ => format!(
-                "check that the process may read and write `{path}` and its directory, where SQLite creates the `-wal` and `-shm` files beside it"
-            ),
-        },
+        Some(14) => cannot_open(file),
         // SQLITE_NOTADB
         Some(26) => {
             format!("`{path}` is not a SQLite database: name a new file, or the store's database")
@@ -1099,15 +1116,39 @@ fn open_error(error: sqlx::Error, file: &Path) -> StoreError {
     Explained::misconfigured(error, hint)
 }
 
+/// Why SQLite could not open the file at `file` (`SQLITE_CANTOPEN`), with
+/// what to do.
+fn cannot_open(file: &Path) -> String {
+    let path = file.display();
+    if file.is_dir() {
+        return format!("`{path}` is a directory: name a file in it");
+    }
+    match file
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+    {
+        Some(parent) if !parent.is_dir() => {
+            format!(
+                "the directory `{}` does not exist: create it first",
+                parent.display()
+            )
+        }
+        _ => format!(
+            "check that the process may read and write `{path}` and its directory, where SQLite creates the `-wal` and `-shm` files beside it"
+        ),
+    }
+}
+
 /// What to do about a database the store may not write.
-const READ_ONLY_FIX: &str = "the store writes on every request; let the process write the file and its directory (SQLite creates its `-wal` and `-shm` files beside it), keep it off read-only mounts, and open it without `mode=ro`";
+const READ_ONLY_FIX: &str = "the store writes on every request; let the process write the file and its directory (SQLite creates its `-wal` and `-shm` files beside it), keep it off read-only mounts, and open it without `mode=ro` or `immutable=1` (read-only media to SQLite, which then also ignores other processes' writes in the `-wal` file)";
 
 impl SqliteStore {
     /// A statement's failure as the engine reports it: a missing table,
-    /// one made by something else, a read-only or a damaged file is named
-    /// as such, with the fix, since such a service fails every request
-    /// until it is fixed; a full disk, or a file another connection keeps
-    /// locked, is told as the outage it is, with the file.
+    /// one made by something else, a file that cannot be opened, a
+    /// read-only, damaged or overwritten file is named as such, with the
+    /// fix, since such a service fails every request until it is fixed;
+    /// a full disk, or a file another connection keeps locked, is told
+    /// as the outage it is, with the file.
     fn statement_error(&self, error: sqlx::Error) -> StoreError {
         let options = self.inner.connections.pool().connect_options();
         let path = options.get_filename().display().to_string();
@@ -1161,6 +1202,19 @@ fn statement_error(error: sqlx::Error, path: &str, table: &str) -> StoreError {
         // SQLITE_CORRUPT: the file stays damaged until it is replaced.
         format!(
             "the database `{path}` is damaged (a failing disk, a copy taken while it was written, a file overwritten in place): stop the processes that use it and restore it from a backup (`sqlite3 .recover` saves what it can), or move it away with its `-wal` and `-shm` files for a new one, where the requests it recorded run again"
+        )
+    } else if result_code(&error) == Some(14) {
+        // SQLITE_CANTOPEN, from a connection the pool opens now: a pool
+        // connected lazily, or one reopening connections it closed.
+        format!(
+            "the database `{path}` cannot be opened: {}",
+            cannot_open(Path::new(path))
+        )
+    } else if result_code(&error) == Some(26) {
+        // SQLITE_NOTADB: its header overwritten since `open` read it; as
+        // damaged as a malformed page, and as lasting.
+        format!(
+            "the database `{path}` is no longer a SQLite database (its header was overwritten in place: another file copied over it, a failing disk): stop the processes that use it and restore it from a backup, or move it away with its `-wal` and `-shm` files for a new one, where the requests it recorded run again"
         )
     } else if result_code(&error) == Some(13) {
         // SQLITE_FULL: may pass as space is freed, so retried as an outage.
@@ -1291,6 +1345,28 @@ struct MemoryNotKept;
     "the database is in memory, and each connection of the pool opens one of its own (`:memory:` as a file name, as `SqliteConnectOptions::new()` has it, a plain name with `mode=memory`, or `cache=private`): the table and every record would be on one connection only, a request served on another would fail on a missing table, and one whose response is stored through another than its claim's would run again; build the pool with `max_connections(1)` (with `min_connections(1)`, `idle_timeout(None)` and `max_lifetime(None)`), open the store with `SqliteStore::open(\":memory:\")`, or connect the pool to `sqlite::memory:`, which its connections share"
 )]
 struct MemoryNotShared;
+
+/// An empty file name, and no in-memory database asked for.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no SQLite database file was named (an empty path or URL, as an unset variable gives): SQLite would keep the records in a temporary file of its own, deleted when the store closes, and each request would run again after a restart; name the file to keep them in (`SqliteStore::open(\"idempotency.db\")`), or `:memory:` for an in-memory database, for tests"
+)]
+struct NoFileNamed;
+
+/// Whether `options` name no file and no in-memory database: SQLite then
+/// opens a temporary file of each connection's own, deleted when it
+/// closes, without a word.
+fn names_no_file(options: &SqliteConnectOptions) -> bool {
+    use sqlx::ConnectOptions as _;
+
+    if !options.get_filename().as_os_str().is_empty() {
+        return false;
+    }
+    // Only the URL tells `mode=memory`; sqlx cannot make one of every
+    // file name (it panics on `file:` names), but does of an empty one.
+    let url = options.to_url_lossy();
+    !(url.query_pairs()).any(|(name, value)| name == "mode" && value == "memory")
+}
 
 /// The database file was deleted, renamed or replaced while the store had
 /// it open.

@@ -795,6 +795,24 @@ async fn a_sqlite_path_that_cannot_be_opened_says_why() {
     assert_says(&error, &[&junk, "is not a SQLite database"]);
 }
 
+/// A path SQLite cannot be given (not UTF-8, or holding a NUL byte, as a
+/// name read from bytes may): it never opens, and was told as an outage
+/// that may pass, which a service's start retries for good. It is a
+/// setup to change, naming the path and why.
+#[tokio::test]
+async fn a_sqlite_path_sqlite_cannot_take_is_refused() {
+    use std::os::unix::ffi::OsStrExt as _;
+
+    let dir = TempDir::new();
+    let not_utf8 = dir
+        .path()
+        .join(std::ffi::OsStr::from_bytes(b"records-\xff.db"));
+    let error = sqlite_open_error(&not_utf8).await;
+    assert_says(&error, &["records-", "UTF-8"]);
+    let error = sqlite_open_error(&dir.path().join("records\0.db")).await;
+    assert_says(&error, &["NUL"]);
+}
+
 /// A URL of another store was read as a file name (and the file
 /// created): it is refused, saying what URL to give.
 #[tokio::test]
@@ -806,6 +824,33 @@ async fn a_url_that_is_not_sqlite_is_refused() {
         &error.to_string(),
         &["not a SQLite URL", "sqlite://idempotency.db"],
     );
+}
+
+/// An empty path or URL (an unset variable read as `""`) was opened
+/// without a word: SQLite keeps such a database in a temporary file of
+/// the connection's own, deleted when it closes, so every record went
+/// with a restart and each retry after it ran its handler again. It is
+/// refused, saying what to name; an in-memory database asked for by
+/// name is still opened.
+#[tokio::test]
+async fn an_empty_sqlite_path_is_refused() {
+    let opened = SqliteStore::open("").await;
+    let error = opened.expect_err("an empty path names no file");
+    assert_misconfigured(&error);
+    assert_says(&error.to_string(), &["no SQLite database file was named"]);
+    for url in ["sqlite://", "sqlite:"] {
+        let connected = SqliteStore::connect(url).await;
+        let error = connected.expect_err(url);
+        assert_misconfigured(&error);
+        assert_says(
+            &error.to_string(),
+            &["SqliteStore::open(\"idempotency.db\")"],
+        );
+    }
+    for in_memory in ["sqlite://?mode=memory", "sqlite::memory:"] {
+        let store = SqliteStore::connect(in_memory).await.expect(in_memory);
+        store.migrate().await.expect("migrate in memory");
+    }
 }
 
 /// Before `migrate`, requests name it.
@@ -870,6 +915,40 @@ async fn a_read_only_sqlite_database_says_so() {
     let store = SqliteStore::connect(&url).await.expect("open read-only");
     let error = claim_error(&store).await;
     assert_says(&error, &["read-only", "without `mode=ro`"]);
+}
+
+/// `migrate` is documented to fail on a read-only file, so that a
+/// service that cannot work stops at its start. Its `CREATE TABLE IF NOT
+/// EXISTS` writes nothing where the table exists, as at every restart: a
+/// database opened read-only (`mode=ro`, `immutable=1`) passed, and each
+/// keyed request was answered 500 after. `migrate` refuses it.
+#[tokio::test]
+async fn migrating_a_read_only_sqlite_database_says_so() {
+    let dir = TempDir::new();
+    let file = dir.path().join("records.db");
+    migrated_sqlite(&file).await;
+    for flag in ["mode=ro", "immutable=1"] {
+        let url = format!("sqlite://{}?{flag}", file.display());
+        let store = SqliteStore::connect(&url).await.expect("open read-only");
+        let error = store.migrate().await.expect_err(flag);
+        assert_misconfigured(&error);
+        assert_says(&error.to_string(), &["read-only", flag]);
+    }
+}
+
+/// A database opened with `immutable=1` (read-only media to SQLite, which
+/// then also ignores the `-wal` file and every lock) takes no claim: the
+/// error told to open it without `mode=ro`, which the URL did not have.
+/// It names `immutable` too.
+#[tokio::test]
+async fn an_immutable_sqlite_database_says_so() {
+    let dir = TempDir::new();
+    let file = dir.path().join("records.db");
+    migrated_sqlite(&file).await;
+    let url = format!("sqlite://{}?immutable=1", file.display());
+    let store = SqliteStore::connect(&url).await.expect("open immutable");
+    let error = claim_error(&store).await;
+    assert_says(&error, &["read-only", "immutable=1"]);
 }
 
 /// Keeps this process from writing `path` while it lives: by its mode,
@@ -1023,6 +1102,37 @@ async fn a_sqlite_directory_the_process_may_not_write_is_named() {
         &error,
         &[&file.display().to_string(), "its directory", "-wal"],
     );
+}
+
+/// A store on a pool of the application's own that opens its connections
+/// when first used (`connect_lazy_with`), as a pool also reopens those it
+/// closed once idle or old: a file in a missing directory, or in one the
+/// process may not write, failed every claim as an outage, "unable to
+/// open database file" without the file, where `open` names it and why.
+#[tokio::test]
+async fn a_sqlite_file_a_lazy_pool_cannot_open_is_named() {
+    let dir = TempDir::new();
+    let missing = dir.path().join("missing").join("records.db");
+    let error = claim_error(&lazily_on(&missing)).await;
+    assert_says(&error, &[&missing.display().to_string(), "does not exist"]);
+    let file = dir.path().join("records.db");
+    copied_sqlite(&file).await;
+    let Some(_unwritable) = Unwritable::new(dir.path()) else {
+        return;
+    };
+    let error = claim_error(&lazily_on(&file)).await;
+    assert_says(&error, &[&file.display().to_string(), "its directory"]);
+}
+
+/// A store on a pool that opens `file`, in WAL mode, at its first use.
+fn lazily_on(file: &Path) -> SqliteStore {
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(file)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
+    let pool = sqlx::sqlite::SqlitePoolOptions::new().connect_lazy_with(options);
+    SqliteStore::builder(pool)
+        .build()
+        .expect("valid table name")
 }
 
 /// A database that cannot grow (a full disk; here, a file at its

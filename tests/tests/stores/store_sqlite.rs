@@ -902,6 +902,40 @@ async fn a_damaged_database_file_names_the_file_and_the_fix() {
     assert!(told.contains(&file) && told.contains("restore"), "{told}");
 }
 
+/// The file's header overwritten in place under a running store (a copy
+/// of something else written over it, a failing disk): SQLite says "file
+/// is not a database", without the file, and that was told as an outage
+/// that may pass by itself, answered 503 and retried for good, where
+/// `open` names the same file as a setup to change. A running store says
+/// the same, naming the file and what to do.
+#[tokio::test]
+async fn a_file_overwritten_under_the_store_names_the_file_and_the_fix() {
+    use idempotent_core::fingerprint::Fingerprint;
+    use idempotent_core::store::{Store, StoreError};
+
+    let db = TempDb::new();
+    let store = db.open().await;
+    let fingerprint = Fingerprint::from_bytes([7; 32]);
+    let lease = Duration::from_secs(60);
+    let claimed = store.claim(&record_key("before"), fingerprint, lease).await;
+    assert!(claimed.is_ok(), "{claimed:?}");
+    // Into the file itself, so that SQLite reads its first page from there.
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let mut file = std::fs::OpenOptions::new().write(true).open(&db.0).unwrap();
+    std::io::Write::write_all(&mut file, &[0xa5; 100]).expect("overwrite the header");
+    drop(file);
+
+    let claimed = store.claim(&record_key("after"), fingerprint, lease).await;
+    let error = claimed.expect_err("the file is no database");
+    assert!(matches!(error, StoreError::Misconfigured(_)), "{error:?}");
+    let told = error.to_string();
+    let file = db.0.display().to_string();
+    assert!(told.contains(&file) && told.contains("restore"), "{told}");
+}
+
 /// The WAL file's size on disk.
 fn wal_len(db: &TempDb) -> u64 {
     let mut path = db.0.clone().into_os_string();
