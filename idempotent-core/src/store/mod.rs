@@ -56,6 +56,17 @@ pub use tiered::{Tiered, TieredBuilder};
 /// keys this long after their deadline; the SQL stores purge a claim
 /// this long after its lease, and the memory store sweeps it no sooner.
 const EXPIRY_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+/// `host:port` as the stores' errors and logs name a server: an IPv6 host
+/// in brackets, once (a URL's comes bracketed already, one set in code
+/// bare), so that its port can be told from it.
+#[cfg(any(feature = "postgres", feature = "redis"))]
+fn host_and_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 mod kept;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]

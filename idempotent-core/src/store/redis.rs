@@ -439,11 +439,7 @@ impl RedisStore {
 fn server_address(addr: &redis::ConnectionAddr) -> String {
     match addr {
         redis::ConnectionAddr::Tcp(host, port)
-        | redis::ConnectionAddr::TcpTls { host, port, .. }
-            if host.contains(':') =>
-        {
-            format!("[{host}]:{port}")
-        }
+        | redis::ConnectionAddr::TcpTls { host, port, .. } => super::host_and_port(host, *port),
         other => other.to_string(),
     }
 }

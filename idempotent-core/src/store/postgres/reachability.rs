@@ -289,14 +289,7 @@ pub(super) fn address(options: &PgConnectOptions) -> String {
     if let Some(socket) = options.get_socket() {
         return socket.display().to_string();
     }
-    // A URL's IPv6 host comes bracketed (`[::1]`), one set in code or by
-    // `?host=` bare: bracketed again, it read `[[::1]]:5432`.
-    let host = options.get_host();
-    if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]:{}", options.get_port())
-    } else {
-        format!("{host}:{}", options.get_port())
-    }
+    crate::store::host_and_port(options.get_host(), options.get_port())
 }
 
 /// `acquire`'s outcome if it comes before `other` ends, else `other`'s.
