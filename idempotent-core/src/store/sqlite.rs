@@ -1139,6 +1139,9 @@ fn cannot_open(file: &Path) -> String {
     }
 }
 
+/// What to do about a damaged database, or one overwritten in place.
+const DAMAGED_FIX: &str = "stop the processes that use it and restore it from a backup (`sqlite3 .recover` saves what it can), or move it away with its `-wal` and `-shm` files for a new one, where the requests it recorded run again";
+
 /// What to do about a database the store may not write.
 const READ_ONLY_FIX: &str = "the store writes on every request; let the process write the file and its directory (SQLite creates its `-wal` and `-shm` files beside it), keep it off read-only mounts, and open it without `mode=ro` or `immutable=1` (read-only media to SQLite, which then also ignores other processes' writes in the `-wal` file)";
 
@@ -1201,7 +1204,7 @@ fn statement_error(error: sqlx::Error, path: &str, table: &str) -> StoreError {
     } else if result_code(&error) == Some(11) {
         // SQLITE_CORRUPT: the file stays damaged until it is replaced.
         format!(
-            "the database `{path}` is damaged (a failing disk, a copy taken while it was written, a file overwritten in place): stop the processes that use it and restore it from a backup (`sqlite3 .recover` saves what it can), or move it away with its `-wal` and `-shm` files for a new one, where the requests it recorded run again"
+            "the database `{path}` is damaged (a failing disk, a copy taken while it was written, a file overwritten in place): {DAMAGED_FIX}"
         )
     } else if result_code(&error) == Some(14) {
         // SQLITE_CANTOPEN, from a connection the pool opens now: a pool
@@ -1214,7 +1217,7 @@ fn statement_error(error: sqlx::Error, path: &str, table: &str) -> StoreError {
         // SQLITE_NOTADB: its header overwritten since `open` read it; as
         // damaged as a malformed page, and as lasting.
         format!(
-            "the database `{path}` is no longer a SQLite database (its header was overwritten in place: another file copied over it, a failing disk): stop the processes that use it and restore it from a backup, or move it away with its `-wal` and `-shm` files for a new one, where the requests it recorded run again"
+            "the database `{path}` is no longer a SQLite database (its header was overwritten in place: another file copied over it, a failing disk): {DAMAGED_FIX}"
         )
     } else if result_code(&error) == Some(13) {
         // SQLITE_FULL: may pass as space is freed, so retried as an outage.
