@@ -266,8 +266,8 @@ async fn migrating_into_a_missing_postgres_schema_says_to_create_it() {
 /// and how to name the table's schema.
 #[tokio::test]
 async fn migrating_on_a_search_path_of_no_existing_schema_names_the_search_path() {
-    let table = unique_name("pghunt_unplaced");
-    let nowhere = unique_name("pghunt_no_such_schema");
+    let table = unique_name("idem_unplaced");
+    let nowhere = unique_name("idem_no_such_schema");
     let Some(store) = postgres_with_setting(&table, "search_path", &nowhere).await else {
         return;
     };
@@ -288,7 +288,7 @@ async fn migrating_on_a_search_path_of_no_existing_schema_names_the_search_path(
 /// anything, and says which setting to turn off.
 #[tokio::test]
 async fn migrating_a_missing_postgres_table_on_a_read_only_server_is_a_setup_to_change() {
-    let table = unique_name("pghunt_read_only");
+    let table = unique_name("idem_read_only");
     let setting = "default_transaction_read_only";
     let Some(store) = postgres_with_setting(&table, setting, "on").await else {
         return;

@@ -177,6 +177,14 @@ impl Setup {
     }
 }
 
+/// A pool connected as the test server's superuser, who makes and drops
+/// the roles and tables of these tests.
+async fn superuser(url: &str) -> PgPool {
+    PgPool::connect(url)
+        .await
+        .expect("connect as the superuser")
+}
+
 /// A pool of the store's settings, connected as `role`.
 async fn role_pool(url: &str, role: &str) -> PgPool {
     let options: PgConnectOptions = url.parse().expect("valid URL");
@@ -327,9 +335,7 @@ async fn a_role_whose_search_path_names_its_own_schema_is_told_to_grant_create_t
 #[tokio::test]
 async fn a_role_refused_connect_is_told_by_migrate_to_grant_connect() {
     let Some(url) = backend_url(URL) else { return };
-    let cluster = PgPool::connect(&url)
-        .await
-        .expect("connect as the superuser");
+    let cluster = superuser(&url).await;
     let name = unique_name("idem_connect");
     let (database, role) = (format!("{name}_db"), format!("{name}_role"));
     run(&cluster, &format!("CREATE ROLE {role} LOGIN")).await;
@@ -462,9 +468,7 @@ fn quoted_table(table: &str) -> String {
 #[tokio::test]
 async fn the_grants_suggested_for_a_table_named_with_a_reserved_word_run() {
     let Some(url) = backend_url(URL) else { return };
-    let cluster = PgPool::connect(&url)
-        .await
-        .expect("connect as the superuser");
+    let cluster = superuser(&url).await;
     let database = unique_name("idem_reserved");
     run(&cluster, &format!("CREATE DATABASE {database}")).await;
     let options: PgConnectOptions = url.parse().expect("valid URL");
@@ -765,10 +769,8 @@ async fn a_role_refused_login_under_a_running_store_is_named() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_role_that_may_only_read_and_write_rows_migrates_beside_the_job_making_its_table() {
     let Some(url) = backend_url(URL) else { return };
-    let admin = PgPool::connect(&url)
-        .await
-        .expect("connect as the superuser");
-    let table = unique_name("pghunt_made_meanwhile");
+    let admin = superuser(&url).await;
+    let table = unique_name("idem_made_meanwhile");
     let role = format!("{table}_role");
     run(&admin, &format!("CREATE ROLE {role} LOGIN")).await;
     let pool = role_pool(&url, &role).await;
@@ -856,10 +858,8 @@ const CONNECTION_LIMIT: u32 = 2;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_waiting_for_a_full_pool_at_the_roles_connection_limit_is_served() {
     let Some(url) = backend_url(URL) else { return };
-    let admin = PgPool::connect(&url)
-        .await
-        .expect("connect as the superuser");
-    let table = unique_name("pghunt_limited");
+    let admin = superuser(&url).await;
+    let table = unique_name("idem_limited");
     let role = format!("{table}_role");
     let migration = PostgresStore::migration_sql(&table).expect("valid table name");
     let setup = format!(
@@ -1035,9 +1035,7 @@ async fn the_sql_suggested_for_roles_postgresql_reads_otherwise_unquoted_runs() 
         format!("Mixed{unique}"),
         format!("svc-payments{unique}"),
     ] {
-        let cluster = PgPool::connect(&url)
-            .await
-            .expect("connect as the superuser");
+        let cluster = superuser(&url).await;
         run(
             &cluster,
             &format!("CREATE ROLE {} LOGIN", quoted_name(&role)),
