@@ -254,10 +254,20 @@ where
 /// answers this layer makes itself (a replay of the `GET`, a problem)
 /// would keep theirs, which hyper sends over HTTP/2 as DATA frames on a
 /// `HEAD` stream: a protocol error to the client (RFC 9110 9.3.2).
+///
+/// Only a body of known length and some content is taken off, as all of
+/// the layer's own answers have: an empty one is left alone (around a
+/// `Router`, axum took the body off and said what length it knew), and
+/// so is a handler's stream of unknown length, which axum takes off
+/// after this layer inside a router; emptied here, either would be
+/// announced as `Content-Length: 0`, a length the `GET`'s
+/// representation does not have.
 fn bodiless(mut response: Response) -> Response {
-    if !response.headers().contains_key(CONTENT_LENGTH)
-        && let Some(length) = http_body::Body::size_hint(response.body()).exact()
-    {
+    let length = http_body::Body::size_hint(response.body()).exact();
+    let Some(length) = length.filter(|length| *length > 0) else {
+        return response;
+    };
+    if !response.headers().contains_key(CONTENT_LENGTH) {
         let length = HeaderValue::from(length);
         response.headers_mut().insert(CONTENT_LENGTH, length);
     }

@@ -798,6 +798,42 @@ async fn around_a_whole_router_a_head_gets_no_body_replayed_or_refused() {
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
+/// A `HEAD` whose answer streams a body of unknown length (no key, so
+/// nothing is stored), through the layer on the route or around the
+/// whole `Router`: axum takes the body off and announces no length, and
+/// the layer must not announce one either, as `0`, which would tell the
+/// client the `GET`'s representation is empty.
+#[tokio::test]
+async fn a_head_streaming_a_body_of_unknown_length_announces_none() {
+    use tower::Layer as _;
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let routes = || {
+        Router::new()
+            .route("/report", axum::routing::get(report))
+            .layer(Extension(runs.clone()))
+    };
+    let on_the_route = Router::new()
+        .route("/report", axum::routing::get(report).route_layer(layer()))
+        .layer(Extension(runs.clone()))
+        .layer(Idempotency::new(MemoryStore::new()));
+    let around = Idempotency::new(MemoryStore::new()).layer(layer().layer(routes()));
+    let unkeyed = || {
+        Request::builder()
+            .method("HEAD")
+            .uri("/report")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let on_the_route = on_the_route.oneshot(unkeyed()).await.unwrap();
+    let around = around.oneshot(unkeyed()).await.unwrap();
+    for (placement, response) in [("on the route", on_the_route), ("around", around)] {
+        assert_eq!(response.status(), StatusCode::OK, "{placement}");
+        let length = response.headers().get("content-length");
+        assert_eq!(length, None, "{placement}: a length the GET does not have");
+    }
+}
+
 /// Headers given to one request, in order (a name may come twice).
 type Headers = &'static [(&'static str, &'static str)];
 
