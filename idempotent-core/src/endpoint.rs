@@ -48,10 +48,12 @@ pub enum FinalStatuses {
     /// `axum`'s router and extractors answer them), so that a retry that
     /// fixes the request (a refreshed token, the right method) is not
     /// answered with them. An
-    /// informational 1xx (a protocol switch) is not an outcome to replay.
+    /// informational 1xx (a protocol switch) is not an outcome to replay,
+    /// under this policy or any other.
     #[default]
     Default,
-    /// Exactly the listed statuses: the attribute's
+    /// Exactly the listed statuses, but for a 1xx, which is never stored
+    /// (see [`is_final`](Self::is_final)): the attribute's
     /// `final_statuses = "2xx, 404"` is
     ///
     /// ```
@@ -99,9 +101,15 @@ pub enum FinalStatuses {
 const NOT_FINAL: [u16; 10] = [401, 405, 407, 408, 409, 413, 415, 423, 425, 429];
 
 impl FinalStatuses {
-    /// Whether a response with `status` is stored.
+    /// Whether a response with `status` is stored. Never a 1xx, even
+    /// one the list names (`"1xx"`, `"100-599"`): it is no final answer,
+    /// a stored one cannot be replayed, and every retry with its key would
+    /// be answered 500 `record-corrupt` until the record expired.
     #[must_use]
     pub fn is_final(self, status: StatusCode) -> bool {
+        if status.is_informational() {
+            return false;
+        }
         let status = status.as_u16();
         match self {
             Self::Default => is_final_by_default(status),
@@ -365,6 +373,27 @@ mod tests {
         assert_eq!(endpoint.result_ttl(), Duration::from_secs(1));
         let endpoint = Endpoint::new("e").lease(Duration::from_millis(1_500));
         assert_eq!(endpoint.lease_duration(), Duration::from_millis(1_500));
+    }
+
+    /// A 1xx is no final answer: stored, it could not be replayed, and
+    /// every retry with its key would get 500 `record-corrupt` for the
+    /// whole TTL. A list that takes in every status keeps it out too.
+    #[test]
+    fn a_listed_informational_status_is_not_final() {
+        const EVERY_STATUS: &[StatusRange] = &[StatusRange::new(100, 599)];
+        for policy in [
+            FinalStatuses::Only(EVERY_STATUS),
+            FinalStatuses::DefaultAnd(EVERY_STATUS),
+        ] {
+            assert!(
+                !policy.is_final(StatusCode::SWITCHING_PROTOCOLS),
+                "{policy:?} stores a 101"
+            );
+            assert!(
+                policy.is_final(StatusCode::SERVICE_UNAVAILABLE),
+                "{policy:?}"
+            );
+        }
     }
 
     #[test]

@@ -560,8 +560,8 @@ mod tests {
         }
     }
 
-    /// A 1xx is stored only by a policy that lists it, or in a record that
-    /// is damaged or written by something else.
+    /// A 1xx is never stored by the engine, whatever the policy lists: a
+    /// record holds one only if it is damaged or written by something else.
     #[test]
     fn a_record_with_an_informational_status_is_a_problem_not_a_1xx() {
         for code in [100, 101, 103, 199] {

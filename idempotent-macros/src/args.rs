@@ -1162,6 +1162,13 @@ fn add_entry(mut list: StatusList, part: &str) -> Result<StatusList, String> {
     } else {
         let range = status_range(part)
             .map_err(|why| without_commas(part).unwrap_or_else(|| default_hint(part, why)))?;
+        // The engine never stores a 1xx (`FinalStatuses::is_final`): such
+        // an entry would change nothing, and was likely meant to.
+        if range.1 < 200 {
+            return Err(format!(
+                "`{part}` lists only informational statuses (1xx), which are never stored: a 1xx is no final answer and could not be replayed"
+            ));
+        }
         list.ranges.push(range);
     }
     Ok(list)
@@ -1338,6 +1345,21 @@ mod tests {
             Ok(vec![(400, 403)])
         );
         assert!(!list("2xx conflict").unwrap_err().contains("commas"));
+    }
+
+    /// An entry of 1xx statuses alone would do nothing: the engine never
+    /// stores a 1xx, which it could not replay. A range that reaches past
+    /// them (`"100-599"`, every final status) is fine.
+    #[test]
+    fn an_entry_of_informational_statuses_alone_is_refused() {
+        for written in ["1xx", "101", "2xx, 100-199"] {
+            let error = list(written).unwrap_err();
+            assert!(error.contains("never stored"), "{written}: {error}");
+        }
+        assert_eq!(
+            list("100-599").map(|list| list.ranges),
+            Ok(vec![(100, 599)])
+        );
     }
 
     #[test]

@@ -980,6 +980,29 @@ async fn final_statuses_decide_what_is_stored() {
     );
 }
 
+#[idempotent(scope = "global", final_statuses = "100-599")]
+async fn switching_protocols(State(runs): State<Runs>) -> (StatusCode, String) {
+    (StatusCode::SWITCHING_PROTOCOLS, runs.bump().to_string())
+}
+
+/// A list that takes in every status still leaves a 1xx unstored: it is
+/// no final answer and cannot be replayed, so storing it would answer
+/// every retry with its key 500 `record-corrupt` for the whole TTL.
+#[tokio::test]
+async fn a_1xx_is_not_stored_even_when_the_list_covers_it() {
+    let runs = Runs::default();
+    let app = router(
+        Router::new().route("/101", post(switching_protocols)),
+        &runs,
+    );
+    send(&app, request("/101", Some("a"), &[], "")).await;
+    let retry = send(&app, request("/101", Some("a"), &[], "")).await;
+    assert_eq!(
+        (retry.status, retry.body.as_str(), retry.replayed),
+        (StatusCode::SWITCHING_PROTOCOLS, "2", false)
+    );
+}
+
 /// What the handler answers: its own 409 (the order is out of stock), or
 /// a 429 asking the client to come back later.
 #[derive(Deserialize, serde::Serialize)]
