@@ -188,8 +188,16 @@ impl Idempotency {
     /// A deploy's whole shutdown, on `SIGTERM` (or Ctrl-C): the graceful
     /// shutdown lets the requests under way finish and store their
     /// responses, then this, then the SQL stores' reaper, whose
-    /// [`shutdown`](crate::store::Reaper::shutdown) lets a purge under way
-    /// finish:
+    // `Reaper` exists only with a SQL store's feature.
+    #[cfg_attr(
+        any(feature = "postgres", feature = "sqlite"),
+        doc = "[`shutdown`](crate::store::Reaper::shutdown)"
+    )]
+    #[cfg_attr(
+        not(any(feature = "postgres", feature = "sqlite")),
+        doc = "`Reaper::shutdown`"
+    )]
+    /// lets a purge under way finish:
     ///
     // The example needs `PostgresStore`, which only the `postgres` feature brings.
     #[cfg_attr(feature = "postgres", doc = "```no_run")]
