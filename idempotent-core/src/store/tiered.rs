@@ -2,11 +2,15 @@
 //!
 //! A completed record never changes until it expires, so once this process
 //! has seen one, replays of it are answered from memory without a round
-//! trip. Everything else (claims of unknown or in-flight keys, renewals,
-//! completion, release) goes to the durable store, which alone decides who
-//! holds a key. A cached record expires at its own `expires_at`, which is
-//! never later than the durable copy's, so the cache cannot replay a record
-//! the durable store has already let expire.
+//! trip. A key this process holds (its request runs here, or its response
+//! is being stored) is in flight until its lease lapses, also without a
+//! round trip: a durable store that hangs would otherwise be cut short by
+//! the engine's store timeout before memory could answer. Everything else
+//! (claims of other keys, renewals, completion, release) goes to the
+//! durable store, which alone decides who holds a key. A cached record
+//! expires at its own `expires_at`, which is never later than the durable
+//! copy's, so the cache cannot replay a record the durable store has
+//! already let expire.
 //!
 //! Nothing tells the cache of a record the durable store loses before its
 //! deadline: a Redis that restarts without persistence or evicts keys, a
@@ -79,10 +83,10 @@ const KEPT_WHOLE_BYTES: usize = 1 << 20;
 /// - memory never lets a handler run: only a claim the durable store
 ///   grants does. The claims held in memory let a completion be cached,
 ///   only once the durable store has accepted it under the claim's own
-///   lease; a claim consults them only while the durable store cannot
-///   answer, when a key this process holds is in flight (409) until its
-///   lease lapses, rather than refused (503) or, under `fail_open`, run
-///   a second time beside the run under way;
+///   lease; a claim of a key this process holds is answered from them,
+///   in flight (409) until its lease lapses, rather than asked of a
+///   durable store that may fail or hang, and so refused (503) or, under
+///   `fail_open`, run a second time beside the run under way;
 /// - a cached record is replayed only to its own payload: another payload
 ///   is asked of the durable store (and answered 422 from memory only
 ///   while that store cannot answer).
@@ -211,8 +215,9 @@ impl<D: Store> Tiered<D> {
         }
     }
 
-    /// What memory alone knows of `key`, read when the durable store could
-    /// not answer a claim: its cached record, or this process's hold on it,
+    /// What memory alone knows of `key`, read before a claim asks the
+    /// durable store (a hold answers at once) and when the durable store
+    /// could not answer it: its cached record, or this process's hold on it,
     /// whose lease has not lapsed. The hold stands for a claim the durable
     /// store granted and this process has neither released nor seen
     /// refused: its request still runs, or its response is being stored
@@ -231,14 +236,22 @@ impl<D: Store> Store for Tiered<D> {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        // A cached record of another payload would be answered 422; the
-        // durable store may since have lost or replaced it (see the
-        // module's documentation), and such mismatches are rare enough to
-        // cost it a round trip.
-        if let Some(record) = self.cached(key)
-            && record.fingerprint == fingerprint
-        {
-            return Ok(Claim::Completed(record));
+        match self.known_in_memory(key) {
+            // A cached record of another payload would be answered 422;
+            // the durable store may since have lost or replaced it (see
+            // the module's documentation), and such mismatches are rare
+            // enough to cost it a round trip.
+            Some(Claim::Completed(record)) if record.fingerprint == fingerprint => {
+                return Ok(Claim::Completed(record));
+            }
+            // A key this process holds is in flight until its lease
+            // lapses, whatever the durable store would say: asked first, a
+            // durable store that hangs rather than fails is cut short by
+            // the engine's store timeout before memory is consulted, and
+            // the retry is refused (503) or, under `fail_open`, run beside
+            // the run under way.
+            Some(held @ Claim::InFlight { .. }) => return Ok(held),
+            _ => {}
         }
         let claim = match self.durable.claim(key, fingerprint, lease).await {
             Ok(claim) => claim,
@@ -577,6 +590,21 @@ mod tests {
         durable.advance(LEASE);
         let lapsed = store.claim(&key, FINGERPRINT, LEASE).await;
         assert!(lapsed.is_err(), "a lapsed hold answered: {lapsed:?}");
+    }
+
+    /// A durable store that hangs, rather than fails, is cut short by the
+    /// engine's store timeout, which drops the claim before memory is read:
+    /// a retry of a key this process holds must be in flight at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_key_held_here_is_in_flight_while_the_durable_store_hangs() {
+        let (durable, store, key, _token) = claimed().await;
+        durable.set_delay(Duration::from_secs(3600));
+        let retry = store.claim(&key, FINGERPRINT, LEASE);
+        let retry = tokio::time::timeout(Duration::from_secs(2), retry).await;
+        assert!(
+            matches!(retry, Ok(Ok(Claim::InFlight { fingerprint, .. })) if fingerprint == FINGERPRINT),
+            "a retry of a request held here was not told it is in flight: {retry:?}"
+        );
     }
 
     /// A cached record that expires while the durable store takes its

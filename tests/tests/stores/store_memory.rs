@@ -183,8 +183,12 @@ async fn a_cached_record_expires_with_the_durable_one() {
     );
 }
 
+/// A key this instance holds is in flight from memory: asked of a durable
+/// tier that hangs, the claim is cut short by the store timeout before
+/// memory could answer, and a retry runs beside the run under way under
+/// `fail_open`.
 #[tokio::test]
-async fn in_flight_claims_always_reach_the_durable_tier() {
+async fn a_key_held_here_is_in_flight_without_asking_the_durable_tier() {
     let clock = ManualClock::starting_now();
     let (store, durable_claims) = tiered(&clock);
     let key = record_key("in-flight");
@@ -199,7 +203,7 @@ async fn in_flight_claims_always_reach_the_durable_tier() {
             Claim::InFlight { .. }
         ));
     }
-    assert_eq!(durable_claims.load(Ordering::SeqCst), 4);
+    assert_eq!(durable_claims.load(Ordering::SeqCst), 1);
     assert_eq!(store.cached_len(), 0, "nothing in flight is cached");
 }
 

@@ -25,7 +25,7 @@ use idempotent_core::scope::ScopeDigest;
 use idempotent_core::store::{PostgresStore, RedisStore, Store, Tiered};
 use idempotent_core::{IDEMPOTENT_REPLAYED, Idempotency, idempotent};
 use macro_support::Turnstile;
-use store_support::{Relay, backend_url, store_behind_a_relay, unique_name};
+use store_support::{Relay, backend_url, postgres_store_on, store_behind_a_relay, unique_name};
 use tower::ServiceExt;
 
 /// How long a test waits for something that must happen before it calls
@@ -203,6 +203,53 @@ async fn a_retry_of_a_key_held_here_is_in_flight_during_a_redis_outage() {
     };
     let (durable, relay) = redis_behind_a_relay(&url).await;
     a_retry_of_a_key_held_here_is_in_flight_during_an_outage(Tiered::new(durable), relay).await;
+}
+
+/// A PostgreSQL that hangs rather than refuses (its table locked by a
+/// migration or a long transaction) is cut short by the store timeout,
+/// which drops the claim before memory is read. A retry of the key this
+/// process holds must still be in flight: refused at once, under
+/// `fail_open` it ran the handler beside the run under way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_of_a_key_held_here_is_in_flight_while_postgres_hangs() {
+    let Some(url) = backend_url("IDEMPOTENT_TEST_POSTGRES_URL") else {
+        return;
+    };
+    let pool = PostgresStore::connect(&url).await.unwrap().pool().clone();
+    let durable = postgres_store_on(pool.clone(), 1).await;
+    let table = durable.table().to_owned();
+    let idempotency = Idempotency::builder(Tiered::new(durable))
+        .store_timeout(Duration::from_millis(500))
+        .fail_open(true)
+        .build();
+    let runs = Runs::default();
+    let app = Router::new()
+        .route("/charges", post(charge))
+        .with_state(runs.clone())
+        .layer(idempotency);
+    let key = unique_name("order");
+
+    let first = tokio::spawn(send(app.clone(), key.clone()));
+    runs.first.until_started().await;
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let (status, _, body) = send(app.clone(), key).await;
+    lock.rollback().await.unwrap();
+    runs.first.let_through(1);
+    let first = tokio::time::timeout(HANG, first).await;
+    first.expect("the caller is answered").unwrap();
+    sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, runs.count.get()),
+        (StatusCode::CONFLICT, 1),
+        "a retry while it runs: {body}"
+    );
 }
 
 /// A store on the Redis at `url`, reached through a relay the test can cut.
