@@ -42,13 +42,15 @@ const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
 
 /// The largest encoded record that every durable store of this crate
 /// keeps whole: Redis takes no value over its `proto-max-bulk-len`, 1 MiB
-/// at its least, and PostgreSQL and SQLite near 1 GB; past its limit a
-/// store keeps the record without its body (answered 410). A larger
-/// completion is not cached as it was sent, since the copy in memory would
-/// replay a body the durable store may not have kept, while every other
-/// instance answers 410: its first replay asks the durable store, and
-/// caches what that store holds.
-const KEPT_WHOLE_BYTES: usize = 1 << 20;
+/// at its least, nor one that overflows its `client-query-buffer-limit`,
+/// also 1 MiB at its least, with the `\r\n` that ends the argument (2
+/// bytes); PostgreSQL and SQLite keep near 1 GB. Past its limit a store
+/// keeps the record without its body (answered 410). A larger completion
+/// is not cached as it was sent, since the copy in memory would replay a
+/// body the durable store may not have kept, while every other instance
+/// answers 410: its first replay asks the durable store, and caches what
+/// that store holds.
+const KEPT_WHOLE_BYTES: usize = (1 << 20) - 2;
 
 /// A [`Store`] that replays completed records from memory and defers
 /// everything else to `durable`.
@@ -62,11 +64,12 @@ const KEPT_WHOLE_BYTES: usize = 1 << 20;
 /// the durable store refuses it for good; cut short, it lapses with its
 /// lease.
 ///
-/// A completion whose record encodes to more than 1 MiB is not cached as
-/// sent: a durable store keeps a record over its own limit on one value
-/// (Redis's `proto-max-bulk-len`, 1 MiB at its least) without its body, so
-/// such a record is cached once a replay has read from the durable store
-/// what it kept.
+/// A completion whose record encodes to more than 1 MiB less 2 bytes is not
+/// cached as sent: a durable store keeps a record over its own limit on
+/// one value (Redis's `proto-max-bulk-len`, 1 MiB at its least, or its
+/// `client-query-buffer-limit`, which the argument's ending `\r\n` also
+/// fills) without its body, so such a record is cached once a replay has
+/// read from the durable store what it kept.
 ///
 /// # Clocks
 ///

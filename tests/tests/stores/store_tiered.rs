@@ -273,6 +273,57 @@ async fn a_record_redis_keeps_without_its_body_is_replayed_without_it_from_memor
     );
 }
 
+/// Redis with `client-query-buffer-limit` at its least (1 MiB) keeps a
+/// record only if it and the `\r\n` that ends its argument fit the
+/// buffer: one of exactly 1 MiB is kept without its body, which the
+/// engine answers 410. The instance that completed it must not cache the
+/// body it sent: it replayed the whole response while every other
+/// instance answered 410.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_of_one_mib_redis_keeps_without_its_body_is_not_replayed_with_it() {
+    use idempotent_core::fingerprint::Fingerprint;
+    use idempotent_core::key::IdempotencyKey;
+    use idempotent_core::record::{Claim, RecordKey, StoredResponse};
+    use idempotent_core::scope::ScopeDigest;
+    use store_support::OwnRedis;
+
+    // Needs the Redis test environment (it starts its own server binary).
+    if backend_url("IDEMPOTENT_TEST_REDIS_URL").is_none() {
+        return;
+    }
+    let lowered = ["--client-query-buffer-limit", "1mb"];
+    let mut redis = OwnRedis::start_with(OwnRedis::free_port(), &lowered).await;
+    let connect =
+        || async { Tiered::new(RedisStore::connect(&redis.url()).await.expect("connect")) };
+    let (a, b) = (connect().await, connect().await);
+    let key = RecordKey::new(
+        ScopeDigest::from_bytes(rand::random()),
+        IdempotencyKey::parse(b"one-mib").unwrap(),
+    );
+    let fingerprint = Fingerprint::from_bytes([5; 32]);
+    let lease = Duration::from_secs(60);
+    let token = store_support::acquire(&a, &key, fingerprint, lease).await;
+    // A record without headers is 50 bytes and its body: 1 MiB in all.
+    let body = axum::body::Bytes::from(vec![b'x'; (1 << 20) - 50]);
+    let response = StoredResponse::new(StatusCode::OK, Vec::new(), Some(body));
+    a.complete(&key, token, response, Duration::from_secs(3600))
+        .await
+        .expect("kept without its body");
+
+    let body_of = |claim: Result<Claim, _>| match claim {
+        Ok(Claim::Completed(record)) => record.response.body.as_ref().map(|body| body.len()),
+        other => panic!("expected a replay, got {other:?}"),
+    };
+    let elsewhere = body_of(b.claim(&key, fingerprint, lease).await);
+    let here = body_of(a.claim(&key, fingerprint, lease).await);
+    redis.stop().await;
+    assert_eq!(elsewhere, None, "Redis kept the body");
+    assert_eq!(
+        here, elsewhere,
+        "the instance that completed it replays a body Redis did not keep"
+    );
+}
+
 mod two_instances {
     //! Two `Tiered` instances on one durable store, driven through the
     //! `Store` calls the engine makes, after each event that changes what
