@@ -239,7 +239,7 @@ impl<D: Store> Store for Tiered<D> {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        match self.known_in_memory(key) {
+        let cached = match self.known_in_memory(key) {
             // A cached record of another payload would be answered 422;
             // the durable store may since have lost or replaced it (see
             // the module's documentation), and such mismatches are rare
@@ -247,6 +247,7 @@ impl<D: Store> Store for Tiered<D> {
             Some(Claim::Completed(record)) if record.fingerprint == fingerprint => {
                 return Ok(Claim::Completed(record));
             }
+            Some(Claim::Completed(record)) => Some(record),
             // A key this process holds is in flight until its lease
             // lapses, whatever the durable store would say: asked first, a
             // durable store that hangs rather than fails is cut short by
@@ -254,8 +255,8 @@ impl<D: Store> Store for Tiered<D> {
             // the retry is refused (503) or, under `fail_open`, run beside
             // the run under way.
             Some(held @ Claim::InFlight { .. }) => return Ok(held),
-            _ => {}
-        }
+            _ => None,
+        };
         let claim = match self.durable.claim(key, fingerprint, lease).await {
             Ok(claim) => claim,
             // A durable store that cannot answer leaves memory the best
@@ -265,6 +266,15 @@ impl<D: Store> Store for Tiered<D> {
             Err(error) => return self.known_in_memory(key).ok_or(error),
         };
         match &claim {
+            // The record memory holds already, answered to another payload:
+            // nothing to learn. Learned again, each copy would be carved
+            // from the cache's blocks behind the last, and a flood of
+            // requests with other payloads would leave blocks kept whole
+            // for the one copy still live in each, beyond the budget.
+            Claim::Completed(record)
+                if cached
+                    .as_deref()
+                    .is_some_and(|cached| same_record(cached, record)) => {}
             Claim::Completed(record) => self.cache.inner().remember(key, record),
             Claim::Acquired(token) => self.cache.inner().hold(key, *token, fingerprint, lease),
             Claim::InFlight { .. } => {}
@@ -353,6 +363,13 @@ impl<D: Store> Store for Tiered<D> {
     fn deadline_clock(&self) -> Option<SharedClock> {
         Some(self.clock.clone())
     }
+}
+
+/// Whether `found` is `cached`, the record of a key as memory holds it: a
+/// completed record does not change until its deadline, and one that
+/// replaced it (its key run again once it expired) has a later deadline.
+fn same_record(cached: &Completed, found: &Completed) -> bool {
+    cached.expires_at == found.expires_at && cached.fingerprint == found.fingerprint
 }
 
 #[cfg(all(test, feature = "test-util"))]
