@@ -445,8 +445,9 @@ impl Engine {
         within(self.settings.store_timeout, operation)
     }
 
-    /// Answers a claim that failed in the store: refused, or with
-    /// `fail_open` the handler run without idempotency, unless the key was
+    /// Answers a claim that failed in the store: in flight (409) if a run
+    /// of this process holds the key, else refused, or with `fail_open` the
+    /// handler run without idempotency, unless the key was
     /// `seen_in_flight` by an earlier try of this request (failing open
     /// would run the handler beside the first request).
     async fn claim_failed(
@@ -455,9 +456,25 @@ impl Engine {
         handler: Handler,
         seen_in_flight: bool,
     ) -> Response {
+        let open = self.settings.fail_open && !matches!(error, StoreError::Codec(_));
+        // A key a run of this process holds is in flight, whatever the
+        // store could not answer: failing open would run the handler a
+        // second time beside that run (which stores its response once the
+        // store is back), and a 503 would tell the client less than the
+        // 409 a store that answers gives.
+        if (open || !fails_until_fixed(error))
+            && let Some(fingerprint) = self.settings.renewer.held_here(&self.key)
+        {
+            tracing::debug!(%error, "the store failed a claim of a key this process holds");
+            return if fingerprint == self.fingerprint {
+                self.in_progress()
+            } else {
+                self.mismatch()
+            };
+        }
         // A corrupt record is there: its request ran, and failing open
         // would run it again.
-        if self.settings.fail_open && !seen_in_flight && !matches!(error, StoreError::Codec(_)) {
+        if open && !seen_in_flight {
             let (endpoint, key) = (self.endpoint.name(), self.key.log_id());
             // Set up wrongly, the store does not come back by itself: every
             // request runs without idempotency until someone fixes it.

@@ -341,6 +341,9 @@ impl IdempotencyBuilder {
     /// side effect twice. Each such request logs a warning. A record the
     /// store holds but cannot read ([`StoreError::Codec`](crate::store::StoreError::Codec))
     /// is still answered 500 `record-corrupt`: its request ran already.
+    /// Nor is a key that a request of this process holds failed open (its
+    /// handler runs here, or its response waits to be stored): it is in
+    /// flight, 409, or 422 to another payload, until its lease lapses.
     pub fn fail_open(mut self, fail_open: bool) -> Self {
         self.settings.fail_open = fail_open;
         self

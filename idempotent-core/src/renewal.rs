@@ -243,6 +243,24 @@ impl Renewer {
         Some(watcher.every)
     }
 
+    /// The fingerprint of a claim of `key` that a run of this process
+    /// holds, as long as its lease has not lapsed by what its renewals
+    /// know: its handler runs here, or its response waits to be stored.
+    pub(crate) fn held_here(&self, key: &RecordKey) -> Option<Fingerprint> {
+        let now = Instant::now();
+        let table = self.table();
+        table.claims.iter().find_map(|(_, claim)| {
+            if claim.key != *key {
+                return None;
+            }
+            let held_until = match &claim.renewing {
+                Some(renewing) => lock_outage(&renewing.outage).held_until,
+                None => claim.held_until(),
+            };
+            (now < held_until).then_some(claim.held.1)
+        })
+    }
+
     fn forget_watcher(&self, runtime: runtime::Id) {
         self.table().watchers.retain(|w| w.runtime != runtime);
     }

@@ -418,6 +418,43 @@ async fn fail_open_a_run_under_a_claim_whose_completion_fails_is_not_run_again_u
     );
 }
 
+/// An outage that begins while a claimed handler runs: the retry, whose
+/// claim the store fails, is not failed open into a second run beside
+/// the first, which this process still runs and stores once the store is
+/// back; it gets 409, as while the store answers, and then the replay.
+/// Another payload under the key gets 422, as the store would answer it.
+#[tokio::test]
+async fn fail_open_a_retry_during_an_outage_does_not_run_beside_the_run_under_way() {
+    let (probe, store) = (Probe::default(), MockStore::new());
+    let app = app(&probe, failing_open(&store));
+    let first = spawn_send(&app, "/plain", "k", "1");
+    probe.first_started.notified().await;
+    store.fail_all(true);
+    let retry = send(&app, request("/plain", Some("k"), "1")).await;
+    assert_eq!(
+        (retry.status, probe.runs.get()),
+        (StatusCode::CONFLICT, 1),
+        "{}",
+        retry.body
+    );
+    let other = send(&app, request("/plain", Some("k"), "2")).await;
+    assert_eq!(
+        (other.status, probe.runs.get()),
+        (StatusCode::UNPROCESSABLE_ENTITY, 1),
+        "{}",
+        other.body
+    );
+    store.fail_all(false);
+    probe.release_first.notify_one();
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+    let retry = send(&app, request("/plain", Some("k"), "1")).await;
+    assert_eq!(
+        (retry.status, retry.replayed, retry.body.as_str()),
+        (StatusCode::CREATED, true, "run 1 of 1")
+    );
+    assert_eq!(probe.runs.get(), 1);
+}
+
 #[tokio::test]
 async fn fail_open_an_outage_that_ends_mid_request_stores_nothing_for_the_open_run() {
     let (probe, store) = (Probe::default(), MockStore::new());
