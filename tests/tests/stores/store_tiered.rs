@@ -219,6 +219,72 @@ async fn with_the_durable_tier_down_only_cached_replays_are_answered() {
     }
 }
 
+/// Two `Tiered` instances on a Redis of their own, started with `args`
+/// (None without the Redis test environment): the first has completed a
+/// record of `body_len` bytes of body under `key`, which Redis may keep
+/// without its body.
+async fn completed_on_own_redis(
+    args: &[&str],
+    key: &[u8],
+    body_len: usize,
+) -> Option<RedisCompleted> {
+    use idempotent_core::key::IdempotencyKey;
+    use idempotent_core::record::{RecordKey, StoredResponse};
+    use idempotent_core::scope::ScopeDigest;
+    use store_support::OwnRedis;
+
+    // It starts its own server binary, which the Redis test environment
+    // provides.
+    backend_url("IDEMPOTENT_TEST_REDIS_URL")?;
+    let redis = OwnRedis::start_with(OwnRedis::free_port(), args).await;
+    let connect =
+        || async { Tiered::new(RedisStore::connect(&redis.url()).await.expect("connect")) };
+    let (here, elsewhere) = (connect().await, connect().await);
+    let key = RecordKey::new(
+        ScopeDigest::from_bytes(rand::random()),
+        IdempotencyKey::parse(key).unwrap(),
+    );
+    let token = store_support::acquire(&here, &key, OWN_REDIS_FINGERPRINT, OWN_REDIS_LEASE).await;
+    let body = axum::body::Bytes::from(vec![b'x'; body_len]);
+    let response = StoredResponse::new(StatusCode::OK, Vec::new(), Some(body));
+    here.complete(&key, token, response, Duration::from_secs(3600))
+        .await
+        .expect("kept, with or without its body");
+    Some(RedisCompleted {
+        redis,
+        here,
+        elsewhere,
+        key,
+    })
+}
+
+const OWN_REDIS_FINGERPRINT: idempotent_core::fingerprint::Fingerprint =
+    idempotent_core::fingerprint::Fingerprint::from_bytes([5; 32]);
+const OWN_REDIS_LEASE: Duration = Duration::from_secs(60);
+
+/// What [`completed_on_own_redis`] set up.
+struct RedisCompleted {
+    redis: store_support::OwnRedis,
+    /// The instance that completed the record.
+    here: Tiered<RedisStore>,
+    elsewhere: Tiered<RedisStore>,
+    key: idempotent_core::record::RecordKey,
+}
+
+impl RedisCompleted {
+    /// The length of the body `instance` replays for the key (None: none).
+    async fn replayed_body(&self, instance: &Tiered<RedisStore>) -> Option<usize> {
+        use idempotent_core::record::Claim;
+        match instance
+            .claim(&self.key, OWN_REDIS_FINGERPRINT, OWN_REDIS_LEASE)
+            .await
+        {
+            Ok(Claim::Completed(record)) => record.response.body.as_ref().map(|body| body.len()),
+            other => panic!("expected a replay, got {other:?}"),
+        }
+    }
+}
+
 /// Redis lowered to take values of at most 1 MiB (`proto-max-bulk-len`
 /// at its least) keeps a larger record without its body, which the engine
 /// answers 410. The instance that completed it must replay what Redis
@@ -227,47 +293,19 @@ async fn with_the_durable_tier_down_only_cached_replays_are_answered() {
 /// from Redis, the record is then replayed from memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_redis_keeps_without_its_body_is_replayed_without_it_from_memory() {
-    use idempotent_core::fingerprint::Fingerprint;
-    use idempotent_core::key::IdempotencyKey;
-    use idempotent_core::record::{Claim, RecordKey, StoredResponse};
-    use idempotent_core::scope::ScopeDigest;
-    use store_support::OwnRedis;
-
-    // Needs the Redis test environment (it starts its own server binary).
-    if backend_url("IDEMPOTENT_TEST_REDIS_URL").is_none() {
+    let args = ["--proto-max-bulk-len", "1mb"];
+    let Some(mut set_up) = completed_on_own_redis(&args, b"large", 3 << 19).await else {
         return;
-    }
-    let mut redis =
-        OwnRedis::start_with(OwnRedis::free_port(), &["--proto-max-bulk-len", "1mb"]).await;
-    let connect =
-        || async { Tiered::new(RedisStore::connect(&redis.url()).await.expect("connect")) };
-    let (a, b) = (connect().await, connect().await);
-    let key = RecordKey::new(
-        ScopeDigest::from_bytes(rand::random()),
-        IdempotencyKey::parse(b"large").unwrap(),
-    );
-    let fingerprint = Fingerprint::from_bytes([5; 32]);
-    let lease = Duration::from_secs(60);
-    let token = store_support::acquire(&a, &key, fingerprint, lease).await;
-    let body = axum::body::Bytes::from(vec![b'x'; 3 << 19]);
-    let response = StoredResponse::new(StatusCode::OK, Vec::new(), Some(body));
-    a.complete(&key, token, response, Duration::from_secs(3600))
-        .await
-        .expect("kept without its body");
-
-    let body_of = |claim: Result<Claim, _>| match claim {
-        Ok(Claim::Completed(record)) => record.response.body.as_ref().map(|body| body.len()),
-        other => panic!("expected a replay, got {other:?}"),
     };
-    assert_eq!(body_of(b.claim(&key, fingerprint, lease).await), None);
+    assert_eq!(set_up.replayed_body(&set_up.elsewhere).await, None);
     assert_eq!(
-        body_of(a.claim(&key, fingerprint, lease).await),
+        set_up.replayed_body(&set_up.here).await,
         None,
         "the instance that completed it replays a body Redis did not keep"
     );
-    redis.stop().await;
+    set_up.redis.stop().await;
     assert_eq!(
-        body_of(a.claim(&key, fingerprint, lease).await),
+        set_up.replayed_body(&set_up.here).await,
         None,
         "the record learned from Redis is not replayed from memory"
     );
@@ -281,42 +319,14 @@ async fn a_record_redis_keeps_without_its_body_is_replayed_without_it_from_memor
 /// instance answered 410.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_of_one_mib_redis_keeps_without_its_body_is_not_replayed_with_it() {
-    use idempotent_core::fingerprint::Fingerprint;
-    use idempotent_core::key::IdempotencyKey;
-    use idempotent_core::record::{Claim, RecordKey, StoredResponse};
-    use idempotent_core::scope::ScopeDigest;
-    use store_support::OwnRedis;
-
-    // Needs the Redis test environment (it starts its own server binary).
-    if backend_url("IDEMPOTENT_TEST_REDIS_URL").is_none() {
-        return;
-    }
-    let lowered = ["--client-query-buffer-limit", "1mb"];
-    let mut redis = OwnRedis::start_with(OwnRedis::free_port(), &lowered).await;
-    let connect =
-        || async { Tiered::new(RedisStore::connect(&redis.url()).await.expect("connect")) };
-    let (a, b) = (connect().await, connect().await);
-    let key = RecordKey::new(
-        ScopeDigest::from_bytes(rand::random()),
-        IdempotencyKey::parse(b"one-mib").unwrap(),
-    );
-    let fingerprint = Fingerprint::from_bytes([5; 32]);
-    let lease = Duration::from_secs(60);
-    let token = store_support::acquire(&a, &key, fingerprint, lease).await;
+    let args = ["--client-query-buffer-limit", "1mb"];
     // A record without headers is 50 bytes and its body: 1 MiB in all.
-    let body = axum::body::Bytes::from(vec![b'x'; (1 << 20) - 50]);
-    let response = StoredResponse::new(StatusCode::OK, Vec::new(), Some(body));
-    a.complete(&key, token, response, Duration::from_secs(3600))
-        .await
-        .expect("kept without its body");
-
-    let body_of = |claim: Result<Claim, _>| match claim {
-        Ok(Claim::Completed(record)) => record.response.body.as_ref().map(|body| body.len()),
-        other => panic!("expected a replay, got {other:?}"),
+    let Some(mut set_up) = completed_on_own_redis(&args, b"one-mib", (1 << 20) - 50).await else {
+        return;
     };
-    let elsewhere = body_of(b.claim(&key, fingerprint, lease).await);
-    let here = body_of(a.claim(&key, fingerprint, lease).await);
-    redis.stop().await;
+    let elsewhere = set_up.replayed_body(&set_up.elsewhere).await;
+    let here = set_up.replayed_body(&set_up.here).await;
+    set_up.redis.stop().await;
     assert_eq!(elsewhere, None, "Redis kept the body");
     assert_eq!(
         here, elsewhere,
