@@ -70,7 +70,10 @@ pub(crate) struct Claimed(pub(crate) &'static str);
 /// would store its 404 under its key and the retry sent to the right path
 /// would be refused as a reused key (422). Requests with a safe method (`GET`,
 /// `HEAD`, `OPTIONS`, `TRACE`) and no key pass through as they came, so
-/// the layer can cover a router's reads and CORS preflights too.
+/// the layer can cover a router's reads and CORS preflights too. So does a
+/// `CONNECT`, keyed or not: it opens a tunnel (a WebSocket over HTTP/2
+/// opens with one, where HTTP/1.1 sends a `GET`), which flows only once
+/// it is answered, and which no stored answer could open again.
 ///
 /// The layer claims the key before the handler's extractors run, so it
 /// cannot tell their rejections from the handler's answers: a body that
@@ -302,6 +305,15 @@ where
     S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
 {
+    // A `CONNECT` opens a tunnel (a WebSocket over HTTP/2 opens with one):
+    // what it carries flows once it is answered, on the connection hyper
+    // hands the handler, so there is nothing to fingerprint, and a stored
+    // answer replayed to it would open no tunnel. It passes through as it
+    // came, keyed or not, as a WebSocket's `GET` over HTTP/1.1 passes
+    // without a key.
+    if request.method() == Method::CONNECT {
+        return without_replay_marker(call(inner, request).await);
+    }
     let (mut parts, body) = request.into_parts();
     // The endpoint, and so the scope, is known here: it is resolved below,
     // from the request's own headers, rather than from a copy at `run`.

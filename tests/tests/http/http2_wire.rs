@@ -4,7 +4,8 @@
 //! connection-specific headers HTTP/2 forbids, streams reset while the
 //! handler runs or while the body is uploaded, many streams with one key
 //! on one connection, bodies in several DATA frames with trailers, an
-//! empty body ended on HEADERS, and the key field sent twice.
+//! empty body ended on HEADERS, the key field sent twice, and the
+//! extended `CONNECT` a WebSocket opens with under a router-wide layer.
 
 use crate::macro_support;
 
@@ -1607,4 +1608,90 @@ async fn an_http2_body_through_tower_http_layers_in_front_is_checked_as_hyper_se
         assert_eq!(reply.problem(400).0, "unreadable-body", "{path}");
         assert_eq!(runs.get(), 2, "{path}");
     }
+}
+
+// ===== tunnels =====
+
+/// One `IdempotentLayer` over every route of a router, as a `route_layer`
+/// on the `Router`.
+const ROUTER_WIDE: Endpoint = Endpoint::new("h2::router_wide").scope(Scope::Global);
+
+/// What a WebSocket route answers once it accepts the tunnel (axum's
+/// `WebSocketUpgrade` answers 200 to an HTTP/2 `CONNECT`), the tunnel
+/// itself left unread.
+async fn accepts_the_tunnel(State(runs): State<Runs>) -> &'static str {
+    runs.bump();
+    "tunnel open"
+}
+
+/// A router whose routes are all under one `IdempotentLayer`, with a
+/// WebSocket route routed by `any`, as axum routes one to take the
+/// `CONNECT` a WebSocket over HTTP/2 opens with.
+fn router_wide_with_a_websocket_route(runs: &Runs) -> axum::Router {
+    axum::Router::new()
+        .route("/orders", post(sized_plain))
+        .route("/ws", axum::routing::any(accepts_the_tunnel))
+        .route_layer(idempotent_core::IdempotentLayer::new(ROUTER_WIDE))
+        .with_state(runs.clone())
+        .layer(Idempotency::new(idempotent_core::store::MemoryStore::new()))
+}
+
+/// Waits until the server said it takes extended `CONNECT` (RFC 8441),
+/// as `axum::serve` does, in the SETTINGS that follow the handshake.
+async fn until_extended_connect(client: &mut SendRequest<Bytes>) {
+    let said = async {
+        while !client.is_extended_connect_protocol_enabled() {
+            *client = client.clone().ready().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(STUCK, said)
+        .await
+        .expect("the server takes extended CONNECT");
+}
+
+/// Opens a WebSocket over HTTP/2 to `/ws` as a browser does, an extended
+/// `CONNECT` whose stream stays open for the tunnel, with `key` as its
+/// key if any: the status it is answered, and whether it is marked as a
+/// replay; `None` if no answer came.
+async fn open_websocket(
+    client: &SendRequest<Bytes>,
+    key: Option<&str>,
+) -> Option<(StatusCode, bool)> {
+    let mut request = Request::connect("http://test/ws")
+        .header("sec-websocket-version", "13")
+        .extension(h2::ext::Protocol::from_static("websocket"))
+        .body(())
+        .unwrap();
+    if let Some(key) = key {
+        let key = HeaderValue::from_str(key).unwrap();
+        request.headers_mut().insert("idempotency-key", key);
+    }
+    let (response, _tunnel) = open(client, request, false).await;
+    let answered = tokio::time::timeout(STUCK, response).await.ok()?;
+    let response = answered.unwrap();
+    let replayed = response.headers().contains_key(IDEMPOTENT_REPLAYED);
+    Some((response.status(), replayed))
+}
+
+/// A WebSocket over HTTP/2 opens with a `CONNECT` (over HTTP/1.1, with a
+/// `GET`), its tunnel the stream that follows the answer. Under a
+/// router-wide `IdempotentLayer` each one reaches its route: without a
+/// key, not refused for the key it has no use for; with one, not answered
+/// with a stored `200`, which would open no tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_over_http2_passes_a_router_wide_layer_as_over_http1() {
+    let runs = Runs::default();
+    let app = router_wide_with_a_websocket_route(&runs);
+    let mut client = connect(serve_forever(app).await).await;
+    until_extended_connect(&mut client).await;
+    for (attempt, key) in [None, Some("ws"), Some("ws")].into_iter().enumerate() {
+        let answer = open_websocket(&client, key).await;
+        assert_eq!(
+            answer,
+            Some((StatusCode::OK, false)),
+            "attempt {attempt}, key {key:?}"
+        );
+    }
+    assert_eq!(runs.get(), 3);
 }
