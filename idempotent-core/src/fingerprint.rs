@@ -46,9 +46,17 @@
 //!   buffered for the sort, which costs a copy per nesting level but keeps
 //!   the whole fingerprint to one SHA-256 pass (a digest per field made
 //!   small inputs several times slower).
-//!   A field left out by `skip_serializing_if` is absent, which differs from a
-//!   field present as `None`. Keys are not stringified: an integer key `1`
-//!   differs from a string key `"1"`.
+//!   A struct's `Option` field that is `None` is left out, as one that
+//!   `skip_serializing_if` skips: the handler reads an optional field the
+//!   body leaves out as `None` too, so a release that adds an optional
+//!   field to a payload type keeps the fingerprints of requests that do not
+//!   send it (their retries across that deploy are replayed, not refused).
+//!   A map's entry whose value is `None` stays, as the handler sees it, and
+//!   so does a field that a `serialize_with` of its own writes as none
+//!   (a double option's `null`, which a `PATCH` handler tells from a field
+//!   left out).
+//!   Keys are not stringified: an integer key `1` differs from a string
+//!   key `"1"`.
 //! - **`Some(x)`** is tagged rather than transparent, so `None` and
 //!   `Some(None)` of an `Option<Option<T>>` stay distinct. Unlike JSON, a
 //!   struct field `Some(1)` therefore differs from a bare `1`.
@@ -984,6 +992,15 @@ fn is_unordered_set<T: ?Sized>() -> bool {
     names_unordered_set(std::any::type_name::<T>())
 }
 
+/// Whether `T` is an `Option`, by its name (the compiler's, which `tests`
+/// checks against it).
+fn is_option<T: ?Sized>() -> bool {
+    std::any::type_name::<T>().starts_with(OPTION)
+}
+
+/// The start of the name of every `Option` type.
+const OPTION: &str = "core::option::Option<";
+
 /// Whether the type named `name` is an unordered set (see
 /// [`is_unordered_set`]). Inlined, so that the compiler sees the constant
 /// name it is given.
@@ -1199,6 +1216,34 @@ impl<'a, W: Sink> MapEncoder<'a, W> {
         Ok(())
     }
 
+    /// A struct's field, left out when it is an `Option` that is `None`,
+    /// as a field that `skip_serializing_if` skips is: the handler reads an
+    /// optional field that the body leaves out as `None` too. So a release
+    /// that adds an optional field to a payload type keeps the fingerprints
+    /// of the requests that do not send it, and their retries sent across
+    /// that deploy are replayed rather than refused as a reused key.
+    ///
+    /// Only an `Option` field, known by its type: a field written by a
+    /// `serialize_with` of its own may write none for a value the handler
+    /// tells from a missing one (a double option, as `serde_with` writes
+    /// one for a `PATCH`: `null` to clear, left out to keep).
+    fn field<T: Serialize + ?Sized>(
+        &mut self,
+        name: &'static str,
+        value: &T,
+    ) -> Result<(), FingerprintError> {
+        let start = self.buffer.out.len();
+        self.key(name)?;
+        self.value(value)?;
+        let bytes = &self.buffer.out;
+        let is_none = |entry: &Entry| bytes[entry.value..entry.end] == [NONE];
+        if is_option::<T>() && self.entries.last().is_some_and(is_none) {
+            self.entries.pop();
+            self.buffer.out.truncate(start);
+        }
+        Ok(())
+    }
+
     /// A set's element: a key without a value.
     fn element<T: Serialize + ?Sized>(&mut self, element: &T) -> Result<(), FingerprintError> {
         let start = self.buffer.out.len();
@@ -1309,8 +1354,7 @@ macro_rules! struct_like {
                 key: &'static str,
                 value: &T,
             ) -> Result<(), FingerprintError> {
-                self.key(key)?;
-                self.value(value)
+                self.field(key, value)
             }
 
             fn end(self) -> Result<(), FingerprintError> {
@@ -1928,12 +1972,79 @@ mod tests {
         note: Option<String>,
     }
 
+    /// The payload type of a later release, with an optional field more.
+    #[derive(Serialize)]
+    struct WithTwoOptional {
+        id: u32,
+        note: Option<String>,
+        memo: Option<String>,
+    }
+
     #[test]
-    fn none_differs_from_absent_field() {
+    fn a_none_field_counts_as_absent() {
         let present_none = fp(&WithOptional { id: 1, note: None });
         let absent = fp(&Skipping { id: 1, note: None });
-        assert_ne!(present_none, absent);
+        assert_eq!(present_none, absent);
         assert_eq!(absent, from_json(r#"{"id":1}"#));
+        let later = WithTwoOptional {
+            id: 1,
+            note: Some("a".into()),
+            memo: None,
+        };
+        let earlier = WithOptional {
+            id: 1,
+            note: Some("a".into()),
+        };
+        assert_eq!(fp(&later), fp(&earlier));
+        let sent = WithTwoOptional {
+            memo: Some(String::new()),
+            ..later
+        };
+        assert_ne!(fp(&sent), fp(&earlier));
+    }
+
+    #[test]
+    fn option_types_are_named_as_expected() {
+        assert!(std::any::type_name::<Option<String>>().starts_with(OPTION));
+        assert!(is_option::<Option<Option<u8>>>());
+        assert!(!is_option::<Vec<Option<u8>>>());
+    }
+
+    /// A field that is left out to keep a value and `null` to clear it:
+    /// `serde_with`'s double option, written out.
+    #[derive(Serialize)]
+    struct Patch {
+        #[serde(
+            skip_serializing_if = "Option::is_none",
+            serialize_with = "double_option"
+        )]
+        nickname: Option<Option<String>>,
+    }
+
+    fn double_option<S: Serializer>(
+        value: &Option<Option<String>>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match value {
+            None => serializer.serialize_unit(),
+            Some(None) => serializer.serialize_none(),
+            Some(Some(name)) => serializer.serialize_some(name),
+        }
+    }
+
+    #[test]
+    fn a_field_written_as_none_by_its_own_serializer_stays() {
+        let keep = fp(&Patch { nickname: None });
+        let clear = fp(&Patch {
+            nickname: Some(None),
+        });
+        assert_ne!(keep, clear);
+    }
+
+    #[test]
+    fn a_map_entry_of_none_stays() {
+        let with_none = BTreeMap::from([("id", None), ("note", Some(1))]);
+        assert_ne!(fp(&with_none), fp(&BTreeMap::from([("note", Some(1))])));
     }
 
     #[test]

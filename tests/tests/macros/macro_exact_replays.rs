@@ -753,11 +753,13 @@ struct OrderV1 {
     amount: u64,
 }
 
+/// A field added with a default value other than `None`: a payload of its
+/// own, whose fingerprint differs from `OrderV1`'s for the same bytes.
 #[derive(Deserialize, Serialize)]
 struct OrderV2 {
     amount: u64,
     #[serde(default)]
-    currency: Option<String>,
+    currency: String,
 }
 
 impl V1 {

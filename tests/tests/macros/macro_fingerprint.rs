@@ -189,6 +189,31 @@ struct DryRun {
     dry_run: bool,
 }
 
+/// A payment as one release reads it.
+#[derive(Serialize, Deserialize)]
+struct Payment {
+    amount: u64,
+}
+
+/// The same payment as the next release reads it: an optional field more,
+/// which clients of the earlier release do not send.
+#[derive(Serialize, Deserialize)]
+struct PaymentWithMemo {
+    amount: u64,
+    memo: Option<String>,
+}
+
+#[idempotent(scope = "global", name = "payments.create")]
+async fn pay(Json(payment): Json<Payment>) -> String {
+    format!("paid {}", payment.amount)
+}
+
+/// `pay` once the release that added the memo is deployed.
+#[idempotent(scope = "global", name = "payments.create")]
+async fn pay_with_memo(Json(payment): Json<PaymentWithMemo>) -> String {
+    format!("paid {} {:?}", payment.amount, payment.memo)
+}
+
 /// Extractors taken one by one, under the endpoint name that
 /// `grouped_order` shares.
 #[idempotent(scope = "global", name = "orders.grouped")]
@@ -713,6 +738,42 @@ async fn grouping_extractors_into_a_tuple_keeps_the_fingerprint() {
     assert_eq!(retry, replayed("order 7 false 10"));
     let other = send(&after, json(uri, "k", r#"{"amount":11}"#)).await;
     assert_eq!(other, Answer::KeyReused);
+}
+
+/// A release that adds an optional field to the payload keeps the
+/// fingerprints already stored: a retry of the same body, sent across the
+/// deploy, is a retry of the same request to the handler, and is replayed
+/// rather than refused as a key reused for another payload.
+#[tokio::test]
+async fn an_optional_field_added_to_the_payload_keeps_the_fingerprint() {
+    let store = MemoryStore::new();
+    let before = Router::new()
+        .route("/payments", post(pay))
+        .layer(Idempotency::new(store.clone()));
+    let after = Router::new()
+        .route("/payments", post(pay_with_memo))
+        .layer(Idempotency::new(store));
+    let uri = "/payments";
+    let first = send(&before, json(uri, "k", r#"{"amount":10}"#)).await;
+    assert_eq!(first, ran("paid 10"));
+    let retry = send(&after, json(uri, "k", r#"{"amount":10}"#)).await;
+    assert_eq!(
+        retry,
+        replayed("paid 10"),
+        "the same body, sent across the deploy"
+    );
+    let with_memo = send(&after, json(uri, "k", r#"{"amount":10,"memo":"rent"}"#)).await;
+    assert_eq!(
+        with_memo,
+        Answer::KeyReused,
+        "the memo is part of the payload"
+    );
+    let explicit_null = send(&after, json(uri, "k", r#"{"amount":10,"memo":null}"#)).await;
+    assert_eq!(
+        explicit_null,
+        replayed("paid 10"),
+        "the handler reads no memo"
+    );
 }
 
 #[tokio::test]
