@@ -14,6 +14,7 @@ mod store_support;
 mod store_memory;
 mod store_misconfigured;
 mod store_misconfigured_http;
+mod store_model;
 mod store_postgres;
 mod store_postgres_partitions;
 mod store_postgres_roles;
