@@ -229,34 +229,57 @@ pub(crate) fn check_no_self_type(func: &ItemFn, errors: &mut Errors) {
     }
 }
 
-/// Where `tokens` first name `Self`, outside the body of a nested `impl`,
-/// `trait`, `struct` or `enum`, whose `Self` is their own.
+/// Where `tokens` first name `Self`, outside a nested `impl`, `trait`,
+/// `struct` or `enum`, whose `Self` is their own from its keyword to the
+/// end of the item: its header included (`impl PartialEq<Self> for
+/// Amount`, a `where Self: Sized` clause, a tuple struct's fields).
 fn first_self_type(tokens: &TokenStream) -> Option<Span> {
     use proc_macro2::{Delimiter, TokenTree};
-    // The delimiters of the body of the item being declared, if any: a
-    // tuple struct's fields are in parentheses.
-    let mut own_body: Option<&[Delimiter]> = None;
+    // Whether the tokens are those of a nested item, up to its braced body
+    // or, for a tuple or unit struct, its `;`.
+    let mut in_own_item = false;
+    let mut previous: Option<TokenTree> = None;
     for token in tokens.clone() {
-        match token {
-            TokenTree::Ident(ident) if ident == "Self" => return Some(ident.span()),
-            TokenTree::Ident(ident) if ident == "impl" || ident == "trait" => {
-                own_body = Some(&[Delimiter::Brace]);
+        match &token {
+            TokenTree::Ident(ident) if ident == "Self" && !in_own_item => {
+                return Some(ident.span());
             }
-            TokenTree::Ident(ident) if ident == "struct" || ident == "enum" => {
-                own_body = Some(&[Delimiter::Brace, Delimiter::Parenthesis]);
+            TokenTree::Ident(ident) if starts_an_item(ident, previous.as_ref()) => {
+                in_own_item = true;
+            }
+            TokenTree::Group(group) if in_own_item => {
+                in_own_item = group.delimiter() != Delimiter::Brace;
             }
             TokenTree::Group(group) => {
-                if own_body.is_some_and(|body| body.contains(&group.delimiter())) {
-                    own_body = None;
-                } else if let Some(span) = first_self_type(&group.stream()) {
+                if let Some(span) = first_self_type(&group.stream()) {
                     return Some(span);
                 }
             }
-            TokenTree::Punct(punct) if punct.as_char() == ';' => own_body = None,
+            TokenTree::Punct(punct) if punct.as_char() == ';' => in_own_item = false,
             _ => {}
         }
+        previous = Some(token);
     }
     None
+}
+
+/// Whether `ident` is the keyword of an item that has a `Self` of its
+/// own: `impl` after a `:`, `->`, `<`, `,`, `&`, `=` or `mut` is a type
+/// (`Result<impl IntoResponse, Self::Error>`), not an item.
+fn starts_an_item(ident: &proc_macro2::Ident, previous: Option<&proc_macro2::TokenTree>) -> bool {
+    use proc_macro2::TokenTree;
+    if ["trait", "struct", "enum"]
+        .iter()
+        .any(|keyword| ident == keyword)
+    {
+        return true;
+    }
+    let in_a_type = match previous {
+        Some(TokenTree::Punct(punct)) => ":<>,&=".contains(punct.as_char()),
+        Some(TokenTree::Ident(before)) => before == "mut",
+        _ => false,
+    };
+    ident == "impl" && !in_a_type
 }
 
 /// A second `#[idempotent]` below the first would wrap the handler as
@@ -419,4 +442,34 @@ pub(crate) fn tokens_text(tokens: &TokenStream) -> String {
         out.push(c);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn self_named_in(tokens: &str) -> bool {
+        let tokens: TokenStream = tokens.parse().expect("tokens");
+        first_self_type(&tokens).is_some()
+    }
+
+    #[test]
+    fn a_nested_items_header_names_its_own_self() {
+        assert!(!self_named_in(
+            "{ struct A(u8); impl PartialEq<Self> for A { fn eq(&self, o: &Self) -> bool { true } } }"
+        ));
+        assert!(!self_named_in(
+            "{ struct L<T>(T) where Self: Sized; let x = 1; }"
+        ));
+        assert!(!self_named_in(
+            "{ #[derive(Clone)] unsafe impl Send for A where Self: Sized {} }"
+        ));
+    }
+
+    #[test]
+    fn self_outside_nested_items_is_found() {
+        assert!(self_named_in("-> Result<impl IntoResponse, Self::Error>"));
+        assert!(self_named_in("{ struct A; impl A {} Self::validate() }"));
+        assert!(self_named_in("{ fn f(x: &mut impl Read) {} Self::g() }"));
+    }
 }

@@ -90,6 +90,22 @@ async fn local_types(Json(n): Json<u32>) -> String {
     format!("{} {} {leaves}", node.next.is_none(), pair.1.is_none())
 }
 
+// A type declared in the body may name its `Self` in its header too.
+#[idempotent]
+async fn local_impl_header(Json(n): Json<u32>) -> String {
+    struct Amount(u32);
+    impl PartialEq<Self> for Amount {
+        fn eq(&self, other: &Self) -> bool {
+            self.0 == other.0
+        }
+    }
+    struct Limited<T>(T)
+    where
+        Self: Sized;
+    let limited = Limited(n);
+    format!("{} {}", Amount(limited.0) == Amount(n), limited.0)
+}
+
 /// An application's own parts extractor that happens to share a body
 /// extractor's name may come before the body.
 mod meta {
@@ -138,5 +154,6 @@ fn main() {
         .route("/own", post(own_extractor_named_like_a_body))
         .route("/own-last/{n}", post(own_extractor_named_like_a_body_last))
         .route("/local", post(local_types))
+        .route("/local-impl", post(local_impl_header))
         .layer(Idempotency::new(MemoryStore::new()));
 }
