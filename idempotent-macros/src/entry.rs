@@ -87,3 +87,38 @@ fn fallback(mut item: TokenStream, errors: Errors) -> TokenStream {
     item.extend(errors.into_error().map(|error| error.to_compile_error()));
     item
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The routed function of a handler taking `count` header maps and a
+    /// body, as written out by the attribute.
+    fn routed_with_arguments(count: usize, options: TokenStream) -> String {
+        let headers = (0..count - 1).map(|index| format_ident!("h{index}"));
+        let item = quote! {
+            async fn handler(#(#headers: HeaderMap,)* body: String) -> String { body }
+        };
+        idempotent(options, item).to_string()
+    }
+
+    /// A crate may forbid `clippy::too_many_arguments` and raise its limit
+    /// in `clippy.toml` past a handler's count: any `allow` of the lint is
+    /// then an error (E0453), so the routed function needs none.
+    #[test]
+    fn a_handler_past_clippys_default_limit_writes_no_allow_of_the_lint() {
+        for count in [7, 8, 12, 16] {
+            for options in [
+                quote!(),
+                quote!(scope = "global"),
+                quote!(scope = "header:x-tenant"),
+            ] {
+                let routed = routed_with_arguments(count, options.clone());
+                assert!(
+                    !routed.contains("too_many_arguments"),
+                    "{count} arguments, options `{options}`: {routed}"
+                );
+            }
+        }
+    }
+}

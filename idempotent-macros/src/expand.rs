@@ -12,7 +12,7 @@ use syn::spanned::Spanned;
 use syn::{Attribute, GenericParam, Ident, ItemFn, LitStr, ReturnType, Type};
 
 use crate::args::{Args, Scope};
-use crate::handler::{CLIPPY_MAX_ARGUMENTS, Extractor, Handler, Role};
+use crate::handler::{Extractor, Handler, Role};
 use crate::types::{
     first_type_argument, is_named, is_two_argument_result, optional_inner, serialized_extractors,
 };
@@ -48,18 +48,11 @@ pub(crate) fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> Token
     let params = params(handler);
     let (outer_attrs, inner_attrs) = split_attributes(&func.attrs);
     let (principal_param, principal) = principal(args, handler, &params, &private);
-    // The routed function may take more arguments than the one written.
-    // The handler as written keeps its signature, so clippy's argument
-    // count (whose limit is configurable) applies there, where an
-    // `#[expect]` meets it; the routed function's count is the attribute's.
-    // The `allow` is written only past clippy's default limit, which the
-    // routed function passes only where the handler does (the attribute's
-    // arguments then go in a tuple: see `Handler::groups_added_arguments`):
-    // a crate that forbids the lint (or its group) refuses any `allow` of
-    // it (a crate whose `clippy.toml` lowers the limit allows it on the
-    // handler, which puts the `allow` on both functions).
-    let too_many = (handler.routed_arguments() > CLIPPY_MAX_ARGUMENTS)
-        .then(|| quote!(#[allow(clippy::too_many_arguments)]));
+    // The routed function takes no more arguments than clippy's default
+    // limit, or than the handler (see `Handler::groups_arguments`), so it
+    // writes no `allow` of `clippy::too_many_arguments`: a crate that
+    // forbids the lint (or its group) refuses any, even where its
+    // `clippy.toml` raises the limit past the handler's count.
     let exact_body = handler.exact_repeats;
     let place = place(func);
     let signature = outer_signature(
@@ -107,7 +100,6 @@ pub(crate) fn expand(func: &ItemFn, args: &Args, handler: &Handler<'_>) -> Token
     let body = user_braces(body, block);
     quote! {
         #(#outer_attrs)*
-        #too_many
         #(#expects)*
         #signature #body
     }
@@ -145,7 +137,7 @@ fn params(handler: &Handler<'_>) -> Vec<Ident> {
 /// generics; the request's idempotency context, then the principal of a
 /// custom scope if the macro extracts it, then one plain argument per
 /// user argument (patterns move to the inner function); the attribute's
-/// arguments in one tuple with the first user argument where the handler
+/// arguments in one tuple with the first user arguments where the handler
 /// groups them. It is a plain `fn`
 /// returning the engine's future: the fingerprint and the scope are
 /// computed when it is called, and the future holds the arguments once,
@@ -203,9 +195,9 @@ fn outer_signature(
         .map(ToTokens::to_token_stream)
         .zip(types)
         .collect();
-    let arguments: Vec<(TokenStream, TokenStream)> = if handler.groups_added_arguments() {
-        let first = arguments.remove(0);
-        let (bindings, types): (Vec<_>, Vec<_>) = added.chain([first]).unzip();
+    let arguments: Vec<(TokenStream, TokenStream)> = if handler.groups_arguments() {
+        let first = arguments.drain(..handler.grouped_arguments());
+        let (bindings, types): (Vec<_>, Vec<_>) = added.chain(first).unzip();
         let grouped = (quote!((#(#bindings),*)), quote!((#(#types),*)));
         std::iter::once(grouped).chain(arguments).collect()
     } else {

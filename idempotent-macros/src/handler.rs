@@ -117,24 +117,39 @@ impl<'a> Handler<'a> {
             + usize::from(self.custom_scope && self.principal().is_none())
     }
 
-    /// Whether the arguments the attribute adds are extracted in one
-    /// tuple with the handler's first argument, so that the routed
-    /// function takes no more arguments than the handler: where it would
-    /// otherwise take more than clippy's default limit (a crate that
-    /// forbids `clippy::too_many_arguments` refuses the attribute's
-    /// `allow` of it) or than axum's. axum extracts a tuple element by
-    /// element, in order, as it would the arguments; the first argument
-    /// of a handler that takes two or more is not the last, so it reads no
-    /// body, as no element of a tuple but the last may.
-    pub(crate) fn groups_added_arguments(&self) -> bool {
+    /// Whether the routed function extracts its first arguments in one
+    /// tuple: the arguments the attribute adds, then the handler's first
+    /// [`Self::grouped_arguments`], so that the routed function takes no
+    /// more than clippy's default limit of arguments where it would
+    /// otherwise take more (nor more than axum's). A crate may forbid
+    /// `clippy::too_many_arguments`, and raise its limit in `clippy.toml`
+    /// for handlers that take many extractors: it refuses any `allow` of
+    /// the lint, and the routed function must not trip it where the
+    /// handler does not. axum extracts a tuple element by element, in
+    /// order, as it would the arguments; the tuple never holds the
+    /// handler's last argument, the only one that may read the body, as
+    /// no element of a tuple but the last may.
+    pub(crate) fn groups_arguments(&self) -> bool {
         let written = self.arguments.len();
-        let added = self.added_arguments();
-        added > 0 && written >= 2 && written + added > CLIPPY_MAX_ARGUMENTS
+        written >= 2 && written + self.added_arguments() > CLIPPY_MAX_ARGUMENTS
     }
 
-    /// How many arguments the routed function takes.
+    /// How many of the handler's first arguments go in the routed
+    /// function's tuple: as many as leave it clippy's default limit of
+    /// arguments, the tuple one of them.
+    pub(crate) fn grouped_arguments(&self) -> usize {
+        if self.groups_arguments() {
+            self.arguments.len() + 1 - CLIPPY_MAX_ARGUMENTS
+        } else {
+            0
+        }
+    }
+
+    /// How many arguments the handler takes as axum counts them, the
+    /// attribute's own included unless they go in the routed function's
+    /// tuple: over axum's limit, the handler must group some itself.
     pub(crate) fn routed_arguments(&self) -> usize {
-        if self.groups_added_arguments() {
+        if self.groups_arguments() {
             self.arguments.len()
         } else {
             self.arguments.len() + self.added_arguments()

@@ -123,8 +123,8 @@ async fn eight(
     format!("{id} {body} {}", key.is_some())
 }
 
-/// The same with exact repeats, where the routed function takes as many
-/// arguments as the handler.
+/// The same with exact repeats, where the attribute adds no argument of
+/// its own (the routed function still groups the first ones in a tuple).
 #[idempotent(scope = "global")]
 #[expect(clippy::too_many_arguments, reason = "the handler takes eight")]
 async fn eight_exact(
