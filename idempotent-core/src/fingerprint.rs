@@ -1237,7 +1237,7 @@ impl<'a, W: Sink> MapEncoder<'a, W> {
         self.value(value)?;
         let bytes = &self.buffer.out;
         let is_none = |entry: &Entry| bytes[entry.value..entry.end] == [NONE];
-        if is_option::<T>() && self.entries.last().is_some_and(is_none) {
+        if self.entries.last().is_some_and(is_none) && is_option::<T>() {
             self.entries.pop();
             self.buffer.out.truncate(start);
         }
