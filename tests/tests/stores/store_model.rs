@@ -754,6 +754,32 @@ async fn tiered_instances_over_one_memory_store_answer_as_the_contract_says() {
     .await;
 }
 
+/// Runs every seed on `INSTANCES` stores from `connect`, each on
+/// connections of its own over the same records, as processes would have,
+/// or on a `Tiered` cache over each (`tiered`, with the clock never moved
+/// back: a cache's hold of a claim is judged by the clock it reads).
+async fn check_durable<S>(tiered: bool, connect: impl AsyncFn(ManualClock) -> S)
+where
+    S: idempotent_core::store::Store,
+{
+    check_model(
+        async |clock| {
+            let mut instances = Vec::new();
+            for _ in 0..INSTANCES {
+                let durable = connect(clock.clone()).await;
+                instances.push(if tiered {
+                    shared(Tiered::builder(durable).clock(clock.clone()).build())
+                } else {
+                    shared(durable)
+                });
+            }
+            instances
+        },
+        !tiered,
+    )
+    .await;
+}
+
 async fn sqlite_instance(db: &TempDb, clock: ManualClock) -> SqliteStore {
     let opened = SqliteStore::open(&db.0).await.expect("open the database");
     opened.migrate().await.expect("migrate");
@@ -766,36 +792,13 @@ async fn sqlite_instance(db: &TempDb, clock: ManualClock) -> SqliteStore {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_stores_on_one_file_answer_as_the_contract_says() {
     let db = TempDb::new();
-    check_model(
-        async |clock| {
-            let mut instances = Vec::new();
-            for _ in 0..INSTANCES {
-                instances.push(shared(sqlite_instance(&db, clock.clone()).await));
-            }
-            instances
-        },
-        true,
-    )
-    .await;
+    check_durable(false, async |clock| sqlite_instance(&db, clock).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tiered_instances_over_sqlite_answer_as_the_contract_says() {
     let db = TempDb::new();
-    check_model(
-        async |clock| {
-            let mut instances = Vec::new();
-            for _ in 0..INSTANCES {
-                let durable = sqlite_instance(&db, clock.clone()).await;
-                instances.push(shared(
-                    Tiered::builder(durable).clock(clock.clone()).build(),
-                ));
-            }
-            instances
-        },
-        false,
-    )
-    .await;
+    check_durable(true, async |clock| sqlite_instance(&db, clock).await).await;
 }
 
 async fn postgres_instance(url: &str, table: &str, clock: ManualClock) -> PostgresStore {
@@ -815,16 +818,9 @@ async fn postgres_stores_answer_as_the_contract_says() {
         return;
     };
     let table = unique_name("idem_model");
-    check_model(
-        async |clock| {
-            let mut instances = Vec::new();
-            for _ in 0..INSTANCES {
-                instances.push(shared(postgres_instance(&url, &table, clock.clone()).await));
-            }
-            instances
-        },
-        true,
-    )
+    check_durable(false, async |clock| {
+        postgres_instance(&url, &table, clock).await
+    })
     .await;
 }
 
@@ -834,19 +830,9 @@ async fn tiered_instances_over_postgres_answer_as_the_contract_says() {
         return;
     };
     let table = unique_name("idem_model");
-    check_model(
-        async |clock| {
-            let mut instances = Vec::new();
-            for _ in 0..INSTANCES {
-                let durable = postgres_instance(&url, &table, clock.clone()).await;
-                instances.push(shared(
-                    Tiered::builder(durable).clock(clock.clone()).build(),
-                ));
-            }
-            instances
-        },
-        false,
-    )
+    check_durable(true, async |clock| {
+        postgres_instance(&url, &table, clock).await
+    })
     .await;
 }
 
@@ -863,16 +849,9 @@ async fn redis_stores_answer_as_the_contract_says() {
         return;
     };
     let prefix = unique_name("idem_model") + ":";
-    check_model(
-        async |clock| {
-            let mut instances = Vec::new();
-            for _ in 0..INSTANCES {
-                instances.push(shared(redis_instance(&url, &prefix, clock.clone()).await));
-            }
-            instances
-        },
-        true,
-    )
+    check_durable(false, async |clock| {
+        redis_instance(&url, &prefix, clock).await
+    })
     .await;
 }
 
@@ -882,18 +861,8 @@ async fn tiered_instances_over_redis_answer_as_the_contract_says() {
         return;
     };
     let prefix = unique_name("idem_model") + ":";
-    check_model(
-        async |clock| {
-            let mut instances = Vec::new();
-            for _ in 0..INSTANCES {
-                let durable = redis_instance(&url, &prefix, clock.clone()).await;
-                instances.push(shared(
-                    Tiered::builder(durable).clock(clock.clone()).build(),
-                ));
-            }
-            instances
-        },
-        false,
-    )
+    check_durable(true, async |clock| {
+        redis_instance(&url, &prefix, clock).await
+    })
     .await;
 }
