@@ -283,72 +283,6 @@ pub struct RedisStore<C = ConnectionManager> {
     checking_clock: OneAtATime,
     /// The largest value Redis takes (see [`bulk_limit`]).
     max_value_bytes: usize,
-    /// Whether the runtime that runs the connection's task has ended.
-    connection_runtime: ConnectionRuntime,
-}
-
-/// Tells whether the runtime that runs a `ConnectionManager`'s connection
-/// has ended: the connection's task runs on the runtime that opened it
-/// (the one current when the store was built, or when the manager last
-/// reconnected) and ends with it. A command sent after that never leaves
-/// the process, and fails with a broken pipe, though Redis is up: a store
-/// that outlived its runtime (shared by tests that each run one of their
-/// own) answered its first request 503. Such a command is sent again once
-/// the manager reconnects on the runtime at hand, and only then: a
-/// command whose connection broke as it was sent may have been applied.
-#[derive(Clone, Default)]
-struct ConnectionRuntime(Arc<std::sync::Mutex<Watched>>);
-
-/// The watch on one runtime: `ended` is set when the task that holds its
-/// other end is dropped, with its runtime, or when `stop` is (the store
-/// watches another runtime, or is gone), so that the task never outlives
-/// the store.
-#[derive(Default)]
-struct Watched {
-    ended: Arc<AtomicBool>,
-    /// Ends the task when dropped.
-    _stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-/// Sets its flag when dropped.
-struct SetOnDrop(Arc<AtomicBool>);
-
-impl Drop for SetOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Release);
-    }
-}
-
-impl ConnectionRuntime {
-    fn watched(&self) -> std::sync::MutexGuard<'_, Watched> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Watches the current runtime, if any: the one a connection opened
-    /// now runs on.
-    fn watch_current(&self) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let ended = Arc::new(AtomicBool::new(false));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let flag = SetOnDrop(Arc::clone(&ended));
-        drop(runtime.spawn(async move {
-            let _flag = flag;
-            drop(stopped.await);
-        }));
-        *self.watched() = Watched {
-            ended,
-            _stop: Some(stop),
-        };
-    }
-
-    /// Whether the watched runtime has ended.
-    fn ended(&self) -> bool {
-        self.watched().ended.load(Ordering::Acquire)
-    }
 }
 
 impl<C> std::fmt::Debug for RedisStore<C> {
@@ -414,11 +348,6 @@ impl<C> RedisStoreBuilder<C> {
             checking_eviction: OneAtATime::default(),
             checking_clock: OneAtATime::default(),
             max_value_bytes: MAX_VALUE_BYTES,
-            connection_runtime: {
-                let watching = ConnectionRuntime::default();
-                watching.watch_current();
-                watching
-            },
         }
     }
 }
@@ -1081,37 +1010,11 @@ where
     async fn write<T: redis::FromRedisValue>(&self, write: Write<'_>) -> redis::RedisResult<T> {
         let mut connection = self.connection.clone();
         let reconnects = self.read_only_reconnects();
-        let runtime_ended = self.connection_runtime.ended();
         let answer = write.send(&mut connection).await;
         if refused_by_a_replica(&answer) && self.reconnect_after_read_only(reconnects).await {
             return write.send(&mut connection).await;
         }
-        if self.unsent_for_want_of_a_runtime(runtime_ended, &answer) {
-            return write.send(&mut connection).await;
-        }
         answer
-    }
-
-    /// Whether a command whose `answer` met a broken connection is sent
-    /// again: the runtime that ran the connection had already ended when
-    /// it was sent (`runtime_ended`), so it never left the process (see
-    /// [`ConnectionRuntime`]). A `ConnectionManager` reconnects on the
-    /// current runtime after a broken connection, which is watched from
-    /// then on. Another kind of connection does not reconnect.
-    fn unsent_for_want_of_a_runtime<T>(
-        &self,
-        runtime_ended: bool,
-        answer: &redis::RedisResult<T>,
-    ) -> bool {
-        let connection: &dyn std::any::Any = &self.connection;
-        let broke = |error: &redis::RedisError| {
-            error.is_connection_dropped() && !error.is_connection_refusal()
-        };
-        if !answer.as_ref().is_err_and(broke) || !connection.is::<ConnectionManager>() {
-            return false;
-        }
-        self.connection_runtime.watch_current();
-        runtime_ended
     }
 
     /// Warns, with `key`, if Redis evicts keys now: `key`'s claim was
@@ -1504,14 +1407,11 @@ where
     async fn get(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
         let mut connection = self.connection.clone();
         let redis_key = self.redis_key(key);
-        let mut read = redis::cmd("GET");
-        read.arg(&redis_key);
-        let runtime_ended = self.connection_runtime.ended();
-        let mut found = read.query_async(&mut connection).await;
-        if self.unsent_for_want_of_a_runtime(runtime_ended, &found) {
-            found = read.query_async(&mut connection).await;
-        }
-        let found: Option<Vec<u8>> = found.map_err(|error| operation_error(error, &redis_key))?;
+        let found: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(&redis_key)
+            .query_async(&mut connection)
+            .await
+            .map_err(|error| operation_error(error, &redis_key))?;
         let Some(found) = found else {
             return Ok(None);
         };

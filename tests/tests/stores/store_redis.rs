@@ -716,39 +716,3 @@ async fn a_string_of_another_application_under_the_prefix_is_told_with_the_fix()
         }
     }
 }
-
-/// A runtime of its own for each phase, as each `#[tokio::test]` has.
-fn current_thread_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime")
-}
-
-/// A store that outlives the runtime it connected in, as one shared by
-/// the tests of a suite does (a `static` built by the first, each test on
-/// a runtime of its own): the connection's task ran on that runtime and
-/// ended with it. Redis is up, yet the next runtime's first request was
-/// answered 503, its claim failing with a broken pipe; it must reach
-/// Redis on the connection the manager makes anew, in the runtime at hand.
-#[test]
-fn a_store_outliving_the_runtime_it_connected_in_serves_the_next_one() {
-    let Some(url) = backend_url(URL) else { return };
-    let ledger = Ledger::default();
-    let first = current_thread_runtime();
-    let app = first.block_on(async {
-        let app = payments_app(store_of_its_own(&url).await, &ledger, STORE_TIMEOUT);
-        assert_eq!(
-            pay(&app, "first-runtime", 1).await.status,
-            StatusCode::CREATED
-        );
-        app
-    });
-    drop(first);
-    current_thread_runtime().block_on(async {
-        let reply = pay(&app, "next-runtime", 1).await;
-        assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);
-        assert!(pay(&app, "first-runtime", 1).await.replayed());
-    });
-    assert_eq!(ledger.executions(), 2);
-}
