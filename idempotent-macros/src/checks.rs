@@ -234,6 +234,12 @@ pub(crate) fn check_no_self_type(func: &ItemFn, errors: &mut Errors) {
 /// end of the item: its header included (`impl PartialEq<Self> for
 /// Amount`, a `where Self: Sized` clause, a tuple struct's fields).
 fn first_self_type(tokens: &TokenStream) -> Option<Span> {
+    self_type_in(tokens, false)
+}
+
+/// [`first_self_type`] in `tokens`, which hold statements (a block's, or
+/// a macro call's) where `in_block`: only there may an item start them.
+fn self_type_in(tokens: &TokenStream, in_block: bool) -> Option<Span> {
     use proc_macro2::{Delimiter, TokenTree};
     // Whether the tokens are those of a nested item, up to its braced body
     // or, for a tuple or unit struct, its `;`.
@@ -244,14 +250,16 @@ fn first_self_type(tokens: &TokenStream) -> Option<Span> {
             TokenTree::Ident(ident) if ident == "Self" && !in_own_item => {
                 return Some(ident.span());
             }
-            TokenTree::Ident(ident) if starts_an_item(ident, previous.as_ref()) => {
+            TokenTree::Ident(ident) if starts_an_item(ident, previous.as_ref(), in_block) => {
                 in_own_item = true;
             }
             TokenTree::Group(group) if in_own_item => {
                 in_own_item = group.delimiter() != Delimiter::Brace;
             }
             TokenTree::Group(group) => {
-                if let Some(span) = first_self_type(&group.stream()) {
+                let statements = group.delimiter() == Delimiter::Brace
+                    || matches!(&previous, Some(TokenTree::Punct(bang)) if bang.as_char() == '!');
+                if let Some(span) = self_type_in(&group.stream(), statements) {
                     return Some(span);
                 }
             }
@@ -264,9 +272,15 @@ fn first_self_type(tokens: &TokenStream) -> Option<Span> {
 }
 
 /// Whether `ident` is the keyword of an item that has a `Self` of its
-/// own: `impl` after a `:`, `->`, `<`, `,`, `&`, `=` or `mut` is a type
-/// (`Result<impl IntoResponse, Self::Error>`), not an item.
-fn starts_an_item(ident: &proc_macro2::Ident, previous: Option<&proc_macro2::TokenTree>) -> bool {
+/// own. An `impl` is one only where a statement starts (first in a block,
+/// after a `;`, an attribute or a braced item) or after `unsafe` or
+/// `default`; elsewhere it is a type: `Result<impl IntoResponse,
+/// Self::Error>`, `(impl IntoResponseParts, Self)`, `&'static impl Trait`.
+fn starts_an_item(
+    ident: &proc_macro2::Ident,
+    previous: Option<&proc_macro2::TokenTree>,
+    in_block: bool,
+) -> bool {
     use proc_macro2::TokenTree;
     if ["trait", "struct", "enum"]
         .iter()
@@ -274,12 +288,14 @@ fn starts_an_item(ident: &proc_macro2::Ident, previous: Option<&proc_macro2::Tok
     {
         return true;
     }
-    let in_a_type = match previous {
-        Some(TokenTree::Punct(punct)) => ":<>,&=".contains(punct.as_char()),
-        Some(TokenTree::Ident(before)) => before == "mut",
-        _ => false,
+    let starts_a_statement = match previous {
+        None => in_block,
+        Some(TokenTree::Punct(punct)) => punct.as_char() == ';',
+        Some(TokenTree::Group(_)) => true,
+        Some(TokenTree::Ident(before)) => before == "unsafe" || before == "default",
+        Some(TokenTree::Literal(_)) => false,
     };
-    ident == "impl" && !in_a_type
+    ident == "impl" && starts_a_statement
 }
 
 /// A second `#[idempotent]` below the first would wrap the handler as
@@ -471,5 +487,18 @@ mod tests {
         assert!(self_named_in("-> Result<impl IntoResponse, Self::Error>"));
         assert!(self_named_in("{ struct A; impl A {} Self::validate() }"));
         assert!(self_named_in("{ fn f(x: &mut impl Read) {} Self::g() }"));
+    }
+
+    /// `impl Trait` opening a tuple, or after a reference's lifetime, is a
+    /// type: a `Self` after it in the same tuple or list is the handler's.
+    #[test]
+    fn self_after_an_impl_type_in_a_tuple_or_after_a_lifetime_is_found() {
+        assert!(self_named_in("-> (impl IntoResponseParts, Self)"));
+        assert!(self_named_in(
+            "-> Result<(impl IntoResponseParts, Json<Self>), AppError>"
+        ));
+        assert!(self_named_in(
+            "-> Result<&'static impl IntoResponse, Self::Error>"
+        ));
     }
 }
