@@ -110,6 +110,10 @@ pub(super) struct Inner {
     /// the grace: a completion that store takes after the hold went is
     /// only not cached.
     lapsed_grace: u64,
+    /// The monotonic clock that a cache's holds lapse by, besides the
+    /// store's clock (see [`Claimed::lapses_at`]); `None` in a store of its
+    /// own, whose claims lapse by its clock alone.
+    lapse_clock: Option<SharedClock>,
 }
 
 /// A shard behind its lock, with the bytes of its completed records
@@ -208,24 +212,49 @@ impl Slot {
 /// handler runs, and inline it would double every slot. A completed
 /// record's deadline is read from its encoding.
 enum State {
-    InFlight(Box<InFlight>),
+    InFlight(Box<Claimed>),
     Completed(Bytes),
 }
 
+/// An in-flight claim, as the table keeps it.
+struct Claimed {
+    claim: InFlight,
+    /// When a cache's hold lapses on its monotonic clock
+    /// ([`Inner::lapse_clock`]), besides `claim`'s deadline on the store's
+    /// clock: `u64::MAX` for a store's own claims. A hold stays in this
+    /// process, so it need follow no other clock; judged by the wall
+    /// clock alone, a hold whose lease lapsed came back to life when that
+    /// clock was set back (an NTP step), and answered in flight (409),
+    /// with its lost claim's fingerprint, though another instance had
+    /// taken its key over and the durable store replayed the response.
+    lapses_at: u64,
+}
+
+impl Claimed {
+    /// Whether the claim lapsed `grace` (ms) ago by the store's clock,
+    /// which reads `now`, or lapsed by the monotonic one, which
+    /// `lapse_now` reads (only if needed).
+    fn lapsed(&self, now: u64, grace: u64, lapse_now: impl FnOnce() -> u64) -> bool {
+        self.claim.lease_expires_at.saturating_add(grace) <= now
+            || (self.lapses_at != u64::MAX && self.lapses_at <= lapse_now())
+    }
+}
+
 impl State {
-    /// A live record's state, `None` once `now` is past its deadline.
-    fn live(&self, now: u64) -> Option<&Self> {
-        let deadline = match self {
-            Self::InFlight(held) => held.lease_expires_at,
-            Self::Completed(encoded) => Completed::encoded_expires_at(encoded),
+    /// A live record's state, `None` once `now` is past its deadline (or
+    /// a hold lapsed on the monotonic clock, read by `lapse_now`).
+    fn live(&self, now: u64, lapse_now: impl FnOnce() -> u64) -> Option<&Self> {
+        let live = match self {
+            Self::InFlight(held) => !held.lapsed(now, 0, lapse_now),
+            Self::Completed(encoded) => Completed::encoded_expires_at(encoded) > now,
         };
-        (deadline > now).then_some(self)
+        live.then_some(self)
     }
 
     /// The in-flight claim `token` holds, if this is it.
-    fn held_by(&mut self, token: LeaseToken) -> Option<&mut InFlight> {
+    fn held_by(&mut self, token: LeaseToken) -> Option<&mut Claimed> {
         match self {
-            Self::InFlight(held) if held.lease_token == token => Some(held),
+            Self::InFlight(held) if held.claim.lease_token == token => Some(held),
             _ => None,
         }
     }
@@ -258,6 +287,7 @@ pub struct MemoryStoreBuilder {
     clock: SharedClock,
     warn_on_eviction: bool,
     lapsed_grace: Duration,
+    lapse_clock: Option<SharedClock>,
 }
 
 impl MemoryStoreBuilder {
@@ -312,6 +342,13 @@ impl MemoryStoreBuilder {
         self
     }
 
+    /// Lets the holds lapse once `clock`, a monotonic one, has counted
+    /// their lease, as well as by the store's clock (see [`Claimed::lapses_at`]).
+    pub(super) fn lapse_clock(mut self, clock: SharedClock) -> Self {
+        self.lapse_clock = Some(clock);
+        self
+    }
+
     /// Builds the store.
     #[must_use]
     pub fn build(self) -> MemoryStore {
@@ -336,6 +373,7 @@ impl MemoryStoreBuilder {
             warn_on_eviction: self.warn_on_eviction,
             warned: AtomicBool::new(false),
             lapsed_grace: millis(self.lapsed_grace),
+            lapse_clock: self.lapse_clock,
         };
         MemoryStore {
             inner: Arc::new(inner),
@@ -372,6 +410,7 @@ impl MemoryStore {
             clock: Arc::new(MonotonicClock::anchored_at(wall.now_millis())),
             warn_on_eviction: true,
             lapsed_grace: EXPIRY_GRACE,
+            lapse_clock: None,
         }
     }
 
@@ -453,6 +492,22 @@ impl Inner {
         self.clock.now_millis()
     }
 
+    /// The monotonic clock's reading, or 0 in a store without one.
+    fn lapse_now(&self) -> u64 {
+        self.lapse_clock
+            .as_ref()
+            .map_or(0, |clock| clock.now_millis())
+    }
+
+    /// When a hold taken or renewed now for `lease` lapses on the
+    /// monotonic clock: never, in a store without one.
+    pub(super) fn lapse_deadline(&self, lease: Duration) -> u64 {
+        let clock = self.lapse_clock.as_ref();
+        clock.map_or(u64::MAX, |clock| {
+            clock.now_millis().saturating_add(millis(lease))
+        })
+    }
+
     fn claim(
         &self,
         key: &RecordKey,
@@ -463,14 +518,17 @@ impl Inner {
         let (id, cell) = self.cell_of(key);
         let mut shard = cell.lock();
         if shard.in_flight >= shard.sweep_at.max(MIN_SWEEP_AT) {
-            drop_lapsed(&mut shard, now, self.lapsed_grace);
+            drop_lapsed(&mut shard, now, self.lapsed_grace, self.lapse_now());
         }
         let acquire = || {
             let lease_token = LeaseToken::random();
-            let held = InFlight {
-                fingerprint,
-                lease_token,
-                lease_expires_at: now.saturating_add(millis(lease)),
+            let held = Claimed {
+                claim: InFlight {
+                    fingerprint,
+                    lease_token,
+                    lease_expires_at: now.saturating_add(millis(lease)),
+                },
+                lapses_at: u64::MAX,
             };
             (State::InFlight(Box::new(held)), lease_token)
         };
@@ -487,11 +545,11 @@ impl Inner {
                 return Ok(Claim::Acquired(lease_token));
             }
         };
-        let encoded = match slot.state.live(now) {
+        let encoded = match slot.state.live(now, || self.lapse_now()) {
             Some(State::InFlight(held)) => {
                 return Ok(Claim::InFlight {
-                    fingerprint: held.fingerprint,
-                    lease_expires_at: held.lease_expires_at,
+                    fingerprint: held.claim.fingerprint,
+                    lease_expires_at: held.claim.lease_expires_at,
                 });
             }
             Some(State::Completed(encoded)) => encoded.clone(),
@@ -530,7 +588,7 @@ impl Inner {
         let slot = slot.ok_or(StoreError::LeaseLost)?;
         let held = slot.state.held_by(token).ok_or(StoreError::LeaseLost)?;
         let record = Completed {
-            fingerprint: held.fingerprint,
+            fingerprint: held.claim.fingerprint,
             response,
             expires_at,
         };
@@ -572,7 +630,7 @@ impl Inner {
         if matches!(state, State::InFlight(_))
             && shard.in_flight >= shard.sweep_at.max(MIN_SWEEP_AT)
         {
-            drop_lapsed(&mut shard, self.now(), self.lapsed_grace);
+            drop_lapsed(&mut shard, self.now(), self.lapsed_grace, self.lapse_now());
         }
         let completed = match &state {
             State::Completed(encoded) => {
@@ -644,28 +702,35 @@ impl Inner {
         fingerprint: Fingerprint,
         lease: Duration,
     ) {
-        let held = InFlight {
-            fingerprint,
-            lease_token: token,
-            lease_expires_at: self.now().saturating_add(millis(lease)),
+        let held = Claimed {
+            claim: InFlight {
+                fingerprint,
+                lease_token: token,
+                lease_expires_at: self.now().saturating_add(millis(lease)),
+            },
+            lapses_at: self.lapse_deadline(lease),
         };
         self.put(key, |_| State::InFlight(Box::new(held)));
     }
 
     /// Moves the lease of the in-flight record held by `token` to
-    /// `expires_at`, unless a renewal already moved it later.
+    /// `expires_at`, and its lapse on the monotonic clock to `lapses_at`
+    /// (see [`lapse_deadline`](Self::lapse_deadline)), unless a renewal
+    /// already moved them later.
     pub(super) fn renew(
         &self,
         key: &RecordKey,
         token: LeaseToken,
         expires_at: u64,
+        lapses_at: u64,
     ) -> Result<(), StoreError> {
         let (id, mut shard) = self.locate(key);
         let slot = shard.table.find_mut(id[0], |slot| slot.id == id);
         let slot = slot.ok_or(StoreError::LeaseLost)?;
         let held = slot.state.held_by(token).ok_or(StoreError::LeaseLost)?;
         // A renewal made before one already applied never moves it back.
-        held.lease_expires_at = held.lease_expires_at.max(expires_at);
+        held.claim.lease_expires_at = held.claim.lease_expires_at.max(expires_at);
+        held.lapses_at = held.lapses_at.max(lapses_at);
         Ok(())
     }
 
@@ -806,8 +871,8 @@ impl Inner {
         let Some(slot) = shard.table.find(id[0], |slot| slot.id == id) else {
             return Ok(None);
         };
-        match slot.state.live(now) {
-            Some(State::InFlight(held)) => Ok(Some(Record::InFlight(InFlight::clone(held)))),
+        match slot.state.live(now, || self.lapse_now()) {
+            Some(State::InFlight(held)) => Ok(Some(Record::InFlight(held.claim.clone()))),
             Some(State::Completed(encoded)) => {
                 let encoded = encoded.clone();
                 drop(shard);
@@ -837,7 +902,7 @@ impl Store for MemoryStore {
         lease: Duration,
     ) -> Result<(), StoreError> {
         let expires = self.inner.now().saturating_add(millis(lease));
-        self.inner.renew(key, token, expires)
+        self.inner.renew(key, token, expires, u64::MAX)
     }
 
     async fn complete(
@@ -878,11 +943,11 @@ impl Store for MemoryStore {
 /// claims, abandoned ones pile up to twice the burst, however slowly they
 /// come: lowering it as claims complete would walk the table again and
 /// again under a steady load of running claims.
-fn drop_lapsed(shard: &mut Shard, now: u64, grace: u64) {
+fn drop_lapsed(shard: &mut Shard, now: u64, grace: u64, lapse_now: u64) {
     let mut dropped = 0;
     shard.table.retain(|slot| {
         let lapsed = matches!(&slot.state,
-            State::InFlight(held) if held.lease_expires_at.saturating_add(grace) <= now);
+            State::InFlight(held) if held.lapsed(now, grace, || lapse_now));
         dropped += usize::from(lapsed);
         !lapsed
     });

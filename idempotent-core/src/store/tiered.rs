@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use super::memory::MemoryStore;
 use super::{Store, StoreError};
-use crate::clock::{Clock, SharedClock, SystemClock, millis};
+use crate::clock::{Clock, MonotonicClock, SharedClock, SystemClock, millis};
 use crate::fingerprint::Fingerprint;
 use crate::record::{Claim, Completed, LeaseToken, Record, RecordKey, StoredResponse};
 
@@ -89,7 +89,12 @@ const KEPT_WHOLE_BYTES: usize = (1 << 20) - 2;
 ///   lease; a claim of a key this process holds is answered from them,
 ///   in flight (409) until its lease lapses, rather than asked of a
 ///   durable store that may fail or hang, and so refused (503) or, under
-///   `fail_open`, run a second time beside the run under way;
+///   `fail_open`, run a second time beside the run under way. A hold
+///   lapses at its lease's deadline by that clock, or once the monotonic
+///   clock has counted its lease since the claim or its last renewal,
+///   whichever comes first: a clock set back (an NTP step) does not bring
+///   back a hold that lapsed, whose key another instance may have taken
+///   over since;
 /// - a cached record is replayed only to its own payload: another payload
 ///   is asked of the durable store (and answered 422 from memory only
 ///   while that store cannot answer).
@@ -141,6 +146,7 @@ pub struct TieredBuilder<D> {
     durable: D,
     max_bytes: u64,
     clock: Option<SharedClock>,
+    lapse_clock: Option<SharedClock>,
 }
 
 impl<D: Store> TieredBuilder<D> {
@@ -160,6 +166,16 @@ impl<D: Store> TieredBuilder<D> {
         self
     }
 
+    /// The monotonic clock by which the holds of this process's claims
+    /// also lapse (default: [`MonotonicClock`]), for tests that move a
+    /// manual clock in its place.
+    #[cfg(feature = "test-util")]
+    #[doc(hidden)]
+    pub fn lapse_clock(mut self, clock: impl Clock) -> Self {
+        self.lapse_clock = Some(Arc::new(clock));
+        self
+    }
+
     /// Builds the store.
     #[must_use]
     pub fn build(self) -> Tiered<D> {
@@ -167,10 +183,14 @@ impl<D: Store> TieredBuilder<D> {
             .clock
             .or_else(|| self.durable.deadline_clock())
             .unwrap_or_else(|| Arc::new(SystemClock));
+        let lapse_clock = self
+            .lapse_clock
+            .unwrap_or_else(|| Arc::new(MonotonicClock::anchored_at(0)));
         let cache = MemoryStore::builder()
             .cache()
             .max_bytes(self.max_bytes)
             .shared_clock(clock.clone())
+            .lapse_clock(lapse_clock)
             .build();
         Tiered {
             durable: self.durable,
@@ -193,6 +213,7 @@ impl<D: Store> Tiered<D> {
             durable,
             max_bytes: DEFAULT_MAX_BYTES,
             clock: None,
+            lapse_clock: None,
         }
     }
 
@@ -291,10 +312,11 @@ impl<D: Store> Store for Tiered<D> {
         // Read before the durable write, so the hold never outlasts the
         // durable lease by more than the time the renewal took.
         let expires_at = self.clock.now_millis().saturating_add(millis(lease));
+        let lapses_at = self.cache.inner().lapse_deadline(lease);
         self.durable.renew(key, token, lease).await?;
         // A hold already gone (lapsed, or the key taken over) only costs
         // the completion its place in the cache.
-        let _ = self.cache.inner().renew(key, token, expires_at);
+        let _ = self.cache.inner().renew(key, token, expires_at, lapses_at);
         Ok(())
     }
 

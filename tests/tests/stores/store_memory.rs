@@ -14,7 +14,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderValue, Request, StatusCode};
 use axum::routing::post;
-use idempotent_core::clock::ManualClock;
+use idempotent_core::clock::{Clock, ManualClock};
 use idempotent_core::fingerprint::Fingerprint;
 use idempotent_core::key::IdempotencyKey;
 use idempotent_core::record::{Claim, LeaseToken, Record, RecordKey, StoredResponse};
@@ -385,4 +385,46 @@ async fn mock_store_passes_the_contract() {
         (store, clock)
     })
     .await;
+}
+
+/// Two instances, each a cache over one durable store. The first claims a
+/// key; its lease lapses and the second takes the key over and stores its
+/// response. The wall clock is then set back (an NTP step): the
+/// first instance's lapsed hold must not come back to life and answer a
+/// retry in flight (409), with the lost claim's payload, while the durable
+/// store and the other instance replay the stored response.
+#[tokio::test]
+async fn a_clock_set_back_does_not_bring_a_lapsed_hold_back() {
+    const LEASE: Duration = Duration::from_millis(300);
+    let clock = ManualClock::new(1_700_000_000_000);
+    let durable = MemoryStore::builder().clock(clock.clone()).build();
+    let first = Tiered::builder(durable.clone())
+        .clock(clock.clone())
+        .build();
+    let second = Tiered::builder(durable).clock(clock.clone()).build();
+    let key = RecordKey::new(
+        ScopeDigest::global(),
+        IdempotencyKey::parse(b"stepped").expect("a valid key"),
+    );
+    let fingerprint = Fingerprint::from_bytes([1; 32]);
+    let lost = first.claim(&key, fingerprint, LEASE).await;
+    assert!(matches!(lost, Ok(Claim::Acquired(_))), "{lost:?}");
+    // The lease lapses on the wall clock and in real time, as it does
+    // outside tests.
+    tokio::time::sleep(LEASE).await;
+    clock.advance(LEASE);
+    let Ok(Claim::Acquired(token)) = second.claim(&key, fingerprint, LEASE).await else {
+        panic!("a lapsed lease is taken over");
+    };
+    let response = StoredResponse::new(StatusCode::CREATED, Vec::new(), None);
+    let ttl = Duration::from_secs(3600);
+    second.complete(&key, token, response, ttl).await.unwrap();
+    clock.set(clock.now_millis() - 200);
+    for (name, instance) in [("second", &second), ("first", &first)] {
+        let retried = instance.claim(&key, fingerprint, LEASE).await;
+        assert!(
+            matches!(retried, Ok(Claim::Completed(_))),
+            "the {name} instance does not replay the stored response: {retried:?}"
+        );
+    }
 }

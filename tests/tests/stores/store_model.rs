@@ -14,6 +14,11 @@
 //!   refused with `LeaseLost`;
 //! - a read gives back the live record, nothing past its deadline.
 //!
+//! The clock is also set back, as an NTP step would; the instances'
+//! monotonic clock moves forward with it and never back. A `Tiered`
+//! instance may then replay a record it cached that the clock had shown
+//! expired, as its documentation allows of a clock running behind.
+//!
 //! Calls sent at once must be explained by some order of them; a burst of
 //! claims of one key acquires it at most once. A failure names the seed,
 //! which `IDEMPOTENT_MODEL_SEED` replays.
@@ -195,8 +200,12 @@ impl Model {
         op: &Op,
         answer: &Answer,
         issued: &HashSet<LeaseToken>,
+        cached: &[Vec<Completed>],
     ) -> Result<(), String> {
         let key = op.key();
+        if stale_replay(cached, (now, seen), op, answer) {
+            return Ok(());
+        }
         // What shows the record gone: a live one not answered, or a
         // holder refused.
         let gone = match (op, answer) {
@@ -331,6 +340,27 @@ impl Model {
     }
 }
 
+/// Whether `answer` replays a record that `key` held before and an
+/// instance's cache may keep: one the clock once showed expired, live
+/// again by a clock set back since (its key may have been run again
+/// meanwhile). A `Tiered` cache replays such a record, as it does when
+/// its clock runs behind another instance's, by up to the step.
+fn stale_replay(
+    cached: &[Vec<Completed>],
+    (now, seen): (u64, u64),
+    op: &Op,
+    answer: &Answer,
+) -> bool {
+    let found = match (op, answer) {
+        (Op::Claim { .. }, Answer::Claim(Ok(Claim::Completed(found))))
+        | (Op::Get { .. }, Answer::Read(Ok(Some(Record::Completed(found))))) => found,
+        _ => return false,
+    };
+    let revived = now < found.expires_at && found.expires_at <= seen;
+    let records = cached.get(op.key()).map_or(&[][..], Vec::as_slice);
+    revived && records.iter().any(|record| **found == *record)
+}
+
 fn refused(answer: &Answer, what: &str) -> Result<(), String> {
     if lease_lost(answer) {
         Ok(())
@@ -381,12 +411,18 @@ struct Run {
     responses: u64,
     /// The latest time the clock showed.
     seen: u64,
+    /// A monotonic clock, as a process's: it moves forward with the clock,
+    /// and not back when the clock is set back.
+    steady: ManualClock,
     history: Vec<String>,
-    rewinds: bool,
+    /// For `Tiered` instances, the completed records each key held, which
+    /// their caches may replay after a clock set back; empty otherwise.
+    cached: Vec<Vec<Completed>>,
 }
 
 impl Run {
-    fn new(instances: Vec<SharedStore>, clock: ManualClock, seed: u64, rewinds: bool) -> Self {
+    fn new(instances: Vec<SharedStore>, clocks: Clocks, seed: u64, tiered: bool) -> Self {
+        let Clocks { clock, steady } = clocks;
         let scope = ScopeDigest::from_bytes(rand::random());
         let keys = (0..KEYS)
             .map(|key| {
@@ -408,8 +444,13 @@ impl Run {
             home: HashMap::new(),
             responses: 0,
             seen: 0,
+            steady,
             history: Vec::new(),
-            rewinds,
+            cached: if tiered {
+                vec![Vec::new(); KEYS]
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -537,7 +578,13 @@ impl Run {
             for order in orders(ops.len()) {
                 let mut next = model.clone();
                 let fits = order.iter().try_for_each(|&i| {
-                    next.step((now, self.seen), &ops[i], &answers[i], &self.issued)
+                    next.step(
+                        (now, self.seen),
+                        &ops[i],
+                        &answers[i],
+                        &self.issued,
+                        &self.cached,
+                    )
                 });
                 match fits {
                     Ok(()) if !explained.contains(&next) => explained.push(next),
@@ -554,6 +601,7 @@ impl Run {
         explained.truncate(8);
         self.models = explained;
         self.note_tokens(&ops, &answers, &from);
+        self.note_records();
     }
 
     /// The instance `op` goes to: its token's own, or any.
@@ -567,6 +615,25 @@ impl Run {
         match token.and_then(|token| self.home.get(token)) {
             Some(home) => *home,
             None => self.rng.below(INSTANCES),
+        }
+    }
+
+    /// Keeps the completed records the models hold, which a `Tiered`
+    /// instance may have cached (see [`stale_replay`]).
+    fn note_records(&mut self) {
+        if self.cached.is_empty() {
+            return;
+        }
+        for model in &self.models {
+            for (key, held) in &model.held {
+                let records = &mut self.cached[*key];
+                match held {
+                    Held::Completed(record) if !records.contains(record) => {
+                        records.push(record.clone());
+                    }
+                    _ => {}
+                }
+            }
         }
     }
 
@@ -624,10 +691,15 @@ impl Run {
         let mut why = String::new();
         for model in &self.models {
             let mut next = model.clone();
-            match order
-                .iter()
-                .try_for_each(|&i| next.step((now, self.seen), &ops[i], &answers[i], &self.issued))
-            {
+            match order.iter().try_for_each(|&i| {
+                next.step(
+                    (now, self.seen),
+                    &ops[i],
+                    &answers[i],
+                    &self.issued,
+                    &self.cached,
+                )
+            }) {
                 Ok(()) => explained.push(next),
                 Err(reason) => why = reason,
             }
@@ -639,6 +711,7 @@ impl Run {
         );
         self.models = explained;
         self.note_tokens(&ops, &answers, &from);
+        self.note_records();
     }
 
     fn move_clock(&mut self) {
@@ -658,11 +731,13 @@ impl Run {
                     .min(now + 2 * millis(EXPIRY_GRACE));
                 deadline - u64::from(self.rng.percent(40))
             }
-            3 if self.rewinds => now - self.rng.pick(&[1, 1_000, 10_000]),
+            3 => now - self.rng.pick(&[1, 1_000, 10_000]),
             4 => now + millis(EXPIRY_GRACE) + 1_000,
             _ => now + self.rng.pick(DURATIONS_MS),
         };
         self.history.push(format!("clock {now} -> {to}"));
+        self.steady
+            .advance(Duration::from_millis(to.saturating_sub(now)));
         self.clock.set(to);
         self.seen = self.seen.max(to);
     }
@@ -705,12 +780,23 @@ fn seeds() -> Vec<u64> {
     }
 }
 
-/// Runs every seed on instances from `make`, given the clock they read.
-async fn check_model(make: impl AsyncFn(ManualClock) -> Vec<SharedStore>, rewinds: bool) {
+/// The clocks of a run: the wall clock that the stores read, which a run
+/// may set back, and the monotonic clock of the instances' processes.
+#[derive(Clone)]
+struct Clocks {
+    clock: ManualClock,
+    steady: ManualClock,
+}
+
+/// Runs every seed on instances from `make`, given the clocks they read.
+async fn check_model(make: impl AsyncFn(Clocks) -> Vec<SharedStore>, tiered: bool) {
     for seed in seeds() {
-        let clock = ManualClock::starting_now();
-        let instances = make(clock.clone()).await;
-        let run = Run::new(instances, clock, seed, rewinds);
+        let clocks = Clocks {
+            clock: ManualClock::starting_now(),
+            steady: ManualClock::new(0),
+        };
+        let instances = make(clocks.clone()).await;
+        let run = Run::new(instances, clocks, seed, tiered);
         let outcome = tokio::spawn(run.run(STEPS)).await;
         if let Err(panic) = outcome {
             panic!("seed {seed} (IDEMPOTENT_MODEL_SEED={seed}): {panic}");
@@ -725,11 +811,11 @@ fn shared<S: idempotent_core::store::Store>(store: S) -> SharedStore {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_memory_store_answers_as_the_contract_says() {
     check_model(
-        async |clock| {
+        async |Clocks { clock, .. }| {
             let store = MemoryStore::builder().clock(clock).build();
             vec![shared(store.clone()), shared(store)]
         },
-        true,
+        false,
     )
     .await;
 }
@@ -737,45 +823,46 @@ async fn the_memory_store_answers_as_the_contract_says() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tiered_instances_over_one_memory_store_answer_as_the_contract_says() {
     check_model(
-        async |clock| {
-            let durable = MemoryStore::builder().clock(clock.clone()).build();
+        async |clocks| {
+            let durable = MemoryStore::builder().clock(clocks.clock.clone()).build();
             (0..INSTANCES)
-                .map(|_| {
-                    shared(
-                        Tiered::builder(durable.clone())
-                            .clock(clock.clone())
-                            .build(),
-                    )
-                })
+                .map(|_| shared(tiered_cache(durable.clone(), &clocks)))
                 .collect()
         },
-        false,
+        true,
     )
     .await;
 }
 
+/// A `Tiered` cache over `durable`, in a process whose clocks are `clocks`.
+fn tiered_cache<S: idempotent_core::store::Store>(durable: S, clocks: &Clocks) -> Tiered<S> {
+    Tiered::builder(durable)
+        .clock(clocks.clock.clone())
+        .lapse_clock(clocks.steady.clone())
+        .build()
+}
+
 /// Runs every seed on `INSTANCES` stores from `connect`, each on
 /// connections of its own over the same records, as processes would have,
-/// or on a `Tiered` cache over each (`tiered`, with the clock never moved
-/// back: a cache's hold of a claim is judged by the clock it reads).
+/// or on a `Tiered` cache over each (`tiered`).
 async fn check_durable<S>(tiered: bool, connect: impl AsyncFn(ManualClock) -> S)
 where
     S: idempotent_core::store::Store,
 {
     check_model(
-        async |clock| {
+        async |clocks| {
             let mut instances = Vec::new();
             for _ in 0..INSTANCES {
-                let durable = connect(clock.clone()).await;
+                let durable = connect(clocks.clock.clone()).await;
                 instances.push(if tiered {
-                    shared(Tiered::builder(durable).clock(clock.clone()).build())
+                    shared(tiered_cache(durable, &clocks))
                 } else {
                     shared(durable)
                 });
             }
             instances
         },
-        !tiered,
+        tiered,
     )
     .await;
 }

@@ -546,7 +546,7 @@ impl Model {
         let (id, shard) = self.store.inner.locate(&record_key(key));
         let slot = shard.table.find(id[0], |slot| slot.id == id)?;
         Some(match &slot.state {
-            State::InFlight(held) => Held::InFlight(InFlight::clone(held)),
+            State::InFlight(held) => Held::InFlight(held.claim.clone()),
             State::Completed(encoded) => {
                 Held::Completed(Completed::decode(encoded.clone()).expect("a decodable record"))
             }
