@@ -8,18 +8,15 @@
 use std::alloc::System;
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::http::StatusCode;
+use idempotent_core::Fingerprint;
 use idempotent_core::clock::ManualClock;
-use idempotent_core::record::{Claim, RecordKey, StoredResponse};
-use idempotent_core::scope::ScopeDigest;
+use idempotent_core::record::Claim;
 use idempotent_core::store::{MemoryStore, Store, Tiered};
-use idempotent_core::{Fingerprint, IdempotencyKey};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 
 #[path = "../../idempotent-core/tests/support/memory.rs"]
 mod memory;
-use memory::now;
+use memory::{COMPLETED_PAYLOAD, complete_new, now};
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
@@ -49,23 +46,13 @@ fn a_flood_of_other_payloads_keeps_the_heap_within_the_budget() {
         .max_bytes(MAX_BYTES)
         .build();
     let store = Tiered::builder(durable).max_bytes(MAX_BYTES).build();
-    let paid = Fingerprint::from_bytes([1; 32]);
     let other = Fingerprint::from_bytes([2; 32]);
     for i in 0..KEYS {
-        let key = RecordKey::new(
-            ScopeDigest::global(),
-            IdempotencyKey::parse(format!("k{i}").as_bytes()).unwrap(),
-        );
-        let Ok(Claim::Acquired(token)) = now(store.claim(&key, paid, LEASE)) else {
-            panic!("k{i} is new");
-        };
-        let body = Some(Bytes::from_static(&BODY));
-        let response = StoredResponse::new(StatusCode::OK, Vec::new(), body);
-        now(store.complete(&key, token, response, TTL)).unwrap();
+        let key = complete_new(&store, &format!("k{i}"), &BODY, TTL);
         for _ in 0..MISMATCHES {
             let claim = now(store.claim(&key, other, LEASE));
             assert!(
-                matches!(&claim, Ok(Claim::Completed(record)) if record.fingerprint == paid),
+                matches!(&claim, Ok(Claim::Completed(record)) if record.fingerprint == COMPLETED_PAYLOAD),
                 "{claim:?}"
             );
         }

@@ -8,7 +8,7 @@ use axum::body::Bytes;
 use axum::http::StatusCode;
 use idempotent_core::record::{Claim, RecordKey, StoredResponse};
 use idempotent_core::scope::ScopeDigest;
-use idempotent_core::store::{MemoryStore, Store};
+use idempotent_core::store::Store;
 use idempotent_core::{Fingerprint, IdempotencyKey};
 
 /// The memory store's futures are ready at once.
@@ -20,18 +20,26 @@ pub fn now<T>(future: impl Future<Output = T>) -> T {
     }
 }
 
-/// Claims the new key `name` and completes it with a 200 carrying `body`,
-/// kept for `ttl`.
-pub fn complete_new(store: &MemoryStore, name: &str, body: &'static [u8], ttl: Duration) {
+/// The payload every record of [`complete_new`] was completed for.
+pub const COMPLETED_PAYLOAD: Fingerprint = Fingerprint::from_bytes([1; 32]);
+
+/// Claims the new key `name` for [`COMPLETED_PAYLOAD`] and completes it
+/// with a 200 carrying `body`, kept for `ttl`: the key.
+pub fn complete_new(
+    store: &impl Store,
+    name: &str,
+    body: &'static [u8],
+    ttl: Duration,
+) -> RecordKey {
     let key = RecordKey::new(
         ScopeDigest::global(),
         IdempotencyKey::parse(name.as_bytes()).unwrap(),
     );
-    let fingerprint = Fingerprint::from_bytes([1; 32]);
     let lease = Duration::from_secs(10);
-    let Ok(Claim::Acquired(token)) = now(store.claim(&key, fingerprint, lease)) else {
+    let Ok(Claim::Acquired(token)) = now(store.claim(&key, COMPLETED_PAYLOAD, lease)) else {
         panic!("{name} is new");
     };
     let response = StoredResponse::new(StatusCode::OK, Vec::new(), Some(Bytes::from_static(body)));
     now(store.complete(&key, token, response, ttl)).unwrap();
+    key
 }

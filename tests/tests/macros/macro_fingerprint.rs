@@ -13,7 +13,7 @@ use axum::body::Body;
 use axum::extract::{Path, Query, RawForm, RawQuery, State};
 use axum::http::{Request, StatusCode};
 use axum::response::Response;
-use axum::routing::post;
+use axum::routing::{MethodRouter, post};
 use axum::{Form, Json, Router};
 use axum_extra::extract::WithRejection;
 use http_body_util::BodyExt;
@@ -720,17 +720,23 @@ async fn each_extractor_grouped_in_a_tuple_is_fingerprinted() {
     assert_eq!(other, Answer::KeyReused, "the body is still fingerprinted");
 }
 
+/// The routers of two releases serving `path` with `before` and `after`,
+/// on one store, as a deploy rolls out.
+fn releases(path: &str, before: MethodRouter, after: MethodRouter) -> (Router, Router) {
+    let store = MemoryStore::new();
+    let release = |route, store| {
+        Router::new()
+            .route(path, route)
+            .layer(Idempotency::new(store))
+    };
+    (release(before, store.clone()), release(after, store))
+}
+
 /// Grouping extractors into a tuple keeps the fingerprints already stored:
 /// a retry sent across the deploy that grouped them is still a retry.
 #[tokio::test]
 async fn grouping_extractors_into_a_tuple_keeps_the_fingerprint() {
-    let store = MemoryStore::new();
-    let before = Router::new()
-        .route("/orders/{id}", post(separate_order))
-        .layer(Idempotency::new(store.clone()));
-    let after = Router::new()
-        .route("/orders/{id}", post(grouped_order))
-        .layer(Idempotency::new(store));
+    let (before, after) = releases("/orders/{id}", post(separate_order), post(grouped_order));
     let uri = "/orders/7?dry_run=false";
     let first = send(&before, json(uri, "k", r#"{"amount":10}"#)).await;
     assert_eq!(first, ran("order 7 false 10"));
@@ -746,13 +752,7 @@ async fn grouping_extractors_into_a_tuple_keeps_the_fingerprint() {
 /// rather than refused as a key reused for another payload.
 #[tokio::test]
 async fn an_optional_field_added_to_the_payload_keeps_the_fingerprint() {
-    let store = MemoryStore::new();
-    let before = Router::new()
-        .route("/payments", post(pay))
-        .layer(Idempotency::new(store.clone()));
-    let after = Router::new()
-        .route("/payments", post(pay_with_memo))
-        .layer(Idempotency::new(store));
+    let (before, after) = releases("/payments", post(pay), post(pay_with_memo));
     let uri = "/payments";
     let first = send(&before, json(uri, "k", r#"{"amount":10}"#)).await;
     assert_eq!(first, ran("paid 10"));

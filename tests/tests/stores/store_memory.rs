@@ -402,10 +402,7 @@ async fn a_clock_set_back_does_not_bring_a_lapsed_hold_back() {
         .clock(clock.clone())
         .build();
     let second = Tiered::builder(durable).clock(clock.clone()).build();
-    let key = RecordKey::new(
-        ScopeDigest::global(),
-        IdempotencyKey::parse(b"stepped").expect("a valid key"),
-    );
+    let key = record_key("stepped");
     let fingerprint = Fingerprint::from_bytes([1; 32]);
     let lost = first.claim(&key, fingerprint, LEASE).await;
     assert!(matches!(lost, Ok(Claim::Acquired(_))), "{lost:?}");
